@@ -1,0 +1,58 @@
+"""What every entry point shares: one-line errors, exit codes, signal handling."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Coroutine
+from typing import Any, NoReturn
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def fail(prog: str, message: str, code: int = EXIT_FAILURE) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def run_main(coro: Coroutine[Any, Any, int]) -> int:
+    """Run ``coro``; SIGINT/SIGTERM cancel it, which it turns into a clean exit."""
+
+    async def wrapper() -> int:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        interrupted = False
+
+        def interrupt() -> None:
+            nonlocal interrupted
+            interrupted = True
+            task.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows
+                loop.add_signal_handler(sig, interrupt)
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            if interrupted:
+                return EXIT_INTERRUPTED
+            raise
+
+    try:
+        return asyncio.run(wrapper())
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

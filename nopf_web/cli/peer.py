@@ -1,0 +1,180 @@
+"""``nopf``: the peer, compatible with the NOPF-core seed command line.
+
+Output contract: the first stdout line is our public ``IP:PORT``; then one
+``IP:PORT`` line is read from stdin (the peer's public address); when the
+pipe starts, ``Started pipe between localhost:<localport> - <ip>:<port>`` is
+printed to stdout. Everything else goes to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import threading
+from typing import Any
+
+from nopf_web.errors import NopfError
+from nopf_web.guard import make_guard
+from nopf_web.guard.base import Guard, NullGuard
+from nopf_web.punch.machine import PunchConfig
+from nopf_web.session import Event, Session, SessionRole, SessionSpec
+from nopf_web.wire.address import Endpoint, parse_host_endpoint, parse_ipv4_endpoint, parse_port
+from nopf_web.wire.errors import BadAddress
+
+from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, OneLineParser, fail, run_main
+
+PROG = "nopf"
+
+
+class InputError(NopfError):
+    pass
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(
+        prog=PROG,
+        description="Connect a TCP port to a peer behind another NAT by TCP hole punching. "
+        "The server enters the client's address first, then the client enters the server's.",
+    )
+    p.add_argument("-p", "--localport", required=True, metavar="N",
+                   help="server: port of your local service; client: local port your "
+                   "application connects to (on 127.0.0.1)")
+    p.add_argument("-a", "--serveraddr", required=True, metavar="HOST:PORT",
+                   help="nopf-server (rendezvous) address, e.g. 198.51.100.2:3012")
+    p.add_argument("-t", "--type", default="client", metavar="TYPE",
+                   help='"s" or "server" for the server role; anything else is a client '
+                   "(default: client)")
+    p.add_argument("--timeout", default="30", metavar="SECONDS",
+                   help="give up punching after this many seconds (default 30)")
+    p.add_argument("--punch-ttl", default="2", metavar="TTL",
+                   help="TTL of the server's arming SYNs: enough to pass your own NAT, too "
+                   "little to reach the peer's (default 2; 0 sends full-TTL SYNs)")
+    p.add_argument("--no-guard", action="store_true",
+                   help="do not block the punch port's RST/FIN packets")
+    return p
+
+
+def _positive_float(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadAddress(f"{what} {text!r} is not a number") from None
+    if not 0 < value <= 86400:
+        raise BadAddress(f"{what} must be between 0 and 86400 seconds, got {text}")
+    return value
+
+
+def _spec(args: object) -> SessionSpec:
+    a = vars(args)
+    role: SessionRole = "server" if a["type"].strip().lower() in ("s", "server") else "client"
+    ttl_text = a["punch_ttl"].strip()
+    if not ttl_text.isdigit() or int(ttl_text) == 1 or int(ttl_text) > 255:
+        raise BadAddress(f"--punch-ttl must be 0 or 2-255, got {ttl_text!r}")
+    return SessionSpec(
+        role=role,
+        local_port=parse_port(a["localport"], what="--localport"),
+        rendezvous=parse_host_endpoint(a["serveraddr"]),
+        punch=PunchConfig(timeout=_positive_float(a["timeout"], "--timeout"),
+                          arm_ttl=int(ttl_text)),
+    )
+
+
+def _make_guard(disabled: bool) -> Guard:
+    if disabled:
+        return NullGuard("disabled with --no-guard")
+    return make_guard()
+
+
+def _printer(event: Event) -> None:
+    if event.kind == "public_address":
+        print(event.message, flush=True)  # first stdout line: the contract
+        print(f"{PROG}: this is your public address; give it to the peer, then enter the "
+              "peer's IP:PORT", file=sys.stderr, flush=True)
+    elif event.kind == "pipe_started":
+        print(event.message, flush=True)
+    elif event.kind in ("state", "log", "guard"):
+        print(f"{PROG}: {event.message}", file=sys.stderr, flush=True)
+
+
+def _resolve(fut: asyncio.Future[str], value: str) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _read_line_in_thread() -> asyncio.Future[str]:
+    """Read one stdin line in a daemon thread (never blocks interpreter exit)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[str] = loop.create_future()
+
+    def reader() -> None:
+        try:
+            line = sys.stdin.readline()
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            line = f"\x00{exc}"
+        loop.call_soon_threadsafe(_resolve, fut, line)
+
+    threading.Thread(target=reader, name="stdin-peer-address", daemon=True).start()
+    return fut
+
+
+def _parse_peer_line(line: str) -> Endpoint:
+    if line.startswith("\x00"):
+        raise InputError(f"cannot read the peer's address from stdin: {line[1:]}")
+    if not line:
+        raise InputError("stdin closed before the peer's address (IP:PORT) was entered")
+    try:
+        return parse_ipv4_endpoint(line)
+    except BadAddress as exc:
+        raise InputError(f"bad peer address: {exc}") from None
+
+
+async def _first(main: asyncio.Future[Any], other: asyncio.Future[Any]) -> bool:
+    """Wait for ``other`` unless ``main`` ends first; True if ``other`` finished."""
+    await asyncio.wait({main, other}, return_when=asyncio.FIRST_COMPLETED)
+    return other.done() and not main.done()
+
+
+async def run_session(spec: SessionSpec, guard: Guard) -> int:
+    session = Session(spec, guard)
+    session.subscribe(_printer)
+    have_public = asyncio.Event()
+    session.subscribe(lambda e: have_public.set() if e.kind == "public_address" else None)
+    if not guard.active:
+        print(f"{PROG}: guard inactive: {guard.reason}", file=sys.stderr, flush=True)
+    task = asyncio.create_task(session.run(), name=f"session-{spec.role}-{spec.local_port}")
+    public_wait = asyncio.ensure_future(have_public.wait())
+    try:
+        if await _first(task, public_wait):
+            line_fut = _read_line_in_thread()
+            if await _first(task, line_fut):
+                session.set_peer(_parse_peer_line(line_fut.result()))
+        await task
+    except InputError as exc:
+        return fail(PROG, str(exc), EXIT_USAGE)
+    except NopfError as exc:
+        return fail(PROG, str(exc), EXIT_FAILURE)
+    finally:
+        public_wait.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, NopfError):
+                await task
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        spec = _spec(args)
+    except (BadAddress, ValueError) as exc:
+        return fail(PROG, str(exc), EXIT_USAGE)
+    guard = _make_guard(args.no_guard)
+    code = run_main(run_session(spec, guard))
+    if code == 130:
+        print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

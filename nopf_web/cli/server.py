@@ -1,0 +1,59 @@
+"""``nopf-server``: the rendezvous service (seed discovery protocol)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from nopf_web.rendezvous.server import DEFAULT_PORT, RendezvousServer
+from nopf_web.wire.address import parse_port
+from nopf_web.wire.errors import BadAddress
+
+from .common import EXIT_OK, EXIT_USAGE, OneLineParser, fail, run_main
+
+PROG = "nopf-server"
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(
+        prog=PROG,
+        description="Rendezvous for nopf peers: tells every connecting client its public "
+        "IPv4 address and port (the NOPF-core seed discovery protocol).",
+    )
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", default=str(DEFAULT_PORT),
+                   help=f"TCP port to listen on (default {DEFAULT_PORT})")
+    return p
+
+
+async def serve(host: str, port: int) -> int:
+    server = RendezvousServer(host, port)
+    try:
+        await server.start()
+    except OSError as exc:
+        return fail(PROG, f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    bound = server.address
+    print(f"{PROG}: listening on {bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
+    try:
+        await server.serve_forever()
+    finally:
+        await server.close()
+        print(f"{PROG}: stopped after serving {server.stats.served} clients",
+              file=sys.stderr, flush=True)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        port = parse_port(args.port, what="--port", allow_zero=True)
+    except BadAddress as exc:
+        return fail(PROG, str(exc), EXIT_USAGE)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"{PROG}: %(asctime)s %(message)s")
+    code = run_main(serve(args.host, port))
+    return 0 if code == 130 else code  # SIGINT/SIGTERM is how a server stops
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""The punch as a pure state machine: events in, actions out, no sockets, no clock.
+
+Why the sequence looks like this (see ``../shared/docs/nat-facts.md`` and
+``docs/protocol.md``): Linux NATs track TCP sequence numbers, so the socket
+that opened our NAT's mapping must be the one that completes the handshake
+(a TCP simultaneous open), never a listener created afterwards. And a SYN of
+ours that reaches the peer's NAT before the peer has opened its side is
+answered by some NATs with RST or ICMP, which aborts our attempt and can
+poison the NAT's tracking state for seconds.
+
+Two roles therefore:
+
+``ARM`` (the seed's server, who fires first): keeps one socket in SYN_SENT
+towards the peer at all times. Its SYN leaves with a low TTL (``arm_ttl``):
+enough to open our own NAT, too little to reach the peer's NAT, so the peer's
+NAT never sees it and cannot refuse it. The socket is replaced by a fresh one
+before the kernel's first retransmission (1 s) would send a full-TTL SYN. When
+the peer's SYN arrives, our socket in SYN_SENT answers with a SYN-ACK carrying
+the sequence number the NAT already knows, at the normal TTL. It also listens
+on the punch port: when there is no NAT on our side (or the peer's SYN finds
+no socket in SYN_SENT), the kernel's listener completes the connection instead
+of answering with RST, as the seed's server did.
+
+``CONNECT`` (the seed's client): sends ordinary SYNs, a fresh attempt every
+``connect_interval`` or ``retry_delay`` after a refusal, until one meets an
+armed peer. Before the peer arms, its NAT drops or refuses our SYNs; that is
+expected and simply retried, so the two users may enter the addresses seconds
+apart in either order.
+
+With ``arm_ttl = 0`` both roles send full-TTL SYNs: plain repeated TCP
+simultaneous open.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from dataclasses import dataclass, field
+
+from nopf_web.errors import NopfError
+
+ACCEPTED = 0  # the attempt number of a connection that came through the listener
+
+
+class Role(enum.Enum):
+    ARM = "arm"
+    CONNECT = "connect"
+
+
+class Failure(enum.Enum):
+    """How an attempt ended, as far as the kernel told us."""
+
+    REFUSED = "refused"  # RST: ECONNREFUSED
+    UNREACHABLE = "unreachable"  # ICMP unreachable / prohibited
+    SILENT = "silent"  # replaced or timed out without any answer
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class PunchConfig:
+    timeout: float = 30.0
+    arm_ttl: int = 2
+    rearm_interval: float = 0.8  # < 1 s initial SYN RTO: no full-TTL retransmission leaves
+    connect_interval: float = 0.5
+    retry_delay: float = 0.2
+    handshake_grace: float = 0.2  # re-check a socket that is mid-handshake this often
+
+    def __post_init__(self) -> None:
+        if self.timeout <= 0:
+            raise ValueError("punch timeout must be positive")
+        if not 0 <= self.arm_ttl <= 255 or self.arm_ttl == 1:
+            raise ValueError("arm TTL must be 0 (off) or 2-255")
+
+
+class PunchTimeout(NopfError):
+    def __init__(self, message: str, outcomes: Counter[Failure]) -> None:
+        super().__init__(message)
+        self.outcomes = outcomes
+
+
+# Actions ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fire:
+    """Open a new socket from the punch port and send a SYN to the peer.
+
+    ``ttl`` is the TTL of that first SYN only (None = the system default);
+    the driver restores the default right after, for the handshake.
+    """
+
+    attempt: int
+    ttl: int | None
+
+
+@dataclass(frozen=True)
+class Abandon:
+    """Close this attempt's socket (a SYN_SENT socket closes without a packet)."""
+
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Succeed:
+    attempt: int
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    error: PunchTimeout
+
+
+Action = Fire | Abandon | Succeed | GiveUp
+
+
+# The machine -----------------------------------------------------------------
+
+
+@dataclass
+class PunchMachine:
+    role: Role
+    config: PunchConfig
+    peer: str
+    nat_hint: str | None = None  # e.g. "our NAT changed the port", added to the timeout
+    outcomes: Counter[Failure] = field(default_factory=Counter)
+    attempts: int = 0
+    done: bool = False
+    _deadline: float = 0.0
+    _current: int | None = None
+    _current_started: float = 0.0
+    _next_fire: float | None = None
+    _recheck: float | None = None
+
+    def start(self, now: float) -> list[Action]:
+        self._deadline = now + self.config.timeout
+        return self._fire(now)
+
+    @property
+    def wake_at(self) -> float | None:
+        """When :meth:`timer` must be called next (None once finished)."""
+        if self.done:
+            return None
+        times = [self._deadline]
+        if self._current is not None:
+            times.append(self._recheck or self._current_started + self._interval)
+        elif self._next_fire is not None:
+            times.append(self._next_fire)
+        return min(times)
+
+    def timer(self, now: float, *, handshaking: bool = False) -> list[Action]:
+        """Time has passed; ``handshaking`` says the current socket is mid-handshake."""
+        if self.done:
+            return []
+        if now >= self._deadline:
+            return self._give_up()
+        if self._current is not None:
+            if now < (self._recheck or self._current_started + self._interval):
+                return []
+            if handshaking:
+                # The peer's SYN reached our socket: let the handshake finish.
+                self._recheck = now + self.config.handshake_grace
+                return []
+            self.outcomes[Failure.SILENT] += 1
+            old = self._current
+            return [Abandon(old), *self._fire(now)]
+        if self._next_fire is not None and now >= self._next_fire:
+            return self._fire(now)
+        return []
+
+    def failed(self, attempt: int, how: Failure, now: float) -> list[Action]:
+        if self.done or attempt != self._current:
+            return []
+        self.outcomes[how] += 1
+        self._current = None
+        self._next_fire = now + self.config.retry_delay
+        return [Abandon(attempt)]
+
+    def accepted(self, now: float) -> list[Action]:
+        """The listener on the punch port accepted the peer (a path without our NAT)."""
+        if self.done:
+            return []
+        self.done = True
+        actions: list[Action] = []
+        if self._current is not None:
+            actions.append(Abandon(self._current))
+            self._current = None
+        return [*actions, Succeed(ACCEPTED)]
+
+    def connected(self, attempt: int, now: float) -> list[Action]:
+        if self.done or attempt != self._current:
+            return []
+        self.done = True
+        self._current = None
+        return [Succeed(attempt)]
+
+    # -------------------------------------------------------------------------
+
+    @property
+    def _interval(self) -> float:
+        return self.config.rearm_interval if self.role is Role.ARM else self.config.connect_interval
+
+    def _fire(self, now: float) -> list[Action]:
+        self.attempts += 1
+        self._current = self.attempts
+        self._current_started = now
+        self._next_fire = None
+        self._recheck = None
+        ttl = self.config.arm_ttl if self.role is Role.ARM and self.config.arm_ttl else None
+        return [Fire(self.attempts, ttl)]
+
+    def _give_up(self) -> list[Action]:
+        self.done = True
+        actions: list[Action] = []
+        if self._current is not None:
+            actions.append(Abandon(self._current))
+            self._current = None
+        actions.append(GiveUp(PunchTimeout(self._explain(), Counter(self.outcomes))))
+        return actions
+
+    def _explain(self) -> str:
+        o = self.outcomes
+        head = (f"no connection to peer {self.peer} within {self.config.timeout:g} s "
+                f"({self.attempts} attempts")
+        if self.role is Role.CONNECT and (o[Failure.REFUSED] or o[Failure.UNREACHABLE]):
+            kinds = []
+            if o[Failure.REFUSED]:
+                kinds.append(f"{o[Failure.REFUSED]} refused with RST")
+            if o[Failure.UNREACHABLE]:
+                kinds.append(f"{o[Failure.UNREACHABLE]} refused with ICMP")
+            cause = (f", {', '.join(kinds)}): the peer's NAT rejected every SYN — has the peer "
+                     "entered our address, and is it still running?")
+        elif self.role is Role.ARM:
+            cause = ("): the peer's SYN never arrived — has the peer entered our address? "
+                     "If both did, one NAT is probably symmetric (a new public port per "
+                     "destination), which hole punching cannot cross")
+        else:
+            cause = ("): every SYN went unanswered — has the peer entered our address? "
+                     "If both did, one NAT is probably symmetric (a new public port per "
+                     "destination), which hole punching cannot cross")
+        hint = f"; {self.nat_hint}" if self.nat_hint else ""
+        return head + cause + hint

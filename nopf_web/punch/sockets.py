@@ -1,0 +1,126 @@
+"""Socket helpers for punching: the few platform-specific spots live here.
+
+- Port reuse: the discovery connection, every punch attempt and (in
+  coordinated mode) a listener all use the same local port P. On Linux/BSD
+  that needs SO_REUSEADDR + SO_REUSEPORT; on Windows SO_REUSEADDR alone has
+  the "share the port" meaning (there is no SO_REUSEPORT).
+- TTL: the first SYN of an arming attempt may go out with a low TTL so it
+  opens our own NAT without reaching the peer's.
+- TCP state: read from TCP_INFO on Linux, so the driver never abandons a
+  socket that is already completing a handshake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+import sys
+
+# Linux TCP states, first byte of struct tcp_info (include/net/tcp_states.h).
+TCP_ESTABLISHED = 1
+TCP_SYN_SENT = 2
+TCP_SYN_RECV = 3
+
+_TCP_INFO = getattr(socket, "TCP_INFO", 11)
+
+DEFAULT_TTL = 64
+
+
+def reusable_socket(host: str, port: int) -> socket.socket:
+    """A non-blocking TCP socket bound to ``host:port`` with port sharing enabled."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT") and sys.platform != "win32":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setblocking(False)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def set_ttl(sock: socket.socket, ttl: int) -> None:
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+
+
+def tcp_state(sock: socket.socket) -> int | None:
+    """The kernel's TCP state of ``sock`` (Linux), or None where unknown."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 8)[0]
+    except OSError:
+        return None
+
+
+def start_connect(sock: socket.socket, addr: tuple[str, int]) -> None:
+    """Send the SYN now (non-blocking connect); raise OSError on immediate failure."""
+    err = sock.connect_ex(addr)
+    if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, 10035):
+        raise OSError(err, errno.errorcode.get(err, str(err)))
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def wait_ready(sock: socket.socket, *, write: bool) -> None:
+    """Wait until ``sock`` is readable (or writable): a one-shot selector wait."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    (loop.add_writer if write else loop.add_reader)(fd, _wake, fut)
+    try:
+        await fut
+    finally:
+        (loop.remove_writer if write else loop.remove_reader)(fd)
+
+
+async def wait_connected(sock: socket.socket) -> None:
+    """Wait until a started connect completes; raise OSError with the kernel's reason."""
+    while True:
+        await wait_ready(sock, write=True)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, errno.errorcode.get(err, str(err)))
+        # Writable with no error: connected, unless it was a spurious wake-up.
+        with contextlib.suppress(OSError):
+            sock.getpeername()
+            return
+
+
+async def connect_nonblocking(sock: socket.socket, addr: tuple[str, int]) -> None:
+    start_connect(sock, addr)
+    await wait_connected(sock)
+
+
+def tune_stream(sock: socket.socket) -> None:
+    """Options for a data-carrying connection: no Nagle delay for small exchanges.
+
+    Buffer sizes are left to the kernel: a fixed SO_RCVBUF disables Linux's
+    autotuning and is capped by rmem_max, which measured slower.
+    """
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def enable_keepalive(
+    sock: socket.socket, idle: int = 15, interval: int = 5, count: int = 4
+) -> None:
+    """Keep NAT mappings warm and notice a vanished peer (about idle + interval*count s)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval),
+                        ("TCP_KEEPCNT", count)):
+        opt = getattr(socket, name, None)
+        if opt is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+    user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if user_timeout is not None:
+        # Unacknowledged data for this long means the peer is gone.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, user_timeout, (idle + interval * count) * 1000)

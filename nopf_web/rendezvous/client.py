@@ -1,0 +1,128 @@
+"""Rendezvous client: learn our public ip:port from any seed-protocol server."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from dataclasses import dataclass
+
+from nopf_web.punch.sockets import connect_nonblocking, reusable_socket
+from nopf_web.wire.address import Endpoint
+from nopf_web.wire.discovery import DiscoveryReader
+from nopf_web.wire.errors import WireError
+
+from .errors import RendezvousError, RendezvousProtocolError, RendezvousUnreachable
+
+
+async def resolve_ipv4(endpoint: Endpoint, timeout: float) -> tuple[str, int]:
+    """Resolve a rendezvous host name to an IPv4 address (the seed protocol is IPv4-only)."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(endpoint.host, endpoint.port, family=socket.AF_INET,
+                             type=socket.SOCK_STREAM),
+            timeout,
+        )
+    except TimeoutError:
+        raise RendezvousUnreachable(
+            f"could not resolve {endpoint.host} within {timeout:g} s"
+        ) from None
+    except OSError as exc:
+        raise RendezvousUnreachable(f"could not resolve {endpoint.host}: {exc}") from None
+    ip, port = infos[0][4][:2]
+    return str(ip), int(port)
+
+
+@dataclass(frozen=True)
+class Discovery:
+    public: Endpoint  # as the rendezvous saw us
+    local_port: int  # the port we connected from: the punch port
+
+
+async def discover(
+    server: tuple[str, int], local_port: int = 0, *, bind_host: str = "0.0.0.0",
+    timeout: float = 5.0,
+) -> Discovery:
+    """Connect from ``local_port`` (0: any) to a discovery server; learn our public address.
+
+    The socket is bound with the punch socket options so the same local port
+    can be reused for the punch right after.
+    """
+    where = f"{server[0]}:{server[1]}"
+    try:
+        sock = reusable_socket(bind_host, local_port)
+    except OSError as exc:
+        raise RendezvousUnreachable(
+            f"cannot bind {bind_host}:{local_port} for the rendezvous: {_describe(exc)}"
+        ) from None
+    bound = sock.getsockname()[1]
+    try:
+        try:
+            await asyncio.wait_for(connect_nonblocking(sock, server), timeout)
+        except TimeoutError:
+            raise RendezvousUnreachable(
+                f"rendezvous {where} did not answer the connection within {timeout:g} s"
+            ) from None
+        except OSError as exc:
+            raise RendezvousUnreachable(f"rendezvous {where}: {_describe(exc)}") from None
+        try:
+            public = await asyncio.wait_for(_read_reply(sock, where), timeout)
+            return Discovery(public, bound)
+        except TimeoutError:
+            raise RendezvousProtocolError(
+                f"rendezvous {where} accepted but sent no address within {timeout:g} s "
+                "(is it a nopf-server?)"
+            ) from None
+    finally:
+        sock.close()
+
+
+async def _read_reply(sock: socket.socket, where: str) -> Endpoint:
+    loop = asyncio.get_running_loop()
+    reader = DiscoveryReader()
+    received = b""
+    while True:
+        try:
+            chunk = await loop.sock_recv(sock, reader.needed)
+        except OSError as exc:
+            raise RendezvousProtocolError(
+                f"rendezvous {where} broke the connection: {_describe(exc)}"
+            ) from None
+        if not chunk:
+            raise RendezvousProtocolError(
+                f"rendezvous {where} closed after {len(received)} of 10 bytes "
+                "(is it a nopf-server?)"
+            )
+        received += chunk
+        try:
+            result = reader.feed(chunk)
+        except WireError as exc:
+            raise RendezvousProtocolError(
+                f"rendezvous {where} sent something that is not a discovery reply ({exc})"
+            ) from None
+        if result is not None:
+            return Endpoint(*result)
+
+
+def _describe(exc: OSError) -> str:
+    known = {
+        errno.ECONNREFUSED: "connection refused (nothing listening there?)",
+        errno.EHOSTUNREACH: "host unreachable",
+        errno.ENETUNREACH: "network unreachable",
+        errno.ECONNRESET: "connection reset",
+        errno.ETIMEDOUT: "connection timed out",
+        errno.EADDRINUSE: "local port already in use",
+        errno.EADDRNOTAVAIL: "local address/port not available",
+    }
+    return known.get(exc.errno or 0, exc.strerror or str(exc))
+
+
+__all__ = [
+    "Discovery",
+    "RendezvousError",
+    "RendezvousProtocolError",
+    "RendezvousUnreachable",
+    "discover",
+    "resolve_ipv4",
+]

@@ -1,0 +1,73 @@
+"""The seed's address-discovery reply (nopf-server → peer), as a pure codec.
+
+Wire format, sent by the rendezvous on every accepted TCP connection, before
+reading anything, then the rendezvous closes:
+
+    offset  size  field   encoding
+    0       4     ip      the peer's observed IPv4 address, network byte order
+    4       2     port    the peer's observed TCP port, big-endian (network order)
+    6       4     trailer the bytes b"END\\0"
+
+Total: 10 bytes. The seed has no version field and no length prefix, so a
+reader must consume exactly 10 bytes (it cannot rely on EOF: the seed's
+README firewalls the server's FIN away).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+from .errors import WireError
+
+REPLY_TRAILER = b"END\x00"
+_HEAD = struct.Struct("!4sH")  # ip (4 bytes, network order), port (u16, big-endian)
+REPLY_SIZE = _HEAD.size + len(REPLY_TRAILER)  # 10
+
+
+def encode_reply(ip: str, port: int) -> bytes:
+    """Encode the 10-byte discovery reply for an observed IPv4 ``ip:port``."""
+    try:
+        packed = ipaddress.IPv4Address(ip).packed
+    except ValueError as exc:
+        raise WireError(f"not an IPv4 address: {ip!r}") from exc
+    if not 0 <= port <= 0xFFFF:
+        raise WireError(f"port out of range: {port}")
+    return _HEAD.pack(packed, port) + REPLY_TRAILER
+
+
+def decode_reply(data: bytes) -> tuple[str, int]:
+    """Decode a complete discovery reply; raise :class:`WireError` if it is not one."""
+    if len(data) != REPLY_SIZE:
+        raise WireError(f"discovery reply must be {REPLY_SIZE} bytes, got {len(data)}")
+    if data[_HEAD.size :] != REPLY_TRAILER:
+        raise WireError(f"discovery reply has no END\\0 trailer: {data.hex()}")
+    raw_ip, port = _HEAD.unpack_from(data)
+    if port == 0:
+        raise WireError("discovery reply carries port 0")
+    return str(ipaddress.IPv4Address(raw_ip)), port
+
+
+class DiscoveryReader:
+    """Sans-IO accumulator: feed bytes as they arrive, get the address once complete.
+
+    Extra bytes after the 10-byte reply are a protocol violation (the seed
+    server closes right after the trailer), so they are reported instead of
+    silently ignored.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    @property
+    def needed(self) -> int:
+        """How many more bytes complete the reply (0 when complete)."""
+        return max(0, REPLY_SIZE - len(self._buf))
+
+    def feed(self, data: bytes) -> tuple[str, int] | None:
+        self._buf += data
+        if len(self._buf) > REPLY_SIZE:
+            raise WireError(f"discovery reply longer than {REPLY_SIZE} bytes")
+        if len(self._buf) < REPLY_SIZE:
+            return None
+        return decode_reply(bytes(self._buf))
