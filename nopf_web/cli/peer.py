@@ -93,6 +93,8 @@ def _printer(event: Event) -> None:
               "peer's IP:PORT", file=sys.stderr, flush=True)
     elif event.kind == "pipe_started":
         print(event.message, flush=True)
+    elif event.kind == "state" and event.data.get("state") == "failed":
+        pass  # the error line printed on exit says it once
     elif event.kind in ("state", "log", "guard"):
         print(f"{PROG}: {event.message}", file=sys.stderr, flush=True)
 

@@ -84,8 +84,12 @@ class PunchDriver:
                 if accept is not None:
                     pending.add(accept)
                 timeout = max(0.0, wake - self.clock())
-                done, _ = await asyncio.wait(pending, timeout=timeout,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                if pending:
+                    done, _ = await asyncio.wait(pending, timeout=timeout,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                else:  # between attempts, nothing to watch but the clock
+                    done = set()
+                    await asyncio.sleep(timeout)
                 if accept is not None and accept in done:
                     accepted = accept.result()
                     self._apply(machine, machine.accepted(self.clock()))

@@ -1,0 +1,131 @@
+"""nopf-server against well-behaved and hostile clients, on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+
+import pytest
+
+from nopf_web.rendezvous.client import discover
+from nopf_web.rendezvous.server import RendezvousServer, ServerLimits
+from nopf_web.wire.discovery import decode_reply
+from tests.programs import argv, free_port
+
+
+async def _raw_reply(addr: tuple[str, int], source: str = "127.0.0.1") -> tuple[bytes, int]:
+    """Read everything the server sends until it closes; return it and our local port."""
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, addr)
+    port = sock.getsockname()[1]
+    data = b""
+    while chunk := await asyncio.wait_for(loop.sock_recv(sock, 100), 5):
+        data += chunk
+    sock.close()
+    return data, port
+
+
+async def test_reply_is_exactly_the_seed_format() -> None:
+    server = RendezvousServer("127.0.0.1", 0)
+    await server.start()
+    try:
+        data, port = await _raw_reply(server.address)
+        assert len(data) == 10 and data.endswith(b"END\x00")
+        assert decode_reply(data) == ("127.0.0.1", port)
+        found = await discover(server.address, 0, bind_host="127.0.0.1", timeout=2)
+        assert str(found.public) == f"127.0.0.1:{found.local_port}"
+    finally:
+        await server.close()
+
+
+async def test_survives_garbage_idle_and_half_open_clients() -> None:
+    server = RendezvousServer("127.0.0.1", 0, ServerLimits(write_timeout=1.0))
+    await server.start()
+    loop = asyncio.get_running_loop()
+    hostile: list[socket.socket] = []
+    try:
+        for i in range(30):
+            s = socket.socket()
+            s.setblocking(False)
+            await loop.sock_connect(s, server.address)
+            if i % 3 == 0:
+                await loop.sock_sendall(s, b"\xff" * 4096 + b"GET / HTTP/1.1\r\n\r\n")
+            elif i % 3 == 1:
+                s.shutdown(socket.SHUT_WR)  # half-open: we never read
+            hostile.append(s)  # the rest: idle, never read
+        data, port = await _raw_reply(server.address)
+        assert decode_reply(data) == ("127.0.0.1", port)
+        await asyncio.sleep(0.2)
+        assert server.stats.open_now == 0  # nothing stays pinned by hostile clients
+    finally:
+        for s in hostile:
+            s.close()
+        await server.close()
+
+
+async def test_flood_from_one_address_does_not_starve_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    limits = ServerLimits(max_per_source=4, write_timeout=3.0)
+    server = RendezvousServer("127.0.0.1", 0, limits)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    try:
+        socks = []
+        for _ in range(200):
+            s = socket.socket()
+            s.setblocking(False)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        # 200 connects at once: the server accepts them in batches, so far more
+        # than 4 from 127.0.0.1 are open together and the cap must bite.
+        await asyncio.gather(*(loop.sock_connect(s, server.address) for s in socks))
+        await asyncio.sleep(0.5)
+        assert server.stats.served + server.stats.refused_flood == 200
+        assert server.stats.refused_flood > 0
+        assert sum("over 4 open connections from one address" in r.message
+                   for r in caplog.records) == 1  # one line, repeats counted not logged
+        data, port = await _raw_reply(server.address, source="127.0.0.2")
+        assert decode_reply(data) == ("127.0.0.2", port)
+        for s in socks:
+            s.close()
+    finally:
+        await server.close()
+
+
+def test_server_program_bad_port_is_one_line() -> None:
+    proc = subprocess.run(argv("nopf-server", "--port", "99999"), capture_output=True,
+                          text=True, timeout=20)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "99999" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_server_program_port_in_use_is_one_line() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = subprocess.run(argv("nopf-server", "--host", "127.0.0.1", "--port", str(port)),
+                              capture_output=True, text=True, timeout=20)
+    assert proc.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_server_program_serves_and_stops_on_sigterm() -> None:
+    port = free_port()
+    proc = subprocess.Popen(argv("nopf-server", "--host", "127.0.0.1", "--port", str(port)),
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        assert "listening on" in proc.stderr.readline()
+        data, local = asyncio.run(_raw_reply(("127.0.0.1", port)))
+        assert decode_reply(data) == ("127.0.0.1", local)
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0

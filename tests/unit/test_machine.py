@@ -1,0 +1,121 @@
+"""The punch state machine, driven by events and a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from nopf_web.punch.machine import (
+    ACCEPTED,
+    Abandon,
+    Failure,
+    Fire,
+    GiveUp,
+    PunchConfig,
+    PunchMachine,
+    Role,
+    Succeed,
+)
+
+CFG = PunchConfig(timeout=10, arm_ttl=2, rearm_interval=0.8, connect_interval=0.5,
+                  retry_delay=0.2)
+
+
+def machine(role: Role, cfg: PunchConfig = CFG) -> PunchMachine:
+    return PunchMachine(role, cfg, "203.0.113.2:4000")
+
+
+def test_arm_fires_low_ttl_and_rearms_before_the_kernel_retransmits() -> None:
+    m = machine(Role.ARM)
+    assert m.start(0.0) == [Fire(1, 2)]
+    assert m.wake_at == pytest.approx(0.8)
+    assert m.timer(0.5) == []
+    # At 0.8 s (< the kernel's 1 s SYN RTO) the socket is replaced by a fresh low-TTL one.
+    assert m.timer(0.8) == [Abandon(1), Fire(2, 2)]
+    assert m.outcomes[Failure.SILENT] == 1
+
+
+def test_connect_fires_full_ttl() -> None:
+    m = machine(Role.CONNECT)
+    assert m.start(0.0) == [Fire(1, None)]
+    assert m.timer(0.5) == [Abandon(1), Fire(2, None)]
+
+
+def test_arm_ttl_zero_means_full_ttl() -> None:
+    m = machine(Role.ARM, PunchConfig(arm_ttl=0))
+    assert m.start(0.0) == [Fire(1, None)]
+
+
+def test_refusal_retries_after_delay() -> None:
+    m = machine(Role.CONNECT)
+    m.start(0.0)
+    assert m.failed(1, Failure.REFUSED, 0.01) == [Abandon(1)]
+    assert m.wake_at == pytest.approx(0.21)
+    assert m.timer(0.1) == []
+    assert m.timer(m.wake_at or 0) == [Fire(2, None)]
+
+
+def test_stale_events_are_ignored() -> None:
+    m = machine(Role.CONNECT)
+    m.start(0.0)
+    m.timer(0.5)  # attempt 1 replaced by 2
+    assert m.failed(1, Failure.REFUSED, 0.6) == []
+    assert m.connected(1, 0.6) == []
+    assert m.connected(2, 0.7) == [Succeed(2)]
+    assert m.done and m.wake_at is None
+    assert m.timer(100) == []
+
+
+def test_handshake_in_progress_is_not_abandoned() -> None:
+    m = machine(Role.ARM)
+    m.start(0.0)
+    assert m.timer(0.8, handshaking=True) == []
+    assert m.wake_at == pytest.approx(1.0)
+    assert m.connected(1, 0.9) == [Succeed(1)]
+
+
+def test_listener_acceptance_abandons_the_current_attempt() -> None:
+    m = machine(Role.ARM)
+    m.start(0.0)
+    assert m.accepted(0.3) == [Abandon(1), Succeed(ACCEPTED)]
+
+
+def test_deadline_gives_up_with_a_cause() -> None:
+    m = machine(Role.CONNECT)
+    m.start(0.0)
+    t = 0.0
+    attempt = 1
+    while True:
+        t += 0.05
+        m.failed(attempt, Failure.REFUSED, t)
+        t += 0.2
+        actions = m.timer(t)
+        if any(isinstance(a, GiveUp) for a in actions):
+            break
+        assert actions == [Fire(attempt + 1, None)]
+        attempt += 1
+    give_up = actions[-1]
+    assert isinstance(give_up, GiveUp)
+    assert t >= 10
+    text = str(give_up.error)
+    assert "within 10 s" in text and "refused with RST" in text and "203.0.113.2:4000" in text
+    assert give_up.error.outcomes[Failure.REFUSED] == attempt
+
+
+def test_silent_timeout_names_symmetric_nat() -> None:
+    m = PunchMachine(Role.ARM, CFG, "203.0.113.2:4000", nat_hint="our NAT changed the port")
+    m.start(0.0)
+    t = 0.0
+    while not m.done:
+        t = m.wake_at or t
+        actions = m.timer(t)
+    assert isinstance(actions[-1], GiveUp)
+    assert isinstance(actions[0], Abandon)
+    text = str(actions[-1].error)
+    assert "symmetric" in text and "our NAT changed the port" in text
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError):
+        PunchConfig(timeout=0)
+    with pytest.raises(ValueError):
+        PunchConfig(arm_ttl=1)
