@@ -26,6 +26,7 @@ from .machine import (
 from .sockets import (
     DEFAULT_TTL,
     TCP_SYN_RECV,
+    ignore_expired_syn_errors,
     reusable_socket,
     set_ttl,
     start_connect,
@@ -142,6 +143,7 @@ class PunchDriver:
             elif isinstance(action, Succeed) and action.attempt != ACCEPTED:
                 attempt = self._attempts.pop(action.attempt)
                 attempt.task.add_done_callback(_consume)
+                ignore_expired_syn_errors(attempt.sock, enable=False)
                 return attempt.sock
             elif isinstance(action, GiveUp):
                 raise action.error
@@ -154,6 +156,7 @@ class PunchDriver:
         try:
             if action.ttl is not None:
                 set_ttl(sock, action.ttl)
+                ignore_expired_syn_errors(sock)
             start_connect(sock, self.peer)
             if action.ttl is not None:
                 # Only the first SYN is short-lived; the SYN-ACK we may send must arrive.

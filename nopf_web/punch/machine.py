@@ -13,7 +13,9 @@ Two roles therefore:
 ``ARM`` (the seed's server, who fires first): keeps one socket in SYN_SENT
 towards the peer at all times. Its SYN leaves with a low TTL (``arm_ttl``):
 enough to open our own NAT, too little to reach the peer's NAT, so the peer's
-NAT never sees it and cannot refuse it. The socket is replaced by a fresh one
+NAT never sees it and cannot refuse it. (The router where it expires answers
+with ICMP time-exceeded, which would abort a SYN_SENT socket; the driver sets
+IP_MINTTL so the kernel ignores that error.) The socket is replaced by a fresh one
 before the kernel's first retransmission (1 s) would send a full-TTL SYN. When
 the peer's SYN arrives, our socket in SYN_SENT answers with a SYN-ACK carrying
 the sequence number the NAT already knows, at the normal TTL. It also listens

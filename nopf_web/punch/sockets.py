@@ -47,6 +47,24 @@ def set_ttl(sock: socket.socket, ttl: int) -> None:
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
 
 
+# IP_MINTTL (RFC 5082 GTSM): Linux applies it to ICMP errors too, checking the TTL
+# in the quoted header. Our low-TTL SYN expires with TTL 1 at some router, whose
+# ICMP time-exceeded would otherwise abort the SYN_SENT socket at once; the
+# peer's packets arrive with TTLs far above 2.
+_IP_MINTTL = getattr(socket, "IP_MINTTL", 21 if sys.platform.startswith("linux") else None)
+
+
+def ignore_expired_syn_errors(sock: socket.socket, enable: bool = True) -> bool:
+    """Make ``sock`` ignore ICMP errors about its own expired low-TTL SYN; False if unsupported."""
+    if _IP_MINTTL is None:
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, _IP_MINTTL, 2 if enable else 0)
+    except OSError:
+        return False
+    return True
+
+
 def tcp_state(sock: socket.socket) -> int | None:
     """The kernel's TCP state of ``sock`` (Linux), or None where unknown."""
     if not sys.platform.startswith("linux"):

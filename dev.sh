@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# nopf on a fresh Debian/Ubuntu machine, in one command:
+#   ./dev.sh run  [nopf-web options]   set up, then start the dashboard (http://127.0.0.1:8080)
+#   ./dev.sh test [pytest options]     set up, then run ruff, mypy and the whole test suite
+# Setup installs what is missing: Debian packages (apt-get, needs root), a venv in .venv,
+# and the Python packages. Re-running is cheap: present things are not reinstalled.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+die() { echo "dev.sh: error: $*" >&2; exit 1; }
+
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+      || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  command -v apt-get >/dev/null || die "missing packages ${missing[*]} and no apt-get to install them"
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "dev.sh: installing Debian packages: ${missing[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
+}
+
+python_ok() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
+
+setup() {
+  local extra="$1"; shift
+  apt_install "$@"
+  local py="${PYTHON:-python3}"
+  python_ok "$py" || die "need Python 3.11 or newer as python3 (or set PYTHON=...)"
+  if [ ! -x .venv/bin/python ]; then
+    "$py" -m venv .venv 2>/dev/null || { apt_install python3-venv; "$py" -m venv .venv; }
+  fi
+  local stamp=".venv/.installed$extra"
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e ".$extra"
+    touch "$stamp"
+  fi
+}
+
+cmd="${1:-}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  run)
+    setup "" iproute2 python3
+    exec .venv/bin/nopf-web "$@"
+    ;;
+  test)
+    # nftables/iproute2/iptables/tcpdump: the namespace NAT lab; chromium: the browser test.
+    setup "[test]" iproute2 nftables iptables tcpdump chromium python3
+    .venv/bin/ruff check .
+    .venv/bin/mypy
+    exec .venv/bin/pytest -q -ra "$@"
+    ;;
+  *)
+    echo "usage: ./dev.sh run [nopf-web options] | ./dev.sh test [pytest options]" >&2
+    exit 2
+    ;;
+esac
