@@ -1,0 +1,858 @@
+"""A small routed "internet" in Linux network namespaces, for hole-punching tests.
+
+Topology (one lab; every namespace is ``f"{prefix}-{role}"``)::
+
+                         rdv 198.51.100.2/24 (eth0)
+                                   |
+                         (to-rdv) 198.51.100.1
+    nata (wan) 203.0.113.2 --- 203.0.113.1 (to-a) [inet] (to-b) 192.0.2.1 --- 192.0.2.2 (wan) natb
+    bridge "lan" 10.0.1.1/24                                            bridge "lan" 10.0.2.1/24
+      |-- (to-a1) a1 10.0.1.2 (eth0)                                      |-- (to-b1) b1 10.0.2.2
+      `-- (to-a2) a2 10.0.1.3 (eth0)                                      `-- (to-b2) b2 10.0.2.3
+
+* ``inet`` is the only internet router and holds no route to private space:
+  a packet leaving a1 with TTL 2 is forwarded by nata (TTL 1) and dies in
+  ``inet`` (ICMP time exceeded) before reaching natb.
+* The site LANs are Linux bridges inside the NAT namespaces, with bridge
+  netfilter turned off there (``net.bridge.bridge-nf-call-*=0``), so a1<->a2
+  is plain L2.
+* NAT modes (per site): ``drop``, ``rst``, ``icmp`` (endpoint-independent
+  ``masquerade``; unsolicited inbound dropped / TCP-reset / ICMP
+  admin-prohibited), ``symmetric`` (``masquerade random,fully-random``,
+  dropped) and ``none`` (no NAT, no filter; the LAN is then the public
+  100.64.1.0/24 / 100.64.2.0/24 with routes in ``inet``).
+* Optional delay/jitter/loss on every packet *forwarded* by ``inet``
+  (see :mod:`tests.lab.delayer`): a round trip between sites or to rdv
+  crosses ``inet`` twice, so RTT ~= 2 x delay.
+* IPv6 is disabled in every namespace (no stray RS/MLD/DAD traffic).
+
+Use::
+
+    with Lab(left="drop", right="rst", delay_ms=20) as lab:
+        lab.rdv.popen(["python3", "-m", "http.server", "8000"])
+        lab.a1.run(["python3", "-c", "import urllib.request as u; "
+                    "u.urlopen('http://198.51.100.2:8000/')"])
+        with lab.a1.enter():          # this thread is now in a1's netns
+            sock = socket.create_connection(("198.51.100.2", 8000))
+
+Only the standard library is used.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import json
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = [
+    "MODES",
+    "Host",
+    "Lab",
+    "LabError",
+    "Nat",
+    "Site",
+    "cleanup_prefix",
+    "cleanup_stale",
+    "lab_unavailable_reason",
+    "list_labs",
+]
+
+MODES: tuple[str, ...] = ("drop", "rst", "icmp", "symmetric", "none")
+ROLES: tuple[str, ...] = ("inet", "rdv", "nata", "natb", "a1", "a2", "b1", "b2")
+NETNS_DIR = Path("/var/run/netns")
+STATE_DIR = Path("/run/nopf-lab")
+AUTO_PREFIX_RE = re.compile(r"^nl[0-9a-f]{6}$")
+PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{0,23}$")
+NFQUEUE_NUM = 0
+DELAYER_PATH = Path(__file__).with_name("delayer.py")
+CLONE_NEWNET = 0x40000000
+
+RDV_IP = "198.51.100.2"
+INET_RDV_IP = "198.51.100.1"
+WAN = {"a": ("203.0.113.2", "203.0.113.1"), "b": ("192.0.2.2", "192.0.2.1")}
+PRIVATE_LAN = {"a": "10.0.1", "b": "10.0.2"}
+PUBLIC_LAN = {"a": "100.64.1", "b": "100.64.2"}
+
+
+class LabError(RuntimeError):
+    """The lab cannot be built or used (not root, missing tool, bad argument...)."""
+
+
+# --------------------------------------------------------------------------- netns plumbing
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def _in_netns(ns: str) -> Iterator[None]:
+    """Switch the calling *thread* into network namespace ``ns``, then back."""
+    original = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        target = os.open(NETNS_DIR / ns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _setns(original)
+    finally:
+        os.close(original)
+
+
+def _netns_exists(ns: str) -> bool:
+    return (NETNS_DIR / ns).exists()
+
+
+def _run(argv: list[str], stdin: str | None = None, timeout: float = 20.0) -> None:
+    """Run a setup command; raise LabError with its stderr if it fails."""
+    proc = subprocess.run(
+        argv,
+        input=stdin.encode() if stdin is not None else None,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+    if proc.returncode != 0:
+        detail = proc.stderr.decode(errors="replace").strip() or f"exit code {proc.returncode}"
+        raise LabError(f"{' '.join(argv[:4])}... failed: {detail}")
+
+
+def _write_sysctl(name: str, value: str, *, optional: bool = False) -> None:
+    """Write a sysctl of the calling thread's network namespace."""
+    path = Path("/proc/sys") / name.replace(".", "/")
+    try:
+        path.write_text(value)
+    except FileNotFoundError:
+        if not optional:
+            raise
+
+
+def _proc_start_time(pid: int) -> int | None:
+    """Start time (clock ticks since boot) of ``pid``, None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _pids_in(namespaces: list[str]) -> list[int]:
+    """Pids of processes (other than this one) whose network namespace is one of these."""
+    wanted: set[tuple[int, int]] = set()
+    for ns in namespaces:
+        try:
+            st = os.stat(NETNS_DIR / ns)
+        except OSError:
+            continue
+        wanted.add((st.st_dev, st.st_ino))
+    if not wanted:
+        return []
+    pids: list[int] = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            st = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in wanted:
+            pids.append(int(entry))
+    return pids
+
+
+def _stop_processes(procs: list[subprocess.Popen[bytes]], grace: float = 2.0) -> None:
+    """Terminate tracked processes by pid, SIGKILL whatever is left after ``grace`` s."""
+    alive = [p for p in procs if p.poll() is None]
+    for proc in alive:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+    deadline = time.monotonic() + grace
+    for proc in alive:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(max(0.0, deadline - time.monotonic()))
+    for proc in alive:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5.0)
+    for proc in procs:
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+def _kill_pids(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def lab_unavailable_reason(*, need_iptables: bool = False) -> str | None:
+    """Why labs cannot be built here (None if they can): root, ``ip netns``, ``nft``."""
+    if os.geteuid() != 0:
+        return "the network lab needs root (network namespaces, nftables)"
+    for tool in ("ip", "nft", *(("iptables",) if need_iptables else ())):
+        if shutil.which(tool) is None:
+            return f"the network lab needs `{tool}` in PATH"
+    if not Path("/proc/thread-self/ns/net").exists():
+        return "no network namespace support (/proc/thread-self/ns/net missing)"
+    try:
+        proc = subprocess.run(["ip", "netns", "list"], capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"`ip netns list` failed: {exc}"
+    if proc.returncode != 0:
+        return f"`ip netns list` failed: {proc.stderr.decode(errors='replace').strip()}"
+    return None
+
+
+# --------------------------------------------------------------------------- hosts and sites
+
+
+class Host:
+    """One network namespace of a lab, seen as a host."""
+
+    def __init__(
+        self, name: str, ns: str, ip: str, procs: list[subprocess.Popen[bytes]] | None = None
+    ) -> None:
+        self.name = name
+        self.ns = ns
+        self.ip = ip
+        self._procs: list[subprocess.Popen[bytes]] = procs if procs is not None else []
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, ns={self.ns!r}, ip={self.ip!r})"
+
+    def command(self, argv: list[str]) -> list[str]:
+        """The argv that runs ``argv`` inside this namespace."""
+        return ["ip", "netns", "exec", self.ns, *argv]
+
+    def popen(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        """Start ``argv`` inside the namespace; the lab stops it (by pid) at teardown.
+
+        ``ip netns exec`` execs the program, so ``Popen.pid`` is the program's pid.
+        """
+        proc: subprocess.Popen[bytes] = subprocess.Popen(self.command(argv), **kw)
+        self._procs.append(proc)
+        return proc
+
+    def run(
+        self, argv: list[str], timeout: float = 30, check: bool = True, **kw: Any
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run ``argv`` inside the namespace and wait for it.
+
+        stdout and stderr are captured unless given in ``kw``; ``check`` raises
+        :class:`subprocess.CalledProcessError` on a non-zero exit.
+        """
+        if "stdout" not in kw and "stderr" not in kw and "capture_output" not in kw:
+            kw["capture_output"] = True
+        result: subprocess.CompletedProcess[bytes] = subprocess.run(
+            self.command(argv), timeout=timeout, check=check, **kw
+        )
+        return result
+
+    @contextlib.contextmanager
+    def enter(self) -> Iterator[Host]:
+        """Switch the calling *thread* into this namespace (``setns(CLONE_NEWNET)``).
+
+        Sockets created inside the block live in the namespace (and stay there
+        after the block); other threads are unaffected; the thread's original
+        namespace is restored on exit. Threads and child processes started
+        inside the block inherit the namespace.
+        """
+        with _in_netns(self.ns):
+            yield self
+
+
+class Nat(Host):
+    """The NAT (or plain router, mode ``none``) of a site. ``ip`` is its WAN address."""
+
+    def __init__(
+        self,
+        name: str,
+        ns: str,
+        wan_ip: str,
+        lan_ip: str,
+        procs: list[subprocess.Popen[bytes]] | None = None,
+    ) -> None:
+        super().__init__(name, ns, wan_ip, procs)
+        self.wan_ip = wan_ip
+        self.lan_ip = lan_ip
+
+
+@dataclass
+class Site:
+    """One site: its NAT and the hosts on its LAN."""
+
+    name: str  # "a" or "b"
+    mode: str
+    nat: Nat
+    hosts: list[Host] = field(default_factory=list)
+    lan: str = ""  # e.g. "10.0.1.0/24"
+
+    @property
+    def public_ip(self) -> str:
+        """The NAT's WAN address (the source address peers see in NAT modes)."""
+        return self.nat.wan_ip
+
+    @property
+    def natted(self) -> bool:
+        return self.mode != "none"
+
+
+# --------------------------------------------------------------------------- nftables
+
+
+def _nat_ruleset(mode: str) -> str:
+    """The nftables ruleset of a NAT namespace (WAN = "wan", LAN bridge = "lan")."""
+    if mode == "none":
+        return ""  # plain router: no NAT, no filter
+    masq = "masquerade random,fully-random" if mode == "symmetric" else "masquerade"
+    if mode == "rst":
+        unsolicited = "meta l4proto tcp reject with tcp reset\n\t\tdrop"
+    elif mode == "icmp":
+        unsolicited = "reject with icmp type admin-prohibited"
+    else:
+        unsolicited = "drop"
+    return f"""
+table ip nopf_lab {{
+\tchain postrouting {{
+\t\ttype nat hook postrouting priority srcnat; policy accept;
+\t\toifname "wan" {masq}
+\t}}
+\tchain forward {{
+\t\ttype filter hook forward priority filter; policy drop;
+\t\tct state established,related accept
+\t\tct state invalid drop
+\t\tiifname "lan" oifname "wan" accept
+\t\tiifname "wan" ct state new {unsolicited}
+\t}}
+\tchain input {{
+\t\ttype filter hook input priority filter; policy accept;
+\t\tiifname != "wan" accept
+\t\tct state established,related accept
+\t\tct state invalid drop
+\t\t{unsolicited}
+\t}}
+}}
+"""
+
+
+# --------------------------------------------------------------------------- the lab
+
+_LIVE: set[Lab] = set()
+_LIVE_LOCK = threading.Lock()
+_ATEXIT_REGISTERED = False
+
+
+def _down_all_at_exit() -> None:
+    with _LIVE_LOCK:
+        labs = list(_LIVE)
+    for lab in labs:
+        if not lab.persist:
+            with contextlib.suppress(Exception):
+                lab.down()
+
+
+def _new_prefix() -> str:
+    while True:
+        prefix = "nl" + secrets.token_hex(3)
+        if (
+            not any(_netns_exists(f"{prefix}-{role}") for role in ROLES)
+            and not (STATE_DIR / f"{prefix}.pid").exists()
+        ):
+            return prefix
+
+
+class Lab:
+    """A simulated internet: router ``inet``, rendezvous ``rdv``, sites ``a`` and ``b``.
+
+    ``left``/``right`` choose the NAT mode of site a / site b (see :data:`MODES`).
+    ``delay_ms``/``jitter_ms``/``loss`` apply to every packet forwarded by
+    ``inet`` (uniform jitter, loss probability 0..1). ``persist=True`` keeps the
+    lab (and its delayer) alive after this process exits (CLI ``--detach``):
+    it is then skipped by the atexit hook and :func:`cleanup_stale`.
+
+    ICMP errors sent by the routers (the ``icmp`` NAT mode's admin-prohibited,
+    TTL exceeded, net unreachable) are rate-limited as on any Linux router:
+    per destination a burst of 6, then one per second. ``icmp_ratelimit=False``
+    sets ``net.ipv4.icmp_ratemask=0`` in ``inet`` and the NATs so that every
+    such packet is answered.
+    """
+
+    def __init__(
+        self,
+        left: str = "drop",
+        right: str = "drop",
+        *,
+        prefix: str | None = None,
+        delay_ms: float = 0,
+        jitter_ms: float = 0,
+        loss: float = 0.0,
+        persist: bool = False,
+        icmp_ratelimit: bool = True,
+    ) -> None:
+        for mode in (left, right):
+            if mode not in MODES:
+                raise LabError(f"unknown NAT mode {mode!r} (choose from {', '.join(MODES)})")
+        if prefix is not None and not PREFIX_RE.match(prefix):
+            raise LabError(f"bad prefix {prefix!r}: 1-24 characters of [A-Za-z0-9_]")
+        if delay_ms < 0 or jitter_ms < 0:
+            raise LabError("delay_ms and jitter_ms must be >= 0")
+        if not 0.0 <= loss <= 1.0:
+            raise LabError("loss must be a probability between 0 and 1")
+        self.prefix = prefix if prefix is not None else _new_prefix()
+        self.delay_ms = float(delay_ms)
+        self.jitter_ms = float(jitter_ms)
+        self.loss = float(loss)
+        self.persist = persist
+        self.icmp_ratelimit = icmp_ratelimit
+        self.build_seconds: float | None = None
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._delayer: subprocess.Popen[bytes] | None = None
+        self._started = False
+        self._is_up = False
+        self._lock = threading.Lock()
+
+        def ns(role: str) -> str:
+            return f"{self.prefix}-{role}"
+
+        self.inet = Host("inet", ns("inet"), INET_RDV_IP, self._procs)
+        self.rdv = Host("rdv", ns("rdv"), RDV_IP, self._procs)
+        sites: dict[str, Site] = {}
+        for side, mode in (("a", left), ("b", right)):
+            net = PRIVATE_LAN[side] if mode != "none" else PUBLIC_LAN[side]
+            wan_ip, _ = WAN[side]
+            nat = Nat(f"nat{side}", ns(f"nat{side}"), wan_ip, f"{net}.1", self._procs)
+            hosts = [
+                Host(f"{side}{i}", ns(f"{side}{i}"), f"{net}.{i + 1}", self._procs) for i in (1, 2)
+            ]
+            sites[side] = Site(side, mode, nat, hosts, f"{net}.0/24")
+        self.a = sites["a"]
+        self.b = sites["b"]
+        self.a1, self.a2 = self.a.hosts
+        self.b1, self.b2 = self.b.hosts
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def hosts(self) -> dict[str, Host]:
+        """Every namespace of the lab by role."""
+        return {
+            "inet": self.inet,
+            "rdv": self.rdv,
+            "nata": self.a.nat,
+            "natb": self.b.nat,
+            "a1": self.a1,
+            "a2": self.a2,
+            "b1": self.b1,
+            "b2": self.b2,
+        }
+
+    @property
+    def nata(self) -> Nat:
+        return self.a.nat
+
+    @property
+    def natb(self) -> Nat:
+        return self.b.nat
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [f"{self.prefix}-{role}" for role in ROLES]
+
+    @property
+    def is_up(self) -> bool:
+        return self._is_up
+
+    @property
+    def delayer(self) -> subprocess.Popen[bytes] | None:
+        """The delayer process in ``inet`` (None without delay/jitter/loss)."""
+        return self._delayer
+
+    @property
+    def tracked_processes(self) -> list[subprocess.Popen[bytes]]:
+        procs = list(self._procs)
+        if self._delayer is not None:
+            procs.append(self._delayer)
+        return procs
+
+    def site(self, name: str) -> Site:
+        return {"a": self.a, "b": self.b}[name]
+
+    def __repr__(self) -> str:
+        return (
+            f"Lab(left={self.a.mode!r}, right={self.b.mode!r}, prefix={self.prefix!r}, "
+            f"delay_ms={self.delay_ms}, jitter_ms={self.jitter_ms}, loss={self.loss})"
+        )
+
+    def describe(self) -> str:
+        """A human-readable table of namespaces and addresses."""
+        rows = [("role", "namespace", "address(es)", "notes")]
+        rows.append(("inet", self.inet.ns, "198.51.100.1 203.0.113.1 192.0.2.1", self._inet_note()))
+        rows.append(("rdv", self.rdv.ns, self.rdv.ip, "rendezvous host"))
+        for site in (self.a, self.b):
+            nat = site.nat
+            rows.append(
+                (nat.name, nat.ns, f"{nat.wan_ip} (wan) {nat.lan_ip} (lan)", f"mode {site.mode}")
+            )
+            for host in site.hosts:
+                rows.append(
+                    (
+                        host.name,
+                        host.ns,
+                        host.ip,
+                        f"behind {nat.name}" if site.natted else "public, no NAT",
+                    )
+                )
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        return "\n".join(
+            "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows
+        )
+
+    def _inet_note(self) -> str:
+        if not (self.delay_ms or self.jitter_ms or self.loss):
+            return "internet router"
+        return (
+            f"internet router, delay {self.delay_ms:g}±{self.jitter_ms:g} ms, "
+            f"loss {self.loss:g} per pass"
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> Lab:
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def up(self) -> Lab:
+        """Build the lab (idempotent). Raises LabError and cleans up on failure."""
+        with self._lock:
+            if self._is_up:
+                return self
+            if self._started:
+                raise LabError(f"lab {self.prefix} was already torn down; make a new Lab")
+            reason = lab_unavailable_reason(
+                need_iptables=bool(self.delay_ms or self.jitter_ms or self.loss)
+            )
+            if reason:
+                raise LabError(reason)
+            for role_ns in self.namespaces:
+                if _netns_exists(role_ns):
+                    raise LabError(f"namespace {role_ns} already exists (prefix in use?)")
+            self._started = True
+            _register(self)
+            start = time.monotonic()
+            try:
+                self._write_state()
+                self._build()
+            except BaseException:
+                self._teardown()
+                raise
+            self.build_seconds = time.monotonic() - start
+            self._is_up = True
+            return self
+
+    def down(self) -> None:
+        """Tear the lab down (idempotent): processes, namespaces, state file."""
+        with self._lock:
+            if not self._started:
+                return
+            self._teardown()
+
+    def _teardown(self) -> None:
+        _stop_processes(self.tracked_processes)
+        _kill_pids(_pids_in(self.namespaces))  # children of tracked processes
+        _delete_namespaces(self.namespaces)
+        for suffix in (".pid", ".delayer.log"):
+            with contextlib.suppress(FileNotFoundError):
+                (STATE_DIR / f"{self.prefix}{suffix}").unlink()
+        self._is_up = False
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+
+    def _write_state(self) -> None:
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        pid = os.getpid()
+        state = {
+            "pid": pid,
+            "start": _proc_start_time(pid),
+            "persist": self.persist,
+            "left": self.a.mode,
+            "right": self.b.mode,
+        }
+        path = STATE_DIR / f"{self.prefix}.pid"
+        tmp = path.with_suffix(f".tmp{pid}")
+        tmp.write_text(json.dumps(state) + "\n")
+        tmp.rename(path)
+
+    # ------------------------------------------------------------------ building
+
+    def _build(self) -> None:
+        p = self.prefix
+        root = [f"netns add {ns}" for ns in self.namespaces]
+        root += [
+            f"link add to-rdv netns {p}-inet type veth peer name eth0 netns {p}-rdv",
+            f"link add to-a netns {p}-inet type veth peer name wan netns {p}-nata",
+            f"link add to-b netns {p}-inet type veth peer name wan netns {p}-natb",
+        ]
+        for side in ("a", "b"):
+            for i in (1, 2):
+                root.append(
+                    f"link add to-{side}{i} netns {p}-nat{side} type veth "
+                    f"peer name eth0 netns {p}-{side}{i}"
+                )
+        _run(["ip", "-batch", "-"], "\n".join(root) + "\n")
+
+        for role in ROLES:
+            with _in_netns(f"{p}-{role}"):
+                _write_sysctl("net.ipv6.conf.all.disable_ipv6", "1", optional=True)
+                _write_sysctl("net.ipv6.conf.default.disable_ipv6", "1", optional=True)
+                if role in ("inet", "nata", "natb"):
+                    _write_sysctl("net.ipv4.ip_forward", "1")
+                    if not self.icmp_ratelimit:
+                        _write_sysctl("net.ipv4.icmp_ratemask", "0")
+                if role in ("nata", "natb"):
+                    for fam in ("iptables", "ip6tables", "arptables"):
+                        _write_sysctl(f"net.bridge.bridge-nf-call-{fam}", "0", optional=True)
+
+        batches: dict[str, list[str]] = {role: ["link set dev lo up"] for role in ROLES}
+        inet = batches["inet"]
+        inet += [
+            f"addr add {INET_RDV_IP}/24 dev to-rdv",
+            f"addr add {WAN['a'][1]}/24 dev to-a",
+            f"addr add {WAN['b'][1]}/24 dev to-b",
+            "link set dev to-rdv up",
+            "link set dev to-a up",
+            "link set dev to-b up",
+        ]
+        batches["rdv"] += [
+            f"addr add {RDV_IP}/24 dev eth0",
+            "link set dev eth0 up",
+            f"route add default via {INET_RDV_IP} dev eth0",
+        ]
+        for site in (self.a, self.b):
+            wan_ip, gw = WAN[site.name]
+            if not site.natted:
+                inet.append(f"route add {site.lan} via {wan_ip} dev to-{site.name}")
+            nat = batches[site.nat.name]
+            nat += [
+                f"addr add {wan_ip}/24 dev wan",
+                "link set dev wan up",
+                f"route add default via {gw} dev wan",
+                "link add name lan type bridge",
+            ]
+            for host in site.hosts:
+                nat += [
+                    f"link set dev to-{host.name} master lan",
+                    f"link set dev to-{host.name} up",
+                ]
+                batches[host.name] += [
+                    f"addr add {host.ip}/24 dev eth0",
+                    "link set dev eth0 up",
+                    f"route add default via {site.nat.lan_ip} dev eth0",
+                ]
+            nat += [f"addr add {site.nat.lan_ip}/24 dev lan", "link set dev lan up"]
+
+        procs = {
+            role: subprocess.Popen(
+                ["ip", "-n", f"{p}-{role}", "-batch", "-"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for role in ROLES
+        }
+        errors = []
+        for role, proc in procs.items():
+            _, err = proc.communicate("\n".join(batches[role]).encode() + b"\n", timeout=20)
+            if proc.returncode != 0:
+                errors.append(f"{role}: {err.decode(errors='replace').strip()}")
+        if errors:
+            raise LabError("ip -batch failed: " + "; ".join(errors))
+
+        for site in (self.a, self.b):
+            ruleset = _nat_ruleset(site.mode)
+            if ruleset:
+                _run(["ip", "netns", "exec", site.nat.ns, "nft", "-f", "-"], ruleset)
+
+        if self.delay_ms or self.jitter_ms or self.loss:
+            self._start_delayer()
+
+    def _start_delayer(self) -> None:
+        argv = [
+            sys.executable,
+            "-I",
+            str(DELAYER_PATH),
+            "--queue",
+            str(NFQUEUE_NUM),
+            "--delay-ms",
+            repr(self.delay_ms),
+            "--jitter-ms",
+            repr(self.jitter_ms),
+            "--loss",
+            repr(self.loss),
+        ]
+        if not self.persist:
+            argv += ["--parent-pid", str(os.getpid()), "--watch-stdin"]
+        stderr: int | IO[bytes] | None = None  # ours: it dies with us
+        if self.persist:  # it outlives us: never hold our caller's pipes open
+            STATE_DIR.mkdir(parents=True, exist_ok=True)
+            stderr = open(STATE_DIR / f"{self.prefix}.delayer.log", "ab")  # noqa: SIM115
+        try:
+            proc = subprocess.Popen(
+                self.inet.command(argv),
+                stdin=subprocess.DEVNULL if self.persist else subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                start_new_session=True,  # a Ctrl-C of the terminal must not kill it first
+            )
+        finally:
+            if stderr is not None and not isinstance(stderr, int):
+                stderr.close()
+        self._delayer = proc
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 10.0)
+        line = proc.stdout.readline() if ready else b""
+        if line.strip() != b"ready":
+            raise LabError(f"delayer did not start (exit code {proc.poll()})")
+        proc.stdout.close()
+        _run(
+            self.inet.command(
+                [
+                    "iptables",
+                    "-w",
+                    "5",
+                    "-t",
+                    "mangle",
+                    "-A",
+                    "FORWARD",
+                    "-j",
+                    "NFQUEUE",
+                    "--queue-num",
+                    str(NFQUEUE_NUM),
+                ]
+            )
+        )
+
+
+def _register(lab: Lab) -> None:
+    global _ATEXIT_REGISTERED
+    with _LIVE_LOCK:
+        _LIVE.add(lab)
+        if not _ATEXIT_REGISTERED:
+            atexit.register(_down_all_at_exit)
+            _ATEXIT_REGISTERED = True
+
+
+def _delete_namespaces(namespaces: list[str]) -> None:
+    existing = [ns for ns in namespaces if _netns_exists(ns)]
+    if not existing:
+        return
+    # -force: carry on past a namespace that vanished meanwhile
+    subprocess.run(
+        ["ip", "-force", "-batch", "-"],
+        input="".join(f"netns del {ns}\n" for ns in existing).encode(),
+        capture_output=True,
+        timeout=20,
+        check=False,
+    )
+
+
+# --------------------------------------------------------------------------- cleanup helpers
+
+
+def cleanup_prefix(prefix: str) -> list[str]:
+    """Remove the lab ``prefix`` whoever owns it: kill the processes in its
+    namespaces, delete the namespaces and its state file. Returns the deleted
+    namespace names."""
+    if not PREFIX_RE.match(prefix):
+        raise LabError(f"bad prefix {prefix!r}")
+    namespaces = [f"{prefix}-{role}" for role in ROLES]
+    existing = [ns for ns in namespaces if _netns_exists(ns)]
+    _kill_pids(_pids_in(existing))
+    _delete_namespaces(existing)
+    for suffix in (".pid", ".delayer.log"):
+        with contextlib.suppress(FileNotFoundError):
+            (STATE_DIR / f"{prefix}{suffix}").unlink()
+    with _LIVE_LOCK:
+        for lab in list(_LIVE):
+            if lab.prefix == prefix:
+                _LIVE.discard(lab)
+    return existing
+
+
+def _owner_alive(prefix: str) -> bool | None:
+    """True/False whether the lab's owner lives; None for persistent (detached) labs."""
+    try:
+        state = json.loads((STATE_DIR / f"{prefix}.pid").read_text())
+        pid = int(state["pid"])
+        started = state.get("start")
+        persist = bool(state.get("persist", False))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if persist:
+        return None
+    actual = _proc_start_time(pid)
+    return actual is not None and (started is None or actual == started)
+
+
+def list_labs() -> dict[str, list[str]]:
+    """Prefixes of labs with namespaces present (any prefix), with their namespaces."""
+    labs: dict[str, list[str]] = {}
+    if not NETNS_DIR.is_dir():
+        return labs
+    roles = "|".join(ROLES)
+    pattern = re.compile(rf"^(.+)-({roles})$")
+    for name in sorted(os.listdir(NETNS_DIR)):
+        m = pattern.match(name)
+        if m and PREFIX_RE.match(m.group(1)):
+            labs.setdefault(m.group(1), []).append(name)
+    return labs
+
+
+def cleanup_stale() -> list[str]:
+    """Remove labs named ``nl[0-9a-f]{6}-*`` whose owner process is dead.
+
+    Labs of live processes (even other test runs) and detached labs
+    (``persist=True``) are left alone. Returns the prefixes removed.
+    """
+    removed: list[str] = []
+    prefixes = {p for p in list_labs() if AUTO_PREFIX_RE.match(p)}
+    if STATE_DIR.is_dir():
+        prefixes |= {
+            f.name[: -len(".pid")]
+            for f in STATE_DIR.glob("nl*.pid")
+            if AUTO_PREFIX_RE.match(f.name[: -len(".pid")])
+        }
+    for prefix in sorted(prefixes):
+        if _owner_alive(prefix) is False:
+            cleanup_prefix(prefix)
+            removed.append(prefix)
+    return removed
