@@ -1,0 +1,175 @@
+"""Drive real ``nopf`` / ``nopf-server`` processes inside a namespace lab."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import queue
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO
+
+from tests.lab import Host, Lab
+from tests.programs import argv
+
+RDV = "198.51.100.2:3012"
+
+
+def start_rendezvous(lab: Lab) -> subprocess.Popen[bytes]:
+    proc = lab.rdv.popen(argv("nopf-server"), stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    line = proc.stderr.readline().decode()
+    assert "listening on" in line, line
+    return proc
+
+
+@dataclass
+class Peer:
+    """A running ``nopf``: stdout lines arrive on a queue, stderr goes to a temp file."""
+
+    role: str
+    host: Host
+    proc: subprocess.Popen[bytes]
+    err: IO[bytes]
+    lines: queue.Queue[str] = field(default_factory=queue.Queue)
+
+    def __post_init__(self) -> None:
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.lines.put(raw.decode().rstrip("\n"))
+        self.lines.put("")  # EOF marker
+
+    def line(self, timeout: float) -> str:
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"{self.role}: no stdout line within {timeout} s; "
+                                 f"stderr: {self.stderr()}") from None
+
+    def enter(self, address: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(address.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def stderr(self) -> str:
+        self.err.flush()
+        self.err.seek(0)
+        return self.err.read().decode(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+
+def start_peer(host: Host, role: str, port: int, *extra: str, timeout: float = 15) -> Peer:
+    err = tempfile.TemporaryFile()
+    proc = host.popen(
+        argv("nopf", "-t", role, "-p", str(port), "-a", RDV, "--timeout", str(timeout), *extra),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+    )
+    return Peer(role, host, proc, err)
+
+
+@dataclass
+class Pair:
+    server: Peer
+    client: Peer
+    server_public: str
+    client_public: str
+
+
+def punch_pair(
+    lab: Lab, *, server: Host | None = None, client: Host | None = None, order: str = "seed",
+    gap: float = 1.0, server_port: int = 3000, client_port: int = 3010, timeout: float = 15,
+    extra: tuple[str, ...] = (),
+) -> Pair:
+    """Start both peers, exchange addresses in ``order`` ("seed": server first)."""
+    s = start_peer(server or lab.a1, "server", server_port, *extra, timeout=timeout)
+    c = start_peer(client or lab.b1, "client", client_port, *extra, timeout=timeout)
+    sp, cp = s.line(10), c.line(10)
+    assert sp and cp, (s.stderr(), c.stderr())
+    first, second = ((s, cp), (c, sp)) if order == "seed" else ((c, sp), (s, cp))
+    first[0].enter(first[1])
+    time.sleep(gap)
+    second[0].enter(second[1])
+    return Pair(s, c, sp, cp)
+
+
+@contextlib.contextmanager
+def listening(host: Host, port: int) -> Iterator[socket.socket]:
+    with host.enter():
+        lsock = socket.create_server(("127.0.0.1", port))
+    try:
+        yield lsock
+    finally:
+        lsock.close()
+
+
+def connect(host: Host, port: int, timeout: float = 10) -> socket.socket:
+    with host.enter():
+        return socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+
+class Exchange:
+    """Send ``size`` random bytes on ``sock`` while hashing everything received.
+
+    ``then_close`` half-closes after sending; ``reply_after_eof`` sends the sha256
+    of what was received only after the peer's EOF (proves the half-close path).
+    """
+
+    def __init__(self, sock: socket.socket, size: int, *, reply_after_eof: bool = False) -> None:
+        self.sock = sock
+        self.sent = hashlib.sha256()
+        self.received = hashlib.sha256()
+        self.received_bytes = 0
+        self.tail = b""
+        self.error: BaseException | None = None
+        self._size = size
+        self._reply_after_eof = reply_after_eof
+        self._threads = [threading.Thread(target=self._send, daemon=True),
+                         threading.Thread(target=self._recv, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _send(self) -> None:
+        try:
+            left = self._size
+            while left:
+                chunk = os.urandom(min(left, 1 << 20))
+                self.sent.update(chunk)
+                self.sock.sendall(chunk)
+                left -= len(chunk)
+            if not self._reply_after_eof:
+                self.sock.shutdown(socket.SHUT_WR)
+        except BaseException as exc:  # reported by join()
+            self.error = exc
+
+    def _recv(self) -> None:
+        try:
+            while data := self.sock.recv(1 << 20):
+                self.received.update(data)
+                self.received_bytes += len(data)
+                self.tail = (self.tail + data)[-64:]
+            if self._reply_after_eof:
+                self._threads[0].join()
+                self.sock.sendall(self.received.hexdigest().encode())
+                self.sock.shutdown(socket.SHUT_WR)
+        except BaseException as exc:
+            self.error = exc
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                raise AssertionError(f"exchange still running after {timeout} s")
+        if self.error is not None:
+            raise self.error
