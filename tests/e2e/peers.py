@@ -70,7 +70,7 @@ class Peer:
 
 
 def start_peer(host: Host, role: str, port: int, *extra: str, timeout: float = 15) -> Peer:
-    err = tempfile.TemporaryFile()
+    err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the Peer; closed by GC
     proc = host.popen(
         argv("nopf", "-t", role, "-p", str(port), "-a", RDV, "--timeout", str(timeout), *extra),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
