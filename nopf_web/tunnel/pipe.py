@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 CHUNK = 1 << 20
 _F_SETPIPE_SZ = 1031
-_HAS_SPLICE = hasattr(os, "splice")
+# NOPF_PIPE_COPY=buffer forces the portable copy loop (for benchmarks and comparisons).
+_HAS_SPLICE = hasattr(os, "splice") and os.environ.get("NOPF_PIPE_COPY") != "buffer"
 
 
 @dataclass
