@@ -1,0 +1,389 @@
+"""The history store: one owner of the SQLite connection, writes batched.
+
+Everything that happens to a session is queued in memory by plain method
+calls (no await, so the engine's event callbacks never block) and written by
+one flusher task in a single transaction every ``flush_interval``. Progress
+updates of one session coalesce: a transfer costs one UPDATE per flush, not
+one per packet. Reads flush first, so a page always sees what was recorded.
+
+The database runs in WAL mode with an exclusive lock held for the life of the
+store, so a second nopf-web on the same file gets a clear error instead of
+two owners overwriting each other's rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import aiosqlite
+
+from nopf_web.resources import resource_dir
+
+from .errors import DatabaseCorrupt, DatabaseError, DatabaseInUse
+from .migrations import Migration, check_schema, load_migrations, migrate
+
+log = logging.getLogger("nopf.db")
+
+Outcome = Literal["closed", "stopped", "failed", "interrupted"]
+OUTCOMES: Final[tuple[Outcome, ...]] = ("closed", "stopped", "failed", "interrupted")
+
+# Columns a session update may set; anything else is a programming error.
+_UPDATABLE: Final = frozenset({
+    "state", "outcome", "public_address", "peer_address", "bytes_in", "bytes_out",
+    "connections", "error", "hint", "ended_at",
+})
+_SESSION_COLUMNS: Final = (
+    "id, role, local_port, rendezvous, label, state, outcome, public_address, peer_address, "
+    "bytes_in, bytes_out, connections, error, hint, started_at, ended_at, updated_at"
+)
+
+
+def share_hash(token: str) -> str:
+    """What the database keeps of a share token: its SHA-256, never the token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    id: str
+    role: str
+    local_port: int
+    rendezvous: str
+    label: str
+    state: str
+    outcome: str | None
+    public_address: str | None
+    peer_address: str | None
+    bytes_in: int
+    bytes_out: int
+    connections: int
+    error: str | None
+    hint: str | None
+    started_at: float
+    ended_at: float | None
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class ConnectionRow:
+    session_id: str
+    peer_address: str | None
+    started_at: float
+    ended_at: float | None
+    bytes_in: int
+    bytes_out: int
+    outcome: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class EventRow:
+    at: float
+    kind: str
+    message: str
+
+
+@dataclass(frozen=True)
+class NewSession:
+    id: str
+    role: str
+    local_port: int
+    rendezvous: str
+    label: str
+    share_token: str
+    state: str
+    started_at: float
+
+
+def _session(row: Sequence[Any]) -> SessionRow:
+    return SessionRow(*row)
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _classify(exc: sqlite3.Error, where: Path) -> DatabaseError:
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return DatabaseInUse(
+            f"the database {where} is in use by another program (another nopf-web?): stop it, "
+            "or pass another --db"
+        )
+    if "unable to open" in text or "readonly" in text or "read-only" in text:
+        return DatabaseError(f"cannot open the database {where} for writing ({text}): "
+                             "check the path and its permissions, or pass another --db")
+    return DatabaseCorrupt(
+        f"{where} is not a usable nopf database ({text}): move the file away to start a fresh "
+        "history (nothing was changed in it), or pass another --db"
+    )
+
+
+async def _configure(conn: aiosqlite.Connection, where: Path,
+                     migrations: Sequence[Migration]) -> None:
+    try:
+        await conn.execute("PRAGMA busy_timeout = 500")
+        # The first read of a non-database file fails here, before anything is written.
+        checks = [str(r[0]) for r in await conn.execute_fetchall("PRAGMA quick_check")]
+        if checks != ["ok"]:
+            raise DatabaseCorrupt(
+                f"the database {where} is damaged ({checks[0]}): move it away to start a fresh "
+                "history, or pass another --db"
+            )
+        await check_schema(conn, migrations, where=str(where))
+        await conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+        await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute("PRAGMA synchronous = NORMAL")  # WAL: durable enough, far fewer fsyncs
+        await conn.execute("PRAGMA foreign_keys = ON")
+        await conn.execute("BEGIN EXCLUSIVE")  # take the lock now and keep it (exclusive mode)
+        await conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise _classify(exc, where) from None
+
+
+def _prepare_path(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatabaseError(f"cannot create the directory {path.parent} for the database: "
+                            f"{exc.strerror or exc}") from None
+    if path.is_dir():
+        raise DatabaseError(f"{path} is a directory; --db needs a file path")
+
+
+class HistoryStore:
+    """Sessions, connections, events and settings; see the module docstring."""
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path, schema_version: int,
+                 flush_interval: float) -> None:
+        self._conn = conn
+        self.path = path
+        self.schema_version = schema_version
+        self.flush_interval = flush_interval
+        self._ops: list[tuple[str, tuple[Any, ...]]] = []
+        self._updates: dict[str, dict[str, Any]] = {}
+        self._wakeup = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._flusher: asyncio.Task[None] | None = None
+        self.write_errors = 0
+        self.last_write_error: str | None = None
+        self.flushes = 0
+
+    # -- life ------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: Path, *, migrations_dir: Path | None = None,
+                   flush_interval: float = 0.5) -> HistoryStore:
+        """Open (creating it and its directory if needed), check and migrate the database."""
+        migrations = load_migrations(migrations_dir or resource_dir("migrations"))
+        _prepare_path(path)
+        try:
+            conn = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise _classify(exc, path) from None
+        try:
+            await _configure(conn, path, migrations)
+            try:
+                version = await migrate(conn, migrations, where=str(path))
+            except sqlite3.Error as exc:
+                raise _classify(exc, path) from None
+        except BaseException:
+            await conn.close()
+            raise
+        return cls(conn, path, version, flush_interval)
+
+    def start(self) -> None:
+        """Start the flusher task; :meth:`close` stops and awaits it."""
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_loop(), name="nopf-history-flush")
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        await self.flush()
+        await self._conn.close()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            await asyncio.sleep(self.flush_interval)  # let more writes join this batch
+            self._wakeup.clear()
+            await self.flush()
+
+    # -- queued writes -----------------------------------------------------------
+
+    def _queue(self, sql: str, params: tuple[Any, ...]) -> None:
+        self._ops.append((sql, params))
+        self._wakeup.set()
+
+    def add_session(self, new: NewSession) -> None:
+        self._queue(
+            "INSERT INTO sessions (id, role, local_port, rendezvous, label, share_hash, state, "
+            "started_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (new.id, new.role, new.local_port, new.rendezvous, new.label,
+             share_hash(new.share_token), new.state, new.started_at, new.started_at),
+        )
+
+    def update_session(self, session_id: str, **fields: Any) -> None:
+        """Queue column updates; later updates of a column replace earlier unflushed ones."""
+        unknown = set(fields) - _UPDATABLE
+        if unknown:
+            raise ValueError(f"not updatable session columns: {sorted(unknown)}")
+        self._updates.setdefault(session_id, {}).update(fields)
+        self._wakeup.set()
+
+    def add_event(self, session_id: str, at: float, kind: str, message: str) -> None:
+        self._queue("INSERT INTO events (session_id, at, kind, message) VALUES (?, ?, ?, ?)",
+                    (session_id, at, kind, message))
+
+    def connection_started(self, session_id: str, at: float, peer: str | None) -> None:
+        self._queue("INSERT INTO connections (session_id, peer_address, started_at) "
+                    "VALUES (?, ?, ?)", (session_id, peer, at))
+
+    def connection_ended(self, session_id: str, at: float, bytes_in: int, bytes_out: int,
+                         outcome: str, error: str | None) -> None:
+        self._queue(
+            "UPDATE connections SET ended_at = ?, bytes_in = ?, bytes_out = ?, outcome = ?, "
+            "error = ? WHERE session_id = ? AND ended_at IS NULL",
+            (at, bytes_in, bytes_out, outcome, error, session_id),
+        )
+
+    async def flush(self) -> None:
+        """Write everything queued in one transaction."""
+        async with self._lock:
+            ops, self._ops = self._ops, []
+            updates, self._updates = self._updates, {}
+            if not ops and not updates:
+                return
+            now = time.time()
+            try:
+                await self._conn.execute("BEGIN")
+                for sql, params in ops:
+                    await self._conn.execute(sql, params)
+                for session_id, fields in updates.items():
+                    fields["updated_at"] = now
+                    assigns = ", ".join(f"{column} = ?" for column in fields)
+                    await self._conn.execute(f"UPDATE sessions SET {assigns} WHERE id = ?",
+                                             (*fields.values(), session_id))
+                await self._conn.execute("COMMIT")
+                self.flushes += 1
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._conn.execute("ROLLBACK")
+                # Shown on the settings page; the dashboard keeps running.
+                self.write_errors += 1
+                self.last_write_error = f"{exc} ({len(ops)} writes and {len(updates)} updates lost)"
+                log.error("history write failed: %s", self.last_write_error)
+
+    # -- start-up ------------------------------------------------------------------
+
+    async def mark_interrupted(self) -> int:
+        """Close the records of sessions that were running when the dashboard last stopped."""
+        await self.flush()
+        async with self._lock:
+            try:
+                return await self._mark_interrupted()
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._conn.execute("ROLLBACK")
+                raise
+
+    async def _mark_interrupted(self) -> int:
+        await self._conn.execute("BEGIN")
+        await self._conn.execute(
+            "UPDATE connections SET outcome = 'interrupted', "
+            "ended_at = (SELECT s.updated_at FROM sessions s WHERE s.id = session_id), "
+            "bytes_in = (SELECT s.bytes_in FROM sessions s WHERE s.id = session_id), "
+            "bytes_out = (SELECT s.bytes_out FROM sessions s WHERE s.id = session_id) "
+            "WHERE ended_at IS NULL"
+        )
+        cur = await self._conn.execute(
+            "UPDATE sessions SET outcome = 'interrupted', ended_at = updated_at, "
+            "error = coalesce(error, 'the dashboard stopped while this session was running') "
+            "WHERE outcome IS NULL"
+        )
+        count = cur.rowcount
+        await self._conn.execute("COMMIT")
+        return int(count)
+
+    # -- reads -----------------------------------------------------------------------
+
+    async def _fetch(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        await self.flush()
+        async with self._lock:
+            return list(await self._conn.execute_fetchall(sql, tuple(params)))
+
+    async def get_session(self, session_id: str) -> SessionRow | None:
+        rows = await self._fetch(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = ?",
+                                 (session_id,))
+        return _session(rows[0]) if rows else None
+
+    async def session_id_for_share(self, token: str) -> str | None:
+        rows = await self._fetch("SELECT id FROM sessions WHERE share_hash = ?",
+                                 (share_hash(token),))
+        return str(rows[0][0]) if rows else None
+
+    async def list_sessions(self, *, outcome: str | None = None, query: str | None = None,
+                            limit: int = 50, offset: int = 0) -> tuple[list[SessionRow], int]:
+        """Sessions newest first, and how many match. ``outcome="running"``: not ended."""
+        where: list[str] = []
+        params: list[Any] = []
+        if outcome == "running":
+            where.append("outcome IS NULL")
+        elif outcome:
+            where.append("outcome = ?")
+            params.append(outcome)
+        if query:
+            pattern = f"%{_escape_like(query)}%"
+            where.append("(label LIKE ? ESCAPE '\\' OR peer_address LIKE ? ESCAPE '\\')")
+            params += [pattern, pattern]
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        total = await self._fetch(f"SELECT count(*) FROM sessions {clause}", params)
+        rows = await self._fetch(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions {clause} "
+            "ORDER BY started_at DESC, id LIMIT ? OFFSET ?", [*params, limit, offset])
+        return [_session(r) for r in rows], int(total[0][0])
+
+    async def connections_for(self, session_ids: Sequence[str]) -> dict[str, list[ConnectionRow]]:
+        result: dict[str, list[ConnectionRow]] = {sid: [] for sid in session_ids}
+        if not session_ids:
+            return result
+        marks = ", ".join("?" for _ in session_ids)
+        rows = await self._fetch(
+            "SELECT session_id, peer_address, started_at, ended_at, bytes_in, bytes_out, "
+            f"outcome, error FROM connections WHERE session_id IN ({marks}) "
+            "ORDER BY started_at", session_ids)
+        for row in rows:
+            result[str(row[0])].append(ConnectionRow(*row))
+        return result
+
+    async def events_for(self, session_id: str, limit: int = 500) -> list[EventRow]:
+        rows = await self._fetch(
+            "SELECT at, kind, message FROM (SELECT id, at, kind, message FROM events "
+            "WHERE session_id = ? ORDER BY id DESC LIMIT ?) ORDER BY id", (session_id, limit))
+        return [EventRow(float(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+    async def get_setting(self, key: str) -> str | None:
+        rows = await self._fetch("SELECT value FROM settings WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    async def set_setting(self, key: str, value: str | None) -> None:
+        """Store a setting now (not batched: the user waits for it); None deletes it."""
+        if value is None:
+            self._queue("DELETE FROM settings WHERE key = ?", (key,))
+        else:
+            self._queue("INSERT INTO settings (key, value) VALUES (?, ?) "
+                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+        await self.flush()

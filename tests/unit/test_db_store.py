@@ -1,0 +1,203 @@
+"""The history store: WAL, one owner, batched writes, interrupted sessions, clear errors."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from nopf_web.db import DatabaseCorrupt, DatabaseError, DatabaseInUse, HistoryStore, NewSession
+from nopf_web.db.store import share_hash
+from nopf_web.resources import ResourceName, resource_dir
+
+
+def _new(session_id: str, label: str = "", started: float | None = None,
+         token: str | None = None) -> NewSession:
+    return NewSession(id=session_id, role="server", local_port=2222, rendezvous="127.0.0.1:3012",
+                      label=label, share_token=token or f"tok-{session_id}",
+                      state="discovering", started_at=started or time.time())
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[HistoryStore]:
+    s = await HistoryStore.open(tmp_path / "h.db", flush_interval=0.01)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def test_resource_dirs_are_found_from_the_source_tree() -> None:
+    names: tuple[ResourceName, ...] = ("templates", "static", "migrations")
+    for name in names:
+        assert resource_dir(name).is_dir()
+
+
+async def test_open_creates_the_file_in_wal_mode_at_the_newest_schema(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "dir" / "h.db"
+    s = await HistoryStore.open(path)
+    try:
+        assert path.exists()
+        assert s.schema_version >= 1
+        rows = await s._fetch("PRAGMA journal_mode")
+        assert rows[0][0] == "wal"
+    finally:
+        await s.close()
+
+
+async def test_a_second_owner_is_refused_while_the_first_runs(tmp_path: Path) -> None:
+    first = await HistoryStore.open(tmp_path / "h.db")
+    try:
+        with pytest.raises(DatabaseInUse, match="in use by another program"):
+            await HistoryStore.open(tmp_path / "h.db")
+    finally:
+        await first.close()
+    second = await HistoryStore.open(tmp_path / "h.db")  # free again once closed
+    await second.close()
+
+
+async def test_a_file_that_is_not_a_database_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    path.write_bytes(os.urandom(8192))
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(DatabaseCorrupt, match=r"not a usable nopf database.*move the file away"):
+        await HistoryStore.open(path)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+async def test_a_damaged_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    s = await HistoryStore.open(path)
+    for i in range(300):
+        s.add_session(_new(f"{i:012x}", label="x" * 200))
+    await s.close()
+    data = bytearray(path.read_bytes())
+    page = 4096
+    data[2 * page: 3 * page] = os.urandom(page)  # scribble over a b-tree page
+    path.write_bytes(bytes(data))
+    with pytest.raises(DatabaseCorrupt):
+        await HistoryStore.open(path)
+
+
+async def test_a_directory_path_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(DatabaseError, match="is a directory"):
+        await HistoryStore.open(tmp_path)
+
+
+async def test_progress_updates_coalesce_into_one_write_per_flush(store: HistoryStore) -> None:
+    store.add_session(_new("aaaaaaaaaaaa"))
+    await store.flush()
+    flushes = store.flushes
+    for n in range(1, 5001):  # a busy transfer's worth of progress between two flushes
+        store.update_session("aaaaaaaaaaaa", bytes_in=n, bytes_out=2 * n)
+    assert store.flushes == flushes  # nothing written yet: queued in memory
+    row = await store.get_session("aaaaaaaaaaaa")  # reads flush first
+    assert row is not None
+    assert (row.bytes_in, row.bytes_out) == (5000, 10000)
+    assert store.flushes == flushes + 1
+
+
+async def test_the_flusher_writes_in_the_background(store: HistoryStore) -> None:
+    store.start()
+    store.add_session(_new("bbbbbbbbbbbb", label="bg"))
+    store.add_event("bbbbbbbbbbbb", time.time(), "log", "hello")
+    for _ in range(200):
+        if store.flushes:
+            break
+        await asyncio.sleep(0.01)
+    assert store.flushes >= 1  # written without anyone calling flush()
+
+
+async def test_unknown_columns_are_a_programming_error(store: HistoryStore) -> None:
+    with pytest.raises(ValueError, match="not updatable"):
+        store.update_session("x", role="client")
+
+
+async def test_sessions_running_at_a_crash_are_marked_interrupted(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    s = await HistoryStore.open(path)
+    s.add_session(_new("cccccccccccc", label="was running"))
+    s.connection_started("cccccccccccc", time.time(), "203.0.113.9:4000")
+    s.update_session("cccccccccccc", state="connected", bytes_in=10, bytes_out=20)
+    s.add_session(_new("dddddddddddd", label="finished"))
+    s.update_session("dddddddddddd", state="closed", outcome="closed", ended_at=time.time())
+    await s.close()  # as if the process died right after its last flush
+
+    s = await HistoryStore.open(path)
+    try:
+        assert await s.mark_interrupted() == 1
+        row = await s.get_session("cccccccccccc")
+        assert row is not None
+        assert row.outcome == "interrupted"
+        assert row.ended_at == row.updated_at
+        assert row.error and "dashboard stopped" in row.error
+        conns = (await s.connections_for(["cccccccccccc"]))["cccccccccccc"]
+        assert [(c.outcome, c.bytes_in, c.bytes_out) for c in conns] == [("interrupted", 10, 20)]
+        done = await s.get_session("dddddddddddd")
+        assert done is not None and done.outcome == "closed"
+        assert await s.mark_interrupted() == 0
+    finally:
+        await s.close()
+
+
+async def test_list_filters_searches_and_pages(store: HistoryStore) -> None:
+    now = time.time()
+    for i in range(30):
+        store.add_session(_new(f"{i:012x}", label=f"job {i}", started=now + i))
+        if i % 3 == 0:
+            store.update_session(f"{i:012x}", outcome="failed", error="boom")
+        elif i % 3 == 1:
+            store.update_session(f"{i:012x}", outcome="closed", peer_address=f"198.51.100.{i}:1")
+    store.add_session(_new("ffffffffffff", label="100%_done", started=now + 100))
+    rows, total = await store.list_sessions(limit=10)
+    assert total == 31
+    assert [r.id for r in rows][:2] == ["ffffffffffff", f"{29:012x}"]  # newest first
+    rows, total = await store.list_sessions(outcome="failed", limit=100)
+    assert total == 10 and all(r.outcome == "failed" for r in rows)
+    rows, total = await store.list_sessions(outcome="running", limit=100)
+    assert total == 11 and all(r.outcome is None for r in rows)
+    rows, total = await store.list_sessions(query="198.51.100.4:", limit=100)
+    assert [r.label for r in rows] == ["job 4"]
+    rows, total = await store.list_sessions(query="%_", limit=100)  # LIKE wildcards are literal
+    assert [r.label for r in rows] == ["100%_done"]
+    page2, _ = await store.list_sessions(limit=10, offset=10)
+    page1, _ = await store.list_sessions(limit=10, offset=0)
+    assert not {r.id for r in page1} & {r.id for r in page2}
+
+
+async def test_share_tokens_are_stored_only_as_hashes(store: HistoryStore) -> None:
+    store.add_session(_new("eeeeeeeeeeee", token="s3cret-share-token-value"))
+    assert await store.session_id_for_share("s3cret-share-token-value") == "eeeeeeeeeeee"
+    assert await store.session_id_for_share("another-token-entirely") is None
+    await store.flush()
+    raw = _raw_files(store.path)
+    assert b"s3cret-share-token-value" not in raw
+    assert share_hash("s3cret-share-token-value").encode() in raw
+
+
+def _raw_files(path: Path) -> bytes:
+    """The database file and its WAL, as bytes (the WAL may hold the newest pages)."""
+    wal = Path(f"{path}-wal")
+    return path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+
+
+async def test_settings_round_trip(store: HistoryStore) -> None:
+    assert await store.get_setting("default_rendezvous") is None
+    await store.set_setting("default_rendezvous", "198.51.100.2:3012")
+    await store.set_setting("default_rendezvous", "198.51.100.3:3012")
+    assert await store.get_setting("default_rendezvous") == "198.51.100.3:3012"
+    await store.set_setting("default_rendezvous", None)
+    assert await store.get_setting("default_rendezvous") is None
+
+
+async def test_events_keep_their_order_and_limit(store: HistoryStore) -> None:
+    store.add_session(_new("aaaaaaaaaaab"))
+    for i in range(20):
+        store.add_event("aaaaaaaaaaab", 1000.0 + i, "log", f"event {i}")
+    events = await store.events_for("aaaaaaaaaaab", limit=5)
+    assert [e.message for e in events] == [f"event {i}" for i in range(15, 20)]
