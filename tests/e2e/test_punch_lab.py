@@ -13,6 +13,7 @@ import time
 import pytest
 
 from tests.lab.fixtures import LabFactory
+from tests.programs import argv
 
 from .peers import Exchange, connect, listening, punch_pair, start_rendezvous
 
@@ -160,3 +161,34 @@ def test_local_service_not_listening(lab_factory: LabFactory) -> None:
     assert pair.client.wait(30) == 1
     assert "cannot reach the local service at 127.0.0.1:3000" in pair.server.stderr()
     assert "closed the tunnel before a local application connected" in pair.client.stderr()
+
+
+@pytest.mark.parametrize(
+    ("target", "needle"),
+    [("198.51.100.99:3012", "rendezvous 198.51.100.99:3012"),  # no such host on the link
+     ("198.51.100.2:3999", "connection refused")],
+)
+def test_rendezvous_unreachable_from_behind_a_nat(
+    lab_factory: LabFactory, target: str, needle: str
+) -> None:
+    lab = lab_factory("drop", "drop")
+    t0 = time.monotonic()
+    proc = lab.a1.run(argv("nopf", "-p", "3000", "-a", target), check=False, timeout=30)
+    assert time.monotonic() - t0 < 12
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if "error:" in x]
+    assert needle in line
+
+
+def test_rendezvous_black_hole_times_out_saying_what_it_waited_for(
+    lab_factory: LabFactory,
+) -> None:
+    lab = lab_factory("drop", "drop")
+    lab.rdv.run(["nft", "add table ip bh; add chain ip bh in { type filter hook input "
+                 "priority 0; policy drop; }"])
+    proc = lab.a1.run(argv("nopf", "-p", "3000", "-a", "198.51.100.2:3012"), check=False,
+                      timeout=30)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "Traceback" not in err
+    assert "did not answer the connection within 5 s" in err
