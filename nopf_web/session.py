@@ -27,7 +27,7 @@ from nopf_web.guard.base import Guard, NullGuard
 from nopf_web.punch.driver import PunchDriver
 from nopf_web.punch.machine import PunchConfig, Role
 from nopf_web.punch.sockets import enable_keepalive, tune_stream, wait_ready
-from nopf_web.rendezvous.client import discover, resolve_ipv4
+from nopf_web.rendezvous.client import Discovery, discover, probe_mapping, resolve_ipv4
 from nopf_web.tunnel.pipe import Counters, Pipe
 from nopf_web.wire.address import Endpoint
 
@@ -202,12 +202,26 @@ class Session:
         spec = self.spec
         self._set_state(State.DISCOVERING, f"asking rendezvous {spec.rendezvous} for our address")
         server = await resolve_ipv4(spec.rendezvous, spec.net_timeout)
-        with self.guard.protect(spec.punch_port, server) as window:
-            found = await discover(server, spec.punch_port, bind_host=spec.bind_host,
-                                   timeout=spec.net_timeout)
+        found = await discover(server, spec.punch_port, bind_host=spec.bind_host,
+                               timeout=spec.net_timeout)
+        # The first connection closes normally so its 4-tuple frees up; the second,
+        # whose mapping the punch inherits, closes under the guard (if any).
+        with self.guard.protect(found.local_port, server) as window:
+            again = await probe_mapping(server, found, bind_host=spec.bind_host,
+                                        timeout=spec.net_timeout)
         self.guard_dropped += window.dropped
-        self.public_address = found.public
         punch_port = found.local_port
+        hint = None
+        if again is not None and again != found.public:
+            hint = (f"your NAT is symmetric: two connections from local port {punch_port} got "
+                    f"public ports {found.public.port} and {again.port}, so the peer cannot "
+                    "reach the one we punch from (only a peer without NAT can)")
+            self._log(f"warning: {hint}")
+            found = Discovery(again, punch_port)
+        elif found.public.port != punch_port:
+            hint = (f"our NAT changed the source port (local {punch_port}, public "
+                    f"{found.public.port}); if it picks a new one per destination it is symmetric")
+        self.public_address = found.public
         self._emit(Event("public_address", str(found.public),
                          data={"public": str(found.public), "punch_port": punch_port}))
         self._set_state(State.WAITING_PEER, "waiting for the peer's address")
@@ -218,10 +232,6 @@ class Session:
         if peer.host == found.public.host:
             self._log(f"the peer {peer} has our public IP: both are behind one NAT; this works "
                       "only if that NAT supports hairpinning")
-        hint = None
-        if found.public.port != punch_port:
-            hint = (f"our NAT changed the source port (local {punch_port}, public "
-                    f"{found.public.port}); if it picks a new one per destination it is symmetric")
         role = Role.ARM if spec.role == "server" else Role.CONNECT
         self._set_state(State.PUNCHING, f"punching to {peer}")
         driver = PunchDriver((spec.bind_host, punch_port), (peer.host, peer.port), role,

@@ -122,11 +122,12 @@ class PunchDriver:
                 listener.close()
 
     async def _accept_peer(self, listener: socket.socket) -> socket.socket:
-        """Accept the peer only: anyone else reaching the punch port is turned away."""
+        """Accept the peer's IP only; any port, so a peer behind a symmetric NAT
+        (whose port we cannot know) still reaches us when we have no NAT."""
         loop = asyncio.get_running_loop()
         while True:
             conn, addr = await loop.sock_accept(listener)
-            if (addr[0], addr[1]) == self.peer:
+            if addr[0] == self.peer[0]:
                 return conn
             conn.close()
 

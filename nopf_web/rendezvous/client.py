@@ -78,6 +78,34 @@ async def discover(
         sock.close()
 
 
+async def probe_mapping(
+    server: tuple[str, int], first: Discovery, *, bind_host: str = "0.0.0.0",
+    timeout: float = 5.0, settle: float = 0.5,
+) -> Endpoint | None:
+    """Ask again from the same local port: a different public port means a symmetric NAT.
+
+    An endpoint-independent NAT reuses the mapping (same public port); one that
+    maps per connection gives a new port. Returns None when the check could not
+    run: the previous connection's 4-tuple stays busy while its close is still
+    in progress (e.g. a seed server that firewalls its own FIN away), and we
+    wait at most ``settle`` seconds for it.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settle
+    while True:
+        try:
+            again = await discover(server, first.local_port, bind_host=bind_host,
+                                   timeout=timeout)
+        except RendezvousUnreachable:
+            if loop.time() >= deadline:
+                return None
+            await asyncio.sleep(0.05)
+            continue
+        except RendezvousError:
+            return None
+        return again.public
+
+
 async def _read_reply(sock: socket.socket, where: str) -> Endpoint:
     loop = asyncio.get_running_loop()
     reader = DiscoveryReader()
@@ -124,5 +152,6 @@ __all__ = [
     "RendezvousProtocolError",
     "RendezvousUnreachable",
     "discover",
+    "probe_mapping",
     "resolve_ipv4",
 ]
