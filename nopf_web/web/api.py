@@ -1,0 +1,138 @@
+"""The JSON API: what scripts and tests use. Errors are ``{"error": ..., "field": ...}``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+from aiohttp import web
+
+from nopf_web.errors import NopfError
+from nopf_web.guard import guard_status
+
+from .forms import (
+    FieldError,
+    parse_label,
+    parse_local_port,
+    parse_peer,
+    parse_rendezvous,
+    parse_role,
+)
+from .keys import GUARD, MANAGER
+from .manager import CreateError
+from .model import SessionView
+from .views import base_url, history_json, load_session, merged_history
+
+CREATE_FIELDS: Final = frozenset({"role", "local_port", "rendezvous", "label"})
+
+
+def _error(message: str, status: int = 400, field: str | None = None) -> web.Response:
+    body: dict[str, Any] = {"error": message}
+    if field is not None:
+        body["field"] = field
+    return web.json_response(body, status=status)
+
+
+def _field_error(exc: FieldError) -> web.Response:
+    return _error(str(exc), field=exc.field)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.text())
+    except (ValueError, UnicodeDecodeError):
+        raise web.HTTPBadRequest(text="the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text="the body must be a JSON object")
+    return body
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    base = base_url(request)
+    views = [SessionView.from_managed(ms) for ms in request.app[MANAGER].sessions()]
+    return web.json_response({"sessions": [v.to_json(base) for v in views]})
+
+
+async def create_session(request: web.Request) -> web.Response:
+    body = await _body(request)
+    unknown = sorted(set(body) - CREATE_FIELDS)
+    if unknown:
+        return _error(f"{unknown[0]}: unknown field (expected role, local_port, rendezvous, "
+                      "label)", field=unknown[0])
+    for required in ("role", "local_port"):
+        if required not in body:
+            return _error(f"{required}: is required", field=required)
+    try:
+        role = parse_role(body["role"])
+        port = parse_local_port(body["local_port"])
+        rendezvous = parse_rendezvous(body.get("rendezvous"))
+        label = parse_label(body.get("label"))
+        ms = request.app[MANAGER].create(role, port, rendezvous, label)
+    except FieldError as exc:
+        return _field_error(exc)
+    except CreateError as exc:
+        return _error(str(exc), exc.status, exc.field)
+    view = SessionView.from_managed(ms)
+    return web.json_response(view.to_json(base_url(request)), status=201,
+                             headers={"Location": f"/api/sessions/{ms.id}"})
+
+
+async def get_session(request: web.Request) -> web.Response:
+    view, _ms = await load_session(request, request.match_info["id"])
+    return web.json_response(view.to_json(base_url(request)))
+
+
+async def set_peer(request: web.Request) -> web.Response:
+    _view, ms = await load_session(request, request.match_info["id"])
+    body = await _body(request)
+    if "address" not in body:
+        return _error("address: is required (the peer's public IP:PORT)", field="address")
+    try:
+        peer = parse_peer(body["address"])
+    except FieldError as exc:
+        return _field_error(exc)
+    if ms is None:
+        return _error("the session has already ended", 409)
+    try:
+        request.app[MANAGER].set_peer(ms, peer)
+    except NopfError as exc:
+        return _error(str(exc), 409, "address")
+    return web.json_response(SessionView.from_managed(ms).to_json(base_url(request)))
+
+
+async def stop_session(request: web.Request) -> web.Response:
+    view, ms = await load_session(request, request.match_info["id"])
+    if ms is not None:
+        await request.app[MANAGER].stop(ms)
+        view = SessionView.from_managed(ms)
+    return web.json_response(view.to_json(base_url(request)))
+
+
+async def history(request: web.Request) -> web.Response:
+    limit_text = request.query.get("limit", "50")
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
+        return _error("limit: must be a whole number from 1 to 1000", field="limit")
+    offset_text = request.query.get("offset", "0")
+    if not offset_text.isdigit() or len(offset_text) > 9:
+        return _error("offset: must be a whole number, 0 or more", field="offset")
+    views, connections, total = await merged_history(
+        request, outcome=None, query=None, limit=int(limit_text), offset=int(offset_text))
+    base = base_url(request)
+    return web.json_response({"total": total, "sessions": [
+        history_json(v, connections[v.id], base) for v in views]})
+
+
+async def guard(request: web.Request) -> web.Response:
+    return web.json_response(guard_status(request.app[GUARD]))
+
+
+def add_routes(app: web.Application) -> None:
+    sid = "{id:[0-9a-f]{12}}"
+    r = app.router
+    r.add_get("/api/sessions", list_sessions)
+    r.add_post("/api/sessions", create_session)
+    r.add_get(f"/api/sessions/{sid}", get_session)
+    r.add_post(f"/api/sessions/{sid}/peer", set_peer)
+    r.add_delete(f"/api/sessions/{sid}", stop_session)
+    r.add_get("/api/history", history)
+    r.add_get("/api/guard", guard)

@@ -1,0 +1,131 @@
+"""The application factory: routes, middlewares, and the background services.
+
+The history store, the embedded rendezvous, the guard and the session manager are
+``cleanup_ctx`` contexts: started before the first request, torn down in
+reverse order at shutdown (sessions are stopped and recorded as
+``interrupted`` while the store is still open).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+
+from nopf_web.db import HistoryStore
+from nopf_web.errors import NopfError
+from nopf_web.guard import make_guard
+from nopf_web.guard.base import Guard, NullGuard
+from nopf_web.rendezvous.server import RendezvousServer
+from nopf_web.resources import resource_dir
+from nopf_web.wire.address import Endpoint, parse_host_endpoint
+from nopf_web.wire.errors import BadAddress
+
+from . import api, views
+from .config import WebConfig
+from .keys import CONFIG, GUARD, MANAGER, RENDEZVOUS, SECRET, STORE, TEMPLATES, Rendezvous
+from .manager import SessionManager
+from .render import make_templates
+from .security import MIDDLEWARES, security_headers
+
+log = logging.getLogger("nopf.web")
+
+MAX_BODY = 64 * 1024  # forms and JSON bodies are tiny; refuse big ones with 413
+
+
+class StartupError(NopfError):
+    """A background service could not start (the message says which and why)."""
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    store = await HistoryStore.open(config.db_path, flush_interval=config.flush_interval)
+    interrupted = await store.mark_interrupted()
+    if interrupted:
+        log.info("%d session(s) were running when the dashboard last stopped: recorded as "
+                 "interrupted", interrupted)
+    store.start()
+    app[STORE] = store
+    yield
+    await store.close()
+
+
+async def _rendezvous_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    if config.rendezvous is not None:
+        yield
+        return
+    listen = config.rendezvous_listen
+    server = RendezvousServer(listen.host, listen.port)
+    try:
+        await server.start()
+    except OSError as exc:
+        raise StartupError(
+            f"cannot start the embedded rendezvous on {listen} ({exc.strerror or exc}): "
+            "another nopf-server may be running there; use it with --rendezvous "
+            f"{listen}, or choose another --rendezvous-listen") from None
+    host, port = server.address
+    # Sessions reach a wildcard listener through loopback.
+    app[RENDEZVOUS].embedded = Endpoint("127.0.0.1" if host in ("0.0.0.0", "::") else host,
+                                        port)
+    try:
+        yield
+    finally:
+        await server.close()
+
+
+def _guard_ctx(guard: Guard | None) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        chosen = guard or (make_guard() if app[CONFIG].guard else NullGuard())
+        chosen.start()
+        app[GUARD] = chosen
+        try:
+            yield
+        finally:
+            chosen.stop()  # removes any packet filter still in place
+    return ctx
+
+
+async def _manager_ctx(app: web.Application) -> AsyncIterator[None]:
+    config, store = app[CONFIG], app[STORE]
+    default = config.rendezvous or await _stored_rendezvous(store) or app[RENDEZVOUS].embedded
+    assert default is not None  # no --rendezvous means the embedded one runs
+    manager = SessionManager(store, app[GUARD], default, punch_timeout=config.punch_timeout,
+                             max_live=config.max_live_sessions)
+    manager.start()
+    app[MANAGER] = manager
+    try:
+        yield
+    finally:
+        await manager.close()
+
+
+async def _stored_rendezvous(store: HistoryStore) -> Endpoint | None:
+    text = await store.get_setting(views.SETTING_RENDEZVOUS)
+    if not text:
+        return None
+    try:
+        return parse_host_endpoint(text)
+    except BadAddress:
+        log.warning("ignoring the stored default rendezvous %r: not HOST:PORT", text)
+        return None
+
+
+def create_app(config: WebConfig, *, guard: Guard | None = None) -> web.Application:
+    """The dashboard; its services start with the app (``AppRunner.setup`` or a test client)."""
+    app = web.Application(middlewares=MIDDLEWARES, client_max_size=MAX_BODY)
+    app[CONFIG] = config
+    app[SECRET] = secrets.token_bytes(32)
+    app[TEMPLATES] = make_templates()
+    app[RENDEZVOUS] = Rendezvous()
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_rendezvous_ctx)
+    app.cleanup_ctx.append(_guard_ctx(guard))
+    app.cleanup_ctx.append(_manager_ctx)
+    app.on_response_prepare.append(security_headers)
+    views.add_routes(app)
+    api.add_routes(app)
+    app.router.add_static("/static/", resource_dir("static"), name="static")
+    return app

@@ -1,0 +1,86 @@
+"""Validation of what users type (forms) and send (JSON): one error names one field."""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Final
+
+from nopf_web.session import SessionRole
+from nopf_web.wire.address import (
+    Endpoint,
+    parse_host_endpoint,
+    parse_ipv4_endpoint,
+    parse_port,
+)
+from nopf_web.wire.errors import BadAddress
+
+MAX_LABEL: Final = 80
+MAX_TEXT: Final = 300  # any single text field; longer is not an address or a label
+
+
+class FieldError(ValueError):
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+
+
+def _text(field_name: str, value: object, *, allow_none: bool = False) -> str | None:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, str):
+        raise FieldError(field_name, "must be a string")
+    if len(value) > MAX_TEXT:
+        raise FieldError(field_name, f"is too long (at most {MAX_TEXT} characters)")
+    return value.strip()
+
+
+def parse_role(value: object) -> SessionRole:
+    text = _text("role", value)
+    if text == "server":
+        return "server"
+    if text == "client":
+        return "client"
+    raise FieldError("role", 'must be "server" or "client"')
+
+
+def parse_local_port(value: object) -> int:
+    """An int from JSON, or the digits of a form field."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise FieldError("local_port", "must be an integer between 1 and 65535")
+    if isinstance(value, int):
+        if not 1 <= value <= 65535:
+            raise FieldError("local_port", f"{value} is out of range (1-65535)")
+        return value
+    try:
+        return parse_port(value[:MAX_TEXT], what="local port")
+    except BadAddress as exc:
+        raise FieldError("local_port", str(exc)) from None
+
+
+def parse_rendezvous(value: object) -> Endpoint | None:
+    """HOST:PORT, or empty / absent for the dashboard's default."""
+    text = _text("rendezvous", value, allow_none=True)
+    if not text:
+        return None
+    try:
+        return parse_host_endpoint(text)
+    except BadAddress as exc:
+        raise FieldError("rendezvous", str(exc)) from None
+
+
+def parse_peer(value: object, field_name: str = "address") -> Endpoint:
+    text = _text(field_name, value) or ""
+    try:
+        return parse_ipv4_endpoint(text)
+    except BadAddress as exc:
+        raise FieldError(field_name, str(exc)) from None
+
+
+def parse_label(value: object) -> str:
+    text = _text("label", value, allow_none=True) or ""
+    if len(text) > MAX_LABEL:
+        raise FieldError("label", f"is too long (at most {MAX_LABEL} characters)")
+    if any(unicodedata.category(ch).startswith("C") for ch in text):
+        raise FieldError("label", "must not contain control characters")
+    return text

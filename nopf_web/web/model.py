@@ -1,0 +1,108 @@
+"""One shape for a session on a page or in JSON, whether live (in memory) or from history."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from nopf_web.db import SessionRow
+from nopf_web.guard import guard_status
+
+from .manager import ManagedSession
+
+
+@dataclass(frozen=True)
+class SessionView:
+    id: str
+    role: str
+    local_port: int
+    rendezvous: str
+    label: str
+    state: str
+    outcome: str | None
+    public_address: str | None
+    peer_address: str | None
+    bytes_in: int
+    bytes_out: int
+    connections: int
+    error: str | None
+    hint: str | None
+    started_at: float
+    ended_at: float | None
+    live: bool
+    share_token: str | None = None
+    rate_in: float = 0.0
+    rate_out: float = 0.0
+    guard: dict[str, Any] | None = None
+    guard_dropped: int = 0
+
+    @classmethod
+    def from_managed(cls, ms: ManagedSession, now: float | None = None) -> SessionView:
+        s = ms.session
+        rate_in, rate_out = ms.rates(time.time() if now is None else now)
+        return cls(
+            id=ms.id, role=s.spec.role, local_port=s.spec.local_port,
+            rendezvous=str(s.spec.rendezvous), label=ms.label, state=s.state.value,
+            outcome=ms.outcome,
+            public_address=str(s.public_address) if s.public_address else None,
+            peer_address=str(s.peer_address) if s.peer_address else None,
+            bytes_in=s.bytes_in, bytes_out=s.bytes_out, connections=s.connections,
+            error=ms.error or s.error, hint=ms.hint, started_at=s.started_at,
+            ended_at=s.ended_at, live=ms.live, share_token=ms.share_token,
+            rate_in=rate_in, rate_out=rate_out, guard=guard_status(s.guard),
+            guard_dropped=s.guard_dropped,
+        )
+
+    @classmethod
+    def from_row(cls, row: SessionRow) -> SessionView:
+        return cls(
+            id=row.id, role=row.role, local_port=row.local_port, rendezvous=row.rendezvous,
+            label=row.label, state=row.state, outcome=row.outcome,
+            public_address=row.public_address, peer_address=row.peer_address,
+            bytes_in=row.bytes_in, bytes_out=row.bytes_out, connections=row.connections,
+            error=row.error, hint=row.hint, started_at=row.started_at, ended_at=row.ended_at,
+            live=False,
+        )
+
+    @property
+    def status(self) -> str:
+        """What a badge shows: the outcome once ended, else the engine state."""
+        return self.outcome or self.state
+
+    @property
+    def elapsed(self) -> float:
+        end = self.ended_at if self.ended_at is not None else time.time()
+        return max(0.0, end - self.started_at)
+
+    @property
+    def can_set_peer(self) -> bool:
+        return self.live and self.peer_address is None
+
+    @property
+    def title(self) -> str:
+        return self.label or f"{self.role} session on port {self.local_port}"
+
+    def to_json(self, base_url: str) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "role": self.role,
+            "local_port": self.local_port,
+            "rendezvous": self.rendezvous,
+            "label": self.label,
+            "state": self.state,
+            "outcome": self.outcome,
+            "live": self.live,
+            "public_address": self.public_address,
+            "peer_address": self.peer_address,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "rate_in": round(self.rate_in, 1),
+            "rate_out": round(self.rate_out, 1),
+            "connections": self.connections,
+            "share_url": f"{base_url}/s/{self.share_token}" if self.share_token else None,
+            "error": self.error,
+            "hint": self.hint,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+        }
