@@ -1,0 +1,152 @@
+"""``nopf-web``: the local web dashboard (sessions, live status, history, LAN sharing).
+
+The first stdout line is the dashboard's URL (with ``?token=`` in LAN mode);
+everything else goes to stderr. Bad input and start-up failures are one line
+on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from nopf_web.errors import NopfError
+from nopf_web.rendezvous.server import DEFAULT_PORT
+from nopf_web.resources import ResourceMissing
+from nopf_web.web import WebConfig, create_app
+from nopf_web.wire.address import Endpoint, parse_host_endpoint, parse_port
+from nopf_web.wire.errors import BadAddress
+
+from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, OneLineParser, fail, run_main
+
+PROG = "nopf-web"
+
+
+def default_db_path() -> Path:
+    """``$XDG_DATA_HOME/nopf/history.sqlite3`` (``~/.local/share`` when unset)."""
+    base = os.environ.get("XDG_DATA_HOME") or ""
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".local" / "share"
+    return root / "nopf" / "history.sqlite3"
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(
+        prog=PROG,
+        description="The nopf dashboard: create server and client sessions in the browser, "
+        "watch them connect, and review their history.",
+    )
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to serve the dashboard on (default 127.0.0.1; a non-loopback "
+                   "address such as 0.0.0.0 is LAN mode: every device needs the printed token)")
+    p.add_argument("--port", default="8080", help="dashboard port (default 8080; 0: any free)")
+    p.add_argument("--db", metavar="PATH",
+                   help=f"history database (default {default_db_path()})")
+    p.add_argument("--rendezvous", metavar="HOST:PORT",
+                   help="the nopf-server that sessions use by default; without it an embedded "
+                   "rendezvous runs in this process")
+    p.add_argument("--rendezvous-listen", metavar="HOST:PORT",
+                   default=f"127.0.0.1:{DEFAULT_PORT}",
+                   help=f"where the embedded rendezvous listens (default 127.0.0.1:{DEFAULT_PORT}"
+                   "; port 0: any free)")
+    p.add_argument("--punch-timeout", default="30", metavar="SECONDS",
+                   help="give up punching after this many seconds (default 30)")
+    p.add_argument("--no-guard", action="store_true",
+                   help="do not block the punch port's RST/FIN packets")
+    return p
+
+
+def _listen_endpoint(text: str) -> Endpoint:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host:
+        raise BadAddress(f"--rendezvous-listen {text!r} is not HOST:PORT")
+    return Endpoint(host.strip("[]"), parse_port(port, what="--rendezvous-listen port",
+                                                 allow_zero=True))
+
+
+def _config(args: object) -> WebConfig:
+    a = vars(args)
+    host = a["host"].strip()
+    if not host or any(ch.isspace() for ch in host):
+        raise BadAddress(f"--host {a['host']!r} is not an address")
+    try:
+        timeout = float(a["punch_timeout"])
+    except ValueError:
+        raise BadAddress(f"--punch-timeout {a['punch_timeout']!r} is not a number") from None
+    if not 0 < timeout <= 3600:
+        raise BadAddress(f"--punch-timeout must be between 0 and 3600 seconds, got {timeout:g}")
+    return WebConfig(
+        db_path=Path(a["db"]).expanduser() if a["db"] else default_db_path(),
+        host=host,
+        port=parse_port(a["port"], what="--port", allow_zero=True),
+        rendezvous=parse_host_endpoint(a["rendezvous"]) if a["rendezvous"] else None,
+        rendezvous_listen=_listen_endpoint(a["rendezvous_listen"]),
+        guard=not a["no_guard"],
+        punch_timeout=timeout,
+    )
+
+
+def _url(config: WebConfig, port: int) -> str:
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else _bracket(config.host)
+    url = f"http://{host}:{port}/"
+    return f"{url}?token={config.access_token}" if config.lan_mode else url
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _note(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+async def serve(config: WebConfig) -> int:
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    try:
+        try:
+            await runner.setup()  # opens the database, starts the rendezvous and the manager
+            site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+            await site.start()
+        except NopfError as exc:
+            return fail(PROG, str(exc))
+        except OSError as exc:
+            return fail(PROG, f"cannot serve the dashboard on {config.host}:{config.port} "
+                        f"({exc.strerror or exc}): choose another --port")
+        port = int(runner.addresses[0][1])
+        print(_url(config, port), flush=True)
+        _note(f"dashboard at {_url(config, port)}")
+        if config.lan_mode:
+            _note(f"LAN mode: from another device open http://<this machine's address "
+                  f"({socket.gethostname()})>:{port}/?token={config.access_token}")
+        _note(f"history in {config.db_path}")
+        _note("press Ctrl+C to stop")
+        await asyncio.Event().wait()  # until SIGINT/SIGTERM cancels us
+        return EXIT_OK
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = _config(args)
+    except BadAddress as exc:
+        return fail(PROG, str(exc), EXIT_USAGE)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format=f"{PROG}: %(asctime)s %(name)s %(message)s")
+    logging.getLogger("nopf").setLevel(logging.INFO)
+    try:
+        code = run_main(serve(config))
+    except ResourceMissing as exc:
+        return fail(PROG, str(exc), EXIT_FAILURE)
+    return EXIT_OK if code == 130 else code  # SIGINT/SIGTERM is how a dashboard stops
+
+
+if __name__ == "__main__":
+    sys.exit(main())
