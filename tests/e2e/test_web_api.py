@@ -1,0 +1,242 @@
+"""The JSON API through aiohttp's test client: validation, a real loopback punch, history."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from pytest_aiohttp import AiohttpClient
+
+from nopf_web.guard.base import NullGuard
+from nopf_web.web import create_app
+
+from .web_support import (
+    Client,
+    connection,
+    echo,
+    echo_service,
+    free_port,
+    wait_until,
+    web_config,
+)
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture
+async def client(aiohttp_client: AiohttpClient, tmp_path: Path) -> Client:
+    return await aiohttp_client(create_app(web_config(tmp_path), guard=NullGuard("tests")))
+
+
+async def _create(client: Client, **body: Any) -> dict[str, Any]:
+    resp = await client.post("/api/sessions", json=body)
+    assert resp.status == 201, await resp.text()
+    data: dict[str, Any] = await resp.json()
+    return data
+
+
+async def _get(client: Client, session_id: str) -> dict[str, Any]:
+    resp = await client.get(f"/api/sessions/{session_id}")
+    assert resp.status == 200
+    data: dict[str, Any] = await resp.json()
+    return data
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"local_port": 22}, "role"),
+    ({"role": "s", "local_port": 22}, "role"),
+    ({"role": 1, "local_port": 22}, "role"),
+    ({"role": "server"}, "local_port"),
+    ({"role": "server", "local_port": 0}, "local_port"),
+    ({"role": "server", "local_port": 70000}, "local_port"),
+    ({"role": "server", "local_port": True}, "local_port"),
+    ({"role": "server", "local_port": 22.5}, "local_port"),
+    ({"role": "server", "local_port": "ssh"}, "local_port"),
+    ({"role": "server", "local_port": 22, "rendezvous": "nohost"}, "rendezvous"),
+    ({"role": "server", "local_port": 22, "rendezvous": "a b:1"}, "rendezvous"),
+    ({"role": "server", "local_port": 22, "rendezvous": "h:99999"}, "rendezvous"),
+    ({"role": "server", "local_port": 22, "rendezvous": ["x"]}, "rendezvous"),
+    ({"role": "server", "local_port": 22, "label": "x" * 81}, "label"),
+    ({"role": "server", "local_port": 22, "label": "bell\x07"}, "label"),
+    ({"role": "server", "local_port": 22, "label": 5}, "label"),
+    ({"role": "server", "local_port": 22, "colour": "red"}, "colour"),
+])
+async def test_bad_session_input_is_a_400_naming_the_field(
+        client: Client, body: dict[str, Any], field: str) -> None:
+    resp = await client.post("/api/sessions", json=body)
+    assert resp.status == 400
+    data = await resp.json()
+    assert data["field"] == field
+    assert data["error"].startswith(f"{field}:")
+
+
+@pytest.mark.parametrize("raw", [b"{", b"[1, 2]", b'"text"', b"\xff\xfe", b"null"])
+async def test_a_body_that_is_not_a_json_object_is_a_400(client: Client, raw: bytes) -> None:
+    resp = await client.post("/api/sessions", data=raw, headers=JSON)
+    assert resp.status == 400
+    assert "error" in await resp.json()
+
+
+async def test_a_body_that_is_not_json_typed_is_refused(client: Client) -> None:
+    resp = await client.post("/api/sessions", data=b'{"role": "server", "local_port": 22}',
+                             headers={"Content-Type": "text/plain"})
+    assert resp.status == 415
+    assert "application/json" in (await resp.json())["error"]
+
+
+async def test_a_huge_body_is_refused_without_a_500(client: Client) -> None:
+    resp = await client.post("/api/sessions", data=b"{" + b" " * 200_000 + b"}", headers=JSON)
+    assert resp.status == 413
+    assert "error" in await resp.json()
+
+
+@pytest.mark.parametrize("path", ["/api/sessions/0123456789ab", "/api/sessions/nope",
+                                  "/api/nothing"])
+async def test_unknown_ids_and_paths_are_a_json_404(client: Client, path: str) -> None:
+    resp = await client.get(path)
+    assert resp.status == 404
+    assert "error" in await resp.json()
+    resp = await client.delete(path)
+    assert resp.status in (404, 405)
+    assert "error" in await resp.json()
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=abc", "limit=5000", "limit=-1",
+                                   "offset=x"])
+async def test_bad_history_parameters_are_a_400(client: Client, query: str) -> None:
+    resp = await client.get(f"/api/history?{query}")
+    assert resp.status == 400
+    assert (await resp.json())["field"] == query.split("=")[0]
+
+
+async def test_a_client_port_already_in_use_is_refused_up_front(client: Client) -> None:
+    port = free_port()
+    first = await _create(client, role="client", local_port=port)
+    resp = await client.post("/api/sessions", json={"role": "client", "local_port": port})
+    assert resp.status == 400
+    body = await resp.json()
+    assert body["field"] == "local_port" and first["id"] in body["error"]
+
+
+async def test_peer_address_is_validated_and_set_once(client: Client) -> None:
+    s = await _create(client, role="server", local_port=free_port())
+    for bad in ("", "1.2.3.4", "host:80", "1.2.3.4:0", "0.0.0.0:80", 7):
+        resp = await client.post(f"/api/sessions/{s['id']}/peer", json={"address": bad})
+        assert resp.status == 400, bad
+        assert (await resp.json())["field"] == "address"
+    resp = await client.post(f"/api/sessions/{s['id']}/peer", json={})
+    assert resp.status == 400
+    resp = await client.post(f"/api/sessions/{s['id']}/peer", json={"address": "192.0.2.1:4000"})
+    assert resp.status == 200
+    assert (await resp.json())["peer_address"] == "192.0.2.1:4000"
+    resp = await client.post(f"/api/sessions/{s['id']}/peer", json={"address": "192.0.2.1:4001"})
+    assert resp.status == 409
+    assert "already set" in (await resp.json())["error"]
+
+
+async def test_an_unreachable_rendezvous_fails_with_words_and_a_hint(client: Client) -> None:
+    s = await _create(client, role="client", local_port=free_port(),
+                      rendezvous=f"127.0.0.1:{free_port()}", label="nobody home")
+
+    async def ended() -> bool:
+        return (await _get(client, s["id"]))["outcome"] is not None
+
+    await wait_until(ended, what="the session to fail")
+    data = await _get(client, s["id"])
+    assert (data["state"], data["outcome"]) == ("failed", "failed")
+    assert "rendezvous" in data["error"]
+    assert "nopf-server" in data["hint"]
+    resp = await client.post(f"/api/sessions/{s['id']}/peer", json={"address": "192.0.2.1:1"})
+    assert resp.status == 409
+
+
+async def test_two_sessions_punch_on_loopback_and_move_data(client: Client) -> None:
+    with echo_service() as echo_port:
+        server = await _create(client, role="server", local_port=echo_port, label="srv")
+        app_port = free_port()
+        cli = await _create(client, role="client", local_port=app_port, label="cli")
+        assert server["share_url"].startswith("http://127.0.0.1:")
+
+        async def both_public() -> bool:
+            return all([(await _get(client, s["id"]))["public_address"] for s in (server, cli)])
+
+        await wait_until(both_public, what="public addresses")
+        server, cli = await _get(client, server["id"]), await _get(client, cli["id"])
+        for me, peer in ((server, cli), (cli, server)):
+            resp = await client.post(f"/api/sessions/{me['id']}/peer",
+                                     json={"address": peer["public_address"]})
+            assert resp.status == 200
+
+        async def connected() -> bool:
+            states = {(await _get(client, s["id"]))["state"] for s in (server, cli)}
+            return states == {"connected"}
+
+        await wait_until(connected, what="both sessions connected")
+        payload = os.urandom(3 * 1024 * 1024)
+        async with connection(app_port) as (reader, writer):
+            echoed = await echo(reader, writer, payload)
+            assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+
+            async def counted() -> bool:
+                c = await _get(client, cli["id"])
+                return bool(c["bytes_out"] == c["bytes_in"] == len(payload))
+
+            await wait_until(counted, what="bytes counted")
+            resp = await client.delete(f"/api/sessions/{cli['id']}")  # while still connected
+            assert resp.status == 200
+            stopped = await resp.json()
+            assert (stopped["outcome"], stopped["live"]) == ("stopped", False)
+
+        async def server_ended() -> bool:
+            return (await _get(client, server["id"]))["outcome"] is not None
+
+        await wait_until(server_ended, what="the server session to end")
+
+    resp = await client.get("/api/history?limit=10")
+    history = await resp.json()
+    by_label = {s["label"]: s for s in history["sessions"]}
+    assert by_label["cli"]["outcome"] == "stopped"
+    assert by_label["srv"]["outcome"] == "closed"
+    conn = by_label["cli"]["connections"][0]
+    assert conn["bytes_out"] == len(payload) and conn["ended_at"] is not None
+    assert [s["label"] for s in history["sessions"]] == ["cli", "srv"]  # newest first
+
+
+async def test_sessions_running_at_shutdown_are_interrupted_after_restart(
+        tmp_path: Path) -> None:
+    config = web_config(tmp_path)
+    first = TestClient(TestServer(create_app(config, guard=NullGuard("tests"))))
+    await first.start_server()
+    try:
+        running = await _create(first, role="server", local_port=free_port(), label="left on")
+    finally:
+        await first.close()  # the dashboard stops while the session waits for its peer
+    second = TestClient(TestServer(create_app(config, guard=NullGuard("tests"))))
+    await second.start_server()
+    try:
+        data = await _get(second, running["id"])
+        assert data["outcome"] == "interrupted"
+        assert data["share_url"] is None  # share tokens do not survive in clear
+        resp = await second.get("/api/history?limit=1")
+        assert (await resp.json())["sessions"][0]["outcome"] == "interrupted"
+    finally:
+        await second.close()
+
+
+async def test_guard_status_is_reported(client: Client) -> None:
+    resp = await client.get("/api/guard")
+    assert await resp.json() == {"active": False, "reason": "tests", "dropped": 0}
+
+
+async def test_the_session_limit_is_a_409(aiohttp_client: AiohttpClient, tmp_path: Path) -> None:
+    client = await aiohttp_client(create_app(web_config(tmp_path, max_live_sessions=2),
+                                             guard=NullGuard("tests")))
+    for _ in range(2):
+        await _create(client, role="server", local_port=free_port())
+    resp = await client.post("/api/sessions", json={"role": "server", "local_port": 22})
+    assert resp.status == 409
+    assert "stop one first" in (await resp.json())["error"]

@@ -1,0 +1,177 @@
+"""HTML views: full pages, htmx fragments, forms with errors in place, history and exports."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pytest_aiohttp import AiohttpClient
+
+from nopf_web.guard.base import NullGuard
+from nopf_web.web import create_app
+
+from .web_support import Client, free_port, wait_until, web_config
+
+HX = {"HX-Request": "true"}
+
+
+@pytest.fixture
+async def client(aiohttp_client: AiohttpClient, tmp_path: Path) -> Client:
+    return await aiohttp_client(create_app(web_config(tmp_path), guard=NullGuard("tests")))
+
+
+async def csrf(client: Client, path: str = "/") -> str:
+    page = await (await client.get(path)).text()
+    match = re.search(r'name="csrf_token" value="([0-9a-f]{64})"', page)
+    assert match, "no CSRF token in the page"
+    return match.group(1)
+
+
+async def create(client: Client, **fields: Any) -> str:
+    """Create a session through the form; return its id."""
+    form = {"csrf_token": await csrf(client), "rendezvous": "", "label": "", **fields}
+    resp = await client.post("/sessions", data=form, allow_redirects=False)
+    assert resp.status == 303, await resp.text()
+    match = re.fullmatch(r"/sessions/([0-9a-f]{12})", resp.headers["Location"])
+    assert match
+    return match.group(1)
+
+
+async def test_the_sessions_page_is_a_full_page_and_a_fragment_for_htmx(client: Client) -> None:
+    resp = await client.get("/")
+    page = await resp.text()
+    assert resp.status == 200 and page.startswith("<!doctype html>")
+    assert 'src="/static/htmx.min.js"' in page and "<form" in page
+    assert resp.headers["Vary"] == "HX-Request"
+    fragment = await (await client.get("/", headers=HX)).text()
+    assert "<html" not in fragment and 'id="session-list"' in fragment
+    restore = await (await client.get("/", headers={**HX, "HX-History-Restore-Request": "true"}
+                                      )).text()
+    assert restore.startswith("<!doctype html>")
+
+
+async def test_static_files_are_vendored(client: Client) -> None:
+    resp = await client.get("/static/htmx.min.js")
+    assert resp.status == 200
+    assert (await resp.text()).startswith("/*! htmx 2.")
+    assert (await client.get("/static/app.css")).status == 200
+
+
+async def test_a_form_error_is_shown_next_to_the_field_and_keeps_the_input(
+        client: Client) -> None:
+    form = {"csrf_token": await csrf(client), "role": "client", "local_port": "99999",
+            "rendezvous": "", "label": "my label"}
+    resp = await client.post("/sessions", data=form)
+    page = await resp.text()
+    assert resp.status == 400
+    assert 'id="local_port-error"' in page and "out of range" in page
+    assert 'value="99999"' in page and 'value="my label"' in page
+    assert 'value="client" checked' in page
+    assert 'aria-invalid="true"' in page
+
+
+async def test_create_then_the_session_page_and_its_live_fragment(client: Client) -> None:
+    session_id = await create(client, role="server", local_port=str(free_port()),
+                              label="<b>web</b> & co")
+    page = await (await client.get(f"/sessions/{session_id}")).text()
+    assert "&lt;b&gt;web&lt;/b&gt; &amp; co" in page and "<b>web</b>" not in page  # autoescape
+    assert 'id="live"' in page and 'hx-trigger="every 1s"' in page
+    assert 'name="address"' in page  # the peer form, while the peer is unknown
+    assert "/s/" in page  # the share link
+
+    async def public() -> bool:
+        fragment = await (await client.get(f"/sessions/{session_id}", headers=HX)).text()
+        return 'id="public-address"' in fragment
+
+    await wait_until(public, what="the public address on the page")
+    fragment = await (await client.get(f"/sessions/{session_id}", headers=HX)).text()
+    assert "<html" not in fragment
+    assert 'id="event-log" class="card" aria-labelledby="log-h" hx-swap-oob="true"' in fragment
+    assert "waiting" in fragment
+
+
+async def test_peer_form_errors_and_success(client: Client) -> None:
+    session_id = await create(client, role="server", local_port=str(free_port()))
+    token = await csrf(client, f"/sessions/{session_id}")
+    resp = await client.post(f"/sessions/{session_id}/peer",
+                             data={"csrf_token": token, "address": "not an address"})
+    page = await resp.text()
+    assert resp.status == 400 and 'id="address-error"' in page and "not an address" in page
+    resp = await client.post(f"/sessions/{session_id}/peer",
+                             data={"csrf_token": token, "address": "192.0.2.5:4000"},
+                             allow_redirects=False)
+    assert resp.status == 303
+    page = await (await client.get(f"/sessions/{session_id}")).text()
+    assert "192.0.2.5:4000" in page and 'name="address"' not in page
+
+
+async def test_stop_ends_the_session_and_the_fragment_stops_polling(client: Client) -> None:
+    session_id = await create(client, role="server", local_port=str(free_port()))
+    token = await csrf(client, f"/sessions/{session_id}")
+    resp = await client.post(f"/sessions/{session_id}/stop", data={"csrf_token": token},
+                             allow_redirects=False)
+    assert resp.status == 303
+    fragment = await (await client.get(f"/sessions/{session_id}", headers=HX)).text()
+    assert "hx-trigger" not in fragment  # a finished session is not polled any more
+    assert 'id="peer-section" hx-swap-oob="true"' in fragment  # the peer form goes away
+    assert "badge-stopped" in fragment
+
+
+async def test_unknown_session_pages_are_404_pages(client: Client) -> None:
+    resp = await client.get("/sessions/0123456789ab")
+    assert resp.status == 404 and "Not found" in await resp.text()
+    resp = await client.get("/s/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+    assert resp.status == 404
+
+
+async def test_history_filters_pages_and_fragments(client: Client) -> None:
+    ids = [await create(client, role="server", local_port=str(free_port()), label=f"job {i}")
+           for i in range(3)]
+    token = await csrf(client)
+    await client.post(f"/sessions/{ids[0]}/stop", data={"csrf_token": token})
+    page = await (await client.get("/history")).text()
+    assert "3 sessions" in page and "job 0" in page and 'role="search"' in page
+    fragment = await (await client.get("/history?outcome=stopped", headers=HX)).text()
+    assert "<html" not in fragment and "1 session<" in fragment and "job 0" in fragment
+    fragment = await (await client.get("/history?q=job%202", headers=HX)).text()
+    assert "job 2" in fragment and "job 1" not in fragment
+    for bad in ("outcome=won", "page=0", "page=x", "q=" + "x" * 101):
+        resp = await client.get(f"/history?{bad}")
+        assert resp.status == 400, bad
+
+
+async def test_history_exports_as_csv_and_json(client: Client) -> None:
+    await create(client, role="server", local_port=str(free_port()), label="=HYPERLINK(1)")
+    resp = await client.get("/history.csv")
+    assert resp.headers["Content-Disposition"] == 'attachment; filename="nopf-history.csv"'
+    rows = list(csv.DictReader(io.StringIO(await resp.text())))
+    assert rows[0]["label"] == "'=HYPERLINK(1)"  # no formula injection into spreadsheets
+    assert rows[0]["outcome"] == "running" and rows[0]["role"] == "server"
+    data = await (await client.get("/history.json?outcome=running")).json()
+    assert data["sessions"][0]["label"] == "=HYPERLINK(1)"
+    assert data["sessions"][0]["connections"] == []
+
+
+async def test_settings_show_the_database_and_change_the_default_rendezvous(
+        client: Client, tmp_path: Path) -> None:
+    page = await (await client.get("/settings")).text()
+    assert str(tmp_path / "history.sqlite3") in page
+    token = await csrf(client, "/settings")
+    resp = await client.post("/settings", data={"csrf_token": token,
+                                                "default_rendezvous": "bad address"})
+    assert resp.status == 400 and 'id="default_rendezvous-error"' in await resp.text()
+    resp = await client.post("/settings", data={"csrf_token": token,
+                                                "default_rendezvous": "198.51.100.2:3012"},
+                             allow_redirects=False)
+    assert resp.status == 303
+    page = await (await client.get("/")).text()
+    assert 'placeholder="198.51.100.2:3012"' in page
+    resp = await client.post("/settings", data={"csrf_token": token, "default_rendezvous": ""},
+                             allow_redirects=False)
+    assert resp.status == 303
+    page = await (await client.get("/")).text()
+    assert 'placeholder="127.0.0.1:' in page  # back to the embedded rendezvous

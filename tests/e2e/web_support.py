@@ -1,0 +1,96 @@
+"""Helpers for the dashboard tests: a config on a temp DB, an echo service, waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from nopf_web.web import WebConfig
+from nopf_web.wire.address import Endpoint
+
+Client = TestClient[Any, Any]
+
+
+def web_config(tmp_path: Path, **overrides: Any) -> WebConfig:
+    """A dashboard on a temp DB with an embedded rendezvous on a free loopback port."""
+    settings: dict[str, Any] = dict(
+        db_path=tmp_path / "history.sqlite3", rendezvous_listen=Endpoint("127.0.0.1", 0),
+        guard=False, punch_timeout=5.0, flush_interval=0.05)
+    settings.update(overrides)
+    return WebConfig(**settings)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def echo_service() -> Iterator[int]:
+    """A loopback TCP echo service (one thread per connection); yields its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(None)
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    acceptor = threading.Thread(target=accept, name="echo-accept", daemon=True)
+    acceptor.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        stop.set()
+        acceptor.join(2)
+        listener.close()
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0,
+                     what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def connection(port: int) -> AsyncIterator[tuple[asyncio.StreamReader,
+                                                      asyncio.StreamWriter]]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+               payload: bytes) -> bytes:
+    """Send ``payload`` and read as many bytes back."""
+    writer.write(payload)
+    await writer.drain()
+    return await asyncio.wait_for(reader.readexactly(len(payload)), 20)
