@@ -162,8 +162,9 @@ async def security_headers(request: web.Request, response: web.StreamResponse) -
     headers.setdefault("Content-Security-Policy", CSP)
     headers.setdefault("X-Content-Type-Options", "nosniff")
     headers.setdefault("X-Frame-Options", "DENY")
-    # Share tokens and access tokens are in URLs: never leak them in a Referer.
-    headers.setdefault("Referrer-Policy", "no-referrer")
+    # Share and access tokens are in URLs: no Referer to other sites. Not "no-referrer":
+    # with it Chromium sends "Origin: null" on our own form posts, which the CSRF check refuses.
+    headers.setdefault("Referrer-Policy", "same-origin")
     if not request.path.startswith("/static/"):
         headers.setdefault("Cache-Control", "no-store")
 

@@ -39,7 +39,7 @@ async def test_security_headers_are_set(client: Client) -> None:
     resp = await client.get("/")
     assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
     assert resp.headers["X-Content-Type-Options"] == "nosniff"
-    assert resp.headers["Referrer-Policy"] == "no-referrer"
+    assert resp.headers["Referrer-Policy"] == "same-origin"
     assert resp.headers["X-Frame-Options"] == "DENY"
 
 
