@@ -1,0 +1,179 @@
+"""Two dashboards in two NATed namespaces, driven through the JSON API, data checked by hash.
+
+nopf-server runs in the lab's rdv host; one nopf-web runs in a1 (behind NAT
+a) and one in b1 (behind NAT b), each on loopback inside its namespace, as a
+user would run it. The test talks to each dashboard from inside that
+namespace (``Host.enter()``), creates a server session on a1 and a client
+session on b1, exchanges their public addresses, and moves random data both
+ways through the tunnel to a service on a1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.lab import Host
+from tests.lab.fixtures import LabFactory
+from tests.programs import argv
+
+from .peers import RDV, connect, listening, start_rendezvous
+
+pytestmark = pytest.mark.lab
+
+UPLOAD = 4 * 1024 * 1024  # client application -> service on a1
+DOWNLOAD = 2 * 1024 * 1024  # service -> client application
+
+
+@dataclass
+class Dashboard:
+    host: Host
+    url: str
+    proc: subprocess.Popen[str]
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path.lstrip("/"), data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        with self.host.enter():  # the dashboard listens on loopback inside the namespace
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    return json.load(resp)
+            except urllib.error.HTTPError as exc:
+                raise AssertionError(f"{method} {path}: {exc.code} {exc.read()!r}") from None
+
+    def session(self, session_id: str) -> dict[str, Any]:
+        data: dict[str, Any] = self.call("GET", f"/api/sessions/{session_id}")
+        return data
+
+    def wait(self, session_id: str, what: str, ok: Any, timeout: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            data = self.session(session_id)
+            if ok(data):
+                return data
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.host.name}: no {what} within {timeout} s: {data}")
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def dashboards(tmp_path: Path) -> Iterator[list[Dashboard]]:
+    started: list[Dashboard] = []
+    yield started
+    for d in started:
+        d.proc.send_signal(signal.SIGTERM)
+    for d in started:
+        try:
+            d.proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            d.proc.kill()
+            d.proc.communicate()
+        assert d.proc.returncode == 0, f"{d.host.name}: nopf-web exited {d.proc.returncode}"
+
+
+def start_dashboard(host: Host, db: Path, started: list[Dashboard]) -> Dashboard:
+    proc: subprocess.Popen[str] = host.popen(  # type: ignore[assignment]
+        argv("nopf-web", "--port", "8080", "--db", str(db), "--rendezvous", RDV),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    url = proc.stdout.readline().strip()
+    assert url == "http://127.0.0.1:8080/", proc.stderr.read() if proc.stderr else url
+    dashboard = Dashboard(host, url, proc)
+    started.append(dashboard)
+    return dashboard
+
+
+def serve_once(listener: socket.socket, result: dict[str, str]) -> threading.Thread:
+    """Accept one connection: hash all it sends until EOF, then send DOWNLOAD random bytes."""
+
+    def run() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            digest = hashlib.sha256()
+            while chunk := conn.recv(1 << 16):
+                digest.update(chunk)
+            result["received"] = digest.hexdigest()
+            reply = os.urandom(DOWNLOAD)
+            result["sent"] = hashlib.sha256(reply).hexdigest()
+            conn.sendall(reply)
+
+    thread = threading.Thread(target=run, name="lab-service", daemon=True)
+    thread.start()
+    return thread
+
+
+def test_two_dashboards_behind_two_nats_move_data_verified_by_hash(
+        lab_factory: LabFactory, dashboards: list[Dashboard], tmp_path: Path) -> None:
+    lab = lab_factory("drop", "drop")
+    start_rendezvous(lab)
+    dash_a = start_dashboard(lab.a1, tmp_path / "a.sqlite3", dashboards)
+    dash_b = start_dashboard(lab.b1, tmp_path / "b.sqlite3", dashboards)
+
+    with listening(lab.a1, 3000) as service:
+        result: dict[str, str] = {}
+        served = serve_once(service, result)
+        server = dash_a.call("POST", "/api/sessions",
+                             {"role": "server", "local_port": 3000, "label": "lab server"})
+        client = dash_b.call("POST", "/api/sessions",
+                             {"role": "client", "local_port": 3010, "label": "lab client"})
+        assert server["rendezvous"] == client["rendezvous"] == RDV
+
+        def has_public(d: dict[str, Any]) -> bool:
+            return d["public_address"] is not None
+
+        server = dash_a.wait(server["id"], "public address", has_public)
+        client = dash_b.wait(client["id"], "public address", has_public)
+        # Each dashboard sees itself as its NAT's WAN address, not its private one.
+        assert server["public_address"].split(":")[0] == lab.site("a").public_ip
+        assert client["public_address"].split(":")[0] == lab.site("b").public_ip
+
+        dash_a.call("POST", f"/api/sessions/{server['id']}/peer",
+                    {"address": client["public_address"]})
+        dash_b.call("POST", f"/api/sessions/{client['id']}/peer",
+                    {"address": server["public_address"]})
+
+        def connected(d: dict[str, Any]) -> bool:
+            assert d["outcome"] is None, d
+            return bool(d["state"] == "connected")
+
+        dash_a.wait(server["id"], "connection", connected)
+        dash_b.wait(client["id"], "connection", connected)
+
+        upload = os.urandom(UPLOAD)
+        app = connect(lab.b1, 3010, timeout=30)
+        with app:
+            app.sendall(upload)
+            app.shutdown(socket.SHUT_WR)  # half-close: the service sees EOF, then replies
+            digest = hashlib.sha256()
+            while chunk := app.recv(1 << 16):
+                digest.update(chunk)
+        served.join(30)
+        assert result["received"] == hashlib.sha256(upload).hexdigest()
+        assert digest.hexdigest() == result["sent"]
+
+    def ended(d: dict[str, Any]) -> bool:
+        return d["outcome"] is not None
+
+    server = dash_a.wait(server["id"], "end", ended)
+    client = dash_b.wait(client["id"], "end", ended)
+    assert (client["outcome"], server["outcome"]) == ("closed", "closed"), (client, server)
+    assert (client["bytes_out"], client["bytes_in"]) == (UPLOAD, DOWNLOAD)
+    assert (server["bytes_in"], server["bytes_out"]) == (UPLOAD, DOWNLOAD)
+    history = dash_b.call("GET", "/api/history?limit=5")["sessions"]
+    assert history[0]["id"] == client["id"]
+    assert history[0]["connections"][0]["bytes_out"] == UPLOAD
