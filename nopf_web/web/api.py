@@ -8,7 +8,6 @@ from typing import Any, Final
 from aiohttp import web
 
 from nopf_web.errors import NopfError
-from nopf_web.guard import guard_status
 
 from .forms import (
     FieldError,
@@ -19,7 +18,7 @@ from .forms import (
     parse_role,
 )
 from .keys import GUARD, MANAGER
-from .manager import CreateError
+from .manager import CreateError, guard_status
 from .model import SessionView
 from .views import base_url, history_json, load_session, merged_history
 

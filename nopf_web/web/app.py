@@ -79,13 +79,21 @@ async def _rendezvous_ctx(app: web.Application) -> AsyncIterator[None]:
 def _guard_ctx(guard: Guard | None) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         chosen = guard or (make_guard() if app[CONFIG].guard else NullGuard())
-        chosen.start()
+        _call(chosen, "start")
         app[GUARD] = chosen
         try:
             yield
         finally:
-            chosen.stop()  # removes any packet filter still in place
+            _call(chosen, "stop")  # removes any packet filter still in place
     return ctx
+
+
+def _call(guard: Guard, method: str) -> None:
+    # start()/stop() come with the pydivert guard's service API; a guard without them
+    # needs no supervision.
+    fn = getattr(guard, method, None)
+    if callable(fn):
+        fn()
 
 
 async def _manager_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -18,7 +18,7 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from nopf_web.db import HistoryStore, NewSession
 from nopf_web.errors import NopfError
@@ -32,6 +32,11 @@ from .hints import hint_for
 log = logging.getLogger("nopf.web")
 
 StopReason = Literal["stopped", "interrupted"]
+
+
+def guard_status(guard: Guard) -> dict[str, Any]:
+    """``{"active", "reason", "dropped"}``: what pages and ``GET /api/guard`` show."""
+    return {"active": guard.active, "reason": guard.reason, "dropped": guard.dropped}
 
 
 class CreateError(ValueError):

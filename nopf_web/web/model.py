@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from nopf_web.db import SessionRow
-from nopf_web.guard import guard_status
 
-from .manager import ManagedSession
+from .manager import ManagedSession, guard_status
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ page in the user's own browser is the first attacker.
 from __future__ import annotations
 
 import hmac
+from types import MappingProxyType
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -46,9 +47,9 @@ def refuse(request: web.Request, status: int, message: str) -> web.Response:
                   message=message)
 
 
-_TITLES: Final = {400: "Bad request", 401: "Access token needed", 403: "Refused",
-                  404: "Not found", 405: "Not allowed", 413: "Too large",
-                  415: "Unsupported content type"}
+_TITLES: Final = MappingProxyType({
+    400: "Bad request", 401: "Access token needed", 403: "Refused", 404: "Not found",
+    405: "Not allowed", 413: "Too large", 415: "Unsupported content type"})
 
 
 def _host_name(host: str) -> str:
