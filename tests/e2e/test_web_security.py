@@ -91,7 +91,7 @@ async def test_forms_need_the_csrf_token(client: Client, token: str | None) -> N
         form["csrf_token"] = token
     resp = await client.post("/sessions", data=form)
     assert resp.status == 403 and "reload the page" in await resp.text()
-    resp = await client.post("/settings", data={**form, "default_rendezvous": "h:1"})
+    resp = await client.post("/settings", data={**form, "default_rendezvous": "127.0.0.1:1"})
     assert resp.status == 403
 
 
@@ -152,11 +152,11 @@ async def test_a_share_link_opens_its_session_and_nothing_else(lan: Client) -> N
     # The share page's own form works, with the token bound to the share credential.
     token = _csrf(page)
     resp = await lan.post(f"{share_path}/peer", data={"csrf_token": token,
-                                                      "address": "192.0.2.9:4242"},
+                                                      "address": "127.0.0.9:4242"},
                           allow_redirects=False)
     assert resp.status == 303
     resp = await lan.get(f"/api/sessions/{shared['id']}", headers=bearer)
-    assert (await resp.json())["peer_address"] == "192.0.2.9:4242"
+    assert (await resp.json())["peer_address"] == "127.0.0.9:4242"
     resp = await lan.get(f"/api/sessions/{private['id']}", headers=bearer)
     assert (await resp.json())["peer_address"] is None
 

@@ -102,11 +102,11 @@ async def test_peer_form_errors_and_success(client: Client) -> None:
     page = await resp.text()
     assert resp.status == 400 and 'id="address-error"' in page and "not an address" in page
     resp = await client.post(f"/sessions/{session_id}/peer",
-                             data={"csrf_token": token, "address": "192.0.2.5:4000"},
+                             data={"csrf_token": token, "address": "127.0.0.5:4000"},
                              allow_redirects=False)
     assert resp.status == 303
     page = await (await client.get(f"/sessions/{session_id}")).text()
-    assert "192.0.2.5:4000" in page and 'name="address"' not in page
+    assert "127.0.0.5:4000" in page and 'name="address"' not in page
 
 
 async def test_stop_ends_the_session_and_the_fragment_stops_polling(client: Client) -> None:
@@ -165,11 +165,11 @@ async def test_settings_show_the_database_and_change_the_default_rendezvous(
                                                 "default_rendezvous": "bad address"})
     assert resp.status == 400 and 'id="default_rendezvous-error"' in await resp.text()
     resp = await client.post("/settings", data={"csrf_token": token,
-                                                "default_rendezvous": "198.51.100.2:3012"},
+                                                "default_rendezvous": "127.0.0.9:3012"},
                              allow_redirects=False)
     assert resp.status == 303
     page = await (await client.get("/")).text()
-    assert 'placeholder="198.51.100.2:3012"' in page
+    assert 'placeholder="127.0.0.9:3012"' in page
     resp = await client.post("/settings", data={"csrf_token": token, "default_rendezvous": ""},
                              allow_redirects=False)
     assert resp.status == 303
