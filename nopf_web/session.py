@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from nopf_web.errors import NopfError
-from nopf_web.guard.base import Guard, NullGuard
+from nopf_web.guard.base import Guard, NullGuard, Protection
 from nopf_web.punch.driver import PunchDriver
 from nopf_web.punch.machine import PunchConfig, Role
 from nopf_web.punch.sockets import enable_keepalive, tune_stream, wait_ready
@@ -99,6 +99,8 @@ class Session:
         self._subscribers: list[Subscriber] = []
         self._peer_set: asyncio.Event | None = None
         self._pipe: Pipe | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._stop_requested = False
 
     # -- observation ---------------------------------------------------------
 
@@ -139,14 +141,22 @@ class Session:
             self._peer_set.set()
 
     def stop(self) -> None:
+        """End the session from any state: abort the pipe, or cancel what it waits on."""
+        self._stop_requested = True
         if self._pipe is not None:
             self._pipe.stop()
+        elif self._task is not None and not self._task.done():
+            self._task.cancel()
 
     # -- the life ------------------------------------------------------------
 
     async def run(self) -> None:
         """Run to the end; raise :class:`NopfError` (after the ``failed`` event) on failure."""
         self._peer_set = asyncio.Event()
+        self._task = asyncio.current_task()
+        if self._stop_requested:  # stopped before it started
+            self._end(State.CLOSED, "stopped")
+            return
         if self.peer_address is not None:
             self._peer_set.set()
         listener: socket.socket | None = None
@@ -206,10 +216,12 @@ class Session:
                                timeout=spec.net_timeout)
         # The first connection closes normally so its 4-tuple frees up; the second,
         # whose mapping the punch inherits, closes under the guard (if any).
-        with self.guard.protect(found.local_port, server) as window:
-            again = await probe_mapping(server, found, bind_host=spec.bind_host,
-                                        timeout=spec.net_timeout)
-        self.guard_dropped += window.dropped
+        try:
+            with self.guard.protect(found.local_port, server) as window:
+                again = await probe_mapping(server, found, bind_host=spec.bind_host,
+                                            timeout=spec.net_timeout)
+        finally:
+            self._guard_window_ended(window, "discovery")
         punch_port = found.local_port
         hint = None
         if again is not None and again != found.public:
@@ -236,13 +248,25 @@ class Session:
         self._set_state(State.PUNCHING, f"punching to {peer}")
         driver = PunchDriver((spec.bind_host, punch_port), (peer.host, peer.port), role,
                              spec.punch, nat_hint=hint)
-        with self.guard.protect(punch_port, (peer.host, peer.port)) as window:
-            tunnel = await driver.run()
-        self.guard_dropped += window.dropped
+        try:
+            with self.guard.protect(punch_port, (peer.host, peer.port)) as window:
+                tunnel = await driver.run()
+        finally:  # also when the punch fails: its drops count, and are reported
+            self._guard_window_ended(window, "punch")
         tune_stream(tunnel)
         enable_keepalive(tunnel)
         self._set_state(State.CONNECTED, f"tunnel to {peer} established")
         return tunnel
+
+    def _guard_window_ended(self, window: Protection, what: str) -> None:
+        self.guard_dropped += window.dropped
+        if window.error is not None:
+            self._emit(Event("guard", f"guard could not cover the {what}: {window.error}",
+                             data={"dropped": self.guard_dropped, "error": window.error}))
+        elif window.dropped:
+            self._emit(Event("guard", f"guard dropped {window.dropped} RST/FIN packet(s) from "
+                             f"port {window.local_port} during the {what}",
+                             data={"dropped": self.guard_dropped}))
 
     async def _connect_service(self, tunnel: socket.socket) -> socket.socket:
         host, port = self.spec.local_host, self.spec.local_port
@@ -250,7 +274,8 @@ class Session:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, (host, port)), self.spec.net_timeout)
+            async with asyncio.timeout(self.spec.net_timeout):
+                await loop.sock_connect(sock, (host, port))
         except (OSError, TimeoutError) as exc:
             sock.close()
             tunnel.close()

@@ -19,11 +19,11 @@ async def resolve_ipv4(endpoint: Endpoint, timeout: float) -> tuple[str, int]:
     """Resolve a rendezvous host name to an IPv4 address (the seed protocol is IPv4-only)."""
     loop = asyncio.get_running_loop()
     try:
-        infos = await asyncio.wait_for(
-            loop.getaddrinfo(endpoint.host, endpoint.port, family=socket.AF_INET,
-                             type=socket.SOCK_STREAM),
-            timeout,
-        )
+        # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation
+        # that arrives as the awaited call completes, and a stop would be lost.
+        async with asyncio.timeout(timeout):
+            infos = await loop.getaddrinfo(endpoint.host, endpoint.port, family=socket.AF_INET,
+                                           type=socket.SOCK_STREAM)
     except TimeoutError:
         raise RendezvousUnreachable(
             f"could not resolve {endpoint.host} within {timeout:g} s"
@@ -59,7 +59,8 @@ async def discover(
     bound = sock.getsockname()[1]
     try:
         try:
-            await asyncio.wait_for(connect_nonblocking(sock, server), timeout)
+            async with asyncio.timeout(timeout):
+                await connect_nonblocking(sock, server)
         except TimeoutError:
             raise RendezvousUnreachable(
                 f"rendezvous {where} did not answer the connection within {timeout:g} s"
@@ -67,7 +68,8 @@ async def discover(
         except OSError as exc:
             raise RendezvousUnreachable(f"rendezvous {where}: {_describe(exc)}") from None
         try:
-            public = await asyncio.wait_for(_read_reply(sock, where), timeout)
+            async with asyncio.timeout(timeout):
+                public = await _read_reply(sock, where)
             return Discovery(public, bound)
         except TimeoutError:
             raise RendezvousProtocolError(
