@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 import sys
 import time
 from pathlib import Path
@@ -64,7 +65,10 @@ def main() -> int:
             if ok:
                 times.append(took)
             elif err:
-                errors.add(err.split(":", 2)[-1].strip()[:90])
+                # One line per distinct cause: addresses and counts vary run to run.
+                text = err.split("error: ", 1)[-1]
+                text = re.sub(r"\d+\.\d+\.\d+\.\d+:\d+", "IP:PORT", text)
+                errors.add(re.sub(r"\d+", "N", text))
             print(f"{left:>9} -> {right:<9} run {i + 1}/{args.runs}: "
                   f"{'ok' if ok else 'FAILED'} in {took:.1f} s", file=sys.stderr, flush=True)
         results[(left, right)] = (wins, times, errors)
