@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import enum
 import errno
+import ipaddress
 import socket
 import time
 from collections.abc import Callable
@@ -241,7 +242,7 @@ class Session:
         await self._peer_set.wait()
         peer = self.peer_address
         assert peer is not None
-        if peer.host == found.public.host:
+        if peer.host == found.public.host and not ipaddress.ip_address(peer.host).is_loopback:
             self._log(f"the peer {peer} has our public IP: both are behind one NAT; this works "
                       "only if that NAT supports hairpinning")
         role = Role.ARM if spec.role == "server" else Role.CONNECT
