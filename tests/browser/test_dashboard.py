@@ -13,7 +13,6 @@ where that is a failure.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -22,12 +21,14 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.e2e.web_support import echo_service
+from tests.programs import free_port
 
 pytestmark = pytest.mark.browser
 
@@ -57,44 +58,6 @@ def _require_browser() -> None:
     pytest.skip(reason)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def _echo_service() -> Iterator[int]:
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            conn.settimeout(None)
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=accept, name="echo-accept", daemon=True)
-    thread.start()
-    try:
-        yield int(listener.getsockname()[1])
-    finally:
-        stop.set()
-        thread.join(2)
-        listener.close()
-
-
 @pytest.fixture
 def dashboard(tmp_path: Path) -> Iterator[str]:
     """A real nopf-web on loopback; yields its URL."""
@@ -102,7 +65,7 @@ def dashboard(tmp_path: Path) -> Iterator[str]:
     argv = [str(script)] if script.exists() else [sys.executable, "-m", "nopf_web.cli.web"]
     proc = subprocess.Popen(
         [*argv, "--port", "0", "--db", str(tmp_path / "history.sqlite3"),
-         "--rendezvous-listen", f"127.0.0.1:{_free_port()}", "--no-guard",
+         "--rendezvous-listen", f"127.0.0.1:{free_port()}", "--no-guard",
          "--punch-timeout", "15"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     try:
@@ -162,8 +125,8 @@ def test_two_sessions_connect_move_data_and_land_in_history(
     for page in (server_page, client_page):
         page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
 
-    with _echo_service() as echo_port:
-        app_port = _free_port()
+    with echo_service() as echo_port:
+        app_port = free_port()
         server_public = _start_session(server_page, dashboard, "server", echo_port,
                                        "browser server")
         client_public = _start_session(client_page, dashboard, "client", app_port,

@@ -14,13 +14,13 @@ from pytest_aiohttp import AiohttpClient
 
 from nopf_web.guard.base import NullGuard
 from nopf_web.web import create_app
+from tests.programs import free_port
 
 from .web_support import (
     Client,
     connection,
     echo,
     echo_service,
-    free_port,
     wait_until,
     web_config,
 )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .web_support import free_port
+from tests.programs import free_port
 
 BIN = Path(sys.executable).parent
 

@@ -11,8 +11,9 @@ from pytest_aiohttp import AiohttpClient
 from nopf_web.guard.base import NullGuard
 from nopf_web.web import create_app
 from nopf_web.web.security import TOKEN_COOKIE
+from tests.programs import free_port
 
-from .web_support import Client, free_port, web_config
+from .web_support import Client, web_config
 
 TOKEN = "lan-access-token-for-tests-0123456789"
 

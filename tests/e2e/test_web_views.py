@@ -13,8 +13,9 @@ from pytest_aiohttp import AiohttpClient
 
 from nopf_web.guard.base import NullGuard
 from nopf_web.web import create_app
+from tests.programs import free_port
 
-from .web_support import Client, free_port, wait_until, web_config
+from .web_support import Client, wait_until, web_config
 
 HX = {"HX-Request": "true"}
 

@@ -28,12 +28,6 @@ def web_config(tmp_path: Path, **overrides: Any) -> WebConfig:
     return WebConfig(**settings)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def echo_service() -> Iterator[int]:
     """A loopback TCP echo service (one thread per connection); yields its port."""
