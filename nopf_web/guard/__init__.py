@@ -1,13 +1,33 @@
-"""The guard: keep NAT mappings alive by dropping our own RST / FIN+ACK while punching."""
+"""The guard: keep NAT mappings alive by dropping our own RST / FIN+ACK while punching.
+
+``make_guard()`` gives the pydivert guard when this process can run it (root
+or Administrator, a working eBPFDivert / WinDivert backend), else a
+:class:`NullGuard` whose ``reason`` says why. ``guard_status(guard)`` is the
+``GET /api/guard`` body.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from .base import Guard, NullGuard, Protection
 
 
 def make_guard() -> Guard:
     """The best guard this machine supports (a NullGuard saying why when none)."""
-    return NullGuard("the packet guard is not built yet")
+    from . import divert  # pydivert is only imported here, on demand
+
+    reason = divert.unavailable_reason()
+    if reason is not None:
+        return NullGuard(reason)
+    from .service import DivertGuard
+
+    return DivertGuard()
 
 
-__all__ = ["Guard", "NullGuard", "Protection", "make_guard"]
+def guard_status(guard: Guard) -> dict[str, Any]:
+    """``{"active": bool, "reason": str | None, "dropped": int}`` for ``GET /api/guard``."""
+    return {"active": guard.active, "reason": guard.reason, "dropped": guard.dropped}
+
+
+__all__ = ["Guard", "NullGuard", "Protection", "guard_status", "make_guard"]

@@ -2,6 +2,9 @@
 
 Engines call :meth:`Guard.protect` around a punch window; a guard that cannot
 run (no privileges, no backend) is a :class:`NullGuard` that says why.
+
+A guard is a supervised service: ``start()`` / ``stop()`` (or ``async with
+guard:``) bracket its life, and ``stop()`` leaves no packet filter behind.
 """
 
 from __future__ import annotations
@@ -9,16 +12,23 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Protocol
 
 
 @dataclass
 class Protection:
-    """One protected window: what it covers and how many packets it dropped."""
+    """One protected window: what it covers and how many packets it dropped.
+
+    ``guarded`` says whether a packet filter really covered the window;
+    ``error`` why not, when a working guard could not protect this one.
+    """
 
     local_port: int
     peer: tuple[str, int] | None
     dropped: int = 0
+    guarded: bool = False
+    error: str | None = None
 
 
 class Guard(Protocol):
@@ -32,6 +42,12 @@ class Guard(Protocol):
     @property
     def dropped(self) -> int:
         """Packets dropped since start, all windows together."""
+
+    def start(self) -> None:
+        """Begin supervising (idempotent)."""
+
+    def stop(self) -> None:
+        """End every open window, removing its packet filter (idempotent)."""
 
     def protect(
         self, local_port: int, peer: tuple[str, int] | None
@@ -55,6 +71,21 @@ class NullGuard:
     @property
     def dropped(self) -> int:
         return 0
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    async def __aenter__(self) -> NullGuard:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        pass
 
     @contextlib.contextmanager
     def protect(self, local_port: int, peer: tuple[str, int] | None) -> Iterator[Protection]:
