@@ -172,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     except (BadAddress, ValueError) as exc:
         return fail(PROG, str(exc), EXIT_USAGE)
     guard = _make_guard(args.no_guard)
-    code = run_main(run_session(spec, guard))
+    guard.start()
+    try:
+        code = run_main(run_session(spec, guard))
+    finally:
+        guard.stop()  # no packet filter outlives the process's work
     if code == 130:
         print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
     return code
