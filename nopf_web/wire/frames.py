@@ -1,0 +1,328 @@
+"""Tunnel multiplexing frames, as a pure codec (no sockets, no asyncio).
+
+Many streams share one secure channel. The channel's records carry a byte
+stream of frames; a frame may straddle records, so the decoder buffers.
+
+Every frame has a 9-byte header, then its payload::
+
+    offset  size  field       encoding
+    0       1     type        u8, one of FrameType below
+    1       4     stream id   u32 big-endian; 0 for connection frames
+    5       4     length      u32 big-endian, payload bytes, at most MAX_PAYLOAD
+    9       len   payload     depends on the type
+
+    type  name           stream id  payload
+    1     OPEN           != 0       empty: the sender opens this stream
+    2     DATA           != 0       1..MAX_PAYLOAD bytes of stream data
+    3     WINDOW_UPDATE  != 0       4 bytes: u32 BE credit increment, 1..2^31-1
+    4     FIN            != 0       empty: the sender will send no more data
+    5     RST            != 0       u32 BE reason code, then 0..MAX_REASON bytes UTF-8 text
+    6     PING           0          8 opaque bytes, echoed in a PONG
+    7     PONG           0          the 8 bytes of the PING it answers
+    8     GOAWAY         0          u32 BE reason code, then 0..MAX_REASON bytes UTF-8 text
+
+Stream ids: the initiator of the tunnel opens odd ids, the other side even
+ids, so both can open streams without agreeing first. Flow control is per
+stream: each side may send a stream at most its credit of DATA bytes; the
+initial credit is fixed by the protocol (``INITIAL_WINDOW``) and grows by
+each WINDOW_UPDATE the receiver sends as its application consumes data.
+
+Any violation (unknown type, length over the limit or wrong for the type,
+stream id 0 where one is needed or vice versa, bad UTF-8, zero increment)
+raises :class:`FrameError`; it is checked as soon as the header is complete,
+so a hostile length never makes the decoder wait for or buffer 4 GiB.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import NamedTuple
+
+from .errors import WireError
+
+HEADER = struct.Struct("!BII")  # type u8, stream id u32 BE, payload length u32 BE
+HEADER_SIZE = HEADER.size  # 9
+MAX_PAYLOAD = 64 * 1024
+MAX_REASON = 256  # bytes of UTF-8 text in RST / GOAWAY
+MAX_STREAM_ID = 0xFFFF_FFFF
+MAX_INCREMENT = 0x7FFF_FFFF
+INITIAL_WINDOW = 256 * 1024  # per-stream credit each side starts with, in bytes
+PING_SIZE = 8
+_U32 = struct.Struct("!I")
+
+
+class FrameError(WireError):
+    """Bytes that are not a valid tunnel frame; the connection must be dropped."""
+
+
+class FrameType(enum.IntEnum):
+    OPEN = 1
+    DATA = 2
+    WINDOW_UPDATE = 3
+    FIN = 4
+    RST = 5
+    PING = 6
+    PONG = 7
+    GOAWAY = 8
+
+
+class ResetCode(enum.IntEnum):
+    """Reason codes carried by RST (and GOAWAY); unknown codes are kept as ints."""
+
+    CANCEL = 0  # the application dropped the stream
+    REFUSED = 1  # the sharer could not reach its local service
+    PROTOCOL_ERROR = 2
+    FLOW_CONTROL = 3  # the peer sent more than its credit
+    INTERNAL = 4
+    TOO_MANY_STREAMS = 5
+    CONNECTION_LOST = 6  # the local TCP connection failed
+
+
+class Open(NamedTuple):
+    stream_id: int
+
+
+class Data(NamedTuple):
+    stream_id: int
+    data: bytes
+
+
+class WindowUpdate(NamedTuple):
+    stream_id: int
+    increment: int
+
+
+class Fin(NamedTuple):
+    stream_id: int
+
+
+class Reset(NamedTuple):
+    stream_id: int
+    code: int
+    message: str
+
+
+class Ping(NamedTuple):
+    opaque: bytes
+
+
+class Pong(NamedTuple):
+    opaque: bytes
+
+
+class GoAway(NamedTuple):
+    code: int
+    message: str
+
+
+Frame = Open | Data | WindowUpdate | Fin | Reset | Ping | Pong | GoAway
+
+_STREAM_TYPES = frozenset(
+    {FrameType.OPEN, FrameType.DATA, FrameType.WINDOW_UPDATE, FrameType.FIN, FrameType.RST}
+)
+# Allowed payload length per type: (min, max).
+_LENGTHS = {
+    FrameType.OPEN: (0, 0),
+    FrameType.DATA: (1, MAX_PAYLOAD),
+    FrameType.WINDOW_UPDATE: (4, 4),
+    FrameType.FIN: (0, 0),
+    FrameType.RST: (4, 4 + MAX_REASON),
+    FrameType.PING: (PING_SIZE, PING_SIZE),
+    FrameType.PONG: (PING_SIZE, PING_SIZE),
+    FrameType.GOAWAY: (4, 4 + MAX_REASON),
+}
+
+
+# -- encoding ----------------------------------------------------------------
+
+
+def _stream_id(stream_id: int) -> int:
+    if not 0 < stream_id <= MAX_STREAM_ID:
+        raise FrameError(f"stream id {stream_id} out of range 1..{MAX_STREAM_ID}")
+    return stream_id
+
+
+def _reason(code: int, message: str) -> bytes:
+    if not 0 <= code <= 0xFFFF_FFFF:
+        raise FrameError(f"reason code {code} out of range")
+    text = message.encode("utf-8")
+    if len(text) > MAX_REASON:  # informational text: cut at a character boundary
+        text = text[:MAX_REASON].decode("utf-8", "ignore").encode("utf-8")
+    return _U32.pack(code) + text
+
+
+def encode_data_header(stream_id: int, length: int) -> bytes:
+    """The 9-byte header of a DATA frame, for writers that send the payload separately."""
+    if not 0 < length <= MAX_PAYLOAD:
+        raise FrameError(f"DATA payload of {length} bytes (allowed 1..{MAX_PAYLOAD})")
+    return HEADER.pack(FrameType.DATA, _stream_id(stream_id), length)
+
+
+def encode_data(stream_id: int, data: bytes) -> bytes:
+    return encode_data_header(stream_id, len(data)) + data
+
+
+def encode_open(stream_id: int) -> bytes:
+    return HEADER.pack(FrameType.OPEN, _stream_id(stream_id), 0)
+
+
+def encode_window_update(stream_id: int, increment: int) -> bytes:
+    if not 0 < increment <= MAX_INCREMENT:
+        raise FrameError(f"window increment {increment} out of range 1..{MAX_INCREMENT}")
+    return HEADER.pack(FrameType.WINDOW_UPDATE, _stream_id(stream_id), 4) + _U32.pack(increment)
+
+
+def encode_fin(stream_id: int) -> bytes:
+    return HEADER.pack(FrameType.FIN, _stream_id(stream_id), 0)
+
+
+def encode_reset(stream_id: int, code: int, message: str = "") -> bytes:
+    payload = _reason(code, message)
+    return HEADER.pack(FrameType.RST, _stream_id(stream_id), len(payload)) + payload
+
+
+def _ping_like(kind: FrameType, opaque: bytes) -> bytes:
+    if len(opaque) != PING_SIZE:
+        raise FrameError(f"{kind.name} carries exactly {PING_SIZE} bytes, got {len(opaque)}")
+    return HEADER.pack(kind, 0, PING_SIZE) + opaque
+
+
+def encode_ping(opaque: bytes) -> bytes:
+    return _ping_like(FrameType.PING, opaque)
+
+
+def encode_pong(opaque: bytes) -> bytes:
+    return _ping_like(FrameType.PONG, opaque)
+
+
+def encode_goaway(code: int, message: str = "") -> bytes:
+    payload = _reason(code, message)
+    return HEADER.pack(FrameType.GOAWAY, 0, len(payload)) + payload
+
+
+def encode(frame: Frame) -> bytes:
+    """Encode any frame value (the decoder's output type)."""
+    match frame:
+        case Data(sid, data):
+            return encode_data(sid, data)
+        case Open(sid):
+            return encode_open(sid)
+        case WindowUpdate(sid, inc):
+            return encode_window_update(sid, inc)
+        case Fin(sid):
+            return encode_fin(sid)
+        case Reset(sid, code, message):
+            return encode_reset(sid, code, message)
+        case Ping(opaque):
+            return encode_ping(opaque)
+        case Pong(opaque):
+            return encode_pong(opaque)
+        case GoAway(code, message):
+            return encode_goaway(code, message)
+    raise FrameError(f"not a frame: {frame!r}")  # pragma: no cover - exhaustive above
+
+
+# -- decoding ----------------------------------------------------------------
+
+
+def _check_header(kind: int, stream_id: int, length: int) -> FrameType:
+    try:
+        ftype = FrameType(kind)
+    except ValueError:
+        raise FrameError(f"unknown frame type {kind}") from None
+    low, high = _LENGTHS[ftype]
+    if not low <= length <= high:
+        raise FrameError(f"{ftype.name} frame with a {length}-byte payload "
+                         f"(allowed {low}..{high})")
+    if ftype in _STREAM_TYPES:
+        if stream_id == 0:
+            raise FrameError(f"{ftype.name} frame on stream 0")
+    elif stream_id != 0:
+        raise FrameError(f"{ftype.name} frame on stream {stream_id} (must be 0)")
+    return ftype
+
+
+def _text(payload: bytes, ftype: FrameType) -> tuple[int, str]:
+    try:
+        message = payload[4:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise FrameError(f"{ftype.name} reason is not UTF-8") from None
+    return _U32.unpack_from(payload)[0], message
+
+
+def _build(ftype: FrameType, stream_id: int, payload: bytes) -> Frame:
+    if ftype is FrameType.DATA:
+        return Data(stream_id, payload)
+    if ftype is FrameType.WINDOW_UPDATE:
+        increment = _U32.unpack(payload)[0]
+        if not 0 < increment <= MAX_INCREMENT:
+            raise FrameError(f"window increment {increment} out of range 1..{MAX_INCREMENT}")
+        return WindowUpdate(stream_id, increment)
+    if ftype is FrameType.OPEN:
+        return Open(stream_id)
+    if ftype is FrameType.FIN:
+        return Fin(stream_id)
+    if ftype is FrameType.RST:
+        code, message = _text(payload, ftype)
+        return Reset(stream_id, code, message)
+    if ftype is FrameType.PING:
+        return Ping(payload)
+    if ftype is FrameType.PONG:
+        return Pong(payload)
+    code, message = _text(payload, ftype)
+    return GoAway(code, message)
+
+
+class FrameDecoder:
+    """Sans-IO frame parser: ``feed`` bytes as they arrive, get the complete frames.
+
+    A :class:`FrameError` is final: the stream of frames is out of sync, so the
+    decoder refuses further input and the caller must drop the connection.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._error: FrameError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held while waiting for the rest of a frame."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        if self._error is not None:
+            raise FrameError(f"decoder already failed: {self._error}")
+        try:
+            return self._feed(data)
+        except FrameError as exc:
+            self._error = exc
+            raise
+
+    def _feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        # Parse straight from the caller's bytes when nothing is pending (the
+        # usual case: writers put whole frames in a record), so only the tail of
+        # a straddling frame is ever copied into the buffer.
+        if self._buf:
+            self._buf += data
+            src: bytes | bytearray | memoryview = self._buf
+        else:
+            src = data
+        frames: list[Frame] = []
+        pos = 0
+        with memoryview(src) as view:
+            end = len(view)
+            while end - pos >= HEADER_SIZE:
+                kind, stream_id, length = HEADER.unpack_from(view, pos)
+                ftype = _check_header(kind, stream_id, length)
+                start = pos + HEADER_SIZE
+                if end - start < length:
+                    break
+                pos = start + length
+                frames.append(_build(ftype, stream_id, bytes(view[start:pos])))
+            rest = bytes(view[pos:]) if src is not self._buf and pos < end else b""
+        if src is self._buf:
+            del self._buf[:pos]
+        elif rest:
+            self._buf = bytearray(rest)
+        return frames
