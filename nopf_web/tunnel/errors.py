@@ -1,0 +1,49 @@
+"""Errors of the secure multiplexed tunnel; each message is meant for the user."""
+
+from __future__ import annotations
+
+from nopf_web.errors import NopfError
+
+
+class TunnelError(NopfError):
+    """Any failure of the secure tunnel or of one of its streams."""
+
+
+class HandshakeError(TunnelError):
+    """The secure handshake did not complete (protocol violation, peer gone)."""
+
+
+class HandshakeTimeout(HandshakeError):
+    """A handshake step waited longer than the handshake timeout."""
+
+
+class PairingMismatch(HandshakeError):
+    """Key confirmation failed: the two peers did not use the same pairing code."""
+
+
+class TunnelTampered(TunnelError):
+    """A record failed authentication: someone altered, injected or cut the data."""
+
+
+class TunnelProtocolError(TunnelError):
+    """The peer sent a frame that breaks the multiplexing protocol."""
+
+
+class PeerLost(TunnelError):
+    """The peer went silent (no frame within the dead-peer delay) or vanished."""
+
+
+class TunnelClosed(TunnelError):
+    """The tunnel was closed (by us or cleanly by the peer)."""
+
+
+class StreamReset(TunnelError):
+    """One stream was reset, by the peer or locally; the tunnel itself goes on."""
+
+    def __init__(self, message: str, *, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class StreamClosed(TunnelError):
+    """Writing to a stream whose sending half is already closed (FIN sent)."""
