@@ -1,0 +1,508 @@
+"""The secure multiplexed tunnel on loopback, with real sockets end to end.
+
+Handshake and record layer (right code, wrong code, a relaying man in the
+middle, tampering), then the mux through the forwarders (hundreds of
+concurrent streams verified by hash, interactive latency under bulk load,
+half-close, reset of one stream, keepalive and dead-peer detection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import random
+import socket
+import statistics
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from nopf_web.tunnel.errors import (
+    HandshakeError,
+    HandshakeTimeout,
+    PairingMismatch,
+    PeerLost,
+    StreamReset,
+    TunnelClosed,
+    TunnelTampered,
+)
+from nopf_web.tunnel.forward import serve_connect, serve_share
+from nopf_web.tunnel.mux import Mux
+from nopf_web.tunnel.secure import (
+    CONFIRM_SIZE,
+    HELLO_SIZE,
+    SecureChannel,
+    open_channel,
+)
+from nopf_web.wire.frames import ResetCode
+
+CODE = "7-orbit-lantern"
+SECRET = b"the known plaintext that must never be seen on the wire"
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of one real loopback TCP connection."""
+    with socket.create_server(("127.0.0.1", 0)) as lsock:
+        a = socket.create_connection(lsock.getsockname())
+        b, _ = lsock.accept()
+    return a, b
+
+
+class Relay:
+    """A machine in the middle on loopback: copies bytes between two TCP
+    connections, records them, and can flip one byte or freeze the path."""
+
+    def __init__(self, flip_at: int | None = None) -> None:
+        self.a, self.ra = tcp_pair()  # peer A <-> relay
+        self.rb, self.b = tcp_pair()  # relay <-> peer B
+        self.seen = {"a>b": bytearray(), "b>a": bytearray()}
+        self.flip_at = flip_at  # offset in the A->B byte stream
+        self.frozen = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        ra = await asyncio.open_connection(sock=self.ra)
+        rb = await asyncio.open_connection(sock=self.rb)
+        self._writers = [ra[1], rb[1]]
+        self._tasks = [
+            asyncio.create_task(self._copy(ra[0], rb[1], "a>b"), name="relay-a>b"),
+            asyncio.create_task(self._copy(rb[0], ra[1], "b>a"), name="relay-b>a"),
+        ]
+
+    async def _copy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    way: str) -> None:
+        seen = self.seen[way]
+        while True:
+            data = bytearray(await reader.read(65536))
+            if not data:
+                writer.write_eof()
+                return
+            if self.flip_at is not None and way == "a>b":
+                offset = self.flip_at - len(seen)
+                if 0 <= offset < len(data):
+                    data[offset] ^= 0x01
+            seen += data
+            if self.frozen.is_set():  # a black hole: nothing arrives, no FIN, no RST
+                await asyncio.Future()
+            writer.write(data)
+            await writer.drain()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for w in self._writers:
+            w.close()
+        for s in (self.a, self.b):
+            s.close()
+
+
+@contextlib.asynccontextmanager
+async def relay(flip_at: int | None = None) -> AsyncIterator[Relay]:
+    r = Relay(flip_at)
+    await r.start()
+    try:
+        yield r
+    finally:
+        await r.stop()
+
+
+async def channels(a: socket.socket, b: socket.socket, code_a: str = CODE, code_b: str = CODE,
+                   timeout: float = 5.0) -> tuple[SecureChannel, SecureChannel]:
+    return await asyncio.gather(open_channel(a, role="A", code=code_a, timeout=timeout),
+                                open_channel(b, role="B", code=code_b, timeout=timeout))
+
+
+async def outcomes(*aws: Awaitable[SecureChannel]) -> list[SecureChannel | BaseException]:
+    return await asyncio.gather(*aws, return_exceptions=True)
+
+
+# -- handshake and records ----------------------------------------------------
+
+
+async def test_same_code_gives_a_working_encrypted_channel() -> None:
+    async with relay() as r:
+        ca, cb = await channels(r.a, r.b)
+        ca.write(SECRET)
+        cb.write(SECRET[::-1])
+        assert await cb.recv() == SECRET
+        assert await ca.recv() == SECRET[::-1]
+        big = os.urandom(600_000)  # more than one record
+        ca.write(big)
+        got = b""
+        while len(got) < len(big):
+            got += await cb.recv()
+        assert got == big
+        ca.close()
+        assert await cb.recv() == b""  # clean end at a record boundary
+        cb.close()
+        await r.stop()
+    for way in ("a>b", "b>a"):
+        assert SECRET not in r.seen[way] and SECRET[::-1] not in r.seen[way]
+    assert big[:64] not in r.seen["a>b"]
+
+
+async def test_wrong_code_fails_on_both_sides_and_no_data_flows() -> None:
+    async with relay() as r:
+        results = await outcomes(open_channel(r.a, role="A", code=CODE),
+                                 open_channel(r.b, role="B", code="7-orbit-lanterns"))
+        await asyncio.sleep(0.05)
+    for res in results:
+        assert isinstance(res, PairingMismatch)
+        assert str(res) == "pairing code did not match"
+    # Only the handshake crossed: a hello and a confirmation tag each way, nothing after.
+    assert len(r.seen["a>b"]) == len(r.seen["b>a"]) == HELLO_SIZE + CONFIRM_SIZE
+
+
+async def test_man_in_the_middle_with_a_guessed_code_fails_both_handshakes() -> None:
+    # The relay (e.g. a lying rendezvous) runs its own SPAKE2 towards each side.
+    a, ma = tcp_pair()
+    mb, b = tcp_pair()
+    try:
+        results = await outcomes(
+            open_channel(a, role="A", code=CODE),
+            open_channel(ma, role="B", code="7-orbit-lamp"),  # mitm posing as B
+            open_channel(mb, role="A", code="7-orbit-lamp"),  # mitm posing as A
+            open_channel(b, role="B", code=CODE),
+        )
+    finally:
+        for s in (a, ma, mb, b):
+            s.close()
+    assert all(isinstance(res, PairingMismatch) for res in results), results
+
+
+async def test_a_flipped_ciphertext_byte_is_detected() -> None:
+    # Flip a byte inside the first record after the handshake (A -> B).
+    async with relay(flip_at=HELLO_SIZE + CONFIRM_SIZE + 4 + 3) as r:
+        ca, cb = await channels(r.a, r.b)
+        ca.write(SECRET)
+        with pytest.raises(TunnelTampered, match="failed authentication"):
+            await cb.recv()
+        with pytest.raises(TunnelTampered):  # and it stays failed
+            await cb.recv()
+        ca.close()
+
+
+async def test_tampering_fails_the_mux_and_its_streams() -> None:
+    async with relay(flip_at=HELLO_SIZE + CONFIRM_SIZE + 4 + 40) as r:
+        ca, cb = await channels(r.a, r.b)
+        async with Mux(ca, initiator=True) as ma, Mux(cb, initiator=False) as mb:
+            s = await ma.open_stream()
+            await s.write(SECRET)
+            with pytest.raises(TunnelTampered):
+                peer = await mb.accept_stream()
+                await peer.read()
+            with pytest.raises(TunnelTampered):
+                await mb.wait_closed()
+
+
+async def test_same_role_on_both_sides_is_refused() -> None:
+    a, b = tcp_pair()
+    try:
+        results = await outcomes(open_channel(a, role="A", code=CODE),
+                                 open_channel(b, role="A", code=CODE))
+    finally:
+        a.close()
+        b.close()
+    for res in results:
+        assert isinstance(res, HandshakeError) and "both peers took role A" in str(res)
+
+
+async def test_handshake_timeout_names_what_it_waited_for() -> None:
+    a, b = tcp_pair()  # b never answers
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(HandshakeTimeout,
+                           match=r"no pairing message from the peer within 0\.3 s"):
+            await open_channel(a, role="A", code=CODE, timeout=0.3)
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_peer_that_is_not_nopf() -> None:
+    a, b = tcp_pair()
+    try:
+        b.sendall(b"SSH-2.0-OpenSSH_9.6\r\n" + bytes(40))
+        with pytest.raises(HandshakeError, match="not a nopf tunnel"):
+            await open_channel(a, role="A", code=CODE)
+    finally:
+        a.close()
+        b.close()
+
+
+# -- the mux through the forwarders -------------------------------------------
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def muxes(r: Relay | None = None, keepalive: float = 15.0,
+                dead_after: float = 45.0) -> AsyncIterator[tuple[Mux, Mux]]:
+    a, b = (r.a, r.b) if r is not None else tcp_pair()
+    ca, cb = await channels(a, b)
+    async with Mux(ca, initiator=True, name="mux-a", keepalive=keepalive,
+                   dead_after=dead_after) as ma, \
+            Mux(cb, initiator=False, name="mux-b", keepalive=keepalive,
+                dead_after=dead_after) as mb:
+        yield ma, mb
+
+
+@contextlib.asynccontextmanager
+async def forwarded(handler: Handler) -> AsyncIterator[tuple[tuple[str, int], Mux, Mux]]:
+    """A service behind the sharer (mux A), reachable at the connector's listener (mux B)."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0, limit=1 << 20)
+    service = server.sockets[0].getsockname()
+    listener = socket.create_server(("127.0.0.1", 0), backlog=512)
+    async with muxes() as (ma, mb):
+        share = asyncio.create_task(serve_share(ma, service), name="test-share")
+        connect = asyncio.create_task(serve_connect(mb, listener), name="test-connect")
+        try:
+            yield listener.getsockname(), ma, mb
+        finally:
+            await ma.close()
+            await mb.close()
+            await asyncio.gather(share, connect, return_exceptions=True)
+            listener.close()
+            server.close()
+            await server.wait_closed()
+
+
+def blob(seed: int, size: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+async def hash_service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Reads seed+size, sends that blob while hashing everything the client sends
+    until its FIN, then sends the hash and closes: both half-closes are exercised."""
+    seed, size = struct.unpack("!QI", await reader.readexactly(12))
+
+    async def send() -> None:
+        writer.write(blob(seed, size))
+        await writer.drain()
+
+    sending = asyncio.create_task(send(), name="hash-service-send")
+    digest = hashlib.sha256()
+    while data := await reader.read(1 << 20):
+        digest.update(data)
+    await sending
+    writer.write(digest.digest())
+    await writer.drain()
+    writer.close()
+
+
+async def hash_client(addr: tuple[str, int], seed: int) -> None:
+    rng = random.Random(seed)
+    up, down = rng.randint(256 << 10, 1 << 20), rng.randint(256 << 10, 1 << 20)
+    payload = blob(seed + 1, up)
+    reader, writer = await asyncio.open_connection(*addr, limit=1 << 20)
+    writer.write(struct.pack("!QI", seed, down))
+
+    async def send() -> None:
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+
+    sending = asyncio.create_task(send(), name=f"hash-client-{seed}")
+    got = bytearray()
+    while data := await reader.read(1 << 20):
+        got += data
+    await sending
+    writer.close()
+    assert len(got) == down + 32, (seed, len(got), down)
+    assert hashlib.sha256(got[:down]).digest() == hashlib.sha256(blob(seed, down)).digest()
+    assert got[down:] == hashlib.sha256(payload).digest()
+
+
+async def test_200_concurrent_streams_each_verified_by_hash() -> None:
+    async with asyncio.timeout(40), forwarded(hash_service) as (addr, ma, mb):
+        await asyncio.gather(*(hash_client(addr, seed) for seed in range(200)))
+        assert mb.total_streams == ma.total_streams == 200
+        assert mb.bytes_out == ma.bytes_in > 200 * (256 << 10)
+        assert ma.bytes_out == mb.bytes_in > 200 * (256 << 10)
+        for _ in range(100):  # the streams finish as the FINs cross
+            if ma.open_streams == mb.open_streams == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert ma.open_streams == mb.open_streams == 0
+
+
+async def bulk_or_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    mode = await reader.readexactly(1)
+    if mode == b"E":
+        while data := await reader.read(64):
+            writer.write(data)
+            await writer.drain()
+    else:  # sink
+        while await reader.read(1 << 20):
+            pass
+    writer.close()
+
+
+async def test_interactive_stream_stays_fast_during_bulk_transfer() -> None:
+    async with asyncio.timeout(30), forwarded(bulk_or_echo) as (addr, ma, _mb):
+        stop = asyncio.Event()
+
+        async def bulk() -> int:
+            _, w = await asyncio.open_connection(*addr)
+            w.write(b"S")
+            chunk, sent = os.urandom(1 << 20), 0
+            while not stop.is_set():
+                w.write(chunk)
+                await w.drain()
+                sent += len(chunk)
+            w.close()
+            return sent
+
+        bulk_task = asyncio.create_task(bulk(), name="bulk")
+        r, w = await asyncio.open_connection(*addr)
+        w.write(b"E")
+        await asyncio.sleep(0.3)  # the bulk stream is at full speed
+        before = ma.bytes_in
+        rtts = []
+        for i in range(300):
+            t0 = time.perf_counter()
+            w.write(i.to_bytes(4, "big"))
+            assert await r.readexactly(4) == i.to_bytes(4, "big")
+            rtts.append(time.perf_counter() - t0)
+            await asyncio.sleep(0.002)
+        moved = ma.bytes_in - before
+        stop.set()
+        sent = await bulk_task
+        w.close()
+    p99 = statistics.quantiles(rtts, n=100)[98]
+    print(f"p99 {p99*1000:.2f} ms p50 {statistics.median(rtts)*1000:.2f} ms moved {moved>>20} MiB")
+    assert moved > 20 << 20, f"bulk moved only {moved} bytes while measuring"
+    assert sent > moved
+    assert p99 < 0.050, f"interactive p99 {p99 * 1000:.1f} ms during bulk"
+
+
+async def test_half_close_per_stream() -> None:
+    async with asyncio.timeout(10), muxes() as (ma, mb):
+        s1, s2 = await ma.open_stream(), await ma.open_stream()
+        await s1.write(b"request")
+        s1.write_eof()
+        p1, p2 = await mb.accept_stream(), await mb.accept_stream()
+        assert await p1.readexactly(7) == b"request"
+        assert await p1.read() == b""  # the FIN arrived...
+        await p1.write(b"answer after your FIN")  # ...and the other half still works
+        p1.write_eof()
+        assert await s1.readexactly(21) == b"answer after your FIN"
+        assert await s1.read() == b""
+        await s2.write(b"s2 unaffected")  # the sibling stream still open both ways
+        assert await p2.readexactly(13) == b"s2 unaffected"
+        await p2.write(b"yes")
+        assert await s2.readexactly(3) == b"yes"
+        assert ma.open_streams == mb.open_streams == 1  # s1 fully done, s2 open
+
+
+async def test_reset_one_stream_others_unaffected() -> None:
+    async with asyncio.timeout(10), muxes() as (ma, mb):
+        streams = [await ma.open_stream() for _ in range(3)]
+        for s in streams:
+            await s.write(b"hello")
+        peers = [await mb.accept_stream() for _ in range(3)]
+        streams[1].reset(ResetCode.CANCEL, "user gave up")
+        with pytest.raises(StreamReset, match="reset by the peer: user gave up") as info:
+            while True:
+                await peers[1].read()
+        assert info.value.code == ResetCode.CANCEL
+        with pytest.raises(StreamReset):
+            await streams[1].write(b"more")
+        for i in (0, 2):
+            assert await peers[i].readexactly(5) == b"hello"
+            await peers[i].write(b"still here %d" % i)
+            assert await streams[i].readexactly(12) == b"still here %d" % i
+        assert ma.state == mb.state == "open"
+
+
+async def test_unreachable_service_resets_only_that_stream() -> None:
+    free = socket.create_server(("127.0.0.1", 0))
+    dead_service = free.getsockname()
+    free.close()
+    events: list[str] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    async with asyncio.timeout(10), muxes() as (ma, mb):
+        share = asyncio.create_task(serve_share(ma, dead_service, on_event=events.append))
+        connect = asyncio.create_task(serve_connect(mb, listener))
+        r, w = await asyncio.open_connection(*listener.getsockname())
+        with contextlib.suppress(ConnectionResetError):
+            assert await r.read() == b""  # closed (RST) by the connector
+        w.close()
+        assert events and "cannot reach the shared service" in events[0]
+        assert "nothing is listening there" in events[0]
+        assert ma.state == mb.state == "open"
+        await ma.close()
+        await asyncio.gather(share, connect)
+    listener.close()
+
+
+async def test_flow_control_a_stalled_reader_blocks_only_its_stream() -> None:
+    async with asyncio.timeout(10), muxes() as (ma, mb):
+        stalled, live = await ma.open_stream(), await ma.open_stream()
+        writing = asyncio.create_task(stalled.write(os.urandom(4 << 20)), name="stalled-write")
+        await asyncio.sleep(0.2)
+        assert not writing.done()  # nobody reads it: the credit ran out
+        assert mb.bytes_in <= 256 << 10  # no more than the initial window crossed
+        await live.write(b"x" * 1000)
+        peer_stalled, peer_live = await mb.accept_stream(), await mb.accept_stream()
+        assert await peer_live.readexactly(1000) == b"x" * 1000
+        got = 0
+        while got < 4 << 20:  # reading releases it
+            got += len(await peer_stalled.read())
+        await writing
+
+
+async def test_keepalive_holds_an_idle_tunnel_open() -> None:
+    async with asyncio.timeout(10), muxes(keepalive=0.1, dead_after=0.5) as (ma, mb):
+        await asyncio.sleep(1.5)  # three times dead_after without application data
+        assert ma.state == mb.state == "open"
+        assert ma.rtt is not None and ma.rtt < 0.1
+        s = await ma.open_stream()
+        await s.write(b"alive")
+        assert await (await mb.accept_stream()).readexactly(5) == b"alive"
+
+
+async def test_silent_peer_is_detected_as_peer_lost() -> None:
+    async with asyncio.timeout(10), relay() as r, \
+            muxes(r, keepalive=0.1, dead_after=0.5) as (ma, mb):
+        s = await ma.open_stream()
+        await s.write(b"x")
+        peer = await mb.accept_stream()
+        assert await peer.read() == b"x"
+        r.frozen.set()  # the path becomes a black hole, both TCP connections stay up
+        t0 = time.monotonic()
+        for m in (ma, mb):
+            with pytest.raises(PeerLost, match="went silent"):
+                await m.wait_closed()
+        assert time.monotonic() - t0 < 0.5 + 0.3
+        with pytest.raises(PeerLost):
+            await s.read()
+        with pytest.raises(PeerLost):
+            await peer.write(b"y")
+        with pytest.raises(PeerLost):
+            await ma.open_stream()
+        assert ma.state == "failed" and isinstance(ma.error, PeerLost)
+
+
+async def test_clean_close_reaches_the_peer() -> None:
+    async with asyncio.timeout(10), muxes() as (ma, mb):
+        s = await ma.open_stream()
+        accepting = asyncio.create_task(mb.accept_stream(), name="accept")
+        peer = await accepting
+        await ma.close()
+        await mb.wait_closed()  # no error: a clean close
+        assert ma.state == mb.state == "closed" and mb.error is None
+        with pytest.raises(TunnelClosed, match="the peer closed the tunnel"):
+            await peer.read()
+        with pytest.raises(TunnelClosed):
+            await s.write(b"late")
+        with pytest.raises(TunnelClosed):
+            await mb.accept_stream()
