@@ -26,7 +26,6 @@ from nopf_web.wire.frames import ResetCode
 from .errors import StreamReset, TunnelClosed, TunnelError
 from .mux import Mux, Stream
 
-LOCAL_READ = 256 * 1024
 CONNECT_TIMEOUT = 5.0
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
@@ -126,9 +125,11 @@ async def _run(mux: Mux, accept_coro: Coroutine[Any, Any, None], name: str,
 async def _share_one(stream: Stream, service: tuple[str, int], timeout: float,
                      on_event: EventSink) -> None:
     host, port = service
+    loop = asyncio.get_running_loop()
+    local = _Local(stream)
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port, limit=LOCAL_READ)
+            await loop.create_connection(lambda: local, host, port)
     except (OSError, TimeoutError) as exc:
         why = (f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError)
                else "nothing is listening there" if isinstance(exc, ConnectionRefusedError)
@@ -137,73 +138,116 @@ async def _share_one(stream: Stream, service: tuple[str, int], timeout: float,
         on_event(message)
         stream.reset(ResetCode.REFUSED, message)
         return
-    await pipe(stream, reader, writer)
+    await local.run()
 
 
 async def _connect_one(stream: Stream, conn: socket.socket, on_event: EventSink) -> None:
+    loop = asyncio.get_running_loop()
+    local = _Local(stream)
     try:
-        reader, writer = await asyncio.open_connection(sock=conn, limit=LOCAL_READ)
+        await loop.connect_accepted_socket(lambda: local, conn)
     except OSError as exc:
         conn.close()
         stream.reset(ResetCode.CONNECTION_LOST, f"local connection failed: {exc}")
         return
     try:
-        await pipe(stream, reader, writer)
+        await local.run()
     except StreamReset as exc:
         on_event(str(exc))
 
 
-async def pipe(stream: Stream, reader: asyncio.StreamReader,
-               writer: asyncio.StreamWriter) -> None:
-    """Copy both ways between ``stream`` and a local connection until both ends finish.
+class _Local(asyncio.Protocol):
+    """One local TCP connection piped to one stream, driven by callbacks both ways.
 
-    A local error resets the stream; a stream reset or tunnel failure aborts
-    the local connection with RST and is re-raised (``StreamReset`` only if
-    the peer reset it, as information for the caller).
+    Local data goes to the stream with ``feed`` (reading pauses while the stream
+    has too much queued); stream data goes to the transport as it arrives
+    (delivery pauses while the transport's buffer is full, which withholds the
+    peer's credit). EOF becomes FIN and FIN becomes ``shutdown(SHUT_WR)``.
     """
-    up = asyncio.create_task(_local_to_stream(reader, stream),
-                             name=f"stream-{stream.stream_id}-up")
-    down = asyncio.create_task(_stream_to_local(stream, writer),
-                               name=f"stream-{stream.stream_id}-down")
-    try:
-        done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            exc = task.exception()
-            if isinstance(exc, TunnelError):
-                _abort_local(writer)
-                raise exc
-            if isinstance(exc, OSError):
-                stream.reset(ResetCode.CONNECTION_LOST,
-                             f"the local connection failed: {exc.strerror or exc}")
-                _abort_local(writer)
-                return
-            if exc is not None:
-                raise exc
-        await asyncio.gather(up, down)
-    finally:
-        for task in (up, down):
-            task.cancel()
-        await asyncio.gather(up, down, return_exceptions=True)
-        writer.close()
 
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.transport: asyncio.Transport | None = None
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sent_eof = False  # local EOF passed on as FIN
+        self._got_eof = False  # the stream's FIN passed on as SHUT_WR
 
-async def _local_to_stream(reader: asyncio.StreamReader, stream: Stream) -> None:
-    while data := await reader.read(LOCAL_READ):
-        await stream.write(data)
-    stream.write_eof()
+    async def run(self) -> None:
+        """Wait until both directions end; raise the stream's error if it failed."""
+        try:
+            await asyncio.shield(self._done)
+        except asyncio.CancelledError:
+            self._abort()
+            self.stream.reset(ResetCode.CANCEL, "the tunnel end is shutting down")
+            raise
 
+    # -- local side (asyncio.Protocol) ------------------------------------------
 
-async def _stream_to_local(stream: Stream, writer: asyncio.StreamWriter) -> None:
-    while data := await stream.read():
-        writer.write(data)
-        await writer.drain()
-    if writer.can_write_eof():
-        writer.write_eof()
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.stream.attach(self)
 
+    def data_received(self, data: bytes) -> None:
+        try:
+            more = self.stream.feed(data, self._resume_reading)
+        except TunnelError as exc:
+            self.on_error(exc)
+            return
+        if not more and self.transport is not None:
+            self.transport.pause_reading()
 
-def _abort_local(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-    writer.transport.abort()
+    def _resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        self._sent_eof = True
+        self.stream.write_eof()
+        self._maybe_close()
+        return True  # keep our sending half open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not (self._sent_eof and self._got_eof):
+            reason = f": {exc}" if exc else " before its end"
+            self.stream.reset(ResetCode.CONNECTION_LOST, f"the local connection closed{reason}")
+        if not self._done.done():
+            self._done.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.stream.pause_delivery()
+
+    def resume_writing(self) -> None:
+        self.stream.resume_delivery()
+
+    # -- stream side (the stream's sink) -------------------------------------
+
+    def on_data(self, data: bytes | memoryview) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def on_eof(self) -> None:
+        self._got_eof = True
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._maybe_close()
+
+    def on_error(self, error: TunnelError) -> None:
+        self._abort()
+        if not self._done.done():
+            self._done.set_exception(error)
+            self._done.exception()  # retrieved here: run() may already be cancelled
+
+    def _maybe_close(self) -> None:
+        if self._sent_eof and self._got_eof and self.transport is not None:
+            self.transport.close()
+
+    def _abort(self) -> None:
+        """Close the local connection with RST, as a reset TCP connection would."""
+        if self.transport is None:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        self.transport.abort()

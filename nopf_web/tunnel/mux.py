@@ -1,6 +1,8 @@
 """Many streams over one secure channel (frames: :mod:`nopf_web.wire.frames`).
 
-One reader task decodes frames and hands them to streams; one writer task
+Reading is event-driven: the channel hands each decrypted record to the mux,
+which decodes its frames and hands them to streams (no task switch per
+record). One writer task
 sends control frames first (OPEN, WINDOW_UPDATE, RST, PING/PONG), then DATA
 frames of at most ``max_frame`` bytes, round-robin over the streams that have
 data and credit, so a bulk stream cannot starve an interactive one. Several
@@ -27,7 +29,7 @@ import contextlib
 import struct
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Literal, Protocol, Self
 
 from nopf_web.wire import frames as fr
@@ -57,7 +59,8 @@ class Channel(Protocol):
 
     def write(self, data: bytes | bytearray | memoryview) -> None: ...
     async def drain(self) -> None: ...
-    async def recv(self) -> bytes: ...
+    def start(self, on_record: Callable[[bytes], None],
+              on_end: Callable[[Exception | None], None]) -> None: ...
     def close(self) -> None: ...
     def abort(self) -> None: ...
     async def wait_closed(self) -> None: ...
@@ -76,7 +79,7 @@ class Stream:
         self.bytes_in = 0
         self.bytes_out = 0
         # receiving
-        self._in: deque[bytes] = deque()
+        self._in: deque[bytes | memoryview] = deque()
         self._in_size = 0
         self._recv_window = fr.INITIAL_WINDOW  # bytes the peer may still send
         self._unacked = 0  # consumed by the application, not yet credited back
@@ -92,6 +95,11 @@ class Stream:
         self._writable = asyncio.Event()
         self._writable.set()
         self._error: TunnelError | None = None
+        # push mode (forwarders): data goes straight to a sink, no task per chunk
+        self._sink: _Sink | None = None
+        self._delivery_paused = False
+        self._eof_delivered = False
+        self._on_writable: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"<Stream {self.stream_id} in={self.bytes_in} out={self.bytes_out}>"
@@ -114,7 +122,7 @@ class Stream:
         if self._error is not None:
             raise self._error
         if max_bytes < 0 or max_bytes >= self._in_size:
-            data = self._in[0] if len(self._in) == 1 else b"".join(self._in)
+            data = bytes(self._in[0]) if len(self._in) == 1 else b"".join(self._in)
             self._in.clear()
         else:
             parts: list[bytes] = []
@@ -124,7 +132,7 @@ class Stream:
                 if len(chunk) > need:
                     self._in.appendleft(chunk[need:])
                     chunk = chunk[:need]
-                parts.append(chunk)
+                parts.append(bytes(chunk))
                 need -= len(chunk)
             data = b"".join(parts)
         self._in_size -= len(data)
@@ -149,17 +157,79 @@ class Stream:
             self._mux._grant(self, self._unacked)
             self._unacked = 0
 
-    def _on_data(self, data: bytes) -> None:
-        if len(data) > self._recv_window:
+    def _on_data(self, data: bytes | memoryview) -> None:
+        n = len(data)
+        if n > self._recv_window:
             self._mux._reset(self, ResetCode.FLOW_CONTROL,
-                             f"peer sent {len(data)} bytes with {self._recv_window} of credit",
+                             f"peer sent {n} bytes with {self._recv_window} of credit",
                              local=True)
             return
-        self._recv_window -= len(data)
+        self._recv_window -= n
+        self.bytes_in += n
+        if self._sink is not None and not self._delivery_paused and not self._in:
+            self._sink.on_data(data)
+            self._consumed(n)
+            return
         self._in.append(data)
-        self._in_size += len(data)
-        self.bytes_in += len(data)
+        self._in_size += n
         self._readable.set()
+
+    def _on_fin(self) -> None:
+        self._remote_fin = True
+        self._readable.set()
+        if self._sink is not None and not self._in and not self._delivery_paused:
+            self._deliver_eof(self._sink)
+
+    def _deliver_eof(self, sink: _Sink) -> None:
+        if not self._eof_delivered:
+            self._eof_delivered = True
+            sink.on_eof()
+
+    # -- push mode (used by the forwarders) -----------------------------------
+
+    def attach(self, sink: _Sink) -> None:
+        """Deliver incoming data to ``sink`` as it arrives instead of via ``read``.
+
+        Credit goes back to the peer as data is delivered, so the sink must call
+        :meth:`pause_delivery` when it cannot take more (e.g. its transport's
+        ``pause_writing``) and :meth:`resume_delivery` when it can.
+        """
+        self._sink = sink
+        self.resume_delivery()
+
+    def pause_delivery(self) -> None:
+        self._delivery_paused = True
+
+    def resume_delivery(self) -> None:
+        self._delivery_paused = False
+        sink = self._sink
+        if sink is None:
+            return
+        while self._in and not self._delivery_paused and self._error is None:
+            chunk = self._in.popleft()
+            self._in_size -= len(chunk)
+            sink.on_data(chunk)
+            self._consumed(len(chunk))
+        if self._remote_fin and not self._in and not self._delivery_paused:
+            self._deliver_eof(sink)
+
+    def feed(self, data: bytes | bytearray | memoryview,
+             on_writable: Callable[[], None]) -> bool:
+        """Queue ``data`` without waiting; False means too much is queued: stop
+        feeding until ``on_writable`` is called (once)."""
+        if self._error is not None:
+            raise self._error
+        if self._fin_pending:
+            raise StreamClosed(f"stream {self.stream_id}: write after write_eof()")
+        if data:
+            view = memoryview(data if type(data) is bytes else bytes(data))
+            self._out.append(view)
+            self._out_size += len(view)
+            self._mux._schedule(self)
+        if self._out_size < STREAM_SEND_BUFFER:
+            return True
+        self._on_writable = on_writable
+        return False
 
     # -- writing -------------------------------------------------------------
 
@@ -214,13 +284,33 @@ class Stream:
             return self._credit > 0
         return self._fin_pending and not self._fin_sent
 
+    def _drained(self) -> None:
+        self._writable.set()
+        callback, self._on_writable = self._on_writable, None
+        if callback is not None:
+            callback()
+
     def _fail(self, error: TunnelError) -> None:
-        if self._error is None:
-            self._error = error
+        if self._error is not None:
+            return
+        self._error = error
         self._out.clear()
         self._out_size = 0
+        self._in.clear()
+        self._in_size = 0
         self._readable.set()
         self._writable.set()
+        self._on_writable = None
+        if self._sink is not None:
+            self._sink.on_error(error)
+
+
+class _Sink(Protocol):
+    """Where a stream in push mode delivers (see :meth:`Stream.attach`)."""
+
+    def on_data(self, data: bytes | memoryview) -> None: ...
+    def on_eof(self) -> None: ...
+    def on_error(self, error: TunnelError) -> None: ...
 
 
 class Mux:
@@ -269,6 +359,8 @@ class Mux:
         self._error: TunnelError | None = None  # why it ended (TunnelClosed if cleanly)
         self._done = asyncio.Event()
         self._last_rx = 0.0
+        self._decoder = FrameDecoder()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- observation ----------------------------------------------------------
 
@@ -291,11 +383,13 @@ class Mux:
         if self._state != "new":
             raise TunnelError(f"{self.name} already started")
         self._state = "open"
-        self._last_rx = asyncio.get_running_loop().time()
-        for role, coro in (("reader", self._read_loop()), ("writer", self._write_loop()),
+        self._loop = asyncio.get_running_loop()
+        self._last_rx = self._loop.time()
+        for role, coro in (("writer", self._write_loop()),
                            ("keepalive", self._keepalive_loop())):
             self._tasks.append(asyncio.create_task(self._supervised(coro),
                                                    name=f"{self.name}-{role}"))
+        self._channel.start(self._on_record, self._on_channel_end)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -441,22 +535,31 @@ class Mux:
 
     # -- reading --------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
-        decoder = FrameDecoder()
-        loop = asyncio.get_running_loop()
-        recv = self._channel.recv
-        while True:
-            data = await recv()
-            if not data:
-                raise PeerLost("the peer's connection ended without a goodbye "
-                               "(its nopf stopped or the path broke)")
-            self._last_rx = loop.time()
-            try:
-                frames = decoder.feed(data)
-            except FrameError as exc:
-                raise TunnelProtocolError(f"the peer broke the tunnel protocol: {exc}") from None
-            for frame in frames:
+    def _on_record(self, record: bytes) -> None:
+        if self._state != "open":
+            return
+        assert self._loop is not None
+        self._last_rx = self._loop.time()
+        try:
+            for frame in self._decoder.feed(record):
                 self._dispatch(frame)
+        except FrameError as exc:
+            self._end(TunnelProtocolError(f"the peer broke the tunnel protocol: {exc}"),
+                      graceful=False)
+        except TunnelError as exc:
+            self._end(exc, graceful=isinstance(exc, TunnelClosed))
+
+    def _on_channel_end(self, exc: Exception | None) -> None:
+        if isinstance(exc, TunnelError):
+            self._end(exc, graceful=False)
+        elif isinstance(exc, OSError):
+            self._end(PeerLost(f"the tunnel connection failed: {exc.strerror or exc}"),
+                      graceful=False)
+        elif exc is not None:
+            self._end(TunnelError(f"the tunnel connection failed: {exc!r}"), graceful=False)
+        else:
+            self._end(PeerLost("the peer's connection ended without a goodbye "
+                               "(its nopf stopped or the path broke)"), graceful=False)
 
     def _dispatch(self, frame: fr.Frame) -> None:
         if type(frame) is fr.Data:  # the hot path first
@@ -484,8 +587,7 @@ class Mux:
                 if stream is None:
                     self._check_known(sid, "FIN")
                     return
-                stream._remote_fin = True
-                stream._readable.set()
+                stream._on_fin()
                 self._maybe_forget(stream)
             case fr.Reset(sid, code, message):
                 stream = self._streams.get(sid)
@@ -561,7 +663,7 @@ class Mux:
                 self.bytes_out += n
                 size += fr.HEADER_SIZE + n
                 if stream._out_size < STREAM_SEND_BUFFER:
-                    stream._writable.set()
+                    stream._drained()
             if not stream._out_size and stream._fin_pending and not stream._fin_sent:
                 parts.append(fr.encode_fin(stream.stream_id))
                 stream._fin_sent = True

@@ -50,15 +50,22 @@ The nonce is 4 zero bytes then a u64 big-endian record counter, starting at
 record holds 1..``MAX_RECORD`` bytes of plaintext. A tag failure, a length
 out of range or a connection cut mid-record raises :class:`TunnelTampered`
 and closes the connection; nothing of a failed record is ever returned.
+
+I/O: one ``asyncio.BufferedProtocol`` receives straight into a buffer sized
+for a whole record (``recv_into``, reading each record's body together with
+the next header), decrypts from a memoryview of it and hands the plaintext to
+a callback (the mux) or a queue (``recv``): no intermediate copies, and no
+task switch per record.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import socket
 import struct
+from collections import deque
+from collections.abc import Callable
 from hashlib import sha256
 from typing import Literal
 
@@ -71,6 +78,8 @@ from spake2 import SPAKE2_A, SPAKE2_B  # type: ignore[import-untyped]
 from .errors import HandshakeError, HandshakeTimeout, PairingMismatch, TunnelTampered
 
 Role = Literal["A", "B"]
+RecordSink = Callable[[bytes], None]
+EndSink = Callable[[Exception | None], None]  # None: clean end of stream
 
 MAGIC = b"NOPF"
 VERSION = 1
@@ -86,10 +95,16 @@ LABEL_B_TO_A = b"nopf v1 B->A"
 TAG_SIZE = 16
 MAX_RECORD = 256 * 1024  # plaintext bytes per record
 RECORD_HEADER = struct.Struct("!I")
+_HDR = RECORD_HEADER.size
 _NONCE = struct.Struct("!4xQ")  # 4 zero bytes, u64 BE counter
 _MAX_COUNTER = (1 << 64) - 1
 HANDSHAKE_TIMEOUT = 10.0
-_READ_LIMIT = 1 << 20  # StreamReader buffer before it pauses the socket
+# A whole record plus the next header, so one recv_into usually completes a record.
+_RECV_BUFFER = _HDR + MAX_RECORD + TAG_SIZE + _HDR
+_PULL_QUEUE = 16  # records queued for recv() before reading pauses
+# Transport write buffer: small, so a latency-sensitive frame never queues behind
+# megabytes; the kernel's socket buffer is the real pipeline.
+_WRITE_HIGH, _WRITE_LOW = 256 * 1024, 64 * 1024
 
 
 def _derive(key: bytes, label: bytes) -> bytes:
@@ -101,30 +116,182 @@ def _confirm_tag(confirm_key: bytes, role: Role, transcript: bytes) -> bytes:
                     sha256).digest()
 
 
-class SecureChannel:
-    """Encrypted, authenticated records over a TCP stream (after :func:`handshake`).
+class _RecordProtocol(asyncio.BufferedProtocol):
+    """Raw bytes during the handshake (``readexactly``), then decrypted records."""
 
-    ``write`` encrypts at once and queues on the transport (call ``drain`` for
-    backpressure); ``recv`` returns one record's plaintext, or ``b""`` at a
-    clean end of stream. Not for concurrent ``recv`` callers.
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buf = bytearray(_RECV_BUFFER)
+        self._view = memoryview(self._buf)
+        self._have = 0
+        self._opener: AESGCM | None = None
+        self._counter = 0
+        self._waiters: list[asyncio.Future[None]] = []
+        self._ended = False
+        self._end_error: Exception | None = None
+        self._records: deque[bytes] = deque()
+        self._sink: RecordSink | None = None
+        self._on_end: EndSink | None = None
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self.bytes_in = 0
+
+    # -- asyncio callbacks ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(_WRITE_HIGH, _WRITE_LOW)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._opener is None:  # handshake: whatever comes
+            return self._view[self._have :]
+        if self._have < _HDR:
+            return self._view[self._have : _HDR]
+        (size,) = RECORD_HEADER.unpack_from(self._buf)
+        return self._view[self._have : _HDR + size + _HDR]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._have += nbytes
+        self.bytes_in += nbytes
+        if self._opener is None:
+            self._wake()
+        else:
+            self._open_records()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too: the channel has no half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is None and self._opener is not None and self._have:
+            exc = TunnelTampered("tunnel data rejected: the connection was cut inside a record")
+        self._finish(exc)
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # -- records --------------------------------------------------------------
+
+    def _open_records(self) -> None:
+        opener, buf, view = self._opener, self._buf, self._view
+        assert opener is not None
+        while self._have >= _HDR and not self._ended:
+            (size,) = RECORD_HEADER.unpack_from(buf)
+            if not TAG_SIZE < size <= MAX_RECORD + TAG_SIZE:
+                self._tampered(f"record length {size} is out of range")
+                return
+            end = _HDR + size
+            if self._have < end:
+                return
+            try:
+                plain = opener.decrypt(_NONCE.pack(self._counter), view[_HDR:end], view[:_HDR])
+            except InvalidTag:
+                self._tampered(f"record {self._counter} failed authentication: the data was "
+                               "altered or injected in transit")
+                return
+            self._counter += 1
+            rest = self._have - end  # at most the next header, except just after the handshake
+            if rest:
+                buf[:rest] = bytes(view[end : self._have])
+            self._have = rest
+            if self._sink is not None:
+                self._sink(plain)
+            else:
+                self._records.append(plain)
+                if len(self._records) >= _PULL_QUEUE and self.transport is not None:
+                    self.transport.pause_reading()
+                self._wake()
+
+    def _tampered(self, message: str) -> None:
+        self._finish(TunnelTampered(f"tunnel data rejected: {message}"))
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _finish(self, exc: Exception | None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._end_error = exc
+        self._wake()
+        if self._on_end is not None:
+            self._on_end(exc)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+    # -- handshake phase ------------------------------------------------------
+
+    async def readexactly(self, n: int) -> bytes:
+        while self._have < n:
+            if self._ended:
+                if self._end_error is not None:
+                    raise self._end_error
+                raise asyncio.IncompleteReadError(bytes(self._view[: self._have]), n)
+            await self._wait()
+        data = bytes(self._view[:n])
+        self._buf[: self._have - n] = bytes(self._view[n : self._have])
+        self._have -= n
+        return data
+
+    def start_records(self, opener: AESGCM) -> None:
+        self._opener = opener
+        self._open_records()  # records the peer sent right after its confirmation
+
+    async def drain(self) -> None:
+        if self._write_paused and not self._ended:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+
+
+class SecureChannel:
+    """Encrypted, authenticated records over one TCP connection (from :func:`open_channel`).
+
+    Sending: ``write`` encrypts at once and queues on the transport; ``drain``
+    waits while too much is queued. Receiving, either pull (``await recv()``:
+    one record's plaintext, ``b""`` at a clean end) or push (``start(on_record,
+    on_end)``: every record to ``on_record``, then ``on_end(None)`` at a clean
+    end or ``on_end(error)``); the callbacks must not raise.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+    def __init__(self, transport: asyncio.Transport, protocol: _RecordProtocol, *,
                  role: Role, send_key: bytes, recv_key: bytes) -> None:
         self.role: Role = role
-        self._reader = reader
-        self._writer = writer
-        self._send = AESGCM(send_key)
-        self._recv = AESGCM(recv_key)
-        self._send_counter = 0
-        self._recv_counter = 0
-        self._failure: TunnelTampered | None = None
+        self._transport = transport
+        self._protocol = protocol
+        self._sealer = AESGCM(send_key)
+        self._counter = 0
         self.wire_bytes_out = 0
-        self.wire_bytes_in = 0
+        protocol.start_records(AESGCM(recv_key))
 
     @property
     def peer_role(self) -> Role:
         return "B" if self.role == "A" else "A"
+
+    @property
+    def wire_bytes_in(self) -> int:
+        return self._protocol.bytes_in
+
+    @property
+    def write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt ``data`` into one or more records and queue them for sending."""
@@ -133,125 +300,116 @@ class SecureChannel:
             chunk = view[start : start + MAX_RECORD]
             size = len(chunk) + TAG_SIZE
             # Header and ciphertext in one buffer: one transport write, no concatenation.
-            record = bytearray(RECORD_HEADER.size + size)
+            record = bytearray(_HDR + size)
             RECORD_HEADER.pack_into(record, 0, size)
-            header = bytes(record[: RECORD_HEADER.size])
-            self._send.encrypt_into(self._next_nonce(), chunk, header,
-                                    memoryview(record)[RECORD_HEADER.size :])
-            self._writer.write(record)
+            self._sealer.encrypt_into(self._next_nonce(), chunk, bytes(record[:_HDR]),
+                                      memoryview(record)[_HDR:])
+            self._transport.write(record)
             self.wire_bytes_out += len(record)
 
     def _next_nonce(self) -> bytes:
-        if self._send_counter > _MAX_COUNTER:  # unreachable in practice: 2^64 records
+        if self._counter > _MAX_COUNTER:  # unreachable in practice: 2^64 records
             raise TunnelTampered("record counter exhausted: the tunnel must be re-keyed")
-        nonce = _NONCE.pack(self._send_counter)
-        self._send_counter += 1
+        nonce = _NONCE.pack(self._counter)
+        self._counter += 1
         return nonce
 
     async def drain(self) -> None:
-        await self._writer.drain()
-
-    @property
-    def write_buffer_size(self) -> int:
-        return self._writer.transport.get_write_buffer_size()
+        await self._protocol.drain()
 
     async def recv(self) -> bytes:
         """The next record's plaintext; ``b""`` when the peer ended the stream cleanly."""
-        if self._failure is not None:
-            raise self._failure
-        try:
-            header = await self._reader.readexactly(RECORD_HEADER.size)
-        except asyncio.IncompleteReadError as exc:
-            if not exc.partial:
+        proto = self._protocol
+        if proto._sink is not None:
+            raise RuntimeError("recv() on a channel started in push mode")
+        while not proto._records:
+            if proto._ended:
+                if proto._end_error is not None:
+                    raise proto._end_error
                 return b""
-            raise self._tampered("the connection was cut inside a record header") from None
-        (size,) = RECORD_HEADER.unpack(header)
-        if not TAG_SIZE < size <= MAX_RECORD + TAG_SIZE:
-            raise self._tampered(f"record length {size} is out of range")
-        try:
-            body = await self._reader.readexactly(size)
-        except asyncio.IncompleteReadError:
-            raise self._tampered("the connection was cut inside a record") from None
-        self.wire_bytes_in += RECORD_HEADER.size + size
-        try:
-            plain = self._recv.decrypt(_NONCE.pack(self._recv_counter), body, header)
-        except InvalidTag:
-            raise self._tampered(
-                f"record {self._recv_counter} failed authentication: the data was altered "
-                "or injected in transit") from None
-        self._recv_counter += 1
-        return plain
+            await proto._wait()
+        if len(proto._records) == _PULL_QUEUE and not proto._ended:
+            self._transport.resume_reading()
+        return proto._records.popleft()
 
-    def _tampered(self, message: str) -> TunnelTampered:
-        self._failure = TunnelTampered(f"tunnel data rejected: {message}")
-        self.abort()
-        return self._failure
-
-    def write_eof(self) -> None:
-        if self._writer.can_write_eof():
-            self._writer.write_eof()
+    def start(self, on_record: RecordSink, on_end: EndSink) -> None:
+        """Push mode: deliver every record (queued ones first) to ``on_record``."""
+        proto = self._protocol
+        while proto._records:
+            on_record(proto._records.popleft())
+        proto._sink, proto._on_end = on_record, on_end
+        self._transport.resume_reading()
+        if proto._ended:
+            on_end(proto._end_error)
 
     def close(self) -> None:
-        self._writer.close()
+        self._transport.close()
 
     def abort(self) -> None:
-        self._writer.transport.abort()
+        self._transport.abort()
 
     async def wait_closed(self) -> None:
-        with contextlib.suppress(OSError):  # already reset: closed is closed
-            await self._writer.wait_closed()
+        while not self._protocol._ended:
+            await self._protocol._wait()
 
 
-async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                    role: Role, code: str,
-                    timeout: float = HANDSHAKE_TIMEOUT) -> SecureChannel:
-    """Authenticate the peer with ``code`` and return the encrypted channel.
+async def open_channel(sock: socket.socket, *, role: Role, code: str,
+                       timeout: float = HANDSHAKE_TIMEOUT) -> SecureChannel:
+    """Authenticate the peer on a connected TCP socket with ``code``; the channel owns it.
 
     Raises :class:`PairingMismatch` if the peer used another code,
     :class:`HandshakeTimeout` naming the step it waited for, and
-    :class:`HandshakeError` for anything else. On failure the connection is closed.
+    :class:`HandshakeError` for anything else. On failure the socket is closed.
     """
     if role not in ("A", "B"):
         raise ValueError(f"role must be 'A' or 'B', not {role!r}")
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    loop = asyncio.get_running_loop()
+    try:
+        transport, proto = await loop.create_connection(_RecordProtocol, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
     waiting_for = "nothing"
     try:
         async with asyncio.timeout(timeout):
             spake = (SPAKE2_A if role == "A" else SPAKE2_B)(
                 code.encode("utf-8"), idA=ID_A, idB=ID_B)
             hello = MAGIC + bytes([VERSION]) + spake.start()
-            writer.write(hello)
+            transport.write(hello)
             waiting_for = "pairing message"
-            peer_hello = await reader.readexactly(HELLO_SIZE)
+            peer_hello = await proto.readexactly(HELLO_SIZE)
             key = _finish_spake(spake, role, peer_hello)
             transcript = hello + peer_hello if role == "A" else peer_hello + hello
             confirm_key = _derive(key, LABEL_CONFIRM)
-            writer.write(_confirm_tag(confirm_key, role, transcript))
+            transport.write(_confirm_tag(confirm_key, role, transcript))
             waiting_for = "key confirmation"
-            peer_tag = await reader.readexactly(CONFIRM_SIZE)
+            peer_tag = await proto.readexactly(CONFIRM_SIZE)
     except TimeoutError:
-        writer.transport.abort()
+        transport.abort()
         raise HandshakeTimeout(
             f"secure handshake: no {waiting_for} from the peer within {timeout:g} s") from None
     except asyncio.IncompleteReadError:
-        writer.transport.abort()
+        transport.abort()
         raise HandshakeError(
             f"secure handshake: the peer closed the connection before sending its "
             f"{waiting_for}") from None
     except OSError as exc:
-        writer.transport.abort()
+        transport.abort()
         raise HandshakeError(
             f"secure handshake: connection failed while waiting for the peer's {waiting_for} "
             f"({exc.strerror or exc})") from None
-    except HandshakeError:
-        writer.transport.abort()
+    except BaseException:
+        transport.abort()
         raise
     peer_role: Role = "B" if role == "A" else "A"
     if not hmac.compare_digest(peer_tag, _confirm_tag(confirm_key, peer_role, transcript)):
-        writer.close()  # not abort: our own tag may still be queued, the peer needs it
+        transport.close()  # not abort: our own tag may still be queued, the peer needs it
         raise PairingMismatch("pairing code did not match")
     a_to_b, b_to_a = _derive(key, LABEL_A_TO_B), _derive(key, LABEL_B_TO_A)
     send_key, recv_key = (a_to_b, b_to_a) if role == "A" else (b_to_a, a_to_b)
-    return SecureChannel(reader, writer, role=role, send_key=send_key, recv_key=recv_key)
+    return SecureChannel(transport, proto, role=role, send_key=send_key, recv_key=recv_key)
 
 
 def _finish_spake(spake: SPAKE2_A | SPAKE2_B, role: Role, peer_hello: bytes) -> bytes:
@@ -271,12 +429,3 @@ def _finish_spake(spake: SPAKE2_A | SPAKE2_B, role: Role, peer_hello: bytes) -> 
     except Exception:
         raise HandshakeError("secure handshake: the peer's pairing message is invalid") from None
     return key
-
-
-async def open_channel(sock: socket.socket, *, role: Role, code: str,
-                       timeout: float = HANDSHAKE_TIMEOUT) -> SecureChannel:
-    """Run :func:`handshake` on a connected TCP socket (the channel then owns it)."""
-    sock.setblocking(False)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    reader, writer = await asyncio.open_connection(sock=sock, limit=_READ_LIMIT)
-    return await handshake(reader, writer, role=role, code=code, timeout=timeout)

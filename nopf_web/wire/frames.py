@@ -85,7 +85,7 @@ class Open(NamedTuple):
 
 class Data(NamedTuple):
     stream_id: int
-    data: bytes
+    data: bytes | memoryview  # a zero-copy slice when the decoder was fed ``bytes``
 
 
 class WindowUpdate(NamedTuple):
@@ -159,7 +159,7 @@ def encode_data_header(stream_id: int, length: int) -> bytes:
     return HEADER.pack(FrameType.DATA, _stream_id(stream_id), length)
 
 
-def encode_data(stream_id: int, data: bytes) -> bytes:
+def encode_data(stream_id: int, data: bytes | memoryview) -> bytes:
     return encode_data_header(stream_id, len(data)) + data
 
 
@@ -252,8 +252,6 @@ def _text(payload: bytes, ftype: FrameType) -> tuple[int, str]:
 
 
 def _build(ftype: FrameType, stream_id: int, payload: bytes) -> Frame:
-    if ftype is FrameType.DATA:
-        return Data(stream_id, payload)
     if ftype is FrameType.WINDOW_UPDATE:
         increment = _U32.unpack(payload)[0]
         if not 0 < increment <= MAX_INCREMENT:
@@ -277,6 +275,8 @@ def _build(ftype: FrameType, stream_id: int, payload: bytes) -> Frame:
 class FrameDecoder:
     """Sans-IO frame parser: ``feed`` bytes as they arrive, get the complete frames.
 
+    DATA payloads parsed straight from a fed ``bytes`` object (immutable) are
+    memoryview slices of it, not copies; anything else is copied.
     A :class:`FrameError` is final: the stream of frames is out of sync, so the
     decoder refuses further input and the caller must drop the connection.
     """
@@ -310,17 +310,23 @@ class FrameDecoder:
             src = data
         frames: list[Frame] = []
         pos = 0
-        with memoryview(src) as view:
-            end = len(view)
-            while end - pos >= HEADER_SIZE:
-                kind, stream_id, length = HEADER.unpack_from(view, pos)
-                ftype = _check_header(kind, stream_id, length)
-                start = pos + HEADER_SIZE
-                if end - start < length:
-                    break
-                pos = start + length
+        view = memoryview(src)
+        zero_copy = type(src) is bytes
+        end = len(view)
+        while end - pos >= HEADER_SIZE:
+            kind, stream_id, length = HEADER.unpack_from(view, pos)
+            ftype = _check_header(kind, stream_id, length)
+            start = pos + HEADER_SIZE
+            if end - start < length:
+                break
+            pos = start + length
+            if ftype is FrameType.DATA:  # the hot path
+                frames.append(Data(stream_id, view[start:pos] if zero_copy
+                                   else bytes(view[start:pos])))
+            else:
                 frames.append(_build(ftype, stream_id, bytes(view[start:pos])))
-            rest = bytes(view[pos:]) if src is not self._buf and pos < end else b""
+        rest = bytes(view[pos:]) if src is not self._buf and pos < end else b""
+        del view  # release our export of the buffer before resizing it
         if src is self._buf:
             del self._buf[:pos]
         elif rest:
