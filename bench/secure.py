@@ -1,0 +1,272 @@
+"""Secure multiplexed tunnel benchmark on loopback: encrypted streams vs direct TCP.
+
+Four processes, as in real use: a service (sink / echo), the sharer's tunnel
+end (``serve_share``), the connector's tunnel end (``serve_connect`` on a local
+listener), and this process as the application. The two tunnel ends run the
+SPAKE2 handshake over one loopback TCP connection and carry every stream
+over it, encrypted. Measured in the same run:
+
+- throughput of one stream through the tunnel vs one direct TCP connection
+  to the same sink (median of ``--rounds`` alternating runs; target >= 40 %);
+- ``--streams`` concurrent streams (default 1,000), each echoing
+  ``--stream-kb`` of random data and checked byte for byte;
+- round trip of 32-byte request/response on a quiet tunnel vs direct, in
+  alternating batches (target: added p50 < 1 ms).
+
+    .venv/bin/python -m bench.secure [--size-mb 512] [--rounds 5] [--pings 4000]
+        [--streams 1000] [--stream-kb 64] [--profile share|connect] [--json out.json]
+
+``--profile`` runs that tunnel end under cProfile and prints its hottest calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import json
+import multiprocessing as mp
+import os
+import pstats
+import signal
+import socket
+import statistics
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from nopf_web.tunnel.forward import serve_connect, serve_share
+from nopf_web.tunnel.mux import Mux
+from nopf_web.tunnel.secure import open_channel
+from nopf_web.wire.frames import INITIAL_WINDOW
+
+CHUNK = 1 << 20
+CODE = "7-orbit-lantern"
+
+
+# -- the service: sink (counts to EOF, answers the count) or echo ------------
+
+
+def _serve_conn(conn: socket.socket) -> None:
+    with conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        mode = conn.recv(1)
+        if mode == b"T":
+            buf = bytearray(CHUNK)
+            total = 0
+            while n := conn.recv_into(buf):
+                total += n
+            conn.sendall(total.to_bytes(8, "big"))
+        else:  # echo until EOF, then half-close back
+            while data := conn.recv(65536):
+                conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+
+
+def service(lsock: socket.socket) -> None:
+    while True:
+        conn, _ = lsock.accept()
+        threading.Thread(target=_serve_conn, args=(conn,), daemon=True).start()
+
+
+def service_proc(port_out: Connection) -> None:
+    lsock = socket.create_server(("127.0.0.1", 0), backlog=2048)
+    port_out.send(lsock.getsockname()[1])
+    service(lsock)
+
+
+# -- the two tunnel ends ------------------------------------------------------
+
+
+def _profiled(enabled: bool, fn: object) -> None:
+    assert callable(fn)
+    if not enabled:
+        fn()
+        return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # end via finally: print stats
+    prof = cProfile.Profile()
+    try:
+        prof.runcall(fn)
+    finally:
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(22)
+        print(out.getvalue(), file=sys.stderr, flush=True)
+
+
+def share_proc(service_port: int, ready: Connection, profile: bool, window: int) -> None:
+    async def run() -> None:
+        lsock = socket.create_server(("127.0.0.1", 0))
+        ready.send(lsock.getsockname()[1])
+        loop = asyncio.get_running_loop()
+        lsock.setblocking(False)
+        tunnel, _ = await loop.sock_accept(lsock)
+        lsock.close()
+        channel = await open_channel(tunnel, role="A", code=CODE)
+        async with Mux(channel, initiator=True, name="share", window=window) as mux:
+            await serve_share(mux, ("127.0.0.1", service_port))
+
+    _profiled(profile, lambda: asyncio.run(run()))
+
+
+def connect_proc(tunnel_port: int, ready: Connection, profile: bool, window: int) -> None:
+    async def run() -> None:
+        listener = socket.create_server(("127.0.0.1", 0), backlog=2048)
+        tunnel = socket.create_connection(("127.0.0.1", tunnel_port))
+        channel = await open_channel(tunnel, role="B", code=CODE)
+        ready.send(listener.getsockname()[1])
+        async with Mux(channel, initiator=False, name="connect", window=window) as mux:
+            await serve_connect(mux, listener)
+
+    _profiled(profile, lambda: asyncio.run(run()))
+
+
+# -- measurements (this process is the application) ---------------------------
+
+
+def throughput(port: int, size: int) -> float:
+    """Send ``size`` bytes to the sink via ``port``, wait for its count; MB/s."""
+    payload = memoryview(bytearray(os.urandom(CHUNK)))
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"T")
+        t0 = time.perf_counter()
+        left = size
+        while left:
+            n = min(left, CHUNK)
+            sock.sendall(payload[:n])
+            left -= n
+        sock.shutdown(socket.SHUT_WR)
+        got = int.from_bytes(sock.recv(8), "big")
+        elapsed = time.perf_counter() - t0
+    if got != size:
+        raise SystemExit(f"bench: sink counted {got} bytes, expected {size}")
+    return size / elapsed / 1e6
+
+
+def latency(sock: socket.socket, count: int) -> list[float]:
+    samples = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        sock.sendall(b"x" * 32)
+        got = 0
+        while got < 32:
+            got += len(sock.recv(64))
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+def echo_conn(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(b"E")
+    return sock
+
+
+async def many_streams(port: int, count: int, size: int) -> tuple[int, float]:
+    """``count`` concurrent echo streams of ``size`` random bytes; (failures, seconds)."""
+
+    async def one(i: int) -> bool:
+        data = os.urandom(size)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"E" + data)
+        writer.write_eof()
+        got = bytearray()
+        while chunk := await reader.read(1 << 20):
+            got += chunk
+        writer.close()
+        return bytes(got) == data
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
+    elapsed = time.perf_counter() - t0
+    failures = [r for r in results if r is not True]
+    for r in failures[:3]:
+        print(f"stream failure: {r!r}", file=sys.stderr)
+    return len(failures), elapsed
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mb", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--pings", type=int, default=4000)
+    ap.add_argument("--streams", type=int, default=1000)
+    ap.add_argument("--stream-kb", type=int, default=64)
+    ap.add_argument("--profile", choices=["share", "connect"])
+    ap.add_argument("--window-kb", type=int, default=INITIAL_WINDOW // 1024,
+                    help="per-stream receive window of both tunnel ends")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    size = args.size_mb * 1_000_000
+    window = args.window_kb * 1024
+    ctx = mp.get_context("spawn")
+    procs: list[mp.process.BaseProcess] = []
+    try:
+        rx, tx = ctx.Pipe(duplex=False)
+        procs.append(ctx.Process(target=service_proc, args=(tx,), daemon=True))
+        procs[-1].start()
+        service_port = rx.recv()
+        procs.append(ctx.Process(target=share_proc, daemon=True,
+                                 args=(service_port, tx, args.profile == "share", window)))
+        procs[-1].start()
+        tunnel_port = rx.recv()
+        procs.append(ctx.Process(target=connect_proc, daemon=True,
+                                 args=(tunnel_port, tx, args.profile == "connect", window)))
+        procs[-1].start()
+        listen_port = rx.recv()
+        ports = {"direct": service_port, "tunnel": listen_port}
+
+        rows: dict[str, list[float]] = {"direct": [], "tunnel": []}
+        for r in range(args.rounds):
+            for name, port in ports.items():
+                print(f"round {r + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
+                rows[name].append(throughput(port, size))
+
+        print(f"{args.streams} concurrent streams", file=sys.stderr, flush=True)
+        failures, streams_s = asyncio.run(
+            many_streams(listen_port, args.streams, args.stream_kb * 1024))
+
+        socks = {name: echo_conn(port) for name, port in ports.items()}
+        lat: dict[str, list[float]] = {"direct": [], "tunnel": []}
+        batch = max(1, args.pings // 20)
+        for _ in range(20):
+            for name, sock in socks.items():
+                lat[name] += latency(sock, batch)
+        for sock in socks.values():
+            sock.close()
+    finally:
+        for p in reversed(procs):
+            p.terminate()  # SIGTERM: the profiled end prints its statistics
+        for p in procs:
+            p.join(5)
+
+    d, t = statistics.median(rows["direct"]), statistics.median(rows["tunnel"])
+    p50 = {k: statistics.median(v) for k, v in lat.items()}
+    p99 = {k: statistics.quantiles(v, n=100)[98] for k, v in lat.items()}
+    result = {
+        "size_mb": args.size_mb, "rounds": args.rounds, "cpus": os.cpu_count(),
+        "window_kb": args.window_kb,
+        "throughput_mb_s": rows, "median_mb_s": {"direct": d, "tunnel": t},
+        "throughput_ratio": t / d,
+        "streams": args.streams, "stream_kb": args.stream_kb,
+        "stream_failures": failures, "streams_seconds": streams_s,
+        "rtt_ms_p50": p50, "rtt_ms_p99": p99,
+        "added_rtt_ms_p50": p50["tunnel"] - p50["direct"],
+    }
+    print(f"| path | throughput (median MB/s) | ratio | RTT p50 ms | RTT p99 ms |\n"
+          f"|---|---|---|---|---|\n"
+          f"| direct TCP | {d:.0f} | 1.00 | {p50['direct']:.3f} | {p99['direct']:.3f} |\n"
+          f"| secure tunnel | {t:.0f} | {t / d:.2f} | {p50['tunnel']:.3f} "
+          f"| {p99['tunnel']:.3f} |")
+    print(f"throughput ratio {t / d:.2f} (target >= 0.40); added RTT p50 "
+          f"{result['added_rtt_ms_p50']:.3f} ms (target < 1 ms); {args.streams} streams x "
+          f"{args.stream_kb} KiB echoed in {streams_s:.2f} s, {failures} failures")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0 if failures == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
