@@ -99,6 +99,7 @@ class Stream:
         self._sink: _Sink | None = None
         self._delivery_paused = False
         self._eof_delivered = False
+        self._flush_queued = False
         self._on_writable: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
@@ -166,22 +167,36 @@ class Stream:
             return
         self._recv_window -= n
         self.bytes_in += n
-        if self._sink is not None and not self._delivery_paused and not self._in:
-            self._sink.on_data(data)
-            self._consumed(n)
-            return
         self._in.append(data)
         self._in_size += n
         self._readable.set()
+        self._deliver_later()
 
     def _on_fin(self) -> None:
         self._remote_fin = True
         self._readable.set()
-        if self._sink is not None and not self._in and not self._delivery_paused:
-            self._deliver_eof(self._sink)
+        self._deliver_later()
 
-    def _deliver_eof(self, sink: _Sink) -> None:
-        if not self._eof_delivered:
+    def _deliver_later(self) -> None:
+        # In push mode, everything one record brings for this stream goes out in
+        # one write once the record is parsed: far fewer local send() calls.
+        if self._sink is not None and not self._flush_queued:
+            self._flush_queued = True
+            self._mux._to_deliver.append(self)
+
+    def _deliver(self) -> None:
+        self._flush_queued = False
+        sink = self._sink
+        if sink is None or self._delivery_paused or self._error is not None:
+            return
+        if self._in:
+            data = self._in[0] if len(self._in) == 1 else b"".join(self._in)
+            n = self._in_size
+            self._in.clear()
+            self._in_size = 0
+            sink.on_data(data)
+            self._consumed(n)
+        if self._remote_fin and not self._eof_delivered:
             self._eof_delivered = True
             sink.on_eof()
 
@@ -202,16 +217,7 @@ class Stream:
 
     def resume_delivery(self) -> None:
         self._delivery_paused = False
-        sink = self._sink
-        if sink is None:
-            return
-        while self._in and not self._delivery_paused and self._error is None:
-            chunk = self._in.popleft()
-            self._in_size -= len(chunk)
-            sink.on_data(chunk)
-            self._consumed(len(chunk))
-        if self._remote_fin and not self._in and not self._delivery_paused:
-            self._deliver_eof(sink)
+        self._deliver()
 
     def feed(self, data: bytes | bytearray | memoryview,
              on_writable: Callable[[], None]) -> bool:
@@ -360,6 +366,7 @@ class Mux:
         self._done = asyncio.Event()
         self._last_rx = 0.0
         self._decoder = FrameDecoder()
+        self._to_deliver: list[Stream] = []  # push-mode streams with data from this record
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- observation ----------------------------------------------------------
@@ -543,6 +550,9 @@ class Mux:
         try:
             for frame in self._decoder.feed(record):
                 self._dispatch(frame)
+            streams, self._to_deliver = self._to_deliver, []
+            for stream in streams:
+                stream._deliver()
         except FrameError as exc:
             self._end(TunnelProtocolError(f"the peer broke the tunnel protocol: {exc}"),
                       graceful=False)
