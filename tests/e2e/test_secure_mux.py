@@ -378,7 +378,6 @@ async def test_interactive_stream_stays_fast_during_bulk_transfer() -> None:
         sent = await bulk_task
         w.close()
     p99 = statistics.quantiles(rtts, n=100)[98]
-    print(f"p99 {p99*1000:.2f} ms p50 {statistics.median(rtts)*1000:.2f} ms moved {moved>>20} MiB")
     assert moved > 20 << 20, f"bulk moved only {moved} bytes while measuring"
     assert sent > moved
     assert p99 < 0.050, f"interactive p99 {p99 * 1000:.1f} ms during bulk"
