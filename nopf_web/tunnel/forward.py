@@ -138,7 +138,7 @@ async def _share_one(stream: Stream, service: tuple[str, int], timeout: float,
         on_event(message)
         stream.reset(ResetCode.REFUSED, message)
         return
-    await local.run()
+    await _run_local(local, on_event)
 
 
 async def _connect_one(stream: Stream, conn: socket.socket, on_event: EventSink) -> None:
@@ -150,10 +150,16 @@ async def _connect_one(stream: Stream, conn: socket.socket, on_event: EventSink)
         conn.close()
         stream.reset(ResetCode.CONNECTION_LOST, f"local connection failed: {exc}")
         return
+    await _run_local(local, on_event)
+
+
+async def _run_local(local: _Local, on_event: EventSink) -> None:
     try:
         await local.run()
     except StreamReset as exc:
         on_event(str(exc))
+    except TunnelError:
+        pass  # the whole tunnel failed: serve_* reports that once, via wait_closed
 
 
 class _Local(asyncio.Protocol):
