@@ -1,0 +1,412 @@
+"""Coordinated mode (rendezvous v2) messages, as a pure codec.
+
+A v2 client connects to the rendezvous exactly like a seed client and, at once,
+sends a ``hello`` frame. The rendezvous still writes the seed's 10-byte
+discovery reply first (see :mod:`nopf_web.wire.discovery`), then reads the
+hello; after that both directions carry only frames:
+
+    offset  size  field    encoding
+    0       4     length   payload size in bytes, u32 big-endian, 1..MAX_FRAME
+    4       n     payload  one JSON object, UTF-8, with a string field "type"
+
+Validation is strict: unknown types or fields, wrong JSON types (a bool is not
+a number), out-of-range values, duplicate keys and oversize frames are all a
+:class:`MessageError` naming the problem. Addresses are ``"IPv4:PORT"`` text.
+
+Client -> rendezvous
+    hello  {"type":"hello","version":2,"action":"share"|"join","nameplate":N|null,
+            "lan":["ip:port",...],  (<= MAX_CANDIDATES; our address as our OS sees it)
+            "probe":"ip:port"|null,  (public address a plain discovery from the same
+                                      port got just before: the NAT mapping check)
+            "punch_timeout":S}       (seconds this peer will punch; the plan uses the
+                                      smaller of the two peers')
+    pong   {"type":"pong","seq":N}   (answer to ping, at once)
+    probe  {"type":"probe","version":2}
+           (instead of a hello: "close right after the reply". The NAT mapping check
+            connects twice from one port; the rendezvous closing first, at once,
+            frees that 4-tuple for the second connection in a causal order, which
+            no reordering of late packets can upset)
+
+Rendezvous -> client
+    welcome {"type":"welcome","nameplate":N,"expires_in":S,"public":"ip:port"}
+            (to a sharer: its nameplate, open for S seconds)
+    ping    {"type":"ping","seq":N}  (RTT measurement and liveness, while waiting)
+    fire    {"type":"fire","public":"ip:port","peer_public":"ip:port",
+             "plan":[{"path":"public"|"lan","peer":"ip:port","punch":"arm"|"connect",
+                      "budget":S},...],
+             "rtt_ms":R, "note":"..."|null}
+            (sent to each peer at T - RTT_i/2 so both receive it at T: start
+             punching at once; the stages run in order, each for its budget)
+    error   {"type":"error","code":C,"message":"one line"}  (then the rendezvous closes)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from nopf_web.errors import NopfError
+
+from .address import Endpoint, parse_ipv4_endpoint
+from .errors import BadAddress, WireError
+
+VERSION = 2
+LENGTH = struct.Struct("!I")  # payload length, u32 big-endian
+MAX_FRAME = 4096  # bytes of payload; every message fits in well under 1 KiB
+MAX_CANDIDATES = 8  # LAN addresses per peer
+MAX_NAMEPLATE = 999_999
+MAX_SECONDS = 3600.0  # largest budget, expiry or punch timeout accepted
+MAX_TEXT = 300  # characters of an error message or note
+MAX_SEQ = 2**31 - 1
+
+ERROR_CODES = frozenset({
+    "bad_request",  # malformed or unexpected message
+    "unsupported_version",  # hello.version is not one we speak
+    "unknown_code",  # no such nameplate (never allocated, or the sharer left)
+    "expired",  # the code's lifetime ended before a peer claimed it
+    "used",  # codes are single-use: someone already claimed this one
+    "too_many_guesses",  # too many failed claims from this source address
+    "symmetric_nat",  # the pair cannot be punched: symmetric mapping named
+    "busy",  # the rendezvous is out of nameplates or connections
+    "timeout",  # a peer did not answer in time
+})
+
+Action = Literal["share", "join"]
+Path = Literal["public", "lan"]
+PunchRole = Literal["arm", "connect"]
+
+
+class MessageError(WireError, NopfError):
+    """Bytes that are not a valid coordinated-mode frame or message."""
+
+
+# Messages ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    action: Action
+    nameplate: int | None
+    lan: tuple[Endpoint, ...]
+    probe: Endpoint | None
+    punch_timeout: float
+    version: int = VERSION
+
+
+@dataclass(frozen=True)
+class Pong:
+    seq: int
+
+
+@dataclass(frozen=True)
+class Probe:
+    version: int = VERSION
+
+
+@dataclass(frozen=True)
+class Welcome:
+    nameplate: int
+    expires_in: float
+    public: Endpoint
+
+
+@dataclass(frozen=True)
+class Ping:
+    seq: int
+
+
+@dataclass(frozen=True)
+class Stage:
+    path: Path
+    peer: Endpoint
+    punch: PunchRole
+    budget: float
+
+
+@dataclass(frozen=True)
+class Fire:
+    public: Endpoint
+    peer_public: Endpoint
+    plan: tuple[Stage, ...]
+    rtt_ms: float
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    code: str
+    message: str
+
+
+ClientMessage = Hello | Pong | Probe
+ServerMessage = Welcome | Ping | Fire | ErrorReply
+Message = ClientMessage | ServerMessage
+
+
+# Encoding ---------------------------------------------------------------------
+
+
+def _ep(e: Endpoint) -> str:
+    return f"{e.host}:{e.port}"
+
+
+def _to_json(msg: Message) -> dict[str, Any]:
+    if isinstance(msg, Hello):
+        return {"type": "hello", "version": msg.version, "action": msg.action,
+                "nameplate": msg.nameplate, "lan": [_ep(e) for e in msg.lan],
+                "probe": _ep(msg.probe) if msg.probe else None,
+                "punch_timeout": msg.punch_timeout}
+    if isinstance(msg, Pong):
+        return {"type": "pong", "seq": msg.seq}
+    if isinstance(msg, Probe):
+        return {"type": "probe", "version": msg.version}
+    if isinstance(msg, Ping):
+        return {"type": "ping", "seq": msg.seq}
+    if isinstance(msg, Welcome):
+        return {"type": "welcome", "nameplate": msg.nameplate, "expires_in": msg.expires_in,
+                "public": _ep(msg.public)}
+    if isinstance(msg, Fire):
+        return {"type": "fire", "public": _ep(msg.public), "peer_public": _ep(msg.peer_public),
+                "plan": [{"path": s.path, "peer": _ep(s.peer), "punch": s.punch,
+                          "budget": s.budget} for s in msg.plan],
+                "rtt_ms": msg.rtt_ms, "note": msg.note}
+    return {"type": "error", "code": msg.code, "message": msg.message}
+
+
+def encode(msg: Message) -> bytes:
+    """One frame: length prefix and JSON. Validates by decoding, so we never send
+    what a peer would reject."""
+    payload = json.dumps(_to_json(msg), separators=(",", ":")).encode()
+    if len(payload) > MAX_FRAME:
+        raise MessageError(f"{type(msg).__name__} message is {len(payload)} bytes, "
+                           f"over the {MAX_FRAME}-byte limit")
+    _decode_any(payload)
+    return LENGTH.pack(len(payload)) + payload
+
+
+# Decoding ---------------------------------------------------------------------
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise MessageError(f"duplicate field {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _reject_constant(name: str) -> Any:
+    raise MessageError(f"{name} is not valid JSON here")
+
+
+class _Fields:
+    """Typed access to one JSON object's fields, failing with a precise message."""
+
+    def __init__(self, obj: dict[str, Any], kind: str, allowed: set[str]) -> None:
+        extra = set(obj) - allowed - {"type"}
+        if extra:
+            raise MessageError(f"{kind} message has unknown field(s): {', '.join(sorted(extra))}")
+        self.obj = obj
+        self.kind = kind
+
+    def _get(self, name: str, optional: bool) -> Any:
+        if name not in self.obj:
+            if optional:
+                return None
+            raise MessageError(f"{self.kind} message lacks field {name!r}")
+        return self.obj[name]
+
+    def int(self, name: str, lo: int, hi: int, *, optional: bool = False) -> int | None:
+        value = self._get(name, optional)
+        if value is None and optional:
+            return None
+        if type(value) is not int:
+            raise MessageError(f"{self.kind}.{name} must be an integer, got {value!r:.40}")
+        if not lo <= value <= hi:
+            raise MessageError(f"{self.kind}.{name} = {value} is out of range ({lo}-{hi})")
+        return value
+
+    def num(self, name: str, lo: float, hi: float) -> float:
+        value = self._get(name, False)
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise MessageError(f"{self.kind}.{name} must be a number, got {value!r:.40}")
+        if not lo <= value <= hi:
+            raise MessageError(f"{self.kind}.{name} = {value} is out of range ({lo:g}-{hi:g})")
+        return float(value)
+
+    def text(self, name: str, *, optional: bool = False,
+             choices: frozenset[str] | None = None) -> str | None:
+        value = self._get(name, optional)
+        if value is None and optional:
+            return None
+        if not isinstance(value, str):
+            raise MessageError(f"{self.kind}.{name} must be a string, got {value!r:.40}")
+        if choices is not None and value not in choices:
+            raise MessageError(f"{self.kind}.{name} = {value!r:.40} is not one of "
+                               f"{', '.join(sorted(choices))}")
+        if len(value) > MAX_TEXT or not value.isprintable():
+            raise MessageError(f"{self.kind}.{name} must be one printable line of at most "
+                               f"{MAX_TEXT} characters")
+        return value
+
+    def endpoint(self, name: str, *, optional: bool = False) -> Endpoint | None:
+        value = self.text(name, optional=optional)
+        return None if value is None else _endpoint(value, f"{self.kind}.{name}")
+
+
+def _endpoint(text: str, what: str) -> Endpoint:
+    try:
+        return parse_ipv4_endpoint(text)
+    except BadAddress as exc:
+        raise MessageError(f"{what}: {exc}") from None
+
+
+def _req(value: Any) -> Any:
+    assert value is not None  # only called on non-optional fields
+    return value
+
+
+def _hello(f: _Fields) -> Hello:
+    version = _req(f.int("version", 0, MAX_SEQ))
+    if version != VERSION:  # checked before the rest so a newer client gets a clear answer
+        raise UnsupportedVersion(version)
+    action = _req(f.text("action", choices=frozenset({"share", "join"})))
+    nameplate = f.int("nameplate", 1, MAX_NAMEPLATE, optional=True)
+    if action == "join" and nameplate is None:
+        raise MessageError("hello.nameplate is required to join")
+    if action == "share" and nameplate is not None:
+        raise MessageError("hello.nameplate must be null to share (the rendezvous allocates it)")
+    lan = f.obj.get("lan", [])
+    if not isinstance(lan, list) or len(lan) > MAX_CANDIDATES:
+        raise MessageError(f"hello.lan must be a list of at most {MAX_CANDIDATES} addresses")
+    cands = []
+    for item in lan:
+        if not isinstance(item, str) or len(item) > 21:
+            raise MessageError(f"hello.lan entries must be 'ip:port' strings, got {item!r:.40}")
+        cands.append(_endpoint(item, "hello.lan"))
+    return Hello(action, nameplate, tuple(cands),
+                 f.endpoint("probe", optional=True), f.num("punch_timeout", 0.1, MAX_SECONDS))
+
+
+def _fire(f: _Fields) -> Fire:
+    plan = f.obj.get("plan")
+    if not isinstance(plan, list) or not 1 <= len(plan) <= MAX_CANDIDATES:
+        raise MessageError(f"fire.plan must be a list of 1-{MAX_CANDIDATES} stages")
+    stages = []
+    for raw in plan:
+        if not isinstance(raw, dict):
+            raise MessageError("fire.plan entries must be objects")
+        s = _Fields(raw, "fire.plan[]", {"path", "peer", "punch", "budget"})
+        stages.append(Stage(
+            _req(s.text("path", choices=frozenset({"public", "lan"}))),
+            _req(s.endpoint("peer")),
+            _req(s.text("punch", choices=frozenset({"arm", "connect"}))),
+            s.num("budget", 0.1, MAX_SECONDS),
+        ))
+    return Fire(_req(f.endpoint("public")), _req(f.endpoint("peer_public")), tuple(stages),
+                f.num("rtt_ms", 0, MAX_SECONDS * 1000), f.text("note", optional=True))
+
+
+_FIELDS: dict[str, set[str]] = {
+    "hello": {"version", "action", "nameplate", "lan", "probe", "punch_timeout"},
+    "pong": {"seq"},
+    "probe": {"version"},
+    "ping": {"seq"},
+    "welcome": {"nameplate", "expires_in", "public"},
+    "fire": {"public", "peer_public", "plan", "rtt_ms", "note"},
+    "error": {"code", "message"},
+}
+CLIENT_TYPES = frozenset({"hello", "pong", "probe"})
+SERVER_TYPES = frozenset({"welcome", "ping", "fire", "error"})
+
+
+class UnsupportedVersion(MessageError):
+    def __init__(self, version: int) -> None:
+        super().__init__(f"protocol version {version} is not supported (this side speaks "
+                         f"{VERSION})")
+        self.version = version
+
+
+def _decode_any(payload: bytes, allowed: frozenset[str] = CLIENT_TYPES | SERVER_TYPES) -> Message:
+    try:
+        obj = json.loads(payload.decode("utf-8"), object_pairs_hook=_no_duplicates,
+                         parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise MessageError("frame payload is not UTF-8") from None
+    except RecursionError:
+        raise MessageError("frame payload is nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise MessageError(f"frame payload is not JSON ({exc.msg} at {exc.pos})") from None
+    if not isinstance(obj, dict):
+        raise MessageError("frame payload must be a JSON object")
+    kind = obj.get("type")
+    if not isinstance(kind, str) or kind not in allowed:
+        raise MessageError(f"unexpected message type {kind!r:.40} (expected one of "
+                           f"{', '.join(sorted(allowed))})")
+    f = _Fields(obj, kind, _FIELDS[kind])
+    if kind == "hello":
+        return _hello(f)
+    if kind == "pong":
+        return Pong(_req(f.int("seq", 0, MAX_SEQ)))
+    if kind == "probe":
+        version = _req(f.int("version", 0, MAX_SEQ))
+        if version != VERSION:
+            raise UnsupportedVersion(version)
+        return Probe(version)
+    if kind == "ping":
+        return Ping(_req(f.int("seq", 0, MAX_SEQ)))
+    if kind == "welcome":
+        return Welcome(_req(f.int("nameplate", 1, MAX_NAMEPLATE)),
+                       f.num("expires_in", 0, MAX_SECONDS), _req(f.endpoint("public")))
+    if kind == "fire":
+        return _fire(f)
+    return ErrorReply(_req(f.text("code", choices=ERROR_CODES)), _req(f.text("message")))
+
+
+def decode_client_message(payload: bytes) -> ClientMessage:
+    """Decode one frame payload sent by a peer to the rendezvous."""
+    msg = _decode_any(payload, CLIENT_TYPES)
+    assert isinstance(msg, Hello | Pong | Probe)
+    return msg
+
+
+def decode_server_message(payload: bytes) -> ServerMessage:
+    """Decode one frame payload sent by the rendezvous to a peer."""
+    msg = _decode_any(payload, SERVER_TYPES)
+    assert isinstance(msg, Welcome | Ping | Fire | ErrorReply)
+    return msg
+
+
+class FrameReader:
+    """Sans-IO frame splitter: feed bytes as they arrive, get complete payloads.
+
+    Rejects an announced length of 0 or over ``MAX_FRAME`` as soon as the
+    4-byte header is in, so a garbage or hostile sender costs at most 4 bytes
+    of buffering before the error.
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        frames = []
+        while len(self._buf) >= LENGTH.size:
+            (size,) = LENGTH.unpack_from(self._buf)
+            if not 1 <= size <= self._max:
+                raise MessageError(f"frame length {size} is out of range (1-{self._max}): "
+                                   "not a nopf coordinated-mode peer")
+            if len(self._buf) < LENGTH.size + size:
+                break
+            frames.append(bytes(self._buf[LENGTH.size:LENGTH.size + size]))
+            del self._buf[:LENGTH.size + size]
+        return frames
