@@ -1,0 +1,262 @@
+"""The rendezvous' pairing logic, without I/O: nameplates, claims and punch plans.
+
+:class:`NameplateBook` hands out short numeric nameplates, pairs a claim with
+the waiting sharer, makes codes single-use and expiring, and limits failed
+claims per source address (guessing a live nameplate is the only thing the
+rendezvous can see of an attack: the words never reach it). Time comes from an
+injectable clock so tests can move it.
+
+:func:`make_plans` decides, from what the rendezvous observed of both peers,
+which addresses each one punches to, in which role, and for how long.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, Literal, TypeVar
+
+from nopf_web.errors import NopfError
+from nopf_web.wire.address import Endpoint
+from nopf_web.wire.rendezvous import MAX_NAMEPLATE, PunchRole, Stage
+
+T = TypeVar("T")
+Tombstone = Literal["used", "expired", "left"]
+
+
+@dataclass(frozen=True)
+class PairingLimits:
+    code_lifetime: float = 600.0  # a code not claimed by then expires
+    max_failed_claims: int = 10  # per source address, within failed_claim_window
+    failed_claim_window: float = 600.0
+    tombstone_lifetime: float = 600.0  # used/expired nameplates answer precisely this long
+    max_open_codes: int = 100_000
+    symmetric_budget: float = 4.0  # punch time for a pair that is very likely to fail
+
+    def __post_init__(self) -> None:
+        if self.code_lifetime <= 0 or self.failed_claim_window <= 0:
+            raise ValueError("pairing lifetimes must be positive")
+        if self.max_failed_claims < 1:
+            raise ValueError("max_failed_claims must be at least 1")
+
+
+class ClaimRefused(NopfError):
+    """A claim the rendezvous refuses; ``code`` is the wire error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class _Open(Generic[T]):
+    owner: T
+    expires_at: float
+
+
+@dataclass
+class NameplateBook(Generic[T]):
+    limits: PairingLimits = field(default_factory=PairingLimits)
+    clock: Callable[[], float] = time.monotonic
+    _open: dict[int, _Open[T]] = field(default_factory=dict)
+    _tombstones: dict[int, tuple[Tombstone, float]] = field(default_factory=dict)
+    _failures: dict[str, deque[float]] = field(default_factory=dict)
+
+    # -- sharer side -----------------------------------------------------------
+
+    def allocate(self, owner: T) -> tuple[int, float]:
+        """A fresh nameplate for ``owner``, and when it expires (clock time)."""
+        self.sweep()
+        taken = len(self._open) + len(self._tombstones)
+        if len(self._open) >= self.limits.max_open_codes:
+            raise ClaimRefused("busy", "the rendezvous has too many open codes; try again later")
+        # The smallest number of digits that keeps the space at most half full:
+        # short codes while it is quiet, and a random pick is free in <= 2 tries.
+        space = 9
+        while space < 2 * (taken + 1) and space < MAX_NAMEPLATE:
+            space = space * 10 + 9
+        for _ in range(64):
+            nameplate = 1 + secrets.randbelow(space)
+            if nameplate not in self._open and nameplate not in self._tombstones:
+                break
+        else:  # only when the space is the whole range and nearly full
+            free = (n for n in range(1, MAX_NAMEPLATE + 1)
+                    if n not in self._open and n not in self._tombstones)
+            nameplate = next(free, 0)
+            if not nameplate:
+                raise ClaimRefused("busy", "the rendezvous has no free codes; try again later")
+        expires_at = self.clock() + self.limits.code_lifetime
+        self._open[nameplate] = _Open(owner, expires_at)
+        return nameplate, expires_at
+
+    def release(self, nameplate: int, owner: T) -> None:
+        """The sharer left before anyone claimed its nameplate."""
+        entry = self._open.get(nameplate)
+        if entry is not None and entry.owner is owner:
+            del self._open[nameplate]
+            self._bury(nameplate, "left")
+
+    def sweep(self) -> list[tuple[int, T]]:
+        """Expire what is due; return the expired nameplates and their owners."""
+        now = self.clock()
+        expired = [(n, e.owner) for n, e in self._open.items() if e.expires_at <= now]
+        for n, _ in expired:
+            del self._open[n]
+            self._bury(n, "expired")
+        for n in [n for n, (_, until) in self._tombstones.items() if until <= now]:
+            del self._tombstones[n]
+        horizon = now - self.limits.failed_claim_window
+        for source in list(self._failures):
+            self._prune(source, horizon)
+        return expired
+
+    # -- joiner side -----------------------------------------------------------
+
+    def claim(self, nameplate: int, source: str) -> T:
+        """Pair a joiner from ``source`` with the sharer of ``nameplate`` (single use)."""
+        self.sweep()
+        failures = self._failures.get(source)
+        if failures is not None and len(failures) >= self.limits.max_failed_claims:
+            wait = failures[0] + self.limits.failed_claim_window - self.clock()
+            raise ClaimRefused(
+                "too_many_guesses",
+                f"too many failed pairing attempts from {source} ({len(failures)} within "
+                f"{describe_duration(self.limits.failed_claim_window)}): wait "
+                f"{describe_duration(wait)} and check the code")
+        entry = self._open.pop(nameplate, None)
+        if entry is not None:
+            self._bury(nameplate, "used")
+            return entry.owner
+        self._failures.setdefault(source, deque()).append(self.clock())
+        why = self._tombstones.get(nameplate)
+        if why is None:
+            raise ClaimRefused("unknown_code", f"no open pairing code starts with {nameplate} "
+                               "(check the number, or ask for a new code)")
+        if why[0] == "used":
+            raise ClaimRefused("used", f"pairing code {nameplate}-… was already used (codes "
+                               "work once): ask for a new code")
+        if why[0] == "expired":
+            lifetime = describe_duration(self.limits.code_lifetime)
+            raise ClaimRefused("expired", f"pairing code {nameplate}-… expired (codes last "
+                               f"{lifetime}): ask for a new code")
+        raise ClaimRefused("unknown_code", f"pairing code {nameplate}-… is no longer open (the "
+                           "sharer stopped waiting): ask for a new code")
+
+    def is_open(self, nameplate: int) -> bool:
+        return nameplate in self._open
+
+    # -------------------------------------------------------------------------
+
+    def _bury(self, nameplate: int, why: Tombstone) -> None:
+        self._tombstones[nameplate] = (why, self.clock() + self.limits.tombstone_lifetime)
+
+    def _prune(self, source: str, horizon: float) -> None:
+        times = self._failures[source]
+        while times and times[0] <= horizon:
+            times.popleft()
+        if not times:
+            del self._failures[source]
+
+
+def describe_duration(seconds: float) -> str:
+    """``42 s`` or ``10 min``, for one-line messages."""
+    seconds = max(0.0, seconds)
+    if seconds >= 90:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s"
+
+
+# Plans ----------------------------------------------------------------------------
+
+Mapping = Literal["none", "stable", "symmetric", "unknown"]
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """What the rendezvous knows of one peer when it pairs them."""
+
+    public: Endpoint  # as observed on the coordination connection
+    lan: tuple[Endpoint, ...]  # as the peer reports them
+    probe: Endpoint | None  # a plain discovery from the same port, just before
+    punch_timeout: float
+    rtt: float  # seconds, rendezvous <-> peer
+
+    @property
+    def mapping(self) -> Mapping:
+        if self.public in self.lan:
+            return "none"
+        if self.probe is None:
+            return "unknown"
+        return "stable" if self.probe == self.public else "symmetric"
+
+    def describe_symmetric(self) -> str:
+        assert self.probe is not None
+        return (f"public ports {self.probe.port} then {self.public.port} from one local "
+                "port")
+
+
+class SymmetricPair(NopfError):
+    """Both peers are behind symmetric NATs: no punch can connect them."""
+
+
+@dataclass(frozen=True)
+class Plans:
+    sharer: tuple[Stage, ...]
+    joiner: tuple[Stage, ...]
+    sharer_note: str | None = None
+    joiner_note: str | None = None
+
+
+def make_plans(sharer: PeerInfo, joiner: PeerInfo, limits: PairingLimits) -> Plans:
+    """Which addresses each side punches to, as whom, and for how long.
+
+    - Both symmetric: refuse at once (:class:`SymmetricPair`).
+    - One symmetric: the other side arms (its listener accepts the symmetric
+      side's unpredictable port when it has no NAT); against another NAT this
+      almost surely fails, so the budget is short and the cause is named.
+    - Same public IP behind a NAT: the LAN addresses first, then the public
+      ones (works if the NAT hairpins).
+    - Otherwise: the public addresses, the sharer arming.
+    """
+    ms, mj = sharer.mapping, joiner.mapping
+    budget = min(sharer.punch_timeout, joiner.punch_timeout)
+    if ms == "symmetric" and mj == "symmetric":
+        raise SymmetricPair(
+            "both peers are behind symmetric NATs (a new public port per destination: "
+            f"sharer {sharer.describe_symmetric()}, connector {joiner.describe_symmetric()}): "
+            "hole punching cannot connect them")
+    sharer_note = joiner_note = None
+    sharer_role: PunchRole = "arm"
+    joiner_role: PunchRole = "connect"
+    if "symmetric" in (ms, mj):
+        sym, other = (sharer, joiner) if ms == "symmetric" else (joiner, sharer)
+        if sym is sharer:
+            sharer_role, joiner_role = "connect", "arm"
+        if other.mapping != "none":
+            budget = min(budget, limits.symmetric_budget)
+        mine = (f"your NAT is symmetric ({sym.describe_symmetric()}), so the peer cannot aim at "
+                "the port we punch from; only a peer without NAT can accept us")
+        theirs = (f"the peer's NAT is symmetric ({sym.describe_symmetric()}), so we cannot aim "
+                  "at its port; only a peer without NAT (or a full-cone NAT) can accept it")
+        sharer_note, joiner_note = (mine, theirs) if sym is sharer else (theirs, mine)
+    stages_s: list[Stage] = []
+    stages_j: list[Stage] = []
+    same_nat = (sharer.public.host == joiner.public.host and "none" not in (ms, mj)
+                and sharer.lan and joiner.lan)
+    if same_nat:
+        # A LAN connect works in one round trip or not at all (two LANs behind one
+        # carrier NAT): a third of the time, leaving the rest for a hairpin.
+        lan_budget = max(0.5, min(5.0, budget / 3))
+        stages_s.append(Stage("lan", joiner.lan[0], "arm", lan_budget))
+        stages_j.append(Stage("lan", sharer.lan[0], "connect", lan_budget))
+        budget = max(0.5, budget - lan_budget)
+        hairpin = ("both peers have the same public IP: the LAN addresses did not answer, "
+                   "and the NAT does not hairpin")
+        sharer_note = sharer_note or hairpin
+        joiner_note = joiner_note or hairpin
+    stages_s.append(Stage("public", joiner.public, sharer_role, budget))
+    stages_j.append(Stage("public", sharer.public, joiner_role, budget))
+    return Plans(tuple(stages_s), tuple(stages_j), sharer_note, joiner_note)
