@@ -31,6 +31,12 @@ apart in either order.
 
 With ``arm_ttl = 0`` both roles send full-TTL SYNs: plain repeated TCP
 simultaneous open.
+
+With ``first_shot`` (coordinated mode) the first attempt of either role is a
+full-TTL SYN: the rendezvous makes both peers start at the same moment, so the
+two SYNs cross and each NAT has opened its side before the other's SYN
+arrives, whatever the number of hops to the NAT. From the second attempt on the
+roles behave as above, which recovers if the SYNs did not cross in time.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ class PunchConfig:
     connect_interval: float = 0.5
     retry_delay: float = 0.2
     handshake_grace: float = 0.2  # re-check a socket that is mid-handshake this often
+    first_shot: bool = False  # attempt 1 is full TTL in both roles (rendezvous-timed)
 
     def __post_init__(self) -> None:
         if self.timeout <= 0:
@@ -208,6 +215,8 @@ class PunchMachine:
         self._next_fire = None
         self._recheck = None
         ttl = self.config.arm_ttl if self.role is Role.ARM and self.config.arm_ttl else None
+        if self.config.first_shot and self.attempts == 1:
+            ttl = None
         return [Fire(self.attempts, ttl)]
 
     def _give_up(self) -> list[Action]:

@@ -119,3 +119,21 @@ def test_config_validation() -> None:
         PunchConfig(timeout=0)
     with pytest.raises(ValueError):
         PunchConfig(arm_ttl=1)
+
+
+def test_first_shot_is_full_ttl_in_both_roles_then_the_seed_sequence() -> None:
+    cfg = PunchConfig(timeout=10, arm_ttl=2, rearm_interval=0.8, first_shot=True)
+    arm = machine(Role.ARM, cfg)
+    assert arm.start(0.0) == [Fire(1, None)]  # the rendezvous-timed simultaneous open
+    assert arm.timer(0.8) == [Abandon(1), Fire(2, 2)]  # then low-TTL arming as before
+    connect = machine(Role.CONNECT, cfg)
+    assert connect.start(0.0) == [Fire(1, None)]
+    assert connect.failed(1, Failure.REFUSED, 0.05) == [Abandon(1)]
+    assert connect.timer(0.25) == [Fire(2, None)]
+
+
+def test_first_shot_refused_falls_back_to_arming_quickly() -> None:
+    m = machine(Role.ARM, PunchConfig(timeout=10, first_shot=True))
+    m.start(0.0)
+    assert m.failed(1, Failure.REFUSED, 0.03) == [Abandon(1)]
+    assert m.timer(0.23) == [Fire(2, 2)]
