@@ -1,15 +1,30 @@
-"""nopf-server: the rendezvous service (address discovery, seed-compatible).
+"""nopf-server: the rendezvous service (seed discovery, and coordinated mode).
 
 On every accepted connection it writes the seed's 10-byte discovery reply
-(see :mod:`nopf_web.wire.discovery`) without reading anything, then closes.
-Anything the client sends is never read: garbage cannot confuse it.
+(see :mod:`nopf_web.wire.discovery`) without reading anything first. Then it
+waits up to ``hello_timeout`` for a coordinated-mode hello
+(:mod:`nopf_web.wire.rendezvous`):
+
+- the client closes (a seed client, done with its 10 bytes): the server
+  resets the connection. The client has already closed, so it sees nothing,
+  and its port is free at once (a FIN answer would leave it in TIME_WAIT,
+  blocking the next discovery from the same port);
+- nothing arrives in time: the server closes, as the seed always did;
+- anything but a valid frame: reset; a valid frame that is not a valid hello:
+  an error message, then close;
+- a probe: close at once (the coordinated client's NAT mapping check);
+- a hello: coordinated mode — pairing by nameplate, RTT measurement and the
+  fire instruction (see ``docs/protocol.md``, "Coordinated mode").
 
 Defences against hostile clients, all bounded:
 - a global cap on open connections and a per-source-address cap, so a flood
   from one address cannot starve others; refused connections are reset at once;
 - a write deadline per connection, so a client that never reads cannot pin
   a connection (10 bytes fit any socket buffer, but the close may not);
-- problem logging is rate-limited per kind, one line per problem.
+- problem logging is rate-limited per kind, one line per problem;
+- coordinated mode: frames of at most 4 KiB, a hello deadline, one waiting
+  code per connection (so the per-source cap also caps codes), failed claims
+  limited per source address, codes single-use and expiring.
 """
 
 from __future__ import annotations
@@ -19,15 +34,47 @@ import contextlib
 import logging
 import socket
 import struct
+import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import encode_reply
+from nopf_web.wire.rendezvous import (
+    ErrorReply,
+    Fire,
+    FrameReader,
+    Hello,
+    MessageError,
+    Ping,
+    Pong,
+    Probe,
+    ServerMessage,
+    UnsupportedVersion,
+    Welcome,
+    decode_client_message,
+    encode,
+)
+
+from .book import (
+    ClaimRefused,
+    NameplateBook,
+    PairingLimits,
+    PeerInfo,
+    SymmetricPair,
+    describe_duration,
+    make_plans,
+)
 
 log = logging.getLogger("nopf.rendezvous")
 
 DEFAULT_PORT = 3012
+FIRE_MARGIN = 0.02  # s added to the latest fire send time: scheduling slack
+QUICK_PINGS = 3  # RTT samples taken at once from a sharer, then one per ping_interval
+DEFAULT_RTT = 0.2  # s, assumed when nothing was measured (non-Linux, no pong yet)
 
 
 @dataclass(frozen=True)
@@ -36,6 +83,9 @@ class ServerLimits:
     max_per_source: int = 64
     write_timeout: float = 5.0
     log_interval: float = 10.0  # at most one line per problem kind per interval
+    hello_timeout: float = 1.0  # after the 10-byte reply: wait this long for a v2 hello
+    ping_interval: float = 5.0  # RTT/liveness ping to a waiting sharer
+    pairing: PairingLimits = field(default_factory=PairingLimits)
 
 
 @dataclass
@@ -45,6 +95,9 @@ class ServerStats:
     refused_capacity: int = 0
     failed: int = 0
     open_now: int = 0
+    coordinated: int = 0  # hellos accepted
+    paired: int = 0  # pairs sent a fire instruction
+    refused_claims: int = 0
 
 
 @dataclass
@@ -66,19 +119,75 @@ class _ProblemLog:
         log.warning("%s%s", message, suffix)
 
 
+class _Gone(Exception):
+    """The coordinated peer closed, broke the connection or sent something invalid."""
+
+
+@dataclass
+class _Conn:
+    """One coordinated-mode connection, from the rendezvous' side."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    public: Endpoint
+    hello: Hello
+    frames: FrameReader = field(default_factory=FrameReader)
+    rtts: list[float] = field(default_factory=list)
+
+    def send(self, msg: ServerMessage) -> None:
+        self.writer.write(encode(msg))
+
+    async def receive(self) -> Pong:
+        """The next message (only pongs are valid after the hello)."""
+        while True:
+            chunk = await self.reader.read(4096)
+            if not chunk:
+                raise _Gone("closed the connection")
+            try:
+                for payload in self.frames.feed(chunk):
+                    msg = decode_client_message(payload)
+                    if not isinstance(msg, Pong):
+                        raise _Gone("sent a second hello")
+                    return msg
+            except MessageError as exc:
+                raise _Gone(f"sent an invalid message ({exc})") from None
+
+    def rtt(self) -> float:
+        samples = list(self.rtts)
+        kernel = _kernel_rtt(self.writer.get_extra_info("socket"))
+        if kernel is not None:
+            samples.append(kernel)
+        return min(samples) if samples else DEFAULT_RTT
+
+    def info(self) -> PeerInfo:
+        h = self.hello
+        return PeerInfo(self.public, h.lan, h.probe, h.punch_timeout, self.rtt())
+
+
+@dataclass
+class _Waiting:
+    """A sharer waiting on its nameplate; the joiner's handler hands it its fire."""
+
+    conn: _Conn
+    paired: asyncio.Future[tuple[ServerMessage, float]]
+
+
 class RendezvousServer:
-    """Serve discovery replies; start with :meth:`start`, stop with :meth:`close`."""
+    """Serve discovery replies and coordinated mode; :meth:`start`, then :meth:`close`."""
 
     def __init__(
-        self, host: str = "0.0.0.0", port: int = DEFAULT_PORT, limits: ServerLimits | None = None
+        self, host: str = "0.0.0.0", port: int = DEFAULT_PORT, limits: ServerLimits | None = None,
+        *, clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.host = host
         self.port = port
         self.limits = limits or ServerLimits()
         self.stats = ServerStats()
+        self.book: NameplateBook[_Waiting] = NameplateBook(self.limits.pairing, clock)
         self._per_source: Counter[str] = Counter()
         self._server: asyncio.Server | None = None
         self._problems = _ProblemLog(self.limits.log_interval)
+        self._coordinated: set[asyncio.StreamWriter] = set()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -96,6 +205,9 @@ class RendezvousServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+            # Waiting sharers would hold their handlers for minutes: end them now.
+            for writer in list(self._coordinated):
+                _reset(writer)
             # Handlers finish within write_timeout; don't wait on stuck clients forever.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), self.limits.write_timeout + 1)
@@ -129,21 +241,27 @@ class RendezvousServer:
                 )
                 _reset(writer)
                 return
-            await self._reply(peer, writer)
+            hello = await self._reply(peer, reader, writer)
+            if hello is not None:
+                assert peer is not None
+                await self._coordinate(_Conn(reader, writer, _observed(peer), hello))
         finally:
             self.stats.open_now -= 1
             self._per_source[source] -= 1
             if self._per_source[source] <= 0:
                 del self._per_source[source]
 
-    async def _reply(self, peer: tuple[str, int] | None, writer: asyncio.StreamWriter) -> None:
+    async def _reply(
+        self, peer: tuple[str, int] | None, reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> Hello | None:
+        """The seed's reply, then a hello if the client sends one (None: done with it)."""
         try:
             if peer is None:
                 raise ConnectionError("connection closed before it could be served")
-            ip = str(peer[0]).removeprefix("::ffff:")  # IPv4-mapped on a dual-stack socket
-            writer.write(encode_reply(ip, int(peer[1])))
-            writer.close()
-            await asyncio.wait_for(writer.wait_closed(), self.limits.write_timeout)
+            ip, port = _observed(peer)
+            writer.write(encode_reply(ip, port))  # first, before reading anything
+            await asyncio.wait_for(writer.drain(), self.limits.write_timeout)
             self.stats.served += 1
         except TimeoutError:
             self.stats.failed += 1
@@ -153,10 +271,216 @@ class RendezvousServer:
                 f"{self.limits.write_timeout} s",
             )
             _reset(writer)
+            return None
         except (OSError, ValueError) as exc:
             self.stats.failed += 1
             self._problems.problem("error", f"could not serve {_fmt(peer)}: {exc}")
             _reset(writer)
+            return None
+        return await self._read_hello(peer, reader, writer)
+
+    async def _read_hello(
+        self, peer: tuple[str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+    ) -> Hello | None:
+        frames = FrameReader()
+        try:
+            async with asyncio.timeout(self.limits.hello_timeout):
+                while True:
+                    chunk = await reader.read(4096)
+                    if not chunk:  # a seed client that has its answer and closed
+                        _reset(writer)
+                        return None
+                    payloads = frames.feed(chunk)
+                    if payloads:
+                        break
+        except TimeoutError:  # a seed client that keeps its end open: close, as always
+            if frames.buffered:
+                _reset(writer)
+            else:
+                await self._close(writer)
+            return None
+        except MessageError:  # not a framed client at all (HTTP, noise): no answer
+            _reset(writer)
+            return None
+        except OSError:
+            _reset(writer)
+            return None
+        try:
+            msg = decode_client_message(payloads[0])
+            if isinstance(msg, Probe):  # the mapping check: close first, at once
+                await self._close(writer)
+                return None
+            if not isinstance(msg, Hello) or len(payloads) > 1 or frames.buffered:
+                raise MessageError("the first message must be a single hello")
+        except UnsupportedVersion as exc:
+            await self._refuse(writer, "unsupported_version", f"rendezvous: {exc}")
+            return None
+        except MessageError as exc:
+            self._problems.problem("bad-hello", f"bad hello from {_fmt(peer)}: {exc}")
+            await self._refuse(writer, "bad_request", f"rendezvous rejected the hello: {exc}")
+            return None
+        self.stats.coordinated += 1
+        return msg
+
+    # -- coordinated mode ------------------------------------------------------
+
+    async def _coordinate(self, conn: _Conn) -> None:
+        self._coordinated.add(conn.writer)
+        try:
+            if conn.hello.action == "share":
+                await self._share(conn)
+            else:
+                await self._join(conn)
+        except (OSError, TimeoutError) as exc:
+            self._problems.problem("coord", f"coordinated peer {conn.public}: {exc}")
+            _reset(conn.writer)
+        finally:
+            self._coordinated.discard(conn.writer)
+
+    async def _share(self, conn: _Conn) -> None:
+        loop = asyncio.get_running_loop()
+        waiting = _Waiting(conn, loop.create_future())
+        try:
+            nameplate, expires_at = self.book.allocate(waiting)
+        except ClaimRefused as exc:
+            await self._refuse(conn.writer, exc.code, str(exc))
+            return
+        conn.send(Welcome(nameplate, self.limits.pairing.code_lifetime, conn.public))
+        receiver = asyncio.create_task(conn.receive(), name=f"rdv-share-{nameplate}-receive")
+        sent: dict[int, float] = {}
+        last_pong = loop.time()
+        try:
+            seq = 0
+            while not waiting.paired.done():
+                seq += 1
+                sent[seq] = loop.time()
+                conn.send(Ping(seq))
+                interval = 0.0 if seq < QUICK_PINGS else self.limits.ping_interval
+                left = expires_at - self.book.clock()
+                wake = loop.time() + min(max(interval, 2 * conn.rtt()), max(0.0, left))
+                while not waiting.paired.done() and loop.time() < wake:
+                    pending: set[asyncio.Future[Any]] = {receiver, waiting.paired}
+                    done, _ = await asyncio.wait(pending, timeout=wake - loop.time(),
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if receiver not in done:
+                        continue
+                    try:
+                        pong = receiver.result()
+                    except _Gone:
+                        self.book.release(nameplate, waiting)
+                        _reset(conn.writer)
+                        return
+                    if pong.seq in sent:
+                        conn.rtts = [*conn.rtts[-4:], loop.time() - sent.pop(pong.seq)]
+                        last_pong = loop.time()
+                    receiver = asyncio.create_task(conn.receive(),
+                                                   name=f"rdv-share-{nameplate}-receive")
+                if waiting.paired.done():
+                    break
+                if self.book.clock() >= expires_at:
+                    self.book.sweep()
+                    lifetime = describe_duration(self.limits.pairing.code_lifetime)
+                    await self._refuse(conn.writer, "expired",
+                                       f"nobody used the pairing code within {lifetime}")
+                    return
+                if loop.time() - last_pong > 3 * self.limits.ping_interval + 1:
+                    self.book.release(nameplate, waiting)  # silently gone
+                    _reset(conn.writer)
+                    return
+            fire, send_at = waiting.paired.result()
+            await self._fire(conn, fire, send_at)
+        finally:
+            receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError, _Gone, OSError):
+                await receiver
+            if not waiting.paired.done():
+                waiting.paired.cancel()
+
+    async def _join(self, conn: _Conn) -> None:
+        loop = asyncio.get_running_loop()
+        nameplate = conn.hello.nameplate
+        assert nameplate is not None
+        try:
+            waiting = self.book.claim(nameplate, conn.public.host)
+        except ClaimRefused as exc:
+            self.stats.refused_claims += 1
+            await self._refuse(conn.writer, exc.code, str(exc))
+            return
+        if _kernel_rtt(conn.writer.get_extra_info("socket")) is None:
+            await self._ping_once(conn)
+        if waiting.paired.done():  # the sharer left while we measured
+            await self._refuse(conn.writer, "unknown_code",
+                               f"pairing code {nameplate}-… is no longer open (the sharer "
+                               "stopped waiting): ask for a new code")
+            return
+        sharer, joiner = waiting.conn.info(), conn.info()
+        try:
+            plans = make_plans(sharer, joiner, self.limits.pairing)
+        except SymmetricPair as exc:
+            refusal = ErrorReply("symmetric_nat", str(exc))
+            waiting.paired.set_result((refusal, loop.time()))
+            await self._refuse(conn.writer, refusal.code, refusal.message)
+            return
+        # Both must receive "fire" at the same moment T: each is sent RTT_i/2 early.
+        fire_at = loop.time() + max(sharer.rtt, joiner.rtt) / 2 + FIRE_MARGIN
+        rtt_ms = round((sharer.rtt + joiner.rtt) / 2 * 1000, 3)  # peer <-> peer, estimated
+        waiting.paired.set_result((
+            Fire(sharer.public, joiner.public, plans.sharer, rtt_ms, plans.sharer_note),
+            fire_at - sharer.rtt / 2,
+        ))
+        self.stats.paired += 1
+        await self._fire(conn, Fire(joiner.public, sharer.public, plans.joiner, rtt_ms,
+                                    plans.joiner_note), fire_at - joiner.rtt / 2)
+
+    async def _ping_once(self, conn: _Conn) -> None:
+        """One RTT sample where the kernel offers none (bounded: a silent peer costs 1 s)."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        conn.send(Ping(1))
+        with contextlib.suppress(TimeoutError, _Gone):
+            async with asyncio.timeout(1.0):
+                await conn.receive()
+                conn.rtts.append(loop.time() - start)
+
+    async def _fire(self, conn: _Conn, msg: ServerMessage, send_at: float) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(max(0.0, send_at - loop.time()))
+        conn.send(msg)
+        await self._close(conn.writer)
+
+    async def _refuse(self, writer: asyncio.StreamWriter, code: str, message: str) -> None:
+        writer.write(encode(ErrorReply(code, message[:300])))
+        await self._close(writer)
+
+    async def _close(self, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.close()
+            await asyncio.wait_for(writer.wait_closed(), self.limits.write_timeout)
+        except (OSError, TimeoutError):
+            _reset(writer)
+
+
+def _observed(peer: tuple[str, int]) -> Endpoint:
+    return Endpoint(str(peer[0]).removeprefix("::ffff:"), int(peer[1]))  # IPv4-mapped, dual stack
+
+
+# struct tcp_info (Linux): tcpi_rtt, the smoothed RTT in microseconds, is the u32
+# at offset 68. On an accepted socket it holds the handshake's SYN-ACK -> ACK time.
+_TCPI_RTT = struct.Struct("=I")
+_TCPI_RTT_OFFSET = 68
+
+
+def _kernel_rtt(sock: socket.socket | None) -> float | None:
+    if sock is None or not sys.platform.startswith("linux"):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_INFO", 11), 104)
+    except OSError:
+        return None
+    if len(info) < _TCPI_RTT_OFFSET + 4:
+        return None
+    (micros,) = _TCPI_RTT.unpack_from(info, _TCPI_RTT_OFFSET)
+    return micros / 1e6 if micros else None
 
 
 def _fmt(peer: tuple[str, int] | None) -> str:

@@ -1,0 +1,454 @@
+"""Coordinated mode, peer side: pair by code through the rendezvous, punch, return a socket.
+
+:func:`share` gets a nameplate from the rendezvous, completes it into a code
+with two local words and waits for a peer; :func:`connect` joins with a code.
+Both then follow the rendezvous' plan (see :mod:`nopf_web.rendezvous.book`):
+on its "fire" both start at the same moment, a full-TTL simultaneous open,
+falling back to the seed's sequence (arm with a low TTL / connect) until the
+plan's budget runs out.
+
+Everything happens from one local port P: a plain seed discovery first (the
+NAT mapping check: the rendezvous compares its answer with the address it sees
+on the coordination connection), then the coordination connection, then the
+punch. The words of the code never leave this process; encryption over the
+whole code is the caller's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from nopf_web.errors import NopfError
+from nopf_web.pairing import PairingCode, make_code, parse_code
+from nopf_web.punch.driver import PunchDriver
+from nopf_web.punch.machine import Failure, PunchConfig, PunchTimeout, Role
+from nopf_web.punch.sockets import connect_nonblocking, reusable_socket, tune_stream
+from nopf_web.wire.address import Endpoint
+from nopf_web.wire.discovery import DiscoveryReader
+from nopf_web.wire.errors import WireError
+from nopf_web.wire.rendezvous import (
+    ErrorReply,
+    Fire,
+    FrameReader,
+    Hello,
+    MessageError,
+    Ping,
+    Pong,
+    Probe,
+    ServerMessage,
+    Stage,
+    Welcome,
+    decode_server_message,
+    encode,
+)
+
+from .client import resolve_ipv4
+from .errors import RendezvousError, RendezvousProtocolError, RendezvousUnreachable
+
+PORT_FREE_WAIT = 2.0  # s to wait for our end of the probe to close (one RTT)
+DEFAULT_PUNCH_TTL = 2
+
+
+# Errors ---------------------------------------------------------------------------
+
+
+class PairingError(NopfError):
+    """Coordinated mode failed; the message is one line for the user."""
+
+
+class UnknownCode(PairingError):
+    pass
+
+
+class CodeExpired(PairingError):
+    pass
+
+
+class CodeUsed(PairingError):
+    pass
+
+
+class TooManyGuesses(PairingError):
+    pass
+
+
+class PeerNeverArrived(PairingError):
+    pass
+
+
+class SymmetricNat(PairingError):
+    pass
+
+
+class RendezvousTooOld(PairingError):
+    """The rendezvous speaks only the seed's discovery protocol."""
+
+
+class CoordinatedPunchTimeout(PairingError):
+    def __init__(self, message: str, outcomes: Counter[Failure]) -> None:
+        super().__init__(message)
+        self.outcomes = outcomes
+
+
+_ERRORS: dict[str, type[PairingError]] = {
+    "unknown_code": UnknownCode, "expired": CodeExpired, "used": CodeUsed,
+    "too_many_guesses": TooManyGuesses, "symmetric_nat": SymmetricNat,
+}
+
+
+# The result -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timings:
+    """``time.monotonic()`` instants of one pairing, for measurements."""
+
+    started: float  # share() / connect() called
+    hello_sent: float  # the coordination hello left
+    fire: float  # the fire instruction arrived (the punch starts)
+    connected: float  # the socket is connected
+
+
+@dataclass(frozen=True)
+class PairedTunnel:
+    sock: socket.socket  # connected, NON-blocking, TCP_NODELAY; the caller owns it
+    role: Literal["A", "B"]  # A = the sharer (encryption/mux server), B = the connector
+    code: str  # the full code, e.g. "7-orbit-lantern"
+    peer: Endpoint  # the address that answered
+    path: Literal["public", "lan"]
+    local: Endpoint  # our end of the tunnel (host as bound, punch port)
+    public: Endpoint  # our public address, as the rendezvous saw it
+    rtt: float  # s, the rendezvous' estimate of the peer-to-peer round trip
+    timings: Timings
+
+
+EventSink = Callable[[str], None]
+
+
+# API ------------------------------------------------------------------------------
+
+
+async def share(
+    rendezvous: tuple[str, int], *, on_code: Callable[[str], None], timeout: float = 600,
+    punch_timeout: float = 30, bind_host: str = "0.0.0.0", punch_port: int = 0,
+    net_timeout: float = 5.0, punch_ttl: int = DEFAULT_PUNCH_TTL,
+    on_event: EventSink | None = None,
+) -> PairedTunnel:
+    """Get a code (passed to ``on_code`` as soon as it exists), wait up to ``timeout``
+    for a peer to use it, then punch for up to ``punch_timeout`` seconds."""
+    started = time.monotonic()
+    code: PairingCode | None = None
+
+    async def wait_for_peer(ctl: _Control) -> Fire:
+        nonlocal code
+        welcome = await ctl.next_message(net_timeout)
+        if not isinstance(welcome, Welcome):
+            raise RendezvousProtocolError(f"rendezvous {ctl.where} sent {welcome!r:.60} "
+                                          "instead of a nameplate")
+        code = make_code(welcome.nameplate)
+        _say(on_event, f"pairing code {code} (valid {welcome.expires_in / 60:g} min)")
+        on_code(str(code))
+        left = timeout - (time.monotonic() - started)
+        try:
+            msg = await ctl.next_message(max(0.0, left))
+        except TimeoutError:
+            raise PeerNeverArrived(f"no peer used the pairing code within {timeout:g} s") from None
+        except CodeExpired as exc:  # the rendezvous' lifetime was shorter than ours
+            raise PeerNeverArrived(f"the peer never arrived: {exc}") from None
+        return _expect_fire(msg, ctl.where)
+
+    fire, ctl_info = await _coordinate(rendezvous, "share", None, wait_for_peer, started,
+                                       punch_timeout, bind_host, punch_port, net_timeout,
+                                       on_event)
+    assert code is not None
+    return await _punch(fire, ctl_info, "A", str(code), punch_ttl, on_event)
+
+
+async def connect(
+    rendezvous: tuple[str, int], code: str, *, punch_timeout: float = 30,
+    bind_host: str = "0.0.0.0", punch_port: int = 0, net_timeout: float = 5.0,
+    punch_ttl: int = DEFAULT_PUNCH_TTL, on_event: EventSink | None = None,
+) -> PairedTunnel:
+    """Join the sharer of ``code`` and punch for up to ``punch_timeout`` seconds.
+
+    A malformed code raises :class:`nopf_web.pairing.BadCode` before any network
+    traffic. Words that do not match are not detected here (the rendezvous never
+    sees them): the caller's PAKE over ``PairedTunnel.code`` catches them.
+    """
+    started = time.monotonic()
+    parsed = parse_code(code)
+
+    async def wait_for_fire(ctl: _Control) -> Fire:
+        # The rendezvous answers within about one round trip (plus a ping where
+        # its kernel gives no RTT); allow the network timeout on top.
+        return _expect_fire(await ctl.next_message(net_timeout + 2), ctl.where)
+
+    fire, ctl_info = await _coordinate(rendezvous, "join", parsed.nameplate, wait_for_fire,
+                                       started, punch_timeout, bind_host, punch_port,
+                                       net_timeout, on_event)
+    return await _punch(fire, ctl_info, "B", str(parsed), punch_ttl, on_event)
+
+
+# Coordination ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _CtlInfo:
+    local: Endpoint  # (bind_host, P)
+    started: float
+    hello_sent: float
+    fire: float
+    punch_timeout: float
+
+
+class _Control:
+    """The coordination connection, from port P: seed reply first, then frames."""
+
+    def __init__(self, sock: socket.socket, where: str) -> None:
+        self.sock = sock
+        self.where = where
+        self.frames = FrameReader()
+        self.pending: list[bytes] = []
+        self.seen = 0  # messages received
+
+    async def send(self, msg: Hello | Pong | Probe) -> None:
+        await asyncio.get_running_loop().sock_sendall(self.sock, encode(msg))
+
+    async def recv(self, n: int) -> bytes:
+        try:
+            chunk = await asyncio.get_running_loop().sock_recv(self.sock, n)
+        except OSError as exc:
+            raise RendezvousProtocolError(
+                f"rendezvous {self.where} broke the connection ({exc.strerror or exc})"
+            ) from None
+        return chunk
+
+    async def read_discovery(self) -> Endpoint:
+        reader = DiscoveryReader()
+        while reader.needed:
+            chunk = await self.recv(reader.needed)
+            if not chunk:
+                raise RendezvousProtocolError(f"rendezvous {self.where} closed before its "
+                                              "discovery reply (is it a nopf-server?)")
+            try:
+                result = reader.feed(chunk)
+            except WireError as exc:
+                raise RendezvousProtocolError(f"rendezvous {self.where}: {exc}") from None
+        assert result is not None
+        return Endpoint(*result)
+
+    async def next_message(self, timeout: float) -> ServerMessage:
+        """The next message that is not a ping (pings are answered at once)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                while not self.pending:
+                    try:
+                        chunk = await self.recv(4096)
+                    except RendezvousProtocolError:
+                        if self.seen:
+                            raise
+                        chunk = b""  # a seed server resets: our hello went unread
+                    if not chunk and not self.seen:
+                        raise RendezvousTooOld(
+                            f"rendezvous {self.where} closed the connection after the discovery "
+                            "reply: it speaks only the seed protocol, so pairing codes need a "
+                            "newer nopf-server")
+                    if not chunk:
+                        raise RendezvousProtocolError(
+                            f"rendezvous {self.where} closed the connection unexpectedly")
+                    try:
+                        self.pending += self.frames.feed(chunk)
+                    except MessageError as exc:
+                        raise RendezvousProtocolError(f"rendezvous {self.where}: {exc}") from None
+                self.seen += 1
+                try:
+                    msg = decode_server_message(self.pending.pop(0))
+                except MessageError as exc:
+                    raise RendezvousProtocolError(f"rendezvous {self.where}: {exc}") from None
+                if isinstance(msg, Ping):
+                    await self.send(Pong(msg.seq))
+                    continue
+                if isinstance(msg, ErrorReply) and msg.code in _ERRORS:
+                    raise _ERRORS[msg.code](msg.message)
+                return msg
+
+
+def _expect_fire(msg: ServerMessage, where: str) -> Fire:
+    if isinstance(msg, Fire):
+        return msg
+    if isinstance(msg, ErrorReply):
+        raise PairingError(f"rendezvous {where}: {msg.message}")
+    raise RendezvousProtocolError(f"rendezvous {where} sent {type(msg).__name__} where a fire "
+                                  "instruction was due")
+
+
+async def _probe(server: tuple[str, int], bind_host: str, port: int,
+                 net_timeout: float) -> tuple[Endpoint, int]:
+    """A discovery from ``port`` (0: any) that the rendezvous closes first, at once.
+
+    Returns the address it saw and our port. The rendezvous' FIN comes first,
+    so by the time our own close is acknowledged its side is in TIME_WAIT and
+    our next SYN from the same 4-tuple is welcome (see ``Probe``).
+    """
+    where = f"{server[0]}:{server[1]}"
+    sock = await _connect_from(server, bind_host, port, net_timeout)
+    try:
+        ctl = _Control(sock, where)
+        await ctl.send(Probe())
+        async with asyncio.timeout(net_timeout):
+            public = await ctl.read_discovery()
+            # Until its FIN. A seed-only server resets instead (our probe frame went
+            # unread); that frees the 4-tuple too, and the next step names the problem.
+            with contextlib.suppress(RendezvousProtocolError):
+                while await ctl.recv(64):
+                    pass
+        return public, int(sock.getsockname()[1])
+    except TimeoutError:
+        raise RendezvousProtocolError(f"rendezvous {where} did not answer a probe within "
+                                      f"{net_timeout:g} s (is it a nopf-server?)") from None
+    finally:
+        sock.close()
+
+
+async def _connect_from(server: tuple[str, int], bind_host: str, port: int,
+                        net_timeout: float) -> socket.socket:
+    """Connect from ``port``, waiting briefly while an earlier use of it frees the 4-tuple."""
+    where = f"{server[0]}:{server[1]}"
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + PORT_FREE_WAIT
+    while True:
+        try:
+            sock = reusable_socket(bind_host, port)
+        except OSError as exc:
+            raise RendezvousUnreachable(f"cannot bind {bind_host}:{port} for the rendezvous: "
+                                        f"{exc.strerror or exc}") from None
+        try:
+            async with asyncio.timeout(net_timeout):
+                await connect_nonblocking(sock, server)
+            return sock
+        except TimeoutError:
+            sock.close()
+            raise RendezvousUnreachable(
+                f"rendezvous {where} did not answer the connection within {net_timeout:g} s"
+            ) from None
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRNOTAVAIL or loop.time() >= give_up:
+                raise RendezvousUnreachable(
+                    f"rendezvous {where}: {exc.strerror or exc}") from None
+        await asyncio.sleep(0.02)
+
+
+async def _coordinate(
+    rendezvous: tuple[str, int], action: Literal["share", "join"], nameplate: int | None,
+    wait: Callable[[_Control], Coroutine[Any, Any, Fire]],
+    started: float, punch_timeout: float, bind_host: str, punch_port: int, net_timeout: float,
+    on_event: EventSink | None,
+) -> tuple[Fire, _CtlInfo]:
+    server = await resolve_ipv4(Endpoint(*rendezvous), net_timeout)
+    probed, port = await _probe(server, bind_host, punch_port, net_timeout)
+    sock = await _connect_from(server, bind_host, port, net_timeout)
+    ctl = _Control(sock, f"{server[0]}:{server[1]}")
+    try:
+        lan = Endpoint(*sock.getsockname()[:2])
+        await ctl.send(Hello(action, nameplate, (lan,), probed, punch_timeout))
+        hello_sent = time.monotonic()
+        try:
+            async with asyncio.timeout(net_timeout):
+                public = await ctl.read_discovery()
+        except TimeoutError:
+            raise RendezvousProtocolError(f"rendezvous {ctl.where} sent no address within "
+                                          f"{net_timeout:g} s (is it a nopf-server?)") from None
+        if public != probed:
+            _say(on_event, f"our NAT gave public ports {probed.port} then {public.port} "
+                 f"from local port {port}: it looks symmetric")
+        _say(on_event, f"public address {public} (local port {port})")
+        fire = await wait(ctl)
+    finally:
+        sock.close()
+    fired = time.monotonic()
+    return fire, _CtlInfo(Endpoint(bind_host, port), started, hello_sent, fired, punch_timeout)
+
+
+# The punch -------------------------------------------------------------------------
+
+
+async def _punch(fire: Fire, ctl: _CtlInfo, role: Literal["A", "B"], code: str, punch_ttl: int,
+                 on_event: EventSink | None) -> PairedTunnel:
+    failures: list[tuple[Stage, PunchTimeout]] = []
+    local = (ctl.local.host, ctl.local.port)
+    for stage in fire.plan:
+        public = stage.path == "public"
+        config = PunchConfig(
+            timeout=stage.budget,
+            # On a LAN there is no NAT between us to open with a short-lived SYN.
+            arm_ttl=punch_ttl if public else 0,
+            first_shot=public,
+        )
+        _say(on_event, f"punching to {stage.peer} ({stage.path}, {stage.punch})")
+        driver = PunchDriver(local, (stage.peer.host, stage.peer.port),
+                             Role.ARM if stage.punch == "arm" else Role.CONNECT, config,
+                             nat_hint=fire.note)
+        try:
+            sock = await driver.run()
+        except PunchTimeout as exc:
+            failures.append((stage, exc))
+            continue
+        tune_stream(sock)
+        connected = time.monotonic()
+        _say(on_event, f"tunnel up to {stage.peer} over the {stage.path} path")
+        return PairedTunnel(
+            sock, role, code, stage.peer, stage.path, ctl.local, fire.public,
+            fire.rtt_ms / 1000, Timings(ctl.started, ctl.hello_sent, ctl.fire, connected),
+        )
+    raise _punch_failed(fire, failures)
+
+
+def _punch_failed(fire: Fire, failures: list[tuple[Stage, PunchTimeout]]) -> PairingError:
+    outcomes: Counter[Failure] = Counter()
+    for _, exc in failures:
+        outcomes.update(exc.outcomes)
+    total = sum(s.budget for s, _ in failures)
+    tried = ", ".join(f"{s.peer} ({s.path})" for s, _ in failures)
+    rejected = outcomes[Failure.REFUSED] + outcomes[Failure.UNREACHABLE]
+    if fire.note:
+        cause = fire.note
+    elif rejected:
+        cause = (f"the peer's NAT rejected our SYNs {rejected} time(s) (RST/ICMP) and its own "
+                 "SYN never reached us: the peer may have stopped, or a firewall blocks it")
+    else:
+        cause = ("no SYN from the peer ever arrived: a NAT or firewall on the path probably "
+                 "maps each destination to a new port (symmetric) or blocks the connection")
+    return CoordinatedPunchTimeout(
+        f"no connection to the peer within {total:g} s (tried {tried}): {cause}", outcomes)
+
+
+def _say(sink: EventSink | None, message: str) -> None:
+    if sink is not None:
+        sink(message)
+
+
+__all__ = [
+    "CodeExpired",
+    "CodeUsed",
+    "CoordinatedPunchTimeout",
+    "PairedTunnel",
+    "PairingError",
+    "PeerNeverArrived",
+    "RendezvousError",
+    "RendezvousTooOld",
+    "SymmetricNat",
+    "Timings",
+    "TooManyGuesses",
+    "UnknownCode",
+    "connect",
+    "share",
+]

@@ -1,0 +1,164 @@
+"""Coordinated mode on loopback: share/connect against an in-process rendezvous."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+
+from nopf_web.pairing import BadCode, parse_code
+from nopf_web.rendezvous import coord
+from nopf_web.rendezvous.book import PairingLimits
+from nopf_web.rendezvous.server import RendezvousServer, ServerLimits
+from nopf_web.wire.discovery import decode_reply
+
+LO = "127.0.0.1"
+
+
+@contextlib.asynccontextmanager
+async def rendezvous(**pairing: float) -> AsyncIterator[RendezvousServer]:
+    limits = ServerLimits(pairing=PairingLimits(**pairing))  # type: ignore[arg-type]
+    server = RendezvousServer(LO, 0, limits)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+async def start_share(server: RendezvousServer, *, timeout: float = 600,
+                      punch_timeout: float = 30) -> tuple[asyncio.Task[coord.PairedTunnel], str]:
+    codes: asyncio.Queue[str] = asyncio.Queue()
+    task = asyncio.create_task(coord.share(server.address, on_code=codes.put_nowait,
+                                           bind_host=LO, timeout=timeout,
+                                           punch_timeout=punch_timeout), name="test-share")
+    code = await asyncio.wait_for(codes.get(), 5)
+    return task, code
+
+
+async def test_share_and_connect_give_both_ends_of_one_connection() -> None:
+    async with rendezvous() as server:
+        sharing, code = await start_share(server, punch_timeout=5)
+        assert parse_code(code).nameplate >= 1
+        b = await coord.connect(server.address, code, bind_host=LO, punch_timeout=5)
+        a = await sharing
+        try:
+            assert (a.role, b.role) == ("A", "B")
+            assert a.code == b.code == code and a.path == b.path == "public"
+            assert a.sock.getpeername() == b.sock.getsockname()
+            assert a.peer.port == b.local.port and b.peer.port == a.local.port
+            assert not a.sock.getblocking()
+            assert a.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(a.sock, b"from A")
+            assert await loop.sock_recv(b.sock, 100) == b"from A"
+            await loop.sock_sendall(b.sock, b"from B")
+            assert await loop.sock_recv(a.sock, 100) == b"from B"
+            assert b.timings.started <= b.timings.hello_sent <= b.timings.fire
+            assert b.timings.fire <= b.timings.connected
+        finally:
+            a.sock.close()
+            b.sock.close()
+        assert server.stats.paired == 1
+
+
+async def test_codes_work_once() -> None:
+    async with rendezvous() as server:
+        sharing, code = await start_share(server, punch_timeout=5)
+        b = await coord.connect(server.address, code, bind_host=LO, punch_timeout=5)
+        a = await sharing
+        a.sock.close()
+        b.sock.close()
+        with pytest.raises(coord.CodeUsed, match="already used"):
+            await coord.connect(server.address, code, bind_host=LO)
+
+
+async def test_unknown_code_and_malformed_code() -> None:
+    async with rendezvous() as server:
+        with pytest.raises(coord.UnknownCode, match="no open pairing code starts with 4"):
+            await coord.connect(server.address, "4-orbit-lantern", bind_host=LO)
+        with pytest.raises(BadCode):  # before any traffic: nothing is counted
+            await coord.connect(server.address, "4-orbit", bind_host=LO)
+        assert server.stats.refused_claims == 1
+
+
+async def test_expired_code_both_sides() -> None:
+    async with rendezvous(code_lifetime=0.6) as server:
+        sharing, code = await start_share(server)
+        with pytest.raises(coord.PeerNeverArrived, match="nobody used the pairing code"):
+            await asyncio.wait_for(sharing, 5)
+        with pytest.raises(coord.CodeExpired, match="expired"):
+            await coord.connect(server.address, code, bind_host=LO)
+
+
+async def test_sharer_timeout_names_the_wait() -> None:
+    async with rendezvous() as server:
+        sharing, _ = await start_share(server, timeout=0.5)
+        with pytest.raises(coord.PeerNeverArrived, match=r"within 0\.5 s"):
+            await asyncio.wait_for(sharing, 5)
+        await asyncio.sleep(0.2)
+        assert server.stats.open_now == 0  # the nameplate's connection is gone
+
+
+async def test_sharer_gone_means_the_code_is_closed() -> None:
+    async with rendezvous() as server:
+        sharing, code = await start_share(server)
+        sharing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sharing
+        await asyncio.sleep(0.2)
+        with pytest.raises(coord.UnknownCode, match="stopped waiting"):
+            await coord.connect(server.address, code, bind_host=LO)
+
+
+async def test_guessing_is_limited_with_a_clear_error() -> None:
+    async with rendezvous(max_failed_claims=3) as server:
+        sharing, code = await start_share(server)
+        nameplate = parse_code(code).nameplate
+        wrong = [n for n in range(1, 10) if n != nameplate]
+        for n in wrong[:3]:
+            with pytest.raises(coord.UnknownCode):
+                await coord.connect(server.address, f"{n}-orbit-lantern", bind_host=LO)
+        with pytest.raises(coord.TooManyGuesses, match="too many failed pairing attempts"):
+            await coord.connect(server.address, code, bind_host=LO)
+        assert not sharing.done()
+        sharing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sharing
+
+
+async def test_seed_only_rendezvous_is_named() -> None:
+    async def seed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ip, port = writer.get_extra_info("peername")[:2]
+        writer.write(socket.inet_aton(ip) + port.to_bytes(2, "big") + b"END\0")
+        writer.close()
+
+    server = await asyncio.start_server(seed, LO, 0)
+    try:
+        with pytest.raises(coord.PairingError, match="speaks only the seed protocol"):
+            await coord.connect(server.sockets[0].getsockname()[:2], "3-orbit-lantern",
+                                bind_host=LO, net_timeout=2)
+    finally:
+        server.close()
+
+
+async def test_seed_clients_are_served_as_before_next_to_coordinated_ones() -> None:
+    async with rendezvous() as server:
+        sharing, _ = await start_share(server)
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setblocking(False)
+        await loop.sock_connect(sock, server.address)
+        data = b""
+        while len(data) < 10:
+            data += await loop.sock_recv(sock, 10)
+        assert decode_reply(data) == (LO, sock.getsockname()[1])
+        sock.close()  # the seed client's close: the server lets go at once
+        await asyncio.sleep(0.2)
+        assert server.stats.open_now == 1  # only the waiting sharer
+        sharing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sharing
