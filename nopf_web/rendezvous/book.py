@@ -213,7 +213,8 @@ class Plans:
 def make_plans(sharer: PeerInfo, joiner: PeerInfo, limits: PairingLimits) -> Plans:
     """Which addresses each side punches to, as whom, and for how long.
 
-    - Both symmetric: refuse at once (:class:`SymmetricPair`).
+    - Both symmetric: refuse at once (:class:`SymmetricPair`), unless they share
+      the NAT: then the LAN only.
     - One symmetric: the other side arms (its listener accepts the symmetric
       side's unpredictable port when it has no NAT); against another NAT this
       almost surely fails, so the budget is short and the cause is named.
@@ -223,6 +224,14 @@ def make_plans(sharer: PeerInfo, joiner: PeerInfo, limits: PairingLimits) -> Pla
     """
     ms, mj = sharer.mapping, joiner.mapping
     budget = min(sharer.punch_timeout, joiner.punch_timeout)
+    same_nat = bool(sharer.public.host == joiner.public.host and "none" not in (ms, mj)
+                    and sharer.lan and joiner.lan)
+    if ms == "symmetric" and mj == "symmetric" and same_nat:
+        # Behind one symmetric NAT: only the LAN can work (no hairpin to aim at).
+        return Plans((Stage("lan", joiner.lan[0], "arm", budget),),
+                     (Stage("lan", sharer.lan[0], "connect", budget),),
+                     "the LAN address did not answer, and the shared NAT is symmetric",
+                     "the LAN address did not answer, and the shared NAT is symmetric")
     if ms == "symmetric" and mj == "symmetric":
         raise SymmetricPair(
             "both peers are behind symmetric NATs (a new public port per destination: "
@@ -244,8 +253,6 @@ def make_plans(sharer: PeerInfo, joiner: PeerInfo, limits: PairingLimits) -> Pla
         sharer_note, joiner_note = (mine, theirs) if sym is sharer else (theirs, mine)
     stages_s: list[Stage] = []
     stages_j: list[Stage] = []
-    same_nat = (sharer.public.host == joiner.public.host and "none" not in (ms, mj)
-                and sharer.lan and joiner.lan)
     if same_nat:
         # A LAN connect works in one round trip or not at all (two LANs behind one
         # carrier NAT): a third of the time, leaving the rest for a hairpin.

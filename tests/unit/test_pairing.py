@@ -190,3 +190,11 @@ def test_plan_with_one_symmetric_nat_is_short_and_names_it() -> None:
     c = peer("192.0.2.9:5000", "192.0.2.9:5000")
     plans = make_plans(a, c, PairingLimits(symmetric_budget=4))
     assert [(s.punch, s.budget) for s in plans.joiner] == [("arm", 30)]
+
+
+def test_plan_behind_one_symmetric_nat_uses_the_lan_only() -> None:
+    a = peer("203.0.113.2:4000", "10.0.1.2:4000", probe="4999")
+    b = peer("203.0.113.2:5000", "10.0.1.3:5000", probe="5999")
+    plans = make_plans(a, b, PairingLimits())
+    assert [(s.path, s.peer, s.punch) for s in plans.sharer] == [("lan", b.lan[0], "arm")]
+    assert [(s.path, s.peer, s.punch) for s in plans.joiner] == [("lan", a.lan[0], "connect")]
