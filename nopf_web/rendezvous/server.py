@@ -140,7 +140,10 @@ class _Conn:
     async def receive(self) -> Pong:
         """The next message (only pongs are valid after the hello)."""
         while True:
-            chunk = await self.reader.read(4096)
+            try:
+                chunk = await self.reader.read(4096)
+            except OSError as exc:
+                raise _Gone(f"broke the connection ({exc})") from None
             if not chunk:
                 raise _Gone("closed the connection")
             try:
