@@ -351,6 +351,9 @@ class Mux:
         self.total_streams = 0
         self.rtt: float | None = None  # seconds, from the last PING/PONG
         self._channel = channel
+        # Optional (SecureChannel has it): write a list of buffers without joining them.
+        self._writelines: Callable[[list[bytes | memoryview]], None] | None = getattr(
+            channel, "writelines", None)
         self._streams: dict[int, Stream] = {}
         self._next_id = 1 if initiator else 2
         self._peer_last_id = 0
@@ -645,7 +648,10 @@ class Mux:
             await self._wake.wait()
             self._wake.clear()
             while parts := self._collect():
-                channel.write(b"".join(parts))
+                if self._writelines is not None:
+                    self._writelines(parts)  # encrypts from the parts: no joined copy
+                else:
+                    channel.write(b"".join(parts))
                 await channel.drain()
             self._idle.set()
 
@@ -663,7 +669,9 @@ class Mux:
             stream._queued = False
             if stream._error is not None:
                 continue
-            n = min(stream._out_size, stream._credit, self.max_frame)
+            # A stream alone in the queue delays nobody: send it in the largest frames.
+            n = min(stream._out_size, stream._credit,
+                    self.max_frame if ready else fr.MAX_PAYLOAD)
             if n:
                 parts.append(fr.encode_data_header(stream.stream_id, n))
                 parts += stream._take(n)
