@@ -28,6 +28,7 @@ from .mux import Mux, Stream
 
 CONNECT_TIMEOUT = 5.0
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+_MAX_GATHER = 64  # buffers per sendmsg (the kernel allows 1024); more are joined
 
 EventSink = Callable[[str], None]
 
@@ -126,11 +127,17 @@ async def _share_one(stream: Stream, service: tuple[str, int], timeout: float,
                      on_event: EventSink) -> None:
     host, port = service
     loop = asyncio.get_running_loop()
-    local = _Local(stream)
+    sock: socket.socket | None = None
     try:
         async with asyncio.timeout(timeout):
-            await loop.create_connection(lambda: local, host, port)
-    except (OSError, TimeoutError) as exc:
+            sock = await _connect(host, port)
+            local = _Local(stream, sock)
+            await loop.create_connection(lambda: local, sock=sock)
+    except BaseException as exc:
+        if sock is not None:
+            sock.close()
+        if not isinstance(exc, (OSError, TimeoutError)):
+            raise
         why = (f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError)
                else "nothing is listening there" if isinstance(exc, ConnectionRefusedError)
                else exc.strerror or str(exc))
@@ -143,7 +150,7 @@ async def _share_one(stream: Stream, service: tuple[str, int], timeout: float,
 
 async def _connect_one(stream: Stream, conn: socket.socket, on_event: EventSink) -> None:
     loop = asyncio.get_running_loop()
-    local = _Local(stream)
+    local = _Local(stream, conn)
     try:
         await loop.connect_accepted_socket(lambda: local, conn)
     except OSError as exc:
@@ -151,6 +158,29 @@ async def _connect_one(stream: Stream, conn: socket.socket, on_event: EventSink)
         stream.reset(ResetCode.CONNECTION_LOST, f"local connection failed: {exc}")
         return
     await _run_local(local, on_event)
+
+
+async def _connect(host: str, port: int) -> socket.socket:
+    """A connected non-blocking socket to ``host``: each address in turn, the last
+    error if none answers. Made here, not by ``create_connection``, so that
+    :class:`_Local` holds the socket itself (see ``on_data_parts``)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"no address found for {host}")
+    for family, kind, proto, _name, addr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, addr)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise error
 
 
 async def _run_local(local: _Local, on_event: EventSink) -> None:
@@ -171,9 +201,10 @@ class _Local(asyncio.Protocol):
     peer's credit). EOF becomes FIN and FIN becomes ``shutdown(SHUT_WR)``.
     """
 
-    def __init__(self, stream: Stream) -> None:
+    def __init__(self, stream: Stream, sock: socket.socket) -> None:
         self.stream = stream
         self.transport: asyncio.Transport | None = None
+        self._sock = sock  # the transport's socket, for gathered sends
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._sent_eof = False  # local EOF passed on as FIN
         self._got_eof = False  # the stream's FIN passed on as SHUT_WR
@@ -231,6 +262,29 @@ class _Local(asyncio.Protocol):
     def on_data(self, data: bytes | memoryview) -> None:
         if self.transport is not None:
             self.transport.write(data)
+
+    def on_data_parts(self, parts: list[bytes | memoryview]) -> None:
+        """Several chunks (one record's DATA frames) in one ``sendmsg``, no joined copy."""
+        transport = self.transport
+        if transport is None:
+            return
+        if len(parts) <= _MAX_GATHER and not transport.get_write_buffer_size() \
+                and not transport.is_closing():
+            # Nothing queued in the transport, so writing to the socket directly
+            # keeps the order.
+            try:
+                sent = self._sock.sendmsg(parts)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # the transport's own write below meets the error and reports it
+            while parts and sent >= len(parts[0]):
+                sent -= len(parts.pop(0))
+            if not parts:
+                return
+            if sent:
+                parts[0] = parts[0][sent:]
+        transport.write(b"".join(parts))
 
     def on_eof(self) -> None:
         self._got_eof = True

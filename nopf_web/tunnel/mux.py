@@ -97,6 +97,7 @@ class Stream:
         self._error: TunnelError | None = None
         # push mode (forwarders): data goes straight to a sink, no task per chunk
         self._sink: _Sink | None = None
+        self._sink_parts: Callable[[list[bytes | memoryview]], None] | None = None
         self._delivery_paused = False
         self._eof_delivered = False
         self._flush_queued = False
@@ -190,11 +191,17 @@ class Stream:
         if sink is None or self._delivery_paused or self._error is not None:
             return
         if self._in:
-            data = self._in[0] if len(self._in) == 1 else b"".join(self._in)
             n = self._in_size
-            self._in.clear()
+            if len(self._in) == 1:
+                sink.on_data(self._in.pop())
+            elif self._sink_parts is not None:
+                parts = list(self._in)  # the sink gathers them (sendmsg): no join here
+                self._in.clear()
+                self._sink_parts(parts)
+            else:
+                sink.on_data(b"".join(self._in))
+                self._in.clear()
             self._in_size = 0
-            sink.on_data(data)
             self._consumed(n)
         if self._remote_fin and not self._eof_delivered:
             self._eof_delivered = True
@@ -210,6 +217,8 @@ class Stream:
         ``pause_writing``) and :meth:`resume_delivery` when it can.
         """
         self._sink = sink
+        # Optional: a sink that takes a list of chunks and writes them in one go.
+        self._sink_parts = getattr(sink, "on_data_parts", None)
         self.resume_delivery()
 
     def pause_delivery(self) -> None:
