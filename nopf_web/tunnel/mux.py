@@ -48,6 +48,10 @@ DEFAULT_MAX_FRAME = 16 * 1024
 RECORD_BUDGET = 256 * 1024  # bytes of frames the writer packs into one write
 STREAM_SEND_BUFFER = 256 * 1024  # queued bytes per stream before write() waits
 DEFAULT_MAX_STREAMS = 4096
+# Receive windows of streams whose application keeps up double up to this...
+AUTO_WINDOW_MAX = 4 * 1024 * 1024
+# ...while all streams' growth together stays within this (memory a peer may fill).
+AUTO_WINDOW_BUDGET = 16 * 1024 * 1024
 CLOSE_FLUSH_TIMEOUT = 2.0
 _PING = struct.Struct("!Q")
 
@@ -82,6 +86,7 @@ class Stream:
         self._in: deque[bytes | memoryview] = deque()
         self._in_size = 0
         self._recv_window = fr.INITIAL_WINDOW  # bytes the peer may still send
+        self._window = mux.window  # receive window now granted (grows, see _consumed)
         self._unacked = 0  # consumed by the application, not yet credited back
         self._remote_fin = False
         self._readable = asyncio.Event()
@@ -155,8 +160,13 @@ class Stream:
     def _consumed(self, n: int) -> None:
         # Credit back in batches (a quarter window): fewer frames, no stall.
         self._unacked += n
-        if self._unacked >= self._mux.window // 4 and not self._remote_fin:
-            self._mux._grant(self, self._unacked)
+        if self._unacked >= self._window // 4 and not self._remote_fin:
+            # Everything delivered and the peer used a quarter window: the
+            # application keeps up, so a larger window lets the sender fill
+            # whole records instead of waiting on credit (the mux caps the
+            # total so many streams cannot pin much memory).
+            grow = self._mux._grow_window(self) if not self._in else 0
+            self._mux._grant(self, self._unacked + grow)
             self._unacked = 0
 
     def _on_data(self, data: bytes | memoryview) -> None:
@@ -309,6 +319,7 @@ class Stream:
         if self._error is not None:
             return
         self._error = error
+        self._mux._release_window(self)
         self._out.clear()
         self._out_size = 0
         self._in.clear()
@@ -378,6 +389,7 @@ class Mux:
         self._done = asyncio.Event()
         self._last_rx = 0.0
         self._decoder = FrameDecoder()
+        self._window_budget = AUTO_WINDOW_BUDGET  # see _grow_window
         self._to_deliver: list[Stream] = []  # push-mode streams with data from this record
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -551,6 +563,20 @@ class Mux:
     def _maybe_forget(self, stream: Stream) -> None:
         if stream._fin_sent and stream._remote_fin:
             self._streams.pop(stream.stream_id, None)
+            self._release_window(stream)
+
+    def _grow_window(self, stream: Stream) -> int:
+        """Double ``stream``'s receive window if the budget allows; the increment."""
+        grow = min(stream._window, AUTO_WINDOW_MAX - stream._window)
+        if grow <= 0 or grow > self._window_budget:
+            return 0
+        self._window_budget -= grow
+        stream._window += grow
+        return grow
+
+    def _release_window(self, stream: Stream) -> None:
+        self._window_budget += stream._window - self.window
+        stream._window = self.window
 
     # -- reading --------------------------------------------------------------
 
