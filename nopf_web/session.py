@@ -75,7 +75,8 @@ class SessionSpec:
 
 @dataclass(frozen=True)
 class Event:
-    kind: Literal["state", "public_address", "peer_address", "pipe_started", "log", "guard"]
+    kind: Literal["state", "public_address", "peer_address", "pipe_started", "log", "guard",
+                  "code"]
     message: str
     at: float = field(default_factory=time.time)
     data: dict[str, Any] = field(default_factory=dict)
@@ -193,21 +194,7 @@ class Session:
             self._set_state(state, message)
 
     def _listen(self) -> socket.socket:
-        host, port = self.spec.local_host, self.spec.local_port
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(8)
-            sock.setblocking(False)
-        except OSError as exc:
-            sock.close()
-            if exc.errno == errno.EADDRINUSE:
-                raise LocalPortInUse(
-                    f"local port {port} is already in use on {host}: choose another --localport"
-                ) from None
-            raise LocalPortInUse(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        return sock
+        return listen_local(self.spec.local_host, self.spec.local_port)
 
     async def _discover_and_punch(self) -> socket.socket:
         spec = self.spec
@@ -337,6 +324,24 @@ class Session:
                 f"the local connection on port {self.spec.local_port} failed ({what}) after "
                 f"{self.bytes_out} bytes out, {self.bytes_in} in"
             )
+
+
+def listen_local(host: str, port: int, backlog: int = 8) -> socket.socket:
+    """The client's local listener, bound before anything else so a busy port fails fast."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise LocalPortInUse(
+                f"local port {port} is already in use on {host}: choose another --localport"
+            ) from None
+        raise LocalPortInUse(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
 
 
 async def _wait_eof(sock: socket.socket) -> None:

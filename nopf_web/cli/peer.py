@@ -22,6 +22,7 @@ from nopf_web.session import Event, Session, SessionRole, SessionSpec
 from nopf_web.wire.address import Endpoint, parse_host_endpoint, parse_ipv4_endpoint, parse_port
 from nopf_web.wire.errors import BadAddress
 
+from . import coordinated
 from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, OneLineParser, fail, run_main
 
 PROG = "nopf"
@@ -35,7 +36,9 @@ def build_parser() -> OneLineParser:
     p = OneLineParser(
         prog=PROG,
         description="Connect a TCP port to a peer behind another NAT by TCP hole punching. "
-        "The server enters the client's address first, then the client enters the server's.",
+        "The server enters the client's address first, then the client enters the server's. "
+        "(Seed-compatible, plaintext. See also: nopf share --help, nopf connect --help: "
+        "pairing codes, encrypted, many connections.)",
     )
     p.add_argument("-p", "--localport", required=True, metavar="N",
                    help="server: port of your local service; client: local port your "
@@ -166,6 +169,9 @@ async def run_session(spec: SessionSpec, guard: Guard) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("share", "connect"):
+        return coordinated.main(argv[0], argv[1:])  # type: ignore[arg-type]
     args = build_parser().parse_args(argv)
     try:
         spec = _spec(args)

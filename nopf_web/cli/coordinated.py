@@ -1,0 +1,115 @@
+"""``nopf share`` / ``nopf connect``: coordinated mode (pairing code, encrypted, many connections).
+
+Output contract: ``nopf share`` prints the pairing code alone on its first
+stdout line, then runs until interrupted; everything else goes to stderr.
+SIGINT/SIGTERM close the tunnel cleanly and exit 0.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Literal
+
+from nopf_web.errors import NopfError
+from nopf_web.paired import DEFAULT_KEEPALIVE, PairedSession, PairedSpec
+from nopf_web.pairing import parse_code
+from nopf_web.session import Event
+from nopf_web.wire.address import parse_host_endpoint, parse_port
+from nopf_web.wire.errors import BadAddress
+
+from .common import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    OneLineParser,
+    fail,
+    run_main,
+)
+
+PROG = "nopf"
+# No public rendezvous exists: default to a local one (nopf-server or the dashboard's).
+DEFAULT_SERVERADDR = os.environ.get("NOPF_SERVERADDR", "127.0.0.1:3012")
+
+
+def build_parser(command: Literal["share", "connect"]) -> OneLineParser:
+    p = OneLineParser(
+        prog=f"{PROG} {command}",
+        description=(
+            "Share a local TCP service: print a pairing code, wait for the peer, then carry "
+            "every connection it makes to 127.0.0.1:LOCALPORT, encrypted."
+            if command == "share" else
+            "Join a shared service with its pairing code: connections to 127.0.0.1:LOCALPORT "
+            "reach the sharer's service, encrypted."),
+    )
+    if command == "connect":
+        p.add_argument("code", help="the pairing code the sharer printed, e.g. 7-orbit-lantern")
+    p.add_argument("-p", "--localport", required=True, metavar="N",
+                   help="the local service to share" if command == "share"
+                   else "the local port your applications connect to")
+    p.add_argument("-a", "--serveraddr", default=DEFAULT_SERVERADDR, metavar="HOST:PORT",
+                   help=f"rendezvous (default {DEFAULT_SERVERADDR}, or $NOPF_SERVERADDR)")
+    if command == "share":
+        p.add_argument("--code-lifetime", default="600", metavar="SECONDS",
+                       help="how long to wait for the peer to use the code (default 600)")
+    p.add_argument("--timeout", default="30", metavar="SECONDS",
+                   help="give up punching after this many seconds (default 30)")
+    p.add_argument("--keepalive", default=str(int(DEFAULT_KEEPALIVE)), metavar="SECONDS",
+                   help="tunnel keepalive interval; the peer is declared lost after three "
+                   f"missed intervals (default {DEFAULT_KEEPALIVE:g})")
+    return p
+
+
+def _seconds(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadAddress(f"{what} {text!r} is not a number") from None
+    if not 0 < value <= 86400:
+        raise BadAddress(f"{what} must be between 0 and 86400 seconds, got {text}")
+    return value
+
+
+def _printer(event: Event) -> None:
+    if event.kind == "code":
+        print(event.message, flush=True)  # first stdout line: the code, alone
+        print(f"{PROG}: give the peer this code: nopf connect {event.message} -p PORT",
+              file=sys.stderr, flush=True)
+    elif event.kind == "state" and event.data.get("state") == "failed":
+        pass  # the error line printed on exit says it once
+    elif event.kind in ("state", "log", "guard"):
+        print(f"{PROG}: {event.message}", file=sys.stderr, flush=True)
+
+
+async def _run(spec: PairedSpec) -> int:
+    session = PairedSession(spec)
+    session.subscribe(_printer)
+    try:
+        await session.run()
+    except NopfError as exc:
+        return fail(PROG, str(exc), EXIT_FAILURE)
+    return EXIT_OK
+
+
+def main(command: Literal["share", "connect"], argv: list[str]) -> int:
+    args = build_parser(command).parse_args(argv)
+    try:
+        code = str(parse_code(args.code)) if command == "connect" else None
+        spec = PairedSpec(
+            role="server" if command == "share" else "client",
+            local_port=parse_port(args.localport, what="--localport"),
+            rendezvous=parse_host_endpoint(args.serveraddr),
+            code=code,
+            code_lifetime=_seconds(args.code_lifetime, "--code-lifetime")
+            if command == "share" else 600.0,
+            punch_timeout=_seconds(args.timeout, "--timeout"),
+            keepalive=_seconds(args.keepalive, "--keepalive"),
+        )
+    except (BadAddress, ValueError, NopfError) as exc:
+        return fail(PROG, str(exc), EXIT_USAGE)
+    code_ = run_main(_run(spec))
+    if code_ == EXIT_INTERRUPTED:
+        print(f"{PROG}: closed", file=sys.stderr, flush=True)
+        return EXIT_OK  # interrupting is how these long-running commands end
+    return code_

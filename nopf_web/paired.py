@@ -1,0 +1,178 @@
+"""One coordinated-mode session's life: pair by code, punch, authenticate, multiplex.
+
+The counterpart of :mod:`nopf_web.session` (the seed's plaintext mode) for
+``nopf share`` / ``nopf connect`` and the dashboard: the same states, the
+same :class:`~nopf_web.session.Event` values out, so the CLI printer and the
+dashboard's recorder subscribe to either alike.
+
+    sharer ("server"):  rendezvous share() -> code -> PairedTunnel (role A)
+    joiner ("client"):  rendezvous connect(code) -> PairedTunnel (role B)
+    both:               SPAKE2 over the whole code -> AES-GCM records -> Mux
+                        server: every stream the peer opens -> 127.0.0.1:<local_port>
+                        client: every connection to 127.0.0.1:<local_port> -> a stream
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from nopf_web.errors import NopfError
+from nopf_web.rendezvous import coord
+from nopf_web.rendezvous.client import resolve_ipv4
+from nopf_web.session import Event, SessionRole, State, Subscriber, listen_local
+from nopf_web.tunnel.forward import serve_connect, serve_share
+from nopf_web.tunnel.mux import Mux
+from nopf_web.tunnel.secure import open_channel
+from nopf_web.wire.address import Endpoint
+
+DEFAULT_KEEPALIVE = 15.0  # s; well under common NAT idle timeouts (30 s and up)
+
+
+@dataclass(frozen=True)
+class PairedSpec:
+    role: SessionRole  # "server" shares local_port, "client" listens on it
+    local_port: int
+    rendezvous: Endpoint
+    code: str | None = None  # required for the client
+    code_lifetime: float = 600.0  # how long a sharer waits for its peer
+    punch_timeout: float = 30.0
+    keepalive: float = DEFAULT_KEEPALIVE
+    local_host: str = "127.0.0.1"
+    net_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.role == "client" and not self.code:
+            raise ValueError("a client session needs the sharer's pairing code")
+        if self.keepalive <= 0:
+            raise ValueError("keepalive must be positive")
+
+
+class PairedSession:
+    """Run with :meth:`run`; ends ``closed`` when stopped or when the peer closes cleanly."""
+
+    def __init__(self, spec: PairedSpec) -> None:
+        self.spec = spec
+        self.state = State.DISCOVERING
+        self.code: str | None = spec.code
+        self.public_address: Endpoint | None = None
+        self.peer_address: Endpoint | None = None
+        self.path: str | None = None
+        self.error: str | None = None
+        self.started_at = time.time()
+        self.ended_at: float | None = None
+        self.guard_dropped = 0
+        self._mux: Mux | None = None
+        self._subscribers: list[Subscriber] = []
+
+    # -- observation (same shape as Session) --------------------------------
+
+    def subscribe(self, fn: Subscriber) -> Callable[[], None]:
+        self._subscribers.append(fn)
+        return lambda: self._subscribers.remove(fn) if fn in self._subscribers else None
+
+    def _emit(self, kind: Any, message: str, **data: Any) -> None:
+        event = Event(kind, message, data=data)
+        for fn in list(self._subscribers):
+            fn(event)
+
+    def _set_state(self, state: State, message: str) -> None:
+        self.state = state
+        self._emit("state", message, state=state.value)
+
+    @property
+    def bytes_in(self) -> int:
+        return self._mux.bytes_in if self._mux else 0
+
+    @property
+    def bytes_out(self) -> int:
+        return self._mux.bytes_out if self._mux else 0
+
+    @property
+    def connections(self) -> int:
+        return self._mux.total_streams if self._mux else 0
+
+    # -- the life -----------------------------------------------------------
+
+    async def run(self) -> None:
+        spec = self.spec
+        listener: socket.socket | None = None
+        try:
+            if spec.role == "client":
+                listener = listen_local(spec.local_host, spec.local_port, backlog=128)
+            paired = await self._pair()
+            self.public_address, self.peer_address = paired.public, paired.peer
+            self.path = paired.path
+            self._emit("public_address", str(paired.public), public=str(paired.public))
+            self._emit("peer_address", f"peer {paired.peer}", peer=str(paired.peer))
+            self._set_state(State.PUNCHING, f"authenticating {paired.peer} with the code")
+            channel = await open_channel(paired.sock, role=paired.role, code=paired.code,
+                                         timeout=spec.net_timeout * 2)
+            self._mux = Mux(channel, initiator=paired.role == "A", keepalive=spec.keepalive,
+                            dead_after=spec.keepalive * 3, name=f"mux-{spec.local_port}")
+            await self._mux.start()
+            self._set_state(State.CONNECTED, f"encrypted tunnel to {paired.peer} up "
+                            f"(over the {paired.path} path); " + self._ready_hint())
+            try:
+                if spec.role == "server":
+                    await serve_share(self._mux, (spec.local_host, spec.local_port),
+                                      connect_timeout=spec.net_timeout, on_event=self._log)
+                else:
+                    assert listener is not None
+                    await serve_connect(self._mux, listener, on_event=self._log)
+            finally:
+                await self._mux.close()
+        except NopfError as exc:
+            self._end(State.FAILED, str(exc))
+            raise
+        except asyncio.CancelledError:
+            self._end(State.CLOSED, "stopped")
+            raise
+        finally:
+            if listener is not None:
+                listener.close()
+        self._end(State.CLOSED, "the peer closed the tunnel")
+
+    async def _pair(self) -> coord.PairedTunnel:
+        spec = self.spec
+        self._set_state(State.DISCOVERING, f"contacting rendezvous {spec.rendezvous}")
+        server = await resolve_ipv4(spec.rendezvous, spec.net_timeout)
+        if spec.role == "server":
+            return await coord.share(server, on_code=self._got_code, timeout=spec.code_lifetime,
+                                     punch_timeout=spec.punch_timeout,
+                                     net_timeout=spec.net_timeout, on_event=self._progress)
+        assert spec.code is not None
+        self._set_state(State.WAITING_PEER, f"joining the sharer of {spec.code}")
+        return await coord.connect(server, spec.code, punch_timeout=spec.punch_timeout,
+                                   net_timeout=spec.net_timeout, on_event=self._progress)
+
+    def _got_code(self, code: str) -> None:
+        self.code = code
+        self._emit("code", code, code=code)
+        self._set_state(State.WAITING_PEER, "waiting for the peer to use the code")
+
+    def _progress(self, message: str) -> None:
+        if message.startswith("punching") and self.state is not State.PUNCHING:
+            self._set_state(State.PUNCHING, message)
+        else:
+            self._log(message)
+
+    def _log(self, message: str) -> None:
+        self._emit("log", message)
+
+    def _ready_hint(self) -> str:
+        where = f"{self.spec.local_host}:{self.spec.local_port}"
+        if self.spec.role == "server":
+            return f"the peer's connections arrive at {where}"
+        return f"connect your applications to {where}"
+
+    def _end(self, state: State, message: str) -> None:
+        if not self.state.final:
+            if state is State.FAILED:
+                self.error = message
+            self.ended_at = time.time()
+            self._set_state(state, message)
