@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
 import struct
 from collections.abc import Callable, Coroutine
@@ -165,7 +166,11 @@ async def _connect(host: str, port: int) -> socket.socket:
     error if none answers. Made here, not by ``create_connection``, so that
     :class:`_Local` holds the socket itself (see ``on_data_parts``)."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    try:  # a literal address needs no resolver thread (as in create_connection)
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        infos: list[Any] = [(family, socket.SOCK_STREAM, 0, "", (host, port))]
+    except ValueError:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     error: OSError = OSError(f"no address found for {host}")
     for family, kind, proto, _name, addr in infos:
         sock = socket.socket(family, kind, proto)
