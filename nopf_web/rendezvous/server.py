@@ -316,11 +316,12 @@ class RendezvousServer:
             if not isinstance(msg, Hello) or len(payloads) > 1 or frames.buffered:
                 raise MessageError("the first message must be a single hello")
         except UnsupportedVersion as exc:
-            await self._refuse(writer, "unsupported_version", f"rendezvous: {exc}")
+            await self._refuse(reader, writer, "unsupported_version", f"rendezvous: {exc}")
             return None
         except MessageError as exc:
             self._problems.problem("bad-hello", f"bad hello from {_fmt(peer)}: {exc}")
-            await self._refuse(writer, "bad_request", f"rendezvous rejected the hello: {exc}")
+            await self._refuse(reader, writer, "bad_request",
+                               f"rendezvous rejected the hello: {exc}")
             return None
         self.stats.coordinated += 1
         return msg
@@ -346,7 +347,7 @@ class RendezvousServer:
         try:
             nameplate, expires_at = self.book.allocate(waiting)
         except ClaimRefused as exc:
-            await self._refuse(conn.writer, exc.code, str(exc))
+            await self._refuse(conn.reader, conn.writer, exc.code, str(exc))
             return
         conn.send(Welcome(nameplate, self.limits.pairing.code_lifetime, conn.public))
         receiver = asyncio.create_task(conn.receive(), name=f"rdv-share-{nameplate}-receive")
@@ -382,8 +383,9 @@ class RendezvousServer:
                     break
                 if self.book.clock() >= expires_at:
                     self.book.sweep()
+                    await _stop(receiver)
                     lifetime = describe_duration(self.limits.pairing.code_lifetime)
-                    await self._refuse(conn.writer, "expired",
+                    await self._refuse(conn.reader, conn.writer, "expired",
                                        f"nobody used the pairing code within {lifetime}")
                     return
                 if loop.time() - last_pong > 3 * self.limits.ping_interval + 1:
@@ -391,11 +393,10 @@ class RendezvousServer:
                     _reset(conn.writer)
                     return
             fire, send_at = waiting.paired.result()
+            await _stop(receiver)  # _fire reads the rest
             await self._fire(conn, fire, send_at)
         finally:
-            receiver.cancel()
-            with contextlib.suppress(asyncio.CancelledError, _Gone, OSError):
-                await receiver
+            await _stop(receiver)
             if not waiting.paired.done():
                 waiting.paired.cancel()
 
@@ -407,12 +408,12 @@ class RendezvousServer:
             waiting = self.book.claim(nameplate, conn.public.host)
         except ClaimRefused as exc:
             self.stats.refused_claims += 1
-            await self._refuse(conn.writer, exc.code, str(exc))
+            await self._refuse(conn.reader, conn.writer, exc.code, str(exc))
             return
         if _kernel_rtt(conn.writer.get_extra_info("socket")) is None:
             await self._ping_once(conn)
         if waiting.paired.done():  # the sharer left while we measured
-            await self._refuse(conn.writer, "unknown_code",
+            await self._refuse(conn.reader, conn.writer, "unknown_code",
                                f"pairing code {nameplate}-… is no longer open (the sharer "
                                "stopped waiting): ask for a new code")
             return
@@ -422,7 +423,7 @@ class RendezvousServer:
         except SymmetricPair as exc:
             refusal = ErrorReply("symmetric_nat", str(exc))
             waiting.paired.set_result((refusal, loop.time()))
-            await self._refuse(conn.writer, refusal.code, refusal.message)
+            await self._refuse(conn.reader, conn.writer, refusal.code, refusal.message)
             return
         # Both must receive "fire" at the same moment T: each is sent RTT_i/2 early.
         fire_at = loop.time() + max(sharer.rtt, joiner.rtt) / 2 + FIRE_MARGIN
@@ -448,11 +449,28 @@ class RendezvousServer:
     async def _fire(self, conn: _Conn, msg: ServerMessage, send_at: float) -> None:
         loop = asyncio.get_running_loop()
         await asyncio.sleep(max(0.0, send_at - loop.time()))
-        conn.send(msg)
-        await self._close(conn.writer)
+        await self._last_word(conn.reader, conn.writer, msg)
 
-    async def _refuse(self, writer: asyncio.StreamWriter, code: str, message: str) -> None:
-        writer.write(encode(ErrorReply(code, message[:300])))
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      code: str, message: str) -> None:
+        await self._last_word(reader, writer, ErrorReply(code, message[:300]))
+
+    async def _last_word(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         msg: ServerMessage) -> None:
+        """Send ``msg`` and a FIN, then wait for the peer's close, discarding its bytes.
+
+        Closing at once would turn a late pong (unread in the kernel) into a RST,
+        and a RST can overtake the message on a path that reorders and destroy it.
+        """
+        writer.write(encode(msg))
+        try:
+            writer.write_eof()
+            async with asyncio.timeout(self.limits.write_timeout):
+                while await reader.read(4096):
+                    pass
+        except (OSError, TimeoutError):
+            _reset(writer)
+            return
         await self._close(writer)
 
     async def _close(self, writer: asyncio.StreamWriter) -> None:
@@ -461,6 +479,12 @@ class RendezvousServer:
             await asyncio.wait_for(writer.wait_closed(), self.limits.write_timeout)
         except (OSError, TimeoutError):
             _reset(writer)
+
+
+async def _stop(task: asyncio.Task[Pong]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, _Gone, OSError):
+        await task
 
 
 def _observed(peer: tuple[str, int]) -> Endpoint:
