@@ -1,9 +1,19 @@
 """The history database: numbered migrations and the batched history store."""
 
 from .errors import DatabaseCorrupt, DatabaseError, DatabaseInUse, DatabaseTooNew, MigrationError
-from .store import OUTCOMES, ConnectionRow, EventRow, HistoryStore, NewSession, SessionRow
+from .store import (
+    MODES,
+    OUTCOMES,
+    ConnectionRow,
+    EventRow,
+    HistoryStore,
+    Mode,
+    NewSession,
+    SessionRow,
+)
 
 __all__ = [
+    "MODES",
     "OUTCOMES",
     "ConnectionRow",
     "DatabaseCorrupt",
@@ -13,6 +23,7 @@ __all__ = [
     "EventRow",
     "HistoryStore",
     "MigrationError",
+    "Mode",
     "NewSession",
     "SessionRow",
 ]

@@ -34,16 +34,19 @@ from .migrations import Migration, check_schema, load_migrations, migrate
 log = logging.getLogger("nopf.db")
 
 Outcome = Literal["closed", "stopped", "failed", "interrupted"]
+Mode = Literal["coordinated", "seed"]
+MODES: Final[tuple[Mode, ...]] = ("coordinated", "seed")
 OUTCOMES: Final[tuple[Outcome, ...]] = ("closed", "stopped", "failed", "interrupted")
 
 # Columns a session update may set; anything else is a programming error.
 _UPDATABLE: Final = frozenset({
     "state", "outcome", "public_address", "peer_address", "bytes_in", "bytes_out",
-    "connections", "error", "hint", "ended_at",
+    "connections", "error", "hint", "ended_at", "code", "path",
 })
 _SESSION_COLUMNS: Final = (
     "id, role, local_port, rendezvous, label, state, outcome, public_address, peer_address, "
-    "bytes_in, bytes_out, connections, error, hint, started_at, ended_at, updated_at"
+    "bytes_in, bytes_out, connections, error, hint, started_at, ended_at, updated_at, "
+    "mode, code, path"
 )
 
 
@@ -71,6 +74,9 @@ class SessionRow:
     started_at: float
     ended_at: float | None
     updated_at: float
+    mode: str = "seed"
+    code: str | None = None  # a coordinated session's pairing code, once it has ended
+    path: str | None = None  # a coordinated tunnel's path: "public" or "lan"
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,7 @@ class NewSession:
     share_token: str
     state: str
     started_at: float
+    mode: Mode = "seed"
 
 
 def _session(row: Sequence[Any]) -> SessionRow:
@@ -231,9 +238,9 @@ class HistoryStore:
     def add_session(self, new: NewSession) -> None:
         self._queue(
             "INSERT INTO sessions (id, role, local_port, rendezvous, label, share_hash, state, "
-            "started_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "started_at, updated_at, mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (new.id, new.role, new.local_port, new.rendezvous, new.label,
-             share_hash(new.share_token), new.state, new.started_at, new.started_at),
+             share_hash(new.share_token), new.state, new.started_at, new.started_at, new.mode),
         )
 
     def update_session(self, session_id: str, **fields: Any) -> None:
@@ -347,8 +354,9 @@ class HistoryStore:
             params.append(outcome)
         if query:
             pattern = f"%{_escape_like(query)}%"
-            where.append("(label LIKE ? ESCAPE '\\' OR peer_address LIKE ? ESCAPE '\\')")
-            params += [pattern, pattern]
+            where.append("(label LIKE ? ESCAPE '\\' OR peer_address LIKE ? ESCAPE '\\' "
+                         "OR code LIKE ? ESCAPE '\\')")
+            params += [pattern, pattern, pattern]
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         total = await self._fetch(f"SELECT count(*) FROM sessions {clause}", params)
         rows = await self._fetch(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -201,3 +202,37 @@ async def test_events_keep_their_order_and_limit(store: HistoryStore) -> None:
         store.add_event("aaaaaaaaaaab", 1000.0 + i, "log", f"event {i}")
     events = await store.events_for("aaaaaaaaaaab", limit=5)
     assert [e.message for e in events] == [f"event {i}" for i in range(15, 20)]
+
+
+async def test_a_schema_1_history_is_migrated_with_its_sessions_as_seed_mode(
+        tmp_path: Path) -> None:
+    only_first = tmp_path / "m1"
+    only_first.mkdir()
+    first = resource_dir("migrations") / "0001_initial.sql"
+    (only_first / first.name).write_text(first.read_text(encoding="utf-8"), encoding="utf-8")
+    old = await HistoryStore.open(tmp_path / "h.db", migrations_dir=only_first)
+    assert old.schema_version == 1
+    # What a schema-1 nopf-web wrote (no mode column yet).
+    old._queue("INSERT INTO sessions (id, role, local_port, rendezvous, label, state, "
+               "started_at, updated_at) VALUES ('old', 'server', 22, 'r:1', 'before', "
+               "'closed', 1, 1)", ())
+    await old.close()
+
+    s = await HistoryStore.open(tmp_path / "h.db")
+    try:
+        assert s.schema_version == 2
+        row = await s.get_session("old")
+        assert row is not None and (row.mode, row.code, row.path) == ("seed", None, None)
+        s.add_session(NewSession(id="new", role="client", local_port=3010, rendezvous="r:1",
+                                 label="", share_token="tok-new", state="discovering",
+                                 started_at=time.time(), mode="coordinated"))
+        s.update_session("new", code="7-orbit-lantern", path="lan")
+        row = await s.get_session("new")
+        assert row is not None and (row.mode, row.code, row.path) == (
+            "coordinated", "7-orbit-lantern", "lan")
+        rows, total = await s.list_sessions(query="orbit")
+        assert total == 1 and rows[0].id == "new"  # history search finds a stored code
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            await s._conn.execute("UPDATE sessions SET mode = 'other' WHERE id = 'new'")
+    finally:
+        await s.close()
