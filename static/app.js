@@ -23,7 +23,7 @@ document.addEventListener("click", (event) => {
   const text = button.dataset.copy;
   const done = (ok) => {
     button.textContent = ok ? "Copied" : "Select and copy";
-    setTimeout(() => { button.textContent = "Copy"; }, 1500);
+    setTimeout(() => { button.textContent = button.dataset.label || "Copy"; }, 1500);
   };
   if (navigator.clipboard && window.isSecureContext) {
     navigator.clipboard.writeText(text).then(() => done(true), () => done(copyFallback(text)));

@@ -11,8 +11,11 @@ from nopf_web.errors import NopfError
 
 from .forms import (
     FieldError,
+    check_pairing,
     parse_label,
     parse_local_port,
+    parse_mode,
+    parse_pairing_code,
     parse_peer,
     parse_rendezvous,
     parse_role,
@@ -22,7 +25,7 @@ from .manager import CreateError, guard_status
 from .model import SessionView
 from .views import base_url, history_json, load_session, merged_history
 
-CREATE_FIELDS: Final = frozenset({"role", "local_port", "rendezvous", "label"})
+CREATE_FIELDS: Final = frozenset({"role", "local_port", "mode", "code", "rendezvous", "label"})
 
 
 def _error(message: str, status: int = 400, field: str | None = None) -> web.Response:
@@ -56,17 +59,20 @@ async def create_session(request: web.Request) -> web.Response:
     body = await _body(request)
     unknown = sorted(set(body) - CREATE_FIELDS)
     if unknown:
-        return _error(f"{unknown[0]}: unknown field (expected role, local_port, rendezvous, "
-                      "label)", field=unknown[0])
+        return _error(f"{unknown[0]}: unknown field (expected role, local_port, mode, code, "
+                      "rendezvous, label)", field=unknown[0])
     for required in ("role", "local_port"):
         if required not in body:
             return _error(f"{required}: is required", field=required)
     try:
         role = parse_role(body["role"])
         port = parse_local_port(body["local_port"])
+        mode = parse_mode(body.get("mode"))
+        code = parse_pairing_code(body.get("code"))
         rendezvous = parse_rendezvous(body.get("rendezvous"))
         label = parse_label(body.get("label"))
-        ms = request.app[MANAGER].create(role, port, rendezvous, label)
+        check_pairing(role, mode, code)
+        ms = request.app[MANAGER].create(role, port, rendezvous, label, mode=mode, code=code)
     except FieldError as exc:
         return _field_error(exc)
     except CreateError as exc:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import unicodedata
 from typing import Final
 
+from nopf_web.db import Mode
+from nopf_web.pairing import BadCode, PairingCode, parse_code
 from nopf_web.session import SessionRole
 from nopf_web.wire.address import (
     Endpoint,
@@ -42,6 +44,37 @@ def parse_role(value: object) -> SessionRole:
     if text == "client":
         return "client"
     raise FieldError("role", 'must be "server" or "client"')
+
+
+def parse_mode(value: object) -> Mode:
+    """``coordinated`` (pairing code; also for empty / absent) or ``seed``."""
+    text = _text("mode", value, allow_none=True)
+    if not text or text == "coordinated":
+        return "coordinated"
+    if text == "seed":
+        return "seed"
+    raise FieldError("mode", 'must be "coordinated" or "seed"')
+
+
+def parse_pairing_code(value: object) -> PairingCode | None:
+    """The sharer's code, like ``7-orbit-lantern``; None if empty or absent."""
+    text = _text("code", value, allow_none=True)
+    if not text:
+        return None
+    try:
+        return parse_code(text)
+    except BadCode as exc:
+        raise FieldError("code", str(exc)) from None
+
+
+def check_pairing(role: SessionRole, mode: Mode, code: PairingCode | None) -> None:
+    """A coordinated client needs the sharer's code; no other session takes one."""
+    if mode == "coordinated" and role == "client" and code is None:
+        raise FieldError("code", "is required to join a share (the sharer's pairing code, "
+                         "like 7-orbit-lantern)")
+    if code is not None and (mode, role) != ("coordinated", "client"):
+        raise FieldError("code", "only a coordinated client session takes a code (a server "
+                         "session gets its own from the rendezvous)")
 
 
 def parse_local_port(value: object) -> int:

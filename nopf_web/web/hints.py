@@ -4,15 +4,51 @@ from __future__ import annotations
 
 from nopf_web.errors import NopfError
 from nopf_web.punch.machine import PunchTimeout
+from nopf_web.rendezvous.coord import (
+    CodeExpired,
+    CodeUsed,
+    CoordinatedPunchTimeout,
+    PeerNeverArrived,
+    RendezvousTooOld,
+    SymmetricNat,
+    TooManyGuesses,
+    UnknownCode,
+)
 from nopf_web.rendezvous.errors import RendezvousProtocolError, RendezvousUnreachable
 from nopf_web.session import LocalPortInUse, ServiceUnavailable, TunnelLost
+from nopf_web.tunnel.errors import HandshakeError, PairingMismatch, PeerLost
 
-_HINTS: tuple[tuple[type[BaseException], str], ...] = (
+_HINTS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
     (RendezvousUnreachable,
      "Check the rendezvous address (Settings holds the default) and that nopf-server runs "
      "there and is reachable from this machine."),
     (RendezvousProtocolError,
      "Something answers at that address, but it is not a nopf rendezvous: check the port."),
+    (UnknownCode,
+     "Check the code with the sharer (the number comes first) and that both of you use the "
+     "same rendezvous."),
+    ((CodeExpired, CodeUsed, TooManyGuesses),
+     "A code works once and only for a while: ask the sharer to start a new server session "
+     "and send you its new code."),
+    (PairingMismatch,
+     "The two sides typed different codes: check the words with the sharer, then start new "
+     "sessions (the sharer's code is spent)."),
+    (PeerNeverArrived,
+     "Nobody joined with the code in time: start a new server session and send the new code."),
+    (SymmetricNat,
+     "A NAT that picks a new port for every destination (a symmetric NAT) cannot be punched: "
+     "try from another network, or let the peer behind the friendlier NAT share."),
+    (CoordinatedPunchTimeout,
+     "The NATs did not let the connection through in time: start new sessions to try again. "
+     "If it keeps failing, one of the NATs may be symmetric."),
+    (RendezvousTooOld,
+     "That rendezvous only speaks the seed's protocol: upgrade its nopf-server, or use "
+     "\u201cmanual addresses (seed)\u201d mode."),
+    (PeerLost,
+     "The peer stopped answering (its machine slept, or its network changed): start new "
+     "sessions on both sides."),
+    (HandshakeError,
+     "The peer did not complete the encrypted handshake: start new sessions on both sides."),
     (PunchTimeout,
      "Both sides must enter each other's public address before the punch times out; start "
      "two new sessions and exchange the addresses quickly. If it keeps failing, one of the "

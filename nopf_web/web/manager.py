@@ -1,5 +1,10 @@
 """The session manager: runs each session as a named, supervised task and records it.
 
+A session runs in one of two modes: ``coordinated`` (the default: a pairing
+code, an encrypted tunnel carrying many connections, :class:`PairedSession`)
+or ``seed`` (the seed's manual exchange of public addresses, one plaintext
+connection, :class:`Session`). Both engines emit the same events.
+
 Sessions live here, not in request handlers: a browser tab closing changes
 nothing. Every session task is owned (kept in ``_sessions``), awaited on
 stop and cancelled on shutdown; what happens to a session is recorded in the
@@ -13,16 +18,19 @@ import asyncio
 import contextlib
 import errno
 import logging
+import re
 import secrets
 import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
-from nopf_web.db import HistoryStore, NewSession
+from nopf_web.db import HistoryStore, Mode, NewSession
 from nopf_web.errors import NopfError
 from nopf_web.guard.base import Guard
+from nopf_web.paired import PairedSession, PairedSpec
+from nopf_web.pairing import BadCode, PairingCode, parse_code
 from nopf_web.punch.machine import PunchConfig
 from nopf_web.session import Event, Session, SessionRole, SessionSpec, State
 from nopf_web.wire.address import Endpoint
@@ -32,11 +40,28 @@ from .hints import hint_for
 log = logging.getLogger("nopf.web")
 
 StopReason = Literal["stopped", "interrupted"]
+CODE_LIFETIME: Final = 600.0  # s a sharer's code waits for its peer (what invitations say)
+Engine = Session | PairedSession
 
 
 def guard_status(guard: Guard) -> dict[str, Any]:
     """``{"active", "reason", "dropped"}``: what pages and ``GET /api/guard`` show."""
     return {"active": guard.active, "reason": guard.reason, "dropped": guard.dropped}
+
+
+_CODE_LIKE: Final = re.compile(r"\b([1-9][0-9]{0,5})-([a-z]+)-([a-z]+)\b")
+
+
+def redact_codes(text: str) -> str:
+    """``... 7-orbit-lantern ...`` -> ``... 7-… ...``: the nameplate alone is no secret (the
+    rendezvous sees it), the words are."""
+    def cut(match: re.Match[str]) -> str:
+        try:
+            parse_code(match.group(0))
+        except BadCode:
+            return match.group(0)
+        return f"{match.group(1)}-…"
+    return _CODE_LIKE.sub(cut, text)
 
 
 class CreateError(ValueError):
@@ -69,7 +94,8 @@ class ManagedSession:
     id: str
     share_token: str
     label: str
-    session: Session
+    session: Engine
+    mode: Mode = "seed"
     task: asyncio.Task[None] | None = None
     events: deque[Event] = field(default_factory=lambda: deque(maxlen=300))
     outcome: str | None = None
@@ -77,7 +103,8 @@ class ManagedSession:
     hint: str | None = None
     stop_reason: StopReason | None = None
     samples: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=3))
-    recorded: tuple[int, int] = (0, 0)
+    recorded: tuple[int, int, int] = (0, 0, 0)
+    connection_open: bool = False  # a connection row is recorded and not yet ended
 
     @property
     def live(self) -> bool:
@@ -143,9 +170,11 @@ class SessionManager:
                 continue
             s = ms.session
             ms.samples.append((now, s.bytes_in, s.bytes_out))
-            if (s.bytes_in, s.bytes_out) != ms.recorded:
-                ms.recorded = (s.bytes_in, s.bytes_out)
-                self.store.update_session(ms.id, bytes_in=s.bytes_in, bytes_out=s.bytes_out)
+            progress = (s.bytes_in, s.bytes_out, s.connections)
+            if progress != ms.recorded:
+                ms.recorded = progress
+                self.store.update_session(ms.id, bytes_in=s.bytes_in, bytes_out=s.bytes_out,
+                                          connections=s.connections)
 
     # -- queries ---------------------------------------------------------------
 
@@ -167,8 +196,15 @@ class SessionManager:
     # -- commands ----------------------------------------------------------------
 
     def create(self, role: SessionRole, local_port: int, rendezvous: Endpoint | None = None,
-               label: str = "") -> ManagedSession:
-        """Start a session task; raise :class:`CreateError` naming the field at fault."""
+               label: str = "", *, mode: Mode = "coordinated",
+               code: PairingCode | None = None) -> ManagedSession:
+        """Start a session task; raise :class:`CreateError` naming the field at fault.
+
+        A coordinated client needs the sharer's ``code``; nothing else takes one.
+        """
+        if (code is not None) != ((mode, role) == ("coordinated", "client")):
+            raise CreateError("code", "a coordinated client session, and only it, takes the "
+                              "sharer's pairing code")
         if self._closing:
             raise CreateError("session", "the dashboard is shutting down", status=503)
         if self.live_count() >= self.max_live:
@@ -176,16 +212,24 @@ class SessionManager:
                               "one first", status=409)
         if role == "client":
             self._check_client_port(local_port)
-        spec = SessionSpec(role=role, local_port=local_port,
-                           rendezvous=rendezvous or self.default_rendezvous,
-                           punch=PunchConfig(timeout=self.punch_timeout))
-        session = Session(spec, self.guard)
+        session: Engine
+        if mode == "coordinated":
+            session = PairedSession(PairedSpec(
+                role=role, local_port=local_port,
+                rendezvous=rendezvous or self.default_rendezvous,
+                code=str(code) if code is not None else None, code_lifetime=CODE_LIFETIME,
+                punch_timeout=self.punch_timeout))
+        else:
+            session = Session(SessionSpec(role=role, local_port=local_port,
+                                          rendezvous=rendezvous or self.default_rendezvous,
+                                          punch=PunchConfig(timeout=self.punch_timeout)),
+                              self.guard)
         ms = ManagedSession(id=secrets.token_hex(6), share_token=secrets.token_urlsafe(24),
-                            label=label, session=session)
+                            label=label, session=session, mode=mode)
         self.store.add_session(NewSession(
-            id=ms.id, role=role, local_port=local_port, rendezvous=str(spec.rendezvous),
+            id=ms.id, role=role, local_port=local_port, rendezvous=str(session.spec.rendezvous),
             label=label, share_token=ms.share_token, state=session.state.value,
-            started_at=session.started_at))
+            started_at=session.started_at, mode=mode))
         session.subscribe(lambda event: self._on_event(ms, event))
         self._sessions[ms.id] = ms
         self._by_share[ms.share_token] = ms.id
@@ -212,6 +256,8 @@ class SessionManager:
 
     def set_peer(self, ms: ManagedSession, peer: Endpoint) -> None:
         """Give the peer's address; raises :class:`NopfError` if set already or ended."""
+        if not isinstance(ms.session, Session):
+            raise NopfError("a coordinated session pairs by its code: it takes no peer address")
         if not ms.live:
             raise NopfError(f"the session has already ended ({ms.outcome or 'stopped'})")
         ms.session.set_peer(peer)
@@ -223,9 +269,11 @@ class SessionManager:
         ms.stop_reason = "stopped"
         task = ms.task
         assert task is not None
-        if ms.session.state is State.CONNECTED and ms.session.connections:
-            # End the pipe cleanly: both sides see a close, not a reset.
-            ms.session.stop()
+        s = ms.session
+        if isinstance(s, Session) and s.state is State.CONNECTED and s.connections:
+            # End the pipe cleanly: both sides see a close, not a reset. (A coordinated
+            # session closes its tunnel cleanly when its task is cancelled.)
+            s.stop()
             await asyncio.wait({task}, timeout=wait)
         await cancel_and_wait(task, wait)
 
@@ -233,15 +281,25 @@ class SessionManager:
 
     def _on_event(self, ms: ManagedSession, event: Event) -> None:
         ms.events.append(event)
-        self.store.add_event(ms.id, event.at, event.kind, event.message)
         s = ms.session
+        # The database gets the code only once it is spent (see _finish).
+        message = redact_codes(event.message) if ms.mode == "coordinated" else event.message
+        self.store.add_event(ms.id, event.at, event.kind, message)
         if event.kind == "state":
             self.store.update_session(ms.id, state=s.state.value)
+            if (isinstance(s, PairedSession) and s.state is State.CONNECTED
+                    and not ms.connection_open):
+                # The one encrypted tunnel is this session's connection; its streams are
+                # counted in ``connections``.
+                ms.connection_open = True
+                self.store.connection_started(ms.id, event.at, str(s.peer_address))
+                self.store.update_session(ms.id, path=s.path)
         elif event.kind == "public_address":
             self.store.update_session(ms.id, public_address=str(s.public_address))
         elif event.kind == "peer_address":
             self.store.update_session(ms.id, peer_address=str(s.peer_address))
         elif event.kind == "pipe_started":
+            ms.connection_open = True
             self.store.connection_started(ms.id, event.at, str(s.peer_address))
             self.store.update_session(ms.id, connections=s.connections)
 
@@ -271,11 +329,16 @@ class SessionManager:
             ms.outcome = "closed"
         ended = s.ended_at or time.time()
         state = s.state.value if s.state.final else State.FAILED.value
+        final: dict[str, object] = {}
+        if isinstance(s, PairedSession) and s.code:
+            # Written only now: the code is single use, and used or dead once the session ends.
+            final["code"] = s.code
         self.store.update_session(
             ms.id, state=state, outcome=ms.outcome, error=ms.error, hint=ms.hint,
             ended_at=ended, bytes_in=s.bytes_in, bytes_out=s.bytes_out,
-            connections=s.connections)
-        if s.connections:
+            connections=s.connections, **final)
+        if ms.connection_open:
+            ms.connection_open = False
             self.store.connection_ended(ms.id, ended, s.bytes_in, s.bytes_out, ms.outcome,
                                         ms.error)
         self.store.add_event(ms.id, ended, "outcome", f"session {ms.outcome}")

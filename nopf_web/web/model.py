@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from nopf_web.db import SessionRow
+from nopf_web.session import Session
 
-from .manager import ManagedSession, guard_status
+from .manager import CODE_LIFETIME, ManagedSession, guard_status
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class SessionView:
     rate_out: float = 0.0
     guard: dict[str, Any] | None = None
     guard_dropped: int = 0
+    mode: str = "seed"
+    code: str | None = None
+    path: str | None = None
 
     @classmethod
     def from_managed(cls, ms: ManagedSession, now: float | None = None) -> SessionView:
@@ -49,8 +53,11 @@ class SessionView:
             bytes_in=s.bytes_in, bytes_out=s.bytes_out, connections=s.connections,
             error=ms.error or s.error, hint=ms.hint, started_at=s.started_at,
             ended_at=s.ended_at, live=ms.live, share_token=ms.share_token,
-            rate_in=rate_in, rate_out=rate_out, guard=guard_status(s.guard),
-            guard_dropped=s.guard_dropped,
+            rate_in=rate_in, rate_out=rate_out,
+            guard=guard_status(s.guard) if isinstance(s, Session) else None,
+            guard_dropped=s.guard_dropped, mode=ms.mode,
+            code=None if isinstance(s, Session) else s.code,
+            path=None if isinstance(s, Session) else s.path,
         )
 
     @classmethod
@@ -61,7 +68,7 @@ class SessionView:
             public_address=row.public_address, peer_address=row.peer_address,
             bytes_in=row.bytes_in, bytes_out=row.bytes_out, connections=row.connections,
             error=row.error, hint=row.hint, started_at=row.started_at, ended_at=row.ended_at,
-            live=False,
+            live=False, mode=row.mode, code=row.code, path=row.path,
         )
 
     @property
@@ -76,7 +83,23 @@ class SessionView:
 
     @property
     def can_set_peer(self) -> bool:
-        return self.live and self.peer_address is None
+        return self.mode == "seed" and self.live and self.peer_address is None
+
+    @property
+    def invite(self) -> str | None:
+        """What a sharer sends its peer, while its code waits to be used."""
+        if (self.mode != "coordinated" or self.role != "server" or not self.code
+                or not self.live or self.state != "waiting_peer"):
+            return None
+        # templates/_session_parts.html shows the same words with markup.
+        return (f"Join my nopf share: run nopf connect {self.code} -p PORT -a {self.rendezvous} "
+                "(PORT: any free local port), or start a client session in your nopf dashboard "
+                f"with the code {self.code}. The code works once, within {self.code_minutes} "
+                "minutes.")
+
+    @property
+    def code_minutes(self) -> int:
+        return round(CODE_LIFETIME / 60)
 
     @property
     def title(self) -> str:
@@ -86,6 +109,10 @@ class SessionView:
         return {
             "id": self.id,
             "role": self.role,
+            "mode": self.mode,
+            "code": self.code,
+            "invite": self.invite,
+            "path": self.path,
             "local_port": self.local_port,
             "rendezvous": self.rendezvous,
             "label": self.label,

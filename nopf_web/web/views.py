@@ -16,8 +16,11 @@ from nopf_web.session import Event
 
 from .forms import (
     FieldError,
+    check_pairing,
     parse_label,
     parse_local_port,
+    parse_mode,
+    parse_pairing_code,
     parse_peer,
     parse_rendezvous,
     parse_role,
@@ -76,7 +79,8 @@ async def sessions_page(request: web.Request) -> web.Response:
     views = [SessionView.from_managed(ms) for ms in request.app[MANAGER].sessions()]
     if is_fragment(request):
         return render(request, "_session_list.html", sessions=views)
-    return _sessions_full(request, views, form={"role": "server"}, errors={})
+    return _sessions_full(request, views, form={"role": "server", "mode": "coordinated"},
+                          errors={})
 
 
 def _sessions_full(request: web.Request, views: Sequence[SessionView], *,
@@ -88,11 +92,20 @@ def _sessions_full(request: web.Request, views: Sequence[SessionView], *,
 
 async def create_session(request: web.Request) -> web.Response:
     form = await request.post()
-    values = {k: _field(form, k) for k in ("role", "local_port", "rendezvous", "label")}
+    values = {k: _field(form, k)
+              for k in ("role", "local_port", "mode", "code", "rendezvous", "label")}
     manager = request.app[MANAGER]
     try:
-        ms = manager.create(parse_role(values["role"]), parse_local_port(values["local_port"]),
-                            parse_rendezvous(values["rendezvous"]), parse_label(values["label"]))
+        role = parse_role(values["role"])
+        port = parse_local_port(values["local_port"])
+        mode = parse_mode(values["mode"])
+        # The form keeps the code field (hidden by CSS) whatever the choice: it counts only
+        # for a coordinated client.
+        code = parse_pairing_code(values["code"]) \
+            if (mode, role) == ("coordinated", "client") else None
+        check_pairing(role, mode, code)
+        ms = manager.create(role, port, parse_rendezvous(values["rendezvous"]),
+                            parse_label(values["label"]), mode=mode, code=code)
     except FieldError as exc:
         return _sessions_full(request, [SessionView.from_managed(m) for m in manager.sessions()],
                               form=values, errors={exc.field: exc.message}, status=400)
@@ -214,9 +227,10 @@ async def history_page(request: web.Request) -> web.Response:
     return render(request, "history.html", **context)
 
 
-_CSV_COLUMNS: Final = ("id", "label", "role", "local_port", "rendezvous", "public_address",
+_CSV_COLUMNS: Final = ("id", "label", "mode", "role", "local_port", "rendezvous", "public_address",
                        "peer_address", "outcome", "state", "started_at", "ended_at",
-                       "duration_s", "bytes_in", "bytes_out", "connections", "error")
+                       "duration_s", "bytes_in", "bytes_out", "connections", "code", "path",
+                       "error")
 
 
 def _cell(value: object) -> object:
@@ -242,10 +256,10 @@ async def history_export(request: web.Request) -> web.Response:
         writer.writerow(_CSV_COLUMNS)
         for v in views:
             writer.writerow([_cell(x) for x in (
-                v.id, v.label, v.role, v.local_port, v.rendezvous, v.public_address or "",
+                v.id, v.label, v.mode, v.role, v.local_port, v.rendezvous, v.public_address or "",
                 v.peer_address or "", v.outcome or "running", v.state, iso(v.started_at),
                 iso(v.ended_at), round(v.elapsed, 1), v.bytes_in, v.bytes_out, v.connections,
-                v.error or "")])
+                v.code or "", v.path or "", v.error or "")])
         resp = web.Response(text=out.getvalue(), content_type="text/csv")
     resp.headers["Content-Disposition"] = f'attachment; filename="nopf-history.{fmt}"'
     return resp

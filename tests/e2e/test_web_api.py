@@ -1,4 +1,7 @@
-"""The JSON API through aiohttp's test client: validation, a real loopback punch, history."""
+"""The JSON API through aiohttp's test client: validation, a real loopback punch, history.
+
+The punch here is the seed's manual-address flow (``"mode": "seed"``); coordinated mode
+(pairing codes, the default) is in test_web_coordinated.py."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from pytest_aiohttp import AiohttpClient
 
 from nopf_web.guard.base import NullGuard
+from nopf_web.pairing import make_code
 from nopf_web.web import create_app
 from tests.programs import free_port
 
@@ -116,15 +120,16 @@ async def test_bad_history_parameters_are_a_400(client: Client, query: str) -> N
 
 async def test_a_client_port_already_in_use_is_refused_up_front(client: Client) -> None:
     port = free_port()
-    first = await _create(client, role="client", local_port=port)
-    resp = await client.post("/api/sessions", json={"role": "client", "local_port": port})
+    first = await _create(client, role="client", local_port=port, mode="seed")
+    resp = await client.post("/api/sessions", json={"role": "client", "local_port": port,
+                                                    "code": str(make_code(7))})
     assert resp.status == 400
     body = await resp.json()
     assert body["field"] == "local_port" and first["id"] in body["error"]
 
 
 async def test_peer_address_is_validated_and_set_once(client: Client) -> None:
-    s = await _create(client, role="server", local_port=free_port())
+    s = await _create(client, role="server", local_port=free_port(), mode="seed")
     for bad in ("", "1.2.3.4", "host:80", "1.2.3.4:0", "0.0.0.0:80", 7):
         resp = await client.post(f"/api/sessions/{s['id']}/peer", json={"address": bad})
         assert resp.status == 400, bad
@@ -140,7 +145,7 @@ async def test_peer_address_is_validated_and_set_once(client: Client) -> None:
 
 
 async def test_an_unreachable_rendezvous_fails_with_words_and_a_hint(client: Client) -> None:
-    s = await _create(client, role="client", local_port=free_port(),
+    s = await _create(client, role="client", local_port=free_port(), mode="seed",
                       rendezvous=f"127.0.0.1:{free_port()}", label="nobody home")
 
     async def ended() -> bool:
@@ -157,9 +162,11 @@ async def test_an_unreachable_rendezvous_fails_with_words_and_a_hint(client: Cli
 
 async def test_two_sessions_punch_on_loopback_and_move_data(client: Client) -> None:
     with echo_service() as echo_port:
-        server = await _create(client, role="server", local_port=echo_port, label="srv")
+        server = await _create(client, role="server", local_port=echo_port, label="srv",
+                               mode="seed")
         app_port = free_port()
-        cli = await _create(client, role="client", local_port=app_port, label="cli")
+        cli = await _create(client, role="client", local_port=app_port, label="cli",
+                            mode="seed")
         assert server["share_url"].startswith("http://127.0.0.1:")
 
         async def both_public() -> bool:
@@ -205,6 +212,8 @@ async def test_two_sessions_punch_on_loopback_and_move_data(client: Client) -> N
     conn = by_label["cli"]["connections"][0]
     assert conn["bytes_out"] == len(payload) and conn["ended_at"] is not None
     assert [s["label"] for s in history["sessions"]] == ["cli", "srv"]  # newest first
+    assert {s["mode"] for s in history["sessions"]} == {"seed"}
+    assert by_label["cli"]["code"] is None
 
 
 async def test_sessions_running_at_shutdown_are_interrupted_after_restart(
@@ -246,13 +255,15 @@ async def test_the_session_limit_is_a_409(aiohttp_client: AiohttpClient, tmp_pat
 # Every address here is loopback or invalid: sessions this creates send nothing off the machine.
 NASTY: tuple[Any, ...] = (None, True, 0, -1, 1.5, 2**64, "", " ", "x" * 5000, "\x00", "🙂",
                           "server", "client", "22", "127.0.0.1:0", "[::1]:80", "127.0.0.2:5",
-                          "1.2.3.4", [], {}, ["server"], {"a": 1})
+                          "1.2.3.4", [], {}, ["server"], {"a": 1}, "seed", "coordinated",
+                          "7-orbit-lantern", "999999-apple-apple", "7 - Orbit  lantern")
 
 
 async def test_odd_input_never_causes_a_server_error(client: Client) -> None:
     rng = random.Random(4)  # fixed: a failure is reproducible
     for _ in range(150):
-        body = {key: rng.choice(NASTY) for key in ("role", "local_port", "rendezvous", "label")
+        body = {key: rng.choice(NASTY) for key in ("role", "local_port", "mode", "code",
+                                                    "rendezvous", "label")
                 if rng.random() < 0.8}
         resp = await client.post("/api/sessions", json=body)
         assert resp.status in (201, 400, 409), (body, resp.status)

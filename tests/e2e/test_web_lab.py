@@ -4,8 +4,10 @@ nopf-server runs in the lab's rdv host; one nopf-web runs in a1 (behind NAT
 a) and one in b1 (behind NAT b), each on loopback inside its namespace, as a
 user would run it. The test talks to each dashboard from inside that
 namespace (``Host.enter()``), creates a server session on a1 and a client
-session on b1, exchanges their public addresses, and moves random data both
-ways through the tunnel to a service on a1.
+session on b1, and moves random data both ways through the tunnel to a
+service on a1: in seed mode (the two exchange their public addresses) and in
+coordinated mode (the client joins with the server session's pairing code,
+and several connections share the encrypted tunnel).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,9 +131,11 @@ def test_two_dashboards_behind_two_nats_move_data_verified_by_hash(
         result: dict[str, str] = {}
         served = serve_once(service, result)
         server = dash_a.call("POST", "/api/sessions",
-                             {"role": "server", "local_port": 3000, "label": "lab server"})
+                             {"role": "server", "local_port": 3000, "label": "lab server",
+                              "mode": "seed"})
         client = dash_b.call("POST", "/api/sessions",
-                             {"role": "client", "local_port": 3010, "label": "lab client"})
+                             {"role": "client", "local_port": 3010, "label": "lab client",
+                              "mode": "seed"})
         assert server["rendezvous"] == client["rendezvous"] == RDV
 
         def has_public(d: dict[str, Any]) -> bool:
@@ -177,3 +182,80 @@ def test_two_dashboards_behind_two_nats_move_data_verified_by_hash(
     history = dash_b.call("GET", "/api/history?limit=5")["sessions"]
     assert history[0]["id"] == client["id"]
     assert history[0]["connections"][0]["bytes_out"] == UPLOAD
+
+
+def serve_digests(listener: socket.socket, count: int) -> threading.Thread:
+    """Accept ``count`` connections; answer each, after its EOF, with the sha256 of its bytes."""
+
+    def one(conn: socket.socket) -> None:
+        with conn:
+            digest = hashlib.sha256()
+            while chunk := conn.recv(1 << 16):
+                digest.update(chunk)
+            conn.sendall(digest.digest())
+
+    def run() -> None:
+        for _ in range(count):
+            conn, _ = listener.accept()
+            threading.Thread(target=one, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=run, name="lab-digests", daemon=True)
+    thread.start()
+    return thread
+
+
+def test_two_dashboards_pair_by_code_behind_two_nats(
+        lab_factory: LabFactory, dashboards: list[Dashboard], tmp_path: Path) -> None:
+    streams, size = 6, 512 * 1024
+    lab = lab_factory("drop", "rst")
+    start_rendezvous(lab)
+    dash_a = start_dashboard(lab.a1, tmp_path / "a.sqlite3", dashboards)
+    dash_b = start_dashboard(lab.b1, tmp_path / "b.sqlite3", dashboards)
+
+    with listening(lab.a1, 3000) as service:
+        serve_digests(service, streams)
+        server = dash_a.call("POST", "/api/sessions",
+                             {"role": "server", "local_port": 3000, "label": "lab share"})
+        assert server["mode"] == "coordinated"  # the default
+        server = dash_a.wait(server["id"], "pairing code", lambda d: d["code"] is not None)
+        code = server["code"]
+        client = dash_b.call("POST", "/api/sessions", {"role": "client", "local_port": 3010,
+                                                      "code": code, "label": "lab join"})
+
+        def connected(d: dict[str, Any]) -> bool:
+            assert d["outcome"] is None, d
+            return bool(d["state"] == "connected")
+
+        server = dash_a.wait(server["id"], "connection", connected)
+        client = dash_b.wait(client["id"], "connection", connected)
+        assert server["path"] == client["path"] == "public"
+        assert client["peer_address"].split(":")[0] == lab.site("a").public_ip
+
+        def exchange(_i: int) -> bool:
+            payload = os.urandom(size)
+            with connect(lab.b1, 3010, timeout=30) as app:
+                app.sendall(payload)
+                app.shutdown(socket.SHUT_WR)
+                reply = b""
+                while chunk := app.recv(64):
+                    reply += chunk
+            return reply == hashlib.sha256(payload).digest()
+
+        with ThreadPoolExecutor(streams) as pool:
+            assert all(pool.map(exchange, range(streams)))
+
+        def counted(d: dict[str, Any]) -> bool:
+            return bool(d["bytes_out"] == streams * size and d["connections"] == streams)
+
+        client = dash_b.wait(client["id"], "bytes counted", counted)
+        assert client["bytes_in"] == streams * 32
+        dash_b.call("DELETE", f"/api/sessions/{client['id']}")
+
+    def ended(d: dict[str, Any]) -> bool:
+        return d["outcome"] is not None
+
+    server = dash_a.wait(server["id"], "end", ended)
+    assert server["outcome"] == "closed"
+    history = dash_b.call("GET", "/api/history?limit=5")["sessions"]
+    assert (history[0]["mode"], history[0]["code"], history[0]["outcome"]) == (
+        "coordinated", code, "stopped")

@@ -135,7 +135,8 @@ async def test_a_share_link_opens_its_session_and_nothing_else(lan: Client) -> N
     made = []
     for label in ("shared one", "private one"):
         resp = await lan.post("/api/sessions", headers=bearer,
-                              json={"role": "server", "local_port": free_port(), "label": label})
+                              json={"role": "server", "local_port": free_port(), "label": label,
+                                    "mode": "seed"})  # seed: its page takes a peer address
         made.append(await resp.json())
     shared, private = made
     share_path = "/" + shared["share_url"].split("/", 3)[3]

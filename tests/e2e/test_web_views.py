@@ -77,7 +77,7 @@ async def test_a_form_error_is_shown_next_to_the_field_and_keeps_the_input(
 
 async def test_create_then_the_session_page_and_its_live_fragment(client: Client) -> None:
     session_id = await create(client, role="server", local_port=str(free_port()),
-                              label="<b>web</b> & co")
+                              label="<b>web</b> & co", mode="seed")
     page = await (await client.get(f"/sessions/{session_id}")).text()
     assert "&lt;b&gt;web&lt;/b&gt; &amp; co" in page and "<b>web</b>" not in page  # autoescape
     assert 'id="live"' in page and 'hx-trigger="every 1s"' in page
@@ -96,7 +96,7 @@ async def test_create_then_the_session_page_and_its_live_fragment(client: Client
 
 
 async def test_peer_form_errors_and_success(client: Client) -> None:
-    session_id = await create(client, role="server", local_port=str(free_port()))
+    session_id = await create(client, role="server", local_port=str(free_port()), mode="seed")
     token = await csrf(client, f"/sessions/{session_id}")
     resp = await client.post(f"/sessions/{session_id}/peer",
                              data={"csrf_token": token, "address": "not an address"})
@@ -108,6 +108,48 @@ async def test_peer_form_errors_and_success(client: Client) -> None:
     assert resp.status == 303
     page = await (await client.get(f"/sessions/{session_id}")).text()
     assert "127.0.0.5:4000" in page and 'name="address"' not in page
+
+
+async def test_the_form_defaults_to_pairing_codes_and_a_server_page_shows_its_code(
+        client: Client) -> None:
+    page = await (await client.get("/")).text()
+    assert 'name="mode" value="coordinated" checked' in page
+    assert 'name="mode" value="seed">' in page and 'name="code"' in page
+    session_id = await create(client, role="server", local_port=str(free_port()),
+                              code="ignored for a server")
+    page = await (await client.get(f"/sessions/{session_id}")).text()
+    assert 'name="address"' not in page  # no peer address in coordinated mode
+    assert "pairing code (encrypted)" in page
+
+    async def code_shown() -> bool:
+        fragment = await (await client.get(f"/sessions/{session_id}", headers=HX)).text()
+        return 'id="pairing-code"' in fragment
+
+    await wait_until(code_shown, what="the pairing code on the page")
+    fragment = await (await client.get(f"/sessions/{session_id}", headers=HX)).text()
+    code = re.search(r'id="pairing-code">([^<]+)<', fragment)
+    assert code
+    assert f'data-copy="{code.group(1)}"' in fragment  # its copy button
+    invite = re.search(r'data-copy="([^"]+)" data-label="Copy invitation"', fragment)
+    assert invite and f"nopf connect {code.group(1)} -p PORT -a 127.0.0.1:" in invite.group(1)
+    assert 'id="invite"' in fragment
+    assert "Send the code below to the peer" in fragment
+
+
+async def test_a_client_form_needs_a_valid_code(client: Client) -> None:
+    for code, words in (("", "is required"), ("7-orbit", "expected 2"),
+                        ("<b>7-x-y</b>", "must start with a number")):
+        form = {"csrf_token": await csrf(client), "role": "client",
+                "local_port": str(free_port()), "mode": "coordinated", "code": code,
+                "rendezvous": "", "label": ""}
+        resp = await client.post("/sessions", data=form)
+        page = await resp.text()
+        assert resp.status == 400, code
+        assert 'id="code-error"' in page and words in page
+        assert "<b>7-x-y</b>" not in page  # autoescaped, in the error and the kept value
+    form["mode"] = "seed"  # a seed client takes no code: the (hidden) field is ignored
+    resp = await client.post("/sessions", data=form, allow_redirects=False)
+    assert resp.status == 303
 
 
 async def test_stop_ends_the_session_and_the_fragment_stops_polling(client: Client) -> None:

@@ -1,0 +1,181 @@
+"""Coordinated mode (pairing codes) through the JSON API, on loopback with the embedded
+rendezvous: code on the server session, a client joining with it, many connections
+through one encrypted tunnel, history with the mode, and input validation."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pytest_aiohttp import AiohttpClient
+
+from nopf_web.guard.base import NullGuard
+from nopf_web.pairing import make_code, parse_code
+from nopf_web.web import create_app
+from nopf_web.web.keys import STORE
+from tests.programs import free_port
+
+from .web_support import Client, connection, echo, echo_service, wait_until, web_config
+
+
+@pytest.fixture
+async def client(aiohttp_client: AiohttpClient, tmp_path: Path) -> Client:
+    return await aiohttp_client(create_app(web_config(tmp_path), guard=NullGuard("tests")))
+
+
+async def _create(client: Client, **body: Any) -> dict[str, Any]:
+    resp = await client.post("/api/sessions", json=body)
+    assert resp.status == 201, await resp.text()
+    data: dict[str, Any] = await resp.json()
+    return data
+
+
+async def _get(client: Client, session_id: str) -> dict[str, Any]:
+    resp = await client.get(f"/api/sessions/{session_id}")
+    assert resp.status == 200
+    data: dict[str, Any] = await resp.json()
+    return data
+
+
+async def _wait_code(client: Client, session_id: str) -> str:
+    async def has_code() -> bool:
+        return bool((await _get(client, session_id))["code"])
+
+    await wait_until(has_code, what="the pairing code")
+    code: str = (await _get(client, session_id))["code"]
+    return code
+
+
+async def test_a_client_joins_a_server_by_its_code_and_carries_many_connections(
+        client: Client) -> None:
+    streams, size = 8, 256 * 1024
+    with echo_service() as echo_port:
+        server = await _create(client, role="server", local_port=echo_port, label="share")
+        assert (server["mode"], server["state"]) == ("coordinated", "discovering")
+        code = await _wait_code(client, server["id"])
+        assert str(parse_code(code)) == code
+        server = await _get(client, server["id"])
+        assert server["state"] == "waiting_peer"
+        assert code in server["invite"] and f"nopf connect {code}" in server["invite"]
+        # One-time secret: the history file gets the code only once it is spent.
+        store = client.app[STORE]
+        row = await store.get_session(server["id"])
+        assert row is not None and row.code is None
+        assert not [e for e in await store.events_for(server["id"]) if code in e.message]
+
+        app_port = free_port()
+        joiner = await _create(client, role="client", local_port=app_port, code=code,
+                               label="join")
+        assert (joiner["mode"], joiner["code"]) == ("coordinated", code)
+
+        async def connected() -> bool:
+            states = {(await _get(client, s["id"]))["state"] for s in (server, joiner)}
+            assert "failed" not in states
+            return states == {"connected"}
+
+        await wait_until(connected, timeout=20, what="both sessions connected")
+        server = await _get(client, server["id"])
+        assert server["invite"] is None  # the code is used
+        assert server["path"] in ("public", "lan") and server["peer_address"]
+        resp = await client.post(f"/api/sessions/{server['id']}/peer",
+                                 json={"address": "127.0.0.3:4000"})
+        assert resp.status == 409 and "code" in (await resp.json())["error"]
+
+        async def one(i: int) -> None:
+            payload = os.urandom(size)
+            async with connection(app_port) as (reader, writer):
+                echoed = await echo(reader, writer, payload)
+            assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest(), i
+
+        await asyncio.gather(*(one(i) for i in range(streams)))  # all at once, one tunnel
+
+        async def counted() -> bool:
+            c = await _get(client, joiner["id"])
+            return bool(c["bytes_out"] == c["bytes_in"] == streams * size
+                        and c["connections"] == streams)
+
+        await wait_until(counted, what="bytes and connections counted")
+        s = await _get(client, server["id"])
+        assert (s["bytes_in"], s["bytes_out"], s["connections"]) == (
+            streams * size, streams * size, streams)
+
+        resp = await client.delete(f"/api/sessions/{joiner['id']}")
+        assert resp.status == 200
+        assert (await resp.json())["outcome"] == "stopped"
+
+        async def server_ended() -> bool:
+            return (await _get(client, server["id"]))["outcome"] is not None
+
+        await wait_until(server_ended, what="the server session to end")
+
+    history = await (await client.get("/api/history?limit=10")).json()
+    by_label = {s["label"]: s for s in history["sessions"]}
+    assert [s["label"] for s in history["sessions"]] == ["join", "share"]
+    for label in ("join", "share"):
+        row = by_label[label]
+        assert (row["mode"], row["code"], row["live"]) == ("coordinated", code, False)
+        assert row["bytes_in"] == row["bytes_out"] == streams * size
+        assert row["connections"] and row["connections"][0]["ended_at"] is not None
+    assert by_label["join"]["outcome"] == "stopped"
+    assert by_label["share"]["outcome"] == "closed"
+    # Ended: now the code is in the file (used, so harmless), and the CSV export has the mode.
+    row = await client.app[STORE].get_session(server["id"])
+    assert row is not None and row.code == code and row.mode == "coordinated"
+    csv_text = await (await client.get("/history.csv")).text()
+    assert csv_text.splitlines()[0].startswith("id,label,mode,role,")
+    assert csv_text.count(",coordinated,") == 2
+
+
+async def test_a_code_nobody_shares_fails_the_client_with_words_and_a_hint(
+        client: Client) -> None:
+    joiner = await _create(client, role="client", local_port=free_port(),
+                           code=str(make_code(999_999)))
+
+    async def ended() -> bool:
+        return (await _get(client, joiner["id"]))["outcome"] is not None
+
+    await wait_until(ended, what="the client session to fail")
+    data = await _get(client, joiner["id"])
+    assert (data["state"], data["outcome"]) == ("failed", "failed")
+    assert data["error"] and data["hint"] and "code" in data["hint"]
+
+
+async def test_seed_mode_is_still_available_and_takes_no_code(client: Client) -> None:
+    s = await _create(client, role="server", local_port=free_port(), mode="seed")
+    assert (s["mode"], s["code"], s["invite"]) == ("seed", None, None)
+    resp = await client.post(f"/api/sessions/{s['id']}/peer", json={"address": "127.0.0.3:4000"})
+    assert resp.status == 200
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"role": "client", "local_port": 1}, "code"),
+    ({"role": "client", "local_port": 1, "code": ""}, "code"),
+    ({"role": "client", "local_port": 1, "code": None}, "code"),
+    ({"role": "client", "local_port": 1, "code": "orbit-lantern"}, "code"),
+    ({"role": "client", "local_port": 1, "code": "7-orbit"}, "code"),
+    ({"role": "client", "local_port": 1, "code": "7-orbit-lantern-x"}, "code"),
+    ({"role": "client", "local_port": 1, "code": "7-zzzqqq-lantern"}, "code"),
+    ({"role": "client", "local_port": 1, "code": "0-orbit-lantern"}, "code"),
+    ({"role": "client", "local_port": 1, "code": "12345678-orbit-lantern"}, "code"),
+    ({"role": "client", "local_port": 1, "code": 7}, "code"),
+    ({"role": "client", "local_port": 1, "code": ["7-orbit-lantern"]}, "code"),
+    ({"role": "client", "local_port": 1, "code": "x" * 5000}, "code"),
+    ({"role": "server", "local_port": 1, "code": "7-orbit-lantern"}, "code"),
+    ({"role": "client", "local_port": 1, "mode": "seed", "code": "7-orbit-lantern"}, "code"),
+    ({"role": "server", "local_port": 1, "mode": "magic"}, "mode"),
+    ({"role": "server", "local_port": 1, "mode": 1}, "mode"),
+])
+async def test_bad_mode_or_code_is_a_400_naming_the_field(
+        client: Client, body: dict[str, Any], field: str) -> None:
+    if "code" in body and body["code"] == "7-orbit-lantern":
+        body["code"] = str(make_code(7))  # well formed; refused for the role or mode
+    resp = await client.post("/api/sessions", json=body)
+    assert resp.status == 400, await resp.text()
+    data = await resp.json()
+    assert data["field"] == field
+    assert data["error"].startswith(f"{field}:")
+    assert (await (await client.get("/api/sessions")).json())["sessions"] == []
