@@ -7,6 +7,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
+import shlex
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,7 @@ from nopf_web.guard.base import NullGuard
 from nopf_web.pairing import make_code, parse_code
 from nopf_web.web import create_app
 from nopf_web.web.keys import STORE
-from tests.programs import free_port
+from tests.programs import argv, free_port
 
 from .web_support import Client, connection, echo, echo_service, wait_until, web_config
 
@@ -179,3 +183,37 @@ async def test_bad_mode_or_code_is_a_400_naming_the_field(
     assert data["field"] == field
     assert data["error"].startswith(f"{field}:")
     assert (await (await client.get("/api/sessions")).json())["sessions"] == []
+
+
+async def test_the_invitations_command_joins_with_the_nopf_cli(client: Client) -> None:
+    with echo_service() as echo_port:
+        server = await _create(client, role="server", local_port=echo_port)
+        await _wait_code(client, server["id"])
+        invite = (await _get(client, server["id"]))["invite"]
+        command = re.search(r"run (nopf connect .+?) \(PORT", invite)
+        assert command, invite
+        app_port = free_port()
+        words = shlex.split(command.group(1).replace("PORT", str(app_port)))
+        peer = await asyncio.create_subprocess_exec(
+            *argv(*words), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL)
+        try:
+            async def connected() -> bool:
+                assert peer.returncode is None, "nopf connect exited early"
+                return bool((await _get(client, server["id"]))["state"] == "connected")
+
+            await wait_until(connected, timeout=20, what="the CLI peer to join")
+            for size in (1, 100_000):
+                payload = os.urandom(size)
+                async with connection(app_port) as (reader, writer):
+                    assert await echo(reader, writer, payload) == payload
+        finally:
+            if peer.returncode is None:
+                peer.send_signal(signal.SIGTERM)
+            _out, err = await asyncio.wait_for(peer.communicate(), 15)
+        assert peer.returncode == 0, err.decode(errors="replace")
+
+        async def closed() -> bool:
+            return bool((await _get(client, server["id"]))["outcome"] == "closed")
+
+        await wait_until(closed, what="the server session to close with the CLI peer")
