@@ -48,10 +48,10 @@ DEFAULT_MAX_FRAME = 16 * 1024
 RECORD_BUDGET = 256 * 1024  # bytes of frames the writer packs into one write
 STREAM_SEND_BUFFER = 256 * 1024  # queued bytes per stream before write() waits
 DEFAULT_MAX_STREAMS = 4096
-# Receive windows of streams whose application keeps up double up to this...
+# The receive window of a lone stream whose application keeps up doubles up to
+# this (see Mux._resize_window); the budget bounds all streams' growth together.
 AUTO_WINDOW_MAX = 4 * 1024 * 1024
-# ...while all streams' growth together stays within this (memory a peer may fill).
-AUTO_WINDOW_BUDGET = 16 * 1024 * 1024
+AUTO_WINDOW_BUDGET = 8 * 1024 * 1024
 CLOSE_FLUSH_TIMEOUT = 2.0
 _PING = struct.Struct("!Q")
 
@@ -161,13 +161,10 @@ class Stream:
         # Credit back in batches (a quarter window): fewer frames, no stall.
         self._unacked += n
         if self._unacked >= self._window // 4 and not self._remote_fin:
-            # Everything delivered and the peer used a quarter window: the
-            # application keeps up, so a larger window lets the sender fill
-            # whole records instead of waiting on credit (the mux caps the
-            # total so many streams cannot pin much memory).
-            grow = self._mux._grow_window(self) if not self._in else 0
-            self._mux._grant(self, self._unacked + grow)
+            credit = self._unacked + self._mux._resize_window(self, self._unacked)
             self._unacked = 0
+            if credit:
+                self._mux._grant(self, credit)
 
     def _on_data(self, data: bytes | memoryview) -> None:
         n = len(data)
@@ -565,14 +562,26 @@ class Mux:
             self._streams.pop(stream.stream_id, None)
             self._release_window(stream)
 
-    def _grow_window(self, stream: Stream) -> int:
-        """Double ``stream``'s receive window if the budget allows; the increment."""
-        grow = min(stream._window, AUTO_WINDOW_MAX - stream._window)
-        if grow <= 0 or grow > self._window_budget:
+    def _resize_window(self, stream: Stream, returning: int) -> int:
+        """How much to add to (or, down to -``returning``, withhold from) the
+        credit ``stream`` is about to return.
+
+        A stream alone on the tunnel whose application keeps up (nothing left
+        buffered) doubles its window, so the sender fills whole records instead
+        of waiting on credit. Once other streams are open it shrinks back: the
+        bulk bytes in flight would queue ahead of their frames.
+        """
+        if len(self._streams) > 1:
+            delta = max(self.window - stream._window, -returning)
+        elif stream._in:
             return 0
-        self._window_budget -= grow
-        stream._window += grow
-        return grow
+        else:
+            delta = min(stream._window, AUTO_WINDOW_MAX - stream._window)
+            if delta <= 0 or delta > self._window_budget:
+                return 0
+        self._window_budget -= delta
+        stream._window += delta
+        return delta
 
     def _release_window(self, stream: Stream) -> None:
         self._window_budget += stream._window - self.window

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import os
 import random
 import socket
@@ -31,10 +32,11 @@ from nopf_web.tunnel.errors import (
     TunnelTampered,
 )
 from nopf_web.tunnel.forward import serve_connect, serve_share
-from nopf_web.tunnel.mux import Mux
+from nopf_web.tunnel.mux import AUTO_WINDOW_BUDGET, AUTO_WINDOW_MAX, Mux, Stream
 from nopf_web.tunnel.secure import (
     CONFIRM_SIZE,
     HELLO_SIZE,
+    MAX_RECORD,
     SecureChannel,
     open_channel,
 )
@@ -174,6 +176,24 @@ async def test_man_in_the_middle_with_a_guessed_code_fails_both_handshakes() -> 
         for s in (a, ma, mb, b):
             s.close()
     assert all(isinstance(res, PairingMismatch) for res in results), results
+
+
+async def test_writelines_fills_records_across_part_boundaries() -> None:
+    a, b = tcp_pair()
+    ca, cb = await channels(a, b)
+    data = os.urandom(3 * MAX_RECORD + 12345)
+    cuts = [0, 1, 100_000, MAX_RECORD - 7, MAX_RECORD + 9, 2 * MAX_RECORD + 1, len(data)]
+    view = memoryview(data)
+    parts: list[bytes | bytearray | memoryview] = [view[i:j] for i, j in itertools.pairwise(cuts)]
+    parts[1] = bytearray(parts[1])  # any bytes-like part
+    ca.writelines(parts)
+    records: list[bytes] = []
+    while sum(len(r) for r in records) < len(data):
+        records.append(await cb.recv())
+    assert b"".join(records) == data
+    assert [len(r) for r in records] == [MAX_RECORD] * 3 + [12345]  # full records
+    ca.close()
+    cb.close()
 
 
 async def test_a_flipped_ciphertext_byte_is_detected() -> None:
@@ -457,6 +477,39 @@ async def test_flow_control_a_stalled_reader_blocks_only_its_stream() -> None:
         while got < 4 << 20:  # reading releases it
             got += len(await peer_stalled.read())
         await writing
+
+
+async def read_n(stream: Stream, n: int) -> None:
+    while n:
+        n -= len(await stream.read(n))
+
+
+async def test_a_lone_stream_that_keeps_up_gets_a_larger_window_for_a_while() -> None:
+    async with asyncio.timeout(20), muxes() as (ma, mb):
+        s = await ma.open_stream()
+        peer_task = asyncio.create_task(mb.accept_stream(), name="accept")
+        writing = asyncio.create_task(s.write(os.urandom(16 << 20)), name="bulk-write")
+        peer = await peer_task
+        await read_n(peer, 16 << 20)
+        await writing
+        # Private state, on purpose: the growth is invisible on the wire except as credit.
+        assert peer._window == AUTO_WINDOW_MAX
+        assert mb._window_budget == AUTO_WINDOW_BUDGET - (AUTO_WINDOW_MAX - mb.window)
+        # A second stream: the bulk one shrinks back, its bytes in flight would
+        # queue ahead of the newcomer's.
+        other = await ma.open_stream()
+        await other.write(b"hello")
+        writing = asyncio.create_task(s.write(os.urandom(8 << 20)), name="bulk-write-2")
+        await read_n(peer, 8 << 20)
+        await writing
+        assert peer._window == mb.window
+        assert mb._window_budget == AUTO_WINDOW_BUDGET
+        s.write_eof()
+        peer.write_eof()
+        assert await peer.read() == b""
+        assert await s.read() == b""
+        await asyncio.sleep(0.05)  # our FIN reaches the peer
+        assert mb._window_budget == AUTO_WINDOW_BUDGET  # returned when the stream ended
 
 
 async def test_keepalive_holds_an_idle_tunnel_open() -> None:
