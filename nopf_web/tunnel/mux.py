@@ -14,7 +14,9 @@ Flow control is per stream: a sender may have at most its credit of DATA
 bytes in flight (``INITIAL_WINDOW`` at first); the receiver grants more with
 WINDOW_UPDATE as the application reads, so an application that stops reading
 stops only its own stream. A receive ``window`` above ``INITIAL_WINDOW`` is
-granted with one WINDOW_UPDATE when the stream opens.
+granted with one WINDOW_UPDATE when the stream opens. A stream alone on the
+tunnel whose application keeps up gets a larger window for a while (see
+:meth:`Mux._resize_window`).
 
 Ending: :meth:`Mux.close` sends GOAWAY and closes; every stream still open then
 fails with :class:`TunnelClosed`. A failure (dead peer, tampering, protocol

@@ -55,7 +55,9 @@ I/O: one ``asyncio.BufferedProtocol`` receives straight into a buffer sized
 for a whole record (``recv_into``, reading each record's body together with
 the next header), decrypts from a memoryview of it and hands the plaintext to
 a callback (the mux) or a queue (``recv``): no intermediate copies, and no
-task switch per record.
+task switch per record. Sending seals each record from the caller's buffers
+(``writelines``) into one reused record buffer and sends it straight on the
+socket when the transport has nothing queued.
 """
 
 from __future__ import annotations
