@@ -10,6 +10,8 @@ import sys
 from collections.abc import Coroutine
 from typing import Any, NoReturn
 
+from nopf_web.wire.errors import BadAddress
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -21,6 +23,17 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def parse_seconds(text: str, what: str, maximum: float = 86400) -> float:
+    """A positive duration option; BadAddress names the option on bad input."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadAddress(f"{what} {text!r} is not a number") from None
+    if not 0 < value <= maximum:
+        raise BadAddress(f"{what} must be between 0 and {maximum:g} seconds, got {text}")
+    return value
 
 
 def fail(prog: str, message: str, code: int = EXIT_FAILURE) -> int:

@@ -25,6 +25,7 @@ from .common import (
     EXIT_USAGE,
     OneLineParser,
     fail,
+    parse_seconds,
     run_main,
 )
 
@@ -61,16 +62,6 @@ def build_parser(command: Literal["share", "connect"]) -> OneLineParser:
     return p
 
 
-def _seconds(text: str, what: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise BadAddress(f"{what} {text!r} is not a number") from None
-    if not 0 < value <= 86400:
-        raise BadAddress(f"{what} must be between 0 and 86400 seconds, got {text}")
-    return value
-
-
 def _printer(event: Event) -> None:
     if event.kind == "code":
         print(event.message, flush=True)  # first stdout line: the code, alone
@@ -101,10 +92,10 @@ def main(command: Literal["share", "connect"], argv: list[str]) -> int:
             local_port=parse_port(args.localport, what="--localport"),
             rendezvous=parse_host_endpoint(args.serveraddr),
             code=code,
-            code_lifetime=_seconds(args.code_lifetime, "--code-lifetime")
+            code_lifetime=parse_seconds(args.code_lifetime, "--code-lifetime")
             if command == "share" else 600.0,
-            punch_timeout=_seconds(args.timeout, "--timeout"),
-            keepalive=_seconds(args.keepalive, "--keepalive"),
+            punch_timeout=parse_seconds(args.timeout, "--timeout"),
+            keepalive=parse_seconds(args.keepalive, "--keepalive"),
         )
     except (BadAddress, ValueError, NopfError) as exc:
         return fail(PROG, str(exc), EXIT_USAGE)

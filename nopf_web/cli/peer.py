@@ -23,7 +23,15 @@ from nopf_web.wire.address import Endpoint, parse_host_endpoint, parse_ipv4_endp
 from nopf_web.wire.errors import BadAddress
 
 from . import coordinated
-from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, OneLineParser, fail, run_main
+from .common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    OneLineParser,
+    fail,
+    parse_seconds,
+    run_main,
+)
 
 PROG = "nopf"
 
@@ -58,16 +66,6 @@ def build_parser() -> OneLineParser:
     return p
 
 
-def _positive_float(text: str, what: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise BadAddress(f"{what} {text!r} is not a number") from None
-    if not 0 < value <= 86400:
-        raise BadAddress(f"{what} must be between 0 and 86400 seconds, got {text}")
-    return value
-
-
 def _spec(args: object) -> SessionSpec:
     a = vars(args)
     role: SessionRole = "server" if a["type"].strip().lower() in ("s", "server") else "client"
@@ -78,7 +76,7 @@ def _spec(args: object) -> SessionSpec:
         role=role,
         local_port=parse_port(a["localport"], what="--localport"),
         rendezvous=parse_host_endpoint(a["serveraddr"]),
-        punch=PunchConfig(timeout=_positive_float(a["timeout"], "--timeout"),
+        punch=PunchConfig(timeout=parse_seconds(a["timeout"], "--timeout"),
                           arm_ttl=int(ttl_text)),
     )
 

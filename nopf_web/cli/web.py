@@ -23,7 +23,15 @@ from nopf_web.web import WebConfig, create_app
 from nopf_web.wire.address import Endpoint, parse_host_endpoint, parse_port
 from nopf_web.wire.errors import BadAddress
 
-from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, OneLineParser, fail, run_main
+from .common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    OneLineParser,
+    fail,
+    parse_seconds,
+    run_main,
+)
 
 PROG = "nopf-web"
 
@@ -74,12 +82,7 @@ def _config(args: object) -> WebConfig:
     host = a["host"].strip()
     if not host or any(ch.isspace() for ch in host):
         raise BadAddress(f"--host {a['host']!r} is not an address")
-    try:
-        timeout = float(a["punch_timeout"])
-    except ValueError:
-        raise BadAddress(f"--punch-timeout {a['punch_timeout']!r} is not a number") from None
-    if not 0 < timeout <= 3600:
-        raise BadAddress(f"--punch-timeout must be between 0 and 3600 seconds, got {timeout:g}")
+    timeout = parse_seconds(a["punch_timeout"], "--punch-timeout", maximum=3600)
     return WebConfig(
         db_path=Path(a["db"]).expanduser() if a["db"] else default_db_path(),
         host=host,
