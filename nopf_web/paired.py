@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from nopf_web.errors import NopfError
 from nopf_web.rendezvous import coord
 from nopf_web.rendezvous.client import resolve_ipv4
-from nopf_web.session import Event, SessionRole, State, Subscriber, listen_local
+from nopf_web.session import Event, SessionBase, SessionRole, State, listen_local
 from nopf_web.tunnel.forward import serve_connect, serve_share
 from nopf_web.tunnel.mux import Mux
 from nopf_web.tunnel.secure import open_channel
@@ -52,37 +49,17 @@ class PairedSpec:
             raise ValueError("keepalive must be positive")
 
 
-class PairedSession:
+class PairedSession(SessionBase):
     """Run with :meth:`run`; ends ``closed`` when stopped or when the peer closes cleanly."""
 
     def __init__(self, spec: PairedSpec) -> None:
+        super().__init__()
         self.spec = spec
-        self.state = State.DISCOVERING
         self.code: str | None = spec.code
         self.public_address: Endpoint | None = None
         self.peer_address: Endpoint | None = None
         self.path: str | None = None
-        self.error: str | None = None
-        self.started_at = time.time()
-        self.ended_at: float | None = None
-        self.guard_dropped = 0
         self._mux: Mux | None = None
-        self._subscribers: list[Subscriber] = []
-
-    # -- observation (same shape as Session) --------------------------------
-
-    def subscribe(self, fn: Subscriber) -> Callable[[], None]:
-        self._subscribers.append(fn)
-        return lambda: self._subscribers.remove(fn) if fn in self._subscribers else None
-
-    def _emit(self, kind: Any, message: str, **data: Any) -> None:
-        event = Event(kind, message, data=data)
-        for fn in list(self._subscribers):
-            fn(event)
-
-    def _set_state(self, state: State, message: str) -> None:
-        self.state = state
-        self._emit("state", message, state=state.value)
 
     @property
     def bytes_in(self) -> int:
@@ -107,8 +84,10 @@ class PairedSession:
             paired = await self._pair()
             self.public_address, self.peer_address = paired.public, paired.peer
             self.path = paired.path
-            self._emit("public_address", str(paired.public), public=str(paired.public))
-            self._emit("peer_address", f"peer {paired.peer}", peer=str(paired.peer))
+            self._emit(Event("public_address", str(paired.public),
+                             data={"public": str(paired.public)}))
+            self._emit(Event("peer_address", f"peer {paired.peer}",
+                             data={"peer": str(paired.peer)}))
             self._set_state(State.PUNCHING, f"authenticating {paired.peer} with the code")
             channel = await open_channel(paired.sock, role=paired.role, code=paired.code,
                                          timeout=spec.net_timeout * 2)
@@ -152,7 +131,7 @@ class PairedSession:
 
     def _got_code(self, code: str) -> None:
         self.code = code
-        self._emit("code", code, code=code)
+        self._emit(Event("code", code, data={"code": code}))
         self._set_state(State.WAITING_PEER, "waiting for the peer to use the code")
 
     def _progress(self, message: str) -> None:
@@ -161,18 +140,8 @@ class PairedSession:
         else:
             self._log(message)
 
-    def _log(self, message: str) -> None:
-        self._emit("log", message)
-
     def _ready_hint(self) -> str:
         where = f"{self.spec.local_host}:{self.spec.local_port}"
         if self.spec.role == "server":
             return f"the peer's connections arrive at {where}"
         return f"connect your applications to {where}"
-
-    def _end(self, state: State, message: str) -> None:
-        if not self.state.final:
-            if state is State.FAILED:
-                self.error = message
-            self.ended_at = time.time()
-            self._set_state(state, message)

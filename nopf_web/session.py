@@ -85,26 +85,17 @@ class Event:
 Subscriber = Callable[[Event], None]
 
 
-class Session:
-    def __init__(self, spec: SessionSpec, guard: Guard | None = None) -> None:
-        self.spec = spec
-        self.guard: Guard = guard or NullGuard("no guard configured")
+class SessionBase:
+    """What every kind of session shares: the state, its end, and events to subscribers
+    (the CLI printer, the dashboard's recorder and live page)."""
+
+    def __init__(self) -> None:
         self.state = State.DISCOVERING
-        self.public_address: Endpoint | None = None
-        self.peer_address: Endpoint | None = None
         self.error: str | None = None
-        self.counters = Counters()  # a_to_b: local -> peer (out), b_to_a: peer -> local (in)
-        self.connections = 0
         self.guard_dropped = 0
         self.started_at = time.time()
         self.ended_at: float | None = None
         self._subscribers: list[Subscriber] = []
-        self._peer_set: asyncio.Event | None = None
-        self._pipe: Pipe | None = None
-        self._task: asyncio.Task[Any] | None = None
-        self._stop_requested = False
-
-    # -- observation ---------------------------------------------------------
 
     def subscribe(self, fn: Subscriber) -> Callable[[], None]:
         self._subscribers.append(fn)
@@ -120,6 +111,29 @@ class Session:
     def _set_state(self, state: State, message: str) -> None:
         self.state = state
         self._emit(Event("state", message, data={"state": state.value}))
+
+    def _end(self, state: State, message: str) -> None:
+        """Enter a final state once; a failure's message becomes ``error``."""
+        if not self.state.final:
+            if state is State.FAILED:
+                self.error = message
+            self.ended_at = time.time()
+            self._set_state(state, message)
+
+
+class Session(SessionBase):
+    def __init__(self, spec: SessionSpec, guard: Guard | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.guard: Guard = guard or NullGuard("no guard configured")
+        self.public_address: Endpoint | None = None
+        self.peer_address: Endpoint | None = None
+        self.counters = Counters()  # a_to_b: local -> peer (out), b_to_a: peer -> local (in)
+        self.connections = 0
+        self._peer_set: asyncio.Event | None = None
+        self._pipe: Pipe | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._stop_requested = False
 
     @property
     def bytes_out(self) -> int:
@@ -174,7 +188,7 @@ class Session:
                 listener.close()
             await self._pipe_until_done(local, tunnel)
         except NopfError as exc:
-            self._fail(str(exc))
+            self._end(State.FAILED, str(exc))
             raise
         except asyncio.CancelledError:
             self._end(State.CLOSED, "stopped")
@@ -183,15 +197,6 @@ class Session:
             if listener is not None:
                 listener.close()
         self._end(State.CLOSED, "the pipe ended")
-
-    def _fail(self, message: str) -> None:
-        self.error = message
-        self._end(State.FAILED, message)
-
-    def _end(self, state: State, message: str) -> None:
-        if not self.state.final:
-            self.ended_at = time.time()
-            self._set_state(state, message)
 
     def _listen(self) -> socket.socket:
         return listen_local(self.spec.local_host, self.spec.local_port)
