@@ -7,6 +7,7 @@ it in seed mode (so the capture itself is proven to work).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -26,6 +27,7 @@ from tests.lab.fixtures import LabFactory
 from tests.programs import argv
 
 from .peers import RDV, Peer, connect, listening, punch_pair, start_rendezvous
+from .web_support import echo_service
 
 pytestmark = pytest.mark.lab
 
@@ -80,36 +82,12 @@ def capture(lab: Lab) -> Iterator[list[bytes]]:
         os.unlink(path)
 
 
-def echo_server(host: Host, port: int) -> threading.Event:
-    stop = threading.Event()
-    with host.enter():
-        lsock = socket.create_server(("127.0.0.1", port), backlog=256)
-    lsock.settimeout(0.2)
-
-    def handle(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def loop() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = lsock.accept()
-            except TimeoutError:
-                continue
-            conn.settimeout(None)
-            threading.Thread(target=handle, args=(conn,), daemon=True).start()
-        lsock.close()
-
-    threading.Thread(target=loop, daemon=True).start()
-    return stop
-
-
 def test_share_connect_200_streams_encrypted_on_the_wire(lab_factory: LabFactory) -> None:
     lab = lab_factory("rst", "icmp", delay_ms=10, jitter_ms=3)
     start_rendezvous(lab)
-    stop = echo_server(lab.a1, 3000)
-    try:
+    with contextlib.ExitStack() as services:
+        with lab.a1.enter():
+            services.enter_context(echo_service(3000))
         with capture(lab) as pcap:
             s, c = share_and_connect(lab, lab.a1, lab.b1)
             wait_connected(c)
@@ -148,8 +126,6 @@ def test_share_connect_200_streams_encrypted_on_the_wire(lab_factory: LabFactory
         (raw,) = pcap
         assert len(raw) > 200 * 64 * 1024  # the capture did see the traffic...
         assert MARKER not in raw  # ...and never the plaintext
-    finally:
-        stop.set()
 
 
 def test_seed_mode_plaintext_is_visible_to_the_same_capture(lab_factory: LabFactory) -> None:

@@ -29,9 +29,12 @@ def web_config(tmp_path: Path, **overrides: Any) -> WebConfig:
 
 
 @contextlib.contextmanager
-def echo_service() -> Iterator[int]:
-    """A loopback TCP echo service (one thread per connection); yields its port."""
-    listener = socket.create_server(("127.0.0.1", 0))
+def echo_service(port: int = 0) -> Iterator[int]:
+    """A loopback TCP echo service (one thread per connection); yields its port.
+
+    The listener lives in the network namespace current when this is entered.
+    """
+    listener = socket.create_server(("127.0.0.1", port), backlog=256)
     listener.settimeout(0.2)
     stop = threading.Event()
 
