@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -109,6 +110,18 @@ def one_run(lab: Lab, rdv: tuple[str, int], strategy: str, order: str, guard: bo
     }
 
 
+def fisher_p(ok1: int, n1: int, ok2: int, n2: int) -> float:
+    """Two-sided Fisher exact test: how likely success counts this far apart are by chance."""
+    total_ok, n = ok1 + ok2, n1 + n2
+
+    def prob(k: int) -> float:
+        return math.comb(total_ok, k) * math.comb(n - total_ok, n1 - k) / math.comb(n, n1)
+
+    observed = prob(ok1)
+    ks = range(max(0, total_ok - n2), min(total_ok, n1) + 1)
+    return min(1.0, sum(prob(k) for k in ks if prob(k) <= observed * (1 + 1e-9)))
+
+
 def fmt_rate(cell: Cell, mode: str) -> str:
     n = len(cell.runs[mode])
     return f"{cell.ok(mode)}/{n}" if n else "-"
@@ -119,17 +132,21 @@ def fmt_s(value: float | None) -> str:
 
 
 def table(cells: list[Cell]) -> str:
-    head = ("| NATs server/client | strategy | order | ok, no guard | ok, guard "
-            "| median / p90 s, no guard | median / p90 s, guard "
-            "| RSTs to peer, no guard | RSTs to peer, guard | guard drops in punch |")
-    rule = "|" + "---|" * 10
+    """Columns per guard mode ("-" / "+"): successes; successes within 1 s of the
+    later peer firing; 90th percentile of that time; Fisher p of the two success
+    counts; RSTs the hosts sent towards the other site; packets the guard dropped."""
+    head = ("| NATs server/client | strategy | order | ok − | ok + | ≤1 s − | ≤1 s + "
+            "| p90 s − | p90 s + | p | RSTs to peer − | RSTs to peer + | guard drops |")
+    rule = "|" + "---|" * 13
     rows = [head, rule]
     for c in cells:
-        spread = {m: f"{fmt_s(c.quantile(m, 0.5))} / {fmt_s(c.quantile(m, 0.9))}"
-                  for m in ("off", "on")}
+        n_off, n_on = len(c.runs["off"]), len(c.runs["on"])
+        fast = {m: sum(1 for t in c.times(m) if t <= 1.0) for m in ("off", "on")}
         rows.append(
             f"| {c.nats} | {c.strategy} | {c.order} | {fmt_rate(c, 'off')} | {fmt_rate(c, 'on')} "
-            f"| {spread['off']} | {spread['on']} "
+            f"| {fast['off']}/{n_off} | {fast['on']}/{n_on} "
+            f"| {fmt_s(c.quantile('off', 0.9))} | {fmt_s(c.quantile('on', 0.9))} "
+            f"| {fisher_p(c.ok('off'), n_off, c.ok('on'), n_on):.2f} "
             f"| {c.total('off', 'rst_out')} | {c.total('on', 'rst_out')} "
             f"| {c.total('on', 'guard_dropped_punch')} |")
     return "\n".join(rows)
