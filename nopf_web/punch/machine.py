@@ -42,7 +42,9 @@ roles behave as above, which recovers if the SYNs did not cross in time.
 from __future__ import annotations
 
 import enum
+import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nopf_web.errors import NopfError
@@ -71,7 +73,14 @@ class PunchConfig:
     rearm_interval: float = 0.8  # < 1 s initial SYN RTO: no full-TTL retransmission leaves
     connect_interval: float = 0.5
     retry_delay: float = 0.2
+    # Retry delays vary by ±retry_jitter/2 of themselves: two peers refused in
+    # lockstep with equal periods could otherwise stay out of phase for good.
+    retry_jitter: float = 0.5
     handshake_grace: float = 0.2  # re-check a socket that is mid-handshake this often
+    # A socket mid-handshake is kept at most this long past its interval: a
+    # half-open one (its peer gone, its RSTs perhaps dropped by the guard) must
+    # not hold the punch port until the deadline.
+    handshake_limit: float = 3.0
     first_shot: bool = False  # attempt 1 is full TTL in both roles (rendezvous-timed)
 
     def __post_init__(self) -> None:
@@ -139,6 +148,7 @@ class PunchMachine:
     _current_started: float = 0.0
     _next_fire: float | None = None
     _recheck: float | None = None
+    rand: Callable[[], float] = field(default=random.random, repr=False)  # in [0, 1)
 
     def start(self, now: float) -> list[Action]:
         self._deadline = now + self.config.timeout
@@ -165,7 +175,8 @@ class PunchMachine:
         if self._current is not None:
             if now < (self._recheck or self._current_started + self._interval):
                 return []
-            if handshaking:
+            overdue = now - (self._current_started + self._interval)
+            if handshaking and overdue < self.config.handshake_limit:
                 # The peer's SYN reached our socket: let the handshake finish.
                 self._recheck = now + self.config.handshake_grace
                 return []
@@ -181,7 +192,8 @@ class PunchMachine:
             return []
         self.outcomes[how] += 1
         self._current = None
-        self._next_fire = now + self.config.retry_delay
+        jitter = self.config.retry_jitter * (self.rand() - 0.5)
+        self._next_fire = now + self.config.retry_delay * (1 + jitter)
         return [Abandon(attempt)]
 
     def accepted(self, now: float) -> list[Action]:

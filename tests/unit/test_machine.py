@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from nopf_web.punch.machine import (
@@ -21,7 +23,8 @@ CFG = PunchConfig(timeout=10, arm_ttl=2, rearm_interval=0.8, connect_interval=0.
 
 
 def machine(role: Role, cfg: PunchConfig = CFG) -> PunchMachine:
-    return PunchMachine(role, cfg, "203.0.113.2:4000")
+    # rand 0.5: the retry jitter's midpoint, so delays are exactly retry_delay.
+    return PunchMachine(role, cfg, "203.0.113.2:4000", rand=lambda: 0.5)
 
 
 def test_arm_fires_low_ttl_and_rearms_before_the_kernel_retransmits() -> None:
@@ -137,3 +140,21 @@ def test_first_shot_refused_falls_back_to_arming_quickly() -> None:
     m.start(0.0)
     assert m.failed(1, Failure.REFUSED, 0.03) == [Abandon(1)]
     assert m.timer(0.23) == [Fire(2, 2)]
+
+
+def test_retry_delay_is_jittered_within_bounds() -> None:
+    for r, expected in ((0.0, 0.15), (0.999999, 0.25)):
+        m = PunchMachine(Role.CONNECT, CFG, "203.0.113.2:4000", rand=functools.partial(float, r))
+        m.start(0.0)
+        m.failed(1, Failure.REFUSED, 1.0)
+        assert m.wake_at == pytest.approx(1.0 + expected, abs=1e-4)
+
+
+def test_a_socket_stuck_mid_handshake_is_abandoned_after_the_limit() -> None:
+    m = machine(Role.ARM)
+    m.start(0.0)
+    t = 0.8
+    while not (actions := m.timer(t, handshaking=True)):
+        t = m.wake_at or t
+    assert actions == [Abandon(1), Fire(2, 2)]
+    assert t >= 0.8 + CFG.handshake_limit
