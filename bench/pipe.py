@@ -24,73 +24,23 @@ import socket
 import statistics
 import sys
 import threading
-import time
 from pathlib import Path
 
+from bench.measure import echo_mode, round_trips, send_counted, serve_conn
 from tests.e2e.peers import connect, punch_pair, start_rendezvous
 from tests.lab import Host, Lab
 
-CHUNK = 1 << 20
 
-
-def sink(lsock: socket.socket, results: list[float], stop: threading.Event) -> None:
-    """Accept connections; for each, count bytes to EOF, or echo small messages."""
+def sink(lsock: socket.socket, stop: threading.Event) -> None:
+    """Serve the counting/echo protocol on every connection until ``stop``."""
     lsock.settimeout(0.5)
-    buf = bytearray(CHUNK)
     while not stop.is_set():
         try:
             conn, _ = lsock.accept()
         except TimeoutError:
             continue
-        mode = conn.recv(1)
-        if mode == b"E":  # echo, for latency
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            while data := conn.recv(64):
-                conn.sendall(data)
-        else:
-            total = 0
-            while n := conn.recv_into(buf):
-                total += n
-            conn.sendall(total.to_bytes(8, "big"))
-        conn.close()
-    del results
-
-
-def throughput(sock: socket.socket, size: int) -> float:
-    """Send ``size`` bytes, wait for the sink's count; return MB/s."""
-    payload = memoryview(bytearray(CHUNK))
-    sock.sendall(b"T")
-    t0 = time.perf_counter()
-    left = size
-    while left:
-        n = min(left, CHUNK)
-        sock.sendall(payload[:n])
-        left -= n
-    sock.shutdown(socket.SHUT_WR)
-    got = int.from_bytes(sock.recv(8), "big")
-    elapsed = time.perf_counter() - t0
-    if got != size:
-        raise SystemExit(f"bench: sink counted {got} bytes, expected {size}")
-    return size / elapsed / 1e6
-
-
-def echo_mode(sock: socket.socket) -> socket.socket:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(b"E")
-    return sock
-
-
-def latency(sock: socket.socket, count: int) -> list[float]:
-    """``count`` request/response round trips of 32 bytes, in milliseconds."""
-    samples = []
-    for _ in range(count):
-        t0 = time.perf_counter()
-        sock.sendall(b"x" * 32)
-        got = 0
-        while got < 32:
-            got += len(sock.recv(64))
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return samples
+        conn.settimeout(None)
+        threading.Thread(target=serve_conn, args=(conn,), daemon=True).start()
 
 
 def direct(host: Host, ip: str) -> socket.socket:
@@ -118,18 +68,18 @@ def main() -> int:
             direct_l = socket.create_server(("0.0.0.0", 4000))
             service_l = socket.create_server(("127.0.0.1", 3000), backlog=8)
         for lsock in (direct_l, service_l):
-            threading.Thread(target=sink, args=(lsock, [], stop), daemon=True).start()
+            threading.Thread(target=sink, args=(lsock, stop), daemon=True).start()
         start_rendezvous(lab)
         # One punched tunnel per nopf run: the seed pipes exactly one connection.
         rows: dict[str, list[float]] = {"direct": [], "nopf": []}
         lat: dict[str, list[float]] = {"direct": [], "nopf": []}
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}: direct", file=sys.stderr, flush=True)
-            rows["direct"].append(throughput(direct(lab.b1, lab.a1.ip), size))
+            rows["direct"].append(send_counted(direct(lab.b1, lab.a1.ip), size))
             print(f"round {r + 1}/{args.rounds}: nopf", file=sys.stderr, flush=True)
             pair = punch_pair(lab, gap=0.2)
             pair.server.line(20)  # "Started pipe": the tunnel is up, time only the transfer
-            rows["nopf"].append(throughput(connect(lab.b1, 3010, timeout=60), size))
+            rows["nopf"].append(send_counted(connect(lab.b1, 3010, timeout=60), size))
             pair.server.wait(20)
             pair.client.wait(20)
         # Latency: both paths open at once, measured in alternating batches so
@@ -141,7 +91,7 @@ def main() -> int:
         batch = max(1, args.pings // 20)
         for _ in range(20):
             for name, sock in socks.items():
-                lat[name] += latency(sock, batch)
+                lat[name] += round_trips(sock, batch)
         for sock in socks.values():
             sock.close()
         pair.server.wait(20)

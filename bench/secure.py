@@ -38,38 +38,22 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from bench.measure import round_trips, send_counted, serve_conn
 from nopf_web.tunnel.forward import serve_connect, serve_share
 from nopf_web.tunnel.mux import Mux
 from nopf_web.tunnel.secure import open_channel
 from nopf_web.wire.frames import INITIAL_WINDOW
 
-CHUNK = 1 << 20
 CODE = "7-orbit-lantern"
 
 
 # -- the service: sink (counts to EOF, answers the count) or echo ------------
 
 
-def _serve_conn(conn: socket.socket) -> None:
-    with conn:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        mode = conn.recv(1)
-        if mode == b"T":
-            buf = bytearray(CHUNK)
-            total = 0
-            while n := conn.recv_into(buf):
-                total += n
-            conn.sendall(total.to_bytes(8, "big"))
-        else:  # echo until EOF, then half-close back
-            while data := conn.recv(65536):
-                conn.sendall(data)
-            conn.shutdown(socket.SHUT_WR)
-
-
 def service(lsock: socket.socket) -> None:
     while True:
         conn, _ = lsock.accept()
-        threading.Thread(target=_serve_conn, args=(conn,), daemon=True).start()
+        threading.Thread(target=serve_conn, args=(conn,), daemon=True).start()
 
 
 def service_proc(port_out: Connection) -> None:
@@ -128,33 +112,8 @@ def connect_proc(tunnel_port: int, ready: Connection, profile: bool, window: int
 
 def throughput(port: int, size: int) -> float:
     """Send ``size`` bytes to the sink via ``port``, wait for its count; MB/s."""
-    payload = memoryview(bytearray(os.urandom(CHUNK)))
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(b"T")
-        t0 = time.perf_counter()
-        left = size
-        while left:
-            n = min(left, CHUNK)
-            sock.sendall(payload[:n])
-            left -= n
-        sock.shutdown(socket.SHUT_WR)
-        got = int.from_bytes(sock.recv(8), "big")
-        elapsed = time.perf_counter() - t0
-    if got != size:
-        raise SystemExit(f"bench: sink counted {got} bytes, expected {size}")
-    return size / elapsed / 1e6
-
-
-def latency(sock: socket.socket, count: int) -> list[float]:
-    samples = []
-    for _ in range(count):
-        t0 = time.perf_counter()
-        sock.sendall(b"x" * 32)
-        got = 0
-        while got < 32:
-            got += len(sock.recv(64))
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return samples
+        return send_counted(sock, size)
 
 
 def cpu_seconds(pid: int | None) -> float:
@@ -250,7 +209,7 @@ def main() -> int:
         batch = max(1, args.pings // 20)
         for _ in range(20):
             for name, sock in socks.items():
-                lat[name] += latency(sock, batch)
+                lat[name] += round_trips(sock, batch)
         for sock in socks.values():
             sock.close()
     finally:
