@@ -23,8 +23,10 @@ from tests.programs import free_port
 from .web_support import (
     Client,
     connection,
+    create_session,
     echo,
     echo_service,
+    get_session,
     wait_until,
     web_config,
 )
@@ -35,20 +37,6 @@ JSON = {"Content-Type": "application/json"}
 @pytest.fixture
 async def client(aiohttp_client: AiohttpClient, tmp_path: Path) -> Client:
     return await aiohttp_client(create_app(web_config(tmp_path), guard=NullGuard("tests")))
-
-
-async def _create(client: Client, **body: Any) -> dict[str, Any]:
-    resp = await client.post("/api/sessions", json=body)
-    assert resp.status == 201, await resp.text()
-    data: dict[str, Any] = await resp.json()
-    return data
-
-
-async def _get(client: Client, session_id: str) -> dict[str, Any]:
-    resp = await client.get(f"/api/sessions/{session_id}")
-    assert resp.status == 200
-    data: dict[str, Any] = await resp.json()
-    return data
 
 
 @pytest.mark.parametrize("body, field", [
@@ -120,7 +108,7 @@ async def test_bad_history_parameters_are_a_400(client: Client, query: str) -> N
 
 async def test_a_client_port_already_in_use_is_refused_up_front(client: Client) -> None:
     port = free_port()
-    first = await _create(client, role="client", local_port=port, mode="seed")
+    first = await create_session(client, role="client", local_port=port, mode="seed")
     resp = await client.post("/api/sessions", json={"role": "client", "local_port": port,
                                                     "code": str(make_code(7))})
     assert resp.status == 400
@@ -129,7 +117,7 @@ async def test_a_client_port_already_in_use_is_refused_up_front(client: Client) 
 
 
 async def test_peer_address_is_validated_and_set_once(client: Client) -> None:
-    s = await _create(client, role="server", local_port=free_port(), mode="seed")
+    s = await create_session(client, role="server", local_port=free_port(), mode="seed")
     for bad in ("", "1.2.3.4", "host:80", "1.2.3.4:0", "0.0.0.0:80", 7):
         resp = await client.post(f"/api/sessions/{s['id']}/peer", json={"address": bad})
         assert resp.status == 400, bad
@@ -145,14 +133,14 @@ async def test_peer_address_is_validated_and_set_once(client: Client) -> None:
 
 
 async def test_an_unreachable_rendezvous_fails_with_words_and_a_hint(client: Client) -> None:
-    s = await _create(client, role="client", local_port=free_port(), mode="seed",
+    s = await create_session(client, role="client", local_port=free_port(), mode="seed",
                       rendezvous=f"127.0.0.1:{free_port()}", label="nobody home")
 
     async def ended() -> bool:
-        return (await _get(client, s["id"]))["outcome"] is not None
+        return (await get_session(client, s["id"]))["outcome"] is not None
 
     await wait_until(ended, what="the session to fail")
-    data = await _get(client, s["id"])
+    data = await get_session(client, s["id"])
     assert (data["state"], data["outcome"]) == ("failed", "failed")
     assert "rendezvous" in data["error"]
     assert "nopf-server" in data["hint"]
@@ -162,25 +150,26 @@ async def test_an_unreachable_rendezvous_fails_with_words_and_a_hint(client: Cli
 
 async def test_two_sessions_punch_on_loopback_and_move_data(client: Client) -> None:
     with echo_service() as echo_port:
-        server = await _create(client, role="server", local_port=echo_port, label="srv",
+        server = await create_session(client, role="server", local_port=echo_port, label="srv",
                                mode="seed")
         app_port = free_port()
-        cli = await _create(client, role="client", local_port=app_port, label="cli",
+        cli = await create_session(client, role="client", local_port=app_port, label="cli",
                             mode="seed")
         assert server["share_url"].startswith("http://127.0.0.1:")
 
         async def both_public() -> bool:
-            return all([(await _get(client, s["id"]))["public_address"] for s in (server, cli)])
+            return all([(await get_session(client, s["id"]))["public_address"]
+                        for s in (server, cli)])
 
         await wait_until(both_public, what="public addresses")
-        server, cli = await _get(client, server["id"]), await _get(client, cli["id"])
+        server, cli = await get_session(client, server["id"]), await get_session(client, cli["id"])
         for me, peer in ((server, cli), (cli, server)):
             resp = await client.post(f"/api/sessions/{me['id']}/peer",
                                      json={"address": peer["public_address"]})
             assert resp.status == 200
 
         async def connected() -> bool:
-            states = {(await _get(client, s["id"]))["state"] for s in (server, cli)}
+            states = {(await get_session(client, s["id"]))["state"] for s in (server, cli)}
             return states == {"connected"}
 
         await wait_until(connected, what="both sessions connected")
@@ -190,7 +179,7 @@ async def test_two_sessions_punch_on_loopback_and_move_data(client: Client) -> N
             assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
 
             async def counted() -> bool:
-                c = await _get(client, cli["id"])
+                c = await get_session(client, cli["id"])
                 return bool(c["bytes_out"] == c["bytes_in"] == len(payload))
 
             await wait_until(counted, what="bytes counted")
@@ -200,7 +189,7 @@ async def test_two_sessions_punch_on_loopback_and_move_data(client: Client) -> N
             assert (stopped["outcome"], stopped["live"]) == ("stopped", False)
 
         async def server_ended() -> bool:
-            return (await _get(client, server["id"]))["outcome"] is not None
+            return (await get_session(client, server["id"]))["outcome"] is not None
 
         await wait_until(server_ended, what="the server session to end")
 
@@ -222,13 +211,14 @@ async def test_sessions_running_at_shutdown_are_interrupted_after_restart(
     first = TestClient(TestServer(create_app(config, guard=NullGuard("tests"))))
     await first.start_server()
     try:
-        running = await _create(first, role="server", local_port=free_port(), label="left on")
+        running = await create_session(first, role="server", local_port=free_port(),
+                                       label="left on")
     finally:
         await first.close()  # the dashboard stops while the session waits for its peer
     second = TestClient(TestServer(create_app(config, guard=NullGuard("tests"))))
     await second.start_server()
     try:
-        data = await _get(second, running["id"])
+        data = await get_session(second, running["id"])
         assert data["outcome"] == "interrupted"
         assert data["share_url"] is None  # share tokens do not survive in clear
         resp = await second.get("/api/history?limit=1")
@@ -246,7 +236,7 @@ async def test_the_session_limit_is_a_409(aiohttp_client: AiohttpClient, tmp_pat
     client = await aiohttp_client(create_app(web_config(tmp_path, max_live_sessions=2),
                                              guard=NullGuard("tests")))
     for _ in range(2):
-        await _create(client, role="server", local_port=free_port())
+        await create_session(client, role="server", local_port=free_port())
     resp = await client.post("/api/sessions", json={"role": "server", "local_port": 22})
     assert resp.status == 409
     assert "stop one first" in (await resp.json())["error"]

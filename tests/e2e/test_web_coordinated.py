@@ -23,7 +23,16 @@ from nopf_web.web import create_app
 from nopf_web.web.keys import STORE
 from tests.programs import argv, free_port
 
-from .web_support import Client, connection, echo, echo_service, wait_until, web_config
+from .web_support import (
+    Client,
+    connection,
+    create_session,
+    echo,
+    echo_service,
+    get_session,
+    wait_until,
+    web_config,
+)
 
 
 @pytest.fixture
@@ -31,26 +40,12 @@ async def client(aiohttp_client: AiohttpClient, tmp_path: Path) -> Client:
     return await aiohttp_client(create_app(web_config(tmp_path), guard=NullGuard("tests")))
 
 
-async def _create(client: Client, **body: Any) -> dict[str, Any]:
-    resp = await client.post("/api/sessions", json=body)
-    assert resp.status == 201, await resp.text()
-    data: dict[str, Any] = await resp.json()
-    return data
-
-
-async def _get(client: Client, session_id: str) -> dict[str, Any]:
-    resp = await client.get(f"/api/sessions/{session_id}")
-    assert resp.status == 200
-    data: dict[str, Any] = await resp.json()
-    return data
-
-
 async def _wait_code(client: Client, session_id: str) -> str:
     async def has_code() -> bool:
-        return bool((await _get(client, session_id))["code"])
+        return bool((await get_session(client, session_id))["code"])
 
     await wait_until(has_code, what="the pairing code")
-    code: str = (await _get(client, session_id))["code"]
+    code: str = (await get_session(client, session_id))["code"]
     return code
 
 
@@ -58,11 +53,11 @@ async def test_a_client_joins_a_server_by_its_code_and_carries_many_connections(
         client: Client) -> None:
     streams, size = 8, 256 * 1024
     with echo_service() as echo_port:
-        server = await _create(client, role="server", local_port=echo_port, label="share")
+        server = await create_session(client, role="server", local_port=echo_port, label="share")
         assert (server["mode"], server["state"]) == ("coordinated", "discovering")
         code = await _wait_code(client, server["id"])
         assert str(parse_code(code)) == code
-        server = await _get(client, server["id"])
+        server = await get_session(client, server["id"])
         assert server["state"] == "waiting_peer"
         assert code in server["invite"] and f"nopf connect {code}" in server["invite"]
         # One-time secret: the history file gets the code only once it is spent.
@@ -72,17 +67,17 @@ async def test_a_client_joins_a_server_by_its_code_and_carries_many_connections(
         assert not [e for e in await store.events_for(server["id"]) if code in e.message]
 
         app_port = free_port()
-        joiner = await _create(client, role="client", local_port=app_port, code=code,
+        joiner = await create_session(client, role="client", local_port=app_port, code=code,
                                label="join")
         assert (joiner["mode"], joiner["code"]) == ("coordinated", code)
 
         async def connected() -> bool:
-            states = {(await _get(client, s["id"]))["state"] for s in (server, joiner)}
+            states = {(await get_session(client, s["id"]))["state"] for s in (server, joiner)}
             assert "failed" not in states
             return states == {"connected"}
 
         await wait_until(connected, timeout=20, what="both sessions connected")
-        server = await _get(client, server["id"])
+        server = await get_session(client, server["id"])
         assert server["invite"] is None  # the code is used
         assert server["path"] in ("public", "lan") and server["peer_address"]
         resp = await client.post(f"/api/sessions/{server['id']}/peer",
@@ -98,12 +93,12 @@ async def test_a_client_joins_a_server_by_its_code_and_carries_many_connections(
         await asyncio.gather(*(one(i) for i in range(streams)))  # all at once, one tunnel
 
         async def counted() -> bool:
-            c = await _get(client, joiner["id"])
+            c = await get_session(client, joiner["id"])
             return bool(c["bytes_out"] == c["bytes_in"] == streams * size
                         and c["connections"] == streams)
 
         await wait_until(counted, what="bytes and connections counted")
-        s = await _get(client, server["id"])
+        s = await get_session(client, server["id"])
         assert (s["bytes_in"], s["bytes_out"], s["connections"]) == (
             streams * size, streams * size, streams)
 
@@ -112,7 +107,7 @@ async def test_a_client_joins_a_server_by_its_code_and_carries_many_connections(
         assert (await resp.json())["outcome"] == "stopped"
 
         async def server_ended() -> bool:
-            return (await _get(client, server["id"]))["outcome"] is not None
+            return (await get_session(client, server["id"]))["outcome"] is not None
 
         await wait_until(server_ended, what="the server session to end")
 
@@ -136,20 +131,20 @@ async def test_a_client_joins_a_server_by_its_code_and_carries_many_connections(
 
 async def test_a_code_nobody_shares_fails_the_client_with_words_and_a_hint(
         client: Client) -> None:
-    joiner = await _create(client, role="client", local_port=free_port(),
+    joiner = await create_session(client, role="client", local_port=free_port(),
                            code=str(make_code(999_999)))
 
     async def ended() -> bool:
-        return (await _get(client, joiner["id"]))["outcome"] is not None
+        return (await get_session(client, joiner["id"]))["outcome"] is not None
 
     await wait_until(ended, what="the client session to fail")
-    data = await _get(client, joiner["id"])
+    data = await get_session(client, joiner["id"])
     assert (data["state"], data["outcome"]) == ("failed", "failed")
     assert data["error"] and data["hint"] and "code" in data["hint"]
 
 
 async def test_seed_mode_is_still_available_and_takes_no_code(client: Client) -> None:
-    s = await _create(client, role="server", local_port=free_port(), mode="seed")
+    s = await create_session(client, role="server", local_port=free_port(), mode="seed")
     assert (s["mode"], s["code"], s["invite"]) == ("seed", None, None)
     resp = await client.post(f"/api/sessions/{s['id']}/peer", json={"address": "127.0.0.3:4000"})
     assert resp.status == 200
@@ -187,9 +182,9 @@ async def test_bad_mode_or_code_is_a_400_naming_the_field(
 
 async def test_the_invitations_command_joins_with_the_nopf_cli(client: Client) -> None:
     with echo_service() as echo_port:
-        server = await _create(client, role="server", local_port=echo_port)
+        server = await create_session(client, role="server", local_port=echo_port)
         await _wait_code(client, server["id"])
-        invite = (await _get(client, server["id"]))["invite"]
+        invite = (await get_session(client, server["id"]))["invite"]
         command = re.search(r"run (nopf connect .+?) \(PORT", invite)
         assert command, invite
         app_port = free_port()
@@ -200,7 +195,7 @@ async def test_the_invitations_command_joins_with_the_nopf_cli(client: Client) -
         try:
             async def connected() -> bool:
                 assert peer.returncode is None, "nopf connect exited early"
-                return bool((await _get(client, server["id"]))["state"] == "connected")
+                return bool((await get_session(client, server["id"]))["state"] == "connected")
 
             await wait_until(connected, timeout=20, what="the CLI peer to join")
             for size in (1, 100_000):
@@ -214,6 +209,6 @@ async def test_the_invitations_command_joins_with_the_nopf_cli(client: Client) -
         assert peer.returncode == 0, err.decode(errors="replace")
 
         async def closed() -> bool:
-            return bool((await _get(client, server["id"]))["outcome"] == "closed")
+            return bool((await get_session(client, server["id"]))["outcome"] == "closed")
 
         await wait_until(closed, what="the server session to close with the CLI peer")

@@ -91,3 +91,18 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     writer.write(payload)
     await writer.drain()
     return await asyncio.wait_for(reader.readexactly(len(payload)), 20)
+
+
+async def create_session(client: Client, **body: Any) -> dict[str, Any]:
+    """POST /api/sessions and insist on 201; the session object."""
+    resp = await client.post("/api/sessions", json=body)
+    assert resp.status == 201, await resp.text()
+    data: dict[str, Any] = await resp.json()
+    return data
+
+
+async def get_session(client: Client, session_id: str) -> dict[str, Any]:
+    resp = await client.get(f"/api/sessions/{session_id}")
+    assert resp.status == 200
+    data: dict[str, Any] = await resp.json()
+    return data
