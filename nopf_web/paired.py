@@ -14,11 +14,9 @@ dashboard's recorder subscribe to either alike.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from dataclasses import dataclass
 
-from nopf_web.errors import NopfError
 from nopf_web.rendezvous import coord
 from nopf_web.rendezvous.client import resolve_ipv4
 from nopf_web.session import Event, SessionBase, SessionRole, State, listen_local
@@ -76,6 +74,9 @@ class PairedSession(SessionBase):
     # -- the life -----------------------------------------------------------
 
     async def run(self) -> None:
+        await self._live(self._life(), "the peer closed the tunnel")
+
+    async def _life(self) -> None:
         spec = self.spec
         listener: socket.socket | None = None
         try:
@@ -105,16 +106,9 @@ class PairedSession(SessionBase):
                     await serve_connect(self._mux, listener, on_event=self._log)
             finally:
                 await self._mux.close()
-        except NopfError as exc:
-            self._end(State.FAILED, str(exc))
-            raise
-        except asyncio.CancelledError:
-            self._end(State.CLOSED, "stopped")
-            raise
         finally:
             if listener is not None:
                 listener.close()
-        self._end(State.CLOSED, "the peer closed the tunnel")
 
     async def _pair(self) -> coord.PairedTunnel:
         spec = self.spec

@@ -19,7 +19,7 @@ import errno
 import ipaddress
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -112,6 +112,19 @@ class SessionBase:
         self.state = state
         self._emit(Event("state", message, data={"state": state.value}))
 
+    async def _live(self, life: Awaitable[None], ended: str) -> None:
+        """Await a session's life and record how it ended: ``failed`` on a NopfError
+        (re-raised), ``closed`` when stopped (cancelled) or when it ran out."""
+        try:
+            await life
+        except NopfError as exc:
+            self._end(State.FAILED, str(exc))
+            raise
+        except asyncio.CancelledError:
+            self._end(State.CLOSED, "stopped")
+            raise
+        self._end(State.CLOSED, ended)
+
     def _end(self, state: State, message: str) -> None:
         """Enter a final state once; a failure's message becomes ``error``."""
         if not self.state.final:
@@ -175,6 +188,9 @@ class Session(SessionBase):
             return
         if self.peer_address is not None:
             self._peer_set.set()
+        await self._live(self._life(), "the pipe ended")
+
+    async def _life(self) -> None:
         listener: socket.socket | None = None
         try:
             if self.spec.role == "client":
@@ -187,16 +203,9 @@ class Session(SessionBase):
                 local = await self._accept_local(listener, tunnel)
                 listener.close()
             await self._pipe_until_done(local, tunnel)
-        except NopfError as exc:
-            self._end(State.FAILED, str(exc))
-            raise
-        except asyncio.CancelledError:
-            self._end(State.CLOSED, "stopped")
-            raise
         finally:
             if listener is not None:
                 listener.close()
-        self._end(State.CLOSED, "the pipe ended")
 
     def _listen(self) -> socket.socket:
         return listen_local(self.spec.local_host, self.spec.local_port)
