@@ -48,3 +48,38 @@ def stopwatch() -> Callable[[], float]:
     """Seconds since the call, for scenarios that time their own phases."""
     t0 = time.perf_counter()
     return lambda: time.perf_counter() - t0
+
+
+def standalone(module: str, argv: list[str] | None = None) -> int:
+    """``python -m bench.scn_<name> [--quick] [--outdir DIR] [--json FILE]``: one scenario.
+
+    Progress goes to stderr, the Markdown section to stdout.
+    """
+    import argparse
+    import importlib
+    import json
+    import sys
+
+    mod = importlib.import_module(module)
+    ap = argparse.ArgumentParser(prog=f"python -m {module}", description=mod.TITLE)
+    ap.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+    ap.add_argument("--outdir", type=Path, default=Path("docs/img"), help="where plots go")
+    ap.add_argument("--json", type=Path, help="also write the result's data here")
+    args = ap.parse_args(argv)
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    clock = stopwatch()
+
+    def progress(msg: str) -> None:
+        print(f"[{mod.NAME} {clock():6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+    result: ScenarioResult = mod.run(progress, args.quick, args.outdir)
+    result.seconds = clock()
+    print(f"## {result.title}\n\n{result.markdown}")
+    for t in result.targets:
+        print(f"- target {t.name}: {t.goal}; measured {t.measured}: "
+              f"{'met' if t.met else 'NOT met'}")
+    if args.json:
+        args.json.write_text(json.dumps(result.data, indent=2))
+    print(f"{mod.NAME}: {result.seconds:.1f} s (budget {mod.BUDGET_S} s); plots: "
+          + ", ".join(str(p) for p in result.plots), file=sys.stderr)
+    return 0
