@@ -15,6 +15,7 @@ dashboard's recorder subscribe to either alike.
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import dataclass
 
 from nopf_web.rendezvous import coord
@@ -58,6 +59,10 @@ class PairedSession(SessionBase):
         self.peer_address: Endpoint | None = None
         self.path: str | None = None
         self._mux: Mux | None = None
+        # Monotonic instants of the setup, for measurements: the pairing's, and
+        # when the secure channel (SPAKE2 + confirmation) was up.
+        self.timings: coord.Timings | None = None
+        self.secured_at: float | None = None
 
     @property
     def bytes_in(self) -> int:
@@ -83,6 +88,7 @@ class PairedSession(SessionBase):
             if spec.role == "client":
                 listener = listen_local(spec.local_host, spec.local_port, backlog=128)
             paired = await self._pair()
+            self.timings = paired.timings
             self.public_address, self.peer_address = paired.public, paired.peer
             self.path = paired.path
             self._emit(Event("public_address", str(paired.public),
@@ -92,6 +98,7 @@ class PairedSession(SessionBase):
             self._set_state(State.PUNCHING, f"authenticating {paired.peer} with the code")
             channel = await open_channel(paired.sock, role=paired.role, code=paired.code,
                                          timeout=spec.net_timeout * 2)
+            self.secured_at = time.monotonic()
             self._mux = Mux(channel, initiator=paired.role == "A", keepalive=spec.keepalive,
                             dead_after=spec.keepalive * 3, name=f"mux-{spec.local_port}")
             await self._mux.start()

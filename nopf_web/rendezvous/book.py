@@ -148,6 +148,12 @@ class NameplateBook(Generic[T]):
     def is_open(self, nameplate: int) -> bool:
         return nameplate in self._open
 
+    def peek(self, nameplate: int) -> T | None:
+        """The sharer waiting on ``nameplate``, without claiming it (None: not open)."""
+        self.sweep()
+        entry = self._open.get(nameplate)
+        return None if entry is None else entry.owner
+
     # -------------------------------------------------------------------------
 
     def _bury(self, nameplate: int, why: Tombstone) -> None:

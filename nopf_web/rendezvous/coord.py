@@ -7,11 +7,14 @@ on its "fire" both start at the same moment, a full-TTL simultaneous open,
 falling back to the seed's sequence (arm with a low TTL / connect) until the
 plan's budget runs out.
 
-Everything happens from one local port P: a plain seed discovery first (the
-NAT mapping check: the rendezvous compares its answer with the address it sees
-on the coordination connection), then the coordination connection, then the
-punch. The words of the code never leave this process; encryption over the
-whole code is the caller's business.
+Everything happens from one local port P: the coordination connection, then
+the punch. The sharer first makes a plain discovery from P too (the NAT
+mapping check: the rendezvous compares its answer with the address it sees on
+the coordination connection); the joiner skips that check, which would cost it
+three round trips, unless the rendezvous asks for it (``probe_required``:
+against a symmetric sharer, the joiner's mapping decides the plan). The words
+of the code never leave this process; encryption over the whole code is the
+caller's business.
 """
 
 from __future__ import annotations
@@ -88,6 +91,12 @@ class SymmetricNat(PairingError):
     pass
 
 
+class _ProbeRequired(PairingError):
+    """The rendezvous needs our NAT mapping check before it can plan (internal)."""
+
+    port = 0  # the local port the check must run from
+
+
 class RendezvousTooOld(PairingError):
     """The rendezvous speaks only the seed's discovery protocol."""
 
@@ -101,6 +110,7 @@ class CoordinatedPunchTimeout(PairingError):
 _ERRORS: dict[str, type[PairingError]] = {
     "unknown_code": UnknownCode, "expired": CodeExpired, "used": CodeUsed,
     "too_many_guesses": TooManyGuesses, "symmetric_nat": SymmetricNat,
+    "probe_required": _ProbeRequired,
 }
 
 
@@ -115,6 +125,8 @@ class Timings:
     hello_sent: float  # the coordination hello left
     fire: float  # the fire instruction arrived (the punch starts)
     connected: float  # the socket is connected
+    probed: float | None = None  # the NAT mapping check finished (None: not run)
+    rdv_connected: float = 0.0  # the coordination connection was established
 
 
 @dataclass(frozen=True)
@@ -207,6 +219,8 @@ class _CtlInfo:
     hello_sent: float
     fire: float
     punch_timeout: float
+    probed: float | None = None
+    rdv_connected: float = 0.0
 
 
 class _Control:
@@ -354,8 +368,38 @@ async def _coordinate(
     on_event: EventSink | None,
 ) -> tuple[Fire, _CtlInfo]:
     server = await resolve_ipv4(Endpoint(*rendezvous), net_timeout)
-    probed, port = await _probe(server, bind_host, punch_port, net_timeout)
+    port = punch_port
+    probed: Endpoint | None = None
+    probed_at: float | None = None
+    # The sharer checks its NAT mapping while nobody waits for it. The joiner is on
+    # the clock (three round trips for the check): it skips it unless the
+    # rendezvous says the plan depends on it (a symmetric sharer).
+    need_probe = action == "share"
+    while True:
+        if need_probe:
+            probed, port = await _probe(server, bind_host, port, net_timeout)
+            probed_at = time.monotonic()
+        try:
+            return await _hello_and_wait(server, action, nameplate, wait, started,
+                                         punch_timeout, bind_host, port, probed, probed_at,
+                                         net_timeout, on_event)
+        except _ProbeRequired as exc:
+            if need_probe:  # asked twice: the rendezvous is confused
+                raise RendezvousProtocolError(f"rendezvous {server[0]}:{server[1]} asked "
+                                              "for a NAT mapping check it already had") from None
+            need_probe, port = True, exc.port
+            _say(on_event, "the sharer's NAT is symmetric: checking ours")
+
+
+async def _hello_and_wait(
+    server: tuple[str, int], action: Literal["share", "join"], nameplate: int | None,
+    wait: Callable[[_Control], Coroutine[Any, Any, Fire]], started: float,
+    punch_timeout: float, bind_host: str, port: int, probed: Endpoint | None,
+    probed_at: float | None, net_timeout: float, on_event: EventSink | None,
+) -> tuple[Fire, _CtlInfo]:
     sock = await _connect_from(server, bind_host, port, net_timeout)
+    rdv_connected = time.monotonic()
+    port = int(sock.getsockname()[1])
     ctl = _Control(sock, f"{server[0]}:{server[1]}")
     try:
         lan = Endpoint(*sock.getsockname()[:2])
@@ -367,15 +411,25 @@ async def _coordinate(
         except TimeoutError:
             raise RendezvousProtocolError(f"rendezvous {ctl.where} sent no address within "
                                           f"{net_timeout:g} s (is it a nopf-server?)") from None
-        if public != probed:
+        if probed is not None and public != probed:
             _say(on_event, f"our NAT gave public ports {probed.port} then {public.port} "
                  f"from local port {port}: it looks symmetric")
         _say(on_event, f"public address {public} (local port {port})")
-        fire = await wait(ctl)
+        try:
+            fire = await wait(ctl)
+        except _ProbeRequired as exc:
+            # The rendezvous closed first: our port is free again once our FIN is acknowledged.
+            with contextlib.suppress(OSError, TimeoutError, RendezvousProtocolError):
+                async with asyncio.timeout(net_timeout):
+                    while await ctl.recv(64):
+                        pass
+            exc.port = port
+            raise
     finally:
         sock.close()
     fired = time.monotonic()
-    return fire, _CtlInfo(Endpoint(bind_host, port), started, hello_sent, fired, punch_timeout)
+    return fire, _CtlInfo(Endpoint(bind_host, port), started, hello_sent, fired, punch_timeout,
+                          probed_at, rdv_connected)
 
 
 # The punch -------------------------------------------------------------------------
@@ -407,7 +461,8 @@ async def _punch(fire: Fire, ctl: _CtlInfo, role: Literal["A", "B"], code: str, 
         _say(on_event, f"tunnel up to {stage.peer} over the {stage.path} path")
         return PairedTunnel(
             sock, role, code, stage.peer, stage.path, ctl.local, fire.public,
-            fire.rtt_ms / 1000, Timings(ctl.started, ctl.hello_sent, ctl.fire, connected),
+            fire.rtt_ms / 1000, Timings(ctl.started, ctl.hello_sent, ctl.fire, connected,
+                                        ctl.probed, ctl.rdv_connected),
         )
     raise _punch_failed(fire, failures)
 

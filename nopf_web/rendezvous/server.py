@@ -72,7 +72,7 @@ from .book import (
 log = logging.getLogger("nopf.rendezvous")
 
 DEFAULT_PORT = 3012
-FIRE_MARGIN = 0.02  # s added to the latest fire send time: scheduling slack
+FIRE_MARGIN = 0.005  # s added to the latest fire send time: scheduling slack
 QUICK_PINGS = 3  # RTT samples taken at once from a sharer, then one per ping_interval
 DEFAULT_RTT = 0.2  # s, assumed when nothing was measured (non-Linux, no pong yet)
 
@@ -404,6 +404,17 @@ class RendezvousServer:
         loop = asyncio.get_running_loop()
         nameplate = conn.hello.nameplate
         assert nameplate is not None
+        sharer_waiting = self.book.peek(nameplate)
+        if (sharer_waiting is not None and conn.hello.probe is None
+                and sharer_waiting.conn.info().mapping == "symmetric"
+                and conn.info().mapping != "none"):
+            # Against a symmetric sharer the joiner's own mapping decides between
+            # "refuse at once" and a short punch: it has to check it first. The
+            # code stays open for its second hello.
+            await self._refuse(conn.reader, conn.writer, "probe_required",
+                               "the sharer's NAT is symmetric: check our NAT mapping (a "
+                               "probe from the same port), then send the hello again")
+            return
         try:
             waiting = self.book.claim(nameplate, conn.public.host)
         except ClaimRefused as exc:

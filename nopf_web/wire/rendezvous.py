@@ -17,7 +17,9 @@ Client -> rendezvous
     hello  {"type":"hello","version":2,"action":"share"|"join","nameplate":N|null,
             "lan":["ip:port",...],  (<= MAX_CANDIDATES; our address as our OS sees it)
             "probe":"ip:port"|null,  (public address a plain discovery from the same
-                                      port got just before: the NAT mapping check)
+                                      port got just before: the NAT mapping check.
+                                      A joiner sends null at first, to save its
+                                      three round trips; see "probe_required")
             "punch_timeout":S}       (seconds this peer will punch; the plan uses the
                                       smaller of the two peers')
     pong   {"type":"pong","seq":N}   (answer to ping, at once)
@@ -38,6 +40,10 @@ Rendezvous -> client
             (sent to each peer at T - RTT_i/2 so both receive it at T: start
              punching at once; the stages run in order, each for its budget)
     error   {"type":"error","code":C,"message":"one line"}  (then the rendezvous closes)
+            code "probe_required" (to a joiner whose hello had no probe, when the
+            sharer's NAT is symmetric, so the plan depends on the joiner's mapping):
+            the code stays open; the joiner probes from the same port and sends its
+            hello again, with the probe
 """
 
 from __future__ import annotations
@@ -72,6 +78,7 @@ ERROR_CODES = frozenset({
     "symmetric_nat",  # the pair cannot be punched: symmetric mapping named
     "busy",  # the rendezvous is out of nameplates or connections
     "timeout",  # a peer did not answer in time
+    "probe_required",  # the joiner sent no NAT mapping check and the plan needs one
 })
 
 Action = Literal["share", "join"]

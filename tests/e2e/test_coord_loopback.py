@@ -13,7 +13,17 @@ from nopf_web.pairing import BadCode, parse_code
 from nopf_web.rendezvous import coord
 from nopf_web.rendezvous.book import PairingLimits
 from nopf_web.rendezvous.server import RendezvousServer, ServerLimits
+from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import decode_reply
+from nopf_web.wire.rendezvous import (
+    ErrorReply,
+    FrameReader,
+    Hello,
+    ServerMessage,
+    Welcome,
+    decode_server_message,
+    encode,
+)
 
 LO = "127.0.0.1"
 
@@ -162,3 +172,33 @@ async def test_seed_clients_are_served_as_before_next_to_coordinated_ones() -> N
         sharing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sharing
+
+
+async def _hello(server: RendezvousServer, hello: Hello,
+                 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, ServerMessage]:
+    """Connect, send ``hello``, skip the discovery reply; return the first message."""
+    reader, writer = await asyncio.open_connection(*server.address)
+    writer.write(encode(hello))
+    await reader.readexactly(10)
+    frames = FrameReader()
+    async with asyncio.timeout(5):
+        while not (payloads := frames.feed(await reader.read(4096))):
+            pass
+    return reader, writer, decode_server_message(payloads[0])
+
+
+async def test_a_joiner_without_mapping_check_is_asked_for_one_by_a_symmetric_sharer() -> None:
+    # The probe is what the client reports: a port other than the observed one
+    # makes this sharer "symmetric" to the rendezvous.
+    lan = Endpoint(LO, 1)
+    async with rendezvous() as server:
+        _, s_writer, welcome = await _hello(
+            server, Hello("share", None, (lan,), Endpoint("192.0.2.7", 4999), 5))
+        assert isinstance(welcome, Welcome)
+        _, j_writer, reply = await _hello(
+            server, Hello("join", welcome.nameplate, (lan,), None, 5))
+        assert isinstance(reply, ErrorReply) and reply.code == "probe_required", reply
+        assert server.book.is_open(welcome.nameplate)  # not spent: the joiner comes back
+        assert server.stats.paired == 0
+        j_writer.close()
+        s_writer.close()

@@ -1,0 +1,209 @@
+"""Where a coordinated setup's round trips go: per-phase instants of real sessions.
+
+Runs a sharer ``PairedSession`` in a1 (its service records when the first
+byte arrives) and, once the code is out, a connector ``PairedSession`` in b1
+whose application connects at once and sends one byte. All instants are
+``time.monotonic()`` in one process, measured from "both peers ready" (the
+sharer waits with its code, the connector starts).
+
+    sudo .venv/bin/python -m tests.e2e.coord_setup_timing [--delay-ms 20] [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing
+import queue
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Event
+
+from nopf_web.paired import PairedSession, PairedSpec
+from nopf_web.wire.address import Endpoint
+from tests.lab import Host, Lab
+
+from .coord_harness import RDV, handshake_rtt
+from .peers import start_rendezvous
+
+SERVICE_PORT = 3000
+CONNECTOR_PORT = 3010
+_CTX = multiprocessing.get_context("fork")  # the child inherits the lab objects
+PHASES = ("probed", "rdv_connected", "hello_sent", "fire", "connected", "secured", "byte")
+
+
+@dataclass
+class Run:
+    ready: float  # connector started (the sharer is waiting with its code)
+    joiner: dict[str, float]  # phase -> instant, on the connector
+    sharer: dict[str, float]
+    byte: float  # the application's first byte reached the sharer's service
+
+    def offsets(self) -> dict[str, float]:
+        """Seconds from ready to each connector phase (and the byte at the service)."""
+        out = {k: v - self.ready for k, v in self.joiner.items()}
+        out["byte"] = self.byte - self.ready
+        return out
+
+
+def _phases(session: PairedSession) -> dict[str, float]:
+    t = session.timings
+    got: dict[str, float] = {}
+    if t is not None:
+        if t.probed is not None:
+            got["probed"] = t.probed
+        if t.rdv_connected:
+            got["rdv_connected"] = t.rdv_connected
+        got.update(hello_sent=t.hello_sent, fire=t.fire, connected=t.connected)
+    if session.secured_at is not None:
+        got["secured"] = session.secured_at
+    return got
+
+
+def _sharer_main(code_q: Queue[str], out_q: Queue[tuple[str, object]], stop: Event,
+                 timeout: float) -> None:
+    async def main() -> None:
+        async def service(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            data = await r.read(1)
+            if data:
+                out_q.put(("byte", time.monotonic()))
+                w.write(data)
+                await w.drain()
+            w.close()
+
+        server = await asyncio.start_server(service, "127.0.0.1", SERVICE_PORT)
+        session = PairedSession(PairedSpec("server", SERVICE_PORT, Endpoint(*RDV),
+                                           punch_timeout=8))
+        session.subscribe(lambda e: code_q.put(e.message) if e.kind == "code" else None)
+        task = asyncio.create_task(session.run())
+        await asyncio.get_running_loop().run_in_executor(None, stop.wait, timeout)
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        server.close()
+        out_q.put(("sharer", _phases(session)))
+
+    asyncio.run(main())
+
+
+def _joiner_main(code: str, out_q: Queue[tuple[str, object]], timeout: float) -> None:
+    async def main() -> None:
+        session = PairedSession(PairedSpec("client", CONNECTOR_PORT, Endpoint(*RDV), code=code,
+                                           punch_timeout=8))
+        task = asyncio.create_task(session.run())
+        loop = asyncio.get_running_loop()
+        error = ""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:  # the listener opens as the session starts
+                    sock = socket.socket()
+                    sock.setblocking(False)
+                    try:
+                        await loop.sock_connect(sock, ("127.0.0.1", CONNECTOR_PORT))
+                        break
+                    except OSError:
+                        sock.close()
+                        await asyncio.sleep(0.001)
+                await loop.sock_sendall(sock, b"x")
+                echoed = await loop.sock_recv(sock, 1)
+                sock.close()
+                if echoed != b"x":
+                    error = f"echo returned {echoed!r}"
+        except TimeoutError:
+            error = f"no echo within {timeout} s (session state {session.state})"
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        out_q.put(("joiner", _phases(session)))
+        out_q.put(("error", error))
+
+    asyncio.run(main())
+
+
+def _in_host(host: Host, target: Callable[..., None], *args: object) -> BaseProcess:
+    """One peer per process (as on two machines: no shared GIL for the SPAKE2 maths)."""
+    def body() -> None:
+        with host.enter():
+            target(*args)
+
+    proc = _CTX.Process(target=body, daemon=True)
+    proc.start()
+    return proc
+
+
+def one_run(sharer: Host, joiner: Host, timeout: float = 20) -> Run:
+    code_q: Queue[str] = _CTX.Queue()
+    out_q: Queue[tuple[str, object]] = _CTX.Queue()
+    stop = _CTX.Event()
+    a = _in_host(sharer, _sharer_main, code_q, out_q, stop, timeout)
+    b: BaseProcess | None = None
+    try:
+        try:
+            code = code_q.get(timeout=10)
+        except queue.Empty:
+            raise RuntimeError("no code from the sharer within 10 s") from None
+        ready = time.monotonic()
+        b = _in_host(joiner, _joiner_main, code, out_q, timeout)
+        b.join(timeout + 5)
+        stop.set()
+        a.join(timeout + 5)
+        got: dict[str, object] = {}
+        with contextlib.suppress(queue.Empty):
+            while len(got) < 4:
+                kind, value = out_q.get(timeout=2)
+                got[kind] = value
+    finally:
+        stop.set()
+        for p in (a, b):
+            if p is not None and p.is_alive():
+                p.kill()
+                p.join(5)
+    if got.get("error") or "byte" not in got:
+        raise RuntimeError(str(got.get("error") or "the byte never reached the service"))
+    joined, shared, byte = got["joiner"], got.get("sharer", {}), got["byte"]
+    assert isinstance(joined, dict) and isinstance(shared, dict) and isinstance(byte, float)
+    return Run(ready, joined, shared, byte)
+
+
+def measure(delay_ms: float, runs: int, jitter_ms: float = 0) -> tuple[float, list[Run]]:
+    with Lab("rst", "drop", delay_ms=delay_ms, jitter_ms=jitter_ms) as lab:
+        start_rendezvous(lab)
+        rtt = handshake_rtt(lab.a1, RDV)
+        results = []
+        for _ in range(runs):
+            results.append(one_run(lab.a1, lab.b1))
+            time.sleep(0.3)
+        return rtt, results
+
+
+def report(rtt: float, results: list[Run]) -> str:
+    lines = [f"RTT {rtt * 1000:.0f} ms, {len(results)} runs; median ms from ready (in RTTs):"]
+    for phase in PHASES:
+        values = [r.offsets()[phase] for r in results if phase in r.offsets()]
+        if values:
+            med = statistics.median(values)
+            lines.append(f"  {phase:14s} {med * 1000:7.0f} ms  {med / rtt:5.2f} RTT")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--delay-ms", type=float, action="append")
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    for delay in args.delay_ms or [20.0]:
+        rtt, results = measure(delay, args.runs)
+        print(f"delay {delay:g} ms per pass: " + report(rtt, results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
