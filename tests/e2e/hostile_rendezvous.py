@@ -1,0 +1,221 @@
+"""A hostile rendezvous for the lab: it pairs peers, then lies about their addresses.
+
+It speaks the real coordinated-mode protocol (nopf_web's wire codecs) well
+enough for real ``share`` / ``connect`` clients, but tells each peer that the
+other one is at the rendezvous' own address, on a port of its own per side.
+Both peers then connect to it, and it sits in the middle:
+
+- ``relay``: copies bytes unchanged both ways and keeps a copy of everything
+  (what a passive eavesdropper on the path could read);
+- ``flip``: the same, but flips one byte of the first record after the secure
+  handshake in each direction (an active attacker injecting data);
+- ``mitm``: terminates both connections and runs its own SPAKE2 towards each
+  peer with a guessed code (it knows the nameplate, never the words).
+
+Runs its own asyncio loop in a thread entered into the lab's rendezvous host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Literal
+
+from nopf_web.tunnel.errors import TunnelError
+from nopf_web.tunnel.secure import CONFIRM_SIZE, HELLO_SIZE, open_channel
+from nopf_web.wire.address import Endpoint
+from nopf_web.wire.discovery import encode_reply
+from nopf_web.wire.rendezvous import (
+    Fire,
+    FrameReader,
+    Hello,
+    Probe,
+    Stage,
+    Welcome,
+    decode_client_message,
+    encode,
+)
+from tests.lab import Host
+
+Mode = Literal["relay", "flip", "mitm"]
+RDV_PORT = 3012
+SHARER_SIDE, JOINER_SIDE = 4001, 4002  # where each peer is told its peer is
+# First byte of the first record's ciphertext (after hello, confirm and its
+# 4-byte length) plus a few: inside the AES-GCM ciphertext.
+FLIP_AT = HELLO_SIZE + CONFIRM_SIZE + 4 + 3
+
+
+@dataclass
+class HostileRendezvous:
+    host: Host
+    mode: Mode
+    seen: dict[str, bytearray] = field(default_factory=lambda: {"a>b": bytearray(),
+                                                                  "b>a": bytearray()})
+    pairs: int = 0  # pairs told the lie
+    mitm_results: list[str] = field(default_factory=list)  # what our own SPAKE2 got
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+    _ready: threading.Event = field(default_factory=threading.Event)
+    _stop: asyncio.Event | None = None
+    _error: BaseException | None = None
+
+    # -- control from the test thread -------------------------------------------
+
+    def start(self, timeout: float = 5) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"hostile-{self.mode}",
+                                        daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise AssertionError(f"hostile rendezvous did not start within {timeout} s: "
+                                 f"{self._error!r}")
+        if self._error is not None:
+            raise AssertionError(f"hostile rendezvous failed to start: {self._error!r}")
+
+    def stop(self, timeout: float = 5) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            assert not self._thread.is_alive(), "hostile rendezvous did not stop"
+
+    def __enter__(self) -> HostileRendezvous:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the rendezvous host's side ------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            with self.host.enter():
+                asyncio.run(self._main())
+        except BaseException as exc:  # reported by start() or the test
+            self._error = exc
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._sharer: asyncio.Future[tuple[asyncio.StreamWriter, Hello, Endpoint]] = (
+            self._loop.create_future())
+        self._tasks: set[asyncio.Task[None]] = set()
+        servers = [
+            await asyncio.start_server(self._control, "0.0.0.0", RDV_PORT, reuse_address=True),
+        ]
+        listeners = {}
+        for side in (SHARER_SIDE, JOINER_SIDE):  # up before any peer hears of them
+            listeners[side] = socket.create_server(("0.0.0.0", side), reuse_port=True)
+            listeners[side].setblocking(False)
+        self._tasks.add(asyncio.create_task(self._middle(listeners)))
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            for server in servers:
+                server.close()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The coordination protocol, as far as the peers can tell a real rendezvous."""
+        ip, port = writer.get_extra_info("peername")[:2]
+        public = Endpoint(ip, port)
+        writer.write(encode_reply(ip, port))
+        frames = FrameReader()
+        try:
+            async with asyncio.timeout(5):
+                payloads: list[bytes] = []
+                while not payloads:
+                    chunk = await reader.read(4096)
+                    if not chunk:
+                        writer.close()
+                        return
+                    payloads = frames.feed(chunk)
+            msg = decode_client_message(payloads[0])
+        except (TimeoutError, OSError, ValueError):
+            writer.close()
+            return
+        if isinstance(msg, Probe):  # the sharer's mapping check: close first
+            writer.close()
+            return
+        if not isinstance(msg, Hello):
+            writer.close()
+            return
+        if msg.action == "share":
+            writer.write(encode(Welcome(1 + secrets.randbelow(99), 600, public)))
+            if not self._sharer.done():
+                self._sharer.set_result((writer, msg, public))
+            return  # the writer stays open until the joiner arrives
+        sharer_writer, sharer_hello, sharer_public = await self._sharer
+        rdv = Endpoint(self.host.ip, 0)
+        budget = min(8.0, msg.punch_timeout, sharer_hello.punch_timeout)
+        # The lie: "your peer is at my address".
+        for w, me, side in ((sharer_writer, sharer_public, SHARER_SIDE),
+                            (writer, public, JOINER_SIDE)):
+            there = Endpoint(rdv.host, side)
+            w.write(encode(Fire(me, there, (Stage("public", there, "connect", budget),), 40.0)))
+            with contextlib.suppress(OSError):
+                w.write_eof()
+        self.pairs += 1
+
+    async def _accept_side(self, listener: socket.socket) -> socket.socket:
+        """The first connection (the peer's punch); the listener closes after it."""
+        loop = asyncio.get_running_loop()
+        try:
+            conn, _ = await loop.sock_accept(listener)
+        finally:
+            listener.close()
+        conn.setblocking(False)
+        return conn
+
+    async def _middle(self, listeners: dict[int, socket.socket]) -> None:
+        a, b = await asyncio.gather(self._accept_side(listeners[SHARER_SIDE]),
+                                    self._accept_side(listeners[JOINER_SIDE]))
+        try:
+            if self.mode == "mitm":
+                await self._impersonate(a, b)
+                return
+            flip = FLIP_AT if self.mode == "flip" else None
+            await asyncio.gather(self._copy(a, b, "a>b", flip), self._copy(b, a, "b>a", flip))
+        finally:
+            a.close()
+            b.close()
+
+    async def _copy(self, src: socket.socket, dst: socket.socket, name: str,
+                    flip_at: int | None) -> None:
+        loop = asyncio.get_running_loop()
+        seen = self.seen[name]
+        try:
+            while chunk := await loop.sock_recv(src, 65536):
+                data = bytearray(chunk)
+                if flip_at is not None and len(seen) <= flip_at < len(seen) + len(data):
+                    data[flip_at - len(seen)] ^= 0x01
+                seen += chunk  # the bytes as they came: what an eavesdropper reads
+                await loop.sock_sendall(dst, bytes(data))
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    async def _impersonate(self, a: socket.socket, b: socket.socket) -> None:
+        """Our own SPAKE2 with each side: we are B to the sharer and A to the joiner."""
+        guess = "1-orbit-lantern"  # the nameplate may match; the words are a guess
+
+        async def spake(sock: socket.socket, role: Literal["A", "B"]) -> None:
+            try:
+                channel = await open_channel(sock.dup(), role=role, code=guess, timeout=5)
+            except TunnelError as exc:
+                self.mitm_results.append(f"{type(exc).__name__}: {exc}")
+                return
+            self.mitm_results.append("channel opened")  # would mean the guess was right
+            channel.abort()
+
+        await asyncio.gather(spake(a, "B"), spake(b, "A"))

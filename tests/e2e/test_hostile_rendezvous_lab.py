@@ -1,0 +1,141 @@
+"""A hostile rendezvous in the lab cannot read, alter or hijack a coordinated tunnel.
+
+The rendezvous (tests/e2e/hostile_rendezvous.py) pairs two real peers, then
+tells each that the other is at the rendezvous' own address: both punch
+straight into it, and it sits in the middle of the TCP connection. What the
+secure channel on top must guarantee:
+
+- a pure relay carries a working tunnel but never sees the plaintext;
+- a relay that flips one byte per direction makes both sides fail with
+  ``TunnelTampered`` and delivers nothing of the altered records;
+- a relay running its own SPAKE2 with a guessed code fails the handshake on
+  both sides ("pairing code did not match"), before any data moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from nopf_web.rendezvous.coord import PairedTunnel
+from nopf_web.tunnel.errors import PairingMismatch, TunnelTampered
+from nopf_web.tunnel.secure import SecureChannel, open_channel
+from nopf_web.wire.address import Endpoint
+from tests.lab import Lab
+from tests.lab.fixtures import LabFactory
+
+from .coord_harness import PairOutcome, pair
+from .hostile_rendezvous import JOINER_SIDE, SHARER_SIDE, HostileRendezvous, Mode
+
+pytestmark = pytest.mark.lab
+
+MARKER = b"nopf-hostile-rdv-plaintext-5e1d"
+
+
+def paired_through(lab: Lab, hostile: HostileRendezvous) -> tuple[PairOutcome, PairedTunnel,
+                                                                   PairedTunnel]:
+    out = pair(lab.a1, lab.b1, punch_timeout=8)
+    assert out.ok, out.errors
+    assert out.sharer is not None and out.joiner is not None
+    # Both "peers" are the rendezvous itself: the lie worked, it is in the middle.
+    assert out.sharer.peer == Endpoint(lab.rdv.ip, SHARER_SIDE)
+    assert out.joiner.peer == Endpoint(lab.rdv.ip, JOINER_SIDE)
+    assert hostile.pairs == 1
+    return out, out.sharer, out.joiner
+
+
+async def channels(a: PairedTunnel, b: PairedTunnel,
+                   ) -> tuple[SecureChannel | BaseException, SecureChannel | BaseException]:
+    return await asyncio.gather(
+        open_channel(a.sock, role=a.role, code=a.code, timeout=5),
+        open_channel(b.sock, role=b.role, code=b.code, timeout=5),
+        return_exceptions=True)
+
+
+def make(lab_factory: LabFactory, mode: Mode) -> tuple[Lab, HostileRendezvous]:
+    lab = lab_factory("rst", "drop", delay_ms=5)
+    return lab, HostileRendezvous(lab.rdv, mode)
+
+
+def test_a_relaying_rendezvous_carries_the_tunnel_but_reads_no_plaintext(
+    lab_factory: LabFactory,
+) -> None:
+    lab, hostile = make(lab_factory, "relay")
+    with hostile:
+        _, a, b = paired_through(lab, hostile)
+        to_b = MARKER + os.urandom(20_000) + MARKER
+        to_a = MARKER * 50
+
+        async def talk() -> tuple[bytes, bytes]:
+            ca, cb = await channels(a, b)
+            assert isinstance(ca, SecureChannel) and isinstance(cb, SecureChannel), (ca, cb)
+            ca.write(to_b)
+            cb.write(to_a)
+            got_a, got_b = bytearray(), bytearray()
+            async with asyncio.timeout(10):
+                while len(got_b) < len(to_b):
+                    got_b += await cb.recv()
+                while len(got_a) < len(to_a):
+                    got_a += await ca.recv()
+            ca.close()
+            cb.close()
+            return bytes(got_a), bytes(got_b)
+
+        got_a, got_b = asyncio.run(talk())
+    assert got_b == to_b and got_a == to_a  # end to end, through the relay
+    # The relay carried it all (from the SPAKE2 hello on), and none of it in the clear.
+    assert hostile.seen["a>b"].startswith(b"NOPF") and hostile.seen["b>a"].startswith(b"NOPF")
+    assert len(hostile.seen["a>b"]) > len(to_b) and len(hostile.seen["b>a"]) > len(to_a)
+    for direction in ("a>b", "b>a"):
+        assert MARKER not in hostile.seen[direction], f"plaintext visible {direction}"
+
+
+def test_a_relay_that_flips_a_byte_is_detected_on_both_sides(lab_factory: LabFactory) -> None:
+    lab, hostile = make(lab_factory, "flip")
+    with hostile:
+        _, a, b = paired_through(lab, hostile)
+
+        async def talk() -> tuple[list[object], list[object]]:
+            ca, cb = await channels(a, b)  # the handshake is intact: it passes
+            assert isinstance(ca, SecureChannel) and isinstance(cb, SecureChannel), (ca, cb)
+            ca.write(MARKER * 10)  # the relay flips a byte of each side's first record
+            cb.write(MARKER * 10)
+            outcome: dict[str, list[object]] = {"a": [], "b": []}
+
+            async def drain(name: str, ch: SecureChannel) -> None:
+                async with asyncio.timeout(10):
+                    while True:
+                        try:
+                            outcome[name].append(await ch.recv())
+                        except Exception as exc:  # the record layer's verdict, checked below
+                            outcome[name].append(exc)
+                            return
+
+            await asyncio.gather(drain("a", ca), drain("b", cb))
+            ca.abort()
+            cb.abort()
+            return outcome["a"], outcome["b"]
+
+        got_a, got_b = asyncio.run(talk())
+    for got in (got_a, got_b):
+        # Nothing delivered (not even the altered record's other bytes), then the verdict.
+        assert len(got) == 1, got
+        assert isinstance(got[0], TunnelTampered), got
+        assert "failed authentication" in str(got[0])
+
+
+def test_a_rendezvous_running_its_own_spake2_fails_both_handshakes(
+    lab_factory: LabFactory,
+) -> None:
+    lab, hostile = make(lab_factory, "mitm")
+    with hostile:
+        _, a, b = paired_through(lab, hostile)
+        results = asyncio.run(channels(a, b))
+    for res in results:
+        assert isinstance(res, PairingMismatch), results
+        assert str(res) == "pairing code did not match"
+    # The hostile side failed too: its guess did not give it a channel either.
+    assert len(hostile.mitm_results) == 2, hostile.mitm_results
+    assert all("channel opened" not in r for r in hostile.mitm_results), hostile.mitm_results
