@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import socket
 import time
@@ -38,6 +39,7 @@ from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import DiscoveryReader
 from nopf_web.wire.errors import WireError
 from nopf_web.wire.rendezvous import (
+    Action,
     ErrorReply,
     Fire,
     FrameReader,
@@ -58,6 +60,12 @@ from .errors import RendezvousError, RendezvousProtocolError, RendezvousUnreacha
 
 PORT_FREE_WAIT = 2.0  # s to wait for our end of the probe to close (one RTT)
 DEFAULT_PUNCH_TTL = 2
+# A punch that fails is coordinated again (fresh ports, a new fire time) while
+# the punch timeout allows: the first attempt gets half of it, and an attempt
+# is only started with at least MIN_ATTEMPT seconds left.
+MIN_ATTEMPT = 2.0
+MAX_ATTEMPTS = 3
+RETRY_WAIT = 12.0  # s for the peer to fail its attempt too and ask again (rendezvous: 10)
 
 
 # Errors ---------------------------------------------------------------------------
@@ -140,6 +148,7 @@ class PairedTunnel:
     public: Endpoint  # our public address, as the rendezvous saw it
     rtt: float  # s, the rendezvous' estimate of the peer-to-peer round trip
     timings: Timings
+    attempt: int = 1  # 2 and up: the punch worked after coordinating again
 
 
 EventSink = Callable[[str], None]
@@ -178,10 +187,12 @@ async def share(
         return _expect_fire(msg, ctl.where)
 
     fire, ctl_info = await _coordinate(rendezvous, "share", None, wait_for_peer, started,
-                                       punch_timeout, bind_host, punch_port, net_timeout,
-                                       on_event)
+                                       _first_budget(punch_timeout), bind_host, punch_port,
+                                       net_timeout, on_event)
     assert code is not None
-    return await _punch(fire, ctl_info, "A", str(code), punch_ttl, on_event)
+    return await _punch_and_retry(
+        _Retry(rendezvous, code.nameplate, punch_timeout, bind_host, punch_port, net_timeout),
+        fire, ctl_info, "A", str(code), punch_ttl, on_event)
 
 
 async def connect(
@@ -204,9 +215,11 @@ async def connect(
         return _expect_fire(await ctl.next_message(net_timeout + 2), ctl.where)
 
     fire, ctl_info = await _coordinate(rendezvous, "join", parsed.nameplate, wait_for_fire,
-                                       started, punch_timeout, bind_host, punch_port,
-                                       net_timeout, on_event)
-    return await _punch(fire, ctl_info, "B", str(parsed), punch_ttl, on_event)
+                                       started, _first_budget(punch_timeout), bind_host,
+                                       punch_port, net_timeout, on_event)
+    return await _punch_and_retry(
+        _Retry(rendezvous, parsed.nameplate, punch_timeout, bind_host, punch_port, net_timeout),
+        fire, ctl_info, "B", str(parsed), punch_ttl, on_event)
 
 
 # Coordination ----------------------------------------------------------------------
@@ -362,7 +375,7 @@ async def _connect_from(server: tuple[str, int], bind_host: str, port: int,
 
 
 async def _coordinate(
-    rendezvous: tuple[str, int], action: Literal["share", "join"], nameplate: int | None,
+    rendezvous: tuple[str, int], action: Action, nameplate: int | None,
     wait: Callable[[_Control], Coroutine[Any, Any, Fire]],
     started: float, punch_timeout: float, bind_host: str, punch_port: int, net_timeout: float,
     on_event: EventSink | None,
@@ -373,8 +386,9 @@ async def _coordinate(
     probed_at: float | None = None
     # The sharer checks its NAT mapping while nobody waits for it. The joiner is on
     # the clock (three round trips for the check): it skips it unless the
-    # rendezvous says the plan depends on it (a symmetric sharer).
-    need_probe = action == "share"
+    # rendezvous says the plan depends on it (a symmetric sharer), or the first
+    # punch failed (then the check may name the cause).
+    need_probe = action != "join"
     while True:
         if need_probe:
             probed, port = await _probe(server, bind_host, port, net_timeout)
@@ -392,7 +406,7 @@ async def _coordinate(
 
 
 async def _hello_and_wait(
-    server: tuple[str, int], action: Literal["share", "join"], nameplate: int | None,
+    server: tuple[str, int], action: Action, nameplate: int | None,
     wait: Callable[[_Control], Coroutine[Any, Any, Fire]], started: float,
     punch_timeout: float, bind_host: str, port: int, probed: Endpoint | None,
     probed_at: float | None, net_timeout: float, on_event: EventSink | None,
@@ -430,6 +444,65 @@ async def _hello_and_wait(
     fired = time.monotonic()
     return fire, _CtlInfo(Endpoint(bind_host, port), started, hello_sent, fired, punch_timeout,
                           probed_at, rdv_connected)
+
+
+# Retries ---------------------------------------------------------------------------
+
+
+def _first_budget(punch_timeout: float) -> float:
+    """The first attempt's share of the punch timeout (the rest is for retries)."""
+    if punch_timeout < 2 * MIN_ATTEMPT:
+        return punch_timeout
+    return max(MIN_ATTEMPT, punch_timeout / 2)
+
+
+@dataclass(frozen=True)
+class _Retry:
+    rendezvous: tuple[str, int]
+    nameplate: int
+    punch_timeout: float  # for all attempts together, from the first fire
+    bind_host: str
+    punch_port: int  # 0: a fresh port per attempt (fresh NAT mappings too)
+    net_timeout: float
+
+
+async def _punch_and_retry(retry: _Retry, fire: Fire, ctl: _CtlInfo, role: Literal["A", "B"],
+                           code: str, punch_ttl: int, on_event: EventSink | None,
+                           ) -> PairedTunnel:
+    deadline = ctl.fire + retry.punch_timeout
+    attempt = 1
+    while True:
+        try:
+            tunnel = await _punch(fire, ctl, role, code, punch_ttl, on_event)
+            return dataclasses.replace(tunnel, attempt=attempt)
+        except CoordinatedPunchTimeout as failed:
+            left = deadline - time.monotonic()
+            # A plan that names a symmetric NAT fails again the same way.
+            hopeless = fire.note is not None and "symmetric" in fire.note
+            if attempt >= MAX_ATTEMPTS or left < MIN_ATTEMPT or hopeless:
+                raise
+            attempt += 1
+            _say(on_event, f"punch attempt {attempt - 1} failed ({failed}); coordinating again "
+                 f"with fresh sockets (attempt {attempt}, {left:.1f} s left)")
+            try:
+                fire, ctl = await _coordinate_again(retry, role, left, on_event)
+            except (PairingError, RendezvousError) as exc:
+                _say(on_event, f"could not coordinate again: {exc}")
+                raise failed from None
+
+
+async def _coordinate_again(retry: _Retry, role: Literal["A", "B"], left: float,
+                            on_event: EventSink | None) -> tuple[Fire, _CtlInfo]:
+    async def wait_for_fire(ctl: _Control) -> Fire:
+        # The peer asks again when its own attempt has failed, about when ours did;
+        # one that stopped never does: wait no longer than the punch timeout allows.
+        wait = min(retry.net_timeout + RETRY_WAIT, max(1.0, left))
+        return _expect_fire(await ctl.next_message(wait), ctl.where)
+
+    action: Action = "reshare" if role == "A" else "rejoin"
+    return await _coordinate(retry.rendezvous, action, retry.nameplate, wait_for_fire,
+                             time.monotonic(), left, retry.bind_host, retry.punch_port,
+                             retry.net_timeout, on_event)
 
 
 # The punch -------------------------------------------------------------------------

@@ -75,6 +75,9 @@ DEFAULT_PORT = 3012
 FIRE_MARGIN = 0.005  # s added to the latest fire send time: scheduling slack
 QUICK_PINGS = 3  # RTT samples taken at once from a sharer, then one per ping_interval
 DEFAULT_RTT = 0.2  # s, assumed when nothing was measured (non-Linux, no pong yet)
+RETRY_WAIT = 10.0  # s a peer's retry hello waits for the other peer's
+MAX_RETRIES = 2  # coordinations again after a failed punch, per pairing
+RETRY_GRACE = 30.0  # s after the last plan's budget during which a retry is accepted
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,17 @@ class _Waiting:
     paired: asyncio.Future[tuple[ServerMessage, float]]
 
 
+@dataclass
+class _RetrySlot:
+    """A paired nameplate whose peers may coordinate again after a failed punch."""
+
+    sharer_ip: str  # a retry is accepted only from the IP each side paired from
+    joiner_ip: str
+    until: float  # loop time after which retries are refused
+    left: int = MAX_RETRIES
+    waiting: tuple[str, _Conn, asyncio.Future[tuple[ServerMessage, float]]] | None = None
+
+
 class RendezvousServer:
     """Serve discovery replies and coordinated mode; :meth:`start`, then :meth:`close`."""
 
@@ -191,6 +205,7 @@ class RendezvousServer:
         self._server: asyncio.Server | None = None
         self._problems = _ProblemLog(self.limits.log_interval)
         self._coordinated: set[asyncio.StreamWriter] = set()
+        self._retries: dict[int, _RetrySlot] = {}
 
     @property
     def address(self) -> tuple[str, int]:
@@ -333,8 +348,10 @@ class RendezvousServer:
         try:
             if conn.hello.action == "share":
                 await self._share(conn)
-            else:
+            elif conn.hello.action == "join":
                 await self._join(conn)
+            else:
+                await self._retry(conn)
         except (OSError, TimeoutError) as exc:
             self._problems.problem("coord", f"coordinated peer {conn.public}: {exc}")
             _reset(conn.writer)
@@ -401,7 +418,6 @@ class RendezvousServer:
                 waiting.paired.cancel()
 
     async def _join(self, conn: _Conn) -> None:
-        loop = asyncio.get_running_loop()
         nameplate = conn.hello.nameplate
         assert nameplate is not None
         sharer_waiting = self.book.peek(nameplate)
@@ -428,24 +444,89 @@ class RendezvousServer:
                                f"pairing code {nameplate}-… is no longer open (the sharer "
                                "stopped waiting): ask for a new code")
             return
-        sharer, joiner = waiting.conn.info(), conn.info()
+        to_sharer, to_joiner = self._plan(nameplate, waiting.conn, conn)
+        waiting.paired.set_result(to_sharer)
+        await self._fire(conn, *to_joiner)
+
+    def _plan(self, nameplate: int, sharer_conn: _Conn, joiner_conn: _Conn,
+              ) -> tuple[tuple[ServerMessage, float], tuple[ServerMessage, float]]:
+        """Each side's last message (fire, or the refusal) and when to send it."""
+        loop = asyncio.get_running_loop()
+        sharer, joiner = sharer_conn.info(), joiner_conn.info()
         try:
             plans = make_plans(sharer, joiner, self.limits.pairing)
         except SymmetricPair as exc:
             refusal = ErrorReply("symmetric_nat", str(exc))
-            waiting.paired.set_result((refusal, loop.time()))
-            await self._refuse(conn.reader, conn.writer, refusal.code, refusal.message)
-            return
+            return (refusal, loop.time()), (refusal, loop.time())
         # Both must receive "fire" at the same moment T: each is sent RTT_i/2 early.
         fire_at = loop.time() + max(sharer.rtt, joiner.rtt) / 2 + FIRE_MARGIN
         rtt_ms = round((sharer.rtt + joiner.rtt) / 2 * 1000, 3)  # peer <-> peer, estimated
-        waiting.paired.set_result((
-            Fire(sharer.public, joiner.public, plans.sharer, rtt_ms, plans.sharer_note),
-            fire_at - sharer.rtt / 2,
-        ))
+        # Keep the pairing for a retry until well after its punch can have ended.
+        self._prune_retries()
+        until = fire_at + sum(s.budget for s in plans.sharer) + RETRY_GRACE
+        slot = self._retries.get(nameplate)
+        if slot is None:
+            self._retries[nameplate] = _RetrySlot(sharer.public.host, joiner.public.host, until)
+        else:
+            slot.until = until
         self.stats.paired += 1
-        await self._fire(conn, Fire(joiner.public, sharer.public, plans.joiner, rtt_ms,
-                                    plans.joiner_note), fire_at - joiner.rtt / 2)
+        return (
+            (Fire(sharer.public, joiner.public, plans.sharer, rtt_ms, plans.sharer_note),
+             fire_at - sharer.rtt / 2),
+            (Fire(joiner.public, sharer.public, plans.joiner, rtt_ms, plans.joiner_note),
+             fire_at - joiner.rtt / 2),
+        )
+
+    async def _retry(self, conn: _Conn) -> None:
+        """A peer whose punch failed coordinates again: wait for the other, then fire both."""
+        loop = asyncio.get_running_loop()
+        nameplate = conn.hello.nameplate
+        assert nameplate is not None
+        side = "sharer" if conn.hello.action == "reshare" else "joiner"
+        self._prune_retries()
+        slot = self._retries.get(nameplate)
+        paired_from = None if slot is None else (
+            slot.sharer_ip if side == "sharer" else slot.joiner_ip)
+        if slot is None or slot.left <= 0 or paired_from != conn.public.host:
+            self.stats.refused_claims += 1
+            await self._refuse(conn.reader, conn.writer, "unknown_code",
+                               f"no failed punch of pairing code {nameplate}-… to retry "
+                               "from here (it was never paired, or its retries are spent)")
+            return
+        if _kernel_rtt(conn.writer.get_extra_info("socket")) is None:
+            await self._ping_once(conn)
+        if slot.waiting is None or slot.waiting[2].done():
+            mine: asyncio.Future[tuple[ServerMessage, float]] = loop.create_future()
+            slot.waiting = (side, conn, mine)
+            try:
+                async with asyncio.timeout(RETRY_WAIT):
+                    msg, send_at = await mine
+            except TimeoutError:
+                if slot.waiting is not None and slot.waiting[2] is mine:
+                    slot.waiting = None
+                await self._refuse(conn.reader, conn.writer, "timeout",
+                                   f"the peer did not retry within {RETRY_WAIT:g} s")
+                return
+            await self._fire(conn, msg, send_at)
+            return
+        other_side, other, theirs = slot.waiting
+        if other_side == side:
+            await self._refuse(conn.reader, conn.writer, "bad_request",
+                               f"a retry from the {side} is already waiting")
+            return
+        slot.waiting = None
+        slot.left -= 1
+        if side == "joiner":
+            to_other, to_me = self._plan(nameplate, other, conn)
+        else:
+            to_me, to_other = self._plan(nameplate, conn, other)
+        theirs.set_result(to_other)
+        await self._fire(conn, *to_me)
+
+    def _prune_retries(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for nameplate in [n for n, s in self._retries.items() if s.until <= now]:
+            del self._retries[nameplate]
 
     async def _ping_once(self, conn: _Conn) -> None:
         """One RTT sample where the kernel offers none (bounded: a silent peer costs 1 s)."""

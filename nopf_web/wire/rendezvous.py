@@ -14,7 +14,10 @@ a number), out-of-range values, duplicate keys and oversize frames are all a
 :class:`MessageError` naming the problem. Addresses are ``"IPv4:PORT"`` text.
 
 Client -> rendezvous
-    hello  {"type":"hello","version":2,"action":"share"|"join","nameplate":N|null,
+    hello  {"type":"hello","version":2,"action":"share"|"join"|"reshare"|"rejoin",
+            "nameplate":N|null,  (null only to share; "reshare"/"rejoin": the
+                                  nameplate of a pairing whose punch failed, to
+                                  coordinate it again, from the same public IP)
             "lan":["ip:port",...],  (<= MAX_CANDIDATES; our address as our OS sees it)
             "probe":"ip:port"|null,  (public address a plain discovery from the same
                                       port got just before: the NAT mapping check.
@@ -81,7 +84,8 @@ ERROR_CODES = frozenset({
     "probe_required",  # the joiner sent no NAT mapping check and the plan needs one
 })
 
-Action = Literal["share", "join"]
+Action = Literal["share", "join", "reshare", "rejoin"]
+ACTIONS: frozenset[str] = frozenset({"share", "join", "reshare", "rejoin"})
 Path = Literal["public", "lan"]
 PunchRole = Literal["arm", "connect"]
 
@@ -281,10 +285,10 @@ def _hello(f: _Fields) -> Hello:
     version = _req(f.int("version", 0, MAX_SEQ))
     if version != VERSION:  # checked before the rest so a newer client gets a clear answer
         raise UnsupportedVersion(version)
-    action = _req(f.text("action", choices=frozenset({"share", "join"})))
+    action = _req(f.text("action", choices=ACTIONS))
     nameplate = f.int("nameplate", 1, MAX_NAMEPLATE, optional=True)
-    if action == "join" and nameplate is None:
-        raise MessageError("hello.nameplate is required to join")
+    if action != "share" and nameplate is None:
+        raise MessageError(f"hello.nameplate is required to {action}")
     if action == "share" and nameplate is not None:
         raise MessageError("hello.nameplate must be null to share (the rendezvous allocates it)")
     lan = f.obj.get("lan", [])

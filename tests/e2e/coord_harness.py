@@ -68,11 +68,19 @@ class PairOutcome:
 
 
 def pair(sharer: Host, joiner: Host, *, punch_timeout: float = 10, rdv: tuple[str, int] = RDV,
-         code_timeout: float = 10, wait: float = 40) -> PairOutcome:
-    """Share from ``sharer``, connect from ``joiner`` once the code is out; wait for both."""
+         code_timeout: float = 10, wait: float = 40,
+         on_event: Callable[[str, str], None] | None = None) -> PairOutcome:
+    """Share from ``sharer``, connect from ``joiner`` once the code is out; wait for both.
+
+    ``on_event(side, message)`` gets each side's progress messages ("sharer"/"joiner").
+    """
     codes: queue.Queue[str] = queue.Queue()
-    a = _Runner(sharer, lambda: share(rdv, on_code=codes.put, punch_timeout=punch_timeout),
-                "coord-sharer")
+
+    def sink(side: str) -> Callable[[str], None] | None:
+        return None if on_event is None else (lambda message: on_event(side, message))
+
+    a = _Runner(sharer, lambda: share(rdv, on_code=codes.put, punch_timeout=punch_timeout,
+                                      on_event=sink("sharer")), "coord-sharer")
     a.start()
     try:
         code = codes.get(timeout=code_timeout)
@@ -80,7 +88,8 @@ def pair(sharer: Host, joiner: Host, *, punch_timeout: float = 10, rdv: tuple[st
         a.join(wait)
         raise AssertionError(f"no code from the sharer: {a.error!r}") from None
     ready = time.monotonic()
-    b = _Runner(joiner, lambda: connect(rdv, code, punch_timeout=punch_timeout), "coord-joiner")
+    b = _Runner(joiner, lambda: connect(rdv, code, punch_timeout=punch_timeout,
+                                        on_event=sink("joiner")), "coord-joiner")
     b.start()
     a.join(wait)
     b.join(wait)

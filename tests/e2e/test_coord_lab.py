@@ -8,6 +8,8 @@ in docs/coord-matrix.md (``python -m bench.coord_matrix``).
 from __future__ import annotations
 
 import itertools
+import re
+import threading
 import time
 
 import pytest
@@ -15,7 +17,7 @@ import pytest
 from nopf_web.rendezvous.coord import CoordinatedPunchTimeout, SymmetricNat
 from tests.lab.fixtures import LabFactory
 
-from .coord_harness import exchange, pair
+from .coord_harness import PairOutcome, exchange, pair
 from .peers import start_rendezvous
 
 pytestmark = pytest.mark.lab
@@ -76,3 +78,57 @@ def test_one_symmetric_nat_fails_within_its_short_budget_naming_it(
     assert isinstance(out.sharer_error, CoordinatedPunchTimeout), out.errors
     assert "your NAT is symmetric" in str(out.sharer_error)
     assert "peer's NAT is symmetric" in str(out.joiner_error)
+
+
+def test_a_failed_first_punch_is_coordinated_again_and_connects(
+    lab_factory: LabFactory,
+) -> None:
+    lab = lab_factory("icmp", "rst", delay_ms=20, jitter_ms=5)
+    start_rendezvous(lab)
+    # The sites cannot reach each other (the rendezvous can reach both) until the
+    # first attempt has failed on one side: then the path opens for the retry.
+    a, b = lab.a.public_ip, lab.b.public_ip
+    lab.inet.run(["nft", "-f", "-"], input=(
+        "table inet nopf_test_block {\n"
+        "  chain block { type filter hook forward priority -5; policy accept;\n"
+        f"    ip saddr {a} ip daddr {b} drop\n"
+        f"    ip saddr {b} ip daddr {a} drop\n"
+        "  }\n"
+        "}\n").encode())
+    events: list[str] = []
+    retrying = threading.Event()
+
+    def seen(side: str, message: str) -> None:
+        events.append(f"{side}: {message}")
+        if "coordinating again" in message:
+            retrying.set()
+
+    outcome: list[PairOutcome] = []
+    runner = threading.Thread(target=lambda: outcome.append(
+        pair(lab.a1, lab.b1, punch_timeout=10, on_event=seen)), daemon=True)
+    t0 = time.monotonic()
+    runner.start()
+    try:
+        assert retrying.wait(15), f"no retry announced; events: {events}"
+        blocked_for = time.monotonic() - t0
+    finally:
+        lab.inet.run(["nft", "delete", "table", "inet", "nopf_test_block"])
+    runner.join(45)
+    assert outcome, "pair() did not return"
+    out = outcome[0]
+    try:
+        assert out.ok, (out.errors, events)
+        assert out.sharer is not None and out.joiner is not None
+        assert blocked_for > 4  # the first attempt really ran out (half of the 10 s)
+        assert (out.sharer.attempt, out.joiner.attempt) == (2, 2), events
+        for side in ("sharer", "joiner"):
+            assert any(e.startswith(f"{side}: punch attempt 1 failed") for e in events), events
+        # Fresh sockets: each side's retry coordinated and punched from a new port.
+        for side, tunnel in (("sharer", out.sharer), ("joiner", out.joiner)):
+            ports = [int(p) for e in events if e.startswith(f"{side}: public address")
+                     for p in re.findall(r"local port (\d+)", e)]
+            assert len(ports) == 2 and ports[0] != ports[1], events
+            assert tunnel.local.port == ports[1]
+        exchange(out.sharer, out.joiner)
+    finally:
+        out.close()

@@ -17,6 +17,7 @@ from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import decode_reply
 from nopf_web.wire.rendezvous import (
     ErrorReply,
+    Fire,
     FrameReader,
     Hello,
     ServerMessage,
@@ -202,3 +203,29 @@ async def test_a_joiner_without_mapping_check_is_asked_for_one_by_a_symmetric_sh
         assert server.stats.paired == 0
         j_writer.close()
         s_writer.close()
+
+
+async def test_a_pairing_can_be_coordinated_again_by_both_sides_only() -> None:
+    lan = Endpoint(LO, 1)
+    async with rendezvous() as server:
+        sharing, code = await start_share(server, punch_timeout=5)
+        b = await coord.connect(server.address, code, bind_host=LO, punch_timeout=5)
+        a = await sharing
+        a.sock.close()
+        b.sock.close()
+        nameplate = parse_code(code).nameplate
+        # A nameplate that was never paired cannot be retried.
+        _, w, reply = await _hello(server, Hello("rejoin", nameplate + 1, (lan,), None, 5))
+        assert isinstance(reply, ErrorReply) and reply.code == "unknown_code", reply
+        w.close()
+        # Both sides ask again: both get a new fire instruction, one side waiting for the other.
+        first = asyncio.create_task(_hello(server, Hello("reshare", nameplate, (lan,), None, 5)))
+        await asyncio.sleep(0.2)
+        assert not first.done()  # the sharer waits for the joiner
+        _, wj, to_joiner = await _hello(server, Hello("rejoin", nameplate, (lan,), None, 5))
+        _, ws, to_sharer = await first
+        assert isinstance(to_sharer, Fire) and isinstance(to_joiner, Fire), (to_sharer, to_joiner)
+        assert to_sharer.peer_public == to_joiner.public
+        assert server.stats.paired == 2
+        ws.close()
+        wj.close()
