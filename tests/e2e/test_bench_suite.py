@@ -1,0 +1,66 @@
+"""The benchmark suite end to end, in quick mode: a real lab, real programs, real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.lab.fixtures import require_lab
+
+pytestmark = pytest.mark.lab
+
+ROOT = Path(__file__).resolve().parents[2]
+# The scenarios the test suite smoke-tests; add new ones here.
+QUICK = ("throughput", "latency")
+ALL = {"direct", "plain", "encrypted", "socat", "ssh", "fowl"}
+
+
+def test_quick_suite_writes_json_plots_and_sections(tmp_path: Path) -> None:
+    require_lab()
+    doc, img, results = tmp_path / "BENCHMARKS.md", tmp_path / "img", tmp_path / "results"
+    doc.write_text("# Benchmarks\n\nHand-written prose.\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.suite", "--quick", "--only", ",".join(QUICK),
+         "--doc", str(doc), "--img-dir", str(img), "--results", str(results)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[1/2] throughput" in proc.stderr and "[2/2] latency" in proc.stderr  # progress
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nHand-written prose.")
+    for name in (*QUICK, "targets"):
+        assert f"<!-- begin:{name} -->" in text and f"<!-- end:{name} -->" in text
+
+    tp = json.loads((results / "throughput.json").read_text())
+    unshaped = tp["data"]["regimes"]["unshaped"]
+    measured = set(unshaped["median_mb_s"])
+    # Every path that started has a positive figure; one that did not says why.
+    assert {"direct", "plain", "encrypted"} <= measured
+    assert measured | set(tp["data"]["absent"]) == ALL
+    assert all(unshaped["median_mb_s"][n] > 0 for n in measured)
+    assert unshaped["ratio"]["direct"] == 1.0
+    assert all(unshaped["median_cpu_s_per_gb"][n] > 0 for n in measured - {"direct"})
+    assert {t["name"] for t in tp["targets"]} >= {
+        "nopf plain (seed) throughput vs direct, unshaped",
+        "nopf encrypted throughput vs direct, unshaped"}
+    assert tp["machine"]["cpus"] >= 1 and tp["quick"] is True
+
+    lat = json.loads((results / "latency.json").read_text())
+    stats = lat["data"]["stats"]
+    # fowl (third party, its own venv) may be absent: then the JSON says why.
+    assert {"direct", "plain", "encrypted"} <= set(stats)
+    assert set(stats) | set(lat["data"]["absent"]) == ALL
+    for s in stats.values():
+        assert 0 < s["idle_p50_ms"] <= s["idle_p99_ms"]
+        assert 0 < s["bulk_p50_ms"] <= s["bulk_p99_ms"] and s["bulk_mb_s"] > 0
+    assert len(lat["targets"]) == 3
+
+    for rec in (tp, lat):
+        assert rec["plots"]
+        for plot in rec["plots"]:
+            png = doc.parent / plot
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert f"]({plot})" in text  # linked from the doc
