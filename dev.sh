@@ -2,6 +2,7 @@
 # nopf on a fresh Debian/Ubuntu machine, in one command:
 #   ./dev.sh run  [nopf-web options]   set up, then start the dashboard (http://127.0.0.1:8080)
 #   ./dev.sh test [pytest options]     set up, then run ruff, mypy and the whole test suite
+#   ./dev.sh bench [bench.suite options]  set up, then run the benchmark suite (docs/BENCHMARKS.md)
 # Setup installs what is missing: Debian packages (apt-get, needs root), a venv in .venv,
 # and the Python packages. Re-running is cheap: present things are not reinstalled.
 set -euo pipefail
@@ -51,14 +52,30 @@ case "$cmd" in
     exec .venv/bin/nopf-web "$@"
     ;;
   test)
-    # nftables/iproute2/iptables/tcpdump: the namespace NAT lab; chromium: the browser test.
-    setup "[test]" iproute2 nftables iptables tcpdump chromium python3
+    # nftables/iproute2/iptables/tcpdump: the namespace NAT lab; chromium: the browser test;
+    # socat/openssh: the paths the benchmark suite compares against (its quick-mode test).
+    setup "[test]" iproute2 nftables iptables tcpdump chromium python3 \
+      socat openssh-server openssh-client
     .venv/bin/ruff check .
     .venv/bin/mypy
     exec .venv/bin/pytest -q -ra "$@"
     ;;
+  bench)
+    # The lab, plus socat and OpenSSH: relays the suite measures nopf against.
+    setup "[bench]" iproute2 nftables iptables tcpdump socat openssh-server openssh-client \
+      python3
+    # fowl, compared too, in its own venv (never in .venv). Optional: if it does not
+    # install, the suite measures the rest and says why fowl is missing.
+    if [ ! -x .venv-fowl/bin/fowl ]; then
+      { python3 -m venv .venv-fowl && .venv-fowl/bin/pip install -q fowl \
+          magic-wormhole-mailbox-server; } \
+        || echo "dev.sh: fowl did not install; the suite will report it as not measured" >&2
+    fi
+    exec .venv/bin/python -m bench.suite "$@"
+    ;;
   *)
-    echo "usage: ./dev.sh run [nopf-web options] | ./dev.sh test [pytest options]" >&2
+    echo "usage: ./dev.sh run [nopf-web options] | ./dev.sh test [pytest options]" \
+      "| ./dev.sh bench [--quick] [--only NAME,...]" >&2
     exit 2
     ;;
 esac
