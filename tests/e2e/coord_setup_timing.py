@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import multiprocessing
 import queue
 import socket
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
+from pathlib import Path
 
 from nopf_web.paired import PairedSession, PairedSpec
 from nopf_web.wire.address import Endpoint
@@ -198,10 +200,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--delay-ms", type=float, action="append")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--json", type=Path, help="append each run's offsets (s) here")
     args = parser.parse_args()
     for delay in args.delay_ms or [20.0]:
         rtt, results = measure(delay, args.runs)
         print(f"delay {delay:g} ms per pass: " + report(rtt, results), flush=True)
+        if args.json is not None:
+            with args.json.open("a") as f:
+                for r in results:
+                    f.write(json.dumps({"delay_ms": delay, "rtt": rtt, **r.offsets()}) + "\n")
     return 0
 
 
