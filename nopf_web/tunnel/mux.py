@@ -47,7 +47,9 @@ from .errors import (
 )
 
 DEFAULT_MAX_FRAME = 16 * 1024
-RECORD_BUDGET = 256 * 1024  # bytes of frames the writer packs into one write
+# Bytes of frames the writer packs into one write: a whole 256 KiB local read
+# (asyncio's read size) as one DATA frame, plus room for control frames.
+RECORD_BUDGET = 257 * 1024
 STREAM_SEND_BUFFER = 256 * 1024  # queued bytes per stream before write() waits
 DEFAULT_MAX_STREAMS = 4096
 # The receive window of a lone stream whose application keeps up doubles up to
@@ -715,9 +717,11 @@ class Mux:
             stream._queued = False
             if stream._error is not None:
                 continue
-            # A stream alone in the queue delays nobody: send it in the largest frames.
-            n = min(stream._out_size, stream._credit,
-                    self.max_frame if ready else fr.MAX_PAYLOAD)
+            # A stream alone in the queue delays nobody: one frame filling the
+            # rest of the record (so frames never straddle records).
+            room = RECORD_BUDGET - size - fr.HEADER_SIZE
+            limit = self.max_frame if ready else min(fr.MAX_PAYLOAD, max(self.max_frame, room))
+            n = min(stream._out_size, stream._credit, limit)
             if n:
                 parts.append(fr.encode_data_header(stream.stream_id, n))
                 parts += stream._take(n)

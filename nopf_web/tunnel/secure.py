@@ -95,7 +95,7 @@ LABEL_A_TO_B = b"nopf v1 A->B"
 LABEL_B_TO_A = b"nopf v1 B->A"
 
 TAG_SIZE = 16
-MAX_RECORD = 256 * 1024  # plaintext bytes per record
+MAX_RECORD = 257 * 1024  # plaintext bytes per record: a 256 KiB DATA frame and control frames
 RECORD_HEADER = struct.Struct("!I")
 _HDR = RECORD_HEADER.size
 _NONCE = struct.Struct("!4xQ")  # 4 zero bytes, u64 BE counter

@@ -122,7 +122,7 @@ def test_rejects(wire: bytes, match: str) -> None:
 
 
 def test_oversized_length_fails_on_the_header_alone() -> None:
-    # No waiting for (or buffering) a hostile 64 KiB+1 payload.
+    # No waiting for (or buffering) a hostile MAX_PAYLOAD+1 payload.
     header = bytes([FrameType.DATA]) + (1).to_bytes(4, "big") + (MAX_PAYLOAD + 1).to_bytes(4, "big")
     with pytest.raises(FrameError):
         FrameDecoder().feed(header)
