@@ -17,6 +17,7 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,14 +40,30 @@ class Cell:
     paths: set[str] = field(default_factory=set)
 
 
-def run_cell(left: str, right: str, same: bool, args: argparse.Namespace) -> Cell:
+def run_cell(left: str, right: str, same: bool, args: argparse.Namespace, *,
+             progress: Callable[[str], None] | None = None, deadline: float | None = None,
+             ) -> Cell:
+    """``args.runs`` pairings in one lab (fewer if ``time.monotonic()`` passes ``deadline``).
+
+    ``args.loss`` (optional) is the lab's loss probability per pass through the router.
+    """
     cell = Cell()
-    with Lab(left, right, delay_ms=args.delay_ms, jitter_ms=args.jitter_ms) as lab:
+    say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    with Lab(left, right, delay_ms=args.delay_ms, jitter_ms=args.jitter_ms,
+             loss=getattr(args, "loss", 0.0)) as lab:
         start_rendezvous(lab)
         cell.rtt = handshake_rtt(lab.a1, RDV)
         joiner = lab.a2 if same else lab.b1
         for i in range(args.runs):
-            out = pair(lab.a1, joiner, punch_timeout=args.punch_timeout)
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            try:
+                out = pair(lab.a1, joiner, punch_timeout=args.punch_timeout)
+            except AssertionError as exc:  # no code, or peers hung: a failed run, not a crash
+                cell.runs += 1
+                cell.errors.add(str(exc)[:200])
+                say(f"run {i + 1}/{args.runs}: FAILED before pairing: {exc}")
+                continue
             ok = False
             try:
                 if out.sharer is not None and out.joiner is not None:
@@ -67,9 +84,9 @@ def run_cell(left: str, right: str, same: bool, args: argparse.Namespace) -> Cel
                 out.close()
             cell.runs += 1
             cell.wins += ok
-            print(f"{'same ' + left if same else left + ' -> ' + right:>22} run {i + 1}/"
-                  f"{args.runs}: {'ok' if ok else 'FAILED'} "
-                  f"{(out.up_at - out.ready_at) * 1000:.0f} ms", file=sys.stderr, flush=True)
+            say(f"{'same ' + left if same else left + ' -> ' + right:>22} run {i + 1}/"
+                f"{args.runs}: {'ok' if ok else 'FAILED'} "
+                f"{(out.up_at - out.ready_at) * 1000:.0f} ms")
             time.sleep(0.05)
     return cell
 
@@ -93,6 +110,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--delay-ms", type=float, default=20)
     ap.add_argument("--jitter-ms", type=float, default=5)
+    ap.add_argument("--loss", type=float, default=0.0,
+                    help="loss probability per pass through the internet router")
     ap.add_argument("--punch-timeout", type=float, default=8)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
