@@ -1,0 +1,235 @@
+"""Scenario 4: connection setup time vs RTT, seed mode and coordinated mode.
+
+One drop/drop lab per delay (``delay_ms`` on every packet the internet router
+forwards, so the RTT between the two sites is about twice that); the RTT is
+measured, not assumed: median TCP handshake from a1 and from b1 to the
+rendezvous host, a path that crosses the router once each way like the
+peer-to-peer path. Real ``nopf`` processes in a1 (service side) and b1.
+
+- seed: ``nopf -t server`` in a1 and ``nopf -t client`` in b1 have both printed
+  their public address ("both ready"); each is given the other's at the same
+  moment;
+- coordinated: ``nopf share`` in a1 has printed its code; ``nopf connect CODE``
+  is started in b1 ("both ready": the clock starts before the process does,
+  so its start-up is included; it is also measured alone, as a baseline).
+
+Until: one byte an application writes into b1's local port arrives at the
+service behind a1 ("first byte through"). Runs alternate between the modes.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.report import Progress, ScenarioResult, Target
+from bench.scn_util import fmt, in_rtts, median, new_figure, save_figure, setup_target, table
+from tests.e2e.coord_harness import handshake_rtt
+from tests.e2e.peers import RDV, Peer, listening, start_peer, start_rendezvous
+from tests.lab import Host, Lab
+from tests.programs import argv
+
+NAME = "setup"
+TITLE = "Connection setup time vs RTT (seed and coordinated mode)"
+BUDGET_S = 120
+
+SERVICE_PORT = 3000
+STEP_TIMEOUT = 30.0  # s: any one wait of a run (a line printed, the byte arriving)
+RDV_ADDR = ("198.51.100.2", 3012)
+MODES = ("seed", "coordinated")
+
+
+def measure_rtt(lab: Lab) -> float:
+    """Median TCP handshake a1 -> rdv and b1 -> rdv: one crossing of the router each way."""
+    return median([handshake_rtt(lab.a1, RDV_ADDR), handshake_rtt(lab.b1, RDV_ADDR)])
+
+
+def first_byte(client: Host, port: int, service: socket.socket, t0: float) -> float:
+    """Seconds from ``t0`` until a byte written into ``client``'s local ``port`` reaches
+    ``service`` (an app retries the connection until the local port listens)."""
+    errors: list[BaseException] = []
+
+    def app() -> None:
+        try:
+            with client.enter():
+                while True:
+                    try:
+                        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                        break
+                    except ConnectionRefusedError:  # the program is still starting
+                        if time.monotonic() - t0 > STEP_TIMEOUT:
+                            raise
+                        time.sleep(0.005)
+            sock.sendall(b"!")
+            sock.settimeout(STEP_TIMEOUT)
+            with sock:
+                sock.recv(1)  # held open until the tunnel closes it
+        except OSError as exc:
+            errors.append(exc)
+
+    threading.Thread(target=app, daemon=True).start()
+    service.settimeout(STEP_TIMEOUT)
+    try:
+        conn, _ = service.accept()
+        with conn:
+            conn.settimeout(STEP_TIMEOUT)
+            if conn.recv(1) != b"!":
+                raise RuntimeError("the service got something other than the app's byte")
+            return time.monotonic() - t0
+    except TimeoutError:
+        raise RuntimeError(f"no byte through within {STEP_TIMEOUT:g} s "
+                           f"(app: {errors[0] if errors else 'connected'})") from None
+
+
+def stop(*peers: Peer) -> None:
+    for p in peers:
+        if p.proc.poll() is None:
+            p.proc.terminate()
+    for p in peers:
+        try:
+            p.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            p.proc.kill()
+            p.proc.wait(5)
+
+
+def seed_once(lab: Lab, service: socket.socket, port: int) -> float:
+    s = start_peer(lab.a1, "server", SERVICE_PORT, timeout=STEP_TIMEOUT)
+    c = start_peer(lab.b1, "client", port, timeout=STEP_TIMEOUT)
+    try:
+        sp, cp = s.line(STEP_TIMEOUT), c.line(STEP_TIMEOUT)
+        if not (sp and cp):
+            raise RuntimeError(f"no public address: {s.stderr()} {c.stderr()}")
+        t0 = time.monotonic()
+        s.enter(cp)
+        c.enter(sp)
+        return first_byte(lab.b1, port, service, t0)
+    finally:
+        stop(s, c)
+
+
+def coord_start(host: Host, *args: str) -> Peer:
+    err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the Peer
+    proc = host.popen(argv("nopf", *args, "-a", RDV, "--timeout", "10"),
+                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+    return Peer(args[0], host, proc, err)
+
+
+def coord_once(lab: Lab, service: socket.socket, port: int) -> float:
+    s = coord_start(lab.a1, "share", "-p", str(SERVICE_PORT))
+    peers = [s]
+    try:
+        code = s.line(STEP_TIMEOUT)
+        if not code:
+            raise RuntimeError(f"nopf share printed no code: {s.stderr()}")
+        t0 = time.monotonic()
+        peers.append(coord_start(lab.b1, "connect", code, "-p", str(port)))
+        return first_byte(lab.b1, port, service, t0)
+    finally:
+        stop(*peers)
+
+
+def process_start(host: Host) -> float:
+    """Seconds for ``nopf connect --help`` to start and exit: the interpreter and CLI load."""
+    t0 = time.monotonic()
+    host.run(argv("nopf", "connect", "--help"), timeout=STEP_TIMEOUT)
+    return time.monotonic() - t0
+
+
+def run(progress: Progress, quick: bool, outdir: Path) -> ScenarioResult:
+    delays = (0, 20) if quick else (0, 20, 100)
+    runs = 1 if quick else 3
+    results: dict[int, dict[str, Any]] = {}
+    for delay in delays:
+        with Lab("drop", "drop", delay_ms=delay) as lab:
+            start_rendezvous(lab)
+            rtt = measure_rtt(lab)
+            times: dict[str, list[float]] = {m: [] for m in MODES}
+            errors: dict[str, list[str]] = {m: [] for m in MODES}
+            starts = [process_start(lab.b1)]
+            with listening(lab.a1, SERVICE_PORT) as service:
+                for i in range(runs):
+                    for mode, once in (("seed", seed_once), ("coordinated", coord_once)):
+                        try:
+                            t = once(lab, service, 3010 + 2 * i + (mode == "coordinated"))
+                            times[mode].append(t)
+                            progress(f"delay {delay} ms/hop (RTT {rtt * 1000:.0f} ms), "
+                                     f"{mode} run {i + 1}/{runs}: {t * 1000:.0f} ms")
+                        except (RuntimeError, AssertionError, OSError) as exc:
+                            errors[mode].append(str(exc)[:300])
+                            progress(f"delay {delay} ms/hop, {mode} run {i + 1}: FAILED {exc}")
+                    starts.append(process_start(lab.b1))
+            results[delay] = {"rtt_s": rtt, "seconds": times, "errors": errors,
+                              "process_start_s": starts}
+
+    rows = []
+    targets = []
+    for delay, r in results.items():
+        rtt = r["rtt_s"]
+        start = median(r["process_start_s"])
+        seed, coord = median(r["seconds"]["seed"]), median(r["seconds"]["coordinated"])
+        goal = setup_target(rtt)
+        rows.append([f"{delay} ms", fmt(rtt * 1000, ".1f"),
+                     fmt(seed * 1000), fmt(in_rtts(seed, rtt), ".1f"),
+                     fmt(coord * 1000), fmt(in_rtts(coord, rtt), ".1f"),
+                     fmt(start * 1000), fmt((coord - start) * 1000),
+                     fmt(goal * 1000),
+                     "yes" if coord <= goal else ("no" if coord == coord else "-"),
+                     "yes" if coord - start <= goal else "no"])
+        fails = sum(len(v) for v in r["errors"].values())
+        targets.append(Target(
+            f"coordinated setup at {delay} ms/hop (RTT {rtt * 1000:.0f} ms)",
+            "<= 3 RTTs + 100 ms on the coordinated path (issue 6)",
+            f"{fmt(coord * 1000)} ms from `nopf connect` started ({fmt(in_rtts(coord, rtt), '.1f')}"
+            f" RTTs), {fmt((coord - start) * 1000)} ms without its {start * 1000:.0f} ms "
+            f"process start; target {goal * 1000:.0f} ms" + (f"; {fails} failed runs"
+                                                               if fails else ""),
+            coord <= goal and fails == 0))
+    md = [
+        "Drop/drop lab, one per delay; `delay` is added to every packet crossing the internet "
+        "router (both ways), so the RTT between the sites is about twice it. RTT measured: "
+        "median TCP handshake a1 → rdv and b1 → rdv. Times are from \"both peers ready\" to "
+        "an application's first byte arriving at the service behind the sharer/server, "
+        f"median of {runs} run(s) per cell, modes alternating. Seed: both `nopf -t server|client` "
+        "printed their public address, then each is given the other's at once. Coordinated: "
+        "`nopf share` printed its code, then `nopf connect CODE` is started (its process "
+        "start-up counts; \"process start\" is `nopf connect --help` timed alone, the "
+        "baseline). Target (issue 6): coordinated setup within 3 RTTs + 100 ms.",
+        "",
+        table(["delay/hop", "RTT ms", "seed ms", "seed RTTs", "coordinated ms",
+               "coordinated RTTs", "process start ms", "coordinated − start ms",
+               "target ms", "met (as measured)", "met (without start)"], rows),
+    ]
+    failures = [(d, m, e) for d, r in results.items() for m, es in r["errors"].items()
+                for e in es]
+    if failures:
+        md += ["", "Failed runs:", ""] + [f"- {d} ms, {m}: `{e}`" for d, m, e in failures]
+
+    fig, ax = new_figure()
+    rtts = [r["rtt_s"] * 1000 for r in results.values()]
+    for mode, marker in (("seed", "o"), ("coordinated", "s")):
+        ax.plot(rtts, [median(r["seconds"][mode]) * 1000 for r in results.values()],
+                marker=marker, label=f"{mode} mode")
+    ax.plot(rtts, [setup_target(r / 1000) * 1000 for r in rtts], linestyle="--",
+            color="grey", label="target: 3 RTTs + 100 ms")
+    ax.set_xlabel("measured RTT between the sites (ms)")
+    ax.set_ylabel("ready → first byte through (ms)")
+    ax.set_title("Connection setup time vs RTT")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    plot = save_figure(fig, outdir / "setup_vs_rtt.png")
+    data = {"delays_ms": delays, "runs": runs,
+            "results": {str(d): r for d, r in results.items()}}
+    return ScenarioResult(NAME, TITLE, data, "\n".join(md), [plot], targets)
+
+
+if __name__ == "__main__":
+    from bench.report import standalone
+
+    sys.exit(standalone(__name__))
