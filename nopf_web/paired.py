@@ -8,12 +8,17 @@ dashboard's recorder subscribe to either alike.
     sharer ("server"):  rendezvous share() -> code -> PairedTunnel (role A)
     joiner ("client"):  rendezvous connect(code) -> PairedTunnel (role B)
     both:               SPAKE2 over the whole code -> AES-GCM records -> Mux
+                        (the SPAKE2 messages travel through the rendezvous with the
+                        coordination; the tunnel carries the key confirmation, and
+                        records follow it at once)
                         server: every stream the peer opens -> 127.0.0.1:<local_port>
                         client: every connection to 127.0.0.1:<local_port> -> a stream
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import time
 from dataclasses import dataclass
@@ -23,7 +28,7 @@ from nopf_web.rendezvous.client import resolve_ipv4
 from nopf_web.session import Event, SessionBase, SessionRole, State, listen_local
 from nopf_web.tunnel.forward import serve_connect, serve_share
 from nopf_web.tunnel.mux import Mux
-from nopf_web.tunnel.secure import open_channel
+from nopf_web.tunnel.secure import Pake, SecureChannel, open_channel
 from nopf_web.wire.address import Endpoint
 
 DEFAULT_KEEPALIVE = 15.0  # s; well under common NAT idle timeouts (30 s and up)
@@ -63,6 +68,7 @@ class PairedSession(SessionBase):
         # when the secure channel (SPAKE2 + confirmation) was up.
         self.timings: coord.Timings | None = None
         self.secured_at: float | None = None
+        self._pake: Pake | None = None  # our SPAKE2 half, made as soon as the code exists
 
     @property
     def bytes_in(self) -> int:
@@ -96,26 +102,49 @@ class PairedSession(SessionBase):
             self._emit(Event("peer_address", f"peer {paired.peer}",
                              data={"peer": str(paired.peer)}))
             self._set_state(State.PUNCHING, f"authenticating {paired.peer} with the code")
-            channel = await open_channel(paired.sock, role=paired.role, code=paired.code,
-                                         timeout=spec.net_timeout * 2)
-            self.secured_at = time.monotonic()
+            channel = await self._open(paired)
             self._mux = Mux(channel, initiator=paired.role == "A", keepalive=spec.keepalive,
                             dead_after=spec.keepalive * 3, name=f"mux-{spec.local_port}")
             await self._mux.start()
-            self._set_state(State.CONNECTED, f"encrypted tunnel to {paired.peer} up "
-                            f"(over the {paired.path} path); " + self._ready_hint())
+            # Serving starts before the peer's key confirmation is checked: our
+            # records may follow our own confirmation at once (a connection the
+            # application made while we paired goes out now), and the channel
+            # opens nothing of the peer's before its confirmation checks out.
+            if spec.role == "server":
+                serve = serve_share(self._mux, (spec.local_host, spec.local_port),
+                                    connect_timeout=spec.net_timeout, on_event=self._log)
+            else:
+                assert listener is not None
+                serve = serve_connect(self._mux, listener, on_event=self._log)
+            serving = asyncio.create_task(serve, name=f"serve-{spec.local_port}")
             try:
-                if spec.role == "server":
-                    await serve_share(self._mux, (spec.local_host, spec.local_port),
-                                      connect_timeout=spec.net_timeout, on_event=self._log)
-                else:
-                    assert listener is not None
-                    await serve_connect(self._mux, listener, on_event=self._log)
+                await channel.confirmed()  # PairingMismatch / HandshakeTimeout end the session
+                self.secured_at = time.monotonic()
+                self._set_state(State.CONNECTED, f"encrypted tunnel to {paired.peer} up "
+                                f"(over the {paired.path} path); " + self._ready_hint())
+                await serving
             finally:
+                serving.cancel()
+                with contextlib.suppress(BaseException):
+                    await serving
                 await self._mux.close()
         finally:
             if listener is not None:
                 listener.close()
+
+    async def _open(self, paired: coord.PairedTunnel) -> SecureChannel:
+        timeout = self.spec.net_timeout * 2
+        if paired.peer_pake is not None and self._pake is not None:
+            self._pake.finish(paired.peer_pake)  # done already while punching: a no-op
+            return await open_channel(paired.sock, role=paired.role, code=paired.code,
+                                      timeout=timeout, pake=self._pake)
+        # A rendezvous that forwarded no SPAKE2 messages: the whole handshake in-band.
+        return await open_channel(paired.sock, role=paired.role, code=paired.code,
+                                  timeout=timeout)
+
+    def _make_pake(self, code: str) -> Pake:
+        self._pake = Pake("A" if self.spec.role == "server" else "B", code)
+        return self._pake
 
     async def _pair(self) -> coord.PairedTunnel:
         spec = self.spec
@@ -124,11 +153,13 @@ class PairedSession(SessionBase):
         if spec.role == "server":
             return await coord.share(server, on_code=self._got_code, timeout=spec.code_lifetime,
                                      punch_timeout=spec.punch_timeout,
-                                     net_timeout=spec.net_timeout, on_event=self._progress)
+                                     net_timeout=spec.net_timeout, on_event=self._progress,
+                                     pake=self._make_pake)
         assert spec.code is not None
         self._set_state(State.WAITING_PEER, f"joining the sharer of {spec.code}")
         return await coord.connect(server, spec.code, punch_timeout=spec.punch_timeout,
-                                   net_timeout=spec.net_timeout, on_event=self._progress)
+                                   net_timeout=spec.net_timeout, on_event=self._progress,
+                                   pake=self._make_pake)
 
     def _got_code(self, code: str) -> None:
         self.code = code

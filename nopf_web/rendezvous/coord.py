@@ -14,7 +14,11 @@ the coordination connection); the joiner skips that check, which would cost it
 three round trips, unless the rendezvous asks for it (``probe_required``:
 against a symmetric sharer, the joiner's mapping decides the plan). The words
 of the code never leave this process; encryption over the whole code is the
-caller's business.
+caller's business. The caller may hand in its SPAKE2 half (``pake``): its
+message then travels with the coordination (the hello, or for the sharer a
+pake message once its code exists), the peer's comes back in the fire, and
+the SPAKE2 arithmetic is finished while the SYNs cross, so the tunnel only
+has the key confirmation left to do.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from nopf_web.errors import NopfError
 from nopf_web.pairing import PairingCode, make_code, parse_code
@@ -45,6 +49,7 @@ from nopf_web.wire.rendezvous import (
     FrameReader,
     Hello,
     MessageError,
+    PakeMessage,
     Ping,
     Pong,
     Probe,
@@ -66,6 +71,18 @@ DEFAULT_PUNCH_TTL = 2
 MIN_ATTEMPT = 2.0
 MAX_ATTEMPTS = 3
 RETRY_WAIT = 12.0  # s for the peer to fail its attempt too and ask again (rendezvous: 10)
+
+
+class PakeHalf(Protocol):
+    """One side's SPAKE2 (``nopf_web.tunnel.secure.Pake``), as coordination needs it."""
+
+    @property
+    def message(self) -> bytes: ...  # ours, for the peer (33 bytes)
+
+    def finish(self, peer_message: bytes) -> None: ...  # never raises
+
+
+PakeFactory = Callable[[str], PakeHalf]  # the full code -> our half
 
 
 # Errors ---------------------------------------------------------------------------
@@ -149,6 +166,9 @@ class PairedTunnel:
     rtt: float  # s, the rendezvous' estimate of the peer-to-peer round trip
     timings: Timings
     attempt: int = 1  # 2 and up: the punch worked after coordinating again
+    # The peer's SPAKE2 message from the fire, already passed to our half's
+    # finish(); None: both sides run SPAKE2 in-band on the tunnel.
+    peer_pake: bytes | None = None
 
 
 EventSink = Callable[[str], None]
@@ -161,12 +181,16 @@ async def share(
     rendezvous: tuple[str, int], *, on_code: Callable[[str], None], timeout: float = 600,
     punch_timeout: float = 30, bind_host: str = "0.0.0.0", punch_port: int = 0,
     net_timeout: float = 5.0, punch_ttl: int = DEFAULT_PUNCH_TTL,
-    on_event: EventSink | None = None,
+    on_event: EventSink | None = None, pake: PakeFactory | None = None,
 ) -> PairedTunnel:
     """Get a code (passed to ``on_code`` as soon as it exists), wait up to ``timeout``
-    for a peer to use it, then punch for up to ``punch_timeout`` seconds."""
+    for a peer to use it, then punch for up to ``punch_timeout`` seconds.
+
+    ``pake(code)``, called once the code exists, gives our SPAKE2 half; its
+    message is sent to the rendezvous for the peer."""
     started = time.monotonic()
     code: PairingCode | None = None
+    half: PakeHalf | None = None
 
     async def wait_for_peer(ctl: _Control) -> Fire:
         nonlocal code
@@ -174,9 +198,13 @@ async def share(
         if not isinstance(welcome, Welcome):
             raise RendezvousProtocolError(f"rendezvous {ctl.where} sent {welcome!r:.60} "
                                           "instead of a nameplate")
+        nonlocal half
         code = make_code(welcome.nameplate)
         _say(on_event, f"pairing code {code} (valid {welcome.expires_in / 60:g} min)")
         on_code(str(code))
+        if pake is not None:  # nobody waits for us yet: the SPAKE2 arithmetic is free here
+            half = pake(str(code))
+            await ctl.send(PakeMessage(half.message))
         left = timeout - (time.monotonic() - started)
         try:
             msg = await ctl.next_message(max(0.0, left))
@@ -188,26 +216,38 @@ async def share(
 
     fire, ctl_info = await _coordinate(rendezvous, "share", None, wait_for_peer, started,
                                        _first_budget(punch_timeout), bind_host, punch_port,
-                                       net_timeout, on_event)
+                                       net_timeout, on_event, None)
     assert code is not None
     return await _punch_and_retry(
         _Retry(rendezvous, code.nameplate, punch_timeout, bind_host, punch_port, net_timeout),
-        fire, ctl_info, "A", str(code), punch_ttl, on_event)
+        fire, ctl_info, "A", str(code), punch_ttl, on_event, half)
 
 
 async def connect(
     rendezvous: tuple[str, int], code: str, *, punch_timeout: float = 30,
     bind_host: str = "0.0.0.0", punch_port: int = 0, net_timeout: float = 5.0,
     punch_ttl: int = DEFAULT_PUNCH_TTL, on_event: EventSink | None = None,
+    pake: PakeFactory | None = None,
 ) -> PairedTunnel:
     """Join the sharer of ``code`` and punch for up to ``punch_timeout`` seconds.
 
     A malformed code raises :class:`nopf_web.pairing.BadCode` before any network
     traffic. Words that do not match are not detected here (the rendezvous never
     sees them): the caller's PAKE over ``PairedTunnel.code`` catches them.
+    ``pake(code)`` gives our SPAKE2 half; its message goes in the hello.
     """
     started = time.monotonic()
     parsed = parse_code(code)
+    halves: list[PakeHalf] = []
+
+    def our_message() -> bytes | None:
+        # Called while the coordination connection's SYN is out: its round
+        # trip hides the SPAKE2 arithmetic.
+        if pake is None:
+            return None
+        if not halves:
+            halves.append(pake(str(parsed)))
+        return halves[0].message
 
     async def wait_for_fire(ctl: _Control) -> Fire:
         # The rendezvous answers within about one round trip (plus a ping where
@@ -216,10 +256,10 @@ async def connect(
 
     fire, ctl_info = await _coordinate(rendezvous, "join", parsed.nameplate, wait_for_fire,
                                        started, _first_budget(punch_timeout), bind_host,
-                                       punch_port, net_timeout, on_event)
+                                       punch_port, net_timeout, on_event, our_message)
     return await _punch_and_retry(
         _Retry(rendezvous, parsed.nameplate, punch_timeout, bind_host, punch_port, net_timeout),
-        fire, ctl_info, "B", str(parsed), punch_ttl, on_event)
+        fire, ctl_info, "B", str(parsed), punch_ttl, on_event, halves[0] if halves else None)
 
 
 # Coordination ----------------------------------------------------------------------
@@ -246,7 +286,7 @@ class _Control:
         self.pending: list[bytes] = []
         self.seen = 0  # messages received
 
-    async def send(self, msg: Hello | Pong | Probe) -> None:
+    async def send(self, msg: Hello | Pong | Probe | PakeMessage) -> None:
         await asyncio.get_running_loop().sock_sendall(self.sock, encode(msg))
 
     async def recv(self, n: int) -> bytes:
@@ -378,7 +418,7 @@ async def _coordinate(
     rendezvous: tuple[str, int], action: Action, nameplate: int | None,
     wait: Callable[[_Control], Coroutine[Any, Any, Fire]],
     started: float, punch_timeout: float, bind_host: str, punch_port: int, net_timeout: float,
-    on_event: EventSink | None,
+    on_event: EventSink | None, pake_message: Callable[[], bytes | None] | None,
 ) -> tuple[Fire, _CtlInfo]:
     server = await resolve_ipv4(Endpoint(*rendezvous), net_timeout)
     port = punch_port
@@ -396,7 +436,7 @@ async def _coordinate(
         try:
             return await _hello_and_wait(server, action, nameplate, wait, started,
                                          punch_timeout, bind_host, port, probed, probed_at,
-                                         net_timeout, on_event)
+                                         net_timeout, on_event, pake_message)
         except _ProbeRequired as exc:
             if need_probe:  # asked twice: the rendezvous is confused
                 raise RendezvousProtocolError(f"rendezvous {server[0]}:{server[1]} asked "
@@ -410,14 +450,25 @@ async def _hello_and_wait(
     wait: Callable[[_Control], Coroutine[Any, Any, Fire]], started: float,
     punch_timeout: float, bind_host: str, port: int, probed: Endpoint | None,
     probed_at: float | None, net_timeout: float, on_event: EventSink | None,
+    pake_message: Callable[[], bytes | None] | None,
 ) -> tuple[Fire, _CtlInfo]:
-    sock = await _connect_from(server, bind_host, port, net_timeout)
+    connecting = asyncio.create_task(_connect_from(server, bind_host, port, net_timeout),
+                                     name="coord-connect")
+    try:
+        await asyncio.sleep(0)  # the task runs up to its first wait: the SYN is out
+        message = pake_message() if pake_message is not None else None
+        sock = await connecting
+    except BaseException:
+        connecting.cancel()
+        with contextlib.suppress(BaseException):
+            await connecting
+        raise
     rdv_connected = time.monotonic()
     port = int(sock.getsockname()[1])
     ctl = _Control(sock, f"{server[0]}:{server[1]}")
     try:
         lan = Endpoint(*sock.getsockname()[:2])
-        await ctl.send(Hello(action, nameplate, (lan,), probed, punch_timeout))
+        await ctl.send(Hello(action, nameplate, (lan,), probed, punch_timeout, pake=message))
         hello_sent = time.monotonic()
         try:
             async with asyncio.timeout(net_timeout):
@@ -468,12 +519,12 @@ class _Retry:
 
 async def _punch_and_retry(retry: _Retry, fire: Fire, ctl: _CtlInfo, role: Literal["A", "B"],
                            code: str, punch_ttl: int, on_event: EventSink | None,
-                           ) -> PairedTunnel:
+                           half: PakeHalf | None) -> PairedTunnel:
     deadline = ctl.fire + retry.punch_timeout
     attempt = 1
     while True:
         try:
-            tunnel = await _punch(fire, ctl, role, code, punch_ttl, on_event)
+            tunnel = await _punch(fire, ctl, role, code, punch_ttl, on_event, half)
             return dataclasses.replace(tunnel, attempt=attempt)
         except CoordinatedPunchTimeout as failed:
             left = deadline - time.monotonic()
@@ -485,14 +536,15 @@ async def _punch_and_retry(retry: _Retry, fire: Fire, ctl: _CtlInfo, role: Liter
             _say(on_event, f"punch attempt {attempt - 1} failed ({failed}); coordinating again "
                  f"with fresh sockets (attempt {attempt}, {left:.1f} s left)")
             try:
-                fire, ctl = await _coordinate_again(retry, role, left, on_event)
+                fire, ctl = await _coordinate_again(retry, role, left, on_event, half)
             except (PairingError, RendezvousError) as exc:
                 _say(on_event, f"could not coordinate again: {exc}")
                 raise failed from None
 
 
 async def _coordinate_again(retry: _Retry, role: Literal["A", "B"], left: float,
-                            on_event: EventSink | None) -> tuple[Fire, _CtlInfo]:
+                            on_event: EventSink | None, half: PakeHalf | None,
+                            ) -> tuple[Fire, _CtlInfo]:
     async def wait_for_fire(ctl: _Control) -> Fire:
         # The peer asks again when its own attempt has failed, about when ours did;
         # one that stopped never does: wait no longer than the punch timeout allows.
@@ -500,17 +552,22 @@ async def _coordinate_again(retry: _Retry, role: Literal["A", "B"], left: float,
         return _expect_fire(await ctl.next_message(wait), ctl.where)
 
     action: Action = "reshare" if role == "A" else "rejoin"
+    # Our SPAKE2 half is unused (no tunnel ran it): the same message goes again.
     return await _coordinate(retry.rendezvous, action, retry.nameplate, wait_for_fire,
                              time.monotonic(), left, retry.bind_host, retry.punch_port,
-                             retry.net_timeout, on_event)
+                             retry.net_timeout, on_event,
+                             None if half is None else (lambda: half.message))
 
 
 # The punch -------------------------------------------------------------------------
 
 
 async def _punch(fire: Fire, ctl: _CtlInfo, role: Literal["A", "B"], code: str, punch_ttl: int,
-                 on_event: EventSink | None) -> PairedTunnel:
+                 on_event: EventSink | None, half: PakeHalf | None) -> PairedTunnel:
     failures: list[tuple[Stage, PunchTimeout]] = []
+    # Both sides sent a SPAKE2 message (else the rendezvous forwards neither).
+    peer_pake = fire.peer_pake if half is not None else None
+    to_finish = peer_pake
     local = (ctl.local.host, ctl.local.port)
     for stage in fire.plan:
         public = stage.path == "public"
@@ -524,11 +581,22 @@ async def _punch(fire: Fire, ctl: _CtlInfo, role: Literal["A", "B"], code: str, 
         driver = PunchDriver(local, (stage.peer.host, stage.peer.port),
                              Role.ARM if stage.punch == "arm" else Role.CONNECT, config,
                              nat_hint=fire.note)
+        punching = asyncio.create_task(driver.run(), name=f"coord-punch-{stage.path}")
         try:
-            sock = await driver.run()
+            if to_finish is not None:
+                assert half is not None
+                await asyncio.sleep(0)  # the driver sends its first SYN, then the maths
+                half.finish(to_finish)  # runs while that SYN crosses
+                to_finish = None
+            sock = await punching
         except PunchTimeout as exc:
             failures.append((stage, exc))
             continue
+        except BaseException:
+            punching.cancel()
+            with contextlib.suppress(BaseException):
+                await punching
+            raise
         tune_stream(sock)
         connected = time.monotonic()
         _say(on_event, f"tunnel up to {stage.peer} over the {stage.path} path")
@@ -536,6 +604,7 @@ async def _punch(fire: Fire, ctl: _CtlInfo, role: Literal["A", "B"], code: str, 
             sock, role, code, stage.peer, stage.path, ctl.local, fire.public,
             fire.rtt_ms / 1000, Timings(ctl.started, ctl.hello_sent, ctl.fire, connected,
                                         ctl.probed, ctl.rdv_connected),
+            peer_pake=peer_pake,
         )
     raise _punch_failed(fire, failures)
 
@@ -570,6 +639,7 @@ __all__ = [
     "CoordinatedPunchTimeout",
     "PairedTunnel",
     "PairingError",
+    "PakeHalf",
     "PeerNeverArrived",
     "RendezvousError",
     "RendezvousTooOld",

@@ -49,6 +49,7 @@ from nopf_web.wire.rendezvous import (
     FrameReader,
     Hello,
     MessageError,
+    PakeMessage,
     Ping,
     Pong,
     Probe,
@@ -72,7 +73,7 @@ from .book import (
 log = logging.getLogger("nopf.rendezvous")
 
 DEFAULT_PORT = 3012
-FIRE_MARGIN = 0.005  # s added to the latest fire send time: scheduling slack
+FIRE_MARGIN = 0.005  # s the sharer's fire may trail the joiner's: scheduling slack
 QUICK_PINGS = 3  # RTT samples taken at once from a sharer, then one per ping_interval
 DEFAULT_RTT = 0.2  # s, assumed when nothing was measured (non-Linux, no pong yet)
 RETRY_WAIT = 10.0  # s a peer's retry hello waits for the other peer's
@@ -136,13 +137,32 @@ class _Conn:
     hello: Hello
     frames: FrameReader = field(default_factory=FrameReader)
     rtts: list[float] = field(default_factory=list)
+    pending: list[bytes] = field(default_factory=list)  # frames read, not yet handled
+    pake: bytes | None = None  # the peer's SPAKE2 message, forwarded opaquely in the fire
+
+    def __post_init__(self) -> None:
+        self.pake = self.hello.pake
 
     def send(self, msg: ServerMessage) -> None:
         self.writer.write(encode(msg))
 
     async def receive(self) -> Pong:
-        """The next message (only pongs are valid after the hello)."""
+        """The next pong (after the hello only pongs are valid, and a sharer's one
+        pake message, which is kept)."""
         while True:
+            while self.pending:
+                try:
+                    msg = decode_client_message(self.pending.pop(0))
+                except MessageError as exc:
+                    raise _Gone(f"sent an invalid message ({exc})") from None
+                if isinstance(msg, PakeMessage):
+                    if self.hello.action != "share" or self.pake is not None:
+                        raise _Gone("sent an unexpected pake message")
+                    self.pake = msg.pake
+                    continue
+                if not isinstance(msg, Pong):
+                    raise _Gone("sent a second hello")
+                return msg
             try:
                 chunk = await self.reader.read(4096)
             except OSError as exc:
@@ -150,11 +170,7 @@ class _Conn:
             if not chunk:
                 raise _Gone("closed the connection")
             try:
-                for payload in self.frames.feed(chunk):
-                    msg = decode_client_message(payload)
-                    if not isinstance(msg, Pong):
-                        raise _Gone("sent a second hello")
-                    return msg
+                self.pending += self.frames.feed(chunk)
             except MessageError as exc:
                 raise _Gone(f"sent an invalid message ({exc})") from None
 
@@ -458,9 +474,22 @@ class RendezvousServer:
         except SymmetricPair as exc:
             refusal = ErrorReply("symmetric_nat", str(exc))
             return (refusal, loop.time()), (refusal, loop.time())
-        # Both must receive "fire" at the same moment T: each is sent RTT_i/2 early.
-        fire_at = loop.time() + max(sharer.rtt, joiner.rtt) / 2 + FIRE_MARGIN
+        # The joiner fires as soon as its fire arrives: nothing is gained by holding
+        # it back. The sharer's fire arrives with it or a few ms later, never
+        # before: a sharer SYN that beat the joiner's own SYN out of the joiner's
+        # NAT would be dropped or refused there, while a sharer SYN that leaves
+        # up to half a peer round trip late still crosses the joiner's (whose SYN
+        # takes that long to reach the sharer's NAT), and the joiner's first
+        # bytes reach the sharer no later.
+        now = loop.time()
+        joiner_at = now
+        sharer_at = now + max(0.0, (joiner.rtt - sharer.rtt) / 2) + FIRE_MARGIN
+        fire_at = now + joiner.rtt / 2  # when the joiner fires
         rtt_ms = round((sharer.rtt + joiner.rtt) / 2 * 1000, 3)  # peer <-> peer, estimated
+        # SPAKE2 messages go through only if both sent one (a client without it
+        # must see neither: it rejects unknown fields, and both must agree on
+        # whether the tunnel runs SPAKE2 in-band).
+        both = sharer_conn.pake is not None and joiner_conn.pake is not None
         # Keep the pairing for a retry until well after its punch can have ended.
         self._prune_retries()
         until = fire_at + sum(s.budget for s in plans.sharer) + RETRY_GRACE
@@ -471,10 +500,10 @@ class RendezvousServer:
             slot.until = until
         self.stats.paired += 1
         return (
-            (Fire(sharer.public, joiner.public, plans.sharer, rtt_ms, plans.sharer_note),
-             fire_at - sharer.rtt / 2),
-            (Fire(joiner.public, sharer.public, plans.joiner, rtt_ms, plans.joiner_note),
-             fire_at - joiner.rtt / 2),
+            (Fire(sharer.public, joiner.public, plans.sharer, rtt_ms, plans.sharer_note,
+                  joiner_conn.pake if both else None), sharer_at),
+            (Fire(joiner.public, sharer.public, plans.joiner, rtt_ms, plans.joiner_note,
+                  sharer_conn.pake if both else None), joiner_at),
         )
 
     async def _retry(self, conn: _Conn) -> None:

@@ -38,6 +38,15 @@ Each side checks the peer's confirm tag (with the peer's role in the label)
 with ``hmac.compare_digest``; a mismatch raises :class:`PairingMismatch` on
 both sides, since each checks independently.
 
+Coordinated mode moves the SPAKE2 messages to the rendezvous (see
+:class:`Pake`; each is the 33-byte ``spake2`` field above, forwarded opaquely,
+so a lying rendezvous still gets one online guess, as a relay on the path
+does). The tunnel then starts with the confirm tag, computed over the same
+transcript (the two hellos as above, rebuilt from the messages), and records
+may follow it at once: no hello and no waiting on the tunnel. The receiver
+checks the peer's tag before it opens any record; a wrong tag is
+:class:`PairingMismatch` on both sides and nothing after it is opened.
+
 Records, in each direction after the handshake::
 
     offset  size  field
@@ -138,6 +147,11 @@ class _RecordProtocol(asyncio.BufferedProtocol):
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self.bytes_in = 0
+        # Early data (see open_channel's pake): the peer's confirmation tag, still
+        # to be checked ahead of its records, and who waits for the verdict.
+        self._expect: bytes | None = None
+        self.confirmed: asyncio.Future[None] | None = None
+        self._confirm_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio callbacks ----------------------------------------------------
 
@@ -147,7 +161,7 @@ class _RecordProtocol(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(_WRITE_HIGH, _WRITE_LOW)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._opener is None:  # handshake: whatever comes
+        if self._opener is None or self._expect is not None:  # handshake: whatever comes
             return self._view[self._have :]
         if self._have < _HDR:
             return self._view[self._have : _HDR]
@@ -160,13 +174,20 @@ class _RecordProtocol(asyncio.BufferedProtocol):
         if self._opener is None:
             self._wake()
         else:
-            self._open_records()
+            self._process()
 
     def eof_received(self) -> bool:
         return False  # close our side too: the channel has no half-close
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if exc is None and self._opener is not None and self._have:
+        if self._expect is not None:
+            if isinstance(exc, OSError):
+                exc = HandshakeError("secure handshake: connection failed while waiting for "
+                                     f"the peer's key confirmation ({exc.strerror or exc})")
+            elif exc is None:
+                exc = HandshakeError("secure handshake: the peer closed the connection before "
+                                     "sending its key confirmation")
+        elif exc is None and self._opener is not None and self._have:
             exc = TunnelTampered("tunnel data rejected: the connection was cut inside a record")
         self._finish(exc)
         if self._drain_waiter is not None and not self._drain_waiter.done():
@@ -181,6 +202,45 @@ class _RecordProtocol(asyncio.BufferedProtocol):
             self._drain_waiter.set_result(None)
 
     # -- records --------------------------------------------------------------
+
+    def expect_confirmation(self, tag: bytes, timeout: float) -> None:
+        """Check ``tag`` ahead of the peer's records; ``confirmed`` gets the verdict."""
+        loop = asyncio.get_running_loop()
+        self._expect = tag
+        self.confirmed = loop.create_future()
+        # Retrieved here so an unawaited failure is not logged: the channel's
+        # end (on_end / recv) reports it too.
+        self.confirmed.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._confirm_timer = loop.call_later(timeout, self._confirm_timeout, timeout)
+
+    def _confirm_timeout(self, timeout: float) -> None:
+        if self._expect is not None and not self._ended:
+            self._finish(HandshakeTimeout(
+                f"secure handshake: no key confirmation from the peer within {timeout:g} s"))
+            if self.transport is not None:
+                self.transport.abort()
+
+    def _process(self) -> None:
+        if self._expect is not None:
+            if self._have < CONFIRM_SIZE or self._ended:
+                return
+            tag = bytes(self._view[:CONFIRM_SIZE])
+            if not hmac.compare_digest(tag, self._expect):
+                # Nothing after a wrong tag is opened. Close, not abort: the peer
+                # needs our own tag to reach the same verdict.
+                self._finish(PairingMismatch("pairing code did not match"))
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            self._expect = None
+            rest = self._have - CONFIRM_SIZE
+            self._buf[:rest] = bytes(self._view[CONFIRM_SIZE : self._have])
+            self._have = rest
+            if self._confirm_timer is not None:
+                self._confirm_timer.cancel()
+            if self.confirmed is not None and not self.confirmed.done():
+                self.confirmed.set_result(None)
+        self._open_records()
 
     def _open_records(self) -> None:
         opener, buf, view = self._opener, self._buf, self._view
@@ -222,6 +282,11 @@ class _RecordProtocol(asyncio.BufferedProtocol):
             return
         self._ended = True
         self._end_error = exc
+        if self._confirm_timer is not None:
+            self._confirm_timer.cancel()
+        if self.confirmed is not None and not self.confirmed.done():
+            self.confirmed.set_exception(exc or HandshakeError(
+                "secure handshake: the channel ended before the peer's key confirmation"))
         self._wake()
         if self._on_end is not None:
             self._on_end(exc)
@@ -253,7 +318,7 @@ class _RecordProtocol(asyncio.BufferedProtocol):
 
     def start_records(self, opener: AESGCM) -> None:
         self._opener = opener
-        self._open_records()  # records the peer sent right after its confirmation
+        self._process()  # records the peer sent right after its confirmation
 
     def send(self, data: memoryview) -> None:
         """Send ``data`` (a reused buffer: not kept after the call) in order."""
@@ -306,6 +371,17 @@ class SecureChannel:
         self._plain = memoryview(bytearray(MAX_RECORD))
         self._record = memoryview(bytearray(_HDR + MAX_RECORD + TAG_SIZE))
         protocol.start_records(AESGCM(recv_key))
+
+    async def confirmed(self) -> None:
+        """Wait until the peer's key confirmation has been checked.
+
+        Returns at once after the in-band handshake (it checked it already).
+        After an early-data open (``pake``) it raises :class:`PairingMismatch`,
+        :class:`HandshakeTimeout` or :class:`HandshakeError` as the in-band
+        handshake would have.
+        """
+        if self._protocol.confirmed is not None:
+            await asyncio.shield(self._protocol.confirmed)
 
     @property
     def peer_role(self) -> Role:
@@ -400,16 +476,77 @@ class SecureChannel:
             await self._protocol._wait()
 
 
+class Pake:
+    """One side's SPAKE2 for one pairing, run before the tunnel exists.
+
+    ``message`` (33 bytes) goes to the peer through the rendezvous;
+    :meth:`finish` takes the peer's message from there and derives the key
+    (it never raises: an invalid message fails :func:`open_channel` later, as
+    the in-band handshake would). Then ``open_channel(..., pake=this)`` has
+    only the key confirmation left to do on the tunnel.
+    """
+
+    def __init__(self, role: Role, code: str) -> None:
+        if role not in ("A", "B"):
+            raise ValueError(f"role must be 'A' or 'B', not {role!r}")
+        self.role: Role = role
+        self._spake = (SPAKE2_A if role == "A" else SPAKE2_B)(
+            code.encode("utf-8"), idA=ID_A, idB=ID_B)
+        self.message: bytes = self._spake.start()
+        self.peer_message: bytes | None = None
+        self._key: bytes | HandshakeError | None = None
+
+    @property
+    def hello(self) -> bytes:
+        """Our message as the in-band hello would carry it (for the transcript)."""
+        return MAGIC + bytes([VERSION]) + self.message
+
+    @property
+    def finished(self) -> bool:
+        return self._key is not None
+
+    def finish(self, peer_message: bytes) -> None:
+        """Derive the key from the peer's message (once; a repeat must be the same message)."""
+        if self.peer_message is not None:
+            if peer_message != self.peer_message:
+                self._key = HandshakeError("secure handshake: the peer's pairing message "
+                                           "changed between attempts")
+            return
+        self.peer_message = peer_message
+        try:
+            self._key = _finish_spake(self._spake, self.role, MAGIC + bytes([VERSION])
+                                      + peer_message)
+        except HandshakeError as exc:
+            self._key = exc
+
+    def key(self) -> bytes:
+        if self._key is None:
+            raise ValueError("Pake.finish() was not called")
+        if isinstance(self._key, HandshakeError):
+            raise self._key
+        return self._key
+
+
 async def open_channel(sock: socket.socket, *, role: Role, code: str,
-                       timeout: float = HANDSHAKE_TIMEOUT) -> SecureChannel:
+                       timeout: float = HANDSHAKE_TIMEOUT,
+                       pake: Pake | None = None) -> SecureChannel:
     """Authenticate the peer on a connected TCP socket with ``code``; the channel owns it.
 
     Raises :class:`PairingMismatch` if the peer used another code,
     :class:`HandshakeTimeout` naming the step it waited for, and
     :class:`HandshakeError` for anything else. On failure the socket is closed.
+
+    With ``pake`` (SPAKE2 already exchanged through the rendezvous and
+    finished) only the key confirmation runs here, and without a wait: the
+    channel is returned as soon as our confirmation tag is sent, so records may
+    follow it at once. Nothing the peer sends is delivered before its tag has
+    been checked; :meth:`SecureChannel.confirmed` waits for that check and
+    raises the same errors (``PairingMismatch`` on a wrong code).
     """
     if role not in ("A", "B"):
         raise ValueError(f"role must be 'A' or 'B', not {role!r}")
+    if pake is not None:
+        return await _open_confirming(sock, role, pake, timeout)
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     loop = asyncio.get_running_loop()
@@ -457,6 +594,39 @@ async def open_channel(sock: socket.socket, *, role: Role, code: str,
         raise PairingMismatch("pairing code did not match")
     a_to_b, b_to_a = _derive(key, LABEL_A_TO_B), _derive(key, LABEL_B_TO_A)
     send_key, recv_key = (a_to_b, b_to_a) if role == "A" else (b_to_a, a_to_b)
+    return SecureChannel(transport, proto, role=role, send_key=send_key, recv_key=recv_key)
+
+
+async def _open_confirming(sock: socket.socket, role: Role, pake: Pake,
+                           timeout: float) -> SecureChannel:
+    if pake.role != role:
+        sock.close()
+        raise ValueError(f"the pake was made for role {pake.role}, not {role}")
+    try:
+        key = pake.key()
+    except BaseException:
+        sock.close()
+        raise
+    assert pake.peer_message is not None
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    peer_hello = MAGIC + bytes([VERSION]) + pake.peer_message
+    # The same transcript and labels as the in-band handshake: both sides derive it
+    # from the two hellos, however the messages travelled.
+    transcript = pake.hello + peer_hello if role == "A" else peer_hello + pake.hello
+    confirm_key = _derive(key, LABEL_CONFIRM)
+    peer_role: Role = "B" if role == "A" else "A"
+    a_to_b, b_to_a = _derive(key, LABEL_A_TO_B), _derive(key, LABEL_B_TO_A)
+    send_key, recv_key = (a_to_b, b_to_a) if role == "A" else (b_to_a, a_to_b)
+    loop = asyncio.get_running_loop()
+    try:
+        transport, proto = await loop.create_connection(lambda: _RecordProtocol(sock),
+                                                        sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    transport.write(_confirm_tag(confirm_key, role, transcript))
+    proto.expect_confirmation(_confirm_tag(confirm_key, peer_role, transcript), timeout)
     return SecureChannel(transport, proto, role=role, send_key=send_key, recv_key=recv_key)
 
 

@@ -23,8 +23,13 @@ Client -> rendezvous
                                       port got just before: the NAT mapping check.
                                       A joiner sends null at first, to save its
                                       three round trips; see "probe_required")
-            "punch_timeout":S}       (seconds this peer will punch; the plan uses the
+            "punch_timeout":S,       (seconds this peer will punch; the plan uses the
                                       smaller of the two peers')
+            "pake":"base64"}         (optional, absent to share: our SPAKE2 message,
+                                      PAKE_SIZE = 33 bytes, standard base64 = 44
+                                      characters; forwarded opaquely to the peer)
+    pake   {"type":"pake","pake":"base64"}  (a sharer's SPAKE2 message, once, after the
+                                             welcome: its code did not exist at its hello)
     pong   {"type":"pong","seq":N}   (answer to ping, at once)
     probe  {"type":"probe","version":2}
            (instead of a hello: "close right after the reply". The NAT mapping check
@@ -39,9 +44,11 @@ Rendezvous -> client
     fire    {"type":"fire","public":"ip:port","peer_public":"ip:port",
              "plan":[{"path":"public"|"lan","peer":"ip:port","punch":"arm"|"connect",
                       "budget":S},...],
-             "rtt_ms":R, "note":"..."|null}
-            (sent to each peer at T - RTT_i/2 so both receive it at T: start
-             punching at once; the stages run in order, each for its budget)
+             "rtt_ms":R, "note":"..."|null, "peer_pake":"base64"}
+            (the joiner's is sent at once, the sharer's so that it arrives with the
+             joiner's or a few ms later: start punching at once; the stages run in
+             order, each for its budget. "peer_pake": the peer's SPAKE2 message, only
+             when both peers sent one; absent otherwise)
     error   {"type":"error","code":C,"message":"one line"}  (then the rendezvous closes)
             code "probe_required" (to a joiner whose hello had no probe, when the
             sharer's NAT is symmetric, so the plan depends on the joiner's mapping):
@@ -51,6 +58,8 @@ Rendezvous -> client
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import struct
@@ -70,6 +79,8 @@ MAX_NAMEPLATE = 999_999
 MAX_SECONDS = 3600.0  # largest budget, expiry or punch timeout accepted
 MAX_TEXT = 300  # characters of an error message or note
 MAX_SEQ = 2**31 - 1
+PAKE_SIZE = 33  # bytes of a SPAKE2 message: side byte b"A"/b"B", 32-byte Ed25519 element
+PAKE_TEXT = 44  # its base64 length
 
 ERROR_CODES = frozenset({
     "bad_request",  # malformed or unexpected message
@@ -105,6 +116,14 @@ class Hello:
     probe: Endpoint | None
     punch_timeout: float
     version: int = VERSION
+    pake: bytes | None = None  # our SPAKE2 message, for the peer (None: in-band SPAKE2)
+
+
+@dataclass(frozen=True)
+class PakeMessage:
+    """A sharer's SPAKE2 message, sent once it has made its code (after the welcome)."""
+
+    pake: bytes
 
 
 @dataclass(frozen=True)
@@ -144,6 +163,7 @@ class Fire:
     plan: tuple[Stage, ...]
     rtt_ms: float
     note: str | None = None
+    peer_pake: bytes | None = None  # the peer's SPAKE2 message, as it sent it
 
 
 @dataclass(frozen=True)
@@ -152,7 +172,7 @@ class ErrorReply:
     message: str
 
 
-ClientMessage = Hello | Pong | Probe
+ClientMessage = Hello | Pong | Probe | PakeMessage
 ServerMessage = Welcome | Ping | Fire | ErrorReply
 Message = ClientMessage | ServerMessage
 
@@ -164,12 +184,21 @@ def _ep(e: Endpoint) -> str:
     return f"{e.host}:{e.port}"
 
 
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
 def _to_json(msg: Message) -> dict[str, Any]:
     if isinstance(msg, Hello):
-        return {"type": "hello", "version": msg.version, "action": msg.action,
-                "nameplate": msg.nameplate, "lan": [_ep(e) for e in msg.lan],
-                "probe": _ep(msg.probe) if msg.probe else None,
-                "punch_timeout": msg.punch_timeout}
+        hello = {"type": "hello", "version": msg.version, "action": msg.action,
+                 "nameplate": msg.nameplate, "lan": [_ep(e) for e in msg.lan],
+                 "probe": _ep(msg.probe) if msg.probe else None,
+                 "punch_timeout": msg.punch_timeout}
+        if msg.pake is not None:  # absent, not null: what a client without it sends
+            hello["pake"] = _b64(msg.pake)
+        return hello
+    if isinstance(msg, PakeMessage):
+        return {"type": "pake", "pake": _b64(msg.pake)}
     if isinstance(msg, Pong):
         return {"type": "pong", "seq": msg.seq}
     if isinstance(msg, Probe):
@@ -180,10 +209,13 @@ def _to_json(msg: Message) -> dict[str, Any]:
         return {"type": "welcome", "nameplate": msg.nameplate, "expires_in": msg.expires_in,
                 "public": _ep(msg.public)}
     if isinstance(msg, Fire):
-        return {"type": "fire", "public": _ep(msg.public), "peer_public": _ep(msg.peer_public),
+        fire = {"type": "fire", "public": _ep(msg.public), "peer_public": _ep(msg.peer_public),
                 "plan": [{"path": s.path, "peer": _ep(s.peer), "punch": s.punch,
                           "budget": s.budget} for s in msg.plan],
                 "rtt_ms": msg.rtt_ms, "note": msg.note}
+        if msg.peer_pake is not None:  # absent, not null: a client without it rejects the field
+            fire["peer_pake"] = _b64(msg.peer_pake)
+        return fire
     return {"type": "error", "code": msg.code, "message": msg.message}
 
 
@@ -264,6 +296,21 @@ class _Fields:
                                f"{MAX_TEXT} characters")
         return value
 
+    def pake(self, name: str, *, optional: bool = False) -> bytes | None:
+        value = self._get(name, optional)
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or len(value) != PAKE_TEXT:
+            raise MessageError(f"{self.kind}.{name} must be {PAKE_TEXT} characters of base64 "
+                               f"(a {PAKE_SIZE}-byte SPAKE2 message), got {value!r:.60}")
+        try:
+            data = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise MessageError(f"{self.kind}.{name} is not valid base64") from None
+        if len(data) != PAKE_SIZE or _b64(data) != value:  # one spelling per message
+            raise MessageError(f"{self.kind}.{name} must encode exactly {PAKE_SIZE} bytes")
+        return data
+
     def endpoint(self, name: str, *, optional: bool = False) -> Endpoint | None:
         value = self.text(name, optional=optional)
         return None if value is None else _endpoint(value, f"{self.kind}.{name}")
@@ -299,8 +346,13 @@ def _hello(f: _Fields) -> Hello:
         if not isinstance(item, str) or len(item) > 21:
             raise MessageError(f"hello.lan entries must be 'ip:port' strings, got {item!r:.40}")
         cands.append(_endpoint(item, "hello.lan"))
+    pake = f.pake("pake", optional=True)
+    if action == "share" and pake is not None:
+        raise MessageError("hello.pake must be absent to share (the code does not exist yet: "
+                           "send it in a pake message after the welcome)")
     return Hello(action, nameplate, tuple(cands),
-                 f.endpoint("probe", optional=True), f.num("punch_timeout", 0.1, MAX_SECONDS))
+                 f.endpoint("probe", optional=True), f.num("punch_timeout", 0.1, MAX_SECONDS),
+                 pake=pake)
 
 
 def _fire(f: _Fields) -> Fire:
@@ -319,19 +371,21 @@ def _fire(f: _Fields) -> Fire:
             s.num("budget", 0.1, MAX_SECONDS),
         ))
     return Fire(_req(f.endpoint("public")), _req(f.endpoint("peer_public")), tuple(stages),
-                f.num("rtt_ms", 0, MAX_SECONDS * 1000), f.text("note", optional=True))
+                f.num("rtt_ms", 0, MAX_SECONDS * 1000), f.text("note", optional=True),
+                f.pake("peer_pake", optional=True))
 
 
 _FIELDS: dict[str, set[str]] = {
-    "hello": {"version", "action", "nameplate", "lan", "probe", "punch_timeout"},
+    "hello": {"version", "action", "nameplate", "lan", "probe", "punch_timeout", "pake"},
+    "pake": {"pake"},
     "pong": {"seq"},
     "probe": {"version"},
     "ping": {"seq"},
     "welcome": {"nameplate", "expires_in", "public"},
-    "fire": {"public", "peer_public", "plan", "rtt_ms", "note"},
+    "fire": {"public", "peer_public", "plan", "rtt_ms", "note", "peer_pake"},
     "error": {"code", "message"},
 }
-CLIENT_TYPES = frozenset({"hello", "pong", "probe"})
+CLIENT_TYPES = frozenset({"hello", "pong", "probe", "pake"})
 SERVER_TYPES = frozenset({"welcome", "ping", "fire", "error"})
 
 
@@ -363,6 +417,8 @@ def _decode_any(payload: bytes, allowed: frozenset[str] = CLIENT_TYPES | SERVER_
         return _hello(f)
     if kind == "pong":
         return Pong(_req(f.int("seq", 0, MAX_SEQ)))
+    if kind == "pake":
+        return PakeMessage(_req(f.pake("pake")))
     if kind == "probe":
         version = _req(f.int("version", 0, MAX_SEQ))
         if version != VERSION:
@@ -381,7 +437,7 @@ def _decode_any(payload: bytes, allowed: frozenset[str] = CLIENT_TYPES | SERVER_
 def decode_client_message(payload: bytes) -> ClientMessage:
     """Decode one frame payload sent by a peer to the rendezvous."""
     msg = _decode_any(payload, CLIENT_TYPES)
-    assert isinstance(msg, Hello | Pong | Probe)
+    assert isinstance(msg, Hello | Pong | Probe | PakeMessage)
     return msg
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from nopf_web.rendezvous.coord import PairedTunnel, connect, share
+from nopf_web.rendezvous.coord import PairedTunnel, PakeFactory, connect, share
 from tests.lab import Host
 
 T = TypeVar("T")
@@ -69,18 +69,22 @@ class PairOutcome:
 
 def pair(sharer: Host, joiner: Host, *, punch_timeout: float = 10, rdv: tuple[str, int] = RDV,
          code_timeout: float = 10, wait: float = 40,
-         on_event: Callable[[str, str], None] | None = None) -> PairOutcome:
+         on_event: Callable[[str, str], None] | None = None,
+         pakes: tuple[PakeFactory, PakeFactory] | None = None) -> PairOutcome:
     """Share from ``sharer``, connect from ``joiner`` once the code is out; wait for both.
 
     ``on_event(side, message)`` gets each side's progress messages ("sharer"/"joiner").
+    ``pakes``: the sharer's and the joiner's SPAKE2 factories (see ``coord.share``).
     """
+    sharer_pake, joiner_pake = pakes or (None, None)
     codes: queue.Queue[str] = queue.Queue()
 
     def sink(side: str) -> Callable[[str], None] | None:
         return None if on_event is None else (lambda message: on_event(side, message))
 
     a = _Runner(sharer, lambda: share(rdv, on_code=codes.put, punch_timeout=punch_timeout,
-                                      on_event=sink("sharer")), "coord-sharer")
+                                      on_event=sink("sharer"), pake=sharer_pake),
+                "coord-sharer")
     a.start()
     try:
         code = codes.get(timeout=code_timeout)
@@ -89,7 +93,8 @@ def pair(sharer: Host, joiner: Host, *, punch_timeout: float = 10, rdv: tuple[st
         raise AssertionError(f"no code from the sharer: {a.error!r}") from None
     ready = time.monotonic()
     b = _Runner(joiner, lambda: connect(rdv, code, punch_timeout=punch_timeout,
-                                        on_event=sink("joiner")), "coord-joiner")
+                                        on_event=sink("joiner"), pake=joiner_pake),
+                "coord-joiner")
     b.start()
     a.join(wait)
     b.join(wait)

@@ -12,6 +12,11 @@ Both peers then connect to it, and it sits in the middle:
 - ``mitm``: terminates both connections and runs its own SPAKE2 towards each
   peer with a guessed code (it knows the nameplate, never the words).
 
+When the peers send SPAKE2 messages through it (``pake`` in the joiner's
+hello, a pake message from the sharer), ``relay`` and ``flip`` forward them
+unchanged in the fire instructions, and ``mitm`` substitutes its own (made
+with the guessed code), then only confirms keys on the tunnel, as the peers do.
+
 Runs its own asyncio loop in a thread entered into the lab's rendezvous host.
 """
 
@@ -26,13 +31,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from nopf_web.tunnel.errors import TunnelError
-from nopf_web.tunnel.secure import CONFIRM_SIZE, HELLO_SIZE, open_channel
+from nopf_web.tunnel.secure import CONFIRM_SIZE, HELLO_SIZE, Pake, open_channel
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import encode_reply
 from nopf_web.wire.rendezvous import (
     Fire,
     FrameReader,
     Hello,
+    PakeMessage,
     Probe,
     Stage,
     Welcome,
@@ -45,8 +51,11 @@ Mode = Literal["relay", "flip", "mitm"]
 RDV_PORT = 3012
 SHARER_SIDE, JOINER_SIDE = 4001, 4002  # where each peer is told its peer is
 # First byte of the first record's ciphertext (after hello, confirm and its
-# 4-byte length) plus a few: inside the AES-GCM ciphertext.
+# 4-byte length) plus a few: inside the AES-GCM ciphertext. With SPAKE2 through
+# the rendezvous the tunnel starts with the confirmation: no hello.
 FLIP_AT = HELLO_SIZE + CONFIRM_SIZE + 4 + 3
+FLIP_AT_EARLY = CONFIRM_SIZE + 4 + 3
+GUESS = "1-orbit-lantern"  # the nameplate may match; the words are a guess
 
 
 @dataclass
@@ -57,6 +66,9 @@ class HostileRendezvous:
                                                                   "b>a": bytearray()})
     pairs: int = 0  # pairs told the lie
     mitm_results: list[str] = field(default_factory=list)  # what our own SPAKE2 got
+    forwarded: dict[str, bytes] = field(default_factory=dict)  # SPAKE2 messages, by sender
+    # mitm with forwarded SPAKE2: our halves towards the sharer (as B) and joiner (as A)
+    _halves: dict[str, Pake] = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _ready: threading.Event = field(default_factory=threading.Event)
@@ -104,6 +116,7 @@ class HostileRendezvous:
         self._stop = asyncio.Event()
         self._sharer: asyncio.Future[tuple[asyncio.StreamWriter, Hello, Endpoint]] = (
             self._loop.create_future())
+        self._sharer_pake: asyncio.Future[bytes | None] = self._loop.create_future()
         self._tasks: set[asyncio.Task[None]] = set()
         servers = [
             await asyncio.start_server(self._control, "0.0.0.0", RDV_PORT, reuse_address=True),
@@ -152,18 +165,55 @@ class HostileRendezvous:
             writer.write(encode(Welcome(1 + secrets.randbelow(99), 600, public)))
             if not self._sharer.done():
                 self._sharer.set_result((writer, msg, public))
+            await self._read_sharer_pake(reader, frames)
             return  # the writer stays open until the joiner arrives
         sharer_writer, sharer_hello, sharer_public = await self._sharer
+        sharer_pake: bytes | None = None
+        if msg.pake is not None:  # the sharer's follows its welcome: long since sent
+            with contextlib.suppress(TimeoutError):
+                sharer_pake = await asyncio.wait_for(asyncio.shield(self._sharer_pake), 2)
+        to_sharer, to_joiner = self._pakes(sharer_pake, msg.pake)
         rdv = Endpoint(self.host.ip, 0)
         budget = min(8.0, msg.punch_timeout, sharer_hello.punch_timeout)
         # The lie: "your peer is at my address".
-        for w, me, side in ((sharer_writer, sharer_public, SHARER_SIDE),
-                            (writer, public, JOINER_SIDE)):
+        for w, me, side, peer_pake in ((sharer_writer, sharer_public, SHARER_SIDE, to_sharer),
+                                       (writer, public, JOINER_SIDE, to_joiner)):
             there = Endpoint(rdv.host, side)
-            w.write(encode(Fire(me, there, (Stage("public", there, "connect", budget),), 40.0)))
+            w.write(encode(Fire(me, there, (Stage("public", there, "connect", budget),), 40.0,
+                                peer_pake=peer_pake)))
             with contextlib.suppress(OSError):
                 w.write_eof()
         self.pairs += 1
+
+    async def _read_sharer_pake(self, reader: asyncio.StreamReader, frames: FrameReader) -> None:
+        """The sharer's SPAKE2 message, if it sends one (None: it runs SPAKE2 in-band)."""
+        got: bytes | None = None
+        with contextlib.suppress(TimeoutError, OSError, ValueError):
+            async with asyncio.timeout(5):
+                while got is None:
+                    chunk = await reader.read(4096)
+                    if not chunk:
+                        break
+                    for payload in frames.feed(chunk):
+                        pake = decode_client_message(payload)
+                        if isinstance(pake, PakeMessage):
+                            got = pake.pake
+        if not self._sharer_pake.done():
+            self._sharer_pake.set_result(got)
+
+    def _pakes(self, sharer: bytes | None, joiner: bytes | None,
+               ) -> tuple[bytes | None, bytes | None]:
+        """The SPAKE2 messages each side gets in its fire: the other's, or ours."""
+        if sharer is None or joiner is None:
+            return None, None
+        self.forwarded = {"sharer": sharer, "joiner": joiner}
+        if self.mode != "mitm":
+            return joiner, sharer
+        to_sharer, to_joiner = Pake("B", GUESS), Pake("A", GUESS)
+        to_sharer.finish(sharer)
+        to_joiner.finish(joiner)
+        self._halves = {"sharer": to_sharer, "joiner": to_joiner}
+        return to_sharer.message, to_joiner.message
 
     async def _accept_side(self, listener: socket.socket) -> socket.socket:
         """The first connection (the peer's punch); the listener closes after it."""
@@ -182,7 +232,7 @@ class HostileRendezvous:
             if self.mode == "mitm":
                 await self._impersonate(a, b)
                 return
-            flip = FLIP_AT if self.mode == "flip" else None
+            flip = None if self.mode != "flip" else FLIP_AT_EARLY if self.forwarded else FLIP_AT
             await asyncio.gather(self._copy(a, b, "a>b", flip), self._copy(b, a, "b>a", flip))
         finally:
             a.close()
@@ -207,11 +257,12 @@ class HostileRendezvous:
 
     async def _impersonate(self, a: socket.socket, b: socket.socket) -> None:
         """Our own SPAKE2 with each side: we are B to the sharer and A to the joiner."""
-        guess = "1-orbit-lantern"  # the nameplate may match; the words are a guess
-
         async def spake(sock: socket.socket, role: Literal["A", "B"]) -> None:
+            half = self._halves.get("sharer" if role == "B" else "joiner")
             try:
-                channel = await open_channel(sock.dup(), role=role, code=guess, timeout=5)
+                channel = await open_channel(sock.dup(), role=role, code=GUESS, timeout=5,
+                                             pake=half)
+                await channel.confirmed()
             except TunnelError as exc:
                 self.mitm_results.append(f"{type(exc).__name__}: {exc}")
                 return

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator
+from typing import Literal
 
 import pytest
 
@@ -13,6 +14,8 @@ from nopf_web.pairing import BadCode, parse_code
 from nopf_web.rendezvous import coord
 from nopf_web.rendezvous.book import PairingLimits
 from nopf_web.rendezvous.server import RendezvousServer, ServerLimits
+from nopf_web.tunnel.errors import PairingMismatch
+from nopf_web.tunnel.secure import Pake, open_channel
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import decode_reply
 from nopf_web.wire.rendezvous import (
@@ -20,6 +23,7 @@ from nopf_web.wire.rendezvous import (
     Fire,
     FrameReader,
     Hello,
+    PakeMessage,
     ServerMessage,
     Welcome,
     decode_server_message,
@@ -41,11 +45,13 @@ async def rendezvous(**pairing: float) -> AsyncIterator[RendezvousServer]:
 
 
 async def start_share(server: RendezvousServer, *, timeout: float = 600,
-                      punch_timeout: float = 30) -> tuple[asyncio.Task[coord.PairedTunnel], str]:
+                      punch_timeout: float = 30, pake: coord.PakeFactory | None = None,
+                      ) -> tuple[asyncio.Task[coord.PairedTunnel], str]:
     codes: asyncio.Queue[str] = asyncio.Queue()
     task = asyncio.create_task(coord.share(server.address, on_code=codes.put_nowait,
                                            bind_host=LO, timeout=timeout,
-                                           punch_timeout=punch_timeout), name="test-share")
+                                           punch_timeout=punch_timeout, pake=pake),
+                               name="test-share")
     code = await asyncio.wait_for(codes.get(), 5)
     return task, code
 
@@ -229,3 +235,85 @@ async def test_a_pairing_can_be_coordinated_again_by_both_sides_only() -> None:
         assert server.stats.paired == 2
         ws.close()
         wj.close()
+
+
+class Halves:
+    """A pake factory that keeps what it made (as PairedSession does)."""
+
+    def __init__(self, role: Literal["A", "B"], code: str | None = None) -> None:
+        self.role, self.code = role, code  # code: use this one instead (a wrong guess)
+        self.made: list[Pake] = []
+
+    def __call__(self, code: str) -> Pake:
+        self.made.append(Pake(self.role, self.code or code))
+        return self.made[-1]
+
+
+async def _pair_with(server: RendezvousServer, sharer: Halves | None, joiner: Halves | None,
+                     ) -> tuple[coord.PairedTunnel, coord.PairedTunnel]:
+    sharing, code = await start_share(server, punch_timeout=5, pake=sharer)
+    await asyncio.sleep(0.05)  # the sharer's pake message follows its welcome
+    b = await coord.connect(server.address, code, bind_host=LO, punch_timeout=5, pake=joiner)
+    return await sharing, b
+
+
+async def test_spake2_messages_travel_with_the_coordination_and_early_data_works() -> None:
+    async with rendezvous() as server:
+        sh, jh = Halves("A"), Halves("B")
+        a, b = await _pair_with(server, sh, jh)
+        (pa,), (pb,) = sh.made, jh.made
+        # Each got the other's message, as sent, and finished SPAKE2 while punching.
+        assert a.peer_pake == pb.message and b.peer_pake == pa.message
+        assert pa.finished and pb.finished
+        ca = await open_channel(a.sock, role="A", code=a.code, pake=pa)
+        cb = await open_channel(b.sock, role="B", code=b.code, pake=pb)
+        cb.write(b"first bytes")  # no wait for the peer's confirmation
+        assert await ca.recv() == b"first bytes"
+        await asyncio.gather(ca.confirmed(), cb.confirmed())
+        ca.close()
+        cb.close()
+
+
+async def test_a_wrong_code_with_forwarded_spake2_fails_on_both_sides() -> None:
+    async with rendezvous() as server:
+        sh, jh = Halves("A"), Halves("B", "9-orbit-lantern-wrong")
+        a, b = await _pair_with(server, sh, jh)
+        ca = await open_channel(a.sock, role="A", code=a.code, pake=sh.made[0])
+        cb = await open_channel(b.sock, role="B", code=b.code, pake=jh.made[0])
+        cb.write(b"never opened")
+        results = await asyncio.gather(ca.confirmed(), cb.confirmed(), ca.recv(),
+                                       return_exceptions=True)
+        for res in results:
+            assert isinstance(res, PairingMismatch), results
+            assert str(res) == "pairing code did not match"
+
+
+async def test_without_both_spake2_messages_neither_side_gets_one() -> None:
+    # A peer without SPAKE2 forwarding must not see the field (it rejects unknown
+    # fields), and both sides must agree to run SPAKE2 in-band.
+    async with rendezvous() as server:
+        for sharer, joiner in ((Halves("A"), None), (None, Halves("B"))):
+            a, b = await _pair_with(server, sharer, joiner)
+            assert a.peer_pake is None and b.peer_pake is None
+            ca, cb = await asyncio.gather(open_channel(a.sock, role="A", code=a.code),
+                                          open_channel(b.sock, role="B", code=b.code))
+            cb.write(b"in-band")
+            assert await ca.recv() == b"in-band"
+            ca.close()
+            cb.close()
+
+
+async def test_the_rendezvous_accepts_one_pake_message_from_a_sharer_only() -> None:
+    lan = Endpoint(LO, 1)
+    message = Pake("A", "5-orbit-lantern").message
+    async with rendezvous() as server:
+        reader, writer, welcome = await _hello(server, Hello("share", None, (lan,), None, 5))
+        assert isinstance(welcome, Welcome)
+        writer.write(encode(PakeMessage(message)) + encode(PakeMessage(message)))
+        # A second one ends the connection (with a reset: the sharer is dropped).
+        with contextlib.suppress(ConnectionResetError):
+            async with asyncio.timeout(5):
+                while await reader.read(4096):
+                    pass
+        assert not server.book.is_open(welcome.nameplate)
+        writer.close()

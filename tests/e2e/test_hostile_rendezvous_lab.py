@@ -10,6 +10,10 @@ secure channel on top must guarantee:
   ``TunnelTampered`` and delivers nothing of the altered records;
 - a relay running its own SPAKE2 with a guessed code fails the handshake on
   both sides ("pairing code did not match"), before any data moves.
+
+Each runs twice: SPAKE2 in-band on the tunnel, and SPAKE2 messages sent
+through the (hostile) rendezvous with records following the key confirmation
+at once ("early"); there the mitm substitutes its own SPAKE2 messages.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
+from typing import Literal
 
 import pytest
 
 from nopf_web.rendezvous.coord import PairedTunnel
 from nopf_web.tunnel.errors import PairingMismatch, TunnelTampered
-from nopf_web.tunnel.secure import SecureChannel, open_channel
+from nopf_web.tunnel.secure import Pake, SecureChannel, open_channel
 from nopf_web.wire.address import Endpoint
 from tests.lab import Lab
 from tests.lab.fixtures import LabFactory
@@ -31,46 +37,65 @@ from .coord_harness import PairOutcome, pair
 from .hostile_rendezvous import JOINER_SIDE, SHARER_SIDE, HostileRendezvous, Mode
 
 pytestmark = pytest.mark.lab
+early = pytest.mark.parametrize("early", [False, True], ids=["in-band", "early"])
 
 MARKER = b"nopf-hostile-rdv-plaintext-5e1d"
 
 
-def paired_through(lab: Lab, hostile: HostileRendezvous) -> tuple[PairOutcome, PairedTunnel,
-                                                                   PairedTunnel]:
-    out = pair(lab.a1, lab.b1, punch_timeout=8)
+def paired_through(lab: Lab, hostile: HostileRendezvous, halves: dict[str, Pake] | None,
+                   ) -> tuple[PairOutcome, PairedTunnel, PairedTunnel]:
+    def maker(role: Literal["A", "B"]) -> Callable[[str], Pake]:
+        def make(code: str) -> Pake:
+            assert halves is not None
+            halves[role] = Pake(role, code)
+            return halves[role]
+        return make
+
+    out = pair(lab.a1, lab.b1, punch_timeout=8,
+               pakes=None if halves is None else (maker("A"), maker("B")))
     assert out.ok, out.errors
     assert out.sharer is not None and out.joiner is not None
     # Both "peers" are the rendezvous itself: the lie worked, it is in the middle.
     assert out.sharer.peer == Endpoint(lab.rdv.ip, SHARER_SIDE)
     assert out.joiner.peer == Endpoint(lab.rdv.ip, JOINER_SIDE)
     assert hostile.pairs == 1
+    if halves is not None:  # the SPAKE2 messages went through the rendezvous
+        assert out.sharer.peer_pake is not None and out.joiner.peer_pake is not None
+        assert hostile.forwarded == {"sharer": halves["A"].message,
+                                     "joiner": halves["B"].message}
     return out, out.sharer, out.joiner
 
 
-async def channels(a: PairedTunnel, b: PairedTunnel,
+async def channels(a: PairedTunnel, b: PairedTunnel, halves: dict[str, Pake] | None,
                    ) -> tuple[SecureChannel | BaseException, SecureChannel | BaseException]:
-    return await asyncio.gather(
-        open_channel(a.sock, role=a.role, code=a.code, timeout=5),
-        open_channel(b.sock, role=b.role, code=b.code, timeout=5),
-        return_exceptions=True)
+    async def one(t: PairedTunnel) -> SecureChannel:
+        pake = None if halves is None else halves[t.role]
+        channel = await open_channel(t.sock, role=t.role, code=t.code, timeout=5, pake=pake)
+        if pake is not None:
+            await channel.confirmed()  # the verdict the in-band handshake gives at once
+        return channel
+
+    return await asyncio.gather(one(a), one(b), return_exceptions=True)
 
 
-def make(lab_factory: LabFactory, mode: Mode) -> tuple[Lab, HostileRendezvous]:
+def make(lab_factory: LabFactory, mode: Mode, early: bool,
+         ) -> tuple[Lab, HostileRendezvous, dict[str, Pake] | None]:
     lab = lab_factory("rst", "drop", delay_ms=5)
-    return lab, HostileRendezvous(lab.rdv, mode)
+    return lab, HostileRendezvous(lab.rdv, mode), {} if early else None
 
 
+@early
 def test_a_relaying_rendezvous_carries_the_tunnel_but_reads_no_plaintext(
-    lab_factory: LabFactory,
+    lab_factory: LabFactory, early: bool,
 ) -> None:
-    lab, hostile = make(lab_factory, "relay")
+    lab, hostile, halves = make(lab_factory, "relay", early)
     with hostile:
-        _, a, b = paired_through(lab, hostile)
+        _, a, b = paired_through(lab, hostile, halves)
         to_b = MARKER + os.urandom(20_000) + MARKER
         to_a = MARKER * 50
 
         async def talk() -> tuple[bytes, bytes]:
-            ca, cb = await channels(a, b)
+            ca, cb = await channels(a, b, halves)
             assert isinstance(ca, SecureChannel) and isinstance(cb, SecureChannel), (ca, cb)
             ca.write(to_b)
             cb.write(to_a)
@@ -86,20 +111,25 @@ def test_a_relaying_rendezvous_carries_the_tunnel_but_reads_no_plaintext(
 
         got_a, got_b = asyncio.run(talk())
     assert got_b == to_b and got_a == to_a  # end to end, through the relay
-    # The relay carried it all (from the SPAKE2 hello on), and none of it in the clear.
-    assert hostile.seen["a>b"].startswith(b"NOPF") and hostile.seen["b>a"].startswith(b"NOPF")
+    # The relay carried it all (from the SPAKE2 hello or the confirmation on), and
+    # none of it in the clear.
+    if not early:
+        assert hostile.seen["a>b"].startswith(b"NOPF")
+        assert hostile.seen["b>a"].startswith(b"NOPF")
     assert len(hostile.seen["a>b"]) > len(to_b) and len(hostile.seen["b>a"]) > len(to_a)
     for direction in ("a>b", "b>a"):
         assert MARKER not in hostile.seen[direction], f"plaintext visible {direction}"
 
 
-def test_a_relay_that_flips_a_byte_is_detected_on_both_sides(lab_factory: LabFactory) -> None:
-    lab, hostile = make(lab_factory, "flip")
+@early
+def test_a_relay_that_flips_a_byte_is_detected_on_both_sides(lab_factory: LabFactory,
+                                                            early: bool) -> None:
+    lab, hostile, halves = make(lab_factory, "flip", early)
     with hostile:
-        _, a, b = paired_through(lab, hostile)
+        _, a, b = paired_through(lab, hostile, halves)
 
         async def talk() -> tuple[list[object], list[object]]:
-            ca, cb = await channels(a, b)  # the handshake is intact: it passes
+            ca, cb = await channels(a, b, halves)  # the handshake is intact: it passes
             assert isinstance(ca, SecureChannel) and isinstance(cb, SecureChannel), (ca, cb)
             ca.write(MARKER * 10)  # the relay flips a byte of each side's first record
             cb.write(MARKER * 10)
@@ -127,13 +157,14 @@ def test_a_relay_that_flips_a_byte_is_detected_on_both_sides(lab_factory: LabFac
         assert "failed authentication" in str(got[0])
 
 
+@early
 def test_a_rendezvous_running_its_own_spake2_fails_both_handshakes(
-    lab_factory: LabFactory,
+    lab_factory: LabFactory, early: bool,
 ) -> None:
-    lab, hostile = make(lab_factory, "mitm")
+    lab, hostile, halves = make(lab_factory, "mitm", early)
     with hostile:
-        _, a, b = paired_through(lab, hostile)
-        results = asyncio.run(channels(a, b))
+        _, a, b = paired_through(lab, hostile, halves)
+        results = asyncio.run(channels(a, b, halves))
         deadline = time.monotonic() + 5  # its own handshakes end a moment after the peers'
         while len(hostile.mitm_results) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -37,6 +37,7 @@ from nopf_web.tunnel.secure import (
     CONFIRM_SIZE,
     HELLO_SIZE,
     MAX_RECORD,
+    Pake,
     SecureChannel,
     open_channel,
 )
@@ -255,6 +256,113 @@ async def test_peer_that_is_not_nopf() -> None:
     finally:
         a.close()
         b.close()
+
+
+# -- SPAKE2 exchanged beforehand (through the rendezvous), early data ----------
+
+
+def exchanged(code_a: str = CODE, code_b: str = CODE) -> tuple[Pake, Pake]:
+    """Both halves, their messages swapped as the rendezvous forwards them."""
+    pa, pb = Pake("A", code_a), Pake("B", code_b)
+    pa.finish(pb.message)
+    pb.finish(pa.message)
+    return pa, pb
+
+
+async def test_early_data_follows_the_confirmation_without_a_round_trip() -> None:
+    async with relay() as r:
+        pa, pb = exchanged()
+        ca = await open_channel(r.a, role="A", code=CODE, pake=pa)
+        ca.write(SECRET)  # before anything of B's has arrived
+        await asyncio.sleep(0.05)
+        # Only our tag and the record: no hello, no waiting for the peer.
+        assert r.seen["a>b"][:CONFIRM_SIZE] and len(r.seen["b>a"]) == 0
+        assert len(r.seen["a>b"]) == CONFIRM_SIZE + 4 + len(SECRET) + 16
+        cb = await open_channel(r.b, role="B", code=CODE, pake=pb)
+        cb.write(SECRET[::-1])
+        assert await cb.recv() == SECRET
+        assert await ca.recv() == SECRET[::-1]
+        await asyncio.gather(ca.confirmed(), cb.confirmed())
+        ca.close()
+        assert await cb.recv() == b""
+        cb.close()
+    for way in ("a>b", "b>a"):
+        assert SECRET not in r.seen[way] and SECRET[::-1] not in r.seen[way]
+
+
+async def test_early_data_with_a_wrong_code_is_never_delivered_on_either_side() -> None:
+    async with relay() as r:
+        pa, pb = exchanged(CODE, "7-orbit-lanterns")
+        ca = await open_channel(r.a, role="A", code=CODE, pake=pa)
+        cb = await open_channel(r.b, role="B", code="7-orbit-lanterns", pake=pb)
+        ca.write(SECRET)
+        cb.write(SECRET)
+        results = await asyncio.gather(ca.confirmed(), cb.confirmed(), ca.recv(), cb.recv(),
+                                       return_exceptions=True)
+    for res in results:
+        assert isinstance(res, PairingMismatch), results
+        assert str(res) == "pairing code did not match"
+    # The records crossed (sent before any verdict), encrypted under keys the
+    # peer does not have, and nothing was opened.
+    for way in ("a>b", "b>a"):
+        assert len(r.seen[way]) == CONFIRM_SIZE + 4 + len(SECRET) + 16
+        assert SECRET not in r.seen[way]
+
+
+async def test_early_data_is_checked_like_the_in_band_handshake() -> None:
+    # A man in the middle that substituted its own SPAKE2 messages (a lying
+    # rendezvous) and relays the tunnel: both sides' confirmations fail.
+    a, ma = tcp_pair()
+    mb, b = tcp_pair()
+    guess = "7-orbit-lamp"
+    pa, pb = Pake("A", CODE), Pake("B", CODE)
+    ma_half, mb_half = Pake("B", guess), Pake("A", guess)  # towards A, towards B
+    pa.finish(ma_half.message)
+    ma_half.finish(pa.message)
+    pb.finish(mb_half.message)
+    mb_half.finish(pb.message)
+    channels_ = [await open_channel(sock, role=p.role, code="-", pake=p)
+                 for sock, p in ((a, pa), (ma, ma_half), (mb, mb_half), (b, pb))]
+    results = await asyncio.gather(*(c.confirmed() for c in channels_),
+                                   return_exceptions=True)
+    for c in channels_:
+        c.abort()
+    assert all(isinstance(res, PairingMismatch) for res in results), results
+
+
+async def test_early_data_confirmation_timeout_and_bad_messages_are_named() -> None:
+    a, b = tcp_pair()  # b never answers
+    try:
+        pa, _ = exchanged()
+        ca = await open_channel(a, role="A", code=CODE, pake=pa, timeout=0.3)
+        ca.write(SECRET)  # sending is fine; nothing comes back
+        t0 = time.monotonic()
+        with pytest.raises(HandshakeTimeout,
+                           match=r"no key confirmation from the peer within 0\.3 s"):
+            await ca.confirmed()
+        assert time.monotonic() - t0 < 1.0
+        with pytest.raises(HandshakeTimeout):
+            await ca.recv()
+    finally:
+        b.close()
+    a, b = tcp_pair()
+    try:
+        pa = Pake("A", CODE)
+        pa.finish(Pake("A", CODE).message)  # the rendezvous sent our own side back
+        with pytest.raises(HandshakeError, match="both peers took role A"):
+            await open_channel(a, role="A", code=CODE, pake=pa)
+    finally:
+        b.close()
+    a, b = tcp_pair()
+    try:
+        pa, _ = exchanged()
+        ca = await open_channel(a, role="A", code=CODE, pake=pa)
+        assert len(b.recv(CONFIRM_SIZE, socket.MSG_WAITALL)) == CONFIRM_SIZE
+        b.close()  # the peer left (a FIN: it read what we sent) before its confirmation
+        with pytest.raises(HandshakeError, match="before sending its key confirmation"):
+            await ca.confirmed()
+    finally:
+        a.close()
 
 
 # -- the mux through the forwarders -------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import struct
@@ -20,6 +21,7 @@ from nopf_web.wire.rendezvous import (
     Hello,
     Message,
     MessageError,
+    PakeMessage,
     Ping,
     Pong,
     Probe,
@@ -42,20 +44,23 @@ texts = st.text(st.characters(min_codepoint=32, max_codepoint=0x2FFF,
                               blacklist_categories=("Cs", "Cc", "Zl", "Zp", "Cf", "Co",
                                                     "Cn", "Zs")),
                 min_size=1, max_size=300)
+pakes = st.binary(min_size=33, max_size=33)
 hellos = st.one_of(
     st.builds(Hello, st.just("share"), st.none(), st.lists(endpoints, max_size=8).map(tuple),
               st.none() | endpoints, seconds),
-    st.builds(Hello, st.just("join"), st.integers(1, 999_999),
-              st.lists(endpoints, max_size=8).map(tuple), st.none() | endpoints, seconds),
+    st.builds(Hello, st.sampled_from(["join", "reshare", "rejoin"]), st.integers(1, 999_999),
+              st.lists(endpoints, max_size=8).map(tuple), st.none() | endpoints, seconds,
+              pake=st.none() | pakes),
 )
 stages = st.builds(Stage, st.sampled_from(["public", "lan"]), endpoints,
                    st.sampled_from(["arm", "connect"]), seconds)
-client_msgs = st.one_of(hellos, st.builds(Pong, st.integers(0, 2**31 - 1)), st.just(Probe()))
+client_msgs = st.one_of(hellos, st.builds(Pong, st.integers(0, 2**31 - 1)), st.just(Probe()),
+                        st.builds(PakeMessage, pakes))
 server_msgs = st.one_of(
     st.builds(Welcome, st.integers(1, 999_999), st.floats(0, 3600), endpoints),
     st.builds(Ping, st.integers(0, 2**31 - 1)),
     st.builds(Fire, endpoints, endpoints, st.lists(stages, min_size=1, max_size=8).map(tuple),
-              st.floats(0, 10_000), st.none() | texts),
+              st.floats(0, 10_000), st.none() | texts, st.none() | pakes),
     st.builds(ErrorReply, st.sampled_from(["expired", "used", "unknown_code"]), texts),
 )
 
@@ -115,7 +120,7 @@ def test_hello_like_objects_decode_or_fail_cleanly(obj: dict[str, object]) -> No
         msg = decode_client_message(json.dumps({"type": "hello", **obj}).encode())
     except MessageError:
         return
-    assert isinstance(msg, Hello | Pong | Probe)
+    assert isinstance(msg, Hello | Pong | Probe | PakeMessage)
 
 
 @pytest.mark.parametrize(("obj", "needle"), [
@@ -131,6 +136,12 @@ def test_hello_like_objects_decode_or_fail_cleanly(obj: dict[str, object]) -> No
     ({"type": "pong", "seq": 1, "spare": 0}, "unknown field(s): spare"),
     ({"type": "pong", "seq": True}, "must be an integer"),
     ({"type": "ping", "seq": 1}, "unexpected message type 'ping'"),
+    ({"type": "hello", "version": 2, "action": "share", "punch_timeout": 30,
+      "pake": base64.b64encode(b"A" * 33).decode()}, "hello.pake must be absent to share"),
+    ({"type": "pake", "pake": base64.b64encode(b"A" * 32).decode()}, "exactly 33 bytes"),
+    ({"type": "pake", "pake": base64.b64encode(b"A" * 34).decode()}, "must be 44 characters"),
+    ({"type": "pake", "pake": "!" * 44}, "not valid base64"),
+    ({"type": "pake", "pake": None}, "pake.pake must be 44 characters"),
     ([1, 2], "must be a JSON object"),
 ])
 def test_precise_errors(obj: object, needle: str) -> None:
@@ -165,3 +176,18 @@ def test_encode_refuses_what_decode_would_reject() -> None:
         encode(ErrorReply("nonsense", "x"))
     with pytest.raises(MessageError):
         encode(ErrorReply("used", "two\nlines"))
+
+
+def test_pake_fields_are_absent_not_null_when_unused() -> None:
+    """A client or rendezvous without SPAKE2 forwarding rejects unknown fields, so a
+    message without a SPAKE2 message must look exactly as before the field existed."""
+    hello = Hello("join", 7, (), None, 30.0)
+    fire = Fire(Endpoint("192.0.2.1", 1), Endpoint("192.0.2.2", 2),
+                (Stage("public", Endpoint("192.0.2.2", 2), "connect", 5.0),), 40.0)
+    for msg in (hello, fire):
+        (payload,) = FrameReader().feed(encode(msg))
+        assert b"pake" not in payload
+    with_pake = Hello("join", 7, (), None, 30.0, pake=bytes(range(33)))
+    (payload,) = FrameReader().feed(encode(with_pake))
+    assert json.loads(payload)["pake"] == base64.b64encode(bytes(range(33))).decode()
+    assert decode_client_message(payload) == with_pake
