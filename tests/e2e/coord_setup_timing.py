@@ -6,7 +6,17 @@ whose application connects at once and sends one byte. All instants are
 ``time.monotonic()`` in one process, measured from "both peers ready" (the
 sharer waits with its code, the connector starts).
 
+Phases (connector side): ``probed`` NAT mapping check done (skipped by a
+joiner), ``rdv_connected`` coordination connection up, ``hello_sent``,
+``fire`` instruction received, ``connected`` TCP tunnel up, ``secured`` the
+peer's key confirmation checked (with SPAKE2 through the rendezvous the first
+bytes leave before it, so ``byte`` may come first).
+
     sudo .venv/bin/python -m tests.e2e.coord_setup_timing [--delay-ms 20] [--runs 5]
+
+Before/after a change: run it alternately from two checkouts (``git archive
+REV | tar -x -C DIR``, then ``cd DIR`` and the same command with ``--json``),
+and compare the pooled medians.
 """
 
 from __future__ import annotations
