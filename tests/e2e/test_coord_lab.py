@@ -11,10 +11,13 @@ import itertools
 import re
 import threading
 import time
+from collections.abc import Callable
+from typing import Literal
 
 import pytest
 
 from nopf_web.rendezvous.coord import CoordinatedPunchTimeout, SymmetricNat
+from nopf_web.tunnel.secure import Pake
 from tests.lab.fixtures import LabFactory
 
 from .coord_harness import PairOutcome, exchange, pair
@@ -103,9 +106,18 @@ def test_a_failed_first_punch_is_coordinated_again_and_connects(
         if "coordinating again" in message:
             retrying.set()
 
+    halves: dict[str, Pake] = {}
+
+    def maker(role: Literal["A", "B"]) -> Callable[[str], Pake]:
+        def make(code: str) -> Pake:
+            halves[role] = Pake(role, code)
+            return halves[role]
+        return make
+
     outcome: list[PairOutcome] = []
     runner = threading.Thread(target=lambda: outcome.append(
-        pair(lab.a1, lab.b1, punch_timeout=10, on_event=seen)), daemon=True)
+        pair(lab.a1, lab.b1, punch_timeout=10, on_event=seen,
+             pakes=(maker("A"), maker("B")))), daemon=True)
     t0 = time.monotonic()
     runner.start()
     try:
@@ -129,6 +141,11 @@ def test_a_failed_first_punch_is_coordinated_again_and_connects(
                      for p in re.findall(r"local port (\d+)", e)]
             assert len(ports) == 2 and ports[0] != ports[1], events
             assert tunnel.local.port == ports[1]
+        # The SPAKE2 messages went with the retry's coordination too (the same
+        # ones: no tunnel had used them), and both sides derived one key.
+        assert out.sharer.peer_pake == halves["B"].message
+        assert out.joiner.peer_pake == halves["A"].message
+        assert halves["A"].key() == halves["B"].key()
         exchange(out.sharer, out.joiner)
     finally:
         out.close()

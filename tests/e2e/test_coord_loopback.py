@@ -225,13 +225,18 @@ async def test_a_pairing_can_be_coordinated_again_by_both_sides_only() -> None:
         assert isinstance(reply, ErrorReply) and reply.code == "unknown_code", reply
         w.close()
         # Both sides ask again: both get a new fire instruction, one side waiting for the other.
-        first = asyncio.create_task(_hello(server, Hello("reshare", nameplate, (lan,), None, 5)))
+        # Their SPAKE2 messages (unused: no tunnel ran them) go with the retry hellos.
+        pa, pb = Pake("A", code).message, Pake("B", code).message
+        first = asyncio.create_task(_hello(server, Hello("reshare", nameplate, (lan,), None, 5,
+                                                         pake=pa)))
         await asyncio.sleep(0.2)
         assert not first.done()  # the sharer waits for the joiner
-        _, wj, to_joiner = await _hello(server, Hello("rejoin", nameplate, (lan,), None, 5))
+        _, wj, to_joiner = await _hello(server, Hello("rejoin", nameplate, (lan,), None, 5,
+                                                      pake=pb))
         _, ws, to_sharer = await first
         assert isinstance(to_sharer, Fire) and isinstance(to_joiner, Fire), (to_sharer, to_joiner)
         assert to_sharer.peer_public == to_joiner.public
+        assert (to_sharer.peer_pake, to_joiner.peer_pake) == (pb, pa)
         assert server.stats.paired == 2
         ws.close()
         wj.close()
