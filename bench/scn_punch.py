@@ -38,11 +38,11 @@ PAIRS: tuple[tuple[str, str, str, bool], ...] = (
 
 
 def run(progress: Progress, quick: bool, outdir: Path) -> ScenarioResult:
-    runs = 3 if quick else 50
+    runs = 2 if quick else 50
     args = argparse.Namespace(runs=runs, delay_ms=DELAY_MS, jitter_ms=JITTER_MS, loss=LOSS,
                               punch_timeout=PUNCH_TIMEOUT)
     # Each pair may use its share of the budget plus whatever earlier pairs left over.
-    spend = BUDGET_S - 15 if not quick else 18
+    spend = BUDGET_S - 15 if not quick else 14
     t0 = time.monotonic()
     cells: dict[str, Cell] = {}
     for k, (label, left, right, same) in enumerate(PAIRS):
