@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from nopf_web.rendezvous.server import DEFAULT_PORT, RendezvousServer
+from nopf_web.rendezvous.server import DEFAULT_PORT, RendezvousServer, fastopen_hint
 from nopf_web.wire.address import parse_port
 from nopf_web.wire.errors import BadAddress
 
@@ -34,6 +34,9 @@ async def serve(host: str, port: int) -> int:
         return fail(PROG, f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     bound = server.address
     print(f"{PROG}: listening on {bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
+    hint = fastopen_hint()  # the sysctl is the operator's: only say so
+    if hint is not None:
+        print(f"{PROG}: {hint}", file=sys.stderr, flush=True)
     try:
         await server.serve_forever()
     finally:

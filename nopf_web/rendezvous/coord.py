@@ -18,7 +18,8 @@ caller's business. The caller may hand in its SPAKE2 half (``pake``): its
 message then travels with the coordination (the hello, or for the sharer a
 pake message once its code exists), the peer's comes back in the fire, and
 the SPAKE2 arithmetic is finished while the SYNs cross, so the tunnel only
-has the key confirmation left to do.
+has the key confirmation left to do. On Linux the hello rides in the SYN to
+the rendezvous (TCP Fast Open) where the rendezvous host allows it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import os
 import socket
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -38,7 +41,12 @@ from nopf_web.errors import NopfError
 from nopf_web.pairing import PairingCode, make_code, parse_code
 from nopf_web.punch.driver import PunchDriver
 from nopf_web.punch.machine import Failure, PunchConfig, PunchTimeout, Role
-from nopf_web.punch.sockets import connect_nonblocking, reusable_socket, tune_stream
+from nopf_web.punch.sockets import (
+    connect_nonblocking,
+    reusable_socket,
+    tune_stream,
+    wait_connected,
+)
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import DiscoveryReader
 from nopf_web.wire.errors import WireError
@@ -194,7 +202,7 @@ async def share(
 
     async def wait_for_peer(ctl: _Control) -> Fire:
         nonlocal code
-        welcome = await ctl.next_message(net_timeout)
+        welcome = await ctl.expect(net_timeout, "pairing code (nameplate)")
         if not isinstance(welcome, Welcome):
             raise RendezvousProtocolError(f"rendezvous {ctl.where} sent {welcome!r:.60} "
                                           "instead of a nameplate")
@@ -252,7 +260,7 @@ async def connect(
     async def wait_for_fire(ctl: _Control) -> Fire:
         # The rendezvous answers within about one round trip (plus a ping where
         # its kernel gives no RTT); allow the network timeout on top.
-        return _expect_fire(await ctl.next_message(net_timeout + 2), ctl.where)
+        return _expect_fire(await ctl.expect(net_timeout + 2, "fire instruction"), ctl.where)
 
     fire, ctl_info = await _coordinate(rendezvous, "join", parsed.nameplate, wait_for_fire,
                                        started, _first_budget(punch_timeout), bind_host,
@@ -311,6 +319,14 @@ class _Control:
                 raise RendezvousProtocolError(f"rendezvous {self.where}: {exc}") from None
         assert result is not None
         return Endpoint(*result)
+
+    async def expect(self, timeout: float, what: str) -> ServerMessage:
+        """``next_message``, with a timeout error that says what we waited for."""
+        try:
+            return await self.next_message(timeout)
+        except TimeoutError:
+            raise RendezvousProtocolError(
+                f"rendezvous {self.where} sent no {what} within {timeout:g} s") from None
 
     async def next_message(self, timeout: float) -> ServerMessage:
         """The next message that is not a ping (pings are answered at once)."""
@@ -388,6 +404,35 @@ async def _probe(server: tuple[str, int], bind_host: str, port: int,
 async def _connect_from(server: tuple[str, int], bind_host: str, port: int,
                         net_timeout: float) -> socket.socket:
     """Connect from ``port``, waiting briefly while an earlier use of it frees the 4-tuple."""
+    sock, _ = await _open_from(server, bind_host, port, net_timeout, fastopen=False)
+    return sock
+
+
+# Linux TCP Fast Open for the coordination connection: connect() only records the
+# peer and the first write sends the SYN with the hello in it (one round trip less
+# when the rendezvous accepts data in SYNs; a normal handshake, the hello resent
+# after it, when it does not). No cookie: a peer meets its rendezvous too rarely
+# for a cached one to help, so the rendezvous accepts data without (docs/protocol.md).
+_TCP_FASTOPEN_CONNECT = 30
+_TCP_FASTOPEN_NO_COOKIE = 34
+
+
+def _try_fastopen(sock: socket.socket) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_FASTOPEN_CONNECT, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_FASTOPEN_NO_COOKIE, 1)
+    except OSError:  # client Fast Open off in this host's sysctl, or an old kernel
+        return False
+    return True
+
+
+async def _open_from(server: tuple[str, int], bind_host: str, port: int, net_timeout: float,
+                     *, fastopen: bool) -> tuple[socket.socket, bool]:
+    """Like :func:`_connect_from`; with ``fastopen`` the socket may come back with its
+    connect deferred (True): the caller's first send carries the SYN, and it then
+    waits for the handshake with :func:`_handshake_done`."""
     where = f"{server[0]}:{server[1]}"
     loop = asyncio.get_running_loop()
     give_up = loop.time() + PORT_FREE_WAIT
@@ -398,9 +443,19 @@ async def _connect_from(server: tuple[str, int], bind_host: str, port: int,
             raise RendezvousUnreachable(f"cannot bind {bind_host}:{port} for the rendezvous: "
                                         f"{exc.strerror or exc}") from None
         try:
+            if fastopen and _try_fastopen(sock):
+                err = sock.connect_ex(server)
+                if err == 0:
+                    return sock, True
+                if err not in (errno.EINPROGRESS, errno.EALREADY):
+                    raise OSError(err, os.strerror(err))
+                # Not deferred (no Fast Open after all): the SYN is out, wait as usual.
+                async with asyncio.timeout(net_timeout):
+                    await wait_connected(sock)
+                return sock, False
             async with asyncio.timeout(net_timeout):
                 await connect_nonblocking(sock, server)
-            return sock
+            return sock, False
         except TimeoutError:
             sock.close()
             raise RendezvousUnreachable(
@@ -412,6 +467,19 @@ async def _connect_from(server: tuple[str, int], bind_host: str, port: int,
                 raise RendezvousUnreachable(
                     f"rendezvous {where}: {exc.strerror or exc}") from None
         await asyncio.sleep(0.02)
+
+
+async def _handshake_done(sock: socket.socket, where: str, net_timeout: float) -> None:
+    """Wait for a Fast Open connection's handshake, with :func:`_open_from`'s errors."""
+    try:
+        async with asyncio.timeout(net_timeout):
+            await wait_connected(sock)
+    except TimeoutError:
+        raise RendezvousUnreachable(
+            f"rendezvous {where} did not answer the connection within {net_timeout:g} s"
+        ) from None
+    except OSError as exc:
+        raise RendezvousUnreachable(f"rendezvous {where}: {exc.strerror or exc}") from None
 
 
 async def _coordinate(
@@ -452,12 +520,14 @@ async def _hello_and_wait(
     probed_at: float | None, net_timeout: float, on_event: EventSink | None,
     pake_message: Callable[[], bytes | None] | None,
 ) -> tuple[Fire, _CtlInfo]:
-    connecting = asyncio.create_task(_connect_from(server, bind_host, port, net_timeout),
-                                     name="coord-connect")
+    connecting = asyncio.create_task(
+        _open_from(server, bind_host, port, net_timeout, fastopen=True), name="coord-connect")
     try:
-        await asyncio.sleep(0)  # the task runs up to its first wait: the SYN is out
+        # The task runs up to its first wait: the SYN is out (with Fast Open it
+        # waits for the hello, so the SPAKE2 arithmetic comes first).
+        await asyncio.sleep(0)
         message = pake_message() if pake_message is not None else None
-        sock = await connecting
+        sock, deferred = await connecting
     except BaseException:
         connecting.cancel()
         with contextlib.suppress(BaseException):
@@ -468,8 +538,19 @@ async def _hello_and_wait(
     ctl = _Control(sock, f"{server[0]}:{server[1]}")
     try:
         lan = Endpoint(*sock.getsockname()[:2])
-        await ctl.send(Hello(action, nameplate, (lan,), probed, punch_timeout, pake=message))
-        hello_sent = time.monotonic()
+        hello = Hello(action, nameplate, (lan,), probed, punch_timeout, pake=message)
+        if deferred:
+            try:
+                await ctl.send(hello)  # SYN + hello
+            except OSError as exc:
+                raise RendezvousUnreachable(
+                    f"rendezvous {ctl.where}: {exc.strerror or exc}") from None
+            hello_sent = time.monotonic()
+            await _handshake_done(sock, ctl.where, net_timeout)
+            rdv_connected = time.monotonic()
+        else:
+            await ctl.send(hello)
+            hello_sent = time.monotonic()
         try:
             async with asyncio.timeout(net_timeout):
                 public = await ctl.read_discovery()
@@ -549,7 +630,9 @@ async def _coordinate_again(retry: _Retry, role: Literal["A", "B"], left: float,
         # The peer asks again when its own attempt has failed, about when ours did;
         # one that stopped never does: wait no longer than the punch timeout allows.
         wait = min(retry.net_timeout + RETRY_WAIT, max(1.0, left))
-        return _expect_fire(await ctl.next_message(wait), ctl.where)
+        return _expect_fire(
+            await ctl.expect(wait, "fire instruction for a second attempt (the peer did not "
+                             "coordinate again)"), ctl.where)
 
     action: Action = "reshare" if role == "A" else "rejoin"
     # Our SPAKE2 half is unused (no tunnel ran it): the same message goes again.

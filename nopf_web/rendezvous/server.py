@@ -79,6 +79,14 @@ DEFAULT_RTT = 0.2  # s, assumed when nothing was measured (non-Linux, no pong ye
 RETRY_WAIT = 10.0  # s a peer's retry hello waits for the other peer's
 MAX_RETRIES = 2  # coordinations again after a failed punch, per pairing
 RETRY_GRACE = 30.0  # s after the last plan's budget during which a retry is accepted
+# TCP Fast Open: pending (SYN-data, handshake not yet complete) connections the
+# kernel accepts before falling back to plain handshakes; bounds spoofed SYN-data.
+FASTOPEN_QUEUE = 256
+# net.ipv4.tcp_fastopen bits: server enabled, and data accepted without a cookie
+# (the coordinated client sends its hello with TCP_FASTOPEN_NO_COOKIE).
+TFO_SERVER_ENABLE = 0x2
+TFO_SERVER_COOKIE_NOT_REQD = 0x200
+FASTOPEN_SYSCTL = "/proc/sys/net/ipv4/tcp_fastopen"
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,7 @@ class ServerStats:
     coordinated: int = 0  # hellos accepted
     paired: int = 0  # pairs sent a fire instruction
     refused_claims: int = 0
+    syn_data: int = 0  # coordinated hellos that arrived in the SYN (TCP Fast Open)
 
 
 @dataclass
@@ -174,6 +183,9 @@ class _Conn:
             except MessageError as exc:
                 raise _Gone(f"sent an invalid message ({exc})") from None
 
+    def rtt_known(self) -> bool:
+        return bool(self.rtts) or _kernel_rtt(self.writer.get_extra_info("socket")) is not None
+
     def rtt(self) -> float:
         samples = list(self.rtts)
         kernel = _kernel_rtt(self.writer.get_extra_info("socket"))
@@ -235,6 +247,12 @@ class RendezvousServer:
         self._server = await asyncio.start_server(
             self._handle, self.host, self.port, reuse_address=True, backlog=1024
         )
+        # A coordinated client's hello may ride in its SYN: one round trip less.
+        # Whether the kernel takes it is the host's sysctl (see fastopen_hint()).
+        for sock in self._server.sockets:
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_FASTOPEN", 23),
+                                FASTOPEN_QUEUE)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -453,7 +471,13 @@ class RendezvousServer:
             self.stats.refused_claims += 1
             await self._refuse(conn.reader, conn.writer, exc.code, str(exc))
             return
-        if _kernel_rtt(conn.writer.get_extra_info("socket")) is None:
+        sock = conn.writer.get_extra_info("socket")
+        if _syn_data(sock):
+            # The hello came in the SYN: its handshake is still completing, so no
+            # RTT yet, and measuring one would cost the round trip Fast Open saved.
+            # _plan fires without it.
+            self.stats.syn_data += 1
+        elif _kernel_rtt(sock) is None:
             await self._ping_once(conn)
         if waiting.paired.done():  # the sharer left while we measured
             await self._refuse(conn.reader, conn.writer, "unknown_code",
@@ -483,9 +507,18 @@ class RendezvousServer:
         # bytes reach the sharer no later.
         now = loop.time()
         joiner_at = now
-        sharer_at = now + max(0.0, (joiner.rtt - sharer.rtt) / 2) + FIRE_MARGIN
-        fire_at = now + joiner.rtt / 2  # when the joiner fires
-        rtt_ms = round((sharer.rtt + joiner.rtt) / 2 * 1000, 3)  # peer <-> peer, estimated
+        if joiner_conn.rtt_known():
+            sharer_at = now + max(0.0, (joiner.rtt - sharer.rtt) / 2) + FIRE_MARGIN
+            fire_at = now + joiner.rtt / 2  # when the joiner fires
+            rtt_ms = round((sharer.rtt + joiner.rtt) / 2 * 1000, 3)  # peer <-> peer, estimated
+        else:
+            # The joiner's hello came in its SYN (no RTT measured): fire both at once.
+            # Still safe: the sharer's SYN reaches the joiner's NAT after
+            # (sharer + peer path) / 2, no earlier than the joiner's SYN leaves it
+            # (joiner path / 2) as long as paths obey the triangle inequality.
+            sharer_at = now + FIRE_MARGIN
+            fire_at = now + sharer.rtt / 2
+            rtt_ms = round(sharer.rtt * 1000, 3)
         # SPAKE2 messages go through only if both sent one (a client without it
         # must see neither: it rejects unknown fields, and both must agree on
         # whether the tunnel runs SPAKE2 in-band).
@@ -629,6 +662,42 @@ def _kernel_rtt(sock: socket.socket | None) -> float | None:
         return None
     (micros,) = _TCPI_RTT.unpack_from(info, _TCPI_RTT_OFFSET)
     return micros / 1e6 if micros else None
+
+
+# struct tcp_info: tcpi_options is the byte at offset 5; TCPI_OPT_SYN_DATA marks a
+# connection whose SYN carried data the kernel accepted (TCP Fast Open).
+_TCPI_OPTIONS_OFFSET = 5
+TCPI_OPT_SYN_DATA = 0x20
+
+
+def _syn_data(sock: socket.socket | None) -> bool:
+    if sock is None or not sys.platform.startswith("linux"):
+        return False
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_INFO", 11), 8)
+    except OSError:
+        return False
+    return len(info) > _TCPI_OPTIONS_OFFSET and bool(info[_TCPI_OPTIONS_OFFSET]
+                                                      & TCPI_OPT_SYN_DATA)
+
+
+def fastopen_hint(path: str = FASTOPEN_SYSCTL) -> str | None:
+    """One line for the operator if this host's sysctl keeps hellos out of SYNs, else None.
+
+    Reads the sysctl of the calling process' network namespace; never changes it.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open(path) as f:
+            value = int(f.read().strip(), 0)
+    except (OSError, ValueError):
+        return None
+    wanted = TFO_SERVER_ENABLE | TFO_SERVER_COOKIE_NOT_REQD
+    if value & wanted == wanted:
+        return None
+    return ("TCP Fast Open is off on this host: setup takes one round trip more; enable "
+            f"with sysctl -w net.ipv4.tcp_fastopen={value | wanted:#x}")
 
 
 def _fmt(peer: tuple[str, int] | None) -> str:
