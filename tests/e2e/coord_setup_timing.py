@@ -12,7 +12,12 @@ joiner), ``rdv_connected`` coordination connection up, ``hello_sent``,
 peer's key confirmation checked (with SPAKE2 through the rendezvous the first
 bytes leave before it, so ``byte`` may come first).
 
-    sudo .venv/bin/python -m tests.e2e.coord_setup_timing [--delay-ms 20] [--runs 5]
+    sudo .venv/bin/python -m tests.e2e.coord_setup_timing [--delay-ms 20] [--runs 5] \
+        [--tfo off|on|both]
+
+``--tfo`` sets ``net.ipv4.tcp_fastopen`` in the rendezvous' namespace (on: the
+connector's hello rides in its SYN); ``both`` alternates off/on run by run in
+one lab, so the two are compared under the same conditions.
 
 Before/after a change: run it alternately from two checkouts (``git archive
 REV | tar -x -C DIR``, then ``cd DIR`` and the same command with ``--json``),
@@ -185,24 +190,38 @@ def one_run(sharer: Host, joiner: Host, timeout: float = 20) -> Run:
     return Run(ready, joined, shared, byte)
 
 
-def measure(delay_ms: float, runs: int, jitter_ms: float = 0) -> tuple[float, list[Run]]:
+TFO_SYSCTL = {"off": "0x1", "on": "0x203"}  # on: server side, data without a cookie
+
+
+def measure(delay_ms: float, runs: int, jitter_ms: float = 0,
+            tfo: str = "off") -> tuple[float, dict[str, list[Run]]]:
+    """``runs`` runs per Fast Open setting (``both``: off and on, alternating)."""
+    modes = ["off", "on"] if tfo == "both" else [tfo]
     with Lab("rst", "drop", delay_ms=delay_ms, jitter_ms=jitter_ms) as lab:
         start_rendezvous(lab)
         rtt = handshake_rtt(lab.a1, RDV)
-        results = []
-        for _ in range(runs):
-            results.append(one_run(lab.a1, lab.b1))
-            time.sleep(0.3)
+        results: dict[str, list[Run]] = {m: [] for m in modes}
+        for i in range(runs):
+            # ABAB then BABA...: neither setting always runs first after a pause.
+            order = modes if i % 2 == 0 else modes[::-1]
+            for mode in order:
+                lab.rdv.run(["sysctl", "-qw", f"net.ipv4.tcp_fastopen={TFO_SYSCTL[mode]}"])
+                results[mode].append(one_run(lab.a1, lab.b1))
+                time.sleep(0.3)
         return rtt, results
 
 
-def report(rtt: float, results: list[Run]) -> str:
+def report(rtt: float, results: list[Run], target: float | None = None) -> str:
     lines = [f"RTT {rtt * 1000:.0f} ms, {len(results)} runs; median ms from ready (in RTTs):"]
     for phase in PHASES:
         values = [r.offsets()[phase] for r in results if phase in r.offsets()]
         if values:
             med = statistics.median(values)
             lines.append(f"  {phase:14s} {med * 1000:7.0f} ms  {med / rtt:5.2f} RTT")
+    if target is not None:
+        within = sum(r.offsets()["byte"] <= target for r in results)
+        lines.append(f"  within 3 RTTs + 100 ms ({target * 1000:.0f} ms): "
+                     f"{within}/{len(results)} runs")
     return "\n".join(lines)
 
 
@@ -210,15 +229,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--delay-ms", type=float, action="append")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--tfo", choices=["off", "on", "both"], default="off",
+                        help="TCP Fast Open on the rendezvous host (default off)")
     parser.add_argument("--json", type=Path, help="append each run's offsets (s) here")
     args = parser.parse_args()
     for delay in args.delay_ms or [20.0]:
-        rtt, results = measure(delay, args.runs)
-        print(f"delay {delay:g} ms per pass: " + report(rtt, results), flush=True)
+        rtt, by_mode = measure(delay, args.runs, tfo=args.tfo)
+        target = 3 * rtt + 0.1
+        for mode, results in by_mode.items():
+            print(f"delay {delay:g} ms per pass, Fast Open {mode} on the rendezvous: "
+                  + report(rtt, results, target), flush=True)
+        if len(by_mode) == 2:
+            off, on = (statistics.median(r.offsets()["byte"] for r in by_mode[m])
+                       for m in ("off", "on"))
+            print(f"  byte median on/off: {on / off:.3f} ({(off - on) * 1000:.0f} ms less, "
+                  f"{(off - on) / rtt:.2f} RTT)", flush=True)
         if args.json is not None:
             with args.json.open("a") as f:
-                for r in results:
-                    f.write(json.dumps({"delay_ms": delay, "rtt": rtt, **r.offsets()}) + "\n")
+                for mode, results in by_mode.items():
+                    for r in results:
+                        f.write(json.dumps({"delay_ms": delay, "rtt": rtt, "tfo": mode,
+                                            **r.offsets()}) + "\n")
     return 0
 
 
