@@ -1,0 +1,67 @@
+"""A rendezvous that answers the discovery and then goes silent: every wait names itself.
+
+A bare ``TimeoutError`` (no message) once escaped ``connect`` here and reached the
+user as "TimeoutError: "; each wait now says what it waited for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from nopf_web.pairing import make_code
+from nopf_web.rendezvous import coord
+from nopf_web.rendezvous.errors import RendezvousProtocolError
+from nopf_web.wire.discovery import encode_reply
+from nopf_web.wire.rendezvous import FrameReader, MessageError, Probe, decode_client_message
+
+LO = "127.0.0.1"
+
+
+@contextlib.asynccontextmanager
+async def mute_rendezvous() -> AsyncIterator[int]:
+    """Sends the seed discovery reply (so it is no seed-only server) and answers a
+    NAT mapping probe as nopf-server does (by closing), but answers no hello."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = writer.get_extra_info("peername")[:2]
+        writer.write(encode_reply(host, port))
+        frames = FrameReader()
+        with contextlib.suppress(OSError, MessageError):
+            await writer.drain()
+            while chunk := await reader.read(4096):
+                if any(isinstance(decode_client_message(m), Probe) for m in frames.feed(chunk)):
+                    break
+        writer.close()
+
+    server = await asyncio.start_server(handle, LO, 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_connector_names_the_missing_fire_instruction() -> None:
+    async with mute_rendezvous() as port:
+        t0 = time.monotonic()
+        with pytest.raises(RendezvousProtocolError,
+                           match=r"rendezvous 127\.0\.0\.1:\d+ sent no fire instruction "
+                                 r"within 2\.3 s"):
+            await coord.connect((LO, port), str(make_code(7)), net_timeout=0.3,
+                                punch_timeout=5, bind_host=LO)
+        assert time.monotonic() - t0 < 4
+
+
+async def test_sharer_names_the_missing_pairing_code() -> None:
+    codes: list[str] = []
+    async with mute_rendezvous() as port:
+        with pytest.raises(RendezvousProtocolError,
+                           match=r"sent no pairing code \(nameplate\) within 0\.3 s"):
+            await coord.share((LO, port), on_code=codes.append, net_timeout=0.3,
+                              punch_timeout=5, bind_host=LO)
+    assert codes == []
