@@ -36,13 +36,52 @@ def parse_seconds(text: str, what: str, maximum: float = 86400) -> float:
     return value
 
 
+def parse_count(text: str, what: str, maximum: int) -> int:
+    """A positive whole-number option; BadAddress names the option on bad input."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise BadAddress(f"{what} {text!r} is not a whole number") from None
+    if not 0 < value <= maximum:
+        raise BadAddress(f"{what} must be between 1 and {maximum:,}, got {text}")
+    return value
+
+
+def raise_open_files_limit() -> int:
+    """Lift the soft limit on open files to the hard one; the limit now in force.
+
+    Every tunnelled connection holds two sockets (and the rendezvous one per
+    waiting peer), so the usual soft limit of 1,024 would make a thousand
+    streams fail with EMFILE. Servers such as nginx raise it the same way.
+    Where the ``resource`` module does not exist (Windows), nothing changes.
+    """
+    try:
+        import resource
+    except ImportError:  # not Unix: no such limit to lift
+        return 1 << 30
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20  # an "unlimited" hard limit still needs a number for the soft one
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return soft
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(
+            resource.RLIMIT_NOFILE)[1]))
+        return hard
+    return soft
+
+
 def fail(prog: str, message: str, code: int = EXIT_FAILURE) -> int:
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     return code
 
 
 def run_main(coro: Coroutine[Any, Any, int]) -> int:
-    """Run ``coro``; SIGINT/SIGTERM cancel it, which it turns into a clean exit."""
+    """Run ``coro``; SIGINT/SIGTERM cancel it, which it turns into a clean exit.
+
+    The open-files limit is lifted first (see :func:`raise_open_files_limit`).
+    """
+    raise_open_files_limit()
 
     async def wrapper() -> int:
         loop = asyncio.get_running_loop()

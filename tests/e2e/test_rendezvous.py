@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import resource
 import socket
 import subprocess
+import sys
+from collections.abc import Callable
 
 import pytest
 
@@ -129,3 +132,47 @@ def test_server_program_serves_and_stops_on_sigterm() -> None:
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+@pytest.mark.parametrize(("flag", "value", "needle"), [
+    ("--max-connections", "0", "--max-connections must be between 1 and 1,000,000, got 0"),
+    ("--max-connections", "many", "--max-connections 'many' is not a whole number"),
+    ("--max-per-source", "-3", "--max-per-source must be between 1 and 1,000,000, got -3"),
+])
+def test_server_program_bad_limits_are_one_line(flag: str, value: str, needle: str) -> None:
+    proc = subprocess.run(argv("nopf-server", flag, value), capture_output=True, text=True,
+                          timeout=20)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and needle in proc.stderr
+
+
+def _open_files_limit(soft: int, hard: int) -> Callable[[], None]:
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_server_program_fits_max_connections_to_the_open_files_limit() -> None:
+    # Soft 100 is lifted to the hard 300, which still leaves room for only 236
+    # clients (64 spare descriptors): the server says so and refuses the rest.
+    port = free_port()
+    proc = subprocess.Popen(
+        argv("nopf-server", "--host", "127.0.0.1", "--port", str(port),
+             "--max-connections", "5000"),
+        stderr=subprocess.PIPE, text=True, preexec_fn=_open_files_limit(100, 300))
+    try:
+        assert proc.stderr is not None
+        lines = [proc.stderr.readline(), proc.stderr.readline()]
+        assert any("the open-files limit allows only 236 connections (asked for 5,000); "
+                   "raise it with ulimit -n" in line for line in lines), lines
+        data, local = asyncio.run(_raw_reply(("127.0.0.1", port)))
+        assert decode_reply(data) == ("127.0.0.1", local)
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+
+
+def test_programs_lift_the_soft_open_files_limit() -> None:
+    code = ("import resource; from nopf_web.cli.common import raise_open_files_limit; "
+            "print(raise_open_files_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=20, preexec_fn=_open_files_limit(256, 4096))
+    assert proc.stdout.split() == ["4096", "4096"], proc.stderr
