@@ -7,10 +7,7 @@ addresses so the server's per-source cap (64 open connections) is respected:
 
 - waiting sharers: up to 10,000 sharers that sent their hello, got a nameplate
   and keep answering pings; the server's RSS (``/proc/PID/status``) is read as
-  they accumulate. The shipped server holds at most 4,096 open connections
-  (``ServerLimits.max_connections``, no flag), so the 10,000 are tried against
-  it and, to measure memory at 10,000, against the same server class started
-  with a larger cap;
+  they accumulate, and its CPU share while all of them wait (pings only);
 - pairings per second: workers that each run sharer + connector through the
   exchange (hello, nameplate, claim, fire to both; no punch) for a fixed
   window, against seed discovery requests per second from the same workers
@@ -32,6 +29,7 @@ from typing import Any
 from bench.report import Progress, ScenarioResult, Target
 from bench.scn_util import fmt, median, new_figure, raise_nofile, rss_kib, save_figure, table
 from bench.secure import cpu_seconds
+from nopf_web.rendezvous.server import ServerLimits
 from nopf_web.wire.discovery import REPLY_SIZE
 from nopf_web.wire.rendezvous import (
     ErrorReply,
@@ -54,32 +52,14 @@ BUDGET_S = 60
 PER_SOURCE = 50  # connections per 127.x.y.z source, under the server's cap of 64
 STEP_TIMEOUT = 10.0  # s for any one protocol step of a simulated peer
 WAIT_LIMIT_S = 35.0  # s of opening waiting sharers per server, to stay within the budget
-HOLD_S = 5.0  # s the server's CPU is watched while every sharer waits: one ping interval
-
-# The shipped server class with a larger connection cap, for memory at 10,000 waiting
-# peers (nopf-server has no flag for it).
-RAISED_SERVER = """
-import asyncio, sys
-from nopf_web.rendezvous.server import RendezvousServer, ServerLimits
-
-async def main() -> None:
-    server = RendezvousServer("127.0.0.1", 0, ServerLimits(max_connections=int(sys.argv[1])))
-    await server.start()
-    host, port = server.address
-    print(f"nopf-server: listening on {host}:{port}", file=sys.stderr, flush=True)
-    await server.serve_forever()
-
-asyncio.run(main())
-"""
+HOLD_S = 5.0  # s the server's CPU is watched while every sharer waits
 
 
 class ServerProc:
     """A rendezvous server process on loopback; its stderr is drained in a thread."""
 
-    def __init__(self, max_connections: int | None = None) -> None:
-        cmd = (argv("nopf-server", "--host", "127.0.0.1", "--port", "0")
-               if max_connections is None
-               else [sys.executable, "-c", RAISED_SERVER, str(max_connections)])
+    def __init__(self) -> None:
+        cmd = argv("nopf-server", "--host", "127.0.0.1", "--port", "0")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         assert self.proc.stderr is not None
@@ -305,19 +285,13 @@ def run(progress: Progress, quick: bool, outdir: Path) -> ScenarioResult:
                             "workers": workers, "per_source": PER_SOURCE}
 
     waits: dict[str, Waiting] = {}
-    # The shipped server's cap shows with 5,000; all 10,000 wait on the raised one.
-    variants: list[tuple[str, int | None, int]] = [("nopf-server", None, min(peers, 5000))]
-    if not quick:
-        variants.append(("raised cap", peers + 2048, peers))
-    for k, (label, cap, tries) in enumerate(variants):
-        progress(f"{label}: {tries} waiting sharers")
-        server = ServerProc(cap)
-        # The largest crowd only, and briefly in quick mode, for time.
-        hold = (1.0 if quick else HOLD_S) if k == len(variants) - 1 else 0.0
-        try:
-            waits[label] = asyncio.run(hold_waiting(server, tries, progress, WAIT_LIMIT_S, hold))
-        finally:
-            server.stop()
+    progress(f"nopf-server: {peers} waiting sharers")
+    server = ServerProc()
+    try:
+        waits["nopf-server"] = asyncio.run(hold_waiting(
+            server, peers, progress, WAIT_LIMIT_S, 1.0 if quick else HOLD_S))
+    finally:
+        server.stop()
     data["waiting"] = {k: {"tried": w.tried, "held": w.held, "refused": w.refused,
                            "idle_rss_kib": w.idle_kib, "samples_held_rss_kib": w.samples,
                            "open_seconds": w.seconds, "kib_per_peer": w.kib_per_peer,
@@ -349,7 +323,6 @@ def run(progress: Progress, quick: bool, outdir: Path) -> ScenarioResult:
 
     pair_rate, disc_rate = median(rates["pairing"]), median(rates["discovery"])
     stock = waits["nopf-server"]
-    full = waits.get("raised cap", stock)
     rows = [[f"{label}", w.tried, w.held, w.refused, fmt(w.idle_kib / 1024, ".1f"),
              fmt(w.samples[-1][1] / 1024, ".1f"), fmt(w.kib_per_peer, ".1f"),
              fmt(w.held / w.seconds if w.seconds else float("nan")),
@@ -361,21 +334,16 @@ def run(progress: Progress, quick: bool, outdir: Path) -> ScenarioResult:
         "get a nameplate and wait. Server RSS from `/proc/PID/status`; \"registered/s\" is "
         "how fast they got their nameplates (200 connection setups in flight); the last "
         f"column is the server's CPU share over {HOLD_S:g} s once all wait (it pings each "
-        "waiting sharer every 5 s; measured for the largest crowd only).",
+        f"waiting sharer every {ServerLimits().ping_interval:g} s).",
         "",
         table(["server", "sharers tried", "held waiting", "refused", "idle RSS MiB",
                "RSS MiB, all held", "KiB per waiting peer", "registered/s",
                "server CPU, all waiting"], rows),
         "",
-        f"The shipped `nopf-server` holds at most 4,096 open connections "
-        f"(`ServerLimits.max_connections`, no command-line flag): "
-        f"{stock.held:,} of {stock.tried:,} sharers tried were held"
-        + (", the rest were reset at once." if stock.refused else "."),
-    ]
-    if full is not stock:
-        md.append(f"The same server class with the cap raised to {peers + 2048:,} "
-                  f"held {full.held:,}.")
-    md += [
+        f"`nopf-server` with its defaults (`--max-connections "
+        f"{ServerLimits().max_connections}`) held {stock.held:,} of {stock.tried:,} "
+        "sharers tried" + (", the rest were reset at once." if stock.refused else "."),
+
         "",
         f"Throughput, {workers} concurrent workers, {rounds} alternating {window:g}-s windows "
         "each (median); one pairing = sharer hello → nameplate → connector hello → fire to "
@@ -407,8 +375,8 @@ def run(progress: Progress, quick: bool, outdir: Path) -> ScenarioResult:
     targets = [Target(
         f"{peers:,} waiting peers on one server",
         f"hold {peers:,} simulated peers (issue 7)",
-        f"{stock.held:,} of {stock.tried:,} held by nopf-server (4,096-connection cap)"
-        + (f"; {full.held:,} with the cap raised" if full is not stock else ""),
+        f"{stock.held:,} of {stock.tried:,} held by nopf-server, "
+        f"{fmt(stock.kib_per_peer, '.1f')} KiB each",
         stock.held >= peers)]
     return ScenarioResult(NAME, TITLE, data, "\n".join(md), [plot], targets)
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[2]
 # The scenarios the test suite smoke-tests; add new ones here.
-QUICK = ("throughput", "latency")
+QUICK = ("throughput", "streams", "latency", "setup", "punch", "rendezvous")
 ALL = {"direct", "plain", "encrypted", "socat", "ssh", "fowl"}
 
 
@@ -26,9 +26,10 @@ def test_quick_suite_writes_json_plots_and_sections(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.suite", "--quick", "--only", ",".join(QUICK),
          "--doc", str(doc), "--img-dir", str(img), "--results", str(results)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+        cwd=ROOT, capture_output=True, text=True, timeout=420, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[1/2] throughput" in proc.stderr and "[2/2] latency" in proc.stderr  # progress
+    for i, name in enumerate(QUICK, 1):  # progress, in the fixed order
+        assert f"[{i}/{len(QUICK)}] {name}" in proc.stderr
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nHand-written prose.")
     for name in (*QUICK, "targets"):
@@ -58,7 +59,31 @@ def test_quick_suite_writes_json_plots_and_sections(tmp_path: Path) -> None:
         assert 0 < s["bulk_p50_ms"] <= s["bulk_p99_ms"] and s["bulk_mb_s"] > 0
     assert len(lat["targets"]) == 3
 
-    for rec in (tp, lat):
+    streams = json.loads((results / "streams.json").read_text())["data"]
+    for path in ("direct", "tunnel"):  # every hashed echo came back intact
+        for runs in streams["runs"][path].values():
+            assert all(run["errors"] == 0 and run["mb_s"] > 0 for run in runs)
+
+    setup = json.loads((results / "setup.json").read_text())["data"]
+    for cell in setup["results"].values():
+        assert cell["rtt_s"] > 0 and not any(cell["errors"].values())
+        for seconds in cell["seconds"].values():
+            assert seconds and all(0 < t < 30 for t in seconds)
+
+    punch = json.loads((results / "punch.json").read_text())["data"]["pairs"]
+    assert punch["silent-drop"]["wins"] == punch["silent-drop"]["runs"] > 0
+    assert punch["symmetric"]["wins"] == 0  # fails, and says why
+    assert all("symmetric" in e.lower() for e in punch["symmetric"]["errors"])
+
+    rdv = json.loads((results / "rendezvous.json").read_text())["data"]
+    waiting = rdv["waiting"]["nopf-server"]
+    assert waiting["held"] == waiting["tried"] == rdv["peers"]
+    assert 0 < waiting["kib_per_peer"] < 200
+    assert min(rdv["rates_per_s"]["pairing"]) > 0 and rdv["errors"] == {
+        "discovery": 0, "pairing": 0}
+
+    records = [json.loads((results / f"{n}.json").read_text()) for n in QUICK]
+    for rec in records:
         assert rec["plots"]
         for plot in rec["plots"]:
             png = doc.parent / plot
