@@ -547,15 +547,7 @@ async def open_channel(sock: socket.socket, *, role: Role, code: str,
         raise ValueError(f"role must be 'A' or 'B', not {role!r}")
     if pake is not None:
         return await _open_confirming(sock, role, pake, timeout)
-    sock.setblocking(False)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    loop = asyncio.get_running_loop()
-    try:
-        transport, proto = await loop.create_connection(lambda: _RecordProtocol(sock),
-                                                        sock=sock)
-    except BaseException:
-        sock.close()
-        raise
+    transport, proto = await _attach(sock)
     waiting_for = "nothing"
     try:
         async with asyncio.timeout(timeout):
@@ -592,9 +584,26 @@ async def open_channel(sock: socket.socket, *, role: Role, code: str,
     if not hmac.compare_digest(peer_tag, _confirm_tag(confirm_key, peer_role, transcript)):
         transport.close()  # not abort: our own tag may still be queued, the peer needs it
         raise PairingMismatch("pairing code did not match")
-    a_to_b, b_to_a = _derive(key, LABEL_A_TO_B), _derive(key, LABEL_B_TO_A)
-    send_key, recv_key = (a_to_b, b_to_a) if role == "A" else (b_to_a, a_to_b)
+    send_key, recv_key = _record_keys(key, role)
     return SecureChannel(transport, proto, role=role, send_key=send_key, recv_key=recv_key)
+
+
+async def _attach(sock: socket.socket) -> tuple[asyncio.Transport, _RecordProtocol]:
+    """The record protocol on ``sock`` (which it owns from now on, even on failure)."""
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.create_connection(lambda: _RecordProtocol(sock), sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _record_keys(key: bytes, role: Role) -> tuple[bytes, bytes]:
+    """(send key, receive key) of ``role`` from the SPAKE2 key."""
+    a_to_b, b_to_a = _derive(key, LABEL_A_TO_B), _derive(key, LABEL_B_TO_A)
+    return (a_to_b, b_to_a) if role == "A" else (b_to_a, a_to_b)
 
 
 async def _open_confirming(sock: socket.socket, role: Role, pake: Pake,
@@ -608,23 +617,14 @@ async def _open_confirming(sock: socket.socket, role: Role, pake: Pake,
         sock.close()
         raise
     assert pake.peer_message is not None
-    sock.setblocking(False)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     peer_hello = MAGIC + bytes([VERSION]) + pake.peer_message
     # The same transcript and labels as the in-band handshake: both sides derive it
     # from the two hellos, however the messages travelled.
     transcript = pake.hello + peer_hello if role == "A" else peer_hello + pake.hello
     confirm_key = _derive(key, LABEL_CONFIRM)
     peer_role: Role = "B" if role == "A" else "A"
-    a_to_b, b_to_a = _derive(key, LABEL_A_TO_B), _derive(key, LABEL_B_TO_A)
-    send_key, recv_key = (a_to_b, b_to_a) if role == "A" else (b_to_a, a_to_b)
-    loop = asyncio.get_running_loop()
-    try:
-        transport, proto = await loop.create_connection(lambda: _RecordProtocol(sock),
-                                                        sock=sock)
-    except BaseException:
-        sock.close()
-        raise
+    send_key, recv_key = _record_keys(key, role)
+    transport, proto = await _attach(sock)
     transport.write(_confirm_tag(confirm_key, role, transcript))
     proto.expect_confirmation(_confirm_tag(confirm_key, peer_role, transcript), timeout)
     return SecureChannel(transport, proto, role=role, send_key=send_key, recv_key=recv_key)
