@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path as FsPath
-from typing import IO
+from typing import IO, Any
 
 from bench.measure import CHUNK, serve_conn
 from tests.e2e.peers import RDV, Pair, Peer, punch_pair, start_rendezvous
@@ -59,6 +59,15 @@ LABELS = {"direct": "direct TCP", "plain": "nopf plain (seed)",
           "fowl": "fowl"}
 
 Progress = Callable[[str], None]
+
+
+def path_notes(data: dict[str, Any]) -> list[str]:
+    """Markdown bullets: what each path ran with (``info``) and why any is absent."""
+    out = [f"- {LABELS[name]}: " + "; ".join(f"{k}: {v}" for k, v in info.items())
+           for name, info in data.get("info", {}).items()]
+    out += [f"- {LABELS[name]}: **not measured**: {why}"
+            for name, why in data.get("absent", {}).items()]
+    return out
 
 
 class PathUnavailable(RuntimeError):

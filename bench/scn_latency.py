@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.measure import echo_mode, round_trips
-from bench.paths import LABELS, Bench, started
+from bench.paths import LABELS, Bench, path_notes, started
 from bench.paths import Path as LabPath
 from bench.report import Progress, ScenarioResult, Target, bar_chart
 
@@ -144,10 +144,7 @@ def _markdown(data: dict[str, Any]) -> str:
                    f"{s['added_idle_p50_ms']:+.3f} | {s['bulk_p50_ms']:.2f} | "
                    f"{s['bulk_p99_ms']:.2f} | {s['bulk_mb_s']:.0f} |")
     out.append("")
-    for name, info in data.get("info", {}).items():
-        out.append(f"- {LABELS[name]}: " + "; ".join(f"{k}: {v}" for k, v in info.items()))
-    for name, why in data.get("absent", {}).items():
-        out.append(f"- {LABELS[name]}: **not measured**: {why}")
+    out += path_notes(data)
     return "\n".join(out)
 
 

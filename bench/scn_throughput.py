@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.paths import LABELS, Bench, cpu_seconds, send_sized, started
+from bench.paths import LABELS, Bench, cpu_seconds, path_notes, send_sized, started
 from bench.paths import Path as LabPath
 from bench.report import Progress, ScenarioResult, Target, bar_chart
 
@@ -121,10 +121,7 @@ def _markdown(data: dict[str, Any]) -> str:
             out.append(f"| {LABELS[name]} | {mbs:.0f} | {d['ratio'][name]:.2f} | "
                        f"{'-' if cpu is None else f'{cpu:.2f}'} | {runs} |")
         out.append("")
-    for name, info in data.get("info", {}).items():
-        out.append(f"- {LABELS[name]}: " + "; ".join(f"{k}: {v}" for k, v in info.items()))
-    for name, why in data.get("absent", {}).items():
-        out.append(f"- {LABELS[name]}: **not measured**: {why}")
+    out += path_notes(data)
     return "\n".join(out)
 
 
