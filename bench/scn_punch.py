@@ -22,7 +22,7 @@ from bench.scn_util import fmt, in_rtts, median, new_figure, save_figure, table
 
 NAME = "punch"
 TITLE = "Punch success rate per NAT pair (coordinated mode, jitter and 1 % loss)"
-BUDGET_S = 180
+BUDGET_S = 240
 
 DELAY_MS, JITTER_MS, LOSS = 10.0, 5.0, 0.01
 PUNCH_TIMEOUT = 5.0
