@@ -497,6 +497,7 @@ async def _coordinate(
     # rendezvous says the plan depends on it (a symmetric sharer), or the first
     # punch failed (then the check may name the cause).
     need_probe = action != "join"
+    hello_retried = False
     while True:
         if need_probe:
             probed, port = await _probe(server, bind_host, port, net_timeout)
@@ -505,6 +506,15 @@ async def _coordinate(
             return await _hello_and_wait(server, action, nameplate, wait, started,
                                          punch_timeout, bind_host, port, probed, probed_at,
                                          net_timeout, on_event, pake_message)
+        except RendezvousTooOld:
+            # nopf-server closes a connection whose hello has not come within a second,
+            # as it closes seed clients: a hello lost and retransmitted (TCP's first
+            # timeout is a second) looks the same. A seed-only server closes again.
+            if hello_retried:
+                raise
+            hello_retried = True
+            _say(on_event, "the rendezvous closed before answering our hello; trying once "
+                 "more (a lost packet, or a rendezvous that speaks only the seed protocol)")
         except _ProbeRequired as exc:
             if need_probe:  # asked twice: the rendezvous is confused
                 raise RendezvousProtocolError(f"rendezvous {server[0]}:{server[1]} asked "

@@ -17,7 +17,15 @@ from nopf_web.pairing import make_code
 from nopf_web.rendezvous import coord
 from nopf_web.rendezvous.errors import RendezvousProtocolError
 from nopf_web.wire.discovery import encode_reply
-from nopf_web.wire.rendezvous import FrameReader, MessageError, Probe, decode_client_message
+from nopf_web.wire.rendezvous import (
+    ErrorReply,
+    FrameReader,
+    Hello,
+    MessageError,
+    Probe,
+    decode_client_message,
+    encode,
+)
 
 LO = "127.0.0.1"
 
@@ -65,3 +73,37 @@ async def test_sharer_names_the_missing_pairing_code() -> None:
             await coord.share((LO, port), on_code=codes.append, net_timeout=0.3,
                               punch_timeout=5, bind_host=LO)
     assert codes == []
+
+
+async def test_a_hello_lost_once_is_retried_not_taken_for_a_seed_only_server() -> None:
+    # Under loss a hello can arrive after nopf-server stopped waiting for one (it then
+    # closes, as it does for seed clients). The first connection here is answered
+    # that way; the second answers the hello. One retry tells the two apart.
+    hellos: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = writer.get_extra_info("peername")[:2]
+        writer.write(encode_reply(host, port))
+        first = not hellos
+        hellos.append(b"")
+        with contextlib.suppress(OSError, MessageError):
+            if not first:
+                frames = FrameReader()
+                while not (got := frames.feed(await reader.read(4096))):
+                    pass
+                hellos[-1] = got[0]
+                writer.write(encode(ErrorReply("unknown_code", "no such pairing code")))
+            await writer.drain()
+        writer.close()
+
+    events: list[str] = []
+    server = await asyncio.start_server(handle, LO, 0)
+    try:
+        with pytest.raises(coord.UnknownCode):
+            await coord.connect(server.sockets[0].getsockname()[:2], str(make_code(7)),
+                                bind_host=LO, net_timeout=2, on_event=events.append)
+    finally:
+        server.close()
+    assert len(hellos) == 2
+    assert isinstance(decode_client_message(hellos[1]), Hello)
+    assert any("closed before answering our hello" in e for e in events), events
