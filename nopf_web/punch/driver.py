@@ -26,7 +26,7 @@ from .machine import (
 from .sockets import (
     DEFAULT_TTL,
     TCP_SYN_RECV,
-    ignore_expired_syn_errors,
+    ignore_syn_errors,
     reusable_socket,
     set_ttl,
     start_connect,
@@ -144,7 +144,7 @@ class PunchDriver:
             elif isinstance(action, Succeed) and action.attempt != ACCEPTED:
                 attempt = self._attempts.pop(action.attempt)
                 attempt.task.add_done_callback(_consume)
-                ignore_expired_syn_errors(attempt.sock, enable=False)
+                ignore_syn_errors(attempt.sock, None)
                 return attempt.sock
             elif isinstance(action, GiveUp):
                 raise action.error
@@ -157,7 +157,10 @@ class PunchDriver:
         try:
             if action.ttl is not None:
                 set_ttl(sock, action.ttl)
-                ignore_expired_syn_errors(sock)
+                # An ICMP error about this SYN (expired on the way, or the peer's
+                # NAT refusing it before the peer's SYN left) must not kill the
+                # socket that the peer's SYN may be about to reach.
+                ignore_syn_errors(sock, action.ttl)
             start_connect(sock, self.peer)
             if action.ttl is not None:
                 # Only the first SYN is short-lived; the SYN-ACK we may send must arrive.

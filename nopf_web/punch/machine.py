@@ -33,10 +33,27 @@ With ``arm_ttl = 0`` both roles send full-TTL SYNs: plain repeated TCP
 simultaneous open.
 
 With ``first_shot`` (coordinated mode) the first attempt of either role is a
-full-TTL SYN: the rendezvous makes both peers start at the same moment, so the
-two SYNs cross and each NAT has opened its side before the other's SYN
-arrives, whatever the number of hops to the NAT. From the second attempt on the
-roles behave as above, which recovers if the SYNs did not cross in time.
+SYN that reaches the peer: the rendezvous makes both peers start at the same
+moment, so the two SYNs cross and each NAT has opened its side before the
+other's SYN arrives, whatever the number of hops to the NAT. From the second
+attempt on the roles behave as above, which recovers if the SYNs did not cross
+in time.
+
+The rendezvous fires ``CONNECT`` (the joiner) first and ``ARM`` a few ms later,
+so that ``ARM``'s SYN never reaches the joiner's NAT before the joiner's own SYN
+has left it. The joiner's SYN, though, can reach the sharer's NAT before the
+sharer's has left: a NAT that answers with ICMP then makes the kernel abort
+the joiner's socket (even one the sharer's SYN already moved to SYN_RECV), and
+the sharer's SYN, crossing, leaves the joiner's NAT tracking a simultaneous
+open with that dead socket's sequence number: Linux conntrack marks every later
+SYN from the same port (a new socket, a new ISN) invalid for minutes, and NATs
+drop invalid packets. So ``CONNECT``'s first shot leaves with TTL
+``first_shot_ttl`` (32: any NAT within 31 hops), below that of every packet of
+the peer's (TTL 64 minus at most 31 hops), and the driver has the kernel ignore
+ICMP errors quoting a TTL that low (IP_MINTTL, as for the arming SYN): the
+socket stays in SYN_SENT and the sharer's SYN completes it. (Only one side can
+tell its refusals apart this way: the peer's first shot must arrive above our
+IP_MINTTL.)
 """
 
 from __future__ import annotations
@@ -81,13 +98,19 @@ class PunchConfig:
     # half-open one (its peer gone, its RSTs perhaps dropped by the guard) must
     # not hold the punch port until the deadline.
     handshake_limit: float = 3.0
-    first_shot: bool = False  # attempt 1 is full TTL in both roles (rendezvous-timed)
+    first_shot: bool = False  # attempt 1 reaches the peer in both roles (rendezvous-timed)
+    # TTL of CONNECT's first shot: enough for any NAT within 31 hops, yet below
+    # the TTL of the peer's packets (64 minus at most 31 hops), so ICMP errors
+    # about it can be told apart and ignored (see the module docstring).
+    first_shot_ttl: int = 32
 
     def __post_init__(self) -> None:
         if self.timeout <= 0:
             raise ValueError("punch timeout must be positive")
         if not 0 <= self.arm_ttl <= 255 or self.arm_ttl == 1:
             raise ValueError("arm TTL must be 0 (off) or 2-255")
+        if not 2 <= self.first_shot_ttl <= 254:
+            raise ValueError("first shot TTL must be 2-254")
 
 
 class PunchTimeout(NopfError):
@@ -104,7 +127,8 @@ class Fire:
     """Open a new socket from the punch port and send a SYN to the peer.
 
     ``ttl`` is the TTL of that first SYN only (None = the system default);
-    the driver restores the default right after, for the handshake.
+    the driver restores the default right after, for the handshake, and has
+    the socket ignore ICMP errors about a SYN with a TTL that low.
     """
 
     attempt: int
@@ -228,7 +252,7 @@ class PunchMachine:
         self._recheck = None
         ttl = self.config.arm_ttl if self.role is Role.ARM and self.config.arm_ttl else None
         if self.config.first_shot and self.attempts == 1:
-            ttl = None
+            ttl = self.config.first_shot_ttl if self.role is Role.CONNECT else None
         return [Fire(self.attempts, ttl)]
 
     def _give_up(self) -> list[Action]:

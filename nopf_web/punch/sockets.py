@@ -5,7 +5,8 @@
   that needs SO_REUSEADDR + SO_REUSEPORT; on Windows SO_REUSEADDR alone has
   the "share the port" meaning (there is no SO_REUSEPORT).
 - TTL: the first SYN of an arming attempt may go out with a low TTL so it
-  opens our own NAT without reaching the peer's.
+  opens our own NAT without reaching the peer's; ICMP errors about such a SYN
+  are ignored (IP_MINTTL).
 - TCP state: read from TCP_INFO on Linux, so the driver never abandons a
   socket that is already completing a handshake.
 """
@@ -48,18 +49,24 @@ def set_ttl(sock: socket.socket, ttl: int) -> None:
 
 
 # IP_MINTTL (RFC 5082 GTSM): Linux applies it to ICMP errors too, checking the TTL
-# in the quoted header. Our low-TTL SYN expires with TTL 1 at some router, whose
-# ICMP time-exceeded would otherwise abort the SYN_SENT socket at once; the
-# peer's packets arrive with TTLs far above 2.
+# in the header they quote, i.e. our SYN as it reached the router that answered.
+# A SYN sent with TTL t is quoted with at most t, while the peer's packets arrive
+# with more (64 minus the hops): with IP_MINTTL t + 1 the kernel ignores the ICMP
+# time-exceeded of an expired low-TTL arming SYN, and the ICMP refusal of a first
+# shot by the peer's NAT, either of which would otherwise abort the socket. At
+# most 33, so a peer up to 31 hops away always gets through, whatever t.
 _IP_MINTTL = getattr(socket, "IP_MINTTL", 21 if sys.platform.startswith("linux") else None)
+MAX_MIN_TTL = 33
 
 
-def ignore_expired_syn_errors(sock: socket.socket, enable: bool = True) -> bool:
-    """Make ``sock`` ignore ICMP errors about its own expired low-TTL SYN; False if unsupported."""
+def ignore_syn_errors(sock: socket.socket, ttl: int | None) -> bool:
+    """Make ``sock`` ignore ICMP errors about its own SYN sent with TTL ``ttl``
+    (None: stop ignoring them); False if unsupported."""
     if _IP_MINTTL is None:
         return False
+    min_ttl = 0 if ttl is None else min(ttl + 1, MAX_MIN_TTL)
     try:
-        sock.setsockopt(socket.IPPROTO_IP, _IP_MINTTL, 2 if enable else 0)
+        sock.setsockopt(socket.IPPROTO_IP, _IP_MINTTL, min_ttl)
     except OSError:
         return False
     return True

@@ -124,15 +124,28 @@ def test_config_validation() -> None:
         PunchConfig(arm_ttl=1)
 
 
-def test_first_shot_is_full_ttl_in_both_roles_then_the_seed_sequence() -> None:
+def test_first_shot_reaches_the_peer_in_both_roles_then_the_seed_sequence() -> None:
     cfg = PunchConfig(timeout=10, arm_ttl=2, rearm_interval=0.8, first_shot=True)
     arm = machine(Role.ARM, cfg)
     assert arm.start(0.0) == [Fire(1, None)]  # the rendezvous-timed simultaneous open
     assert arm.timer(0.8) == [Abandon(1), Fire(2, 2)]  # then low-TTL arming as before
     connect = machine(Role.CONNECT, cfg)
-    assert connect.start(0.0) == [Fire(1, None)]
+    # TTL 32 crosses any NAT within 31 hops and stays below the TTL of the
+    # sharer's packets (64 minus the hops), so the driver can have the kernel
+    # ignore a refusal of it by the sharer's NAT (IP_MINTTL 33).
+    assert connect.start(0.0) == [Fire(1, 32)]
     assert connect.failed(1, Failure.REFUSED, 0.05) == [Abandon(1)]
     assert connect.timer(0.25) == [Fire(2, None)]
+
+
+def test_first_shot_ttl_is_configurable_and_checked() -> None:
+    cfg = PunchConfig(timeout=10, first_shot=True, first_shot_ttl=20)
+    assert machine(Role.CONNECT, cfg).start(0.0) == [Fire(1, 20)]
+    # Without first_shot the CONNECT role's first SYN keeps the system default.
+    assert machine(Role.CONNECT, PunchConfig(first_shot_ttl=20)).start(0.0) == [Fire(1, None)]
+    for bad in (0, 1, 255):
+        with pytest.raises(ValueError):
+            PunchConfig(first_shot_ttl=bad)
 
 
 def test_first_shot_refused_falls_back_to_arming_quickly() -> None:

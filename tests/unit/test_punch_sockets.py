@@ -1,0 +1,28 @@
+"""Punch socket helpers on real sockets."""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+import pytest
+
+from nopf_web.punch.sockets import ignore_syn_errors
+
+IP_MINTTL = getattr(socket, "IP_MINTTL", 21)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="IP_MINTTL is Linux-only here")
+def test_syn_errors_are_ignored_just_above_the_syn_ttl_and_then_no_more() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # ICMP errors quote our SYN with at most the TTL it left with: IP_MINTTL
+        # one above it ignores them all, and no packet that arrives with more.
+        assert ignore_syn_errors(sock, 32)
+        assert sock.getsockopt(socket.IPPROTO_IP, IP_MINTTL) == 33
+        assert ignore_syn_errors(sock, 2)
+        assert sock.getsockopt(socket.IPPROTO_IP, IP_MINTTL) == 3
+        # Never more than 33: a peer 31 hops away (TTL 64 - 31) must get through.
+        assert ignore_syn_errors(sock, 64)
+        assert sock.getsockopt(socket.IPPROTO_IP, IP_MINTTL) == 33
+        assert ignore_syn_errors(sock, None)
+        assert sock.getsockopt(socket.IPPROTO_IP, IP_MINTTL) == 0
