@@ -30,16 +30,21 @@ def serve_conn(conn: socket.socket) -> None:
             conn.shutdown(socket.SHUT_WR)
 
 
-def send_counted(sock: socket.socket, size: int) -> float:
-    """Send ``size`` bytes to the counting service, wait for its count; MB/s."""
+def send_bytes(sock: socket.socket, size: int) -> None:
+    """Send ``size`` random bytes (one random chunk, repeated) with ``sendall``."""
     payload = memoryview(bytearray(os.urandom(CHUNK)))
-    sock.sendall(b"T")
-    t0 = time.perf_counter()
     left = size
     while left:
         n = min(left, CHUNK)
         sock.sendall(payload[:n])
         left -= n
+
+
+def send_counted(sock: socket.socket, size: int) -> float:
+    """Send ``size`` bytes to the counting service, wait for its count; MB/s."""
+    sock.sendall(b"T")
+    t0 = time.perf_counter()
+    send_bytes(sock, size)
     sock.shutdown(socket.SHUT_WR)
     got = int.from_bytes(sock.recv(8), "big")
     elapsed = time.perf_counter() - t0

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path as FsPath
 from typing import IO, Any
 
-from bench.measure import CHUNK, serve_conn
+from bench.measure import CHUNK, send_bytes, serve_conn
 from tests.e2e.peers import RDV, Pair, Peer, punch_pair, start_rendezvous
 from tests.lab import Host, Lab
 from tests.programs import argv
@@ -558,14 +558,9 @@ def send_sized(sock: socket.socket, size: int) -> float:
     Unlike :func:`bench.measure.send_counted` the end is announced up front, not
     by a half-close, which fowl does not carry (it closes the whole subchannel).
     """
-    payload = memoryview(bytearray(os.urandom(CHUNK)))
     sock.sendall(b"N" + size.to_bytes(8, "big"))
     t0 = time.perf_counter()
-    left = size
-    while left:
-        n = min(left, CHUNK)
-        sock.sendall(payload[:n])
-        left -= n
+    send_bytes(sock, size)
     got = int.from_bytes(sock.recv(8), "big")
     elapsed = time.perf_counter() - t0
     if got != size:

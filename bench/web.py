@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.measure import send_bytes
 from tests.programs import argv, free_port
 
 CHUNK = 1 << 20
@@ -56,14 +57,9 @@ def sink(listener: socket.socket, stop: threading.Event) -> None:
 
 def send(port: int, size: int) -> float:
     """Send ``size`` bytes through 127.0.0.1:port; return MB/s once the sink confirms."""
-    payload = memoryview(bytearray(CHUNK))
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
         t0 = time.perf_counter()
-        left = size
-        while left:
-            n = min(left, CHUNK)
-            sock.sendall(payload[:n])
-            left -= n
+        send_bytes(sock, size)
         sock.shutdown(socket.SHUT_WR)
         got = b""
         while len(got) < 8:
@@ -123,8 +119,10 @@ def dashboard_tunnel(tmp: Path, sink_port: int, app_port: int
     a = Dashboard(tmp / f"a-{app_port}.db", "--rendezvous-listen", f"127.0.0.1:{rdv_port}")
     b = Dashboard(tmp / f"b-{app_port}.db", "--rendezvous", f"127.0.0.1:{rdv_port}")
     try:
-        s = a.json("POST", "/api/sessions", {"role": "server", "local_port": sink_port})
-        c = b.json("POST", "/api/sessions", {"role": "client", "local_port": app_port})
+        s = a.json("POST", "/api/sessions", {"role": "server", "local_port": sink_port,
+                                           "mode": "seed"})
+        c = b.json("POST", "/api/sessions", {"role": "client", "local_port": app_port,
+                                           "mode": "seed"})
         s = wait_for(lambda: (d := a.json("GET", f"/api/sessions/{s['id']}"))
                      ["public_address"] and d, "A's public address")
         c = wait_for(lambda: (d := b.json("GET", f"/api/sessions/{c['id']}"))
