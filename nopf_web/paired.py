@@ -92,7 +92,10 @@ class PairedSession(SessionBase):
         listener: socket.socket | None = None
         try:
             if spec.role == "client":
-                listener = listen_local(spec.local_host, spec.local_port, backlog=128)
+                # Every local connection is a stream: a burst of them (a browser,
+                # a load test) must not overflow the accept queue and be reset.
+                listener = listen_local(spec.local_host, spec.local_port,
+                                        backlog=socket.SOMAXCONN)
             paired = await self._pair()
             self.timings = paired.timings
             self.public_address, self.peer_address = paired.public, paired.peer

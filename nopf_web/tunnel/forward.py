@@ -92,7 +92,7 @@ def _listen(addr: tuple[str, int]) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
-        sock.listen(128)
+        sock.listen(socket.SOMAXCONN)  # bursts of streams, as in Session's listener
     except BaseException:
         sock.close()
         raise
