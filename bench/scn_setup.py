@@ -36,6 +36,7 @@ from typing import Any
 from bench.report import Progress, ScenarioResult, Target
 from bench.scn_util import fmt, in_rtts, median, new_figure, save_figure, setup_target, table
 from tests.e2e.coord_harness import handshake_rtt
+from tests.e2e.coord_setup_timing import TFO_SYSCTL
 from tests.e2e.peers import RDV, Peer, listening, start_peer, start_rendezvous
 from tests.lab import Host, Lab
 from tests.programs import argv
@@ -48,8 +49,8 @@ SERVICE_PORT = 3000
 STEP_TIMEOUT = 30.0  # s: any one wait of a run (a line printed, the byte arriving)
 RDV_ADDR = ("198.51.100.2", 3012)
 MODES = ("seed", "coordinated", "coordinated, no TFO")
-# net.ipv4.tcp_fastopen on the rendezvous host, per mode (seed mode does not use it).
-TFO_SYSCTL = {"seed": "0x203", "coordinated": "0x203", "coordinated, no TFO": "0x1"}
+# Fast Open on the rendezvous host, per mode (seed mode does not use it).
+TFO = {"seed": "on", "coordinated": "on", "coordinated, no TFO": "off"}
 
 
 def measure_rtt(lab: Lab) -> float:
@@ -166,7 +167,7 @@ def run(progress: Progress, quick: bool, outdir: Path) -> ScenarioResult:
                 for i in range(runs):
                     for k, mode in enumerate(MODES):
                         lab.rdv.run(["sysctl", "-qw",
-                                     f"net.ipv4.tcp_fastopen={TFO_SYSCTL[mode]}"])
+                                     f"net.ipv4.tcp_fastopen={TFO_SYSCTL[TFO[mode]]}"])
                         once = seed_once if mode == "seed" else coord_once
                         try:
                             t, up = once(lab, service, 3010 + len(MODES) * i + k)

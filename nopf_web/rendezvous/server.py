@@ -649,38 +649,36 @@ def _observed(peer: tuple[str, int]) -> Endpoint:
     return Endpoint(str(peer[0]).removeprefix("::ffff:"), int(peer[1]))  # IPv4-mapped, dual stack
 
 
-# struct tcp_info (Linux): tcpi_rtt, the smoothed RTT in microseconds, is the u32
-# at offset 68. On an accepted socket it holds the handshake's SYN-ACK -> ACK time.
+# struct tcp_info (Linux), the two fields read here: tcpi_options, the byte at
+# offset 5 (TCPI_OPT_SYN_DATA: the SYN carried data the kernel accepted, i.e. TCP
+# Fast Open), and tcpi_rtt, the smoothed RTT in microseconds, the u32 at offset 68
+# (on an accepted socket: the handshake's SYN-ACK -> ACK time).
+_TCPI_OPTIONS_OFFSET = 5
+TCPI_OPT_SYN_DATA = 0x20
 _TCPI_RTT = struct.Struct("=I")
 _TCPI_RTT_OFFSET = 68
 
 
-def _kernel_rtt(sock: socket.socket | None) -> float | None:
+def _tcp_info(sock: socket.socket | None, size: int) -> bytes:
+    """The first ``size`` bytes of the socket's TCP_INFO; empty where there is none."""
     if sock is None or not sys.platform.startswith("linux"):
-        return None
+        return b""
     try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_INFO", 11), 104)
+        return sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_INFO", 11), size)
     except OSError:
-        return None
-    if len(info) < _TCPI_RTT_OFFSET + 4:
+        return b""
+
+
+def _kernel_rtt(sock: socket.socket | None) -> float | None:
+    info = _tcp_info(sock, _TCPI_RTT_OFFSET + _TCPI_RTT.size)
+    if len(info) < _TCPI_RTT_OFFSET + _TCPI_RTT.size:
         return None
     (micros,) = _TCPI_RTT.unpack_from(info, _TCPI_RTT_OFFSET)
     return micros / 1e6 if micros else None
 
 
-# struct tcp_info: tcpi_options is the byte at offset 5; TCPI_OPT_SYN_DATA marks a
-# connection whose SYN carried data the kernel accepted (TCP Fast Open).
-_TCPI_OPTIONS_OFFSET = 5
-TCPI_OPT_SYN_DATA = 0x20
-
-
 def _syn_data(sock: socket.socket | None) -> bool:
-    if sock is None or not sys.platform.startswith("linux"):
-        return False
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_INFO", 11), 8)
-    except OSError:
-        return False
+    info = _tcp_info(sock, _TCPI_OPTIONS_OFFSET + 1)
     return len(info) > _TCPI_OPTIONS_OFFSET and bool(info[_TCPI_OPTIONS_OFFSET]
                                                       & TCPI_OPT_SYN_DATA)
 
