@@ -42,7 +42,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nopf_web.punch.machine import PunchConfig, Role
+from nopf_web.punch.machine import PunchConfig, Tactic
 from tests.e2e.guard_harness import (
     NatCounters,
     PairResult,
@@ -85,8 +85,8 @@ def one_run(lab: Lab, rdv: tuple[str, int], strategy: str, order: str, guard: bo
     config = PunchConfig(timeout=timeout, arm_ttl=0 if strategy == "ttl0" else 2)
     kind = "seed" if strategy == "seed" else "nopf"
     server_delay, client_delay = (0.0, offset) if order == "server-first" else (offset, 0.0)
-    server = Side(lab.a1, Role.ARM, guard, server_delay, config, kind)
-    client = Side(lab.b1, Role.CONNECT, guard, client_delay, config, kind)
+    server = Side(lab.a1, Tactic.ARM, guard, server_delay, config, kind)
+    client = Side(lab.b1, Tactic.CONNECT, guard, client_delay, config, kind)
     with NatCounters(lab.nata, close_rules(lab.a1.ip, not_dst=lab.rdv.ip)) as ca, \
             NatCounters(lab.natb, close_rules(lab.b1.ip, not_dst=lab.rdv.ip)) as cb:
         result: PairResult = punch_pair(server, client, rdv)

@@ -26,7 +26,7 @@ from typing import Any, Literal
 from nopf_web.errors import NopfError
 from nopf_web.guard.base import Guard, NullGuard, Protection
 from nopf_web.punch.driver import PunchDriver
-from nopf_web.punch.machine import PunchConfig, Role
+from nopf_web.punch.machine import PunchConfig, Tactic
 from nopf_web.punch.sockets import enable_keepalive, tune_stream, wait_ready
 from nopf_web.rendezvous.client import Discovery, discover, probe_mapping, resolve_ipv4
 from nopf_web.tunnel.pipe import Counters, Pipe
@@ -246,7 +246,7 @@ class Session(SessionBase):
         if peer.host == found.public.host and not ipaddress.ip_address(peer.host).is_loopback:
             self._log(f"the peer {peer} has our public IP: both are behind one NAT; this works "
                       "only if that NAT supports hairpinning")
-        role = Role.ARM if spec.role == "server" else Role.CONNECT
+        role = Tactic.ARM if spec.role == "server" else Tactic.CONNECT
         self._set_state(State.PUNCHING, f"punching to {peer}")
         driver = PunchDriver((spec.bind_host, punch_port), (peer.host, peer.port), role,
                              spec.punch, nat_hint=hint)

@@ -14,14 +14,14 @@ from typing import Any
 from .machine import (
     ACCEPTED,
     Abandon,
-    Action,
     Failure,
-    Fire,
     GiveUp,
+    PunchAction,
     PunchConfig,
     PunchMachine,
-    Role,
+    StartAttempt,
     Succeed,
+    Tactic,
 )
 from .sockets import (
     DEFAULT_TTL,
@@ -60,7 +60,7 @@ class PunchDriver:
 
     local: tuple[str, int]
     peer: tuple[str, int]
-    role: Role
+    tactic: Tactic
     config: PunchConfig = field(default_factory=PunchConfig)
     nat_hint: str | None = None
     on_attempt: Callable[[int, int | None], None] | None = None
@@ -69,10 +69,10 @@ class PunchDriver:
 
     async def run(self) -> socket.socket:
         peer_text = f"{self.peer[0]}:{self.peer[1]}"
-        machine = PunchMachine(self.role, self.config, peer_text, nat_hint=self.nat_hint)
+        machine = PunchMachine(self.tactic, self.config, peer_text, nat_hint=self.nat_hint)
         listener: socket.socket | None = None
         accept: asyncio.Task[socket.socket] | None = None
-        if self.role is Role.ARM:
+        if self.tactic is Tactic.ARM:
             listener = reusable_socket(*self.local)
             listener.listen(4)
             accept = asyncio.create_task(self._accept_peer(listener), name="punch-listener")
@@ -95,7 +95,7 @@ class PunchDriver:
                     accepted = accept.result()
                     self._apply(machine, machine.accepted(self.clock()))
                     return accepted
-                actions: list[Action] = []
+                actions: list[PunchAction] = []
                 for attempt_id, attempt in list(self._attempts.items()):
                     if attempt.task not in done:
                         continue
@@ -135,9 +135,9 @@ class PunchDriver:
         current = self._attempts.get(machine.attempts)
         return current is not None and tcp_state(current.sock) == TCP_SYN_RECV
 
-    def _apply(self, machine: PunchMachine, actions: list[Action]) -> socket.socket | None:
+    def _apply(self, machine: PunchMachine, actions: list[PunchAction]) -> socket.socket | None:
         for action in actions:
-            if isinstance(action, Fire):
+            if isinstance(action, StartAttempt):
                 self._fire(machine, action)
             elif isinstance(action, Abandon):
                 self._abandon(action.attempt)
@@ -150,7 +150,7 @@ class PunchDriver:
                 raise action.error
         return None
 
-    def _fire(self, machine: PunchMachine, action: Fire) -> None:
+    def _fire(self, machine: PunchMachine, action: StartAttempt) -> None:
         sock = reusable_socket(*self.local)
         if self.on_attempt is not None:
             self.on_attempt(action.attempt, action.ttl)
@@ -199,7 +199,7 @@ def _failed_task(exc: OSError, attempt: int) -> asyncio.Task[None]:
 
 
 async def punch(
-    local: tuple[str, int], peer: tuple[str, int], role: Role, config: PunchConfig | None = None,
-    nat_hint: str | None = None,
+    local: tuple[str, int], peer: tuple[str, int], tactic: Tactic,
+    config: PunchConfig | None = None, nat_hint: str | None = None,
 ) -> socket.socket:
-    return await PunchDriver(local, peer, role, config or PunchConfig(), nat_hint).run()
+    return await PunchDriver(local, peer, tactic, config or PunchConfig(), nat_hint).run()

@@ -8,7 +8,8 @@ ours that reaches the peer's NAT before the peer has opened its side is
 answered by some NATs with RST or ICMP, which aborts our attempt and can
 poison the NAT's tracking state for seconds.
 
-Two roles therefore:
+Two tactics therefore (a tactic is what one side's punch does; the peers'
+roles, server and client, pick it: see ``nopf_web.roles``):
 
 ``ARM`` (the seed's server, who fires first): keeps one socket in SYN_SENT
 towards the peer at all times. Its SYN leaves with a low TTL (``arm_ttl``):
@@ -29,14 +30,14 @@ armed peer. Before the peer arms, its NAT drops or refuses our SYNs; that is
 expected and simply retried, so the two users may enter the addresses seconds
 apart in either order.
 
-With ``arm_ttl = 0`` both roles send full-TTL SYNs: plain repeated TCP
+With ``arm_ttl = 0`` both tactics send full-TTL SYNs: plain repeated TCP
 simultaneous open.
 
-With ``first_shot`` (coordinated mode) the first attempt of either role is a
+With ``first_shot`` (coordinated mode) the first attempt of either tactic is a
 SYN that reaches the peer: the rendezvous makes both peers start at the same
 moment, so the two SYNs cross and each NAT has opened its side before the
 other's SYN arrives, whatever the number of hops to the NAT. From the second
-attempt on the roles behave as above, which recovers if the SYNs did not cross
+attempt on the tactics behave as above, which recovers if the SYNs did not cross
 in time.
 
 The rendezvous fires ``CONNECT`` (the joiner) first and ``ARM`` a few ms later,
@@ -69,7 +70,7 @@ from nopf_web.errors import NopfError
 ACCEPTED = 0  # the attempt number of a connection that came through the listener
 
 
-class Role(enum.Enum):
+class Tactic(enum.Enum):
     ARM = "arm"
     CONNECT = "connect"
 
@@ -98,7 +99,7 @@ class PunchConfig:
     # half-open one (its peer gone, its RSTs perhaps dropped by the guard) must
     # not hold the punch port until the deadline.
     handshake_limit: float = 3.0
-    first_shot: bool = False  # attempt 1 reaches the peer in both roles (rendezvous-timed)
+    first_shot: bool = False  # attempt 1 reaches the peer in both tactics (rendezvous-timed)
     # TTL of CONNECT's first shot: enough for any NAT within 31 hops, yet below
     # the TTL of the peer's packets (64 minus at most 31 hops), so ICMP errors
     # about it can be told apart and ignored (see the module docstring).
@@ -123,7 +124,7 @@ class PunchTimeout(NopfError):
 
 
 @dataclass(frozen=True)
-class Fire:
+class StartAttempt:
     """Open a new socket from the punch port and send a SYN to the peer.
 
     ``ttl`` is the TTL of that first SYN only (None = the system default);
@@ -152,7 +153,7 @@ class GiveUp:
     error: PunchTimeout
 
 
-Action = Fire | Abandon | Succeed | GiveUp
+PunchAction = StartAttempt | Abandon | Succeed | GiveUp
 
 
 # The machine -----------------------------------------------------------------
@@ -160,7 +161,7 @@ Action = Fire | Abandon | Succeed | GiveUp
 
 @dataclass
 class PunchMachine:
-    role: Role
+    tactic: Tactic
     config: PunchConfig
     peer: str
     nat_hint: str | None = None  # e.g. "our NAT changed the port", added to the timeout
@@ -174,7 +175,7 @@ class PunchMachine:
     _recheck: float | None = None
     rand: Callable[[], float] = field(default=random.random, repr=False)  # in [0, 1)
 
-    def start(self, now: float) -> list[Action]:
+    def start(self, now: float) -> list[PunchAction]:
         self._deadline = now + self.config.timeout
         return self._fire(now)
 
@@ -190,7 +191,7 @@ class PunchMachine:
             times.append(self._next_fire)
         return min(times)
 
-    def timer(self, now: float, *, handshaking: bool = False) -> list[Action]:
+    def timer(self, now: float, *, handshaking: bool = False) -> list[PunchAction]:
         """Time has passed; ``handshaking`` says the current socket is mid-handshake."""
         if self.done:
             return []
@@ -211,7 +212,7 @@ class PunchMachine:
             return self._fire(now)
         return []
 
-    def failed(self, attempt: int, how: Failure, now: float) -> list[Action]:
+    def failed(self, attempt: int, how: Failure, now: float) -> list[PunchAction]:
         if self.done or attempt != self._current:
             return []
         self.outcomes[how] += 1
@@ -220,18 +221,18 @@ class PunchMachine:
         self._next_fire = now + self.config.retry_delay * (1 + jitter)
         return [Abandon(attempt)]
 
-    def accepted(self, now: float) -> list[Action]:
+    def accepted(self, now: float) -> list[PunchAction]:
         """The listener on the punch port accepted the peer (a path without our NAT)."""
         if self.done:
             return []
         self.done = True
-        actions: list[Action] = []
+        actions: list[PunchAction] = []
         if self._current is not None:
             actions.append(Abandon(self._current))
             self._current = None
         return [*actions, Succeed(ACCEPTED)]
 
-    def connected(self, attempt: int, now: float) -> list[Action]:
+    def connected(self, attempt: int, now: float) -> list[PunchAction]:
         if self.done or attempt != self._current:
             return []
         self.done = True
@@ -242,22 +243,24 @@ class PunchMachine:
 
     @property
     def _interval(self) -> float:
-        return self.config.rearm_interval if self.role is Role.ARM else self.config.connect_interval
+        if self.tactic is Tactic.ARM:
+            return self.config.rearm_interval
+        return self.config.connect_interval
 
-    def _fire(self, now: float) -> list[Action]:
+    def _fire(self, now: float) -> list[PunchAction]:
         self.attempts += 1
         self._current = self.attempts
         self._current_started = now
         self._next_fire = None
         self._recheck = None
-        ttl = self.config.arm_ttl if self.role is Role.ARM and self.config.arm_ttl else None
+        ttl = self.config.arm_ttl if self.tactic is Tactic.ARM and self.config.arm_ttl else None
         if self.config.first_shot and self.attempts == 1:
-            ttl = self.config.first_shot_ttl if self.role is Role.CONNECT else None
-        return [Fire(self.attempts, ttl)]
+            ttl = self.config.first_shot_ttl if self.tactic is Tactic.CONNECT else None
+        return [StartAttempt(self.attempts, ttl)]
 
-    def _give_up(self) -> list[Action]:
+    def _give_up(self) -> list[PunchAction]:
         self.done = True
-        actions: list[Action] = []
+        actions: list[PunchAction] = []
         if self._current is not None:
             actions.append(Abandon(self._current))
             self._current = None
@@ -268,7 +271,7 @@ class PunchMachine:
         o = self.outcomes
         head = (f"no connection to peer {self.peer} within {self.config.timeout:g} s "
                 f"({self.attempts} attempts")
-        if self.role is Role.CONNECT and (o[Failure.REFUSED] or o[Failure.UNREACHABLE]):
+        if self.tactic is Tactic.CONNECT and (o[Failure.REFUSED] or o[Failure.UNREACHABLE]):
             kinds = []
             if o[Failure.REFUSED]:
                 kinds.append(f"{o[Failure.REFUSED]} refused with RST")
@@ -276,7 +279,7 @@ class PunchMachine:
                 kinds.append(f"{o[Failure.UNREACHABLE]} refused with ICMP")
             cause = (f", {', '.join(kinds)}): the peer's NAT rejected every SYN — has the peer "
                      "entered our address, and is it still running?")
-        elif self.role is Role.ARM:
+        elif self.tactic is Tactic.ARM:
             cause = ("): the peer's SYN never arrived — has the peer entered our address? "
                      "If both did, one NAT is probably symmetric (a new public port per "
                      "destination), which hole punching cannot cross")

@@ -21,7 +21,7 @@ from typing import Generic, Literal, TypeVar
 
 from nopf_web.errors import NopfError
 from nopf_web.wire.address import Endpoint
-from nopf_web.wire.rendezvous import MAX_NAMEPLATE, PunchRole, Stage
+from nopf_web.wire.rendezvous import MAX_NAMEPLATE, Stage, TacticName
 
 T = TypeVar("T")
 Tombstone = Literal["used", "expired", "left"]
@@ -244,12 +244,12 @@ def make_plans(sharer: PeerInfo, joiner: PeerInfo, limits: PairingLimits) -> Pla
             f"sharer {sharer.describe_symmetric()}, connector {joiner.describe_symmetric()}): "
             "hole punching cannot connect them")
     sharer_note = joiner_note = None
-    sharer_role: PunchRole = "arm"
-    joiner_role: PunchRole = "connect"
+    sharer_tactic: TacticName = "arm"
+    joiner_tactic: TacticName = "connect"
     if "symmetric" in (ms, mj):
         sym, other = (sharer, joiner) if ms == "symmetric" else (joiner, sharer)
         if sym is sharer:
-            sharer_role, joiner_role = "connect", "arm"
+            sharer_tactic, joiner_tactic = "connect", "arm"
         if other.mapping != "none":
             budget = min(budget, limits.symmetric_budget)
         mine = (f"your NAT is symmetric ({sym.describe_symmetric()}), so the peer cannot aim at "
@@ -270,6 +270,6 @@ def make_plans(sharer: PeerInfo, joiner: PeerInfo, limits: PairingLimits) -> Pla
                    "and the NAT does not hairpin")
         sharer_note = sharer_note or hairpin
         joiner_note = joiner_note or hairpin
-    stages_s.append(Stage("public", joiner.public, sharer_role, budget))
-    stages_j.append(Stage("public", sharer.public, joiner_role, budget))
+    stages_s.append(Stage("public", joiner.public, sharer_tactic, budget))
+    stages_j.append(Stage("public", sharer.public, joiner_tactic, budget))
     return Plans(tuple(stages_s), tuple(stages_j), sharer_note, joiner_note)

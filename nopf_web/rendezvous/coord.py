@@ -40,7 +40,7 @@ from typing import Any, Literal, Protocol
 from nopf_web.errors import NopfError
 from nopf_web.pairing import PairingCode, make_code, parse_code
 from nopf_web.punch.driver import PunchDriver
-from nopf_web.punch.machine import Failure, PunchConfig, PunchTimeout, Role
+from nopf_web.punch.machine import Failure, PunchConfig, PunchTimeout, Tactic
 from nopf_web.punch.sockets import (
     connect_nonblocking,
     reusable_socket,
@@ -51,11 +51,11 @@ from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import DiscoveryReader
 from nopf_web.wire.errors import WireError
 from nopf_web.wire.rendezvous import (
-    Action,
     ErrorReply,
     Fire,
     FrameReader,
     Hello,
+    HelloAction,
     MessageError,
     PakeMessage,
     Ping,
@@ -483,7 +483,7 @@ async def _handshake_done(sock: socket.socket, where: str, net_timeout: float) -
 
 
 async def _coordinate(
-    rendezvous: tuple[str, int], action: Action, nameplate: int | None,
+    rendezvous: tuple[str, int], action: HelloAction, nameplate: int | None,
     wait: Callable[[_Control], Coroutine[Any, Any, Fire]],
     started: float, punch_timeout: float, bind_host: str, punch_port: int, net_timeout: float,
     on_event: EventSink | None, pake_message: Callable[[], bytes | None] | None,
@@ -524,7 +524,7 @@ async def _coordinate(
 
 
 async def _hello_and_wait(
-    server: tuple[str, int], action: Action, nameplate: int | None,
+    server: tuple[str, int], action: HelloAction, nameplate: int | None,
     wait: Callable[[_Control], Coroutine[Any, Any, Fire]], started: float,
     punch_timeout: float, bind_host: str, port: int, probed: Endpoint | None,
     probed_at: float | None, net_timeout: float, on_event: EventSink | None,
@@ -644,7 +644,7 @@ async def _coordinate_again(retry: _Retry, role: Literal["A", "B"], left: float,
             await ctl.expect(wait, "fire instruction for a second attempt (the peer did not "
                              "coordinate again)"), ctl.where)
 
-    action: Action = "reshare" if role == "A" else "rejoin"
+    action: HelloAction = "reshare" if role == "A" else "rejoin"
     # Our SPAKE2 half is unused (no tunnel ran it): the same message goes again.
     return await _coordinate(retry.rendezvous, action, retry.nameplate, wait_for_fire,
                              time.monotonic(), left, retry.bind_host, retry.punch_port,
@@ -672,7 +672,7 @@ async def _punch(fire: Fire, ctl: _CtlInfo, role: Literal["A", "B"], code: str, 
         )
         _say(on_event, f"punching to {stage.peer} ({stage.path}, {stage.punch})")
         driver = PunchDriver(local, (stage.peer.host, stage.peer.port),
-                             Role.ARM if stage.punch == "arm" else Role.CONNECT, config,
+                             Tactic.ARM if stage.punch == "arm" else Tactic.CONNECT, config,
                              nat_hint=fire.note)
         punching = asyncio.create_task(driver.run(), name=f"coord-punch-{stage.path}")
         try:

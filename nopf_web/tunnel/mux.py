@@ -623,7 +623,7 @@ class Mux:
                                "(its nopf stopped or the path broke)"), graceful=False)
 
     def _dispatch(self, frame: fr.Frame) -> None:
-        if type(frame) is fr.Data:  # the hot path first
+        if type(frame) is fr.DataFrame:  # the hot path first
             stream = self._streams.get(frame.stream_id)
             if stream is not None and not stream._remote_fin:
                 self.bytes_in += len(frame.data)
@@ -632,7 +632,7 @@ class Mux:
                 self._check_known(frame.stream_id, "DATA")
             return
         match frame:
-            case fr.WindowUpdate(sid, increment):
+            case fr.WindowUpdateFrame(sid, increment):
                 stream = self._streams.get(sid)
                 if stream is None:
                     self._check_known(sid, "WINDOW_UPDATE")
@@ -641,25 +641,25 @@ class Mux:
                 if stream._credit > fr.MAX_INCREMENT:
                     raise TunnelProtocolError(f"stream {sid}: credit above 2^31-1")
                 self._schedule(stream)
-            case fr.Open(sid):
+            case fr.OpenFrame(sid):
                 self._on_open(sid)
-            case fr.Fin(sid):
+            case fr.FinFrame(sid):
                 stream = self._streams.get(sid)
                 if stream is None:
                     self._check_known(sid, "FIN")
                     return
                 stream._on_fin()
                 self._maybe_forget(stream)
-            case fr.Reset(sid, code, message):
+            case fr.ResetFrame(sid, code, message):
                 stream = self._streams.get(sid)
                 if stream is not None:
                     self._reset(stream, code, message, local=False)
-            case fr.Ping(opaque):
+            case fr.PingFrame(opaque):
                 self._control.append(fr.encode_pong(opaque))
                 self._wake.set()
-            case fr.Pong(opaque):
+            case fr.PongFrame(opaque):
                 self.rtt = (time.monotonic_ns() - _PING.unpack(opaque)[0]) / 1e9
-            case fr.GoAway(code, message):
+            case fr.GoAwayFrame(code, message):
                 why = f": {message}" if message and message != "closing" else ""
                 raise TunnelClosed(f"the peer closed the tunnel{why}")
 

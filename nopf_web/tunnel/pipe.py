@@ -11,10 +11,9 @@ Threads rather than the event loop: a copy loop in C (splice) releases the
 GIL and measured several times faster than asyncio streams; the event loop
 only waits on a future.
 
-``NOPF_PIPE_COPY`` picks the method: ``splice`` (default on Linux), ``buffer``
-(portable loop), or ``sockmap`` (experimental, Linux as root: the kernel
-redirects each direction with BPF, see sockmap.py; when the host cannot, the
-pipe logs one line and splices).
+``NOPF_PIPE_COPY`` picks the method: ``splice`` (default on Linux) or
+``buffer`` (portable loop). (A kernel-side BPF sockmap redirect was tried and
+removed: it measured slower than splice; see docs/BENCHMARKS.md.)
 """
 
 from __future__ import annotations
@@ -27,14 +26,10 @@ import os
 import socket
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from nopf_web.tunnel.sockmap import Redirect
 
 CHUNK = 1 << 20
 _F_SETPIPE_SZ = 1031
-COPY_METHODS = ("splice", "buffer", "sockmap")
+COPY_METHODS = ("splice", "buffer")
 _log = logging.getLogger(__name__)
 
 
@@ -153,17 +148,11 @@ class Pipe:
 
         for s in (self.a, self.b):
             s.setblocking(True)
-        redirect = self._sockmap() if self.copy == "sockmap" else None
-        if redirect is not None:
-            remaining = 1
-            threads = [threading.Thread(target=self._redirected, name=f"{self.name}-sockmap",
-                                        args=(redirect, loop, one_done), daemon=True)]
-        else:
-            threads = [
-                threading.Thread(target=self._direction, name=f"{self.name}-{src}>{dst}",
-                                 args=(src, dst, loop, one_done), daemon=True)
-                for src, dst in (("a", "b"), ("b", "a"))
-            ]
+        threads = [
+            threading.Thread(target=self._direction, name=f"{self.name}-{src}>{dst}",
+                             args=(src, dst, loop, one_done), daemon=True)
+            for src, dst in (("a", "b"), ("b", "a"))
+        ]
         for t in threads:
             t.start()
         try:
@@ -176,39 +165,6 @@ class Pipe:
             for s in (self.a, self.b):
                 s.close()
         return self._result
-
-    def _sockmap(self) -> Redirect | None:
-        """Set up the kernel redirect, or log why not and fall back to splice/buffer."""
-        try:
-            from nopf_web.tunnel.sockmap import Redirect  # Linux only
-
-            redirect = Redirect(self.a, self.b)
-        except (OSError, ImportError) as exc:
-            self.copy = "splice" if self._use_splice else "buffer"
-            _log.warning("%s: kernel redirect unavailable (%s); using %s",
-                         self.name, getattr(exc, "strerror", None) or exc, self.copy)
-            return None
-        return redirect
-
-    def _redirected(self, redirect: Redirect, loop: asyncio.AbstractEventLoop,
-                    done: object) -> None:
-        def progress(a_to_b: int, b_to_a: int) -> None:
-            self.counters.a_to_b, self.counters.b_to_a = a_to_b, b_to_a
-
-        try:
-            redirect.run(lambda: self._stopping, progress)
-        except OSError as exc:
-            if not self._stopping:
-                with self._lock:
-                    if self._result.error is None:
-                        self._result.error = exc
-                        self._result.error_side = getattr(exc, "_nopf_side", "b")
-            self.stop()
-        finally:
-            redirect.close()
-            assert callable(done)
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                loop.call_soon_threadsafe(done)
 
     def _direction(self, src_name: str, dst_name: str, loop: asyncio.AbstractEventLoop,
                    done: object) -> None:

@@ -88,7 +88,7 @@ from spake2 import SPAKE2_A, SPAKE2_B  # type: ignore[import-untyped]
 
 from .errors import HandshakeError, HandshakeTimeout, PairingMismatch, TunnelTampered
 
-Role = Literal["A", "B"]
+SpakeSide = Literal["A", "B"]
 RecordSink = Callable[[bytes], None]
 EndSink = Callable[[Exception | None], None]  # None: clean end of stream
 
@@ -122,7 +122,7 @@ def _derive(key: bytes, label: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=HKDF_SALT, info=label).derive(key)
 
 
-def _confirm_tag(confirm_key: bytes, role: Role, transcript: bytes) -> bytes:
+def _confirm_tag(confirm_key: bytes, role: SpakeSide, transcript: bytes) -> bytes:
     return hmac.new(confirm_key, b"nopf v1 confirm " + role.encode() + transcript,
                     sha256).digest()
 
@@ -358,8 +358,8 @@ class SecureChannel:
     """
 
     def __init__(self, transport: asyncio.Transport, protocol: _RecordProtocol, *,
-                 role: Role, send_key: bytes, recv_key: bytes) -> None:
-        self.role: Role = role
+                 role: SpakeSide, send_key: bytes, recv_key: bytes) -> None:
+        self.role: SpakeSide = role
         self._transport = transport
         self._protocol = protocol
         self._sealer = AESGCM(send_key)
@@ -384,7 +384,7 @@ class SecureChannel:
             await asyncio.shield(self._protocol.confirmed)
 
     @property
-    def peer_role(self) -> Role:
+    def peer_role(self) -> SpakeSide:
         return "B" if self.role == "A" else "A"
 
     @property
@@ -486,10 +486,10 @@ class Pake:
     only the key confirmation left to do on the tunnel.
     """
 
-    def __init__(self, role: Role, code: str) -> None:
+    def __init__(self, role: SpakeSide, code: str) -> None:
         if role not in ("A", "B"):
             raise ValueError(f"role must be 'A' or 'B', not {role!r}")
-        self.role: Role = role
+        self.role: SpakeSide = role
         self._spake = (SPAKE2_A if role == "A" else SPAKE2_B)(
             code.encode("utf-8"), idA=ID_A, idB=ID_B)
         self.message: bytes = self._spake.start()
@@ -527,7 +527,7 @@ class Pake:
         return self._key
 
 
-async def open_channel(sock: socket.socket, *, role: Role, code: str,
+async def open_channel(sock: socket.socket, *, role: SpakeSide, code: str,
                        timeout: float = HANDSHAKE_TIMEOUT,
                        pake: Pake | None = None) -> SecureChannel:
     """Authenticate the peer on a connected TCP socket with ``code``; the channel owns it.
@@ -580,7 +580,7 @@ async def open_channel(sock: socket.socket, *, role: Role, code: str,
     except BaseException:
         transport.abort()
         raise
-    peer_role: Role = "B" if role == "A" else "A"
+    peer_role: SpakeSide = "B" if role == "A" else "A"
     if not hmac.compare_digest(peer_tag, _confirm_tag(confirm_key, peer_role, transcript)):
         transport.close()  # not abort: our own tag may still be queued, the peer needs it
         raise PairingMismatch("pairing code did not match")
@@ -600,13 +600,13 @@ async def _attach(sock: socket.socket) -> tuple[asyncio.Transport, _RecordProtoc
         raise
 
 
-def _record_keys(key: bytes, role: Role) -> tuple[bytes, bytes]:
+def _record_keys(key: bytes, role: SpakeSide) -> tuple[bytes, bytes]:
     """(send key, receive key) of ``role`` from the SPAKE2 key."""
     a_to_b, b_to_a = _derive(key, LABEL_A_TO_B), _derive(key, LABEL_B_TO_A)
     return (a_to_b, b_to_a) if role == "A" else (b_to_a, a_to_b)
 
 
-async def _open_confirming(sock: socket.socket, role: Role, pake: Pake,
+async def _open_confirming(sock: socket.socket, role: SpakeSide, pake: Pake,
                            timeout: float) -> SecureChannel:
     if pake.role != role:
         sock.close()
@@ -622,7 +622,7 @@ async def _open_confirming(sock: socket.socket, role: Role, pake: Pake,
     # from the two hellos, however the messages travelled.
     transcript = pake.hello + peer_hello if role == "A" else peer_hello + pake.hello
     confirm_key = _derive(key, LABEL_CONFIRM)
-    peer_role: Role = "B" if role == "A" else "A"
+    peer_role: SpakeSide = "B" if role == "A" else "A"
     send_key, recv_key = _record_keys(key, role)
     transport, proto = await _attach(sock)
     transport.write(_confirm_tag(confirm_key, role, transcript))
@@ -630,7 +630,7 @@ async def _open_confirming(sock: socket.socket, role: Role, pake: Pake,
     return SecureChannel(transport, proto, role=role, send_key=send_key, recv_key=recv_key)
 
 
-def _finish_spake(spake: SPAKE2_A | SPAKE2_B, role: Role, peer_hello: bytes) -> bytes:
+def _finish_spake(spake: SPAKE2_A | SPAKE2_B, role: SpakeSide, peer_hello: bytes) -> bytes:
     if peer_hello[: len(MAGIC)] != MAGIC:
         raise HandshakeError("secure handshake: the peer is not a nopf tunnel "
                              f"(got {peer_hello[:8]!r}...)")

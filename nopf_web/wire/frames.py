@@ -81,44 +81,45 @@ class ResetCode(enum.IntEnum):
     CONNECTION_LOST = 6  # the local TCP connection failed
 
 
-class Open(NamedTuple):
+class OpenFrame(NamedTuple):
     stream_id: int
 
 
-class Data(NamedTuple):
+class DataFrame(NamedTuple):
     stream_id: int
     data: bytes | memoryview  # a zero-copy slice when the decoder was fed ``bytes``
 
 
-class WindowUpdate(NamedTuple):
+class WindowUpdateFrame(NamedTuple):
     stream_id: int
     increment: int
 
 
-class Fin(NamedTuple):
+class FinFrame(NamedTuple):
     stream_id: int
 
 
-class Reset(NamedTuple):
+class ResetFrame(NamedTuple):
     stream_id: int
     code: int
     message: str
 
 
-class Ping(NamedTuple):
+class PingFrame(NamedTuple):
     opaque: bytes
 
 
-class Pong(NamedTuple):
+class PongFrame(NamedTuple):
     opaque: bytes
 
 
-class GoAway(NamedTuple):
+class GoAwayFrame(NamedTuple):
     code: int
     message: str
 
 
-Frame = Open | Data | WindowUpdate | Fin | Reset | Ping | Pong | GoAway
+Frame = (OpenFrame | DataFrame | WindowUpdateFrame | FinFrame | ResetFrame | PingFrame | PongFrame
+         | GoAwayFrame)
 
 _STREAM_TYPES = frozenset(
     {FrameType.OPEN, FrameType.DATA, FrameType.WINDOW_UPDATE, FrameType.FIN, FrameType.RST}
@@ -206,21 +207,21 @@ def encode_goaway(code: int, message: str = "") -> bytes:
 def encode(frame: Frame) -> bytes:
     """Encode any frame value (the decoder's output type)."""
     match frame:
-        case Data(sid, data):
+        case DataFrame(sid, data):
             return encode_data(sid, data)
-        case Open(sid):
+        case OpenFrame(sid):
             return encode_open(sid)
-        case WindowUpdate(sid, inc):
+        case WindowUpdateFrame(sid, inc):
             return encode_window_update(sid, inc)
-        case Fin(sid):
+        case FinFrame(sid):
             return encode_fin(sid)
-        case Reset(sid, code, message):
+        case ResetFrame(sid, code, message):
             return encode_reset(sid, code, message)
-        case Ping(opaque):
+        case PingFrame(opaque):
             return encode_ping(opaque)
-        case Pong(opaque):
+        case PongFrame(opaque):
             return encode_pong(opaque)
-        case GoAway(code, message):
+        case GoAwayFrame(code, message):
             return encode_goaway(code, message)
     raise FrameError(f"not a frame: {frame!r}")  # pragma: no cover - exhaustive above
 
@@ -258,20 +259,20 @@ def _build(ftype: FrameType, stream_id: int, payload: bytes) -> Frame:
         increment = _U32.unpack(payload)[0]
         if not 0 < increment <= MAX_INCREMENT:
             raise FrameError(f"window increment {increment} out of range 1..{MAX_INCREMENT}")
-        return WindowUpdate(stream_id, increment)
+        return WindowUpdateFrame(stream_id, increment)
     if ftype is FrameType.OPEN:
-        return Open(stream_id)
+        return OpenFrame(stream_id)
     if ftype is FrameType.FIN:
-        return Fin(stream_id)
+        return FinFrame(stream_id)
     if ftype is FrameType.RST:
         code, message = _text(payload, ftype)
-        return Reset(stream_id, code, message)
+        return ResetFrame(stream_id, code, message)
     if ftype is FrameType.PING:
-        return Ping(payload)
+        return PingFrame(payload)
     if ftype is FrameType.PONG:
-        return Pong(payload)
+        return PongFrame(payload)
     code, message = _text(payload, ftype)
-    return GoAway(code, message)
+    return GoAwayFrame(code, message)
 
 
 class FrameDecoder:
@@ -323,8 +324,8 @@ class FrameDecoder:
                 break
             pos = start + length
             if ftype is FrameType.DATA:  # the hot path
-                frames.append(Data(stream_id, view[start:pos] if zero_copy
-                                   else bytes(view[start:pos])))
+                frames.append(DataFrame(stream_id, view[start:pos] if zero_copy
+                                        else bytes(view[start:pos])))
             else:
                 frames.append(_build(ftype, stream_id, bytes(view[start:pos])))
         rest = bytes(view[pos:]) if src is not self._buf and pos < end else b""

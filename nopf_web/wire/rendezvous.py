@@ -95,10 +95,10 @@ ERROR_CODES = frozenset({
     "probe_required",  # the joiner sent no NAT mapping check and the plan needs one
 })
 
-Action = Literal["share", "join", "reshare", "rejoin"]
+HelloAction = Literal["share", "join", "reshare", "rejoin"]
 ACTIONS: frozenset[str] = frozenset({"share", "join", "reshare", "rejoin"})
 Path = Literal["public", "lan"]
-PunchRole = Literal["arm", "connect"]
+TacticName = Literal["arm", "connect"]
 
 
 class MessageError(WireError, NopfError):
@@ -110,7 +110,7 @@ class MessageError(WireError, NopfError):
 
 @dataclass(frozen=True)
 class Hello:
-    action: Action
+    action: HelloAction
     nameplate: int | None
     lan: tuple[Endpoint, ...]
     probe: Endpoint | None
@@ -152,7 +152,7 @@ class Ping:
 class Stage:
     path: Path
     peer: Endpoint
-    punch: PunchRole
+    punch: TacticName
     budget: float
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from nopf_web.guard.base import Guard, NullGuard
 from nopf_web.guard.service import DivertGuard
 from nopf_web.punch.driver import PunchDriver
-from nopf_web.punch.machine import PunchConfig, PunchTimeout, Role
+from nopf_web.punch.machine import PunchConfig, PunchTimeout, Tactic
 from nopf_web.punch.sockets import connect_nonblocking, reusable_socket, start_connect
 from nopf_web.rendezvous.client import discover, probe_mapping
 from nopf_web.rendezvous.server import RendezvousServer
@@ -166,7 +166,7 @@ class Side:
     """One peer: where it runs, its role, whether it is guarded, when it fires."""
 
     host: Host
-    role: Role
+    role: Tactic
     guard: bool
     delay: float = 0.0  # seconds after both learned the other's address
     config: PunchConfig = field(default_factory=PunchConfig)
@@ -293,7 +293,7 @@ async def _seed_punch(side: Side, port: int, peer: tuple[str, int]) -> socket.so
     """
     loop = asyncio.get_running_loop()
     timeout = side.config.timeout
-    if side.role is Role.ARM:
+    if side.role is Tactic.ARM:
         first = reusable_socket("0.0.0.0", port)
         try:
             start_connect(first, peer)

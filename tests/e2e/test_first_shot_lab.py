@@ -20,7 +20,7 @@ import time
 import pytest
 
 from nopf_web.punch.driver import PunchDriver
-from nopf_web.punch.machine import PunchConfig, PunchTimeout, Role
+from nopf_web.punch.machine import PunchConfig, PunchTimeout, Tactic
 from tests.lab import Host
 from tests.lab.fixtures import LabFactory
 
@@ -40,7 +40,7 @@ def _min_ttl_drops(host: Host) -> int:
 
 
 class _Side(threading.Thread):
-    def __init__(self, host: Host, local_port: int, peer: tuple[str, int], role: Role,
+    def __init__(self, host: Host, local_port: int, peer: tuple[str, int], role: Tactic,
                  go: threading.Event | None, fired: threading.Event) -> None:
         super().__init__(daemon=True, name=f"punch-{host.name}")
         self.host, self.local_port, self.peer, self.role = host, local_port, peer, role
@@ -75,8 +75,8 @@ def test_first_shot_refused_with_icmp_before_the_peer_fires_still_connects(
     ignored_before = _min_ttl_drops(lab.b1)
     b_fired, a_fired = threading.Event(), threading.Event()
     # b1 fires first: its SYN reaches natA before a1 has opened it, and is refused.
-    b = _Side(lab.b1, PORT_B, (pub_a, PORT_A), Role.CONNECT, None, b_fired)
-    a = _Side(lab.a1, PORT_A, (pub_b, PORT_B), Role.ARM, b_fired, a_fired)
+    b = _Side(lab.b1, PORT_B, (pub_a, PORT_A), Tactic.CONNECT, None, b_fired)
+    a = _Side(lab.a1, PORT_A, (pub_b, PORT_B), Tactic.ARM, b_fired, a_fired)
     a.start()
     b.start()
     for side in (a, b):

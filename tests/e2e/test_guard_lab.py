@@ -24,7 +24,7 @@ import pytest
 from nopf_web.guard import divert, guard_status, make_guard
 from nopf_web.guard.filters import WindowRule, window_filter
 from nopf_web.guard.service import DivertGuard
-from nopf_web.punch.machine import PunchConfig, Role
+from nopf_web.punch.machine import PunchConfig, Tactic
 from tests.e2e.guard_harness import NatCounters, Side, close_rules, punch_pair, rendezvous
 from tests.lab.fixtures import LabFactory, require_lab
 from tests.lab.topology import Host, Lab
@@ -223,8 +223,8 @@ def test_punch_through_nats_then_the_tunnel_closes_normally(lab_factory: LabFact
     with rendezvous(lab.rdv) as rdv, \
             NatCounters(lab.nata, close_rules(lab.a1.ip, not_dst=lab.rdv.ip)) as ca, \
             NatCounters(lab.natb, close_rules(lab.b1.ip, not_dst=lab.rdv.ip)) as cb:
-        result = punch_pair(Side(lab.a1, Role.ARM, True, 0.0, config),
-                            Side(lab.b1, Role.CONNECT, True, 0.5, config), rdv)
+        result = punch_pair(Side(lab.a1, Tactic.ARM, True, 0.0, config),
+                            Side(lab.b1, Tactic.CONNECT, True, 0.5, config), rdv)
         time.sleep(0.3)
         a, b = ca.read(), cb.read()
     for side in (result.server, result.client):

@@ -12,18 +12,18 @@ from nopf_web.wire.frames import (
     MAX_INCREMENT,
     MAX_PAYLOAD,
     MAX_REASON,
-    Data,
-    Fin,
+    DataFrame,
+    FinFrame,
     Frame,
     FrameDecoder,
     FrameError,
     FrameType,
-    GoAway,
-    Open,
-    Ping,
-    Pong,
-    Reset,
-    WindowUpdate,
+    GoAwayFrame,
+    OpenFrame,
+    PingFrame,
+    PongFrame,
+    ResetFrame,
+    WindowUpdateFrame,
     encode,
     encode_data,
     encode_goaway,
@@ -35,14 +35,14 @@ from nopf_web.wire.frames import (
 sids = st.integers(1, 0xFFFF_FFFF)
 reasons = st.text(max_size=60)  # up to 240 UTF-8 bytes: never truncated
 frames: st.SearchStrategy[Frame] = st.one_of(
-    st.builds(Open, sids),
-    st.builds(Data, sids, st.binary(min_size=1, max_size=300)),
-    st.builds(WindowUpdate, sids, st.integers(1, MAX_INCREMENT)),
-    st.builds(Fin, sids),
-    st.builds(Reset, sids, st.integers(0, 0xFFFF_FFFF), reasons),
-    st.builds(Ping, st.binary(min_size=8, max_size=8)),
-    st.builds(Pong, st.binary(min_size=8, max_size=8)),
-    st.builds(GoAway, st.integers(0, 0xFFFF_FFFF), reasons),
+    st.builds(OpenFrame, sids),
+    st.builds(DataFrame, sids, st.binary(min_size=1, max_size=300)),
+    st.builds(WindowUpdateFrame, sids, st.integers(1, MAX_INCREMENT)),
+    st.builds(FinFrame, sids),
+    st.builds(ResetFrame, sids, st.integers(0, 0xFFFF_FFFF), reasons),
+    st.builds(PingFrame, st.binary(min_size=8, max_size=8)),
+    st.builds(PongFrame, st.binary(min_size=8, max_size=8)),
+    st.builds(GoAwayFrame, st.integers(0, 0xFFFF_FFFF), reasons),
 )
 
 
@@ -142,7 +142,7 @@ def test_max_payload_roundtrip_and_partial_buffering() -> None:
     decoder = FrameDecoder()
     assert decoder.feed(wire[:1000]) == []
     assert decoder.buffered == 1000
-    assert decoder.feed(wire[1000:]) == [Data(3, big)]
+    assert decoder.feed(wire[1000:]) == [DataFrame(3, big)]
 
 
 def test_encoders_refuse_what_decoders_reject() -> None:
@@ -161,5 +161,5 @@ def test_encoders_refuse_what_decoders_reject() -> None:
 def test_long_reason_is_cut_at_a_character_boundary() -> None:
     wire = encode_goaway(0, "é" * 200)  # 400 bytes of UTF-8
     (frame,) = FrameDecoder().feed(wire)
-    assert isinstance(frame, GoAway)
+    assert isinstance(frame, GoAwayFrame)
     assert frame.message == "é" * (MAX_REASON // 2)
