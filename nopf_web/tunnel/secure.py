@@ -78,7 +78,6 @@ import struct
 from collections import deque
 from collections.abc import Callable, Iterable
 from hashlib import sha256
-from typing import Literal
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -86,9 +85,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from spake2 import SPAKE2_A, SPAKE2_B  # type: ignore[import-untyped]
 
+from nopf_web.roles import SpakeSide
+
 from .errors import HandshakeError, HandshakeTimeout, PairingMismatch, TunnelTampered
 
-SpakeSide = Literal["A", "B"]
 RecordSink = Callable[[bytes], None]
 EndSink = Callable[[Exception | None], None]  # None: clean end of stream
 
