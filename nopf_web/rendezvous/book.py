@@ -21,7 +21,7 @@ from typing import Generic, Literal, TypeVar
 
 from nopf_web.errors import NopfError
 from nopf_web.wire.address import Endpoint
-from nopf_web.wire.rendezvous import MAX_NAMEPLATE, Stage, TacticName
+from nopf_web.wire.rendezvous import MAX_NAMEPLATE, Mapping, Stage, TacticName
 
 T = TypeVar("T")
 Tombstone = Literal["used", "expired", "left"]
@@ -176,8 +176,6 @@ def describe_duration(seconds: float) -> str:
 
 
 # Plans ----------------------------------------------------------------------------
-
-Mapping = Literal["none", "stable", "symmetric", "unknown"]
 
 
 @dataclass(frozen=True)

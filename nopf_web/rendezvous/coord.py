@@ -619,9 +619,8 @@ async def _punch_and_retry(retry: _Retry, fire: Fire, ctl: _CtlInfo, role: Liter
             return dataclasses.replace(tunnel, attempt=attempt)
         except CoordinatedPunchTimeout as failed:
             left = deadline - time.monotonic()
-            # A plan that names a symmetric NAT fails again the same way.
-            hopeless = fire.note is not None and "symmetric" in fire.note
-            if attempt >= MAX_ATTEMPTS or left < MIN_ATTEMPT or hopeless:
+            # A symmetric NAT facing another NAT fails again the same way.
+            if attempt >= MAX_ATTEMPTS or left < MIN_ATTEMPT or fire.hopeless:
                 raise
             attempt += 1
             _say(on_event, f"punch attempt {attempt - 1} failed ({failed}); coordinating again "

@@ -538,9 +538,11 @@ class RendezvousServer:
         self.stats.paired += 1
         return (
             (Fire(sharer.public, joiner.public, plans.sharer, rtt_ms, plans.sharer_note,
-                  joiner_conn.pake if both else None), sharer_at),
+                  joiner_conn.pake if both else None, (sharer.mapping, joiner.mapping)),
+             sharer_at),
             (Fire(joiner.public, sharer.public, plans.joiner, rtt_ms, plans.joiner_note,
-                  sharer_conn.pake if both else None), joiner_at),
+                  sharer_conn.pake if both else None, (joiner.mapping, sharer.mapping)),
+             joiner_at),
         )
 
     async def _retry(self, conn: _Conn) -> None:

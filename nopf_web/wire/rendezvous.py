@@ -44,11 +44,15 @@ Rendezvous -> client
     fire    {"type":"fire","public":"ip:port","peer_public":"ip:port",
              "plan":[{"path":"public"|"lan","peer":"ip:port","punch":"arm"|"connect",
                       "budget":S},...],
-             "rtt_ms":R, "note":"..."|null, "peer_pake":"base64"}
+             "rtt_ms":R, "note":"..."|null, "peer_pake":"base64",
+             "mapping":{"you":M,"peer":M}}
             (the joiner's is sent at once, the sharer's so that it arrives with the
              joiner's or a few ms later: start punching at once; the stages run in
              order, each for its budget. "peer_pake": the peer's SPAKE2 message, only
-             when both peers sent one; absent otherwise)
+             when both peers sent one; absent otherwise. "mapping" (optional): how
+             the rendezvous classified each side's NAT mapping, M one of "none" (no
+             NAT), "stable" (endpoint-independent), "symmetric", "unknown"; "note"
+             is its explanation for people, "mapping" the one programs decide on)
     error   {"type":"error","code":C,"message":"one line"}  (then the rendezvous closes)
             code "probe_required" (to a joiner whose hello had no probe, when the
             sharer's NAT is symmetric, so the plan depends on the joiner's mapping):
@@ -99,6 +103,9 @@ HelloAction = Literal["share", "join", "reshare", "rejoin"]
 ACTIONS: frozenset[str] = frozenset({"share", "join", "reshare", "rejoin"})
 Path = Literal["public", "lan"]
 TacticName = Literal["arm", "connect"]
+# How the rendezvous classified a peer's NAT mapping (see book.PeerInfo.mapping).
+Mapping = Literal["none", "stable", "symmetric", "unknown"]
+MAPPINGS: frozenset[str] = frozenset({"none", "stable", "symmetric", "unknown"})
 
 
 class MessageError(WireError, NopfError):
@@ -164,6 +171,15 @@ class Fire:
     rtt_ms: float
     note: str | None = None
     peer_pake: bytes | None = None  # the peer's SPAKE2 message, as it sent it
+    mapping: tuple[Mapping, Mapping] | None = None  # (ours, the peer's), as classified
+
+    @property
+    def hopeless(self) -> bool:
+        """A symmetric NAT faces another NAT: punching again cannot help."""
+        if self.mapping is None:
+            return False
+        ours, theirs = self.mapping
+        return "symmetric" in self.mapping and "none" not in (ours, theirs)
 
 
 @dataclass(frozen=True)
@@ -215,6 +231,8 @@ def _to_json(msg: Message) -> dict[str, Any]:
                 "rtt_ms": msg.rtt_ms, "note": msg.note}
         if msg.peer_pake is not None:  # absent, not null: a client without it rejects the field
             fire["peer_pake"] = _b64(msg.peer_pake)
+        if msg.mapping is not None:
+            fire["mapping"] = {"you": msg.mapping[0], "peer": msg.mapping[1]}
         return fire
     return {"type": "error", "code": msg.code, "message": msg.message}
 
@@ -370,9 +388,16 @@ def _fire(f: _Fields) -> Fire:
             _req(s.text("punch", choices=frozenset({"arm", "connect"}))),
             s.num("budget", 0.1, MAX_SECONDS),
         ))
+    mapping: tuple[Mapping, Mapping] | None = None
+    raw_mapping = f.obj.get("mapping")
+    if raw_mapping is not None:
+        if not isinstance(raw_mapping, dict):
+            raise MessageError("fire.mapping must be an object")
+        m = _Fields(raw_mapping, "fire.mapping", {"you", "peer"})
+        mapping = (_req(m.text("you", choices=MAPPINGS)), _req(m.text("peer", choices=MAPPINGS)))
     return Fire(_req(f.endpoint("public")), _req(f.endpoint("peer_public")), tuple(stages),
                 f.num("rtt_ms", 0, MAX_SECONDS * 1000), f.text("note", optional=True),
-                f.pake("peer_pake", optional=True))
+                f.pake("peer_pake", optional=True), mapping)
 
 
 _FIELDS: dict[str, set[str]] = {
@@ -382,7 +407,7 @@ _FIELDS: dict[str, set[str]] = {
     "probe": {"version"},
     "ping": {"seq"},
     "welcome": {"nameplate", "expires_in", "public"},
-    "fire": {"public", "peer_public", "plan", "rtt_ms", "note", "peer_pake"},
+    "fire": {"public", "peer_public", "plan", "rtt_ms", "note", "peer_pake", "mapping"},
     "error": {"code", "message"},
 }
 CLIENT_TYPES = frozenset({"hello", "pong", "probe", "pake"})

@@ -19,6 +19,7 @@ from nopf_web.wire.rendezvous import (
     Fire,
     FrameReader,
     Hello,
+    Mapping,
     Message,
     MessageError,
     PakeMessage,
@@ -45,6 +46,7 @@ texts = st.text(st.characters(min_codepoint=32, max_codepoint=0x2FFF,
                                                     "Cn", "Zs")),
                 min_size=1, max_size=300)
 pakes = st.binary(min_size=33, max_size=33)
+mappings = st.sampled_from(["none", "stable", "symmetric", "unknown"])
 hellos = st.one_of(
     st.builds(Hello, st.just("share"), st.none(), st.lists(endpoints, max_size=8).map(tuple),
               st.none() | endpoints, seconds),
@@ -60,7 +62,8 @@ server_msgs = st.one_of(
     st.builds(Welcome, st.integers(1, 999_999), st.floats(0, 3600), endpoints),
     st.builds(Ping, st.integers(0, 2**31 - 1)),
     st.builds(Fire, endpoints, endpoints, st.lists(stages, min_size=1, max_size=8).map(tuple),
-              st.floats(0, 10_000), st.none() | texts, st.none() | pakes),
+              st.floats(0, 10_000), st.none() | texts, st.none() | pakes,
+              st.none() | st.tuples(mappings, mappings)),
     st.builds(ErrorReply, st.sampled_from(["expired", "used", "unknown_code"]), texts),
 )
 
@@ -191,3 +194,27 @@ def test_pake_fields_are_absent_not_null_when_unused() -> None:
     (payload,) = FrameReader().feed(encode(with_pake))
     assert json.loads(payload)["pake"] == base64.b64encode(bytes(range(33))).decode()
     assert decode_client_message(payload) == with_pake
+
+
+def test_fire_mapping_is_structured_and_decides_hopelessness() -> None:
+    """Programs decide on the fire's mapping field, never on its note's text."""
+    stage = (Stage("public", Endpoint("192.0.2.2", 2), "connect", 5.0),)
+    base = Fire(Endpoint("192.0.2.1", 1), Endpoint("192.0.2.2", 2), stage, 40.0,
+                note="any text, symmetric or not")
+    assert not base.hopeless  # no mapping: the note alone decides nothing
+    cases: dict[tuple[Mapping, Mapping], bool] = {
+        ("symmetric", "stable"): True, ("stable", "symmetric"): True,
+        ("symmetric", "none"): False, ("stable", "stable"): False, ("unknown", "stable"): False}
+    for mapping, hopeless in cases.items():
+        fire = Fire(base.public, base.peer_public, stage, 40.0, None, None, mapping)
+        (payload,) = FrameReader().feed(encode(fire))
+        assert json.loads(payload)["mapping"] == {"you": mapping[0], "peer": mapping[1]}
+        decoded = decode_server_message(payload)
+        assert decoded == fire and isinstance(decoded, Fire)
+        assert decoded.hopeless is hopeless
+    bad = json.loads(FrameReader().feed(encode(base))[0])
+    for wrong in ({"you": "cone", "peer": "none"}, {"you": "none"}, ["none", "none"],
+                  {"you": "none", "peer": "none", "extra": 1}):
+        bad["mapping"] = wrong
+        with pytest.raises(MessageError):
+            decode_server_message(frame(bad)[4:])
