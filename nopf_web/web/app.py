@@ -3,7 +3,8 @@
 The history store, the embedded rendezvous, the guard and the session manager are
 ``cleanup_ctx`` contexts: started before the first request, torn down in
 reverse order at shutdown (sessions are stopped and recorded as
-``interrupted`` while the store is still open).
+``interrupted`` while the store is still open). Before that, ``on_shutdown``
+ends the live pages' event streams, which aiohttp would otherwise wait for.
 """
 
 from __future__ import annotations
@@ -25,14 +26,26 @@ from nopf_web.wire.errors import BadAddress
 
 from . import api, views
 from .config import WebConfig
-from .keys import CONFIG, GUARD, MANAGER, RENDEZVOUS, SECRET, STORE, TEMPLATES, Rendezvous
+from .keys import (
+    CONFIG,
+    GUARD,
+    LIVE_STREAMS,
+    MANAGER,
+    RENDEZVOUS,
+    SECRET,
+    STORE,
+    TEMPLATES,
+    Rendezvous,
+)
 from .manager import SessionManager
 from .render import make_templates
 from .security import MIDDLEWARES, security_headers
+from .streams import LiveStreams
 
 log = logging.getLogger("nopf.web")
 
 MAX_BODY = 64 * 1024  # forms and JSON bodies are tiny; refuse big ones with 413
+STREAMS_CLOSE_TIMEOUT = 15.0  # s shutdown waits for live streams (a stalled write ends in 10)
 
 
 class StartupError(NopfError):
@@ -74,6 +87,11 @@ async def _rendezvous_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await server.close()
+
+
+async def _close_streams(app: web.Application) -> None:
+    # on_shutdown: before aiohttp waits for its handlers, which an open page would hold.
+    await app[LIVE_STREAMS].close(STREAMS_CLOSE_TIMEOUT)
 
 
 def _guard_ctx(guard: Guard | None) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -128,10 +146,12 @@ def create_app(config: WebConfig, *, guard: Guard | None = None) -> web.Applicat
     app[SECRET] = secrets.token_bytes(32)
     app[TEMPLATES] = make_templates()
     app[RENDEZVOUS] = Rendezvous()
+    app[LIVE_STREAMS] = LiveStreams(config.max_live_streams)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_rendezvous_ctx)
     app.cleanup_ctx.append(_guard_ctx(guard))
     app.cleanup_ctx.append(_manager_ctx)
+    app.on_shutdown.append(_close_streams)
     app.on_response_prepare.append(security_headers)
     views.add_routes(app)
     api.add_routes(app)

@@ -35,6 +35,12 @@ class WebConfig:
     punch_timeout: float = 30.0
     flush_interval: float = 0.5
     max_live_sessions: int = 32
+    # Live session pages (server-sent events): how often a stream compares the values
+    # (s), the quiet time before it sends a keepalive comment (s), and how many streams
+    # may be open at once (each open session page or share page holds one).
+    live_interval: float = 0.5
+    live_heartbeat: float = 15.0
+    max_live_streams: int = 64
     # Used only in LAN mode (a non-loopback --host): the key printed in the URL.
     access_token: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
 

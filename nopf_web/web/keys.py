@@ -13,6 +13,7 @@ from nopf_web.wire.address import Endpoint
 
 from .config import WebConfig
 from .manager import SessionManager
+from .streams import LiveStreams
 
 
 @dataclass(frozen=True)
@@ -37,4 +38,5 @@ GUARD = web.AppKey("guard", Guard)
 TEMPLATES = web.AppKey("templates", jinja2.Environment)
 SECRET = web.AppKey("secret", bytes)
 RENDEZVOUS = web.AppKey("rendezvous", Rendezvous)
+LIVE_STREAMS = web.AppKey("live_streams", LiveStreams)
 ACCESS = web.RequestKey("access", Access)

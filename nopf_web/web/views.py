@@ -26,6 +26,7 @@ from .forms import (
     parse_role,
 )
 from .keys import CONFIG, MANAGER, RENDEZVOUS, STORE
+from .live import live_parts, page_token, stream
 from .manager import CreateError, ManagedSession
 from .model import SessionView
 from .render import is_fragment, iso, render
@@ -118,14 +119,17 @@ async def create_session(request: web.Request) -> web.Response:
 async def _session_response(request: web.Request, view: SessionView, ms: ManagedSession | None,
                             base: str, *, errors: Mapping[str, str] | None = None,
                             peer_value: str = "", status: int = 200) -> web.Response:
-    events: Sequence[Event | EventRow] = (
+    log: Sequence[Event | EventRow] = (
         list(ms.events) if ms is not None else await request.app[STORE].events_for(view.id))
-    events = list(reversed(events))[:100]  # newest first
+    events = list(reversed(log))[:100]  # newest first
+    parts = live_parts(request, view, base)
     if is_fragment(request):
-        return render(request, "_session_live.html", s=view, events=events, base=base)
+        return render(request, "_session_live.html", s=view, parts=parts, events=events,
+                      base=base)
     connections = (await request.app[STORE].connections_for([view.id]))[view.id]
     share_url = f"{base_url(request)}/s/{view.share_token}" if view.share_token else None
-    return render(request, "session.html", status=status, s=view, events=events, base=base,
+    return render(request, "session.html", status=status, s=view, parts=parts,
+                  since=page_token(parts, log), events=events, base=base,
                   connections=connections, share_url=share_url, errors=errors or {},
                   peer_value=peer_value)
 
@@ -151,6 +155,11 @@ async def _peer(request: web.Request, view: SessionView, ms: ManagedSession | No
         return await _session_response(request, view, ms, base, errors={"address": str(exc)},
                                        peer_value=value, status=409)
     raise web.HTTPSeeOther(base)
+
+
+async def session_live(request: web.Request) -> web.StreamResponse:
+    view, ms = await load_session(request, request.match_info["id"])
+    return await stream(request, view, ms, f"/sessions/{view.id}")
 
 
 async def session_peer(request: web.Request) -> web.Response:
@@ -183,6 +192,11 @@ async def _shared(request: web.Request) -> tuple[SessionView, ManagedSession | N
 async def share_page(request: web.Request) -> web.Response:
     view, ms, base = await _shared(request)
     return await _session_response(request, view, ms, base)
+
+
+async def share_live(request: web.Request) -> web.StreamResponse:
+    view, ms, base = await _shared(request)
+    return await stream(request, view, ms, base)
 
 
 async def share_peer(request: web.Request) -> web.Response:
@@ -320,9 +334,11 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/", sessions_page)
     r.add_post("/sessions", create_session)
     r.add_get(f"/sessions/{sid}", session_page)
+    r.add_get(f"/sessions/{sid}/live", session_live, allow_head=False)
     r.add_post(f"/sessions/{sid}/peer", session_peer)
     r.add_post(f"/sessions/{sid}/stop", session_stop)
     r.add_get(f"/s/{token}", share_page)
+    r.add_get(f"/s/{token}/live", share_live, allow_head=False)
     r.add_post(f"/s/{token}/peer", share_peer)
     r.add_post(f"/s/{token}/stop", share_stop)
     r.add_get("/history", history_page)

@@ -80,7 +80,9 @@ async def test_create_then_the_session_page_and_its_live_fragment(client: Client
                               label="<b>web</b> & co", mode="seed")
     page = await (await client.get(f"/sessions/{session_id}")).text()
     assert "&lt;b&gt;web&lt;/b&gt; &amp; co" in page and "<b>web</b>" not in page  # autoescape
-    assert 'id="live"' in page and 'hx-trigger="every 1s"' in page
+    assert 'id="live"' in page and 'hx-ext="sse"' in page  # pushed, not polled: see test_web_live
+    assert f'sse-connect="/sessions/{session_id}/live?since=' in page
+    assert 'sse-close="end"' in page and 'sse-swap="state"' in page
     assert 'name="address"' in page  # the peer form, while the peer is unknown
     assert "/s/" in page  # the share link
 
@@ -152,14 +154,17 @@ async def test_a_client_form_needs_a_valid_code(client: Client) -> None:
     assert resp.status == 303
 
 
-async def test_stop_ends_the_session_and_the_fragment_stops_polling(client: Client) -> None:
+async def test_stop_ends_the_session_and_the_page_stops_updating(client: Client) -> None:
     session_id = await create(client, role="server", local_port=str(free_port()))
     token = await csrf(client, f"/sessions/{session_id}")
     resp = await client.post(f"/sessions/{session_id}/stop", data={"csrf_token": token},
                              allow_redirects=False)
     assert resp.status == 303
+    page = await (await client.get(f"/sessions/{session_id}")).text()
+    assert "sse-connect" not in page and "hx-trigger" not in page  # nothing left to update
+    assert "<noscript>" not in page  # nor a refresh link
     fragment = await (await client.get(f"/sessions/{session_id}", headers=HX)).text()
-    assert "hx-trigger" not in fragment  # a finished session is not polled any more
+    assert "hx-trigger" not in fragment and "sse-connect" not in fragment
     assert 'id="peer-section" hx-swap-oob="true"' in fragment  # the peer form goes away
     assert "badge-stopped" in fragment
 
