@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from aiohttp import web
+from markupsafe import Markup
 
 from nopf_web.db import OUTCOMES, ConnectionRow, EventRow
 from nopf_web.errors import NopfError
@@ -25,7 +27,7 @@ from .forms import (
     parse_rendezvous,
     parse_role,
 )
-from .keys import CONFIG, MANAGER, RENDEZVOUS, STORE
+from .keys import CONFIG, MANAGER, RENDEZVOUS, STORE, TEMPLATES
 from .live import live_parts, page_token, stream
 from .manager import CreateError, ManagedSession
 from .model import SessionView
@@ -76,10 +78,21 @@ async def merged_history(request: web.Request, *, outcome: str | None, query: st
 # -- sessions -------------------------------------------------------------------
 
 
+def _session_list(request: web.Request, views: Sequence[SessionView]) -> tuple[Markup, str]:
+    """The list's items and their digest, which the list's poll sends back as ``?seen=``."""
+    module: Any = request.app[TEMPLATES].get_template("_session_items.html").module  # macros
+    items = Markup(module.session_items(views))
+    return items, hashlib.blake2b(items.encode(), digest_size=8).hexdigest()
+
+
 async def sessions_page(request: web.Request) -> web.Response:
     views = [SessionView.from_managed(ms) for ms in request.app[MANAGER].sessions()]
     if is_fragment(request):
-        return render(request, "_session_list.html", sessions=views)
+        items, seen = _session_list(request, views)
+        if request.query.get("seen") == seen:
+            # Nothing changed since the page's last poll: htmx swaps nothing on a 204.
+            return web.Response(status=204, headers={"Vary": "HX-Request"})
+        return render(request, "_session_list.html", items=items, seen=seen)
     return _sessions_full(request, views, form={"role": "server", "mode": "coordinated"},
                           errors={})
 
@@ -87,7 +100,8 @@ async def sessions_page(request: web.Request) -> web.Response:
 def _sessions_full(request: web.Request, views: Sequence[SessionView], *,
                    form: Mapping[str, str], errors: Mapping[str, str],
                    status: int = 200) -> web.Response:
-    return render(request, "sessions.html", status=status, sessions=views, form=form,
+    items, seen = _session_list(request, views)
+    return render(request, "sessions.html", status=status, items=items, seen=seen, form=form,
                   errors=errors, default_rendezvous=str(request.app[MANAGER].default_rendezvous))
 
 

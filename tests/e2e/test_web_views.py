@@ -55,6 +55,21 @@ async def test_the_sessions_page_is_a_full_page_and_a_fragment_for_htmx(client: 
     assert restore.startswith("<!doctype html>")
 
 
+async def test_the_session_list_poll_gets_a_204_while_nothing_changed(client: Client) -> None:
+    fragment = await (await client.get("/", headers=HX)).text()
+    seen = re.search(r'hx-get="/\?seen=([0-9a-f]{16})" hx-trigger="every 2s"', fragment)
+    assert seen and "No sessions yet" in fragment
+    resp = await client.get(f"/?seen={seen.group(1)}", headers=HX)
+    assert resp.status == 204 and await resp.read() == b""
+    session_id = await create(client, role="server", local_port=str(free_port()), label="new")
+    resp = await client.get(f"/?seen={seen.group(1)}", headers=HX)
+    fragment = await resp.text()
+    assert resp.status == 200 and session_id in fragment and "new" in fragment
+    assert f"seen={seen.group(1)}" not in fragment
+    page = await (await client.get(f"/?seen={seen.group(1)}")).text()  # a full page, always
+    assert page.startswith("<!doctype html>") and session_id in page
+
+
 async def test_static_files_are_vendored(client: Client) -> None:
     resp = await client.get("/static/htmx.min.js")
     assert resp.status == 200
