@@ -1,4 +1,5 @@
-// nopf dashboard: copy buttons. Everything else is plain HTML and htmx attributes.
+// nopf dashboard: copy buttons, and a bound on the live event log. Everything else is plain
+// HTML and htmx attributes.
 "use strict";
 
 function copyFallback(text) {
@@ -30,4 +31,12 @@ document.addEventListener("click", (event) => {
   } else {
     done(copyFallback(text));
   }
+});
+
+// A live session page puts each new event-log line on top (server-sent event "line",
+// see templates/_session_parts.html): keep the newest 100, as many as the page shows.
+document.addEventListener("htmx:sseMessage", (event) => {
+  const log = event.target;
+  if (!(log instanceof Element) || !log.matches("ol.log")) return;
+  while (log.children.length > 100) log.lastElementChild.remove();
 });
