@@ -75,6 +75,11 @@ async def test_static_files_are_vendored(client: Client) -> None:
     assert resp.status == 200
     assert (await resp.text()).startswith("/*! htmx 2.")
     assert (await client.get("/static/app.css")).status == 200
+    resp = await client.get("/static/htmx-ext-sse.min.js")  # for htmx 2, loaded on every page
+    assert resp.status == 200 and (await resp.text()).startswith("/*! htmx-ext-sse 2.")
+    assert "Zero Clause" in await (await client.get("/static/htmx-ext-sse.LICENSE")).text()
+    page = await (await client.get("/")).text()
+    assert 'src="/static/htmx-ext-sse.min.js"' in page and "https://" not in page
 
 
 async def test_a_form_error_is_shown_next_to_the_field_and_keeps_the_input(

@@ -51,7 +51,7 @@ def render(entry: LogEntry) -> str | None:
     return None if entry.kind == "code" else f"<li>{entry.message}</li>"
 
 
-@given(st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=200))
+@given(st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=200))
 def test_data_of_any_lines_arrives_whole(data: str) -> None:
     wire = encode_event("state", data, "tok") + encode_comment("keepalive") \
         + encode_event("end", "x")
@@ -132,8 +132,9 @@ def test_each_log_entry_is_sent_once_in_order_even_as_the_deque_wraps(
             continue
         if step > 0:
             for _ in range(step):
-                kind = "code" if appended % 5 == 4 else "log"  # counted, never shown
-                log.append(Event(kind, f"entry {appended}", at=1000.0 + appended))
+                # A "code" entry is counted as seen but never shown.
+                log.append(Event("code" if appended % 5 == 4 else "log", f"entry {appended}",
+                                 at=1000.0 + appended))
                 appended += 1
             continue
         messages = state.update(PARTS, list(log), render)
