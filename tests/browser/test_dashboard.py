@@ -6,7 +6,10 @@ pairing-code mode: create a server session, copy its code with the page's
 copy button, paste it into a new client session, see both connect, push
 data through several connections to the client's local port (a local echo
 service answers), see the bytes counted, stop, and find both in History. The
-seed's manual-address flow (exchange public addresses) is covered too.
+seed's manual-address flow (exchange public addresses) is covered too, and
+the live page's promises: a copy button keeps its "Copied" label and the
+focus while values stream in around it, and without JavaScript a session
+page still shows the session, with a refresh link.
 Screenshots at 360 px and desktop width go to $NOPF_SCREENSHOT_DIR (default:
 the test's temp directory).
 
@@ -17,6 +20,7 @@ where that is a failure.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -24,7 +28,9 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -147,7 +153,7 @@ def test_a_client_joins_with_the_copied_code_and_carries_many_connections(
         server_page.get_by_role("button", name="Start session").click()
         server_page.wait_for_url(re.compile(r"/sessions/[0-9a-f]{12}$"))
         shown = server_page.locator("#pairing-code")
-        shown.wait_for()  # appears through htmx polling
+        shown.wait_for()  # pushed by the page's event stream
         code = str(shown.inner_text()).strip()
         assert re.fullmatch(r"[1-9][0-9]*-[a-z]+-[a-z]+", code), code
         invite = str(server_page.locator("#invite").inner_text())
@@ -181,7 +187,7 @@ def test_a_client_joins_with_the_copied_code_and_carries_many_connections(
 
         with ThreadPoolExecutor(streams) as pool:
             assert all(pool.map(_echo_through, [app_port] * streams, [size] * streams))
-        for page in (client_page, server_page):  # the counters reach the page by polling
+        for page in (client_page, server_page):  # the counters arrive by the event stream
             page.wait_for_function(
                 "n => document.querySelector('#bytes-out')?.dataset.bytes == n",
                 arg=str(streams * size))
@@ -220,7 +226,7 @@ def _start_session(page: Any, url: str, role: str, port: int, label: str) -> str
     page.get_by_role("button", name="Start session").click()
     page.wait_for_url(re.compile(r"/sessions/[0-9a-f]{12}$"))
     public = page.locator("#public-address")
-    public.wait_for(timeout=TIMEOUT_MS)  # appears through htmx polling
+    public.wait_for(timeout=TIMEOUT_MS)  # pushed by the page's event stream
     return str(public.inner_text()).strip()
 
 
@@ -259,7 +265,7 @@ def test_seed_mode_sessions_exchange_addresses_connect_and_land_in_history(
                 assert chunk, "the tunnel closed early"
                 echoed += chunk
             assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
-            # The counters reach the page through polling.
+            # The counters reach the page through its event stream.
             for page in (client_page, server_page):
                 page.wait_for_function(
                     "n => document.querySelector('#bytes-out')?.dataset.bytes == n",
@@ -297,3 +303,89 @@ def test_seed_mode_sessions_exchange_addresses_connect_and_land_in_history(
     home.screenshot(path=screens / "sessions-desktop.png", full_page=True)
     context.close()
     assert not console_errors, console_errors  # e.g. a CSP violation or a failed htmx request
+
+
+def _api_session(url: str, **body: Any) -> dict[str, Any]:
+    """POST /api/sessions to the dashboard at ``url``; the new session."""
+    request = urllib.request.Request(url + "api/sessions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        data: dict[str, Any] = json.load(resp)
+    return data
+
+
+def _poll(check: Callable[[], bool], what: str, timeout: float = TIMEOUT_MS / 1000) -> None:
+    # From Python, not wait_for_function: the page's own timers are paused below.
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_copy_button_keeps_its_label_and_focus_through_live_updates(
+        dashboard: str, browser: Any, tmp_path: Path) -> None:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=dashboard[:-1])
+    context.set_default_timeout(TIMEOUT_MS)
+    context.clock.install()  # page timers run as usual until paused
+    page = context.new_page()
+    console_errors: list[str] = []
+    page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+    session = _api_session(dashboard, role="server", local_port=free_port(), label="copy me")
+    page.goto(f"{dashboard}sessions/{session['id']}")
+    page.locator("#pairing-code").wait_for()  # pushed by the stream
+    page.evaluate("""() => {
+        window.liveUpdates = [];
+        document.addEventListener("htmx:sseMessage", (e) => window.liveUpdates.push(e.type));
+    }""")
+    button = page.get_by_role("button", name="Copy the pairing code")
+    button.click()
+    _poll(lambda: button.inner_text() == "Copied", "the Copied label")
+    # Hold the label's own 1.5 s timer, so it is the stream that has to leave it alone.
+    page.clock.pause_at(float(page.evaluate("Date.now()")) / 1000 + 0.01)  # in seconds
+    elapsed = [page.locator("#elapsed").inner_text()]
+
+    def ticked() -> bool:
+        now = page.locator("#elapsed").inner_text()
+        if now != elapsed[-1]:
+            elapsed.append(now)
+        return len(elapsed) >= 4
+
+    _poll(ticked, "three live updates of the elapsed time")
+    assert int(page.evaluate("window.liveUpdates.length")) >= 3
+    assert button.inner_text() == "Copied"
+    assert button.evaluate("b => b.isConnected && document.activeElement === b")
+    assert str(page.evaluate("navigator.clipboard.readText()")) == \
+        page.locator("#pairing-code").inner_text()
+    page.clock.resume()
+    _poll(lambda: button.inner_text() == "Copy", "the label back to Copy")  # its own timer
+    assert button.evaluate("b => document.activeElement === b")
+    context.close()
+    assert not console_errors, console_errors
+
+
+def test_without_javascript_a_session_page_shows_the_session_and_a_refresh_link(
+        dashboard: str, browser: Any) -> None:
+    context = browser.new_context(java_script_enabled=False)
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    session = _api_session(dashboard, role="server", local_port=free_port(), label="no script")
+    page.goto(f"{dashboard}sessions/{session['id']}")
+    assert page.get_by_role("heading", name="no script").is_visible()
+    assert page.locator("#live .badge").is_visible()
+    refresh = page.get_by_role("link", name="refresh")
+    assert refresh.is_visible()
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while page.locator("#pairing-code").count() == 0:  # refresh until the code is allocated
+        assert time.monotonic() < deadline, "no pairing code after refreshing"
+        time.sleep(0.2)
+        page.get_by_role("link", name="refresh").click()
+        page.wait_for_load_state()
+    code = page.locator("#pairing-code").inner_text()
+    assert re.fullmatch(r"[1-9][0-9]*-[a-z]+-[a-z]+", code), code
+    assert page.locator("#live .badge-waiting_peer").is_visible()
+    assert page.locator("#elapsed").is_visible() and page.locator("#bytes-in").is_visible()
+    page.get_by_role("button", name="Stop session").click()  # a plain form post
+    page.locator("#live .badge-stopped").wait_for()
+    assert page.get_by_role("link", name="refresh").count() == 0  # nothing left to update
+    context.close()
