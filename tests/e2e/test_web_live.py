@@ -120,6 +120,22 @@ async def test_the_pages_stream_starts_from_what_the_page_shows(client: Client) 
     assert {e.name for e in await again.during(1.2)} <= {"elapsed", "rate_in", "rate_out"}
 
 
+async def test_a_peer_form_error_on_the_page_is_not_swapped_away(client: Client) -> None:
+    session = await waiting_seed_server(client)
+    page = await (await client.get(f"/sessions/{session['id']}")).text()
+    csrf = re.search(r'name="csrf_token" value="([0-9a-f]{64})"', page)
+    assert csrf
+    resp = await client.post(f"/sessions/{session['id']}/peer",
+                             data={"csrf_token": csrf.group(1), "address": "not an address"})
+    page = await resp.text()
+    assert resp.status == 400 and 'id="address-error"' in page
+    match = re.search(r'sse-connect="([^"]+)"', page)
+    assert match
+    reader = await open_stream(client, html.unescape(match.group(1)))
+    # The form with its error and the typed text stays until the form has to go.
+    assert "peer_form" not in {e.name for e in await reader.during(1.2)}
+
+
 async def test_a_new_event_line_is_sent_once_and_the_values_it_changes(client: Client) -> None:
     session = await waiting_seed_server(client)
     reader = await open_stream(client, await page_stream_url(client,
