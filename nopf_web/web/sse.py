@@ -163,9 +163,11 @@ class LiveState:
     def _new_entries(self, log: Sequence[LogEntry]) -> Sequence[LogEntry]:
         if self.mark == _NO_MARK:
             return log
-        for i in range(len(log) - 1, -1, -1):
-            entry = log[i]
-            if entry is self._last if self._last is not None else entry_mark(entry) == self.mark:
-                return [log[j] for j in range(i + 1, len(log))]
+        # By identity first (cheap); by content if the log's entries are new objects.
+        for by_identity in (True, False) if self._last is not None else (False,):
+            for i in range(len(log) - 1, -1, -1):
+                entry = log[i]
+                if entry is self._last if by_identity else entry_mark(entry) == self.mark:
+                    return [log[j] for j in range(i + 1, len(log))]
         # The newest entry shown has left the log: everything in it is newer.
         return log

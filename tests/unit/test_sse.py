@@ -110,6 +110,13 @@ def test_a_bad_or_foreign_token_means_send_everything() -> None:
         assert [m.name for m in state.update(PARTS, [], render)] == list(NAMES), token
 
 
+def test_log_entries_are_recognised_by_content_when_they_are_new_objects() -> None:
+    state = LiveState(NAMES)
+    state.update(PARTS, [Event("log", "one", at=1.0)], render)
+    copies = [Event("log", "one", at=1.0), Event("log", "two", at=2.0)]
+    assert [m.data for m in state.update(PARTS, copies, render)] == ["<li>two</li>"]
+
+
 # One step: append this many entries to the log (a bounded deque), or -1: the page
 # sends an update, or -2: the browser reconnects with the last token it got.
 steps = st.lists(st.one_of(st.integers(1, 12), st.just(-1), st.just(-2)), max_size=40)
