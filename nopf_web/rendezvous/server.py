@@ -232,6 +232,7 @@ class RendezvousServer:
         self.port = port
         self.limits = limits or ServerLimits()
         self.stats = ServerStats()
+        self._clock = clock
         self.book: NameplateBook[_Waiting] = NameplateBook(self.limits.pairing, clock)
         self._per_source: Counter[str] = Counter()
         self._server: asyncio.Server | None = None
@@ -415,7 +416,7 @@ class RendezvousServer:
                 sent[seq] = loop.time()
                 conn.send(Ping(seq))
                 interval = 0.0 if seq < QUICK_PINGS else self.limits.ping_interval
-                left = expires_at - self.book.clock()
+                left = expires_at - self._clock()
                 wake = loop.time() + min(max(interval, 2 * conn.rtt()), max(0.0, left))
                 while not waiting.paired.done() and loop.time() < wake:
                     pending: set[asyncio.Future[Any]] = {receiver, waiting.paired}
@@ -436,7 +437,7 @@ class RendezvousServer:
                                                    name=f"rdv-share-{nameplate}-receive")
                 if waiting.paired.done():
                     break
-                if self.book.clock() >= expires_at:
+                if self._clock() >= expires_at:
                     self.book.sweep()
                     await _stop(receiver)
                     lifetime = describe_duration(self.limits.pairing.code_lifetime)
