@@ -107,7 +107,8 @@ ConnId = int  # opaque to the machine; unique for the machine's lifetime
 
 @dataclass(frozen=True)
 class ServerLimits:
-    # About 12 KiB per waiting peer (bench/scn_rendezvous.py): 16,384 is ~200 MB.
+    # About 3 KiB of server memory per waiting peer (bench/scn_rendezvous.py; 12 KiB
+    # before the machine and its Protocol driver): 16,384 is ~50 MB.
     max_connections: int = 16384
     max_per_source: int = 64
     write_timeout: float = 5.0
