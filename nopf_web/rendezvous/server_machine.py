@@ -330,7 +330,8 @@ class ServerMachine:
                  book: PairingBook[ConnId] | None = None) -> None:
         self.limits = limits or ServerLimits()
         self.stats = ServerStats()
-        self.book: PairingBook[ConnId] = book or NameplateBook(self.limits.pairing)
+        self.book: PairingBook[ConnId] = (book if book is not None
+                                          else NameplateBook(self.limits.pairing))
         self.conns: dict[ConnId, Conn] = {}
         self.retries: dict[int, RetrySlot] = {}  # by nameplate
         self._per_source: Counter[str] = Counter()
