@@ -40,7 +40,7 @@ def build_parser() -> OneLineParser:
     defaults = ServerLimits()
     p.add_argument("--max-connections", default=str(defaults.max_connections),
                    help="connections open at once, waiting sharers included; more are "
-                   f"refused (default {defaults.max_connections:,}, about 12 KiB each)")
+                   f"refused (default {defaults.max_connections:,}, about 3 KiB each)")
     p.add_argument("--max-per-source", default=str(defaults.max_per_source),
                    help="connections open at once from one IP address "
                    f"(default {defaults.max_per_source})")

@@ -3,8 +3,11 @@
 :class:`NameplateBook` hands out short numeric nameplates, pairs a claim with
 the waiting sharer, makes codes single-use and expiring, and limits failed
 claims per source address (guessing a live nameplate is the only thing the
-rendezvous can see of an attack: the words never reach it). Time comes from an
-injectable clock so tests can move it.
+rendezvous can see of an attack: the words never reach it). Every method takes
+the time as ``now`` (the rendezvous' machine passes its one clock); without it
+the book asks its ``clock``. :class:`PairingBook` is the interface the
+rendezvous' machine uses, so another store (shared between nodes) can replace
+this in-memory one.
 
 :func:`make_plans` decides, from what the rendezvous observed of both peers,
 which addresses each one punches to, in which role, and for how long.
@@ -13,17 +16,17 @@ which addresses each one punches to, in which role, and for how long.
 from __future__ import annotations
 
 import secrets
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, Literal, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
 from nopf_web.errors import NopfError
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.rendezvous import MAX_NAMEPLATE, Mapping, Stage, TacticName
 
 T = TypeVar("T")
+Owner = TypeVar("Owner")
 Tombstone = Literal["used", "expired", "left"]
 
 
@@ -57,19 +60,42 @@ class _Open(Generic[T]):
     expires_at: float
 
 
+class PairingBook(Protocol[Owner]):
+    """What the rendezvous needs of its nameplates: allocation, single-use claims,
+    expiry and the per-source limit on failed claims. ``Owner`` identifies a waiting
+    sharer (owners compare by equality, so use an id that is never reused)."""
+
+    def allocate(self, owner: Owner, *, now: float) -> tuple[int, float]: ...
+    def release(self, nameplate: int, owner: Owner, *, now: float) -> None: ...
+    def sweep(self, *, now: float) -> list[tuple[int, Owner]]: ...
+    def claim(self, nameplate: int, source: str, *, now: float) -> Owner: ...
+    def peek(self, nameplate: int, *, now: float) -> Owner | None: ...
+    def is_open(self, nameplate: int) -> bool: ...
+
+
 @dataclass
 class NameplateBook(Generic[T]):
+    """The in-memory :class:`PairingBook`."""
+
     limits: PairingLimits = field(default_factory=PairingLimits)
-    clock: Callable[[], float] = time.monotonic
+    clock: Callable[[], float] | None = None  # asked when a method gets no ``now``
     _open: dict[int, _Open[T]] = field(default_factory=dict)
     _tombstones: dict[int, tuple[Tombstone, float]] = field(default_factory=dict)
     _failures: dict[str, deque[float]] = field(default_factory=dict)
 
+    def _time(self, now: float | None) -> float:
+        if now is not None:
+            return now
+        if self.clock is None:
+            raise TypeError("NameplateBook needs `now` or a clock")
+        return self.clock()
+
     # -- sharer side -----------------------------------------------------------
 
-    def allocate(self, owner: T) -> tuple[int, float]:
+    def allocate(self, owner: T, *, now: float | None = None) -> tuple[int, float]:
         """A fresh nameplate for ``owner``, and when it expires (clock time)."""
-        self.sweep()
+        now = self._time(now)
+        self.sweep(now=now)
         taken = len(self._open) + len(self._tombstones)
         if len(self._open) >= self.limits.max_open_codes:
             raise ClaimRefused("busy", "the rendezvous has too many open codes; try again later")
@@ -88,24 +114,24 @@ class NameplateBook(Generic[T]):
             nameplate = next(free, 0)
             if not nameplate:
                 raise ClaimRefused("busy", "the rendezvous has no free codes; try again later")
-        expires_at = self.clock() + self.limits.code_lifetime
+        expires_at = now + self.limits.code_lifetime
         self._open[nameplate] = _Open(owner, expires_at)
         return nameplate, expires_at
 
-    def release(self, nameplate: int, owner: T) -> None:
+    def release(self, nameplate: int, owner: T, *, now: float | None = None) -> None:
         """The sharer left before anyone claimed its nameplate."""
         entry = self._open.get(nameplate)
-        if entry is not None and entry.owner is owner:
+        if entry is not None and entry.owner == owner:
             del self._open[nameplate]
-            self._bury(nameplate, "left")
+            self._bury(nameplate, "left", self._time(now))
 
-    def sweep(self) -> list[tuple[int, T]]:
+    def sweep(self, *, now: float | None = None) -> list[tuple[int, T]]:
         """Expire what is due; return the expired nameplates and their owners."""
-        now = self.clock()
+        now = self._time(now)
         expired = [(n, e.owner) for n, e in self._open.items() if e.expires_at <= now]
         for n, _ in expired:
             del self._open[n]
-            self._bury(n, "expired")
+            self._bury(n, "expired", now)
         for n in [n for n, (_, until) in self._tombstones.items() if until <= now]:
             del self._tombstones[n]
         horizon = now - self.limits.failed_claim_window
@@ -115,12 +141,13 @@ class NameplateBook(Generic[T]):
 
     # -- joiner side -----------------------------------------------------------
 
-    def claim(self, nameplate: int, source: str) -> T:
+    def claim(self, nameplate: int, source: str, *, now: float | None = None) -> T:
         """Pair a joiner from ``source`` with the sharer of ``nameplate`` (single use)."""
-        self.sweep()
+        now = self._time(now)
+        self.sweep(now=now)
         failures = self._failures.get(source)
         if failures is not None and len(failures) >= self.limits.max_failed_claims:
-            wait = failures[0] + self.limits.failed_claim_window - self.clock()
+            wait = failures[0] + self.limits.failed_claim_window - now
             raise ClaimRefused(
                 "too_many_guesses",
                 f"too many failed pairing attempts from {source} ({len(failures)} within "
@@ -128,9 +155,9 @@ class NameplateBook(Generic[T]):
                 f"{describe_duration(wait)} and check the code")
         entry = self._open.pop(nameplate, None)
         if entry is not None:
-            self._bury(nameplate, "used")
+            self._bury(nameplate, "used", now)
             return entry.owner
-        self._failures.setdefault(source, deque()).append(self.clock())
+        self._failures.setdefault(source, deque()).append(now)
         why = self._tombstones.get(nameplate)
         if why is None:
             raise ClaimRefused("unknown_code", f"no open pairing code starts with {nameplate} "
@@ -148,16 +175,16 @@ class NameplateBook(Generic[T]):
     def is_open(self, nameplate: int) -> bool:
         return nameplate in self._open
 
-    def peek(self, nameplate: int) -> T | None:
+    def peek(self, nameplate: int, *, now: float | None = None) -> T | None:
         """The sharer waiting on ``nameplate``, without claiming it (None: not open)."""
-        self.sweep()
+        self.sweep(now=self._time(now))
         entry = self._open.get(nameplate)
         return None if entry is None else entry.owner
 
     # -------------------------------------------------------------------------
 
-    def _bury(self, nameplate: int, why: Tombstone) -> None:
-        self._tombstones[nameplate] = (why, self.clock() + self.limits.tombstone_lifetime)
+    def _bury(self, nameplate: int, why: Tombstone, now: float) -> None:
+        self._tombstones[nameplate] = (why, now + self.limits.tombstone_lifetime)
 
     def _prune(self, source: str, horizon: float) -> None:
         times = self._failures[source]

@@ -14,6 +14,7 @@ import pytest
 from nopf_web.rendezvous.client import discover
 from nopf_web.rendezvous.server import RendezvousServer, ServerLimits
 from nopf_web.wire.discovery import decode_reply
+from nopf_web.wire.rendezvous import FrameReader, Hello, encode
 from tests.programs import argv, free_port
 
 
@@ -176,3 +177,36 @@ def test_programs_lift_the_soft_open_files_limit() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=20, preexec_fn=_open_files_limit(256, 4096))
     assert proc.stdout.split() == ["4096", "4096"], proc.stderr
+
+
+async def test_close_ends_every_connection_within_its_bound() -> None:
+    # A waiting sharer is reset at once; a seed client the hello deadline would
+    # keep for 30 s gets write_timeout + 1 s, then a reset.
+    limits = ServerLimits(write_timeout=0.5, hello_timeout=30.0)
+    server = RendezvousServer("127.0.0.1", 0, limits)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    sharer_r, sharer_w = await asyncio.open_connection(*server.address)
+    sharer_w.write(encode(Hello("share", None, (), None, 5)))
+    await sharer_r.readexactly(10)
+    frames = FrameReader()
+    async with asyncio.timeout(5):
+        while not frames.feed(await sharer_r.read(4096)):
+            pass
+    idle = socket.socket()
+    idle.setblocking(False)
+    await loop.sock_connect(idle, server.address)
+    assert len(await asyncio.wait_for(loop.sock_recv(idle, 100), 5)) == 10
+    assert server.stats.open_now == 2
+    t0 = loop.time()
+    await asyncio.wait_for(server.close(), 5)
+    assert 0.5 <= loop.time() - t0 < 2.5
+    assert server.stats.open_now == 0
+    with pytest.raises(ConnectionResetError):
+        async with asyncio.timeout(5):
+            while await sharer_r.read(4096):
+                pass
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(loop.sock_recv(idle, 100), 5)
+    idle.close()
+    sharer_w.close()

@@ -1,0 +1,881 @@
+"""The rendezvous server as one sans-IO machine: events in, actions out.
+
+:class:`ServerMachine` is the whole of ``nopf-server``'s protocol logic, for
+every connection at once, without sockets or a clock (h11 style). A driver
+(:class:`nopf_web.rendezvous.server.RendezvousServer`, asyncio) feeds it what
+happened, with the time ``now`` on one clock, and carries out what it returns:
+
+Events (:meth:`ServerMachine.handle`)
+    :class:`Accepted`  a connection came in: an opaque id (never reused), the
+                       peer's address as the kernel reported it, and what the
+                       kernel knew at accept: its smoothed RTT (``TCP_INFO``,
+                       None where there is none) and whether the SYN carried data
+                       (TCP Fast Open).
+    :class:`Received`  bytes from a connection, with the kernel's RTT as of now
+                       (its pings' ACKs arrive with the pongs, so the figure is
+                       fresh whenever the machine uses it).
+    :class:`PeerClosed` the peer's FIN (the driver keeps our direction open).
+    :class:`Lost`      the connection is gone (a reset or a socket error, or our
+                       close completed); ``writing``: a write of ours failed.
+    :class:`Tick`      the time is ``now``: call it at :attr:`next_deadline`.
+    :class:`Shutdown`  the server is stopping.
+
+Actions (a list, in order, from every event)
+    :class:`Send`      write bytes.
+    :class:`LastWord`  write bytes, then a FIN. The machine then discards what
+                       the peer sends until it closes (then :class:`Close`), or
+                       resets after ``write_timeout``: closing at once would turn
+                       a late pong, unread in our kernel, into a RST that can
+                       overtake the message on a reordering path and destroy it.
+    :class:`Close`     close gracefully (FIN after what is buffered). The machine
+                       waits for :class:`Lost`, and resets after ``write_timeout``.
+    :class:`Reset`     drop with RST (``SO_LINGER`` 0): no TIME_WAIT, no buffered
+                       data. The machine has forgotten the connection.
+    :class:`Log`       one problem line (rate-limited per kind already).
+
+:attr:`ServerMachine.next_deadline` is when the driver's single timer must
+deliver the next :class:`Tick` (None: nothing is due).
+
+What happens on a connection (``docs/protocol.md``, sections 1 and 6):
+
+- accepted over the global or per-source cap: reset at once;
+- the seed's 10-byte discovery reply, first, without reading anything;
+- then up to ``hello_timeout`` for a frame. The client closes (a seed client,
+  served): reset, so its port is free at once; nothing in time: close, as the
+  seed did (reset if a partial frame is buffered); bytes that are no frame:
+  reset; a ``probe``: close at once; a valid frame that is no single valid
+  hello: ``error`` then close;
+- a hello: ``share`` (a nameplate, pings), ``join`` (claim, RTT, plans and the
+  two fires, the sharer's timed), ``reshare``/``rejoin`` (coordinate a failed
+  pairing again).
+
+Each connection's state is a plain :class:`Conn`; a waiting sharer is known to
+the nameplate book (:class:`~nopf_web.rendezvous.book.PairingBook`, any store
+behind that interface) by its connection id only. A bug or an exception on one
+connection costs that connection (one log line and a reset), never the others.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from collections import Counter
+from dataclasses import dataclass, field
+
+from nopf_web.wire.address import Endpoint
+from nopf_web.wire.discovery import encode_reply
+from nopf_web.wire.errors import WireError
+from nopf_web.wire.rendezvous import (
+    ErrorReply,
+    Fire,
+    FrameReader,
+    Hello,
+    MessageError,
+    PakeMessage,
+    Ping,
+    Pong,
+    Probe,
+    ServerMessage,
+    UnsupportedVersion,
+    Welcome,
+    decode_client_message,
+    encode,
+)
+
+from .book import (
+    ClaimRefused,
+    NameplateBook,
+    PairingBook,
+    PairingLimits,
+    PeerInfo,
+    SymmetricPair,
+    describe_duration,
+    make_plans,
+)
+
+FIRE_MARGIN = 0.005  # s the sharer's fire may trail the joiner's: scheduling slack
+QUICK_PINGS = 3  # RTT samples taken at once from a sharer, then one per ping_interval
+DEFAULT_RTT = 0.2  # s, assumed when nothing was measured (non-Linux, no pong yet)
+RETRY_WAIT = 10.0  # s a peer's retry hello waits for the other peer's
+MAX_RETRIES = 2  # coordinations again after a failed punch, per pairing
+RETRY_GRACE = 30.0  # s after the last plan's budget during which a retry is accepted
+PING_ONCE_WAIT = 1.0  # s a joiner's one RTT ping may take (where the kernel has no RTT)
+RTT_SAMPLES = 5  # a sharer's most recent pong RTTs kept
+
+ConnId = int  # opaque to the machine; unique for the machine's lifetime
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    # About 3 KiB of server memory per waiting peer (bench/scn_rendezvous.py; 12 KiB
+    # before the machine and its Protocol driver): 16,384 is ~50 MB.
+    max_connections: int = 16384
+    max_per_source: int = 64
+    write_timeout: float = 5.0
+    log_interval: float = 10.0  # at most one line per problem kind per interval
+    hello_timeout: float = 1.0  # after the 10-byte reply: wait this long for a v2 hello
+    # Liveness ping to a waiting sharer (a fresh RTT is taken when its peer
+    # arrives). 15 s is far under NAT idle timeouts for TCP (RFC 5382: >= 2 h 4 min);
+    # at 5 s, 10,000 waiting sharers kept 63 % of a core busy.
+    ping_interval: float = 15.0
+    pairing: PairingLimits = field(default_factory=PairingLimits)
+
+
+@dataclass
+class ServerStats:
+    served: int = 0
+    refused_flood: int = 0
+    refused_capacity: int = 0
+    failed: int = 0
+    open_now: int = 0
+    coordinated: int = 0  # hellos accepted
+    paired: int = 0  # pairs sent a fire instruction
+    refused_claims: int = 0
+    syn_data: int = 0  # coordinated hellos that arrived in the SYN (TCP Fast Open)
+
+
+# Events ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    conn: ConnId
+    peer: tuple[str, int] | None  # as the kernel reported it (None: already gone)
+    now: float
+    kernel_rtt: float | None = None  # s, TCP_INFO's smoothed RTT; None: none known
+    syn_data: bool = False  # the SYN carried data the kernel accepted (TCP Fast Open)
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    conn: ConnId
+    data: bytes
+    now: float
+    kernel_rtt: float | None = None  # as of now
+
+
+@dataclass(frozen=True, slots=True)
+class PeerClosed:
+    conn: ConnId
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Lost:
+    conn: ConnId
+    now: float
+    error: str | None = None  # None: closed after our close
+    writing: bool = False  # a write of ours failed (the reply could not be delivered)
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """Stop: reset every coordinated connection (``force``: every connection)."""
+
+    now: float
+    force: bool = False
+
+
+Event = Accepted | Received | PeerClosed | Lost | Tick | Shutdown
+
+
+# Actions -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    conn: ConnId
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LastWord:
+    """Write ``data``, then a FIN (the machine handles the rest: see the module doc)."""
+
+    conn: ConnId
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    conn: ConnId
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    conn: ConnId
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    kind: str
+    line: str
+
+
+Action = Send | LastWord | Close | Reset | Log
+
+
+# State -------------------------------------------------------------------------
+
+
+class Phase(enum.Enum):
+    HELLO = "hello"  # the reply is out; waiting for the first frame
+    SHARING = "sharing"  # a sharer waiting on its nameplate, pinged
+    MEASURING = "measuring"  # a joiner or retrier: one ping, where the kernel has no RTT
+    RETRY_WAITING = "retry-waiting"  # a retry hello waiting for the other side's
+    FIRING = "firing"  # its last message (fire or refusal) leaves at the deadline
+    LAST_WORD = "last-word"  # message and FIN sent; discarding until the peer's FIN
+    CLOSING = "closing"  # closed; waiting for the close to complete
+
+
+@dataclass(slots=True)
+class Sharing:
+    """A waiting sharer's nameplate and pings."""
+
+    nameplate: int
+    expires_at: float
+    last_pong: float
+    seq: int = 0
+    sent: dict[int, float] = field(default_factory=dict)  # pings not yet answered
+
+
+@dataclass(slots=True)
+class Conn:
+    """One connection, from the rendezvous' side."""
+
+    id: ConnId
+    source: str  # the per-source cap's key
+    peer: tuple[str, int] | None
+    phase: Phase = Phase.HELLO
+    deadline: float | None = None
+    frames: FrameReader = field(default_factory=FrameReader)
+    kernel_rtt: float | None = None
+    syn_data: bool = False
+    hello: Hello | None = None  # coordinated mode from here on
+    rtts: list[float] = field(default_factory=list)  # our pings' round trips
+    pake: bytes | None = None  # the peer's SPAKE2 message, forwarded opaquely in the fire
+    sharing: Sharing | None = None
+    partner: ConnId | None = None  # a joiner's claimed sharer
+    ping_at: float = 0.0  # MEASURING: when the ping left
+    message: bytes = b""  # FIRING: what leaves at the deadline
+    eof: bool = False  # the peer closed its side
+    gone: bool = False  # lost, kept only until its coordination ends (nothing is sent)
+
+    @property
+    def public(self) -> Endpoint:
+        """The peer's address as observed (IPv4-mapped addresses unwrapped)."""
+        assert self.peer is not None
+        return _observed(self.peer)
+
+    def rtt_known(self) -> bool:
+        return bool(self.rtts) or self.kernel_rtt is not None
+
+    def rtt(self) -> float:
+        samples = list(self.rtts)
+        if self.kernel_rtt is not None:
+            samples.append(self.kernel_rtt)
+        return min(samples) if samples else DEFAULT_RTT
+
+    def info(self) -> PeerInfo:
+        h = self.hello
+        assert h is not None
+        return PeerInfo(self.public, h.lan, h.probe, h.punch_timeout, self.rtt())
+
+
+@dataclass(slots=True)
+class RetrySlot:
+    """A paired nameplate whose peers may coordinate again after a failed punch."""
+
+    sharer_ip: str  # a retry is accepted only from the IP each side paired from
+    joiner_ip: str
+    until: float  # after this, retries are refused
+    left: int = MAX_RETRIES
+    waiting: tuple[str, ConnId] | None = None  # the side that asked first, and its conn
+
+
+@dataclass
+class ProblemLog:
+    """One log line per problem kind per interval, with a count of the repeats."""
+
+    interval: float
+    _last: dict[str, float] = field(default_factory=dict)
+    _suppressed: Counter[str] = field(default_factory=Counter)
+
+    def problem(self, kind: str, message: str, now: float) -> Log | None:
+        if now - self._last.get(kind, -1e9) < self.interval:
+            self._suppressed[kind] += 1
+            return None
+        extra = self._suppressed.pop(kind, 0)
+        suffix = f" (and {extra} more like it)" if extra else ""
+        self._last[kind] = now
+        return Log(kind, f"{message}{suffix}")
+
+
+class _Gone(Exception):
+    """A coordinated peer sent what it must not: its connection ends."""
+
+
+# The machine --------------------------------------------------------------------
+
+
+class ServerMachine:
+    """Every connection of one rendezvous server; see the module docstring."""
+
+    def __init__(self, limits: ServerLimits | None = None,
+                 book: PairingBook[ConnId] | None = None) -> None:
+        self.limits = limits or ServerLimits()
+        self.stats = ServerStats()
+        self.book: PairingBook[ConnId] = (book if book is not None
+                                          else NameplateBook(self.limits.pairing))
+        self.conns: dict[ConnId, Conn] = {}
+        self.retries: dict[int, RetrySlot] = {}  # by nameplate
+        self._per_source: Counter[str] = Counter()
+        self._problems = ProblemLog(self.limits.log_interval)
+        self._timers: list[tuple[float, ConnId]] = []  # a heap; stale entries are skipped
+        self._out: list[Action] = []
+
+    @property
+    def next_deadline(self) -> float | None:
+        """When the next :class:`Tick` is due (None: nothing is)."""
+        timers = self._timers
+        while timers:
+            at, cid = timers[0]
+            conn = self.conns.get(cid)
+            if conn is not None and conn.deadline == at:
+                return at
+            heapq.heappop(timers)  # stale: that connection moved on
+        return None
+
+    def handle(self, event: Event) -> list[Action]:
+        """Take one event; return what to do, in order."""
+        if isinstance(event, Tick):
+            self._tick(event.now)
+        elif isinstance(event, Shutdown):
+            for each in list(self.conns.values()):
+                if event.force or each.hello is not None:
+                    self._reset(each, event.now)
+        elif isinstance(event, Accepted):
+            if event.conn in self.conns:
+                raise ValueError(f"connection id {event.conn} is already in use")
+            try:
+                self._accept(event)
+            except Exception as exc:
+                self._crashed(event.conn, exc, event.now)
+        else:
+            conn = self.conns.get(event.conn)
+            if conn is not None:  # else: forgotten already, nothing to do
+                try:
+                    if isinstance(event, Received):
+                        self._receive(conn, event.data, event.now, event.kernel_rtt)
+                    elif isinstance(event, PeerClosed):
+                        self._peer_closed(conn, event.now)
+                    else:
+                        self._lost(conn, event)
+                except Exception as exc:
+                    self._crashed(conn.id, exc, event.now)
+        out, self._out = self._out, []
+        return out
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _crashed(self, cid: ConnId, exc: Exception, now: float) -> None:
+        """A bug costs its connection (one log line, a reset), never the server."""
+        conn = self.conns.get(cid)
+        who = _fmt(conn.peer) if conn is not None else "?"
+        self._problem("internal", f"rendezvous error on the connection from {who}: "
+                      f"{type(exc).__name__}: {exc}", now)
+        if conn is not None:
+            self._reset(conn, now)
+
+    def _problem(self, kind: str, message: str, now: float) -> None:
+        line = self._problems.problem(kind, message, now)
+        if line is not None:
+            self._out.append(line)
+
+    def _at(self, conn: Conn, deadline: float | None) -> None:
+        conn.deadline = deadline
+        if deadline is not None:
+            heapq.heappush(self._timers, (deadline, conn.id))
+
+    def _forget(self, conn: Conn, now: float) -> None:
+        """The connection is over: it no longer counts, and a sharer's code closes."""
+        del self.conns[conn.id]
+        conn.deadline = None
+        self.stats.open_now -= 1
+        self._per_source[conn.source] -= 1
+        if self._per_source[conn.source] <= 0:
+            del self._per_source[conn.source]
+        if conn.sharing is not None:
+            self.book.release(conn.sharing.nameplate, conn.id, now=now)
+            conn.sharing = None
+
+    def _reset(self, conn: Conn, now: float) -> None:
+        self._forget(conn, now)
+        if not conn.gone:
+            self._out.append(Reset(conn.id))
+
+    def _close(self, conn: Conn, now: float) -> None:
+        if conn.gone:
+            self._forget(conn, now)
+            return
+        conn.phase = Phase.CLOSING
+        self._out.append(Close(conn.id))
+        self._at(conn, now + self.limits.write_timeout)
+
+    def _last_word(self, conn: Conn, data: bytes, now: float) -> None:
+        """Send ``data`` and a FIN, then discard until the peer closes (or reset)."""
+        if conn.gone:
+            self._forget(conn, now)
+            return
+        conn.sharing = None  # a sharer's code is claimed or expired by now
+        self._out.append(LastWord(conn.id, data))
+        if conn.eof:  # the peer's FIN is in already: nothing left to wait for
+            self._close(conn, now)
+            return
+        conn.phase = Phase.LAST_WORD
+        self._at(conn, now + self.limits.write_timeout)
+
+    def _refuse(self, conn: Conn, code: str, message: str, now: float) -> None:
+        self._last_word(conn, encode(ErrorReply(code, message[:300])), now)
+
+    def _send(self, conn: Conn, msg: ServerMessage) -> None:
+        if not conn.gone:
+            self._out.append(Send(conn.id, encode(msg)))
+
+    # -- accept: the caps and the seed's reply ---------------------------------------------
+
+    def _accept(self, ev: Accepted) -> None:
+        now, peer = ev.now, ev.peer
+        source = str(peer[0]) if peer else "?"
+        conn = Conn(ev.conn, source, peer, kernel_rtt=ev.kernel_rtt, syn_data=ev.syn_data)
+        self.conns[conn.id] = conn
+        self.stats.open_now += 1
+        self._per_source[source] += 1
+        if self.stats.open_now > self.limits.max_connections:
+            self.stats.refused_capacity += 1
+            self._problem("capacity", f"refused {source}: {self.limits.max_connections} "
+                          "connections open", now)
+            self._reset(conn, now)
+            return
+        if self._per_source[source] > self.limits.max_per_source:
+            self.stats.refused_flood += 1
+            self._problem("flood", f"refused {source}: over {self.limits.max_per_source} "
+                          "open connections from one address", now)
+            self._reset(conn, now)
+            return
+        try:
+            if peer is None:
+                raise WireError("connection closed before it could be served")
+            public = _observed(peer)
+            reply = encode_reply(public.host, public.port)
+        except WireError as exc:  # not IPv4 (a v6 listener), or already gone
+            self._unserved(conn, str(exc), now)
+            return
+        self._out.append(Send(conn.id, reply))  # first, before reading anything
+        self.stats.served += 1
+        self._at(conn, now + self.limits.hello_timeout)
+
+    def _unserved(self, conn: Conn, why: str | None, now: float) -> None:
+        self.stats.failed += 1
+        self._problem("error", f"could not serve {_fmt(conn.peer)}: {why}", now)
+        self._reset(conn, now)
+
+    # -- what the peer does -------------------------------------------------------------------
+
+    def _receive(self, conn: Conn, data: bytes, now: float, kernel_rtt: float | None) -> None:
+        if kernel_rtt is not None:
+            conn.kernel_rtt = kernel_rtt
+        phase = conn.phase
+        if phase is Phase.HELLO:
+            self._hello_bytes(conn, data, now)
+        elif phase is Phase.SHARING:
+            try:
+                for payload in self._frames(conn, data):
+                    self._sharer_message(conn, payload, now)
+            except _Gone:
+                self._reset(conn, now)  # the code closes with it
+        elif phase is Phase.MEASURING:
+            try:
+                payloads = self._frames(conn, data)
+            except _Gone:
+                payloads = [b""]  # the wait ends without a sample, as on a close
+            if not payloads:
+                return
+            try:
+                msg = decode_client_message(payloads[0])
+            except MessageError:
+                msg = None
+            if isinstance(msg, Pong):
+                conn.rtts.append(now - conn.ping_at)
+            self._measured(conn, now)  # anything else ends the wait without a sample
+        # Otherwise (waiting for a retry, firing, last word, closing) nothing is read
+        # any more: what arrives is discarded.
+
+    def _peer_closed(self, conn: Conn, now: float) -> None:
+        conn.eof = True
+        phase = conn.phase
+        if phase is Phase.HELLO or phase is Phase.SHARING:
+            # A seed client that has its answer and closed (it sees nothing of the
+            # RST, and its port is free at once), or a sharer that left.
+            self._reset(conn, now)
+        elif phase is Phase.MEASURING:
+            self._measured(conn, now)
+        elif phase is Phase.LAST_WORD:
+            self._close(conn, now)
+        # RETRY_WAITING, FIRING: its message still goes out. CLOSING: over soon.
+
+    def _lost(self, conn: Conn, ev: Lost) -> None:
+        now = ev.now
+        if ev.writing and conn.phase is Phase.HELLO:
+            self.stats.served -= 1  # counted when the reply was handed over: undelivered
+            conn.gone = True
+            self._unserved(conn, ev.error, now)
+            return
+        if conn.phase is Phase.RETRY_WAITING or conn.phase is Phase.FIRING:
+            conn.gone = True  # kept until its coordination ends: the other side's goes ahead
+            return
+        if conn.phase is Phase.MEASURING:
+            conn.gone = True
+            self._measured(conn, now)  # the pairing goes ahead without a sample
+            return
+        self._forget(conn, now)
+
+    def _tick(self, now: float) -> None:
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            at, cid = heapq.heappop(timers)
+            conn = self.conns.get(cid)
+            if conn is None or conn.deadline != at:
+                continue  # stale
+            conn.deadline = None
+            try:
+                self._due(conn, now)
+            except Exception as exc:
+                self._crashed(cid, exc, now)
+
+    def _due(self, conn: Conn, now: float) -> None:
+        phase = conn.phase
+        if phase is Phase.HELLO:
+            # A seed client that keeps its end open: close, as the seed always did
+            # (with a partial frame buffered it is no seed client: reset).
+            if conn.frames.buffered:
+                self._reset(conn, now)
+            else:
+                self._close(conn, now)
+        elif phase is Phase.SHARING:
+            self._sharer_wake(conn, now)
+        elif phase is Phase.MEASURING:
+            self._measured(conn, now)  # no pong within PING_ONCE_WAIT: go without
+        elif phase is Phase.RETRY_WAITING:
+            slot = self.retries.get(_nameplate(conn))
+            if slot is not None and slot.waiting is not None and slot.waiting[1] == conn.id:
+                slot.waiting = None
+            self._refuse(conn, "timeout", f"the peer did not retry within {RETRY_WAIT:g} s", now)
+        elif phase is Phase.FIRING:
+            data, conn.message = conn.message, b""
+            self._last_word(conn, data, now)
+        else:  # LAST_WORD, CLOSING: the peer did not finish in time
+            self._reset(conn, now)
+
+    # -- the hello ---------------------------------------------------------------------------
+
+    def _hello_bytes(self, conn: Conn, data: bytes, now: float) -> None:
+        try:
+            payloads = conn.frames.feed(data)
+        except MessageError:  # not a framed client at all (HTTP, noise): no answer
+            self._reset(conn, now)
+            return
+        if not payloads:
+            return
+        try:
+            msg = decode_client_message(payloads[0])
+            if isinstance(msg, Probe):  # the mapping check: close first, at once
+                self._close(conn, now)
+                return
+            if not isinstance(msg, Hello) or len(payloads) > 1 or conn.frames.buffered:
+                raise MessageError("the first message must be a single hello")
+        except UnsupportedVersion as exc:
+            self._refuse(conn, "unsupported_version", f"rendezvous: {exc}", now)
+            return
+        except MessageError as exc:
+            self._problem("bad-hello", f"bad hello from {_fmt(conn.peer)}: {exc}", now)
+            self._refuse(conn, "bad_request", f"rendezvous rejected the hello: {exc}", now)
+            return
+        self.stats.coordinated += 1
+        conn.hello = msg
+        conn.pake = msg.pake
+        conn.deadline = None
+        if msg.action == "share":
+            self._share(conn, now)
+        elif msg.action == "join":
+            self._join(conn, now)
+        else:
+            self._retry(conn, now)
+
+    def _frames(self, conn: Conn, data: bytes) -> list[bytes]:
+        try:
+            return conn.frames.feed(data)
+        except MessageError as exc:
+            raise _Gone(f"sent an invalid message ({exc})") from None
+
+    # -- share -----------------------------------------------------------------------------------
+
+    def _share(self, conn: Conn, now: float) -> None:
+        try:
+            nameplate, expires_at = self.book.allocate(conn.id, now=now)
+        except ClaimRefused as exc:
+            self._refuse(conn, exc.code, str(exc), now)
+            return
+        conn.phase = Phase.SHARING
+        conn.sharing = Sharing(nameplate, expires_at, last_pong=now)
+        self._send(conn, Welcome(nameplate, self.limits.pairing.code_lifetime, conn.public))
+        self._ping(conn, now)
+
+    def _ping(self, conn: Conn, now: float) -> None:
+        """The next ping to a waiting sharer, and when to wake for the one after."""
+        sharing = conn.sharing
+        assert sharing is not None
+        sharing.seq += 1
+        sharing.sent[sharing.seq] = now
+        self._send(conn, Ping(sharing.seq))
+        interval = 0.0 if sharing.seq < QUICK_PINGS else self.limits.ping_interval
+        left = sharing.expires_at - now
+        self._at(conn, now + min(max(interval, 2 * conn.rtt()), max(0.0, left)))
+
+    def _sharer_message(self, conn: Conn, payload: bytes, now: float) -> None:
+        try:
+            msg = decode_client_message(payload)
+        except MessageError as exc:
+            raise _Gone(f"sent an invalid message ({exc})") from None
+        if isinstance(msg, PakeMessage):  # once, after the welcome
+            if conn.pake is not None:
+                raise _Gone("sent an unexpected pake message")
+            conn.pake = msg.pake
+        elif isinstance(msg, Pong):
+            sharing = conn.sharing
+            assert sharing is not None
+            sent = sharing.sent.pop(msg.seq, None)
+            if sent is not None:
+                conn.rtts = [*conn.rtts[1 - RTT_SAMPLES:], now - sent]
+                sharing.last_pong = now
+        else:
+            raise _Gone("sent a second hello")
+
+    def _sharer_wake(self, conn: Conn, now: float) -> None:
+        sharing = conn.sharing
+        assert sharing is not None
+        if now >= sharing.expires_at:
+            self.book.sweep(now=now)  # buries it as expired (a late claim is told so)
+            lifetime = describe_duration(self.limits.pairing.code_lifetime)
+            self._refuse(conn, "expired", f"nobody used the pairing code within {lifetime}",
+                         now)
+            return
+        if now - sharing.last_pong > 3 * self.limits.ping_interval + 1:
+            self._reset(conn, now)  # silently gone: its code closes
+            return
+        self._ping(conn, now)
+
+    # -- join --------------------------------------------------------------------------------------
+
+    def _join(self, conn: Conn, now: float) -> None:
+        hello = conn.hello
+        assert hello is not None and hello.nameplate is not None
+        nameplate = hello.nameplate
+        owner = self.book.peek(nameplate, now=now)
+        sharer = None if owner is None else self.conns.get(owner)
+        if (sharer is not None and hello.probe is None
+                and sharer.info().mapping == "symmetric" and conn.info().mapping != "none"):
+            # Against a symmetric sharer the joiner's own mapping decides between
+            # "refuse at once" and a short punch: it has to check it first. The
+            # code stays open for its second hello.
+            self._refuse(conn, "probe_required",
+                         "the sharer's NAT is symmetric: check our NAT mapping (a probe from "
+                         "the same port), then send the hello again", now)
+            return
+        try:
+            conn.partner = self.book.claim(nameplate, conn.public.host, now=now)
+        except ClaimRefused as exc:
+            self.stats.refused_claims += 1
+            self._refuse(conn, exc.code, str(exc), now)
+            return
+        if conn.syn_data:
+            # The hello came in the SYN: its handshake is still completing, so no
+            # RTT yet, and measuring one would cost the round trip Fast Open saved.
+            # The plan fires without it.
+            self.stats.syn_data += 1
+            self._measured(conn, now)
+        elif conn.kernel_rtt is None:
+            self._ping_once(conn, now)
+        else:
+            self._measured(conn, now)
+
+    def _ping_once(self, conn: Conn, now: float) -> None:
+        """One RTT sample where the kernel offers none (bounded: a silent peer costs 1 s)."""
+        conn.phase = Phase.MEASURING
+        conn.ping_at = now
+        self._send(conn, Ping(1))
+        self._at(conn, now + PING_ONCE_WAIT)
+
+    def _measured(self, conn: Conn, now: float) -> None:
+        """A joiner or retrier has its RTT (or goes without): on with the pairing."""
+        conn.deadline = None
+        assert conn.hello is not None
+        if conn.hello.action == "join":
+            self._join_measured(conn, now)
+        else:
+            self._retry_measured(conn, now)
+
+    def _join_measured(self, conn: Conn, now: float) -> None:
+        sharer = None if conn.partner is None else self.conns.get(conn.partner)
+        if sharer is None or sharer.phase is not Phase.SHARING:
+            self._refuse(conn, "unknown_code",
+                         f"pairing code {_nameplate(conn)}-… is no longer open (the sharer "
+                         "stopped waiting): ask for a new code", now)
+            return
+        self._pair(_nameplate(conn), sharer, conn, now)
+
+    # -- retry after a failed punch -------------------------------------------------------------
+
+    def _retry(self, conn: Conn, now: float) -> None:
+        """A peer whose punch failed coordinates again: wait for the other, then fire both."""
+        slot = self._retry_slot(conn, now)
+        if slot is None:
+            return
+        if conn.kernel_rtt is None:
+            self._ping_once(conn, now)  # then _retry_measured looks the slot up again
+        else:
+            self._retry_measured(conn, now, slot)
+
+    def _retry_slot(self, conn: Conn, now: float) -> RetrySlot | None:
+        """The pairing this retry may coordinate again (None: refused)."""
+        nameplate = _nameplate(conn)
+        side = _side(conn)
+        self._prune_retries(now)
+        slot = self.retries.get(nameplate)
+        paired_from = None if slot is None else (
+            slot.sharer_ip if side == "sharer" else slot.joiner_ip)
+        if slot is None or slot.left <= 0 or paired_from != conn.public.host:
+            self.stats.refused_claims += 1
+            self._refuse(conn, "unknown_code",
+                         f"no failed punch of pairing code {nameplate}-… to retry from here "
+                         "(it was never paired, or its retries are spent)", now)
+            return None
+        return slot
+
+    def _retry_measured(self, conn: Conn, now: float, slot: RetrySlot | None = None) -> None:
+        slot = slot or self._retry_slot(conn, now)
+        if slot is None:
+            return
+        side = _side(conn)
+        other = None if slot.waiting is None else self.conns.get(slot.waiting[1])
+        if slot.waiting is None or other is None or other.phase is not Phase.RETRY_WAITING:
+            slot.waiting = (side, conn.id)
+            conn.phase = Phase.RETRY_WAITING
+            self._at(conn, now + RETRY_WAIT)
+            return
+        if slot.waiting[0] == side:
+            self._refuse(conn, "bad_request", f"a retry from the {side} is already waiting", now)
+            return
+        slot.waiting = None
+        slot.left -= 1
+        other.deadline = None
+        if side == "joiner":
+            self._pair(_nameplate(conn), other, conn, now)
+        else:
+            self._pair(_nameplate(conn), conn, other, now)
+
+    def _prune_retries(self, now: float) -> None:
+        for nameplate in [n for n, s in self.retries.items() if s.until <= now]:
+            del self.retries[nameplate]
+
+    # -- the plan and the fires ------------------------------------------------------------------
+
+    def _pair(self, nameplate: int, sharer: Conn, joiner: Conn, now: float) -> None:
+        (to_sharer, sharer_at), (to_joiner, joiner_at) = self._plan(nameplate, sharer, joiner,
+                                                                    now)
+        self._fire(joiner, encode(to_joiner), joiner_at, now)
+        self._fire(sharer, encode(to_sharer), sharer_at, now)
+
+    def _fire(self, conn: Conn, data: bytes, at: float, now: float) -> None:
+        """``data`` is this connection's last message, due at ``at``."""
+        conn.sharing = None  # claimed: no more pings, and nothing to release
+        if at <= now:
+            self._last_word(conn, data, now)
+            return
+        conn.phase = Phase.FIRING
+        conn.message = data
+        self._at(conn, at)
+
+    def _plan(self, nameplate: int, sharer_conn: Conn, joiner_conn: Conn, now: float,
+              ) -> tuple[tuple[ServerMessage, float], tuple[ServerMessage, float]]:
+        """Each side's last message (fire, or the refusal) and when to send it."""
+        sharer, joiner = sharer_conn.info(), joiner_conn.info()
+        try:
+            plans = make_plans(sharer, joiner, self.limits.pairing)
+        except SymmetricPair as exc:
+            refusal = ErrorReply("symmetric_nat", str(exc))
+            return (refusal, now), (refusal, now)
+        # The joiner fires as soon as its fire arrives: nothing is gained by holding
+        # it back. The sharer's fire arrives with it or a few ms later, never
+        # before: a sharer SYN that beat the joiner's own SYN out of the joiner's
+        # NAT would be dropped or refused there, while a sharer SYN that leaves
+        # up to half a peer round trip late still crosses the joiner's (whose SYN
+        # takes that long to reach the sharer's NAT), and the joiner's first
+        # bytes reach the sharer no later.
+        joiner_at = now
+        if joiner_conn.rtt_known():
+            sharer_at = now + max(0.0, (joiner.rtt - sharer.rtt) / 2) + FIRE_MARGIN
+            fire_at = now + joiner.rtt / 2  # when the joiner fires
+            rtt_ms = round((sharer.rtt + joiner.rtt) / 2 * 1000, 3)  # peer <-> peer, estimated
+        else:
+            # The joiner's hello came in its SYN (no RTT measured): fire both at once.
+            # Still safe: the sharer's SYN reaches the joiner's NAT after
+            # (sharer + peer path) / 2, no earlier than the joiner's SYN leaves it
+            # (joiner path / 2) as long as paths obey the triangle inequality.
+            sharer_at = now + FIRE_MARGIN
+            fire_at = now + sharer.rtt / 2
+            rtt_ms = round(sharer.rtt * 1000, 3)
+        # SPAKE2 messages go through only if both sent one (a client without it
+        # must see neither: it rejects unknown fields, and both must agree on
+        # whether the tunnel runs SPAKE2 in-band).
+        both = sharer_conn.pake is not None and joiner_conn.pake is not None
+        # Keep the pairing for a retry until well after its punch can have ended.
+        self._prune_retries(now)
+        until = fire_at + sum(s.budget for s in plans.sharer) + RETRY_GRACE
+        slot = self.retries.get(nameplate)
+        if slot is None:
+            self.retries[nameplate] = RetrySlot(sharer.public.host, joiner.public.host, until)
+        else:
+            slot.until = until
+        self.stats.paired += 1
+        return (
+            (Fire(sharer.public, joiner.public, plans.sharer, rtt_ms, plans.sharer_note,
+                  joiner_conn.pake if both else None, (sharer.mapping, joiner.mapping)),
+             sharer_at),
+            (Fire(joiner.public, sharer.public, plans.joiner, rtt_ms, plans.joiner_note,
+                  sharer_conn.pake if both else None, (joiner.mapping, sharer.mapping)),
+             joiner_at),
+        )
+
+
+def _observed(peer: tuple[str, int]) -> Endpoint:
+    return Endpoint(str(peer[0]).removeprefix("::ffff:"), int(peer[1]))  # IPv4-mapped, dual stack
+
+
+def _fmt(peer: tuple[str, int] | None) -> str:
+    return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+
+def _nameplate(conn: Conn) -> int:
+    assert conn.hello is not None and conn.hello.nameplate is not None
+    return conn.hello.nameplate
+
+
+def _side(conn: Conn) -> str:
+    assert conn.hello is not None
+    return "sharer" if conn.hello.action == "reshare" else "joiner"
