@@ -88,7 +88,7 @@ def share_proc(service_port: int, ready: Connection, profile: bool, window: int)
         lsock.setblocking(False)
         tunnel, _ = await loop.sock_accept(lsock)
         lsock.close()
-        channel = await open_channel(tunnel, role="A", code=CODE)
+        channel = await open_channel(tunnel, role="server", code=CODE)
         async with Mux(channel, initiator=True, name="share", window=window) as mux:
             await serve_share(mux, ("127.0.0.1", service_port))
 
@@ -99,7 +99,7 @@ def connect_proc(tunnel_port: int, ready: Connection, profile: bool, window: int
     async def run() -> None:
         listener = socket.create_server(("127.0.0.1", 0), backlog=2048)
         tunnel = socket.create_connection(("127.0.0.1", tunnel_port))
-        channel = await open_channel(tunnel, role="B", code=CODE)
+        channel = await open_channel(tunnel, role="client", code=CODE)
         ready.send(listener.getsockname()[1])
         async with Mux(channel, initiator=False, name="connect", window=window) as mux:
             await serve_connect(mux, listener)

@@ -139,14 +139,14 @@ class PairedSession(SessionBase):
         timeout = self.spec.net_timeout * 2
         if paired.peer_pake is not None and self._pake is not None:
             self._pake.finish(paired.peer_pake)  # done already while punching: a no-op
-            return await open_channel(paired.sock, role=paired.role, code=paired.code,
+            return await open_channel(paired.sock, role=self.spec.role, code=paired.code,
                                       timeout=timeout, pake=self._pake)
         # A rendezvous that forwarded no SPAKE2 messages: the whole handshake in-band.
-        return await open_channel(paired.sock, role=paired.role, code=paired.code,
+        return await open_channel(paired.sock, role=self.spec.role, code=paired.code,
                                   timeout=timeout)
 
     def _make_pake(self, code: str) -> Pake:
-        self._pake = Pake("A" if self.spec.role == "server" else "B", code)
+        self._pake = Pake(self.spec.role, code)
         return self._pake
 
     async def _pair(self) -> coord.PairedTunnel:
