@@ -106,7 +106,7 @@ class PairedSession(SessionBase):
                              data={"peer": str(paired.peer)}))
             self._set_state(State.PUNCHING, f"authenticating {paired.peer} with the code")
             channel = await self._open(paired)
-            self._mux = Mux(channel, initiator=paired.role == "A", keepalive=spec.keepalive,
+            self._mux = Mux(channel, role=spec.role, keepalive=spec.keepalive,
                             dead_after=spec.keepalive * 3, name=f"mux-{spec.local_port}")
             await self._mux.start()
             # Serving starts before the peer's key confirmation is checked: our

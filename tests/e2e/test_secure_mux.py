@@ -212,7 +212,7 @@ async def test_a_flipped_ciphertext_byte_is_detected() -> None:
 async def test_tampering_fails_the_mux_and_its_streams() -> None:
     async with relay(flip_at=HELLO_SIZE + CONFIRM_SIZE + 4 + 40) as r:
         ca, cb = await channels(r.a, r.b)
-        async with Mux(ca, initiator=True) as ma, Mux(cb, initiator=False) as mb:
+        async with Mux(ca, role="server") as ma, Mux(cb, role="client") as mb:
             s = await ma.open_stream()
             await s.write(SECRET)
             with pytest.raises(TunnelTampered):
@@ -376,9 +376,9 @@ async def muxes(r: Relay | None = None, keepalive: float = 15.0,
                 dead_after: float = 45.0) -> AsyncIterator[tuple[Mux, Mux]]:
     a, b = (r.a, r.b) if r is not None else tcp_pair()
     ca, cb = await channels(a, b)
-    async with Mux(ca, initiator=True, name="mux-a", keepalive=keepalive,
+    async with Mux(ca, role="server", name="mux-a", keepalive=keepalive,
                    dead_after=dead_after) as ma, \
-            Mux(cb, initiator=False, name="mux-b", keepalive=keepalive,
+            Mux(cb, role="client", name="mux-b", keepalive=keepalive,
                 dead_after=dead_after) as mb:
         yield ma, mb
 
