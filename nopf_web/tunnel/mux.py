@@ -144,7 +144,8 @@ class Stream:
                 need -= len(chunk)
             data = b"".join(parts)
         self._in_size -= len(data)
-        self._mux._consumed(self.stream_id, len(data))
+        if self._machine.consumed(self.stream_id, len(data)):
+            self._mux._wake.set()
         return data
 
     async def readexactly(self, n: int) -> bytes:
@@ -157,26 +158,6 @@ class Stream:
             parts.append(chunk)
             n -= len(chunk)
         return b"".join(parts)
-
-    def _on_data(self, data: bytes | memoryview) -> bool:
-        """Buffer ``data``; True if the stream must be delivered to its sink."""
-        self._in.append(data)
-        self._in_size += len(data)
-        self._readable.set()
-        return self._deliver_later()
-
-    def _on_eof(self) -> bool:
-        self._remote_fin = True
-        self._readable.set()
-        return self._deliver_later()
-
-    def _deliver_later(self) -> bool:
-        # In push mode, everything one record brings for this stream goes out in
-        # one write once the record is parsed: far fewer local send() calls.
-        if self._sink is not None and not self._flush_queued:
-            self._flush_queued = True
-            return True
-        return False
 
     def _deliver(self) -> None:
         self._flush_queued = False
@@ -195,7 +176,8 @@ class Stream:
                 sink.on_data(b"".join(self._in))
                 self._in.clear()
             self._in_size = 0
-            self._mux._consumed(self.stream_id, n)
+            if self._machine.consumed(self.stream_id, n):
+                self._mux._wake.set()
         if self._remote_fin and not self._eof_delivered:
             self._eof_delivered = True
             sink.on_eof()
@@ -228,7 +210,8 @@ class Stream:
         if self._error is not None:
             raise self._error
         more = self._machine.send(self.stream_id, data)
-        self._mux._kick()
+        if data:
+            self._mux._wake.set()
         if more:
             return True
         self._on_writable = on_writable
@@ -247,7 +230,7 @@ class Stream:
         # Queued until the writer sends it: the machine copies anything the caller
         # could still change.
         more = self._machine.send(self.stream_id, data)
-        self._mux._kick()
+        self._mux._wake.set()
         while not more and self._error is None:
             self._writable.clear()
             await self._writable.wait()
@@ -459,10 +442,6 @@ class Mux:
             await self._accept_ready.wait()
         return self._accepts.popleft()
 
-    def _consumed(self, stream_id: int, n: int) -> None:
-        self._machine.consumed(stream_id, n)
-        self._kick()
-
     def _kick(self) -> None:
         """Wake the writer if the machine has frames to send."""
         if self._machine.wants_to_send:
@@ -472,11 +451,19 @@ class Mux:
 
     def _apply(self, events: list[MuxEvent]) -> None:
         streams = self._streams
-        deliver: list[Stream] = []
+        deliver: list[Stream] | None = None  # push-mode streams with news
         for event in events:
             if type(event) is StreamData:  # the hot path first
                 stream = streams[event.stream_id]
-                if stream._on_data(event.data):
+                stream._in.append(event.data)
+                stream._in_size += len(event.data)
+                stream._readable.set()
+                # In push mode, everything one record brings for this stream goes
+                # out in one write once the record is parsed: fewer local sends.
+                if stream._sink is not None and not stream._flush_queued:
+                    stream._flush_queued = True
+                    if deliver is None:
+                        deliver = []
                     deliver.append(stream)
             elif type(event) is StreamOpened:
                 state = self._machine.stream(event.stream_id)
@@ -486,7 +473,12 @@ class Mux:
                 self._accept_ready.set()
             elif type(event) is StreamEof:
                 stream = streams[event.stream_id]
-                if stream._on_eof():
+                stream._remote_fin = True
+                stream._readable.set()
+                if stream._sink is not None and not stream._flush_queued:
+                    stream._flush_queued = True
+                    if deliver is None:
+                        deliver = []
                     deliver.append(stream)
             elif type(event) is StreamWritable:
                 streams[event.stream_id]._drained()
@@ -496,17 +488,19 @@ class Mux:
                 streams.pop(event.stream_id)._fail(event.error)
             elif isinstance(event, TunnelEnded):
                 self._ended(event.error, graceful=event.graceful)
-        for stream in deliver:
-            stream._deliver()
-        self._kick()
+        if deliver is not None:
+            for stream in deliver:
+                stream._deliver()
+        if self._machine.wants_to_send:
+            self._wake.set()
 
     def _on_record(self, record: bytes) -> None:
         assert self._loop is not None
         events = self._machine.receive(record, self._loop.time())
         if events:
             self._apply(events)
-        else:
-            self._kick()  # a PONG, credit or a reset to send
+        elif self._machine.wants_to_send:  # a PONG, credit or a reset to send
+            self._wake.set()
 
     def _on_channel_end(self, exc: Exception | None) -> None:
         self._apply(self._machine.connection_lost(exc))
@@ -536,7 +530,7 @@ class Mux:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while True:
+            while machine.wants_to_send:
                 parts, events = machine.data_to_send()
                 if not parts:
                     break

@@ -63,6 +63,9 @@ DEFAULT_MAX_STREAMS = 4096
 AUTO_WINDOW_MAX = 4 * 1024 * 1024
 AUTO_WINDOW_BUDGET = 8 * 1024 * 1024
 _PING = struct.Struct("!Q")  # PING payload: our clock in ns when it left (u64 BE)
+_DATA = fr.FrameType.DATA.value
+_DataFrame = fr.DataFrame
+_pack_header = fr.HEADER.pack
 _U64 = (1 << 64) - 1
 
 MuxState = Literal["new", "open", "closed", "failed"]
@@ -70,16 +73,18 @@ Buffer = bytes | bytearray | memoryview
 
 
 # -- events -------------------------------------------------------------------------
+# Values, never changed after they are made (not frozen: cheaper to make, and
+# StreamData is made once per DATA frame).
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamOpened:
     """The peer opened a stream (it is in :meth:`MuxMachine.stream` now)."""
 
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamData:
     """Bytes for the application; report them with :meth:`MuxMachine.consumed`
     once it has taken them, which returns the peer's credit."""
@@ -88,14 +93,14 @@ class StreamData:
     data: bytes | memoryview
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamEof:
     """The peer sends no more on this stream (FIN)."""
 
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamFailed:
     """The stream was reset (by the peer, or by us for a peer's violation)."""
 
@@ -103,21 +108,21 @@ class StreamFailed:
     error: StreamReset
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamWritable:
     """The stream's queue fell below ``STREAM_SEND_BUFFER``: the sender may go on."""
 
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamDone:
     """Both directions ended (FIN each way): the machine forgot the stream."""
 
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TunnelEnded:
     """The tunnel ended: every stream still open ended with it (``error``).
     ``graceful``: a clean close (GOAWAY, :class:`TunnelClosed`); close the
@@ -369,12 +374,13 @@ class MuxMachine:
         return StreamReset(f"stream {stream_id} was reset" + (f": {message}" if message else ""),
                            code=code)
 
-    def consumed(self, stream_id: int, n: int) -> None:
+    def consumed(self, stream_id: int, n: int) -> bool:
         """The application took ``n`` bytes of the stream's data: credit them back
-        (in batches of a quarter window: fewer frames, no stall)."""
+        (in batches of a quarter window: fewer frames, no stall). True when a
+        WINDOW_UPDATE was queued (there is something to send)."""
         stream = self._streams.get(stream_id)
         if stream is None:
-            return
+            return False
         stream.pending -= n
         stream.unacked += n
         if stream.unacked >= stream.window // 4 and not stream.remote_fin:
@@ -382,6 +388,8 @@ class MuxMachine:
             stream.unacked = 0
             if credit:
                 self._grant(stream, credit)
+                return True
+        return False
 
     # -- receiving --------------------------------------------------------------
 
@@ -393,9 +401,20 @@ class MuxMachine:
         self._last_rx = now
         events: list[MuxEvent] = []
         try:
+            streams = self._streams
             for frame in self._decoder.feed(data):
-                if type(frame) is fr.DataFrame:  # the hot path first
-                    self._on_data(frame.stream_id, frame.data, events)
+                if type(frame) is _DataFrame:  # the hot path first, inline
+                    sid, payload = frame
+                    stream = streams.get(sid)
+                    n = len(payload)
+                    if stream is not None and not stream.remote_fin and n <= stream.recv_window:
+                        self.bytes_in += n
+                        stream.recv_window -= n
+                        stream.bytes_in += n
+                        stream.pending += n
+                        events.append(StreamData(sid, payload))
+                    else:
+                        self._on_data(sid, payload, events)
                 else:
                     self._dispatch(frame, now, events)
         except FrameError as exc:
@@ -507,7 +526,8 @@ class MuxMachine:
             n = min(stream.out_size, stream.credit, limit)
             if n:
                 queued = stream.out_size
-                parts.append(fr.encode_data_header(stream.stream_id, n))
+                # 0 < n <= MAX_PAYLOAD and a valid id: no need for the codec's checks.
+                parts.append(_pack_header(_DATA, stream.stream_id, n))
                 parts += stream._take(n)
                 stream.out_size = queued - n
                 stream.credit -= n

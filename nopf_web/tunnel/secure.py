@@ -57,6 +57,8 @@ class _Protocol(asyncio.BufferedProtocol):
     def __init__(self, channel: SecureChannel) -> None:
         self._channel = channel
         self._machine = channel._machine
+        # Straight to the machine: asyncio calls it twice per record.
+        self.get_buffer = self._machine.get_buffer  # type: ignore[method-assign]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -69,7 +71,12 @@ class _Protocol(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         events = self._machine.buffer_updated(nbytes)
         if events:
-            self._channel._handle(events)
+            channel = self._channel
+            if channel._sink is not None and len(events) == 1 \
+                    and type(event := events[0]) is RecordReceived:
+                channel._sink(event.plaintext)  # the hot path: one record, push mode
+            else:
+                channel._handle(events)
 
     def eof_received(self) -> bool:
         return False  # close our side too: the channel has no half-close
