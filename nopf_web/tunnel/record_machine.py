@@ -330,6 +330,7 @@ class RecordMachine:
     """
 
     def __init__(self, role: PeerRole, *, timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        """Use :meth:`handshake` or :meth:`confirm_only`."""
         _check_role(role)
         self.role: PeerRole = role
         self.timeout = timeout
@@ -404,9 +405,17 @@ class RecordMachine:
     # -- inputs -----------------------------------------------------------------
 
     def start(self, now: float) -> list[RecordEvent]:
-        """Begin at ``now``: our first handshake bytes (and, confirm-only, HandshakeDone)."""
+        """Begin at ``now``: our first handshake bytes (and, confirm-only, HandshakeDone).
+
+        Bytes received before are kept and handled now; after the connection was
+        lost, there is nothing to do."""
+        if self._state in ("failed", "ended"):
+            return []
         if self._state != "new":
             raise RuntimeError("the record machine was already started")
+        if self._keys is None and self._spake is None:
+            raise RuntimeError("make the machine with RecordMachine.handshake() or "
+                               ".confirm_only()")
         self._deadline = now + self.timeout
         events: list[RecordEvent]
         if self._keys is None:  # in-band: hellos first
@@ -530,7 +539,8 @@ class RecordMachine:
 
     @property
     def _waiting_for(self) -> str:
-        return "pairing message" if self._state in ("new", "hello") else "key confirmation"
+        # Keys exist from the peer's hello on (in-band), or from the start (confirm-only).
+        return "pairing message" if self._keys is None else "key confirmation"
 
     def _derive_all(self, key: bytes, peer_hello: bytes) -> tuple[SealingKey, OpeningKey]:
         """Record keys from the SPAKE2 key; remembers both confirmation tags."""

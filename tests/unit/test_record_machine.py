@@ -241,6 +241,25 @@ def test_records_only_after_the_handshake() -> None:
         a.m.seal([b"too early"])
     with pytest.raises(RuntimeError):
         a.m.start(1.0)
+    with pytest.raises(RuntimeError, match="handshake"):
+        RecordMachine("server").start(0.0)
+
+
+def test_bytes_before_the_start_wait_for_it_and_a_loss_before_it_is_final() -> None:
+    a, b = in_band()
+    b.start()
+    a.feed(bytes(b.out))  # B's hello arrives before A started
+    assert not a.events and not a.out and a.m.state == "new"
+    a.start()
+    assert len(a.out) == HELLO_SIZE + CONFIRM_SIZE  # our hello first, then our tag
+    c = Peer(RecordMachine.handshake("server", CODE))
+    c.take(c.m.connection_lost(None))
+    assert isinstance(c.failure().error, HandshakeError)
+    assert c.m.start(0.0) == [] and not c.out
+    pa, _ = exchanged()
+    d = Peer(RecordMachine.confirm_only("server", pa))
+    d.take(d.m.connection_lost(None))
+    assert "before sending its key confirmation" in str(d.failure().error)
 
 
 # -- a wrong code, wrong roles, not a peer -----------------------------------------
