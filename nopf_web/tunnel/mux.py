@@ -4,10 +4,13 @@ window tuning, scheduling, keepalive).
 
 The driver reads, feeds, acts. The channel hands each decrypted record to the
 machine (no task switch per record) and the driver turns the machine's events
-into the streams' buffers and wake-ups. One writer task asks the machine for
-one record's frames at a time and seals them without joining them; a
-keepalive task calls the machine's timer at its deadlines. Both run in one
-task group, from :meth:`Mux.start` until the tunnel ends.
+into the streams' buffers and wake-ups. Whatever makes frames to send
+schedules one flush in the next loop iteration (so everything one iteration
+queued shares records): it asks the machine for one record's frames at a
+time and seals them without joining them, until the machine has nothing
+left or the channel must drain. Two tasks, in one task group from
+:meth:`Mux.start` until the tunnel ends: the writer waits for those drains,
+and the keepalive calls the machine's timer at its deadlines.
 
 Ending: :meth:`Mux.close` sends GOAWAY and closes; every stream still open then
 fails with :class:`TunnelClosed`. A failure (dead peer, tampering, protocol
@@ -60,6 +63,8 @@ class Channel(Protocol):
 
     def write(self, data: bytes | bytearray | memoryview) -> None: ...
     async def drain(self) -> None: ...
+    @property
+    def writing_paused(self) -> bool: ...
     def start(self, on_record: Callable[[bytes], None],
               on_end: Callable[[Exception | None], None]) -> None: ...
     def close(self) -> None: ...
@@ -145,7 +150,7 @@ class Stream:
             data = b"".join(parts)
         self._in_size -= len(data)
         if self._machine.consumed(self.stream_id, len(data)):
-            self._mux._wake.set()
+            self._mux._kick()
         return data
 
     async def readexactly(self, n: int) -> bytes:
@@ -177,7 +182,7 @@ class Stream:
                 self._in.clear()
             self._in_size = 0
             if self._machine.consumed(self.stream_id, n):
-                self._mux._wake.set()
+                self._mux._kick()
         if self._remote_fin and not self._eof_delivered:
             self._eof_delivered = True
             sink.on_eof()
@@ -211,7 +216,7 @@ class Stream:
             raise self._error
         more = self._machine.send(self.stream_id, data)
         if data:
-            self._mux._wake.set()
+            self._mux._kick()
         if more:
             return True
         self._on_writable = on_writable
@@ -230,7 +235,7 @@ class Stream:
         # Queued until the writer sends it: the machine copies anything the caller
         # could still change.
         more = self._machine.send(self.stream_id, data)
-        self._mux._wake.set()
+        self._mux._kick()
         while not more and self._error is None:
             self._writable.clear()
             await self._writable.wait()
@@ -308,8 +313,10 @@ class Mux:
         self._streams: dict[int, Stream] = {}
         self._accepts: deque[Stream] = deque()
         self._accept_ready = asyncio.Event()
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()  # the writer sent (and drained) all it had
+        self._flush_handle: asyncio.Handle | None = None  # a flush is scheduled or running
+        self._draining = False  # a flush stopped for the channel to drain
+        self._wake = asyncio.Event()  # the writer task: wait for the drain, flush again
+        self._idle = asyncio.Event()  # everything the machine had is sent
         self._done = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None  # the writer and keepalive's group
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -386,7 +393,7 @@ class Mux:
 
     async def _flushed(self) -> None:
         self._idle.clear()
-        self._wake.set()
+        self._kick()
         await self._idle.wait()
 
     async def _reap(self) -> None:
@@ -443,9 +450,42 @@ class Mux:
         return self._accepts.popleft()
 
     def _kick(self) -> None:
-        """Wake the writer if the machine has frames to send."""
-        if self._machine.wants_to_send:
-            self._wake.set()
+        """Flush in the next loop iteration (unless one is due, or waits for a drain)."""
+        if self._flush_handle is None and not self._draining and self._loop is not None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send what the machine has, a record at a time, until it has nothing or
+        the channel must drain first (the writer task waits for that)."""
+        machine = self._machine
+        try:
+            while machine.wants_to_send:
+                if self._channel.writing_paused:
+                    self._draining = True
+                    self._wake.set()
+                    return
+                parts, events = machine.data_to_send()
+                if not parts:
+                    break
+                if self._writelines is not None:
+                    self._writelines(parts)  # encrypts from the parts: no joined copy
+                else:
+                    self._channel.write(b"".join(parts))
+                if events:
+                    self._apply(events)
+            self._idle.set()
+        except TunnelError as exc:
+            self._apply(self._machine.end(exc, graceful=isinstance(exc, TunnelClosed)))
+        except OSError as exc:
+            self._apply(self._machine.end(
+                PeerLost(f"the tunnel connection failed: {exc.strerror or exc}"), graceful=False))
+        except Exception as exc:  # a bug: fail loudly through wait_closed, never hang
+            error = TunnelError(f"internal tunnel error: {exc!r}")
+            error.__cause__ = exc
+            self._apply(self._machine.end(error, graceful=False))
+            raise
+        finally:
+            self._flush_handle = None
 
     # -- the machine's events -------------------------------------------------
 
@@ -492,7 +532,7 @@ class Mux:
             for stream in deliver:
                 stream._deliver()
         if self._machine.wants_to_send:
-            self._wake.set()
+            self._kick()
 
     def _on_record(self, record: bytes) -> None:
         assert self._loop is not None
@@ -500,7 +540,7 @@ class Mux:
         if events:
             self._apply(events)
         elif self._machine.wants_to_send:  # a PONG, credit or a reset to send
-            self._wake.set()
+            self._kick()
 
     def _on_channel_end(self, exc: Exception | None) -> None:
         self._apply(self._machine.connection_lost(exc))
@@ -517,7 +557,8 @@ class Mux:
             stream._fail(error)
         self._accepts.clear()
         self._accept_ready.set()
-        self._wake.set()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
         self._idle.set()  # nothing more will be sent: release a close() waiting to flush
         self._done.set()
         if self._runner is not None:
@@ -526,22 +567,13 @@ class Mux:
     # -- the two tasks --------------------------------------------------------
 
     async def _write_loop(self) -> None:
-        machine, channel = self._machine, self._channel
+        """Wait for the channel to drain whenever a flush had to stop for it."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while machine.wants_to_send:
-                parts, events = machine.data_to_send()
-                if not parts:
-                    break
-                if self._writelines is not None:
-                    self._writelines(parts)  # encrypts from the parts: no joined copy
-                else:
-                    channel.write(b"".join(parts))
-                if events:
-                    self._apply(events)
-                await channel.drain()
-            self._idle.set()
+            await self._channel.drain()
+            self._draining = False
+            self._kick()
 
     async def _keepalive_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -184,6 +184,11 @@ class SecureChannel:
                 return
         transport.write(bytes(data))  # a copy: the transport may keep what it is given
 
+    @property
+    def writing_paused(self) -> bool:
+        """Too much is queued in the transport: :meth:`drain` would wait."""
+        return self._write_paused and not self._ended
+
     async def drain(self) -> None:
         if self._write_paused and not self._ended:
             self._drain_waiter = self._loop.create_future()
