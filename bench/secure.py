@@ -88,8 +88,8 @@ def share_proc(service_port: int, ready: Connection, profile: bool, window: int)
         lsock.setblocking(False)
         tunnel, _ = await loop.sock_accept(lsock)
         lsock.close()
-        channel = await open_channel(tunnel, role="A", code=CODE)
-        async with Mux(channel, initiator=True, name="share", window=window) as mux:
+        channel = await open_channel(tunnel, role="server", code=CODE)
+        async with Mux(channel, role="server", name="share", window=window) as mux:
             await serve_share(mux, ("127.0.0.1", service_port))
 
     _profiled(profile, lambda: asyncio.run(run()))
@@ -99,9 +99,9 @@ def connect_proc(tunnel_port: int, ready: Connection, profile: bool, window: int
     async def run() -> None:
         listener = socket.create_server(("127.0.0.1", 0), backlog=2048)
         tunnel = socket.create_connection(("127.0.0.1", tunnel_port))
-        channel = await open_channel(tunnel, role="B", code=CODE)
+        channel = await open_channel(tunnel, role="client", code=CODE)
         ready.send(listener.getsockname()[1])
-        async with Mux(channel, initiator=False, name="connect", window=window) as mux:
+        async with Mux(channel, role="client", name="connect", window=window) as mux:
             await serve_connect(mux, listener)
 
     _profiled(profile, lambda: asyncio.run(run()))

@@ -106,7 +106,7 @@ class PairedSession(SessionBase):
                              data={"peer": str(paired.peer)}))
             self._set_state(State.PUNCHING, f"authenticating {paired.peer} with the code")
             channel = await self._open(paired)
-            self._mux = Mux(channel, initiator=paired.role == "A", keepalive=spec.keepalive,
+            self._mux = Mux(channel, role=spec.role, keepalive=spec.keepalive,
                             dead_after=spec.keepalive * 3, name=f"mux-{spec.local_port}")
             await self._mux.start()
             # Serving starts before the peer's key confirmation is checked: our
@@ -139,14 +139,14 @@ class PairedSession(SessionBase):
         timeout = self.spec.net_timeout * 2
         if paired.peer_pake is not None and self._pake is not None:
             self._pake.finish(paired.peer_pake)  # done already while punching: a no-op
-            return await open_channel(paired.sock, role=paired.role, code=paired.code,
+            return await open_channel(paired.sock, role=self.spec.role, code=paired.code,
                                       timeout=timeout, pake=self._pake)
         # A rendezvous that forwarded no SPAKE2 messages: the whole handshake in-band.
-        return await open_channel(paired.sock, role=paired.role, code=paired.code,
+        return await open_channel(paired.sock, role=self.spec.role, code=paired.code,
                                   timeout=timeout)
 
     def _make_pake(self, code: str) -> Pake:
-        self._pake = Pake("A" if self.spec.role == "server" else "B", code)
+        self._pake = Pake(self.spec.role, code)
         return self._pake
 
     async def _pair(self) -> coord.PairedTunnel:

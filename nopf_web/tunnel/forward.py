@@ -24,7 +24,7 @@ from typing import Any
 
 from nopf_web.wire.frames import ResetCode
 
-from .errors import StreamReset, TunnelClosed, TunnelError
+from .errors import StreamReset, TunnelError
 from .mux import Mux, Stream
 
 CONNECT_TIMEOUT = 5.0
@@ -42,18 +42,17 @@ async def serve_share(mux: Mux, service: tuple[str, int], *,
                       connect_timeout: float = CONNECT_TIMEOUT,
                       on_event: EventSink = _quiet) -> None:
     """Connect every stream the peer opens to ``service``; run until the tunnel ends."""
-    handlers: set[asyncio.Task[None]] = set()
 
-    async def accept_loop() -> None:
+    async def accept_loop(handlers: asyncio.TaskGroup) -> None:
         while True:
             try:
                 stream = await mux.accept_stream()
-            except TunnelClosed:
-                return
-            _spawn(handlers, _share_one(stream, service, connect_timeout, on_event),
-                   f"{mux.name}-share-{stream.stream_id}")
+            except TunnelError:
+                return  # the tunnel ended: _serve reports how, from wait_closed
+            handlers.create_task(_share_one(stream, service, connect_timeout, on_event),
+                                 name=f"{mux.name}-share-{stream.stream_id}")
 
-    await _run(mux, accept_loop(), f"{mux.name}-share-accept", handlers)
+    await _serve(mux, accept_loop, f"{mux.name}-share-accept")
 
 
 async def serve_connect(mux: Mux, listener: socket.socket | tuple[str, int], *,
@@ -66,22 +65,21 @@ async def serve_connect(mux: Mux, listener: socket.socket | tuple[str, int], *,
     owned = not isinstance(listener, socket.socket)
     sock = _listen(listener) if not isinstance(listener, socket.socket) else listener
     sock.setblocking(False)
-    handlers: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
 
-    async def accept_loop() -> None:
+    async def accept_loop(handlers: asyncio.TaskGroup) -> None:
         while True:
             conn, _addr = await loop.sock_accept(sock)
             try:
                 stream = await mux.open_stream()
             except TunnelError:
                 conn.close()
-                raise
-            _spawn(handlers, _connect_one(stream, conn, on_event),
-                   f"{mux.name}-connect-{stream.stream_id}")
+                return  # the tunnel ended: _serve reports how, from wait_closed
+            handlers.create_task(_connect_one(stream, conn, on_event),
+                                 name=f"{mux.name}-connect-{stream.stream_id}")
 
     try:
-        await _run(mux, accept_loop(), f"{mux.name}-connect-accept", handlers)
+        await _serve(mux, accept_loop, f"{mux.name}-connect-accept")
     finally:
         if owned:
             sock.close()
@@ -99,29 +97,29 @@ def _listen(addr: tuple[str, int]) -> socket.socket:
     return sock
 
 
-def _spawn(handlers: set[asyncio.Task[None]], coro: Coroutine[Any, Any, None],
-           name: str) -> None:
-    task = asyncio.create_task(coro, name=name)
-    handlers.add(task)
-    task.add_done_callback(handlers.discard)
+class _TunnelEnded(Exception):
+    """Raised in :func:`_serve`'s task group once the tunnel ended cleanly: it
+    cancels the accept loop and every per-connection task."""
 
 
-async def _run(mux: Mux, accept_coro: Coroutine[Any, Any, None], name: str,
-               handlers: set[asyncio.Task[None]]) -> None:
-    """Run an accept loop until the tunnel ends; then cancel and await everything."""
-    accepting = asyncio.create_task(accept_coro, name=name)
-    ended = asyncio.create_task(mux.wait_closed(), name=f"{name}-wait-closed")
+async def _serve(mux: Mux, accept_loop: Callable[[asyncio.TaskGroup], Coroutine[Any, Any, None]],
+                 name: str) -> None:
+    """Run an accept loop (which starts one task per connection in the group it is
+    given) until the tunnel ends; then cancel and await all of them.
+
+    Returns after a clean close; raises the tunnel's failure, or the accept
+    loop's own (the listener failed: not the tunnel's fault).
+    """
     try:
-        await asyncio.wait({accepting, ended}, return_when=asyncio.FIRST_COMPLETED)
-        if accepting.done() and not accepting.cancelled():
-            exc = accepting.exception()
-            if exc is not None and not isinstance(exc, TunnelError):
-                raise exc  # the listener failed: not the tunnel's fault
-        await ended  # the tunnel's own verdict: None if closed cleanly
-    finally:
-        for task in (accepting, ended, *handlers):
-            task.cancel()
-        await asyncio.gather(accepting, ended, *handlers, return_exceptions=True)
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(accept_loop(tasks), name=name)
+            await mux.wait_closed()  # the tunnel's verdict: raises unless closed cleanly
+            raise _TunnelEnded
+    except BaseExceptionGroup as group:
+        errors = [e for e in group.exceptions if not isinstance(e, _TunnelEnded)]
+        if errors:  # one error, as the caller expects: the listener's first
+            raise next((e for e in errors if not isinstance(e, TunnelError)), errors[0]) \
+                from None
 
 
 async def _share_one(stream: Stream, service: tuple[str, int], timeout: float,

@@ -1,22 +1,16 @@
-"""Many streams over one secure channel (frames: :mod:`nopf_web.wire.frames`).
+"""Many streams over one secure channel: the asyncio driver of
+:mod:`nopf_web.tunnel.mux_machine` (which has the protocol: stream ids, credit,
+window tuning, scheduling, keepalive).
 
-Reading is event-driven: the channel hands each decrypted record to the mux,
-which decodes its frames and hands them to streams (no task switch per
-record). One writer task
-sends control frames first (OPEN, WINDOW_UPDATE, RST, PING/PONG), then DATA
-frames of at most ``max_frame`` bytes, round-robin over the streams that have
-data and credit, so a bulk stream cannot starve an interactive one. Several
-frames go into one encrypted record to amortise the per-record cost. A
-keepalive task sends a PING every ``keepalive`` seconds and fails the tunnel
-with :class:`PeerLost` when nothing arrived for ``dead_after`` seconds.
-
-Flow control is per stream: a sender may have at most its credit of DATA
-bytes in flight (``INITIAL_WINDOW`` at first); the receiver grants more with
-WINDOW_UPDATE as the application reads, so an application that stops reading
-stops only its own stream. A receive ``window`` above ``INITIAL_WINDOW`` is
-granted with one WINDOW_UPDATE when the stream opens. A stream alone on the
-tunnel whose application keeps up gets a larger window for a while (see
-:meth:`Mux._resize_window`).
+The driver reads, feeds, acts. The channel hands each decrypted record to the
+machine (no task switch per record) and the driver turns the machine's events
+into the streams' buffers and wake-ups. Whatever makes frames to send
+schedules one flush in the next loop iteration (so everything one iteration
+queued shares records): it asks the machine for one record's frames at a
+time and seals them without joining them, until the machine has nothing
+left or the channel must drain. Two tasks, in one task group from
+:meth:`Mux.start` until the tunnel ends: the writer waits for those drains,
+and the keepalive calls the machine's timer at its deadlines.
 
 Ending: :meth:`Mux.close` sends GOAWAY and closes; every stream still open then
 fails with :class:`TunnelClosed`. A failure (dead peer, tampering, protocol
@@ -28,38 +22,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import struct
-import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any, Literal, Protocol, Self
+from typing import Any, Protocol, Self
 
+from nopf_web.roles import PeerRole
 from nopf_web.wire import frames as fr
-from nopf_web.wire.frames import FrameDecoder, FrameError, ResetCode
+from nopf_web.wire.frames import ResetCode
 
-from .errors import (
-    PeerLost,
-    StreamClosed,
-    StreamReset,
-    TunnelClosed,
-    TunnelError,
-    TunnelProtocolError,
+from .errors import PeerLost, StreamClosed, TunnelClosed, TunnelError
+from .mux_machine import (
+    AUTO_WINDOW_BUDGET,
+    AUTO_WINDOW_MAX,
+    DEFAULT_MAX_FRAME,
+    DEFAULT_MAX_STREAMS,
+    RECORD_BUDGET,
+    STREAM_SEND_BUFFER,
+    MuxEvent,
+    MuxMachine,
+    MuxState,
+    StreamData,
+    StreamDone,
+    StreamEof,
+    StreamFailed,
+    StreamOpened,
+    StreamState,
+    StreamWritable,
+    TunnelEnded,
 )
 
-DEFAULT_MAX_FRAME = 16 * 1024
-# Bytes of frames the writer packs into one write: a whole 256 KiB local read
-# (asyncio's read size) as one DATA frame, plus room for control frames.
-RECORD_BUDGET = 257 * 1024
-STREAM_SEND_BUFFER = 256 * 1024  # queued bytes per stream before write() waits
-DEFAULT_MAX_STREAMS = 4096
-# The receive window of a lone stream whose application keeps up doubles up to
-# this (see Mux._resize_window); the budget bounds all streams' growth together.
-AUTO_WINDOW_MAX = 4 * 1024 * 1024
-AUTO_WINDOW_BUDGET = 8 * 1024 * 1024
-CLOSE_FLUSH_TIMEOUT = 2.0
-_PING = struct.Struct("!Q")
+__all__ = ["AUTO_WINDOW_BUDGET", "AUTO_WINDOW_MAX", "CLOSE_FLUSH_TIMEOUT", "DEFAULT_MAX_FRAME",
+           "DEFAULT_MAX_STREAMS", "RECORD_BUDGET", "STREAM_SEND_BUFFER", "Channel", "Mux",
+           "MuxState", "Stream"]
 
-MuxState = Literal["new", "open", "closed", "failed"]
+CLOSE_FLUSH_TIMEOUT = 2.0
 
 
 class Channel(Protocol):
@@ -67,6 +63,8 @@ class Channel(Protocol):
 
     def write(self, data: bytes | bytearray | memoryview) -> None: ...
     async def drain(self) -> None: ...
+    @property
+    def writing_paused(self) -> bool: ...
     def start(self, on_record: Callable[[bytes], None],
               on_end: Callable[[Exception | None], None]) -> None: ...
     def close(self) -> None: ...
@@ -81,26 +79,17 @@ class Stream:
     side; ``reset`` aborts both directions of this stream only.
     """
 
-    def __init__(self, mux: Mux, stream_id: int) -> None:
+    def __init__(self, mux: Mux, state: StreamState) -> None:
         self._mux = mux
-        self.stream_id = stream_id
-        self.bytes_in = 0
-        self.bytes_out = 0
+        self._machine = mux._machine
+        self._state = state
+        self.stream_id = state.stream_id
         # receiving
         self._in: deque[bytes | memoryview] = deque()
         self._in_size = 0
-        self._recv_window = fr.INITIAL_WINDOW  # bytes the peer may still send
-        self._window = mux.window  # receive window now granted (grows, see _consumed)
-        self._unacked = 0  # consumed by the application, not yet credited back
         self._remote_fin = False
         self._readable = asyncio.Event()
         # sending
-        self._out: deque[memoryview] = deque()
-        self._out_size = 0
-        self._credit = fr.INITIAL_WINDOW
-        self._fin_pending = False
-        self._fin_sent = False
-        self._queued = False  # in the writer's round-robin queue
         self._writable = asyncio.Event()
         self._writable.set()
         self._error: TunnelError | None = None
@@ -114,6 +103,19 @@ class Stream:
 
     def __repr__(self) -> str:
         return f"<Stream {self.stream_id} in={self.bytes_in} out={self.bytes_out}>"
+
+    @property
+    def bytes_in(self) -> int:
+        return self._state.bytes_in
+
+    @property
+    def bytes_out(self) -> int:
+        return self._state.bytes_out
+
+    @property
+    def _window(self) -> int:
+        """The receive window now granted (tests look at its growth)."""
+        return self._state.window
 
     @property
     def at_eof(self) -> bool:
@@ -147,7 +149,8 @@ class Stream:
                 need -= len(chunk)
             data = b"".join(parts)
         self._in_size -= len(data)
-        self._consumed(len(data))
+        if self._machine.consumed(self.stream_id, len(data)):
+            self._mux._kick()
         return data
 
     async def readexactly(self, n: int) -> bytes:
@@ -160,41 +163,6 @@ class Stream:
             parts.append(chunk)
             n -= len(chunk)
         return b"".join(parts)
-
-    def _consumed(self, n: int) -> None:
-        # Credit back in batches (a quarter window): fewer frames, no stall.
-        self._unacked += n
-        if self._unacked >= self._window // 4 and not self._remote_fin:
-            credit = self._unacked + self._mux._resize_window(self, self._unacked)
-            self._unacked = 0
-            if credit:
-                self._mux._grant(self, credit)
-
-    def _on_data(self, data: bytes | memoryview) -> None:
-        n = len(data)
-        if n > self._recv_window:
-            self._mux._reset(self, ResetCode.FLOW_CONTROL,
-                             f"peer sent {n} bytes with {self._recv_window} of credit",
-                             local=True)
-            return
-        self._recv_window -= n
-        self.bytes_in += n
-        self._in.append(data)
-        self._in_size += n
-        self._readable.set()
-        self._deliver_later()
-
-    def _on_fin(self) -> None:
-        self._remote_fin = True
-        self._readable.set()
-        self._deliver_later()
-
-    def _deliver_later(self) -> None:
-        # In push mode, everything one record brings for this stream goes out in
-        # one write once the record is parsed: far fewer local send() calls.
-        if self._sink is not None and not self._flush_queued:
-            self._flush_queued = True
-            self._mux._to_deliver.append(self)
 
     def _deliver(self) -> None:
         self._flush_queued = False
@@ -213,7 +181,8 @@ class Stream:
                 sink.on_data(b"".join(self._in))
                 self._in.clear()
             self._in_size = 0
-            self._consumed(n)
+            if self._machine.consumed(self.stream_id, n):
+                self._mux._kick()
         if self._remote_fin and not self._eof_delivered:
             self._eof_delivered = True
             sink.on_eof()
@@ -245,14 +214,10 @@ class Stream:
         feeding until ``on_writable`` is called (once)."""
         if self._error is not None:
             raise self._error
-        if self._fin_pending:
-            raise StreamClosed(f"stream {self.stream_id}: write after write_eof()")
+        more = self._machine.send(self.stream_id, data)
         if data:
-            view = memoryview(data if type(data) is bytes else bytes(data))
-            self._out.append(view)
-            self._out_size += len(view)
-            self._mux._schedule(self)
-        if self._out_size < STREAM_SEND_BUFFER:
+            self._mux._kick()
+        if more:
             return True
         self._on_writable = on_writable
         return False
@@ -263,52 +228,34 @@ class Stream:
         """Queue ``data`` for sending; waits while this stream has too much queued."""
         if self._error is not None:
             raise self._error
-        if self._fin_pending:
-            raise StreamClosed(f"stream {self.stream_id}: write after write_eof()")
         if not data:
+            if self._state.fin_pending:
+                raise StreamClosed(f"stream {self.stream_id}: write after write_eof()")
             return
-        # Queued until the writer sends it: copy anything the caller could still change.
-        view = memoryview(data if type(data) is bytes else bytes(data))
-        self._out.append(view)
-        self._out_size += len(view)
-        self._mux._schedule(self)
-        while self._out_size >= STREAM_SEND_BUFFER and self._error is None:
+        # Queued until the writer sends it: the machine copies anything the caller
+        # could still change.
+        more = self._machine.send(self.stream_id, data)
+        self._mux._kick()
+        while not more and self._error is None:
             self._writable.clear()
             await self._writable.wait()
+            more = self._machine.writable(self.stream_id)
         if self._error is not None:
             raise self._error
 
     def write_eof(self) -> None:
         """Half-close: FIN goes after the queued data; reading goes on."""
-        if self._error is not None or self._fin_pending:
-            return
-        self._fin_pending = True
-        self._mux._schedule(self)
+        if self._error is None:
+            self._machine.end_stream(self.stream_id)
+            self._mux._kick()
 
     def reset(self, code: int = ResetCode.CANCEL, message: str = "") -> None:
         """Abort this stream both ways (RST to the peer); other streams go on."""
         if self._error is None:
-            self._mux._reset(self, code, message, local=True)
-
-    def _take(self, limit: int) -> list[memoryview]:
-        parts: list[memoryview] = []
-        while limit and self._out:
-            chunk = self._out[0]
-            if len(chunk) <= limit:
-                self._out.popleft()
-            else:
-                self._out[0] = chunk[limit:]
-                chunk = chunk[:limit]
-            parts.append(chunk)
-            limit -= len(chunk)
-        return parts
-
-    def _sendable(self) -> bool:
-        if self._error is not None:
-            return False
-        if self._out_size:
-            return self._credit > 0
-        return self._fin_pending and not self._fin_sent
+            error = self._machine.reset_stream(self.stream_id, code, message)
+            self._mux._streams.pop(self.stream_id, None)
+            self._fail(error)
+            self._mux._kick()
 
     def _drained(self) -> None:
         self._writable.set()
@@ -320,9 +267,6 @@ class Stream:
         if self._error is not None:
             return
         self._error = error
-        self._mux._release_window(self)
-        self._out.clear()
-        self._out_size = 0
         self._in.clear()
         self._in_size = 0
         self._readable.set()
@@ -343,84 +287,84 @@ class _Sink(Protocol):
 class Mux:
     """Streams multiplexed over one channel; see the module docstring.
 
-    ``initiator`` picks the stream id parity (odd for the initiator): exactly
-    one side must be the initiator (use the sharer/connector roles, not who
-    sent the first SYN). Use as ``async with Mux(...) as mux:`` or call
-    :meth:`start` and :meth:`close`.
+    ``role`` picks the stream id parity (the server, which shares, opens odd
+    ids): exactly one side must be each. Use as ``async with Mux(...) as
+    mux:`` or call :meth:`start` and :meth:`close`.
     """
 
-    def __init__(self, channel: Channel, *, initiator: bool, keepalive: float = 15.0,
+    def __init__(self, channel: Channel, *, role: PeerRole, keepalive: float = 15.0,
                  dead_after: float = 45.0, window: int = fr.INITIAL_WINDOW,
                  max_frame: int = DEFAULT_MAX_FRAME,
                  max_streams: int = DEFAULT_MAX_STREAMS, name: str = "mux") -> None:
-        if not 0 < keepalive < dead_after:
-            raise ValueError("need 0 < keepalive < dead_after")
-        if not 0 < max_frame <= fr.MAX_PAYLOAD:
-            raise ValueError(f"max_frame must be 1..{fr.MAX_PAYLOAD}")
-        if not fr.INITIAL_WINDOW <= window <= fr.MAX_INCREMENT:
-            raise ValueError(f"window must be {fr.INITIAL_WINDOW}..{fr.MAX_INCREMENT}")
+        self._machine = MuxMachine(role=role, keepalive=keepalive, dead_after=dead_after,
+                                   window=window, max_frame=max_frame, max_streams=max_streams,
+                                   name=name)
         self.name = name
-        self.initiator = initiator
+        self.role: PeerRole = role
         self.keepalive = keepalive
         self.dead_after = dead_after
         self.window = window
         self.max_frame = max_frame
         self.max_streams = max_streams
-        # Counters for the dashboard: stream payload bytes, all streams together.
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.total_streams = 0
-        self.rtt: float | None = None  # seconds, from the last PING/PONG
         self._channel = channel
         # Optional (SecureChannel has it): write a list of buffers without joining them.
         self._writelines: Callable[[list[bytes | memoryview]], None] | None = getattr(
             channel, "writelines", None)
         self._streams: dict[int, Stream] = {}
-        self._next_id = 1 if initiator else 2
-        self._peer_last_id = 0
         self._accepts: deque[Stream] = deque()
         self._accept_ready = asyncio.Event()
-        self._control: deque[bytes] = deque()
-        self._ready: deque[Stream] = deque()
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()  # the writer sent (and drained) all it had
-        self._tasks: list[asyncio.Task[None]] = []
-        self._state: MuxState = "new"
-        self._error: TunnelError | None = None  # why it ended (TunnelClosed if cleanly)
+        self._flush_handle: asyncio.Handle | None = None  # a flush is scheduled or running
+        self._draining = False  # a flush stopped for the channel to drain
+        self._wake = asyncio.Event()  # the writer task: wait for the drain, flush again
+        self._idle = asyncio.Event()  # everything the machine had is sent
         self._done = asyncio.Event()
-        self._last_rx = 0.0
-        self._decoder = FrameDecoder()
-        self._window_budget = AUTO_WINDOW_BUDGET  # see _grow_window
-        self._to_deliver: list[Stream] = []  # push-mode streams with data from this record
+        self._runner: asyncio.Task[None] | None = None  # the writer and keepalive's group
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- observation ----------------------------------------------------------
 
     @property
+    def bytes_in(self) -> int:
+        """Stream payload bytes received, all streams together."""
+        return self._machine.bytes_in
+
+    @property
+    def bytes_out(self) -> int:
+        return self._machine.bytes_out
+
+    @property
+    def total_streams(self) -> int:
+        return self._machine.total_streams
+
+    @property
+    def rtt(self) -> float | None:
+        """Seconds, from the last PING/PONG."""
+        return self._machine.rtt
+
+    @property
     def open_streams(self) -> int:
-        return len(self._streams)
+        return self._machine.open_streams
 
     @property
     def state(self) -> MuxState:
-        return self._state
+        return self._machine.state
 
     @property
     def error(self) -> TunnelError | None:
         """The failure that ended the tunnel (None while open or after a clean close)."""
-        return None if isinstance(self._error, TunnelClosed) else self._error
+        return self._machine.error
+
+    @property
+    def _window_budget(self) -> int:
+        """Window growth left for lone streams (tests look at it)."""
+        return self._machine.window_budget
 
     # -- life -----------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._state != "new":
-            raise TunnelError(f"{self.name} already started")
-        self._state = "open"
-        self._loop = asyncio.get_running_loop()
-        self._last_rx = self._loop.time()
-        for role, coro in (("writer", self._write_loop()),
-                           ("keepalive", self._keepalive_loop())):
-            self._tasks.append(asyncio.create_task(self._supervised(coro),
-                                                   name=f"{self.name}-{role}"))
+        loop = self._loop = asyncio.get_running_loop()
+        self._machine.start(loop.time())
+        self._runner = asyncio.create_task(self._run(), name=f"{self.name}-tasks")
         self._channel.start(self._on_record, self._on_channel_end)
 
     async def __aenter__(self) -> Self:
@@ -432,14 +376,12 @@ class Mux:
 
     async def close(self) -> None:
         """Say GOAWAY, flush briefly, close the channel; every open stream fails."""
-        if self._state == "open":
-            self._control.append(fr.encode_goaway(0, "closing"))
+        if self.state == "open":
+            self._machine.goaway()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CLOSE_FLUSH_TIMEOUT):
                     await self._flushed()
-            self._end(TunnelClosed("the tunnel was closed"), graceful=True)
-        elif self._state == "new":
-            self._end(TunnelClosed("the tunnel was closed"), graceful=True)
+        self._apply(self._machine.end(TunnelClosed("the tunnel was closed"), graceful=True))
         await self._reap()
 
     async def wait_closed(self) -> None:
@@ -451,24 +393,159 @@ class Mux:
 
     async def _flushed(self) -> None:
         self._idle.clear()
-        self._wake.set()
+        self._kick()
         await self._idle.wait()
 
     async def _reap(self) -> None:
-        current = asyncio.current_task()
-        tasks = [t for t in self._tasks if t is not current]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        runner = self._runner
+        if runner is not None and runner is not asyncio.current_task():
+            await asyncio.wait({runner})  # cancelled by _ended; the caller's cancel propagates
+            if not runner.cancelled():
+                runner.exception()  # a bug, already reported as the tunnel's error
         with contextlib.suppress(OSError, TimeoutError):
             async with asyncio.timeout(1.0):
                 await self._channel.wait_closed()
 
-    def _end(self, error: TunnelError, *, graceful: bool) -> None:
-        if self._state in ("closed", "failed"):
-            return
-        self._state = "closed" if graceful else "failed"
-        self._error = error
+    async def _run(self) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._supervised(self._write_loop()), name=f"{self.name}-writer")
+            tasks.create_task(self._supervised(self._keepalive_loop()),
+                              name=f"{self.name}-keepalive")
+
+    async def _supervised(self, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            await coro
+        except TunnelError as exc:
+            self._apply(self._machine.end(exc, graceful=isinstance(exc, TunnelClosed)))
+        except OSError as exc:
+            self._apply(self._machine.end(
+                PeerLost(f"the tunnel connection failed: {exc.strerror or exc}"), graceful=False))
+        except Exception as exc:  # a bug: fail loudly through wait_closed, never hang
+            error = TunnelError(f"internal tunnel error: {exc!r}")
+            error.__cause__ = exc
+            self._apply(self._machine.end(error, graceful=False))
+            raise
+
+    # -- streams --------------------------------------------------------------
+
+    async def open_stream(self) -> Stream:
+        """Open a new stream to the peer (no round trip: data may follow at once)."""
+        stream_id = self._machine.open_stream()
+        state = self._machine.stream(stream_id)
+        assert state is not None
+        stream = self._streams[stream_id] = Stream(self, state)
+        self._kick()
+        return stream
+
+    async def accept_stream(self) -> Stream:
+        """The next stream the peer opened; raises once the tunnel has ended."""
+        while not self._accepts:
+            reason = self._machine.end_reason
+            if reason is not None:
+                raise reason
+            if self.state != "open":
+                raise TunnelError(f"{self.name} is not started")
+            self._accept_ready.clear()
+            await self._accept_ready.wait()
+        return self._accepts.popleft()
+
+    def _kick(self) -> None:
+        """Flush in the next loop iteration (unless one is due, or waits for a drain)."""
+        if self._flush_handle is None and not self._draining and self._loop is not None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send what the machine has, a record at a time, until it has nothing or
+        the channel must drain first (the writer task waits for that)."""
+        machine = self._machine
+        try:
+            while machine.wants_to_send:
+                if self._channel.writing_paused:
+                    self._draining = True
+                    self._wake.set()
+                    return
+                parts, events = machine.data_to_send()
+                if not parts:
+                    break
+                if self._writelines is not None:
+                    self._writelines(parts)  # encrypts from the parts: no joined copy
+                else:
+                    self._channel.write(b"".join(parts))
+                if events:
+                    self._apply(events)
+            self._idle.set()
+        except TunnelError as exc:
+            self._apply(self._machine.end(exc, graceful=isinstance(exc, TunnelClosed)))
+        except OSError as exc:
+            self._apply(self._machine.end(
+                PeerLost(f"the tunnel connection failed: {exc.strerror or exc}"), graceful=False))
+        except Exception as exc:  # a bug: fail loudly through wait_closed, never hang
+            error = TunnelError(f"internal tunnel error: {exc!r}")
+            error.__cause__ = exc
+            self._apply(self._machine.end(error, graceful=False))
+            raise
+        finally:
+            self._flush_handle = None
+
+    # -- the machine's events -------------------------------------------------
+
+    def _apply(self, events: list[MuxEvent]) -> None:
+        streams = self._streams
+        deliver: list[Stream] | None = None  # push-mode streams with news
+        for event in events:
+            if type(event) is StreamData:  # the hot path first
+                stream = streams[event.stream_id]
+                stream._in.append(event.data)
+                stream._in_size += len(event.data)
+                stream._readable.set()
+                # In push mode, everything one record brings for this stream goes
+                # out in one write once the record is parsed: fewer local sends.
+                if stream._sink is not None and not stream._flush_queued:
+                    stream._flush_queued = True
+                    if deliver is None:
+                        deliver = []
+                    deliver.append(stream)
+            elif type(event) is StreamOpened:
+                state = self._machine.stream(event.stream_id)
+                assert state is not None
+                stream = streams[event.stream_id] = Stream(self, state)
+                self._accepts.append(stream)
+                self._accept_ready.set()
+            elif type(event) is StreamEof:
+                stream = streams[event.stream_id]
+                stream._remote_fin = True
+                stream._readable.set()
+                if stream._sink is not None and not stream._flush_queued:
+                    stream._flush_queued = True
+                    if deliver is None:
+                        deliver = []
+                    deliver.append(stream)
+            elif type(event) is StreamWritable:
+                streams[event.stream_id]._drained()
+            elif type(event) is StreamDone:
+                streams.pop(event.stream_id)
+            elif isinstance(event, StreamFailed):
+                streams.pop(event.stream_id)._fail(event.error)
+            elif isinstance(event, TunnelEnded):
+                self._ended(event.error, graceful=event.graceful)
+        if deliver is not None:
+            for stream in deliver:
+                stream._deliver()
+        if self._machine.wants_to_send:
+            self._kick()
+
+    def _on_record(self, record: bytes) -> None:
+        assert self._loop is not None
+        events = self._machine.receive(record, self._loop.time())
+        if events:
+            self._apply(events)
+        elif self._machine.wants_to_send:  # a PONG, credit or a reset to send
+            self._kick()
+
+    def _on_channel_end(self, exc: Exception | None) -> None:
+        self._apply(self._machine.connection_lost(exc))
+
+    def _ended(self, error: TunnelError, *, graceful: bool) -> None:
         if graceful:
             self._channel.close()
         else:
@@ -480,278 +557,27 @@ class Mux:
             stream._fail(error)
         self._accepts.clear()
         self._accept_ready.set()
-        self._wake.set()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
         self._idle.set()  # nothing more will be sent: release a close() waiting to flush
         self._done.set()
-        current = asyncio.current_task()
-        for t in self._tasks:
-            if t is not current:
-                t.cancel()
+        if self._runner is not None:
+            self._runner.cancel()  # the writer may wait on a drain that never ends
 
-    async def _supervised(self, coro: Coroutine[Any, Any, None]) -> None:
-        try:
-            await coro
-        except TunnelError as exc:
-            self._end(exc, graceful=isinstance(exc, TunnelClosed))
-        except OSError as exc:
-            self._end(PeerLost(f"the tunnel connection failed: {exc.strerror or exc}"),
-                      graceful=False)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug: fail loudly through wait_closed, never hang
-            self._end(TunnelError(f"internal tunnel error: {exc!r}"), graceful=False)
-            raise
-
-    # -- streams --------------------------------------------------------------
-
-    async def open_stream(self) -> Stream:
-        """Open a new stream to the peer (no round trip: data may follow at once)."""
-        self._check_open()
-        if len(self._streams) >= self.max_streams:
-            raise TunnelError(f"too many open streams ({self.max_streams})")
-        stream_id = self._next_id
-        if stream_id > fr.MAX_STREAM_ID:
-            raise TunnelError("stream ids exhausted: reconnect the tunnel")
-        self._next_id += 2
-        stream = Stream(self, stream_id)
-        self._streams[stream_id] = stream
-        self.total_streams += 1
-        self._control.append(fr.encode_open(stream_id))
-        self._open_window(stream)
-        self._wake.set()
-        return stream
-
-    async def accept_stream(self) -> Stream:
-        """The next stream the peer opened; raises once the tunnel has ended."""
-        while not self._accepts:
-            self._check_open()
-            self._accept_ready.clear()
-            await self._accept_ready.wait()
-        return self._accepts.popleft()
-
-    def _check_open(self) -> None:
-        if self._error is not None:
-            raise self._error
-        if self._state != "open":
-            raise TunnelError(f"{self.name} is not started")
-
-    def _open_window(self, stream: Stream) -> None:
-        if self.window > fr.INITIAL_WINDOW:
-            self._grant(stream, self.window - fr.INITIAL_WINDOW)
-
-    def _grant(self, stream: Stream, increment: int) -> None:
-        stream._recv_window += increment
-        self._control.append(fr.encode_window_update(stream.stream_id, increment))
-        self._wake.set()
-
-    def _schedule(self, stream: Stream) -> None:
-        if not stream._queued and stream._sendable():
-            stream._queued = True
-            self._ready.append(stream)
-            self._wake.set()
-
-    def _reset(self, stream: Stream, code: int, message: str, *, local: bool) -> None:
-        sid = stream.stream_id
-        if local:
-            self._control.append(fr.encode_reset(sid, code, message))
-            self._wake.set()
-            why = f"stream {sid} was reset" + (f": {message}" if message else "")
-        else:
-            why = f"stream {sid} was reset by the peer" + (f": {message}" if message else "")
-        stream._fail(StreamReset(why, code=code))
-        self._streams.pop(sid, None)
-
-    def _maybe_forget(self, stream: Stream) -> None:
-        if stream._fin_sent and stream._remote_fin:
-            self._streams.pop(stream.stream_id, None)
-            self._release_window(stream)
-
-    def _resize_window(self, stream: Stream, returning: int) -> int:
-        """How much to add to (or, down to -``returning``, withhold from) the
-        credit ``stream`` is about to return.
-
-        A stream alone on the tunnel whose application keeps up (nothing left
-        buffered) doubles its window, so the sender fills whole records instead
-        of waiting on credit. Once other streams are open it shrinks back: the
-        bulk bytes in flight would queue ahead of their frames.
-        """
-        if len(self._streams) > 1:
-            delta = max(self.window - stream._window, -returning)
-        elif stream._in:
-            return 0
-        else:
-            delta = min(stream._window, AUTO_WINDOW_MAX - stream._window)
-            if delta <= 0 or delta > self._window_budget:
-                return 0
-        self._window_budget -= delta
-        stream._window += delta
-        return delta
-
-    def _release_window(self, stream: Stream) -> None:
-        self._window_budget += stream._window - self.window
-        stream._window = self.window
-
-    # -- reading --------------------------------------------------------------
-
-    def _on_record(self, record: bytes) -> None:
-        if self._state != "open":
-            return
-        assert self._loop is not None
-        self._last_rx = self._loop.time()
-        try:
-            for frame in self._decoder.feed(record):
-                self._dispatch(frame)
-            streams, self._to_deliver = self._to_deliver, []
-            for stream in streams:
-                stream._deliver()
-        except FrameError as exc:
-            self._end(TunnelProtocolError(f"the peer broke the tunnel protocol: {exc}"),
-                      graceful=False)
-        except TunnelError as exc:
-            self._end(exc, graceful=isinstance(exc, TunnelClosed))
-
-    def _on_channel_end(self, exc: Exception | None) -> None:
-        if isinstance(exc, TunnelError):
-            self._end(exc, graceful=False)
-        elif isinstance(exc, OSError):
-            self._end(PeerLost(f"the tunnel connection failed: {exc.strerror or exc}"),
-                      graceful=False)
-        elif exc is not None:
-            self._end(TunnelError(f"the tunnel connection failed: {exc!r}"), graceful=False)
-        else:
-            self._end(PeerLost("the peer's connection ended without a goodbye "
-                               "(its nopf stopped or the path broke)"), graceful=False)
-
-    def _dispatch(self, frame: fr.Frame) -> None:
-        if type(frame) is fr.DataFrame:  # the hot path first
-            stream = self._streams.get(frame.stream_id)
-            if stream is not None and not stream._remote_fin:
-                self.bytes_in += len(frame.data)
-                stream._on_data(frame.data)
-            else:
-                self._check_known(frame.stream_id, "DATA")
-            return
-        match frame:
-            case fr.WindowUpdateFrame(sid, increment):
-                stream = self._streams.get(sid)
-                if stream is None:
-                    self._check_known(sid, "WINDOW_UPDATE")
-                    return
-                stream._credit += increment
-                if stream._credit > fr.MAX_INCREMENT:
-                    raise TunnelProtocolError(f"stream {sid}: credit above 2^31-1")
-                self._schedule(stream)
-            case fr.OpenFrame(sid):
-                self._on_open(sid)
-            case fr.FinFrame(sid):
-                stream = self._streams.get(sid)
-                if stream is None:
-                    self._check_known(sid, "FIN")
-                    return
-                stream._on_fin()
-                self._maybe_forget(stream)
-            case fr.ResetFrame(sid, code, message):
-                stream = self._streams.get(sid)
-                if stream is not None:
-                    self._reset(stream, code, message, local=False)
-            case fr.PingFrame(opaque):
-                self._control.append(fr.encode_pong(opaque))
-                self._wake.set()
-            case fr.PongFrame(opaque):
-                self.rtt = (time.monotonic_ns() - _PING.unpack(opaque)[0]) / 1e9
-            case fr.GoAwayFrame(code, message):
-                why = f": {message}" if message and message != "closing" else ""
-                raise TunnelClosed(f"the peer closed the tunnel{why}")
-
-    def _on_open(self, sid: int) -> None:
-        if (sid % 2 == 1) == self.initiator:
-            raise TunnelProtocolError(f"the peer opened stream {sid}, which is one of our ids")
-        if sid <= self._peer_last_id:
-            raise TunnelProtocolError(f"the peer reopened stream {sid}")
-        self._peer_last_id = sid
-        if len(self._streams) >= self.max_streams:
-            self._control.append(fr.encode_reset(sid, ResetCode.TOO_MANY_STREAMS,
-                                                 f"more than {self.max_streams} open streams"))
-            self._wake.set()
-            return
-        stream = Stream(self, sid)
-        self._streams[sid] = stream
-        self.total_streams += 1
-        self._open_window(stream)
-        self._accepts.append(stream)
-        self._accept_ready.set()
-
-    def _check_known(self, sid: int, what: str) -> None:
-        # Frames for a stream that ended (e.g. DATA crossing our RST) are dropped;
-        # frames for one that was never opened mean the peer is out of sync.
-        ours = (sid % 2 == 1) == self.initiator
-        if (ours and sid >= self._next_id) or (not ours and sid > self._peer_last_id):
-            raise TunnelProtocolError(f"{what} for stream {sid}, which was never opened")
-
-    # -- writing --------------------------------------------------------------
+    # -- the two tasks --------------------------------------------------------
 
     async def _write_loop(self) -> None:
-        channel = self._channel
+        """Wait for the channel to drain whenever a flush had to stop for it."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while parts := self._collect():
-                if self._writelines is not None:
-                    self._writelines(parts)  # encrypts from the parts: no joined copy
-                else:
-                    channel.write(b"".join(parts))
-                await channel.drain()
-            self._idle.set()
-
-    def _collect(self) -> list[bytes | memoryview]:
-        """Frames for one write: all control frames, then DATA round-robin."""
-        parts: list[bytes | memoryview] = []
-        size = 0
-        control, ready = self._control, self._ready
-        while control:
-            frame = control.popleft()
-            parts.append(frame)
-            size += len(frame)
-        while ready and size < RECORD_BUDGET:
-            stream = ready.popleft()
-            stream._queued = False
-            if stream._error is not None:
-                continue
-            # A stream alone in the queue delays nobody: one frame filling the
-            # rest of the record (so frames never straddle records).
-            room = RECORD_BUDGET - size - fr.HEADER_SIZE
-            limit = self.max_frame if ready else min(fr.MAX_PAYLOAD, max(self.max_frame, room))
-            n = min(stream._out_size, stream._credit, limit)
-            if n:
-                parts.append(fr.encode_data_header(stream.stream_id, n))
-                parts += stream._take(n)
-                stream._out_size -= n
-                stream._credit -= n
-                stream.bytes_out += n
-                self.bytes_out += n
-                size += fr.HEADER_SIZE + n
-                if stream._out_size < STREAM_SEND_BUFFER:
-                    stream._drained()
-            if not stream._out_size and stream._fin_pending and not stream._fin_sent:
-                parts.append(fr.encode_fin(stream.stream_id))
-                stream._fin_sent = True
-                self._maybe_forget(stream)
-            self._schedule(stream)  # back of the queue if it still has data and credit
-        return parts
-
-    # -- keepalive ------------------------------------------------------------
+            await self._channel.drain()
+            self._draining = False
+            self._kick()
 
     async def _keepalive_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        next_ping = loop.time() + self.keepalive
-        while True:
-            now = loop.time()
-            idle = now - self._last_rx
-            if idle >= self.dead_after:
-                raise PeerLost(f"the peer went silent: nothing received for {idle:.1f} s "
-                               f"(limit {self.dead_after:g} s); the peer or the path is gone")
-            if now >= next_ping:
-                self._control.append(fr.encode_ping(_PING.pack(time.monotonic_ns())))
-                self._wake.set()
-                next_ping = now + self.keepalive
-            await asyncio.sleep(max(0.0, min(next_ping, self._last_rx + self.dead_after) - now))
+        machine = self._machine
+        while (deadline := machine.next_deadline) is not None:
+            await asyncio.sleep(max(0.0, deadline - loop.time()))
+            self._apply(machine.timer(loop.time()))

@@ -21,11 +21,11 @@ Every frame has a 9-byte header, then its payload::
     7     PONG           0          the 8 bytes of the PING it answers
     8     GOAWAY         0          u32 BE reason code, then 0..MAX_REASON bytes UTF-8 text
 
-Stream ids: the initiator of the tunnel opens odd ids, the other side even
-ids, so both can open streams without agreeing first. Flow control is per
-stream: each side may send a stream at most its credit of DATA bytes; the
-initial credit is fixed by the protocol (``INITIAL_WINDOW``) and grows by
-each WINDOW_UPDATE the receiver sends as its application consumes data.
+Stream ids: the server (the sharer) opens odd ids, the client even ids, so
+both can open streams without agreeing first. Flow control is per stream:
+each side may send a stream at most its credit of DATA bytes; the initial
+credit is fixed by the protocol (``INITIAL_WINDOW``) and grows by each
+WINDOW_UPDATE the receiver sends as its application consumes data.
 
 Any violation (unknown type, length over the limit or wrong for the type,
 stream id 0 where one is needed or vice versa, bad UTF-8, zero increment)

@@ -30,6 +30,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
+from nopf_web.roles import PeerRole
 from nopf_web.tunnel.errors import TunnelError
 from nopf_web.tunnel.secure import CONFIRM_SIZE, HELLO_SIZE, Pake, open_channel
 from nopf_web.wire.address import Endpoint
@@ -209,7 +210,7 @@ class HostileRendezvous:
         self.forwarded = {"sharer": sharer, "joiner": joiner}
         if self.mode != "mitm":
             return joiner, sharer
-        to_sharer, to_joiner = Pake("B", GUESS), Pake("A", GUESS)
+        to_sharer, to_joiner = Pake("client", GUESS), Pake("server", GUESS)
         to_sharer.finish(sharer)
         to_joiner.finish(joiner)
         self._halves = {"sharer": to_sharer, "joiner": to_joiner}
@@ -256,9 +257,10 @@ class HostileRendezvous:
                 dst.shutdown(socket.SHUT_WR)
 
     async def _impersonate(self, a: socket.socket, b: socket.socket) -> None:
-        """Our own SPAKE2 with each side: we are B to the sharer and A to the joiner."""
-        async def spake(sock: socket.socket, role: Literal["A", "B"]) -> None:
-            half = self._halves.get("sharer" if role == "B" else "joiner")
+        """Our own SPAKE2 with each side: we are the client to the sharer and the
+        server to the joiner."""
+        async def spake(sock: socket.socket, role: PeerRole) -> None:
+            half = self._halves.get("sharer" if role == "client" else "joiner")
             try:
                 channel = await open_channel(sock.dup(), role=role, code=GUESS, timeout=5,
                                              pake=half)
@@ -269,4 +271,4 @@ class HostileRendezvous:
             self.mitm_results.append("channel opened")  # would mean the guess was right
             channel.abort()
 
-        await asyncio.gather(spake(a, "B"), spake(b, "A"))
+        await asyncio.gather(spake(a, "client"), spake(b, "server"))

@@ -110,7 +110,7 @@ def test_a_failed_first_punch_is_coordinated_again_and_connects(
 
     def maker(role: Literal["A", "B"]) -> Callable[[str], Pake]:
         def make(code: str) -> Pake:
-            halves[role] = Pake(role, code)
+            halves[role] = Pake("server" if role == "A" else "client", code)
             return halves[role]
         return make
 

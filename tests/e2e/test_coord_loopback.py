@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator
-from typing import Literal
 
 import pytest
 
@@ -14,6 +13,7 @@ from nopf_web.pairing import BadCode, parse_code
 from nopf_web.rendezvous import coord
 from nopf_web.rendezvous.book import PairingLimits
 from nopf_web.rendezvous.server import RendezvousServer, ServerLimits
+from nopf_web.roles import PeerRole
 from nopf_web.tunnel.errors import PairingMismatch
 from nopf_web.tunnel.secure import Pake, open_channel
 from nopf_web.wire.address import Endpoint
@@ -226,7 +226,7 @@ async def test_a_pairing_can_be_coordinated_again_by_both_sides_only() -> None:
         w.close()
         # Both sides ask again: both get a new fire instruction, one side waiting for the other.
         # Their SPAKE2 messages (unused: no tunnel ran them) go with the retry hellos.
-        pa, pb = Pake("A", code).message, Pake("B", code).message
+        pa, pb = Pake("server", code).message, Pake("client", code).message
         first = asyncio.create_task(_hello(server, Hello("reshare", nameplate, (lan,), None, 5,
                                                          pake=pa)))
         await asyncio.sleep(0.2)
@@ -245,7 +245,7 @@ async def test_a_pairing_can_be_coordinated_again_by_both_sides_only() -> None:
 class Halves:
     """A pake factory that keeps what it made (as PairedSession does)."""
 
-    def __init__(self, role: Literal["A", "B"], code: str | None = None) -> None:
+    def __init__(self, role: PeerRole, code: str | None = None) -> None:
         self.role, self.code = role, code  # code: use this one instead (a wrong guess)
         self.made: list[Pake] = []
 
@@ -264,14 +264,14 @@ async def _pair_with(server: RendezvousServer, sharer: Halves | None, joiner: Ha
 
 async def test_spake2_messages_travel_with_the_coordination_and_early_data_works() -> None:
     async with rendezvous() as server:
-        sh, jh = Halves("A"), Halves("B")
+        sh, jh = Halves("server"), Halves("client")
         a, b = await _pair_with(server, sh, jh)
         (pa,), (pb,) = sh.made, jh.made
         # Each got the other's message, as sent, and finished SPAKE2 while punching.
         assert a.peer_pake == pb.message and b.peer_pake == pa.message
         assert pa.finished and pb.finished
-        ca = await open_channel(a.sock, role="A", code=a.code, pake=pa)
-        cb = await open_channel(b.sock, role="B", code=b.code, pake=pb)
+        ca = await open_channel(a.sock, role="server", code=a.code, pake=pa)
+        cb = await open_channel(b.sock, role="client", code=b.code, pake=pb)
         cb.write(b"first bytes")  # no wait for the peer's confirmation
         assert await ca.recv() == b"first bytes"
         await asyncio.gather(ca.confirmed(), cb.confirmed())
@@ -281,10 +281,10 @@ async def test_spake2_messages_travel_with_the_coordination_and_early_data_works
 
 async def test_a_wrong_code_with_forwarded_spake2_fails_on_both_sides() -> None:
     async with rendezvous() as server:
-        sh, jh = Halves("A"), Halves("B", "9-orbit-lantern-wrong")
+        sh, jh = Halves("server"), Halves("client", "9-orbit-lantern-wrong")
         a, b = await _pair_with(server, sh, jh)
-        ca = await open_channel(a.sock, role="A", code=a.code, pake=sh.made[0])
-        cb = await open_channel(b.sock, role="B", code=b.code, pake=jh.made[0])
+        ca = await open_channel(a.sock, role="server", code=a.code, pake=sh.made[0])
+        cb = await open_channel(b.sock, role="client", code=b.code, pake=jh.made[0])
         cb.write(b"never opened")
         results = await asyncio.gather(ca.confirmed(), cb.confirmed(), ca.recv(),
                                        return_exceptions=True)
@@ -297,11 +297,11 @@ async def test_without_both_spake2_messages_neither_side_gets_one() -> None:
     # A peer without SPAKE2 forwarding must not see the field (it rejects unknown
     # fields), and both sides must agree to run SPAKE2 in-band.
     async with rendezvous() as server:
-        for sharer, joiner in ((Halves("A"), None), (None, Halves("B"))):
+        for sharer, joiner in ((Halves("server"), None), (None, Halves("client"))):
             a, b = await _pair_with(server, sharer, joiner)
             assert a.peer_pake is None and b.peer_pake is None
-            ca, cb = await asyncio.gather(open_channel(a.sock, role="A", code=a.code),
-                                          open_channel(b.sock, role="B", code=b.code))
+            ca, cb = await asyncio.gather(open_channel(a.sock, role="server", code=a.code),
+                                          open_channel(b.sock, role="client", code=b.code))
             cb.write(b"in-band")
             assert await ca.recv() == b"in-band"
             ca.close()
@@ -310,7 +310,7 @@ async def test_without_both_spake2_messages_neither_side_gets_one() -> None:
 
 async def test_the_rendezvous_accepts_one_pake_message_from_a_sharer_only() -> None:
     lan = Endpoint(LO, 1)
-    message = Pake("A", "5-orbit-lantern").message
+    message = Pake("server", "5-orbit-lantern").message
     async with rendezvous() as server:
         reader, writer, welcome = await _hello(server, Hello("share", None, (lan,), None, 5))
         assert isinstance(welcome, Welcome)

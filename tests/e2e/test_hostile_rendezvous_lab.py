@@ -27,6 +27,7 @@ from typing import Literal
 import pytest
 
 from nopf_web.rendezvous.coord import PairedTunnel
+from nopf_web.roles import PeerRole
 from nopf_web.tunnel.errors import PairingMismatch, TunnelTampered
 from nopf_web.tunnel.secure import Pake, SecureChannel, open_channel
 from nopf_web.wire.address import Endpoint
@@ -47,7 +48,7 @@ def paired_through(lab: Lab, hostile: HostileRendezvous, halves: dict[str, Pake]
     def maker(role: Literal["A", "B"]) -> Callable[[str], Pake]:
         def make(code: str) -> Pake:
             assert halves is not None
-            halves[role] = Pake(role, code)
+            halves[role] = Pake("server" if role == "A" else "client", code)
             return halves[role]
         return make
 
@@ -70,7 +71,8 @@ async def channels(a: PairedTunnel, b: PairedTunnel, halves: dict[str, Pake] | N
                    ) -> tuple[SecureChannel | BaseException, SecureChannel | BaseException]:
     async def one(t: PairedTunnel) -> SecureChannel:
         pake = None if halves is None else halves[t.role]
-        channel = await open_channel(t.sock, role=t.role, code=t.code, timeout=5, pake=pake)
+        role: PeerRole = "server" if t.role == "A" else "client"
+        channel = await open_channel(t.sock, role=role, code=t.code, timeout=5, pake=pake)
         if pake is not None:
             await channel.confirmed()  # the verdict the in-band handshake gives at once
         return channel

@@ -117,8 +117,8 @@ async def relay(flip_at: int | None = None) -> AsyncIterator[Relay]:
 
 async def channels(a: socket.socket, b: socket.socket, code_a: str = CODE, code_b: str = CODE,
                    timeout: float = 5.0) -> tuple[SecureChannel, SecureChannel]:
-    return await asyncio.gather(open_channel(a, role="A", code=code_a, timeout=timeout),
-                                open_channel(b, role="B", code=code_b, timeout=timeout))
+    return await asyncio.gather(open_channel(a, role="server", code=code_a, timeout=timeout),
+                                open_channel(b, role="client", code=code_b, timeout=timeout))
 
 
 async def outcomes(*aws: Awaitable[SecureChannel]) -> list[SecureChannel | BaseException]:
@@ -152,8 +152,8 @@ async def test_same_code_gives_a_working_encrypted_channel() -> None:
 
 async def test_wrong_code_fails_on_both_sides_and_no_data_flows() -> None:
     async with relay() as r:
-        results = await outcomes(open_channel(r.a, role="A", code=CODE),
-                                 open_channel(r.b, role="B", code="7-orbit-lanterns"))
+        results = await outcomes(open_channel(r.a, role="server", code=CODE),
+                                 open_channel(r.b, role="client", code="7-orbit-lanterns"))
         await asyncio.sleep(0.05)
     for res in results:
         assert isinstance(res, PairingMismatch)
@@ -168,10 +168,10 @@ async def test_man_in_the_middle_with_a_guessed_code_fails_both_handshakes() -> 
     mb, b = tcp_pair()
     try:
         results = await outcomes(
-            open_channel(a, role="A", code=CODE),
-            open_channel(ma, role="B", code="7-orbit-lamp"),  # mitm posing as B
-            open_channel(mb, role="A", code="7-orbit-lamp"),  # mitm posing as A
-            open_channel(b, role="B", code=CODE),
+            open_channel(a, role="server", code=CODE),
+            open_channel(ma, role="client", code="7-orbit-lamp"),  # mitm posing as B
+            open_channel(mb, role="server", code="7-orbit-lamp"),  # mitm posing as A
+            open_channel(b, role="client", code=CODE),
         )
     finally:
         for s in (a, ma, mb, b):
@@ -212,7 +212,7 @@ async def test_a_flipped_ciphertext_byte_is_detected() -> None:
 async def test_tampering_fails_the_mux_and_its_streams() -> None:
     async with relay(flip_at=HELLO_SIZE + CONFIRM_SIZE + 4 + 40) as r:
         ca, cb = await channels(r.a, r.b)
-        async with Mux(ca, initiator=True) as ma, Mux(cb, initiator=False) as mb:
+        async with Mux(ca, role="server") as ma, Mux(cb, role="client") as mb:
             s = await ma.open_stream()
             await s.write(SECRET)
             with pytest.raises(TunnelTampered):
@@ -225,8 +225,8 @@ async def test_tampering_fails_the_mux_and_its_streams() -> None:
 async def test_same_role_on_both_sides_is_refused() -> None:
     a, b = tcp_pair()
     try:
-        results = await outcomes(open_channel(a, role="A", code=CODE),
-                                 open_channel(b, role="A", code=CODE))
+        results = await outcomes(open_channel(a, role="server", code=CODE),
+                                 open_channel(b, role="server", code=CODE))
     finally:
         a.close()
         b.close()
@@ -240,7 +240,7 @@ async def test_handshake_timeout_names_what_it_waited_for() -> None:
         t0 = time.monotonic()
         with pytest.raises(HandshakeTimeout,
                            match=r"no pairing message from the peer within 0\.3 s"):
-            await open_channel(a, role="A", code=CODE, timeout=0.3)
+            await open_channel(a, role="server", code=CODE, timeout=0.3)
         assert time.monotonic() - t0 < 1.0
     finally:
         a.close()
@@ -252,7 +252,7 @@ async def test_peer_that_is_not_nopf() -> None:
     try:
         b.sendall(b"SSH-2.0-OpenSSH_9.6\r\n" + bytes(40))
         with pytest.raises(HandshakeError, match="not a nopf tunnel"):
-            await open_channel(a, role="A", code=CODE)
+            await open_channel(a, role="server", code=CODE)
     finally:
         a.close()
         b.close()
@@ -263,7 +263,7 @@ async def test_peer_that_is_not_nopf() -> None:
 
 def exchanged(code_a: str = CODE, code_b: str = CODE) -> tuple[Pake, Pake]:
     """Both halves, their messages swapped as the rendezvous forwards them."""
-    pa, pb = Pake("A", code_a), Pake("B", code_b)
+    pa, pb = Pake("server", code_a), Pake("client", code_b)
     pa.finish(pb.message)
     pb.finish(pa.message)
     return pa, pb
@@ -272,13 +272,13 @@ def exchanged(code_a: str = CODE, code_b: str = CODE) -> tuple[Pake, Pake]:
 async def test_early_data_follows_the_confirmation_without_a_round_trip() -> None:
     async with relay() as r:
         pa, pb = exchanged()
-        ca = await open_channel(r.a, role="A", code=CODE, pake=pa)
+        ca = await open_channel(r.a, role="server", code=CODE, pake=pa)
         ca.write(SECRET)  # before anything of B's has arrived
         await asyncio.sleep(0.05)
         # Only our tag and the record: no hello, no waiting for the peer.
         assert r.seen["a>b"][:CONFIRM_SIZE] and len(r.seen["b>a"]) == 0
         assert len(r.seen["a>b"]) == CONFIRM_SIZE + 4 + len(SECRET) + 16
-        cb = await open_channel(r.b, role="B", code=CODE, pake=pb)
+        cb = await open_channel(r.b, role="client", code=CODE, pake=pb)
         cb.write(SECRET[::-1])
         assert await cb.recv() == SECRET
         assert await ca.recv() == SECRET[::-1]
@@ -293,8 +293,8 @@ async def test_early_data_follows_the_confirmation_without_a_round_trip() -> Non
 async def test_early_data_with_a_wrong_code_is_never_delivered_on_either_side() -> None:
     async with relay() as r:
         pa, pb = exchanged(CODE, "7-orbit-lanterns")
-        ca = await open_channel(r.a, role="A", code=CODE, pake=pa)
-        cb = await open_channel(r.b, role="B", code="7-orbit-lanterns", pake=pb)
+        ca = await open_channel(r.a, role="server", code=CODE, pake=pa)
+        cb = await open_channel(r.b, role="client", code="7-orbit-lanterns", pake=pb)
         ca.write(SECRET)
         cb.write(SECRET)
         results = await asyncio.gather(ca.confirmed(), cb.confirmed(), ca.recv(), cb.recv(),
@@ -315,8 +315,8 @@ async def test_early_data_is_checked_like_the_in_band_handshake() -> None:
     a, ma = tcp_pair()
     mb, b = tcp_pair()
     guess = "7-orbit-lamp"
-    pa, pb = Pake("A", CODE), Pake("B", CODE)
-    ma_half, mb_half = Pake("B", guess), Pake("A", guess)  # towards A, towards B
+    pa, pb = Pake("server", CODE), Pake("client", CODE)
+    ma_half, mb_half = Pake("client", guess), Pake("server", guess)  # towards A, towards B
     pa.finish(ma_half.message)
     ma_half.finish(pa.message)
     pb.finish(mb_half.message)
@@ -334,7 +334,7 @@ async def test_early_data_confirmation_timeout_and_bad_messages_are_named() -> N
     a, b = tcp_pair()  # b never answers
     try:
         pa, _ = exchanged()
-        ca = await open_channel(a, role="A", code=CODE, pake=pa, timeout=0.3)
+        ca = await open_channel(a, role="server", code=CODE, pake=pa, timeout=0.3)
         ca.write(SECRET)  # sending is fine; nothing comes back
         t0 = time.monotonic()
         with pytest.raises(HandshakeTimeout,
@@ -347,16 +347,16 @@ async def test_early_data_confirmation_timeout_and_bad_messages_are_named() -> N
         b.close()
     a, b = tcp_pair()
     try:
-        pa = Pake("A", CODE)
-        pa.finish(Pake("A", CODE).message)  # the rendezvous sent our own side back
+        pa = Pake("server", CODE)
+        pa.finish(Pake("server", CODE).message)  # the rendezvous sent our own side back
         with pytest.raises(HandshakeError, match="both peers took role A"):
-            await open_channel(a, role="A", code=CODE, pake=pa)
+            await open_channel(a, role="server", code=CODE, pake=pa)
     finally:
         b.close()
     a, b = tcp_pair()
     try:
         pa, _ = exchanged()
-        ca = await open_channel(a, role="A", code=CODE, pake=pa)
+        ca = await open_channel(a, role="server", code=CODE, pake=pa)
         assert len(b.recv(CONFIRM_SIZE, socket.MSG_WAITALL)) == CONFIRM_SIZE
         b.close()  # the peer left (a FIN: it read what we sent) before its confirmation
         with pytest.raises(HandshakeError, match="before sending its key confirmation"):
@@ -376,9 +376,9 @@ async def muxes(r: Relay | None = None, keepalive: float = 15.0,
                 dead_after: float = 45.0) -> AsyncIterator[tuple[Mux, Mux]]:
     a, b = (r.a, r.b) if r is not None else tcp_pair()
     ca, cb = await channels(a, b)
-    async with Mux(ca, initiator=True, name="mux-a", keepalive=keepalive,
+    async with Mux(ca, role="server", name="mux-a", keepalive=keepalive,
                    dead_after=dead_after) as ma, \
-            Mux(cb, initiator=False, name="mux-b", keepalive=keepalive,
+            Mux(cb, role="client", name="mux-b", keepalive=keepalive,
                 dead_after=dead_after) as mb:
         yield ma, mb
 

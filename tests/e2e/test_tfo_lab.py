@@ -79,7 +79,7 @@ def rendezvous_in(host: Host) -> Iterator[tuple[RendezvousServer, Callable[[], s
 
 def _makers() -> tuple[Callable[[str], Pake], Callable[[str], Pake]]:
     def maker(role: Literal["A", "B"]) -> Callable[[str], Pake]:
-        return lambda code: Pake(role, code)
+        return lambda code: Pake("server" if role == "A" else "client", code)
     return maker("A"), maker("B")
 
 

@@ -1,0 +1,628 @@
+"""The secure channel's handshake and record layer as a sans-IO machine.
+
+Bytes in, events out; plaintext in, ciphertext out. No sockets, no event
+loop, no clock: the one timeout (the peer's key confirmation) is a deadline
+the driver reads from :attr:`RecordMachine.next_deadline` and reports with
+:meth:`RecordMachine.timer`. The asyncio driver is :mod:`nopf_web.tunnel.secure`.
+
+The two peers share only the pairing code (e.g. ``7-orbit-lantern``). They run
+SPAKE2 on it, confirm they derived the same key, then exchange AES-256-GCM
+records. Only reviewed primitives are used: SPAKE2 (``spake2`` package, Ed25519
+group), HKDF-SHA256, HMAC-SHA256 and AES-256-GCM (``cryptography``).
+
+Why this is safe against a rendezvous or a machine in the middle: SPAKE2 gives
+the same key to both sides only if both used the same code; someone who relays
+the connection and runs SPAKE2 with each side learns nothing that lets it test
+other codes offline, so it gets one guess per attempt (the rendezvous limits
+attempts and codes are single-use). Key confirmation makes a wrong guess fail
+on both sides before any application data moves.
+
+Roles are explicit (after a simultaneous open both peers think they
+initiated): the server (sharer) is SPAKE2 side ``A``, the client (connector)
+side ``B`` (:func:`nopf_web.roles.spake_side`; the letters exist only here).
+
+In-band handshake (:meth:`RecordMachine.handshake`), both sides send each
+message first and then read the peer's::
+
+    hello (38 bytes)
+        offset  size  field
+        0       4     magic    b"NOPF"
+        4       1     version  1
+        5       33    spake2   the SPAKE2 message: side byte b"A"/b"B", then
+                               a 32-byte Ed25519 group element
+    confirm (32 bytes)
+        HMAC-SHA256(Kc, b"nopf v1 confirm " + side + hello_A + hello_B)
+
+where ``K`` is the 32-byte SPAKE2 key (``idA=b"nopf-A"``, ``idB=b"nopf-B"``,
+password = the pairing code's UTF-8 bytes) and every key comes from
+HKDF-SHA256(K, salt=b"nopf tunnel v1", info=label)::
+
+    Kc    label b"nopf v1 confirm"  key confirmation
+    K_AB  label b"nopf v1 A->B"     AES-256-GCM key, records sent by A
+    K_BA  label b"nopf v1 B->A"     AES-256-GCM key, records sent by B
+
+Each side checks the peer's confirm tag (with the peer's side in the label)
+with ``hmac.compare_digest``; a mismatch is :class:`PairingMismatch` on both
+sides, since each checks independently.
+
+Confirm-only (:meth:`RecordMachine.confirm_only`): the SPAKE2 messages went
+through the rendezvous (:class:`Pake`; each is the 33-byte ``spake2`` field
+above, forwarded opaquely, so a lying rendezvous still gets one online guess,
+as a relay on the path does). The tunnel starts with the confirm tag over the
+same transcript (the two hellos rebuilt from the messages), and our records
+may follow it at once. The peer's tag is checked before any of its records is
+opened; after a wrong tag nothing is opened.
+
+Records, in each direction after the handshake::
+
+    offset  size  field
+    0       4     length      u32 big-endian: bytes of ciphertext + tag that follow
+                              (TAG_SIZE+1 .. MAX_RECORD+TAG_SIZE)
+    4       len   ciphertext  AES-256-GCM(key, nonce, plaintext, aad=the 4 length bytes),
+                              then the 16-byte tag
+
+The nonce is 4 zero bytes then a u64 big-endian record counter, starting at
+0 in each direction and never reused (each direction has its own key). A
+record holds 1..``MAX_RECORD`` bytes of plaintext. A tag failure, a length
+out of range or a connection cut mid-record is :class:`TunnelTampered`, and
+nothing of a failed record is ever returned.
+
+Each direction's key and counter live in their own small object
+(:class:`SealingKey`, :class:`OpeningKey`), so a later rekey (a new key after
+N records) or a resumed connection (fresh keys per connection) swaps those
+objects, not the machine's parsing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from hashlib import sha256
+from typing import Literal
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from spake2 import SPAKE2_A, SPAKE2_B  # type: ignore[import-untyped]
+
+from nopf_web.roles import PeerRole, SpakeSide, other, spake_side
+
+from .errors import HandshakeError, HandshakeTimeout, PairingMismatch, TunnelTampered
+
+MAGIC = b"NOPF"
+VERSION = 1
+SPAKE2_MESSAGE_SIZE = 33
+HELLO_SIZE = len(MAGIC) + 1 + SPAKE2_MESSAGE_SIZE  # 38
+CONFIRM_SIZE = 32
+ID_A, ID_B = b"nopf-A", b"nopf-B"
+HKDF_SALT = b"nopf tunnel v1"
+LABEL_CONFIRM = b"nopf v1 confirm"
+LABEL_A_TO_B = b"nopf v1 A->B"
+LABEL_B_TO_A = b"nopf v1 B->A"
+HANDSHAKE_TIMEOUT = 10.0
+
+TAG_SIZE = 16
+MAX_RECORD = 257 * 1024  # plaintext bytes per record: a 256 KiB DATA frame and control frames
+RECORD_HEADER = struct.Struct("!I")  # u32 BE: ciphertext + tag bytes that follow
+HEADER_SIZE = RECORD_HEADER.size
+RECORD_SIZE = HEADER_SIZE + MAX_RECORD + TAG_SIZE  # the largest record on the wire
+_NONCE = struct.Struct("!4xQ")  # 4 zero bytes, u64 BE counter
+_MAX_COUNTER = (1 << 64) - 1
+# A whole record plus the next header, so one recv_into usually completes a record.
+RECEIVE_BUFFER = RECORD_SIZE + HEADER_SIZE
+
+Buffer = bytes | bytearray | memoryview
+
+
+# -- events (what the driver acts on) ---------------------------------------------
+# Values, never changed after they are made; not frozen, since a frozen dataclass
+# costs 2.5 times as much to make, and some are made once per record.
+
+
+@dataclass(slots=True)
+class Transmit:
+    """Handshake bytes to send now, before any record sealed after this event."""
+
+    data: bytes
+
+
+@dataclass(slots=True)
+class HandshakeDone:
+    """Records may be sealed and sent from now on."""
+
+
+@dataclass(slots=True)
+class PeerConfirmed:
+    """The peer's key confirmation checked out: it used the same code."""
+
+
+@dataclass(slots=True)
+class RecordReceived:
+    """One record's plaintext, authenticated."""
+
+    plaintext: bytes
+
+
+@dataclass(slots=True)
+class ChannelFailed:
+    """The channel is dead; ``flush``: send what is queued before closing (the
+    peer needs our confirmation to reach the same verdict), else abort."""
+
+    error: Exception
+    flush: bool
+
+
+@dataclass(slots=True)
+class ChannelEnded:
+    """The peer ended the connection cleanly, at a record boundary."""
+
+
+RecordEvent = Transmit | HandshakeDone | PeerConfirmed | RecordReceived | ChannelFailed \
+    | ChannelEnded
+State = Literal["new", "hello", "confirm", "open", "failed", "ended"]
+
+
+# -- keys ---------------------------------------------------------------------------
+
+
+class SealingKey:
+    """One sending direction: its AES-256-GCM key and record counter (the nonce)."""
+
+    __slots__ = ("_aead", "records")
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(key)
+        self.records = 0  # sealed so far: the next record's nonce counter
+
+    def seal_into(self, plain: memoryview, out: memoryview) -> int:
+        """Seal ``plain`` (1..MAX_RECORD bytes) as one record at the start of ``out``;
+        returns the record's size on the wire."""
+        if self.records > _MAX_COUNTER:  # unreachable in practice: 2^64 records
+            raise TunnelTampered("record counter exhausted: the tunnel must be re-keyed")
+        size = len(plain) + TAG_SIZE
+        header = RECORD_HEADER.pack(size)
+        out[:HEADER_SIZE] = header
+        self._aead.encrypt_into(_NONCE.pack(self.records), plain, header,
+                                out[HEADER_SIZE : HEADER_SIZE + size])
+        self.records += 1
+        return HEADER_SIZE + size
+
+
+class OpeningKey:
+    """One receiving direction: its AES-256-GCM key and record counter."""
+
+    __slots__ = ("_aead", "records")
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(key)
+        self.records = 0  # opened so far: the next record's nonce counter
+
+    def open(self, header: memoryview, body: memoryview) -> bytes:
+        """The plaintext of the record ``header + body``; :class:`TunnelTampered` if forged."""
+        try:
+            plain: bytes = self._aead.decrypt(_NONCE.pack(self.records), body, header)
+        except InvalidTag:
+            raise TunnelTampered(
+                f"tunnel data rejected: record {self.records} failed authentication: "
+                "the data was altered or injected in transit") from None
+        self.records += 1
+        return plain
+
+
+def _derive(key: bytes, label: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=HKDF_SALT, info=label).derive(key)
+
+
+def _confirm_tag(confirm_key: bytes, side: SpakeSide, transcript: bytes) -> bytes:
+    return hmac.new(confirm_key, b"nopf v1 confirm " + side.encode() + transcript,
+                    sha256).digest()
+
+
+def _record_keys(key: bytes, side: SpakeSide) -> tuple[SealingKey, OpeningKey]:
+    """(sealing, opening) keys of ``side`` from the SPAKE2 key."""
+    a_to_b, b_to_a = _derive(key, LABEL_A_TO_B), _derive(key, LABEL_B_TO_A)
+    send, recv = (a_to_b, b_to_a) if side == "A" else (b_to_a, a_to_b)
+    return SealingKey(send), OpeningKey(recv)
+
+
+def _hello(message: bytes) -> bytes:
+    return MAGIC + bytes([VERSION]) + message
+
+
+def _spake(side: SpakeSide, code: str) -> SPAKE2_A | SPAKE2_B:
+    return (SPAKE2_A if side == "A" else SPAKE2_B)(code.encode("utf-8"), idA=ID_A, idB=ID_B)
+
+
+def _finish_spake(spake: SPAKE2_A | SPAKE2_B, side: SpakeSide, peer_hello: bytes) -> bytes:
+    if peer_hello[: len(MAGIC)] != MAGIC:
+        raise HandshakeError("secure handshake: the peer is not a nopf tunnel "
+                             f"(got {peer_hello[:8]!r}...)")
+    if peer_hello[len(MAGIC)] != VERSION:
+        raise HandshakeError(f"secure handshake: the peer speaks tunnel version "
+                             f"{peer_hello[len(MAGIC)]}, we speak {VERSION}")
+    message = peer_hello[len(MAGIC) + 1 :]
+    if message[:1] == side.encode():
+        raise HandshakeError(f"secure handshake: both peers took role {side} "
+                             "(one must share, the other connect)")
+    try:
+        key: bytes = spake.finish(message)
+    # spake2 is untyped and raises assorted errors (ValueError, its own) on a bad element.
+    except Exception:
+        raise HandshakeError("secure handshake: the peer's pairing message is invalid") from None
+    return key
+
+
+def _check_role(role: PeerRole) -> None:
+    if role not in ("server", "client"):
+        raise ValueError(f"role must be 'server' or 'client', not {role!r}")
+
+
+class Pake:
+    """One side's SPAKE2 for one pairing, run before the tunnel exists.
+
+    ``message`` (33 bytes) goes to the peer through the rendezvous;
+    :meth:`finish` takes the peer's message from there and derives the key
+    (it never raises: an invalid message fails the channel later, as the
+    in-band handshake would). Then :meth:`RecordMachine.confirm_only` has only
+    the key confirmation left to do on the tunnel.
+    """
+
+    def __init__(self, role: PeerRole, code: str) -> None:
+        _check_role(role)
+        self.role: PeerRole = role
+        self._side = spake_side(role)
+        self._spake = _spake(self._side, code)
+        self.message: bytes = self._spake.start()
+        self.peer_message: bytes | None = None
+        self._key: bytes | HandshakeError | None = None
+
+    @property
+    def hello(self) -> bytes:
+        """Our message as the in-band hello would carry it (for the transcript)."""
+        return _hello(self.message)
+
+    @property
+    def finished(self) -> bool:
+        return self._key is not None
+
+    def finish(self, peer_message: bytes) -> None:
+        """Derive the key from the peer's message (once; a repeat must be the same message)."""
+        if self.peer_message is not None:
+            if peer_message != self.peer_message:
+                self._key = HandshakeError("secure handshake: the peer's pairing message "
+                                           "changed between attempts")
+            return
+        self.peer_message = peer_message
+        try:
+            self._key = _finish_spake(self._spake, self._side, _hello(peer_message))
+        except HandshakeError as exc:
+            self._key = exc
+
+    def key(self) -> bytes:
+        if self._key is None:
+            raise ValueError("Pake.finish() was not called")
+        if isinstance(self._key, HandshakeError):
+            raise self._key
+        return self._key
+
+
+# -- the machine ----------------------------------------------------------------
+
+
+class RecordMachine:
+    """One connection's handshake and records; make it with :meth:`handshake` or
+    :meth:`confirm_only`.
+
+    Receiving is BufferedProtocol-shaped, so records land straight in a buffer
+    sized for a whole record (no intermediate copy): write up to
+    ``len(get_buffer(hint))`` bytes into the returned view, then call
+    :meth:`buffer_updated` with the count; :meth:`receive_data` does both.
+    The view is valid until the next call into the machine. Every input
+    returns the events it caused, in order; after :class:`ChannelFailed` or
+    :class:`ChannelEnded` input is ignored.
+
+    Sending: :meth:`start` gives our first handshake bytes; once
+    :class:`HandshakeDone` has been returned, :meth:`seal` turns plaintext
+    into records.
+    """
+
+    def __init__(self, role: PeerRole, *, timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        """Use :meth:`handshake` or :meth:`confirm_only`."""
+        _check_role(role)
+        self.role: PeerRole = role
+        self.timeout = timeout
+        self._side: SpakeSide = spake_side(role)
+        self._state: State = "new"
+        self.confirmed = False  # the peer's key confirmation checked out
+        # In-band: our SPAKE2 state and hello until the peer's hello arrives.
+        self._spake: SPAKE2_A | SPAKE2_B | None = None
+        self._our_hello = b""
+        self._tags = (b"", b"")  # confirmation tags: (ours, the one the peer must send)
+        self._keys: tuple[SealingKey, OpeningKey] | None = None  # derived, not yet in use
+        self.sealing: SealingKey | None = None
+        self.opening: OpeningKey | None = None
+        self._deadline: float | None = None
+        self._buf = bytearray(RECEIVE_BUFFER)
+        self._view = memoryview(self._buf)
+        self._have = 0
+        # Reused record buffers for seal() (one per record of the largest call):
+        # a fresh 256 KiB buffer per record (zeroed, often page-faulted) cost more
+        # than AES-GCM itself, and a reused one stays in cache for the send.
+        self._plain = memoryview(bytearray(MAX_RECORD))
+        self._out: list[memoryview] = [memoryview(bytearray(RECORD_SIZE))]
+        self.bytes_in = 0  # wire bytes, handshake included
+        self.bytes_out = 0
+
+    @classmethod
+    def handshake(cls, role: PeerRole, code: str, *,
+                  timeout: float = HANDSHAKE_TIMEOUT) -> RecordMachine:
+        """The full handshake on the tunnel: hellos (SPAKE2), then confirmations."""
+        machine = cls(role, timeout=timeout)
+        machine._spake = _spake(machine._side, code)
+        machine._our_hello = _hello(machine._spake.start())
+        return machine
+
+    @classmethod
+    def confirm_only(cls, role: PeerRole, pake: Pake, *,
+                     timeout: float = HANDSHAKE_TIMEOUT) -> RecordMachine:
+        """SPAKE2 already exchanged and finished (``pake``): confirmations only.
+
+        Raises what the in-band handshake would for a bad peer message
+        (:class:`HandshakeError`), and ``ValueError`` for a pake of another role.
+        """
+        if pake.role != role:
+            raise ValueError(f"the pake was made for role {pake.role}, not {role}")
+        key = pake.key()
+        assert pake.peer_message is not None
+        machine = cls(role, timeout=timeout)
+        machine._our_hello = pake.hello
+        machine._keys = machine._derive_all(key, _hello(pake.peer_message))
+        return machine
+
+    # -- observation ------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def peer_role(self) -> PeerRole:
+        return other(self.role)
+
+    @property
+    def can_send(self) -> bool:
+        """Records may be sealed (the handshake is done, on our side)."""
+        return self.sealing is not None
+
+    @property
+    def next_deadline(self) -> float | None:
+        """When :meth:`timer` must be called (the handshake's deadline), if ever."""
+        return self._deadline
+
+    # -- inputs -----------------------------------------------------------------
+
+    def start(self, now: float) -> list[RecordEvent]:
+        """Begin at ``now``: our first handshake bytes (and, confirm-only, HandshakeDone).
+
+        Bytes received before are kept and handled now; after the connection was
+        lost, there is nothing to do."""
+        if self._state in ("failed", "ended"):
+            return []
+        if self._state != "new":
+            raise RuntimeError("the record machine was already started")
+        if self._keys is None and self._spake is None:
+            raise RuntimeError("make the machine with RecordMachine.handshake() or "
+                               ".confirm_only()")
+        self._deadline = now + self.timeout
+        events: list[RecordEvent]
+        if self._keys is None:  # in-band: hellos first
+            self._state = "hello"
+            events = [self._transmit(self._our_hello)]
+        else:
+            self._state = "confirm"
+            self.sealing = self._keys[0]
+            events = [self._transmit(self._tags[0]), HandshakeDone()]
+        if self._have:  # bytes that arrived before the start
+            events += self._advance()
+        return events
+
+    def timer(self, now: float) -> list[RecordEvent]:
+        if self._deadline is None or now < self._deadline:
+            return []
+        return self._fail(HandshakeTimeout(
+            f"secure handshake: no {self._waiting_for} from the peer within {self.timeout:g} s"),
+            flush=False)
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next received bytes go (never empty)."""
+        if self._state != "open":  # handshake (or dead): whatever comes
+            return self._view[self._have :]
+        if self._have < HEADER_SIZE:
+            return self._view[self._have : HEADER_SIZE]
+        (size,) = RECORD_HEADER.unpack_from(self._buf)
+        # The record and the next header; an out-of-range length was refused already.
+        return self._view[self._have : HEADER_SIZE + size + HEADER_SIZE]
+
+    def buffer_updated(self, nbytes: int) -> list[RecordEvent]:
+        """``nbytes`` were written at the start of the last :meth:`get_buffer` view."""
+        self.bytes_in += nbytes
+        if self._state == "open":  # the hot path first
+            self._have += nbytes
+            return self._open_records([])
+        if self._state in ("failed", "ended"):
+            self._have = 0  # keep room for whatever still arrives; it is ignored
+            return []
+        self._have += nbytes
+        if self._state == "new":
+            return []  # kept for start()
+        return self._advance()
+
+    def receive_data(self, data: Buffer) -> list[RecordEvent]:
+        """Copy ``data`` in through :meth:`get_buffer` (for drivers without one)."""
+        events: list[RecordEvent] = []
+        view, pos = memoryview(data), 0
+        while pos < len(view):
+            room = self.get_buffer(len(view) - pos)
+            n = min(len(room), len(view) - pos)
+            room[:n] = view[pos : pos + n]
+            pos += n
+            del room
+            events += self.buffer_updated(n)
+        return events
+
+    def connection_lost(self, exc: Exception | None) -> list[RecordEvent]:
+        """The connection ended: ``None`` for the peer's clean end (EOF)."""
+        if self._state in ("new", "hello", "confirm"):
+            if isinstance(exc, OSError):
+                exc = HandshakeError("secure handshake: connection failed while waiting for "
+                                     f"the peer's {self._waiting_for} ({exc.strerror or exc})")
+            elif exc is None:
+                exc = HandshakeError("secure handshake: the peer closed the connection before "
+                                     f"sending its {self._waiting_for}")
+            return self._fail(exc, flush=False)
+        if self._state != "open":
+            return []
+        if exc is None and self._have:
+            exc = TunnelTampered("tunnel data rejected: the connection was cut inside a record")
+        if exc is not None:
+            return self._fail(exc, flush=False)
+        self._state = "ended"
+        return [ChannelEnded()]
+
+    # -- sending ----------------------------------------------------------------
+
+    def seal(self, parts: Iterable[Buffer]) -> list[memoryview]:
+        """Records carrying the concatenation of ``parts``: full records first, no
+        joined copy of the parts. The views are reused by the next call: send or
+        copy them before."""
+        sealing = self.sealing
+        if sealing is None:
+            raise RuntimeError("records before the handshake is done")
+        plain, fill = self._plain, 0
+        records: list[memoryview] = []
+        for part in parts:
+            n = len(part)
+            if fill + n <= MAX_RECORD:  # the usual case: the part fits whole
+                plain[fill : fill + n] = part
+                fill += n
+                continue
+            view, start = memoryview(part), 0
+            while start < n:
+                if fill == MAX_RECORD:
+                    records.append(self._seal_one(sealing, fill, len(records)))
+                    fill = 0
+                take = min(n - start, MAX_RECORD - fill)
+                plain[fill : fill + take] = view[start : start + take]
+                fill += take
+                start += take
+        if fill:
+            if not records:  # the usual case: one record, inline
+                out = self._out[0]
+                size = sealing.seal_into(plain[:fill], out)
+                self.bytes_out += size
+                return [out[:size]]
+            records.append(self._seal_one(sealing, fill, len(records)))
+        return records
+
+    def _seal_one(self, sealing: SealingKey, n: int, index: int) -> memoryview:
+        if index == len(self._out):
+            self._out.append(memoryview(bytearray(RECORD_SIZE)))
+        out = self._out[index]
+        size = sealing.seal_into(self._plain[:n], out)
+        self.bytes_out += size
+        return out[:size]
+
+    # -- internals --------------------------------------------------------------
+
+    @property
+    def _waiting_for(self) -> str:
+        # Keys exist from the peer's hello on (in-band), or from the start (confirm-only).
+        return "pairing message" if self._keys is None else "key confirmation"
+
+    def _derive_all(self, key: bytes, peer_hello: bytes) -> tuple[SealingKey, OpeningKey]:
+        """Record keys from the SPAKE2 key; remembers both confirmation tags."""
+        # The same transcript and labels for both handshakes: A's hello first.
+        transcript = (self._our_hello + peer_hello if self._side == "A"
+                      else peer_hello + self._our_hello)
+        confirm_key = _derive(key, LABEL_CONFIRM)
+        self._tags = (_confirm_tag(confirm_key, self._side, transcript),
+                      _confirm_tag(confirm_key, spake_side(self.peer_role), transcript))
+        return _record_keys(key, self._side)
+
+    def _transmit(self, data: bytes) -> Transmit:
+        self.bytes_out += len(data)
+        return Transmit(data)
+
+    def _consume(self, n: int) -> bytes:
+        data = bytes(self._view[:n])
+        rest = self._have - n
+        self._buf[:rest] = bytes(self._view[n : self._have])  # may overlap: copy first
+        self._have = rest
+        return data
+
+    def _advance(self) -> list[RecordEvent]:
+        events: list[RecordEvent] = []
+        if self._state == "hello":
+            if self._have < HELLO_SIZE:
+                return events
+            assert self._spake is not None
+            peer_hello = self._consume(HELLO_SIZE)
+            try:
+                key = _finish_spake(self._spake, self._side, peer_hello)
+            except HandshakeError as exc:
+                return self._fail(exc, flush=False)
+            self._spake = None
+            self._keys = self._derive_all(key, peer_hello)
+            self._state = "confirm"
+            events.append(self._transmit(self._tags[0]))
+        if self._have < CONFIRM_SIZE:
+            return events
+        if not hmac.compare_digest(self._consume(CONFIRM_SIZE), self._tags[1]):
+            # Nothing after a wrong tag is opened. Flush, not abort: the peer
+            # needs our own tag to reach the same verdict.
+            return events + self._fail(PairingMismatch("pairing code did not match"),
+                                       flush=True)
+        assert self._keys is not None
+        self._state = "open"
+        self.confirmed = True
+        self._deadline = None
+        if self.sealing is None:  # in-band: records from now on
+            self.sealing = self._keys[0]
+            events.append(HandshakeDone())
+        self.opening = self._keys[1]
+        self._keys = None
+        events.append(PeerConfirmed())
+        return self._open_records(events)  # records the peer sent right after its tag
+
+    def _open_records(self, events: list[RecordEvent]) -> list[RecordEvent]:
+        opening, buf, view = self.opening, self._buf, self._view
+        assert opening is not None
+        while self._have >= HEADER_SIZE:
+            (size,) = RECORD_HEADER.unpack_from(buf)
+            if not TAG_SIZE < size <= MAX_RECORD + TAG_SIZE:
+                return events + self._fail(TunnelTampered(
+                    f"tunnel data rejected: record length {size} is out of range"), flush=False)
+            end = HEADER_SIZE + size
+            if self._have < end:
+                break
+            try:
+                plain = opening.open(view[:HEADER_SIZE], view[HEADER_SIZE:end])
+            except TunnelTampered as exc:
+                return events + self._fail(exc, flush=False)
+            rest = self._have - end  # at most the next header, except just after the handshake
+            if rest:
+                buf[:rest] = bytes(view[end : self._have])  # may overlap: copy first
+            self._have = rest
+            events.append(RecordReceived(plain))
+        return events
+
+    def _fail(self, error: Exception, *, flush: bool) -> list[RecordEvent]:
+        self._state = "failed"
+        self._deadline = None
+        self._have = 0
+        self._spake = None
+        self._keys = None
+        return [ChannelFailed(error, flush)]

@@ -1,0 +1,510 @@
+"""The stream mux machine, on bytes: a server and a client machine back to back
+in memory (their records cut and merged arbitrarily), the flow control and
+scheduling rules, every way a peer can break the protocol, and keepalive on an
+injected clock."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterable
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nopf_web.roles import PeerRole
+from nopf_web.tunnel.errors import (
+    PeerLost,
+    StreamClosed,
+    StreamReset,
+    TunnelClosed,
+    TunnelError,
+    TunnelProtocolError,
+)
+from nopf_web.tunnel.mux_machine import (
+    AUTO_WINDOW_BUDGET,
+    AUTO_WINDOW_MAX,
+    DEFAULT_MAX_FRAME,
+    RECORD_BUDGET,
+    STREAM_SEND_BUFFER,
+    MuxEvent,
+    MuxMachine,
+    StreamData,
+    StreamDone,
+    StreamEof,
+    StreamFailed,
+    StreamOpened,
+    StreamWritable,
+    TunnelEnded,
+)
+from nopf_web.wire import frames as fr
+from nopf_web.wire.frames import INITIAL_WINDOW, FrameDecoder, ResetCode
+
+FEW = settings(max_examples=40, deadline=None,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+class End:
+    """One machine and what it reported, per stream."""
+
+    def __init__(self, role: PeerRole, *, now: float = 0.0, **options: float) -> None:
+        self.m = MuxMachine(role=role, **options)  # type: ignore[arg-type]
+        self.m.start(now)
+        self.consume = True  # the application takes data as it arrives
+        self.received: dict[int, bytearray] = {}
+        self.opened: list[int] = []
+        self.eof: list[int] = []
+        self.done: list[int] = []
+        self.failed: dict[int, StreamReset] = {}
+        self.writable: list[int] = []
+        self.ended: list[TunnelEnded] = []
+
+    def take(self, events: Iterable[MuxEvent]) -> None:
+        arrived: dict[int, int] = {}
+        for event in events:
+            if isinstance(event, StreamData):
+                self.received.setdefault(event.stream_id, bytearray()).extend(event.data)
+                arrived[event.stream_id] = arrived.get(event.stream_id, 0) + len(event.data)
+            elif isinstance(event, StreamOpened):
+                self.opened.append(event.stream_id)
+            elif isinstance(event, StreamEof):
+                self.eof.append(event.stream_id)
+            elif isinstance(event, StreamDone):
+                self.done.append(event.stream_id)
+            elif isinstance(event, StreamFailed):
+                self.failed[event.stream_id] = event.error
+            elif isinstance(event, StreamWritable):
+                self.writable.append(event.stream_id)
+            else:
+                self.ended.append(event)
+        if self.consume:  # all that arrived, at once (as the forwarders do)
+            for sid, n in arrived.items():
+                self.m.consumed(sid, n)
+
+    def records(self) -> list[list[bytes | memoryview]]:
+        """Everything there is to send, one record's frames at a time."""
+        out: list[list[bytes | memoryview]] = []
+        while True:
+            parts, events = self.m.data_to_send()
+            if not parts:
+                return out
+            out.append(parts)
+            self.take(events)
+
+    def wire(self) -> bytes:
+        return b"".join(b"".join(parts) for parts in self.records())
+
+    def frames(self) -> list[fr.Frame]:
+        return FrameDecoder().feed(self.wire())
+
+    def receive(self, data: bytes, now: float = 0.0, cuts: Iterable[int] = ()) -> None:
+        bounds = [0, *sorted(c for c in cuts if 0 < c < len(data)), len(data)]
+        for start, end in itertools.pairwise(bounds):
+            self.take(self.m.receive(data[start:end], now))
+
+
+def cuts_of(data: st.DataObject | None, size: int) -> list[int]:
+    if data is None or size <= 1:
+        return []
+    return data.draw(st.lists(st.integers(1, size - 1), max_size=6), label="cuts")
+
+
+def exchange(a: End, b: End, data: st.DataObject | None = None, now: float = 0.0) -> None:
+    """Until neither has anything to send; records merged and cut arbitrarily."""
+    while a.m.wants_to_send or b.m.wants_to_send:
+        for src, dst in ((a, b), (b, a)):
+            wire = src.wire()
+            dst.receive(wire, now, cuts_of(data, len(wire)))
+
+
+def pair(**options: float) -> tuple[End, End]:
+    return End("server", **options), End("client", **options)
+
+
+def blob(seed: int, size: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+# -- round trips ----------------------------------------------------------------------
+
+sizes = st.lists(st.integers(0, 300_000), max_size=3)
+
+
+@FEW
+@given(data=st.data(), server_streams=st.lists(sizes, max_size=3),
+       client_streams=st.lists(sizes, max_size=3), window=st.sampled_from([INITIAL_WINDOW,
+                                                                           1 << 20]))
+def test_streams_both_ways_round_trip_with_any_cuts(
+    data: st.DataObject, server_streams: list[list[int]], client_streams: list[list[int]],
+    window: int,
+) -> None:
+    a, b = pair(window=window)
+    sent: dict[int, list[bytes]] = {}  # stream id -> [opener's bytes, acceptor's bytes]
+    for opener, acceptor, plans in ((a, b, server_streams), (b, a, client_streams)):
+        for plan in plans:
+            sid = opener.m.open_stream()
+            chunks = [blob(sid * 10 + i, n) for i, n in enumerate(plan)]
+            for chunk in chunks:
+                opener.m.send(sid, chunk)
+            opener.m.end_stream(sid)
+            sent[sid] = [b"".join(chunks), blob(-sid, sum(plan) // 2)]
+        exchange(a, b, data)
+        for sid in (s for s in sent if s in acceptor.opened):  # the answer, then FIN
+            acceptor.m.send(sid, sent[sid][1])
+            acceptor.m.end_stream(sid)
+    exchange(a, b, data)
+    assert sorted(a.opened) == sorted(s for s in sent if s % 2 == 0)  # the client's: even
+    assert sorted(b.opened) == sorted(s for s in sent if s % 2 == 1)  # the server's: odd
+    for sid, (forth, back) in sent.items():
+        opener, acceptor = (a, b) if sid % 2 else (b, a)
+        assert bytes(acceptor.received.get(sid, b"")) == forth
+        assert bytes(opener.received.get(sid, b"")) == back
+    for end in (a, b):
+        assert sorted(end.eof) == sorted(end.done) == sorted(sent)
+        assert not end.failed and not end.ended
+        assert end.m.open_streams == 0 and end.m.window_budget == AUTO_WINDOW_BUDGET
+    assert a.m.total_streams == b.m.total_streams == len(sent)
+    assert a.m.bytes_out == b.m.bytes_in and b.m.bytes_out == a.m.bytes_in
+
+
+@FEW
+@given(data=st.data(), size=st.integers(INITIAL_WINDOW + 1, 3 * INITIAL_WINDOW))
+def test_a_reader_that_does_not_consume_stops_only_its_stream(data: st.DataObject,
+                                                              size: int) -> None:
+    a, b = pair()
+    b.consume = False
+    stalled, live = a.m.open_stream(), a.m.open_stream()
+    a.m.send(stalled, blob(1, size))
+    a.m.send(live, b"x" * 1000)
+    exchange(a, b, data)
+    assert len(b.received[stalled]) == INITIAL_WINDOW  # the credit, not one byte more
+    assert bytes(b.received[live]) == b"x" * 1000
+    assert not a.m.wants_to_send
+    b.consume = True
+    b.m.consumed(stalled, INITIAL_WINDOW)  # the application reads: credit returns
+    exchange(a, b, data)
+    assert bytes(b.received[stalled]) == blob(1, size)
+
+
+def test_credit_returns_in_quarter_window_batches() -> None:
+    a, b = pair()
+    b.consume = False
+    sid = a.m.open_stream()
+    a.m.send(sid, bytes(INITIAL_WINDOW))
+    exchange(a, b)
+    for _ in range(INITIAL_WINDOW // 4 // 1000):  # just under a quarter: no frame yet
+        b.m.consumed(sid, 1000)
+    assert not b.m.wants_to_send
+    b.m.consumed(sid, INITIAL_WINDOW // 4 - (INITIAL_WINDOW // 4 // 1000) * 1000)
+    updates = [f for f in b.frames() if isinstance(f, fr.WindowUpdateFrame)]
+    assert updates == [fr.WindowUpdateFrame(sid, INITIAL_WINDOW // 4)]
+
+
+def test_a_larger_window_is_granted_right_after_open() -> None:
+    a, b = pair(window=1 << 20)
+    sid = a.m.open_stream()
+    assert a.frames() == [fr.OpenFrame(sid), fr.WindowUpdateFrame(sid, (1 << 20) - INITIAL_WINDOW)]
+    b.receive(fr.encode_open(3))
+    assert b.frames() == [fr.WindowUpdateFrame(3, (1 << 20) - INITIAL_WINDOW)]
+
+
+def test_a_lone_stream_that_keeps_up_grows_its_window_then_shrinks_back() -> None:
+    a, b = pair()
+    sid = a.m.open_stream()
+    a.m.send(sid, bytes(16 << 20))
+    exchange(a, b)
+    state = b.m.stream(sid)
+    assert state is not None and state.window == AUTO_WINDOW_MAX
+    assert b.m.window_budget == AUTO_WINDOW_BUDGET - (AUTO_WINDOW_MAX - INITIAL_WINDOW)
+    other = a.m.open_stream()  # another stream: the bulk one gives its growth back
+    a.m.send(other, b"hello")
+    a.m.send(sid, bytes(8 << 20))
+    exchange(a, b)
+    assert state.window == INITIAL_WINDOW and b.m.window_budget == AUTO_WINDOW_BUDGET
+    assert len(b.received[sid]) == 24 << 20
+
+
+def test_a_lone_stream_that_lags_does_not_grow() -> None:
+    a, b = pair()
+    b.consume = False
+    sid = a.m.open_stream()
+    a.m.send(sid, bytes(4 * INITIAL_WINDOW))
+    for _ in range(12):
+        exchange(a, b)
+        state = b.m.stream(sid)
+        assert state is not None
+        b.m.consumed(sid, max(0, state.pending - 1000))  # 1000 bytes stay unread
+    exchange(a, b)
+    assert len(b.received[sid]) > 3 * INITIAL_WINDOW  # it went on, at the same window
+    assert state is not None and state.window == INITIAL_WINDOW
+    assert b.m.window_budget == AUTO_WINDOW_BUDGET
+
+
+def test_the_growth_budget_bounds_the_windows() -> None:
+    a, b = pair()
+    b.m._window_budget = INITIAL_WINDOW  # as if other streams held the rest
+    sid = a.m.open_stream()
+    a.m.send(sid, bytes(16 << 20))
+    exchange(a, b)
+    state = b.m.stream(sid)
+    assert state is not None and state.window == 2 * INITIAL_WINDOW  # one doubling only
+    assert b.m.window_budget == 0
+    a.m.end_stream(sid)
+    b.m.end_stream(sid)
+    exchange(a, b)
+    assert b.done == [sid] and b.m.window_budget == INITIAL_WINDOW  # given back at the end
+
+
+# -- scheduling -----------------------------------------------------------------------
+
+
+def test_control_frames_first_then_data_round_robin_in_small_frames() -> None:
+    a = End("server")
+    s1, s2 = a.m.open_stream(), a.m.open_stream()
+    a.m.send(s1, bytes(100_000))
+    a.m.send(s2, bytes(100_000))
+    a.m.end_stream(s2)
+    first = a.records()[0]
+    frames = FrameDecoder().feed(b"".join(first))
+    assert frames[:2] == [fr.OpenFrame(s1), fr.OpenFrame(s2)]
+    data = [(f.stream_id, len(f.data)) for f in frames[2:] if isinstance(f, fr.DataFrame)]
+    assert data[:4] == [(s1, DEFAULT_MAX_FRAME), (s2, DEFAULT_MAX_FRAME)] * 2
+    assert sum(len(p) for p in first) <= RECORD_BUDGET + fr.HEADER_SIZE + DEFAULT_MAX_FRAME
+
+
+def test_a_lone_stream_fills_the_record_with_one_frame() -> None:
+    a = End("server")
+    sid = a.m.open_stream()
+    a.records()
+    a.m.send(sid, bytes(200_000))
+    a.m.send(sid, bytes(100_000))  # two local reads: one frame spans both, without a copy
+    (first,) = a.records()  # then the initial credit is used up
+    frames = FrameDecoder().feed(b"".join(first))
+    assert [len(f.data) for f in frames if isinstance(f, fr.DataFrame)] == [INITIAL_WINDOW]
+    assert [len(p) for p in first] == [fr.HEADER_SIZE, 200_000, INITIAL_WINDOW - 200_000]
+
+
+def test_a_ping_goes_ahead_of_queued_data() -> None:
+    a = End("server", keepalive=1.0, dead_after=3.0)
+    sid = a.m.open_stream()
+    a.records()
+    a.m.send(sid, bytes(50_000))
+    a.take(a.m.timer(1.0))
+    frames = FrameDecoder().feed(b"".join(a.records()[0]))
+    assert isinstance(frames[0], fr.PingFrame) and isinstance(frames[1], fr.DataFrame)
+
+
+def test_writable_again_once_the_queue_falls_below_the_limit() -> None:
+    a, b = pair()
+    sid = a.m.open_stream()
+    assert a.m.send(sid, bytes(STREAM_SEND_BUFFER - 1))
+    assert not a.m.send(sid, bytes(10))  # at the limit now: the sender waits
+    assert not a.m.writable(sid)
+    exchange(a, b)
+    assert a.writable == [sid] and a.m.writable(sid)
+
+
+# -- ends of streams --------------------------------------------------------------
+
+
+def test_fin_after_queued_data_and_half_close() -> None:
+    a, b = pair()
+    sid = a.m.open_stream()
+    a.m.send(sid, b"request")
+    a.m.end_stream(sid)
+    with pytest.raises(StreamClosed, match="write after write_eof"):
+        a.m.send(sid, b"more")
+    assert [type(f) for f in a.frames()] == [fr.OpenFrame, fr.DataFrame, fr.FinFrame]
+    b.receive(fr.encode_open(sid) + fr.encode_data(sid, b"request") + fr.encode_fin(sid))
+    assert b.eof == [sid] and bytes(b.received[sid]) == b"request"
+    b.m.send(sid, b"answer after your FIN")  # the other half still works
+    b.m.end_stream(sid)
+    exchange(a, b)
+    assert bytes(a.received[sid]) == b"answer after your FIN" and a.eof == [sid]
+    assert a.done == b.done == [sid] and a.m.open_streams == b.m.open_streams == 0
+
+
+def test_reset_one_stream_others_unaffected() -> None:
+    a, b = pair()
+    s1, s2 = a.m.open_stream(), a.m.open_stream()
+    exchange(a, b)
+    error = a.m.reset_stream(s1, ResetCode.CANCEL, "user gave up")
+    assert str(error) == f"stream {s1} was reset: user gave up" and error.code == 0
+    assert a.m.stream(s1) is None
+    exchange(a, b)
+    assert str(b.failed[s1]) == f"stream {s1} was reset by the peer: user gave up"
+    b.receive(fr.encode_data(s1, b"late"))  # DATA crossing the RST: dropped quietly
+    a.receive(fr.encode_data(s1, b"late"))
+    a.m.send(s2, b"still here")
+    exchange(a, b)
+    assert bytes(b.received[s2]) == b"still here" and not a.ended and not b.ended
+    a.m.end_stream(s1)  # no effect on a stream that ended
+    a.m.consumed(s1, 10)
+    assert not a.m.wants_to_send
+
+
+def test_over_credit_data_resets_that_stream_with_flow_control() -> None:
+    b = End("client")
+    b.receive(fr.encode_open(1) + fr.encode_open(3))
+    b.consume = False
+    b.receive(fr.encode_data(1, bytes(INITIAL_WINDOW)))
+    b.receive(fr.encode_data(1, b"x"))  # one byte beyond the credit
+    assert b.failed[1].code == ResetCode.FLOW_CONTROL
+    assert str(b.failed[1]) == "stream 1 was reset: peer sent 1 bytes with 0 of credit"
+    assert b.frames() == [fr.ResetFrame(1, ResetCode.FLOW_CONTROL,
+                                        "peer sent 1 bytes with 0 of credit")]
+    b.receive(fr.encode_data(3, b"ok"))
+    assert bytes(b.received[3]) == b"ok" and not b.ended
+
+
+def test_too_many_streams() -> None:
+    a = End("server", max_streams=2)
+    a.receive(fr.encode_open(2) + fr.encode_open(4) + fr.encode_open(6))
+    assert a.opened == [2, 4]
+    assert a.frames() == [fr.ResetFrame(6, ResetCode.TOO_MANY_STREAMS, "more than 2 open streams")]
+    a.receive(fr.encode_data(6, b"dropped"))  # for the refused stream: dropped
+    assert 6 not in a.received and not a.ended
+    with pytest.raises(TunnelError, match=r"too many open streams \(2\)"):
+        a.m.open_stream()
+
+
+def test_stream_ids_by_role_and_their_end() -> None:
+    a, b = pair()
+    assert [a.m.open_stream() for _ in range(3)] == [1, 3, 5]
+    assert [b.m.open_stream() for _ in range(2)] == [2, 4]
+    c = End("client")
+    c.m._next_id = fr.MAX_STREAM_ID + 1
+    with pytest.raises(TunnelError, match="stream ids exhausted"):
+        c.m.open_stream()
+    with pytest.raises(ValueError, match="role must be"):
+        MuxMachine(role="A")  # type: ignore[arg-type]
+
+
+# -- a peer that breaks the protocol ----------------------------------------------------
+
+
+@pytest.mark.parametrize(("wire", "message"), [
+    (fr.encode_data(3, b"x"), "DATA for stream 3, which was never opened"),
+    (fr.encode_window_update(5, 1), "WINDOW_UPDATE for stream 5, which was never opened"),
+    (fr.encode_fin(7), "FIN for stream 7, which was never opened"),
+    (fr.encode_data(2, b"x"), "DATA for stream 2, which was never opened"),  # ours, not yet
+    (fr.encode_open(2), "the peer opened stream 2, which is one of our ids"),
+    (fr.encode_open(3) + fr.encode_open(1), "the peer reopened stream 1"),
+    (fr.encode_open(3) + fr.encode_open(3), "the peer reopened stream 3"),
+    (fr.encode_open(1) + fr.encode_window_update(1, fr.MAX_INCREMENT),
+     "stream 1: credit above 2^31-1"),
+    (bytes([99]) + bytes(8), "the peer broke the tunnel protocol: unknown frame type 99"),
+    (fr.HEADER.pack(fr.FrameType.DATA, 1, fr.MAX_PAYLOAD + 1),
+     "the peer broke the tunnel protocol: DATA frame with a 262145-byte payload"),
+])
+def test_protocol_violations_end_the_tunnel(wire: bytes, message: str) -> None:
+    b = End("client")
+    b.receive(wire)
+    assert len(b.ended) == 1
+    ended = b.ended[0]
+    assert isinstance(ended.error, TunnelProtocolError) and message in str(ended.error)
+    assert not ended.graceful and b.m.state == "failed" and b.m.error is ended.error
+    b.receive(fr.encode_ping(bytes(8)))  # ignored from now on
+    assert b.m.data_to_send() == ([], []) and len(b.ended) == 1
+    with pytest.raises(TunnelProtocolError):
+        b.m.open_stream()
+
+
+def test_a_peer_that_ends_a_stream_twice_or_resets_an_unknown_one_is_tolerated() -> None:
+    b = End("client")
+    b.receive(fr.encode_open(1) + fr.encode_fin(1) + fr.encode_fin(1) + fr.encode_reset(9, 0))
+    assert b.eof == [1] and not b.ended
+
+
+def test_goaway_closes_cleanly_and_fails_open_streams() -> None:
+    a, b = pair()
+    sid = a.m.open_stream()
+    exchange(a, b)
+    a.m.goaway()
+    exchange(a, b)
+    assert len(b.ended) == 1 and b.ended[0].graceful
+    assert isinstance(b.ended[0].error, TunnelClosed)
+    assert str(b.ended[0].error) == "the peer closed the tunnel"
+    assert b.m.state == "closed" and b.m.error is None and b.m.open_streams == 0
+    with pytest.raises(TunnelClosed):
+        b.m.open_stream()
+    c = End("client")
+    c.receive(fr.encode_goaway(0, "shutting down for maintenance"))
+    assert str(c.ended[0].error) == "the peer closed the tunnel: shutting down for maintenance"
+    assert a.m.stream(sid) is not None and b.m.stream(sid) is None
+
+
+# -- liveness on an injected clock ---------------------------------------------------
+
+
+def test_pings_every_keepalive_and_rtt_from_the_pong() -> None:
+    a, b = pair(keepalive=15.0, dead_after=45.0)
+    assert a.m.next_deadline == 15.0
+    a.take(a.m.timer(14.9))
+    assert not a.m.wants_to_send
+    a.take(a.m.timer(15.0))
+    ping = a.frames()
+    assert len(ping) == 1 and isinstance(ping[0], fr.PingFrame)
+    assert a.m.next_deadline == 30.0
+    b.receive(fr.encode_ping(ping[0].opaque), now=15.1)
+    assert b.frames() == [fr.PongFrame(ping[0].opaque)]  # echoed unchanged
+    a.receive(fr.encode_pong(ping[0].opaque), now=15.25)
+    assert a.m.rtt == pytest.approx(0.25)
+    for t in (29.9, 30.0, 45.0):
+        a.take(a.m.timer(t))
+    kinds = [type(f) for f in a.frames()]
+    assert kinds == [fr.PingFrame, fr.PingFrame]  # at 30 and 45, not at 29.9
+    assert not a.ended  # input at 15.25 moved the dead-peer limit to 60.25
+
+
+def test_a_silent_peer_is_declared_lost_after_dead_after() -> None:
+    a = End("server", keepalive=0.1, dead_after=0.5, now=100.0)
+    t = 100.0
+    while not a.ended:
+        t = a.m.next_deadline or t
+        a.take(a.m.timer(t))
+    assert t == pytest.approx(100.5)
+    error = a.ended[0].error
+    assert isinstance(error, PeerLost) and not a.ended[0].graceful
+    assert str(error) == ("the peer went silent: nothing received for 0.5 s (limit 0.5 s); "
+                          "the peer or the path is gone")
+    assert a.m.next_deadline is None
+    # Any input keeps it alive.
+    b = End("client", keepalive=0.1, dead_after=0.5)
+    for step in range(1, 20):
+        b.take(b.m.timer(step * 0.3))
+        b.receive(fr.encode_pong(bytes(8)), now=step * 0.3)
+    assert not b.ended
+
+
+@pytest.mark.parametrize(("exc", "kind", "message"), [
+    (None, PeerLost, "the peer's connection ended without a goodbye"),
+    (ConnectionResetError(104, "Connection reset by peer"), PeerLost,
+     "the tunnel connection failed: Connection reset by peer"),
+    (TunnelClosed("x"), TunnelClosed, "x"),
+])
+def test_the_channel_ending_ends_the_tunnel(exc: Exception | None, kind: type,
+                                            message: str) -> None:
+    a = End("server")
+    a.m.open_stream()
+    a.take(a.m.connection_lost(exc))
+    assert isinstance(a.ended[0].error, kind) and message in str(a.ended[0].error)
+    assert not a.ended[0].graceful and a.m.open_streams == 0
+    a.take(a.m.end(TunnelClosed("again"), graceful=True))
+    assert len(a.ended) == 1  # only the first end counts
+
+
+def test_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="keepalive < dead_after"):
+        MuxMachine(role="server", keepalive=10, dead_after=5)
+    with pytest.raises(ValueError, match="max_frame"):
+        MuxMachine(role="server", max_frame=fr.MAX_PAYLOAD + 1)
+    with pytest.raises(ValueError, match="window"):
+        MuxMachine(role="server", window=INITIAL_WINDOW - 1)
+    m = MuxMachine(role="server")
+    with pytest.raises(TunnelError, match="not started"):
+        m.open_stream()
+    m.start(0.0)
+    with pytest.raises(TunnelError, match="already started"):
+        m.start(1.0)

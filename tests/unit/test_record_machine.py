@@ -1,0 +1,528 @@
+"""The secure channel's record machine, on bytes: two machines back to back in
+memory, with every byte stream cut and merged arbitrarily, and every way the
+handshake or a record can go wrong."""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from collections.abc import Iterable
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nopf_web.roles import PeerRole
+from nopf_web.tunnel.errors import (
+    HandshakeError,
+    HandshakeTimeout,
+    PairingMismatch,
+    TunnelTampered,
+)
+from nopf_web.tunnel.record_machine import (
+    CONFIRM_SIZE,
+    HELLO_SIZE,
+    MAX_RECORD,
+    TAG_SIZE,
+    ChannelEnded,
+    ChannelFailed,
+    HandshakeDone,
+    Pake,
+    PeerConfirmed,
+    RecordEvent,
+    RecordMachine,
+    RecordReceived,
+    SealingKey,
+    Transmit,
+)
+
+CODE = "7-orbit-lantern"
+WRONG = "7-orbit-lanterns"
+FEW = settings(max_examples=40, deadline=None,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+class Peer:
+    """One machine and what it did: bytes to send, plaintext, other events."""
+
+    def __init__(self, machine: RecordMachine) -> None:
+        self.m = machine
+        self.out = bytearray()
+        self.plain = bytearray()
+        self.records: list[bytes] = []
+        self.events: list[RecordEvent] = []
+
+    def take(self, events: Iterable[RecordEvent]) -> None:
+        for event in events:
+            if isinstance(event, Transmit):
+                self.out += event.data
+            elif isinstance(event, RecordReceived):
+                self.plain += event.plaintext
+                self.records.append(event.plaintext)
+            else:
+                self.events.append(event)
+
+    def start(self, now: float = 0.0) -> Peer:
+        self.take(self.m.start(now))
+        return self
+
+    def seal(self, parts: Iterable[bytes | bytearray | memoryview]) -> list[bytes]:
+        records = [bytes(r) for r in self.m.seal(parts)]
+        for r in records:
+            self.out += r
+        return records
+
+    def feed(self, data: bytes, cuts: Iterable[int] = ()) -> None:
+        """``data`` in pieces cut at ``cuts``, each through get_buffer/buffer_updated."""
+        bounds = [0, *sorted(c for c in cuts if 0 < c < len(data)), len(data)]
+        for start, end in itertools.pairwise(bounds):
+            piece = memoryview(data)[start:end]
+            while piece:
+                room = self.m.get_buffer(len(piece))
+                assert len(room) > 0  # asyncio requires a non-empty buffer
+                n = min(len(room), len(piece))
+                room[:n] = piece[:n]
+                del room
+                self.take(self.m.buffer_updated(n))
+                piece = piece[n:]
+
+    def kinds(self) -> list[type]:
+        return [type(e) for e in self.events]
+
+    def failure(self) -> ChannelFailed:
+        failures = [e for e in self.events if isinstance(e, ChannelFailed)]
+        assert len(failures) == 1, self.events
+        return failures[0]
+
+
+def cuts_of(data: st.DataObject, size: int) -> list[int]:
+    if size <= 1:
+        return []
+    return data.draw(st.lists(st.integers(1, size - 1), max_size=8), label="cuts")
+
+
+def move(src: Peer, dst: Peer, data: st.DataObject | None = None) -> bytes:
+    """Everything ``src`` has to send, into ``dst`` (cut arbitrarily with ``data``)."""
+    wire = bytes(src.out)
+    src.out.clear()
+    dst.feed(wire, cuts_of(data, len(wire)) if data is not None else ())
+    return wire
+
+
+def settle(a: Peer, b: Peer, data: st.DataObject | None = None) -> None:
+    while a.out or b.out:
+        move(a, b, data)
+        move(b, a, data)
+
+
+def in_band(code_a: str = CODE, code_b: str = CODE,
+            roles: tuple[PeerRole, PeerRole] = ("server", "client")) -> tuple[Peer, Peer]:
+    return (Peer(RecordMachine.handshake(roles[0], code_a)),
+            Peer(RecordMachine.handshake(roles[1], code_b)))
+
+
+def exchanged(code_a: str = CODE, code_b: str = CODE) -> tuple[Pake, Pake]:
+    pa, pb = Pake("server", code_a), Pake("client", code_b)
+    pa.finish(pb.message)
+    pb.finish(pa.message)
+    return pa, pb
+
+
+def confirm_only(code_a: str = CODE, code_b: str = CODE) -> tuple[Peer, Peer]:
+    pa, pb = exchanged(code_a, code_b)
+    return (Peer(RecordMachine.confirm_only("server", pa)),
+            Peer(RecordMachine.confirm_only("client", pb)))
+
+
+def ready_pair() -> tuple[Peer, Peer]:
+    a, b = in_band()
+    a.start()
+    b.start()
+    settle(a, b)
+    assert a.kinds() == b.kinds() == [HandshakeDone, PeerConfirmed]
+    return a, b
+
+
+messages = st.lists(st.lists(st.binary(max_size=3000), max_size=4), min_size=1, max_size=6)
+
+
+# -- round trips ----------------------------------------------------------------
+
+
+@FEW
+@given(data=st.data(), sent_a=messages, sent_b=messages)
+def test_in_band_round_trip_with_any_cuts(data: st.DataObject, sent_a: list[list[bytes]],
+                                          sent_b: list[list[bytes]]) -> None:
+    a, b = in_band()
+    a.start()
+    b.start()
+    settle(a, b, data)
+    for p in (a, b):
+        assert p.kinds() == [HandshakeDone, PeerConfirmed]
+        assert p.m.state == "open" and p.m.confirmed and p.m.next_deadline is None
+    for parts in sent_a:
+        a.seal(parts)
+    for parts in sent_b:
+        b.seal(parts)
+    settle(a, b, data)
+    assert bytes(b.plain) == b"".join(b"".join(p) for p in sent_a)
+    assert bytes(a.plain) == b"".join(b"".join(p) for p in sent_b)
+    assert all(b.records)  # no empty record is ever sent or delivered
+    # A clean end at a record boundary.
+    b.take(b.m.connection_lost(None))
+    assert b.events[-1] == ChannelEnded()
+
+
+@FEW
+@given(data=st.data(), early=messages, later=messages, b_starts_late=st.booleans())
+def test_confirm_only_round_trip_with_early_data(data: st.DataObject, early: list[list[bytes]],
+                                                 later: list[list[bytes]],
+                                                 b_starts_late: bool) -> None:
+    a, b = confirm_only()
+    a.start()
+    assert a.kinds() == [HandshakeDone]  # records may follow our tag at once
+    assert len(a.out) == CONFIRM_SIZE
+    for parts in early:
+        a.seal(parts)
+    if b_starts_late:  # A's tag and records arrive before B even started
+        move(a, b, data)
+        assert b.m.state == "new" and not b.plain
+    b.start()
+    settle(a, b, data)
+    for parts in later:
+        b.seal(parts)
+    settle(a, b, data)
+    for p in (a, b):
+        assert p.kinds() == [HandshakeDone, PeerConfirmed]
+    assert bytes(b.plain) == b"".join(b"".join(p) for p in early)
+    assert bytes(a.plain) == b"".join(b"".join(p) for p in later)
+
+
+def test_in_band_handshake_sends_exactly_a_hello_then_a_tag() -> None:
+    a, b = in_band()
+    a.start()
+    assert len(a.out) == HELLO_SIZE and a.out.startswith(b"NOPF\x01A")
+    b.start()
+    assert b.out.startswith(b"NOPF\x01B")
+    move(a, b)
+    assert len(b.out) == HELLO_SIZE + CONFIRM_SIZE  # its hello, then its tag
+    move(b, a)
+    assert a.kinds() == [HandshakeDone, PeerConfirmed]
+    assert len(a.out) == CONFIRM_SIZE
+    move(a, b)
+    assert b.kinds() == [HandshakeDone, PeerConfirmed]
+    assert a.m.bytes_out == b.m.bytes_in == HELLO_SIZE + CONFIRM_SIZE
+    assert a.m.role == "server" and a.m.peer_role == "client"
+
+
+def test_records_fill_up_from_the_parts_without_joining_them() -> None:
+    a, b = ready_pair()
+    data = bytes(range(256)) * ((3 * MAX_RECORD + 12345) // 256 + 1)
+    data = data[: 3 * MAX_RECORD + 12345]
+    view = memoryview(data)
+    parts: list[bytes | bytearray | memoryview] = [
+        view[:1], bytearray(view[1:100_000]), view[100_000 : MAX_RECORD + 9],
+        view[MAX_RECORD + 9 :]]
+    records = a.seal(parts)
+    assert [len(r) for r in records] == [4 + MAX_RECORD + TAG_SIZE] * 3 + [4 + 12345 + TAG_SIZE]
+    assert a.m.sealing is not None and a.m.sealing.records == 4
+    move(a, b)
+    assert [len(r) for r in b.records] == [MAX_RECORD] * 3 + [12345]
+    assert bytes(b.plain) == data
+    assert a.seal([]) == [] and a.seal([b""]) == []
+
+
+def test_records_only_after_the_handshake() -> None:
+    a, _ = in_band()
+    with pytest.raises(RuntimeError):
+        a.m.seal([b"too early"])
+    a.start()
+    with pytest.raises(RuntimeError):  # the peer's tag is not checked yet (in-band)
+        a.m.seal([b"too early"])
+    with pytest.raises(RuntimeError):
+        a.m.start(1.0)
+    with pytest.raises(RuntimeError, match="handshake"):
+        RecordMachine("server").start(0.0)
+
+
+def test_bytes_before_the_start_wait_for_it_and_a_loss_before_it_is_final() -> None:
+    a, b = in_band()
+    b.start()
+    a.feed(bytes(b.out))  # B's hello arrives before A started
+    assert not a.events and not a.out and a.m.state == "new"
+    a.start()
+    assert len(a.out) == HELLO_SIZE + CONFIRM_SIZE  # our hello first, then our tag
+    c = Peer(RecordMachine.handshake("server", CODE))
+    c.take(c.m.connection_lost(None))
+    assert isinstance(c.failure().error, HandshakeError)
+    assert c.m.start(0.0) == [] and not c.out
+    pa, _ = exchanged()
+    d = Peer(RecordMachine.confirm_only("server", pa))
+    d.take(d.m.connection_lost(None))
+    assert "before sending its key confirmation" in str(d.failure().error)
+
+
+# -- a wrong code, wrong roles, not a peer -----------------------------------------
+
+
+@FEW
+@given(data=st.data())
+def test_wrong_code_fails_on_both_sides_and_nothing_else_is_sent(data: st.DataObject) -> None:
+    a, b = in_band(CODE, WRONG)
+    a.start()
+    b.start()
+    wire = bytearray()
+    while a.out or b.out:
+        wire += move(a, b, data)
+        move(b, a, data)
+    for p in (a, b):
+        failure = p.failure()
+        assert isinstance(failure.error, PairingMismatch)
+        assert str(failure.error) == "pairing code did not match"
+        assert failure.flush  # our own tag must still reach the peer
+        assert HandshakeDone not in p.kinds() and not p.plain
+        with pytest.raises(RuntimeError):
+            p.m.seal([b"x"])
+    assert len(wire) == HELLO_SIZE + CONFIRM_SIZE
+
+
+@FEW
+@given(data=st.data())
+def test_wrong_code_with_early_data_opens_nothing(data: st.DataObject) -> None:
+    a, b = confirm_only(CODE, WRONG)
+    a.start()
+    b.start()
+    a.seal([b"secret a"])
+    b.seal([b"secret b"])
+    settle(a, b, data)
+    for p in (a, b):
+        assert isinstance(p.failure().error, PairingMismatch)
+        assert PeerConfirmed not in p.kinds() and not p.records
+
+
+def test_man_in_the_middle_with_one_guess_fails_both_confirmations() -> None:
+    # A relay that runs its own SPAKE2 towards each side with a guessed code.
+    a, ma = in_band(CODE, WRONG)
+    mb, b = in_band(WRONG, CODE)
+    for p in (a, ma, mb, b):
+        p.start()
+    settle(a, ma)
+    settle(mb, b)
+    for p in (a, ma, mb, b):
+        assert isinstance(p.failure().error, PairingMismatch)
+
+
+def test_same_role_on_both_sides_is_refused() -> None:
+    a, b = in_band(roles=("server", "server"))
+    a.start()
+    b.start()
+    settle(a, b)
+    for p in (a, b):
+        error = p.failure().error
+        assert isinstance(error, HandshakeError)
+        assert "both peers took role A" in str(error)
+
+
+@pytest.mark.parametrize(("hello", "message"), [
+    (b"SSH-2.0-OpenSSH_9.6\r\n" + bytes(17), "the peer is not a nopf tunnel"),
+    (b"NOPF\x02B" + bytes(32), "the peer speaks tunnel version 2, we speak 1"),
+    (b"NOPF\x01B" + b"\xff" * 32, "the peer's pairing message is invalid"),
+    (b"NOPF\x01A" + bytes(32), "both peers took role A"),
+])
+def test_a_bad_hello_is_named(hello: bytes, message: str) -> None:
+    assert len(hello) == HELLO_SIZE
+    a = Peer(RecordMachine.handshake("server", CODE)).start()
+    a.feed(hello)
+    failure = a.failure()
+    assert isinstance(failure.error, HandshakeError) and message in str(failure.error)
+    assert not failure.flush
+    assert len(a.out) == HELLO_SIZE  # no tag after a bad hello
+    a.feed(b"ignored from now on")
+    assert len(a.events) == 1
+
+
+def test_pake_errors() -> None:
+    pa = Pake("server", CODE)
+    with pytest.raises(ValueError, match="finish"):
+        pa.key()
+    pa.finish(Pake("server", CODE).message)  # the rendezvous sent our own side back
+    with pytest.raises(HandshakeError, match="both peers took role A"):
+        RecordMachine.confirm_only("server", pa)
+    pa, pb = exchanged()
+    with pytest.raises(ValueError, match="made for role server, not client"):
+        RecordMachine.confirm_only("client", pa)
+    pb.finish(pb.peer_message or b"")  # the same message again: a no-op
+    assert pb.key() == pa.key()
+    pb.finish(Pake("server", CODE).message)  # another one: refused
+    with pytest.raises(HandshakeError, match="changed between attempts"):
+        pb.key()
+    with pytest.raises(ValueError, match="role must be"):
+        Pake("A", CODE)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="role must be"):
+        RecordMachine.handshake("B", CODE)  # type: ignore[arg-type]
+
+
+# -- time and connection loss during the handshake -------------------------------
+
+
+def test_handshake_timeout_names_the_step_it_waited_for() -> None:
+    a = Peer(RecordMachine.handshake("server", CODE, timeout=0.3)).start(100.0)
+    assert a.m.next_deadline == pytest.approx(100.3)
+    a.take(a.m.timer(100.29))
+    assert not a.events
+    a.take(a.m.timer(100.3))
+    error = a.failure().error
+    assert isinstance(error, HandshakeTimeout)
+    assert str(error) == "secure handshake: no pairing message from the peer within 0.3 s"
+    assert a.m.next_deadline is None and not a.failure().flush
+    # Past the hello, the step is the confirmation; the deadline does not move.
+    a, b = in_band()
+    a.start(5.0)
+    b.start(7.0)
+    move(b, a)
+    b.out.clear()  # B's tag is lost
+    move(a, b)
+    assert a.m.next_deadline == pytest.approx(15.0)
+    a.take(a.m.timer(15.0))
+    assert str(a.failure().error) == ("secure handshake: no key confirmation from the peer "
+                                      "within 10 s")
+
+
+def test_confirm_only_timeout_and_after_confirmation_no_deadline() -> None:
+    pa, _ = exchanged()
+    a = Peer(RecordMachine.confirm_only("server", pa, timeout=2.5)).start(0.0)
+    a.seal([b"sending is fine meanwhile"])
+    a.take(a.m.timer(2.4))
+    assert a.kinds() == [HandshakeDone]
+    a.take(a.m.timer(2.5))
+    error = a.failure().error
+    assert isinstance(error, HandshakeTimeout)
+    assert "no key confirmation from the peer within 2.5 s" in str(error)
+    a, b = confirm_only()
+    a.start(0.0)
+    b.start(0.0)
+    settle(a, b)
+    a.take(a.m.timer(1e9))
+    assert a.kinds() == [HandshakeDone, PeerConfirmed] and a.m.next_deadline is None
+
+
+@pytest.mark.parametrize(("when", "exc", "message"), [
+    ("hello", None, "the peer closed the connection before sending its pairing message"),
+    ("confirm", None, "the peer closed the connection before sending its key confirmation"),
+    ("hello", ConnectionResetError(104, "Connection reset by peer"),
+     "connection failed while waiting for the peer's pairing message (Connection reset by peer)"),
+])
+def test_connection_lost_during_the_handshake(when: str, exc: Exception | None,
+                                              message: str) -> None:
+    a, b = in_band()
+    a.start()
+    b.start()
+    if when == "confirm":
+        b.out[HELLO_SIZE:] = b""  # B's hello arrives; its tag never does
+        move(b, a)
+        assert a.m.state == "confirm"
+    a.take(a.m.connection_lost(exc))
+    error = a.failure().error
+    assert type(error) is HandshakeError and message in str(error)
+    a.take(a.m.connection_lost(None))  # once ended, nothing more
+    assert len(a.events) == 1
+
+
+# -- records that were tampered with ----------------------------------------------
+
+
+@FEW
+@given(data=st.data(), bit=st.integers(0, 7))
+def test_any_flipped_bit_is_detected_and_nothing_of_it_is_delivered(data: st.DataObject,
+                                                                    bit: int) -> None:
+    a, b = ready_pair()
+    first = a.seal([b"first record, delivered"])[0]
+    records = a.seal([b"x" * 100, b"second record"])
+    stream = bytearray(b"".join(records))
+    at = data.draw(st.integers(0, len(stream) - 1), label="at")
+    stream[at] ^= 1 << bit
+    b.feed(first + bytes(stream), cuts_of(data, len(first) + len(stream)))
+    b.take(b.m.connection_lost(None))
+    assert b.records == [b"first record, delivered"]
+    error = b.failure().error
+    assert isinstance(error, TunnelTampered) and str(error).startswith("tunnel data rejected: ")
+
+
+def test_a_flipped_ciphertext_byte_names_the_record() -> None:
+    a, b = ready_pair()
+    record = bytearray(a.seal([b"known plaintext"])[0])
+    record[4 + 3] ^= 1
+    b.feed(bytes(record))
+    error = b.failure().error
+    assert str(error) == ("tunnel data rejected: record 0 failed authentication: "
+                          "the data was altered or injected in transit")
+    assert not b.failure().flush
+
+
+def test_reordered_replayed_and_injected_records_fail_authentication() -> None:
+    a, b = ready_pair()
+    r0, r1 = a.seal([b"zero"])[0], a.seal([b"one"])[0]
+    b.feed(r1 + r0)  # reordered
+    assert "record 0 failed authentication" in str(b.failure().error) and not b.records
+    a, b = ready_pair()
+    r0 = a.seal([b"zero"])[0]
+    b.feed(r0 + r0)  # replayed
+    assert b.records == [b"zero"]
+    assert "record 1 failed authentication" in str(b.failure().error)
+    a, b = ready_pair()
+    forged = bytearray(4 + 5 + TAG_SIZE)
+    n = SealingKey(bytes(32)).seal_into(memoryview(b"evil!"), memoryview(forged))
+    b.feed(bytes(forged[:n]))  # injected: a valid record under another key
+    assert "record 0 failed authentication" in str(b.failure().error) and not b.records
+
+
+@pytest.mark.parametrize("size", [0, 1, TAG_SIZE, MAX_RECORD + TAG_SIZE + 1, 0xFFFF_FFFF])
+def test_a_record_length_out_of_range_is_refused_at_once(size: int) -> None:
+    _, b = ready_pair()
+    b.feed(struct.pack("!I", size))  # no body: refused on the header alone
+    error = b.failure().error
+    assert str(error) == f"tunnel data rejected: record length {size} is out of range"
+    assert len(b.m.get_buffer(-1)) > 0
+
+
+@pytest.mark.parametrize("size", [TAG_SIZE + 1, MAX_RECORD + TAG_SIZE])
+def test_the_record_lengths_at_the_limits_are_accepted(size: int) -> None:
+    a, b = ready_pair()
+    payload = bytes(size - TAG_SIZE)
+    b.feed(a.seal([payload])[0])
+    assert b.records == [payload] and not b.events[2:]
+
+
+@FEW
+@given(data=st.data())
+def test_a_connection_cut_inside_a_record(data: st.DataObject) -> None:
+    a, b = ready_pair()
+    whole = a.seal([b"complete"])[0]
+    cut = a.seal([b"never complete"])[0]
+    keep = data.draw(st.integers(1, len(cut) - 1), label="keep")
+    b.feed(whole + cut[:keep], cuts_of(data, len(whole) + keep))
+    b.take(b.m.connection_lost(None))
+    assert b.records == [b"complete"]
+    assert str(b.failure().error) == ("tunnel data rejected: the connection was cut inside "
+                                      "a record")
+
+
+def test_a_connection_error_after_the_handshake_is_passed_on_as_is() -> None:
+    _, b = ready_pair()
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    b.take(b.m.connection_lost(reset))
+    assert b.failure().error is reset
+
+
+def test_records_right_behind_the_tag_are_opened_in_the_same_read() -> None:
+    a, b = in_band()
+    a.start()
+    b.start()
+    move(a, b)  # A's hello: B sends its hello and tag
+    move(b, a)  # A verifies B's tag, sends its own
+    records = a.seal([b"right behind"]) + a.seal([b"the tag"])
+    wire = bytes(a.out)
+    a.out.clear()
+    b.feed(wire)  # one read: tag and two records
+    assert b.kinds() == [HandshakeDone, PeerConfirmed]
+    assert b.records == [b"right behind", b"the tag"] and len(records) == 2
