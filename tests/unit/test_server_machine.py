@@ -435,7 +435,7 @@ def test_a_sharer_that_leaves_or_breaks_closes_its_code() -> None:
 
 def test_a_sharer_sends_one_pake_message_only() -> None:
     h = Harness()
-    pake = Pake("A", "5-orbit-lantern").message
+    pake = Pake("server", "5-orbit-lantern").message
     sharer, nameplate = h.share(pake=pake)
     assert h.m.conns[sharer.id].pake == pake and sharer.ended is None
     assert h.send(sharer, encode(PakeMessage(pake))) == [Reset(sharer.id)]
@@ -477,7 +477,7 @@ def fires(sharer: Peer, joiner: Peer) -> tuple[Fire, Fire]:
 
 def test_pairing_sends_each_its_fire_the_joiner_first_the_sharer_timed() -> None:
     h = Harness()
-    pa, pb = Pake("A", "3-orbit-lantern").message, Pake("B", "3-orbit-lantern").message
+    pa, pb = Pake("server", "3-orbit-lantern").message, Pake("client", "3-orbit-lantern").message
     sharer, nameplate = h.share(rtt=0.02, pake=pa)
     h.advance(1.0)
     joined_at = h.now
@@ -572,7 +572,7 @@ def test_a_joiners_ping_ends_without_a_sample_and_the_pairing_goes_ahead(how: st
     elif how == "close":
         h.close(joiner)
     elif how == "garbage":  # a joiner has no pake message to send
-        h.send(joiner, encode(PakeMessage(Pake("B", "1-a-b").message)))
+        h.send(joiner, encode(PakeMessage(Pake("client", "1-a-b").message)))
     elif how == "noise":
         h.send(joiner, b"\x00\x00\x00\x01]")
     else:
@@ -658,7 +658,7 @@ def paired(h: Harness) -> tuple[int, Peer, Peer]:
 def test_both_sides_can_coordinate_a_failed_pairing_again() -> None:
     h = Harness()
     nameplate, _, _ = paired(h)
-    pa, pb = Pake("A", "x").message, Pake("B", "x").message
+    pa, pb = Pake("server", "x").message, Pake("client", "x").message
     sharer = h.join(nameplate, SHARER_IP, rtt=0.02, action="reshare", pake=pa)
     assert sharer.messages() == []  # it waits for the joiner
     h.advance(RETRY_WAIT - 1)
@@ -782,7 +782,7 @@ def test_an_owner_is_told_apart_by_equality() -> None:
 
 client_frames = st.sampled_from([
     encode(SHARE), encode(Probe()), encode(Pong(1)), encode(Pong(2)), encode(Pong(3)),
-    encode(PakeMessage(Pake("A", "1-a-b").message)),
+    encode(PakeMessage(Pake("server", "1-a-b").message)),
     encode(Hello("join", 1, (LAN_B,), None, 10)), encode(Hello("join", 2, (), None, 5)),
     encode(Hello("rejoin", 1, (), None, 5)), encode(Hello("reshare", 1, (), None, 5)),
 ])
