@@ -290,6 +290,7 @@ class _Attempt:
             return await self.map(lifetime, suggested_port, budget)
         except asyncio.CancelledError:
             if self.committed:
+                self.mapper._cleaning()
                 with contextlib.suppress(AttemptFailed):
                     await self.delete(suggested_port)
             raise
@@ -502,6 +503,7 @@ class PortMapper:
         self._session: aiohttp.ClientSession | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._cleanup: set[asyncio.Task[None]] = set()  # deleting: not to be cancelled
         self._mapping: Mapping | None = None
         self._winner: _Attempt | None = None
         self._reasons: dict[MapProtocol, str] = {}
@@ -559,10 +561,12 @@ class PortMapper:
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
-        # Our own tasks (renewal, race leftovers) stop first; the caller's exception,
-        # cancellation included, propagates unchanged once the mapping is deleted.
+        # Our own tasks (renewal, race leftovers) stop first, except those deleting
+        # what a race loser may have made (bounded by delete_timeout); the caller's
+        # exception, cancellation included, propagates unchanged once the mapping
+        # is deleted.
         try:
-            for task in self._tasks:
+            for task in self._tasks - self._cleanup:
                 task.cancel()
             if self._tg is not None:
                 await self._tg.__aexit__(None, None, None)
@@ -579,7 +583,14 @@ class PortMapper:
         task = self._tg.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._cleanup.discard)
         return task
+
+    def _cleaning(self) -> None:
+        """The current task now deletes a mapping: exit must wait for it, not cancel it."""
+        task = asyncio.current_task()
+        if task in self._tasks:
+            self._cleanup.add(task)
 
     # ------------------------------------------------------------------ mapping
 
@@ -687,6 +698,7 @@ class _Race:
         self.winner: tuple[_Attempt, _Grant, float] | None = None
         self.finished = 0
         self.decided = asyncio.Event()
+        self.unanswered: list[_Attempt] = []  # failed after a mapping request left
 
     async def run(self) -> None:
         m = self.mapper
@@ -704,6 +716,16 @@ class _Race:
                 await self.decided.wait()
         except TimeoutError:
             raise AssertionError(f"port mapping race undecided after {bound:g} s") from None
+        except asyncio.CancelledError:
+            # map_tcp was cancelled: attempts still under way delete what they may have
+            # made (map_tidily); a winner already granted is deleted here.
+            for task in self.tasks.values():
+                task.cancel()
+            if self.winner is not None:
+                attempt, grant, _ = self.winner
+                with contextlib.suppress(AttemptFailed):
+                    await attempt.delete(grant.external_port)
+            raise
 
     async def _one(self, attempt: _Attempt) -> None:
         m = self.mapper
@@ -712,7 +734,10 @@ class _Race:
             grant = await attempt.map_tidily(self.lifetime, self.internal_port, m.timeout)
         except AttemptFailed as exc:
             m._reasons[attempt.protocol] = f"{name}: {exc}"
-            self._finish()
+            if attempt.committed:
+                self.unanswered.append(attempt)
+            if self._finish() and self.winner is None:
+                await self._tidy_unanswered()
             return
         at = asyncio.get_running_loop().time()
         if self.winner is None:
@@ -733,6 +758,7 @@ class _Race:
                 f"{name}: also granted {grant.external_address}:{grant.external_port} "
                 f"(the same entry), not used")
         else:
+            m._cleaning()
             try:
                 await attempt.delete(grant.external_port)
                 outcome = "deleted"
@@ -743,7 +769,21 @@ class _Race:
                 f"not used, {outcome}")
         self._finish()
 
-    def _finish(self) -> None:
+    def _finish(self) -> bool:
+        """Count a finished attempt; True for the last one."""
         self.finished += 1
         if self.finished >= len(self.attempts):
             self.decided.set()
+            return True
+        return False
+
+    async def _tidy_unanswered(self) -> None:
+        """Nobody won, but some requests left without an answer in time: a slow
+        gateway may still have made those mappings, so delete them (blindly: NAT-PMP
+        by internal port, PCP by nonce, UPnP by port). Never done when a protocol
+        won: on a gateway with one table for all protocols (miniupnpd) that would
+        delete the winner's entry too."""
+        self.mapper._cleaning()
+        for attempt in self.unanswered:
+            with contextlib.suppress(AttemptFailed):
+                await attempt.delete(self.internal_port)

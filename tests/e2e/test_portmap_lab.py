@@ -259,6 +259,43 @@ def test_no_gateway_service_fails_fast(lab: Lab) -> None:
     assert elapsed < 0.4
 
 
+@pytest.mark.parametrize("protocol", [MapProtocol.NATPMP, MapProtocol.PCP],
+                         ids=lambda p: p.value)
+def test_a_gateway_answering_too_late_keeps_no_mapping(lab: Lab, protocol: MapProtocol) -> None:
+    # it makes the mapping at once but answers after the race gave up (250 ms)
+    gw = lab_gateway.start(lab.nata, off=OFF[protocol], extra=["--answer-delay-ms", "400"])
+
+    async def main() -> tuple[Mapping | None, tuple[str, ...]]:
+        async with mapper() as m:
+            return await m.map_tcp(PORT), m.reasons
+
+    mapping, reasons = run_in(lab.a1, main)
+    assert mapping is None
+    assert reasons[list(MapProtocol).index(protocol)].startswith(
+        f"{protocol.value}: no answer from 10.0.1.1 within 25")
+    assert gw.seen("map", renewal=False)
+    gw.wait_for("delete", why="request")
+    assert gw.rules() == ""
+
+
+def test_cancelling_map_tcp_mid_race_keeps_no_mapping(lab: Lab) -> None:
+    gw = lab_gateway.start(lab.nata, off=OFF[MapProtocol.PCP],
+                           extra=["--answer-delay-ms", "1000"])
+
+    async def main() -> None:
+        async with mapper(timeout=3.0) as m:
+            task = asyncio.create_task(m.map_tcp(PORT), name="race")
+            await asyncio.to_thread(gw.wait_for, "answer-held", 5.0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                async with asyncio.timeout(3):
+                    await task
+
+    run_in(lab.a1, main)
+    gw.wait_for("delete", 2.0, why="request")
+    assert gw.rules() == ""
+
+
 @pytest.mark.parametrize("protocol", list(MapProtocol), ids=lambda p: p.value)
 def test_cancellation_mid_renewal_deletes_the_mapping(lab: Lab, protocol: MapProtocol) -> None:
     gw = lab_gateway.start(lab.nata, off=OFF[protocol],

@@ -28,7 +28,8 @@ internal port gets the same entry); ``--separate`` keys it by protocol too, so
 the protocols compete for external ports. ``--max-lifetime`` clamps lifetimes
 (the lab's renewal tests use a few seconds). ``--external-ip`` lies about the
 external address (to test the carrier-grade NAT rule). ``--renew-delay-ms``
-holds the answer to a request for an existing entry.
+holds the answer to a request for an existing entry, ``--answer-delay-ms`` the
+answer to one that creates an entry (the mapping itself is made at once).
 
 Events are JSON lines on stdout: ``ready``, ``map`` (``renewal`` true or
 false), ``renew-received``, ``delete`` (``why``: request, expiry, exit) and
@@ -118,6 +119,7 @@ class Gateway:
     max_lifetime: int
     renew_delay: float
     only_permanent: bool
+    answer_delay: float = 0.0
     started: float = field(default_factory=time.monotonic)
     entries: dict[int, Entry] = field(default_factory=dict)  # by external port
     rng: random.Random = field(default_factory=random.Random)
@@ -212,11 +214,14 @@ class Gateway:
             await asyncio.sleep(0.1)
 
     async def hold_answer(self, owner: str, internal_port: int, renewal: bool) -> None:
-        """--renew-delay-ms: the renewal is done at once, only its answer is late (a
-        slow gateway or a lost answer), so a deletion sent meanwhile still wins."""
+        """--renew-delay-ms / --answer-delay-ms: the mapping is made at once, only the
+        answer is late (a slow gateway), so a deletion sent meanwhile still wins."""
         if self.renew_delay and renewal:
             emit("renew-received", protocol=owner, internal_port=internal_port)
             await asyncio.sleep(self.renew_delay)
+        elif self.answer_delay and not renewal:
+            emit("answer-held", protocol=owner, internal_port=internal_port)
+            await asyncio.sleep(self.answer_delay)
 
     # ------------------------------------------------------------------ NAT-PMP / PCP
 
@@ -566,7 +571,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--silent", action="store_true", help="bind every service, answer none")
     parser.add_argument("--separate", action="store_true", help="a mapping table per protocol")
     parser.add_argument("--max-lifetime", type=int, default=0, help="clamp lifetimes (s)")
-    parser.add_argument("--renew-delay-ms", type=float, default=0.0)
+    parser.add_argument("--renew-delay-ms", type=float, default=0.0,
+                        help="answer renewals this late")
+    parser.add_argument("--answer-delay-ms", type=float, default=0.0,
+                        help="answer new mappings this late")
     parser.add_argument("--only-permanent", action="store_true",
                         help="UPnP: refuse leases other than 0 (error 725)")
     parser.add_argument("--watch-stdin", action="store_true", help="exit at EOF on stdin")
@@ -574,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     gw = Gateway(args.lan_ip, args.wan_if, args.external_ip or args.wan_ip,
                  not args.no_natpmp, not args.no_pcp, not args.no_upnp, args.silent,
                  args.separate, args.max_lifetime, args.renew_delay_ms / 1000,
-                 args.only_permanent)
+                 args.only_permanent, args.answer_delay_ms / 1000)
     asyncio.run(serve(gw, args))
     return 0
 
