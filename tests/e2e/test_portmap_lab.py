@@ -259,6 +259,20 @@ def test_no_gateway_service_fails_fast(lab: Lab) -> None:
     assert elapsed < 0.4
 
 
+def test_permanent_only_upnp_leases_are_refused(lab: Lab) -> None:
+    gw = lab_gateway.start(lab.nata, off=OFF[MapProtocol.UPNP], extra=["--only-permanent"])
+
+    async def main() -> tuple[Mapping | None, tuple[str, ...]]:
+        async with mapper(protocols=[MapProtocol.UPNP]) as m:
+            return await m.map_tcp(PORT), m.reasons
+
+    mapping, reasons = run_in(lab.a1, main)
+    assert mapping is None
+    assert reasons == ("UPnP-IGD: the gateway grants only permanent leases (725); refused, "
+                       "a crash would leave the mapping",)
+    assert not gw.seen("map") and gw.rules() == ""
+
+
 @pytest.mark.parametrize("protocol", [MapProtocol.NATPMP, MapProtocol.PCP],
                          ids=lambda p: p.value)
 def test_a_gateway_answering_too_late_keeps_no_mapping(lab: Lab, protocol: MapProtocol) -> None:
