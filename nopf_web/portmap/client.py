@@ -302,7 +302,6 @@ class _NatPmpAttempt(_Attempt):
     def __init__(self, mapper: PortMapper, internal_port: int) -> None:
         super().__init__(mapper, internal_port)
         self._machine: natpmp.NatPmpMapping | None = None
-        self._sent_mapping = False
         self.epoch = natpmp.Epoch()
 
     @property
