@@ -1,0 +1,156 @@
+"""What the NAT-PMP and PCP machines share: decode errors, outcomes, retransmission.
+
+Sans-IO: no sockets, no clock. Every method takes ``now`` (seconds, any monotonic
+origin) and returns the datagrams to send; ``wake_at`` says when to call ``timer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+from nopf_web.errors import NopfError
+
+
+class WireError(NopfError):
+    """A datagram that is not a valid message; ``field`` names where it went wrong."""
+
+    def __init__(self, protocol: str, field: str, detail: str) -> None:
+        super().__init__(f"{protocol}: {field}: {detail}")
+        self.protocol = protocol
+        self.field = field
+
+
+class Truncated(WireError):
+    """The datagram ends inside ``field``."""
+
+    def __init__(self, protocol: str, field: str, need: int, got: int) -> None:
+        super().__init__(protocol, field, f"truncated ({need} bytes needed, {got} received)")
+        self.need = need
+        self.got = got
+
+
+class BadLength(WireError):
+    """A length rule is broken: trailing bytes, not a multiple of 4, too long."""
+
+
+class BadVersion(WireError):
+    """The version byte is not the one expected; ``value`` is what arrived."""
+
+    def __init__(self, protocol: str, field: str, value: int, expected: int) -> None:
+        super().__init__(protocol, field, f"version {value}, expected {expected}")
+        self.value = value
+
+
+class BadOpcode(WireError):
+    """The opcode is unknown here, or not the answer to what was asked."""
+
+    def __init__(self, protocol: str, field: str, value: int, detail: str = "") -> None:
+        super().__init__(protocol, field, detail or f"unexpected opcode {value}")
+        self.value = value
+
+
+class BadField(WireError):
+    """A field holds a value the protocol does not allow here."""
+
+
+class NonceMismatch(WireError):
+    """A PCP response whose Mapping Nonce is not the one of our request."""
+
+
+@dataclass(frozen=True)
+class Granted:
+    """The gateway made (lifetime > 0) or deleted (lifetime 0) the mapping."""
+
+    external_address: IPv4Address | None  # None: this exchange did not learn it
+    external_port: int
+    internal_port: int
+    lifetime: int  # seconds granted (may be less than asked)
+    epoch: int  # the gateway's seconds since its mapping state began
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The gateway answered with a result code other than success."""
+
+    code: int
+    name: str
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """The gateway answered, but in the other protocol or version: this one is not spoken."""
+
+    detail: str
+
+
+@dataclass(frozen=True)
+class NoAnswer:
+    """No valid answer before giving up; ``ignored`` lists why datagrams were dropped."""
+
+    sent: int
+    waited: float
+    ignored: tuple[str, ...] = ()
+
+
+Outcome = Granted | Refused | Unsupported | NoAnswer
+
+
+class Exchange:
+    """One request, sent again after each interval until answered or given up.
+
+    ``intervals`` are the waits after the 1st, 2nd... transmission; when they run
+    out, or at ``give_up_after`` seconds from the start (whichever comes first),
+    the exchange has failed.
+    """
+
+    def __init__(
+        self, request: bytes, intervals: Iterator[float], give_up_after: float | None
+    ) -> None:
+        self.request = request
+        self._intervals = intervals
+        self._give_up_after = give_up_after
+        self._started = 0.0
+        self._deadline: float | None = None
+        self._next: float | None = None
+        self.sent = 0
+        self.gave_up = False
+
+    @property
+    def wake_at(self) -> float | None:
+        if self.gave_up or self._next is None:
+            return None
+        if self._deadline is None:
+            return self._next
+        return min(self._next, self._deadline)
+
+    def start(self, now: float) -> list[bytes]:
+        self._started = now
+        if self._give_up_after is not None:
+            self._deadline = now + self._give_up_after
+        return self._send(now)
+
+    def timer(self, now: float) -> list[bytes]:
+        """Retransmit or give up when due; nothing otherwise."""
+        if self.gave_up or self._next is None:
+            return []
+        if self._deadline is not None and now >= self._deadline:
+            self.gave_up = True
+            return []
+        if now < self._next:
+            return []
+        return self._send(now)
+
+    def waited(self, now: float) -> float:
+        return now - self._started
+
+    def _send(self, now: float) -> list[bytes]:
+        interval = next(self._intervals, None)
+        if interval is None:  # the last transmission's wait is over
+            self.gave_up = True
+            self._next = None
+            return []
+        self.sent += 1
+        self._next = now + interval
+        return [self.request]
