@@ -27,8 +27,8 @@ from nopf_web.errors import NopfError
 from nopf_web.guard.base import Guard, NullGuard, Protection
 from nopf_web.punch.driver import PunchDriver
 from nopf_web.punch.machine import PunchConfig, Tactic
-from nopf_web.punch.sockets import enable_keepalive, tune_stream, wait_ready
 from nopf_web.rendezvous.client import Discovery, discover, probe_mapping, resolve_ipv4
+from nopf_web.sockets import enable_keepalive, tune_stream, wait_ready
 from nopf_web.tunnel.pipe import Counters, Pipe
 from nopf_web.wire.address import Endpoint
 

@@ -30,7 +30,6 @@ import dataclasses
 import errno
 import os
 import socket
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -41,9 +40,10 @@ from nopf_web.errors import NopfError
 from nopf_web.pairing import PairingCode, make_code, parse_code
 from nopf_web.punch.driver import PunchDriver
 from nopf_web.punch.machine import Failure, PunchConfig, PunchTimeout, Tactic
-from nopf_web.punch.sockets import (
+from nopf_web.sockets import (
     connect_nonblocking,
     reusable_socket,
+    try_fastopen,
     tune_stream,
     wait_connected,
 )
@@ -408,26 +408,6 @@ async def _connect_from(server: tuple[str, int], bind_host: str, port: int,
     return sock
 
 
-# Linux TCP Fast Open for the coordination connection: connect() only records the
-# peer and the first write sends the SYN with the hello in it (one round trip less
-# when the rendezvous accepts data in SYNs; a normal handshake, the hello resent
-# after it, when it does not). No cookie: a peer meets its rendezvous too rarely
-# for a cached one to help, so the rendezvous accepts data without (docs/protocol.md).
-_TCP_FASTOPEN_CONNECT = 30
-_TCP_FASTOPEN_NO_COOKIE = 34
-
-
-def _try_fastopen(sock: socket.socket) -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, _TCP_FASTOPEN_CONNECT, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, _TCP_FASTOPEN_NO_COOKIE, 1)
-    except OSError:  # client Fast Open off in this host's sysctl, or an old kernel
-        return False
-    return True
-
-
 async def _open_from(server: tuple[str, int], bind_host: str, port: int, net_timeout: float,
                      *, fastopen: bool) -> tuple[socket.socket, bool]:
     """Like :func:`_connect_from`; with ``fastopen`` the socket may come back with its
@@ -443,7 +423,7 @@ async def _open_from(server: tuple[str, int], bind_host: str, port: int, net_tim
             raise RendezvousUnreachable(f"cannot bind {bind_host}:{port} for the rendezvous: "
                                         f"{exc.strerror or exc}") from None
         try:
-            if fastopen and _try_fastopen(sock):
+            if fastopen and try_fastopen(sock):
                 err = sock.connect_ex(server)
                 if err == 0:
                     return sock, True

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from nopf_web.sockets import kernel_rtt, syn_had_data
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import encode_reply
 from nopf_web.wire.rendezvous import (
@@ -188,11 +189,11 @@ class _Conn:
                 raise _Gone(f"sent an invalid message ({exc})") from None
 
     def rtt_known(self) -> bool:
-        return bool(self.rtts) or _kernel_rtt(self.writer.get_extra_info("socket")) is not None
+        return bool(self.rtts) or kernel_rtt(self.writer.get_extra_info("socket")) is not None
 
     def rtt(self) -> float:
         samples = list(self.rtts)
-        kernel = _kernel_rtt(self.writer.get_extra_info("socket"))
+        kernel = kernel_rtt(self.writer.get_extra_info("socket"))
         if kernel is not None:
             samples.append(kernel)
         return min(samples) if samples else DEFAULT_RTT
@@ -476,12 +477,12 @@ class RendezvousServer:
             await self._refuse(conn.reader, conn.writer, exc.code, str(exc))
             return
         sock = conn.writer.get_extra_info("socket")
-        if _syn_data(sock):
+        if syn_had_data(sock):
             # The hello came in the SYN: its handshake is still completing, so no
             # RTT yet, and measuring one would cost the round trip Fast Open saved.
             # _plan fires without it.
             self.stats.syn_data += 1
-        elif _kernel_rtt(sock) is None:
+        elif kernel_rtt(sock) is None:
             await self._ping_once(conn)
         if waiting.paired.done():  # the sharer left while we measured
             await self._refuse(conn.reader, conn.writer, "unknown_code",
@@ -561,7 +562,7 @@ class RendezvousServer:
                                f"no failed punch of pairing code {nameplate}-… to retry "
                                "from here (it was never paired, or its retries are spent)")
             return
-        if _kernel_rtt(conn.writer.get_extra_info("socket")) is None:
+        if kernel_rtt(conn.writer.get_extra_info("socket")) is None:
             await self._ping_once(conn)
         if slot.waiting is None or slot.waiting[2].done():
             mine: asyncio.Future[tuple[ServerMessage, float]] = loop.create_future()
@@ -649,40 +650,6 @@ async def _stop(task: asyncio.Task[Pong]) -> None:
 
 def _observed(peer: tuple[str, int]) -> Endpoint:
     return Endpoint(str(peer[0]).removeprefix("::ffff:"), int(peer[1]))  # IPv4-mapped, dual stack
-
-
-# struct tcp_info (Linux), the two fields read here: tcpi_options, the byte at
-# offset 5 (TCPI_OPT_SYN_DATA: the SYN carried data the kernel accepted, i.e. TCP
-# Fast Open), and tcpi_rtt, the smoothed RTT in microseconds, the u32 at offset 68
-# (on an accepted socket: the handshake's SYN-ACK -> ACK time).
-_TCPI_OPTIONS_OFFSET = 5
-TCPI_OPT_SYN_DATA = 0x20
-_TCPI_RTT = struct.Struct("=I")
-_TCPI_RTT_OFFSET = 68
-
-
-def _tcp_info(sock: socket.socket | None, size: int) -> bytes:
-    """The first ``size`` bytes of the socket's TCP_INFO; empty where there is none."""
-    if sock is None or not sys.platform.startswith("linux"):
-        return b""
-    try:
-        return sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_INFO", 11), size)
-    except OSError:
-        return b""
-
-
-def _kernel_rtt(sock: socket.socket | None) -> float | None:
-    info = _tcp_info(sock, _TCPI_RTT_OFFSET + _TCPI_RTT.size)
-    if len(info) < _TCPI_RTT_OFFSET + _TCPI_RTT.size:
-        return None
-    (micros,) = _TCPI_RTT.unpack_from(info, _TCPI_RTT_OFFSET)
-    return micros / 1e6 if micros else None
-
-
-def _syn_data(sock: socket.socket | None) -> bool:
-    info = _tcp_info(sock, _TCPI_OPTIONS_OFFSET + 1)
-    return len(info) > _TCPI_OPTIONS_OFFSET and bool(info[_TCPI_OPTIONS_OFFSET]
-                                                      & TCPI_OPT_SYN_DATA)
 
 
 def fastopen_hint(path: str = FASTOPEN_SYSCTL) -> str | None:

@@ -34,9 +34,9 @@ from nopf_web.guard.base import Guard, NullGuard
 from nopf_web.guard.service import DivertGuard
 from nopf_web.punch.driver import PunchDriver
 from nopf_web.punch.machine import PunchConfig, PunchTimeout, Tactic
-from nopf_web.punch.sockets import connect_nonblocking, reusable_socket, start_connect
 from nopf_web.rendezvous.client import discover, probe_mapping
 from nopf_web.rendezvous.server import RendezvousServer
+from nopf_web.sockets import connect_nonblocking, reusable_socket, start_connect
 from tests.lab.topology import Host, Lab
 
 RDV_PORT = 3012
