@@ -219,7 +219,7 @@ class Session(SessionBase):
         # The first connection closes normally so its 4-tuple frees up; the second,
         # whose mapping the punch inherits, closes under the guard (if any).
         try:
-            with self.guard.protect(found.local_port, server) as window:
+            async with self.guard.protect(found.local_port, server) as window:
                 again = await probe_mapping(server, found, bind_host=spec.bind_host,
                                             timeout=spec.net_timeout)
         finally:
@@ -251,7 +251,7 @@ class Session(SessionBase):
         driver = PunchDriver((spec.bind_host, punch_port), (peer.host, peer.port), role,
                              spec.punch, nat_hint=hint)
         try:
-            with self.guard.protect(punch_port, (peer.host, peer.port)) as window:
+            async with self.guard.protect(punch_port, (peer.host, peer.port)) as window:
                 tunnel = await driver.run()
         finally:  # also when the punch fails: its drops count, and are reported
             self._guard_window_ended(window, "punch")

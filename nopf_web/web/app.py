@@ -8,6 +8,7 @@ reverse order at shutdown (sessions are stopped and recorded as
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -79,21 +80,15 @@ async def _rendezvous_ctx(app: web.Application) -> AsyncIterator[None]:
 def _guard_ctx(guard: Guard | None) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         chosen = guard or (make_guard() if app[CONFIG].guard else NullGuard())
-        _call(chosen, "start")
+        chosen.start()
         app[GUARD] = chosen
         try:
             yield
         finally:
-            _call(chosen, "stop")  # removes any packet filter still in place
+            # Removes any packet filter still in place; joining a window's receive
+            # thread takes up to a poll interval, so not on the event loop.
+            await asyncio.to_thread(chosen.stop)
     return ctx
-
-
-def _call(guard: Guard, method: str) -> None:
-    # start()/stop() come with the pydivert guard's service API; a guard without them
-    # needs no supervision.
-    fn = getattr(guard, method, None)
-    if callable(fn):
-        fn()
 
 
 async def _manager_ctx(app: web.Application) -> AsyncIterator[None]:
