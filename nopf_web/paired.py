@@ -23,9 +23,11 @@ import socket
 import time
 from dataclasses import dataclass
 
-from nopf_web.rendezvous import coord
 from nopf_web.rendezvous.client import resolve_ipv4
+from nopf_web.roles import spake_side
 from nopf_web.session import Event, SessionBase, SessionRole, State, listen_local
+from nopf_web.sessions import coordination as coord
+from nopf_web.sessions.coordination_machine import Timings
 from nopf_web.tunnel.forward import serve_connect, serve_share
 from nopf_web.tunnel.mux import Mux
 from nopf_web.tunnel.secure import Pake, SecureChannel, open_channel
@@ -66,7 +68,7 @@ class PairedSession(SessionBase):
         self._mux: Mux | None = None
         # Monotonic instants of the setup, for measurements: the pairing's, and
         # when the secure channel (SPAKE2 + confirmation) was up.
-        self.timings: coord.Timings | None = None
+        self.timings: Timings | None = None
         self.secured_at: float | None = None
         self._pake: Pake | None = None  # our SPAKE2 half, made as soon as the code exists
 
@@ -106,7 +108,7 @@ class PairedSession(SessionBase):
                              data={"peer": str(paired.peer)}))
             self._set_state(State.PUNCHING, f"authenticating {paired.peer} with the code")
             channel = await self._open(paired)
-            self._mux = Mux(channel, initiator=paired.role == "A", keepalive=spec.keepalive,
+            self._mux = Mux(channel, initiator=paired.role == "server", keepalive=spec.keepalive,
                             dead_after=spec.keepalive * 3, name=f"mux-{spec.local_port}")
             await self._mux.start()
             # Serving starts before the peer's key confirmation is checked: our
@@ -139,14 +141,14 @@ class PairedSession(SessionBase):
         timeout = self.spec.net_timeout * 2
         if paired.peer_pake is not None and self._pake is not None:
             self._pake.finish(paired.peer_pake)  # done already while punching: a no-op
-            return await open_channel(paired.sock, role=paired.role, code=paired.code,
-                                      timeout=timeout, pake=self._pake)
+            return await open_channel(paired.sock, role=spake_side(paired.role),
+                                      code=paired.code, timeout=timeout, pake=self._pake)
         # A rendezvous that forwarded no SPAKE2 messages: the whole handshake in-band.
-        return await open_channel(paired.sock, role=paired.role, code=paired.code,
+        return await open_channel(paired.sock, role=spake_side(paired.role), code=paired.code,
                                   timeout=timeout)
 
     def _make_pake(self, code: str) -> Pake:
-        self._pake = Pake("A" if self.spec.role == "server" else "B", code)
+        self._pake = Pake(spake_side(self.spec.role), code)
         return self._pake
 
     async def _pair(self) -> coord.PairedTunnel:

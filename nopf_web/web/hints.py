@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from nopf_web.errors import NopfError
 from nopf_web.punch.machine import PunchTimeout
-from nopf_web.rendezvous.coord import (
+from nopf_web.rendezvous.errors import RendezvousProtocolError, RendezvousUnreachable
+from nopf_web.session import LocalPortInUse, ServiceUnavailable, TunnelLost
+from nopf_web.sessions.errors import (
     CodeExpired,
     CodeUsed,
     CoordinatedPunchTimeout,
@@ -14,8 +16,6 @@ from nopf_web.rendezvous.coord import (
     TooManyGuesses,
     UnknownCode,
 )
-from nopf_web.rendezvous.errors import RendezvousProtocolError, RendezvousUnreachable
-from nopf_web.session import LocalPortInUse, ServiceUnavailable, TunnelLost
 from nopf_web.tunnel.errors import HandshakeError, PairingMismatch, PeerLost
 
 _HINTS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
