@@ -33,6 +33,19 @@ class Protection:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class GuardStatus:
+    """What pages and ``GET /api/guard`` show of a guard."""
+
+    active: bool
+    reason: str | None  # why it is inactive (None when active)
+    dropped: int  # packets dropped since start, all windows together
+
+    @classmethod
+    def of(cls, guard: Guard) -> GuardStatus:
+        return cls(guard.active, guard.reason, guard.dropped)
+
+
 class Guard(Protocol):
     @property
     def active(self) -> bool: ...

@@ -97,12 +97,11 @@ async def _manager_ctx(app: web.Application) -> AsyncIterator[None]:
     assert default is not None  # no --rendezvous means the embedded one runs
     manager = SessionManager(store, app[GUARD], default, punch_timeout=config.punch_timeout,
                              max_live=config.max_live_sessions)
-    manager.start()
-    app[MANAGER] = manager
-    try:
+    # Its TaskGroup holds every session; leaving it stops them (recorded as interrupted)
+    # while the store is still open.
+    async with manager.running():
+        app[MANAGER] = manager
         yield
-    finally:
-        await manager.close()
 
 
 async def _stored_rendezvous(store: HistoryStore) -> Endpoint | None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from nopf_web.db import SessionRow
-from nopf_web.session import Session
 
-from .manager import CODE_LIFETIME, ManagedSession, guard_status
+from .manager import CODE_LIFETIME, ManagedSession
 
 
 @dataclass(frozen=True)
@@ -42,22 +42,19 @@ class SessionView:
 
     @classmethod
     def from_managed(cls, ms: ManagedSession, now: float | None = None) -> SessionView:
-        s = ms.session
-        rate_in, rate_out = ms.rates(time.time() if now is None else now)
+        s = ms.session.snapshot()
+        rate_in, rate_out = ms.rates(time.time() if now is None else now, s)
         return cls(
-            id=ms.id, role=s.spec.role, local_port=s.spec.local_port,
-            rendezvous=str(s.spec.rendezvous), label=ms.label, state=s.state.value,
-            outcome=ms.outcome,
+            id=ms.id, role=s.role, local_port=s.local_port, rendezvous=str(s.rendezvous),
+            label=ms.label, state=s.state.value, outcome=ms.outcome,
             public_address=str(s.public_address) if s.public_address else None,
             peer_address=str(s.peer_address) if s.peer_address else None,
             bytes_in=s.bytes_in, bytes_out=s.bytes_out, connections=s.connections,
             error=ms.error or s.error, hint=ms.hint, started_at=s.started_at,
             ended_at=s.ended_at, live=ms.live, share_token=ms.share_token,
             rate_in=rate_in, rate_out=rate_out,
-            guard=guard_status(s.guard) if isinstance(s, Session) else None,
-            guard_dropped=s.guard_dropped, mode=ms.mode,
-            code=None if isinstance(s, Session) else s.code,
-            path=None if isinstance(s, Session) else s.path,
+            guard=dataclasses.asdict(s.guard) if s.guard is not None else None,
+            guard_dropped=s.guard_dropped, mode=s.mode, code=s.code, path=s.path,
         )
 
     @classmethod
