@@ -339,8 +339,8 @@ class _Attempt:
     fire: Fire
     meeting: _Meeting
     fired: float
-    rungs: list[list[Punch]]
-    running: dict[int, Punch] = field(default_factory=dict)
+    rungs: list[list[PathKind]]  # each rung's paths run together; the first to open wins
+    running: dict[int, PathKind] = field(default_factory=dict)
     failures: list[tuple[Stage, PunchTimeout]] = field(default_factory=list)
     pake_to_finish: bytes | None = None
 
@@ -702,7 +702,7 @@ class CoordinationMachine:
             self._deadline = now + self.config.punch_timeout
         cfg = self.config
         local = Endpoint(cfg.bind_host, m.local_port)
-        rungs = [[Punch(local, stage, PunchConfig(
+        rungs: list[list[PathKind]] = [[Punch(local, stage, PunchConfig(
             timeout=stage.budget,
             # On a LAN there is no NAT between us to open with a short-lived SYN.
             arm_ttl=cfg.punch_ttl if stage.path == "public" else 0,
