@@ -125,7 +125,7 @@ def main() -> int:
         "# Coordinated mode across NAT pairs",
         "",
         "Measured in the namespace lab (`tests/lab/`), with the real `nopf-server` in the "
-        "rendezvous host and `nopf_web.rendezvous.coord.share` / `connect` run in-process in "
+        "rendezvous host and `nopf_web.sessions.coordination.share` / `connect` run in-process in "
         "a1 (sharer) and b1 (connector), or a1 and a2 for two hosts behind the same NAT. "
         f"Per-hop delay {args.delay_ms:g} ± {args.jitter_ms:g} ms on every packet crossing the "
         f"internet router, punch timeout {args.punch_timeout:g} s, {args.runs} runs per cell, "

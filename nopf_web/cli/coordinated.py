@@ -12,9 +12,10 @@ import sys
 from typing import Literal
 
 from nopf_web.errors import NopfError
-from nopf_web.paired import DEFAULT_KEEPALIVE, PairedSession, PairedSpec
 from nopf_web.pairing import parse_code
-from nopf_web.session import Event
+from nopf_web.sessions.coordinated import DEFAULT_KEEPALIVE, CoordinatedSpec
+from nopf_web.sessions.engine import Event
+from nopf_web.sessions.factory import make_engine
 from nopf_web.wire.address import parse_host_endpoint, parse_port
 from nopf_web.wire.errors import BadAddress
 
@@ -73,11 +74,11 @@ def _printer(event: Event) -> None:
         print(f"{PROG}: {event.message}", file=sys.stderr, flush=True)
 
 
-async def _run(spec: PairedSpec) -> int:
-    session = PairedSession(spec)
-    session.subscribe(_printer)
+async def _run(spec: CoordinatedSpec) -> int:
+    engine = make_engine(spec)
+    engine.subscribe(_printer)
     try:
-        await session.run()
+        await engine.run()
     except NopfError as exc:
         return fail(PROG, str(exc), EXIT_FAILURE)
     return EXIT_OK
@@ -87,7 +88,7 @@ def main(command: Literal["share", "connect"], argv: list[str]) -> int:
     args = build_parser(command).parse_args(argv)
     try:
         code = str(parse_code(args.code)) if command == "connect" else None
-        spec = PairedSpec(
+        spec = CoordinatedSpec(
             role="server" if command == "share" else "client",
             local_port=parse_port(args.localport, what="--localport"),
             rendezvous=parse_host_endpoint(args.serveraddr),

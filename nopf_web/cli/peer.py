@@ -9,16 +9,17 @@ printed to stdout. Everything else goes to stderr.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 import threading
-from typing import Any
 
 from nopf_web.errors import NopfError
 from nopf_web.guard import make_guard
 from nopf_web.guard.base import Guard, NullGuard
 from nopf_web.punch.machine import PunchConfig
-from nopf_web.session import Event, Session, SessionRole, SessionSpec
+from nopf_web.roles import PeerRole
+from nopf_web.sessions.engine import Engine, Event, task_group
+from nopf_web.sessions.factory import make_engine
+from nopf_web.sessions.seed import SeedSpec
 from nopf_web.wire.address import Endpoint, parse_host_endpoint, parse_ipv4_endpoint, parse_port
 from nopf_web.wire.errors import BadAddress
 
@@ -66,13 +67,13 @@ def build_parser() -> OneLineParser:
     return p
 
 
-def _spec(args: object) -> SessionSpec:
+def _spec(args: object) -> SeedSpec:
     a = vars(args)
-    role: SessionRole = "server" if a["type"].strip().lower() in ("s", "server") else "client"
+    role: PeerRole = "server" if a["type"].strip().lower() in ("s", "server") else "client"
     ttl_text = a["punch_ttl"].strip()
     if not ttl_text.isdigit() or int(ttl_text) == 1 or int(ttl_text) > 255:
         raise BadAddress(f"--punch-ttl must be 0 or 2-255, got {ttl_text!r}")
-    return SessionSpec(
+    return SeedSpec(
         role=role,
         local_port=parse_port(a["localport"], what="--localport"),
         rendezvous=parse_host_endpoint(a["serveraddr"]),
@@ -132,37 +133,28 @@ def _parse_peer_line(line: str) -> Endpoint:
         raise InputError(f"bad peer address: {exc}") from None
 
 
-async def _first(main: asyncio.Future[Any], other: asyncio.Future[Any]) -> bool:
-    """Wait for ``other`` unless ``main`` ends first; True if ``other`` finished."""
-    await asyncio.wait({main, other}, return_when=asyncio.FIRST_COMPLETED)
-    return other.done() and not main.done()
+async def _give_peer(engine: Engine, have_public: asyncio.Event) -> None:
+    """Once our public address is out, read the peer's from stdin and give it."""
+    await have_public.wait()
+    engine.set_peer(_parse_peer_line(await _read_line_in_thread()))
 
 
-async def run_session(spec: SessionSpec, guard: Guard) -> int:
-    session = Session(spec, guard)
-    session.subscribe(_printer)
+async def run_session(spec: SeedSpec, guard: Guard) -> int:
+    engine = make_engine(spec, guard)
+    engine.subscribe(_printer)
     have_public = asyncio.Event()
-    session.subscribe(lambda e: have_public.set() if e.kind == "public_address" else None)
+    engine.subscribe(lambda e: have_public.set() if e.kind == "public_address" else None)
     if not guard.active:
         print(f"{PROG}: guard inactive: {guard.reason}", file=sys.stderr, flush=True)
-    task = asyncio.create_task(session.run(), name=f"session-{spec.role}-{spec.local_port}")
-    public_wait = asyncio.ensure_future(have_public.wait())
     try:
-        if await _first(task, public_wait):
-            line_fut = _read_line_in_thread()
-            if await _first(task, line_fut):
-                session.set_peer(_parse_peer_line(line_fut.result()))
-        await task
+        async with task_group() as tg:
+            running = tg.create_task(engine.run(), name=f"session-{spec.role}-{spec.local_port}")
+            peer = tg.create_task(_give_peer(engine, have_public), name="peer-address")
+            running.add_done_callback(lambda _: peer.cancel())  # no peer to wait for now
     except InputError as exc:
         return fail(PROG, str(exc), EXIT_USAGE)
     except NopfError as exc:
         return fail(PROG, str(exc), EXIT_FAILURE)
-    finally:
-        public_wait.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, NopfError):
-                await task
     return EXIT_OK
 
 

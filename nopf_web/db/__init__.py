@@ -1,14 +1,15 @@
 """The history database: numbered migrations and the batched history store."""
 
+from nopf_web.sessions.engine import MODES, Mode
+
 from .errors import DatabaseCorrupt, DatabaseError, DatabaseInUse, DatabaseTooNew, MigrationError
 from .store import (
-    MODES,
     OUTCOMES,
     ConnectionRow,
     EventRow,
     HistoryStore,
-    Mode,
     NewSession,
+    SessionRecord,
     SessionRow,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "MigrationError",
     "Mode",
     "NewSession",
+    "SessionRecord",
     "SessionRow",
 ]

@@ -20,13 +20,14 @@ import logging
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
 import aiosqlite
 
 from nopf_web.resources import resource_dir
+from nopf_web.sessions.engine import Mode
 
 from .errors import DatabaseCorrupt, DatabaseError, DatabaseInUse
 from .migrations import Migration, check_schema, load_migrations, migrate
@@ -34,8 +35,6 @@ from .migrations import Migration, check_schema, load_migrations, migrate
 log = logging.getLogger("nopf.db")
 
 Outcome = Literal["closed", "stopped", "failed", "interrupted"]
-Mode = Literal["coordinated", "seed"]
-MODES: Final[tuple[Mode, ...]] = ("coordinated", "seed")
 OUTCOMES: Final[tuple[Outcome, ...]] = ("closed", "stopped", "failed", "interrupted")
 
 # Columns a session update may set; anything else is a programming error.
@@ -43,10 +42,10 @@ _UPDATABLE: Final = frozenset({
     "state", "outcome", "public_address", "peer_address", "bytes_in", "bytes_out",
     "connections", "error", "hint", "ended_at", "code", "path",
 })
-_SESSION_COLUMNS: Final = (
+_SESSION_COLUMNS: Final = (  # the fields of SessionRecord, in order, then updated_at
     "id, role, local_port, rendezvous, label, state, outcome, public_address, peer_address, "
-    "bytes_in, bytes_out, connections, error, hint, started_at, ended_at, updated_at, "
-    "mode, code, path"
+    "bytes_in, bytes_out, connections, error, hint, started_at, ended_at, mode, code, path, "
+    "updated_at"
 )
 
 
@@ -56,7 +55,10 @@ def share_hash(token: str) -> str:
 
 
 @dataclass(frozen=True)
-class SessionRow:
+class SessionRecord:
+    """A session as the history records it: the one shape of a session, for pages and
+    JSON too (the dashboard's ``SessionView`` adds what only a running session has)."""
+
     id: str
     role: str
     local_port: int
@@ -73,10 +75,16 @@ class SessionRow:
     hint: str | None
     started_at: float
     ended_at: float | None
-    updated_at: float
     mode: str = "seed"
     code: str | None = None  # a coordinated session's pairing code, once it has ended
     path: str | None = None  # a coordinated tunnel's path: "public" or "lan"
+
+
+@dataclass(frozen=True)
+class SessionRow(SessionRecord):
+    """A row of the sessions table."""
+
+    updated_at: float = field(kw_only=True)  # when the row was last written
 
 
 @dataclass(frozen=True)
@@ -112,7 +120,7 @@ class NewSession:
 
 
 def _session(row: Sequence[Any]) -> SessionRow:
-    return SessionRow(*row)
+    return SessionRow(*row[:-1], updated_at=row[-1])
 
 
 def _escape_like(text: str) -> str:

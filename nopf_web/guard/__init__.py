@@ -8,9 +8,10 @@ or Administrator, a working eBPFDivert / WinDivert backend), else a
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from .base import Guard, NullGuard, Protection
+from .base import Guard, GuardStatus, NullGuard, Protection
 
 
 def make_guard() -> Guard:
@@ -27,7 +28,7 @@ def make_guard() -> Guard:
 
 def guard_status(guard: Guard) -> dict[str, Any]:
     """``{"active": bool, "reason": str | None, "dropped": int}`` for ``GET /api/guard``."""
-    return {"active": guard.active, "reason": guard.reason, "dropped": guard.dropped}
+    return dataclasses.asdict(GuardStatus.of(guard))
 
 
-__all__ = ["Guard", "NullGuard", "Protection", "guard_status", "make_guard"]
+__all__ = ["Guard", "GuardStatus", "NullGuard", "Protection", "guard_status", "make_guard"]

@@ -1,7 +1,9 @@
 """The Guard interface: drop our own RST / FIN+ACK that would close a NAT mapping.
 
-Engines call :meth:`Guard.protect` around a punch window; a guard that cannot
-run (no privileges, no backend) is a :class:`NullGuard` that says why.
+Engines enter ``async with guard.protect(port, peer)`` around a punch window
+(an async context manager: opening and closing a window never holds the event
+loop); a guard that cannot run (no privileges, no backend) is a
+:class:`NullGuard` that says why.
 
 A guard is a supervised service: ``start()`` / ``stop()`` (or ``async with
 guard:``) bracket its life, and ``stop()`` leaves no packet filter behind.
@@ -10,7 +12,7 @@ guard:``) bracket its life, and ``stop()`` leaves no packet filter behind.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
@@ -29,6 +31,19 @@ class Protection:
     dropped: int = 0
     guarded: bool = False
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class GuardStatus:
+    """What pages and ``GET /api/guard`` show of a guard."""
+
+    active: bool
+    reason: str | None  # why it is inactive (None when active)
+    dropped: int  # packets dropped since start, all windows together
+
+    @classmethod
+    def of(cls, guard: Guard) -> GuardStatus:
+        return cls(guard.active, guard.reason, guard.dropped)
 
 
 class Guard(Protocol):
@@ -51,7 +66,8 @@ class Guard(Protocol):
 
     def protect(
         self, local_port: int, peer: tuple[str, int] | None
-    ) -> contextlib.AbstractContextManager[Protection]: ...
+    ) -> contextlib.AbstractAsyncContextManager[Protection]:
+        """``async with``: drop our RST / FIN+ACK from ``local_port`` to ``peer`` inside."""
 
 
 class NullGuard:
@@ -87,6 +103,7 @@ class NullGuard:
     ) -> None:
         pass
 
-    @contextlib.contextmanager
-    def protect(self, local_port: int, peer: tuple[str, int] | None) -> Iterator[Protection]:
+    @contextlib.asynccontextmanager
+    async def protect(self, local_port: int,
+                      peer: tuple[str, int] | None) -> AsyncIterator[Protection]:
         yield Protection(local_port, peer)

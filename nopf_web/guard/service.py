@@ -1,14 +1,20 @@
 """The packet guard: one pydivert handle and one receive thread per protected window.
 
-:meth:`DivertGuard.protect` opens a handle whose filter covers exactly one
-window (our punch port to the peer, or to the rendezvous during discovery;
-see :mod:`.filters`), waits until the kernel filter is attached, and yields.
-A daemon thread runs pydivert's blocking receive loop for that handle and
-simply does not re-inject what it receives: those RST / FIN+ACK segments are
-dropped and counted. When the window ends the thread is woken, drains what
-was already captured, closes the handle (which detaches the kernel filter)
-and is joined before ``protect`` returns, so a FIN sent after the window (the
-tunnel's clean close) leaves normally.
+:meth:`DivertGuard.protect` (``async with``) opens a handle whose filter
+covers exactly one window (our punch port to the peer, or to the rendezvous
+during discovery; see :mod:`.filters`), waits until the kernel filter is
+attached, and yields. A daemon thread runs pydivert's blocking receive loop
+for that handle and simply does not re-inject what it receives: those RST /
+FIN+ACK segments are dropped and counted. When the window ends the thread is
+woken, drains what was already captured, closes the handle (which detaches
+the kernel filter) and is joined before ``protect`` returns, so a FIN sent
+after the window (the tunnel's clean close) leaves normally.
+
+Opening a handle takes tens of milliseconds and a join up to a poll interval,
+so ``protect`` waits for both in a worker thread (``asyncio.to_thread``): the
+event loop keeps serving the dashboard and the other sessions meanwhile. The
+receive thread itself is started from the caller's thread, whose network
+namespace it inherits (see :mod:`.divert`).
 
 The guard is a supervised background service: :meth:`start` / :meth:`stop`
 (or ``async with guard:``) bracket its life; :meth:`stop` ends every open
@@ -20,12 +26,14 @@ in :attr:`DivertGuard.last_error`.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
+from typing import TypeVar
 
 from . import divert
 from .base import Protection
@@ -37,6 +45,8 @@ log = logging.getLogger("nopf.guard")
 
 # How long protect() waits for a handle to open before going on unprotected.
 OPEN_TIMEOUT = 5.0
+
+T = TypeVar("T")
 
 
 class _Window(threading.Thread):
@@ -163,31 +173,32 @@ class DivertGuard:
         self, exc_type: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
+        await asyncio.to_thread(self.stop)  # joins the open windows' threads
 
     # -- windows -------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def protect(self, local_port: int, peer: tuple[str, int] | None) -> Iterator[Protection]:
+    @contextlib.asynccontextmanager
+    async def protect(self, local_port: int,
+                      peer: tuple[str, int] | None) -> AsyncIterator[Protection]:
         """Drop our RST / FIN+ACK from ``local_port`` to ``peer`` until the block ends.
 
         ``local_port`` 0 (not yet chosen) covers every local port to ``peer``.
-        Blocks until the kernel filter is attached (tens of milliseconds).
+        Returns once the kernel filter is attached (tens of milliseconds), without
+        holding the event loop; a cancellation meanwhile is delivered once the
+        window is closed again, so no filter outlives the block.
         """
         protection = Protection(local_port, peer)
-        window = self._open(protection)
+        window = self._start_window(protection)
         try:
+            if window is not None and not await _in_thread(self._opened, window, protection):
+                window = None
             yield protection
         finally:
             if window is not None:
-                window.stop()
-                with self._lock:
-                    self._windows.discard(window)
-                if window.error and not protection.error:
-                    protection.error = window.error
-                    self.last_error = window.error
+                await _in_thread(self._close, window, protection)
 
-    def _open(self, protection: Protection) -> _Window | None:
+    def _start_window(self, protection: Protection) -> _Window | None:
+        """Start the window's receive thread from this thread (its network namespace)."""
         if self._stopped:
             protection.error = "the guard was stopped"
             return None
@@ -201,6 +212,10 @@ class DivertGuard:
         with self._lock:
             self._windows.add(window)
         window.start()
+        return window
+
+    def _opened(self, window: _Window, protection: Protection) -> bool:
+        """Wait (blocking) until the window's handle is open; False if it never opens."""
         if not window.ready.wait(OPEN_TIMEOUT) or window.error is not None:
             protection.error = window.error or (
                 f"the pydivert handle did not open within {OPEN_TIMEOUT:g} s")
@@ -208,9 +223,37 @@ class DivertGuard:
             window.stop()
             with self._lock:
                 self._windows.discard(window)
-            log.warning("guard window %s unprotected: %s", rule, protection.error)
-            return None
+            log.warning("guard window %s unprotected: %s", window.rule, protection.error)
+            return False
         protection.guarded = True
         if self._stopped:  # stop() ran while we were opening
             window.stop()
-        return window
+        return True
+
+    def _close(self, window: _Window, protection: Protection) -> None:
+        """End the window (blocking: the receive thread is joined, the filter detached)."""
+        window.stop()
+        with self._lock:
+            self._windows.discard(window)
+        if window.error and not protection.error:
+            protection.error = window.error
+            self.last_error = window.error
+
+
+async def _in_thread(fn: Callable[[_Window, Protection], T], window: _Window,
+                     protection: Protection) -> T:
+    """``fn(window, protection)`` in a worker thread, awaited to its end even if the caller
+    is cancelled meanwhile (a half-opened window must still be closed): the cancellation
+    is re-raised once it has ended."""
+    work = asyncio.create_task(asyncio.to_thread(fn, window, protection),
+                               name=f"guard-{fn.__name__.strip('_')}-{window.rule.local_port}")
+    cancelled: asyncio.CancelledError | None = None
+    while not work.done():
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if cancelled is not None:
+        work.exception()  # retrieved (if any): the cancellation is what the caller gets
+        raise cancelled
+    return work.result()

@@ -11,6 +11,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from nopf_web.sockets import (
+    DEFAULT_TTL,
+    TCP_SYN_RECV,
+    ignore_syn_errors,
+    reusable_socket,
+    set_ttl,
+    start_connect,
+    tcp_state,
+    wait_connected,
+)
+
 from .machine import (
     ACCEPTED,
     Abandon,
@@ -22,16 +33,6 @@ from .machine import (
     StartAttempt,
     Succeed,
     Tactic,
-)
-from .sockets import (
-    DEFAULT_TTL,
-    TCP_SYN_RECV,
-    ignore_syn_errors,
-    reusable_socket,
-    set_ttl,
-    start_connect,
-    tcp_state,
-    wait_connected,
 )
 
 _UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES, errno.EPERM,

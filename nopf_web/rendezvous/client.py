@@ -7,7 +7,7 @@ import errno
 import socket
 from dataclasses import dataclass
 
-from nopf_web.punch.sockets import connect_nonblocking, reusable_socket
+from nopf_web.sockets import connect_nonblocking, reusable_socket
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import DiscoveryReader
 from nopf_web.wire.errors import WireError

@@ -27,6 +27,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from nopf_web.sockets import TCPI_SIZE, rtt_of, syn_data_of, tcp_info
+
 from .book import NameplateBook
 from .server_machine import (
     Accepted,
@@ -82,7 +84,7 @@ class _Link(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         server = self._server
         server._feed(Received(self.id, data, server._clock(),
-                              _rtt_of(_tcp_info(self.sock))))
+                              rtt_of(tcp_info(self.sock, TCPI_SIZE))))
 
     def eof_received(self) -> bool:
         self._server._feed(PeerClosed(self.id, self._server._clock()))
@@ -175,9 +177,9 @@ class RendezvousServer:
         link.sock = transport.get_extra_info("socket")
         self._links[link.id] = link
         peer = transport.get_extra_info("peername")
-        info = _tcp_info(link.sock)
+        info = tcp_info(link.sock, TCPI_SIZE)
         self._feed(Accepted(link.id, (str(peer[0]), int(peer[1])) if peer else None,
-                            self._clock(), _rtt_of(info), _syn_data_of(info)))
+                            self._clock(), rtt_of(info), syn_data_of(info)))
 
     def _lost(self, link: _Link, exc: Exception | None) -> None:
         if self._links.pop(link.id, None) is None:
@@ -232,42 +234,6 @@ class RendezvousServer:
     def _check_drained(self) -> None:
         if self._drained is not None and not self._links:
             self._drained.set()
-
-
-# struct tcp_info (Linux), the two fields read here: tcpi_options, the byte at
-# offset 5 (TCPI_OPT_SYN_DATA: the SYN carried data the kernel accepted, i.e. TCP
-# Fast Open), and tcpi_rtt, the smoothed RTT in microseconds, the u32 at offset 68
-# (on an accepted socket: the handshake's SYN-ACK -> ACK time, then smoothed over
-# the ACKs of what we send).
-_TCPI_OPTIONS_OFFSET = 5
-TCPI_OPT_SYN_DATA = 0x20
-_TCPI_RTT = struct.Struct("=I")
-_TCPI_RTT_OFFSET = 68
-_TCPI_SIZE = _TCPI_RTT_OFFSET + _TCPI_RTT.size
-_LINUX = sys.platform.startswith("linux")
-_TCP_INFO = getattr(socket, "TCP_INFO", 11)
-
-
-def _tcp_info(sock: socket.socket | None) -> bytes:
-    """The socket's TCP_INFO, as far as the fields read here; empty where there is none."""
-    if sock is None or not _LINUX:
-        return b""
-    try:
-        return sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCPI_SIZE)
-    except OSError:
-        return b""
-
-
-def _rtt_of(info: bytes) -> float | None:
-    if len(info) < _TCPI_SIZE:
-        return None
-    (micros,) = _TCPI_RTT.unpack_from(info, _TCPI_RTT_OFFSET)
-    return micros / 1e6 if micros else None
-
-
-def _syn_data_of(info: bytes) -> bool:
-    return len(info) > _TCPI_OPTIONS_OFFSET and bool(info[_TCPI_OPTIONS_OFFSET]
-                                                      & TCPI_OPT_SYN_DATA)
 
 
 def fastopen_hint(path: str = FASTOPEN_SYSCTL) -> str | None:

@@ -8,6 +8,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from nopf_web.errors import NopfError
+from nopf_web.guard import guard_status
 
 from .forms import (
     FieldError,
@@ -21,7 +22,7 @@ from .forms import (
     parse_role,
 )
 from .keys import GUARD, MANAGER
-from .manager import CreateError, guard_status
+from .manager import CreateError
 from .model import SessionView
 from .views import base_url, history_json, load_session, merged_history
 

@@ -9,6 +9,7 @@ ends the live pages' event streams, which aiohttp would otherwise wait for.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -97,21 +98,15 @@ async def _close_streams(app: web.Application) -> None:
 def _guard_ctx(guard: Guard | None) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         chosen = guard or (make_guard() if app[CONFIG].guard else NullGuard())
-        _call(chosen, "start")
+        chosen.start()
         app[GUARD] = chosen
         try:
             yield
         finally:
-            _call(chosen, "stop")  # removes any packet filter still in place
+            # Removes any packet filter still in place; joining a window's receive
+            # thread takes up to a poll interval, so not on the event loop.
+            await asyncio.to_thread(chosen.stop)
     return ctx
-
-
-def _call(guard: Guard, method: str) -> None:
-    # start()/stop() come with the pydivert guard's service API; a guard without them
-    # needs no supervision.
-    fn = getattr(guard, method, None)
-    if callable(fn):
-        fn()
 
 
 async def _manager_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -120,12 +115,11 @@ async def _manager_ctx(app: web.Application) -> AsyncIterator[None]:
     assert default is not None  # no --rendezvous means the embedded one runs
     manager = SessionManager(store, app[GUARD], default, punch_timeout=config.punch_timeout,
                              max_live=config.max_live_sessions)
-    manager.start()
-    app[MANAGER] = manager
-    try:
+    # Its TaskGroup holds every session; leaving it stops them (recorded as interrupted)
+    # while the store is still open.
+    async with manager.running():
+        app[MANAGER] = manager
         yield
-    finally:
-        await manager.close()
 
 
 async def _stored_rendezvous(store: HistoryStore) -> Endpoint | None:

@@ -7,7 +7,7 @@ from typing import Final
 
 from nopf_web.db import Mode
 from nopf_web.pairing import BadCode, PairingCode, parse_code
-from nopf_web.session import SessionRole
+from nopf_web.roles import PeerRole
 from nopf_web.wire.address import (
     Endpoint,
     parse_host_endpoint,
@@ -37,7 +37,7 @@ def _text(field_name: str, value: object, *, allow_none: bool = False) -> str | 
     return value.strip()
 
 
-def parse_role(value: object) -> SessionRole:
+def parse_role(value: object) -> PeerRole:
     text = _text("role", value)
     if text == "server":
         return "server"
@@ -67,7 +67,7 @@ def parse_pairing_code(value: object) -> PairingCode | None:
         raise FieldError("code", str(exc)) from None
 
 
-def check_pairing(role: SessionRole, mode: Mode, code: PairingCode | None) -> None:
+def check_pairing(role: PeerRole, mode: Mode, code: PairingCode | None) -> None:
     """A coordinated client needs the sharer's code; no other session takes one."""
     if mode == "coordinated" and role == "client" and code is None:
         raise FieldError("code", "is required to join a share (the sharer's pairing code, "

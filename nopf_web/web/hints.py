@@ -4,18 +4,23 @@ from __future__ import annotations
 
 from nopf_web.errors import NopfError
 from nopf_web.punch.machine import PunchTimeout
-from nopf_web.rendezvous.coord import (
+from nopf_web.rendezvous.errors import RendezvousProtocolError, RendezvousUnreachable
+from nopf_web.sessions.errors import (
     CodeExpired,
     CodeUsed,
     CoordinatedPunchTimeout,
+    LocalPortInUse,
+    PeerDidNotRetry,
     PeerNeverArrived,
+    RendezvousBusy,
+    RendezvousRejected,
     RendezvousTooOld,
+    ServiceUnavailable,
     SymmetricNat,
     TooManyGuesses,
+    TunnelLost,
     UnknownCode,
 )
-from nopf_web.rendezvous.errors import RendezvousProtocolError, RendezvousUnreachable
-from nopf_web.session import LocalPortInUse, ServiceUnavailable, TunnelLost
 from nopf_web.tunnel.errors import HandshakeError, PairingMismatch, PeerLost
 
 _HINTS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
@@ -41,6 +46,12 @@ _HINTS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str],
     (CoordinatedPunchTimeout,
      "The NATs did not let the connection through in time: start new sessions to try again. "
      "If it keeps failing, one of the NATs may be symmetric."),
+    (RendezvousBusy, "The rendezvous is at its limit for now: try again in a minute."),
+    (PeerDidNotRetry,
+     "The peer stopped after the first punch failed: start new sessions on both sides."),
+    (RendezvousRejected,
+     "This nopf and the rendezvous' nopf-server do not understand each other: use the same "
+     "version on both."),
     (RendezvousTooOld,
      "That rendezvous only speaks the seed's protocol: upgrade its nopf-server, or use "
      "\u201cmanual addresses (seed)\u201d mode."),

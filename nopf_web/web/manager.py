@@ -1,15 +1,19 @@
-"""The session manager: runs each session as a named, supervised task and records it.
+"""The session manager: runs each session's engine as a named, supervised task and records it.
 
 A session runs in one of two modes: ``coordinated`` (the default: a pairing
-code, an encrypted tunnel carrying many connections, :class:`PairedSession`)
-or ``seed`` (the seed's manual exchange of public addresses, one plaintext
-connection, :class:`Session`). Both engines emit the same events.
+code, an encrypted tunnel carrying many connections) or ``seed`` (the seed's
+manual exchange of public addresses, one plaintext connection). The manager
+knows them only through the :class:`~nopf_web.sessions.engine.Engine`
+contract: it starts one with :func:`~nopf_web.sessions.factory.make_engine`,
+records what its events and snapshots say, and stops it with ``stop()``.
 
 Sessions live here, not in request handlers: a browser tab closing changes
-nothing. Every session task is owned (kept in ``_sessions``), awaited on
-stop and cancelled on shutdown; what happens to a session is recorded in the
-history store through the engine's events, and byte counters are sampled
-by one ticker task (the copy threads never call into Python per packet).
+nothing. The manager's TaskGroup (:meth:`SessionManager.running`, entered by
+the app's cleanup context) holds every session task and the ticker that
+samples byte counters (the copy threads never call into Python per packet).
+Stopping a session is ``engine.stop()`` and a bounded wait for its end; when
+the app shuts down every running session is stopped so, and recorded as
+``interrupted``.
 """
 
 from __future__ import annotations
@@ -23,16 +27,20 @@ import secrets
 import socket
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
-from nopf_web.db import HistoryStore, Mode, NewSession
+from nopf_web.db import HistoryStore, NewSession
 from nopf_web.errors import NopfError
 from nopf_web.guard.base import Guard
-from nopf_web.paired import PairedSession, PairedSpec
 from nopf_web.pairing import BadCode, PairingCode, parse_code
 from nopf_web.punch.machine import PunchConfig
-from nopf_web.session import Event, Session, SessionRole, SessionSpec, State
+from nopf_web.roles import PeerRole
+from nopf_web.sessions.coordinated import CoordinatedSpec
+from nopf_web.sessions.engine import Engine, Event, Mode, Snapshot, State
+from nopf_web.sessions.factory import EngineSpec, make_engine
+from nopf_web.sessions.seed import SeedSpec
 from nopf_web.wire.address import Endpoint
 
 from .hints import hint_for
@@ -41,12 +49,7 @@ log = logging.getLogger("nopf.web")
 
 StopReason = Literal["stopped", "interrupted"]
 CODE_LIFETIME: Final = 600.0  # s a sharer's code waits for its peer (what invitations say)
-Engine = Session | PairedSession
-
-
-def guard_status(guard: Guard) -> dict[str, Any]:
-    """``{"active", "reason", "dropped"}``: what pages and ``GET /api/guard`` show."""
-    return {"active": guard.active, "reason": guard.reason, "dropped": guard.dropped}
+SHUTDOWN_WAIT: Final = 10.0  # s the app's shutdown waits for its sessions to end
 
 
 _CODE_LIKE: Final = re.compile(r"\b([1-9][0-9]{0,5})-([a-z]+)-([a-z]+)\b")
@@ -73,30 +76,13 @@ class CreateError(ValueError):
         self.status = status
 
 
-async def cancel_and_wait(task: asyncio.Task[None], timeout: float,
-                          interval: float = 0.5) -> None:
-    """Cancel ``task`` until it ends (or ``timeout`` passes).
-
-    Repeated because Python 3.11's ``asyncio.wait_for`` swallows a cancellation
-    that arrives just as the awaited operation completes (CPython gh-86296),
-    which would leave a stopped session running. The interval leaves a task
-    time to finish its own clean-up before it is cancelled again.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not task.done() and loop.time() < deadline:
-        task.cancel()
-        await asyncio.wait({task}, timeout=min(interval, max(0.0, deadline - loop.time())))
-
-
 @dataclass
 class ManagedSession:
     id: str
     share_token: str
     label: str
-    session: Engine
-    mode: Mode = "seed"
-    task: asyncio.Task[None] | None = None
+    session: Engine  # the session's engine
+    task: asyncio.Task[None] | None = None  # its supervisor, in the manager's TaskGroup
     events: deque[Event] = field(default_factory=lambda: deque(maxlen=300))
     outcome: str | None = None
     error: str | None = None
@@ -107,10 +93,14 @@ class ManagedSession:
     connection_open: bool = False  # a connection row is recorded and not yet ended
 
     @property
+    def mode(self) -> Mode:
+        return self.session.snapshot().mode
+
+    @property
     def live(self) -> bool:
         return self.task is not None and not self.task.done()
 
-    def rates(self, now: float) -> tuple[float, float]:
+    def rates(self, now: float, snap: Snapshot | None = None) -> tuple[float, float]:
         """Bytes per second (in, out) over the last few seconds; 0 once ended."""
         if not self.live or not self.samples:
             return 0.0, 0.0
@@ -118,7 +108,7 @@ class ManagedSession:
         span = now - t0
         if span < 0.2:
             return 0.0, 0.0
-        s = self.session
+        s = snap or self.session.snapshot()
         return max(0.0, (s.bytes_in - in0) / span), max(0.0, (s.bytes_out - out0) / span)
 
 
@@ -135,28 +125,31 @@ class SessionManager:
         self.tick = tick
         self._sessions: dict[str, ManagedSession] = {}
         self._by_share: dict[str, str] = {}
-        self._ticker: asyncio.Task[None] | None = None
-        self._closing = False
+        self._tasks: asyncio.TaskGroup | None = None
 
     # -- life ----------------------------------------------------------------
 
-    def start(self) -> None:
-        if self._ticker is None:
-            self._ticker = asyncio.create_task(self._tick_loop(), name="nopf-session-ticker")
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[SessionManager]:
+        """The manager's life: a TaskGroup that holds the ticker and every session task.
 
-    async def close(self) -> None:
-        """Stop every session (recorded as interrupted) and the ticker; await them all."""
-        self._closing = True
-        running = [ms for ms in self._sessions.values() if ms.live]
-        for ms in running:
-            ms.stop_reason = "interrupted"
-        tasks = [ms.task for ms in running if ms.task is not None]
-        await asyncio.gather(*(cancel_and_wait(task, 10.0) for task in tasks))
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
-            self._ticker = None
+        On exit every running session is stopped, recorded as ``interrupted`` and
+        awaited. (aiohttp may leave a cleanup context from another task than the one
+        that entered it; the group's children never fail, a session's failure being
+        recorded rather than raised, so that task is never cancelled by the group.)
+        """
+        async with asyncio.TaskGroup() as tg:
+            ticker = tg.create_task(self._tick_loop(), name="nopf-session-ticker")
+            self._tasks = tg
+            try:
+                yield self
+            finally:
+                self._tasks = None  # no new sessions from here on
+                running = [ms for ms in self._sessions.values() if ms.live]
+                for ms in running:
+                    ms.stop_reason = "interrupted"
+                await self._end(running, SHUTDOWN_WAIT)
+                ticker.cancel()
 
     async def _tick_loop(self) -> None:
         while True:
@@ -168,7 +161,7 @@ class SessionManager:
         for ms in self._sessions.values():
             if not ms.live:
                 continue
-            s = ms.session
+            s = ms.session.snapshot()
             ms.samples.append((now, s.bytes_in, s.bytes_out))
             progress = (s.bytes_in, s.bytes_out, s.connections)
             if progress != ms.recorded:
@@ -187,7 +180,7 @@ class SessionManager:
 
     def sessions(self) -> list[ManagedSession]:
         """Sessions held in memory (live ones and recent finished ones), newest first."""
-        return sorted(self._sessions.values(), key=lambda ms: ms.session.started_at,
+        return sorted(self._sessions.values(), key=lambda ms: ms.session.snapshot().started_at,
                       reverse=True)
 
     def live_count(self) -> int:
@@ -195,7 +188,7 @@ class SessionManager:
 
     # -- commands ----------------------------------------------------------------
 
-    def create(self, role: SessionRole, local_port: int, rendezvous: Endpoint | None = None,
+    def create(self, role: PeerRole, local_port: int, rendezvous: Endpoint | None = None,
                label: str = "", *, mode: Mode = "coordinated",
                code: PairingCode | None = None) -> ManagedSession:
         """Start a session task; raise :class:`CreateError` naming the field at fault.
@@ -205,42 +198,41 @@ class SessionManager:
         if (code is not None) != ((mode, role) == ("coordinated", "client")):
             raise CreateError("code", "a coordinated client session, and only it, takes the "
                               "sharer's pairing code")
-        if self._closing:
+        if self._tasks is None:
             raise CreateError("session", "the dashboard is shutting down", status=503)
         if self.live_count() >= self.max_live:
             raise CreateError("session", f"{self.max_live} sessions are already running: stop "
                               "one first", status=409)
         if role == "client":
             self._check_client_port(local_port)
-        session: Engine
+        rendezvous = rendezvous or self.default_rendezvous
+        spec: EngineSpec
         if mode == "coordinated":
-            session = PairedSession(PairedSpec(
-                role=role, local_port=local_port,
-                rendezvous=rendezvous or self.default_rendezvous,
-                code=str(code) if code is not None else None, code_lifetime=CODE_LIFETIME,
-                punch_timeout=self.punch_timeout))
+            spec = CoordinatedSpec(role=role, local_port=local_port, rendezvous=rendezvous,
+                                   code=str(code) if code is not None else None,
+                                   code_lifetime=CODE_LIFETIME, punch_timeout=self.punch_timeout)
         else:
-            session = Session(SessionSpec(role=role, local_port=local_port,
-                                          rendezvous=rendezvous or self.default_rendezvous,
-                                          punch=PunchConfig(timeout=self.punch_timeout)),
-                              self.guard)
+            spec = SeedSpec(role=role, local_port=local_port, rendezvous=rendezvous,
+                            punch=PunchConfig(timeout=self.punch_timeout))
+        engine = make_engine(spec, self.guard)
         ms = ManagedSession(id=secrets.token_hex(6), share_token=secrets.token_urlsafe(24),
-                            label=label, session=session, mode=mode)
+                            label=label, session=engine)
+        snap = engine.snapshot()
         self.store.add_session(NewSession(
-            id=ms.id, role=role, local_port=local_port, rendezvous=str(session.spec.rendezvous),
-            label=label, share_token=ms.share_token, state=session.state.value,
-            started_at=session.started_at, mode=mode))
-        session.subscribe(lambda event: self._on_event(ms, event))
+            id=ms.id, role=role, local_port=local_port, rendezvous=str(snap.rendezvous),
+            label=label, share_token=ms.share_token, state=snap.state.value,
+            started_at=snap.started_at, mode=snap.mode))
+        engine.subscribe(lambda event: self._on_event(ms, event))
         self._sessions[ms.id] = ms
         self._by_share[ms.share_token] = ms.id
-        ms.task = asyncio.create_task(self._supervise(ms), name=f"nopf-session-{ms.id}")
+        ms.task = self._tasks.create_task(self._supervise(ms), name=f"nopf-session-{ms.id}")
         self._prune()
         return ms
 
     def _check_client_port(self, port: int) -> None:
         for other in self._sessions.values():
-            spec = other.session.spec
-            if other.live and spec.role == "client" and spec.local_port == port:
+            snap = other.session.snapshot()
+            if other.live and snap.role == "client" and snap.local_port == port:
                 raise CreateError("local_port", f"local port {port} is already used by client "
                                   f"session {other.id}: choose another one")
         # Catch the common mistake now rather than as a failed session a moment later.
@@ -255,9 +247,8 @@ class SessionManager:
                                   "choose another one") from None
 
     def set_peer(self, ms: ManagedSession, peer: Endpoint) -> None:
-        """Give the peer's address; raises :class:`NopfError` if set already or ended."""
-        if not isinstance(ms.session, Session):
-            raise NopfError("a coordinated session pairs by its code: it takes no peer address")
+        """Give the peer's address; raises :class:`NopfError` when the engine takes none
+        (coordinated), has one already, or has ended."""
         if not ms.live:
             raise NopfError(f"the session has already ended ({ms.outcome or 'stopped'})")
         ms.session.set_peer(peer)
@@ -267,41 +258,45 @@ class SessionManager:
         if not ms.live:
             return
         ms.stop_reason = "stopped"
-        task = ms.task
-        assert task is not None
-        s = ms.session
-        if isinstance(s, Session) and s.state is State.CONNECTED and s.connections:
-            # End the pipe cleanly: both sides see a close, not a reset. (A coordinated
-            # session closes its tunnel cleanly when its task is cancelled.)
-            s.stop()
-            await asyncio.wait({task}, timeout=wait)
-        await cancel_and_wait(task, wait)
+        await self._end([ms], wait)
+
+    async def _end(self, sessions: Iterable[ManagedSession], wait: float) -> None:
+        """``stop()`` each engine, then wait up to ``wait`` seconds for its end; an engine
+        that does not end when asked is cancelled (and given as long again)."""
+        tasks = set()
+        for ms in sessions:
+            ms.session.stop()
+            if ms.task is not None:
+                tasks.add(ms.task)
+        if not tasks:
+            return
+        _, late = await asyncio.wait(tasks, timeout=wait)
+        if late:
+            for task in late:
+                log.warning("%s did not end within %g s of its stop: cancelling it",
+                            task.get_name(), wait)
+                task.cancel()
+            await asyncio.wait(late, timeout=wait)
 
     # -- recording ---------------------------------------------------------------
 
     def _on_event(self, ms: ManagedSession, event: Event) -> None:
         ms.events.append(event)
-        s = ms.session
+        s = ms.session.snapshot()
         # The database gets the code only once it is spent (see _finish).
-        message = redact_codes(event.message) if ms.mode == "coordinated" else event.message
-        self.store.add_event(ms.id, event.at, event.kind, message)
+        self.store.add_event(ms.id, event.at, event.kind, redact_codes(event.message))
         if event.kind == "state":
             self.store.update_session(ms.id, state=s.state.value)
-            if (isinstance(s, PairedSession) and s.state is State.CONNECTED
-                    and not ms.connection_open):
-                # The one encrypted tunnel is this session's connection; its streams are
-                # counted in ``connections``.
-                ms.connection_open = True
-                self.store.connection_started(ms.id, event.at, str(s.peer_address))
-                self.store.update_session(ms.id, path=s.path)
         elif event.kind == "public_address":
             self.store.update_session(ms.id, public_address=str(s.public_address))
         elif event.kind == "peer_address":
             self.store.update_session(ms.id, peer_address=str(s.peer_address))
         elif event.kind == "pipe_started":
+            # The session's connection to the peer (seed: the pipe; coordinated: the
+            # tunnel, whose streams are counted in ``connections``).
             ms.connection_open = True
             self.store.connection_started(ms.id, event.at, str(s.peer_address))
-            self.store.update_session(ms.id, connections=s.connections)
+            self.store.update_session(ms.id, connections=s.connections, path=s.path)
 
     async def _supervise(self, ms: ManagedSession) -> None:
         try:
@@ -318,7 +313,7 @@ class SessionManager:
             self._finish(ms, None)
 
     def _finish(self, ms: ManagedSession, exc: BaseException | None) -> None:
-        s = ms.session
+        s = ms.session.snapshot()
         if ms.stop_reason is not None:
             ms.outcome = ms.stop_reason
         elif exc is not None or s.state is State.FAILED:
@@ -329,10 +324,9 @@ class SessionManager:
             ms.outcome = "closed"
         ended = s.ended_at or time.time()
         state = s.state.value if s.state.final else State.FAILED.value
-        final: dict[str, object] = {}
-        if isinstance(s, PairedSession) and s.code:
-            # Written only now: the code is single use, and used or dead once the session ends.
-            final["code"] = s.code
+        # The code is written only now: it is single use, and used or dead once the
+        # session ends.
+        final: dict[str, object] = {"code": s.code} if s.code else {}
         self.store.update_session(
             ms.id, state=state, outcome=ms.outcome, error=ms.error, hint=ms.hint,
             ended_at=ended, bytes_in=s.bytes_in, bytes_out=s.bytes_out,

@@ -1,75 +1,51 @@
-"""One shape for a session on a page or in JSON, whether live (in memory) or from history."""
+"""One shape for a session on a page or in JSON, whether live (in memory) or from history.
+
+:class:`SessionView` is the history's :class:`~nopf_web.db.SessionRecord` plus what
+only a running session has (its share token, rates, the packet guard); a live
+one is made from its engine's :class:`~nopf_web.sessions.engine.Snapshot`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from nopf_web.db import SessionRow
-from nopf_web.session import Session
+from nopf_web.db import SessionRecord, SessionRow
 
-from .manager import CODE_LIFETIME, ManagedSession, guard_status
+from .manager import CODE_LIFETIME, ManagedSession
 
 
 @dataclass(frozen=True)
-class SessionView:
-    id: str
-    role: str
-    local_port: int
-    rendezvous: str
-    label: str
-    state: str
-    outcome: str | None
-    public_address: str | None
-    peer_address: str | None
-    bytes_in: int
-    bytes_out: int
-    connections: int
-    error: str | None
-    hint: str | None
-    started_at: float
-    ended_at: float | None
-    live: bool
+class SessionView(SessionRecord):
+    live: bool = False
     share_token: str | None = None
     rate_in: float = 0.0
     rate_out: float = 0.0
-    guard: dict[str, Any] | None = None
+    guard: dict[str, Any] | None = None  # {"active", "reason", "dropped"} (seed mode)
     guard_dropped: int = 0
-    mode: str = "seed"
-    code: str | None = None
-    path: str | None = None
 
     @classmethod
     def from_managed(cls, ms: ManagedSession, now: float | None = None) -> SessionView:
-        s = ms.session
-        rate_in, rate_out = ms.rates(time.time() if now is None else now)
+        s = ms.session.snapshot()
+        rate_in, rate_out = ms.rates(time.time() if now is None else now, s)
         return cls(
-            id=ms.id, role=s.spec.role, local_port=s.spec.local_port,
-            rendezvous=str(s.spec.rendezvous), label=ms.label, state=s.state.value,
-            outcome=ms.outcome,
+            id=ms.id, role=s.role, local_port=s.local_port, rendezvous=str(s.rendezvous),
+            label=ms.label, state=s.state.value, outcome=ms.outcome,
             public_address=str(s.public_address) if s.public_address else None,
             peer_address=str(s.peer_address) if s.peer_address else None,
             bytes_in=s.bytes_in, bytes_out=s.bytes_out, connections=s.connections,
             error=ms.error or s.error, hint=ms.hint, started_at=s.started_at,
-            ended_at=s.ended_at, live=ms.live, share_token=ms.share_token,
-            rate_in=rate_in, rate_out=rate_out,
-            guard=guard_status(s.guard) if isinstance(s, Session) else None,
-            guard_dropped=s.guard_dropped, mode=ms.mode,
-            code=None if isinstance(s, Session) else s.code,
-            path=None if isinstance(s, Session) else s.path,
+            ended_at=s.ended_at, mode=s.mode, code=s.code, path=s.path, live=ms.live,
+            share_token=ms.share_token, rate_in=rate_in, rate_out=rate_out,
+            guard=dataclasses.asdict(s.guard) if s.guard is not None else None,
+            guard_dropped=s.guard_dropped,
         )
 
     @classmethod
     def from_row(cls, row: SessionRow) -> SessionView:
-        return cls(
-            id=row.id, role=row.role, local_port=row.local_port, rendezvous=row.rendezvous,
-            label=row.label, state=row.state, outcome=row.outcome,
-            public_address=row.public_address, peer_address=row.peer_address,
-            bytes_in=row.bytes_in, bytes_out=row.bytes_out, connections=row.connections,
-            error=row.error, hint=row.hint, started_at=row.started_at, ended_at=row.ended_at,
-            live=False, mode=row.mode, code=row.code, path=row.path,
-        )
+        return cls(**{f.name: getattr(row, f.name) for f in dataclasses.fields(SessionRecord)})
 
     @property
     def status(self) -> str:

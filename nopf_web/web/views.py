@@ -14,7 +14,7 @@ from markupsafe import Markup
 
 from nopf_web.db import OUTCOMES, ConnectionRow, EventRow
 from nopf_web.errors import NopfError
-from nopf_web.session import Event
+from nopf_web.sessions.engine import Event
 
 from .forms import (
     FieldError,

@@ -16,7 +16,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from nopf_web.rendezvous.coord import PairedTunnel, PakeFactory, connect, share
+from nopf_web.sessions.coordination import PairedTunnel, PakeFactory, connect, share
 from tests.lab import Host
 
 T = TypeVar("T")

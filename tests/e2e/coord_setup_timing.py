@@ -1,7 +1,7 @@
 """Where a coordinated setup's round trips go: per-phase instants of real sessions.
 
-Runs a sharer ``PairedSession`` in a1 (its service records when the first
-byte arrives) and, once the code is out, a connector ``PairedSession`` in b1
+Runs a sharer ``CoordinatedEngine`` in a1 (its service records when the first
+byte arrives) and, once the code is out, a connector ``CoordinatedEngine`` in b1
 whose application connects at once and sends one byte. All instants are
 ``time.monotonic()`` in one process, measured from "both peers ready" (the
 sharer waits with its code, the connector starts).
@@ -43,7 +43,8 @@ from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
 from pathlib import Path
 
-from nopf_web.paired import PairedSession, PairedSpec
+from nopf_web.errors import NopfError
+from nopf_web.sessions.coordinated import CoordinatedEngine, CoordinatedSpec
 from nopf_web.wire.address import Endpoint
 from tests.lab import Host, Lab
 
@@ -70,7 +71,7 @@ class Run:
         return out
 
 
-def _phases(session: PairedSession) -> dict[str, float]:
+def _phases(session: CoordinatedEngine) -> dict[str, float]:
     t = session.timings
     got: dict[str, float] = {}
     if t is not None:
@@ -96,13 +97,13 @@ def _sharer_main(code_q: Queue[str], out_q: Queue[tuple[str, object]], stop: Eve
             w.close()
 
         server = await asyncio.start_server(service, "127.0.0.1", SERVICE_PORT)
-        session = PairedSession(PairedSpec("server", SERVICE_PORT, Endpoint(*RDV),
-                                           punch_timeout=8))
+        session = CoordinatedEngine(CoordinatedSpec("server", SERVICE_PORT, Endpoint(*RDV),
+                                                    punch_timeout=8))
         session.subscribe(lambda e: code_q.put(e.message) if e.kind == "code" else None)
-        task = asyncio.create_task(session.run())
+        task = asyncio.create_task(session.run(), name="sharer")
         await asyncio.get_running_loop().run_in_executor(None, stop.wait, timeout)
-        task.cancel()
-        with contextlib.suppress(BaseException):
+        session.stop()
+        with contextlib.suppress(NopfError):
             await task
         server.close()
         out_q.put(("sharer", _phases(session)))
@@ -112,9 +113,9 @@ def _sharer_main(code_q: Queue[str], out_q: Queue[tuple[str, object]], stop: Eve
 
 def _joiner_main(code: str, out_q: Queue[tuple[str, object]], timeout: float) -> None:
     async def main() -> None:
-        session = PairedSession(PairedSpec("client", CONNECTOR_PORT, Endpoint(*RDV), code=code,
-                                           punch_timeout=8))
-        task = asyncio.create_task(session.run())
+        session = CoordinatedEngine(CoordinatedSpec("client", CONNECTOR_PORT, Endpoint(*RDV),
+                                                    code=code, punch_timeout=8))
+        task = asyncio.create_task(session.run(), name="connector")
         loop = asyncio.get_running_loop()
         error = ""
         try:
@@ -136,8 +137,8 @@ def _joiner_main(code: str, out_q: Queue[tuple[str, object]], timeout: float) ->
         except TimeoutError:
             error = f"no echo within {timeout} s (session state {session.state})"
         finally:
-            task.cancel()
-            with contextlib.suppress(BaseException):
+            session.stop()
+            with contextlib.suppress(NopfError):
                 await task
         out_q.put(("joiner", _phases(session)))
         out_q.put(("error", error))

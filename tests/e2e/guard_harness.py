@@ -34,9 +34,9 @@ from nopf_web.guard.base import Guard, NullGuard
 from nopf_web.guard.service import DivertGuard
 from nopf_web.punch.driver import PunchDriver
 from nopf_web.punch.machine import PunchConfig, PunchTimeout, Tactic
-from nopf_web.punch.sockets import connect_nonblocking, reusable_socket, start_connect
 from nopf_web.rendezvous.client import discover, probe_mapping
 from nopf_web.rendezvous.server import RendezvousServer
+from nopf_web.sockets import connect_nonblocking, reusable_socket, start_connect
 from tests.lab.topology import Host, Lab
 
 RDV_PORT = 3012
@@ -226,7 +226,7 @@ async def _run_side(side: Side, me: str, other: str, rdv: tuple[str, int], ex: _
     # As Session does: a first discovery, then a second one from the same port
     # (the symmetric-NAT probe) whose close happens under the guard.
     found = await discover(rdv, 0, timeout=5)
-    with guard.protect(found.local_port, rdv) as window:
+    async with guard.protect(found.local_port, rdv) as window:
         await probe_mapping(rdv, found, timeout=5)
     result.dropped_discovery = window.dropped
     result.punch_port = found.local_port
@@ -238,7 +238,7 @@ async def _run_side(side: Side, me: str, other: str, rdv: tuple[str, int], ex: _
         result.attempts = attempt
 
     tunnel: socket.socket | None = None
-    with guard.protect(found.local_port, peer) as window:
+    async with guard.protect(found.local_port, peer) as window:
         result.guarded = window.guarded
         result.guard_error = window.error
         await asyncio.sleep(max(0.0, t0 + side.delay - time.monotonic()))

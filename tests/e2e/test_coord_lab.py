@@ -16,7 +16,7 @@ from typing import Literal
 
 import pytest
 
-from nopf_web.rendezvous.coord import CoordinatedPunchTimeout, SymmetricNat
+from nopf_web.sessions.errors import CoordinatedPunchTimeout, SymmetricNat
 from nopf_web.tunnel.secure import Pake
 from tests.lab.fixtures import LabFactory
 

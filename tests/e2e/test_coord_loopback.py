@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator
 import pytest
 
 from nopf_web.pairing import BadCode, parse_code
-from nopf_web.rendezvous import coord
 from nopf_web.rendezvous.book import PairingLimits
 from nopf_web.rendezvous.server import RendezvousServer, ServerLimits
 from nopf_web.roles import PeerRole
+from nopf_web.sessions import coordination as coord
+from nopf_web.sessions import errors
 from nopf_web.tunnel.errors import PairingMismatch
 from nopf_web.tunnel.secure import Pake, open_channel
 from nopf_web.wire.address import Endpoint
@@ -63,7 +64,7 @@ async def test_share_and_connect_give_both_ends_of_one_connection() -> None:
         b = await coord.connect(server.address, code, bind_host=LO, punch_timeout=5)
         a = await sharing
         try:
-            assert (a.role, b.role) == ("A", "B")
+            assert (a.role, b.role) == ("server", "client")
             assert a.code == b.code == code and a.path == b.path == "public"
             assert a.sock.getpeername() == b.sock.getsockname()
             assert a.peer.port == b.local.port and b.peer.port == a.local.port
@@ -89,13 +90,13 @@ async def test_codes_work_once() -> None:
         a = await sharing
         a.sock.close()
         b.sock.close()
-        with pytest.raises(coord.CodeUsed, match="already used"):
+        with pytest.raises(errors.CodeUsed, match="already used"):
             await coord.connect(server.address, code, bind_host=LO)
 
 
 async def test_unknown_code_and_malformed_code() -> None:
     async with rendezvous() as server:
-        with pytest.raises(coord.UnknownCode, match="no open pairing code starts with 4"):
+        with pytest.raises(errors.UnknownCode, match="no open pairing code starts with 4"):
             await coord.connect(server.address, "4-orbit-lantern", bind_host=LO)
         with pytest.raises(BadCode):  # before any traffic: nothing is counted
             await coord.connect(server.address, "4-orbit", bind_host=LO)
@@ -105,16 +106,16 @@ async def test_unknown_code_and_malformed_code() -> None:
 async def test_expired_code_both_sides() -> None:
     async with rendezvous(code_lifetime=0.6) as server:
         sharing, code = await start_share(server)
-        with pytest.raises(coord.PeerNeverArrived, match="nobody used the pairing code"):
+        with pytest.raises(errors.PeerNeverArrived, match="nobody used the pairing code"):
             await asyncio.wait_for(sharing, 5)
-        with pytest.raises(coord.CodeExpired, match="expired"):
+        with pytest.raises(errors.CodeExpired, match="expired"):
             await coord.connect(server.address, code, bind_host=LO)
 
 
 async def test_sharer_timeout_names_the_wait() -> None:
     async with rendezvous() as server:
         sharing, _ = await start_share(server, timeout=0.5)
-        with pytest.raises(coord.PeerNeverArrived, match=r"within 0\.5 s"):
+        with pytest.raises(errors.PeerNeverArrived, match=r"within 0\.5 s"):
             await asyncio.wait_for(sharing, 5)
         await asyncio.sleep(0.2)
         assert server.stats.open_now == 0  # the nameplate's connection is gone
@@ -127,7 +128,7 @@ async def test_sharer_gone_means_the_code_is_closed() -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await sharing
         await asyncio.sleep(0.2)
-        with pytest.raises(coord.UnknownCode, match="stopped waiting"):
+        with pytest.raises(errors.UnknownCode, match="stopped waiting"):
             await coord.connect(server.address, code, bind_host=LO)
 
 
@@ -137,9 +138,9 @@ async def test_guessing_is_limited_with_a_clear_error() -> None:
         nameplate = parse_code(code).nameplate
         wrong = [n for n in range(1, 10) if n != nameplate]
         for n in wrong[:3]:
-            with pytest.raises(coord.UnknownCode):
+            with pytest.raises(errors.UnknownCode):
                 await coord.connect(server.address, f"{n}-orbit-lantern", bind_host=LO)
-        with pytest.raises(coord.TooManyGuesses, match="too many failed pairing attempts"):
+        with pytest.raises(errors.TooManyGuesses, match="too many failed pairing attempts"):
             await coord.connect(server.address, code, bind_host=LO)
         assert not sharing.done()
         sharing.cancel()
@@ -155,7 +156,7 @@ async def test_seed_only_rendezvous_is_named() -> None:
 
     server = await asyncio.start_server(seed, LO, 0)
     try:
-        with pytest.raises(coord.PairingError, match="speaks only the seed protocol"):
+        with pytest.raises(errors.PairingError, match="speaks only the seed protocol"):
             await coord.connect(server.sockets[0].getsockname()[:2], "3-orbit-lantern",
                                 bind_host=LO, net_timeout=2)
     finally:
@@ -243,7 +244,7 @@ async def test_a_pairing_can_be_coordinated_again_by_both_sides_only() -> None:
 
 
 class Halves:
-    """A pake factory that keeps what it made (as PairedSession does)."""
+    """A pake factory that keeps what it made (as the coordinated engine does)."""
 
     def __init__(self, role: PeerRole, code: str | None = None) -> None:
         self.role, self.code = role, code  # code: use this one instead (a wrong guess)

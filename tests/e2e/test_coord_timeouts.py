@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from nopf_web.pairing import make_code
-from nopf_web.rendezvous import coord
 from nopf_web.rendezvous.errors import RendezvousProtocolError
+from nopf_web.sessions import coordination as coord
+from nopf_web.sessions import errors
 from nopf_web.wire.discovery import encode_reply
 from nopf_web.wire.rendezvous import (
     ErrorReply,
@@ -99,7 +100,7 @@ async def test_a_hello_lost_once_is_retried_not_taken_for_a_seed_only_server() -
     events: list[str] = []
     server = await asyncio.start_server(handle, LO, 0)
     try:
-        with pytest.raises(coord.UnknownCode):
+        with pytest.raises(errors.UnknownCode):
             await coord.connect(server.sockets[0].getsockname()[:2], str(make_code(7)),
                                 bind_host=LO, net_timeout=2, on_event=events.append)
     finally:

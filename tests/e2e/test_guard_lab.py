@@ -9,6 +9,8 @@ threads, started from it, live there too.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import select
 import socket
 import struct
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from nopf_web.guard import divert, guard_status, make_guard
+from nopf_web.guard import Protection, divert, guard_status, make_guard
 from nopf_web.guard.filters import WindowRule, window_filter
 from nopf_web.guard.service import DivertGuard
 from nopf_web.punch.machine import PunchConfig, Tactic
@@ -100,9 +102,9 @@ def test_only_the_punch_ports_close_is_kept_in_and_only_during_the_window(
     rules |= {f"other_{k}": v for k, v in close_rules(a1.ip, sport=other_port).items()}
     rules |= {f"a2_{k}": v for k, v in close_rules(a2.ip, sport=punch_port).items()}
     guard = DivertGuard()
-    with NatCounters(lab.nata, rules) as counters, a1.enter():
-        guard.start()
-        with guard.protect(punch_port, peer) as window:
+
+    async def in_the_window() -> tuple[Protection, dict[str, int], list[socket.socket]]:
+        async with guard.protect(punch_port, peer) as window:
             assert window.guarded, window.error
             # The connection the punch port would close: established through the window
             # (SYN, SYN-ACK and ACK pass), then closed.
@@ -127,6 +129,13 @@ def test_only_the_punch_ports_close_is_kept_in_and_only_during_the_window(
             during = counters.read()
             assert tc_filters(a1), "the guard's filter should be attached in a1"
             assert tc_filters(a2) == "", "a1's guard must not reach into a2's namespace"
+        return window, during, [punch_far, neighbour_far, other_far]
+
+    with NatCounters(lab.nata, rules) as counters, a1.enter():
+        guard.start()
+        # The window's receive thread starts from this thread's loop: in a1's namespace.
+        window, during, far_ends = asyncio.run(in_the_window())
+        punch_far = far_ends[0]
         after_window = counters.read()
         assert tc_filters(a1) == "", "the window's filter must be gone when it ends"
         if close == "fin":
@@ -152,7 +161,7 @@ def test_only_the_punch_ports_close_is_kept_in_and_only_during_the_window(
     assert guard.dropped == window.dropped
     assert guard_status(guard) == {"active": False, "reason": "the guard was stopped",
                                    "dropped": window.dropped}
-    for s in (server, punch_far, neighbour_far, other_far):
+    for s in (server, *far_ends):
         s.close()
 
 
@@ -193,11 +202,15 @@ def test_stop_ends_open_windows_and_leaves_no_filter(open_lab: Lab) -> None:
     release = threading.Event()
     windows = []
 
-    def punching() -> None:
-        with lab.a1.enter(), guard.protect(41002, (lab.b1.ip, PEER_PORT)) as window:
+    async def hold() -> None:
+        async with guard.protect(41002, (lab.b1.ip, PEER_PORT)) as window:
             windows.append(window)
             entered.set()
-            release.wait(10)
+            await asyncio.to_thread(release.wait, 10)
+
+    def punching() -> None:
+        with lab.a1.enter():
+            asyncio.run(hold())
 
     thread = threading.Thread(target=punching)
     thread.start()
@@ -207,12 +220,66 @@ def test_stop_ends_open_windows_and_leaves_no_filter(open_lab: Lab) -> None:
     guard.stop()  # from another thread, while the window is open (shutdown of nopf-web)
     assert time.monotonic() - started < 1.0
     assert tc_filters(lab.a1) == ""
-    with lab.a1.enter(), guard.protect(41003, (lab.b1.ip, PEER_PORT)) as late:
-        assert not late.guarded and late.error == "the guard was stopped"
-        assert tc_filters(lab.a1) == ""
+    async def late_window() -> None:
+        async with guard.protect(41003, (lab.b1.ip, PEER_PORT)) as late:
+            assert not late.guarded and late.error == "the guard was stopped"
+            assert tc_filters(lab.a1) == ""
+
+    with lab.a1.enter():
+        asyncio.run(late_window())
     release.set()
     thread.join(10)
     assert not guard.active
+
+
+def test_a_window_opens_and_closes_without_holding_the_event_loop(open_lab: Lab) -> None:
+    """Opening a window (a pydivert handle: tens of ms) and closing it (its receive
+    thread joined, the filter detached) happen off the event loop: the dashboard and the
+    other sessions keep being served. A ticker on the loop keeps ticking throughout."""
+    lab = open_lab
+    guard = DivertGuard()
+    tick = 0.002
+
+    async def main() -> tuple[list[float], float, float, float, float]:
+        ticks: list[float] = []
+
+        async def ticker() -> None:
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(tick)
+
+        async with asyncio.TaskGroup() as tg:
+            ticking = tg.create_task(ticker(), name="test-ticker")
+            await asyncio.sleep(0.05)
+            start = time.monotonic()
+            async with guard.protect(41005, (lab.b1.ip, PEER_PORT)) as window:
+                opened = time.monotonic()
+                assert window.guarded, window.error
+                # (tc runs as a subprocess: off the loop too, and out of the timed parts)
+                assert await asyncio.to_thread(tc_filters, lab.a1)
+                closing = time.monotonic()
+            closed = time.monotonic()
+            await asyncio.sleep(0.05)
+            ticking.cancel()
+        return ticks, start, opened, closing, closed
+
+    with lab.a1.enter():
+        ticks, start, opened, closing, closed = asyncio.run(main())
+    guard.stop()
+    assert tc_filters(lab.a1) == ""
+
+    def gaps(lo: float, hi: float) -> list[float]:
+        inside = [lo, *(t for t in ticks if lo < t < hi), hi]
+        return [b - a for a, b in itertools.pairwise(inside)]
+
+    # A loop held by the open (or the close) would show one gap as long as all of it.
+    for what, lo, hi in (("open", start, opened), ("close", closing, closed)):
+        took = hi - lo
+        longest = max(gaps(lo, hi))
+        assert longest < max(0.02, took / 2), (
+            f"the event loop stood still for {longest * 1000:.1f} ms of the "
+            f"{took * 1000:.1f} ms {what}")
+    assert len([t for t in ticks if start < t < opened or closing < t < closed]) >= 3
 
 
 def test_punch_through_nats_then_the_tunnel_closes_normally(lab_factory: LabFactory) -> None:

@@ -26,8 +26,8 @@ from typing import Literal
 
 import pytest
 
-from nopf_web.rendezvous.coord import PairedTunnel
-from nopf_web.roles import PeerRole
+from nopf_web.roles import spake_side
+from nopf_web.sessions.coordination import PairedTunnel
 from nopf_web.tunnel.errors import PairingMismatch, TunnelTampered
 from nopf_web.tunnel.secure import Pake, SecureChannel, open_channel
 from nopf_web.wire.address import Endpoint
@@ -70,9 +70,8 @@ def paired_through(lab: Lab, hostile: HostileRendezvous, halves: dict[str, Pake]
 async def channels(a: PairedTunnel, b: PairedTunnel, halves: dict[str, Pake] | None,
                    ) -> tuple[SecureChannel | BaseException, SecureChannel | BaseException]:
     async def one(t: PairedTunnel) -> SecureChannel:
-        pake = None if halves is None else halves[t.role]
-        role: PeerRole = "server" if t.role == "A" else "client"
-        channel = await open_channel(t.sock, role=role, code=t.code, timeout=5, pake=pake)
+        pake = None if halves is None else halves[spake_side(t.role)]
+        channel = await open_channel(t.sock, role=t.role, code=t.code, timeout=5, pake=pake)
         if pake is not None:
             await channel.confirmed()  # the verdict the in-band handshake gives at once
         return channel

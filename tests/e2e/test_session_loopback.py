@@ -1,4 +1,4 @@
-"""Session objects on loopback: events, stop from any state, a full punch and pipe."""
+"""Seed engines on loopback: events, stop from any state, a full punch and pipe."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import pytest
 
 from nopf_web.punch.machine import PunchConfig
 from nopf_web.rendezvous.server import RendezvousServer
-from nopf_web.session import Event, Session, SessionSpec, State
+from nopf_web.roles import PeerRole
+from nopf_web.sessions.engine import Event, State
+from nopf_web.sessions.seed import SeedEngine, SeedSpec
 from nopf_web.wire.address import Endpoint
 from tests.programs import free_port
 
@@ -26,12 +28,12 @@ async def rendezvous() -> AsyncIterator[Endpoint]:
         await server.close()
 
 
-def spec(role: str, port: int, rdv: Endpoint) -> SessionSpec:
-    return SessionSpec(role=role, local_port=port, rendezvous=rdv,  # type: ignore[arg-type]
-                       punch=PunchConfig(timeout=10), bind_host="127.0.0.1")
+def spec(role: PeerRole, port: int, rdv: Endpoint) -> SeedSpec:
+    return SeedSpec(role=role, local_port=port, rendezvous=rdv,
+                    punch=PunchConfig(timeout=10), bind_host="127.0.0.1")
 
 
-async def wait_state(session: Session, state: State, timeout: float = 10) -> None:
+async def wait_state(session: SeedEngine, state: State, timeout: float = 10) -> None:
     reached = asyncio.Event()
     unsubscribe = session.subscribe(lambda e: reached.set() if session.state is state else None)
     try:
@@ -45,9 +47,9 @@ async def wait_state(session: Session, state: State, timeout: float = 10) -> Non
 async def test_punch_pipe_and_events(rendezvous: Endpoint) -> None:
     service = socket.create_server(("127.0.0.1", 0))
     service.setblocking(False)
-    server = Session(spec("server", service.getsockname()[1], rendezvous))
+    server = SeedEngine(spec("server", service.getsockname()[1], rendezvous))
     client_port = free_port()
-    client = Session(spec("client", client_port, rendezvous))
+    client = SeedEngine(spec("client", client_port, rendezvous))
     events: list[Event] = []
     client.subscribe(events.append)
     tasks = [asyncio.create_task(s.run(), name=f"test-{s.spec.role}") for s in (server, client)]
@@ -86,8 +88,8 @@ async def test_punch_pipe_and_events(rendezvous: Endpoint) -> None:
 @pytest.mark.parametrize("stop_in", [State.DISCOVERING, State.WAITING_PEER, State.CONNECTED])
 async def test_stop_ends_the_session_in_any_state(rendezvous: Endpoint, stop_in: State) -> None:
     service = socket.create_server(("127.0.0.1", 0))  # the server session's local service
-    server = Session(spec("server", service.getsockname()[1], rendezvous))
-    client = Session(spec("client", free_port(), rendezvous))
+    server = SeedEngine(spec("server", service.getsockname()[1], rendezvous))
+    client = SeedEngine(spec("client", free_port(), rendezvous))
     tasks = [asyncio.create_task(s.run(), name=f"test-{s.spec.role}") for s in (server, client)]
     try:
         if stop_in is not State.DISCOVERING:

@@ -198,12 +198,12 @@ def test_describe_names_flags_and_direction() -> None:
 # -- the null guard and the status body -------------------------------------
 
 
-def test_null_guard_status_and_window() -> None:
+async def test_null_guard_status_and_window() -> None:
     guard = NullGuard("disabled with --no-guard")
     guard.start()
     assert guard_status(guard) == {"active": False, "reason": "disabled with --no-guard",
                                    "dropped": 0}
-    with guard.protect(40000, PEER) as window:
+    async with guard.protect(40000, PEER) as window:
         pass
     assert not window.guarded and window.dropped == 0
     guard.stop()

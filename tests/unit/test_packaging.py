@@ -18,7 +18,7 @@ def test_wheel_contains_assets_and_entry_points(tmp_path: Path) -> None:
     )
     (wheel,) = tmp_path.glob("nopf_web-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "nopf_web/session.py" in names
+    assert "nopf_web/sessions/engine.py" in names
     for folder in ("templates", "static", "migrations"):
         on_disk = {p.relative_to(ROOT / folder).as_posix()
                    for p in (ROOT / folder).rglob("*") if p.is_file()}

@@ -8,7 +8,7 @@ from collections import deque
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nopf_web.session import Event
+from nopf_web.sessions.engine import Event
 from nopf_web.web.sse import (
     LINE,
     LiveState,

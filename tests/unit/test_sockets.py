@@ -1,4 +1,4 @@
-"""Punch socket helpers on real sockets."""
+"""The neutral socket helpers (nopf_web.sockets) on real sockets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from nopf_web.punch.sockets import ignore_syn_errors
+from nopf_web.sockets import ignore_syn_errors
 
 IP_MINTTL = getattr(socket, "IP_MINTTL", 21)
 

@@ -1,4 +1,7 @@
-"""Socket helpers for punching: the few platform-specific spots live here.
+"""Socket helpers for the rendezvous client, the punch, the sessions and the server.
+
+The platform-specific spots of the data path live here, together (another
+platform's path is added next to Linux's, in this one module):
 
 - Port reuse: the discovery connection, every punch attempt and (in
   coordinated mode) a listener all use the same local port P. On Linux/BSD
@@ -7,8 +10,9 @@
 - TTL: the first SYN of an arming attempt may go out with a low TTL so it
   opens our own NAT without reaching the peer's; ICMP errors about such a SYN
   are ignored (IP_MINTTL).
-- TCP state: read from TCP_INFO on Linux, so the driver never abandons a
-  socket that is already completing a handshake.
+- TCP_INFO (Linux): the TCP state, so the punch never abandons a socket that
+  is already completing a handshake; the rendezvous' RTT and Fast Open checks.
+- TCP Fast Open (Linux) for the coordination connection's hello.
 """
 
 from __future__ import annotations
@@ -17,12 +21,23 @@ import asyncio
 import contextlib
 import errno
 import socket
+import struct
 import sys
 
-# Linux TCP states, first byte of struct tcp_info (include/net/tcp_states.h).
+# struct tcp_info (Linux, include/uapi/linux/tcp.h), the fields read here:
+#   offset 0  u8   tcpi_state    TCP state (include/net/tcp_states.h values below)
+#   offset 5  u8   tcpi_options  TCPI_OPT_SYN_DATA: the SYN carried data the kernel
+#                                accepted (TCP Fast Open)
+#   offset 68 u32  tcpi_rtt      smoothed RTT in microseconds, host byte order (on an
+#                                accepted socket: the handshake's SYN-ACK -> ACK time)
 TCP_ESTABLISHED = 1
 TCP_SYN_SENT = 2
 TCP_SYN_RECV = 3
+TCPI_OPTIONS_OFFSET = 5
+TCPI_OPT_SYN_DATA = 0x20
+TCPI_RTT = struct.Struct("=I")
+TCPI_RTT_OFFSET = 68
+TCPI_SIZE = TCPI_RTT_OFFSET + TCPI_RTT.size  # bytes of TCP_INFO the fields above need
 
 _TCP_INFO = getattr(socket, "TCP_INFO", 11)
 
@@ -72,14 +87,65 @@ def ignore_syn_errors(sock: socket.socket, ttl: int | None) -> bool:
     return True
 
 
+def tcp_info(sock: socket.socket | None, size: int) -> bytes:
+    """The first ``size`` bytes of the socket's TCP_INFO; empty where there is none."""
+    if sock is None or not sys.platform.startswith("linux"):
+        return b""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, size)
+    except OSError:
+        return b""
+
+
 def tcp_state(sock: socket.socket) -> int | None:
     """The kernel's TCP state of ``sock`` (Linux), or None where unknown."""
+    info = tcp_info(sock, 8)
+    return info[0] if info else None
+
+
+def rtt_of(info: bytes) -> float | None:
+    """The smoothed RTT in seconds from TCP_INFO bytes (None: not there, or not measured)."""
+    if len(info) < TCPI_SIZE:
+        return None
+    (micros,) = TCPI_RTT.unpack_from(info, TCPI_RTT_OFFSET)
+    return micros / 1e6 if micros else None
+
+
+def syn_data_of(info: bytes) -> bool:
+    """Whether TCP_INFO bytes say the peer's SYN carried data the kernel accepted."""
+    return len(info) > TCPI_OPTIONS_OFFSET and bool(info[TCPI_OPTIONS_OFFSET]
+                                                     & TCPI_OPT_SYN_DATA)
+
+
+def kernel_rtt(sock: socket.socket | None) -> float | None:
+    """The kernel's smoothed RTT of ``sock`` in seconds (Linux), or None where unknown."""
+    return rtt_of(tcp_info(sock, TCPI_SIZE))
+
+
+def syn_had_data(sock: socket.socket | None) -> bool:
+    """Whether the peer's SYN carried data the kernel accepted (TCP Fast Open, Linux)."""
+    return syn_data_of(tcp_info(sock, TCPI_SIZE))
+
+
+# Linux TCP Fast Open for the coordination connection: connect() only records the
+# peer and the first write sends the SYN with the hello in it (one round trip less
+# when the rendezvous accepts data in SYNs; a normal handshake, the hello resent
+# after it, when it does not). No cookie: a peer meets its rendezvous too rarely
+# for a cached one to help, so the rendezvous accepts data without (docs/protocol.md).
+_TCP_FASTOPEN_CONNECT = 30
+_TCP_FASTOPEN_NO_COOKIE = 34
+
+
+def try_fastopen(sock: socket.socket) -> bool:
+    """Defer ``sock``'s connect to its first write (Fast Open); False where unavailable."""
     if not sys.platform.startswith("linux"):
-        return None
+        return False
     try:
-        return sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 8)[0]
-    except OSError:
-        return None
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_FASTOPEN_CONNECT, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_FASTOPEN_NO_COOKIE, 1)
+    except OSError:  # client Fast Open off in this host's sysctl, or an old kernel
+        return False
+    return True
 
 
 def start_connect(sock: socket.socket, addr: tuple[str, int]) -> None:

@@ -1,69 +1,38 @@
-"""One seed-mode session's life: discover, wait for the peer, punch, pipe.
+"""The seed's plaintext mode: discover, wait for the peer's address, punch, pipe.
 
-The session owns its sockets and emits :class:`Event` values to subscribers
-(the CLI printer, the dashboard's recorder and live page). It never prints,
-never touches a database, and knows nothing of HTTP.
-
-States::
-
-    discovering -> waiting_peer -> punching -> connected -> closed
-         \\______________\\______________\\___________\\-> failed
+Seed-compatible: the users exchange public addresses by hand (stdin, a form
+or the API gives the peer's to :meth:`SeedEngine.set_peer`), the server arms
+and the client connects (see :mod:`nopf_web.punch.machine`), then one plain
+connection is piped between the local port and the peer. The packet guard
+covers the discovery's second connection and the punch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import enum
-import errno
 import ipaddress
 import socket
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 from nopf_web.errors import NopfError
-from nopf_web.guard.base import Guard, NullGuard, Protection
+from nopf_web.guard.base import Guard, GuardStatus, NullGuard, Protection
 from nopf_web.punch.driver import PunchDriver
 from nopf_web.punch.machine import PunchConfig, Tactic
-from nopf_web.punch.sockets import enable_keepalive, tune_stream, wait_ready
 from nopf_web.rendezvous.client import Discovery, discover, probe_mapping, resolve_ipv4
+from nopf_web.roles import PeerRole
+from nopf_web.sockets import enable_keepalive, tune_stream, wait_ready
 from nopf_web.tunnel.pipe import Counters, Pipe
 from nopf_web.wire.address import Endpoint
 
-
-class State(enum.StrEnum):
-    DISCOVERING = "discovering"
-    WAITING_PEER = "waiting_peer"
-    PUNCHING = "punching"
-    CONNECTED = "connected"
-    CLOSED = "closed"
-    FAILED = "failed"
-
-    @property
-    def final(self) -> bool:
-        return self in (State.CLOSED, State.FAILED)
-
-
-class LocalPortInUse(NopfError):
-    pass
-
-
-class ServiceUnavailable(NopfError):
-    pass
-
-
-class TunnelLost(NopfError):
-    pass
-
-
-SessionRole = Literal["server", "client"]
+from .engine import EngineBase, Event, Mode, Snapshot, State, task_group
+from .errors import ServiceUnavailable, TunnelLost
+from .local import listen_local
 
 
 @dataclass(frozen=True)
-class SessionSpec:
-    role: SessionRole
+class SeedSpec:
+    role: PeerRole
     local_port: int
     rendezvous: Endpoint
     punch: PunchConfig = field(default_factory=PunchConfig)
@@ -73,80 +42,21 @@ class SessionSpec:
     net_timeout: float = 5.0  # rendezvous and local-service connects
 
 
-@dataclass(frozen=True)
-class Event:
-    kind: Literal["state", "public_address", "peer_address", "pipe_started", "log", "guard",
-                  "code"]
-    message: str
-    at: float = field(default_factory=time.time)
-    data: dict[str, Any] = field(default_factory=dict)
+class SeedEngine(EngineBase):
+    mode: ClassVar[Mode] = "seed"
+    ended_message: ClassVar[str] = "the pipe ended"
 
-
-Subscriber = Callable[[Event], None]
-
-
-class SessionBase:
-    """What every kind of session shares: the state, its end, and events to subscribers
-    (the CLI printer, the dashboard's recorder and live page)."""
-
-    def __init__(self) -> None:
-        self.state = State.DISCOVERING
-        self.error: str | None = None
-        self.guard_dropped = 0
-        self.started_at = time.time()
-        self.ended_at: float | None = None
-        self._subscribers: list[Subscriber] = []
-
-    def subscribe(self, fn: Subscriber) -> Callable[[], None]:
-        self._subscribers.append(fn)
-        return lambda: self._subscribers.remove(fn) if fn in self._subscribers else None
-
-    def _emit(self, event: Event) -> None:
-        for fn in list(self._subscribers):
-            fn(event)
-
-    def _log(self, message: str, **data: Any) -> None:
-        self._emit(Event("log", message, data=data))
-
-    def _set_state(self, state: State, message: str) -> None:
-        self.state = state
-        self._emit(Event("state", message, data={"state": state.value}))
-
-    async def _live(self, life: Awaitable[None], ended: str) -> None:
-        """Await a session's life and record how it ended: ``failed`` on a NopfError
-        (re-raised), ``closed`` when stopped (cancelled) or when it ran out."""
-        try:
-            await life
-        except NopfError as exc:
-            self._end(State.FAILED, str(exc))
-            raise
-        except asyncio.CancelledError:
-            self._end(State.CLOSED, "stopped")
-            raise
-        self._end(State.CLOSED, ended)
-
-    def _end(self, state: State, message: str) -> None:
-        """Enter a final state once; a failure's message becomes ``error``."""
-        if not self.state.final:
-            if state is State.FAILED:
-                self.error = message
-            self.ended_at = time.time()
-            self._set_state(state, message)
-
-
-class Session(SessionBase):
-    def __init__(self, spec: SessionSpec, guard: Guard | None = None) -> None:
-        super().__init__()
+    def __init__(self, spec: SeedSpec, guard: Guard | None = None) -> None:
+        super().__init__(spec.role, spec.local_port, spec.rendezvous)
         self.spec = spec
         self.guard: Guard = guard or NullGuard("no guard configured")
+        self.guard_dropped = 0
         self.public_address: Endpoint | None = None
         self.peer_address: Endpoint | None = None
         self.counters = Counters()  # a_to_b: local -> peer (out), b_to_a: peer -> local (in)
         self.connections = 0
-        self._peer_set: asyncio.Event | None = None
+        self._peer_set = asyncio.Event()
         self._pipe: Pipe | None = None
-        self._task: asyncio.Task[Any] | None = None
-        self._stop_requested = False
 
     @property
     def bytes_out(self) -> int:
@@ -155,6 +65,12 @@ class Session(SessionBase):
     @property
     def bytes_in(self) -> int:
         return self.counters.b_to_a
+
+    def snapshot(self) -> Snapshot:
+        return replace(super().snapshot(), public_address=self.public_address,
+                       peer_address=self.peer_address, bytes_in=self.bytes_in,
+                       bytes_out=self.bytes_out, connections=self.connections,
+                       guard=GuardStatus.of(self.guard), guard_dropped=self.guard_dropped)
 
     # -- input ---------------------------------------------------------------
 
@@ -166,35 +82,22 @@ class Session(SessionBase):
             raise NopfError(f"the session has already {self.state.value}")
         self.peer_address = peer
         self._emit(Event("peer_address", f"peer address set to {peer}", data={"peer": str(peer)}))
-        if self._peer_set is not None:
-            self._peer_set.set()
+        self._peer_set.set()
 
-    def stop(self) -> None:
-        """End the session from any state: abort the pipe, or cancel what it waits on."""
-        self._stop_requested = True
-        if self._pipe is not None:
-            self._pipe.stop()
-        elif self._task is not None and not self._task.done():
-            self._task.cancel()
+    def _stop_gently(self) -> bool:
+        # A running pipe ends cleanly (both sides see a close, not a reset).
+        if self._pipe is None:
+            return False
+        self._pipe.stop()
+        return True
 
     # -- the life ------------------------------------------------------------
-
-    async def run(self) -> None:
-        """Run to the end; raise :class:`NopfError` (after the ``failed`` event) on failure."""
-        self._peer_set = asyncio.Event()
-        self._task = asyncio.current_task()
-        if self._stop_requested:  # stopped before it started
-            self._end(State.CLOSED, "stopped")
-            return
-        if self.peer_address is not None:
-            self._peer_set.set()
-        await self._live(self._life(), "the pipe ended")
 
     async def _life(self) -> None:
         listener: socket.socket | None = None
         try:
             if self.spec.role == "client":
-                listener = self._listen()
+                listener = listen_local(self.spec.local_host, self.spec.local_port)
             tunnel = await self._discover_and_punch()
             if self.spec.role == "server":
                 local = await self._connect_service(tunnel)
@@ -207,9 +110,6 @@ class Session(SessionBase):
             if listener is not None:
                 listener.close()
 
-    def _listen(self) -> socket.socket:
-        return listen_local(self.spec.local_host, self.spec.local_port)
-
     async def _discover_and_punch(self) -> socket.socket:
         spec = self.spec
         self._set_state(State.DISCOVERING, f"asking rendezvous {spec.rendezvous} for our address")
@@ -218,8 +118,9 @@ class Session(SessionBase):
                                timeout=spec.net_timeout)
         # The first connection closes normally so its 4-tuple frees up; the second,
         # whose mapping the punch inherits, closes under the guard (if any).
+        window: Protection | None = None
         try:
-            with self.guard.protect(found.local_port, server) as window:
+            async with self.guard.protect(found.local_port, server) as window:
                 again = await probe_mapping(server, found, bind_host=spec.bind_host,
                                             timeout=spec.net_timeout)
         finally:
@@ -239,19 +140,19 @@ class Session(SessionBase):
         self._emit(Event("public_address", str(found.public),
                          data={"public": str(found.public), "punch_port": punch_port}))
         self._set_state(State.WAITING_PEER, "waiting for the peer's address")
-        assert self._peer_set is not None
         await self._peer_set.wait()
         peer = self.peer_address
         assert peer is not None
         if peer.host == found.public.host and not ipaddress.ip_address(peer.host).is_loopback:
             self._log(f"the peer {peer} has our public IP: both are behind one NAT; this works "
                       "only if that NAT supports hairpinning")
-        role = Tactic.ARM if spec.role == "server" else Tactic.CONNECT
+        tactic = Tactic.ARM if spec.role == "server" else Tactic.CONNECT
         self._set_state(State.PUNCHING, f"punching to {peer}")
-        driver = PunchDriver((spec.bind_host, punch_port), (peer.host, peer.port), role,
+        driver = PunchDriver((spec.bind_host, punch_port), (peer.host, peer.port), tactic,
                              spec.punch, nat_hint=hint)
+        window = None
         try:
-            with self.guard.protect(punch_port, (peer.host, peer.port)) as window:
+            async with self.guard.protect(punch_port, (peer.host, peer.port)) as window:
                 tunnel = await driver.run()
         finally:  # also when the punch fails: its drops count, and are reported
             self._guard_window_ended(window, "punch")
@@ -260,7 +161,9 @@ class Session(SessionBase):
         self._set_state(State.CONNECTED, f"tunnel to {peer} established")
         return tunnel
 
-    def _guard_window_ended(self, window: Protection, what: str) -> None:
+    def _guard_window_ended(self, window: Protection | None, what: str) -> None:
+        if window is None:
+            return
         self.guard_dropped += window.dropped
         if window.error is not None:
             self._emit(Event("guard", f"guard could not cover the {what}: {window.error}",
@@ -292,20 +195,16 @@ class Session(SessionBase):
         return sock
 
     async def _accept_local(self, listener: socket.socket, tunnel: socket.socket) -> socket.socket:
+        """The first local application's connection; TunnelLost if the peer closes first."""
         loop = asyncio.get_running_loop()
         self._log(f"tunnel ready: connect your application to "
                   f"{self.spec.local_host}:{self.spec.local_port}")
-        accept = asyncio.ensure_future(loop.sock_accept(listener))
-        closed = asyncio.ensure_future(_wait_eof(tunnel))
-        try:
-            done, _ = await asyncio.wait({accept, closed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for fut in (accept, closed):
-                if not fut.done():
-                    fut.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, OSError):
-                        await fut
-        if accept not in done:
+        async with task_group() as tg:  # whichever comes first ends the other
+            accept = tg.create_task(loop.sock_accept(listener), name="seed-accept-local")
+            closed = tg.create_task(_wait_eof(tunnel), name="seed-watch-tunnel")
+            accept.add_done_callback(lambda _: closed.cancel())
+            closed.add_done_callback(lambda _: accept.cancel())
+        if accept.cancelled():
             tunnel.close()
             raise TunnelLost(
                 f"the peer {self.peer_address} closed the tunnel before a local application "
@@ -338,24 +237,6 @@ class Session(SessionBase):
                 f"the local connection on port {self.spec.local_port} failed ({what}) after "
                 f"{self.bytes_out} bytes out, {self.bytes_in} in"
             )
-
-
-def listen_local(host: str, port: int, backlog: int = 8) -> socket.socket:
-    """The client's local listener, bound before anything else so a busy port fails fast."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise LocalPortInUse(
-                f"local port {port} is already in use on {host}: choose another --localport"
-            ) from None
-        raise LocalPortInUse(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    return sock
 
 
 async def _wait_eof(sock: socket.socket) -> None:

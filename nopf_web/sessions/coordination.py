@@ -1,0 +1,433 @@
+"""The coordinated peer's asyncio driver: sockets for the pure machine.
+
+:func:`coordinate` pairs by code through the rendezvous and returns a punched,
+connected socket (:class:`PairedTunnel`). What to do, and when, is decided by
+:class:`~nopf_web.sessions.coordination_machine.CoordinationMachine`; this
+module only reads, feeds and acts: it opens the connections the machine asks
+for (from the punch port, with TCP Fast Open where it can), reads them and
+feeds the bytes, runs each punch with :class:`~nopf_web.punch.driver.PunchDriver`,
+and calls the machine's timer. Every child task lives in one TaskGroup that
+ends with :func:`coordinate`.
+
+The words of the code never leave this process; encryption over the whole code
+is the caller's business. The caller may hand in its SPAKE2 half (``pake``): its
+message then travels with the coordination (the hello, or for the sharer a
+pake message once its code exists), the peer's comes back in the fire, and the
+SPAKE2 arithmetic is finished while the SYNs cross, so the tunnel only has the
+key confirmation left to do.
+
+:func:`share` and :func:`connect` are the same with keyword arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import functools
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol
+
+from nopf_web.pairing import parse_code
+from nopf_web.punch.driver import PunchDriver
+from nopf_web.punch.machine import PunchTimeout, Tactic
+from nopf_web.rendezvous.client import resolve_ipv4
+from nopf_web.rendezvous.errors import RendezvousUnreachable
+from nopf_web.roles import PeerRole
+from nopf_web.sockets import (
+    connect_nonblocking,
+    reusable_socket,
+    try_fastopen,
+    tune_stream,
+    wait_connected,
+)
+from nopf_web.wire.address import Endpoint
+
+from .coordination_machine import (
+    DEFAULT_PUNCH_TTL,
+    READ_SIZE,
+    AbandonPath,
+    Action,
+    AwaitHandshake,
+    Close,
+    Connect,
+    CoordinationConfig,
+    CoordinationMachine,
+    Fail,
+    FinishPake,
+    MakePake,
+    OpenPath,
+    Paired,
+    Punch,
+    Say,
+    Send,
+    ShowCode,
+    Succeed,
+)
+
+PORT_FREE_WAIT = 2.0  # s to wait for our end of the probe to close (one RTT)
+
+
+class PakeHalf(Protocol):
+    """One side's SPAKE2 (``nopf_web.tunnel.secure.Pake``), as coordination needs it."""
+
+    @property
+    def message(self) -> bytes: ...  # ours, for the peer (33 bytes)
+
+    def finish(self, peer_message: bytes) -> None: ...  # never raises
+
+
+PakeFactory = Callable[[str], PakeHalf]  # the full code -> our half
+EventSink = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CoordinationSpec:
+    rendezvous: Endpoint  # host name or IPv4 address, and port
+    role: PeerRole  # server: share (get a code); client: join with ``code``
+    code: str | None = None  # the sharer's code, as typed (client only)
+    code_lifetime: float = 600.0  # how long a sharer waits for its peer
+    punch_timeout: float = 30.0
+    net_timeout: float = 5.0
+    punch_ttl: int = DEFAULT_PUNCH_TTL
+    punch_port: int = 0  # 0: a fresh port for every meeting (fresh NAT mappings too)
+    bind_host: str = "0.0.0.0"
+
+
+@dataclass(frozen=True)
+class PairedTunnel(Paired):
+    """A pairing's tunnel: the socket is connected, NON-blocking, TCP_NODELAY, and the
+    caller's to close."""
+
+    sock: socket.socket = field(kw_only=True)
+
+
+async def coordinate(spec: CoordinationSpec, *, pake: PakeFactory | None = None,
+                     on_code: EventSink | None = None, on_event: EventSink | None = None,
+                     on_punching: EventSink | None = None) -> PairedTunnel:
+    """Pair through the rendezvous and punch; raise a typed error (one line) on failure.
+
+    A malformed client code raises :class:`nopf_web.pairing.BadCode` before any
+    traffic. Words that do not match are not detected here (the rendezvous never
+    sees them): the caller's PAKE over ``PairedTunnel.code`` catches them.
+    ``on_code`` gets the sharer's code as soon as it exists, ``on_event`` each
+    progress line, ``on_punching`` (default: ``on_event``) the line of a punch
+    that starts.
+    """
+    code = parse_code(spec.code) if spec.code is not None else None
+    server = await resolve_ipv4(spec.rendezvous, spec.net_timeout)
+    machine = CoordinationMachine(CoordinationConfig(
+        role=spec.role, where=f"{server[0]}:{server[1]}", code=code,
+        code_lifetime=spec.code_lifetime, punch_timeout=spec.punch_timeout,
+        net_timeout=spec.net_timeout, punch_ttl=spec.punch_ttl, punch_port=spec.punch_port,
+        bind_host=spec.bind_host, pake=pake is not None))
+    driver = _Driver(machine, server, spec, pake, on_code, on_event, on_punching or on_event)
+    return await driver.run()
+
+
+async def share(
+    rendezvous: tuple[str, int], *, on_code: EventSink, timeout: float = 600,
+    punch_timeout: float = 30, bind_host: str = "0.0.0.0", punch_port: int = 0,
+    net_timeout: float = 5.0, punch_ttl: int = DEFAULT_PUNCH_TTL,
+    on_event: EventSink | None = None, pake: PakeFactory | None = None,
+) -> PairedTunnel:
+    """Get a code (passed to ``on_code`` as soon as it exists), wait up to ``timeout``
+    for a peer to use it, then punch for up to ``punch_timeout`` seconds."""
+    return await coordinate(CoordinationSpec(
+        Endpoint(*rendezvous), "server", code_lifetime=timeout, punch_timeout=punch_timeout,
+        net_timeout=net_timeout, punch_ttl=punch_ttl, punch_port=punch_port,
+        bind_host=bind_host), pake=pake, on_code=on_code, on_event=on_event)
+
+
+async def connect(
+    rendezvous: tuple[str, int], code: str, *, punch_timeout: float = 30,
+    bind_host: str = "0.0.0.0", punch_port: int = 0, net_timeout: float = 5.0,
+    punch_ttl: int = DEFAULT_PUNCH_TTL, on_event: EventSink | None = None,
+    pake: PakeFactory | None = None,
+) -> PairedTunnel:
+    """Join the sharer of ``code`` and punch for up to ``punch_timeout`` seconds."""
+    return await coordinate(CoordinationSpec(
+        Endpoint(*rendezvous), "client", code=code, punch_timeout=punch_timeout,
+        net_timeout=net_timeout, punch_ttl=punch_ttl, punch_port=punch_port,
+        bind_host=bind_host), pake=pake, on_event=on_event)
+
+
+# -- sockets to the rendezvous ---------------------------------------------------------
+
+
+async def open_from(server: tuple[str, int], bind_host: str, port: int, net_timeout: float,
+                    *, fastopen: bool) -> tuple[socket.socket, bool]:
+    """A connection to the rendezvous from ``port`` (0: any), waiting briefly while an
+    earlier use of the port frees its 4-tuple. With ``fastopen`` the socket may come
+    back with its connect deferred (True): the first send carries the SYN, and
+    :func:`handshake_done` waits for the rest."""
+    where = f"{server[0]}:{server[1]}"
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + PORT_FREE_WAIT
+    while True:
+        try:
+            sock = reusable_socket(bind_host, port)
+        except OSError as exc:
+            raise RendezvousUnreachable(f"cannot bind {bind_host}:{port} for the rendezvous: "
+                                        f"{exc.strerror or exc}") from None
+        kept = False
+        try:
+            if fastopen and try_fastopen(sock):
+                err = sock.connect_ex(server)
+                if err == 0:
+                    kept = True
+                    return sock, True
+                if err not in (errno.EINPROGRESS, errno.EALREADY):
+                    raise OSError(err, os.strerror(err))
+                # Not deferred (no Fast Open after all): the SYN is out, wait as usual.
+                async with asyncio.timeout(net_timeout):
+                    await wait_connected(sock)
+            else:
+                async with asyncio.timeout(net_timeout):
+                    await connect_nonblocking(sock, server)
+            kept = True
+            return sock, False
+        except TimeoutError:
+            raise RendezvousUnreachable(
+                f"rendezvous {where} did not answer the connection within {net_timeout:g} s"
+            ) from None
+        except OSError as exc:
+            if exc.errno != errno.EADDRNOTAVAIL or loop.time() >= give_up:
+                raise RendezvousUnreachable(
+                    f"rendezvous {where}: {exc.strerror or exc}") from None
+        finally:
+            if not kept:
+                sock.close()
+        await asyncio.sleep(0.02)
+
+
+async def handshake_done(sock: socket.socket, where: str, net_timeout: float) -> None:
+    """Wait for a Fast Open connection's handshake, with :func:`open_from`'s errors."""
+    try:
+        async with asyncio.timeout(net_timeout):
+            await wait_connected(sock)
+    except TimeoutError:
+        raise RendezvousUnreachable(
+            f"rendezvous {where} did not answer the connection within {net_timeout:g} s"
+        ) from None
+    except OSError as exc:
+        raise RendezvousUnreachable(f"rendezvous {where}: {exc.strerror or exc}") from None
+
+
+# -- the driver ----------------------------------------------------------------------
+
+_Input = Callable[[float], list[Action]]  # one event for the machine, given ``now``
+
+
+class _Driver:
+    def __init__(self, machine: CoordinationMachine, server: tuple[str, int],
+                 spec: CoordinationSpec, pake: PakeFactory | None, on_code: EventSink | None,
+                 on_event: EventSink | None, on_punching: EventSink | None) -> None:
+        self.machine = machine
+        self.server = server
+        self.spec = spec
+        self.pake = pake
+        self.half: PakeHalf | None = None
+        self.on_code, self.on_event, self.on_punching = on_code, on_event, on_punching
+        self.inbox: asyncio.Queue[_Input] = asyncio.Queue()
+        self.conns: dict[int, socket.socket] = {}
+        self.tasks: dict[tuple[str, int], asyncio.Task[None]] = {}  # (kind, id) -> task
+        self.opened: dict[int, socket.socket] = {}  # path -> its connected socket
+        self.tg: asyncio.TaskGroup | None = None
+
+    async def run(self) -> PairedTunnel:
+        failure: Exception | None = None
+        tunnel: PairedTunnel | None = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self.tg = tg
+                try:
+                    tunnel = await self._loop()
+                except Exception as exc:  # carried out of the group as is, not as a group
+                    failure = exc
+                finally:
+                    for task in self.tasks.values():
+                        task.cancel()
+        finally:
+            # Every child has ended: no reader or writer is registered on these any more.
+            for sock in [*self.conns.values(), *self.opened.values()]:
+                if tunnel is None or sock is not tunnel.sock:
+                    sock.close()
+        if failure is not None:
+            raise failure
+        assert tunnel is not None
+        return tunnel
+
+    async def _loop(self) -> PairedTunnel:
+        machine = self.machine
+        pending: deque[Action] = deque(machine.start(time.monotonic()))
+        while True:
+            while pending:
+                done = await self._act(pending.popleft(), pending)
+                if done is not None:
+                    return done
+            wake = machine.wake_at
+            now = time.monotonic()
+            if wake is not None and wake <= now:
+                pending.extend(machine.timer(now))
+                continue
+            try:
+                async with asyncio.timeout(None if wake is None else wake - now):
+                    event = await self.inbox.get()
+            except TimeoutError:
+                pending.extend(machine.timer(time.monotonic()))
+                continue
+            pending.extend(event(time.monotonic()))
+
+    async def _act(self, action: Action, pending: deque[Action]) -> PairedTunnel | None:
+        machine = self.machine
+        if isinstance(action, Send):
+            sock = self.conns.get(action.conn)
+            if sock is not None:
+                try:
+                    await asyncio.get_running_loop().sock_sendall(sock, action.data)
+                except OSError as exc:
+                    self._post(machine.closed, action.conn, exc.strerror or str(exc))
+        elif isinstance(action, Connect):
+            self._spawn("conn", action.conn, self._open(action))
+            await asyncio.sleep(0)  # the connect task sends its SYN before we go on
+        elif isinstance(action, AwaitHandshake):
+            self._spawn("handshake", action.conn, self._handshake(action.conn))
+        elif isinstance(action, Close):
+            self._drop(action.conn)
+        elif isinstance(action, MakePake):
+            assert self.pake is not None
+            self.half = self.pake(action.code)
+            pending.extend(machine.pake_made(self.half.message, time.monotonic()))
+        elif isinstance(action, FinishPake):
+            assert self.half is not None
+            await asyncio.sleep(0)  # the path's first SYN leaves, then the maths
+            self.half.finish(action.peer_message)  # runs while that SYN crosses
+        elif isinstance(action, ShowCode):
+            if self.on_code is not None:
+                self.on_code(action.code)
+        elif isinstance(action, Say):
+            sink = self.on_punching if action.punching else self.on_event
+            if sink is not None:
+                sink(action.text)
+        elif isinstance(action, OpenPath):
+            self._spawn("path", action.path, self._punch(action.path, action.how))
+        elif isinstance(action, AbandonPath):
+            task = self.tasks.pop(("path", action.path), None)
+            if task is not None:
+                task.cancel()
+            sock = self.opened.pop(action.path, None)
+            if sock is not None:
+                sock.close()
+        elif isinstance(action, Succeed):
+            sock = self.opened.pop(action.path)
+            values = {f.name: getattr(action.paired, f.name) for f in fields(action.paired)}
+            return PairedTunnel(**values, sock=sock)
+        elif isinstance(action, Fail):
+            raise action.error
+        return None
+
+    # -- children: each reports to the inbox, never raises into the group --------------
+
+    def _post(self, event: Callable[..., list[Action]], *args: Any) -> None:
+        """Queue ``event(*args, now)`` for the machine (``now``: when it is handled)."""
+        self.inbox.put_nowait(functools.partial(event, *args))
+
+    def _spawn(self, kind: str, key: int, body: Coroutine[Any, Any, None]) -> None:
+        assert self.tg is not None
+        self.tasks[(kind, key)] = self.tg.create_task(self._reporting(body),
+                                                      name=f"coord-{kind}-{key}")
+
+    async def _reporting(self, body: Coroutine[Any, Any, None]) -> None:
+        try:
+            await body
+        except Exception as exc:  # a bug, or an error no event covers: end coordinate()
+            self._post(_reraise, exc)
+
+    async def _open(self, action: Connect) -> None:
+        try:
+            sock, deferred = await open_from(self.server, self.spec.bind_host, action.port,
+                                             self.spec.net_timeout, fastopen=action.fastopen)
+        except RendezvousUnreachable as exc:
+            self._post(self.machine.connect_failed, action.conn, exc)
+            return
+        self.conns[action.conn] = sock
+        if not deferred:
+            self._spawn("read", action.conn, self._read(action.conn, sock))
+        local = Endpoint(*sock.getsockname()[:2])
+        self._post(self.machine.connected, action.conn, local, deferred)
+
+    async def _handshake(self, conn: int) -> None:
+        sock = self.conns[conn]
+        try:
+            await handshake_done(sock, f"{self.server[0]}:{self.server[1]}",
+                                 self.spec.net_timeout)
+        except RendezvousUnreachable as exc:
+            self._post(self.machine.connect_failed, conn, exc)
+            return
+        self._spawn("read", conn, self._read(conn, sock))
+        self._post(self.machine.established, conn)
+
+    async def _read(self, conn: int, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        machine = self.machine
+        while True:
+            try:
+                data = await loop.sock_recv(sock, READ_SIZE)
+            except OSError as exc:
+                self._post(machine.closed, conn, exc.strerror or str(exc))
+                return
+            if not data:
+                self._post(machine.closed, conn, None)
+                return
+            self._post(machine.received, conn, data)
+
+    async def _punch(self, path: int, how: Punch) -> None:
+        peer = how.stage.peer
+        driver = PunchDriver((how.local.host, how.local.port), (peer.host, peer.port),
+                             Tactic.ARM if how.stage.punch == "arm" else Tactic.CONNECT,
+                             how.config, nat_hint=how.nat_hint)
+        try:
+            sock = await driver.run()
+        except PunchTimeout as exc:
+            self._post(self.machine.path_failed, path, exc)
+            return
+        tune_stream(sock)
+        self.opened[path] = sock
+        self._post(self.machine.path_opened, path)
+
+    def _drop(self, conn: int) -> None:
+        """End a connection now: its tasks cancelled, the selector told before the close
+        (so a reused descriptor number is never confused), the socket closed."""
+        for kind in ("conn", "handshake", "read"):
+            task = self.tasks.pop((kind, conn), None)
+            if task is not None:
+                task.cancel()
+        sock = self.conns.pop(conn, None)
+        if sock is None:
+            return
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(OSError, ValueError):
+            loop.remove_reader(sock.fileno())
+            loop.remove_writer(sock.fileno())
+        sock.close()
+
+
+def _reraise(exc: Exception, now: float) -> list[Action]:
+    raise exc
+
+
+__all__ = [
+    "CoordinationSpec",
+    "PairedTunnel",
+    "PakeFactory",
+    "PakeHalf",
+    "connect",
+    "coordinate",
+    "share",
+]

@@ -1,0 +1,791 @@
+"""The coordinated peer (``nopf share`` / ``nopf connect``) as a pure state machine.
+
+Events in (bytes the rendezvous sent, a connection up or closed, a path that
+opened or failed, the clock), actions out (open a connection from port P, send
+bytes, close, open a path to the peer, succeed, fail). No sockets, no asyncio,
+no clock of its own: every event carries ``now``. The asyncio driver is
+:mod:`nopf_web.sessions.coordination`; the rendezvous' side is
+:mod:`nopf_web.rendezvous.server` and the wire formats :mod:`nopf_web.wire.rendezvous`.
+
+One *meeting* is a conversation with the rendezvous from one local port P
+(the punch port):
+
+1. The NAT mapping check, when needed: a connection that sends a ``probe``
+   frame, reads the seed's 10-byte discovery reply and waits for the
+   rendezvous to close first (which frees the 4-tuple for P's next
+   connection). The sharer always checks (nobody waits for it yet); the
+   joiner only when the rendezvous asks (``probe_required``: against a
+   symmetric sharer its own mapping decides the plan), and before a retry.
+2. The hello connection, with TCP Fast Open where possible (the hello rides
+   in the SYN): the seed's 10-byte reply (our public address) first, then
+   frames. Pings are answered at once. The sharer gets a ``welcome`` (its
+   nameplate; the code is made of it and two local words), sends its SPAKE2
+   message, and waits up to the code's lifetime for a ``fire``; the joiner's
+   hello carries its SPAKE2 message and gets its ``fire`` within about a round
+   trip. An ``error`` frame is a typed failure (:func:`refusal`).
+3. A rendezvous that closes after the discovery reply without a frame speaks
+   only the seed protocol, or lost our hello: one more hello tells the two
+   apart (a seed-only one closes again).
+
+Then an *attempt*: the fire's plan, tried as *paths* to the peer (today every
+path is a punch; the driver runs :class:`~nopf_web.punch.driver.PunchDriver`).
+Paths are grouped in *rungs*: the paths of a rung run together and the first
+that opens wins; when all of a rung's paths failed, the next rung starts. The
+rendezvous' stages are one rung each, in order. A failed attempt is met again
+(``reshare``/``rejoin``: fresh ports, a new fire) while the punch timeout
+allows it: at most ``MAX_ATTEMPTS`` attempts, each with at least
+``MIN_ATTEMPT`` seconds left, and none when the fire says punching cannot
+help (``Fire.hopeless``). A relay rung (raced against a punch) and a resume
+meeting after a path loss fit the same two notions.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from nopf_web.errors import NopfError
+from nopf_web.pairing import PairingCode, make_code
+from nopf_web.punch.machine import Failure, PunchConfig, PunchTimeout
+from nopf_web.rendezvous.errors import (
+    RendezvousError,
+    RendezvousProtocolError,
+    RendezvousUnreachable,
+)
+from nopf_web.roles import PeerRole
+from nopf_web.wire.address import Endpoint
+from nopf_web.wire.discovery import DiscoveryReader
+from nopf_web.wire.errors import WireError
+from nopf_web.wire.rendezvous import (
+    ErrorReply,
+    Fire,
+    FrameReader,
+    Hello,
+    HelloAction,
+    MessageError,
+    PakeMessage,
+    Ping,
+    Pong,
+    Probe,
+    ServerMessage,
+    Stage,
+    Welcome,
+    decode_server_message,
+    encode,
+)
+
+from .errors import (
+    CodeExpired,
+    CodeUsed,
+    CoordinatedPunchTimeout,
+    PairingError,
+    PeerDidNotRetry,
+    PeerNeverArrived,
+    RendezvousBusy,
+    RendezvousRejected,
+    RendezvousTooOld,
+    SymmetricNat,
+    TooManyGuesses,
+    UnknownCode,
+)
+
+DEFAULT_PUNCH_TTL = 2
+# A failed attempt is met again (fresh ports, a new fire time) while the punch
+# timeout allows: the first attempt gets half of it, and an attempt is only
+# started with at least MIN_ATTEMPT seconds left.
+MIN_ATTEMPT = 2.0
+MAX_ATTEMPTS = 3
+RETRY_WAIT = 12.0  # s for the peer to fail its attempt too and ask again (rendezvous: 10)
+FIRE_GRACE = 2.0  # s beyond the network timeout for a joiner's fire (a ping may come first)
+READ_SIZE = 4096  # what the driver reads at once from a rendezvous connection
+
+
+# -- configuration and result ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CoordinationConfig:
+    role: PeerRole  # server: share (gets the code); client: join with ``code``
+    where: str  # the rendezvous as "ip:port", for messages
+    code: PairingCode | None = None  # the sharer's code (client only)
+    code_lifetime: float = 600.0  # how long a sharer waits for its peer
+    punch_timeout: float = 30.0  # for all attempts together, from the first fire
+    net_timeout: float = 5.0  # each wait for the rendezvous
+    punch_ttl: int = DEFAULT_PUNCH_TTL
+    punch_port: int = 0  # 0: any port, a fresh one per meeting
+    bind_host: str = "0.0.0.0"
+    pake: bool = False  # our SPAKE2 message travels with the coordination (MakePake)
+
+    def __post_init__(self) -> None:
+        if (self.code is not None) != (self.role == "client"):
+            raise ValueError("a client joins with the sharer's code; a server gets its own")
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Instants (the ``now`` of the events) of the meeting that led to the tunnel."""
+
+    started: float  # the meeting started (the first: share()/connect() called)
+    hello_sent: float  # the hello left
+    fire: float  # the fire instruction arrived (the punch starts)
+    connected: float  # the path opened
+    probed: float | None = None  # the NAT mapping check finished (None: not run)
+    rdv_connected: float = 0.0  # the hello's connection was established
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Everything about a paired tunnel but its socket (which the driver holds)."""
+
+    role: PeerRole
+    code: str  # the full code, e.g. "7-orbit-lantern"
+    peer: Endpoint  # the address that answered
+    path: Literal["public", "lan"]
+    local: Endpoint  # our end of the tunnel (host as bound, punch port)
+    public: Endpoint  # our public address, as the rendezvous saw it
+    rtt: float  # s, the rendezvous' estimate of the peer-to-peer round trip
+    timings: Timings
+    attempt: int = 1  # 2 and up: the punch worked after meeting again
+    # The peer's SPAKE2 message from the fire, given to FinishPake; None: both
+    # sides run SPAKE2 in-band on the tunnel.
+    peer_pake: bytes | None = None
+
+
+# -- actions ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Connect:
+    """Open a TCP connection to the rendezvous from local port ``port`` (0: any).
+
+    Report :meth:`CoordinationMachine.connected` or ``connect_failed``. With
+    ``fastopen`` the connect may be deferred to the first :class:`Send` (its SYN
+    carries those bytes): report ``deferred=True``; :class:`AwaitHandshake` follows.
+    """
+
+    conn: int
+    port: int
+    fastopen: bool
+
+
+@dataclass(frozen=True)
+class AwaitHandshake:
+    """A deferred connection sent its first bytes: report ``established`` or
+    ``connect_failed`` once its handshake is done (then read it)."""
+
+    conn: int
+
+
+@dataclass(frozen=True)
+class Send:
+    conn: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Close:
+    conn: int
+
+
+@dataclass(frozen=True)
+class MakePake:
+    """Make our SPAKE2 half for ``code``; report ``pake_made`` with its message."""
+
+    code: str
+
+
+@dataclass(frozen=True)
+class FinishPake:
+    """Finish our SPAKE2 half with the peer's message (the first path's SYN is out)."""
+
+    peer_message: bytes
+
+
+@dataclass(frozen=True)
+class ShowCode:
+    """The sharer's code exists: show it to the user (the CLI's first line)."""
+
+    code: str
+
+
+@dataclass(frozen=True)
+class Say:
+    """A line for the event log; ``punching``: a punch is starting."""
+
+    text: str
+    punching: bool = False
+
+
+@dataclass(frozen=True)
+class Punch:
+    """A path by hole punching from ``local`` along one stage of the plan."""
+
+    local: Endpoint
+    stage: Stage
+    config: PunchConfig
+    nat_hint: str | None
+
+
+PathKind = Punch  # the ways to reach the peer (a relay would be another)
+
+
+@dataclass(frozen=True)
+class OpenPath:
+    """Start trying a path; report ``path_opened`` (keep its socket) or ``path_failed``."""
+
+    path: int
+    how: PathKind
+
+
+@dataclass(frozen=True)
+class AbandonPath:
+    """Stop trying a path (another one of its rung won); close whatever it opened."""
+
+    path: int
+
+
+@dataclass(frozen=True)
+class Succeed:
+    """Done: the socket of ``path`` is the tunnel."""
+
+    path: int
+    paired: Paired
+
+
+@dataclass(frozen=True)
+class Fail:
+    error: NopfError
+
+
+Action = (Connect | AwaitHandshake | Send | Close | MakePake | FinishPake | ShowCode | Say
+          | OpenPath | AbandonPath | Succeed | Fail)
+
+
+# -- refusals -----------------------------------------------------------------------
+
+_REFUSALS: dict[str, type[PairingError]] = {
+    "unknown_code": UnknownCode, "expired": CodeExpired, "used": CodeUsed,
+    "too_many_guesses": TooManyGuesses, "symmetric_nat": SymmetricNat,
+}
+_NAMED_REFUSALS: dict[str, type[PairingError]] = {  # their message names the rendezvous
+    "busy": RendezvousBusy, "timeout": PeerDidNotRetry, "bad_request": RendezvousRejected,
+    "unsupported_version": RendezvousRejected,
+}
+
+
+def refusal(reply: ErrorReply, where: str) -> PairingError:
+    """The typed error for an ``error`` frame (``probe_required`` is no error: the
+    machine checks the mapping and says hello again)."""
+    if reply.code in _REFUSALS:
+        return _REFUSALS[reply.code](reply.message)
+    return _NAMED_REFUSALS.get(reply.code, PairingError)(f"rendezvous {where}: {reply.message}")
+
+
+# -- the machine ----------------------------------------------------------------------
+
+
+class _Step(enum.Enum):
+    PROBE_CONNECT = "probe: connecting"
+    PROBE_REPLY = "probe: its address"
+    PROBE_END = "probe: the rendezvous' close"
+    CONNECT = "hello: connecting"
+    HANDSHAKE = "hello: Fast Open handshake"
+    ADDRESS = "our address"
+    WELCOME = "welcome"
+    PEER = "a peer"
+    FIRE = "fire"
+    DRAIN = "the rendezvous' close"
+
+
+@dataclass
+class _Meeting:
+    """One conversation with the rendezvous, up to its fire."""
+
+    action: HelloAction
+    started: float
+    punch_timeout: float  # what the hello says this peer will punch
+    port: int  # where the next connection is made from
+    need_probe: bool
+    fire_wait: float  # s to wait for the fire once the address is in (joiner, retries)
+    fire_what: str
+    step: _Step = _Step.CONNECT
+    conn: int = 0
+    deadline: float | None = None
+    timeout_error: NopfError | None = None  # what the deadline's expiry fails with
+    hello_retried: bool = False
+    probed: Endpoint | None = None
+    probed_at: float | None = None
+    local_port: int = 0  # the hello connection's port
+    lan: Endpoint | None = None
+    deferred: bool = False
+    hello_sent: float = 0.0
+    rdv_connected: float = 0.0
+    discovery: DiscoveryReader = field(default_factory=DiscoveryReader)
+    frames: FrameReader = field(default_factory=FrameReader)
+    seen: int = 0  # frames received on the hello connection
+    backlog: list[bytes] = field(default_factory=list)  # frames received, not yet handled
+    awaiting_pake: bool = False  # the sharer's SPAKE2 message goes out before the rest
+    public: Endpoint | None = None
+
+
+@dataclass
+class _Attempt:
+    """The paths tried after one fire, rung by rung."""
+
+    number: int
+    fire: Fire
+    meeting: _Meeting
+    fired: float
+    rungs: list[list[PathKind]]  # each rung's paths run together; the first to open wins
+    running: dict[int, PathKind] = field(default_factory=dict)
+    failures: list[tuple[Stage, PunchTimeout]] = field(default_factory=list)
+    pake_to_finish: bytes | None = None
+
+
+class CoordinationMachine:
+    """See the module docstring. Feed events; carry out the actions in order."""
+
+    def __init__(self, config: CoordinationConfig, *,
+                 make_code: Callable[[int], PairingCode] = make_code) -> None:
+        self.config = config
+        self._make_code = make_code
+        self.code: PairingCode | None = config.code
+        self.done = False
+        self._conns = 0
+        self._paths = 0
+        self._pake_message: bytes | None = None
+        self._meeting: _Meeting | None = None
+        self._attempt: _Attempt | None = None
+        self._attempts = 0
+        self._deadline = 0.0  # of all attempts together, from the first fire
+        self._failed_attempt: CoordinatedPunchTimeout | None = None  # while meeting again
+
+    # -- events -------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Action]:
+        cfg = self.config
+        if cfg.role == "server":
+            meeting = _Meeting("share", now, _first_budget(cfg.punch_timeout), cfg.punch_port,
+                               need_probe=True, fire_wait=0.0, fire_what="")
+        else:
+            meeting = _Meeting("join", now, _first_budget(cfg.punch_timeout), cfg.punch_port,
+                               need_probe=False, fire_wait=cfg.net_timeout + FIRE_GRACE,
+                               fire_what="fire instruction")
+        return self._begin(meeting)
+
+    @property
+    def wake_at(self) -> float | None:
+        """When :meth:`timer` must be called next (None: no timer runs)."""
+        if self.done or self._meeting is None:
+            return None
+        return self._meeting.deadline
+
+    def timer(self, now: float) -> list[Action]:
+        m = self._meeting
+        if self.done or m is None or m.deadline is None or now < m.deadline:
+            return []
+        m.deadline = None
+        if m.step is _Step.DRAIN:
+            return [Close(m.conn), *self._probe_required(m, now)]
+        assert m.timeout_error is not None
+        return self._meeting_failed(m, m.timeout_error, [Close(m.conn)])
+
+    def connected(self, conn: int, local: Endpoint, deferred: bool, now: float) -> list[Action]:
+        """The connection of :class:`Connect` is up (``deferred``: waits for its first send)."""
+        m = self._meeting_on(conn)
+        if m is None:
+            return []
+        cfg = self.config
+        if m.step is _Step.PROBE_CONNECT:
+            m.step = _Step.PROBE_REPLY
+            self._wait(m, now + cfg.net_timeout, RendezvousProtocolError(
+                f"rendezvous {cfg.where} did not answer a probe within {cfg.net_timeout:g} s "
+                "(is it a nopf-server?)"))
+            m.local_port = local.port
+            return [Send(conn, encode(Probe()))]
+        if m.step is not _Step.CONNECT:
+            return []
+        m.local_port, m.lan, m.deferred, m.rdv_connected = local.port, local, deferred, now
+        return self._hello(m, now)
+
+    def established(self, conn: int, now: float) -> list[Action]:
+        """A deferred connection's handshake is done: it is read from now on."""
+        m = self._meeting_on(conn)
+        if m is None or m.step is not _Step.HANDSHAKE:
+            return []
+        m.rdv_connected = now
+        self._await_address(m, now)
+        return []
+
+    def connect_failed(self, conn: int, error: RendezvousError, now: float) -> list[Action]:
+        m = self._meeting_on(conn)
+        if m is None:
+            return []
+        return self._meeting_failed(m, error, [Close(conn)])
+
+    def pake_made(self, message: bytes, now: float) -> list[Action]:
+        """Our SPAKE2 message, as :class:`MakePake` asked."""
+        self._pake_message = message
+        m = self._meeting
+        if self.done or m is None:
+            return []
+        if m.awaiting_pake:  # the sharer's, once its code exists
+            m.awaiting_pake = False
+            return [Send(m.conn, encode(PakeMessage(message))), *self._read_backlog(m, now)]
+        if m.step is _Step.CONNECT and m.lan is not None:  # the hello waited for it
+            return self._hello(m, now)
+        return []
+
+    def received(self, conn: int, data: bytes, now: float) -> list[Action]:
+        m = self._meeting_on(conn)
+        if m is None or not data:
+            return []
+        if m.step in (_Step.PROBE_REPLY, _Step.ADDRESS):
+            need = m.discovery.needed
+            head, data = data[:need], data[need:]
+            try:
+                found = m.discovery.feed(head)
+            except WireError as exc:
+                return self._meeting_failed(m, RendezvousProtocolError(
+                    f"rendezvous {self.config.where}: {exc}"), [Close(conn)])
+            if found is None:
+                return []
+            if m.step is _Step.PROBE_REPLY:
+                m.public = Endpoint(*found)
+                m.step = _Step.PROBE_END  # the rest is ignored; its close is awaited
+                return []
+            actions = self._address(m, Endpoint(*found), now)
+            if not data:
+                return actions
+            return actions + self._frames(m, data, now)
+        if m.step in (_Step.WELCOME, _Step.PEER, _Step.FIRE):
+            return self._frames(m, data, now)
+        return []  # the probe's rest, or a drain
+
+    def closed(self, conn: int, error: str | None, now: float) -> list[Action]:
+        """The rendezvous closed the connection (EOF), or it broke (``error``: why, one
+        line, e.g. a reset or a failed send)."""
+        m = self._meeting_on(conn)
+        if m is None:
+            return []
+        where = self.config.where
+        close: list[Action] = [Close(conn)]
+        if m.step is _Step.PROBE_END:
+            # Its close came first (or a seed-only server reset our unread probe):
+            # the 4-tuple is free for the hello either way.
+            m.probed, m.probed_at, m.port = m.public, now, m.local_port
+            return close + self._connect(m, now)
+        if m.step is _Step.DRAIN:
+            return close + self._probe_required(m, now)
+        if m.step is _Step.HANDSHAKE:  # its first send failed: it never connected
+            return self._meeting_failed(m, RendezvousUnreachable(
+                f"rendezvous {where}: {error or 'the connection closed'}"), close)
+        if m.step in (_Step.PROBE_REPLY, _Step.ADDRESS):
+            why = (f"rendezvous {where} closed before its discovery reply (is it a "
+                   "nopf-server?)" if error is None else
+                   f"rendezvous {where} broke the connection ({error})")
+            return self._meeting_failed(m, RendezvousProtocolError(why), close)
+        if m.step in (_Step.WELCOME, _Step.PEER, _Step.FIRE):
+            if not m.seen:  # a seed server closes, or resets as our hello goes unread
+                return close + self._seed_only_or_lost(m, now)
+            why = (f"rendezvous {where} closed the connection unexpectedly" if error is None
+                   else f"rendezvous {where} broke the connection ({error})")
+            return self._meeting_failed(m, RendezvousProtocolError(why), close)
+        return close
+
+    def path_opened(self, path: int, now: float) -> list[Action]:
+        a = self._attempt
+        if self.done or a is None or path not in a.running:
+            return []
+        how = a.running.pop(path)
+        actions: list[Action] = [AbandonPath(p) for p in a.running]
+        a.running.clear()
+        stage = how.stage
+        m = a.meeting
+        assert self.code is not None
+        self.done = True
+        paired = Paired(
+            self.config.role, str(self.code), stage.peer, stage.path, how.local, a.fire.public,
+            a.fire.rtt_ms / 1000,
+            Timings(m.started, m.hello_sent, a.fired, now, m.probed_at, m.rdv_connected),
+            attempt=a.number,
+            peer_pake=a.fire.peer_pake if self._pake_message is not None else None,
+        )
+        return [*actions, Say(f"tunnel up to {stage.peer} over the {stage.path} path"),
+                Succeed(path, paired)]
+
+    def path_failed(self, path: int, error: PunchTimeout, now: float) -> list[Action]:
+        a = self._attempt
+        if self.done or a is None or path not in a.running:
+            return []
+        a.failures.append((a.running.pop(path).stage, error))
+        if a.running:
+            return []  # another path of this rung is still trying
+        if a.rungs:
+            return self._open_rung(a)
+        return self._attempt_failed(a, now)
+
+    # -- meetings ---------------------------------------------------------------------
+
+    def _begin(self, meeting: _Meeting) -> list[Action]:
+        self._meeting = meeting
+        if meeting.need_probe:
+            return self._probe(meeting)
+        return self._connect(meeting, meeting.started)
+
+    def _probe(self, m: _Meeting) -> list[Action]:
+        m.step, m.deadline, m.discovery = _Step.PROBE_CONNECT, None, DiscoveryReader()
+        m.conn = self._next_conn()
+        return [Connect(m.conn, m.port, fastopen=False)]
+
+    def _connect(self, m: _Meeting, now: float) -> list[Action]:
+        m.step, m.deadline, m.lan = _Step.CONNECT, None, None
+        m.discovery, m.frames, m.seen, m.backlog = DiscoveryReader(), FrameReader(), 0, []
+        m.conn = self._next_conn()
+        actions: list[Action] = [Connect(m.conn, m.port, fastopen=True)]
+        if self.config.pake and self._pake_message is None and m.action != "share":
+            # Made while the SYN is out (or before it carries the hello): the
+            # SPAKE2 arithmetic costs no round trip.
+            assert self.code is not None
+            actions.append(MakePake(str(self.code)))
+        return actions
+
+    def _hello(self, m: _Meeting, now: float) -> list[Action]:
+        """Send the hello once the connection is up and our SPAKE2 message (if any) made."""
+        wants_pake = self.config.pake and m.action != "share"
+        if wants_pake and self._pake_message is None:
+            return []  # pake_made() sends it
+        assert m.lan is not None
+        nameplate = None if self.code is None or m.action == "share" else self.code.nameplate
+        hello = Hello(m.action, nameplate, (m.lan,), m.probed, m.punch_timeout,
+                      pake=self._pake_message if wants_pake else None)
+        m.hello_sent = now
+        actions: list[Action] = [Send(m.conn, encode(hello))]
+        if m.deferred:
+            m.step = _Step.HANDSHAKE
+            actions.append(AwaitHandshake(m.conn))
+        else:
+            self._await_address(m, now)
+        return actions
+
+    def _await_address(self, m: _Meeting, now: float) -> None:
+        cfg = self.config
+        m.step = _Step.ADDRESS
+        self._wait(m, now + cfg.net_timeout, RendezvousProtocolError(
+            f"rendezvous {cfg.where} sent no address within {cfg.net_timeout:g} s (is it a "
+            "nopf-server?)"))
+
+    def _address(self, m: _Meeting, public: Endpoint, now: float) -> list[Action]:
+        cfg = self.config
+        m.public = public
+        actions: list[Action] = []
+        if m.probed is not None and public != m.probed:
+            actions.append(Say(f"our NAT gave public ports {m.probed.port} then {public.port} "
+                               f"from local port {m.local_port}: it looks symmetric"))
+        actions.append(Say(f"public address {public} (local port {m.local_port})"))
+        if m.action == "share":
+            m.step = _Step.WELCOME
+            self._wait(m, now + cfg.net_timeout, RendezvousProtocolError(
+                f"rendezvous {cfg.where} sent no pairing code (nameplate) within "
+                f"{cfg.net_timeout:g} s"))
+        else:
+            m.step = _Step.FIRE
+            self._wait(m, now + m.fire_wait, RendezvousProtocolError(
+                f"rendezvous {cfg.where} sent no {m.fire_what} within {m.fire_wait:g} s"))
+        return actions
+
+    def _frames(self, m: _Meeting, data: bytes, now: float) -> list[Action]:
+        try:
+            payloads = m.frames.feed(data)
+        except MessageError as exc:
+            return self._meeting_failed(m, RendezvousProtocolError(
+                f"rendezvous {self.config.where}: {exc}"), [Close(m.conn)])
+        m.seen += len(payloads)
+        m.backlog += payloads
+        return self._read_backlog(m, now)
+
+    def _read_backlog(self, m: _Meeting, now: float) -> list[Action]:
+        """Handle the frames received, in order, until one ends the conversation or asks
+        for our SPAKE2 message first (the rest waits for :meth:`pake_made`)."""
+        actions: list[Action] = []
+        while m.backlog and not m.awaiting_pake:
+            try:
+                msg = decode_server_message(m.backlog.pop(0))
+            except MessageError as exc:
+                return actions + self._meeting_failed(m, RendezvousProtocolError(
+                    f"rendezvous {self.config.where}: {exc}"), [Close(m.conn)])
+            actions += self._message(m, msg, now)
+            if self._meeting is not m or m.step not in (_Step.WELCOME, _Step.PEER, _Step.FIRE):
+                m.backlog.clear()  # the conversation ended (fire, error): the rest is not read
+        return actions
+
+    def _message(self, m: _Meeting, msg: ServerMessage, now: float) -> list[Action]:
+        cfg = self.config
+        where = cfg.where
+        if isinstance(msg, Ping):
+            return [Send(m.conn, encode(Pong(msg.seq)))]
+        if isinstance(msg, ErrorReply):
+            if msg.code == "probe_required":
+                # The rendezvous closes first: our port is free again once our FIN
+                # is acknowledged. Read to its close, then check the mapping.
+                m.step = _Step.DRAIN
+                self._wait(m, now + cfg.net_timeout, None)
+                return []
+            error = refusal(msg, where)
+            if m.step is _Step.PEER and isinstance(error, CodeExpired):
+                # the rendezvous' lifetime was shorter than ours
+                error = PeerNeverArrived(f"the peer never arrived: {error}")
+            return self._meeting_failed(m, error, [Close(m.conn)])
+        if m.step is _Step.WELCOME:
+            if not isinstance(msg, Welcome):
+                return self._meeting_failed(m, RendezvousProtocolError(
+                    f"rendezvous {where} sent {msg!r:.60} instead of a nameplate"),
+                    [Close(m.conn)])
+            self.code = code = self._make_code(msg.nameplate)
+            m.step = _Step.PEER
+            self._wait(m, m.started + cfg.code_lifetime, PeerNeverArrived(
+                f"no peer used the pairing code within {cfg.code_lifetime:g} s"))
+            actions: list[Action] = [
+                Say(f"pairing code {code} (valid {msg.expires_in / 60:g} min)"),
+                ShowCode(str(code))]
+            if cfg.pake:  # nobody waits for us yet: the SPAKE2 arithmetic is free here
+                m.awaiting_pake = True
+                actions.append(MakePake(str(code)))
+            return actions
+        if not isinstance(msg, Fire):
+            return self._meeting_failed(m, RendezvousProtocolError(
+                f"rendezvous {where} sent {type(msg).__name__} where a fire instruction "
+                "was due"), [Close(m.conn)])
+        return [Close(m.conn), *self._fired(m, msg, now)]
+
+    def _probe_required(self, m: _Meeting, now: float) -> list[Action]:
+        if m.need_probe:  # asked twice: the rendezvous is confused
+            return self._meeting_failed(m, RendezvousProtocolError(
+                f"rendezvous {self.config.where} asked for a NAT mapping check it already "
+                "had"), [])
+        m.need_probe, m.port = True, m.local_port
+        return [Say("the sharer's NAT is symmetric: checking ours"), *self._probe(m)]
+
+    def _seed_only_or_lost(self, m: _Meeting, now: float) -> list[Action]:
+        error = RendezvousTooOld(
+            f"rendezvous {self.config.where} closed the connection after the discovery reply: "
+            "it speaks only the seed protocol, so pairing codes need a newer nopf-server")
+        if m.hello_retried:
+            return self._meeting_failed(m, error, [])
+        # nopf-server closes a connection whose hello has not come within a second, as
+        # it closes seed clients: a hello lost and retransmitted (TCP's first timeout is
+        # a second) looks the same. A seed-only server closes again.
+        m.hello_retried = True
+        return [Say("the rendezvous closed before answering our hello; trying once more (a "
+                    "lost packet, or a rendezvous that speaks only the seed protocol)"),
+                *self._begin(m)]
+
+    def _meeting_failed(self, m: _Meeting, error: NopfError,
+                        actions: Sequence[Action]) -> list[Action]:
+        self._meeting = None
+        self.done = True
+        failed = self._failed_attempt
+        if failed is not None:  # meeting again after a failed attempt: that failure stands
+            return [*actions, Say(f"could not coordinate again: {error}"), Fail(failed)]
+        return [*actions, Fail(error)]
+
+    # -- attempts ---------------------------------------------------------------------
+
+    def _fired(self, m: _Meeting, fire: Fire, now: float) -> list[Action]:
+        self._meeting = None
+        self._failed_attempt = None
+        self._attempts += 1
+        if self._attempts == 1:
+            self._deadline = now + self.config.punch_timeout
+        cfg = self.config
+        local = Endpoint(cfg.bind_host, m.local_port)
+        rungs: list[list[PathKind]] = [[Punch(local, stage, PunchConfig(
+            timeout=stage.budget,
+            # On a LAN there is no NAT between us to open with a short-lived SYN.
+            arm_ttl=cfg.punch_ttl if stage.path == "public" else 0,
+            first_shot=stage.path == "public",
+        ), fire.note)] for stage in fire.plan]
+        # Both sides sent a SPAKE2 message (else the rendezvous forwards neither).
+        finish = fire.peer_pake if self._pake_message is not None else None
+        self._attempt = _Attempt(self._attempts, fire, m, now, rungs, pake_to_finish=finish)
+        return self._open_rung(self._attempt)
+
+    def _open_rung(self, a: _Attempt) -> list[Action]:
+        actions: list[Action] = []
+        for how in a.rungs.pop(0):
+            stage = how.stage
+            path = self._paths = self._paths + 1
+            a.running[path] = how
+            actions += [Say(f"punching to {stage.peer} ({stage.path}, {stage.punch})",
+                            punching=True), OpenPath(path, how)]
+            if a.pake_to_finish is not None:  # runs while that path's first SYN crosses
+                actions.append(FinishPake(a.pake_to_finish))
+                a.pake_to_finish = None
+        return actions
+
+    def _attempt_failed(self, a: _Attempt, now: float) -> list[Action]:
+        self._attempt = None
+        failed = _punch_failed(a.fire, a.failures)
+        left = self._deadline - now
+        # A symmetric NAT facing another NAT fails again the same way.
+        if a.number >= MAX_ATTEMPTS or left < MIN_ATTEMPT or a.fire.hopeless:
+            self.done = True
+            return [Fail(failed)]
+        self._failed_attempt = failed
+        cfg = self.config
+        # The peer meets again when its own attempt has failed, about when ours did;
+        # one that stopped never does: wait no longer than the punch timeout allows.
+        meeting = _Meeting("reshare" if cfg.role == "server" else "rejoin", now, left,
+                           cfg.punch_port, need_probe=True,
+                           fire_wait=min(cfg.net_timeout + RETRY_WAIT, max(1.0, left)),
+                           fire_what="fire instruction for a second attempt (the peer did "
+                                     "not coordinate again)")
+        return [Say(f"punch attempt {a.number} failed ({failed}); coordinating again with "
+                    f"fresh sockets (attempt {a.number + 1}, {left:.1f} s left)"),
+                *self._begin(meeting)]
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _meeting_on(self, conn: int) -> _Meeting | None:
+        m = self._meeting
+        if self.done or m is None or m.conn != conn:
+            return None  # a connection already given up
+        return m
+
+    def _next_conn(self) -> int:
+        self._conns += 1
+        return self._conns
+
+    @staticmethod
+    def _wait(m: _Meeting, deadline: float, error: NopfError | None) -> None:
+        m.deadline, m.timeout_error = deadline, error
+
+
+def _first_budget(punch_timeout: float) -> float:
+    """The first attempt's share of the punch timeout (the rest is for retries)."""
+    if punch_timeout < 2 * MIN_ATTEMPT:
+        return punch_timeout
+    return max(MIN_ATTEMPT, punch_timeout / 2)
+
+
+def _punch_failed(fire: Fire,
+                  failures: list[tuple[Stage, PunchTimeout]]) -> CoordinatedPunchTimeout:
+    outcomes: Counter[Failure] = Counter()
+    for _, exc in failures:
+        outcomes.update(exc.outcomes)
+    total = sum(s.budget for s, _ in failures)
+    tried = ", ".join(f"{s.peer} ({s.path})" for s, _ in failures)
+    rejected = outcomes[Failure.REFUSED] + outcomes[Failure.UNREACHABLE]
+    if fire.note:
+        cause = fire.note
+    elif rejected:
+        cause = (f"the peer's NAT rejected our SYNs {rejected} time(s) (RST/ICMP) and its own "
+                 "SYN never reached us: the peer may have stopped, or a firewall blocks it")
+    else:
+        cause = ("no SYN from the peer ever arrived: a NAT or firewall on the path probably "
+                 "maps each destination to a new port (symmetric) or blocks the connection")
+    return CoordinatedPunchTimeout(
+        f"no connection to the peer within {total:g} s (tried {tried}): {cause}", outcomes)

@@ -1,0 +1,725 @@
+"""The coordinated peer's machine on bytes: the rendezvous conversation from port P, split
+and merged reads, pings, probes, refusals, timeouts, retries and budgets. No sockets."""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+from typing import TypeVar
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nopf_web.pairing import PairingCode, parse_code
+from nopf_web.punch.machine import Failure, PunchConfig, PunchTimeout
+from nopf_web.rendezvous.errors import (
+    RendezvousError,
+    RendezvousProtocolError,
+    RendezvousUnreachable,
+)
+from nopf_web.roles import PeerRole
+from nopf_web.sessions import errors
+from nopf_web.sessions.coordination_machine import (
+    FIRE_GRACE,
+    MAX_ATTEMPTS,
+    MIN_ATTEMPT,
+    RETRY_WAIT,
+    Action,
+    AwaitHandshake,
+    Close,
+    Connect,
+    CoordinationConfig,
+    CoordinationMachine,
+    Fail,
+    FinishPake,
+    MakePake,
+    OpenPath,
+    Paired,
+    Punch,
+    Say,
+    Send,
+    ShowCode,
+    Succeed,
+    Timings,
+    refusal,
+)
+from nopf_web.wire.address import Endpoint
+from nopf_web.wire.discovery import encode_reply
+from nopf_web.wire.rendezvous import (
+    ERROR_CODES,
+    ClientMessage,
+    ErrorReply,
+    Fire,
+    FrameReader,
+    Hello,
+    PakeMessage,
+    Ping,
+    Pong,
+    Probe,
+    ServerMessage,
+    Stage,
+    Welcome,
+    decode_client_message,
+    encode,
+)
+
+T = TypeVar("T")
+RDV = "198.51.100.2:3012"
+LOCAL = "10.0.0.2"
+PUBLIC = Endpoint("203.0.113.2", 40001)
+PEER = Endpoint("192.0.2.2", 50000)
+PEER_LAN = Endpoint("10.0.0.3", 50000)
+CODE = PairingCode(7, ("orbit", "lantern"))
+OUR_PAKE = b"A" + bytes(32)
+PEER_PAKE = b"B" + bytes(range(32))
+NET = 5.0
+
+
+def fire(*stages: Stage, mapping: tuple[str, str] | None = None,
+         peer_pake: bytes | None = PEER_PAKE,
+         note: str | None = None) -> Fire:
+    plan = stages or (Stage("public", PEER, "connect", 4.0),)
+    return Fire(PUBLIC, PEER, plan, 40.0, note, peer_pake, mapping)  # type: ignore[arg-type]
+
+
+def reply(ep: Endpoint = PUBLIC) -> bytes:
+    return encode_reply(ep.host, ep.port)
+
+
+def frames(*msgs: ServerMessage) -> bytes:
+    return b"".join(encode(m) for m in msgs)
+
+
+def chunks(data: bytes, cuts: Iterable[int]) -> list[bytes]:
+    points = sorted({c for c in cuts if 0 < c < len(data)})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+cut_points = st.lists(st.integers(1, 400), max_size=12)
+
+
+class Peer:
+    """Plays the asyncio driver: carries out the machine's actions, records them, and
+    lets a test play the rendezvous (bytes in, closes) and the clock."""
+
+    def __init__(self, role: PeerRole, *, pake: bool = True, **config: float) -> None:
+        code = parse_code(str(CODE)) if role == "client" else None
+        self.machine = CoordinationMachine(
+            CoordinationConfig(role=role, where=RDV, code=code, pake=pake, net_timeout=NET,
+                               **config),  # type: ignore[arg-type]
+            make_code=lambda n: PairingCode(n, CODE.words))
+        self.now = 0.0
+        self.actions: list[Action] = []
+        self.sent: dict[int, bytes] = {}
+        self.next_port = 40000
+        self.ports: dict[int, int] = {}
+
+    # -- the driver's side --------------------------------------------------------
+
+    def feed(self, actions: Sequence[Action]) -> list[Action]:
+        queue, done = deque(actions), []
+        while queue:
+            action = queue.popleft()
+            done.append(action)
+            if isinstance(action, MakePake):
+                queue.extend(self.machine.pake_made(OUR_PAKE, self.now))
+            elif isinstance(action, Send):
+                self.sent[action.conn] = self.sent.get(action.conn, b"") + action.data
+        self.actions += done
+        return done
+
+    def start(self) -> list[Action]:
+        return self.feed(self.machine.start(self.now))
+
+    def connect(self, *, deferred: bool = False) -> int:
+        """The last Connect succeeds (from its port, or a fresh one for port 0)."""
+        action = self.last(Connect)
+        port = action.port or self.fresh_port()
+        self.ports[action.conn] = port
+        self.feed(self.machine.connected(action.conn, Endpoint(LOCAL, port), deferred,
+                                         self.now))
+        if deferred:
+            assert self.actions[-1] == AwaitHandshake(action.conn)
+            self.feed(self.machine.established(action.conn, self.now))
+        return action.conn
+
+    def fresh_port(self) -> int:
+        self.next_port += 1
+        return self.next_port
+
+    def says(self, conn: int, data: bytes, cuts: Iterable[int] = ()) -> list[Action]:
+        out: list[Action] = []
+        for chunk in chunks(data, cuts):
+            out += self.feed(self.machine.received(conn, chunk, self.now))
+        return out
+
+    def closes(self, conn: int, error: str | None = None) -> list[Action]:
+        return self.feed(self.machine.closed(conn, error, self.now))
+
+    def at(self, now: float) -> list[Action]:
+        self.now = now
+        return self.feed(self.machine.timer(now))
+
+    # -- what happened --------------------------------------------------------------
+
+    def last(self, kind: type[T]) -> T:
+        return next(a for a in reversed(self.actions) if isinstance(a, kind))
+
+    def of(self, kind: type[Action]) -> list[Action]:
+        return [a for a in self.actions if isinstance(a, kind)]
+
+    def said(self) -> list[str]:
+        return [a.text for a in self.actions if isinstance(a, Say)]
+
+    def client_frames(self, conn: int) -> list[ClientMessage]:
+        return [decode_client_message(p) for p in FrameReader().feed(self.sent.get(conn, b""))]
+
+    def failure(self) -> BaseException:
+        fails = self.of(Fail)
+        assert len(fails) == 1, self.actions
+        assert isinstance(fails[0], Fail)
+        return fails[0].error
+
+    def probe(self, port: int = 0, cuts: Iterable[int] = ()) -> int:
+        """Answer the NAT mapping check that the machine just asked for."""
+        action = self.last(Connect)
+        assert (action.port, action.fastopen) == (port, False)
+        conn = self.connect()
+        assert self.client_frames(conn) == [Probe()]
+        self.says(conn, reply() + b"ignored", cuts)
+        self.closes(conn)
+        assert Close(conn) in self.actions
+        return self.ports[conn]
+
+
+def the_paths(p: Peer) -> list[OpenPath]:
+    return [a for a in p.actions if isinstance(a, OpenPath)]
+
+
+# -- the whole conversation --------------------------------------------------------------
+
+
+def share(cuts: Iterable[int] = (), deferred: bool = False) -> Peer:
+    p = Peer("server", punch_timeout=30.0)
+    p.start()
+    port = p.probe()  # the sharer checks its mapping first, from a fresh port
+    hello_conn = p.connect(deferred=deferred)
+    assert p.last(Connect) == Connect(hello_conn, port, fastopen=True)
+    assert p.client_frames(hello_conn) == [
+        Hello("share", None, (Endpoint(LOCAL, port),), PUBLIC, 15.0)]
+    p.says(hello_conn, reply() + frames(Ping(1), Welcome(7, 600.0, PUBLIC), Ping(2), fire()),
+           cuts)
+    return p
+
+
+@settings(max_examples=200)
+@given(cuts=cut_points, deferred=st.booleans())
+def test_share_from_probe_to_fire_in_any_reads(cuts: list[int], deferred: bool) -> None:
+    p = share(cuts, deferred)
+    hello_conn = 2
+    assert p.client_frames(hello_conn)[1:] == [Pong(1), PakeMessage(OUR_PAKE), Pong(2)]
+    assert p.said()[:2] == [f"public address {PUBLIC} (local port 40001)",
+                            "pairing code 7-orbit-lantern (valid 10 min)"]
+    assert p.of(ShowCode) == [ShowCode("7-orbit-lantern")]
+    assert p.of(MakePake) == [MakePake("7-orbit-lantern")]
+    stage = fire().plan[0]
+    local = Endpoint("0.0.0.0", 40001)
+    tail = p.actions[-4:]
+    assert tail == [
+        Close(hello_conn),
+        Say(f"punching to {PEER} (public, connect)", punching=True),
+        OpenPath(1, Punch(local, stage, PunchConfig(timeout=4.0, arm_ttl=2, first_shot=True),
+                          None)),
+        FinishPake(PEER_PAKE),
+    ]
+    p.now = 0.5
+    done = p.feed(p.machine.path_opened(1, p.now))
+    assert done == [
+        Say(f"tunnel up to {PEER} over the public path"),
+        Succeed(1, Paired("server", "7-orbit-lantern", PEER, "public", local, PUBLIC, 0.04,
+                          Timings(0.0, 0.0, 0.0, 0.5, 0.0, 0.0), peer_pake=PEER_PAKE)),
+    ]
+    assert p.machine.wake_at is None
+
+
+@settings(max_examples=200)
+@given(cuts=cut_points)
+def test_connect_sends_its_pake_in_the_hello_and_answers_pings(cuts: list[int]) -> None:
+    p = Peer("client", punch_timeout=30.0)
+    assert p.start() == [Connect(1, 0, fastopen=True), MakePake("7-orbit-lantern")]
+    conn = p.connect()
+    [hello] = p.client_frames(conn)
+    assert hello == Hello("join", 7, (Endpoint(LOCAL, 40001),), None, 15.0, pake=OUR_PAKE)
+    p.now = 0.1
+    lan_stage = Stage("lan", PEER_LAN, "arm", 1.0)
+    p.says(conn, reply() + frames(Ping(5), Ping(6), fire(lan_stage, Stage("public", PEER,
+                                                                         "connect", 3.0))),
+           cuts)
+    assert p.client_frames(conn)[1:] == [Pong(5), Pong(6)]
+    paths = the_paths(p)
+    assert [o.how.stage for o in paths] == [lan_stage]  # one rung at a time
+    assert paths[0].how.config == PunchConfig(timeout=1.0, arm_ttl=0, first_shot=False)
+    assert p.of(FinishPake) == [FinishPake(PEER_PAKE)]
+    p.feed(p.machine.path_failed(1, PunchTimeout("lan: no", Counter()), p.now))
+    assert [o.how.stage.path for o in the_paths(p)] == ["lan", "public"]
+    assert p.of(FinishPake) == [FinishPake(PEER_PAKE)]  # once per attempt
+    [succeed] = [a for a in p.feed(p.machine.path_opened(2, 0.2)) if isinstance(a, Succeed)]
+    assert succeed.paired.role == "client" and succeed.paired.path == "public"
+    assert succeed.paired.timings == Timings(0.0, 0.0, 0.1, 0.2, None, 0.0)
+
+
+def test_a_fast_open_hello_waits_for_its_handshake_before_the_address_clock() -> None:
+    p = Peer("client")
+    p.start()
+    p.feed(p.machine.connected(1, Endpoint(LOCAL, 40001), True, 0.0))
+    assert p.actions[-2:] == [Send(1, p.sent[1]), AwaitHandshake(1)]
+    assert p.machine.wake_at is None  # the driver times the handshake
+    p.feed(p.machine.established(1, 0.3))
+    assert p.machine.wake_at == 0.3 + NET
+    # A failed first send: it never connected.
+    q = Peer("client")
+    q.start()
+    q.feed(q.machine.connected(1, Endpoint(LOCAL, 40001), True, 0.0))
+    q.closes(1, "Connection refused")
+    error = q.failure()
+    assert isinstance(error, RendezvousUnreachable)
+    assert str(error) == f"rendezvous {RDV}: Connection refused"
+
+
+def test_without_pake_neither_message_travels() -> None:
+    p = Peer("client", pake=False)
+    assert p.start() == [Connect(1, 0, fastopen=True)]
+    conn = p.connect()
+    assert p.client_frames(conn)[0].pake is None  # type: ignore[union-attr]
+    p.says(conn, reply() + frames(fire()))
+    assert not p.of(FinishPake)
+    [succeed] = [a for a in p.feed(p.machine.path_opened(1, 1.0)) if isinstance(a, Succeed)]
+    assert succeed.paired.peer_pake is None
+
+
+def test_a_changed_mapping_is_said() -> None:
+    p = Peer("server")
+    p.start()
+    port = p.probe()
+    conn = p.connect()
+    p.says(conn, reply(Endpoint(PUBLIC.host, 40999)))
+    assert p.said() == [f"our NAT gave public ports {PUBLIC.port} then 40999 from local port "
+                        f"{port}: it looks symmetric",
+                        f"public address {PUBLIC.host}:40999 (local port {port})"]
+
+
+# -- probe_required, seed-only rendezvous ---------------------------------------------------
+
+
+@given(cuts=cut_points)
+def test_a_joiner_asked_for_its_mapping_checks_it_from_the_same_port(cuts: list[int]) -> None:
+    p = Peer("client")
+    p.start()
+    first = p.connect()
+    port = p.ports[first]
+    p.says(first, reply() + frames(ErrorReply("probe_required", "check")) + b"\0", cuts)
+    assert Close(first) not in p.actions  # it reads on to the rendezvous' close
+    p.closes(first)
+    assert Say("the sharer's NAT is symmetric: checking ours") in p.actions
+    assert p.probe(port) == port
+    again = p.connect()
+    assert p.last(Connect).port == port
+    [hello] = p.client_frames(again)
+    assert isinstance(hello, Hello) and hello.probe == PUBLIC and hello.action == "join"
+    p.says(again, reply() + frames(fire()))
+    assert len(the_paths(p)) == 1
+
+
+def test_a_drain_that_never_ends_is_given_up_after_the_network_timeout() -> None:
+    p = Peer("client")
+    p.start()
+    first = p.connect()
+    p.says(first, reply() + frames(ErrorReply("probe_required", "check")))
+    assert p.machine.wake_at == NET
+    assert p.at(NET - 0.01) == []
+    p.at(NET)
+    assert Close(first) in p.actions and p.last(Connect).port == p.ports[first]
+
+
+def test_probe_required_twice_is_a_protocol_error() -> None:
+    p = Peer("server")
+    p.start()
+    p.probe()
+    conn = p.connect()
+    p.says(conn, reply() + frames(ErrorReply("probe_required", "again")))
+    p.closes(conn)
+    error = p.failure()
+    assert isinstance(error, RendezvousProtocolError)
+    assert str(error) == f"rendezvous {RDV} asked for a NAT mapping check it already had"
+
+
+@pytest.mark.parametrize("ending", [None, "Connection reset by peer"])
+def test_a_seed_only_rendezvous_gets_one_more_hello_then_is_named(ending: str | None) -> None:
+    p = Peer("client")
+    p.start()
+    first = p.connect()
+    p.says(first, reply())
+    p.closes(first, ending)  # no frame after the discovery reply
+    assert p.said()[-1].startswith("the rendezvous closed before answering our hello; trying "
+                                   "once more")
+    second = p.connect()  # from a fresh port (the joiner has no mapping to keep)
+    again, before = p.client_frames(second)[0], p.client_frames(first)[0]
+    assert second != first and isinstance(again, Hello) and isinstance(before, Hello)
+    assert (again.action, again.nameplate, again.pake) == ("join", 7, OUR_PAKE) == (
+        before.action, before.nameplate, before.pake)
+    p.says(second, reply())
+    p.closes(second, ending)
+    error = p.failure()
+    assert isinstance(error, errors.RendezvousTooOld)
+    assert "speaks only the seed protocol" in str(error)
+    assert len(p.of(Connect)) == 2
+
+
+def test_a_hello_lost_once_is_answered_the_second_time() -> None:
+    p = Peer("server")
+    p.start()
+    port = p.probe()
+    first = p.connect()
+    p.says(first, reply())
+    p.closes(first)
+    # The sharer checks its mapping again from the same port, then says hello again.
+    assert p.probe(port) == port
+    second = p.connect()
+    p.says(second, reply() + frames(Welcome(7, 600, PUBLIC)))
+    assert p.of(ShowCode) == [ShowCode("7-orbit-lantern")]
+    assert not p.of(Fail)
+
+
+def test_a_close_after_a_frame_is_no_seed_server() -> None:
+    p = Peer("client")
+    p.start()
+    conn = p.connect()
+    p.says(conn, reply() + frames(Ping(1)))
+    p.closes(conn)
+    assert str(p.failure()) == f"rendezvous {RDV} closed the connection unexpectedly"
+    q = Peer("client")
+    q.start()
+    conn = q.connect()
+    q.says(conn, reply() + frames(Ping(1)))
+    q.closes(conn, "Connection reset by peer")
+    assert str(q.failure()) == f"rendezvous {RDV} broke the connection (Connection reset by peer)"
+
+
+# -- refusals and bad bytes ------------------------------------------------------------------
+
+TYPED = {
+    "unknown_code": errors.UnknownCode, "expired": errors.CodeExpired,
+    "used": errors.CodeUsed, "too_many_guesses": errors.TooManyGuesses,
+    "symmetric_nat": errors.SymmetricNat, "busy": errors.RendezvousBusy,
+    "timeout": errors.PeerDidNotRetry, "bad_request": errors.RendezvousRejected,
+    "unsupported_version": errors.RendezvousRejected,
+}
+
+
+def test_every_error_code_but_probe_required_has_its_type() -> None:
+    assert set(TYPED) == ERROR_CODES - {"probe_required"}
+    for code, kind in TYPED.items():
+        error = refusal(ErrorReply(code, "why"), RDV)
+        assert type(error) is kind
+        assert str(error) in ("why", f"rendezvous {RDV}: why")
+
+
+@pytest.mark.parametrize("code", sorted(TYPED))
+@pytest.mark.parametrize("role", ["server", "client"])
+def test_a_refusal_ends_the_meeting_with_its_type(code: str, role: PeerRole) -> None:
+    p = Peer(role)
+    p.start()
+    if role == "server":
+        p.probe()
+    conn = p.connect()
+    p.says(conn, reply() + frames(ErrorReply(code, "no")) + frames(Ping(9)))
+    assert isinstance(p.failure(), TYPED[code])
+    assert Close(conn) in p.actions
+    assert p.client_frames(conn)[1:] == []  # nothing read after the refusal
+    assert p.machine.wake_at is None and not the_paths(p)
+
+
+def test_a_code_that_expires_while_the_sharer_waits_means_nobody_came() -> None:
+    p = Peer("server")
+    p.start()
+    p.probe()
+    conn = p.connect()
+    p.says(conn, reply() + frames(Welcome(7, 600, PUBLIC),
+                                  ErrorReply("expired", "nobody used the pairing code within "
+                                                        "10 min")))
+    error = p.failure()
+    assert isinstance(error, errors.PeerNeverArrived)
+    assert str(error) == "the peer never arrived: nobody used the pairing code within 10 min"
+
+
+@pytest.mark.parametrize(("data", "says"), [
+    (b"\x01\x02\x03\x04\x00\x05NOPE", "no END\\0 trailer"),
+    (reply() + b"\x00\x00\x20\x00", "frame length 8192 is out of range"),
+    (reply() + b"\x00\x00\x00\x02{}", "unexpected message type"),
+    (reply() + b"\x00\x00\x00\x01\xff", "not UTF-8"),
+])
+def test_bytes_that_are_not_the_protocol_are_named(data: bytes, says: str) -> None:
+    p = Peer("client")
+    p.start()
+    conn = p.connect()
+    p.says(conn, data)
+    error = p.failure()
+    assert isinstance(error, RendezvousProtocolError)
+    assert str(error).startswith(f"rendezvous {RDV}: ") and says in str(error)
+
+
+def test_unexpected_messages_are_named() -> None:
+    p = Peer("server")
+    p.start()
+    p.probe()
+    conn = p.connect()
+    p.says(conn, reply() + frames(fire()))
+    assert str(p.failure()).startswith(f"rendezvous {RDV} sent Fire(")
+    assert str(p.failure()).endswith("instead of a nameplate")
+    q = Peer("client")
+    q.start()
+    conn = q.connect()
+    q.says(conn, reply() + frames(Welcome(3, 60, PUBLIC)))
+    assert str(q.failure()) == (f"rendezvous {RDV} sent Welcome where a fire instruction was "
+                                "due")
+
+
+def test_closes_before_the_discovery_reply_are_named() -> None:
+    p = Peer("client")
+    p.start()
+    conn = p.connect()
+    p.says(conn, reply()[:4])
+    p.closes(conn)
+    assert str(p.failure()) == (f"rendezvous {RDV} closed before its discovery reply (is it a "
+                                "nopf-server?)")
+    q = Peer("server")
+    q.start()
+    conn = q.connect()
+    q.closes(conn, "Connection reset by peer")
+    assert str(q.failure()) == f"rendezvous {RDV} broke the connection (Connection reset by peer)"
+
+
+def test_a_failed_connect_is_the_meetings_failure() -> None:
+    p = Peer("client")
+    p.start()
+    unreachable = RendezvousUnreachable(f"rendezvous {RDV}: Connection refused")
+    p.feed(p.machine.connect_failed(1, unreachable, 0.0))
+    assert p.failure() is unreachable
+
+
+# -- timeouts say what they waited for -----------------------------------------------------
+
+
+def waited(p: Peer) -> BaseException:
+    deadline = p.machine.wake_at
+    assert deadline is not None
+    assert p.at(deadline - 0.001) == []
+    p.at(deadline)
+    return p.failure()
+
+
+def test_the_probe_answer_is_timed() -> None:
+    p = Peer("server")
+    p.start()
+    p.now = 1.0
+    conn = p.connect()
+    p.says(conn, reply())  # then never closes
+    error = waited(p)
+    assert isinstance(error, RendezvousProtocolError) and p.now == 1.0 + NET
+    assert str(error) == (f"rendezvous {RDV} did not answer a probe within 5 s (is it a "
+                          "nopf-server?)")
+
+
+def test_the_address_is_timed() -> None:
+    p = Peer("client")
+    p.start()
+    p.connect()
+    assert str(waited(p)) == (f"rendezvous {RDV} sent no address within 5 s (is it a "
+                              "nopf-server?)")
+
+
+def test_the_nameplate_is_timed() -> None:
+    p = Peer("server")
+    p.start()
+    p.probe()
+    conn = p.connect()
+    p.says(conn, reply() + frames(Ping(1)))
+    assert str(waited(p)) == f"rendezvous {RDV} sent no pairing code (nameplate) within 5 s"
+
+
+def test_the_sharers_wait_for_a_peer_is_its_code_lifetime_from_the_start() -> None:
+    p = Peer("server", code_lifetime=60.0)
+    p.start()
+    p.probe()
+    conn = p.connect()
+    p.now = 2.0
+    p.says(conn, reply() + frames(Welcome(7, 600, PUBLIC)))
+    p.now = 30.0
+    p.says(conn, frames(Ping(1)))  # pings do not extend it
+    error = waited(p)
+    assert isinstance(error, errors.PeerNeverArrived) and p.now == 60.0
+    assert str(error) == "no peer used the pairing code within 60 s"
+
+
+def test_the_joiners_fire_is_timed() -> None:
+    p = Peer("client")
+    p.start()
+    conn = p.connect()
+    p.says(conn, reply() + frames(Ping(1)))
+    assert str(waited(p)) == (f"rendezvous {RDV} sent no fire instruction within "
+                              f"{NET + FIRE_GRACE:g} s")
+
+
+# -- attempts: retries and budgets ------------------------------------------------------------
+
+TIMEOUT = PunchTimeout("no", Counter({Failure.SILENT: 2}))
+
+
+def joined(punch_timeout: float = 30.0, the_fire: Fire | None = None) -> Peer:
+    p = Peer("client", punch_timeout=punch_timeout)
+    p.start()
+    conn = p.connect()
+    p.says(conn, reply() + frames(the_fire or fire()))
+    return p
+
+
+def fail_paths(p: Peer) -> None:
+    for path in the_paths(p):
+        p.feed(p.machine.path_failed(path.path, TIMEOUT, p.now))
+
+
+def rejoin(p: Peer, the_fire: Fire | None = None) -> None:
+    """The retry's meeting: a fresh mapping check, then a rejoin hello, then a fire."""
+    port = p.probe()
+    conn = p.connect()
+    [hello] = p.client_frames(conn)
+    assert hello == Hello("rejoin", 7, (Endpoint(LOCAL, port),), PUBLIC,
+                          hello.punch_timeout, pake=OUR_PAKE)  # type: ignore[union-attr]
+    p.says(conn, reply() + frames(the_fire or fire()))
+
+
+def test_a_failed_attempt_is_coordinated_again_and_can_succeed() -> None:
+    p = joined()
+    p.now = 4.0
+    fail_paths(p)
+    assert p.said()[-1] == ("punch attempt 1 failed (no connection to the peer within 4 s "
+                            f"(tried {PEER} (public)): no SYN from the peer ever arrived: a NAT "
+                            "or firewall on the path probably maps each destination to a new "
+                            "port (symmetric) or blocks the connection); coordinating again "
+                            "with fresh sockets (attempt 2, 26.0 s left)")
+    assert p.of(MakePake) == [MakePake("7-orbit-lantern")]  # the same message goes again
+    rejoin(p)
+    assert p.client_frames(3)[0].punch_timeout == 26.0  # type: ignore[union-attr]
+    assert len(p.of(FinishPake)) == 2
+    [succeed] = [a for a in p.feed(p.machine.path_opened(2, 5.0)) if isinstance(a, Succeed)]
+    assert succeed.paired.attempt == 2
+    assert succeed.paired.timings.started == 4.0
+    assert succeed.paired.timings.probed == 4.0
+
+
+def test_the_retrys_fire_wait_names_the_peer_that_did_not_come_back() -> None:
+    p = joined()
+    p.now = 4.0
+    fail_paths(p)
+    p.probe()
+    conn = p.connect()
+    p.says(conn, reply())
+    assert p.machine.wake_at == 4.0 + min(NET + RETRY_WAIT, 26.0)
+    error = waited(p)
+    # The meeting's failure is said, the punch's failure is what the session ends with.
+    assert isinstance(error, errors.CoordinatedPunchTimeout)
+    assert p.said()[-1] == (f"could not coordinate again: rendezvous {RDV} sent no fire "
+                            "instruction for a second attempt (the peer did not coordinate "
+                            "again) within 17 s")
+
+
+@pytest.mark.parametrize("reason", ["refusal", "unreachable"])
+def test_a_retry_that_cannot_meet_ends_with_the_punch_failure(reason: str) -> None:
+    p = joined()
+    p.now = 4.0
+    fail_paths(p)
+    conn = p.last(Connect).conn
+    if reason == "unreachable":
+        p.feed(p.machine.connect_failed(conn, RendezvousError("gone"), p.now))
+    else:
+        p.probe()
+        conn = p.connect()
+        p.says(conn, reply() + frames(ErrorReply("timeout", "the peer did not retry")))
+    error = p.failure()
+    assert isinstance(error, errors.CoordinatedPunchTimeout)
+    assert p.said()[-1].startswith("could not coordinate again: ")
+
+
+def test_no_retry_when_the_fire_says_it_is_hopeless() -> None:
+    hopeless = fire(mapping=("symmetric", "stable"), note="their NAT is symmetric")
+    assert hopeless.hopeless
+    p = joined(the_fire=hopeless)
+    fail_paths(p)
+    error = p.failure()
+    assert isinstance(error, errors.CoordinatedPunchTimeout)
+    assert str(error).endswith("their NAT is symmetric")  # the rendezvous' note is the cause
+    assert len(p.of(Connect)) == 1
+
+
+def test_a_symmetric_nat_facing_no_nat_is_retried() -> None:
+    p = joined(the_fire=fire(mapping=("symmetric", "none")))
+    fail_paths(p)
+    assert not p.of(Fail) and len(p.of(Connect)) == 2
+
+
+def test_at_most_max_attempts() -> None:
+    p = joined(punch_timeout=100.0)
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        p.now = attempt * 4.0
+        fail_paths(p)
+        if attempt < MAX_ATTEMPTS:
+            rejoin(p)
+    assert isinstance(p.failure(), errors.CoordinatedPunchTimeout)
+    assert len([s for s in p.said() if s.startswith("punch attempt")]) == MAX_ATTEMPTS - 1
+
+
+@pytest.mark.parametrize(("failed_at", "retried"), [(30.0 - MIN_ATTEMPT, True),
+                                                     (30.0 - MIN_ATTEMPT + 0.01, False)])
+def test_an_attempt_needs_min_attempt_seconds_left(failed_at: float, retried: bool) -> None:
+    p = joined(punch_timeout=30.0)
+    p.now = failed_at  # the deadline counts from the first fire (at 0)
+    fail_paths(p)
+    assert bool(p.of(Fail)) != retried
+
+
+def test_the_first_attempt_gets_half_the_punch_timeout() -> None:
+    for punch_timeout, first in ((30.0, 15.0), (5.0, 2.5), (3.0, 3.0)):
+        p = Peer("client", punch_timeout=punch_timeout)
+        p.start()
+        hello = p.client_frames(p.connect())[0]
+        assert hello.punch_timeout == first  # type: ignore[union-attr]
+
+
+def test_refusals_and_rejections_of_punches_name_the_cause() -> None:
+    p = joined(the_fire=fire(Stage("lan", PEER_LAN, "arm", 1.0),
+                             Stage("public", PEER, "connect", 3.0), mapping=("stable",
+                                                                             "symmetric")))
+    rejected = PunchTimeout("no", Counter({Failure.REFUSED: 2, Failure.UNREACHABLE: 1}))
+    p.feed(p.machine.path_failed(1, rejected, 0.0))
+    p.feed(p.machine.path_failed(2, rejected, 0.0))
+    error = p.failure()
+    assert isinstance(error, errors.CoordinatedPunchTimeout)
+    assert error.outcomes == Counter({Failure.REFUSED: 4, Failure.UNREACHABLE: 2})
+    assert str(error).startswith(f"no connection to the peer within 4 s (tried {PEER_LAN} "
+                                 f"(lan), {PEER} (public)): the peer's NAT rejected our SYNs 6 "
+                                 "time(s)")
+
+
+# -- what comes too late is ignored ------------------------------------------------------------
+
+
+def test_events_of_connections_and_paths_given_up_change_nothing() -> None:
+    p = joined()
+    assert p.feed(p.machine.received(1, frames(Ping(1)), 1.0)) == []
+    assert p.feed(p.machine.closed(1, None, 1.0)) == []
+    assert p.feed(p.machine.path_opened(99, 1.0)) == []
+    p.feed(p.machine.path_opened(1, 1.0))
+    assert p.feed(p.machine.path_failed(1, TIMEOUT, 2.0)) == []
+    assert p.feed(p.machine.timer(1e9)) == []
+    assert p.machine.done
