@@ -421,8 +421,8 @@ class DoctorMachine:
             return None
         failures = [p.failure for p in checks if p.failure]
         if failures:
-            return (f"no NAT doctor at {format_endpoint(*self.doctor)} ({failures[0]}); "
-                    "is the rendezvous an older nopf-server, or is its --doctor-port another?")
+            return (f"no NAT doctor at {format_endpoint(*self.doctor)} ({failures[0]}): an "
+                    "older nopf-server, or another --doctor-port?")
         return None
 
     def _mapping(self, seen: list[_Probe], waited: str
@@ -443,14 +443,15 @@ class DoctorMachine:
             if len(mine) >= 2:
                 port_pairs.append(len(set(mine)) == 1)
         if not port_pairs:
-            why = self._doctor_missing() or waited
-            return None, (), f"needs two answers from one local port: {why}"
-        if not all(port_pairs):
-            return "address-and-port-dependent", ("port",), None
+            missing = self._doctor_missing()
+            return None, (), missing or f"needs two answers from one local port: {waited}"
         same = next((p.observed.public for p in seen if p.slot == 0 and p.observed
                      and p.target == self.doctor), None)
         other = next((p.observed.public for p in seen if p.slot == 0 and p.observed
                       and p.target.host != rdv_ip), None)
+        if not all(port_pairs):
+            return ("address-and-port-dependent",
+                    ("port", "address") if other is not None else ("port",), None)
         if same is None or other is None:
             return "endpoint-independent", ("port",), None
         if same != other:

@@ -172,49 +172,47 @@ class _Run:
             start_connect(sock, (target.host, target.port))
         except OSError as exc:
             sock.close()
-            self.feed(Failed(action.probe, f"{format_endpoint(*target)}: {_describe(exc)}",
-                             self.loop.time()))
+            self.feed(Failed(action.probe, _describe(exc), self.loop.time()))
             return
         kind = "discover" if isinstance(action, Discover) else "check"
         self.spawn(self._probe(action, sock, started), f"doctor-{kind}-{action.probe}")
 
     async def _probe(self, action: Discover | Check, sock: socket.socket,
                      started: float) -> None:
-        where = format_endpoint(*action.target)
         try:
             try:
                 await wait_connected(sock)
             except OSError as exc:
-                self.feed(Failed(action.probe, f"{where}: {_describe(exc)}", self.loop.time()))
+                self.feed(Failed(action.probe, _describe(exc), self.loop.time()))
                 return
             rtt = self.loop.time() - started
             host, port = sock.getsockname()[:2]
             local = Endpoint(str(host), int(port))
             if isinstance(action, Discover):
-                await self._discover(action, sock, local, rtt, where)
+                await self._discover(action, sock, local, rtt)
             else:
-                await self._check(action, sock, local, rtt, where)
+                await self._check(action, sock, local, rtt)
         finally:
             sock.close()
 
     async def _discover(self, action: Discover, sock: socket.socket, local: Endpoint,
-                        rtt: float, where: str) -> None:
+                        rtt: float) -> None:
         reader = DiscoveryReader()
         while True:
             try:
                 chunk = await self.loop.sock_recv(sock, reader.needed)
             except OSError as exc:
-                self.feed(Failed(action.probe, f"{where}: {_describe(exc)}", self.loop.time(),
+                self.feed(Failed(action.probe, _describe(exc), self.loop.time(),
                                  connect=False))
                 return
             if not chunk:
-                self.feed(Failed(action.probe, f"{where} closed without an address (is it a "
+                self.feed(Failed(action.probe, "closed without an address (is it a "
                                  "nopf-server?)", self.loop.time(), connect=False))
                 return
             try:
                 result = reader.feed(chunk)
             except WireError as exc:
-                self.feed(Failed(action.probe, f"{where} sent no discovery reply ({exc})",
+                self.feed(Failed(action.probe, f"sent no discovery reply ({exc})",
                                  self.loop.time(), connect=False))
                 return
             if result is not None:
@@ -222,14 +220,13 @@ class _Run:
                                    rtt))
                 return
 
-    async def _check(self, action: Check, sock: socket.socket, local: Endpoint, rtt: float,
-                     where: str) -> None:
+    async def _check(self, action: Check, sock: socket.socket, local: Endpoint,
+                     rtt: float) -> None:
         wait_ms = round(dial_wait(rtt) * 1000)
         try:
             await self.loop.sock_sendall(sock, encode(CheckMessage(action.dial_back, wait_ms)))
         except OSError as exc:
-            self.feed(Failed(action.probe, f"{where}: {_describe(exc)}", self.loop.time(),
-                             connect=False))
+            self.feed(Failed(action.probe, _describe(exc), self.loop.time(), connect=False))
             return
         reader = FrameReader()
         seen = False
@@ -241,8 +238,7 @@ class _Run:
             else:
                 error = "closed"
             if not chunk:
-                why = f"{where} {error} before " + ("the dial-back result" if seen
-                                                    else "answering")
+                why = f"{error} before " + ("the dial-back result" if seen else "answering")
                 if seen:
                     self.feed(DialedBack(None, self.loop.time(), reason=why))
                 else:
@@ -251,7 +247,7 @@ class _Run:
             try:
                 messages = [decode_responder_message(f) for f in reader.feed(chunk)]
             except (DoctorMessageError, WireError) as exc:
-                why = f"{where} is not a NAT doctor ({exc})"
+                why = f"not a NAT doctor ({exc})"
                 if seen:
                     self.feed(DialedBack(None, self.loop.time(), reason=why))
                 else:
