@@ -122,6 +122,9 @@ class _Run:
         self.nonce = os.urandom(NONCE_SIZE)
         self.hairpin_arrived = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
+        # Every probe socket, closed at the end too: a task cancelled before it ran
+        # never reaches its own ``finally``.
+        self.sockets: list[socket.socket] = []
 
     # -- machine plumbing -------------------------------------------------------------
 
@@ -150,6 +153,10 @@ class _Run:
         for task in list(self.tasks):
             task.cancel()
 
+    def close_sockets(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
     # -- probes -----------------------------------------------------------------------
 
     def _start_probe(self, action: Discover | Check) -> None:
@@ -167,6 +174,7 @@ class _Run:
             self.feed(Failed(action.probe, f"cannot open a socket: {_describe(exc)}",
                              self.loop.time()))
             return
+        self.sockets.append(sock)
         started = self.loop.time()
         try:
             start_connect(sock, (target.host, target.port))
@@ -390,6 +398,7 @@ async def run_doctor(rendezvous: Endpoint, *, doctor_port: int | None = None,
 
         async with asyncio.TaskGroup() as tg:
             run = _Run(machine, tg, listener, ports, deadline, gateway or no_gateway)
+            sockets.callback(run.close_sockets)
             run.spawn(run.accept_loop(), "doctor-listen")
             run.act(machine.start())
             try:
