@@ -23,7 +23,7 @@ from nopf_web.sessions.seed import SeedSpec
 from nopf_web.wire.address import Endpoint, parse_host_endpoint, parse_ipv4_endpoint, parse_port
 from nopf_web.wire.errors import BadAddress
 
-from . import coordinated
+from . import coordinated, doctor
 from .common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("share", "connect"):
         return coordinated.main(argv[0], argv[1:])  # type: ignore[arg-type]
+    if argv and argv[0] == "doctor":
+        return doctor.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         spec = _spec(args)

@@ -1,15 +1,16 @@
 """The application factory: routes, middlewares, and the background services.
 
-The history store, the embedded rendezvous, the guard and the session manager are
-``cleanup_ctx`` contexts: started before the first request, torn down in
-reverse order at shutdown (sessions are stopped and recorded as
-``interrupted`` while the store is still open). Before that, ``on_shutdown``
-ends the live pages' event streams, which aiohttp would otherwise wait for.
+The history store, the embedded rendezvous (and its NAT doctor responder), the guard,
+the session manager and the NAT doctor's cache are ``cleanup_ctx`` contexts: started
+before the first request, torn down in reverse order at shutdown (sessions are stopped
+and recorded as ``interrupted`` while the store is still open). Before that,
+``on_shutdown`` ends the live pages' event streams, which aiohttp would otherwise wait for.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -17,18 +18,21 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from nopf_web.db import HistoryStore
+from nopf_web.doctor.cache import DoctorCache
 from nopf_web.errors import NopfError
 from nopf_web.guard import make_guard
 from nopf_web.guard.base import Guard, NullGuard
+from nopf_web.rendezvous.doctor import DoctorResponder
 from nopf_web.rendezvous.server import RendezvousServer
 from nopf_web.resources import resource_dir
 from nopf_web.wire.address import Endpoint, parse_host_endpoint
 from nopf_web.wire.errors import BadAddress
 
-from . import api, views
+from . import api, doctor, views
 from .config import WebConfig
 from .keys import (
     CONFIG,
+    DOCTOR,
     GUARD,
     LIVE_STREAMS,
     MANAGER,
@@ -85,9 +89,27 @@ async def _rendezvous_ctx(app: web.Application) -> AsyncIterator[None]:
     app[RENDEZVOUS].embedded = Endpoint("127.0.0.1" if host in ("0.0.0.0", "::") else host,
                                         port)
     try:
-        yield
+        async with contextlib.AsyncExitStack() as stack:
+            # Its NAT doctor, on the next port if free: the Doctor page works out of the
+            # box (against loopback it can only say so). Not worth failing the start for.
+            if port < 65535:
+                try:
+                    responder = await stack.enter_async_context(
+                        DoctorResponder(listen.host, port + 1))
+                except OSError as exc:
+                    log.info("no NAT doctor beside the embedded rendezvous: cannot listen on "
+                             "%s:%d (%s)", listen.host, port + 1, exc.strerror or exc)
+                else:
+                    app[RENDEZVOUS].doctor_port = responder.address[1]
+            yield
     finally:
         await server.close()
+
+
+async def _doctor_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with DoctorCache() as cache:
+        app[DOCTOR] = cache
+        yield
 
 
 async def _close_streams(app: web.Application) -> None:
@@ -145,9 +167,11 @@ def create_app(config: WebConfig, *, guard: Guard | None = None) -> web.Applicat
     app.cleanup_ctx.append(_rendezvous_ctx)
     app.cleanup_ctx.append(_guard_ctx(guard))
     app.cleanup_ctx.append(_manager_ctx)
+    app.cleanup_ctx.append(_doctor_ctx)
     app.on_shutdown.append(_close_streams)
     app.on_response_prepare.append(security_headers)
     views.add_routes(app)
     api.add_routes(app)
+    doctor.add_routes(app)
     app.router.add_static("/static/", resource_dir("static"), name="static")
     return app

@@ -8,6 +8,7 @@ import jinja2
 from aiohttp import web
 
 from nopf_web.db import HistoryStore
+from nopf_web.doctor.cache import DoctorCache
 from nopf_web.guard.base import Guard
 from nopf_web.wire.address import Endpoint
 
@@ -29,6 +30,7 @@ class Rendezvous:
     """The rendezvous the dashboard uses by default, and the embedded one if it runs."""
 
     embedded: Endpoint | None = None
+    doctor_port: int | None = None  # the embedded rendezvous' NAT doctor, if it runs
 
 
 CONFIG = web.AppKey("config", WebConfig)
@@ -39,4 +41,5 @@ TEMPLATES = web.AppKey("templates", jinja2.Environment)
 SECRET = web.AppKey("secret", bytes)
 RENDEZVOUS = web.AppKey("rendezvous", Rendezvous)
 LIVE_STREAMS = web.AppKey("live_streams", LiveStreams)
+DOCTOR = web.AppKey("doctor", DoctorCache)
 ACCESS = web.RequestKey("access", Access)

@@ -1,7 +1,8 @@
 """Command line for the namespace lab.
 
 python -m tests.lab up [--left MODE] [--right MODE] [--delay-ms MS] [--jitter-ms MS]
-                       [--loss P] [--no-icmp-ratelimit] [--prefix P] [--detach]
+                       [--loss P] [--no-icmp-ratelimit] [--hairpin a|b]... [--rdv-second-ip]
+                       [--prefix P] [--detach]
 python -m tests.lab down PREFIX
 python -m tests.lab cleanup          # labs whose owner process died
 python -m tests.lab list
@@ -75,6 +76,18 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="routers answer every packet with ICMP (no kernel ICMP rate limit)",
     )
+    up.add_argument(
+        "--hairpin",
+        action="append",
+        choices=("a", "b"),
+        default=[],
+        help="this site's NAT hairpins (repeatable)",
+    )
+    up.add_argument(
+        "--rdv-second-ip",
+        action="store_true",
+        help="give the rendezvous host a second address, 198.51.100.3",
+    )
     up.add_argument("--prefix", help="namespace prefix (default: nl + 6 random hex digits)")
     up.add_argument(
         "--detach",
@@ -114,6 +127,8 @@ def _up(args: argparse.Namespace) -> int:
         loss=args.loss,
         persist=args.detach,
         icmp_ratelimit=not args.no_icmp_ratelimit,
+        hairpin=tuple(args.hairpin),
+        rdv_second_ip=args.rdv_second_ip,
     )
     stop = threading.Event()
     if not args.detach:

@@ -41,11 +41,14 @@ EXPECTED_UNSOLICITED = {
 # --------------------------------------------------------------------------- helpers
 
 
-def listen(host: Host, port: int = 0) -> socket.socket:
-    """A TCP listener living in ``host``'s namespace."""
+def listen(host: Host, port: int = 0, *, share: bool = False) -> socket.socket:
+    """A TCP listener living in ``host``'s namespace (``share``: SO_REUSEPORT, so that
+    connections can be made from its port)."""
     with host.enter():
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if share:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(("0.0.0.0", port))
     sock.listen(16)
     sock.settimeout(5)
@@ -196,11 +199,12 @@ def test_build_is_fast_and_complete(lab_factory: LabFactory) -> None:
         assert ip == lab.a1.ip
 
 
-def _accepting(host: Host, srv: socket.socket, dst_ip: str) -> tuple[str, int, int]:
+def _accepting(host: Host, srv: socket.socket, dst_ip: str,
+               dst_port: int | None = None) -> tuple[str, int, int]:
     sock = tcp_socket(host)
     sock.settimeout(5)
     try:
-        sock.connect((dst_ip, srv.getsockname()[1]))
+        sock.connect((dst_ip, dst_port or srv.getsockname()[1]))
         conn, (ip, port) = srv.accept()
         conn.close()
         return ip, port, sock.getsockname()[1]
@@ -349,6 +353,52 @@ def test_mapping_endpoint_independent_vs_symmetric(lab_factory: LabFactory) -> N
     finally:
         for srv in listeners:
             srv.close()
+
+
+@pytest.mark.parametrize("mode", ["drop", "symmetric"])
+def test_a_hairpinning_nat_brings_its_own_mappings_back_inside(
+        lab_factory: LabFactory, mode: str) -> None:
+    lab = lab_factory(mode, mode, hairpin=("a",))
+    with listen(lab.rdv) as rdv:
+        for site in (lab.a, lab.b):
+            host = site.hosts[0]
+            with listen(host, share=True) as own:
+                local = own.getsockname()[1]
+                public_ip, public_port, _ = seen_from(host, rdv, bind_port=local)  # a mapping
+                for client in site.hosts:  # the host itself, and its LAN neighbour
+                    if not site.hairpin:
+                        # the NAT's own kernel answers: nothing listens there
+                        assert attempt(client, (public_ip, public_port)) == "ECONNREFUSED"
+                        continue
+                    ip, _, _ = _accepting(client, own, public_ip, public_port)
+                    assert ip == site.public_ip, "hairpinned with the public address as source"
+                # a port the NAT never mapped is still its own kernel's
+                assert attempt(host, (public_ip, 1)) == "ECONNREFUSED"
+    rules = lab.nata.run(["nft", "list", "ruleset"]).stdout.decode()
+    assert "map hairpin" in rules and "map hairpin" not in \
+        lab.natb.run(["nft", "list", "ruleset"]).stdout.decode()
+    assert "hairpin" in lab.describe()
+
+
+def test_rdv_second_address_is_reachable_and_not_the_source(lab_factory: LabFactory) -> None:
+    lab = lab_factory("drop", "none", rdv_second_ip=True)
+    assert lab.rdv_ips == ["198.51.100.2", "198.51.100.3"]
+    with listen(lab.rdv) as srv:
+        port = srv.getsockname()[1]
+        sock = tcp_socket(lab.a1)
+        sock.settimeout(5)
+        try:
+            sock.connect(("198.51.100.3", port))
+            conn, _ = srv.accept()
+            assert conn.getsockname()[0] == "198.51.100.3"
+            conn.close()
+        finally:
+            sock.close()
+    with listen(lab.b1) as b1:  # rdv's own connections come from the primary
+        ip, _, _ = _accepting(lab.rdv, b1, lab.b1.ip)
+        assert ip == "198.51.100.2"
+    out = lab.rdv.run(["ip", "-4", "-o", "addr", "show", "dev", "eth0"]).stdout.decode()
+    assert out.index("198.51.100.2") < out.index("198.51.100.3")
 
 
 def test_private_addresses_not_routable_on_the_internet(lab_factory: LabFactory) -> None:
@@ -573,3 +623,7 @@ def test_lab_rejects_bad_arguments() -> None:
         Lab(loss=1.5)
     with pytest.raises(LabError):
         Lab(prefix="bad prefix!")
+    with pytest.raises(LabError, match="nothing to hairpin"):
+        Lab("none", "drop", hairpin=("a",))
+    with pytest.raises(LabError, match="sites a or b"):
+        Lab(hairpin=("c",))

@@ -21,6 +21,9 @@ Topology (one lab; every namespace is ``f"{prefix}-{role}"``)::
   admin-prohibited), ``symmetric`` (``masquerade random,fully-random``,
   dropped) and ``none`` (no NAT, no filter; the LAN is then the public
   100.64.1.0/24 / 100.64.2.0/24 with routes in ``inet``).
+* ``hairpin=("a",)``: that site's NAT also hairpins (a LAN host reaches a
+  mapping of its own NAT through the public address), with a dynamic nft map
+  of the mappings made; ``rdv_second_ip=True``: rdv also has 198.51.100.3.
 * Optional delay/jitter/loss on every packet *forwarded* by ``inet``
   (see :mod:`tests.lab.delayer`): a round trip between sites or to rdv
   crosses ``inet`` twice, so RTT ~= 2 x delay.
@@ -83,6 +86,7 @@ DELAYER_PATH = Path(__file__).with_name("delayer.py")
 CLONE_NEWNET = 0x40000000
 
 RDV_IP = "198.51.100.2"
+RDV_IP2 = "198.51.100.3"  # rdv's second address, with Lab(rdv_second_ip=True)
 INET_RDV_IP = "198.51.100.1"
 WAN = {"a": ("203.0.113.2", "203.0.113.1"), "b": ("192.0.2.2", "192.0.2.1")}
 PRIVATE_LAN = {"a": "10.0.1", "b": "10.0.2"}
@@ -314,6 +318,7 @@ class Site:
     nat: Nat
     hosts: list[Host] = field(default_factory=list)
     lan: str = ""  # e.g. "10.0.1.0/24"
+    hairpin: bool = False  # the NAT hairpins (see Lab's ``hairpin``)
 
     @property
     def public_ip(self) -> str:
@@ -328,8 +333,33 @@ class Site:
 # --------------------------------------------------------------------------- nftables
 
 
-def _nat_ruleset(mode: str) -> str:
-    """The nftables ruleset of a NAT namespace (WAN = "wan", LAN bridge = "lan")."""
+# Hairpinning (tcp only): every new outgoing connection's mapping is recorded, public
+# port -> private address and port, in a dynamic map (after NAT, where the reply tuple
+# holds the public port); a SYN from the LAN to the WAN address and a recorded port is
+# sent to that host, its source rewritten to the WAN address, as RFC 5382 REQ-8 asks.
+_HAIRPIN = """
+\tmap hairpin {{
+\t\ttype inet_service : ipv4_addr . inet_service
+\t\tflags dynamic,timeout
+\t\ttimeout 10m
+\t}}
+\tchain hairpin_record {{
+\t\ttype filter hook postrouting priority srcnat + 10; policy accept;
+\t\toifname "wan" ct state new meta l4proto tcp \\
+\t\t\tupdate @hairpin {{ ct reply proto-dst : ct original ip saddr . ct original proto-src }}
+\t}}
+\tchain prerouting {{
+\t\ttype nat hook prerouting priority dstnat; policy accept;
+\t\tiifname "lan" ip daddr {wan} meta l4proto tcp dnat ip addr . port to tcp dport map @hairpin
+\t}}"""
+
+
+def _nat_ruleset(mode: str, *, hairpin: bool = False, wan_ip: str = "") -> str:
+    """The nftables ruleset of a NAT namespace (WAN = "wan", LAN bridge = "lan").
+
+    ``hairpin``: a host of the LAN reaches another (or itself) through the NAT's
+    public address and a port mapped for it (``wan_ip`` is that address).
+    """
     if mode == "none":
         return ""  # plain router: no NAT, no filter
     masq = "masquerade random,fully-random" if mode == "symmetric" else "masquerade"
@@ -339,17 +369,22 @@ def _nat_ruleset(mode: str) -> str:
         unsolicited = "reject with icmp type admin-prohibited"
     else:
         unsolicited = "drop"
+    extra = _HAIRPIN.format(wan=wan_ip) if hairpin else ""
+    hairpin_snat = (f'\n\t\tiifname "lan" oifname "lan" ct status dnat snat ip to {wan_ip}'
+                    if hairpin else "")
+    hairpin_forward = ('\n\t\tiifname "lan" oifname "lan" ct status dnat accept'
+                       if hairpin else "")
     return f"""
-table ip nopf_lab {{
+table ip nopf_lab {{{extra}
 \tchain postrouting {{
 \t\ttype nat hook postrouting priority srcnat; policy accept;
-\t\toifname "wan" {masq}
+\t\toifname "wan" {masq}{hairpin_snat}
 \t}}
 \tchain forward {{
 \t\ttype filter hook forward priority filter; policy drop;
 \t\tct state established,related accept
 \t\tct state invalid drop
-\t\tiifname "lan" oifname "wan" accept
+\t\tiifname "lan" oifname "wan" accept{hairpin_forward}
 \t\tiifname "wan" ct state new {unsolicited}
 \t}}
 \tchain input {{
@@ -403,6 +438,12 @@ class Lab:
     per destination a burst of 6, then one per second. ``icmp_ratelimit=False``
     sets ``net.ipv4.icmp_ratemask=0`` in ``inet`` and the NATs so that every
     such packet is answered.
+
+    ``hairpin`` names the sites ("a", "b") whose NAT hairpins: a LAN host's
+    connection to the NAT's public address and a port mapped for a LAN host
+    reaches that host (as RFC 5382 asks; plain Linux masquerading does not).
+    ``rdv_second_ip=True`` gives ``rdv`` a second address, :data:`RDV_IP2`
+    (``lab.rdv_ips`` lists them).
     """
 
     def __init__(
@@ -416,10 +457,17 @@ class Lab:
         loss: float = 0.0,
         persist: bool = False,
         icmp_ratelimit: bool = True,
+        hairpin: tuple[str, ...] | frozenset[str] | list[str] = (),
+        rdv_second_ip: bool = False,
     ) -> None:
         for mode in (left, right):
             if mode not in MODES:
                 raise LabError(f"unknown NAT mode {mode!r} (choose from {', '.join(MODES)})")
+        for side in hairpin:
+            if side not in ("a", "b"):
+                raise LabError(f"hairpin names sites a or b, not {side!r}")
+            if (left if side == "a" else right) == "none":
+                raise LabError(f"site {side} has no NAT (mode none): nothing to hairpin")
         if prefix is not None and not PREFIX_RE.match(prefix):
             raise LabError(f"bad prefix {prefix!r}: 1-24 characters of [A-Za-z0-9_]")
         if delay_ms < 0 or jitter_ms < 0:
@@ -432,6 +480,7 @@ class Lab:
         self.loss = float(loss)
         self.persist = persist
         self.icmp_ratelimit = icmp_ratelimit
+        self.rdv_second_ip = rdv_second_ip
         self.build_seconds: float | None = None
         self._procs: list[subprocess.Popen[bytes]] = []
         self._delayer: subprocess.Popen[bytes] | None = None
@@ -452,7 +501,7 @@ class Lab:
             hosts = [
                 Host(f"{side}{i}", ns(f"{side}{i}"), f"{net}.{i + 1}", self._procs) for i in (1, 2)
             ]
-            sites[side] = Site(side, mode, nat, hosts, f"{net}.0/24")
+            sites[side] = Site(side, mode, nat, hosts, f"{net}.0/24", side in hairpin)
         self.a = sites["a"]
         self.b = sites["b"]
         self.a1, self.a2 = self.a.hosts
@@ -473,6 +522,11 @@ class Lab:
             "b1": self.b1,
             "b2": self.b2,
         }
+
+    @property
+    def rdv_ips(self) -> list[str]:
+        """The rendezvous host's addresses (two with ``rdv_second_ip``)."""
+        return [RDV_IP, RDV_IP2] if self.rdv_second_ip else [RDV_IP]
 
     @property
     def nata(self) -> Nat:
@@ -506,21 +560,23 @@ class Lab:
         return {"a": self.a, "b": self.b}[name]
 
     def __repr__(self) -> str:
+        hairpin = tuple(s.name for s in (self.a, self.b) if s.hairpin)
         return (
             f"Lab(left={self.a.mode!r}, right={self.b.mode!r}, prefix={self.prefix!r}, "
-            f"delay_ms={self.delay_ms}, jitter_ms={self.jitter_ms}, loss={self.loss})"
+            f"delay_ms={self.delay_ms}, jitter_ms={self.jitter_ms}, loss={self.loss}"
+            + (f", hairpin={hairpin!r}" if hairpin else "")
+            + (", rdv_second_ip=True" if self.rdv_second_ip else "") + ")"
         )
 
     def describe(self) -> str:
         """A human-readable table of namespaces and addresses."""
         rows = [("role", "namespace", "address(es)", "notes")]
         rows.append(("inet", self.inet.ns, "198.51.100.1 203.0.113.1 192.0.2.1", self._inet_note()))
-        rows.append(("rdv", self.rdv.ns, self.rdv.ip, "rendezvous host"))
+        rows.append(("rdv", self.rdv.ns, " ".join(self.rdv_ips), "rendezvous host"))
         for site in (self.a, self.b):
             nat = site.nat
-            rows.append(
-                (nat.name, nat.ns, f"{nat.wan_ip} (wan) {nat.lan_ip} (lan)", f"mode {site.mode}")
-            )
+            mode = f"mode {site.mode}" + (", hairpin" if site.hairpin else "")
+            rows.append((nat.name, nat.ns, f"{nat.wan_ip} (wan) {nat.lan_ip} (lan)", mode))
             for host in site.hosts:
                 rows.append(
                     (
@@ -641,6 +697,11 @@ class Lab:
                 if role in ("nata", "natb"):
                     for fam in ("iptables", "ip6tables", "arptables"):
                         _write_sysctl(f"net.bridge.bridge-nf-call-{fam}", "0", optional=True)
+                    if self.site(role[-1]).hairpin:
+                        # A hairpinned packet leaves by the interface it came in on: no
+                        # ICMP redirect ("lan" is made later and inherits default).
+                        _write_sysctl("net.ipv4.conf.all.send_redirects", "0")
+                        _write_sysctl("net.ipv4.conf.default.send_redirects", "0")
 
         batches: dict[str, list[str]] = {role: ["link set dev lo up"] for role in ROLES}
         inet = batches["inet"]
@@ -653,10 +714,12 @@ class Lab:
             "link set dev to-b up",
         ]
         batches["rdv"] += [
-            f"addr add {RDV_IP}/24 dev eth0",
+            f"addr add {RDV_IP}/24 dev eth0",  # first: the primary, the source of rdv's SYNs
             "link set dev eth0 up",
             f"route add default via {INET_RDV_IP} dev eth0",
         ]
+        if self.rdv_second_ip:
+            batches["rdv"].append(f"addr add {RDV_IP2}/24 dev eth0")
         for site in (self.a, self.b):
             wan_ip, gw = WAN[site.name]
             if not site.natted:
@@ -698,7 +761,7 @@ class Lab:
             raise LabError("ip -batch failed: " + "; ".join(errors))
 
         for site in (self.a, self.b):
-            ruleset = _nat_ruleset(site.mode)
+            ruleset = _nat_ruleset(site.mode, hairpin=site.hairpin, wan_ip=site.nat.wan_ip)
             if ruleset:
                 _run(["ip", "netns", "exec", site.nat.ns, "nft", "-f", "-"], ruleset)
 
