@@ -90,15 +90,17 @@ async def _rendezvous_ctx(app: web.Application) -> AsyncIterator[None]:
                                         port)
     try:
         async with contextlib.AsyncExitStack() as stack:
-            # Its NAT doctor, on the next port if free: the Doctor page works out of the
-            # box (against loopback it can only say so). Not worth failing the start for.
-            if port < 65535:
+            # Its NAT doctor, on the next port if free (any free port when the rendezvous
+            # took any): the Doctor page works out of the box (against loopback it can
+            # only say so). Not worth failing the start for.
+            doctor_port = 0 if listen.port == 0 else port + 1
+            if doctor_port <= 65535:
                 try:
                     responder = await stack.enter_async_context(
-                        DoctorResponder(listen.host, port + 1))
+                        DoctorResponder(listen.host, doctor_port))
                 except OSError as exc:
                     log.info("no NAT doctor beside the embedded rendezvous: cannot listen on "
-                             "%s:%d (%s)", listen.host, port + 1, exc.strerror or exc)
+                             "%s:%d (%s)", listen.host, doctor_port, exc.strerror or exc)
                 else:
                     app[RENDEZVOUS].doctor_port = responder.address[1]
             yield
