@@ -10,6 +10,7 @@ import hashlib
 import logging
 import socket
 import struct
+import subprocess
 import threading
 import time
 
@@ -29,6 +30,7 @@ from tests.e2e.relay_clients import (
     relay_connect,
     send_and_close,
 )
+from tests.programs import argv, free_port
 
 A_IP, B_IP = "127.0.0.1", "127.0.0.2"  # the sharer's and the joiner's "public" addresses
 
@@ -275,3 +277,54 @@ async def test_a_no_relay_server_plans_as_before_and_refuses_relay_messages() ->
         sock.close()
     finally:
         await server.close()
+
+
+# The program's flags ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--relay-max-sessions", "0"], "--relay-max-sessions must be between 1 and 1,000,000, got 0"),
+    (["--relay-max-per-source", "x"], "--relay-max-per-source 'x' is not a whole number"),
+    (["--relay-rate", "fast"], "--relay-rate 'fast' is not a rate"),
+    (["--relay-rate=-1M"], "--relay-rate '-1M' is not a rate"),
+    (["--relay-rate", "200G"], "--relay-rate '200G' is over 100 GB/s"),
+    (["--relay-rate", "12.5Q"], "--relay-rate '12.5Q' is not a rate"),
+    (["--relay-address", "host:port"], "--relay-address"),
+    (["--no-relay", "--relay-rate", "1M"], "--relay-rate makes no sense with --no-relay"),
+])
+def test_bad_relay_flags_are_one_line(args: list[str], needle: str) -> None:
+    proc = subprocess.run(argv("nopf-server", *args), capture_output=True, text=True,
+                          timeout=20)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and needle in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_program_relays_at_its_rate_and_says_so() -> None:
+    port = free_port()
+    proc = subprocess.Popen(argv("nopf-server", "--host", "127.0.0.1", "--port", str(port),
+                                 "--relay-rate", "2M", "--relay-max-sessions", "8"),
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        assert "listening on" in proc.stderr.readline()
+        assert (proc.stderr.readline()
+                == "nopf-server: relay on: up to 8 sessions, 4 per address, 2 MB/s each\n")
+
+        async def run() -> float:
+            fs, fj = await coordinate(("127.0.0.1", port), A_IP, B_IP)
+            a, b = await asyncio.gather(asyncio.to_thread(relay_connect, fs, A_IP),
+                                        asyncio.to_thread(relay_connect, fj, B_IP))
+            sent, (got, _, seconds) = await asyncio.gather(
+                asyncio.to_thread(send_and_close, a, random_bytes(2_000_000)),
+                asyncio.to_thread(receive_all, b))
+            assert got == sent
+            a.close()
+            b.close()
+            return seconds
+
+        seconds = asyncio.run(run())
+        assert 0.8 <= seconds <= 1.3, seconds
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
