@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from nopf_web.wire.address import Endpoint
-from nopf_web.wire.discovery import REPLY_SIZE
+from nopf_web.wire.discovery import REPLY_SIZE, decode_reply
 from nopf_web.wire.rendezvous import (
     ErrorReply,
     Fire,
@@ -21,6 +21,7 @@ from nopf_web.wire.rendezvous import (
     Hello,
     Ping,
     Pong,
+    Probe,
     Relay,
     Relayed,
     ServerMessage,
@@ -42,9 +43,15 @@ class Coordination:
         self.pending: list[ServerMessage] = []
 
     @classmethod
-    async def open(cls, rdv: tuple[str, int], source: str, hello: Hello) -> Coordination:
+    async def open(cls, rdv: tuple[str, int], source: str, hello: Hello, *,
+                   sock: socket.socket | None = None) -> Coordination:
+        """``sock``: a connected socket to use (from the port the mapping check used)."""
         async with asyncio.timeout(STEP):
-            reader, writer = await asyncio.open_connection(*rdv, local_addr=(source, 0))
+            if sock is not None:
+                sock.setblocking(False)
+                reader, writer = await asyncio.open_connection(sock=sock)
+            else:
+                reader, writer = await asyncio.open_connection(*rdv, local_addr=(source, 0))
             writer.write(encode(hello))
             await reader.readexactly(REPLY_SIZE)
         return cls(reader, writer)
@@ -104,6 +111,34 @@ def relay_connect(fire: Fire, source: str, *, token: bytes | None = None,
     if wait:
         expect_joined(sock)
     return sock
+
+
+def reusable(port: int = 0) -> socket.socket:
+    """A socket bound to ``port`` that a second connection may bind again at once."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("0.0.0.0", port))
+    return sock
+
+
+def mapping_check(rdv: tuple[str, int]) -> tuple[socket.socket, Endpoint]:
+    """The NAT mapping check as a peer makes it: a probe from a port P (the rendezvous
+    closes first), then a connection from P again for the hello. That connection,
+    and the address the probe got."""
+    first = reusable()
+    port = first.getsockname()[1]
+    first.settimeout(STEP)
+    first.connect(rdv)
+    first.sendall(encode(Probe()))
+    host, public_port = decode_reply(recv_exactly(first, REPLY_SIZE))
+    while first.recv(100):  # its FIN: the 4-tuple is free again
+        pass
+    first.close()
+    second = reusable(port)
+    second.settimeout(STEP)
+    second.connect(rdv)
+    return second, Endpoint(host, public_port)
 
 
 def recv_exactly(sock: socket.socket, n: int) -> bytes:
