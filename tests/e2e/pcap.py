@@ -34,11 +34,12 @@ class Stream:
 
     def data(self) -> bytes:
         """The payload from the SYN on, in order; a gap raises (the capture lost it)."""
-        if self.isn is None:
+        isn = self.isn
+        if isn is None:
             raise ValueError("no SYN captured for this stream")
         out = bytearray()
-        for seq, payload in sorted(self.segments, key=lambda s: (s[0] - self.isn - 1) % 2**32):
-            offset = (seq - self.isn - 1) % 2**32
+        for seq, payload in sorted(self.segments, key=lambda s: (s[0] - isn - 1) % 2**32):
+            offset = (seq - isn - 1) % 2**32
             if offset > len(out):
                 raise ValueError(f"gap in the capture at byte {len(out)} (next at {offset})")
             out += payload[len(out) - offset:]  # retransmitted or overlapping bytes once
