@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from nopf_web.rendezvous.relay import RelayLink, RelayOutcome
 from nopf_web.rendezvous.server import RendezvousServer, ServerLimits
 from nopf_web.rendezvous.server_machine import RelayLimits
 from nopf_web.wire.rendezvous import Hello, Relay, encode
@@ -328,3 +329,51 @@ def test_the_program_relays_at_its_rate_and_says_so() -> None:
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+# The copier itself ---------------------------------------------------------------------------
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname(), 5)
+        server, _ = listener.accept()
+    return client, server
+
+
+@pytest.mark.parametrize("copy", ["splice", "buffer"])
+def test_a_relay_link_copies_exactly_with_either_method(copy: str) -> None:
+    peer_a, relay_a = tcp_pair()
+    peer_b, relay_b = tcp_pair()
+    ended = threading.Event()
+    outcomes: list[RelayOutcome] = []
+
+    def on_end(outcome: RelayOutcome) -> None:
+        outcomes.append(outcome)
+        ended.set()
+
+    link = RelayLink(relay_a, relay_b, greeting=b"hi", rate=4e6, copy=copy, on_end=on_end)
+    link.start()
+    assert recv_exactly(peer_a, 2) == recv_exactly(peer_b, 2) == b"hi"
+    to_b, to_a = random_bytes(2_000_000), random_bytes(1_000_000)
+    out: dict[str, object] = {}
+    movers = [threading.Thread(target=lambda: out.update(ab=send_and_close(peer_a, to_b))),
+              threading.Thread(target=lambda: out.update(b=receive_all(peer_b))),
+              threading.Thread(target=lambda: out.update(ba=send_and_close(peer_b, to_a))),
+              threading.Thread(target=lambda: out.update(a=receive_all(peer_a)))]
+    t0 = time.monotonic()
+    for t in movers:
+        t.start()
+    for t in movers:
+        t.join(30)
+    took = time.monotonic() - t0
+    assert out["b"][:2] == (out["ab"], len(to_b))  # type: ignore[index]
+    assert out["a"][:2] == (out["ba"], len(to_a))  # type: ignore[index]
+    # 3 MB at 4 MB/s for both directions together.
+    assert 0.65 <= took <= 1.1, took
+    assert ended.wait(5) and link.join(5)
+    (outcome,) = outcomes
+    assert (outcome.a_to_b, outcome.b_to_a, outcome.error) == (len(to_b), len(to_a), None)
+    assert link.copy == copy
+    peer_a.close()
+    peer_b.close()
