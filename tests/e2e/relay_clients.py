@@ -8,9 +8,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import queue
 import socket
+import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import REPLY_SIZE, decode_reply
@@ -29,6 +32,9 @@ from nopf_web.wire.rendezvous import (
     decode_server_message,
     encode,
 )
+
+if TYPE_CHECKING:
+    from tests.lab import Host
 
 STEP = 10.0  # s for any one step of a client
 RELAYED = encode(Relayed())
@@ -199,3 +205,73 @@ def receive_all(sock: socket.socket) -> tuple[str, int, float]:
 
 def random_bytes(n: int) -> bytes:
     return os.urandom(n)
+
+
+@dataclass
+class RelayedPair:
+    """Two peers in lab hosts, paired by a real rendezvous and joined by its relay."""
+
+    sharer_fire: Fire
+    joiner_fire: Fire
+    sharer: socket.socket  # in the sharer's host; the next byte is the joiner's
+    joiner: socket.socket
+    seconds: float  # from the first connection to both joined
+
+
+def relayed_pair(sharer_host: Host, joiner_host: Host, rdv: tuple[str, int],
+                 timeout: float = 30.0) -> RelayedPair:
+    """Each peer in its host (a thread entered into its namespace): the NAT mapping
+    check, a relay-capable hello, the fire; then the relay connection of its plan
+    (whatever the punch stages: these clients do not punch), joined."""
+    plates: queue.Queue[int] = queue.Queue()
+    result: dict[str, object] = {}
+
+    def side(host: Host, share: bool) -> None:
+        name = "sharer" if share else "joiner"
+        try:
+            with host.enter():
+                sock, probe = mapping_check(rdv)
+
+                async def coordinate() -> Fire:
+                    nameplate = None if share else plates.get(timeout=timeout)
+                    hello = Hello("share" if share else "join", nameplate, (), probe, 10,
+                                  relay=True)
+                    coord = await Coordination.open(rdv, "", hello, sock=sock)
+                    try:
+                        msg = await coord.next()
+                        if share:
+                            if not isinstance(msg, Welcome):
+                                raise AssertionError(f"expected a welcome, got {msg}")
+                            plates.put(msg.nameplate)
+                            msg = await coord.next()
+                        if not isinstance(msg, Fire):
+                            raise AssertionError(f"expected a fire, got {msg}")
+                        return msg
+                    finally:
+                        coord.close()
+
+                fire = asyncio.run(coordinate())
+                result[f"{name}-fire"] = fire
+                result[name] = relay_connect(fire, "0.0.0.0")
+        except BaseException as exc:  # reported below, with the other side's outcome
+            result[f"{name}-error"] = exc
+            if share:
+                plates.put(0)  # the joiner stops waiting (nameplate 0 is refused)
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=side, args=(sharer_host, True)),
+               threading.Thread(target=side, args=(joiner_host, False))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 5)
+    seconds = time.monotonic() - t0
+    a, b = result.get("sharer"), result.get("joiner")
+    fs, fj = result.get("sharer-fire"), result.get("joiner-fire")
+    if not (isinstance(a, socket.socket) and isinstance(b, socket.socket)
+            and isinstance(fs, Fire) and isinstance(fj, Fire)):
+        for sock in (a, b):
+            if isinstance(sock, socket.socket):
+                sock.close()
+        raise AssertionError(f"the pair was not relayed: {result}")
+    return RelayedPair(fs, fj, a, b, seconds)

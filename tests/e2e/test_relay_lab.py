@@ -10,10 +10,8 @@ the seed reply, ``relayed``, then exactly the other peer's bytes.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
-import queue
 import subprocess
 import threading
 import time
@@ -23,57 +21,16 @@ import pytest
 
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import REPLY_SIZE
-from nopf_web.wire.rendezvous import Fire, Hello, Relay, Welcome, encode
-from tests.lab import Host, Lab
+from nopf_web.wire.rendezvous import Relay, encode
 from tests.lab.fixtures import LabFactory
 
 from .pcap import read_streams
 from .peers import start_rendezvous
-from .relay_clients import (
-    RELAYED,
-    Coordination,
-    mapping_check,
-    receive_all,
-    relay_connect,
-    send_and_close,
-)
+from .relay_clients import RELAYED, receive_all, relayed_pair, send_and_close
 
 pytestmark = pytest.mark.lab
 
 PORT = 3012
-
-
-def side(host: Host, lab: Lab, share: bool, plates: queue.Queue[int],
-         result: dict[str, object]) -> None:
-    """One peer in ``host``: the mapping check, a relay-capable hello, the fire; then
-    the relay connection of its plan, joined."""
-    name = "sharer" if share else "joiner"
-    try:
-        with host.enter():
-            rdv = (lab.rdv.ip, PORT)
-            sock, probe = mapping_check(rdv)
-
-            async def coordinate() -> Fire:
-                nameplate = None if share else plates.get(timeout=20)
-                hello = Hello("share" if share else "join", nameplate, (), probe, 10,
-                              relay=True)
-                coord = await Coordination.open(rdv, "", hello, sock=sock)
-                try:
-                    msg = await coord.next()
-                    if share:
-                        assert isinstance(msg, Welcome), msg
-                        plates.put(msg.nameplate)
-                        msg = await coord.next()
-                    assert isinstance(msg, Fire), msg
-                    return msg
-                finally:
-                    coord.close()
-
-            fire = asyncio.run(coordinate())
-            result[f"{name}-fire"] = fire
-            result[name] = relay_connect(fire, "0.0.0.0")
-    except BaseException as exc:  # reported by the test
-        result[f"{name}-error"] = exc
 
 
 @pytest.mark.parametrize(("left", "right"), [("symmetric", "symmetric"),
@@ -90,30 +47,16 @@ def test_peers_no_punch_can_connect_are_relayed_and_the_relay_adds_and_reads_not
     assert dump.stderr is not None
     assert "listening on" in dump.stderr.readline().decode()
 
-    plates: queue.Queue[int] = queue.Queue()
-    result: dict[str, object] = {}
-    threads = [threading.Thread(target=side, args=(lab.a1, lab, True, plates, result)),
-               threading.Thread(target=side, args=(lab.b1, lab, False, plates, result))]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    joined_in = time.monotonic() - t0
-    assert "sharer" in result and "joiner" in result, result
-    fs, fj = result["sharer-fire"], result["joiner-fire"]
-    assert isinstance(fs, Fire) and isinstance(fj, Fire)
+    pair = relayed_pair(lab.a1, lab.b1, (lab.rdv.ip, PORT))
+    fs, fj = pair.sharer_fire, pair.joiner_fire
     # Unpunchable: the relay at once, at the address each reached the rendezvous on.
     assert fs.mapping == ("symmetric", "symmetric" if right == "symmetric" else "stable")
     assert fs.hopeless and fj.hopeless
     assert fs.plan == fj.plan == ()
     assert fs.relay is not None and fj.relay is not None
     assert fs.relay.relay == fj.relay.relay == Endpoint(lab.rdv.ip, PORT)
-    assert joined_in < 5, joined_in
-
-    a, b = result["sharer"], result["joiner"]
-    import socket
-    assert isinstance(a, socket.socket) and isinstance(b, socket.socket)
+    assert pair.seconds < 5, pair.seconds
+    a, b = pair.sharer, pair.joiner
     to_b, to_a = os.urandom(3 << 20), os.urandom(2 << 20)
     out: dict[str, object] = {}
     movers = [
