@@ -162,8 +162,8 @@ def _markdown(data: dict[str, Any]) -> str:
 
 def _plots(data: dict[str, Any], outdir: Path) -> list[Path]:
     return [bar_chart(
-        outdir / "relay.png", "One stream: direct TCP vs nopf-server's relay (label: relay "
-        "CPU-s/GB)", "MB/s (median)", ["direct TCP", "through the relay"],
+        outdir / "relay.png", "One stream, direct vs relayed (label: relay CPU)",
+        "MB/s (median)", ["direct TCP", "through the relay"],
         {"MB/s": [data["median_mb_s"]["direct"], data["median_mb_s"]["relay"]]},
         {"MB/s": ["", f"{data['median_relay_cpu_s_per_gb']:.2f} CPU-s/GB"]})]
 
