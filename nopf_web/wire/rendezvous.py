@@ -125,7 +125,7 @@ ERROR_CODES = frozenset({
     "used",  # codes are single-use: someone already claimed this one
     "too_many_guesses",  # too many failed claims from this source address
     "symmetric_nat",  # the pair cannot be punched: symmetric mapping named
-    "busy",  # the rendezvous is out of nameplates or connections
+    "busy",  # the rendezvous is out of nameplates or connections, or at a relay limit
     "timeout",  # a peer did not answer in time
     "probe_required",  # the joiner sent no NAT mapping check and the plan needs one
     "relay_refused",  # a relay connection's token is unknown, used, expired or not ours
