@@ -38,7 +38,7 @@ from bench.report import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ("throughput", "streams", "latency", "setup", "punch", "rendezvous")
+ORDER = ("throughput", "streams", "latency", "setup", "punch", "rendezvous", "relay")
 
 
 def _load(name: str) -> ModuleType | None:

@@ -1,11 +1,14 @@
-"""``nopf-server``: the rendezvous service (seed discovery protocol, coordinated mode) and,
-on the next port, the NAT doctor's responder (``nopf doctor``)."""
+"""``nopf-server``: the rendezvous service (seed discovery protocol, coordinated mode, relay)
+and, on the next port, the NAT doctor's responder (``nopf doctor``)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ipaddress
 import logging
+import math
+import re
 import sys
 from dataclasses import replace
 
@@ -16,7 +19,8 @@ from nopf_web.rendezvous.server import (
     ServerLimits,
     fastopen_hint,
 )
-from nopf_web.wire.address import parse_port
+from nopf_web.rendezvous.server_machine import RelayLimits
+from nopf_web.wire.address import Endpoint, parse_ipv4_endpoint, parse_port
 from nopf_web.wire.errors import BadAddress
 
 from .common import (
@@ -37,7 +41,9 @@ def build_parser() -> OneLineParser:
         prog=PROG,
         description="Rendezvous for nopf peers: tells every connecting client its public "
         "IPv4 address and port (the NOPF-core seed discovery protocol), pairs coordinated "
-        "peers, and answers `nopf doctor` on the next port.",
+        "peers by code, relays the pairs that hole punching cannot connect (on the same "
+        "port; the relay copies encrypted bytes it cannot read), and answers `nopf doctor` "
+        "on the next port.",
     )
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", default=str(DEFAULT_PORT),
@@ -58,7 +64,58 @@ def build_parser() -> OneLineParser:
                    help="another address of this host (IPv4 or IPv6) that clients can reach: "
                    "the doctor answers there too and tells clients, so that they can tell "
                    "address-dependent NAT mappings apart and test IPv6 (repeatable)")
+    relay = RelayLimits()
+    p.add_argument("--no-relay", action="store_true",
+                   help="do not relay: plans are punch-only, as for peers that cannot relay")
+    p.add_argument("--relay-max-sessions", default=str(relay.max_sessions), metavar="N",
+                   help="relay sessions at once (each holds 2 sockets and 2 threads); more "
+                   f"are refused (default {relay.max_sessions})")
+    p.add_argument("--relay-max-per-source", default=str(relay.max_per_source), metavar="N",
+                   help="relay sessions at once with a side at one IP address "
+                   f"(default {relay.max_per_source})")
+    p.add_argument("--relay-rate", default=None, metavar="BYTES_PER_S",
+                   help="bytes per second per relay session, both directions together, "
+                   "with K, M, G (x1000) or Ki, Mi, Gi (x1024), e.g. 12.5M (100 Mbit/s); "
+                   "0: no limit (default)")
+    p.add_argument("--relay-address", default=None, metavar="IP:PORT",
+                   help="the relay address given to peers (default: the address each peer "
+                   "reached this server on; set it behind a port forward or a NAT)")
     return p
+
+
+_RATE = re.compile(r"(?P<num>\d+(\.\d+)?)\s*(?P<unit>[kKMG]i?)?(B(/s)?)?")
+_UNITS = {"": 1, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9,
+          "ki": 1024, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
+MAX_RATE = 100e9  # bytes/s: far above any NIC a relay runs on
+
+
+def parse_rate(text: str, what: str = "--relay-rate") -> float:
+    """``12.5M``: bytes per second (0: no limit); BadAddress names the option."""
+    m = _RATE.fullmatch(text.strip())
+    if m is None:
+        raise BadAddress(f"{what} {text!r} is not a rate (bytes per second, e.g. 500K, "
+                         "12.5M, 1Gi or 0)")
+    value = float(m["num"]) * _UNITS[m["unit"] or ""]
+    if not math.isfinite(value) or value > MAX_RATE:
+        raise BadAddress(f"{what} {text!r} is over {MAX_RATE / 1e9:g} GB/s")
+    return value
+
+
+def describe_rate(rate: float) -> str:
+    """``2 MB/s``, ``12.5 MB/s``, ``512 KB/s``."""
+    for unit, size in (("GB/s", 1e9), ("MB/s", 1e6), ("KB/s", 1e3)):
+        if rate >= size:
+            return f"{rate / size:.4g} {unit}"
+    return f"{rate:g} B/s"
+
+
+def describe_relay(relay: RelayLimits) -> str:
+    if not relay.enabled:
+        return "relay off (--no-relay): plans are punch-only"
+    rate = "no rate limit" if not relay.rate else f"{describe_rate(relay.rate)} each"
+    where = "" if relay.address is None else f", at {relay.address}"
+    return (f"relay on: up to {relay.max_sessions} sessions, {relay.max_per_source} per "
+            f"address, {rate}{where}")
 
 
 # Descriptors the server needs besides its clients' sockets (listener, epoll, logs...).
@@ -90,6 +147,7 @@ async def serve(host: str, port: int, limits: ServerLimits | None = None, *,
         return fail(PROG, f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     bound = server.address
     print(f"{PROG}: listening on {bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
+    print(f"{PROG}: {describe_relay(server.limits.relay)}", file=sys.stderr, flush=True)
     hint = fastopen_hint()  # the sysctl is the operator's: only say so
     if hint is not None:
         print(f"{PROG}: {hint}", file=sys.stderr, flush=True)
@@ -156,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         port = parse_port(args.port, what="--port", allow_zero=True)
         limits = ServerLimits(
             max_connections=parse_count(args.max_connections, "--max-connections", 1_000_000),
-            max_per_source=parse_count(args.max_per_source, "--max-per-source", 1_000_000))
+            max_per_source=parse_count(args.max_per_source, "--max-per-source", 1_000_000),
+            relay=_relay_limits(args))
         doctor_port, doctor_addresses = _doctor_options(args, port)
     except BadAddress as exc:
         return fail(PROG, str(exc), EXIT_USAGE)
@@ -167,6 +226,27 @@ def main(argv: list[str] | None = None) -> int:
                           doctor_required=args.doctor_port is not None or
                           bool(doctor_addresses)))
     return 0 if code == 130 else code  # SIGINT/SIGTERM is how a server stops
+
+
+def _relay_limits(args: argparse.Namespace) -> RelayLimits:
+    if args.no_relay:
+        for flag, value in (("--relay-rate", args.relay_rate),
+                            ("--relay-address", args.relay_address)):
+            if value is not None:
+                raise BadAddress(f"{flag} makes no sense with --no-relay")
+        return RelayLimits(enabled=False)
+    address: Endpoint | None = None
+    if args.relay_address is not None:
+        try:
+            address = parse_ipv4_endpoint(args.relay_address)
+        except BadAddress as exc:
+            raise BadAddress(f"--relay-address: {exc}") from None
+    return RelayLimits(
+        max_sessions=parse_count(args.relay_max_sessions, "--relay-max-sessions", 1_000_000),
+        max_per_source=parse_count(args.relay_max_per_source, "--relay-max-per-source",
+                                   1_000_000),
+        rate=0.0 if args.relay_rate is None else parse_rate(args.relay_rate),
+        address=address)
 
 
 if __name__ == "__main__":

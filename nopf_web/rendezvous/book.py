@@ -10,7 +10,8 @@ rendezvous' machine uses, so another store (shared between nodes) can replace
 this in-memory one.
 
 :func:`make_plans` decides, from what the rendezvous observed of both peers,
-which addresses each one punches to, in which role, and for how long.
+which addresses each one punches to, in which role, and for how long, and
+whether (and for how long) the plan ends with the relay.
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ class PairingLimits:
     tombstone_lifetime: float = 600.0  # used/expired nameplates answer precisely this long
     max_open_codes: int = 100_000
     symmetric_budget: float = 4.0  # punch time for a pair that is very likely to fail
+    # A plan with a relay stage punches for min(budget, base + rtts x the peers' RTT)
+    # first (a punch that works is up in ~1 RTT after the fire; the seed sequence's
+    # later attempts rarely win after 3 s), then relays for the rest, at least
+    # relay_min_budget (connect to the relay, wait for the peer: a few RTTs).
+    relay_punch_base: float = 3.0
+    relay_punch_rtts: float = 4.0
+    relay_min_budget: float = 5.0
 
     def __post_init__(self) -> None:
         if self.code_lifetime <= 0 or self.failed_claim_window <= 0:
@@ -239,10 +247,23 @@ class Plans:
     joiner: tuple[Stage, ...]
     sharer_note: str | None = None
     joiner_note: str | None = None
+    relay_budget: float | None = None  # both plans end with a relay stage this long
 
 
-def make_plans(sharer: PeerInfo, joiner: PeerInfo, limits: PairingLimits) -> Plans:
-    """Which addresses each side punches to, as whom, and for how long.
+def hopeless(a: Mapping, b: Mapping) -> bool:
+    """A symmetric NAT faces another NAT (or an unchecked mapping): no punch can work
+    (the rule of :attr:`nopf_web.wire.rendezvous.Fire.hopeless`)."""
+    return "symmetric" in (a, b) and "none" not in (a, b)
+
+
+def make_plans(sharer: PeerInfo, joiner: PeerInfo, limits: PairingLimits, *,
+               relay: bool = False, direct_only: bool = False) -> Plans:
+    """Which addresses each side punches to, as whom, and for how long; and whether
+    the plans end with the relay (``relay``: both peers can use one, and the
+    rendezvous relays).
+
+    Without the relay (and without ``direct_only``), the plans of a rendezvous that
+    has none:
 
     - Both symmetric: refuse at once (:class:`SymmetricPair`), unless they share
       the NAT: then the LAN only.
@@ -252,11 +273,61 @@ def make_plans(sharer: PeerInfo, joiner: PeerInfo, limits: PairingLimits) -> Pla
     - Same public IP behind a NAT: the LAN addresses first, then the public
       ones (works if the NAT hairpins).
     - Otherwise: the public addresses, the sharer arming.
+
+    With the relay: a hopeless pair (a symmetric NAT facing another NAT) relays at
+    once (after the LAN stage if both share the NAT); any other pair punches as
+    above for at most ``relay_punch_base + relay_punch_rtts x RTT``, then relays for
+    the rest of the budget (at least ``relay_min_budget``).
+
+    ``direct_only`` (a resume trying to leave the relay): the plans without the
+    relay, but a hopeless pair not behind one NAT is refused at once.
     """
     ms, mj = sharer.mapping, joiner.mapping
     budget = min(sharer.punch_timeout, joiner.punch_timeout)
     same_nat = bool(sharer.public.host == joiner.public.host and "none" not in (ms, mj)
                     and sharer.lan and joiner.lan)
+    if direct_only and hopeless(ms, mj) and not same_nat:
+        sym = sharer if ms == "symmetric" else joiner
+        raise SymmetricPair(
+            f"the {'sharer' if sym is sharer else 'connector'}'s NAT is symmetric "
+            f"({sym.describe_symmetric()}) and the other peer is behind a NAT too: hole "
+            "punching cannot connect them")
+    if not relay or direct_only:
+        return _punch_plans(sharer, joiner, limits, budget, same_nat)
+    if hopeless(ms, mj):
+        sym = sharer if ms == "symmetric" else joiner
+        why = (f"the {'sharer' if sym is sharer else 'connector'}'s NAT is symmetric "
+               f"({sym.describe_symmetric()}) and hole punching cannot connect this pair: "
+               "relayed")
+        if not same_nat:
+            return Plans((), (), why, why, max(limits.relay_min_budget, budget))
+        # Behind one NAT: its LAN may connect them (as without relay), in a third of
+        # the time; then the relay.
+        lan = max(0.5, min(5.0, budget / 3))
+        return Plans((Stage("lan", joiner.lan[0], "arm", lan),),
+                     (Stage("lan", sharer.lan[0], "connect", lan),), why, why,
+                     max(limits.relay_min_budget, budget - lan))
+    rtt = (sharer.rtt + joiner.rtt) / 2  # peer <-> peer, estimated as the fire's rtt_ms
+    punch = min(budget, limits.relay_punch_base + limits.relay_punch_rtts * rtt)
+    plans = _punch_plans(sharer, joiner, limits, punch, same_nat)
+    return Plans(plans.sharer, plans.joiner, plans.sharer_note, plans.joiner_note,
+                 max(limits.relay_min_budget, budget - punch))
+
+
+def _symmetric_notes(sharer: PeerInfo, joiner: PeerInfo) -> tuple[str, str]:
+    """(sharer's note, joiner's note) when one of them is symmetric."""
+    sym = sharer if sharer.mapping == "symmetric" else joiner
+    mine = (f"your NAT is symmetric ({sym.describe_symmetric()}), so the peer cannot aim at "
+            "the port we punch from; only a peer without NAT can accept us")
+    theirs = (f"the peer's NAT is symmetric ({sym.describe_symmetric()}), so we cannot aim "
+              "at its port; only a peer without NAT (or a full-cone NAT) can accept it")
+    return (mine, theirs) if sym is sharer else (theirs, mine)
+
+
+def _punch_plans(sharer: PeerInfo, joiner: PeerInfo, limits: PairingLimits, budget: float,
+                 same_nat: bool) -> Plans:
+    """The punch stages within ``budget`` (the plans of a rendezvous without relay)."""
+    ms, mj = sharer.mapping, joiner.mapping
     if ms == "symmetric" and mj == "symmetric" and same_nat:
         # Behind one symmetric NAT: only the LAN can work (no hairpin to aim at).
         return Plans((Stage("lan", joiner.lan[0], "arm", budget),),
@@ -277,11 +348,7 @@ def make_plans(sharer: PeerInfo, joiner: PeerInfo, limits: PairingLimits) -> Pla
             sharer_tactic, joiner_tactic = "connect", "arm"
         if other.mapping != "none":
             budget = min(budget, limits.symmetric_budget)
-        mine = (f"your NAT is symmetric ({sym.describe_symmetric()}), so the peer cannot aim at "
-                "the port we punch from; only a peer without NAT can accept us")
-        theirs = (f"the peer's NAT is symmetric ({sym.describe_symmetric()}), so we cannot aim "
-                  "at its port; only a peer without NAT (or a full-cone NAT) can accept it")
-        sharer_note, joiner_note = (mine, theirs) if sym is sharer else (theirs, mine)
+        sharer_note, joiner_note = _symmetric_notes(sharer, joiner)
     stages_s: list[Stage] = []
     stages_j: list[Stage] = []
     if same_nat:

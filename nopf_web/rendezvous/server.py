@@ -8,6 +8,14 @@ observed address and ``TCP_INFO``, bytes, FINs, losses), one timer delivers
 the machine's next deadline, and the machine's actions become writes, FINs,
 closes and resets (``SO_LINGER`` 0). Times are read from one clock.
 
+A relay session the machine joins (:class:`StartRelay`) leaves the event loop:
+both sockets are taken out of their transports (a duplicate descriptor keeps
+each connection open while asyncio lets go of its own) and handed to a
+:class:`~nopf_web.rendezvous.relay.RelayLink` (two copy threads, splice, the
+session's rate limit), which reports the end back to the loop, and so to the
+machine (:class:`RelayEnded`). :meth:`RendezvousServer.close` stops every
+session and joins its threads, bounded.
+
 Defences against hostile clients, all in the machine and all bounded: a global
 and a per-source cap on open connections (refused ones are reset at once); a
 deadline on every phase of a connection, closes included, so a client that
@@ -21,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import struct
 import sys
@@ -30,6 +39,7 @@ from collections.abc import Callable
 from nopf_web.sockets import TCPI_SIZE, rtt_of, syn_data_of, tcp_info
 
 from .book import NameplateBook
+from .relay import RelayLink, RelayOutcome
 from .server_machine import (
     Accepted,
     Action,
@@ -41,16 +51,22 @@ from .server_machine import (
     Lost,
     PeerClosed,
     Received,
+    RelayEnded,
+    RelayId,
     Reset,
     Send,
     ServerLimits,
     ServerMachine,
     ServerStats,
     Shutdown,
+    StartRelay,
+    StopRelay,
     Tick,
 )
 
 __all__ = ["DEFAULT_PORT", "RendezvousServer", "ServerLimits", "ServerStats", "fastopen_hint"]
+
+RELAY_JOIN_TIMEOUT = 2.0  # s close() waits for stopped relay threads to end
 
 log = logging.getLogger("nopf.rendezvous")
 
@@ -112,6 +128,7 @@ class RendezvousServer:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._drained: asyncio.Event | None = None  # set by close(): no link left
+        self._relays: dict[RelayId, RelayLink] = {}  # sessions being copied
 
     @property
     def stats(self) -> ServerStats:
@@ -144,19 +161,29 @@ class RendezvousServer:
 
     async def close(self) -> None:
         """Stop listening, reset coordinated connections (waiting sharers would hold
-        theirs for minutes), give the rest ``write_timeout`` + 1 s to end on their
-        own deadlines, then reset what is left."""
+        theirs for minutes) and stop relay sessions, give the rest ``write_timeout``
+        + 1 s to end on their own deadlines, then reset what is left; the relay
+        threads are joined (at most ``RELAY_JOIN_TIMEOUT`` more)."""
         if self._server is None:
             return
         server, self._server = self._server, None
         server.close()
         self._feed(Shutdown(self._clock()))
-        if self._links:
+        if self._links or self._relays:
             self._drained = asyncio.Event()
             with contextlib.suppress(TimeoutError):  # then reset below, not an error
                 await asyncio.wait_for(self._drained.wait(), self.limits.write_timeout + 1)
             self._drained = None
         self._feed(Shutdown(self._clock(), force=True))
+        if self._relays:
+            relays = list(self._relays.values())
+            self._relays.clear()
+            for link in relays:
+                link.stop()
+            stuck = await asyncio.to_thread(_join_all, relays, RELAY_JOIN_TIMEOUT)
+            if stuck:
+                log.warning("%d relay sessions did not stop within %g s", stuck,
+                            RELAY_JOIN_TIMEOUT)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = self._timer_at = None
@@ -177,9 +204,11 @@ class RendezvousServer:
         link.sock = transport.get_extra_info("socket")
         self._links[link.id] = link
         peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
         info = tcp_info(link.sock, TCPI_SIZE)
         self._feed(Accepted(link.id, (str(peer[0]), int(peer[1])) if peer else None,
-                            self._clock(), rtt_of(info), syn_data_of(info)))
+                            self._clock(), rtt_of(info), syn_data_of(info),
+                            (str(local[0]), int(local[1])) if local else None))
 
     def _lost(self, link: _Link, exc: Exception | None) -> None:
         if self._links.pop(link.id, None) is None:
@@ -196,6 +225,14 @@ class RendezvousServer:
     def _act(self, action: Action) -> None:
         if isinstance(action, Log):
             log.warning("%s", action.line)
+            return
+        if isinstance(action, StartRelay):
+            self._start_relay(action)
+            return
+        if isinstance(action, StopRelay):
+            relay = self._relays.get(action.session)
+            if relay is not None:
+                relay.stop()
             return
         link = self._links.get(action.conn)
         if link is None or link.transport is None:
@@ -232,8 +269,58 @@ class RendezvousServer:
         self._feed(Tick(self._clock()))
 
     def _check_drained(self) -> None:
-        if self._drained is not None and not self._links:
+        if self._drained is not None and not self._links and not self._relays:
             self._drained.set()
+
+    # -- relay sessions ------------------------------------------------------------------
+
+    def _start_relay(self, action: StartRelay) -> None:
+        """Take both connections out of asyncio and start copying between them."""
+        socks: list[socket.socket] = []
+        error = None
+        for cid in (action.a, action.b):
+            link = self._links.pop(cid, None)  # its connection_lost is ignored from now on
+            if link is None or link.transport is None or link.sock is None:
+                error = "a connection was gone before it was joined"
+                continue
+            transport = link.transport
+            try:
+                if transport.is_closing() or transport.get_write_buffer_size():
+                    # Gone, or our reply still queued in asyncio (never seen: it is the
+                    # first thing a connection gets, ten bytes): cannot hand it over.
+                    raise OSError(f"connection {cid} cannot be handed over")
+                # A second descriptor keeps the connection open when asyncio closes its
+                # own; nothing is written or read in between (the loop is here).
+                socks.append(socket.socket(fileno=os.dup(link.sock.fileno())))
+                transport.abort()
+            except OSError as exc:
+                error = str(exc)
+                _reset(link.sock, transport)
+        if error is not None or len(socks) != 2:
+            for sock in socks:
+                _reset(sock, None)
+            self._feed(RelayEnded(action.session, self._clock(), error=error))
+            self._check_drained()
+            return
+        loop = asyncio.get_running_loop()
+        session = action.session
+
+        def ended(outcome: RelayOutcome) -> None:  # in the last copy thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
+                loop.call_soon_threadsafe(self._relay_ended, session, outcome)
+
+        relay = RelayLink(socks[0], socks[1], greeting=action.greeting, rate=action.rate,
+                          name=f"relay-{session}", on_end=ended)
+        self._relays[session] = relay
+        relay.start()
+
+    def _relay_ended(self, session: RelayId, outcome: RelayOutcome) -> None:
+        relay = self._relays.pop(session, None)
+        if relay is not None:
+            relay.join(0.1)  # its last thread called us as its last act
+        self._feed(RelayEnded(session, self._clock(), outcome.a_to_b, outcome.b_to_a,
+                              outcome.error))
+        self._check_drained()
 
 
 def fastopen_hint(path: str = FASTOPEN_SYSCTL) -> str | None:
@@ -255,9 +342,18 @@ def fastopen_hint(path: str = FASTOPEN_SYSCTL) -> str | None:
             f"with sysctl -w net.ipv4.tcp_fastopen={value | wanted:#x}")
 
 
-def _reset(sock: socket.socket | None, transport: asyncio.Transport) -> None:
+def _reset(sock: socket.socket | None, transport: asyncio.Transport | None) -> None:
     """Drop a connection with RST: no FIN handshake, no TIME_WAIT, no buffered data."""
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
+    if transport is not None:
+        transport.abort()
+    elif sock is not None:
+        sock.close()
+
+
+def _join_all(links: list[RelayLink], timeout: float) -> int:
+    """Join every link's threads within ``timeout`` s in all; how many are still running."""
+    deadline = time.monotonic() + timeout
+    return sum(not link.join(max(0.0, deadline - time.monotonic())) for link in links)

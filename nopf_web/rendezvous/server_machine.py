@@ -19,6 +19,8 @@ Events (:meth:`ServerMachine.handle`)
                        close completed); ``writing``: a write of ours failed.
     :class:`Tick`      the time is ``now``: call it at :attr:`next_deadline`.
     :class:`Shutdown`  the server is stopping.
+    :class:`RelayEnded` a relay session the driver was copying has ended (both
+                       directions over, or stopped), with its byte counts.
 
 Actions (a list, in order, from every event)
     :class:`Send`      write bytes.
@@ -32,6 +34,14 @@ Actions (a list, in order, from every event)
     :class:`Reset`     drop with RST (``SO_LINGER`` 0): no TIME_WAIT, no buffered
                        data. The machine has forgotten the connection.
     :class:`Log`       one problem line (rate-limited per kind already).
+    :class:`StartRelay` the two connections of a relay session are the driver's from
+                       now on: write ``greeting`` to each, then copy bytes both ways,
+                       unread, at most ``rate`` bytes/s for the two directions together
+                       (0: no limit), until both directions end; then report
+                       :class:`RelayEnded`. The machine has forgotten both
+                       connections (it only counts the session).
+    :class:`StopRelay` stop copying that session (the server is stopping): end both
+                       connections; :class:`RelayEnded` follows.
 
 :attr:`ServerMachine.next_deadline` is when the driver's single timer must
 deliver the next :class:`Tick` (None: nothing is due).
@@ -47,7 +57,13 @@ What happens on a connection (``docs/protocol.md``, sections 1 and 6):
   hello: ``error`` then close;
 - a hello: ``share`` (a nameplate, pings), ``join`` (claim, RTT, plans and the
   two fires, the sharer's timed), ``reshare``/``rejoin`` (coordinate a failed
-  pairing again).
+  pairing again), ``resume`` (two hellos with one resume id and opposite sides
+  pair like a code: the first waits, pinged, up to ``RESUME_WAIT``);
+- a ``relay`` message (instead of a hello): a relay token from a plan's relay
+  stage. Checked (known, unused, unexpired, from the IP its side coordinated
+  from, within the relay's limits), it waits for the other side's, up to the
+  token's expiry, then both get ``relayed`` and :class:`StartRelay` hands the
+  two connections to the driver.
 
 Each connection's state is a plain :class:`Conn`; a waiting sharer is known to
 the nameplate book (:class:`~nopf_web.rendezvous.book.PairingBook`, any store
@@ -59,13 +75,16 @@ from __future__ import annotations
 
 import enum
 import heapq
+import secrets
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nopf_web.wire.address import Endpoint
+from nopf_web.wire.address import Endpoint, parse_ipv4_endpoint
 from nopf_web.wire.discovery import encode_reply
-from nopf_web.wire.errors import WireError
+from nopf_web.wire.errors import BadAddress, WireError
 from nopf_web.wire.rendezvous import (
+    RELAY_TOKEN_SIZE,
     ErrorReply,
     Fire,
     FrameReader,
@@ -75,6 +94,9 @@ from nopf_web.wire.rendezvous import (
     Ping,
     Pong,
     Probe,
+    Relay,
+    Relayed,
+    RelayStage,
     ServerMessage,
     UnsupportedVersion,
     Welcome,
@@ -101,8 +123,33 @@ MAX_RETRIES = 2  # coordinations again after a failed punch, per pairing
 RETRY_GRACE = 30.0  # s after the last plan's budget during which a retry is accepted
 PING_ONCE_WAIT = 1.0  # s a joiner's one RTT ping may take (where the kernel has no RTT)
 RTT_SAMPLES = 5  # a sharer's most recent pong RTTs kept
+RESUME_WAIT = 30.0  # s a resume hello waits (pinged) for the other side's
+RELAY_TOKEN_GRACE = 10.0  # s a relay token outlives its plan's budget
+RELAY_TOKEN_MEMORY = 30.0  # s an expired token is still told apart from an unknown one
 
 ConnId = int  # opaque to the machine; unique for the machine's lifetime
+RelayId = int  # one relay session (a pairing's two tokens); never reused
+
+
+@dataclass(frozen=True)
+class RelayLimits:
+    """The relay (``nopf-server --no-relay``, ``--relay-*``)."""
+
+    enabled: bool = True
+    # Sessions at once, waiting for the second side or copying: each copying one
+    # holds two sockets and two threads on the server.
+    max_sessions: int = 64
+    max_per_source: int = 4  # sessions at once with a side from one IP address
+    rate: float = 0.0  # bytes/s per session, both directions together; 0: no limit
+    # The relay address put in plans; None: the address each client reached us on
+    # (wrong behind a port forward or a container's NAT: then name the public one).
+    address: Endpoint | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_sessions < 1 or self.max_per_source < 1:
+            raise ValueError("relay session limits must be at least 1")
+        if self.rate < 0:
+            raise ValueError("the relay rate must be >= 0 (0: no limit)")
 
 
 @dataclass(frozen=True)
@@ -119,6 +166,7 @@ class ServerLimits:
     # at 5 s, 10,000 waiting sharers kept 63 % of a core busy.
     ping_interval: float = 15.0
     pairing: PairingLimits = field(default_factory=PairingLimits)
+    relay: RelayLimits = field(default_factory=RelayLimits)
 
 
 @dataclass
@@ -132,6 +180,12 @@ class ServerStats:
     paired: int = 0  # pairs sent a fire instruction
     refused_claims: int = 0
     syn_data: int = 0  # coordinated hellos that arrived in the SYN (TCP Fast Open)
+    resumed: int = 0  # resume pairings sent a fire instruction
+    relay_plans: int = 0  # pairings whose plans end with the relay
+    relayed: int = 0  # relay sessions started (both sides joined)
+    relay_live: int = 0  # relay sessions being copied now
+    relay_refused: int = 0  # relay connections refused
+    relayed_bytes: int = 0  # copied by relay sessions that ended
 
 
 # Events ------------------------------------------------------------------------
@@ -144,6 +198,7 @@ class Accepted:
     now: float
     kernel_rtt: float | None = None  # s, TCP_INFO's smoothed RTT; None: none known
     syn_data: bool = False  # the SYN carried data the kernel accepted (TCP Fast Open)
+    local: tuple[str, int] | None = None  # our address the peer reached (a relay's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +236,18 @@ class Shutdown:
     force: bool = False
 
 
-Event = Accepted | Received | PeerClosed | Lost | Tick | Shutdown
+@dataclass(frozen=True, slots=True)
+class RelayEnded:
+    """A relay session is over: both directions ended, or it was stopped."""
+
+    session: RelayId
+    now: float
+    a_to_b: int = 0  # bytes copied from the sharer's side to the joiner's
+    b_to_a: int = 0
+    error: str | None = None  # a socket error ended it (the other side was reset)
+
+
+Event = Accepted | Received | PeerClosed | Lost | Tick | Shutdown | RelayEnded
 
 
 # Actions -----------------------------------------------------------------------
@@ -217,7 +283,24 @@ class Log:
     line: str
 
 
-Action = Send | LastWord | Close | Reset | Log
+@dataclass(frozen=True, slots=True)
+class StartRelay:
+    """Connections ``a`` (the sharer's side) and ``b`` are the driver's: write
+    ``greeting`` to each, then copy both ways unread (see the module doc)."""
+
+    session: RelayId
+    a: ConnId
+    b: ConnId
+    greeting: bytes
+    rate: float  # bytes/s for both directions together; 0: no limit
+
+
+@dataclass(frozen=True, slots=True)
+class StopRelay:
+    session: RelayId
+
+
+Action = Send | LastWord | Close | Reset | Log | StartRelay | StopRelay
 
 
 # State -------------------------------------------------------------------------
@@ -228,6 +311,7 @@ class Phase(enum.Enum):
     SHARING = "sharing"  # a sharer waiting on its nameplate, pinged
     MEASURING = "measuring"  # a joiner or retrier: one ping, where the kernel has no RTT
     RETRY_WAITING = "retry-waiting"  # a retry hello waiting for the other side's
+    RELAY_WAITING = "relay-waiting"  # a relay connection waiting for the other side's
     FIRING = "firing"  # its last message (fire or refusal) leaves at the deadline
     LAST_WORD = "last-word"  # message and FIN sent; discarding until the peer's FIN
     CLOSING = "closing"  # closed; waiting for the close to complete
@@ -235,9 +319,9 @@ class Phase(enum.Enum):
 
 @dataclass(slots=True)
 class Sharing:
-    """A waiting sharer's nameplate and pings."""
+    """A waiting sharer's nameplate (None: a resume hello, waiting by its id) and pings."""
 
-    nameplate: int
+    nameplate: int | None
     expires_at: float
     last_pong: float
     seq: int = 0
@@ -265,6 +349,8 @@ class Conn:
     message: bytes = b""  # FIRING: what leaves at the deadline
     eof: bool = False  # the peer closed its side
     gone: bool = False  # lost, kept only until its coordination ends (nothing is sent)
+    local: tuple[str, int] | None = None  # our address as the peer reached it
+    relay: RelayId | None = None  # RELAY_WAITING: the session it waits in
 
     @property
     def public(self) -> Endpoint:
@@ -298,6 +384,28 @@ class RetrySlot:
     waiting: tuple[str, ConnId] | None = None  # the side that asked first, and its conn
 
 
+@dataclass(slots=True)
+class RelayTicket:
+    """One side's relay token: single use, from one IP, until its session expires."""
+
+    session: RelaySession
+    side: str  # "sharer" | "joiner"
+    ip: str  # the public IP that side coordinated from
+    used: bool = False
+
+
+@dataclass(slots=True)
+class RelaySession:
+    """A pairing's relay: its two tokens, then the connections that presented them."""
+
+    id: RelayId
+    expires_at: float  # tokens are refused from then on
+    tokens: tuple[bytes, bytes]  # (sharer's, joiner's)
+    waiting: ConnId | None = None  # the first side's connection, until the second's
+    counted: tuple[str, ...] = ()  # the IPs it counts against while waiting or live
+    live: bool = False  # handed to the driver, until RelayEnded
+
+
 @dataclass
 class ProblemLog:
     """One log line per problem kind per interval, with a count of the repeats."""
@@ -327,13 +435,22 @@ class ServerMachine:
     """Every connection of one rendezvous server; see the module docstring."""
 
     def __init__(self, limits: ServerLimits | None = None,
-                 book: PairingBook[ConnId] | None = None) -> None:
+                 book: PairingBook[ConnId] | None = None, *,
+                 entropy: Callable[[int], bytes] = secrets.token_bytes) -> None:
         self.limits = limits or ServerLimits()
         self.stats = ServerStats()
         self.book: PairingBook[ConnId] = (book if book is not None
                                           else NameplateBook(self.limits.pairing))
         self.conns: dict[ConnId, Conn] = {}
         self.retries: dict[int, RetrySlot] = {}  # by nameplate
+        self.resumes: dict[bytes, ConnId] = {}  # a waiting resume hello's conn, by id
+        self.tickets: dict[bytes, RelayTicket] = {}  # relay tokens, by token
+        self.sessions: dict[RelayId, RelaySession] = {}  # relay sessions, by id
+        self._entropy = entropy  # relay tokens
+        self._next_session: RelayId = 0
+        self._session_expiry: list[tuple[float, RelayId]] = []  # a heap: when to forget
+        self._relay_sources: Counter[str] = Counter()  # relay sessions per IP
+        self._relay_count = 0  # sessions waiting or live (RelayLimits.max_sessions)
         self._per_source: Counter[str] = Counter()
         self._problems = ProblemLog(self.limits.log_interval)
         self._timers: list[tuple[float, ConnId]] = []  # a heap; stale entries are skipped
@@ -357,8 +474,13 @@ class ServerMachine:
             self._tick(event.now)
         elif isinstance(event, Shutdown):
             for each in list(self.conns.values()):
-                if event.force or each.hello is not None:
+                if event.force or each.hello is not None or each.relay is not None:
                     self._reset(each, event.now)
+            for session in self.sessions.values():
+                if session.live:  # counted until the driver reports its end
+                    self._out.append(StopRelay(session.id))
+        elif isinstance(event, RelayEnded):
+            self._relay_ended(event)
         elif isinstance(event, Accepted):
             if event.conn in self.conns:
                 raise ValueError(f"connection id {event.conn} is already in use")
@@ -411,8 +533,13 @@ class ServerMachine:
         if self._per_source[conn.source] <= 0:
             del self._per_source[conn.source]
         if conn.sharing is not None:
-            self.book.release(conn.sharing.nameplate, conn.id, now=now)
+            if conn.sharing.nameplate is None:
+                self._unlist_resume(conn)
+            else:
+                self.book.release(conn.sharing.nameplate, conn.id, now=now)
             conn.sharing = None
+        if conn.relay is not None:
+            self._relay_abandoned(conn)
 
     def _reset(self, conn: Conn, now: float) -> None:
         self._forget(conn, now)
@@ -452,7 +579,8 @@ class ServerMachine:
     def _accept(self, ev: Accepted) -> None:
         now, peer = ev.now, ev.peer
         source = str(peer[0]) if peer else "?"
-        conn = Conn(ev.conn, source, peer, kernel_rtt=ev.kernel_rtt, syn_data=ev.syn_data)
+        conn = Conn(ev.conn, source, peer, kernel_rtt=ev.kernel_rtt, syn_data=ev.syn_data,
+                    local=ev.local)
         self.conns[conn.id] = conn
         self.stats.open_now += 1
         self._per_source[source] += 1
@@ -499,6 +627,11 @@ class ServerMachine:
                     self._sharer_message(conn, payload, now)
             except _Gone:
                 self._reset(conn, now)  # the code closes with it
+        elif phase is Phase.RELAY_WAITING:
+            # Nothing may come before "relayed": whatever does is no peer of ours.
+            self._problem("relay-protocol", f"relay connection from {_fmt(conn.peer)} sent "
+                          f"{len(data)} bytes before it was joined: reset", now)
+            self._reset(conn, now)
         elif phase is Phase.MEASURING:
             try:
                 payloads = self._frames(conn, data)
@@ -519,7 +652,7 @@ class ServerMachine:
     def _peer_closed(self, conn: Conn, now: float) -> None:
         conn.eof = True
         phase = conn.phase
-        if phase is Phase.HELLO or phase is Phase.SHARING:
+        if phase is Phase.HELLO or phase is Phase.SHARING or phase is Phase.RELAY_WAITING:
             # A seed client that has its answer and closed (it sees nothing of the
             # RST, and its port is free at once), or a sharer that left.
             self._reset(conn, now)
@@ -569,6 +702,8 @@ class ServerMachine:
                 self._close(conn, now)
         elif phase is Phase.SHARING:
             self._sharer_wake(conn, now)
+        elif phase is Phase.RELAY_WAITING:
+            self._relay_timeout(conn, now)
         elif phase is Phase.MEASURING:
             self._measured(conn, now)  # no pong within PING_ONCE_WAIT: go without
         elif phase is Phase.RETRY_WAITING:
@@ -597,6 +732,17 @@ class ServerMachine:
             if isinstance(msg, Probe):  # the mapping check: close first, at once
                 self._close(conn, now)
                 return
+            if isinstance(msg, Relay):
+                if len(payloads) > 1 or conn.frames.buffered:
+                    # Bytes behind it would be the peer's: none may come before "relayed".
+                    self._problem("relay-protocol", f"relay connection from "
+                                  f"{_fmt(conn.peer)} sent bytes behind its relay message: "
+                                  "reset", now)
+                    self._reset(conn, now)
+                    return
+                conn.deadline = None
+                self._relay(conn, msg.token, now)
+                return
             if not isinstance(msg, Hello) or len(payloads) > 1 or conn.frames.buffered:
                 raise MessageError("the first message must be a single hello")
         except UnsupportedVersion as exc:
@@ -614,6 +760,8 @@ class ServerMachine:
             self._share(conn, now)
         elif msg.action == "join":
             self._join(conn, now)
+        elif msg.action == "resume":
+            self._resume(conn, now)
         else:
             self._retry(conn, now)
 
@@ -653,7 +801,7 @@ class ServerMachine:
         except MessageError as exc:
             raise _Gone(f"sent an invalid message ({exc})") from None
         if isinstance(msg, PakeMessage):  # once, after the welcome
-            if conn.pake is not None:
+            if conn.pake is not None or conn.sharing is None or conn.sharing.nameplate is None:
                 raise _Gone("sent an unexpected pake message")
             conn.pake = msg.pake
         elif isinstance(msg, Pong):
@@ -669,6 +817,11 @@ class ServerMachine:
     def _sharer_wake(self, conn: Conn, now: float) -> None:
         sharing = conn.sharing
         assert sharing is not None
+        if now >= sharing.expires_at and sharing.nameplate is None:
+            self._unlist_resume(conn)
+            self._refuse(conn, "timeout",
+                         f"the peer did not resume within {RESUME_WAIT:g} s", now)
+            return
         if now >= sharing.expires_at:
             self.book.sweep(now=now)  # buries it as expired (a late claim is told so)
             lifetime = describe_duration(self.limits.pairing.code_lifetime)
@@ -688,11 +841,12 @@ class ServerMachine:
         nameplate = hello.nameplate
         owner = self.book.peek(nameplate, now=now)
         sharer = None if owner is None else self.conns.get(owner)
-        if (sharer is not None and hello.probe is None
+        if (sharer is not None and hello.probe is None and not self._relays(sharer, conn)
                 and sharer.info().mapping == "symmetric" and conn.info().mapping != "none"):
             # Against a symmetric sharer the joiner's own mapping decides between
             # "refuse at once" and a short punch: it has to check it first. The
-            # code stays open for its second hello.
+            # code stays open for its second hello. (With the relay, an unchecked
+            # mapping facing a symmetric one relays at once: no check needed.)
             self._refuse(conn, "probe_required",
                          "the sharer's NAT is symmetric: check our NAT mapping (a probe from "
                          "the same port), then send the hello again", now)
@@ -727,6 +881,8 @@ class ServerMachine:
         assert conn.hello is not None
         if conn.hello.action == "join":
             self._join_measured(conn, now)
+        elif conn.hello.action == "resume":
+            self._resume_measured(conn, now)
         else:
             self._retry_measured(conn, now)
 
@@ -793,9 +949,239 @@ class ServerMachine:
         for nameplate in [n for n, s in self.retries.items() if s.until <= now]:
             del self.retries[nameplate]
 
+    # -- resume: meet the peer of a tunnel again -------------------------------------------
+
+    def _resume(self, conn: Conn, now: float) -> None:
+        """Pair with the waiting resume hello of the other side, or wait for it."""
+        hello = conn.hello
+        assert hello is not None and hello.resume_id is not None
+        other = self._waiting_resume(hello.resume_id)
+        if other is None:
+            self._resume_wait(conn, now)
+            return
+        del self.resumes[hello.resume_id]  # claimed (it keeps its pings until the fire)
+        assert other.hello is not None
+        if other.hello.side == hello.side:
+            # The same side again: its earlier connection is likely dead without our
+            # knowing (a NAT that rebooted drops it silently), so the newer one wins.
+            older, newer = (other, conn) if other.id < conn.id else (conn, other)
+            if newer is other:
+                self.resumes[hello.resume_id] = other.id
+            else:
+                self._resume_wait(conn, now)
+            self._refuse(older, "bad_request", "a newer resume hello from the same side "
+                         "replaced this one", now)
+            return
+        conn.partner = other.id
+        if conn.syn_data or conn.rtt_known():
+            if conn.syn_data:
+                self.stats.syn_data += 1
+            self._measured(conn, now)
+        else:
+            self._ping_once(conn, now)
+
+    def _waiting_resume(self, resume_id: bytes) -> Conn | None:
+        cid = self.resumes.get(resume_id)
+        conn = None if cid is None else self.conns.get(cid)
+        if conn is None or conn.phase is not Phase.SHARING:
+            return None
+        return conn
+
+    def _resume_wait(self, conn: Conn, now: float) -> None:
+        """The first of two resume hellos: pinged like a sharer, up to RESUME_WAIT."""
+        assert conn.hello is not None and conn.hello.resume_id is not None
+        self.resumes[conn.hello.resume_id] = conn.id
+        conn.phase = Phase.SHARING
+        conn.partner = None
+        conn.sharing = Sharing(None, now + RESUME_WAIT, last_pong=now)
+        self._ping(conn, now)
+
+    def _unlist_resume(self, conn: Conn) -> None:
+        assert conn.hello is not None and conn.hello.resume_id is not None
+        if self.resumes.get(conn.hello.resume_id) == conn.id:
+            del self.resumes[conn.hello.resume_id]
+
+    def _resume_measured(self, conn: Conn, now: float) -> None:
+        other = None if conn.partner is None else self.conns.get(conn.partner)
+        if other is None or other.phase is not Phase.SHARING or other.gone:
+            self._resume(conn, now)  # it left meanwhile: pair with another, or wait
+            return
+        if conn.gone:  # we left while measuring: the other waits on, for a newer hello
+            assert other.hello is not None and other.hello.resume_id is not None
+            self.resumes.setdefault(other.hello.resume_id, other.id)
+            self._forget(conn, now)
+            return
+        other.deadline = None
+        if _side(conn) == "joiner":
+            self._pair(None, other, conn, now)
+        else:
+            self._pair(None, conn, other, now)
+
+    # -- the relay: tokens in plans, then the connections that present them ----------------
+
+    def _relays(self, a: Conn, b: Conn) -> bool:
+        """Will a plan for these two end with the relay?"""
+        relay = self.limits.relay
+        return (relay.enabled and a.hello is not None and b.hello is not None
+                and a.hello.relay_capable and b.hello.relay_capable
+                and self._relay_address(a) is not None
+                and self._relay_address(b) is not None)
+
+    def _relay_address(self, conn: Conn) -> Endpoint | None:
+        """The relay address for this client's plan: ours as it reached us (so the
+        relay connection takes the coordination's path), unless one is configured."""
+        if self.limits.relay.address is not None:
+            return self.limits.relay.address
+        if conn.local is None:
+            return None
+        try:  # as the encoder will check it: IPv4 (a v4-mapped one unwrapped), a port
+            return parse_ipv4_endpoint(
+                f"{str(conn.local[0]).removeprefix('::ffff:')}:{int(conn.local[1])}")
+        except BadAddress:
+            return None  # not IPv4: no relay stage (the wire has IPv4 addresses only)
+
+    def _relay_tokens(self, sharer: Conn, joiner: Conn, expires_at: float,
+                      now: float) -> tuple[bytes, bytes]:
+        """A new relay session's two single-use tokens, each bound to its side's IP."""
+        self._prune_sessions(now)
+        self._next_session += 1
+        tokens = (self._entropy(RELAY_TOKEN_SIZE), self._entropy(RELAY_TOKEN_SIZE))
+        session = RelaySession(self._next_session, expires_at, tokens)
+        self.sessions[session.id] = session
+        heapq.heappush(self._session_expiry,
+                       (expires_at + RELAY_TOKEN_MEMORY, session.id))
+        for token, side, conn in ((tokens[0], "sharer", sharer), (tokens[1], "joiner", joiner)):
+            self.tickets[token] = RelayTicket(session, side, conn.public.host)
+        return tokens
+
+    def _prune_sessions(self, now: float) -> None:
+        """Forget sessions well past their tokens' expiry (never one waiting or live)."""
+        heap = self._session_expiry
+        while heap and heap[0][0] <= now:
+            _, sid = heapq.heappop(heap)
+            session = self.sessions.get(sid)
+            if session is None:
+                continue  # ended already
+            if session.live or session.waiting is not None:  # not yet: look again later
+                heapq.heappush(heap, (now + RELAY_TOKEN_MEMORY, sid))
+                continue
+            self._drop_session(session)
+
+    def _drop_session(self, session: RelaySession) -> None:
+        del self.sessions[session.id]
+        for token in session.tokens:
+            self.tickets.pop(token, None)
+
+    def _relay_refuse(self, conn: Conn, code: str, kind: str, why: str, now: float) -> None:
+        """Refuse a relay connection: one log line (per kind and interval), the error."""
+        self.stats.relay_refused += 1
+        self._problem(kind, f"relay refused {_fmt(conn.peer)}: {why}", now)
+        self._refuse(conn, code, f"relay refused: {why}", now)
+
+    def _relay(self, conn: Conn, token: bytes, now: float) -> None:
+        """A relay message: check its token, then wait for the other side or join it."""
+        relay = self.limits.relay
+        if not relay.enabled:
+            self._relay_refuse(conn, "relay_refused", "relay-token",
+                               "this rendezvous does not relay", now)
+            return
+        self._prune_sessions(now)
+        ticket = self.tickets.get(token)
+        if ticket is None:
+            self._relay_refuse(conn, "relay_refused", "relay-token",
+                               "unknown relay token", now)
+            return
+        session = ticket.session
+        if now >= session.expires_at:
+            self._relay_refuse(conn, "relay_refused", "relay-token",
+                               "relay token expired", now)
+            return
+        if ticket.used:
+            self._relay_refuse(conn, "relay_refused", "relay-token",
+                               f"relay token of the {ticket.side} already used", now)
+            return
+        if conn.public.host != ticket.ip:
+            self._relay_refuse(conn, "relay_refused", "relay-token",
+                               f"relay token of the {ticket.side} presented from another "
+                               f"address than {ticket.ip}", now)
+            return
+        other = self.tickets.get(session.tokens[1] if ticket.side == "sharer"
+                                 else session.tokens[0])
+        waiting = None if session.waiting is None else self.conns.get(session.waiting)
+        if waiting is None and other is not None and other.used:
+            ticket.used = True
+            self._relay_refuse(conn, "relay_refused", "relay-token",
+                               f"the {other.side}'s relay connection ended before the "
+                               f"{ticket.side}'s arrived", now)
+            return
+        ip = conn.public.host
+        if waiting is None and self._relay_count >= relay.max_sessions:
+            self._relay_refuse(conn, "busy", "relay-sessions",
+                               f"{relay.max_sessions} relay sessions open", now)
+            return
+        if ip not in session.counted and self._relay_sources[ip] >= relay.max_per_source:
+            self._relay_refuse(conn, "busy", "relay-per-source",
+                               f"{relay.max_per_source} relay sessions open from {ip}", now)
+            return
+        ticket.used = True
+        if ip not in session.counted:
+            session.counted += (ip,)
+            self._relay_sources[ip] += 1
+        if waiting is None:  # the first side: wait for the other, until the tokens expire
+            self._relay_count += 1
+            session.waiting = conn.id
+            conn.relay = session.id
+            conn.phase = Phase.RELAY_WAITING
+            self._at(conn, session.expires_at)
+            return
+        session.waiting = None
+        waiting.relay = None
+        a, b = (waiting, conn) if ticket.side == "joiner" else (conn, waiting)
+        for each in (a, b):  # the driver's from now on (no reset, no more events)
+            self._forget(each, now)
+        session.live = True
+        self.stats.relayed += 1
+        self.stats.relay_live += 1
+        self._out.append(StartRelay(session.id, a.id, b.id, encode(Relayed()), relay.rate))
+
+    def _relay_timeout(self, conn: Conn, now: float) -> None:
+        session = None if conn.relay is None else self.sessions.get(conn.relay)
+        self._relay_abandoned(conn)
+        waited = "" if session is None else " (the relay tokens expired)"
+        self._refuse(conn, "timeout", f"the peer did not reach the relay in time{waited}", now)
+
+    def _relay_abandoned(self, conn: Conn) -> None:
+        """A waiting relay connection ends before the other side came: its session no
+        longer counts (its token stays used)."""
+        session = None if conn.relay is None else self.sessions.get(conn.relay)
+        conn.relay = None
+        if session is None or session.waiting != conn.id:
+            return
+        session.waiting = None
+        self._uncount(session)
+
+    def _uncount(self, session: RelaySession) -> None:
+        self._relay_count -= 1
+        for ip in session.counted:
+            self._relay_sources[ip] -= 1
+            if self._relay_sources[ip] <= 0:
+                del self._relay_sources[ip]
+        session.counted = ()
+
+    def _relay_ended(self, ev: RelayEnded) -> None:
+        session = self.sessions.get(ev.session)
+        if session is None or not session.live:
+            return
+        session.live = False
+        self.stats.relay_live -= 1
+        self.stats.relayed_bytes += ev.a_to_b + ev.b_to_a
+        self._uncount(session)
+        self._drop_session(session)
+
     # -- the plan and the fires ------------------------------------------------------------------
 
-    def _pair(self, nameplate: int, sharer: Conn, joiner: Conn, now: float) -> None:
+    def _pair(self, nameplate: int | None, sharer: Conn, joiner: Conn, now: float) -> None:
+        """Plan and fire a pairing (``nameplate`` None: a resume)."""
         (to_sharer, sharer_at), (to_joiner, joiner_at) = self._plan(nameplate, sharer, joiner,
                                                                     now)
         self._fire(joiner, encode(to_joiner), joiner_at, now)
@@ -811,12 +1197,16 @@ class ServerMachine:
         conn.message = data
         self._at(conn, at)
 
-    def _plan(self, nameplate: int, sharer_conn: Conn, joiner_conn: Conn, now: float,
+    def _plan(self, nameplate: int | None, sharer_conn: Conn, joiner_conn: Conn, now: float,
               ) -> tuple[tuple[ServerMessage, float], tuple[ServerMessage, float]]:
         """Each side's last message (fire, or the refusal) and when to send it."""
         sharer, joiner = sharer_conn.info(), joiner_conn.info()
+        direct_only = any(c.hello is not None and c.hello.direct_only
+                          for c in (sharer_conn, joiner_conn))
         try:
-            plans = make_plans(sharer, joiner, self.limits.pairing)
+            plans = make_plans(sharer, joiner, self.limits.pairing,
+                               relay=self._relays(sharer_conn, joiner_conn),
+                               direct_only=direct_only)
         except SymmetricPair as exc:
             refusal = ErrorReply("symmetric_nat", str(exc))
             return (refusal, now), (refusal, now)
@@ -844,21 +1234,39 @@ class ServerMachine:
         # must see neither: it rejects unknown fields, and both must agree on
         # whether the tunnel runs SPAKE2 in-band).
         both = sharer_conn.pake is not None and joiner_conn.pake is not None
-        # Keep the pairing for a retry until well after its punch can have ended.
-        self._prune_retries(now)
-        until = fire_at + sum(s.budget for s in plans.sharer) + RETRY_GRACE
-        slot = self.retries.get(nameplate)
-        if slot is None:
-            self.retries[nameplate] = RetrySlot(sharer.public.host, joiner.public.host, until)
+        budget = sum(s.budget for s in plans.sharer) + (plans.relay_budget or 0.0)
+        relay_s = relay_j = None
+        if plans.relay_budget is not None:
+            # The tokens last until the plan's end (as the later fire arrives) + grace.
+            start = max(fire_at, sharer_at + sharer.rtt / 2)
+            token_s, token_j = self._relay_tokens(sharer_conn, joiner_conn,
+                                                  start + budget + RELAY_TOKEN_GRACE, now)
+            addr_s, addr_j = self._relay_address(sharer_conn), self._relay_address(joiner_conn)
+            assert addr_s is not None and addr_j is not None  # checked by _relays
+            relay_s = RelayStage(addr_s, plans.relay_budget, token_s)
+            relay_j = RelayStage(addr_j, plans.relay_budget, token_j)
+            self.stats.relay_plans += 1
+        if nameplate is not None:
+            # Keep the pairing for a retry until well after its punch can have ended.
+            self._prune_retries(now)
+            until = fire_at + budget + RETRY_GRACE
+            slot = self.retries.get(nameplate)
+            if slot is None:
+                self.retries[nameplate] = RetrySlot(sharer.public.host, joiner.public.host,
+                                                    until)
+            else:
+                slot.until = until
         else:
-            slot.until = until
+            self.stats.resumed += 1
         self.stats.paired += 1
         return (
             (Fire(sharer.public, joiner.public, plans.sharer, rtt_ms, plans.sharer_note,
-                  joiner_conn.pake if both else None, (sharer.mapping, joiner.mapping)),
+                  joiner_conn.pake if both else None, (sharer.mapping, joiner.mapping),
+                  relay_s),
              sharer_at),
             (Fire(joiner.public, sharer.public, plans.joiner, rtt_ms, plans.joiner_note,
-                  sharer_conn.pake if both else None, (joiner.mapping, sharer.mapping)),
+                  sharer_conn.pake if both else None, (joiner.mapping, sharer.mapping),
+                  relay_j),
              joiner_at),
         )
 
@@ -878,4 +1286,6 @@ def _nameplate(conn: Conn) -> int:
 
 def _side(conn: Conn) -> str:
     assert conn.hello is not None
+    if conn.hello.action == "resume":
+        return "sharer" if conn.hello.side == "share" else "joiner"
     return "sharer" if conn.hello.action == "reshare" else "joiner"

@@ -25,9 +25,29 @@ Client -> rendezvous
                                       three round trips; see "probe_required")
             "punch_timeout":S,       (seconds this peer will punch; the plan uses the
                                       smaller of the two peers')
-            "pake":"base64"}         (optional, absent to share: our SPAKE2 message,
+            "pake":"base64",         (optional, absent to share: our SPAKE2 message,
                                       PAKE_SIZE = 33 bytes, standard base64 = 44
                                       characters; forwarded opaquely to the peer)
+            "relay":true}            (optional, absent unless true: this client can use a
+                                      plan's "relay" stages. Without it the plans are
+                                      punch-only, exactly as before relays existed)
+    hello  {"type":"hello","version":2,"action":"resume",  (meet the peer of a tunnel
+                                      again, after a path loss or to try direct: the two
+                                      resume hellos with the same id and opposite sides
+                                      pair like a code; the first waits RESUME_WAIT, pinged)
+            "resume_id":"base64",    (RESUME_ID_SIZE = 16 bytes, standard base64 = 24
+                                      characters, one spelling; derived from the tunnel's
+                                      key by the peers, opaque to the rendezvous)
+            "side":"share"|"join",   (which side of the tunnel this peer is)
+            "direct_only":bool,      (true: punch stages only, no relay; a pair that
+                                      cannot be punched is refused at once)
+            "lan":[...],"probe":...,"punch_timeout":S}  (as above; no "nameplate",
+                                      "pake" or "relay": a resume hello implies "relay"
+                                      unless direct_only)
+    relay  {"type":"relay","version":2,"token":"base64"}
+           (instead of a hello, on a new connection to a relay stage's "peer": this
+            side's token from its plan, RELAY_TOKEN_SIZE = 16 bytes, standard base64 =
+            24 characters. The client then sends nothing until "relayed")
     pake   {"type":"pake","pake":"base64"}  (a sharer's SPAKE2 message, once, after the
                                              welcome: its code did not exist at its hello)
     pong   {"type":"pong","seq":N}   (answer to ping, at once)
@@ -43,7 +63,13 @@ Rendezvous -> client
     ping    {"type":"ping","seq":N}  (RTT measurement and liveness, while waiting)
     fire    {"type":"fire","public":"ip:port","peer_public":"ip:port",
              "plan":[{"path":"public"|"lan","peer":"ip:port","punch":"arm"|"connect",
-                      "budget":S},...],
+                      "budget":S},...],  (then, only to a client that said "relay", at
+                                          most one relay stage, always the last:
+                                          {"path":"relay","peer":"<relay ip:port>",
+                                          "punch":"connect","budget":S,"token":"base64"};
+                                          "token" is present iff "path" is "relay".
+                                          Decoded into Fire.plan (the punch stages) and
+                                          Fire.relay)
              "rtt_ms":R, "note":"..."|null, "peer_pake":"base64",
              "mapping":{"you":M,"peer":M}}
             (the joiner's is sent at once, the sharer's so that it arrives with the
@@ -58,6 +84,9 @@ Rendezvous -> client
             sharer's NAT is symmetric, so the plan depends on the joiner's mapping):
             the code stays open; the joiner probes from the same port and sends its
             hello again, with the probe
+    relayed {"type":"relayed"}  (on a relay connection: both sides are here. From the
+            next byte on, the connection carries the peer's bytes, copied unread both
+            ways until either side closes)
 """
 
 from __future__ import annotations
@@ -85,6 +114,8 @@ MAX_TEXT = 300  # characters of an error message or note
 MAX_SEQ = 2**31 - 1
 PAKE_SIZE = 33  # bytes of a SPAKE2 message: side byte b"A"/b"B", 32-byte Ed25519 element
 PAKE_TEXT = 44  # its base64 length
+RESUME_ID_SIZE = 16  # bytes of a resume id (128 bits: no guessing, no nameplate needed)
+RELAY_TOKEN_SIZE = 16  # bytes of a relay token (single use, one per side of a pairing)
 
 ERROR_CODES = frozenset({
     "bad_request",  # malformed or unexpected message
@@ -94,14 +125,17 @@ ERROR_CODES = frozenset({
     "used",  # codes are single-use: someone already claimed this one
     "too_many_guesses",  # too many failed claims from this source address
     "symmetric_nat",  # the pair cannot be punched: symmetric mapping named
-    "busy",  # the rendezvous is out of nameplates or connections
+    "busy",  # the rendezvous is out of nameplates or connections, or at a relay limit
     "timeout",  # a peer did not answer in time
     "probe_required",  # the joiner sent no NAT mapping check and the plan needs one
+    "relay_refused",  # a relay connection's token is unknown, used, expired or not ours
 })
 
-HelloAction = Literal["share", "join", "reshare", "rejoin"]
-ACTIONS: frozenset[str] = frozenset({"share", "join", "reshare", "rejoin"})
-Path = Literal["public", "lan"]
+HelloAction = Literal["share", "join", "reshare", "rejoin", "resume"]
+ACTIONS: frozenset[str] = frozenset({"share", "join", "reshare", "rejoin", "resume"})
+ResumeSide = Literal["share", "join"]  # the wire's names of the roles (server, client)
+RESUME_SIDES: frozenset[str] = frozenset({"share", "join"})
+Path = Literal["public", "lan"]  # a punch stage's; a relay stage is a RelayStage
 TacticName = Literal["arm", "connect"]
 # How the rendezvous classified a peer's NAT mapping (see book.PeerInfo.mapping).
 Mapping = Literal["none", "stable", "symmetric", "unknown"]
@@ -124,6 +158,17 @@ class Hello:
     punch_timeout: float
     version: int = VERSION
     pake: bytes | None = None  # our SPAKE2 message, for the peer (None: in-band SPAKE2)
+    relay: bool = False  # code actions: we can use relay stages (resume: implied)
+    resume_id: bytes | None = None  # "resume" only: which tunnel (RESUME_ID_SIZE bytes)
+    side: ResumeSide | None = None  # "resume" only
+    direct_only: bool = False  # "resume" only: punch stages only
+
+    @property
+    def relay_capable(self) -> bool:
+        """This peer can use relay stages, and wants them."""
+        if self.action == "resume":
+            return not self.direct_only
+        return self.relay
 
 
 @dataclass(frozen=True)
@@ -144,6 +189,14 @@ class Probe:
 
 
 @dataclass(frozen=True)
+class Relay:
+    """Join me with my peer: this side's relay token from its plan."""
+
+    token: bytes
+    version: int = VERSION
+
+
+@dataclass(frozen=True)
 class Welcome:
     nameplate: int
     expires_in: float
@@ -157,10 +210,23 @@ class Ping:
 
 @dataclass(frozen=True)
 class Stage:
+    """A punch stage of a plan."""
+
     path: Path
     peer: Endpoint
     punch: TacticName
     budget: float
+
+
+@dataclass(frozen=True)
+class RelayStage:
+    """A plan's relay stage (the last one): connect to ``relay`` and present ``token``
+    in a :class:`Relay` message; the relay joins us with the peer. On the wire, a plan
+    entry with path "relay" and punch "connect"."""
+
+    relay: Endpoint  # the rendezvous' own address, as this client reached it
+    budget: float
+    token: bytes  # this side's, single use (RELAY_TOKEN_SIZE bytes)
 
 
 @dataclass(frozen=True)
@@ -172,6 +238,7 @@ class Fire:
     note: str | None = None
     peer_pake: bytes | None = None  # the peer's SPAKE2 message, as it sent it
     mapping: tuple[Mapping, Mapping] | None = None  # (ours, the peer's), as classified
+    relay: RelayStage | None = None  # after the punch stages ("plan" may then be empty)
 
     @property
     def hopeless(self) -> bool:
@@ -183,13 +250,18 @@ class Fire:
 
 
 @dataclass(frozen=True)
+class Relayed:
+    """Both sides are on the relay: from the next byte on, the peer's bytes."""
+
+
+@dataclass(frozen=True)
 class ErrorReply:
     code: str
     message: str
 
 
-ClientMessage = Hello | Pong | Probe | PakeMessage
-ServerMessage = Welcome | Ping | Fire | ErrorReply
+ClientMessage = Hello | Pong | Probe | PakeMessage | Relay
+ServerMessage = Welcome | Ping | Fire | ErrorReply | Relayed
 Message = ClientMessage | ServerMessage
 
 
@@ -206,12 +278,25 @@ def _b64(data: bytes) -> str:
 
 def _to_json(msg: Message) -> dict[str, Any]:
     if isinstance(msg, Hello):
+        if msg.action == "resume":
+            return {"type": "hello", "version": msg.version, "action": msg.action,
+                    "resume_id": None if msg.resume_id is None else _b64(msg.resume_id),
+                    "side": msg.side, "direct_only": msg.direct_only,
+                    "lan": [_ep(e) for e in msg.lan],
+                    "probe": _ep(msg.probe) if msg.probe else None,
+                    "punch_timeout": msg.punch_timeout}
         hello = {"type": "hello", "version": msg.version, "action": msg.action,
                  "nameplate": msg.nameplate, "lan": [_ep(e) for e in msg.lan],
                  "probe": _ep(msg.probe) if msg.probe else None,
                  "punch_timeout": msg.punch_timeout}
         if msg.pake is not None:  # absent, not null: what a client without it sends
             hello["pake"] = _b64(msg.pake)
+        if msg.relay:  # absent unless true: a hello without it is what it always was
+            hello["relay"] = True
+        if msg.resume_id is not None or msg.side is not None or msg.direct_only:
+            # Caught by the decoding check below, with the message naming the field.
+            hello.update(resume_id=msg.resume_id and _b64(msg.resume_id), side=msg.side,
+                         direct_only=msg.direct_only)
         return hello
     if isinstance(msg, PakeMessage):
         return {"type": "pake", "pake": _b64(msg.pake)}
@@ -219,22 +304,32 @@ def _to_json(msg: Message) -> dict[str, Any]:
         return {"type": "pong", "seq": msg.seq}
     if isinstance(msg, Probe):
         return {"type": "probe", "version": msg.version}
+    if isinstance(msg, Relay):
+        return {"type": "relay", "version": msg.version, "token": _b64(msg.token)}
+    if isinstance(msg, Relayed):
+        return {"type": "relayed"}
     if isinstance(msg, Ping):
         return {"type": "ping", "seq": msg.seq}
     if isinstance(msg, Welcome):
         return {"type": "welcome", "nameplate": msg.nameplate, "expires_in": msg.expires_in,
                 "public": _ep(msg.public)}
     if isinstance(msg, Fire):
+        plan = [_stage(s) for s in msg.plan]
+        if msg.relay is not None:  # last: a client that cannot relay punches before it
+            plan.append({"path": "relay", "peer": _ep(msg.relay.relay), "punch": "connect",
+                         "budget": msg.relay.budget, "token": _b64(msg.relay.token)})
         fire = {"type": "fire", "public": _ep(msg.public), "peer_public": _ep(msg.peer_public),
-                "plan": [{"path": s.path, "peer": _ep(s.peer), "punch": s.punch,
-                          "budget": s.budget} for s in msg.plan],
-                "rtt_ms": msg.rtt_ms, "note": msg.note}
+                "plan": plan, "rtt_ms": msg.rtt_ms, "note": msg.note}
         if msg.peer_pake is not None:  # absent, not null: a client without it rejects the field
             fire["peer_pake"] = _b64(msg.peer_pake)
         if msg.mapping is not None:
             fire["mapping"] = {"you": msg.mapping[0], "peer": msg.mapping[1]}
         return fire
     return {"type": "error", "code": msg.code, "message": msg.message}
+
+
+def _stage(s: Stage) -> dict[str, Any]:
+    return {"path": s.path, "peer": _ep(s.peer), "punch": s.punch, "budget": s.budget}
 
 
 def encode(msg: Message) -> bytes:
@@ -262,6 +357,9 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> Any:
     raise MessageError(f"{name} is not valid JSON here")
+
+
+_Int = int  # (inside _Fields, "int" is its method)
 
 
 class _Fields:
@@ -315,19 +413,33 @@ class _Fields:
         return value
 
     def pake(self, name: str, *, optional: bool = False) -> bytes | None:
+        return self.b64(name, PAKE_SIZE, f"a {PAKE_SIZE}-byte SPAKE2 message",
+                        optional=optional)
+
+    def b64(self, name: str, size: _Int, what: str, *, optional: bool = False) -> bytes | None:
+        """``size`` bytes as standard base64 with padding, in its one spelling."""
         value = self._get(name, optional)
         if value is None and optional:
             return None
-        if not isinstance(value, str) or len(value) != PAKE_TEXT:
-            raise MessageError(f"{self.kind}.{name} must be {PAKE_TEXT} characters of base64 "
-                               f"(a {PAKE_SIZE}-byte SPAKE2 message), got {value!r:.60}")
+        chars = 4 * ((size + 2) // 3)
+        if not isinstance(value, str) or len(value) != chars:
+            raise MessageError(f"{self.kind}.{name} must be {chars} characters of base64 "
+                               f"({what}), got {value!r:.60}")
         try:
             data = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise MessageError(f"{self.kind}.{name} is not valid base64") from None
-        if len(data) != PAKE_SIZE or _b64(data) != value:  # one spelling per message
-            raise MessageError(f"{self.kind}.{name} must encode exactly {PAKE_SIZE} bytes")
+        if len(data) != size or _b64(data) != value:  # one spelling per message
+            raise MessageError(f"{self.kind}.{name} must encode exactly {size} bytes")
         return data
+
+    def flag(self, name: str, *, optional: bool = False) -> bool | None:
+        value = self._get(name, optional)
+        if value is None and optional:
+            return None
+        if type(value) is not bool:
+            raise MessageError(f"{self.kind}.{name} must be true or false, got {value!r:.40}")
+        return value
 
     def endpoint(self, name: str, *, optional: bool = False) -> Endpoint | None:
         value = self.text(name, optional=optional)
@@ -351,11 +463,39 @@ def _hello(f: _Fields) -> Hello:
     if version != VERSION:  # checked before the rest so a newer client gets a clear answer
         raise UnsupportedVersion(version)
     action = _req(f.text("action", choices=ACTIONS))
+    if action == "resume":
+        return _resume(f)
+    for name in ("resume_id", "side", "direct_only"):
+        if name in f.obj:
+            raise MessageError(f"hello.{name} belongs to a resume hello, not to {action}")
+    relay = f.flag("relay", optional=True)
+    if relay is False:
+        raise MessageError("hello.relay must be true or absent")
     nameplate = f.int("nameplate", 1, MAX_NAMEPLATE, optional=True)
     if action != "share" and nameplate is None:
         raise MessageError(f"hello.nameplate is required to {action}")
     if action == "share" and nameplate is not None:
         raise MessageError("hello.nameplate must be null to share (the rendezvous allocates it)")
+    pake = f.pake("pake", optional=True)
+    if action == "share" and pake is not None:
+        raise MessageError("hello.pake must be absent to share (the code does not exist yet: "
+                           "send it in a pake message after the welcome)")
+    return Hello(action, nameplate, _lan(f), f.endpoint("probe", optional=True),
+                 f.num("punch_timeout", 0.1, MAX_SECONDS), pake=pake, relay=bool(relay))
+
+
+def _resume(f: _Fields) -> Hello:
+    for name in ("nameplate", "pake", "relay"):
+        if name in f.obj:
+            raise MessageError(f"hello.{name} must be absent to resume")
+    resume_id = _req(f.b64("resume_id", RESUME_ID_SIZE, f"a {RESUME_ID_SIZE}-byte resume id"))
+    side = _req(f.text("side", choices=RESUME_SIDES))
+    return Hello("resume", None, _lan(f), f.endpoint("probe", optional=True),
+                 f.num("punch_timeout", 0.1, MAX_SECONDS), resume_id=resume_id, side=side,
+                 direct_only=_req(f.flag("direct_only")))
+
+
+def _lan(f: _Fields) -> tuple[Endpoint, ...]:
     lan = f.obj.get("lan", [])
     if not isinstance(lan, list) or len(lan) > MAX_CANDIDATES:
         raise MessageError(f"hello.lan must be a list of at most {MAX_CANDIDATES} addresses")
@@ -364,13 +504,7 @@ def _hello(f: _Fields) -> Hello:
         if not isinstance(item, str) or len(item) > 21:
             raise MessageError(f"hello.lan entries must be 'ip:port' strings, got {item!r:.40}")
         cands.append(_endpoint(item, "hello.lan"))
-    pake = f.pake("pake", optional=True)
-    if action == "share" and pake is not None:
-        raise MessageError("hello.pake must be absent to share (the code does not exist yet: "
-                           "send it in a pake message after the welcome)")
-    return Hello(action, nameplate, tuple(cands),
-                 f.endpoint("probe", optional=True), f.num("punch_timeout", 0.1, MAX_SECONDS),
-                 pake=pake)
+    return tuple(cands)
 
 
 def _fire(f: _Fields) -> Fire:
@@ -378,16 +512,26 @@ def _fire(f: _Fields) -> Fire:
     if not isinstance(plan, list) or not 1 <= len(plan) <= MAX_CANDIDATES:
         raise MessageError(f"fire.plan must be a list of 1-{MAX_CANDIDATES} stages")
     stages = []
+    relay = None
     for raw in plan:
         if not isinstance(raw, dict):
             raise MessageError("fire.plan entries must be objects")
-        s = _Fields(raw, "fire.plan[]", {"path", "peer", "punch", "budget"})
-        stages.append(Stage(
-            _req(s.text("path", choices=frozenset({"public", "lan"}))),
-            _req(s.endpoint("peer")),
-            _req(s.text("punch", choices=frozenset({"arm", "connect"}))),
-            s.num("budget", 0.1, MAX_SECONDS),
-        ))
+        if relay is not None:
+            raise MessageError("fire.plan: the relay stage must be the last one")
+        s = _Fields(raw, "fire.plan[]", {"path", "peer", "punch", "budget", "token"})
+        path = _req(s.text("path", choices=frozenset({"public", "lan", "relay"})))
+        peer = _req(s.endpoint("peer"))
+        punch = _req(s.text("punch", choices=frozenset({"arm", "connect"})))
+        budget = s.num("budget", 0.1, MAX_SECONDS)
+        if path == "relay":
+            if punch != "connect":
+                raise MessageError("fire.plan[].punch must be connect on a relay stage")
+            relay = RelayStage(peer, budget, _req(s.b64(
+                "token", RELAY_TOKEN_SIZE, f"a {RELAY_TOKEN_SIZE}-byte relay token")))
+        elif "token" in raw:
+            raise MessageError(f"fire.plan[].token belongs to relay stages, not {path}")
+        else:
+            stages.append(Stage(path, peer, punch, budget))
     mapping: tuple[Mapping, Mapping] | None = None
     raw_mapping = f.obj.get("mapping")
     if raw_mapping is not None:
@@ -397,21 +541,24 @@ def _fire(f: _Fields) -> Fire:
         mapping = (_req(m.text("you", choices=MAPPINGS)), _req(m.text("peer", choices=MAPPINGS)))
     return Fire(_req(f.endpoint("public")), _req(f.endpoint("peer_public")), tuple(stages),
                 f.num("rtt_ms", 0, MAX_SECONDS * 1000), f.text("note", optional=True),
-                f.pake("peer_pake", optional=True), mapping)
+                f.pake("peer_pake", optional=True), mapping, relay)
 
 
 _FIELDS: dict[str, set[str]] = {
-    "hello": {"version", "action", "nameplate", "lan", "probe", "punch_timeout", "pake"},
+    "hello": {"version", "action", "nameplate", "lan", "probe", "punch_timeout", "pake",
+              "relay", "resume_id", "side", "direct_only"},
     "pake": {"pake"},
     "pong": {"seq"},
     "probe": {"version"},
+    "relay": {"version", "token"},
     "ping": {"seq"},
     "welcome": {"nameplate", "expires_in", "public"},
     "fire": {"public", "peer_public", "plan", "rtt_ms", "note", "peer_pake", "mapping"},
+    "relayed": set(),
     "error": {"code", "message"},
 }
-CLIENT_TYPES = frozenset({"hello", "pong", "probe", "pake"})
-SERVER_TYPES = frozenset({"welcome", "ping", "fire", "error"})
+CLIENT_TYPES = frozenset({"hello", "pong", "probe", "pake", "relay"})
+SERVER_TYPES = frozenset({"welcome", "ping", "fire", "error", "relayed"})
 
 
 class UnsupportedVersion(MessageError):
@@ -449,6 +596,14 @@ def _decode_any(payload: bytes, allowed: frozenset[str] = CLIENT_TYPES | SERVER_
         if version != VERSION:
             raise UnsupportedVersion(version)
         return Probe(version)
+    if kind == "relay":
+        version = _req(f.int("version", 0, MAX_SEQ))
+        if version != VERSION:
+            raise UnsupportedVersion(version)
+        return Relay(_req(f.b64("token", RELAY_TOKEN_SIZE,
+                                f"a {RELAY_TOKEN_SIZE}-byte relay token")), version)
+    if kind == "relayed":
+        return Relayed()
     if kind == "ping":
         return Ping(_req(f.int("seq", 0, MAX_SEQ)))
     if kind == "welcome":
@@ -462,14 +617,14 @@ def _decode_any(payload: bytes, allowed: frozenset[str] = CLIENT_TYPES | SERVER_
 def decode_client_message(payload: bytes) -> ClientMessage:
     """Decode one frame payload sent by a peer to the rendezvous."""
     msg = _decode_any(payload, CLIENT_TYPES)
-    assert isinstance(msg, Hello | Pong | Probe | PakeMessage)
+    assert isinstance(msg, Hello | Pong | Probe | PakeMessage | Relay)
     return msg
 
 
 def decode_server_message(payload: bytes) -> ServerMessage:
     """Decode one frame payload sent by the rendezvous to a peer."""
     msg = _decode_any(payload, SERVER_TYPES)
-    assert isinstance(msg, Welcome | Ping | Fire | ErrorReply)
+    assert isinstance(msg, Welcome | Ping | Fire | ErrorReply | Relayed)
     return msg
 
 

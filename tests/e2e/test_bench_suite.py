@@ -15,7 +15,7 @@ pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[2]
 # The scenarios the test suite smoke-tests; add new ones here.
-QUICK = ("throughput", "streams", "latency", "setup", "punch", "rendezvous")
+QUICK = ("throughput", "streams", "latency", "setup", "punch", "rendezvous", "relay")
 ALL = {"direct", "plain", "encrypted", "socat", "ssh", "fowl"}
 
 
@@ -75,6 +75,11 @@ def test_quick_suite_writes_json_plots_and_sections(tmp_path: Path) -> None:
         assert cell["rtt_s"] > 0 and not any(cell["errors"].values())
         for seconds in cell["seconds"].values():
             assert seconds and all(0 < t < 30 for t in seconds)
+
+    relay = json.loads((results / "relay.json").read_text())
+    assert relay["data"]["median_mb_s"]["relay"] > 0 and relay["data"]["ratio"] > 0
+    assert 0 < relay["data"]["median_relay_cpu_s_per_gb"] < 5
+    assert [t["name"] for t in relay["targets"]] == ["relay process CPU per GB relayed"]
 
     punch = json.loads((results / "punch.json").read_text())["data"]["pairs"]
     assert punch["silent-drop"]["wins"] == punch["silent-drop"]["runs"] > 0

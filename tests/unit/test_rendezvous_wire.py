@@ -26,6 +26,9 @@ from nopf_web.wire.rendezvous import (
     Ping,
     Pong,
     Probe,
+    Relay,
+    Relayed,
+    RelayStage,
     Stage,
     UnsupportedVersion,
     Welcome,
@@ -46,25 +49,43 @@ texts = st.text(st.characters(min_codepoint=32, max_codepoint=0x2FFF,
                                                     "Cn", "Zs")),
                 min_size=1, max_size=300)
 pakes = st.binary(min_size=33, max_size=33)
-mappings = st.sampled_from(["none", "stable", "symmetric", "unknown"])
+mappings: st.SearchStrategy[Mapping] = st.sampled_from(["none", "stable", "symmetric",
+                                                       "unknown"])
+ids16 = st.binary(min_size=16, max_size=16)
 hellos = st.one_of(
     st.builds(Hello, st.just("share"), st.none(), st.lists(endpoints, max_size=8).map(tuple),
-              st.none() | endpoints, seconds),
+              st.none() | endpoints, seconds, relay=st.booleans()),
     st.builds(Hello, st.sampled_from(["join", "reshare", "rejoin"]), st.integers(1, 999_999),
               st.lists(endpoints, max_size=8).map(tuple), st.none() | endpoints, seconds,
-              pake=st.none() | pakes),
+              pake=st.none() | pakes, relay=st.booleans()),
+    st.builds(Hello, st.just("resume"), st.none(), st.lists(endpoints, max_size=8).map(tuple),
+              st.none() | endpoints, seconds, resume_id=ids16,
+              side=st.sampled_from(["share", "join"]), direct_only=st.booleans()),
 )
 stages = st.builds(Stage, st.sampled_from(["public", "lan"]), endpoints,
                    st.sampled_from(["arm", "connect"]), seconds)
+relay_stages = st.builds(RelayStage, endpoints, seconds, ids16)
 client_msgs = st.one_of(hellos, st.builds(Pong, st.integers(0, 2**31 - 1)), st.just(Probe()),
-                        st.builds(PakeMessage, pakes))
+                        st.builds(PakeMessage, pakes), st.builds(Relay, ids16))
+
+
+@st.composite
+def fires(draw: st.DrawFn) -> Fire:
+    relay = draw(st.none() | relay_stages)
+    plan = tuple(draw(st.lists(stages, min_size=0 if relay else 1,
+                               max_size=7 if relay else 8)))
+    return Fire(draw(endpoints), draw(endpoints), plan, draw(st.floats(0, 10_000)),
+                draw(st.none() | texts), draw(st.none() | pakes),
+                draw(st.none() | st.tuples(mappings, mappings)), relay)
+
+
 server_msgs = st.one_of(
     st.builds(Welcome, st.integers(1, 999_999), st.floats(0, 3600), endpoints),
     st.builds(Ping, st.integers(0, 2**31 - 1)),
-    st.builds(Fire, endpoints, endpoints, st.lists(stages, min_size=1, max_size=8).map(tuple),
-              st.floats(0, 10_000), st.none() | texts, st.none() | pakes,
-              st.none() | st.tuples(mappings, mappings)),
-    st.builds(ErrorReply, st.sampled_from(["expired", "used", "unknown_code"]), texts),
+    fires(),
+    st.builds(ErrorReply, st.sampled_from(["expired", "used", "unknown_code", "relay_refused"]),
+              texts),
+    st.just(Relayed()),
 )
 
 
@@ -123,7 +144,7 @@ def test_hello_like_objects_decode_or_fail_cleanly(obj: dict[str, object]) -> No
         msg = decode_client_message(json.dumps({"type": "hello", **obj}).encode())
     except MessageError:
         return
-    assert isinstance(msg, Hello | Pong | Probe | PakeMessage)
+    assert isinstance(msg, Hello | Pong | Probe | PakeMessage | Relay)
 
 
 @pytest.mark.parametrize(("obj", "needle"), [
@@ -218,3 +239,173 @@ def test_fire_mapping_is_structured_and_decides_hopelessness() -> None:
         bad["mapping"] = wrong
         with pytest.raises(MessageError):
             decode_server_message(frame(bad)[4:])
+
+
+# Rendezvous v2 additions: resume hellos, relay stages, the relay messages ------------------
+
+
+def test_messages_without_the_additions_are_what_they_always_were() -> None:
+    """Byte for byte what the codec sent before relays and resumes existed (golden bytes
+    taken from that codec)."""
+    e = Endpoint
+    golden: list[tuple[Message, bytes]] = [
+        (Hello("share", None, (e("10.0.1.2", 4000),), e("203.0.113.2", 40001), 15.0),
+         b'\x00\x00\x00\x87{"type":"hello","version":2,"action":"share","nameplate":null,'
+         b'"lan":["10.0.1.2:4000"],"probe":"203.0.113.2:40001","punch_timeout":15.0}'),
+        (Hello("join", 7, (e("10.0.2.2", 5000),), None, 7.5, pake=bytes(range(33))),
+         b'\x00\x00\x00\xa9{"type":"hello","version":2,"action":"join","nameplate":7,'
+         b'"lan":["10.0.2.2:5000"],"probe":null,"punch_timeout":7.5,'
+         b'"pake":"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8g"}'),
+        (Hello("rejoin", 123456, (), e("198.51.100.7", 1), 3.0),
+         b'\x00\x00\x00w{"type":"hello","version":2,"action":"rejoin","nameplate":123456,'
+         b'"lan":[],"probe":"198.51.100.7:1","punch_timeout":3.0}'),
+        (Fire(e("192.0.2.1", 1), e("192.0.2.2", 2),
+              (Stage("lan", e("10.0.0.2", 3), "arm", 1.5),
+               Stage("public", e("192.0.2.2", 2), "connect", 5.0)),
+              40.0, "note", bytes(33), ("stable", "symmetric")),
+         b'\x00\x00\x01T{"type":"fire","public":"192.0.2.1:1","peer_public":"192.0.2.2:2",'
+         b'"plan":[{"path":"lan","peer":"10.0.0.2:3","punch":"arm","budget":1.5},'
+         b'{"path":"public","peer":"192.0.2.2:2","punch":"connect","budget":5.0}],'
+         b'"rtt_ms":40.0,"note":"note","peer_pake":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",'
+         b'"mapping":{"you":"stable","peer":"symmetric"}}'),
+        (Fire(e("192.0.2.1", 1), e("192.0.2.2", 2),
+              (Stage("public", e("192.0.2.2", 2), "arm", 5.0),), 12.5),
+         b'\x00\x00\x00\xa7{"type":"fire","public":"192.0.2.1:1","peer_public":"192.0.2.2:2",'
+         b'"plan":[{"path":"public","peer":"192.0.2.2:2","punch":"arm","budget":5.0}],'
+         b'"rtt_ms":12.5,"note":null}'),
+        (ErrorReply("symmetric_nat", "both peers are behind symmetric NATs"),
+         b'\x00\x00\x00X{"type":"error","code":"symmetric_nat",'
+         b'"message":"both peers are behind symmetric NATs"}'),
+        (Welcome(42, 600.0, e("203.0.113.2", 40001)),
+         b'\x00\x00\x00Q{"type":"welcome","nameplate":42,"expires_in":600.0,'
+         b'"public":"203.0.113.2:40001"}'),
+        (Ping(3), b'\x00\x00\x00\x17{"type":"ping","seq":3}'),
+        (Pong(3), b'\x00\x00\x00\x17{"type":"pong","seq":3}'),
+        (Probe(), b'\x00\x00\x00\x1c{"type":"probe","version":2}'),
+        (PakeMessage(bytes(33)),
+         b'\x00\x00\x00E{"type":"pake","pake":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}'),
+    ]
+    for msg, data in golden:
+        assert encode(msg) == data
+
+
+def test_the_additions_on_the_wire() -> None:
+    e = Endpoint
+    token, rid = bytes(range(16)), bytes(range(16, 32))
+    cases: list[tuple[Message, dict[str, object]]] = [
+        (Hello("join", 7, (), None, 5.0, relay=True),
+         {"type": "hello", "version": 2, "action": "join", "nameplate": 7, "lan": [],
+          "probe": None, "punch_timeout": 5.0, "relay": True}),
+        (Hello("resume", None, (e("10.0.1.2", 4000),), None, 8.0, resume_id=rid, side="join",
+               direct_only=True),
+         {"type": "hello", "version": 2, "action": "resume",
+          "resume_id": base64.b64encode(rid).decode(), "side": "join", "direct_only": True,
+          "lan": ["10.0.1.2:4000"], "probe": None, "punch_timeout": 8.0}),
+        (Relay(token), {"type": "relay", "version": 2, "token": "AAECAwQFBgcICQoLDA0ODw=="}),
+        (Relayed(), {"type": "relayed"}),
+        (Fire(e("192.0.2.1", 1), e("192.0.2.2", 2),
+              (Stage("public", e("192.0.2.2", 2), "arm", 3.2),), 40.0,
+              relay=RelayStage(e("198.51.100.2", 3012), 11.8, token)),
+         {"type": "fire", "public": "192.0.2.1:1", "peer_public": "192.0.2.2:2",
+          "plan": [{"path": "public", "peer": "192.0.2.2:2", "punch": "arm", "budget": 3.2},
+                   {"path": "relay", "peer": "198.51.100.2:3012", "punch": "connect",
+                    "budget": 11.8, "token": "AAECAwQFBgcICQoLDA0ODw=="}],
+          "rtt_ms": 40.0, "note": None}),
+        (Fire(e("192.0.2.1", 1), e("192.0.2.2", 2), (), 40.0,
+              relay=RelayStage(e("198.51.100.2", 3012), 15.0, token)),
+         {"type": "fire", "public": "192.0.2.1:1", "peer_public": "192.0.2.2:2",
+          "plan": [{"path": "relay", "peer": "198.51.100.2:3012", "punch": "connect",
+                    "budget": 15.0, "token": "AAECAwQFBgcICQoLDA0ODw=="}],
+          "rtt_ms": 40.0, "note": None}),
+    ]
+    for msg, obj in cases:
+        (payload,) = FrameReader().feed(encode(msg))
+        assert json.loads(payload) == obj
+        decoded = (decode_client_message(payload) if isinstance(msg, Hello | Relay)
+                   else decode_server_message(payload))
+        assert decoded == msg
+
+
+def test_only_resume_hellos_are_relay_capable_by_default() -> None:
+    assert not Hello("join", 7, (), None, 5.0).relay_capable
+    assert Hello("join", 7, (), None, 5.0, relay=True).relay_capable
+    resume = Hello("resume", None, (), None, 5.0, resume_id=bytes(16), side="share")
+    assert resume.relay_capable
+    assert not Hello("resume", None, (), None, 5.0, resume_id=bytes(16), side="share",
+                     direct_only=True).relay_capable
+
+
+RID = base64.b64encode(bytes(16)).decode()
+TOKEN = RID
+RESUME = {"type": "hello", "version": 2, "action": "resume", "resume_id": RID, "side": "share",
+          "direct_only": False, "lan": [], "probe": None, "punch_timeout": 5}
+RELAY_STAGE = {"path": "relay", "peer": "198.51.100.2:3012", "punch": "connect", "budget": 5,
+               "token": TOKEN}
+PUBLIC_STAGE = {"path": "public", "peer": "192.0.2.2:2", "punch": "arm", "budget": 5}
+FIRE = {"type": "fire", "public": "192.0.2.1:1", "peer_public": "192.0.2.2:2",
+        "plan": [PUBLIC_STAGE, RELAY_STAGE], "rtt_ms": 40, "note": None}
+
+
+@pytest.mark.parametrize(("obj", "needle"), [
+    ({**RESUME, "nameplate": None}, "hello.nameplate must be absent to resume"),
+    ({**RESUME, "pake": base64.b64encode(bytes(33)).decode()}, "hello.pake must be absent"),
+    ({**RESUME, "relay": True}, "hello.relay must be absent to resume"),
+    ({k: v for k, v in RESUME.items() if k != "resume_id"}, "lacks field 'resume_id'"),
+    ({**RESUME, "resume_id": base64.b64encode(bytes(17)).decode()},
+     "must encode exactly 16 bytes"),
+    ({**RESUME, "resume_id": base64.b64encode(bytes(15)).decode()}, "must be 24 characters"),
+    ({**RESUME, "resume_id": RID.replace("==", "A=")}, "hello.resume_id must encode exactly"),
+    ({**RESUME, "side": "server"}, "hello.side = 'server' is not one of join, share"),
+    ({k: v for k, v in RESUME.items() if k != "side"}, "lacks field 'side'"),
+    ({**RESUME, "direct_only": 0}, "hello.direct_only must be true or false"),
+    ({k: v for k, v in RESUME.items() if k != "direct_only"}, "lacks field 'direct_only'"),
+    ({**RESUME, "action": "join", "nameplate": 5}, "hello.resume_id belongs to a resume hello"),
+    ({"type": "hello", "version": 2, "action": "join", "nameplate": 5, "punch_timeout": 3,
+      "side": "join"}, "hello.side belongs to a resume hello, not to join"),
+    ({"type": "hello", "version": 2, "action": "join", "nameplate": 5, "punch_timeout": 3,
+      "relay": False}, "hello.relay must be true or absent"),
+    ({"type": "hello", "version": 2, "action": "join", "nameplate": 5, "punch_timeout": 3,
+      "relay": 1}, "hello.relay must be true or false"),
+    ({"type": "relay", "version": 2}, "relay message lacks field 'token'"),
+    ({"type": "relay", "version": 2, "token": TOKEN, "peer": "192.0.2.9:22"},
+     "unknown field(s): peer"),  # a relay only ever joins the two peers: no address here
+    ({"type": "relay", "token": TOKEN}, "relay message lacks field 'version'"),
+    ({"type": "relay", "version": 2, "token": TOKEN[:-2]}, "must be 24 characters"),
+    ({"type": "relayed"}, "unexpected message type 'relayed'"),
+])
+def test_precise_errors_of_the_additions(obj: dict[str, object], needle: str) -> None:
+    with pytest.raises(MessageError) as info:
+        decode_client_message(json.dumps(obj).encode())
+    assert needle in str(info.value)
+
+
+def test_a_relay_message_of_another_version_is_named() -> None:
+    with pytest.raises(UnsupportedVersion):
+        decode_client_message(json.dumps({"type": "relay", "version": 3,
+                                          "token": TOKEN}).encode())
+
+
+@pytest.mark.parametrize(("plan", "needle"), [
+    ([RELAY_STAGE, PUBLIC_STAGE], "the relay stage must be the last one"),
+    ([RELAY_STAGE, RELAY_STAGE], "the relay stage must be the last one"),
+    ([{**RELAY_STAGE, "punch": "arm"}], "punch must be connect on a relay stage"),
+    ([{k: v for k, v in RELAY_STAGE.items() if k != "token"}], "lacks field 'token'"),
+    ([{**PUBLIC_STAGE, "token": TOKEN}], "token belongs to relay stages, not public"),
+    ([{**RELAY_STAGE, "token": "!" * 24}], "not valid base64"),
+    ([{**RELAY_STAGE, "token": "x" * 24}], "must encode exactly 16 bytes"),
+    ([], "must be a list of 1-8 stages"),
+    ([PUBLIC_STAGE] * 8 + [RELAY_STAGE], "must be a list of 1-8 stages"),
+])
+def test_a_relay_stage_is_checked(plan: list[object], needle: str) -> None:
+    with pytest.raises(MessageError) as info:
+        decode_server_message(json.dumps({**FIRE, "plan": plan}).encode())
+    assert needle in str(info.value)
+
+
+def test_relayed_takes_no_fields_and_a_fire_needs_a_stage() -> None:
+    with pytest.raises(MessageError, match="unknown field"):
+        decode_server_message(b'{"type":"relayed","token":"x"}')
+    with pytest.raises(MessageError, match="1-8 stages"):
+        encode(Fire(Endpoint("192.0.2.1", 1), Endpoint("192.0.2.2", 2), (), 1.0))
+    with pytest.raises(MessageError, match="belongs to a resume hello"):
+        encode(Hello("join", 7, (), None, 5.0, direct_only=True))

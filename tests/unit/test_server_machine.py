@@ -39,6 +39,8 @@ from nopf_web.rendezvous.server_machine import (
     ServerLimits,
     ServerMachine,
     Shutdown,
+    StartRelay,
+    StopRelay,
     Tick,
 )
 from nopf_web.tunnel.secure import Pake
@@ -60,6 +62,7 @@ from nopf_web.wire.rendezvous import (
 )
 
 SHARER_IP, JOINER_IP = "203.0.113.2", "198.51.100.7"
+RDV = ("198.51.100.2", 3012)  # the rendezvous' own address, as every client reaches it
 LAN_A, LAN_B = Endpoint("10.0.1.2", 4000), Endpoint("10.0.2.2", 5000)
 
 
@@ -73,7 +76,7 @@ class Peer:
     id: ConnId
     data: bytearray = field(default_factory=bytearray)
     fin: bool = False  # LastWord's FIN
-    ended: str | None = None  # "close" | "reset"
+    ended: str | None = None  # "close" | "reset" | "relayed" (handed to the driver)
     sent_at: list[tuple[float, bytes]] = field(default_factory=list)
 
     @property
@@ -92,11 +95,13 @@ class Harness:
     """A machine, a fake clock and the peers it talks to."""
 
     def __init__(self, limits: ServerLimits | None = None, book: object = None,
-                 now: float = 100.0) -> None:
-        self.m = ServerMachine(limits, book)  # type: ignore[arg-type]
+                 now: float = 100.0, **kwargs: object) -> None:
+        self.m = ServerMachine(limits, book, **kwargs)  # type: ignore[arg-type]
         self.now = now
         self.peers: dict[ConnId, Peer] = {}
         self.logs: list[Log] = []
+        self.relays: list[StartRelay] = []
+        self.stopped: list[StopRelay] = []
         self._next = 0
 
     def feed(self, event: Event) -> list[Action]:
@@ -104,6 +109,17 @@ class Harness:
         for a in actions:
             if isinstance(a, Log):
                 self.logs.append(a)
+                continue
+            if isinstance(a, StopRelay):
+                self.stopped.append(a)
+                continue
+            if isinstance(a, StartRelay):
+                self.relays.append(a)
+                for cid in (a.a, a.b):
+                    peer = self.peers[cid]
+                    assert peer.ended is None and not peer.fin, f"relay of an ended {peer}"
+                    peer.data += a.greeting
+                    peer.ended = "relayed"
                 continue
             peer = self.peers[a.conn]
             # After a close, only a reset (the close did not complete in time).
@@ -119,10 +135,11 @@ class Harness:
         return actions
 
     def connect(self, ip: str = JOINER_IP, port: int | None = None, *, rtt: float | None = 0.02,
-                syn_data: bool = False) -> Peer:
+                syn_data: bool = False, local: tuple[str, int] | None = RDV) -> Peer:
         self._next += 1
         peer = self.peers[self._next] = Peer(self._next)
-        self.feed(Accepted(peer.id, (ip, port or 40000 + self._next), self.now, rtt, syn_data))
+        self.feed(Accepted(peer.id, (ip, port or 40000 + self._next), self.now, rtt, syn_data,
+                           local))
         return peer
 
     def send(self, peer: Peer, data: bytes, rtt: float | None = None) -> list[Action]:
@@ -170,8 +187,8 @@ class Harness:
     def invariants(self) -> None:
         m = self.m
         assert m.stats.open_now == len(m.conns) >= 0
-        # A connection the machine holds was not reset (it may be closing).
-        assert all(self.peers[c].ended != "reset" for c in m.conns)
+        # A connection the machine holds was not reset or handed over (it may be closing).
+        assert all(self.peers[c].ended in (None, "close") for c in m.conns)
 
 
 def error_of(peer: Peer) -> ErrorReply:
