@@ -84,6 +84,7 @@ from .errors import (
     PairingError,
     PeerDidNotRetry,
     PeerNeverArrived,
+    RelayRefused,
     RendezvousBusy,
     RendezvousRejected,
     RendezvousTooOld,
@@ -272,7 +273,7 @@ _REFUSALS: dict[str, type[PairingError]] = {
 }
 _NAMED_REFUSALS: dict[str, type[PairingError]] = {  # their message names the rendezvous
     "busy": RendezvousBusy, "timeout": PeerDidNotRetry, "bad_request": RendezvousRejected,
-    "unsupported_version": RendezvousRejected,
+    "unsupported_version": RendezvousRejected, "relay_refused": RelayRefused,
 }
 
 

@@ -67,6 +67,11 @@ class RendezvousRejected(PairingError):
     """``bad_request`` / ``unsupported_version``: the rendezvous refused what we sent."""
 
 
+class RelayRefused(PairingError):
+    """``relay_refused``: the relay did not take our token (unknown, used, expired, or
+    presented from another address than the one we paired from)."""
+
+
 class PeerNeverArrived(PairingError):
     """Nobody used the sharer's code within its lifetime."""
 

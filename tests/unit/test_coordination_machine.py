@@ -413,7 +413,7 @@ TYPED = {
     "used": errors.CodeUsed, "too_many_guesses": errors.TooManyGuesses,
     "symmetric_nat": errors.SymmetricNat, "busy": errors.RendezvousBusy,
     "timeout": errors.PeerDidNotRetry, "bad_request": errors.RendezvousRejected,
-    "unsupported_version": errors.RendezvousRejected,
+    "unsupported_version": errors.RendezvousRejected, "relay_refused": errors.RelayRefused,
 }
 
 
