@@ -9,7 +9,6 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from nopf_web.sockets import (
     DEFAULT_TTL,
@@ -52,12 +51,36 @@ def classify(exc: OSError) -> Failure:
 @dataclass
 class _Attempt:
     sock: socket.socket
-    task: asyncio.Task[None]
+    task: asyncio.Task[None] | None  # None: it failed before its SYN left
+
+
+@dataclass(frozen=True)
+class _Connected:
+    attempt: int
+
+
+@dataclass(frozen=True)
+class _Failed:
+    attempt: int
+    error: OSError
+
+
+@dataclass(frozen=True)
+class _Accepted:
+    sock: socket.socket
+
+
+_Outcome = _Connected | _Failed | _Accepted
 
 
 @dataclass
 class PunchDriver:
-    """Run one punch from ``local`` to ``peer``; :meth:`run` returns the connected socket."""
+    """Run one punch from ``local`` to ``peer``; :meth:`run` returns the connected socket.
+
+    Every attempt (and the ARM tactic's listener) is a child task of one TaskGroup
+    that reports how it ended into a queue; the loop feeds those outcomes and the
+    machine's timer to the machine and carries out its actions.
+    """
 
     local: tuple[str, int]
     peer: tuple[str, int]
@@ -67,70 +90,88 @@ class PunchDriver:
     on_attempt: Callable[[int, int | None], None] | None = None
     clock: Callable[[], float] = time.monotonic
     _attempts: dict[int, _Attempt] = field(default_factory=dict)
+    _outcomes: asyncio.Queue[_Outcome] = field(default_factory=asyncio.Queue)
+    _tasks: asyncio.TaskGroup | None = None
 
     async def run(self) -> socket.socket:
         peer_text = f"{self.peer[0]}:{self.peer[1]}"
         machine = PunchMachine(self.tactic, self.config, peer_text, nat_hint=self.nat_hint)
         listener: socket.socket | None = None
-        accept: asyncio.Task[socket.socket] | None = None
-        if self.tactic is Tactic.ARM:
-            listener = reusable_socket(*self.local)
-            listener.listen(4)
-            accept = asyncio.create_task(self._accept_peer(listener), name="punch-listener")
+        failure: Exception | None = None
+        result: socket.socket | None = None
         try:
-            result = self._apply(machine, machine.start(self.clock()))
-            while result is None:
-                wake = machine.wake_at
-                assert wake is not None
-                pending: set[asyncio.Future[Any]] = {a.task for a in self._attempts.values()}
-                if accept is not None:
-                    pending.add(accept)
-                timeout = max(0.0, wake - self.clock())
-                if pending:
-                    done, _ = await asyncio.wait(pending, timeout=timeout,
-                                                 return_when=asyncio.FIRST_COMPLETED)
-                else:  # between attempts, nothing to watch but the clock
-                    done = set()
-                    await asyncio.sleep(timeout)
-                if accept is not None and accept in done:
-                    accepted = accept.result()
-                    self._apply(machine, machine.accepted(self.clock()))
-                    return accepted
-                actions: list[PunchAction] = []
-                for attempt_id, attempt in list(self._attempts.items()):
-                    if attempt.task not in done:
-                        continue
-                    exc = attempt.task.exception()
-                    now = self.clock()
-                    if exc is None:
-                        actions += machine.connected(attempt_id, now)
-                    elif isinstance(exc, OSError):
-                        actions += machine.failed(attempt_id, classify(exc), now)
-                    else:
-                        raise exc
-                if not actions and not done:
-                    actions = machine.timer(self.clock(), handshaking=self._handshaking(machine))
-                result = self._apply(machine, actions)
+            async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
+                accept: asyncio.Task[None] | None = None
+                if self.tactic is Tactic.ARM:
+                    listener = reusable_socket(*self.local)
+                    listener.listen(4)
+                    accept = tasks.create_task(self._accept_peer(listener),
+                                               name="punch-listener")
+                try:
+                    result = await self._loop(machine)
+                except Exception as exc:  # raised as itself below, not in an ExceptionGroup
+                    failure = exc
+                finally:
+                    for attempt_id in list(self._attempts):
+                        self._abandon(attempt_id)
+                    if accept is not None:
+                        accept.cancel()
+            if failure is not None:
+                raise failure
+            assert result is not None
             return result
         finally:
-            for attempt_id in list(self._attempts):
-                self._abandon(attempt_id)
-            if accept is not None:
-                accept.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await accept
+            self._tasks = None
             if listener is not None:
                 listener.close()
+            while not self._outcomes.empty():  # a peer accepted as we gave up
+                outcome = self._outcomes.get_nowait()
+                if isinstance(outcome, _Accepted):
+                    outcome.sock.close()
 
-    async def _accept_peer(self, listener: socket.socket) -> socket.socket:
+    async def _loop(self, machine: PunchMachine) -> socket.socket:
+        result = self._apply(machine, machine.start(self.clock()))
+        while result is None:
+            wake = machine.wake_at
+            assert wake is not None
+            try:
+                async with asyncio.timeout(max(0.0, wake - self.clock())):
+                    outcome = await self._outcomes.get()
+            except TimeoutError:
+                result = self._apply(machine, machine.timer(
+                    self.clock(), handshaking=self._handshaking(machine)))
+                continue
+            if isinstance(outcome, _Accepted):
+                self._apply(machine, machine.accepted(self.clock()))
+                return outcome.sock
+            if outcome.attempt not in self._attempts:
+                continue  # abandoned after it ended: its socket is closed already
+            if isinstance(outcome, _Connected):
+                actions = machine.connected(outcome.attempt, self.clock())
+            else:
+                actions = machine.failed(outcome.attempt, classify(outcome.error), self.clock())
+            result = self._apply(machine, actions)
+        return result
+
+    async def _accept_peer(self, listener: socket.socket) -> None:
         """Accept the peer's IP only; any port, so a peer behind a symmetric NAT
         (whose port we cannot know) still reaches us when we have no NAT."""
         loop = asyncio.get_running_loop()
         while True:
             conn, addr = await loop.sock_accept(listener)
             if addr[0] == self.peer[0]:
-                return conn
+                self._outcomes.put_nowait(_Accepted(conn))
+                return
             conn.close()
+
+    async def _attempt(self, attempt: int, sock: socket.socket) -> None:
+        try:
+            await wait_connected(sock)
+        except OSError as exc:
+            self._outcomes.put_nowait(_Failed(attempt, exc))
+        else:
+            self._outcomes.put_nowait(_Connected(attempt))
 
     def _handshaking(self, machine: PunchMachine) -> bool:
         current = self._attempts.get(machine.attempts)
@@ -144,7 +185,6 @@ class PunchDriver:
                 self._abandon(action.attempt)
             elif isinstance(action, Succeed) and action.attempt != ACCEPTED:
                 attempt = self._attempts.pop(action.attempt)
-                attempt.task.add_done_callback(_consume)
                 ignore_syn_errors(attempt.sock, None)
                 return attempt.sock
             elif isinstance(action, GiveUp):
@@ -152,6 +192,7 @@ class PunchDriver:
         return None
 
     def _fire(self, machine: PunchMachine, action: StartAttempt) -> None:
+        assert self._tasks is not None
         sock = reusable_socket(*self.local)
         if self.on_attempt is not None:
             self.on_attempt(action.attempt, action.ttl)
@@ -168,35 +209,25 @@ class PunchDriver:
                 set_ttl(sock, DEFAULT_TTL)
         except OSError as exc:
             sock.close()
-            # Report asynchronously through a finished task, like any other failure.
-            self._attempts[action.attempt] = _Attempt(sock, _failed_task(exc, action.attempt))
+            # Reported through the queue, like any other failure.
+            self._attempts[action.attempt] = _Attempt(sock, None)
+            self._outcomes.put_nowait(_Failed(action.attempt, exc))
             return
-        task = asyncio.create_task(wait_connected(sock), name=f"punch-attempt-{action.attempt}")
+        task = self._tasks.create_task(self._attempt(action.attempt, sock),
+                                       name=f"punch-attempt-{action.attempt}")
         self._attempts[action.attempt] = _Attempt(sock, task)
 
     def _abandon(self, attempt_id: int) -> None:
         attempt = self._attempts.pop(attempt_id, None)
         if attempt is None:
             return
-        attempt.task.cancel()
-        attempt.task.add_done_callback(_consume)
+        if attempt.task is not None:
+            attempt.task.cancel()  # the TaskGroup awaits it
         with contextlib.suppress(OSError, ValueError):
             # Unregister before close so a reused fd number is never confused.
             asyncio.get_running_loop().remove_writer(attempt.sock.fileno())
         with contextlib.suppress(OSError):
             attempt.sock.close()
-
-
-def _consume(task: asyncio.Task[None]) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
-def _failed_task(exc: OSError, attempt: int) -> asyncio.Task[None]:
-    async def fail() -> None:
-        raise exc
-
-    return asyncio.create_task(fail(), name=f"punch-attempt-{attempt}-failed")
 
 
 async def punch(

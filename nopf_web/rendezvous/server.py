@@ -172,7 +172,8 @@ class RendezvousServer:
         if self._links or self._relays:
             self._drained = asyncio.Event()
             with contextlib.suppress(TimeoutError):  # then reset below, not an error
-                await asyncio.wait_for(self._drained.wait(), self.limits.write_timeout + 1)
+                async with asyncio.timeout(self.limits.write_timeout + 1):
+                    await self._drained.wait()
             self._drained = None
         self._feed(Shutdown(self._clock(), force=True))
         if self._relays:
