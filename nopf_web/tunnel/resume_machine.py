@@ -295,13 +295,6 @@ class ResumeStats:
     paths: tuple[PathStats, ...]
 
 
-def _safe(part: Buffer) -> Buffer:
-    """A buffer that nobody can change while it waits for its ack."""
-    if type(part) is bytes or (type(part) is memoryview and type(part.obj) is bytes):
-        return part
-    return bytes(part)
-
-
 def _describe(error: Exception | None) -> str:
     if error is None:
         return "the connection ended without a goodbye"
@@ -352,6 +345,8 @@ class ResumeMachine:
         # sending
         self._send_seq = 0  # the next DATA's seq
         self._acked = 0  # the peer's ack: seq of the replay buffer's first entry
+        # Each unacknowledged message: [header, mux bytes...] (the header is
+        # rewritten whenever it is sent) and its size in mux bytes.
         self._replay: deque[tuple[list[Buffer], int]] = deque()
         self._replay_bytes = 0
         self._unacked_since: float | None = None
@@ -369,10 +364,11 @@ class ResumeMachine:
         self.resumes = 0
         self.replayed = 0
         self.duplicates = 0
-        # Set when a deadline earlier than the last next_deadline may exist: the
-        # driver re-arms its timer and clears it (a later one needs no re-arm:
-        # the timer fires, finds nothing due and is set again).
+        # Set when a deadline earlier than the driver's timer (see armed) may now
+        # exist: the driver re-arms and clears it. A later one needs nothing: the
+        # timer fires, finds nothing due and is set again.
         self.rearm = False
+        self._timer_at = float("inf")
 
     # -- observation ------------------------------------------------------------------
 
@@ -403,6 +399,14 @@ class ResumeMachine:
             unacked_bytes=self._replay_bytes,
             paths=tuple(PathStats(p.id, p.kind, p.status, p.data_in, p.data_out, p.records_in,
                                   p.records_out, p.srtt) for p in self._paths.values()))
+
+    def armed(self, at: float | None) -> None:
+        """The driver's timer will call :meth:`timer` at ``at`` (None: not at all)."""
+        self._timer_at = float("inf") if at is None else at
+
+    def _wake(self, at: float) -> None:
+        if at < self._timer_at:
+            self.rearm = True
 
     def patience(self, p: PathState) -> float:
         """T: how long a path may stay silent while we wait for it."""
@@ -502,51 +506,61 @@ class ResumeMachine:
         p.probe_at = None
         if p.heartbeat_at is None and p is self._active:
             p.heartbeat_at = max(now, p.last_tx + self.patience(p) / 2)
-            self.rearm = True
+            self._wake(p.heartbeat_at)
 
     # -- data -------------------------------------------------------------------------
 
     def send(self, parts: Iterable[Buffer], now: float) -> list[ResumeEvent]:
         """Mux bytes (``parts`` joined) to carry as one DATA message (or more, past
-        :data:`MAX_DATA_PAYLOAD`); kept until acknowledged. Raises the reason
-        once the tunnel has ended."""
+        :data:`MAX_DATA_PAYLOAD`); kept until acknowledged (by reference: only
+        buffers that could change are copied). Raises the reason once the
+        tunnel has ended."""
         if self._state != "open":
             raise self._end or TunnelClosed("the tunnel was closed")
-        keep: list[Buffer] = []
+        message: list[Buffer] = [b""]  # the header's place
         size = 0
         for part in parts:
-            if len(part):
-                keep.append(_safe(part))
-                size += len(part)
+            n = len(part)
+            if n:
+                kind = type(part)
+                if kind is not bytes and (kind is not memoryview
+                                          or type(part.obj) is not bytes):  # type: ignore[union-attr]
+                    part = bytes(part)  # nobody may change it while it waits for its ack
+                message.append(part)
+                size += n
         if not size:
             return []
         if size <= MAX_DATA_PAYLOAD:
-            return self._send_data(keep, size, now)
+            return self._send_data(message, size, now)
         events: list[ResumeEvent] = []
-        for chunk, n in _chunks(keep, MAX_DATA_PAYLOAD):
-            events += self._send_data(chunk, n, now)
+        for chunk, n in _chunks(message[1:], MAX_DATA_PAYLOAD):
+            events += self._send_data([b"", *chunk], n, now)
         return events
 
-    def _send_data(self, parts: list[Buffer], size: int, now: float) -> list[ResumeEvent]:
+    def _send_data(self, message: list[Buffer], size: int, now: float) -> list[ResumeEvent]:
+        """``message``: its header's place, then the mux bytes (kept as the replay
+        entry, and sent as it is: the header goes in when it is sent)."""
         seq = self._send_seq
         self._send_seq = seq + 1
-        self._replay.append((parts, size))
+        self._replay.append((message, size))
         self._replay_bytes += size
         if self._unacked_since is None:
             self._unacked_since = now
+            # Liveness now waits for an ack: at T (at least min_timeout) from now.
+            self._wake(now + self.min_timeout)
         if self._replay_bytes >= self.replay_cap:
             self._full = True
         p = self._active
         if p is None:
             return []  # sent with the replay once a path carries the tunnel
-        ack = self._recv_next
+        message[0] = _DATA.pack(DATA, seq, self._recv_next)
         self._ack_pending = 0
         self._ack_due = None
         p.data_out += size
         p.records_out += 1
         p.last_tx = now
         p.heartbeat_at = None
-        return [Send(p.id, [_DATA.pack(DATA, seq, ack), *parts])]
+        return [Send(p.id, message)]
 
     def receive(self, path_id: int, plain: bytes, now: float) -> list[ResumeEvent]:
         """One record's plaintext (``bytes``: delivered data are views of it)."""
@@ -578,7 +592,7 @@ class ResumeMachine:
                     self.rearm = True
                 elif self._ack_due is None:
                     self._ack_due = now + self.ack_delay
-                    self.rearm = True
+                    self._wake(self._ack_due)
                 events.append(Deliver(memoryview(plain)[DATA_HEADER_SIZE:]))
             elif seq > self._recv_next:
                 return events + self._violation(
@@ -808,8 +822,9 @@ class ResumeMachine:
         self._unacked_since = now
         seq, ack = self._acked, self._recv_next
         events: list[ResumeEvent] = []
-        for parts, size in self._replay:
-            events.append(self._out(p, [_DATA.pack(DATA, seq, ack), *parts], now))
+        for message, size in self._replay:
+            message[0] = _DATA.pack(DATA, seq, ack)  # our ack now
+            events.append(self._out(p, message, now))
             p.data_out += size
             seq += 1
         self.replayed += len(self._replay)

@@ -601,3 +601,24 @@ def test_inputs_are_checked() -> None:
     assert m.abort(PeerLost("gone"))[0] == ClosePath(1, abort=True, why="gone")
     with pytest.raises(PeerLost):
         m.add_path("lan", 1.0)
+
+
+def test_the_driver_rearms_only_for_a_deadline_earlier_than_its_timer() -> None:
+    a, b, _pa, pb = pair()
+    b.armed(10.0)  # the driver's timer is set for 10 s
+    b.rearm = False
+    (record,) = sends(a.send([b"x"], 1.0))
+    b.receive(pb, record, 1.0)  # an ack is due at 1.02: earlier
+    assert b.rearm and b.next_deadline == pytest.approx(1.02)
+    b.armed(1.02)
+    b.rearm = False
+    (record,) = sends(a.send([b"y"], 1.01))
+    b.receive(pb, record, 1.01)
+    assert not b.rearm  # still 1.02: the timer set is right
+    sends(b.send([b"z"], 1.5))  # now waiting for an ack: liveness at 1.5 + T
+    assert not b.rearm  # later than the timer: it will re-arm when it fires
+    b.armed(None)
+    sends(b.send([b"w"], 1.6))
+    assert not b.rearm  # nothing new to wait for (already waiting since 1.5)
+    b.receive(pb, sends(a.send([b"v"], 1.7))[0], 1.7)
+    assert b.rearm  # no timer at all: any deadline is earlier
