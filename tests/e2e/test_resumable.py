@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from bench.resume import rounds
 from nopf_web.tunnel.errors import PathRejected
 from nopf_web.tunnel.forward import serve_connect, serve_share
 from nopf_web.tunnel.mux import Mux
@@ -208,3 +209,13 @@ async def test_a_stranger_on_a_new_connection_is_dropped_and_the_tunnel_goes_on(
         other_a.channel.close()
         other_b.channel.close()
         del other
+
+
+async def test_the_resume_benchmark_runs_and_resumes_fast_on_loopback() -> None:
+
+
+    results = await rounds(2, "reset")
+    assert len(results) == 2
+    for r in results:
+        assert r["detect_s"] < 0.5  # an RST is noticed at once
+        assert r["resume_s"] < 2.0  # ≤ 2 s + 1 RTT from detection (issue 12)
