@@ -259,7 +259,10 @@ class World:
         if take:
             data = bytes(src.out[:take])
             del src.out[:take]
-            dst.side.record_events(dst, dst.rm.receive_data(data))
+            events = dst.rm.receive_data(data)
+            if not events:  # part of a record: the driver reports progress
+                dst.side.resume.progress(dst.path, self.now)
+            dst.side.record_events(dst, events)
             moved = True
         if src.fin and not src.out and not dst.closed:
             dst.side.lost(dst, None)
