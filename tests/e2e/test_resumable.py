@@ -21,6 +21,8 @@ from bench.resume import rounds
 from nopf_web.tunnel.errors import PathRejected
 from nopf_web.tunnel.forward import serve_connect, serve_share
 from nopf_web.tunnel.mux import Mux
+from nopf_web.tunnel.record_machine import Pake
+from nopf_web.tunnel.resumable import ResumableChannel
 from nopf_web.tunnel.resume_machine import (
     NeedPath,
     PathFailed,
@@ -219,3 +221,32 @@ async def test_the_resume_benchmark_runs_and_resumes_fast_on_loopback() -> None:
     for r in results:
         assert r["detect_s"] < 0.5  # an RST is noticed at once
         assert r["resume_s"] < 2.0  # ≤ 2 s + 1 RTT from detection (issue 12)
+
+
+async def test_spake2_through_the_rendezvous_early_data_then_a_resume() -> None:
+    pa, pb = Pake("server", "7-orbit-lantern"), Pake("client", "7-orbit-lantern")
+    pa.finish(pb.message)
+    pb.finish(pa.message)
+    async with asyncio.timeout(30), network() as net:
+        a_events: list[object] = []
+        a = ResumableChannel("server", pake=pa, on_event=a_events.append)
+        b = ResumableChannel("client", pake=pb)
+        link = net.link("public")
+        await b.add_path(link.b, "public", first=True)  # returns at once: our tag is out
+        assert b.resume_id is None  # not before the peer's confirmation
+        async with Mux(b, role="client", name="mux-b", dead_after=120.0) as mb:
+            s = await mb.open_stream()
+            await s.write(b"early data, before the sharer even started")
+            await a.add_path(link.a, "public", first=True)
+            await asyncio.gather(a.confirmed(), b.confirmed())
+            assert a.resume_id == b.resume_id and len(a.resume_id or b"") == 16
+            async with Mux(a, role="server", name="mux-a", dead_after=120.0) as ma:
+                peer = await ma.accept_stream()
+                assert await peer.readexactly(42) == b"early data, before the sharer even started"
+                await link.reset()
+                new = net.link("relay")
+                await asyncio.gather(a.add_path(new.a, "relay"), b.add_path(new.b, "relay"))
+                await s.write(b"after")
+                assert await peer.readexactly(5) == b"after"
+                assert a.kind == "relay" and b.kind == "relay"
+                assert any(isinstance(e, PathLost) for e in a_events)
