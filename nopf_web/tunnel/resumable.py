@@ -54,6 +54,7 @@ from .resume_machine import (
     PathKind,
     PathLost,
     PathSelected,
+    PathState,
     PathStatus,
     PeerClosed,
     ResumeEvent,
@@ -168,8 +169,10 @@ class ResumableChannel:
         self._conns: dict[int, SecureChannel] = {}
         self._unclosed: set[SecureChannel] = set()  # ended, socket not yet closed
         self._closing: dict[int, asyncio.TimerHandle] = {}  # clean closes not yet flushed
-        self._kinds: dict[int, PathKind] = {}
-        self._history: dict[int, PathInfo] = {}  # connections that ended
+        # Every path so far, as the machine sees it (kept after it ended), and
+        # the wire bytes of those whose connection ended.
+        self._states: dict[int, PathState] = {}
+        self._wire: dict[int, tuple[int, int]] = {}
         self._first: SecureChannel | None = None
         self._secrets: TunnelSecrets | None = None
         self._active: SecureChannel | None = None  # the connection we send on
@@ -207,15 +210,15 @@ class ResumableChannel:
 
     def stats(self) -> ChannelStats:
         s = self._machine.stats()
-        paths = dict(self._history)
-        for p in s.paths:
-            conn = self._conns.get(p.id)
-            paths[p.id] = PathInfo(p.id, p.kind, p.status,
-                                   conn.wire_bytes_in if conn else 0,
-                                   conn.wire_bytes_out if conn else 0,
-                                   p.data_in, p.data_out, p.records_in, p.records_out, p.rtt)
+        paths = []
+        for path, p in self._states.items():
+            conn = self._conns.get(path)
+            wire = (conn.wire_bytes_in, conn.wire_bytes_out) if conn is not None \
+                else self._wire.get(path, (0, 0))
+            paths.append(PathInfo(path, p.kind, p.status, *wire, p.data_in, p.data_out,
+                                  p.records_in, p.records_out, p.srtt))
         return ChannelStats(s.kind, s.resumes, s.replayed, s.duplicates, s.unacked_bytes,
-                            tuple(paths[k] for k in sorted(paths)))
+                            tuple(paths))
 
     async def confirmed(self) -> None:
         """Wait for the first path's key confirmation (as ``SecureChannel.confirmed``)."""
@@ -246,7 +249,7 @@ class ResumableChannel:
                                       timeout=self.handshake_timeout, pake=self._pake)
             self._first = conn
             path = self._machine.add_path(kind, self._loop.time(), first=True)
-            self._attach(path, kind, conn)
+            self._attach(path, conn)
             self._active = conn
             if conn.is_confirmed:  # the in-band handshake checked it already
                 self._path_confirmed(path, conn)
@@ -259,7 +262,9 @@ class ResumableChannel:
             raise TunnelError("the tunnel's first path is not confirmed yet: nothing to "
                               "resume")
         path = self._machine.add_path(kind, self._loop.time())
-        self._kinds[path] = kind
+        state = self._machine.path(path)
+        assert state is not None
+        self._states[path] = state
         try:
             conn = await open_path(sock, role=self.role, secrets=secrets,
                                    timeout=self.handshake_timeout)
@@ -268,7 +273,7 @@ class ResumableChannel:
                 "path handshake: cancelled")
             self._apply(self._machine.path_closed(path, error, self._loop.time()))
             raise
-        self._attach(path, kind, conn)
+        self._attach(path, conn)
         try:
             await conn.confirmed()
         except asyncio.CancelledError:
@@ -276,10 +281,12 @@ class ResumableChannel:
             raise
         return path
 
-    def _attach(self, path: int, kind: PathKind, conn: SecureChannel) -> None:
-        self._conns[path] = conn
-        self._kinds[path] = kind
+    def _attach(self, path: int, conn: SecureChannel) -> None:
         machine, now = self._machine, self._loop.time
+        state = machine.path(path)
+        assert state is not None
+        self._states[path] = state
+        self._conns[path] = conn
 
         def on_record(plain: bytes) -> None:
             events = machine.receive(path, plain, now())
@@ -316,11 +323,7 @@ class ResumableChannel:
 
     def _forget(self, path: int, conn: SecureChannel) -> None:
         if self._conns.get(path) is conn:
-            p = self._machine.path(path)
-            self._history[path] = PathInfo(
-                path, self._kinds[path], "closed", conn.wire_bytes_in, conn.wire_bytes_out,
-                p.data_in if p else 0, p.data_out if p else 0, p.records_in if p else 0,
-                p.records_out if p else 0, p.srtt if p else None)
+            self._wire[path] = (conn.wire_bytes_in, conn.wire_bytes_out)
             del self._conns[path]
             if not conn.closed:  # its socket closes a little later: wait_closed waits
                 self._unclosed.add(conn)

@@ -148,11 +148,18 @@ async def test_a_black_hole_is_found_by_liveness_and_the_tunnel_resumes() -> Non
         for p in (a, b):
             (lost,) = p.of(PathLost)
             assert isinstance(lost, PathLost) and lost.timed_out
-            # Default thresholds on loopback: a probe after 1 s of silence, the
-            # verdict 1 s later (the RTT is far below 1/4 s).
+            # Default thresholds: a probe after T of silence, the verdict T later,
+            # T = max(1 s, 4 x RTT). On an idle loopback the RTT is far below
+            # 1/4 s, but PINGs queue behind bulk data, more so on a busy machine.
+            stats = p.channel.stats()
+            rtt = stats.paths[0].rtt
+            assert rtt is not None and stats.paths[0].status == "closed"
+            patience = max(1.0, 4 * rtt)
             detected = p.when(PathLost)[0] - frozen_at
-            assert 1.9 <= lost.silent_for <= 3.5 and detected <= 3.5, (lost, detected)
-            assert p.channel.stats().resumes == 1
+            assert 2 * patience - 0.1 <= lost.silent_for <= 2 * patience + 0.5, (lost, rtt)
+            assert detected <= 2 * patience + 1.0, (lost, detected, rtt)
+            assert stats.resumes == 1
+            assert stats.paths[0].data_out > 1 << 20 and stats.paths[0].wire_out > 1 << 20
 
 
 async def test_a_relayed_tunnel_moves_to_a_direct_path_while_streams_run() -> None:
