@@ -740,6 +740,8 @@ class ResumeMachine:
         return []
 
     def _on_pong(self, p: PathState, opaque: int, now: float) -> list[ResumeEvent]:
+        # Our clock in ns when the PING left; it may come back a hair early from
+        # the round trip through an integer, hence a microsecond of slack below.
         sent = opaque / 1e9
         sample = now - sent
         if 0 <= sample < 3600:  # our own clock came back: a usable sample
@@ -752,7 +754,8 @@ class ResumeMachine:
             # waiting for this verdict are not needed.
             for c in list(self._paths.values()):
                 if c.status == "candidate" and c.confirmed_at is not None \
-                        and c.confirmed_at <= sent and path_rank(c.kind) < path_rank(p.kind):
+                        and c.confirmed_at <= sent + 1e-6 \
+                        and path_rank(c.kind) < path_rank(p.kind):
                     events += self._drop(c, f"the {p.kind} path is alive")
         return events
 

@@ -622,3 +622,15 @@ def test_the_driver_rearms_only_for_a_deadline_earlier_than_its_timer() -> None:
     assert not b.rearm  # nothing new to wait for (already waiting since 1.5)
     b.receive(pb, sends(a.send([b"v"], 1.7))[0], 1.7)
     assert b.rearm  # no timer at all: any deadline is earlier
+
+
+def test_a_probe_answered_closes_the_worse_candidate_whatever_the_clock_reads() -> None:
+    # now * 1e9 through an integer and back may come out a hair early.
+    for now in (1234.567891234, 98765.4321, 0.1 + 0.2, 7.0):
+        a, b, pa, pb = pair()
+        relay = a.add_path("relay", now)
+        events = a.path_confirmed(relay, now)  # worse than the live public path
+        probe = [s for s in sends(events) if s[0] == 4][-1]
+        (pong,) = sends(b.receive(pb, probe, now))
+        events = a.receive(pa, pong, now + 0.001)
+        assert kinds(events) == ["ClosePath", "PathFailed"], now
