@@ -15,6 +15,11 @@ over it, encrypted. Measured in the same run:
 
     .venv/bin/python -m bench.secure [--size-mb 512] [--rounds 5] [--pings 4000]
         [--streams 1000] [--stream-kb 64] [--profile share|connect] [--json out.json]
+        [--channel resumable|secure]
+
+``--channel``: the tunnel runs over a ``ResumableChannel`` (numbered records,
+acks, a replay buffer: what coordinated sessions use) or, to compare, straight
+over the ``SecureChannel`` of its one connection.
 
 ``--profile`` runs that tunnel end under cProfile and prints its hottest calls.
 """
@@ -39,8 +44,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from bench.measure import round_trips, send_counted, serve_conn
+from nopf_web.roles import PeerRole
 from nopf_web.tunnel.forward import serve_connect, serve_share
-from nopf_web.tunnel.mux import Mux
+from nopf_web.tunnel.mux import Channel, Mux
+from nopf_web.tunnel.resumable import ResumableChannel
 from nopf_web.tunnel.secure import open_channel
 from nopf_web.wire.frames import INITIAL_WINDOW
 
@@ -80,7 +87,17 @@ def _profiled(enabled: bool, fn: object) -> None:
         print(out.getvalue(), file=sys.stderr, flush=True)
 
 
-def share_proc(service_port: int, ready: Connection, profile: bool, window: int) -> None:
+async def tunnel_channel(sock: socket.socket, role: PeerRole, kind: str) -> Channel:
+    """The channel the mux runs over: resumable (with its first path) or plain."""
+    if kind == "secure":
+        return await open_channel(sock, role=role, code=CODE)
+    channel = ResumableChannel(role, code=CODE)
+    await channel.add_path(sock, "lan", first=True)
+    return channel
+
+
+def share_proc(service_port: int, ready: Connection, profile: bool, window: int,
+               kind: str) -> None:
     async def run() -> None:
         lsock = socket.create_server(("127.0.0.1", 0))
         ready.send(lsock.getsockname()[1])
@@ -88,18 +105,19 @@ def share_proc(service_port: int, ready: Connection, profile: bool, window: int)
         lsock.setblocking(False)
         tunnel, _ = await loop.sock_accept(lsock)
         lsock.close()
-        channel = await open_channel(tunnel, role="server", code=CODE)
+        channel = await tunnel_channel(tunnel, "server", kind)
         async with Mux(channel, role="server", name="share", window=window) as mux:
             await serve_share(mux, ("127.0.0.1", service_port))
 
     _profiled(profile, lambda: asyncio.run(run()))
 
 
-def connect_proc(tunnel_port: int, ready: Connection, profile: bool, window: int) -> None:
+def connect_proc(tunnel_port: int, ready: Connection, profile: bool, window: int,
+                 kind: str) -> None:
     async def run() -> None:
         listener = socket.create_server(("127.0.0.1", 0), backlog=2048)
         tunnel = socket.create_connection(("127.0.0.1", tunnel_port))
-        channel = await open_channel(tunnel, role="client", code=CODE)
+        channel = await tunnel_channel(tunnel, "client", kind)
         ready.send(listener.getsockname()[1])
         async with Mux(channel, role="client", name="connect", window=window) as mux:
             await serve_connect(mux, listener)
@@ -165,6 +183,8 @@ def main() -> int:
     ap.add_argument("--profile", choices=["share", "connect"])
     ap.add_argument("--window-kb", type=int, default=INITIAL_WINDOW // 1024,
                     help="per-stream receive window of both tunnel ends")
+    ap.add_argument("--channel", choices=["resumable", "secure"], default="resumable",
+                    help="the channel under the mux (default: resumable, as sessions use)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     size = args.size_mb * 1_000_000
@@ -177,11 +197,13 @@ def main() -> int:
         procs[-1].start()
         service_port = rx.recv()
         procs.append(ctx.Process(target=share_proc, daemon=True,
-                                 args=(service_port, tx, args.profile == "share", window)))
+                                 args=(service_port, tx, args.profile == "share", window,
+                                       args.channel)))
         procs[-1].start()
         tunnel_port = rx.recv()
         procs.append(ctx.Process(target=connect_proc, daemon=True,
-                                 args=(tunnel_port, tx, args.profile == "connect", window)))
+                                 args=(tunnel_port, tx, args.profile == "connect", window,
+                                       args.channel)))
         procs[-1].start()
         listen_port = rx.recv()
         ports = {"direct": service_port, "tunnel": listen_port}
@@ -224,7 +246,7 @@ def main() -> int:
     cpu_per_gb = {end: seconds / (size * args.rounds / 1e9) for end, seconds in cpu.items()}
     result = {
         "size_mb": args.size_mb, "rounds": args.rounds, "cpus": os.cpu_count(),
-        "window_kb": args.window_kb,
+        "window_kb": args.window_kb, "channel": args.channel,
         "throughput_mb_s": rows, "median_mb_s": {"direct": d, "tunnel": t},
         "throughput_ratio": t / d, "tunnel_cpu_s_per_gb": cpu_per_gb,
         "streams": args.streams, "stream_kb": args.stream_kb,

@@ -21,6 +21,12 @@ class PairingMismatch(HandshakeError):
     """Key confirmation failed: the two peers did not use the same pairing code."""
 
 
+class PathRejected(HandshakeError):
+    """A later path's handshake did not prove the tunnel's key (a stranger, or a
+    hello replayed from another connection): that connection is dropped, the
+    tunnel goes on."""
+
+
 class TunnelTampered(TunnelError):
     """A record failed authentication: someone altered, injected or cut the data."""
 

@@ -59,13 +59,14 @@ CLOSE_FLUSH_TIMEOUT = 2.0
 
 
 class Channel(Protocol):
-    """What the mux needs from a transport (``SecureChannel`` is one)."""
+    """What the mux needs from a transport (``SecureChannel`` and
+    ``ResumableChannel`` are). Records are ``bytes`` or views of ``bytes``."""
 
     def write(self, data: bytes | bytearray | memoryview) -> None: ...
     async def drain(self) -> None: ...
     @property
     def writing_paused(self) -> bool: ...
-    def start(self, on_record: Callable[[bytes], None],
+    def start(self, on_record: Callable[[bytes | memoryview], None],
               on_end: Callable[[Exception | None], None]) -> None: ...
     def close(self) -> None: ...
     def abort(self) -> None: ...
@@ -534,7 +535,7 @@ class Mux:
         if self._machine.wants_to_send:
             self._kick()
 
-    def _on_record(self, record: bytes) -> None:
+    def _on_record(self, record: bytes | memoryview) -> None:
         assert self._loop is not None
         events = self._machine.receive(record, self._loop.time())
         if events:

@@ -393,9 +393,9 @@ class MuxMachine:
 
     # -- receiving --------------------------------------------------------------
 
-    def receive(self, data: bytes, now: float) -> list[MuxEvent]:
-        """Plaintext from the peer (frames may straddle calls). Pass ``bytes``:
-        DATA payloads are then zero-copy slices of it."""
+    def receive(self, data: bytes | memoryview, now: float) -> list[MuxEvent]:
+        """Plaintext from the peer (frames may straddle calls). Pass ``bytes`` or
+        a view of ``bytes``: DATA payloads are then zero-copy slices of it."""
         if self._state != "open":
             return []
         self._last_rx = now

@@ -71,11 +71,49 @@ Each direction's key and counter live in their own small object
 (:class:`SealingKey`, :class:`OpeningKey`), so a later rekey (a new key after
 N records) or a resumed connection (fresh keys per connection) swaps those
 objects, not the machine's parsing.
+
+Later paths (:meth:`RecordMachine.path`). A resumable tunnel
+(:mod:`nopf_web.tunnel.resume_machine`) may move to a new TCP connection. Its
+first connection runs the handshake above, unchanged; every later connection
+proves the SPAKE2 key without running SPAKE2 again, from the tunnel's
+:class:`TunnelSecrets` (derived from K once the first connection confirmed; K
+itself is never kept)::
+
+    Kp         = HKDF(K, salt=b"nopf tunnel v1", info=b"nopf v1 path")  32 bytes
+    resume_id  = HKDF(K, salt=b"nopf tunnel v1", info=b"nopf v1 resume id")[:16]
+                 (names the tunnel at the rendezvous; reveals nothing of K)
+
+    path hello (22 bytes each way, sent by both sides at once)
+        offset  size  field
+        0       4     magic    b"NOPP"
+        4       1     version  1
+        5       1     side     b"A" (server) / b"B" (client)
+        6       16    nonce    random, fresh per connection
+    path confirm (32 bytes each way, once the peer's hello is in)
+        HMAC-SHA256(Kc', b"nopf v1 path confirm " + side + hello_A + hello_B)
+
+with, for this connection only, HKDF-SHA256(Kp, salt=nonce_A + nonce_B,
+info=label)::
+
+    Kc'    label b"nopf v1 path confirm"
+    K_AB'  label b"nopf v1 path A->B"   records sent by A
+    K_BA'  label b"nopf v1 path B->A"   records sent by B
+
+Records then follow exactly as above, counters from 0. Both nonces go into
+every key and into the tag, so each connection has keys never used before (no
+key and nonce pair is ever reused), and a hello and confirm replayed from
+another connection fail the check (the peer's nonce differs): the connection
+is dropped with :class:`PathRejected` and nothing on it is ever opened. A
+tag over the sender's own nonce only (the first sketch) would have let a
+replayed hello pass as a live connection, which a leader could then select.
+Our records may follow our confirm at once; the peer's are opened only after
+its confirm checked out.
 """
 
 from __future__ import annotations
 
 import hmac
+import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -90,7 +128,13 @@ from spake2 import SPAKE2_A, SPAKE2_B  # type: ignore[import-untyped]
 
 from nopf_web.roles import PeerRole, SpakeSide, other, spake_side
 
-from .errors import HandshakeError, HandshakeTimeout, PairingMismatch, TunnelTampered
+from .errors import (
+    HandshakeError,
+    HandshakeTimeout,
+    PairingMismatch,
+    PathRejected,
+    TunnelTampered,
+)
 
 MAGIC = b"NOPF"
 VERSION = 1
@@ -103,9 +147,23 @@ LABEL_CONFIRM = b"nopf v1 confirm"
 LABEL_A_TO_B = b"nopf v1 A->B"
 LABEL_B_TO_A = b"nopf v1 B->A"
 HANDSHAKE_TIMEOUT = 10.0
+# Later paths of a resumable tunnel (see the module docstring).
+PATH_MAGIC = b"NOPP"
+NONCE_SIZE = 16
+PATH_HELLO = struct.Struct("!4sBc16s")  # magic, version, side, nonce
+PATH_HELLO_SIZE = PATH_HELLO.size  # 22
+PATH_CONFIRM_SIZE = 32
+LABEL_PATH = b"nopf v1 path"
+LABEL_RESUME_ID = b"nopf v1 resume id"
+LABEL_PATH_CONFIRM = b"nopf v1 path confirm"
+LABEL_PATH_A_TO_B = b"nopf v1 path A->B"
+LABEL_PATH_B_TO_A = b"nopf v1 path B->A"
+RESUME_ID_SIZE = 16
 
 TAG_SIZE = 16
-MAX_RECORD = 257 * 1024  # plaintext bytes per record: a 256 KiB DATA frame and control frames
+# Plaintext bytes per record: a 256 KiB DATA frame, control frames, and 64 bytes
+# for the resume layer's header (17 bytes), so a full mux record stays one record.
+MAX_RECORD = 257 * 1024 + 64
 RECORD_HEADER = struct.Struct("!I")  # u32 BE: ciphertext + tag bytes that follow
 HEADER_SIZE = RECORD_HEADER.size
 RECORD_SIZE = HEADER_SIZE + MAX_RECORD + TAG_SIZE  # the largest record on the wire
@@ -160,6 +218,26 @@ class ChannelEnded:
     """The peer ended the connection cleanly, at a record boundary."""
 
 
+@dataclass(frozen=True, repr=False)
+class TunnelSecrets:
+    """What later paths of a tunnel need, derived from the SPAKE2 key (never the key).
+
+    ``path_secret`` (32 bytes) keys every later path's handshake; ``resume_id``
+    (16 bytes) names the tunnel at the rendezvous when both peers come back
+    to resume it. Not printed by ``repr``.
+    """
+
+    path_secret: bytes
+    resume_id: bytes
+
+    def __repr__(self) -> str:
+        return "TunnelSecrets(...)"
+
+    @classmethod
+    def from_key(cls, key: bytes) -> TunnelSecrets:
+        return cls(_derive(key, LABEL_PATH), _derive(key, LABEL_RESUME_ID)[:RESUME_ID_SIZE])
+
+
 RecordEvent = Transmit | HandshakeDone | PeerConfirmed | RecordReceived | ChannelFailed \
     | ChannelEnded
 State = Literal["new", "hello", "confirm", "open", "failed", "ended"]
@@ -212,8 +290,8 @@ class OpeningKey:
         return plain
 
 
-def _derive(key: bytes, label: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=HKDF_SALT, info=label).derive(key)
+def _derive(key: bytes, label: bytes, salt: bytes = HKDF_SALT) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=label).derive(key)
 
 
 def _confirm_tag(confirm_key: bytes, side: SpakeSide, transcript: bytes) -> bytes:
@@ -313,8 +391,8 @@ class Pake:
 
 
 class RecordMachine:
-    """One connection's handshake and records; make it with :meth:`handshake` or
-    :meth:`confirm_only`.
+    """One connection's handshake and records; make it with :meth:`handshake`,
+    :meth:`confirm_only` or (a later path of a resumable tunnel) :meth:`path`.
 
     Receiving is BufferedProtocol-shaped, so records land straight in a buffer
     sized for a whole record (no intermediate copy): write up to
@@ -340,6 +418,9 @@ class RecordMachine:
         # In-band: our SPAKE2 state and hello until the peer's hello arrives.
         self._spake: SPAKE2_A | SPAKE2_B | None = None
         self._our_hello = b""
+        # A later path: the tunnel's secrets (the hello exchange replaces SPAKE2).
+        self._path: TunnelSecrets | None = None
+        self._secrets: TunnelSecrets | None = None  # derived once K is known
         self._tags = (b"", b"")  # confirmation tags: (ours, the one the peer must send)
         self._keys: tuple[SealingKey, OpeningKey] | None = None  # derived, not yet in use
         self.sealing: SealingKey | None = None
@@ -382,6 +463,19 @@ class RecordMachine:
         machine._keys = machine._derive_all(key, _hello(pake.peer_message))
         return machine
 
+    @classmethod
+    def path(cls, role: PeerRole, secrets: TunnelSecrets, *,
+             timeout: float = HANDSHAKE_TIMEOUT, nonce: bytes | None = None) -> RecordMachine:
+        """A later connection of a tunnel whose first one confirmed ``secrets``:
+        path hellos, then path confirmations (no SPAKE2). ``nonce``: for tests;
+        16 fresh random bytes otherwise."""
+        nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
+        if len(nonce) != NONCE_SIZE:
+            raise ValueError(f"a path nonce is {NONCE_SIZE} bytes")
+        machine = cls(role, timeout=timeout)
+        machine._path = machine._secrets = secrets
+        machine._our_hello = PATH_HELLO.pack(PATH_MAGIC, VERSION, machine._side.encode(), nonce)
+        return machine
     # -- observation ------------------------------------------------------------
 
     @property
@@ -402,6 +496,11 @@ class RecordMachine:
         """When :meth:`timer` must be called (the handshake's deadline), if ever."""
         return self._deadline
 
+    @property
+    def secrets(self) -> TunnelSecrets | None:
+        """What the tunnel's later paths need; None until the peer's confirmation
+        checked out (a tunnel that was never confirmed cannot be resumed)."""
+        return self._secrets if self.confirmed else None
     # -- inputs -----------------------------------------------------------------
 
     def start(self, now: float) -> list[RecordEvent]:
@@ -413,12 +512,12 @@ class RecordMachine:
             return []
         if self._state != "new":
             raise RuntimeError("the record machine was already started")
-        if self._keys is None and self._spake is None:
-            raise RuntimeError("make the machine with RecordMachine.handshake() or "
-                               ".confirm_only()")
+        if self._keys is None and self._spake is None and self._path is None:
+            raise RuntimeError("make the machine with RecordMachine.handshake(), "
+                               ".confirm_only() or .path()")
         self._deadline = now + self.timeout
         events: list[RecordEvent]
-        if self._keys is None:  # in-band: hellos first
+        if self._keys is None:  # in-band or a later path: hellos first
             self._state = "hello"
             events = [self._transmit(self._our_hello)]
         else:
@@ -539,7 +638,10 @@ class RecordMachine:
 
     @property
     def _waiting_for(self) -> str:
-        # Keys exist from the peer's hello on (in-band), or from the start (confirm-only).
+        # Keys exist from the peer's hello on (in-band, path), or from the start
+        # (confirm-only).
+        if self._path is not None:
+            return "path hello" if self._keys is None else "path confirmation"
         return "pairing message" if self._keys is None else "key confirmation"
 
     def _derive_all(self, key: bytes, peer_hello: bytes) -> tuple[SealingKey, OpeningKey]:
@@ -550,7 +652,40 @@ class RecordMachine:
         confirm_key = _derive(key, LABEL_CONFIRM)
         self._tags = (_confirm_tag(confirm_key, self._side, transcript),
                       _confirm_tag(confirm_key, spake_side(self.peer_role), transcript))
+        self._secrets = TunnelSecrets.from_key(key)
         return _record_keys(key, self._side)
+
+    def _derive_path(self, peer_hello: bytes) -> tuple[SealingKey, OpeningKey]:
+        """This connection's keys and both confirmation tags, from the path secret
+        and both hellos (``peer_hello`` already checked)."""
+        assert self._path is not None
+        hello_a, hello_b = ((self._our_hello, peer_hello) if self._side == "A"
+                            else (peer_hello, self._our_hello))
+        salt = hello_a[-NONCE_SIZE:] + hello_b[-NONCE_SIZE:]
+        secret = self._path.path_secret
+        confirm_key = _derive(secret, LABEL_PATH_CONFIRM, salt)
+        transcript = hello_a + hello_b
+        label = b"nopf v1 path confirm "
+        self._tags = (
+            hmac.new(confirm_key, label + self._side.encode() + transcript, sha256).digest(),
+            hmac.new(confirm_key, label + spake_side(self.peer_role).encode() + transcript,
+                     sha256).digest())
+        a_to_b = _derive(secret, LABEL_PATH_A_TO_B, salt)
+        b_to_a = _derive(secret, LABEL_PATH_B_TO_A, salt)
+        send, recv = (a_to_b, b_to_a) if self._side == "A" else (b_to_a, a_to_b)
+        return SealingKey(send), OpeningKey(recv)
+
+    def _check_path_hello(self, hello: bytes) -> None:
+        magic, version, side, _nonce = PATH_HELLO.unpack(hello)
+        if magic != PATH_MAGIC:
+            raise HandshakeError("path handshake: the peer is not a nopf tunnel path "
+                                 f"(got {hello[:8]!r}...)")
+        if version != VERSION:
+            raise HandshakeError(f"path handshake: the peer speaks tunnel version {version}, "
+                                 f"we speak {VERSION}")
+        if side != spake_side(self.peer_role).encode():
+            raise HandshakeError(f"path handshake: the peer took side {side!r}; "
+                                 f"expected {spake_side(self.peer_role)}")
 
     def _transmit(self, data: bytes) -> Transmit:
         self.bytes_out += len(data)
@@ -565,7 +700,21 @@ class RecordMachine:
 
     def _advance(self) -> list[RecordEvent]:
         events: list[RecordEvent] = []
-        if self._state == "hello":
+        if self._state == "hello" and self._path is not None:
+            if self._have < PATH_HELLO_SIZE:
+                return events
+            peer_hello = self._consume(PATH_HELLO_SIZE)
+            try:
+                self._check_path_hello(peer_hello)
+            except HandshakeError as exc:
+                return self._fail(exc, flush=False)
+            self._keys = self._derive_path(peer_hello)
+            self._state = "confirm"
+            # Our records may follow our confirm at once (the peer opens them
+            # only after checking it).
+            self.sealing = self._keys[0]
+            events += [self._transmit(self._tags[0]), HandshakeDone()]
+        elif self._state == "hello":
             if self._have < HELLO_SIZE:
                 return events
             assert self._spake is not None
@@ -581,8 +730,12 @@ class RecordMachine:
         if self._have < CONFIRM_SIZE:
             return events
         if not hmac.compare_digest(self._consume(CONFIRM_SIZE), self._tags[1]):
-            # Nothing after a wrong tag is opened. Flush, not abort: the peer
-            # needs our own tag to reach the same verdict.
+            # Nothing after a wrong tag is opened.
+            if self._path is not None:  # a stranger or a replay: just drop the connection
+                return events + self._fail(PathRejected(
+                    "path handshake: the peer did not prove the tunnel's key (a stranger, "
+                    "or a hello replayed from another connection)"), flush=False)
+            # Flush, not abort: the peer needs our own tag to reach the same verdict.
             return events + self._fail(PairingMismatch("pairing code did not match"),
                                        flush=True)
         assert self._keys is not None

@@ -37,10 +37,11 @@ from .record_machine import (
     RecordMachine,
     RecordReceived,
     Transmit,
+    TunnelSecrets,
 )
 
 __all__ = ["CONFIRM_SIZE", "HANDSHAKE_TIMEOUT", "HELLO_SIZE", "MAX_RECORD", "Pake",
-           "SecureChannel", "open_channel"]
+           "SecureChannel", "TunnelSecrets", "open_channel", "open_path"]
 
 RecordSink = Callable[[bytes], None]
 EndSink = Callable[[Exception | None], None]  # None: clean end of stream
@@ -77,6 +78,8 @@ class _Protocol(asyncio.BufferedProtocol):
                 channel._sink(event.plaintext)  # the hot path: one record, push mode
             else:
                 channel._handle(events)
+        elif self._channel._on_progress is not None:  # part of a record
+            self._channel._on_progress()
 
     def eof_received(self) -> bool:
         return False  # close our side too: the channel has no half-close
@@ -125,6 +128,16 @@ class SecureChannel:
         self._readable = asyncio.Event()
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        self._on_confirmed: Callable[[], None] | None = None
+        self._on_progress: Callable[[], None] | None = None
+
+    def watch(self, *, on_confirmed: Callable[[], None] | None = None,
+              on_progress: Callable[[], None] | None = None) -> None:
+        """Callbacks for a layer above (the resume layer): ``on_confirmed`` when
+        the peer's confirmation checks out (before any of its records is
+        delivered), ``on_progress`` when bytes arrive that do not complete a record."""
+        self._on_confirmed = on_confirmed
+        self._on_progress = on_progress
 
     @property
     def role(self) -> PeerRole:
@@ -141,6 +154,26 @@ class SecureChannel:
     @property
     def wire_bytes_out(self) -> int:
         return self._machine.bytes_out
+
+    @property
+    def is_confirmed(self) -> bool:
+        """The peer's key confirmation checked out."""
+        return self._machine.confirmed
+
+    @property
+    def secrets(self) -> TunnelSecrets | None:
+        """What later paths of this tunnel need (once confirmed); see the record machine."""
+        return self._machine.secrets
+
+    @property
+    def ended(self) -> bool:
+        """The channel is over (its socket may still be closing)."""
+        return self._ended
+
+    @property
+    def closed(self) -> bool:
+        """Its socket is closed."""
+        return self._closed.is_set()
 
     @property
     def write_buffer_size(self) -> int:
@@ -263,6 +296,8 @@ class SecureChannel:
                 self._sync_timer()
                 if not self._confirmed.done():
                     self._confirmed.set_result(None)
+                if self._on_confirmed is not None:
+                    self._on_confirmed()
             elif isinstance(event, ChannelFailed):
                 self._finish(event.error)
                 if event.flush:
@@ -342,6 +377,32 @@ async def open_channel(sock: socket.socket, *, role: PeerRole, code: str,
     except TunnelError:
         raise  # the channel closed (or aborted) the connection as the failure needs
     except BaseException:  # cancelled, or a bug: never leave the connection open
+        channel.abort()
+        raise
+    return channel
+
+
+async def open_path(sock: socket.socket, *, role: PeerRole, secrets: TunnelSecrets,
+                    timeout: float = HANDSHAKE_TIMEOUT) -> SecureChannel:
+    """A later connection of a tunnel whose first one confirmed ``secrets``: the
+    path handshake (no SPAKE2; see the record machine). Returns once our
+    confirm is sent (the peer's hello is in); :meth:`SecureChannel.confirmed`
+    waits for the peer's, raising :class:`PathRejected` if it does not prove the
+    key, :class:`HandshakeTimeout` or :class:`HandshakeError`. The channel owns
+    ``sock``; on failure it is closed."""
+    try:
+        machine = RecordMachine.path(role, secrets, timeout=timeout)
+    except BaseException:
+        sock.close()
+        raise
+    channel = SecureChannel(sock, machine)
+    await _attach(sock, channel)
+    try:
+        channel._begin()
+        await channel._handshake
+    except TunnelError:
+        raise
+    except BaseException:
         channel.abort()
         raise
     return channel

@@ -87,7 +87,7 @@ class OpenFrame(NamedTuple):
 
 class DataFrame(NamedTuple):
     stream_id: int
-    data: bytes | memoryview  # a zero-copy slice when the decoder was fed ``bytes``
+    data: bytes | memoryview  # a zero-copy slice when fed ``bytes`` or a view of bytes
 
 
 class WindowUpdateFrame(NamedTuple):
@@ -314,7 +314,9 @@ class FrameDecoder:
         frames: list[Frame] = []
         pos = 0
         view = memoryview(src)
-        zero_copy = type(src) is bytes
+        # DATA payloads may be views of the caller's buffer only if nobody can
+        # change it: bytes, or a view of bytes (a resumable tunnel's records).
+        zero_copy = type(src) is bytes or (type(src) is memoryview and type(src.obj) is bytes)
         end = len(view)
         while end - pos >= HEADER_SIZE:
             kind, stream_id, length = HEADER.unpack_from(view, pos)

@@ -163,3 +163,16 @@ def test_long_reason_is_cut_at_a_character_boundary() -> None:
     (frame,) = FrameDecoder().feed(wire)
     assert isinstance(frame, GoAwayFrame)
     assert frame.message == "é" * (MAX_REASON // 2)
+
+
+def test_data_payloads_are_views_only_of_buffers_nobody_can_change() -> None:
+    record = b"hdr" + encode_data(1, b"payload one") + encode_data(3, b"payload two")
+    for fed in (record[3:], memoryview(record)[3:]):  # bytes, or a view of bytes
+        got = FrameDecoder().feed(fed)
+        assert [bytes(f.data) for f in got if isinstance(f, DataFrame)] \
+            == [b"payload one", b"payload two"]
+        assert all(type(f.data) is memoryview for f in got if isinstance(f, DataFrame))
+    mutable = bytearray(record)
+    got = FrameDecoder().feed(memoryview(mutable)[3:])
+    mutable[:] = bytes(len(mutable))  # the caller reuses its buffer
+    assert [f.data for f in got if isinstance(f, DataFrame)] == [b"payload one", b"payload two"]

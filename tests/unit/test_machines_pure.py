@@ -32,7 +32,8 @@ def imported_modules(path: Path) -> set[str]:
 
 def test_the_known_machines_are_found() -> None:
     found = {p.relative_to(PACKAGE).as_posix() for p in MACHINES}
-    assert {"punch/machine.py", "tunnel/record_machine.py", "tunnel/mux_machine.py"} <= found
+    assert {"punch/machine.py", "tunnel/record_machine.py", "tunnel/mux_machine.py",
+            "tunnel/resume_machine.py"} <= found
 
 
 @pytest.mark.parametrize("path", MACHINES, ids=lambda p: p.relative_to(PACKAGE).as_posix())

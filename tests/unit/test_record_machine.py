@@ -17,12 +17,15 @@ from nopf_web.tunnel.errors import (
     HandshakeError,
     HandshakeTimeout,
     PairingMismatch,
+    PathRejected,
     TunnelTampered,
 )
 from nopf_web.tunnel.record_machine import (
     CONFIRM_SIZE,
     HELLO_SIZE,
     MAX_RECORD,
+    PATH_HELLO_SIZE,
+    RESUME_ID_SIZE,
     TAG_SIZE,
     ChannelEnded,
     ChannelFailed,
@@ -34,6 +37,7 @@ from nopf_web.tunnel.record_machine import (
     RecordReceived,
     SealingKey,
     Transmit,
+    TunnelSecrets,
 )
 
 CODE = "7-orbit-lantern"
@@ -526,3 +530,175 @@ def test_records_right_behind_the_tag_are_opened_in_the_same_read() -> None:
     b.feed(wire)  # one read: tag and two records
     assert b.kinds() == [HandshakeDone, PeerConfirmed]
     assert b.records == [b"right behind", b"the tag"] and len(records) == 2
+
+
+# -- later paths of a resumable tunnel ---------------------------------------------
+
+
+def tunnel_secrets(code: str = CODE) -> tuple[TunnelSecrets, TunnelSecrets]:
+    """Both sides' secrets after a first connection confirmed."""
+    a, b = confirm_only(code, code)
+    a.start()
+    b.start()
+    settle(a, b)
+    assert a.m.secrets is not None and b.m.secrets is not None
+    return a.m.secrets, b.m.secrets
+
+
+def path_pair(secrets: tuple[TunnelSecrets, TunnelSecrets] | None = None,
+              nonces: tuple[bytes | None, bytes | None] = (None, None)) -> tuple[Peer, Peer]:
+    sa, sb = secrets or tunnel_secrets()
+    return (Peer(RecordMachine.path("server", sa, nonce=nonces[0])),
+            Peer(RecordMachine.path("client", sb, nonce=nonces[1])))
+
+
+def test_the_first_connection_exposes_secrets_only_once_confirmed_never_the_key() -> None:
+    a, b = confirm_only()
+    assert a.m.secrets is None  # derived already, but not proven by the peer yet
+    a.start()
+    b.start()
+    move(a, b)
+    assert b.m.secrets is not None and a.m.secrets is None
+    move(b, a)
+    sa, sb = a.m.secrets, b.m.secrets
+    assert sa is not None and sb is not None
+    assert sa.path_secret == sb.path_secret and sa.resume_id == sb.resume_id
+    assert len(sa.path_secret) == 32 and len(sa.resume_id) == RESUME_ID_SIZE == 16
+    pa, _ = exchanged()
+    assert pa.key() not in (sa.path_secret, sa.resume_id)
+    assert repr(sa) == "TunnelSecrets(...)"
+    # In-band gives the same kind of secrets; another pairing gives other ones.
+    c, d = in_band()
+    c.start()
+    d.start()
+    settle(c, d)
+    assert c.m.secrets is not None and d.m.secrets is not None
+    assert c.m.secrets.resume_id == d.m.secrets.resume_id != sa.resume_id
+    e, f = in_band(CODE, WRONG)
+    e.start()
+    f.start()
+    settle(e, f)
+    assert e.m.secrets is None and f.m.secrets is None
+
+
+@FEW
+@given(data=st.data(), early=messages, later=messages)
+def test_a_path_round_trip_with_any_cuts(data: st.DataObject, early: list[list[bytes]],
+                                         later: list[list[bytes]]) -> None:
+    a, b = path_pair()
+    a.start()
+    b.start()
+    assert len(a.out) == PATH_HELLO_SIZE == 22 and a.out.startswith(b"NOPP\x01A")
+    assert b.out.startswith(b"NOPP\x01B")
+    move(a, b, data)
+    assert b.kinds() == [HandshakeDone]  # its confirm is sent; records may follow it
+    for parts in early:
+        b.seal(parts)
+    settle(a, b, data)
+    for parts in later:
+        a.seal(parts)
+    settle(a, b, data)
+    for p in (a, b):
+        assert p.kinds() == [HandshakeDone, PeerConfirmed] and p.m.confirmed
+        assert p.m.next_deadline is None
+    assert bytes(a.plain) == b"".join(b"".join(p) for p in early)
+    assert bytes(b.plain) == b"".join(b"".join(p) for p in later)
+    assert a.m.bytes_out - sum(len(b"".join(p)) for p in later) \
+        == PATH_HELLO_SIZE + CONFIRM_SIZE + (4 + TAG_SIZE) * sum(1 for p in later if b"".join(p))
+
+
+def test_every_path_has_fresh_keys() -> None:
+    secrets = tunnel_secrets()
+    sealed = set()
+    for _ in range(3):
+        a, b = path_pair(secrets)
+        a.start()
+        b.start()
+        settle(a, b)
+        sealed.add(a.seal([b"the same plaintext"])[0])
+        move(a, b)
+        assert b.records == [b"the same plaintext"]
+    assert len(sealed) == 3  # the same counter 0 and plaintext, other keys each time
+
+
+def test_a_path_with_another_tunnels_secret_is_rejected_on_both_sides() -> None:
+    a, _ = path_pair()
+    _, b = path_pair(tunnel_secrets(WRONG))
+    a.start()
+    b.start()
+    move(b, a)
+    a.seal([b"secret a"])  # right behind A's confirm: never opened
+    settle(a, b)
+    for p in (a, b):
+        failure = p.failure()
+        assert isinstance(failure.error, PathRejected) and not failure.flush
+        assert "did not prove the tunnel's key" in str(failure.error)
+        assert PeerConfirmed not in p.kinds() and not p.records
+
+
+def test_a_path_hello_and_confirm_replayed_from_another_connection_give_nothing() -> None:
+    secrets = tunnel_secrets()
+    # A genuine connection: A's hello, confirm and a record, as an eavesdropper saw them.
+    a1, b1 = path_pair(secrets)
+    a1.start()
+    b1.start()
+    move(b1, a1)
+    a1.seal([b"seen once"])
+    seen = bytes(a1.out)
+    # Replayed to B on a new connection (B picks a fresh nonce).
+    b2 = Peer(RecordMachine.path("client", secrets[1])).start()
+    b2.feed(seen)
+    failure = b2.failure()
+    assert isinstance(failure.error, PathRejected)
+    assert not b2.records and PeerConfirmed not in b2.kinds()
+    # A stranger's hello with a made-up confirm is refused the same way.
+    b3 = Peer(RecordMachine.path("client", secrets[1], nonce=bytes(16))).start()
+    b3.feed(seen[:PATH_HELLO_SIZE] + bytes(CONFIRM_SIZE))
+    assert isinstance(b3.failure().error, PathRejected)
+
+
+def test_a_path_with_a_wrong_tag_is_dropped_and_the_genuine_one_still_works() -> None:
+    secrets = tunnel_secrets()
+    a, b = path_pair(secrets)
+    a.start()
+    b.start()
+    move(b, a)  # A has B's hello: A's confirm is out
+    forged = bytearray(a.out)
+    forged[-1] ^= 1
+    b.feed(bytes(forged))
+    assert isinstance(b.failure().error, PathRejected)
+    a2, b2 = path_pair(secrets)
+    a2.start()
+    b2.start()
+    settle(a2, b2)
+    assert a2.m.confirmed and b2.m.confirmed
+
+
+@pytest.mark.parametrize(("hello", "message"), [
+    (b"NOPF\x01B" + bytes(16), "the peer is not a nopf tunnel path"),
+    (b"NOPP\x02B" + bytes(16), "the peer speaks tunnel version 2, we speak 1"),
+    (b"NOPP\x01A" + bytes(16), "the peer took side b'A'; expected B"),
+])
+def test_a_bad_path_hello_is_named(hello: bytes, message: str) -> None:
+    assert len(hello) == PATH_HELLO_SIZE
+    a = Peer(RecordMachine.path("server", tunnel_secrets()[0])).start()
+    a.feed(hello)
+    failure = a.failure()
+    assert type(failure.error) is HandshakeError and message in str(failure.error)
+    assert len(a.out) == PATH_HELLO_SIZE  # no confirm after a bad hello
+
+
+def test_path_handshake_timeouts_and_losses_name_the_step() -> None:
+    secrets = tunnel_secrets()
+    a = Peer(RecordMachine.path("server", secrets[0], timeout=2.0)).start(10.0)
+    a.take(a.m.timer(12.0))
+    assert str(a.failure().error) == ("secure handshake: no path hello from the peer "
+                                      "within 2 s")
+    a, b = path_pair(secrets)
+    a.start(0.0)
+    b.start(0.0)
+    move(b, a)
+    a.take(a.m.connection_lost(None))
+    assert "before sending its path confirmation" in str(a.failure().error)
+    with pytest.raises(ValueError, match="16 bytes"):
+        RecordMachine.path("server", secrets[0], nonce=b"short")
