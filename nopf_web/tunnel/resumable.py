@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import socket
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -125,6 +126,8 @@ def _keep_freed_memory() -> None:
     heap (setting one threshold turns off glibc's own adjustment of the
     other), brings the cost back to noise. Process-wide, idempotent.
     """
+    if not sys.platform.startswith("linux"):  # glibc's knobs; other C libraries differ
+        return
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (or no symbol table): leave it
