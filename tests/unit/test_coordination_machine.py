@@ -197,6 +197,11 @@ def the_paths(p: Peer) -> list[OpenPath]:
     return [a for a in p.actions if isinstance(a, OpenPath)]
 
 
+def punches(p: Peer) -> list[Punch]:
+    """The punch paths opened, in order."""
+    return [a.how for a in the_paths(p) if isinstance(a.how, Punch)]
+
+
 # -- the whole conversation --------------------------------------------------------------
 
 
@@ -207,7 +212,7 @@ def share(cuts: Iterable[int] = (), deferred: bool = False) -> Peer:
     hello_conn = p.connect(deferred=deferred)
     assert p.last(Connect) == Connect(hello_conn, port, fastopen=True)
     assert p.client_frames(hello_conn) == [
-        Hello("share", None, (Endpoint(LOCAL, port),), PUBLIC, 15.0)]
+        Hello("share", None, (Endpoint(LOCAL, port),), PUBLIC, 15.0, relay=True)]
     p.says(hello_conn, reply() + frames(Ping(1), Welcome(7, 600.0, PUBLIC), Ping(2), fire()),
            cuts)
     return p
@@ -250,19 +255,20 @@ def test_connect_sends_its_pake_in_the_hello_and_answers_pings(cuts: list[int]) 
     assert p.start() == [Connect(1, 0, fastopen=True), MakePake("7-orbit-lantern")]
     conn = p.connect()
     [hello] = p.client_frames(conn)
-    assert hello == Hello("join", 7, (Endpoint(LOCAL, 40001),), None, 15.0, pake=OUR_PAKE)
+    assert hello == Hello("join", 7, (Endpoint(LOCAL, 40001),), None, 15.0, pake=OUR_PAKE,
+                          relay=True)
     p.now = 0.1
     lan_stage = Stage("lan", PEER_LAN, "arm", 1.0)
     p.says(conn, reply() + frames(Ping(5), Ping(6), fire(lan_stage, Stage("public", PEER,
                                                                          "connect", 3.0))),
            cuts)
     assert p.client_frames(conn)[1:] == [Pong(5), Pong(6)]
-    paths = the_paths(p)
-    assert [o.how.stage for o in paths] == [lan_stage]  # one rung at a time
-    assert paths[0].how.config == PunchConfig(timeout=1.0, arm_ttl=0, first_shot=False)
+    paths = punches(p)
+    assert [o.stage for o in paths] == [lan_stage]  # one rung at a time
+    assert paths[0].config == PunchConfig(timeout=1.0, arm_ttl=0, first_shot=False)
     assert p.of(FinishPake) == [FinishPake(PEER_PAKE)]
     p.feed(p.machine.path_failed(1, PunchTimeout("lan: no", Counter()), p.now))
-    assert [o.how.stage.path for o in the_paths(p)] == ["lan", "public"]
+    assert [o.stage.path for o in punches(p)] == ["lan", "public"]
     assert p.of(FinishPake) == [FinishPake(PEER_PAKE)]  # once per attempt
     [succeed] = [a for a in p.feed(p.machine.path_opened(2, 0.2)) if isinstance(a, Succeed)]
     assert succeed.paired.role == "client" and succeed.paired.path == "public"
@@ -295,6 +301,7 @@ def test_without_pake_neither_message_travels() -> None:
     p.says(conn, reply() + frames(fire()))
     assert not p.of(FinishPake)
     [succeed] = [a for a in p.feed(p.machine.path_opened(1, 1.0)) if isinstance(a, Succeed)]
+    assert isinstance(succeed.paired, Paired)
     assert succeed.paired.peer_pake is None
 
 
@@ -595,7 +602,8 @@ def rejoin(p: Peer, the_fire: Fire | None = None) -> None:
     conn = p.connect()
     [hello] = p.client_frames(conn)
     assert hello == Hello("rejoin", 7, (Endpoint(LOCAL, port),), PUBLIC,
-                          hello.punch_timeout, pake=OUR_PAKE)  # type: ignore[union-attr]
+                          hello.punch_timeout, pake=OUR_PAKE,  # type: ignore[union-attr]
+                          relay=True)
     p.says(conn, reply() + frames(the_fire or fire()))
 
 
@@ -613,6 +621,7 @@ def test_a_failed_attempt_is_coordinated_again_and_can_succeed() -> None:
     assert p.client_frames(3)[0].punch_timeout == 26.0  # type: ignore[union-attr]
     assert len(p.of(FinishPake)) == 2
     [succeed] = [a for a in p.feed(p.machine.path_opened(2, 5.0)) if isinstance(a, Succeed)]
+    assert isinstance(succeed.paired, Paired)
     assert succeed.paired.attempt == 2
     assert succeed.paired.timings.started == 4.0
     assert succeed.paired.timings.probed == 4.0
