@@ -42,16 +42,18 @@ class Cell:
 
 def run_cell(left: str, right: str, same: bool, args: argparse.Namespace, *,
              progress: Callable[[str], None] | None = None, deadline: float | None = None,
+             rendezvous_flags: tuple[str, ...] = (),
              ) -> Cell:
     """``args.runs`` pairings in one lab (fewer if ``time.monotonic()`` passes ``deadline``).
 
-    ``args.loss`` (optional) is the lab's loss probability per pass through the router.
+    ``args.loss`` (optional) is the lab's loss probability per pass through the router;
+    ``rendezvous_flags``: nopf-server's (``--no-relay``: punching alone).
     """
     cell = Cell()
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     with Lab(left, right, delay_ms=args.delay_ms, jitter_ms=args.jitter_ms,
              loss=getattr(args, "loss", 0.0)) as lab:
-        start_rendezvous(lab)
+        start_rendezvous(lab, *rendezvous_flags)
         cell.rtt = handshake_rtt(lab.a1, RDV)
         joiner = lab.a2 if same else lab.b1
         for i in range(args.runs):

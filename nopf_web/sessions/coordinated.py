@@ -19,6 +19,7 @@ from typing import ClassVar
 
 from nopf_web.errors import NopfError
 from nopf_web.rendezvous.client import resolve_ipv4
+from nopf_web.rendezvous.errors import RendezvousProtocolError
 from nopf_web.roles import PeerRole
 from nopf_web.tunnel.forward import serve_connect, serve_share
 from nopf_web.tunnel.mux import Mux
@@ -26,7 +27,7 @@ from nopf_web.tunnel.secure import Pake, SecureChannel, open_channel
 from nopf_web.wire.address import Endpoint
 
 from .coordination import CoordinationSpec, PairedTunnel, coordinate
-from .coordination_machine import Timings
+from .coordination_machine import Timings, TunnelPath
 from .engine import EngineBase, Event, Mode, Snapshot, State, task_group
 from .local import listen_local
 
@@ -85,7 +86,8 @@ class CoordinatedEngine(EngineBase):
         self.code: str | None = spec.code
         self.public_address: Endpoint | None = None
         self.peer_address: Endpoint | None = None
-        self.path: str | None = None
+        self.path: TunnelPath | None = None
+        self.relay: Endpoint | None = None  # path "relay": where
         self._mux: Mux | None = None
         # Monotonic instants of the setup, for measurements: the pairing's, and
         # when the secure channel (SPAKE2 + confirmation) was up.
@@ -109,7 +111,8 @@ class CoordinatedEngine(EngineBase):
         return replace(super().snapshot(), public_address=self.public_address,
                        peer_address=self.peer_address, bytes_in=self.bytes_in,
                        bytes_out=self.bytes_out, connections=self.connections, code=self.code,
-                       path=self.path, timings=self.timings, secured_at=self.secured_at)
+                       path=self.path, relay=self.relay, timings=self.timings,
+                       secured_at=self.secured_at)
 
     def set_peer(self, peer: Endpoint) -> None:
         raise NopfError("a coordinated session pairs by its code: it takes no peer address")
@@ -126,9 +129,13 @@ class CoordinatedEngine(EngineBase):
                 listener = listen_local(spec.local_host, spec.local_port,
                                         backlog=socket.SOMAXCONN)
             paired = await self._pair()
+            if paired.early:  # the secure channel reads its socket from the tunnel's first byte
+                paired.sock.close()
+                raise RendezvousProtocolError(
+                    f"{len(paired.early)} bytes of the tunnel were read before it started")
             self.timings = paired.timings
             self.public_address, self.peer_address = paired.public, paired.peer
-            self.path = paired.path
+            self.path, self.relay = paired.path, paired.relay
             self._emit(Event("public_address", str(paired.public),
                              data={"public": str(paired.public)}))
             self._emit(Event("peer_address", f"peer {paired.peer}",
@@ -156,12 +163,14 @@ class CoordinatedEngine(EngineBase):
                     tg.create_task(serve, name=f"serve-{spec.local_port}")
                     await channel.confirmed()  # PairingMismatch / HandshakeTimeout end it
                     self.secured_at = time.monotonic()
+                    why = f", {paired.why}" if paired.why else ""
                     self._set_state(State.CONNECTED, f"encrypted tunnel to {paired.peer} up "
-                                    f"(over the {paired.path} path); " + self._ready_hint())
+                                    f"({paired.over}{why}); " + self._ready_hint())
                     self._emit(Event(
                         "pipe_started", f"Started tunnel between localhost:{spec.local_port} "
                         f"- {paired.peer}", data={"local_port": spec.local_port,
-                                                  "peer": str(paired.peer)}))
+                                                  "peer": str(paired.peer),
+                                                  "path": paired.path}))
             finally:
                 await self._mux.close()
         finally:

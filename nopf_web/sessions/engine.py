@@ -30,7 +30,7 @@ from nopf_web.guard.base import GuardStatus
 from nopf_web.roles import PeerRole
 from nopf_web.wire.address import Endpoint
 
-from .coordination_machine import Timings
+from .coordination_machine import Timings, TunnelPath
 
 Mode = Literal["coordinated", "seed"]
 MODES: Final[tuple[Mode, ...]] = ("coordinated", "seed")
@@ -88,7 +88,8 @@ class Snapshot:
     bytes_out: int = 0  # to the peer
     connections: int = 0  # seed: pipes; coordinated: the tunnel's streams
     code: str | None = None  # coordinated: the pairing code, once known
-    path: str | None = None  # coordinated: "public" or "lan", once the tunnel is up
+    path: TunnelPath | None = None  # coordinated: "public", "lan" or "relay", once up
+    relay: Endpoint | None = None  # coordinated, path "relay": the relay's address
     guard: GuardStatus | None = None  # the packet guard this engine uses (None: none)
     guard_dropped: int = 0  # packets the guard dropped in this session's windows
     timings: Timings | None = None  # coordinated: monotonic instants of the pairing

@@ -85,6 +85,8 @@ def test_quick_suite_writes_json_plots_and_sections(tmp_path: Path) -> None:
     assert punch["silent-drop"]["wins"] == punch["silent-drop"]["runs"] > 0
     assert punch["symmetric"]["wins"] == 0  # fails, and says why
     assert all("symmetric" in e.lower() for e in punch["symmetric"]["errors"])
+    relayed = punch["symmetric, relay on"]  # the same pair, the relay on: all connect
+    assert relayed["wins"] == relayed["runs"] > 0 and relayed["paths"] == ["relay"]
 
     rdv = json.loads((results / "rendezvous.json").read_text())["data"]
     waiting = rdv["waiting"]["nopf-server"]
