@@ -26,6 +26,7 @@ import ipaddress
 import logging
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -307,7 +308,7 @@ async def dial_back(target: tuple[str, int], source: str, timeout: float,
 def read_icmp_error(sock: socket.socket) -> Icmp | None:
     """The ICMP error queued on ``sock`` (IP_RECVERR), or None."""
     flag = getattr(socket, "MSG_ERRQUEUE", None)
-    if flag is None:
+    if flag is None or sys.platform == "win32":  # Linux only; Windows has no recvmsg
         return None
     try:
         _data, ancdata, _flags, _addr = sock.recvmsg(0, 512, flag)
