@@ -12,7 +12,11 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from nopf_web.cli.server import _relay_limits, build_parser
+
+pytestmark = pytest.mark.linux_only("the server's deployment files are for Linux (systemd, Docker)")
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "nopf-server.service"
