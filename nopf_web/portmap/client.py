@@ -229,7 +229,7 @@ def gateway_from_route_command(platform: str | None = None) -> IPv4Address:
     if argv is None:
         raise NoGatewayError(f"cannot look up the default gateway on {name}: give the "
                              "gateway's address")
-    shown = " ".join(argv[-4:] if name == "win32" else argv)
+    shown = " ".join(["route", *argv[1:]])
     try:
         done = subprocess.run(argv, capture_output=True, encoding="ascii", errors="replace",
                               timeout=ROUTE_TIMEOUT, check=False)
@@ -305,7 +305,8 @@ async def _drive(machine: _Machine, gateway: IPv4Address, local: IPv4Address) ->
             except TimeoutError:
                 out = machine.timer(loop.time())
             else:
-                if isinstance(item, ConnectionRefusedError):
+                # Windows reports a UDP port unreachable as WSAECONNRESET, not ECONNREFUSED.
+                if isinstance(item, ConnectionRefusedError | ConnectionResetError):
                     raise AttemptFailed(
                         f"{gateway} refused (ICMP port unreachable on {natpmp.SERVER_PORT})")
                 if isinstance(item, OSError):
