@@ -161,7 +161,10 @@ async def serve(config: WebConfig, *, browser: bool = False) -> int:
     try:
         try:
             await runner.setup()  # opens the database, starts the rendezvous and the manager
-            site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+            # SO_REUSEADDR restarts past TIME_WAIT on Unix; on Windows it would let
+            # another program bind the dashboard's port too, so there it stays off.
+            site = web.TCPSite(runner, config.host, config.port,
+                               reuse_address=sys.platform != "win32")
             await site.start()
         except NopfError as exc:
             return fail(PROG, str(exc))
