@@ -275,9 +275,12 @@ async def dial_back(target: tuple[str, int], source: str, timeout: float,
     sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
-        with contextlib.suppress(OSError):  # not Linux: no error queue, guessed below
-            sock.setsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP,
-                            IPV6_RECVERR if v6 else IP_RECVERR, 1)
+        # Linux's error queue. Elsewhere the number means another option (11 is
+        # IP_MULTICAST_LOOP on Windows and macOS): not set, the ICMP is guessed below.
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP,
+                                IPV6_RECVERR if v6 else IP_RECVERR, 1)
         try:
             sock.bind((source, 0))
         except OSError as exc:
