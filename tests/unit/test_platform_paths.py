@@ -6,7 +6,9 @@ splice), the rendezvous measuring RTT with a ping without TCP_INFO, and the pipe
 and relay copy loops without splice.
 
 On Windows itself these would be the real loopback punch and sessions, which we
-have never run: they are skipped there rather than guessed at."""
+have never run: they are skipped there rather than guessed at, and the tests that
+punch (a session, a pairing) run on Linux only: elsewhere they would test that
+system's TCP stack, which we have not seen."""
 
 from __future__ import annotations
 
@@ -37,6 +39,10 @@ from tests.e2e.test_secure_mux import forwarded, hash_client, hash_service
 from tests.e2e.test_session_loopback import spec, wait_state
 from tests.programs import free_port
 from tests.unit.platform_support import FEATURES, take_away
+
+# A real loopback punch: what it checks on Linux is nopf's code; on macOS it would be
+# macOS' stack (simultaneous open, port sharing with a listener), never run by us.
+PUNCHES = "a real loopback punch, run by us on Linux only"
 
 pytestmark = pytest.mark.skipif(
     sys.platform == "win32",
@@ -146,6 +152,7 @@ async def seed_session(rdv: Endpoint) -> tuple[SeedEngine, SeedEngine, list[Even
     return server, client, events
 
 
+@pytest.mark.linux_only(PUNCHES)
 async def test_a_seed_session_without_the_unix_only_features(
         monkeypatch: pytest.MonkeyPatch) -> None:
     rdv_server = RendezvousServer(LO, 0)
@@ -214,6 +221,7 @@ async def paired_with_pings(monkeypatch: pytest.MonkeyPatch) -> tuple[list[float
     return rtts, len(pinged)
 
 
+@pytest.mark.linux_only(PUNCHES)
 async def test_without_tcp_info_the_rendezvous_measures_with_a_ping(
         monkeypatch: pytest.MonkeyPatch) -> None:
     take_away(monkeypatch, "TCP_INFO")  # and macOS' TCP_CONNECTION_INFO: no facts at all
