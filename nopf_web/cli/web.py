@@ -78,7 +78,7 @@ def build_parser() -> OneLineParser:
     return p
 
 
-def browser_refusal(env: Mapping[str, str], platform: str = sys.platform) -> str | None:
+def browser_refusal(env: Mapping[str, str], platform: str | None = None) -> str | None:
     """Why the dashboard should not open a browser here (None: open it).
 
     Not under CI or a test run (``CI``, ``PYTEST_CURRENT_TEST``), not in an SSH
@@ -90,8 +90,9 @@ def browser_refusal(env: Mapping[str, str], platform: str = sys.platform) -> str
         return "running under CI or tests"
     if any(env.get(name) for name in ("SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY")):
         return "an SSH session"
-    if platform not in ("win32", "darwin") and not (env.get("DISPLAY")
-                                                    or env.get("WAYLAND_DISPLAY")):
+    system = sys.platform if platform is None else platform
+    if system not in ("win32", "darwin") and not (env.get("DISPLAY")
+                                                  or env.get("WAYLAND_DISPLAY")):
         return "no graphical display"
     return None
 
