@@ -1,8 +1,8 @@
 """Socket helpers for the rendezvous client, the punch, the sessions and the server.
 
 The platform-specific spots of the data path live here, together: each has its
-Linux path and, next to it, the Windows and macOS ones (``docs`` in the README's
-"Platforms" section says what each costs). The choices are plain functions of
+Linux path and, next to it, the Windows and macOS ones (the README's "Windows
+and macOS" section says what each costs). The choices are plain functions of
 ``sys.platform`` and of what the ``socket``/``os`` modules offer, looked up at
 call time, so the tests can take a feature away and run the other path.
 
