@@ -53,6 +53,7 @@ from nopf_web.rendezvous.errors import RendezvousUnreachable
 from nopf_web.roles import PeerRole
 from nopf_web.sockets import (
     connect_nonblocking,
+    require_readiness,
     reusable_socket,
     try_fastopen,
     tune_stream,
@@ -149,6 +150,7 @@ async def coordinate(spec: CoordinationSpec, *, pake: PakeFactory | None = None,
     progress line, ``on_punching`` (default: ``on_event``) the line of a punch
     that starts.
     """
+    require_readiness()  # before any traffic: one line on a Proactor loop
     code = parse_code(spec.code) if spec.code is not None else None
     server = await resolve_ipv4(spec.rendezvous, spec.net_timeout)
     machine = CoordinationMachine(CoordinationConfig(
@@ -461,7 +463,7 @@ class _Driver:
         peer = how.stage.peer
         driver = PunchDriver((how.local.host, how.local.port), (peer.host, peer.port),
                              Tactic.ARM if how.stage.punch == "arm" else Tactic.CONNECT,
-                             how.config, nat_hint=how.nat_hint)
+                             how.config, nat_hint=how.nat_hint, on_notice=self.on_event)
         try:
             sock = await driver.run()
         except PunchTimeout as exc:
@@ -507,7 +509,7 @@ class _Driver:
         if sock is None:
             return
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, NotImplementedError):  # Proactor: none
             loop.remove_reader(sock.fileno())
             loop.remove_writer(sock.fileno())
         sock.close()

@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Final, Literal, Protocol
 from nopf_web.errors import NopfError
 from nopf_web.guard.base import GuardStatus
 from nopf_web.roles import PeerRole
+from nopf_web.sockets import require_readiness
 from nopf_web.wire.address import Endpoint
 
 from .coordination_machine import Timings, TunnelPath
@@ -154,6 +155,7 @@ class EngineBase:
         if self._life_task is not None:
             raise RuntimeError("an engine runs once")
         try:
+            require_readiness()  # a Proactor loop fails here, in one line, not mid-punch
             async with task_group() as tg:
                 self._life_task = tg.create_task(
                     self._life(), name=f"{self.mode}-{self.role}-{self.local_port}")

@@ -99,11 +99,12 @@ class LabError(RuntimeError):
 
 # --------------------------------------------------------------------------- netns plumbing
 
-_libc = ctypes.CDLL(None, use_errno=True)
+# None off Unix: importing the lab (tests/conftest.py does) must work on Windows too.
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform != "win32" else None
 
 
 def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
+    if _libc is None or _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns: {os.strerror(err)}")
 
