@@ -496,6 +496,22 @@ class ResumeMachine:
         events: list[ResumeEvent] = [PathFailed(p.id, p.kind, why)]
         return events + self._need_path(f"the {p.kind} path failed: {why}")
 
+    def attempt_failed(self, why: str) -> None:
+        """The owner's try at a new path failed before any connection reached the
+        tunnel (the rendezvous was down, the peer never came): named with the
+        attempts when the resume budget ends. A repeat of the last one is counted."""
+        if self._state != "open" or self._lost_at is None:
+            return
+        attempts = self._attempts
+        last = attempts[-1] if attempts else ""
+        if last == why:
+            attempts[-1] = f"{why} (2 times)"
+        elif last.startswith(f"{why} (") and last.endswith(" times)") \
+                and last[len(why) + 2:-len(" times)")].isdigit():
+            attempts[-1] = f"{why} ({int(last[len(why) + 2:-len(' times)')]) + 1} times)"
+        else:
+            attempts.append(why)
+
     def progress(self, path_id: int, now: float) -> None:
         """Bytes arrived on that connection without completing a record: the
         peer is alive, and we must show we are (see the module docstring)."""

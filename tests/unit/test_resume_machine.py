@@ -634,3 +634,17 @@ def test_a_probe_answered_closes_the_worse_candidate_whatever_the_clock_reads() 
         (pong,) = sends(b.receive(pb, probe, now))
         events = a.receive(pa, pong, now + 0.001)
         assert kinds(events) == ["ClosePath", "PathFailed"], now
+
+
+def test_the_owners_failed_attempts_are_named_once_each_with_repeats_counted() -> None:
+    a, _b, pa, _pb = pair(resume_budget=10.0)
+    a.attempt_failed("not lost: ignored")
+    a.path_closed(pa, ConnectionResetError(104, "Connection reset by peer"), 5.0)
+    for _ in range(3):
+        a.attempt_failed("meeting through the rendezvous: Connection refused")
+    a.attempt_failed("meeting through the rendezvous: the peer did not resume")
+    events = a.timer(15.0)
+    assert kinds(events) == ["TunnelFailed"]
+    assert str(events[0].error).endswith(  # type: ignore[union-attr]
+        "(tried: meeting through the rendezvous: Connection refused (3 times); meeting "
+        "through the rendezvous: the peer did not resume)")
