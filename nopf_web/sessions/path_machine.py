@@ -29,6 +29,7 @@ lets one whose connection is already in the tunnel's path handshake finish),
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,6 +43,7 @@ UPGRADE_TIMEOUT = 5.0
 RESUME_RETRY = 1.0  # s between resume meetings (a rendezvous that is down, restarting)
 MEET_TIMEOUT = 30.0  # a resume meeting's plan budget (at most what the resume budget has left)
 
+_DIGITS = re.compile(r"\d+(\.\d+)?")
 MeetingKind = Literal["resume", "upgrade"]
 ReportKind = Literal["lost", "resumed", "upgraded", "resume_failed", "upgrade_failed"]
 
@@ -171,7 +173,7 @@ class PathMachine:
         was_relay_since = self._relay_since
         if self._lost_at is not None:
             took = after if after is not None else now - self._lost_at
-            tries = f" (meeting {self._resume_tries})" if self._resume_tries > 1 else ""
+            tries = f" ({self._resume_tries} tries)" if self._resume_tries > 1 else ""
             actions.append(Report("resumed", f"resumed over {describe_kind(kind)} in "
                                   f"{seconds(took)}{tries}"))
         elif previous == "relay" and kind != "relay":
@@ -244,10 +246,9 @@ class PathMachine:
             assert self._lost_at is not None
             wait = self.resume_retry
             left = self._lost_at + self.resume_budget - now
-            if error is not None and error != self._last_failure and left > wait:
+            if error is not None and self._news(error) and left > wait:
                 actions.append(Report("resume_failed", f"resume attempt failed: {error} "
                                       f"(retrying in {seconds(wait)})"))
-            self._last_failure = error or self._last_failure
             self._next_at = now + wait
             return actions
         if self.kind != "relay":
@@ -262,10 +263,9 @@ class PathMachine:
         delay = self.upgrade_delays[step] if step < len(self.upgrade_delays) \
             else self.upgrade_cap
         self._next_at = max(now, running.started + delay)
-        if error is not None and error != self._last_failure:
+        if error is not None and self._news(error):
             actions.append(Report("upgrade_failed", f"no direct path yet: {error} (next try "
                                   f"in {seconds(self._next_at - now)})"))
-        self._last_failure = error or self._last_failure
         return actions
 
     def timer(self, now: float) -> list[PathAction]:
@@ -289,6 +289,15 @@ class PathMachine:
         return [Cancel(self._running.attempt)] if self._running is not None else []
 
     # -- internals --------------------------------------------------------------------
+
+    def _news(self, error: str) -> bool:
+        """Whether a failure is worth a line: not the same as the last one said (numbers
+        aside: ports and times differ from one try to the next)."""
+        gist = _DIGITS.sub("#", error)
+        if gist == self._last_failure:
+            return False
+        self._last_failure = gist
+        return True
 
     def _on_relay(self, now: float) -> None:
         self._relay_since = now
