@@ -8,7 +8,7 @@ Stdlib only. See :mod:`tests.lab.topology` for the topology and API,
 
 from tests.lab.topology import (
     MODES,
-    REBIND_PORTS,
+    REBIND_KEYS,
     Host,
     Lab,
     LabError,
@@ -23,7 +23,7 @@ from tests.lab.topology import (
 
 __all__ = [
     "MODES",
-    "REBIND_PORTS",
+    "REBIND_KEYS",
     "Host",
     "Lab",
     "LabError",

@@ -71,7 +71,7 @@ from typing import IO, Any
 
 __all__ = [
     "MODES",
-    "REBIND_PORTS",
+    "REBIND_KEYS",
     "Host",
     "Lab",
     "LabError",
@@ -99,10 +99,12 @@ RDV_IP2 = "198.51.100.3"  # rdv's second address, with Lab(rdv_second_ip=True)
 INET_RDV_IP = "198.51.100.1"
 WAN = {"a": ("203.0.113.2", "203.0.113.1"), "b": ("192.0.2.2", "192.0.2.1")}
 PRIVATE_LAN = {"a": "10.0.1", "b": "10.0.2"}
-# Public port ranges a rebound NAT maps to (Lab.rebind alternates between them). A NAT
-# keeps a connection's source port when it may: these are disjoint from each other and
-# from Linux's ephemeral ports (32768-60999), so every mapping after a rebind changes.
-REBIND_PORTS: tuple[tuple[int, int], ...] = ((20000, 29999), (10000, 19999))
+# What a rebound NAT does to source ports (Lab.rebind alternates): public port = local
+# port XOR key. Linux keeps a connection's source port when it may; a NAT told to map
+# into a port range picks a random port per connection for every port outside it
+# (mapping by destination: a symmetric NAT). A fixed function of the source port keeps
+# the NAT endpoint-independent (punchable) and gives every connection a new port.
+REBIND_KEYS: tuple[int, ...] = (0x2000, 0x4000)
 NETLINK_NETFILTER = 12
 _CTNETLINK_FLUSH = (1 << 8) | 2  # NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE
 PUBLIC_LAN = {"a": "100.64.1", "b": "100.64.2"}
@@ -334,7 +336,7 @@ class Site:
     hosts: list[Host] = field(default_factory=list)
     lan: str = ""  # e.g. "10.0.1.0/24"
     hairpin: bool = False  # the NAT hairpins (see Lab's ``hairpin``)
-    ports: tuple[int, int] | None = None  # the public port range after a rebind
+    rebind_key: int = 0  # after a rebind: public port = local port XOR this
 
     @property
     def public_ip(self) -> str:
@@ -370,15 +372,14 @@ _HAIRPIN = """
 \t}}"""
 
 
-def _postrouting_rules(mode: str, hairpin: bool, wan_ip: str,
-                       ports: tuple[int, int] | None = None) -> list[str]:
-    """The NAT's source-NAT rules: masquerade on "wan" (``ports``: TCP and UDP mapped
-    into that public port range), and the hairpin's snat."""
+def _postrouting_rules(mode: str, hairpin: bool, wan_ip: str, key: int = 0) -> list[str]:
+    """The NAT's source-NAT rules: masquerade on "wan" (``key``, after a rebind: TCP
+    and UDP leave from local port XOR key), and the hairpin's snat."""
     flags = " random,fully-random" if mode == "symmetric" else ""
     rules = []
-    if ports is not None:
-        rules.append(f'oifname "wan" meta l4proto {{ tcp, udp }} '
-                     f"masquerade to :{ports[0]}-{ports[1]}{flags}")
+    if key and mode != "symmetric":  # a symmetric NAT picks new random ports anyway
+        rules += [f'oifname "wan" meta l4proto {proto} snat ip to {wan_ip} : '
+                  f"{proto} sport ^ {key:#x}" for proto in ("tcp", "udp")]
     rules.append(f'oifname "wan" masquerade{flags}')
     if hairpin:
         rules.append(f'iifname "lan" oifname "lan" ct status dnat snat ip to {wan_ip}')
@@ -697,23 +698,22 @@ class Lab:
 
     # ------------------------------------------------------------------ disturbances
 
-    def rebind(self, site: str, ports: tuple[int, int] | None = None) -> tuple[int, int]:
-        """Site ``site``'s NAT forgets every mapping and maps to new public ports: its
-        connection tracking is flushed (as ``conntrack -F`` would, or a NAT reboot)
-        and masquerading moves to ``ports`` (default: the next of
-        :data:`REBIND_PORTS`, never the range in force). Connections through it
-        break: their next packets leave from public ports the far end has never
-        seen, and the far end's packets to the old ports find no mapping (the
-        NAT's mode decides: dropped, TCP reset, ICMP). New connections work.
-        Returns the range now in force."""
+    def rebind(self, site: str) -> int:
+        """Site ``site``'s NAT forgets every mapping and maps to new public ports, as a
+        NAT reboot or a new address would: its connection tracking is flushed (as
+        ``conntrack -F`` does, here over ctnetlink) and from now on a connection
+        from local port P leaves from public port P XOR key (the next of
+        :data:`REBIND_KEYS`, never the key in force; a symmetric NAT keeps picking
+        random ports). Connections through it break: their next packets leave
+        from a public port the far end has never seen, and the far end's packets
+        to the old port find no mapping (the NAT's mode decides: dropped, TCP
+        reset, ICMP). New connections work, and the NAT stays endpoint-independent
+        (punchable). Returns the key now in force."""
         where = self.site(site)
         if not where.natted:
             raise LabError(f"site {site} has no NAT (mode none): nothing to rebind")
-        if ports is None:
-            ports = next(r for r in REBIND_PORTS if r != where.ports)
-        if not 1024 <= ports[0] <= ports[1] <= 65535:
-            raise LabError(f"bad port range {ports}")
-        rules = _postrouting_rules(where.mode, where.hairpin, where.nat.wan_ip, ports)
+        key = next(k for k in REBIND_KEYS if k != where.rebind_key)
+        rules = _postrouting_rules(where.mode, where.hairpin, where.nat.wan_ip, key)
         batch = "flush chain ip nopf_lab postrouting\n" + "".join(
             f"add rule ip nopf_lab postrouting {rule}\n" for rule in rules)
         _run(where.nat.command(["nft", "-f", "-"]), batch)
@@ -722,8 +722,8 @@ class Lab:
         if error:
             raise LabError(f"flushing {where.nat.name}'s connection tracking failed: "
                            f"{os.strerror(error) if error > 0 else 'no ack'}")
-        where.ports = ports
-        return ports
+        where.rebind_key = key
+        return key
 
     def block_direct(self) -> None:
         """Cut the direct path between the sites: ``inet`` drops whatever it would
