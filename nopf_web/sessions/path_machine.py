@@ -264,8 +264,9 @@ class PathMachine:
             else self.upgrade_cap
         self._next_at = max(now, running.started + delay)
         if error is not None and self._news(error):
-            actions.append(Report("upgrade_failed", f"no direct path yet: {error} (next try "
-                                  f"in {seconds(self._next_at - now)})"))
+            wait = self._next_at - now
+            when = f"next try in {seconds(wait)}" if wait >= 0.05 else "trying again now"
+            actions.append(Report("upgrade_failed", f"no direct path yet: {error} ({when})"))
         return actions
 
     def timer(self, now: float) -> list[PathAction]:

@@ -70,7 +70,8 @@ def test_a_relayed_tunnel_tries_direct_at_5_10_20_30_30_seconds() -> None:
 def test_a_failed_upgrade_that_outlasts_its_slot_is_followed_at_once() -> None:
     m = PathMachine("relay", 0.0, resume_budget=60, upgrade_delays=(5, 10))
     (meet,) = meets(m.timer(5.0))
-    m.met(meet.attempt, 40.0, error="the peer did not resume")  # waited 35 s
+    out = m.met(meet.attempt, 40.0, error="the peer did not resume")  # waited 35 s
+    assert reports(out) == ["no direct path yet: the peer did not resume (trying again now)"]
     assert m.next_deadline == 40.0
 
 
