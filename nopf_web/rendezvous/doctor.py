@@ -197,7 +197,8 @@ class DoctorResponder:
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         self._feed(Accepted(link.id, (str(peer[0]), int(peer[1])) if peer else None,
-                            (str(local[0]), int(local[1])) if local else None, self._clock()))
+                            self._clock(),
+                            local=(str(local[0]), int(local[1])) if local else None))
 
     def _lost(self, link: _Link) -> None:
         if self._links.pop(link.id, None) is None:
