@@ -218,6 +218,10 @@ class RendezvousServer:
     def _feed(self, event: Event) -> None:
         for action in self._machine.handle(event):
             self._act(action)
+        if self._machine.notes:
+            for line in self._machine.notes:
+                log.info("%s", line)
+            self._machine.notes.clear()
         self._arm()
 
     def _act(self, action: Action) -> None:

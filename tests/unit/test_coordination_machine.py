@@ -34,6 +34,7 @@ from nopf_web.sessions.coordination_machine import (
     CoordinationMachine,
     Fail,
     FinishPake,
+    Fired,
     MakePake,
     Met,
     OpenPath,
@@ -236,9 +237,14 @@ def test_share_from_probe_to_fire_in_any_reads(cuts: list[int], deferred: bool) 
     assert p.of(MakePake) == [MakePake("7-orbit-lantern")]
     stage = fire().plan[0]
     local = Endpoint("0.0.0.0", 40001)
-    tail = p.actions[-4:]
+    tail = p.actions[-5:]
+    # The fire names no mappings and neither side sent a NAT report: a public path is
+    # predicted, assuming both NATs keep their ports (not certain).
+    prediction = p.machine.prediction
+    assert prediction is not None and prediction.path == "public" and not prediction.certain
     assert tail == [
         Close(hello_conn),
+        Fired(1, fire(), prediction),
         Say(f"punching to {PEER} (public, connect)", punching=True),
         OpenPath(1, Punch(local, stage, PunchConfig(timeout=4.0, arm_ttl=2, first_shot=True),
                           None)),
@@ -249,7 +255,8 @@ def test_share_from_probe_to_fire_in_any_reads(cuts: list[int], deferred: bool) 
     assert done == [
         Say(f"tunnel up to {PEER} over the public path"),
         Succeed(1, Paired("server", "7-orbit-lantern", PEER, "public", local, PUBLIC, 0.04,
-                          Timings(0.0, 0.0, 0.0, 0.5, 0.0, 0.0), peer_pake=PEER_PAKE)),
+                          Timings(0.0, 0.0, 0.0, 0.5, 0.0, 0.0), peer_pake=PEER_PAKE,
+                          prediction=prediction)),
     ]
     assert p.machine.wake_at is None
 
