@@ -46,7 +46,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 from nopf_web.pairing import parse_code
-from nopf_web.prediction import Prediction
+from nopf_web.prediction import PairFacts, Prediction, fire_facts
 from nopf_web.punch.driver import PunchDriver
 from nopf_web.punch.machine import PunchTimeout, Tactic
 from nopf_web.rendezvous.client import resolve_ipv4
@@ -105,7 +105,7 @@ class PakeHalf(Protocol):
 
 PakeFactory = Callable[[str], PakeHalf]  # the full code -> our half
 EventSink = Callable[[str], None]
-PredictionSink = Callable[[Prediction], None]
+PredictionSink = Callable[[Prediction, PairFacts], None]  # and the facts it came from
 
 
 @dataclass(frozen=True)
@@ -447,7 +447,8 @@ class _Driver:
         self._mark("fire", f"fire instruction (attempt {action.number}): {plan}; peer "
                    f"round trip about {fire.rtt_ms:.0f} ms", **data)
         if action.prediction is not None and self.on_prediction is not None:
-            self.on_prediction(action.prediction)
+            cfg = self.machine.config
+            self.on_prediction(action.prediction, fire_facts(fire, cfg.role, cfg.nat))
 
     def _mark_stage(self, path: int, how: Punch | ViaRelay) -> None:
         if isinstance(how, Punch):
