@@ -50,6 +50,7 @@ from nopf_web.sessions.coordination_machine import (
     refusal,
 )
 from nopf_web.wire.address import Endpoint
+from nopf_web.wire.nat import NatSummary
 from nopf_web.wire.discovery import encode_reply
 from nopf_web.wire.rendezvous import (
     ERROR_CODES,
@@ -936,3 +937,45 @@ def test_a_resume_has_no_code_and_no_spake2() -> None:
         CoordinationConfig(role="client", where=RDV, code=CODE, resume=Resume(RID))
     with pytest.raises(ValueError, match="no code and no SPAKE2"):
         CoordinationConfig(role="server", where=RDV, pake=True, resume=Resume(RID))
+
+
+RST_NAT = NatSummary("endpoint-independent", "rst", False, (), None, False)
+SYMMETRIC_NAT = NatSummary("address-and-port-dependent", "drop", False, None, None, False)
+
+
+def test_our_nat_report_rides_in_the_hello_and_the_fire_predicts_the_path() -> None:
+    p = Peer("client", punch_timeout=30.0, nat=SYMMETRIC_NAT)  # type: ignore[arg-type]
+    p.start()
+    conn = p.connect()
+    [hello] = p.client_frames(conn)
+    assert hello.nat == SYMMETRIC_NAT  # type: ignore[union-attr]
+    relay = RelayStage(Endpoint("198.51.100.2", 3012), 10.0, b"t" * 16)
+    the_fire = Fire(PUBLIC, PEER, (Stage("public", PEER, "connect", 3.0),), 40.0, None,
+                    PEER_PAKE, ("unknown", "stable"), relay, RST_NAT)
+    p.says(conn, reply() + frames(the_fire))
+    [fired] = p.of(Fired)
+    assert isinstance(fired, Fired) and fired.number == 1 and fired.fire == the_fire
+    # Before the first SYN: the Fired action comes before the first OpenPath.
+    assert p.actions.index(fired) < p.actions.index(p.of(OpenPath)[0])
+    assert fired.prediction is not None and fired.prediction.path == "relay"
+    assert fired.prediction.why.startswith("The joiner's NAT is symmetric")
+    # The punch fails, the relay opens: the prediction held, and the result says so.
+    p.feed(p.machine.path_failed(1, PunchTimeout("no", Counter()), 3.0))
+    [succeed] = [a for a in p.feed(p.machine.path_opened(2, 3.1, Endpoint(LOCAL, 5)))
+                 if isinstance(a, Succeed)]
+    assert isinstance(succeed.paired, Paired)
+    assert succeed.paired.path == "relay" and succeed.paired.prediction == fired.prediction
+
+
+def test_a_resume_meeting_carries_the_report_but_predicts_nothing() -> None:
+    p = Peer("server", pake=False, resume=Resume(bytes(16)),  # type: ignore[arg-type]
+             nat=RST_NAT)
+    p.start()
+    p.probe()
+    conn = p.connect()
+    [hello] = p.client_frames(conn)
+    assert hello.action == "resume" and hello.nat == RST_NAT  # type: ignore[union-attr]
+    p.says(conn, reply() + frames(fire(peer_pake=None)))
+    [fired] = p.of(Fired)
+    assert isinstance(fired, Fired) and fired.prediction is None
+    assert p.machine.prediction is None
