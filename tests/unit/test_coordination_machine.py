@@ -50,8 +50,8 @@ from nopf_web.sessions.coordination_machine import (
     refusal,
 )
 from nopf_web.wire.address import Endpoint
-from nopf_web.wire.nat import NatSummary
 from nopf_web.wire.discovery import encode_reply
+from nopf_web.wire.nat import NatSummary
 from nopf_web.wire.rendezvous import (
     ERROR_CODES,
     RESUME_WAIT,
@@ -969,7 +969,7 @@ def test_our_nat_report_rides_in_the_hello_and_the_fire_predicts_the_path() -> N
 
 def test_a_resume_meeting_carries_the_report_but_predicts_nothing() -> None:
     p = Peer("server", pake=False, resume=Resume(bytes(16)),  # type: ignore[arg-type]
-             nat=RST_NAT)
+             nat=RST_NAT)  # type: ignore[arg-type]
     p.start()
     p.probe()
     conn = p.connect()

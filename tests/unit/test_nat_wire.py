@@ -36,9 +36,9 @@ PEER = Endpoint("192.0.2.2", 50000)
 
 
 def test_the_wire_names_are_the_doctors() -> None:
-    assert MAPPINGS == set(NAT_MAPPINGS)
-    assert WIRE_FILTERINGS == set(FILTERINGS)
-    assert PORT_MAPPINGS == set(PORT_MAPPING_PROTOCOLS)
+    assert set(NAT_MAPPINGS) == MAPPINGS
+    assert set(FILTERINGS) == WIRE_FILTERINGS
+    assert set(PORT_MAPPING_PROTOCOLS) == PORT_MAPPINGS
 
 
 def test_from_a_doctor_report() -> None:
@@ -108,5 +108,5 @@ def test_missing_keys_null_and_non_objects_are_refused() -> None:
     fire = {"type": "fire", "public": str(PUB.host) + ":1", "peer_public": "192.0.2.2:2",
             "plan": [{"path": "public", "peer": "192.0.2.2:2", "punch": "arm", "budget": 4}],
             "rtt_ms": 1, "note": None, "peer_nat": None}
-    with pytest.raises(MessageError, match="fire.peer_nat must be an object"):
+    with pytest.raises(MessageError, match=r"fire\.peer_nat must be an object"):
         decode_server_message(json.dumps(fire).encode())
