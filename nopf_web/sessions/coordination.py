@@ -439,8 +439,8 @@ class _Driver:
         if action.number > 1:
             self._mark("retry", f"coordinated again: attempt {action.number}",
                        attempt=action.number)
-        plan = ", ".join([*(f"{s.path} {s.punch} {s.budget:g} s" for s in fire.plan),
-                          *([f"relay {fire.relay.budget:g} s"] if fire.relay else [])])
+        plan = ", ".join([*(f"{s.path} {s.punch} {s.budget:.3g} s" for s in fire.plan),
+                          *([f"relay {fire.relay.budget:.3g} s"] if fire.relay else [])])
         data: dict[str, Any] = {"attempt": action.number, "rtt_ms": fire.rtt_ms}
         if action.prediction is not None:
             data["prediction"] = action.prediction.to_json()
@@ -454,11 +454,11 @@ class _Driver:
         if isinstance(how, Punch):
             words = f"{how.stage.path} {how.stage.punch} to {how.stage.peer}"
             self.stages[path] = f"{how.stage.path}, {how.stage.punch}"
-            self._mark("stage", f"punch: {words}, {how.stage.budget:g} s", path=how.stage.path,
+            self._mark("stage", f"punch: {words}, {how.stage.budget:.3g} s", path=how.stage.path,
                        tactic=how.stage.punch, budget_s=how.stage.budget, peer=str(how.stage.peer))
         else:
             self.stages[path] = f"via {how.stage.relay}"
-            self._mark("stage", f"relay at {how.stage.relay}, {how.stage.budget:g} s",
+            self._mark("stage", f"relay at {how.stage.relay}, {how.stage.budget:.3g} s",
                        path="relay", budget_s=how.stage.budget, peer=str(how.stage.relay))
 
     # -- children: each reports to the inbox, never raises into the group --------------

@@ -77,10 +77,16 @@ class SessionView(SessionRecord):
         return [m for m in marks if isinstance(m, dict)] if isinstance(marks, list) else []
 
     @property
+    def first_path(self) -> str | None:
+        """The pairing's path (its timeline's), else the path now; None: none yet."""
+        first = next((m.get("path") for m in self.timeline_marks if m.get("kind") == "path"),
+                     None)
+        return str(first) if first else self.path
+
+    @property
     def prediction_held(self) -> bool | None:
         """Whether the first path taken is the predicted one (None: not known yet)."""
-        first = next((m.get("path") for m in self.timeline_marks if m.get("kind") == "path"),
-                     None) or self.path
+        first = self.first_path
         if self.predicted_path is None or (first is None and self.outcome is None):
             return None
         return first == self.predicted_path or (first is None
