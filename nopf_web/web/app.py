@@ -19,6 +19,7 @@ from aiohttp import web
 
 from nopf_web.db import HistoryStore
 from nopf_web.doctor.cache import DoctorCache
+from nopf_web.doctor.report import DoctorReport
 from nopf_web.errors import NopfError
 from nopf_web.guard import make_guard
 from nopf_web.guard.base import Guard, NullGuard
@@ -112,6 +113,12 @@ async def _rendezvous_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _doctor_ctx(app: web.Application) -> AsyncIterator[None]:
     async with DoctorCache() as cache:
         app[DOCTOR] = cache
+        # Measured once at start, in the background, so that the first coordinated
+        # session's hello already carries our NAT report (a pairing never waits for
+        # it). Not against a rendezvous on this machine or LAN: that says nothing.
+        target = doctor.doctor_target(app)
+        if not DoctorReport(str(target[0])).rendezvous_is_local:
+            cache.warm(*target)
         yield
 
 
