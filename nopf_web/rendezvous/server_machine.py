@@ -1273,11 +1273,11 @@ class ServerMachine:
         return (
             (Fire(sharer.public, joiner.public, plans.sharer, rtt_ms, plans.sharer_note,
                   joiner_conn.pake if both else None, (sharer.mapping, joiner.mapping),
-                  relay_s, _nat(joiner_conn)),
+                  relay_s, _peer_nat(sharer_conn, joiner_conn)),
              sharer_at),
             (Fire(joiner.public, sharer.public, plans.joiner, rtt_ms, plans.joiner_note,
                   sharer_conn.pake if both else None, (joiner.mapping, sharer.mapping),
-                  relay_j, _nat(sharer_conn)),
+                  relay_j, _peer_nat(joiner_conn, sharer_conn)),
              joiner_at),
         )
 
@@ -1288,6 +1288,12 @@ def _observed(peer: tuple[str, int]) -> Endpoint:
 
 def _nat(conn: Conn) -> NatSummary | None:
     return None if conn.hello is None else conn.hello.nat
+
+
+def _peer_nat(to: Conn, peer: Conn) -> NatSummary | None:
+    """The peer's report for ``to``'s fire: only to a client that sent one itself (an
+    older client rejects a fire with a field it does not know)."""
+    return _nat(peer) if _nat(to) is not None else None
 
 
 def _fmt(peer: tuple[str, int] | None) -> str:

@@ -694,13 +694,13 @@ class CoordinationMachine:
             side: ResumeSide = "share" if self.config.role == "server" else "join"
             hello = Hello("resume", None, (m.lan,), m.probed, m.punch_timeout,
                           resume_id=resume.resume_id, side=side,
-                          direct_only=resume.direct_only, nat=self.config.nat)
+                          direct_only=resume.direct_only, nat=self._nat)
         else:
             nameplate = (None if self.code is None or m.action == "share"
                          else self.code.nameplate)
             hello = Hello(m.action, nameplate, (m.lan,), m.probed, m.punch_timeout,
                           pake=self._pake_message if wants_pake else None, relay=True,
-                          nat=self.config.nat)
+                          nat=self._nat)
         m.hello_sent = now
         actions: list[Action] = [Send(m.conn, encode(hello))]
         if m.deferred:
@@ -709,6 +709,12 @@ class CoordinationMachine:
         else:
             self._await_address(m, now)
         return actions
+
+    @property
+    def _nat(self) -> NatSummary:
+        """Our report for the hello; without one, a report of nothing (all unknown): the
+        field also says we read a fire's ``peer_nat`` (the rendezvous sends it only then)."""
+        return self.config.nat if self.config.nat is not None else NatSummary()
 
     def _await_address(self, m: _Meeting, now: float) -> None:
         cfg = self.config

@@ -85,7 +85,8 @@ Rendezvous -> client
              NAT), "stable" (endpoint-independent), "symmetric", "unknown"; "note"
              is its explanation for people, "mapping" the one programs decide on.
              "peer_nat" (optional): the peer's hello's "nat", as it sent it; absent when
-             it sent none)
+             it sent none, and always to a client whose own hello had no "nat" (an
+             older client would reject the field))
     error   {"type":"error","code":C,"message":"one line"}  (then the rendezvous closes)
             code "probe_required" (to a joiner whose hello had no probe, when the
             sharer's NAT is symmetric, so the plan depends on the joiner's mapping):

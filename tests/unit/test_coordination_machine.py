@@ -220,7 +220,8 @@ def share(cuts: Iterable[int] = (), deferred: bool = False) -> Peer:
     hello_conn = p.connect(deferred=deferred)
     assert p.last(Connect) == Connect(hello_conn, port, fastopen=True)
     assert p.client_frames(hello_conn) == [
-        Hello("share", None, (Endpoint(LOCAL, port),), PUBLIC, 15.0, relay=True)]
+        Hello("share", None, (Endpoint(LOCAL, port),), PUBLIC, 15.0, relay=True,
+              nat=NatSummary())]  # no report: a report of nothing
     p.says(hello_conn, reply() + frames(Ping(1), Welcome(7, 600.0, PUBLIC), Ping(2), fire()),
            cuts)
     return p
@@ -270,6 +271,7 @@ def test_connect_sends_its_pake_in_the_hello_and_answers_pings(cuts: list[int]) 
     conn = p.connect()
     [hello] = p.client_frames(conn)
     assert hello == Hello("join", 7, (Endpoint(LOCAL, 40001),), None, 15.0, pake=OUR_PAKE,
+                          nat=NatSummary(),
                           relay=True)
     p.now = 0.1
     lan_stage = Stage("lan", PEER_LAN, "arm", 1.0)
@@ -617,7 +619,7 @@ def rejoin(p: Peer, the_fire: Fire | None = None) -> None:
     [hello] = p.client_frames(conn)
     assert hello == Hello("rejoin", 7, (Endpoint(LOCAL, port),), PUBLIC,
                           hello.punch_timeout, pake=OUR_PAKE,  # type: ignore[union-attr]
-                          relay=True)
+                          relay=True, nat=NatSummary())
     p.says(conn, reply() + frames(the_fire or fire()))
 
 
@@ -879,7 +881,8 @@ def test_a_resume_meeting_checks_the_mapping_then_says_resume(
     [hello] = p.client_frames(conn)
     assert hello == Hello("resume", None, (Endpoint(LOCAL, port),), PUBLIC, 40.0,
                           resume_id=RID, side="share" if role == "server" else "join",
-                          direct_only=direct)  # the whole budget: no retry slot
+                          direct_only=direct,  # the whole budget: no retry slot
+                          nat=NatSummary())
     assert not p.of(MakePake)
     # The first to arrive waits (pinged) up to RESUME_WAIT for the other.
     p.says(conn, reply() + frames(Ping(1), Ping(2)), cuts)

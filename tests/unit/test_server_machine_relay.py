@@ -794,3 +794,20 @@ def test_peers_without_reports_still_pair_and_get_no_peer_nat() -> None:
     _, _, s, j = pair(h)
     assert s.peer_nat is None and j.peer_nat is None
     assert h.m.stats.predicted == {"public": 1}
+
+
+def test_an_older_peer_without_nat_never_gets_peer_nat_in_its_fire() -> None:
+    """An older client rejects a fire with a field it does not know: the new peer's
+    report reaches only peers that sent a report (or an empty one) themselves."""
+    h = harness()
+    rst = NatSummary("endpoint-independent", "rst", False, (), None, False)
+    probe, lan = probe_for(h, SHARER_IP, "stable")
+    sharer = h.hello(Hello("share", None, lan, probe, 10, relay=True, nat=rst), SHARER_IP)
+    nameplate = sharer.messages()[0].nameplate  # type: ignore[union-attr]
+    probe, lan = probe_for(h, JOINER_IP, "unknown")
+    joiner = h.hello(Hello("join", nameplate, lan, probe, 10, relay=True), JOINER_IP)
+    h.advance(1)
+    s, j = fires(sharer, joiner)
+    assert j.peer_nat is None and b"peer_nat" not in encode(j)
+    assert s.peer_nat is None  # the older peer has none to give
+    assert h.m.stats.predicted == {"public": 1}
