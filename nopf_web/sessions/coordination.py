@@ -320,6 +320,7 @@ class _Driver:
         self.timeline = timeline
         self.stages: dict[int, str] = {}  # path -> its stage's words, for the timeline
         self._began: dict[int, float] = {}  # a deferred connection's connect() call
+        self._first_fire: float | None = None
 
     def _mark(self, kind: str, text: str, **data: Any) -> None:
         if self.timeline is not None:
@@ -418,7 +419,12 @@ class _Driver:
                 sock.close()
         elif isinstance(action, Succeed):
             if self.timeline is not None:
-                setup = self.timeline.since(time.monotonic())
+                # A sharer's setup starts when its peer arrives (its first fire): the
+                # wait for a peer to use the code is no setup. A joiner's, at its start.
+                now = time.monotonic()
+                began = (self._first_fire if self.machine.config.role == "server"
+                         and self._first_fire is not None else self.timeline.origin)
+                setup = round((now - began) * 1000, 1)
                 self._mark("path", f"path chosen: {action.paired.path} "
                            f"({self.stages.get(action.path, '')}), set up in {setup:.0f} ms",
                            path=action.paired.path, setup_ms=setup)
@@ -436,6 +442,8 @@ class _Driver:
 
     def _fired(self, action: Fired) -> None:
         fire = action.fire
+        if self._first_fire is None:
+            self._first_fire = time.monotonic()
         if action.number > 1:
             self._mark("retry", f"coordinated again: attempt {action.number}",
                        attempt=action.number)

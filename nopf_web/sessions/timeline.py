@@ -17,7 +17,8 @@ Kinds: ``start``, ``rendezvous`` (connected; ``rtt_ms``: its TCP handshake),
 attempt), ``stage`` (a rung's path starts: ``path``, ``tactic``, ``budget_s``),
 ``syn`` (``attempt``, ``ttl``: null = the system's), ``answer`` (``attempt``,
 ``answer``: ``syn-ack``, ``rst``, ``icmp``, ``nothing``, ``accepted``, ``other``;
-``detail``), ``stage_failed``, ``path`` (the tunnel's path; ``setup_ms``),
+``detail``), ``stage_failed``, ``path`` (the tunnel's path; ``setup_ms``: from the start for a
+joiner, from its first fire for a sharer, whose wait for a peer is no setup),
 ``failed`` (why).
 """
 
