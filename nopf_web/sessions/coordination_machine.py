@@ -27,7 +27,11 @@ One *meeting* is a conversation with the rendezvous from one local port P
    only the seed protocol, or lost our hello: one more hello tells the two
    apart (a seed-only one closes again).
 
-Every hello says ``relay: true``: this peer can use a plan's relay stage.
+Every hello says ``relay: true``: this peer can use a plan's relay stage, and
+carries ``nat``, our NAT doctor's compact report (``CoordinationConfig.nat``; a
+report of nothing without one). When a fire comes, :class:`Fired` says so before
+the first path opens, with the path predicted for a pairing's first attempt
+(:func:`nopf_web.prediction.predict` on the fire's facts).
 
 Then an *attempt*: the fire's plan, tried as *paths* to the peer, of a
 :data:`PathKind`: a :class:`Punch` (the driver runs

@@ -8,6 +8,7 @@ one is made from its engine's :class:`~nopf_web.sessions.engine.Snapshot`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import json
 import time
@@ -65,7 +66,7 @@ class SessionView(SessionRecord):
         end = self.ended_at if self.ended_at is not None else time.time()
         return max(0.0, end - self.started_at)
 
-    @property
+    @functools.cached_property  # parsed once per view (a page renders it several times)
     def timeline_marks(self) -> list[dict[str, Any]]:
         """The pairing's timeline (see ``nopf_web.sessions.timeline``); [] if none."""
         if not self.timeline:
