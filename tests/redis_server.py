@@ -4,6 +4,7 @@ the lab's rendezvous host), stopped by its PID. Missing: skipped, but under
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -12,7 +13,9 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -45,6 +48,8 @@ class RedisServer:
     popen: Callable[[list[str]], subprocess.Popen[bytes]] = field(
         default=lambda argv: subprocess.Popen(argv, stdout=subprocess.DEVNULL,
                                               stderr=subprocess.PIPE))
+    # Where its address is reachable from (a lab host's Host.enter): for the PING.
+    inside: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
     proc: subprocess.Popen[bytes] | None = None
     _dir: str = ""
 
@@ -72,7 +77,8 @@ class RedisServer:
     def ping(self) -> bool:
         """A PING answered (from this process' network namespace)."""
         try:
-            with socket.create_connection((self.host, self.port), timeout=0.5) as s:
+            with self.inside(), socket.create_connection((self.host, self.port),
+                                                         timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
                 return s.recv(16).startswith(b"+PONG")
         except OSError:

@@ -114,6 +114,9 @@ class CoordinationSpec:
     punch_ttl: int = DEFAULT_PUNCH_TTL
     punch_port: int = 0  # 0: a fresh port for every meeting (fresh NAT mappings too)
     bind_host: str = "0.0.0.0"
+    # The rendezvous as the user named it, when ``rendezvous`` is one of its addresses: a
+    # sharer whose connection breaks registers its code again through the next one.
+    name: Endpoint | None = None
 
 
 @dataclass(frozen=True)
@@ -159,7 +162,7 @@ async def coordinate(spec: CoordinationSpec, *, pake: PakeFactory | None = None,
         net_timeout=spec.net_timeout, punch_ttl=spec.punch_ttl, punch_port=spec.punch_port,
         bind_host=spec.bind_host, pake=pake is not None))
     driver = _Driver(machine, server, spec.bind_host, spec.net_timeout, pake, on_code, on_event,
-                     on_punching or on_event, name=spec.rendezvous)
+                     on_punching or on_event, name=spec.name or spec.rendezvous)
     tunnel = await driver.run()
     assert isinstance(tunnel, PairedTunnel)
     return tunnel

@@ -878,7 +878,8 @@ class CoordinationMachine:
         again.step = _Step.PAUSE
         self._wait(again, now + REREGISTER_PAUSE, None)
         if self._reregistered > 1:
-            return []
+            return [Say(f"could not register pairing code {self.code} again ({error}); "
+                        f"trying again in {REREGISTER_PAUSE:g} s")]
         return [Say(f"{lost}: registering pairing code {self.code} again in "
                     f"{REREGISTER_PAUSE:g} s")]
 
