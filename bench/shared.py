@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,8 @@ async def one_pair(share_port: int, join_port: int, w: int) -> float:
             p.close()
 
 
-async def rate(ports: list[tuple[int, int]], workers: int, window: float) -> tuple[int, int]:
+async def rate(ports: list[tuple[int, int]], workers: int, window: float,
+               first: int = 0) -> tuple[int, int]:
     done = errors = 0
     deadline = time.monotonic() + window
 
@@ -115,8 +117,20 @@ async def rate(ports: list[tuple[int, int]], workers: int, window: float) -> tup
                     TimeoutError):
                 errors += 1
 
-    await asyncio.gather(*(worker(w) for w in range(workers)))
+    await asyncio.gather(*(worker(w) for w in range(first, first + workers)))
     return done, errors
+
+
+def _load(args: tuple[list[tuple[int, int]], int, float, int]) -> tuple[int, int]:
+    """One load process (the simulated peers are the bottleneck of a single one)."""
+    return asyncio.run(rate(*args))
+
+
+def rate_in(pool: ProcessPoolExecutor, procs: int, ports: list[tuple[int, int]],
+            workers: int, window: float) -> tuple[int, int]:
+    per = workers // procs
+    runs = list(pool.map(_load, [(ports, per, window, i * per) for i in range(procs)]))
+    return sum(r[0] for r in runs), sum(r[1] for r in runs)
 
 
 async def latencies(share_port: int, join_port: int, count: int) -> list[float]:
@@ -151,6 +165,7 @@ def main(args: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.shared")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--procs", type=int, default=2, help="load processes (simulated peers)")
     opts = p.parse_args(args)
     rounds, window, workers = (1, 1.5, 32) if opts.quick else (3, 3.0, 32)
     lat_count, sharers = (50, 500) if opts.quick else (300, 5000)
@@ -172,22 +187,33 @@ def main(args: list[str] | None = None) -> int:
             }
             rates: dict[str, list[float]] = {k: [] for k in setups}
             cpu: dict[str, list[float]] = {k: [] for k in setups}
+            per_pair: dict[str, list[float]] = {k: [] for k in setups}  # node CPU-ms
+            redis_per_pair: dict[str, list[float]] = {k: [] for k in setups}
+            pool = ProcessPoolExecutor(opts.procs)
             for r in range(rounds):
                 for name, nodes in setups.items():
                     c0 = sum(n.cpu() for n in nodes)
                     c_redis = _redis_cpu(client)
                     t0 = time.perf_counter()
-                    done, errors = asyncio.run(rate(ports[name], workers, window))
+                    done, errors = rate_in(pool, opts.procs, ports[name], workers, window)
                     took = time.perf_counter() - t0
                     rates[name].append(done / took)
                     cpu[name].append((sum(n.cpu() for n in nodes) - c0) / took)
+                    per_pair[name].append(cpu[name][-1] * took / max(1, done) * 1000)
+                    redis_per_pair[name].append((_redis_cpu(client) - c_redis)
+                                                / max(1, done) * 1000)
                     print(f"round {r + 1}: {name}: {done / took:.0f} pairings/s, {errors} errors,"
                           f" nodes' CPU {cpu[name][-1] * 100:.0f} %, redis CPU "
                           f"{(_redis_cpu(client) - c_redis) / took * 100:.0f} %", flush=True)
                     time.sleep(0.3)
             out["pairings_per_s"] = {k: statistics.median(v) for k, v in rates.items()}
             out["pairings_per_s_runs"] = rates
+            pool.shutdown()
             out["nodes_cpu_share"] = {k: statistics.median(v) for k, v in cpu.items()}
+            out["nodes_cpu_ms_per_pairing"] = {k: statistics.median(v)
+                                               for k, v in per_pair.items()}
+            out["redis_cpu_ms_per_pairing"] = {k: statistics.median(v)
+                                               for k, v in redis_per_pair.items()}
             lat: dict[str, list[float]] = {}
             for name, pair in (("in-memory", ports["in-memory"][0]),
                                ("one node", ports["one node"][0]),
@@ -225,6 +251,10 @@ def main(args: list[str] | None = None) -> int:
     out["two_over_one"] = two / one
     out["added_latency_ms_p50"] = (out["latency_ms_p50"]["two nodes"]
                                    - out["latency_ms_p50"]["one node"])
+    # Capacity where each node has a core of its own (this machine has two cores for
+    # everything): pairings per CPU-second, one node against two.
+    cost = out["nodes_cpu_ms_per_pairing"]
+    out["projected_two_over_one"] = 2 * cost["one node"] / cost["two nodes"]
     print(json.dumps(out, indent=1, default=str))
     if opts.json is not None:
         opts.json.write_text(json.dumps(out, indent=1, default=str))

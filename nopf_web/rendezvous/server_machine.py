@@ -549,6 +549,7 @@ class ServerMachine:
         self.store_problem: str | None = (
             None if node is None else "the shared state (Redis) is not connected yet")
         self._stopping = False
+        self._asked: dict[ConnId, BookOp] = {}  # questions to the shared book, by asker
         self.stats = ServerStats()
         self.book: PairingBook[ConnId] = (book if book is not None
                                           else NameplateBook(self.limits.pairing))
@@ -1367,6 +1368,7 @@ class ServerMachine:
             return
         assert now is not None
         conn.phase, conn.asked = Phase.BOOK, op
+        self._asked[conn.id] = op
         self._at(conn, now + BOOK_WAIT)
         self._out.append(AskBook(conn.id, op))
 
@@ -1410,20 +1412,24 @@ class ServerMachine:
                 self._problem("internal", f"rendezvous error on a message from another node: "
                               f"{type(exc).__name__}: {exc}", now)
             return
+        asked = self._asked.pop(event.conn, None)
         conn = self.conns.get(event.conn)
         if conn is None or conn.phase is not Phase.BOOK:
-            self._unanswered(event.conn, event.result)
+            self._unanswered(event.conn, asked, event.result)
             return
         try:
             self._answer(conn, event.result, now)
         except Exception as exc:
             self._crashed(conn.id, exc, now)
 
-    def _unanswered(self, cid: ConnId, result: BookResult) -> None:
+    def _unanswered(self, cid: ConnId, asked: BookOp | None, result: BookResult) -> None:
         """The asking connection went away (or gave up waiting) before the answer: undo
-        what the book did for it (a code allocated to nobody)."""
+        what the book did for it (a code allocated to nobody, a resume hello listed for
+        nobody). A claim that went through is not undone: that code is used."""
         if isinstance(result, Allocated):
             self._ask(None, Release(result.nameplate, self._node(), cid, "left"))
+        elif isinstance(asked, Meet) and isinstance(result, Listed):
+            self._ask(None, Unlist(asked.resume_id, self._node(), cid))
 
     def _book_silent(self, conn: Conn, now: float) -> None:
         why = f"the shared state (Redis) did not answer within {BOOK_WAIT:g} s"

@@ -492,3 +492,15 @@ def test_one_node_without_redis_refuses_to_register_a_code_again() -> None:
     err = peer.last()
     assert isinstance(err, ErrorReply) and err.code == "unknown_code"
     assert "keeps its codes in memory" in err.message
+
+
+async def test_a_resume_hello_gone_before_its_answer_is_not_left_listed(client: Any) -> None:
+    c = Cluster(client)
+    await c.up()
+    a = c.node(NODE_A)
+    rid = bytes(range(16))
+    peer = a.hello(Hello("resume", None, (LAN_A,), None, 10, resume_id=rid, side="share"),
+                   SHARER_IP)
+    a.close(peer)  # its FIN before the book's answer
+    await c.settle()  # listed, then unlisted: nobody waits there
+    assert not await client.exists(f"nopf:resume:{rid.hex()}")
