@@ -10,11 +10,13 @@ It runs as named children of one ``asyncio.TaskGroup``:
   which also tells whether Redis works: the machine hears :class:`StoreHealth`
   on every change (it refuses new pairings while Redis is away, with the reason,
   and lists its waiting peers again when it is back);
-- ``redis-inbox``: pops this node's messages when woken, and every
-  ``POLL_INTERVAL`` s anyway (a wake-up lost while nobody listened costs at most
-  that, never a decision);
-- ``redis-wake``: the pub/sub subscription that wakes ``redis-inbox``,
-  subscribed again after every loss, with a growing pause.
+- ``redis-wake``: the pub/sub subscription to this node's channel, subscribed
+  again after every loss, with a growing pause: a message published there is
+  acted on at once;
+- ``redis-inbox``: pops this node's list every ``POLL_INTERVAL`` s (and when a
+  relay connection waits for its grant): what the wake-up already brought is
+  skipped, what it lost (published while nobody listened) is acted on now. A
+  lost wake-up costs at most that second, never a decision.
 
 Redis' errors never leave this module: an operation that fails is answered
 ``busy`` with the reason (one line), and the node carries on.
@@ -34,9 +36,9 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from .book import PairingLimits
-from .redis_book import RedisBook
+from .redis_book import INBOX_TTL, RedisBook
 from .server_machine import BookAnswer, ConnId, Event, FromNode, StoreHealth
-from .shared import BookOp, NodeId, NodeMessage, Refused
+from .shared import BookOp, NodeId, NodeMessage, Refused, SharedFormatError, decode_message
 
 log = logging.getLogger("nopf.rendezvous")
 
@@ -113,7 +115,7 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return f"no answer within {OP_TIMEOUT:g} s"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:200]
+    return text[:200].rstrip(".")
 
 
 def new_node_id() -> NodeId:
@@ -140,10 +142,14 @@ class SharedNode:
                 socket_connect_timeout=OP_TIMEOUT, health_check_interval=10)
         self.client = client
         self.book = RedisBook(client, limits)
-        self.problem: str | None = "not connected yet"
+        self.problem: str | None = "not connected yet"  # None: Redis answers
+        self._said: str | None = None  # the problem the machine was told of
         self._jobs: asyncio.Queue[tuple[ConnId | None, BookOp | tuple[NodeId, NodeMessage]]] = (
             asyncio.Queue())
         self._poke = asyncio.Event()
+        # Messages acted on by one path (pub/sub or the list) and not yet seen by the
+        # other, with when: each is acted on once, whichever path brings it first.
+        self._seen: dict[str, float] = {}
 
     # -- the server's driver calls these (from its actions) ----------------------------
 
@@ -174,8 +180,9 @@ class SharedNode:
 
     def _trouble(self, exc: BaseException) -> str:
         problem = f"Redis at {self.config.where}: {describe_error(exc)}"
-        if self.problem is None:
-            self.problem = problem
+        self.problem = problem
+        if self._said is None:  # once per outage (the machine starts as not connected)
+            self._said = problem
             self._feed(StoreHealth(problem, self._clock()))
         return problem
 
@@ -215,7 +222,7 @@ class SharedNode:
                 self._failed(exc)
             else:
                 if self.problem is not None:
-                    self.problem = None
+                    self.problem = self._said = None
                     self._feed(StoreHealth(None, self._clock()))
                     self._poke.set()  # messages may have waited
             await asyncio.sleep(HEARTBEAT)
@@ -231,13 +238,33 @@ class SharedNode:
             try:
                 while True:
                     async with asyncio.timeout(OP_TIMEOUT):
-                        messages = await self.book.take(self.node)
-                    for message in messages:
-                        self._feed(FromNode(message, self._clock()))
+                        messages = await self.book.take_raw(self.node)
+                    for text in messages:
+                        self._arrived(text)
                     if len(messages) < 100:
                         break
+                self._forget_seen()
             except Exception as exc:
                 self._failed(exc)
+
+    def _arrived(self, text: str) -> None:
+        """A message, by either path: acted on the first time only."""
+        if self._seen.pop(text, None) is not None:
+            return  # the other path brought it already
+        self._seen[text] = self._clock()
+        try:
+            message = decode_message(text)
+        except SharedFormatError as exc:
+            log.error("shared state: %s", exc)
+            return
+        self._feed(FromNode(message, self._clock()))
+
+    def _forget_seen(self) -> None:
+        """Drop what only one path brought long ago (its list entry expired, or its
+        wake-up was lost after it was popped)."""
+        horizon = self._clock() - 2 * INBOX_TTL
+        for text in [t for t, at in self._seen.items() if at < horizon]:
+            del self._seen[text]
 
     async def _wake(self) -> None:
         pause = 0.2
@@ -251,8 +278,8 @@ class SharedNode:
                 self._poke.set()  # anything pushed while we were not listening
                 while True:
                     message = await pubsub.get_message(timeout=POLL_INTERVAL)
-                    if message is not None:
-                        self._poke.set()
+                    if message is not None and isinstance(message.get("data"), str):
+                        self._arrived(message["data"])
             except Exception as exc:
                 self._failed(exc)
             finally:

@@ -23,7 +23,9 @@ Cluster: the scripts touch keys they compute):
                         heartbeat (claims check the sharer's node is alive)
     P inbox:ID    list  NodeMessage JSON for node ID, popped by it; expires 60 s
                         after the last push
-    P wake:ID     channel  "" published after each push (only a wake-up)
+    P wake:ID     channel  each message pushed to node ID, published after the push: the
+                        node acts on it at once, and skips it when it pops it from
+                        its list (which is what counts when the wake-up is lost)
 """
 
 from __future__ import annotations
@@ -367,20 +369,24 @@ class RedisBook:
         await self.client.delete(f"{self.prefix}node:{node}")
 
     async def deliver(self, node: NodeId, message: NodeMessage) -> None:
-        """Push to the node's list, then wake it (one round trip)."""
+        """Push to the node's list, then publish it to wake the node (one round trip)."""
         inbox = f"{self.prefix}inbox:{node}"
+        text = encode_message(message)
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.rpush(inbox, encode_message(message))
+            pipe.rpush(inbox, text)
             pipe.pexpire(inbox, int(INBOX_TTL * 1000))
-            pipe.publish(self.wake_channel(node), "")
+            pipe.publish(self.wake_channel(node), text)
             await pipe.execute()
 
-    async def take(self, node: NodeId, most: int = 100) -> list[NodeMessage]:
-        """This node's messages, oldest first (unreadable ones are dropped: raised after
-        the readable ones are returned would lose them, so they are skipped)."""
+    async def take_raw(self, node: NodeId, most: int = 100) -> list[str]:
+        """This node's messages as pushed, oldest first (popped: each is taken once)."""
         raw: Sequence[str] | None = await self.client.lpop(f"{self.prefix}inbox:{node}", most)
+        return list(raw or ())
+
+    async def take(self, node: NodeId, most: int = 100) -> list[NodeMessage]:
+        """This node's messages, decoded (unreadable ones are skipped)."""
         out = []
-        for text in raw or ():
+        for text in await self.take_raw(node, most):
             try:
                 out.append(decode_message(text))
             except SharedFormatError:

@@ -1561,7 +1561,7 @@ class ServerMachine:
 
     def _health(self, problem: str | None, now: float) -> None:
         before, self.store_problem = self.store_problem, problem
-        if problem is not None and before is None:
+        if problem is not None and problem != before:  # its node says it once an outage
             self._out.append(Log("store", f"shared state lost: {problem}: refusing new "
                                  "pairings until it is back"))
         elif problem is None and before is not None:

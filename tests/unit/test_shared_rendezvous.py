@@ -6,6 +6,8 @@ the other node pushed to that node's list and popped there)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from secrets import token_bytes
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 
 from nopf_web.rendezvous.book import PairingLimits, PeerInfo
-from nopf_web.rendezvous.cluster import BadRedisUrl, RedisConfig
+from nopf_web.rendezvous.cluster import BadRedisUrl, RedisConfig, SharedNode
 from nopf_web.rendezvous.redis_book import RedisBook, owner_hash
 from nopf_web.rendezvous.server_machine import (
     AskBook,
@@ -504,3 +506,83 @@ async def test_a_resume_hello_gone_before_its_answer_is_not_left_listed(client: 
     a.close(peer)  # its FIN before the book's answer
     await c.settle()  # listed, then unlisted: nobody waits there
     assert not await client.exists(f"nopf:resume:{rid.hex()}")
+
+
+# -- one node's Redis side (cluster.SharedNode) -----------------------------------------------
+
+
+async def run_node(url: str, fed: list[Any]) -> tuple[SharedNode, asyncio.Task[None]]:
+    node = SharedNode(RedisConfig.parse(url), fed.append, lambda: 0, node=NODE_B)
+    return node, asyncio.create_task(node.run(), name="shared-node")
+
+
+async def until(check: Any, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():  # noqa: ASYNC110 - a condition of another task's making
+            await asyncio.sleep(0.02)
+
+
+async def test_a_node_acts_once_on_each_message_by_wake_up_or_by_its_list(
+        client: Any, redis_server: RedisServer) -> None:
+    fed: list[Any] = []
+    node, task = await run_node(redis_server.url, fed)
+    try:
+        await until(lambda: any(isinstance(e, StoreHealth) and e.problem is None for e in fed))
+        await asyncio.sleep(0.2)  # subscribed
+        book = RedisBook(client)
+        await book.deliver(NODE_B, FireAt(3, b"now", 0.0))  # woken at once
+        await client.rpush(f"nopf:inbox:{NODE_B}",  # pushed without a wake-up: polled
+                           encode_message(FireAt(4, b"later", 0.0)))
+        await until(lambda: len([e for e in fed if isinstance(e, FromNode)]) >= 2)
+        await asyncio.sleep(1.5)  # a poll of the list: nothing twice
+        got = [e.message for e in fed if isinstance(e, FromNode)]
+        assert got == [FireAt(3, b"now", 0.0), FireAt(4, b"later", 0.0)]
+        node.ask(7, Claim(1, JOINER_IP, False, True))
+        await until(lambda: any(isinstance(e, BookAnswer) for e in fed))
+        answer = next(e for e in fed if isinstance(e, BookAnswer))
+        assert answer.conn == 7 and isinstance(answer.result, Refused)
+        assert answer.result.code == "unknown_code"
+        assert await client.get(f"nopf:node:{NODE_B}") == "0"  # its heartbeat
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert not await client.exists(f"nopf:node:{NODE_B}")  # it left
+
+
+async def test_a_node_without_redis_says_why_and_answers_busy() -> None:
+    require_redis_server()
+    fed: list[Any] = []
+    port = free_port()  # nothing listens there
+    node, task = await run_node(f"redis://127.0.0.1:{port}/0", fed)
+    try:
+        node.ask(5, Claim(1, JOINER_IP, False, True))
+        await until(lambda: any(isinstance(e, BookAnswer) for e in fed))
+        health = [e for e in fed if isinstance(e, StoreHealth)]
+        assert health and health[0].problem is not None
+        assert health[0].problem.startswith(f"Redis at redis://127.0.0.1:{port}/0: ")
+        assert "\n" not in health[0].problem
+        answer = next(e for e in fed if isinstance(e, BookAnswer))
+        assert answer.result == Refused("busy", "the rendezvous cannot pair now: "
+                                        f"{health[0].problem}")
+        assert len(health) == 1  # said once, not per failure
+        with RedisServer("127.0.0.1", port):  # Redis comes
+            await until(lambda: any(isinstance(e, StoreHealth) and e.problem is None
+                                    for e in fed), timeout=10)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def test_a_bad_redis_url_is_one_line_and_exit_status_2(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from nopf_web.cli.server import main
+
+    assert main(["--redis", "redis://:hunter2@db.example/x"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("nopf-server: error: --redis 'redis://:***@db.example/x': the path must be a "
+                   "database number (/0, /1...), not /x\n")  # the password never printed
+    monkeypatch.setenv("NOPF_REDIS_URL", "memcached://db")
+    assert main([]) == 2
+    assert "the scheme must be redis:// or rediss://" in capsys.readouterr().err
