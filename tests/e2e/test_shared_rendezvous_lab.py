@@ -20,14 +20,30 @@ import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from nopf_web.wire.discovery import REPLY_SIZE
+from nopf_web.wire.rendezvous import (
+    ErrorReply,
+    Fire,
+    FrameReader,
+    Hello,
+    MessageError,
+    Ping,
+    Pong,
+    ServerMessage,
+    Welcome,
+    decode_server_message,
+    encode,
+)
 from tests.lab import Host, Lab
 from tests.lab.fixtures import LabFactory
 from tests.lab.topology import RDV_IP, RDV_IP2
@@ -135,6 +151,100 @@ def shared_rendezvous(lab: Lab) -> Iterator[tuple[RedisServer, Node, Node]]:
                 node.err.close()
 
 
+class PairingLoad:
+    """Pairings without punches, one after another from ``host``: a sharer's hello on
+    node ``a``, its nameplate claimed on node ``b``, both fires read. Counts what each
+    attempt got; a fire whose peer is not the one paired is a wrong pairing."""
+
+    def __init__(self, host: Host, a: str, b: str) -> None:
+        self.host, self.a, self.b = host, a, b
+        self.paired = 0
+        self.refused: list[str] = []  # busy refusals' messages
+        self.wrong: list[str] = []  # anything else: must stay empty
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pairing-load", daemon=True)
+
+    def start(self) -> PairingLoad:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        assert not self._thread.is_alive()
+
+    def _run(self) -> None:
+        with self.host.enter():
+            while not self._stop.is_set():
+                try:
+                    self._once()
+                except (OSError, MessageError, AssertionError) as exc:
+                    self.wrong.append(f"{type(exc).__name__}: {exc}")
+                time.sleep(0.02)
+
+    def _once(self) -> None:
+        with _Conn(self.a) as sharer:
+            welcome = sharer.hello(Hello("share", None, (), None, 10, relay=True))
+            if isinstance(welcome, ErrorReply):
+                self._refused(welcome)
+                return
+            assert isinstance(welcome, Welcome), welcome
+            with _Conn(self.b) as joiner:
+                fire = joiner.hello(Hello("join", welcome.nameplate, (), None, 10,
+                                          relay=True))
+                if isinstance(fire, ErrorReply):
+                    self._refused(fire)
+                    return
+                assert isinstance(fire, Fire), fire
+                theirs = sharer.next()
+                assert isinstance(theirs, Fire), theirs
+                # Each side's peer is the other: never a third party's address.
+                assert fire.peer_public == welcome.public, (fire, welcome)
+                assert theirs.peer_public == fire.public, (theirs, fire)
+                self.paired += 1
+
+    def _refused(self, err: ErrorReply) -> None:
+        if err.code != "busy":
+            raise AssertionError(f"refused: {err.code}: {err.message}")
+        self.refused.append(err.message)
+
+
+class _Conn:
+    """One blocking connection to a node speaking the coordinated protocol."""
+
+    def __init__(self, ip: str) -> None:
+        self.sock = socket.create_connection((ip, PORT), timeout=5)
+        self.frames = FrameReader()
+        self.queue: list[ServerMessage] = []
+
+    def __enter__(self) -> _Conn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def hello(self, hello: Hello) -> ServerMessage:
+        self.sock.sendall(encode(hello))
+        got = b""
+        while len(got) < REPLY_SIZE:
+            chunk = self.sock.recv(REPLY_SIZE - len(got))
+            assert chunk, "closed before the discovery reply"
+            got += chunk
+        return self.next()
+
+    def next(self) -> ServerMessage:
+        while True:
+            while self.queue:
+                msg = self.queue.pop(0)
+                if isinstance(msg, Ping):
+                    self.sock.sendall(encode(Pong(msg.seq)))
+                    continue
+                return msg
+            chunk = self.sock.recv(4096)
+            assert chunk, "closed before the message"
+            self.queue += [decode_server_message(p) for p in self.frames.feed(chunk)]
+
+
 def start(host: Host, *args: str, rdv: str) -> Peer:
     err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the Peer
     proc = host.popen(argv("nopf", *args, "-a", rdv, "--timeout", "10", "--keepalive", "2"),
@@ -210,8 +320,12 @@ def test_redis_lost_and_back_under_load_refuses_clearly_then_pairs_again(
         waiting = start(lab.a2, "share", "-p", "3002", rdv=f"{RDV_IP}:{PORT}")
         code = waiting.line(10)
         flows = Flows(lab.a1, 3000, lab.b1, 3010, 2, None, pace=0.005).start()
+        load = PairingLoad(lab.b2, RDV_IP, RDV_IP2).start()
         try:
             flows.wait_received(1 << 20, timeout=30)
+            time.sleep(1.0)
+            before = load.paired
+            assert before > 0, load.wrong
             redis.stop()  # SIGKILL: nothing saved
             for node in (node_a, node_b):
                 node.wait_for("shared state lost: Redis at redis://198.51.100.2:6379/0: ")
@@ -222,9 +336,23 @@ def test_redis_lost_and_back_under_load_refuses_clearly_then_pairs_again(
             assert re.search(r"refused [\d.]+:\d+: the rendezvous cannot pair now: Redis at "
                              r"redis://198\.51\.100\.2:6379/0: ", node_b.stderr()), (
                 node_b.stderr())  # logged too
+            time.sleep(1.0)
+            during = load.paired
             redis.start()  # empty: a restart without persistence
             for node in (node_a, node_b):
                 node.wait_for("shared state reachable: pairing", timeout=20)
+            deadline = time.monotonic() + 15
+            while load.paired < during + 20 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            load.stop()
+            assert load.paired >= during + 20, (load.paired, during, load.wrong[:3])
+            assert not load.wrong, load.wrong[:5]  # never an error or a wrong pair
+            assert load.refused and all(
+                m.startswith("the rendezvous cannot pair now: Redis at redis://198.51.100.2:"
+                             "6379/0: ") or "is reconnecting" in m for m in load.refused), (
+                load.refused[:5])
+            print(f"\npairings: {before} before the outage, {during - before} while Redis "
+                  f"went away, {load.paired - during} after; {len(load.refused)} refused")
             moving = flows.received()
             flows.wait_received(moving + (1 << 20), timeout=20)  # carried all along
             flows.stop()
@@ -232,6 +360,7 @@ def test_redis_lost_and_back_under_load_refuses_clearly_then_pairs_again(
             flows.check()
         finally:
             flows.join(5)
+            load.stop()
         # The sharer that waited through the outage: listed again by its node, it pairs
         # through the other one.
         c2 = start(lab.b2, "connect", code, "-p", "3012", rdv=f"{RDV_IP2}:{PORT}")
