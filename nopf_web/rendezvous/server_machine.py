@@ -21,6 +21,10 @@ Events (:meth:`ServerMachine.handle`)
     :class:`Shutdown`  the server is stopping.
     :class:`RelayEnded` a relay session the driver was copying has ended (both
                        directions over, or stopped), with its byte counts.
+    :class:`BookAnswer`, :class:`FromNode`, :class:`StoreHealth`  only on a node of a
+                       rendezvous shared through Redis (``node`` given): the shared
+                       book's answer to an :class:`AskBook`, a message from another
+                       node, the store's state (a problem refuses new pairings).
 
 Actions (a list, in order, from every event)
     :class:`Send`      write bytes.
@@ -42,6 +46,10 @@ Actions (a list, in order, from every event)
                        connections (it only counts the session).
     :class:`StopRelay` stop copying that session (the server is stopping): end both
                        connections; :class:`RelayEnded` follows.
+    :class:`AskBook`   carry out an operation of the shared book (``--redis``), and
+                       answer with :class:`BookAnswer` if it names a connection.
+    :class:`ToNode`    deliver a message to another node; :class:`PollNode`: read
+                       this node's messages now.
 
 :attr:`ServerMachine.next_deadline` is when the driver's single timer must
 deliver the next :class:`Tick` (None: nothing is due).
@@ -64,6 +72,12 @@ What happens on a connection (``docs/protocol.md``, sections 1 and 6):
   from, within the relay's limits), it waits for the other side's, up to the
   token's expiry, then both get ``relayed`` and :class:`StartRelay` hands the
   two connections to the driver.
+
+Shared through Redis (``docs/protocol.md``, "Several nodes"): share, join and
+resume hellos ask the shared book instead of the in-memory one (the connection
+waits in ``BOOK`` up to ``BOOK_WAIT``); a partner found there on another node is a
+:class:`PeerSide` planned with as a local one, and its node gets its fire with
+:class:`ToNode`; a relay session may be handed to the partner's node (a grant).
 
 Each connection's state is a plain :class:`Conn`; a waiting sharer is known to
 the nameplate book (:class:`~nopf_web.rendezvous.book.PairingBook`, any store
