@@ -37,7 +37,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from .book import PairingLimits
 from .redis_book import INBOX_TTL, RedisBook
-from .server_machine import BookAnswer, ConnId, Event, FromNode, StoreHealth
+from .server_machine import BookAnswer, ConnId, Delivered, Event, FromNode, StoreHealth
 from .shared import BookOp, NodeId, NodeMessage, Refused, SharedFormatError, decode_message
 
 log = logging.getLogger("nopf.rendezvous")
@@ -144,7 +144,8 @@ class SharedNode:
         self.book = RedisBook(client, limits)
         self.problem: str | None = "not connected yet"  # None: Redis answers
         self._said: str | None = None  # the problem the machine was told of
-        self._jobs: asyncio.Queue[tuple[ConnId | None, BookOp | tuple[NodeId, NodeMessage]]] = (
+        self._jobs: asyncio.Queue[
+            tuple[ConnId | None, BookOp | tuple[NodeId, tuple[NodeMessage, ...]]]] = (
             asyncio.Queue())
         self._poke = asyncio.Event()
         # Messages acted on by one path (pub/sub or the list) and not yet seen by the
@@ -156,8 +157,9 @@ class SharedNode:
     def ask(self, conn: ConnId | None, op: BookOp) -> None:
         self._jobs.put_nowait((conn, op))
 
-    def deliver(self, node: NodeId, message: NodeMessage) -> None:
-        self._jobs.put_nowait((None, (node, message)))
+    def deliver(self, node: NodeId, messages: tuple[NodeMessage, ...],
+                conn: ConnId | None = None) -> None:
+        self._jobs.put_nowait((conn, (node, messages)))
 
     def poll(self) -> None:
         self._poke.set()
@@ -198,19 +200,26 @@ class SharedNode:
         while True:
             conn, job = await self._jobs.get()
             answer = None
+            problem = None
             try:
                 async with asyncio.timeout(OP_TIMEOUT):
                     if isinstance(job, tuple):
-                        await self.book.deliver(*job)
+                        await self.book.deliver(job[0], *job[1])
                     else:
                         answer = await self.book.run(job)
             except Exception as exc:  # Redis' errors, OSError, timeouts, a bad record
                 problem = self._trouble(exc) if _is_outage(exc) else (
                     f"shared state error: {describe_error(exc)}")
                 if conn is None:
-                    log.warning("%s (%s lost)", problem, type(job).__name__)
+                    what = "a message to another node" if isinstance(job, tuple) else (
+                        type(job).__name__)
+                    log.warning("%s (%s lost)", problem, what)
                 answer = Refused("busy", f"the rendezvous cannot pair now: {problem}")
-            if conn is not None and answer is not None:
+            if conn is None:
+                continue
+            if isinstance(job, tuple):
+                self._feed(Delivered(conn, problem, self._clock()))
+            elif answer is not None:
                 self._feed(BookAnswer(conn, answer, self._clock()))
 
     async def _heartbeat(self) -> None:

@@ -368,14 +368,16 @@ class RedisBook:
     async def leave(self, node: NodeId) -> None:
         await self.client.delete(f"{self.prefix}node:{node}")
 
-    async def deliver(self, node: NodeId, message: NodeMessage) -> None:
-        """Push to the node's list, then publish it to wake the node (one round trip)."""
+    async def deliver(self, node: NodeId, *messages: NodeMessage) -> None:
+        """Push to the node's list, then publish each to wake the node (one round
+        trip for them all)."""
         inbox = f"{self.prefix}inbox:{node}"
-        text = encode_message(message)
+        texts = [encode_message(m) for m in messages]
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.rpush(inbox, text)
+            pipe.rpush(inbox, *texts)
             pipe.pexpire(inbox, int(INBOX_TTL * 1000))
-            pipe.publish(self.wake_channel(node), text)
+            for text in texts:
+                pipe.publish(self.wake_channel(node), text)
             await pipe.execute()
 
     async def take_raw(self, node: NodeId, most: int = 100) -> list[str]:

@@ -88,7 +88,8 @@ class SharedLink(Protocol):
     :meth:`RendezvousServer.feed`."""
 
     def ask(self, conn: ConnId | None, op: BookOp) -> None: ...
-    def deliver(self, node: NodeId, message: NodeMessage) -> None: ...
+    def deliver(self, node: NodeId, messages: tuple[NodeMessage, ...],
+                conn: ConnId | None) -> None: ...
     def poll(self) -> None: ...
 
 
@@ -271,7 +272,7 @@ class RendezvousServer:
             elif isinstance(action, AskBook):
                 shared.ask(action.conn, action.op)
             elif isinstance(action, ToNode):
-                shared.deliver(action.node, action.message)
+                shared.deliver(action.node, action.messages, action.conn)
             else:
                 shared.poll()
             return

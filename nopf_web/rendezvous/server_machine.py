@@ -48,8 +48,9 @@ Actions (a list, in order, from every event)
                        connections; :class:`RelayEnded` follows.
     :class:`AskBook`   carry out an operation of the shared book (``--redis``), and
                        answer with :class:`BookAnswer` if it names a connection.
-    :class:`ToNode`    deliver a message to another node; :class:`PollNode`: read
-                       this node's messages now.
+    :class:`ToNode`    deliver messages to another node (:class:`Delivered` answers
+                       for the connection it names); :class:`PollNode`: read this
+                       node's messages now.
 
 :attr:`ServerMachine.next_deadline` is when the driver's single timer must
 deliver the next :class:`Tick` (None: nothing is due).
@@ -307,6 +308,16 @@ class FromNode:
 
 
 @dataclass(frozen=True, slots=True)
+class Delivered:
+    """A :class:`ToNode` that named a connection reached Redis (``problem`` None), or
+    did not (why, one line)."""
+
+    conn: ConnId
+    problem: str | None
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class StoreHealth:
     """The shared store's state: ``problem`` None when it works, else why not (one
     line). While there is a problem, new pairings are refused with it."""
@@ -316,7 +327,7 @@ class StoreHealth:
 
 
 Event = (Accepted | Received | PeerClosed | Lost | Tick | Shutdown | RelayEnded | BookAnswer
-         | FromNode | StoreHealth)
+         | FromNode | StoreHealth | Delivered)
 
 
 # Actions -----------------------------------------------------------------------
@@ -380,10 +391,12 @@ class AskBook:
 
 @dataclass(frozen=True, slots=True)
 class ToNode:
-    """Deliver ``message`` to node ``node`` (its list in Redis, then a wake-up)."""
+    """Deliver ``messages`` to node ``node``, in order (its list in Redis, then a
+    wake-up); ``conn``: report :class:`Delivered` for that connection."""
 
     node: NodeId
-    message: NodeMessage
+    messages: tuple[NodeMessage, ...]
+    conn: ConnId | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,6 +419,7 @@ class Phase(enum.Enum):
     RELAY_WAITING = "relay-waiting"  # a relay connection waiting for the other side's
     FIRING = "firing"  # its last message (fire or refusal) leaves at the deadline
     BOOK = "book"  # waiting for the shared book's answer (--redis)
+    HANDOFF = "handoff"  # its fire waits until the peer's node has its own (--redis)
     GRANT_WAIT = "grant-wait"  # a relay token not known here yet: its grant may be coming
     LAST_WORD = "last-word"  # message and FIN sent; discarding until the peer's FIN
     CLOSING = "closing"  # closed; waiting for the close to complete
@@ -449,6 +463,7 @@ class Conn:
     asked: BookOp | None = None  # BOOK: what the shared book was asked
     remote: Waiting | None = None  # the partner found in the shared book
     token: bytes = b""  # GRANT_WAIT: the relay token presented
+    fire_in: float = 0.0  # HANDOFF: when its fire is due, from the handoff
 
     @property
     def public(self) -> Endpoint:
@@ -564,6 +579,7 @@ class ServerMachine:
             None if node is None else "the shared state (Redis) is not connected yet")
         self._stopping = False
         self._asked: dict[ConnId, BookOp] = {}  # questions to the shared book, by asker
+        self._grant: tuple[NodeId, Grant] | None = None  # _plan's, for _pair_shared
         self.stats = ServerStats()
         self.book: PairingBook[ConnId] = (book if book is not None
                                           else NameplateBook(self.limits.pairing))
@@ -603,7 +619,7 @@ class ServerMachine:
         """Take one event; return what to do, in order."""
         if isinstance(event, Tick):
             self._tick(event.now)
-        elif isinstance(event, BookAnswer | FromNode | StoreHealth):
+        elif isinstance(event, BookAnswer | FromNode | StoreHealth | Delivered):
             self._shared_event(event)
         elif isinstance(event, Shutdown):
             # Shared codes outlive this node: their sharers register them again elsewhere.
@@ -848,6 +864,9 @@ class ServerMachine:
             self._relay_timeout(conn, now)
         elif phase is Phase.BOOK:
             self._book_silent(conn, now)
+        elif phase is Phase.HANDOFF:
+            self._handed_off(conn, f"the shared state (Redis) did not answer within "
+                             f"{BOOK_WAIT:g} s", now)
         elif phase is Phase.GRANT_WAIT:
             conn.phase = Phase.HELLO
             self._relay(conn, conn.token, now, hold=False)
@@ -1414,10 +1433,18 @@ class ServerMachine:
             self._ask(conn, Claim(hello.nameplate, conn.public.host, probe_first,
                                   joiner_relays), now)
 
-    def _shared_event(self, event: BookAnswer | FromNode | StoreHealth) -> None:
+    def _shared_event(self, event: BookAnswer | FromNode | StoreHealth | Delivered) -> None:
         now = event.now
         if isinstance(event, StoreHealth):
             self._health(event.problem, now)
+            return
+        if isinstance(event, Delivered):
+            held = self.conns.get(event.conn)
+            if held is not None and held.phase is Phase.HANDOFF:
+                try:
+                    self._handed_off(held, event.problem, now)
+                except Exception as exc:
+                    self._crashed(held.id, exc, now)
             return
         if isinstance(event, FromNode):
             try:
@@ -1490,7 +1517,7 @@ class ServerMachine:
     def _replaced(self, where: tuple[NodeId, ConnId], why: str, now: float) -> None:
         node, cid = where
         if node != self.node:
-            self._out.append(ToNode(node, RefuseConn(cid, "bad_request", why)))
+            self._out.append(ToNode(node, (RefuseConn(cid, "bad_request", why),)))
             return
         self._from_node(RefuseConn(cid, "bad_request", why), now)
 
@@ -1533,9 +1560,30 @@ class ServerMachine:
                                  else (to_sharer, sharer_at))
         # The other node fires its peer ``delay`` after it hears of it: later than
         # planned by the message's trip (under a ms), which only moves its fire later.
-        self._out.append(ToNode(w.node, FireAt(w.conn, encode(remote_msg),
-                                               round(max(0.0, remote_at - now), 6))))
-        self._fire(conn, encode(msg), at, now)
+        # Ours waits until Redis has taken that (and the relay grant, if any): a fire
+        # that reached one peer only would send it punching at nobody.
+        grant, self._grant = self._grant, None
+        messages: tuple[NodeMessage, ...] = (
+            FireAt(w.conn, encode(remote_msg), round(max(0.0, remote_at - now), 6)),)
+        if grant is not None:
+            assert grant[0] == w.node
+            messages = (grant[1], *messages)
+        conn.sharing = None  # claimed: nothing to release
+        conn.phase, conn.message, conn.fire_in = Phase.HANDOFF, encode(msg), at - now
+        self._at(conn, now + BOOK_WAIT)
+        self._out.append(ToNode(w.node, messages, conn.id))
+
+    def _handed_off(self, conn: Conn, problem: str | None, now: float) -> None:
+        """The peer's node has its fire (``problem`` None): ours goes; or it could not
+        be told: we refuse, and its node lists its code again when Redis is back."""
+        conn.deadline = None
+        data, conn.message = conn.message, b""
+        if problem is None:
+            self._fire(conn, data, now + conn.fire_in, now)
+            return
+        why = f"the rendezvous cannot pair now: {problem}"
+        self._problem("store", f"refused {_fmt(conn.peer)}: {why}", now)
+        self._refuse(conn, "busy", why, now)
 
     def _relay_node(self, a: PeerSide, b: PeerSide) -> tuple[NodeId, Endpoint] | None:
         """Where a pairing's relay session runs: None here, else the other node and its
@@ -1676,8 +1724,7 @@ class ServerMachine:
                 addr_j = addr_s
                 token_s, token_j = (self._entropy(RELAY_TOKEN_SIZE),
                                     self._entropy(RELAY_TOKEN_SIZE))
-                self._out.append(ToNode(node, Grant((token_s, token_j), ips,
-                                                    expires_at - now)))
+                self._grant = (node, Grant((token_s, token_j), ips, expires_at - now))
             assert addr_s is not None and addr_j is not None  # checked by _relays
             relay_s = RelayStage(addr_s, plans.relay_budget, token_s)
             relay_j = RelayStage(addr_j, plans.relay_budget, token_j)

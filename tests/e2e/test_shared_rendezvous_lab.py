@@ -371,3 +371,25 @@ def test_redis_lost_and_back_under_load_refuses_clearly_then_pairs_again(
         for node in (node_a, node_b):
             assert "Traceback" not in node.stderr(), node.stderr()
         close(c2, waiting, c, s)
+
+
+def test_a_pair_that_must_relay_is_relayed_by_one_of_its_two_nodes(
+        lab_factory: LabFactory) -> None:
+    lab = lab_factory("symmetric", "symmetric", delay_ms=5, rdv_second_ip=True)
+    with shared_rendezvous(lab):
+        s = start(lab.a1, "share", "-p", "3000", rdv=f"{RDV_IP}:{PORT}")
+        c = start(lab.b1, "connect", s.line(10), "-p", "3010", rdv=f"{RDV_IP2}:{PORT}")
+        relays = set()
+        for peer in (s, c):
+            err = wait_for(peer, "encrypted tunnel to")
+            found = re.search(r"over the relay at (198\.51\.100\.[23]):3012", err)
+            assert found is not None, err
+            relays.add(found[1])
+        assert len(relays) == 1  # both sides at the node the pairing chose
+        flows = Flows(lab.a1, 3000, lab.b1, 3010, 2, 2 << 20).start()
+        try:
+            flows.join(60)
+            flows.check()
+        finally:
+            flows.join(5)
+        close(c, s)

@@ -21,6 +21,7 @@ from nopf_web.rendezvous.redis_book import RedisBook, owner_hash
 from nopf_web.rendezvous.server_machine import (
     AskBook,
     BookAnswer,
+    Delivered,
     FromNode,
     PollNode,
     ServerLimits,
@@ -252,6 +253,7 @@ class Cluster:
         self.book = RedisBook(client)
         self.nodes = {NODE_A: Harness(limits, node=NODE_A), NODE_B: Harness(limits, node=NODE_B)}
         self.lost_wakeups = False
+        self.redis_gone = False  # node messages fail
 
     def node(self, name: str) -> Harness:
         return self.nodes[name]
@@ -276,7 +278,13 @@ class Cluster:
                             assert result is not None
                             h.feed(BookAnswer(a.conn, result, h.now))
                     elif isinstance(a, ToNode):
-                        await self.book.deliver(a.node, a.message)
+                        if self.redis_gone:
+                            if a.conn is not None:
+                                h.feed(Delivered(a.conn, "Redis at X: gone", h.now))
+                            continue
+                        await self.book.deliver(a.node, *a.messages)
+                        if a.conn is not None:
+                            h.feed(Delivered(a.conn, None, h.now))
                         if not self.lost_wakeups:
                             await self.take(a.node)
                     else:
@@ -586,3 +594,27 @@ def test_a_bad_redis_url_is_one_line_and_exit_status_2(
     monkeypatch.setenv("NOPF_REDIS_URL", "memcached://db")
     assert main([]) == 2
     assert "the scheme must be redis:// or rediss://" in capsys.readouterr().err
+
+
+async def test_a_joiner_is_fired_only_once_its_sharers_node_has_its_fire(client: Any) -> None:
+    c = Cluster(client)
+    await c.up()
+    sharer, nameplate = await share_on(c, NODE_A)
+    c.redis_gone = True  # the claim went through; then Redis went away
+    joiner = await join_on(c, NODE_B, nameplate)
+    err = joiner.last()
+    assert isinstance(err, ErrorReply) and err.code == "busy"
+    assert err.message == "the rendezvous cannot pair now: Redis at X: gone"
+    assert not any(isinstance(m, Fire) for m in sharer.messages())  # it waits on
+    # Redis back (emptied): node A lists its sharer again, and the code pairs.
+    c.redis_gone = False
+    await client.flushall()
+    a = c.node(NODE_A)
+    await c.book.heartbeat(NODE_A, 0)
+    a.feed(StoreHealth("Redis at X: gone", a.now))
+    a.feed(StoreHealth(None, a.now))
+    await c.settle()
+    again = await join_on(c, NODE_B, nameplate)
+    assert isinstance(again.last(), Fire)
+    c.tick(0.05)
+    assert isinstance(sharer.last(), Fire)
