@@ -219,6 +219,18 @@ return 1
 """
 
 
+# ARGV: prefix, node, list ttl_ms, messages...: pushed to the node's list, then each
+# published on its channel (one call: cheaper for the client than a pipeline of three)
+_DELIVER = """
+local inbox = ARGV[1] .. 'inbox:' .. ARGV[2]
+local channel = ARGV[1] .. 'wake:' .. ARGV[2]
+for i = 4, #ARGV do redis.call('RPUSH', inbox, ARGV[i]) end
+redis.call('PEXPIRE', inbox, ARGV[3])
+for i = 4, #ARGV do redis.call('PUBLISH', channel, ARGV[i]) end
+return 1
+"""
+
+
 def _ms(seconds: float) -> str:
     return str(max(1, round(seconds * 1000)))
 
@@ -237,6 +249,7 @@ class _Scripts:
     meet: Any
     unlist: Any
     republish: Any
+    deliver: Any
 
 
 class RedisBook:
@@ -251,7 +264,8 @@ class RedisBook:
         self.prefix = prefix
         reg = client.register_script
         self._s = _Scripts(reg(_ALLOCATE), reg(_RECLAIM), reg(_CLAIM), reg(_RELEASE),
-                           reg(_UPDATE), reg(_MEET), reg(_UNLIST), reg(_REPUBLISH))
+                           reg(_UPDATE), reg(_MEET), reg(_UNLIST), reg(_REPUBLISH),
+                           reg(_DELIVER))
 
     async def run(self, op: BookOp) -> BookResult | None:
         """Carry out ``op``; its answer (None for the operations that have none)."""
@@ -369,16 +383,10 @@ class RedisBook:
         await self.client.delete(f"{self.prefix}node:{node}")
 
     async def deliver(self, node: NodeId, *messages: NodeMessage) -> None:
-        """Push to the node's list, then publish each to wake the node (one round
-        trip for them all)."""
-        inbox = f"{self.prefix}inbox:{node}"
-        texts = [encode_message(m) for m in messages]
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.rpush(inbox, *texts)
-            pipe.pexpire(inbox, int(INBOX_TTL * 1000))
-            for text in texts:
-                pipe.publish(self.wake_channel(node), text)
-            await pipe.execute()
+        """Push to the node's list, then publish each to wake the node (one script,
+        one round trip for them all)."""
+        await self._s.deliver(args=[self.prefix, node, _ms(INBOX_TTL),
+                                    *(encode_message(m) for m in messages)])
 
     async def take_raw(self, node: NodeId, most: int = 100) -> list[str]:
         """This node's messages as pushed, oldest first (popped: each is taken once)."""
