@@ -460,7 +460,6 @@ class Conn:
     gone: bool = False  # lost, kept only until its coordination ends (nothing is sent)
     local: tuple[str, int] | None = None  # our address as the peer reached it
     relay: RelayId | None = None  # RELAY_WAITING: the session it waits in
-    asked: BookOp | None = None  # BOOK: what the shared book was asked
     remote: Waiting | None = None  # the partner found in the shared book
     token: bytes = b""  # GRANT_WAIT: the relay token presented
     fire_in: float = 0.0  # HANDOFF: when its fire is due, from the handoff
@@ -1400,7 +1399,7 @@ class ServerMachine:
             self._out.append(AskBook(None, op))
             return
         assert now is not None
-        conn.phase, conn.asked = Phase.BOOK, op
+        conn.phase = Phase.BOOK
         self._asked[conn.id] = op
         self._at(conn, now + BOOK_WAIT)
         self._out.append(AskBook(conn.id, op))
@@ -1459,7 +1458,7 @@ class ServerMachine:
             self._unanswered(event.conn, asked, event.result)
             return
         try:
-            self._answer(conn, event.result, now)
+            self._answer(conn, asked, event.result, now)
         except Exception as exc:
             self._crashed(conn.id, exc, now)
 
@@ -1477,8 +1476,8 @@ class ServerMachine:
         self._problem("store", f"refused {_fmt(conn.peer)}: {why}", now)
         self._refuse(conn, "busy", f"the rendezvous cannot pair now: {why}", now)
 
-    def _answer(self, conn: Conn, result: BookResult, now: float) -> None:
-        asked, conn.asked = conn.asked, None
+    def _answer(self, conn: Conn, asked: BookOp | None, result: BookResult,
+                now: float) -> None:
         conn.deadline = None
         if isinstance(result, Refused):
             if isinstance(asked, Claim) and result.code != "probe_required":
