@@ -169,6 +169,7 @@ RELAY_TOKEN_MEMORY = 30.0  # s an expired token is still told apart from an unkn
 # pairing node sends it through Redis; a lost wake-up is caught by the next poll).
 BOOK_WAIT = 2.0
 GRANT_WAIT = 1.5
+REPUBLISH_BATCH = 200  # waiting peers listed again per operation (one Lua call each)
 
 ConnId = int  # opaque to the machine; unique for the machine's lifetime
 RelayId = int  # one relay session (a pairing's two tokens); never reused
@@ -1644,8 +1645,9 @@ class ServerMachine:
                 elif conn.hello.resume_id is not None and conn.hello.side is not None:
                     resumes.append((conn.hello.resume_id,
                                     self._waiting(conn, conn.hello.side), left))
-            if plates or resumes:
-                self._ask(None, Republish(tuple(plates), tuple(resumes)))
+            for i in range(0, max(len(plates), len(resumes)), REPUBLISH_BATCH):
+                self._ask(None, Republish(tuple(plates[i:i + REPUBLISH_BATCH]),
+                                          tuple(resumes[i:i + REPUBLISH_BATCH])))
 
     # -- the plan and the fires ------------------------------------------------------------------
 

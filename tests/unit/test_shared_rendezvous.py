@@ -618,3 +618,24 @@ async def test_a_joiner_is_fired_only_once_its_sharers_node_has_its_fire(client:
     assert isinstance(again.last(), Fire)
     c.tick(0.05)
     assert isinstance(sharer.last(), Fire)
+
+
+async def test_many_waiting_sharers_are_listed_again_in_batches(client: Any) -> None:
+    c = Cluster(client)
+    await c.up()
+    a = c.node(NODE_A)
+    peers = [a.hello(Hello("share", None, (LAN_A,), None, 10), f"203.0.{i // 200}.{i % 200 + 1}")
+             for i in range(450)]  # from many addresses: under the per-source cap
+    await c.settle()
+    plates = []
+    for peer in peers:
+        welcome = peer.messages()[0]
+        assert isinstance(welcome, Welcome)
+        plates.append(welcome.nameplate)
+    await client.flushall()  # Redis restarted empty
+    a.feed(StoreHealth("Redis at X: gone", a.now))
+    a.feed(StoreHealth(None, a.now))
+    ops = [x.op for x in a.shared if isinstance(x, AskBook)]
+    assert [len(op.nameplates) for op in ops if isinstance(op, Republish)] == [200, 200, 50]
+    await c.settle()
+    assert all([await client.exists(f"nopf:np:{n}") for n in plates])
