@@ -4,6 +4,7 @@ and, on the next port, the NAT doctor's responder (``nopf doctor``)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -12,6 +13,14 @@ import re
 import sys
 from dataclasses import replace
 
+from nopf_web.rendezvous.cluster import (
+    PASSWORD_ENV,
+    URL_ENV,
+    BadRedisUrl,
+    RedisConfig,
+    SharedNode,
+    new_node_id,
+)
 from nopf_web.rendezvous.doctor import DoctorResponder
 from nopf_web.rendezvous.server import (
     DEFAULT_PORT,
@@ -80,7 +89,27 @@ def build_parser() -> OneLineParser:
     p.add_argument("--relay-address", default=None, metavar="IP:PORT",
                    help="the relay address given to peers (default: the address each peer "
                    "reached this server on; set it behind a port forward or a NAT)")
+    p.add_argument("--redis", default=None, metavar="URL",
+                   help="share codes, waiting peers and relay work with other nopf-server "
+                   "nodes through Redis: redis://[:PASSWORD@]HOST[:PORT][/DB], or rediss:// "
+                   f"for TLS (default: ${URL_ENV}; the password may come from "
+                   f"${PASSWORD_ENV}). Without it the state stays in this process")
     return p
+
+
+def _redis_config(url: str | None) -> RedisConfig | None:
+    """The checked --redis URL (or $NOPF_REDIS_URL), None without; BadAddress if bad."""
+    try:
+        config = RedisConfig.from_env(url)
+    except BadRedisUrl as exc:
+        raise BadAddress(str(exc)) from None
+    if config is not None:
+        try:
+            import redis.asyncio  # noqa: F401 - only checked here: the optional dependency
+        except ImportError:
+            raise BadAddress("--redis needs the redis package: pip install 'nopf-web[redis]'"
+                             ) from None
+    return config
 
 
 _RATE = re.compile(r"(?P<num>\d+(\.\d+)?)\s*(?P<unit>[kKMG]i?)?(B(/s)?)?")
@@ -137,12 +166,19 @@ def _fit_open_files(limits: ServerLimits) -> ServerLimits:
 
 async def serve(host: str, port: int, limits: ServerLimits | None = None, *,
                 doctor_port: int | None = None, doctor_addresses: tuple[str, ...] = (),
-                doctor_required: bool = False) -> int:
+                doctor_required: bool = False, redis: RedisConfig | None = None) -> int:
     """Run the rendezvous (and, unless ``doctor_port`` is None, the NAT doctor's
     responder) until cancelled. A doctor port that cannot be bound stops the server
     only if it was asked for (``doctor_required``); else it is one line and the
-    rendezvous runs alone."""
-    server = RendezvousServer(host, port, _fit_open_files(limits or ServerLimits()))
+    rendezvous runs alone. ``redis``: one node of a rendezvous shared through Redis."""
+    limits = _fit_open_files(limits or ServerLimits())
+    node = None if redis is None else new_node_id()
+    server = RendezvousServer(host, port, limits, node=node)
+    shared = None
+    if redis is not None:
+        shared = SharedNode(redis, server.feed, lambda: server.relay_load, node=node,
+                            limits=limits.pairing)
+        server.share_through(shared)
     try:
         await server.start()
     except OSError as exc:
@@ -153,8 +189,14 @@ async def serve(host: str, port: int, limits: ServerLimits | None = None, *,
     hint = fastopen_hint()  # the sysctl is the operator's: only say so
     if hint is not None:
         print(f"{PROG}: {hint}", file=sys.stderr, flush=True)
+    if shared is not None:
+        print(f"{PROG}: node {shared.node}, sharing pairings through Redis at "
+              f"{shared.config.where}", file=sys.stderr, flush=True)
     try:
         async with contextlib.AsyncExitStack() as stack:
+            if shared is not None:
+                group = await stack.enter_async_context(asyncio.TaskGroup())
+                group.create_task(shared.run(), name="redis-node")
             if doctor_port is not None:
                 try:
                     doctor = await stack.enter_async_context(
@@ -219,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             max_per_source=parse_count(args.max_per_source, "--max-per-source", 1_000_000),
             relay=_relay_limits(args))
         doctor_port, doctor_addresses = _doctor_options(args, port)
+        redis = _redis_config(args.redis)
     except BadAddress as exc:
         return fail(PROG, str(exc), EXIT_USAGE)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -226,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     code = run_main(serve(args.host, port, limits, doctor_port=doctor_port,
                           doctor_addresses=doctor_addresses,
                           doctor_required=args.doctor_port is not None or
-                          bool(doctor_addresses)))
+                          bool(doctor_addresses), redis=redis))
     return 0 if code == 130 else code  # SIGINT/SIGTERM is how a server stops
 
 

@@ -34,6 +34,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from nopf_web.sockets import enable_fastopen_server, kernel_rtt, tcp_facts
 
@@ -43,6 +44,7 @@ from .relay import RelayLink, RelayOutcome
 from .server_machine import (
     Accepted,
     Action,
+    AskBook,
     Close,
     ConnId,
     Event,
@@ -50,6 +52,7 @@ from .server_machine import (
     Log,
     Lost,
     PeerClosed,
+    PollNode,
     Received,
     RelayEnded,
     RelayId,
@@ -62,7 +65,9 @@ from .server_machine import (
     StartRelay,
     StopRelay,
     Tick,
+    ToNode,
 )
+from .shared import BookOp, NodeId, NodeMessage
 
 __all__ = ["DEFAULT_PORT", "RendezvousServer", "ServerLimits", "ServerStats", "fastopen_hint"]
 
@@ -76,6 +81,17 @@ DEFAULT_PORT = 3012
 TFO_SERVER_ENABLE = 0x2
 TFO_SERVER_COOKIE_NOT_REQD = 0x200
 FASTOPEN_SYSCTL = "/proc/sys/net/ipv4/tcp_fastopen"
+
+
+class SharedLink(Protocol):
+    """Where a node of a shared rendezvous sends its book operations and node messages
+    (:class:`nopf_web.rendezvous.cluster.SharedNode`); answers come back through
+    :meth:`RendezvousServer.feed`."""
+
+    def ask(self, conn: ConnId | None, op: BookOp) -> None: ...
+    def deliver(self, node: NodeId, messages: tuple[NodeMessage, ...],
+                conn: ConnId | None) -> None: ...
+    def poll(self) -> None: ...
 
 
 class _Link(asyncio.Protocol):
@@ -111,19 +127,36 @@ class RendezvousServer:
 
     def __init__(
         self, host: str = "0.0.0.0", port: int = DEFAULT_PORT, limits: ServerLimits | None = None,
-        *, clock: Callable[[], float] = time.monotonic,
+        *, clock: Callable[[], float] = time.monotonic, node: NodeId | None = None,
     ) -> None:
+        """``node``: this node's id in a rendezvous shared through Redis; then
+        :meth:`share_through` must be given the link before :meth:`start`."""
         self.host = host
         self.port = port
         self.limits = limits or ServerLimits()
         self._clock = clock  # the one clock: every `now` the machine gets
-        self._machine = ServerMachine(self.limits, NameplateBook(self.limits.pairing, clock))
+        self._machine = ServerMachine(self.limits, NameplateBook(self.limits.pairing, clock),
+                                      node=node)
+        self._shared: SharedLink | None = None
         self._server: asyncio.Server | None = None
         self._links: dict[ConnId, _Link] = {}
         self._next_id: ConnId = 0
         self._timer = DeadlineTimer(clock, lambda now: self._feed(Tick(now)))
         self._drained: asyncio.Event | None = None  # set by close(): no link left
         self._relays: dict[RelayId, RelayLink] = {}  # sessions being copied
+
+    def share_through(self, link: SharedLink) -> None:
+        self._shared = link
+
+    def feed(self, event: Event) -> None:
+        """An event from the shared state (``BookAnswer``, ``FromNode``, ``StoreHealth``)."""
+        self._feed(event)
+        self._check_drained()
+
+    @property
+    def relay_load(self) -> int:
+        """Relay sessions waiting or copied now (a shared rendezvous spreads them)."""
+        return self._machine.relay_load
 
     @property
     def stats(self) -> ServerStats:
@@ -233,6 +266,17 @@ class RendezvousServer:
             relay = self._relays.get(action.session)
             if relay is not None:
                 relay.stop()
+            return
+        if isinstance(action, AskBook | ToNode | PollNode):
+            shared = self._shared
+            if shared is None:
+                log.warning("a shared-state action without --redis: %s", type(action).__name__)
+            elif isinstance(action, AskBook):
+                shared.ask(action.conn, action.op)
+            elif isinstance(action, ToNode):
+                shared.deliver(action.node, action.messages, action.conn)
+            else:
+                shared.poll()
             return
         link = self._links.get(action.conn)
         if link is None or link.transport is None:

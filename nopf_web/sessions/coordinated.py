@@ -351,7 +351,8 @@ class CoordinatedEngine(EngineBase):
         return await coordinate(
             CoordinationSpec(Endpoint(*server), spec.role, code=spec.code,
                              code_lifetime=spec.code_lifetime, punch_timeout=spec.punch_timeout,
-                             net_timeout=spec.net_timeout, nat=spec.nat),
+                             net_timeout=spec.net_timeout, nat=spec.nat,
+                             name=spec.rendezvous),
             pake=self._new_pake, on_code=self._got_code, on_event=self._log,
             on_punching=self._punching, on_prediction=self._predicted, timeline=timeline)
 

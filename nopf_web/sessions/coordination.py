@@ -120,6 +120,9 @@ class CoordinationSpec:
     punch_port: int = 0  # 0: a fresh port for every meeting (fresh NAT mappings too)
     bind_host: str = "0.0.0.0"
     nat: NatSummary | None = None  # our doctor report, sent with the hello (None: none)
+    # The rendezvous as the user named it, when ``rendezvous`` is one of its addresses: a
+    # sharer whose connection breaks registers its code again through the next one.
+    name: Endpoint | None = None
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,8 @@ async def coordinate(spec: CoordinationSpec, *, pake: PakeFactory | None = None,
         net_timeout=spec.net_timeout, punch_ttl=spec.punch_ttl, punch_port=spec.punch_port,
         bind_host=spec.bind_host, pake=pake is not None, nat=spec.nat))
     driver = _Driver(machine, server, spec.bind_host, spec.net_timeout, pake, on_code, on_event,
-                     on_punching or on_event, on_prediction, timeline)
+                     on_punching or on_event, on_prediction, timeline,
+                     name=spec.name or spec.rendezvous)
     tunnel = await driver.run()
     assert isinstance(tunnel, PairedTunnel)
     return tunnel
@@ -303,9 +307,11 @@ class _Driver:
                  net_timeout: float, pake: PakeFactory | None, on_code: EventSink | None,
                  on_event: EventSink | None, on_punching: EventSink | None,
                  on_prediction: PredictionSink | None = None,
-                 timeline: Timeline | None = None) -> None:
+                 timeline: Timeline | None = None, *,
+                 name: Endpoint | None = None) -> None:
         self.machine = machine
         self.server = server
+        self.name = name  # the rendezvous as given: its other addresses, when one fails
         self.bind_host, self.net_timeout = bind_host, net_timeout
         self.pake = pake
         self.half: PakeHalf | None = None
@@ -486,7 +492,26 @@ class _Driver:
         except Exception as exc:  # a bug, or an error no event covers: end coordinate()
             self._post(_reraise, exc)
 
+    async def _next_server(self) -> None:
+        """Move to the rendezvous' next IPv4 address (its name resolved again: the nodes
+        of a shared rendezvous behind one name); the same one if it has no other."""
+        if self.name is None:
+            return
+        try:
+            async with asyncio.timeout(self.net_timeout):
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    self.name.host, self.name.port, family=socket.AF_INET,
+                    type=socket.SOCK_STREAM)
+        except (OSError, TimeoutError):
+            return  # keep the address we have: the next try resolves again
+        found = list(dict.fromkeys((str(i[4][0]), int(i[4][1])) for i in infos))
+        if found:
+            at = found.index(self.server) + 1 if self.server in found else 0
+            self.server = found[at % len(found)]
+
     async def _open(self, action: Connect) -> None:
+        if action.rotate:
+            await self._next_server()
         began = time.monotonic()
         try:
             sock, deferred = await open_from(self.server, self.bind_host, action.port,

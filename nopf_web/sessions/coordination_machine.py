@@ -33,6 +33,17 @@ report of nothing without one). When a fire comes, :class:`Fired` says so before
 the first path opens, with the path predicted for a pairing's first attempt
 (:func:`nopf_web.prediction.predict` on the fire's facts).
 
+A sharer's hello also carries ``owner``, a secret it drew. When its connection
+to the rendezvous breaks while it waits for its peer (its rendezvous node died,
+or restarted), it registers the same code again: a new meeting (mapping check,
+hello with the nameplate and the owner) through the next address of the
+rendezvous (:class:`Connect` ``rotate``), every ``REREGISTER_PAUSE`` s while the
+code lives, at most ``MAX_REREGISTER`` times in a row. A rendezvous that shares
+its codes (``nopf-server --redis``) takes it on any node; one that keeps them in
+memory refuses (``unknown_code``), and that refusal ends the wait. A rendezvous
+older than ``owner`` rejects the hello (``bad_request`` naming it): the hello goes
+again without it, once.
+
 Then an *attempt*: the fire's plan, tried as *paths* to the peer, of a
 :data:`PathKind`: a :class:`Punch` (the driver runs
 :class:`~nopf_web.punch.driver.PunchDriver`) or :class:`ViaRelay` (the driver
@@ -62,6 +73,7 @@ connection to the peer and its path) instead of a :class:`Paired`.
 from __future__ import annotations
 
 import enum
+import secrets
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -82,6 +94,7 @@ from nopf_web.wire.discovery import DiscoveryReader
 from nopf_web.wire.errors import WireError
 from nopf_web.wire.nat import NatSummary
 from nopf_web.wire.rendezvous import (
+    OWNER_SIZE,
     RESUME_WAIT,
     ErrorReply,
     Fire,
@@ -126,6 +139,8 @@ DEFAULT_PUNCH_TTL = 2
 MIN_ATTEMPT = 2.0
 MAX_ATTEMPTS = 3
 RETRY_WAIT = 12.0  # s for the peer to fail its attempt too and ask again (rendezvous: 10)
+REREGISTER_PAUSE = 1.0  # s between a sharer's tries to register its code again
+MAX_REREGISTER = 20  # tries in a row (a rendezvous that never comes back: give up)
 FIRE_GRACE = 2.0  # s beyond the network timeout for a joiner's fire (a ping may come first)
 READ_SIZE = 4096  # what the driver reads at once from a rendezvous connection
 # How a tunnel's connection reaches the peer: a punched connection between public
@@ -249,6 +264,7 @@ class Connect:
     conn: int
     port: int
     fastopen: bool
+    rotate: bool = False  # the rendezvous' address failed us: use its next address
 
 
 @dataclass(frozen=True)
@@ -400,6 +416,7 @@ class _Step(enum.Enum):
     PEER = "a peer"
     FIRE = "fire"
     DRAIN = "the rendezvous' close"
+    PAUSE = "a pause before registering the code again"
 
 
 @dataclass
@@ -431,6 +448,8 @@ class _Meeting:
     backlog: list[bytes] = field(default_factory=list)  # frames received, not yet handled
     awaiting_pake: bool = False  # the sharer's SPAKE2 message goes out before the rest
     public: Endpoint | None = None
+    reclaim: bool = False  # a sharer registering its code again (after a broken connection)
+    lost: NopfError | None = None  # reclaim: why the first connection ended
 
 
 @dataclass
@@ -452,9 +471,14 @@ class CoordinationMachine:
     """See the module docstring. Feed events; carry out the actions in order."""
 
     def __init__(self, config: CoordinationConfig, *,
-                 make_code: Callable[[int], PairingCode] = make_code) -> None:
+                 make_code: Callable[[int], PairingCode] = make_code,
+                 entropy: Callable[[int], bytes] = secrets.token_bytes) -> None:
         self.config = config
         self._make_code = make_code
+        # The sharer's owner secret: registers its code again through another node.
+        self._owner: bytes | None = (entropy(OWNER_SIZE) if config.role == "server"
+                                     and config.resume is None else None)
+        self._reregistered = 0  # tries in a row
         self.code: PairingCode | None = config.code
         self.done = False
         self._conns = 0
@@ -499,10 +523,12 @@ class CoordinationMachine:
         if self.done or m is None or m.deadline is None or now < m.deadline:
             return []
         m.deadline = None
+        if m.step is _Step.PAUSE:
+            return self._begin(m)
         if m.step is _Step.DRAIN:
             return [Close(m.conn), *self._probe_required(m, now)]
         assert m.timeout_error is not None
-        return self._meeting_failed(m, m.timeout_error, [Close(m.conn)])
+        return self._meeting_failed(m, m.timeout_error, [Close(m.conn)], now)
 
     def connected(self, conn: int, local: Endpoint, deferred: bool, now: float) -> list[Action]:
         """The connection of :class:`Connect` is up (``deferred``: waits for its first send)."""
@@ -535,7 +561,7 @@ class CoordinationMachine:
         m = self._meeting_on(conn)
         if m is None:
             return []
-        return self._meeting_failed(m, error, [Close(conn)])
+        return self._meeting_failed(m, error, [Close(conn)], now)
 
     def pake_made(self, message: bytes, now: float) -> list[Action]:
         """Our SPAKE2 message, as :class:`MakePake` asked."""
@@ -593,17 +619,19 @@ class CoordinationMachine:
             return close + self._probe_required(m, now)
         if m.step is _Step.HANDSHAKE:  # its first send failed: it never connected
             return self._meeting_failed(m, RendezvousUnreachable(
-                f"rendezvous {where}: {error or 'the connection closed'}"), close)
+                f"rendezvous {where}: {error or 'the connection closed'}"), close, now)
         if m.step in (_Step.PROBE_REPLY, _Step.ADDRESS):
             why = (f"rendezvous {where} closed before its discovery reply (is it a "
                    "nopf-server?)" if error is None else
                    f"rendezvous {where} broke the connection ({error})")
-            return self._meeting_failed(m, RendezvousProtocolError(why), close)
+            return self._meeting_failed(m, RendezvousProtocolError(why), close, now)
         if m.step in (_Step.WELCOME, _Step.PEER, _Step.FIRE):
-            if not m.seen:  # a seed server closes, or resets as our hello goes unread
-                return close + self._seed_only_or_lost(m, now)
+            if not m.seen and not m.reclaim:  # a seed server closes, or resets as our
+                return close + self._seed_only_or_lost(m, now)  # hello goes unread
             why = (f"rendezvous {where} closed the connection unexpectedly" if error is None
                    else f"rendezvous {where} broke the connection ({error})")
+            if (m.step is _Step.PEER or m.reclaim) and self._owner is not None:
+                return close + self._reregister(m, RendezvousProtocolError(why), now)
             return self._meeting_failed(m, RendezvousProtocolError(why), close)
         return close
 
@@ -673,7 +701,9 @@ class CoordinationMachine:
     def _probe(self, m: _Meeting) -> list[Action]:
         m.step, m.deadline, m.discovery = _Step.PROBE_CONNECT, None, DiscoveryReader()
         m.conn = self._next_conn()
-        return [Connect(m.conn, m.port, fastopen=False)]
+        # A sharer registering its code again starts at the rendezvous' next address
+        # (the probe and the hello must reach the same one).
+        return [Connect(m.conn, m.port, fastopen=False, rotate=m.reclaim)]
 
     def _connect(self, m: _Meeting, now: float) -> list[Action]:
         m.step, m.deadline, m.lan = _Step.CONNECT, None, None
@@ -700,11 +730,12 @@ class CoordinationMachine:
                           resume_id=resume.resume_id, side=side,
                           direct_only=resume.direct_only, nat=self._nat)
         else:
-            nameplate = (None if self.code is None or m.action == "share"
+            nameplate = (None if self.code is None or (m.action == "share" and not m.reclaim)
                          else self.code.nameplate)
             hello = Hello(m.action, nameplate, (m.lan,), m.probed, m.punch_timeout,
                           pake=self._pake_message if wants_pake else None, relay=True,
-                          nat=self._nat)
+                          nat=self._nat,
+                          owner=self._owner if m.action == "share" else None)
         m.hello_sent = now
         actions: list[Action] = [Send(m.conn, encode(hello))]
         if m.deferred:
@@ -783,7 +814,20 @@ class CoordinationMachine:
                 m.step = _Step.DRAIN
                 self._wait(m, now + cfg.net_timeout, None)
                 return []
+            if (m.action == "share" and msg.code == "bad_request" and self._owner is not None
+                    and "hello.owner" in msg.message and not m.reclaim):
+                # A rendezvous from before owner secrets: share without (once).
+                self._owner = None
+                return [Close(m.conn), Say("the rendezvous does not take owner secrets: "
+                                           "sharing without (the code cannot be registered "
+                                           "again if the connection breaks)"),
+                        *self._begin(m)]
             error = refusal(msg, where)
+            if m.reclaim and isinstance(error, RendezvousBusy):
+                return [Close(m.conn), *self._reregister(m, error, now)]
+            if m.reclaim:
+                assert m.lost is not None
+                error = type(error)(f"{m.lost}; registering the code again: {error}")
             if m.action == "resume" and msg.code == "timeout":
                 error = PeerDidNotResume(f"rendezvous {where}: {msg.message}")
             if m.step is _Step.PEER and isinstance(error, CodeExpired):
@@ -795,10 +839,22 @@ class CoordinationMachine:
                 return self._meeting_failed(m, RendezvousProtocolError(
                     f"rendezvous {where} sent {msg!r:.60} instead of a nameplate"),
                     [Close(m.conn)])
-            self.code = code = self._make_code(msg.nameplate)
             m.step = _Step.PEER
             self._wait(m, m.started + cfg.code_lifetime, PeerNeverArrived(
                 f"no peer used the pairing code within {cfg.code_lifetime:g} s"))
+            if m.reclaim:
+                assert self.code is not None
+                if msg.nameplate != self.code.nameplate:
+                    return self._meeting_failed(m, RendezvousProtocolError(
+                        f"rendezvous {where} registered nameplate {msg.nameplate} instead of "
+                        f"our {self.code.nameplate}"), [Close(m.conn)])
+                self._reregistered = 0
+                again: list[Action] = [Say(f"pairing code {self.code} registered again "
+                                           f"through rendezvous {where}")]
+                if self._pake_message is not None:
+                    again.append(Send(m.conn, encode(PakeMessage(self._pake_message))))
+                return again
+            self.code = code = self._make_code(msg.nameplate)
             actions: list[Action] = [
                 Say(f"pairing code {code} (valid {msg.expires_in / 60:g} min)"),
                 ShowCode(str(code))]
@@ -834,8 +890,31 @@ class CoordinationMachine:
                     "lost packet, or a rendezvous that speaks only the seed protocol)"),
                 *self._begin(m)]
 
+    def _reregister(self, m: _Meeting, error: NopfError, now: float) -> list[Action]:
+        """The sharer's connection broke while it waited: register the code again, after
+        a pause, through the rendezvous' next address (see the module doc)."""
+        lost = m.lost or error
+        left = m.started + self.config.code_lifetime - now
+        self._reregistered += 1
+        if self._reregistered > MAX_REREGISTER or left <= REREGISTER_PAUSE:
+            return self._meeting_failed(m, lost, [])
+        again = _Meeting("share", m.started, m.punch_timeout, self.config.punch_port,
+                         need_probe=True, fire_wait=0.0, fire_what="", reclaim=True, lost=lost)
+        self._meeting = again
+        again.step = _Step.PAUSE
+        self._wait(again, now + REREGISTER_PAUSE, None)
+        if self._reregistered > 1:
+            return [Say(f"could not register pairing code {self.code} again ({error}); "
+                        f"trying again in {REREGISTER_PAUSE:g} s")]
+        return [Say(f"{lost}: registering pairing code {self.code} again in "
+                    f"{REREGISTER_PAUSE:g} s")]
+
     def _meeting_failed(self, m: _Meeting, error: NopfError,
-                        actions: Sequence[Action]) -> list[Action]:
+                        actions: Sequence[Action], now: float | None = None) -> list[Action]:
+        if (m.reclaim and now is not None and not self.done
+                and isinstance(error, RendezvousError)):
+            # No rendezvous to register again with (unreachable, silent): try again.
+            return [*actions, *self._reregister(m, error, now)]
         self._meeting = None
         self.done = True
         failed = self._failed_attempt

@@ -31,11 +31,17 @@ Client -> rendezvous
             "relay":true,            (optional, absent unless true: this client can use a
                                       plan's "relay" stages. Without it the plans are
                                       punch-only, exactly as before relays existed)
-            "nat":{...}}             (optional, absent when unknown: this peer's NAT as its
+            "nat":{...},             (optional, absent when unknown: this peer's NAT as its
                                       doctor measured it, the compact object of
                                       nopf_web.wire.nat, six keys, ~120 bytes; also allowed
                                       in a resume hello. The rendezvous predicts the path
                                       with it and hands it to the peer as "peer_nat")
+            "owner":"base64"}        (optional, "share" only: OWNER_SIZE = 16 random bytes
+                                      the sharer drew, standard base64 = 24 characters.
+                                      With "nameplate": null it registers a new code; with
+                                      the code's nameplate it registers that code again
+                                      (the sharer's rendezvous node went away: any node of
+                                      a shared rendezvous takes it, if the owner matches)
     hello  {"type":"hello","version":2,"action":"resume",  (meet the peer of a tunnel
                                       again, after a path loss or to try direct: the two
                                       resume hellos with the same id and opposite sides
@@ -125,6 +131,7 @@ PAKE_SIZE = 33  # bytes of a SPAKE2 message: side byte b"A"/b"B", 32-byte Ed2551
 PAKE_TEXT = 44  # its base64 length
 RESUME_ID_SIZE = 16  # bytes of a resume id (128 bits: no guessing, no nameplate needed)
 RELAY_TOKEN_SIZE = 16  # bytes of a relay token (single use, one per side of a pairing)
+OWNER_SIZE = 16  # bytes of a sharer's owner secret (hello.owner: re-registers its code)
 RESUME_WAIT = 30.0  # s the first of two resume hellos waits (pinged) for the other's
 
 ERROR_CODES = frozenset({
@@ -173,6 +180,7 @@ class Hello:
     side: ResumeSide | None = None  # "resume" only
     direct_only: bool = False  # "resume" only: punch stages only
     nat: NatSummary | None = None  # our doctor report, compact (None: absent)
+    owner: bytes | None = None  # "share" only: the sharer's secret (OWNER_SIZE bytes)
 
     @property
     def relay_capable(self) -> bool:
@@ -310,6 +318,8 @@ def _to_json(msg: Message) -> dict[str, Any]:
             hello["relay"] = True
         if msg.nat is not None:  # absent, not null: what a client without it sends
             hello["nat"] = msg.nat.to_wire()
+        if msg.owner is not None:  # absent unless set, as pake
+            hello["owner"] = _b64(msg.owner)
         if msg.resume_id is not None or msg.side is not None or msg.direct_only:
             # Caught by the decoding check below, with the message naming the field.
             hello.update(resume_id=msg.resume_id and _b64(msg.resume_id), side=msg.side,
@@ -491,21 +501,25 @@ def _hello(f: _Fields) -> Hello:
     if relay is False:
         raise MessageError("hello.relay must be true or absent")
     nameplate = f.int("nameplate", 1, MAX_NAMEPLATE, optional=True)
+    owner = f.b64("owner", OWNER_SIZE, f"a {OWNER_SIZE}-byte owner secret", optional=True)
+    if owner is not None and action != "share":
+        raise MessageError(f"hello.owner belongs to a share hello, not to {action}")
     if action != "share" and nameplate is None:
         raise MessageError(f"hello.nameplate is required to {action}")
-    if action == "share" and nameplate is not None:
-        raise MessageError("hello.nameplate must be null to share (the rendezvous allocates it)")
+    if action == "share" and nameplate is not None and owner is None:
+        raise MessageError("hello.nameplate must be null to share (the rendezvous allocates "
+                           "it), unless hello.owner registers that code again")
     pake = f.pake("pake", optional=True)
     if action == "share" and pake is not None:
         raise MessageError("hello.pake must be absent to share (the code does not exist yet: "
                            "send it in a pake message after the welcome)")
     return Hello(action, nameplate, _lan(f), f.endpoint("probe", optional=True),
                  f.num("punch_timeout", 0.1, MAX_SECONDS), pake=pake, relay=bool(relay),
-                 nat=_nat(f, "nat"))
+                 nat=_nat(f, "nat"), owner=owner)
 
 
 def _resume(f: _Fields) -> Hello:
-    for name in ("nameplate", "pake", "relay"):
+    for name in ("nameplate", "pake", "relay", "owner"):
         if name in f.obj:
             raise MessageError(f"hello.{name} must be absent to resume")
     resume_id = _req(f.b64("resume_id", RESUME_ID_SIZE, f"a {RESUME_ID_SIZE}-byte resume id"))
@@ -576,7 +590,7 @@ def _fire(f: _Fields) -> Fire:
 
 _FIELDS: dict[str, set[str]] = {
     "hello": {"version", "action", "nameplate", "lan", "probe", "punch_timeout", "pake",
-              "relay", "resume_id", "side", "direct_only", "nat"},
+              "relay", "resume_id", "side", "direct_only", "nat", "owner"},
     "pake": {"pake"},
     "pong": {"seq"},
     "probe": {"version"},

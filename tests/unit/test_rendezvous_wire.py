@@ -57,6 +57,9 @@ hellos = st.one_of(
     st.builds(Hello, st.sampled_from(["join", "reshare", "rejoin"]), st.integers(1, 999_999),
               st.lists(endpoints, max_size=8).map(tuple), st.none() | endpoints, seconds,
               pake=st.none() | pakes, relay=st.booleans()),
+    st.builds(Hello, st.just("share"), st.none() | st.integers(1, 999_999),
+              st.lists(endpoints, max_size=8).map(tuple), st.none() | endpoints, seconds,
+              relay=st.booleans(), owner=ids16),
     st.builds(Hello, st.just("resume"), st.none(), st.lists(endpoints, max_size=8).map(tuple),
               st.none() | endpoints, seconds, resume_id=ids16,
               side=st.sampled_from(["share", "join"]), direct_only=st.booleans()),
@@ -166,6 +169,13 @@ def test_hello_like_objects_decode_or_fail_cleanly(obj: dict[str, object]) -> No
     ({"type": "pake", "pake": "!" * 44}, "not valid base64"),
     ({"type": "pake", "pake": None}, "pake.pake must be 44 characters"),
     ([1, 2], "must be a JSON object"),
+    ({"type": "hello", "version": 2, "action": "join", "nameplate": 5, "punch_timeout": 30,
+      "owner": base64.b64encode(b"o" * 16).decode()}, "hello.owner belongs to a share hello"),
+    ({"type": "hello", "version": 2, "action": "share", "nameplate": None, "punch_timeout": 30,
+      "owner": base64.b64encode(b"o" * 15).decode()}, "hello.owner must be 24 characters"),
+    ({"type": "hello", "version": 2, "action": "resume", "resume_id": "A" * 22 + "==",
+      "side": "share", "direct_only": False, "punch_timeout": 30,
+      "owner": base64.b64encode(b"o" * 16).decode()}, "hello.owner must be absent to resume"),
 ])
 def test_precise_errors(obj: object, needle: str) -> None:
     with pytest.raises(MessageError, match=None) as info:

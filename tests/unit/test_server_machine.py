@@ -25,6 +25,7 @@ from nopf_web.rendezvous.server_machine import (
     RETRY_WAIT,
     Accepted,
     Action,
+    AskBook,
     Close,
     ConnId,
     Event,
@@ -32,6 +33,7 @@ from nopf_web.rendezvous.server_machine import (
     Log,
     Lost,
     PeerClosed,
+    PollNode,
     Received,
     Reset,
     Send,
@@ -41,6 +43,7 @@ from nopf_web.rendezvous.server_machine import (
     StartRelay,
     StopRelay,
     Tick,
+    ToNode,
 )
 from nopf_web.tunnel.secure import Pake
 from nopf_web.wire.address import Endpoint
@@ -101,6 +104,7 @@ class Harness:
         self.logs: list[Log] = []
         self.relays: list[StartRelay] = []
         self.stopped: list[StopRelay] = []
+        self.shared: list[AskBook | ToNode | PollNode] = []  # to the shared book, other nodes
         self._next = 0
 
     def feed(self, event: Event) -> list[Action]:
@@ -111,6 +115,9 @@ class Harness:
                 continue
             if isinstance(a, StopRelay):
                 self.stopped.append(a)
+                continue
+            if isinstance(a, AskBook | ToNode | PollNode):
+                self.shared.append(a)
                 continue
             if isinstance(a, StartRelay):
                 self.relays.append(a)
