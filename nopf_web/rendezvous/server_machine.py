@@ -81,7 +81,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nopf_web.wire.address import Endpoint, parse_ipv4_endpoint
-from nopf_web.wire.discovery import encode_reply
+from nopf_web.wire.discovery import encode_reply, encode_reply6
 from nopf_web.wire.errors import BadAddress, WireError
 from nopf_web.wire.rendezvous import (
     RELAY_TOKEN_SIZE,
@@ -600,8 +600,15 @@ class ServerMachine:
             if peer is None:
                 raise WireError("connection closed before it could be served")
             public = _observed(peer)
+            if ":" in public.host:
+                # IPv6 (an IPv6 listener): its 22-byte reply and a FIN. Pairing, plans and
+                # relays are IPv4 (the punch uses the IPv4 mapping), so nothing else here.
+                reply6 = encode_reply6(public.host, public.port)
+                self.stats.served += 1
+                self._last_word(conn, reply6, now)
+                return
             reply = encode_reply(public.host, public.port)
-        except WireError as exc:  # not IPv4 (a v6 listener), or already gone
+        except WireError as exc:  # already gone
             self._unserved(conn, str(exc), now)
             return
         self._out.append(Send(conn.id, reply))  # first, before reading anything

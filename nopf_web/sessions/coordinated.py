@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from nopf_web.errors import NopfError
-from nopf_web.rendezvous.client import resolve_ipv4
+from nopf_web.rendezvous.client import reach_rendezvous
 from nopf_web.rendezvous.errors import RendezvousProtocolError
 from nopf_web.roles import PeerRole
 from nopf_web.tunnel.errors import PeerLost, TunnelError
@@ -317,7 +317,7 @@ class CoordinatedEngine(EngineBase):
     async def _pair(self) -> PairedTunnel:
         spec = self.spec
         self._set_state(State.DISCOVERING, f"contacting rendezvous {spec.rendezvous}")
-        server = await resolve_ipv4(spec.rendezvous, spec.net_timeout)
+        server = await reach_rendezvous(spec.rendezvous, spec.net_timeout, on_event=self._log)
         if spec.role == "client":
             self._set_state(State.WAITING_PEER, f"joining the sharer of {spec.code}")
         return await coordinate(

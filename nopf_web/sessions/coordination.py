@@ -48,7 +48,7 @@ from typing import Any, Protocol
 from nopf_web.pairing import parse_code
 from nopf_web.punch.driver import PunchDriver
 from nopf_web.punch.machine import PunchTimeout, Tactic
-from nopf_web.rendezvous.client import resolve_ipv4
+from nopf_web.rendezvous.client import reach_rendezvous
 from nopf_web.rendezvous.errors import RendezvousUnreachable
 from nopf_web.roles import PeerRole
 from nopf_web.sockets import (
@@ -152,7 +152,7 @@ async def coordinate(spec: CoordinationSpec, *, pake: PakeFactory | None = None,
     """
     require_readiness()  # before any traffic: one line on a Proactor loop
     code = parse_code(spec.code) if spec.code is not None else None
-    server = await resolve_ipv4(spec.rendezvous, spec.net_timeout)
+    server = await reach_rendezvous(spec.rendezvous, spec.net_timeout, on_event=on_event)
     machine = CoordinationMachine(CoordinationConfig(
         role=spec.role, where=f"{server[0]}:{server[1]}", code=code,
         code_lifetime=spec.code_lifetime, punch_timeout=spec.punch_timeout,
@@ -184,7 +184,7 @@ async def meet_again(rendezvous: Endpoint, role: PeerRole, resume_id: bytes, *,
     error (``RelayRefused``, ``RelayTimeout``) or a rendezvous error.
     The connection carries nothing yet: the tunnel's path handshake comes next.
     """
-    server = await resolve_ipv4(rendezvous, net_timeout)
+    server = await reach_rendezvous(rendezvous, net_timeout, on_event=on_event)
     machine = CoordinationMachine(CoordinationConfig(
         role=role, where=f"{server[0]}:{server[1]}", punch_timeout=timeout,
         net_timeout=net_timeout, punch_ttl=punch_ttl, punch_port=punch_port,
