@@ -1266,14 +1266,19 @@ class ServerMachine:
         else:
             self.stats.resumed += 1
         self.stats.paired += 1
+        # The peers' own candidates pass through, only when both hellos had the field.
+        cands_s = sharer_conn.hello.candidates if sharer_conn.hello else None
+        cands_j = joiner_conn.hello.candidates if joiner_conn.hello else None
+        if cands_s is None or cands_j is None:
+            cands_s = cands_j = None
         return (
             (Fire(sharer.public, joiner.public, plans.sharer, rtt_ms, plans.sharer_note,
                   joiner_conn.pake if both else None, (sharer.mapping, joiner.mapping),
-                  relay_s),
+                  relay_s, cands_j),
              sharer_at),
             (Fire(joiner.public, sharer.public, plans.joiner, rtt_ms, plans.joiner_note,
                   sharer_conn.pake if both else None, (joiner.mapping, sharer.mapping),
-                  relay_j),
+                  relay_j, cands_s),
              joiner_at),
         )
 

@@ -40,14 +40,14 @@ import functools
 import os
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 from nopf_web.pairing import parse_code
 from nopf_web.punch.driver import PunchDriver
-from nopf_web.punch.machine import PunchTimeout, Tactic
+from nopf_web.punch.machine import Failure, PunchTimeout, Tactic
 from nopf_web.rendezvous.client import reach_rendezvous
 from nopf_web.rendezvous.errors import RendezvousUnreachable
 from nopf_web.roles import PeerRole
@@ -67,12 +67,14 @@ from .coordination_machine import (
     AbandonPath,
     Action,
     AwaitHandshake,
+    AwaitMapped,
     Close,
     Connect,
     CoordinationConfig,
     CoordinationMachine,
     Fail,
     FinishPake,
+    Gathered,
     MakePake,
     Met,
     OpenPath,
@@ -114,6 +116,30 @@ class CoordinationSpec:
     punch_ttl: int = DEFAULT_PUNCH_TTL
     punch_port: int = 0  # 0: a fresh port for every meeting (fresh NAT mappings too)
     bind_host: str = "0.0.0.0"
+    candidates: DirectCandidates | None = None  # ours (None: no candidates in the hello)
+
+
+def _no_mapping() -> tuple[Endpoint, int] | None:
+    return None
+
+
+@dataclass(frozen=True)
+class DirectCandidates:
+    """Our direct candidates (:mod:`nopf_web.sessions.candidates` gathers them) and, for
+    a mapped port, the listener it forwards to (the caller's: it lives as long as the
+    mapping, across meetings). ``mapped`` reads the mapping as it is now (a renewal
+    may move it): the public address and port, and the local port; None: none."""
+
+    ipv6: tuple[Endpoint, ...] = ()
+    listener: socket.socket | None = None
+    mapped: Callable[[], tuple[Endpoint, int] | None] = _no_mapping
+
+    @property
+    def gathered(self) -> Gathered:
+        now = self.mapped() if self.listener is not None else None
+        if now is None:
+            return Gathered(self.ipv6)
+        return Gathered(self.ipv6, now[0], now[1])
 
 
 @dataclass(frozen=True)
@@ -157,9 +183,11 @@ async def coordinate(spec: CoordinationSpec, *, pake: PakeFactory | None = None,
         role=spec.role, where=f"{server[0]}:{server[1]}", code=code,
         code_lifetime=spec.code_lifetime, punch_timeout=spec.punch_timeout,
         net_timeout=spec.net_timeout, punch_ttl=spec.punch_ttl, punch_port=spec.punch_port,
-        bind_host=spec.bind_host, pake=pake is not None))
+        bind_host=spec.bind_host, pake=pake is not None,
+        candidates=spec.candidates.gathered if spec.candidates else None))
     driver = _Driver(machine, server, spec.bind_host, spec.net_timeout, pake, on_code, on_event,
                      on_punching or on_event)
+    driver.mapped_listener = spec.candidates.listener if spec.candidates else None
     tunnel = await driver.run()
     assert isinstance(tunnel, PairedTunnel)
     return tunnel
@@ -169,7 +197,8 @@ async def meet_again(rendezvous: Endpoint, role: PeerRole, resume_id: bytes, *,
                      direct_only: bool = False, timeout: float = 60.0,
                      net_timeout: float = 5.0, punch_ttl: int = DEFAULT_PUNCH_TTL,
                      bind_host: str = "0.0.0.0", punch_port: int = 0,
-                     on_event: EventSink | None = None) -> NewPath:
+                     on_event: EventSink | None = None,
+                     candidates: DirectCandidates | None = None) -> NewPath:
     """Meet the peer of an established tunnel again through the rendezvous and return a
     new connection to it (punched, or relayed unless ``direct_only``).
 
@@ -188,8 +217,10 @@ async def meet_again(rendezvous: Endpoint, role: PeerRole, resume_id: bytes, *,
     machine = CoordinationMachine(CoordinationConfig(
         role=role, where=f"{server[0]}:{server[1]}", punch_timeout=timeout,
         net_timeout=net_timeout, punch_ttl=punch_ttl, punch_port=punch_port,
-        bind_host=bind_host, resume=Resume(resume_id, direct_only)))
+        bind_host=bind_host, resume=Resume(resume_id, direct_only),
+        candidates=candidates.gathered if candidates else None))
     driver = _Driver(machine, server, bind_host, net_timeout, None, None, on_event, on_event)
+    driver.mapped_listener = candidates.listener if candidates else None
     path = await driver.run()
     assert isinstance(path, NewPath)
     return path
@@ -305,6 +336,7 @@ class _Driver:
         self.opened: dict[int, socket.socket] = {}  # path -> its connected socket
         self.early: dict[int, bytes] = {}  # path -> the tunnel's bytes already read
         self.tg: asyncio.TaskGroup | None = None
+        self.mapped_listener: socket.socket | None = None  # our mapped port's (the caller's)
 
     async def run(self) -> PairedTunnel | NewPath:
         failure: Exception | None = None
@@ -384,8 +416,10 @@ class _Driver:
                 sink(action.text)
         elif isinstance(action, OpenPath):
             how = action.how
-            self._spawn("path", action.path, self._punch(action.path, how)
-                        if isinstance(how, Punch) else self._relay(action.path, how))
+            body = (self._punch(action.path, how) if isinstance(how, Punch)
+                    else self._await_mapped(action.path, how) if isinstance(how, AwaitMapped)
+                    else self._relay(action.path, how))
+            self._spawn("path", action.path, body)
         elif isinstance(action, AbandonPath):
             task = self.tasks.pop(("path", action.path), None)
             if task is not None:
@@ -471,7 +505,37 @@ class _Driver:
             return
         tune_stream(sock)
         self.opened[path] = sock
-        self._post(self.machine.path_opened, path)
+        # A path from any port (to a mapped port) says which one it got.
+        local = Endpoint(*sock.getsockname()[:2]) if how.local.port == 0 else None
+        self.inbox.put_nowait(functools.partial(self.machine.path_opened, path, local=local))
+
+    async def _await_mapped(self, path: int, how: AwaitMapped) -> None:
+        """Accept the peer's connection to our mapped port (from the peer's public IP,
+        any port) on the listener the caller holds, within the rung's budget."""
+        listener = self.mapped_listener
+        loop = asyncio.get_running_loop()
+        refused = 0
+        try:
+            if listener is None or listener.getsockname()[1] != how.port:
+                raise TimeoutError
+            async with asyncio.timeout(how.budget):
+                while True:
+                    sock, addr = await loop.sock_accept(listener)
+                    if str(addr[0]).removeprefix("::ffff:") == how.peer_ip:
+                        break
+                    refused += 1  # not the peer: a scanner, or another NAT's user
+                    sock.close()
+        except TimeoutError:
+            others = f" ({refused} connection(s) from other addresses closed)" if refused else ""
+            self._post(self.machine.path_failed, path, PunchTimeout(
+                f"no connection from {how.peer_ip} to our mapped port within "
+                f"{how.budget:.3g} s{others}", Counter({Failure.SILENT: 1})))
+            return
+        sock.setblocking(False)
+        tune_stream(sock)
+        self.opened[path] = sock
+        local = Endpoint(*sock.getsockname()[:2])
+        self.inbox.put_nowait(functools.partial(self.machine.path_opened, path, local=local))
 
     async def _relay(self, path: int, how: ViaRelay) -> None:
         """A connection to the relay, joined with the peer's (or the typed failure)."""
@@ -551,6 +615,7 @@ def _reraise(exc: Exception, now: float) -> list[Action]:
 
 __all__ = [
     "CoordinationSpec",
+    "DirectCandidates",
     "NewPath",
     "PairedTunnel",
     "PakeFactory",

@@ -138,7 +138,8 @@ async def _manager_ctx(app: web.Application) -> AsyncIterator[None]:
     default = config.rendezvous or await _stored_rendezvous(store) or app[RENDEZVOUS].embedded
     assert default is not None  # no --rendezvous means the embedded one runs
     manager = SessionManager(store, app[GUARD], default, punch_timeout=config.punch_timeout,
-                             max_live=config.max_live_sessions)
+                             max_live=config.max_live_sessions,
+                             port_mapping=config.port_mapping)
     # Its TaskGroup holds every session; leaving it stops them (recorded as interrupted)
     # while the store is still open.
     async with manager.running():
