@@ -485,7 +485,8 @@ table ip6 nopf_lab6 {{
 \t\tct state established,related accept
 \t\tct state invalid drop
 \t\tiifname "lan" oifname "wan" accept
-\t\ticmpv6 type {{ destination-unreachable, packet-too-big, time-exceeded, parameter-problem }} accept
+\t\ticmpv6 type {{ destination-unreachable, packet-too-big, time-exceeded,
+\t\t\tparameter-problem }} accept
 \t\tiifname "wan" ct state new {unsolicited}
 \t}}
 \tchain input {{
