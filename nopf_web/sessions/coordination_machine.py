@@ -130,10 +130,10 @@ READ_SIZE = 4096  # what the driver reads at once from a rendezvous connection
 TunnelPath = Literal["public", "lan", "ipv6", "mapped", "relay"]
 TUNNEL_PATHS: tuple[TunnelPath, ...] = ("lan", "ipv6", "public", "mapped", "relay")
 # A candidate rung's budget: a direct path between the peers opens within about a
-# round trip of both starting; long enough for a retransmitted SYN (1 s) and a few
-# peer round trips, short, since the rungs after it wait for it.
-CANDIDATE_MIN_BUDGET = 1.5
-CANDIDATE_MAX_BUDGET = 3.0
+# round trip of both starting; long enough for several punch attempts (0.5-0.8 s
+# apart) and a few peer round trips, short, since the rungs after it wait for it.
+CANDIDATE_MIN_BUDGET = 2.0
+CANDIDATE_MAX_BUDGET = 4.0
 
 
 # -- configuration and result ------------------------------------------------------
@@ -683,11 +683,16 @@ class CoordinationMachine:
         else:
             assert isinstance(error, PunchTimeout), error
             a.failures.append((how.stage, error))
+        said: list[Action] = []
+        kind = ("mapped" if isinstance(how, AwaitMapped)
+                else how.stage.path if isinstance(how, Punch) else "relay")
+        if kind in ("ipv6", "mapped"):  # a candidate rung: why the ladder goes on
+            said.append(Say(f"no {'IPv6' if kind == 'ipv6' else 'mapped-port'} path: {error}"))
         if a.running:
-            return []  # another path of this rung is still trying
+            return said  # another path of this rung is still trying
         if a.rungs:
-            return self._open_rung(a)
-        return self._attempt_failed(a, now)
+            return said + self._open_rung(a)
+        return said + self._attempt_failed(a, now)
 
     # -- meetings ---------------------------------------------------------------------
 
@@ -931,11 +936,13 @@ class CoordinationMachine:
         peer_v6 = [c.addr for c in theirs if c.path == "ipv6"]
         our_v6 = [c.addr for c in m.advertised if c.path == "ipv6"]
         if our_v6 and peer_v6:
-            # The first address each offered (the peer picks ours alike): a timed
-            # simultaneous open through both stateful firewalls, full hop limit.
+            # The first address each offered (the peer picks ours alike): the public
+            # punch's timed simultaneous open, through two stateful firewalls instead
+            # of two NATs (the arming SYNs' hop limit keeps the peer's firewall from
+            # tracking an attempt its own SYN then collides with).
             stage = Stage("ipv6", peer_v6[0], "arm" if sharer else "connect", budget)
             rungs.append([Punch(our_v6[0], stage, PunchConfig(
-                timeout=budget, arm_ttl=0, first_shot=True), None)])
+                timeout=budget, arm_ttl=self.config.punch_ttl, first_shot=True), None)])
         ours_mapped = next((c.addr for c in m.advertised if c.path == "mapped"), None)
         peer_mapped = next((c.addr for c in theirs if c.path == "mapped"), None)
         # The sharer's mapping first: with both, the joiner connects to the sharer's.

@@ -903,7 +903,11 @@ class Lab:
         for role in ROLES:
             with _in_netns(f"{p}-{role}"):
                 if self.ipv6:
-                    for conf in ("all", "default"):
+                    # Every interface too: the veths came in before "default" changed,
+                    # and a tentative link-local address (DAD, about 2 s) leaves the
+                    # first packets without a neighbour to go to.
+                    confs = sorted(os.listdir("/proc/sys/net/ipv6/conf"))
+                    for conf in dict.fromkeys(["all", "default", *confs]):
                         _write_sysctl(f"net.ipv6.conf.{conf}.disable_ipv6", "0")
                         _write_sysctl(f"net.ipv6.conf.{conf}.accept_dad", "0")
                         _write_sysctl(f"net.ipv6.conf.{conf}.accept_ra", "0")
