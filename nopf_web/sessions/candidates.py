@@ -25,7 +25,8 @@ from nopf_web.wire.rendezvous import is_global_unicast
 
 from .coordination import DirectCandidates
 
-IF_INET6 = Path("/proc/net/if_inet6")
+# The calling thread's network namespace's (/proc/net is the main thread's).
+IF_INET6 = Path("/proc/thread-self/net/if_inet6")
 # /proc/net/if_inet6 (Linux): one address per line, whitespace-separated hex fields:
 #   address (32 hex digits), ifindex, prefix length, scope, flags, interface name.
 # The flags are the kernel's IFA_F_* (include/uapi/linux/if_addr.h):
@@ -61,10 +62,14 @@ def global_ipv6_addresses(path: Path = IF_INET6) -> list[str]:
     """This host's stable global IPv6 addresses (Linux; elsewhere none: not offered)."""
     if not sys.platform.startswith("linux"):
         return []
-    try:
-        return parse_if_inet6(path.read_text())
-    except OSError:  # no IPv6 in this kernel or namespace
-        return []
+    for where in (path, Path("/proc/net/if_inet6")):  # the latter before Linux 3.17
+        try:
+            return parse_if_inet6(where.read_text())
+        except FileNotFoundError:
+            continue
+        except OSError:
+            break
+    return []  # no IPv6 in this kernel or namespace
 
 
 def _ipv6_port(address: str) -> int | None:

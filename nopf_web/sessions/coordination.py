@@ -231,26 +231,28 @@ async def share(
     punch_timeout: float = 30, bind_host: str = "0.0.0.0", punch_port: int = 0,
     net_timeout: float = 5.0, punch_ttl: int = DEFAULT_PUNCH_TTL,
     on_event: EventSink | None = None, pake: PakeFactory | None = None,
+    candidates: DirectCandidates | None = None,
 ) -> PairedTunnel:
     """Get a code (passed to ``on_code`` as soon as it exists), wait up to ``timeout``
     for a peer to use it, then punch for up to ``punch_timeout`` seconds."""
     return await coordinate(CoordinationSpec(
         Endpoint(*rendezvous), "server", code_lifetime=timeout, punch_timeout=punch_timeout,
         net_timeout=net_timeout, punch_ttl=punch_ttl, punch_port=punch_port,
-        bind_host=bind_host), pake=pake, on_code=on_code, on_event=on_event)
+        bind_host=bind_host, candidates=candidates), pake=pake, on_code=on_code,
+        on_event=on_event)
 
 
 async def connect(
     rendezvous: tuple[str, int], code: str, *, punch_timeout: float = 30,
     bind_host: str = "0.0.0.0", punch_port: int = 0, net_timeout: float = 5.0,
     punch_ttl: int = DEFAULT_PUNCH_TTL, on_event: EventSink | None = None,
-    pake: PakeFactory | None = None,
+    pake: PakeFactory | None = None, candidates: DirectCandidates | None = None,
 ) -> PairedTunnel:
     """Join the sharer of ``code`` and punch for up to ``punch_timeout`` seconds."""
     return await coordinate(CoordinationSpec(
         Endpoint(*rendezvous), "client", code=code, punch_timeout=punch_timeout,
         net_timeout=net_timeout, punch_ttl=punch_ttl, punch_port=punch_port,
-        bind_host=bind_host), pake=pake, on_event=on_event)
+        bind_host=bind_host, candidates=candidates), pake=pake, on_event=on_event)
 
 
 # -- sockets to the rendezvous ---------------------------------------------------------

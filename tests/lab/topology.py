@@ -1080,6 +1080,9 @@ class Lab:
                 ]
             )
         )
+        if self.ipv6:  # the same queue (the kernel ignores the family a queue binds)
+            _run(self.inet.command(["ip6tables", "-w", "5", "-t", "mangle", "-A", "FORWARD",
+                                    "-j", "NFQUEUE", "--queue-num", str(NFQUEUE_NUM)]))
 
 
 def _register(lab: Lab) -> None:
