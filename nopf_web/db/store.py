@@ -77,7 +77,7 @@ class SessionRecord:
     ended_at: float | None
     mode: str = "seed"
     code: str | None = None  # a coordinated session's pairing code, once it has ended
-    path: str | None = None  # a coordinated tunnel's path: "public", "lan" or "relay"
+    path: str | None = None  # a coordinated tunnel's path: lan, ipv6, public, mapped, relay
 
 
 @dataclass(frozen=True)
