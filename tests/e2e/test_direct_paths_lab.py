@@ -7,7 +7,9 @@
   three) and a connector behind a symmetric NAT connect directly through the mapped
   port, and the mapping is gone after the sharer exits (SIGINT and SIGTERM);
 - a gateway whose external address differs from what the rendezvous sees (a second
-  NAT in front of it) is not used: the pair goes through the relay.
+  NAT in front of it) is not used: the pair goes through the relay;
+- two dashboards take the mapped port, and stopping the sharing session (the
+  dashboard still running) deletes the mapping.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import subprocess
 import tempfile
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +34,9 @@ from tests.lab.fixtures import LabFactory
 from tests.programs import argv
 
 from .peers import RDV, Peer, connect, start_rendezvous
+from .test_web_lab import Dashboard, dashboards, start_dashboard
+
+__all__ = ["dashboards"]  # the fixture, for this module's dashboard test
 
 pytestmark = pytest.mark.lab
 
@@ -208,3 +215,39 @@ def test_a_gateway_behind_another_nat_is_not_used(lab_factory: LabFactory) -> No
     assert codes == (0, 0), (s.stderr(), c.stderr())
     gw.wait_for("delete", why="request")  # not used, and still deleted on exit
     assert gw.rules() == ""
+
+
+def test_dashboards_take_the_mapped_port_and_a_stopped_session_deletes_it(
+        lab_factory: LabFactory, dashboards: list[Dashboard], tmp_path: Path) -> None:
+    lab = lab_factory("drop", "symmetric")
+    gw = lab_gateway.start(lab.nata)
+    start_rendezvous(lab)
+    dash_a = start_dashboard(lab.a1, tmp_path / "a.sqlite3", dashboards)
+    dash_b = start_dashboard(lab.b1, tmp_path / "b.sqlite3", dashboards)
+    server_sock = echo_service(lab.a1)
+    try:
+        server = dash_a.call("POST", "/api/sessions", {"role": "server", "local_port": SERVICE})
+        server = dash_a.wait(server["id"], "pairing code", lambda d: d["code"] is not None)
+        assert gw.rules(), "the sharing session made no mapping"
+        client = dash_b.call("POST", "/api/sessions", {"role": "client", "local_port": TUNNEL,
+                                                      "code": server["code"]})
+
+        def connected(d: dict[str, Any]) -> bool:
+            assert d["outcome"] is None, d
+            return bool(d["state"] == "connected")
+
+        server = dash_a.wait(server["id"], "connection", connected)
+        client = dash_b.wait(client["id"], "connection", connected)
+        assert server["path"] == client["path"] == "mapped"
+        page = dash_b.text(f"/sessions/{client['id']}")
+        assert 'data-path="mapped"' in page and "through a port the gateway maps" in page
+        round_trip(lab.b1, 256 * 1024)
+        dash_a.call("DELETE", f"/api/sessions/{server['id']}")  # the dashboard stays up
+        gw.wait_for("delete", why="request")
+        assert gw.rules() == "", "the stopped session left its mapping behind"
+        dash_b.wait(client["id"], "end", lambda d: d["outcome"] is not None)
+    finally:
+        server_sock.close()
+    history = dash_b.call("GET", "/api/history?limit=5")["sessions"]
+    assert (history[0]["id"], history[0]["path"]) == (client["id"], "mapped")
+    assert "direct to a mapped port" in dash_b.text("/history")
