@@ -936,13 +936,17 @@ class CoordinationMachine:
         peer_v6 = [c.addr for c in theirs if c.path == "ipv6"]
         our_v6 = [c.addr for c in m.advertised if c.path == "ipv6"]
         if our_v6 and peer_v6:
-            # The first address each offered (the peer picks ours alike): the public
-            # punch's timed simultaneous open, through two stateful firewalls instead
-            # of two NATs (the arming SYNs' hop limit keeps the peer's firewall from
-            # tracking an attempt its own SYN then collides with).
+            # The first address each offered (the peer picks ours alike): the sharer
+            # arms (SYNs whose short hop limit opens its firewall and dies before the
+            # peer's, which then never tracks an attempt its own SYN collides with), the
+            # joiner connects. No full first shot: IPv6 cannot shield a socket from the
+            # ICMPv6 refusal of a firewall not yet open (IPV6_MINHOPCOUNT checks the
+            # error's own hop limit, not the quoted SYN's), and the sharer's full SYN
+            # crossing that dead attempt left the joiner's firewall dropping its next
+            # SYNs as invalid (the dual-stack matrix: 2 of 80 runs, both ICMP sites).
             stage = Stage("ipv6", peer_v6[0], "arm" if sharer else "connect", budget)
             rungs.append([Punch(our_v6[0], stage, PunchConfig(
-                timeout=budget, arm_ttl=self.config.punch_ttl, first_shot=True), None)])
+                timeout=budget, arm_ttl=self.config.punch_ttl, first_shot=False), None)])
         ours_mapped = next((c.addr for c in m.advertised if c.path == "mapped"), None)
         peer_mapped = next((c.addr for c in theirs if c.path == "mapped"), None)
         # The sharer's mapping first: with both, the joiner connects to the sharer's.

@@ -139,7 +139,8 @@ def test_ipv6_then_mapped_then_the_plan_one_rung_at_a_time() -> None:
     [first] = fired(p, (Candidate("ipv6", V6_PEER),), plan=(public,), rtt_ms=100.0)
     assert isinstance(first.how, Punch)
     assert first.how.local == V6_US and first.how.stage == Stage("ipv6", V6_PEER, "arm", 2.4)
-    assert first.how.config.first_shot and first.how.config.timeout == pytest.approx(2.4)
+    assert not first.how.config.first_shot and first.how.config.timeout == pytest.approx(2.4)
+    assert first.how.config.arm_ttl == 2
     timeout = PunchTimeout("no SYN", Counter({Failure.SILENT: 2}))
     p.feed(p.machine.path_failed(first.path, timeout, 2.4))
     assert "no IPv6 path: no SYN" in p.said()
