@@ -251,3 +251,16 @@ def test_dashboards_take_the_mapped_port_and_a_stopped_session_deletes_it(
     history = dash_b.call("GET", "/api/history?limit=5")["sessions"]
     assert (history[0]["id"], history[0]["path"]) == (client["id"], "mapped")
     assert "direct to a mapped port" in dash_b.text("/history")
+
+
+def test_no_port_mapping_asks_the_gateway_nothing(lab_factory: LabFactory) -> None:
+    lab = lab_factory("drop", "drop")
+    gw = lab_gateway.start(lab.nata)
+    start_rendezvous(lab)
+    s = start(lab.a1, "share", "-p", str(SERVICE), "--no-port-mapping")
+    try:
+        s.line(10)  # the code: the hello has gone, with whatever it offered
+        assert "port mapping" not in s.stderr() and "mapped port" not in s.stderr()
+    finally:
+        assert stop(s) == (0,)
+    assert not gw.seen("map") and gw.rules() == ""
