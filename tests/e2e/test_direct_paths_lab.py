@@ -171,10 +171,12 @@ def mapped_pair(lab: Lab, sig: signal.Signals, *, off: tuple[str, ...] = ()) -> 
             round_trip(lab.b1, 1 << 20)
         finally:
             s_code = stop(s, sig=sig)[0]  # the sharer's exit by this signal is the test
-            c_code = c.wait(10)  # the peer closed the tunnel: it ends by itself
+            # The connector ends by itself (the peer closed the tunnel, or, when the
+            # close was cut short, the peer is lost): its exit status is not the test.
+            c.wait(15)
     finally:
         server.close()
-    assert (c_code, s_code) == (0, 0), (c.stderr(), s.stderr())
+    assert s_code == 0, (s.stderr(), c.stderr())
     assert rdv_bytes.read()[1] - coordination < 10_000  # not relayed
     gw.wait_for("delete", why="request")
     assert gw.rules() == "", "a mapping was left behind"
