@@ -24,8 +24,7 @@ from pathlib import Path
 
 from tests.e2e.coord_harness import RDV, Gather, exchange, handshake_rtt, pair
 from tests.e2e.peers import start_rendezvous
-from tests.lab import Lab
-from tests.lab import gateway as lab_gateway
+from tests.lab import Lab, gateway as lab_gateway
 
 MODES = ("drop", "rst", "icmp", "symmetric")
 # What the sites offer besides their IPv4 NAT (issue 17): "ipv4" nothing (the hellos

@@ -31,6 +31,11 @@ Client -> rendezvous
             "relay":true,            (optional, absent unless true: this client can use a
                                       plan's "relay" stages. Without it the plans are
                                       punch-only, exactly as before relays existed)
+            "nat":{...},             (optional, absent when unknown: this peer's NAT as its
+                                      doctor measured it, the compact object of
+                                      nopf_web.wire.nat, six keys, ~120 bytes; also allowed
+                                      in a resume hello. The rendezvous predicts the path
+                                      with it and hands it to the peer as "peer_nat")
             "candidates":[{"path":"ipv6"|"mapped","peer":ADDR},...]}
                                      (optional: this client races direct candidates and
                                       lists its own, <= MAX_CANDIDATES, possibly none:
@@ -81,7 +86,7 @@ Rendezvous -> client
                                           Decoded into Fire.plan (the punch stages) and
                                           Fire.relay)
              "rtt_ms":R, "note":"..."|null, "peer_pake":"base64",
-             "mapping":{"you":M,"peer":M}, "peer_candidates":[...]}
+             "mapping":{"you":M,"peer":M}, "peer_nat":{...}, "peer_candidates":[...]}
             (the joiner's is sent at once, the sharer's so that it arrives with the
              joiner's or a few ms later: start punching at once; the stages run in
              order, each for its budget. "peer_pake": the peer's SPAKE2 message, only
@@ -89,6 +94,9 @@ Rendezvous -> client
              the rendezvous classified each side's NAT mapping, M one of "none" (no
              NAT), "stable" (endpoint-independent), "symmetric", "unknown"; "note"
              is its explanation for people, "mapping" the one programs decide on.
+             "peer_nat" (optional): the peer's hello's "nat", as it sent it; absent when
+             it sent none, and always to a client whose own hello had no "nat" (an
+             older client would reject the field).
              "peer_candidates" (optional): the peer's "candidates" as it sent them,
              present iff both hellos had "candidates" (then possibly empty))
     error   {"type":"error","code":C,"message":"one line"}  (then the rendezvous closes)
@@ -116,6 +124,7 @@ from nopf_web.errors import NopfError
 
 from .address import Endpoint, parse_ipv4_endpoint
 from .errors import BadAddress, WireError
+from .nat import NatSummary, NatSummaryError
 
 VERSION = 2
 LENGTH = struct.Struct("!I")  # payload length, u32 big-endian
@@ -190,6 +199,7 @@ class Hello:
     resume_id: bytes | None = None  # "resume" only: which tunnel (RESUME_ID_SIZE bytes)
     side: ResumeSide | None = None  # "resume" only
     direct_only: bool = False  # "resume" only: punch stages only
+    nat: NatSummary | None = None  # our doctor report, compact (None: absent)
     # None: the client knows nothing of candidates; else ours (possibly none), and the
     # peer's come back in the fire.
     candidates: tuple[Candidate, ...] | None = None
@@ -270,6 +280,7 @@ class Fire:
     peer_pake: bytes | None = None  # the peer's SPAKE2 message, as it sent it
     mapping: tuple[Mapping, Mapping] | None = None  # (ours, the peer's), as classified
     relay: RelayStage | None = None  # after the punch stages ("plan" may then be empty)
+    peer_nat: NatSummary | None = None  # the peer's hello's "nat" (None: it sent none)
     # The peer's candidates (None: one of the two hellos had no "candidates").
     peer_candidates: tuple[Candidate, ...] | None = None
 
@@ -323,6 +334,8 @@ def _to_json(msg: Message) -> dict[str, Any]:
                       "lan": [_ep(e) for e in msg.lan],
                       "probe": _ep(msg.probe) if msg.probe else None,
                       "punch_timeout": msg.punch_timeout}
+            if msg.nat is not None:  # absent, not null: what a client without it sends
+                resume["nat"] = msg.nat.to_wire()
             if msg.candidates is not None:
                 resume["candidates"] = _cands(msg.candidates)
             return resume
@@ -334,6 +347,8 @@ def _to_json(msg: Message) -> dict[str, Any]:
             hello["pake"] = _b64(msg.pake)
         if msg.relay:  # absent unless true: a hello without it is what it always was
             hello["relay"] = True
+        if msg.nat is not None:  # absent, not null: what a client without it sends
+            hello["nat"] = msg.nat.to_wire()
         if msg.candidates is not None:  # absent: a hello without it is what it always was
             hello["candidates"] = _cands(msg.candidates)
         if msg.resume_id is not None or msg.side is not None or msg.direct_only:
@@ -367,6 +382,8 @@ def _to_json(msg: Message) -> dict[str, Any]:
             fire["peer_pake"] = _b64(msg.peer_pake)
         if msg.mapping is not None:
             fire["mapping"] = {"you": msg.mapping[0], "peer": msg.mapping[1]}
+        if msg.peer_nat is not None:  # absent unless the peer sent its "nat"
+            fire["peer_nat"] = msg.peer_nat.to_wire()
         if msg.peer_candidates is not None:
             fire["peer_candidates"] = _cands(msg.peer_candidates)
         return fire
@@ -527,7 +544,7 @@ def _hello(f: _Fields) -> Hello:
                            "send it in a pake message after the welcome)")
     return Hello(action, nameplate, _lan(f), f.endpoint("probe", optional=True),
                  f.num("punch_timeout", 0.1, MAX_SECONDS), pake=pake, relay=bool(relay),
-                 candidates=_candidates(f, "candidates"))
+                 nat=_nat(f, "nat"), candidates=_candidates(f, "candidates"))
 
 
 def _resume(f: _Fields) -> Hello:
@@ -538,8 +555,18 @@ def _resume(f: _Fields) -> Hello:
     side = _req(f.text("side", choices=RESUME_SIDES))
     return Hello("resume", None, _lan(f), f.endpoint("probe", optional=True),
                  f.num("punch_timeout", 0.1, MAX_SECONDS), resume_id=resume_id, side=side,
-                 direct_only=_req(f.flag("direct_only")),
+                 direct_only=_req(f.flag("direct_only")), nat=_nat(f, "nat"),
                  candidates=_candidates(f, "candidates"))
+
+
+def _nat(f: _Fields, name: str) -> NatSummary | None:
+    """An optional compact NAT report (absent: None; null is not a spelling of it)."""
+    if name not in f.obj:
+        return None
+    try:
+        return NatSummary.from_wire(f.obj[name], f"{f.kind}.{name}")
+    except NatSummaryError as exc:
+        raise MessageError(str(exc)) from None
 
 
 def _candidates(f: _Fields, name: str) -> tuple[Candidate, ...] | None:
@@ -636,13 +663,13 @@ def _fire(f: _Fields) -> Fire:
         mapping = (_req(m.text("you", choices=MAPPINGS)), _req(m.text("peer", choices=MAPPINGS)))
     return Fire(_req(f.endpoint("public")), _req(f.endpoint("peer_public")), tuple(stages),
                 f.num("rtt_ms", 0, MAX_SECONDS * 1000), f.text("note", optional=True),
-                f.pake("peer_pake", optional=True), mapping, relay,
+                f.pake("peer_pake", optional=True), mapping, relay, _nat(f, "peer_nat"),
                 _candidates(f, "peer_candidates"))
 
 
 _FIELDS: dict[str, set[str]] = {
     "hello": {"version", "action", "nameplate", "lan", "probe", "punch_timeout", "pake",
-              "relay", "resume_id", "side", "direct_only", "candidates"},
+              "relay", "resume_id", "side", "direct_only", "nat", "candidates"},
     "pake": {"pake"},
     "pong": {"seq"},
     "probe": {"version"},
@@ -650,7 +677,7 @@ _FIELDS: dict[str, set[str]] = {
     "ping": {"seq"},
     "welcome": {"nameplate", "expires_in", "public"},
     "fire": {"public", "peer_public", "plan", "rtt_ms", "note", "peer_pake", "mapping",
-             "peer_candidates"},
+             "peer_nat", "peer_candidates"},
     "relayed": set(),
     "error": {"code", "message"},
 }

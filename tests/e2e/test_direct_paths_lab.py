@@ -28,8 +28,7 @@ from typing import Any
 
 import pytest
 
-from tests.lab import Host, Lab
-from tests.lab import gateway as lab_gateway
+from tests.lab import Host, Lab, gateway as lab_gateway
 from tests.lab.fixtures import LabFactory
 from tests.programs import argv
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from nopf_web.punch.machine import Failure, PunchTimeout
 from nopf_web.sessions.candidates import parse_if_inet6

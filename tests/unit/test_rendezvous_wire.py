@@ -9,8 +9,7 @@ import json
 import struct
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from nopf_web.errors import NopfError
 from nopf_web.wire.address import Endpoint
@@ -88,7 +87,8 @@ def fires(draw: st.DrawFn) -> Fire:
                                max_size=7 if relay else 8)))
     return Fire(draw(endpoints), draw(endpoints), plan, draw(st.floats(0, 10_000)),
                 draw(st.none() | texts), draw(st.none() | pakes),
-                draw(st.none() | st.tuples(mappings, mappings)), relay, draw(candidate_lists))
+                draw(st.none() | st.tuples(mappings, mappings)), relay,
+                peer_candidates=draw(candidate_lists))
 
 
 server_msgs = st.one_of(
