@@ -23,6 +23,7 @@ from nopf_web.rendezvous.cluster import (
 )
 from nopf_web.rendezvous.doctor import DoctorResponder
 from nopf_web.rendezvous.server import (
+    DEFAULT_HOSTS,
     DEFAULT_PORT,
     RendezvousServer,
     ServerLimits,
@@ -54,7 +55,10 @@ def build_parser() -> OneLineParser:
         "port; the relay copies encrypted bytes it cannot read), and answers `nopf doctor` "
         "on the next port.",
     )
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--host", action="append", default=None, metavar="IP",
+                   help="address to listen on, repeatable (default: 0.0.0.0 and ::, every "
+                   "IPv4 and IPv6 address, IPv6 skipped with a note where the host has none; "
+                   "--host 127.0.0.1 listens there only)")
     p.add_argument("--port", default=str(DEFAULT_PORT),
                    help=f"TCP port to listen on (default {DEFAULT_PORT})")
     defaults = ServerLimits()
@@ -164,27 +168,40 @@ def _fit_open_files(limits: ServerLimits) -> ServerLimits:
     return replace(limits, max_connections=max(allowed, 1))
 
 
-async def serve(host: str, port: int, limits: ServerLimits | None = None, *,
-                doctor_port: int | None = None, doctor_addresses: tuple[str, ...] = (),
-                doctor_required: bool = False, redis: RedisConfig | None = None) -> int:
-    """Run the rendezvous (and, unless ``doctor_port`` is None, the NAT doctor's
-    responder) until cancelled. A doctor port that cannot be bound stops the server
-    only if it was asked for (``doctor_required``); else it is one line and the
-    rendezvous runs alone. ``redis``: one node of a rendezvous shared through Redis."""
+def _where(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(host: str | tuple[str, ...], port: int, limits: ServerLimits | None = None,
+                *, doctor_port: int | None = None, doctor_addresses: tuple[str, ...] = (),
+                doctor_required: bool = False, optional_hosts: tuple[str, ...] = (),
+                redis: RedisConfig | None = None) -> int:
+    """Run the rendezvous on every ``host`` (one port) and, unless ``doctor_port`` is
+    None, the NAT doctor's responder on the first, until cancelled. A host in
+    ``optional_hosts`` that cannot be bound (the default ``::`` on a host without
+    IPv6) is one line. A doctor port that cannot be bound stops the server only if
+    it was asked for (``doctor_required``); else it is one line and the rendezvous
+    runs alone. ``redis``: one node of a rendezvous shared through Redis."""
+    hosts = (host,) if isinstance(host, str) else host
     limits = _fit_open_files(limits or ServerLimits())
     node = None if redis is None else new_node_id()
-    server = RendezvousServer(host, port, limits, node=node)
+    server = RendezvousServer(hosts, port, limits, node=node)
     shared = None
     if redis is not None:
         shared = SharedNode(redis, server.feed, lambda: server.relay_load, node=node,
                             limits=limits.pairing)
         server.share_through(shared)
     try:
-        await server.start()
+        skipped = await server.start(optional=optional_hosts)
     except OSError as exc:
-        return fail(PROG, f"cannot listen on {host}:{port}: {exc.strerror or exc}")
-    bound = server.address
-    print(f"{PROG}: listening on {bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
+        where = ", ".join(_where(h, port) for h in hosts)
+        return fail(PROG, f"cannot listen on {where}: {exc.strerror or exc}")
+    bound = ", ".join(_where(*a) for a in server.addresses)
+    print(f"{PROG}: listening on {bound}", file=sys.stderr, flush=True)  # first: scripts wait
+    for missing, error in skipped:
+        print(f"{PROG}: not listening on {_where(missing, server.address[1])}: "
+              f"{error.strerror or error}", file=sys.stderr, flush=True)
+    host = hosts[0]
     print(f"{PROG}: {describe_relay(server.limits.relay)}", file=sys.stderr, flush=True)
     hint = fastopen_hint()  # the sysctl is the operator's: only say so
     if hint is not None:
@@ -255,6 +272,11 @@ def _doctor_options(args: object, port: int) -> tuple[int | None, tuple[str, ...
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        for text in args.host or ():
+            try:
+                ipaddress.ip_address(text)
+            except ValueError:
+                raise BadAddress(f"--host {text!r} is not an IP address") from None
         port = parse_port(args.port, what="--port", allow_zero=True)
         limits = ServerLimits(
             max_connections=parse_count(args.max_connections, "--max-connections", 1_000_000),
@@ -266,10 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         return fail(PROG, str(exc), EXIT_USAGE)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"{PROG}: %(asctime)s %(message)s")
-    code = run_main(serve(args.host, port, limits, doctor_port=doctor_port,
+    hosts = tuple(dict.fromkeys(args.host)) if args.host else DEFAULT_HOSTS
+    code = run_main(serve(hosts, port, limits, doctor_port=doctor_port,
                           doctor_addresses=doctor_addresses,
                           doctor_required=args.doctor_port is not None or
-                          bool(doctor_addresses), redis=redis))
+                          bool(doctor_addresses), redis=redis,
+                          optional_hosts=() if args.host else DEFAULT_HOSTS[1:]))
     return 0 if code == 130 else code  # SIGINT/SIGTERM is how a server stops
 
 

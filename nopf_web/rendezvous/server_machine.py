@@ -98,12 +98,13 @@ from dataclasses import dataclass, field
 
 from nopf_web.prediction import fire_facts, predict
 from nopf_web.wire.address import Endpoint, parse_ipv4_endpoint
-from nopf_web.wire.discovery import encode_reply
+from nopf_web.wire.discovery import encode_reply, encode_reply6
 from nopf_web.wire.errors import BadAddress, WireError
 from nopf_web.wire.nat import NatSummary
 from nopf_web.wire.rendezvous import (
     RELAY_TOKEN_SIZE,
     RESUME_WAIT,
+    Candidate,
     ErrorReply,
     Fire,
     FrameReader,
@@ -448,7 +449,10 @@ class PeerSide:
     rtt_known: bool
     node: NodeId | None
     load: int  # its node's relay sessions
-    nat: NatSummary | None = None  # its NAT report (the hello's; not shared across nodes)
+    # Its NAT report and direct candidates, as its hello had them (not shared across
+    # nodes yet: a peer waiting on another node offers neither).
+    nat: NatSummary | None = None
+    candidates: tuple[Candidate, ...] | None = None
 
     @classmethod
     def waiting(cls, w: Waiting, here: NodeId | None) -> PeerSide:
@@ -711,8 +715,15 @@ class ServerMachine:
             if peer is None:
                 raise WireError("connection closed before it could be served")
             public = _observed(peer)
+            if ":" in public.host:
+                # IPv6 (an IPv6 listener): its 22-byte reply and a FIN. Pairing, plans and
+                # relays are IPv4 (the punch uses the IPv4 mapping), so nothing else here.
+                reply6 = encode_reply6(public.host, public.port)
+                self.stats.served += 1
+                self._last_word(conn, reply6, now)
+                return
             reply = encode_reply(public.host, public.port)
-        except WireError as exc:  # not IPv4 (a v6 listener), or already gone
+        except WireError as exc:  # already gone
             self._unserved(conn, str(exc), now)
             return
         self._out.append(Send(conn.id, reply))  # first, before reading anything
@@ -1177,7 +1188,7 @@ class ServerMachine:
         assert hello is not None
         return PeerSide(conn.info(), conn.pake, hello.relay_capable, hello.direct_only,
                         self._relay_address(conn), conn.rtt_known(), None, self._relay_count,
-                        hello.nat)
+                        hello.nat, hello.candidates)
 
     def _relay_address(self, conn: Conn) -> Endpoint | None:
         """The relay address for this client's plan: ours as it reached us (so the
@@ -1703,14 +1714,18 @@ class ServerMachine:
         else:
             self.stats.resumed += 1
         self.stats.paired += 1
+        # The peers' own candidates pass through, only when both hellos had the field.
+        cands_s, cands_j = sharer_conn.candidates, joiner_conn.candidates
+        if cands_s is None or cands_j is None:
+            cands_s = cands_j = None
         return (
             (Fire(sharer.public, joiner.public, plans.sharer, rtt_ms, plans.sharer_note,
                   joiner_conn.pake if both else None, (sharer.mapping, joiner.mapping),
-                  relay_s, _peer_nat(sharer_conn, joiner_conn)),
+                  relay_s, _peer_nat(sharer_conn, joiner_conn), peer_candidates=cands_j),
              sharer_at),
             (Fire(joiner.public, sharer.public, plans.joiner, rtt_ms, plans.joiner_note,
                   sharer_conn.pake if both else None, (joiner.mapping, sharer.mapping),
-                  relay_j, _peer_nat(joiner_conn, sharer_conn)),
+                  relay_j, _peer_nat(joiner_conn, sharer_conn), peer_candidates=cands_s),
              joiner_at),
         )
 

@@ -26,7 +26,8 @@ from .manager import CreateError
 from .model import SessionView
 from .views import base_url, history_json, load_session, merged_history
 
-CREATE_FIELDS: Final = frozenset({"role", "local_port", "mode", "code", "rendezvous", "label"})
+CREATE_FIELDS: Final = frozenset({"role", "local_port", "mode", "code", "rendezvous", "label",
+                                   "port_mapping"})
 
 
 def _error(message: str, status: int = 400, field: str | None = None) -> web.Response:
@@ -61,7 +62,7 @@ async def create_session(request: web.Request) -> web.Response:
     unknown = sorted(set(body) - CREATE_FIELDS)
     if unknown:
         return _error(f"{unknown[0]}: unknown field (expected role, local_port, mode, code, "
-                      "rendezvous, label)", field=unknown[0])
+                      "rendezvous, label, port_mapping)", field=unknown[0])
     for required in ("role", "local_port"):
         if required not in body:
             return _error(f"{required}: is required", field=required)
@@ -73,7 +74,11 @@ async def create_session(request: web.Request) -> web.Response:
         rendezvous = parse_rendezvous(body.get("rendezvous"))
         label = parse_label(body.get("label"))
         check_pairing(role, mode, code)
-        ms = request.app[MANAGER].create(role, port, rendezvous, label, mode=mode, code=code)
+        mapping = body.get("port_mapping")
+        if mapping is not None and not isinstance(mapping, bool):
+            raise FieldError("port_mapping", "must be true or false")
+        ms = request.app[MANAGER].create(role, port, rendezvous, label, mode=mode, code=code,
+                                         port_mapping=mapping)
     except FieldError as exc:
         return _field_error(exc)
     except CreateError as exc:

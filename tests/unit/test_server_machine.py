@@ -47,7 +47,7 @@ from nopf_web.rendezvous.server_machine import (
 )
 from nopf_web.tunnel.secure import Pake
 from nopf_web.wire.address import Endpoint
-from nopf_web.wire.discovery import REPLY_SIZE, decode_reply
+from nopf_web.wire.discovery import REPLY_SIZE, decode_reply, encode_reply6
 from nopf_web.wire.rendezvous import (
     ErrorReply,
     Fire,
@@ -281,15 +281,18 @@ def test_the_failed_write_of_a_reply_is_counted_and_logged() -> None:
     assert (h.m.stats.served, h.m.stats.failed, h.m.stats.open_now) == (0, 1, 0)
 
 
-def test_a_peer_without_address_or_without_ipv4_is_not_served() -> None:
+def test_a_peer_without_address_is_not_served_and_an_ipv6_one_gets_its_address_only() -> None:
     h = Harness()
     h.peers[7] = Peer(7)
     assert h.feed(Accepted(7, None, h.now)) == [
         Log("error", "could not serve ?: connection closed before it could be served"),
         Reset(7)]
+    assert h.m.stats.failed == 1 and h.m.stats.served == 0
+    # IPv6 (a dual-stack rendezvous): the 22-byte IPv6 reply and a FIN, no pairing.
     h.peers[8] = Peer(8)
     actions = h.feed(Accepted(8, ("2001:db8::1", 5000), h.now))
-    assert actions[-1] == Reset(8) and h.m.stats.failed == 2 and h.m.stats.served == 0
+    assert actions == [LastWord(8, encode_reply6("2001:db8::1", 5000))]
+    assert h.m.stats.failed == 1 and h.m.stats.served == 1
 
 
 # Caps -------------------------------------------------------------------------------------
