@@ -31,6 +31,12 @@ class TunnelTampered(TunnelError):
     """A record failed authentication: someone altered, injected or cut the data."""
 
 
+class RecordCut(TunnelError):
+    """The connection ended inside a record. Nothing of that record is delivered; a
+    resumable tunnel takes it for a lost path (a relay or a NAT that dies mid-record
+    cuts it so), and replays what the peer had not acknowledged over the next one."""
+
+
 class TunnelProtocolError(TunnelError):
     """The peer sent a frame that breaks the multiplexing protocol."""
 

@@ -63,9 +63,10 @@ Records, in each direction after the handshake::
 
 The nonce is 4 zero bytes then a u64 big-endian record counter, starting at
 0 in each direction and never reused (each direction has its own key). A
-record holds 1..``MAX_RECORD`` bytes of plaintext. A tag failure, a length
-out of range or a connection cut mid-record is :class:`TunnelTampered`, and
-nothing of a failed record is ever returned.
+record holds 1..``MAX_RECORD`` bytes of plaintext. A tag failure or a length
+out of range is :class:`TunnelTampered`; a connection cut mid-record is
+:class:`RecordCut` (a lost path to the resume layer, as a cut connection is);
+nothing of a failed or cut record is ever returned.
 
 Each direction's key and counter live in their own small object
 (:class:`SealingKey`, :class:`OpeningKey`), so a later rekey (a new key after
@@ -133,6 +134,7 @@ from .errors import (
     HandshakeTimeout,
     PairingMismatch,
     PathRejected,
+    RecordCut,
     TunnelTampered,
 )
 
@@ -585,7 +587,8 @@ class RecordMachine:
         if self._state != "open":
             return []
         if exc is None and self._have:
-            exc = TunnelTampered("tunnel data rejected: the connection was cut inside a record")
+            exc = RecordCut("tunnel connection cut inside a record (the partial record is "
+                            "dropped)")
         if exc is not None:
             return self._fail(exc, flush=False)
         self._state = "ended"
