@@ -38,7 +38,8 @@ from bench.report import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ("throughput", "streams", "latency", "setup", "punch", "rendezvous", "relay")
+ORDER = ("throughput", "streams", "latency", "setup", "punch", "rendezvous", "relay", "resume",
+         "matrix")
 
 
 def _load(name: str) -> ModuleType | None:

@@ -914,7 +914,7 @@ def _relay_reason(fire: Fire, failures: list[tuple[Stage, PunchTimeout]]) -> str
             return "both NATs are symmetric"
         return "our NAT is symmetric" if ours == "symmetric" else "the peer's NAT is symmetric"
     if failures:
-        return f"no direct path within {sum(s.budget for s, _ in failures):g} s"
+        return f"no direct path within {sum(s.budget for s, _ in failures):.3g} s"
     return "the rendezvous planned no direct path"
 
 

@@ -292,6 +292,10 @@ class SessionManager:
             self.store.update_session(ms.id, public_address=str(s.public_address))
         elif event.kind == "peer_address":
             self.store.update_session(ms.id, peer_address=str(s.peer_address))
+        elif event.kind == "path" and s.path is not None:
+            # The tunnel moved (resumed, or back to direct): the history keeps the
+            # path it runs over now, and this event's line says what happened.
+            self.store.update_session(ms.id, path=s.path)
         elif event.kind == "pipe_started":
             # The session's connection to the peer (seed: the pipe; coordinated: the
             # tunnel, whose streams are counted in ``connections``).
