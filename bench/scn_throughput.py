@@ -31,8 +31,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.paths import LABELS, PEERS, Bench, cpu_seconds, path_notes, send_sized, started
-from bench.paths import Path as LabPath
+from bench.paths import (
+    LABELS,
+    PEERS,
+    Bench,
+    Path as LabPath,
+    cpu_seconds,
+    path_notes,
+    send_sized,
+    started,
+)
 from bench.report import Progress, ScenarioResult, Target, bar_chart
 
 NAME = "throughput"

@@ -116,6 +116,21 @@ from .book import (
     make_plans,
 )
 
+# Re-exported: the machine's own event and action vocabulary.
+from .conn_events import (
+    Accepted as Accepted,
+    Close as Close,
+    ConnId as ConnId,
+    Log as Log,
+    Lost as Lost,
+    PeerClosed as PeerClosed,
+    Received as Received,
+    Reset as Reset,
+    Send as Send,
+    Shutdown as Shutdown,
+    Tick as Tick,
+)
+
 FIRE_MARGIN = 0.005  # s the sharer's fire may trail the joiner's: scheduling slack
 QUICK_PINGS = 3  # RTT samples taken at once from a sharer, then one per ping_interval
 DEFAULT_RTT = 0.2  # s, assumed when nothing was measured (non-Linux, no pong yet)
@@ -127,7 +142,6 @@ RTT_SAMPLES = 5  # a sharer's most recent pong RTTs kept
 RELAY_TOKEN_GRACE = 10.0  # s a relay token outlives its plan's budget
 RELAY_TOKEN_MEMORY = 30.0  # s an expired token is still told apart from an unknown one
 
-ConnId = int  # opaque to the machine; unique for the machine's lifetime
 RelayId = int  # one relay session (a pairing's two tokens); never reused
 
 
@@ -188,52 +202,7 @@ class ServerStats:
     relayed_bytes: int = 0  # copied by relay sessions that ended
 
 
-# Events ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    conn: ConnId
-    peer: tuple[str, int] | None  # as the kernel reported it (None: already gone)
-    now: float
-    kernel_rtt: float | None = None  # s, TCP_INFO's smoothed RTT; None: none known
-    syn_data: bool = False  # the SYN carried data the kernel accepted (TCP Fast Open)
-    local: tuple[str, int] | None = None  # our address the peer reached (a relay's)
-
-
-@dataclass(frozen=True, slots=True)
-class Received:
-    conn: ConnId
-    data: bytes
-    now: float
-    kernel_rtt: float | None = None  # as of now
-
-
-@dataclass(frozen=True, slots=True)
-class PeerClosed:
-    conn: ConnId
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class Lost:
-    conn: ConnId
-    now: float
-    error: str | None = None  # None: closed after our close
-    writing: bool = False  # a write of ours failed (the reply could not be delivered)
-
-
-@dataclass(frozen=True, slots=True)
-class Tick:
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class Shutdown:
-    """Stop: reset every coordinated connection (``force``: every connection)."""
-
-    now: float
-    force: bool = False
+# Events (besides those of .conn_events) ---------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,13 +219,7 @@ class RelayEnded:
 Event = Accepted | Received | PeerClosed | Lost | Tick | Shutdown | RelayEnded
 
 
-# Actions -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    conn: ConnId
-    data: bytes
+# Actions (besides those of .conn_events) --------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,22 +228,6 @@ class LastWord:
 
     conn: ConnId
     data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Close:
-    conn: ConnId
-
-
-@dataclass(frozen=True, slots=True)
-class Reset:
-    conn: ConnId
-
-
-@dataclass(frozen=True, slots=True)
-class Log:
-    kind: str
-    line: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,8 +8,7 @@ from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from nopf_web.errors import NopfError
 from nopf_web.pairing import PairingCode, parse_code

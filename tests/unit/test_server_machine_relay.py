@@ -8,8 +8,7 @@ import itertools
 from collections.abc import Callable
 
 import pytest
-from hypothesis import event, given, settings
-from hypothesis import strategies as st
+from hypothesis import event, given, settings, strategies as st
 
 from nopf_web.rendezvous.book import PairingLimits
 from nopf_web.rendezvous.server_machine import (
