@@ -122,7 +122,6 @@ from typing import Literal
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from spake2 import SPAKE2_A, SPAKE2_B  # type: ignore[import-untyped]
@@ -170,9 +169,6 @@ HEADER_SIZE = RECORD_HEADER.size
 RECORD_SIZE = HEADER_SIZE + MAX_RECORD + TAG_SIZE  # the largest record on the wire
 _NONCE = struct.Struct("!4xQ")  # 4 zero bytes, u64 BE counter
 _MAX_COUNTER = (1 << 64) - 1
-# Records of several pieces up to this size are joined and sealed in one call
-# (cheaper than a streaming encryptor for small records: acks, interactive data).
-_JOIN_BELOW = 16 * 1024
 # A whole record plus the next header, so one recv_into usually completes a record.
 RECEIVE_BUFFER = RECORD_SIZE + HEADER_SIZE
 
@@ -253,36 +249,11 @@ State = Literal["new", "hello", "confirm", "open", "failed", "ended"]
 class SealingKey:
     """One sending direction: its AES-256-GCM key and record counter (the nonce)."""
 
-    __slots__ = ("_aead", "_aes", "records")
+    __slots__ = ("_aead", "records")
 
     def __init__(self, key: bytes) -> None:
         self._aead = AESGCM(key)
-        self._aes = algorithms.AES(key)  # for records sealed from several pieces
         self.records = 0  # sealed so far: the next record's nonce counter
-
-    def seal_parts_into(self, parts: list[Buffer], size: int, out: memoryview) -> int:
-        """Seal the concatenation of ``parts`` (``size``: 1..MAX_RECORD bytes in all)
-        as one record at the start of ``out``, without joining them first (the
-        same AES-256-GCM record as :meth:`seal_into`); the record's size on the wire."""
-        if len(parts) == 1 or size <= _JOIN_BELOW:
-            plain = parts[0] if len(parts) == 1 else b"".join(parts)
-            return self.seal_into(memoryview(plain), out)
-        if self.records > _MAX_COUNTER:  # unreachable in practice: 2^64 records
-            raise TunnelTampered("record counter exhausted: the tunnel must be re-keyed")
-        # A streaming GCM encryptor (about 5 us to make) instead of copying a
-        # 256 KiB record's pieces into one buffer for AESGCM (a memmove that cost
-        # as much as the encryption).
-        header = RECORD_HEADER.pack(size + TAG_SIZE)
-        out[:HEADER_SIZE] = header
-        encryptor = Cipher(self._aes, modes.GCM(_NONCE.pack(self.records))).encryptor()
-        encryptor.authenticate_additional_data(header)
-        pos = HEADER_SIZE
-        for part in parts:  # update_into wants 15 bytes of room past each piece: the tag's
-            pos += encryptor.update_into(part, out[pos:])
-        encryptor.finalize()
-        out[pos : pos + TAG_SIZE] = encryptor.tag
-        self.records += 1
-        return pos + TAG_SIZE
 
     def seal_into(self, plain: memoryview, out: memoryview) -> int:
         """Seal ``plain`` (1..MAX_RECORD bytes) as one record at the start of ``out``;
@@ -461,6 +432,7 @@ class RecordMachine:
         # Reused record buffers for seal() (one per record of the largest call):
         # a fresh 256 KiB buffer per record (zeroed, often page-faulted) cost more
         # than AES-GCM itself, and a reused one stays in cache for the send.
+        self._plain = memoryview(bytearray(MAX_RECORD))
         self._out: list[memoryview] = [memoryview(bytearray(RECORD_SIZE))]
         self.bytes_in = 0  # wire bytes, handshake included
         self.bytes_out = 0
@@ -623,41 +595,42 @@ class RecordMachine:
 
     def seal(self, parts: Iterable[Buffer]) -> list[memoryview]:
         """Records carrying the concatenation of ``parts``: full records first, no
-        joined copy of the parts (each record is encrypted from them straight
-        into a reused buffer). The views are reused by the next call: send or
+        joined copy of the parts. The views are reused by the next call: send or
         copy them before."""
         sealing = self.sealing
         if sealing is None:
             raise RuntimeError("records before the handshake is done")
-        chunk: list[Buffer] = []  # the next record's plaintext, in pieces
-        fill = 0
+        plain, fill = self._plain, 0
         records: list[memoryview] = []
         for part in parts:
             n = len(part)
             if fill + n <= MAX_RECORD:  # the usual case: the part fits whole
-                if n:
-                    chunk.append(part)
-                    fill += n
+                plain[fill : fill + n] = part
+                fill += n
                 continue
             view, start = memoryview(part), 0
             while start < n:
                 if fill == MAX_RECORD:
-                    records.append(self._seal_one(sealing, chunk, fill, len(records)))
-                    chunk, fill = [], 0
+                    records.append(self._seal_one(sealing, fill, len(records)))
+                    fill = 0
                 take = min(n - start, MAX_RECORD - fill)
-                chunk.append(view[start : start + take])
+                plain[fill : fill + take] = view[start : start + take]
                 fill += take
                 start += take
         if fill:
-            records.append(self._seal_one(sealing, chunk, fill, len(records)))
+            if not records:  # the usual case: one record, inline
+                out = self._out[0]
+                size = sealing.seal_into(plain[:fill], out)
+                self.bytes_out += size
+                return [out[:size]]
+            records.append(self._seal_one(sealing, fill, len(records)))
         return records
 
-    def _seal_one(self, sealing: SealingKey, chunk: list[Buffer], n: int,
-                  index: int) -> memoryview:
+    def _seal_one(self, sealing: SealingKey, n: int, index: int) -> memoryview:
         if index == len(self._out):
             self._out.append(memoryview(bytearray(RECORD_SIZE)))
         out = self._out[index]
-        size = sealing.seal_parts_into(chunk, n, out)
+        size = sealing.seal_into(self._plain[:n], out)
         self.bytes_out += size
         return out[:size]
 
