@@ -56,13 +56,7 @@ DEFAULT_MAX_FRAME = 16 * 1024
 # Bytes of frames in one record: a whole 256 KiB local read (asyncio's read
 # size) as one DATA frame, plus room for control frames.
 RECORD_BUDGET = 257 * 1024
-# Queued bytes per stream before the sender must wait, and the level the queue must
-# fall to before it may go on. Above one local read (256 KiB), so that a read never
-# pauses reading just because the flush runs one loop iteration later; the gap
-# means a sender held back by a full tunnel pauses once per three records, not per
-# record (each pause and resume is an epoll_ctl and the selector's bookkeeping).
-STREAM_SEND_BUFFER = 1024 * 1024
-STREAM_RESUME_LEVEL = 256 * 1024
+STREAM_SEND_BUFFER = 256 * 1024  # queued bytes per stream before the sender must wait
 DEFAULT_MAX_STREAMS = 4096
 # The receive window of a lone stream whose application keeps up doubles up to
 # this (see MuxMachine._resize_window); the budget bounds all streams' growth together.
@@ -116,8 +110,7 @@ class StreamFailed:
 
 @dataclass(slots=True)
 class StreamWritable:
-    """The queue of a stream whose sender was told to wait fell to
-    ``STREAM_RESUME_LEVEL``: the sender may go on."""
+    """The stream's queue fell below ``STREAM_SEND_BUFFER``: the sender may go on."""
 
     stream_id: int
 
@@ -146,9 +139,9 @@ MuxEvent = StreamOpened | StreamData | StreamEof | StreamFailed | StreamWritable
 class StreamState:
     """One stream's protocol state (read-only outside the machine)."""
 
-    __slots__ = ("blocked", "bytes_in", "bytes_out", "credit", "failed", "fin_pending",
-                 "fin_sent", "out", "out_size", "pending", "queued", "recv_window", "remote_fin",
-                 "stream_id", "unacked", "window")
+    __slots__ = ("bytes_in", "bytes_out", "credit", "failed", "fin_pending", "fin_sent", "out",
+                 "out_size", "pending", "queued", "recv_window", "remote_fin", "stream_id",
+                 "unacked", "window")
 
     def __init__(self, stream_id: int, window: int) -> None:
         self.stream_id = stream_id
@@ -163,7 +156,6 @@ class StreamState:
         # sending
         self.out: deque[memoryview] = deque()
         self.out_size = 0
-        self.blocked = False  # the sender was told to wait (send returned False)
         self.credit = fr.INITIAL_WINDOW
         self.fin_pending = False
         self.fin_sent = False
@@ -344,9 +336,8 @@ class MuxMachine:
 
     def send(self, stream_id: int, data: Buffer) -> bool:
         """Queue ``data``; False when the stream has ``STREAM_SEND_BUFFER`` or more
-        queued: the sender waits for :class:`StreamWritable` (once the queue is
-        down to ``STREAM_RESUME_LEVEL``). The machine keeps ``bytes`` as given
-        (no copy); other buffers are copied."""
+        queued: the sender waits for :class:`StreamWritable`. The machine keeps
+        ``bytes`` as given (no copy); other buffers are copied."""
         stream = self._streams.get(stream_id)
         if stream is None or stream.fin_pending:
             raise StreamClosed(f"stream {stream_id}: write after write_eof()")
@@ -355,10 +346,7 @@ class MuxMachine:
             stream.out.append(view)
             stream.out_size += len(view)
             self._schedule(stream)
-        if stream.out_size < STREAM_SEND_BUFFER:
-            return True
-        stream.blocked = True
-        return False
+        return stream.out_size < STREAM_SEND_BUFFER
 
     def writable(self, stream_id: int) -> bool:
         """Below ``STREAM_SEND_BUFFER`` queued (True for a stream that ended)."""
@@ -537,16 +525,16 @@ class MuxMachine:
             limit = self.max_frame if ready else min(fr.MAX_PAYLOAD, max(self.max_frame, room))
             n = min(stream.out_size, stream.credit, limit)
             if n:
+                queued = stream.out_size
                 # 0 < n <= MAX_PAYLOAD and a valid id: no need for the codec's checks.
                 parts.append(_pack_header(_DATA, stream.stream_id, n))
                 parts += stream._take(n)
-                stream.out_size -= n
+                stream.out_size = queued - n
                 stream.credit -= n
                 stream.bytes_out += n
                 self.bytes_out += n
                 size += fr.HEADER_SIZE + n
-                if stream.blocked and stream.out_size <= STREAM_RESUME_LEVEL:
-                    stream.blocked = False
+                if queued >= STREAM_SEND_BUFFER > stream.out_size:
                     events.append(StreamWritable(stream.stream_id))
             if not stream.out_size and stream.fin_pending and not stream.fin_sent:
                 parts.append(fr.encode_fin(stream.stream_id))
