@@ -216,6 +216,10 @@ class RendezvousServer:
     def _feed(self, event: Event) -> None:
         for action in self._machine.handle(event):
             self._act(action)
+        if self._machine.notes:
+            for line in self._machine.notes:
+                log.info("%s", line)
+            self._machine.notes.clear()
         self._timer.arm(self._machine.next_deadline)
 
     def _act(self, action: Action) -> None:
