@@ -14,8 +14,16 @@ port)`` reachable from b1, where the sender runs:
 - ``socat``: one ``socat`` relay on a1's public address, to the service on a1's
   loopback (sender -> relay -> sink, the relay beside the sink, like the
   tunnels' far end);
+- ``socat2``: two ``socat -b 262144`` relays, one on b1's loopback and one on
+  a1's public address, in the tunnels' topology (a relay at each end): the
+  plain pipe's peer;
 - ``ssh``: ``ssh -N -L`` in b1 to Debian's ``sshd`` in a1 (temporary host and
   user keys, default cipher);
+- ``ssh_gcm``: the same with ``-c aes128-gcm@openssh.com``: the encrypted
+  tunnel's peer;
+- ``encrypted_base`` (only with ``NOPF_BENCH_BASE=DIR``): the encrypted tunnel
+  run from another source tree, to compare two versions of the code in the
+  same run.
 - ``fowl``: fowl (Forward Over Wormhole Locally) from its own venv
   ``.venv-fowl``, with the magic-wormhole mailbox server on rdv.
 
@@ -50,13 +58,19 @@ ROOT = FsPath(__file__).resolve().parent.parent
 DIRECT_PORT = 4000  # the service on a1's public address
 SERVICE_PORT = 3000  # the same service on a1's loopback, for the tunnels
 SOCAT_PORT = 4100
+SOCAT2_PORT = 4110  # the far relay of the two-socat path, on a1's public address
 SSHD_PORT = 2222
 MAILBOX_PORT = 4200
 FOWL_VENV = ROOT / ".venv-fowl"
-ORDER = ("direct", "plain", "encrypted", "socat", "ssh", "fowl")
+ORDER = ("direct", "plain", "encrypted", "socat", "socat2", "ssh", "ssh_gcm", "fowl")
 LABELS = {"direct": "direct TCP", "plain": "nopf plain (seed)",
-          "encrypted": "nopf encrypted", "socat": "socat relay", "ssh": "ssh -L",
-          "fowl": "fowl"}
+          "encrypted": "nopf encrypted", "socat": "socat relay",
+          "socat2": "two socat relays", "ssh": "ssh -L", "ssh_gcm": "ssh -L aes128-gcm",
+          "fowl": "fowl", "encrypted_base": "nopf encrypted (base tree)"}
+# Each nopf path's strongest peer in the same topology (a relay at each end).
+PEERS = {"encrypted": "ssh_gcm", "plain": "socat2", "encrypted_base": "ssh_gcm"}
+# NOPF_BENCH_BASE=DIR adds ``encrypted_base``: the encrypted tunnel from that source tree.
+BASE_ENV = "NOPF_BENCH_BASE"
 
 Progress = Callable[[str], None]
 
@@ -228,9 +242,14 @@ class Path:
     def release(self) -> None:
         """After the connections opened since the last release are closed."""
 
+    def ends(self) -> dict[str, list[int]]:
+        """The path's processes by end: ``b1`` (the sender's side) and ``a1``
+        (the service's side); their CPU time is the path's cost."""
+        return {"b1": [], "a1": []}
+
     def pids(self) -> list[int]:
-        """Processes whose CPU time is this path's cost."""
-        return []
+        """Processes whose CPU time is this path's cost (both ends)."""
+        return [pid for pids in self.ends().values() for pid in pids]
 
     def stop(self) -> None:
         """Stop what :meth:`start` started."""
@@ -263,9 +282,11 @@ class Plain(Path):
             raise RuntimeError(f"nopf plain: no pipe: {line!r}; {pair.server.stderr()[-300:]}")
         return ("127.0.0.1", port)
 
-    def pids(self) -> list[int]:
-        return [p.proc.pid for pair in self.pairs for p in (pair.server, pair.client)
-                if p.proc.poll() is None]
+    def ends(self) -> dict[str, list[int]]:
+        return {"b1": [pair.client.proc.pid for pair in self.pairs
+                       if pair.client.proc.poll() is None],
+                "a1": [pair.server.proc.pid for pair in self.pairs
+                       if pair.server.proc.poll() is None]}
 
     def release(self) -> None:
         for pair in self.pairs:
@@ -293,10 +314,14 @@ class Encrypted(Path):
         super().__init__(bench)
         self.peers: list[Peer] = []
 
+    def _command(self, *args: str) -> tuple[list[str], dict[str, str] | None]:
+        return argv("nopf", *args), None
+
     def _start(self, host: Host, *args: str) -> Peer:
         err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the Peer
-        proc = host.popen(argv("nopf", *args, "-a", RDV, "--timeout", "15"),
-                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+        command, env = self._command(*args, "-a", RDV, "--timeout", "15")
+        proc = host.popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=err, env=env)
         peer = Peer(args[0], host, proc, err)
         self.peers.append(peer)
         return peer
@@ -314,12 +339,31 @@ class Encrypted(Path):
     def entry(self) -> tuple[str, int]:
         return ("127.0.0.1", self.PORT)
 
-    def pids(self) -> list[int]:
-        return [p.proc.pid for p in self.peers if p.proc.poll() is None]
+    def ends(self) -> dict[str, list[int]]:
+        live = {p.role: [p.proc.pid] for p in self.peers if p.proc.poll() is None}
+        return {"b1": live.get("connect", []), "a1": live.get("share", [])}
 
     def stop(self) -> None:
         for peer in self.peers:
             stop_proc(peer.proc)
+
+
+class EncryptedBase(Encrypted):
+    """The encrypted tunnel run from the source tree in ``NOPF_BENCH_BASE``."""
+
+    name = "encrypted_base"
+    PORT = 3062
+
+    def _command(self, *args: str) -> tuple[list[str], dict[str, str] | None]:
+        base = os.environ.get(BASE_ENV, "")
+        if not base or not (FsPath(base) / "nopf_web").is_dir():
+            raise PathUnavailable(f"{BASE_ENV}={base!r} is not a source tree of nopf")
+        env = {**os.environ, "PYTHONPATH": base}
+        return [sys.executable, "-m", "nopf_web.cli.peer", *args], env
+
+    def start(self) -> None:
+        super().start()
+        self.info["tree"] = os.environ.get(BASE_ENV, "")
 
 
 class Socat(Path):
@@ -343,11 +387,54 @@ class Socat(Path):
     def entry(self) -> tuple[str, int]:
         return (self.lab.a1.ip, SOCAT_PORT)
 
-    def pids(self) -> list[int]:
-        return [self.proc.pid] if self.proc is not None else []
+    def ends(self) -> dict[str, list[int]]:
+        return {"b1": [], "a1": [self.proc.pid] if self.proc is not None else []}
 
     def stop(self) -> None:
         stop_proc(self.proc)
+
+
+class Socat2(Path):
+    """Two ``socat -b 262144`` relays, one at each end (the tunnels' topology): b1's
+    loopback -> a1's public address -> the service on a1's loopback."""
+
+    name = "socat2"
+    PORT = 3090
+    BUFFER = 262144
+
+    def __init__(self, bench: Bench) -> None:
+        super().__init__(bench)
+        self.near: subprocess.Popen[bytes] | None = None
+        self.far: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        if shutil.which("socat") is None:
+            raise PathUnavailable("socat is not installed (apt-get install socat)")
+        a1, b1, size = self.lab.a1, self.lab.b1, str(self.BUFFER)
+        self.far = a1.popen(["socat", "-b", size,
+                             f"TCP-LISTEN:{SOCAT2_PORT},bind={a1.ip},fork,reuseaddr",
+                             f"TCP:127.0.0.1:{SERVICE_PORT}"],
+                            stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.near = b1.popen(["socat", "-b", size,
+                              f"TCP-LISTEN:{self.PORT},bind=127.0.0.1,fork,reuseaddr",
+                              f"TCP:{a1.ip}:{SOCAT2_PORT}"],
+                             stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_listening(a1, SOCAT2_PORT, 10, "socat (a1)")
+        wait_listening(b1, self.PORT, 10, "socat (b1)")
+        self.info["placement"] = (f"socat -b {size} on b1's loopback -> socat -b {size} on "
+                                  "a1's public address -> the service on a1's loopback "
+                                  "(one process per connection at each end)")
+
+    def entry(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.PORT)
+
+    def ends(self) -> dict[str, list[int]]:
+        return {"b1": [self.near.pid] if self.near is not None else [],
+                "a1": [self.far.pid] if self.far is not None else []}
+
+    def stop(self) -> None:
+        stop_proc(self.near)
+        stop_proc(self.far)
 
 
 class Ssh(Path):
@@ -355,6 +442,8 @@ class Ssh(Path):
 
     name = "ssh"
     PORT = 3070
+    SSHD_PORT = SSHD_PORT
+    CIPHER: str | None = None  # None: the default one negotiated
 
     def __init__(self, bench: Bench) -> None:
         super().__init__(bench)
@@ -374,7 +463,7 @@ class Ssh(Path):
         (d / "authorized_keys").write_text((d / "user.pub").read_text())
         a1 = self.lab.a1
         (d / "sshd_config").write_text(
-            f"ListenAddress {a1.ip}:{SSHD_PORT}\nHostKey {d / 'host'}\n"
+            f"ListenAddress {a1.ip}:{self.SSHD_PORT}\nHostKey {d / 'host'}\n"
             f"AuthorizedKeysFile {d / 'authorized_keys'}\nPidFile none\nUsePAM no\n"
             "StrictModes no\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\nAllowTcpForwarding yes\nUseDNS no\n")
@@ -382,9 +471,10 @@ class Ssh(Path):
         self.sshd = a1.popen([sshd_bin, "-D", "-e", "-f", str(d / "sshd_config")],
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
-        wait_listening(a1, SSHD_PORT, 10, "sshd")
+        wait_listening(a1, self.SSHD_PORT, 10, "sshd")
         self.ssh = self.lab.b1.popen(
-            ["ssh", "-v", "-N", "-F", "none", "-i", str(d / "user"), "-p", str(SSHD_PORT),
+            ["ssh", "-v", "-N", "-F", "none", "-i", str(d / "user"), "-p", str(self.SSHD_PORT),
+             *(["-c", self.CIPHER] if self.CIPHER else []),
              "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no",
              "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
              "-o", "ExitOnForwardFailure=yes",
@@ -401,14 +491,24 @@ class Ssh(Path):
     def entry(self) -> tuple[str, int]:
         return ("127.0.0.1", self.PORT)
 
-    def pids(self) -> list[int]:
-        return [p.pid for p in (self.ssh, self.sshd) if p is not None and p.poll() is None]
+    def ends(self) -> dict[str, list[int]]:
+        return {end: [p.pid] if p is not None and p.poll() is None else []
+                for end, p in (("b1", self.ssh), ("a1", self.sshd))}
 
     def stop(self) -> None:
         stop_proc(self.ssh)
         stop_proc(self.sshd)
         self.log.close()
         self.tmp.cleanup()
+
+
+class SshGcm(Ssh):
+    """``ssh -L`` with AES-128-GCM, OpenSSH's fastest cipher on AES-NI machines."""
+
+    name = "ssh_gcm"
+    PORT = 3071
+    SSHD_PORT = SSHD_PORT + 1
+    CIPHER = "aes128-gcm@openssh.com"
 
 
 class Fowl(Path):
@@ -470,8 +570,10 @@ class Fowl(Path):
     def entry(self) -> tuple[str, int]:
         return ("127.0.0.1", self.PORT)
 
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs[1:] if p.poll() is None]  # both peers, not the mailbox
+    def ends(self) -> dict[str, list[int]]:
+        # procs: the mailbox (not the path's cost), the sharer in a1, the joiner in b1.
+        live = [p.pid if p.poll() is None else None for p in self.procs[1:3]]
+        return {"b1": [pid for pid in live[1:2] if pid], "a1": [pid for pid in live[:1] if pid]}
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -481,14 +583,30 @@ class Fowl(Path):
         self.tmp.cleanup()
 
 
-KINDS: dict[str, type[Path]] = {"direct": Direct, "plain": Plain, "encrypted": Encrypted,
-                                "socat": Socat, "ssh": Ssh, "fowl": Fowl}
+KINDS: dict[str, type[Path]] = {
+    "direct": Direct, "plain": Plain, "encrypted": Encrypted, "socat": Socat,
+    "socat2": Socat2, "ssh": Ssh, "ssh_gcm": SshGcm, "fowl": Fowl,
+    "encrypted_base": EncryptedBase}
+
+
+def default_paths() -> tuple[str, ...]:
+    """Every path the suite compares (``encrypted_base`` too when NOPF_BENCH_BASE is
+    set); ``NOPF_BENCH_PATHS=direct,encrypted,...`` narrows a run by hand (direct
+    is always kept: every figure is a ratio to it)."""
+    names = (*ORDER, "encrypted_base") if os.environ.get(BASE_ENV) else ORDER
+    chosen = [n.strip() for n in os.environ.get("NOPF_BENCH_PATHS", "").split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in KINDS]
+    if unknown:
+        raise ValueError(f"NOPF_BENCH_PATHS: unknown {unknown}; choose from {list(KINDS)}")
+    return tuple(n for n in names if not chosen or n == "direct" or n in chosen)
 
 
 @contextlib.contextmanager
-def started(bench: Bench, names: tuple[str, ...] = ORDER,
+def started(bench: Bench, names: tuple[str, ...] | None = None,
             ) -> Iterator[tuple[dict[str, Path], dict[str, str]]]:
-    """Start the named paths; yield (running paths, {name: why it is absent})."""
+    """Start the named paths (default: :func:`default_paths`); yield (running paths,
+    {name: why it is absent})."""
+    names = default_paths() if names is None else names
     running: dict[str, Path] = {}
     absent: dict[str, str] = {}
     try:

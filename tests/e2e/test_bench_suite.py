@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # The scenarios the test suite smoke-tests; add new ones here.
 QUICK = ("throughput", "streams", "latency", "setup", "punch", "rendezvous", "relay", "resume",
          "matrix")
-ALL = {"direct", "plain", "encrypted", "socat", "ssh", "fowl"}
+ALL = {"direct", "plain", "encrypted", "socat", "socat2", "ssh", "ssh_gcm", "fowl"}
 
 
 def test_quick_suite_writes_json_plots_and_sections(tmp_path: Path) -> None:
@@ -45,9 +45,23 @@ def test_quick_suite_writes_json_plots_and_sections(tmp_path: Path) -> None:
     assert all(unshaped["median_mb_s"][n] > 0 for n in measured)
     assert unshaped["ratio"]["direct"] == 1.0
     assert all(unshaped["median_cpu_s_per_gb"][n] > 0 for n in measured - {"direct"})
-    assert {t["name"] for t in tp["targets"]} >= {
-        "nopf plain (seed) throughput vs direct, unshaped",
-        "nopf encrypted throughput vs direct, unshaped"}
+    # Each nopf path against its peer in the same topology (issue 16), one stream and ten,
+    # CPU per GB counted at both ends.
+    ten = tp["data"]["regimes"]["unshaped, 10 streams"]
+    assert set(ten["median_mb_s"]) == measured and ten["streams"] == 10
+    for regime in (unshaped, ten):
+        for name, peer in (("encrypted", "ssh_gcm"), ("plain", "socat2")):
+            if peer in measured:
+                assert regime["peer"][name] == peer and regime["peer_ratio"][name] > 0
+            for end in ("b1", "a1"):
+                assert regime["median_cpu_s_per_gb_ends"][name][end] >= 0
+    names = {t["name"] for t in tp["targets"]}
+    for regime_name in ("unshaped", "unshaped, 10 streams"):
+        if "ssh_gcm" in measured:
+            assert {f"nopf encrypted throughput vs ssh -L aes128-gcm, {regime_name}",
+                    f"nopf encrypted CPU per GB vs ssh -L aes128-gcm, {regime_name}"} <= names
+        if "socat2" in measured:
+            assert f"nopf plain (seed) throughput vs two socat relays, {regime_name}" in names
     assert tp["machine"]["cpus"] >= 1 and tp["quick"] is True
 
     lat = json.loads((results / "latency.json").read_text())
