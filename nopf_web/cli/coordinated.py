@@ -12,12 +12,12 @@ import sys
 from typing import Literal
 
 from nopf_web.errors import NopfError
+from nopf_web.inputs import InputError, parse_seconds
 from nopf_web.pairing import parse_code
 from nopf_web.sessions.coordinated import DEFAULT_KEEPALIVE, CoordinatedSpec
 from nopf_web.sessions.engine import Event
 from nopf_web.sessions.factory import make_engine
 from nopf_web.wire.address import parse_host_endpoint, parse_port
-from nopf_web.wire.errors import BadAddress
 
 from .common import (
     EXIT_FAILURE,
@@ -26,7 +26,6 @@ from .common import (
     EXIT_USAGE,
     OneLineParser,
     fail,
-    parse_seconds,
     run_main,
 )
 
@@ -91,14 +90,14 @@ def main(command: Literal["share", "connect"], argv: list[str]) -> int:
         spec = CoordinatedSpec(
             role="server" if command == "share" else "client",
             local_port=parse_port(args.localport, what="--localport"),
-            rendezvous=parse_host_endpoint(args.serveraddr),
+            rendezvous=parse_host_endpoint(args.serveraddr, field="--serveraddr"),
             code=code,
             code_lifetime=parse_seconds(args.code_lifetime, "--code-lifetime")
             if command == "share" else 600.0,
             punch_timeout=parse_seconds(args.timeout, "--timeout"),
             keepalive=parse_seconds(args.keepalive, "--keepalive"),
         )
-    except (BadAddress, ValueError, NopfError) as exc:
+    except InputError as exc:
         return fail(PROG, str(exc), EXIT_USAGE)
     code_ = run_main(_run(spec))
     if code_ == EXIT_INTERRUPTED:
