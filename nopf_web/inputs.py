@@ -50,6 +50,7 @@ class InputError(NopfError, ValueError):
     """
 
     def __init__(self, field: str, message: str) -> None:
+        message = one_line(message)  # whatever was quoted in it
         super().__init__(message if field in message else f"{field}: {message}")
         self.field = field
         self.message = message

@@ -96,8 +96,12 @@ def _printer(event: Event) -> None:
         print(f"{PROG}: {event.message}", file=sys.stderr, flush=True)
 
 
-def _resolve(fut: asyncio.Future[str], value: str) -> None:
-    if not fut.done():
+def _resolve(fut: asyncio.Future[str], value: str | InputError) -> None:
+    if fut.done():
+        return
+    if isinstance(value, InputError):
+        fut.set_exception(value)
+    else:
         fut.set_result(value)
 
 
@@ -107,10 +111,11 @@ def _read_line_in_thread() -> asyncio.Future[str]:
     fut: asyncio.Future[str] = loop.create_future()
 
     def reader() -> None:
+        line: str | InputError
         try:
             line = sys.stdin.readline(MAX_TEXT + 2)  # an endless line costs no memory
         except (OSError, ValueError, UnicodeDecodeError) as exc:
-            line = f"\x00{exc}"
+            line = InputError(PEER_FIELD, f"cannot read the peer's address from stdin: {exc}")
         loop.call_soon_threadsafe(_resolve, fut, line)
 
     threading.Thread(target=reader, name="stdin-peer-address", daemon=True).start()
@@ -118,8 +123,6 @@ def _read_line_in_thread() -> asyncio.Future[str]:
 
 
 def _parse_peer_line(line: str) -> Endpoint:
-    if line.startswith("\x00"):
-        raise InputError(PEER_FIELD, f"cannot read the peer's address from stdin: {line[1:]}")
     if not line:
         raise InputError(PEER_FIELD, "stdin closed before the peer's address (IP:PORT) was "
                          "entered")

@@ -124,7 +124,7 @@ SESSION_BODIES = st.fixed_dictionaries({}, optional={
                                                             max_size=3).map(lambda x: {**d, **x})))
 # A valid body with one field hostile (or missing): reaches the checks behind the first.
 VALID_BODY = {"role": "server", "local_port": 4000, "mode": "coordinated", "label": "fuzz"}
-ONE_BAD_FIELD = st.tuples(st.sampled_from(sorted(VALID_BODY) + ["code", "rendezvous"]),
+ONE_BAD_FIELD = st.tuples(st.sampled_from([*sorted(VALID_BODY), "code", "rendezvous"]),
                           st.one_of(nasty_text, json_values), st.booleans()).map(
     lambda t: {k: v for k, v in {**VALID_BODY, t[0]: t[1]}.items() if t[2] or k != t[0]})
 
