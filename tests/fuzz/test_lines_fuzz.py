@@ -77,7 +77,7 @@ def test_peer_line_through_the_real_entry_point(line: str) -> None:
 
 
 @pytest.mark.parametrize(("line", "needle"), [("1.2.3.4:²\n".encode(), "bad peer address"),
-                                           (b"1.2.3.4:\xff\xfe\n", "cannot read")])
+                                           (b"1.2.3.4:\xff\xfe\n", "invalid characters")])
 def test_the_peer_line_from_the_issue_with_the_real_program(line: bytes, needle: str) -> None:
     with tcp_server("seed") as port:
         proc = subprocess.run(argv("nopf", "-p", "3000", "-a", f"127.0.0.1:{port}", "-t", "server",
