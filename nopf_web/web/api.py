@@ -21,7 +21,7 @@ from .forms import (
     parse_rendezvous,
     parse_role,
 )
-from .keys import GUARD, MANAGER
+from .keys import GUARD, MANAGER, STORE
 from .manager import CreateError
 from .model import SessionView
 from .views import base_url, history_json, load_session, merged_history
@@ -43,9 +43,17 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return parse_json_object(await request.read())
 
 
+async def _durable(request: web.Request) -> None:
+    """Commit what the store has queued. Called after a handler has taken its view of
+    the sessions and before it answers: a creation answered 201, or an end the answer
+    shows, is then in the database (and survives a crash of this process)."""
+    await request.app[STORE].flush()
+
+
 async def list_sessions(request: web.Request) -> web.Response:
     base = base_url(request)
     views = [SessionView.from_managed(ms) for ms in request.app[MANAGER].sessions()]
+    await _durable(request)
     return web.json_response({"sessions": [v.to_json(base) for v in views]})
 
 
@@ -75,12 +83,14 @@ async def create_session(request: web.Request) -> web.Response:
     except CreateError as exc:
         return _error(str(exc), exc.status, exc.field)
     view = SessionView.from_managed(ms)
+    await _durable(request)
     return web.json_response(view.to_json(base_url(request)), status=201,
                              headers={"Location": f"/api/sessions/{ms.id}"})
 
 
 async def get_session(request: web.Request) -> web.Response:
     view, _ms = await load_session(request, request.match_info["id"])
+    await _durable(request)
     return web.json_response(view.to_json(base_url(request)))
 
 
@@ -99,7 +109,9 @@ async def set_peer(request: web.Request) -> web.Response:
         request.app[MANAGER].set_peer(ms, peer)
     except NopfError as exc:
         return _error(str(exc), 409, "address")
-    return web.json_response(SessionView.from_managed(ms).to_json(base_url(request)))
+    view = SessionView.from_managed(ms)
+    await _durable(request)
+    return web.json_response(view.to_json(base_url(request)))
 
 
 async def stop_session(request: web.Request) -> web.Response:
@@ -107,6 +119,7 @@ async def stop_session(request: web.Request) -> web.Response:
     if ms is not None:
         await request.app[MANAGER].stop(ms)
         view = SessionView.from_managed(ms)
+    await _durable(request)
     return web.json_response(view.to_json(base_url(request)))
 
 
