@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # nopf on a fresh Debian/Ubuntu machine, in one command:
 #   ./dev.sh run  [nopf-web options]   set up, then start the dashboard (http://127.0.0.1:8080)
-#   ./dev.sh test [pytest options]     set up, then run ruff, mypy and the whole test suite
+#   ./dev.sh test [pytest options]     set up, then run ruff, mypy (Linux, Windows, macOS)
+#                                      and the whole test suite
 #   ./dev.sh bench [bench.suite options]  set up, then run the benchmark suite (docs/BENCHMARKS.md)
 # Setup installs what is missing: Debian packages (apt-get, needs root), a venv in .venv,
 # and the Python packages. Re-running is cheap: present things are not reinstalled.
@@ -58,6 +59,9 @@ case "$cmd" in
       socat openssh-server openssh-client
     .venv/bin/ruff check .
     .venv/bin/mypy
+    # The package as Windows and macOS see it: their platform branches are checked too.
+    .venv/bin/mypy --platform win32 nopf_web
+    .venv/bin/mypy --platform darwin nopf_web
     exec .venv/bin/pytest -q -ra "$@"
     ;;
   bench)

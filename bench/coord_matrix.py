@@ -1,12 +1,13 @@
-"""Coordinated mode across NAT pairs: success rates and time to tunnel, in RTTs.
+"""Coordinated mode across NAT pairs: success rates, the path taken, time to tunnel.
 
 For each (sharer site, connector site) pair of lab NAT behaviours, and for two
-hosts behind the same NAT, it builds one lab with the real ``nopf-server`` and
-runs ``--runs`` pairings in-process (``share`` in a1, ``connect`` in b1 or a2),
-each checked by exchanging random bytes both ways. Writes a Markdown report.
+hosts behind the same NAT, it builds one lab with the real ``nopf-server``
+(relay on, unless ``--no-relay``) and runs ``--runs`` pairings in-process
+(``share`` in a1, ``connect`` in b1 or a2), each checked by exchanging random
+bytes both ways. Writes a Markdown report.
 
     sudo .venv/bin/python -m bench.coord_matrix [--runs 20] [--delay-ms 20 --jitter-ms 5]
-        [--out docs/coord-matrix.md]
+        [--no-relay] [--out docs/coord-matrix.md]
 """
 
 from __future__ import annotations
@@ -38,20 +39,23 @@ class Cell:
     fail_times: list[float] = field(default_factory=list)
     errors: set[str] = field(default_factory=set)
     paths: set[str] = field(default_factory=set)
+    run_paths: list[str] = field(default_factory=list)  # each success's path, in order
 
 
 def run_cell(left: str, right: str, same: bool, args: argparse.Namespace, *,
              progress: Callable[[str], None] | None = None, deadline: float | None = None,
+             rendezvous_flags: tuple[str, ...] = (),
              ) -> Cell:
     """``args.runs`` pairings in one lab (fewer if ``time.monotonic()`` passes ``deadline``).
 
-    ``args.loss`` (optional) is the lab's loss probability per pass through the router.
+    ``args.loss`` (optional) is the lab's loss probability per pass through the router;
+    ``rendezvous_flags``: nopf-server's (``--no-relay``: punching alone).
     """
     cell = Cell()
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     with Lab(left, right, delay_ms=args.delay_ms, jitter_ms=args.jitter_ms,
              loss=getattr(args, "loss", 0.0)) as lab:
-        start_rendezvous(lab)
+        start_rendezvous(lab, *rendezvous_flags)
         cell.rtt = handshake_rtt(lab.a1, RDV)
         joiner = lab.a2 if same else lab.b1
         for i in range(args.runs):
@@ -70,6 +74,7 @@ def run_cell(left: str, right: str, same: bool, args: argparse.Namespace, *,
                     exchange(out.sharer, out.joiner, 4096)
                     ok = True
                     cell.paths.add(out.joiner.path)
+                    cell.run_paths.append(out.joiner.path)
                     up = max(out.sharer.timings.connected, out.joiner.timings.connected)
                     cell.ready_to_up.append(up - out.ready_at)
                     cell.hello_to_up.append(up - out.joiner.timings.hello_sent)
@@ -94,7 +99,8 @@ def run_cell(left: str, right: str, same: bool, args: argparse.Namespace, *,
 def fmt_cell(c: Cell) -> str:
     text = f"{c.wins}/{c.runs}"
     if c.ready_to_up:
-        text += f" ({statistics.median(c.ready_to_up) * 1000:.0f} ms)"
+        paths = ", ".join(sorted(c.paths))
+        text += f" ({statistics.median(c.ready_to_up) * 1000:.0f} ms, {paths})"
     elif c.fail_times:
         text += f" (fails in {statistics.median(c.fail_times):.1f} s)"
     return text
@@ -113,12 +119,15 @@ def main() -> int:
     ap.add_argument("--loss", type=float, default=0.0,
                     help="loss probability per pass through the internet router")
     ap.add_argument("--punch-timeout", type=float, default=8)
+    ap.add_argument("--no-relay", action="store_true",
+                    help="run nopf-server --no-relay (punching alone)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    flags = ("--no-relay",) if args.no_relay else ()
     cells: dict[tuple[str, str], Cell] = {}
     for left, right in itertools.product(MODES, repeat=2):
-        cells[(left, right)] = run_cell(left, right, False, args)
-    same = {mode: run_cell(mode, "drop", True, args) for mode in MODES}
+        cells[(left, right)] = run_cell(left, right, False, args, rendezvous_flags=flags)
+    same = {mode: run_cell(mode, "drop", True, args, rendezvous_flags=flags) for mode in MODES}
 
     cmd = " ".join(["python -m bench.coord_matrix", *sys.argv[1:]])
     lines = [
@@ -130,14 +139,18 @@ def main() -> int:
         f"Per-hop delay {args.delay_ms:g} ± {args.jitter_ms:g} ms on every packet crossing the "
         f"internet router, punch timeout {args.punch_timeout:g} s, {args.runs} runs per cell, "
         "each checked by exchanging 4 KiB of random bytes both ways. One lab and one "
-        "rendezvous per cell; the sharer is waiting with its code when the connector starts.",
+        "rendezvous per cell; the sharer is waiting with its code when the connector starts. "
+        + ("The rendezvous runs `--no-relay` (punching alone)." if args.no_relay else
+           "The rendezvous relays (the default): a pair that cannot be punched goes "
+           "through it."),
         "",
         f"Reproduce: `sudo .venv/bin/{cmd}`",
         "",
         "## Success rate",
         "",
         "Sharer site (rows) × connector site (columns); in brackets the median time from "
-        "`connect()` being called to both tunnels up (or how soon a failure is reported).",
+        "`connect()` being called to both tunnels up and the path taken (`public`: "
+        "punched, `relay`, `lan`), or how soon a failure is reported.",
         "",
         "| sharer \\ connector | " + " | ".join(MODES) + " |",
         "|---|" + "---|" * len(MODES),
@@ -152,12 +165,16 @@ def main() -> int:
 
     everything = [*cells.values(), *same.values()]
     rtt = statistics.median(c.rtt for c in everything)
-    r2u = [t for c in cells.values() for t in c.ready_to_up]
-    h2u = [t for c in cells.values() for t in c.hello_to_up]
+    # Punched runs only: a relayed pair adds the relay (and a short punch first for a
+    # symmetric connector facing an ordinary NAT).
+    r2u = [t for c in cells.values() for t, p in zip(c.ready_to_up, c.run_paths, strict=True)
+           if p == "public"]
+    h2u = [t for c in cells.values() for t, p in zip(c.hello_to_up, c.run_paths, strict=True)
+           if p == "public"]
     target = 3 * rtt + 0.1
     lines += [
         "",
-        "## Time to tunnel (successful runs between two sites)",
+        "## Time to tunnel (punched runs between two sites)",
         "",
         f"RTT between the sites (median TCP handshake to the rendezvous, which is as far): "
         f"**{rtt * 1000:.0f} ms**. Target: within 3 RTTs + 100 ms = {target * 1000:.0f} ms.",

@@ -79,7 +79,7 @@ def standalone(module: str, argv: list[str] | None = None) -> int:
         print(f"- target {t.name}: {t.goal}; measured {t.measured}: "
               f"{'met' if t.met else 'NOT met'}")
     if args.json:
-        args.json.write_text(json.dumps(result.data, indent=2))
+        args.json.write_text(json.dumps(result.data, indent=2), encoding="utf-8")
     print(f"{mod.NAME}: {result.seconds:.1f} s (budget {mod.BUDGET_S} s); plots: "
           + ", ".join(str(p) for p in result.plots), file=sys.stderr)
     return 0

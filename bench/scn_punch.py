@@ -1,7 +1,8 @@
 """Scenario 5: punch success rate per NAT pair, coordinated mode, with jitter and loss.
 
 Per pair one lab with delay, jitter and 1 % loss on every pass through the
-internet router, the real ``nopf-server`` on rdv and coordinated peers run
+internet router, the real ``nopf-server`` on rdv (``--no-relay``: punching
+alone; and once more for the symmetric pair with the relay) and coordinated peers run
 in-process (``share`` in a1, ``connect`` in b1, or in a2 behind the same NAT),
 each run checked by exchanging random bytes both ways - the runs of
 :mod:`bench.coord_matrix`, reused. The baseline for the times is the RTT
@@ -26,14 +27,15 @@ BUDGET_S = 240
 
 DELAY_MS, JITTER_MS, LOSS = 10.0, 5.0, 0.01
 PUNCH_TIMEOUT = 5.0
-# (label, sharer site NAT, connector site NAT, both behind the sharer's NAT)
+# (label, sharer site NAT, connector site NAT, both behind the sharer's NAT, relay on)
 # Symmetric first: its runs fail fast, and the time they leave goes to the others.
-PAIRS: tuple[tuple[str, str, str, bool], ...] = (
-    ("symmetric", "symmetric", "symmetric", False),
-    ("silent-drop", "drop", "drop", False),
-    ("RST", "rst", "rst", False),
-    ("ICMP", "icmp", "icmp", False),
-    ("same NAT (silent-drop)", "drop", "drop", True),
+PAIRS: tuple[tuple[str, str, str, bool, bool], ...] = (
+    ("symmetric", "symmetric", "symmetric", False, False),
+    ("silent-drop", "drop", "drop", False, False),
+    ("RST", "rst", "rst", False, False),
+    ("ICMP", "icmp", "icmp", False, False),
+    ("same NAT (silent-drop)", "drop", "drop", True, False),
+    ("symmetric, relay on", "symmetric", "symmetric", False, True),
 )
 
 
@@ -45,10 +47,11 @@ def run(progress: Progress, quick: bool, outdir: Path) -> ScenarioResult:
     spend = BUDGET_S - 15 if not quick else 14
     t0 = time.monotonic()
     cells: dict[str, Cell] = {}
-    for k, (label, left, right, same) in enumerate(PAIRS):
+    for k, (label, left, right, same, relay) in enumerate(PAIRS):
         progress(f"{label}: {runs} pairings")
         cells[label] = run_cell(left, right, same, args, progress=progress,
-                                deadline=t0 + spend * (k + 1) / len(PAIRS))
+                                deadline=t0 + spend * (k + 1) / len(PAIRS),
+                                rendezvous_flags=() if relay else ("--no-relay",))
 
     rows = []
     data: dict[str, Any] = {"runs_wanted": runs, "delay_ms": DELAY_MS, "jitter_ms": JITTER_MS,
@@ -63,14 +66,16 @@ def run(progress: Progress, quick: bool, outdir: Path) -> ScenarioResult:
             "runs": c.runs, "wins": c.wins, "rtt_s": c.rtt, "ready_to_up_s": c.ready_to_up,
             "hello_to_up_s": c.hello_to_up, "fail_s": c.fail_times,
             "errors": sorted(c.errors), "paths": sorted(c.paths)}
-    sym = cells["symmetric"]
+    sym, relayed = cells["symmetric"], cells["symmetric, relay on"]
     sym_named = bool(sym.errors) and all("symmetric" in e.lower() for e in sym.errors)
     md = [
         f"Coordinated mode, in-process peers (`bench.coord_matrix.run_cell`): one lab per "
         f"pair with {DELAY_MS:g} ± {JITTER_MS:g} ms delay and {LOSS:.0%} loss on every pass "
         "through the internet router, the real `nopf-server` on rdv; `share` in a1, `connect` "
         "in b1 (a2 for the same-NAT pair), each run checked by exchanging 4 KiB of random "
-        f"bytes both ways; punch timeout {PUNCH_TIMEOUT:g} s. Time = `connect()` called → "
+        f"bytes both ways; punch timeout {PUNCH_TIMEOUT:g} s. The rendezvous runs with "
+        "`--no-relay` (punching alone) but for the last row, the symmetric pair again with "
+        "its relay (the ladder: relayed at once). Time = `connect()` called → "
         "both ends connected (successes) or → the failure reported. The RTT baseline is "
         "the TCP handshake a1 → rdv measured in the same lab. Seed mode across NAT pairs "
         "is covered by `bench.nat_matrix` (not re-run here, for time). Each pair gets its "
@@ -106,7 +111,14 @@ def run(progress: Progress, quick: bool, outdir: Path) -> ScenarioResult:
         "fails quickly, the message naming the cause (issue 7)",
         f"{sym.runs - sym.wins}/{sym.runs} failed, median {fmt(median(sym.fail_times) * 1000)}"
         f" ms; message {'names' if sym_named else 'does NOT name'} the symmetric NAT",
-        sym.wins == 0 and sym.runs > 0 and sym_named)]
+        sym.wins == 0 and sym.runs > 0 and sym_named),
+        Target("symmetric/symmetric connects through the relay",
+               "every run connected, over the relay (issue 12)",
+               f"{relayed.wins}/{relayed.runs} connected, median "
+               f"{fmt(median(relayed.ready_to_up) * 1000)} ms, path "
+               f"{', '.join(sorted(relayed.paths)) or '-'}",
+               relayed.runs > 0 and relayed.wins == relayed.runs
+               and relayed.paths == {"relay"})]
     return ScenarioResult(NAME, TITLE, data, "\n".join(md), [plot], targets)
 
 

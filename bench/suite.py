@@ -38,7 +38,8 @@ from bench.report import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ("throughput", "streams", "latency", "setup", "punch", "rendezvous", "relay")
+ORDER = ("throughput", "streams", "latency", "setup", "punch", "rendezvous", "relay", "resume",
+         "matrix")
 
 
 def _load(name: str) -> ModuleType | None:
@@ -89,12 +90,14 @@ def write_outputs(result: ScenarioResult, *, date: str, budget_s: int, quick: bo
     """The scenario's JSON, its doc section and the doc's targets table."""
     results.mkdir(parents=True, exist_ok=True)
     record = result_json(result, date=date, budget_s=budget_s, quick=quick, base=doc.parent)
-    (results / f"{result.name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    (results / f"{result.name}.json").write_text(json.dumps(record, indent=2) + "\n",
+                                                 encoding="utf-8")
+    text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
     text = update_section(text, result.name, section_body(result, date=date,
                                                           doc_dir=doc.parent))
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(update_section(text, "targets", targets_table(_all_targets(results))))
+    doc.write_text(update_section(text, "targets", targets_table(_all_targets(results))),
+                   encoding="utf-8")
 
 
 def _all_targets(results: Path) -> list[tuple[str, Target]]:
@@ -103,7 +106,8 @@ def _all_targets(results: Path) -> list[tuple[str, Target]]:
     for name in ORDER:
         path = results / f"{name}.json"
         if path.exists():
-            rows += [(name, t) for t in targets_from_json(json.loads(path.read_text()))]
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            rows += [(name, t) for t in targets_from_json(saved)]
     return rows
 
 
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # one scenario's failure must not stop the others
             args.results.mkdir(parents=True, exist_ok=True)
             log = args.results / f"{name}.error.txt"
-            log.write_text(traceback.format_exc())
+            log.write_text(traceback.format_exc(), encoding="utf-8")
             first = str(exc).splitlines()[0] if str(exc) else ""
             failures.append(f"{name}: {type(exc).__name__}: {first} (traceback in {log})")
             say(f"[{i}/{n}] {name}: FAILED after {time.monotonic() - t0:.0f} s: {failures[-1]}")

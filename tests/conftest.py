@@ -1,1 +1,27 @@
+"""Suite-wide setup: the lab fixtures, the event loop nopf runs on, and ``linux_only``."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+
 pytest_plugins = ["tests.lab.fixtures"]
+
+if sys.platform == "win32":
+    # As nopf's commands run (nopf_web.cli.common.event_loop_factory): the punch waits
+    # for readiness with add_reader/add_writer, which the default Proactor loop lacks.
+    asyncio.set_event_loop_policy(asyncio.WindowsSelectorEventLoopPolicy())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``linux_only`` tests off Linux (saying why); on Linux they always run,
+    under CI=true too."""
+    if sys.platform.startswith("linux"):
+        return
+    for item in items:
+        marker = item.get_closest_marker("linux_only")
+        if marker is not None:
+            why = marker.args[0] if marker.args else "needs Linux"
+            item.add_marker(pytest.mark.skip(reason=f"linux_only: {why}"))

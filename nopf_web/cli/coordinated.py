@@ -14,9 +14,10 @@ from typing import Literal
 from nopf_web.errors import NopfError
 from nopf_web.inputs import InputError, parse_seconds
 from nopf_web.pairing import parse_code
-from nopf_web.sessions.coordinated import DEFAULT_KEEPALIVE, CoordinatedSpec
+from nopf_web.sessions.coordinated import DEFAULT_KEEPALIVE, RESUME_KEEPALIVES, CoordinatedSpec
 from nopf_web.sessions.engine import Event
 from nopf_web.sessions.factory import make_engine
+from nopf_web.sessions.path_machine import UPGRADE_CAP, UPGRADE_DELAYS
 from nopf_web.wire.address import parse_host_endpoint, parse_port
 
 from .common import (
@@ -57,8 +58,17 @@ def build_parser(command: Literal["share", "connect"]) -> OneLineParser:
     p.add_argument("--timeout", default="30", metavar="SECONDS",
                    help="give up punching after this many seconds (default 30)")
     p.add_argument("--keepalive", default=str(int(DEFAULT_KEEPALIVE)), metavar="SECONDS",
-                   help="tunnel keepalive interval; the peer is declared lost after three "
-                   f"missed intervals (default {DEFAULT_KEEPALIVE:g})")
+                   help="tunnel keepalive interval (default "
+                   f"{DEFAULT_KEEPALIVE:g}); a lost path is replaced within the resume budget")
+    p.add_argument("--resume-budget", metavar="SECONDS",
+                   help="how long a lost path may take to be replaced (meeting the peer "
+                   "again through the rendezvous) before the tunnel fails (default "
+                   f"{RESUME_KEEPALIVES} x --keepalive: "
+                   f"{RESUME_KEEPALIVES * DEFAULT_KEEPALIVE:g})")
+    p.add_argument("--retry-direct", default=f"{UPGRADE_DELAYS[0]:g}", metavar="SECONDS",
+                   help="while relayed, first try a direct path this long after the relay "
+                   f"was chosen, then doubling, at most every {UPGRADE_CAP:g} s (default "
+                   f"{UPGRADE_DELAYS[0]:g})")
     return p
 
 
@@ -69,7 +79,7 @@ def _printer(event: Event) -> None:
               file=sys.stderr, flush=True)
     elif event.kind == "state" and event.data.get("state") == "failed":
         pass  # the error line printed on exit says it once
-    elif event.kind in ("state", "log", "guard"):
+    elif event.kind in ("state", "log", "guard", "path"):
         print(f"{PROG}: {event.message}", file=sys.stderr, flush=True)
 
 
@@ -96,6 +106,10 @@ def main(command: Literal["share", "connect"], argv: list[str]) -> int:
             if command == "share" else 600.0,
             punch_timeout=parse_seconds(args.timeout, "--timeout"),
             keepalive=parse_seconds(args.keepalive, "--keepalive"),
+            resume_budget=parse_seconds(args.resume_budget, "--resume-budget")
+            if args.resume_budget is not None else None,
+            retry_direct=parse_seconds(args.retry_direct, "--retry-direct",
+                                       maximum=UPGRADE_CAP),
         )
     except InputError as exc:
         return fail(PROG, str(exc), EXIT_USAGE)

@@ -114,9 +114,11 @@ def _fit_open_files(limits: ServerLimits) -> ServerLimits:
     allowed = raise_open_files_limit() - _SPARE_FDS
     if limits.max_connections <= allowed:
         return limits
-    print(f"{PROG}: the open-files limit allows only {max(allowed, 1):,} connections "
-          f"(asked for {limits.max_connections:,}); raise it with ulimit -n",
-          file=sys.stderr, flush=True)
+    why = ("on Windows the select() event loop takes 512 sockets, which"
+           if sys.platform == "win32" else "the open-files limit")
+    fix = "" if sys.platform == "win32" else "; raise it with ulimit -n"
+    print(f"{PROG}: {why} allows only {max(allowed, 1):,} connections "
+          f"(asked for {limits.max_connections:,}){fix}", file=sys.stderr, flush=True)
     return replace(limits, max_connections=max(allowed, 1))
 
 

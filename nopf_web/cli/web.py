@@ -2,7 +2,8 @@
 
 The first stdout line is the dashboard's URL (with ``?token=`` in LAN mode);
 everything else goes to stderr. Bad input and start-up failures are one line
-on stderr and a non-zero exit.
+on stderr and a non-zero exit. Once it listens, the dashboard opens in the
+user's browser where one can show it (see :func:`browser_refusal`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 import os
 import socket
 import sys
+import webbrowser
+from collections.abc import Mapping
 from pathlib import Path
 
 from aiohttp import web
@@ -21,6 +24,7 @@ from nopf_web.inputs import InputError, parse_seconds, quote
 from nopf_web.rendezvous.server import DEFAULT_PORT
 from nopf_web.resources import ResourceMissing
 from nopf_web.web import WebConfig, create_app
+from nopf_web.web.keys import GUARD
 from nopf_web.wire.address import (
     parse_host_endpoint,
     parse_listen_endpoint,
@@ -38,6 +42,7 @@ from .common import (
 )
 
 PROG = "nopf-web"
+BROWSER_TIMEOUT = 5.0  # s to wait for the browser launcher before going on without it
 
 
 def default_db_path() -> Path:
@@ -70,6 +75,10 @@ def build_parser() -> OneLineParser:
                    help="give up punching after this many seconds (default 30)")
     p.add_argument("--no-guard", action="store_true",
                    help="do not block the punch port's RST/FIN packets")
+    p.add_argument("--no-browser", action="store_true",
+                   help="do not open the dashboard in a browser on start (by default it "
+                   "opens on Windows, macOS and Linux desktops; never over SSH, in CI or "
+                   "without a display)")
     return p
 
 
@@ -83,6 +92,40 @@ def _db_path(text: str) -> Path:
     except (ValueError, UnicodeError):
         raise InputError("--db", f"--db {quote(text)} is not a usable file path") from None
     return Path(text).expanduser()
+
+
+def browser_refusal(env: Mapping[str, str], platform: str | None = None) -> str | None:
+    """Why the dashboard should not open a browser here (None: open it).
+
+    Not under CI or a test run (``CI``, ``PYTEST_CURRENT_TEST``), not in an SSH
+    session (the browser would open on the remote machine's screen, if any),
+    and on Linux and other Unixes only with a graphical display (``DISPLAY`` or
+    ``WAYLAND_DISPLAY``). Windows and macOS always have a screen to open on.
+    """
+    if env.get("CI") or env.get("PYTEST_CURRENT_TEST"):
+        return "running under CI or tests"
+    if any(env.get(name) for name in ("SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY")):
+        return "an SSH session"
+    system = sys.platform if platform is None else platform
+    if system not in ("win32", "darwin") and not (env.get("DISPLAY")
+                                                  or env.get("WAYLAND_DISPLAY")):
+        return "no graphical display"
+    return None
+
+
+async def open_browser(url: str) -> None:
+    """Open ``url`` in the user's browser, in a thread (a launcher may be slow)."""
+    try:
+        async with asyncio.timeout(BROWSER_TIMEOUT):
+            opened = await asyncio.to_thread(webbrowser.open, url)
+    except TimeoutError:
+        opened = True  # still starting: it will show up, or not; nothing to wait for
+    except webbrowser.Error:
+        opened = False
+    if opened:
+        _note("opened the dashboard in your browser (--no-browser: do not)")
+    else:
+        _note(f"could not open a browser: open {url} yourself")
 
 
 def _config(args: object) -> WebConfig:
@@ -102,6 +145,10 @@ def _config(args: object) -> WebConfig:
     )
 
 
+def _wants_browser(args: object) -> bool:
+    return not vars(args)["no_browser"] and browser_refusal(os.environ) is None
+
+
 def _url(config: WebConfig, port: int) -> str:
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else _bracket(config.host)
     url = f"http://{host}:{port}/"
@@ -116,13 +163,17 @@ def _note(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
-async def serve(config: WebConfig) -> int:
+async def serve(config: WebConfig, *, browser: bool = False) -> int:
+    """Serve the dashboard until cancelled; with ``browser``, open it once listening."""
     app = create_app(config)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     try:
         try:
             await runner.setup()  # opens the database, starts the rendezvous and the manager
-            site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+            # SO_REUSEADDR restarts past TIME_WAIT on Unix; on Windows it would let
+            # another program bind the dashboard's port too, so there it stays off.
+            site = web.TCPSite(runner, config.host, config.port,
+                               reuse_address=sys.platform != "win32")
             await site.start()
         except NopfError as exc:
             return fail(PROG, str(exc))
@@ -136,7 +187,12 @@ async def serve(config: WebConfig) -> int:
             _note(f"LAN mode: from another device open http://<this machine's address "
                   f"({socket.gethostname()})>:{port}/?token={config.access_token}")
         _note(f"history in {config.db_path}")
+        guard = app[GUARD]
+        if not guard.active:
+            _note(f"guard inactive: {guard.reason}")
         _note("press Ctrl+C to stop")
+        if browser:
+            await open_browser(_url(config, port))
         await asyncio.Event().wait()  # until SIGINT/SIGTERM cancels us
         return EXIT_OK
     finally:
@@ -153,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"{PROG}: %(asctime)s %(name)s %(message)s")
     logging.getLogger("nopf").setLevel(logging.INFO)
     try:
-        code = run_main(serve(config))
+        code = run_main(serve(config, browser=_wants_browser(args)))
     except ResourceMissing as exc:
         return fail(PROG, str(exc), EXIT_FAILURE)
     return EXIT_OK if code == 130 else code  # SIGINT/SIGTERM is how a dashboard stops

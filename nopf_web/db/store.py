@@ -86,7 +86,7 @@ class SessionRecord:
     ended_at: float | None
     mode: str = "seed"
     code: str | None = None  # a coordinated session's pairing code, once it has ended
-    path: str | None = None  # a coordinated tunnel's path: "public" or "lan"
+    path: str | None = None  # a coordinated tunnel's path: "public", "lan" or "relay"
 
 
 @dataclass(frozen=True)

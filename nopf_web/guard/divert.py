@@ -43,6 +43,25 @@ __all__ = [
 
 _SHUTDOWN_RECV = 1  # WinDivertShutdown / ebpfdivert_shutdown: stop receiving
 
+# os.O_CLOEXEC is POSIX (only Linux opens anything with it here).
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+# WinDivertOpen's documented failures (WinDivert 2.2 manual), as Windows error codes.
+_WINDIVERT_ERRORS = {
+    2: "the WinDivert driver file (WinDivert64.sys) is missing beside pydivert's WinDivert.dll",
+    5: "the packet guard needs Administrator on Windows (to load the WinDivert driver)",
+    577: "Windows rejected the WinDivert driver's signature (error 577, "
+         "ERROR_INVALID_IMAGE_HASH: Secure Boot with an out-of-date Windows?)",
+    654: "another program's incompatible WinDivert driver is loaded (error 654): stop that "
+         "program or reboot",
+    1060: "the WinDivert driver service is not installed (error 1060)",
+    1275: "Windows blocked the WinDivert driver (error 1275, ERROR_DRIVER_BLOCKED: security "
+          "software, Memory integrity, or a virtual machine without driver support)",
+    1753: "the WinDivert driver needs the Base Filtering Engine service, which is disabled "
+          "(error 1753)",
+}
+WITHOUT_GUARD = "running without it"
+
 # Linux capability bits (include/uapi/linux/capability.h).
 _CAP_NET_ADMIN = 12
 _CAP_NET_RAW = 13
@@ -72,20 +91,26 @@ def _pydivert() -> Any:
     return pydivert
 
 
+def _is_root() -> bool:
+    if sys.platform == "win32":
+        return False
+    return os.geteuid() == 0
+
+
 def _linux_privilege_problem() -> str | None:
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             eff = next((int(line.split()[1], 16) for line in status
                         if line.startswith("CapEff:")), 0)
     except OSError:
-        eff = -1 if os.geteuid() == 0 else 0  # no /proc: trust root
+        eff = -1 if _is_root() else 0  # no /proc: trust root
     names = {_CAP_NET_ADMIN: "CAP_NET_ADMIN", _CAP_NET_RAW: "CAP_NET_RAW"}
     missing = [name for bit, name in names.items() if not eff >> bit & 1]
     if not (eff >> _CAP_BPF & 1 or eff >> _CAP_SYS_ADMIN & 1):
         missing.insert(0, "CAP_BPF")
     if not missing:
         return None
-    who = "running as root but without " if os.geteuid() == 0 else "not running as root: no "
+    who = "running as root but without " if _is_root() else "not running as root: no "
     return (f"{who}{', '.join(missing)}; the packet guard needs root (or CAP_BPF, "
             "CAP_NET_ADMIN and CAP_NET_RAW) to load its eBPF filter")
 
@@ -98,18 +123,21 @@ def _windows_privilege_problem() -> str | None:
         admin = False
     if admin:
         return None
-    return ("not running as Administrator: the packet guard needs Administrator rights to "
-            "load the WinDivert driver")
+    return f"{_WINDIVERT_ERRORS[5]}: {WITHOUT_GUARD}"
+
+
+def _privilege_problem() -> str | None:
+    if sys.platform == "win32":
+        return _windows_privilege_problem()
+    if sys.platform.startswith("linux"):
+        return _linux_privilege_problem()
+    return (f"the packet guard has no backend on {sys.platform} (pydivert supports Linux and "
+            f"Windows): {WITHOUT_GUARD}")
 
 
 def unavailable_reason() -> str | None:
     """Why this process cannot guard packets (None if it can): checks, then a real open."""
-    if sys.platform.startswith("linux"):
-        problem = _linux_privilege_problem()
-    elif sys.platform == "win32":
-        problem = _windows_privilege_problem()
-    else:
-        return f"pydivert has no backend for {sys.platform} (only Linux and Windows)"
+    problem = _privilege_problem()
     if problem is not None:
         return problem
     try:
@@ -155,6 +183,9 @@ def _segment(packet: Any) -> Segment | None:
 
 def _describe_open_error(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
+    known = _WINDIVERT_ERRORS.get(getattr(exc, "winerror", None) or -1)
+    if known is not None:  # Windows: WinDivertOpen's own reasons, in words
+        return f"{known}: {WITHOUT_GUARD}"
     errno_ = getattr(exc, "errno", None)
     if isinstance(exc, PermissionError) or errno_ in (1, 13):
         return f"permission denied opening a pydivert handle ({text}); run as root/Administrator"
@@ -177,7 +208,7 @@ class _NetnsPin:
         if not sys.platform.startswith("linux"):
             return cls(None)
         try:
-            return cls(os.open(cls._PATH, os.O_RDONLY | os.O_CLOEXEC))
+            return cls(os.open(cls._PATH, os.O_RDONLY | _O_CLOEXEC))
         except OSError:
             return cls(None)
 
@@ -186,7 +217,7 @@ class _NetnsPin:
         if self.fd is None or _same_file(self.fd, self._PATH):
             yield
             return
-        current = os.open(self._PATH, os.O_RDONLY | os.O_CLOEXEC)
+        current = os.open(self._PATH, os.O_RDONLY | _O_CLOEXEC)
         try:
             _setns(self.fd, self._CLONE_NEWNET)
             try:

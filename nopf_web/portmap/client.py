@@ -25,9 +25,12 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import random
 import secrets
 import socket
+import subprocess
+import sys
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
@@ -128,9 +131,14 @@ def usable(mapping: Mapping, public_ip_seen_by_rendezvous: IPv4Address | str) ->
 def default_gateway(route_table: Path | None = None) -> IPv4Address:
     """The IPv4 default gateway from the kernel's routing table (lowest metric).
 
-    Reads ``/proc/thread-self/net/route``: it follows this thread's network
-    namespace, where ``/proc/net`` follows the main thread's.
+    Linux: reads ``/proc/thread-self/net/route`` (or ``route_table``): it follows
+    this thread's network namespace, where ``/proc/net`` follows the main
+    thread's. macOS and Windows have no such file: the system's ``route``
+    command answers instead (:func:`gateway_from_route_command`; it blocks for
+    a few ms, so async callers run it in a thread there).
     """
+    if route_table is None and not sys.platform.startswith("linux"):
+        return gateway_from_route_command()
     paths = [route_table] if route_table else [Path("/proc/thread-self/net/route"),
                                                Path("/proc/net/route")]
     for path in paths:
@@ -159,6 +167,78 @@ def default_gateway(route_table: Path | None = None) -> IPv4Address:
             return best[1]
         break
     raise NoGatewayError("no IPv4 default gateway in the routing table")
+
+
+# The route lookups of systems without /proc/net/route. Their output is parsed for
+# numbers only (labels may be translated on Windows).
+ROUTE_TIMEOUT = 3.0  # s for the route command to answer
+
+
+def route_command(platform: str | None = None) -> list[str] | None:
+    """The command that prints the IPv4 default route here (None: none known)."""
+    name = sys.platform if platform is None else platform
+    if name == "darwin":
+        return ["/sbin/route", "-n", "get", "default"]
+    if name == "win32":
+        system = os.environ.get("SYSTEMROOT", r"C:\Windows")
+        return [rf"{system}\System32\route.exe", "print", "-4", "0.0.0.0"]
+    return None
+
+
+def _ipv4(text: str) -> IPv4Address | None:
+    try:
+        return IPv4Address(text)
+    except ValueError:
+        return None
+
+
+def parse_route_get(text: str) -> IPv4Address | None:
+    """macOS ``route -n get default``: its ``gateway:`` line, if an IPv4 address
+    (a VPN's default route may name an interface instead)."""
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition(":")
+        if sep and key.strip() == "gateway":
+            return _ipv4(value.strip())
+    return None
+
+
+def parse_route_print(text: str) -> IPv4Address | None:
+    """Windows ``route print -4 0.0.0.0``: the active default route of lowest metric.
+
+    Active routes are five columns (destination, netmask, gateway, interface,
+    metric); the persistent ones, listed after, have four and are skipped, as is
+    an ``On-link`` gateway.
+    """
+    best: tuple[int, IPv4Address] | None = None
+    for line in text.splitlines():
+        cols = line.split()
+        if len(cols) != 5 or cols[0] != "0.0.0.0" or cols[1] != "0.0.0.0":
+            continue
+        gateway, interface = _ipv4(cols[2]), _ipv4(cols[3])
+        if gateway is None or interface is None or not cols[4].isdigit():
+            continue
+        if best is None or int(cols[4]) < best[0]:
+            best = (int(cols[4]), gateway)
+    return None if best is None else best[1]
+
+
+def gateway_from_route_command(platform: str | None = None) -> IPv4Address:
+    """The default gateway as macOS' or Windows' ``route`` command prints it."""
+    name = sys.platform if platform is None else platform
+    argv = route_command(name)
+    if argv is None:
+        raise NoGatewayError(f"cannot look up the default gateway on {name}: give the "
+                             "gateway's address")
+    shown = " ".join(["route", *argv[1:]])
+    try:
+        done = subprocess.run(argv, capture_output=True, encoding="ascii", errors="replace",
+                              timeout=ROUTE_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NoGatewayError(f"cannot ask `{shown}` for the default gateway ({exc})") from None
+    found = (parse_route_print if name == "win32" else parse_route_get)(done.stdout)
+    if found is None:
+        raise NoGatewayError(f"no IPv4 default gateway in the output of `{shown}`")
+    return found
 
 
 def local_address_towards(gateway: IPv4Address) -> IPv4Address:
@@ -225,7 +305,8 @@ async def _drive(machine: _Machine, gateway: IPv4Address, local: IPv4Address) ->
             except TimeoutError:
                 out = machine.timer(loop.time())
             else:
-                if isinstance(item, ConnectionRefusedError):
+                # Windows reports a UDP port unreachable as WSAECONNRESET, not ECONNREFUSED.
+                if isinstance(item, ConnectionRefusedError | ConnectionResetError):
                     raise AttemptFailed(
                         f"{gateway} refused (ICMP port unreachable on {natpmp.SERVER_PORT})")
                 if isinstance(item, OSError):
@@ -550,7 +631,10 @@ class PortMapper:
 
     async def __aenter__(self) -> PortMapper:
         if self._gateway is None:
-            self._gateway = default_gateway()
+            # Linux reads this thread's /proc (its network namespace's); elsewhere a
+            # route command runs, off the event loop.
+            self._gateway = (default_gateway() if sys.platform.startswith("linux")
+                             else await asyncio.to_thread(default_gateway))
         if self._local is None:
             self._local = local_address_towards(self._gateway)
         self._session = aiohttp.ClientSession()

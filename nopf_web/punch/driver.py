@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import socket
 import time
 from collections.abc import Callable
@@ -12,11 +13,14 @@ from dataclasses import dataclass, field
 
 from nopf_web.sockets import (
     DEFAULT_TTL,
+    SYN_ERRORS_NOTICE,
     TCP_SYN_RECV,
     ignore_syn_errors,
+    require_readiness,
     reusable_socket,
     set_ttl,
     start_connect,
+    syn_error_shield,
     tcp_state,
     wait_connected,
 )
@@ -33,6 +37,8 @@ from .machine import (
     Succeed,
     Tactic,
 )
+
+log = logging.getLogger("nopf.punch")
 
 _UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES, errno.EPERM,
                 errno.EHOSTDOWN, errno.ENETDOWN}
@@ -80,6 +86,10 @@ class PunchDriver:
     Every attempt (and the ARM tactic's listener) is a child task of one TaskGroup
     that reports how it ended into a queue; the loop feeds those outcomes and the
     machine's timer to the machine and carries out its actions.
+
+    ``on_notice`` gets one line, once, when this system cannot shield a low-TTL
+    SYN from ICMP errors (see :func:`nopf_web.sockets.syn_error_shield`); without
+    it the line is logged.
     """
 
     local: tuple[str, int]
@@ -89,11 +99,14 @@ class PunchDriver:
     nat_hint: str | None = None
     on_attempt: Callable[[int, int | None], None] | None = None
     clock: Callable[[], float] = time.monotonic
+    on_notice: Callable[[str], None] | None = None
+    noticed: bool = False  # the SYN_ERRORS_NOTICE was given
     _attempts: dict[int, _Attempt] = field(default_factory=dict)
     _outcomes: asyncio.Queue[_Outcome] = field(default_factory=asyncio.Queue)
     _tasks: asyncio.TaskGroup | None = None
 
     async def run(self) -> socket.socket:
+        require_readiness()  # one line, before any socket, on a Proactor loop
         peer_text = f"{self.peer[0]}:{self.peer[1]}"
         machine = PunchMachine(self.tactic, self.config, peer_text, nat_hint=self.nat_hint)
         listener: socket.socket | None = None
@@ -202,7 +215,8 @@ class PunchDriver:
                 # An ICMP error about this SYN (expired on the way, or the peer's
                 # NAT refusing it before the peer's SYN left) must not kill the
                 # socket that the peer's SYN may be about to reach.
-                ignore_syn_errors(sock, action.ttl)
+                if not ignore_syn_errors(sock, action.ttl):
+                    self._notice_unshielded()
             start_connect(sock, self.peer)
             if action.ttl is not None:
                 # Only the first SYN is short-lived; the SYN-ACK we may send must arrive.
@@ -217,13 +231,22 @@ class PunchDriver:
                                        name=f"punch-attempt-{action.attempt}")
         self._attempts[action.attempt] = _Attempt(sock, task)
 
+    def _notice_unshielded(self) -> None:
+        if self.noticed or syn_error_shield() != "exposed":
+            return  # told once; or the system never aborts a connect on ICMP (Windows)
+        self.noticed = True
+        if self.on_notice is not None:
+            self.on_notice(SYN_ERRORS_NOTICE)
+        else:
+            log.warning("%s", SYN_ERRORS_NOTICE)
+
     def _abandon(self, attempt_id: int) -> None:
         attempt = self._attempts.pop(attempt_id, None)
         if attempt is None:
             return
         if attempt.task is not None:
             attempt.task.cancel()  # the TaskGroup awaits it
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, NotImplementedError):
             # Unregister before close so a reused fd number is never confused.
             asyncio.get_running_loop().remove_writer(attempt.sock.fileno())
         with contextlib.suppress(OSError):

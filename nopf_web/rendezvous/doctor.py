@@ -26,6 +26,7 @@ import ipaddress
 import logging
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -274,9 +275,12 @@ async def dial_back(target: tuple[str, int], source: str, timeout: float,
     sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
-        with contextlib.suppress(OSError):  # not Linux: no error queue, guessed below
-            sock.setsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP,
-                            IPV6_RECVERR if v6 else IP_RECVERR, 1)
+        # Linux's error queue. Elsewhere the number means another option (11 is
+        # IP_MULTICAST_LOOP on Windows and macOS): not set, the ICMP is guessed below.
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP,
+                                IPV6_RECVERR if v6 else IP_RECVERR, 1)
         try:
             sock.bind((source, 0))
         except OSError as exc:
@@ -307,7 +311,7 @@ async def dial_back(target: tuple[str, int], source: str, timeout: float,
 def read_icmp_error(sock: socket.socket) -> Icmp | None:
     """The ICMP error queued on ``sock`` (IP_RECVERR), or None."""
     flag = getattr(socket, "MSG_ERRQUEUE", None)
-    if flag is None:
+    if flag is None or sys.platform == "win32":  # Linux only; Windows has no recvmsg
         return None
     try:
         _data, ancdata, _flags, _addr = sock.recvmsg(0, 512, flag)

@@ -25,6 +25,7 @@ import errno
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -204,6 +205,8 @@ class RelayLink:
         return min(CHUNK, self.bucket.allowance(self._stopped))
 
     def _splice(self, src: socket.socket, dst: socket.socket, add: Callable[[int], None]) -> None:
+        if sys.platform != "linux":  # never chosen there: os.splice is Linux's
+            raise NotImplementedError("splice is Linux-only")
         rfd, wfd = os.pipe()
         try:
             with contextlib.suppress(OSError):

@@ -29,14 +29,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import struct
 import sys
 import time
 from collections.abc import Callable
 
-from nopf_web.sockets import TCPI_SIZE, rtt_of, syn_data_of, tcp_info
+from nopf_web.sockets import enable_fastopen_server, kernel_rtt, tcp_facts
 
 from .book import NameplateBook
 from .relay import RelayLink, RelayOutcome
@@ -71,9 +70,6 @@ RELAY_JOIN_TIMEOUT = 2.0  # s close() waits for stopped relay threads to end
 log = logging.getLogger("nopf.rendezvous")
 
 DEFAULT_PORT = 3012
-# TCP Fast Open: pending (SYN-data, handshake not yet complete) connections the
-# kernel accepts before falling back to plain handshakes; bounds spoofed SYN-data.
-FASTOPEN_QUEUE = 256
 # net.ipv4.tcp_fastopen bits: server enabled, and data accepted without a cookie
 # (the coordinated client sends its hello with TCP_FASTOPEN_NO_COOKIE).
 TFO_SERVER_ENABLE = 0x2
@@ -99,8 +95,7 @@ class _Link(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         server = self._server
-        server._feed(Received(self.id, data, server._clock(),
-                              rtt_of(tcp_info(self.sock, TCPI_SIZE))))
+        server._feed(Received(self.id, data, server._clock(), kernel_rtt(self.sock)))
 
     def eof_received(self) -> bool:
         self._server._feed(PeerClosed(self.id, self._server._clock()))
@@ -150,14 +145,15 @@ class RendezvousServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        # SO_REUSEADDR restarts past TIME_WAIT on Unix; on Windows it would let a
+        # second server share the port, so there it stays off.
         self._server = await loop.create_server(
-            lambda: _Link(self), self.host, self.port, reuse_address=True, backlog=1024)
-        # A coordinated client's hello may ride in its SYN: one round trip less.
+            lambda: _Link(self), self.host, self.port, reuse_address=sys.platform != "win32",
+            backlog=1024)
+        # A coordinated client's hello may ride in its SYN: one round trip less (Linux).
         # Whether the kernel takes it is the host's sysctl (see fastopen_hint()).
         for sock in self._server.sockets:
-            with contextlib.suppress(OSError, AttributeError):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_FASTOPEN", 23),
-                                FASTOPEN_QUEUE)
+            enable_fastopen_server(sock)
 
     async def close(self) -> None:
         """Stop listening, reset coordinated connections (waiting sharers would hold
@@ -206,9 +202,10 @@ class RendezvousServer:
         self._links[link.id] = link
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
-        info = tcp_info(link.sock, TCPI_SIZE)
+        facts = tcp_facts(link.sock)  # None on Windows: the machine pings instead
         self._feed(Accepted(link.id, (str(peer[0]), int(peer[1])) if peer else None,
-                            self._clock(), rtt_of(info), syn_data_of(info),
+                            self._clock(), facts.rtt if facts else None,
+                            bool(facts and facts.syn_data),
                             (str(local[0]), int(local[1])) if local else None))
 
     def _lost(self, link: _Link, exc: Exception | None) -> None:
@@ -292,7 +289,9 @@ class RendezvousServer:
                     raise OSError(f"connection {cid} cannot be handed over")
                 # A second descriptor keeps the connection open when asyncio closes its
                 # own; nothing is written or read in between (the loop is here).
-                socks.append(socket.socket(fileno=os.dup(link.sock.fileno())))
+                # socket.dup(), not os.dup(): on Windows a socket is no C runtime file
+                # descriptor, and dup() duplicates it with WSADuplicateSocket there.
+                socks.append(link.sock.dup())
                 transport.abort()
             except OSError as exc:
                 error = str(exc)

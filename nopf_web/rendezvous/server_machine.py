@@ -85,6 +85,7 @@ from nopf_web.wire.discovery import encode_reply
 from nopf_web.wire.errors import BadAddress, WireError
 from nopf_web.wire.rendezvous import (
     RELAY_TOKEN_SIZE,
+    RESUME_WAIT,
     ErrorReply,
     Fire,
     FrameReader,
@@ -123,7 +124,6 @@ MAX_RETRIES = 2  # coordinations again after a failed punch, per pairing
 RETRY_GRACE = 30.0  # s after the last plan's budget during which a retry is accepted
 PING_ONCE_WAIT = 1.0  # s a joiner's one RTT ping may take (where the kernel has no RTT)
 RTT_SAMPLES = 5  # a sharer's most recent pong RTTs kept
-RESUME_WAIT = 30.0  # s a resume hello waits (pinged) for the other side's
 RELAY_TOKEN_GRACE = 10.0  # s a relay token outlives its plan's budget
 RELAY_TOKEN_MEMORY = 30.0  # s an expired token is still told apart from an unknown one
 

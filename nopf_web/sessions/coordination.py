@@ -1,7 +1,7 @@
 """The coordinated peer's asyncio driver: sockets for the pure machine.
 
-:func:`coordinate` pairs by code through the rendezvous and returns a punched,
-connected socket (:class:`PairedTunnel`). What to do, and when, is decided by
+:func:`coordinate` pairs by code through the rendezvous and returns a connected
+socket to the peer, punched or relayed (:class:`PairedTunnel`). What to do, and when, is decided by
 :class:`~nopf_web.sessions.coordination_machine.CoordinationMachine`; this
 module only reads, feeds and acts: it opens the connections the machine asks
 for (from the punch port, with TCP Fast Open where it can), reads them and
@@ -17,6 +17,18 @@ SPAKE2 arithmetic is finished while the SYNs cross, so the tunnel only has the
 key confirmation left to do.
 
 :func:`share` and :func:`connect` are the same with keyword arguments.
+
+:func:`meet_again` runs one *resume* meeting for an established tunnel (by its
+resume id, no code) and returns a new connection to the peer with its path
+kind (:class:`NewPath`): for a resumable tunnel whose path was lost, or that
+tries to leave the relay for a direct path.
+
+Paths: a punch runs :class:`~nopf_web.punch.driver.PunchDriver`; a relay path
+opens a connection to the relay (TCP Fast Open where it can: the relay message
+rides in the SYN) and runs
+:class:`~nopf_web.sessions.relay_join_machine.RelayJoinMachine` on it, reading
+exactly what it asks for, so that no byte after ``relayed`` (the tunnel's) is
+read here.
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ from nopf_web.rendezvous.errors import RendezvousUnreachable
 from nopf_web.roles import PeerRole
 from nopf_web.sockets import (
     connect_nonblocking,
+    require_readiness,
     reusable_socket,
     try_fastopen,
     tune_stream,
@@ -61,14 +74,18 @@ from .coordination_machine import (
     Fail,
     FinishPake,
     MakePake,
+    Met,
     OpenPath,
     Paired,
     Punch,
+    Resume,
     Say,
     Send,
     ShowCode,
     Succeed,
+    ViaRelay,
 )
+from .relay_join_machine import RelayFailed, RelayJoinMachine, RelayOutcome
 
 PORT_FREE_WAIT = 2.0  # s to wait for our end of the probe to close (one RTT)
 
@@ -102,9 +119,23 @@ class CoordinationSpec:
 @dataclass(frozen=True)
 class PairedTunnel(Paired):
     """A pairing's tunnel: the socket is connected, NON-blocking, TCP_NODELAY, and the
-    caller's to close."""
+    caller's to close.
+
+    ``early``: bytes of the tunnel already read from the socket (they come before
+    anything read from it). This driver reads a relay's messages exactly, so it is
+    always empty here; it is part of the contract for drivers that read ahead."""
 
     sock: socket.socket = field(kw_only=True)
+    early: bytes = field(default=b"", kw_only=True)
+
+
+@dataclass(frozen=True)
+class NewPath(Met):
+    """A resume meeting's new connection to the peer (as :class:`PairedTunnel`'s socket:
+    connected, non-blocking, TCP_NODELAY, the caller's); ``path`` says which kind."""
+
+    sock: socket.socket = field(kw_only=True)
+    early: bytes = field(default=b"", kw_only=True)
 
 
 async def coordinate(spec: CoordinationSpec, *, pake: PakeFactory | None = None,
@@ -119,6 +150,7 @@ async def coordinate(spec: CoordinationSpec, *, pake: PakeFactory | None = None,
     progress line, ``on_punching`` (default: ``on_event``) the line of a punch
     that starts.
     """
+    require_readiness()  # before any traffic: one line on a Proactor loop
     code = parse_code(spec.code) if spec.code is not None else None
     server = await resolve_ipv4(spec.rendezvous, spec.net_timeout)
     machine = CoordinationMachine(CoordinationConfig(
@@ -126,8 +158,41 @@ async def coordinate(spec: CoordinationSpec, *, pake: PakeFactory | None = None,
         code_lifetime=spec.code_lifetime, punch_timeout=spec.punch_timeout,
         net_timeout=spec.net_timeout, punch_ttl=spec.punch_ttl, punch_port=spec.punch_port,
         bind_host=spec.bind_host, pake=pake is not None))
-    driver = _Driver(machine, server, spec, pake, on_code, on_event, on_punching or on_event)
-    return await driver.run()
+    driver = _Driver(machine, server, spec.bind_host, spec.net_timeout, pake, on_code, on_event,
+                     on_punching or on_event)
+    tunnel = await driver.run()
+    assert isinstance(tunnel, PairedTunnel)
+    return tunnel
+
+
+async def meet_again(rendezvous: Endpoint, role: PeerRole, resume_id: bytes, *,
+                     direct_only: bool = False, timeout: float = 60.0,
+                     net_timeout: float = 5.0, punch_ttl: int = DEFAULT_PUNCH_TTL,
+                     bind_host: str = "0.0.0.0", punch_port: int = 0,
+                     on_event: EventSink | None = None) -> NewPath:
+    """Meet the peer of an established tunnel again through the rendezvous and return a
+    new connection to it (punched, or relayed unless ``direct_only``).
+
+    ``role``: this side of the tunnel ("server": the sharer, "client": the joiner);
+    ``resume_id``: the tunnel's resume id (RESUME_ID_SIZE bytes, the same on both
+    sides); ``timeout``: the plan's budget (the punch stages and the relay together;
+    the rendezvous uses the smaller of the two peers'). The first side to arrive
+    waits up to RESUME_WAIT (30 s) for the other. Raises a typed error (one line):
+    :class:`~nopf_web.sessions.errors.PeerDidNotResume`,
+    :class:`~nopf_web.sessions.errors.SymmetricNat` (``direct_only`` and no punch
+    can work), :class:`~nopf_web.sessions.errors.CoordinatedPunchTimeout`, a relay
+    error (``RelayRefused``, ``RelayTimeout``) or a rendezvous error.
+    The connection carries nothing yet: the tunnel's path handshake comes next.
+    """
+    server = await resolve_ipv4(rendezvous, net_timeout)
+    machine = CoordinationMachine(CoordinationConfig(
+        role=role, where=f"{server[0]}:{server[1]}", punch_timeout=timeout,
+        net_timeout=net_timeout, punch_ttl=punch_ttl, punch_port=punch_port,
+        bind_host=bind_host, resume=Resume(resume_id, direct_only)))
+    driver = _Driver(machine, server, bind_host, net_timeout, None, None, on_event, on_event)
+    path = await driver.run()
+    assert isinstance(path, NewPath)
+    return path
 
 
 async def share(
@@ -225,12 +290,12 @@ _Input = Callable[[float], list[Action]]  # one event for the machine, given ``n
 
 
 class _Driver:
-    def __init__(self, machine: CoordinationMachine, server: tuple[str, int],
-                 spec: CoordinationSpec, pake: PakeFactory | None, on_code: EventSink | None,
+    def __init__(self, machine: CoordinationMachine, server: tuple[str, int], bind_host: str,
+                 net_timeout: float, pake: PakeFactory | None, on_code: EventSink | None,
                  on_event: EventSink | None, on_punching: EventSink | None) -> None:
         self.machine = machine
         self.server = server
-        self.spec = spec
+        self.bind_host, self.net_timeout = bind_host, net_timeout
         self.pake = pake
         self.half: PakeHalf | None = None
         self.on_code, self.on_event, self.on_punching = on_code, on_event, on_punching
@@ -238,11 +303,12 @@ class _Driver:
         self.conns: dict[int, socket.socket] = {}
         self.tasks: dict[tuple[str, int], asyncio.Task[None]] = {}  # (kind, id) -> task
         self.opened: dict[int, socket.socket] = {}  # path -> its connected socket
+        self.early: dict[int, bytes] = {}  # path -> the tunnel's bytes already read
         self.tg: asyncio.TaskGroup | None = None
 
-    async def run(self) -> PairedTunnel:
+    async def run(self) -> PairedTunnel | NewPath:
         failure: Exception | None = None
-        tunnel: PairedTunnel | None = None
+        tunnel: PairedTunnel | NewPath | None = None
         try:
             async with asyncio.TaskGroup() as tg:
                 self.tg = tg
@@ -263,7 +329,7 @@ class _Driver:
         assert tunnel is not None
         return tunnel
 
-    async def _loop(self) -> PairedTunnel:
+    async def _loop(self) -> PairedTunnel | NewPath:
         machine = self.machine
         pending: deque[Action] = deque(machine.start(time.monotonic()))
         while True:
@@ -284,7 +350,8 @@ class _Driver:
                 continue
             pending.extend(event(time.monotonic()))
 
-    async def _act(self, action: Action, pending: deque[Action]) -> PairedTunnel | None:
+    async def _act(self, action: Action, pending: deque[Action],
+                   ) -> PairedTunnel | NewPath | None:
         machine = self.machine
         if isinstance(action, Send):
             sock = self.conns.get(action.conn)
@@ -316,18 +383,24 @@ class _Driver:
             if sink is not None:
                 sink(action.text)
         elif isinstance(action, OpenPath):
-            self._spawn("path", action.path, self._punch(action.path, action.how))
+            how = action.how
+            self._spawn("path", action.path, self._punch(action.path, how)
+                        if isinstance(how, Punch) else self._relay(action.path, how))
         elif isinstance(action, AbandonPath):
             task = self.tasks.pop(("path", action.path), None)
             if task is not None:
                 task.cancel()
             sock = self.opened.pop(action.path, None)
+            self.early.pop(action.path, None)
             if sock is not None:
                 sock.close()
         elif isinstance(action, Succeed):
             sock = self.opened.pop(action.path)
+            early = self.early.pop(action.path, b"")
             values = {f.name: getattr(action.paired, f.name) for f in fields(action.paired)}
-            return PairedTunnel(**values, sock=sock)
+            if isinstance(action.paired, Paired):
+                return PairedTunnel(**values, sock=sock, early=early)
+            return NewPath(**values, sock=sock, early=early)
         elif isinstance(action, Fail):
             raise action.error
         return None
@@ -351,8 +424,8 @@ class _Driver:
 
     async def _open(self, action: Connect) -> None:
         try:
-            sock, deferred = await open_from(self.server, self.spec.bind_host, action.port,
-                                             self.spec.net_timeout, fastopen=action.fastopen)
+            sock, deferred = await open_from(self.server, self.bind_host, action.port,
+                                             self.net_timeout, fastopen=action.fastopen)
         except RendezvousUnreachable as exc:
             self._post(self.machine.connect_failed, action.conn, exc)
             return
@@ -365,8 +438,7 @@ class _Driver:
     async def _handshake(self, conn: int) -> None:
         sock = self.conns[conn]
         try:
-            await handshake_done(sock, f"{self.server[0]}:{self.server[1]}",
-                                 self.spec.net_timeout)
+            await handshake_done(sock, f"{self.server[0]}:{self.server[1]}", self.net_timeout)
         except RendezvousUnreachable as exc:
             self._post(self.machine.connect_failed, conn, exc)
             return
@@ -391,7 +463,7 @@ class _Driver:
         peer = how.stage.peer
         driver = PunchDriver((how.local.host, how.local.port), (peer.host, peer.port),
                              Tactic.ARM if how.stage.punch == "arm" else Tactic.CONNECT,
-                             how.config, nat_hint=how.nat_hint)
+                             how.config, nat_hint=how.nat_hint, on_notice=self.on_event)
         try:
             sock = await driver.run()
         except PunchTimeout as exc:
@@ -400,6 +472,31 @@ class _Driver:
         tune_stream(sock)
         self.opened[path] = sock
         self._post(self.machine.path_opened, path)
+
+    async def _relay(self, path: int, how: ViaRelay) -> None:
+        """A connection to the relay, joined with the peer's (or the typed failure)."""
+        relay = how.stage.relay
+        join = RelayJoinMachine(how.stage, time.monotonic(), net_timeout=self.net_timeout)
+        try:  # from a fresh port: the punch port's mappings are the punch's
+            sock, deferred = await open_from((relay.host, relay.port), how.bind_host, 0,
+                                             self.net_timeout, fastopen=True)
+        except RendezvousUnreachable as exc:
+            self._post(self.machine.path_failed, path, RendezvousUnreachable(f"relay: {exc}"))
+            return
+        kept = False
+        try:
+            outcome = await _join_relay(sock, deferred, join)
+            if isinstance(outcome, RelayFailed):
+                self._post(self.machine.path_failed, path, outcome.error)
+                return
+            tune_stream(sock)
+            self.opened[path], self.early[path] = sock, outcome.early
+            kept = True
+        finally:
+            if not kept:
+                sock.close()
+        local = Endpoint(*sock.getsockname()[:2])
+        self.inbox.put_nowait(functools.partial(self.machine.path_opened, path, local=local))
 
     def _drop(self, conn: int) -> None:
         """End a connection now: its tasks cancelled, the selector told before the close
@@ -412,10 +509,40 @@ class _Driver:
         if sock is None:
             return
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, NotImplementedError):  # Proactor: none
             loop.remove_reader(sock.fileno())
             loop.remove_writer(sock.fileno())
         sock.close()
+
+
+async def _join_relay(sock: socket.socket, deferred: bool,
+                      join: RelayJoinMachine) -> RelayOutcome:
+    """Send the relay message (in the SYN with Fast Open), then read exactly what the
+    machine asks for until it knows the outcome."""
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_sendall(sock, join.message)
+        if deferred:
+            await handshake_done(sock, join.where, join.net_timeout)
+    except OSError as exc:
+        return RelayFailed(RendezvousUnreachable(f"relay {join.where}: "
+                                                 f"{exc.strerror or exc}"))
+    except RendezvousUnreachable as exc:
+        return RelayFailed(RendezvousUnreachable(f"relay: {exc}"))
+    while True:
+        try:
+            async with asyncio.timeout(max(0.0, join.deadline - time.monotonic())):
+                data = await loop.sock_recv(sock, join.want())
+        except TimeoutError:
+            # The deadline passed (the loop's clock said so): its failure, whatever ours says.
+            out: RelayOutcome | None = join.timer(max(time.monotonic(), join.deadline))
+        except OSError as exc:
+            out = join.closed(exc.strerror or str(exc), time.monotonic())
+        else:
+            out = (join.received(data, time.monotonic()) if data
+                   else join.closed(None, time.monotonic()))
+        if out is not None:
+            return out
 
 
 def _reraise(exc: Exception, now: float) -> list[Action]:
@@ -424,10 +551,12 @@ def _reraise(exc: Exception, now: float) -> list[Action]:
 
 __all__ = [
     "CoordinationSpec",
+    "NewPath",
     "PairedTunnel",
     "PakeFactory",
     "PakeHalf",
     "connect",
     "coordinate",
+    "meet_again",
     "share",
 ]

@@ -27,16 +27,32 @@ One *meeting* is a conversation with the rendezvous from one local port P
    only the seed protocol, or lost our hello: one more hello tells the two
    apart (a seed-only one closes again).
 
-Then an *attempt*: the fire's plan, tried as *paths* to the peer (today every
-path is a punch; the driver runs :class:`~nopf_web.punch.driver.PunchDriver`).
-Paths are grouped in *rungs*: the paths of a rung run together and the first
-that opens wins; when all of a rung's paths failed, the next rung starts. The
-rendezvous' stages are one rung each, in order. A failed attempt is met again
-(``reshare``/``rejoin``: fresh ports, a new fire) while the punch timeout
-allows it: at most ``MAX_ATTEMPTS`` attempts, each with at least
-``MIN_ATTEMPT`` seconds left, and none when the fire says punching cannot
-help (``Fire.hopeless``). A relay rung (raced against a punch) and a resume
-meeting after a path loss fit the same two notions.
+Every hello says ``relay: true``: this peer can use a plan's relay stage.
+
+Then an *attempt*: the fire's plan, tried as *paths* to the peer, of a
+:data:`PathKind`: a :class:`Punch` (the driver runs
+:class:`~nopf_web.punch.driver.PunchDriver`) or :class:`ViaRelay` (the driver
+opens a connection to the relay and runs
+:class:`~nopf_web.sessions.relay_join_machine.RelayJoinMachine` on it). Paths
+are grouped in *rungs*: the paths of a rung run together and the first that
+opens wins; when all of a rung's paths failed, the next rung starts. The
+rendezvous' punch stages are one rung each, in order, and its relay stage (if
+any) the last rung: the *ladder*. A plan with only the relay stage (a hopeless
+pair: a symmetric NAT facing another NAT) goes to the relay at once.
+
+Without a relay stage (a rendezvous without relay: older, or ``--no-relay``), a
+failed attempt is met again (``reshare``/``rejoin``: fresh ports, a new fire)
+while the punch timeout allows it: at most ``MAX_ATTEMPTS`` attempts, each with
+at least ``MIN_ATTEMPT`` seconds left, and none when the fire says punching
+cannot help (``Fire.hopeless``). With a relay stage no retry is needed: the
+relay's failure (a refusal, or the peer never reaching it) ends the attempt.
+
+A *resume* meeting (``CoordinationConfig.resume``) meets the peer of an
+established tunnel again, by the tunnel's resume id instead of a code: the
+mapping check, a ``resume`` hello (no code, no SPAKE2), a fire (the first side
+waits, pinged, up to ``RESUME_WAIT``), then one attempt of the same ladder
+(``direct_only``: punch stages only). It ends with a :class:`Met` (a new
+connection to the peer and its path) instead of a :class:`Paired`.
 """
 
 from __future__ import annotations
@@ -45,7 +61,7 @@ import enum
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeAlias
 
 from nopf_web.errors import NopfError
 from nopf_web.pairing import PairingCode, make_code
@@ -60,6 +76,7 @@ from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import DiscoveryReader
 from nopf_web.wire.errors import WireError
 from nopf_web.wire.rendezvous import (
+    RESUME_WAIT,
     ErrorReply,
     Fire,
     FrameReader,
@@ -70,6 +87,8 @@ from nopf_web.wire.rendezvous import (
     Ping,
     Pong,
     Probe,
+    RelayStage,
+    ResumeSide,
     ServerMessage,
     Stage,
     Welcome,
@@ -82,6 +101,7 @@ from .errors import (
     CodeUsed,
     CoordinatedPunchTimeout,
     PairingError,
+    PeerDidNotResume,
     PeerDidNotRetry,
     PeerNeverArrived,
     RelayRefused,
@@ -102,9 +122,23 @@ MAX_ATTEMPTS = 3
 RETRY_WAIT = 12.0  # s for the peer to fail its attempt too and ask again (rendezvous: 10)
 FIRE_GRACE = 2.0  # s beyond the network timeout for a joiner's fire (a ping may come first)
 READ_SIZE = 4096  # what the driver reads at once from a rendezvous connection
+# How a tunnel's connection reaches the peer: a punched connection between public
+# addresses, one between LAN addresses (both behind one NAT), or through the
+# rendezvous' relay. (The resumable tunnel's PathKind has these among its own.)
+TunnelPath = Literal["public", "lan", "relay"]
+TUNNEL_PATHS: tuple[TunnelPath, ...] = ("public", "lan", "relay")
 
 
 # -- configuration and result ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Meet the peer of an established tunnel again (a ``resume`` hello): after its path
+    was lost, or to try a direct path while relayed (``direct_only``)."""
+
+    resume_id: bytes  # RESUME_ID_SIZE bytes, derived from the tunnel's key by both peers
+    direct_only: bool = False  # punch stages only, never the relay
 
 
 @dataclass(frozen=True)
@@ -119,9 +153,13 @@ class CoordinationConfig:
     punch_port: int = 0  # 0: any port, a fresh one per meeting
     bind_host: str = "0.0.0.0"
     pake: bool = False  # our SPAKE2 message travels with the coordination (MakePake)
+    resume: Resume | None = None  # a resume meeting (no code, no SPAKE2) instead of a pairing
 
     def __post_init__(self) -> None:
-        if (self.code is not None) != (self.role == "client"):
+        if self.resume is not None:
+            if self.code is not None or self.pake:
+                raise ValueError("a resume meeting has no code and no SPAKE2")
+        elif (self.code is not None) != (self.role == "client"):
             raise ValueError("a client joins with the sharer's code; a server gets its own")
 
 
@@ -137,15 +175,23 @@ class Timings:
     rdv_connected: float = 0.0  # the hello's connection was established
 
 
+def path_words(path: TunnelPath, relay: Endpoint | None) -> str:
+    """How the tunnel reaches the peer, for people: "over the public path", "over the
+    LAN", "over the relay at 198.51.100.2:3012"."""
+    if path == "relay":
+        return f"over the relay at {relay}"
+    return "over the LAN" if path == "lan" else "over the public path"
+
+
 @dataclass(frozen=True)
 class Paired:
     """Everything about a paired tunnel but its socket (which the driver holds)."""
 
     role: PeerRole
     code: str  # the full code, e.g. "7-orbit-lantern"
-    peer: Endpoint  # the address that answered
-    path: Literal["public", "lan"]
-    local: Endpoint  # our end of the tunnel (host as bound, punch port)
+    peer: Endpoint  # the address that answered (relayed: the peer's public address)
+    path: TunnelPath
+    local: Endpoint  # our end of the tunnel (host as bound; punch port, or relay conn's)
     public: Endpoint  # our public address, as the rendezvous saw it
     rtt: float  # s, the rendezvous' estimate of the peer-to-peer round trip
     timings: Timings
@@ -153,6 +199,31 @@ class Paired:
     # The peer's SPAKE2 message from the fire, given to FinishPake; None: both
     # sides run SPAKE2 in-band on the tunnel.
     peer_pake: bytes | None = None
+    relay: Endpoint | None = None  # path "relay": the relay's address
+    why: str | None = None  # path "relay": why not direct ("the peer's NAT is symmetric")
+
+    @property
+    def over(self) -> str:
+        return path_words(self.path, self.relay)
+
+
+@dataclass(frozen=True)
+class Met:
+    """A resume meeting's new connection to the peer (its socket the driver holds)."""
+
+    role: PeerRole
+    peer: Endpoint  # the address that answered (relayed: the peer's public address)
+    path: TunnelPath
+    local: Endpoint
+    public: Endpoint  # our public address, as the rendezvous saw it
+    rtt: float  # s, the rendezvous' estimate of the peer-to-peer round trip
+    timings: Timings
+    relay: Endpoint | None = None
+    why: str | None = None
+
+    @property
+    def over(self) -> str:
+        return path_words(self.path, self.relay)
 
 
 # -- actions ----------------------------------------------------------------------
@@ -230,12 +301,24 @@ class Punch:
     nat_hint: str | None
 
 
-PathKind = Punch  # the ways to reach the peer (a relay would be another)
+@dataclass(frozen=True)
+class ViaRelay:
+    """A path through the relay of the plan's relay stage: a new connection to
+    ``stage.relay`` from a fresh port on ``bind_host`` (never the punch port), the
+    relay message with our token, then ``relayed`` within the stage's budget (the
+    driver runs :class:`~nopf_web.sessions.relay_join_machine.RelayJoinMachine`)."""
+
+    bind_host: str
+    stage: RelayStage
+
+
+PathKind: TypeAlias = Punch | ViaRelay  # the ways to reach the peer
 
 
 @dataclass(frozen=True)
 class OpenPath:
-    """Start trying a path; report ``path_opened`` (keep its socket) or ``path_failed``."""
+    """Start trying a path; report ``path_opened`` (keep its socket) or ``path_failed``
+    (a punch's :class:`PunchTimeout`, or the relay's typed error)."""
 
     path: int
     how: PathKind
@@ -250,10 +333,10 @@ class AbandonPath:
 
 @dataclass(frozen=True)
 class Succeed:
-    """Done: the socket of ``path`` is the tunnel."""
+    """Done: the socket of ``path`` is the tunnel (a resume meeting's: a new connection)."""
 
     path: int
-    paired: Paired
+    paired: Paired | Met
 
 
 @dataclass(frozen=True)
@@ -343,6 +426,7 @@ class _Attempt:
     rungs: list[list[PathKind]]  # each rung's paths run together; the first to open wins
     running: dict[int, PathKind] = field(default_factory=dict)
     failures: list[tuple[Stage, PunchTimeout]] = field(default_factory=list)
+    relay_error: NopfError | None = None  # why the relay rung failed
     pake_to_finish: bytes | None = None
 
 
@@ -368,7 +452,14 @@ class CoordinationMachine:
 
     def start(self, now: float) -> list[Action]:
         cfg = self.config
-        if cfg.role == "server":
+        if cfg.resume is not None:
+            # The mapping check first: a NAT that rebooted or a network that changed has a
+            # new mapping, and the plan (relay at once, or punch) depends on it. The first
+            # side waits for the other up to RESUME_WAIT; no retry slot: the whole budget.
+            meeting = _Meeting("resume", now, cfg.punch_timeout, cfg.punch_port,
+                               need_probe=True, fire_wait=RESUME_WAIT + FIRE_GRACE,
+                               fire_what="fire instruction (the peer did not resume)")
+        elif cfg.role == "server":
             meeting = _Meeting("share", now, _first_budget(cfg.punch_timeout), cfg.punch_port,
                                need_probe=True, fire_wait=0.0, fire_what="")
         else:
@@ -497,32 +588,55 @@ class CoordinationMachine:
             return self._meeting_failed(m, RendezvousProtocolError(why), close)
         return close
 
-    def path_opened(self, path: int, now: float) -> list[Action]:
+    def path_opened(self, path: int, now: float, local: Endpoint | None = None,
+                    ) -> list[Action]:
+        """``local``: our end of a relay path's connection (a punch's is the punch port)."""
         a = self._attempt
         if self.done or a is None or path not in a.running:
             return []
         how = a.running.pop(path)
         actions: list[Action] = [AbandonPath(p) for p in a.running]
         a.running.clear()
-        stage = how.stage
         m = a.meeting
-        assert self.code is not None
         self.done = True
-        paired = Paired(
-            self.config.role, str(self.code), stage.peer, stage.path, how.local, a.fire.public,
-            a.fire.rtt_ms / 1000,
-            Timings(m.started, m.hello_sent, a.fired, now, m.probed_at, m.rdv_connected),
-            attempt=a.number,
-            peer_pake=a.fire.peer_pake if self._pake_message is not None else None,
-        )
-        return [*actions, Say(f"tunnel up to {stage.peer} over the {stage.path} path"),
-                Succeed(path, paired)]
+        timings = Timings(m.started, m.hello_sent, a.fired, now, m.probed_at, m.rdv_connected)
+        peer: Endpoint
+        kind: TunnelPath
+        if isinstance(how, ViaRelay):
+            peer, kind, relay = a.fire.peer_public, "relay", how.stage.relay
+            why: str | None = _relay_reason(a.fire, a.failures)
+            local = local or Endpoint(how.bind_host, 0)
+            said = f"tunnel up over the relay at {relay} ({why})"
+        else:
+            peer, kind, relay, why = how.stage.peer, how.stage.path, None, None
+            local = how.local
+            said = f"tunnel up to {peer} {path_words(kind, None)}"
+        rtt = a.fire.rtt_ms / 1000
+        result: Paired | Met
+        if self.config.resume is not None:
+            result = Met(self.config.role, peer, kind, local, a.fire.public, rtt, timings,
+                         relay, why)
+        else:
+            assert self.code is not None
+            result = Paired(
+                self.config.role, str(self.code), peer, kind, local, a.fire.public, rtt,
+                timings, attempt=a.number,
+                peer_pake=a.fire.peer_pake if self._pake_message is not None else None,
+                relay=relay, why=why)
+        return [*actions, Say(said), Succeed(path, result)]
 
-    def path_failed(self, path: int, error: PunchTimeout, now: float) -> list[Action]:
+    def path_failed(self, path: int, error: NopfError, now: float) -> list[Action]:
+        """A path did not open: a punch's :class:`PunchTimeout`, or a relay's typed error
+        (refused, the peer never reached it, unreachable)."""
         a = self._attempt
         if self.done or a is None or path not in a.running:
             return []
-        a.failures.append((a.running.pop(path).stage, error))
+        how = a.running.pop(path)
+        if isinstance(how, ViaRelay):
+            a.relay_error = error
+        else:
+            assert isinstance(error, PunchTimeout), error
+            a.failures.append((how.stage, error))
         if a.running:
             return []  # another path of this rung is still trying
         if a.rungs:
@@ -560,9 +674,17 @@ class CoordinationMachine:
         if wants_pake and self._pake_message is None:
             return []  # pake_made() sends it
         assert m.lan is not None
-        nameplate = None if self.code is None or m.action == "share" else self.code.nameplate
-        hello = Hello(m.action, nameplate, (m.lan,), m.probed, m.punch_timeout,
-                      pake=self._pake_message if wants_pake else None)
+        resume = self.config.resume
+        if resume is not None:  # implies the relay unless direct_only
+            side: ResumeSide = "share" if self.config.role == "server" else "join"
+            hello = Hello("resume", None, (m.lan,), m.probed, m.punch_timeout,
+                          resume_id=resume.resume_id, side=side,
+                          direct_only=resume.direct_only)
+        else:
+            nameplate = (None if self.code is None or m.action == "share"
+                         else self.code.nameplate)
+            hello = Hello(m.action, nameplate, (m.lan,), m.probed, m.punch_timeout,
+                          pake=self._pake_message if wants_pake else None, relay=True)
         m.hello_sent = now
         actions: list[Action] = [Send(m.conn, encode(hello))]
         if m.deferred:
@@ -636,6 +758,8 @@ class CoordinationMachine:
                 self._wait(m, now + cfg.net_timeout, None)
                 return []
             error = refusal(msg, where)
+            if m.action == "resume" and msg.code == "timeout":
+                error = PeerDidNotResume(f"rendezvous {where}: {msg.message}")
             if m.step is _Step.PEER and isinstance(error, CodeExpired):
                 # the rendezvous' lifetime was shorter than ours
                 error = PeerNeverArrived(f"the peer never arrived: {error}")
@@ -709,6 +833,8 @@ class CoordinationMachine:
             arm_ttl=cfg.punch_ttl if stage.path == "public" else 0,
             first_shot=stage.path == "public",
         ), fire.note)] for stage in fire.plan]
+        if fire.relay is not None:  # the last rung: when every punch stage failed, or at once
+            rungs.append([ViaRelay(cfg.bind_host, fire.relay)])
         # Both sides sent a SPAKE2 message (else the rendezvous forwards neither).
         finish = fire.peer_pake if self._pake_message is not None else None
         self._attempt = _Attempt(self._attempts, fire, m, now, rungs, pake_to_finish=finish)
@@ -717,11 +843,14 @@ class CoordinationMachine:
     def _open_rung(self, a: _Attempt) -> list[Action]:
         actions: list[Action] = []
         for how in a.rungs.pop(0):
-            stage = how.stage
             path = self._paths = self._paths + 1
             a.running[path] = how
-            actions += [Say(f"punching to {stage.peer} ({stage.path}, {stage.punch})",
-                            punching=True), OpenPath(path, how)]
+            if isinstance(how, ViaRelay):
+                said = (f"{_relay_reason(a.fire, a.failures)}: going through the relay at "
+                        f"{how.stage.relay}")
+            else:
+                said = f"punching to {how.stage.peer} ({how.stage.path}, {how.stage.punch})"
+            actions += [Say(said, punching=True), OpenPath(path, how)]
             if a.pake_to_finish is not None:  # runs while that path's first SYN crosses
                 actions.append(FinishPake(a.pake_to_finish))
                 a.pake_to_finish = None
@@ -729,10 +858,15 @@ class CoordinationMachine:
 
     def _attempt_failed(self, a: _Attempt, now: float) -> list[Action]:
         self._attempt = None
+        if a.relay_error is not None:  # the last rung: the relay's failure ends it all
+            self.done = True
+            return [Fail(a.relay_error)]
         failed = _punch_failed(a.fire, a.failures)
         left = self._deadline - now
-        # A symmetric NAT facing another NAT fails again the same way.
-        if a.number >= MAX_ATTEMPTS or left < MIN_ATTEMPT or a.fire.hopeless:
+        # A symmetric NAT facing another NAT fails again the same way. A resume meeting
+        # has no retry slot at the rendezvous: the peers resume again instead.
+        if (a.number >= MAX_ATTEMPTS or left < MIN_ATTEMPT or a.fire.hopeless
+                or self.config.resume is not None):
             self.done = True
             return [Fail(failed)]
         self._failed_attempt = failed
@@ -770,6 +904,18 @@ def _first_budget(punch_timeout: float) -> float:
     if punch_timeout < 2 * MIN_ATTEMPT:
         return punch_timeout
     return max(MIN_ATTEMPT, punch_timeout / 2)
+
+
+def _relay_reason(fire: Fire, failures: list[tuple[Stage, PunchTimeout]]) -> str:
+    """Why a tunnel goes through the relay, in a few words."""
+    if fire.hopeless and fire.mapping is not None:
+        ours, theirs = fire.mapping
+        if ours == theirs == "symmetric":
+            return "both NATs are symmetric"
+        return "our NAT is symmetric" if ours == "symmetric" else "the peer's NAT is symmetric"
+    if failures:
+        return f"no direct path within {sum(s.budget for s, _ in failures):.3g} s"
+    return "the rendezvous planned no direct path"
 
 
 def _punch_failed(fire: Fire,

@@ -28,9 +28,10 @@ from typing import Any, ClassVar, Final, Literal, Protocol
 from nopf_web.errors import NopfError
 from nopf_web.guard.base import GuardStatus
 from nopf_web.roles import PeerRole
+from nopf_web.sockets import require_readiness
 from nopf_web.wire.address import Endpoint
 
-from .coordination_machine import Timings
+from .coordination_machine import Timings, TunnelPath
 
 Mode = Literal["coordinated", "seed"]
 MODES: Final[tuple[Mode, ...]] = ("coordinated", "seed")
@@ -56,11 +57,13 @@ class Event:
     ``state`` (``data["state"]``), ``public_address``, ``peer_address``, ``code``
     (a sharer's pairing code exists), ``pipe_started`` (the session's connection
     to the peer carries data: seed mode's one pipe, coordinated mode's tunnel; a
-    history connection starts), ``log``, ``guard`` (the packet guard's drops).
+    history connection starts), ``log``, ``guard`` (the packet guard's drops), ``path``
+    (coordinated: the tunnel's path was lost, resumed, or moved back to direct;
+    ``data["path"]``: the path carrying it now, None while resuming).
     """
 
     kind: Literal["state", "public_address", "peer_address", "pipe_started", "log", "guard",
-                  "code"]
+                  "code", "path"]
     message: str
     at: float = field(default_factory=time.time)
     data: dict[str, Any] = field(default_factory=dict)
@@ -88,7 +91,10 @@ class Snapshot:
     bytes_out: int = 0  # to the peer
     connections: int = 0  # seed: pipes; coordinated: the tunnel's streams
     code: str | None = None  # coordinated: the pairing code, once known
-    path: str | None = None  # coordinated: "public" or "lan", once the tunnel is up
+    path: TunnelPath | None = None  # coordinated: "public", "lan" or "relay", once up (live)
+    resuming: bool = False  # coordinated: the path was lost; a new one is being found
+    path_changes: int = 0  # coordinated: moves to another path (resumes, back to direct)
+    relay: Endpoint | None = None  # coordinated, path "relay": the relay's address
     guard: GuardStatus | None = None  # the packet guard this engine uses (None: none)
     guard_dropped: int = 0  # packets the guard dropped in this session's windows
     timings: Timings | None = None  # coordinated: monotonic instants of the pairing
@@ -153,6 +159,7 @@ class EngineBase:
         if self._life_task is not None:
             raise RuntimeError("an engine runs once")
         try:
+            require_readiness()  # a Proactor loop fails here, in one line, not mid-punch
             async with task_group() as tg:
                 self._life_task = tg.create_task(
                     self._life(), name=f"{self.mode}-{self.role}-{self.local_port}")

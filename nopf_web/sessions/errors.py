@@ -72,6 +72,15 @@ class RelayRefused(PairingError):
     presented from another address than the one we paired from)."""
 
 
+class RelayTimeout(PairingError):
+    """A relay connection waited its stage's budget (or the relay's token expiry) without
+    being joined with the peer: the peer never reached the relay."""
+
+
+class PeerDidNotResume(PairingError):
+    """``timeout`` to a resume hello: the peer did not meet us again in time."""
+
+
 class PeerNeverArrived(PairingError):
     """Nobody used the sharer's code within its lifetime."""
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import socket
 
+from nopf_web.sockets import set_exclusive_address
+
 from .errors import LocalPortInUse
 
 
@@ -12,7 +14,7 @@ def listen_local(host: str, port: int, backlog: int = 8) -> socket.socket:
     """The client's local listener, bound before anything else so a busy port fails fast."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        set_exclusive_address(sock)  # never shared (on Windows SO_REUSEADDR would share)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)

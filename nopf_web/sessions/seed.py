@@ -21,7 +21,7 @@ from nopf_web.punch.driver import PunchDriver
 from nopf_web.punch.machine import PunchConfig, Tactic
 from nopf_web.rendezvous.client import Discovery, discover, probe_mapping, resolve_ipv4
 from nopf_web.roles import PeerRole
-from nopf_web.sockets import enable_keepalive, tune_stream, wait_ready
+from nopf_web.sockets import enable_keepalive, peek_nonblocking, tune_stream, wait_ready
 from nopf_web.tunnel.pipe import Counters, Pipe
 from nopf_web.wire.address import Endpoint
 
@@ -149,7 +149,7 @@ class SeedEngine(EngineBase):
         tactic = Tactic.ARM if spec.role == "server" else Tactic.CONNECT
         self._set_state(State.PUNCHING, f"punching to {peer}")
         driver = PunchDriver((spec.bind_host, punch_port), (peer.host, peer.port), tactic,
-                             spec.punch, nat_hint=hint)
+                             spec.punch, nat_hint=hint, on_notice=self._log)
         window = None
         try:
             async with self.guard.protect(punch_port, (peer.host, peer.port)) as window:
@@ -244,7 +244,7 @@ async def _wait_eof(sock: socket.socket) -> None:
     while True:
         await wait_ready(sock, write=False)
         try:
-            data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            data = peek_nonblocking(sock)  # MSG_DONTWAIT, or a non-blocking socket
         except BlockingIOError:
             continue
         except OSError:

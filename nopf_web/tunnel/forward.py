@@ -22,6 +22,7 @@ import struct
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from nopf_web.sockets import send_gathered, set_exclusive_address
 from nopf_web.wire.frames import ResetCode
 
 from .errors import StreamReset, TunnelError
@@ -30,6 +31,7 @@ from .mux import Mux, Stream
 CONNECT_TIMEOUT = 5.0
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _MAX_GATHER = 64  # buffers per sendmsg (the kernel allows 1024); more are joined
+# (Windows has no sendmsg: send_gathered joins them there.)
 
 EventSink = Callable[[str], None]
 
@@ -88,7 +90,7 @@ async def serve_connect(mux: Mux, listener: socket.socket | tuple[str, int], *,
 def _listen(addr: tuple[str, int]) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        set_exclusive_address(sock)  # SO_REUSEADDR; SO_EXCLUSIVEADDRUSE on Windows
         sock.bind(addr)
         sock.listen(socket.SOMAXCONN)  # bursts of streams, as in Session's listener
     except BaseException:
@@ -267,7 +269,8 @@ class _Local(asyncio.Protocol):
             self.transport.write(data)
 
     def on_data_parts(self, parts: list[bytes | memoryview]) -> None:
-        """Several chunks (one record's DATA frames) in one ``sendmsg``, no joined copy."""
+        """Several chunks (one record's DATA frames) in one ``sendmsg``, no joined copy
+        (one joined buffer where there is no sendmsg: Windows)."""
         transport = self.transport
         if transport is None:
             return
@@ -276,7 +279,7 @@ class _Local(asyncio.Protocol):
             # Nothing queued in the transport, so writing to the socket directly
             # keeps the order.
             try:
-                sent = self._sock.sendmsg(parts)
+                sent = send_gathered(self._sock, parts)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:

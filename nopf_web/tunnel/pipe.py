@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -64,6 +65,8 @@ def _errside(exc: OSError, reading: str, writing: str) -> str:
 
 
 def _copy_splice(src: socket.socket, dst: socket.socket, add: _Adder) -> None:
+    if sys.platform != "linux":  # never chosen there: os.splice is Linux's
+        raise NotImplementedError("splice is Linux-only")
     rfd, wfd = os.pipe()
     try:
         with contextlib.suppress(OSError):
@@ -75,7 +78,7 @@ def _copy_splice(src: socket.socket, dst: socket.socket, add: _Adder) -> None:
             try:
                 n = os.splice(sfd, wfd, CHUNK, flags=os.SPLICE_F_MOVE)
             except OSError as exc:
-                exc._nopf_read = True  # type: ignore[attr-defined]
+                exc._nopf_read = True  # type: ignore[attr-defined, unused-ignore]
                 raise
             if n == 0:
                 return

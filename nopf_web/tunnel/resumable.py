@@ -284,6 +284,12 @@ class ResumableChannel:
             raise
         return path
 
+    def attempt_failed(self, why: str) -> None:
+        """A try at a new path failed before reaching the tunnel (``why``: one line,
+        e.g. the rendezvous could not be reached): the tunnel's failure names it if
+        the resume budget ends."""
+        self._machine.attempt_failed(why)
+
     def _attach(self, path: int, conn: SecureChannel) -> None:
         machine, now = self._machine, self._loop.time
         state = machine.path(path)

@@ -73,8 +73,11 @@ is closed after ``candidate_timeout`` (30 s).
 
 Liveness, per active path, with T = max(``min_timeout`` 1 s, ``rtt_factor``
 4 x smoothed RTT from PING/PONG): when something is outstanding
-(unacknowledged DATA, or a PING) and nothing arrived for T, a probe PING; when
-still nothing arrived T after the probe, the path is lost. Any byte of the
+(unacknowledged DATA, or a PING) or the peer has been sending DATA since a PONG
+last showed the path alive (a receiver of a one-way transfer has nothing of its
+own outstanding), and nothing arrived for T, a probe PING; when still nothing
+arrived T after the probe, the path is lost. A peer that merely stopped sending
+answers the probe, and its next silence is no news until it sends DATA again. Any byte of the
 peer counts as arrived (:meth:`progress`: a slow link may take longer than T
 to carry one record), and while the peer's bytes arrive and we have sent
 nothing for T/2 we send an ACK, so the peer sees us alive too. Idle: a PING
@@ -244,7 +247,7 @@ class PathState:
 
     __slots__ = ("added_at", "confirmed_at", "data_in", "data_out", "first", "heartbeat_at",
                  "id", "kind", "last_rx", "last_tx", "ping_at", "probe_at", "records_in",
-                 "records_out", "retire_at", "selected_at", "srtt", "status")
+                 "records_out", "retire_at", "selected_at", "srtt", "status", "streaming")
 
     def __init__(self, path_id: int, kind: PathKind, now: float, *, first: bool) -> None:
         self.id = path_id
@@ -260,6 +263,9 @@ class PathState:
         self.ping_at: float | None = None  # an unanswered PING left then
         self.probe_at: float | None = None  # a liveness probe left then
         self.heartbeat_at: float | None = None  # see ResumeMachine.progress
+        # The peer sent DATA since a PONG last showed the path alive: its silence
+        # is suspect too (a receiver has nothing outstanding of its own).
+        self.streaming = False
         self.srtt: float | None = None
         self.records_in = 0
         self.records_out = 0
@@ -496,6 +502,22 @@ class ResumeMachine:
         events: list[ResumeEvent] = [PathFailed(p.id, p.kind, why)]
         return events + self._need_path(f"the {p.kind} path failed: {why}")
 
+    def attempt_failed(self, why: str) -> None:
+        """The owner's try at a new path failed before any connection reached the
+        tunnel (the rendezvous was down, the peer never came): named with the
+        attempts when the resume budget ends. A repeat of the last one is counted."""
+        if self._state != "open" or self._lost_at is None:
+            return
+        attempts = self._attempts
+        last = attempts[-1] if attempts else ""
+        if last == why:
+            attempts[-1] = f"{why} (2 times)"
+        elif last.startswith(f"{why} (") and last.endswith(" times)") \
+                and last[len(why) + 2:-len(" times)")].isdigit():
+            attempts[-1] = f"{why} ({int(last[len(why) + 2:-len(' times)')]) + 1} times)"
+        else:
+            attempts.append(why)
+
     def progress(self, path_id: int, now: float) -> None:
         """Bytes arrived on that connection without completing a record: the
         peer is alive, and we must show we are (see the module docstring)."""
@@ -578,6 +600,7 @@ class ResumeMachine:
             if len(plain) <= DATA_HEADER_SIZE:
                 return events + self._violation("a DATA message without data")
             seq, ack = _SEQ_ACK.unpack_from(plain, 1)
+            p.streaming = True
             if ack != self._acked:
                 events += self._on_ack(ack, now)
                 if self._state != "open":
@@ -693,10 +716,14 @@ class ResumeMachine:
         return self._out(p, [_ACK.pack(PING, int(now * 1e9) & _MASK64)], now)
 
     def _waiting_since(self, p: PathState) -> float | None:
-        """Since when we expect something from the peer on ``p`` (None: nothing)."""
+        """Since when we expect something from the peer on ``p`` (None: nothing): our
+        unacknowledged DATA, our PING, or the peer's own stream (a receiver that
+        hears nothing more must not wait for its keepalive to find out)."""
         waiting = self._unacked_since if self._replay else None
         if p.ping_at is not None and (waiting is None or p.ping_at < waiting):
             waiting = p.ping_at
+        if p.streaming and (waiting is None or p.last_rx < waiting):
+            waiting = p.last_rx
         return waiting
 
     def _liveness(self, p: PathState, now: float) -> list[ResumeEvent]:
@@ -748,6 +775,7 @@ class ResumeMachine:
             p.srtt = sample if p.srtt is None else 0.875 * p.srtt + 0.125 * sample
             if p.ping_at is not None and sent >= p.ping_at - 1e-6:
                 p.ping_at = None
+                p.streaming = False  # alive now: the peer's next silence is no news
         events: list[ResumeEvent] = []
         if self.leader and p is self._active:
             # The active path answers: candidates worse than it that were

@@ -10,8 +10,11 @@ from nopf_web.sessions.errors import (
     CodeUsed,
     CoordinatedPunchTimeout,
     LocalPortInUse,
+    PeerDidNotResume,
     PeerDidNotRetry,
     PeerNeverArrived,
+    RelayRefused,
+    RelayTimeout,
     RendezvousBusy,
     RendezvousRejected,
     RendezvousTooOld,
@@ -41,11 +44,21 @@ _HINTS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str],
     (PeerNeverArrived,
      "Nobody joined with the code in time: start a new server session and send the new code."),
     (SymmetricNat,
-     "A NAT that picks a new port for every destination (a symmetric NAT) cannot be punched: "
-     "try from another network, or let the peer behind the friendlier NAT share."),
+     "A NAT that picks a new port for every destination (a symmetric NAT) cannot be punched, "
+     "and this rendezvous does not relay: use a nopf-server that relays (the default; not "
+     "--no-relay), or try from another network."),
     (CoordinatedPunchTimeout,
-     "The NATs did not let the connection through in time: start new sessions to try again. "
-     "If it keeps failing, one of the NATs may be symmetric."),
+     "The NATs did not let the connection through in time, and this rendezvous does not "
+     "relay: start new sessions to try again, or use a nopf-server that relays (the "
+     "default; not --no-relay), which connects every pair."),
+    (RelayRefused,
+     "The rendezvous' relay refused this session (its token was used, expired, or came from "
+     "another address): start new sessions on both sides."),
+    (RelayTimeout,
+     "The peer never reached the rendezvous' relay: check that the peer's nopf is running "
+     "and can reach the rendezvous, then start new sessions on both sides."),
+    (PeerDidNotResume,
+     "The peer did not come back to resume the tunnel: start new sessions on both sides."),
     (RendezvousBusy, "The rendezvous is at its limit for now: try again in a minute."),
     (PeerDidNotRetry,
      "The peer stopped after the first punch failed: start new sessions on both sides."),

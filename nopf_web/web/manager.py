@@ -41,6 +41,7 @@ from nopf_web.sessions.coordinated import CoordinatedSpec
 from nopf_web.sessions.engine import Engine, Event, Mode, Snapshot, State
 from nopf_web.sessions.factory import EngineSpec, make_engine
 from nopf_web.sessions.seed import SeedSpec
+from nopf_web.sockets import set_exclusive_address
 from nopf_web.wire.address import Endpoint
 
 from .hints import hint_for
@@ -237,7 +238,7 @@ class SessionManager:
                                   f"session {other.id}: choose another one")
         # Catch the common mistake now rather than as a failed session a moment later.
         with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            set_exclusive_address(probe)  # as listen_local binds it (Windows: exclusive)
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError as exc:
@@ -291,6 +292,10 @@ class SessionManager:
             self.store.update_session(ms.id, public_address=str(s.public_address))
         elif event.kind == "peer_address":
             self.store.update_session(ms.id, peer_address=str(s.peer_address))
+        elif event.kind == "path" and s.path is not None:
+            # The tunnel moved (resumed, or back to direct): the history keeps the
+            # path it runs over now, and this event's line says what happened.
+            self.store.update_session(ms.id, path=s.path)
         elif event.kind == "pipe_started":
             # The session's connection to the peer (seed: the pipe; coordinated: the
             # tunnel, whose streams are counted in ``connections``).

@@ -25,6 +25,8 @@ class SessionView(SessionRecord):
     rate_out: float = 0.0
     guard: dict[str, Any] | None = None  # {"active", "reason", "dropped"} (seed mode)
     guard_dropped: int = 0
+    resuming: bool = False  # coordinated: the path was lost, a new one is being found
+    path_changes: int = 0  # coordinated: moves to another path so far
 
     @classmethod
     def from_managed(cls, ms: ManagedSession, now: float | None = None) -> SessionView:
@@ -40,7 +42,7 @@ class SessionView(SessionRecord):
             ended_at=s.ended_at, mode=s.mode, code=s.code, path=s.path, live=ms.live,
             share_token=ms.share_token, rate_in=rate_in, rate_out=rate_out,
             guard=dataclasses.asdict(s.guard) if s.guard is not None else None,
-            guard_dropped=s.guard_dropped,
+            guard_dropped=s.guard_dropped, resuming=s.resuming, path_changes=s.path_changes,
         )
 
     @classmethod
@@ -89,6 +91,7 @@ class SessionView(SessionRecord):
             "code": self.code,
             "invite": self.invite,
             "path": self.path,
+            "resuming": self.resuming,
             "local_port": self.local_port,
             "rendezvous": self.rendezvous,
             "label": self.label,

@@ -116,6 +116,7 @@ PAKE_SIZE = 33  # bytes of a SPAKE2 message: side byte b"A"/b"B", 32-byte Ed2551
 PAKE_TEXT = 44  # its base64 length
 RESUME_ID_SIZE = 16  # bytes of a resume id (128 bits: no guessing, no nameplate needed)
 RELAY_TOKEN_SIZE = 16  # bytes of a relay token (single use, one per side of a pairing)
+RESUME_WAIT = 30.0  # s the first of two resume hellos waits (pinged) for the other's
 
 ERROR_CODES = frozenset({
     "bad_request",  # malformed or unexpected message

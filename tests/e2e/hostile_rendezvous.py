@@ -1,14 +1,20 @@
-"""A hostile rendezvous for the lab: it pairs peers, then lies about their addresses.
+"""A hostile rendezvous for the lab: it pairs peers, then puts itself in the middle.
 
 It speaks the real coordinated-mode protocol (nopf_web's wire codecs) well
-enough for real ``share`` / ``connect`` clients, but tells each peer that the
-other one is at the rendezvous' own address, on a port of its own per side.
-Both peers then connect to it, and it sits in the middle:
+enough for real ``share`` / ``connect`` clients. ``via="punch"``: it tells each
+peer that the other one is at the rendezvous' own address, on a port of its own
+per side, and both punch straight into it. ``via="relay"``: it gives both a
+relay-only plan (as nopf-server does for a symmetric NAT) with its own relay
+address and a token per side, answers the relay connections like nopf-server's
+relay (seed reply, token checked, ``relayed`` to both), and is then the relay.
+Either way it sits in the middle of the tunnel's TCP connection:
 
 - ``relay``: copies bytes unchanged both ways and keeps a copy of everything
   (what a passive eavesdropper on the path could read);
 - ``flip``: the same, but flips one byte of the first record after the secure
-  handshake in each direction (an active attacker injecting data);
+  handshake in each direction (an active attacker altering data);
+- ``inject``: the same, but inserts a record of its own (a valid length, random
+  ciphertext) before the first record in each direction (an attacker injecting);
 - ``mitm``: terminates both connections and runs its own SPAKE2 towards each
   peer with a guessed code (it knows the nameplate, never the words).
 
@@ -32,15 +38,20 @@ from typing import Literal
 
 from nopf_web.roles import PeerRole
 from nopf_web.tunnel.errors import TunnelError
+from nopf_web.tunnel.record_machine import RECORD_HEADER
 from nopf_web.tunnel.secure import CONFIRM_SIZE, HELLO_SIZE, Pake, open_channel
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import encode_reply
 from nopf_web.wire.rendezvous import (
+    LENGTH,
     Fire,
     FrameReader,
     Hello,
     PakeMessage,
     Probe,
+    Relay,
+    Relayed,
+    RelayStage,
     Stage,
     Welcome,
     decode_client_message,
@@ -48,14 +59,19 @@ from nopf_web.wire.rendezvous import (
 )
 from tests.lab import Host
 
-Mode = Literal["relay", "flip", "mitm"]
+Mode = Literal["relay", "flip", "inject", "mitm"]
+Via = Literal["punch", "relay"]
 RDV_PORT = 3012
 SHARER_SIDE, JOINER_SIDE = 4001, 4002  # where each peer is told its peer is
+RELAY_PORT = 4003  # via="relay": the relay address its plans give
+TOKENS = {b"S" * 16: SHARER_SIDE, b"J" * 16: JOINER_SIDE}  # relay token -> side
 # First byte of the first record's ciphertext (after hello, confirm and its
 # 4-byte length) plus a few: inside the AES-GCM ciphertext. With SPAKE2 through
 # the rendezvous the tunnel starts with the confirmation: no hello.
 FLIP_AT = HELLO_SIZE + CONFIRM_SIZE + 4 + 3
 FLIP_AT_EARLY = CONFIRM_SIZE + 4 + 3
+INJECT_AT, INJECT_AT_EARLY = FLIP_AT - 7, FLIP_AT_EARLY - 7  # where the first record starts
+INJECTED = RECORD_HEADER.pack(48) + secrets.token_bytes(48)  # a record we sealed with no key
 GUESS = "1-orbit-lantern"  # the nameplate may match; the words are a guess
 
 
@@ -63,9 +79,11 @@ GUESS = "1-orbit-lantern"  # the nameplate may match; the words are a guess
 class HostileRendezvous:
     host: Host
     mode: Mode
+    via: Via = "punch"
     seen: dict[str, bytearray] = field(default_factory=lambda: {"a>b": bytearray(),
                                                                   "b>a": bytearray()})
     pairs: int = 0  # pairs told the lie
+    relayed: int = 0  # via="relay": pairs joined by our relay
     mitm_results: list[str] = field(default_factory=list)  # what our own SPAKE2 got
     forwarded: dict[str, bytes] = field(default_factory=dict)  # SPAKE2 messages, by sender
     # mitm with forwarded SPAKE2: our halves towards the sharer (as B) and joiner (as A)
@@ -123,7 +141,8 @@ class HostileRendezvous:
             await asyncio.start_server(self._control, "0.0.0.0", RDV_PORT, reuse_address=True),
         ]
         listeners = {}
-        for side in (SHARER_SIDE, JOINER_SIDE):  # up before any peer hears of them
+        # Up before any peer hears of them.
+        for side in ((SHARER_SIDE, JOINER_SIDE) if self.via == "punch" else (RELAY_PORT,)):
             listeners[side] = socket.create_server(("0.0.0.0", side), reuse_port=True)
             listeners[side].setblocking(False)
         self._tasks.add(asyncio.create_task(self._middle(listeners)))
@@ -176,12 +195,20 @@ class HostileRendezvous:
         to_sharer, to_joiner = self._pakes(sharer_pake, msg.pake)
         rdv = Endpoint(self.host.ip, 0)
         budget = min(8.0, msg.punch_timeout, sharer_hello.punch_timeout)
-        # The lie: "your peer is at my address".
-        for w, me, side, peer_pake in ((sharer_writer, sharer_public, SHARER_SIDE, to_sharer),
-                                       (writer, public, JOINER_SIDE, to_joiner)):
-            there = Endpoint(rdv.host, side)
-            w.write(encode(Fire(me, there, (Stage("public", there, "connect", budget),), 40.0,
-                                peer_pake=peer_pake)))
+        # The lie: "your peer is at my address", or "go through my relay".
+        for w, me, side, peer_pake, peer in (
+                (sharer_writer, sharer_public, SHARER_SIDE, to_sharer, public),
+                (writer, public, JOINER_SIDE, to_joiner, sharer_public)):
+            if self.via == "relay":
+                token = next(t for t, s in TOKENS.items() if s == side)
+                fire = Fire(me, peer, (), 40.0, "relayed", peer_pake,
+                            ("symmetric", "symmetric"),
+                            RelayStage(Endpoint(rdv.host, RELAY_PORT), budget, token))
+            else:
+                there = Endpoint(rdv.host, side)
+                fire = Fire(me, there, (Stage("public", there, "connect", budget),), 40.0,
+                            peer_pake=peer_pake)
+            w.write(encode(fire))
             with contextlib.suppress(OSError):
                 w.write_eof()
         self.pairs += 1
@@ -226,21 +253,63 @@ class HostileRendezvous:
         conn.setblocking(False)
         return conn
 
+    async def _relay_side(self, conn: socket.socket) -> tuple[int, socket.socket]:
+        """One relay connection, as nopf-server's relay takes it: the seed reply, then the
+        relay frame (read exactly: what follows is the tunnel's), its side by token."""
+        loop = asyncio.get_running_loop()
+        ip, port = conn.getpeername()[:2]
+        conn.setblocking(False)
+        await loop.sock_sendall(conn, encode_reply(ip, port))
+
+        async def exactly(n: int) -> bytes:
+            data = b""
+            while len(data) < n:
+                chunk = await loop.sock_recv(conn, n - len(data))
+                if not chunk:
+                    raise ConnectionError("closed before its relay message")
+                data += chunk
+            return data
+
+        (size,) = LENGTH.unpack(await exactly(LENGTH.size))
+        msg = decode_client_message(await exactly(size))
+        assert isinstance(msg, Relay) and msg.token in TOKENS, msg
+        return TOKENS[msg.token], conn
+
+    async def _relayed(self, listener: socket.socket) -> tuple[socket.socket, socket.socket]:
+        loop = asyncio.get_running_loop()
+        try:  # one accept at a time: the loop watches a socket for one reader only
+            conns = [(await loop.sock_accept(listener))[0] for _ in range(2)]
+        finally:
+            listener.close()
+        first, second = await asyncio.gather(*(self._relay_side(c) for c in conns))
+        sides = dict([first, second])
+        a, b = sides[SHARER_SIDE], sides[JOINER_SIDE]
+        for conn in (a, b):
+            await loop.sock_sendall(conn, encode(Relayed()))
+        self.relayed += 1
+        return a, b
+
     async def _middle(self, listeners: dict[int, socket.socket]) -> None:
-        a, b = await asyncio.gather(self._accept_side(listeners[SHARER_SIDE]),
-                                    self._accept_side(listeners[JOINER_SIDE]))
+        if self.via == "relay":
+            a, b = await self._relayed(listeners[RELAY_PORT])
+        else:
+            a, b = await asyncio.gather(self._accept_side(listeners[SHARER_SIDE]),
+                                        self._accept_side(listeners[JOINER_SIDE]))
         try:
             if self.mode == "mitm":
                 await self._impersonate(a, b)
                 return
             flip = None if self.mode != "flip" else FLIP_AT_EARLY if self.forwarded else FLIP_AT
-            await asyncio.gather(self._copy(a, b, "a>b", flip), self._copy(b, a, "b>a", flip))
+            inject = (None if self.mode != "inject"
+                      else INJECT_AT_EARLY if self.forwarded else INJECT_AT)
+            await asyncio.gather(self._copy(a, b, "a>b", flip, inject),
+                                 self._copy(b, a, "b>a", flip, inject))
         finally:
             a.close()
             b.close()
 
     async def _copy(self, src: socket.socket, dst: socket.socket, name: str,
-                    flip_at: int | None) -> None:
+                    flip_at: int | None, inject_at: int | None = None) -> None:
         loop = asyncio.get_running_loop()
         seen = self.seen[name]
         try:
@@ -248,6 +317,9 @@ class HostileRendezvous:
                 data = bytearray(chunk)
                 if flip_at is not None and len(seen) <= flip_at < len(seen) + len(data):
                     data[flip_at - len(seen)] ^= 0x01
+                if inject_at is not None and len(seen) <= inject_at < len(seen) + len(data):
+                    at = inject_at - len(seen)
+                    data[at:at] = INJECTED
                 seen += chunk  # the bytes as they came: what an eavesdropper reads
                 await loop.sock_sendall(dst, bytes(data))
         except OSError:

@@ -21,8 +21,10 @@ from tests.programs import argv
 RDV = "198.51.100.2:3012"
 
 
-def start_rendezvous(lab: Lab) -> subprocess.Popen[bytes]:
-    proc = lab.rdv.popen(argv("nopf-server"), stderr=subprocess.PIPE)
+def start_rendezvous(lab: Lab, *extra: str) -> subprocess.Popen[bytes]:
+    """The real ``nopf-server`` in the lab's rdv host (``extra``: its flags, e.g.
+    ``--no-relay`` for the plans of a rendezvous without relay)."""
+    proc = lab.rdv.popen(argv("nopf-server", *extra), stderr=subprocess.PIPE)
     assert proc.stderr is not None
     line = proc.stderr.readline().decode()
     assert "listening on" in line, line

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[2]
 # The scenarios the test suite smoke-tests; add new ones here.
-QUICK = ("throughput", "streams", "latency", "setup", "punch", "rendezvous", "relay")
+QUICK = ("throughput", "streams", "latency", "setup", "punch", "rendezvous", "relay", "resume",
+         "matrix")
 ALL = {"direct", "plain", "encrypted", "socat", "ssh", "fowl"}
 
 
@@ -85,6 +86,8 @@ def test_quick_suite_writes_json_plots_and_sections(tmp_path: Path) -> None:
     assert punch["silent-drop"]["wins"] == punch["silent-drop"]["runs"] > 0
     assert punch["symmetric"]["wins"] == 0  # fails, and says why
     assert all("symmetric" in e.lower() for e in punch["symmetric"]["errors"])
+    relayed = punch["symmetric, relay on"]  # the same pair, the relay on: all connect
+    assert relayed["wins"] == relayed["runs"] > 0 and relayed["paths"] == ["relay"]
 
     rdv = json.loads((results / "rendezvous.json").read_text())["data"]
     waiting = rdv["waiting"]["nopf-server"]
@@ -100,3 +103,14 @@ def test_quick_suite_writes_json_plots_and_sections(tmp_path: Path) -> None:
             png = doc.parent / plot
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             assert f"]({plot})" in text  # linked from the doc
+
+    resume = json.loads((results / "resume.json").read_text())["data"]
+    assert resume["throughput"]["ratio"] > 0
+    for row in resume["resume"]["rounds"]:  # each rebind was noticed and resumed from
+        assert 0 < row["sharer_detect_s"] < 10 and 0 < row["connector_detect_s"] < 10
+        assert 0 < row["sharer_resume_s"] < 10 and 0 < row["connector_resume_s"] < 10
+    assert all(0 < r["to_direct_s"] < 40 for r in resume["upgrade"]["rounds"])
+
+    matrix = json.loads((results / "matrix.json").read_text())
+    for cell in matrix["data"]["cells"].values():  # every pair connected, on its rung
+        assert cell["wins"] == cell["runs"] > 0 and cell["paths"] == [cell["expected_path"]]

@@ -91,6 +91,8 @@ def test_share_connect_200_streams_encrypted_on_the_wire(lab_factory: LabFactory
         with capture(lab) as pcap:
             s, c = share_and_connect(lab, lab.a1, lab.b1)
             wait_connected(c)
+            assert f"tunnel up to {lab.a.public_ip}:" in c.stderr()
+            assert "over the public path" in c.stderr()  # punched: no relay needed
             failures: list[str] = []
 
             def stream(i: int) -> None:

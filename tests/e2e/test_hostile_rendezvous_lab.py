@@ -1,13 +1,17 @@
-"""A hostile rendezvous in the lab cannot read, alter or hijack a coordinated tunnel.
+"""A hostile rendezvous (or relay) in the lab cannot read, alter or hijack a coordinated
+tunnel.
 
 The rendezvous (tests/e2e/hostile_rendezvous.py) pairs two real peers, then
-tells each that the other is at the rendezvous' own address: both punch
-straight into it, and it sits in the middle of the TCP connection. What the
-secure channel on top must guarantee:
+puts itself in the middle of the TCP connection: it tells each that the other
+is at the rendezvous' own address, so both punch straight into it ("punch"),
+or it gives both a relay-only plan, as nopf-server does for symmetric NATs, and
+is the relay that joins them ("relay"). What the secure channel on top must
+guarantee, either way:
 
 - a pure relay carries a working tunnel but never sees the plaintext;
-- a relay that flips one byte per direction makes both sides fail with
-  ``TunnelTampered`` and delivers nothing of the altered records;
+- a relay that flips one byte per direction, or injects a record of its own,
+  makes both sides fail with ``TunnelTampered`` and delivers nothing of the
+  altered records;
 - a relay running its own SPAKE2 with a guessed code fails the handshake on
   both sides ("pairing code did not match"), before any data moves.
 
@@ -35,10 +39,18 @@ from tests.lab import Lab
 from tests.lab.fixtures import LabFactory
 
 from .coord_harness import PairOutcome, pair
-from .hostile_rendezvous import JOINER_SIDE, SHARER_SIDE, HostileRendezvous, Mode
+from .hostile_rendezvous import (
+    JOINER_SIDE,
+    RELAY_PORT,
+    SHARER_SIDE,
+    HostileRendezvous,
+    Mode,
+    Via,
+)
 
 pytestmark = pytest.mark.lab
 early = pytest.mark.parametrize("early", [False, True], ids=["in-band", "early"])
+via = pytest.mark.parametrize("via", ["punch", "relay"])
 
 MARKER = b"nopf-hostile-rdv-plaintext-5e1d"
 
@@ -56,9 +68,15 @@ def paired_through(lab: Lab, hostile: HostileRendezvous, halves: dict[str, Pake]
                pakes=None if halves is None else (maker("A"), maker("B")))
     assert out.ok, out.errors
     assert out.sharer is not None and out.joiner is not None
-    # Both "peers" are the rendezvous itself: the lie worked, it is in the middle.
-    assert out.sharer.peer == Endpoint(lab.rdv.ip, SHARER_SIDE)
-    assert out.joiner.peer == Endpoint(lab.rdv.ip, JOINER_SIDE)
+    if hostile.via == "punch":
+        # Both "peers" are the rendezvous itself: the lie worked, it is in the middle.
+        assert out.sharer.peer == Endpoint(lab.rdv.ip, SHARER_SIDE)
+        assert out.joiner.peer == Endpoint(lab.rdv.ip, JOINER_SIDE)
+    else:
+        # Both went through its relay (the real driver's relay path), which joined them.
+        for t in (out.sharer, out.joiner):
+            assert (t.path, t.relay) == ("relay", Endpoint(lab.rdv.ip, RELAY_PORT))
+        assert hostile.relayed == 1
     assert hostile.pairs == 1
     if halves is not None:  # the SPAKE2 messages went through the rendezvous
         assert out.sharer.peer_pake is not None and out.joiner.peer_pake is not None
@@ -79,17 +97,18 @@ async def channels(a: PairedTunnel, b: PairedTunnel, halves: dict[str, Pake] | N
     return await asyncio.gather(one(a), one(b), return_exceptions=True)
 
 
-def make(lab_factory: LabFactory, mode: Mode, early: bool,
+def make(lab_factory: LabFactory, mode: Mode, early: bool, via: Via = "punch",
          ) -> tuple[Lab, HostileRendezvous, dict[str, Pake] | None]:
     lab = lab_factory("rst", "drop", delay_ms=5)
-    return lab, HostileRendezvous(lab.rdv, mode), {} if early else None
+    return lab, HostileRendezvous(lab.rdv, mode, via), {} if early else None
 
 
+@via
 @early
 def test_a_relaying_rendezvous_carries_the_tunnel_but_reads_no_plaintext(
-    lab_factory: LabFactory, early: bool,
+    lab_factory: LabFactory, early: bool, via: Via,
 ) -> None:
-    lab, hostile, halves = make(lab_factory, "relay", early)
+    lab, hostile, halves = make(lab_factory, "relay", early, via)
     with hostile:
         _, a, b = paired_through(lab, hostile, halves)
         to_b = MARKER + os.urandom(20_000) + MARKER
@@ -122,17 +141,21 @@ def test_a_relaying_rendezvous_carries_the_tunnel_but_reads_no_plaintext(
         assert MARKER not in hostile.seen[direction], f"plaintext visible {direction}"
 
 
+@via
 @early
+@pytest.mark.parametrize("mode", ["flip", "inject"])
 def test_a_relay_that_flips_a_byte_is_detected_on_both_sides(lab_factory: LabFactory,
-                                                            early: bool) -> None:
-    lab, hostile, halves = make(lab_factory, "flip", early)
+                                                            early: bool, via: Via,
+                                                            mode: Mode) -> None:
+    """(Or that injects a record of its own.)"""
+    lab, hostile, halves = make(lab_factory, mode, early, via)
     with hostile:
         _, a, b = paired_through(lab, hostile, halves)
 
         async def talk() -> tuple[list[object], list[object]]:
             ca, cb = await channels(a, b, halves)  # the handshake is intact: it passes
             assert isinstance(ca, SecureChannel) and isinstance(cb, SecureChannel), (ca, cb)
-            ca.write(MARKER * 10)  # the relay flips a byte of each side's first record
+            ca.write(MARKER * 10)  # the relay alters each side's first record
             cb.write(MARKER * 10)
             outcome: dict[str, list[object]] = {"a": [], "b": []}
 
@@ -158,11 +181,12 @@ def test_a_relay_that_flips_a_byte_is_detected_on_both_sides(lab_factory: LabFac
         assert "failed authentication" in str(got[0])
 
 
+@via
 @early
 def test_a_rendezvous_running_its_own_spake2_fails_both_handshakes(
-    lab_factory: LabFactory, early: bool,
+    lab_factory: LabFactory, early: bool, via: Via,
 ) -> None:
-    lab, hostile, halves = make(lab_factory, "mitm", early)
+    lab, hostile, halves = make(lab_factory, "mitm", early, via)
     with hostile:
         _, a, b = paired_through(lab, hostile, halves)
         results = asyncio.run(channels(a, b, halves))

@@ -59,6 +59,12 @@ class Dashboard:
             except urllib.error.HTTPError as exc:
                 raise AssertionError(f"{method} {path}: {exc.code} {exc.read()!r}") from None
 
+    def text(self, path: str) -> str:
+        """A page (or export) as text."""
+        with self.host.enter(), urllib.request.urlopen(self.url + path.lstrip("/"),
+                                                       timeout=10) as resp:
+            return str(resp.read().decode())
+
     def session(self, session_id: str) -> dict[str, Any]:
         data: dict[str, Any] = self.call("GET", f"/api/sessions/{session_id}")
         return data
@@ -259,3 +265,117 @@ def test_two_dashboards_pair_by_code_behind_two_nats(
     history = dash_b.call("GET", "/api/history?limit=5")["sessions"]
     assert (history[0]["mode"], history[0]["code"], history[0]["outcome"]) == (
         "coordinated", code, "stopped")
+
+
+def test_two_dashboards_behind_symmetric_nats_connect_through_the_relay(
+        lab_factory: LabFactory, dashboards: list[Dashboard], tmp_path: Path) -> None:
+    streams, size = 4, 512 * 1024
+    lab = lab_factory("symmetric", "symmetric")
+    start_rendezvous(lab)
+    dash_a = start_dashboard(lab.a1, tmp_path / "a.sqlite3", dashboards)
+    dash_b = start_dashboard(lab.b1, tmp_path / "b.sqlite3", dashboards)
+
+    with listening(lab.a1, 3000) as service:
+        serve_digests(service, streams)
+        server = dash_a.call("POST", "/api/sessions",
+                             {"role": "server", "local_port": 3000, "label": "relayed share"})
+        server = dash_a.wait(server["id"], "pairing code", lambda d: d["code"] is not None)
+        client = dash_b.call("POST", "/api/sessions", {"role": "client", "local_port": 3010,
+                                                      "code": server["code"]})
+
+        def connected(d: dict[str, Any]) -> bool:
+            assert d["outcome"] is None, d
+            return bool(d["state"] == "connected")
+
+        server = dash_a.wait(server["id"], "connection", connected)
+        client = dash_b.wait(client["id"], "connection", connected)
+        assert server["path"] == client["path"] == "relay"
+        # The peer is still named by its own public address, not the relay's.
+        assert client["peer_address"].split(":")[0] == lab.site("a").public_ip
+        for dash, session in ((dash_a, server), (dash_b, client)):
+            page = dash.text(f"/sessions/{session['id']}")
+            assert 'data-path="relay"' in page and "through the relay" in page
+        log = dash_b.text(f"/sessions/{client['id']}")
+        assert "tunnel up over the relay at 198.51.100.2:3012" in log
+
+        def exchange(_i: int) -> bool:
+            payload = os.urandom(size)
+            with connect(lab.b1, 3010, timeout=30) as app:
+                app.sendall(payload)
+                app.shutdown(socket.SHUT_WR)
+                reply = b""
+                while chunk := app.recv(64):
+                    reply += chunk
+            return reply == hashlib.sha256(payload).digest()
+
+        with ThreadPoolExecutor(streams) as pool:
+            assert all(pool.map(exchange, range(streams)))
+        dash_b.call("DELETE", f"/api/sessions/{client['id']}")
+
+    dash_a.wait(server["id"], "end", lambda d: d["outcome"] is not None)
+    history = dash_b.call("GET", "/api/history?limit=5")["sessions"]
+    assert (history[0]["id"], history[0]["path"]) == (client["id"], "relay")
+    assert "relayed" in dash_b.text("/history")
+    csv_rows = dash_b.text("/history.csv").splitlines()
+    header = csv_rows[0].split(",")
+    assert csv_rows[1].split(",")[header.index("path")] == "relay"
+
+
+def test_a_dashboard_tunnel_leaves_the_relay_live_when_the_direct_path_opens(
+        lab_factory: LabFactory, dashboards: list[Dashboard], tmp_path: Path) -> None:
+    """The path changes while the session runs: the API, the session page and its live
+    stream follow, the event log says so, and the history keeps the new path."""
+    lab = lab_factory("drop", "drop", delay_ms=5)
+    lab.block_direct()  # the punch fails: relayed
+    start_rendezvous(lab)
+    dash_a = start_dashboard(lab.a1, tmp_path / "a.sqlite3", dashboards)
+    dash_b = start_dashboard(lab.b1, tmp_path / "b.sqlite3", dashboards)
+    with listening(lab.a1, 3000) as service:
+        serve_digests(service, 2)
+        server = dash_a.call("POST", "/api/sessions", {"role": "server", "local_port": 3000})
+        server = dash_a.wait(server["id"], "pairing code", lambda d: d["code"] is not None)
+        client = dash_b.call("POST", "/api/sessions", {"role": "client", "local_port": 3010,
+                                                      "code": server["code"]})
+        client = dash_b.wait(client["id"], "connection",
+                             lambda d: d["state"] == "connected", timeout=40)
+        assert client["path"] == "relay" and client["resuming"] is False
+        page = f"/sessions/{client['id']}"
+        live: list[str] = []
+        reader = threading.Thread(target=read_stream, args=(dash_b, f"{page}/live", live),
+                                  daemon=True)
+        reader.start()
+        lab.unblock_direct()  # the first try of a direct path comes 5 s after the relay
+        for dash, session in ((dash_a, server), (dash_b, client)):
+            dash.wait(session["id"], "the direct path", lambda d: d["path"] == "public",
+                      timeout=40)
+        deadline = time.monotonic() + 10
+        while not any('data-path="public"' in chunk for chunk in live):
+            assert time.monotonic() < deadline, live[-3:]
+            time.sleep(0.1)
+        assert any("event: path" in chunk for chunk in live)
+        text = dash_b.text(page)
+        assert 'data-path="public"' in text and "back to direct (public) after" in text
+        for i in range(2):  # the tunnel carries new connections on its new path
+            payload = os.urandom(256 * 1024)
+            with connect(lab.b1, 3010, timeout=30) as app:
+                app.sendall(payload)
+                app.shutdown(socket.SHUT_WR)
+                reply = b""
+                while chunk := app.recv(64):
+                    reply += chunk
+            assert reply == hashlib.sha256(payload).digest(), i
+        dash_b.call("DELETE", f"/api/sessions/{client['id']}")
+    dash_a.wait(server["id"], "end", lambda d: d["outcome"] is not None)
+    history = dash_b.call("GET", "/api/history?limit=5")["sessions"]
+    assert (history[0]["id"], history[0]["path"]) == (client["id"], "public")
+
+
+def read_stream(dash: Dashboard, path: str, out: list[str]) -> None:
+    """Append what a live stream sends, chunk by chunk, until it ends or fails."""
+    with dash.host.enter():
+        try:
+            with urllib.request.urlopen(dash.url + path.lstrip("/"), timeout=60) as resp:
+                while chunk := resp.read1(65536):
+                    out.append(chunk.decode(errors="replace"))
+        except OSError:
+            return

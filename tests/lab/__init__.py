@@ -8,11 +8,13 @@ Stdlib only. See :mod:`tests.lab.topology` for the topology and API,
 
 from tests.lab.topology import (
     MODES,
+    REBIND_KEYS,
     Host,
     Lab,
     LabError,
     Nat,
     Site,
+    TcpCounter,
     cleanup_prefix,
     cleanup_stale,
     lab_unavailable_reason,
@@ -21,11 +23,13 @@ from tests.lab.topology import (
 
 __all__ = [
     "MODES",
+    "REBIND_KEYS",
     "Host",
     "Lab",
     "LabError",
     "Nat",
     "Site",
+    "TcpCounter",
     "cleanup_prefix",
     "cleanup_stale",
     "lab_unavailable_reason",

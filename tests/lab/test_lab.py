@@ -23,6 +23,7 @@ from tests.lab.topology import (
     STATE_DIR,
     Host,
     Lab,
+    LabError,
     _pids_in,
     cleanup_stale,
 )
@@ -353,6 +354,93 @@ def test_mapping_endpoint_independent_vs_symmetric(lab_factory: LabFactory) -> N
     finally:
         for srv in listeners:
             srv.close()
+
+
+@pytest.mark.parametrize("mode", ["drop", "rst"])
+def test_a_rebind_breaks_connections_through_the_nat_and_moves_new_ones(
+        lab_factory: LabFactory, mode: str) -> None:
+    lab = lab_factory(mode, "drop")
+    local_port = 40000 + secrets.randbelow(20000)
+    with listen(lab.rdv) as srv, listen(lab.rdv) as other:
+        sock = tcp_socket(lab.a1)
+        sock.settimeout(5)
+        sock.connect((RDV, srv.getsockname()[1]))
+        conn, (ip, port) = srv.accept()
+        assert (ip, port) == (lab.a.public_ip, sock.getsockname()[1])  # the port kept
+        conn.settimeout(1.0)
+        sock.sendall(b"before")
+        assert conn.recv(100) == b"before"
+        assert lab.rebind("a") == 0x2000
+        # Ours leaves from a new public port: the rendezvous' kernel resets that
+        # unknown connection, and nothing reaches the old one.
+        sock.sendall(b"after")
+        with pytest.raises(ConnectionResetError):
+            sock.recv(100)
+        with pytest.raises(TimeoutError):
+            conn.recv(100)
+        # The other way, the old mapping is gone: the NAT's mode answers.
+        conn.sendall(b"late")
+        sock.close()
+        conn.close()
+        for key in (0x2000, 0x4000):
+            for _ in range(2):  # the same mapping to any destination: still punchable
+                for server in (srv, other):
+                    ip, port, local = seen_from(lab.a1, server, bind_port=local_port)
+                    assert (ip, port) == (lab.a.public_ip, local ^ key), (port, local)
+            if key == 0x2000:
+                assert lab.rebind("a") == 0x4000  # the next key, not the same
+        ip, port, local = seen_from(lab.b1, srv)
+        assert port == local  # the other site is untouched
+    assert lab.a.rebind_key == 0x4000
+    with pytest.raises(LabError, match="no NAT"):
+        lab_factory("none", "drop").rebind("a")
+
+
+def test_blocking_the_direct_path_leaves_the_rendezvous_reachable(
+        lab_factory: LabFactory) -> None:
+    lab = lab_factory("none", "none")
+    with listen(lab.a1, 6000) as srv:
+        assert attempt(lab.b1, (lab.a1.ip, 6000)) == "ok"
+        srv.accept()[0].close()
+        lab.block_direct()
+        lab.block_direct()  # idempotent
+        assert lab.direct_blocked
+        assert attempt(lab.b1, (lab.a1.ip, 6000)) == "timeout"
+        assert attempt(lab.a2, (lab.b1.ip, 6001)) == "timeout"  # not even b1's RST comes
+        with listen(lab.rdv) as rdv_srv:
+            for host in (lab.a1, lab.b1):
+                assert seen_from(host, rdv_srv)[0] == host.ip  # the rendezvous still is
+        lab.unblock_direct()
+        lab.unblock_direct()
+        assert not lab.direct_blocked
+        assert attempt(lab.b1, (lab.a1.ip, 6000)) == "ok"
+
+
+def test_a_tcp_counter_counts_one_port_both_ways(lab_factory: LabFactory) -> None:
+    lab = lab_factory("drop", "drop")
+    counter = lab.tcp_counter(lab.rdv, 7000)
+    with listen(lab.rdv, 7000) as srv, listen(lab.rdv, 7001) as other:
+        assert counter.read() == (0, 0)
+        for port, server in ((7000, srv), (7001, other)):
+            sock = tcp_socket(lab.a1)
+            sock.settimeout(5)
+            sock.connect((RDV, port))
+            conn, _ = server.accept()
+            sock.sendall(b"x" * 10_000)
+            got = 0
+            while got < 10_000:
+                got += len(conn.recv(65536))
+            conn.sendall(b"y" * 5_000)
+            sock.recv(65536)
+            sock.close()
+            conn.close()
+            if port == 7000:
+                packets, size = counter.read()
+                assert packets >= 6 and size >= 15_000
+                after_first = (packets, size)
+        time.sleep(0.2)  # the FINs of 7000 are in already; 7001 never counts
+    assert counter.read()[1] - after_first[1] < 500
+    counter.close()
 
 
 @pytest.mark.parametrize("mode", ["drop", "symmetric"])

@@ -24,6 +24,11 @@ Topology (one lab; every namespace is ``f"{prefix}-{role}"``)::
 * ``hairpin=("a",)``: that site's NAT also hairpins (a LAN host reaches a
   mapping of its own NAT through the public address), with a dynamic nft map
   of the mappings made; ``rdv_second_ip=True``: rdv also has 198.51.100.3.
+* Disturbances (:meth:`Lab.rebind`, :meth:`Lab.block_direct`): a NAT that
+  forgets its mappings and moves to other public ports (a NAT reboot, a new
+  address), and a direct path between the sites that is cut while the
+  rendezvous stays reachable; :meth:`Lab.tcp_counter` counts a host's traffic
+  on one TCP port (nft counters).
 * Optional delay/jitter/loss on every packet *forwarded* by ``inet``
   (see :mod:`tests.lab.delayer`): a round trip between sites or to rdv
   crosses ``inet`` twice, so RTT ~= 2 x delay.
@@ -53,6 +58,8 @@ import secrets
 import select
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -64,11 +71,13 @@ from typing import IO, Any
 
 __all__ = [
     "MODES",
+    "REBIND_KEYS",
     "Host",
     "Lab",
     "LabError",
     "Nat",
     "Site",
+    "TcpCounter",
     "cleanup_prefix",
     "cleanup_stale",
     "lab_unavailable_reason",
@@ -90,6 +99,14 @@ RDV_IP2 = "198.51.100.3"  # rdv's second address, with Lab(rdv_second_ip=True)
 INET_RDV_IP = "198.51.100.1"
 WAN = {"a": ("203.0.113.2", "203.0.113.1"), "b": ("192.0.2.2", "192.0.2.1")}
 PRIVATE_LAN = {"a": "10.0.1", "b": "10.0.2"}
+# What a rebound NAT does to source ports (Lab.rebind alternates): public port = local
+# port XOR key. Linux keeps a connection's source port when it may; a NAT told to map
+# into a port range picks a random port per connection for every port outside it
+# (mapping by destination: a symmetric NAT). A fixed function of the source port keeps
+# the NAT endpoint-independent (punchable) and gives every connection a new port.
+REBIND_KEYS: tuple[int, ...] = (0x2000, 0x4000)
+NETLINK_NETFILTER = 12
+_CTNETLINK_FLUSH = (1 << 8) | 2  # NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE
 PUBLIC_LAN = {"a": "100.64.1", "b": "100.64.2"}
 
 
@@ -99,11 +116,12 @@ class LabError(RuntimeError):
 
 # --------------------------------------------------------------------------- netns plumbing
 
-_libc = ctypes.CDLL(None, use_errno=True)
+# None off Unix: importing the lab (tests/conftest.py does) must work on Windows too.
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform != "win32" else None
 
 
 def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
+    if _libc is None or _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns: {os.strerror(err)}")
 
@@ -319,6 +337,7 @@ class Site:
     hosts: list[Host] = field(default_factory=list)
     lan: str = ""  # e.g. "10.0.1.0/24"
     hairpin: bool = False  # the NAT hairpins (see Lab's ``hairpin``)
+    rebind_key: int = 0  # after a rebind: public port = local port XOR this
 
     @property
     def public_ip(self) -> str:
@@ -354,6 +373,38 @@ _HAIRPIN = """
 \t}}"""
 
 
+def _postrouting_rules(mode: str, hairpin: bool, wan_ip: str, key: int = 0) -> list[str]:
+    """The NAT's source-NAT rules: masquerade on "wan" (``key``, after a rebind: TCP
+    and UDP leave from local port XOR key), and the hairpin's snat."""
+    flags = " random,fully-random" if mode == "symmetric" else ""
+    rules = []
+    if key and mode != "symmetric":  # a symmetric NAT picks new random ports anyway
+        rules += [f'oifname "wan" meta l4proto {proto} snat ip to {wan_ip} : '
+                  f"{proto} sport ^ {key:#x}" for proto in ("tcp", "udp")]
+    rules.append(f'oifname "wan" masquerade{flags}')
+    if hairpin:
+        rules.append(f'iifname "lan" oifname "lan" ct status dnat snat ip to {wan_ip}')
+    return rules
+
+
+def _flush_conntrack() -> int:
+    """Delete every connection-tracking entry of the calling thread's network namespace
+    (ctnetlink, as ``conntrack -F`` does); 0 or the kernel's errno."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as nl:
+        nl.bind((0, 0))
+        nl.settimeout(5)
+        # nlmsghdr (len, type, flags REQUEST|ACK, seq, pid), then nfgenmsg (family,
+        # version 0, resource id 0, big-endian): no attributes = every entry.
+        nl.send(struct.pack("=IHHII", 20, _CTNETLINK_FLUSH, 1 | 4, 1, 0)
+                + struct.pack("!BBH", socket.AF_INET, 0, 0))
+        reply = nl.recv(4096)
+    _, kind, _, _, _ = struct.unpack_from("=IHHII", reply)
+    if kind != 2:  # NLMSG_ERROR carries the ack (error 0)
+        return -1
+    (error,) = struct.unpack_from("=i", reply, 16)
+    return -int(error)
+
+
 def _nat_ruleset(mode: str, *, hairpin: bool = False, wan_ip: str = "") -> str:
     """The nftables ruleset of a NAT namespace (WAN = "wan", LAN bridge = "lan").
 
@@ -362,7 +413,6 @@ def _nat_ruleset(mode: str, *, hairpin: bool = False, wan_ip: str = "") -> str:
     """
     if mode == "none":
         return ""  # plain router: no NAT, no filter
-    masq = "masquerade random,fully-random" if mode == "symmetric" else "masquerade"
     if mode == "rst":
         unsolicited = "meta l4proto tcp reject with tcp reset\n\t\tdrop"
     elif mode == "icmp":
@@ -370,15 +420,13 @@ def _nat_ruleset(mode: str, *, hairpin: bool = False, wan_ip: str = "") -> str:
     else:
         unsolicited = "drop"
     extra = _HAIRPIN.format(wan=wan_ip) if hairpin else ""
-    hairpin_snat = (f'\n\t\tiifname "lan" oifname "lan" ct status dnat snat ip to {wan_ip}'
-                    if hairpin else "")
+    postrouting = "".join(f"\n\t\t{rule}" for rule in _postrouting_rules(mode, hairpin, wan_ip))
     hairpin_forward = ('\n\t\tiifname "lan" oifname "lan" ct status dnat accept'
                        if hairpin else "")
     return f"""
 table ip nopf_lab {{{extra}
 \tchain postrouting {{
-\t\ttype nat hook postrouting priority srcnat; policy accept;
-\t\toifname "wan" {masq}{hairpin_snat}
+\t\ttype nat hook postrouting priority srcnat; policy accept;{postrouting}
 \t}}
 \tchain forward {{
 \t\ttype filter hook forward priority filter; policy drop;
@@ -396,6 +444,55 @@ table ip nopf_lab {{{extra}
 \t}}
 }}
 """
+
+
+# The direct path between the sites, cut in ``inet`` (before its other rules).
+_BLOCK_DIRECT = """
+table ip nopf_block {
+\tchain forward {
+\t\ttype filter hook forward priority filter - 10; policy accept;
+\t\tiifname "to-a" oifname "to-b" drop
+\t\tiifname "to-b" oifname "to-a" drop
+\t}
+}
+"""
+
+
+class TcpCounter:
+    """Packets and bytes of one host's TCP traffic on one port, both directions (nft
+    named counters in a table of its own, ``ip nopf_count_PORT``)."""
+
+    def __init__(self, host: Host, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.table = f"nopf_count_{port}"
+        _run(host.command(["nft", "-f", "-"]), f"""
+table ip {self.table} {{
+\tcounter seen {{
+\t}}
+\tchain input {{
+\t\ttype filter hook input priority raw; policy accept;
+\t\ttcp dport {port} counter name "seen"
+\t\ttcp sport {port} counter name "seen"
+\t}}
+\tchain output {{
+\t\ttype filter hook output priority raw; policy accept;
+\t\ttcp sport {port} counter name "seen"
+\t\ttcp dport {port} counter name "seen"
+\t}}
+}}
+""")
+
+    def read(self) -> tuple[int, int]:
+        """(packets, bytes) so far."""
+        out = self.host.run(["nft", "-j", "list", "counter", "ip", self.table, "seen"])
+        for item in json.loads(out.stdout)["nftables"]:
+            if "counter" in item:
+                return int(item["counter"]["packets"]), int(item["counter"]["bytes"])
+        raise LabError(f"no counter in {self.table}")
+
+    def close(self) -> None:
+        self.host.run(["nft", "delete", "table", "ip", self.table], check=False)
 
 
 # --------------------------------------------------------------------------- the lab
@@ -487,6 +584,7 @@ class Lab:
         self._started = False
         self._is_up = False
         self._lock = threading.Lock()
+        self._direct_blocked = False
 
         def ns(role: str) -> str:
             return f"{self.prefix}-{role}"
@@ -598,6 +696,59 @@ class Lab:
             f"internet router, delay {self.delay_ms:g}±{self.jitter_ms:g} ms, "
             f"loss {self.loss:g} per pass"
         )
+
+    # ------------------------------------------------------------------ disturbances
+
+    def rebind(self, site: str) -> int:
+        """Site ``site``'s NAT forgets every mapping and maps to new public ports, as a
+        NAT reboot or a new address would: its connection tracking is flushed (as
+        ``conntrack -F`` does, here over ctnetlink) and from now on a connection
+        from local port P leaves from public port P XOR key (the next of
+        :data:`REBIND_KEYS`, never the key in force; a symmetric NAT keeps picking
+        random ports). Connections through it break: their next packets leave
+        from a public port the far end has never seen, and the far end's packets
+        to the old port find no mapping (the NAT's mode decides: dropped, TCP
+        reset, ICMP). New connections work, and the NAT stays endpoint-independent
+        (punchable). Returns the key now in force."""
+        where = self.site(site)
+        if not where.natted:
+            raise LabError(f"site {site} has no NAT (mode none): nothing to rebind")
+        key = next(k for k in REBIND_KEYS if k != where.rebind_key)
+        rules = _postrouting_rules(where.mode, where.hairpin, where.nat.wan_ip, key)
+        batch = "flush chain ip nopf_lab postrouting\n" + "".join(
+            f"add rule ip nopf_lab postrouting {rule}\n" for rule in rules)
+        _run(where.nat.command(["nft", "-f", "-"]), batch)
+        with _in_netns(where.nat.ns):
+            error = _flush_conntrack()
+        if error:
+            raise LabError(f"flushing {where.nat.name}'s connection tracking failed: "
+                           f"{os.strerror(error) if error > 0 else 'no ack'}")
+        where.rebind_key = key
+        return key
+
+    def block_direct(self) -> None:
+        """Cut the direct path between the sites: ``inet`` drops whatever it would
+        forward from one site to the other (silently, as a broken link). Both
+        sites still reach the rendezvous. Idempotent."""
+        if self._direct_blocked:
+            return
+        _run(self.inet.command(["nft", "-f", "-"]), _BLOCK_DIRECT)
+        self._direct_blocked = True
+
+    def unblock_direct(self) -> None:
+        """Undo :meth:`block_direct` (idempotent)."""
+        if not self._direct_blocked:
+            return
+        _run(self.inet.command(["nft", "delete", "table", "ip", "nopf_block"]))
+        self._direct_blocked = False
+
+    @property
+    def direct_blocked(self) -> bool:
+        return self._direct_blocked
+
+    def tcp_counter(self, host: Host, port: int) -> TcpCounter:
+        """Count the TCP traffic of ``host`` on ``port`` (either end), from now on."""
+        return TcpCounter(host, port)
 
     # ------------------------------------------------------------------ lifecycle
 

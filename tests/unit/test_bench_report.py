@@ -82,23 +82,23 @@ def test_json_record(tmp_path: Path) -> None:
 
 def test_write_outputs_keeps_prose_and_collects_targets(tmp_path: Path) -> None:
     doc, results = tmp_path / "BENCHMARKS.md", tmp_path / "results"
-    doc.write_text(PROSE)
+    doc.write_text(PROSE, encoding="utf-8")
     write_outputs(result("throughput", met=True), date="d1", budget_s=1, quick=False,
                   doc=doc, results=results)
     write_outputs(result("latency", met=False), date="d2", budget_s=1, quick=False,
                   doc=doc, results=results)
-    text = doc.read_text()
+    text = doc.read_text(encoding="utf-8")
     assert text.startswith(PROSE.rstrip("\n")) and "Keep me." in text
     for name in ("throughput", "latency", "targets"):
         assert text.count(begin(name)) == 1
     targets = text[text.index(begin("targets")):text.index(end("targets"))]
     assert "| throughput |" in targets and "| latency |" in targets and "NOT met" in targets
-    saved = json.loads((results / "latency.json").read_text())
+    saved = json.loads((results / "latency.json").read_text(encoding="utf-8"))
     assert saved["date"] == "d2" and saved["targets"][0]["met"] is False
     # A later run of one scenario replaces only its own section.
     write_outputs(result("throughput", met=False), date="d3", budget_s=1, quick=False,
                   doc=doc, results=results)
-    again = doc.read_text()
+    again = doc.read_text(encoding="utf-8")
     assert again.count(begin("throughput")) == 1 and "d3" in again and "d2" in again
 
 

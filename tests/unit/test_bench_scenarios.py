@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 from pathlib import Path
 
 import pytest
 
-from bench.scn_rendezvous import Waiting, source
-from bench.scn_util import fmt, in_rtts, median, pct, raise_nofile, rss_kib, setup_target, table
+pytestmark = pytest.mark.linux_only("the benchmark suite measures Linux lab paths")
+# Off Unix the bench modules do not even import (they use resource): skip the module.
+resource = pytest.importorskip("resource", reason="linux_only: the benchmark suite is Linux's")
+
+from bench.scn_rendezvous import Waiting, source  # noqa: E402
+from bench.scn_util import (  # noqa: E402
+    fmt,
+    in_rtts,
+    median,
+    pct,
+    raise_nofile,
+    rss_kib,
+    setup_target,
+    table,
+)
 
 
 def test_median_and_pct_pick_observed_values() -> None:

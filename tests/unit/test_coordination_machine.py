@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nopf_web.errors import NopfError
 from nopf_web.pairing import PairingCode, parse_code
 from nopf_web.punch.machine import Failure, PunchConfig, PunchTimeout
 from nopf_web.rendezvous.errors import (
@@ -34,20 +35,24 @@ from nopf_web.sessions.coordination_machine import (
     Fail,
     FinishPake,
     MakePake,
+    Met,
     OpenPath,
     Paired,
     Punch,
+    Resume,
     Say,
     Send,
     ShowCode,
     Succeed,
     Timings,
+    ViaRelay,
     refusal,
 )
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import encode_reply
 from nopf_web.wire.rendezvous import (
     ERROR_CODES,
+    RESUME_WAIT,
     ClientMessage,
     ErrorReply,
     Fire,
@@ -57,6 +62,7 @@ from nopf_web.wire.rendezvous import (
     Ping,
     Pong,
     Probe,
+    RelayStage,
     ServerMessage,
     Stage,
     Welcome,
@@ -197,6 +203,11 @@ def the_paths(p: Peer) -> list[OpenPath]:
     return [a for a in p.actions if isinstance(a, OpenPath)]
 
 
+def punches(p: Peer) -> list[Punch]:
+    """The punch paths opened, in order."""
+    return [a.how for a in the_paths(p) if isinstance(a.how, Punch)]
+
+
 # -- the whole conversation --------------------------------------------------------------
 
 
@@ -207,7 +218,7 @@ def share(cuts: Iterable[int] = (), deferred: bool = False) -> Peer:
     hello_conn = p.connect(deferred=deferred)
     assert p.last(Connect) == Connect(hello_conn, port, fastopen=True)
     assert p.client_frames(hello_conn) == [
-        Hello("share", None, (Endpoint(LOCAL, port),), PUBLIC, 15.0)]
+        Hello("share", None, (Endpoint(LOCAL, port),), PUBLIC, 15.0, relay=True)]
     p.says(hello_conn, reply() + frames(Ping(1), Welcome(7, 600.0, PUBLIC), Ping(2), fire()),
            cuts)
     return p
@@ -250,19 +261,20 @@ def test_connect_sends_its_pake_in_the_hello_and_answers_pings(cuts: list[int]) 
     assert p.start() == [Connect(1, 0, fastopen=True), MakePake("7-orbit-lantern")]
     conn = p.connect()
     [hello] = p.client_frames(conn)
-    assert hello == Hello("join", 7, (Endpoint(LOCAL, 40001),), None, 15.0, pake=OUR_PAKE)
+    assert hello == Hello("join", 7, (Endpoint(LOCAL, 40001),), None, 15.0, pake=OUR_PAKE,
+                          relay=True)
     p.now = 0.1
     lan_stage = Stage("lan", PEER_LAN, "arm", 1.0)
     p.says(conn, reply() + frames(Ping(5), Ping(6), fire(lan_stage, Stage("public", PEER,
                                                                          "connect", 3.0))),
            cuts)
     assert p.client_frames(conn)[1:] == [Pong(5), Pong(6)]
-    paths = the_paths(p)
-    assert [o.how.stage for o in paths] == [lan_stage]  # one rung at a time
-    assert paths[0].how.config == PunchConfig(timeout=1.0, arm_ttl=0, first_shot=False)
+    paths = punches(p)
+    assert [o.stage for o in paths] == [lan_stage]  # one rung at a time
+    assert paths[0].config == PunchConfig(timeout=1.0, arm_ttl=0, first_shot=False)
     assert p.of(FinishPake) == [FinishPake(PEER_PAKE)]
     p.feed(p.machine.path_failed(1, PunchTimeout("lan: no", Counter()), p.now))
-    assert [o.how.stage.path for o in the_paths(p)] == ["lan", "public"]
+    assert [o.stage.path for o in punches(p)] == ["lan", "public"]
     assert p.of(FinishPake) == [FinishPake(PEER_PAKE)]  # once per attempt
     [succeed] = [a for a in p.feed(p.machine.path_opened(2, 0.2)) if isinstance(a, Succeed)]
     assert succeed.paired.role == "client" and succeed.paired.path == "public"
@@ -295,6 +307,7 @@ def test_without_pake_neither_message_travels() -> None:
     p.says(conn, reply() + frames(fire()))
     assert not p.of(FinishPake)
     [succeed] = [a for a in p.feed(p.machine.path_opened(1, 1.0)) if isinstance(a, Succeed)]
+    assert isinstance(succeed.paired, Paired)
     assert succeed.paired.peer_pake is None
 
 
@@ -595,7 +608,8 @@ def rejoin(p: Peer, the_fire: Fire | None = None) -> None:
     conn = p.connect()
     [hello] = p.client_frames(conn)
     assert hello == Hello("rejoin", 7, (Endpoint(LOCAL, port),), PUBLIC,
-                          hello.punch_timeout, pake=OUR_PAKE)  # type: ignore[union-attr]
+                          hello.punch_timeout, pake=OUR_PAKE,  # type: ignore[union-attr]
+                          relay=True)
     p.says(conn, reply() + frames(the_fire or fire()))
 
 
@@ -613,6 +627,7 @@ def test_a_failed_attempt_is_coordinated_again_and_can_succeed() -> None:
     assert p.client_frames(3)[0].punch_timeout == 26.0  # type: ignore[union-attr]
     assert len(p.of(FinishPake)) == 2
     [succeed] = [a for a in p.feed(p.machine.path_opened(2, 5.0)) if isinstance(a, Succeed)]
+    assert isinstance(succeed.paired, Paired)
     assert succeed.paired.attempt == 2
     assert succeed.paired.timings.started == 4.0
     assert succeed.paired.timings.probed == 4.0
@@ -723,3 +738,194 @@ def test_events_of_connections_and_paths_given_up_change_nothing() -> None:
     assert p.feed(p.machine.path_failed(1, TIMEOUT, 2.0)) == []
     assert p.feed(p.machine.timer(1e9)) == []
     assert p.machine.done
+
+
+# -- the ladder: relay stages ------------------------------------------------------------
+
+RELAY_AT = Endpoint("198.51.100.2", 3012)
+RELAY_STAGE = RelayStage(RELAY_AT, 11.0, bytes(range(16)))
+
+
+def relay_fire(*stages: Stage, mapping: tuple[str, str] | None = ("stable", "symmetric"),
+               ) -> Fire:
+    return Fire(PUBLIC, PEER, stages, 40.0, "relayed", PEER_PAKE, mapping,  # type: ignore[arg-type]
+                relay=RELAY_STAGE)
+
+
+def vias(p: Peer) -> list[tuple[int, ViaRelay]]:
+    return [(a.path, a.how) for a in the_paths(p) if isinstance(a.how, ViaRelay)]
+
+
+@settings(max_examples=100)
+@given(cuts=cut_points, role=st.sampled_from(["server", "client"]))
+def test_a_relay_only_plan_goes_to_the_relay_at_once(cuts: list[int], role: PeerRole) -> None:
+    if role == "server":
+        p = Peer("server", punch_timeout=30.0)
+        p.start()
+        p.probe()
+        conn = p.connect()
+        p.says(conn, reply() + frames(Welcome(7, 600.0, PUBLIC), relay_fire()), cuts)
+    else:
+        p = Peer("client", punch_timeout=30.0)
+        p.start()
+        conn = p.connect()
+        p.says(conn, reply() + frames(Ping(1), relay_fire()), cuts)
+    assert not punches(p)
+    [(path, via)] = vias(p)
+    assert via == ViaRelay("0.0.0.0", RELAY_STAGE)
+    assert p.said()[-1] == f"the peer's NAT is symmetric: going through the relay at {RELAY_AT}"
+    assert p.of(FinishPake) == [FinishPake(PEER_PAKE)]  # while the relay connection opens
+    local = Endpoint(LOCAL, 51234)
+    p.now = 0.3
+    done = p.feed(p.machine.path_opened(path, p.now, local))
+    assert done[0] == Say(f"tunnel up over the relay at {RELAY_AT} (the peer's NAT is "
+                          "symmetric)")
+    [succeed] = [a for a in done if isinstance(a, Succeed)]
+    paired = succeed.paired
+    assert isinstance(paired, Paired)
+    assert (paired.path, paired.peer, paired.relay, paired.local, paired.why, paired.role) == (
+        "relay", PEER, RELAY_AT, local, "the peer's NAT is symmetric", role)
+    assert paired.over == f"over the relay at {RELAY_AT}"
+    assert paired.peer_pake == PEER_PAKE and p.machine.done
+
+
+@pytest.mark.parametrize(("mapping", "why"), [
+    (("symmetric", "stable"), "our NAT is symmetric"),
+    (("symmetric", "symmetric"), "both NATs are symmetric"),
+    (("unknown", "symmetric"), "the peer's NAT is symmetric"),
+    (None, "the rendezvous planned no direct path"),
+])
+def test_the_reason_for_the_relay_is_named(mapping: tuple[str, str] | None, why: str) -> None:
+    p = joined(the_fire=relay_fire(mapping=mapping))
+    [(path, _)] = vias(p)
+    [succeed] = [a for a in p.feed(p.machine.path_opened(path, 1.0)) if isinstance(a, Succeed)]
+    assert succeed.paired.why == why
+    assert succeed.paired.local == Endpoint("0.0.0.0", 0)  # the driver did not say
+
+
+def test_punch_stages_first_then_the_relay_in_the_same_attempt() -> None:
+    p = joined(the_fire=relay_fire(Stage("lan", PEER_LAN, "arm", 1.0),
+                                   Stage("public", PEER, "connect", 3.0), mapping=None))
+    assert [o.stage.path for o in punches(p)] == ["lan"] and not vias(p)
+    p.feed(p.machine.path_failed(1, TIMEOUT, 1.0))
+    assert [o.stage.path for o in punches(p)] == ["lan", "public"] and not vias(p)
+    p.feed(p.machine.path_failed(2, TIMEOUT, 4.0))
+    [(path, via)] = vias(p)
+    assert via.stage == RELAY_STAGE
+    assert p.said()[-1] == f"no direct path within 4 s: going through the relay at {RELAY_AT}"
+    assert len(p.of(Connect)) == 1  # no meeting again
+    [succeed] = [a for a in p.feed(p.machine.path_opened(path, 4.2)) if isinstance(a, Succeed)]
+    assert isinstance(succeed.paired, Paired)
+    assert succeed.paired.path == "relay" and succeed.paired.attempt == 1
+    assert succeed.paired.why == "no direct path within 4 s"
+    assert len(p.of(FinishPake)) == 1
+
+
+@pytest.mark.parametrize("error", [
+    errors.RelayRefused("relay 198.51.100.2:3012 refused our token: relay token already used"),
+    errors.RelayTimeout("the relay at 198.51.100.2:3012 did not join us with the peer within "
+                        "11 s: the peer never reached it"),
+    RendezvousUnreachable("relay: rendezvous 198.51.100.2:3012: Connection refused"),
+])
+def test_a_failed_relay_ends_the_attempt_with_its_error_and_no_retry(
+        error: NopfError) -> None:
+    p = joined(punch_timeout=100.0, the_fire=relay_fire(Stage("public", PEER, "connect", 3.0),
+                                                        mapping=None))
+    fail_paths(p)  # the punch
+    [(path, _)] = vias(p)
+    p.feed(p.machine.path_failed(path, error, 15.0))
+    assert p.failure() is error
+    assert len(p.of(Connect)) == 1 and p.machine.done  # plenty of time left, no retry
+    assert p.machine.wake_at is None
+
+
+def test_a_fire_without_a_relay_stage_is_retried_as_before() -> None:
+    p = joined(the_fire=fire(Stage("public", PEER, "connect", 3.0)))
+    fail_paths(p)
+    assert not vias(p) and not p.of(Fail)
+    assert "coordinating again" in p.said()[-1]
+
+
+# -- the resume meeting, on bytes ----------------------------------------------------------
+
+RID = bytes(range(100, 116))
+
+
+def resuming(role: PeerRole, direct_only: bool = False, **config: float) -> Peer:
+    p = Peer(role, pake=False, **config)
+    p.machine = CoordinationMachine(CoordinationConfig(
+        role=role, where=RDV, net_timeout=NET, resume=Resume(RID, direct_only),
+        **config))  # type: ignore[arg-type]
+    p.start()
+    return p
+
+
+@settings(max_examples=100)
+@given(cuts=cut_points, role=st.sampled_from(["server", "client"]), direct=st.booleans())
+def test_a_resume_meeting_checks_the_mapping_then_says_resume(
+        cuts: list[int], role: PeerRole, direct: bool) -> None:
+    p = resuming(role, direct, punch_timeout=40.0)
+    port = p.probe(cuts=cuts)  # from a fresh port, like a sharer's
+    conn = p.connect()
+    assert p.last(Connect) == Connect(conn, port, fastopen=True)
+    [hello] = p.client_frames(conn)
+    assert hello == Hello("resume", None, (Endpoint(LOCAL, port),), PUBLIC, 40.0,
+                          resume_id=RID, side="share" if role == "server" else "join",
+                          direct_only=direct)  # the whole budget: no retry slot
+    assert not p.of(MakePake)
+    # The first to arrive waits (pinged) up to RESUME_WAIT for the other.
+    p.says(conn, reply() + frames(Ping(1), Ping(2)), cuts)
+    assert p.client_frames(conn)[1:] == [Pong(1), Pong(2)]
+    assert p.machine.wake_at == RESUME_WAIT + FIRE_GRACE
+    p.now = 20.0
+    p.says(conn, frames(fire(Stage("public", PEER, "arm", 5.0), mapping=("stable", "stable"))))
+    [punch] = punches(p)
+    assert punch.local == Endpoint("0.0.0.0", port)
+    [succeed] = [a for a in p.feed(p.machine.path_opened(1, 20.1)) if isinstance(a, Succeed)]
+    assert succeed.paired == Met(role, PEER, "public", Endpoint("0.0.0.0", port), PUBLIC, 0.04,
+                                 Timings(0.0, 0.0, 20.0, 20.1, 0.0, 0.0))
+
+
+def test_a_resume_with_a_relay_stage_returns_a_relayed_connection() -> None:
+    p = resuming("client")
+    p.probe()
+    conn = p.connect()
+    p.says(conn, reply() + frames(relay_fire()))
+    [(path, _)] = vias(p)
+    [succeed] = [a for a in p.feed(p.machine.path_opened(path, 1.0, Endpoint(LOCAL, 5)))
+                 if isinstance(a, Succeed)]
+    assert isinstance(succeed.paired, Met)
+    assert (succeed.paired.path, succeed.paired.relay) == ("relay", RELAY_AT)
+
+
+def test_the_resume_waits_are_named() -> None:
+    p = resuming("server")
+    p.probe()
+    conn = p.connect()
+    p.says(conn, reply())
+    assert str(waited(p)) == (f"rendezvous {RDV} sent no fire instruction (the peer did not "
+                              f"resume) within {RESUME_WAIT + FIRE_GRACE:g} s")
+    q = resuming("client")
+    q.probe()
+    conn = q.connect()
+    q.says(conn, reply() + frames(ErrorReply("timeout", "the peer did not resume within 30 s")))
+    error = q.failure()
+    assert isinstance(error, errors.PeerDidNotResume)
+    assert str(error) == f"rendezvous {RDV}: the peer did not resume within 30 s"
+
+
+def test_a_failed_direct_only_resume_is_not_retried() -> None:
+    p = resuming("server", True, punch_timeout=60.0)
+    p.probe()
+    conn = p.connect()
+    p.says(conn, reply() + frames(fire(Stage("public", PEER, "arm", 5.0))))
+    fail_paths(p)
+    assert isinstance(p.failure(), errors.CoordinatedPunchTimeout)
+    assert len(p.of(Connect)) == 2  # the probe and the hello: no meeting again
+
+
+def test_a_resume_has_no_code_and_no_spake2() -> None:
+    with pytest.raises(ValueError, match="no code and no SPAKE2"):
+        CoordinationConfig(role="client", where=RDV, code=CODE, resume=Resume(RID))
+    with pytest.raises(ValueError, match="no code and no SPAKE2"):
+        CoordinationConfig(role="server", where=RDV, pake=True, resume=Resume(RID))

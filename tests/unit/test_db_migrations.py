@@ -16,7 +16,7 @@ from nopf_web.resources import resource_dir
 def _write(directory: Path, files: dict[str, str]) -> Path:
     directory.mkdir(exist_ok=True)
     for name, sql in files.items():
-        (directory / name).write_text(sql)
+        (directory / name).write_text(sql, encoding="utf-8")
     return directory
 
 

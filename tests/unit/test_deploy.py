@@ -12,7 +12,11 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from nopf_web.cli.server import _relay_limits, build_parser
+
+pytestmark = pytest.mark.linux_only("the server's deployment files are for Linux (systemd, Docker)")
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "nopf-server.service"
@@ -22,7 +26,7 @@ DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 def unit_settings() -> dict[str, list[str]]:
     """The unit's ``Key=value`` lines (continuations joined), values per key."""
     settings: dict[str, list[str]] = {}
-    text = UNIT.read_text().replace("\\\n", " ")
+    text = UNIT.read_text(encoding="utf-8").replace("\\\n", " ")
     for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith(("#", "[")) and "=" in line:
@@ -47,7 +51,7 @@ def test_the_units_command_line_is_valid_for_nopf_server() -> None:
 
 
 def test_the_dockerfile_context_builds_the_wheel(tmp_path: Path) -> None:
-    text = DOCKERFILE.read_text()
+    text = DOCKERFILE.read_text(encoding="utf-8")
     lines = [line.split() for line in text.splitlines() if line.startswith("COPY ")]
     assert lines, "the Dockerfile copies nothing"
     context = tmp_path / "context"

@@ -24,7 +24,8 @@ def test_machines_import_no_io() -> None:
     machines = sorted(PACKAGE.rglob("*machine*.py"))
     assert PACKAGE / "sessions" / "coordination_machine.py" in machines
     for path in machines:
-        tops = {name.split(".")[0] for name in _imported(ast.parse(path.read_text()))}
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        tops = {name.split(".")[0] for name in _imported(tree)}
         assert not tops & IO_MODULES, f"{path.relative_to(PACKAGE)} imports {tops & IO_MODULES}"
 
 
@@ -32,7 +33,7 @@ def _engine_classes() -> set[str]:
     """Every class the engine implementations define (SeedEngine, CoordinatedEngine...)."""
     names = set()
     for module in ("seed.py", "coordinated.py"):
-        tree = ast.parse((PACKAGE / "sessions" / module).read_text())
+        tree = ast.parse((PACKAGE / "sessions" / module).read_text(encoding="utf-8"))
         names |= {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
     return names
 
@@ -41,7 +42,7 @@ def test_the_web_layer_never_checks_an_engines_class() -> None:
     engines = _engine_classes()
     assert {"SeedEngine", "CoordinatedEngine"} <= engines
     for path in sorted((PACKAGE / "web").rglob("*.py")):
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         where = path.relative_to(PACKAGE)
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module in (

@@ -18,7 +18,7 @@ MACHINES = sorted(PACKAGE.rglob("*machine*.py"))
 def imported_modules(path: Path) -> set[str]:
     """Top-level names of every module ``path`` imports, anywhere in the file."""
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:

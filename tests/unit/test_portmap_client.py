@@ -22,7 +22,7 @@ HEADER = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\
 
 def route_table(tmp_path: Path, *rows: str) -> Path:
     path = tmp_path / "route"
-    path.write_text(HEADER + "".join(rows))
+    path.write_text(HEADER + "".join(rows), encoding="utf-8")
     return path
 
 

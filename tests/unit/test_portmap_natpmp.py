@@ -293,7 +293,7 @@ def test_machines_do_no_io() -> None:
     forbidden = {"asyncio", "socket", "selectors", "threading", "time"}
     root = Path(n.__file__).parent
     for path in sorted(root.glob("*machine*.py")):
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         imported = {alias.name.split(".")[0] for node in ast.walk(tree)
                     if isinstance(node, ast.Import) for alias in node.names}
         imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree)

@@ -634,3 +634,45 @@ def test_a_probe_answered_closes_the_worse_candidate_whatever_the_clock_reads() 
         (pong,) = sends(b.receive(pb, probe, now))
         events = a.receive(pa, pong, now + 0.001)
         assert kinds(events) == ["ClosePath", "PathFailed"], now
+
+
+def test_the_owners_failed_attempts_are_named_once_each_with_repeats_counted() -> None:
+    a, _b, pa, _pb = pair(resume_budget=10.0)
+    a.attempt_failed("not lost: ignored")
+    a.path_closed(pa, ConnectionResetError(104, "Connection reset by peer"), 5.0)
+    for _ in range(3):
+        a.attempt_failed("meeting through the rendezvous: Connection refused")
+    a.attempt_failed("meeting through the rendezvous: the peer did not resume")
+    events = a.timer(15.0)
+    assert kinds(events) == ["TunnelFailed"]
+    assert str(events[0].error).endswith(  # type: ignore[union-attr]
+        "(tried: meeting through the rendezvous: Connection refused (3 times); meeting "
+        "through the rendezvous: the peer did not resume)")
+
+
+def test_a_receiver_notices_the_stream_stopping_within_2t_not_at_its_keepalive() -> None:
+    a, b, pa, pb = pair(keepalive=15.0)
+    for t in (1.0, 1.5, 2.0):  # a one-way transfer: b only receives (and acks)
+        for record in sends(a.send([bytes(1000)], t)):
+            b.receive(pb, record, t)
+        for ack in sends(b.timer(t + 0.02)):
+            a.receive(pa, ack, t + 0.03)
+    assert b.unacked_bytes == 0  # nothing of b's own outstanding
+    assert b.next_deadline == pytest.approx(3.0)  # T after the peer's last byte
+    (probe,) = sends(b.timer(3.0))
+    assert probe[0] == 4
+    events = b.timer(4.0)
+    assert kinds(events) == ["ClosePath", "PathLost", "NeedPath"]
+    assert events[1].silent_for == pytest.approx(2.0)  # type: ignore[union-attr]
+
+
+def test_a_stream_that_merely_stopped_costs_one_ping_then_idles() -> None:
+    a, b, pa, pb = pair(keepalive=15.0)
+    (record,) = sends(a.send([b"the last bytes for a while"], 1.0))
+    b.receive(pb, record, 1.0)
+    for ack in sends(b.timer(1.02)):
+        a.receive(pa, ack, 1.03)
+    (probe,) = sends(b.timer(2.0))
+    (pong,) = sends(a.receive(pa, probe, 2.01))
+    b.receive(pb, pong, 2.02)  # alive: the silence that follows is no news
+    assert b.next_deadline == pytest.approx(2.02 + 15.0)

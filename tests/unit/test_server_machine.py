@@ -206,7 +206,7 @@ def test_machines_import_no_io_or_clock() -> None:
     machines = sorted(root.rglob("*machine*.py"))
     assert root / "rendezvous" / "server_machine.py" in machines
     for path in machines:
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for name in names:

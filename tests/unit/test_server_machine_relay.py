@@ -16,7 +16,6 @@ from nopf_web.rendezvous.server_machine import (
     FIRE_MARGIN,
     RELAY_TOKEN_GRACE,
     RELAY_TOKEN_MEMORY,
-    RESUME_WAIT,
     RelayEnded,
     RelayLimits,
     ServerLimits,
@@ -26,6 +25,7 @@ from nopf_web.rendezvous.server_machine import (
 )
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.rendezvous import (
+    RESUME_WAIT,
     ErrorReply,
     Fire,
     Hello,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import sys
 
 import pytest
 
@@ -12,7 +11,7 @@ from nopf_web.sockets import ignore_syn_errors
 IP_MINTTL = getattr(socket, "IP_MINTTL", 21)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="IP_MINTTL is Linux-only here")
+@pytest.mark.linux_only("IP_MINTTL is Linux's")
 def test_syn_errors_are_ignored_just_above_the_syn_ttl_and_then_no_more() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         # ICMP errors quote our SYN with at most the TTL it left with: IP_MINTTL

@@ -1,0 +1,130 @@
+"""The NAT matrix of coordinated mode with the relay on: every pair connected, and how.
+
+Per pair of lab NAT kinds (sharer site x connector site, every kind including
+symmetric) and for two hosts behind one NAT, one lab with the real ``nopf-server``
+on rdv (its relay on, the default) and coordinated peers run in-process (``share``
+in a1, ``connect`` in b1 or a2), each run checked by exchanging random bytes both
+ways: the runs of :func:`bench.coord_matrix.run_cell`. The path each pair took
+(``public``: punched, ``relay``, ``lan``) is what the ladder chose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.coord_matrix import MODES, Cell, run_cell
+from bench.report import Progress, ScenarioResult, Target
+from bench.scn_util import fmt, median, table
+
+NAME = "matrix"
+TITLE = "NAT matrix with the relay: every pair connected, and the path it took"
+BUDGET_S = 300
+
+DELAY_MS, JITTER_MS = 10.0, 2.0
+PUNCH_TIMEOUT = 10.0
+# Quick mode: the pairs that exercise each rung (punched, relayed at once, relayed
+# after a short punch, LAN behind a symmetric NAT).
+QUICK = (("drop", "rst", False), ("symmetric", "drop", False), ("drop", "symmetric", False),
+         ("symmetric", "symmetric", False), ("symmetric", "drop", True))
+
+
+def expected_path(left: str, right: str, same: bool) -> str:
+    """What the ladder should take: the LAN behind one NAT, the relay when a symmetric
+    NAT faces another NAT, else a punched public path."""
+    if same:
+        return "lan"
+    return "relay" if "symmetric" in (left, right) else "public"
+
+
+def run(progress: Progress, quick: bool, outdir: Path) -> ScenarioResult:
+    runs = 1 if quick else 5
+    args = argparse.Namespace(runs=runs, delay_ms=DELAY_MS, jitter_ms=JITTER_MS, loss=0.0,
+                              punch_timeout=PUNCH_TIMEOUT)
+    pairs = QUICK if quick else (
+        *((left, right, False) for left, right in itertools.product(MODES, repeat=2)),
+        *((mode, "drop", True) for mode in MODES))
+    spend = (BUDGET_S - 20) if not quick else 60
+    t0 = time.monotonic()
+    cells: dict[tuple[str, str, bool], Cell] = {}
+    for k, (left, right, same) in enumerate(pairs):
+        label = f"same {left}" if same else f"{left} -> {right}"
+        progress(f"{label}: {runs} pairings")
+        cells[(left, right, same)] = run_cell(
+            left, right, same, args, progress=progress,
+            deadline=t0 + spend * (k + 1) / len(pairs))
+    data: dict[str, Any] = {"runs_wanted": runs, "delay_ms": DELAY_MS, "jitter_ms": JITTER_MS,
+                            "punch_timeout_s": PUNCH_TIMEOUT, "cells": {}}
+    for (left, right, same), c in cells.items():
+        key = f"same {left}" if same else f"{left} x {right}"
+        data["cells"][key] = {
+            "sharer": left, "connector": "same NAT" if same else right, "runs": c.runs,
+            "wins": c.wins, "paths": sorted(c.paths), "run_paths": c.run_paths,
+            "expected_path": expected_path(left, right, same), "rtt_s": c.rtt,
+            "ready_to_up_s": c.ready_to_up, "errors": sorted(c.errors)}
+    return ScenarioResult(NAME, TITLE, data, _markdown(data, quick), [], _targets(data))
+
+
+def _targets(data: dict[str, Any]) -> list[Target]:
+    cells = data["cells"].values()
+    runs = sum(c["runs"] for c in cells)
+    wins = sum(c["wins"] for c in cells)
+    wrong = [k for k, c in data["cells"].items() if c["paths"] != [c["expected_path"]]]
+    return [
+        Target("coordinated pairs connected, every lab NAT kind incl. symmetric",
+               "100 % connected (issue 12)",
+               f"{wins}/{runs} runs in {len(data['cells'])} pairs", runs > 0 and wins == runs),
+        Target("the path per pair", "LAN behind one NAT, relay when a symmetric NAT faces "
+               "another NAT, else punched (issue 12)",
+               "as expected in every pair" if not wrong else f"unexpected in {', '.join(wrong)}",
+               not wrong)]
+
+
+def _markdown(data: dict[str, Any], quick: bool) -> str:
+    cells = data["cells"]
+
+    def cell(key: str) -> str:
+        c = cells.get(key)
+        if c is None:
+            return "-"
+        t = median(c["ready_to_up_s"])
+        paths = ", ".join(c["paths"]) or "failed"
+        return f"{c['wins']}/{c['runs']} {paths} ({fmt(t * 1000)} ms)"
+
+    md = [f"Coordinated mode with the relay on (the default), in-process peers "
+          f"(`bench.coord_matrix.run_cell`): one lab per pair with {DELAY_MS:g} ± "
+          f"{JITTER_MS:g} ms delay on every pass through the internet router (RTT about "
+          f"{2 * DELAY_MS:g} ms between the sites), the real `nopf-server` on rdv, `share` in "
+          "a1 and `connect` in b1 (a2 behind the same NAT), each run checked by "
+          "exchanging 4 KiB of random bytes both ways; punch timeout "
+          f"{PUNCH_TIMEOUT:g} s. Each cell: runs connected / runs, the path the ladder took, "
+          "the median time from `connect()` called to both ends connected. "
+          + ("Quick mode: the pairs that exercise each rung, one run each."
+             if quick else f"{data['runs_wanted']} runs per pair."), ""]
+    if not quick:
+        rows = [[f"**{left}**", *(cell(f"{left} x {right}") for right in MODES)]
+                for left in MODES]
+        md += [table(["sharer \\ connector", *MODES], rows), "",
+               "Two hosts behind the same NAT (a1 shares, a2 connects):", "",
+               table(["NAT", "result"], [[f"**{m}**", cell(f"same {m}")] for m in MODES])]
+    else:
+        md.append(table(["pair", "result", "expected path"],
+                        [[k, cell(k), c["expected_path"]] for k, c in cells.items()]))
+    failures = sorted({e for c in cells.values() for e in c["errors"]})
+    if failures:
+        md += ["", "Messages seen on failure:", ""] + [f"- `{e}`" for e in failures]
+    md += ["", "A symmetric sharer facing a NAT is relayed at once (the sharer's mapping "
+           "check tells the rendezvous); a symmetric *connector* makes no mapping check "
+           "(it would cost every pair three round trips), so it punches for "
+           "`min(budget, 3 s + 4 × RTT)` first, then goes to the relay: that cell's time."]
+    return "\n".join(md)
+
+
+if __name__ == "__main__":
+    from bench.report import standalone
+
+    sys.exit(standalone(__name__))
