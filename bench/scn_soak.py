@@ -164,9 +164,12 @@ class Program:
                     rss = int(line.split()[1]) * 1024
         return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
-    def stop(self) -> int | None:
+    def stop(self, *, signalled: bool = False) -> int | None:
+        """SIGTERM (once: a second one may land after the program's handler is
+        gone, mid-shutdown), then wait for the exit."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            if not signalled:
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
@@ -271,7 +274,7 @@ def programs(tmp: Path) -> Iterator[Setup]:
             if p.proc.poll() is None:
                 p.proc.send_signal(signal.SIGTERM)
         for p in reversed(started):
-            p.stop()
+            p.stop(signalled=True)
 
 
 def _wait_listening(port: int, program: Program) -> None:
