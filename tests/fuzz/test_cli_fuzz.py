@@ -25,6 +25,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from nopf_web.cli import coordinated, doctor, peer, server, web
+from nopf_web.sessions.path_machine import UPGRADE_CAP
 from tests.fuzz.budget import fuzz, nasty_text
 from tests.programs import argv as program_argv
 
@@ -125,6 +126,8 @@ COORD_FLAGS: dict[str, Callable[[str], bool]] = {
     "--localport": is_port, "--serveraddr": is_endpoint,
     "--timeout": lambda v: is_seconds(v, 86400), "--keepalive": lambda v: is_seconds(v, 86400),
     "--code-lifetime": lambda v: is_seconds(v, 86400), "code": is_ascii_line,
+    "--resume-budget": lambda v: is_seconds(v, 86400),
+    "--retry-direct": lambda v: is_seconds(v, UPGRADE_CAP),
 }
 
 
@@ -133,6 +136,8 @@ COORD_FLAGS: dict[str, Callable[[str], bool]] = {
        value=nasty_text)
 @example(command="connect", flag="code", value="²-orbit-lantern")
 @example(command="share", flag="--localport", value="²")
+@example(command="connect", flag="--resume-budget", value="٣")
+@example(command="share", flag="--retry-direct", value="1e9")
 def test_nopf_share_and_connect_flags(monkeypatch: pytest.MonkeyPatch, command: str, flag: str,
                                       value: str) -> None:
     args = {"--localport": "3000", "--serveraddr": "127.0.0.1:3012", "--timeout": "30",
