@@ -929,3 +929,18 @@ def test_a_resume_has_no_code_and_no_spake2() -> None:
         CoordinationConfig(role="client", where=RDV, code=CODE, resume=Resume(RID))
     with pytest.raises(ValueError, match="no code and no SPAKE2"):
         CoordinationConfig(role="server", where=RDV, pake=True, resume=Resume(RID))
+
+
+@pytest.mark.parametrize("role", ["server", "client"])
+def test_the_codes_words_never_reach_the_rendezvous(role: PeerRole) -> None:
+    """Only the nameplate and the SPAKE2 message (which hides the code) leave for the
+    rendezvous: the words stay on the two machines (docs/security.md)."""
+    p = Peer(role, punch_timeout=30.0)
+    p.start()
+    conn = p.connect()
+    p.says(conn, reply() + frames(Ping(5)))
+    sent = b"".join(p.sent.values())
+    assert sent and p.client_frames(conn)
+    for word in CODE.words:
+        assert word.encode() not in sent and word.encode("utf-16-be") not in sent
+    assert str(CODE).encode() not in sent
