@@ -103,7 +103,9 @@ def parse_int(value: str, field: str, lo: int, hi: int, *, describe: str | None 
     if not isinstance(value, str):
         raise InputError(field, f"{field} must be text, got {type(value).__name__}")
     digits = value.strip() if len(value) <= MAX_TEXT else value
-    if not is_ascii_digits(digits) or len(digits) > MAX_DIGITS:
+    # An ASCII minus is a number too, just out of range (the message says so).
+    unsigned = digits[1:] if digits[:1] == "-" else digits
+    if not is_ascii_digits(unsigned) or len(unsigned) > MAX_DIGITS:
         raise InputError(field, f"{field} {quote(digits)} "
                          f"{describe or 'is not a whole number'}")
     number = int(digits)
