@@ -26,8 +26,7 @@ from nopf_web.doctor import DoctorReport, run_doctor
 from nopf_web.rendezvous.doctor import DoctorLimits, DoctorResponder
 from nopf_web.rendezvous.server import RendezvousServer
 from nopf_web.wire.address import Endpoint
-from tests.lab import Lab
-from tests.lab import gateway as lab_gateway
+from tests.lab import Lab, gateway as lab_gateway
 from tests.lab.topology import RDV_IP, RDV_IP2, Host
 
 # mode, hairpin, a port-mapping gateway on the NAT, expected (mapping, filtering, hairpin)

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.measure import echo_mode, round_trips
-from bench.paths import LABELS, Bench, path_notes, started
-from bench.paths import Path as LabPath
+from bench.paths import LABELS, Bench, Path as LabPath, path_notes, started
 from bench.report import Progress, ScenarioResult, Target, bar_chart
 
 NAME = "latency"

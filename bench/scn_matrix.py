@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.coord_matrix import MODES, Cell, run_cell
-from bench.report import Progress, ScenarioResult, Target
+from bench.report import Progress, ScenarioResult, Target, bar_chart
 from bench.scn_util import fmt, median, table
 
 NAME = "matrix"
@@ -66,7 +66,23 @@ def run(progress: Progress, quick: bool, outdir: Path) -> ScenarioResult:
             "wins": c.wins, "paths": sorted(c.paths), "run_paths": c.run_paths,
             "expected_path": expected_path(left, right, same), "rtt_s": c.rtt,
             "ready_to_up_s": c.ready_to_up, "errors": sorted(c.errors)}
-    return ScenarioResult(NAME, TITLE, data, _markdown(data, quick), [], _targets(data))
+    return ScenarioResult(NAME, TITLE, data, _markdown(data, quick), _plots(data, outdir),
+                          _targets(data))
+
+
+def _plots(data: dict[str, Any], outdir: Path) -> list[Path]:
+    """Setup time per pair, each bar labelled with the path the ladder took."""
+    cells = data["cells"]
+    keys = list(cells)
+    ms = [None if not c["ready_to_up_s"] else median(c["ready_to_up_s"]) * 1000
+          for c in cells.values()]
+    labels = [(", ".join(c["paths"]) or "failed") + f" {c['wins']}/{c['runs']}"
+              for c in cells.values()]
+    return [bar_chart(outdir / "nat_matrix_paths.png",
+                      "Time to connected per NAT pair (relay on), and the path",
+                      "ms (median, connect() to both ends up)",
+                      [k.replace(" x ", "\nx ") for k in keys], {"setup": ms},
+                      {"setup": labels})]
 
 
 def _targets(data: dict[str, Any]) -> list[Target]:

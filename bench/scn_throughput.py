@@ -16,8 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.paths import LABELS, Bench, cpu_seconds, path_notes, send_sized, started
-from bench.paths import Path as LabPath
+from bench.paths import LABELS, Bench, Path as LabPath, cpu_seconds, path_notes, send_sized, started
 from bench.report import Progress, ScenarioResult, Target, bar_chart
 
 NAME = "throughput"

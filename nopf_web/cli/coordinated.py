@@ -79,7 +79,7 @@ def _printer(event: Event) -> None:
               file=sys.stderr, flush=True)
     elif event.kind == "state" and event.data.get("state") == "failed":
         pass  # the error line printed on exit says it once
-    elif event.kind in ("state", "log", "guard", "path"):
+    elif event.kind in ("state", "log", "guard", "path", "prediction"):
         print(f"{PROG}: {event.message}", file=sys.stderr, flush=True)
 
 

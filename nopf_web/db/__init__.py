@@ -5,6 +5,7 @@ from nopf_web.sessions.engine import MODES, Mode
 from .errors import DatabaseCorrupt, DatabaseError, DatabaseInUse, DatabaseTooNew, MigrationError
 from .store import (
     OUTCOMES,
+    AttemptRow,
     ConnectionRow,
     EventRow,
     HistoryStore,
@@ -16,6 +17,7 @@ from .store import (
 __all__ = [
     "MODES",
     "OUTCOMES",
+    "AttemptRow",
     "ConnectionRow",
     "DatabaseCorrupt",
     "DatabaseError",

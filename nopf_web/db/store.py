@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import sqlite3
 import time
@@ -50,11 +51,12 @@ OUTCOMES: Final[tuple[Outcome, ...]] = ("closed", "stopped", "failed", "interrup
 _UPDATABLE: Final = frozenset({
     "state", "outcome", "public_address", "peer_address", "bytes_in", "bytes_out",
     "connections", "error", "hint", "ended_at", "code", "path",
+    "predicted_path", "prediction", "nat_pair", "setup_ms", "timeline",
 })
 _SESSION_COLUMNS: Final = (  # the fields of SessionRecord, in order, then updated_at
     "id, role, local_port, rendezvous, label, state, outcome, public_address, peer_address, "
     "bytes_in, bytes_out, connections, error, hint, started_at, ended_at, mode, code, path, "
-    "updated_at"
+    "predicted_path, prediction, nat_pair, setup_ms, timeline, updated_at"
 )
 
 
@@ -87,6 +89,11 @@ class SessionRecord:
     mode: str = "seed"
     code: str | None = None  # a coordinated session's pairing code, once it has ended
     path: str | None = None  # a coordinated tunnel's path: "public", "lan" or "relay"
+    predicted_path: str | None = None  # coordinated: the path predicted at the fire
+    prediction: str | None = None  # why, one sentence
+    nat_pair: str | None = None  # "rst × symmetric" (sharer first)
+    setup_ms: float | None = None  # pairing start -> path opened
+    timeline: str | None = None  # JSON list of the pairing's marks
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,18 @@ class EventRow:
 
 
 @dataclass(frozen=True)
+class AttemptRow:
+    """A coordinated session as the statistics read it."""
+
+    started_at: float
+    outcome: str | None  # None: still running
+    path: str | None  # the first path taken (None: none opened); later moves aside
+    predicted_path: str | None
+    nat_pair: str | None
+    setup_ms: float | None
+
+
+@dataclass(frozen=True)
 class NewSession:
     id: str
     role: str
@@ -130,6 +149,22 @@ class NewSession:
 
 def _session(row: Sequence[Any]) -> SessionRow:
     return SessionRow(*row[:-1], updated_at=row[-1])
+
+
+def _first_path(timeline: str | None) -> str | None:
+    """The path of a kept timeline's ``path`` mark (the first path; the session's
+    ``path`` column follows later moves)."""
+    if not timeline:
+        return None
+    try:
+        marks = json.loads(timeline)
+    except ValueError:
+        return None
+    for mark in marks if isinstance(marks, list) else []:
+        if isinstance(mark, dict) and mark.get("kind") == "path":
+            path = mark.get("path")
+            return path if isinstance(path, str) else None
+    return None
 
 
 def _escape_like(text: str) -> str:
@@ -407,6 +442,24 @@ class HistoryStore:
             "SELECT at, kind, message FROM (SELECT id, at, kind, message FROM events "
             "WHERE session_id = ? ORDER BY id DESC LIMIT ?) ORDER BY id", (session_id, limit))
         return [EventRow(float(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+    async def attempts(self, since: float | None = None,
+                       until: float | None = None) -> list[AttemptRow]:
+        """Coordinated sessions that got as far as a prediction, oldest first, started
+        within [since, until)."""
+        where = ["mode = 'coordinated'", "predicted_path IS NOT NULL"]
+        params: list[Any] = []
+        if since is not None:
+            where.append("started_at >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("started_at < ?")
+            params.append(until)
+        rows = await self._fetch(
+            "SELECT started_at, outcome, path, predicted_path, nat_pair, setup_ms, timeline "
+            f"FROM sessions WHERE {' AND '.join(where)} ORDER BY started_at", params)
+        return [AttemptRow(float(r[0]), r[1], _first_path(r[6]) or r[2], r[3], r[4],
+                           None if r[5] is None else float(r[5])) for r in rows]
 
     async def get_setting(self, key: str) -> str | None:
         rows = await self._fetch("SELECT value FROM settings WHERE key = ?", (key,))

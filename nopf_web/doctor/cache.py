@@ -29,6 +29,9 @@ __all__ = ["CACHE_TTL", "DoctorCache", "Measurement"]
 log = logging.getLogger("nopf.doctor")
 
 CACHE_TTL: Final = 60.0  # s a report is answered again without measuring
+# A report this young still travels with a pairing's hello (a NAT's kind rarely changes
+# within the hour; the rendezvous' own mapping check overrides it anyway).
+HELLO_MAX_AGE: Final = 3600.0
 
 Target = tuple[Endpoint, int | None]  # the rendezvous, its doctor port (None: port + 1)
 Measure = Callable[[Endpoint, int | None], Awaitable[DoctorReport]]
@@ -84,6 +87,24 @@ class DoctorCache:
         if last is None or last.target != target or last.report is None:
             return None
         return last if self.age(last) < self.ttl else None
+
+    def last_report(self, max_age: float = HELLO_MAX_AGE) -> DoctorReport | None:
+        """The last report measured against a rendezvous on the internet, if younger than
+        ``max_age``: what a coordinated session's hello carries (never waits)."""
+        last = self._last
+        if last is None or last.report is None or last.report.rendezvous_is_local:
+            return None
+        return last.report if self.age(last) < max_age else None
+
+    def warm(self, rendezvous: Endpoint, doctor_port: int | None = None) -> None:
+        """Start a measurement in the background if none is under way (the next
+        session's hello will carry it); returns at once."""
+        target = (rendezvous, doctor_port)
+        if self._tg is None or target in self._running:
+            return
+        self.measurements += 1
+        self._running[target] = self._tg.create_task(self._run(target),
+                                                      name=f"doctor-warm-{rendezvous}")
 
     async def get(self, rendezvous: Endpoint, doctor_port: int | None = None, *,
                   refresh: bool = False) -> tuple[Measurement, bool]:

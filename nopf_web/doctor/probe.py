@@ -34,6 +34,7 @@ from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import DiscoveryReader
 from nopf_web.wire.doctor import (
     DEFAULT_PORT_OFFSET,
+    Check as CheckMessage,
     DialBack,
     DoctorError,
     DoctorMessageError,
@@ -42,9 +43,6 @@ from nopf_web.wire.doctor import (
     decode_responder_message,
     encode,
     format_endpoint,
-)
-from nopf_web.wire.doctor import (
-    Check as CheckMessage,
 )
 from nopf_web.wire.errors import WireError
 

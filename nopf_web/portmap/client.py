@@ -40,9 +40,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from nopf_web.portmap import natpmp_machine as natpmp
-from nopf_web.portmap import pcp_machine as pcp
-from nopf_web.portmap import upnp
+from nopf_web.portmap import natpmp_machine as natpmp, pcp_machine as pcp, upnp
 from nopf_web.portmap.errors import AlreadyMappedError, AttemptFailed, NoGatewayError
 from nopf_web.portmap.exchange_machine import (
     Granted,

@@ -154,3 +154,52 @@ class Exchange:
         self.sent += 1
         self._next = now + interval
         return [self.request]
+
+
+class Question:
+    """One request, retransmitted until an answer decides it (or giving up).
+
+    A subclass says in :meth:`_answer` what a datagram decides: an outcome, or
+    None for a datagram that is not the answer (:meth:`_ignore` says why, for a
+    :class:`NoAnswer`). A :class:`WireError` it raises is such a datagram too:
+    RFC 6886 and RFC 6887 both want those dropped, not acted on.
+    """
+
+    def __init__(self, request: bytes, intervals: Iterator[float],
+                 give_up_after: float | None) -> None:
+        self._exchange = Exchange(request, intervals, give_up_after)
+        self._ignored: list[str] = []
+        self._started = 0.0
+        self.outcome: Outcome | None = None
+
+    @property
+    def wake_at(self) -> float | None:
+        return None if self.outcome is not None else self._exchange.wake_at
+
+    def start(self, now: float) -> list[bytes]:
+        self._started = now
+        return self._exchange.start(now)
+
+    def timer(self, now: float) -> list[bytes]:
+        if self.outcome is not None:
+            return []
+        out = self._exchange.timer(now)
+        if self._exchange.gave_up:
+            self.outcome = NoAnswer(self._exchange.sent, now - self._started,
+                                    tuple(self._ignored))
+        return out
+
+    def receive(self, data: bytes, now: float) -> list[bytes]:
+        if self.outcome is not None:
+            return []
+        try:
+            self.outcome = self._answer(data)
+        except WireError as exc:
+            self._ignore(str(exc))
+        return []
+
+    def _ignore(self, why: str) -> None:
+        self._ignored.append(why)
+
+    def _answer(self, data: bytes) -> Outcome | None:
+        raise NotImplementedError

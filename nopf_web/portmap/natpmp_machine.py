@@ -54,6 +54,7 @@ from nopf_web.portmap.exchange_machine import (
     Granted,
     NoAnswer,
     Outcome,
+    Question,
     Refused,
     Truncated,
     Unsupported,
@@ -279,6 +280,16 @@ class Epoch:
         return lost
 
 
+def _spoken(data: bytes) -> ExternalAddressResponse | MapResponse | Unsupported:
+    """A response, or Unsupported where the gateway speaks PCP or another version."""
+    if data[:1] == bytes([PCP_VERSION]):
+        return Unsupported("the gateway answered in PCP (version 2), not NAT-PMP")
+    response = decode_response(data)
+    if isinstance(response, UnsupportedVersionResponse):
+        return Unsupported("the gateway answered Unsupported Version to version 0")
+    return response
+
+
 # --------------------------------------------------------------------------- the machine
 
 
@@ -353,16 +364,13 @@ class NatPmpMapping:
     def receive(self, data: bytes, now: float) -> list[bytes]:
         if self.outcome is not None or self._exchange is None:
             return []
-        if data[:1] == bytes([PCP_VERSION]):
-            self.outcome = Unsupported("the gateway answered in PCP (version 2), not NAT-PMP")
-            return []
         try:
-            response = decode_response(data)
+            response = _spoken(data)
         except WireError as exc:
             self._ignored.append(str(exc))
             return []
-        if isinstance(response, UnsupportedVersionResponse):
-            self.outcome = Unsupported("the gateway answered Unsupported Version to version 0")
+        if isinstance(response, Unsupported):
+            self.outcome = response
             return []
         if isinstance(response, ExternalAddressResponse):
             return self._on_address(response, now)
@@ -408,52 +416,19 @@ class NatPmpMapping:
         return []
 
 
-class NatPmpExternalAddress:
+class NatPmpExternalAddress(Question):
     """Ask only the external address: the NAT doctor's probe (detection, no mapping)."""
 
     def __init__(self, *, give_up_after: float | None = None) -> None:
-        self._exchange = Exchange(
-            encode_request(ExternalAddressRequest()), intervals(), give_up_after
-        )
-        self._ignored: list[str] = []
-        self._started = 0.0
-        self.outcome: Outcome | None = None
+        super().__init__(encode_request(ExternalAddressRequest()), intervals(), give_up_after)
 
-    @property
-    def wake_at(self) -> float | None:
-        return None if self.outcome is not None else self._exchange.wake_at
-
-    def start(self, now: float) -> list[bytes]:
-        self._started = now
-        return self._exchange.start(now)
-
-    def timer(self, now: float) -> list[bytes]:
-        if self.outcome is not None:
-            return []
-        out = self._exchange.timer(now)
-        if self._exchange.gave_up:
-            self.outcome = NoAnswer(self._exchange.sent, now - self._started,
-                                    tuple(self._ignored))
-        return out
-
-    def receive(self, data: bytes, now: float) -> list[bytes]:
-        if self.outcome is not None:
-            return []
-        if data[:1] == bytes([PCP_VERSION]):
-            self.outcome = Unsupported("the gateway answered in PCP (version 2), not NAT-PMP")
-            return []
-        try:
-            response = decode_response(data)
-        except WireError as exc:
-            self._ignored.append(str(exc))
-            return []
-        if isinstance(response, UnsupportedVersionResponse):
-            self.outcome = Unsupported("the gateway answered Unsupported Version to version 0")
-        elif isinstance(response, ExternalAddressResponse):
-            if response.result != ResultCode.SUCCESS:
-                self.outcome = Refused(response.result, result_name(response.result))
-            else:
-                self.outcome = Granted(response.external_address, 0, 0, 0, response.epoch)
-        else:
-            self._ignored.append(f"{PROTOCOL}: OP: mapping response to an address request")
-        return []
+    def _answer(self, data: bytes) -> Outcome | None:
+        response = _spoken(data)
+        if isinstance(response, Unsupported):
+            return response
+        if not isinstance(response, ExternalAddressResponse):
+            self._ignore(f"{PROTOCOL}: OP: mapping response to an address request")
+            return None
+        if response.result != ResultCode.SUCCESS:
+            return Refused(response.result, result_name(response.result))
+        return Granted(response.external_address, 0, 0, 0, response.epoch)

@@ -45,15 +45,13 @@ from nopf_web.portmap.exchange_machine import (
     BadLength,
     BadOpcode,
     BadVersion,
-    Exchange,
     Granted,
-    NoAnswer,
     NonceMismatch,
     Outcome,
+    Question,
     Refused,
     Truncated,
     Unsupported,
-    WireError,
 )
 
 PROTOCOL = "PCP"
@@ -332,59 +330,30 @@ class Epoch:
 # --------------------------------------------------------------------------- the machines
 
 
-class _PcpExchange:
+class _PcpExchange(Question):
     """One PCP request to the server, until a matching answer or giving up."""
 
     def __init__(self, request: Request, rand: Callable[[], float],
                  give_up_after: float | None) -> None:
+        super().__init__(encode_request(request), intervals(rand), give_up_after)
         self.request = request
-        self._exchange = Exchange(encode_request(request), intervals(rand), give_up_after)
-        self._ignored: list[str] = []
-        self._started = 0.0
-        self.outcome: Outcome | None = None
         self.response: Response | None = None
 
-    @property
-    def wake_at(self) -> float | None:
-        return None if self.outcome is not None else self._exchange.wake_at
-
-    def start(self, now: float) -> list[bytes]:
-        self._started = now
-        return self._exchange.start(now)
-
-    def timer(self, now: float) -> list[bytes]:
-        if self.outcome is not None:
-            return []
-        out = self._exchange.timer(now)
-        if self._exchange.gave_up:
-            self.outcome = NoAnswer(self._exchange.sent, now - self._started,
-                                    tuple(self._ignored))
-        return out
-
-    def receive(self, data: bytes, now: float) -> list[bytes]:
-        if self.outcome is not None:
-            return []
+    def _answer(self, data: bytes) -> Outcome | None:
         if data[:1] == bytes([NATPMP_VERSION]):
             # RFC 6887 §9 / RFC 6886 §1.1: a NAT-PMP-only server answers Unsupported Version
-            self.outcome = Unsupported("the gateway answered in NAT-PMP (version 0), not PCP")
-            return []
-        try:
-            response = decode_response(data)
-            if self.request.opcode == Opcode.MAP:
-                match_map_response(response, self.request)
-            elif response.opcode != self.request.opcode:
-                raise BadOpcode(PROTOCOL, "Opcode", response.opcode, "not our opcode")
-        except WireError as exc:
-            self._ignored.append(str(exc))
-            return []
+            return Unsupported("the gateway answered in NAT-PMP (version 0), not PCP")
+        response = decode_response(data)
+        if self.request.opcode == Opcode.MAP:
+            match_map_response(response, self.request)
+        elif response.opcode != self.request.opcode:
+            raise BadOpcode(PROTOCOL, "Opcode", response.opcode, "not our opcode")
         self.response = response
         if response.result == ResultCode.UNSUPP_VERSION:
-            self.outcome = Unsupported(f"the gateway does not support PCP version {VERSION}")
-        elif response.result != ResultCode.SUCCESS:
-            self.outcome = Refused(response.result, result_name(response.result))
-        else:
-            self.outcome = self._granted(response)
-        return []
+            return Unsupported(f"the gateway does not support PCP version {VERSION}")
+        if response.result != ResultCode.SUCCESS:
+            return Refused(response.result, result_name(response.result))
+        return self._granted(response)
 
     def _granted(self, response: Response) -> Outcome:
         return Granted(None, 0, 0, response.lifetime, response.epoch)

@@ -44,6 +44,20 @@ _UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES, errno.EPERM
                 errno.EHOSTDOWN, errno.ENETDOWN}
 
 
+def answer_of(exc: OSError) -> tuple[str, str]:
+    """What came back to a SYN that failed, for the timeline: (answer, detail). The
+    kernel reports an ICMP error as an errno; its name is as precise as it gets
+    without IP_RECVERR (which would also turn soft errors into hard ones)."""
+    if exc.errno == errno.ECONNREFUSED:
+        return "rst", "connection refused (TCP reset)"
+    name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    if exc.errno in _UNREACHABLE:
+        return "icmp", f"ICMP error: {name} ({exc.strerror or exc})"
+    if exc.errno == errno.ETIMEDOUT:
+        return "nothing", "timed out"
+    return "other", f"{name}: {exc.strerror or exc}"
+
+
 def classify(exc: OSError) -> Failure:
     if exc.errno == errno.ECONNREFUSED:
         return Failure.REFUSED
@@ -98,12 +112,17 @@ class PunchDriver:
     config: PunchConfig = field(default_factory=PunchConfig)
     nat_hint: str | None = None
     on_attempt: Callable[[int, int | None], None] | None = None
+    # What came back to each attempt's SYN: (attempt, answer, detail), answer one of
+    # "syn-ack", "rst", "icmp", "nothing" (replaced or given up silent), "accepted"
+    # (our listener took the peer: attempt 0), "other".
+    on_answer: Callable[[int, str, str], None] | None = None
     clock: Callable[[], float] = time.monotonic
     on_notice: Callable[[str], None] | None = None
     noticed: bool = False  # the SYN_ERRORS_NOTICE was given
     _attempts: dict[int, _Attempt] = field(default_factory=dict)
     _outcomes: asyncio.Queue[_Outcome] = field(default_factory=asyncio.Queue)
     _tasks: asyncio.TaskGroup | None = None
+    _answered: set[int] = field(default_factory=set)
 
     async def run(self) -> socket.socket:
         require_readiness()  # one line, before any socket, on a Proactor loop
@@ -156,13 +175,16 @@ class PunchDriver:
                     self.clock(), handshaking=self._handshaking(machine)))
                 continue
             if isinstance(outcome, _Accepted):
+                self._answer(ACCEPTED, "accepted", "the peer connected to our listener")
                 self._apply(machine, machine.accepted(self.clock()))
                 return outcome.sock
             if outcome.attempt not in self._attempts:
                 continue  # abandoned after it ended: its socket is closed already
             if isinstance(outcome, _Connected):
+                self._answer(outcome.attempt, "syn-ack", "connected")
                 actions = machine.connected(outcome.attempt, self.clock())
             else:
+                self._answer(outcome.attempt, *answer_of(outcome.error))
                 actions = machine.failed(outcome.attempt, classify(outcome.error), self.clock())
             result = self._apply(machine, actions)
         return result
@@ -195,6 +217,8 @@ class PunchDriver:
             if isinstance(action, StartAttempt):
                 self._fire(machine, action)
             elif isinstance(action, Abandon):
+                if action.attempt in self._attempts and action.attempt not in self._answered:
+                    self._answer(action.attempt, "nothing", "no answer in time")
                 self._abandon(action.attempt)
             elif isinstance(action, Succeed) and action.attempt != ACCEPTED:
                 attempt = self._attempts.pop(action.attempt)
@@ -230,6 +254,11 @@ class PunchDriver:
         task = self._tasks.create_task(self._attempt(action.attempt, sock),
                                        name=f"punch-attempt-{action.attempt}")
         self._attempts[action.attempt] = _Attempt(sock, task)
+
+    def _answer(self, attempt: int, answer: str, detail: str) -> None:
+        self._answered.add(attempt)
+        if self.on_answer is not None:
+            self.on_answer(attempt, answer, detail)
 
     def _notice_unshielded(self) -> None:
         if self.noticed or syn_error_shield() != "exposed":

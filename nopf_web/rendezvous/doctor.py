@@ -33,6 +33,7 @@ from types import TracebackType
 
 from nopf_web.wire.doctor import DEFAULT_PORT_OFFSET, Icmp, Outcome
 
+from .deadline import DeadlineTimer
 from .doctor_machine import (
     Accepted,
     Action,
@@ -120,8 +121,7 @@ class DoctorResponder:
         self._links: dict[ConnId, _Link] = {}
         self._dials: dict[ConnId, asyncio.Task[None]] = {}
         self._next_id: ConnId = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer = DeadlineTimer(clock, lambda now: self._feed(Tick(now)))
         self._tg: asyncio.TaskGroup | None = None
 
     @property
@@ -180,9 +180,7 @@ class DoctorResponder:
         self._feed(Shutdown(self._clock()))
         for task in list(self._dials.values()):
             task.cancel()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = self._timer_at = None
+        self._timer.cancel()
         for server in servers:
             await server.wait_closed()
 
@@ -197,7 +195,8 @@ class DoctorResponder:
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         self._feed(Accepted(link.id, (str(peer[0]), int(peer[1])) if peer else None,
-                            (str(local[0]), int(local[1])) if local else None, self._clock()))
+                            self._clock(),
+                            local=(str(local[0]), int(local[1])) if local else None))
 
     def _lost(self, link: _Link) -> None:
         if self._links.pop(link.id, None) is None:
@@ -207,7 +206,7 @@ class DoctorResponder:
     def _feed(self, event: Event) -> None:
         for action in self._machine.handle(event):
             self._act(action)
-        self._arm()
+        self._timer.arm(self._machine.next_deadline)
 
     def _act(self, action: Action) -> None:
         if isinstance(action, Log):
@@ -237,20 +236,6 @@ class DoctorResponder:
                     link.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                          struct.pack("ii", 1, 0))
             link.transport.abort()
-
-    def _arm(self) -> None:
-        at = self._machine.next_deadline
-        if at is None or (self._timer_at is not None and self._timer_at <= at):
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = at
-        self._timer = asyncio.get_running_loop().call_later(max(0.0, at - self._clock()),
-                                                            self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = self._timer_at = None
-        self._feed(Tick(self._clock()))
 
     async def _dial(self, action: Dial) -> None:
         """Connect to the client's public address; feed what came back."""

@@ -62,7 +62,20 @@ from nopf_web.wire.doctor import (
 )
 from nopf_web.wire.errors import WireError
 
-ConnId = int  # opaque to the machine; unique for the machine's lifetime
+# Re-exported: the machine's own event and action vocabulary.
+from .conn_events import (
+    Accepted as Accepted,
+    Close as Close,
+    ConnId as ConnId,
+    Log as Log,
+    Lost as Lost,
+    PeerClosed as PeerClosed,
+    Received as Received,
+    Reset as Reset,
+    Send as Send,
+    Shutdown as Shutdown,
+    Tick as Tick,
+)
 
 
 @dataclass(frozen=True)
@@ -92,34 +105,7 @@ class ResponderStats:
     open_now: int = 0
 
 
-# Events ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    conn: ConnId
-    peer: tuple[str, int] | None  # None: already gone
-    local: tuple[str, int] | None  # the address this connection reached
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class Received:
-    conn: ConnId
-    data: bytes
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class PeerClosed:
-    conn: ConnId
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class Lost:
-    conn: ConnId
-    now: float
+# Events (besides those of .conn_events) ---------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,36 +121,10 @@ class Dialed:
     error: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Tick:
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class Shutdown:
-    now: float
-
-
 Event = Accepted | Received | PeerClosed | Lost | Dialed | Tick | Shutdown
 
 
-# Actions -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    conn: ConnId
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Close:
-    conn: ConnId
-
-
-@dataclass(frozen=True, slots=True)
-class Reset:
-    conn: ConnId
+# Actions (besides those of .conn_events) --------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,11 +138,6 @@ class Dial:
 @dataclass(frozen=True, slots=True)
 class CancelDial:
     conn: ConnId
-
-
-@dataclass(frozen=True, slots=True)
-class Log:
-    line: str
 
 
 Action = Send | Close | Reset | Dial | CancelDial | Log
@@ -265,12 +220,12 @@ class _LogLimiter:
         out: list[Action] = []
         if now - self._window >= self.interval:
             if self._dropped:
-                out.append(Log(f"{self._dropped} more refusal(s) not logged in the last "
+                out.append(Log("doctor", f"{self._dropped} more refusal(s) not logged in the last "
                                f"{self.interval:g} s"))
             self._window, self._used, self._dropped = now, 0, 0
         if self._used < self.burst:
             self._used += 1
-            out.append(Log(text))
+            out.append(Log("doctor", text))
         else:
             self._dropped += 1
         return out

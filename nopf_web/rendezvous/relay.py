@@ -3,7 +3,7 @@
 :class:`RelayLink` is what ``nopf-server`` does with a relay session once its
 machine has joined the two sides (:class:`~nopf_web.rendezvous.server_machine.StartRelay`):
 one OS thread per direction with blocking sockets, as in :mod:`nopf_web.tunnel.pipe`
-(whose splice loop this copies, with a rate limit added): on Linux the bytes move
+(whose copy loops this uses, with a rate limit added): on Linux the bytes move
 with ``os.splice`` through a kernel pipe, so they never enter Python at all; else
 ``recv_into`` one reusable buffer and ``sendall``. Nothing is parsed, nothing
 added: each side first gets the machine's ``greeting`` (the ``relayed`` frame),
@@ -25,13 +25,12 @@ import errno
 import os
 import socket
 import struct
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nopf_web.tunnel.pipe import copy_method
+from nopf_web.tunnel.pipe import copy_buffer, copy_method, copy_splice
 
 CHUNK = 1 << 20  # bytes per splice/recv at most
 # The kernel pipe of a splice direction: bytes moved per pair of splice calls. The
@@ -40,7 +39,6 @@ CHUNK = 1 << 20  # bytes per splice/recv at most
 # fs.pipe-user-pages-soft (64 MiB by default; past it, new pipes get 8 KiB): at
 # 256 KiB the default 64 sessions (128 pipes) take 32 MiB of it.
 PIPE_SIZE = 256 * 1024
-_F_SETPIPE_SZ = 1031
 QUANTUM_MIN = 16 * 1024  # bytes: the smallest read a rate-limited direction waits for
 BURST_SECONDS = 0.25  # a limited session may send this long at full speed after idling
 
@@ -166,16 +164,18 @@ class RelayLink:
         dst: socket.socket = getattr(self, dst_name)
         attr = f"{src_name}_to_{dst_name}"
 
-        def add(n: int) -> None:
+        def spend(n: int) -> None:
+            if self.bucket is not None:
+                self.bucket.spend(n)
             setattr(self.outcome, attr, getattr(self.outcome, attr) + n)
 
         try:
             if self.greeting:
                 dst.sendall(self.greeting)  # before any of the other side's bytes
             if self._use_splice:
-                self._splice(src, dst, add)
+                copy_splice(src, dst, spend, limit=self._limit, pipe_size=PIPE_SIZE)
             else:
-                self._buffer(src, dst, add)
+                copy_buffer(src, dst, spend, limit=self._limit)
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)  # the half-close, passed on
         except OSError as exc:
@@ -203,39 +203,3 @@ class RelayLink:
         if self.bucket is None:
             return CHUNK
         return min(CHUNK, self.bucket.allowance(self._stopped))
-
-    def _splice(self, src: socket.socket, dst: socket.socket, add: Callable[[int], None]) -> None:
-        if sys.platform != "linux":  # never chosen there: os.splice is Linux's
-            raise NotImplementedError("splice is Linux-only")
-        rfd, wfd = os.pipe()
-        try:
-            with contextlib.suppress(OSError):
-                import fcntl
-
-                fcntl.fcntl(wfd, _F_SETPIPE_SZ, PIPE_SIZE)
-            sfd, dfd = src.fileno(), dst.fileno()
-            while (limit := self._limit()) > 0:
-                n = os.splice(sfd, wfd, limit, flags=os.SPLICE_F_MOVE)
-                if n == 0:
-                    return
-                if self.bucket is not None:
-                    self.bucket.spend(n)
-                left = n
-                while left:
-                    left -= os.splice(rfd, dfd, left, flags=os.SPLICE_F_MOVE)
-                add(n)
-        finally:
-            os.close(rfd)
-            os.close(wfd)
-
-    def _buffer(self, src: socket.socket, dst: socket.socket, add: Callable[[int], None]) -> None:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        while (limit := self._limit()) > 0:
-            n = src.recv_into(buf, limit)
-            if n == 0:
-                return
-            if self.bucket is not None:
-                self.bucket.spend(n)
-            dst.sendall(view[:n])
-            add(n)

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from nopf_web.sockets import enable_fastopen_server, kernel_rtt, tcp_facts
 
 from .book import NameplateBook
+from .deadline import DeadlineTimer
 from .relay import RelayLink, RelayOutcome
 from .server_machine import (
     Accepted,
@@ -120,8 +121,7 @@ class RendezvousServer:
         self._server: asyncio.Server | None = None
         self._links: dict[ConnId, _Link] = {}
         self._next_id: ConnId = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer = DeadlineTimer(clock, lambda now: self._feed(Tick(now)))
         self._drained: asyncio.Event | None = None  # set by close(): no link left
         self._relays: dict[RelayId, RelayLink] = {}  # sessions being copied
 
@@ -181,9 +181,7 @@ class RendezvousServer:
             if stuck:
                 log.warning("%d relay sessions did not stop within %g s", stuck,
                             RELAY_JOIN_TIMEOUT)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = self._timer_at = None
+        self._timer.cancel()
         await server.wait_closed()
 
     async def serve_forever(self) -> None:
@@ -218,7 +216,11 @@ class RendezvousServer:
     def _feed(self, event: Event) -> None:
         for action in self._machine.handle(event):
             self._act(action)
-        self._arm()
+        if self._machine.notes:
+            for line in self._machine.notes:
+                log.info("%s", line)
+            self._machine.notes.clear()
+        self._timer.arm(self._machine.next_deadline)
 
     def _act(self, action: Action) -> None:
         if isinstance(action, Log):
@@ -248,23 +250,6 @@ class RendezvousServer:
             del self._links[action.conn]
             _reset(link.sock, transport)
             self._check_drained()
-
-    def _arm(self) -> None:
-        """The one timer, no later than the machine's next deadline. A timer that is
-        due first is kept (its tick re-arms): deadlines that move later, as when a
-        seed client's connection ends, cost no cancel and re-schedule each."""
-        at = self._machine.next_deadline
-        if at is None or (self._timer_at is not None and self._timer_at <= at):
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = at
-        self._timer = asyncio.get_running_loop().call_later(max(0.0, at - self._clock()),
-                                                            self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = self._timer_at = None
-        self._feed(Tick(self._clock()))
 
     def _check_drained(self) -> None:
         if self._drained is not None and not self._links and not self._relays:

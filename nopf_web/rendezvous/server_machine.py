@@ -80,9 +80,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from nopf_web.prediction import fire_facts, predict
 from nopf_web.wire.address import Endpoint, parse_ipv4_endpoint
 from nopf_web.wire.discovery import encode_reply
 from nopf_web.wire.errors import BadAddress, WireError
+from nopf_web.wire.nat import NatSummary
 from nopf_web.wire.rendezvous import (
     RELAY_TOKEN_SIZE,
     RESUME_WAIT,
@@ -116,6 +118,21 @@ from .book import (
     make_plans,
 )
 
+# Re-exported: the machine's own event and action vocabulary.
+from .conn_events import (
+    Accepted as Accepted,
+    Close as Close,
+    ConnId as ConnId,
+    Log as Log,
+    Lost as Lost,
+    PeerClosed as PeerClosed,
+    Received as Received,
+    Reset as Reset,
+    Send as Send,
+    Shutdown as Shutdown,
+    Tick as Tick,
+)
+
 FIRE_MARGIN = 0.005  # s the sharer's fire may trail the joiner's: scheduling slack
 QUICK_PINGS = 3  # RTT samples taken at once from a sharer, then one per ping_interval
 DEFAULT_RTT = 0.2  # s, assumed when nothing was measured (non-Linux, no pong yet)
@@ -127,7 +144,6 @@ RTT_SAMPLES = 5  # a sharer's most recent pong RTTs kept
 RELAY_TOKEN_GRACE = 10.0  # s a relay token outlives its plan's budget
 RELAY_TOKEN_MEMORY = 30.0  # s an expired token is still told apart from an unknown one
 
-ConnId = int  # opaque to the machine; unique for the machine's lifetime
 RelayId = int  # one relay session (a pairing's two tokens); never reused
 
 
@@ -186,54 +202,10 @@ class ServerStats:
     relay_live: int = 0  # relay sessions being copied now
     relay_refused: int = 0  # relay connections refused
     relayed_bytes: int = 0  # copied by relay sessions that ended
+    predicted: dict[str, int] = field(default_factory=dict)  # pairings by predicted path
 
 
-# Events ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    conn: ConnId
-    peer: tuple[str, int] | None  # as the kernel reported it (None: already gone)
-    now: float
-    kernel_rtt: float | None = None  # s, TCP_INFO's smoothed RTT; None: none known
-    syn_data: bool = False  # the SYN carried data the kernel accepted (TCP Fast Open)
-    local: tuple[str, int] | None = None  # our address the peer reached (a relay's)
-
-
-@dataclass(frozen=True, slots=True)
-class Received:
-    conn: ConnId
-    data: bytes
-    now: float
-    kernel_rtt: float | None = None  # as of now
-
-
-@dataclass(frozen=True, slots=True)
-class PeerClosed:
-    conn: ConnId
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class Lost:
-    conn: ConnId
-    now: float
-    error: str | None = None  # None: closed after our close
-    writing: bool = False  # a write of ours failed (the reply could not be delivered)
-
-
-@dataclass(frozen=True, slots=True)
-class Tick:
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class Shutdown:
-    """Stop: reset every coordinated connection (``force``: every connection)."""
-
-    now: float
-    force: bool = False
+# Events (besides those of .conn_events) ---------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,13 +222,7 @@ class RelayEnded:
 Event = Accepted | Received | PeerClosed | Lost | Tick | Shutdown | RelayEnded
 
 
-# Actions -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    conn: ConnId
-    data: bytes
+# Actions (besides those of .conn_events) --------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,22 +231,6 @@ class LastWord:
 
     conn: ConnId
     data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Close:
-    conn: ConnId
-
-
-@dataclass(frozen=True, slots=True)
-class Reset:
-    conn: ConnId
-
-
-@dataclass(frozen=True, slots=True)
-class Log:
-    kind: str
-    line: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,6 +389,9 @@ class ServerMachine:
                  entropy: Callable[[int], bytes] = secrets.token_bytes) -> None:
         self.limits = limits or ServerLimits()
         self.stats = ServerStats()
+        # Lines for the driver's INFO log (a pairing's predicted path: news, not a problem
+        # Log); the driver takes them after each event.
+        self.notes: list[str] = []
         self.book: PairingBook[ConnId] = (book if book is not None
                                           else NameplateBook(self.limits.pairing))
         self.conns: dict[ConnId, Conn] = {}
@@ -1184,6 +1137,11 @@ class ServerMachine:
         """Plan and fire a pairing (``nameplate`` None: a resume)."""
         (to_sharer, sharer_at), (to_joiner, joiner_at) = self._plan(nameplate, sharer, joiner,
                                                                     now)
+        if isinstance(to_sharer, Fire):  # the path it predicts, and why (one INFO line)
+            guess = predict(fire_facts(to_sharer, "server", _nat(sharer)))
+            self.stats.predicted[guess.path] = self.stats.predicted.get(guess.path, 0) + 1
+            self.notes.append(f"pairing {_fmt(sharer.peer)} with {_fmt(joiner.peer)}: "
+                              f"predicted path {guess.path}: {guess.why}")
         self._fire(joiner, encode(to_joiner), joiner_at, now)
         self._fire(sharer, encode(to_sharer), sharer_at, now)
 
@@ -1262,17 +1220,27 @@ class ServerMachine:
         return (
             (Fire(sharer.public, joiner.public, plans.sharer, rtt_ms, plans.sharer_note,
                   joiner_conn.pake if both else None, (sharer.mapping, joiner.mapping),
-                  relay_s),
+                  relay_s, _peer_nat(sharer_conn, joiner_conn)),
              sharer_at),
             (Fire(joiner.public, sharer.public, plans.joiner, rtt_ms, plans.joiner_note,
                   sharer_conn.pake if both else None, (joiner.mapping, sharer.mapping),
-                  relay_j),
+                  relay_j, _peer_nat(joiner_conn, sharer_conn)),
              joiner_at),
         )
 
 
 def _observed(peer: tuple[str, int]) -> Endpoint:
     return Endpoint(str(peer[0]).removeprefix("::ffff:"), int(peer[1]))  # IPv4-mapped, dual stack
+
+
+def _nat(conn: Conn) -> NatSummary | None:
+    return None if conn.hello is None else conn.hello.nat
+
+
+def _peer_nat(to: Conn, peer: Conn) -> NatSummary | None:
+    """The peer's report for ``to``'s fire: only to a client that sent one itself (an
+    older client rejects a fire with a field it does not know)."""
+    return _nat(peer) if _nat(to) is not None else None
 
 
 def _fmt(peer: tuple[str, int] | None) -> str:

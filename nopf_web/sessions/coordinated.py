@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from nopf_web.errors import NopfError
+from nopf_web.prediction import PairFacts, Prediction, nat_pair
 from nopf_web.rendezvous.client import resolve_ipv4
 from nopf_web.rendezvous.errors import RendezvousProtocolError
 from nopf_web.roles import PeerRole
@@ -51,6 +52,7 @@ from nopf_web.tunnel.resume_machine import (
 )
 from nopf_web.tunnel.secure import Pake
 from nopf_web.wire.address import Endpoint
+from nopf_web.wire.nat import NatSummary
 
 from .coordination import CoordinationSpec, NewPath, PairedTunnel, coordinate, meet_again
 from .coordination_machine import TUNNEL_PATHS, Timings, TunnelPath, path_words
@@ -65,6 +67,7 @@ from .path_machine import (
     Report,
     backoff,
 )
+from .timeline import Timeline
 
 DEFAULT_KEEPALIVE = 15.0  # s; well under common NAT idle timeouts (30 s and up)
 # Without --resume-budget: this many keepalive intervals (60 s at the default 15 s).
@@ -90,6 +93,9 @@ class CoordinatedSpec:
     # While relayed, the first try of a direct path this long after the relay was
     # selected; then doubling, at most every UPGRADE_CAP (30 s).
     retry_direct: float = UPGRADE_DELAYS[0]
+    # Our NAT doctor's report (compact), sent with the hello so that the rendezvous and
+    # both peers predict the path (None: none is sent).
+    nat: NatSummary | None = None
 
     def __post_init__(self) -> None:
         if self.role == "client" and not self.code:
@@ -170,6 +176,9 @@ class CoordinatedEngine(EngineBase):
         self.timings: Timings | None = None
         self.secured_at: float | None = None
         self._pake: Pake | None = None  # our SPAKE2 half, made as soon as the code exists
+        self.prediction: Prediction | None = None
+        self.nat_pair: str | None = None
+        self.timeline: Timeline | None = None  # the pairing's (not the resume meetings')
 
     @property
     def bytes_in(self) -> int:
@@ -194,10 +203,26 @@ class CoordinatedEngine(EngineBase):
                        bytes_out=self.bytes_out, connections=self.connections, code=self.code,
                        path=self.path, relay=self.relay, timings=self.timings,
                        secured_at=self.secured_at, resuming=self.resuming,
-                       path_changes=self.path_changes)
+                       path_changes=self.path_changes, prediction=self.prediction,
+                       nat_pair=self.nat_pair,
+                       timeline=tuple(self.timeline.to_json()) if self.timeline else (),
+                       setup_ms=self._setup_ms())
 
     def set_peer(self, peer: Endpoint) -> None:
         raise NopfError("a coordinated session pairs by its code: it takes no peer address")
+
+    def _setup_ms(self) -> float | None:
+        if self.timeline is None:
+            return None
+        for mark in self.timeline.marks:
+            if mark.kind == "path":
+                return float(mark.data["setup_ms"])
+        return None
+
+    def _predicted(self, prediction: Prediction, facts: PairFacts) -> None:
+        self.prediction, self.nat_pair = prediction, nat_pair(facts)
+        self._emit(Event("prediction", f"predicted path {prediction.path}: {prediction.why}",
+                         data={**prediction.to_json(), "nat_pair": self.nat_pair}))
 
     # -- the life -----------------------------------------------------------
 
@@ -317,15 +342,18 @@ class CoordinatedEngine(EngineBase):
     async def _pair(self) -> PairedTunnel:
         spec = self.spec
         self._set_state(State.DISCOVERING, f"contacting rendezvous {spec.rendezvous}")
+        self.timeline = timeline = Timeline(time.monotonic())
+        timeline.add(timeline.origin, "start", f"pairing through {spec.rendezvous} "
+                     f"({'with' if spec.nat else 'without'} a NAT report)")
         server = await resolve_ipv4(spec.rendezvous, spec.net_timeout)
         if spec.role == "client":
             self._set_state(State.WAITING_PEER, f"joining the sharer of {spec.code}")
         return await coordinate(
             CoordinationSpec(Endpoint(*server), spec.role, code=spec.code,
                              code_lifetime=spec.code_lifetime, punch_timeout=spec.punch_timeout,
-                             net_timeout=spec.net_timeout),
+                             net_timeout=spec.net_timeout, nat=spec.nat),
             pake=self._new_pake, on_code=self._got_code, on_event=self._log,
-            on_punching=self._punching)
+            on_punching=self._punching, on_prediction=self._predicted, timeline=timeline)
 
     def _new_pake(self, code: str) -> Pake:
         self._pake = _make_pake(self.spec.role, code)

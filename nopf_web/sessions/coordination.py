@@ -46,6 +46,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 from nopf_web.pairing import parse_code
+from nopf_web.prediction import PairFacts, Prediction, fire_facts
 from nopf_web.punch.driver import PunchDriver
 from nopf_web.punch.machine import PunchTimeout, Tactic
 from nopf_web.rendezvous.client import resolve_ipv4
@@ -60,6 +61,7 @@ from nopf_web.sockets import (
     wait_connected,
 )
 from nopf_web.wire.address import Endpoint
+from nopf_web.wire.nat import NatSummary
 
 from .coordination_machine import (
     DEFAULT_PUNCH_TTL,
@@ -73,6 +75,7 @@ from .coordination_machine import (
     CoordinationMachine,
     Fail,
     FinishPake,
+    Fired,
     MakePake,
     Met,
     OpenPath,
@@ -86,6 +89,7 @@ from .coordination_machine import (
     ViaRelay,
 )
 from .relay_join_machine import RelayFailed, RelayJoinMachine, RelayOutcome
+from .timeline import Timeline
 
 PORT_FREE_WAIT = 2.0  # s to wait for our end of the probe to close (one RTT)
 
@@ -101,6 +105,7 @@ class PakeHalf(Protocol):
 
 PakeFactory = Callable[[str], PakeHalf]  # the full code -> our half
 EventSink = Callable[[str], None]
+PredictionSink = Callable[[Prediction, PairFacts], None]  # and the facts it came from
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,7 @@ class CoordinationSpec:
     punch_ttl: int = DEFAULT_PUNCH_TTL
     punch_port: int = 0  # 0: a fresh port for every meeting (fresh NAT mappings too)
     bind_host: str = "0.0.0.0"
+    nat: NatSummary | None = None  # our doctor report, sent with the hello (None: none)
 
 
 @dataclass(frozen=True)
@@ -140,7 +146,9 @@ class NewPath(Met):
 
 async def coordinate(spec: CoordinationSpec, *, pake: PakeFactory | None = None,
                      on_code: EventSink | None = None, on_event: EventSink | None = None,
-                     on_punching: EventSink | None = None) -> PairedTunnel:
+                     on_punching: EventSink | None = None,
+                     on_prediction: PredictionSink | None = None,
+                     timeline: Timeline | None = None) -> PairedTunnel:
     """Pair through the rendezvous and punch; raise a typed error (one line) on failure.
 
     A malformed client code raises :class:`nopf_web.pairing.BadCode` before any
@@ -148,7 +156,8 @@ async def coordinate(spec: CoordinationSpec, *, pake: PakeFactory | None = None,
     sees them): the caller's PAKE over ``PairedTunnel.code`` catches them.
     ``on_code`` gets the sharer's code as soon as it exists, ``on_event`` each
     progress line, ``on_punching`` (default: ``on_event``) the line of a punch
-    that starts.
+    that starts, ``on_prediction`` the path predicted when the fire comes (before the
+    first SYN). ``timeline`` (optional) gets the attempt's marks as they happen.
     """
     require_readiness()  # before any traffic: one line on a Proactor loop
     code = parse_code(spec.code) if spec.code is not None else None
@@ -157,9 +166,9 @@ async def coordinate(spec: CoordinationSpec, *, pake: PakeFactory | None = None,
         role=spec.role, where=f"{server[0]}:{server[1]}", code=code,
         code_lifetime=spec.code_lifetime, punch_timeout=spec.punch_timeout,
         net_timeout=spec.net_timeout, punch_ttl=spec.punch_ttl, punch_port=spec.punch_port,
-        bind_host=spec.bind_host, pake=pake is not None))
+        bind_host=spec.bind_host, pake=pake is not None, nat=spec.nat))
     driver = _Driver(machine, server, spec.bind_host, spec.net_timeout, pake, on_code, on_event,
-                     on_punching or on_event)
+                     on_punching or on_event, on_prediction, timeline)
     tunnel = await driver.run()
     assert isinstance(tunnel, PairedTunnel)
     return tunnel
@@ -292,7 +301,9 @@ _Input = Callable[[float], list[Action]]  # one event for the machine, given ``n
 class _Driver:
     def __init__(self, machine: CoordinationMachine, server: tuple[str, int], bind_host: str,
                  net_timeout: float, pake: PakeFactory | None, on_code: EventSink | None,
-                 on_event: EventSink | None, on_punching: EventSink | None) -> None:
+                 on_event: EventSink | None, on_punching: EventSink | None,
+                 on_prediction: PredictionSink | None = None,
+                 timeline: Timeline | None = None) -> None:
         self.machine = machine
         self.server = server
         self.bind_host, self.net_timeout = bind_host, net_timeout
@@ -305,6 +316,15 @@ class _Driver:
         self.opened: dict[int, socket.socket] = {}  # path -> its connected socket
         self.early: dict[int, bytes] = {}  # path -> the tunnel's bytes already read
         self.tg: asyncio.TaskGroup | None = None
+        self.on_prediction = on_prediction
+        self.timeline = timeline
+        self.stages: dict[int, str] = {}  # path -> its stage's words, for the timeline
+        self._began: dict[int, float] = {}  # a deferred connection's connect() call
+        self._first_fire: float | None = None
+
+    def _mark(self, kind: str, text: str, **data: Any) -> None:
+        if self.timeline is not None:
+            self.timeline.add(time.monotonic(), kind, text, **data)
 
     async def run(self) -> PairedTunnel | NewPath:
         failure: Exception | None = None
@@ -382,8 +402,11 @@ class _Driver:
             sink = self.on_punching if action.punching else self.on_event
             if sink is not None:
                 sink(action.text)
+        elif isinstance(action, Fired):
+            self._fired(action)
         elif isinstance(action, OpenPath):
             how = action.how
+            self._mark_stage(action.path, how)
             self._spawn("path", action.path, self._punch(action.path, how)
                         if isinstance(how, Punch) else self._relay(action.path, how))
         elif isinstance(action, AbandonPath):
@@ -395,6 +418,16 @@ class _Driver:
             if sock is not None:
                 sock.close()
         elif isinstance(action, Succeed):
+            if self.timeline is not None:
+                # A sharer's setup starts when its peer arrives (its first fire): the
+                # wait for a peer to use the code is no setup. A joiner's, at its start.
+                now = time.monotonic()
+                began = (self._first_fire if self.machine.config.role == "server"
+                         and self._first_fire is not None else self.timeline.origin)
+                setup = round((now - began) * 1000, 1)
+                self._mark("path", f"path chosen: {action.paired.path} "
+                           f"({self.stages.get(action.path, '')}), set up in {setup:.0f} ms",
+                           path=action.paired.path, setup_ms=setup)
             sock = self.opened.pop(action.path)
             early = self.early.pop(action.path, b"")
             values = {f.name: getattr(action.paired, f.name) for f in fields(action.paired)}
@@ -402,8 +435,39 @@ class _Driver:
                 return PairedTunnel(**values, sock=sock, early=early)
             return NewPath(**values, sock=sock, early=early)
         elif isinstance(action, Fail):
+            self._mark("failed", str(action.error).splitlines()[0] if str(action.error)
+                       else type(action.error).__name__)
             raise action.error
         return None
+
+    def _fired(self, action: Fired) -> None:
+        fire = action.fire
+        if self._first_fire is None:
+            self._first_fire = time.monotonic()
+        if action.number > 1:
+            self._mark("retry", f"coordinated again: attempt {action.number}",
+                       attempt=action.number)
+        plan = ", ".join([*(f"{s.path} {s.punch} {s.budget:.3g} s" for s in fire.plan),
+                          *([f"relay {fire.relay.budget:.3g} s"] if fire.relay else [])])
+        data: dict[str, Any] = {"attempt": action.number, "rtt_ms": fire.rtt_ms}
+        if action.prediction is not None:
+            data["prediction"] = action.prediction.to_json()
+        self._mark("fire", f"fire instruction (attempt {action.number}): {plan}; peer "
+                   f"round trip about {fire.rtt_ms:.0f} ms", **data)
+        if action.prediction is not None and self.on_prediction is not None:
+            cfg = self.machine.config
+            self.on_prediction(action.prediction, fire_facts(fire, cfg.role, cfg.nat))
+
+    def _mark_stage(self, path: int, how: Punch | ViaRelay) -> None:
+        if isinstance(how, Punch):
+            words = f"{how.stage.path} {how.stage.punch} to {how.stage.peer}"
+            self.stages[path] = f"{how.stage.path}, {how.stage.punch}"
+            self._mark("stage", f"punch: {words}, {how.stage.budget:.3g} s", path=how.stage.path,
+                       tactic=how.stage.punch, budget_s=how.stage.budget, peer=str(how.stage.peer))
+        else:
+            self.stages[path] = f"via {how.stage.relay}"
+            self._mark("stage", f"relay at {how.stage.relay}, {how.stage.budget:.3g} s",
+                       path="relay", budget_s=how.stage.budget, peer=str(how.stage.relay))
 
     # -- children: each reports to the inbox, never raises into the group --------------
 
@@ -423,12 +487,17 @@ class _Driver:
             self._post(_reraise, exc)
 
     async def _open(self, action: Connect) -> None:
+        began = time.monotonic()
         try:
             sock, deferred = await open_from(self.server, self.bind_host, action.port,
                                              self.net_timeout, fastopen=action.fastopen)
         except RendezvousUnreachable as exc:
             self._post(self.machine.connect_failed, action.conn, exc)
             return
+        if deferred:
+            self._began[action.conn] = began
+        else:
+            self._rendezvous_up(action.conn, began, sock)
         self.conns[action.conn] = sock
         if not deferred:
             self._spawn("read", action.conn, self._read(action.conn, sock))
@@ -442,8 +511,16 @@ class _Driver:
         except RendezvousUnreachable as exc:
             self._post(self.machine.connect_failed, conn, exc)
             return
+        self._rendezvous_up(conn, self._began.pop(conn, time.monotonic()), sock, fastopen=True)
         self._spawn("read", conn, self._read(conn, sock))
         self._post(self.machine.established, conn)
+
+    def _rendezvous_up(self, conn: int, began: float, sock: socket.socket, *,
+                       fastopen: bool = False) -> None:
+        rtt = round((time.monotonic() - began) * 1000, 1)
+        how = " (the hello in its SYN)" if fastopen else ""
+        self._mark("rendezvous", f"rendezvous connection {conn} up in {rtt:.1f} ms{how}, "
+                   f"from port {sock.getsockname()[1]}", rtt_ms=rtt, conn=conn)
 
     async def _read(self, conn: int, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -461,12 +538,27 @@ class _Driver:
 
     async def _punch(self, path: int, how: Punch) -> None:
         peer = how.stage.peer
+        stage = how.stage.path
+
+        def syn(attempt: int, ttl: int | None) -> None:
+            self._mark("syn", f"SYN #{attempt} ({stage}) to {peer}, TTL "
+                       f"{ttl if ttl is not None else 'default'}", attempt=attempt, ttl=ttl,
+                       stage=stage)
+
+        def answer(attempt: int, what: str, detail: str) -> None:
+            self._mark("answer", f"SYN #{attempt} ({stage}): {what} ({detail})",
+                       attempt=attempt, answer=what, detail=detail, stage=stage)
+
         driver = PunchDriver((how.local.host, how.local.port), (peer.host, peer.port),
                              Tactic.ARM if how.stage.punch == "arm" else Tactic.CONNECT,
-                             how.config, nat_hint=how.nat_hint, on_notice=self.on_event)
+                             how.config, nat_hint=how.nat_hint, on_notice=self.on_event,
+                             on_attempt=syn if self.timeline is not None else None,
+                             on_answer=answer if self.timeline is not None else None)
         try:
             sock = await driver.run()
         except PunchTimeout as exc:
+            self._mark("stage_failed", f"{stage} punch failed: {str(exc).splitlines()[0]}",
+                       stage=stage)
             self._post(self.machine.path_failed, path, exc)
             return
         tune_stream(sock)

@@ -27,7 +27,11 @@ One *meeting* is a conversation with the rendezvous from one local port P
    only the seed protocol, or lost our hello: one more hello tells the two
    apart (a seed-only one closes again).
 
-Every hello says ``relay: true``: this peer can use a plan's relay stage.
+Every hello says ``relay: true``: this peer can use a plan's relay stage, and
+carries ``nat``, our NAT doctor's compact report (``CoordinationConfig.nat``; a
+report of nothing without one). When a fire comes, :class:`Fired` says so before
+the first path opens, with the path predicted for a pairing's first attempt
+(:func:`nopf_web.prediction.predict` on the fire's facts).
 
 Then an *attempt*: the fire's plan, tried as *paths* to the peer, of a
 :data:`PathKind`: a :class:`Punch` (the driver runs
@@ -65,6 +69,7 @@ from typing import Literal, TypeAlias
 
 from nopf_web.errors import NopfError
 from nopf_web.pairing import PairingCode, make_code
+from nopf_web.prediction import Prediction, fire_facts, predict
 from nopf_web.punch.machine import Failure, PunchConfig, PunchTimeout
 from nopf_web.rendezvous.errors import (
     RendezvousError,
@@ -75,6 +80,7 @@ from nopf_web.roles import PeerRole
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import DiscoveryReader
 from nopf_web.wire.errors import WireError
+from nopf_web.wire.nat import NatSummary
 from nopf_web.wire.rendezvous import (
     RESUME_WAIT,
     ErrorReply,
@@ -154,6 +160,7 @@ class CoordinationConfig:
     bind_host: str = "0.0.0.0"
     pake: bool = False  # our SPAKE2 message travels with the coordination (MakePake)
     resume: Resume | None = None  # a resume meeting (no code, no SPAKE2) instead of a pairing
+    nat: NatSummary | None = None  # our doctor report, sent with every hello (None: none)
 
     def __post_init__(self) -> None:
         if self.resume is not None:
@@ -201,6 +208,7 @@ class Paired:
     peer_pake: bytes | None = None
     relay: Endpoint | None = None  # path "relay": the relay's address
     why: str | None = None  # path "relay": why not direct ("the peer's NAT is symmetric")
+    prediction: Prediction | None = None  # the path predicted when the fire came
 
     @property
     def over(self) -> str:
@@ -292,6 +300,16 @@ class Say:
 
 
 @dataclass(frozen=True)
+class Fired:
+    """The fire of attempt ``number`` came (the punch starts now); ``prediction``: the
+    path it predicts for a pairing's first attempt (None for the rest)."""
+
+    number: int
+    fire: Fire
+    prediction: Prediction | None
+
+
+@dataclass(frozen=True)
 class Punch:
     """A path by hole punching from ``local`` along one stage of the plan."""
 
@@ -345,7 +363,7 @@ class Fail:
 
 
 Action = (Connect | AwaitHandshake | Send | Close | MakePake | FinishPake | ShowCode | Say
-          | OpenPath | AbandonPath | Succeed | Fail)
+          | Fired | OpenPath | AbandonPath | Succeed | Fail)
 
 
 # -- refusals -----------------------------------------------------------------------
@@ -447,6 +465,7 @@ class CoordinationMachine:
         self._attempts = 0
         self._deadline = 0.0  # of all attempts together, from the first fire
         self._failed_attempt: CoordinatedPunchTimeout | None = None  # while meeting again
+        self.prediction: Prediction | None = None  # the first fire's, once it came
 
     # -- events -------------------------------------------------------------------
 
@@ -622,7 +641,7 @@ class CoordinationMachine:
                 self.config.role, str(self.code), peer, kind, local, a.fire.public, rtt,
                 timings, attempt=a.number,
                 peer_pake=a.fire.peer_pake if self._pake_message is not None else None,
-                relay=relay, why=why)
+                relay=relay, why=why, prediction=self.prediction)
         return [*actions, Say(said), Succeed(path, result)]
 
     def path_failed(self, path: int, error: NopfError, now: float) -> list[Action]:
@@ -679,12 +698,13 @@ class CoordinationMachine:
             side: ResumeSide = "share" if self.config.role == "server" else "join"
             hello = Hello("resume", None, (m.lan,), m.probed, m.punch_timeout,
                           resume_id=resume.resume_id, side=side,
-                          direct_only=resume.direct_only)
+                          direct_only=resume.direct_only, nat=self._nat)
         else:
             nameplate = (None if self.code is None or m.action == "share"
                          else self.code.nameplate)
             hello = Hello(m.action, nameplate, (m.lan,), m.probed, m.punch_timeout,
-                          pake=self._pake_message if wants_pake else None, relay=True)
+                          pake=self._pake_message if wants_pake else None, relay=True,
+                          nat=self._nat)
         m.hello_sent = now
         actions: list[Action] = [Send(m.conn, encode(hello))]
         if m.deferred:
@@ -693,6 +713,12 @@ class CoordinationMachine:
         else:
             self._await_address(m, now)
         return actions
+
+    @property
+    def _nat(self) -> NatSummary:
+        """Our report for the hello; without one, a report of nothing (all unknown): the
+        field also says we read a fire's ``peer_nat`` (the rendezvous sends it only then)."""
+        return self.config.nat if self.config.nat is not None else NatSummary()
 
     def _await_address(self, m: _Meeting, now: float) -> None:
         cfg = self.config
@@ -838,7 +864,11 @@ class CoordinationMachine:
         # Both sides sent a SPAKE2 message (else the rendezvous forwards neither).
         finish = fire.peer_pake if self._pake_message is not None else None
         self._attempt = _Attempt(self._attempts, fire, m, now, rungs, pake_to_finish=finish)
-        return self._open_rung(self._attempt)
+        fired = Fired(self._attempts, fire, None)
+        if self._attempts == 1 and cfg.resume is None:  # before the first SYN
+            self.prediction = predict(fire_facts(fire, cfg.role, cfg.nat))
+            fired = Fired(1, fire, self.prediction)
+        return [fired, *self._open_rung(self._attempt)]
 
     def _open_rung(self, a: _Attempt) -> list[Action]:
         actions: list[Action] = []

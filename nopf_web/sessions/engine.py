@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Final, Literal, Protocol
 
 from nopf_web.errors import NopfError
 from nopf_web.guard.base import GuardStatus
+from nopf_web.prediction import Prediction
 from nopf_web.roles import PeerRole
 from nopf_web.sockets import require_readiness
 from nopf_web.wire.address import Endpoint
@@ -59,11 +60,13 @@ class Event:
     to the peer carries data: seed mode's one pipe, coordinated mode's tunnel; a
     history connection starts), ``log``, ``guard`` (the packet guard's drops), ``path``
     (coordinated: the tunnel's path was lost, resumed, or moved back to direct;
-    ``data["path"]``: the path carrying it now, None while resuming).
+    ``data["path"]``: the path carrying it now, None while resuming), ``prediction``
+    (coordinated: the path predicted at the fire, before the first SYN; ``data``:
+    the prediction's JSON and ``nat_pair``).
     """
 
     kind: Literal["state", "public_address", "peer_address", "pipe_started", "log", "guard",
-                  "code", "path"]
+                  "code", "path", "prediction"]
     message: str
     at: float = field(default_factory=time.time)
     data: dict[str, Any] = field(default_factory=dict)
@@ -99,6 +102,11 @@ class Snapshot:
     guard_dropped: int = 0  # packets the guard dropped in this session's windows
     timings: Timings | None = None  # coordinated: monotonic instants of the pairing
     secured_at: float | None = None  # coordinated: monotonic, the peer's confirmation checked
+    prediction: Prediction | None = None  # coordinated: the path predicted at the fire
+    nat_pair: str | None = None  # coordinated: "drop × symmetric" (sharer first), at the fire
+    # coordinated: the pairing's timeline (nopf_web.sessions.timeline's JSON), as it grows
+    timeline: tuple[dict[str, Any], ...] = ()
+    setup_ms: float | None = None  # coordinated: pairing start -> the path opened
 
 
 class Engine(Protocol):

@@ -26,6 +26,7 @@ import os
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 CHUNK = 1 << 20
@@ -64,7 +65,15 @@ def _errside(exc: OSError, reading: str, writing: str) -> str:
     return reading if getattr(exc, "_nopf_read", False) else writing
 
 
-def _copy_splice(src: socket.socket, dst: socket.socket, add: _Adder) -> None:
+def _no_limit() -> int:
+    return CHUNK
+
+
+def copy_splice(src: socket.socket, dst: socket.socket, add: Callable[[int], None], *,
+                limit: Callable[[], int] = _no_limit, pipe_size: int = CHUNK) -> None:
+    """Copy ``src`` to ``dst`` through a kernel pipe (Linux): the bytes never enter
+    Python. Each read takes at most ``limit()`` bytes (0 stops); ``add(n)`` counts
+    what was written. Ends at EOF; a read error is marked as the reader's."""
     if sys.platform != "linux":  # never chosen there: os.splice is Linux's
         raise NotImplementedError("splice is Linux-only")
     rfd, wfd = os.pipe()
@@ -72,11 +81,11 @@ def _copy_splice(src: socket.socket, dst: socket.socket, add: _Adder) -> None:
         with contextlib.suppress(OSError):
             import fcntl
 
-            fcntl.fcntl(wfd, _F_SETPIPE_SZ, CHUNK)
+            fcntl.fcntl(wfd, _F_SETPIPE_SZ, pipe_size)
         sfd, dfd = src.fileno(), dst.fileno()
-        while True:
+        while (most := limit()) > 0:
             try:
-                n = os.splice(sfd, wfd, CHUNK, flags=os.SPLICE_F_MOVE)
+                n = os.splice(sfd, wfd, most, flags=os.SPLICE_F_MOVE)
             except OSError as exc:
                 exc._nopf_read = True  # type: ignore[attr-defined, unused-ignore]
                 raise
@@ -91,12 +100,14 @@ def _copy_splice(src: socket.socket, dst: socket.socket, add: _Adder) -> None:
         os.close(wfd)
 
 
-def _copy_buffer(src: socket.socket, dst: socket.socket, add: _Adder) -> None:
+def copy_buffer(src: socket.socket, dst: socket.socket, add: Callable[[int], None], *,
+                limit: Callable[[], int] = _no_limit) -> None:
+    """:func:`copy_splice` anywhere: ``recv_into`` one reusable buffer, ``sendall``."""
     buf = bytearray(CHUNK)
     view = memoryview(buf)
-    while True:
+    while (most := limit()) > 0:
         try:
-            n = src.recv_into(buf)
+            n = src.recv_into(buf, most)
         except OSError as exc:
             exc._nopf_read = True  # type: ignore[attr-defined]
             raise
@@ -175,7 +186,7 @@ class Pipe:
         dst: socket.socket = getattr(self, dst_name)
         add = _Adder(self.counters, f"{src_name}_to_{dst_name}")
         try:
-            (_copy_splice if self._use_splice else _copy_buffer)(src, dst, add)
+            (copy_splice if self._use_splice else copy_buffer)(src, dst, add)
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)  # propagate the half-close
         except OSError as exc:

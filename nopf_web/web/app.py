@@ -19,6 +19,7 @@ from aiohttp import web
 
 from nopf_web.db import HistoryStore
 from nopf_web.doctor.cache import DoctorCache
+from nopf_web.doctor.report import DoctorReport
 from nopf_web.errors import NopfError
 from nopf_web.guard import make_guard
 from nopf_web.guard.base import Guard, NullGuard
@@ -27,8 +28,9 @@ from nopf_web.rendezvous.doctor import DoctorResponder
 from nopf_web.rendezvous.server import RendezvousServer
 from nopf_web.resources import resource_dir
 from nopf_web.wire.address import Endpoint, parse_host_endpoint
+from nopf_web.wire.nat import NatSummary
 
-from . import api, doctor, views
+from . import api, doctor, stats, views
 from .config import WebConfig
 from .keys import (
     CONFIG,
@@ -111,6 +113,12 @@ async def _rendezvous_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _doctor_ctx(app: web.Application) -> AsyncIterator[None]:
     async with DoctorCache() as cache:
         app[DOCTOR] = cache
+        # Measured once at start, in the background, so that the first coordinated
+        # session's hello already carries our NAT report (a pairing never waits for
+        # it). Not against a rendezvous on this machine or LAN: that says nothing.
+        target = doctor.doctor_target(app)
+        if not DoctorReport(str(target[0])).rendezvous_is_local:
+            cache.warm(*target)
         yield
 
 
@@ -137,8 +145,13 @@ async def _manager_ctx(app: web.Application) -> AsyncIterator[None]:
     config, store = app[CONFIG], app[STORE]
     default = config.rendezvous or await _stored_rendezvous(store) or app[RENDEZVOUS].embedded
     assert default is not None  # no --rendezvous means the embedded one runs
+    def nat_report() -> NatSummary | None:
+        cache = app.get(DOCTOR)  # the doctor's context starts after this one
+        report = cache.last_report() if cache is not None else None
+        return None if report is None else NatSummary.from_report(report)
+
     manager = SessionManager(store, app[GUARD], default, punch_timeout=config.punch_timeout,
-                             max_live=config.max_live_sessions)
+                             max_live=config.max_live_sessions, nat_report=nat_report)
     # Its TaskGroup holds every session; leaving it stops them (recorded as interrupted)
     # while the store is still open.
     async with manager.running():
@@ -175,5 +188,6 @@ def create_app(config: WebConfig, *, guard: Guard | None = None) -> web.Applicat
     views.add_routes(app)
     api.add_routes(app)
     doctor.add_routes(app)
+    stats.add_routes(app)
     app.router.add_static("/static/", resource_dir("static"), name="static")
     return app

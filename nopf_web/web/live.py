@@ -32,7 +32,7 @@ log = logging.getLogger("nopf.web")
 # The live values: each is a part_NAME macro, an sse-swap="NAME" element and an event NAME.
 PARTS: Final = ("state", "steps", "problem", "pairing", "code", "public", "peer", "path",
                 "bytes_in", "rate_in", "bytes_out", "rate_out", "connections", "elapsed",
-                "guard", "stop", "peer_form", "ended")
+                "guard", "stop", "peer_form", "ended", "diagnosis", "timeline")
 WRITE_TIMEOUT: Final = 10.0  # s a browser may leave its stream unread before it is dropped
 _TEMPLATE: Final = "_session_parts.html"
 

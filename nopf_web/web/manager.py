@@ -21,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import re
 import secrets
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -43,6 +44,7 @@ from nopf_web.sessions.factory import EngineSpec, make_engine
 from nopf_web.sessions.seed import SeedSpec
 from nopf_web.sockets import set_exclusive_address
 from nopf_web.wire.address import Endpoint
+from nopf_web.wire.nat import NatSummary
 
 from .hints import hint_for
 
@@ -66,6 +68,14 @@ def redact_codes(text: str) -> str:
             return match.group(0)
         return f"{match.group(1)}-…"
     return _CODE_LIKE.sub(cut, text)
+
+
+def _diagnostics(s: Snapshot) -> dict[str, object]:
+    """The pairing's timeline and setup time, for the history (none: nothing)."""
+    if not s.timeline:
+        return {}
+    return {"timeline": json.dumps(list(s.timeline), separators=(",", ":")),
+            "setup_ms": s.setup_ms}
 
 
 class CreateError(ValueError):
@@ -116,8 +126,11 @@ class ManagedSession:
 class SessionManager:
     def __init__(self, store: HistoryStore, guard: Guard, default_rendezvous: Endpoint, *,
                  punch_timeout: float = 30.0, max_live: int = 32, keep_finished: int = 100,
-                 tick: float = 1.0) -> None:
+                 tick: float = 1.0,
+                 nat_report: Callable[[], NatSummary | None] | None = None) -> None:
         self.store = store
+        # Our NAT doctor's last report (never waits): coordinated hellos carry it.
+        self.nat_report = nat_report
         self.guard = guard
         self.default_rendezvous = default_rendezvous
         self.punch_timeout = punch_timeout
@@ -211,7 +224,8 @@ class SessionManager:
         if mode == "coordinated":
             spec = CoordinatedSpec(role=role, local_port=local_port, rendezvous=rendezvous,
                                    code=str(code) if code is not None else None,
-                                   code_lifetime=CODE_LIFETIME, punch_timeout=self.punch_timeout)
+                                   code_lifetime=CODE_LIFETIME, punch_timeout=self.punch_timeout,
+                                   nat=self.nat_report() if self.nat_report else None)
         else:
             spec = SeedSpec(role=role, local_port=local_port, rendezvous=rendezvous,
                             punch=PunchConfig(timeout=self.punch_timeout))
@@ -296,12 +310,16 @@ class SessionManager:
             # The tunnel moved (resumed, or back to direct): the history keeps the
             # path it runs over now, and this event's line says what happened.
             self.store.update_session(ms.id, path=s.path)
+        elif event.kind == "prediction" and s.prediction is not None:
+            self.store.update_session(ms.id, predicted_path=s.prediction.path,
+                                      prediction=s.prediction.why, nat_pair=s.nat_pair)
         elif event.kind == "pipe_started":
             # The session's connection to the peer (seed: the pipe; coordinated: the
             # tunnel, whose streams are counted in ``connections``).
             ms.connection_open = True
             self.store.connection_started(ms.id, event.at, str(s.peer_address))
-            self.store.update_session(ms.id, connections=s.connections, path=s.path)
+            self.store.update_session(ms.id, connections=s.connections, path=s.path,
+                                      **_diagnostics(s))
 
     async def _supervise(self, ms: ManagedSession) -> None:
         try:
@@ -335,7 +353,7 @@ class SessionManager:
         self.store.update_session(
             ms.id, state=state, outcome=ms.outcome, error=ms.error, hint=ms.hint,
             ended_at=ended, bytes_in=s.bytes_in, bytes_out=s.bytes_out,
-            connections=s.connections, **final)
+            connections=s.connections, **final, **_diagnostics(s))
         if ms.connection_open:
             ms.connection_open = False
             self.store.connection_ended(ms.id, ended, s.bytes_in, s.bytes_out, ms.outcome,

@@ -8,6 +8,9 @@ one is made from its engine's :class:`~nopf_web.sessions.engine.Snapshot`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import ipaddress
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +46,10 @@ class SessionView(SessionRecord):
             share_token=ms.share_token, rate_in=rate_in, rate_out=rate_out,
             guard=dataclasses.asdict(s.guard) if s.guard is not None else None,
             guard_dropped=s.guard_dropped, resuming=s.resuming, path_changes=s.path_changes,
+            predicted_path=s.prediction.path if s.prediction else None,
+            prediction=s.prediction.why if s.prediction else None, nat_pair=s.nat_pair,
+            setup_ms=s.setup_ms,
+            timeline=json.dumps(list(s.timeline), separators=(",", ":")) if s.timeline else None,
         )
 
     @classmethod
@@ -59,6 +66,33 @@ class SessionView(SessionRecord):
         end = self.ended_at if self.ended_at is not None else time.time()
         return max(0.0, end - self.started_at)
 
+    @functools.cached_property  # parsed once per view (a page renders it several times)
+    def timeline_marks(self) -> list[dict[str, Any]]:
+        """The pairing's timeline (see ``nopf_web.sessions.timeline``); [] if none."""
+        if not self.timeline:
+            return []
+        try:
+            marks = json.loads(self.timeline)
+        except ValueError:
+            return []
+        return [m for m in marks if isinstance(m, dict)] if isinstance(marks, list) else []
+
+    @property
+    def first_path(self) -> str | None:
+        """The pairing's path (its timeline's), else the path now; None: none yet."""
+        first = next((m.get("path") for m in self.timeline_marks if m.get("kind") == "path"),
+                     None)
+        return str(first) if first else self.path
+
+    @property
+    def prediction_held(self) -> bool | None:
+        """Whether the first path taken is the predicted one (None: not known yet)."""
+        first = self.first_path
+        if self.predicted_path is None or (first is None and self.outcome is None):
+            return None
+        return first == self.predicted_path or (first is None
+                                                and self.predicted_path == "none")
+
     @property
     def can_set_peer(self) -> bool:
         return self.mode == "seed" and self.live and self.peer_address is None
@@ -70,10 +104,29 @@ class SessionView(SessionRecord):
                 or not self.live or self.state != "waiting_peer"):
             return None
         # templates/_session_parts.html shows the same words with markup.
-        return (f"Join my nopf share: run nopf connect {self.code} -p PORT -a {self.rendezvous} "
+        text = (f"Join my nopf share: run nopf connect {self.code} -p PORT -a {self.rendezvous} "
                 "(PORT: any free local port), or start a client session in your nopf dashboard "
                 f"with the code {self.code}. The code works once, within {self.code_minutes} "
                 "minutes.")
+        if self.rendezvous_local:
+            text += f" {self.local_rendezvous_words}"
+        return text
+
+    @property
+    def rendezvous_local(self) -> bool:
+        """The rendezvous is a loopback address: no peer on another machine reaches it."""
+        host = self.rendezvous.rpartition(":")[0].strip("[]")
+        if host.lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def local_rendezvous_words(self) -> str:
+        return (f"Only from this machine: the rendezvous {self.rendezvous} is a loopback "
+                "address, which a peer on another machine cannot reach.")
 
     @property
     def code_minutes(self) -> int:
@@ -110,4 +163,10 @@ class SessionView(SessionRecord):
             "hint": self.hint,
             "started_at": self.started_at,
             "ended_at": self.ended_at,
+            "prediction": None if self.predicted_path is None else {
+                "path": self.predicted_path, "why": self.prediction,
+                "held": self.prediction_held},
+            "nat_pair": self.nat_pair,
+            "setup_ms": self.setup_ms,
+            "timeline": self.timeline_marks,
         }

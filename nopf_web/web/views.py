@@ -255,7 +255,8 @@ async def history_page(request: web.Request) -> web.Response:
 _CSV_COLUMNS: Final = ("id", "label", "mode", "role", "local_port", "rendezvous", "public_address",
                        "peer_address", "outcome", "state", "started_at", "ended_at",
                        "duration_s", "bytes_in", "bytes_out", "connections", "code", "path",
-                       "error")
+                       "error", "predicted_path", "prediction", "nat_pair", "setup_ms",
+                       "timeline")
 
 
 def _cell(value: object) -> object:
@@ -284,7 +285,9 @@ async def history_export(request: web.Request) -> web.Response:
                 v.id, v.label, v.mode, v.role, v.local_port, v.rendezvous, v.public_address or "",
                 v.peer_address or "", v.outcome or "running", v.state, iso(v.started_at),
                 iso(v.ended_at), round(v.elapsed, 1), v.bytes_in, v.bytes_out, v.connections,
-                v.code or "", v.path or "", v.error or "")])
+                v.code or "", v.path or "", v.error or "", v.predicted_path or "",
+                v.prediction or "", v.nat_pair or "",
+                "" if v.setup_ms is None else v.setup_ms, v.timeline or "")])
         resp = web.Response(text=out.getvalue(), content_type="text/csv")
     resp.headers["Content-Disposition"] = f'attachment; filename="nopf-history.{fmt}"'
     return resp

@@ -28,9 +28,14 @@ Client -> rendezvous
             "pake":"base64",         (optional, absent to share: our SPAKE2 message,
                                       PAKE_SIZE = 33 bytes, standard base64 = 44
                                       characters; forwarded opaquely to the peer)
-            "relay":true}            (optional, absent unless true: this client can use a
+            "relay":true,            (optional, absent unless true: this client can use a
                                       plan's "relay" stages. Without it the plans are
                                       punch-only, exactly as before relays existed)
+            "nat":{...}}             (optional, absent when unknown: this peer's NAT as its
+                                      doctor measured it, the compact object of
+                                      nopf_web.wire.nat, six keys, ~120 bytes; also allowed
+                                      in a resume hello. The rendezvous predicts the path
+                                      with it and hands it to the peer as "peer_nat")
     hello  {"type":"hello","version":2,"action":"resume",  (meet the peer of a tunnel
                                       again, after a path loss or to try direct: the two
                                       resume hellos with the same id and opposite sides
@@ -71,14 +76,17 @@ Rendezvous -> client
                                           Decoded into Fire.plan (the punch stages) and
                                           Fire.relay)
              "rtt_ms":R, "note":"..."|null, "peer_pake":"base64",
-             "mapping":{"you":M,"peer":M}}
+             "mapping":{"you":M,"peer":M}, "peer_nat":{...}}
             (the joiner's is sent at once, the sharer's so that it arrives with the
              joiner's or a few ms later: start punching at once; the stages run in
              order, each for its budget. "peer_pake": the peer's SPAKE2 message, only
              when both peers sent one; absent otherwise. "mapping" (optional): how
              the rendezvous classified each side's NAT mapping, M one of "none" (no
              NAT), "stable" (endpoint-independent), "symmetric", "unknown"; "note"
-             is its explanation for people, "mapping" the one programs decide on)
+             is its explanation for people, "mapping" the one programs decide on.
+             "peer_nat" (optional): the peer's hello's "nat", as it sent it; absent when
+             it sent none, and always to a client whose own hello had no "nat" (an
+             older client would reject the field))
     error   {"type":"error","code":C,"message":"one line"}  (then the rendezvous closes)
             code "probe_required" (to a joiner whose hello had no probe, when the
             sharer's NAT is symmetric, so the plan depends on the joiner's mapping):
@@ -103,6 +111,7 @@ from nopf_web.errors import NopfError
 
 from .address import Endpoint, parse_ipv4_endpoint
 from .errors import BadAddress, WireError
+from .nat import NatSummary, NatSummaryError
 
 VERSION = 2
 LENGTH = struct.Struct("!I")  # payload length, u32 big-endian
@@ -163,6 +172,7 @@ class Hello:
     resume_id: bytes | None = None  # "resume" only: which tunnel (RESUME_ID_SIZE bytes)
     side: ResumeSide | None = None  # "resume" only
     direct_only: bool = False  # "resume" only: punch stages only
+    nat: NatSummary | None = None  # our doctor report, compact (None: absent)
 
     @property
     def relay_capable(self) -> bool:
@@ -240,6 +250,7 @@ class Fire:
     peer_pake: bytes | None = None  # the peer's SPAKE2 message, as it sent it
     mapping: tuple[Mapping, Mapping] | None = None  # (ours, the peer's), as classified
     relay: RelayStage | None = None  # after the punch stages ("plan" may then be empty)
+    peer_nat: NatSummary | None = None  # the peer's hello's "nat" (None: it sent none)
 
     @property
     def hopeless(self) -> bool:
@@ -280,12 +291,15 @@ def _b64(data: bytes) -> str:
 def _to_json(msg: Message) -> dict[str, Any]:
     if isinstance(msg, Hello):
         if msg.action == "resume":
-            return {"type": "hello", "version": msg.version, "action": msg.action,
-                    "resume_id": None if msg.resume_id is None else _b64(msg.resume_id),
-                    "side": msg.side, "direct_only": msg.direct_only,
-                    "lan": [_ep(e) for e in msg.lan],
-                    "probe": _ep(msg.probe) if msg.probe else None,
-                    "punch_timeout": msg.punch_timeout}
+            resume = {"type": "hello", "version": msg.version, "action": msg.action,
+                      "resume_id": None if msg.resume_id is None else _b64(msg.resume_id),
+                      "side": msg.side, "direct_only": msg.direct_only,
+                      "lan": [_ep(e) for e in msg.lan],
+                      "probe": _ep(msg.probe) if msg.probe else None,
+                      "punch_timeout": msg.punch_timeout}
+            if msg.nat is not None:  # absent, not null: what a client without it sends
+                resume["nat"] = msg.nat.to_wire()
+            return resume
         hello = {"type": "hello", "version": msg.version, "action": msg.action,
                  "nameplate": msg.nameplate, "lan": [_ep(e) for e in msg.lan],
                  "probe": _ep(msg.probe) if msg.probe else None,
@@ -294,6 +308,8 @@ def _to_json(msg: Message) -> dict[str, Any]:
             hello["pake"] = _b64(msg.pake)
         if msg.relay:  # absent unless true: a hello without it is what it always was
             hello["relay"] = True
+        if msg.nat is not None:  # absent, not null: what a client without it sends
+            hello["nat"] = msg.nat.to_wire()
         if msg.resume_id is not None or msg.side is not None or msg.direct_only:
             # Caught by the decoding check below, with the message naming the field.
             hello.update(resume_id=msg.resume_id and _b64(msg.resume_id), side=msg.side,
@@ -325,6 +341,8 @@ def _to_json(msg: Message) -> dict[str, Any]:
             fire["peer_pake"] = _b64(msg.peer_pake)
         if msg.mapping is not None:
             fire["mapping"] = {"you": msg.mapping[0], "peer": msg.mapping[1]}
+        if msg.peer_nat is not None:  # absent unless the peer sent its "nat"
+            fire["peer_nat"] = msg.peer_nat.to_wire()
         return fire
     return {"type": "error", "code": msg.code, "message": msg.message}
 
@@ -482,7 +500,8 @@ def _hello(f: _Fields) -> Hello:
         raise MessageError("hello.pake must be absent to share (the code does not exist yet: "
                            "send it in a pake message after the welcome)")
     return Hello(action, nameplate, _lan(f), f.endpoint("probe", optional=True),
-                 f.num("punch_timeout", 0.1, MAX_SECONDS), pake=pake, relay=bool(relay))
+                 f.num("punch_timeout", 0.1, MAX_SECONDS), pake=pake, relay=bool(relay),
+                 nat=_nat(f, "nat"))
 
 
 def _resume(f: _Fields) -> Hello:
@@ -493,7 +512,17 @@ def _resume(f: _Fields) -> Hello:
     side = _req(f.text("side", choices=RESUME_SIDES))
     return Hello("resume", None, _lan(f), f.endpoint("probe", optional=True),
                  f.num("punch_timeout", 0.1, MAX_SECONDS), resume_id=resume_id, side=side,
-                 direct_only=_req(f.flag("direct_only")))
+                 direct_only=_req(f.flag("direct_only")), nat=_nat(f, "nat"))
+
+
+def _nat(f: _Fields, name: str) -> NatSummary | None:
+    """An optional compact NAT report (absent: None; null is not a spelling of it)."""
+    if name not in f.obj:
+        return None
+    try:
+        return NatSummary.from_wire(f.obj[name], f"{f.kind}.{name}")
+    except NatSummaryError as exc:
+        raise MessageError(str(exc)) from None
 
 
 def _lan(f: _Fields) -> tuple[Endpoint, ...]:
@@ -542,19 +571,20 @@ def _fire(f: _Fields) -> Fire:
         mapping = (_req(m.text("you", choices=MAPPINGS)), _req(m.text("peer", choices=MAPPINGS)))
     return Fire(_req(f.endpoint("public")), _req(f.endpoint("peer_public")), tuple(stages),
                 f.num("rtt_ms", 0, MAX_SECONDS * 1000), f.text("note", optional=True),
-                f.pake("peer_pake", optional=True), mapping, relay)
+                f.pake("peer_pake", optional=True), mapping, relay, _nat(f, "peer_nat"))
 
 
 _FIELDS: dict[str, set[str]] = {
     "hello": {"version", "action", "nameplate", "lan", "probe", "punch_timeout", "pake",
-              "relay", "resume_id", "side", "direct_only"},
+              "relay", "resume_id", "side", "direct_only", "nat"},
     "pake": {"pake"},
     "pong": {"seq"},
     "probe": {"version"},
     "relay": {"version", "token"},
     "ping": {"seq"},
     "welcome": {"nameplate", "expires_in", "public"},
-    "fire": {"public", "peer_public", "plan", "rtt_ms", "note", "peer_pake", "mapping"},
+    "fire": {"public", "peer_public", "plan", "rtt_ms", "note", "peer_pake", "mapping",
+             "peer_nat"},
     "relayed": set(),
     "error": {"code", "message"},
 }

@@ -13,8 +13,7 @@ from nopf_web.pairing import BadCode, parse_code
 from nopf_web.rendezvous.book import PairingLimits
 from nopf_web.rendezvous.server import RendezvousServer, ServerLimits
 from nopf_web.roles import PeerRole
-from nopf_web.sessions import coordination as coord
-from nopf_web.sessions import errors
+from nopf_web.sessions import coordination as coord, errors
 from nopf_web.tunnel.errors import PairingMismatch
 from nopf_web.tunnel.secure import Pake, open_channel
 from nopf_web.wire.address import Endpoint

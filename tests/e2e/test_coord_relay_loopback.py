@@ -22,8 +22,7 @@ from typing import Literal
 import pytest
 
 from nopf_web.rendezvous.errors import RendezvousUnreachable
-from nopf_web.sessions import coordination as coord
-from nopf_web.sessions import errors
+from nopf_web.sessions import coordination as coord, errors
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import encode_reply
 from nopf_web.wire.rendezvous import (

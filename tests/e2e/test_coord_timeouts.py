@@ -15,8 +15,7 @@ import pytest
 
 from nopf_web.pairing import make_code
 from nopf_web.rendezvous.errors import RendezvousProtocolError
-from nopf_web.sessions import coordination as coord
-from nopf_web.sessions import errors
+from nopf_web.sessions import coordination as coord, errors
 from nopf_web.wire.discovery import encode_reply
 from nopf_web.wire.rendezvous import (
     ErrorReply,

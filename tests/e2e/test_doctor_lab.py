@@ -7,11 +7,9 @@ Each kind is measured three times and must be right every time within 1.5 s.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
-import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import pytest
@@ -20,7 +18,7 @@ from nopf_web.doctor import DoctorReport, run_doctor
 from nopf_web.wire.address import Endpoint
 from tests.lab import gateway as lab_gateway
 from tests.lab.fixtures import LabFactory
-from tests.lab.topology import RDV_IP, RDV_IP2, Host, Lab
+from tests.lab.topology import RDV_IP, RDV_IP2, Lab
 from tests.programs import argv
 
 pytestmark = pytest.mark.lab
@@ -44,28 +42,6 @@ EXPECTED = {
 }
 
 
-def run_in(host: Host, main: Callable[[], Awaitable[T]], timeout: float = 30.0) -> T:
-    """Run ``main()`` in an event loop of a thread inside ``host``'s namespace."""
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            with host.enter():
-                result.append(asyncio.run(main()))  # type: ignore[arg-type]
-        except BaseException as exc:  # handed to the test thread
-            error.append(exc)
-
-    thread = threading.Thread(target=target, name=f"doctor-{host.name}")
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise TimeoutError(f"the doctor in {host.name} still runs after {timeout} s")
-    if error:
-        raise error[0]
-    return result[0]
-
-
 def start_server(lab: Lab, *extra: str) -> subprocess.Popen[bytes]:
     """nopf-server on rdv (its doctor on 3013 and on the second address); waits for it."""
     args = ["--doctor-address", RDV_IP2] if "--no-doctor" not in extra else []
@@ -81,7 +57,7 @@ def start_server(lab: Lab, *extra: str) -> subprocess.Popen[bytes]:
 def doctor_runs(lab: Lab, runs: int = RUNS) -> list[DoctorReport]:
     async def main() -> list[DoctorReport]:
         return [await run_doctor(RDV) for _ in range(runs)]
-    return run_in(lab.a1, main)
+    return lab.a1.run_async(main)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from ipaddress import IPv4Address
 from typing import Any, TypeVar
 
@@ -50,28 +50,6 @@ OFF = {  # what the gateway turns off so that only this protocol answers
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def run_in(host: Host, main: Callable[[], Awaitable[T]], timeout: float = 30.0) -> T:
-    """Run ``main()`` in an event loop of a thread inside ``host``'s namespace."""
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            with host.enter():
-                result.append(asyncio.run(main()))  # type: ignore[arg-type]
-        except BaseException as exc:  # handed to the test thread
-            error.append(exc)
-
-    thread = threading.Thread(target=target, name=f"portmap-{host.name}")
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise TimeoutError(f"the port mapper in {host.name} still runs after {timeout} s")
-    if error:
-        raise error[0]
-    return result[0]
 
 
 def listener(port: int = PORT) -> socket.socket:
@@ -150,7 +128,7 @@ def test_each_protocol_alone_opens_renews_and_closes_the_port(
                 await asyncio.to_thread(accept_from, server)
                 return mapping, list(m.reasons), (first, later), peer, m.renewals
 
-    mapping, reasons, (first, later), peer, renewals = run_in(lab.a1, main)
+    mapping, reasons, (first, later), peer, renewals = lab.a1.run_async(main)
     assert mapping.protocol is protocol
     assert mapping.external_address == IPv4Address(PUBLIC_A)
     assert mapping.internal_address == IPv4Address(lab.a1.ip)
@@ -177,7 +155,7 @@ def test_the_race_picks_one_when_all_answer(lab: Lab, table: str) -> None:
             await asyncio.sleep(0.5)  # losers settle (tidy up what they were granted)
             return mapping, m.reasons, await asyncio.to_thread(gw.rules)
 
-    mapping, reasons, rules = run_in(lab.a1, main)
+    mapping, reasons, rules = lab.a1.run_async(main)
     assert mapping.protocol in set(MapProtocol)
     losers = {p.value for p in MapProtocol} - {mapping.protocol.value}
     assert {r.split(":")[0] for r in reasons} == losers, reasons
@@ -214,7 +192,7 @@ def test_a_lying_gateway_is_flagged_unusable(lab: Lab) -> None:
             status = await asyncio.to_thread(connect_from, lab.a1, lab.rdv.ip, 3012)
             return mapping, status
 
-    mapping, status = run_in(lab.a1, main)
+    mapping, status = lab.a1.run_async(main)
     thread.join(5)
     assert status == "ok" and seen == [PUBLIC_A]
     assert mapping.external_address == IPv4Address("100.64.7.7")
@@ -236,7 +214,7 @@ def test_a_silent_gateway_gives_none_with_a_reason_per_protocol(lab: Lab) -> Non
             mapping = await m.map_tcp(PORT)
             return mapping, m.reasons, time.monotonic() - start
 
-    mapping, reasons, elapsed = run_in(lab.a1, main)
+    mapping, reasons, elapsed = lab.a1.run_async(main)
     assert mapping is None
     assert [r.split(":")[0] for r in reasons] == ["NAT-PMP", "PCP", "UPnP-IGD"]
     assert reasons[0].startswith("NAT-PMP: no answer from 10.0.1.1 within 25")
@@ -252,7 +230,7 @@ def test_no_gateway_service_fails_fast(lab: Lab) -> None:
             assert await m.map_tcp(PORT) is None
             return m.reasons, time.monotonic() - start
 
-    reasons, elapsed = run_in(lab.a1, main)
+    reasons, elapsed = lab.a1.run_async(main)
     assert "refused (ICMP port unreachable on 5351)" in reasons[0]
     assert "refused (ICMP port unreachable on 5351)" in reasons[1]
     assert "no SSDP answer" in reasons[2]
@@ -266,7 +244,7 @@ def test_permanent_only_upnp_leases_are_refused(lab: Lab) -> None:
         async with mapper(protocols=[MapProtocol.UPNP]) as m:
             return await m.map_tcp(PORT), m.reasons
 
-    mapping, reasons = run_in(lab.a1, main)
+    mapping, reasons = lab.a1.run_async(main)
     assert mapping is None
     assert reasons == ("UPnP-IGD: the gateway grants only permanent leases (725); refused, "
                        "a crash would leave the mapping",)
@@ -283,7 +261,7 @@ def test_a_gateway_answering_too_late_keeps_no_mapping(lab: Lab, protocol: MapPr
         async with mapper() as m:
             return await m.map_tcp(PORT), m.reasons
 
-    mapping, reasons = run_in(lab.a1, main)
+    mapping, reasons = lab.a1.run_async(main)
     assert mapping is None
     assert reasons[list(MapProtocol).index(protocol)].startswith(
         f"{protocol.value}: no answer from 10.0.1.1 within 25")
@@ -305,7 +283,7 @@ def test_cancelling_map_tcp_mid_race_keeps_no_mapping(lab: Lab) -> None:
                 async with asyncio.timeout(3):
                     await task
 
-    run_in(lab.a1, main)
+    lab.a1.run_async(main)
     gw.wait_for("delete", 2.0, why="request")
     assert gw.rules() == ""
 
@@ -338,7 +316,7 @@ def test_cancellation_mid_renewal_deletes_the_mapping(lab: Lab, protocol: MapPro
                 await task
         return port[0]
 
-    port = run_in(lab.a1, main)
+    port = lab.a1.run_async(main)
     event = gw.wait_for("delete", 2.0)
     assert event["why"] == "request"
     assert_closed(lab, gw, port)
@@ -367,7 +345,7 @@ def test_detect_names_the_protocols_that_answer(lab: Lab) -> None:
         async with mapper() as m:
             return await m.detect()
 
-    detection = run_in(lab.a1, main)
+    detection = lab.a1.run_async(main)
     assert detection.gateway == IPv4Address(lab.nata.lan_ip)
     assert detection.answering == (MapProtocol.NATPMP, MapProtocol.UPNP)
     natpmp, pcp, upnp = detection.probes
@@ -392,7 +370,7 @@ def test_time_to_a_mapping(lab: Lab) -> None:
                     assert mapping is not None, m.reasons
             return times
 
-        times = run_in(lab.a1, main, timeout=60)
+        times = lab.a1.run_async(main, timeout=60)
         figures[name] = statistics.median(times) * 1000
         gw.stop()
         assert gw.rules() == ""

@@ -12,8 +12,7 @@ import json
 import os
 from typing import Any
 
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, settings, strategies as st
 
 ENV = "NOPF_FUZZ_EXAMPLES"
 NIGHTLY = 100_000

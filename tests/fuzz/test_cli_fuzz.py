@@ -21,8 +21,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
-from hypothesis import example, given
-from hypothesis import strategies as st
+from hypothesis import example, given, strategies as st
 
 from nopf_web.cli import coordinated, doctor, peer, server, web
 from nopf_web.sessions.path_machine import UPGRADE_CAP

@@ -27,8 +27,7 @@ from urllib.parse import urlencode
 import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
-from hypothesis import assume, event, example, given
-from hypothesis import strategies as st
+from hypothesis import assume, event, example, given, strategies as st
 
 from nopf_web.guard.base import NullGuard
 from nopf_web.inputs import InputError
@@ -171,9 +170,9 @@ def test_json_api(dash: Dashboard, route: str, body: bytes, content_type: str) -
 
 
 QUERY_ROUTES = ("/api/history", "/api/sessions", "/api/guard", "/history", "/history.csv",
-                "/history.json", "/settings", "/", "/doctor", "/api/doctor")
+                "/history.json", "/settings", "/", "/doctor", "/api/doctor", "/stats")
 QUERY_NAMES = ("limit", "offset", "outcome", "q", "page", "seen", "saved", "refresh", "since",
-               "token")
+               "token", "range")
 
 
 @fuzz(ci=250)
@@ -183,6 +182,7 @@ QUERY_NAMES = ("limit", "offset", "outcome", "q", "page", "seen", "saved", "refr
 @example(route="/api/history", params=[("limit", "²")], raw=None).via("the issue")
 @example(route="/history", params=[("page", "²")], raw=None).via("the issue")
 @example(route="/api/history", params=[], raw=b"limit=%ff%fe&offset=%")
+@example(route="/stats", params=[("range", "\ud800")], raw=None)
 def test_query_strings(dash: Dashboard, route: str, params: list[tuple[str, str]],
                        raw: bytes | None) -> None:
     # The doctor measures (and probes the gateway) only in its own tests: fuzz its

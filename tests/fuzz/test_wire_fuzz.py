@@ -16,14 +16,12 @@ import json
 import struct
 from typing import Any
 
-from hypothesis import example, given
-from hypothesis import strategies as st
+from hypothesis import example, given, strategies as st
 
 from nopf_web.rendezvous import doctor_machine as dm
 from nopf_web.rendezvous.server_machine import Log, ServerLimits
 from nopf_web.tunnel.secure import Pake
-from nopf_web.wire import doctor as dw
-from nopf_web.wire import rendezvous as rw
+from nopf_web.wire import doctor as dw, rendezvous as rw
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.frames import FrameDecoder, FrameError
 from tests.fuzz.budget import fuzz, json_values, nasty_text
@@ -159,11 +157,11 @@ def test_doctor_responder_machine(data: st.DataObject, stream: bytes, ending: st
     actions: list[dm.Action] = []
     now = 0.0
     hostile_peer, local = (HOSTILE_IP, 40000), ("198.51.100.2", 3013)
-    actions += m.handle(dm.Accepted(1, hostile_peer, local, now))
+    actions += m.handle(dm.Accepted(1, hostile_peer, now, local=local))
     for chunk in data.draw(cut(stream)):
         actions += m.handle(dm.Received(1, chunk, now))
     # An honest client beside it.
-    actions += m.handle(dm.Accepted(2, (JOINER_IP, 50000), local, now))
+    actions += m.handle(dm.Accepted(2, (JOINER_IP, 50000), now, local=local))
     honest = m.handle(dm.Received(2, dw.encode(dw.Check(False)), now))
     reader = dw.FrameReader()
     seen = [dw.decode_responder_message(f) for a in honest if isinstance(a, dm.Send)

@@ -48,6 +48,7 @@ Only the standard library is used.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import ctypes
@@ -64,10 +65,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 __all__ = [
     "MODES",
@@ -83,6 +84,8 @@ __all__ = [
     "lab_unavailable_reason",
     "list_labs",
 ]
+
+T = TypeVar("T")
 
 MODES: tuple[str, ...] = ("drop", "rst", "icmp", "symmetric", "none")
 ROLES: tuple[str, ...] = ("inet", "rdv", "nata", "natb", "a1", "a2", "b1", "b2")
@@ -309,6 +312,29 @@ class Host:
         """
         with _in_netns(self.ns):
             yield self
+
+    def run_async(self, main: Callable[[], Awaitable[T]], timeout: float = 30.0) -> T:
+        """Run ``main()`` in an event loop of a thread inside this namespace; its
+        result, or its exception, in the calling thread."""
+        result: list[T] = []
+        error: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                with self.enter():
+                    result.append(asyncio.run(main()))  # type: ignore[arg-type]
+            except BaseException as exc:  # handed to the calling thread
+                error.append(exc)
+
+        thread = threading.Thread(target=target, name=f"lab-run-{self.name}")
+        thread.start()
+        thread.join(timeout)
+        if thread.is_alive():
+            raise TimeoutError(f"{getattr(main, '__qualname__', main)} in {self.name} "
+                               f"still runs after {timeout} s")
+        if error:
+            raise error[0]
+        return result[0]
 
 
 class Nat(Host):

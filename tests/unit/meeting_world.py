@@ -27,7 +27,9 @@ from nopf_web.pairing import parse_code
 from nopf_web.punch.machine import Failure, PunchTimeout
 from nopf_web.rendezvous.server_machine import (
     Accepted,
+    Action as ServerAction,
     Close,
+    Event as ServerEvent,
     LastWord,
     Log,
     PeerClosed,
@@ -39,12 +41,6 @@ from nopf_web.rendezvous.server_machine import (
     StartRelay,
     StopRelay,
     Tick,
-)
-from nopf_web.rendezvous.server_machine import (
-    Action as ServerAction,
-)
-from nopf_web.rendezvous.server_machine import (
-    Event as ServerEvent,
 )
 from nopf_web.roles import PeerRole
 from nopf_web.sessions import coordination_machine as cm

@@ -8,8 +8,7 @@ from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from nopf_web.errors import NopfError
 from nopf_web.pairing import PairingCode, parse_code
@@ -34,6 +33,7 @@ from nopf_web.sessions.coordination_machine import (
     CoordinationMachine,
     Fail,
     FinishPake,
+    Fired,
     MakePake,
     Met,
     OpenPath,
@@ -50,6 +50,7 @@ from nopf_web.sessions.coordination_machine import (
 )
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import encode_reply
+from nopf_web.wire.nat import NatSummary
 from nopf_web.wire.rendezvous import (
     ERROR_CODES,
     RESUME_WAIT,
@@ -218,7 +219,8 @@ def share(cuts: Iterable[int] = (), deferred: bool = False) -> Peer:
     hello_conn = p.connect(deferred=deferred)
     assert p.last(Connect) == Connect(hello_conn, port, fastopen=True)
     assert p.client_frames(hello_conn) == [
-        Hello("share", None, (Endpoint(LOCAL, port),), PUBLIC, 15.0, relay=True)]
+        Hello("share", None, (Endpoint(LOCAL, port),), PUBLIC, 15.0, relay=True,
+              nat=NatSummary())]  # no report: a report of nothing
     p.says(hello_conn, reply() + frames(Ping(1), Welcome(7, 600.0, PUBLIC), Ping(2), fire()),
            cuts)
     return p
@@ -236,9 +238,14 @@ def test_share_from_probe_to_fire_in_any_reads(cuts: list[int], deferred: bool) 
     assert p.of(MakePake) == [MakePake("7-orbit-lantern")]
     stage = fire().plan[0]
     local = Endpoint("0.0.0.0", 40001)
-    tail = p.actions[-4:]
+    tail = p.actions[-5:]
+    # The fire names no mappings and neither side sent a NAT report: a public path is
+    # predicted, assuming both NATs keep their ports (not certain).
+    prediction = p.machine.prediction
+    assert prediction is not None and prediction.path == "public" and not prediction.certain
     assert tail == [
         Close(hello_conn),
+        Fired(1, fire(), prediction),
         Say(f"punching to {PEER} (public, connect)", punching=True),
         OpenPath(1, Punch(local, stage, PunchConfig(timeout=4.0, arm_ttl=2, first_shot=True),
                           None)),
@@ -249,7 +256,8 @@ def test_share_from_probe_to_fire_in_any_reads(cuts: list[int], deferred: bool) 
     assert done == [
         Say(f"tunnel up to {PEER} over the public path"),
         Succeed(1, Paired("server", "7-orbit-lantern", PEER, "public", local, PUBLIC, 0.04,
-                          Timings(0.0, 0.0, 0.0, 0.5, 0.0, 0.0), peer_pake=PEER_PAKE)),
+                          Timings(0.0, 0.0, 0.0, 0.5, 0.0, 0.0), peer_pake=PEER_PAKE,
+                          prediction=prediction)),
     ]
     assert p.machine.wake_at is None
 
@@ -262,6 +270,7 @@ def test_connect_sends_its_pake_in_the_hello_and_answers_pings(cuts: list[int]) 
     conn = p.connect()
     [hello] = p.client_frames(conn)
     assert hello == Hello("join", 7, (Endpoint(LOCAL, 40001),), None, 15.0, pake=OUR_PAKE,
+                          nat=NatSummary(),
                           relay=True)
     p.now = 0.1
     lan_stage = Stage("lan", PEER_LAN, "arm", 1.0)
@@ -609,7 +618,7 @@ def rejoin(p: Peer, the_fire: Fire | None = None) -> None:
     [hello] = p.client_frames(conn)
     assert hello == Hello("rejoin", 7, (Endpoint(LOCAL, port),), PUBLIC,
                           hello.punch_timeout, pake=OUR_PAKE,  # type: ignore[union-attr]
-                          relay=True)
+                          relay=True, nat=NatSummary())
     p.says(conn, reply() + frames(the_fire or fire()))
 
 
@@ -871,7 +880,8 @@ def test_a_resume_meeting_checks_the_mapping_then_says_resume(
     [hello] = p.client_frames(conn)
     assert hello == Hello("resume", None, (Endpoint(LOCAL, port),), PUBLIC, 40.0,
                           resume_id=RID, side="share" if role == "server" else "join",
-                          direct_only=direct)  # the whole budget: no retry slot
+                          direct_only=direct,  # the whole budget: no retry slot
+                          nat=NatSummary())
     assert not p.of(MakePake)
     # The first to arrive waits (pinged) up to RESUME_WAIT for the other.
     p.says(conn, reply() + frames(Ping(1), Ping(2)), cuts)
@@ -929,6 +939,48 @@ def test_a_resume_has_no_code_and_no_spake2() -> None:
         CoordinationConfig(role="client", where=RDV, code=CODE, resume=Resume(RID))
     with pytest.raises(ValueError, match="no code and no SPAKE2"):
         CoordinationConfig(role="server", where=RDV, pake=True, resume=Resume(RID))
+
+
+RST_NAT = NatSummary("endpoint-independent", "rst", False, (), None, False)
+SYMMETRIC_NAT = NatSummary("address-and-port-dependent", "drop", False, None, None, False)
+
+
+def test_our_nat_report_rides_in_the_hello_and_the_fire_predicts_the_path() -> None:
+    p = Peer("client", punch_timeout=30.0, nat=SYMMETRIC_NAT)  # type: ignore[arg-type]
+    p.start()
+    conn = p.connect()
+    [hello] = p.client_frames(conn)
+    assert hello.nat == SYMMETRIC_NAT  # type: ignore[union-attr]
+    relay = RelayStage(Endpoint("198.51.100.2", 3012), 10.0, b"t" * 16)
+    the_fire = Fire(PUBLIC, PEER, (Stage("public", PEER, "connect", 3.0),), 40.0, None,
+                    PEER_PAKE, ("unknown", "stable"), relay, RST_NAT)
+    p.says(conn, reply() + frames(the_fire))
+    [fired] = p.of(Fired)
+    assert isinstance(fired, Fired) and fired.number == 1 and fired.fire == the_fire
+    # Before the first SYN: the Fired action comes before the first OpenPath.
+    assert p.actions.index(fired) < p.actions.index(p.of(OpenPath)[0])
+    assert fired.prediction is not None and fired.prediction.path == "relay"
+    assert fired.prediction.why.startswith("The joiner's NAT is symmetric")
+    # The punch fails, the relay opens: the prediction held, and the result says so.
+    p.feed(p.machine.path_failed(1, PunchTimeout("no", Counter()), 3.0))
+    [succeed] = [a for a in p.feed(p.machine.path_opened(2, 3.1, Endpoint(LOCAL, 5)))
+                 if isinstance(a, Succeed)]
+    assert isinstance(succeed.paired, Paired)
+    assert succeed.paired.path == "relay" and succeed.paired.prediction == fired.prediction
+
+
+def test_a_resume_meeting_carries_the_report_but_predicts_nothing() -> None:
+    p = Peer("server", pake=False, resume=Resume(bytes(16)),  # type: ignore[arg-type]
+             nat=RST_NAT)  # type: ignore[arg-type]
+    p.start()
+    p.probe()
+    conn = p.connect()
+    [hello] = p.client_frames(conn)
+    assert hello.action == "resume" and hello.nat == RST_NAT  # type: ignore[union-attr]
+    p.says(conn, reply() + frames(fire(peer_pake=None)))
+    [fired] = p.of(Fired)
+    assert isinstance(fired, Fired) and fired.prediction is None
+    assert p.machine.prediction is None
 
 
 @pytest.mark.parametrize("role", ["server", "client"])

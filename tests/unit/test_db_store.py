@@ -241,7 +241,7 @@ async def test_a_schema_1_history_is_migrated_with_its_sessions_as_seed_mode(
 
     s = await HistoryStore.open(tmp_path / "h.db")
     try:
-        assert s.schema_version == 2
+        assert s.schema_version == 3
         row = await s.get_session("old")
         assert row is not None and (row.mode, row.code, row.path) == ("seed", None, None)
         s.add_session(NewSession(id="new", role="client", local_port=3010, rendezvous="r:1",

@@ -11,8 +11,7 @@ import random
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from nopf_web.doctor.machine import (
     DIAL_WAIT_MAX,

@@ -6,8 +6,7 @@ import json
 import struct
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from nopf_web.rendezvous.doctor_machine import (
     Accepted,
@@ -70,7 +69,7 @@ def check(dial_back: bool = True, wait_ms: int = 500) -> bytes:
 
 def ask(m: ResponderMachine, conn: int, data: bytes, now: float = 0.0,
         peer: tuple[str, int] = PEER, local: tuple[str, int] = LOCAL) -> list[Action]:
-    return m.handle(Accepted(conn, peer, local, now)) + m.handle(Received(conn, data, now))
+    return m.handle(Accepted(conn, peer, now, local=local)) + m.handle(Received(conn, data, now))
 
 
 # -- what it answers -----------------------------------------------------------------------
@@ -176,7 +175,7 @@ def test_whatever_happens_it_dials_only_the_source_and_never_twice_per_connectio
             next_id += 1
             peers[next_id] = (str(ip), int(port))  # type: ignore[call-overload]
             accepted.add(next_id)
-            ev: Event = Accepted(next_id, peers[next_id], LOCAL, now)
+            ev: Event = Accepted(next_id, peers[next_id], now, local=LOCAL)
         elif kind == "tick":
             now += float(step[1])  # type: ignore[arg-type]
             ev = Tick(now)
@@ -272,15 +271,15 @@ def test_rate_limit_entries_are_bounded() -> None:
 
 def test_connections_are_capped_globally_and_per_source() -> None:
     m = ResponderMachine(DoctorLimits(max_connections=3, max_per_source=2))
-    assert m.handle(Accepted(1, PEER, LOCAL, 0)) == []
-    assert m.handle(Accepted(2, PEER, LOCAL, 0)) == []
-    out = m.handle(Accepted(3, PEER, LOCAL, 0))
+    assert m.handle(Accepted(1, PEER, 0, local=LOCAL)) == []
+    assert m.handle(Accepted(2, PEER, 0, local=LOCAL)) == []
+    out = m.handle(Accepted(3, PEER, 0, local=LOCAL))
     assert out[0] == Reset(3) and "too many open" in logs(out)[0]
-    assert m.handle(Accepted(4, ("192.0.2.1", 1), LOCAL, 0)) == []
-    assert m.handle(Accepted(5, ("192.0.2.2", 1), LOCAL, 0))[0] == Reset(5)
+    assert m.handle(Accepted(4, ("192.0.2.1", 1), 0, local=LOCAL)) == []
+    assert m.handle(Accepted(5, ("192.0.2.2", 1), 0, local=LOCAL))[0] == Reset(5)
     m.handle(Lost(1, 0))
-    assert m.handle(Accepted(6, PEER, LOCAL, 0)) == []
-    assert m.handle(Accepted(7, None, None, 0)) == [Reset(7)]
+    assert m.handle(Accepted(6, PEER, 0, local=LOCAL)) == []
+    assert m.handle(Accepted(7, None, 0, local=None)) == [Reset(7)]
 
 
 # -- every phase has an end --------------------------------------------------------------------
@@ -290,7 +289,7 @@ def test_connections_are_capped_globally_and_per_source() -> None:
 def test_a_check_split_anyhow_is_answered_the_same(cuts: list[int], dial_back: bool) -> None:
     data = check(dial_back)
     m = ResponderMachine()
-    m.handle(Accepted(1, PEER, LOCAL, 0))
+    m.handle(Accepted(1, PEER, 0, local=LOCAL))
     out: list[Action] = []
     points = sorted({min(c, len(data)) for c in cuts})
     for a, b in zip([0, *points], [*points, len(data)], strict=True):
@@ -315,8 +314,8 @@ def test_bad_bytes_get_an_error_and_a_close(data: bytes, code: str) -> None:
 def test_silence_is_closed_and_a_partial_check_is_refused_at_the_deadline() -> None:
     lim = DoctorLimits(check_timeout=2.0, write_timeout=5.0)
     m = ResponderMachine(lim)
-    m.handle(Accepted(1, PEER, LOCAL, 0))
-    m.handle(Accepted(2, ("192.0.2.1", 1), LOCAL, 0))
+    m.handle(Accepted(1, PEER, 0, local=LOCAL))
+    m.handle(Accepted(2, ("192.0.2.1", 1), 0, local=LOCAL))
     m.handle(Received(2, check()[:5], 0))
     assert m.next_deadline == 2.0
     out = m.handle(Tick(2.0))
@@ -358,8 +357,8 @@ def test_after_the_answer_more_bytes_are_ignored() -> None:
 def test_shutdown_resets_everything_and_refuses_new_connections() -> None:
     m = ResponderMachine()
     ask(m, 1, check())
-    m.handle(Accepted(2, ("192.0.2.1", 1), LOCAL, 0))
+    m.handle(Accepted(2, ("192.0.2.1", 1), 0, local=LOCAL))
     out = m.handle(Shutdown(0.2))
     assert CancelDial(1) in out and Reset(1) in out and Reset(2) in out
-    assert m.handle(Accepted(3, PEER, LOCAL, 0.3)) == [Reset(3)]
+    assert m.handle(Accepted(3, PEER, 0.3, local=LOCAL)) == [Reset(3)]
     assert m.open_connections == 0 and m.dials_under_way == 0

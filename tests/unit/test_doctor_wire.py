@@ -6,8 +6,7 @@ import json
 import struct
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.doctor import (

@@ -14,8 +14,7 @@ import struct
 import sys
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from nopf_web.guard import NullGuard, guard_status
 from nopf_web.guard.divert import compile_error, filter_matches

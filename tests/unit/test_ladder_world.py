@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 
 from nopf_web.rendezvous.server_machine import RelayLimits, ServerLimits
-from nopf_web.sessions import coordination_machine as cm
-from nopf_web.sessions import errors
+from nopf_web.sessions import coordination_machine as cm, errors
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.rendezvous import RESUME_WAIT, FrameReader, Relay, decode_client_message
 

@@ -10,8 +10,7 @@ import random
 from collections.abc import Iterable
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from nopf_web.roles import PeerRole
 from nopf_web.tunnel.errors import (

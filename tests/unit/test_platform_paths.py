@@ -25,9 +25,13 @@ import pytest
 from nopf_web import sockets
 from nopf_web.rendezvous.relay import RelayLink, RelayOutcome
 from nopf_web.rendezvous.server import RendezvousServer
-from nopf_web.rendezvous.server_machine import Accepted, Received, Send
-from nopf_web.rendezvous.server_machine import Action as ServerAction
-from nopf_web.rendezvous.server_machine import Event as ServerEvent
+from nopf_web.rendezvous.server_machine import (
+    Accepted,
+    Action as ServerAction,
+    Event as ServerEvent,
+    Received,
+    Send,
+)
 from nopf_web.sessions import coordination as coord
 from nopf_web.sessions.engine import Event, State
 from nopf_web.sessions.seed import SeedEngine, _wait_eof

@@ -10,8 +10,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from nopf_web.portmap import natpmp_machine as n
 from nopf_web.portmap.exchange_machine import (

@@ -7,8 +7,7 @@ import itertools
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from nopf_web.portmap import pcp_machine as p
 from nopf_web.portmap.exchange_machine import (

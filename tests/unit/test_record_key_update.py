@@ -10,8 +10,7 @@ import hmac
 import struct
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from nopf_web.tunnel.record_machine import (
     DEFAULT_KEY_LIMITS,

@@ -9,8 +9,7 @@ import struct
 from collections.abc import Iterable
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from nopf_web.roles import PeerRole
 from nopf_web.tunnel.errors import (

@@ -8,8 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from nopf_web.rendezvous.errors import RendezvousProtocolError
 from nopf_web.sessions import errors

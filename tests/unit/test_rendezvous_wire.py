@@ -8,8 +8,7 @@ import json
 import struct
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from nopf_web.errors import NopfError
 from nopf_web.wire.address import Endpoint

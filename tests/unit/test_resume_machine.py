@@ -10,8 +10,7 @@ import random
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from nopf_web.tunnel.errors import (
     HandshakeTimeout,

@@ -8,8 +8,7 @@ import pathlib
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import event, given, settings
-from hypothesis import strategies as st
+from hypothesis import event, given, settings, strategies as st
 
 import nopf_web
 from nopf_web.rendezvous.book import (

@@ -8,8 +8,7 @@ import itertools
 from collections.abc import Callable
 
 import pytest
-from hypothesis import event, given, settings
-from hypothesis import strategies as st
+from hypothesis import event, given, settings, strategies as st
 
 from nopf_web.rendezvous.book import PairingLimits
 from nopf_web.rendezvous.server_machine import (
@@ -24,6 +23,7 @@ from nopf_web.rendezvous.server_machine import (
     StopRelay,
 )
 from nopf_web.wire.address import Endpoint
+from nopf_web.wire.nat import NatSummary
 from nopf_web.wire.rendezvous import (
     RESUME_WAIT,
     ErrorReply,
@@ -765,3 +765,48 @@ def test_no_sequence_of_relay_and_resume_events_breaks_the_machine(
     h.connect()  # pruning happens as the relay is used
     relay_conn(h, b"\x00" * 16, JOINER_IP)
     assert not h.m.sessions and not h.m.tickets
+
+
+def test_each_fire_carries_the_peers_nat_report_and_the_rendezvous_predicts() -> None:
+    h = harness()
+    rst = NatSummary("endpoint-independent", "rst", False, (), None, False)
+    symmetric = NatSummary("address-and-port-dependent", "drop", False, (), None, False)
+    probe, lan = probe_for(h, SHARER_IP, "stable")
+    sharer = h.hello(Hello("share", None, lan, probe, 10, relay=True, nat=rst), SHARER_IP)
+    nameplate = sharer.messages()[0].nameplate  # type: ignore[union-attr]
+    probe, lan = probe_for(h, JOINER_IP, "unknown")
+    joiner = h.hello(Hello("join", nameplate, lan, probe, 10, relay=True, nat=symmetric),
+                     JOINER_IP)
+    h.advance(1)
+    s, j = fires(sharer, joiner)
+    assert (s.peer_nat, j.peer_nat) == (symmetric, rst)
+    # The joiner made no mapping check (its mapping is "unknown" to the rendezvous): its
+    # report names it symmetric, so the relay is predicted, as an INFO note.
+    assert h.m.stats.predicted == {"relay": 1}
+    [note] = h.m.notes
+    assert "predicted path relay: The joiner's NAT is symmetric" in note
+    assert not h.logs  # a prediction is no problem
+
+
+def test_peers_without_reports_still_pair_and_get_no_peer_nat() -> None:
+    h = harness()
+    _, _, s, j = pair(h)
+    assert s.peer_nat is None and j.peer_nat is None
+    assert h.m.stats.predicted == {"public": 1}
+
+
+def test_an_older_peer_without_nat_never_gets_peer_nat_in_its_fire() -> None:
+    """An older client rejects a fire with a field it does not know: the new peer's
+    report reaches only peers that sent a report (or an empty one) themselves."""
+    h = harness()
+    rst = NatSummary("endpoint-independent", "rst", False, (), None, False)
+    probe, lan = probe_for(h, SHARER_IP, "stable")
+    sharer = h.hello(Hello("share", None, lan, probe, 10, relay=True, nat=rst), SHARER_IP)
+    nameplate = sharer.messages()[0].nameplate  # type: ignore[union-attr]
+    probe, lan = probe_for(h, JOINER_IP, "unknown")
+    joiner = h.hello(Hello("join", nameplate, lan, probe, 10, relay=True), JOINER_IP)
+    h.advance(1)
+    s, j = fires(sharer, joiner)
+    assert j.peer_nat is None and b"peer_nat" not in encode(j)
+    assert s.peer_nat is None  # the older peer has none to give
+    assert h.m.stats.predicted == {"public": 1}

@@ -5,8 +5,7 @@ from __future__ import annotations
 import base64
 from collections import deque
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from nopf_web.sessions.engine import Event
 from nopf_web.web.sse import (
