@@ -108,10 +108,10 @@ def wait_for(api: Api, sid: str, check: Any, timeout: float = 15.0) -> dict[str,
 
 def workload(api: Api, echo_port: int, rnd: Round, rng: random.Random) -> None:
     """Sessions through the API until the process dies under it."""
-    def created(kind: str, body: dict[str, Any]) -> Tracked:
+    def created(kind: str, body: dict[str, Any], *, may_end: bool = False) -> Tracked:
         status, data = api.call("POST", "/api/sessions", body)
         assert status == 201, data
-        tracked = Tracked(data["id"], kind)
+        tracked = Tracked(data["id"], kind, may_end=may_end)
         with rnd.lock:
             rnd.sessions[tracked.id] = tracked
         return tracked
@@ -136,10 +136,15 @@ def workload(api: Api, echo_port: int, rnd: Round, rng: random.Random) -> None:
                                         "label": "crash test"})
             data = wait_for(api, sharer.id, lambda d: d["code"])
             port = free_port()
+            with rnd.lock:  # pairing may fail on its own (a punch timeout on a busy
+                sharer.may_end = True  # machine) until both are seen connected
             client = created("client", {"role": "client", "local_port": port,
-                                        "code": data["code"]})
+                                        "code": data["code"]}, may_end=True)
             sharer.partner, client.partner = client, sharer
             wait_for(api, client.id, lambda d: d["state"] == "connected")
+            wait_for(api, sharer.id, lambda d: d["state"] == "connected")
+            with rnd.lock:  # a connected pair moving data: certainly running from now
+                sharer.may_end = client.may_end = False
             for _ in range(rng.randint(1, 4)):  # bytes through the tunnel and back
                 payload = os.urandom(rng.randint(1, 256 * 1024))
                 with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
