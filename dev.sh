@@ -55,9 +55,10 @@ case "$cmd" in
     ;;
   test)
     # nftables/iproute2/iptables/tcpdump: the namespace NAT lab; chromium: the browser test;
-    # socat/openssh: the paths the benchmark suite compares against (its quick-mode test).
+    # socat/openssh: the paths the benchmark suite compares against (its quick-mode test);
+    # redis-server: the shared rendezvous' tests start their own (nopf-server --redis).
     setup "[test]" iproute2 nftables iptables tcpdump chromium python3 \
-      socat openssh-server openssh-client
+      socat openssh-server openssh-client redis-server
     .venv/bin/ruff check .
     .venv/bin/mypy
     # The package as Windows and macOS see it: their platform branches are checked too.
@@ -68,7 +69,7 @@ case "$cmd" in
   bench)
     # The lab, plus socat and OpenSSH: relays the suite measures nopf against.
     setup "[bench]" iproute2 nftables iptables tcpdump socat openssh-server openssh-client \
-      python3
+      python3 redis-server
     # fowl, compared too, in its own venv (never in .venv). Optional: if it does not
     # install, the suite measures the rest and says why fowl is missing.
     if [ ! -x .venv-fowl/bin/fowl ]; then

@@ -22,11 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.e2e.coord_harness import RDV, exchange, handshake_rtt, pair
+from tests.e2e.coord_harness import RDV, Gather, exchange, handshake_rtt, pair
 from tests.e2e.peers import start_rendezvous
-from tests.lab import Lab
+from tests.lab import Lab, gateway as lab_gateway
 
 MODES = ("drop", "rst", "icmp", "symmetric")
+# What the sites offer besides their IPv4 NAT (issue 17): "ipv4" nothing (the hellos
+# as before), "dualstack" global IPv6 per site behind a stateful firewall of the site's
+# kind, "mapped" a gateway in the sharer's NAT that maps ports (NAT-PMP, PCP, IGD).
+VARIANTS = ("ipv4", "dualstack", "mapped")
 
 
 @dataclass
@@ -44,17 +48,22 @@ class Cell:
 
 def run_cell(left: str, right: str, same: bool, args: argparse.Namespace, *,
              progress: Callable[[str], None] | None = None, deadline: float | None = None,
-             rendezvous_flags: tuple[str, ...] = (),
+             rendezvous_flags: tuple[str, ...] = (), variant: str = "ipv4",
              ) -> Cell:
     """``args.runs`` pairings in one lab (fewer if ``time.monotonic()`` passes ``deadline``).
 
     ``args.loss`` (optional) is the lab's loss probability per pass through the router;
-    ``rendezvous_flags``: nopf-server's (``--no-relay``: punching alone).
+    ``rendezvous_flags``: nopf-server's (``--no-relay``: punching alone); ``variant``
+    one of :data:`VARIANTS`.
     """
     cell = Cell()
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    gather = {"ipv4": None, "dualstack": (Gather(), Gather()),
+              "mapped": (Gather(ipv6=False, port_mapping=True), Gather(ipv6=False))}[variant]
     with Lab(left, right, delay_ms=args.delay_ms, jitter_ms=args.jitter_ms,
-             loss=getattr(args, "loss", 0.0)) as lab:
+             loss=getattr(args, "loss", 0.0), ipv6=variant == "dualstack") as lab:
+        if variant == "mapped":
+            lab_gateway.start(lab.nata)  # stopped with the lab
         start_rendezvous(lab, *rendezvous_flags)
         cell.rtt = handshake_rtt(lab.a1, RDV)
         joiner = lab.a2 if same else lab.b1
@@ -62,7 +71,8 @@ def run_cell(left: str, right: str, same: bool, args: argparse.Namespace, *,
             if deadline is not None and time.monotonic() > deadline:
                 break
             try:
-                out = pair(lab.a1, joiner, punch_timeout=args.punch_timeout)
+                out = pair(lab.a1, joiner, punch_timeout=args.punch_timeout,
+                           candidates=gather)
             except AssertionError as exc:  # no code, or peers hung: a failed run, not a crash
                 cell.runs += 1
                 cell.errors.add(str(exc)[:200])

@@ -5,7 +5,12 @@ symmetric) and for two hosts behind one NAT, one lab with the real ``nopf-server
 on rdv (its relay on, the default) and coordinated peers run in-process (``share``
 in a1, ``connect`` in b1 or a2), each run checked by exchanging random bytes both
 ways: the runs of :func:`bench.coord_matrix.run_cell`. The path each pair took
-(``public``: punched, ``relay``, ``lan``) is what the ladder chose.
+(``public``: punched, ``relay``, ``lan``, ``ipv6``, ``mapped``) is what the ladder chose.
+
+Issue 17's columns: the same pairs when both sites also have global IPv6 behind a
+stateful firewall of their kind ("dual stack"), and when the sharer's gateway maps
+ports ("mapped": the lab gateway in nata, NAT-PMP, PCP and UPnP-IGD); with the share
+of pairs that connect directly (any path but the relay).
 """
 
 from __future__ import annotations
@@ -17,28 +22,42 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.coord_matrix import MODES, Cell, run_cell
+from bench.coord_matrix import MODES, VARIANTS, Cell, run_cell
 from bench.report import Progress, ScenarioResult, Target, bar_chart
 from bench.scn_util import fmt, median, table
 
 NAME = "matrix"
 TITLE = "NAT matrix with the relay: every pair connected, and the path it took"
-BUDGET_S = 300
+BUDGET_S = 900
 
 DELAY_MS, JITTER_MS = 10.0, 2.0
 PUNCH_TIMEOUT = 10.0
 # Quick mode: the pairs that exercise each rung (punched, relayed at once, relayed
 # after a short punch, LAN behind a symmetric NAT).
-QUICK = (("drop", "rst", False), ("symmetric", "drop", False), ("drop", "symmetric", False),
-         ("symmetric", "symmetric", False), ("symmetric", "drop", True))
+QUICK = (("drop", "rst", False, "ipv4"), ("symmetric", "drop", False, "ipv4"),
+         ("drop", "symmetric", False, "ipv4"), ("symmetric", "symmetric", False, "ipv4"),
+         ("symmetric", "drop", True, "ipv4"),
+         # issue 17: what the relay carried before goes direct
+         ("symmetric", "symmetric", False, "dualstack"), ("drop", "symmetric", False, "mapped"))
+SUFFIX = {"ipv4": "", "dualstack": " dual stack", "mapped": " mapped"}
 
 
-def expected_path(left: str, right: str, same: bool) -> str:
-    """What the ladder should take: the LAN behind one NAT, the relay when a symmetric
-    NAT faces another NAT, else a punched public path."""
+def expected_path(left: str, right: str, same: bool, variant: str = "ipv4") -> str:
+    """What the ladder should take: the LAN behind one NAT; IPv6 when both sites have it
+    (its rung comes first, and a stateful firewall of any kind lets the timed
+    simultaneous open through); the sharer's mapped port when its gateway maps; else
+    the relay when a symmetric NAT faces another NAT, else a punched public path."""
     if same:
         return "lan"
+    if variant == "dualstack":
+        return "ipv6"
+    if variant == "mapped":
+        return "mapped"
     return "relay" if "symmetric" in (left, right) else "public"
+
+
+def _key(left: str, right: str, same: bool, variant: str) -> str:
+    return (f"same {left}" if same else f"{left} x {right}") + SUFFIX[variant]
 
 
 def run(progress: Progress, quick: bool, outdir: Path) -> ScenarioResult:
@@ -46,26 +65,27 @@ def run(progress: Progress, quick: bool, outdir: Path) -> ScenarioResult:
     args = argparse.Namespace(runs=runs, delay_ms=DELAY_MS, jitter_ms=JITTER_MS, loss=0.0,
                               punch_timeout=PUNCH_TIMEOUT)
     pairs = QUICK if quick else (
-        *((left, right, False) for left, right in itertools.product(MODES, repeat=2)),
-        *((mode, "drop", True) for mode in MODES))
-    spend = (BUDGET_S - 20) if not quick else 60
+        *((left, right, False, variant) for variant in VARIANTS
+          for left, right in itertools.product(MODES, repeat=2)),
+        *((mode, "drop", True, "ipv4") for mode in MODES))
+    spend = (BUDGET_S - 20) if not quick else 90
     t0 = time.monotonic()
-    cells: dict[tuple[str, str, bool], Cell] = {}
-    for k, (left, right, same) in enumerate(pairs):
-        label = f"same {left}" if same else f"{left} -> {right}"
+    cells: dict[tuple[str, str, bool, str], Cell] = {}
+    for k, (left, right, same, variant) in enumerate(pairs):
+        label = (f"same {left}" if same else f"{left} -> {right}") + SUFFIX[variant]
         progress(f"{label}: {runs} pairings")
-        cells[(left, right, same)] = run_cell(
+        cells[(left, right, same, variant)] = run_cell(
             left, right, same, args, progress=progress,
-            deadline=t0 + spend * (k + 1) / len(pairs))
+            deadline=t0 + spend * (k + 1) / len(pairs), variant=variant)
     data: dict[str, Any] = {"runs_wanted": runs, "delay_ms": DELAY_MS, "jitter_ms": JITTER_MS,
                             "punch_timeout_s": PUNCH_TIMEOUT, "cells": {}}
-    for (left, right, same), c in cells.items():
-        key = f"same {left}" if same else f"{left} x {right}"
-        data["cells"][key] = {
-            "sharer": left, "connector": "same NAT" if same else right, "runs": c.runs,
-            "wins": c.wins, "paths": sorted(c.paths), "run_paths": c.run_paths,
-            "expected_path": expected_path(left, right, same), "rtt_s": c.rtt,
+    for (left, right, same, variant), c in cells.items():
+        data["cells"][_key(left, right, same, variant)] = {
+            "sharer": left, "connector": "same NAT" if same else right, "variant": variant,
+            "runs": c.runs, "wins": c.wins, "paths": sorted(c.paths), "run_paths": c.run_paths,
+            "expected_path": expected_path(left, right, same, variant), "rtt_s": c.rtt,
             "ready_to_up_s": c.ready_to_up, "errors": sorted(c.errors)}
+    data["direct"] = _direct_shares(data["cells"])
     return ScenarioResult(NAME, TITLE, data, _markdown(data, quick), _plots(data, outdir),
                           _targets(data))
 
@@ -85,6 +105,24 @@ def _plots(data: dict[str, Any], outdir: Path) -> list[Path]:
                       {"setup": labels})]
 
 
+def _direct_shares(cells: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per variant, over the pairs of two sites: pairs whose every run connected directly
+    (any path but the relay), and runs that did."""
+    out: dict[str, dict[str, int]] = {}
+    for variant in VARIANTS:
+        mine = [c for c in cells.values()
+                if c.get("variant", "ipv4") == variant and c["connector"] != "same NAT"]
+        if not mine:
+            continue
+        out[variant] = {
+            "pairs": len(mine),
+            "pairs_direct": sum(bool(c["run_paths"]) and "relay" not in c["run_paths"]
+                                and c["wins"] == c["runs"] for c in mine),
+            "runs": sum(c["runs"] for c in mine),
+            "runs_direct": sum(p != "relay" for c in mine for p in c["run_paths"])}
+    return out
+
+
 def _targets(data: dict[str, Any]) -> list[Target]:
     cells = data["cells"].values()
     runs = sum(c["runs"] for c in cells)
@@ -95,7 +133,8 @@ def _targets(data: dict[str, Any]) -> list[Target]:
                "100 % connected (issue 12)",
                f"{wins}/{runs} runs in {len(data['cells'])} pairs", runs > 0 and wins == runs),
         Target("the path per pair", "LAN behind one NAT, relay when a symmetric NAT faces "
-               "another NAT, else punched (issue 12)",
+               "another NAT, else punched (issue 12); IPv6 or the mapped port when the "
+               "sites have them (issue 17)",
                "as expected in every pair" if not wrong else f"unexpected in {', '.join(wrong)}",
                not wrong)]
 
@@ -126,10 +165,23 @@ def _markdown(data: dict[str, Any], quick: bool) -> str:
                 for left in MODES]
         md += [table(["sharer \\ connector", *MODES], rows), "",
                "Two hosts behind the same NAT (a1 shares, a2 connects):", "",
-               table(["NAT", "result"], [[f"**{m}**", cell(f"same {m}")] for m in MODES])]
+               table(["NAT", "result"], [[f"**{m}**", cell(f"same {m}")] for m in MODES]),
+               "", "The same pairs with IPv6 (dual stack) and with a mapping gateway at the "
+               "sharer (mapped), beside IPv4 alone:", "",
+               table(["sharer x connector", "IPv4 only", "dual stack", "mapped"],
+                     [[f"{left} x {right}",
+                       *(cell(f"{left} x {right}{SUFFIX[v]}") for v in VARIANTS)]
+                      for left, right in itertools.product(MODES, repeat=2)])]
     else:
         md.append(table(["pair", "result", "expected path"],
                         [[k, cell(k), c["expected_path"]] for k, c in cells.items()]))
+    shares = data.get("direct", {})
+    if shares:
+        names = {"ipv4": "IPv4 only", "dualstack": "dual stack", "mapped": "mapped sharer"}
+        md += ["", "Pairs of two sites that connect directly (any path but the relay):", "",
+               table(["sites", "pairs direct", "runs direct"],
+                     [[names[v], f"{s['pairs_direct']}/{s['pairs']}",
+                       f"{s['runs_direct']}/{s['runs']}"] for v, s in shares.items()])]
     failures = sorted({e for c in cells.values() for e in c["errors"]})
     if failures:
         md += ["", "Messages seen on failure:", ""] + [f"- `{e}`" for e in failures]

@@ -143,9 +143,13 @@ def set_exclusive_address(sock: socket.socket) -> None:
 
 
 def reusable_socket(host: str, port: int) -> socket.socket:
-    """A non-blocking TCP socket bound to ``host:port`` with port sharing enabled."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    """A non-blocking TCP socket bound to ``host:port`` with port sharing enabled
+    (an IPv6 one, IPv6 only, when ``host`` is an IPv6 address)."""
+    v6 = ":" in host
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
     try:
+        if v6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         _set_options(sock, port_sharing_options())
         sock.setblocking(False)
         sock.bind((host, port))
@@ -159,7 +163,11 @@ DEFAULT_TTL = 64
 
 
 def set_ttl(sock: socket.socket, ttl: int) -> None:
-    sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+    """The TTL of the next packets (IPv6: the hop limit)."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, ttl)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
 
 
 # -- ICMP errors about our own low-TTL SYNs ----------------------------------
@@ -180,6 +188,7 @@ def set_ttl(sock: socket.socket, ttl: int) -> None:
 #   sysctl net.inet.tcp.icmp_may_rst is 1 (the default): the arming SYN may die
 #   where its TTL runs out, and a first shot where the peer's NAT refuses it.
 MAX_MIN_TTL = 33
+IPV6_MINHOPCOUNT = 73  # Linux include/uapi/linux/in6.h
 
 Shield = Literal["min_ttl", "not_needed", "exposed"]
 
@@ -210,8 +219,11 @@ def ignore_syn_errors(sock: socket.socket, ttl: int | None) -> bool:
     if syn_error_shield() != "min_ttl" or number is None:
         return False
     min_ttl = 0 if ttl is None else min(ttl + 1, MAX_MIN_TTL)
+    level = socket.IPPROTO_IP
+    if sock.family == socket.AF_INET6:  # its IPv6 twin (Linux 4.1+), same semantics
+        level, number = socket.IPPROTO_IPV6, IPV6_MINHOPCOUNT
     try:
-        sock.setsockopt(socket.IPPROTO_IP, number, min_ttl)
+        sock.setsockopt(level, number, min_ttl)
     except OSError:
         return False
     return True

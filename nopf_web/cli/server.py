@@ -4,14 +4,25 @@ and, on the next port, the NAT doctor's responder (``nopf doctor``)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import ipaddress
 import logging
 import sys
 from dataclasses import replace
 
-from nopf_web.inputs import InputError, parse_count, parse_rate
+from nopf_web.inputs import InputError, parse_count, parse_rate, quote
+from nopf_web.rendezvous.cluster import (
+    PASSWORD_ENV,
+    URL_ENV,
+    BadRedisUrl,
+    RedisConfig,
+    SharedNode,
+    new_node_id,
+)
 from nopf_web.rendezvous.doctor import DoctorResponder
 from nopf_web.rendezvous.server import (
+    DEFAULT_HOSTS,
     DEFAULT_PORT,
     RendezvousServer,
     ServerLimits,
@@ -47,7 +58,10 @@ def build_parser() -> OneLineParser:
         "port; the relay copies encrypted bytes it cannot read), and answers `nopf doctor` "
         "on the next port.",
     )
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--host", action="append", default=None, metavar="IP",
+                   help="address to listen on, repeatable (default: 0.0.0.0 and ::, every "
+                   "IPv4 and IPv6 address, IPv6 skipped with a note where the host has none; "
+                   "--host 127.0.0.1 listens there only)")
     p.add_argument("--port", default=str(DEFAULT_PORT),
                    help=f"TCP port to listen on (default {DEFAULT_PORT})")
     defaults = ServerLimits()
@@ -82,10 +96,41 @@ def build_parser() -> OneLineParser:
     p.add_argument("--relay-address", default=None, metavar="IP:PORT",
                    help="the relay address given to peers (default: the address each peer "
                    "reached this server on; set it behind a port forward or a NAT)")
+    p.add_argument("--redis", default=None, metavar="URL",
+                   help="share codes, waiting peers and relay work with other nopf-server "
+                   "nodes through Redis: redis://[:PASSWORD@]HOST[:PORT][/DB], or rediss:// "
+                   f"for TLS (default: ${URL_ENV}; the password may come from "
+                   f"${PASSWORD_ENV}). Without it the state stays in this process")
     return p
 
 
 __all__ = ["build_parser", "describe_rate", "describe_relay", "main", "parse_rate", "serve"]
+
+
+def _redis_config(url: str | None) -> RedisConfig | None:
+    """The checked --redis URL (or $NOPF_REDIS_URL), None without; InputError if bad."""
+    try:
+        config = RedisConfig.from_env(url)
+    except BadRedisUrl as exc:
+        raise InputError("--redis", str(exc)) from None
+    if config is not None:
+        try:
+            import redis.asyncio  # noqa: F401 - only checked here: the optional dependency
+        except ImportError:
+            raise InputError("--redis", "--redis needs the redis package: pip install "
+                             "'nopf-web[redis]'"
+                             ) from None
+    return config
+
+
+def _listen_ip(text: str) -> str:
+    """One --host: an IP address to listen on (unspecified ones too: 0.0.0.0, ::)."""
+    host = parse_listen_host(text, field="--host")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise InputError("--host", f"--host {quote(host)} is not an IP address") from None
+    return host
 
 
 def describe_rate(rate: float) -> str:
@@ -122,26 +167,52 @@ def _fit_open_files(limits: ServerLimits) -> ServerLimits:
     return replace(limits, max_connections=max(allowed, 1))
 
 
-async def serve(host: str, port: int, limits: ServerLimits | None = None, *,
-                doctor_port: int | None = None, doctor_addresses: tuple[str, ...] = (),
-                doctor_required: bool = False) -> int:
-    """Run the rendezvous (and, unless ``doctor_port`` is None, the NAT doctor's
-    responder) until cancelled. A doctor port that cannot be bound stops the server
-    only if it was asked for (``doctor_required``); else it is one line and the
-    rendezvous runs alone."""
-    server = RendezvousServer(host, port, _fit_open_files(limits or ServerLimits()))
+def _where(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(host: str | tuple[str, ...], port: int, limits: ServerLimits | None = None,
+                *, doctor_port: int | None = None, doctor_addresses: tuple[str, ...] = (),
+                doctor_required: bool = False, optional_hosts: tuple[str, ...] = (),
+                redis: RedisConfig | None = None) -> int:
+    """Run the rendezvous on every ``host`` (one port) and, unless ``doctor_port`` is
+    None, the NAT doctor's responder on the first, until cancelled. A host in
+    ``optional_hosts`` that cannot be bound (the default ``::`` on a host without
+    IPv6) is one line. A doctor port that cannot be bound stops the server only if
+    it was asked for (``doctor_required``); else it is one line and the rendezvous
+    runs alone. ``redis``: one node of a rendezvous shared through Redis."""
+    hosts = (host,) if isinstance(host, str) else host
+    limits = _fit_open_files(limits or ServerLimits())
+    node = None if redis is None else new_node_id()
+    server = RendezvousServer(hosts, port, limits, node=node)
+    shared = None
+    if redis is not None:
+        shared = SharedNode(redis, server.feed, lambda: server.relay_load, node=node,
+                            limits=limits.pairing)
+        server.share_through(shared)
     try:
-        await server.start()
+        skipped = await server.start(optional=optional_hosts)
     except OSError as exc:
-        return fail(PROG, f"cannot listen on {host}:{port}: {exc.strerror or exc}")
-    bound = server.address
-    print(f"{PROG}: listening on {bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
+        where = ", ".join(_where(h, port) for h in hosts)
+        return fail(PROG, f"cannot listen on {where}: {exc.strerror or exc}")
+    bound = ", ".join(_where(*a) for a in server.addresses)
+    print(f"{PROG}: listening on {bound}", file=sys.stderr, flush=True)  # first: scripts wait
+    for missing, error in skipped:
+        print(f"{PROG}: not listening on {_where(missing, server.address[1])}: "
+              f"{error.strerror or error}", file=sys.stderr, flush=True)
+    host = hosts[0]
     print(f"{PROG}: {describe_relay(server.limits.relay)}", file=sys.stderr, flush=True)
     hint = fastopen_hint()  # the sysctl is the operator's: only say so
     if hint is not None:
         print(f"{PROG}: {hint}", file=sys.stderr, flush=True)
+    if shared is not None:
+        print(f"{PROG}: node {shared.node}, sharing pairings through Redis at "
+              f"{shared.config.where}", file=sys.stderr, flush=True)
     try:
         async with contextlib.AsyncExitStack() as stack:
+            if shared is not None:
+                group = await stack.enter_async_context(asyncio.TaskGroup())
+                group.create_task(shared.run(), name="redis-node")
             if doctor_port is not None:
                 try:
                     doctor = await stack.enter_async_context(
@@ -193,21 +264,24 @@ def _doctor_options(args: object, port: int) -> tuple[int | None, tuple[str, ...
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        host = parse_listen_host(args.host, field="--host")
+        hosts = tuple(dict.fromkeys(_listen_ip(text) for text in args.host)) \
+            if args.host else DEFAULT_HOSTS
         port = parse_port(args.port, what="--port", allow_zero=True)
         limits = ServerLimits(
             max_connections=parse_count(args.max_connections, "--max-connections", 1_000_000),
             max_per_source=parse_count(args.max_per_source, "--max-per-source", 1_000_000),
             relay=_relay_limits(args))
         doctor_port, doctor_addresses = _doctor_options(args, port)
+        redis = _redis_config(args.redis)
     except InputError as exc:
         return fail(PROG, str(exc), EXIT_USAGE)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"{PROG}: %(asctime)s %(message)s")
-    code = run_main(serve(host, port, limits, doctor_port=doctor_port,
+    code = run_main(serve(hosts, port, limits, doctor_port=doctor_port,
                           doctor_addresses=doctor_addresses,
                           doctor_required=args.doctor_port is not None or
-                          bool(doctor_addresses)))
+                          bool(doctor_addresses), redis=redis,
+                          optional_hosts=() if args.host else DEFAULT_HOSTS[1:]))
     return 0 if code == 130 else code  # SIGINT/SIGTERM is how a server stops
 
 

@@ -73,6 +73,9 @@ def build_parser() -> OneLineParser:
                    "; port 0: any free)")
     p.add_argument("--punch-timeout", default="30", metavar="SECONDS",
                    help="give up punching after this many seconds (default 30)")
+    p.add_argument("--no-port-mapping", action="store_true",
+                   help="sharing sessions do not ask the gateway to forward a port (NAT-PMP, "
+                   "PCP, UPnP-IGD)")
     p.add_argument("--no-guard", action="store_true",
                    help="do not block the punch port's RST/FIN packets")
     p.add_argument("--no-browser", action="store_true",
@@ -142,6 +145,7 @@ def _config(args: object) -> WebConfig:
                                                 field="--rendezvous-listen"),
         guard=not a["no_guard"],
         punch_timeout=timeout,
+        port_mapping=not a["no_port_mapping"],
     )
 
 

@@ -88,7 +88,7 @@ class SessionRecord:
     ended_at: float | None
     mode: str = "seed"
     code: str | None = None  # a coordinated session's pairing code, once it has ended
-    path: str | None = None  # a coordinated tunnel's path: "public", "lan" or "relay"
+    path: str | None = None  # a coordinated tunnel's path: lan, ipv6, public, mapped, relay
     predicted_path: str | None = None  # coordinated: the path predicted at the fire
     prediction: str | None = None  # why, one sentence
     nat_pair: str | None = None  # "rst × symmetric" (sharer first)

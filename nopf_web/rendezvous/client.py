@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nopf_web.sockets import connect_nonblocking, reusable_socket
@@ -32,6 +34,40 @@ async def resolve_ipv4(endpoint: Endpoint, timeout: float) -> tuple[str, int]:
         raise RendezvousUnreachable(f"could not resolve {endpoint.host}: {exc}") from None
     ip, port = infos[0][4][:2]
     return str(ip), int(port)
+
+
+async def reach_rendezvous(endpoint: Endpoint, timeout: float, *,
+                           on_event: Callable[[str], None] | None = None) -> tuple[str, int]:
+    """The IPv4 address and port of the rendezvous to pair and punch through.
+
+    A literal IPv4 address is used as is. A host name is resolved to every address,
+    both families; the seed's discovery reply, the plans and the relay are IPv4 (the
+    punch uses the IPv4 mapping the rendezvous sees), so its IPv4 addresses are the
+    candidates: one is used as is, several are raced Happy Eyeballs style (RFC 8305:
+    250 ms apart, the first that accepts wins) and ``on_event`` says which answered.
+    """
+    try:
+        return str(ipaddress.IPv4Address(endpoint.host)), endpoint.port
+    except ValueError:
+        pass
+    from nopf_web.happy_eyeballs import connect_first, describe, resolve_all
+
+    found = await resolve_all(endpoint, timeout)
+    v4 = [a for a in found if ":" not in a[0]]
+    if not v4:
+        raise RendezvousUnreachable(
+            f"{endpoint.host} has only IPv6 addresses ({', '.join(map(describe, found))}): "
+            "nopf pairs and punches over IPv4, so the rendezvous needs an IPv4 address")
+    if len(v4) == 1:
+        if on_event is not None:
+            on_event(f"rendezvous {endpoint} is {describe(v4[0])}")
+        return v4[0]
+    sock, address = await connect_first(v4, timeout)
+    sock.close()  # a connection without a hello: the rendezvous resets it at once
+    if on_event is not None:
+        on_event(f"rendezvous {endpoint}: {describe(address)} answered first of "
+                 f"{len(v4)} IPv4 addresses")
+    return address
 
 
 @dataclass(frozen=True)
@@ -155,5 +191,6 @@ __all__ = [
     "RendezvousUnreachable",
     "discover",
     "probe_mapping",
+    "reach_rendezvous",
     "resolve_ipv4",
 ]

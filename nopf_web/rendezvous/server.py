@@ -33,7 +33,8 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from nopf_web.sockets import enable_fastopen_server, kernel_rtt, tcp_facts
 
@@ -43,6 +44,7 @@ from .relay import RelayLink, RelayOutcome
 from .server_machine import (
     Accepted,
     Action,
+    AskBook,
     Close,
     ConnId,
     Event,
@@ -50,6 +52,7 @@ from .server_machine import (
     Log,
     Lost,
     PeerClosed,
+    PollNode,
     Received,
     RelayEnded,
     RelayId,
@@ -62,20 +65,37 @@ from .server_machine import (
     StartRelay,
     StopRelay,
     Tick,
+    ToNode,
 )
+from .shared import BookOp, NodeId, NodeMessage
 
-__all__ = ["DEFAULT_PORT", "RendezvousServer", "ServerLimits", "ServerStats", "fastopen_hint"]
+__all__ = ["DEFAULT_HOSTS", "DEFAULT_PORT", "RendezvousServer", "ServerLimits", "ServerStats",
+           "fastopen_hint"]
 
 RELAY_JOIN_TIMEOUT = 2.0  # s close() waits for stopped relay threads to end
 
 log = logging.getLogger("nopf.rendezvous")
 
 DEFAULT_PORT = 3012
+# Both families by default: one IPv4 and one IPv6-only socket (IPV6_V6ONLY, so an IPv4
+# client always arrives on the IPv4 socket and sees its address as the seed reply has it).
+DEFAULT_HOSTS = ("0.0.0.0", "::")
 # net.ipv4.tcp_fastopen bits: server enabled, and data accepted without a cookie
 # (the coordinated client sends its hello with TCP_FASTOPEN_NO_COOKIE).
 TFO_SERVER_ENABLE = 0x2
 TFO_SERVER_COOKIE_NOT_REQD = 0x200
 FASTOPEN_SYSCTL = "/proc/sys/net/ipv4/tcp_fastopen"
+
+
+class SharedLink(Protocol):
+    """Where a node of a shared rendezvous sends its book operations and node messages
+    (:class:`nopf_web.rendezvous.cluster.SharedNode`); answers come back through
+    :meth:`RendezvousServer.feed`."""
+
+    def ask(self, conn: ConnId | None, op: BookOp) -> None: ...
+    def deliver(self, node: NodeId, messages: tuple[NodeMessage, ...],
+                conn: ConnId | None) -> None: ...
+    def poll(self) -> None: ...
 
 
 class _Link(asyncio.Protocol):
@@ -110,20 +130,42 @@ class RendezvousServer:
     """Serve discovery replies and coordinated mode; :meth:`start`, then :meth:`close`."""
 
     def __init__(
-        self, host: str = "0.0.0.0", port: int = DEFAULT_PORT, limits: ServerLimits | None = None,
-        *, clock: Callable[[], float] = time.monotonic,
+        self, host: str | Sequence[str] = "0.0.0.0", port: int = DEFAULT_PORT,
+        limits: ServerLimits | None = None, *, clock: Callable[[], float] = time.monotonic,
+        node: NodeId | None = None,
     ) -> None:
-        self.host = host
+        """``node``: this node's id in a rendezvous shared through Redis; then
+        :meth:`share_through` must be given the link before :meth:`start`."""
+        self.hosts = (host,) if isinstance(host, str) else tuple(host)
+        if not self.hosts:
+            raise ValueError("no address to listen on")
+        self.host = self.hosts[0]
         self.port = port
         self.limits = limits or ServerLimits()
         self._clock = clock  # the one clock: every `now` the machine gets
-        self._machine = ServerMachine(self.limits, NameplateBook(self.limits.pairing, clock))
-        self._server: asyncio.Server | None = None
+        self._machine = ServerMachine(self.limits, NameplateBook(self.limits.pairing, clock),
+                                      node=node)
+        self._shared: SharedLink | None = None
+        self._server: asyncio.Server | None = None  # the first host's
+        self._others: list[asyncio.Server] = []  # the other hosts', on the same port
         self._links: dict[ConnId, _Link] = {}
         self._next_id: ConnId = 0
         self._timer = DeadlineTimer(clock, lambda now: self._feed(Tick(now)))
         self._drained: asyncio.Event | None = None  # set by close(): no link left
         self._relays: dict[RelayId, RelayLink] = {}  # sessions being copied
+
+    def share_through(self, link: SharedLink) -> None:
+        self._shared = link
+
+    def feed(self, event: Event) -> None:
+        """An event from the shared state (``BookAnswer``, ``FromNode``, ``StoreHealth``)."""
+        self._feed(event)
+        self._check_drained()
+
+    @property
+    def relay_load(self) -> int:
+        """Relay sessions waiting or copied now (a shared rendezvous spreads them)."""
+        return self._machine.relay_load
 
     @property
     def stats(self) -> ServerStats:
@@ -137,23 +179,62 @@ class RendezvousServer:
 
     @property
     def address(self) -> tuple[str, int]:
-        """The bound address (useful with port 0)."""
+        """The first host's bound address (useful with port 0)."""
         if self._server is None or not self._server.sockets:
             raise RuntimeError("server not started")
         host, port = self._server.sockets[0].getsockname()[:2]
         return str(host), int(port)
 
-    async def start(self) -> None:
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Every bound address, the first host's first (all on one port)."""
+        if self._server is None:
+            raise RuntimeError("server not started")
+        return [(str(s.getsockname()[0]), int(s.getsockname()[1]))
+                for server in (self._server, *self._others) for s in server.sockets]
+
+    async def start(self, *, optional: Sequence[str] = ()) -> list[tuple[str, OSError]]:
+        """Listen on every host, all on one port (with port 0, the one the first host
+        got). A host in ``optional`` that cannot be bound (no IPv6 on this machine) is
+        skipped and returned with its error; any other failure raises."""
+        skipped: list[tuple[str, OSError]] = []
+        port = self.port
+        try:
+            for host in self.hosts:
+                try:
+                    server = await self._listen(host, port)
+                except OSError as exc:
+                    if host not in optional or host == self.hosts[0]:
+                        raise
+                    skipped.append((host, exc))
+                    continue
+                if self._server is None:
+                    self._server = server
+                    port = server.sockets[0].getsockname()[1]
+                else:
+                    self._others.append(server)
+        except BaseException:
+            for server in self._others:
+                server.close()
+            if self._server is not None:
+                self._server.close()
+            self._server, self._others = None, []
+            raise
+        return skipped
+
+    async def _listen(self, host: str, port: int) -> asyncio.Server:
         loop = asyncio.get_running_loop()
         # SO_REUSEADDR restarts past TIME_WAIT on Unix; on Windows it would let a
-        # second server share the port, so there it stays off.
-        self._server = await loop.create_server(
-            lambda: _Link(self), self.host, self.port, reuse_address=sys.platform != "win32",
+        # second server share the port, so there it stays off. asyncio sets
+        # IPV6_V6ONLY on IPv6 sockets: "::" takes IPv6 clients only.
+        server = await loop.create_server(
+            lambda: _Link(self), host, port, reuse_address=sys.platform != "win32",
             backlog=1024)
         # A coordinated client's hello may ride in its SYN: one round trip less (Linux).
         # Whether the kernel takes it is the host's sysctl (see fastopen_hint()).
-        for sock in self._server.sockets:
+        for sock in server.sockets:
             enable_fastopen_server(sock)
+        return server
 
     async def close(self) -> None:
         """Stop listening, reset coordinated connections (waiting sharers would hold
@@ -163,7 +244,10 @@ class RendezvousServer:
         if self._server is None:
             return
         server, self._server = self._server, None
+        others, self._others = self._others, []
         server.close()
+        for other in others:
+            other.close()
         self._feed(Shutdown(self._clock()))
         if self._links or self._relays:
             self._drained = asyncio.Event()
@@ -182,13 +266,18 @@ class RendezvousServer:
                 log.warning("%d relay sessions did not stop within %g s", stuck,
                             RELAY_JOIN_TIMEOUT)
         self._timer.cancel()
+        for other in others:
+            await other.wait_closed()
         await server.wait_closed()
 
     async def serve_forever(self) -> None:
         if self._server is None:
             await self.start()
         assert self._server is not None
-        await self._server.serve_forever()
+        async with asyncio.TaskGroup() as tasks:
+            for i, other in enumerate(self._others):
+                tasks.create_task(other.serve_forever(), name=f"rendezvous-listener-{i + 1}")
+            await self._server.serve_forever()
 
     # -- the machine's driver ---------------------------------------------------------
 
@@ -233,6 +322,17 @@ class RendezvousServer:
             relay = self._relays.get(action.session)
             if relay is not None:
                 relay.stop()
+            return
+        if isinstance(action, AskBook | ToNode | PollNode):
+            shared = self._shared
+            if shared is None:
+                log.warning("a shared-state action without --redis: %s", type(action).__name__)
+            elif isinstance(action, AskBook):
+                shared.ask(action.conn, action.op)
+            elif isinstance(action, ToNode):
+                shared.deliver(action.node, action.messages, action.conn)
+            else:
+                shared.poll()
             return
         link = self._links.get(action.conn)
         if link is None or link.transport is None:

@@ -21,6 +21,10 @@ Events (:meth:`ServerMachine.handle`)
     :class:`Shutdown`  the server is stopping.
     :class:`RelayEnded` a relay session the driver was copying has ended (both
                        directions over, or stopped), with its byte counts.
+    :class:`BookAnswer`, :class:`FromNode`, :class:`StoreHealth`  only on a node of a
+                       rendezvous shared through Redis (``node`` given): the shared
+                       book's answer to an :class:`AskBook`, a message from another
+                       node, the store's state (a problem refuses new pairings).
 
 Actions (a list, in order, from every event)
     :class:`Send`      write bytes.
@@ -42,6 +46,11 @@ Actions (a list, in order, from every event)
                        connections (it only counts the session).
     :class:`StopRelay` stop copying that session (the server is stopping): end both
                        connections; :class:`RelayEnded` follows.
+    :class:`AskBook`   carry out an operation of the shared book (``--redis``), and
+                       answer with :class:`BookAnswer` if it names a connection.
+    :class:`ToNode`    deliver messages to another node (:class:`Delivered` answers
+                       for the connection it names); :class:`PollNode`: read this
+                       node's messages now.
 
 :attr:`ServerMachine.next_deadline` is when the driver's single timer must
 deliver the next :class:`Tick` (None: nothing is due).
@@ -65,6 +74,12 @@ What happens on a connection (``docs/protocol.md``, sections 1 and 6):
   token's expiry, then both get ``relayed`` and :class:`StartRelay` hands the
   two connections to the driver.
 
+Shared through Redis (``docs/protocol.md``, "Several nodes"): share, join and
+resume hellos ask the shared book instead of the in-memory one (the connection
+waits in ``BOOK`` up to ``BOOK_WAIT``); a partner found there on another node is a
+:class:`PeerSide` planned with as a local one, and its node gets its fire with
+:class:`ToNode`; a relay session may be handed to the partner's node (a grant).
+
 Each connection's state is a plain :class:`Conn`; a waiting sharer is known to
 the nameplate book (:class:`~nopf_web.rendezvous.book.PairingBook`, any store
 behind that interface) by its connection id only. A bug or an exception on one
@@ -74,6 +89,7 @@ connection costs that connection (one log line and a reset), never the others.
 from __future__ import annotations
 
 import enum
+import hashlib
 import heapq
 import secrets
 from collections import Counter
@@ -82,12 +98,13 @@ from dataclasses import dataclass, field
 
 from nopf_web.prediction import fire_facts, predict
 from nopf_web.wire.address import Endpoint, parse_ipv4_endpoint
-from nopf_web.wire.discovery import encode_reply
+from nopf_web.wire.discovery import encode_reply, encode_reply6
 from nopf_web.wire.errors import BadAddress, WireError
 from nopf_web.wire.nat import NatSummary
 from nopf_web.wire.rendezvous import (
     RELAY_TOKEN_SIZE,
     RESUME_WAIT,
+    Candidate,
     ErrorReply,
     Fire,
     FrameReader,
@@ -132,6 +149,28 @@ from .conn_events import (
     Shutdown as Shutdown,
     Tick as Tick,
 )
+from .shared import (
+    Allocate,
+    Allocated,
+    BookOp,
+    BookResult,
+    Claim,
+    Claimed,
+    FireAt,
+    Grant,
+    Listed,
+    Meet,
+    NodeId,
+    NodeMessage,
+    Reclaim,
+    RefuseConn,
+    Refused,
+    Release,
+    Republish,
+    Unlist,
+    Update,
+    Waiting,
+)
 
 FIRE_MARGIN = 0.005  # s the sharer's fire may trail the joiner's: scheduling slack
 QUICK_PINGS = 3  # RTT samples taken at once from a sharer, then one per ping_interval
@@ -143,6 +182,12 @@ PING_ONCE_WAIT = 1.0  # s a joiner's one RTT ping may take (where the kernel has
 RTT_SAMPLES = 5  # a sharer's most recent pong RTTs kept
 RELAY_TOKEN_GRACE = 10.0  # s a relay token outlives its plan's budget
 RELAY_TOKEN_MEMORY = 30.0  # s an expired token is still told apart from an unknown one
+# Shared through Redis (--redis): how long a connection waits for the shared book's
+# answer, and a relay connection whose token is not known here yet for its grant (the
+# pairing node sends it through Redis; a lost wake-up is caught by the next poll).
+BOOK_WAIT = 2.0
+GRANT_WAIT = 1.5
+REPUBLISH_BATCH = 200  # waiting peers listed again per operation (one Lua call each)
 
 RelayId = int  # one relay session (a pairing's two tokens); never reused
 
@@ -219,7 +264,44 @@ class RelayEnded:
     error: str | None = None  # a socket error ended it (the other side was reset)
 
 
-Event = Accepted | Received | PeerClosed | Lost | Tick | Shutdown | RelayEnded
+@dataclass(frozen=True, slots=True)
+class BookAnswer:
+    """The shared book's answer to :class:`AskBook` for ``conn`` (``--redis``)."""
+
+    conn: ConnId
+    result: BookResult
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class FromNode:
+    """Another node of the shared rendezvous tells us something (``--redis``)."""
+
+    message: NodeMessage
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """A :class:`ToNode` that named a connection reached Redis (``problem`` None), or
+    did not (why, one line)."""
+
+    conn: ConnId
+    problem: str | None
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoreHealth:
+    """The shared store's state: ``problem`` None when it works, else why not (one
+    line). While there is a problem, new pairings are refused with it."""
+
+    problem: str | None
+    now: float
+
+
+Event = (Accepted | Received | PeerClosed | Lost | Tick | Shutdown | RelayEnded | BookAnswer
+         | FromNode | StoreHealth | Delivered)
 
 
 # Actions (besides those of .conn_events) --------------------------------------
@@ -250,7 +332,32 @@ class StopRelay:
     session: RelayId
 
 
-Action = Send | LastWord | Close | Reset | Log | StartRelay | StopRelay
+@dataclass(frozen=True, slots=True)
+class AskBook:
+    """Carry out ``op`` on the shared book; answer with :class:`BookAnswer` for ``conn``
+    (None: no answer wanted; a failure is only logged)."""
+
+    conn: ConnId | None
+    op: BookOp
+
+
+@dataclass(frozen=True, slots=True)
+class ToNode:
+    """Deliver ``messages`` to node ``node``, in order (its list in Redis, then a
+    wake-up); ``conn``: report :class:`Delivered` for that connection."""
+
+    node: NodeId
+    messages: tuple[NodeMessage, ...]
+    conn: ConnId | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PollNode:
+    """Read this node's messages now (a relay token may be on its way)."""
+
+
+Action = (Send | LastWord | Close | Reset | Log | StartRelay | StopRelay | AskBook | ToNode
+          | PollNode)
 
 
 # State -------------------------------------------------------------------------
@@ -263,6 +370,9 @@ class Phase(enum.Enum):
     RETRY_WAITING = "retry-waiting"  # a retry hello waiting for the other side's
     RELAY_WAITING = "relay-waiting"  # a relay connection waiting for the other side's
     FIRING = "firing"  # its last message (fire or refusal) leaves at the deadline
+    BOOK = "book"  # waiting for the shared book's answer (--redis)
+    HANDOFF = "handoff"  # its fire waits until the peer's node has its own (--redis)
+    GRANT_WAIT = "grant-wait"  # a relay token not known here yet: its grant may be coming
     LAST_WORD = "last-word"  # message and FIN sent; discarding until the peer's FIN
     CLOSING = "closing"  # closed; waiting for the close to complete
 
@@ -274,6 +384,7 @@ class Sharing:
     nameplate: int | None
     expires_at: float
     last_pong: float
+    owner: str = ""  # shared book: sha256 hex of the sharer's owner secret ("" none)
     seq: int = 0
     sent: dict[int, float] = field(default_factory=dict)  # pings not yet answered
 
@@ -301,6 +412,9 @@ class Conn:
     gone: bool = False  # lost, kept only until its coordination ends (nothing is sent)
     local: tuple[str, int] | None = None  # our address as the peer reached it
     relay: RelayId | None = None  # RELAY_WAITING: the session it waits in
+    remote: Waiting | None = None  # the partner found in the shared book
+    token: bytes = b""  # GRANT_WAIT: the relay token presented
+    fire_in: float = 0.0  # HANDOFF: when its fire is due, from the handoff
 
     @property
     def public(self) -> Endpoint:
@@ -321,6 +435,29 @@ class Conn:
         h = self.hello
         assert h is not None
         return PeerInfo(self.public, h.lan, h.probe, h.punch_timeout, self.rtt())
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSide:
+    """One peer as a plan sees it: on this node (``node`` None), or waiting on another."""
+
+    info: PeerInfo
+    pake: bytes | None
+    relay: bool  # can use relay stages
+    direct_only: bool
+    relay_at: Endpoint | None  # its node's relay address as the peer reached it
+    rtt_known: bool
+    node: NodeId | None
+    load: int  # its node's relay sessions
+    # Its NAT report and direct candidates, as its hello had them (not shared across
+    # nodes yet: a peer waiting on another node offers neither).
+    nat: NatSummary | None = None
+    candidates: tuple[Candidate, ...] | None = None
+
+    @classmethod
+    def waiting(cls, w: Waiting, here: NodeId | None) -> PeerSide:
+        return cls(w.info, w.pake, w.relay and not w.direct_only, w.direct_only, w.relay_at,
+                   w.rtt_known, None if w.node == here else w.node, w.load)
 
 
 @dataclass(slots=True)
@@ -386,8 +523,18 @@ class ServerMachine:
 
     def __init__(self, limits: ServerLimits | None = None,
                  book: PairingBook[ConnId] | None = None, *,
-                 entropy: Callable[[int], bytes] = secrets.token_bytes) -> None:
+                 entropy: Callable[[int], bytes] = secrets.token_bytes,
+                 node: NodeId | None = None) -> None:
+        """``node``: this node's id when the pairing state is shared with other nodes
+        (``nopf-server --redis``): codes, claims and resume hellos then go through
+        :class:`AskBook`, and the store starts as not yet reachable."""
         self.limits = limits or ServerLimits()
+        self.node = node
+        self.store_problem: str | None = (
+            None if node is None else "the shared state (Redis) is not connected yet")
+        self._stopping = False
+        self._asked: dict[ConnId, BookOp] = {}  # questions to the shared book, by asker
+        self._grant: tuple[NodeId, Grant] | None = None  # _plan's, for _pair_shared
         self.stats = ServerStats()
         # Lines for the driver's INFO log (a pairing's predicted path: news, not a problem
         # Log); the driver takes them after each event.
@@ -410,6 +557,11 @@ class ServerMachine:
         self._out: list[Action] = []
 
     @property
+    def relay_load(self) -> int:
+        """Relay sessions waiting for their second side or copied now."""
+        return self._relay_count
+
+    @property
     def next_deadline(self) -> float | None:
         """When the next :class:`Tick` is due (None: nothing is)."""
         timers = self._timers
@@ -425,7 +577,11 @@ class ServerMachine:
         """Take one event; return what to do, in order."""
         if isinstance(event, Tick):
             self._tick(event.now)
+        elif isinstance(event, BookAnswer | FromNode | StoreHealth | Delivered):
+            self._shared_event(event)
         elif isinstance(event, Shutdown):
+            # Shared codes outlive this node: their sharers register them again elsewhere.
+            self._stopping = True
             for each in list(self.conns.values()):
                 if event.force or each.hello is not None or each.relay is not None:
                     self._reset(each, event.now)
@@ -486,9 +642,15 @@ class ServerMachine:
         if self._per_source[conn.source] <= 0:
             del self._per_source[conn.source]
         if conn.sharing is not None:
+            shared = self.node is not None and not self._stopping
             if conn.sharing.nameplate is None:
                 self._unlist_resume(conn)
-            else:
+                if shared:
+                    assert conn.hello is not None and conn.hello.resume_id is not None
+                    self._ask(None, Unlist(conn.hello.resume_id, self._node(), conn.id))
+            elif shared:
+                self._ask(None, Release(conn.sharing.nameplate, self._node(), conn.id, "left"))
+            elif self.node is None:
                 self.book.release(conn.sharing.nameplate, conn.id, now=now)
             conn.sharing = None
         if conn.relay is not None:
@@ -553,8 +715,15 @@ class ServerMachine:
             if peer is None:
                 raise WireError("connection closed before it could be served")
             public = _observed(peer)
+            if ":" in public.host:
+                # IPv6 (an IPv6 listener): its 22-byte reply and a FIN. Pairing, plans and
+                # relays are IPv4 (the punch uses the IPv4 mapping), so nothing else here.
+                reply6 = encode_reply6(public.host, public.port)
+                self.stats.served += 1
+                self._last_word(conn, reply6, now)
+                return
             reply = encode_reply(public.host, public.port)
-        except WireError as exc:  # not IPv4 (a v6 listener), or already gone
+        except WireError as exc:  # already gone
             self._unserved(conn, str(exc), now)
             return
         self._out.append(Send(conn.id, reply))  # first, before reading anything
@@ -580,7 +749,7 @@ class ServerMachine:
                     self._sharer_message(conn, payload, now)
             except _Gone:
                 self._reset(conn, now)  # the code closes with it
-        elif phase is Phase.RELAY_WAITING:
+        elif phase is Phase.RELAY_WAITING or phase is Phase.GRANT_WAIT:
             # Nothing may come before "relayed": whatever does is no peer of ours.
             self._problem("relay-protocol", f"relay connection from {_fmt(conn.peer)} sent "
                           f"{len(data)} bytes before it was joined: reset", now)
@@ -605,7 +774,8 @@ class ServerMachine:
     def _peer_closed(self, conn: Conn, now: float) -> None:
         conn.eof = True
         phase = conn.phase
-        if phase is Phase.HELLO or phase is Phase.SHARING or phase is Phase.RELAY_WAITING:
+        if phase in (Phase.HELLO, Phase.SHARING, Phase.RELAY_WAITING, Phase.GRANT_WAIT,
+                     Phase.BOOK):
             # A seed client that has its answer and closed (it sees nothing of the
             # RST, and its port is free at once), or a sharer that left.
             self._reset(conn, now)
@@ -657,6 +827,14 @@ class ServerMachine:
             self._sharer_wake(conn, now)
         elif phase is Phase.RELAY_WAITING:
             self._relay_timeout(conn, now)
+        elif phase is Phase.BOOK:
+            self._book_silent(conn, now)
+        elif phase is Phase.HANDOFF:
+            self._handed_off(conn, f"the shared state (Redis) did not answer within "
+                             f"{BOOK_WAIT:g} s", now)
+        elif phase is Phase.GRANT_WAIT:
+            conn.phase = Phase.HELLO
+            self._relay(conn, conn.token, now, hold=False)
         elif phase is Phase.MEASURING:
             self._measured(conn, now)  # no pong within PING_ONCE_WAIT: go without
         elif phase is Phase.RETRY_WAITING:
@@ -709,6 +887,19 @@ class ServerMachine:
         conn.hello = msg
         conn.pake = msg.pake
         conn.deadline = None
+        if self.node is not None and msg.action in ("share", "join", "resume"):
+            if self.store_problem is not None:
+                why = f"the rendezvous cannot pair now: {self.store_problem}"
+                self._problem("store", f"refused {_fmt(conn.peer)}: {why}", now)
+                self._refuse(conn, "busy", why, now)
+                return
+            self._shared_hello(conn, msg, now)
+            return
+        if msg.action == "share" and msg.nameplate is not None:
+            self._refuse(conn, "unknown_code", f"pairing code {msg.nameplate}-… is not open "
+                         "here (this rendezvous keeps its codes in memory: it restarted, or "
+                         "another rendezvous had it): ask for a new code", now)
+            return
         if msg.action == "share":
             self._share(conn, now)
         elif msg.action == "join":
@@ -757,6 +948,7 @@ class ServerMachine:
             if conn.pake is not None or conn.sharing is None or conn.sharing.nameplate is None:
                 raise _Gone("sent an unexpected pake message")
             conn.pake = msg.pake
+            self._publish(conn)
         elif isinstance(msg, Pong):
             sharing = conn.sharing
             assert sharing is not None
@@ -764,6 +956,8 @@ class ServerMachine:
             if sent is not None:
                 conn.rtts = [*conn.rtts[1 - RTT_SAMPLES:], now - sent]
                 sharing.last_pong = now
+                if msg.seq == QUICK_PINGS:  # its RTT, measured: for a joiner elsewhere
+                    self._publish(conn)
         else:
             raise _Gone("sent a second hello")
 
@@ -776,7 +970,11 @@ class ServerMachine:
                          f"the peer did not resume within {RESUME_WAIT:g} s", now)
             return
         if now >= sharing.expires_at:
-            self.book.sweep(now=now)  # buries it as expired (a late claim is told so)
+            if self.node is not None and sharing.nameplate is not None:
+                self._ask(None, Release(sharing.nameplate, self._node(), conn.id, "expired"))
+                conn.sharing = None  # released as expired, not as left
+            else:
+                self.book.sweep(now=now)  # buries it as expired (a late claim is told so)
             lifetime = describe_duration(self.limits.pairing.code_lifetime)
             self._refuse(conn, "expired", f"nobody used the pairing code within {lifetime}",
                          now)
@@ -794,7 +992,8 @@ class ServerMachine:
         nameplate = hello.nameplate
         owner = self.book.peek(nameplate, now=now)
         sharer = None if owner is None else self.conns.get(owner)
-        if (sharer is not None and hello.probe is None and not self._relays(sharer, conn)
+        if (sharer is not None and hello.probe is None
+                and not self._relays(self._side(sharer), self._side(conn))
                 and sharer.info().mapping == "symmetric" and conn.info().mapping != "none"):
             # Against a symmetric sharer the joiner's own mapping decides between
             # "refuse at once" and a short punch: it has to check it first. The
@@ -840,6 +1039,9 @@ class ServerMachine:
             self._retry_measured(conn, now)
 
     def _join_measured(self, conn: Conn, now: float) -> None:
+        if conn.remote is not None:
+            self._pair_shared(_nameplate(conn), conn, now)
+            return
         sharer = None if conn.partner is None else self.conns.get(conn.partner)
         if sharer is None or sharer.phase is not Phase.SHARING:
             self._refuse(conn, "unknown_code",
@@ -955,6 +1157,9 @@ class ServerMachine:
             del self.resumes[conn.hello.resume_id]
 
     def _resume_measured(self, conn: Conn, now: float) -> None:
+        if conn.remote is not None:
+            self._pair_shared(None, conn, now)
+            return
         other = None if conn.partner is None else self.conns.get(conn.partner)
         if other is None or other.phase is not Phase.SHARING or other.gone:
             self._resume(conn, now)  # it left meanwhile: pair with another, or wait
@@ -972,13 +1177,18 @@ class ServerMachine:
 
     # -- the relay: tokens in plans, then the connections that present them ----------------
 
-    def _relays(self, a: Conn, b: Conn) -> bool:
+    def _relays(self, a: PeerSide, b: PeerSide) -> bool:
         """Will a plan for these two end with the relay?"""
-        relay = self.limits.relay
-        return (relay.enabled and a.hello is not None and b.hello is not None
-                and a.hello.relay_capable and b.hello.relay_capable
-                and self._relay_address(a) is not None
-                and self._relay_address(b) is not None)
+        return (self.limits.relay.enabled and a.relay and b.relay
+                and a.relay_at is not None and b.relay_at is not None)
+
+    def _side(self, conn: Conn) -> PeerSide:
+        """A peer of this node as the plan sees it."""
+        hello = conn.hello
+        assert hello is not None
+        return PeerSide(conn.info(), conn.pake, hello.relay_capable, hello.direct_only,
+                        self._relay_address(conn), conn.rtt_known(), None, self._relay_count,
+                        hello.nat, hello.candidates)
 
     def _relay_address(self, conn: Conn) -> Endpoint | None:
         """The relay address for this client's plan: ours as it reached us (so the
@@ -993,19 +1203,25 @@ class ServerMachine:
         except BadAddress:
             return None  # not IPv4: no relay stage (the wire has IPv4 addresses only)
 
-    def _relay_tokens(self, sharer: Conn, joiner: Conn, expires_at: float,
+    def _relay_tokens(self, ips: tuple[str, str], expires_at: float,
                       now: float) -> tuple[bytes, bytes]:
-        """A new relay session's two single-use tokens, each bound to its side's IP."""
+        """A new relay session's two single-use tokens, each bound to its side's IP
+        (``ips``: the sharer's, the joiner's)."""
+        tokens = (self._entropy(RELAY_TOKEN_SIZE), self._entropy(RELAY_TOKEN_SIZE))
+        self._relay_session(tokens, ips, expires_at, now)
+        return tokens
+
+    def _relay_session(self, tokens: tuple[bytes, bytes], ips: tuple[str, str],
+                       expires_at: float, now: float) -> None:
+        """Serve a relay session here (its tokens minted here, or by another node)."""
         self._prune_sessions(now)
         self._next_session += 1
-        tokens = (self._entropy(RELAY_TOKEN_SIZE), self._entropy(RELAY_TOKEN_SIZE))
         session = RelaySession(self._next_session, expires_at, tokens)
         self.sessions[session.id] = session
         heapq.heappush(self._session_expiry,
                        (expires_at + RELAY_TOKEN_MEMORY, session.id))
-        for token, side, conn in ((tokens[0], "sharer", sharer), (tokens[1], "joiner", joiner)):
-            self.tickets[token] = RelayTicket(session, side, conn.public.host)
-        return tokens
+        for token, side, ip in ((tokens[0], "sharer", ips[0]), (tokens[1], "joiner", ips[1])):
+            self.tickets[token] = RelayTicket(session, side, ip)
 
     def _prune_sessions(self, now: float) -> None:
         """Forget sessions well past their tokens' expiry (never one waiting or live)."""
@@ -1031,8 +1247,10 @@ class ServerMachine:
         self._problem(kind, f"relay refused {_fmt(conn.peer)}: {why}", now)
         self._refuse(conn, code, f"relay refused: {why}", now)
 
-    def _relay(self, conn: Conn, token: bytes, now: float) -> None:
-        """A relay message: check its token, then wait for the other side or join it."""
+    def _relay(self, conn: Conn, token: bytes, now: float, *, hold: bool = True) -> None:
+        """A relay message: check its token, then wait for the other side or join it.
+        Shared (``--redis``): a token not known here may be on its way from the node that
+        paired (``hold``): wait up to GRANT_WAIT for it."""
         relay = self.limits.relay
         if not relay.enabled:
             self._relay_refuse(conn, "relay_refused", "relay-token",
@@ -1040,6 +1258,11 @@ class ServerMachine:
             return
         self._prune_sessions(now)
         ticket = self.tickets.get(token)
+        if ticket is None and hold and self.node is not None:
+            conn.phase, conn.token = Phase.GRANT_WAIT, token
+            self._at(conn, now + GRANT_WAIT)
+            self._out.append(PollNode())
+            return
         if ticket is None:
             self._relay_refuse(conn, "relay_refused", "relay-token",
                                "unknown relay token", now)
@@ -1131,12 +1354,273 @@ class ServerMachine:
         self._uncount(session)
         self._drop_session(session)
 
+    # -- shared through Redis (--redis): the book's answers and the other nodes ----------
+
+    def _node(self) -> NodeId:
+        assert self.node is not None
+        return self.node
+
+    def _ask(self, conn: Conn | None, op: BookOp, now: float | None = None) -> None:
+        """Ask the shared book; ``conn`` waits for the answer (up to BOOK_WAIT)."""
+        if conn is None:
+            self._out.append(AskBook(None, op))
+            return
+        assert now is not None
+        conn.phase = Phase.BOOK
+        self._asked[conn.id] = op
+        self._at(conn, now + BOOK_WAIT)
+        self._out.append(AskBook(conn.id, op))
+
+    def _waiting(self, conn: Conn, side: str = "share") -> Waiting:
+        """This node's peer as the other nodes read it in the shared book."""
+        hello = conn.hello
+        assert hello is not None
+        relay_at = self._relay_address(conn) if self.limits.relay.enabled else None
+        return Waiting(self._node(), conn.id, conn.info(), conn.rtt_known(), conn.pake,
+                       hello.relay_capable, hello.direct_only, relay_at, self._relay_count,
+                       "share" if side == "share" else "join")
+
+    def _shared_hello(self, conn: Conn, hello: Hello, now: float) -> None:
+        if hello.action == "resume":
+            assert hello.resume_id is not None and hello.side is not None
+            self._ask(conn, Meet(hello.resume_id, self._waiting(conn, hello.side)), now)
+        elif hello.action == "share":
+            owner = "" if hello.owner is None else hashlib.sha256(hello.owner).hexdigest()
+            if hello.nameplate is not None:
+                self._ask(conn, Reclaim(hello.nameplate, self._waiting(conn), owner), now)
+            else:
+                self._ask(conn, Allocate(self._waiting(conn), owner,
+                                         self.limits.pairing.code_lifetime), now)
+        else:
+            assert hello.nameplate is not None
+            mine = self._side(conn)
+            probe_first = hello.probe is None and conn.info().mapping != "none"
+            joiner_relays = self.limits.relay.enabled and mine.relay and mine.relay_at is not None
+            self._ask(conn, Claim(hello.nameplate, conn.public.host, probe_first,
+                                  joiner_relays), now)
+
+    def _shared_event(self, event: BookAnswer | FromNode | StoreHealth | Delivered) -> None:
+        now = event.now
+        if isinstance(event, StoreHealth):
+            self._health(event.problem, now)
+            return
+        if isinstance(event, Delivered):
+            held = self.conns.get(event.conn)
+            if held is not None and held.phase is Phase.HANDOFF:
+                try:
+                    self._handed_off(held, event.problem, now)
+                except Exception as exc:
+                    self._crashed(held.id, exc, now)
+            return
+        if isinstance(event, FromNode):
+            try:
+                self._from_node(event.message, now)
+            except Exception as exc:
+                self._problem("internal", f"rendezvous error on a message from another node: "
+                              f"{type(exc).__name__}: {exc}", now)
+            return
+        asked = self._asked.pop(event.conn, None)
+        conn = self.conns.get(event.conn)
+        if conn is None or conn.phase is not Phase.BOOK:
+            self._unanswered(event.conn, asked, event.result)
+            return
+        try:
+            self._answer(conn, asked, event.result, now)
+        except Exception as exc:
+            self._crashed(conn.id, exc, now)
+
+    def _unanswered(self, cid: ConnId, asked: BookOp | None, result: BookResult) -> None:
+        """The asking connection went away (or gave up waiting) before the answer: undo
+        what the book did for it (a code allocated to nobody, a resume hello listed for
+        nobody). A claim that went through is not undone: that code is used."""
+        if isinstance(result, Allocated):
+            self._ask(None, Release(result.nameplate, self._node(), cid, "left"))
+        elif isinstance(asked, Meet) and isinstance(result, Listed):
+            self._ask(None, Unlist(asked.resume_id, self._node(), cid))
+
+    def _book_silent(self, conn: Conn, now: float) -> None:
+        why = f"the shared state (Redis) did not answer within {BOOK_WAIT:g} s"
+        self._problem("store", f"refused {_fmt(conn.peer)}: {why}", now)
+        self._refuse(conn, "busy", f"the rendezvous cannot pair now: {why}", now)
+
+    def _answer(self, conn: Conn, asked: BookOp | None, result: BookResult,
+                now: float) -> None:
+        conn.deadline = None
+        if isinstance(result, Refused):
+            if isinstance(asked, Claim) and result.code != "probe_required":
+                self.stats.refused_claims += 1
+            if result.code == "busy":
+                self._problem("store", f"refused {_fmt(conn.peer)}: {result.message}", now)
+            self._refuse(conn, result.code, result.message, now)
+            return
+        if isinstance(asked, Allocate | Reclaim):
+            assert isinstance(result, Allocated)
+            conn.phase = Phase.SHARING
+            conn.sharing = Sharing(result.nameplate, now + result.expires_in, last_pong=now,
+                                   owner=asked.owner)
+            if result.replaced is not None:
+                self._replaced(result.replaced, "this pairing code was registered again "
+                               "through another connection", now)
+            self._send(conn, Welcome(result.nameplate, round(result.expires_in, 3),
+                                     conn.public))
+            self._ping(conn, now)
+            return
+        if isinstance(asked, Meet) and isinstance(result, Listed):
+            if result.replaced is not None:
+                self._replaced(result.replaced, "a newer resume hello from the same side "
+                               "replaced this one", now)
+            self._resume_wait(conn, now)
+            return
+        assert isinstance(result, Claimed), result
+        conn.remote = result.waiting
+        if conn.syn_data or conn.rtt_known():
+            if conn.syn_data:
+                self.stats.syn_data += 1
+            self._measured(conn, now)
+        else:
+            self._ping_once(conn, now)
+
+    def _replaced(self, where: tuple[NodeId, ConnId], why: str, now: float) -> None:
+        node, cid = where
+        if node != self.node:
+            self._out.append(ToNode(node, (RefuseConn(cid, "bad_request", why),)))
+            return
+        self._from_node(RefuseConn(cid, "bad_request", why), now)
+
+    def _publish(self, conn: Conn) -> None:
+        """A waiting sharer's record changed (SPAKE2 message, RTT): tell the book."""
+        if self.node is None or self._stopping or conn.sharing is None:
+            return
+        if conn.sharing.nameplate is not None:
+            self._ask(None, Update(conn.sharing.nameplate, self._waiting(conn)))
+
+    def _pair_shared(self, nameplate: int | None, conn: Conn, now: float) -> None:
+        """Pair ``conn`` with the partner the shared book gave it (on any node)."""
+        w = conn.remote
+        assert w is not None
+        ours_is_sharer = _side(conn) == "sharer"
+        if w.node == self.node:  # both here after all: as on one node
+            other = self.conns.get(w.conn)
+            if other is None or other.phase is not Phase.SHARING or other.gone:
+                if nameplate is None:  # it left meanwhile: wait for a newer one
+                    conn.remote = None
+                    assert conn.hello is not None
+                    self._shared_hello(conn, conn.hello, now)
+                    return
+                self._refuse(conn, "unknown_code", f"pairing code {nameplate}-… is no longer "
+                             "open (the sharer stopped waiting): ask for a new code", now)
+                return
+            other.deadline = None
+            if other.sharing is not None and other.sharing.nameplate is None:
+                self._unlist_resume(other)
+            other.sharing = None  # claimed in the book already: nothing to release
+            sharer, joiner = (conn, other) if ours_is_sharer else (other, conn)
+            self._pair(nameplate, sharer, joiner, now)
+            return
+        mine, theirs = self._side(conn), PeerSide.waiting(w, self.node)
+        s_side, j_side = (mine, theirs) if ours_is_sharer else (theirs, mine)
+        (to_sharer, sharer_at), (to_joiner, joiner_at) = self._plan(nameplate, s_side, j_side,
+                                                                    now)
+        msg, at = (to_sharer, sharer_at) if ours_is_sharer else (to_joiner, joiner_at)
+        remote_msg, remote_at = ((to_joiner, joiner_at) if ours_is_sharer
+                                 else (to_sharer, sharer_at))
+        # The other node fires its peer ``delay`` after it hears of it: later than
+        # planned by the message's trip (under a ms), which only moves its fire later.
+        # Ours waits until Redis has taken that (and the relay grant, if any): a fire
+        # that reached one peer only would send it punching at nobody.
+        grant, self._grant = self._grant, None
+        messages: tuple[NodeMessage, ...] = (
+            FireAt(w.conn, encode(remote_msg), round(max(0.0, remote_at - now), 6)),)
+        if grant is not None:
+            assert grant[0] == w.node
+            messages = (grant[1], *messages)
+        conn.sharing = None  # claimed: nothing to release
+        conn.phase, conn.message, conn.fire_in = Phase.HANDOFF, encode(msg), at - now
+        self._at(conn, now + BOOK_WAIT)
+        self._out.append(ToNode(w.node, messages, conn.id))
+
+    def _handed_off(self, conn: Conn, problem: str | None, now: float) -> None:
+        """The peer's node has its fire (``problem`` None): ours goes; or it could not
+        be told: we refuse, and its node lists its code again when Redis is back."""
+        conn.deadline = None
+        data, conn.message = conn.message, b""
+        if problem is None:
+            self._fire(conn, data, now + conn.fire_in, now)
+            return
+        why = f"the rendezvous cannot pair now: {problem}"
+        self._problem("store", f"refused {_fmt(conn.peer)}: {why}", now)
+        self._refuse(conn, "busy", why, now)
+
+    def _relay_node(self, a: PeerSide, b: PeerSide) -> tuple[NodeId, Endpoint] | None:
+        """Where a pairing's relay session runs: None here, else the other node and its
+        relay address. The node with fewer relay sessions; on a tie either, at random,
+        so relays spread over the nodes."""
+        there = a if a.node is not None else b if b.node is not None else None
+        if there is None or there.node is None or there.relay_at is None:
+            return None
+        if there.load > self._relay_count:
+            return None
+        if there.load == self._relay_count and self._entropy(1)[0] & 1:
+            return None
+        return there.node, there.relay_at
+
+    def _from_node(self, msg: NodeMessage, now: float) -> None:
+        if isinstance(msg, Grant):
+            self._relay_session(msg.tokens, msg.ips, now + msg.ttl, now)
+            for held in [c for c in self.conns.values() if c.phase is Phase.GRANT_WAIT
+                         and c.token in msg.tokens]:
+                held.deadline, held.phase = None, Phase.HELLO
+                self._relay(held, held.token, now, hold=False)
+            return
+        conn = self.conns.get(msg.conn)
+        if conn is None or conn.phase is not Phase.SHARING or conn.sharing is None:
+            what = "fire" if isinstance(msg, FireAt) else "refusal"
+            self._problem("node-message", f"a {what} from another node for a connection that "
+                          "no longer waits here", now)
+            return
+        if conn.sharing.nameplate is None:
+            self._unlist_resume(conn)
+        conn.sharing = None  # the book has moved on: nothing to release
+        conn.deadline = None
+        if isinstance(msg, FireAt):
+            self._fire(conn, msg.data, now + msg.delay, now)
+        else:
+            self._refuse(conn, msg.code, msg.message, now)
+
+    def _health(self, problem: str | None, now: float) -> None:
+        before, self.store_problem = self.store_problem, problem
+        if problem is not None and problem != before:  # its node says it once an outage
+            self._out.append(Log("store", f"shared state lost: {problem}: refusing new "
+                                 "pairings until it is back"))
+        elif problem is None and before is not None:
+            self._out.append(Log("store", "shared state reachable: pairing"))
+            # It may have lost what it held (a restart without persistence): list this
+            # node's waiting peers again where nobody took their place.
+            plates, resumes = [], []
+            for conn in self.conns.values():
+                sharing = conn.sharing
+                if conn.phase is not Phase.SHARING or sharing is None or conn.gone:
+                    continue
+                left = sharing.expires_at - now
+                if left <= 0:
+                    continue
+                assert conn.hello is not None
+                if sharing.nameplate is not None:
+                    plates.append((sharing.nameplate, self._waiting(conn), left,
+                                   sharing.owner))
+                elif conn.hello.resume_id is not None and conn.hello.side is not None:
+                    resumes.append((conn.hello.resume_id,
+                                    self._waiting(conn, conn.hello.side), left))
+            for i in range(0, max(len(plates), len(resumes)), REPUBLISH_BATCH):
+                self._ask(None, Republish(tuple(plates[i:i + REPUBLISH_BATCH]),
+                                          tuple(resumes[i:i + REPUBLISH_BATCH])))
+
     # -- the plan and the fires ------------------------------------------------------------------
 
     def _pair(self, nameplate: int | None, sharer: Conn, joiner: Conn, now: float) -> None:
         """Plan and fire a pairing (``nameplate`` None: a resume)."""
-        (to_sharer, sharer_at), (to_joiner, joiner_at) = self._plan(nameplate, sharer, joiner,
-                                                                    now)
+        (to_sharer, sharer_at), (to_joiner, joiner_at) = self._plan(
+            nameplate, self._side(sharer), self._side(joiner), now)
         if isinstance(to_sharer, Fire):  # the path it predicts, and why (one INFO line)
             guess = predict(fire_facts(to_sharer, "server", _nat(sharer)))
             self.stats.predicted[guess.path] = self.stats.predicted.get(guess.path, 0) + 1
@@ -1155,12 +1639,13 @@ class ServerMachine:
         conn.message = data
         self._at(conn, at)
 
-    def _plan(self, nameplate: int | None, sharer_conn: Conn, joiner_conn: Conn, now: float,
-              ) -> tuple[tuple[ServerMessage, float], tuple[ServerMessage, float]]:
-        """Each side's last message (fire, or the refusal) and when to send it."""
-        sharer, joiner = sharer_conn.info(), joiner_conn.info()
-        direct_only = any(c.hello is not None and c.hello.direct_only
-                          for c in (sharer_conn, joiner_conn))
+    def _plan(self, nameplate: int | None, sharer_conn: PeerSide, joiner_conn: PeerSide,
+              now: float) -> tuple[tuple[ServerMessage, float], tuple[ServerMessage, float]]:
+        """Each side's last message (fire, or the refusal) and when to send it. One of
+        the sides may wait on another node (``PeerSide.node``): a relay stage is then
+        served here or there (:meth:`_relay_node`)."""
+        sharer, joiner = sharer_conn.info, joiner_conn.info
+        direct_only = sharer_conn.direct_only or joiner_conn.direct_only
         try:
             plans = make_plans(sharer, joiner, self.limits.pairing,
                                relay=self._relays(sharer_conn, joiner_conn),
@@ -1176,7 +1661,7 @@ class ServerMachine:
         # takes that long to reach the sharer's NAT), and the joiner's first
         # bytes reach the sharer no later.
         joiner_at = now
-        if joiner_conn.rtt_known():
+        if joiner_conn.rtt_known:
             sharer_at = now + max(0.0, (joiner.rtt - sharer.rtt) / 2) + FIRE_MARGIN
             fire_at = now + joiner.rtt / 2  # when the joiner fires
             rtt_ms = round((sharer.rtt + joiner.rtt) / 2 * 1000, 3)  # peer <-> peer, estimated
@@ -1197,9 +1682,21 @@ class ServerMachine:
         if plans.relay_budget is not None:
             # The tokens last until the plan's end (as the later fire arrives) + grace.
             start = max(fire_at, sharer_at + sharer.rtt / 2)
-            token_s, token_j = self._relay_tokens(sharer_conn, joiner_conn,
-                                                  start + budget + RELAY_TOKEN_GRACE, now)
-            addr_s, addr_j = self._relay_address(sharer_conn), self._relay_address(joiner_conn)
+            expires_at = start + budget + RELAY_TOKEN_GRACE
+            ips = (sharer.public.host, joiner.public.host)
+            there = self._relay_node(sharer_conn, joiner_conn)
+            if there is None:  # here: each side gets our address as it reached us
+                token_s, token_j = self._relay_tokens(ips, expires_at, now)
+                addr_s = sharer_conn.relay_at if sharer_conn.node is None else None
+                addr_j = joiner_conn.relay_at if joiner_conn.node is None else None
+                addr_s = addr_s or addr_j
+                addr_j = addr_j or addr_s
+            else:  # the other node relays: its address as its peer reached it
+                node, addr_s = there
+                addr_j = addr_s
+                token_s, token_j = (self._entropy(RELAY_TOKEN_SIZE),
+                                    self._entropy(RELAY_TOKEN_SIZE))
+                self._grant = (node, Grant((token_s, token_j), ips, expires_at - now))
             assert addr_s is not None and addr_j is not None  # checked by _relays
             relay_s = RelayStage(addr_s, plans.relay_budget, token_s)
             relay_j = RelayStage(addr_j, plans.relay_budget, token_j)
@@ -1217,14 +1714,18 @@ class ServerMachine:
         else:
             self.stats.resumed += 1
         self.stats.paired += 1
+        # The peers' own candidates pass through, only when both hellos had the field.
+        cands_s, cands_j = sharer_conn.candidates, joiner_conn.candidates
+        if cands_s is None or cands_j is None:
+            cands_s = cands_j = None
         return (
             (Fire(sharer.public, joiner.public, plans.sharer, rtt_ms, plans.sharer_note,
                   joiner_conn.pake if both else None, (sharer.mapping, joiner.mapping),
-                  relay_s, _peer_nat(sharer_conn, joiner_conn)),
+                  relay_s, _peer_nat(sharer_conn, joiner_conn), peer_candidates=cands_j),
              sharer_at),
             (Fire(joiner.public, sharer.public, plans.joiner, rtt_ms, plans.joiner_note,
                   sharer_conn.pake if both else None, (joiner.mapping, sharer.mapping),
-                  relay_j, _peer_nat(joiner_conn, sharer_conn)),
+                  relay_j, _peer_nat(joiner_conn, sharer_conn), peer_candidates=cands_s),
              joiner_at),
         )
 
@@ -1237,10 +1738,10 @@ def _nat(conn: Conn) -> NatSummary | None:
     return None if conn.hello is None else conn.hello.nat
 
 
-def _peer_nat(to: Conn, peer: Conn) -> NatSummary | None:
+def _peer_nat(to: PeerSide, peer: PeerSide) -> NatSummary | None:
     """The peer's report for ``to``'s fire: only to a client that sent one itself (an
     older client rejects a fire with a field it does not know)."""
-    return _nat(peer) if _nat(to) is not None else None
+    return peer.nat if to.nat is not None else None
 
 
 def _fmt(peer: tuple[str, int] | None) -> str:

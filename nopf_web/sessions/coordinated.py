@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import socket
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from typing import ClassVar
 
 from nopf_web.errors import NopfError
 from nopf_web.prediction import PairFacts, Prediction, nat_pair
-from nopf_web.rendezvous.client import resolve_ipv4
+from nopf_web.rendezvous.client import reach_rendezvous
 from nopf_web.rendezvous.errors import RendezvousProtocolError
 from nopf_web.roles import PeerRole
 from nopf_web.tunnel.errors import PeerLost, TunnelError
@@ -54,7 +55,15 @@ from nopf_web.tunnel.secure import Pake
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.nat import NatSummary
 
-from .coordination import CoordinationSpec, NewPath, PairedTunnel, coordinate, meet_again
+from .candidates import direct_candidates
+from .coordination import (
+    CoordinationSpec,
+    DirectCandidates,
+    NewPath,
+    PairedTunnel,
+    coordinate,
+    meet_again,
+)
 from .coordination_machine import TUNNEL_PATHS, Timings, TunnelPath, path_words
 from .engine import EngineBase, Event, Mode, Snapshot, State, task_group
 from .local import listen_local
@@ -93,6 +102,11 @@ class CoordinatedSpec:
     # While relayed, the first try of a direct path this long after the relay was
     # selected; then doubling, at most every UPGRADE_CAP (30 s).
     retry_direct: float = UPGRADE_DELAYS[0]
+    # Ask the gateway for a mapped port (NAT-PMP, PCP, UPnP-IGD) and offer it: the
+    # sharer only (a joiner's hello leaves before it knows its public address, so it
+    # could not check the mapping against it). Deleted when the session ends.
+    port_mapping: bool = True
+    ipv6: bool = True  # offer our global IPv6 addresses (the ladder's "ipv6" rung)
     # Our NAT doctor's report (compact), sent with the hello so that the rendezvous and
     # both peers predict the path (None: none is sent).
     nat: NatSummary | None = None
@@ -142,6 +156,13 @@ def _make_mux(channel: ResumableChannel, spec: CoordinatedSpec, name: str) -> Mu
                dead_after=spec.budget + 3 * spec.keepalive, name=name)
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower().rstrip(".") == "localhost"
+
+
 def _one_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
@@ -164,6 +185,7 @@ class CoordinatedEngine(EngineBase):
         self.path: TunnelPath | None = None  # the path carrying the tunnel (the last one)
         self.relay: Endpoint | None = None  # path "relay": where
         self.resuming = False  # the path was lost and no new one carries the tunnel yet
+        self._candidates: DirectCandidates | None = None  # ours, while the session lives
         self.path_changes = 0  # moves to another path (resumes and upgrades)
         self._mux: Mux | None = None
         self._channel: ResumableChannel | None = None
@@ -227,6 +249,21 @@ class CoordinatedEngine(EngineBase):
     # -- the life -----------------------------------------------------------
 
     async def _life(self) -> None:
+        spec = self.spec
+        # A rendezvous on loopback: both peers are on this host, and nothing of ours
+        # (a gateway's mapping, global addresses) has a use.
+        remote = not _is_loopback(spec.rendezvous.host)
+        async with direct_candidates(
+                ipv6=spec.ipv6 and remote,
+                port_mapping=spec.port_mapping and spec.role == "server" and remote,
+                on_event=self._log) as candidates:
+            self._candidates = candidates
+            try:
+                await self._tunnel_life()
+            finally:
+                self._candidates = None
+
+    async def _tunnel_life(self) -> None:
         spec = self.spec
         listener: socket.socket | None = None
         try:
@@ -345,13 +382,14 @@ class CoordinatedEngine(EngineBase):
         self.timeline = timeline = Timeline(time.monotonic())
         timeline.add(timeline.origin, "start", f"pairing through {spec.rendezvous} "
                      f"({'with' if spec.nat else 'without'} a NAT report)")
-        server = await resolve_ipv4(spec.rendezvous, spec.net_timeout)
+        server = await reach_rendezvous(spec.rendezvous, spec.net_timeout, on_event=self._log)
         if spec.role == "client":
             self._set_state(State.WAITING_PEER, f"joining the sharer of {spec.code}")
         return await coordinate(
             CoordinationSpec(Endpoint(*server), spec.role, code=spec.code,
                              code_lifetime=spec.code_lifetime, punch_timeout=spec.punch_timeout,
-                             net_timeout=spec.net_timeout, nat=spec.nat),
+                             net_timeout=spec.net_timeout, nat=spec.nat,
+                             name=spec.rendezvous, candidates=self._candidates),
             pake=self._new_pake, on_code=self._got_code, on_event=self._log,
             on_punching=self._punching, on_prediction=self._predicted, timeline=timeline)
 
@@ -489,7 +527,8 @@ class _PathKeeper:
                 new = await meet_again(
                     spec.rendezvous, spec.role, resume_id, direct_only=meet.direct_only,
                     timeout=meet.timeout, net_timeout=spec.net_timeout,
-                    on_event=engine._log if meet.kind == "resume" else None)
+                    on_event=engine._log if meet.kind == "resume" else None,
+                    candidates=engine._candidates)
         except TimeoutError:
             raise MeetingFailed("the resume budget ran out during the meeting") from None
         if new.early:  # the path handshake reads the socket from the tunnel's first byte

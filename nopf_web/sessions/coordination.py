@@ -40,7 +40,7 @@ import functools
 import os
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
@@ -48,8 +48,8 @@ from typing import Any, Protocol
 from nopf_web.pairing import parse_code
 from nopf_web.prediction import PairFacts, Prediction, fire_facts
 from nopf_web.punch.driver import PunchDriver
-from nopf_web.punch.machine import PunchTimeout, Tactic
-from nopf_web.rendezvous.client import resolve_ipv4
+from nopf_web.punch.machine import Failure, PunchTimeout, Tactic
+from nopf_web.rendezvous.client import reach_rendezvous
 from nopf_web.rendezvous.errors import RendezvousUnreachable
 from nopf_web.roles import PeerRole
 from nopf_web.sockets import (
@@ -69,6 +69,7 @@ from .coordination_machine import (
     AbandonPath,
     Action,
     AwaitHandshake,
+    AwaitMapped,
     Close,
     Connect,
     CoordinationConfig,
@@ -76,10 +77,12 @@ from .coordination_machine import (
     Fail,
     FinishPake,
     Fired,
+    Gathered,
     MakePake,
     Met,
     OpenPath,
     Paired,
+    PathKind,
     Punch,
     Resume,
     Say,
@@ -119,7 +122,34 @@ class CoordinationSpec:
     punch_ttl: int = DEFAULT_PUNCH_TTL
     punch_port: int = 0  # 0: a fresh port for every meeting (fresh NAT mappings too)
     bind_host: str = "0.0.0.0"
+    candidates: DirectCandidates | None = None  # ours (None: no candidates in the hello)
     nat: NatSummary | None = None  # our doctor report, sent with the hello (None: none)
+    # The rendezvous as the user named it, when ``rendezvous`` is one of its addresses: a
+    # sharer whose connection breaks registers its code again through the next one.
+    name: Endpoint | None = None
+
+
+def _no_mapping() -> tuple[Endpoint, int] | None:
+    return None
+
+
+@dataclass(frozen=True)
+class DirectCandidates:
+    """Our direct candidates (:mod:`nopf_web.sessions.candidates` gathers them) and, for
+    a mapped port, the listener it forwards to (the caller's: it lives as long as the
+    mapping, across meetings). ``mapped`` reads the mapping as it is now (a renewal
+    may move it): the public address and port, and the local port; None: none."""
+
+    ipv6: tuple[Endpoint, ...] = ()
+    listener: socket.socket | None = None
+    mapped: Callable[[], tuple[Endpoint, int] | None] = _no_mapping
+
+    @property
+    def gathered(self) -> Gathered:
+        now = self.mapped() if self.listener is not None else None
+        if now is None:
+            return Gathered(self.ipv6)
+        return Gathered(self.ipv6, now[0], now[1])
 
 
 @dataclass(frozen=True)
@@ -161,14 +191,17 @@ async def coordinate(spec: CoordinationSpec, *, pake: PakeFactory | None = None,
     """
     require_readiness()  # before any traffic: one line on a Proactor loop
     code = parse_code(spec.code) if spec.code is not None else None
-    server = await resolve_ipv4(spec.rendezvous, spec.net_timeout)
+    server = await reach_rendezvous(spec.rendezvous, spec.net_timeout, on_event=on_event)
     machine = CoordinationMachine(CoordinationConfig(
         role=spec.role, where=f"{server[0]}:{server[1]}", code=code,
         code_lifetime=spec.code_lifetime, punch_timeout=spec.punch_timeout,
         net_timeout=spec.net_timeout, punch_ttl=spec.punch_ttl, punch_port=spec.punch_port,
-        bind_host=spec.bind_host, pake=pake is not None, nat=spec.nat))
+        bind_host=spec.bind_host, pake=pake is not None, nat=spec.nat,
+        candidates=spec.candidates.gathered if spec.candidates else None))
     driver = _Driver(machine, server, spec.bind_host, spec.net_timeout, pake, on_code, on_event,
-                     on_punching or on_event, on_prediction, timeline)
+                     on_punching or on_event, on_prediction, timeline,
+                     name=spec.name or spec.rendezvous)
+    driver.mapped_listener = spec.candidates.listener if spec.candidates else None
     tunnel = await driver.run()
     assert isinstance(tunnel, PairedTunnel)
     return tunnel
@@ -178,7 +211,8 @@ async def meet_again(rendezvous: Endpoint, role: PeerRole, resume_id: bytes, *,
                      direct_only: bool = False, timeout: float = 60.0,
                      net_timeout: float = 5.0, punch_ttl: int = DEFAULT_PUNCH_TTL,
                      bind_host: str = "0.0.0.0", punch_port: int = 0,
-                     on_event: EventSink | None = None) -> NewPath:
+                     on_event: EventSink | None = None,
+                     candidates: DirectCandidates | None = None) -> NewPath:
     """Meet the peer of an established tunnel again through the rendezvous and return a
     new connection to it (punched, or relayed unless ``direct_only``).
 
@@ -193,12 +227,14 @@ async def meet_again(rendezvous: Endpoint, role: PeerRole, resume_id: bytes, *,
     error (``RelayRefused``, ``RelayTimeout``) or a rendezvous error.
     The connection carries nothing yet: the tunnel's path handshake comes next.
     """
-    server = await resolve_ipv4(rendezvous, net_timeout)
+    server = await reach_rendezvous(rendezvous, net_timeout, on_event=on_event)
     machine = CoordinationMachine(CoordinationConfig(
         role=role, where=f"{server[0]}:{server[1]}", punch_timeout=timeout,
         net_timeout=net_timeout, punch_ttl=punch_ttl, punch_port=punch_port,
-        bind_host=bind_host, resume=Resume(resume_id, direct_only)))
+        bind_host=bind_host, resume=Resume(resume_id, direct_only),
+        candidates=candidates.gathered if candidates else None))
     driver = _Driver(machine, server, bind_host, net_timeout, None, None, on_event, on_event)
+    driver.mapped_listener = candidates.listener if candidates else None
     path = await driver.run()
     assert isinstance(path, NewPath)
     return path
@@ -209,26 +245,28 @@ async def share(
     punch_timeout: float = 30, bind_host: str = "0.0.0.0", punch_port: int = 0,
     net_timeout: float = 5.0, punch_ttl: int = DEFAULT_PUNCH_TTL,
     on_event: EventSink | None = None, pake: PakeFactory | None = None,
+    candidates: DirectCandidates | None = None,
 ) -> PairedTunnel:
     """Get a code (passed to ``on_code`` as soon as it exists), wait up to ``timeout``
     for a peer to use it, then punch for up to ``punch_timeout`` seconds."""
     return await coordinate(CoordinationSpec(
         Endpoint(*rendezvous), "server", code_lifetime=timeout, punch_timeout=punch_timeout,
         net_timeout=net_timeout, punch_ttl=punch_ttl, punch_port=punch_port,
-        bind_host=bind_host), pake=pake, on_code=on_code, on_event=on_event)
+        bind_host=bind_host, candidates=candidates), pake=pake, on_code=on_code,
+        on_event=on_event)
 
 
 async def connect(
     rendezvous: tuple[str, int], code: str, *, punch_timeout: float = 30,
     bind_host: str = "0.0.0.0", punch_port: int = 0, net_timeout: float = 5.0,
     punch_ttl: int = DEFAULT_PUNCH_TTL, on_event: EventSink | None = None,
-    pake: PakeFactory | None = None,
+    pake: PakeFactory | None = None, candidates: DirectCandidates | None = None,
 ) -> PairedTunnel:
     """Join the sharer of ``code`` and punch for up to ``punch_timeout`` seconds."""
     return await coordinate(CoordinationSpec(
         Endpoint(*rendezvous), "client", code=code, punch_timeout=punch_timeout,
         net_timeout=net_timeout, punch_ttl=punch_ttl, punch_port=punch_port,
-        bind_host=bind_host), pake=pake, on_event=on_event)
+        bind_host=bind_host, candidates=candidates), pake=pake, on_event=on_event)
 
 
 # -- sockets to the rendezvous ---------------------------------------------------------
@@ -303,9 +341,11 @@ class _Driver:
                  net_timeout: float, pake: PakeFactory | None, on_code: EventSink | None,
                  on_event: EventSink | None, on_punching: EventSink | None,
                  on_prediction: PredictionSink | None = None,
-                 timeline: Timeline | None = None) -> None:
+                 timeline: Timeline | None = None, *,
+                 name: Endpoint | None = None) -> None:
         self.machine = machine
         self.server = server
+        self.name = name  # the rendezvous as given: its other addresses, when one fails
         self.bind_host, self.net_timeout = bind_host, net_timeout
         self.pake = pake
         self.half: PakeHalf | None = None
@@ -316,6 +356,7 @@ class _Driver:
         self.opened: dict[int, socket.socket] = {}  # path -> its connected socket
         self.early: dict[int, bytes] = {}  # path -> the tunnel's bytes already read
         self.tg: asyncio.TaskGroup | None = None
+        self.mapped_listener: socket.socket | None = None  # our mapped port's (the caller's)
         self.on_prediction = on_prediction
         self.timeline = timeline
         self.stages: dict[int, str] = {}  # path -> its stage's words, for the timeline
@@ -407,8 +448,10 @@ class _Driver:
         elif isinstance(action, OpenPath):
             how = action.how
             self._mark_stage(action.path, how)
-            self._spawn("path", action.path, self._punch(action.path, how)
-                        if isinstance(how, Punch) else self._relay(action.path, how))
+            body = (self._punch(action.path, how) if isinstance(how, Punch)
+                    else self._await_mapped(action.path, how) if isinstance(how, AwaitMapped)
+                    else self._relay(action.path, how))
+            self._spawn("path", action.path, body)
         elif isinstance(action, AbandonPath):
             task = self.tasks.pop(("path", action.path), None)
             if task is not None:
@@ -458,8 +501,13 @@ class _Driver:
             cfg = self.machine.config
             self.on_prediction(action.prediction, fire_facts(fire, cfg.role, cfg.nat))
 
-    def _mark_stage(self, path: int, how: Punch | ViaRelay) -> None:
-        if isinstance(how, Punch):
+    def _mark_stage(self, path: int, how: PathKind) -> None:
+        if isinstance(how, AwaitMapped):
+            self.stages[path] = f"mapped, accept on local port {how.port}"
+            self._mark("stage", f"mapped port: accept from {how.peer_ip} on local port "
+                       f"{how.port}, {how.budget:.3g} s", path="mapped", tactic="accept",
+                       budget_s=how.budget, peer=how.peer_ip)
+        elif isinstance(how, Punch):
             words = f"{how.stage.path} {how.stage.punch} to {how.stage.peer}"
             self.stages[path] = f"{how.stage.path}, {how.stage.punch}"
             self._mark("stage", f"punch: {words}, {how.stage.budget:.3g} s", path=how.stage.path,
@@ -486,7 +534,26 @@ class _Driver:
         except Exception as exc:  # a bug, or an error no event covers: end coordinate()
             self._post(_reraise, exc)
 
+    async def _next_server(self) -> None:
+        """Move to the rendezvous' next IPv4 address (its name resolved again: the nodes
+        of a shared rendezvous behind one name); the same one if it has no other."""
+        if self.name is None:
+            return
+        try:
+            async with asyncio.timeout(self.net_timeout):
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    self.name.host, self.name.port, family=socket.AF_INET,
+                    type=socket.SOCK_STREAM)
+        except (OSError, TimeoutError):
+            return  # keep the address we have: the next try resolves again
+        found = list(dict.fromkeys((str(i[4][0]), int(i[4][1])) for i in infos))
+        if found:
+            at = found.index(self.server) + 1 if self.server in found else 0
+            self.server = found[at % len(found)]
+
     async def _open(self, action: Connect) -> None:
+        if action.rotate:
+            await self._next_server()
         began = time.monotonic()
         try:
             sock, deferred = await open_from(self.server, self.bind_host, action.port,
@@ -563,7 +630,37 @@ class _Driver:
             return
         tune_stream(sock)
         self.opened[path] = sock
-        self._post(self.machine.path_opened, path)
+        # A path from any port (to a mapped port) says which one it got.
+        local = Endpoint(*sock.getsockname()[:2]) if how.local.port == 0 else None
+        self.inbox.put_nowait(functools.partial(self.machine.path_opened, path, local=local))
+
+    async def _await_mapped(self, path: int, how: AwaitMapped) -> None:
+        """Accept the peer's connection to our mapped port (from the peer's public IP,
+        any port) on the listener the caller holds, within the rung's budget."""
+        listener = self.mapped_listener
+        loop = asyncio.get_running_loop()
+        refused = 0
+        try:
+            if listener is None or listener.getsockname()[1] != how.port:
+                raise TimeoutError
+            async with asyncio.timeout(how.budget):
+                while True:
+                    sock, addr = await loop.sock_accept(listener)
+                    if str(addr[0]).removeprefix("::ffff:") == how.peer_ip:
+                        break
+                    refused += 1  # not the peer: a scanner, or another NAT's user
+                    sock.close()
+        except TimeoutError:
+            others = f" ({refused} connection(s) from other addresses closed)" if refused else ""
+            self._post(self.machine.path_failed, path, PunchTimeout(
+                f"no connection from {how.peer_ip} to our mapped port within "
+                f"{how.budget:.3g} s{others}", Counter({Failure.SILENT: 1})))
+            return
+        sock.setblocking(False)
+        tune_stream(sock)
+        self.opened[path] = sock
+        local = Endpoint(*sock.getsockname()[:2])
+        self.inbox.put_nowait(functools.partial(self.machine.path_opened, path, local=local))
 
     async def _relay(self, path: int, how: ViaRelay) -> None:
         """A connection to the relay, joined with the peer's (or the typed failure)."""
@@ -643,6 +740,7 @@ def _reraise(exc: Exception, now: float) -> list[Action]:
 
 __all__ = [
     "CoordinationSpec",
+    "DirectCandidates",
     "NewPath",
     "PairedTunnel",
     "PakeFactory",

@@ -33,6 +33,17 @@ report of nothing without one). When a fire comes, :class:`Fired` says so before
 the first path opens, with the path predicted for a pairing's first attempt
 (:func:`nopf_web.prediction.predict` on the fire's facts).
 
+A sharer's hello also carries ``owner``, a secret it drew. When its connection
+to the rendezvous breaks while it waits for its peer (its rendezvous node died,
+or restarted), it registers the same code again: a new meeting (mapping check,
+hello with the nameplate and the owner) through the next address of the
+rendezvous (:class:`Connect` ``rotate``), every ``REREGISTER_PAUSE`` s while the
+code lives, at most ``MAX_REREGISTER`` times in a row. A rendezvous that shares
+its codes (``nopf-server --redis``) takes it on any node; one that keeps them in
+memory refuses (``unknown_code``), and that refusal ends the wait. A rendezvous
+older than ``owner`` rejects the hello (``bad_request`` naming it): the hello goes
+again without it, once.
+
 Then an *attempt*: the fire's plan, tried as *paths* to the peer, of a
 :data:`PathKind`: a :class:`Punch` (the driver runs
 :class:`~nopf_web.punch.driver.PunchDriver`) or :class:`ViaRelay` (the driver
@@ -62,6 +73,7 @@ connection to the peer and its path) instead of a :class:`Paired`.
 from __future__ import annotations
 
 import enum
+import secrets
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -82,7 +94,9 @@ from nopf_web.wire.discovery import DiscoveryReader
 from nopf_web.wire.errors import WireError
 from nopf_web.wire.nat import NatSummary
 from nopf_web.wire.rendezvous import (
+    OWNER_SIZE,
     RESUME_WAIT,
+    Candidate,
     ErrorReply,
     Fire,
     FrameReader,
@@ -126,13 +140,21 @@ DEFAULT_PUNCH_TTL = 2
 MIN_ATTEMPT = 2.0
 MAX_ATTEMPTS = 3
 RETRY_WAIT = 12.0  # s for the peer to fail its attempt too and ask again (rendezvous: 10)
+REREGISTER_PAUSE = 1.0  # s between a sharer's tries to register its code again
+MAX_REREGISTER = 20  # tries in a row (a rendezvous that never comes back: give up)
 FIRE_GRACE = 2.0  # s beyond the network timeout for a joiner's fire (a ping may come first)
 READ_SIZE = 4096  # what the driver reads at once from a rendezvous connection
 # How a tunnel's connection reaches the peer: a punched connection between public
-# addresses, one between LAN addresses (both behind one NAT), or through the
-# rendezvous' relay. (The resumable tunnel's PathKind has these among its own.)
-TunnelPath = Literal["public", "lan", "relay"]
-TUNNEL_PATHS: tuple[TunnelPath, ...] = ("public", "lan", "relay")
+# addresses, one between LAN addresses (both behind one NAT), a punched one between
+# global IPv6 addresses, a plain one to a port a gateway maps (NAT-PMP, PCP, UPnP-IGD),
+# or through the rendezvous' relay. (The resumable tunnel's PathKind is the same.)
+TunnelPath = Literal["public", "lan", "ipv6", "mapped", "relay"]
+TUNNEL_PATHS: tuple[TunnelPath, ...] = ("lan", "ipv6", "public", "mapped", "relay")
+# A candidate rung's budget: a direct path between the peers opens within about a
+# round trip of both starting; long enough for several punch attempts (0.5-0.8 s
+# apart) and a few peer round trips, short, since the rungs after it wait for it.
+CANDIDATE_MIN_BUDGET = 2.0
+CANDIDATE_MAX_BUDGET = 4.0
 
 
 # -- configuration and result ------------------------------------------------------
@@ -145,6 +167,21 @@ class Resume:
 
     resume_id: bytes  # RESUME_ID_SIZE bytes, derived from the tunnel's key by both peers
     direct_only: bool = False  # punch stages only, never the relay
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """This peer's own direct candidates, found before the meeting by the driver.
+
+    ``ipv6``: our global IPv6 addresses, each with the port our IPv6 punch runs from.
+    ``mapped``: the public address and port our gateway forwards to ``mapped_port``,
+    a local port where the driver listens (advertised only when its address is the
+    public IP the rendezvous sees: behind a second NAT the mapping is unreachable).
+    """
+
+    ipv6: tuple[Endpoint, ...] = ()
+    mapped: Endpoint | None = None
+    mapped_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -161,6 +198,8 @@ class CoordinationConfig:
     pake: bool = False  # our SPAKE2 message travels with the coordination (MakePake)
     resume: Resume | None = None  # a resume meeting (no code, no SPAKE2) instead of a pairing
     nat: NatSummary | None = None  # our doctor report, sent with every hello (None: none)
+    # Our direct candidates (None: the hello says nothing of candidates, as before).
+    candidates: Gathered | None = None
 
     def __post_init__(self) -> None:
         if self.resume is not None:
@@ -184,10 +223,11 @@ class Timings:
 
 def path_words(path: TunnelPath, relay: Endpoint | None) -> str:
     """How the tunnel reaches the peer, for people: "over the public path", "over the
-    LAN", "over the relay at 198.51.100.2:3012"."""
+    LAN", "over IPv6", "over a mapped port", "over the relay at 198.51.100.2:3012"."""
     if path == "relay":
         return f"over the relay at {relay}"
-    return "over the LAN" if path == "lan" else "over the public path"
+    return {"lan": "over the LAN", "ipv6": "over IPv6",
+            "mapped": "over a mapped port"}.get(path, "over the public path")
 
 
 @dataclass(frozen=True)
@@ -249,6 +289,7 @@ class Connect:
     conn: int
     port: int
     fastopen: bool
+    rotate: bool = False  # the rendezvous' address failed us: use its next address
 
 
 @dataclass(frozen=True)
@@ -330,7 +371,18 @@ class ViaRelay:
     stage: RelayStage
 
 
-PathKind: TypeAlias = Punch | ViaRelay  # the ways to reach the peer
+@dataclass(frozen=True)
+class AwaitMapped:
+    """A path through our mapped port: accept, on the driver's listener at local port
+    ``port``, a connection from ``peer_ip`` (the peer's public IP: its NAT may pick any
+    port) within ``budget`` seconds; else fail with a :class:`PunchTimeout`."""
+
+    port: int
+    peer_ip: str
+    budget: float
+
+
+PathKind: TypeAlias = Punch | ViaRelay | AwaitMapped  # the ways to reach the peer
 
 
 @dataclass(frozen=True)
@@ -400,6 +452,7 @@ class _Step(enum.Enum):
     PEER = "a peer"
     FIRE = "fire"
     DRAIN = "the rendezvous' close"
+    PAUSE = "a pause before registering the code again"
 
 
 @dataclass
@@ -431,6 +484,9 @@ class _Meeting:
     backlog: list[bytes] = field(default_factory=list)  # frames received, not yet handled
     awaiting_pake: bool = False  # the sharer's SPAKE2 message goes out before the rest
     public: Endpoint | None = None
+    reclaim: bool = False  # a sharer registering its code again (after a broken connection)
+    lost: NopfError | None = None  # reclaim: why the first connection ended
+    advertised: tuple[Candidate, ...] = ()  # our candidates, as the hello had them
 
 
 @dataclass
@@ -452,9 +508,14 @@ class CoordinationMachine:
     """See the module docstring. Feed events; carry out the actions in order."""
 
     def __init__(self, config: CoordinationConfig, *,
-                 make_code: Callable[[int], PairingCode] = make_code) -> None:
+                 make_code: Callable[[int], PairingCode] = make_code,
+                 entropy: Callable[[int], bytes] = secrets.token_bytes) -> None:
         self.config = config
         self._make_code = make_code
+        # The sharer's owner secret: registers its code again through another node.
+        self._owner: bytes | None = (entropy(OWNER_SIZE) if config.role == "server"
+                                     and config.resume is None else None)
+        self._reregistered = 0  # tries in a row
         self.code: PairingCode | None = config.code
         self.done = False
         self._conns = 0
@@ -499,10 +560,12 @@ class CoordinationMachine:
         if self.done or m is None or m.deadline is None or now < m.deadline:
             return []
         m.deadline = None
+        if m.step is _Step.PAUSE:
+            return self._begin(m)
         if m.step is _Step.DRAIN:
             return [Close(m.conn), *self._probe_required(m, now)]
         assert m.timeout_error is not None
-        return self._meeting_failed(m, m.timeout_error, [Close(m.conn)])
+        return self._meeting_failed(m, m.timeout_error, [Close(m.conn)], now)
 
     def connected(self, conn: int, local: Endpoint, deferred: bool, now: float) -> list[Action]:
         """The connection of :class:`Connect` is up (``deferred``: waits for its first send)."""
@@ -535,7 +598,7 @@ class CoordinationMachine:
         m = self._meeting_on(conn)
         if m is None:
             return []
-        return self._meeting_failed(m, error, [Close(conn)])
+        return self._meeting_failed(m, error, [Close(conn)], now)
 
     def pake_made(self, message: bytes, now: float) -> list[Action]:
         """Our SPAKE2 message, as :class:`MakePake` asked."""
@@ -593,17 +656,19 @@ class CoordinationMachine:
             return close + self._probe_required(m, now)
         if m.step is _Step.HANDSHAKE:  # its first send failed: it never connected
             return self._meeting_failed(m, RendezvousUnreachable(
-                f"rendezvous {where}: {error or 'the connection closed'}"), close)
+                f"rendezvous {where}: {error or 'the connection closed'}"), close, now)
         if m.step in (_Step.PROBE_REPLY, _Step.ADDRESS):
             why = (f"rendezvous {where} closed before its discovery reply (is it a "
                    "nopf-server?)" if error is None else
                    f"rendezvous {where} broke the connection ({error})")
-            return self._meeting_failed(m, RendezvousProtocolError(why), close)
+            return self._meeting_failed(m, RendezvousProtocolError(why), close, now)
         if m.step in (_Step.WELCOME, _Step.PEER, _Step.FIRE):
-            if not m.seen:  # a seed server closes, or resets as our hello goes unread
-                return close + self._seed_only_or_lost(m, now)
+            if not m.seen and not m.reclaim:  # a seed server closes, or resets as our
+                return close + self._seed_only_or_lost(m, now)  # hello goes unread
             why = (f"rendezvous {where} closed the connection unexpectedly" if error is None
                    else f"rendezvous {where} broke the connection ({error})")
+            if (m.step is _Step.PEER or m.reclaim) and self._owner is not None:
+                return close + self._reregister(m, RendezvousProtocolError(why), now)
             return self._meeting_failed(m, RendezvousProtocolError(why), close)
         return close
 
@@ -626,9 +691,13 @@ class CoordinationMachine:
             why: str | None = _relay_reason(a.fire, a.failures)
             local = local or Endpoint(how.bind_host, 0)
             said = f"tunnel up over the relay at {relay} ({why})"
+        elif isinstance(how, AwaitMapped):
+            peer, kind, relay, why = a.fire.peer_public, "mapped", None, None
+            local = local or Endpoint(self.config.bind_host, how.port)
+            said = f"tunnel up from {a.fire.peer_public.host} {path_words(kind, None)}"
         else:
             peer, kind, relay, why = how.stage.peer, how.stage.path, None, None
-            local = how.local
+            local = local or how.local
             said = f"tunnel up to {peer} {path_words(kind, None)}"
         rtt = a.fire.rtt_ms / 1000
         result: Paired | Met
@@ -653,14 +722,24 @@ class CoordinationMachine:
         how = a.running.pop(path)
         if isinstance(how, ViaRelay):
             a.relay_error = error
+        elif isinstance(how, AwaitMapped):
+            assert isinstance(error, PunchTimeout), error
+            stage = Stage("mapped", Endpoint(self.config.bind_host, how.port), "arm",
+                          how.budget)
+            a.failures.append((stage, error))
         else:
             assert isinstance(error, PunchTimeout), error
             a.failures.append((how.stage, error))
+        said: list[Action] = []
+        kind = ("mapped" if isinstance(how, AwaitMapped)
+                else how.stage.path if isinstance(how, Punch) else "relay")
+        if kind in ("ipv6", "mapped"):  # a candidate rung: why the ladder goes on
+            said.append(Say(f"no {'IPv6' if kind == 'ipv6' else 'mapped-port'} path: {error}"))
         if a.running:
-            return []  # another path of this rung is still trying
+            return said  # another path of this rung is still trying
         if a.rungs:
-            return self._open_rung(a)
-        return self._attempt_failed(a, now)
+            return said + self._open_rung(a)
+        return said + self._attempt_failed(a, now)
 
     # -- meetings ---------------------------------------------------------------------
 
@@ -673,7 +752,9 @@ class CoordinationMachine:
     def _probe(self, m: _Meeting) -> list[Action]:
         m.step, m.deadline, m.discovery = _Step.PROBE_CONNECT, None, DiscoveryReader()
         m.conn = self._next_conn()
-        return [Connect(m.conn, m.port, fastopen=False)]
+        # A sharer registering its code again starts at the rendezvous' next address
+        # (the probe and the hello must reach the same one).
+        return [Connect(m.conn, m.port, fastopen=False, rotate=m.reclaim)]
 
     def _connect(self, m: _Meeting, now: float) -> list[Action]:
         m.step, m.deadline, m.lan = _Step.CONNECT, None, None
@@ -694,19 +775,26 @@ class CoordinationMachine:
             return []  # pake_made() sends it
         assert m.lan is not None
         resume = self.config.resume
+        actions: list[Action] = []
+        candidates = None
+        if self.config.candidates is not None:
+            candidates, said = self._advertise(m, self.config.candidates)
+            actions += [Say(line) for line in said]
         if resume is not None:  # implies the relay unless direct_only
             side: ResumeSide = "share" if self.config.role == "server" else "join"
             hello = Hello("resume", None, (m.lan,), m.probed, m.punch_timeout,
                           resume_id=resume.resume_id, side=side,
-                          direct_only=resume.direct_only, nat=self._nat)
+                          direct_only=resume.direct_only, nat=self._nat,
+                          candidates=candidates)
         else:
-            nameplate = (None if self.code is None or m.action == "share"
+            nameplate = (None if self.code is None or (m.action == "share" and not m.reclaim)
                          else self.code.nameplate)
             hello = Hello(m.action, nameplate, (m.lan,), m.probed, m.punch_timeout,
                           pake=self._pake_message if wants_pake else None, relay=True,
-                          nat=self._nat)
+                          nat=self._nat, candidates=candidates,
+                          owner=self._owner if m.action == "share" else None)
         m.hello_sent = now
-        actions: list[Action] = [Send(m.conn, encode(hello))]
+        actions.append(Send(m.conn, encode(hello)))
         if m.deferred:
             m.step = _Step.HANDSHAKE
             actions.append(AwaitHandshake(m.conn))
@@ -719,6 +807,27 @@ class CoordinationMachine:
         """Our report for the hello; without one, a report of nothing (all unknown): the
         field also says we read a fire's ``peer_nat`` (the rendezvous sends it only then)."""
         return self.config.nat if self.config.nat is not None else NatSummary()
+
+    def _advertise(self, m: _Meeting, own: Gathered,
+                   ) -> tuple[tuple[Candidate, ...], list[str]]:
+        """Our candidates for the hello, and what to say about them."""
+        cands = [Candidate("ipv6", e) for e in own.ipv6[:4]]
+        said = []
+        if own.mapped is not None:
+            seen = m.probed.host if m.probed is not None else None
+            if seen == own.mapped.host:
+                cands.append(Candidate("mapped", own.mapped))
+                said.append(f"offering the mapped port {own.mapped} (local port "
+                            f"{own.mapped_port})")
+            elif seen is None:
+                said.append(f"not offering the mapped port {own.mapped}: no mapping check "
+                            "ran, so the public address the rendezvous sees is unknown")
+            else:
+                said.append(f"not offering the mapped port {own.mapped}: the gateway's "
+                            f"public address is not {seen}, the one the rendezvous sees "
+                            "(another NAT in front of the gateway)")
+        m.advertised = tuple(cands)
+        return m.advertised, said
 
     def _await_address(self, m: _Meeting, now: float) -> None:
         cfg = self.config
@@ -783,7 +892,20 @@ class CoordinationMachine:
                 m.step = _Step.DRAIN
                 self._wait(m, now + cfg.net_timeout, None)
                 return []
+            if (m.action == "share" and msg.code == "bad_request" and self._owner is not None
+                    and "hello.owner" in msg.message and not m.reclaim):
+                # A rendezvous from before owner secrets: share without (once).
+                self._owner = None
+                return [Close(m.conn), Say("the rendezvous does not take owner secrets: "
+                                           "sharing without (the code cannot be registered "
+                                           "again if the connection breaks)"),
+                        *self._begin(m)]
             error = refusal(msg, where)
+            if m.reclaim and isinstance(error, RendezvousBusy):
+                return [Close(m.conn), *self._reregister(m, error, now)]
+            if m.reclaim:
+                assert m.lost is not None
+                error = type(error)(f"{m.lost}; registering the code again: {error}")
             if m.action == "resume" and msg.code == "timeout":
                 error = PeerDidNotResume(f"rendezvous {where}: {msg.message}")
             if m.step is _Step.PEER and isinstance(error, CodeExpired):
@@ -795,10 +917,22 @@ class CoordinationMachine:
                 return self._meeting_failed(m, RendezvousProtocolError(
                     f"rendezvous {where} sent {msg!r:.60} instead of a nameplate"),
                     [Close(m.conn)])
-            self.code = code = self._make_code(msg.nameplate)
             m.step = _Step.PEER
             self._wait(m, m.started + cfg.code_lifetime, PeerNeverArrived(
                 f"no peer used the pairing code within {cfg.code_lifetime:g} s"))
+            if m.reclaim:
+                assert self.code is not None
+                if msg.nameplate != self.code.nameplate:
+                    return self._meeting_failed(m, RendezvousProtocolError(
+                        f"rendezvous {where} registered nameplate {msg.nameplate} instead of "
+                        f"our {self.code.nameplate}"), [Close(m.conn)])
+                self._reregistered = 0
+                again: list[Action] = [Say(f"pairing code {self.code} registered again "
+                                           f"through rendezvous {where}")]
+                if self._pake_message is not None:
+                    again.append(Send(m.conn, encode(PakeMessage(self._pake_message))))
+                return again
+            self.code = code = self._make_code(msg.nameplate)
             actions: list[Action] = [
                 Say(f"pairing code {code} (valid {msg.expires_in / 60:g} min)"),
                 ShowCode(str(code))]
@@ -834,8 +968,31 @@ class CoordinationMachine:
                     "lost packet, or a rendezvous that speaks only the seed protocol)"),
                 *self._begin(m)]
 
+    def _reregister(self, m: _Meeting, error: NopfError, now: float) -> list[Action]:
+        """The sharer's connection broke while it waited: register the code again, after
+        a pause, through the rendezvous' next address (see the module doc)."""
+        lost = m.lost or error
+        left = m.started + self.config.code_lifetime - now
+        self._reregistered += 1
+        if self._reregistered > MAX_REREGISTER or left <= REREGISTER_PAUSE:
+            return self._meeting_failed(m, lost, [])
+        again = _Meeting("share", m.started, m.punch_timeout, self.config.punch_port,
+                         need_probe=True, fire_wait=0.0, fire_what="", reclaim=True, lost=lost)
+        self._meeting = again
+        again.step = _Step.PAUSE
+        self._wait(again, now + REREGISTER_PAUSE, None)
+        if self._reregistered > 1:
+            return [Say(f"could not register pairing code {self.code} again ({error}); "
+                        f"trying again in {REREGISTER_PAUSE:g} s")]
+        return [Say(f"{lost}: registering pairing code {self.code} again in "
+                    f"{REREGISTER_PAUSE:g} s")]
+
     def _meeting_failed(self, m: _Meeting, error: NopfError,
-                        actions: Sequence[Action]) -> list[Action]:
+                        actions: Sequence[Action], now: float | None = None) -> list[Action]:
+        if (m.reclaim and now is not None and not self.done
+                and isinstance(error, RendezvousError)):
+            # No rendezvous to register again with (unreachable, silent): try again.
+            return [*actions, *self._reregister(m, error, now)]
         self._meeting = None
         self.done = True
         failed = self._failed_attempt
@@ -859,6 +1016,12 @@ class CoordinationMachine:
             arm_ttl=cfg.punch_ttl if stage.path == "public" else 0,
             first_shot=stage.path == "public",
         ), fire.note)] for stage in fire.plan]
+        # The peers' own candidates, one rung each, before the public punch (after a
+        # LAN stage): IPv6, then a mapped port. One rung at a time, never raced, so
+        # both peers always take the same connection: two direct paths opening at once
+        # could each win on a different side.
+        first = 1 if fire.plan and fire.plan[0].path == "lan" else 0
+        rungs[first:first] = self._candidate_rungs(m, fire)
         if fire.relay is not None:  # the last rung: when every punch stage failed, or at once
             rungs.append([ViaRelay(cfg.bind_host, fire.relay)])
         # Both sides sent a SPAKE2 message (else the rendezvous forwards neither).
@@ -870,6 +1033,42 @@ class CoordinationMachine:
             fired = Fired(1, fire, self.prediction)
         return [fired, *self._open_rung(self._attempt)]
 
+    def _candidate_rungs(self, m: _Meeting, fire: Fire) -> list[list[PathKind]]:
+        """IPv6 and mapped-port rungs, as both peers make them from the same two lists
+        (ours as the hello had them, the peer's from the fire) and the same RTT."""
+        own, theirs = self.config.candidates, fire.peer_candidates
+        if own is None or theirs is None:
+            return []
+        budget = min(CANDIDATE_MAX_BUDGET, CANDIDATE_MIN_BUDGET + 4 * fire.rtt_ms / 1000)
+        sharer = self.config.role == "server"
+        rungs: list[list[PathKind]] = []
+        peer_v6 = [c.addr for c in theirs if c.path == "ipv6"]
+        our_v6 = [c.addr for c in m.advertised if c.path == "ipv6"]
+        if our_v6 and peer_v6:
+            # The first address each offered (the peer picks ours alike): the sharer
+            # arms (SYNs whose short hop limit opens its firewall and dies before the
+            # peer's, which then never tracks an attempt its own SYN collides with), the
+            # joiner connects. No full first shot: IPv6 cannot shield a socket from the
+            # ICMPv6 refusal of a firewall not yet open (IPV6_MINHOPCOUNT checks the
+            # error's own hop limit, not the quoted SYN's), and the sharer's full SYN
+            # crossing that dead attempt left the joiner's firewall dropping its next
+            # SYNs as invalid (the dual-stack matrix: 2 of 80 runs, both ICMP sites).
+            stage = Stage("ipv6", peer_v6[0], "arm" if sharer else "connect", budget)
+            rungs.append([Punch(our_v6[0], stage, PunchConfig(
+                timeout=budget, arm_ttl=self.config.punch_ttl, first_shot=False), None)])
+        ours_mapped = next((c.addr for c in m.advertised if c.path == "mapped"), None)
+        peer_mapped = next((c.addr for c in theirs if c.path == "mapped"), None)
+        # The sharer's mapping first: with both, the joiner connects to the sharer's.
+        listen = ours_mapped is not None and (sharer or peer_mapped is None)
+        assert own is not None
+        if listen:
+            rungs.append([AwaitMapped(own.mapped_port, fire.peer_public.host, budget)])
+        elif peer_mapped is not None:
+            stage = Stage("mapped", peer_mapped, "connect", budget)
+            rungs.append([Punch(Endpoint(self.config.bind_host, 0), stage, PunchConfig(
+                timeout=budget, arm_ttl=0, first_shot=False), None)])
+        return rungs
+
     def _open_rung(self, a: _Attempt) -> list[Action]:
         actions: list[Action] = []
         for how in a.rungs.pop(0):
@@ -878,6 +1077,9 @@ class CoordinationMachine:
             if isinstance(how, ViaRelay):
                 said = (f"{_relay_reason(a.fire, a.failures)}: going through the relay at "
                         f"{how.stage.relay}")
+            elif isinstance(how, AwaitMapped):
+                said = (f"waiting for the peer on our mapped port (local port {how.port}, "
+                        f"{how.budget:.3g} s)")
             else:
                 said = f"punching to {how.stage.peer} ({how.stage.path}, {how.stage.punch})"
             actions += [Say(said, punching=True), OpenPath(path, how)]

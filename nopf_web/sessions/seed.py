@@ -19,7 +19,7 @@ from nopf_web.errors import NopfError
 from nopf_web.guard.base import Guard, GuardStatus, NullGuard, Protection
 from nopf_web.punch.driver import PunchDriver
 from nopf_web.punch.machine import PunchConfig, Tactic
-from nopf_web.rendezvous.client import Discovery, discover, probe_mapping, resolve_ipv4
+from nopf_web.rendezvous.client import Discovery, discover, probe_mapping, reach_rendezvous
 from nopf_web.roles import PeerRole
 from nopf_web.sockets import enable_keepalive, peek_nonblocking, tune_stream, wait_ready
 from nopf_web.tunnel.pipe import Counters, Pipe
@@ -113,7 +113,7 @@ class SeedEngine(EngineBase):
     async def _discover_and_punch(self) -> socket.socket:
         spec = self.spec
         self._set_state(State.DISCOVERING, f"asking rendezvous {spec.rendezvous} for our address")
-        server = await resolve_ipv4(spec.rendezvous, spec.net_timeout)
+        server = await reach_rendezvous(spec.rendezvous, spec.net_timeout, on_event=self._log)
         found = await discover(server, spec.punch_port, bind_host=spec.bind_host,
                                timeout=spec.net_timeout)
         # The first connection closes normally so its 4-tuple frees up; the second,

@@ -26,7 +26,8 @@ from .manager import CreateError
 from .model import SessionView
 from .views import base_url, history_json, load_session, merged_history
 
-CREATE_FIELDS: Final = frozenset({"role", "local_port", "mode", "code", "rendezvous", "label"})
+CREATE_FIELDS: Final = frozenset({"role", "local_port", "mode", "code", "rendezvous", "label",
+                                   "port_mapping"})
 
 
 def _error(message: str, status: int = 400, field: str = "body") -> web.Response:
@@ -62,7 +63,7 @@ async def create_session(request: web.Request) -> web.Response:
     unknown = sorted(set(body) - CREATE_FIELDS)
     if unknown:
         name = unknown[0]
-        expected = "(expected role, local_port, mode, code, rendezvous, label)"
+        expected = "(expected role, local_port, mode, code, rendezvous, label, port_mapping)"
         if name and len(name) <= 40 and is_one_line(name):
             return _error(f"{name}: unknown field {expected}", field=name)
         return _error(f"body: unknown field {quote(name)} {expected}", field="body")
@@ -77,7 +78,11 @@ async def create_session(request: web.Request) -> web.Response:
         rendezvous = parse_rendezvous(body.get("rendezvous"))
         label = parse_label(body.get("label"))
         check_pairing(role, mode, code)
-        ms = request.app[MANAGER].create(role, port, rendezvous, label, mode=mode, code=code)
+        mapping = body.get("port_mapping")
+        if mapping is not None and not isinstance(mapping, bool):
+            raise FieldError("port_mapping", "must be true or false")
+        ms = request.app[MANAGER].create(role, port, rendezvous, label, mode=mode, code=code,
+                                         port_mapping=mapping)
     except FieldError as exc:
         return _field_error(exc)
     except CreateError as exc:

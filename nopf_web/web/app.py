@@ -151,7 +151,8 @@ async def _manager_ctx(app: web.Application) -> AsyncIterator[None]:
         return None if report is None else NatSummary.from_report(report)
 
     manager = SessionManager(store, app[GUARD], default, punch_timeout=config.punch_timeout,
-                             max_live=config.max_live_sessions, nat_report=nat_report)
+                             max_live=config.max_live_sessions, nat_report=nat_report,
+                             port_mapping=config.port_mapping)
     # Its TaskGroup holds every session; leaving it stops them (recorded as interrupted)
     # while the store is still open.
     async with manager.running():

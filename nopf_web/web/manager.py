@@ -127,13 +127,15 @@ class SessionManager:
     def __init__(self, store: HistoryStore, guard: Guard, default_rendezvous: Endpoint, *,
                  punch_timeout: float = 30.0, max_live: int = 32, keep_finished: int = 100,
                  tick: float = 1.0,
-                 nat_report: Callable[[], NatSummary | None] | None = None) -> None:
+                 nat_report: Callable[[], NatSummary | None] | None = None,
+                 port_mapping: bool = True) -> None:
         self.store = store
         # Our NAT doctor's last report (never waits): coordinated hellos carry it.
         self.nat_report = nat_report
         self.guard = guard
         self.default_rendezvous = default_rendezvous
         self.punch_timeout = punch_timeout
+        self.port_mapping = port_mapping  # coordinated sharers map a port on the gateway
         self.max_live = max_live
         self.keep_finished = keep_finished
         self.tick = tick
@@ -204,10 +206,13 @@ class SessionManager:
 
     def create(self, role: PeerRole, local_port: int, rendezvous: Endpoint | None = None,
                label: str = "", *, mode: Mode = "coordinated",
-               code: PairingCode | None = None) -> ManagedSession:
+               code: PairingCode | None = None,
+               port_mapping: bool | None = None) -> ManagedSession:
         """Start a session task; raise :class:`CreateError` naming the field at fault.
 
         A coordinated client needs the sharer's ``code``; nothing else takes one.
+        ``port_mapping`` (None: the dashboard's setting) lets a coordinated sharer ask
+        the gateway for a mapped port.
         """
         if (code is not None) != ((mode, role) == ("coordinated", "client")):
             raise CreateError("code", "a coordinated client session, and only it, takes the "
@@ -225,7 +230,9 @@ class SessionManager:
             spec = CoordinatedSpec(role=role, local_port=local_port, rendezvous=rendezvous,
                                    code=str(code) if code is not None else None,
                                    code_lifetime=CODE_LIFETIME, punch_timeout=self.punch_timeout,
-                                   nat=self.nat_report() if self.nat_report else None)
+                                   nat=self.nat_report() if self.nat_report else None,
+                                   port_mapping=self.port_mapping if port_mapping is None
+                                   else port_mapping)
         else:
             spec = SeedSpec(role=role, local_port=local_port, rendezvous=rendezvous,
                             punch=PunchConfig(timeout=self.punch_timeout))

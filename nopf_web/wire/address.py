@@ -27,6 +27,8 @@ class Endpoint(NamedTuple):
     port: int
 
     def __str__(self) -> str:
+        if ":" in self.host:  # IPv6: [2001:db8::1]:3012
+            return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
 
 

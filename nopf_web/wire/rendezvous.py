@@ -31,11 +31,27 @@ Client -> rendezvous
             "relay":true,            (optional, absent unless true: this client can use a
                                       plan's "relay" stages. Without it the plans are
                                       punch-only, exactly as before relays existed)
-            "nat":{...}}             (optional, absent when unknown: this peer's NAT as its
+            "nat":{...},             (optional, absent when unknown: this peer's NAT as its
                                       doctor measured it, the compact object of
                                       nopf_web.wire.nat, six keys, ~120 bytes; also allowed
                                       in a resume hello. The rendezvous predicts the path
                                       with it and hands it to the peer as "peer_nat")
+            "owner":"base64",        (optional, "share" only: OWNER_SIZE = 16 random bytes
+                                      the sharer drew, standard base64 = 24 characters.
+                                      With "nameplate": null it registers a new code; with
+                                      the code's nameplate it registers that code again
+                                      (the sharer's rendezvous node went away: any node of
+                                      a shared rendezvous takes it, if the owner matches)
+            "candidates":[{"path":"ipv6"|"mapped","peer":ADDR},...]}
+                                     (optional: this client races direct candidates and
+                                      lists its own, <= MAX_CANDIDATES, possibly none:
+                                      "ipv6" a global IPv6 address of ours and the port
+                                      we punch from, ADDR "[v6]:port"; "mapped" the
+                                      gateway's public IPv4 address and the port it
+                                      forwards to us (NAT-PMP, PCP or UPnP-IGD), ADDR
+                                      "ip:port". The rendezvous checks the syntax only
+                                      and forwards them in the peer's fire. Also allowed
+                                      in a resume hello)
     hello  {"type":"hello","version":2,"action":"resume",  (meet the peer of a tunnel
                                       again, after a path loss or to try direct: the two
                                       resume hellos with the same id and opposite sides
@@ -76,7 +92,7 @@ Rendezvous -> client
                                           Decoded into Fire.plan (the punch stages) and
                                           Fire.relay)
              "rtt_ms":R, "note":"..."|null, "peer_pake":"base64",
-             "mapping":{"you":M,"peer":M}, "peer_nat":{...}}
+             "mapping":{"you":M,"peer":M}, "peer_nat":{...}, "peer_candidates":[...]}
             (the joiner's is sent at once, the sharer's so that it arrives with the
              joiner's or a few ms later: start punching at once; the stages run in
              order, each for its budget. "peer_pake": the peer's SPAKE2 message, only
@@ -86,7 +102,9 @@ Rendezvous -> client
              is its explanation for people, "mapping" the one programs decide on.
              "peer_nat" (optional): the peer's hello's "nat", as it sent it; absent when
              it sent none, and always to a client whose own hello had no "nat" (an
-             older client would reject the field))
+             older client would reject the field).
+             "peer_candidates" (optional): the peer's "candidates" as it sent them,
+             present iff both hellos had "candidates" (then possibly empty))
     error   {"type":"error","code":C,"message":"one line"}  (then the rendezvous closes)
             code "probe_required" (to a joiner whose hello had no probe, when the
             sharer's NAT is symmetric, so the plan depends on the joiner's mapping):
@@ -101,6 +119,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
 import math
 import struct
@@ -125,6 +144,7 @@ PAKE_SIZE = 33  # bytes of a SPAKE2 message: side byte b"A"/b"B", 32-byte Ed2551
 PAKE_TEXT = 44  # its base64 length
 RESUME_ID_SIZE = 16  # bytes of a resume id (128 bits: no guessing, no nameplate needed)
 RELAY_TOKEN_SIZE = 16  # bytes of a relay token (single use, one per side of a pairing)
+OWNER_SIZE = 16  # bytes of a sharer's owner secret (hello.owner: re-registers its code)
 RESUME_WAIT = 30.0  # s the first of two resume hellos waits (pinged) for the other's
 
 ERROR_CODES = frozenset({
@@ -145,7 +165,11 @@ HelloAction = Literal["share", "join", "reshare", "rejoin", "resume"]
 ACTIONS: frozenset[str] = frozenset({"share", "join", "reshare", "rejoin", "resume"})
 ResumeSide = Literal["share", "join"]  # the wire's names of the roles (server, client)
 RESUME_SIDES: frozenset[str] = frozenset({"share", "join"})
-Path = Literal["public", "lan"]  # a punch stage's; a relay stage is a RelayStage
+# A punch stage's path: "public" and "lan" come in plans; "ipv6" and "mapped" are the
+# peers' own candidates (the ladder makes stages of them). A relay stage is a RelayStage.
+Path = Literal["public", "lan", "ipv6", "mapped"]
+CandidatePath = Literal["ipv6", "mapped"]
+CANDIDATE_PATHS: frozenset[str] = frozenset({"ipv6", "mapped"})
 TacticName = Literal["arm", "connect"]
 # How the rendezvous classified a peer's NAT mapping (see book.PeerInfo.mapping).
 Mapping = Literal["none", "stable", "symmetric", "unknown"]
@@ -154,6 +178,16 @@ MAPPINGS: frozenset[str] = frozenset({"none", "stable", "symmetric", "unknown"})
 
 class MessageError(WireError, NopfError):
     """Bytes that are not a valid coordinated-mode frame or message."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A direct path a peer offers besides its public mapping and LAN address:
+    ``ipv6`` (a global IPv6 address of the peer and its punch port) or ``mapped``
+    (a port its gateway forwards to it; ``addr`` the gateway's public IPv4 address)."""
+
+    path: CandidatePath
+    addr: Endpoint
 
 
 # Messages ---------------------------------------------------------------------
@@ -173,6 +207,10 @@ class Hello:
     side: ResumeSide | None = None  # "resume" only
     direct_only: bool = False  # "resume" only: punch stages only
     nat: NatSummary | None = None  # our doctor report, compact (None: absent)
+    owner: bytes | None = None  # "share" only: the sharer's secret (OWNER_SIZE bytes)
+    # None: the client knows nothing of candidates; else ours (possibly none), and the
+    # peer's come back in the fire.
+    candidates: tuple[Candidate, ...] | None = None
 
     @property
     def relay_capable(self) -> bool:
@@ -251,6 +289,8 @@ class Fire:
     mapping: tuple[Mapping, Mapping] | None = None  # (ours, the peer's), as classified
     relay: RelayStage | None = None  # after the punch stages ("plan" may then be empty)
     peer_nat: NatSummary | None = None  # the peer's hello's "nat" (None: it sent none)
+    # The peer's candidates (None: one of the two hellos had no "candidates").
+    peer_candidates: tuple[Candidate, ...] | None = None
 
     @property
     def hopeless(self) -> bool:
@@ -284,6 +324,11 @@ def _ep(e: Endpoint) -> str:
     return f"{e.host}:{e.port}"
 
 
+def _cands(cands: tuple[Candidate, ...]) -> list[dict[str, str]]:
+    return [{"path": c.path, "peer": f"[{c.addr.host}]:{c.addr.port}" if c.path == "ipv6"
+             else _ep(c.addr)} for c in cands]
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -299,6 +344,8 @@ def _to_json(msg: Message) -> dict[str, Any]:
                       "punch_timeout": msg.punch_timeout}
             if msg.nat is not None:  # absent, not null: what a client without it sends
                 resume["nat"] = msg.nat.to_wire()
+            if msg.candidates is not None:
+                resume["candidates"] = _cands(msg.candidates)
             return resume
         hello = {"type": "hello", "version": msg.version, "action": msg.action,
                  "nameplate": msg.nameplate, "lan": [_ep(e) for e in msg.lan],
@@ -310,6 +357,10 @@ def _to_json(msg: Message) -> dict[str, Any]:
             hello["relay"] = True
         if msg.nat is not None:  # absent, not null: what a client without it sends
             hello["nat"] = msg.nat.to_wire()
+        if msg.owner is not None:  # absent unless set, as pake
+            hello["owner"] = _b64(msg.owner)
+        if msg.candidates is not None:  # absent: a hello without it is what it always was
+            hello["candidates"] = _cands(msg.candidates)
         if msg.resume_id is not None or msg.side is not None or msg.direct_only:
             # Caught by the decoding check below, with the message naming the field.
             hello.update(resume_id=msg.resume_id and _b64(msg.resume_id), side=msg.side,
@@ -343,6 +394,8 @@ def _to_json(msg: Message) -> dict[str, Any]:
             fire["mapping"] = {"you": msg.mapping[0], "peer": msg.mapping[1]}
         if msg.peer_nat is not None:  # absent unless the peer sent its "nat"
             fire["peer_nat"] = msg.peer_nat.to_wire()
+        if msg.peer_candidates is not None:
+            fire["peer_candidates"] = _cands(msg.peer_candidates)
         return fire
     return {"type": "error", "code": msg.code, "message": msg.message}
 
@@ -491,28 +544,34 @@ def _hello(f: _Fields) -> Hello:
     if relay is False:
         raise MessageError("hello.relay must be true or absent")
     nameplate = f.int("nameplate", 1, MAX_NAMEPLATE, optional=True)
+    owner = f.b64("owner", OWNER_SIZE, f"a {OWNER_SIZE}-byte owner secret", optional=True)
+    if owner is not None and action != "share":
+        raise MessageError(f"hello.owner belongs to a share hello, not to {action}")
     if action != "share" and nameplate is None:
         raise MessageError(f"hello.nameplate is required to {action}")
-    if action == "share" and nameplate is not None:
-        raise MessageError("hello.nameplate must be null to share (the rendezvous allocates it)")
+    if action == "share" and nameplate is not None and owner is None:
+        raise MessageError("hello.nameplate must be null to share (the rendezvous allocates "
+                           "it), unless hello.owner registers that code again")
     pake = f.pake("pake", optional=True)
     if action == "share" and pake is not None:
         raise MessageError("hello.pake must be absent to share (the code does not exist yet: "
                            "send it in a pake message after the welcome)")
     return Hello(action, nameplate, _lan(f), f.endpoint("probe", optional=True),
                  f.num("punch_timeout", 0.1, MAX_SECONDS), pake=pake, relay=bool(relay),
-                 nat=_nat(f, "nat"))
+                 nat=_nat(f, "nat"), owner=owner,
+                 candidates=_candidates(f, "candidates"))
 
 
 def _resume(f: _Fields) -> Hello:
-    for name in ("nameplate", "pake", "relay"):
+    for name in ("nameplate", "pake", "relay", "owner"):
         if name in f.obj:
             raise MessageError(f"hello.{name} must be absent to resume")
     resume_id = _req(f.b64("resume_id", RESUME_ID_SIZE, f"a {RESUME_ID_SIZE}-byte resume id"))
     side = _req(f.text("side", choices=RESUME_SIDES))
     return Hello("resume", None, _lan(f), f.endpoint("probe", optional=True),
                  f.num("punch_timeout", 0.1, MAX_SECONDS), resume_id=resume_id, side=side,
-                 direct_only=_req(f.flag("direct_only")), nat=_nat(f, "nat"))
+                 direct_only=_req(f.flag("direct_only")), nat=_nat(f, "nat"),
+                 candidates=_candidates(f, "candidates"))
 
 
 def _nat(f: _Fields, name: str) -> NatSummary | None:
@@ -523,6 +582,54 @@ def _nat(f: _Fields, name: str) -> NatSummary | None:
         return NatSummary.from_wire(f.obj[name], f"{f.kind}.{name}")
     except NatSummaryError as exc:
         raise MessageError(str(exc)) from None
+
+
+def _candidates(f: _Fields, name: str) -> tuple[Candidate, ...] | None:
+    raw = f.obj.get(name)
+    if raw is None:
+        if name in f.obj:
+            raise MessageError(f"{f.kind}.{name} must be a list or absent, not null")
+        return None
+    if not isinstance(raw, list) or len(raw) > MAX_CANDIDATES:
+        raise MessageError(f"{f.kind}.{name} must be a list of at most {MAX_CANDIDATES} "
+                           "candidates")
+    out = []
+    for item in raw:
+        if not isinstance(item, dict):
+            raise MessageError(f"{f.kind}.{name} entries must be objects")
+        c = _Fields(item, f"{f.kind}.{name}[]", {"path", "peer"})
+        path = _req(c.text("path", choices=CANDIDATE_PATHS))
+        text = _req(c.text("peer"))
+        where = f"{f.kind}.{name}[].peer"
+        out.append(Candidate(path, _ipv6_endpoint(text, where) if path == "ipv6"
+                             else _endpoint(text, where)))
+    return tuple(out)
+
+
+GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")  # RFC 4291 §2.4: global unicast space
+
+
+def is_global_unicast(ip: ipaddress.IPv6Address) -> bool:
+    """In 2000::/3: never link-local, unique-local, loopback or multicast. (Python's
+    ``is_global`` would also refuse the documentation prefix the lab uses.)"""
+    return ip in GLOBAL_UNICAST
+
+
+def _ipv6_endpoint(text: str, what: str) -> Endpoint:
+    """``[v6]:port``: a global unicast IPv6 address (what a peer can be reached at)."""
+    host, sep, port = text.rpartition("]:")
+    try:
+        if not host.startswith("[") or not sep:
+            raise ValueError
+        ip = ipaddress.IPv6Address(host[1:])
+        number = int(port) if port.isdigit() and len(port) <= 5 else 0
+    except ValueError:
+        raise MessageError(f"{what}: {text!r:.60} is not [IPv6]:PORT") from None
+    if not 1 <= number <= 65535:
+        raise MessageError(f"{what}: port in {text!r:.60} is out of range (1-65535)")
+    if not is_global_unicast(ip):
+        raise MessageError(f"{what}: {ip} is not a global unicast IPv6 address (2000::/3)")
+    return Endpoint(str(ip), number)
 
 
 def _lan(f: _Fields) -> tuple[Endpoint, ...]:
@@ -571,12 +678,14 @@ def _fire(f: _Fields) -> Fire:
         mapping = (_req(m.text("you", choices=MAPPINGS)), _req(m.text("peer", choices=MAPPINGS)))
     return Fire(_req(f.endpoint("public")), _req(f.endpoint("peer_public")), tuple(stages),
                 f.num("rtt_ms", 0, MAX_SECONDS * 1000), f.text("note", optional=True),
-                f.pake("peer_pake", optional=True), mapping, relay, _nat(f, "peer_nat"))
+                f.pake("peer_pake", optional=True), mapping, relay, _nat(f, "peer_nat"),
+                _candidates(f, "peer_candidates"))
 
 
 _FIELDS: dict[str, set[str]] = {
     "hello": {"version", "action", "nameplate", "lan", "probe", "punch_timeout", "pake",
-              "relay", "resume_id", "side", "direct_only", "nat"},
+              "relay", "resume_id", "side", "direct_only", "nat", "owner",
+              "candidates"},
     "pake": {"pake"},
     "pong": {"seq"},
     "probe": {"version"},
@@ -584,7 +693,7 @@ _FIELDS: dict[str, set[str]] = {
     "ping": {"seq"},
     "welcome": {"nameplate", "expires_in", "public"},
     "fire": {"public", "peer_public", "plan", "rtt_ms", "note", "peer_pake", "mapping",
-             "peer_nat"},
+             "peer_nat", "peer_candidates"},
     "relayed": set(),
     "error": {"code", "message"},
 }

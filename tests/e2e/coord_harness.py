@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from nopf_web.sessions.candidates import direct_candidates
 from nopf_web.sessions.coordination import PairedTunnel, PakeFactory, connect, share
 from tests.lab import Host
 
@@ -41,6 +42,14 @@ class _Runner(threading.Thread):
         except BaseException as exc:  # reported to the test
             self.error = exc
         self.finished_at = time.monotonic()
+
+
+@dataclass(frozen=True)
+class Gather:
+    """What one side offers (:func:`~nopf_web.sessions.candidates.direct_candidates`)."""
+
+    ipv6: bool = True
+    port_mapping: bool = False
 
 
 @dataclass
@@ -70,11 +79,14 @@ class PairOutcome:
 def pair(sharer: Host, joiner: Host, *, punch_timeout: float = 10, rdv: tuple[str, int] = RDV,
          code_timeout: float = 10, wait: float = 40,
          on_event: Callable[[str, str], None] | None = None,
-         pakes: tuple[PakeFactory, PakeFactory] | None = None) -> PairOutcome:
+         pakes: tuple[PakeFactory, PakeFactory] | None = None,
+         candidates: tuple[Gather, Gather] | None = None) -> PairOutcome:
     """Share from ``sharer``, connect from ``joiner`` once the code is out; wait for both.
 
     ``on_event(side, message)`` gets each side's progress messages ("sharer"/"joiner").
     ``pakes``: the sharer's and the joiner's SPAKE2 factories (see ``coord.share``).
+    ``candidates``: each side gathers its direct candidates as its :class:`Gather` says
+    and offers them (None: neither offers any, the hellos as before).
     """
     sharer_pake, joiner_pake = pakes or (None, None)
     codes: queue.Queue[str] = queue.Queue()
@@ -82,9 +94,27 @@ def pair(sharer: Host, joiner: Host, *, punch_timeout: float = 10, rdv: tuple[st
     def sink(side: str) -> Callable[[str], None] | None:
         return None if on_event is None else (lambda message: on_event(side, message))
 
-    a = _Runner(sharer, lambda: share(rdv, on_code=codes.put, punch_timeout=punch_timeout,
-                                      on_event=sink("sharer"), pake=sharer_pake),
-                "coord-sharer")
+    async def sharing() -> PairedTunnel:
+        if candidates is None:
+            return await share(rdv, on_code=codes.put, punch_timeout=punch_timeout,
+                               on_event=sink("sharer"), pake=sharer_pake)
+        async with direct_candidates(ipv6=candidates[0].ipv6,
+                                     port_mapping=candidates[0].port_mapping,
+                                     on_event=sink("sharer")) as mine:
+            return await share(rdv, on_code=codes.put, punch_timeout=punch_timeout,
+                               on_event=sink("sharer"), pake=sharer_pake, candidates=mine)
+
+    async def joining(code: str) -> PairedTunnel:
+        if candidates is None:
+            return await connect(rdv, code, punch_timeout=punch_timeout,
+                                 on_event=sink("joiner"), pake=joiner_pake)
+        async with direct_candidates(ipv6=candidates[1].ipv6,
+                                     port_mapping=candidates[1].port_mapping,
+                                     on_event=sink("joiner")) as mine:
+            return await connect(rdv, code, punch_timeout=punch_timeout,
+                                 on_event=sink("joiner"), pake=joiner_pake, candidates=mine)
+
+    a = _Runner(sharer, sharing, "coord-sharer")
     a.start()
     try:
         code = codes.get(timeout=code_timeout)
@@ -92,9 +122,7 @@ def pair(sharer: Host, joiner: Host, *, punch_timeout: float = 10, rdv: tuple[st
         a.join(wait)
         raise AssertionError(f"no code from the sharer: {a.error!r}") from None
     ready = time.monotonic()
-    b = _Runner(joiner, lambda: connect(rdv, code, punch_timeout=punch_timeout,
-                                        on_event=sink("joiner"), pake=joiner_pake),
-                "coord-joiner")
+    b = _Runner(joiner, lambda: joining(code), "coord-joiner")
     b.start()
     a.join(wait)
     b.join(wait)

@@ -111,6 +111,12 @@ REBIND_KEYS: tuple[int, ...] = (0x2000, 0x4000)
 NETLINK_NETFILTER = 12
 _CTNETLINK_FLUSH = (1 << 8) | 2  # NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE
 PUBLIC_LAN = {"a": "100.64.1", "b": "100.64.2"}
+# Lab(ipv6=True): global IPv6 (the documentation prefix) everywhere, no NAT: each site a
+# /64 behind its router's stateful firewall (the site's mode says how it refuses).
+RDV_IP6 = "2001:db8:100::2"
+INET_RDV_IP6 = "2001:db8:100::1"
+WAN6 = {"a": ("2001:db8:a0::2", "2001:db8:a0::1"), "b": ("2001:db8:b0::2", "2001:db8:b0::1")}
+LAN6 = {"a": "2001:db8:a::", "b": "2001:db8:b::"}  # /64; router ::1, hosts ::2, ::3
 
 
 class LabError(RuntimeError):
@@ -268,6 +274,7 @@ class Host:
         self.name = name
         self.ns = ns
         self.ip = ip
+        self.ip6: str | None = None  # its global IPv6 address, with Lab(ipv6=True)
         self._procs: list[subprocess.Popen[bytes]] = procs if procs is not None else []
 
     def __repr__(self) -> str:
@@ -472,6 +479,54 @@ table ip nopf_lab {{{extra}
 """
 
 
+def _firewall6_ruleset(mode: str) -> str:
+    """The IPv6 stateful firewall of a site's router (no NAT: global addresses behind
+    it): outbound opens, replies pass, unsolicited inbound is dropped, or refused with
+    a TCP reset or ICMPv6 administratively prohibited, as the site's ``mode`` says
+    (``symmetric``: dropped). Named counter ``forwarded``: every forwarded packet."""
+    if mode == "none":
+        return """
+table ip6 nopf_lab6 {
+\tcounter forwarded {
+\t}
+\tchain forward {
+\t\ttype filter hook forward priority filter; policy accept;
+\t\tcounter name "forwarded"
+\t}
+}
+"""
+    if mode == "rst":
+        unsolicited = "meta l4proto tcp reject with tcp reset\n\t\tdrop"
+    elif mode == "icmp":
+        unsolicited = "reject with icmpv6 type admin-prohibited"
+    else:
+        unsolicited = "drop"
+    return f"""
+table ip6 nopf_lab6 {{
+\tcounter forwarded {{
+\t}}
+\tchain forward {{
+\t\ttype filter hook forward priority filter; policy drop;
+\t\tcounter name "forwarded"
+\t\tct state established,related accept
+\t\tct state invalid drop
+\t\tiifname "lan" oifname "wan" accept
+\t\ticmpv6 type {{ destination-unreachable, packet-too-big, time-exceeded,
+\t\t\tparameter-problem }} accept
+\t\tiifname "wan" ct state new {unsolicited}
+\t}}
+\tchain input {{
+\t\ttype filter hook input priority filter; policy accept;
+\t\tiifname != "wan" accept
+\t\tct state established,related accept
+\t\tmeta l4proto ipv6-icmp accept
+\t\tct state invalid drop
+\t\t{unsolicited}
+\t}}
+}}
+"""
+
+
 # The direct path between the sites, cut in ``inet`` (before its other rules).
 _BLOCK_DIRECT = """
 table ip nopf_block {
@@ -485,15 +540,15 @@ table ip nopf_block {
 
 
 class TcpCounter:
-    """Packets and bytes of one host's TCP traffic on one port, both directions (nft
-    named counters in a table of its own, ``ip nopf_count_PORT``)."""
+    """Packets and bytes of one host's TCP traffic on one port, both directions, IPv4
+    and IPv6 (nft named counters in a table of its own, ``inet nopf_count_PORT``)."""
 
     def __init__(self, host: Host, port: int) -> None:
         self.host = host
         self.port = port
         self.table = f"nopf_count_{port}"
         _run(host.command(["nft", "-f", "-"]), f"""
-table ip {self.table} {{
+table inet {self.table} {{
 \tcounter seen {{
 \t}}
 \tchain input {{
@@ -511,14 +566,14 @@ table ip {self.table} {{
 
     def read(self) -> tuple[int, int]:
         """(packets, bytes) so far."""
-        out = self.host.run(["nft", "-j", "list", "counter", "ip", self.table, "seen"])
+        out = self.host.run(["nft", "-j", "list", "counter", "inet", self.table, "seen"])
         for item in json.loads(out.stdout)["nftables"]:
             if "counter" in item:
                 return int(item["counter"]["packets"]), int(item["counter"]["bytes"])
         raise LabError(f"no counter in {self.table}")
 
     def close(self) -> None:
-        self.host.run(["nft", "delete", "table", "ip", self.table], check=False)
+        self.host.run(["nft", "delete", "table", "inet", self.table], check=False)
 
 
 # --------------------------------------------------------------------------- the lab
@@ -582,6 +637,7 @@ class Lab:
         icmp_ratelimit: bool = True,
         hairpin: tuple[str, ...] | frozenset[str] | list[str] = (),
         rdv_second_ip: bool = False,
+        ipv6: bool = False,
     ) -> None:
         for mode in (left, right):
             if mode not in MODES:
@@ -604,6 +660,7 @@ class Lab:
         self.persist = persist
         self.icmp_ratelimit = icmp_ratelimit
         self.rdv_second_ip = rdv_second_ip
+        self.ipv6 = ipv6
         self.build_seconds: float | None = None
         self._procs: list[subprocess.Popen[bytes]] = []
         self._delayer: subprocess.Popen[bytes] | None = None
@@ -630,6 +687,12 @@ class Lab:
         self.b = sites["b"]
         self.a1, self.a2 = self.a.hosts
         self.b1, self.b2 = self.b.hosts
+        if ipv6:
+            self.rdv.ip6 = RDV_IP6
+            for site in (self.a, self.b):
+                site.nat.ip6 = WAN6[site.name][0]
+                for i, host in enumerate(site.hosts):
+                    host.ip6 = f"{LAN6[site.name]}{i + 2}"
 
     # ------------------------------------------------------------------ introspection
 
@@ -865,8 +928,21 @@ class Lab:
 
         for role in ROLES:
             with _in_netns(f"{p}-{role}"):
-                _write_sysctl("net.ipv6.conf.all.disable_ipv6", "1", optional=True)
-                _write_sysctl("net.ipv6.conf.default.disable_ipv6", "1", optional=True)
+                if self.ipv6:
+                    # Every interface too: the veths came in before "default" changed,
+                    # and a tentative link-local address (DAD, about 2 s) leaves the
+                    # first packets without a neighbour to go to.
+                    confs = sorted(os.listdir("/proc/sys/net/ipv6/conf"))
+                    for conf in dict.fromkeys(["all", "default", *confs]):
+                        _write_sysctl(f"net.ipv6.conf.{conf}.disable_ipv6", "0")
+                        _write_sysctl(f"net.ipv6.conf.{conf}.accept_dad", "0")
+                        _write_sysctl(f"net.ipv6.conf.{conf}.accept_ra", "0")
+                        _write_sysctl(f"net.ipv6.conf.{conf}.autoconf", "0")
+                    if role in ("inet", "nata", "natb"):
+                        _write_sysctl("net.ipv6.conf.all.forwarding", "1")
+                else:
+                    _write_sysctl("net.ipv6.conf.all.disable_ipv6", "1", optional=True)
+                    _write_sysctl("net.ipv6.conf.default.disable_ipv6", "1", optional=True)
                 if role in ("inet", "nata", "natb"):
                     _write_sysctl("net.ipv4.ip_forward", "1")
                     if not self.icmp_ratelimit:
@@ -919,6 +995,8 @@ class Lab:
                     f"route add default via {site.nat.lan_ip} dev eth0",
                 ]
             nat += [f"addr add {site.nat.lan_ip}/24 dev lan", "link set dev lan up"]
+        if self.ipv6:
+            self._ipv6_batches(batches)
 
         procs = {
             role: subprocess.Popen(
@@ -939,11 +1017,39 @@ class Lab:
 
         for site in (self.a, self.b):
             ruleset = _nat_ruleset(site.mode, hairpin=site.hairpin, wan_ip=site.nat.wan_ip)
+            if self.ipv6:
+                ruleset += _firewall6_ruleset(site.mode)
             if ruleset:
                 _run(["ip", "netns", "exec", site.nat.ns, "nft", "-f", "-"], ruleset)
 
         if self.delay_ms or self.jitter_ms or self.loss:
             self._start_delayer()
+
+    def _ipv6_batches(self, batches: dict[str, list[str]]) -> None:
+        """Global IPv6 everywhere (addresses without duplicate detection: usable at once),
+        routed by ``inet``; each site a /64 behind its router."""
+        batches["inet"].append(f"addr add {INET_RDV_IP6}/64 dev to-rdv nodad")
+        batches["rdv"] += [f"addr add {RDV_IP6}/64 dev eth0 nodad",
+                           f"route add ::/0 via {INET_RDV_IP6} dev eth0"]
+        for site in (self.a, self.b):
+            wan6, gw6 = WAN6[site.name]
+            batches["inet"] += [f"addr add {gw6}/64 dev to-{site.name} nodad",
+                                f"route add {LAN6[site.name]}/64 via {wan6} dev to-{site.name}"]
+            batches[site.nat.name] += [f"addr add {wan6}/64 dev wan nodad",
+                                       f"route add ::/0 via {gw6} dev wan",
+                                       f"addr add {LAN6[site.name]}1/64 dev lan nodad"]
+            for host in site.hosts:
+                batches[host.name] += [f"addr add {host.ip6}/64 dev eth0 nodad",
+                                       f"route add ::/0 via {LAN6[site.name]}1 dev eth0"]
+
+    def forwarded6(self, site: str) -> int:
+        """Bytes of IPv6 the site's router has forwarded so far (both directions)."""
+        out = self.site(site).nat.run(["nft", "-j", "list", "counter", "ip6", "nopf_lab6",
+                                       "forwarded"])
+        for item in json.loads(out.stdout)["nftables"]:
+            if "counter" in item:
+                return int(item["counter"]["bytes"])
+        raise LabError("no IPv6 counter: build the lab with ipv6=True")
 
     def _start_delayer(self) -> None:
         argv = [
@@ -1000,6 +1106,9 @@ class Lab:
                 ]
             )
         )
+        if self.ipv6:  # the same queue (the kernel ignores the family a queue binds)
+            _run(self.inet.command(["ip6tables", "-w", "5", "-t", "mangle", "-A", "FORWARD",
+                                    "-j", "NFQUEUE", "--queue-num", str(NFQUEUE_NUM)]))
 
 
 def _register(lab: Lab) -> None:

@@ -284,6 +284,7 @@ class World:
                 self.later(how.stage.budget,
                            lambda: self._peer(side, m.path_failed(path, failure, self.now)))
             return
+        assert isinstance(how, cm.ViaRelay), how  # the world's peers offer no candidates
         join = RelayJoinMachine(how.stage, self.now, net_timeout=m.config.net_timeout)
         port = next(self._ports)
         side.joins[path] = (port, join)

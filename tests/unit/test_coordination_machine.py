@@ -23,6 +23,7 @@ from nopf_web.sessions import errors
 from nopf_web.sessions.coordination_machine import (
     FIRE_GRACE,
     MAX_ATTEMPTS,
+    MAX_REREGISTER,
     MIN_ATTEMPT,
     RETRY_WAIT,
     Action,
@@ -106,6 +107,9 @@ def chunks(data: bytes, cuts: Iterable[int]) -> list[bytes]:
 cut_points = st.lists(st.integers(1, 400), max_size=12)
 
 
+OWNER = bytes(range(200, 216))  # the sharer's owner secret (hello.owner)
+
+
 class Peer:
     """Plays the asyncio driver: carries out the machine's actions, records them, and
     lets a test play the rendezvous (bytes in, closes) and the clock."""
@@ -115,7 +119,7 @@ class Peer:
         self.machine = CoordinationMachine(
             CoordinationConfig(role=role, where=RDV, code=code, pake=pake, net_timeout=NET,
                                **config),  # type: ignore[arg-type]
-            make_code=lambda n: PairingCode(n, CODE.words))
+            make_code=lambda n: PairingCode(n, CODE.words), entropy=lambda n: OWNER[:n])
         self.now = 0.0
         self.actions: list[Action] = []
         self.sent: dict[int, bytes] = {}
@@ -220,7 +224,7 @@ def share(cuts: Iterable[int] = (), deferred: bool = False) -> Peer:
     assert p.last(Connect) == Connect(hello_conn, port, fastopen=True)
     assert p.client_frames(hello_conn) == [
         Hello("share", None, (Endpoint(LOCAL, port),), PUBLIC, 15.0, relay=True,
-              nat=NatSummary())]  # no report: a report of nothing
+              nat=NatSummary(), owner=OWNER)]  # no report: a report of nothing
     p.says(hello_conn, reply() + frames(Ping(1), Welcome(7, 600.0, PUBLIC), Ping(2), fire()),
            cuts)
     return p
@@ -981,6 +985,94 @@ def test_a_resume_meeting_carries_the_report_but_predicts_nothing() -> None:
     [fired] = p.of(Fired)
     assert isinstance(fired, Fired) and fired.prediction is None
     assert p.machine.prediction is None
+
+
+# -- a sharer whose rendezvous connection breaks registers its code again ----------------
+
+
+def waiting_sharer() -> tuple[Peer, int]:
+    """A sharer with its code, waiting (its SPAKE2 message sent)."""
+    p = Peer("server", punch_timeout=30.0)
+    p.start()
+    p.probe()
+    conn = p.connect()
+    p.says(conn, reply() + frames(Welcome(7, 600.0, PUBLIC)))
+    assert p.client_frames(conn)[-1] == PakeMessage(OUR_PAKE)
+    return p, conn
+
+
+def test_a_sharer_whose_node_dies_registers_the_same_code_again_and_pairs() -> None:
+    p, conn = waiting_sharer()
+    p.now = 30.0
+    p.closes(conn, "Connection reset by peer")
+    assert p.said()[-1] == (f"rendezvous {RDV} broke the connection (Connection reset by "
+                            "peer): registering pairing code 7-orbit-lantern again in 1 s")
+    assert not p.of(Fail)
+    assert p.machine.wake_at == 31.0
+    p.at(31.0)
+    probe = p.last(Connect)
+    assert probe.rotate and not probe.fastopen  # the rendezvous' next address, checked
+    port = p.probe()
+    again = p.connect()
+    hello = p.client_frames(again)[0]
+    assert hello == Hello("share", 7, (Endpoint(LOCAL, port),), PUBLIC, 15.0, relay=True,
+                          nat=NatSummary(), owner=OWNER)
+    p.says(again, reply() + frames(Welcome(7, 570.0, PUBLIC)))
+    assert p.said()[-1] == f"pairing code 7-orbit-lantern registered again through rendezvous {RDV}"
+    assert p.client_frames(again)[1:] == [PakeMessage(OUR_PAKE)]  # for a joiner elsewhere
+    assert p.of(ShowCode) == [ShowCode("7-orbit-lantern")]  # shown once, unchanged
+    p.says(again, frames(fire()))
+    assert isinstance(p.actions[-1], FinishPake)
+    # The code's lifetime still counts from the first registration.
+    assert p.machine.wake_at is None
+
+
+def test_a_sharer_keeps_trying_while_no_rendezvous_answers_then_gives_up() -> None:
+    p, conn = waiting_sharer()
+    p.closes(conn)
+    for i in range(MAX_REREGISTER):
+        p.at(p.now + 1.0)
+        probe = p.last(Connect)
+        assert probe.rotate
+        p.feed(p.machine.connect_failed(probe.conn, RendezvousUnreachable(
+            f"rendezvous {RDV}: Connection refused"), p.now))
+        if i < MAX_REREGISTER - 1:
+            assert not p.of(Fail)
+    error = p.failure()
+    assert isinstance(error, RendezvousProtocolError)  # the first loss, as it was
+    assert str(error) == f"rendezvous {RDV} closed the connection unexpectedly"
+
+
+def test_a_rendezvous_that_lost_the_code_ends_the_wait_saying_both() -> None:
+    p, conn = waiting_sharer()
+    p.closes(conn)
+    p.at(p.now + 1.0)
+    p.probe()
+    again = p.connect()
+    p.says(again, reply() + frames(ErrorReply("unknown_code", "pairing code 7-… is not open "
+                                              "here")))
+    error = p.failure()
+    assert isinstance(error, errors.UnknownCode)
+    assert str(error) == (f"rendezvous {RDV} closed the connection unexpectedly; registering "
+                          "the code again: pairing code 7-… is not open here")
+
+
+def test_a_rendezvous_without_owner_secrets_is_asked_again_without() -> None:
+    p = Peer("server", punch_timeout=30.0)
+    p.start()
+    p.probe()
+    conn = p.connect()
+    p.says(conn, reply() + frames(ErrorReply(
+        "bad_request", "rendezvous rejected the hello: hello message has unknown field(s): "
+        "owner, hello.owner")))
+    assert "does not take owner secrets" in p.said()[-1]
+    p.probe(40001)  # from the same port again, as after a lost hello
+    again = p.connect()
+    first = p.client_frames(again)[0]
+    assert isinstance(first, Hello) and first.owner is None
+    p.says(again, reply() + frames(Welcome(7, 600.0, PUBLIC)))
+    p.closes(again)  # no owner: the loss ends it, as before
+    assert isinstance(p.failure(), RendezvousProtocolError)
 
 
 @pytest.mark.parametrize("role", ["server", "client"])

@@ -78,3 +78,24 @@ def test_the_dockerfile_context_builds_the_wheel(tmp_path: Path) -> None:
                 for line in text.splitlines() if line.startswith("ENTRYPOINT ")]
     assert entry[0] == "nopf-server"
     build_parser().parse_args([*entry[1:], "--relay-rate", "12.5M"])
+
+
+def test_the_multi_node_example_parses_and_its_url_is_valid() -> None:
+    from nopf_web.rendezvous.cluster import RedisConfig
+
+    deploy = ROOT / "deploy"
+    text = (deploy / "compose.multi-node.yaml").read_text(encoding="utf-8")
+    entries = [json.loads(line.split("entrypoint:", 1)[1].replace("${", "").replace(":?}", "")
+                          .replace("}", ""))
+               for line in text.splitlines() if "entrypoint:" in line]
+    assert len(entries) == 3  # three nodes
+    for entry in entries:
+        assert entry[0] == "nopf-server"
+        build_parser().parse_args(entry[1:])
+    assert text.count("NOPF_REDIS_URL: redis://127.0.0.1:6379/0") == 1  # one anchor, shared
+    env = dict(line.split("=", 1) for line in
+               (deploy / "nopf-server-node.env").read_text(encoding="utf-8").splitlines()
+               if line and not line.startswith("#"))
+    assert RedisConfig.from_env(None, env) is not None
+    assert "multi-node.md" in DOCKERFILE.read_text(encoding="utf-8")
+    assert '".[redis]"' in DOCKERFILE.read_text(encoding="utf-8")

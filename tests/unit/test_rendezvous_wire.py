@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import json
 import struct
 
@@ -14,6 +15,7 @@ from nopf_web.errors import NopfError
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.rendezvous import (
     MAX_FRAME,
+    Candidate,
     ErrorReply,
     Fire,
     FrameReader,
@@ -51,15 +53,28 @@ pakes = st.binary(min_size=33, max_size=33)
 mappings: st.SearchStrategy[Mapping] = st.sampled_from(["none", "stable", "symmetric",
                                                        "unknown"])
 ids16 = st.binary(min_size=16, max_size=16)
+# Global unicast IPv6 (2000::/3), as the codec accepts it, in its one spelling.
+v6_endpoints = st.builds(
+    Endpoint,
+    st.integers(0x2000 << 112, (0x4000 << 112) - 1).map(
+        lambda n: str(ipaddress.IPv6Address(n))),
+    st.integers(1, 65535))
+candidate_lists = st.none() | st.lists(
+    st.builds(Candidate, st.just("ipv6"), v6_endpoints)
+    | st.builds(Candidate, st.just("mapped"), endpoints), max_size=8).map(tuple)
 hellos = st.one_of(
     st.builds(Hello, st.just("share"), st.none(), st.lists(endpoints, max_size=8).map(tuple),
-              st.none() | endpoints, seconds, relay=st.booleans()),
+              st.none() | endpoints, seconds, relay=st.booleans(), candidates=candidate_lists),
     st.builds(Hello, st.sampled_from(["join", "reshare", "rejoin"]), st.integers(1, 999_999),
               st.lists(endpoints, max_size=8).map(tuple), st.none() | endpoints, seconds,
-              pake=st.none() | pakes, relay=st.booleans()),
+              pake=st.none() | pakes, relay=st.booleans(), candidates=candidate_lists),
+    st.builds(Hello, st.just("share"), st.none() | st.integers(1, 999_999),
+              st.lists(endpoints, max_size=8).map(tuple), st.none() | endpoints, seconds,
+              relay=st.booleans(), owner=ids16, candidates=candidate_lists),
     st.builds(Hello, st.just("resume"), st.none(), st.lists(endpoints, max_size=8).map(tuple),
               st.none() | endpoints, seconds, resume_id=ids16,
-              side=st.sampled_from(["share", "join"]), direct_only=st.booleans()),
+              side=st.sampled_from(["share", "join"]), direct_only=st.booleans(),
+              candidates=candidate_lists),
 )
 stages = st.builds(Stage, st.sampled_from(["public", "lan"]), endpoints,
                    st.sampled_from(["arm", "connect"]), seconds)
@@ -75,7 +90,8 @@ def fires(draw: st.DrawFn) -> Fire:
                                max_size=7 if relay else 8)))
     return Fire(draw(endpoints), draw(endpoints), plan, draw(st.floats(0, 10_000)),
                 draw(st.none() | texts), draw(st.none() | pakes),
-                draw(st.none() | st.tuples(mappings, mappings)), relay)
+                draw(st.none() | st.tuples(mappings, mappings)), relay,
+                peer_candidates=draw(candidate_lists))
 
 
 server_msgs = st.one_of(
@@ -166,6 +182,13 @@ def test_hello_like_objects_decode_or_fail_cleanly(obj: dict[str, object]) -> No
     ({"type": "pake", "pake": "!" * 44}, "not valid base64"),
     ({"type": "pake", "pake": None}, "pake.pake must be 44 characters"),
     ([1, 2], "must be a JSON object"),
+    ({"type": "hello", "version": 2, "action": "join", "nameplate": 5, "punch_timeout": 30,
+      "owner": base64.b64encode(b"o" * 16).decode()}, "hello.owner belongs to a share hello"),
+    ({"type": "hello", "version": 2, "action": "share", "nameplate": None, "punch_timeout": 30,
+      "owner": base64.b64encode(b"o" * 15).decode()}, "hello.owner must be 24 characters"),
+    ({"type": "hello", "version": 2, "action": "resume", "resume_id": "A" * 22 + "==",
+      "side": "share", "direct_only": False, "punch_timeout": 30,
+      "owner": base64.b64encode(b"o" * 16).decode()}, "hello.owner must be absent to resume"),
 ])
 def test_precise_errors(obj: object, needle: str) -> None:
     with pytest.raises(MessageError, match=None) as info:

@@ -25,6 +25,7 @@ from nopf_web.rendezvous.server_machine import (
     RETRY_WAIT,
     Accepted,
     Action,
+    AskBook,
     Close,
     ConnId,
     Event,
@@ -32,6 +33,7 @@ from nopf_web.rendezvous.server_machine import (
     Log,
     Lost,
     PeerClosed,
+    PollNode,
     Received,
     Reset,
     Send,
@@ -41,10 +43,11 @@ from nopf_web.rendezvous.server_machine import (
     StartRelay,
     StopRelay,
     Tick,
+    ToNode,
 )
 from nopf_web.tunnel.secure import Pake
 from nopf_web.wire.address import Endpoint
-from nopf_web.wire.discovery import REPLY_SIZE, decode_reply
+from nopf_web.wire.discovery import REPLY_SIZE, decode_reply, encode_reply6
 from nopf_web.wire.rendezvous import (
     ErrorReply,
     Fire,
@@ -101,6 +104,7 @@ class Harness:
         self.logs: list[Log] = []
         self.relays: list[StartRelay] = []
         self.stopped: list[StopRelay] = []
+        self.shared: list[AskBook | ToNode | PollNode] = []  # to the shared book, other nodes
         self._next = 0
 
     def feed(self, event: Event) -> list[Action]:
@@ -111,6 +115,9 @@ class Harness:
                 continue
             if isinstance(a, StopRelay):
                 self.stopped.append(a)
+                continue
+            if isinstance(a, AskBook | ToNode | PollNode):
+                self.shared.append(a)
                 continue
             if isinstance(a, StartRelay):
                 self.relays.append(a)
@@ -274,15 +281,18 @@ def test_the_failed_write_of_a_reply_is_counted_and_logged() -> None:
     assert (h.m.stats.served, h.m.stats.failed, h.m.stats.open_now) == (0, 1, 0)
 
 
-def test_a_peer_without_address_or_without_ipv4_is_not_served() -> None:
+def test_a_peer_without_address_is_not_served_and_an_ipv6_one_gets_its_address_only() -> None:
     h = Harness()
     h.peers[7] = Peer(7)
     assert h.feed(Accepted(7, None, h.now)) == [
         Log("error", "could not serve ?: connection closed before it could be served"),
         Reset(7)]
+    assert h.m.stats.failed == 1 and h.m.stats.served == 0
+    # IPv6 (a dual-stack rendezvous): the 22-byte IPv6 reply and a FIN, no pairing.
     h.peers[8] = Peer(8)
     actions = h.feed(Accepted(8, ("2001:db8::1", 5000), h.now))
-    assert actions[-1] == Reset(8) and h.m.stats.failed == 2 and h.m.stats.served == 0
+    assert actions == [LastWord(8, encode_reply6("2001:db8::1", 5000))]
+    assert h.m.stats.failed == 1 and h.m.stats.served == 1
 
 
 # Caps -------------------------------------------------------------------------------------

@@ -1,0 +1,267 @@
+"""More direct paths, with the real programs in the namespace lab (issue 17):
+
+- two sites behind symmetric IPv4 NATs, with global IPv6 behind stateful firewalls,
+  connect directly over IPv6: the bytes cross the sites' routers as IPv6 and the
+  rendezvous host sees none of them;
+- a sharer whose gateway maps a port (NAT-PMP, PCP, UPnP-IGD: each alone, and all
+  three) and a connector behind a symmetric NAT connect directly through the mapped
+  port, and the mapping is gone after the sharer exits (SIGINT and SIGTERM);
+- a gateway whose external address differs from what the rendezvous sees (a second
+  NAT in front of it) is not used: the pair goes through the relay;
+- two dashboards take the mapped port, and stopping the sharing session (the
+  dashboard still running) deletes the mapping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.lab import Host, Lab, gateway as lab_gateway
+from tests.lab.fixtures import LabFactory
+from tests.programs import argv
+
+from .peers import RDV, Peer, connect, start_rendezvous
+from .test_web_lab import Dashboard, dashboards, start_dashboard
+
+__all__ = ["dashboards"]  # the fixture, for this module's dashboard test
+
+pytestmark = pytest.mark.lab
+
+SERVICE, TUNNEL = 3000, 3010
+PUBLIC_A = "203.0.113.2"  # nata's WAN address
+SIZE = 2 << 20  # bytes through the tunnel, each way
+
+
+def start(host: Host, *args: str) -> Peer:
+    err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the Peer
+    proc = host.popen(argv("nopf", *args, "-a", RDV, "--timeout", "10", "--keepalive", "2"),
+                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+    return Peer(args[0], host, proc, err)
+
+
+def wait_for(peer: Peer, text: str, timeout: float = 25) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        err = peer.stderr()
+        if text in err:
+            return err
+        if peer.proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise AssertionError(f"{peer.role}: no {text!r} on stderr: {peer.stderr()}")
+
+
+def echo_service(host: Host) -> socket.socket:
+    """An echo service on the sharer's host (each connection in a thread)."""
+    with host.enter():
+        server = socket.create_server(("127.0.0.1", SERVICE))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+    def echo(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):  # reset when the tunnel stops
+            while data := conn.recv(1 << 16):
+                conn.sendall(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
+def round_trip(host: Host, size: int = SIZE) -> None:
+    """``size`` random bytes through the tunnel and back, intact."""
+    data = os.urandom(size)
+    sock = connect(host, TUNNEL, timeout=30)
+    with sock:
+        sender = threading.Thread(target=sock.sendall, args=(data,))
+        sender.start()
+        got = hashlib.sha256()
+        left = size
+        while left:
+            chunk = sock.recv(min(left, 1 << 16))
+            assert chunk, f"the tunnel closed after {size - left} bytes"
+            got.update(chunk)
+            left -= len(chunk)
+        sender.join(30)
+    assert got.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def stop(*peers: Peer, sig: signal.Signals = signal.SIGINT) -> tuple[int, ...]:
+    """Signal every peer at once (a peer that saw the other close first may be ending by
+    itself: both ways end with 0)."""
+    for peer in peers:
+        peer.proc.send_signal(sig)
+    return tuple(peer.wait(10) for peer in peers)
+
+
+@pytest.mark.parametrize(("left", "right"), [
+    ("symmetric", "symmetric"),  # IPv4: relay only; IPv6 firewalls drop
+    ("rst", "icmp"),  # IPv4 punchable; IPv6 firewalls refuse with RST / ICMPv6: IPv6 first
+])
+def test_sites_with_ipv6_connect_directly_over_ipv6(
+        lab_factory: LabFactory, left: str, right: str) -> None:
+    lab = lab_factory(left, right, ipv6=True)
+    start_rendezvous(lab)
+    rdv_bytes = lab.tcp_counter(lab.rdv, 3012)
+    server = echo_service(lab.a1)
+    s = start(lab.a1, "share", "-p", str(SERVICE))
+    try:
+        code = s.line(10)
+        c = start(lab.b1, "connect", code, "-p", str(TUNNEL))
+        try:
+            err_s = wait_for(s, "encrypted tunnel to")
+            err_c = wait_for(c, "encrypted tunnel to")
+            assert f"tunnel up to [{lab.b1.ip6}]:" in err_s and "over IPv6" in err_s, (err_s, err_c)
+            assert f"tunnel up to [{lab.a1.ip6}]:" in err_c and "over IPv6" in err_c, err_c
+            coordination = rdv_bytes.read()[1]
+            v6_before = lab.forwarded6("a"), lab.forwarded6("b")
+            round_trip(lab.b1)
+            v6_after = lab.forwarded6("a"), lab.forwarded6("b")
+        finally:
+            codes = (stop(s)[0], c.wait(10))  # the joiner sees the peer close and ends
+    finally:
+        server.close()
+    assert codes == (0, 0), (s.stderr(), c.stderr())
+    # The tunnel's bytes crossed both sites' routers as IPv6 (2 x SIZE plus overhead)...
+    for before, after in zip(v6_before, v6_after, strict=True):
+        assert after - before > 2 * SIZE, (v6_before, v6_after)
+    # ...and the rendezvous host saw none of them: only the coordination.
+    total = rdv_bytes.read()[1]
+    assert total - coordination < 10_000 and total < 60_000, (coordination, total)
+
+
+def mapped_pair(lab: Lab, sig: signal.Signals, *, off: tuple[str, ...] = ()) -> None:
+    """A mapped sharer (a1) and a symmetric connector (b1): a direct tunnel through the
+    mapped port; after the sharer's exit by ``sig`` the gateway has no mapping left."""
+    gw = lab_gateway.start(lab.nata, off=list(off))
+    start_rendezvous(lab)
+    rdv_bytes = lab.tcp_counter(lab.rdv, 3012)
+    server = echo_service(lab.a1)
+    s = start(lab.a1, "share", "-p", str(SERVICE))
+    try:
+        code = s.line(10)
+        err = wait_for(s, "offering the mapped port")
+        assert f"port mapping: TCP {PUBLIC_A}:" in err, err
+        assert gw.rules(), "the gateway made no rule"
+        c = start(lab.b1, "connect", code, "-p", str(TUNNEL))
+        try:
+            err_s = wait_for(s, "encrypted tunnel to")
+            err_c = wait_for(c, "encrypted tunnel to")
+            assert "over a mapped port" in err_s, err_s
+            assert f"tunnel up to {PUBLIC_A}:" in err_c and "over a mapped port" in err_c, err_c
+            coordination = rdv_bytes.read()[1]
+            round_trip(lab.b1, 1 << 20)
+        finally:
+            s_code = stop(s, sig=sig)[0]  # the sharer's exit by this signal is the test
+            # The connector ends by itself (the peer closed the tunnel, or, when the
+            # close was cut short, the peer is lost): its exit status is not the test.
+            c.wait(15)
+    finally:
+        server.close()
+    assert s_code == 0, (s.stderr(), c.stderr())
+    assert rdv_bytes.read()[1] - coordination < 10_000  # not relayed
+    gw.wait_for("delete", why="request")
+    assert gw.rules() == "", "a mapping was left behind"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_mapped_sharer_and_a_symmetric_connector_connect_directly(
+        lab_factory: LabFactory, sig: signal.Signals) -> None:
+    mapped_pair(lab_factory("drop", "symmetric"), sig)
+
+
+@pytest.mark.parametrize("protocol", ["natpmp", "pcp", "upnp"])
+def test_each_mapping_protocol_alone_gives_the_direct_path(
+        lab_factory: LabFactory, protocol: str) -> None:
+    others = tuple(p for p in ("natpmp", "pcp", "upnp") if p != protocol)
+    mapped_pair(lab_factory("drop", "symmetric"), signal.SIGINT, off=others)
+
+
+def test_a_gateway_behind_another_nat_is_not_used(lab_factory: LabFactory) -> None:
+    lab = lab_factory("drop", "symmetric")
+    gw = lab_gateway.start(lab.nata, external_ip="100.64.7.7")  # a CGNAT address: a lie
+    start_rendezvous(lab)
+    server = echo_service(lab.a1)
+    s = start(lab.a1, "share", "-p", str(SERVICE))
+    try:
+        code = s.line(10)
+        err = wait_for(s, "not offering the mapped port 100.64.7.7:")
+        assert f"is not {PUBLIC_A}, the one the rendezvous sees" in err, err
+        c = start(lab.b1, "connect", code, "-p", str(TUNNEL))
+        try:
+            err_c = wait_for(c, "encrypted tunnel to")
+            assert "tunnel up over the relay" in err_c, err_c
+            assert "mapped" not in err_c, err_c
+        finally:
+            codes = (stop(s)[0], c.wait(10))
+    finally:
+        server.close()
+    assert codes == (0, 0), (s.stderr(), c.stderr())
+    gw.wait_for("delete", why="request")  # not used, and still deleted on exit
+    assert gw.rules() == ""
+
+
+def test_dashboards_take_the_mapped_port_and_a_stopped_session_deletes_it(
+        lab_factory: LabFactory, dashboards: list[Dashboard], tmp_path: Path) -> None:
+    lab = lab_factory("drop", "symmetric")
+    gw = lab_gateway.start(lab.nata)
+    start_rendezvous(lab)
+    dash_a = start_dashboard(lab.a1, tmp_path / "a.sqlite3", dashboards)
+    dash_b = start_dashboard(lab.b1, tmp_path / "b.sqlite3", dashboards)
+    server_sock = echo_service(lab.a1)
+    try:
+        server = dash_a.call("POST", "/api/sessions", {"role": "server", "local_port": SERVICE})
+        server = dash_a.wait(server["id"], "pairing code", lambda d: d["code"] is not None)
+        assert gw.rules(), "the sharing session made no mapping"
+        client = dash_b.call("POST", "/api/sessions", {"role": "client", "local_port": TUNNEL,
+                                                      "code": server["code"]})
+
+        def connected(d: dict[str, Any]) -> bool:
+            assert d["outcome"] is None, d
+            return bool(d["state"] == "connected")
+
+        server = dash_a.wait(server["id"], "connection", connected)
+        client = dash_b.wait(client["id"], "connection", connected)
+        assert server["path"] == client["path"] == "mapped"
+        page = dash_b.text(f"/sessions/{client['id']}")
+        assert 'data-path="mapped"' in page and "through a port the gateway maps" in page
+        round_trip(lab.b1, 256 * 1024)
+        dash_a.call("DELETE", f"/api/sessions/{server['id']}")  # the dashboard stays up
+        gw.wait_for("delete", why="request")
+        assert gw.rules() == "", "the stopped session left its mapping behind"
+        dash_b.wait(client["id"], "end", lambda d: d["outcome"] is not None)
+    finally:
+        server_sock.close()
+    history = dash_b.call("GET", "/api/history?limit=5")["sessions"]
+    assert (history[0]["id"], history[0]["path"]) == (client["id"], "mapped")
+    assert "direct to a mapped port" in dash_b.text("/history")
+
+
+def test_no_port_mapping_asks_the_gateway_nothing(lab_factory: LabFactory) -> None:
+    lab = lab_factory("drop", "drop")
+    gw = lab_gateway.start(lab.nata)
+    start_rendezvous(lab)
+    s = start(lab.a1, "share", "-p", str(SERVICE), "--no-port-mapping")
+    try:
+        s.line(10)  # the code: the hello has gone, with whatever it offered
+        assert "port mapping" not in s.stderr() and "mapped port" not in s.stderr()
+    finally:
+        assert stop(s) == (0,)
+    assert not gw.seen("map") and gw.rules() == ""

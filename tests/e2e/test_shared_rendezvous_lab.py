@@ -1,0 +1,395 @@
+"""Two ``nopf-server`` nodes sharing one Redis, in the namespace lab, with the real
+programs: the nodes listen on the rendezvous host's two addresses (198.51.100.2 and
+.3), Debian's ``redis-server`` runs on that host too (started here, stopped by PID),
+and the peers know the rendezvous as one name that resolves to both addresses
+(``rdv.lab``, in their namespaces' /etc/netns/NS/hosts, as ``ip netns exec`` mounts it).
+
+- a sharer on one node and a connector on the other pair; SIGKILL the sharer's node:
+  the tunnel keeps carrying, and new connections go through;
+- SIGKILL the node of a waiting sharer: it registers its code again through the other
+  node, and the code still pairs there;
+- Redis SIGKILLed while tunnels carry and a sharer waits: the nodes refuse new pairings
+  with the reason (logged, and said to the peer), stay up, recover when Redis is back,
+  list the waiting sharer again, and it pairs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nopf_web.wire.discovery import REPLY_SIZE
+from nopf_web.wire.rendezvous import (
+    ErrorReply,
+    Fire,
+    FrameReader,
+    Hello,
+    MessageError,
+    Ping,
+    Pong,
+    ServerMessage,
+    Welcome,
+    decode_server_message,
+    encode,
+)
+from tests.lab import Host, Lab
+from tests.lab.fixtures import LabFactory
+from tests.lab.topology import RDV_IP, RDV_IP2
+from tests.programs import argv
+from tests.redis_server import RedisServer, require_redis_server
+
+from .flows import Flows
+from .peers import Peer
+from .test_resume_lab import close, echo, wait_for
+from .web_support import echo_service
+
+pytestmark = pytest.mark.lab
+
+NAME = "rdv.lab"
+PORT = 3012
+REDIS_PORT = 6379
+
+
+class Node:
+    """One nopf-server node of the shared rendezvous, its stderr in a file."""
+
+    def __init__(self, lab: Lab, ip: str, redis: str) -> None:
+        self.ip = ip
+        self.err = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+        self.proc = lab.rdv.popen(argv("nopf-server", "--host", ip, "--port", str(PORT),
+                                       "--no-doctor", "--redis", redis),
+                                  stderr=self.err)
+        found = re.search(r"node ([0-9a-f]{16}), sharing", self.wait_for(
+            "shared state reachable: pairing"))
+        assert found is not None
+        self.node = found[1]
+
+    def stderr(self) -> str:
+        self.err.flush()
+        self.err.seek(0)
+        return self.err.read().decode(errors="replace")
+
+    def wait_for(self, text: str, timeout: float = 15) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            err = self.stderr()
+            if text in err:
+                return err
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"node {self.ip}: no {text!r}: {self.stderr()}")
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(5)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def holding_node(lab: Lab, code: str) -> str:
+    """The id of the node that holds the waiting sharer of ``code`` (from Redis)."""
+    import redis
+
+    with lab.rdv.enter():
+        client = redis.Redis(host=RDV_IP, port=REDIS_PORT, decode_responses=True)
+        try:
+            record = client.hget(f"nopf:np:{code.split('-')[0]}", "rec")
+        finally:
+            client.close()
+    assert isinstance(record, str), f"code {code} is not in Redis"
+    node = json.loads(record)["node"]
+    assert isinstance(node, str)
+    return node
+
+
+@contextlib.contextmanager
+def one_name(lab: Lab, *hosts: Host) -> Iterator[None]:
+    """``rdv.lab`` resolves to both rendezvous addresses inside ``hosts``."""
+    made = []
+    try:
+        for host in hosts:
+            etc = Path("/etc/netns") / host.ns
+            etc.mkdir(parents=True, exist_ok=True)
+            made.append(etc)
+            (etc / "hosts").write_text(f"127.0.0.1 localhost\n{RDV_IP} {NAME}\n"
+                                       f"{RDV_IP2} {NAME}\n")
+        yield
+    finally:
+        for etc in made:
+            shutil.rmtree(etc, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def shared_rendezvous(lab: Lab) -> Iterator[tuple[RedisServer, Node, Node]]:
+    require_redis_server()
+    redis = RedisServer(RDV_IP, REDIS_PORT, popen=lambda a: lab.rdv.popen(
+        a, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), inside=lab.rdv.enter)
+    with redis:
+        url = f"redis://{RDV_IP}:{REDIS_PORT}/0"
+        a, b = Node(lab, RDV_IP, url), Node(lab, RDV_IP2, url)
+        try:
+            yield redis, a, b
+        finally:
+            for node in (a, b):
+                if node.alive():
+                    node.proc.send_signal(signal.SIGTERM)
+                    node.proc.wait(20)
+                node.err.close()
+
+
+class PairingLoad:
+    """Pairings without punches, one after another from ``host``: a sharer's hello on
+    node ``a``, its nameplate claimed on node ``b``, both fires read. Counts what each
+    attempt got; a fire whose peer is not the one paired is a wrong pairing."""
+
+    def __init__(self, host: Host, a: str, b: str) -> None:
+        self.host, self.a, self.b = host, a, b
+        self.paired = 0
+        self.refused: list[str] = []  # busy refusals' messages
+        self.wrong: list[str] = []  # anything else: must stay empty
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pairing-load", daemon=True)
+
+    def start(self) -> PairingLoad:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        assert not self._thread.is_alive()
+
+    def _run(self) -> None:
+        with self.host.enter():
+            while not self._stop.is_set():
+                try:
+                    self._once()
+                except (OSError, MessageError, AssertionError) as exc:
+                    self.wrong.append(f"{type(exc).__name__}: {exc}")
+                time.sleep(0.02)
+
+    def _once(self) -> None:
+        with _Conn(self.a) as sharer:
+            welcome = sharer.hello(Hello("share", None, (), None, 10, relay=True))
+            if isinstance(welcome, ErrorReply):
+                self._refused(welcome)
+                return
+            assert isinstance(welcome, Welcome), welcome
+            with _Conn(self.b) as joiner:
+                fire = joiner.hello(Hello("join", welcome.nameplate, (), None, 10,
+                                          relay=True))
+                if isinstance(fire, ErrorReply):
+                    self._refused(fire)
+                    return
+                assert isinstance(fire, Fire), fire
+                theirs = sharer.next()
+                assert isinstance(theirs, Fire), theirs
+                # Each side's peer is the other: never a third party's address.
+                assert fire.peer_public == welcome.public, (fire, welcome)
+                assert theirs.peer_public == fire.public, (theirs, fire)
+                self.paired += 1
+
+    def _refused(self, err: ErrorReply) -> None:
+        if err.code != "busy":
+            raise AssertionError(f"refused: {err.code}: {err.message}")
+        self.refused.append(err.message)
+
+
+class _Conn:
+    """One blocking connection to a node speaking the coordinated protocol."""
+
+    def __init__(self, ip: str) -> None:
+        self.sock = socket.create_connection((ip, PORT), timeout=5)
+        self.frames = FrameReader()
+        self.queue: list[ServerMessage] = []
+
+    def __enter__(self) -> _Conn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def hello(self, hello: Hello) -> ServerMessage:
+        self.sock.sendall(encode(hello))
+        got = b""
+        while len(got) < REPLY_SIZE:
+            chunk = self.sock.recv(REPLY_SIZE - len(got))
+            assert chunk, "closed before the discovery reply"
+            got += chunk
+        return self.next()
+
+    def next(self) -> ServerMessage:
+        while True:
+            while self.queue:
+                msg = self.queue.pop(0)
+                if isinstance(msg, Ping):
+                    self.sock.sendall(encode(Pong(msg.seq)))
+                    continue
+                return msg
+            chunk = self.sock.recv(4096)
+            assert chunk, "closed before the message"
+            self.queue += [decode_server_message(p) for p in self.frames.feed(chunk)]
+
+
+def start(host: Host, *args: str, rdv: str) -> Peer:
+    err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the Peer
+    proc = host.popen(argv("nopf", *args, "-a", rdv, "--timeout", "10", "--keepalive", "2"),
+                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+    return Peer(args[0], host, proc, err)
+
+
+def test_a_sharer_on_one_node_pairs_with_a_connector_on_the_other_and_outlives_its_node(
+        lab_factory: LabFactory) -> None:
+    lab = lab_factory("drop", "rst", delay_ms=5, rdv_second_ip=True)
+    with shared_rendezvous(lab) as (_, node_a, node_b):
+        s = start(lab.a1, "share", "-p", "3000", rdv=f"{RDV_IP}:{PORT}")
+        c = start(lab.b1, "connect", s.line(10), "-p", "3010", rdv=f"{RDV_IP2}:{PORT}")
+        for peer in (s, c):
+            wait_for(peer, "encrypted tunnel to")
+        assert f"contacting rendezvous {RDV_IP}:{PORT}" in s.stderr()
+        assert f"contacting rendezvous {RDV_IP2}:{PORT}" in c.stderr()
+        flows = Flows(lab.a1, 3000, lab.b1, 3010, 2, 4 << 20).start()
+        try:
+            flows.wait_received(1 << 20, timeout=30)
+            node_a.kill()  # the sharer's node
+            flows.join(60)
+            flows.check()  # every byte, both ways: the tunnel never needed it
+        finally:
+            flows.join(5)
+        after = Flows(lab.a1, 3000, lab.b1, 3010, 3, 1 << 20).start()  # new connections
+        try:
+            after.join(60)
+            after.check()
+        finally:
+            after.join(5)
+        assert node_b.alive()
+        close(c, s)
+
+
+def test_a_waiting_sharer_whose_node_dies_keeps_its_code_through_the_other_node(
+        lab_factory: LabFactory) -> None:
+    lab = lab_factory("drop", "drop", delay_ms=5, rdv_second_ip=True)
+    with one_name(lab, lab.a1, lab.b1), shared_rendezvous(lab) as (_, node_a, node_b), \
+            contextlib.ExitStack() as services:
+        with lab.a1.enter():
+            services.enter_context(echo_service(3000))
+        s = start(lab.a1, "share", "-p", "3000", rdv=f"{NAME}:{PORT}")
+        code = s.line(10)
+        holder = node_a if node_a.node == holding_node(lab, code) else node_b
+        other = node_b if holder is node_a else node_a
+        holder.kill()
+        err = wait_for(s, f"pairing code {code} registered again through rendezvous")
+        assert f"registering pairing code {code} again in 1 s" in err
+        assert "nopf: pairing code" in err and code in err
+        # The connector reaches the live node (trying every address of the name is the
+        # clients' own business: here it is given the live one).
+        assert holding_node(lab, code) == other.node
+        c = start(lab.b1, "connect", code, "-p", "3010", rdv=f"{other.ip}:{PORT}")
+        for peer in (s, c):
+            wait_for(peer, "encrypted tunnel to")
+        echo(lab.b1, 3010)
+        assert other.alive()
+        close(c, s)
+
+
+def test_redis_lost_and_back_under_load_refuses_clearly_then_pairs_again(
+        lab_factory: LabFactory) -> None:
+    lab = lab_factory("drop", "rst", delay_ms=5, rdv_second_ip=True)
+    with shared_rendezvous(lab) as (redis, node_a, node_b), \
+            contextlib.ExitStack() as services:
+        with lab.a2.enter():
+            services.enter_context(echo_service(3002))
+        s = start(lab.a1, "share", "-p", "3000", rdv=f"{RDV_IP}:{PORT}")
+        c = start(lab.b1, "connect", s.line(10), "-p", "3010", rdv=f"{RDV_IP2}:{PORT}")
+        for peer in (s, c):
+            wait_for(peer, "encrypted tunnel to")
+        waiting = start(lab.a2, "share", "-p", "3002", rdv=f"{RDV_IP}:{PORT}")
+        code = waiting.line(10)
+        flows = Flows(lab.a1, 3000, lab.b1, 3010, 2, None, pace=0.005).start()
+        load = PairingLoad(lab.b2, RDV_IP, RDV_IP2).start()
+        try:
+            flows.wait_received(1 << 20, timeout=30)
+            time.sleep(1.0)
+            before = load.paired
+            assert before > 0, load.wrong
+            redis.stop()  # SIGKILL: nothing saved
+            for node in (node_a, node_b):
+                node.wait_for("shared state lost: Redis at redis://198.51.100.2:6379/0: ")
+            refused = start(lab.b2, "share", "-p", "3004", rdv=f"{RDV_IP2}:{PORT}")
+            assert refused.wait(15) != 0
+            assert ("the rendezvous cannot pair now: Redis at redis://198.51.100.2:6379/0: "
+                    in refused.stderr()), refused.stderr()
+            assert re.search(r"refused [\d.]+:\d+: the rendezvous cannot pair now: Redis at "
+                             r"redis://198\.51\.100\.2:6379/0: ", node_b.stderr()), (
+                node_b.stderr())  # logged too
+            time.sleep(1.0)
+            during = load.paired
+            redis.start()  # empty: a restart without persistence
+            for node in (node_a, node_b):
+                node.wait_for("shared state reachable: pairing", timeout=20)
+            deadline = time.monotonic() + 15
+            while load.paired < during + 20 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            load.stop()
+            assert load.paired >= during + 20, (load.paired, during, load.wrong[:3])
+            assert not load.wrong, load.wrong[:5]  # never an error or a wrong pair
+            assert load.refused and all(
+                m.startswith("the rendezvous cannot pair now: Redis at redis://198.51.100.2:"
+                             "6379/0: ") or "is reconnecting" in m for m in load.refused), (
+                load.refused[:5])
+            print(f"\npairings: {before} before the outage, {during - before} while Redis "
+                  f"went away, {load.paired - during} after; {len(load.refused)} refused")
+            moving = flows.received()
+            flows.wait_received(moving + (1 << 20), timeout=20)  # carried all along
+            flows.stop()
+            flows.join(60)
+            flows.check()
+        finally:
+            flows.join(5)
+            load.stop()
+        # The sharer that waited through the outage: listed again by its node, it pairs
+        # through the other one.
+        c2 = start(lab.b2, "connect", code, "-p", "3012", rdv=f"{RDV_IP2}:{PORT}")
+        for peer in (waiting, c2):
+            wait_for(peer, "encrypted tunnel to")
+        echo(lab.b2, 3012)
+        assert node_a.alive() and node_b.alive()
+        for node in (node_a, node_b):
+            assert "Traceback" not in node.stderr(), node.stderr()
+        close(c2, waiting, c, s)
+
+
+def test_a_pair_that_must_relay_is_relayed_by_one_of_its_two_nodes(
+        lab_factory: LabFactory) -> None:
+    lab = lab_factory("symmetric", "symmetric", delay_ms=5, rdv_second_ip=True)
+    with shared_rendezvous(lab):
+        s = start(lab.a1, "share", "-p", "3000", rdv=f"{RDV_IP}:{PORT}")
+        c = start(lab.b1, "connect", s.line(10), "-p", "3010", rdv=f"{RDV_IP2}:{PORT}")
+        relays = set()
+        for peer in (s, c):
+            err = wait_for(peer, "encrypted tunnel to")
+            found = re.search(r"over the relay at (198\.51\.100\.[23]):3012", err)
+            assert found is not None, err
+            relays.add(found[1])
+        assert len(relays) == 1  # both sides at the node the pairing chose
+        flows = Flows(lab.a1, 3000, lab.b1, 3010, 2, 2 << 20).start()
+        try:
+            flows.join(60)
+            flows.check()
+        finally:
+            flows.join(5)
+        close(c, s)
