@@ -4,6 +4,7 @@
 #   ./dev.sh test [pytest options]     set up, then run ruff, mypy (Linux, Windows, macOS)
 #                                      and the whole test suite
 #   ./dev.sh bench [bench.suite options]  set up, then run the benchmark suite (docs/BENCHMARKS.md)
+#   ./dev.sh nightly [pytest options]  100,000 fuzz cases per surface, then the hour-long soak
 # Setup installs what is missing: Debian packages (apt-get, needs root), a venv in .venv,
 # and the Python packages. Re-running is cheap: present things are not reinstalled.
 set -euo pipefail
@@ -78,9 +79,17 @@ case "$cmd" in
     fi
     exec .venv/bin/python -m bench.suite "$@"
     ;;
+  nightly)
+    # The long runs CI has no time for: 100,000 fuzz cases per surface and the
+    # hour-long soak (tests/e2e/test_soak.py with NOPF_SOAK_SECONDS).
+    setup "[test]" iproute2 nftables iptables tcpdump python3
+    NOPF_FUZZ_EXAMPLES="${NOPF_FUZZ_EXAMPLES:-100000}" .venv/bin/pytest -q -ra tests/fuzz "$@"
+    exec env NOPF_SOAK_SECONDS="${NOPF_SOAK_SECONDS:-3600}" \
+      .venv/bin/pytest -q -ra tests/e2e/test_soak.py "$@"
+    ;;
   *)
     echo "usage: ./dev.sh run [nopf-web options] | ./dev.sh test [pytest options]" \
-      "| ./dev.sh bench [--quick] [--only NAME,...]" >&2
+      "| ./dev.sh nightly | ./dev.sh bench [--quick] [--only NAME,...]" >&2
     exit 2
     ;;
 esac

@@ -39,7 +39,7 @@ from bench.report import (
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = ("throughput", "streams", "latency", "setup", "punch", "rendezvous", "relay", "resume",
-         "matrix")
+         "matrix", "soak")
 
 
 def _load(name: str) -> ModuleType | None:

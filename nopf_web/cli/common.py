@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn
 
-from nopf_web.wire.errors import BadAddress
+from nopf_web.inputs import one_line
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -23,29 +23,9 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit status 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def parse_seconds(text: str, what: str, maximum: float = 86400) -> float:
-    """A positive duration option; BadAddress names the option on bad input."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise BadAddress(f"{what} {text!r} is not a number") from None
-    if not 0 < value <= maximum:
-        raise BadAddress(f"{what} must be between 0 and {maximum:g} seconds, got {text}")
-    return value
-
-
-def parse_count(text: str, what: str, maximum: int) -> int:
-    """A positive whole-number option; BadAddress names the option on bad input."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise BadAddress(f"{what} {text!r} is not a whole number") from None
-    if not 0 < value <= maximum:
-        raise BadAddress(f"{what} must be between 1 and {maximum:,}, got {text}")
-    return value
+        # argparse quotes arguments raw ("unrecognized arguments: ..."): escaped, cut.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} "
+                  f"(see {self.prog} --help)\n")
 
 
 def raise_open_files_limit() -> int:
@@ -77,7 +57,7 @@ def raise_open_files_limit() -> int:
 
 
 def fail(prog: str, message: str, code: int = EXIT_FAILURE) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    print(f"{prog}: error: {one_line(message)}", file=sys.stderr, flush=True)
     return code
 
 

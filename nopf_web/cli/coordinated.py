@@ -12,13 +12,13 @@ import sys
 from typing import Literal
 
 from nopf_web.errors import NopfError
+from nopf_web.inputs import InputError, parse_seconds
 from nopf_web.pairing import parse_code
 from nopf_web.sessions.coordinated import DEFAULT_KEEPALIVE, RESUME_KEEPALIVES, CoordinatedSpec
 from nopf_web.sessions.engine import Event
 from nopf_web.sessions.factory import make_engine
 from nopf_web.sessions.path_machine import UPGRADE_CAP, UPGRADE_DELAYS
 from nopf_web.wire.address import parse_host_endpoint, parse_port
-from nopf_web.wire.errors import BadAddress
 
 from .common import (
     EXIT_FAILURE,
@@ -27,7 +27,6 @@ from .common import (
     EXIT_USAGE,
     OneLineParser,
     fail,
-    parse_seconds,
     run_main,
 )
 
@@ -108,7 +107,7 @@ def main(command: Literal["share", "connect"], argv: list[str]) -> int:
         spec = CoordinatedSpec(
             role="server" if command == "share" else "client",
             local_port=parse_port(args.localport, what="--localport"),
-            rendezvous=parse_host_endpoint(args.serveraddr),
+            rendezvous=parse_host_endpoint(args.serveraddr, field="--serveraddr"),
             code=code,
             code_lifetime=parse_seconds(args.code_lifetime, "--code-lifetime")
             if command == "share" else 600.0,
@@ -121,7 +120,7 @@ def main(command: Literal["share", "connect"], argv: list[str]) -> int:
             port_mapping=command == "share" and not args.no_port_mapping,
             ipv6=not args.no_ipv6,
         )
-    except (BadAddress, ValueError, NopfError) as exc:
+    except InputError as exc:
         return fail(PROG, str(exc), EXIT_USAGE)
     code_ = run_main(_run(spec))
     if code_ == EXIT_INTERRUPTED:

@@ -15,13 +15,13 @@ import threading
 from nopf_web.errors import NopfError
 from nopf_web.guard import make_guard
 from nopf_web.guard.base import Guard, NullGuard
+from nopf_web.inputs import MAX_TEXT, InputError, parse_int, parse_seconds
 from nopf_web.punch.machine import PunchConfig
 from nopf_web.roles import PeerRole
 from nopf_web.sessions.engine import Engine, Event, task_group
 from nopf_web.sessions.factory import make_engine
 from nopf_web.sessions.seed import SeedSpec
 from nopf_web.wire.address import Endpoint, parse_host_endpoint, parse_ipv4_endpoint, parse_port
-from nopf_web.wire.errors import BadAddress
 
 from . import coordinated, doctor
 from .common import (
@@ -30,15 +30,11 @@ from .common import (
     EXIT_USAGE,
     OneLineParser,
     fail,
-    parse_seconds,
     run_main,
 )
 
 PROG = "nopf"
-
-
-class InputError(NopfError):
-    pass
+PEER_FIELD = "peer address"  # the stdin line's name in errors
 
 
 def build_parser() -> OneLineParser:
@@ -70,15 +66,14 @@ def build_parser() -> OneLineParser:
 def _spec(args: object) -> SeedSpec:
     a = vars(args)
     role: PeerRole = "server" if a["type"].strip().lower() in ("s", "server") else "client"
-    ttl_text = a["punch_ttl"].strip()
-    if not ttl_text.isdigit() or int(ttl_text) == 1 or int(ttl_text) > 255:
-        raise BadAddress(f"--punch-ttl must be 0 or 2-255, got {ttl_text!r}")
+    ttl = parse_int(a["punch_ttl"], "--punch-ttl", 0, 255)
+    if ttl == 1:
+        raise InputError("--punch-ttl", "--punch-ttl must be 0 or 2-255, got 1")
     return SeedSpec(
         role=role,
         local_port=parse_port(a["localport"], what="--localport"),
-        rendezvous=parse_host_endpoint(a["serveraddr"]),
-        punch=PunchConfig(timeout=parse_seconds(a["timeout"], "--timeout"),
-                          arm_ttl=int(ttl_text)),
+        rendezvous=parse_host_endpoint(a["serveraddr"], field="--serveraddr"),
+        punch=PunchConfig(timeout=parse_seconds(a["timeout"], "--timeout"), arm_ttl=ttl),
     )
 
 
@@ -101,8 +96,12 @@ def _printer(event: Event) -> None:
         print(f"{PROG}: {event.message}", file=sys.stderr, flush=True)
 
 
-def _resolve(fut: asyncio.Future[str], value: str) -> None:
-    if not fut.done():
+def _resolve(fut: asyncio.Future[str], value: str | InputError) -> None:
+    if fut.done():
+        return
+    if isinstance(value, InputError):
+        fut.set_exception(value)
+    else:
         fut.set_result(value)
 
 
@@ -112,10 +111,11 @@ def _read_line_in_thread() -> asyncio.Future[str]:
     fut: asyncio.Future[str] = loop.create_future()
 
     def reader() -> None:
+        line: str | InputError
         try:
-            line = sys.stdin.readline()
+            line = sys.stdin.readline(MAX_TEXT + 2)  # an endless line costs no memory
         except (OSError, ValueError, UnicodeDecodeError) as exc:
-            line = f"\x00{exc}"
+            line = InputError(PEER_FIELD, f"cannot read the peer's address from stdin: {exc}")
         loop.call_soon_threadsafe(_resolve, fut, line)
 
     threading.Thread(target=reader, name="stdin-peer-address", daemon=True).start()
@@ -123,14 +123,13 @@ def _read_line_in_thread() -> asyncio.Future[str]:
 
 
 def _parse_peer_line(line: str) -> Endpoint:
-    if line.startswith("\x00"):
-        raise InputError(f"cannot read the peer's address from stdin: {line[1:]}")
     if not line:
-        raise InputError("stdin closed before the peer's address (IP:PORT) was entered")
+        raise InputError(PEER_FIELD, "stdin closed before the peer's address (IP:PORT) was "
+                         "entered")
     try:
-        return parse_ipv4_endpoint(line)
-    except BadAddress as exc:
-        raise InputError(f"bad peer address: {exc}") from None
+        return parse_ipv4_endpoint(line, field=PEER_FIELD)
+    except InputError as exc:
+        raise InputError(PEER_FIELD, f"bad peer address: {exc}") from None
 
 
 async def _give_peer(engine: Engine, have_public: asyncio.Event) -> None:
@@ -167,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         spec = _spec(args)
-    except (BadAddress, ValueError) as exc:
+    except InputError as exc:
         return fail(PROG, str(exc), EXIT_USAGE)
     guard = _make_guard(args.no_guard)
     guard.start()

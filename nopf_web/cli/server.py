@@ -8,11 +8,10 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import math
-import re
 import sys
 from dataclasses import replace
 
+from nopf_web.inputs import InputError, parse_count, parse_rate, quote
 from nopf_web.rendezvous.cluster import (
     PASSWORD_ENV,
     URL_ENV,
@@ -30,15 +29,19 @@ from nopf_web.rendezvous.server import (
     fastopen_hint,
 )
 from nopf_web.rendezvous.server_machine import RelayLimits
-from nopf_web.wire.address import Endpoint, parse_ipv4_endpoint, parse_port
-from nopf_web.wire.errors import BadAddress
+from nopf_web.wire.address import (
+    Endpoint,
+    parse_ip,
+    parse_ipv4_endpoint,
+    parse_listen_host,
+    parse_port,
+)
 
 from .common import (
     EXIT_OK,
     EXIT_USAGE,
     OneLineParser,
     fail,
-    parse_count,
     raise_open_files_limit,
     run_main,
 )
@@ -101,37 +104,33 @@ def build_parser() -> OneLineParser:
     return p
 
 
+__all__ = ["build_parser", "describe_rate", "describe_relay", "main", "parse_rate", "serve"]
+
+
 def _redis_config(url: str | None) -> RedisConfig | None:
-    """The checked --redis URL (or $NOPF_REDIS_URL), None without; BadAddress if bad."""
+    """The checked --redis URL (or $NOPF_REDIS_URL), None without; InputError if bad."""
     try:
         config = RedisConfig.from_env(url)
     except BadRedisUrl as exc:
-        raise BadAddress(str(exc)) from None
+        raise InputError("--redis", str(exc)) from None
     if config is not None:
         try:
             import redis.asyncio  # noqa: F401 - only checked here: the optional dependency
         except ImportError:
-            raise BadAddress("--redis needs the redis package: pip install 'nopf-web[redis]'"
+            raise InputError("--redis", "--redis needs the redis package: pip install "
+                             "'nopf-web[redis]'"
                              ) from None
     return config
 
 
-_RATE = re.compile(r"(?P<num>\d+(\.\d+)?)\s*(?P<unit>[kKMG]i?)?(B(/s)?)?")
-_UNITS = {"": 1, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9,
-          "ki": 1024, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
-MAX_RATE = 100e9  # bytes/s: far above any NIC a relay runs on
-
-
-def parse_rate(text: str, what: str = "--relay-rate") -> float:
-    """``12.5M``: bytes per second (0: no limit); BadAddress names the option."""
-    m = _RATE.fullmatch(text.strip())
-    if m is None:
-        raise BadAddress(f"{what} {text!r} is not a rate (bytes per second, e.g. 500K, "
-                         "12.5M, 1Gi or 0)")
-    value = float(m["num"]) * _UNITS[m["unit"] or ""]
-    if not math.isfinite(value) or value > MAX_RATE:
-        raise BadAddress(f"{what} {text!r} is over {MAX_RATE / 1e9:g} GB/s")
-    return value
+def _listen_ip(text: str) -> str:
+    """One --host: an IP address to listen on (unspecified ones too: 0.0.0.0, ::)."""
+    host = parse_listen_host(text, field="--host")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise InputError("--host", f"--host {quote(host)} is not an IP address") from None
+    return host
 
 
 def describe_rate(rate: float) -> str:
@@ -242,41 +241,31 @@ def _doctor_options(args: object, port: int) -> tuple[int | None, tuple[str, ...
     a = vars(args)
     if a["no_doctor"]:
         if a["doctor_port"] is not None or a["doctor_address"]:
-            raise BadAddress("--no-doctor cannot be combined with --doctor-port or "
-                             "--doctor-address")
+            raise InputError("--no-doctor", "--no-doctor cannot be combined with "
+                             "--doctor-port or --doctor-address")
         return None, ()
     if a["doctor_port"] is not None:
         doctor_port = parse_port(a["doctor_port"], what="--doctor-port", allow_zero=True)
     elif port == 0:
         doctor_port = 0
     elif port == 65535:
-        raise BadAddress("--port 65535 leaves no default doctor port: give --doctor-port")
+        raise InputError("--port", "--port 65535 leaves no default doctor port: give "
+                         "--doctor-port")
     else:
         doctor_port = port + 1
     if doctor_port == port and port != 0:
-        raise BadAddress(f"--doctor-port must differ from --port ({port})")
-    addresses = []
-    for text in a["doctor_address"]:
-        try:
-            ip = ipaddress.ip_address(text.strip().strip("[]"))
-        except ValueError:
-            raise BadAddress(f"--doctor-address {text!r} is not an IP address") from None
-        if ip.is_unspecified or ip.is_multicast:
-            raise BadAddress(f"--doctor-address {ip} cannot be a host address")
-        addresses.append(str(ip))
-    if len(addresses) > 4:
-        raise BadAddress("at most 4 --doctor-address")
+        raise InputError("--doctor-port", f"--doctor-port must differ from --port ({port})")
+    if len(a["doctor_address"]) > 4:
+        raise InputError("--doctor-address", "at most 4 --doctor-address")
+    addresses = [str(parse_ip(text, field="--doctor-address")) for text in a["doctor_address"]]
     return doctor_port, tuple(dict.fromkeys(addresses))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        for text in args.host or ():
-            try:
-                ipaddress.ip_address(text)
-            except ValueError:
-                raise BadAddress(f"--host {text!r} is not an IP address") from None
+        hosts = tuple(dict.fromkeys(_listen_ip(text) for text in args.host)) \
+            if args.host else DEFAULT_HOSTS
         port = parse_port(args.port, what="--port", allow_zero=True)
         limits = ServerLimits(
             max_connections=parse_count(args.max_connections, "--max-connections", 1_000_000),
@@ -284,11 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             relay=_relay_limits(args))
         doctor_port, doctor_addresses = _doctor_options(args, port)
         redis = _redis_config(args.redis)
-    except BadAddress as exc:
+    except InputError as exc:
         return fail(PROG, str(exc), EXIT_USAGE)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"{PROG}: %(asctime)s %(message)s")
-    hosts = tuple(dict.fromkeys(args.host)) if args.host else DEFAULT_HOSTS
     code = run_main(serve(hosts, port, limits, doctor_port=doctor_port,
                           doctor_addresses=doctor_addresses,
                           doctor_required=args.doctor_port is not None or
@@ -302,14 +290,14 @@ def _relay_limits(args: argparse.Namespace) -> RelayLimits:
         for flag, value in (("--relay-rate", args.relay_rate),
                             ("--relay-address", args.relay_address)):
             if value is not None:
-                raise BadAddress(f"{flag} makes no sense with --no-relay")
+                raise InputError(flag, f"{flag} makes no sense with --no-relay")
         return RelayLimits(enabled=False)
     address: Endpoint | None = None
     if args.relay_address is not None:
         try:
-            address = parse_ipv4_endpoint(args.relay_address)
-        except BadAddress as exc:
-            raise BadAddress(f"--relay-address: {exc}") from None
+            address = parse_ipv4_endpoint(args.relay_address, field="--relay-address")
+        except InputError as exc:
+            raise InputError("--relay-address", f"--relay-address: {exc}") from None
     return RelayLimits(
         max_sessions=parse_count(args.relay_max_sessions, "--relay-max-sessions", 1_000_000),
         max_per_source=parse_count(args.relay_max_per_source, "--relay-max-per-source",

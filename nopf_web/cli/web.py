@@ -20,12 +20,17 @@ from pathlib import Path
 from aiohttp import web
 
 from nopf_web.errors import NopfError
+from nopf_web.inputs import InputError, parse_seconds, quote
 from nopf_web.rendezvous.server import DEFAULT_PORT
 from nopf_web.resources import ResourceMissing
 from nopf_web.web import WebConfig, create_app
 from nopf_web.web.keys import GUARD
-from nopf_web.wire.address import Endpoint, parse_host_endpoint, parse_port
-from nopf_web.wire.errors import BadAddress
+from nopf_web.wire.address import (
+    parse_host_endpoint,
+    parse_listen_endpoint,
+    parse_listen_host,
+    parse_port,
+)
 
 from .common import (
     EXIT_FAILURE,
@@ -33,7 +38,6 @@ from .common import (
     EXIT_USAGE,
     OneLineParser,
     fail,
-    parse_seconds,
     run_main,
 )
 
@@ -81,6 +85,18 @@ def build_parser() -> OneLineParser:
     return p
 
 
+def _db_path(text: str) -> Path:
+    """A file path the OS can take (no NUL, encodable): sqlite and mkdir raise
+    ValueError, not OSError, on the others."""
+    try:
+        if "\0" in text:
+            raise ValueError("NUL in path")
+        os.fsencode(text)
+    except (ValueError, UnicodeError):
+        raise InputError("--db", f"--db {quote(text)} is not a usable file path") from None
+    return Path(text).expanduser()
+
+
 def browser_refusal(env: Mapping[str, str], platform: str | None = None) -> str | None:
     """Why the dashboard should not open a browser here (None: open it).
 
@@ -115,26 +131,18 @@ async def open_browser(url: str) -> None:
         _note(f"could not open a browser: open {url} yourself")
 
 
-def _listen_endpoint(text: str) -> Endpoint:
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not host:
-        raise BadAddress(f"--rendezvous-listen {text!r} is not HOST:PORT")
-    return Endpoint(host.strip("[]"), parse_port(port, what="--rendezvous-listen port",
-                                                 allow_zero=True))
-
-
 def _config(args: object) -> WebConfig:
     a = vars(args)
-    host = a["host"].strip()
-    if not host or any(ch.isspace() for ch in host):
-        raise BadAddress(f"--host {a['host']!r} is not an address")
+    host = parse_listen_host(a["host"], field="--host")
     timeout = parse_seconds(a["punch_timeout"], "--punch-timeout", maximum=3600)
     return WebConfig(
-        db_path=Path(a["db"]).expanduser() if a["db"] else default_db_path(),
+        db_path=_db_path(a["db"]) if a["db"] else default_db_path(),
         host=host,
         port=parse_port(a["port"], what="--port", allow_zero=True),
-        rendezvous=parse_host_endpoint(a["rendezvous"]) if a["rendezvous"] else None,
-        rendezvous_listen=_listen_endpoint(a["rendezvous_listen"]),
+        rendezvous=parse_host_endpoint(a["rendezvous"], field="--rendezvous")
+        if a["rendezvous"] else None,
+        rendezvous_listen=parse_listen_endpoint(a["rendezvous_listen"],
+                                                field="--rendezvous-listen"),
         guard=not a["no_guard"],
         punch_timeout=timeout,
         port_mapping=not a["no_port_mapping"],
@@ -199,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = _config(args)
-    except BadAddress as exc:
+    except InputError as exc:
         return fail(PROG, str(exc), EXIT_USAGE)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format=f"{PROG}: %(asctime)s %(name)s %(message)s")

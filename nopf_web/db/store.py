@@ -4,7 +4,16 @@ Everything that happens to a session is queued in memory by plain method
 calls (no await, so the engine's event callbacks never block) and written by
 one flusher task in a single transaction every ``flush_interval``. Progress
 updates of one session coalesce: a transfer costs one UPDATE per flush, not
-one per packet. Reads flush first, so a page always sees what was recorded.
+one per packet. A session's end (an update that sets its ``outcome``) is
+written at once, without waiting for the interval. Reads flush first, so a
+page always sees what was recorded; the JSON API flushes before it answers,
+so what an answer showed (a creation, an end) is committed.
+
+Crashes: a committed transaction is in the WAL, which SQLite replays when the
+file is next opened, so killing the process (SIGKILL included) loses nothing
+committed (``synchronous = NORMAL`` defers only the fsync, which matters for a
+power loss, not for a process that dies). Sessions still running when it died
+are marked ``interrupted`` at the next start (:meth:`HistoryStore.mark_interrupted`).
 
 The database runs in WAL mode with an exclusive lock held for the life of the
 store, so a second nopf-web on the same file gets a clear error instead of
@@ -222,6 +231,7 @@ class HistoryStore:
         self._ops: list[tuple[str, tuple[Any, ...]]] = []
         self._updates: dict[str, dict[str, Any]] = {}
         self._wakeup = asyncio.Event()
+        self._urgent = asyncio.Event()  # a session ended: write now, not at the interval
         self._lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
         self.write_errors = 0
@@ -268,8 +278,13 @@ class HistoryStore:
     async def _flush_loop(self) -> None:
         while True:
             await self._wakeup.wait()
-            await asyncio.sleep(self.flush_interval)  # let more writes join this batch
+            if not self._urgent.is_set():
+                # Let more writes join this batch, unless a session ends meanwhile.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.flush_interval):
+                        await self._urgent.wait()
             self._wakeup.clear()
+            self._urgent.clear()
             await self.flush()
 
     # -- queued writes -----------------------------------------------------------
@@ -293,6 +308,8 @@ class HistoryStore:
             raise ValueError(f"not updatable session columns: {sorted(unknown)}")
         self._updates.setdefault(session_id, {}).update(fields)
         self._wakeup.set()
+        if fields.get("outcome") is not None:
+            self._urgent.set()
 
     def add_event(self, session_id: str, at: float, kind: str, message: str) -> None:
         self._queue("INSERT INTO events (session_id, at, kind, message) VALUES (?, ?, ?, ?)",

@@ -19,7 +19,7 @@ import contextlib
 import ipaddress
 import socket
 import struct
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from nopf_web.sockets import send_gathered, set_exclusive_address
@@ -29,6 +29,7 @@ from .errors import StreamReset, TunnelError
 from .mux import Mux, Stream
 
 CONNECT_TIMEOUT = 5.0
+ACCEPT_BURST = 1024  # local connections taken from the accept queue per wake-up
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _MAX_GATHER = 64  # buffers per sendmsg (the kernel allows 1024); more are joined
 # (Windows has no sendmsg: send_gathered joins them there.)
@@ -71,20 +72,41 @@ async def serve_connect(mux: Mux, listener: socket.socket | tuple[str, int], *,
 
     async def accept_loop(handlers: asyncio.TaskGroup) -> None:
         while True:
-            conn, _addr = await loop.sock_accept(sock)
-            try:
-                stream = await mux.open_stream()
-            except TunnelError:
-                conn.close()
-                return  # the tunnel ended: _serve reports how, from wait_closed
-            handlers.create_task(_connect_one(stream, conn, on_event),
-                                 name=f"{mux.name}-connect-{stream.stream_id}")
+            first, _addr = await loop.sock_accept(sock)
+            # Then everything else already queued, in this turn of the loop: a
+            # burst of connections larger than the kernel's accept queue
+            # (net.core.somaxconn caps it) that is drained one per turn while
+            # the loop moves data overflows it, and the kernel resets the
+            # connections it could not queue (seen at 1,000 at once).
+            for conn in _accepted_now(sock, first):
+                try:
+                    stream = await mux.open_stream()
+                except TunnelError:
+                    conn.close()
+                    return  # the tunnel ended: _serve reports how, from wait_closed
+                handlers.create_task(_connect_one(stream, conn, on_event),
+                                     name=f"{mux.name}-connect-{stream.stream_id}")
 
     try:
         await _serve(mux, accept_loop, f"{mux.name}-connect-accept")
     finally:
         if owned:
             sock.close()
+
+
+def _accepted_now(sock: socket.socket, first: socket.socket) -> Iterator[socket.socket]:
+    """``first``, then the connections waiting in ``sock``'s accept queue (at most
+    ``ACCEPT_BURST``), without waiting."""
+    yield first
+    for _ in range(ACCEPT_BURST):
+        try:
+            conn, _addr = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # EMFILE and the like: sock_accept meets it again and raises
+            return
+        conn.setblocking(False)
+        yield conn
 
 
 def _listen(addr: tuple[str, int]) -> socket.socket:

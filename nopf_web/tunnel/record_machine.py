@@ -56,22 +56,54 @@ opened; after a wrong tag nothing is opened.
 Records, in each direction after the handshake::
 
     offset  size  field
-    0       4     length      u32 big-endian: bytes of ciphertext + tag that follow
-                              (TAG_SIZE+1 .. MAX_RECORD+TAG_SIZE)
-    4       len   ciphertext  AES-256-GCM(key, nonce, plaintext, aad=the 4 length bytes),
+    0       1     type        0 = DATA, 1 = KEY_UPDATE (any other: the tunnel fails)
+    1       3     length      u24 big-endian: bytes of ciphertext + tag that follow:
+                              DATA TAG_SIZE+1 .. MAX_RECORD+TAG_SIZE; KEY_UPDATE exactly
+                              TAG_SIZE (no plaintext)
+    4       len   ciphertext  AES-256-GCM(key, nonce, plaintext, aad=the 4 header bytes),
                               then the 16-byte tag
 
-The nonce is 4 zero bytes then a u64 big-endian record counter, starting at
-0 in each direction and never reused (each direction has its own key). A
-record holds 1..``MAX_RECORD`` bytes of plaintext. A tag failure or a length
-out of range is :class:`TunnelTampered`; a connection cut mid-record is
+(Before key updates existed the header was a u32 length; every DATA record is
+byte for byte what it was, since lengths stay far below 2^24.) The nonce is 4
+zero bytes then a u64 big-endian record counter, starting at 0 for each key
+and never reused (each direction has its own keys). A DATA record holds
+1..``MAX_RECORD`` bytes of plaintext. A tag failure or a type or length out of
+range is :class:`TunnelTampered`; a connection cut mid-record is
 :class:`RecordCut` (a lost path to the resume layer, as a cut connection is);
 nothing of a failed or cut record is ever returned.
 
-Each direction's key and counter live in their own small object
-(:class:`SealingKey`, :class:`OpeningKey`), so a later rekey (a new key after
-N records) or a resumed connection (fresh keys per connection) swaps those
-objects, not the machine's parsing.
+Key updates. Each direction's key and counter live in their own small object
+(:class:`SealingKey`, :class:`OpeningKey`). A sender that has sealed
+:attr:`KeyLimits.records` records or :attr:`KeyLimits.bytes` plaintext bytes
+under its key seals a KEY_UPDATE record (empty, authenticated under the old
+key with the next counter, so it can be neither forged nor dropped unseen nor
+replayed) and seals everything after it under the next key, counter 0::
+
+    K_next = HKDF-SHA256(K_current, salt=b"nopf tunnel v1", info=b"nopf v1 key update")
+
+The receiver opens the KEY_UPDATE record with the old key and opens the next
+record with K_next. One update costs one HKDF and one AES key schedule. A sender
+checks before each record, so a key seals at most ``records`` DATA records and
+``bytes - 1 + MAX_RECORD`` bytes. A peer that goes on past ``RECEIVE_SLACK``
+times the limits (plus that one record) without an update is
+:class:`TunnelTampered`: no key ever protects more than the bounds below
+allow. A resumed connection starts with fresh keys of its own (see "Later
+paths") and counts from zero.
+
+Why these limits (AES-256-GCM with 96-bit nonces; NIST SP 800-38D and the
+CFRG's "Usage Limits on AEAD Algorithms", draft-irtf-cfrg-aead-limits):
+
+- Nonces: a u64 counter per key, so 2^64 records before a repeat; a key
+  update resets it with a new key, so no (key, nonce) pair ever repeats.
+- Confidentiality: an attacker's advantage in telling the records from random
+  grows as (s + q + 1)^2 / 2^129, s the 16-byte blocks sealed under one key
+  and q the records. At the default limits (2^32 bytes = 2^28 blocks, at most
+  2^24 records) that is below 2^-72 per key (TLS 1.3 accepts 2^-60: RFC 8446,
+  5.5); the receiver's hard stop (4 x: 2^30 blocks, 2^26 records) keeps it below
+  2^-68 even against a peer that never updates.
+- Integrity: a forgery succeeds with probability about (l + 1) / 2^128 per
+  attempt, l the blocks of the longest record (2^14 for 257 KiB), and the
+  first failed attempt ends the connection: below 2^-113.
 
 Later paths (:meth:`RecordMachine.path`). A resumable tunnel
 (:mod:`nopf_web.tunnel.resume_machine`) may move to a new TCP connection. Its
@@ -166,8 +198,13 @@ TAG_SIZE = 16
 # Plaintext bytes per record: a 256 KiB DATA frame, control frames, and 64 bytes
 # for the resume layer's header (17 bytes), so a full mux record stays one record.
 MAX_RECORD = 257 * 1024 + 64
-RECORD_HEADER = struct.Struct("!I")  # u32 BE: ciphertext + tag bytes that follow
+RECORD_HEADER = struct.Struct("!I")  # type (high byte) and u24 length, read as one word
 HEADER_SIZE = RECORD_HEADER.size
+DATA, KEY_UPDATE = 0, 1  # record types
+_TYPE_SHIFT, _LENGTH_MASK = 24, 0xFF_FFFF
+_KEY_UPDATE_WORD = KEY_UPDATE << _TYPE_SHIFT | TAG_SIZE  # the one valid KEY_UPDATE header
+LABEL_KEY_UPDATE = b"nopf v1 key update"
+RECEIVE_SLACK = 4  # a peer may go this many times past the limits before it is refused
 RECORD_SIZE = HEADER_SIZE + MAX_RECORD + TAG_SIZE  # the largest record on the wire
 _NONCE = struct.Struct("!4xQ")  # 4 zero bytes, u64 BE counter
 _MAX_COUNTER = (1 << 64) - 1
@@ -248,40 +285,86 @@ State = Literal["new", "hello", "confirm", "open", "failed", "ended"]
 # -- keys ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class KeyLimits:
+    """When a sender updates its key: after ``records`` records or ``bytes`` bytes of
+    plaintext under one key, whichever comes first (see the module docstring for
+    why these defaults; tests set low ones)."""
+
+    records: int = 1 << 24
+    bytes: int = 1 << 32
+
+    def __post_init__(self) -> None:
+        if self.records < 1 or self.bytes < 1:
+            raise ValueError("key limits must be at least 1")
+
+
+DEFAULT_KEY_LIMITS = KeyLimits()
+
+
 class SealingKey:
-    """One sending direction: its AES-256-GCM key and record counter (the nonce)."""
+    """One sending direction: its AES-256-GCM key, record counter (the nonce) and
+    plaintext bytes, and which key of the direction it is (``generation``)."""
 
-    __slots__ = ("_aead", "records")
+    __slots__ = ("_aead", "_key", "bytes", "generation", "records")
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, generation: int = 0) -> None:
+        self._key = key
         self._aead = AESGCM(key)
         self.records = 0  # sealed so far: the next record's nonce counter
+        self.bytes = 0  # plaintext sealed so far
+        self.generation = generation
 
-    def seal_into(self, plain: memoryview, out: memoryview) -> int:
-        """Seal ``plain`` (1..MAX_RECORD bytes) as one record at the start of ``out``;
-        returns the record's size on the wire."""
-        if self.records > _MAX_COUNTER:  # unreachable in practice: 2^64 records
+    def due(self, limits: KeyLimits) -> bool:
+        """Time for a key update (before the next record)."""
+        return self.records >= limits.records or self.bytes >= limits.bytes
+
+    def next(self) -> SealingKey:
+        return SealingKey(_derive(self._key, LABEL_KEY_UPDATE), self.generation + 1)
+
+    def seal_into(self, plain: memoryview, out: memoryview, kind: int = DATA) -> int:
+        """Seal ``plain`` (1..MAX_RECORD bytes; none for KEY_UPDATE) as one record at the
+        start of ``out``; returns the record's size on the wire."""
+        if self.records > _MAX_COUNTER:  # unreachable: keys are updated long before
             raise TunnelTampered("record counter exhausted: the tunnel must be re-keyed")
         size = len(plain) + TAG_SIZE
-        header = RECORD_HEADER.pack(size)
+        header = RECORD_HEADER.pack(kind << _TYPE_SHIFT | size)
         out[:HEADER_SIZE] = header
         self._aead.encrypt_into(_NONCE.pack(self.records), plain, header,
                                 out[HEADER_SIZE : HEADER_SIZE + size])
         self.records += 1
+        self.bytes += len(plain)
         return HEADER_SIZE + size
 
 
 class OpeningKey:
-    """One receiving direction: its AES-256-GCM key and record counter."""
+    """One receiving direction: its AES-256-GCM key, record counter and plaintext
+    bytes, and which key of the direction it is (``generation``). The peer must
+    update it before ``RECEIVE_SLACK`` times ``limits``."""
 
-    __slots__ = ("_aead", "records")
+    __slots__ = ("_aead", "_key", "_limits", "_max_bytes", "_max_records", "bytes",
+                 "generation", "records")
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, limits: KeyLimits = DEFAULT_KEY_LIMITS,
+                 generation: int = 0) -> None:
+        self._key = key
         self._aead = AESGCM(key)
+        self._limits = limits
+        # A sender checks before each record: one record may go past its byte
+        # limit, and the KEY_UPDATE record comes on top of its record limit.
+        self._max_records = RECEIVE_SLACK * limits.records + 1
+        self._max_bytes = RECEIVE_SLACK * limits.bytes + MAX_RECORD
         self.records = 0  # opened so far: the next record's nonce counter
+        self.bytes = 0
+        self.generation = generation
+
+    def next(self) -> OpeningKey:
+        return OpeningKey(_derive(self._key, LABEL_KEY_UPDATE), self._limits,
+                          self.generation + 1)
 
     def open(self, header: memoryview, body: memoryview) -> bytes:
-        """The plaintext of the record ``header + body``; :class:`TunnelTampered` if forged."""
+        """The plaintext of the record ``header + body``; :class:`TunnelTampered` if forged,
+        or if the peer went past ``RECEIVE_SLACK`` times the limits on this key."""
         try:
             plain: bytes = self._aead.decrypt(_NONCE.pack(self.records), body, header)
         except InvalidTag:
@@ -289,7 +372,21 @@ class OpeningKey:
                 f"tunnel data rejected: record {self.records} failed authentication: "
                 "the data was altered or injected in transit") from None
         self.records += 1
+        self.bytes += len(plain)
+        if self.records > self._max_records or self.bytes > self._max_bytes:
+            raise TunnelTampered(
+                f"tunnel data rejected: the peer sent {self.records:,} records "
+                f"({self.bytes:,} bytes) under one key without updating it")
         return plain
+
+
+def _bad_header(word: int) -> str:
+    kind, length = word >> _TYPE_SHIFT, word & _LENGTH_MASK
+    if kind == DATA:
+        return f"tunnel data rejected: record length {length} is out of range"
+    if kind == KEY_UPDATE:
+        return f"tunnel data rejected: key update record length {length} is not {TAG_SIZE}"
+    return f"tunnel data rejected: record type {kind} is unknown"
 
 
 def _derive(key: bytes, label: bytes, salt: bytes = HKDF_SALT) -> bytes:
@@ -301,11 +398,12 @@ def _confirm_tag(confirm_key: bytes, side: SpakeSide, transcript: bytes) -> byte
                     sha256).digest()
 
 
-def _record_keys(key: bytes, side: SpakeSide) -> tuple[SealingKey, OpeningKey]:
+def _record_keys(key: bytes, side: SpakeSide,
+                 limits: KeyLimits) -> tuple[SealingKey, OpeningKey]:
     """(sealing, opening) keys of ``side`` from the SPAKE2 key."""
     a_to_b, b_to_a = _derive(key, LABEL_A_TO_B), _derive(key, LABEL_B_TO_A)
     send, recv = (a_to_b, b_to_a) if side == "A" else (b_to_a, a_to_b)
-    return SealingKey(send), OpeningKey(recv)
+    return SealingKey(send), OpeningKey(recv, limits)
 
 
 def _hello(message: bytes) -> bytes:
@@ -409,11 +507,14 @@ class RecordMachine:
     into records.
     """
 
-    def __init__(self, role: PeerRole, *, timeout: float = HANDSHAKE_TIMEOUT) -> None:
-        """Use :meth:`handshake` or :meth:`confirm_only`."""
+    def __init__(self, role: PeerRole, *, timeout: float = HANDSHAKE_TIMEOUT,
+                 limits: KeyLimits = DEFAULT_KEY_LIMITS) -> None:
+        """Use :meth:`handshake`, :meth:`confirm_only` or :meth:`path`."""
         _check_role(role)
         self.role: PeerRole = role
         self.timeout = timeout
+        self.limits = limits  # when our keys are updated (and the peer's must be)
+        self.key_updates = (0, 0)  # (sent, received) KEY_UPDATE records
         self._side: SpakeSide = spake_side(role)
         self._state: State = "new"
         self.confirmed = False  # the peer's key confirmation checked out
@@ -440,17 +541,17 @@ class RecordMachine:
         self.bytes_out = 0
 
     @classmethod
-    def handshake(cls, role: PeerRole, code: str, *,
-                  timeout: float = HANDSHAKE_TIMEOUT) -> RecordMachine:
+    def handshake(cls, role: PeerRole, code: str, *, timeout: float = HANDSHAKE_TIMEOUT,
+                  limits: KeyLimits = DEFAULT_KEY_LIMITS) -> RecordMachine:
         """The full handshake on the tunnel: hellos (SPAKE2), then confirmations."""
-        machine = cls(role, timeout=timeout)
+        machine = cls(role, timeout=timeout, limits=limits)
         machine._spake = _spake(machine._side, code)
         machine._our_hello = _hello(machine._spake.start())
         return machine
 
     @classmethod
-    def confirm_only(cls, role: PeerRole, pake: Pake, *,
-                     timeout: float = HANDSHAKE_TIMEOUT) -> RecordMachine:
+    def confirm_only(cls, role: PeerRole, pake: Pake, *, timeout: float = HANDSHAKE_TIMEOUT,
+                     limits: KeyLimits = DEFAULT_KEY_LIMITS) -> RecordMachine:
         """SPAKE2 already exchanged and finished (``pake``): confirmations only.
 
         Raises what the in-band handshake would for a bad peer message
@@ -460,21 +561,22 @@ class RecordMachine:
             raise ValueError(f"the pake was made for role {pake.role}, not {role}")
         key = pake.key()
         assert pake.peer_message is not None
-        machine = cls(role, timeout=timeout)
+        machine = cls(role, timeout=timeout, limits=limits)
         machine._our_hello = pake.hello
         machine._keys = machine._derive_all(key, _hello(pake.peer_message))
         return machine
 
     @classmethod
     def path(cls, role: PeerRole, secrets: TunnelSecrets, *,
-             timeout: float = HANDSHAKE_TIMEOUT, nonce: bytes | None = None) -> RecordMachine:
+             timeout: float = HANDSHAKE_TIMEOUT, nonce: bytes | None = None,
+             limits: KeyLimits = DEFAULT_KEY_LIMITS) -> RecordMachine:
         """A later connection of a tunnel whose first one confirmed ``secrets``:
         path hellos, then path confirmations (no SPAKE2). ``nonce``: for tests;
         16 fresh random bytes otherwise."""
         nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
         if len(nonce) != NONCE_SIZE:
             raise ValueError(f"a path nonce is {NONCE_SIZE} bytes")
-        machine = cls(role, timeout=timeout)
+        machine = cls(role, timeout=timeout, limits=limits)
         machine._path = machine._secrets = secrets
         machine._our_hello = PATH_HELLO.pack(PATH_MAGIC, VERSION, machine._side.encode(), nonce)
         return machine
@@ -543,9 +645,9 @@ class RecordMachine:
             return self._view[self._have :]
         if self._have < HEADER_SIZE:
             return self._view[self._have : HEADER_SIZE]
-        (size,) = RECORD_HEADER.unpack_from(self._buf)
+        (word,) = RECORD_HEADER.unpack_from(self._buf)
         # The record and the next header; an out-of-range length was refused already.
-        return self._view[self._have : HEADER_SIZE + size + HEADER_SIZE]
+        return self._view[self._have : HEADER_SIZE + (word & _LENGTH_MASK) + HEADER_SIZE]
 
     def buffer_updated(self, nbytes: int) -> list[RecordEvent]:
         """``nbytes`` were written at the start of the last :meth:`get_buffer` view."""
@@ -603,7 +705,7 @@ class RecordMachine:
         sealing = self.sealing
         if sealing is None:
             raise RuntimeError("records before the handshake is done")
-        plain, fill = self._plain, 0
+        plain, fill, used = self._plain, 0, 0
         records: list[memoryview] = []
         for part in parts:
             n = len(part)
@@ -614,22 +716,33 @@ class RecordMachine:
             view, start = memoryview(part), 0
             while start < n:
                 if fill == MAX_RECORD:
-                    records.append(self._seal_one(sealing, fill, len(records)))
+                    records.append(self._seal_one(fill, used, records))
+                    used += 1
                     fill = 0
                 take = min(n - start, MAX_RECORD - fill)
                 plain[fill : fill + take] = view[start : start + take]
                 fill += take
                 start += take
         if fill:
-            if not records:  # the usual case: one record, inline
+            if not records and not sealing.due(self.limits):  # usual: one record, inline
                 out = self._out[0]
                 size = sealing.seal_into(plain[:fill], out)
                 self.bytes_out += size
                 return [out[:size]]
-            records.append(self._seal_one(sealing, fill, len(records)))
+            records.append(self._seal_one(fill, used, records))
         return records
 
-    def _seal_one(self, sealing: SealingKey, n: int, index: int) -> memoryview:
+    def _seal_one(self, n: int, index: int, records: list[memoryview]) -> memoryview:
+        """The ``index``-th data record of this call from ``n`` bytes of the plaintext
+        buffer, after a KEY_UPDATE record (appended to ``records``) if one is due."""
+        sealing = self.sealing
+        assert sealing is not None
+        if sealing.due(self.limits):
+            update = memoryview(bytearray(HEADER_SIZE + TAG_SIZE))  # rare: a fresh buffer
+            self.bytes_out += sealing.seal_into(update[:0], update, KEY_UPDATE)
+            records.append(update)
+            self.sealing = sealing = sealing.next()
+            self.key_updates = (self.key_updates[0] + 1, self.key_updates[1])
         if index == len(self._out):
             self._out.append(memoryview(bytearray(RECORD_SIZE)))
         out = self._out[index]
@@ -656,7 +769,7 @@ class RecordMachine:
         self._tags = (_confirm_tag(confirm_key, self._side, transcript),
                       _confirm_tag(confirm_key, spake_side(self.peer_role), transcript))
         self._secrets = TunnelSecrets.from_key(key)
-        return _record_keys(key, self._side)
+        return _record_keys(key, self._side, self.limits)
 
     def _derive_path(self, peer_hello: bytes) -> tuple[SealingKey, OpeningKey]:
         """This connection's keys and both confirmation tags, from the path secret
@@ -676,7 +789,7 @@ class RecordMachine:
         a_to_b = _derive(secret, LABEL_PATH_A_TO_B, salt)
         b_to_a = _derive(secret, LABEL_PATH_B_TO_A, salt)
         send, recv = (a_to_b, b_to_a) if self._side == "A" else (b_to_a, a_to_b)
-        return SealingKey(send), OpeningKey(recv)
+        return SealingKey(send), OpeningKey(recv, self.limits)
 
     def _check_path_hello(self, hello: bytes) -> None:
         magic, version, side, _nonce = PATH_HELLO.unpack(hello)
@@ -757,11 +870,11 @@ class RecordMachine:
         opening, buf, view = self.opening, self._buf, self._view
         assert opening is not None
         while self._have >= HEADER_SIZE:
-            (size,) = RECORD_HEADER.unpack_from(buf)
-            if not TAG_SIZE < size <= MAX_RECORD + TAG_SIZE:
-                return events + self._fail(TunnelTampered(
-                    f"tunnel data rejected: record length {size} is out of range"), flush=False)
-            end = HEADER_SIZE + size
+            (size,) = RECORD_HEADER.unpack_from(buf)  # a DATA record's type byte is 0
+            update = size == _KEY_UPDATE_WORD
+            if not (TAG_SIZE < size <= MAX_RECORD + TAG_SIZE or update):
+                return events + self._fail(TunnelTampered(_bad_header(size)), flush=False)
+            end = HEADER_SIZE + (size & _LENGTH_MASK)
             if self._have < end:
                 break
             try:
@@ -772,6 +885,10 @@ class RecordMachine:
             if rest:
                 buf[:rest] = bytes(view[end : self._have])  # may overlap: copy first
             self._have = rest
+            if update:  # authenticated under the old key: the next record uses the next
+                self.opening = opening = opening.next()
+                self.key_updates = (self.key_updates[0], self.key_updates[1] + 1)
+                continue
             events.append(RecordReceived(plain))
         return events
 

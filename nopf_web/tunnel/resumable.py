@@ -38,7 +38,14 @@ from dataclasses import dataclass
 from nopf_web.roles import PeerRole
 
 from .errors import HandshakeError, TunnelClosed, TunnelError
-from .record_machine import HANDSHAKE_TIMEOUT, Buffer, Pake, TunnelSecrets
+from .record_machine import (
+    DEFAULT_KEY_LIMITS,
+    HANDSHAKE_TIMEOUT,
+    Buffer,
+    KeyLimits,
+    Pake,
+    TunnelSecrets,
+)
 from .resume_machine import (
     ACK_DELAY,
     CANDIDATE_TIMEOUT,
@@ -98,6 +105,7 @@ class PathInfo:
     records_in: int
     records_out: int
     rtt: float | None
+    key_updates: tuple[int, int] = (0, 0)  # record-key updates (sent, received)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +162,8 @@ class ResumableChannel:
                  rtt_factor: float = RTT_FACTOR, ack_delay: float = ACK_DELAY,
                  switch_grace: float = SWITCH_GRACE,
                  candidate_timeout: float = CANDIDATE_TIMEOUT,
-                 resume_budget: float = RESUME_BUDGET, name: str = "tunnel") -> None:
+                 resume_budget: float = RESUME_BUDGET, name: str = "tunnel",
+                 key_limits: KeyLimits = DEFAULT_KEY_LIMITS) -> None:
         if (code is None) == (pake is None):
             raise ValueError("give the pairing code or the pake, not both")
         self.role: PeerRole = role
@@ -162,6 +171,7 @@ class ResumableChannel:
         self._code = code
         self._pake = pake
         self.handshake_timeout = handshake_timeout
+        self.key_limits = key_limits  # every path's record keys (tests set low ones)
         self._on_event = on_event
         self._machine = ResumeMachine(
             role, replay_cap=replay_cap, keepalive=keepalive, min_timeout=min_timeout,
@@ -176,6 +186,7 @@ class ResumableChannel:
         # the wire bytes of those whose connection ended.
         self._states: dict[int, PathState] = {}
         self._wire: dict[int, tuple[int, int]] = {}
+        self._updates: dict[int, tuple[int, int]] = {}  # key updates of ended paths
         self._first: SecureChannel | None = None
         self._secrets: TunnelSecrets | None = None
         self._active: SecureChannel | None = None  # the connection we send on
@@ -218,8 +229,9 @@ class ResumableChannel:
             conn = self._conns.get(path)
             wire = (conn.wire_bytes_in, conn.wire_bytes_out) if conn is not None \
                 else self._wire.get(path, (0, 0))
+            updates = conn.key_updates if conn is not None else self._updates.get(path, (0, 0))
             paths.append(PathInfo(path, p.kind, p.status, *wire, p.data_in, p.data_out,
-                                  p.records_in, p.records_out, p.srtt))
+                                  p.records_in, p.records_out, p.srtt, updates))
         return ChannelStats(s.kind, s.resumes, s.replayed, s.duplicates, s.unacked_bytes,
                             tuple(paths))
 
@@ -249,7 +261,8 @@ class ResumableChannel:
                 raise RuntimeError("the tunnel already has its first path")
             # The code is unused when a pake is given.
             conn = await open_channel(sock, role=self.role, code=self._code or "",
-                                      timeout=self.handshake_timeout, pake=self._pake)
+                                      timeout=self.handshake_timeout, pake=self._pake,
+                                      limits=self.key_limits)
             self._first = conn
             path = self._machine.add_path(kind, self._loop.time(), first=True)
             self._attach(path, conn)
@@ -270,7 +283,7 @@ class ResumableChannel:
         self._states[path] = state
         try:
             conn = await open_path(sock, role=self.role, secrets=secrets,
-                                   timeout=self.handshake_timeout)
+                                   timeout=self.handshake_timeout, limits=self.key_limits)
         except BaseException as exc:
             error = exc if isinstance(exc, Exception) else HandshakeError(
                 "path handshake: cancelled")
@@ -333,6 +346,7 @@ class ResumableChannel:
     def _forget(self, path: int, conn: SecureChannel) -> None:
         if self._conns.get(path) is conn:
             self._wire[path] = (conn.wire_bytes_in, conn.wire_bytes_out)
+            self._updates[path] = conn.key_updates
             del self._conns[path]
             if not conn.closed:  # its socket closes a little later: wait_closed waits
                 self._unclosed.add(conn)

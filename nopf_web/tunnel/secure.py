@@ -24,6 +24,7 @@ from nopf_web.roles import PeerRole
 from .errors import HandshakeError, TunnelError
 from .record_machine import (
     CONFIRM_SIZE,
+    DEFAULT_KEY_LIMITS,
     HANDSHAKE_TIMEOUT,
     HELLO_SIZE,
     MAX_RECORD,
@@ -31,6 +32,7 @@ from .record_machine import (
     ChannelEnded,
     ChannelFailed,
     HandshakeDone,
+    KeyLimits,
     Pake,
     PeerConfirmed,
     RecordEvent,
@@ -150,6 +152,11 @@ class SecureChannel:
     @property
     def wire_bytes_in(self) -> int:
         return self._machine.bytes_in
+
+    @property
+    def key_updates(self) -> tuple[int, int]:
+        """Record-key updates (sent, received) on this connection."""
+        return self._machine.key_updates
 
     @property
     def wire_bytes_out(self) -> int:
@@ -347,8 +354,8 @@ class SecureChannel:
 
 
 async def open_channel(sock: socket.socket, *, role: PeerRole, code: str,
-                       timeout: float = HANDSHAKE_TIMEOUT,
-                       pake: Pake | None = None) -> SecureChannel:
+                       timeout: float = HANDSHAKE_TIMEOUT, pake: Pake | None = None,
+                       limits: KeyLimits = DEFAULT_KEY_LIMITS) -> SecureChannel:
     """Authenticate the peer on a connected TCP socket with ``code``; the channel owns it.
 
     ``role``: ``"server"`` shares the service, ``"client"`` connects to it;
@@ -362,10 +369,14 @@ async def open_channel(sock: socket.socket, *, role: PeerRole, code: str,
     follow it at once. Nothing the peer sends is delivered before its tag has
     been checked; :meth:`SecureChannel.confirmed` waits for that check and
     raises the same errors (``PairingMismatch`` on a wrong code).
+
+    ``limits``: when record keys are updated (see the record machine; tests set
+    low ones).
     """
     try:
-        machine = (RecordMachine.handshake(role, code, timeout=timeout) if pake is None
-                   else RecordMachine.confirm_only(role, pake, timeout=timeout))
+        machine = (RecordMachine.handshake(role, code, timeout=timeout, limits=limits)
+                   if pake is None
+                   else RecordMachine.confirm_only(role, pake, timeout=timeout, limits=limits))
     except BaseException:
         sock.close()
         raise
@@ -383,7 +394,8 @@ async def open_channel(sock: socket.socket, *, role: PeerRole, code: str,
 
 
 async def open_path(sock: socket.socket, *, role: PeerRole, secrets: TunnelSecrets,
-                    timeout: float = HANDSHAKE_TIMEOUT) -> SecureChannel:
+                    timeout: float = HANDSHAKE_TIMEOUT,
+                    limits: KeyLimits = DEFAULT_KEY_LIMITS) -> SecureChannel:
     """A later connection of a tunnel whose first one confirmed ``secrets``: the
     path handshake (no SPAKE2; see the record machine). Returns once our
     confirm is sent (the peer's hello is in); :meth:`SecureChannel.confirmed`
@@ -391,7 +403,7 @@ async def open_path(sock: socket.socket, *, role: PeerRole, secrets: TunnelSecre
     key, :class:`HandshakeTimeout` or :class:`HandshakeError`. The channel owns
     ``sock``; on failure it is closed."""
     try:
-        machine = RecordMachine.path(role, secrets, timeout=timeout)
+        machine = RecordMachine.path(role, secrets, timeout=timeout, limits=limits)
     except BaseException:
         sock.close()
         raise

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Final
 
 from aiohttp import web
 
 from nopf_web.errors import NopfError
 from nopf_web.guard import guard_status
+from nopf_web.inputs import InputError, is_one_line, parse_json_object, query_int, quote
 
 from .forms import (
     FieldError,
@@ -21,7 +21,7 @@ from .forms import (
     parse_rendezvous,
     parse_role,
 )
-from .keys import GUARD, MANAGER
+from .keys import GUARD, MANAGER, STORE
 from .manager import CreateError
 from .model import SessionView
 from .views import base_url, history_json, load_session, merged_history
@@ -30,30 +30,31 @@ CREATE_FIELDS: Final = frozenset({"role", "local_port", "mode", "code", "rendezv
                                    "port_mapping"})
 
 
-def _error(message: str, status: int = 400, field: str | None = None) -> web.Response:
-    body: dict[str, Any] = {"error": message}
-    if field is not None:
-        body["field"] = field
-    return web.json_response(body, status=status)
+def _error(message: str, status: int = 400, field: str = "body") -> web.Response:
+    return web.json_response({"error": message, "field": field}, status=status)
 
 
-def _field_error(exc: FieldError) -> web.Response:
+def _field_error(exc: InputError) -> web.Response:
     return _error(str(exc), field=exc.field)
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.text())
-    except (ValueError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(text="the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise web.HTTPBadRequest(text="the body must be a JSON object")
-    return body
+    """The JSON object sent (UTF-8 whatever the charset says: RFC 8259); a body that is
+    no JSON object is an :class:`InputError` naming ``body``."""
+    return parse_json_object(await request.read())
+
+
+async def _durable(request: web.Request) -> None:
+    """Commit what the store has queued. Called after a handler has taken its view of
+    the sessions and before it answers: a creation answered 201, or an end the answer
+    shows, is then in the database (and survives a crash of this process)."""
+    await request.app[STORE].flush()
 
 
 async def list_sessions(request: web.Request) -> web.Response:
     base = base_url(request)
     views = [SessionView.from_managed(ms) for ms in request.app[MANAGER].sessions()]
+    await _durable(request)
     return web.json_response({"sessions": [v.to_json(base) for v in views]})
 
 
@@ -61,8 +62,11 @@ async def create_session(request: web.Request) -> web.Response:
     body = await _body(request)
     unknown = sorted(set(body) - CREATE_FIELDS)
     if unknown:
-        return _error(f"{unknown[0]}: unknown field (expected role, local_port, mode, code, "
-                      "rendezvous, label, port_mapping)", field=unknown[0])
+        name = unknown[0]
+        expected = "(expected role, local_port, mode, code, rendezvous, label, port_mapping)"
+        if name and len(name) <= 40 and is_one_line(name):
+            return _error(f"{name}: unknown field {expected}", field=name)
+        return _error(f"body: unknown field {quote(name)} {expected}", field="body")
     for required in ("role", "local_port"):
         if required not in body:
             return _error(f"{required}: is required", field=required)
@@ -84,12 +88,14 @@ async def create_session(request: web.Request) -> web.Response:
     except CreateError as exc:
         return _error(str(exc), exc.status, exc.field)
     view = SessionView.from_managed(ms)
+    await _durable(request)
     return web.json_response(view.to_json(base_url(request)), status=201,
                              headers={"Location": f"/api/sessions/{ms.id}"})
 
 
 async def get_session(request: web.Request) -> web.Response:
     view, _ms = await load_session(request, request.match_info["id"])
+    await _durable(request)
     return web.json_response(view.to_json(base_url(request)))
 
 
@@ -103,12 +109,14 @@ async def set_peer(request: web.Request) -> web.Response:
     except FieldError as exc:
         return _field_error(exc)
     if ms is None:
-        return _error("the session has already ended", 409)
+        return _error("the session has already ended", 409, "id")
     try:
         request.app[MANAGER].set_peer(ms, peer)
     except NopfError as exc:
         return _error(str(exc), 409, "address")
-    return web.json_response(SessionView.from_managed(ms).to_json(base_url(request)))
+    view = SessionView.from_managed(ms)
+    await _durable(request)
+    return web.json_response(view.to_json(base_url(request)))
 
 
 async def stop_session(request: web.Request) -> web.Response:
@@ -116,18 +124,18 @@ async def stop_session(request: web.Request) -> web.Response:
     if ms is not None:
         await request.app[MANAGER].stop(ms)
         view = SessionView.from_managed(ms)
+    await _durable(request)
     return web.json_response(view.to_json(base_url(request)))
 
 
 async def history(request: web.Request) -> web.Response:
-    limit_text = request.query.get("limit", "50")
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
-        return _error("limit: must be a whole number from 1 to 1000", field="limit")
-    offset_text = request.query.get("offset", "0")
-    if not offset_text.isdigit() or len(offset_text) > 9:
-        return _error("offset: must be a whole number, 0 or more", field="offset")
+    try:
+        limit = query_int(request.query, "limit", 50, 1, 1000)
+        offset = query_int(request.query, "offset", 0, 0, 999_999_999)
+    except InputError as exc:
+        return _field_error(exc)
     views, connections, total = await merged_history(
-        request, outcome=None, query=None, limit=int(limit_text), offset=int(offset_text))
+        request, outcome=None, query=None, limit=limit, offset=offset)
     base = base_url(request)
     return web.json_response({"total": total, "sessions": [
         history_json(v, connections[v.id], base) for v in views]})

@@ -23,11 +23,11 @@ from nopf_web.doctor.report import DoctorReport
 from nopf_web.errors import NopfError
 from nopf_web.guard import make_guard
 from nopf_web.guard.base import Guard, NullGuard
+from nopf_web.inputs import InputError
 from nopf_web.rendezvous.doctor import DoctorResponder
 from nopf_web.rendezvous.server import RendezvousServer
 from nopf_web.resources import resource_dir
 from nopf_web.wire.address import Endpoint, parse_host_endpoint
-from nopf_web.wire.errors import BadAddress
 from nopf_web.wire.nat import NatSummary
 
 from . import api, doctor, stats, views
@@ -166,7 +166,7 @@ async def _stored_rendezvous(store: HistoryStore) -> Endpoint | None:
         return None
     try:
         return parse_host_endpoint(text)
-    except BadAddress:
+    except InputError:
         log.warning("ignoring the stored default rendezvous %r: not HOST:PORT", text)
         return None
 

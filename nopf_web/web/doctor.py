@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from nopf_web.doctor.cache import DoctorCache, Measurement
+from nopf_web.inputs import query_choice
 from nopf_web.wire.address import Endpoint
 
 from .keys import DOCTOR, MANAGER, RENDEZVOUS
@@ -36,10 +37,7 @@ async def _measure(request: web.Request, refresh: bool) -> tuple[Measurement, bo
 
 
 def _refresh(request: web.Request) -> bool:
-    value = request.query.get("refresh", "0")
-    if value not in ("0", "1"):
-        raise web.HTTPBadRequest(text="refresh must be 0 or 1")
-    return value == "1"
+    return query_choice(request.query, "refresh", "0", ("0", "1")) == "1"
 
 
 def _page(request: web.Request, measurement: Measurement, cached: bool) -> web.Response:
@@ -65,7 +63,8 @@ async def doctor_again(request: web.Request) -> web.Response:
 async def doctor_api(request: web.Request) -> web.Response:
     measurement, cached = await _measure(request, _refresh(request))
     if measurement.report is None:
-        return web.json_response({"error": measurement.error or "not measured"}, status=502)
+        return web.json_response({"error": measurement.error or "not measured",
+                                  "field": "rendezvous"}, status=502)
     body = measurement.report.to_json()
     body["cached"] = cached
     body["age_s"] = round(request.app[DOCTOR].age(measurement), 1)

@@ -1,4 +1,8 @@
-"""Validation of what users type (forms) and send (JSON): one error names one field."""
+"""Validation of what users type (forms) and send (JSON): one error names one field.
+
+Built on the one parsing layer (:mod:`nopf_web.inputs`, :mod:`nopf_web.wire.address`,
+:func:`nopf_web.pairing.parse_code`); a :class:`FieldError` is its
+:class:`~nopf_web.inputs.InputError`, worded for a form (``field: problem``)."""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ import unicodedata
 from typing import Final
 
 from nopf_web.db import Mode
-from nopf_web.pairing import BadCode, PairingCode, parse_code
+from nopf_web.inputs import InputError, json_int
+from nopf_web.pairing import PairingCode, parse_code
 from nopf_web.roles import PeerRole
 from nopf_web.wire.address import (
     Endpoint,
@@ -14,17 +19,17 @@ from nopf_web.wire.address import (
     parse_ipv4_endpoint,
     parse_port,
 )
-from nopf_web.wire.errors import BadAddress
 
 MAX_LABEL: Final = 80
 MAX_TEXT: Final = 300  # any single text field; longer is not an address or a label
 
 
-class FieldError(ValueError):
+class FieldError(InputError):
+    """``str()`` is ``field: message``; ``message`` alone goes next to a form's field."""
+
     def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-        self.message = message
+        super().__init__(field_name, message)
+        self.args = (f"{field_name}: {message}",)
 
 
 def _text(field_name: str, value: object, *, allow_none: bool = False) -> str | None:
@@ -63,7 +68,7 @@ def parse_pairing_code(value: object) -> PairingCode | None:
         return None
     try:
         return parse_code(text)
-    except BadCode as exc:
+    except InputError as exc:
         raise FieldError("code", str(exc)) from None
 
 
@@ -81,13 +86,11 @@ def parse_local_port(value: object) -> int:
     """An int from JSON, or the digits of a form field."""
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise FieldError("local_port", "must be an integer between 1 and 65535")
-    if isinstance(value, int):
-        if not 1 <= value <= 65535:
-            raise FieldError("local_port", f"{value} is out of range (1-65535)")
-        return value
     try:
-        return parse_port(value[:MAX_TEXT], what="local port")
-    except BadAddress as exc:
+        if isinstance(value, int):
+            return json_int(value, "local port", 1, 65535)
+        return parse_port(value, what="local port")
+    except InputError as exc:
         raise FieldError("local_port", str(exc)) from None
 
 
@@ -98,7 +101,7 @@ def parse_rendezvous(value: object) -> Endpoint | None:
         return None
     try:
         return parse_host_endpoint(text)
-    except BadAddress as exc:
+    except InputError as exc:
         raise FieldError("rendezvous", str(exc)) from None
 
 
@@ -106,7 +109,7 @@ def parse_peer(value: object, field_name: str = "address") -> Endpoint:
     text = _text(field_name, value) or ""
     try:
         return parse_ipv4_endpoint(text)
-    except BadAddress as exc:
+    except InputError as exc:
         raise FieldError(field_name, str(exc)) from None
 
 

@@ -19,6 +19,7 @@ from aiohttp import web
 from markupsafe import Markup, escape
 
 from nopf_web.db import AttemptRow
+from nopf_web.inputs import query_choice
 
 from .keys import STORE
 from .render import is_fragment, render
@@ -179,10 +180,8 @@ def _nice(value: float) -> float:
 
 
 def parse_range(request: web.Request) -> str:
-    chosen = request.query.get("range", DEFAULT_RANGE)
-    if chosen not in RANGES:
-        raise web.HTTPBadRequest(text=f"range must be one of {', '.join(RANGES)}")
-    return chosen
+    """The ``range`` query parameter (an :class:`InputError` naming it: a 400)."""
+    return query_choice(request.query, "range", DEFAULT_RANGE, tuple(RANGES))
 
 
 async def stats_page(request: web.Request) -> web.Response:

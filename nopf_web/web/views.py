@@ -14,6 +14,7 @@ from markupsafe import Markup
 
 from nopf_web.db import OUTCOMES, ConnectionRow, EventRow
 from nopf_web.errors import NopfError
+from nopf_web.inputs import query_choice, query_int, text
 from nopf_web.sessions.engine import Event
 
 from .forms import (
@@ -32,6 +33,7 @@ from .live import live_parts, page_token, stream
 from .manager import CreateError, ManagedSession
 from .model import SessionView
 from .render import is_fragment, iso, render
+from .security import read_form
 
 HISTORY_PAGE: Final = 25
 EXPORT_LIMIT: Final = 100_000
@@ -106,7 +108,7 @@ def _sessions_full(request: web.Request, views: Sequence[SessionView], *,
 
 
 async def create_session(request: web.Request) -> web.Response:
-    form = await request.post()
+    form = await read_form(request)
     values = {k: _field(form, k)
               for k in ("role", "local_port", "mode", "code", "rendezvous", "label")}
     manager = request.app[MANAGER]
@@ -155,7 +157,7 @@ async def session_page(request: web.Request) -> web.Response:
 
 async def _peer(request: web.Request, view: SessionView, ms: ManagedSession | None,
                 base: str) -> web.Response:
-    form = await request.post()
+    form = await read_form(request)
     value = _field(form, "address")
     try:
         peer = parse_peer(value)
@@ -229,17 +231,12 @@ async def share_stop(request: web.Request) -> web.Response:
 
 
 def history_filters(request: web.Request) -> tuple[str | None, str | None, int]:
-    """(outcome, search, page) from the query; 400 naming the parameter if bad."""
-    outcome = request.query.get("outcome", "")
-    if outcome not in FILTERS:
-        raise web.HTTPBadRequest(text=f"outcome must be one of {', '.join(FILTERS[1:])}")
-    query = request.query.get("q", "").strip()
-    if len(query) > 100:
-        raise web.HTTPBadRequest(text="q (search) is too long: at most 100 characters")
-    page_text = request.query.get("page", "1")
-    if not page_text.isdigit() or not 1 <= int(page_text) <= 1_000_000:
-        raise web.HTTPBadRequest(text="page must be a positive whole number")
-    return outcome or None, query or None, int(page_text)
+    """(outcome, search, page) from the query; an InputError (a 400) naming the
+    parameter if bad."""
+    outcome = query_choice(request.query, "outcome", "", FILTERS)
+    query = text(request.query.get("q", ""), "q", max_len=100)
+    page = query_int(request.query, "page", 1, 1, 1_000_000)
+    return outcome or None, query or None, page
 
 
 async def history_page(request: web.Request) -> web.Response:
@@ -324,7 +321,7 @@ async def settings_page(request: web.Request) -> web.Response:
 
 
 async def settings_save(request: web.Request) -> web.Response:
-    form = await request.post()
+    form = await read_form(request)
     value = _field(form, "default_rendezvous")
     try:
         endpoint = parse_rendezvous(value)

@@ -1,4 +1,10 @@
-"""Parsing of the ``IP:PORT`` / ``HOST:PORT`` text users type and the CLI prints."""
+"""Parsing of the ``IP:PORT`` / ``HOST:PORT`` text users type and the CLI prints.
+
+Part of the one parsing layer (:mod:`nopf_web.inputs`): ports are ASCII digits
+in range, hosts are IPv4 dotted quads or RFC 1123 names (ASCII), and every
+failure is a :class:`~nopf_web.wire.errors.BadAddress` (an
+:class:`~nopf_web.inputs.InputError`) naming its field.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,14 @@ import ipaddress
 import re
 from typing import NamedTuple
 
+from nopf_web.inputs import MAX_TEXT, is_ascii_digits, is_one_line, quote
+
 from .errors import BadAddress
 
-# RFC 1123 host names: labels of letters, digits and hyphens.
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
+# RFC 1123 host names: labels of ASCII letters, digits and hyphens (fullmatch: a
+# trailing newline is no part of a name).
+_HOSTNAME = re.compile(r"(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+",
+                       re.ASCII)
 
 
 class Endpoint(NamedTuple):
@@ -22,46 +32,109 @@ class Endpoint(NamedTuple):
         return f"{self.host}:{self.port}"
 
 
-def _split(text: str) -> tuple[str, str]:
+def _line(text: str, field: str) -> str:
+    if not isinstance(text, str):
+        raise BadAddress(f"{field} must be text, got {type(text).__name__}", field)
+    if len(text) > MAX_TEXT:
+        raise BadAddress(f"{field} is too long to be an address ({len(text):,} characters)",
+                         field)
     text = text.strip()
+    if not is_one_line(text):
+        raise BadAddress(f"{field} {quote(text)} contains control or invalid characters", field)
+    return text
+
+
+def _split(text: str, field: str) -> tuple[str, str]:
+    text = _line(text, field)
     if not text:
-        raise BadAddress("empty address (expected IP:PORT)")
+        raise BadAddress("empty address (expected IP:PORT)", field)
     host, sep, port = text.rpartition(":")
     if not sep or not host:
-        raise BadAddress(f"{text!r} is not IP:PORT (missing ':PORT')")
+        raise BadAddress(f"{quote(text)} is not IP:PORT (missing ':PORT')", field)
     return host, port
 
 
-def parse_port(text: str, *, what: str = "port", allow_zero: bool = False) -> int:
-    text = text.strip()
-    if not text.isdigit() or len(text) > 5:
-        raise BadAddress(f"{what} {text!r} is not a number between 1 and 65535")
+def parse_port(text: str, *, what: str = "port", allow_zero: bool = False,
+               field: str | None = None) -> int:
+    """A TCP port: ASCII digits, 1-65535 (0 too with ``allow_zero``). ``what`` is how
+    messages name it; ``field`` the input it came from (default: ``what``)."""
+    field = field or what
+    text = _line(text, field)
+    if not is_ascii_digits(text) or len(text) > 5:
+        raise BadAddress(f"{what} {quote(text)} is not a number between 1 and 65535", field)
     value = int(text)
     if not (0 if allow_zero else 1) <= value <= 65535:
-        raise BadAddress(f"{what} {value} is out of range (1-65535)")
+        raise BadAddress(f"{what} {value} is out of range (1-65535)", field)
     return value
 
 
-def parse_ipv4_endpoint(text: str) -> Endpoint:
+def parse_ipv4_endpoint(text: str, *, field: str = "address") -> Endpoint:
     """Parse a peer's public address: a dotted-quad IPv4 address and a port."""
-    host, port = _split(text)
+    host, port = _split(text, field)
+    shown = quote(text.strip())
     try:
         ip = ipaddress.IPv4Address(host)
     except ValueError:
-        raise BadAddress(f"{host!r} in {text.strip()!r} is not an IPv4 address") from None
+        raise BadAddress(f"{quote(host)} in {shown} is not an IPv4 address", field) from None
     if ip.is_unspecified or ip.is_multicast:
-        raise BadAddress(f"{ip} cannot be a peer address")
-    return Endpoint(str(ip), parse_port(port, what=f"port in {text.strip()!r}"))
+        raise BadAddress(f"{ip} cannot be a peer address", field)
+    return Endpoint(str(ip), parse_port(port, what=f"port in {shown}", field=field))
 
 
-def parse_host_endpoint(text: str) -> Endpoint:
-    """Parse a rendezvous address: an IPv4 address or a host name, and a port."""
-    host, port = _split(text)
+def parse_host(host: str, *, field: str = "host", shown: str | None = None) -> str:
+    """An IPv4 address (canonical form) or an RFC 1123 host name."""
     try:
-        host = str(ipaddress.IPv4Address(host))
+        return str(ipaddress.IPv4Address(host))
     except ValueError:
-        if host.replace(".", "").isdigit() or not _HOSTNAME.match(host):
-            raise BadAddress(
-                f"{host!r} in {text.strip()!r} is not an IPv4 address or host name"
-            ) from None
-    return Endpoint(host, parse_port(port, what=f"port in {text.strip()!r}"))
+        if host.replace(".", "").isdigit() or not _HOSTNAME.fullmatch(host):
+            where = f" in {shown}" if shown else ""
+            raise BadAddress(f"{quote(host)}{where} is not an IPv4 address or host name",
+                             field) from None
+    return host
+
+
+def parse_host_endpoint(text: str, *, field: str = "address") -> Endpoint:
+    """Parse a rendezvous address: an IPv4 address or a host name, and a port."""
+    host, port = _split(text, field)
+    shown = quote(text.strip())
+    return Endpoint(parse_host(host, field=field, shown=shown),
+                    parse_port(port, what=f"port in {shown}", field=field))
+
+
+def parse_ip(text: str, *, field: str = "address") -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A host's own IPv4 or IPv6 address (brackets forgiven; no zone id), neither
+    unspecified nor multicast."""
+    bare = _line(text, field).strip("[]")
+    if "%" in bare or not bare.isascii():
+        raise BadAddress(f"{field} {quote(bare)} is not an IP address", field)
+    try:
+        ip = ipaddress.ip_address(bare)
+    except ValueError:
+        raise BadAddress(f"{field} {quote(bare)} is not an IP address", field) from None
+    if ip.is_unspecified or ip.is_multicast:
+        raise BadAddress(f"{field} {ip} cannot be a host address", field)
+    return ip
+
+
+def parse_listen_host(text: str, *, field: str = "--host") -> str:
+    """Where to listen: an IPv4 or IPv6 address (unspecified ones included: 0.0.0.0,
+    ::) or a host name."""
+    bare = _line(text, field)
+    inner = bare[1:-1] if bare.startswith("[") and bare.endswith("]") else bare
+    if "%" not in inner and inner.isascii():
+        try:
+            return str(ipaddress.ip_address(inner))
+        except ValueError:
+            pass
+    if _HOSTNAME.fullmatch(bare) and not bare.replace(".", "").isdigit():
+        return bare
+    raise BadAddress(f"{field} {quote(bare)} is not an IP address or host name", field)
+
+
+def parse_listen_endpoint(text: str, *, field: str) -> Endpoint:
+    """``HOST:PORT`` to listen on (port 0: any free one); IPv6 in brackets."""
+    host, sep, port = _line(text, field).rpartition(":")
+    if not sep or not host:
+        raise BadAddress(f"{field} {quote(text.strip())} is not HOST:PORT", field)
+    return Endpoint(parse_listen_host(host, field=field).strip("[]"),
+                    parse_port(port, what=f"{field} port", field=field, allow_zero=True))

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from nopf_web.errors import NopfError
+from nopf_web.inputs import is_ascii_digits
 
 from .address import Endpoint
 from .errors import WireError
@@ -114,6 +115,8 @@ def format_endpoint(host: str, port: int) -> str:
 
 
 def _address(text: str, what: str) -> str:
+    if "%" in text or not text.isascii():  # no zone ids, ASCII only
+        raise DoctorMessageError(f"{what}: {text!r:.60} is not an IP address")
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:
@@ -136,7 +139,7 @@ def parse_endpoint(text: str, what: str = "address") -> Endpoint:
         if not sep or ":" in host:
             raise DoctorMessageError(f"{what}: {text!r:.60} is not IP:PORT")
     _address(host, what)
-    if not port.isdigit() or len(port) > 5 or not 1 <= int(port) <= 65535 \
+    if not is_ascii_digits(port) or len(port) > 5 or not 1 <= int(port) <= 65535 \
             or str(int(port)) != port:
         raise DoctorMessageError(f"{what}: port {port!r:.10} is not 1-65535")
     return Endpoint(host, int(port))

@@ -79,11 +79,12 @@ def test_quick_suite_writes_json_plots_and_sections(tmp_path: Path) -> None:
         for count, runs in streams["runs"][path].items():
             for run in runs:
                 assert run["mb_s"] > 0 and (run["errors"] == 0) == (run["first_error"] == "")
-                # A rare reset among 1,000 simultaneous streams was seen twice in
-                # many runs, not yet diagnosed: the suite reports it (errors and the
-                # first one's text); fewer streams must be clean.
-                limit = int(count) // 100 if int(count) >= 1000 else 0
-                assert run["errors"] <= limit, (path, count, run)
+                # The resets once seen among 1,000 simultaneous streams were the
+                # kernel's, for connections its accept queue could not hold (a
+                # backlog of 128 then): none now, and the kernel's counters say why
+                # if one comes back.
+                assert run["errors"] == 0, (path, count, run)
+                assert not run["kernel"]["b1"].get("TcpExtListenOverflows"), (path, count, run)
 
     setup = json.loads((results / "setup.json").read_text())["data"]
     for cell in setup["results"].values():

@@ -136,7 +136,9 @@ async def test_an_unreachable_rendezvous_is_a_502_and_a_page_that_says_why(
         web_config(tmp_path, rendezvous=Endpoint("127.0.0.1", port)), guard=NullGuard("t")))
     resp = await client.get("/api/doctor")
     assert resp.status == 502
-    assert await resp.json() == {"error": f"rendezvous 127.0.0.1:{port}: connection refused"}
+    # Every API error names the input to look at: here the rendezvous setting.
+    assert await resp.json() == {"error": f"rendezvous 127.0.0.1:{port}: connection refused",
+                                 "field": "rendezvous"}
     page = await (await client.get("/doctor")).text()
     assert "Could not measure" in page and "connection refused" in page
     assert client.app[DOCTOR].measurements == 2  # failures are not kept

@@ -21,7 +21,7 @@ from bench.resume import rounds
 from nopf_web.tunnel.errors import PathRejected
 from nopf_web.tunnel.forward import serve_connect, serve_share
 from nopf_web.tunnel.mux import Mux
-from nopf_web.tunnel.record_machine import Pake
+from nopf_web.tunnel.record_machine import KeyLimits, Pake
 from nopf_web.tunnel.resumable import ResumableChannel
 from nopf_web.tunnel.resume_machine import (
     NeedPath,
@@ -257,3 +257,31 @@ async def test_spake2_through_the_rendezvous_early_data_then_a_resume() -> None:
                 assert await peer.readexactly(5) == b"after"
                 assert a.kind == "relay" and b.kind == "relay"
                 assert any(isinstance(e, PathLost) for e in a_events)
+
+
+async def test_a_long_transfer_crosses_key_updates_and_a_resume_after_them() -> None:
+    """Low key limits (4 records or 1 MiB per key): 48 MiB each way cross
+    dozens of key updates on the first connection, which is then killed; what
+    is replayed on the new one goes out under its own keys, updated again."""
+    limits = KeyLimits(records=4, bytes=1 << 20)
+    async with asyncio.timeout(120), network() as net, \
+            tunnel(net, key_limits=limits) as (a, b, addr):
+        manager = net.tasks.create_task(path_manager(net, a, b), name="paths")
+        running = asyncio.create_task(transfers(addr), name="transfers")
+        await net.links[-1].until_carried(20 << 20)
+        first = a.channel.stats().paths[0].key_updates
+        assert first[0] >= 4 and first[1] >= 4  # both directions updated already
+        await net.links[0].reset()
+        await running
+        manager.cancel()
+        for p, peer in ((a, b), (b, a)):
+            stats = p.channel.stats()
+            assert stats.resumes == 1 and len(stats.paths) == 2
+            sent = sum(path.key_updates[0] for path in stats.paths)
+            got = sum(path.key_updates[1] for path in peer.channel.stats().paths)
+            assert stats.paths[1].key_updates[0] >= 4  # the new path updated too
+            assert got <= sent  # updates in flight on the killed path never arrived
+        # About 48 MiB each way at 1 MiB a key: at least 40 updates in each direction.
+        for p in (a, b):
+            assert sum(path.key_updates[0] for path in p.channel.stats().paths) >= 40
+        assert a.channel.stats().replayed + b.channel.stats().replayed > 0

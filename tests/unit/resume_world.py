@@ -22,8 +22,10 @@ from nopf_web.tunnel.mux_machine import (
     TunnelEnded,
 )
 from nopf_web.tunnel.record_machine import (
+    DEFAULT_KEY_LIMITS,
     ChannelEnded,
     ChannelFailed,
+    KeyLimits,
     Pake,
     PeerConfirmed,
     RecordEvent,
@@ -187,6 +189,8 @@ class Side:
 class World:
     def __init__(self, seed: int = 0, **resume_options: object) -> None:
         self.now = 1000.0
+        # Every connection's record key limits (tests set low ones before connecting).
+        self.key_limits: KeyLimits = DEFAULT_KEY_LIMITS
         self.rng = random.Random(seed)
         self.a = Side(self, "server", **resume_options)
         self.b = Side(self, "client", **resume_options)
@@ -208,10 +212,11 @@ class World:
             pakes["client"].finish(pakes["server"].message)
         for side in (self.a, self.b):
             if first:
-                rm = RecordMachine.confirm_only(side.role, pakes[side.role])
+                rm = RecordMachine.confirm_only(side.role, pakes[side.role],
+                                                limits=self.key_limits)
             else:
                 assert side.secrets is not None
-                rm = RecordMachine.path(side.role, side.secrets)
+                rm = RecordMachine.path(side.role, side.secrets, limits=self.key_limits)
             path = side.resume.add_path(kind, self.now, first=first) if first else \
                 side.resume.add_path(kind, self.now)
             end = End(side, conn, path, rm)

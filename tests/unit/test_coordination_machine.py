@@ -1073,3 +1073,18 @@ def test_a_rendezvous_without_owner_secrets_is_asked_again_without() -> None:
     p.says(again, reply() + frames(Welcome(7, 600.0, PUBLIC)))
     p.closes(again)  # no owner: the loss ends it, as before
     assert isinstance(p.failure(), RendezvousProtocolError)
+
+
+@pytest.mark.parametrize("role", ["server", "client"])
+def test_the_codes_words_never_reach_the_rendezvous(role: PeerRole) -> None:
+    """Only the nameplate and the SPAKE2 message (which hides the code) leave for the
+    rendezvous: the words stay on the two machines (docs/security.md)."""
+    p = Peer(role, punch_timeout=30.0)
+    p.start()
+    conn = p.connect()
+    p.says(conn, reply() + frames(Ping(5)))
+    sent = b"".join(p.sent.values())
+    assert sent and p.client_frames(conn)
+    for word in CODE.words:
+        assert word.encode() not in sent and word.encode("utf-16-be") not in sent
+    assert str(CODE).encode() not in sent

@@ -114,6 +114,27 @@ async def test_the_flusher_writes_in_the_background(store: HistoryStore) -> None
     assert store.flushes >= 1  # written without anyone calling flush()
 
 
+async def test_an_end_is_written_at_once_not_at_the_next_interval(tmp_path: Path) -> None:
+    s = await HistoryStore.open(tmp_path / "h.db", flush_interval=60.0)
+    s.start()
+    try:
+        s.add_session(_new("eeeeeeeeeeee"))
+        await asyncio.sleep(0.2)
+        assert s.flushes == 0  # progress waits for the batch (a minute here)...
+        s.update_session("eeeeeeeeeeee", state="closed", outcome="closed", ended_at=time.time())
+        s.add_event("eeeeeeeeeeee", time.time(), "outcome", "session closed")
+        for _ in range(100):
+            if s.flushes:
+                break
+            await asyncio.sleep(0.01)
+        assert s.flushes == 1  # ...an end does not: one transaction, with what came with it
+        rows = await s._conn.execute_fetchall(
+            "SELECT outcome, (SELECT count(*) FROM events) FROM sessions")
+        assert [tuple(r) for r in rows] == [("closed", 1)]
+    finally:
+        await s.close()
+
+
 async def test_unknown_columns_are_a_programming_error(store: HistoryStore) -> None:
     with pytest.raises(ValueError, match="not updatable"):
         store.update_session("x", role="client")

@@ -487,12 +487,26 @@ def test_reordered_replayed_and_injected_records_fail_authentication() -> None:
     assert "record 0 failed authentication" in str(b.failure().error) and not b.records
 
 
-@pytest.mark.parametrize("size", [0, 1, TAG_SIZE, MAX_RECORD + TAG_SIZE + 1, 0xFFFF_FFFF])
+@pytest.mark.parametrize("size", [0, 1, TAG_SIZE, MAX_RECORD + TAG_SIZE + 1, 0xFF_FFFF])
 def test_a_record_length_out_of_range_is_refused_at_once(size: int) -> None:
     _, b = ready_pair()
     b.feed(struct.pack("!I", size))  # no body: refused on the header alone
     error = b.failure().error
     assert str(error) == f"tunnel data rejected: record length {size} is out of range"
+    assert len(b.m.get_buffer(-1)) > 0
+
+
+@pytest.mark.parametrize(("word", "message"), [
+    (0xFFFF_FFFF, "record type 255 is unknown"),
+    (0x0200_0020, "record type 2 is unknown"),
+    (0x0100_0000, "key update record length 0 is not 16"),
+    (0x0100_0011, "key update record length 17 is not 16"),
+])
+def test_an_unknown_record_type_or_a_key_update_of_another_length_is_refused_at_once(
+        word: int, message: str) -> None:
+    _, b = ready_pair()
+    b.feed(struct.pack("!I", word))
+    assert str(b.failure().error) == f"tunnel data rejected: {message}"
     assert len(b.m.get_buffer(-1)) > 0
 
 

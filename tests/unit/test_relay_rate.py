@@ -8,8 +8,8 @@ import threading
 import pytest
 
 from nopf_web.cli.server import describe_rate, parse_rate
+from nopf_web.inputs import InputError
 from nopf_web.rendezvous.relay import QUANTUM_MIN, TokenBucket
-from nopf_web.wire.errors import BadAddress
 
 
 class Clock:
@@ -79,8 +79,9 @@ def test_rates_with_units(text: str, value: float) -> None:
 
 @pytest.mark.parametrize("text", ["", "M", "1.5.2M", "-1M", "1T", "fast", "1e6", "nan"])
 def test_bad_rates_name_the_option(text: str) -> None:
-    with pytest.raises(BadAddress, match=r"--relay-rate .* is not a rate"):
+    with pytest.raises(InputError, match=r"--relay-rate .* is not a rate") as caught:
         parse_rate(text)
+    assert caught.value.field == "--relay-rate"
 
 
 def test_rates_are_described_for_people() -> None:

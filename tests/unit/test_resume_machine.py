@@ -19,7 +19,7 @@ from nopf_web.tunnel.errors import (
     TunnelProtocolError,
     TunnelTampered,
 )
-from nopf_web.tunnel.record_machine import RecordMachine
+from nopf_web.tunnel.record_machine import MAX_RECORD, KeyLimits, RecordMachine
 from nopf_web.tunnel.resume_machine import (
     DATA_HEADER_SIZE,
     MAX_DATA_PAYLOAD,
@@ -681,3 +681,73 @@ def test_a_stream_that_merely_stopped_costs_one_ping_then_idles() -> None:
     (pong,) = sends(a.receive(pa, probe, 2.01))
     b.receive(pb, pong, 2.02)  # alive: the silence that follows is no news
     assert b.next_deadline == pytest.approx(2.02 + 15.0)
+
+
+# -- key updates under the resumable channel -------------------------------------------
+
+
+@FEW
+@given(sizes=stream_sizes, ops=st.lists(op, max_size=25), seed=st.integers(0, 2**32),
+       records=st.integers(1, 6), nbytes=st.integers(1, 300_000))
+def test_key_updates_cross_path_changes_and_replays_without_a_byte_lost(
+        sizes: list[tuple[int, int]], ops: list[tuple[object, ...]], seed: int,
+        records: int, nbytes: int) -> None:
+    """Low key limits: every connection updates its keys many times, connections
+    are cut, frozen and replaced in between, and what the resume layer replays
+    after a key update goes out on the new path under that path's fresh keys."""
+    limits = KeyLimits(records=records, bytes=nbytes)
+    world = World(seed)
+    world.key_limits = limits
+    world.connect("public")
+    sent = open_streams(world, sizes)
+    world.step()
+    world.step()
+    for action in ops:
+        apply(world, action, sent)
+    finish(world, sent)
+    updates = 0
+    for conn in world.conns:
+        a, b = conn.ends
+        sent_ab, sent_ba = a.rm.key_updates[0], b.rm.key_updates[0]
+        carried = not conn.frozen and not any(e.closed or e.out for e in conn.ends)
+        if not carried:  # cut or frozen: what was in flight never arrived
+            assert b.rm.key_updates[1] <= sent_ab and a.rm.key_updates[1] <= sent_ba
+        else:
+            assert (b.rm.key_updates[1], a.rm.key_updates[1]) == (sent_ab, sent_ba)
+        updates += sent_ab + sent_ba
+        for end in conn.ends:
+            sealing, opening = end.rm.sealing, end.rm.opening
+            if sealing is not None:  # no key sealed past its limits (+1 record)
+                assert sealing.records <= limits.records
+                assert sealing.bytes < limits.bytes + MAX_RECORD
+                assert sealing.generation == end.rm.key_updates[0]
+            if opening is not None:
+                assert opening.generation == end.rm.key_updates[1]
+    if not ops:  # one connection: a direction that carried more than one key may
+        up = sum(len(u) for u, _ in sent.values())  # seal had to update it
+        down = sum(len(d) for _, d in sent.values())
+        if max(up, down) >= nbytes + MAX_RECORD:
+            assert updates > 0
+
+
+def test_a_replay_after_a_key_update_goes_out_under_the_new_paths_keys() -> None:
+    limits = KeyLimits(records=3, bytes=50_000)
+    world = World(11)
+    world.key_limits = limits
+    first = world.connect("public")
+    sent = open_streams(world, [(400_000, 300_000)])
+    world.step()
+    world.step()
+    a_end, b_end = first.ends
+    for _ in range(100):
+        if b_end.rm.key_updates[1] >= 2:
+            break
+        world.step(60_000)
+        answer_streams(world, sent)
+    assert a_end.rm.key_updates[0] >= 2 and b_end.rm.key_updates[1] >= 2
+    world.cut(first, (7_000, 0))  # cut inside a record, after key updates
+    assert world.a.resume.unacked_bytes > 0  # something to replay
+    finish(world, sent)
+    later = world.conns[1:]
+    assert later and any(c.ends[0].rm.key_updates[0] > 0 for c in later)
+    assert world.a.resume.resumes >= 1
