@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from bench.report import Progress, ScenarioResult, Target
+from bench.scn_streams import ECHO
 from bench.scn_util import fmt, new_figure, raise_nofile, save_figure, table
 from tests.programs import argv, free_port
 
@@ -102,31 +103,6 @@ class Counts:
 
 
 # -- the programs -------------------------------------------------------------------------
-
-ECHO = """
-import asyncio, resource, sys
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-async def echo(reader, writer):
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.write_eof()
-        await writer.drain()
-    except OSError:
-        pass
-    finally:
-        writer.close()
-
-async def main():
-    server = await asyncio.start_server(echo, "127.0.0.1", 0, backlog=4096)
-    print(server.sockets[0].getsockname()[1], flush=True)
-    await server.serve_forever()
-
-asyncio.run(main())
-"""
 
 
 class Program:
@@ -234,7 +210,7 @@ def programs(tmp: Path) -> Iterator[Setup]:
         return p
 
     try:
-        echo = start("echo", [sys.executable, "-c", ECHO])
+        echo = start("echo", [sys.executable, "-c", ECHO, "127.0.0.1", "0"])
         service = int(echo.line())
         rdv_port = free_port()
         rdv = start("nopf-server", argv("nopf-server", "--host", "127.0.0.1", "--port",

@@ -37,8 +37,9 @@ SERVICE_PORT = 3000
 LOCAL_PORT = 3010
 BATCH_TIMEOUT = 60.0  # s for one batch of N streams
 
-# The echo service in a1, a process of its own (like a real service): asyncio,
-# deep backlog for 1,000 simultaneous connections.
+# The echo service, a process of its own (like a real service): asyncio, a deep
+# backlog for 1,000 simultaneous connections. Arguments: host, port (0: any); it
+# prints the port it listens on. The soak scenario runs it too.
 ECHO = """
 import asyncio, resource, sys
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -57,8 +58,8 @@ async def echo(reader, writer):
         writer.close()
 
 async def main():
-    server = await asyncio.start_server(echo, "0.0.0.0", int(sys.argv[1]), backlog=4096)
-    print("ready", flush=True)
+    server = await asyncio.start_server(echo, sys.argv[1], int(sys.argv[2]), backlog=4096)
+    print(server.sockets[0].getsockname()[1], flush=True)
     await server.serve_forever()
 
 asyncio.run(main())
@@ -199,10 +200,10 @@ def run(progress: Progress, quick: bool, outdir: Path) -> ScenarioResult:
     runs: dict[str, dict[int, list[Batch]]] = {"direct": {}, "tunnel": {}}
     with Lab("none", "none") as lab:
         start_rendezvous(lab)
-        echo = lab.a1.popen([sys.executable, "-c", ECHO, str(SERVICE_PORT)],
+        echo = lab.a1.popen([sys.executable, "-c", ECHO, "0.0.0.0", str(SERVICE_PORT)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert echo.stdout is not None
-        if echo.stdout.readline().strip() != b"ready":
+        if echo.stdout.readline().strip() != str(SERVICE_PORT).encode():
             raise RuntimeError("the echo service in a1 did not start")
         progress("nopf share in a1, nopf connect in b1")
         ends = start_tunnel(lab)
