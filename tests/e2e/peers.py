@@ -80,6 +80,28 @@ def start_peer(host: Host, role: str, port: int, *extra: str, timeout: float = 1
     return Peer(role, host, proc, err)
 
 
+def start_coordinated(host: Host, *args: str, extra: tuple[str, ...] = ()) -> Peer:
+    """``nopf share|connect ...`` against the lab's rendezvous, with short timeouts."""
+    err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the Peer
+    proc = host.popen(argv("nopf", *args, "-a", RDV, "--timeout", "10", "--keepalive", "2",
+                           *extra),
+                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+    return Peer(args[0], host, proc, err)
+
+
+def wait_for(peer: Peer, text: str, timeout: float = 25, count: int = 1) -> str:
+    """``peer``'s stderr once ``text`` is in it ``count`` times (fails if it exits first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        err = peer.stderr()
+        if err.count(text) >= count:
+            return err
+        if peer.proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise AssertionError(f"{peer.role}: no {text!r} on stderr: {peer.stderr()}")
+
+
 @dataclass
 class Pair:
     server: Peer

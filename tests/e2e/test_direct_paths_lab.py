@@ -19,10 +19,7 @@ import hashlib
 import os
 import signal
 import socket
-import subprocess
-import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,37 +27,19 @@ import pytest
 
 from tests.lab import Host, Lab, gateway as lab_gateway
 from tests.lab.fixtures import LabFactory
-from tests.programs import argv
 
-from .peers import RDV, Peer, connect, start_rendezvous
+from .peers import Peer, connect, start_coordinated, start_rendezvous, wait_for
 from .test_web_lab import Dashboard, dashboards, start_dashboard
 
 __all__ = ["dashboards"]  # the fixture, for this module's dashboard test
 
 pytestmark = pytest.mark.lab
 
+start = start_coordinated
+
 SERVICE, TUNNEL = 3000, 3010
 PUBLIC_A = "203.0.113.2"  # nata's WAN address
 SIZE = 2 << 20  # bytes through the tunnel, each way
-
-
-def start(host: Host, *args: str) -> Peer:
-    err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the Peer
-    proc = host.popen(argv("nopf", *args, "-a", RDV, "--timeout", "10", "--keepalive", "2"),
-                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
-    return Peer(args[0], host, proc, err)
-
-
-def wait_for(peer: Peer, text: str, timeout: float = 25) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        err = peer.stderr()
-        if text in err:
-            return err
-        if peer.proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise AssertionError(f"{peer.role}: no {text!r} on stderr: {peer.stderr()}")
 
 
 def echo_service(host: Host) -> socket.socket:

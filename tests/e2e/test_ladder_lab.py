@@ -21,7 +21,6 @@ import signal
 import socket
 import statistics
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -48,39 +47,21 @@ from nopf_web.wire.rendezvous import (
 )
 from tests.lab import Host, Lab
 from tests.lab.fixtures import LabFactory
-from tests.programs import argv
 
 from .coord_harness import exchange, pair
 from .pcap import read_streams
-from .peers import RDV, Peer, connect, start_rendezvous
+from .peers import connect, start_coordinated, start_rendezvous, wait_for
 from .relay_clients import Coordination, recv_exactly
 
 pytestmark = pytest.mark.lab
+
+start = start_coordinated
 
 RELAY = "198.51.100.2:3012"
 PORT = 3012
 STREAMS = 6
 UP = 1 << 20  # bytes each connection sends to the service
 DOWN = 768 * 1024  # bytes the service sends back on each
-
-
-def start(host: Host, *args: str) -> Peer:
-    err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the Peer
-    proc = host.popen(argv("nopf", *args, "-a", RDV, "--timeout", "10", "--keepalive", "2"),
-                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
-    return Peer(args[0], host, proc, err)
-
-
-def wait_for(peer: Peer, text: str, timeout: float = 25) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        err = peer.stderr()
-        if text in err:
-            return err
-        if peer.proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise AssertionError(f"{peer.role}: no {text!r} on stderr: {peer.stderr()}")
 
 
 @contextlib.contextmanager

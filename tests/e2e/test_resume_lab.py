@@ -17,18 +17,15 @@ import contextlib
 import re
 import signal
 import socket
-import subprocess
-import tempfile
 import time
 
 import pytest
 
 from tests.lab import Host, Lab
 from tests.lab.fixtures import LabFactory
-from tests.programs import argv
 
 from .flows import Flows
-from .peers import RDV, Peer, connect, start_rendezvous
+from .peers import Peer, connect, start_coordinated, start_rendezvous, wait_for
 from .web_support import echo_service
 
 pytestmark = pytest.mark.lab
@@ -39,11 +36,7 @@ SIZE = 12 * 1024 * 1024  # each way, per flow
 
 
 def start(host: Host, *args: str, extra: tuple[str, ...] = ()) -> Peer:
-    err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the Peer
-    proc = host.popen(argv("nopf", *args, "-a", RDV, "--timeout", "10", "--keepalive", "2",
-                           "--resume-budget", "30", *extra),
-                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
-    return Peer(args[0], host, proc, err)
+    return start_coordinated(host, *args, extra=("--resume-budget", "30", *extra))
 
 
 def pair(lab: Lab, sharer: Host, joiner: Host, *, port: int = 3000, local: int = 3010,
@@ -53,18 +46,6 @@ def pair(lab: Lab, sharer: Host, joiner: Host, *, port: int = 3000, local: int =
     for peer in (s, c):
         wait_for(peer, "encrypted tunnel to")
     return s, c
-
-
-def wait_for(peer: Peer, text: str, timeout: float = 25, count: int = 1) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        err = peer.stderr()
-        if err.count(text) >= count:
-            return err
-        if peer.proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise AssertionError(f"{peer.role}: no {text!r} on stderr: {peer.stderr()}")
 
 
 def path_lines(peer: Peer) -> str:

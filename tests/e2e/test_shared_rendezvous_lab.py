@@ -51,8 +51,8 @@ from tests.programs import argv
 from tests.redis_server import RedisServer, require_redis_server
 
 from .flows import Flows
-from .peers import Peer
-from .test_resume_lab import close, echo, wait_for
+from .peers import Peer, wait_for
+from .test_resume_lab import close, echo
 from .web_support import echo_service
 
 pytestmark = pytest.mark.lab
