@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.paths import stop_proc
 from bench.report import Progress, ScenarioResult, Target
 from bench.scn_util import fmt, median, new_figure, raise_nofile, rss_kib, save_figure, table
 from bench.secure import cpu_seconds
@@ -83,12 +84,7 @@ class ServerProc:
         return cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_proc(self.proc, grace=10)
 
 
 def source(i: int, block: int = 1) -> str:

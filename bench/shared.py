@@ -33,6 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench.paths import stop_proc
 from bench.scn_rendezvous import Peer, hello, source
 from bench.scn_util import raise_nofile
 from bench.secure import cpu_seconds
@@ -70,12 +71,7 @@ class Node:
         return cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_proc(self.proc, grace=10)
 
 
 async def one_pair(share_port: int, join_port: int, w: int) -> float:

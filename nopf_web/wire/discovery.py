@@ -39,50 +39,48 @@ _HEAD6 = struct.Struct("!16sH")  # ip (16 bytes, network order), port (u16, big-
 REPLY6_SIZE = _HEAD6.size + len(REPLY_TRAILER)  # 22
 
 
-def encode_reply(ip: str, port: int) -> bytes:
-    """Encode the 10-byte discovery reply for an observed IPv4 ``ip:port``."""
+def _encode(family: type[ipaddress.IPv4Address | ipaddress.IPv6Address],
+            head: struct.Struct, ip: str, port: int) -> bytes:
     try:
-        packed = ipaddress.IPv4Address(ip).packed
+        packed = family(ip).packed
     except ValueError as exc:
-        raise WireError(f"not an IPv4 address: {ip!r}") from exc
+        raise WireError(f"not an IPv{family.version} address: {ip!r}") from exc
     if not 0 <= port <= 0xFFFF:
         raise WireError(f"port out of range: {port}")
-    return _HEAD.pack(packed, port) + REPLY_TRAILER
+    return head.pack(packed, port) + REPLY_TRAILER
+
+
+def _decode(family: type[ipaddress.IPv4Address | ipaddress.IPv6Address],
+            head: struct.Struct, what: str, data: bytes) -> tuple[str, int]:
+    size = head.size + len(REPLY_TRAILER)
+    if len(data) != size:
+        raise WireError(f"{what} must be {size} bytes, got {len(data)}")
+    if data[head.size :] != REPLY_TRAILER:
+        raise WireError(f"discovery reply has no END\\0 trailer: {data.hex()}")
+    raw_ip, port = head.unpack_from(data)
+    if port == 0:
+        raise WireError("discovery reply carries port 0")
+    return str(family(raw_ip)), port
+
+
+def encode_reply(ip: str, port: int) -> bytes:
+    """Encode the 10-byte discovery reply for an observed IPv4 ``ip:port``."""
+    return _encode(ipaddress.IPv4Address, _HEAD, ip, port)
 
 
 def encode_reply6(ip: str, port: int) -> bytes:
     """Encode the 22-byte IPv6 discovery reply for an observed IPv6 ``ip:port``."""
-    try:
-        packed = ipaddress.IPv6Address(ip).packed
-    except ValueError as exc:
-        raise WireError(f"not an IPv6 address: {ip!r}") from exc
-    if not 0 <= port <= 0xFFFF:
-        raise WireError(f"port out of range: {port}")
-    return _HEAD6.pack(packed, port) + REPLY_TRAILER
+    return _encode(ipaddress.IPv6Address, _HEAD6, ip, port)
 
 
 def decode_reply6(data: bytes) -> tuple[str, int]:
     """Decode a complete IPv6 discovery reply; raise :class:`WireError` if it is not one."""
-    if len(data) != REPLY6_SIZE:
-        raise WireError(f"IPv6 discovery reply must be {REPLY6_SIZE} bytes, got {len(data)}")
-    if data[_HEAD6.size:] != REPLY_TRAILER:
-        raise WireError(f"discovery reply has no END\\0 trailer: {data.hex()}")
-    raw_ip, port = _HEAD6.unpack_from(data)
-    if port == 0:
-        raise WireError("discovery reply carries port 0")
-    return str(ipaddress.IPv6Address(raw_ip)), port
+    return _decode(ipaddress.IPv6Address, _HEAD6, "IPv6 discovery reply", data)
 
 
 def decode_reply(data: bytes) -> tuple[str, int]:
     """Decode a complete discovery reply; raise :class:`WireError` if it is not one."""
-    if len(data) != REPLY_SIZE:
-        raise WireError(f"discovery reply must be {REPLY_SIZE} bytes, got {len(data)}")
-    if data[_HEAD.size :] != REPLY_TRAILER:
-        raise WireError(f"discovery reply has no END\\0 trailer: {data.hex()}")
-    raw_ip, port = _HEAD.unpack_from(data)
-    if port == 0:
-        raise WireError("discovery reply carries port 0")
-    return str(ipaddress.IPv4Address(raw_ip)), port
+    return _decode(ipaddress.IPv4Address, _HEAD, "discovery reply", data)
 
 
 class DiscoveryReader:
