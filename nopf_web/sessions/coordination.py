@@ -45,6 +45,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
+from nopf_web.happy_eyeballs import resolve_all
 from nopf_web.pairing import parse_code
 from nopf_web.prediction import PairFacts, Prediction, fire_facts
 from nopf_web.punch.driver import PunchDriver
@@ -540,16 +541,12 @@ class _Driver:
         if self.name is None:
             return
         try:
-            async with asyncio.timeout(self.net_timeout):
-                infos = await asyncio.get_running_loop().getaddrinfo(
-                    self.name.host, self.name.port, family=socket.AF_INET,
-                    type=socket.SOCK_STREAM)
-        except (OSError, TimeoutError):
+            found = list(dict.fromkeys(await resolve_all(self.name, self.net_timeout,
+                                                         socket.AF_INET)))
+        except RendezvousUnreachable:
             return  # keep the address we have: the next try resolves again
-        found = list(dict.fromkeys((str(i[4][0]), int(i[4][1])) for i in infos))
-        if found:
-            at = found.index(self.server) + 1 if self.server in found else 0
-            self.server = found[at % len(found)]
+        at = found.index(self.server) + 1 if self.server in found else 0
+        self.server = found[at % len(found)]
 
     async def _open(self, action: Connect) -> None:
         if action.rotate:
