@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn
 
@@ -76,6 +77,27 @@ def event_loop_factory(platform: str | None = None) -> Callable[[], asyncio.Abst
     return asyncio.new_event_loop
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def hold_stop_signals_while_exiting() -> None:
+    """From now on the first SIGINT/SIGTERM is ignored (the program is already on
+    its way out with its exit status); a second one kills it as usual, so an exit
+    that hangs can still be stopped."""
+    def second_one_kills(sig: int, _frame: object) -> None:
+        signal.signal(sig, signal.SIG_DFL)
+        signal.raise_signal(sig)
+
+    def first_one(_sig: int, _frame: object) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, second_one_kills)
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set handlers (run_main in a test thread)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, first_one)
+
+
 def run_main(coro: Coroutine[Any, Any, int]) -> int:
     """Run ``coro`` on the selector event loop (:func:`event_loop_factory`);
     SIGINT/SIGTERM cancel it, which it turns into a clean exit.
@@ -95,7 +117,7 @@ def run_main(coro: Coroutine[Any, Any, int]) -> int:
             interrupted = True
             task.cancel()
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows
                 loop.add_signal_handler(sig, interrupt)
         try:
@@ -104,6 +126,14 @@ def run_main(coro: Coroutine[Any, Any, int]) -> int:
             if interrupted:
                 return EXIT_INTERRUPTED
             raise
+        finally:
+            # The work is over: a stop signal from here on must not turn an exit
+            # with its status into a kill (closing the loop would reset SIGTERM to
+            # the default action, and interpreter shutdown still takes a while).
+            for sig in STOP_SIGNALS:
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+            hold_stop_signals_while_exiting()
 
     try:
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:

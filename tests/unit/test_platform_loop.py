@@ -5,6 +5,7 @@ waits for socket readiness says so in one line on a loop without add_reader/add_
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -70,7 +71,12 @@ def test_run_main_runs_on_the_factorys_loop_and_readiness_works(
                 await wait_ready(a, write=False)
         return 7
 
-    assert common.run_main(main()) == 7
+    saved = {sig: signal.getsignal(sig) for sig in common.STOP_SIGNALS}
+    try:
+        assert common.run_main(main()) == 7
+    finally:  # run_main holds stop signals until the process exits: not pytest's
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
     assert len(made) == 1
 
 
