@@ -9,6 +9,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from nopf_web.errors import describe_os_error
 from nopf_web.sockets import connect_nonblocking, reusable_socket
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import DiscoveryReader
@@ -172,16 +173,8 @@ async def _read_reply(sock: socket.socket, where: str) -> Endpoint:
 
 
 def _describe(exc: OSError) -> str:
-    known = {
-        errno.ECONNREFUSED: "connection refused (nothing listening there?)",
-        errno.EHOSTUNREACH: "host unreachable",
-        errno.ENETUNREACH: "network unreachable",
-        errno.ECONNRESET: "connection reset",
-        errno.ETIMEDOUT: "connection timed out",
-        errno.EADDRINUSE: "local port already in use",
-        errno.EADDRNOTAVAIL: "local address/port not available",
-    }
-    return known.get(exc.errno or 0, exc.strerror or str(exc))
+    text = describe_os_error(exc)
+    return f"{text} (nothing listening there?)" if exc.errno == errno.ECONNREFUSED else text
 
 
 __all__ = [
