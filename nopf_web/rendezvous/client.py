@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nopf_web.errors import describe_os_error
+from nopf_web.happy_eyeballs import connect_first, describe, resolve_all
 from nopf_web.sockets import connect_nonblocking, reusable_socket
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import DiscoveryReader
@@ -20,21 +21,7 @@ from .errors import RendezvousError, RendezvousProtocolError, RendezvousUnreacha
 
 async def resolve_ipv4(endpoint: Endpoint, timeout: float) -> tuple[str, int]:
     """Resolve a rendezvous host name to an IPv4 address (the seed protocol is IPv4-only)."""
-    loop = asyncio.get_running_loop()
-    try:
-        # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation
-        # that arrives as the awaited call completes, and a stop would be lost.
-        async with asyncio.timeout(timeout):
-            infos = await loop.getaddrinfo(endpoint.host, endpoint.port, family=socket.AF_INET,
-                                           type=socket.SOCK_STREAM)
-    except TimeoutError:
-        raise RendezvousUnreachable(
-            f"could not resolve {endpoint.host} within {timeout:g} s"
-        ) from None
-    except OSError as exc:
-        raise RendezvousUnreachable(f"could not resolve {endpoint.host}: {exc}") from None
-    ip, port = infos[0][4][:2]
-    return str(ip), int(port)
+    return (await resolve_all(endpoint, timeout, socket.AF_INET))[0]
 
 
 async def reach_rendezvous(endpoint: Endpoint, timeout: float, *,
@@ -51,8 +38,6 @@ async def reach_rendezvous(endpoint: Endpoint, timeout: float, *,
         return str(ipaddress.IPv4Address(endpoint.host)), endpoint.port
     except ValueError:
         pass
-    from nopf_web.happy_eyeballs import connect_first, describe, resolve_all
-
     found = await resolve_all(endpoint, timeout)
     v4 = [a for a in found if ":" not in a[0]]
     if not v4:
