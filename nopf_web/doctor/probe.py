@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import ipaddress
 import os
 import socket
@@ -26,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
 
+from nopf_web.errors import describe_os_error
 from nopf_web.portmap import NoGatewayError, PortMapError, PortMapper
 from nopf_web.rendezvous.client import resolve_ipv4
 from nopf_web.rendezvous.errors import RendezvousUnreachable
@@ -89,19 +89,6 @@ async def detect_gateway() -> GatewayDone:
     external = tuple(str(p.external_address) for p in answered if p.external_address)
     detail = "; ".join(p.detail for p in detection.probes)
     return GatewayDone(names, external, f"gateway {detection.gateway}: {detail}", loop.time())
-
-
-def _describe(exc: OSError) -> str:
-    known = {
-        errno.ECONNREFUSED: "connection refused",
-        errno.EHOSTUNREACH: "host unreachable",
-        errno.ENETUNREACH: "network unreachable",
-        errno.ECONNRESET: "connection reset",
-        errno.ETIMEDOUT: "connection timed out",
-        errno.EADDRNOTAVAIL: "address not available",
-        errno.EADDRINUSE: "local port already in use",
-    }
-    return known.get(exc.errno or 0, exc.strerror or str(exc))
 
 
 class _Run:
@@ -169,7 +156,7 @@ class _Run:
                 port = self.ports[action.slot] if action.slot is not None else 0
                 sock = reusable_socket("0.0.0.0", port)
         except OSError as exc:
-            self.feed(Failed(action.probe, f"cannot open a socket: {_describe(exc)}",
+            self.feed(Failed(action.probe, f"cannot open a socket: {describe_os_error(exc)}",
                              self.loop.time()))
             return
         self.sockets.append(sock)
@@ -178,7 +165,7 @@ class _Run:
             start_connect(sock, (target.host, target.port))
         except OSError as exc:
             sock.close()
-            self.feed(Failed(action.probe, _describe(exc), self.loop.time()))
+            self.feed(Failed(action.probe, describe_os_error(exc), self.loop.time()))
             return
         kind = "discover" if isinstance(action, Discover) else "check"
         self.spawn(self._probe(action, sock, started), f"doctor-{kind}-{action.probe}")
@@ -189,7 +176,7 @@ class _Run:
             try:
                 await wait_connected(sock)
             except OSError as exc:
-                self.feed(Failed(action.probe, _describe(exc), self.loop.time()))
+                self.feed(Failed(action.probe, describe_os_error(exc), self.loop.time()))
                 return
             rtt = self.loop.time() - started
             host, port = sock.getsockname()[:2]
@@ -208,7 +195,7 @@ class _Run:
             try:
                 chunk = await self.loop.sock_recv(sock, reader.needed)
             except OSError as exc:
-                self.feed(Failed(action.probe, _describe(exc), self.loop.time(),
+                self.feed(Failed(action.probe, describe_os_error(exc), self.loop.time(),
                                  connect=False))
                 return
             if not chunk:
@@ -232,7 +219,7 @@ class _Run:
         try:
             await self.loop.sock_sendall(sock, encode(CheckMessage(action.dial_back, wait_ms)))
         except OSError as exc:
-            self.feed(Failed(action.probe, _describe(exc), self.loop.time(), connect=False))
+            self.feed(Failed(action.probe, describe_os_error(exc), self.loop.time(), connect=False))
             return
         reader = FrameReader()
         seen = False
@@ -240,7 +227,7 @@ class _Run:
             try:
                 chunk = await self.loop.sock_recv(sock, 4096)
             except OSError as exc:
-                chunk, error = b"", _describe(exc)
+                chunk, error = b"", describe_os_error(exc)
             else:
                 error = "closed"
             if not chunk:
@@ -324,7 +311,8 @@ class _Run:
                 self.feed(HairpinDone(False, detail, self.loop.time()))
                 return
             except OSError as exc:
-                self.feed(HairpinDone(False, f"{where}: {_describe(exc)}", self.loop.time()))
+                self.feed(HairpinDone(False, f"{where}: {describe_os_error(exc)}",
+                                      self.loop.time()))
                 return
             self.feed(HairpinDone(True, f"reached this machine through {where}",
                                   self.loop.time()))
@@ -388,7 +376,8 @@ async def run_doctor(rendezvous: Endpoint, *, doctor_port: int | None = None,
             listener.listen(16)
             second = sockets.enter_context(reusable_socket("0.0.0.0", 0))  # holds P2
         except OSError as exc:
-            raise RendezvousUnreachable(f"cannot open local sockets: {_describe(exc)}") from None
+            raise RendezvousUnreachable(
+                f"cannot open local sockets: {describe_os_error(exc)}") from None
         ports = (int(listener.getsockname()[1]), int(second.getsockname()[1]))
 
         async def no_gateway() -> GatewayDone:

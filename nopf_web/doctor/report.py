@@ -59,6 +59,22 @@ Filtering = Literal["open", "drop", "rst", "icmp"]
 FILTERINGS: Final = ("open", "drop", "rst", "icmp")
 PORT_MAPPING_PROTOCOLS: Final = ("UPnP-IGD", "NAT-PMP", "PCP")
 REPORT_VERSION: Final = 1
+# What each kind means, for the facts (``nopf doctor``, the Doctor page).
+_MAPPING_TEXT: Final[Mapping[NatMapping, str]] = {
+    "none": "none: no NAT between this machine and the rendezvous",
+    "endpoint-independent": "endpoint-independent: the same public port whatever the "
+                            "destination",
+    "address-dependent": "address-dependent (symmetric): a new public port for each "
+                         "destination address",
+    "address-and-port-dependent": "address-and-port-dependent (symmetric): a new public "
+                                  "port for each destination",
+}
+_FILTERING_TEXT: Final[Mapping[Filtering, str]] = {
+    "open": "open: unsolicited connections reach this machine",
+    "drop": "drop: unsolicited connections are dropped silently",
+    "rst": "rst: unsolicited connections are refused with a TCP reset",
+    "icmp": "icmp: unsolicited connections are refused with an ICMP error",
+}
 MAX_REASON = 200  # characters of one reason
 
 # Every key a report's JSON may have, in output order.
@@ -160,14 +176,14 @@ class DoctorReport:
         """(key, label, text) for each measured part, for the CLI and the Doctor page."""
         r = self.reason
         rows: list[tuple[str, str, str]] = []
-        public = self.public_address or f"unknown ({r('public_address') or 'not measured'})"
+        public = self.public_address or self._unknown("public_address")
         if self.public_address and self.local_address and self.mapping != "none":
             public += f" (this machine: {self.local_address})"
         rows.append(("public_address", "Public address", public))
         rows.append(("mapping", "Mapping", self._mapping_text()))
         rows.append(("filtering", "Filtering", self._filtering_text()))
         if self.hairpin is None:
-            hairpin = f"unknown ({r('hairpin') or 'not measured'})"
+            hairpin = self._unknown("hairpin")
         elif self.hairpin:
             hairpin = "yes: your own public address is reachable from this machine"
         else:
@@ -175,7 +191,7 @@ class DoctorReport:
                        "your network connect over the LAN instead)")
         rows.append(("hairpin", "Hairpin", hairpin))
         if self.port_mapping is None:
-            pm = f"unknown ({r('port_mapping') or 'not measured'})"
+            pm = self._unknown("port_mapping")
         elif self.port_mapping:
             pm = f"{', '.join(self.port_mapping)} answer on your gateway"
             if self.gateway_address:
@@ -184,7 +200,7 @@ class DoctorReport:
             pm = "none of UPnP-IGD, NAT-PMP and PCP answers on your gateway"
         rows.append(("port_mapping", "Port mapping", pm))
         if self.cgnat is None:
-            cgnat = f"unknown ({r('cgnat') or 'not measured'})"
+            cgnat = self._unknown("cgnat")
         elif self.cgnat:
             cgnat = f"yes: {r('cgnat') or 'a second NAT is in front of your router'}"
         else:
@@ -195,19 +211,15 @@ class DoctorReport:
         rows.append(("ipv6", "IPv6", ipv6))
         return rows
 
+    def _unknown(self, key: str) -> str:
+        return f"unknown ({self.reason(key) or 'not measured'})"
+
     def _mapping_text(self) -> str:
         if self.mapping is None:
-            return f"unknown ({self.reason('mapping') or 'not measured'})"
+            return self._unknown("mapping")
+        text = _MAPPING_TEXT[self.mapping]
         if self.mapping == "none":
-            return "none: no NAT between this machine and the rendezvous"
-        text = {
-            "endpoint-independent": "endpoint-independent: the same public port whatever the "
-                                    "destination",
-            "address-dependent": "address-dependent (symmetric): a new public port for each "
-                                 "destination address",
-            "address-and-port-dependent": "address-and-port-dependent (symmetric): a new public "
-                                          "port for each destination",
-        }[self.mapping]
+            return text
         if self.mapping == "endpoint-independent" and "address" not in self.mapping_by:
             text += " port (the rendezvous has one address: address-dependent not ruled out)"
         if self.port_preserved:
@@ -222,15 +234,9 @@ class DoctorReport:
 
     def _filtering_text(self) -> str:
         if self.filtering is None:
-            return f"unknown ({self.reason('filtering') or 'not measured'})"
-        if self.filtering == "open":
-            return "open: unsolicited connections reach this machine"
-        if self.filtering == "drop":
-            return "drop: unsolicited connections are dropped silently"
-        if self.filtering == "rst":
-            return "rst: unsolicited connections are refused with a TCP reset"
-        text = "icmp: unsolicited connections are refused with an ICMP error"
-        if self.icmp is not None:
+            return self._unknown("filtering")
+        text = _FILTERING_TEXT[self.filtering]
+        if self.filtering == "icmp" and self.icmp is not None:
             text += f" (type {self.icmp.type}, code {self.icmp.code}"
             text += f", from {self.icmp.source})" if self.icmp.source else ")"
         return text

@@ -9,6 +9,8 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from nopf_web.errors import describe_os_error
+from nopf_web.happy_eyeballs import connect_first, describe, resolve_all
 from nopf_web.sockets import connect_nonblocking, reusable_socket
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import DiscoveryReader
@@ -19,21 +21,7 @@ from .errors import RendezvousError, RendezvousProtocolError, RendezvousUnreacha
 
 async def resolve_ipv4(endpoint: Endpoint, timeout: float) -> tuple[str, int]:
     """Resolve a rendezvous host name to an IPv4 address (the seed protocol is IPv4-only)."""
-    loop = asyncio.get_running_loop()
-    try:
-        # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation
-        # that arrives as the awaited call completes, and a stop would be lost.
-        async with asyncio.timeout(timeout):
-            infos = await loop.getaddrinfo(endpoint.host, endpoint.port, family=socket.AF_INET,
-                                           type=socket.SOCK_STREAM)
-    except TimeoutError:
-        raise RendezvousUnreachable(
-            f"could not resolve {endpoint.host} within {timeout:g} s"
-        ) from None
-    except OSError as exc:
-        raise RendezvousUnreachable(f"could not resolve {endpoint.host}: {exc}") from None
-    ip, port = infos[0][4][:2]
-    return str(ip), int(port)
+    return (await resolve_all(endpoint, timeout, socket.AF_INET))[0]
 
 
 async def reach_rendezvous(endpoint: Endpoint, timeout: float, *,
@@ -50,8 +38,6 @@ async def reach_rendezvous(endpoint: Endpoint, timeout: float, *,
         return str(ipaddress.IPv4Address(endpoint.host)), endpoint.port
     except ValueError:
         pass
-    from nopf_web.happy_eyeballs import connect_first, describe, resolve_all
-
     found = await resolve_all(endpoint, timeout)
     v4 = [a for a in found if ":" not in a[0]]
     if not v4:
@@ -172,16 +158,8 @@ async def _read_reply(sock: socket.socket, where: str) -> Endpoint:
 
 
 def _describe(exc: OSError) -> str:
-    known = {
-        errno.ECONNREFUSED: "connection refused (nothing listening there?)",
-        errno.EHOSTUNREACH: "host unreachable",
-        errno.ENETUNREACH: "network unreachable",
-        errno.ECONNRESET: "connection reset",
-        errno.ETIMEDOUT: "connection timed out",
-        errno.EADDRINUSE: "local port already in use",
-        errno.EADDRNOTAVAIL: "local address/port not available",
-    }
-    return known.get(exc.errno or 0, exc.strerror or str(exc))
+    text = describe_os_error(exc)
+    return f"{text} (nothing listening there?)" if exc.errno == errno.ECONNREFUSED else text
 
 
 __all__ = [

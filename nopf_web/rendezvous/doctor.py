@@ -2,7 +2,8 @@
 
 ``nopf-server`` runs it beside the rendezvous on its own port (by default the
 rendezvous port + 1). One :class:`asyncio.Protocol` per connection hands the
-machine what the kernel reports; the machine's :class:`Dial` actions become
+machine what the kernel reports (:class:`~nopf_web.rendezvous.conn_driver.ConnDriver`,
+as for the rendezvous); the machine's :class:`Dial` actions become
 tasks of the responder's TaskGroup that connect to the client's public address
 from another port and classify what came back:
 
@@ -33,27 +34,18 @@ from types import TracebackType
 
 from nopf_web.wire.doctor import DEFAULT_PORT_OFFSET, Icmp, Outcome
 
-from .deadline import DeadlineTimer
+from .conn_driver import ConnDriver
 from .doctor_machine import (
-    Accepted,
     Action,
     CancelDial,
-    Close,
     ConnId,
     Dial,
     Dialed,
     DoctorLimits,
     Event,
-    Log,
-    Lost,
-    PeerClosed,
-    Received,
-    Reset,
     ResponderMachine,
     ResponderStats,
-    Send,
     Shutdown,
-    Tick,
 )
 from .server import DEFAULT_PORT
 
@@ -75,33 +67,7 @@ SO_EE_ORIGIN_ICMP = 2
 SO_EE_ORIGIN_ICMP6 = 3
 
 
-class _Link(asyncio.Protocol):
-    """One accepted connection: tells the machine what its socket reports."""
-
-    __slots__ = ("_doctor", "id", "sock", "transport")
-
-    def __init__(self, doctor: DoctorResponder) -> None:
-        self._doctor = doctor
-        self.id: ConnId = 0
-        self.transport: asyncio.Transport | None = None
-        self.sock: socket.socket | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._doctor._accepted(self, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self._doctor._feed(Received(self.id, data, self._doctor._clock()))
-
-    def eof_received(self) -> bool:
-        self._doctor._feed(PeerClosed(self.id, self._doctor._clock()))
-        return True  # our direction stays open: the machine closes it
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._doctor._lost(self)
-
-
-class DoctorResponder:
+class DoctorResponder(ConnDriver):
     """Answer NAT doctor probes on ``host:port`` and on each of ``addresses``.
 
     ``addresses`` are this host's other addresses (IPv4 or IPv6) that clients
@@ -109,19 +75,18 @@ class DoctorResponder:
     covers them) and tells each client about those it did not connect to.
     """
 
+    _log = log
+
     def __init__(self, host: str = "0.0.0.0", port: int = DEFAULT_DOCTOR_PORT,
                  addresses: tuple[str, ...] = (), limits: DoctorLimits | None = None, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.host = host
         self.port = port
         self.limits = limits or DoctorLimits()
-        self._clock = clock
+        super().__init__(clock)
         self._machine = ResponderMachine(self.limits, addresses)
         self._servers: list[asyncio.Server] = []
-        self._links: dict[ConnId, _Link] = {}
         self._dials: dict[ConnId, asyncio.Task[None]] = {}
-        self._next_id: ConnId = 0
-        self._timer = DeadlineTimer(clock, lambda now: self._feed(Tick(now)))
         self._tg: asyncio.TaskGroup | None = None
 
     @property
@@ -161,7 +126,7 @@ class DoctorResponder:
 
     async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
-        first = await loop.create_server(lambda: _Link(self), self.host, self.port,
+        first = await loop.create_server(self._new_link, self.host, self.port,
                                          reuse_address=True, backlog=256)
         self._servers.append(first)
         port = self.address[1]
@@ -171,7 +136,7 @@ class DoctorResponder:
             if family == wildcard or address == self.host:
                 continue
             self._servers.append(await loop.create_server(
-                lambda: _Link(self), address, port, reuse_address=True, backlog=256))
+                self._new_link, address, port, reuse_address=True, backlog=256))
 
     async def _stop(self) -> None:
         servers, self._servers = self._servers, []
@@ -186,32 +151,12 @@ class DoctorResponder:
 
     # -- the machine's driver ---------------------------------------------------------
 
-    def _accepted(self, link: _Link, transport: asyncio.Transport) -> None:
-        self._next_id += 1
-        link.id = self._next_id
-        link.transport = transport
-        link.sock = transport.get_extra_info("socket")
-        self._links[link.id] = link
-        peer = transport.get_extra_info("peername")
-        local = transport.get_extra_info("sockname")
-        self._feed(Accepted(link.id, (str(peer[0]), int(peer[1])) if peer else None,
-                            self._clock(),
-                            local=(str(local[0]), int(local[1])) if local else None))
-
-    def _lost(self, link: _Link) -> None:
-        if self._links.pop(link.id, None) is None:
-            return  # reset by us: the machine has forgotten it already
-        self._feed(Lost(link.id, self._clock()))
-
     def _feed(self, event: Event) -> None:
         for action in self._machine.handle(event):
             self._act(action)
         self._timer.arm(self._machine.next_deadline)
 
     def _act(self, action: Action) -> None:
-        if isinstance(action, Log):
-            log.warning("%s", action.line)
-            return
         if isinstance(action, Dial):
             assert self._tg is not None
             self._dials[action.conn] = self._tg.create_task(
@@ -222,20 +167,7 @@ class DoctorResponder:
             if task is not None:
                 task.cancel()
             return
-        link = self._links.get(action.conn)
-        if link is None or link.transport is None:
-            return
-        if isinstance(action, Send):
-            link.transport.write(action.data)
-        elif isinstance(action, Close):
-            link.transport.close()
-        elif isinstance(action, Reset):
-            del self._links[action.conn]
-            if link.sock is not None:
-                with contextlib.suppress(OSError):
-                    link.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                         struct.pack("ii", 1, 0))
-            link.transport.abort()
+        self._act_common(action)
 
     async def _dial(self, action: Dial) -> None:
         """Connect to the client's public address; feed what came back."""

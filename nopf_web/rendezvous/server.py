@@ -6,7 +6,9 @@ module is its asyncio driver, and only that: one :class:`asyncio.Protocol` per
 connection hands the machine what the kernel reports (accepts with the
 observed address and ``TCP_INFO``, bytes, FINs, losses), one timer delivers
 the machine's next deadline, and the machine's actions become writes, FINs,
-closes and resets (``SO_LINGER`` 0). Times are read from one clock.
+closes and resets (``SO_LINGER`` 0). Times are read from one clock. The
+connection plumbing is :class:`~nopf_web.rendezvous.conn_driver.ConnDriver`,
+shared with the NAT doctor's responder.
 
 A relay session the machine joins (:class:`StartRelay`) leaves the event loop:
 both sockets are taken out of their transports (a duplicate descriptor keeps
@@ -30,41 +32,31 @@ import asyncio
 import contextlib
 import logging
 import socket
-import struct
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from nopf_web.sockets import enable_fastopen_server, kernel_rtt, tcp_facts
+from nopf_web.sockets import enable_fastopen_server
 
 from .book import NameplateBook
-from .deadline import DeadlineTimer
+from .conn_driver import ConnDriver, reset_connection
 from .relay import RelayLink, RelayOutcome
 from .server_machine import (
-    Accepted,
     Action,
     AskBook,
-    Close,
     ConnId,
     Event,
     LastWord,
-    Log,
-    Lost,
-    PeerClosed,
     PollNode,
-    Received,
     RelayEnded,
     RelayId,
-    Reset,
-    Send,
     ServerLimits,
     ServerMachine,
     ServerStats,
     Shutdown,
     StartRelay,
     StopRelay,
-    Tick,
     ToNode,
 )
 from .shared import BookOp, NodeId, NodeMessage
@@ -98,36 +90,11 @@ class SharedLink(Protocol):
     def poll(self) -> None: ...
 
 
-class _Link(asyncio.Protocol):
-    """One accepted connection: tells the server's machine what its socket reports."""
-
-    __slots__ = ("_server", "id", "sock", "transport", "write_failed")
-
-    def __init__(self, server: RendezvousServer) -> None:
-        self._server = server
-        self.id: ConnId = 0
-        self.transport: asyncio.Transport | None = None
-        self.sock: socket.socket | None = None
-        self.write_failed = False  # a write of ours failed (asyncio reports why later)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._server._accepted(self, transport)
-
-    def data_received(self, data: bytes) -> None:
-        server = self._server
-        server._feed(Received(self.id, data, server._clock(), kernel_rtt(self.sock)))
-
-    def eof_received(self) -> bool:
-        self._server._feed(PeerClosed(self.id, self._server._clock()))
-        return True  # our direction stays open: the machine closes it
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._server._lost(self, exc)
-
-
-class RendezvousServer:
+class RendezvousServer(ConnDriver):
     """Serve discovery replies and coordinated mode; :meth:`start`, then :meth:`close`."""
+
+    KERNEL_FACTS = True  # the machine takes TCP_INFO's RTT where there is one
+    _log = log
 
     def __init__(
         self, host: str | Sequence[str] = "0.0.0.0", port: int = DEFAULT_PORT,
@@ -142,15 +109,12 @@ class RendezvousServer:
         self.host = self.hosts[0]
         self.port = port
         self.limits = limits or ServerLimits()
-        self._clock = clock  # the one clock: every `now` the machine gets
+        super().__init__(clock)
         self._machine = ServerMachine(self.limits, NameplateBook(self.limits.pairing, clock),
                                       node=node)
         self._shared: SharedLink | None = None
         self._server: asyncio.Server | None = None  # the first host's
         self._others: list[asyncio.Server] = []  # the other hosts', on the same port
-        self._links: dict[ConnId, _Link] = {}
-        self._next_id: ConnId = 0
-        self._timer = DeadlineTimer(clock, lambda now: self._feed(Tick(now)))
         self._drained: asyncio.Event | None = None  # set by close(): no link left
         self._relays: dict[RelayId, RelayLink] = {}  # sessions being copied
 
@@ -228,7 +192,7 @@ class RendezvousServer:
         # second server share the port, so there it stays off. asyncio sets
         # IPV6_V6ONLY on IPv6 sockets: "::" takes IPv6 clients only.
         server = await loop.create_server(
-            lambda: _Link(self), host, port, reuse_address=sys.platform != "win32",
+            self._new_link, host, port, reuse_address=sys.platform != "win32",
             backlog=1024)
         # A coordinated client's hello may ride in its SYN: one round trip less (Linux).
         # Whether the kernel takes it is the host's sysctl (see fastopen_hint()).
@@ -281,27 +245,6 @@ class RendezvousServer:
 
     # -- the machine's driver ---------------------------------------------------------
 
-    def _accepted(self, link: _Link, transport: asyncio.Transport) -> None:
-        self._next_id += 1
-        link.id = self._next_id
-        link.transport = transport
-        link.sock = transport.get_extra_info("socket")
-        self._links[link.id] = link
-        peer = transport.get_extra_info("peername")
-        local = transport.get_extra_info("sockname")
-        facts = tcp_facts(link.sock)  # None on Windows: the machine pings instead
-        self._feed(Accepted(link.id, (str(peer[0]), int(peer[1])) if peer else None,
-                            self._clock(), facts.rtt if facts else None,
-                            bool(facts and facts.syn_data),
-                            (str(local[0]), int(local[1])) if local else None))
-
-    def _lost(self, link: _Link, exc: Exception | None) -> None:
-        if self._links.pop(link.id, None) is None:
-            return  # reset by us: the machine has forgotten it already
-        error = None if exc is None else str(exc) or type(exc).__name__
-        self._feed(Lost(link.id, self._clock(), error, link.write_failed))
-        self._check_drained()
-
     def _feed(self, event: Event) -> None:
         for action in self._machine.handle(event):
             self._act(action)
@@ -312,9 +255,6 @@ class RendezvousServer:
         self._timer.arm(self._machine.next_deadline)
 
     def _act(self, action: Action) -> None:
-        if isinstance(action, Log):
-            log.warning("%s", action.line)
-            return
         if isinstance(action, StartRelay):
             self._start_relay(action)
             return
@@ -334,22 +274,13 @@ class RendezvousServer:
             else:
                 shared.poll()
             return
-        link = self._links.get(action.conn)
-        if link is None or link.transport is None:
-            return
-        transport = link.transport
-        if isinstance(action, Send | LastWord):
-            transport.write(action.data)
-            if isinstance(action, LastWord) and transport.can_write_eof():
-                transport.write_eof()
-            if transport.is_closing():  # the write failed: connection_lost says why
-                link.write_failed = True
-        elif isinstance(action, Close):
-            transport.close()
-        elif isinstance(action, Reset):
-            del self._links[action.conn]
-            _reset(link.sock, transport)
-            self._check_drained()
+        if isinstance(action, LastWord):
+            self._send(action.conn, action.data, fin=True)
+        else:
+            self._act_common(action)
+
+    def _connection_gone(self) -> None:
+        self._check_drained()
 
     def _check_drained(self) -> None:
         if self._drained is not None and not self._links and not self._relays:
@@ -380,10 +311,10 @@ class RendezvousServer:
                 transport.abort()
             except OSError as exc:
                 error = str(exc)
-                _reset(link.sock, transport)
+                reset_connection(link.sock, transport)
         if error is not None or len(socks) != 2:
             for sock in socks:
-                _reset(sock, None)
+                reset_connection(sock, None)
             self._feed(RelayEnded(action.session, self._clock(), error=error))
             self._check_drained()
             return
@@ -425,17 +356,6 @@ def fastopen_hint(path: str = FASTOPEN_SYSCTL) -> str | None:
         return None
     return ("TCP Fast Open is off on this host: setup takes one round trip more; enable "
             f"with sysctl -w net.ipv4.tcp_fastopen={value | wanted:#x}")
-
-
-def _reset(sock: socket.socket | None, transport: asyncio.Transport | None) -> None:
-    """Drop a connection with RST: no FIN handshake, no TIME_WAIT, no buffered data."""
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    if transport is not None:
-        transport.abort()
-    elif sock is not None:
-        sock.close()
 
 
 def _join_all(links: list[RelayLink], timeout: float) -> int:

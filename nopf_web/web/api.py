@@ -10,17 +10,7 @@ from nopf_web.errors import NopfError
 from nopf_web.guard import guard_status
 from nopf_web.inputs import InputError, is_one_line, parse_json_object, query_int, quote
 
-from .forms import (
-    FieldError,
-    check_pairing,
-    parse_label,
-    parse_local_port,
-    parse_mode,
-    parse_pairing_code,
-    parse_peer,
-    parse_rendezvous,
-    parse_role,
-)
+from .forms import FieldError, parse_new_session, parse_peer
 from .keys import GUARD, MANAGER, STORE
 from .manager import CreateError
 from .model import SessionView
@@ -71,18 +61,12 @@ async def create_session(request: web.Request) -> web.Response:
         if required not in body:
             return _error(f"{required}: is required", field=required)
     try:
-        role = parse_role(body["role"])
-        port = parse_local_port(body["local_port"])
-        mode = parse_mode(body.get("mode"))
-        code = parse_pairing_code(body.get("code"))
-        rendezvous = parse_rendezvous(body.get("rendezvous"))
-        label = parse_label(body.get("label"))
-        check_pairing(role, mode, code)
+        new = parse_new_session(body)
         mapping = body.get("port_mapping")
         if mapping is not None and not isinstance(mapping, bool):
             raise FieldError("port_mapping", "must be true or false")
-        ms = request.app[MANAGER].create(role, port, rendezvous, label, mode=mode, code=code,
-                                         port_mapping=mapping)
+        ms = request.app[MANAGER].create(new.role, new.local_port, new.rendezvous, new.label,
+                                         mode=new.mode, code=new.code, port_mapping=mapping)
     except FieldError as exc:
         return _field_error(exc)
     except CreateError as exc:

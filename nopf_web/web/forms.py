@@ -7,7 +7,9 @@ Built on the one parsing layer (:mod:`nopf_web.inputs`, :mod:`nopf_web.wire.addr
 from __future__ import annotations
 
 import unicodedata
-from typing import Final
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Final, TypeVar
 
 from nopf_web.db import Mode
 from nopf_web.inputs import InputError, json_int
@@ -22,6 +24,8 @@ from nopf_web.wire.address import (
 
 MAX_LABEL: Final = 80
 MAX_TEXT: Final = 300  # any single text field; longer is not an address or a label
+
+T = TypeVar("T")
 
 
 class FieldError(InputError):
@@ -40,6 +44,14 @@ def _text(field_name: str, value: object, *, allow_none: bool = False) -> str | 
     if len(value) > MAX_TEXT:
         raise FieldError(field_name, f"is too long (at most {MAX_TEXT} characters)")
     return value.strip()
+
+
+def _parsed(field_name: str, parse: Callable[[str], T], text: str) -> T:
+    """``parse(text)``, its :class:`InputError` worded for the form's field."""
+    try:
+        return parse(text)
+    except InputError as exc:
+        raise FieldError(field_name, str(exc)) from None
 
 
 def parse_role(value: object) -> PeerRole:
@@ -64,12 +76,7 @@ def parse_mode(value: object) -> Mode:
 def parse_pairing_code(value: object) -> PairingCode | None:
     """The sharer's code, like ``7-orbit-lantern``; None if empty or absent."""
     text = _text("code", value, allow_none=True)
-    if not text:
-        return None
-    try:
-        return parse_code(text)
-    except InputError as exc:
-        raise FieldError("code", str(exc)) from None
+    return _parsed("code", parse_code, text) if text else None
 
 
 def check_pairing(role: PeerRole, mode: Mode, code: PairingCode | None) -> None:
@@ -97,20 +104,11 @@ def parse_local_port(value: object) -> int:
 def parse_rendezvous(value: object) -> Endpoint | None:
     """HOST:PORT, or empty / absent for the dashboard's default."""
     text = _text("rendezvous", value, allow_none=True)
-    if not text:
-        return None
-    try:
-        return parse_host_endpoint(text)
-    except InputError as exc:
-        raise FieldError("rendezvous", str(exc)) from None
+    return _parsed("rendezvous", parse_host_endpoint, text) if text else None
 
 
 def parse_peer(value: object, field_name: str = "address") -> Endpoint:
-    text = _text(field_name, value) or ""
-    try:
-        return parse_ipv4_endpoint(text)
-    except InputError as exc:
-        raise FieldError(field_name, str(exc)) from None
+    return _parsed(field_name, parse_ipv4_endpoint, _text(field_name, value) or "")
 
 
 def parse_label(value: object) -> str:
@@ -120,3 +118,34 @@ def parse_label(value: object) -> str:
     if any(unicodedata.category(ch).startswith("C") for ch in text):
         raise FieldError("label", "must not contain control characters")
     return text
+
+
+@dataclass(frozen=True)
+class NewSession:
+    """A session to create, as the dashboard's form and the JSON API both ask for it."""
+
+    role: PeerRole
+    local_port: int
+    mode: Mode
+    code: PairingCode | None
+    rendezvous: Endpoint | None
+    label: str
+
+
+def parse_new_session(fields: Mapping[str, object], *,
+                      ignore_stray_code: bool = False) -> NewSession:
+    """Each field in turn, then whether the code fits the session (:func:`check_pairing`).
+
+    ``ignore_stray_code``: a code that the session does not take is dropped rather than
+    refused (the form keeps its code field, hidden, whatever the choice).
+    """
+    role = parse_role(fields.get("role"))
+    local_port = parse_local_port(fields.get("local_port"))
+    mode = parse_mode(fields.get("mode"))
+    takes_code = (mode, role) == ("coordinated", "client")
+    code = parse_pairing_code(fields.get("code")) \
+        if takes_code or not ignore_stray_code else None
+    rendezvous = parse_rendezvous(fields.get("rendezvous"))
+    label = parse_label(fields.get("label"))
+    check_pairing(role, mode, code)
+    return NewSession(role, local_port, mode, code, rendezvous, label)

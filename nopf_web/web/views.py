@@ -17,17 +17,7 @@ from nopf_web.errors import NopfError
 from nopf_web.inputs import query_choice, query_int, text
 from nopf_web.sessions.engine import Event
 
-from .forms import (
-    FieldError,
-    check_pairing,
-    parse_label,
-    parse_local_port,
-    parse_mode,
-    parse_pairing_code,
-    parse_peer,
-    parse_rendezvous,
-    parse_role,
-)
+from .forms import FieldError, parse_new_session, parse_peer, parse_rendezvous
 from .keys import CONFIG, MANAGER, RENDEZVOUS, STORE, TEMPLATES
 from .live import live_parts, page_token, stream
 from .manager import CreateError, ManagedSession
@@ -113,16 +103,11 @@ async def create_session(request: web.Request) -> web.Response:
               for k in ("role", "local_port", "mode", "code", "rendezvous", "label")}
     manager = request.app[MANAGER]
     try:
-        role = parse_role(values["role"])
-        port = parse_local_port(values["local_port"])
-        mode = parse_mode(values["mode"])
         # The form keeps the code field (hidden by CSS) whatever the choice: it counts only
         # for a coordinated client.
-        code = parse_pairing_code(values["code"]) \
-            if (mode, role) == ("coordinated", "client") else None
-        check_pairing(role, mode, code)
-        ms = manager.create(role, port, parse_rendezvous(values["rendezvous"]),
-                            parse_label(values["label"]), mode=mode, code=code)
+        new = parse_new_session(values, ignore_stray_code=True)
+        ms = manager.create(new.role, new.local_port, new.rendezvous, new.label,
+                            mode=new.mode, code=new.code)
     except FieldError as exc:
         return _sessions_full(request, [SessionView.from_managed(m) for m in manager.sessions()],
                               form=values, errors={exc.field: exc.message}, status=400)
