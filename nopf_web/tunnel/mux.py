@@ -30,6 +30,7 @@ from nopf_web.roles import PeerRole
 from nopf_web.wire import frames as fr
 from nopf_web.wire.frames import ResetCode
 
+from .delegated import Delegated
 from .errors import PeerLost, StreamClosed, TunnelClosed, TunnelError
 from .mux_machine import (
     AUTO_WINDOW_BUDGET,
@@ -105,18 +106,10 @@ class Stream:
     def __repr__(self) -> str:
         return f"<Stream {self.stream_id} in={self.bytes_in} out={self.bytes_out}>"
 
-    @property
-    def bytes_in(self) -> int:
-        return self._state.bytes_in
-
-    @property
-    def bytes_out(self) -> int:
-        return self._state.bytes_out
-
-    @property
-    def _window(self) -> int:
-        """The receive window now granted (tests look at its growth)."""
-        return self._state.window
+    bytes_in = Delegated[int]("_state")
+    bytes_out = Delegated[int]("_state")
+    _window = Delegated[int](
+        "_state", "window", doc="The receive window now granted (tests look at its growth).")
 
     @property
     def at_eof(self) -> bool:
@@ -300,13 +293,6 @@ class Mux:
         self._machine = MuxMachine(role=role, keepalive=keepalive, dead_after=dead_after,
                                    window=window, max_frame=max_frame, max_streams=max_streams,
                                    name=name)
-        self.name = name
-        self.role: PeerRole = role
-        self.keepalive = keepalive
-        self.dead_after = dead_after
-        self.window = window
-        self.max_frame = max_frame
-        self.max_streams = max_streams
         self._channel = channel
         # Optional (SecureChannel has it): write a list of buffers without joining them.
         self._writelines: Callable[[list[bytes | memoryview]], None] | None = getattr(
@@ -322,43 +308,26 @@ class Mux:
         self._runner: asyncio.Task[None] | None = None  # the writer and keepalive's group
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    # -- observation ----------------------------------------------------------
+    # -- settings and observation: the machine's ------------------------------
 
-    @property
-    def bytes_in(self) -> int:
-        """Stream payload bytes received, all streams together."""
-        return self._machine.bytes_in
-
-    @property
-    def bytes_out(self) -> int:
-        return self._machine.bytes_out
-
-    @property
-    def total_streams(self) -> int:
-        return self._machine.total_streams
-
-    @property
-    def rtt(self) -> float | None:
-        """Seconds, from the last PING/PONG."""
-        return self._machine.rtt
-
-    @property
-    def open_streams(self) -> int:
-        return self._machine.open_streams
-
-    @property
-    def state(self) -> MuxState:
-        return self._machine.state
-
-    @property
-    def error(self) -> TunnelError | None:
-        """The failure that ended the tunnel (None while open or after a clean close)."""
-        return self._machine.error
-
-    @property
-    def _window_budget(self) -> int:
-        """Window growth left for lone streams (tests look at it)."""
-        return self._machine.window_budget
+    name = Delegated[str]("_machine")
+    role = Delegated[PeerRole]("_machine")
+    keepalive = Delegated[float]("_machine")
+    dead_after = Delegated[float]("_machine")
+    window = Delegated[int]("_machine")
+    max_frame = Delegated[int]("_machine")
+    max_streams = Delegated[int]("_machine")
+    bytes_in = Delegated[int](
+        "_machine", doc="Stream payload bytes received, all streams together.")
+    bytes_out = Delegated[int]("_machine")
+    total_streams = Delegated[int]("_machine")
+    rtt = Delegated[float | None]("_machine", doc="Seconds, from the last PING/PONG.")
+    open_streams = Delegated[int]("_machine")
+    state = Delegated[MuxState]("_machine")
+    error = Delegated[TunnelError | None](
+        "_machine", doc="What ended the tunnel (None while open or after a clean close).")
+    _window_budget = Delegated[int](
+        "_machine", "window_budget", doc="Window growth left for lone streams (tests look at it).")
 
     # -- life -----------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 
 from nopf_web.roles import PeerRole
 
+from .delegated import Delegated
 from .errors import HandshakeError, TunnelError
 from .record_machine import (
     CONFIRM_SIZE,
@@ -141,36 +142,17 @@ class SecureChannel:
         self._on_confirmed = on_confirmed
         self._on_progress = on_progress
 
-    @property
-    def role(self) -> PeerRole:
-        return self._machine.role
-
-    @property
-    def peer_role(self) -> PeerRole:
-        return self._machine.peer_role
-
-    @property
-    def wire_bytes_in(self) -> int:
-        return self._machine.bytes_in
-
-    @property
-    def key_updates(self) -> tuple[int, int]:
-        """Record-key updates (sent, received) on this connection."""
-        return self._machine.key_updates
-
-    @property
-    def wire_bytes_out(self) -> int:
-        return self._machine.bytes_out
-
-    @property
-    def is_confirmed(self) -> bool:
-        """The peer's key confirmation checked out."""
-        return self._machine.confirmed
-
-    @property
-    def secrets(self) -> TunnelSecrets | None:
-        """What later paths of this tunnel need (once confirmed); see the record machine."""
-        return self._machine.secrets
+    role = Delegated[PeerRole]("_machine")
+    peer_role = Delegated[PeerRole]("_machine")
+    wire_bytes_in = Delegated[int]("_machine", "bytes_in")
+    key_updates = Delegated[tuple[int, int]](
+        "_machine", doc="Record-key updates (sent, received) on this connection.")
+    wire_bytes_out = Delegated[int]("_machine", "bytes_out")
+    is_confirmed = Delegated[bool](
+        "_machine", "confirmed", doc="The peer's key confirmation checked out.")
+    secrets = Delegated[TunnelSecrets | None](
+        "_machine",
+        doc="What later paths of this tunnel need (once confirmed); see the record machine.")
 
     @property
     def ended(self) -> bool:
