@@ -355,24 +355,9 @@ async def open_channel(sock: socket.socket, *, role: PeerRole, code: str,
     ``limits``: when record keys are updated (see the record machine; tests set
     low ones).
     """
-    try:
-        machine = (RecordMachine.handshake(role, code, timeout=timeout, limits=limits)
-                   if pake is None
-                   else RecordMachine.confirm_only(role, pake, timeout=timeout, limits=limits))
-    except BaseException:
-        sock.close()
-        raise
-    channel = SecureChannel(sock, machine)
-    await _attach(sock, channel)
-    try:
-        channel._begin()
-        await channel._handshake
-    except TunnelError:
-        raise  # the channel closed (or aborted) the connection as the failure needs
-    except BaseException:  # cancelled, or a bug: never leave the connection open
-        channel.abort()
-        raise
-    return channel
+    return await _open(sock, lambda: (
+        RecordMachine.handshake(role, code, timeout=timeout, limits=limits) if pake is None
+        else RecordMachine.confirm_only(role, pake, timeout=timeout, limits=limits)))
 
 
 async def open_path(sock: socket.socket, *, role: PeerRole, secrets: TunnelSecrets,
@@ -384,8 +369,15 @@ async def open_path(sock: socket.socket, *, role: PeerRole, secrets: TunnelSecre
     waits for the peer's, raising :class:`PathRejected` if it does not prove the
     key, :class:`HandshakeTimeout` or :class:`HandshakeError`. The channel owns
     ``sock``; on failure it is closed."""
+    return await _open(
+        sock, lambda: RecordMachine.path(role, secrets, timeout=timeout, limits=limits))
+
+
+async def _open(sock: socket.socket, make_machine: Callable[[], RecordMachine]) -> SecureChannel:
+    """A channel of ``make_machine()`` on ``sock``, returned once the machine's
+    handshake says so; ``sock`` is closed on any failure."""
     try:
-        machine = RecordMachine.path(role, secrets, timeout=timeout, limits=limits)
+        machine = make_machine()
     except BaseException:
         sock.close()
         raise
@@ -395,8 +387,8 @@ async def open_path(sock: socket.socket, *, role: PeerRole, secrets: TunnelSecre
         channel._begin()
         await channel._handshake
     except TunnelError:
-        raise
-    except BaseException:
+        raise  # the channel closed (or aborted) the connection as the failure needs
+    except BaseException:  # cancelled, or a bug: never leave the connection open
         channel.abort()
         raise
     return channel
