@@ -385,16 +385,24 @@ class Mux:
     async def _supervised(self, coro: Coroutine[Any, Any, None]) -> None:
         try:
             await coro
-        except TunnelError as exc:
+        except (TunnelError, OSError) as exc:
+            self._end_for(exc)
+        except Exception as exc:  # a bug: fail loudly through wait_closed, never hang
+            self._end_for(exc)
+            raise
+
+    def _end_for(self, exc: Exception) -> None:
+        """End the tunnel for what a task or a flush raised: a tunnel error as
+        itself, a socket error as the peer lost, anything else as a bug."""
+        if isinstance(exc, TunnelError):
             self._apply(self._machine.end(exc, graceful=isinstance(exc, TunnelClosed)))
-        except OSError as exc:
+        elif isinstance(exc, OSError):
             self._apply(self._machine.end(
                 PeerLost(f"the tunnel connection failed: {exc.strerror or exc}"), graceful=False))
-        except Exception as exc:  # a bug: fail loudly through wait_closed, never hang
+        else:
             error = TunnelError(f"internal tunnel error: {exc!r}")
             error.__cause__ = exc
             self._apply(self._machine.end(error, graceful=False))
-            raise
 
     # -- streams --------------------------------------------------------------
 
@@ -444,15 +452,10 @@ class Mux:
                 if events:
                     self._apply(events)
             self._idle.set()
-        except TunnelError as exc:
-            self._apply(self._machine.end(exc, graceful=isinstance(exc, TunnelClosed)))
-        except OSError as exc:
-            self._apply(self._machine.end(
-                PeerLost(f"the tunnel connection failed: {exc.strerror or exc}"), graceful=False))
+        except (TunnelError, OSError) as exc:
+            self._end_for(exc)
         except Exception as exc:  # a bug: fail loudly through wait_closed, never hang
-            error = TunnelError(f"internal tunnel error: {exc!r}")
-            error.__cause__ = exc
-            self._apply(self._machine.end(error, graceful=False))
+            self._end_for(exc)
             raise
         finally:
             self._flush_handle = None
