@@ -470,37 +470,34 @@ class Mux:
                 stream = streams[event.stream_id]
                 stream._in.append(event.data)
                 stream._in_size += len(event.data)
-                stream._readable.set()
-                # In push mode, everything one record brings for this stream goes
-                # out in one write once the record is parsed: fewer local sends.
-                if stream._sink is not None and not stream._flush_queued:
-                    stream._flush_queued = True
-                    if deliver is None:
-                        deliver = []
-                    deliver.append(stream)
-            elif type(event) is StreamOpened:
-                state = self._machine.stream(event.stream_id)
-                assert state is not None
-                stream = streams[event.stream_id] = Stream(self, state)
-                self._accepts.append(stream)
-                self._accept_ready.set()
             elif type(event) is StreamEof:
                 stream = streams[event.stream_id]
                 stream._remote_fin = True
-                stream._readable.set()
-                if stream._sink is not None and not stream._flush_queued:
-                    stream._flush_queued = True
-                    if deliver is None:
-                        deliver = []
-                    deliver.append(stream)
-            elif type(event) is StreamWritable:
-                streams[event.stream_id]._drained()
-            elif type(event) is StreamDone:
-                streams.pop(event.stream_id)
-            elif isinstance(event, StreamFailed):
-                streams.pop(event.stream_id)._fail(event.error)
-            elif isinstance(event, TunnelEnded):
-                self._ended(event.error, graceful=event.graceful)
+            else:  # nothing for a stream's reader (inline: no call per event)
+                if type(event) is StreamOpened:
+                    state = self._machine.stream(event.stream_id)
+                    assert state is not None
+                    stream = streams[event.stream_id] = Stream(self, state)
+                    self._accepts.append(stream)
+                    self._accept_ready.set()
+                elif type(event) is StreamWritable:
+                    streams[event.stream_id]._drained()
+                elif type(event) is StreamDone:
+                    streams.pop(event.stream_id)
+                elif isinstance(event, StreamFailed):
+                    streams.pop(event.stream_id)._fail(event.error)
+                elif isinstance(event, TunnelEnded):
+                    self._ended(event.error, graceful=event.graceful)
+                continue
+            # Data or FIN for the stream's reader. In push mode, everything one
+            # record brings for this stream goes out in one write once the
+            # record is parsed: fewer local sends.
+            stream._readable.set()
+            if stream._sink is not None and not stream._flush_queued:
+                stream._flush_queued = True
+                if deliver is None:
+                    deliver = []
+                deliver.append(stream)
         if deliver is not None:
             for stream in deliver:
                 stream._deliver()
