@@ -1,4 +1,5 @@
-"""What the NAT-PMP and PCP machines share: decode errors, outcomes, retransmission.
+"""What the NAT-PMP and PCP machines share: decode errors, outcomes, retransmission,
+the epoch check.
 
 Sans-IO: no sockets, no clock. Every method takes ``now`` (seconds, any monotonic
 origin) and returns the datagrams to send; ``wake_at`` says when to call ``timer``.
@@ -6,6 +7,7 @@ origin) and returns the datagrams to send; ``wake_at`` says when to call ``timer
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -95,6 +97,40 @@ class NoAnswer:
 
 
 Outcome = Granted | Refused | Unsupported | NoAnswer
+
+
+def refused(codes: type[enum.IntEnum], code: int) -> Refused:
+    """The answer ``code``, named from the protocol's result codes ``codes``."""
+    try:
+        name = codes(code).name
+    except ValueError:
+        name = f"unknown result code {code}"
+    return Refused(code, name)
+
+
+def check_mapping(internal_port: int, lifetime: int) -> None:
+    """The ranges both protocols carry (a 16-bit port, a 32-bit lifetime)."""
+    if not 0 < internal_port < 65536:
+        raise ValueError(f"internal port out of range: {internal_port}")
+    if not 0 <= lifetime < 2**32:
+        raise ValueError(f"lifetime out of range: {lifetime}")
+
+
+class Epoch:
+    """Detects a gateway that lost its mappings, from the epoch seconds it sends
+    and our clock; a subclass has its protocol's rule in :meth:`_lost`."""
+
+    def __init__(self) -> None:
+        self._last: tuple[int, float] | None = None
+
+    def observe(self, epoch: int, now: float) -> bool:
+        """Record a received value; True when it shows a loss of mapping state."""
+        lost = self._last is not None and self._lost(*self._last, epoch, now)
+        self._last = (epoch, now)
+        return lost
+
+    def _lost(self, last_epoch: int, last_now: float, epoch: int, now: float) -> bool:
+        raise NotImplementedError
 
 
 class Exchange:

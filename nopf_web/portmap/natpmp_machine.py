@@ -45,6 +45,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
+from nopf_web.portmap import exchange_machine as exchange
 from nopf_web.portmap.exchange_machine import (
     BadField,
     BadLength,
@@ -55,10 +56,11 @@ from nopf_web.portmap.exchange_machine import (
     NoAnswer,
     Outcome,
     Question,
-    Refused,
     Truncated,
     Unsupported,
     WireError,
+    check_mapping,
+    refused,
 )
 
 PROTOCOL = "NAT-PMP"
@@ -95,13 +97,6 @@ class ResultCode(enum.IntEnum):
     NETWORK_FAILURE = 3  # e.g. the gateway has no DHCP lease itself
     OUT_OF_RESOURCES = 4
     UNSUPPORTED_OPCODE = 5
-
-
-def result_name(code: int) -> str:
-    try:
-        return ResultCode(code).name
-    except ValueError:
-        return f"unknown result code {code}"
 
 
 # --------------------------------------------------------------------------- messages
@@ -259,25 +254,15 @@ def intervals() -> Iterator[float]:
         yield FIRST_INTERVAL * 2**attempt
 
 
-class Epoch:
-    """Detects a gateway that lost its mappings, from Seconds Since Start of Epoch (§3.6).
-
-    Expected value: the last one plus 7/8 of the time elapsed on our clock; more
-    than 2 s below that means the gateway rebooted or reset its table.
+class Epoch(exchange.Epoch):
+    """From Seconds Since Start of Epoch (§3.6). Expected value: the last one
+    plus 7/8 of the time elapsed on our clock; more than 2 s below that means
+    the gateway rebooted or reset its table.
     """
 
-    def __init__(self) -> None:
-        self._last: tuple[int, float] | None = None
-
-    def observe(self, epoch: int, now: float) -> bool:
-        """Record a received value; True when it shows a loss of mapping state."""
-        lost = False
-        if self._last is not None:
-            last_epoch, last_now = self._last
-            expected = last_epoch + (now - last_now) * 7 / 8
-            lost = epoch < expected - 2
-        self._last = (epoch, now)
-        return lost
+    def _lost(self, last_epoch: int, last_now: float, epoch: int, now: float) -> bool:
+        expected = last_epoch + (now - last_now) * 7 / 8
+        return epoch < expected - 2
 
 
 def _spoken(data: bytes) -> ExternalAddressResponse | MapResponse | Unsupported:
@@ -312,10 +297,7 @@ class NatPmpMapping:
         ask_external_address: bool = True,
         give_up_after: float | None = None,
     ) -> None:
-        if not 0 < internal_port < 65536:
-            raise ValueError(f"internal port out of range: {internal_port}")
-        if not 0 <= lifetime < 2**32:
-            raise ValueError(f"lifetime out of range: {lifetime}")
+        check_mapping(internal_port, lifetime)
         if lifetime == 0:  # §3.4: a deletion suggests port 0 and needs no address
             suggested = 0
             ask_external_address = False
@@ -390,7 +372,7 @@ class NatPmpMapping:
             self._ignored.append(f"{PROTOCOL}: OP: unasked external address response")
             return []
         if response.result != ResultCode.SUCCESS:
-            self.outcome = Refused(response.result, result_name(response.result))
+            self.outcome = refused(ResultCode, response.result)
             return []
         self._address = response.external_address
         return self._begin(self.request, now)
@@ -407,7 +389,7 @@ class NatPmpMapping:
             )
             return []
         if response.result != ResultCode.SUCCESS:
-            self.outcome = Refused(response.result, result_name(response.result))
+            self.outcome = refused(ResultCode, response.result)
             return []
         self.outcome = Granted(
             self._address, response.external_port, response.internal_port,
@@ -430,5 +412,5 @@ class NatPmpExternalAddress(Question):
             self._ignore(f"{PROTOCOL}: OP: mapping response to an address request")
             return None
         if response.result != ResultCode.SUCCESS:
-            return Refused(response.result, result_name(response.result))
+            return refused(ResultCode, response.result)
         return Granted(response.external_address, 0, 0, 0, response.epoch)
