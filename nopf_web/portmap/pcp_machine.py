@@ -324,7 +324,7 @@ class _PcpExchange(Question):
         self.request = request
         self.response: Response | None = None
 
-    def _answer(self, data: bytes) -> Outcome | None:
+    def _answer(self, data: bytes, now: float) -> Outcome | None:
         if data[:1] == bytes([NATPMP_VERSION]):
             # RFC 6887 §9 / RFC 6886 §1.1: a NAT-PMP-only server answers Unsupported Version
             return Unsupported("the gateway answered in NAT-PMP (version 0), not PCP")
