@@ -43,6 +43,7 @@ import aiohttp
 from nopf_web.portmap import natpmp_machine as natpmp, pcp_machine as pcp, upnp
 from nopf_web.portmap.errors import AlreadyMappedError, AttemptFailed, NoGatewayError
 from nopf_web.portmap.exchange_machine import (
+    Epoch,
     Granted,
     NoAnswer,
     Outcome,
@@ -375,63 +376,83 @@ class _Attempt:
             raise
 
 
-class _NatPmpAttempt(_Attempt):
+class _UdpAttempt(_Attempt):
+    """NAT-PMP or PCP: a sans-IO machine per exchange, driven over UDP to the gateway."""
+
+    def __init__(self, mapper: PortMapper, internal_port: int, epoch: Epoch) -> None:
+        super().__init__(mapper, internal_port)
+        self.epoch = epoch
+
+    async def _granted(self, machine: _Machine, *, deleting: bool = False) -> Granted:
+        """Drive ``machine``: its grant, or AttemptFailed saying why there is none.
+        A mapping's epoch is checked (a gateway that lost its state is logged)."""
+        m = self.mapper
+        outcome = await _drive(machine, m.gateway, m.local_address)
+        if not isinstance(outcome, Granted):
+            raise AttemptFailed(f"{'delete: ' if deleting else ''}"
+                                f"{_failure_text(outcome, m.gateway)}")
+        if not deleting and self.epoch.observe(outcome.epoch, asyncio.get_running_loop().time()):
+            log.info("%s: %s lost its mapping state (epoch %d)", self.protocol.value, m.gateway,
+                     outcome.epoch)
+        return outcome
+
+    async def _probe(self, machine: _Machine) -> Probe:
+        """Drive a detection ``machine``: a gateway that refuses speaks the protocol too."""
+        m = self.mapper
+        try:
+            outcome = await _drive(machine, m.gateway, m.local_address)
+        except AttemptFailed as exc:
+            return Probe(self.protocol, False, None, f"{self.protocol.value}: {exc}")
+        if isinstance(outcome, Granted):
+            return self._answered(outcome)
+        answered = isinstance(outcome, Refused)  # it speaks the protocol, but says no
+        return Probe(self.protocol, answered, None,
+                     f"{self.protocol.value}: {_failure_text(outcome, m.gateway)}")
+
+    def _answered(self, outcome: Granted) -> Probe:
+        raise NotImplementedError
+
+
+class _NatPmpAttempt(_UdpAttempt):
     protocol = MapProtocol.NATPMP
 
     def __init__(self, mapper: PortMapper, internal_port: int) -> None:
-        super().__init__(mapper, internal_port)
+        super().__init__(mapper, internal_port, natpmp.Epoch())
         self._machine: natpmp.NatPmpMapping | None = None
-        self.epoch = natpmp.Epoch()
 
     @property
     def committed(self) -> bool:
         return self._machine is not None and self._machine.mapping_requested
 
     async def map(self, lifetime: int, suggested_port: int, budget: float) -> _Grant:
-        m = self.mapper
         self._machine = machine = natpmp.NatPmpMapping(
             self.internal_port, lifetime, suggested_external_port=suggested_port,
             give_up_after=budget)
-        outcome = await _drive(machine, m.gateway, m.local_address)
-        if not isinstance(outcome, Granted):
-            raise AttemptFailed(_failure_text(outcome, m.gateway))
-        if self.epoch.observe(outcome.epoch, asyncio.get_running_loop().time()):
-            log.info("NAT-PMP: %s lost its mapping state (epoch %d)", m.gateway, outcome.epoch)
+        outcome = await self._granted(machine)
         if outcome.external_address is None or outcome.lifetime == 0:
-            raise AttemptFailed(f"{m.gateway} granted no lifetime or address")
+            raise AttemptFailed(f"{self.mapper.gateway} granted no lifetime or address")
         return _Grant(outcome.external_address, outcome.external_port, outcome.lifetime)
 
     async def delete(self, external_port: int) -> None:
-        m = self.mapper
-        machine = natpmp.NatPmpMapping(self.internal_port, 0, give_up_after=m.delete_timeout)
-        outcome = await _drive(machine, m.gateway, m.local_address)
-        if not isinstance(outcome, Granted):
-            raise AttemptFailed(f"delete: {_failure_text(outcome, m.gateway)}")
+        await self._granted(natpmp.NatPmpMapping(
+            self.internal_port, 0, give_up_after=self.mapper.delete_timeout), deleting=True)
 
     async def detect(self) -> Probe:
-        m = self.mapper
-        machine = natpmp.NatPmpExternalAddress(give_up_after=m.timeout)
-        try:
-            outcome = await _drive(machine, m.gateway, m.local_address)
-        except AttemptFailed as exc:
-            return Probe(self.protocol, False, None, f"{self.protocol.value}: {exc}")
-        if isinstance(outcome, Granted):
-            return Probe(self.protocol, True, outcome.external_address,
-                         f"{self.protocol.value}: external address {outcome.external_address}")
-        answered = isinstance(outcome, Refused)  # it speaks NAT-PMP, but says no
-        return Probe(self.protocol, answered, None,
-                     f"{self.protocol.value}: {_failure_text(outcome, m.gateway)}")
+        return await self._probe(natpmp.NatPmpExternalAddress(give_up_after=self.mapper.timeout))
+
+    def _answered(self, outcome: Granted) -> Probe:
+        return Probe(self.protocol, True, outcome.external_address,
+                     f"{self.protocol.value}: external address {outcome.external_address}")
 
 
-class _PcpAttempt(_Attempt):
+class _PcpAttempt(_UdpAttempt):
     protocol = MapProtocol.PCP
 
     def __init__(self, mapper: PortMapper, internal_port: int) -> None:
-        super().__init__(mapper, internal_port)
+        super().__init__(mapper, internal_port, pcp.Epoch())
         self.nonce = secrets.token_bytes(pcp.NONCE_SIZE)  # §11.1: random, kept for renewals
         self._started = False
         self._last: _Grant | None = None
-        self.epoch = pcp.Epoch()
 
     @property
     def committed(self) -> bool:
@@ -447,42 +468,29 @@ class _PcpAttempt(_Attempt):
             give_up_after=budget)
 
     async def map(self, lifetime: int, suggested_port: int, budget: float) -> _Grant:
-        m = self.mapper
         machine = self._machine(lifetime, suggested_port, budget)
         self._started = True
-        outcome = await _drive(machine, m.gateway, m.local_address)
-        if not isinstance(outcome, Granted):
-            raise AttemptFailed(_failure_text(outcome, m.gateway))
-        if self.epoch.observe(outcome.epoch, asyncio.get_running_loop().time()):
-            log.info("PCP: %s lost its mapping state (epoch %d)", m.gateway, outcome.epoch)
+        outcome = await self._granted(machine)
+        gateway = self.mapper.gateway
         if outcome.external_address is None:
-            raise AttemptFailed(f"{m.gateway} assigned an IPv6 external address to IPv4")
+            raise AttemptFailed(f"{gateway} assigned an IPv6 external address to IPv4")
         if outcome.lifetime == 0:
-            raise AttemptFailed(f"{m.gateway} granted a lifetime of 0")
+            raise AttemptFailed(f"{gateway} granted a lifetime of 0")
         self._last = _Grant(outcome.external_address, outcome.external_port, outcome.lifetime)
         return self._last
 
     async def delete(self, external_port: int) -> None:
-        m = self.mapper
-        machine = self._machine(0, external_port, m.delete_timeout)
-        outcome = await _drive(machine, m.gateway, m.local_address)
-        if not isinstance(outcome, Granted):
-            raise AttemptFailed(f"delete: {_failure_text(outcome, m.gateway)}")
+        await self._granted(self._machine(0, external_port, self.mapper.delete_timeout),
+                            deleting=True)
 
     async def detect(self) -> Probe:
         m = self.mapper
-        machine = pcp.PcpAnnounce(client_address=m.local_address, rand=m.rng.random,
-                                  give_up_after=m.timeout)
-        try:
-            outcome = await _drive(machine, m.gateway, m.local_address)
-        except AttemptFailed as exc:
-            return Probe(self.protocol, False, None, f"{self.protocol.value}: {exc}")
-        if isinstance(outcome, Granted):
-            return Probe(self.protocol, True, None,
-                         f"{self.protocol.value}: server answers (epoch {outcome.epoch})")
-        answered = isinstance(outcome, Refused)
-        return Probe(self.protocol, answered, None,
-                     f"{self.protocol.value}: {_failure_text(outcome, m.gateway)}")
+        return await self._probe(pcp.PcpAnnounce(client_address=m.local_address,
+                                                 rand=m.rng.random, give_up_after=m.timeout))
+
+    def _answered(self, outcome: Granted) -> Probe:
+        return Probe(self.protocol, True, None,
+                     f"{self.protocol.value}: server answers (epoch {outcome.epoch})")
 
 
 class _UpnpAttempt(_Attempt):

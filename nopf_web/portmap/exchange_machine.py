@@ -1,4 +1,5 @@
-"""What the NAT-PMP and PCP machines share: decode errors, outcomes, retransmission.
+"""What the NAT-PMP and PCP machines share: decode errors, outcomes, retransmission,
+the epoch check.
 
 Sans-IO: no sockets, no clock. Every method takes ``now`` (seconds, any monotonic
 origin) and returns the datagrams to send; ``wake_at`` says when to call ``timer``.
@@ -6,6 +7,7 @@ origin) and returns the datagrams to send; ``wake_at`` says when to call ``timer
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -97,6 +99,40 @@ class NoAnswer:
 Outcome = Granted | Refused | Unsupported | NoAnswer
 
 
+def refused(codes: type[enum.IntEnum], code: int) -> Refused:
+    """The answer ``code``, named from the protocol's result codes ``codes``."""
+    try:
+        name = codes(code).name
+    except ValueError:
+        name = f"unknown result code {code}"
+    return Refused(code, name)
+
+
+def check_mapping(internal_port: int, lifetime: int) -> None:
+    """The ranges both protocols carry (a 16-bit port, a 32-bit lifetime)."""
+    if not 0 < internal_port < 65536:
+        raise ValueError(f"internal port out of range: {internal_port}")
+    if not 0 <= lifetime < 2**32:
+        raise ValueError(f"lifetime out of range: {lifetime}")
+
+
+class Epoch:
+    """Detects a gateway that lost its mappings, from the epoch seconds it sends
+    and our clock; a subclass has its protocol's rule in :meth:`_lost`."""
+
+    def __init__(self) -> None:
+        self._last: tuple[int, float] | None = None
+
+    def observe(self, epoch: int, now: float) -> bool:
+        """Record a received value; True when it shows a loss of mapping state."""
+        lost = self._last is not None and self._lost(*self._last, epoch, now)
+        self._last = (epoch, now)
+        return lost
+
+    def _lost(self, last_epoch: int, last_now: float, epoch: int, now: float) -> bool:
+        raise NotImplementedError
+
+
 class Exchange:
     """One request, sent again after each interval until answered or given up.
 
@@ -161,45 +197,67 @@ class Question:
 
     A subclass says in :meth:`_answer` what a datagram decides: an outcome, or
     None for a datagram that is not the answer (:meth:`_ignore` says why, for a
-    :class:`NoAnswer`). A :class:`WireError` it raises is such a datagram too:
-    RFC 6886 and RFC 6887 both want those dropped, not acted on.
+    :class:`NoAnswer`) or that leads to the next request (:meth:`_ask_next`).
+    A :class:`WireError` it raises is such a datagram too: RFC 6886 and RFC 6887
+    both want those dropped, not acted on. ``give_up_after`` bounds all the
+    requests together.
     """
 
     def __init__(self, request: bytes, intervals: Iterator[float],
                  give_up_after: float | None) -> None:
         self._exchange = Exchange(request, intervals, give_up_after)
+        self._give_up_after = give_up_after
+        self._deadline: float | None = None
+        self._sent_before = 0  # by the requests answered already
+        self._next: list[bytes] = []  # the next request's first transmission
         self._ignored: list[str] = []
-        self._started = 0.0
+        self._started: float | None = None
         self.outcome: Outcome | None = None
 
     @property
     def wake_at(self) -> float | None:
         return None if self.outcome is not None else self._exchange.wake_at
 
+    @property
+    def asking(self) -> bytes | None:
+        """The request now being sent (None before :meth:`start`)."""
+        return None if self._started is None else self._exchange.request
+
     def start(self, now: float) -> list[bytes]:
         self._started = now
+        if self._give_up_after is not None:
+            self._deadline = now + self._give_up_after
         return self._exchange.start(now)
 
     def timer(self, now: float) -> list[bytes]:
-        if self.outcome is not None:
+        if self.outcome is not None or self._started is None:
             return []
         out = self._exchange.timer(now)
         if self._exchange.gave_up:
-            self.outcome = NoAnswer(self._exchange.sent, now - self._started,
-                                    tuple(self._ignored))
+            self.outcome = NoAnswer(self._sent_before + self._exchange.sent,
+                                    now - self._started, tuple(self._ignored))
         return out
 
     def receive(self, data: bytes, now: float) -> list[bytes]:
-        if self.outcome is not None:
+        if self.outcome is not None or self._started is None:
             return []
         try:
-            self.outcome = self._answer(data)
+            self.outcome = self._answer(data, now)
         except WireError as exc:
             self._ignore(str(exc))
-        return []
+        out, self._next = self._next, []
+        return out
+
+    def _ask_next(self, request: bytes, intervals: Iterator[float], now: float) -> None:
+        """Send ``request`` next (the answer to this one called for it), within
+        what is left of ``give_up_after``."""
+        self._sent_before += self._exchange.sent
+        remaining = None if self._deadline is None else max(0.0, self._deadline - now)
+        self._exchange = Exchange(request, intervals, remaining)
+        self._next = self._exchange.start(now)
 
     def _ignore(self, why: str) -> None:
         self._ignored.append(why)
 
-    def _answer(self, data: bytes) -> Outcome | None:
+    def _answer(self, data: bytes, now: float) -> Outcome | None:
         raise NotImplementedError

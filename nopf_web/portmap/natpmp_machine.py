@@ -45,20 +45,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
+from nopf_web.portmap import exchange_machine as exchange
 from nopf_web.portmap.exchange_machine import (
     BadField,
     BadLength,
     BadOpcode,
     BadVersion,
-    Exchange,
     Granted,
-    NoAnswer,
     Outcome,
     Question,
-    Refused,
     Truncated,
     Unsupported,
-    WireError,
+    check_mapping,
+    refused,
 )
 
 PROTOCOL = "NAT-PMP"
@@ -95,13 +94,6 @@ class ResultCode(enum.IntEnum):
     NETWORK_FAILURE = 3  # e.g. the gateway has no DHCP lease itself
     OUT_OF_RESOURCES = 4
     UNSUPPORTED_OPCODE = 5
-
-
-def result_name(code: int) -> str:
-    try:
-        return ResultCode(code).name
-    except ValueError:
-        return f"unknown result code {code}"
 
 
 # --------------------------------------------------------------------------- messages
@@ -259,25 +251,15 @@ def intervals() -> Iterator[float]:
         yield FIRST_INTERVAL * 2**attempt
 
 
-class Epoch:
-    """Detects a gateway that lost its mappings, from Seconds Since Start of Epoch (§3.6).
-
-    Expected value: the last one plus 7/8 of the time elapsed on our clock; more
-    than 2 s below that means the gateway rebooted or reset its table.
+class Epoch(exchange.Epoch):
+    """From Seconds Since Start of Epoch (§3.6). Expected value: the last one
+    plus 7/8 of the time elapsed on our clock; more than 2 s below that means
+    the gateway rebooted or reset its table.
     """
 
-    def __init__(self) -> None:
-        self._last: tuple[int, float] | None = None
-
-    def observe(self, epoch: int, now: float) -> bool:
-        """Record a received value; True when it shows a loss of mapping state."""
-        lost = False
-        if self._last is not None:
-            last_epoch, last_now = self._last
-            expected = last_epoch + (now - last_now) * 7 / 8
-            lost = epoch < expected - 2
-        self._last = (epoch, now)
-        return lost
+    def _lost(self, last_epoch: int, last_now: float, epoch: int, now: float) -> bool:
+        expected = last_epoch + (now - last_now) * 7 / 8
+        return epoch < expected - 2
 
 
 def _spoken(data: bytes) -> ExternalAddressResponse | MapResponse | Unsupported:
@@ -293,7 +275,7 @@ def _spoken(data: bytes) -> ExternalAddressResponse | MapResponse | Unsupported:
 # --------------------------------------------------------------------------- the machine
 
 
-class NatPmpMapping:
+class NatPmpMapping(Question):
     """Map (or delete, ``lifetime=0``) one port, learning the external address first.
 
     ``start``/``receive``/``timer`` return the datagrams to send to the gateway's
@@ -312,10 +294,7 @@ class NatPmpMapping:
         ask_external_address: bool = True,
         give_up_after: float | None = None,
     ) -> None:
-        if not 0 < internal_port < 65536:
-            raise ValueError(f"internal port out of range: {internal_port}")
-        if not 0 <= lifetime < 2**32:
-            raise ValueError(f"lifetime out of range: {lifetime}")
+        check_mapping(internal_port, lifetime)
         if lifetime == 0:  # §3.4: a deletion suggests port 0 and needs no address
             suggested = 0
             ask_external_address = False
@@ -325,95 +304,46 @@ class NatPmpMapping:
         self.request = MapRequest(opcode, internal_port, suggested, lifetime)
         self._map_bytes = encode_request(self.request)
         self._ask_address = ask_external_address
-        self._give_up_after = give_up_after
-        self._deadline: float | None = None
-        self._started = 0.0
-        self._exchange: Exchange | None = None
         self._address: IPv4Address | None = None
-        self._ignored: list[str] = []
-        self._sent = 0
-        self.outcome: Outcome | None = None
-
-    @property
-    def wake_at(self) -> float | None:
-        if self.outcome is not None or self._exchange is None:
-            return None
-        return self._exchange.wake_at
+        first = encode_request(ExternalAddressRequest()) if ask_external_address \
+            else self._map_bytes
+        super().__init__(first, intervals(), give_up_after)
 
     @property
     def mapping_requested(self) -> bool:
         """True once the mapping request itself has been sent (it may have been acted on)."""
-        return self._exchange is not None and self._exchange.request == self._map_bytes
+        return self.asking == self._map_bytes
 
-    def start(self, now: float) -> list[bytes]:
-        self._started = now
-        if self._give_up_after is not None:
-            self._deadline = now + self._give_up_after
-        first: Request = ExternalAddressRequest() if self._ask_address else self.request
-        return self._begin(first, now)
-
-    def timer(self, now: float) -> list[bytes]:
-        if self.outcome is not None or self._exchange is None:
-            return []
-        out = self._exchange.timer(now)
-        self._sent += len(out)
-        if self._exchange.gave_up:
-            self.outcome = NoAnswer(self._sent, now - self._started, tuple(self._ignored))
-        return out
-
-    def receive(self, data: bytes, now: float) -> list[bytes]:
-        if self.outcome is not None or self._exchange is None:
-            return []
-        try:
-            response = _spoken(data)
-        except WireError as exc:
-            self._ignored.append(str(exc))
-            return []
+    def _answer(self, data: bytes, now: float) -> Outcome | None:
+        response = _spoken(data)
         if isinstance(response, Unsupported):
-            self.outcome = response
-            return []
+            return response
         if isinstance(response, ExternalAddressResponse):
             return self._on_address(response, now)
-        return self._on_mapping(response, now)
+        return self._on_mapping(response)
 
-    # ------------------------------------------------------------------ internals
-
-    def _begin(self, request: Request, now: float) -> list[bytes]:
-        remaining = None if self._deadline is None else max(0.0, self._deadline - now)
-        self._exchange = Exchange(encode_request(request), intervals(), remaining)
-        out = self._exchange.start(now)
-        self._sent += len(out)
-        return out
-
-    def _on_address(self, response: ExternalAddressResponse, now: float) -> list[bytes]:
+    def _on_address(self, response: ExternalAddressResponse, now: float) -> Outcome | None:
         if not self._ask_address or self._address is not None:
-            self._ignored.append(f"{PROTOCOL}: OP: unasked external address response")
-            return []
+            self._ignore(f"{PROTOCOL}: OP: unasked external address response")
+            return None
         if response.result != ResultCode.SUCCESS:
-            self.outcome = Refused(response.result, result_name(response.result))
-            return []
+            return refused(ResultCode, response.result)
         self._address = response.external_address
-        return self._begin(self.request, now)
+        self._ask_next(self._map_bytes, intervals(), now)
+        return None
 
-    def _on_mapping(self, response: MapResponse, now: float) -> list[bytes]:
+    def _on_mapping(self, response: MapResponse) -> Outcome | None:
         if not self.mapping_requested or response.opcode != self.request.opcode:
-            self._ignored.append(f"{PROTOCOL}: OP: response to opcode {response.opcode}, not ours")
-            return []
+            self._ignore(f"{PROTOCOL}: OP: response to opcode {response.opcode}, not ours")
+            return None
         if response.internal_port != self.request.internal_port:
             # §3.5: the internal port identifies which request an answer is for
-            self._ignored.append(
-                str(BadField(PROTOCOL, "Internal Port",
-                             f"{response.internal_port}, asked {self.request.internal_port}"))
-            )
-            return []
+            raise BadField(PROTOCOL, "Internal Port",
+                           f"{response.internal_port}, asked {self.request.internal_port}")
         if response.result != ResultCode.SUCCESS:
-            self.outcome = Refused(response.result, result_name(response.result))
-            return []
-        self.outcome = Granted(
-            self._address, response.external_port, response.internal_port,
-            response.lifetime, response.epoch,
-        )
-        return []
+            return refused(ResultCode, response.result)
+        return Granted(self._address, response.external_port, response.internal_port,
+                       response.lifetime, response.epoch)
 
 
 class NatPmpExternalAddress(Question):
@@ -422,7 +352,7 @@ class NatPmpExternalAddress(Question):
     def __init__(self, *, give_up_after: float | None = None) -> None:
         super().__init__(encode_request(ExternalAddressRequest()), intervals(), give_up_after)
 
-    def _answer(self, data: bytes) -> Outcome | None:
+    def _answer(self, data: bytes, now: float) -> Outcome | None:
         response = _spoken(data)
         if isinstance(response, Unsupported):
             return response
@@ -430,5 +360,5 @@ class NatPmpExternalAddress(Question):
             self._ignore(f"{PROTOCOL}: OP: mapping response to an address request")
             return None
         if response.result != ResultCode.SUCCESS:
-            return Refused(response.result, result_name(response.result))
+            return refused(ResultCode, response.result)
         return Granted(response.external_address, 0, 0, 0, response.epoch)

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
+from nopf_web.portmap import exchange_machine as exchange
 from nopf_web.portmap.exchange_machine import (
     BadField,
     BadLength,
@@ -49,9 +50,10 @@ from nopf_web.portmap.exchange_machine import (
     NonceMismatch,
     Outcome,
     Question,
-    Refused,
     Truncated,
     Unsupported,
+    check_mapping,
+    refused,
 )
 
 PROTOCOL = "PCP"
@@ -100,13 +102,6 @@ class ResultCode(enum.IntEnum):
     CANNOT_PROVIDE_EXTERNAL = 11
     ADDRESS_MISMATCH = 12
     EXCESSIVE_REMOTE_PEERS = 13
-
-
-def result_name(code: int) -> str:
-    try:
-        return ResultCode(code).name
-    except ValueError:
-        return f"unknown result code {code}"
 
 
 def mapped(address: IPv4Address) -> IPv6Address:
@@ -305,26 +300,16 @@ def intervals(rand: Callable[[], float]) -> Iterator[float]:
             rt = (1 + jitter()) * MRT
 
 
-class Epoch:
-    """§8.5: detects a server that lost its state, from Epoch Time and our clock."""
+class Epoch(exchange.Epoch):
+    """§8.5, from Epoch Time: it went back, or it and our clock disagree."""
 
-    def __init__(self) -> None:
-        self._last: tuple[int, float] | None = None
-
-    def observe(self, epoch: int, now: float) -> bool:
-        """Record a received Epoch Time; True when the server's state was lost."""
-        lost = False
-        if self._last is not None:
-            previous_epoch, previous_now = self._last
-            if epoch + 2 < previous_epoch:  # went back in time
-                lost = True
-            else:
-                client_delta = now - previous_now
-                server_delta = epoch - previous_epoch
-                lost = (client_delta + 2 < server_delta - server_delta / 16
-                        or server_delta + 2 < client_delta - client_delta / 16)
-        self._last = (epoch, now)
-        return lost
+    def _lost(self, last_epoch: int, last_now: float, epoch: int, now: float) -> bool:
+        if epoch + 2 < last_epoch:  # went back in time
+            return True
+        client_delta = now - last_now
+        server_delta = epoch - last_epoch
+        return (client_delta + 2 < server_delta - server_delta / 16
+                or server_delta + 2 < client_delta - client_delta / 16)
 
 
 # --------------------------------------------------------------------------- the machines
@@ -339,7 +324,7 @@ class _PcpExchange(Question):
         self.request = request
         self.response: Response | None = None
 
-    def _answer(self, data: bytes) -> Outcome | None:
+    def _answer(self, data: bytes, now: float) -> Outcome | None:
         if data[:1] == bytes([NATPMP_VERSION]):
             # RFC 6887 §9 / RFC 6886 §1.1: a NAT-PMP-only server answers Unsupported Version
             return Unsupported("the gateway answered in NAT-PMP (version 0), not PCP")
@@ -352,7 +337,7 @@ class _PcpExchange(Question):
         if response.result == ResultCode.UNSUPP_VERSION:
             return Unsupported(f"the gateway does not support PCP version {VERSION}")
         if response.result != ResultCode.SUCCESS:
-            return Refused(response.result, result_name(response.result))
+            return refused(ResultCode, response.result)
         return self._granted(response)
 
     def _granted(self, response: Response) -> Outcome:
@@ -378,10 +363,7 @@ class PcpMapping(_PcpExchange):
         protocol: int = TCP,
         give_up_after: float | None = None,
     ) -> None:
-        if not 0 < internal_port < 65536:
-            raise ValueError(f"internal port out of range: {internal_port}")
-        if not 0 <= lifetime < 2**32:
-            raise ValueError(f"lifetime out of range: {lifetime}")
+        check_mapping(internal_port, lifetime)
         suggested_port = internal_port if suggested_external_port is None \
             else suggested_external_port
         suggested_address = ALL_ZEROS_V4 if suggested_external_address is None \

@@ -30,6 +30,7 @@ from nopf_web.roles import PeerRole
 from nopf_web.wire import frames as fr
 from nopf_web.wire.frames import ResetCode
 
+from .delegated import Delegated
 from .errors import PeerLost, StreamClosed, TunnelClosed, TunnelError
 from .mux_machine import (
     AUTO_WINDOW_BUDGET,
@@ -105,18 +106,10 @@ class Stream:
     def __repr__(self) -> str:
         return f"<Stream {self.stream_id} in={self.bytes_in} out={self.bytes_out}>"
 
-    @property
-    def bytes_in(self) -> int:
-        return self._state.bytes_in
-
-    @property
-    def bytes_out(self) -> int:
-        return self._state.bytes_out
-
-    @property
-    def _window(self) -> int:
-        """The receive window now granted (tests look at its growth)."""
-        return self._state.window
+    bytes_in = Delegated[int]("_state")
+    bytes_out = Delegated[int]("_state")
+    _window = Delegated[int](
+        "_state", "window", doc="The receive window now granted (tests look at its growth).")
 
     @property
     def at_eof(self) -> bool:
@@ -300,13 +293,6 @@ class Mux:
         self._machine = MuxMachine(role=role, keepalive=keepalive, dead_after=dead_after,
                                    window=window, max_frame=max_frame, max_streams=max_streams,
                                    name=name)
-        self.name = name
-        self.role: PeerRole = role
-        self.keepalive = keepalive
-        self.dead_after = dead_after
-        self.window = window
-        self.max_frame = max_frame
-        self.max_streams = max_streams
         self._channel = channel
         # Optional (SecureChannel has it): write a list of buffers without joining them.
         self._writelines: Callable[[list[bytes | memoryview]], None] | None = getattr(
@@ -322,43 +308,26 @@ class Mux:
         self._runner: asyncio.Task[None] | None = None  # the writer and keepalive's group
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    # -- observation ----------------------------------------------------------
+    # -- settings and observation: the machine's ------------------------------
 
-    @property
-    def bytes_in(self) -> int:
-        """Stream payload bytes received, all streams together."""
-        return self._machine.bytes_in
-
-    @property
-    def bytes_out(self) -> int:
-        return self._machine.bytes_out
-
-    @property
-    def total_streams(self) -> int:
-        return self._machine.total_streams
-
-    @property
-    def rtt(self) -> float | None:
-        """Seconds, from the last PING/PONG."""
-        return self._machine.rtt
-
-    @property
-    def open_streams(self) -> int:
-        return self._machine.open_streams
-
-    @property
-    def state(self) -> MuxState:
-        return self._machine.state
-
-    @property
-    def error(self) -> TunnelError | None:
-        """The failure that ended the tunnel (None while open or after a clean close)."""
-        return self._machine.error
-
-    @property
-    def _window_budget(self) -> int:
-        """Window growth left for lone streams (tests look at it)."""
-        return self._machine.window_budget
+    name = Delegated[str]("_machine")
+    role = Delegated[PeerRole]("_machine")
+    keepalive = Delegated[float]("_machine")
+    dead_after = Delegated[float]("_machine")
+    window = Delegated[int]("_machine")
+    max_frame = Delegated[int]("_machine")
+    max_streams = Delegated[int]("_machine")
+    bytes_in = Delegated[int](
+        "_machine", doc="Stream payload bytes received, all streams together.")
+    bytes_out = Delegated[int]("_machine")
+    total_streams = Delegated[int]("_machine")
+    rtt = Delegated[float | None]("_machine", doc="Seconds, from the last PING/PONG.")
+    open_streams = Delegated[int]("_machine")
+    state = Delegated[MuxState]("_machine")
+    error = Delegated[TunnelError | None](
+        "_machine", doc="What ended the tunnel (None while open or after a clean close).")
+    _window_budget = Delegated[int](
+        "_machine", "window_budget", doc="Window growth left for lone streams (tests look at it).")
 
     # -- life -----------------------------------------------------------------
 
@@ -416,16 +385,24 @@ class Mux:
     async def _supervised(self, coro: Coroutine[Any, Any, None]) -> None:
         try:
             await coro
-        except TunnelError as exc:
+        except (TunnelError, OSError) as exc:
+            self._end_for(exc)
+        except Exception as exc:  # a bug: fail loudly through wait_closed, never hang
+            self._end_for(exc)
+            raise
+
+    def _end_for(self, exc: Exception) -> None:
+        """End the tunnel for what a task or a flush raised: a tunnel error as
+        itself, a socket error as the peer lost, anything else as a bug."""
+        if isinstance(exc, TunnelError):
             self._apply(self._machine.end(exc, graceful=isinstance(exc, TunnelClosed)))
-        except OSError as exc:
+        elif isinstance(exc, OSError):
             self._apply(self._machine.end(
                 PeerLost(f"the tunnel connection failed: {exc.strerror or exc}"), graceful=False))
-        except Exception as exc:  # a bug: fail loudly through wait_closed, never hang
+        else:
             error = TunnelError(f"internal tunnel error: {exc!r}")
             error.__cause__ = exc
             self._apply(self._machine.end(error, graceful=False))
-            raise
 
     # -- streams --------------------------------------------------------------
 
@@ -475,15 +452,10 @@ class Mux:
                 if events:
                     self._apply(events)
             self._idle.set()
-        except TunnelError as exc:
-            self._apply(self._machine.end(exc, graceful=isinstance(exc, TunnelClosed)))
-        except OSError as exc:
-            self._apply(self._machine.end(
-                PeerLost(f"the tunnel connection failed: {exc.strerror or exc}"), graceful=False))
+        except (TunnelError, OSError) as exc:
+            self._end_for(exc)
         except Exception as exc:  # a bug: fail loudly through wait_closed, never hang
-            error = TunnelError(f"internal tunnel error: {exc!r}")
-            error.__cause__ = exc
-            self._apply(self._machine.end(error, graceful=False))
+            self._end_for(exc)
             raise
         finally:
             self._flush_handle = None
@@ -498,37 +470,34 @@ class Mux:
                 stream = streams[event.stream_id]
                 stream._in.append(event.data)
                 stream._in_size += len(event.data)
-                stream._readable.set()
-                # In push mode, everything one record brings for this stream goes
-                # out in one write once the record is parsed: fewer local sends.
-                if stream._sink is not None and not stream._flush_queued:
-                    stream._flush_queued = True
-                    if deliver is None:
-                        deliver = []
-                    deliver.append(stream)
-            elif type(event) is StreamOpened:
-                state = self._machine.stream(event.stream_id)
-                assert state is not None
-                stream = streams[event.stream_id] = Stream(self, state)
-                self._accepts.append(stream)
-                self._accept_ready.set()
             elif type(event) is StreamEof:
                 stream = streams[event.stream_id]
                 stream._remote_fin = True
-                stream._readable.set()
-                if stream._sink is not None and not stream._flush_queued:
-                    stream._flush_queued = True
-                    if deliver is None:
-                        deliver = []
-                    deliver.append(stream)
-            elif type(event) is StreamWritable:
-                streams[event.stream_id]._drained()
-            elif type(event) is StreamDone:
-                streams.pop(event.stream_id)
-            elif isinstance(event, StreamFailed):
-                streams.pop(event.stream_id)._fail(event.error)
-            elif isinstance(event, TunnelEnded):
-                self._ended(event.error, graceful=event.graceful)
+            else:  # nothing for a stream's reader (inline: no call per event)
+                if type(event) is StreamOpened:
+                    state = self._machine.stream(event.stream_id)
+                    assert state is not None
+                    stream = streams[event.stream_id] = Stream(self, state)
+                    self._accepts.append(stream)
+                    self._accept_ready.set()
+                elif type(event) is StreamWritable:
+                    streams[event.stream_id]._drained()
+                elif type(event) is StreamDone:
+                    streams.pop(event.stream_id)
+                elif isinstance(event, StreamFailed):
+                    streams.pop(event.stream_id)._fail(event.error)
+                elif isinstance(event, TunnelEnded):
+                    self._ended(event.error, graceful=event.graceful)
+                continue
+            # Data or FIN for the stream's reader. In push mode, everything one
+            # record brings for this stream goes out in one write once the
+            # record is parsed: fewer local sends.
+            stream._readable.set()
+            if stream._sink is not None and not stream._flush_queued:
+                stream._flush_queued = True
+                if deliver is None:
+                    deliver = []
+                deliver.append(stream)
         if deliver is not None:
             for stream in deliver:
                 stream._deliver()

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 
 from nopf_web.roles import PeerRole
 
+from .delegated import Delegated
 from .errors import HandshakeError, TunnelError
 from .record_machine import (
     CONFIRM_SIZE,
@@ -141,36 +142,17 @@ class SecureChannel:
         self._on_confirmed = on_confirmed
         self._on_progress = on_progress
 
-    @property
-    def role(self) -> PeerRole:
-        return self._machine.role
-
-    @property
-    def peer_role(self) -> PeerRole:
-        return self._machine.peer_role
-
-    @property
-    def wire_bytes_in(self) -> int:
-        return self._machine.bytes_in
-
-    @property
-    def key_updates(self) -> tuple[int, int]:
-        """Record-key updates (sent, received) on this connection."""
-        return self._machine.key_updates
-
-    @property
-    def wire_bytes_out(self) -> int:
-        return self._machine.bytes_out
-
-    @property
-    def is_confirmed(self) -> bool:
-        """The peer's key confirmation checked out."""
-        return self._machine.confirmed
-
-    @property
-    def secrets(self) -> TunnelSecrets | None:
-        """What later paths of this tunnel need (once confirmed); see the record machine."""
-        return self._machine.secrets
+    role = Delegated[PeerRole]("_machine")
+    peer_role = Delegated[PeerRole]("_machine")
+    wire_bytes_in = Delegated[int]("_machine", "bytes_in")
+    key_updates = Delegated[tuple[int, int]](
+        "_machine", doc="Record-key updates (sent, received) on this connection.")
+    wire_bytes_out = Delegated[int]("_machine", "bytes_out")
+    is_confirmed = Delegated[bool](
+        "_machine", "confirmed", doc="The peer's key confirmation checked out.")
+    secrets = Delegated[TunnelSecrets | None](
+        "_machine",
+        doc="What later paths of this tunnel need (once confirmed); see the record machine.")
 
     @property
     def ended(self) -> bool:
@@ -373,24 +355,9 @@ async def open_channel(sock: socket.socket, *, role: PeerRole, code: str,
     ``limits``: when record keys are updated (see the record machine; tests set
     low ones).
     """
-    try:
-        machine = (RecordMachine.handshake(role, code, timeout=timeout, limits=limits)
-                   if pake is None
-                   else RecordMachine.confirm_only(role, pake, timeout=timeout, limits=limits))
-    except BaseException:
-        sock.close()
-        raise
-    channel = SecureChannel(sock, machine)
-    await _attach(sock, channel)
-    try:
-        channel._begin()
-        await channel._handshake
-    except TunnelError:
-        raise  # the channel closed (or aborted) the connection as the failure needs
-    except BaseException:  # cancelled, or a bug: never leave the connection open
-        channel.abort()
-        raise
-    return channel
+    return await _open(sock, lambda: (
+        RecordMachine.handshake(role, code, timeout=timeout, limits=limits) if pake is None
+        else RecordMachine.confirm_only(role, pake, timeout=timeout, limits=limits)))
 
 
 async def open_path(sock: socket.socket, *, role: PeerRole, secrets: TunnelSecrets,
@@ -402,8 +369,15 @@ async def open_path(sock: socket.socket, *, role: PeerRole, secrets: TunnelSecre
     waits for the peer's, raising :class:`PathRejected` if it does not prove the
     key, :class:`HandshakeTimeout` or :class:`HandshakeError`. The channel owns
     ``sock``; on failure it is closed."""
+    return await _open(
+        sock, lambda: RecordMachine.path(role, secrets, timeout=timeout, limits=limits))
+
+
+async def _open(sock: socket.socket, make_machine: Callable[[], RecordMachine]) -> SecureChannel:
+    """A channel of ``make_machine()`` on ``sock``, returned once the machine's
+    handshake says so; ``sock`` is closed on any failure."""
     try:
-        machine = RecordMachine.path(role, secrets, timeout=timeout, limits=limits)
+        machine = make_machine()
     except BaseException:
         sock.close()
         raise
@@ -413,8 +387,8 @@ async def open_path(sock: socket.socket, *, role: PeerRole, secrets: TunnelSecre
         channel._begin()
         await channel._handshake
     except TunnelError:
-        raise
-    except BaseException:
+        raise  # the channel closed (or aborted) the connection as the failure needs
+    except BaseException:  # cancelled, or a bug: never leave the connection open
         channel.abort()
         raise
     return channel

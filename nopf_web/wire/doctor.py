@@ -56,6 +56,7 @@ from nopf_web.inputs import is_ascii_digits
 
 from .address import Endpoint
 from .errors import WireError
+from .json_payload import Fields, load_object, message_type, present, text
 from .rendezvous import LENGTH, MAX_FRAME, FrameReader
 
 __all__ = [
@@ -89,7 +90,6 @@ MAX_WAIT_MS = 3000  # longest: bounds what one probe can cost the responder
 MAX_OTHERS = 4  # other addresses announced in a seen message
 MAX_MS = 60_000  # largest "ms" accepted
 MAX_RETRY = 3600.0  # s, largest retry_in
-MAX_TEXT = 300  # characters of an error message
 
 Outcome = Literal["open", "rst", "icmp", "drop"]
 OUTCOMES: frozenset[str] = frozenset({"open", "rst", "icmp", "drop"})
@@ -242,96 +242,33 @@ CLIENT_TYPES = frozenset({"check"})
 RESPONDER_TYPES = frozenset({"seen", "dial_back", "error"})
 
 
-def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise DoctorMessageError(f"duplicate field {key!r}")
-        obj[key] = value
-    return obj
-
-
-def _constant(name: str) -> Any:
-    raise DoctorMessageError(f"{name} is not valid JSON here")
-
-
-def _object(payload: bytes) -> dict[str, Any]:
-    try:
-        obj = json.loads(payload.decode("utf-8"), object_pairs_hook=_pairs,
-                         parse_constant=_constant)
-    except UnicodeDecodeError:
-        raise DoctorMessageError("frame payload is not UTF-8") from None
-    except RecursionError:
-        raise DoctorMessageError("frame payload is nested too deeply") from None
-    except json.JSONDecodeError as exc:
-        raise DoctorMessageError(f"frame payload is not JSON ({exc.msg} at {exc.pos})") from None
-    if not isinstance(obj, dict):
-        raise DoctorMessageError("frame payload must be a JSON object")
-    return obj
-
-
-def _check_fields(obj: dict[str, Any], kind: str, required: set[str]) -> None:
-    extra = set(obj) - _FIELDS[kind] - {"type"}
-    if extra:
-        raise DoctorMessageError(f"{kind} message has unknown field(s): "
-                                 f"{', '.join(sorted(extra))}")
-    missing = required - set(obj)
-    if missing:
-        raise DoctorMessageError(f"{kind} message lacks field {sorted(missing)[0]!r}")
-
-
-def _int(value: Any, what: str, lo: int, hi: int) -> int:
-    if type(value) is not int:
-        raise DoctorMessageError(f"{what} must be an integer, got {value!r:.40}")
-    if not lo <= value <= hi:
-        raise DoctorMessageError(f"{what} = {value} is out of range ({lo}-{hi})")
-    return value
-
-
-def _text(value: Any, what: str, choices: frozenset[str] | None = None) -> str:
-    if not isinstance(value, str):
-        raise DoctorMessageError(f"{what} must be a string, got {value!r:.40}")
-    if choices is not None and value not in choices:
-        raise DoctorMessageError(f"{what} = {value!r:.40} is not one of "
-                                 f"{', '.join(sorted(choices))}")
-    if len(value) > MAX_TEXT or not value.isprintable():
-        raise DoctorMessageError(f"{what} must be one printable line of at most "
-                                 f"{MAX_TEXT} characters")
-    return value
-
-
-def _endpoint(value: Any, what: str) -> Endpoint:
-    return parse_endpoint(_text(value, what), what)
+def _endpoint(f: Fields, name: str) -> Endpoint:
+    return parse_endpoint(present(f.text(name)), f"{f.kind}.{name}")
 
 
 def _decode(payload: bytes, allowed: frozenset[str]) -> Message:
-    obj = _object(payload)
-    kind = obj.get("type")
-    if not isinstance(kind, str) or kind not in allowed:
-        raise DoctorMessageError(f"unexpected message type {kind!r:.40} (expected one of "
-                                 f"{', '.join(sorted(allowed))})")
+    obj = load_object(payload, DoctorMessageError)
+    kind = message_type(obj, allowed, DoctorMessageError)
+    f = Fields(obj, kind, _FIELDS[kind], DoctorMessageError)
     if kind == "check":
-        _check_fields(obj, kind, {"version", "dial_back", "wait_ms"})
-        version = _int(obj["version"], "check.version", 0, 2**31 - 1)
+        f.require({"version", "dial_back", "wait_ms"})
+        version = present(f.int("version", 0, 2**31 - 1))
         if version != VERSION:  # before the rest: a newer client gets a clear answer
             raise UnsupportedVersion(version)
-        if not isinstance(obj["dial_back"], bool):
-            raise DoctorMessageError(f"check.dial_back must be true or false, got "
-                                     f"{obj['dial_back']!r:.40}")
-        return Check(obj["dial_back"], _int(obj["wait_ms"], "check.wait_ms", MIN_WAIT_MS,
-                                            MAX_WAIT_MS), version)
+        dial_back = present(f.flag("dial_back"))
+        return Check(dial_back, present(f.int("wait_ms", MIN_WAIT_MS, MAX_WAIT_MS)), version)
     if kind == "seen":
-        _check_fields(obj, kind, {"public", "others"})
+        f.require({"public", "others"})
         others = obj["others"]
         if not isinstance(others, list) or len(others) > MAX_OTHERS:
             raise DoctorMessageError(f"seen.others must be a list of at most {MAX_OTHERS} "
                                      "addresses")
-        return Seen(_endpoint(obj["public"], "seen.public"),
-                    tuple(_address(_text(o, "seen.others[]"), "seen.others[]")
-                          for o in others))
+        return Seen(_endpoint(f, "public"),
+                    tuple(_address(text(o, "seen.others[]", DoctorMessageError),
+                                   "seen.others[]") for o in others))
     if kind == "dial_back":
-        _check_fields(obj, kind, {"outcome", "from", "ms"})
-        outcome: Outcome = _text(obj["outcome"], "dial_back.outcome", OUTCOMES)  # type: ignore[assignment]
+        f.require({"outcome", "from", "ms"})
+        outcome: Outcome = present(f.text("outcome", choices=OUTCOMES))
         icmp = None
         if "icmp" in obj:
             raw = obj["icmp"]
@@ -343,24 +280,21 @@ def _decode(payload: bytes, allowed: frozenset[str]) -> Message:
             extra = set(raw) - {"type", "code", "from"}
             if extra or not {"type", "code"} <= set(raw):
                 raise DoctorMessageError("dial_back.icmp must be {type, code, from?}")
-            source = raw.get("from")
-            icmp = Icmp(_int(raw["type"], "dial_back.icmp.type", 0, 255),
-                        _int(raw["code"], "dial_back.icmp.code", 0, 255),
-                        None if source is None else _address(_text(source, "dial_back.icmp.from"),
-                                                             "dial_back.icmp.from"))
-        return DialBack(outcome, _endpoint(obj["from"], "dial_back.from"),
-                        _int(obj["ms"], "dial_back.ms", 0, MAX_MS), icmp)
-    _check_fields(obj, "error", {"code", "message"})
+            i = Fields(raw, "dial_back.icmp", {"type", "code", "from"}, DoctorMessageError)
+            source = i.text("from", optional=True)
+            icmp = Icmp(present(i.int("type", 0, 255)), present(i.int("code", 0, 255)),
+                        None if source is None else _address(source, "dial_back.icmp.from"))
+        return DialBack(outcome, _endpoint(f, "from"), present(f.int("ms", 0, MAX_MS)), icmp)
+    f.require({"code", "message"})
     retry = obj.get("retry_in")
-    code = _text(obj["code"], "error.code", ERROR_CODES)
+    code = present(f.text("code", choices=ERROR_CODES))
     if retry is not None:
         if type(retry) not in (int, float) or not math.isfinite(retry) \
                 or not 0 <= retry <= MAX_RETRY:
             raise DoctorMessageError(f"error.retry_in must be 0-{MAX_RETRY:g} seconds")
         if code != "rate_limited":
             raise DoctorMessageError("error.retry_in comes only with code rate_limited")
-    return DoctorError(code, _text(obj["message"], "error.message"),
-                       None if retry is None else float(retry))
+    return DoctorError(code, present(f.text("message")), None if retry is None else float(retry))
 
 
 def decode_client_message(payload: bytes) -> ClientMessage:

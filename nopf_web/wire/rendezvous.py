@@ -118,10 +118,8 @@ Rendezvous -> client
 from __future__ import annotations
 
 import base64
-import binascii
 import ipaddress
 import json
-import math
 import struct
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -130,6 +128,7 @@ from nopf_web.errors import NopfError
 
 from .address import Endpoint, parse_ipv4_endpoint
 from .errors import BadAddress, WireError
+from .json_payload import Fields, load_object, message_type, present
 from .nat import NatSummary, NatSummaryError
 
 VERSION = 2
@@ -138,7 +137,6 @@ MAX_FRAME = 4096  # bytes of payload; every message fits in well under 1 KiB
 MAX_CANDIDATES = 8  # LAN addresses per peer
 MAX_NAMEPLATE = 999_999
 MAX_SECONDS = 3600.0  # largest budget, expiry or punch timeout accepted
-MAX_TEXT = 300  # characters of an error message or note
 MAX_SEQ = 2**31 - 1
 PAKE_SIZE = 33  # bytes of a SPAKE2 message: side byte b"A"/b"B", 32-byte Ed25519 element
 PAKE_TEXT = 44  # its base64 length
@@ -418,100 +416,15 @@ def encode(msg: Message) -> bytes:
 # Decoding ---------------------------------------------------------------------
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise MessageError(f"duplicate field {key!r}")
-        obj[key] = value
-    return obj
-
-
-def _reject_constant(name: str) -> Any:
-    raise MessageError(f"{name} is not valid JSON here")
-
-
-_Int = int  # (inside _Fields, "int" is its method)
-
-
-class _Fields:
-    """Typed access to one JSON object's fields, failing with a precise message."""
+class _Fields(Fields):
+    """Typed access to one message's fields; a failure is a :class:`MessageError`."""
 
     def __init__(self, obj: dict[str, Any], kind: str, allowed: set[str]) -> None:
-        extra = set(obj) - allowed - {"type"}
-        if extra:
-            raise MessageError(f"{kind} message has unknown field(s): {', '.join(sorted(extra))}")
-        self.obj = obj
-        self.kind = kind
-
-    def _get(self, name: str, optional: bool) -> Any:
-        if name not in self.obj:
-            if optional:
-                return None
-            raise MessageError(f"{self.kind} message lacks field {name!r}")
-        return self.obj[name]
-
-    def int(self, name: str, lo: int, hi: int, *, optional: bool = False) -> int | None:
-        value = self._get(name, optional)
-        if value is None and optional:
-            return None
-        if type(value) is not int:
-            raise MessageError(f"{self.kind}.{name} must be an integer, got {value!r:.40}")
-        if not lo <= value <= hi:
-            raise MessageError(f"{self.kind}.{name} = {value} is out of range ({lo}-{hi})")
-        return value
-
-    def num(self, name: str, lo: float, hi: float) -> float:
-        value = self._get(name, False)
-        if type(value) not in (int, float) or not math.isfinite(value):
-            raise MessageError(f"{self.kind}.{name} must be a number, got {value!r:.40}")
-        if not lo <= value <= hi:
-            raise MessageError(f"{self.kind}.{name} = {value} is out of range ({lo:g}-{hi:g})")
-        return float(value)
-
-    def text(self, name: str, *, optional: bool = False,
-             choices: frozenset[str] | None = None) -> str | None:
-        value = self._get(name, optional)
-        if value is None and optional:
-            return None
-        if not isinstance(value, str):
-            raise MessageError(f"{self.kind}.{name} must be a string, got {value!r:.40}")
-        if choices is not None and value not in choices:
-            raise MessageError(f"{self.kind}.{name} = {value!r:.40} is not one of "
-                               f"{', '.join(sorted(choices))}")
-        if len(value) > MAX_TEXT or not value.isprintable():
-            raise MessageError(f"{self.kind}.{name} must be one printable line of at most "
-                               f"{MAX_TEXT} characters")
-        return value
+        super().__init__(obj, kind, allowed, MessageError)
 
     def pake(self, name: str, *, optional: bool = False) -> bytes | None:
         return self.b64(name, PAKE_SIZE, f"a {PAKE_SIZE}-byte SPAKE2 message",
                         optional=optional)
-
-    def b64(self, name: str, size: _Int, what: str, *, optional: bool = False) -> bytes | None:
-        """``size`` bytes as standard base64 with padding, in its one spelling."""
-        value = self._get(name, optional)
-        if value is None and optional:
-            return None
-        chars = 4 * ((size + 2) // 3)
-        if not isinstance(value, str) or len(value) != chars:
-            raise MessageError(f"{self.kind}.{name} must be {chars} characters of base64 "
-                               f"({what}), got {value!r:.60}")
-        try:
-            data = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise MessageError(f"{self.kind}.{name} is not valid base64") from None
-        if len(data) != size or _b64(data) != value:  # one spelling per message
-            raise MessageError(f"{self.kind}.{name} must encode exactly {size} bytes")
-        return data
-
-    def flag(self, name: str, *, optional: bool = False) -> bool | None:
-        value = self._get(name, optional)
-        if value is None and optional:
-            return None
-        if type(value) is not bool:
-            raise MessageError(f"{self.kind}.{name} must be true or false, got {value!r:.40}")
-        return value
 
     def endpoint(self, name: str, *, optional: bool = False) -> Endpoint | None:
         value = self.text(name, optional=optional)
@@ -525,16 +438,11 @@ def _endpoint(text: str, what: str) -> Endpoint:
         raise MessageError(f"{what}: {exc}") from None
 
 
-def _req(value: Any) -> Any:
-    assert value is not None  # only called on non-optional fields
-    return value
-
-
 def _hello(f: _Fields) -> Hello:
-    version = _req(f.int("version", 0, MAX_SEQ))
+    version = present(f.int("version", 0, MAX_SEQ))
     if version != VERSION:  # checked before the rest so a newer client gets a clear answer
         raise UnsupportedVersion(version)
-    action = _req(f.text("action", choices=ACTIONS))
+    action = present(f.text("action", choices=ACTIONS))
     if action == "resume":
         return _resume(f)
     for name in ("resume_id", "side", "direct_only"):
@@ -566,11 +474,11 @@ def _resume(f: _Fields) -> Hello:
     for name in ("nameplate", "pake", "relay", "owner"):
         if name in f.obj:
             raise MessageError(f"hello.{name} must be absent to resume")
-    resume_id = _req(f.b64("resume_id", RESUME_ID_SIZE, f"a {RESUME_ID_SIZE}-byte resume id"))
-    side = _req(f.text("side", choices=RESUME_SIDES))
+    resume_id = present(f.b64("resume_id", RESUME_ID_SIZE, f"a {RESUME_ID_SIZE}-byte resume id"))
+    side = present(f.text("side", choices=RESUME_SIDES))
     return Hello("resume", None, _lan(f), f.endpoint("probe", optional=True),
                  f.num("punch_timeout", 0.1, MAX_SECONDS), resume_id=resume_id, side=side,
-                 direct_only=_req(f.flag("direct_only")), nat=_nat(f, "nat"),
+                 direct_only=present(f.flag("direct_only")), nat=_nat(f, "nat"),
                  candidates=_candidates(f, "candidates"))
 
 
@@ -598,8 +506,8 @@ def _candidates(f: _Fields, name: str) -> tuple[Candidate, ...] | None:
         if not isinstance(item, dict):
             raise MessageError(f"{f.kind}.{name} entries must be objects")
         c = _Fields(item, f"{f.kind}.{name}[]", {"path", "peer"})
-        path = _req(c.text("path", choices=CANDIDATE_PATHS))
-        text = _req(c.text("peer"))
+        path = present(c.text("path", choices=CANDIDATE_PATHS))
+        text = present(c.text("peer"))
         where = f"{f.kind}.{name}[].peer"
         out.append(Candidate(path, _ipv6_endpoint(text, where) if path == "ipv6"
                              else _endpoint(text, where)))
@@ -656,14 +564,14 @@ def _fire(f: _Fields) -> Fire:
         if relay is not None:
             raise MessageError("fire.plan: the relay stage must be the last one")
         s = _Fields(raw, "fire.plan[]", {"path", "peer", "punch", "budget", "token"})
-        path = _req(s.text("path", choices=frozenset({"public", "lan", "relay"})))
-        peer = _req(s.endpoint("peer"))
-        punch = _req(s.text("punch", choices=frozenset({"arm", "connect"})))
+        path = present(s.text("path", choices=frozenset({"public", "lan", "relay"})))
+        peer = present(s.endpoint("peer"))
+        punch = present(s.text("punch", choices=frozenset({"arm", "connect"})))
         budget = s.num("budget", 0.1, MAX_SECONDS)
         if path == "relay":
             if punch != "connect":
                 raise MessageError("fire.plan[].punch must be connect on a relay stage")
-            relay = RelayStage(peer, budget, _req(s.b64(
+            relay = RelayStage(peer, budget, present(s.b64(
                 "token", RELAY_TOKEN_SIZE, f"a {RELAY_TOKEN_SIZE}-byte relay token")))
         elif "token" in raw:
             raise MessageError(f"fire.plan[].token belongs to relay stages, not {path}")
@@ -675,8 +583,9 @@ def _fire(f: _Fields) -> Fire:
         if not isinstance(raw_mapping, dict):
             raise MessageError("fire.mapping must be an object")
         m = _Fields(raw_mapping, "fire.mapping", {"you", "peer"})
-        mapping = (_req(m.text("you", choices=MAPPINGS)), _req(m.text("peer", choices=MAPPINGS)))
-    return Fire(_req(f.endpoint("public")), _req(f.endpoint("peer_public")), tuple(stages),
+        mapping = (present(m.text("you", choices=MAPPINGS)),
+                   present(m.text("peer", choices=MAPPINGS)))
+    return Fire(present(f.endpoint("public")), present(f.endpoint("peer_public")), tuple(stages),
                 f.num("rtt_ms", 0, MAX_SECONDS * 1000), f.text("note", optional=True),
                 f.pake("peer_pake", optional=True), mapping, relay, _nat(f, "peer_nat"),
                 _candidates(f, "peer_candidates"))
@@ -709,49 +618,36 @@ class UnsupportedVersion(MessageError):
 
 
 def _decode_any(payload: bytes, allowed: frozenset[str] = CLIENT_TYPES | SERVER_TYPES) -> Message:
-    try:
-        obj = json.loads(payload.decode("utf-8"), object_pairs_hook=_no_duplicates,
-                         parse_constant=_reject_constant)
-    except UnicodeDecodeError:
-        raise MessageError("frame payload is not UTF-8") from None
-    except RecursionError:
-        raise MessageError("frame payload is nested too deeply") from None
-    except json.JSONDecodeError as exc:
-        raise MessageError(f"frame payload is not JSON ({exc.msg} at {exc.pos})") from None
-    if not isinstance(obj, dict):
-        raise MessageError("frame payload must be a JSON object")
-    kind = obj.get("type")
-    if not isinstance(kind, str) or kind not in allowed:
-        raise MessageError(f"unexpected message type {kind!r:.40} (expected one of "
-                           f"{', '.join(sorted(allowed))})")
+    obj = load_object(payload, MessageError)
+    kind = message_type(obj, allowed, MessageError)
     f = _Fields(obj, kind, _FIELDS[kind])
     if kind == "hello":
         return _hello(f)
     if kind == "pong":
-        return Pong(_req(f.int("seq", 0, MAX_SEQ)))
+        return Pong(present(f.int("seq", 0, MAX_SEQ)))
     if kind == "pake":
-        return PakeMessage(_req(f.pake("pake")))
+        return PakeMessage(present(f.pake("pake")))
     if kind == "probe":
-        version = _req(f.int("version", 0, MAX_SEQ))
+        version = present(f.int("version", 0, MAX_SEQ))
         if version != VERSION:
             raise UnsupportedVersion(version)
         return Probe(version)
     if kind == "relay":
-        version = _req(f.int("version", 0, MAX_SEQ))
+        version = present(f.int("version", 0, MAX_SEQ))
         if version != VERSION:
             raise UnsupportedVersion(version)
-        return Relay(_req(f.b64("token", RELAY_TOKEN_SIZE,
+        return Relay(present(f.b64("token", RELAY_TOKEN_SIZE,
                                 f"a {RELAY_TOKEN_SIZE}-byte relay token")), version)
     if kind == "relayed":
         return Relayed()
     if kind == "ping":
-        return Ping(_req(f.int("seq", 0, MAX_SEQ)))
+        return Ping(present(f.int("seq", 0, MAX_SEQ)))
     if kind == "welcome":
-        return Welcome(_req(f.int("nameplate", 1, MAX_NAMEPLATE)),
-                       f.num("expires_in", 0, MAX_SECONDS), _req(f.endpoint("public")))
+        return Welcome(present(f.int("nameplate", 1, MAX_NAMEPLATE)),
+                       f.num("expires_in", 0, MAX_SECONDS), present(f.endpoint("public")))
     if kind == "fire":
         return _fire(f)
-    return ErrorReply(_req(f.text("code", choices=ERROR_CODES)), _req(f.text("message")))
+    return ErrorReply(present(f.text("code", choices=ERROR_CODES)), present(f.text("message")))
 
 
 def decode_client_message(payload: bytes) -> ClientMessage:
