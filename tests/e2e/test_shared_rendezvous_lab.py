@@ -52,7 +52,7 @@ from tests.redis_server import RedisServer, require_redis_server
 
 from .flows import Flows
 from .peers import Peer, wait_for
-from .test_resume_lab import close, echo
+from .test_resume_lab import close, echo, path_lines
 from .web_support import echo_service
 
 pytestmark = pytest.mark.lab
@@ -117,16 +117,19 @@ def holding_node(lab: Lab, code: str) -> str:
 
 
 @contextlib.contextmanager
-def one_name(lab: Lab, *hosts: Host) -> Iterator[None]:
-    """``rdv.lab`` resolves to both rendezvous addresses inside ``hosts``."""
+def one_name(lab: Lab, *hosts: Host, second_first: tuple[Host, ...] = ()) -> Iterator[None]:
+    """``rdv.lab`` resolves to both rendezvous addresses inside ``hosts``: RDV_IP
+    first, or RDV_IP2 first in the hosts of ``second_first`` (so that two peers
+    contact different nodes while both are up)."""
     made = []
     try:
-        for host in hosts:
+        for host in (*hosts, *second_first):
             etc = Path("/etc/netns") / host.ns
             etc.mkdir(parents=True, exist_ok=True)
             made.append(etc)
-            (etc / "hosts").write_text(f"127.0.0.1 localhost\n{RDV_IP} {NAME}\n"
-                                       f"{RDV_IP2} {NAME}\n")
+            order = (RDV_IP2, RDV_IP) if host in second_first else (RDV_IP, RDV_IP2)
+            (etc / "hosts").write_text(f"127.0.0.1 localhost\n{order[0]} {NAME}\n"
+                                       f"{order[1]} {NAME}\n")
         yield
     finally:
         for etc in made:
@@ -392,4 +395,51 @@ def test_a_pair_that_must_relay_is_relayed_by_one_of_its_two_nodes(
             flows.check()
         finally:
             flows.join(5)
+        close(c, s)
+
+
+def test_a_relayed_tunnel_whose_relay_node_dies_resumes_through_the_other_node(
+        lab_factory: LabFactory) -> None:
+    """Symmetric NAT facing symmetric NAT: only the relay joins them. The sharer knows
+    the rendezvous name with node A first, the connector with node B first, so they
+    pair across the nodes; the pairing's relay runs on one of them. SIGKILL that node
+    while streams run: both peers meet again through the name's other address (the
+    one left), that node relays, and every byte arrives in order, no stream reset."""
+    lab = lab_factory("symmetric", "symmetric", delay_ms=5, rdv_second_ip=True)
+    with one_name(lab, lab.a1, second_first=(lab.b1,)), \
+            shared_rendezvous(lab) as (_, node_a, node_b):
+        s = start(lab.a1, "share", "-p", "3000", "--resume-budget", "30",
+                  rdv=f"{NAME}:{PORT}")
+        c = start(lab.b1, "connect", s.line(10), "-p", "3010", "--resume-budget", "30",
+                  rdv=f"{NAME}:{PORT}")
+        relays = set()
+        for peer in (s, c):
+            err = wait_for(peer, "encrypted tunnel to")
+            found = re.search(r"over the relay at (198\.51\.100\.[23]):3012", err)
+            assert found is not None, err
+            relays.add(found[1])
+        assert f"rendezvous {NAME}:{PORT}: {RDV_IP}:{PORT} answered first" in s.stderr()
+        assert f"rendezvous {NAME}:{PORT}: {RDV_IP2}:{PORT} answered first" in c.stderr()
+        (relay_ip,) = relays
+        dead, live = (node_a, node_b) if relay_ip == node_a.ip else (node_b, node_a)
+        flows = Flows(lab.a1, 3000, lab.b1, 3010, 3, None, pace=0.005).start()
+        try:
+            flows.wait_received(1 << 20, timeout=30)
+            dead.kill()  # its relay connections die with it
+            for peer in (s, c):
+                wait_for(peer, "the relay was lost (")
+                err = wait_for(peer, "resumed over the relay in", timeout=30)
+                assert re.search(r"resumed over the relay in \d+\.\d s", err), err
+                assert f"a new connection over the relay at {live.ip}:{PORT}" in err, err
+            moving = flows.received()
+            flows.wait_received(moving + (1 << 20), timeout=20)  # carrying again
+            flows.stop()
+            flows.join(60)
+            flows.check()  # every byte, both ways, in order; no stream reset
+        finally:
+            flows.join(5)
+        assert live.alive()
+        assert "Traceback" not in live.stderr(), live.stderr()
+        print(f"\nrelay node {dead.ip} killed; resumed through {live.ip}\n{path_lines(s)}\n"
+              f"{path_lines(c)}")
         close(c, s)

@@ -211,6 +211,20 @@ async def test_resume_hellos_pair_across_nodes_and_a_newer_one_replaces(client: 
     assert not await client.exists(f"nopf:resume:{rid.hex()}")
 
 
+async def test_a_resume_hello_left_by_a_dead_node_is_never_its_partner(client: Any) -> None:
+    """A node SIGKILLed with a resume hello listed: once its liveness key expired, a
+    hello of the other side on a live node waits (listed) instead of pairing with a
+    peer nobody holds, and its partner, back through the live node, pairs with it."""
+    book = RedisBook(client)
+    rid = bytes(range(16))
+    assert await book.run(Meet(rid, waiting(NODE_A, 1, side="share"))) == Listed()
+    await client.delete(f"nopf:node:{NODE_A}")  # node A died (its heartbeat expired)
+    assert await book.run(Meet(rid, waiting(NODE_B, 2, side="join"))) == Listed()
+    paired = await book.run(Meet(rid, waiting(NODE_B, 3, side="share")))
+    assert isinstance(paired, Claimed) and (paired.waiting.node, paired.waiting.conn) == (
+        NODE_B, 2)
+
+
 async def test_republish_lists_again_what_a_restarted_redis_lost(client: Any) -> None:
     book = RedisBook(client)
     owner = owner_hash(b"o" * 16)
