@@ -11,6 +11,11 @@ and the peers know the rendezvous as one name that resolves to both addresses
 - Redis SIGKILLed while tunnels carry and a sharer waits: the nodes refuse new pairings
   with the reason (logged, and said to the peer), stay up, recover when Redis is back,
   list the waiting sharer again, and it pairs.
+- a pair that only a relay joins, paired across the nodes: SIGKILL the node whose relay
+  carries it while streams run: both peers meet again through the name's other address,
+  that node relays, and every byte arrives in order;
+- a pair across the nodes gets the sharer's direct candidates (waiting with it in Redis)
+  and the same prediction as on one node: two symmetric NATs with IPv6 connect over IPv6.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from tests.redis_server import RedisServer, require_redis_server
 
 from .flows import Flows
 from .peers import Peer, wait_for
+from .test_direct_paths_lab import SERVICE, TUNNEL, echo_service as echo_service6, round_trip, stop
 from .test_resume_lab import close, echo, path_lines
 from .web_support import echo_service
 
@@ -443,3 +449,35 @@ def test_a_relayed_tunnel_whose_relay_node_dies_resumes_through_the_other_node(
         print(f"\nrelay node {dead.ip} killed; resumed through {live.ip}\n{path_lines(s)}\n"
               f"{path_lines(c)}")
         close(c, s)
+
+
+def test_a_pair_across_nodes_gets_the_direct_candidates_and_takes_ipv6(
+        lab_factory: LabFactory) -> None:
+    """Two sites behind symmetric IPv4 NATs with global IPv6 (as in
+    test_direct_paths_lab): the sharer waits on node A, the connector comes to node B.
+    The sharer's candidates and NAT report wait with it in Redis, so the pairing
+    offers the IPv6 rung and predicts as one node would: the tunnel runs over IPv6,
+    not through a relay."""
+    lab = lab_factory("symmetric", "symmetric", ipv6=True, rdv_second_ip=True)
+    with shared_rendezvous(lab) as (_, node_a, node_b):
+        server = echo_service6(lab.a1)
+        try:
+            s = start(lab.a1, "share", "-p", str(SERVICE), rdv=f"{RDV_IP}:{PORT}")
+            code = s.line(10)
+            assert holding_node(lab, code) == node_a.node
+            c = start(lab.b1, "connect", code, "-p", str(TUNNEL), rdv=f"{RDV_IP2}:{PORT}")
+            err_s = wait_for(s, "encrypted tunnel to")
+            err_c = wait_for(c, "encrypted tunnel to")
+            assert f"tunnel up to [{lab.b1.ip6}]:" in err_s and "over IPv6" in err_s, err_s
+            assert f"tunnel up to [{lab.a1.ip6}]:" in err_c and "over IPv6" in err_c, err_c
+            round_trip(lab.b1)
+            # The node that paired (the connector's) predicted the path the peers did,
+            # and logged it as a node pairing its own two peers does.
+            said = re.search(r"nopf: (predicted path .*)", err_c)
+            assert said is not None and f"nopf: {said[1]}" in err_s, (err_s, err_c)
+            assert re.search(rf"pairing [\d.:]+ with [\d.:]+: {re.escape(said[1])}",
+                             node_b.wait_for("predicted path")), node_b.stderr()
+            codes = (stop(s)[0], c.wait(10))  # the joiner sees the peer close and ends
+        finally:
+            server.close()
+        assert codes == (0, 0), (s.stderr(), c.stderr())
