@@ -186,6 +186,22 @@ async def test_the_nat_report_and_candidates_come_back_with_the_claim(client: An
         NAT_A, CANDS_A)
 
 
+async def test_nameplates_drawn_from_one_seed_stay_short_distinct_and_varied(
+        client: Any) -> None:
+    book = RedisBook(client)
+    got = [await book.run(Allocate(waiting(NODE_A, i), "", 600.0)) for i in range(40)]
+    plates = [a.nameplate for a in got if isinstance(a, Allocated)]
+    assert len(set(plates)) == 40 and max(plates) <= 99  # 2 digits while 40 are open
+    firsts = set()
+    for _ in range(20):  # a quiet rendezvous: the first code is any of 1-9
+        await client.flushall()
+        await client.set(f"nopf:node:{NODE_A}", 0, px=60_000)
+        first = await book.run(Allocate(waiting(), "", 600.0))
+        assert isinstance(first, Allocated)
+        firsts.add(first.nameplate)
+    assert len(firsts) >= 4 and firsts <= set(range(1, 10))
+
+
 async def test_failed_claims_are_limited_per_source_across_nodes(client: Any) -> None:
     book = RedisBook(client, PairingLimits(max_failed_claims=3))
     for _ in range(3):
