@@ -7,7 +7,8 @@ and the peers know the rendezvous as one name that resolves to both addresses
 - a sharer on one node and a connector on the other pair; SIGKILL the sharer's node:
   the tunnel keeps carrying, and new connections go through;
 - SIGKILL the node of a waiting sharer: it registers its code again through the other
-  node, and the code still pairs there;
+  node, and the code still pairs there, for a connector given the name with the dead
+  node's address first (it tries every address);
 - Redis SIGKILLed while tunnels carry and a sharer waits: the nodes refuse new pairings
   with the reason (logged, and said to the peer), stay up, recover when Redis is back,
   list the waiting sharer again, and it pairs.
@@ -292,7 +293,7 @@ def test_a_sharer_on_one_node_pairs_with_a_connector_on_the_other_and_outlives_i
 def test_a_waiting_sharer_whose_node_dies_keeps_its_code_through_the_other_node(
         lab_factory: LabFactory) -> None:
     lab = lab_factory("drop", "drop", delay_ms=5, rdv_second_ip=True)
-    with one_name(lab, lab.a1, lab.b1), shared_rendezvous(lab) as (_, node_a, node_b), \
+    with one_name(lab, lab.a1), shared_rendezvous(lab) as (_, node_a, node_b), \
             contextlib.ExitStack() as services:
         with lab.a1.enter():
             services.enter_context(echo_service(3000))
@@ -304,12 +305,16 @@ def test_a_waiting_sharer_whose_node_dies_keeps_its_code_through_the_other_node(
         err = wait_for(s, f"pairing code {code} registered again through rendezvous")
         assert f"registering pairing code {code} again in 1 s" in err
         assert "nopf: pairing code" in err and code in err
-        # The connector reaches the live node (trying every address of the name is the
-        # clients' own business: here it is given the live one).
         assert holding_node(lab, code) == other.node
-        c = start(lab.b1, "connect", code, "-p", "3010", rdv=f"{other.ip}:{PORT}")
-        for peer in (s, c):
-            wait_for(peer, "encrypted tunnel to")
+        # The connector knows the name with the dead node's address first: it tries
+        # every address, and the live node answers.
+        dead_first = {"second_first": (lab.b1,)} if holder is node_b else {}
+        with one_name(lab, *(() if dead_first else (lab.b1,)), **dead_first):
+            c = start(lab.b1, "connect", code, "-p", "3010", rdv=f"{NAME}:{PORT}")
+            for peer in (s, c):
+                wait_for(peer, "encrypted tunnel to")
+        assert (f"rendezvous {NAME}:{PORT}: {other.ip}:{PORT} answered first of 2 IPv4 "
+                "addresses") in c.stderr(), c.stderr()
         echo(lab.b1, 3010)
         assert other.alive()
         close(c, s)
