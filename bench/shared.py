@@ -17,6 +17,11 @@ per-source cap is reached.
   in-memory, sharer and joiner on one ``--redis`` node, on two nodes.
 - **memory**: ``used_memory`` of Redis (INFO) before and after N waiting sharers,
   and MEMORY USAGE of one sharer's key.
+- **CPU per pairing** of the nodes, Redis and the load processes, and Redis'
+  commands per pairing (INFO commandstats); the capacity ratio projected for a
+  core per node. ``--baseline DIR`` adds nodes run from DIR/nopf_web (an earlier
+  commit's) to the same rounds: a change's before/after ratio from one run.
+  ``--pin``: nodes on CPU 1, the rest on CPU 0.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -45,11 +51,19 @@ STEP = 10.0
 
 
 class Node:
-    def __init__(self, redis: str | None) -> None:
+    def __init__(self, redis: str | None, source: Path | None = None) -> None:
+        """``source``: a directory holding another ``nopf_web`` (an earlier commit's,
+        for a before/after comparison in one run), run instead of this one."""
         extra = ["--redis", redis] if redis else []
+        args = ("--host", "127.0.0.1", "--port", "0", "--no-doctor", *extra)
+        env = None
+        if source is not None:
+            env = {**os.environ, "PYTHONPATH": str(source)}
         self.proc = subprocess.Popen(
-            argv("nopf-server", "--host", "127.0.0.1", "--port", "0", "--no-doctor", *extra),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            argv("nopf-server", *args) if source is None
+            else [sys.executable, "-m", "nopf_web.cli.server", *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=env, cwd=source)
         assert self.proc.stderr is not None
         line = self.proc.stderr.readline().decode()
         assert "listening on" in line, line
@@ -117,16 +131,20 @@ async def rate(ports: list[tuple[int, int]], workers: int, window: float,
     return done, errors
 
 
-def _load(args: tuple[list[tuple[int, int]], int, float, int]) -> tuple[int, int]:
-    """One load process (the simulated peers are the bottleneck of a single one)."""
-    return asyncio.run(rate(*args))
+def _load(args: tuple[list[tuple[int, int]], int, float, int]) -> tuple[int, int, float]:
+    """One load process (the simulated peers are the bottleneck of a single one): its
+    pairings, errors and CPU seconds."""
+    c0 = time.process_time()
+    done, errors = asyncio.run(rate(*args))
+    return done, errors, time.process_time() - c0
 
 
 def rate_in(pool: ProcessPoolExecutor, procs: int, ports: list[tuple[int, int]],
-            workers: int, window: float) -> tuple[int, int]:
+            workers: int, window: float) -> tuple[int, int, float]:
+    """Pairings, errors and the load processes' CPU seconds, over ``window``."""
     per = workers // procs
     runs = list(pool.map(_load, [(ports, per, window, i * per) for i in range(procs)]))
-    return sum(r[0] for r in runs), sum(r[1] for r in runs)
+    return sum(r[0] for r in runs), sum(r[1] for r in runs), sum(r[2] for r in runs)
 
 
 async def latencies(share_port: int, join_port: int, count: int) -> list[float]:
@@ -162,37 +180,63 @@ def main(args: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--procs", type=int, default=2, help="load processes (simulated peers)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds (default 3; 1 quick)")
+    p.add_argument("--pin", action="store_true",
+                   help="nodes on CPU 1; Redis, the load processes and this one on CPU 0 "
+                   "(one node then has a core of its own: its rate checks the CPU model)")
+    p.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                   help="also run nodes from DIR/nopf_web (e.g. `git archive REV nopf_web`), "
+                   "in the same rounds: before/after ratios of one run")
     opts = p.parse_args(args)
     rounds, window, workers = (1, 1.5, 32) if opts.quick else (3, 3.0, 32)
+    rounds = opts.rounds or rounds
     lat_count, sharers = (50, 500) if opts.quick else (300, 5000)
     raise_nofile(4 * sharers + 1024)
     import redis
 
     out: dict[str, Any] = {"rounds": rounds, "window_s": window, "workers": workers}
+    if opts.pin:
+        os.sched_setaffinity(0, {0})  # inherited by the load processes and Redis
     with RedisServer("127.0.0.1", free_port()) as server:
         client = redis.Redis(host=server.host, port=server.port, decode_responses=True)
         setups: dict[str, list[Node]] = {}
         try:
             setups = {"in-memory": [Node(None)], "one node": [Node(server.url)],
                       "two nodes": [Node(server.url), Node(server.url)]}
-            ports = {
-                "in-memory": [(setups["in-memory"][0].port,) * 2],
-                "one node": [(setups["one node"][0].port,) * 2],
-                "two nodes": [(setups["two nodes"][0].port, setups["two nodes"][1].port),
-                              (setups["two nodes"][1].port, setups["two nodes"][0].port)],
-            }
+            if opts.baseline is not None:
+                base = opts.baseline.resolve()
+                setups["one node (baseline)"] = [Node(server.url, base)]
+                setups["two nodes (baseline)"] = [Node(server.url, base),
+                                                  Node(server.url, base)]
+            if opts.pin:
+                for nodes in setups.values():
+                    for n in nodes:
+                        os.sched_setaffinity(n.proc.pid, {1})
+            out["pinned"] = opts.pin
+            ports = {name: [(nodes[0].port,) * 2] if len(nodes) == 1 else
+                     [(nodes[0].port, nodes[1].port), (nodes[1].port, nodes[0].port)]
+                     for name, nodes in setups.items()}
             rates: dict[str, list[float]] = {k: [] for k in setups}
             cpu: dict[str, list[float]] = {k: [] for k in setups}
             per_pair: dict[str, list[float]] = {k: [] for k in setups}  # node CPU-ms
             redis_per_pair: dict[str, list[float]] = {k: [] for k in setups}
+            load_per_pair: dict[str, list[float]] = {k: [] for k in setups}
+            calls_per_pair: dict[str, list[dict[str, float]]] = {k: [] for k in setups}
             pool = ProcessPoolExecutor(opts.procs)
             for r in range(rounds):
                 for name, nodes in setups.items():
                     c0 = sum(n.cpu() for n in nodes)
                     c_redis = _redis_cpu(client)
+                    calls0 = _redis_calls(client)
                     t0 = time.perf_counter()
-                    done, errors = rate_in(pool, opts.procs, ports[name], workers, window)
+                    done, errors, c_load = rate_in(pool, opts.procs, ports[name], workers,
+                                                   window)
                     took = time.perf_counter() - t0
+                    calls = _redis_calls(client)
+                    calls_per_pair[name].append({
+                        k: round((v - calls0.get(k, 0)) / max(1, done), 2)
+                        for k, v in calls.items() if v - calls0.get(k, 0) > 0})
+                    load_per_pair[name].append(c_load / max(1, done) * 1000)
                     rates[name].append(done / took)
                     cpu[name].append((sum(n.cpu() for n in nodes) - c0) / took)
                     per_pair[name].append(cpu[name][-1] * took / max(1, done) * 1000)
@@ -200,7 +244,9 @@ def main(args: list[str] | None = None) -> int:
                                                 / max(1, done) * 1000)
                     print(f"round {r + 1}: {name}: {done / took:.0f} pairings/s, {errors} errors,"
                           f" nodes' CPU {cpu[name][-1] * 100:.0f} %, redis CPU "
-                          f"{(_redis_cpu(client) - c_redis) / took * 100:.0f} %", flush=True)
+                          f"{(_redis_cpu(client) - c_redis) / took * 100:.0f} %, load "
+                          f"{c_load / took * 100:.0f} %; Redis calls per pairing "
+                          f"{calls_per_pair[name][-1]}", flush=True)
                     time.sleep(0.3)
             out["pairings_per_s"] = {k: statistics.median(v) for k, v in rates.items()}
             out["pairings_per_s_runs"] = rates
@@ -210,6 +256,9 @@ def main(args: list[str] | None = None) -> int:
                                                for k, v in per_pair.items()}
             out["redis_cpu_ms_per_pairing"] = {k: statistics.median(v)
                                                for k, v in redis_per_pair.items()}
+            out["load_cpu_ms_per_pairing"] = {k: statistics.median(v)
+                                              for k, v in load_per_pair.items()}
+            out["redis_calls_per_pairing"] = {k: v[-1] for k, v in calls_per_pair.items()}
             lat: dict[str, list[float]] = {}
             for name, pair in (("in-memory", ports["in-memory"][0]),
                                ("one node", ports["one node"][0]),
@@ -251,10 +300,23 @@ def main(args: list[str] | None = None) -> int:
     # everything): pairings per CPU-second, one node against two.
     cost = out["nodes_cpu_ms_per_pairing"]
     out["projected_two_over_one"] = 2 * cost["one node"] / cost["two nodes"]
+    if opts.baseline is not None:
+        out["projected_two_over_one_baseline"] = (2 * cost["one node (baseline)"]
+                                                  / cost["two nodes (baseline)"])
+        # Same run, same rounds: the node CPU per pairing after over before.
+        out["node_cpu_after_over_before"] = {
+            k: cost[k] / cost[f"{k} (baseline)"] for k in ("one node", "two nodes")}
     print(json.dumps(out, indent=1, default=str))
     if opts.json is not None:
         opts.json.write_text(json.dumps(out, indent=1, default=str))
     return 0
+
+
+def _redis_calls(client: Any) -> dict[str, int]:
+    """Commands Redis has run, by name (a script's own calls counted apart from it)."""
+    stats = client.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()
+            if k not in ("cmdstat_info",)}
 
 
 def _redis_cpu(client: Any) -> float:

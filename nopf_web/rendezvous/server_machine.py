@@ -449,15 +449,16 @@ class PeerSide:
     rtt_known: bool
     node: NodeId | None
     load: int  # its node's relay sessions
-    # Its NAT report and direct candidates, as its hello had them (not shared across
-    # nodes yet: a peer waiting on another node offers neither).
+    # Its NAT report and direct candidates, as its hello had them (a peer waiting on
+    # another node: as its node published them in the shared book).
     nat: NatSummary | None = None
     candidates: tuple[Candidate, ...] | None = None
 
     @classmethod
     def waiting(cls, w: Waiting, here: NodeId | None) -> PeerSide:
         return cls(w.info, w.pake, w.relay and not w.direct_only, w.direct_only, w.relay_at,
-                   w.rtt_known, None if w.node == here else w.node, w.load)
+                   w.rtt_known, None if w.node == here else w.node, w.load, w.nat,
+                   w.candidates)
 
 
 @dataclass(slots=True)
@@ -1378,7 +1379,7 @@ class ServerMachine:
         relay_at = self._relay_address(conn) if self.limits.relay.enabled else None
         return Waiting(self._node(), conn.id, conn.info(), conn.rtt_known(), conn.pake,
                        hello.relay_capable, hello.direct_only, relay_at, self._relay_count,
-                       "share" if side == "share" else "join")
+                       "share" if side == "share" else "join", hello.nat, hello.candidates)
 
     def _shared_hello(self, conn: Conn, hello: Hello, now: float) -> None:
         if hello.action == "resume":
@@ -1521,6 +1522,9 @@ class ServerMachine:
         s_side, j_side = (mine, theirs) if ours_is_sharer else (theirs, mine)
         (to_sharer, sharer_at), (to_joiner, joiner_at) = self._plan(nameplate, s_side, j_side,
                                                                     now)
+        here, there = conn.peer, (w.info.public.host, w.info.public.port)
+        self._predicted(to_sharer, s_side.nat, *((here, there) if ours_is_sharer
+                                                 else (there, here)))
         msg, at = (to_sharer, sharer_at) if ours_is_sharer else (to_joiner, joiner_at)
         remote_msg, remote_at = ((to_joiner, joiner_at) if ours_is_sharer
                                  else (to_sharer, sharer_at))
@@ -1621,13 +1625,19 @@ class ServerMachine:
         """Plan and fire a pairing (``nameplate`` None: a resume)."""
         (to_sharer, sharer_at), (to_joiner, joiner_at) = self._plan(
             nameplate, self._side(sharer), self._side(joiner), now)
-        if isinstance(to_sharer, Fire):  # the path it predicts, and why (one INFO line)
-            guess = predict(fire_facts(to_sharer, "server", _nat(sharer)))
-            self.stats.predicted[guess.path] = self.stats.predicted.get(guess.path, 0) + 1
-            self.notes.append(f"pairing {_fmt(sharer.peer)} with {_fmt(joiner.peer)}: "
-                              f"predicted path {guess.path}: {guess.why}")
+        self._predicted(to_sharer, _nat(sharer), sharer.peer, joiner.peer)
         self._fire(joiner, encode(to_joiner), joiner_at, now)
         self._fire(sharer, encode(to_sharer), sharer_at, now)
+
+    def _predicted(self, to_sharer: ServerMessage, sharer_nat: NatSummary | None,
+                   sharer: tuple[str, int] | None, joiner: tuple[str, int] | None) -> None:
+        """Count the path a sharer's fire predicts, and say why (one INFO line)."""
+        if not isinstance(to_sharer, Fire):
+            return
+        guess = predict(fire_facts(to_sharer, "server", sharer_nat))
+        self.stats.predicted[guess.path] = self.stats.predicted.get(guess.path, 0) + 1
+        self.notes.append(f"pairing {_fmt(sharer)} with {_fmt(joiner)}: "
+                          f"predicted path {guess.path}: {guess.why}")
 
     def _fire(self, conn: Conn, data: bytes, at: float, now: float) -> None:
         """``data`` is this connection's last message, due at ``at``."""

@@ -22,9 +22,17 @@ Encodings (JSON objects, UTF-8), stored in Redis and passed between nodes:
     Waiting      {"node":ID,"conn":N,"public":"ip:port","lan":["ip:port",...],
                   "probe":"ip:port"|null,"punch_timeout":S,"rtt":S,"rtt_known":bool,
                   "pake":"base64"|null,"relay":bool,"direct_only":bool,
-                  "relay_at":"ip:port"|null,"load":N,"side":"share"|"join"}
+                  "relay_at":"ip:port"|null,"load":N,"side":"share"|"join",
+                  "nat":{...}|null,"candidates":[{"path":P,"peer":ADDR},...]|null}
                  (``relay_at``: the address of the holding node's relay as this
-                  peer reached it; ``load``: that node's relay sessions then)
+                  peer reached it; ``load``: that node's relay sessions then;
+                  ``nat`` and ``candidates``: its hello's fields as the rendezvous
+                  codec spells them (:mod:`nopf_web.wire.nat`, at most
+                  MAX_CANDIDATES candidates), null when its hello had none, so a
+                  pairing across nodes predicts and offers the direct rungs as on
+                  one node; a record without the keys (an older node's) reads as
+                  null. About 320 bytes without them, 1,020 with a full NAT
+                  report and MAX_CANDIDATES IPv6 candidates.)
     NodeMessage  {"kind":"fire","conn":N,"data":"base64","delay":S}
                  {"kind":"grant","tokens":["base64","base64"],"ips":[IP,IP],"ttl":S}
                  {"kind":"refuse","conn":N,"code":C,"message":"one line"}
@@ -38,6 +46,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from nopf_web.wire.address import Endpoint, parse_ipv4_endpoint
+from nopf_web.wire.nat import NatSummary, NatSummaryError
+from nopf_web.wire.rendezvous import (
+    Candidate,
+    MessageError,
+    candidates_from_wire,
+    candidates_to_wire,
+)
 
 from .book import PeerInfo
 
@@ -63,6 +78,8 @@ class Waiting:
     relay_at: Endpoint | None
     load: int
     side: Side = "share"
+    nat: NatSummary | None = None  # its hello's NAT report (None: it sent none)
+    candidates: tuple[Candidate, ...] | None = None  # its hello's (None: field absent)
 
     def to_json(self) -> str:
         i = self.info
@@ -73,7 +90,10 @@ class Waiting:
             "pake": None if self.pake is None else _b64(self.pake), "relay": self.relay,
             "direct_only": self.direct_only,
             "relay_at": None if self.relay_at is None else _ep(self.relay_at),
-            "load": self.load, "side": self.side}, separators=(",", ":"))
+            "load": self.load, "side": self.side,
+            "nat": None if self.nat is None else self.nat.to_wire(),
+            "candidates": None if self.candidates is None
+            else candidates_to_wire(self.candidates)}, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Waiting:
@@ -83,6 +103,7 @@ class Waiting:
             if side not in ("share", "join"):
                 raise ValueError(side)
             probe, relay_at, pake = o["probe"], o["relay_at"], o["pake"]
+            nat, cands = o.get("nat"), o.get("candidates")
             return cls(
                 str(o["node"]), int(o["conn"]),
                 PeerInfo(parse_ipv4_endpoint(o["public"]),
@@ -92,8 +113,10 @@ class Waiting:
                 bool(o["rtt_known"]), None if pake is None else base64.b64decode(pake),
                 bool(o["relay"]), bool(o["direct_only"]),
                 None if relay_at is None else parse_ipv4_endpoint(relay_at),
-                int(o["load"]), side)
-        except (KeyError, TypeError, ValueError) as exc:
+                int(o["load"]), side,
+                None if nat is None else NatSummary.from_wire(nat, "waiting.nat"),
+                None if cands is None else candidates_from_wire(cands, "waiting.candidates"))
+        except (KeyError, TypeError, ValueError, NatSummaryError, MessageError) as exc:
             raise SharedFormatError(f"unreadable waiting record: {exc}") from None
 
     @property

@@ -327,6 +327,29 @@ def _cands(cands: tuple[Candidate, ...]) -> list[dict[str, str]]:
              else _ep(c.addr)} for c in cands]
 
 
+def candidates_to_wire(cands: tuple[Candidate, ...]) -> list[dict[str, str]]:
+    """Candidates as a hello's ``candidates`` field spells them (for other stores:
+    the shared book's waiting records)."""
+    return _cands(cands)
+
+
+def candidates_from_wire(raw: Any, where: str = "candidates") -> tuple[Candidate, ...]:
+    """The inverse of :func:`candidates_to_wire`, as strict as a hello's field;
+    :class:`MessageError` names ``where``."""
+    if not isinstance(raw, list) or len(raw) > MAX_CANDIDATES:
+        raise MessageError(f"{where} must be a list of at most {MAX_CANDIDATES} candidates")
+    out = []
+    for item in raw:
+        if not isinstance(item, dict):
+            raise MessageError(f"{where} entries must be objects")
+        c = _Fields(item, f"{where}[]", {"path", "peer"})
+        path = present(c.text("path", choices=CANDIDATE_PATHS))
+        text = present(c.text("peer"))
+        out.append(Candidate(path, _ipv6_endpoint(text, f"{where}[].peer") if path == "ipv6"
+                             else _endpoint(text, f"{where}[].peer")))
+    return tuple(out)
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -498,20 +521,7 @@ def _candidates(f: _Fields, name: str) -> tuple[Candidate, ...] | None:
         if name in f.obj:
             raise MessageError(f"{f.kind}.{name} must be a list or absent, not null")
         return None
-    if not isinstance(raw, list) or len(raw) > MAX_CANDIDATES:
-        raise MessageError(f"{f.kind}.{name} must be a list of at most {MAX_CANDIDATES} "
-                           "candidates")
-    out = []
-    for item in raw:
-        if not isinstance(item, dict):
-            raise MessageError(f"{f.kind}.{name} entries must be objects")
-        c = _Fields(item, f"{f.kind}.{name}[]", {"path", "peer"})
-        path = present(c.text("path", choices=CANDIDATE_PATHS))
-        text = present(c.text("peer"))
-        where = f"{f.kind}.{name}[].peer"
-        out.append(Candidate(path, _ipv6_endpoint(text, where) if path == "ipv6"
-                             else _endpoint(text, where)))
-    return tuple(out)
+    return candidates_from_wire(raw, f"{f.kind}.{name}")
 
 
 GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")  # RFC 4291 §2.4: global unicast space

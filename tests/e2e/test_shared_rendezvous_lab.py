@@ -7,10 +7,16 @@ and the peers know the rendezvous as one name that resolves to both addresses
 - a sharer on one node and a connector on the other pair; SIGKILL the sharer's node:
   the tunnel keeps carrying, and new connections go through;
 - SIGKILL the node of a waiting sharer: it registers its code again through the other
-  node, and the code still pairs there;
+  node, and the code still pairs there, for a connector given the name with the dead
+  node's address first (it tries every address);
 - Redis SIGKILLed while tunnels carry and a sharer waits: the nodes refuse new pairings
   with the reason (logged, and said to the peer), stay up, recover when Redis is back,
   list the waiting sharer again, and it pairs.
+- a pair that only a relay joins, paired across the nodes: SIGKILL the node whose relay
+  carries it while streams run: both peers meet again through the name's other address,
+  that node relays, and every byte arrives in order;
+- a pair across the nodes gets the sharer's direct candidates (waiting with it in Redis)
+  and the same prediction as on one node: two symmetric NATs with IPv6 connect over IPv6.
 """
 
 from __future__ import annotations
@@ -52,7 +58,8 @@ from tests.redis_server import RedisServer, require_redis_server
 
 from .flows import Flows
 from .peers import Peer, wait_for
-from .test_resume_lab import close, echo
+from .test_direct_paths_lab import SERVICE, TUNNEL, echo_service as echo_service6, round_trip, stop
+from .test_resume_lab import close, echo, path_lines
 from .web_support import echo_service
 
 pytestmark = pytest.mark.lab
@@ -117,16 +124,19 @@ def holding_node(lab: Lab, code: str) -> str:
 
 
 @contextlib.contextmanager
-def one_name(lab: Lab, *hosts: Host) -> Iterator[None]:
-    """``rdv.lab`` resolves to both rendezvous addresses inside ``hosts``."""
+def one_name(lab: Lab, *hosts: Host, second_first: tuple[Host, ...] = ()) -> Iterator[None]:
+    """``rdv.lab`` resolves to both rendezvous addresses inside ``hosts``: RDV_IP
+    first, or RDV_IP2 first in the hosts of ``second_first`` (so that two peers
+    contact different nodes while both are up)."""
     made = []
     try:
-        for host in hosts:
+        for host in (*hosts, *second_first):
             etc = Path("/etc/netns") / host.ns
             etc.mkdir(parents=True, exist_ok=True)
             made.append(etc)
-            (etc / "hosts").write_text(f"127.0.0.1 localhost\n{RDV_IP} {NAME}\n"
-                                       f"{RDV_IP2} {NAME}\n")
+            order = (RDV_IP2, RDV_IP) if host in second_first else (RDV_IP, RDV_IP2)
+            (etc / "hosts").write_text(f"127.0.0.1 localhost\n{order[0]} {NAME}\n"
+                                       f"{order[1]} {NAME}\n")
         yield
     finally:
         for etc in made:
@@ -283,7 +293,7 @@ def test_a_sharer_on_one_node_pairs_with_a_connector_on_the_other_and_outlives_i
 def test_a_waiting_sharer_whose_node_dies_keeps_its_code_through_the_other_node(
         lab_factory: LabFactory) -> None:
     lab = lab_factory("drop", "drop", delay_ms=5, rdv_second_ip=True)
-    with one_name(lab, lab.a1, lab.b1), shared_rendezvous(lab) as (_, node_a, node_b), \
+    with one_name(lab, lab.a1), shared_rendezvous(lab) as (_, node_a, node_b), \
             contextlib.ExitStack() as services:
         with lab.a1.enter():
             services.enter_context(echo_service(3000))
@@ -295,12 +305,16 @@ def test_a_waiting_sharer_whose_node_dies_keeps_its_code_through_the_other_node(
         err = wait_for(s, f"pairing code {code} registered again through rendezvous")
         assert f"registering pairing code {code} again in 1 s" in err
         assert "nopf: pairing code" in err and code in err
-        # The connector reaches the live node (trying every address of the name is the
-        # clients' own business: here it is given the live one).
         assert holding_node(lab, code) == other.node
-        c = start(lab.b1, "connect", code, "-p", "3010", rdv=f"{other.ip}:{PORT}")
-        for peer in (s, c):
-            wait_for(peer, "encrypted tunnel to")
+        # The connector knows the name with the dead node's address first: it tries
+        # every address, and the live node answers.
+        dead_first = {"second_first": (lab.b1,)} if holder is node_b else {}
+        with one_name(lab, *(() if dead_first else (lab.b1,)), **dead_first):
+            c = start(lab.b1, "connect", code, "-p", "3010", rdv=f"{NAME}:{PORT}")
+            for peer in (s, c):
+                wait_for(peer, "encrypted tunnel to")
+        assert (f"rendezvous {NAME}:{PORT}: {other.ip}:{PORT} answered first of 2 IPv4 "
+                "addresses") in c.stderr(), c.stderr()
         echo(lab.b1, 3010)
         assert other.alive()
         close(c, s)
@@ -393,3 +407,82 @@ def test_a_pair_that_must_relay_is_relayed_by_one_of_its_two_nodes(
         finally:
             flows.join(5)
         close(c, s)
+
+
+def test_a_relayed_tunnel_whose_relay_node_dies_resumes_through_the_other_node(
+        lab_factory: LabFactory) -> None:
+    """Symmetric NAT facing symmetric NAT: only the relay joins them. The sharer knows
+    the rendezvous name with node A first, the connector with node B first, so they
+    pair across the nodes; the pairing's relay runs on one of them. SIGKILL that node
+    while streams run: both peers meet again through the name's other address (the
+    one left), that node relays, and every byte arrives in order, no stream reset."""
+    lab = lab_factory("symmetric", "symmetric", delay_ms=5, rdv_second_ip=True)
+    with one_name(lab, lab.a1, second_first=(lab.b1,)), \
+            shared_rendezvous(lab) as (_, node_a, node_b):
+        s = start(lab.a1, "share", "-p", "3000", "--resume-budget", "30",
+                  rdv=f"{NAME}:{PORT}")
+        c = start(lab.b1, "connect", s.line(10), "-p", "3010", "--resume-budget", "30",
+                  rdv=f"{NAME}:{PORT}")
+        relays = set()
+        for peer in (s, c):
+            err = wait_for(peer, "encrypted tunnel to")
+            found = re.search(r"over the relay at (198\.51\.100\.[23]):3012", err)
+            assert found is not None, err
+            relays.add(found[1])
+        assert f"rendezvous {NAME}:{PORT}: {RDV_IP}:{PORT} answered first" in s.stderr()
+        assert f"rendezvous {NAME}:{PORT}: {RDV_IP2}:{PORT} answered first" in c.stderr()
+        (relay_ip,) = relays
+        dead, live = (node_a, node_b) if relay_ip == node_a.ip else (node_b, node_a)
+        flows = Flows(lab.a1, 3000, lab.b1, 3010, 3, None, pace=0.005).start()
+        try:
+            flows.wait_received(1 << 20, timeout=30)
+            dead.kill()  # its relay connections die with it
+            for peer in (s, c):
+                wait_for(peer, "the relay was lost (")
+                err = wait_for(peer, "resumed over the relay in", timeout=30)
+                assert re.search(r"resumed over the relay in \d+\.\d s", err), err
+                assert f"a new connection over the relay at {live.ip}:{PORT}" in err, err
+            moving = flows.received()
+            flows.wait_received(moving + (1 << 20), timeout=20)  # carrying again
+            flows.stop()
+            flows.join(60)
+            flows.check()  # every byte, both ways, in order; no stream reset
+        finally:
+            flows.join(5)
+        assert live.alive()
+        assert "Traceback" not in live.stderr(), live.stderr()
+        print(f"\nrelay node {dead.ip} killed; resumed through {live.ip}\n{path_lines(s)}\n"
+              f"{path_lines(c)}")
+        close(c, s)
+
+
+def test_a_pair_across_nodes_gets_the_direct_candidates_and_takes_ipv6(
+        lab_factory: LabFactory) -> None:
+    """Two sites behind symmetric IPv4 NATs with global IPv6 (as in
+    test_direct_paths_lab): the sharer waits on node A, the connector comes to node B.
+    The sharer's candidates and NAT report wait with it in Redis, so the pairing
+    offers the IPv6 rung and predicts as one node would: the tunnel runs over IPv6,
+    not through a relay."""
+    lab = lab_factory("symmetric", "symmetric", ipv6=True, rdv_second_ip=True)
+    with shared_rendezvous(lab) as (_, node_a, node_b):
+        server = echo_service6(lab.a1)
+        try:
+            s = start(lab.a1, "share", "-p", str(SERVICE), rdv=f"{RDV_IP}:{PORT}")
+            code = s.line(10)
+            assert holding_node(lab, code) == node_a.node
+            c = start(lab.b1, "connect", code, "-p", str(TUNNEL), rdv=f"{RDV_IP2}:{PORT}")
+            err_s = wait_for(s, "encrypted tunnel to")
+            err_c = wait_for(c, "encrypted tunnel to")
+            assert f"tunnel up to [{lab.b1.ip6}]:" in err_s and "over IPv6" in err_s, err_s
+            assert f"tunnel up to [{lab.a1.ip6}]:" in err_c and "over IPv6" in err_c, err_c
+            round_trip(lab.b1)
+            # The node that paired (the connector's) predicted the path the peers did,
+            # and logged it as a node pairing its own two peers does.
+            said = re.search(r"nopf: (predicted path .*)", err_c)
+            assert said is not None and f"nopf: {said[1]}" in err_s, (err_s, err_c)
+            assert re.search(rf"pairing [\d.:]+ with [\d.:]+: {re.escape(said[1])}",
+                             node_b.wait_for("predicted path")), node_b.stderr()
+            codes = (stop(s)[0], c.wait(10))  # the joiner sees the peer close and ends
+        finally:
+            server.close()
+        assert codes == (0, 0), (s.stderr(), c.stderr())

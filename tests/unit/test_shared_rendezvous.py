@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from secrets import token_bytes
@@ -42,6 +43,7 @@ from nopf_web.rendezvous.shared import (
     Refused,
     Release,
     Republish,
+    SharedFormatError,
     Side,
     Update,
     Waiting,
@@ -49,7 +51,18 @@ from nopf_web.rendezvous.shared import (
     encode_message,
 )
 from nopf_web.wire.address import Endpoint, parse_ipv4_endpoint
-from nopf_web.wire.rendezvous import ErrorReply, Fire, Hello, Relay, Relayed, Welcome, encode
+from nopf_web.wire.nat import NatSummary
+from nopf_web.wire.rendezvous import (
+    MAX_CANDIDATES,
+    Candidate,
+    ErrorReply,
+    Fire,
+    Hello,
+    Relay,
+    Relayed,
+    Welcome,
+    encode,
+)
 from tests.redis_server import RedisServer, free_port, require_redis_server
 
 from .test_server_machine import JOINER_IP, LAN_A, LAN_B, SHARER_IP, Harness, Peer
@@ -99,6 +112,34 @@ def test_records_and_messages_survive_their_encoding() -> None:
         assert decode_message(encode_message(msg)) == msg
 
 
+NAT_A = NatSummary("endpoint-independent", "drop", True, ("UPnP-IGD", "PCP"), False, False)
+NAT_B = NatSummary("endpoint-independent", "rst", None, None, None, True)
+CANDS_A = (Candidate("ipv6", Endpoint("2001:db8:a::2", 40001)),
+           Candidate("mapped", Endpoint("203.0.113.2", 41000)))
+CANDS_B = (Candidate("ipv6", Endpoint("2001:db8:b::2", 50001)),)
+
+
+def test_a_waiting_record_carries_the_nat_report_and_candidates() -> None:
+    w = replace(waiting(), nat=NAT_A, candidates=CANDS_A)
+    assert Waiting.from_json(w.to_json()) == w
+    empty = replace(waiting(), nat=None, candidates=())  # "knows candidates, has none"
+    assert Waiting.from_json(empty.to_json()) == empty
+    # A record of an older node (neither key) reads as a hello without the fields.
+    old = json.loads(waiting().to_json())
+    del old["nat"], old["candidates"]
+    assert Waiting.from_json(json.dumps(old)) == waiting()
+    # The largest: a full NAT report and MAX_CANDIDATES IPv6 candidates.
+    big = replace(waiting(), nat=NAT_A, candidates=tuple(
+        Candidate("ipv6", Endpoint(f"2001:db8:ffff:ffff:ffff:ffff:ffff:{0xff00 + i:x}", 65535))
+        for i in range(MAX_CANDIDATES)))
+    assert Waiting.from_json(big.to_json()) == big and len(big.to_json()) < 1200
+    for key, bad in (("nat", {"mapping": "sideways"}), ("candidates", [{"path": "lan"}]),
+                     ("candidates", [{"path": "ipv6", "peer": "10.0.0.1:5"}] * 9)):
+        with pytest.raises(SharedFormatError, match=f"unreadable waiting record: "
+                           f"waiting.{key}"):
+            Waiting.from_json(json.dumps({**old, key: bad}))
+
+
 def test_redis_urls_are_checked_in_one_line() -> None:
     assert RedisConfig.parse("redis://10.0.0.5:6380/2").where == "redis://10.0.0.5:6380/2"
     ok = RedisConfig.parse("rediss://h", password="p@ss/word")
@@ -129,6 +170,36 @@ async def test_a_code_is_allocated_claimed_once_and_then_told_used(client: Any) 
     assert second == Refused("used", f"pairing code {got.nameplate}-… was already used (codes "
                              "work once): ask for a new code")
     assert 0 < await client.pttl(f"nopf:tomb:{got.nameplate}") <= 600_000
+
+
+async def test_the_nat_report_and_candidates_come_back_with_the_claim(client: Any) -> None:
+    book = RedisBook(client)
+    w = replace(waiting(), nat=NAT_A, candidates=CANDS_A)
+    got = await book.run(Allocate(w, "", 600.0))
+    assert isinstance(got, Allocated)
+    claimed = await book.run(Claim(got.nameplate, JOINER_IP, False, True))
+    assert isinstance(claimed, Claimed) and claimed.waiting == w
+    rid = bytes(range(16))
+    await book.run(Meet(rid, replace(w, side="join")))
+    met = await book.run(Meet(rid, waiting(NODE_B, 2)))
+    assert isinstance(met, Claimed) and (met.waiting.nat, met.waiting.candidates) == (
+        NAT_A, CANDS_A)
+
+
+async def test_nameplates_drawn_from_one_seed_stay_short_distinct_and_varied(
+        client: Any) -> None:
+    book = RedisBook(client)
+    got = [await book.run(Allocate(waiting(NODE_A, i), "", 600.0)) for i in range(40)]
+    plates = [a.nameplate for a in got if isinstance(a, Allocated)]
+    assert len(set(plates)) == 40 and max(plates) <= 99  # 2 digits while 40 are open
+    firsts = set()
+    for _ in range(20):  # a quiet rendezvous: the first code is any of 1-9
+        await client.flushall()
+        await client.set(f"nopf:node:{NODE_A}", 0, px=60_000)
+        first = await book.run(Allocate(waiting(), "", 600.0))
+        assert isinstance(first, Allocated)
+        firsts.add(first.nameplate)
+    assert len(firsts) >= 4 and firsts <= set(range(1, 10))
 
 
 async def test_failed_claims_are_limited_per_source_across_nodes(client: Any) -> None:
@@ -209,6 +280,20 @@ async def test_resume_hellos_pair_across_nodes_and_a_newer_one_replaces(client: 
     assert isinstance(paired, Claimed) and (paired.waiting.node, paired.waiting.conn) == (
         NODE_B, 2)
     assert not await client.exists(f"nopf:resume:{rid.hex()}")
+
+
+async def test_a_resume_hello_left_by_a_dead_node_is_never_its_partner(client: Any) -> None:
+    """A node SIGKILLed with a resume hello listed: once its liveness key expired, a
+    hello of the other side on a live node waits (listed) instead of pairing with a
+    peer nobody holds, and its partner, back through the live node, pairs with it."""
+    book = RedisBook(client)
+    rid = bytes(range(16))
+    assert await book.run(Meet(rid, waiting(NODE_A, 1, side="share"))) == Listed()
+    await client.delete(f"nopf:node:{NODE_A}")  # node A died (its heartbeat expired)
+    assert await book.run(Meet(rid, waiting(NODE_B, 2, side="join"))) == Listed()
+    paired = await book.run(Meet(rid, waiting(NODE_B, 3, side="share")))
+    assert isinstance(paired, Claimed) and (paired.waiting.node, paired.waiting.conn) == (
+        NODE_B, 2)
 
 
 async def test_republish_lists_again_what_a_restarted_redis_lost(client: Any) -> None:
@@ -344,6 +429,35 @@ async def test_a_sharer_on_one_node_and_a_joiner_on_another_pair_as_on_one(
     assert to_sharer.relay.relay == to_joiner.relay.relay
     serving = a if to_sharer.relay.token in a.m.tickets else b
     assert {to_sharer.relay.token, to_joiner.relay.token} <= set(serving.m.tickets)
+
+
+async def test_a_pair_across_nodes_gets_the_nat_reports_and_candidates_as_on_one_node(
+        client: Any) -> None:
+    """The sharer's NAT report and candidates wait in the shared book with it: the
+    joiner on the other node gets them in its fire (and the sharer the joiner's), and
+    the pairing predicts the same path, exactly as when both are on one node."""
+    def stages(fire: Fire) -> list[tuple[str, str | None, float]]:
+        return [(st.path, st.punch, st.budget) for st in fire.plan]
+
+    got = {}
+    for share_node, join_node in ((NODE_A, NODE_A), (NODE_A, NODE_B)):
+        c = Cluster(client)
+        await c.up()
+        sharer, nameplate = await share_on(c, share_node, nat=NAT_A, candidates=CANDS_A)
+        joiner = await join_on(c, join_node, nameplate, nat=NAT_B, candidates=CANDS_B)
+        c.tick(0.05)
+        to_sharer, to_joiner = sharer.last(), joiner.last()
+        assert isinstance(to_sharer, Fire) and isinstance(to_joiner, Fire)
+        predicted = {**c.node(NODE_A).m.stats.predicted}
+        for path, n in c.node(NODE_B).m.stats.predicted.items():
+            predicted[path] = predicted.get(path, 0) + n
+        got[join_node] = (to_sharer.peer_nat, to_sharer.peer_candidates, to_joiner.peer_nat,
+                          to_joiner.peer_candidates, stages(to_sharer), stages(to_joiner),
+                          predicted)
+        await client.flushall()
+    assert got[NODE_A][:4] == (NAT_B, CANDS_B, NAT_A, CANDS_A)
+    assert got[NODE_B] == got[NODE_A]  # across nodes as on one
+    assert sum(got[NODE_B][-1].values()) == 1
 
 
 async def test_the_relay_runs_on_the_node_that_paired_or_the_other_and_spreads(
