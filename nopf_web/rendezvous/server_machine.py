@@ -97,7 +97,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nopf_web.prediction import fire_facts, predict
-from nopf_web.wire.address import Endpoint, parse_ipv4_endpoint
+from nopf_web.wire.address import Endpoint, parse_observed_endpoint
 from nopf_web.wire.discovery import encode_reply, encode_reply6
 from nopf_web.wire.errors import BadAddress, WireError
 from nopf_web.wire.nat import NatSummary
@@ -715,14 +715,11 @@ class ServerMachine:
             if peer is None:
                 raise WireError("connection closed before it could be served")
             public = _observed(peer)
-            if ":" in public.host:
-                # IPv6 (an IPv6 listener): its 22-byte reply and a FIN. Pairing, plans and
-                # relays are IPv4 (the punch uses the IPv4 mapping), so nothing else here.
-                reply6 = encode_reply6(public.host, public.port)
-                self.stats.served += 1
-                self._last_word(conn, reply6, now)
-                return
-            reply = encode_reply(public.host, public.port)
+            # Over IPv6 (an IPv6 listener) the same fields for its IPv6 address (22
+            # bytes), then coordinated mode as over IPv4: such a peer gets no IPv4
+            # punch in its plans (book.make_plans), its relay path comes here over IPv6.
+            reply = (encode_reply6(public.host, public.port) if ":" in public.host
+                     else encode_reply(public.host, public.port))
         except WireError as exc:  # already gone
             self._unserved(conn, str(exc), now)
             return
@@ -992,7 +989,7 @@ class ServerMachine:
         nameplate = hello.nameplate
         owner = self.book.peek(nameplate, now=now)
         sharer = None if owner is None else self.conns.get(owner)
-        if (sharer is not None and hello.probe is None
+        if (sharer is not None and hello.probe is None and not conn.info().over_ipv6
                 and not self._relays(self._side(sharer), self._side(conn))
                 and sharer.info().mapping == "symmetric" and conn.info().mapping != "none"):
             # Against a symmetric sharer the joiner's own mapping decides between
@@ -1179,6 +1176,10 @@ class ServerMachine:
 
     def _relays(self, a: PeerSide, b: PeerSide) -> bool:
         """Will a plan for these two end with the relay?"""
+        if (a.node is not None or b.node is not None) and a.info.over_ipv6 != b.info.over_ipv6:
+            # One peer over IPv6, the other over IPv4, on two nodes: no node knows its
+            # own relay address in both families (a limit of shared rendezvous).
+            return False
         return (self.limits.relay.enabled and a.relay and b.relay
                 and a.relay_at is not None and b.relay_at is not None)
 
@@ -1192,16 +1193,21 @@ class ServerMachine:
 
     def _relay_address(self, conn: Conn) -> Endpoint | None:
         """The relay address for this client's plan: ours as it reached us (so the
-        relay connection takes the coordination's path), unless one is configured."""
-        if self.limits.relay.address is not None:
-            return self.limits.relay.address
+        relay connection takes the coordination's path, in the peer's family), unless
+        one of that family is configured."""
+        configured = self.limits.relay.address
+        over_ipv6 = ":" in conn.public.host
+        if configured is not None and (":" in configured.host) == over_ipv6:
+            return configured  # (one of the other family is no use to this peer)
         if conn.local is None:
             return None
-        try:  # as the encoder will check it: IPv4 (a v4-mapped one unwrapped), a port
-            return parse_ipv4_endpoint(
-                f"{str(conn.local[0]).removeprefix('::ffff:')}:{int(conn.local[1])}")
+        try:  # as the encoder will check it: IPv4 (a v4-mapped one unwrapped) or IPv6
+            ours = parse_observed_endpoint(str(Endpoint(
+                str(conn.local[0]).removeprefix("::ffff:"), int(conn.local[1]))))
         except BadAddress:
-            return None  # not IPv4: no relay stage (the wire has IPv4 addresses only)
+            return None  # not an address a peer can use: no relay stage
+        # The peer's own family, or none (the relay path goes where the hello went).
+        return ours if (":" in ours.host) == over_ipv6 else None
 
     def _relay_tokens(self, ips: tuple[str, str], expires_at: float,
                       now: float) -> tuple[bytes, bytes]:
@@ -1622,7 +1628,9 @@ class ServerMachine:
         (to_sharer, sharer_at), (to_joiner, joiner_at) = self._plan(
             nameplate, self._side(sharer), self._side(joiner), now)
         if isinstance(to_sharer, Fire):  # the path it predicts, and why (one INFO line)
-            guess = predict(fire_facts(to_sharer, "server", _nat(sharer)))
+            assert sharer.hello is not None
+            guess = predict(fire_facts(to_sharer, "server", _nat(sharer),
+                                       sharer.hello.candidates))
             self.stats.predicted[guess.path] = self.stats.predicted.get(guess.path, 0) + 1
             self.notes.append(f"pairing {_fmt(sharer.peer)} with {_fmt(joiner.peer)}: "
                               f"predicted path {guess.path}: {guess.why}")
@@ -1649,7 +1657,8 @@ class ServerMachine:
         try:
             plans = make_plans(sharer, joiner, self.limits.pairing,
                                relay=self._relays(sharer_conn, joiner_conn),
-                               direct_only=direct_only)
+                               direct_only=direct_only,
+                               ipv6_pair=_offers_ipv6(sharer_conn) and _offers_ipv6(joiner_conn))
         except SymmetricPair as exc:
             refusal = ErrorReply("symmetric_nat", str(exc))
             return (refusal, now), (refusal, now)
@@ -1732,6 +1741,10 @@ class ServerMachine:
 
 def _observed(peer: tuple[str, int]) -> Endpoint:
     return Endpoint(str(peer[0]).removeprefix("::ffff:"), int(peer[1]))  # IPv4-mapped, dual stack
+
+
+def _offers_ipv6(side: PeerSide) -> bool:
+    return any(c.path == "ipv6" for c in side.candidates or ())
 
 
 def _nat(conn: Conn) -> NatSummary | None:

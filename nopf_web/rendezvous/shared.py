@@ -24,7 +24,9 @@ Encodings (JSON objects, UTF-8), stored in Redis and passed between nodes:
                   "pake":"base64"|null,"relay":bool,"direct_only":bool,
                   "relay_at":"ip:port"|null,"load":N,"side":"share"|"join"}
                  (``relay_at``: the address of the holding node's relay as this
-                  peer reached it; ``load``: that node's relay sessions then)
+                  peer reached it; ``load``: that node's relay sessions then;
+                  ``public`` and ``relay_at`` are "[v6]:port" for a peer that
+                  reached its node over IPv6)
     NodeMessage  {"kind":"fire","conn":N,"data":"base64","delay":S}
                  {"kind":"grant","tokens":["base64","base64"],"ips":[IP,IP],"ttl":S}
                  {"kind":"refuse","conn":N,"code":C,"message":"one line"}
@@ -37,7 +39,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from nopf_web.wire.address import Endpoint, parse_ipv4_endpoint
+from nopf_web.wire.address import Endpoint, parse_ipv4_endpoint, parse_observed_endpoint
 
 from .book import PeerInfo
 
@@ -85,13 +87,13 @@ class Waiting:
             probe, relay_at, pake = o["probe"], o["relay_at"], o["pake"]
             return cls(
                 str(o["node"]), int(o["conn"]),
-                PeerInfo(parse_ipv4_endpoint(o["public"]),
+                PeerInfo(parse_observed_endpoint(o["public"]),
                          tuple(parse_ipv4_endpoint(e) for e in o["lan"]),
                          None if probe is None else parse_ipv4_endpoint(probe),
                          float(o["punch_timeout"]), float(o["rtt"])),
                 bool(o["rtt_known"]), None if pake is None else base64.b64decode(pake),
                 bool(o["relay"]), bool(o["direct_only"]),
-                None if relay_at is None else parse_ipv4_endpoint(relay_at),
+                None if relay_at is None else parse_observed_endpoint(relay_at),
                 int(o["load"]), side)
         except (KeyError, TypeError, ValueError) as exc:
             raise SharedFormatError(f"unreadable waiting record: {exc}") from None
@@ -273,7 +275,7 @@ def decode_message(text: str | bytes) -> NodeMessage:
 
 
 def _ep(e: Endpoint) -> str:
-    return f"{e.host}:{e.port}"
+    return str(e)  # "ip:port", or "[v6]:port" (public and relay_at, over IPv6)
 
 
 def _b64(data: bytes) -> str:

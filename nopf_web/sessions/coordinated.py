@@ -382,7 +382,8 @@ class CoordinatedEngine(EngineBase):
         self.timeline = timeline = Timeline(time.monotonic())
         timeline.add(timeline.origin, "start", f"pairing through {spec.rendezvous} "
                      f"({'with' if spec.nat else 'without'} a NAT report)")
-        server = await reach_rendezvous(spec.rendezvous, spec.net_timeout, on_event=self._log)
+        server = await reach_rendezvous(spec.rendezvous, spec.net_timeout, on_event=self._log,
+                                        coordinated=True)
         if spec.role == "client":
             self._set_state(State.WAITING_PEER, f"joining the sharer of {spec.code}")
         return await coordinate(

@@ -81,7 +81,7 @@ from typing import Literal, TypeAlias
 
 from nopf_web.errors import NopfError
 from nopf_web.pairing import PairingCode, make_code
-from nopf_web.prediction import Prediction, fire_facts, predict
+from nopf_web.prediction import PairFacts, Prediction, fire_facts, predict
 from nopf_web.punch.machine import Failure, PunchConfig, PunchTimeout
 from nopf_web.rendezvous.errors import (
     RendezvousError,
@@ -527,6 +527,7 @@ class CoordinationMachine:
         self._deadline = 0.0  # of all attempts together, from the first fire
         self._failed_attempt: CoordinatedPunchTimeout | None = None  # while meeting again
         self.prediction: Prediction | None = None  # the first fire's, once it came
+        self.facts: PairFacts | None = None  # the last fire's, as predictions read them
 
     # -- events -------------------------------------------------------------------
 
@@ -573,6 +574,13 @@ class CoordinationMachine:
         if m is None:
             return []
         cfg = self.config
+        over_ipv6 = ":" in local.host
+        if m.step is _Step.PROBE_CONNECT and over_ipv6:
+            # Over IPv6 there is no NAT mapping to check: the rendezvous plans no IPv4
+            # punch for a peer it sees over IPv6 (our IPv6 paths are our candidates).
+            # The hello goes on a connection of its own, with Fast Open.
+            m.need_probe, m.port = False, cfg.punch_port
+            return [Close(conn), *self._connect(m, now)]
         if m.step is _Step.PROBE_CONNECT:
             m.step = _Step.PROBE_REPLY
             self._wait(m, now + cfg.net_timeout, RendezvousProtocolError(
@@ -583,6 +591,7 @@ class CoordinationMachine:
         if m.step is not _Step.CONNECT:
             return []
         m.local_port, m.lan, m.deferred, m.rdv_connected = local.port, local, deferred, now
+        m.discovery = DiscoveryReader(ipv6=over_ipv6)  # its reply: 22 bytes over IPv6
         return self._hello(m, now)
 
     def established(self, conn: int, now: float) -> list[Action]:
@@ -780,16 +789,19 @@ class CoordinationMachine:
         if self.config.candidates is not None:
             candidates, said = self._advertise(m, self.config.candidates)
             actions += [Say(line) for line in said]
+        # Our address as our OS sees it, for a LAN path: an IPv4 one (over IPv6 none:
+        # our global IPv6 addresses are candidates).
+        lan = () if ":" in m.lan.host else (m.lan,)
         if resume is not None:  # implies the relay unless direct_only
             side: ResumeSide = "share" if self.config.role == "server" else "join"
-            hello = Hello("resume", None, (m.lan,), m.probed, m.punch_timeout,
+            hello = Hello("resume", None, lan, m.probed, m.punch_timeout,
                           resume_id=resume.resume_id, side=side,
                           direct_only=resume.direct_only, nat=self._nat,
                           candidates=candidates)
         else:
             nameplate = (None if self.code is None or (m.action == "share" and not m.reclaim)
                          else self.code.nameplate)
-            hello = Hello(m.action, nameplate, (m.lan,), m.probed, m.punch_timeout,
+            hello = Hello(m.action, nameplate, lan, m.probed, m.punch_timeout,
                           pake=self._pake_message if wants_pake else None, relay=True,
                           nat=self._nat, candidates=candidates,
                           owner=self._owner if m.action == "share" else None)
@@ -1028,9 +1040,12 @@ class CoordinationMachine:
         finish = fire.peer_pake if self._pake_message is not None else None
         self._attempt = _Attempt(self._attempts, fire, m, now, rungs, pake_to_finish=finish)
         fired = Fired(self._attempts, fire, None)
+        self.facts = fire_facts(fire, cfg.role, cfg.nat, m.advertised)
         if self._attempts == 1 and cfg.resume is None:  # before the first SYN
-            self.prediction = predict(fire_facts(fire, cfg.role, cfg.nat))
+            self.prediction = predict(self.facts)
             fired = Fired(1, fire, self.prediction)
+        if not rungs:  # no IPv4 path, no relay, and our IPv6 met none of the peer's
+            return [fired, *self._attempt_failed(self._attempt, now)]
         return [fired, *self._open_rung(self._attempt)]
 
     def _candidate_rungs(self, m: _Meeting, fire: Fire) -> list[list[PathKind]]:
@@ -1140,6 +1155,13 @@ def _first_budget(punch_timeout: float) -> float:
 
 def _relay_reason(fire: Fire, failures: list[tuple[Stage, PunchTimeout]]) -> str:
     """Why a tunnel goes through the relay, in a few words."""
+    v6 = [who for who, e in (("we", fire.public), ("the peer", fire.peer_public))
+          if ":" in e.host]
+    if v6:
+        who = "both peers" if len(v6) == 2 else v6[0]
+        tried = (f": no IPv6 path within {sum(s.budget for s, _ in failures):.3g} s"
+                 if failures else "")
+        return f"{who} reached the rendezvous over IPv6 only, no IPv4 punch{tried}"
     if fire.hopeless and fire.mapping is not None:
         ours, theirs = fire.mapping
         if ours == theirs == "symmetric":
