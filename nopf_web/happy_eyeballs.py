@@ -74,14 +74,14 @@ def by_family(addresses: list[tuple[str, int]], first: Family) -> list[tuple[str
 
 async def connect_first(
     addresses: list[tuple[str, int]], timeout: float, *,
-    delay: float = CONNECTION_ATTEMPT_DELAY, first: Family = 6,
+    delay: float = CONNECTION_ATTEMPT_DELAY, first: Family = 6, first_count: int = 1,
     clock: Callable[[], float] = time.monotonic,
 ) -> tuple[socket.socket, tuple[str, int]]:
     """Connect to the first of ``addresses`` that answers, racing them as RFC 8305 says
-    (``first``: the family tried first); the connected (non-blocking) socket and its
-    address. Within ``timeout`` in all; :class:`RendezvousUnreachable` lists every
-    address with its reason."""
-    machine = HappyEyeballs(addresses, delay, first)
+    (``first``: the family tried first, ``first_count`` of its addresses before the
+    other's); the connected (non-blocking) socket and its address. Within ``timeout`` in
+    all; :class:`RendezvousUnreachable` lists every address with its reason."""
+    machine = HappyEyeballs(addresses, delay, first, first_count)
     outcomes: asyncio.Queue[tuple[int, OSError | None]] = asyncio.Queue()
     socks: dict[int, socket.socket] = {}
     tasks: dict[int, asyncio.Task[None]] = {}

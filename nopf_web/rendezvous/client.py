@@ -70,12 +70,15 @@ async def reach_rendezvous(endpoint: Endpoint, timeout: float, *,
         if on_event is not None:
             on_event(f"rendezvous {endpoint} is {describe(usable[0])}")
         return usable[0]
-    sock, address = await connect_first(usable, timeout, first=first)
+    # Coordinated, IPv4 first: every IPv4 address before IPv6 (each has its 250 ms, or
+    # less when it fails), since an IPv4 connection is what our punch is planned from.
+    v4 = sum(not is_ipv6(a[0]) for a in usable)
+    sock, address = await connect_first(usable, timeout, first=first,
+                                        first_count=v4 if coordinated and first == 4 else 1)
     sock.close()  # a connection without a hello: the rendezvous resets it at once
     if on_event is not None:
-        v6 = sum(is_ipv6(a[0]) for a in usable)
         what = (f"{len(usable)} IPv4 addresses" if not coordinated else
-                f"{len(usable)} addresses ({len(usable) - v6} IPv4, {v6} IPv6; "
+                f"{len(usable)} addresses ({v4} IPv4, {len(usable) - v4} IPv6; "
                 f"IPv{first} tried first)")
         on_event(f"rendezvous {endpoint}: {describe(address)} answered first of {what}")
     return address
@@ -90,8 +93,9 @@ def coordinated_first(addresses: list[tuple[str, int]]) -> Family:
     leaves from this connection's local port; the relay path goes to the address it
     reached). Over IPv6 it sees no IPv4 mapping and plans no IPv4 punch for us. Our
     global IPv6 addresses travel anyway, as ``ipv6`` candidates in the hello, so IPv4
-    first loses no IPv6 path. IPv6 still follows 250 ms later (or at once when the
-    IPv4 attempt fails), and a host without IPv4 starts with it.
+    first loses no IPv6 path. IPv6 still follows, 250 ms after the last IPv4 attempt
+    started (or at once when the
+    IPv4 attempts fail), and a host without IPv4 starts with it.
     """
     from nopf_web.happy_eyeballs import routes_ipv4
 

@@ -1044,8 +1044,9 @@ class CoordinationMachine:
         if self._attempts == 1 and cfg.resume is None:  # before the first SYN
             self.prediction = predict(self.facts)
             fired = Fired(1, fire, self.prediction)
-        if not rungs:  # no IPv4 path, no relay, and our IPv6 met none of the peer's
-            return [fired, *self._attempt_failed(self._attempt, now)]
+        if not rungs:  # no IPv4 path, no relay, and our IPv6 met none of the peer's:
+            self._attempt, self.done = None, True  # nothing to try, now or again
+            return [fired, Fail(_punch_failed(fire, []))]
         return [fired, *self._open_rung(self._attempt)]
 
     def _candidate_rungs(self, m: _Meeting, fire: Fire) -> list[list[PathKind]]:
@@ -1188,5 +1189,8 @@ def _punch_failed(fire: Fire,
     else:
         cause = ("no SYN from the peer ever arrived: a NAT or firewall on the path probably "
                  "maps each destination to a new port (symmetric) or blocks the connection")
+    if not failures:
+        return CoordinatedPunchTimeout(f"no path to the peer could be tried: {cause}",
+                                       outcomes)
     return CoordinatedPunchTimeout(
         f"no connection to the peer within {total:g} s (tried {tried}): {cause}", outcomes)
