@@ -42,10 +42,11 @@ async def reach_rendezvous(endpoint: Endpoint, timeout: float, *,
                            coordinated: bool = False) -> tuple[str, int]:
     """The address and port of the rendezvous to pair and punch through.
 
-    A literal IPv4 address is used as is. A host name is resolved to every address,
-    both families. Seed mode (the default) keeps the seed's IPv4-only wire format:
-    its IPv4 addresses are the candidates. ``coordinated``: every address of both
-    families is a candidate (:func:`coordinated_first` says which family goes first).
+    A literal IPv4 address (coordinated: or IPv6) is used as is. A host name is
+    resolved to every address, both families. Seed mode (the default) keeps the
+    seed's IPv4-only wire format: its IPv4 addresses are the candidates.
+    ``coordinated``: every address of both families is a candidate
+    (:func:`coordinated_first` says which family goes first).
     One is used as is; several are raced Happy Eyeballs style (RFC 8305: 250 ms
     apart, the first that accepts wins) and ``on_event`` says which answered.
     """
@@ -53,6 +54,8 @@ async def reach_rendezvous(endpoint: Endpoint, timeout: float, *,
         return str(ipaddress.IPv4Address(endpoint.host)), endpoint.port
     except ValueError:
         pass
+    if coordinated and is_ipv6(endpoint.host):
+        return endpoint.host, endpoint.port  # an address already chosen (IPv6)
     from nopf_web.happy_eyeballs import connect_first, describe, resolve_all
 
     found = await resolve_all(endpoint, timeout)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,7 +25,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -51,7 +49,7 @@ from tests.programs import argv
 from tests.redis_server import RedisServer, require_redis_server
 
 from .flows import Flows
-from .peers import Peer, wait_for
+from .peers import Peer, resolving, wait_for
 from .test_resume_lab import close, echo
 from .web_support import echo_service
 
@@ -114,23 +112,6 @@ def holding_node(lab: Lab, code: str) -> str:
     node = json.loads(record)["node"]
     assert isinstance(node, str)
     return node
-
-
-@contextlib.contextmanager
-def one_name(lab: Lab, *hosts: Host) -> Iterator[None]:
-    """``rdv.lab`` resolves to both rendezvous addresses inside ``hosts``."""
-    made = []
-    try:
-        for host in hosts:
-            etc = Path("/etc/netns") / host.ns
-            etc.mkdir(parents=True, exist_ok=True)
-            made.append(etc)
-            (etc / "hosts").write_text(f"127.0.0.1 localhost\n{RDV_IP} {NAME}\n"
-                                       f"{RDV_IP2} {NAME}\n")
-        yield
-    finally:
-        for etc in made:
-            shutil.rmtree(etc, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -283,7 +264,8 @@ def test_a_sharer_on_one_node_pairs_with_a_connector_on_the_other_and_outlives_i
 def test_a_waiting_sharer_whose_node_dies_keeps_its_code_through_the_other_node(
         lab_factory: LabFactory) -> None:
     lab = lab_factory("drop", "drop", delay_ms=5, rdv_second_ip=True)
-    with one_name(lab, lab.a1, lab.b1), shared_rendezvous(lab) as (_, node_a, node_b), \
+    with resolving((lab.a1, lab.b1), NAME, RDV_IP, RDV_IP2), \
+            shared_rendezvous(lab) as (_, node_a, node_b), \
             contextlib.ExitStack() as services:
         with lab.a1.enter():
             services.enter_context(echo_service(3000))
