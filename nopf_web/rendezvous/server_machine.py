@@ -58,7 +58,9 @@ deliver the next :class:`Tick` (None: nothing is due).
 What happens on a connection (``docs/protocol.md``, sections 1 and 6):
 
 - accepted over the global or per-source cap: reset at once;
-- the seed's 10-byte discovery reply, first, without reading anything;
+- the seed's 10-byte discovery reply, first, without reading anything (over IPv6
+  the 22-byte one, then all that follows as over IPv4; a peer seen over IPv6 gets
+  no IPv4 stage in its plans, and its relay address in its own family);
 - then up to ``hello_timeout`` for a frame. The client closes (a seed client,
   served): reset, so its port is free at once; nothing in time: close, as the
   seed did (reset if a partial frame is buffered); bytes that are no frame:

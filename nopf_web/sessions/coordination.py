@@ -195,7 +195,7 @@ async def coordinate(spec: CoordinationSpec, *, pake: PakeFactory | None = None,
     server = await reach_rendezvous(spec.rendezvous, spec.net_timeout, on_event=on_event,
                                     coordinated=True)
     machine = CoordinationMachine(CoordinationConfig(
-        role=spec.role, where=f"{server[0]}:{server[1]}", code=code,
+        role=spec.role, where=str(Endpoint(*server)), code=code,
         code_lifetime=spec.code_lifetime, punch_timeout=spec.punch_timeout,
         net_timeout=spec.net_timeout, punch_ttl=spec.punch_ttl, punch_port=spec.punch_port,
         bind_host=spec.bind_host, pake=pake is not None, nat=spec.nat,
@@ -232,7 +232,7 @@ async def meet_again(rendezvous: Endpoint, role: PeerRole, resume_id: bytes, *,
     server = await reach_rendezvous(rendezvous, net_timeout, on_event=on_event,
                                     coordinated=True)
     machine = CoordinationMachine(CoordinationConfig(
-        role=role, where=f"{server[0]}:{server[1]}", punch_timeout=timeout,
+        role=role, where=str(Endpoint(*server)), punch_timeout=timeout,
         net_timeout=net_timeout, punch_ttl=punch_ttl, punch_port=punch_port,
         bind_host=bind_host, resume=Resume(resume_id, direct_only),
         candidates=candidates.gathered if candidates else None))
@@ -281,7 +281,7 @@ async def open_from(server: tuple[str, int], bind_host: str, port: int, net_time
     earlier use of the port frees its 4-tuple. With ``fastopen`` the socket may come
     back with its connect deferred (True): the first send carries the SYN, and
     :func:`handshake_done` waits for the rest."""
-    where = f"{server[0]}:{server[1]}"
+    where = str(Endpoint(*server))  # "[v6]:port" over IPv6
     loop = asyncio.get_running_loop()
     give_up = loop.time() + PORT_FREE_WAIT
     while True:
@@ -577,7 +577,7 @@ class _Driver:
     async def _handshake(self, conn: int) -> None:
         sock = self.conns[conn]
         try:
-            await handshake_done(sock, f"{self.server[0]}:{self.server[1]}", self.net_timeout)
+            await handshake_done(sock, str(Endpoint(*self.server)), self.net_timeout)
         except RendezvousUnreachable as exc:
             self._post(self.machine.connect_failed, conn, exc)
             return

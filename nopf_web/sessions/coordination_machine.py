@@ -27,6 +27,12 @@ One *meeting* is a conversation with the rendezvous from one local port P
    only the seed protocol, or lost our hello: one more hello tells the two
    apart (a seed-only one closes again).
 
+Over IPv6 (the driver reached the rendezvous at an IPv6 address: a host without
+IPv4, or whose IPv4 failed) there is no NAT mapping to check and no IPv4 punch
+to plan: the mapping check's connection is closed as soon as it is up, the
+hello says ``lan: []`` and ``probe: null``, the reply is the 22-byte one, and
+the rendezvous' plan has no punch stage (our IPv6 candidates, then the relay).
+
 Every hello says ``relay: true``: this peer can use a plan's relay stage, and
 carries ``nat``, our NAT doctor's compact report (``CoordinationConfig.nat``; a
 report of nothing without one). When a fire comes, :class:`Fired` says so before
