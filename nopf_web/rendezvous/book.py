@@ -266,7 +266,7 @@ def hopeless(a: Mapping, b: Mapping) -> bool:
 
 def make_plans(sharer: PeerInfo, joiner: PeerInfo, limits: PairingLimits, *,
                relay: bool = False, direct_only: bool = False,
-               ipv6_pair: bool = False) -> Plans:
+               ipv6_pair: bool = False, mapped_pair: bool = False) -> Plans:
     """Which addresses each side punches to, as whom, and for how long; and whether
     the plans end with the relay (``relay``: both peers can use one, and the
     rendezvous relays).
@@ -293,7 +293,9 @@ def make_plans(sharer: PeerInfo, joiner: PeerInfo, limits: PairingLimits, *,
 
     A peer that reached the rendezvous over IPv6 (:attr:`PeerInfo.over_ipv6`) gets no
     IPv4 stage at all (:func:`_without_ipv4`); ``ipv6_pair``: both peers offered
-    global IPv6 addresses, which their own candidate rung tries first.
+    global IPv6 addresses, which their own candidate rung tries first. With such a
+    rung, or ``mapped_pair`` (a peer offered a mapped port the other can reach), a pair
+    no punch can connect is not refused: its plan is empty (the candidates only).
     """
     ms, mj = sharer.mapping, joiner.mapping
     budget = min(sharer.punch_timeout, joiner.punch_timeout)
@@ -302,14 +304,20 @@ def make_plans(sharer: PeerInfo, joiner: PeerInfo, limits: PairingLimits, *,
                              ipv6_pair=ipv6_pair)
     same_nat = bool(sharer.public.host == joiner.public.host and "none" not in (ms, mj)
                     and sharer.lan and joiner.lan)
-    if direct_only and hopeless(ms, mj) and not same_nat:
-        sym = sharer if ms == "symmetric" else joiner
-        raise SymmetricPair(
-            f"the {'sharer' if sym is sharer else 'connector'}'s NAT is symmetric "
-            f"({sym.describe_symmetric()}) and the other peer is behind a NAT too: hole "
-            "punching cannot connect them")
-    if not relay or direct_only:
-        return _punch_plans(sharer, joiner, limits, budget, same_nat)
+    try:
+        if direct_only and hopeless(ms, mj) and not same_nat:
+            sym = sharer if ms == "symmetric" else joiner
+            raise SymmetricPair(
+                f"the {'sharer' if sym is sharer else 'connector'}'s NAT is symmetric "
+                f"({sym.describe_symmetric()}) and the other peer is behind a NAT too: hole "
+                "punching cannot connect them")
+        if not relay or direct_only:
+            return _punch_plans(sharer, joiner, limits, budget, same_nat)
+    except SymmetricPair as exc:
+        if not (ipv6_pair or mapped_pair):
+            raise
+        note = f"{exc}: only their own candidates (IPv6, a mapped port) can"
+        return Plans((), (), note, note)
     if hopeless(ms, mj):
         sym = sharer if ms == "symmetric" else joiner
         why = (f"the {'sharer' if sym is sharer else 'connector'}'s NAT is symmetric "

@@ -124,6 +124,7 @@ from nopf_web.wire.rendezvous import (
     Welcome,
     decode_client_message,
     encode,
+    mapped_unusable,
 )
 
 from .book import (
@@ -1660,7 +1661,11 @@ class ServerMachine:
             plans = make_plans(sharer, joiner, self.limits.pairing,
                                relay=self._relays(sharer_conn, joiner_conn),
                                direct_only=direct_only,
-                               ipv6_pair=_offers_ipv6(sharer_conn) and _offers_ipv6(joiner_conn))
+                               ipv6_pair=_offers_ipv6(sharer_conn) and _offers_ipv6(joiner_conn),
+                               mapped_pair=(sharer_conn.candidates is not None
+                                            and joiner_conn.candidates is not None
+                                            and (_offers_mapped(sharer_conn)
+                                                 or _offers_mapped(joiner_conn))))
         except SymmetricPair as exc:
             refusal = ErrorReply("symmetric_nat", str(exc))
             return (refusal, now), (refusal, now)
@@ -1747,6 +1752,13 @@ def _observed(peer: tuple[str, int]) -> Endpoint:
 
 def _offers_ipv6(side: PeerSide) -> bool:
     return any(c.path == "ipv6" for c in side.candidates or ())
+
+
+def _offers_mapped(side: PeerSide) -> bool:
+    """A mapped port the peer can reach: on the address we see this side at (the rule
+    both peers apply to it at the fire)."""
+    return any(c.path == "mapped" and mapped_unusable(c.addr.host, side.info.public.host) is None
+               for c in side.candidates or ())
 
 
 def _nat(conn: Conn) -> NatSummary | None:

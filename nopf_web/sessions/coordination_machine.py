@@ -120,6 +120,7 @@ from nopf_web.wire.rendezvous import (
     Welcome,
     decode_server_message,
     encode,
+    mapped_unusable,
 )
 
 from .errors import (
@@ -833,17 +834,16 @@ class CoordinationMachine:
         said = []
         if own.mapped is not None:
             seen = m.probed.host if m.probed is not None else None
-            if seen == own.mapped.host:
+            why = mapped_unusable(own.mapped.host, seen)
+            if why is None or (seen is None and m.action == "join"):
+                # A joiner's hello leaves before it knows its public address: the
+                # rule is applied at the fire, by both peers, to the address the
+                # rendezvous saw (_candidate_rungs).
                 cands.append(Candidate("mapped", own.mapped))
                 said.append(f"offering the mapped port {own.mapped} (local port "
                             f"{own.mapped_port})")
-            elif seen is None:
-                said.append(f"not offering the mapped port {own.mapped}: no mapping check "
-                            "ran, so the public address the rendezvous sees is unknown")
             else:
-                said.append(f"not offering the mapped port {own.mapped}: the gateway's "
-                            f"public address is not {seen}, the one the rendezvous sees "
-                            "(another NAT in front of the gateway)")
+                said.append(f"not offering the mapped port {own.mapped}: {why}")
         m.advertised = tuple(cands)
         return m.advertised, said
 
@@ -1040,6 +1040,11 @@ class CoordinationMachine:
         # could each win on a different side.
         first = 1 if fire.plan and fire.plan[0].path == "lan" else 0
         rungs[first:first] = self._candidate_rungs(m, fire)
+        said: list[Action] = []
+        for c in m.advertised:  # a joiner's mapping, offered before it knew its address
+            why = mapped_unusable(c.addr.host, fire.public.host) if c.path == "mapped" else None
+            if why is not None:
+                said.append(Say(f"not using our mapped port {c.addr}: {why}"))
         if fire.relay is not None:  # the last rung: when every punch stage failed, or at once
             rungs.append([ViaRelay(cfg.bind_host, fire.relay)])
         # Both sides sent a SPAKE2 message (else the rendezvous forwards neither).
@@ -1052,8 +1057,8 @@ class CoordinationMachine:
             fired = Fired(1, fire, self.prediction)
         if not rungs:  # no IPv4 path, no relay, and our IPv6 met none of the peer's:
             self._attempt, self.done = None, True  # nothing to try, now or again
-            return [fired, Fail(_punch_failed(fire, []))]
-        return [fired, *self._open_rung(self._attempt)]
+            return [fired, *said, Fail(_punch_failed(fire, []))]
+        return [fired, *said, *self._open_rung(self._attempt)]
 
     def _candidate_rungs(self, m: _Meeting, fire: Fire) -> list[list[PathKind]]:
         """IPv6 and mapped-port rungs, as both peers make them from the same two lists
@@ -1078,8 +1083,13 @@ class CoordinationMachine:
             stage = Stage("ipv6", peer_v6[0], "arm" if sharer else "connect", budget)
             rungs.append([Punch(our_v6[0], stage, PunchConfig(
                 timeout=budget, arm_ttl=self.config.punch_ttl, first_shot=False), None)])
-        ours_mapped = next((c.addr for c in m.advertised if c.path == "mapped"), None)
-        peer_mapped = next((c.addr for c in theirs if c.path == "mapped"), None)
+        # A mapped port is used only where its gateway's address is its owner's public
+        # IP as the rendezvous saw it (both peers read the same two addresses).
+        ours_mapped = next((c.addr for c in m.advertised if c.path == "mapped"
+                            and mapped_unusable(c.addr.host, fire.public.host) is None), None)
+        peer_mapped = next((c.addr for c in theirs if c.path == "mapped"
+                            and mapped_unusable(c.addr.host, fire.peer_public.host) is None),
+                           None)
         # The sharer's mapping first: with both, the joiner connects to the sharer's.
         listen = ours_mapped is not None and (sharer or peer_mapped is None)
         assert own is not None

@@ -610,6 +610,27 @@ def _candidates(f: _Fields, name: str) -> tuple[Candidate, ...] | None:
     return tuple(out)
 
 
+CGNAT = ipaddress.IPv4Network("100.64.0.0/10")  # RFC 6598 shared address space
+
+
+def mapped_unusable(external: str, seen: str | None) -> str | None:
+    """Why a port mapped on a gateway whose external address is ``external`` cannot be
+    reached by peers, given ``seen``, its owner's public IP as the rendezvous saw it
+    (None: unknown); None when it can. The one rule for every mapped candidate: the
+    owner offers it only under it, and each peer uses one only under it."""
+    if seen is None:
+        return ("no mapping check ran, so the public address the rendezvous sees is "
+                "unknown")
+    if external == seen:
+        return None
+    try:
+        cgnat = " (carrier-grade NAT range)" if ipaddress.ip_address(external) in CGNAT else ""
+    except ValueError:
+        cgnat = ""
+    return (f"the gateway's public address is not {seen}, the one the rendezvous sees: it "
+            f"is {external}{cgnat} (another NAT in front of the gateway)")
+
+
 GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")  # RFC 4291 §2.4: global unicast space
 
 

@@ -239,3 +239,18 @@ def test_no_ipv4_stage_for_a_pair_with_a_peer_seen_over_ipv6(
     assert plans.sharer_note == plans.joiner_note
     assert plans.sharer_note is not None and "over IPv6 only" in plans.sharer_note
     assert V6_PEER.mapping == "unknown" and V6_PEER.over_ipv6
+
+
+def test_a_pair_no_punch_connects_is_left_to_its_candidates_when_it_has_some() -> None:
+    sym = peer("203.0.113.2:4000", "10.0.1.2:4000", probe="4999")
+    other = peer("192.0.2.2:5000", "10.0.2.2:5000", probe="5999")
+    stable = peer("192.0.2.2:5000", "10.0.2.2:5000")
+    for a, b, kw in ((sym, other, {}), (sym, stable, {"relay": True, "direct_only": True})):
+        with pytest.raises(SymmetricPair):
+            make_plans(a, b, PairingLimits(), **kw)  # type: ignore[arg-type]
+        for extra in ({"mapped_pair": True}, {"ipv6_pair": True}):
+            plans = make_plans(a, b, PairingLimits(), **kw, **extra)  # type: ignore[arg-type]
+            assert plans.sharer == plans.joiner == () and plans.relay_budget is None
+            assert plans.sharer_note is not None
+            assert plans.sharer_note.endswith("only their own candidates (IPv6, a mapped "
+                                              "port) can")
