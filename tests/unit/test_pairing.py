@@ -247,9 +247,9 @@ def test_a_pair_no_punch_connects_is_left_to_its_candidates_when_it_has_some() -
     stable = peer("192.0.2.2:5000", "10.0.2.2:5000")
     for a, b, kw in ((sym, other, {}), (sym, stable, {"relay": True, "direct_only": True})):
         with pytest.raises(SymmetricPair):
-            make_plans(a, b, PairingLimits(), **kw)  # type: ignore[arg-type]
+            make_plans(a, b, PairingLimits(), **kw)
         for extra in ({"mapped_pair": True}, {"ipv6_pair": True}):
-            plans = make_plans(a, b, PairingLimits(), **kw, **extra)  # type: ignore[arg-type]
+            plans = make_plans(a, b, PairingLimits(), **kw, **extra)
             assert plans.sharer == plans.joiner == () and plans.relay_budget is None
             assert plans.sharer_note is not None
             assert plans.sharer_note.endswith("only their own candidates (IPv6, a mapped "
