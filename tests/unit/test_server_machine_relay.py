@@ -862,3 +862,27 @@ def test_no_ipv4_stage_is_ever_planned_for_a_peer_seen_over_ipv6(
         assert fire.note is not None and "over IPv6 only" in fire.note
     if not relay:
         assert cands == "both" and s.peer_candidates and j.peer_candidates
+
+
+@pytest.mark.parametrize(("mapped_ip", "left_to_candidates"), [
+    (JOINER_IP, True),  # the connector's gateway maps on the address we see it at
+    ("100.64.7.7", False),  # behind another NAT: of no use, the pair is refused
+])
+def test_a_direct_only_resume_no_punch_can_connect_is_left_to_a_mapped_port(
+        mapped_ip: str, left_to_candidates: bool) -> None:
+    h = harness()
+    sharer = h.hello(Hello("resume", None, (LAN_A,), Endpoint(SHARER_IP, 4999), 10,
+                           resume_id=RID, side="share", direct_only=True, candidates=()),
+                     SHARER_IP)  # symmetric: its probe's port is not the one we see
+    mapped = Candidate("mapped", Endpoint(mapped_ip, 46000))
+    joiner = h.hello(Hello("resume", None, (LAN_B,), None, 10, resume_id=RID, side="join",
+                           direct_only=True, candidates=(mapped,)), JOINER_IP)
+    h.advance(1)
+    if not left_to_candidates:
+        assert error_of(sharer).code == error_of(joiner).code == "symmetric_nat"
+        return
+    s, j = fires(sharer, joiner)
+    assert s.plan == j.plan == () and s.relay is None and j.relay is None
+    assert s.peer_candidates == (mapped,) and j.peer_candidates == ()
+    assert s.note is not None and s.note.endswith("only their own candidates (IPv6, a "
+                                                  "mapped port) can")
