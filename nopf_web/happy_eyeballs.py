@@ -18,14 +18,16 @@ from .happy_eyeballs_machine import (
     CONNECTION_ATTEMPT_DELAY,
     AllFailed,
     CancelAttempt,
+    Family,
     HappyEyeballs,
     StartAttempt,
     Won,
     describe,
     interleave,
+    is_ipv6,
 )
 
-__all__ = ["connect_first", "describe", "resolve_all"]
+__all__ = ["by_family", "connect_first", "describe", "resolve_all", "routes_ipv4"]
 
 
 async def resolve_all(endpoint: Endpoint, timeout: float,
@@ -52,15 +54,34 @@ async def resolve_all(endpoint: Endpoint, timeout: float,
     return found
 
 
+def routes_ipv4(address: tuple[str, int]) -> bool:
+    """Whether this host has an IPv4 route (and address) to ``address``: a UDP socket's
+    connect picks both without sending anything."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(address)
+    except OSError:
+        return False
+    return True
+
+
+def by_family(addresses: list[tuple[str, int]], first: Family) -> list[tuple[str, int]]:
+    """``first``'s addresses, then the other family's (each in the given order): where to
+    go next when one address failed us, staying in our family while it has any."""
+    lead = [a for a in addresses if is_ipv6(a[0]) == (first == 6)]
+    return lead + [a for a in addresses if a not in lead]
+
+
 async def connect_first(
     addresses: list[tuple[str, int]], timeout: float, *,
-    delay: float = CONNECTION_ATTEMPT_DELAY,
+    delay: float = CONNECTION_ATTEMPT_DELAY, first: Family = 6, first_count: int = 1,
     clock: Callable[[], float] = time.monotonic,
 ) -> tuple[socket.socket, tuple[str, int]]:
-    """Connect to the first of ``addresses`` that answers, racing them as RFC 8305 says;
-    the connected (non-blocking) socket and its address. Within ``timeout`` in all;
-    :class:`RendezvousUnreachable` lists every address with its reason."""
-    machine = HappyEyeballs(addresses, delay)
+    """Connect to the first of ``addresses`` that answers, racing them as RFC 8305 says
+    (``first``: the family tried first, ``first_count`` of its addresses before the
+    other's); the connected (non-blocking) socket and its address. Within ``timeout`` in
+    all; :class:`RendezvousUnreachable` lists every address with its reason."""
+    machine = HappyEyeballs(addresses, delay, first, first_count)
     outcomes: asyncio.Queue[tuple[int, OSError | None]] = asyncio.Queue()
     socks: dict[int, socket.socket] = {}
     tasks: dict[int, asyncio.Task[None]] = {}

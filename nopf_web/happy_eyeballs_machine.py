@@ -6,7 +6,10 @@ trying them all at once floods the network. RFC 8305 does neither:
 
 - **Order** (§4): the addresses as the resolver sorted them, interleaved by
   family starting with IPv6 (the First Address Family Count is 1): v6, v4, v6,
-  v4... Duplicates are dropped.
+  v4... Duplicates are dropped. A caller with a reason to prefer IPv4 (the
+  coordinated peer: see :func:`nopf_web.rendezvous.client.coordinated_first`)
+  starts with IPv4 instead (``first=4``), and may try several of it before the
+  other family (``first_count``), as §4 allows.
 - **Stagger** (§5): start the first attempt; start the next one when the
   previous attempt failed or ``CONNECTION_ATTEMPT_DELAY`` (250 ms) passed
   without a connection, whichever comes first. Attempts already started keep
@@ -24,6 +27,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 CONNECTION_ATTEMPT_DELAY = 0.25  # s (RFC 8305 §5: recommended 250 ms, at least 100 ms)
 
@@ -35,14 +39,22 @@ def is_ipv6(host: str) -> bool:
         return ":" in host
 
 
-def interleave(addresses: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
-    """RFC 8305 §4: the resolver's order, families alternating, IPv6 first."""
+Family = Literal[4, 6]
+
+
+def interleave(addresses: Iterable[tuple[str, int]], first: Family = 6,
+               first_count: int = 1) -> list[tuple[str, int]]:
+    """RFC 8305 §4: the resolver's order, ``first_count`` addresses of the ``first``
+    family (IPv6 unless told; the First Address Family Count), then the families
+    alternating, the other one first."""
     unique = list(dict.fromkeys(addresses))
     v6 = [a for a in unique if is_ipv6(a[0])]
     v4 = [a for a in unique if not is_ipv6(a[0])]
-    out: list[tuple[str, int]] = []
-    for i in range(max(len(v6), len(v4))):
-        out += v6[i:i + 1] + v4[i:i + 1]
+    lead, other = (v6, v4) if first == 6 else (v4, v6)
+    count = max(1, first_count)
+    out, lead = lead[:count], lead[count:]
+    for i in range(max(len(lead), len(other))):
+        out += other[i:i + 1] + lead[i:i + 1]
     return out
 
 
@@ -95,6 +107,8 @@ class HappyEyeballs:
 
     addresses: Sequence[tuple[str, int]]
     delay: float = CONNECTION_ATTEMPT_DELAY
+    first: Family = 6  # the family tried first (RFC 8305 §4: IPv6, unless preferred)
+    first_count: int = 1  # its addresses tried before the other family's first
     done: bool = False
     wake_at: float | None = None
     _next: int = 0
@@ -102,7 +116,7 @@ class HappyEyeballs:
     _reasons: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.addresses = interleave(self.addresses)
+        self.addresses = interleave(self.addresses, self.first, self.first_count)
         if not self.addresses:
             raise ValueError("no address to connect to")
 

@@ -19,17 +19,17 @@ rendezvous' plans do, and the prediction is then not ``certain``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from nopf_web.roles import PeerRole
 from nopf_web.wire.nat import NatSummary
-from nopf_web.wire.rendezvous import Fire, Mapping as RendezvousMapping
+from nopf_web.wire.rendezvous import Candidate, Fire, Mapping as RendezvousMapping
 
 # The paths a prediction can name. "none": no path will open (a pair no punch can
-# connect, and no relay). Later kinds ("ipv6", "mapped") are added with their rules.
-PATHS: Final = ("lan", "public", "relay", "none")
+# connect, and no relay). Later kinds ("mapped") are added with their rules.
+PATHS: Final = ("lan", "ipv6", "public", "relay", "none")
 
 _FROM_REPORT: Final[dict[str, RendezvousMapping]] = {
     "none": "none", "endpoint-independent": "stable", "address-dependent": "symmetric",
@@ -46,6 +46,7 @@ class SideFacts:
     name: str  # "sharer" or "joiner": how reasons name it
     mapping: RendezvousMapping = "unknown"  # the rendezvous' classification
     nat: NatSummary | None = None  # its doctor report, when it sent one
+    over_ipv6: bool = False  # it reached the rendezvous over IPv6: no IPv4 punch for it
 
     @property
     def kind(self) -> RendezvousMapping:
@@ -71,6 +72,7 @@ class PairFacts:
     joiner: SideFacts
     lan: bool = False  # the plan has a LAN stage (both behind one NAT)
     relay: bool = False  # the plan ends with the relay
+    ipv6: bool = False  # both peers offered global IPv6 addresses (candidates)
     extra: Mapping[str, Any] = field(default_factory=dict)  # for later rules (candidates...)
 
     @property
@@ -108,6 +110,8 @@ class Rule:
     path: str
     applies: Callable[[PairFacts], bool]
     why: Callable[[PairFacts], str]
+    # Its test does not rest on a NAT mapping: certain even when a mapping is unknown.
+    mapping_free: bool = False
 
 
 def _symmetric_facing_nat(f: PairFacts) -> bool:
@@ -118,6 +122,31 @@ def _symmetric_facing_nat(f: PairFacts) -> bool:
 def _why_lan(f: PairFacts) -> str:
     return ("Both peers are behind the same NAT (one public address), so they connect "
             "over their LAN.")
+
+
+def _no_ipv4(f: PairFacts) -> bool:
+    return any(s.over_ipv6 for s in f.sides)
+
+
+def _ipv6_only_words(f: PairFacts) -> str:
+    v6 = [s.name for s in f.sides if s.over_ipv6]
+    who = "Both peers" if len(v6) == 2 else f"The {v6[0]}"
+    return f"{who} reached the rendezvous over IPv6 only, so no IPv4 punch is planned"
+
+
+def _why_ipv6_only(f: PairFacts) -> str:
+    return (f"{_ipv6_only_words(f)}; both peers have global IPv6 addresses, so they "
+            "connect directly over IPv6.")
+
+
+def _why_ipv6_only_relayed(f: PairFacts) -> str:
+    return (f"{_ipv6_only_words(f)} and the peers share no IPv6 path, so the relay "
+            "carries the tunnel.")
+
+
+def _why_ipv6_only_none(f: PairFacts) -> str:
+    return (f"{_ipv6_only_words(f)}, the peers share no IPv6 path, and the rendezvous "
+            "offers no relay.")
 
 
 def _why_open(f: PairFacts) -> str:
@@ -160,7 +189,12 @@ def _why_public(f: PairFacts) -> str:
 
 
 RULES: tuple[Rule, ...] = (
-    Rule("same-nat", "lan", lambda f: f.lan, _why_lan),
+    Rule("same-nat", "lan", lambda f: f.lan, _why_lan, mapping_free=True),
+    Rule("ipv6-only", "ipv6", lambda f: _no_ipv4(f) and f.ipv6, _why_ipv6_only,
+         mapping_free=True),
+    Rule("ipv6-only-relayed", "relay", lambda f: _no_ipv4(f) and f.relay,
+         _why_ipv6_only_relayed, mapping_free=True),
+    Rule("ipv6-only-unrelayed", "none", _no_ipv4, _why_ipv6_only_none, mapping_free=True),
     Rule("no-nat", "public", lambda f: f.with_kind("none") is not None, _why_open),
     Rule("symmetric-relayed", "relay", lambda f: _symmetric_facing_nat(f) and f.relay,
          _why_relay),
@@ -175,19 +209,25 @@ def predict(facts: PairFacts, rules: tuple[Rule, ...] = RULES) -> Prediction:
     for rule in rules:
         if rule.applies(facts):
             return Prediction(rule.path, rule.why(facts), rule.name,
-                              certain or rule.path == "lan")
+                              certain or rule.mapping_free)
     raise ValueError("no rule applies: the rules must end with a catch-all")
 
 
-def fire_facts(fire: Fire, role: PeerRole, own: NatSummary | None) -> PairFacts:
+def fire_facts(fire: Fire, role: PeerRole, own: NatSummary | None,
+               own_candidates: Sequence[Candidate] | None = None) -> PairFacts:
     """The facts as the peer of ``role`` holds them once its fire came (``own``: the
-    NAT report its hello carried); the rendezvous builds the same from the sharer's fire."""
+    NAT report its hello carried, ``own_candidates`` the candidates it offered); the
+    rendezvous builds the same from the sharer's fire."""
     ours, theirs = fire.mapping or ("unknown", "unknown")
-    me = SideFacts("sharer" if role == "server" else "joiner", ours, own)
-    peer = SideFacts("joiner" if role == "server" else "sharer", theirs, fire.peer_nat)
+    me = SideFacts("sharer" if role == "server" else "joiner", ours, own,
+                   ":" in fire.public.host)
+    peer = SideFacts("joiner" if role == "server" else "sharer", theirs, fire.peer_nat,
+                     ":" in fire.peer_public.host)
     sharer, joiner = (me, peer) if role == "server" else (peer, me)
+    ipv6 = all(any(c.path == "ipv6" for c in cands or ())
+               for cands in (own_candidates, fire.peer_candidates))
     return PairFacts(sharer, joiner, lan=any(s.path == "lan" for s in fire.plan),
-                     relay=fire.relay is not None)
+                     relay=fire.relay is not None, ipv6=ipv6)
 
 
 def nat_pair(facts: PairFacts) -> str:

@@ -69,11 +69,12 @@ def build_parser(command: Literal["share", "connect"]) -> OneLineParser:
                    help="while relayed, first try a direct path this long after the relay "
                    f"was chosen, then doubling, at most every {UPGRADE_CAP:g} s (default "
                    f"{UPGRADE_DELAYS[0]:g})")
-    if command == "share":
-        p.add_argument("--no-port-mapping", action="store_true",
-                       help="do not ask the gateway to forward a port (NAT-PMP, PCP, "
-                       "UPnP-IGD); by default a mapped port is offered to the peer, renewed, "
-                       "and deleted on exit")
+    p.add_argument("--no-port-mapping", action="store_true",
+                   help="do not ask the gateway to forward a port (NAT-PMP, PCP, "
+                   "UPnP-IGD); by default a mapped port is offered to the peer, renewed, "
+                   "and deleted on exit" + ("" if command == "share" else
+                                            " (asked alongside the pairing, never delaying "
+                                            "it: offered once granted)"))
     p.add_argument("--no-ipv6", action="store_true",
                    help="do not offer our global IPv6 addresses as a direct path")
     return p
@@ -117,7 +118,7 @@ def main(command: Literal["share", "connect"], argv: list[str]) -> int:
             if args.resume_budget is not None else None,
             retry_direct=parse_seconds(args.retry_direct, "--retry-direct",
                                        maximum=UPGRADE_CAP),
-            port_mapping=command == "share" and not args.no_port_mapping,
+            port_mapping=not args.no_port_mapping,
             ipv6=not args.no_ipv6,
         )
     except InputError as exc:

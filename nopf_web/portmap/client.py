@@ -33,7 +33,7 @@ import subprocess
 import sys
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
@@ -50,10 +50,10 @@ from nopf_web.portmap.exchange_machine import (
     Refused,
     Unsupported,
 )
+from nopf_web.wire.rendezvous import CGNAT, mapped_unusable
 
 log = logging.getLogger(__name__)
 
-CGNAT = IPv4Network("100.64.0.0/10")  # RFC 6598 shared address space
 RTF_UP, RTF_GATEWAY = 0x1, 0x2  # route flags in /proc/net/route
 
 
@@ -113,13 +113,10 @@ def unusable_reason(mapping: Mapping, public_ip_seen_by_rendezvous: IPv4Address 
     The gateway's external address must be the one the rendezvous sees: if it
     differs (a CGNAT or second NAT in front of the gateway, or a gateway that
     lies), the mapping opens a port on an address nobody outside can reach.
+    (:func:`nopf_web.wire.rendezvous.mapped_unusable`, the rule the peers apply.)
     """
-    seen = IPv4Address(public_ip_seen_by_rendezvous)
-    if mapping.external_address != seen:
-        cgnat = " (carrier-grade NAT range)" if is_cgnat(mapping.external_address) else ""
-        return (f"the gateway's external address {mapping.external_address}{cgnat} is not "
-                f"the public address {seen} the rendezvous sees: another NAT is in between")
-    return None
+    return mapped_unusable(str(mapping.external_address),
+                           str(IPv4Address(public_ip_seen_by_rendezvous)))
 
 
 def usable(mapping: Mapping, public_ip_seen_by_rendezvous: IPv4Address | str) -> bool:

@@ -224,7 +224,15 @@ class PeerInfo:
     rtt: float  # seconds, rendezvous <-> peer
 
     @property
+    def over_ipv6(self) -> bool:
+        """It reached the rendezvous over IPv6: no IPv4 mapping was seen, so no IPv4
+        punch can be planned for it (its IPv6 paths are its own candidates)."""
+        return ":" in self.public.host
+
+    @property
     def mapping(self) -> Mapping:
+        if self.over_ipv6:
+            return "unknown"  # of its IPv4 NAT, if any: never seen
         if self.public in self.lan:
             return "none"
         if self.probe is None:
@@ -257,7 +265,8 @@ def hopeless(a: Mapping, b: Mapping) -> bool:
 
 
 def make_plans(sharer: PeerInfo, joiner: PeerInfo, limits: PairingLimits, *,
-               relay: bool = False, direct_only: bool = False) -> Plans:
+               relay: bool = False, direct_only: bool = False,
+               ipv6_pair: bool = False, mapped_pair: bool = False) -> Plans:
     """Which addresses each side punches to, as whom, and for how long; and whether
     the plans end with the relay (``relay``: both peers can use one, and the
     rendezvous relays).
@@ -281,19 +290,34 @@ def make_plans(sharer: PeerInfo, joiner: PeerInfo, limits: PairingLimits, *,
 
     ``direct_only`` (a resume trying to leave the relay): the plans without the
     relay, but a hopeless pair not behind one NAT is refused at once.
+
+    A peer that reached the rendezvous over IPv6 (:attr:`PeerInfo.over_ipv6`) gets no
+    IPv4 stage at all (:func:`_without_ipv4`); ``ipv6_pair``: both peers offered
+    global IPv6 addresses, which their own candidate rung tries first. With such a
+    rung, or ``mapped_pair`` (a peer offered a mapped port the other can reach), a pair
+    no punch can connect is not refused: its plan is empty (the candidates only).
     """
     ms, mj = sharer.mapping, joiner.mapping
     budget = min(sharer.punch_timeout, joiner.punch_timeout)
+    if sharer.over_ipv6 or joiner.over_ipv6:
+        return _without_ipv4(sharer, joiner, limits, budget, relay=relay and not direct_only,
+                             ipv6_pair=ipv6_pair)
     same_nat = bool(sharer.public.host == joiner.public.host and "none" not in (ms, mj)
                     and sharer.lan and joiner.lan)
-    if direct_only and hopeless(ms, mj) and not same_nat:
-        sym = sharer if ms == "symmetric" else joiner
-        raise SymmetricPair(
-            f"the {'sharer' if sym is sharer else 'connector'}'s NAT is symmetric "
-            f"({sym.describe_symmetric()}) and the other peer is behind a NAT too: hole "
-            "punching cannot connect them")
-    if not relay or direct_only:
-        return _punch_plans(sharer, joiner, limits, budget, same_nat)
+    try:
+        if direct_only and hopeless(ms, mj) and not same_nat:
+            sym = sharer if ms == "symmetric" else joiner
+            raise SymmetricPair(
+                f"the {'sharer' if sym is sharer else 'connector'}'s NAT is symmetric "
+                f"({sym.describe_symmetric()}) and the other peer is behind a NAT too: hole "
+                "punching cannot connect them")
+        if not relay or direct_only:
+            return _punch_plans(sharer, joiner, limits, budget, same_nat)
+    except SymmetricPair as exc:
+        if not (ipv6_pair or mapped_pair):
+            raise
+        note = f"{exc}: only their own candidates (IPv6, a mapped port) can"
+        return Plans((), (), note, note)
     if hopeless(ms, mj):
         sym = sharer if ms == "symmetric" else joiner
         why = (f"the {'sharer' if sym is sharer else 'connector'}'s NAT is symmetric "
@@ -312,6 +336,25 @@ def make_plans(sharer: PeerInfo, joiner: PeerInfo, limits: PairingLimits, *,
     plans = _punch_plans(sharer, joiner, limits, punch, same_nat)
     return Plans(plans.sharer, plans.joiner, plans.sharer_note, plans.joiner_note,
                  max(limits.relay_min_budget, budget - punch))
+
+
+def _without_ipv4(sharer: PeerInfo, joiner: PeerInfo, limits: PairingLimits, budget: float,
+                  *, relay: bool, ipv6_pair: bool) -> Plans:
+    """The plans when a peer has no IPv4 mapping (it came over IPv6): no LAN or public
+    stage (both are IPv4). The ladder is the peers' IPv6 candidates (their own rung,
+    when both offered some), then the relay; without the relay, IPv6 alone, or
+    nothing (:class:`SymmetricPair`)."""
+    v6 = [name for name, p in (("sharer", sharer), ("connector", joiner)) if p.over_ipv6]
+    who = "both peers" if len(v6) == 2 else f"the {v6[0]}"
+    why = f"{who} reached the rendezvous over IPv6 only, so no IPv4 punch can be planned"
+    if relay:
+        note = f"{why}: {'IPv6, then ' if ipv6_pair else ''}relayed"
+        return Plans((), (), note, note, max(limits.relay_min_budget, budget))
+    if ipv6_pair:
+        note = f"{why}: only IPv6 can connect them"
+        return Plans((), (), note, note)
+    raise SymmetricPair(f"{why}, and the peers do not both offer global IPv6 addresses: no "
+                        "direct path can connect them, and no relay is planned")
 
 
 def _symmetric_notes(sharer: PeerInfo, joiner: PeerInfo) -> tuple[str, str]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from nopf_web.errors import describe_os_error
 from nopf_web.happy_eyeballs import connect_first, describe, resolve_all
+from nopf_web.happy_eyeballs_machine import Family, is_ipv6
 from nopf_web.sockets import connect_nonblocking, reusable_socket
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import DiscoveryReader
@@ -25,35 +26,70 @@ async def resolve_ipv4(endpoint: Endpoint, timeout: float) -> tuple[str, int]:
 
 
 async def reach_rendezvous(endpoint: Endpoint, timeout: float, *,
-                           on_event: Callable[[str], None] | None = None) -> tuple[str, int]:
-    """The IPv4 address and port of the rendezvous to pair and punch through.
+                           on_event: Callable[[str], None] | None = None,
+                           coordinated: bool = False) -> tuple[str, int]:
+    """The address and port of the rendezvous to pair and punch through.
 
-    A literal IPv4 address is used as is. A host name is resolved to every address,
-    both families; the seed's discovery reply, the plans and the relay are IPv4 (the
-    punch uses the IPv4 mapping the rendezvous sees), so its IPv4 addresses are the
-    candidates: one is used as is, several are raced Happy Eyeballs style (RFC 8305:
-    250 ms apart, the first that accepts wins) and ``on_event`` says which answered.
+    A literal IPv4 address (coordinated: or IPv6) is used as is. A host name is
+    resolved to every address, both families. Seed mode (the default) keeps the
+    seed's IPv4-only wire format: its IPv4 addresses are the candidates.
+    ``coordinated``: every address of both families is a candidate
+    (:func:`coordinated_first` says which family goes first).
+    One is used as is; several are raced Happy Eyeballs style (RFC 8305: 250 ms
+    apart, the first that accepts wins) and ``on_event`` says which answered.
     """
     try:
         return str(ipaddress.IPv4Address(endpoint.host)), endpoint.port
     except ValueError:
         pass
+    if coordinated and is_ipv6(endpoint.host):
+        return endpoint.host, endpoint.port  # an address already chosen (IPv6)
     found = await resolve_all(endpoint, timeout)
-    v4 = [a for a in found if ":" not in a[0]]
-    if not v4:
-        raise RendezvousUnreachable(
-            f"{endpoint.host} has only IPv6 addresses ({', '.join(map(describe, found))}): "
-            "nopf pairs and punches over IPv4, so the rendezvous needs an IPv4 address")
-    if len(v4) == 1:
+    first: Family = 6
+    if coordinated:
+        usable, first = found, coordinated_first(found)
+    else:
+        usable = [a for a in found if not is_ipv6(a[0])]
+        if not usable:
+            raise RendezvousUnreachable(
+                f"{endpoint.host} has only IPv6 addresses ({', '.join(map(describe, found))}):"
+                " seed mode speaks the seed's IPv4-only protocol, so the rendezvous needs "
+                "an IPv4 address")
+    if len(usable) == 1:
         if on_event is not None:
-            on_event(f"rendezvous {endpoint} is {describe(v4[0])}")
-        return v4[0]
-    sock, address = await connect_first(v4, timeout)
+            on_event(f"rendezvous {endpoint} is {describe(usable[0])}")
+        return usable[0]
+    # Coordinated, IPv4 first: every IPv4 address before IPv6 (each has its 250 ms, or
+    # less when it fails), since an IPv4 connection is what our punch is planned from.
+    v4 = sum(not is_ipv6(a[0]) for a in usable)
+    sock, address = await connect_first(usable, timeout, first=first,
+                                        first_count=v4 if coordinated and first == 4 else 1)
     sock.close()  # a connection without a hello: the rendezvous resets it at once
     if on_event is not None:
-        on_event(f"rendezvous {endpoint}: {describe(address)} answered first of "
-                 f"{len(v4)} IPv4 addresses")
+        what = (f"{len(usable)} IPv4 addresses" if not coordinated else
+                f"{len(usable)} addresses ({v4} IPv4, {len(usable) - v4} IPv6; "
+                f"IPv{first} tried first)")
+        on_event(f"rendezvous {endpoint}: {describe(address)} answered first of {what}")
     return address
+
+
+def coordinated_first(addresses: list[tuple[str, int]]) -> Family:
+    """The family a coordinated peer tries first: IPv4 when this host has an IPv4 route
+    to one of the rendezvous' IPv4 addresses, else IPv6.
+
+    Why not IPv6 first, as RFC 8305 says: the rendezvous plans our punch from the NAT
+    mapping it sees on our connection, and that mapping is an IPv4 one (the punch
+    leaves from this connection's local port; the relay path goes to the address it
+    reached). Over IPv6 it sees no IPv4 mapping and plans no IPv4 punch for us. Our
+    global IPv6 addresses travel anyway, as ``ipv6`` candidates in the hello, so IPv4
+    first loses no IPv6 path. IPv6 still follows, 250 ms after the last IPv4 attempt
+    started (or at once when the
+    IPv4 attempts fail), and a host without IPv4 starts with it.
+    """
+    from nopf_web.happy_eyeballs import routes_ipv4
+
+    v4 = [a for a in addresses if not is_ipv6(a[0])]
+    return 4 if v4 and routes_ipv4(v4[0]) else 6
 
 
 @dataclass(frozen=True)
@@ -167,6 +203,7 @@ __all__ = [
     "RendezvousError",
     "RendezvousProtocolError",
     "RendezvousUnreachable",
+    "coordinated_first",
     "discover",
     "probe_mapping",
     "reach_rendezvous",

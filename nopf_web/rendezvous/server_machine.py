@@ -58,7 +58,9 @@ deliver the next :class:`Tick` (None: nothing is due).
 What happens on a connection (``docs/protocol.md``, sections 1 and 6):
 
 - accepted over the global or per-source cap: reset at once;
-- the seed's 10-byte discovery reply, first, without reading anything;
+- the seed's 10-byte discovery reply, first, without reading anything (over IPv6
+  the 22-byte one, then all that follows as over IPv4; a peer seen over IPv6 gets
+  no IPv4 stage in its plans, and its relay address in its own family);
 - then up to ``hello_timeout`` for a frame. The client closes (a seed client,
   served): reset, so its port is free at once; nothing in time: close, as the
   seed did (reset if a partial frame is buffered); bytes that are no frame:
@@ -97,7 +99,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nopf_web.prediction import fire_facts, predict
-from nopf_web.wire.address import Endpoint, parse_ipv4_endpoint
+from nopf_web.wire.address import Endpoint, parse_observed_endpoint
 from nopf_web.wire.discovery import encode_reply, encode_reply6
 from nopf_web.wire.errors import BadAddress, WireError
 from nopf_web.wire.nat import NatSummary
@@ -122,6 +124,7 @@ from nopf_web.wire.rendezvous import (
     Welcome,
     decode_client_message,
     encode,
+    mapped_unusable,
 )
 
 from .book import (
@@ -716,14 +719,11 @@ class ServerMachine:
             if peer is None:
                 raise WireError("connection closed before it could be served")
             public = _observed(peer)
-            if ":" in public.host:
-                # IPv6 (an IPv6 listener): its 22-byte reply and a FIN. Pairing, plans and
-                # relays are IPv4 (the punch uses the IPv4 mapping), so nothing else here.
-                reply6 = encode_reply6(public.host, public.port)
-                self.stats.served += 1
-                self._last_word(conn, reply6, now)
-                return
-            reply = encode_reply(public.host, public.port)
+            # Over IPv6 (an IPv6 listener) the same fields for its IPv6 address (22
+            # bytes), then coordinated mode as over IPv4: such a peer gets no IPv4
+            # punch in its plans (book.make_plans), its relay path comes here over IPv6.
+            reply = (encode_reply6(public.host, public.port) if ":" in public.host
+                     else encode_reply(public.host, public.port))
         except WireError as exc:  # already gone
             self._unserved(conn, str(exc), now)
             return
@@ -993,7 +993,7 @@ class ServerMachine:
         nameplate = hello.nameplate
         owner = self.book.peek(nameplate, now=now)
         sharer = None if owner is None else self.conns.get(owner)
-        if (sharer is not None and hello.probe is None
+        if (sharer is not None and hello.probe is None and not conn.info().over_ipv6
                 and not self._relays(self._side(sharer), self._side(conn))
                 and sharer.info().mapping == "symmetric" and conn.info().mapping != "none"):
             # Against a symmetric sharer the joiner's own mapping decides between
@@ -1180,6 +1180,10 @@ class ServerMachine:
 
     def _relays(self, a: PeerSide, b: PeerSide) -> bool:
         """Will a plan for these two end with the relay?"""
+        if (a.node is not None or b.node is not None) and a.info.over_ipv6 != b.info.over_ipv6:
+            # One peer over IPv6, the other over IPv4, on two nodes: no node knows its
+            # own relay address in both families (a limit of shared rendezvous).
+            return False
         return (self.limits.relay.enabled and a.relay and b.relay
                 and a.relay_at is not None and b.relay_at is not None)
 
@@ -1193,16 +1197,21 @@ class ServerMachine:
 
     def _relay_address(self, conn: Conn) -> Endpoint | None:
         """The relay address for this client's plan: ours as it reached us (so the
-        relay connection takes the coordination's path), unless one is configured."""
-        if self.limits.relay.address is not None:
-            return self.limits.relay.address
+        relay connection takes the coordination's path, in the peer's family), unless
+        one of that family is configured."""
+        configured = self.limits.relay.address
+        over_ipv6 = ":" in conn.public.host
+        if configured is not None and (":" in configured.host) == over_ipv6:
+            return configured  # (one of the other family is no use to this peer)
         if conn.local is None:
             return None
-        try:  # as the encoder will check it: IPv4 (a v4-mapped one unwrapped), a port
-            return parse_ipv4_endpoint(
-                f"{str(conn.local[0]).removeprefix('::ffff:')}:{int(conn.local[1])}")
+        try:  # as the encoder will check it: IPv4 (a v4-mapped one unwrapped) or IPv6
+            ours = parse_observed_endpoint(str(Endpoint(
+                str(conn.local[0]).removeprefix("::ffff:"), int(conn.local[1]))))
         except BadAddress:
-            return None  # not IPv4: no relay stage (the wire has IPv4 addresses only)
+            return None  # not an address a peer can use: no relay stage
+        # The peer's own family, or none (the relay path goes where the hello went).
+        return ours if (":" in ours.host) == over_ipv6 else None
 
     def _relay_tokens(self, ips: tuple[str, str], expires_at: float,
                       now: float) -> tuple[bytes, bytes]:
@@ -1523,8 +1532,8 @@ class ServerMachine:
         (to_sharer, sharer_at), (to_joiner, joiner_at) = self._plan(nameplate, s_side, j_side,
                                                                     now)
         here, there = conn.peer, (w.info.public.host, w.info.public.port)
-        self._predicted(to_sharer, s_side.nat, *((here, there) if ours_is_sharer
-                                                 else (there, here)))
+        self._predicted(to_sharer, s_side.nat, s_side.candidates,
+                        *((here, there) if ours_is_sharer else (there, here)))
         msg, at = (to_sharer, sharer_at) if ours_is_sharer else (to_joiner, joiner_at)
         remote_msg, remote_at = ((to_joiner, joiner_at) if ours_is_sharer
                                  else (to_sharer, sharer_at))
@@ -1623,18 +1632,20 @@ class ServerMachine:
 
     def _pair(self, nameplate: int | None, sharer: Conn, joiner: Conn, now: float) -> None:
         """Plan and fire a pairing (``nameplate`` None: a resume)."""
+        s_side = self._side(sharer)
         (to_sharer, sharer_at), (to_joiner, joiner_at) = self._plan(
-            nameplate, self._side(sharer), self._side(joiner), now)
-        self._predicted(to_sharer, _nat(sharer), sharer.peer, joiner.peer)
+            nameplate, s_side, self._side(joiner), now)
+        self._predicted(to_sharer, s_side.nat, s_side.candidates, sharer.peer, joiner.peer)
         self._fire(joiner, encode(to_joiner), joiner_at, now)
         self._fire(sharer, encode(to_sharer), sharer_at, now)
 
     def _predicted(self, to_sharer: ServerMessage, sharer_nat: NatSummary | None,
+                   sharer_candidates: tuple[Candidate, ...] | None,
                    sharer: tuple[str, int] | None, joiner: tuple[str, int] | None) -> None:
         """Count the path a sharer's fire predicts, and say why (one INFO line)."""
         if not isinstance(to_sharer, Fire):
             return
-        guess = predict(fire_facts(to_sharer, "server", sharer_nat))
+        guess = predict(fire_facts(to_sharer, "server", sharer_nat, sharer_candidates))
         self.stats.predicted[guess.path] = self.stats.predicted.get(guess.path, 0) + 1
         self.notes.append(f"pairing {_fmt(sharer)} with {_fmt(joiner)}: "
                           f"predicted path {guess.path}: {guess.why}")
@@ -1659,7 +1670,12 @@ class ServerMachine:
         try:
             plans = make_plans(sharer, joiner, self.limits.pairing,
                                relay=self._relays(sharer_conn, joiner_conn),
-                               direct_only=direct_only)
+                               direct_only=direct_only,
+                               ipv6_pair=_offers_ipv6(sharer_conn) and _offers_ipv6(joiner_conn),
+                               mapped_pair=(sharer_conn.candidates is not None
+                                            and joiner_conn.candidates is not None
+                                            and (_offers_mapped(sharer_conn)
+                                                 or _offers_mapped(joiner_conn))))
         except SymmetricPair as exc:
             refusal = ErrorReply("symmetric_nat", str(exc))
             return (refusal, now), (refusal, now)
@@ -1742,6 +1758,17 @@ class ServerMachine:
 
 def _observed(peer: tuple[str, int]) -> Endpoint:
     return Endpoint(str(peer[0]).removeprefix("::ffff:"), int(peer[1]))  # IPv4-mapped, dual stack
+
+
+def _offers_ipv6(side: PeerSide) -> bool:
+    return any(c.path == "ipv6" for c in side.candidates or ())
+
+
+def _offers_mapped(side: PeerSide) -> bool:
+    """A mapped port the peer can reach: on the address we see this side at (the rule
+    both peers apply to it at the fire)."""
+    return any(c.path == "mapped" and mapped_unusable(c.addr.host, side.info.public.host) is None
+               for c in side.candidates or ())
 
 
 def _nat(conn: Conn) -> NatSummary | None:

@@ -32,7 +32,9 @@ Encodings (JSON objects, UTF-8), stored in Redis and passed between nodes:
                   pairing across nodes predicts and offers the direct rungs as on
                   one node; a record without the keys (an older node's) reads as
                   null. About 320 bytes without them, 1,020 with a full NAT
-                  report and MAX_CANDIDATES IPv6 candidates.)
+                  report and MAX_CANDIDATES IPv6 candidates; ``public`` and
+                  ``relay_at`` are "[v6]:port" for a peer that reached its node
+                  over IPv6.)
     NodeMessage  {"kind":"fire","conn":N,"data":"base64","delay":S}
                  {"kind":"grant","tokens":["base64","base64"],"ips":[IP,IP],"ttl":S}
                  {"kind":"refuse","conn":N,"code":C,"message":"one line"}
@@ -45,7 +47,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from nopf_web.wire.address import Endpoint, parse_ipv4_endpoint
+from nopf_web.wire.address import Endpoint, parse_ipv4_endpoint, parse_observed_endpoint
 from nopf_web.wire.nat import NatSummary, NatSummaryError
 from nopf_web.wire.rendezvous import (
     Candidate,
@@ -106,13 +108,13 @@ class Waiting:
             nat, cands = o.get("nat"), o.get("candidates")
             return cls(
                 str(o["node"]), int(o["conn"]),
-                PeerInfo(parse_ipv4_endpoint(o["public"]),
+                PeerInfo(parse_observed_endpoint(o["public"]),
                          tuple(parse_ipv4_endpoint(e) for e in o["lan"]),
                          None if probe is None else parse_ipv4_endpoint(probe),
                          float(o["punch_timeout"]), float(o["rtt"])),
                 bool(o["rtt_known"]), None if pake is None else base64.b64decode(pake),
                 bool(o["relay"]), bool(o["direct_only"]),
-                None if relay_at is None else parse_ipv4_endpoint(relay_at),
+                None if relay_at is None else parse_observed_endpoint(relay_at),
                 int(o["load"]), side,
                 None if nat is None else NatSummary.from_wire(nat, "waiting.nat"),
                 None if cands is None else candidates_from_wire(cands, "waiting.candidates"))
@@ -296,7 +298,7 @@ def decode_message(text: str | bytes) -> NodeMessage:
 
 
 def _ep(e: Endpoint) -> str:
-    return f"{e.host}:{e.port}"
+    return str(e)  # "ip:port", or "[v6]:port" (public and relay_at, over IPv6)
 
 
 def _b64(data: bytes) -> str:

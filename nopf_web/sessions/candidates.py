@@ -11,6 +11,7 @@ is held here too; the coordination's ladder accepts the peer on it
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import socket
@@ -24,6 +25,7 @@ from nopf_web.wire.address import Endpoint
 from nopf_web.wire.rendezvous import is_global_unicast
 
 from .coordination import DirectCandidates
+from .engine import task_group
 
 # The calling thread's network namespace's (/proc/net is the main thread's).
 IF_INET6 = Path("/proc/thread-self/net/if_inet6")
@@ -86,10 +88,16 @@ def _ipv6_port(address: str) -> int | None:
 async def direct_candidates(
     *, ipv6: bool = True, port_mapping: bool = True, bind_host: str = "0.0.0.0",
     on_event: Callable[[str], None] | None = None,
-    mapper: Callable[[], PortMapper] = PortMapper,
+    mapper: Callable[[], PortMapper] = PortMapper, wait_mapping: bool = True,
 ) -> AsyncIterator[DirectCandidates]:
     """Gather our candidates; keep the mapping (renewed) until the block ends, then
-    delete it. ``port_mapping`` False or no gateway that maps: no mapped candidate."""
+    delete it. ``port_mapping`` False or no gateway that maps: no mapped candidate.
+
+    ``wait_mapping`` False (the connector): the gateway race runs in the background
+    while the block runs; the mapping joins the candidates as soon as it is granted
+    (the hellos made from then on offer it: a first hello that left earlier goes
+    without, the meetings that follow, e.g. to leave the relay, have it). The sharer
+    waits for it: nobody waits for the sharer before its hello."""
 
     def say(line: str) -> None:
         if on_event is not None:
@@ -102,30 +110,50 @@ async def direct_candidates(
         if port is not None:
             v6 = [Endpoint(a, port) for a in addresses]
             say(f"IPv6 candidates: {', '.join(f'[{e.host}]:{e.port}' for e in v6)}")
+    held: list[PortMapper] = []  # the mapper whose mapping we hold, once granted
+
+    async def map_port(stack: contextlib.AsyncExitStack, local_port: int) -> None:
+        """Race the gateway's protocols; the mapper joins ``stack`` (its exit deletes)."""
+        try:
+            found = await stack.enter_async_context(mapper())
+            mapping = await found.map_tcp(local_port, MAPPING_LIFETIME)
+        except (PortMapError, OSError) as exc:
+            say(f"no port mapping: {exc}")
+            return
+        if mapping is None:
+            say(f"no port mapping: {'; '.join(found.reasons) or 'no gateway answered'}")
+            return
+        say(f"port mapping: {mapping}")
+        held.append(found)
+
+    async def hold_mapping(local_port: int) -> None:
+        """The background race, then the mapping held until cancelled (then deleted)."""
+        async with contextlib.AsyncExitStack() as own:
+            await map_port(own, local_port)
+            if held:
+                await asyncio.Event().wait()  # until the block ends
+
     async with contextlib.AsyncExitStack() as stack:
         listener: socket.socket | None = None
-        found: PortMapper | None = None
         if port_mapping:
             listener = stack.enter_context(reusable_socket(bind_host, 0))
             listener.listen(8)
             local_port = int(listener.getsockname()[1])
-            try:
-                found = await stack.enter_async_context(mapper())
-                mapping = await found.map_tcp(local_port, MAPPING_LIFETIME)
-            except (PortMapError, OSError) as exc:
-                say(f"no port mapping: {exc}")
-                found = None
+            if wait_mapping:
+                await map_port(stack, local_port)
             else:
-                if mapping is None:
-                    say(f"no port mapping: {'; '.join(found.reasons) or 'no gateway answered'}")
-                    found = None
-                else:
-                    say(f"port mapping: {mapping}")
+                tg = await stack.enter_async_context(task_group())
+                holder = tg.create_task(hold_mapping(local_port), name="port-mapping")
+                stack.callback(holder.cancel)  # at the block's end, before the group's wait
+
         def current() -> tuple[Endpoint, int] | None:
-            mapping = found.mapping if found is not None else None
+            mapping = held[0].mapping if held else None
             if mapping is None:
                 return None
             return (Endpoint(str(mapping.external_address), mapping.external_port),
                     mapping.internal_port)
 
-        yield DirectCandidates(tuple(v6), listener if found is not None else None, current)
+        # The listener goes with the mapping: present from the start in the background
+        # case (the mapping may come later), else only when there is one.
+        yield DirectCandidates(tuple(v6), listener if held or not wait_mapping else None,
+                               current)

@@ -102,9 +102,10 @@ class CoordinatedSpec:
     # While relayed, the first try of a direct path this long after the relay was
     # selected; then doubling, at most every UPGRADE_CAP (30 s).
     retry_direct: float = UPGRADE_DELAYS[0]
-    # Ask the gateway for a mapped port (NAT-PMP, PCP, UPnP-IGD) and offer it: the
-    # sharer only (a joiner's hello leaves before it knows its public address, so it
-    # could not check the mapping against it). Deleted when the session ends.
+    # Ask the gateway for a mapped port (NAT-PMP, PCP, UPnP-IGD) and offer it. The
+    # sharer waits for the gateway's answer before its hello; the connector asks in the
+    # background and offers it once granted (its hello never waits; both peers check it
+    # at the fire against the address the rendezvous saw). Deleted when the session ends.
     port_mapping: bool = True
     ipv6: bool = True  # offer our global IPv6 addresses (the ladder's "ipv6" rung)
     # Our NAT doctor's report (compact), sent with the hello so that the rendezvous and
@@ -255,7 +256,8 @@ class CoordinatedEngine(EngineBase):
         remote = not _is_loopback(spec.rendezvous.host)
         async with direct_candidates(
                 ipv6=spec.ipv6 and remote,
-                port_mapping=spec.port_mapping and spec.role == "server" and remote,
+                port_mapping=spec.port_mapping and remote,
+                wait_mapping=spec.role == "server",
                 on_event=self._log) as candidates:
             self._candidates = candidates
             try:
@@ -382,7 +384,8 @@ class CoordinatedEngine(EngineBase):
         self.timeline = timeline = Timeline(time.monotonic())
         timeline.add(timeline.origin, "start", f"pairing through {spec.rendezvous} "
                      f"({'with' if spec.nat else 'without'} a NAT report)")
-        server = await reach_rendezvous(spec.rendezvous, spec.net_timeout, on_event=self._log)
+        server = await reach_rendezvous(spec.rendezvous, spec.net_timeout, on_event=self._log,
+                                        coordinated=True)
         if spec.role == "client":
             self._set_state(State.WAITING_PEER, f"joining the sharer of {spec.code}")
         return await coordinate(

@@ -45,12 +45,12 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
-from nopf_web.happy_eyeballs import resolve_all
+from nopf_web.happy_eyeballs import by_family, resolve_all
 from nopf_web.pairing import parse_code
 from nopf_web.prediction import PairFacts, Prediction, fire_facts
 from nopf_web.punch.driver import PunchDriver
 from nopf_web.punch.machine import Failure, PunchTimeout, Tactic
-from nopf_web.rendezvous.client import reach_rendezvous
+from nopf_web.rendezvous.client import coordinated_first, reach_rendezvous
 from nopf_web.rendezvous.errors import RendezvousUnreachable
 from nopf_web.roles import PeerRole
 from nopf_web.sockets import (
@@ -192,9 +192,10 @@ async def coordinate(spec: CoordinationSpec, *, pake: PakeFactory | None = None,
     """
     require_readiness()  # before any traffic: one line on a Proactor loop
     code = parse_code(spec.code) if spec.code is not None else None
-    server = await reach_rendezvous(spec.rendezvous, spec.net_timeout, on_event=on_event)
+    server = await reach_rendezvous(spec.rendezvous, spec.net_timeout, on_event=on_event,
+                                    coordinated=True)
     machine = CoordinationMachine(CoordinationConfig(
-        role=spec.role, where=f"{server[0]}:{server[1]}", code=code,
+        role=spec.role, where=str(Endpoint(*server)), code=code,
         code_lifetime=spec.code_lifetime, punch_timeout=spec.punch_timeout,
         net_timeout=spec.net_timeout, punch_ttl=spec.punch_ttl, punch_port=spec.punch_port,
         bind_host=spec.bind_host, pake=pake is not None, nat=spec.nat,
@@ -228,9 +229,10 @@ async def meet_again(rendezvous: Endpoint, role: PeerRole, resume_id: bytes, *,
     error (``RelayRefused``, ``RelayTimeout``) or a rendezvous error.
     The connection carries nothing yet: the tunnel's path handshake comes next.
     """
-    server = await reach_rendezvous(rendezvous, net_timeout, on_event=on_event)
+    server = await reach_rendezvous(rendezvous, net_timeout, on_event=on_event,
+                                    coordinated=True)
     machine = CoordinationMachine(CoordinationConfig(
-        role=role, where=f"{server[0]}:{server[1]}", punch_timeout=timeout,
+        role=role, where=str(Endpoint(*server)), punch_timeout=timeout,
         net_timeout=net_timeout, punch_ttl=punch_ttl, punch_port=punch_port,
         bind_host=bind_host, resume=Resume(resume_id, direct_only),
         candidates=candidates.gathered if candidates else None))
@@ -279,7 +281,7 @@ async def open_from(server: tuple[str, int], bind_host: str, port: int, net_time
     earlier use of the port frees its 4-tuple. With ``fastopen`` the socket may come
     back with its connect deferred (True): the first send carries the SYN, and
     :func:`handshake_done` waits for the rest."""
-    where = f"{server[0]}:{server[1]}"
+    where = str(Endpoint(*server))  # "[v6]:port" over IPv6
     loop = asyncio.get_running_loop()
     give_up = loop.time() + PORT_FREE_WAIT
     while True:
@@ -500,7 +502,8 @@ class _Driver:
                    f"round trip about {fire.rtt_ms:.0f} ms", **data)
         if action.prediction is not None and self.on_prediction is not None:
             cfg = self.machine.config
-            self.on_prediction(action.prediction, fire_facts(fire, cfg.role, cfg.nat))
+            facts = self.machine.facts or fire_facts(fire, cfg.role, cfg.nat)
+            self.on_prediction(action.prediction, facts)
 
     def _mark_stage(self, path: int, how: PathKind) -> None:
         if isinstance(how, AwaitMapped):
@@ -536,25 +539,28 @@ class _Driver:
             self._post(_reraise, exc)
 
     async def _next_server(self) -> None:
-        """Move to the rendezvous' next IPv4 address (its name resolved again: the nodes
-        of a shared rendezvous behind one name); the same one if it has no other."""
+        """Move to the rendezvous' next address (its name resolved again: the nodes of a
+        shared rendezvous behind one name); the same one if it has no other. The family
+        reach_rendezvous tries first keeps its addresses first (an IPv4 connection is
+        the one our IPv4 punch is planned from), then the other family's."""
         if self.name is None:
             return
         try:
-            found = list(dict.fromkeys(await resolve_all(self.name, self.net_timeout,
-                                                         socket.AF_INET)))
+            found = await resolve_all(self.name, self.net_timeout)
         except RendezvousUnreachable:
             return  # keep the address we have: the next try resolves again
-        at = found.index(self.server) + 1 if self.server in found else 0
-        self.server = found[at % len(found)]
+        order = by_family(found, coordinated_first(found))
+        at = order.index(self.server) + 1 if self.server in order else 0
+        self.server = order[at % len(order)]
 
     async def _open(self, action: Connect) -> None:
         if action.rotate:
             await self._next_server()
         began = time.monotonic()
         try:
-            sock, deferred = await open_from(self.server, self.bind_host, action.port,
-                                             self.net_timeout, fastopen=action.fastopen)
+            sock, deferred = await open_from(self.server, _bind_for(self.server[0], self.bind_host),
+                                             action.port, self.net_timeout,
+                                             fastopen=action.fastopen)
         except RendezvousUnreachable as exc:
             self._post(self.machine.connect_failed, action.conn, exc)
             return
@@ -571,7 +577,7 @@ class _Driver:
     async def _handshake(self, conn: int) -> None:
         sock = self.conns[conn]
         try:
-            await handshake_done(sock, f"{self.server[0]}:{self.server[1]}", self.net_timeout)
+            await handshake_done(sock, str(Endpoint(*self.server)), self.net_timeout)
         except RendezvousUnreachable as exc:
             self._post(self.machine.connect_failed, conn, exc)
             return
@@ -664,7 +670,8 @@ class _Driver:
         relay = how.stage.relay
         join = RelayJoinMachine(how.stage, time.monotonic(), net_timeout=self.net_timeout)
         try:  # from a fresh port: the punch port's mappings are the punch's
-            sock, deferred = await open_from((relay.host, relay.port), how.bind_host, 0,
+            sock, deferred = await open_from((relay.host, relay.port),
+                                             _bind_for(relay.host, how.bind_host), 0,
                                              self.net_timeout, fastopen=True)
         except RendezvousUnreachable as exc:
             self._post(self.machine.path_failed, path, RendezvousUnreachable(f"relay: {exc}"))
@@ -729,6 +736,13 @@ async def _join_relay(sock: socket.socket, deferred: bool,
                    else join.closed(None, time.monotonic()))
         if out is not None:
             return out
+
+
+def _bind_for(target: str, bind_host: str) -> str:
+    """Where a connection to ``target`` binds: ``bind_host``, but the IPv6 wildcard for
+    an IPv6 target when bound to the IPv4 one (the default): a rendezvous reached over
+    IPv6, and its relay."""
+    return "::" if ":" in target and bind_host == "0.0.0.0" else bind_host
 
 
 def _reraise(exc: Exception, now: float) -> list[Action]:

@@ -27,6 +27,12 @@ One *meeting* is a conversation with the rendezvous from one local port P
    only the seed protocol, or lost our hello: one more hello tells the two
    apart (a seed-only one closes again).
 
+Over IPv6 (the driver reached the rendezvous at an IPv6 address: a host without
+IPv4, or whose IPv4 failed) there is no NAT mapping to check and no IPv4 punch
+to plan: the mapping check's connection is closed as soon as it is up, the
+hello says ``lan: []`` and ``probe: null``, the reply is the 22-byte one, and
+the rendezvous' plan has no punch stage (our IPv6 candidates, then the relay).
+
 Every hello says ``relay: true``: this peer can use a plan's relay stage, and
 carries ``nat``, our NAT doctor's compact report (``CoordinationConfig.nat``; a
 report of nothing without one). When a fire comes, :class:`Fired` says so before
@@ -81,7 +87,7 @@ from typing import Literal, TypeAlias
 
 from nopf_web.errors import NopfError
 from nopf_web.pairing import PairingCode, make_code
-from nopf_web.prediction import Prediction, fire_facts, predict
+from nopf_web.prediction import PairFacts, Prediction, fire_facts, predict
 from nopf_web.punch.machine import Failure, PunchConfig, PunchTimeout
 from nopf_web.rendezvous.errors import (
     RendezvousError,
@@ -114,6 +120,7 @@ from nopf_web.wire.rendezvous import (
     Welcome,
     decode_server_message,
     encode,
+    mapped_unusable,
 )
 
 from .errors import (
@@ -527,6 +534,7 @@ class CoordinationMachine:
         self._deadline = 0.0  # of all attempts together, from the first fire
         self._failed_attempt: CoordinatedPunchTimeout | None = None  # while meeting again
         self.prediction: Prediction | None = None  # the first fire's, once it came
+        self.facts: PairFacts | None = None  # the last fire's, as predictions read them
 
     # -- events -------------------------------------------------------------------
 
@@ -573,6 +581,13 @@ class CoordinationMachine:
         if m is None:
             return []
         cfg = self.config
+        over_ipv6 = ":" in local.host
+        if m.step is _Step.PROBE_CONNECT and over_ipv6:
+            # Over IPv6 there is no NAT mapping to check: the rendezvous plans no IPv4
+            # punch for a peer it sees over IPv6 (our IPv6 paths are our candidates).
+            # The hello goes on a connection of its own, with Fast Open.
+            m.need_probe, m.port = False, cfg.punch_port
+            return [Close(conn), *self._connect(m, now)]
         if m.step is _Step.PROBE_CONNECT:
             m.step = _Step.PROBE_REPLY
             self._wait(m, now + cfg.net_timeout, RendezvousProtocolError(
@@ -583,6 +598,7 @@ class CoordinationMachine:
         if m.step is not _Step.CONNECT:
             return []
         m.local_port, m.lan, m.deferred, m.rdv_connected = local.port, local, deferred, now
+        m.discovery = DiscoveryReader(ipv6=over_ipv6)  # its reply: 22 bytes over IPv6
         return self._hello(m, now)
 
     def established(self, conn: int, now: float) -> list[Action]:
@@ -780,16 +796,19 @@ class CoordinationMachine:
         if self.config.candidates is not None:
             candidates, said = self._advertise(m, self.config.candidates)
             actions += [Say(line) for line in said]
+        # Our address as our OS sees it, for a LAN path: an IPv4 one (over IPv6 none:
+        # our global IPv6 addresses are candidates).
+        lan = () if ":" in m.lan.host else (m.lan,)
         if resume is not None:  # implies the relay unless direct_only
             side: ResumeSide = "share" if self.config.role == "server" else "join"
-            hello = Hello("resume", None, (m.lan,), m.probed, m.punch_timeout,
+            hello = Hello("resume", None, lan, m.probed, m.punch_timeout,
                           resume_id=resume.resume_id, side=side,
                           direct_only=resume.direct_only, nat=self._nat,
                           candidates=candidates)
         else:
             nameplate = (None if self.code is None or (m.action == "share" and not m.reclaim)
                          else self.code.nameplate)
-            hello = Hello(m.action, nameplate, (m.lan,), m.probed, m.punch_timeout,
+            hello = Hello(m.action, nameplate, lan, m.probed, m.punch_timeout,
                           pake=self._pake_message if wants_pake else None, relay=True,
                           nat=self._nat, candidates=candidates,
                           owner=self._owner if m.action == "share" else None)
@@ -815,17 +834,16 @@ class CoordinationMachine:
         said = []
         if own.mapped is not None:
             seen = m.probed.host if m.probed is not None else None
-            if seen == own.mapped.host:
+            why = mapped_unusable(own.mapped.host, seen)
+            if why is None or (seen is None and m.action == "join"):
+                # A joiner's hello leaves before it knows its public address: the
+                # rule is applied at the fire, by both peers, to the address the
+                # rendezvous saw (_candidate_rungs).
                 cands.append(Candidate("mapped", own.mapped))
                 said.append(f"offering the mapped port {own.mapped} (local port "
                             f"{own.mapped_port})")
-            elif seen is None:
-                said.append(f"not offering the mapped port {own.mapped}: no mapping check "
-                            "ran, so the public address the rendezvous sees is unknown")
             else:
-                said.append(f"not offering the mapped port {own.mapped}: the gateway's "
-                            f"public address is not {seen}, the one the rendezvous sees "
-                            "(another NAT in front of the gateway)")
+                said.append(f"not offering the mapped port {own.mapped}: {why}")
         m.advertised = tuple(cands)
         return m.advertised, said
 
@@ -1022,16 +1040,25 @@ class CoordinationMachine:
         # could each win on a different side.
         first = 1 if fire.plan and fire.plan[0].path == "lan" else 0
         rungs[first:first] = self._candidate_rungs(m, fire)
+        said: list[Action] = []
+        for c in m.advertised:  # a joiner's mapping, offered before it knew its address
+            why = mapped_unusable(c.addr.host, fire.public.host) if c.path == "mapped" else None
+            if why is not None:
+                said.append(Say(f"not using our mapped port {c.addr}: {why}"))
         if fire.relay is not None:  # the last rung: when every punch stage failed, or at once
             rungs.append([ViaRelay(cfg.bind_host, fire.relay)])
         # Both sides sent a SPAKE2 message (else the rendezvous forwards neither).
         finish = fire.peer_pake if self._pake_message is not None else None
         self._attempt = _Attempt(self._attempts, fire, m, now, rungs, pake_to_finish=finish)
         fired = Fired(self._attempts, fire, None)
+        self.facts = fire_facts(fire, cfg.role, cfg.nat, m.advertised)
         if self._attempts == 1 and cfg.resume is None:  # before the first SYN
-            self.prediction = predict(fire_facts(fire, cfg.role, cfg.nat))
+            self.prediction = predict(self.facts)
             fired = Fired(1, fire, self.prediction)
-        return [fired, *self._open_rung(self._attempt)]
+        if not rungs:  # no IPv4 path, no relay, and our IPv6 met none of the peer's:
+            self._attempt, self.done = None, True  # nothing to try, now or again
+            return [fired, *said, Fail(_punch_failed(fire, []))]
+        return [fired, *said, *self._open_rung(self._attempt)]
 
     def _candidate_rungs(self, m: _Meeting, fire: Fire) -> list[list[PathKind]]:
         """IPv6 and mapped-port rungs, as both peers make them from the same two lists
@@ -1056,8 +1083,13 @@ class CoordinationMachine:
             stage = Stage("ipv6", peer_v6[0], "arm" if sharer else "connect", budget)
             rungs.append([Punch(our_v6[0], stage, PunchConfig(
                 timeout=budget, arm_ttl=self.config.punch_ttl, first_shot=False), None)])
-        ours_mapped = next((c.addr for c in m.advertised if c.path == "mapped"), None)
-        peer_mapped = next((c.addr for c in theirs if c.path == "mapped"), None)
+        # A mapped port is used only where its gateway's address is its owner's public
+        # IP as the rendezvous saw it (both peers read the same two addresses).
+        ours_mapped = next((c.addr for c in m.advertised if c.path == "mapped"
+                            and mapped_unusable(c.addr.host, fire.public.host) is None), None)
+        peer_mapped = next((c.addr for c in theirs if c.path == "mapped"
+                            and mapped_unusable(c.addr.host, fire.peer_public.host) is None),
+                           None)
         # The sharer's mapping first: with both, the joiner connects to the sharer's.
         listen = ours_mapped is not None and (sharer or peer_mapped is None)
         assert own is not None
@@ -1140,6 +1172,13 @@ def _first_budget(punch_timeout: float) -> float:
 
 def _relay_reason(fire: Fire, failures: list[tuple[Stage, PunchTimeout]]) -> str:
     """Why a tunnel goes through the relay, in a few words."""
+    v6 = [who for who, e in (("we", fire.public), ("the peer", fire.peer_public))
+          if ":" in e.host]
+    if v6:
+        who = "both peers" if len(v6) == 2 else v6[0]
+        tried = (f": no IPv6 path within {sum(s.budget for s, _ in failures):.3g} s"
+                 if failures else "")
+        return f"{who} reached the rendezvous over IPv6 only, no IPv4 punch{tried}"
     if fire.hopeless and fire.mapping is not None:
         ours, theirs = fire.mapping
         if ours == theirs == "symmetric":
@@ -1166,5 +1205,8 @@ def _punch_failed(fire: Fire,
     else:
         cause = ("no SYN from the peer ever arrived: a NAT or firewall on the path probably "
                  "maps each destination to a new port (symmetric) or blocks the connection")
+    if not failures:
+        return CoordinatedPunchTimeout(f"no path to the peer could be tried: {cause}",
+                                       outcomes)
     return CoordinatedPunchTimeout(
         f"no connection to the peer within {total:g} s (tried {tried}): {cause}", outcomes)

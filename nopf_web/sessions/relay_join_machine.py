@@ -4,7 +4,7 @@ The relay stage of a plan (:class:`~nopf_web.wire.rendezvous.RelayStage`) is a
 path of its own: a new TCP connection to the relay's address (from a fresh local
 port, not the punch port), on which, as on every connection to ``nopf-server``:
 
-    relay -> peer   the seed's 10-byte discovery reply (nopf_web.wire.discovery)
+    relay -> peer   the seed's 10-byte discovery reply (nopf_web.wire.discovery; 22 bytes over IPv6)
     peer  -> relay  one frame {"type":"relay","version":2,"token":"<base64>"}
                     (first, so it can ride in the SYN with TCP Fast Open), then
                     nothing until the answer
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from nopf_web.errors import NopfError
 from nopf_web.rendezvous.errors import RendezvousProtocolError
 from nopf_web.wire.address import Endpoint
-from nopf_web.wire.discovery import REPLY_SIZE, decode_reply
+from nopf_web.wire.discovery import REPLY6_SIZE, REPLY_SIZE, decode_reply, decode_reply6
 from nopf_web.wire.errors import WireError
 from nopf_web.wire.rendezvous import (
     LENGTH,
@@ -82,7 +82,10 @@ class RelayJoinMachine:
 
     def __init__(self, stage: RelayStage, now: float, *, net_timeout: float) -> None:
         self.stage = stage
-        self.where = f"{stage.relay.host}:{stage.relay.port}"
+        self.where = str(stage.relay)
+        # A relay reached over IPv6 (the peer came over IPv6) sends the 22-byte reply.
+        self._ipv6 = ":" in stage.relay.host
+        self._reply_size = REPLY6_SIZE if self._ipv6 else REPLY_SIZE
         self.message = encode(Relay(stage.token))
         self.started = now
         self.net_timeout = net_timeout
@@ -99,7 +102,7 @@ class RelayJoinMachine:
         if self.done:
             return 0
         if self._step is _Step.REPLY:
-            return REPLY_SIZE - len(self._buf)
+            return self._reply_size - len(self._buf)
         if self._step is _Step.LENGTH:
             return LENGTH.size - len(self._buf)
         return self._frame_size - len(self._buf)
@@ -161,7 +164,7 @@ class RelayJoinMachine:
         self._buf.clear()
         if self._step is _Step.REPLY:
             try:
-                self._public = Endpoint(*decode_reply(data))
+                self._public = Endpoint(*(decode_reply6 if self._ipv6 else decode_reply)(data))
             except WireError as exc:
                 return RelayFailed(RendezvousProtocolError(f"relay {self.where}: {exc}"))
             self._step = _Step.LENGTH

@@ -33,7 +33,7 @@ class WebConfig:
     rendezvous_listen: Endpoint = EMBEDDED_LISTEN
     guard: bool = True
     punch_timeout: float = 30.0
-    # Coordinated sharers ask the gateway for a mapped port (deleted when they stop).
+    # Coordinated sessions ask the gateway for a mapped port (deleted when they stop).
     port_mapping: bool = True
     flush_interval: float = 0.5
     max_live_sessions: int = 32

@@ -135,7 +135,7 @@ class SessionManager:
         self.guard = guard
         self.default_rendezvous = default_rendezvous
         self.punch_timeout = punch_timeout
-        self.port_mapping = port_mapping  # coordinated sharers map a port on the gateway
+        self.port_mapping = port_mapping  # coordinated sessions map a port on the gateway
         self.max_live = max_live
         self.keep_finished = keep_finished
         self.tick = tick
@@ -211,7 +211,7 @@ class SessionManager:
         """Start a session task; raise :class:`CreateError` naming the field at fault.
 
         A coordinated client needs the sharer's ``code``; nothing else takes one.
-        ``port_mapping`` (None: the dashboard's setting) lets a coordinated sharer ask
+        ``port_mapping`` (None: the dashboard's setting) lets a coordinated session ask
         the gateway for a mapped port.
         """
         if (code is not None) != ((mode, role) == ("coordinated", "client")):

@@ -81,6 +81,26 @@ def parse_ipv4_endpoint(text: str, *, field: str = "address") -> Endpoint:
     return Endpoint(str(ip), parse_port(port, what=f"port in {shown}", field=field))
 
 
+def parse_observed_endpoint(text: str, *, field: str = "address") -> Endpoint:
+    """An address the rendezvous observed (a peer's, or its own as a peer reached it):
+    ``IPv4:PORT``, or ``[IPv6]:PORT`` for a connection over IPv6 (any IPv6 address but
+    the unspecified and multicast ones; no zone id)."""
+    text = _line(text, field)
+    if not text.startswith("["):
+        return parse_ipv4_endpoint(text, field=field)
+    host, sep, port = text.rpartition("]:")
+    shown = quote(text)
+    try:
+        if not sep or "%" in host:
+            raise ValueError
+        ip = ipaddress.IPv6Address(host[1:])
+    except ValueError:
+        raise BadAddress(f"{shown} is not [IPv6]:PORT", field) from None
+    if ip.is_unspecified or ip.is_multicast:
+        raise BadAddress(f"{ip} cannot be a peer address", field)
+    return Endpoint(str(ip), parse_port(port, what=f"port in {shown}", field=field))
+
+
 def parse_host(host: str, *, field: str = "host", shown: str | None = None) -> str:
     """An IPv4 address (canonical form) or an RFC 1123 host name."""
     try:

@@ -11,7 +11,10 @@ hello; after that both directions carry only frames:
 
 Validation is strict: unknown types or fields, wrong JSON types (a bool is not
 a number), out-of-range values, duplicate keys and oversize frames are all a
-:class:`MessageError` naming the problem. Addresses are ``"IPv4:PORT"`` text.
+:class:`MessageError` naming the problem. Addresses are ``"IPv4:PORT"`` text;
+those the rendezvous observed (``welcome.public``, ``fire.public``,
+``fire.peer_public``, a relay stage's ``peer``) are ``"[IPv6]:PORT"`` for a peer
+that reached it over IPv6 (no IPv4 punch is planned for such a peer).
 
 Client -> rendezvous
     hello  {"type":"hello","version":2,"action":"share"|"join"|"reshare"|"rejoin",
@@ -126,7 +129,7 @@ from typing import Any, Literal
 
 from nopf_web.errors import NopfError
 
-from .address import Endpoint, parse_ipv4_endpoint
+from .address import Endpoint, parse_ipv4_endpoint, parse_observed_endpoint
 from .errors import BadAddress, WireError
 from .json_payload import Fields, load_object, message_type, present
 from .nat import NatSummary, NatSummaryError
@@ -319,12 +322,11 @@ Message = ClientMessage | ServerMessage
 
 
 def _ep(e: Endpoint) -> str:
-    return f"{e.host}:{e.port}"
+    return str(e)  # "ip:port", "[v6]:port"
 
 
 def _cands(cands: tuple[Candidate, ...]) -> list[dict[str, str]]:
-    return [{"path": c.path, "peer": f"[{c.addr.host}]:{c.addr.port}" if c.path == "ipv6"
-             else _ep(c.addr)} for c in cands]
+    return [{"path": c.path, "peer": _ep(c.addr)} for c in cands]
 
 
 def candidates_to_wire(cands: tuple[Candidate, ...]) -> list[dict[str, str]]:
@@ -449,14 +451,16 @@ class _Fields(Fields):
         return self.b64(name, PAKE_SIZE, f"a {PAKE_SIZE}-byte SPAKE2 message",
                         optional=optional)
 
-    def endpoint(self, name: str, *, optional: bool = False) -> Endpoint | None:
+    def endpoint(self, name: str, *, optional: bool = False,
+                 observed: bool = False) -> Endpoint | None:
+        """``observed``: an address the rendezvous saw, which may be IPv6."""
         value = self.text(name, optional=optional)
-        return None if value is None else _endpoint(value, f"{self.kind}.{name}")
+        return None if value is None else _endpoint(value, f"{self.kind}.{name}", observed)
 
 
-def _endpoint(text: str, what: str) -> Endpoint:
+def _endpoint(text: str, what: str, observed: bool = False) -> Endpoint:
     try:
-        return parse_ipv4_endpoint(text)
+        return parse_observed_endpoint(text) if observed else parse_ipv4_endpoint(text)
     except BadAddress as exc:
         raise MessageError(f"{what}: {exc}") from None
 
@@ -524,6 +528,27 @@ def _candidates(f: _Fields, name: str) -> tuple[Candidate, ...] | None:
     return candidates_from_wire(raw, f"{f.kind}.{name}")
 
 
+CGNAT = ipaddress.IPv4Network("100.64.0.0/10")  # RFC 6598 shared address space
+
+
+def mapped_unusable(external: str, seen: str | None) -> str | None:
+    """Why a port mapped on a gateway whose external address is ``external`` cannot be
+    reached by peers, given ``seen``, its owner's public IP as the rendezvous saw it
+    (None: unknown); None when it can. The one rule for every mapped candidate: the
+    owner offers it only under it, and each peer uses one only under it."""
+    if seen is None:
+        return ("no mapping check ran, so the public address the rendezvous sees is "
+                "unknown")
+    if external == seen:
+        return None
+    try:
+        cgnat = " (carrier-grade NAT range)" if ipaddress.ip_address(external) in CGNAT else ""
+    except ValueError:
+        cgnat = ""
+    return (f"the gateway's public address is not {seen}, the one the rendezvous sees: it "
+            f"is {external}{cgnat} (another NAT in front of the gateway)")
+
+
 GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")  # RFC 4291 §2.4: global unicast space
 
 
@@ -564,8 +589,11 @@ def _lan(f: _Fields) -> tuple[Endpoint, ...]:
 
 def _fire(f: _Fields) -> Fire:
     plan = f.obj.get("plan")
-    if not isinstance(plan, list) or not 1 <= len(plan) <= MAX_CANDIDATES:
-        raise MessageError(f"fire.plan must be a list of 1-{MAX_CANDIDATES} stages")
+    # Empty only beside "peer_candidates": a pair with no IPv4 path and no relay, whose
+    # one way is its own IPv6 candidates (older clients never get such a plan).
+    least = 0 if "peer_candidates" in f.obj else 1
+    if not isinstance(plan, list) or not least <= len(plan) <= MAX_CANDIDATES:
+        raise MessageError(f"fire.plan must be a list of {least}-{MAX_CANDIDATES} stages")
     stages = []
     relay = None
     for raw in plan:
@@ -575,7 +603,7 @@ def _fire(f: _Fields) -> Fire:
             raise MessageError("fire.plan: the relay stage must be the last one")
         s = _Fields(raw, "fire.plan[]", {"path", "peer", "punch", "budget", "token"})
         path = present(s.text("path", choices=frozenset({"public", "lan", "relay"})))
-        peer = present(s.endpoint("peer"))
+        peer = present(s.endpoint("peer", observed=path == "relay"))
         punch = present(s.text("punch", choices=frozenset({"arm", "connect"})))
         budget = s.num("budget", 0.1, MAX_SECONDS)
         if path == "relay":
@@ -595,7 +623,8 @@ def _fire(f: _Fields) -> Fire:
         m = _Fields(raw_mapping, "fire.mapping", {"you", "peer"})
         mapping = (present(m.text("you", choices=MAPPINGS)),
                    present(m.text("peer", choices=MAPPINGS)))
-    return Fire(present(f.endpoint("public")), present(f.endpoint("peer_public")), tuple(stages),
+    return Fire(present(f.endpoint("public", observed=True)),
+                present(f.endpoint("peer_public", observed=True)), tuple(stages),
                 f.num("rtt_ms", 0, MAX_SECONDS * 1000), f.text("note", optional=True),
                 f.pake("peer_pake", optional=True), mapping, relay, _nat(f, "peer_nat"),
                 _candidates(f, "peer_candidates"))
@@ -654,7 +683,8 @@ def _decode_any(payload: bytes, allowed: frozenset[str] = CLIENT_TYPES | SERVER_
         return Ping(present(f.int("seq", 0, MAX_SEQ)))
     if kind == "welcome":
         return Welcome(present(f.int("nameplate", 1, MAX_NAMEPLATE)),
-                       f.num("expires_in", 0, MAX_SECONDS), present(f.endpoint("public")))
+                       f.num("expires_in", 0, MAX_SECONDS),
+                       present(f.endpoint("public", observed=True)))
     if kind == "fire":
         return _fire(f)
     return ErrorReply(present(f.text("code", choices=ERROR_CODES)), present(f.text("message")))

@@ -6,13 +6,15 @@ import contextlib
 import hashlib
 import os
 import queue
+import shutil
 import socket
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO
 
 from tests.lab import Host, Lab
@@ -80,10 +82,12 @@ def start_peer(host: Host, role: str, port: int, *extra: str, timeout: float = 1
     return Peer(role, host, proc, err)
 
 
-def start_coordinated(host: Host, *args: str, extra: tuple[str, ...] = ()) -> Peer:
-    """``nopf share|connect ...`` against the lab's rendezvous, with short timeouts."""
+def start_coordinated(host: Host, *args: str, extra: tuple[str, ...] = (),
+                      rdv: str = RDV) -> Peer:
+    """``nopf share|connect ...`` against the lab's rendezvous (``rdv``: as
+    ``-a/--serveraddr`` names it), with short timeouts."""
     err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the Peer
-    proc = host.popen(argv("nopf", *args, "-a", RDV, "--timeout", "10", "--keepalive", "2",
+    proc = host.popen(argv("nopf", *args, "-a", rdv, "--timeout", "10", "--keepalive", "2",
                            *extra),
                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
     return Peer(args[0], host, proc, err)
@@ -100,6 +104,24 @@ def wait_for(peer: Peer, text: str, timeout: float = 25, count: int = 1) -> str:
             break
         time.sleep(0.05)
     raise AssertionError(f"{peer.role}: no {text!r} on stderr: {peer.stderr()}")
+
+
+@contextlib.contextmanager
+def resolving(hosts: Sequence[Host], name: str, *ips: str) -> Iterator[None]:
+    """``name`` resolves to ``ips`` inside ``hosts`` (their namespaces' /etc/netns/NS/hosts,
+    which ``ip netns exec`` mounts over /etc/hosts), listed in this order."""
+    made = []
+    try:
+        for host in hosts:
+            etc = Path("/etc/netns") / host.ns
+            etc.mkdir(parents=True, exist_ok=True)
+            made.append(etc)
+            (etc / "hosts").write_text("127.0.0.1 localhost\n"
+                                       + "".join(f"{ip} {name}\n" for ip in ips))
+        yield
+    finally:
+        for etc in made:
+            shutil.rmtree(etc, ignore_errors=True)
 
 
 @dataclass

@@ -17,9 +17,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +173,47 @@ def test_each_mapping_protocol_alone_gives_the_direct_path(
         lab_factory: LabFactory, protocol: str) -> None:
     others = tuple(p for p in ("natpmp", "pcp", "upnp") if p != protocol)
     mapped_pair(lab_factory("drop", "symmetric"), signal.SIGINT, off=others)
+
+
+def test_a_mapped_connector_and_a_symmetric_sharer_connect_directly(
+        lab_factory: LabFactory) -> None:
+    # The connector's gateway maps (it asks in the background: its hello never waits);
+    # the sharer's NAT is symmetric, so no punch can work and the sharer dials the
+    # connector's mapped port: at once if the mapping was granted before the
+    # connector's hello left, else at the first try to leave the relay.
+    lab = lab_factory("symmetric", "drop")
+    gw = lab_gateway.start(lab.natb)
+    public_b = lab.b.public_ip
+    start_rendezvous(lab)
+    rdv_bytes = lab.tcp_counter(lab.rdv, 3012)
+    server = echo_service(lab.a1)
+    direct = ("--retry-direct", "1")
+    s = start(lab.a1, "share", "-p", str(SERVICE), extra=direct)
+    try:
+        code = s.line(10)
+        c = start(lab.b1, "connect", code, "-p", str(TUNNEL), extra=direct)
+        try:
+            wait_for(c, f"port mapping: TCP {public_b}:")
+            deadline = time.monotonic() + 30
+            while not re.search(r"tunnel up to \S+ over a mapped port|back to direct \(mapped\)",
+                                s.stderr()):
+                assert time.monotonic() < deadline and s.proc.poll() is None, s.stderr()
+                time.sleep(0.1)
+            wait_for(c, "encrypted tunnel to")
+            err_s = s.stderr()
+            assert re.search(rf"(tunnel up to|a new connection over a mapped port to) "
+                             rf"{public_b}:", err_s), err_s
+            before = rdv_bytes.read()[1]
+            round_trip(lab.b1, 1 << 20)
+            assert rdv_bytes.read()[1] - before < 10_000  # not relayed
+        finally:
+            c_code = stop(c)[0]  # the connector's exit deletes its mapping
+            s.wait(15)
+    finally:
+        server.close()
+    assert c_code == 0, (c.stderr(), s.stderr())
+    gw.wait_for("delete", why="request")
+    assert gw.rules() == "", "a mapping was left behind"
 
 
 def test_a_gateway_behind_another_nat_is_not_used(lab_factory: LabFactory) -> None:

@@ -48,7 +48,7 @@ async def test_one_port_both_families() -> None:
         data, port = await _read_all(("127.0.0.1", p4))
         assert decode_reply(data) == ("127.0.0.1", port)  # the seed's 10 bytes, unchanged
         data, port = await _read_all(("::1", p6))
-        assert len(data) == REPLY6_SIZE  # then the FIN: no pairing over IPv6
+        assert len(data) == REPLY6_SIZE  # then, with no hello, the close (as over IPv4)
         assert decode_reply6(data) == ("::1", port)
         assert server.stats.served == 2
     finally:

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from nopf_web.happy_eyeballs import connect_first, resolve_all
-from nopf_web.rendezvous.client import reach_rendezvous
+from nopf_web.happy_eyeballs import by_family, connect_first, resolve_all
+from nopf_web.rendezvous.client import coordinated_first, reach_rendezvous
 from nopf_web.rendezvous.errors import RendezvousUnreachable
 from nopf_web.wire.address import Endpoint
 
@@ -56,6 +56,22 @@ def test_a_refused_ipv6_address_falls_back_to_ipv4_at_once() -> None:
         sock.close()
     assert won == addrs[1]
     assert time.monotonic() - started < 0.2  # not the 250 ms stagger: the refusal
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
+def test_the_coordinated_peer_tries_ipv4_first_when_it_routes_ipv4() -> None:
+    with _listener("127.0.0.1") as v4, _listener("::1") as v6:
+        addrs = [("::1", v6.getsockname()[1]), ("127.0.0.1", v4.getsockname()[1])]
+        first = coordinated_first(addrs)
+        assert first == 4  # loopback routes IPv4
+        sock, won = asyncio.run(connect_first(addrs, 2.0, first=first))
+        sock.close()
+    assert won == addrs[1]
+    assert coordinated_first([("::1", 3012)]) == 6  # no IPv4 address: IPv6 first
+    # Where to go when one address failed: our family's next, then the other's.
+    v4a, v4b, v6a = ("192.0.2.1", 1), ("192.0.2.2", 1), ("2001:db8::1", 1)
+    assert by_family([v6a, v4a, v4b], 4) == [v4a, v4b, v6a]
+    assert by_family([v4a, v6a, v4b], 6) == [v6a, v4a, v4b]
 
 
 def test_every_address_refused_names_each() -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,7 +31,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -57,7 +55,7 @@ from tests.programs import argv
 from tests.redis_server import RedisServer, require_redis_server
 
 from .flows import Flows
-from .peers import Peer, wait_for
+from .peers import Peer, resolving, wait_for
 from .test_direct_paths_lab import SERVICE, TUNNEL, echo_service as echo_service6, round_trip, stop
 from .test_resume_lab import close, echo, path_lines
 from .web_support import echo_service
@@ -128,19 +126,9 @@ def one_name(lab: Lab, *hosts: Host, second_first: tuple[Host, ...] = ()) -> Ite
     """``rdv.lab`` resolves to both rendezvous addresses inside ``hosts``: RDV_IP
     first, or RDV_IP2 first in the hosts of ``second_first`` (so that two peers
     contact different nodes while both are up)."""
-    made = []
-    try:
-        for host in (*hosts, *second_first):
-            etc = Path("/etc/netns") / host.ns
-            etc.mkdir(parents=True, exist_ok=True)
-            made.append(etc)
-            order = (RDV_IP2, RDV_IP) if host in second_first else (RDV_IP, RDV_IP2)
-            (etc / "hosts").write_text(f"127.0.0.1 localhost\n{order[0]} {NAME}\n"
-                                       f"{order[1]} {NAME}\n")
+    with resolving(hosts, NAME, RDV_IP, RDV_IP2), \
+            resolving(second_first, NAME, RDV_IP2, RDV_IP):
         yield
-    finally:
-        for etc in made:
-            shutil.rmtree(etc, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -42,15 +42,16 @@ EXPECTED_UNSOLICITED = {
 # --------------------------------------------------------------------------- helpers
 
 
-def listen(host: Host, port: int = 0, *, share: bool = False) -> socket.socket:
+def listen(host: Host, port: int = 0, *, share: bool = False,
+           family: socket.AddressFamily = socket.AF_INET) -> socket.socket:
     """A TCP listener living in ``host``'s namespace (``share``: SO_REUSEPORT, so that
-    connections can be made from its port)."""
+    connections can be made from its port; ``family``: AF_INET6 for IPv6)."""
     with host.enter():
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if share:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(("0.0.0.0", port))
+    sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
     sock.listen(16)
     sock.settimeout(5)
     return sock
@@ -487,6 +488,33 @@ def test_rdv_second_address_is_reachable_and_not_the_source(lab_factory: LabFact
         assert ip == "198.51.100.2"
     out = lab.rdv.run(["ip", "-4", "-o", "addr", "show", "dev", "eth0"]).stdout.decode()
     assert out.index("198.51.100.2") < out.index("198.51.100.3")
+
+
+def test_an_ipv6_only_site_has_no_ipv4_but_loopback(lab_factory: LabFactory) -> None:
+    lab = lab_factory("drop", "drop", ipv6=True, ipv6_only=("a",))
+    for host in lab.a.hosts:
+        out = host.run(["ip", "-4", "-o", "addr", "show"]).stdout.decode()
+        assert "inet " in out and all(" lo " in line for line in out.splitlines()), out
+        assert host.run(["ip", "-4", "route", "show"]).stdout.strip() == b""
+    with lab.a1.enter():
+        v4 = socket.socket()
+        v6 = socket.socket(socket.AF_INET6)
+    try:
+        with pytest.raises(OSError) as caught:
+            v4.connect(("198.51.100.2", 3012))
+        assert caught.value.errno == errno.ENETUNREACH
+        with listen(lab.rdv, family=socket.AF_INET6) as srv:
+            v6.settimeout(5)
+            v6.connect((lab.rdv.ip6, srv.getsockname()[1]))
+            conn, peer = srv.accept()
+            assert peer[0] == lab.a1.ip6  # no NAT on IPv6
+            conn.close()
+    finally:
+        v4.close()
+        v6.close()
+    assert "inet 10.0.2.2/24" in lab.b1.run(["ip", "-4", "-o", "addr"]).stdout.decode()
+    with pytest.raises(LabError, match="ipv6_only"):
+        Lab("drop", "drop", ipv6_only=("a",))  # IPv6-only needs IPv6
 
 
 def test_private_addresses_not_routable_on_the_internet(lab_factory: LabFactory) -> None:

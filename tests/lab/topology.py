@@ -621,7 +621,9 @@ class Lab:
     connection to the NAT's public address and a port mapped for a LAN host
     reaches that host (as RFC 5382 asks; plain Linux masquerading does not).
     ``rdv_second_ip=True`` gives ``rdv`` a second address, :data:`RDV_IP2`
-    (``lab.rdv_ips`` lists them).
+    (``lab.rdv_ips`` lists them). ``ipv6_only`` (with ``ipv6=True``) names the sites
+    whose hosts have no IPv4 at all (no address but loopback's, no route): their
+    router still has its IPv4 WAN, but nothing of theirs uses it.
     """
 
     def __init__(
@@ -638,6 +640,7 @@ class Lab:
         hairpin: tuple[str, ...] | frozenset[str] | list[str] = (),
         rdv_second_ip: bool = False,
         ipv6: bool = False,
+        ipv6_only: tuple[str, ...] | list[str] = (),
     ) -> None:
         for mode in (left, right):
             if mode not in MODES:
@@ -647,6 +650,10 @@ class Lab:
                 raise LabError(f"hairpin names sites a or b, not {side!r}")
             if (left if side == "a" else right) == "none":
                 raise LabError(f"site {side} has no NAT (mode none): nothing to hairpin")
+        for side in ipv6_only:
+            if side not in ("a", "b") or not ipv6:
+                raise LabError(f"ipv6_only names sites a or b of a lab with ipv6=True, "
+                               f"not {side!r}")
         if prefix is not None and not PREFIX_RE.match(prefix):
             raise LabError(f"bad prefix {prefix!r}: 1-24 characters of [A-Za-z0-9_]")
         if delay_ms < 0 or jitter_ms < 0:
@@ -661,6 +668,7 @@ class Lab:
         self.icmp_ratelimit = icmp_ratelimit
         self.rdv_second_ip = rdv_second_ip
         self.ipv6 = ipv6
+        self.ipv6_only = frozenset(ipv6_only)
         self.build_seconds: float | None = None
         self._procs: list[subprocess.Popen[bytes]] = []
         self._delayer: subprocess.Popen[bytes] | None = None
@@ -989,6 +997,9 @@ class Lab:
                     f"link set dev to-{host.name} master lan",
                     f"link set dev to-{host.name} up",
                 ]
+                if site.name in self.ipv6_only:  # no IPv4 but loopback's
+                    batches[host.name].append("link set dev eth0 up")
+                    continue
                 batches[host.name] += [
                     f"addr add {host.ip}/24 dev eth0",
                     "link set dev eth0 up",

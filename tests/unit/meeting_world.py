@@ -46,8 +46,13 @@ from nopf_web.roles import PeerRole
 from nopf_web.sessions import coordination_machine as cm
 from nopf_web.sessions.relay_join_machine import RelayFailed, RelayJoined, RelayJoinMachine
 from nopf_web.wire.address import Endpoint
+from nopf_web.wire.rendezvous import FrameReader, Hello, decode_client_message
 
 RDV = ("198.51.100.2", 3012)
+RDV6 = ("2001:db8:100::2", 3012)
+# Each role's global IPv6 address and IPv6 punch port (its candidate, when it offers one).
+V6: dict[str, Endpoint] = {"server": Endpoint("2001:db8:a::2", 41000),
+                           "client": Endpoint("2001:db8:b::2", 42000)}
 NatKind = Literal["none", "stable", "symmetric"]
 PUNCH_TIME = 0.05  # s a punch between two punchable NATs takes
 RTT = 0.02
@@ -68,6 +73,7 @@ class Side:
     code: str | None = None
     paths_opened: list[cm.PathKind] = field(default_factory=list)
     relay_hellos: list[bytes] = field(default_factory=list)  # what the relay got first
+    hellos: list[Hello] = field(default_factory=list)  # sent to the rendezvous, in order
     # the peer's relay joins by path id, and the server connection of each
     joins: dict[int, tuple[int, RelayJoinMachine]] = field(default_factory=dict)
 
@@ -77,8 +83,13 @@ class Side:
 
 
 class World:
+    """``ipv6_only``: the roles whose hosts have IPv6 only (a global address, no NAT, a
+    stateful firewall that a simultaneous open crosses): they reach the rendezvous at
+    RDV6, and their IPv6 punches open when the peer offered IPv6 too."""
+
     def __init__(self, sharer_nat: NatKind = "stable", joiner_nat: NatKind = "stable", *,
-                 limits: ServerLimits | None = None, now: float = 100.0) -> None:
+                 limits: ServerLimits | None = None, now: float = 100.0,
+                 ipv6_only: tuple[PeerRole, ...] = ()) -> None:
         self.now = now
         self.server = ServerMachine(limits)
         self.sides = {
@@ -87,6 +98,9 @@ class World:
             "client": Side("client", joiner_nat, "192.0.2.2",
                            "192.0.2.2" if joiner_nat == "none" else "10.0.2.2"),
         }
+        for role in ipv6_only:
+            side = self.sides[role]
+            side.public_ip = side.lan_ip = V6[role].host
         self._cids = itertools.count(1)
         self._ports = itertools.count(40001)
         self._random_ports = itertools.count(20001, 7)
@@ -231,7 +245,7 @@ class World:
         self.conns[cid] = (side, conn)
         port = local_port if side.nat != "symmetric" else next(self._random_ports)
         self._server(Accepted(cid, (side.public_ip, port), self.now, kernel_rtt=RTT,
-                              local=RDV))
+                              local=RDV6 if ":" in side.public_ip else RDV))
         return cid
 
     def _peer(self, side: Side, actions: list[cm.Action]) -> None:
@@ -248,6 +262,8 @@ class World:
                 self.by_peer[(side.role, a.conn)] = self._accept(side, port, a.conn)
                 self._peer(side, then)
             elif isinstance(a, cm.Send):
+                side.hellos += [msg for p in FrameReader().feed(a.data)
+                                if isinstance(msg := decode_client_message(p), Hello)]
                 cid = self.by_peer[(side.role, a.conn)]
                 if cid in self.conns:
                     self._server(Received(cid, a.data, self.now, None))
@@ -276,7 +292,9 @@ class World:
         m = side.machine
         assert m is not None
         if isinstance(how, cm.Punch):
-            punchable = "symmetric" not in (s.nat for s in self.sides.values())
+            # IPv6 has no NAT: two firewalls that both sent a SYN let it through.
+            punchable = (how.stage.path == "ipv6"
+                         or "symmetric" not in (s.nat for s in self.sides.values()))
             if punchable:
                 self.later(PUNCH_TIME, lambda: self._peer(side, m.path_opened(path, self.now)))
             else:
@@ -284,7 +302,7 @@ class World:
                 self.later(how.stage.budget,
                            lambda: self._peer(side, m.path_failed(path, failure, self.now)))
             return
-        assert isinstance(how, cm.ViaRelay), how  # the world's peers offer no candidates
+        assert isinstance(how, cm.ViaRelay), how  # no mapped ports in this world
         join = RelayJoinMachine(how.stage, self.now, net_timeout=m.config.net_timeout)
         port = next(self._ports)
         side.joins[path] = (port, join)

@@ -183,12 +183,15 @@ def test_a_lan_stage_stays_first() -> None:
     assert isinstance(first.how, Punch) and first.how.stage == lan
 
 
-@given(ours=st.booleans(), v6=st.booleans())
-def test_both_peers_build_the_same_rungs(ours: bool, v6: bool) -> None:
+@given(ours=st.booleans(), v6=st.booleans(), theirs=st.sampled_from([None, "seen", "other"]))
+def test_both_peers_build_the_same_rungs(ours: bool, v6: bool, theirs: str | None) -> None:
     """Each peer derives its rungs from (its list, the other's list): the paths line up.
-    (A joiner offers no mapping: its hello leaves before it knows its public address.)"""
+    A joiner's mapping (``theirs``) is offered before it knows its public address: at the
+    fire both apply the rule to it, so one on another address ("other") is used by
+    neither."""
     s_cands = Gathered((V6_US,) if v6 else (), MAPPED if ours else None, 5555)
-    j_cands = Gathered((V6_PEER,) if v6 else ())
+    j_mapped = {None: None, "seen": PEER_MAPPED, "other": Endpoint("100.64.7.7", 46000)}
+    j_cands = Gathered((V6_PEER,) if v6 else (), j_mapped[theirs], 6666)
     s = sharer(s_cands)
     s_said = s.client_frames(max(s.ports))[0]
     assert isinstance(s_said, Hello) and s_said.candidates is not None
@@ -198,15 +201,29 @@ def test_both_peers_build_the_same_rungs(ours: bool, v6: bool) -> None:
     j_hello = j.client_frames(conn)[0]
     assert isinstance(j_hello, Hello) and j_hello.candidates is not None
     s_paths = fired(s, j_hello.candidates)
-    j.says(conn, reply() + frames(Fire(PUBLIC, PEER, (), 40.0, relay=RELAY,
-                                       peer_candidates=s_said.candidates)))
+    # The joiner's fire: its own public address (PEER), the sharer's (PUBLIC).
+    j.says(conn, reply(PEER) + frames(Fire(PEER, PUBLIC, (), 40.0, relay=RELAY,
+                                           peer_candidates=s_said.candidates)))
     j_paths = [a for a in j.actions if isinstance(a, OpenPath)]
     def kind(o: OpenPath) -> str:
         return (o.how.stage.path if isinstance(o.how, Punch)
                 else "mapped" if isinstance(o.how, AwaitMapped) else "relay")
 
     assert kind(s_paths[0]) == kind(j_paths[0])
-    assert kind(s_paths[0]) == ("ipv6" if v6 else "mapped" if ours else "relay")
+    mapped = ours or theirs == "seen"
+    assert kind(s_paths[0]) == ("ipv6" if v6 else "mapped" if mapped else "relay")
+    if theirs is not None:
+        assert any(c.path == "mapped" for c in j_hello.candidates)  # offered, unchecked
+    if theirs == "other":
+        assert any(line.startswith("not using our mapped port 100.64.7.7:46000: the "
+                                   f"gateway's public address is not {PEER.host}")
+                   for line in j.said())
+    if not v6 and not ours and theirs == "seen":
+        # The sharer (no mapping of its own) dials the joiner's mapped port from any port;
+        # the joiner accepts it on its mapped port's listener, from the sharer's IP only.
+        assert isinstance(s_paths[0].how, Punch)
+        assert s_paths[0].how.stage == Stage("mapped", PEER_MAPPED, "connect", 2.16)
+        assert j_paths[0].how == AwaitMapped(6666, PUBLIC.host, 2.16)
 
 
 def test_path_words() -> None:

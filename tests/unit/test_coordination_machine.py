@@ -50,11 +50,12 @@ from nopf_web.sessions.coordination_machine import (
     refusal,
 )
 from nopf_web.wire.address import Endpoint
-from nopf_web.wire.discovery import encode_reply
+from nopf_web.wire.discovery import encode_reply, encode_reply6
 from nopf_web.wire.nat import NatSummary
 from nopf_web.wire.rendezvous import (
     ERROR_CODES,
     RESUME_WAIT,
+    Candidate,
     ClientMessage,
     ErrorReply,
     Fire,
@@ -125,6 +126,7 @@ class Peer:
         self.sent: dict[int, bytes] = {}
         self.next_port = 40000
         self.ports: dict[int, int] = {}
+        self.local = LOCAL  # our address on every connection (an IPv6 one: over IPv6)
 
     # -- the driver's side --------------------------------------------------------
 
@@ -148,7 +150,7 @@ class Peer:
         action = self.last(Connect)
         port = action.port or self.fresh_port()
         self.ports[action.conn] = port
-        self.feed(self.machine.connected(action.conn, Endpoint(LOCAL, port), deferred,
+        self.feed(self.machine.connected(action.conn, Endpoint(self.local, port), deferred,
                                          self.now))
         if deferred:
             assert self.actions[-1] == AwaitHandshake(action.conn)
@@ -1088,3 +1090,57 @@ def test_the_codes_words_never_reach_the_rendezvous(role: PeerRole) -> None:
     for word in CODE.words:
         assert word.encode() not in sent and word.encode("utf-16-be") not in sent
     assert str(CODE).encode() not in sent
+
+
+# -- over IPv6: a host without IPv4 (issue 17) ----------------------------------------------
+
+LOCAL6 = "2001:db8:a::2"
+PUBLIC6 = Endpoint(LOCAL6, 40002)  # no NAT: the rendezvous sees our own address
+RELAY6 = RelayStage(Endpoint("2001:db8:100::2", 3012), 20.0, bytes(range(16)))
+
+
+@settings(max_examples=200)
+@given(cuts=cut_points, deferred=st.booleans())
+def test_over_ipv6_a_sharer_checks_no_mapping_and_reads_the_ipv6_reply(
+        cuts: list[int], deferred: bool) -> None:
+    p = Peer("server", punch_timeout=30.0)
+    p.local = LOCAL6
+    p.start()
+    first = p.connect()  # the mapping check's connection: up, over IPv6
+    assert p.client_frames(first) == []  # no probe: there is no NAT mapping to check
+    assert p.actions[-2:] == [Close(first), Connect(first + 1, 0, fastopen=True)]
+    conn = p.connect(deferred=deferred)
+    assert p.client_frames(conn) == [Hello("share", None, (), None, 15.0, relay=True,
+                                           nat=NatSummary(), owner=OWNER)]
+    the_fire = Fire(PUBLIC6, PEER, (), 40.0, "relayed", PEER_PAKE, ("unknown", "stable"),
+                    relay=RELAY6)
+    p.says(conn, encode_reply6(PUBLIC6.host, PUBLIC6.port)
+           + frames(Ping(1), Welcome(7, 600.0, PUBLIC6), the_fire), cuts)
+    assert p.said()[0] == f"public address {PUBLIC6} (local port 40002)"
+    assert not punches(p)
+    [(path, via)] = vias(p)
+    assert via == ViaRelay("0.0.0.0", RELAY6)  # the driver binds :: for an IPv6 relay
+    assert p.said()[-1] == ("we reached the rendezvous over IPv6 only, no IPv4 punch: going "
+                            "through the relay at [2001:db8:100::2]:3012")
+    prediction = p.machine.prediction
+    assert prediction is not None and prediction.rule == "ipv6-only-relayed"
+    done = p.feed(p.machine.path_opened(path, 1.0, Endpoint(LOCAL6, 5)))
+    [succeed] = [a for a in done if isinstance(a, Succeed)]
+    assert (succeed.paired.path, succeed.paired.public) == ("relay", PUBLIC6)
+
+
+def test_a_plan_with_no_path_for_us_fails_at_once_naming_the_cause() -> None:
+    # No IPv4 path, no relay, and our IPv6 met none of the peer's (we offered none).
+    p = Peer("client", punch_timeout=30.0)
+    p.local = LOCAL6
+    p.start()
+    conn = p.connect()
+    note = "the connector reached the rendezvous over IPv6 only: only IPv6 can connect them"
+    p.says(conn, encode_reply6(PUBLIC6.host, PUBLIC6.port) + frames(Fire(
+        PUBLIC6, PEER, (), 40.0, note, PEER_PAKE, ("unknown", "stable"),
+        peer_candidates=(Candidate("ipv6", Endpoint("2001:db8:b::2", 4)),))))
+    assert not the_paths(p)
+    error = p.failure()
+    assert isinstance(error, errors.CoordinatedPunchTimeout)
+    assert str(error) == f"no path to the peer could be tried: {note}"
+    assert p.machine.done and p.machine.wake_at is None

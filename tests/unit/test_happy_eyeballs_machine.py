@@ -25,6 +25,28 @@ def test_order_interleaves_families_ipv6_first() -> None:
     assert interleave([V6B, V6A]) == [V6B, V6A]  # the resolver's order within a family
 
 
+def test_a_preferred_family_goes_first_and_may_try_several_before_the_other() -> None:
+    # The coordinated peer prefers IPv4 (its IPv4 mapping is what its punch needs).
+    assert interleave([V6A, V6B, V4A, V4B], first=4) == [V4A, V6A, V4B, V6B]
+    assert interleave([V6A, V6B, V4A, V4B, V4C], first=4, first_count=3) == [
+        V4A, V4B, V4C, V6A, V6B]
+    assert interleave([V6A, V4A], first=4, first_count=5) == [V4A, V6A]
+    assert interleave([V6A, V6B], first=4) == [V6A, V6B]  # none of it: the other family
+    assert interleave([V4A, V6A, V6B, V4B], first_count=2) == [V6A, V6B, V4A, V4B]
+
+
+def test_ipv6_follows_every_ipv4_attempt_by_the_stagger_or_at_once_on_failures() -> None:
+    he = HappyEyeballs([V6A, V4A, V4B], first=4, first_count=2)
+    assert he.start(0.0) == [StartAttempt(0, V4A)]
+    assert he.timer(0.25) == [StartAttempt(1, V4B)]  # the first IPv4 is silent
+    assert he.failed(1, "connection refused", 0.3) == [StartAttempt(2, V6A)]
+    assert he.connected(2, 0.31) == [CancelAttempt(0), Won(2, V6A)]
+    # A host without an IPv4 route: its attempts fail at once, IPv6 starts at once.
+    he = HappyEyeballs([V6A, V4A], first=4)
+    he.start(0.0)
+    assert he.failed(0, "network unreachable", 0.0) == [StartAttempt(1, V6A)]
+
+
 def test_describe_brackets_ipv6() -> None:
     assert describe(V6A) == "[2001:db8::1]:3012" and describe(V4A) == "198.51.100.2:3012"
 
@@ -66,10 +88,14 @@ def test_no_address_is_an_error() -> None:
 
 
 @given(st.lists(st.sampled_from([V6A, V6B, V4A, V4B, V4C]), min_size=1, max_size=5),
-       st.lists(st.sampled_from(["fail", "tick", "win"]), max_size=12))
+       st.lists(st.sampled_from(["fail", "tick", "win"]), max_size=12),
+       st.sampled_from([4, 6]), st.integers(0, 4))
 def test_every_address_is_tried_at_most_once_and_one_outcome(
-        addresses: list[tuple[str, int]], script: list[str]) -> None:
-    he = HappyEyeballs(addresses)
+        addresses: list[tuple[str, int]], script: list[str], first: int, count: int) -> None:
+    he = HappyEyeballs(addresses, first=first, first_count=count)  # type: ignore[arg-type]
+    assert sorted(he.addresses) == sorted(set(addresses))  # each once, none lost
+    if any((":" in a[0]) == (first == 6) for a in addresses):
+        assert (":" in he.addresses[0][0]) == (first == 6)  # the preferred family first
     started: list[int] = []
     running: list[int] = []
     outcomes = 0

@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 
 from nopf_web.rendezvous.server_machine import RelayLimits, ServerLimits
+from nopf_web.roles import PeerRole
 from nopf_web.sessions import coordination_machine as cm, errors
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.rendezvous import RESUME_WAIT, FrameReader, Relay, decode_client_message
 
-from .meeting_world import RDV, NatKind, World
+from .meeting_world import RDV, RDV6, V6, NatKind, World
 
 RID = bytes(range(16))
 RELAY = Endpoint(*RDV)
@@ -171,3 +172,81 @@ def test_direct_only_resume_that_fails_its_punch_does_not_retry() -> None:
     for side in w.sides.values():
         assert isinstance(side.error, errors.CoordinatedPunchTimeout), side.error
         assert all(isinstance(p, cm.Punch) for p in side.paths_opened)
+
+
+# -- a peer that reaches the rendezvous over IPv6 only (issue 17) ----------------------------
+
+
+def ipv6_world(*, ipv6_only: tuple[PeerRole, ...], offers: tuple[PeerRole, ...],
+               sharer: NatKind = "stable", joiner: NatKind = "stable",
+               **server: object) -> World:
+    """A pairing where ``ipv6_only`` have no IPv4 at all and ``offers`` send their global
+    IPv6 address as a candidate (every peer sends the field, possibly empty)."""
+    w = World(sharer, joiner, limits=ServerLimits(**server),  # type: ignore[arg-type]
+              ipv6_only=ipv6_only)
+
+    def gathered(role: PeerRole) -> cm.Gathered:
+        return cm.Gathered((V6[role],) if role in offers else ())
+
+    w.share(punch_timeout=10.0, candidates=gathered("server"))
+    w.run(stop=lambda: w.sides["server"].code is not None)
+    w.join(punch_timeout=10.0, candidates=gathered("client"))
+    w.run()
+    return w
+
+
+def test_an_ipv6_only_connector_and_a_dual_stack_sharer_connect_over_ipv6() -> None:
+    w = ipv6_world(ipv6_only=("client",), offers=("server", "client"), sharer="symmetric")
+    s, j = w.sides["server"], w.sides["client"]
+    for side, peer in ((s, V6["client"]), (j, V6["server"])):
+        assert isinstance(side.result, cm.Paired), side.error
+        assert (side.result.path, side.result.peer) == ("ipv6", peer)
+        # No IPv4 punch was planned for anyone: the IPv6 rung first, and it won.
+        assert [p.stage.path for p in side.paths_opened if isinstance(p, cm.Punch)] == ["ipv6"]
+        assert side.result.prediction is not None
+        assert side.result.prediction.rule == "ipv6-only", side.result.prediction
+        assert side.result.prediction.certain
+    assert not w.relays
+    assert s.result is not None and j.result is not None
+    assert j.result.public.host == V6["client"].host  # as the rendezvous saw it
+    assert s.result.public.host == "203.0.113.2"
+    assert f"public address [{V6['client'].host}]:" in " ".join(j.said)
+
+
+def test_an_ipv6_only_connector_and_an_ipv4_only_sharer_meet_on_the_relay() -> None:
+    w = ipv6_world(ipv6_only=("client",), offers=("client",))
+    s, j = w.sides["server"], w.sides["client"]
+    relays = {"server": RELAY, "client": Endpoint(*RDV6)}  # each reaches it in its family
+    for role, side in w.sides.items():
+        assert isinstance(side.result, cm.Paired), side.error
+        assert side.result.path == "relay" and side.result.relay == relays[role]
+        assert [type(p) for p in side.paths_opened] == [cm.ViaRelay]  # no punch at all
+    assert s.result is not None and j.result is not None
+    assert s.result.why == "the peer reached the rendezvous over IPv6 only, no IPv4 punch"
+    assert j.result.why == "we reached the rendezvous over IPv6 only, no IPv4 punch"
+    assert s.result.peer == j.result.public and j.result.public.host == V6["client"].host
+    assert len(w.relays) == 1 and len(set(tokens(w))) == 2
+
+
+def test_an_ipv6_only_sharer_checks_no_mapping_and_offers_no_lan() -> None:
+    w = ipv6_world(ipv6_only=("server",), offers=("server",))
+    s = w.sides["server"]
+    assert isinstance(s.result, cm.Paired) and s.result.path == "relay", s.error
+    assert s.result.relay == Endpoint(*RDV6)
+    # Its connections: the one it opened to check the mapping, given up as soon as it
+    # was up over IPv6 (nothing sent), then the hello's. The hello says no LAN, no probe.
+    assert not any("checking" in line for line in s.said)
+    [sent] = s.hellos
+    assert (sent.lan, sent.probe) == ((), None)
+
+
+def test_without_a_relay_an_ipv6_pair_needs_no_plan_and_others_are_refused() -> None:
+    w = ipv6_world(ipv6_only=("client",), offers=("server", "client"),
+                   relay=RelayLimits(enabled=False))
+    for side in w.sides.values():
+        assert isinstance(side.result, cm.Paired) and side.result.path == "ipv6", side.error
+    w = ipv6_world(ipv6_only=("client",), offers=("client",), relay=RelayLimits(enabled=False))
+    for side in w.sides.values():
+        assert isinstance(side.error, errors.SymmetricNat), side.error
+        assert "the connector reached the rendezvous over IPv6 only" in str(side.error)
+        assert not side.paths_opened

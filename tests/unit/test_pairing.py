@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hypothesis import given, strategies as st
 
 from nopf_web.pairing import BadCode, PairingCode, make_code, parse_code
 from nopf_web.pairing_words import WORDS
@@ -198,3 +199,58 @@ def test_plan_behind_one_symmetric_nat_uses_the_lan_only() -> None:
     plans = make_plans(a, b, PairingLimits())
     assert [(s.path, s.peer, s.punch) for s in plans.sharer] == [("lan", b.lan[0], "arm")]
     assert [(s.path, s.peer, s.punch) for s in plans.joiner] == [("lan", a.lan[0], "connect")]
+
+
+# A peer seen over IPv6 has no IPv4 mapping: no IPv4 stage is ever planned for the pair.
+
+V6_PEER = PeerInfo(E("2001:db8:b::2", 40001), (), None, 30, 0.04)
+ipv4_peers = st.builds(
+    lambda mapping, lan, timeout: PeerInfo(
+        E("203.0.113.2", 4000), lan, None if mapping == "unknown" else
+        E("203.0.113.2", 4000 if mapping == "stable" else 4999), timeout, 0.04),
+    st.sampled_from(["unknown", "stable", "symmetric"]),
+    st.sampled_from([(), (E("10.0.1.2", 4000),)]), st.floats(1, 60))
+ipv6_peers = st.builds(lambda port, timeout: PeerInfo(
+    E("2001:db8:a::2", port), (), None, timeout, 0.04), st.integers(1, 65535),
+    st.floats(1, 60))
+
+
+@given(st.one_of(st.tuples(ipv4_peers, ipv6_peers), st.tuples(ipv6_peers, ipv4_peers),
+                 st.tuples(ipv6_peers, ipv6_peers)),
+       st.booleans(), st.booleans(), st.booleans())
+def test_no_ipv4_stage_for_a_pair_with_a_peer_seen_over_ipv6(
+        pair: tuple[PeerInfo, PeerInfo], relay: bool, direct_only: bool,
+        ipv6_pair: bool) -> None:
+    sharer, joiner = pair
+    limits = PairingLimits()
+    try:
+        plans = make_plans(sharer, joiner, limits, relay=relay, direct_only=direct_only,
+                           ipv6_pair=ipv6_pair)
+    except SymmetricPair as exc:  # no relay and no IPv6 between them: nothing can work
+        assert not ipv6_pair and not (relay and not direct_only)
+        assert "reached the rendezvous over IPv6 only" in str(exc)
+        return
+    assert plans.sharer == plans.joiner == ()
+    relayed = relay and not direct_only
+    assert (plans.relay_budget is not None) == relayed
+    if relayed:
+        assert plans.relay_budget == max(limits.relay_min_budget,
+                                         min(sharer.punch_timeout, joiner.punch_timeout))
+    assert plans.sharer_note == plans.joiner_note
+    assert plans.sharer_note is not None and "over IPv6 only" in plans.sharer_note
+    assert V6_PEER.mapping == "unknown" and V6_PEER.over_ipv6
+
+
+def test_a_pair_no_punch_connects_is_left_to_its_candidates_when_it_has_some() -> None:
+    sym = peer("203.0.113.2:4000", "10.0.1.2:4000", probe="4999")
+    other = peer("192.0.2.2:5000", "10.0.2.2:5000", probe="5999")
+    stable = peer("192.0.2.2:5000", "10.0.2.2:5000")
+    for a, b, kw in ((sym, other, {}), (sym, stable, {"relay": True, "direct_only": True})):
+        with pytest.raises(SymmetricPair):
+            make_plans(a, b, PairingLimits(), **kw)
+        for extra in ({"mapped_pair": True}, {"ipv6_pair": True}):
+            plans = make_plans(a, b, PairingLimits(), **kw, **extra)
+            assert plans.sharer == plans.joiner == () and plans.relay_budget is None
+            assert plans.sharer_note is not None
+            assert plans.sharer_note.endswith("only their own candidates (IPv6, a mapped "
+                                              "port) can")

@@ -6,6 +6,7 @@ import base64
 import contextlib
 import ipaddress
 import json
+import re
 import struct
 
 import pytest
@@ -76,9 +77,14 @@ hellos = st.one_of(
               side=st.sampled_from(["share", "join"]), direct_only=st.booleans(),
               candidates=candidate_lists),
 )
+# What the rendezvous observed may be IPv6 too (a peer that reached it over IPv6): any
+# address but the unspecified and the multicast ones.
+observed = endpoints | st.builds(
+    Endpoint, st.integers(1, (0xFF00 << 112) - 1).map(lambda n: str(ipaddress.IPv6Address(n))),
+    st.integers(1, 65535))
 stages = st.builds(Stage, st.sampled_from(["public", "lan"]), endpoints,
                    st.sampled_from(["arm", "connect"]), seconds)
-relay_stages = st.builds(RelayStage, endpoints, seconds, ids16)
+relay_stages = st.builds(RelayStage, observed, seconds, ids16)
 client_msgs = st.one_of(hellos, st.builds(Pong, st.integers(0, 2**31 - 1)), st.just(Probe()),
                         st.builds(PakeMessage, pakes), st.builds(Relay, ids16))
 
@@ -86,16 +92,18 @@ client_msgs = st.one_of(hellos, st.builds(Pong, st.integers(0, 2**31 - 1)), st.j
 @st.composite
 def fires(draw: st.DrawFn) -> Fire:
     relay = draw(st.none() | relay_stages)
-    plan = tuple(draw(st.lists(stages, min_size=0 if relay else 1,
+    cands = draw(candidate_lists)
+    # No stage at all only beside the peer's candidates (an IPv6 pair without relay).
+    plan = tuple(draw(st.lists(stages, min_size=0 if relay or cands is not None else 1,
                                max_size=7 if relay else 8)))
-    return Fire(draw(endpoints), draw(endpoints), plan, draw(st.floats(0, 10_000)),
+    return Fire(draw(observed), draw(observed), plan, draw(st.floats(0, 10_000)),
                 draw(st.none() | texts), draw(st.none() | pakes),
                 draw(st.none() | st.tuples(mappings, mappings)), relay,
-                peer_candidates=draw(candidate_lists))
+                peer_candidates=cands)
 
 
 server_msgs = st.one_of(
-    st.builds(Welcome, st.integers(1, 999_999), st.floats(0, 3600), endpoints),
+    st.builds(Welcome, st.integers(1, 999_999), st.floats(0, 3600), observed),
     st.builds(Ping, st.integers(0, 2**31 - 1)),
     fires(),
     st.builds(ErrorReply, st.sampled_from(["expired", "used", "unknown_code", "relay_refused"]),
@@ -429,5 +437,33 @@ def test_relayed_takes_no_fields_and_a_fire_needs_a_stage() -> None:
         decode_server_message(b'{"type":"relayed","token":"x"}')
     with pytest.raises(MessageError, match="1-8 stages"):
         encode(Fire(Endpoint("192.0.2.1", 1), Endpoint("192.0.2.2", 2), (), 1.0))
+    # ...unless the peer's candidates come with it (an IPv6 pair without a relay).
+    bare = Fire(Endpoint("192.0.2.1", 1), Endpoint("2001:db8::2", 2), (), 1.0,
+                peer_candidates=(Candidate("ipv6", Endpoint("2001:db8::2", 3)),))
+    assert b'"plan":[]' in encode(bare) and b'"peer_public":"[2001:db8::2]:2"' in encode(bare)
     with pytest.raises(MessageError, match="belongs to a resume hello"):
         encode(Hello("join", 7, (), None, 5.0, direct_only=True))
+
+
+def test_observed_addresses_may_be_ipv6_and_punch_addresses_may_not() -> None:
+    v6 = Endpoint("2001:db8:b::2", 40001)
+    welcome = Welcome(7, 600.0, v6)
+    assert b'"public":"[2001:db8:b::2]:40001"' in encode(welcome)
+    relay = RelayStage(Endpoint("2001:db8:100::2", 3012), 5.0, bytes(16))
+    fire = Fire(Endpoint("203.0.113.2", 4000), v6, (), 20.0, relay=relay)
+    [payload] = FrameReader().feed(encode(fire))
+    assert decode_server_message(payload) == fire
+    assert b'"peer":"[2001:db8:100::2]:3012"' in payload
+    bads: list[tuple[Message, str]] = [
+        (Hello("join", 7, (v6,), None, 5.0), "hello.lan"),  # a LAN address is IPv4
+        (Hello("join", 7, (), v6, 5.0), "hello.probe"),  # a mapping check is IPv4's
+        (Fire(v6, v6, (Stage("public", v6, "arm", 4.0),), 1.0), "fire.plan[].peer"),
+    ]
+    for bad, needle in bads:
+        with pytest.raises(MessageError, match=re.escape(needle)):
+            encode(bad)
+    for text in ('"[2001:db8::1]"', '"[ff02::1]:5"', '"[::]:5"', '"[fe80::1%eth0]:5"',
+                 '"2001:db8::1:5"'):
+        obj = ('{"type":"welcome","nameplate":7,"expires_in":600,"public":' + text + "}")
+        with pytest.raises(MessageError, match=r"welcome\.public"):
+            decode_server_message(obj.encode())

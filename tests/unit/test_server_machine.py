@@ -47,7 +47,7 @@ from nopf_web.rendezvous.server_machine import (
 )
 from nopf_web.tunnel.secure import Pake
 from nopf_web.wire.address import Endpoint
-from nopf_web.wire.discovery import REPLY_SIZE, decode_reply, encode_reply6
+from nopf_web.wire.discovery import REPLY6_SIZE, REPLY_SIZE, decode_reply, encode_reply6
 from nopf_web.wire.rendezvous import (
     ErrorReply,
     Fire,
@@ -65,6 +65,7 @@ from nopf_web.wire.rendezvous import (
 
 SHARER_IP, JOINER_IP = "203.0.113.2", "198.51.100.7"
 RDV = ("198.51.100.2", 3012)  # the rendezvous' own address, as every client reaches it
+RDV6 = ("2001:db8:100::2", 3012)  # ...and as an IPv6 client does
 LAN_A, LAN_B = Endpoint("10.0.1.2", 4000), Endpoint("10.0.2.2", 5000)
 
 
@@ -76,6 +77,7 @@ class Peer:
     """One connection as its client sees it: every byte and how the server ended it."""
 
     id: ConnId
+    ipv6: bool = False  # over IPv6: the 22-byte reply
     data: bytearray = field(default_factory=bytearray)
     fin: bool = False  # LastWord's FIN
     ended: str | None = None  # "close" | "reset" | "relayed" (handed to the driver)
@@ -83,11 +85,16 @@ class Peer:
 
     @property
     def reply(self) -> bytes:
-        return bytes(self.data[:REPLY_SIZE])
+        return bytes(self.data[:self.reply_size])
+
+    @property
+    def reply_size(self) -> int:
+        return REPLY6_SIZE if self.ipv6 else REPLY_SIZE
 
     def messages(self) -> list[ServerMessage]:
         frames = FrameReader()
-        return [decode_server_message(p) for p in frames.feed(bytes(self.data[REPLY_SIZE:]))]
+        return [decode_server_message(p)
+                for p in frames.feed(bytes(self.data[self.reply_size:]))]
 
     def last(self) -> ServerMessage:
         return self.messages()[-1]
@@ -143,7 +150,10 @@ class Harness:
     def connect(self, ip: str = JOINER_IP, port: int | None = None, *, rtt: float | None = 0.02,
                 syn_data: bool = False, local: tuple[str, int] | None = RDV) -> Peer:
         self._next += 1
-        peer = self.peers[self._next] = Peer(self._next)
+        v6 = ":" in ip and not ip.startswith("::ffff:")
+        peer = self.peers[self._next] = Peer(self._next, v6)
+        if v6 and local == RDV:
+            local = RDV6  # an IPv6 client reaches our IPv6 address
         self.feed(Accepted(peer.id, (ip, port or 40000 + self._next), self.now, rtt, syn_data,
                            local))
         return peer
@@ -281,18 +291,20 @@ def test_the_failed_write_of_a_reply_is_counted_and_logged() -> None:
     assert (h.m.stats.served, h.m.stats.failed, h.m.stats.open_now) == (0, 1, 0)
 
 
-def test_a_peer_without_address_is_not_served_and_an_ipv6_one_gets_its_address_only() -> None:
+def test_a_peer_without_address_is_not_served_and_an_ipv6_one_gets_its_ipv6_reply() -> None:
     h = Harness()
     h.peers[7] = Peer(7)
     assert h.feed(Accepted(7, None, h.now)) == [
         Log("error", "could not serve ?: connection closed before it could be served"),
         Reset(7)]
     assert h.m.stats.failed == 1 and h.m.stats.served == 0
-    # IPv6 (a dual-stack rendezvous): the 22-byte IPv6 reply and a FIN, no pairing.
-    h.peers[8] = Peer(8)
+    # IPv6 (a dual-stack rendezvous): the 22-byte IPv6 reply, then the hello wait of
+    # every connection (coordinated mode over IPv6); a client that sends none is closed.
+    h.peers[8] = Peer(8, ipv6=True)
     actions = h.feed(Accepted(8, ("2001:db8::1", 5000), h.now))
-    assert actions == [LastWord(8, encode_reply6("2001:db8::1", 5000))]
+    assert actions == [Send(8, encode_reply6("2001:db8::1", 5000))]
     assert h.m.stats.failed == 1 and h.m.stats.served == 1
+    assert h.advance(1.0) == [Close(8)]
 
 
 # Caps -------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from nopf_web.wire.address import Endpoint
 from nopf_web.wire.nat import NatSummary
 from nopf_web.wire.rendezvous import (
     RESUME_WAIT,
+    Candidate,
     ErrorReply,
     Fire,
     Hello,
@@ -810,3 +811,78 @@ def test_an_older_peer_without_nat_never_gets_peer_nat_in_its_fire() -> None:
     assert j.peer_nat is None and b"peer_nat" not in encode(j)
     assert s.peer_nat is None  # the older peer has none to give
     assert h.m.stats.predicted == {"public": 1}
+
+
+# A peer seen over IPv6 (issue 17) -----------------------------------------------------------
+
+SHARER6, JOINER6 = "2001:db8:a::2", "2001:db8:b::2"
+RDV6 = Endpoint("2001:db8:100::2", 3012)  # the harness' IPv6 clients reach us there
+
+
+@settings(max_examples=150)
+@given(sharer_v6=st.booleans(), joiner_v6=st.booleans(), relay=st.booleans(),
+       cands=st.sampled_from(["none", "empty", "sharer", "joiner", "both"]),
+       sharer_mapping=st.sampled_from(["unknown", "stable", "symmetric"]))
+def test_no_ipv4_stage_is_ever_planned_for_a_peer_seen_over_ipv6(
+        sharer_v6: bool, joiner_v6: bool, relay: bool, cands: str,
+        sharer_mapping: Mapping) -> None:
+    h = harness(None if relay else RelayLimits(enabled=False))
+
+    def offered(role: str, ip: str) -> tuple[Candidate, ...] | None:
+        if cands == "none":
+            return None
+        mine = cands in (role, "both")
+        return (Candidate("ipv6", Endpoint(ip, 41000)),) if mine else ()
+
+    s_ip, j_ip = (SHARER6 if sharer_v6 else SHARER_IP), (JOINER6 if joiner_v6 else JOINER_IP)
+    probe, lan = ((None, ()) if sharer_v6 else probe_for(h, SHARER_IP, sharer_mapping))
+    sharer = h.hello(Hello("share", None, lan, probe, 10, relay=True,
+                           candidates=offered("sharer", SHARER6)), s_ip)
+    welcome = sharer.messages()[0]
+    assert isinstance(welcome, Welcome) and welcome.public.host == s_ip
+    joiner = h.hello(Hello("join", welcome.nameplate, () if joiner_v6 else (LAN_B,), None, 10,
+                           relay=True, candidates=offered("joiner", JOINER6)), j_ip)
+    h.advance(1)
+    h.invariants()
+    last_s, last_j = sharer.last(), joiner.last()
+    if not (sharer_v6 or joiner_v6):
+        return  # the IPv4 plans, tested above
+    if isinstance(last_s, ErrorReply):  # no relay, and no IPv6 pair: refused, both
+        assert isinstance(last_j, ErrorReply) and last_s == last_j
+        assert last_s.code == "symmetric_nat" and "over IPv6 only" in last_s.message
+        assert not relay and cands != "both"
+        return
+    s, j = fires(sharer, joiner)
+    assert s.plan == j.plan == ()  # no LAN or public stage: nothing IPv4 to punch
+    assert (s.public.host, s.peer_public.host, j.public.host) == (s_ip, j_ip, j_ip)
+    assert (s.relay is not None) == (j.relay is not None) == relay
+    for fire, v6 in ((s, sharer_v6), (j, joiner_v6)):
+        if fire.relay is not None:  # the relay in the receiving peer's own family
+            assert fire.relay.relay == (RDV6 if v6 else Endpoint(*RDV))
+        assert fire.note is not None and "over IPv6 only" in fire.note
+    if not relay:
+        assert cands == "both" and s.peer_candidates and j.peer_candidates
+
+
+@pytest.mark.parametrize(("mapped_ip", "left_to_candidates"), [
+    (JOINER_IP, True),  # the connector's gateway maps on the address we see it at
+    ("100.64.7.7", False),  # behind another NAT: of no use, the pair is refused
+])
+def test_a_direct_only_resume_no_punch_can_connect_is_left_to_a_mapped_port(
+        mapped_ip: str, left_to_candidates: bool) -> None:
+    h = harness()
+    sharer = h.hello(Hello("resume", None, (LAN_A,), Endpoint(SHARER_IP, 4999), 10,
+                           resume_id=RID, side="share", direct_only=True, candidates=()),
+                     SHARER_IP)  # symmetric: its probe's port is not the one we see
+    mapped = Candidate("mapped", Endpoint(mapped_ip, 46000))
+    joiner = h.hello(Hello("resume", None, (LAN_B,), None, 10, resume_id=RID, side="join",
+                           direct_only=True, candidates=(mapped,)), JOINER_IP)
+    h.advance(1)
+    if not left_to_candidates:
+        assert error_of(sharer).code == error_of(joiner).code == "symmetric_nat"
+        return
+    s, j = fires(sharer, joiner)
+    assert s.plan == j.plan == () and s.relay is None and j.relay is None
+    assert s.peer_candidates == (mapped,) and j.peer_candidates == ()
+    assert s.note is not None and s.note.endswith("only their own candidates (IPv6, a "
+                                                  "mapped port) can")
