@@ -66,9 +66,9 @@ async def reach_rendezvous(endpoint: Endpoint, timeout: float, *,
                                         first_count=v4 if coordinated and first == 4 else 1)
     sock.close()  # a connection without a hello: the rendezvous resets it at once
     if on_event is not None:
-        what = (f"{len(usable)} IPv4 addresses" if not coordinated else
-                f"{len(usable)} addresses ({v4} IPv4, {len(usable) - v4} IPv6; "
-                f"IPv{first} tried first)")
+        v6 = len(usable) - v4
+        what = (f"{len(usable)} IPv{4 if v4 else 6} addresses" if not (v4 and v6) else
+                f"{len(usable)} addresses ({v4} IPv4, {v6} IPv6; IPv{first} tried first)")
         on_event(f"rendezvous {endpoint}: {describe(address)} answered first of {what}")
     return address
 
