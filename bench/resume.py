@@ -35,17 +35,11 @@ from typing import Literal
 from nopf_web.tunnel.mux import Mux, Stream
 from nopf_web.tunnel.resumable import ResumableChannel
 from nopf_web.tunnel.resume_machine import NeedPath, PathLost, PathSelected, ResumeEvent
+from tests.loopback import tcp_pair
 
 CODE = "7-orbit-lantern"
 _LINGER_RST = struct.pack("ii", 1, 0)
 Break = Literal["reset", "blackhole"]
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as lsock:
-        a = socket.create_connection(lsock.getsockname())
-        b, _ = lsock.accept()
-    return a, b
 
 
 class Link:

@@ -42,17 +42,10 @@ from nopf_web.tunnel.secure import (
     open_channel,
 )
 from nopf_web.wire.frames import ResetCode
+from tests.loopback import tcp_pair
 
 CODE = "7-orbit-lantern"
 SECRET = b"the known plaintext that must never be seen on the wire"
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """Two ends of one real loopback TCP connection."""
-    with socket.create_server(("127.0.0.1", 0)) as lsock:
-        a = socket.create_connection(lsock.getsockname())
-        b, _ = lsock.accept()
-    return a, b
 
 
 class Relay:

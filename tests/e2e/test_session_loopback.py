@@ -5,27 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
 
 import pytest
 
 from nopf_web.punch.machine import PunchConfig
-from nopf_web.rendezvous.server import RendezvousServer
 from nopf_web.roles import PeerRole
 from nopf_web.sessions.engine import Event, State
 from nopf_web.sessions.seed import SeedEngine, SeedSpec
 from nopf_web.wire.address import Endpoint
 from tests.programs import free_port
-
-
-@pytest.fixture
-async def rendezvous() -> AsyncIterator[Endpoint]:
-    server = RendezvousServer("127.0.0.1", 0)
-    await server.start()
-    try:
-        yield Endpoint(*server.address)
-    finally:
-        await server.close()
 
 
 def spec(role: PeerRole, port: int, rdv: Endpoint) -> SeedSpec:
@@ -44,6 +32,25 @@ async def wait_state(session: SeedEngine, state: State, timeout: float = 10) -> 
         unsubscribe()
 
 
+async def app_round_trip(client_port: int, service: socket.socket) -> None:
+    """An application on the client session's port sends 100 000 bytes and EOF; the
+    service (non-blocking) gets them all and answers "bye", which the application reads."""
+    loop = asyncio.get_running_loop()
+    app = socket.create_connection(("127.0.0.1", client_port))
+    app.setblocking(False)
+    conn, _ = await loop.sock_accept(service)
+    await loop.sock_sendall(app, b"x" * 100_000)
+    app.shutdown(socket.SHUT_WR)
+    got = b""
+    while chunk := await loop.sock_recv(conn, 65536):
+        got += chunk
+    assert got == b"x" * 100_000
+    await loop.sock_sendall(conn, b"bye")
+    conn.close()
+    assert await loop.sock_recv(app, 10) == b"bye"
+    app.close()
+
+
 async def test_punch_pipe_and_events(rendezvous: Endpoint) -> None:
     service = socket.create_server(("127.0.0.1", 0))
     service.setblocking(False)
@@ -59,20 +66,7 @@ async def test_punch_pipe_and_events(rendezvous: Endpoint) -> None:
     server.set_peer(client.public_address)
     client.set_peer(server.public_address)
     await wait_state(client, State.CONNECTED)
-    loop = asyncio.get_running_loop()
-    app = socket.create_connection(("127.0.0.1", client_port))
-    app.setblocking(False)
-    conn, _ = await loop.sock_accept(service)
-    await loop.sock_sendall(app, b"x" * 100_000)
-    app.shutdown(socket.SHUT_WR)
-    got = b""
-    while chunk := await loop.sock_recv(conn, 65536):
-        got += chunk
-    assert got == b"x" * 100_000
-    await loop.sock_sendall(conn, b"bye")
-    conn.close()
-    assert await loop.sock_recv(app, 10) == b"bye"
-    app.close()
+    await app_round_trip(client_port, service)
     await asyncio.gather(*tasks)
     assert client.state is State.CLOSED and server.state is State.CLOSED
     assert client.bytes_out == 100_000 and client.bytes_in == 3

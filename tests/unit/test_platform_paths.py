@@ -40,7 +40,8 @@ from nopf_web.tunnel.pipe import Pipe, copy_method
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.rendezvous import Ping, encode
 from tests.e2e.test_secure_mux import forwarded, hash_client, hash_service
-from tests.e2e.test_session_loopback import spec, wait_state
+from tests.e2e.test_session_loopback import app_round_trip, spec, wait_state
+from tests.loopback import tcp_pair
 from tests.programs import free_port
 from tests.unit.platform_support import FEATURES, take_away
 
@@ -54,13 +55,6 @@ pytestmark = pytest.mark.skipif(
     "real loopback punch, never run by us")
 
 LO = "127.0.0.1"
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server((LO, 0)) as server:
-        a = socket.create_connection(server.getsockname())
-        b, _ = server.accept()
-    return a, b
 
 
 # -- forward: gathered writes --------------------------------------------------------------
@@ -132,20 +126,7 @@ async def seed_session(rdv: Endpoint) -> tuple[SeedEngine, SeedEngine, list[Even
         server.set_peer(client.public_address)
         client.set_peer(server.public_address)
         await wait_state(client, State.CONNECTED)
-        loop = asyncio.get_running_loop()
-        app = socket.create_connection((LO, client_port))
-        app.setblocking(False)
-        conn, _ = await loop.sock_accept(service)
-        await loop.sock_sendall(app, b"x" * 100_000)
-        app.shutdown(socket.SHUT_WR)
-        got = b""
-        while chunk := await loop.sock_recv(conn, 65536):
-            got += chunk
-        assert got == b"x" * 100_000
-        await loop.sock_sendall(conn, b"bye")
-        conn.close()
-        assert await loop.sock_recv(app, 10) == b"bye"
-        app.close()
+        await app_round_trip(client_port, service)
         async with asyncio.timeout(10):
             await asyncio.gather(*tasks)
     finally:
