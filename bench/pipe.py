@@ -35,16 +35,13 @@ from bench.measure import echo_mode, round_trips, send_counted, serve_conn
 from nopf_web.tunnel.pipe import COPY_METHODS
 from tests.e2e.peers import connect, punch_pair, start_rendezvous
 from tests.lab import Host, Lab
+from tests.loopback import accepted
 
 
 def sink(lsock: socket.socket, stop: threading.Event) -> None:
     """Serve the counting/echo protocol on every connection until ``stop``."""
     lsock.settimeout(0.5)
-    while not stop.is_set():
-        try:
-            conn, _ = lsock.accept()
-        except TimeoutError:
-            continue
+    for conn in accepted(lsock, stop):
         conn.settimeout(None)
         threading.Thread(target=serve_conn, args=(conn,), daemon=True).start()
 

@@ -1,10 +1,12 @@
 """Loopback sockets for the tests and benchmarks: a connected TCP pair, whether this host
-has IPv6 loopback, and everything a server sends until it closes."""
+has IPv6 loopback, everything a server sends until it closes, a service's accept loop."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import threading
+from collections.abc import Iterator
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -40,3 +42,17 @@ async def read_until_close(addr: tuple[str, int],
         data += chunk
     sock.close()
     return data, port
+
+
+def accepted(listener: socket.socket, stop: threading.Event) -> Iterator[socket.socket]:
+    """Each connection ``listener`` accepts until ``stop`` is set or the listener is closed.
+
+    The listener needs a timeout: it is how often ``stop`` is looked at."""
+    while not stop.is_set():
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            continue
+        except OSError:  # closed under us: the service is ending
+            return
+        yield conn
