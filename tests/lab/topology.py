@@ -52,6 +52,7 @@ import asyncio
 import atexit
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import re
@@ -319,6 +320,39 @@ class Host:
         """
         with _in_netns(self.ns):
             yield self
+
+    def listener(self, port: int = 0, *, share: bool = False,
+                 timeout: float = 5.0) -> socket.socket:
+        """A TCP listener on all of this host's IPv4 addresses, living in its namespace
+        (``share``: SO_REUSEPORT too, so that connections can be made from its port);
+        accept waits ``timeout`` s at most."""
+        with self.enter():
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if share:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("0.0.0.0", port))
+        sock.listen(16)
+        sock.settimeout(timeout)
+        return sock
+
+    def attempt(self, addr: tuple[str, int], timeout: float = 0.6, *, send: bytes = b"") -> str:
+        """A TCP connect from this host to ``addr`` (then ``send``, if given): "ok",
+        "timeout" or the errno name (ECONNREFUSED, EHOSTUNREACH...)."""
+        with self.enter():
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(addr)
+            if send:
+                sock.sendall(send)
+        except TimeoutError:
+            return "timeout"
+        except OSError as exc:
+            return errno.errorcode.get(exc.errno or 0, str(exc))
+        finally:
+            sock.close()
+        return "ok"
 
     def run_async(self, main: Callable[[], Awaitable[T]], timeout: float = 30.0) -> T:
         """Run ``main()`` in an event loop of a thread inside this namespace; its
