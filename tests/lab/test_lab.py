@@ -550,25 +550,18 @@ def test_atexit_and_stale_cleanup(lab_factory: LabFactory) -> None:
         "print(lab.prefix, lab.delayer.pid, flush=True)\n"
         "if sys.argv[1] == 'kill': os.kill(os.getpid(), signal.SIGKILL)\n"
     )
+
+    def owner(end: str) -> subprocess.CompletedProcess[str]:
+        """A process that brings a lab up and prints it, then ends by ``end`` (exit, kill)."""
+        return subprocess.run([sys.executable, "-c", code, end], cwd=REPO,
+                              capture_output=True, text=True, timeout=30, check=False)
+
     # normal exit without down(): the atexit hook removes the lab
-    out = subprocess.run(
-        [sys.executable, "-c", code, "exit"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout.split()
-    assert netns_with_prefix(out[0]) == []
+    proc = owner("exit")
+    assert proc.returncode == 0, proc.stderr
+    assert netns_with_prefix(proc.stdout.split()[0]) == []
     # SIGKILLed owner: namespaces stay, the delayer exits by itself, cleanup_stale removes it
-    proc = subprocess.run(
-        [sys.executable, "-c", code, "kill"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    proc = owner("kill")
     assert proc.returncode == -signal.SIGKILL
     prefix, delayer_pid = proc.stdout.split()[0], int(proc.stdout.split()[1])
     assert len(netns_with_prefix(prefix)) == 8
