@@ -249,6 +249,12 @@ def digest_exchange(host: Host, size: int) -> bool:
     return reply == hashlib.sha256(payload).digest()
 
 
+def concurrent_exchanges(host: Host, streams: int, size: int) -> bool:
+    """``streams`` digest exchanges of ``size`` bytes at once; whether every reply was right."""
+    with ThreadPoolExecutor(streams) as pool:
+        return all(pool.map(digest_exchange, [host] * streams, [size] * streams))
+
+
 def test_two_dashboards_pair_by_code_behind_two_nats(
         lab_factory: LabFactory, dashboards: list[Dashboard], tmp_path: Path) -> None:
     streams, size = 6, 512 * 1024
@@ -265,8 +271,7 @@ def test_two_dashboards_pair_by_code_behind_two_nats(
         assert server["path"] == client["path"] == "public"
         assert client["peer_address"].split(":")[0] == lab.site("a").public_ip
 
-        with ThreadPoolExecutor(streams) as pool:
-            assert all(pool.map(digest_exchange, [lab.b1] * streams, [size] * streams))
+        assert concurrent_exchanges(lab.b1, streams, size)
 
         def counted(d: dict[str, Any]) -> bool:
             return bool(d["bytes_out"] == streams * size and d["connections"] == streams)
@@ -302,8 +307,7 @@ def test_two_dashboards_behind_symmetric_nats_connect_through_the_relay(
         log = dash_b.text(f"/sessions/{client['id']}")
         assert "tunnel up over the relay at 198.51.100.2:3012" in log
 
-        with ThreadPoolExecutor(streams) as pool:
-            assert all(pool.map(digest_exchange, [lab.b1] * streams, [size] * streams))
+        assert concurrent_exchanges(lab.b1, streams, size)
         dash_b.call("DELETE", f"/api/sessions/{client['id']}")
 
     dash_a.wait(server["id"], "end", ended)
