@@ -10,7 +10,7 @@ import pytest
 from nopf_web.rendezvous.server import RendezvousServer
 from nopf_web.wire.discovery import REPLY6_SIZE, DiscoveryReader, decode_reply, decode_reply6
 from tests.loopback import has_ipv6_loopback, read_until_close
-from tests.programs import argv, free_port
+from tests.programs import argv, free_port, serving
 
 needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback")
 
@@ -42,33 +42,21 @@ def test_ipv6_reply_codec_rejects_garbage() -> None:
 @needs_ipv6
 def test_program_listens_on_both_families_by_default() -> None:
     port = free_port()
-    proc = subprocess.Popen(argv("nopf-server", "--port", str(port), "--no-doctor"),
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
+    with serving("nopf-server", "--port", str(port), "--no-doctor") as stderr:
+        line = stderr.readline()
         assert f"listening on 0.0.0.0:{port}, [::]:{port}" in line, line
         data, local = asyncio.run(read_until_close(("::1", port)))
         assert decode_reply6(data) == ("::1", local)
         data, local = asyncio.run(read_until_close(("127.0.0.1", port)))
         assert decode_reply(data) == ("127.0.0.1", local)
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
 
 
 def test_program_host_option_is_repeatable_and_exclusive() -> None:
     port = free_port()
-    proc = subprocess.Popen(argv("nopf-server", "--host", "127.0.0.1", "--host", "127.0.0.2",
-                                 "--port", str(port), "--no-doctor"),
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
+    with serving("nopf-server", "--host", "127.0.0.1", "--host", "127.0.0.2",
+                 "--port", str(port), "--no-doctor") as stderr:
+        line = stderr.readline()
         assert line.strip().endswith(f"listening on 127.0.0.1:{port}, 127.0.0.2:{port}"), line
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
     bad = subprocess.run(argv("nopf-server", "--host", "example.org"), capture_output=True,
                          text=True, timeout=20)
     assert bad.returncode == 2 and "--host 'example.org' is not an IP address" in bad.stderr

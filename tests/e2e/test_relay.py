@@ -33,7 +33,7 @@ from tests.e2e.relay_clients import (
     relay_connect,
     send_and_close,
 )
-from tests.programs import argv, free_port
+from tests.programs import argv, free_port, serving
 
 A_IP, B_IP = "127.0.0.1", "127.0.0.2"  # the sharer's and the joiner's "public" addresses
 
@@ -292,13 +292,10 @@ def test_bad_relay_flags_are_one_line(args: list[str], needle: str) -> None:
 
 def test_the_program_relays_at_its_rate_and_says_so() -> None:
     port = free_port()
-    proc = subprocess.Popen(argv("nopf-server", "--host", "127.0.0.1", "--port", str(port),
-                                 "--relay-rate", "2M", "--relay-max-sessions", "8"),
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr is not None
-        assert "listening on" in proc.stderr.readline()
-        assert (proc.stderr.readline()
+    with serving("nopf-server", "--host", "127.0.0.1", "--port", str(port),
+                 "--relay-rate", "2M", "--relay-max-sessions", "8") as stderr:
+        assert "listening on" in stderr.readline()
+        assert (stderr.readline()
                 == "nopf-server: relay on: up to 8 sessions, 4 per address, 2 MB/s each\n")
 
         async def run() -> float:
@@ -315,9 +312,6 @@ def test_the_program_relays_at_its_rate_and_says_so() -> None:
 
         seconds = asyncio.run(run())
         assert 0.8 <= seconds <= 1.3, seconds
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
 
 
 # The copier itself ---------------------------------------------------------------------------

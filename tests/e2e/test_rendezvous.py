@@ -16,7 +16,7 @@ from nopf_web.rendezvous.server import RendezvousServer, ServerLimits
 from nopf_web.wire.discovery import decode_reply
 from nopf_web.wire.rendezvous import FrameReader, Hello, encode
 from tests.loopback import read_until_close
-from tests.programs import argv, free_port
+from tests.programs import argv, free_port, serving
 
 
 async def test_reply_is_exactly_the_seed_format() -> None:
@@ -109,16 +109,10 @@ def test_server_program_port_in_use_is_one_line() -> None:
 
 def test_server_program_serves_and_stops_on_sigterm() -> None:
     port = free_port()
-    proc = subprocess.Popen(argv("nopf-server", "--host", "127.0.0.1", "--port", str(port)),
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr is not None
-        assert "listening on" in proc.stderr.readline()
+    with serving("nopf-server", "--host", "127.0.0.1", "--port", str(port)) as stderr:
+        assert "listening on" in stderr.readline()
         data, local = asyncio.run(read_until_close(("127.0.0.1", port)))
         assert decode_reply(data) == ("127.0.0.1", local)
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
 
 
 @pytest.mark.parametrize(("flag", "value", "needle"), [
@@ -141,20 +135,13 @@ def test_server_program_fits_max_connections_to_the_open_files_limit() -> None:
     # Soft 100 is lifted to the hard 300, which still leaves room for only 236
     # clients (64 spare descriptors): the server says so and refuses the rest.
     port = free_port()
-    proc = subprocess.Popen(
-        argv("nopf-server", "--host", "127.0.0.1", "--port", str(port),
-             "--max-connections", "5000"),
-        stderr=subprocess.PIPE, text=True, preexec_fn=_open_files_limit(100, 300))
-    try:
-        assert proc.stderr is not None
-        lines = [proc.stderr.readline(), proc.stderr.readline()]
+    with serving("nopf-server", "--host", "127.0.0.1", "--port", str(port),
+                 "--max-connections", "5000", preexec_fn=_open_files_limit(100, 300)) as stderr:
+        lines = [stderr.readline(), stderr.readline()]
         assert any("the open-files limit allows only 236 connections (asked for 5,000); "
                    "raise it with ulimit -n" in line for line in lines), lines
         data, local = asyncio.run(read_until_close(("127.0.0.1", port)))
         assert decode_reply(data) == ("127.0.0.1", local)
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
 
 
 def test_programs_lift_the_soft_open_files_limit() -> None:
