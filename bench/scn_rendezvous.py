@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,59 +216,72 @@ async def hold_waiting(server: ServerProc, count: int, progress: Progress,
 # -- pairings and discoveries per second ----------------------------------------------
 
 
-async def pairings(port: int, workers: int, window: float) -> tuple[int, int]:
-    """Complete sharer/connector exchanges for ``window`` s: (pairs, errors)."""
+# Why one simulated exchange can fail under load (each is counted as an error).
+FAILURES = (OSError, RuntimeError, AssertionError, asyncio.IncompleteReadError, TimeoutError)
+
+
+async def for_window(window: float, workers: int, attempt: Callable[[int], Awaitable[object]],
+                     first: int = 0) -> tuple[int, int]:
+    """Workers ``first``... each call ``attempt(w)`` again and again for ``window`` s:
+    (attempts done, attempts failed)."""
     done = errors = 0
     deadline = time.monotonic() + window
 
     async def worker(w: int) -> None:
         nonlocal done, errors
         while time.monotonic() < deadline:
-            peers: list[Peer] = []
             try:
-                async with asyncio.timeout(STEP_TIMEOUT):
-                    sharer = await Peer.open(port, source(2 * w, 2), hello("share"))
-                    peers.append(sharer)
-                    welcome = await sharer.next()
-                    assert isinstance(welcome, Welcome), welcome
-                    joiner = await Peer.open(port, source(2 * w + 1, 2),
-                                             hello("join", welcome.nameplate))
-                    peers.append(joiner)
-                    fires = await asyncio.gather(sharer.next(), joiner.next())
-                if not all(isinstance(f, Fire) for f in fires):
-                    raise RuntimeError(f"expected two fire instructions, got {fires!r:.80}")
+                await attempt(w)
                 done += 1
-            except (OSError, RuntimeError, AssertionError, asyncio.IncompleteReadError,
-                    TimeoutError):
+            except FAILURES:
                 errors += 1
-            finally:
-                for p in peers:
-                    p.close()
 
-    await asyncio.gather(*(worker(w) for w in range(workers)))
+    await asyncio.gather(*(worker(w) for w in range(first, first + workers)))
     return done, errors
+
+
+async def one_pair(share_port: int, join_port: int, w: int) -> float:
+    """Worker ``w``'s sharer/connector exchange, the sharer through ``share_port``, the
+    connector through ``join_port``: seconds from the connector's connect to both fire
+    instructions in hand."""
+    peers: list[Peer] = []
+    try:
+        async with asyncio.timeout(STEP_TIMEOUT):
+            sharer = await Peer.open(share_port, source(2 * w, 2), hello("share"))
+            peers.append(sharer)
+            welcome = await sharer.next()
+            assert isinstance(welcome, Welcome), welcome
+            t0 = time.perf_counter()
+            joiner = await Peer.open(join_port, source(2 * w + 1, 2),
+                                     hello("join", welcome.nameplate))
+            peers.append(joiner)
+            fires = await asyncio.gather(sharer.next(), joiner.next())
+            took = time.perf_counter() - t0
+        if not all(isinstance(f, Fire) for f in fires):
+            raise RuntimeError(f"expected two fire instructions, got {fires!r:.80}")
+        return took
+    finally:
+        for p in peers:
+            p.close()
+
+
+async def discovery(port: int, w: int) -> None:
+    """Worker ``w``'s seed discovery request: connect, the 10-byte reply, close."""
+    async with asyncio.timeout(STEP_TIMEOUT):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, local_addr=(source(w, 3), 0))
+        await reader.readexactly(REPLY_SIZE)
+    writer.close()
+
+
+async def pairings(port: int, workers: int, window: float) -> tuple[int, int]:
+    """Complete sharer/connector exchanges for ``window`` s: (pairs, errors)."""
+    return await for_window(window, workers, lambda w: one_pair(port, port, w))
 
 
 async def discoveries(port: int, workers: int, window: float) -> tuple[int, int]:
     """Seed discovery requests (connect, 10-byte reply, close) for ``window`` s."""
-    done = errors = 0
-    deadline = time.monotonic() + window
-
-    async def worker(w: int) -> None:
-        nonlocal done, errors
-        while time.monotonic() < deadline:
-            try:
-                async with asyncio.timeout(STEP_TIMEOUT):
-                    reader, writer = await asyncio.open_connection(
-                        "127.0.0.1", port, local_addr=(source(w, 3), 0))
-                    await reader.readexactly(REPLY_SIZE)
-                writer.close()
-                done += 1
-            except (OSError, asyncio.IncompleteReadError, TimeoutError):
-                errors += 1
-
-    await asyncio.gather(*(worker(w) for w in range(workers)))
-    return done, errors
+    return await for_window(window, workers, lambda w: discovery(port, w))
 
 
 # -- the scenario ----------------------------------------------------------------------
