@@ -36,15 +36,11 @@ from nopf_web.wire.discovery import REPLY_SIZE
 from nopf_web.wire.rendezvous import (
     ErrorReply,
     Fire,
-    FrameReader,
     Hello,
-    Ping,
-    Pong,
     ServerMessage,
     Welcome,
-    decode_server_message,
-    encode,
 )
+from tests.e2e.relay_clients import Coordination
 from tests.programs import argv
 
 NAME = "rendezvous"
@@ -55,6 +51,7 @@ PER_SOURCE = 50  # connections per 127.x.y.z source, under the server's cap of 6
 STEP_TIMEOUT = 10.0  # s for any one protocol step of a simulated peer
 WAIT_LIMIT_S = 35.0  # s of opening waiting sharers per server, to stay within the budget
 HOLD_S = 5.0  # s the server's CPU is watched while every sharer waits
+LO = "127.0.0.1"
 
 
 class ServerProc:
@@ -93,38 +90,15 @@ def source(i: int, block: int = 1) -> str:
     return f"127.{block}.{i // 250}.{i % 250 + 1}"
 
 
-class Peer:
-    """One simulated coordinated-mode client connection (share or join)."""
+class Peer(Coordination):
+    """One simulated coordinated-mode client connection (share or join): waits as long as
+    its caller lets it, takes a refusal for an error and ends with a RST."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.frames = FrameReader()
-        self.pending: list[ServerMessage] = []
-
-    @classmethod
-    async def open(cls, port: int, src: str, hello: Hello) -> Peer:
-        async with asyncio.timeout(STEP_TIMEOUT):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(src, 0))
-            writer.write(encode(hello))
-            await reader.readexactly(REPLY_SIZE)  # the seed's discovery reply comes first
-        return cls(reader, writer)
-
-    async def next(self) -> ServerMessage:
-        """The next message other than a ping (pings are answered at once)."""
-        while True:
-            while self.pending:
-                msg = self.pending.pop(0)
-                if isinstance(msg, Ping):
-                    self.writer.write(encode(Pong(msg.seq)))
-                    continue
-                if isinstance(msg, ErrorReply):
-                    raise RuntimeError(f"rendezvous refused: {msg.code}: {msg.message}")
-                return msg
-            chunk = await self.reader.read(4096)
-            if not chunk:
-                raise ConnectionError("rendezvous closed the connection")
-            self.pending += [decode_server_message(p) for p in self.frames.feed(chunk)]
+    async def next(self, timeout: float | None = None) -> ServerMessage:
+        msg = await super().next(timeout)
+        if isinstance(msg, ErrorReply):
+            raise RuntimeError(f"rendezvous refused: {msg.code}: {msg.message}")
+        return msg
 
     def close(self) -> None:
         self.writer.transport.abort()  # RST: no FIN handshake left to the server
@@ -168,7 +142,8 @@ async def hold_waiting(server: ServerProc, count: int, progress: Progress,
     async def one(i: int) -> None:
         async with gate:
             try:
-                peer = await Peer.open(server.port, source(i // PER_SOURCE), hello("share"))
+                peer = await Peer.open((LO, server.port), source(i // PER_SOURCE),
+                                       hello("share"))
                 async with asyncio.timeout(STEP_TIMEOUT):
                     msg = await peer.next()
                 if not isinstance(msg, Welcome):
@@ -247,12 +222,12 @@ async def one_pair(share_port: int, join_port: int, w: int) -> float:
     peers: list[Peer] = []
     try:
         async with asyncio.timeout(STEP_TIMEOUT):
-            sharer = await Peer.open(share_port, source(2 * w, 2), hello("share"))
+            sharer = await Peer.open((LO, share_port), source(2 * w, 2), hello("share"))
             peers.append(sharer)
             welcome = await sharer.next()
             assert isinstance(welcome, Welcome), welcome
             t0 = time.perf_counter()
-            joiner = await Peer.open(join_port, source(2 * w + 1, 2),
+            joiner = await Peer.open((LO, join_port), source(2 * w + 1, 2),
                                      hello("join", welcome.nameplate))
             peers.append(joiner)
             fires = await asyncio.gather(sharer.next(), joiner.next())

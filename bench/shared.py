@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.paths import stop_proc
-from bench.scn_rendezvous import STEP_TIMEOUT, Peer, for_window, hello, one_pair, source
+from bench.scn_rendezvous import LO, STEP_TIMEOUT, Peer, for_window, hello, one_pair, source
 from bench.scn_util import raise_nofile
 from bench.secure import cpu_seconds
 from nopf_web.wire.rendezvous import Welcome
@@ -105,7 +105,7 @@ async def hold_sharers(port: int, count: int) -> list[Peer]:
 
     async def one(i: int) -> None:
         async with gate:
-            peer = await Peer.open(port, source(i // 50, 4), hello("share"))
+            peer = await Peer.open((LO, port), source(i // 50, 4), hello("share"))
             async with asyncio.timeout(STEP_TIMEOUT):
                 msg = await peer.next()
             assert isinstance(msg, Welcome), msg

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import REPLY_SIZE, decode_reply
@@ -50,7 +50,7 @@ class Coordination:
 
     @classmethod
     async def open(cls, rdv: tuple[str, int], source: str, hello: Hello, *,
-                   sock: socket.socket | None = None) -> Coordination:
+                   sock: socket.socket | None = None) -> Self:
         """``sock``: a connected socket to use (from the port the mapping check used)."""
         async with asyncio.timeout(STEP):
             if sock is not None:
@@ -62,9 +62,10 @@ class Coordination:
             await reader.readexactly(REPLY_SIZE)
         return cls(reader, writer)
 
-    async def next(self) -> ServerMessage:
-        """The next message other than a ping (pings are answered at once)."""
-        async with asyncio.timeout(STEP):
+    async def next(self, timeout: float | None = STEP) -> ServerMessage:
+        """The next message other than a ping (pings are answered at once), within
+        ``timeout`` s (None: no limit)."""
+        async with asyncio.timeout(timeout):
             while True:
                 while self.pending:
                     msg = self.pending.pop(0)
