@@ -90,6 +90,16 @@ def browser() -> Iterator[Any]:
             chromium.close()
 
 
+def _desktop(browser: Any, dashboard: str, *, clipboard: bool = False) -> Any:
+    """A desktop-sized browser context with the tests' default timeout (``clipboard``:
+    pages of the dashboard may read and write the clipboard)."""
+    context = browser.new_context(viewport=DESKTOP)
+    if clipboard:
+        context.grant_permissions(["clipboard-read", "clipboard-write"], origin=dashboard[:-1])
+    context.set_default_timeout(TIMEOUT_MS)
+    return context
+
+
 def _fill_new_session(page: Any, url: str, role: str, port: int, label: str) -> None:
     page.goto(url)
     page.get_by_role("radio", name=re.compile("^Server" if role == "server" else "^Client")).check()
@@ -97,25 +107,43 @@ def _fill_new_session(page: Any, url: str, role: str, port: int, label: str) -> 
     page.get_by_role("textbox", name="Label (optional)").fill(label)
 
 
+def _echo(app: socket.socket, size: int) -> bool:
+    """Send ``size`` random bytes through the application connection; whether they all
+    come back intact."""
+    payload = os.urandom(size)
+    app.sendall(payload)
+    echoed = bytearray()
+    while len(echoed) < len(payload):
+        chunk = app.recv(65536)
+        assert chunk, "the tunnel closed early"
+        echoed += chunk
+    return hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+
+
 def _echo_through(port: int, size: int) -> bool:
     """One application connection: send ``size`` random bytes, check the echo."""
-    payload = os.urandom(size)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as app:
-        app.sendall(payload)
-        echoed = bytearray()
-        while len(echoed) < len(payload):
-            chunk = app.recv(65536)
-            assert chunk, "the tunnel closed early"
-            echoed += chunk
-    return hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+        return _echo(app, size)
+
+
+def _wait_counted(pages: tuple[Any, ...], sent: int) -> None:
+    """Until each page's bytes-out counter says ``sent`` (it comes by the event stream)."""
+    for page in pages:
+        page.wait_for_function("n => document.querySelector('#bytes-out')?.dataset.bytes == n",
+                               arg=str(sent))
+
+
+def _history_rows(context: Any, dashboard: str) -> tuple[Any, Any]:
+    """A new page on the History; it and its table's rows."""
+    history = context.new_page()
+    history.goto(dashboard + "history")
+    return history, history.locator("table.history tbody tr")
 
 
 def test_a_client_joins_with_the_copied_code_and_carries_many_connections(
         dashboard: str, browser: Any, tmp_path: Path) -> None:
     screens = screens_dir(tmp_path)
-    context = browser.new_context(viewport=DESKTOP)
-    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=dashboard[:-1])
-    context.set_default_timeout(TIMEOUT_MS)
+    context = _desktop(browser, dashboard, clipboard=True)
     server_page, client_page = context.new_page(), context.new_page()
     errors = console_errors(server_page, client_page)
     streams, size = 6, 256 * 1024
@@ -157,10 +185,7 @@ def test_a_client_joins_with_the_copied_code_and_carries_many_connections(
 
         with ThreadPoolExecutor(streams) as pool:
             assert all(pool.map(_echo_through, [app_port] * streams, [size] * streams))
-        for page in (client_page, server_page):  # the counters arrive by the event stream
-            page.wait_for_function(
-                "n => document.querySelector('#bytes-out')?.dataset.bytes == n",
-                arg=str(streams * size))
+        _wait_counted((client_page, server_page), streams * size)
         assert client_page.locator("#bytes-in").inner_text() == "1.5 MiB"
         screenshot_both(client_page, screens, "session")
 
@@ -168,9 +193,7 @@ def test_a_client_joins_with_the_copied_code_and_carries_many_connections(
         client_page.locator("#live .badge-stopped").wait_for()
         server_page.locator("#live .badge-closed").wait_for()  # the peer's end closed it
 
-    history = context.new_page()
-    history.goto(dashboard + "history")
-    rows = history.locator("table.history tbody tr")
+    history, rows = _history_rows(context, dashboard)
     assert rows.count() == 2
     for label, outcome in (("browser join", "stopped"), ("browser share", "closed")):
         text = rows.filter(has_text=label).inner_text().lower()
@@ -198,8 +221,7 @@ def _start_session(page: Any, url: str, role: str, port: int, label: str) -> str
 def test_seed_mode_sessions_exchange_addresses_connect_and_land_in_history(
         dashboard: str, browser: Any, tmp_path: Path) -> None:
     screens = screens_dir(tmp_path)
-    context = browser.new_context(viewport=DESKTOP)
-    context.set_default_timeout(TIMEOUT_MS)
+    context = _desktop(browser, dashboard)
     server_page, client_page = context.new_page(), context.new_page()
     errors = console_errors(server_page, client_page)
 
@@ -219,20 +241,9 @@ def test_seed_mode_sessions_exchange_addresses_connect_and_land_in_history(
             page.locator("#live .badge-connected").wait_for()
         assert client_page.locator("#peer-address").inner_text() == server_public
 
-        payload = os.urandom(1 << 20)
         with socket.create_connection(("127.0.0.1", app_port), timeout=10) as app:
-            app.sendall(payload)
-            echoed = bytearray()
-            while len(echoed) < len(payload):
-                chunk = app.recv(65536)
-                assert chunk, "the tunnel closed early"
-                echoed += chunk
-            assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
-            # The counters reach the page through its event stream.
-            for page in (client_page, server_page):
-                page.wait_for_function(
-                    "n => document.querySelector('#bytes-out')?.dataset.bytes == n",
-                    arg=str(len(payload)))
+            assert _echo(app, 1 << 20)
+            _wait_counted((client_page, server_page), 1 << 20)
             assert client_page.locator("#bytes-in").inner_text() == "1.0 MiB"
             screenshot_both(client_page, screens, "seed-session")
 
@@ -240,9 +251,7 @@ def test_seed_mode_sessions_exchange_addresses_connect_and_land_in_history(
             client_page.locator("#live .badge-stopped").wait_for()
         server_page.locator("#live .badge-closed").wait_for()  # the peer's end closed it
 
-    history = context.new_page()
-    history.goto(dashboard + "history")
-    rows = history.locator("table.history tbody tr")
+    history, rows = _history_rows(context, dashboard)
     assert rows.count() == 2
     client_row = rows.filter(has_text="browser client")
     server_row = rows.filter(has_text="browser server")
@@ -281,9 +290,7 @@ def _poll(check: Callable[[], bool], what: str, timeout: float = TIMEOUT_MS / 10
 
 def test_a_copy_button_keeps_its_label_and_focus_through_live_updates(
         dashboard: str, browser: Any, tmp_path: Path) -> None:
-    context = browser.new_context(viewport=DESKTOP)
-    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=dashboard[:-1])
-    context.set_default_timeout(TIMEOUT_MS)
+    context = _desktop(browser, dashboard, clipboard=True)
     context.clock.install()  # page timers run as usual until paused
     page = context.new_page()
     errors = console_errors(page)
