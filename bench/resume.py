@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import socket
 import statistics
 import struct
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from bench.report import write_json
 from nopf_web.tunnel.mux import Mux, Stream
 from nopf_web.tunnel.resumable import ResumableChannel
 from nopf_web.tunnel.resume_machine import NeedPath, PathLost, PathSelected, ResumeEvent
@@ -179,8 +179,7 @@ def main() -> int:
         print(f"{how}: detection {summary(results, 'detect_s')}; from detection: new "
               f"connection up {summary(results, 'connect_s')}, data again "
               f"{summary(results, 'resume_s')}")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    write_json(args.json, report)
     return 0
 
 
