@@ -29,7 +29,16 @@ from typing import Any
 
 from bench.paths import stop_proc
 from bench.report import Progress, ScenarioResult, Target
-from bench.scn_util import fmt, median, new_figure, raise_nofile, rss_kib, save_figure, table
+from bench.scn_util import (
+    fmt,
+    label_plot,
+    median,
+    new_figure,
+    raise_nofile,
+    rss_kib,
+    save_figure,
+    table,
+)
 from bench.secure import cpu_seconds
 from nopf_web.rendezvous.server import ServerLimits
 from nopf_web.wire.discovery import REPLY_SIZE
@@ -350,11 +359,8 @@ def run(progress: Progress, quick: bool, outdir: Path) -> ScenarioResult:
     for label, w in waits.items():
         ax.plot([h for h, _ in w.samples], [k / 1024 for _, k in w.samples], marker="o",
                 label=label)
-    ax.set_xlabel("waiting sharers held")
-    ax.set_ylabel("server RSS (MiB)")
-    ax.set_title("Rendezvous memory vs waiting peers")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    label_plot(ax, "waiting sharers held", "server RSS (MiB)",
+               "Rendezvous memory vs waiting peers")
     plot = save_figure(fig, outdir / "rendezvous_memory.png")
 
     targets = [Target(

@@ -34,7 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import Progress, ScenarioResult, Target
-from bench.scn_util import fmt, in_rtts, median, new_figure, save_figure, setup_target, table
+from bench.scn_util import (
+    fmt,
+    in_rtts,
+    label_plot,
+    median,
+    new_figure,
+    save_figure,
+    setup_target,
+    table,
+)
 from tests.e2e.coord_harness import handshake_rtt
 from tests.e2e.coord_setup_timing import TFO_SYSCTL
 from tests.e2e.peers import RDV, Peer, listening, start_peer, start_rendezvous
@@ -238,11 +247,8 @@ def run(progress: Progress, quick: bool, outdir: Path) -> ScenarioResult:
                 marker=marker, label=f"{mode} (after start-up)")
     ax.plot(rtts, [setup_target(r / 1000) * 1000 for r in rtts], linestyle="--",
             color="grey", label="target: 3 RTTs + 100 ms")
-    ax.set_xlabel("measured RTT between the sites (ms)")
-    ax.set_ylabel("ready → first byte through (ms)")
-    ax.set_title("Connection setup time vs RTT")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    label_plot(ax, "measured RTT between the sites (ms)", "ready → first byte through (ms)",
+               "Connection setup time vs RTT")
     plot = save_figure(fig, outdir / "setup_vs_rtt.png")
     data = {"delays_ms": delays, "runs": runs,
             "results": {str(d): r for d, r in results.items()}}
