@@ -27,7 +27,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -46,9 +45,8 @@ from bench.scn_util import (
 )
 from tests.e2e.coord_harness import handshake_rtt
 from tests.e2e.coord_setup_timing import TFO_SYSCTL
-from tests.e2e.peers import RDV, Peer, listening, start_peer, start_rendezvous
+from tests.e2e.peers import Peer, listening, start_coordinated, start_peer, start_rendezvous
 from tests.lab import Host, Lab
-from tests.programs import argv
 
 NAME = "setup"
 TITLE = "Connection setup time vs RTT (seed and coordinated mode)"
@@ -139,10 +137,7 @@ def seed_once(lab: Lab, service: socket.socket, port: int) -> tuple[float, float
 
 
 def coord_start(host: Host, *args: str) -> Peer:
-    err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the Peer
-    proc = host.popen(argv("nopf", *args, "-a", RDV, "--timeout", "10"),
-                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
-    return Peer(args[0], host, proc, err)
+    return start_coordinated(host, *args, keepalive=None)
 
 
 def coord_once(lab: Lab, service: socket.socket, port: int) -> tuple[float, float]:

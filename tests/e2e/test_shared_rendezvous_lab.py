@@ -51,7 +51,7 @@ from tests.programs import argv
 from tests.redis_server import RedisServer, require_redis_server
 
 from .flows import Flows
-from .peers import Peer, wait_for
+from .peers import Peer, start_coordinated, wait_for
 from .test_resume_lab import close, echo
 from .web_support import echo_service
 
@@ -246,10 +246,7 @@ class _Conn:
 
 
 def start(host: Host, *args: str, rdv: str) -> Peer:
-    err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the Peer
-    proc = host.popen(argv("nopf", *args, "-a", rdv, "--timeout", "10", "--keepalive", "2"),
-                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
-    return Peer(args[0], host, proc, err)
+    return start_coordinated(host, *args, rdv=rdv)
 
 
 def test_a_sharer_on_one_node_pairs_with_a_connector_on_the_other_and_outlives_its_node(
