@@ -151,6 +151,12 @@ class Harness:
     def send(self, peer: Peer, data: bytes, rtt: float | None = None) -> list[Action]:
         return self.feed(Received(peer.id, data, self.now, rtt))
 
+    def pong(self, peer: Peer) -> None:
+        """Answer every ping ``peer`` has received, as a live client would."""
+        for msg in peer.messages():
+            if isinstance(msg, Ping):
+                self.send(peer, encode(Pong(msg.seq)))
+
     def close(self, peer: Peer) -> list[Action]:
         return self.feed(PeerClosed(peer.id, self.now))
 
@@ -436,9 +442,7 @@ def test_a_sharer_answering_pings_stays() -> None:
     sharer, _ = h.share()
     for _ in range(200):
         h.advance(1.0)
-        for msg in sharer.messages():
-            if isinstance(msg, Ping):
-                h.send(sharer, encode(Pong(msg.seq)))
+        h.pong(sharer)
     assert sharer.ended is None and h.m.conns[sharer.id].sharing is not None
 
 
@@ -473,9 +477,7 @@ def test_an_unclaimed_code_expires_and_both_sides_are_told() -> None:
     sharer, nameplate = h.share()
     for _ in range(30):
         h.advance(1)
-        for msg in sharer.messages():
-            if isinstance(msg, Ping):
-                h.send(sharer, encode(Pong(msg.seq)))
+        h.pong(sharer)
         if sharer.fin:
             break
     err = error_of(sharer)
@@ -848,9 +850,7 @@ def test_no_sequence_of_events_breaks_the_machine(script: list[tuple[str, int, b
         elif op == "send":
             h.send(target, data, rtt=0.01 if which % 2 else None)
         elif op == "pong":
-            for m in target.messages():
-                if isinstance(m, Ping):
-                    h.send(target, encode(Pong(m.seq)))
+            h.pong(target)
         elif op == "close":
             h.close(target)
         elif op == "lost":
