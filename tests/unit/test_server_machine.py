@@ -160,6 +160,18 @@ class Harness:
     def close(self, peer: Peer) -> list[Action]:
         return self.feed(PeerClosed(peer.id, self.now))
 
+    def fuzz_op(self, op: str, peer: Peer, which: int, dt: float) -> None:
+        """The fuzz scripts' common ops on a live ``peer``: "pong", "close", "lost" (while
+        writing for one ``which`` in three); any other op advances the clock ``dt`` s."""
+        if op == "pong":
+            self.pong(peer)
+        elif op == "close":
+            self.close(peer)
+        elif op == "lost":
+            self.lost(peer, writing=which % 3 == 0)
+        else:
+            self.advance(dt)
+
     def lost(self, peer: Peer, error: str = "[Errno 104] Connection reset by peer",
              writing: bool = False) -> list[Action]:
         return self.feed(Lost(peer.id, self.now, error, writing))
@@ -849,14 +861,8 @@ def test_no_sequence_of_events_breaks_the_machine(script: list[tuple[str, int, b
             h.connect(ip)
         elif op == "send":
             h.send(target, data, rtt=0.01 if which % 2 else None)
-        elif op == "pong":
-            h.pong(target)
-        elif op == "close":
-            h.close(target)
-        elif op == "lost":
-            h.lost(target, writing=which % 3 == 0)
         else:
-            h.advance(dt)
+            h.fuzz_op(op, target, which, dt)
         h.invariants()
         assert not [x for x in h.logs if x.kind == "internal"], h.logs
     event(f"paired: {min(h.m.stats.paired, 2)}")

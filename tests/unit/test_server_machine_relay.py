@@ -733,14 +733,8 @@ def test_no_sequence_of_relay_and_resume_events_breaks_the_machine(
             h.connect(ip)
         elif op == "send":
             h.send(target, data)
-        elif op == "pong":
-            h.pong(target)
-        elif op == "close":
-            h.close(target)
-        elif op == "lost":
-            h.lost(target, writing=which % 3 == 0)
         else:
-            h.advance(dt)
+            h.fuzz_op(op, target, which, dt)
         h.invariants()
         mach = h.m
         assert 0 <= mach._relay_count <= 2
