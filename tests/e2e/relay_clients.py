@@ -12,6 +12,7 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Self
 
@@ -40,6 +41,18 @@ STEP = 10.0  # s for any one step of a client
 RELAYED = encode(Relayed())
 
 
+def take_message(pending: list[ServerMessage],
+                 answer: Callable[[bytes], object]) -> ServerMessage | None:
+    """The first message of ``pending`` that is not a ping (taken off the list), each ping
+    before it answered with its pong through ``answer``; None once none is left."""
+    while pending:
+        msg = pending.pop(0)
+        if not isinstance(msg, Ping):
+            return msg
+        answer(encode(Pong(msg.seq)))
+    return None
+
+
 class Coordination:
     """One coordination connection (asyncio), answering pings while it waits."""
 
@@ -66,17 +79,12 @@ class Coordination:
         """The next message other than a ping (pings are answered at once), within
         ``timeout`` s (None: no limit)."""
         async with asyncio.timeout(timeout):
-            while True:
-                while self.pending:
-                    msg = self.pending.pop(0)
-                    if isinstance(msg, Ping):
-                        self.writer.write(encode(Pong(msg.seq)))
-                        continue
-                    return msg
+            while (msg := take_message(self.pending, self.writer.write)) is None:
                 chunk = await self.reader.read(4096)
                 if not chunk:
                     raise ConnectionError("the rendezvous closed the coordination connection")
                 self.pending += [decode_server_message(p) for p in self.frames.feed(chunk)]
+        return msg
 
     def close(self) -> None:
         self.writer.close()

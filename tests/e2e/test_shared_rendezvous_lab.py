@@ -37,8 +37,6 @@ from nopf_web.wire.rendezvous import (
     FrameReader,
     Hello,
     MessageError,
-    Ping,
-    Pong,
     ServerMessage,
     Welcome,
     decode_server_message,
@@ -52,6 +50,7 @@ from tests.redis_server import RedisServer, require_redis_server
 
 from .flows import Flows
 from .peers import Peer, start_coordinated, wait_for
+from .relay_clients import take_message
 from .test_resume_lab import close, echo
 from .web_support import echo_service
 
@@ -233,16 +232,11 @@ class _Conn:
         return self.next()
 
     def next(self) -> ServerMessage:
-        while True:
-            while self.queue:
-                msg = self.queue.pop(0)
-                if isinstance(msg, Ping):
-                    self.sock.sendall(encode(Pong(msg.seq)))
-                    continue
-                return msg
+        while (msg := take_message(self.queue, self.sock.sendall)) is None:
             chunk = self.sock.recv(4096)
             assert chunk, "closed before the message"
             self.queue += [decode_server_message(p) for p in self.frames.feed(chunk)]
+        return msg
 
 
 def start(host: Host, *args: str, rdv: str) -> Peer:
