@@ -160,6 +160,18 @@ class Harness:
     def close(self, peer: Peer) -> list[Action]:
         return self.feed(PeerClosed(peer.id, self.now))
 
+    def live_peer(self, which: int) -> Peer | None:
+        """The ``which``-th (modulo) of the peers whose connection is still up, if any."""
+        alive = [p for p in self.peers.values() if p.ended is None and p.id in self.m.conns
+                 and not self.m.conns[p.id].gone]
+        return alive[which % len(alive)] if alive else None
+
+    def nameplates(self) -> list[int]:
+        """Every nameplate the welcomes gave out so far ([1] before the first, so that a
+        join always has one to try)."""
+        return [m.nameplate for p in self.peers.values() for m in p.messages()
+                if isinstance(m, Welcome)] or [1]
+
     def fuzz_op(self, op: str, peer: Peer, which: int, dt: float) -> None:
         """The fuzz scripts' common ops on a live ``peer``: "pong", "close", "lost" (while
         writing for one ``which`` in three); any other op advances the clock ``dt`` s."""
@@ -843,11 +855,8 @@ def test_no_sequence_of_events_breaks_the_machine(script: list[tuple[str, int, b
     h = Harness(ServerLimits(max_connections=6, max_per_source=4,
                              pairing=PairingLimits(code_lifetime=30, max_failed_claims=3)))
     for op, which, data, dt, ip in script:
-        alive = [p for p in h.peers.values() if p.ended is None and p.id in h.m.conns
-                 and not h.m.conns[p.id].gone]
-        target = alive[which % len(alive)] if alive else None
-        plates = [m.nameplate for p in h.peers.values() for m in p.messages()
-                  if isinstance(m, Welcome)] or [1]
+        target = h.live_peer(which)
+        plates = h.nameplates()
         plate = plates[which % len(plates)]
         if op == "share":
             h.hello(SHARE, ip, rtt=0.01 * which or None)

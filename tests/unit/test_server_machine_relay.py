@@ -38,7 +38,6 @@ from nopf_web.wire.rendezvous import (
     RelayStage,
     ResumeSide,
     Stage,
-    Welcome,
     encode,
 )
 from tests.unit.test_server_machine import (
@@ -678,11 +677,8 @@ def test_no_sequence_of_relay_and_resume_events_breaks_the_machine(
                 max_per_source=6, pairing=PairingLimits(code_lifetime=30))
     shut = False
     for op, which, data, dt, ip in script:
-        alive = [p for p in h.peers.values() if p.ended is None and p.id in h.m.conns
-                 and not h.m.conns[p.id].gone]
-        target = alive[which % len(alive)] if alive else None
-        plates = [m.nameplate for p in h.peers.values() for m in p.messages()
-                  if isinstance(m, Welcome)] or [1]
+        target = h.live_peer(which)
+        plates = h.nameplates()
         relays: list[RelayStage] = [m.relay for p in h.peers.values() for m in p.messages()
                                     if isinstance(m, Fire) and m.relay is not None]
         if op == "share":
