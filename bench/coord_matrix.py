@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.report import publish
 from tests.e2e.coord_harness import RDV, Gather, exchange, handshake_rtt, pair
 from tests.e2e.peers import start_rendezvous
 from tests.lab import Lab, gateway as lab_gateway
@@ -209,13 +210,8 @@ def main() -> int:
         "own setup before its hello: the NAT mapping check (a probe connection, 2 RTTs, and "
         "waiting for its close, 1 RTT) and the coordination connection's handshake (1 RTT).",
     ]
-    failures = sorted({e for c in everything for e in c.errors})
-    if failures:
-        lines += ["", "## Messages seen on failure", ""] + [f"- `{e}`" for e in failures]
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if args.out:
-        args.out.write_text(report)
+    publish(lines, args.out, (e for c in everything for e in c.errors),
+            failures_heading="## Messages seen on failure")
     return 0
 
 

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.report import publish
 from tests.e2e.peers import connect, listening, punch_pair, start_rendezvous
 from tests.lab import MODES, Lab
 
@@ -89,13 +90,8 @@ def main() -> int:
             mean = f" ({sum(times) / len(times):.1f} s)" if times else ""
             cells.append(f"{wins}/{args.runs}{mean}")
         lines.append(f"| **{left}** | " + " | ".join(cells) + " |")
-    failures = sorted({e for (_, _, errs) in results.values() for e in errs})
-    if failures:
-        lines += ["", "Messages seen on failure:", ""] + [f"- `{e}`" for e in failures]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        args.out.write_text(table)
+    publish(lines, args.out, (e for (_, _, errs) in results.values() for e in errs),
+            failures_heading="Messages seen on failure:")
     return 0
 
 

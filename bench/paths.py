@@ -318,11 +318,8 @@ class Encrypted(Path):
         return argv("nopf", *args), None
 
     def _start(self, host: Host, *args: str) -> Peer:
-        err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the Peer
         command, env = self._command(*args, "-a", RDV, "--timeout", "15")
-        proc = host.popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=err, env=env)
-        peer = Peer(args[0], host, proc, err)
+        peer = Peer.start(host, command, args[0], env=env)
         self.peers.append(peer)
         return peer
 

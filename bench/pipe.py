@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import socket
 import statistics
@@ -32,19 +31,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench.measure import echo_mode, round_trips, send_counted, serve_conn
+from bench.report import write_json
 from nopf_web.tunnel.pipe import COPY_METHODS
 from tests.e2e.peers import connect, punch_pair, start_rendezvous
 from tests.lab import Host, Lab
+from tests.loopback import accepted
 
 
 def sink(lsock: socket.socket, stop: threading.Event) -> None:
     """Serve the counting/echo protocol on every connection until ``stop``."""
     lsock.settimeout(0.5)
-    while not stop.is_set():
-        try:
-            conn, _ = lsock.accept()
-        except TimeoutError:
-            continue
+    for conn in accepted(lsock, stop):
         conn.settimeout(None)
         threading.Thread(target=serve_conn, args=(conn,), daemon=True).start()
 
@@ -158,8 +155,7 @@ def main() -> int:
     for method, n in names.items():
         print(f"{method or 'default'}: added RTT p50 {p50[n] - p50['direct']:.3f} ms; "
               f"throughput ratio {med[n] / d:.2f} (target >= 0.80)")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return 0
 
 

@@ -15,7 +15,7 @@ Plots go into ``outdir`` (``docs/img`` by default) as PNG files.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,27 @@ def standalone(module: str, argv: list[str] | None = None) -> int:
     print(f"{mod.NAME}: {result.seconds:.1f} s (budget {mod.BUDGET_S} s); plots: "
           + ", ".join(str(p) for p in result.plots), file=sys.stderr)
     return 0
+
+
+def write_json(path: Path | None, data: Any) -> None:
+    """``data`` as indented JSON into ``path``, when one was asked for (``--json``)."""
+    import json
+
+    if path is not None:
+        path.write_text(json.dumps(data, indent=2))
+
+
+def publish(lines: list[str], out: Path | None, failures: Iterable[str] = (), *,
+            failures_heading: str) -> None:
+    """Print a Markdown report, ``lines`` then the distinct ``failures`` (if any, sorted,
+    under ``failures_heading``), and write it to ``out`` when one was asked for."""
+    seen = sorted(set(failures))
+    if seen:
+        lines = [*lines, "", failures_heading, "", *(f"- `{e}`" for e in seen)]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if out is not None:
+        out.write_text(report)
 
 
 # -- helpers of the runner (bench.suite) and the scenarios ----------------------

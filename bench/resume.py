@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import socket
 import statistics
 import struct
@@ -32,20 +31,15 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from bench.report import write_json
 from nopf_web.tunnel.mux import Mux, Stream
 from nopf_web.tunnel.resumable import ResumableChannel
 from nopf_web.tunnel.resume_machine import NeedPath, PathLost, PathSelected, ResumeEvent
+from tests.loopback import tcp_pair
 
 CODE = "7-orbit-lantern"
 _LINGER_RST = struct.pack("ii", 1, 0)
 Break = Literal["reset", "blackhole"]
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as lsock:
-        a = socket.create_connection(lsock.getsockname())
-        b, _ = lsock.accept()
-    return a, b
 
 
 class Link:
@@ -185,8 +179,7 @@ def main() -> int:
         print(f"{how}: detection {summary(results, 'detect_s')}; from detection: new "
               f"connection up {summary(results, 'connect_s')}, data again "
               f"{summary(results, 'resume_s')}")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    write_json(args.json, report)
     return 0
 
 

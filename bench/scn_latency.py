@@ -22,6 +22,7 @@ from typing import Any
 from bench.measure import echo_mode, round_trips
 from bench.paths import LABELS, Bench, Path as LabPath, path_notes, started
 from bench.report import Progress, ScenarioResult, Target, bar_chart
+from bench.scn_util import table
 
 NAME = "latency"
 TITLE = "Request/response latency, idle and under a bulk transfer (scenario 3)"
@@ -136,13 +137,12 @@ def _markdown(data: dict[str, Any]) -> str:
            f"{data['pings_bulk']} per path (or {data['bulk_limit_s']:g} s) while a sender "
            "process in b1 moves bulk data over the same path. Seed mode pipes one "
            "connection per punch, so its bulk runs on a second punched pipe.", "",
-           "| path | idle p50 ms | idle p99 ms | added p50 vs direct | under bulk p50 ms | "
-           "under bulk p99 ms | bulk MB/s meanwhile |", "|---|---|---|---|---|---|---|"]
-    for name, s in stats.items():
-        out.append(f"| {LABELS[name]} | {s['idle_p50_ms']:.3f} | {s['idle_p99_ms']:.3f} | "
-                   f"{s['added_idle_p50_ms']:+.3f} | {s['bulk_p50_ms']:.2f} | "
-                   f"{s['bulk_p99_ms']:.2f} | {s['bulk_mb_s']:.0f} |")
-    out.append("")
+           table(["path", "idle p50 ms", "idle p99 ms", "added p50 vs direct",
+                  "under bulk p50 ms", "under bulk p99 ms", "bulk MB/s meanwhile"],
+                 [[LABELS[name], f"{s['idle_p50_ms']:.3f}", f"{s['idle_p99_ms']:.3f}",
+                   f"{s['added_idle_p50_ms']:+.3f}", f"{s['bulk_p50_ms']:.2f}",
+                   f"{s['bulk_p99_ms']:.2f}", f"{s['bulk_mb_s']:.0f}"]
+                  for name, s in stats.items()]), ""]
     out += path_notes(data)
     return "\n".join(out)
 

@@ -22,28 +22,34 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.paths import stop_proc
 from bench.report import Progress, ScenarioResult, Target
-from bench.scn_util import fmt, median, new_figure, raise_nofile, rss_kib, save_figure, table
+from bench.scn_util import (
+    fmt,
+    label_plot,
+    median,
+    new_figure,
+    raise_nofile,
+    rss_kib,
+    save_figure,
+    table,
+)
 from bench.secure import cpu_seconds
 from nopf_web.rendezvous.server import ServerLimits
 from nopf_web.wire.discovery import REPLY_SIZE
 from nopf_web.wire.rendezvous import (
     ErrorReply,
     Fire,
-    FrameReader,
     Hello,
-    Ping,
-    Pong,
     ServerMessage,
     Welcome,
-    decode_server_message,
-    encode,
 )
+from tests.e2e.relay_clients import Coordination
 from tests.programs import argv
 
 NAME = "rendezvous"
@@ -54,6 +60,7 @@ PER_SOURCE = 50  # connections per 127.x.y.z source, under the server's cap of 6
 STEP_TIMEOUT = 10.0  # s for any one protocol step of a simulated peer
 WAIT_LIMIT_S = 35.0  # s of opening waiting sharers per server, to stay within the budget
 HOLD_S = 5.0  # s the server's CPU is watched while every sharer waits
+LO = "127.0.0.1"
 
 
 class ServerProc:
@@ -92,38 +99,15 @@ def source(i: int, block: int = 1) -> str:
     return f"127.{block}.{i // 250}.{i % 250 + 1}"
 
 
-class Peer:
-    """One simulated coordinated-mode client connection (share or join)."""
+class Peer(Coordination):
+    """One simulated coordinated-mode client connection (share or join): waits as long as
+    its caller lets it, takes a refusal for an error and ends with a RST."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.frames = FrameReader()
-        self.pending: list[ServerMessage] = []
-
-    @classmethod
-    async def open(cls, port: int, src: str, hello: Hello) -> Peer:
-        async with asyncio.timeout(STEP_TIMEOUT):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(src, 0))
-            writer.write(encode(hello))
-            await reader.readexactly(REPLY_SIZE)  # the seed's discovery reply comes first
-        return cls(reader, writer)
-
-    async def next(self) -> ServerMessage:
-        """The next message other than a ping (pings are answered at once)."""
-        while True:
-            while self.pending:
-                msg = self.pending.pop(0)
-                if isinstance(msg, Ping):
-                    self.writer.write(encode(Pong(msg.seq)))
-                    continue
-                if isinstance(msg, ErrorReply):
-                    raise RuntimeError(f"rendezvous refused: {msg.code}: {msg.message}")
-                return msg
-            chunk = await self.reader.read(4096)
-            if not chunk:
-                raise ConnectionError("rendezvous closed the connection")
-            self.pending += [decode_server_message(p) for p in self.frames.feed(chunk)]
+    async def next(self, timeout: float | None = None) -> ServerMessage:
+        msg = await super().next(timeout)
+        if isinstance(msg, ErrorReply):
+            raise RuntimeError(f"rendezvous refused: {msg.code}: {msg.message}")
+        return msg
 
     def close(self) -> None:
         self.writer.transport.abort()  # RST: no FIN handshake left to the server
@@ -167,7 +151,8 @@ async def hold_waiting(server: ServerProc, count: int, progress: Progress,
     async def one(i: int) -> None:
         async with gate:
             try:
-                peer = await Peer.open(server.port, source(i // PER_SOURCE), hello("share"))
+                peer = await Peer.open((LO, server.port), source(i // PER_SOURCE),
+                                       hello("share"))
                 async with asyncio.timeout(STEP_TIMEOUT):
                     msg = await peer.next()
                 if not isinstance(msg, Welcome):
@@ -215,59 +200,72 @@ async def hold_waiting(server: ServerProc, count: int, progress: Progress,
 # -- pairings and discoveries per second ----------------------------------------------
 
 
-async def pairings(port: int, workers: int, window: float) -> tuple[int, int]:
-    """Complete sharer/connector exchanges for ``window`` s: (pairs, errors)."""
+# Why one simulated exchange can fail under load (each is counted as an error).
+FAILURES = (OSError, RuntimeError, AssertionError, asyncio.IncompleteReadError, TimeoutError)
+
+
+async def for_window(window: float, workers: int, attempt: Callable[[int], Awaitable[object]],
+                     first: int = 0) -> tuple[int, int]:
+    """Workers ``first``... each call ``attempt(w)`` again and again for ``window`` s:
+    (attempts done, attempts failed)."""
     done = errors = 0
     deadline = time.monotonic() + window
 
     async def worker(w: int) -> None:
         nonlocal done, errors
         while time.monotonic() < deadline:
-            peers: list[Peer] = []
             try:
-                async with asyncio.timeout(STEP_TIMEOUT):
-                    sharer = await Peer.open(port, source(2 * w, 2), hello("share"))
-                    peers.append(sharer)
-                    welcome = await sharer.next()
-                    assert isinstance(welcome, Welcome), welcome
-                    joiner = await Peer.open(port, source(2 * w + 1, 2),
-                                             hello("join", welcome.nameplate))
-                    peers.append(joiner)
-                    fires = await asyncio.gather(sharer.next(), joiner.next())
-                if not all(isinstance(f, Fire) for f in fires):
-                    raise RuntimeError(f"expected two fire instructions, got {fires!r:.80}")
+                await attempt(w)
                 done += 1
-            except (OSError, RuntimeError, AssertionError, asyncio.IncompleteReadError,
-                    TimeoutError):
+            except FAILURES:
                 errors += 1
-            finally:
-                for p in peers:
-                    p.close()
 
-    await asyncio.gather(*(worker(w) for w in range(workers)))
+    await asyncio.gather(*(worker(w) for w in range(first, first + workers)))
     return done, errors
+
+
+async def one_pair(share_port: int, join_port: int, w: int) -> float:
+    """Worker ``w``'s sharer/connector exchange, the sharer through ``share_port``, the
+    connector through ``join_port``: seconds from the connector's connect to both fire
+    instructions in hand."""
+    peers: list[Peer] = []
+    try:
+        async with asyncio.timeout(STEP_TIMEOUT):
+            sharer = await Peer.open((LO, share_port), source(2 * w, 2), hello("share"))
+            peers.append(sharer)
+            welcome = await sharer.next()
+            assert isinstance(welcome, Welcome), welcome
+            t0 = time.perf_counter()
+            joiner = await Peer.open((LO, join_port), source(2 * w + 1, 2),
+                                     hello("join", welcome.nameplate))
+            peers.append(joiner)
+            fires = await asyncio.gather(sharer.next(), joiner.next())
+            took = time.perf_counter() - t0
+        if not all(isinstance(f, Fire) for f in fires):
+            raise RuntimeError(f"expected two fire instructions, got {fires!r:.80}")
+        return took
+    finally:
+        for p in peers:
+            p.close()
+
+
+async def discovery(port: int, w: int) -> None:
+    """Worker ``w``'s seed discovery request: connect, the 10-byte reply, close."""
+    async with asyncio.timeout(STEP_TIMEOUT):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, local_addr=(source(w, 3), 0))
+        await reader.readexactly(REPLY_SIZE)
+    writer.close()
+
+
+async def pairings(port: int, workers: int, window: float) -> tuple[int, int]:
+    """Complete sharer/connector exchanges for ``window`` s: (pairs, errors)."""
+    return await for_window(window, workers, lambda w: one_pair(port, port, w))
 
 
 async def discoveries(port: int, workers: int, window: float) -> tuple[int, int]:
     """Seed discovery requests (connect, 10-byte reply, close) for ``window`` s."""
-    done = errors = 0
-    deadline = time.monotonic() + window
-
-    async def worker(w: int) -> None:
-        nonlocal done, errors
-        while time.monotonic() < deadline:
-            try:
-                async with asyncio.timeout(STEP_TIMEOUT):
-                    reader, writer = await asyncio.open_connection(
-                        "127.0.0.1", port, local_addr=(source(w, 3), 0))
-                    await reader.readexactly(REPLY_SIZE)
-                writer.close()
-                done += 1
-            except (OSError, asyncio.IncompleteReadError, TimeoutError):
-                errors += 1
-
-    await asyncio.gather(*(worker(w) for w in range(workers)))
-    return done, errors
+    return await for_window(window, workers, lambda w: discovery(port, w))
 
 
 # -- the scenario ----------------------------------------------------------------------
@@ -361,11 +359,8 @@ def run(progress: Progress, quick: bool, outdir: Path) -> ScenarioResult:
     for label, w in waits.items():
         ax.plot([h for h, _ in w.samples], [k / 1024 for _, k in w.samples], marker="o",
                 label=label)
-    ax.set_xlabel("waiting sharers held")
-    ax.set_ylabel("server RSS (MiB)")
-    ax.set_title("Rendezvous memory vs waiting peers")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    label_plot(ax, "waiting sharers held", "server RSS (MiB)",
+               "Rendezvous memory vs waiting peers")
     plot = save_figure(fig, outdir / "rendezvous_memory.png")
 
     targets = [Target(

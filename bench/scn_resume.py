@@ -32,7 +32,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -47,9 +46,8 @@ from nopf_web.errors import NopfError
 from nopf_web.sessions.coordinated import CoordinatedEngine, CoordinatedSpec
 from nopf_web.sessions.engine import Event
 from nopf_web.wire.address import Endpoint
-from tests.e2e.peers import RDV, Peer, start_rendezvous
+from tests.e2e.peers import RDV, Peer, start_coordinated, start_rendezvous
 from tests.lab import Host, Lab
-from tests.programs import argv
 
 NAME = "resume"
 TITLE = ("Resume and upgrade: the relayed tunnel vs the punched one, time to resume after "
@@ -104,10 +102,7 @@ class _Processes:
         self.peers: list[Peer] = []
 
     def _start(self, host: Host, *args: str) -> Peer:
-        err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the Peer
-        proc = host.popen(argv("nopf", *args, "-a", RDV, "--timeout", "15"),
-                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
-        peer = Peer(args[0], host, proc, err)
+        peer = start_coordinated(host, *args, timeout=15, keepalive=None)
         self.peers.append(peer)
         return peer
 

@@ -27,19 +27,26 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from bench.report import Progress, ScenarioResult, Target
-from bench.scn_util import fmt, in_rtts, median, new_figure, save_figure, setup_target, table
+from bench.scn_util import (
+    fmt,
+    in_rtts,
+    label_plot,
+    median,
+    new_figure,
+    save_figure,
+    setup_target,
+    table,
+)
 from tests.e2e.coord_harness import handshake_rtt
 from tests.e2e.coord_setup_timing import TFO_SYSCTL
-from tests.e2e.peers import RDV, Peer, listening, start_peer, start_rendezvous
+from tests.e2e.peers import Peer, listening, start_coordinated, start_peer, start_rendezvous
 from tests.lab import Host, Lab
-from tests.programs import argv
 
 NAME = "setup"
 TITLE = "Connection setup time vs RTT (seed and coordinated mode)"
@@ -130,10 +137,7 @@ def seed_once(lab: Lab, service: socket.socket, port: int) -> tuple[float, float
 
 
 def coord_start(host: Host, *args: str) -> Peer:
-    err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the Peer
-    proc = host.popen(argv("nopf", *args, "-a", RDV, "--timeout", "10"),
-                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
-    return Peer(args[0], host, proc, err)
+    return start_coordinated(host, *args, keepalive=None)
 
 
 def coord_once(lab: Lab, service: socket.socket, port: int) -> tuple[float, float]:
@@ -238,11 +242,8 @@ def run(progress: Progress, quick: bool, outdir: Path) -> ScenarioResult:
                 marker=marker, label=f"{mode} (after start-up)")
     ax.plot(rtts, [setup_target(r / 1000) * 1000 for r in rtts], linestyle="--",
             color="grey", label="target: 3 RTTs + 100 ms")
-    ax.set_xlabel("measured RTT between the sites (ms)")
-    ax.set_ylabel("ready → first byte through (ms)")
-    ax.set_title("Connection setup time vs RTT")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    label_plot(ax, "measured RTT between the sites (ms)", "ready → first byte through (ms)",
+               "Connection setup time vs RTT")
     plot = save_figure(fig, outdir / "setup_vs_rtt.png")
     data = {"delays_ms": delays, "runs": runs,
             "results": {str(d): r for d, r in results.items()}}

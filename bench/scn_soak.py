@@ -55,7 +55,7 @@ from typing import IO, Any
 
 from bench.report import Progress, ScenarioResult, Target
 from bench.scn_streams import ECHO
-from bench.scn_util import fmt, new_figure, raise_nofile, save_figure, table
+from bench.scn_util import fmt, label_plot, new_figure, raise_nofile, save_figure, table
 from tests.programs import argv, free_port
 
 NAME = "soak"
@@ -540,11 +540,8 @@ def result(outcome: Outcome, outdir: Path) -> ScenarioResult:
         for name in outcome.memory:
             ax.plot(ts, [get(s, name) for s in outcome.samples], label=name)
         ax.axvline(cfg.warmup / 60, color="grey", linestyle=":", label="end of warm-up")
-        ax.set_xlabel("minutes of churn")
-        ax.set_ylabel(unit)
-        ax.set_title(f"Soak: {unit} of each program under churn")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        label_plot(ax, "minutes of churn", unit, f"Soak: {unit} of each program under churn",
+                   fontsize="small")
         plots.append(save_figure(fig, outdir / f"soak_{what}.png"))
     targets = [
         Target("soak errors", "0 errors under an hour of churn (issue 15)",

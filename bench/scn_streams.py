@@ -16,7 +16,6 @@ import hashlib
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,9 +24,8 @@ from typing import Any
 
 from bench.report import Progress, ScenarioResult, Target
 from bench.scn_util import fmt, median, new_figure, raise_nofile, save_figure, table
-from tests.e2e.peers import RDV, Peer, start_rendezvous
+from tests.e2e.peers import Peer, start_coordinated, start_rendezvous
 from tests.lab import Host, Lab
-from tests.programs import argv
 
 NAME = "streams"
 TITLE = "Many concurrent streams through the encrypted tunnel"
@@ -178,10 +176,7 @@ def start_tunnel(lab: Lab) -> tuple[Peer, Peer]:
             if not code:
                 raise RuntimeError(f"nopf share printed no code: {procs[0].stderr()}")
             args = ["connect", code, "-p", str(LOCAL_PORT)]
-        err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the Peer
-        proc = host.popen(argv("nopf", *args, "-a", RDV, "--timeout", "10"),
-                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
-        procs.append(Peer(args[0], host, proc, err))
+        procs.append(start_coordinated(host, *args, keepalive=None))
     deadline = time.monotonic() + 30
     for peer in procs:
         while "encrypted tunnel to" not in peer.stderr():

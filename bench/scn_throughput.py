@@ -42,6 +42,7 @@ from bench.paths import (
     started,
 )
 from bench.report import Progress, ScenarioResult, Target, bar_chart
+from bench.scn_util import table
 
 NAME = "throughput"
 TITLE = "Throughput of one stream and of ten, and CPU seconds per GB (scenarios 1 and 7)"
@@ -218,10 +219,7 @@ def _markdown(data: dict[str, Any]) -> str:
            "half-close, so EOF cannot mark the end). Ten streams: ten connections at once "
            "through the same path, each with a tenth of the bytes.", ""]
     for regime, d in data["regimes"].items():
-        out += [f"**{regime}** ({d['rounds']} rounds)", "",
-                "| path | MB/s (median) | ratio to direct | ratio to peer | CPU-s per GB "
-                "| b1 end | a1 end | CPU vs peer | runs (MB/s) |",
-                "|---|---|---|---|---|---|---|---|---|"]
+        rows = []
         for name, mbs in d["median_mb_s"].items():
             cpu = d["median_cpu_s_per_gb"][name]
             ends = d["median_cpu_s_per_gb_ends"].get(name, {})
@@ -232,10 +230,13 @@ def _markdown(data: dict[str, Any]) -> str:
             def f(v: float | None, bold: bool = False) -> str:
                 return "-" if v is None else (f"**{v:.2f}**" if bold else f"{v:.2f}")
 
-            out.append(f"| {LABELS[name]} | {mbs:.0f} | {d['ratio'][name]:.2f} | "
-                       f"{f(peer, True)} | {f(cpu)} | {f(ends.get('b1'))} | "
-                       f"{f(ends.get('a1'))} | {f(peer_cpu, True)} | {runs} |")
-        out.append("")
+            rows.append([LABELS[name], f"{mbs:.0f}", f"{d['ratio'][name]:.2f}", f(peer, True),
+                         f(cpu), f(ends.get("b1")), f(ends.get("a1")), f(peer_cpu, True),
+                         runs])
+        out += [f"**{regime}** ({d['rounds']} rounds)", "",
+                table(["path", "MB/s (median)", "ratio to direct", "ratio to peer",
+                       "CPU-s per GB", "b1 end", "a1 end", "CPU vs peer", "runs (MB/s)"], rows),
+                ""]
     out += path_notes(data)
     return "\n".join(out)
 

@@ -77,6 +77,16 @@ def new_figure(width: float = 6.4, height: float = 3.8) -> Any:
     return plt.subplots(figsize=(width, height), dpi=100)
 
 
+def label_plot(ax: Any, xlabel: str, ylabel: str, title: str, **legend: Any) -> None:
+    """A line plot's axis labels and title, a light grid, and its legend (``legend``: the
+    legend's options)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(**legend)
+
+
 def save_figure(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 

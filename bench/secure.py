@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import cProfile
 import io
-import json
 import multiprocessing as mp
 import os
 import pstats
@@ -44,6 +43,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from bench.measure import round_trips, send_counted, serve_conn
+from bench.report import write_json
 from nopf_web.roles import PeerRole
 from nopf_web.tunnel.forward import serve_connect, serve_share
 from nopf_web.tunnel.mux import Channel, Mux
@@ -264,8 +264,7 @@ def main() -> int:
           f"{args.stream_kb} KiB echoed in {streams_s:.2f} s, {failures} failures")
     print("tunnel CPU per GB carried: " + ", ".join(
         f"{end} end {v:.2f} s" for end, v in cpu_per_gb.items()))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return 0 if failures == 0 else 1
 
 

@@ -40,14 +40,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.paths import stop_proc
-from bench.scn_rendezvous import Peer, hello, source
+from bench.scn_rendezvous import LO, STEP_TIMEOUT, Peer, for_window, hello, one_pair, source
 from bench.scn_util import raise_nofile
 from bench.secure import cpu_seconds
-from nopf_web.wire.rendezvous import Fire, Welcome
+from nopf_web.wire.rendezvous import Welcome
 from tests.programs import argv
 from tests.redis_server import RedisServer, free_port
-
-STEP = 10.0
 
 
 class Node:
@@ -88,47 +86,12 @@ class Node:
         stop_proc(self.proc, grace=10)
 
 
-async def one_pair(share_port: int, join_port: int, w: int) -> float:
-    """One exchange; seconds from the joiner's connect to both fires in hand."""
-    peers: list[Peer] = []
-    try:
-        async with asyncio.timeout(STEP):
-            sharer = await Peer.open(share_port, source(2 * w, 2), hello("share"))
-            peers.append(sharer)
-            welcome = await sharer.next()
-            assert isinstance(welcome, Welcome), welcome
-            t0 = time.perf_counter()
-            joiner = await Peer.open(join_port, source(2 * w + 1, 2),
-                                     hello("join", welcome.nameplate))
-            peers.append(joiner)
-            fires = await asyncio.gather(sharer.next(), joiner.next())
-            took = time.perf_counter() - t0
-        if not all(isinstance(f, Fire) for f in fires):
-            raise RuntimeError(f"expected two fires, got {fires!r:.80}")
-        return took
-    finally:
-        for p in peers:
-            p.close()
-
-
 async def rate(ports: list[tuple[int, int]], workers: int, window: float,
                first: int = 0) -> tuple[int, int]:
-    done = errors = 0
-    deadline = time.monotonic() + window
-
-    async def worker(w: int) -> None:
-        nonlocal done, errors
-        share_port, join_port = ports[w % len(ports)]
-        while time.monotonic() < deadline:
-            try:
-                await one_pair(share_port, join_port, w)
-                done += 1
-            except (OSError, RuntimeError, AssertionError, asyncio.IncompleteReadError,
-                    TimeoutError):
-                errors += 1
-
-    await asyncio.gather(*(worker(w) for w in range(first, first + workers)))
-    return done, errors
+    """Exchanges for ``window`` s, worker ``w`` through the ``w``-th (sharer, joiner) node
+    ports (round robin): (pairs, errors)."""
+    return await for_window(window, workers,
+                            lambda w: one_pair(*ports[w % len(ports)], w), first)
 
 
 def _load(args: tuple[list[tuple[int, int]], int, float, int]) -> tuple[int, int, float]:
@@ -160,8 +123,8 @@ async def hold_sharers(port: int, count: int) -> list[Peer]:
 
     async def one(i: int) -> None:
         async with gate:
-            peer = await Peer.open(port, source(i // 50, 4), hello("share"))
-            async with asyncio.timeout(STEP):
+            peer = await Peer.open((LO, port), source(i // 50, 4), hello("share"))
+            async with asyncio.timeout(STEP_TIMEOUT):
                 msg = await peer.next()
             assert isinstance(msg, Welcome), msg
             peers.append(peer)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.measure import send_bytes
+from tests.loopback import accepted
 from tests.programs import argv, free_port
 
 CHUNK = 1 << 20
@@ -43,11 +44,7 @@ def sink(listener: socket.socket, stop: threading.Event) -> None:
     """Count each connection's bytes to EOF, then answer with the count."""
     listener.settimeout(0.5)
     buf = bytearray(CHUNK)
-    while not stop.is_set():
-        try:
-            conn, _ = listener.accept()
-        except TimeoutError:
-            continue
+    for conn in accepted(listener, stop):
         with conn:
             total = 0
             while n := conn.recv_into(buf):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
 BIN = Path(sys.executable).parent
 _MODULES = {"nopf": "nopf_web.cli.peer", "nopf-server": "nopf_web.cli.server",
@@ -23,3 +27,16 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serving(program: str, *args: str, **popen: Any) -> Iterator[IO[str]]:
+    """``program`` running with ``args``; yields its stderr (text). On exit it gets SIGTERM
+    and must exit with 0 within 10 s."""
+    proc = subprocess.Popen(argv(program, *args), stderr=subprocess.PIPE, text=True, **popen)
+    try:
+        assert proc.stderr is not None
+        yield proc.stderr
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -40,33 +39,18 @@ import pytest
 from tests.e2e.web_support import echo_service
 from tests.programs import free_port
 
+from .support import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    DESKTOP,
+    TIMEOUT_MS,
+    console_errors,
+    require_browser,
+    screens_dir,
+    screenshot_both,
+)
+
 pytestmark = pytest.mark.browser
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
-TIMEOUT_MS = 15_000
-
-
-def _unavailable() -> str | None:
-    if shutil.which(CHROMIUM) is None:
-        return f"{CHROMIUM} is missing (apt-get install chromium)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "playwright is missing (pip install playwright)"
-    return None
-
-
-def _require_browser() -> None:
-    reason = _unavailable()
-    if reason is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"browser test cannot run under CI: {reason}", pytrace=False)
-    pytest.skip(reason)
-
 
 @pytest.fixture
 def dashboard(tmp_path: Path) -> Iterator[str]:
@@ -95,7 +79,7 @@ def dashboard(tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    _require_browser()
+    require_browser()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -106,10 +90,14 @@ def browser() -> Iterator[Any]:
             chromium.close()
 
 
-def _screens(tmp_path: Path) -> Path:
-    out = Path(os.environ.get("NOPF_SCREENSHOT_DIR") or tmp_path / "screens")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def _desktop(browser: Any, dashboard: str, *, clipboard: bool = False) -> Any:
+    """A desktop-sized browser context with the tests' default timeout (``clipboard``:
+    pages of the dashboard may read and write the clipboard)."""
+    context = browser.new_context(viewport=DESKTOP)
+    if clipboard:
+        context.grant_permissions(["clipboard-read", "clipboard-write"], origin=dashboard[:-1])
+    context.set_default_timeout(TIMEOUT_MS)
+    return context
 
 
 def _fill_new_session(page: Any, url: str, role: str, port: int, label: str) -> None:
@@ -119,29 +107,45 @@ def _fill_new_session(page: Any, url: str, role: str, port: int, label: str) -> 
     page.get_by_role("textbox", name="Label (optional)").fill(label)
 
 
+def _echo(app: socket.socket, size: int) -> bool:
+    """Send ``size`` random bytes through the application connection; whether they all
+    come back intact."""
+    payload = os.urandom(size)
+    app.sendall(payload)
+    echoed = bytearray()
+    while len(echoed) < len(payload):
+        chunk = app.recv(65536)
+        assert chunk, "the tunnel closed early"
+        echoed += chunk
+    return hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+
+
 def _echo_through(port: int, size: int) -> bool:
     """One application connection: send ``size`` random bytes, check the echo."""
-    payload = os.urandom(size)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as app:
-        app.sendall(payload)
-        echoed = bytearray()
-        while len(echoed) < len(payload):
-            chunk = app.recv(65536)
-            assert chunk, "the tunnel closed early"
-            echoed += chunk
-    return hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+        return _echo(app, size)
+
+
+def _wait_counted(pages: tuple[Any, ...], sent: int) -> None:
+    """Until each page's bytes-out counter says ``sent`` (it comes by the event stream)."""
+    for page in pages:
+        page.wait_for_function("n => document.querySelector('#bytes-out')?.dataset.bytes == n",
+                               arg=str(sent))
+
+
+def _history_rows(context: Any, dashboard: str) -> tuple[Any, Any]:
+    """A new page on the History; it and its table's rows."""
+    history = context.new_page()
+    history.goto(dashboard + "history")
+    return history, history.locator("table.history tbody tr")
 
 
 def test_a_client_joins_with_the_copied_code_and_carries_many_connections(
         dashboard: str, browser: Any, tmp_path: Path) -> None:
-    screens = _screens(tmp_path)
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=dashboard[:-1])
-    context.set_default_timeout(TIMEOUT_MS)
+    screens = screens_dir(tmp_path)
+    context = _desktop(browser, dashboard, clipboard=True)
     server_page, client_page = context.new_page(), context.new_page()
-    console_errors: list[str] = []
-    for page in (server_page, client_page):
-        page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+    errors = console_errors(server_page, client_page)
     streams, size = 6, 256 * 1024
 
     with echo_service() as echo_port:
@@ -165,19 +169,13 @@ def test_a_client_joins_with_the_copied_code_and_carries_many_connections(
         server_page.get_by_role("button", name="Copy the pairing code").click()
         copied = str(server_page.evaluate("navigator.clipboard.readText()"))
         assert copied == code
-        server_page.screenshot(path=screens / "share-desktop.png", full_page=True)
-        server_page.set_viewport_size({"width": 360, "height": 780})
-        server_page.screenshot(path=screens / "share-360.png", full_page=True)
-        server_page.set_viewport_size({"width": 1280, "height": 900})
+        screenshot_both(server_page, screens, "share")
 
         _fill_new_session(client_page, dashboard, "client", app_port, "browser join")
         code_field = client_page.get_by_label("Pairing code (client)")
         assert code_field.is_visible()  # shown once "Client" is chosen
         code_field.fill(copied)
-        client_page.set_viewport_size({"width": 360, "height": 780})
-        client_page.screenshot(path=screens / "join-form-360.png", full_page=True)
-        client_page.set_viewport_size({"width": 1280, "height": 900})
-        client_page.screenshot(path=screens / "join-form-desktop.png", full_page=True)
+        screenshot_both(client_page, screens, "join-form")
         client_page.get_by_role("button", name="Start session").click()
         client_page.wait_for_url(re.compile(r"/sessions/[0-9a-f]{12}$"))
         for page in (server_page, client_page):
@@ -187,32 +185,22 @@ def test_a_client_joins_with_the_copied_code_and_carries_many_connections(
 
         with ThreadPoolExecutor(streams) as pool:
             assert all(pool.map(_echo_through, [app_port] * streams, [size] * streams))
-        for page in (client_page, server_page):  # the counters arrive by the event stream
-            page.wait_for_function(
-                "n => document.querySelector('#bytes-out')?.dataset.bytes == n",
-                arg=str(streams * size))
+        _wait_counted((client_page, server_page), streams * size)
         assert client_page.locator("#bytes-in").inner_text() == "1.5 MiB"
-        client_page.screenshot(path=screens / "session-desktop.png", full_page=True)
-        client_page.set_viewport_size({"width": 360, "height": 780})
-        client_page.screenshot(path=screens / "session-360.png", full_page=True)
-        client_page.set_viewport_size({"width": 1280, "height": 900})
+        screenshot_both(client_page, screens, "session")
 
         client_page.get_by_role("button", name="Stop session").click()
         client_page.locator("#live .badge-stopped").wait_for()
         server_page.locator("#live .badge-closed").wait_for()  # the peer's end closed it
 
-    history = context.new_page()
-    history.goto(dashboard + "history")
-    rows = history.locator("table.history tbody tr")
+    history, rows = _history_rows(context, dashboard)
     assert rows.count() == 2
     for label, outcome in (("browser join", "stopped"), ("browser share", "closed")):
         text = rows.filter(has_text=label).inner_text().lower()
         assert outcome in text and "coordinated" in text and code in text
-    history.screenshot(path=screens / "history-desktop.png", full_page=True)
-    history.set_viewport_size({"width": 360, "height": 780})
-    history.screenshot(path=screens / "history-360.png", full_page=True)
+    screenshot_both(history, screens, "history")
     context.close()
-    assert not console_errors, console_errors
+    assert not errors, errors
 
 
 def _start_session(page: Any, url: str, role: str, port: int, label: str) -> str:
@@ -232,13 +220,10 @@ def _start_session(page: Any, url: str, role: str, port: int, label: str) -> str
 
 def test_seed_mode_sessions_exchange_addresses_connect_and_land_in_history(
         dashboard: str, browser: Any, tmp_path: Path) -> None:
-    screens = _screens(tmp_path)
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(TIMEOUT_MS)
+    screens = screens_dir(tmp_path)
+    context = _desktop(browser, dashboard)
     server_page, client_page = context.new_page(), context.new_page()
-    console_errors: list[str] = []
-    for page in (server_page, client_page):
-        page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+    errors = console_errors(server_page, client_page)
 
     with echo_service() as echo_port:
         app_port = free_port()
@@ -256,33 +241,17 @@ def test_seed_mode_sessions_exchange_addresses_connect_and_land_in_history(
             page.locator("#live .badge-connected").wait_for()
         assert client_page.locator("#peer-address").inner_text() == server_public
 
-        payload = os.urandom(1 << 20)
         with socket.create_connection(("127.0.0.1", app_port), timeout=10) as app:
-            app.sendall(payload)
-            echoed = bytearray()
-            while len(echoed) < len(payload):
-                chunk = app.recv(65536)
-                assert chunk, "the tunnel closed early"
-                echoed += chunk
-            assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
-            # The counters reach the page through its event stream.
-            for page in (client_page, server_page):
-                page.wait_for_function(
-                    "n => document.querySelector('#bytes-out')?.dataset.bytes == n",
-                    arg=str(len(payload)))
+            assert _echo(app, 1 << 20)
+            _wait_counted((client_page, server_page), 1 << 20)
             assert client_page.locator("#bytes-in").inner_text() == "1.0 MiB"
-            client_page.screenshot(path=screens / "seed-session-desktop.png", full_page=True)
-            client_page.set_viewport_size({"width": 360, "height": 780})
-            client_page.screenshot(path=screens / "seed-session-360.png", full_page=True)
-            client_page.set_viewport_size({"width": 1280, "height": 900})
+            screenshot_both(client_page, screens, "seed-session")
 
             client_page.get_by_role("button", name="Stop session").click()
             client_page.locator("#live .badge-stopped").wait_for()
         server_page.locator("#live .badge-closed").wait_for()  # the peer's end closed it
 
-    history = context.new_page()
-    history.goto(dashboard + "history")
-    rows = history.locator("table.history tbody tr")
+    history, rows = _history_rows(context, dashboard)
     assert rows.count() == 2
     client_row = rows.filter(has_text="browser client")
     server_row = rows.filter(has_text="browser server")
@@ -296,13 +265,10 @@ def test_seed_mode_sessions_exchange_addresses_connect_and_land_in_history(
     history.locator("#hist-h", has_text="1 session").wait_for()
     history.screenshot(path=screens / "seed-history-desktop.png", full_page=True)
     home = context.new_page()
-    home.set_viewport_size({"width": 360, "height": 780})
     home.goto(dashboard)
-    home.screenshot(path=screens / "sessions-360.png", full_page=True)
-    home.set_viewport_size({"width": 1280, "height": 900})
-    home.screenshot(path=screens / "sessions-desktop.png", full_page=True)
+    screenshot_both(home, screens, "sessions")
     context.close()
-    assert not console_errors, console_errors  # e.g. a CSP violation or a failed htmx request
+    assert not errors, errors  # e.g. a CSP violation or a failed htmx request
 
 
 def _api_session(url: str, **body: Any) -> dict[str, Any]:
@@ -324,13 +290,10 @@ def _poll(check: Callable[[], bool], what: str, timeout: float = TIMEOUT_MS / 10
 
 def test_a_copy_button_keeps_its_label_and_focus_through_live_updates(
         dashboard: str, browser: Any, tmp_path: Path) -> None:
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=dashboard[:-1])
-    context.set_default_timeout(TIMEOUT_MS)
+    context = _desktop(browser, dashboard, clipboard=True)
     context.clock.install()  # page timers run as usual until paused
     page = context.new_page()
-    console_errors: list[str] = []
-    page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+    errors = console_errors(page)
     session = _api_session(dashboard, role="server", local_port=free_port(), label="copy me")
     page.goto(f"{dashboard}sessions/{session['id']}")
     page.locator("#pairing-code").wait_for()  # pushed by the stream
@@ -361,7 +324,7 @@ def test_a_copy_button_keeps_its_label_and_focus_through_live_updates(
     _poll(lambda: button.inner_text() == "Copy", "the label back to Copy")  # its own timer
     assert button.evaluate("b => document.activeElement === b")
     context.close()
-    assert not console_errors, console_errors
+    assert not errors, errors
 
 
 def test_without_javascript_a_session_page_shows_the_session_and_a_refresh_link(

@@ -33,7 +33,7 @@ from tests.lab.fixtures import LabFactory
 from tests.lab.topology import RDV_IP, Host, Lab
 from tests.programs import argv, free_port
 
-from .test_dashboard import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, _require_browser, _screens
+from .support import PHONE, page_in, require_browser, screens_dir
 
 pytestmark = [pytest.mark.browser, pytest.mark.lab]
 
@@ -59,7 +59,7 @@ def api(host: Host, url: str, path: str, body: dict[str, Any] | None = None) -> 
 
 @pytest.fixture
 def two_dashboards(lab_factory: LabFactory, tmp_path: Path) -> Iterator[tuple[Lab, str, str]]:
-    _require_browser()
+    require_browser()
     lab = lab_factory("rst", "symmetric", delay_ms=10, rdv_second_ip=True)
     start_server(lab)
     yield lab, start_web(lab.a1, tmp_path / "a.sqlite3"), start_web(lab.b1, tmp_path / "b.sqlite3")
@@ -68,25 +68,12 @@ def two_dashboards(lab_factory: LabFactory, tmp_path: Path) -> Iterator[tuple[La
 def test_prediction_timeline_and_statistics(two_dashboards: tuple[Lab, str, str],
                                             tmp_path: Path) -> None:
     lab, url_a, url_b = two_dashboards
-    screens = _screens(tmp_path)
+    screens = screens_dir(tmp_path)
     report_b = api(lab.b1, url_b, "/api/doctor")
     assert report_b["mapping"] == "address-and-port-dependent", report_b
-    from playwright.sync_api import sync_playwright
-
-    with lab.a1.enter(), sync_playwright() as p:  # the driver and chromium start in a1
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            context = browser.new_context(viewport={"width": 1280, "height": 900})
-            context.set_default_timeout(TIMEOUT_MS)
-            page = context.new_page()
-            errors: list[str] = []
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            _session(page, lab, url_a, url_b, screens)
-            _statistics(page, screens)
-            context.close()
-            assert not errors, errors
-        finally:
-            browser.close()
+    with page_in(lab.a1) as page:  # the driver and chromium start in a1
+        _session(page, lab, url_a, url_b, screens)
+        _statistics(page, screens)
 
 
 def _session(page: Any, lab: Lab, url_a: str, url_b: str, screens: Path) -> None:
@@ -159,6 +146,6 @@ def _statistics(page: Any, screens: Path) -> None:
     page.wait_for_url(re.compile(r"/stats\?range=1h$"))
     assert page.evaluate("window.__stayed") is True
     assert page.locator("#stats-overall").is_visible()
-    page.set_viewport_size({"width": 360, "height": 780})
+    page.set_viewport_size(PHONE)
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 360, f"the page scrolls sideways at 360 px ({width} px)"

@@ -28,7 +28,7 @@ from tests.lab.fixtures import LabFactory
 from tests.lab.topology import RDV_IP, Lab
 from tests.programs import argv
 
-from .test_dashboard import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, _require_browser, _screens
+from .support import PHONE, page_in, require_browser, screens_dir
 
 pytestmark = [pytest.mark.browser, pytest.mark.lab]
 
@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.lab]
 @pytest.fixture
 def lab_dashboard(lab_factory: LabFactory, tmp_path: Path) -> Iterator[tuple[Lab, str]]:
     """A lab, nopf-server on rdv, a gateway on nata and nopf-web on a1; yields its URL."""
-    _require_browser()
+    require_browser()
     lab = lab_factory("rst", "drop", delay_ms=10, rdv_second_ip=True, hairpin=("a",))
     start_server(lab)
     lab_gateway.start(lab.nata)
@@ -52,22 +52,9 @@ def lab_dashboard(lab_factory: LabFactory, tmp_path: Path) -> Iterator[tuple[Lab
 def test_the_doctor_page_reports_the_nat_and_measures_again(
         lab_dashboard: tuple[Lab, str], tmp_path: Path) -> None:
     lab, url = lab_dashboard
-    screens = _screens(tmp_path)
-    from playwright.sync_api import sync_playwright
-
-    with lab.a1.enter(), sync_playwright() as p:  # the driver and chromium start in a1
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            context = browser.new_context(viewport={"width": 1280, "height": 900})
-            context.set_default_timeout(TIMEOUT_MS)
-            page = context.new_page()
-            errors: list[str] = []
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            _check_page(page, url, screens)
-            context.close()
-            assert not errors, errors
-        finally:
-            browser.close()
+    screens = screens_dir(tmp_path)
+    with page_in(lab.a1) as page:  # the driver and chromium start in a1
+        _check_page(page, url, screens)
 
 
 def _check_page(page: Any, url: str, screens: Path) -> None:
@@ -105,7 +92,7 @@ def _check_page(page: Any, url: str, screens: Path) -> None:
     assert " ago" not in page.locator("#doctor-when").inner_text()  # just measured
     assert page.locator("#doctor-mapping dd").inner_text().startswith("endpoint-independent")
 
-    page.set_viewport_size({"width": 360, "height": 780})
+    page.set_viewport_size(PHONE)
     page.screenshot(path=screens / "doctor-360.png", full_page=True)
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 360, f"the page scrolls sideways at 360 px ({width} px)"

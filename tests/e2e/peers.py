@@ -46,6 +46,15 @@ class Peer:
     def __post_init__(self) -> None:
         threading.Thread(target=self._pump, daemon=True).start()
 
+    @classmethod
+    def start(cls, host: Host, command: list[str], role: str, *,
+              env: dict[str, str] | None = None, stdin: int = subprocess.DEVNULL) -> Peer:
+        """``command`` running in ``host`` as the peer ``role``; its stderr goes to a
+        temporary file that lives as long as the Peer (closed by GC)."""
+        err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the Peer
+        proc = host.popen(command, stdin=stdin, stdout=subprocess.PIPE, stderr=err, env=env)
+        return cls(role, host, proc, err)
+
     def _pump(self) -> None:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
@@ -74,23 +83,19 @@ class Peer:
 
 
 def start_peer(host: Host, role: str, port: int, *extra: str, timeout: float = 15) -> Peer:
-    err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the Peer; closed by GC
-    proc = host.popen(
-        argv("nopf", "-t", role, "-p", str(port), "-a", RDV, "--timeout", str(timeout), *extra),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-    )
-    return Peer(role, host, proc, err)
+    return Peer.start(
+        host, argv("nopf", "-t", role, "-p", str(port), "-a", RDV, "--timeout", str(timeout),
+                   *extra), role, stdin=subprocess.PIPE)
 
 
-def start_coordinated(host: Host, *args: str, extra: tuple[str, ...] = (),
-                      rdv: str = RDV) -> Peer:
-    """``nopf share|connect ...`` against the lab's rendezvous (``rdv``: as
-    ``-a/--serveraddr`` names it), with short timeouts."""
-    err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the Peer
-    proc = host.popen(argv("nopf", *args, "-a", rdv, "--timeout", "10", "--keepalive", "2",
-                           *extra),
-                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
-    return Peer(args[0], host, proc, err)
+def start_coordinated(host: Host, *args: str, rdv: str = RDV, timeout: float = 10,
+                      keepalive: float | None = 2, extra: tuple[str, ...] = ()) -> Peer:
+    """``nopf share|connect ...`` against the rendezvous ``rdv`` (the lab's), with short
+    timeouts (``keepalive`` None: nopf's own)."""
+    options = ["-a", rdv, "--timeout", f"{timeout:g}"]
+    if keepalive is not None:
+        options += ["--keepalive", f"{keepalive:g}"]
+    return Peer.start(host, argv("nopf", *args, *options, *extra), args[0])
 
 
 def wait_for(peer: Peer, text: str, timeout: float = 25, count: int = 1) -> str:

@@ -12,8 +12,9 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.discovery import REPLY_SIZE, decode_reply
@@ -40,6 +41,18 @@ STEP = 10.0  # s for any one step of a client
 RELAYED = encode(Relayed())
 
 
+def take_message(pending: list[ServerMessage],
+                 answer: Callable[[bytes], object]) -> ServerMessage | None:
+    """The first message of ``pending`` that is not a ping (taken off the list), each ping
+    before it answered with its pong through ``answer``; None once none is left."""
+    while pending:
+        msg = pending.pop(0)
+        if not isinstance(msg, Ping):
+            return msg
+        answer(encode(Pong(msg.seq)))
+    return None
+
+
 class Coordination:
     """One coordination connection (asyncio), answering pings while it waits."""
 
@@ -50,7 +63,7 @@ class Coordination:
 
     @classmethod
     async def open(cls, rdv: tuple[str, int], source: str, hello: Hello, *,
-                   sock: socket.socket | None = None) -> Coordination:
+                   sock: socket.socket | None = None) -> Self:
         """``sock``: a connected socket to use (from the port the mapping check used)."""
         async with asyncio.timeout(STEP):
             if sock is not None:
@@ -62,20 +75,16 @@ class Coordination:
             await reader.readexactly(REPLY_SIZE)
         return cls(reader, writer)
 
-    async def next(self) -> ServerMessage:
-        """The next message other than a ping (pings are answered at once)."""
-        async with asyncio.timeout(STEP):
-            while True:
-                while self.pending:
-                    msg = self.pending.pop(0)
-                    if isinstance(msg, Ping):
-                        self.writer.write(encode(Pong(msg.seq)))
-                        continue
-                    return msg
+    async def next(self, timeout: float | None = STEP) -> ServerMessage:
+        """The next message other than a ping (pings are answered at once), within
+        ``timeout`` s (None: no limit)."""
+        async with asyncio.timeout(timeout):
+            while (msg := take_message(self.pending, self.writer.write)) is None:
                 chunk = await self.reader.read(4096)
                 if not chunk:
                     raise ConnectionError("the rendezvous closed the coordination connection")
                 self.pending += [decode_server_message(p) for p in self.frames.feed(chunk)]
+        return msg
 
     def close(self) -> None:
         self.writer.close()

@@ -17,16 +17,9 @@ from typing import Any
 
 from nopf_web.tunnel.resumable import ResumableChannel
 from nopf_web.tunnel.resume_machine import NeedPath, PathKind, ResumeEvent
+from tests.loopback import tcp_pair
 
 _LINGER_RST = struct.pack("ii", 1, 0)
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """Two ends of one real loopback TCP connection."""
-    with socket.create_server(("127.0.0.1", 0)) as lsock:
-        a = socket.create_connection(lsock.getsockname())
-        b, _ = lsock.accept()
-    return a, b
 
 
 class Link:

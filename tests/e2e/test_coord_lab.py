@@ -10,17 +10,20 @@ in docs/coord-matrix.md (``python -m bench.coord_matrix``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import pytest
 
+from nopf_web.sessions.coordination import PairedTunnel
 from nopf_web.sessions.errors import CoordinatedPunchTimeout, SymmetricNat
 from nopf_web.tunnel.secure import Pake
+from tests.lab import Host, Lab
 from tests.lab.fixtures import LabFactory
 
 from .coord_harness import PairOutcome, exchange, pair
@@ -31,35 +34,37 @@ pytestmark = pytest.mark.lab
 FILTERING = ("drop", "rst", "icmp")
 
 
+@contextlib.contextmanager
+def paired(lab: Lab, joiner: Host) -> Iterator[tuple[PairedTunnel, PairedTunnel]]:
+    """The lab's rendezvous, then a sharer on a1 paired with ``joiner``: both ends of
+    their tunnel (closed on exit)."""
+    start_rendezvous(lab)
+    out = pair(lab.a1, joiner, punch_timeout=10)
+    try:
+        assert out.ok, out.errors
+        assert out.sharer is not None and out.joiner is not None
+        yield out.sharer, out.joiner
+    finally:
+        out.close()
+
+
 @pytest.mark.parametrize(("left", "right"), list(itertools.product(FILTERING, repeat=2)))
 def test_every_pair_of_filtering_nats_connects(
     lab_factory: LabFactory, left: str, right: str
 ) -> None:
     lab = lab_factory(left, right, delay_ms=20, jitter_ms=5)
-    start_rendezvous(lab)
-    out = pair(lab.a1, lab.b1, punch_timeout=10)
-    try:
-        assert out.ok, out.errors
-        assert out.sharer is not None and out.joiner is not None
-        assert out.sharer.path == out.joiner.path == "public"
-        assert out.joiner.peer.host == lab.a.public_ip
-        exchange(out.sharer, out.joiner)
-    finally:
-        out.close()
+    with paired(lab, lab.b1) as (sharer, joiner):
+        assert sharer.path == joiner.path == "public"
+        assert joiner.peer.host == lab.a.public_ip
+        exchange(sharer, joiner)
 
 
 def test_same_nat_connects_over_the_lan(lab_factory: LabFactory) -> None:
     lab = lab_factory("rst", "drop", delay_ms=20, jitter_ms=5)
-    start_rendezvous(lab)
-    out = pair(lab.a1, lab.a2, punch_timeout=10)
-    try:
-        assert out.ok, out.errors
-        assert out.sharer is not None and out.joiner is not None
-        assert out.sharer.path == out.joiner.path == "lan"
-        assert out.joiner.peer.host == lab.a1.ip and out.sharer.peer.host == lab.a2.ip
-        exchange(out.sharer, out.joiner)
-    finally:
-        out.close()
+    with paired(lab, lab.a2) as (sharer, joiner):
+        assert sharer.path == joiner.path == "lan"
+        assert joiner.peer.host == lab.a1.ip and sharer.peer.host == lab.a2.ip
+        exchange(sharer, joiner)
 
 
 def test_two_symmetric_nats_fail_at_once_naming_the_cause(lab_factory: LabFactory) -> None:

@@ -56,6 +56,17 @@ async def start_share(server: RendezvousServer, *, timeout: float = 600,
     return task, code
 
 
+async def pair_once(server: RendezvousServer) -> str:
+    """A sharer and a connector pair through ``server`` and close their ends at once;
+    the code they used."""
+    sharing, code = await start_share(server, punch_timeout=5)
+    b = await coord.connect(server.address, code, bind_host=LO, punch_timeout=5)
+    a = await sharing
+    a.sock.close()
+    b.sock.close()
+    return code
+
+
 async def test_share_and_connect_give_both_ends_of_one_connection() -> None:
     async with rendezvous() as server:
         sharing, code = await start_share(server, punch_timeout=5)
@@ -84,11 +95,7 @@ async def test_share_and_connect_give_both_ends_of_one_connection() -> None:
 
 async def test_codes_work_once() -> None:
     async with rendezvous() as server:
-        sharing, code = await start_share(server, punch_timeout=5)
-        b = await coord.connect(server.address, code, bind_host=LO, punch_timeout=5)
-        a = await sharing
-        a.sock.close()
-        b.sock.close()
+        code = await pair_once(server)
         with pytest.raises(errors.CodeUsed, match="already used"):
             await coord.connect(server.address, code, bind_host=LO)
 
@@ -214,11 +221,7 @@ async def test_a_joiner_without_mapping_check_is_asked_for_one_by_a_symmetric_sh
 async def test_a_pairing_can_be_coordinated_again_by_both_sides_only() -> None:
     lan = Endpoint(LO, 1)
     async with rendezvous() as server:
-        sharing, code = await start_share(server, punch_timeout=5)
-        b = await coord.connect(server.address, code, bind_host=LO, punch_timeout=5)
-        a = await sharing
-        a.sock.close()
-        b.sock.close()
+        code = await pair_once(server)
         nameplate = parse_code(code).nameplate
         # A nameplate that was never paired cannot be retried.
         _, w, reply = await _hello(server, Hello("rejoin", nameplate + 1, (lan,), None, 5))

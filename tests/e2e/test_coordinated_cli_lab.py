@@ -24,9 +24,8 @@ import pytest
 from nopf_web.pairing_words import WORDS
 from tests.lab import Host, Lab
 from tests.lab.fixtures import LabFactory
-from tests.programs import argv
 
-from .peers import RDV, Peer, connect, listening, punch_pair, start_rendezvous
+from .peers import Peer, connect, listening, punch_pair, start_coordinated, start_rendezvous
 from .web_support import echo_service
 
 pytestmark = pytest.mark.lab
@@ -35,10 +34,7 @@ MARKER = b"nopf-plaintext-marker-7f3a9c"
 
 
 def start(host: Host, *args: str) -> Peer:
-    err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the Peer
-    proc = host.popen(argv("nopf", *args, "-a", RDV, "--timeout", "10", "--keepalive", "1"),
-                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
-    return Peer(args[0], host, proc, err)
+    return start_coordinated(host, *args, keepalive=1)
 
 
 def share_and_connect(lab: Lab, sharer: Host, joiner: Host, code: str | None = None,

@@ -22,8 +22,8 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -31,7 +31,7 @@ from tests.lab import Host, Lab, gateway as lab_gateway
 from tests.lab.fixtures import LabFactory
 
 from .peers import Peer, connect, start_coordinated, start_rendezvous, wait_for
-from .test_web_lab import Dashboard, dashboards, start_dashboard
+from .test_web_lab import Dashboard, both_connected, dashboards, ended, join, share, two_dashboards
 
 __all__ = ["dashboards"]  # the fixture, for this module's dashboard test
 
@@ -44,8 +44,9 @@ PUBLIC_A = "203.0.113.2"  # nata's WAN address
 SIZE = 2 << 20  # bytes through the tunnel, each way
 
 
-def echo_service(host: Host) -> socket.socket:
-    """An echo service on the sharer's host (each connection in a thread)."""
+@contextlib.contextmanager
+def echo_service(host: Host) -> Iterator[None]:
+    """An echo service on the sharer's host (each connection in a thread), closed on exit."""
     with host.enter():
         server = socket.create_server(("127.0.0.1", SERVICE))
 
@@ -63,7 +64,8 @@ def echo_service(host: Host) -> socket.socket:
                 conn.sendall(data)
 
     threading.Thread(target=serve, daemon=True).start()
-    return server
+    with server:
+        yield
 
 
 def round_trip(host: Host, size: int = SIZE) -> None:
@@ -84,6 +86,11 @@ def round_trip(host: Host, size: int = SIZE) -> None:
     assert got.hexdigest() == hashlib.sha256(data).hexdigest()
 
 
+def tunnel_up(s: Peer, c: Peer) -> tuple[str, str]:
+    """The sharer's and the connector's stderr once each says its tunnel is up."""
+    return wait_for(s, "encrypted tunnel to"), wait_for(c, "encrypted tunnel to")
+
+
 def stop(*peers: Peer, sig: signal.Signals = signal.SIGINT) -> tuple[int, ...]:
     """Signal every peer at once (a peer that saw the other close first may be ending by
     itself: both ways end with 0)."""
@@ -101,14 +108,11 @@ def test_sites_with_ipv6_connect_directly_over_ipv6(
     lab = lab_factory(left, right, ipv6=True)
     start_rendezvous(lab)
     rdv_bytes = lab.tcp_counter(lab.rdv, 3012)
-    server = echo_service(lab.a1)
-    s = start(lab.a1, "share", "-p", str(SERVICE))
-    try:
-        code = s.line(10)
-        c = start(lab.b1, "connect", code, "-p", str(TUNNEL))
+    with echo_service(lab.a1):
+        s = start(lab.a1, "share", "-p", str(SERVICE))
+        c = start(lab.b1, "connect", s.line(10), "-p", str(TUNNEL))
         try:
-            err_s = wait_for(s, "encrypted tunnel to")
-            err_c = wait_for(c, "encrypted tunnel to")
+            err_s, err_c = tunnel_up(s, c)
             assert f"tunnel up to [{lab.b1.ip6}]:" in err_s and "over IPv6" in err_s, (err_s, err_c)
             assert f"tunnel up to [{lab.a1.ip6}]:" in err_c and "over IPv6" in err_c, err_c
             coordination = rdv_bytes.read()[1]
@@ -117,8 +121,6 @@ def test_sites_with_ipv6_connect_directly_over_ipv6(
             v6_after = lab.forwarded6("a"), lab.forwarded6("b")
         finally:
             codes = (stop(s)[0], c.wait(10))  # the joiner sees the peer close and ends
-    finally:
-        server.close()
     assert codes == (0, 0), (s.stderr(), c.stderr())
     # The tunnel's bytes crossed both sites' routers as IPv6 (2 x SIZE plus overhead)...
     for before, after in zip(v6_before, v6_after, strict=True):
@@ -134,17 +136,15 @@ def mapped_pair(lab: Lab, sig: signal.Signals, *, off: tuple[str, ...] = ()) -> 
     gw = lab_gateway.start(lab.nata, off=list(off))
     start_rendezvous(lab)
     rdv_bytes = lab.tcp_counter(lab.rdv, 3012)
-    server = echo_service(lab.a1)
-    s = start(lab.a1, "share", "-p", str(SERVICE))
-    try:
+    with echo_service(lab.a1):
+        s = start(lab.a1, "share", "-p", str(SERVICE))
         code = s.line(10)
         err = wait_for(s, "offering the mapped port")
         assert f"port mapping: TCP {PUBLIC_A}:" in err, err
         assert gw.rules(), "the gateway made no rule"
         c = start(lab.b1, "connect", code, "-p", str(TUNNEL))
         try:
-            err_s = wait_for(s, "encrypted tunnel to")
-            err_c = wait_for(c, "encrypted tunnel to")
+            err_s, err_c = tunnel_up(s, c)
             assert "over a mapped port" in err_s, err_s
             assert f"tunnel up to {PUBLIC_A}:" in err_c and "over a mapped port" in err_c, err_c
             coordination = rdv_bytes.read()[1]
@@ -154,8 +154,6 @@ def mapped_pair(lab: Lab, sig: signal.Signals, *, off: tuple[str, ...] = ()) -> 
             # The connector ends by itself (the peer closed the tunnel, or, when the
             # close was cut short, the peer is lost): its exit status is not the test.
             c.wait(15)
-    finally:
-        server.close()
     assert s_code == 0, (s.stderr(), c.stderr())
     assert rdv_bytes.read()[1] - coordination < 10_000  # not relayed
     gw.wait_for("delete", why="request")
@@ -186,10 +184,9 @@ def test_a_mapped_connector_and_a_symmetric_sharer_connect_directly(
     public_b = lab.b.public_ip
     start_rendezvous(lab)
     rdv_bytes = lab.tcp_counter(lab.rdv, 3012)
-    server = echo_service(lab.a1)
     direct = ("--retry-direct", "1")
     s = start(lab.a1, "share", "-p", str(SERVICE), extra=direct)
-    try:
+    with echo_service(lab.a1):
         code = s.line(10)
         c = start(lab.b1, "connect", code, "-p", str(TUNNEL), extra=direct)
         try:
@@ -209,8 +206,6 @@ def test_a_mapped_connector_and_a_symmetric_sharer_connect_directly(
         finally:
             c_code = stop(c)[0]  # the connector's exit deletes its mapping
             s.wait(15)
-    finally:
-        server.close()
     assert c_code == 0, (c.stderr(), s.stderr())
     gw.wait_for("delete", why="request")
     assert gw.rules() == "", "a mapping was left behind"
@@ -220,9 +215,8 @@ def test_a_gateway_behind_another_nat_is_not_used(lab_factory: LabFactory) -> No
     lab = lab_factory("drop", "symmetric")
     gw = lab_gateway.start(lab.nata, external_ip="100.64.7.7")  # a CGNAT address: a lie
     start_rendezvous(lab)
-    server = echo_service(lab.a1)
-    s = start(lab.a1, "share", "-p", str(SERVICE))
-    try:
+    with echo_service(lab.a1):
+        s = start(lab.a1, "share", "-p", str(SERVICE))
         code = s.line(10)
         err = wait_for(s, "not offering the mapped port 100.64.7.7:")
         assert f"is not {PUBLIC_A}, the one the rendezvous sees" in err, err
@@ -233,8 +227,6 @@ def test_a_gateway_behind_another_nat_is_not_used(lab_factory: LabFactory) -> No
             assert "mapped" not in err_c, err_c
         finally:
             codes = (stop(s)[0], c.wait(10))
-    finally:
-        server.close()
     assert codes == (0, 0), (s.stderr(), c.stderr())
     gw.wait_for("delete", why="request")  # not used, and still deleted on exit
     assert gw.rules() == ""
@@ -244,23 +236,12 @@ def test_dashboards_take_the_mapped_port_and_a_stopped_session_deletes_it(
         lab_factory: LabFactory, dashboards: list[Dashboard], tmp_path: Path) -> None:
     lab = lab_factory("drop", "symmetric")
     gw = lab_gateway.start(lab.nata)
-    start_rendezvous(lab)
-    dash_a = start_dashboard(lab.a1, tmp_path / "a.sqlite3", dashboards)
-    dash_b = start_dashboard(lab.b1, tmp_path / "b.sqlite3", dashboards)
-    server_sock = echo_service(lab.a1)
-    try:
-        server = dash_a.call("POST", "/api/sessions", {"role": "server", "local_port": SERVICE})
-        server = dash_a.wait(server["id"], "pairing code", lambda d: d["code"] is not None)
+    dash_a, dash_b = two_dashboards(lab, tmp_path, dashboards)
+    with echo_service(lab.a1):
+        server = share(dash_a, local_port=SERVICE)
         assert gw.rules(), "the sharing session made no mapping"
-        client = dash_b.call("POST", "/api/sessions", {"role": "client", "local_port": TUNNEL,
-                                                      "code": server["code"]})
-
-        def connected(d: dict[str, Any]) -> bool:
-            assert d["outcome"] is None, d
-            return bool(d["state"] == "connected")
-
-        server = dash_a.wait(server["id"], "connection", connected)
-        client = dash_b.wait(client["id"], "connection", connected)
+        client = join(dash_b, server["code"], local_port=TUNNEL)
+        server, client = both_connected(dash_a, server, dash_b, client)
         assert server["path"] == client["path"] == "mapped"
         page = dash_b.text(f"/sessions/{client['id']}")
         assert 'data-path="mapped"' in page and "through a port the gateway maps" in page
@@ -268,9 +249,7 @@ def test_dashboards_take_the_mapped_port_and_a_stopped_session_deletes_it(
         dash_a.call("DELETE", f"/api/sessions/{server['id']}")  # the dashboard stays up
         gw.wait_for("delete", why="request")
         assert gw.rules() == "", "the stopped session left its mapping behind"
-        dash_b.wait(client["id"], "end", lambda d: d["outcome"] is not None)
-    finally:
-        server_sock.close()
+        dash_b.wait(client["id"], "end", ended)
     history = dash_b.call("GET", "/api/history?limit=5")["sessions"]
     assert (history[0]["id"], history[0]["path"]) == (client["id"], "mapped")
     assert "direct to a mapped port" in dash_b.text("/history")

@@ -12,26 +12,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
 from nopf_web.doctor import run_doctor
 from nopf_web.rendezvous.doctor import DoctorResponder
 from nopf_web.rendezvous.errors import RendezvousUnreachable
-from nopf_web.rendezvous.server import RendezvousServer
 from nopf_web.wire.address import Endpoint
 from tests.programs import free_port
-
-
-@pytest.fixture
-async def rendezvous() -> AsyncIterator[Endpoint]:
-    server = RendezvousServer("127.0.0.1", 0)
-    await server.start()
-    try:
-        yield Endpoint(*server.address)
-    finally:
-        await server.close()
 
 
 async def test_loopback_is_no_nat_and_ipv6_goes_through_the_announced_address(

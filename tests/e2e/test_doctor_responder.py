@@ -26,7 +26,7 @@ from nopf_web.wire.doctor import (
     decode_responder_message,
     encode,
 )
-from tests.programs import argv, free_port
+from tests.programs import argv, free_port, serving
 
 
 @pytest.fixture
@@ -125,46 +125,29 @@ def read_until(stream: IO[str], marker: str, most: int = 8) -> list[str]:
 
 def test_server_program_starts_the_doctor_on_the_next_port() -> None:
     port = free_port()
-    proc = subprocess.Popen(argv("nopf-server", "--host", "127.0.0.1", "--port", str(port),
-                                 "--doctor-port", str(free_port())),
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr is not None
-        lines = read_until(proc.stderr, "NAT doctor")
+    with serving("nopf-server", "--host", "127.0.0.1", "--port", str(port),
+                 "--doctor-port", str(free_port())) as stderr:
+        lines = read_until(stderr, "NAT doctor")
         doctor = next(line for line in lines if "NAT doctor on" in line)
         doctor_port = int(doctor.rsplit(":", 1)[1])
         msgs, _ = asyncio.run(exchange(("127.0.0.1", doctor_port), encode(Check(False, 300)),
                                        listen=False))
         assert isinstance(msgs[0], Seen)
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
 
 
 def test_server_program_default_doctor_port_and_no_doctor() -> None:
     port = free_port()
-    proc = subprocess.Popen(argv("nopf-server", "--host", "127.0.0.1", "--port", str(port)),
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr is not None
-        lines = read_until(proc.stderr, "NAT doctor")
+    with serving("nopf-server", "--host", "127.0.0.1", "--port", str(port)) as stderr:
+        lines = read_until(stderr, "NAT doctor")
         # port + 1, unless something else holds it: then the rendezvous runs alone
         assert any(f"NAT doctor on 127.0.0.1:{port + 1}" in line or "NAT doctor off" in line
                    for line in lines), lines
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
-    proc = subprocess.Popen(argv("nopf-server", "--host", "127.0.0.1", "--port", str(port),
-                                 "--no-doctor"), stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
+    with serving("nopf-server", "--host", "127.0.0.1", "--port", str(port),
+                 "--no-doctor") as stderr:
+        line = stderr.readline()
         assert "listening on" in line
         with socket.socket() as s, pytest.raises(ConnectionRefusedError):
             s.connect(("127.0.0.1", port + 1))
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
 
 
 def test_server_program_doctor_port_in_use_is_one_line_when_asked_for() -> None:

@@ -3,39 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 
 import pytest
 
 from nopf_web.rendezvous.server import RendezvousServer
 from nopf_web.wire.discovery import REPLY6_SIZE, DiscoveryReader, decode_reply, decode_reply6
-from tests.programs import argv, free_port
+from tests.loopback import has_ipv6_loopback, read_until_close
+from tests.programs import argv, free_port, serving
 
-
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-needs_ipv6 = pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
-
-
-async def _read_all(addr: tuple[str, int]) -> tuple[bytes, int]:
-    sock = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET)
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, addr)
-    port = sock.getsockname()[1]
-    data = b""
-    while chunk := await asyncio.wait_for(loop.sock_recv(sock, 100), 5):
-        data += chunk
-    sock.close()
-    return data, port
+needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback")
 
 
 @needs_ipv6
@@ -45,9 +22,9 @@ async def test_one_port_both_families() -> None:
     try:
         (h4, p4), (h6, p6) = server.addresses
         assert (h4, h6) == ("127.0.0.1", "::1") and p4 == p6 != 0
-        data, port = await _read_all(("127.0.0.1", p4))
+        data, port = await read_until_close(("127.0.0.1", p4))
         assert decode_reply(data) == ("127.0.0.1", port)  # the seed's 10 bytes, unchanged
-        data, port = await _read_all(("::1", p6))
+        data, port = await read_until_close(("::1", p6))
         assert len(data) == REPLY6_SIZE  # then, with no hello, the close (as over IPv4)
         assert decode_reply6(data) == ("::1", port)
         assert server.stats.served == 2
@@ -65,33 +42,21 @@ def test_ipv6_reply_codec_rejects_garbage() -> None:
 @needs_ipv6
 def test_program_listens_on_both_families_by_default() -> None:
     port = free_port()
-    proc = subprocess.Popen(argv("nopf-server", "--port", str(port), "--no-doctor"),
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
+    with serving("nopf-server", "--port", str(port), "--no-doctor") as stderr:
+        line = stderr.readline()
         assert f"listening on 0.0.0.0:{port}, [::]:{port}" in line, line
-        data, local = asyncio.run(_read_all(("::1", port)))
+        data, local = asyncio.run(read_until_close(("::1", port)))
         assert decode_reply6(data) == ("::1", local)
-        data, local = asyncio.run(_read_all(("127.0.0.1", port)))
+        data, local = asyncio.run(read_until_close(("127.0.0.1", port)))
         assert decode_reply(data) == ("127.0.0.1", local)
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
 
 
 def test_program_host_option_is_repeatable_and_exclusive() -> None:
     port = free_port()
-    proc = subprocess.Popen(argv("nopf-server", "--host", "127.0.0.1", "--host", "127.0.0.2",
-                                 "--port", str(port), "--no-doctor"),
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
+    with serving("nopf-server", "--host", "127.0.0.1", "--host", "127.0.0.2",
+                 "--port", str(port), "--no-doctor") as stderr:
+        line = stderr.readline()
         assert line.strip().endswith(f"listening on 127.0.0.1:{port}, 127.0.0.2:{port}"), line
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
     bad = subprocess.run(argv("nopf-server", "--host", "example.org"), capture_output=True,
                          text=True, timeout=20)
     assert bad.returncode == 2 and "--host 'example.org' is not an IP address" in bad.stderr

@@ -46,16 +46,6 @@ def tc_filters(host: Host) -> str:
     return "".join(out).strip()
 
 
-def listener(host: Host, port: int) -> socket.socket:
-    with host.enter():
-        sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("0.0.0.0", port))
-    sock.listen(16)
-    sock.settimeout(5)
-    return sock
-
-
 def connect_from(host: Host, port: int, peer: tuple[str, int]) -> socket.socket:
     with host.enter():
         sock = socket.socket()
@@ -97,7 +87,7 @@ def test_only_the_punch_ports_close_is_kept_in_and_only_during_the_window(
     a1, a2, b1 = lab.a1, lab.a2, lab.b1
     punch_port, other_port = 41000, 41001
     peer = (b1.ip, PEER_PORT)
-    server = listener(b1, PEER_PORT)
+    server = b1.listener(PEER_PORT)
     rules = {f"punch_{k}": v for k, v in close_rules(a1.ip, sport=punch_port).items()}
     rules |= {f"other_{k}": v for k, v in close_rules(a1.ip, sport=other_port).items()}
     rules |= {f"a2_{k}": v for k, v in close_rules(a2.ip, sport=punch_port).items()}
@@ -170,7 +160,7 @@ def test_the_kernel_diverts_nothing_but_the_closes(open_lab: Lab) -> None:
     handshake on the punch port are not even taken to user space (and re-injected);
     only the closing segment is diverted."""
     lab = open_lab
-    server = listener(lab.b1, PEER_PORT)
+    server = lab.b1.listener(PEER_PORT)
     with lab.a1.enter():
         handle = divert.Handle(window_filter(WindowRule(41004, (lab.b1.ip, PEER_PORT))))
     try:

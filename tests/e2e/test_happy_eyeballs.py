@@ -12,15 +12,7 @@ from nopf_web.happy_eyeballs import by_family, connect_first, resolve_all
 from nopf_web.rendezvous.client import coordinated_first, reach_rendezvous
 from nopf_web.rendezvous.errors import RendezvousUnreachable
 from nopf_web.wire.address import Endpoint
-
-
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
+from tests.loopback import has_ipv6_loopback
 
 
 def _listener(host: str) -> socket.socket:
@@ -38,7 +30,7 @@ def _closed_port(host: str) -> int:
     return port
 
 
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback")
 def test_ipv6_answers_first_when_both_listen() -> None:
     with _listener("127.0.0.1") as v4, _listener("::1") as v6:
         addrs = [("127.0.0.1", v4.getsockname()[1]), ("::1", v6.getsockname()[1])]
@@ -47,7 +39,7 @@ def test_ipv6_answers_first_when_both_listen() -> None:
     assert won == addrs[1]
 
 
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback")
 def test_a_refused_ipv6_address_falls_back_to_ipv4_at_once() -> None:
     with _listener("127.0.0.1") as v4:
         addrs = [("::1", _closed_port("::1")), ("127.0.0.1", v4.getsockname()[1])]
@@ -58,7 +50,7 @@ def test_a_refused_ipv6_address_falls_back_to_ipv4_at_once() -> None:
     assert time.monotonic() - started < 0.2  # not the 250 ms stagger: the refusal
 
 
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback")
 def test_the_coordinated_peer_tries_ipv4_first_when_it_routes_ipv4() -> None:
     with _listener("127.0.0.1") as v4, _listener("::1") as v6:
         addrs = [("::1", v6.getsockname()[1]), ("127.0.0.1", v4.getsockname()[1])]

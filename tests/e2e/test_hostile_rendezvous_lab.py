@@ -23,9 +23,10 @@ at once ("early"); there the mitm substitutes its own SPAKE2 messages.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import pytest
@@ -97,10 +98,18 @@ async def channels(a: PairedTunnel, b: PairedTunnel, halves: dict[str, Pake] | N
     return await asyncio.gather(one(a), one(b), return_exceptions=True)
 
 
-def make(lab_factory: LabFactory, mode: Mode, early: bool, via: Via = "punch",
-         ) -> tuple[Lab, HostileRendezvous, dict[str, Pake] | None]:
+@contextlib.contextmanager
+def hostile_pair(lab_factory: LabFactory, mode: Mode, early: bool, via: Via = "punch",
+                 ) -> Iterator[tuple[HostileRendezvous, PairedTunnel, PairedTunnel,
+                                     dict[str, Pake] | None]]:
+    """A lab whose rendezvous is hostile (``mode``), a pair coordinated through it
+    (``early``: with SPAKE2 in the hellos); yields the rendezvous, both tunnels and the
+    SPAKE2 halves (None unless early) while the hostile rendezvous runs."""
     lab = lab_factory("rst", "drop", delay_ms=5)
-    return lab, HostileRendezvous(lab.rdv, mode, via), {} if early else None
+    halves: dict[str, Pake] | None = {} if early else None
+    with HostileRendezvous(lab.rdv, mode, via) as hostile:
+        _, a, b = paired_through(lab, hostile, halves)
+        yield hostile, a, b, halves
 
 
 @via
@@ -108,9 +117,7 @@ def make(lab_factory: LabFactory, mode: Mode, early: bool, via: Via = "punch",
 def test_a_relaying_rendezvous_carries_the_tunnel_but_reads_no_plaintext(
     lab_factory: LabFactory, early: bool, via: Via,
 ) -> None:
-    lab, hostile, halves = make(lab_factory, "relay", early, via)
-    with hostile:
-        _, a, b = paired_through(lab, hostile, halves)
+    with hostile_pair(lab_factory, "relay", early, via) as (hostile, a, b, halves):
         to_b = MARKER + os.urandom(20_000) + MARKER
         to_a = MARKER * 50
 
@@ -148,10 +155,7 @@ def test_a_relay_that_flips_a_byte_is_detected_on_both_sides(lab_factory: LabFac
                                                             early: bool, via: Via,
                                                             mode: Mode) -> None:
     """(Or that injects a record of its own.)"""
-    lab, hostile, halves = make(lab_factory, mode, early, via)
-    with hostile:
-        _, a, b = paired_through(lab, hostile, halves)
-
+    with hostile_pair(lab_factory, mode, early, via) as (_, a, b, halves):
         async def talk() -> tuple[list[object], list[object]]:
             ca, cb = await channels(a, b, halves)  # the handshake is intact: it passes
             assert isinstance(ca, SecureChannel) and isinstance(cb, SecureChannel), (ca, cb)
@@ -186,9 +190,7 @@ def test_a_relay_that_flips_a_byte_is_detected_on_both_sides(lab_factory: LabFac
 def test_a_rendezvous_running_its_own_spake2_fails_both_handshakes(
     lab_factory: LabFactory, early: bool, via: Via,
 ) -> None:
-    lab, hostile, halves = make(lab_factory, "mitm", early, via)
-    with hostile:
-        _, a, b = paired_through(lab, hostile, halves)
+    with hostile_pair(lab_factory, "mitm", early, via) as (hostile, a, b, halves):
         results = asyncio.run(channels(a, b, halves))
         deadline = time.monotonic() + 5  # its own handshakes end a moment after the peers'
         while len(hostile.mitm_results) < 2 and time.monotonic() < deadline:

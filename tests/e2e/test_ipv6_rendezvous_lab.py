@@ -39,9 +39,8 @@ def named_pair(lab: Lab, *ips: str) -> Iterator[tuple[Peer, Peer]]:
     tunnel up; both stopped at the end, and both must exit with 0."""
     with resolving(list(lab.hosts.values()), NAME, *ips):
         start_rendezvous(lab)
-        server = echo_service(lab.a1)
         s = start_coordinated(lab.a1, "share", "-p", str(SERVICE), rdv=RDV_NAME)
-        try:
+        with echo_service(lab.a1):
             code = s.line(10)
             c = start_coordinated(lab.b1, "connect", code, "-p", str(TUNNEL), rdv=RDV_NAME)
             try:
@@ -50,8 +49,6 @@ def named_pair(lab: Lab, *ips: str) -> Iterator[tuple[Peer, Peer]]:
                 yield s, c
             finally:
                 codes = (stop(s)[0], c.wait(10))
-        finally:
-            server.close()
     assert codes == (0, 0), (s.stderr(), c.stderr())
 
 

@@ -47,6 +47,7 @@ from nopf_web.wire.rendezvous import (
 )
 from tests.lab import Host, Lab
 from tests.lab.fixtures import LabFactory
+from tests.loopback import accepted
 
 from .coord_harness import exchange, pair
 from .pcap import read_streams
@@ -95,12 +96,23 @@ def send_all(sock: socket.socket, data: bytes) -> None:
     sock.shutdown(socket.SHUT_WR)
 
 
+def send_and_hash(sock: socket.socket, data: bytes) -> str:
+    """Send ``data`` and EOF (in a thread) while hashing what comes back until EOF."""
+    sender = threading.Thread(target=send_all, args=(sock, data))
+    sender.start()
+    digest = hashlib.sha256()
+    while chunk := sock.recv(1 << 16):
+        digest.update(chunk)
+    sender.join(30)
+    return digest.hexdigest()
+
+
 @contextlib.contextmanager
 def exchange_service(host: Host, port: int, flows: queue.Queue[Flow]) -> Iterator[list[int]]:
     """In ``host``: for each connection, take the next flow, send its ``down`` bytes
     while hashing everything received until EOF. Yields the list of connections
     accepted (their numbers)."""
-    accepted: list[int] = []
+    arrivals: list[int] = []
     with host.enter():
         listener = socket.create_server(("127.0.0.1", port), backlog=64)
     listener.settimeout(0.2)
@@ -109,30 +121,18 @@ def exchange_service(host: Host, port: int, flows: queue.Queue[Flow]) -> Iterato
     def serve(conn: socket.socket) -> None:
         flow = flows.get(timeout=5)
         with conn:
-            sender = threading.Thread(target=send_all, args=(conn, flow.down))
-            sender.start()
-            digest = hashlib.sha256()
-            while chunk := conn.recv(1 << 16):
-                digest.update(chunk)
-            flow.service_got = digest.hexdigest()
-            sender.join(30)
+            flow.service_got = send_and_hash(conn, flow.down)
 
     def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
+        for conn in accepted(listener, stop):
             conn.settimeout(60)
-            accepted.append(len(accepted) + 1)
+            arrivals.append(len(arrivals) + 1)
             threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
     acceptor = threading.Thread(target=accept, daemon=True)
     acceptor.start()
     try:
-        yield accepted
+        yield arrivals
     finally:
         stop.set()
         acceptor.join(2)
@@ -148,13 +148,7 @@ def run_flows(host: Host, port: int, flows: list[Flow], service: queue.Queue[Flo
             sock = connect(host, port, timeout=60)
             with sock:
                 service.put(flow)  # the service serves connections in order of arrival
-                sender = threading.Thread(target=send_all, args=(sock, flow.up))
-                sender.start()
-                digest = hashlib.sha256()
-                while chunk := sock.recv(1 << 16):
-                    digest.update(chunk)
-                flow.client_got = digest.hexdigest()
-                sender.join(30)
+                flow.client_got = send_and_hash(sock, flow.up)
         except OSError as exc:
             failures.append(f"{exc}")
 
@@ -389,7 +383,7 @@ def test_a_token_stolen_before_use_gets_a_thief_nothing_of_the_tunnel(
     shared service, and the joiner learns its token was used."""
     lab = lab_factory("symmetric", "drop", delay_ms=5)
     start_rendezvous(lab)
-    with exchange_service(lab.a1, 3000, queue.Queue()) as accepted:
+    with exchange_service(lab.a1, 3000, queue.Queue()) as arrivals:
         s = start(lab.a1, "share", "-p", "3000")
         code = s.line(10)
         nameplate = int(code.split("-")[0])
@@ -443,7 +437,7 @@ def test_a_token_stolen_before_use_gets_a_thief_nothing_of_the_tunnel(
         err = s.stderr()
         assert "Traceback" not in err
         assert "pairing code did not match" in err or "handshake" in err, err
-        assert accepted == []  # nothing reached the shared service
+        assert arrivals == []  # nothing reached the shared service
         # The joiner's own token is spent now (used, or forgotten with its session).
         refusal = present(lab.b1, token)
         assert isinstance(refusal, ErrorReply) and refusal.code == "relay_refused", refusal

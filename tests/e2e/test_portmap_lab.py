@@ -8,7 +8,6 @@ TCP connection from b1 (behind the other NAT) through nata's DNAT to a1.
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import signal
 import socket
@@ -52,31 +51,9 @@ OFF = {  # what the gateway turns off so that only this protocol answers
 # --------------------------------------------------------------------------- helpers
 
 
-def listener(port: int = PORT) -> socket.socket:
-    """A TCP listener in the calling thread's namespace."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("0.0.0.0", port))
-    sock.listen(8)
-    sock.settimeout(3)
-    return sock
-
-
-def connect_from(host: Host, address: str, port: int, timeout: float = 1.0) -> str:
-    """TCP connect from ``host``: "ok", "timeout" or the errno name."""
-    with host.enter():
-        sock = socket.socket()
-    sock.settimeout(timeout)
-    try:
-        sock.connect((address, port))
-        sock.sendall(b"hello")
-    except TimeoutError:
-        return "timeout"
-    except OSError as exc:
-        return errno.errorcode.get(exc.errno or 0, str(exc))
-    finally:
-        sock.close()
-    return "ok"
+def connect_from(host: Host, address: str, port: int) -> str:
+    """TCP connect from ``host`` and send "hello": "ok", "timeout" or the errno name."""
+    return host.attempt((address, port), 1.0, send=b"hello")
 
 
 def accept_from(server: socket.socket) -> tuple[str, bytes]:
@@ -111,7 +88,7 @@ def test_each_protocol_alone_opens_renews_and_closes_the_port(
     assert connect_from(lab.b1, PUBLIC_A, PORT) == "ECONNREFUSED"  # closed before
 
     async def main() -> tuple[Mapping, list[str], tuple[str, str], tuple[str, bytes], int]:
-        server = listener()
+        server = lab.a1.listener(PORT, timeout=3)
         with server:
             async with mapper() as m:
                 # UPnP-IGD v1 cannot answer with a shorter lease: it asks 2 s itself
@@ -174,8 +151,7 @@ def test_a_lying_gateway_is_flagged_unusable(lab: Lab) -> None:
     seen: list[str] = []
 
     def rendezvous() -> None:  # what a server on the internet sees of a1
-        with lab.rdv.enter():
-            server = listener(3012)
+        server = lab.rdv.listener(3012, timeout=3)
         with server:
             conn, peer = server.accept()
             conn.close()

@@ -6,22 +6,40 @@ The NAT-pair matrix here is the one documented in docs/nat-matrix.md
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import signal
+import socket
 import time
+from collections.abc import Iterator
 
 import pytest
 
+from tests.lab import Lab
 from tests.lab.fixtures import LabFactory
 from tests.programs import argv
 
-from .peers import Exchange, connect, listening, punch_pair, start_rendezvous
+from .peers import Exchange, Pair, connect, listening, punch_pair, start_rendezvous
 
 pytestmark = pytest.mark.lab
 
 PUNCHABLE = ("drop", "rst", "icmp", "none")
 
 
+@contextlib.contextmanager
+def piped(lab: Lab, app_timeout: float = 10) -> Iterator[tuple[Pair, socket.socket,
+                                                              socket.socket]]:
+    """The lab's rendezvous and a seed pair punched in front of a service on a1:3000;
+    yields the pair, an application connected at b1:3010 and the service's end of that
+    connection (both closed on exit)."""
+    start_rendezvous(lab)
+    with listening(lab.a1, 3000) as service:
+        pair = punch_pair(lab)
+        assert pair.server.line(20).startswith("Started pipe"), pair.server.stderr()
+        app = connect(lab.b1, 3010, timeout=app_timeout)
+        conn, _ = service.accept()
+        with app, conn:
+            yield pair, app, conn
 
 
 @pytest.mark.parametrize(("left", "right"), list(itertools.product(PUNCHABLE, repeat=2)))
@@ -87,14 +105,8 @@ def test_symmetric_nats_fail_within_the_timeout_naming_the_cause(lab_factory: La
 
 
 def test_64_mib_each_way_at_once_intact(lab_factory: LabFactory) -> None:
-    lab = lab_factory("drop", "drop")
-    start_rendezvous(lab)
     size = 64 * 1024 * 1024
-    with listening(lab.a1, 3000) as service:
-        pair = punch_pair(lab)
-        assert pair.server.line(20).startswith("Started pipe"), pair.server.stderr()
-        app = connect(lab.b1, 3010, timeout=60)
-        conn, _ = service.accept()
+    with piped(lab_factory("drop", "drop"), app_timeout=60) as (pair, app, conn):
         conn.settimeout(60)
         at_app = Exchange(app, size)
         at_service = Exchange(conn, size)
@@ -103,19 +115,11 @@ def test_64_mib_each_way_at_once_intact(lab_factory: LabFactory) -> None:
         assert at_service.received_bytes == size == at_app.received_bytes
         assert at_service.received.hexdigest() == at_app.sent.hexdigest()
         assert at_app.received.hexdigest() == at_service.sent.hexdigest()
-        app.close()
-        conn.close()
     assert pair.server.wait(10) == 0 and pair.client.wait(10) == 0
 
 
 def test_half_close_keeps_the_other_direction_flowing(lab_factory: LabFactory) -> None:
-    lab = lab_factory("drop", "rst")
-    start_rendezvous(lab)
-    with listening(lab.a1, 3000) as service:
-        pair = punch_pair(lab)
-        assert pair.server.line(20).startswith("Started pipe"), pair.server.stderr()
-        app = connect(lab.b1, 3010)
-        conn, _ = service.accept()
+    with piped(lab_factory("drop", "rst")) as (pair, app, conn):
         conn.settimeout(30)
         # The app sends 1 MiB and half-closes; the service answers only after EOF.
         at_service = Exchange(conn, 0, reply_after_eof=True)
@@ -123,19 +127,12 @@ def test_half_close_keeps_the_other_direction_flowing(lab_factory: LabFactory) -
         at_app.join(30)
         at_service.join(30)
         assert at_app.tail.decode() == at_app.sent.hexdigest()
-        app.close()
-        conn.close()
     assert pair.server.wait(10) == 0 and pair.client.wait(10) == 0
 
 
 def test_peer_killed_mid_transfer_fails_the_other_side_clearly(lab_factory: LabFactory) -> None:
-    lab = lab_factory("drop", "drop")
-    start_rendezvous(lab)
-    with listening(lab.a1, 3000) as service:
-        pair = punch_pair(lab)
-        assert pair.server.line(20).startswith("Started pipe"), pair.server.stderr()
-        app = connect(lab.b1, 3010)
-        conn, _ = service.accept()  # ... and never reads: buffers fill up
+    # The service accepts and never reads: buffers fill up.
+    with piped(lab_factory("drop", "drop")) as (pair, app, _service):
         app.settimeout(0.2)
         sent = 0
         try:
@@ -150,8 +147,6 @@ def test_peer_killed_mid_transfer_fails_the_other_side_clearly(lab_factory: LabF
         err = pair.client.stderr()
         assert "Traceback" not in err
         assert "lost mid-transfer" in err and pair.server_public in err
-        app.close()
-        conn.close()
 
 
 def test_local_service_not_listening(lab_factory: LabFactory) -> None:

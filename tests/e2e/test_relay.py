@@ -6,6 +6,7 @@ refused, each with one log line; the rate limit holds; close() stops everything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import socket
@@ -13,6 +14,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -31,7 +33,7 @@ from tests.e2e.relay_clients import (
     relay_connect,
     send_and_close,
 )
-from tests.programs import argv, free_port
+from tests.programs import argv, free_port, serving
 
 A_IP, B_IP = "127.0.0.1", "127.0.0.2"  # the sharer's and the joiner's "public" addresses
 
@@ -41,6 +43,17 @@ async def started(relay: RelayLimits | None = None, **limits: object) -> Rendezv
                                                            **limits))  # type: ignore[arg-type]
     await server.start()
     return server
+
+
+@contextlib.asynccontextmanager
+async def running(relay: RelayLimits | None = None,
+                  **limits: object) -> AsyncIterator[RendezvousServer]:
+    """A started rendezvous (``started``), closed on exit."""
+    server = await started(relay, **limits)
+    try:
+        yield server
+    finally:
+        await server.close()
 
 
 async def joined(server: RendezvousServer, a_ip: str = A_IP, b_ip: str = B_IP,
@@ -69,8 +82,7 @@ def relay_threads() -> list[str]:
 
 
 async def test_two_peers_are_joined_and_their_bytes_pass_both_ways_unread() -> None:
-    server = await started()
-    try:
+    async with running() as server:
         a, b = await joined(server)
         # What the relay would parse if it parsed anything: frames, a relay message,
         # a hello, noise. It must all arrive as sent.
@@ -89,13 +101,10 @@ async def test_two_peers_are_joined_and_their_bytes_pass_both_ways_unread() -> N
         assert not relay_threads()
         a.close()
         b.close()
-    finally:
-        await server.close()
 
 
 async def test_a_half_close_passes_through_and_the_other_way_keeps_going() -> None:
-    server = await started()
-    try:
+    async with running() as server:
         a, b = await joined(server)
         a.sendall(b"last words")
         a.shutdown(socket.SHUT_WR)
@@ -109,13 +118,10 @@ async def test_a_half_close_passes_through_and_the_other_way_keeps_going() -> No
         await wait_for(lambda: server.stats.relay_live == 0, "the session's end")
         a.close()
         b.close()
-    finally:
-        await server.close()
 
 
 async def test_a_reset_on_one_side_resets_the_other() -> None:
-    server = await started()
-    try:
+    async with running() as server:
         a, b = await joined(server)
         a.sendall(b"x" * 1000)
         assert await asyncio.to_thread(recv_exactly, b, 1000) == b"x" * 1000
@@ -140,14 +146,11 @@ async def test_a_reset_on_one_side_resets_the_other() -> None:
         assert await asyncio.to_thread(sees_the_end) == "reset"
         await wait_for(lambda: server.stats.relay_live == 0, "the session's end")
         b.close()
-    finally:
-        await server.close()
 
 
 async def test_a_stolen_token_cannot_join_a_third_connection(
         caplog: pytest.LogCaptureFixture) -> None:
-    server = await started()
-    try:
+    async with running() as server:
         fs, fj = await coordinate(server.address, A_IP, B_IP)
         assert fs.relay is not None
         a, b = await asyncio.gather(asyncio.to_thread(relay_connect, fs, A_IP),
@@ -167,14 +170,11 @@ async def test_a_stolen_token_cannot_join_a_third_connection(
                          "of the sharer already used"]  # one line (the second is counted)
         a.close()
         b.close()
-    finally:
-        await server.close()
 
 
 async def test_a_token_from_another_address_is_refused(caplog: pytest.LogCaptureFixture,
                                                        ) -> None:
-    server = await started()
-    try:
+    async with running() as server:
         fs, fj = await coordinate(server.address, A_IP, B_IP)
         thief = await asyncio.to_thread(relay_connect, fj, "127.0.0.3", wait=False)
         err = await asyncio.to_thread(refusal_of, thief)
@@ -190,15 +190,12 @@ async def test_a_token_from_another_address_is_refused(caplog: pytest.LogCapture
         assert await asyncio.to_thread(recv_exactly, a, 2) == b"ok"
         a.close()
         b.close()
-    finally:
-        await server.close()
 
 
 async def test_the_rate_limit_holds() -> None:
     rate = 1_000_000  # --relay-rate 1M
     size = 3_000_000
-    server = await started(RelayLimits(rate=rate))
-    try:
+    async with running(RelayLimits(rate=rate)) as server:
         a, b = await joined(server)
         sent, (got, n, seconds) = await asyncio.gather(
             asyncio.to_thread(send_and_close, a, random_bytes(size)),
@@ -208,15 +205,12 @@ async def test_the_rate_limit_holds() -> None:
         assert 2.7 <= seconds <= 3.6, seconds
         a.close()
         b.close()
-    finally:
-        await server.close()
 
 
 async def test_the_session_limits_refuse_with_one_log_line_each(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
-    server = await started(RelayLimits(max_sessions=2, max_per_source=1))
-    try:
+    async with running(RelayLimits(max_sessions=2, max_per_source=1)) as server:
         a1, b1 = await joined(server, "127.0.0.1", "127.0.0.2")
         # The sharer's IP already has a session: per-source refusal.
         fs, _ = await coordinate(server.address, "127.0.0.1", "127.0.0.4")
@@ -237,8 +231,6 @@ async def test_the_session_limits_refuse_with_one_log_line_each(
         assert lines[1].endswith(": 2 relay sessions open")
         for s in (a1, b1, a2, b2):
             s.close()
-    finally:
-        await server.close()
 
 
 async def test_close_stops_live_sessions_and_joins_their_threads() -> None:
@@ -265,8 +257,7 @@ async def test_close_stops_live_sessions_and_joins_their_threads() -> None:
 
 
 async def test_a_no_relay_server_plans_as_before_and_refuses_relay_messages() -> None:
-    server = await started(RelayLimits(enabled=False))
-    try:
+    async with running(RelayLimits(enabled=False)) as server:
         fs, fj = await coordinate(server.address, A_IP, B_IP, symmetric=False)
         assert fs.relay is None and fj.relay is None
         assert [s.budget for s in fs.plan] == [10.0]
@@ -276,8 +267,6 @@ async def test_a_no_relay_server_plans_as_before_and_refuses_relay_messages() ->
         assert (err.code, err.message) == ("relay_refused",
                                            "relay refused: this rendezvous does not relay")
         sock.close()
-    finally:
-        await server.close()
 
 
 # The program's flags ------------------------------------------------------------------------
@@ -303,13 +292,10 @@ def test_bad_relay_flags_are_one_line(args: list[str], needle: str) -> None:
 
 def test_the_program_relays_at_its_rate_and_says_so() -> None:
     port = free_port()
-    proc = subprocess.Popen(argv("nopf-server", "--host", "127.0.0.1", "--port", str(port),
-                                 "--relay-rate", "2M", "--relay-max-sessions", "8"),
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr is not None
-        assert "listening on" in proc.stderr.readline()
-        assert (proc.stderr.readline()
+    with serving("nopf-server", "--host", "127.0.0.1", "--port", str(port),
+                 "--relay-rate", "2M", "--relay-max-sessions", "8") as stderr:
+        assert "listening on" in stderr.readline()
+        assert (stderr.readline()
                 == "nopf-server: relay on: up to 8 sessions, 4 per address, 2 MB/s each\n")
 
         async def run() -> float:
@@ -326,9 +312,6 @@ def test_the_program_relays_at_its_rate_and_says_so() -> None:
 
         seconds = asyncio.run(run())
         assert 0.8 <= seconds <= 1.3, seconds
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
 
 
 # The copier itself ---------------------------------------------------------------------------

@@ -15,29 +15,15 @@ from nopf_web.rendezvous.client import discover
 from nopf_web.rendezvous.server import RendezvousServer, ServerLimits
 from nopf_web.wire.discovery import decode_reply
 from nopf_web.wire.rendezvous import FrameReader, Hello, encode
-from tests.programs import argv, free_port
-
-
-async def _raw_reply(addr: tuple[str, int], source: str = "127.0.0.1") -> tuple[bytes, int]:
-    """Read everything the server sends until it closes; return it and our local port."""
-    sock = socket.socket()
-    sock.bind((source, 0))
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, addr)
-    port = sock.getsockname()[1]
-    data = b""
-    while chunk := await asyncio.wait_for(loop.sock_recv(sock, 100), 5):
-        data += chunk
-    sock.close()
-    return data, port
+from tests.loopback import read_until_close
+from tests.programs import argv, free_port, serving
 
 
 async def test_reply_is_exactly_the_seed_format() -> None:
     server = RendezvousServer("127.0.0.1", 0)
     await server.start()
     try:
-        data, port = await _raw_reply(server.address)
+        data, port = await read_until_close(server.address)
         assert len(data) == 10 and data.endswith(b"END\x00")
         assert decode_reply(data) == ("127.0.0.1", port)
         found = await discover(server.address, 0, bind_host="127.0.0.1", timeout=2)
@@ -61,7 +47,7 @@ async def test_survives_garbage_idle_and_half_open_clients() -> None:
             elif i % 3 == 1:
                 s.shutdown(socket.SHUT_WR)  # half-open: we never read
             hostile.append(s)  # the rest: idle, never read
-        data, port = await _raw_reply(server.address)
+        data, port = await read_until_close(server.address)
         assert decode_reply(data) == ("127.0.0.1", port)
         await asyncio.sleep(0.2)
         assert server.stats.open_now == 0  # nothing stays pinned by hostile clients
@@ -93,7 +79,7 @@ async def test_flood_from_one_address_does_not_starve_others(
         assert server.stats.refused_flood > 0
         assert sum("over 4 open connections from one address" in r.message
                    for r in caplog.records) == 1  # one line, repeats counted not logged
-        data, port = await _raw_reply(server.address, source="127.0.0.2")
+        data, port = await read_until_close(server.address, source="127.0.0.2")
         assert decode_reply(data) == ("127.0.0.2", port)
         for s in socks:
             s.close()
@@ -123,16 +109,10 @@ def test_server_program_port_in_use_is_one_line() -> None:
 
 def test_server_program_serves_and_stops_on_sigterm() -> None:
     port = free_port()
-    proc = subprocess.Popen(argv("nopf-server", "--host", "127.0.0.1", "--port", str(port)),
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr is not None
-        assert "listening on" in proc.stderr.readline()
-        data, local = asyncio.run(_raw_reply(("127.0.0.1", port)))
+    with serving("nopf-server", "--host", "127.0.0.1", "--port", str(port)) as stderr:
+        assert "listening on" in stderr.readline()
+        data, local = asyncio.run(read_until_close(("127.0.0.1", port)))
         assert decode_reply(data) == ("127.0.0.1", local)
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
 
 
 @pytest.mark.parametrize(("flag", "value", "needle"), [
@@ -155,20 +135,13 @@ def test_server_program_fits_max_connections_to_the_open_files_limit() -> None:
     # Soft 100 is lifted to the hard 300, which still leaves room for only 236
     # clients (64 spare descriptors): the server says so and refuses the rest.
     port = free_port()
-    proc = subprocess.Popen(
-        argv("nopf-server", "--host", "127.0.0.1", "--port", str(port),
-             "--max-connections", "5000"),
-        stderr=subprocess.PIPE, text=True, preexec_fn=_open_files_limit(100, 300))
-    try:
-        assert proc.stderr is not None
-        lines = [proc.stderr.readline(), proc.stderr.readline()]
+    with serving("nopf-server", "--host", "127.0.0.1", "--port", str(port),
+                 "--max-connections", "5000", preexec_fn=_open_files_limit(100, 300)) as stderr:
+        lines = [stderr.readline(), stderr.readline()]
         assert any("the open-files limit allows only 236 connections (asked for 5,000); "
                    "raise it with ulimit -n" in line for line in lines), lines
-        data, local = asyncio.run(_raw_reply(("127.0.0.1", port)))
+        data, local = asyncio.run(read_until_close(("127.0.0.1", port)))
         assert decode_reply(data) == ("127.0.0.1", local)
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
 
 
 def test_programs_lift_the_soft_open_files_limit() -> None:

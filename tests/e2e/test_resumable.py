@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import random
 import socket
-import struct
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,54 +30,10 @@ from nopf_web.tunnel.resume_machine import (
 from nopf_web.tunnel.secure import open_path
 
 from .resume_net import Network, Peer, connect, network, path_manager, peers
+from .test_secure_mux import hash_client, hash_service
 
 STREAMS = 12
 EACH_WAY = 4 * 1024 * 1024  # per stream: 48 MiB each way in all
-
-
-def blob(seed: int, size: int) -> bytes:
-    return random.Random(seed).randbytes(size)
-
-
-async def hash_service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Reads seed+size, sends that blob while hashing what the client sends until
-    its FIN, then sends the hash and closes."""
-    seed, size = struct.unpack("!QI", await reader.readexactly(12))
-
-    async def send() -> None:
-        writer.write(blob(seed, size))
-        await writer.drain()
-
-    sending = asyncio.create_task(send(), name="hash-service-send")
-    digest = hashlib.sha256()
-    while data := await reader.read(1 << 20):
-        digest.update(data)
-    await sending
-    writer.write(digest.digest())
-    await writer.drain()
-    writer.close()
-
-
-async def hash_client(addr: tuple[str, int], seed: int, size: int) -> None:
-    payload = blob(seed + 1, size)
-    reader, writer = await asyncio.open_connection(*addr, limit=1 << 20)
-    writer.write(struct.pack("!QI", seed, size))
-
-    async def send() -> None:
-        for i in range(0, size, 1 << 18):  # in pieces: the transfer runs a while
-            writer.write(payload[i : i + (1 << 18)])
-            await writer.drain()
-        writer.write_eof()
-
-    sending = asyncio.create_task(send(), name=f"hash-client-{seed}")
-    got = bytearray()
-    while data := await reader.read(1 << 20):
-        got += data
-    await sending
-    writer.close()
-    assert len(got) == size + 32, (seed, len(got))
-    assert hashlib.sha256(got[:size]).digest() == hashlib.sha256(blob(seed, size)).digest()
-    assert got[size:] == hashlib.sha256(payload).digest()
 
 
 @contextlib.asynccontextmanager

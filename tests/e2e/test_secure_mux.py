@@ -42,17 +42,10 @@ from nopf_web.tunnel.secure import (
     open_channel,
 )
 from nopf_web.wire.frames import ResetCode
+from tests.loopback import tcp_pair
 
 CODE = "7-orbit-lantern"
 SECRET = b"the known plaintext that must never be seen on the wire"
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """Two ends of one real loopback TCP connection."""
-    with socket.create_server(("127.0.0.1", 0)) as lsock:
-        a = socket.create_connection(lsock.getsockname())
-        b, _ = lsock.accept()
-    return a, b
 
 
 class Relay:
@@ -426,16 +419,23 @@ async def hash_service(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     writer.close()
 
 
-async def hash_client(addr: tuple[str, int], seed: int) -> None:
-    rng = random.Random(seed)
-    up, down = rng.randint(256 << 10, 1 << 20), rng.randint(256 << 10, 1 << 20)
+async def hash_client(addr: tuple[str, int], seed: int, size: int | None = None) -> None:
+    """One connection to ``hash_service``: asks for a blob, sends its own (in pieces, then
+    EOF) while reading; checks the blob and the hash of what it sent. ``size`` bytes each
+    way, or by default 256 KiB to 1 MiB each way, drawn from ``seed``."""
+    if size is None:
+        rng = random.Random(seed)
+        up, down = rng.randint(256 << 10, 1 << 20), rng.randint(256 << 10, 1 << 20)
+    else:
+        up = down = size
     payload = blob(seed + 1, up)
     reader, writer = await asyncio.open_connection(*addr, limit=1 << 20)
     writer.write(struct.pack("!QI", seed, down))
 
     async def send() -> None:
-        writer.write(payload)
-        await writer.drain()
+        for i in range(0, up, 1 << 18):  # in pieces: a long transfer runs a while
+            writer.write(payload[i : i + (1 << 18)])
+            await writer.drain()
         writer.write_eof()
 
     sending = asyncio.create_task(send(), name=f"hash-client-{seed}")

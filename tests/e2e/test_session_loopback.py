@@ -5,27 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
 
 import pytest
 
 from nopf_web.punch.machine import PunchConfig
-from nopf_web.rendezvous.server import RendezvousServer
 from nopf_web.roles import PeerRole
 from nopf_web.sessions.engine import Event, State
 from nopf_web.sessions.seed import SeedEngine, SeedSpec
 from nopf_web.wire.address import Endpoint
 from tests.programs import free_port
-
-
-@pytest.fixture
-async def rendezvous() -> AsyncIterator[Endpoint]:
-    server = RendezvousServer("127.0.0.1", 0)
-    await server.start()
-    try:
-        yield Endpoint(*server.address)
-    finally:
-        await server.close()
 
 
 def spec(role: PeerRole, port: int, rdv: Endpoint) -> SeedSpec:
@@ -44,21 +32,30 @@ async def wait_state(session: SeedEngine, state: State, timeout: float = 10) -> 
         unsubscribe()
 
 
-async def test_punch_pipe_and_events(rendezvous: Endpoint) -> None:
+def seed_pair(rdv: Endpoint) -> tuple[socket.socket, SeedEngine, SeedEngine]:
+    """A local service (non-blocking listener), a server session sharing it and a client
+    session on a free port; not started."""
     service = socket.create_server(("127.0.0.1", 0))
     service.setblocking(False)
-    server = SeedEngine(spec("server", service.getsockname()[1], rendezvous))
-    client_port = free_port()
-    client = SeedEngine(spec("client", client_port, rendezvous))
-    events: list[Event] = []
-    client.subscribe(events.append)
-    tasks = [asyncio.create_task(s.run(), name=f"test-{s.spec.role}") for s in (server, client)]
+    server = SeedEngine(spec("server", service.getsockname()[1], rdv))
+    client = SeedEngine(spec("client", free_port(), rdv))
+    return service, server, client
+
+
+async def introduce(server: SeedEngine, client: SeedEngine) -> None:
+    """Once both sessions know their public address, give each the other's; wait until
+    the client is connected."""
     await wait_state(server, State.WAITING_PEER)
     await wait_state(client, State.WAITING_PEER)
     assert server.public_address and client.public_address
     server.set_peer(client.public_address)
     client.set_peer(server.public_address)
     await wait_state(client, State.CONNECTED)
+
+
+async def app_round_trip(client_port: int, service: socket.socket) -> None:
+    """An application on the client session's port sends 100 000 bytes and EOF; the
+    service (non-blocking) gets them all and answers "bye", which the application reads."""
     loop = asyncio.get_running_loop()
     app = socket.create_connection(("127.0.0.1", client_port))
     app.setblocking(False)
@@ -73,6 +70,15 @@ async def test_punch_pipe_and_events(rendezvous: Endpoint) -> None:
     conn.close()
     assert await loop.sock_recv(app, 10) == b"bye"
     app.close()
+
+
+async def test_punch_pipe_and_events(rendezvous: Endpoint) -> None:
+    service, server, client = seed_pair(rendezvous)
+    events: list[Event] = []
+    client.subscribe(events.append)
+    tasks = [asyncio.create_task(s.run(), name=f"test-{s.spec.role}") for s in (server, client)]
+    await introduce(server, client)
+    await app_round_trip(client.spec.local_port, service)
     await asyncio.gather(*tasks)
     assert client.state is State.CLOSED and server.state is State.CLOSED
     assert client.bytes_out == 100_000 and client.bytes_in == 3
@@ -87,20 +93,14 @@ async def test_punch_pipe_and_events(rendezvous: Endpoint) -> None:
 
 @pytest.mark.parametrize("stop_in", [State.DISCOVERING, State.WAITING_PEER, State.CONNECTED])
 async def test_stop_ends_the_session_in_any_state(rendezvous: Endpoint, stop_in: State) -> None:
-    service = socket.create_server(("127.0.0.1", 0))  # the server session's local service
-    server = SeedEngine(spec("server", service.getsockname()[1], rendezvous))
-    client = SeedEngine(spec("client", free_port(), rendezvous))
+    service, server, client = seed_pair(rendezvous)
     tasks = [asyncio.create_task(s.run(), name=f"test-{s.spec.role}") for s in (server, client)]
     try:
-        if stop_in is not State.DISCOVERING:
+        if stop_in is State.WAITING_PEER:
             await wait_state(server, State.WAITING_PEER)
             await wait_state(client, State.WAITING_PEER)
-        if stop_in is State.CONNECTED:
-            assert server.public_address and client.public_address
-            server.set_peer(client.public_address)
-            client.set_peer(server.public_address)
-            # The client is connected and waits for its local application.
-            await wait_state(client, State.CONNECTED)
+        elif stop_in is State.CONNECTED:  # and waits for its local application
+            await introduce(server, client)
         client.stop()
         with contextlib.suppress(asyncio.CancelledError):
             async with asyncio.timeout(5):

@@ -41,8 +41,6 @@ from nopf_web.wire.rendezvous import (
     FrameReader,
     Hello,
     MessageError,
-    Ping,
-    Pong,
     ServerMessage,
     Welcome,
     decode_server_message,
@@ -55,7 +53,8 @@ from tests.programs import argv
 from tests.redis_server import RedisServer, require_redis_server
 
 from .flows import Flows
-from .peers import Peer, resolving, wait_for
+from .peers import Peer, resolving, start_coordinated, wait_for
+from .relay_clients import take_message
 from .test_direct_paths_lab import SERVICE, TUNNEL, echo_service as echo_service6, round_trip, stop
 from .test_resume_lab import close, echo, path_lines
 from .web_support import echo_service
@@ -231,23 +230,15 @@ class _Conn:
         return self.next()
 
     def next(self) -> ServerMessage:
-        while True:
-            while self.queue:
-                msg = self.queue.pop(0)
-                if isinstance(msg, Ping):
-                    self.sock.sendall(encode(Pong(msg.seq)))
-                    continue
-                return msg
+        while (msg := take_message(self.queue, self.sock.sendall)) is None:
             chunk = self.sock.recv(4096)
             assert chunk, "closed before the message"
             self.queue += [decode_server_message(p) for p in self.frames.feed(chunk)]
+        return msg
 
 
 def start(host: Host, *args: str, rdv: str) -> Peer:
-    err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the Peer
-    proc = host.popen(argv("nopf", *args, "-a", rdv, "--timeout", "10", "--keepalive", "2"),
-                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
-    return Peer(args[0], host, proc, err)
+    return start_coordinated(host, *args, rdv=rdv)
 
 
 def test_a_sharer_on_one_node_pairs_with_a_connector_on_the_other_and_outlives_its_node(
@@ -453,8 +444,7 @@ def test_a_pair_across_nodes_gets_the_direct_candidates_and_takes_ipv6(
     not through a relay."""
     lab = lab_factory("symmetric", "symmetric", ipv6=True, rdv_second_ip=True)
     with shared_rendezvous(lab) as (_, node_a, node_b):
-        server = echo_service6(lab.a1)
-        try:
+        with echo_service6(lab.a1):
             s = start(lab.a1, "share", "-p", str(SERVICE), rdv=f"{RDV_IP}:{PORT}")
             code = s.line(10)
             assert holding_node(lab, code) == node_a.node
@@ -471,6 +461,4 @@ def test_a_pair_across_nodes_gets_the_direct_candidates_and_takes_ipv6(
             assert re.search(rf"pairing [\d.:]+ with [\d.:]+: {re.escape(said[1])}",
                              node_b.wait_for("predicted path")), node_b.stderr()
             codes = (stop(s)[0], c.wait(10))  # the joiner sees the peer close and ends
-        finally:
-            server.close()
         assert codes == (0, 0), (s.stderr(), c.stderr())

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from tests.lab import Host
+from tests.lab import Host, Lab
 from tests.lab.fixtures import LabFactory
 from tests.programs import argv
 
@@ -107,6 +107,43 @@ def start_dashboard(host: Host, db: Path, started: list[Dashboard]) -> Dashboard
     return dashboard
 
 
+def two_dashboards(lab: Lab, tmp_path: Path,
+                   started: list[Dashboard]) -> tuple[Dashboard, Dashboard]:
+    """The lab's rendezvous, then a dashboard in a1 and one in b1."""
+    start_rendezvous(lab)
+    return (start_dashboard(lab.a1, tmp_path / "a.sqlite3", started),
+            start_dashboard(lab.b1, tmp_path / "b.sqlite3", started))
+
+
+def connected(d: dict[str, Any]) -> bool:
+    assert d["outcome"] is None, d
+    return bool(d["state"] == "connected")
+
+
+def ended(d: dict[str, Any]) -> bool:
+    return d["outcome"] is not None
+
+
+def share(dash: Dashboard, **body: Any) -> dict[str, Any]:
+    """A server session (coordinated unless ``body`` says otherwise) once it has its code."""
+    server = dash.call("POST", "/api/sessions", {"role": "server", **body})
+    return dash.wait(server["id"], "pairing code", lambda d: d["code"] is not None)
+
+
+def join(dash: Dashboard, code: str, **body: Any) -> dict[str, Any]:
+    """A client session joining with ``code``, as created."""
+    client: dict[str, Any] = dash.call("POST", "/api/sessions",
+                                       {"role": "client", "code": code, **body})
+    return client
+
+
+def both_connected(dash_a: Dashboard, server: dict[str, Any], dash_b: Dashboard,
+                   client: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The two sessions once connected (neither may end first)."""
+    return (dash_a.wait(server["id"], "connection", connected),
+            dash_b.wait(client["id"], "connection", connected))
+
+
 def serve_once(listener: socket.socket, result: dict[str, str]) -> threading.Thread:
     """Accept one connection: hash all it sends until EOF, then send DOWNLOAD random bytes."""
 
@@ -129,9 +166,7 @@ def serve_once(listener: socket.socket, result: dict[str, str]) -> threading.Thr
 def test_two_dashboards_behind_two_nats_move_data_verified_by_hash(
         lab_factory: LabFactory, dashboards: list[Dashboard], tmp_path: Path) -> None:
     lab = lab_factory("drop", "drop")
-    start_rendezvous(lab)
-    dash_a = start_dashboard(lab.a1, tmp_path / "a.sqlite3", dashboards)
-    dash_b = start_dashboard(lab.b1, tmp_path / "b.sqlite3", dashboards)
+    dash_a, dash_b = two_dashboards(lab, tmp_path, dashboards)
 
     with listening(lab.a1, 3000) as service:
         result: dict[str, str] = {}
@@ -157,13 +192,7 @@ def test_two_dashboards_behind_two_nats_move_data_verified_by_hash(
                     {"address": client["public_address"]})
         dash_b.call("POST", f"/api/sessions/{client['id']}/peer",
                     {"address": server["public_address"]})
-
-        def connected(d: dict[str, Any]) -> bool:
-            assert d["outcome"] is None, d
-            return bool(d["state"] == "connected")
-
-        dash_a.wait(server["id"], "connection", connected)
-        dash_b.wait(client["id"], "connection", connected)
+        both_connected(dash_a, server, dash_b, client)
 
         upload = os.urandom(UPLOAD)
         app = connect(lab.b1, 3010, timeout=30)
@@ -176,9 +205,6 @@ def test_two_dashboards_behind_two_nats_move_data_verified_by_hash(
         served.join(30)
         assert result["received"] == hashlib.sha256(upload).hexdigest()
         assert digest.hexdigest() == result["sent"]
-
-    def ended(d: dict[str, Any]) -> bool:
-        return d["outcome"] is not None
 
     server = dash_a.wait(server["id"], "end", ended)
     client = dash_b.wait(client["id"], "end", ended)
@@ -210,45 +236,42 @@ def serve_digests(listener: socket.socket, count: int) -> threading.Thread:
     return thread
 
 
+def digest_exchange(host: Host, size: int) -> bool:
+    """``size`` random bytes and EOF into the tunnel at ``host``:3010; whether the reply is
+    their sha256 (from ``serve_digests`` at the other end)."""
+    payload = os.urandom(size)
+    with connect(host, 3010, timeout=30) as app:
+        app.sendall(payload)
+        app.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := app.recv(64):
+            reply += chunk
+    return reply == hashlib.sha256(payload).digest()
+
+
+def concurrent_exchanges(host: Host, streams: int, size: int) -> bool:
+    """``streams`` digest exchanges of ``size`` bytes at once; whether every reply was right."""
+    with ThreadPoolExecutor(streams) as pool:
+        return all(pool.map(digest_exchange, [host] * streams, [size] * streams))
+
+
 def test_two_dashboards_pair_by_code_behind_two_nats(
         lab_factory: LabFactory, dashboards: list[Dashboard], tmp_path: Path) -> None:
     streams, size = 6, 512 * 1024
     lab = lab_factory("drop", "rst")
-    start_rendezvous(lab)
-    dash_a = start_dashboard(lab.a1, tmp_path / "a.sqlite3", dashboards)
-    dash_b = start_dashboard(lab.b1, tmp_path / "b.sqlite3", dashboards)
+    dash_a, dash_b = two_dashboards(lab, tmp_path, dashboards)
 
     with listening(lab.a1, 3000) as service:
         serve_digests(service, streams)
-        server = dash_a.call("POST", "/api/sessions",
-                             {"role": "server", "local_port": 3000, "label": "lab share"})
+        server = share(dash_a, local_port=3000, label="lab share")
         assert server["mode"] == "coordinated"  # the default
-        server = dash_a.wait(server["id"], "pairing code", lambda d: d["code"] is not None)
         code = server["code"]
-        client = dash_b.call("POST", "/api/sessions", {"role": "client", "local_port": 3010,
-                                                      "code": code, "label": "lab join"})
-
-        def connected(d: dict[str, Any]) -> bool:
-            assert d["outcome"] is None, d
-            return bool(d["state"] == "connected")
-
-        server = dash_a.wait(server["id"], "connection", connected)
-        client = dash_b.wait(client["id"], "connection", connected)
+        client = join(dash_b, code, local_port=3010, label="lab join")
+        server, client = both_connected(dash_a, server, dash_b, client)
         assert server["path"] == client["path"] == "public"
         assert client["peer_address"].split(":")[0] == lab.site("a").public_ip
 
-        def exchange(_i: int) -> bool:
-            payload = os.urandom(size)
-            with connect(lab.b1, 3010, timeout=30) as app:
-                app.sendall(payload)
-                app.shutdown(socket.SHUT_WR)
-                reply = b""
-                while chunk := app.recv(64):
-                    reply += chunk
-            return reply == hashlib.sha256(payload).digest()
-
-        with ThreadPoolExecutor(streams) as pool:
-            assert all(pool.map(exchange, range(streams)))
+        assert concurrent_exchanges(lab.b1, streams, size)
 
         def counted(d: dict[str, Any]) -> bool:
             return bool(d["bytes_out"] == streams * size and d["connections"] == streams)
@@ -256,9 +279,6 @@ def test_two_dashboards_pair_by_code_behind_two_nats(
         client = dash_b.wait(client["id"], "bytes counted", counted)
         assert client["bytes_in"] == streams * 32
         dash_b.call("DELETE", f"/api/sessions/{client['id']}")
-
-    def ended(d: dict[str, Any]) -> bool:
-        return d["outcome"] is not None
 
     server = dash_a.wait(server["id"], "end", ended)
     assert server["outcome"] == "closed"
@@ -271,24 +291,13 @@ def test_two_dashboards_behind_symmetric_nats_connect_through_the_relay(
         lab_factory: LabFactory, dashboards: list[Dashboard], tmp_path: Path) -> None:
     streams, size = 4, 512 * 1024
     lab = lab_factory("symmetric", "symmetric")
-    start_rendezvous(lab)
-    dash_a = start_dashboard(lab.a1, tmp_path / "a.sqlite3", dashboards)
-    dash_b = start_dashboard(lab.b1, tmp_path / "b.sqlite3", dashboards)
+    dash_a, dash_b = two_dashboards(lab, tmp_path, dashboards)
 
     with listening(lab.a1, 3000) as service:
         serve_digests(service, streams)
-        server = dash_a.call("POST", "/api/sessions",
-                             {"role": "server", "local_port": 3000, "label": "relayed share"})
-        server = dash_a.wait(server["id"], "pairing code", lambda d: d["code"] is not None)
-        client = dash_b.call("POST", "/api/sessions", {"role": "client", "local_port": 3010,
-                                                      "code": server["code"]})
-
-        def connected(d: dict[str, Any]) -> bool:
-            assert d["outcome"] is None, d
-            return bool(d["state"] == "connected")
-
-        server = dash_a.wait(server["id"], "connection", connected)
-        client = dash_b.wait(client["id"], "connection", connected)
+        server = share(dash_a, local_port=3000, label="relayed share")
+        client = join(dash_b, server["code"], local_port=3010)
+        server, client = both_connected(dash_a, server, dash_b, client)
         assert server["path"] == client["path"] == "relay"
         # The peer is still named by its own public address, not the relay's.
         assert client["peer_address"].split(":")[0] == lab.site("a").public_ip
@@ -298,21 +307,10 @@ def test_two_dashboards_behind_symmetric_nats_connect_through_the_relay(
         log = dash_b.text(f"/sessions/{client['id']}")
         assert "tunnel up over the relay at 198.51.100.2:3012" in log
 
-        def exchange(_i: int) -> bool:
-            payload = os.urandom(size)
-            with connect(lab.b1, 3010, timeout=30) as app:
-                app.sendall(payload)
-                app.shutdown(socket.SHUT_WR)
-                reply = b""
-                while chunk := app.recv(64):
-                    reply += chunk
-            return reply == hashlib.sha256(payload).digest()
-
-        with ThreadPoolExecutor(streams) as pool:
-            assert all(pool.map(exchange, range(streams)))
+        assert concurrent_exchanges(lab.b1, streams, size)
         dash_b.call("DELETE", f"/api/sessions/{client['id']}")
 
-    dash_a.wait(server["id"], "end", lambda d: d["outcome"] is not None)
+    dash_a.wait(server["id"], "end", ended)
     history = dash_b.call("GET", "/api/history?limit=5")["sessions"]
     assert (history[0]["id"], history[0]["path"]) == (client["id"], "relay")
     assert "relayed" in dash_b.text("/history")
@@ -327,15 +325,11 @@ def test_a_dashboard_tunnel_leaves_the_relay_live_when_the_direct_path_opens(
     stream follow, the event log says so, and the history keeps the new path."""
     lab = lab_factory("drop", "drop", delay_ms=5)
     lab.block_direct()  # the punch fails: relayed
-    start_rendezvous(lab)
-    dash_a = start_dashboard(lab.a1, tmp_path / "a.sqlite3", dashboards)
-    dash_b = start_dashboard(lab.b1, tmp_path / "b.sqlite3", dashboards)
+    dash_a, dash_b = two_dashboards(lab, tmp_path, dashboards)
     with listening(lab.a1, 3000) as service:
         serve_digests(service, 2)
-        server = dash_a.call("POST", "/api/sessions", {"role": "server", "local_port": 3000})
-        server = dash_a.wait(server["id"], "pairing code", lambda d: d["code"] is not None)
-        client = dash_b.call("POST", "/api/sessions", {"role": "client", "local_port": 3010,
-                                                      "code": server["code"]})
+        server = share(dash_a, local_port=3000)
+        client = join(dash_b, server["code"], local_port=3010)
         client = dash_b.wait(client["id"], "connection",
                              lambda d: d["state"] == "connected", timeout=40)
         assert client["path"] == "relay" and client["resuming"] is False
@@ -356,16 +350,9 @@ def test_a_dashboard_tunnel_leaves_the_relay_live_when_the_direct_path_opens(
         text = dash_b.text(page)
         assert 'data-path="public"' in text and "back to direct (public) after" in text
         for i in range(2):  # the tunnel carries new connections on its new path
-            payload = os.urandom(256 * 1024)
-            with connect(lab.b1, 3010, timeout=30) as app:
-                app.sendall(payload)
-                app.shutdown(socket.SHUT_WR)
-                reply = b""
-                while chunk := app.recv(64):
-                    reply += chunk
-            assert reply == hashlib.sha256(payload).digest(), i
+            assert digest_exchange(lab.b1, 256 * 1024), i
         dash_b.call("DELETE", f"/api/sessions/{client['id']}")
-    dash_a.wait(server["id"], "end", lambda d: d["outcome"] is not None)
+    dash_a.wait(server["id"], "end", ended)
     history = dash_b.call("GET", "/api/history?limit=5")["sessions"]
     assert (history[0]["id"], history[0]["path"]) == (client["id"], "public")
 

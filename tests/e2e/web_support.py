@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from nopf_web.web import WebConfig
 from nopf_web.wire.address import Endpoint
+from tests.loopback import accepted
 
 Client = TestClient[Any, Any]
 
@@ -46,13 +47,7 @@ def echo_service(port: int = 0) -> Iterator[int]:
                 conn.sendall(data)
 
     def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
+        for conn in accepted(listener, stop):
             conn.settimeout(None)
             threading.Thread(target=serve, args=(conn,), daemon=True).start()
 

@@ -62,6 +62,19 @@ def assert_refused_in_one_line(code: int, stderr: str, prog: str) -> None:
     assert "Traceback" not in stderr
 
 
+def assert_taken_only_if_valid(monkeypatch: pytest.MonkeyPatch, main: Callable[[list[str]], int],
+                               argv: list[str], prog: str, flag: str, value: str,
+                               valid: Callable[[str], bool]) -> None:
+    """``main(argv)``, its runs stubbed, takes the command line only if ``valid(value)``
+    (``flag``'s value may be taken); otherwise it refuses it in one line."""
+    with stubbed_runs(monkeypatch):
+        code, stderr = run(main, argv)
+    if code == ACCEPTED:
+        assert valid(value), (flag, value)
+    else:
+        assert_refused_in_one_line(code, stderr, prog)
+
+
 # What an accepted value must look like, per kind of flag.
 def is_port(value: str, zero: bool = False) -> bool:
     v = value.strip()
@@ -113,12 +126,9 @@ PEER_BASE = {"--localport": "3000", "--serveraddr": "127.0.0.1:3012", "--timeout
 @example(flag="--punch-ttl", value="٣")
 def test_nopf_flags(monkeypatch: pytest.MonkeyPatch, flag: str, value: str) -> None:
     args = {**PEER_BASE, flag: value}
-    with stubbed_runs(monkeypatch):
-        code, stderr = run(peer.main, [f"{k}={v}" for k, v in args.items()] + ["--no-guard"])
-    if code == ACCEPTED:
-        assert PEER_FLAGS[flag](value), (flag, value)
-    else:
-        assert_refused_in_one_line(code, stderr, "nopf")
+    assert_taken_only_if_valid(monkeypatch, peer.main,
+                               [f"{k}={v}" for k, v in args.items()] + ["--no-guard"], "nopf",
+                               flag, value, PEER_FLAGS[flag])
 
 
 COORD_FLAGS: dict[str, Callable[[str], bool]] = {
@@ -153,24 +163,17 @@ def test_nopf_share_and_connect_flags(monkeypatch: pytest.MonkeyPatch, command: 
     argv = [command, *(f"{k}={v}" for k, v in args.items())]
     if command == "connect":
         argv += ["--", code_text]
-    with stubbed_runs(monkeypatch):
-        code, stderr = run(peer.main, argv)
-    if code == ACCEPTED:
-        assert COORD_FLAGS[flag](value), (flag, value)
-    else:
-        assert_refused_in_one_line(code, stderr, f"nopf {command}")
+    assert_taken_only_if_valid(monkeypatch, peer.main, argv, f"nopf {command}", flag, value,
+                               COORD_FLAGS[flag])
 
 
 @fuzz(ci=200)
 @given(flag=st.sampled_from(["--serveraddr", "--doctor-port"]), value=nasty_text)
 @example(flag="--doctor-port", value="²")
 def test_nopf_doctor_flags(monkeypatch: pytest.MonkeyPatch, flag: str, value: str) -> None:
-    with stubbed_runs(monkeypatch):
-        code, stderr = run(peer.main, ["doctor", "--serveraddr=127.0.0.1:3012", f"{flag}={value}"])
-    if code == ACCEPTED:
-        assert (is_endpoint if flag == "--serveraddr" else is_port)(value), (flag, value)
-    else:
-        assert_refused_in_one_line(code, stderr, "nopf doctor")
+    assert_taken_only_if_valid(
+        monkeypatch, peer.main, ["doctor", "--serveraddr=127.0.0.1:3012", f"{flag}={value}"],
+        "nopf doctor", flag, value, is_endpoint if flag == "--serveraddr" else is_port)
 
 
 SERVER_FLAGS: dict[str, Callable[[str], bool]] = {
@@ -189,12 +192,8 @@ SERVER_FLAGS: dict[str, Callable[[str], bool]] = {
 @example(flag="--doctor-address", value="fe80::1%\x00")
 @example(flag="--relay-rate", value="٣M")
 def test_nopf_server_flags(monkeypatch: pytest.MonkeyPatch, flag: str, value: str) -> None:
-    with stubbed_runs(monkeypatch):
-        code, stderr = run(server.main, ["--port=3012", f"{flag}={value}"])
-    if code == ACCEPTED:
-        assert SERVER_FLAGS[flag](value), (flag, value)
-    else:
-        assert_refused_in_one_line(code, stderr, "nopf-server")
+    assert_taken_only_if_valid(monkeypatch, server.main, ["--port=3012", f"{flag}={value}"],
+                               "nopf-server", flag, value, SERVER_FLAGS[flag])
 
 
 WEB_FLAGS: dict[str, Callable[[str], bool]] = {
@@ -211,12 +210,9 @@ WEB_FLAGS: dict[str, Callable[[str], bool]] = {
 @example(flag="--db", value="\ud800")
 @example(flag="--host", value="\x00")
 def test_nopf_web_flags(monkeypatch: pytest.MonkeyPatch, flag: str, value: str) -> None:
-    with stubbed_runs(monkeypatch):
-        code, stderr = run(web.main, ["--db=/nonexistent/nopf.sqlite3", f"{flag}={value}"])
-    if code == ACCEPTED:
-        assert WEB_FLAGS[flag](value), (flag, value)
-    else:
-        assert_refused_in_one_line(code, stderr, "nopf-web")
+    assert_taken_only_if_valid(monkeypatch, web.main,
+                               ["--db=/nonexistent/nopf.sqlite3", f"{flag}={value}"],
+                               "nopf-web", flag, value, WEB_FLAGS[flag])
 
 
 @fuzz(ci=300)

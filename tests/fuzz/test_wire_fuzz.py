@@ -14,7 +14,8 @@ from __future__ import annotations
 import itertools
 import json
 import struct
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from hypothesis import example, given, strategies as st
 
@@ -28,6 +29,7 @@ from tests.fuzz.budget import fuzz, json_values, nasty_text
 from tests.unit.test_server_machine import Harness
 
 HOSTILE_IP = "192.0.2.66"
+M = TypeVar("M")  # a decoded message
 SHARER_IP, JOINER_IP = "203.0.113.2", "198.51.100.7"
 
 
@@ -188,6 +190,27 @@ def test_doctor_responder_machine(data: st.DataObject, stream: bytes, ending: st
 # -- the codecs ---------------------------------------------------------------------------------
 
 
+def assert_round_trip_or_refusal(payload: bytes, decoders: tuple[Callable[[bytes], M], ...],
+                                 encode: Callable[[M], bytes],
+                                 refusal: type[Exception]) -> None:
+    """Each decoder refuses ``payload`` with ``refusal`` or decodes a message that encodes
+    (length prefix, then the payload) back to itself."""
+    for decode in decoders:
+        try:
+            msg = decode(payload)
+        except refusal:
+            continue
+        assert decode(encode(msg)[4:]) == msg
+
+
+def pieces(stream: bytes, cuts: list[int]) -> Iterator[bytes]:
+    """``stream`` in pieces of the ``cuts``' sizes, then the rest."""
+    pos = 0
+    for step in [*cuts, len(stream)]:
+        yield stream[pos:pos + step]
+        pos += step
+
+
 @fuzz(ci=500)
 @given(payload=payloads)
 @example(payload=b'{"type":"welcome","nameplate":1,"expires_in":5,"public":"1.2.3.4:\xc2\xb2"}')
@@ -196,24 +219,18 @@ def test_doctor_responder_machine(data: st.DataObject, stream: bytes, ending: st
 def test_rendezvous_codec(payload: bytes) -> None:
     """Both directions' decoders (a peer's and a hostile rendezvous'): a message that
     encodes back to itself, or MessageError; nothing else."""
-    for decode in (rw.decode_client_message, rw.decode_server_message):
-        try:
-            msg = decode(payload)
-        except rw.MessageError:
-            continue
-        assert decode(rw.encode(msg)[4:]) == msg
+    assert_round_trip_or_refusal(payload, (rw.decode_client_message, rw.decode_server_message),
+                                 rw.encode, rw.MessageError)
 
 
 @fuzz(ci=500)
 @given(stream=st.binary(max_size=400), cuts=st.lists(st.integers(1, 64), max_size=8))
 def test_frame_readers(stream: bytes, cuts: list[int]) -> None:
     for reader in (rw.FrameReader(), dw.FrameReader()):
-        pos = 0
         try:
-            for step in [*cuts, len(stream)]:
-                for payload in reader.feed(stream[pos:pos + step]):
+            for piece in pieces(stream, cuts):
+                for payload in reader.feed(piece):
                     assert 1 <= len(payload) <= rw.MAX_FRAME
-                pos += step
         except rw.MessageError:
             pass
 
@@ -228,23 +245,18 @@ def test_frame_readers(stream: bytes, cuts: list[int]) -> None:
 @example(payload=b'{"type":"seen","public":"1.2.3.4:\xc2\xb2","others":[]}').via("the issue")
 @example(payload=b'{"type":"seen","public":"1.2.3.4:1","others":["fe80::1%eth0"]}')
 def test_doctor_codec(payload: bytes) -> None:
-    for decode in (dw.decode_client_message, dw.decode_responder_message):
-        try:
-            msg = decode(payload)
-        except dw.DoctorMessageError:
-            continue
-        assert decode(dw.encode(msg)[4:]) == msg
+    assert_round_trip_or_refusal(payload,
+                                 (dw.decode_client_message, dw.decode_responder_message),
+                                 dw.encode, dw.DoctorMessageError)
 
 
 @fuzz(ci=500)
 @given(stream=st.binary(max_size=400), cuts=st.lists(st.integers(1, 64), max_size=8))
 def test_tunnel_frame_decoder(stream: bytes, cuts: list[int]) -> None:
     decoder = FrameDecoder()
-    pos = 0
     try:
-        for step in [*cuts, len(stream)]:
-            decoder.feed(stream[pos:pos + step])
-            pos += step
+        for piece in pieces(stream, cuts):
+            decoder.feed(piece)
     except FrameError:
         pass
 

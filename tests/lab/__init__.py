@@ -6,32 +6,6 @@ Stdlib only. See :mod:`tests.lab.topology` for the topology and API,
 :mod:`tests.lab.fixtures` for the pytest integration.
 """
 
-from tests.lab.topology import (
-    MODES,
-    REBIND_KEYS,
-    Host,
-    Lab,
-    LabError,
-    Nat,
-    Site,
-    TcpCounter,
-    cleanup_prefix,
-    cleanup_stale,
-    lab_unavailable_reason,
-    list_labs,
-)
-
-__all__ = [
-    "MODES",
-    "REBIND_KEYS",
-    "Host",
-    "Lab",
-    "LabError",
-    "Nat",
-    "Site",
-    "TcpCounter",
-    "cleanup_prefix",
-    "cleanup_stale",
-    "lab_unavailable_reason",
-    "list_labs",
-]
+# The lab's API is topology's: the names it lists in its ``__all__``.
+from tests.lab.topology import *  # noqa: F403
+from tests.lab.topology import __all__ as __all__

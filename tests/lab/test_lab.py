@@ -42,39 +42,9 @@ EXPECTED_UNSOLICITED = {
 # --------------------------------------------------------------------------- helpers
 
 
-def listen(host: Host, port: int = 0, *, share: bool = False,
-           family: socket.AddressFamily = socket.AF_INET) -> socket.socket:
-    """A TCP listener living in ``host``'s namespace (``share``: SO_REUSEPORT, so that
-    connections can be made from its port; ``family``: AF_INET6 for IPv6)."""
-    with host.enter():
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if share:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
-    sock.listen(16)
-    sock.settimeout(5)
-    return sock
-
-
 def tcp_socket(host: Host) -> socket.socket:
     with host.enter():
         return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-
-
-def attempt(host: Host, addr: tuple[str, int], timeout: float = 0.6) -> str:
-    """Connect from ``host``: "ok", "timeout" or the errno name."""
-    sock = tcp_socket(host)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(addr)
-    except TimeoutError:
-        return "timeout"
-    except OSError as exc:
-        return errno.errorcode.get(exc.errno or 0, str(exc))
-    finally:
-        sock.close()
-    return "ok"
 
 
 def connect_rtt(host: Host, addr: tuple[str, int]) -> float:
@@ -196,7 +166,7 @@ def test_build_is_fast_and_complete(lab_factory: LabFactory) -> None:
     state = json.loads((STATE_DIR / f"{lab.prefix}.pid").read_text())
     assert state["pid"] == os.getpid()
     # a1 and a2 share a bridged LAN: they reach each other directly (no NAT between).
-    with listen(lab.a2) as srv:
+    with lab.a2.listener() as srv:
         ip, _, _ = _accepting(lab.a1, srv, lab.a2.ip)
         assert ip == lab.a1.ip
 
@@ -256,7 +226,7 @@ def test_rdv_reachable_and_sees_public_source(
     lab_factory: LabFactory, left: str, right: str
 ) -> None:
     lab = lab_factory(left, right)
-    with listen(lab.rdv) as srv:
+    with lab.rdv.listener() as srv:
         for site in (lab.a, lab.b):
             for host in site.hosts:
                 ip, port, local_port = seen_from(host, srv)
@@ -308,23 +278,23 @@ def test_unsolicited_inbound_syn_per_mode(lab_factory: LabFactory, left: str, ri
     for site in (lab.a, lab.b):
         expected = EXPECTED_UNSOLICITED[site.mode]
         # 1. to the NAT's public address, no mapping: the NAT's INPUT path
-        assert attempt(lab.rdv, (site.public_ip, 4444)) == expected, site.mode
+        assert lab.rdv.attempt((site.public_ip, 4444)) == expected, site.mode
         # 2. routed straight at a LAN host that does listen: the NAT's FORWARD path
-        with listen(site.hosts[0], 5555):
+        with site.hosts[0].listener(5555):
             lab.inet.run(["ip", "route", "add", site.lan, "via", site.public_ip])
-            assert attempt(lab.rdv, (site.hosts[0].ip, 5555)) == expected, site.mode
+            assert lab.rdv.attempt((site.hosts[0].ip, 5555)) == expected, site.mode
             # ...while outbound connections of that host still work
-            with listen(lab.rdv) as srv:
+            with lab.rdv.listener() as srv:
                 assert seen_from(site.hosts[0], srv)[0] == site.public_ip
 
 
 def test_icmp_answers_are_rate_limited_unless_disabled(lab_factory: LabFactory) -> None:
     default = lab_factory("icmp", "icmp")
     unlimited = lab_factory("icmp", "icmp", icmp_ratelimit=False)
-    limited = [attempt(default.rdv, (default.a.public_ip, 4000 + i), 0.2) for i in range(12)]
+    limited = [default.rdv.attempt((default.a.public_ip, 4000 + i), 0.2) for i in range(12)]
     assert limited[0] == "EHOSTUNREACH"
     assert "timeout" in limited, limited  # Linux: burst of 6, then 1/s per destination
-    every = [attempt(unlimited.rdv, (unlimited.a.public_ip, 4000 + i)) for i in range(12)]
+    every = [unlimited.rdv.attempt((unlimited.a.public_ip, 4000 + i)) for i in range(12)]
     assert every == ["EHOSTUNREACH"] * 12
 
 
@@ -332,7 +302,7 @@ def test_none_mode_is_a_plain_router(lab_factory: LabFactory) -> None:
     lab = lab_factory("none", "none")
     routes = lab.inet.run(["ip", "route"]).stdout.decode()
     assert "100.64.1.0/24 via 203.0.113.2" in routes and "100.64.2.0/24 via 192.0.2.2" in routes
-    with listen(lab.a1, 6000) as srv:
+    with lab.a1.listener(6000) as srv:
         ip, _, _ = _accepting(lab.rdv, srv, lab.a1.ip)
         assert ip == lab.rdv.ip
         ip, _, _ = _accepting(lab.b2, srv, lab.a1.ip)
@@ -341,7 +311,7 @@ def test_none_mode_is_a_plain_router(lab_factory: LabFactory) -> None:
 
 def test_mapping_endpoint_independent_vs_symmetric(lab_factory: LabFactory) -> None:
     lab = lab_factory("drop", "symmetric")
-    listeners = [listen(lab.rdv) for _ in range(3)]
+    listeners = [lab.rdv.listener() for _ in range(3)]
     try:
         for host, symmetric in ((lab.a1, False), (lab.b1, True)):
             local = 40000 + secrets.randbelow(20000)
@@ -362,7 +332,7 @@ def test_a_rebind_breaks_connections_through_the_nat_and_moves_new_ones(
         lab_factory: LabFactory, mode: str) -> None:
     lab = lab_factory(mode, "drop")
     local_port = 40000 + secrets.randbelow(20000)
-    with listen(lab.rdv) as srv, listen(lab.rdv) as other:
+    with lab.rdv.listener() as srv, lab.rdv.listener() as other:
         sock = tcp_socket(lab.a1)
         sock.settimeout(5)
         sock.connect((RDV, srv.getsockname()[1]))
@@ -400,27 +370,27 @@ def test_a_rebind_breaks_connections_through_the_nat_and_moves_new_ones(
 def test_blocking_the_direct_path_leaves_the_rendezvous_reachable(
         lab_factory: LabFactory) -> None:
     lab = lab_factory("none", "none")
-    with listen(lab.a1, 6000) as srv:
-        assert attempt(lab.b1, (lab.a1.ip, 6000)) == "ok"
+    with lab.a1.listener(6000) as srv:
+        assert lab.b1.attempt((lab.a1.ip, 6000)) == "ok"
         srv.accept()[0].close()
         lab.block_direct()
         lab.block_direct()  # idempotent
         assert lab.direct_blocked
-        assert attempt(lab.b1, (lab.a1.ip, 6000)) == "timeout"
-        assert attempt(lab.a2, (lab.b1.ip, 6001)) == "timeout"  # not even b1's RST comes
-        with listen(lab.rdv) as rdv_srv:
+        assert lab.b1.attempt((lab.a1.ip, 6000)) == "timeout"
+        assert lab.a2.attempt((lab.b1.ip, 6001)) == "timeout"  # not even b1's RST comes
+        with lab.rdv.listener() as rdv_srv:
             for host in (lab.a1, lab.b1):
                 assert seen_from(host, rdv_srv)[0] == host.ip  # the rendezvous still is
         lab.unblock_direct()
         lab.unblock_direct()
         assert not lab.direct_blocked
-        assert attempt(lab.b1, (lab.a1.ip, 6000)) == "ok"
+        assert lab.b1.attempt((lab.a1.ip, 6000)) == "ok"
 
 
 def test_a_tcp_counter_counts_one_port_both_ways(lab_factory: LabFactory) -> None:
     lab = lab_factory("drop", "drop")
     counter = lab.tcp_counter(lab.rdv, 7000)
-    with listen(lab.rdv, 7000) as srv, listen(lab.rdv, 7001) as other:
+    with lab.rdv.listener(7000) as srv, lab.rdv.listener(7001) as other:
         assert counter.read() == (0, 0)
         for port, server in ((7000, srv), (7001, other)):
             sock = tcp_socket(lab.a1)
@@ -448,21 +418,21 @@ def test_a_tcp_counter_counts_one_port_both_ways(lab_factory: LabFactory) -> Non
 def test_a_hairpinning_nat_brings_its_own_mappings_back_inside(
         lab_factory: LabFactory, mode: str) -> None:
     lab = lab_factory(mode, mode, hairpin=("a",))
-    with listen(lab.rdv) as rdv:
+    with lab.rdv.listener() as rdv:
         for site in (lab.a, lab.b):
             host = site.hosts[0]
-            with listen(host, share=True) as own:
+            with host.listener(share=True) as own:
                 local = own.getsockname()[1]
                 public_ip, public_port, _ = seen_from(host, rdv, bind_port=local)  # a mapping
                 for client in site.hosts:  # the host itself, and its LAN neighbour
                     if not site.hairpin:
                         # the NAT's own kernel answers: nothing listens there
-                        assert attempt(client, (public_ip, public_port)) == "ECONNREFUSED"
+                        assert client.attempt((public_ip, public_port)) == "ECONNREFUSED"
                         continue
                     ip, _, _ = _accepting(client, own, public_ip, public_port)
                     assert ip == site.public_ip, "hairpinned with the public address as source"
                 # a port the NAT never mapped is still its own kernel's
-                assert attempt(host, (public_ip, 1)) == "ECONNREFUSED"
+                assert host.attempt((public_ip, 1)) == "ECONNREFUSED"
     rules = lab.nata.run(["nft", "list", "ruleset"]).stdout.decode()
     assert "map hairpin" in rules and "map hairpin" not in \
         lab.natb.run(["nft", "list", "ruleset"]).stdout.decode()
@@ -472,7 +442,7 @@ def test_a_hairpinning_nat_brings_its_own_mappings_back_inside(
 def test_rdv_second_address_is_reachable_and_not_the_source(lab_factory: LabFactory) -> None:
     lab = lab_factory("drop", "none", rdv_second_ip=True)
     assert lab.rdv_ips == ["198.51.100.2", "198.51.100.3"]
-    with listen(lab.rdv) as srv:
+    with lab.rdv.listener() as srv:
         port = srv.getsockname()[1]
         sock = tcp_socket(lab.a1)
         sock.settimeout(5)
@@ -483,7 +453,7 @@ def test_rdv_second_address_is_reachable_and_not_the_source(lab_factory: LabFact
             conn.close()
         finally:
             sock.close()
-    with listen(lab.b1) as b1:  # rdv's own connections come from the primary
+    with lab.b1.listener() as b1:  # rdv's own connections come from the primary
         ip, _, _ = _accepting(lab.rdv, b1, lab.b1.ip)
         assert ip == "198.51.100.2"
     out = lab.rdv.run(["ip", "-4", "-o", "addr", "show", "dev", "eth0"]).stdout.decode()
@@ -503,7 +473,7 @@ def test_an_ipv6_only_site_has_no_ipv4_but_loopback(lab_factory: LabFactory) -> 
         with pytest.raises(OSError) as caught:
             v4.connect(("198.51.100.2", 3012))
         assert caught.value.errno == errno.ENETUNREACH
-        with listen(lab.rdv, family=socket.AF_INET6) as srv:
+        with lab.rdv.listener(family=socket.AF_INET6) as srv:
             v6.settimeout(5)
             v6.connect((lab.rdv.ip6, srv.getsockname()[1]))
             conn, peer = srv.accept()
@@ -521,11 +491,11 @@ def test_private_addresses_not_routable_on_the_internet(lab_factory: LabFactory)
     lab = lab_factory("drop", "rst")
     assert "10." not in lab.inet.run(["ip", "route"]).stdout.decode()
     assert lab.inet.run(["ip", "route", "get", "10.0.1.2"], check=False).returncode != 0
-    assert attempt(lab.inet, ("10.0.1.2", 80)) == "ENETUNREACH"
+    assert lab.inet.attempt(("10.0.1.2", 80)) == "ENETUNREACH"
     # from rdv: the router answers ICMP net unreachable
-    assert attempt(lab.rdv, ("10.0.2.2", 80)) in {"ENETUNREACH", "EHOSTUNREACH"}
+    assert lab.rdv.attempt(("10.0.2.2", 80)) in {"ENETUNREACH", "EHOSTUNREACH"}
     # and site b cannot reach site a's private addresses either
-    assert attempt(lab.b1, ("10.0.1.2", 80)) in {"ENETUNREACH", "EHOSTUNREACH"}
+    assert lab.b1.attempt(("10.0.1.2", 80)) in {"ENETUNREACH", "EHOSTUNREACH"}
 
 
 # --------------------------------------------------------------------------- delay and loss
@@ -534,7 +504,7 @@ def test_private_addresses_not_routable_on_the_internet(lab_factory: LabFactory)
 def test_delay_applies_per_pass_through_the_router(lab_factory: LabFactory) -> None:
     fast = lab_factory()
     slow = lab_factory(delay_ms=20)
-    with listen(fast.rdv, 7000), listen(slow.rdv, 7000):
+    with fast.rdv.listener(7000), slow.rdv.listener(7000):
         fast_rtts = [connect_rtt(fast.a1, (RDV, 7000)) for _ in range(3)]
         slow_rtts = [connect_rtt(slow.a1, (RDV, 7000)) for _ in range(3)]
     assert max(fast_rtts) < 0.005, fast_rtts
@@ -544,7 +514,7 @@ def test_delay_applies_per_pass_through_the_router(lab_factory: LabFactory) -> N
 
 def test_jitter_spreads_rtts(lab_factory: LabFactory) -> None:
     lab = lab_factory(delay_ms=20, jitter_ms=10)
-    with listen(lab.rdv, 7000):
+    with lab.rdv.listener(7000):
         rtts = [connect_rtt(lab.a1, (RDV, 7000)) for _ in range(12)]
     assert min(rtts) >= 0.020, rtts
     assert max(rtts) < 0.150, rtts
@@ -563,7 +533,7 @@ def test_delayer_survives_thousands_of_packets(lab_factory: LabFactory) -> None:
     assert int(stats[0]) == 0
     assert int(stats[5]) == 0 and int(stats[6]) == 0, stats
     assert int(stats[7]) >= 3000, stats
-    with listen(lab.rdv, 7000):
+    with lab.rdv.listener(7000):
         assert connect_rtt(lab.a1, (RDV, 7000)) >= 0.010
 
 
@@ -607,25 +577,18 @@ def test_atexit_and_stale_cleanup(lab_factory: LabFactory) -> None:
         "print(lab.prefix, lab.delayer.pid, flush=True)\n"
         "if sys.argv[1] == 'kill': os.kill(os.getpid(), signal.SIGKILL)\n"
     )
+
+    def owner(end: str) -> subprocess.CompletedProcess[str]:
+        """A process that brings a lab up and prints it, then ends by ``end`` (exit, kill)."""
+        return subprocess.run([sys.executable, "-c", code, end], cwd=REPO,
+                              capture_output=True, text=True, timeout=30, check=False)
+
     # normal exit without down(): the atexit hook removes the lab
-    out = subprocess.run(
-        [sys.executable, "-c", code, "exit"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout.split()
-    assert netns_with_prefix(out[0]) == []
+    proc = owner("exit")
+    assert proc.returncode == 0, proc.stderr
+    assert netns_with_prefix(proc.stdout.split()[0]) == []
     # SIGKILLed owner: namespaces stay, the delayer exits by itself, cleanup_stale removes it
-    proc = subprocess.run(
-        [sys.executable, "-c", code, "kill"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    proc = owner("kill")
     assert proc.returncode == -signal.SIGKILL
     prefix, delayer_pid = proc.stdout.split()[0], int(proc.stdout.split()[1])
     assert len(netns_with_prefix(prefix)) == 8
@@ -692,7 +655,7 @@ def test_cli_detach_then_down() -> None:
         # the delayer outlives the CLI process in detached mode
         rdv = Host("rdv", f"{prefix}-rdv", RDV)
         a1 = Host("a1", f"{prefix}-a1", "10.0.1.2")
-        with listen(rdv, 7000):
+        with rdv.listener(7000):
             assert connect_rtt(a1, (RDV, 7000)) >= 0.020
         assert _pids_in([f"{prefix}-inet"]), "no delayer in the detached lab"
         down = run_cli("down", prefix)

@@ -52,6 +52,7 @@ import asyncio
 import atexit
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import re
@@ -320,6 +321,39 @@ class Host:
         with _in_netns(self.ns):
             yield self
 
+    def listener(self, port: int = 0, *, share: bool = False, timeout: float = 5.0,
+                 family: socket.AddressFamily = socket.AF_INET) -> socket.socket:
+        """A TCP listener on all of this host's addresses of ``family``, living in its
+        namespace (``share``: SO_REUSEPORT too, so that connections can be made from its
+        port); accept waits ``timeout`` s at most."""
+        with self.enter():
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if share:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+        sock.listen(16)
+        sock.settimeout(timeout)
+        return sock
+
+    def attempt(self, addr: tuple[str, int], timeout: float = 0.6, *, send: bytes = b"") -> str:
+        """A TCP connect from this host to ``addr`` (then ``send``, if given): "ok",
+        "timeout" or the errno name (ECONNREFUSED, EHOSTUNREACH...)."""
+        with self.enter():
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(addr)
+            if send:
+                sock.sendall(send)
+        except TimeoutError:
+            return "timeout"
+        except OSError as exc:
+            return errno.errorcode.get(exc.errno or 0, str(exc))
+        finally:
+            sock.close()
+        return "ok"
+
     def run_async(self, main: Callable[[], Awaitable[T]], timeout: float = 30.0) -> T:
         """Run ``main()`` in an event loop of a thread inside this namespace; its
         result, or its exception, in the calling thread."""
@@ -438,6 +472,31 @@ def _flush_conntrack() -> int:
     return -int(error)
 
 
+def _unsolicited(mode: str, icmp: str) -> str:
+    """What a site's router does with an unsolicited inbound packet, as its ``mode`` says:
+    a TCP reset, ICMP (``icmp``: "icmp" or "icmpv6") administratively prohibited, or
+    dropped."""
+    if mode == "rst":
+        return "meta l4proto tcp reject with tcp reset\n\t\tdrop"
+    if mode == "icmp":
+        return f"reject with {icmp} type admin-prohibited"
+    return "drop"
+
+
+def _input_chain(unsolicited: str, *, also_accept: str = "") -> str:
+    """A site router's own input: from its LAN side, replies (and ``also_accept``, an
+    nft match) pass; anything else coming in from the WAN is ``unsolicited``."""
+    also = f"\n\t\t{also_accept} accept" if also_accept else ""
+    return f"""
+\tchain input {{
+\t\ttype filter hook input priority filter; policy accept;
+\t\tiifname != "wan" accept
+\t\tct state established,related accept{also}
+\t\tct state invalid drop
+\t\t{unsolicited}
+\t}}"""
+
+
 def _nat_ruleset(mode: str, *, hairpin: bool = False, wan_ip: str = "") -> str:
     """The nftables ruleset of a NAT namespace (WAN = "wan", LAN bridge = "lan").
 
@@ -446,12 +505,7 @@ def _nat_ruleset(mode: str, *, hairpin: bool = False, wan_ip: str = "") -> str:
     """
     if mode == "none":
         return ""  # plain router: no NAT, no filter
-    if mode == "rst":
-        unsolicited = "meta l4proto tcp reject with tcp reset\n\t\tdrop"
-    elif mode == "icmp":
-        unsolicited = "reject with icmp type admin-prohibited"
-    else:
-        unsolicited = "drop"
+    unsolicited = _unsolicited(mode, "icmp")
     extra = _HAIRPIN.format(wan=wan_ip) if hairpin else ""
     postrouting = "".join(f"\n\t\t{rule}" for rule in _postrouting_rules(mode, hairpin, wan_ip))
     hairpin_forward = ('\n\t\tiifname "lan" oifname "lan" ct status dnat accept'
@@ -467,14 +521,7 @@ table ip nopf_lab {{{extra}
 \t\tct state invalid drop
 \t\tiifname "lan" oifname "wan" accept{hairpin_forward}
 \t\tiifname "wan" ct state new {unsolicited}
-\t}}
-\tchain input {{
-\t\ttype filter hook input priority filter; policy accept;
-\t\tiifname != "wan" accept
-\t\tct state established,related accept
-\t\tct state invalid drop
-\t\t{unsolicited}
-\t}}
+\t}}{_input_chain(unsolicited)}
 }}
 """
 
@@ -495,12 +542,7 @@ table ip6 nopf_lab6 {
 \t}
 }
 """
-    if mode == "rst":
-        unsolicited = "meta l4proto tcp reject with tcp reset\n\t\tdrop"
-    elif mode == "icmp":
-        unsolicited = "reject with icmpv6 type admin-prohibited"
-    else:
-        unsolicited = "drop"
+    unsolicited = _unsolicited(mode, "icmpv6")
     return f"""
 table ip6 nopf_lab6 {{
 \tcounter forwarded {{
@@ -514,15 +556,7 @@ table ip6 nopf_lab6 {{
 \t\ticmpv6 type {{ destination-unreachable, packet-too-big, time-exceeded,
 \t\t\tparameter-problem }} accept
 \t\tiifname "wan" ct state new {unsolicited}
-\t}}
-\tchain input {{
-\t\ttype filter hook input priority filter; policy accept;
-\t\tiifname != "wan" accept
-\t\tct state established,related accept
-\t\tmeta l4proto ipv6-icmp accept
-\t\tct state invalid drop
-\t\t{unsolicited}
-\t}}
+\t}}{_input_chain(unsolicited, also_accept="meta l4proto ipv6-icmp")}
 }}
 """
 

@@ -18,15 +18,7 @@ from nopf_web.rendezvous.book import (
     make_plans,
 )
 from nopf_web.wire.address import Endpoint
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
+from tests.unit.fake_clock import Clock
 
 # Codes ----------------------------------------------------------------------------
 

@@ -33,15 +33,15 @@ from nopf_web.rendezvous.server_machine import (
     Send,
 )
 from nopf_web.sessions import coordination as coord
-from nopf_web.sessions.engine import Event, State
+from nopf_web.sessions.engine import Event
 from nopf_web.sessions.seed import SeedEngine, _wait_eof
 from nopf_web.tunnel import forward
 from nopf_web.tunnel.pipe import Pipe, copy_method
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.rendezvous import Ping, encode
 from tests.e2e.test_secure_mux import forwarded, hash_client, hash_service
-from tests.e2e.test_session_loopback import spec, wait_state
-from tests.programs import free_port
+from tests.e2e.test_session_loopback import app_round_trip, introduce, seed_pair
+from tests.loopback import tcp_pair
 from tests.unit.platform_support import FEATURES, take_away
 
 # A real loopback punch: what it checks on Linux is nopf's code; on macOS it would be
@@ -54,13 +54,6 @@ pytestmark = pytest.mark.skipif(
     "real loopback punch, never run by us")
 
 LO = "127.0.0.1"
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server((LO, 0)) as server:
-        a = socket.create_connection(server.getsockname())
-        b, _ = server.accept()
-    return a, b
 
 
 # -- forward: gathered writes --------------------------------------------------------------
@@ -117,35 +110,13 @@ async def test_eof_watch_without_msg_dontwait(monkeypatch: pytest.MonkeyPatch) -
 
 async def seed_session(rdv: Endpoint) -> tuple[SeedEngine, SeedEngine, list[Event]]:
     """A server and a client session over loopback, 100 kB through the pipe."""
-    service = socket.create_server((LO, 0))
-    service.setblocking(False)
-    server = SeedEngine(spec("server", service.getsockname()[1], rdv))
-    client_port = free_port()
-    client = SeedEngine(spec("client", client_port, rdv))
+    service, server, client = seed_pair(rdv)
     events: list[Event] = []
     server.subscribe(events.append)
     tasks = [asyncio.create_task(s.run(), name=f"test-{s.spec.role}") for s in (server, client)]
     try:
-        await wait_state(server, State.WAITING_PEER)
-        await wait_state(client, State.WAITING_PEER)
-        assert server.public_address and client.public_address
-        server.set_peer(client.public_address)
-        client.set_peer(server.public_address)
-        await wait_state(client, State.CONNECTED)
-        loop = asyncio.get_running_loop()
-        app = socket.create_connection((LO, client_port))
-        app.setblocking(False)
-        conn, _ = await loop.sock_accept(service)
-        await loop.sock_sendall(app, b"x" * 100_000)
-        app.shutdown(socket.SHUT_WR)
-        got = b""
-        while chunk := await loop.sock_recv(conn, 65536):
-            got += chunk
-        assert got == b"x" * 100_000
-        await loop.sock_sendall(conn, b"bye")
-        conn.close()
-        assert await loop.sock_recv(app, 10) == b"bye"
-        app.close()
+        await introduce(server, client)
+        await app_round_trip(client.spec.local_port, service)
         async with asyncio.timeout(10):
             await asyncio.gather(*tasks)
     finally:

@@ -10,14 +10,7 @@ import pytest
 from nopf_web.cli.server import describe_rate, parse_rate
 from nopf_web.inputs import InputError
 from nopf_web.rendezvous.relay import QUANTUM_MIN, TokenBucket
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.fake_clock import Clock
 
 
 def test_the_bucket_grants_a_quantum_at_once_then_the_rate() -> None:

@@ -161,8 +161,38 @@ class Harness:
     def send(self, peer: Peer, data: bytes, rtt: float | None = None) -> list[Action]:
         return self.feed(Received(peer.id, data, self.now, rtt))
 
+    def pong(self, peer: Peer) -> None:
+        """Answer every ping ``peer`` has received, as a live client would."""
+        for msg in peer.messages():
+            if isinstance(msg, Ping):
+                self.send(peer, encode(Pong(msg.seq)))
+
     def close(self, peer: Peer) -> list[Action]:
         return self.feed(PeerClosed(peer.id, self.now))
+
+    def live_peer(self, which: int) -> Peer | None:
+        """The ``which``-th (modulo) of the peers whose connection is still up, if any."""
+        alive = [p for p in self.peers.values() if p.ended is None and p.id in self.m.conns
+                 and not self.m.conns[p.id].gone]
+        return alive[which % len(alive)] if alive else None
+
+    def nameplates(self) -> list[int]:
+        """Every nameplate the welcomes gave out so far ([1] before the first, so that a
+        join always has one to try)."""
+        return [m.nameplate for p in self.peers.values() for m in p.messages()
+                if isinstance(m, Welcome)] or [1]
+
+    def fuzz_op(self, op: str, peer: Peer, which: int, dt: float) -> None:
+        """The fuzz scripts' common ops on a live ``peer``: "pong", "close", "lost" (while
+        writing for one ``which`` in three); any other op advances the clock ``dt`` s."""
+        if op == "pong":
+            self.pong(peer)
+        elif op == "close":
+            self.close(peer)
+        elif op == "lost":
+            self.lost(peer, writing=which % 3 == 0)
+        else:
+            self.advance(dt)
 
     def lost(self, peer: Peer, error: str = "[Errno 104] Connection reset by peer",
              writing: bool = False) -> list[Action]:
@@ -448,9 +478,7 @@ def test_a_sharer_answering_pings_stays() -> None:
     sharer, _ = h.share()
     for _ in range(200):
         h.advance(1.0)
-        for msg in sharer.messages():
-            if isinstance(msg, Ping):
-                h.send(sharer, encode(Pong(msg.seq)))
+        h.pong(sharer)
     assert sharer.ended is None and h.m.conns[sharer.id].sharing is not None
 
 
@@ -485,9 +513,7 @@ def test_an_unclaimed_code_expires_and_both_sides_are_told() -> None:
     sharer, nameplate = h.share()
     for _ in range(30):
         h.advance(1)
-        for msg in sharer.messages():
-            if isinstance(msg, Ping):
-                h.send(sharer, encode(Pong(msg.seq)))
+        h.pong(sharer)
         if sharer.fin:
             break
     err = error_of(sharer)
@@ -841,11 +867,8 @@ def test_no_sequence_of_events_breaks_the_machine(script: list[tuple[str, int, b
     h = Harness(ServerLimits(max_connections=6, max_per_source=4,
                              pairing=PairingLimits(code_lifetime=30, max_failed_claims=3)))
     for op, which, data, dt, ip in script:
-        alive = [p for p in h.peers.values() if p.ended is None and p.id in h.m.conns
-                 and not h.m.conns[p.id].gone]
-        target = alive[which % len(alive)] if alive else None
-        plates = [m.nameplate for p in h.peers.values() for m in p.messages()
-                  if isinstance(m, Welcome)] or [1]
+        target = h.live_peer(which)
+        plates = h.nameplates()
         plate = plates[which % len(plates)]
         if op == "share":
             h.hello(SHARE, ip, rtt=0.01 * which or None)
@@ -859,16 +882,8 @@ def test_no_sequence_of_events_breaks_the_machine(script: list[tuple[str, int, b
             h.connect(ip)
         elif op == "send":
             h.send(target, data, rtt=0.01 if which % 2 else None)
-        elif op == "pong":
-            for m in target.messages():
-                if isinstance(m, Ping):
-                    h.send(target, encode(Pong(m.seq)))
-        elif op == "close":
-            h.close(target)
-        elif op == "lost":
-            h.lost(target, writing=which % 3 == 0)
         else:
-            h.advance(dt)
+            h.fuzz_op(op, target, which, dt)
         h.invariants()
         assert not [x for x in h.logs if x.kind == "internal"], h.logs
     event(f"paired: {min(h.m.stats.paired, 2)}")

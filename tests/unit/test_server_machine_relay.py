@@ -570,9 +570,7 @@ def test_a_resume_waits_thirty_seconds_then_times_out() -> None:
     share = resume(h, "share", SHARER_IP)
     for _ in range(int(RESUME_WAIT) - 1):
         h.advance(1)
-        for m in share.messages():
-            if isinstance(m, Ping):
-                h.send(share, encode(Pong(m.seq)))
+        h.pong(share)
     assert share.ended is None and not share.fin
     h.advance(1)
     err = error_of(share)
@@ -681,11 +679,8 @@ def test_no_sequence_of_relay_and_resume_events_breaks_the_machine(
                 max_per_source=6, pairing=PairingLimits(code_lifetime=30))
     shut = False
     for op, which, data, dt, ip in script:
-        alive = [p for p in h.peers.values() if p.ended is None and p.id in h.m.conns
-                 and not h.m.conns[p.id].gone]
-        target = alive[which % len(alive)] if alive else None
-        plates = [m.nameplate for p in h.peers.values() for m in p.messages()
-                  if isinstance(m, Welcome)] or [1]
+        target = h.live_peer(which)
+        plates = h.nameplates()
         relays: list[RelayStage] = [m.relay for p in h.peers.values() for m in p.messages()
                                     if isinstance(m, Fire) and m.relay is not None]
         if op == "share":
@@ -736,16 +731,8 @@ def test_no_sequence_of_relay_and_resume_events_breaks_the_machine(
             h.connect(ip)
         elif op == "send":
             h.send(target, data)
-        elif op == "pong":
-            for m in target.messages():
-                if isinstance(m, Ping):
-                    h.send(target, encode(Pong(m.seq)))
-        elif op == "close":
-            h.close(target)
-        elif op == "lost":
-            h.lost(target, writing=which % 3 == 0)
         else:
-            h.advance(dt)
+            h.fuzz_op(op, target, which, dt)
         h.invariants()
         mach = h.m
         assert 0 <= mach._relay_count <= 2
