@@ -9,7 +9,7 @@ go direct and what came back to them.
 
 Before the fix of the punch's retry rules (see "Near-zero round trips" in
 docs/protocol.md), at 0 ms per hop an rst sharer facing an icmp joiner went
-direct in 6 of 20 runs; see docs/BENCHMARKS.md.
+direct in 6 of 20 runs (docs/BENCHMARKS.md, "Refusing NATs at near-zero RTT").
 
     sudo .venv/bin/python -m bench.punch_rtt0 [--runs 20] [--delay-ms 0] [--verbose]
 """
