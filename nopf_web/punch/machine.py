@@ -55,6 +55,18 @@ ICMP errors quoting a TTL that low (IP_MINTTL, as for the arming SYN): the
 socket stays in SYN_SENT and the sharer's SYN completes it. (Only one side can
 tell its refusals apart this way: the peer's first shot must arrive above our
 IP_MINTTL.)
+
+No shield works against an RST, though, and at a round trip shorter than the
+rendezvous' FIRE_MARGIN (a LAN, a data centre) ``CONNECT``'s first shot reaches
+the sharer's NAT before ``ARM``'s first SYN has left it: a NAT that answers with
+RST kills it, and that RST, crossing the joiner's NAT, closes its tracking so
+that ``ARM``'s first SYN is refused there in turn. Two rules keep the punch
+direct whatever the round trip: ``ARM`` re-arms at once after its first shot is
+refused (no moment without a socket in SYN_SENT, in which the peer's next SYN
+would meet our listener, whose SYN-ACK carries a sequence number our NAT never
+saw and is dropped, while its half-open socket holds the address pair, or our
+kernel's RST), and ``CONNECT`` tries again ``first_retry_delay`` after a refused
+first shot, when ``ARM`` has surely armed, instead of ``retry_delay``.
 """
 
 from __future__ import annotations
@@ -104,6 +116,10 @@ class PunchConfig:
     # the TTL of the peer's packets (64 minus at most 31 hops), so ICMP errors
     # about it can be told apart and ignored (see the module docstring).
     first_shot_ttl: int = 32
+    # After a refused first shot, CONNECT tries again this soon (not retry_delay): the
+    # peer fires a few ms after us (the rendezvous' FIRE_MARGIN), and at a round trip
+    # shorter than that our first shot arrives before the peer's NAT has opened.
+    first_retry_delay: float = 0.03
 
     def __post_init__(self) -> None:
         if self.timeout <= 0:
@@ -112,6 +128,8 @@ class PunchConfig:
             raise ValueError("arm TTL must be 0 (off) or 2-255")
         if not 2 <= self.first_shot_ttl <= 254:
             raise ValueError("first shot TTL must be 2-254")
+        if self.first_retry_delay < 0:
+            raise ValueError("first retry delay must be >= 0")
 
 
 class PunchTimeout(NopfError):
@@ -217,6 +235,15 @@ class PunchMachine:
             return []
         self.outcomes[how] += 1
         self._current = None
+        refused = how in (Failure.REFUSED, Failure.UNREACHABLE)
+        first = self.config.first_shot and attempt == 1
+        if refused and first and self.tactic is Tactic.ARM and self.config.arm_ttl:
+            # Re-arm at once, with a low-TTL SYN the peer's NAT never sees to refuse
+            # (see the module docstring: no moment without a socket in SYN_SENT).
+            return [Abandon(attempt), *self._fire(now)]
+        if refused and first and self.tactic is Tactic.CONNECT:
+            self._next_fire = now + self.config.first_retry_delay
+            return [Abandon(attempt)]
         jitter = self.config.retry_jitter * (self.rand() - 0.5)
         self._next_fire = now + self.config.retry_delay * (1 + jitter)
         return [Abandon(attempt)]

@@ -1685,7 +1685,10 @@ class ServerMachine:
         # NAT would be dropped or refused there, while a sharer SYN that leaves
         # up to half a peer round trip late still crosses the joiner's (whose SYN
         # takes that long to reach the sharer's NAT), and the joiner's first
-        # bytes reach the sharer no later.
+        # bytes reach the sharer no later. At a peer round trip under about
+        # 2 * FIRE_MARGIN the joiner's SYN does reach the sharer's NAT first: the
+        # punch machine's first-shot retry rules make that refusal harmless
+        # (docs/protocol.md, "Near-zero round trips").
         joiner_at = now
         if joiner_conn.rtt_known:
             sharer_at = now + max(0.0, (joiner.rtt - sharer.rtt) / 2) + FIRE_MARGIN

@@ -145,9 +145,10 @@ LABS = [(left, right) for left, right in itertools.combinations_with_replacement
 def test_the_predicted_path_is_the_path_taken(reports: dict[str, NatSummary], left: str,
                                               right: str) -> None:
     runs: list[tuple[str, str, bool, Host, Host]] = []
-    # 10 ms per pass through the internet router, as in the NAT matrix benchmark: with
-    # no delay at all the fire timing has no room, and an rst sharer facing an icmp
-    # joiner missed its punch about half the time (a lab artefact, not a NAT's).
+    # 10 ms per pass through the internet router, as in the NAT matrix benchmark. (At
+    # no delay at all an rst sharer facing an icmp joiner once missed its punch about
+    # half the time: a real race of the punch's retries, fixed and proved at 0 ms by
+    # test_punch_rtt0_lab.py; see "Near-zero round trips" in docs/protocol.md.)
     with Lab(left, right, delay_ms=DELAY_MS) as lab:
         server = start_rendezvous(lab)
         runs.append((left, right, False, lab.a1, lab.b1))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import itertools
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from nopf_web.punch.machine import (
     ACCEPTED,
@@ -149,11 +151,55 @@ def test_first_shot_ttl_is_configurable_and_checked() -> None:
             PunchConfig(first_shot_ttl=bad)
 
 
-def test_first_shot_refused_falls_back_to_arming_quickly() -> None:
-    m = machine(Tactic.ARM, PunchConfig(timeout=10, first_shot=True))
+def test_first_shot_refused_falls_back_to_arming_at_once() -> None:
+    # No moment without a socket in SYN_SENT: the peer's next SYN would meet the
+    # listener (a SYN-ACK our NAT drops) or our kernel's RST.
+    for how in (Failure.REFUSED, Failure.UNREACHABLE):
+        m = machine(Tactic.ARM, PunchConfig(timeout=10, first_shot=True))
+        m.start(0.0)
+        assert m.failed(1, how, 0.03) == [Abandon(1), StartAttempt(2, 2)]
+        assert m.wake_at == pytest.approx(0.03 + 0.8)
+
+
+def test_only_the_first_shot_rearms_at_once() -> None:
+    # A later refusal (or one without low-TTL arming, whose SYNs all reach the
+    # peer's NAT) waits retry_delay: no storm of refused SYNs.
+    m = machine(Tactic.ARM, PunchConfig(timeout=10, first_shot=True, retry_delay=0.2))
     m.start(0.0)
-    assert m.failed(1, Failure.REFUSED, 0.03) == [Abandon(1)]
-    assert m.timer(0.23) == [StartAttempt(2, 2)]
+    m.failed(1, Failure.REFUSED, 0.03)
+    assert m.failed(2, Failure.REFUSED, 0.05) == [Abandon(2)]
+    assert m.wake_at == pytest.approx(0.25)
+    plain = machine(Tactic.ARM, PunchConfig(timeout=10, first_shot=True, arm_ttl=0,
+                                            retry_delay=0.2))
+    plain.start(0.0)
+    assert plain.failed(1, Failure.REFUSED, 0.03) == [Abandon(1)]
+    assert plain.wake_at == pytest.approx(0.23)
+    seed = machine(Tactic.ARM, PunchConfig(timeout=10, retry_delay=0.2))
+    seed.start(0.0)
+    assert seed.failed(1, Failure.UNREACHABLE, 0.03) == [Abandon(1)]
+    assert seed.wake_at == pytest.approx(0.23)
+
+
+def test_a_refused_first_shot_is_retried_soon() -> None:
+    # The sharer fires a few ms after the joiner; at a near-zero round trip the
+    # joiner's first shot beat the sharer's SYN and was refused: try again once the
+    # sharer has surely armed, not retry_delay later. A silent one is not retried early.
+    cfg = PunchConfig(timeout=10, first_shot=True, first_retry_delay=0.03, retry_delay=0.2)
+    for how in (Failure.REFUSED, Failure.UNREACHABLE):
+        m = machine(Tactic.CONNECT, cfg)
+        m.start(0.0)
+        assert m.failed(1, how, 0.001) == [Abandon(1)]
+        assert m.wake_at == pytest.approx(0.031)
+        assert m.timer(0.031) == [StartAttempt(2, None)]
+        # The second refusal is an ordinary one.
+        assert m.failed(2, how, 0.032) == [Abandon(2)]
+        assert m.wake_at == pytest.approx(0.232)
+    plain = machine(Tactic.CONNECT, PunchConfig(timeout=10, retry_delay=0.2))
+    plain.start(0.0)
+    plain.failed(1, Failure.REFUSED, 0.001)
+    assert plain.wake_at == pytest.approx(0.201)
+    with pytest.raises(ValueError):
+        PunchConfig(first_retry_delay=-0.1)
 
 
 def test_retry_delay_is_jittered_within_bounds() -> None:
@@ -172,3 +218,45 @@ def test_a_socket_stuck_mid_handshake_is_abandoned_after_the_limit() -> None:
         t = m.wake_at or t
     assert actions == [Abandon(1), StartAttempt(2, 2)]
     assert t >= 0.8 + CFG.handshake_limit
+
+
+_EVENT = st.tuples(st.sampled_from(["refused", "unreachable", "silent", "timer"]),
+                   st.floats(min_value=0.0, max_value=0.3))
+
+
+@settings(max_examples=300, deadline=None)
+@given(tactic=st.sampled_from(list(Tactic)), arm_ttl=st.sampled_from([0, 2]),
+       first_shot=st.booleans(), events=st.lists(_EVENT, max_size=40))
+def test_no_storm_of_syns_that_reach_the_peer(tactic: Tactic, arm_ttl: int, first_shot: bool,
+                                                events: list[tuple[str, float]]) -> None:
+    """Whatever comes back and when: at most one attempt starts the moment another
+    ends (the first shot's re-arm), and SYNs that can reach the peer's NAT (any but a
+    low-TTL arming one) leave at least first_retry_delay apart."""
+    cfg = PunchConfig(timeout=10, arm_ttl=arm_ttl, first_shot=first_shot,
+                      first_retry_delay=0.03, retry_delay=0.2, retry_jitter=0.5)
+    m = PunchMachine(tactic, cfg, "203.0.113.2:4000", rand=lambda: 0.0)
+    now = 0.0
+    starts: list[tuple[float, int | None]] = []
+    instant = 0
+
+    def record(actions: list[object], *, after_failure: bool) -> None:
+        nonlocal instant
+        new = [a for a in actions if isinstance(a, StartAttempt)]
+        if after_failure and new:
+            instant += 1
+        starts.extend((now, a.ttl) for a in new)
+
+    record(list(m.start(now)), after_failure=False)
+    hows = {"refused": Failure.REFUSED, "unreachable": Failure.UNREACHABLE,
+            "silent": Failure.SILENT}
+    for kind, dt in events:
+        now += dt
+        if kind == "timer" or m._current is None:
+            record(list(m.timer(now)), after_failure=False)
+        else:
+            record(list(m.failed(m.attempts, hows[kind], now)), after_failure=True)
+        if m.done:
+            break
+    assert instant <= 1
+    reaching = [t for t, ttl in starts if not (arm_ttl and ttl == arm_ttl)]
+    assert all(b - a >= 0.03 - 1e-9 for a, b in itertools.pairwise(reaching))
