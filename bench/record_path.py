@@ -34,9 +34,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from nopf_web.tunnel import mux_machine as mm
-from nopf_web.tunnel import record_machine as rm
-from nopf_web.tunnel import resume_machine as rs
+from nopf_web.tunnel import mux_machine as mm, record_machine as rm, resume_machine as rs
 from nopf_web.tunnel.resumable import _keep_freed_memory
 from nopf_web.wire.frames import INITIAL_WINDOW
 
