@@ -136,11 +136,17 @@ def throughput(port: int, size: int) -> float:
 
 def cpu_seconds(pid: int | None) -> float:
     """User + system CPU time of a process so far (Linux ``/proc``; 0 elsewhere)."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int | None) -> tuple[float, float]:
+    """(user, system) CPU time of a process so far (Linux ``/proc``; 0 elsewhere)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def echo_conn(port: int) -> socket.socket:
@@ -213,14 +219,17 @@ def main() -> int:
         # depends on what else the machine is running.
         ends = {"share": procs[1].pid, "connect": procs[2].pid}
         cpu = dict.fromkeys(ends, 0.0)
+        user = dict.fromkeys(ends, 0.0)  # of which in user space (the interpreter's share)
         for r in range(args.rounds):
             for name, port in ports.items():
                 print(f"round {r + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
-                before = {end: cpu_seconds(pid) for end, pid in ends.items()}
+                before = {end: cpu_split(pid) for end, pid in ends.items()}
                 rows[name].append(throughput(port, size))
                 if name == "tunnel":
                     for end, pid in ends.items():
-                        cpu[end] += cpu_seconds(pid) - before[end]
+                        after = cpu_split(pid)
+                        cpu[end] += sum(after) - sum(before[end])
+                        user[end] += after[0] - before[end][0]
 
         print(f"{args.streams} concurrent streams", file=sys.stderr, flush=True)
         failures, streams_s = asyncio.run(
@@ -244,11 +253,13 @@ def main() -> int:
     p50 = {k: statistics.median(v) for k, v in lat.items()}
     p99 = {k: statistics.quantiles(v, n=100)[98] for k, v in lat.items()}
     cpu_per_gb = {end: seconds / (size * args.rounds / 1e9) for end, seconds in cpu.items()}
+    user_per_gb = {end: seconds / (size * args.rounds / 1e9) for end, seconds in user.items()}
     result = {
         "size_mb": args.size_mb, "rounds": args.rounds, "cpus": os.cpu_count(),
         "window_kb": args.window_kb, "channel": args.channel,
         "throughput_mb_s": rows, "median_mb_s": {"direct": d, "tunnel": t},
         "throughput_ratio": t / d, "tunnel_cpu_s_per_gb": cpu_per_gb,
+        "tunnel_user_cpu_s_per_gb": user_per_gb,
         "streams": args.streams, "stream_kb": args.stream_kb,
         "stream_failures": failures, "streams_seconds": streams_s,
         "rtt_ms_p50": p50, "rtt_ms_p99": p99,
@@ -263,7 +274,7 @@ def main() -> int:
           f"{result['added_rtt_ms_p50']:.3f} ms (target < 1 ms); {args.streams} streams x "
           f"{args.stream_kb} KiB echoed in {streams_s:.2f} s, {failures} failures")
     print("tunnel CPU per GB carried: " + ", ".join(
-        f"{end} end {v:.2f} s" for end, v in cpu_per_gb.items()))
+        f"{end} end {v:.2f} s (user {user_per_gb[end]:.2f})" for end, v in cpu_per_gb.items()))
     write_json(args.json, result)
     return 0 if failures == 0 else 1
 

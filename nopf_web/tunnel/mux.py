@@ -213,6 +213,14 @@ class Stream:
             self._mux._kick()
         if more:
             return True
+        state = self._state
+        if state.out_size - len(data) < STREAM_SEND_BUFFER and state.credit >= state.out_size \
+                and not self._mux._draining:
+            # This read alone reached the limit (a bulk sender's every 256 KiB read
+            # does) and the flush in the next loop iteration sends all of it: no
+            # pause. Pausing and resuming the local reads cost two epoll_ctl calls
+            # and their handles per record. A second read before that flush waits.
+            return True
         self._on_writable = on_writable
         return False
 
