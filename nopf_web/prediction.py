@@ -153,9 +153,9 @@ def _why_ipv6_only(f: PairFacts) -> str:
 
 
 def _why_ipv6(f: PairFacts) -> str:
-    return ("Both peers offered global IPv6 addresses, which the ladder tries before any "
-            "IPv4 punch: their simultaneous open crosses both firewalls, so they connect "
-            "directly over IPv6.")
+    return ("Both peers offered global IPv6 addresses, tried before any IPv4 punch, and "
+            "their simultaneous open crosses both firewalls, so they connect directly over "
+            "IPv6.")
 
 
 def _mapped_usable(f: PairFacts) -> bool:
