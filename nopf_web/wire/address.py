@@ -144,19 +144,14 @@ def parse_host_endpoint(text: str, *, field: str = "address",
     host, port = _split(line, field)
     shown = quote(line)
     if ":" in host:
-        example = f"[{host}]:{port}" if _is_ipv6(host) else "[2001:db8::1]:3012"
+        try:
+            example = f"[{ipaddress.IPv6Address(host)}]:{port}"
+        except ValueError:
+            example = "[2001:db8::1]:3012"
         raise BadAddress(f"{field} {shown} is ambiguous: put an IPv6 address in brackets, "
                          f"as in {quote(example)}", field)
     return Endpoint(parse_host(host, field=field, shown=shown),
                     parse_port(port, what=f"port in {shown}", field=field))
-
-
-def _is_ipv6(text: str) -> bool:
-    try:
-        ipaddress.IPv6Address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def parse_ip(text: str, *, field: str = "address") -> ipaddress.IPv4Address | ipaddress.IPv6Address:
