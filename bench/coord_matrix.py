@@ -26,12 +26,16 @@ from bench.report import publish
 from tests.e2e.coord_harness import RDV, Gather, exchange, handshake_rtt, pair
 from tests.e2e.peers import start_rendezvous
 from tests.lab import Lab, gateway as lab_gateway
+from tests.lab.topology import RDV_IP6
 
 MODES = ("drop", "rst", "icmp", "symmetric")
 # What the sites offer besides their IPv4 NAT (issue 17): "ipv4" nothing (the hellos
 # as before), "dualstack" global IPv6 per site behind a stateful firewall of the site's
-# kind, "mapped" a gateway in the sharer's NAT that maps ports (NAT-PMP, PCP, IGD).
-VARIANTS = ("ipv4", "dualstack", "mapped")
+# kind, "mapped" a gateway in the sharer's NAT that maps ports (NAT-PMP, PCP, IGD);
+# "ipv6only" the dual-stack sites, but the connector's with IPv6 only (no IPv4 at all:
+# it reaches the rendezvous at its IPv6 address); "mappedconn" the gateway in the
+# connector's NAT (its mapping granted before its hello: the harness waits for it).
+VARIANTS = ("ipv4", "dualstack", "mapped", "ipv6only", "mappedconn")
 
 
 @dataclass
@@ -45,6 +49,10 @@ class Cell:
     errors: set[str] = field(default_factory=set)
     paths: set[str] = field(default_factory=set)
     run_paths: list[str] = field(default_factory=list)  # each success's path, in order
+    as_predicted: int = 0  # successes whose path is the one predicted at the fire
+    # ...and those that missed it with a prediction not certain (a mapping unknown: the
+    # in-process peers send no doctor report, and a joiner makes no mapping check)
+    missed_uncertain: int = 0
 
 
 def run_cell(left: str, right: str, same: bool, args: argparse.Namespace, *,
@@ -60,11 +68,15 @@ def run_cell(left: str, right: str, same: bool, args: argparse.Namespace, *,
     cell = Cell()
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     gather = {"ipv4": None, "dualstack": (Gather(), Gather()),
-              "mapped": (Gather(ipv6=False, port_mapping=True), Gather(ipv6=False))}[variant]
+              "mapped": (Gather(ipv6=False, port_mapping=True), Gather(ipv6=False)),
+              "ipv6only": (Gather(), Gather()),
+              "mappedconn": (Gather(ipv6=False), Gather(ipv6=False, port_mapping=True)),
+              }[variant]
     with Lab(left, right, delay_ms=args.delay_ms, jitter_ms=args.jitter_ms,
-             loss=getattr(args, "loss", 0.0), ipv6=variant == "dualstack") as lab:
-        if variant == "mapped":
-            lab_gateway.start(lab.nata)  # stopped with the lab
+             loss=getattr(args, "loss", 0.0), ipv6=variant in ("dualstack", "ipv6only"),
+             ipv6_only=("b",) if variant == "ipv6only" else ()) as lab:
+        if variant in ("mapped", "mappedconn"):  # stopped with the lab
+            lab_gateway.start(lab.nata if variant == "mapped" else lab.natb)
         start_rendezvous(lab, *rendezvous_flags)
         cell.rtt = handshake_rtt(lab.a1, RDV)
         joiner = lab.a2 if same else lab.b1
@@ -73,7 +85,8 @@ def run_cell(left: str, right: str, same: bool, args: argparse.Namespace, *,
                 break
             try:
                 out = pair(lab.a1, joiner, punch_timeout=args.punch_timeout,
-                           candidates=gather)
+                           candidates=gather,
+                           joiner_rdv=(RDV_IP6, RDV[1]) if variant == "ipv6only" else None)
             except AssertionError as exc:  # no code, or peers hung: a failed run, not a crash
                 cell.runs += 1
                 cell.errors.add(str(exc)[:200])
@@ -86,6 +99,11 @@ def run_cell(left: str, right: str, same: bool, args: argparse.Namespace, *,
                     ok = True
                     cell.paths.add(out.joiner.path)
                     cell.run_paths.append(out.joiner.path)
+                    predicted = out.joiner.prediction
+                    held = predicted is not None and predicted.path == out.joiner.path
+                    cell.as_predicted += held
+                    cell.missed_uncertain += (not held and predicted is not None
+                                              and not predicted.certain)
                     up = max(out.sharer.timings.connected, out.joiner.timings.connected)
                     cell.ready_to_up.append(up - out.ready_at)
                     cell.hello_to_up.append(up - out.joiner.timings.hello_sent)

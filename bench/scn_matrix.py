@@ -8,9 +8,11 @@ ways: the runs of :func:`bench.coord_matrix.run_cell`. The path each pair took
 (``public``: punched, ``relay``, ``lan``, ``ipv6``, ``mapped``) is what the ladder chose.
 
 Issue 17's columns: the same pairs when both sites also have global IPv6 behind a
-stateful firewall of their kind ("dual stack"), and when the sharer's gateway maps
-ports ("mapped": the lab gateway in nata, NAT-PMP, PCP and UPnP-IGD); with the share
-of pairs that connect directly (any path but the relay).
+stateful firewall of their kind ("dual stack"), when the connector's site has IPv6
+only ("IPv6-only connector"), when the sharer's gateway maps ports ("mapped": the lab
+gateway in nata, NAT-PMP, PCP and UPnP-IGD), and when the connector's does ("mapped
+connector", in natb); with the share of pairs that connect directly (any path but the
+relay), and how often the path predicted at the fire was the path taken.
 """
 
 from __future__ import annotations
@@ -38,8 +40,13 @@ QUICK = (("drop", "rst", False, "ipv4"), ("symmetric", "drop", False, "ipv4"),
          ("drop", "symmetric", False, "ipv4"), ("symmetric", "symmetric", False, "ipv4"),
          ("symmetric", "drop", True, "ipv4"),
          # issue 17: what the relay carried before goes direct
-         ("symmetric", "symmetric", False, "dualstack"), ("drop", "symmetric", False, "mapped"))
-SUFFIX = {"ipv4": "", "dualstack": " dual stack", "mapped": " mapped"}
+         ("symmetric", "symmetric", False, "dualstack"), ("drop", "symmetric", False, "mapped"),
+         ("symmetric", "symmetric", False, "ipv6only"),
+         ("symmetric", "symmetric", False, "mappedconn"))
+SUFFIX = {"ipv4": "", "dualstack": " dual stack", "mapped": " mapped",
+          "ipv6only": " IPv6-only connector", "mappedconn": " mapped connector"}
+COLUMNS = {"ipv4": "IPv4 only", "dualstack": "dual stack", "mapped": "mapped sharer",
+           "ipv6only": "IPv6-only connector", "mappedconn": "mapped connector"}
 
 
 def expected_path(left: str, right: str, same: bool, variant: str = "ipv4") -> str:
@@ -49,9 +56,9 @@ def expected_path(left: str, right: str, same: bool, variant: str = "ipv4") -> s
     the relay when a symmetric NAT faces another NAT, else a punched public path."""
     if same:
         return "lan"
-    if variant == "dualstack":
+    if variant in ("dualstack", "ipv6only"):
         return "ipv6"
-    if variant == "mapped":
+    if variant in ("mapped", "mappedconn"):
         return "mapped"
     return "relay" if "symmetric" in (left, right) else "public"
 
@@ -84,7 +91,8 @@ def run(progress: Progress, quick: bool, outdir: Path) -> ScenarioResult:
             "sharer": left, "connector": "same NAT" if same else right, "variant": variant,
             "runs": c.runs, "wins": c.wins, "paths": sorted(c.paths), "run_paths": c.run_paths,
             "expected_path": expected_path(left, right, same, variant), "rtt_s": c.rtt,
-            "ready_to_up_s": c.ready_to_up, "errors": sorted(c.errors)}
+            "ready_to_up_s": c.ready_to_up, "errors": sorted(c.errors),
+            "as_predicted": c.as_predicted, "missed_uncertain": c.missed_uncertain}
     data["direct"] = _direct_shares(data["cells"])
     return ScenarioResult(NAME, TITLE, data, _markdown(data, quick), _plots(data, outdir),
                           _targets(data))
@@ -119,7 +127,10 @@ def _direct_shares(cells: dict[str, Any]) -> dict[str, dict[str, int]]:
             "pairs_direct": sum(bool(c["run_paths"]) and "relay" not in c["run_paths"]
                                 and c["wins"] == c["runs"] for c in mine),
             "runs": sum(c["runs"] for c in mine),
-            "runs_direct": sum(p != "relay" for c in mine for p in c["run_paths"])}
+            "runs_direct": sum(p != "relay" for c in mine for p in c["run_paths"]),
+            "wins": sum(c["wins"] for c in mine),
+            "as_predicted": sum(c.get("as_predicted", 0) for c in mine),
+            "missed_uncertain": sum(c.get("missed_uncertain", 0) for c in mine)}
     return out
 
 
@@ -128,6 +139,8 @@ def _targets(data: dict[str, Any]) -> list[Target]:
     runs = sum(c["runs"] for c in cells)
     wins = sum(c["wins"] for c in cells)
     wrong = [k for k, c in data["cells"].items() if c["paths"] != [c["expected_path"]]]
+    held = sum(c.get("as_predicted", 0) for c in cells)
+    unsure = sum(c.get("missed_uncertain", 0) for c in cells)
     return [
         Target("coordinated pairs connected, every lab NAT kind incl. symmetric",
                "100 % connected (issue 12)",
@@ -136,7 +149,11 @@ def _targets(data: dict[str, Any]) -> list[Target]:
                "another NAT, else punched (issue 12); IPv6 or the mapped port when the "
                "sites have them (issue 17)",
                "as expected in every pair" if not wrong else f"unexpected in {', '.join(wrong)}",
-               not wrong)]
+               not wrong),
+        Target("the path predicted at the fire", "the path taken, in every run whose "
+               "prediction was certain",
+               f"{held}/{wins} runs; the {unsure} others not certain (a joiner's mapping "
+               "unknown: these peers send no doctor report)", wins > 0 and held + unsure == wins)]
 
 
 def _markdown(data: dict[str, Any], quick: bool) -> str:
@@ -166,9 +183,10 @@ def _markdown(data: dict[str, Any], quick: bool) -> str:
         md += [table(["sharer \\ connector", *MODES], rows), "",
                "Two hosts behind the same NAT (a1 shares, a2 connects):", "",
                table(["NAT", "result"], [[f"**{m}**", cell(f"same {m}")] for m in MODES]),
-               "", "The same pairs with IPv6 (dual stack) and with a mapping gateway at the "
-               "sharer (mapped), beside IPv4 alone:", "",
-               table(["sharer x connector", "IPv4 only", "dual stack", "mapped"],
+               "", "The same pairs with IPv6 (dual stack; the connector's site with IPv6 only) "
+               "and with a mapping gateway at the sharer or the connector, beside IPv4 "
+               "alone:", "",
+               table(["sharer x connector", *(COLUMNS[v] for v in VARIANTS)],
                      [[f"{left} x {right}",
                        *(cell(f"{left} x {right}{SUFFIX[v]}") for v in VARIANTS)]
                       for left, right in itertools.product(MODES, repeat=2)])]
@@ -177,11 +195,16 @@ def _markdown(data: dict[str, Any], quick: bool) -> str:
                         [[k, cell(k), c["expected_path"]] for k, c in cells.items()]))
     shares = data.get("direct", {})
     if shares:
-        names = {"ipv4": "IPv4 only", "dualstack": "dual stack", "mapped": "mapped sharer"}
-        md += ["", "Pairs of two sites that connect directly (any path but the relay):", "",
-               table(["sites", "pairs direct", "runs direct"],
-                     [[names[v], f"{s['pairs_direct']}/{s['pairs']}",
-                       f"{s['runs_direct']}/{s['runs']}"] for v, s in shares.items()])]
+        md += ["", "Pairs of two sites that connect directly (any path but the relay), and "
+               "the runs whose path was the one predicted at the fire, before the first "
+               "SYN (in brackets: missed by a prediction not certain, a symmetric "
+               "connector's mapping being unknown without its doctor report):", "",
+               table(["sites", "pairs direct", "runs direct", "as predicted"],
+                     [[COLUMNS[v], f"{s['pairs_direct']}/{s['pairs']}",
+                       f"{s['runs_direct']}/{s['runs']}",
+                       f"{s['as_predicted']}/{s['wins']}"
+                       + (f" ({s['missed_uncertain']} not certain)"
+                          if s["missed_uncertain"] else "")] for v, s in shares.items()])]
     failures = sorted({e for c in cells.values() for e in c["errors"]})
     if failures:
         md += ["", "Messages seen on failure:", ""] + [f"- `{e}`" for e in failures]

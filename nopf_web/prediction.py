@@ -9,9 +9,13 @@ say the same thing.
 
 The prediction is **data-driven**: :data:`RULES` is an ordered tuple of
 :class:`Rule` (a name, the path it predicts, a test and a one-sentence reason);
-the first rule whose test holds wins. A new path kind (``ipv6``, ``mapped``) is a
-new rule inserted where it belongs, with whatever it needs in
-``PairFacts.extra``; nothing else changes. The mapping a rule sees
+the first rule whose test holds wins. The rules follow the ladder's order
+(:class:`~nopf_web.sessions.coordination_machine.CoordinationMachine` builds it at
+the fire): the LAN stage, then the peers' own candidates (an IPv6 rung when both offered
+global IPv6 addresses, then a mapped port that passes
+:func:`~nopf_web.wire.rendezvous.mapped_unusable`), then the rendezvous' IPv4 punch
+stages, then the relay. A new path kind is a new rule inserted where it belongs, with
+whatever it needs in ``PairFacts.extra``; nothing else changes. The mapping a rule sees
 (:meth:`SideFacts.kind`) is the rendezvous' own check when it made one, else
 the doctor report's, else ``unknown`` (treated as endpoint-independent, as the
 rendezvous' plans do, and the prediction is then not ``certain``).
@@ -24,12 +28,18 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from nopf_web.roles import PeerRole
+from nopf_web.wire.address import Endpoint
 from nopf_web.wire.nat import NatSummary
-from nopf_web.wire.rendezvous import Candidate, Fire, Mapping as RendezvousMapping
+from nopf_web.wire.rendezvous import (
+    Candidate,
+    Fire,
+    Mapping as RendezvousMapping,
+    mapped_unusable,
+)
 
-# The paths a prediction can name. "none": no path will open (a pair no punch can
-# connect, and no relay). Later kinds ("mapped") are added with their rules.
-PATHS: Final = ("lan", "ipv6", "public", "relay", "none")
+# The paths a prediction can name (the ladder's, coordination_machine.TUNNEL_PATHS) and
+# "none": no path will open (a pair no punch can connect, no candidate, and no relay).
+PATHS: Final = ("lan", "ipv6", "mapped", "public", "relay", "none")
 
 _FROM_REPORT: Final[dict[str, RendezvousMapping]] = {
     "none": "none", "endpoint-independent": "stable", "address-dependent": "symmetric",
@@ -73,6 +83,9 @@ class PairFacts:
     lan: bool = False  # the plan has a LAN stage (both behind one NAT)
     relay: bool = False  # the plan ends with the relay
     ipv6: bool = False  # both peers offered global IPv6 addresses (candidates)
+    # The side ("sharer" or "joiner") whose mapped port the ladder uses: the sharer's when
+    # both offered a usable one, as the ladder does (None: no usable mapped port).
+    mapped: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # for later rules (candidates...)
 
     @property
@@ -139,6 +152,24 @@ def _why_ipv6_only(f: PairFacts) -> str:
             "connect directly over IPv6.")
 
 
+def _why_ipv6(f: PairFacts) -> str:
+    return ("Both peers offered global IPv6 addresses, tried before any IPv4 punch, and "
+            "their simultaneous open crosses both firewalls, so they connect directly over "
+            "IPv6.")
+
+
+def _mapped_usable(f: PairFacts) -> bool:
+    # An IPv6-only peer cannot dial an IPv4 mapped port (nor have one the rendezvous saw).
+    return f.mapped is not None and not _no_ipv4(f)
+
+
+def _why_mapped(f: PairFacts) -> str:
+    owner = f.sharer if f.mapped == "sharer" else f.joiner
+    return (f"The {owner.name}'s gateway mapped a port on its public address (the one the "
+            f"rendezvous sees), so the {f.other(owner).name} connects to it directly, "
+            "whatever its own NAT.")
+
+
 def _why_ipv6_only_relayed(f: PairFacts) -> str:
     return (f"{_ipv6_only_words(f)} and the peers share no IPv6 path, so the relay "
             "carries the tunnel.")
@@ -192,6 +223,8 @@ RULES: tuple[Rule, ...] = (
     Rule("same-nat", "lan", lambda f: f.lan, _why_lan, mapping_free=True),
     Rule("ipv6-only", "ipv6", lambda f: _no_ipv4(f) and f.ipv6, _why_ipv6_only,
          mapping_free=True),
+    Rule("both-ipv6", "ipv6", lambda f: f.ipv6, _why_ipv6, mapping_free=True),
+    Rule("mapped-port", "mapped", _mapped_usable, _why_mapped, mapping_free=True),
     Rule("ipv6-only-relayed", "relay", lambda f: _no_ipv4(f) and f.relay,
          _why_ipv6_only_relayed, mapping_free=True),
     Rule("ipv6-only-unrelayed", "none", _no_ipv4, _why_ipv6_only_none, mapping_free=True),
@@ -226,8 +259,19 @@ def fire_facts(fire: Fire, role: PeerRole, own: NatSummary | None,
     sharer, joiner = (me, peer) if role == "server" else (peer, me)
     ipv6 = all(any(c.path == "ipv6" for c in cands or ())
                for cands in (own_candidates, fire.peer_candidates))
+    # A mapped port counts under the one rule, on its owner's address as the rendezvous
+    # saw it; and only when both hellos had candidates (else the fire has none for us).
+    owners = {me.name: fire.peer_candidates is not None
+              and _usable_mapped(own_candidates, fire.public),
+              peer.name: _usable_mapped(fire.peer_candidates, fire.peer_public)}
+    mapped = next((name for name in ("sharer", "joiner") if owners[name]), None)
     return PairFacts(sharer, joiner, lan=any(s.path == "lan" for s in fire.plan),
-                     relay=fire.relay is not None, ipv6=ipv6)
+                     relay=fire.relay is not None, ipv6=ipv6, mapped=mapped)
+
+
+def _usable_mapped(candidates: Sequence[Candidate] | None, public: Endpoint) -> bool:
+    return any(c.path == "mapped" and mapped_unusable(c.addr.host, public.host) is None
+               for c in candidates or ())
 
 
 def nat_pair(facts: PairFacts) -> str:

@@ -51,7 +51,8 @@ def build_parser(command: Literal["share", "connect"]) -> OneLineParser:
                    help="the local service to share" if command == "share"
                    else "the local port your applications connect to")
     p.add_argument("-a", "--serveraddr", default=DEFAULT_SERVERADDR, metavar="HOST:PORT",
-                   help=f"rendezvous (default {DEFAULT_SERVERADDR}, or $NOPF_SERVERADDR)")
+                   help=f"rendezvous (default {DEFAULT_SERVERADDR}, or $NOPF_SERVERADDR); "
+                   "an IPv6 address in brackets, e.g. [2001:db8::1]:3012")
     if command == "share":
         p.add_argument("--code-lifetime", default="600", metavar="SECONDS",
                        help="how long to wait for the peer to use the code (default 600)")

@@ -13,7 +13,7 @@ import json
 from nopf_web.doctor import DEFAULT_BUDGET, DoctorReport, run_doctor
 from nopf_web.inputs import InputError
 from nopf_web.rendezvous.errors import RendezvousError
-from nopf_web.wire.address import Endpoint, parse_host_endpoint, parse_port
+from nopf_web.wire.address import DOCTOR_IPV4_ONLY, Endpoint, parse_host_endpoint, parse_port
 
 from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, OneLineParser, fail, run_main
 from .coordinated import DEFAULT_SERVERADDR
@@ -62,7 +62,8 @@ async def _run(rendezvous: Endpoint, doctor_port: int | None, as_json: bool) -> 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
-        rendezvous = parse_host_endpoint(args.serveraddr, field="--serveraddr")
+        rendezvous = parse_host_endpoint(args.serveraddr, field="--serveraddr",
+                                         no_ipv6=DOCTOR_IPV4_ONLY)
         doctor_port = (parse_port(args.doctor_port, what="--doctor-port")
                        if args.doctor_port is not None else None)
     except InputError as exc:

@@ -21,7 +21,13 @@ from nopf_web.roles import PeerRole
 from nopf_web.sessions.engine import Engine, Event, task_group
 from nopf_web.sessions.factory import make_engine
 from nopf_web.sessions.seed import SeedSpec
-from nopf_web.wire.address import Endpoint, parse_host_endpoint, parse_ipv4_endpoint, parse_port
+from nopf_web.wire.address import (
+    SEED_IPV4_ONLY,
+    Endpoint,
+    parse_host_endpoint,
+    parse_ipv4_endpoint,
+    parse_port,
+)
 
 from . import coordinated, doctor
 from .common import (
@@ -72,7 +78,8 @@ def _spec(args: object) -> SeedSpec:
     return SeedSpec(
         role=role,
         local_port=parse_port(a["localport"], what="--localport"),
-        rendezvous=parse_host_endpoint(a["serveraddr"], field="--serveraddr"),
+        rendezvous=parse_host_endpoint(a["serveraddr"], field="--serveraddr",
+                                       no_ipv6=SEED_IPV4_ONLY),
         punch=PunchConfig(timeout=parse_seconds(a["timeout"], "--timeout"), arm_ttl=ttl),
     )
 

@@ -30,7 +30,7 @@ from nopf_web.portmap import NoGatewayError, PortMapError, PortMapper
 from nopf_web.rendezvous.client import resolve_ipv4
 from nopf_web.rendezvous.errors import RendezvousUnreachable
 from nopf_web.sockets import reusable_socket, start_connect, wait_connected
-from nopf_web.wire.address import Endpoint
+from nopf_web.wire.address import DOCTOR_IPV4_ONLY, Endpoint
 from nopf_web.wire.discovery import DiscoveryReader
 from nopf_web.wire.doctor import (
     DEFAULT_PORT_OFFSET,
@@ -364,6 +364,9 @@ async def run_doctor(rendezvous: Endpoint, *, doctor_port: int | None = None,
     loop = asyncio.get_running_loop()
     started = loop.time()
     deadline = started + budget
+    if ":" in rendezvous.host:  # an IPv6 literal (the dashboard's rendezvous setting)
+        raise RendezvousUnreachable(f"rendezvous {rendezvous} is an IPv6 address: "
+                                    f"{DOCTOR_IPV4_ONLY}")
     ip, port = await resolve_ipv4(rendezvous, budget)
     label = str(rendezvous)
     machine = DoctorMachine(

@@ -13,7 +13,7 @@ from nopf_web.errors import describe_os_error
 from nopf_web.happy_eyeballs import connect_first, describe, resolve_all
 from nopf_web.happy_eyeballs_machine import Family, is_ipv6
 from nopf_web.sockets import connect_nonblocking, reusable_socket
-from nopf_web.wire.address import Endpoint
+from nopf_web.wire.address import SEED_IPV4_ONLY, Endpoint
 from nopf_web.wire.discovery import DiscoveryReader
 from nopf_web.wire.errors import WireError
 
@@ -53,8 +53,7 @@ async def reach_rendezvous(endpoint: Endpoint, timeout: float, *,
         if not usable:
             raise RendezvousUnreachable(
                 f"{endpoint.host} has only IPv6 addresses ({', '.join(map(describe, found))}):"
-                " seed mode speaks the seed's IPv4-only protocol, so the rendezvous needs "
-                "an IPv4 address")
+                f" {SEED_IPV4_ONLY}, so the rendezvous needs an IPv4 address")
     if len(usable) == 1:
         if on_event is not None:
             on_event(f"rendezvous {endpoint} is {describe(usable[0])}")

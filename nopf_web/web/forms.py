@@ -16,6 +16,7 @@ from nopf_web.inputs import InputError, json_int
 from nopf_web.pairing import PairingCode, parse_code
 from nopf_web.roles import PeerRole
 from nopf_web.wire.address import (
+    SEED_IPV4_ONLY,
     Endpoint,
     parse_host_endpoint,
     parse_ipv4_endpoint,
@@ -101,10 +102,13 @@ def parse_local_port(value: object) -> int:
         raise FieldError("local_port", str(exc)) from None
 
 
-def parse_rendezvous(value: object) -> Endpoint | None:
-    """HOST:PORT, or empty / absent for the dashboard's default."""
+def parse_rendezvous(value: object, *, seed: bool = False) -> Endpoint | None:
+    """HOST:PORT (``[IPv6]:PORT`` too, but not for a ``seed`` session), or empty /
+    absent for the dashboard's default."""
     text = _text("rendezvous", value, allow_none=True)
-    return _parsed("rendezvous", parse_host_endpoint, text) if text else None
+    no_ipv6 = SEED_IPV4_ONLY if seed else None
+    return _parsed("rendezvous", lambda t: parse_host_endpoint(t, no_ipv6=no_ipv6),
+                   text) if text else None
 
 
 def parse_peer(value: object, field_name: str = "address") -> Endpoint:
@@ -145,7 +149,7 @@ def parse_new_session(fields: Mapping[str, object], *,
     takes_code = (mode, role) == ("coordinated", "client")
     code = parse_pairing_code(fields.get("code")) \
         if takes_code or not ignore_stray_code else None
-    rendezvous = parse_rendezvous(fields.get("rendezvous"))
+    rendezvous = parse_rendezvous(fields.get("rendezvous"), seed=mode == "seed")
     label = parse_label(fields.get("label"))
     check_pairing(role, mode, code)
     return NewSession(role, local_port, mode, code, rendezvous, label)

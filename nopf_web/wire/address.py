@@ -1,7 +1,8 @@
 """Parsing of the ``IP:PORT`` / ``HOST:PORT`` text users type and the CLI prints.
 
 Part of the one parsing layer (:mod:`nopf_web.inputs`): ports are ASCII digits
-in range, hosts are IPv4 dotted quads or RFC 1123 names (ASCII), and every
+in range, hosts are IPv4 dotted quads, RFC 1123 names (ASCII) or, where a use takes
+them, IPv6 addresses in brackets (``[2001:db8::1]:3012``), and every
 failure is a :class:`~nopf_web.wire.errors.BadAddress` (an
 :class:`~nopf_web.inputs.InputError`) naming its field.
 """
@@ -88,6 +89,11 @@ def parse_observed_endpoint(text: str, *, field: str = "address") -> Endpoint:
     text = _line(text, field)
     if not text.startswith("["):
         return parse_ipv4_endpoint(text, field=field)
+    return _bracketed_endpoint(text, field, "a peer address")
+
+
+def _bracketed_endpoint(text: str, field: str, what: str) -> Endpoint:
+    """``[IPv6]:PORT`` (``text`` already one stripped line); ``what`` it must be."""
     host, sep, port = text.rpartition("]:")
     shown = quote(text)
     try:
@@ -97,7 +103,7 @@ def parse_observed_endpoint(text: str, *, field: str = "address") -> Endpoint:
     except ValueError:
         raise BadAddress(f"{shown} is not [IPv6]:PORT", field) from None
     if ip.is_unspecified or ip.is_multicast:
-        raise BadAddress(f"{ip} cannot be a peer address", field)
+        raise BadAddress(f"{ip} cannot be {what}", field)
     return Endpoint(str(ip), parse_port(port, what=f"port in {shown}", field=field))
 
 
@@ -113,10 +119,37 @@ def parse_host(host: str, *, field: str = "host", shown: str | None = None) -> s
     return host
 
 
-def parse_host_endpoint(text: str, *, field: str = "address") -> Endpoint:
-    """Parse a rendezvous address: an IPv4 address or a host name, and a port."""
-    host, port = _split(text, field)
-    shown = quote(text.strip())
+# Why seed mode refuses an IPv6 rendezvous (its discovery reply carries an IPv4 address).
+SEED_IPV4_ONLY = "seed mode speaks the seed's IPv4-only protocol"
+# Why the NAT doctor does: it measures the IPv4 NAT with that protocol's discovery (a host
+# name's IPv6 addresses it checks as well).
+DOCTOR_IPV4_ONLY = ("the NAT doctor measures the IPv4 NAT with the seed's IPv4-only "
+                    "discovery (and checks IPv6 through a host name's addresses)")
+
+
+def parse_host_endpoint(text: str, *, field: str = "address",
+                        no_ipv6: str | None = None) -> Endpoint:
+    """Parse a rendezvous address: an IPv4 address, a host name or an IPv6 address in
+    brackets (``[2001:db8::1]:3012``), and a port. ``no_ipv6``: why this use refuses an
+    IPv6 address (:data:`SEED_IPV4_ONLY`): the one-line error says so. An IPv6 address
+    without brackets is refused whatever the use: its last group cannot be told from a
+    port."""
+    line = _line(text, field)
+    if line.startswith("["):
+        endpoint = _bracketed_endpoint(line, field, "a rendezvous address")
+        if no_ipv6 is not None:
+            raise BadAddress(f"{field} {quote(line)} is an IPv6 address: {no_ipv6}; give an "
+                             "IPv4 address or a host name", field)
+        return endpoint
+    host, port = _split(line, field)
+    shown = quote(line)
+    if ":" in host:
+        try:
+            example = f"[{ipaddress.IPv6Address(host)}]:{port}"
+        except ValueError:
+            example = "[2001:db8::1]:3012"
+        raise BadAddress(f"{field} {shown} is ambiguous: put an IPv6 address in brackets, "
+                         f"as in {quote(example)}", field)
     return Endpoint(parse_host(host, field=field, shown=shown),
                     parse_port(port, what=f"port in {shown}", field=field))
 

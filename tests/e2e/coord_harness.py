@@ -80,14 +80,18 @@ def pair(sharer: Host, joiner: Host, *, punch_timeout: float = 10, rdv: tuple[st
          code_timeout: float = 10, wait: float = 40,
          on_event: Callable[[str, str], None] | None = None,
          pakes: tuple[PakeFactory, PakeFactory] | None = None,
-         candidates: tuple[Gather, Gather] | None = None) -> PairOutcome:
+         candidates: tuple[Gather, Gather] | None = None,
+         joiner_rdv: tuple[str, int] | None = None) -> PairOutcome:
     """Share from ``sharer``, connect from ``joiner`` once the code is out; wait for both.
 
     ``on_event(side, message)`` gets each side's progress messages ("sharer"/"joiner").
     ``pakes``: the sharer's and the joiner's SPAKE2 factories (see ``coord.share``).
     ``candidates``: each side gathers its direct candidates as its :class:`Gather` says
-    and offers them (None: neither offers any, the hellos as before).
+    and offers them (None: neither offers any, the hellos as before). ``joiner_rdv``:
+    the rendezvous as the joiner reaches it (default ``rdv``; e.g. its IPv6 address for
+    a host with IPv6 only).
     """
+    to_rdv = joiner_rdv or rdv
     sharer_pake, joiner_pake = pakes or (None, None)
     codes: queue.Queue[str] = queue.Queue()
 
@@ -106,12 +110,12 @@ def pair(sharer: Host, joiner: Host, *, punch_timeout: float = 10, rdv: tuple[st
 
     async def joining(code: str) -> PairedTunnel:
         if candidates is None:
-            return await connect(rdv, code, punch_timeout=punch_timeout,
+            return await connect(to_rdv, code, punch_timeout=punch_timeout,
                                  on_event=sink("joiner"), pake=joiner_pake)
         async with direct_candidates(ipv6=candidates[1].ipv6,
                                      port_mapping=candidates[1].port_mapping,
                                      on_event=sink("joiner")) as mine:
-            return await connect(rdv, code, punch_timeout=punch_timeout,
+            return await connect(to_rdv, code, punch_timeout=punch_timeout,
                                  on_event=sink("joiner"), pake=joiner_pake, candidates=mine)
 
     a = _Runner(sharer, sharing, "coord-sharer")

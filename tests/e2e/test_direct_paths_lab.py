@@ -106,7 +106,7 @@ def stop(*peers: Peer, sig: signal.Signals = signal.SIGINT) -> tuple[int, ...]:
 def test_sites_with_ipv6_connect_directly_over_ipv6(
         lab_factory: LabFactory, left: str, right: str) -> None:
     lab = lab_factory(left, right, ipv6=True)
-    start_rendezvous(lab)
+    rdv = start_rendezvous(lab)
     rdv_bytes = lab.tcp_counter(lab.rdv, 3012)
     with echo_service(lab.a1):
         s = start(lab.a1, "share", "-p", str(SERVICE))
@@ -115,6 +115,9 @@ def test_sites_with_ipv6_connect_directly_over_ipv6(
             err_s, err_c = tunnel_up(s, c)
             assert f"tunnel up to [{lab.b1.ip6}]:" in err_s and "over IPv6" in err_s, (err_s, err_c)
             assert f"tunnel up to [{lab.a1.ip6}]:" in err_c and "over IPv6" in err_c, err_c
+            # Predicted so at the fire, before the first SYN, whatever the IPv4 NATs.
+            for err in (err_s, err_c):
+                assert "predicted path ipv6: Both peers offered global IPv6" in err, err
             coordination = rdv_bytes.read()[1]
             v6_before = lab.forwarded6("a"), lab.forwarded6("b")
             round_trip(lab.b1)
@@ -128,6 +131,9 @@ def test_sites_with_ipv6_connect_directly_over_ipv6(
     # ...and the rendezvous host saw none of them: only the coordination.
     total = rdv_bytes.read()[1]
     assert total - coordination < 10_000 and total < 60_000, (coordination, total)
+    rdv.terminate()
+    logged = re.findall(r"predicted path (\w+): ", rdv.communicate(timeout=10)[1].decode())
+    assert logged == ["ipv6"], logged  # the rendezvous predicted the same
 
 
 def mapped_pair(lab: Lab, sig: signal.Signals, *, off: tuple[str, ...] = ()) -> None:
@@ -146,6 +152,8 @@ def mapped_pair(lab: Lab, sig: signal.Signals, *, off: tuple[str, ...] = ()) -> 
         try:
             err_s, err_c = tunnel_up(s, c)
             assert "over a mapped port" in err_s, err_s
+            for err in (err_s, err_c):  # predicted so at the fire, before the first SYN
+                assert "predicted path mapped: The sharer's gateway mapped a port" in err, err
             assert f"tunnel up to {PUBLIC_A}:" in err_c and "over a mapped port" in err_c, err_c
             coordination = rdv_bytes.read()[1]
             round_trip(lab.b1, 1 << 20)

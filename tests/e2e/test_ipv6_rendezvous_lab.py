@@ -5,8 +5,8 @@ that resolves to its IPv4 and IPv6 addresses (``nopf-server`` listens on both).
 - a host with IPv6 only (no IPv4 at all) pairs with a dual-stack sharer behind a
   symmetric IPv4 NAT directly over IPv6: the bytes cross both sites' routers as IPv6,
   and the rendezvous host sees none of them;
-- the same host pairs with a sharer that has IPv4 only, through the relay, each side
-  reaching the relay in its own family;
+- the same host, given the rendezvous' IPv6 address in brackets, pairs with a sharer
+  that has IPv4 only, through the relay, each side reaching the relay in its own family;
 - a dual-stack client whose first address for the name is unreachable connects
   through the next one within the 250 ms stagger, and says which answered.
 """
@@ -33,16 +33,19 @@ DEAD_IP = "198.51.100.9"  # on the rendezvous' link, but nobody's: SYNs to it go
 
 
 @contextlib.contextmanager
-def named_pair(lab: Lab, *ips: str) -> Iterator[tuple[Peer, Peer]]:
+def named_pair(lab: Lab, *ips: str, connector_rdv: str = RDV_NAME,
+               ) -> Iterator[tuple[Peer, Peer]]:
     """``rdv.lab`` resolving to ``ips`` on every host, the rendezvous, an echo service on
-    a1, and a sharer (a1) and a connector (b1) given that name, each with its encrypted
-    tunnel up; both stopped at the end, and both must exit with 0."""
+    a1, and a sharer (a1) and a connector (b1) given that name (the connector:
+    ``connector_rdv``), each with its encrypted tunnel up; both stopped at the end, and
+    both must exit with 0."""
     with resolving(list(lab.hosts.values()), NAME, *ips):
         start_rendezvous(lab)
         s = start_coordinated(lab.a1, "share", "-p", str(SERVICE), rdv=RDV_NAME)
         with echo_service(lab.a1):
             code = s.line(10)
-            c = start_coordinated(lab.b1, "connect", code, "-p", str(TUNNEL), rdv=RDV_NAME)
+            c = start_coordinated(lab.b1, "connect", code, "-p", str(TUNNEL),
+                                  rdv=connector_rdv)
             try:
                 for peer in (s, c):
                     wait_for(peer, "encrypted tunnel to")
@@ -91,8 +94,12 @@ def test_an_ipv6_only_host_pairs_with_an_ipv4_only_sharer_through_the_relay(
     lab = lab_factory("rst", "rst", ipv6=True, ipv6_only=("b",))
     drop_ipv6(lab.a1)  # the sharer's host: IPv4 only
     rdv_bytes = lab.tcp_counter(lab.rdv, 3012)
-    with named_pair(lab, RDV_IP, RDV_IP6) as (s, c):
+    # The IPv6-only connector is given the rendezvous' IPv6 address, in brackets: used
+    # as it is (no name to resolve, no race).
+    with named_pair(lab, RDV_IP, RDV_IP6, connector_rdv=f"[{RDV_IP6}]:3012") as (s, c):
         err_s, err_c = s.stderr(), c.stderr()
+        assert f"contacting rendezvous [{RDV_IP6}]:3012" in err_c, err_c
+        assert "answered first" not in err_c, err_c
         assert "IPv6 candidates" not in err_s, err_s  # it has none to offer
         assert (f"tunnel up over the relay at {RDV_IP}:3012 (the peer reached the "
                 "rendezvous over IPv6 only, no IPv4 punch)") in err_s, err_s

@@ -8,6 +8,11 @@ kind, one pairing through the real ``nopf-server`` (relay on): both peers' predi
 (made at the fire, before the first SYN), the rendezvous' (its log) and the path the
 ladder took must agree.
 
+These sites have IPv4 alone and no mapping gateway, and the peers offer no
+candidates: the IPv4 ladder. The candidate rungs' predictions (``ipv6``, ``mapped``)
+are checked with their lab setups in tests/e2e/test_direct_paths_lab.py, and on
+every pair by the NAT matrix benchmark (bench.scn_matrix, "as predicted").
+
 Efficient on purpose (the suite runs on 2 cores): one lab per unordered pair of
 kinds runs both directions (a1 shares to b1, then b1 shares to a1) and, for a kind
 with itself, a1 shares to a2 behind the same NAT; 10 ms per hop, so a pairing takes well

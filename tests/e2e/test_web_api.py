@@ -53,6 +53,10 @@ async def client(aiohttp_client: AiohttpClient, tmp_path: Path) -> Client:
     ({"role": "server", "local_port": 22, "rendezvous": "a b:1"}, "rendezvous"),
     ({"role": "server", "local_port": 22, "rendezvous": "h:99999"}, "rendezvous"),
     ({"role": "server", "local_port": 22, "rendezvous": ["x"]}, "rendezvous"),
+    ({"role": "server", "local_port": 22, "rendezvous": "2001:db8::1:3012"}, "rendezvous"),
+    # A seed session speaks the seed's IPv4-only protocol (coordinated ones take IPv6).
+    ({"role": "server", "local_port": 22, "mode": "seed", "rendezvous": "[::1]:3012"},
+     "rendezvous"),
     ({"role": "server", "local_port": 22, "label": "x" * 81}, "label"),
     ({"role": "server", "local_port": 22, "label": "bell\x07"}, "label"),
     ({"role": "server", "local_port": 22, "label": 5}, "label"),

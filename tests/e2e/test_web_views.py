@@ -238,6 +238,13 @@ async def test_settings_show_the_database_and_change_the_default_rendezvous(
     assert resp.status == 303
     page = await (await client.get("/")).text()
     assert 'placeholder="127.0.0.9:3012"' in page
+    # An IPv6 rendezvous, in brackets (without them: ambiguous, refused in one line).
+    for value, status in (("2001:db8::9:3012", 400), ("[2001:DB8::9]:3012", 303)):
+        resp = await client.post("/settings", allow_redirects=False,
+                                 data={"csrf_token": token, "default_rendezvous": value})
+        assert resp.status == status, value
+        assert (status == 303) != ("put an IPv6 address in brackets" in await resp.text())
+    assert 'placeholder="[2001:db8::9]:3012"' in await (await client.get("/")).text()
     resp = await client.post("/settings", data={"csrf_token": token, "default_rendezvous": ""},
                              allow_redirects=False)
     assert resp.status == 303

@@ -10,11 +10,17 @@ from nopf_web.rendezvous.server_machine import RelayLimits, ServerLimits
 from nopf_web.roles import PeerRole
 from nopf_web.sessions import coordination_machine as cm, errors
 from nopf_web.wire.address import Endpoint
+from nopf_web.wire.nat import NatSummary
 from nopf_web.wire.rendezvous import RESUME_WAIT, FrameReader, Relay, decode_client_message
 
 from .meeting_world import RDV, RDV6, V6, NatKind, World
 
 RID = bytes(range(16))
+# The doctor's reports of the world's NAT kinds (as tests/unit/test_prediction.py has them).
+REPORTS: dict[str, NatSummary] = {
+    "none": NatSummary("none", "open", True, (), False, False),
+    "stable": NatSummary("endpoint-independent", "drop", False, (), None, False),
+    "symmetric": NatSummary("address-and-port-dependent", "drop", False, (), None, False)}
 RELAY = Endpoint(*RDV)
 
 
@@ -178,19 +184,23 @@ def test_direct_only_resume_that_fails_its_punch_does_not_retry() -> None:
 
 
 def ipv6_world(*, ipv6_only: tuple[PeerRole, ...], offers: tuple[PeerRole, ...],
-               sharer: NatKind = "stable", joiner: NatKind = "stable",
+               sharer: NatKind = "stable", joiner: NatKind = "stable", reports: bool = False,
                **server: object) -> World:
     """A pairing where ``ipv6_only`` have no IPv4 at all and ``offers`` send their global
-    IPv6 address as a candidate (every peer sends the field, possibly empty)."""
+    IPv6 address as a candidate (every peer sends the field, possibly empty);
+    ``reports``: each hello carries the doctor's report of its NAT kind."""
     w = World(sharer, joiner, limits=ServerLimits(**server),  # type: ignore[arg-type]
               ipv6_only=ipv6_only)
 
     def gathered(role: PeerRole) -> cm.Gathered:
         return cm.Gathered((V6[role],) if role in offers else ())
 
-    w.share(punch_timeout=10.0, candidates=gathered("server"))
+    def nat(kind: NatKind) -> dict[str, NatSummary]:
+        return {"nat": REPORTS[kind]} if reports else {}
+
+    w.share(punch_timeout=10.0, candidates=gathered("server"), **nat(sharer))
     w.run(stop=lambda: w.sides["server"].code is not None)
-    w.join(punch_timeout=10.0, candidates=gathered("client"))
+    w.join(punch_timeout=10.0, candidates=gathered("client"), **nat(joiner))
     w.run()
     return w
 
@@ -250,3 +260,27 @@ def test_without_a_relay_an_ipv6_pair_needs_no_plan_and_others_are_refused() -> 
         assert isinstance(side.error, errors.SymmetricNat), side.error
         assert "the connector reached the rendezvous over IPv6 only" in str(side.error)
         assert not side.paths_opened
+
+
+@pytest.mark.parametrize("offers", [("server", "client"), ("server",), ()],
+                         ids=["both-offer-ipv6", "sharer-offers-ipv6", "no-ipv6"])
+@pytest.mark.parametrize(("sharer", "joiner"), [
+    ("symmetric", "symmetric"), ("stable", "symmetric"), ("stable", "stable")])
+def test_a_dual_stack_pair_takes_the_path_predicted_at_the_fire(
+        sharer: NatKind, joiner: NatKind, offers: tuple[PeerRole, ...]) -> None:
+    # Both peers reach the rendezvous over IPv4; the IPv6 rung comes first when both
+    # offered an address, whatever their NATs (the prediction says so before any SYN).
+    w = ipv6_world(ipv6_only=(), offers=offers, sharer=sharer, joiner=joiner, reports=True)
+    paths = set()
+    for side in w.sides.values():
+        assert isinstance(side.result, cm.Paired), side.error
+        assert side.result.prediction is not None
+        assert side.result.prediction.path == side.result.path, side.result.prediction
+        assert side.result.prediction.certain
+        paths.add(side.result.path)
+    want = ("ipv6" if len(offers) == 2 else "relay" if "symmetric" in (sharer, joiner)
+            else "public")
+    assert paths == {want}
+    # The rendezvous predicted the same (its INFO line).
+    [note] = w.server.notes
+    assert f"predicted path {want}: " in note, note

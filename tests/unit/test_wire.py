@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from hypothesis import given, strategies as st
 
-from nopf_web.wire.address import parse_host_endpoint, parse_ipv4_endpoint, parse_port
+from nopf_web.wire.address import (
+    SEED_IPV4_ONLY,
+    Endpoint,
+    parse_host_endpoint,
+    parse_ipv4_endpoint,
+    parse_port,
+)
 from nopf_web.wire.discovery import REPLY_SIZE, DiscoveryReader, decode_reply, encode_reply
 from nopf_web.wire.errors import BadAddress, WireError
 
@@ -85,6 +93,48 @@ def test_parse_host_endpoint_accepts_names() -> None:
         parse_host_endpoint("bad_host!:3012")
     with pytest.raises(BadAddress):
         parse_host_endpoint("1.2.3:3012")
+
+
+def test_parse_host_endpoint_takes_ipv6_in_brackets_only() -> None:
+    assert parse_host_endpoint("[2001:DB8::1]:3012") == Endpoint("2001:db8::1", 3012)
+    assert parse_host_endpoint(" [::1]:3012 ") == Endpoint("::1", 3012)
+    assert str(parse_host_endpoint("[2001:db8::1]:3012")) == "[2001:db8::1]:3012"
+    # Without brackets the last group cannot be told from a port: one line says so.
+    with pytest.raises(BadAddress, match=r"ambiguous: put an IPv6 address in brackets, "
+                       r"as in '\[2001:db8::1\]:3012'") as bare:
+        parse_host_endpoint("2001:db8::1:3012", field="--serveraddr")
+    assert str(bare.value).startswith("--serveraddr '2001:db8::1:3012' is ambiguous")
+    for bad, why in (("[::]:3012", "cannot be a rendezvous address"),
+                     ("[ff02::1]:3012", "cannot be a rendezvous address"),
+                     ("[fe80::1%eth0]:3012", "is not \\[IPv6\\]:PORT"),
+                     ("[2001:db8::1]", "is not \\[IPv6\\]:PORT"),
+                     ("[1.2.3.4]:3012", "is not \\[IPv6\\]:PORT"),
+                     ("[2001:db8::1]:0", "out of range"), ("::1", "ambiguous")):
+        with pytest.raises(BadAddress, match=why):
+            parse_host_endpoint(bad)
+
+
+def test_a_use_without_ipv6_refuses_it_in_one_line_saying_why() -> None:
+    with pytest.raises(BadAddress) as refused:
+        parse_host_endpoint("[2001:db8::1]:3012", field="--serveraddr", no_ipv6=SEED_IPV4_ONLY)
+    assert str(refused.value) == (
+        "--serveraddr '[2001:db8::1]:3012' is an IPv6 address: seed mode speaks the seed's "
+        "IPv4-only protocol; give an IPv4 address or a host name")
+    assert refused.value.field == "--serveraddr"
+    # Names and IPv4 pass as before.
+    assert parse_host_endpoint("rdv.example.org:3012", no_ipv6=SEED_IPV4_ONLY).port == 3012
+    assert parse_host_endpoint("1.2.3.4:3012", no_ipv6=SEED_IPV4_ONLY).host == "1.2.3.4"
+
+
+@given(st.ip_addresses(v=6).filter(lambda ip: not (ip.is_multicast or ip.is_unspecified)),
+       st.integers(1, 65535))
+def test_an_ipv6_rendezvous_round_trips_through_its_text(ip: ipaddress.IPv6Address,
+                                                         port: int) -> None:
+    endpoint = parse_host_endpoint(f"[{ip.exploded}]:{port}")
+    assert endpoint == Endpoint(str(ip), port)
+    assert parse_host_endpoint(str(endpoint)) == endpoint  # as the settings store it
+    with pytest.raises(BadAddress, match="ambiguous"):
+        parse_host_endpoint(f"{ip}:{port}")
 
 
 def test_parse_port() -> None:
