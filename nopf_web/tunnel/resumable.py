@@ -460,9 +460,9 @@ class ResumableChannel:
         if event.abort:
             conn.abort()
             return
-        conn.close()
+        conn.linger_close()
         if event.path not in self._closing:
-            # Reset it if it has not flushed by then (a dead path never does).
+            # Reset it if it has not flushed and ended by then (a dead path never does).
             self._closing[event.path] = self._loop.call_later(
                 CLOSE_FLUSH, self._reset_unflushed, event.path, conn)
 

@@ -53,6 +53,7 @@ _PULL_QUEUE = 16  # records queued for recv() before reading pauses
 # Transport write buffer: small, so a latency-sensitive frame never queues behind
 # megabytes; the kernel's socket buffer is the real pipeline.
 _WRITE_HIGH, _WRITE_LOW = 256 * 1024, 64 * 1024
+_DISCARD_READ = 64 * 1024  # read size while lingering (see linger_close)
 
 
 class _Protocol(asyncio.BufferedProtocol):
@@ -68,6 +69,13 @@ class _Protocol(asyncio.BufferedProtocol):
         assert isinstance(transport, asyncio.Transport)
         transport.set_write_buffer_limits(_WRITE_HIGH, _WRITE_LOW)
         self._channel._transport = transport
+        self._channel._protocol = self
+
+    def discard_from_now(self) -> None:
+        """Read and drop whatever arrives from now on, unparsed, until the peer's EOF."""
+        scratch = memoryview(bytearray(_DISCARD_READ))
+        self.get_buffer = lambda sizehint: scratch  # type: ignore[method-assign]
+        self.buffer_updated = lambda nbytes: None  # type: ignore[method-assign]
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._machine.get_buffer(sizehint)
@@ -113,6 +121,8 @@ class SecureChannel:
         self._sock = sock  # the transport's socket, for direct sends (see _send)
         self._machine = machine
         self._transport: asyncio.Transport | None = None
+        self._protocol: _Protocol | None = None
+        self._lingering = False  # linger_close(): our side is finished, the peer's not yet
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._handshake: asyncio.Future[None] = loop.create_future()
@@ -186,6 +196,8 @@ class SecureChannel:
 
     def writelines(self, parts: Iterable[Buffer]) -> None:
         """Like ``write(b"".join(parts))``, without building the joined copy."""
+        if self._lingering:
+            return  # our side was finished: nothing more goes out
         for record in self._machine.seal(parts):
             self._send(record)
 
@@ -256,6 +268,22 @@ class SecureChannel:
         if self._transport is not None:
             self._transport.close()
 
+    def linger_close(self) -> None:
+        """Close without risking what we sent last: FIN after what is queued, then
+        read and drop the peer's bytes until its own FIN, and close. Closing a socket
+        with the peer's bytes unread sends an RST instead of a FIN, and an RST can
+        destroy our last records (the tunnel's CLOSE) before the peer reads them. The
+        caller bounds the wait (:meth:`abort` after a deadline: a peer may never close)."""
+        transport, protocol = self._transport, self._protocol
+        if transport is None or protocol is None or transport.is_closing() \
+                or not transport.can_write_eof():
+            self.close()
+            return
+        self._lingering = True
+        protocol.discard_from_now()
+        transport.write_eof()
+        transport.resume_reading()
+
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
@@ -277,7 +305,8 @@ class SecureChannel:
                 self._readable.set()
             elif type(event) is Transmit:
                 assert self._transport is not None
-                self._transport.write(event.data)
+                if not self._lingering:
+                    self._transport.write(event.data)
             elif type(event) is HandshakeDone:
                 if not self._handshake.done():
                     self._handshake.set_result(None)

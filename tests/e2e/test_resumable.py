@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -26,8 +27,10 @@ from nopf_web.tunnel.resume_machine import (
     PathKind,
     PathLost,
     PathSelected,
+    PeerClosed,
 )
 from nopf_web.tunnel.secure import open_path
+from tests.loopback import tcp_pair
 
 from .resume_net import Network, Peer, connect, network, path_manager, peers
 from .test_secure_mux import hash_client, hash_service
@@ -238,3 +241,41 @@ async def test_a_long_transfer_crosses_key_updates_and_a_resume_after_them() -> 
         for p in (a, b):
             assert sum(path.key_updates[0] for path in p.channel.stats().paths) >= 40
         assert a.channel.stats().replayed + b.channel.stats().replayed > 0
+
+
+async def close_while_the_peer_sends(after: float) -> tuple[dict[str, Exception | None], Peer]:
+    """``a`` closes its tunnel ``after`` s into a stream that ``b`` keeps sending; how
+    each side's tunnel ended (None: cleanly), and ``b``."""
+    a, b = peers(resume_budget=3.0)
+    sa, sb = tcp_pair()
+    ends: dict[str, Exception | None] = {}
+    async with asyncio.timeout(15):
+        await asyncio.gather(a.channel.add_path(sa, "public", first=True),
+                             b.channel.add_path(sb, "public", first=True))
+        for name, peer in (("a", a), ("b", b)):
+            peer.channel.start(lambda _r: None, functools.partial(ends.__setitem__, name))
+        chunk = bytes(64 * 1024)
+
+        async def stream() -> None:  # b sends for as long as its tunnel is open
+            while "b" not in ends:
+                b.channel.write(chunk)
+                await b.channel.drain()
+                await asyncio.sleep(0)
+
+        sending = asyncio.create_task(stream(), name="b-sends")
+        await asyncio.sleep(after)
+        a.channel.close()
+        await b.until(lambda: "b" in ends)
+        await sending
+        await asyncio.gather(a.channel.wait_closed(), b.channel.wait_closed())
+    return ends, b
+
+
+async def test_closing_while_the_peer_still_sends_ends_cleanly_on_both_sides() -> None:
+    # The peer's bytes still arriving when a side closes must not turn its close into an
+    # RST that destroys the CLOSE record before the peer reads it (the peer then took
+    # the end for a lost path and, with no way back, failed: exit 1 after a clean stop).
+    for attempt in range(20):
+        ends, b = await close_while_the_peer_sends(0.02 + attempt * 0.003)
+        assert ends == {"a": None, "b": None}, (attempt, ends, b.events[-3:])
+        assert b.of(PeerClosed) and not b.of(PathLost), (attempt, b.events[-3:])
