@@ -184,6 +184,8 @@ class RendezvousServer(ConnDriver):
                 self._server.close()
             self._server, self._others = None, []
             raise
+        # Its own address per family, for a pair split across families and nodes.
+        self._machine.listening(self.addresses)
         return skipped
 
     async def _listen(self, host: str, port: int) -> asyncio.Server:

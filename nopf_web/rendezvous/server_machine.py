@@ -95,7 +95,7 @@ import hashlib
 import heapq
 import secrets
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from nopf_web.prediction import fire_facts, predict
@@ -456,12 +456,31 @@ class PeerSide:
     # another node: as its node published them in the shared book).
     nat: NatSummary | None = None
     candidates: tuple[Candidate, ...] | None = None
+    # Its node's relay address in the other family (None: unknown): where a peer of
+    # that family reaches the relay if the pairing puts it on this peer's node.
+    relay_other: Endpoint | None = None
 
     @classmethod
     def waiting(cls, w: Waiting, here: NodeId | None) -> PeerSide:
         return cls(w.info, w.pake, w.relay and not w.direct_only, w.direct_only, w.relay_at,
                    w.rtt_known, None if w.node == here else w.node, w.load, w.nat,
-                   w.candidates)
+                   w.candidates, w.relay_other)
+
+    def relay_in(self, v6: bool) -> Endpoint | None:
+        """Its node's relay address in one family (a peer of that family uses it)."""
+        for addr in (self.relay_at, self.relay_other):
+            if addr is not None and (":" in addr.host) == v6:
+                return addr
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class RelayChoice:
+    """A node that can relay a pair (None: this one), with each side's address there."""
+
+    node: NodeId | None
+    sharer: Endpoint  # in the sharer's family
+    joiner: Endpoint  # in the joiner's family
 
 
 @dataclass(slots=True)
@@ -555,6 +574,11 @@ class ServerMachine:
         self._session_expiry: list[tuple[float, RelayId]] = []  # a heap: when to forget
         self._relay_sources: Counter[str] = Counter()  # relay sessions per IP
         self._relay_count = 0  # sessions waiting or live (RelayLimits.max_sessions)
+        # This node's own addresses per family (True: IPv6), for a peer of the family it
+        # did not reach us in: where it listens (:meth:`listening`), else the last one a
+        # peer of that family reached.
+        self._listening: dict[bool, Endpoint] = {}
+        self._reached: dict[bool, Endpoint] = {}
         self._per_source: Counter[str] = Counter()
         self._problems = ProblemLog(self.limits.log_interval)
         self._timers: list[tuple[float, ConnId]] = []  # a heap; stale entries are skipped
@@ -700,6 +724,9 @@ class ServerMachine:
         source = str(peer[0]) if peer else "?"
         conn = Conn(ev.conn, source, peer, kernel_rtt=ev.kernel_rtt, syn_data=ev.syn_data,
                     local=ev.local)
+        ours = None if ev.local is None else _own_endpoint(*ev.local)
+        if ours is not None:
+            self._reached[":" in ours.host] = ours
         self.conns[conn.id] = conn
         self.stats.open_now += 1
         self._per_source[source] += 1
@@ -1180,12 +1207,38 @@ class ServerMachine:
 
     def _relays(self, a: PeerSide, b: PeerSide) -> bool:
         """Will a plan for these two end with the relay?"""
-        if (a.node is not None or b.node is not None) and a.info.over_ipv6 != b.info.over_ipv6:
-            # One peer over IPv6, the other over IPv4, on two nodes: no node knows its
-            # own relay address in both families (a limit of shared rendezvous).
-            return False
+        return self._relay_wanted(a, b) and bool(self._relay_options(a, b))
+
+    def _relay_wanted(self, a: PeerSide, b: PeerSide) -> bool:
         return (self.limits.relay.enabled and a.relay and b.relay
                 and a.relay_at is not None and b.relay_at is not None)
+
+    def _relay_options(self, a: PeerSide, b: PeerSide) -> list[RelayChoice]:
+        """Where this pair's relay session can run, each node with the address each
+        side gets there, in that side's own family: here (node None), and the other
+        node when a side waits there. A node without a relay address in a side's
+        family is no option (a pair split across nodes and families)."""
+        here = [p for p in (a, b) if p.node is None]
+
+        def ours(p: PeerSide) -> Endpoint | None:
+            if p.node is None:
+                return p.relay_at  # as it reached us
+            v6 = p.info.over_ipv6
+            for q in here:  # as its peer reached us, if of its family; else as we know it
+                if q.info.over_ipv6 == v6 and q.relay_at is not None:
+                    return q.relay_at
+            return self._relay_in(v6)
+
+        options = []
+        addr_a, addr_b = ours(a), ours(b)
+        if addr_a is not None and addr_b is not None:
+            options.append(RelayChoice(None, addr_a, addr_b))
+        there = a if a.node is not None else b if b.node is not None else None
+        if there is not None and there.node is not None:
+            addr_a, addr_b = there.relay_in(a.info.over_ipv6), there.relay_in(b.info.over_ipv6)
+            if addr_a is not None and addr_b is not None:
+                options.append(RelayChoice(there.node, addr_a, addr_b))
+        return options
 
     def _side(self, conn: Conn) -> PeerSide:
         """A peer of this node as the plan sees it."""
@@ -1193,7 +1246,7 @@ class ServerMachine:
         assert hello is not None
         return PeerSide(conn.info(), conn.pake, hello.relay_capable, hello.direct_only,
                         self._relay_address(conn), conn.rtt_known(), None, self._relay_count,
-                        hello.nat, hello.candidates)
+                        hello.nat, hello.candidates, self._relay_in(not conn.info().over_ipv6))
 
     def _relay_address(self, conn: Conn) -> Endpoint | None:
         """The relay address for this client's plan: ours as it reached us (so the
@@ -1203,15 +1256,27 @@ class ServerMachine:
         over_ipv6 = ":" in conn.public.host
         if configured is not None and (":" in configured.host) == over_ipv6:
             return configured  # (one of the other family is no use to this peer)
-        if conn.local is None:
-            return None
-        try:  # as the encoder will check it: IPv4 (a v4-mapped one unwrapped) or IPv6
-            ours = parse_observed_endpoint(str(Endpoint(
-                str(conn.local[0]).removeprefix("::ffff:"), int(conn.local[1]))))
-        except BadAddress:
-            return None  # not an address a peer can use: no relay stage
+        ours = None if conn.local is None else _own_endpoint(*conn.local)
         # The peer's own family, or none (the relay path goes where the hello went).
-        return ours if (":" in ours.host) == over_ipv6 else None
+        return ours if ours is not None and (":" in ours.host) == over_ipv6 else None
+
+    def listening(self, addresses: Iterable[tuple[str, int]]) -> None:
+        """The driver's bound addresses: the relay address this node gives a peer of
+        the family it did not reach it in (a pair split across families and nodes).
+        Unspecified ones (0.0.0.0, ::) say nothing: then the last address a peer of
+        that family reached."""
+        for host, port in addresses:
+            ours = _own_endpoint(host, port)
+            if ours is not None:
+                self._listening.setdefault(":" in ours.host, ours)
+
+    def _relay_in(self, v6: bool) -> Endpoint | None:
+        """This node's relay address in one family, for a peer that did not reach us
+        (it waits on another node): configured, bound, or last reached; None: unknown."""
+        configured = self.limits.relay.address
+        if configured is not None and (":" in configured.host) == v6:
+            return configured
+        return self._listening.get(v6) or self._reached.get(v6)
 
     def _relay_tokens(self, ips: tuple[str, str], expires_at: float,
                       now: float) -> tuple[bytes, bytes]:
@@ -1385,10 +1450,13 @@ class ServerMachine:
         """This node's peer as the other nodes read it in the shared book."""
         hello = conn.hello
         assert hello is not None
-        relay_at = self._relay_address(conn) if self.limits.relay.enabled else None
+        enabled = self.limits.relay.enabled
+        relay_at = self._relay_address(conn) if enabled else None
+        other = self._relay_in(not conn.info().over_ipv6) if enabled else None
         return Waiting(self._node(), conn.id, conn.info(), conn.rtt_known(), conn.pake,
                        hello.relay_capable, hello.direct_only, relay_at, self._relay_count,
-                       "share" if side == "share" else "join", hello.nat, hello.candidates)
+                       "share" if side == "share" else "join", hello.nat, hello.candidates,
+                       other)
 
     def _shared_hello(self, conn: Conn, hello: Hello, now: float) -> None:
         if hello.action == "resume":
@@ -1564,18 +1632,20 @@ class ServerMachine:
         self._problem("store", f"refused {_fmt(conn.peer)}: {why}", now)
         self._refuse(conn, "busy", why, now)
 
-    def _relay_node(self, a: PeerSide, b: PeerSide) -> tuple[NodeId, Endpoint] | None:
-        """Where a pairing's relay session runs: None here, else the other node and its
-        relay address. The node with fewer relay sessions; on a tie either, at random,
+    def _relay_node(self, a: PeerSide, b: PeerSide) -> RelayChoice | None:
+        """Where a pairing's relay session runs (:meth:`_relay_options`): of two nodes
+        that both can, the one with fewer relay sessions; on a tie either, at random,
         so relays spread over the nodes."""
-        there = a if a.node is not None else b if b.node is not None else None
-        if there is None or there.node is None or there.relay_at is None:
-            return None
-        if there.load > self._relay_count:
-            return None
-        if there.load == self._relay_count and self._entropy(1)[0] & 1:
-            return None
-        return there.node, there.relay_at
+        options = self._relay_options(a, b)
+        if len(options) < 2:
+            return options[0] if options else None
+        here, there = options
+        load = (a if a.node is not None else b).load
+        if load > self._relay_count:
+            return here
+        if load == self._relay_count and self._entropy(1)[0] & 1:
+            return here
+        return there
 
     def _from_node(self, msg: NodeMessage, now: float) -> None:
         if isinstance(msg, Grant):
@@ -1677,7 +1747,12 @@ class ServerMachine:
                                             and (_offers_mapped(sharer_conn)
                                                  or _offers_mapped(joiner_conn))))
         except SymmetricPair as exc:
-            refusal = ErrorReply("symmetric_nat", str(exc))
+            why = str(exc)
+            if (self._relay_wanted(sharer_conn, joiner_conn)
+                    and not self._relay_options(sharer_conn, joiner_conn)):
+                why += ("; the relay needs a node with an address in each peer's family "
+                        "(IPv4 and IPv6), and neither node of this pair knows both")
+            refusal = ErrorReply("symmetric_nat", why)
             return (refusal, now), (refusal, now)
         # The joiner fires as soon as its fire arrives: nothing is gained by holding
         # it back. The sharer's fire arrives with it or a few ms later, never
@@ -1713,20 +1788,16 @@ class ServerMachine:
             start = max(fire_at, sharer_at + sharer.rtt / 2)
             expires_at = start + budget + RELAY_TOKEN_GRACE
             ips = (sharer.public.host, joiner.public.host)
-            there = self._relay_node(sharer_conn, joiner_conn)
-            if there is None:  # here: each side gets our address as it reached us
+            # Each side gets the relay node's address in its own family.
+            choice = self._relay_node(sharer_conn, joiner_conn)
+            assert choice is not None  # checked by _relays
+            addr_s, addr_j = choice.sharer, choice.joiner
+            if choice.node is None:  # here
                 token_s, token_j = self._relay_tokens(ips, expires_at, now)
-                addr_s = sharer_conn.relay_at if sharer_conn.node is None else None
-                addr_j = joiner_conn.relay_at if joiner_conn.node is None else None
-                addr_s = addr_s or addr_j
-                addr_j = addr_j or addr_s
-            else:  # the other node relays: its address as its peer reached it
-                node, addr_s = there
-                addr_j = addr_s
+            else:  # the other node relays: it learns the tokens from a grant
                 token_s, token_j = (self._entropy(RELAY_TOKEN_SIZE),
                                     self._entropy(RELAY_TOKEN_SIZE))
-                self._grant = (node, Grant((token_s, token_j), ips, expires_at - now))
-            assert addr_s is not None and addr_j is not None  # checked by _relays
+                self._grant = (choice.node, Grant((token_s, token_j), ips, expires_at - now))
             relay_s = RelayStage(addr_s, plans.relay_budget, token_s)
             relay_j = RelayStage(addr_j, plans.relay_budget, token_j)
             self.stats.relay_plans += 1
@@ -1761,6 +1832,16 @@ class ServerMachine:
 
 def _observed(peer: tuple[str, int]) -> Endpoint:
     return Endpoint(str(peer[0]).removeprefix("::ffff:"), int(peer[1]))  # IPv4-mapped, dual stack
+
+
+def _own_endpoint(host: str, port: int) -> Endpoint | None:
+    """One of our addresses as a peer can use it (IPv4, a v4-mapped one unwrapped, or
+    IPv6, checked as the encoder will); None for an unspecified or unusable one."""
+    try:
+        return parse_observed_endpoint(str(Endpoint(str(host).removeprefix("::ffff:"),
+                                                    int(port))))
+    except BadAddress:
+        return None
 
 
 def _offers_ipv6(side: PeerSide) -> bool:

@@ -23,9 +23,15 @@ Encodings (JSON objects, UTF-8), stored in Redis and passed between nodes:
                   "probe":"ip:port"|null,"punch_timeout":S,"rtt":S,"rtt_known":bool,
                   "pake":"base64"|null,"relay":bool,"direct_only":bool,
                   "relay_at":"ip:port"|null,"load":N,"side":"share"|"join",
-                  "nat":{...}|null,"candidates":[{"path":P,"peer":ADDR},...]|null}
+                  "nat":{...}|null,"candidates":[{"path":P,"peer":ADDR},...]|null,
+                  "relay_other":"ip:port"|null}
                  (``relay_at``: the address of the holding node's relay as this
-                  peer reached it; ``load``: that node's relay sessions then;
+                  peer reached it; ``relay_other``: that node's relay address in
+                  the other family (IPv6 for a peer that came over IPv4, and the
+                  reverse), null when it knows none, so a pairing with a peer of
+                  the other family on another node can still relay there (a
+                  record without the key, an older node's, reads as null);
+                  ``load``: that node's relay sessions then;
                   ``nat`` and ``candidates``: its hello's fields as the rendezvous
                   codec spells them (:mod:`nopf_web.wire.nat`, at most
                   MAX_CANDIDATES candidates), null when its hello had none, so a
@@ -82,6 +88,8 @@ class Waiting:
     side: Side = "share"
     nat: NatSummary | None = None  # its hello's NAT report (None: it sent none)
     candidates: tuple[Candidate, ...] | None = None  # its hello's (None: field absent)
+    # Its node's relay address in the other family than ``relay_at``'s (None: unknown).
+    relay_other: Endpoint | None = None
 
     def to_json(self) -> str:
         i = self.info
@@ -95,7 +103,9 @@ class Waiting:
             "load": self.load, "side": self.side,
             "nat": None if self.nat is None else self.nat.to_wire(),
             "candidates": None if self.candidates is None
-            else candidates_to_wire(self.candidates)}, separators=(",", ":"))
+            else candidates_to_wire(self.candidates),
+            "relay_other": None if self.relay_other is None else _ep(self.relay_other)},
+            separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Waiting:
@@ -105,7 +115,7 @@ class Waiting:
             if side not in ("share", "join"):
                 raise ValueError(side)
             probe, relay_at, pake = o["probe"], o["relay_at"], o["pake"]
-            nat, cands = o.get("nat"), o.get("candidates")
+            nat, cands, other = o.get("nat"), o.get("candidates"), o.get("relay_other")
             return cls(
                 str(o["node"]), int(o["conn"]),
                 PeerInfo(parse_observed_endpoint(o["public"]),
@@ -117,7 +127,8 @@ class Waiting:
                 None if relay_at is None else parse_observed_endpoint(relay_at),
                 int(o["load"]), side,
                 None if nat is None else NatSummary.from_wire(nat, "waiting.nat"),
-                None if cands is None else candidates_from_wire(cands, "waiting.candidates"))
+                None if cands is None else candidates_from_wire(cands, "waiting.candidates"),
+                None if other is None else parse_observed_endpoint(other))
         except (KeyError, TypeError, ValueError, NatSummaryError, MessageError) as exc:
             raise SharedFormatError(f"unreadable waiting record: {exc}") from None
 
