@@ -1750,9 +1750,8 @@ class ServerMachine:
             why = str(exc)
             if (self._relay_wanted(sharer_conn, joiner_conn)
                     and not self._relay_options(sharer_conn, joiner_conn)):
-                why += ("; the relay needs a node with an address in each peer's family "
-                        "(IPv4 and IPv6), and neither node of this pair knows both")
-            refusal = ErrorReply("symmetric_nat", why)
+                why += "; neither node of this pair has a relay address in IPv4 and IPv6"
+            refusal = ErrorReply("symmetric_nat", why[:300])  # the codec's limit
             return (refusal, now), (refusal, now)
         # The joiner fires as soon as its fire arrives: nothing is gained by holding
         # it back. The sharer's fire arrives with it or a few ms later, never

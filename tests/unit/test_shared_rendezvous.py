@@ -124,9 +124,11 @@ def test_a_waiting_record_carries_the_nat_report_and_candidates() -> None:
     assert Waiting.from_json(w.to_json()) == w
     empty = replace(waiting(), nat=None, candidates=())  # "knows candidates, has none"
     assert Waiting.from_json(empty.to_json()) == empty
+    both = replace(waiting(), relay_other=Endpoint("2001:db8:100::2", 3012))
+    assert Waiting.from_json(both.to_json()) == both
     # A record of an older node (neither key) reads as a hello without the fields.
     old = json.loads(waiting().to_json())
-    del old["nat"], old["candidates"]
+    del old["nat"], old["candidates"], old["relay_other"]
     assert Waiting.from_json(json.dumps(old)) == waiting()
     # The largest: a full NAT report and MAX_CANDIDATES IPv6 candidates.
     big = replace(waiting(), nat=NAT_A, candidates=tuple(
@@ -489,6 +491,124 @@ async def test_the_relay_runs_on_the_node_that_paired_or_the_other_and_spreads(
         served.add(where)
         await client.flushall()
     assert served == {NODE_A, NODE_B}
+
+
+# Each node's own addresses, one per family (as nopf-server bound them).
+NODE_ADDRS = {NODE_A: {False: RDV_A, True: ("2001:db8:100::2", 3012)},
+              NODE_B: {False: RDV_B, True: ("2001:db8:100::3", 3012)}}
+PEER_IPS = {("share", False): SHARER_IP, ("share", True): "2001:db8:a::2",
+            ("join", False): JOINER_IP, ("join", True): "2001:db8:b::2"}
+
+
+async def pair_families(c: Cluster, share_node: str, join_node: str, s6: bool, j6: bool,
+                        ) -> tuple[Peer, Peer]:
+    """A sharer (over IPv6 if ``s6``) on one node, a joiner (``j6``) on one node, each
+    reaching its node at that node's address of its family; both fires."""
+    a, b = c.node(share_node), c.node(join_node)
+    sharer = a.connect(PEER_IPS["share", s6], local=NODE_ADDRS[share_node][s6])
+    a.send(sharer, encode(Hello("share", None, (LAN_A,), None, 10, relay=True)))
+    await c.settle()
+    welcome = sharer.messages()[0]
+    assert isinstance(welcome, Welcome), sharer.messages()
+    joiner = b.connect(PEER_IPS["join", j6], local=NODE_ADDRS[join_node][j6], rtt=0.06)
+    b.send(joiner, encode(Hello("join", welcome.nameplate, (LAN_B,), None, 10, relay=True)))
+    await c.settle()
+    c.tick(0.05)
+    return sharer, joiner
+
+
+async def test_a_pair_split_across_nodes_and_families_relays_each_side_in_its_own_family(
+        client: Any) -> None:
+    """Every mix of IPv4 and IPv6 peers, on one node or two, the relay here or there:
+    each side's relay stage is the relay node's address in that side's own family,
+    both sides' on one node, and there both tokens get the pair relayed."""
+    seen = set()
+    for share_node, join_node in ((NODE_A, NODE_A), (NODE_A, NODE_B), (NODE_B, NODE_A)):
+        for s6 in (False, True):
+            for j6 in (False, True):
+                for flip in (0, 1):
+                    c = Cluster(client)
+                    def coin(n: int, f: int = flip) -> bytes:  # here (1) or there (0)
+                        return bytes([f]) if n == 1 else token_bytes(n)
+
+                    for name, h in c.nodes.items():
+                        h.m.listening(NODE_ADDRS[name].values())
+                        h.m._entropy = coin
+                    await c.up()
+                    sharer, joiner = await pair_families(c, share_node, join_node, s6, j6)
+                    to_sharer, to_joiner = sharer.last(), joiner.last()
+                    case = (share_node, join_node, s6, j6, flip)
+                    assert isinstance(to_sharer, Fire) and isinstance(to_joiner, Fire), case
+                    assert to_sharer.relay is not None and to_joiner.relay is not None, case
+                    where = (NODE_A if to_sharer.relay.token in c.node(NODE_A).m.tickets
+                             else NODE_B)
+                    assert to_joiner.relay.token in c.node(where).m.tickets, case
+                    addrs = NODE_ADDRS[where]
+                    assert to_sharer.relay.relay == Endpoint(*addrs[s6]), case
+                    assert to_joiner.relay.relay == Endpoint(*addrs[j6]), case
+                    h = c.node(where)
+                    s = h.connect(PEER_IPS["share", s6], local=addrs[s6])
+                    j = h.connect(PEER_IPS["join", j6], local=addrs[j6])
+                    h.send(s, encode(Relay(to_sharer.relay.token)))
+                    h.send(j, encode(Relay(to_joiner.relay.token)))
+                    assert h.relays and s.messages() == [Relayed()] == j.messages(), case
+                    seen.add((share_node == join_node, s6, j6, where == join_node))
+                    await client.flushall()
+    # Across nodes, every mix was relayed by the joiner's node and by the sharer's.
+    assert {x for x in seen if not x[0]} == {(False, s6, j6, here) for s6 in (False, True)
+                                            for j6 in (False, True) for here in (False, True)}
+
+
+async def test_only_a_node_with_both_families_relays_a_split_pair_or_the_pair_is_refused(
+        client: Any) -> None:
+    """An IPv6 sharer on node A, an IPv4 joiner on node B: a node that knows no relay
+    address in one of the families cannot relay for them. The other does, whatever the
+    loads; if neither knows both, the pair is refused in one line that says why."""
+    for knows_a, knows_b, where in (((False, True), (False,), NODE_A),
+                                    ((True,), (False, True), NODE_B),
+                                    ((True,), (False,), None)):
+        c = Cluster(client)
+        c.node(NODE_A).m.listening(NODE_ADDRS[NODE_A][f] for f in knows_a)
+        c.node(NODE_B).m.listening(NODE_ADDRS[NODE_B][f] for f in knows_b)
+        if where is not None:
+            c.node(where).m._relay_count = 5  # busier: the other node, if it could
+        await c.up()
+        sharer, joiner = await pair_families(c, NODE_A, NODE_B, True, False)
+        to_sharer, to_joiner = sharer.last(), joiner.last()
+        if where is None:
+            assert isinstance(to_sharer, ErrorReply) and to_sharer == to_joiner
+            assert to_joiner.code == "symmetric_nat" and "\n" not in to_joiner.message
+            assert to_joiner.message.endswith(
+                "no relay is planned; neither node of this pair has a relay address in IPv4 "
+                "and IPv6"), to_joiner.message
+        else:
+            assert isinstance(to_sharer, Fire) and isinstance(to_joiner, Fire)
+            assert to_sharer.relay is not None and to_joiner.relay is not None
+            assert to_sharer.relay.token in c.node(where).m.tickets
+            assert to_sharer.relay.relay == Endpoint(*NODE_ADDRS[where][True])
+            assert to_joiner.relay.relay == Endpoint(*NODE_ADDRS[where][False])
+        await client.flushall()
+
+
+async def test_a_node_bound_to_wildcards_knows_a_family_from_the_last_peer_of_it(
+        client: Any) -> None:
+    """Listening on 0.0.0.0 and :: says nothing: a node learns its address in a family
+    from the peers that reached it in that family (then publishes it for the other)."""
+    c = Cluster(client)
+    for h in c.nodes.values():
+        h.m.listening([("0.0.0.0", 3012), ("::", 3012)])
+    await c.up()
+    sharer, joiner = await pair_families(c, NODE_A, NODE_B, True, False)
+    assert isinstance(joiner.last(), ErrorReply)  # neither knew both families yet
+    await client.flushall()
+    await c.up()
+    c.node(NODE_A).connect(JOINER_IP, local=RDV_A)  # node A: reached over IPv4 once
+    sharer, joiner = await pair_families(c, NODE_A, NODE_B, True, False)
+    to_sharer, to_joiner = sharer.last(), joiner.last()
+    assert isinstance(to_sharer, Fire) and isinstance(to_joiner, Fire)
+    assert to_sharer.relay is not None and to_joiner.relay is not None
+    assert (to_sharer.relay.relay, to_joiner.relay.relay) == (
+        Endpoint(*NODE_ADDRS[NODE_A][True]), Endpoint(*RDV_A))
 
 
 async def test_a_relay_token_that_arrives_before_its_grant_waits_for_it(client: Any) -> None:
