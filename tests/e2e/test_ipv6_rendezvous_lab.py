@@ -33,14 +33,15 @@ DEAD_IP = "198.51.100.9"  # on the rendezvous' link, but nobody's: SYNs to it go
 
 
 @contextlib.contextmanager
-def named_pair(lab: Lab, *ips: str, connector_rdv: str = RDV_NAME,
+def named_pair(lab: Lab, *ips: str, connector_rdv: str = RDV_NAME, rendezvous: bool = True,
                ) -> Iterator[tuple[Peer, Peer]]:
-    """``rdv.lab`` resolving to ``ips`` on every host, the rendezvous, an echo service on
-    a1, and a sharer (a1) and a connector (b1) given that name (the connector:
-    ``connector_rdv``), each with its encrypted tunnel up; both stopped at the end, and
-    both must exit with 0."""
+    """``rdv.lab`` resolving to ``ips`` on every host, the rendezvous (``rendezvous``
+    False: the caller's already runs), an echo service on a1, and a sharer (a1) and a
+    connector (b1) given that name (the connector: ``connector_rdv``), each with its
+    encrypted tunnel up; both stopped at the end, and both must exit with 0."""
     with resolving(list(lab.hosts.values()), NAME, *ips):
-        start_rendezvous(lab)
+        if rendezvous:
+            start_rendezvous(lab)
         s = start_coordinated(lab.a1, "share", "-p", str(SERVICE), rdv=RDV_NAME)
         with echo_service(lab.a1):
             code = s.line(10)

@@ -16,7 +16,10 @@ and the peers know the rendezvous as one name that resolves to both addresses
   carries it while streams run: both peers meet again through the name's other address,
   that node relays, and every byte arrives in order;
 - a pair across the nodes gets the sharer's direct candidates (waiting with it in Redis)
-  and the same prediction as on one node: two symmetric NATs with IPv6 connect over IPv6.
+  and the same prediction as on one node: two symmetric NATs with IPv6 connect over IPv6;
+- a pair split across the nodes and the families (an IPv4-only sharer behind a
+  symmetric NAT on one node, an IPv6-only connector on the other) is relayed by one
+  node, each side reaching it in its own family.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from nopf_web.wire.rendezvous import (
 )
 from tests.lab import Host, Lab
 from tests.lab.fixtures import LabFactory
-from tests.lab.topology import RDV_IP, RDV_IP2
+from tests.lab.topology import RDV_IP, RDV_IP2, RDV_IP6
 from tests.programs import argv
 from tests.redis_server import RedisServer, require_redis_server
 
@@ -56,6 +59,7 @@ from .flows import Flows
 from .peers import Peer, resolving, start_coordinated, wait_for
 from .relay_clients import take_message
 from .test_direct_paths_lab import SERVICE, TUNNEL, echo_service as echo_service6, round_trip, stop
+from .test_ipv6_rendezvous_lab import drop_ipv6, named_pair
 from .test_resume_lab import close, echo, path_lines
 from .web_support import echo_service
 
@@ -64,15 +68,17 @@ pytestmark = pytest.mark.lab
 NAME = "rdv.lab"
 PORT = 3012
 REDIS_PORT = 6379
+RDV2_IP6 = "2001:db8:100::3"  # node B's IPv6 address (shared_rendezvous(ipv6=True))
 
 
 class Node:
     """One nopf-server node of the shared rendezvous, its stderr in a file."""
 
-    def __init__(self, lab: Lab, ip: str, redis: str) -> None:
-        self.ip = ip
+    def __init__(self, lab: Lab, ip: str, redis: str, ip6: str | None = None) -> None:
+        self.ip, self.ip6 = ip, ip6
         self.err = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
-        self.proc = lab.rdv.popen(argv("nopf-server", "--host", ip, "--port", str(PORT),
+        six = () if ip6 is None else ("--host", ip6)
+        self.proc = lab.rdv.popen(argv("nopf-server", "--host", ip, *six, "--port", str(PORT),
                                        "--no-doctor", "--redis", redis),
                                   stderr=self.err)
         found = re.search(r"node ([0-9a-f]{16}), sharing", self.wait_for(
@@ -131,13 +137,19 @@ def one_name(lab: Lab, *hosts: Host, second_first: tuple[Host, ...] = ()) -> Ite
 
 
 @contextlib.contextmanager
-def shared_rendezvous(lab: Lab) -> Iterator[tuple[RedisServer, Node, Node]]:
+def shared_rendezvous(lab: Lab, *, ipv6: bool = False,
+                      ) -> Iterator[tuple[RedisServer, Node, Node]]:
+    """Redis and the two nodes; ``ipv6``: each node listens on an IPv6 address of the
+    rendezvous host too (node A on RDV_IP6, node B on RDV2_IP6, added here)."""
     require_redis_server()
+    if ipv6:
+        lab.rdv.run(["ip", "-6", "addr", "add", f"{RDV2_IP6}/64", "dev", "eth0", "nodad"])
     redis = RedisServer(RDV_IP, REDIS_PORT, popen=lambda a: lab.rdv.popen(
         a, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), inside=lab.rdv.enter)
     with redis:
         url = f"redis://{RDV_IP}:{REDIS_PORT}/0"
-        a, b = Node(lab, RDV_IP, url), Node(lab, RDV_IP2, url)
+        a = Node(lab, RDV_IP, url, RDV_IP6 if ipv6 else None)
+        b = Node(lab, RDV_IP2, url, RDV2_IP6 if ipv6 else None)
         try:
             yield redis, a, b
         finally:
@@ -462,3 +474,29 @@ def test_a_pair_across_nodes_gets_the_direct_candidates_and_takes_ipv6(
                              node_b.wait_for("predicted path")), node_b.stderr()
             codes = (stop(s)[0], c.wait(10))  # the joiner sees the peer close and ends
         assert codes == (0, 0), (s.stderr(), c.stderr())
+
+
+def test_a_pair_split_across_nodes_and_families_is_relayed_by_one_node_in_both(
+        lab_factory: LabFactory) -> None:
+    """An IPv4-only sharer behind a symmetric NAT waits on node A (reached over IPv4);
+    an IPv6-only connector comes to node B over IPv6. No direct path can join them (no
+    family in common): the pairing puts the relay on one node, and each side reaches
+    that node in its own family."""
+    lab = lab_factory("symmetric", "rst", ipv6=True, ipv6_only=("b",), rdv_second_ip=True)
+    drop_ipv6(lab.a1)
+    rdv_bytes = lab.tcp_counter(lab.rdv, PORT)
+    with shared_rendezvous(lab, ipv6=True) as (_, node_a, node_b), \
+            named_pair(lab, RDV_IP, rendezvous=False,
+                       connector_rdv=f"[{RDV2_IP6}]:{PORT}") as (s, c):
+        err_s, err_c = s.stderr(), c.stderr()
+        assert f"contacting rendezvous [{RDV2_IP6}]:{PORT}" in err_c, err_c
+        at_s = re.search(r"tunnel up over the relay at (\S+):3012", err_s)
+        at_c = re.search(r"tunnel up over the relay at \[(\S+)\]:3012", err_c)
+        assert at_s is not None and at_c is not None, (err_s, err_c)
+        assert (at_s[1], at_c[1]) in ((node_a.ip, node_a.ip6), (node_b.ip, node_b.ip6))
+        before = rdv_bytes.read()[1]
+        round_trip(lab.b1, 1 << 20)
+        relayed = rdv_bytes.read()[1] - before
+        for node in (node_a, node_b):
+            assert "Traceback" not in node.stderr(), node.stderr()
+    assert relayed > 4 * (1 << 20)  # both ways, in and out of the relay
