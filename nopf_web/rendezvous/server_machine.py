@@ -93,6 +93,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import heapq
+import ipaddress
 import secrets
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -725,8 +726,8 @@ class ServerMachine:
         conn = Conn(ev.conn, source, peer, kernel_rtt=ev.kernel_rtt, syn_data=ev.syn_data,
                     local=ev.local)
         ours = None if ev.local is None else _own_endpoint(*ev.local)
-        if ours is not None:
-            self._reached[":" in ours.host] = ours
+        if ours is not None and not _host_scoped(ours.host):
+            self._reached[":" in ours.host] = ours  # (no peer elsewhere reaches a loopback)
         self.conns[conn.id] = conn
         self.stats.open_now += 1
         self._per_source[source] += 1
@@ -1841,6 +1842,12 @@ def _own_endpoint(host: str, port: int) -> Endpoint | None:
                                                     int(port))))
     except BadAddress:
         return None
+
+
+def _host_scoped(host: str) -> bool:
+    """Loopback or link-local: an address of ours that no peer on another host could use."""
+    ip = ipaddress.ip_address(host)
+    return ip.is_loopback or ip.is_link_local
 
 
 def _offers_ipv6(side: PeerSide) -> bool:

@@ -593,10 +593,13 @@ async def test_only_a_node_with_both_families_relays_a_split_pair_or_the_pair_is
 async def test_a_node_bound_to_wildcards_knows_a_family_from_the_last_peer_of_it(
         client: Any) -> None:
     """Listening on 0.0.0.0 and :: says nothing: a node learns its address in a family
-    from the peers that reached it in that family (then publishes it for the other)."""
+    from the peers that reached it in that family (then publishes it for the other),
+    never from a loopback or link-local one (no peer elsewhere could use it)."""
     c = Cluster(client)
     for h in c.nodes.values():
         h.m.listening([("0.0.0.0", 3012), ("::", 3012)])
+        h.connect("127.0.0.1", local=("127.0.0.1", 3012))
+        h.connect("fe80::1", local=("fe80::2", 3012))
     await c.up()
     sharer, joiner = await pair_families(c, NODE_A, NODE_B, True, False)
     assert isinstance(joiner.last(), ErrorReply)  # neither knew both families yet
