@@ -37,8 +37,9 @@ Encodings (JSON objects, UTF-8), stored in Redis and passed between nodes:
                   MAX_CANDIDATES candidates), null when its hello had none, so a
                   pairing across nodes predicts and offers the direct rungs as on
                   one node; a record without the keys (an older node's) reads as
-                  null. About 320 bytes without them, 1,020 with a full NAT
-                  report and MAX_CANDIDATES IPv6 candidates; ``public`` and
+                  null. About 340 bytes without them (360 to 385 with an IPv6
+                  ``relay_other``), 1,040 with a full NAT report and
+                  MAX_CANDIDATES IPv6 candidates; ``public`` and
                   ``relay_at`` are "[v6]:port" for a peer that reached its node
                   over IPv6.)
     NodeMessage  {"kind":"fire","conn":N,"data":"base64","delay":S}
