@@ -378,19 +378,25 @@ def test_redis_lost_and_back_under_load_refuses_clearly_then_pairs_again(
         close(c2, waiting, c, s)
 
 
+def relay_node_ip(*peers: Peer) -> str:
+    """The node address every one of ``peers`` says its tunnel is relayed at (one)."""
+    relays = set()
+    for peer in peers:
+        err = wait_for(peer, "encrypted tunnel to")
+        found = re.search(r"over the relay at (198\.51\.100\.[23]):3012", err)
+        assert found is not None, err
+        relays.add(found[1])
+    assert len(relays) == 1, relays
+    return relays.pop()
+
+
 def test_a_pair_that_must_relay_is_relayed_by_one_of_its_two_nodes(
         lab_factory: LabFactory) -> None:
     lab = lab_factory("symmetric", "symmetric", delay_ms=5, rdv_second_ip=True)
     with shared_rendezvous(lab):
         s = start(lab.a1, "share", "-p", "3000", rdv=f"{RDV_IP}:{PORT}")
         c = start(lab.b1, "connect", s.line(10), "-p", "3010", rdv=f"{RDV_IP2}:{PORT}")
-        relays = set()
-        for peer in (s, c):
-            err = wait_for(peer, "encrypted tunnel to")
-            found = re.search(r"over the relay at (198\.51\.100\.[23]):3012", err)
-            assert found is not None, err
-            relays.add(found[1])
-        assert len(relays) == 1  # both sides at the node the pairing chose
+        relay_node_ip(s, c)  # both sides at the node the pairing chose
         flows = Flows(lab.a1, 3000, lab.b1, 3010, 2, 2 << 20).start()
         try:
             flows.join(60)
@@ -414,15 +420,9 @@ def test_a_relayed_tunnel_whose_relay_node_dies_resumes_through_the_other_node(
                   rdv=f"{NAME}:{PORT}")
         c = start(lab.b1, "connect", s.line(10), "-p", "3010", "--resume-budget", "30",
                   rdv=f"{NAME}:{PORT}")
-        relays = set()
-        for peer in (s, c):
-            err = wait_for(peer, "encrypted tunnel to")
-            found = re.search(r"over the relay at (198\.51\.100\.[23]):3012", err)
-            assert found is not None, err
-            relays.add(found[1])
+        relay_ip = relay_node_ip(s, c)
         assert f"rendezvous {NAME}:{PORT}: {RDV_IP}:{PORT} answered first" in s.stderr()
         assert f"rendezvous {NAME}:{PORT}: {RDV_IP2}:{PORT} answered first" in c.stderr()
-        (relay_ip,) = relays
         dead, live = (node_a, node_b) if relay_ip == node_a.ip else (node_b, node_a)
         flows = Flows(lab.a1, 3000, lab.b1, 3010, 3, None, pace=0.005).start()
         try:
