@@ -32,8 +32,8 @@ from nopf_web.rendezvous.server_machine import RelayLimits
 from nopf_web.wire.address import (
     Endpoint,
     parse_ip,
-    parse_ipv4_endpoint,
     parse_listen_host,
+    parse_observed_endpoint,
     parse_port,
 )
 
@@ -93,9 +93,10 @@ def build_parser() -> OneLineParser:
                    help="bytes per second per relay session, both directions together, "
                    "with K, M, G (x1000) or Ki, Mi, Gi (x1024), e.g. 12.5M (100 Mbit/s); "
                    "0: no limit (default)")
-    p.add_argument("--relay-address", default=None, metavar="IP:PORT",
-                   help="the relay address given to peers (default: the address each peer "
-                   "reached this server on; set it behind a port forward or a NAT)")
+    p.add_argument("--relay-address", action="append", default=None, metavar="IP:PORT",
+                   help="the relay address given to peers, IPv4 or [IPv6]:PORT; once per "
+                   "family (default: the address each peer reached this server on; set it "
+                   "behind a port forward or a NAT)")
     p.add_argument("--redis", default=None, metavar="URL",
                    help="share codes, waiting peers and relay work with other nopf-server "
                    "nodes through Redis: redis://[:PASSWORD@]HOST[:PORT][/DB], or rediss:// "
@@ -145,7 +146,9 @@ def describe_relay(relay: RelayLimits) -> str:
     if not relay.enabled:
         return "relay off (--no-relay): plans are punch-only"
     rate = "no rate limit" if not relay.rate else f"{describe_rate(relay.rate)} each"
-    where = "" if relay.address is None else f", at {relay.address}"
+    where = "" if not relay.addresses else ", at " + " and ".join(
+        f"[{a.host}]:{a.port}" if ":" in a.host else f"{a.host}:{a.port}"
+        for a in relay.addresses)
     return (f"relay on: up to {relay.max_sessions} sessions, {relay.max_per_source} per "
             f"address, {rate}{where}")
 
@@ -292,18 +295,22 @@ def _relay_limits(args: argparse.Namespace) -> RelayLimits:
             if value is not None:
                 raise InputError(flag, f"{flag} makes no sense with --no-relay")
         return RelayLimits(enabled=False)
-    address: Endpoint | None = None
-    if args.relay_address is not None:
+    addresses: list[Endpoint] = []
+    for text in args.relay_address or ():
         try:
-            address = parse_ipv4_endpoint(args.relay_address, field="--relay-address")
+            address = parse_observed_endpoint(text, field="--relay-address")
         except InputError as exc:
             raise InputError("--relay-address", f"--relay-address: {exc}") from None
+        if any((":" in a.host) == (":" in address.host) for a in addresses):
+            raise InputError("--relay-address", "--relay-address: given twice for IPv"
+                             f"{6 if ':' in address.host else 4}: one address per family")
+        addresses.append(address)
     return RelayLimits(
         max_sessions=parse_count(args.relay_max_sessions, "--relay-max-sessions", 1_000_000),
         max_per_source=parse_count(args.relay_max_per_source, "--relay-max-per-source",
                                    1_000_000),
         rate=0.0 if args.relay_rate is None else parse_rate(args.relay_rate),
-        address=address)
+        addresses=tuple(addresses))
 
 
 if __name__ == "__main__":

@@ -206,15 +206,22 @@ class RelayLimits:
     max_sessions: int = 64
     max_per_source: int = 4  # sessions at once with a side from one IP address
     rate: float = 0.0  # bytes/s per session, both directions together; 0: no limit
-    # The relay address put in plans; None: the address each client reached us on
-    # (wrong behind a port forward or a container's NAT: then name the public one).
-    address: Endpoint | None = None
+    # The relay addresses put in plans, at most one per family; for a family without
+    # one, the address each client reached us on (wrong behind a port forward or a
+    # container's NAT: then name the public one).
+    addresses: tuple[Endpoint, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1 or self.max_per_source < 1:
             raise ValueError("relay session limits must be at least 1")
         if self.rate < 0:
             raise ValueError("the relay rate must be >= 0 (0: no limit)")
+        if len({":" in a.host for a in self.addresses}) != len(self.addresses):
+            raise ValueError("one relay address per family (IPv4, IPv6) at most")
+
+    def address_in(self, v6: bool) -> Endpoint | None:
+        """The configured relay address of that family, if any."""
+        return next((a for a in self.addresses if (":" in a.host) == v6), None)
 
 
 @dataclass(frozen=True)
@@ -1253,10 +1260,10 @@ class ServerMachine:
         """The relay address for this client's plan: ours as it reached us (so the
         relay connection takes the coordination's path, in the peer's family), unless
         one of that family is configured."""
-        configured = self.limits.relay.address
         over_ipv6 = ":" in conn.public.host
-        if configured is not None and (":" in configured.host) == over_ipv6:
-            return configured  # (one of the other family is no use to this peer)
+        configured = self.limits.relay.address_in(over_ipv6)  # (the other's is no use)
+        if configured is not None:
+            return configured
         ours = None if conn.local is None else _own_endpoint(*conn.local)
         # The peer's own family, or none (the relay path goes where the hello went).
         return ours if ours is not None and (":" in ours.host) == over_ipv6 else None
@@ -1274,10 +1281,8 @@ class ServerMachine:
     def _relay_in(self, v6: bool) -> Endpoint | None:
         """This node's relay address in one family, for a peer that did not reach us
         (it waits on another node): configured, bound, or last reached; None: unknown."""
-        configured = self.limits.relay.address
-        if configured is not None and (":" in configured.host) == v6:
-            return configured
-        return self._listening.get(v6) or self._reached.get(v6)
+        return (self.limits.relay.address_in(v6) or self._listening.get(v6)
+                or self._reached.get(v6))
 
     def _relay_tokens(self, ips: tuple[str, str], expires_at: float,
                       now: float) -> tuple[bytes, bytes]:

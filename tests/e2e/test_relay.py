@@ -280,6 +280,9 @@ async def test_a_no_relay_server_plans_as_before_and_refuses_relay_messages() ->
     (["--relay-rate", "200G"], "--relay-rate '200G' is over 100 GB/s"),
     (["--relay-rate", "12.5Q"], "--relay-rate '12.5Q' is not a rate"),
     (["--relay-address", "host:port"], "--relay-address"),
+    (["--relay-address", "192.0.2.1:1", "--relay-address", "192.0.2.2:1"],
+     "--relay-address: given twice for IPv4: one address per family"),
+    (["--relay-address", "2001:db8::1:3012"], "--relay-address"),
     (["--no-relay", "--relay-rate", "1M"], "--relay-rate makes no sense with --no-relay"),
 ])
 def test_bad_relay_flags_are_one_line(args: list[str], needle: str) -> None:
@@ -288,6 +291,15 @@ def test_bad_relay_flags_are_one_line(args: list[str], needle: str) -> None:
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and needle in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_program_takes_a_relay_address_per_family_and_says_so() -> None:
+    port = free_port()
+    with serving("nopf-server", "--host", "127.0.0.1", "--port", str(port),
+                 "--relay-address", "[2001:db8::80]:443",
+                 "--relay-address", "192.0.2.80:443") as stderr:
+        assert "listening on" in stderr.readline()
+        assert stderr.readline().endswith(", at [2001:db8::80]:443 and 192.0.2.80:443\n")
 
 
 def test_the_program_relays_at_its_rate_and_says_so() -> None:

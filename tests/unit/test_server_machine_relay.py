@@ -258,7 +258,7 @@ def test_no_relay_stage_without_an_ipv4_address_of_ours() -> None:
 
 
 def test_a_configured_relay_address_is_the_one_in_plans() -> None:
-    h = harness(RelayLimits(address=Endpoint("192.0.2.80", 443)))
+    h = harness(RelayLimits(addresses=(Endpoint("192.0.2.80", 443),)))
     _, _, s, j = pair(h)
     assert s.relay is not None and j.relay is not None
     assert s.relay.relay == j.relay.relay == Endpoint("192.0.2.80", 443)
@@ -849,6 +849,31 @@ def test_no_ipv4_stage_is_ever_planned_for_a_peer_seen_over_ipv6(
         assert fire.note is not None and "over IPv6 only" in fire.note
     if not relay:
         assert cands == "both" and s.peer_candidates and j.peer_candidates
+
+
+PUBLIC4, PUBLIC6 = Endpoint("192.0.2.80", 443), Endpoint("2001:db8:ff::80", 443)
+
+
+@pytest.mark.parametrize("configured", [(PUBLIC4,), (PUBLIC6,), (PUBLIC4, PUBLIC6)])
+def test_configured_relay_addresses_are_given_per_family(
+        configured: tuple[Endpoint, ...]) -> None:
+    # nopf-server --relay-address IP:PORT --relay-address [IPv6]:PORT: each peer gets
+    # the one of its own family, or (none of it configured) ours as it reached us.
+    h = harness(RelayLimits(addresses=configured))
+    sharer = h.hello(Hello("share", None, (LAN_A,), None, 10, relay=True), SHARER_IP)
+    welcome = sharer.messages()[0]
+    assert isinstance(welcome, Welcome)
+    joiner = h.hello(Hello("join", welcome.nameplate, (), None, 10, relay=True), JOINER6)
+    h.advance(1)
+    s, j = fires(sharer, joiner)
+    assert s.relay is not None and j.relay is not None
+    assert s.relay.relay == (PUBLIC4 if PUBLIC4 in configured else Endpoint(*RDV))
+    assert j.relay.relay == (PUBLIC6 if PUBLIC6 in configured else RDV6)
+
+
+def test_one_relay_address_per_family() -> None:
+    with pytest.raises(ValueError, match="one relay address per family"):
+        RelayLimits(addresses=(PUBLIC4, Endpoint("192.0.2.81", 443)))
 
 
 @pytest.mark.parametrize(("mapped_ip", "left_to_candidates"), [
