@@ -297,10 +297,7 @@ def _relay_limits(args: argparse.Namespace) -> RelayLimits:
         return RelayLimits(enabled=False)
     addresses: list[Endpoint] = []
     for text in args.relay_address or ():
-        try:
-            address = parse_observed_endpoint(text, field="--relay-address")
-        except InputError as exc:
-            raise InputError("--relay-address", f"--relay-address: {exc}") from None
+        address = parse_observed_endpoint(text, field="--relay-address")  # names the flag
         if any((":" in a.host) == (":" in address.host) for a in addresses):
             raise InputError("--relay-address", "--relay-address: given twice for IPv"
                              f"{6 if ':' in address.host else 4}: one address per family")
