@@ -18,9 +18,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from nopf_web.errors import NopfError
-from nopf_web.inputs import InputError, parse_seconds, quote
+from nopf_web.inputs import InputError, one_line, parse_seconds, quote
 from nopf_web.rendezvous.server import DEFAULT_PORT
 from nopf_web.resources import ResourceMissing
 from nopf_web.web import WebConfig, create_app
@@ -203,6 +204,19 @@ async def serve(config: WebConfig, *, browser: bool = False) -> int:
         await runner.cleanup()
 
 
+def one_line_unparsable_requests(record: logging.LogRecord) -> bool:
+    """aiohttp answers a request it cannot parse (bytes that are not HTTP, such as raw
+    non-ASCII in the query) with a 400, then logs it with a traceback: one line says
+    what happened."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, HttpProcessingError):
+        said = record.getMessage()
+        record.msg, record.args = "%s: %s (answered %s)", (said, one_line(error.message),
+                                                           error.code)
+        record.exc_info = record.exc_text = None
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -212,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format=f"{PROG}: %(asctime)s %(name)s %(message)s")
     logging.getLogger("nopf").setLevel(logging.INFO)
+    logging.getLogger("aiohttp.server").addFilter(one_line_unparsable_requests)
     try:
         code = run_main(serve(config, browser=_wants_browser(args)))
     except ResourceMissing as exc:

@@ -87,11 +87,17 @@ def test_prints_the_url_serves_and_stops_cleanly(tmp_path: Path) -> None:
             assert json.load(resp) == {"sessions": []}
         with urllib.request.urlopen(url + "settings", timeout=5) as resp:
             assert str(tmp_path / "xdg" / "nopf" / "history.sqlite3") in resp.read().decode()
+        # Not HTTP (raw UTF-8 in the query): a 400, and one line in the log.
+        host, port = url[len("http://"):-1].rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as raw:
+            raw.sendall("GET /history.json?limit=² HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert raw.recv(100).split(b" ")[1] == b"400"
     finally:
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=15)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
+    assert "Error handling request from 127.0.0.1: Invalid char in url query" in err, err
     assert (tmp_path / "xdg" / "nopf" / "history.sqlite3").exists()
 
 
