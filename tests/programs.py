@@ -32,11 +32,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 @contextlib.contextmanager
 def serving(program: str, *args: str, **popen: Any) -> Iterator[IO[str]]:
     """``program`` running with ``args``; yields its stderr (text). On exit it gets SIGTERM
-    and must exit with 0 within 10 s."""
+    and must exit with 0 within 10 s (else the test fails, and it is killed by PID)."""
     proc = subprocess.Popen(argv(program, *args), stderr=subprocess.PIPE, text=True, **popen)
     try:
         assert proc.stderr is not None
         yield proc.stderr
     finally:
         proc.terminate()
-        assert proc.wait(10) == 0
+        try:
+            assert proc.wait(10) == 0
+        finally:
+            if proc.poll() is None:  # SIGTERM did not end it: leave no process behind
+                proc.kill()
+                proc.wait()

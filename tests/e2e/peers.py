@@ -74,9 +74,7 @@ class Peer:
         self.proc.stdin.flush()
 
     def stderr(self) -> str:
-        self.err.flush()
-        self.err.seek(0)
-        return self.err.read().decode(errors="replace")
+        return read_all(self.err)
 
     def wait(self, timeout: float) -> int:
         return self.proc.wait(timeout)
@@ -98,17 +96,31 @@ def start_coordinated(host: Host, *args: str, rdv: str = RDV, timeout: float = 1
     return Peer.start(host, argv("nopf", *args, *options, *extra), args[0])
 
 
-def wait_for(peer: Peer, text: str, timeout: float = 25, count: int = 1) -> str:
-    """``peer``'s stderr once ``text`` is in it ``count`` times (fails if it exits first)."""
+def read_all(err: IO[bytes]) -> str:
+    """Everything a process wrote so far to its stderr file ``err``."""
+    err.flush()
+    err.seek(0)
+    return err.read().decode(errors="replace")
+
+
+def wait_on_stderr(who: str, proc: subprocess.Popen[bytes], err: IO[bytes], text: str,
+                   timeout: float, count: int = 1) -> str:
+    """``proc``'s stderr (file ``err``) once ``text`` is in it ``count`` times (fails,
+    naming ``who``, if it exits first or ``timeout`` passes)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        err = peer.stderr()
-        if err.count(text) >= count:
-            return err
-        if peer.proc.poll() is not None:
+        written = read_all(err)
+        if written.count(text) >= count:
+            return written
+        if proc.poll() is not None:
             break
         time.sleep(0.05)
-    raise AssertionError(f"{peer.role}: no {text!r} on stderr: {peer.stderr()}")
+    raise AssertionError(f"{who}: no {text!r} on stderr: {read_all(err)}")
+
+
+def wait_for(peer: Peer, text: str, timeout: float = 25, count: int = 1) -> str:
+    """``peer``'s stderr once ``text`` is in it ``count`` times (fails if it exits first)."""
+    return wait_on_stderr(peer.role, peer.proc, peer.err, text, timeout, count)
 
 
 @contextlib.contextmanager

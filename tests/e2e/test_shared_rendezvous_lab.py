@@ -56,7 +56,7 @@ from tests.programs import argv
 from tests.redis_server import RedisServer, require_redis_server
 
 from .flows import Flows
-from .peers import Peer, resolving, start_coordinated, wait_for
+from .peers import Peer, read_all, resolving, start_coordinated, wait_for, wait_on_stderr
 from .relay_clients import take_message
 from .test_direct_paths_lab import SERVICE, TUNNEL, echo_service as echo_service6, round_trip, stop
 from .test_ipv6_rendezvous_lab import drop_ipv6, named_pair
@@ -87,20 +87,10 @@ class Node:
         self.node = found[1]
 
     def stderr(self) -> str:
-        self.err.flush()
-        self.err.seek(0)
-        return self.err.read().decode(errors="replace")
+        return read_all(self.err)
 
     def wait_for(self, text: str, timeout: float = 15) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            err = self.stderr()
-            if text in err:
-                return err
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"node {self.ip}: no {text!r}: {self.stderr()}")
+        return wait_on_stderr(f"node {self.ip}", self.proc, self.err, text, timeout)
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)

@@ -14,7 +14,7 @@ import pytest
 # The coroutine ends at once; SIGTERM arrives while the interpreter is still on its
 # way out (a slow exit is simulated by the sleep after run_main).
 PROGRAM = textwrap.dedent("""
-    import os, signal, sys, threading, time
+    import os, signal, sys, time
     from nopf_web.cli.common import run_main
 
     async def work() -> int:

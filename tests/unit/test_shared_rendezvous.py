@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -523,40 +524,39 @@ async def test_a_pair_split_across_nodes_and_families_relays_each_side_in_its_ow
     each side's relay stage is the relay node's address in that side's own family,
     both sides' on one node, and there both tokens get the pair relayed."""
     seen = set()
-    for share_node, join_node in ((NODE_A, NODE_A), (NODE_A, NODE_B), (NODE_B, NODE_A)):
-        for s6 in (False, True):
-            for j6 in (False, True):
-                for flip in (0, 1):
-                    c = Cluster(client)
-                    def coin(n: int, f: int = flip) -> bytes:  # here (1) or there (0)
-                        return bytes([f]) if n == 1 else token_bytes(n)
+    nodes = ((NODE_A, NODE_A), (NODE_A, NODE_B), (NODE_B, NODE_A))
+    both = (False, True)
+    for (share_node, join_node), s6, j6, flip in itertools.product(nodes, both, both, (0, 1)):
+        c = Cluster(client)
+        def coin(n: int, f: int = flip) -> bytes:  # here (1) or there (0)
+            return bytes([f]) if n == 1 else token_bytes(n)
 
-                    for name, h in c.nodes.items():
-                        h.m.listening(NODE_ADDRS[name].values())
-                        h.m._entropy = coin
-                    await c.up()
-                    sharer, joiner = await pair_families(c, share_node, join_node, s6, j6)
-                    to_sharer, to_joiner = sharer.last(), joiner.last()
-                    case = (share_node, join_node, s6, j6, flip)
-                    assert isinstance(to_sharer, Fire) and isinstance(to_joiner, Fire), case
-                    assert to_sharer.relay is not None and to_joiner.relay is not None, case
-                    where = (NODE_A if to_sharer.relay.token in c.node(NODE_A).m.tickets
-                             else NODE_B)
-                    assert to_joiner.relay.token in c.node(where).m.tickets, case
-                    addrs = NODE_ADDRS[where]
-                    assert to_sharer.relay.relay == Endpoint(*addrs[s6]), case
-                    assert to_joiner.relay.relay == Endpoint(*addrs[j6]), case
-                    h = c.node(where)
-                    s = h.connect(PEER_IPS["share", s6], local=addrs[s6])
-                    j = h.connect(PEER_IPS["join", j6], local=addrs[j6])
-                    h.send(s, encode(Relay(to_sharer.relay.token)))
-                    h.send(j, encode(Relay(to_joiner.relay.token)))
-                    assert h.relays and s.messages() == [Relayed()] == j.messages(), case
-                    seen.add((share_node == join_node, s6, j6, where == join_node))
-                    await client.flushall()
+        for name, h in c.nodes.items():
+            h.m.listening(NODE_ADDRS[name].values())
+            h.m._entropy = coin
+        await c.up()
+        sharer, joiner = await pair_families(c, share_node, join_node, s6, j6)
+        to_sharer, to_joiner = sharer.last(), joiner.last()
+        case = (share_node, join_node, s6, j6, flip)
+        assert isinstance(to_sharer, Fire) and isinstance(to_joiner, Fire), case
+        assert to_sharer.relay is not None and to_joiner.relay is not None, case
+        where = (NODE_A if to_sharer.relay.token in c.node(NODE_A).m.tickets
+                 else NODE_B)
+        assert to_joiner.relay.token in c.node(where).m.tickets, case
+        addrs = NODE_ADDRS[where]
+        assert to_sharer.relay.relay == Endpoint(*addrs[s6]), case
+        assert to_joiner.relay.relay == Endpoint(*addrs[j6]), case
+        h = c.node(where)
+        s = h.connect(PEER_IPS["share", s6], local=addrs[s6])
+        j = h.connect(PEER_IPS["join", j6], local=addrs[j6])
+        h.send(s, encode(Relay(to_sharer.relay.token)))
+        h.send(j, encode(Relay(to_joiner.relay.token)))
+        assert h.relays and s.messages() == [Relayed()] == j.messages(), case
+        seen.add((share_node == join_node, s6, j6, where == join_node))
+        await client.flushall()
     # Across nodes, every mix was relayed by the joiner's node and by the sharer's.
-    assert {x for x in seen if not x[0]} == {(False, s6, j6, here) for s6 in (False, True)
-                                            for j6 in (False, True) for here in (False, True)}
+    assert {x for x in seen if not x[0]} == {
+        (False, s6, j6, here) for s6, j6, here in itertools.product(both, both, both)}
 
 
 async def test_only_a_node_with_both_families_relays_a_split_pair_or_the_pair_is_refused(
