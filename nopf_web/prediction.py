@@ -262,16 +262,19 @@ def fire_facts(fire: Fire, role: PeerRole, own: NatSummary | None,
     # A mapped port counts under the one rule, on its owner's address as the rendezvous
     # saw it; and only when both hellos had candidates (else the fire has none for us).
     owners = {me.name: fire.peer_candidates is not None
-              and _usable_mapped(own_candidates, fire.public),
-              peer.name: _usable_mapped(fire.peer_candidates, fire.peer_public)}
+              and usable_mapped(own_candidates, fire.public) is not None,
+              peer.name: usable_mapped(fire.peer_candidates, fire.peer_public) is not None}
     mapped = next((name for name in ("sharer", "joiner") if owners[name]), None)
     return PairFacts(sharer, joiner, lan=any(s.path == "lan" for s in fire.plan),
                      relay=fire.relay is not None, ipv6=ipv6, mapped=mapped)
 
 
-def _usable_mapped(candidates: Sequence[Candidate] | None, public: Endpoint) -> bool:
-    return any(c.path == "mapped" and mapped_unusable(c.addr.host, public.host) is None
-               for c in candidates or ())
+def usable_mapped(candidates: Sequence[Candidate] | None, public: Endpoint) -> Endpoint | None:
+    """The first mapped port in ``candidates`` that passes :func:`mapped_unusable` on
+    ``public``, its owner's address as the rendezvous saw it (the ladder's and the
+    prediction's one reading of it); None if none does."""
+    return next((c.addr for c in candidates or () if c.path == "mapped"
+                 and mapped_unusable(c.addr.host, public.host) is None), None)
 
 
 def nat_pair(facts: PairFacts) -> str:

@@ -87,7 +87,7 @@ from typing import Literal, TypeAlias
 
 from nopf_web.errors import NopfError
 from nopf_web.pairing import PairingCode, make_code
-from nopf_web.prediction import PairFacts, Prediction, fire_facts, predict
+from nopf_web.prediction import PairFacts, Prediction, fire_facts, predict, usable_mapped
 from nopf_web.punch.machine import Failure, PunchConfig, PunchTimeout
 from nopf_web.rendezvous.errors import (
     RendezvousError,
@@ -1085,11 +1085,8 @@ class CoordinationMachine:
                 timeout=budget, arm_ttl=self.config.punch_ttl, first_shot=False), None)])
         # A mapped port is used only where its gateway's address is its owner's public
         # IP as the rendezvous saw it (both peers read the same two addresses).
-        ours_mapped = next((c.addr for c in m.advertised if c.path == "mapped"
-                            and mapped_unusable(c.addr.host, fire.public.host) is None), None)
-        peer_mapped = next((c.addr for c in theirs if c.path == "mapped"
-                            and mapped_unusable(c.addr.host, fire.peer_public.host) is None),
-                           None)
+        ours_mapped = usable_mapped(m.advertised, fire.public)
+        peer_mapped = usable_mapped(theirs, fire.peer_public)
         # The sharer's mapping first: with both, the joiner connects to the sharer's.
         listen = ours_mapped is not None and (sharer or peer_mapped is None)
         assert own is not None

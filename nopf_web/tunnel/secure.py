@@ -196,8 +196,6 @@ class SecureChannel:
 
     def writelines(self, parts: Iterable[Buffer]) -> None:
         """Like ``write(b"".join(parts))``, without building the joined copy."""
-        if self._lingering:
-            return  # our side was finished: nothing more goes out
         for record in self._machine.seal(parts):
             self._send(record)
 
@@ -280,6 +278,9 @@ class SecureChannel:
             self.close()
             return
         self._lingering = True
+        # Our side is finished: nothing more goes out. The instance's own writelines
+        # shadows the method, so the hot path checks no flag on every record.
+        self.writelines = _write_nothing  # type: ignore[method-assign]
         protocol.discard_from_now()
         transport.write_eof()
         transport.resume_reading()
@@ -362,6 +363,10 @@ class SecureChannel:
         self._readable.set()
         if self._on_end is not None:
             self._on_end(exc)
+
+
+def _write_nothing(parts: Iterable[Buffer]) -> None:
+    """A lingering channel's writelines: our side was finished (see linger_close)."""
 
 
 async def open_channel(sock: socket.socket, *, role: PeerRole, code: str,
