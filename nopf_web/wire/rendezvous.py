@@ -325,14 +325,10 @@ def _ep(e: Endpoint) -> str:
     return str(e)  # "ip:port", "[v6]:port"
 
 
-def _cands(cands: tuple[Candidate, ...]) -> list[dict[str, str]]:
-    return [{"path": c.path, "peer": _ep(c.addr)} for c in cands]
-
-
 def candidates_to_wire(cands: tuple[Candidate, ...]) -> list[dict[str, str]]:
     """Candidates as a hello's ``candidates`` field spells them (for other stores:
     the shared book's waiting records)."""
-    return _cands(cands)
+    return [{"path": c.path, "peer": _ep(c.addr)} for c in cands]
 
 
 def candidates_from_wire(raw: Any, where: str = "candidates") -> tuple[Candidate, ...]:
@@ -368,7 +364,7 @@ def _to_json(msg: Message) -> dict[str, Any]:
             if msg.nat is not None:  # absent, not null: what a client without it sends
                 resume["nat"] = msg.nat.to_wire()
             if msg.candidates is not None:
-                resume["candidates"] = _cands(msg.candidates)
+                resume["candidates"] = candidates_to_wire(msg.candidates)
             return resume
         hello = {"type": "hello", "version": msg.version, "action": msg.action,
                  "nameplate": msg.nameplate, "lan": [_ep(e) for e in msg.lan],
@@ -383,7 +379,7 @@ def _to_json(msg: Message) -> dict[str, Any]:
         if msg.owner is not None:  # absent unless set, as pake
             hello["owner"] = _b64(msg.owner)
         if msg.candidates is not None:  # absent: a hello without it is what it always was
-            hello["candidates"] = _cands(msg.candidates)
+            hello["candidates"] = candidates_to_wire(msg.candidates)
         if msg.resume_id is not None or msg.side is not None or msg.direct_only:
             # Caught by the decoding check below, with the message naming the field.
             hello.update(resume_id=msg.resume_id and _b64(msg.resume_id), side=msg.side,
@@ -418,7 +414,7 @@ def _to_json(msg: Message) -> dict[str, Any]:
         if msg.peer_nat is not None:  # absent unless the peer sent its "nat"
             fire["peer_nat"] = msg.peer_nat.to_wire()
         if msg.peer_candidates is not None:
-            fire["peer_candidates"] = _cands(msg.peer_candidates)
+            fire["peer_candidates"] = candidates_to_wire(msg.peer_candidates)
         return fire
     return {"type": "error", "code": msg.code, "message": msg.message}
 
