@@ -321,14 +321,10 @@ Message = ClientMessage | ServerMessage
 # Encoding ---------------------------------------------------------------------
 
 
-def _ep(e: Endpoint) -> str:
-    return str(e)  # "ip:port", "[v6]:port"
-
-
 def candidates_to_wire(cands: tuple[Candidate, ...]) -> list[dict[str, str]]:
     """Candidates as a hello's ``candidates`` field spells them (for other stores:
     the shared book's waiting records)."""
-    return [{"path": c.path, "peer": _ep(c.addr)} for c in cands]
+    return [{"path": c.path, "peer": str(c.addr)} for c in cands]
 
 
 def candidates_from_wire(raw: Any, where: str = "candidates") -> tuple[Candidate, ...]:
@@ -358,8 +354,8 @@ def _to_json(msg: Message) -> dict[str, Any]:
             resume = {"type": "hello", "version": msg.version, "action": msg.action,
                       "resume_id": None if msg.resume_id is None else _b64(msg.resume_id),
                       "side": msg.side, "direct_only": msg.direct_only,
-                      "lan": [_ep(e) for e in msg.lan],
-                      "probe": _ep(msg.probe) if msg.probe else None,
+                      "lan": [str(e) for e in msg.lan],
+                      "probe": str(msg.probe) if msg.probe else None,
                       "punch_timeout": msg.punch_timeout}
             if msg.nat is not None:  # absent, not null: what a client without it sends
                 resume["nat"] = msg.nat.to_wire()
@@ -367,8 +363,8 @@ def _to_json(msg: Message) -> dict[str, Any]:
                 resume["candidates"] = candidates_to_wire(msg.candidates)
             return resume
         hello = {"type": "hello", "version": msg.version, "action": msg.action,
-                 "nameplate": msg.nameplate, "lan": [_ep(e) for e in msg.lan],
-                 "probe": _ep(msg.probe) if msg.probe else None,
+                 "nameplate": msg.nameplate, "lan": [str(e) for e in msg.lan],
+                 "probe": str(msg.probe) if msg.probe else None,
                  "punch_timeout": msg.punch_timeout}
         if msg.pake is not None:  # absent, not null: what a client without it sends
             hello["pake"] = _b64(msg.pake)
@@ -399,13 +395,13 @@ def _to_json(msg: Message) -> dict[str, Any]:
         return {"type": "ping", "seq": msg.seq}
     if isinstance(msg, Welcome):
         return {"type": "welcome", "nameplate": msg.nameplate, "expires_in": msg.expires_in,
-                "public": _ep(msg.public)}
+                "public": str(msg.public)}
     if isinstance(msg, Fire):
         plan = [_stage(s) for s in msg.plan]
         if msg.relay is not None:  # last: a client that cannot relay punches before it
-            plan.append({"path": "relay", "peer": _ep(msg.relay.relay), "punch": "connect",
+            plan.append({"path": "relay", "peer": str(msg.relay.relay), "punch": "connect",
                          "budget": msg.relay.budget, "token": _b64(msg.relay.token)})
-        fire = {"type": "fire", "public": _ep(msg.public), "peer_public": _ep(msg.peer_public),
+        fire = {"type": "fire", "public": str(msg.public), "peer_public": str(msg.peer_public),
                 "plan": plan, "rtt_ms": msg.rtt_ms, "note": msg.note}
         if msg.peer_pake is not None:  # absent, not null: a client without it rejects the field
             fire["peer_pake"] = _b64(msg.peer_pake)
@@ -420,7 +416,7 @@ def _to_json(msg: Message) -> dict[str, Any]:
 
 
 def _stage(s: Stage) -> dict[str, Any]:
-    return {"path": s.path, "peer": _ep(s.peer), "punch": s.punch, "budget": s.budget}
+    return {"path": s.path, "peer": str(s.peer), "punch": s.punch, "budget": s.budget}
 
 
 def encode(msg: Message) -> bytes:
