@@ -587,6 +587,9 @@ class ServerMachine:
         # peer of that family reached.
         self._listening: dict[bool, Endpoint] = {}
         self._reached: dict[bool, Endpoint] = {}
+        # The last accept's local address, as the kernel gave it: the same again (nearly
+        # every accept) changes nothing in _reached, so it is not parsed again.
+        self._last_local: tuple[str, int] | None = None
         self._per_source: Counter[str] = Counter()
         self._problems = ProblemLog(self.limits.log_interval)
         self._timers: list[tuple[float, ConnId]] = []  # a heap; stale entries are skipped
@@ -732,9 +735,11 @@ class ServerMachine:
         source = str(peer[0]) if peer else "?"
         conn = Conn(ev.conn, source, peer, kernel_rtt=ev.kernel_rtt, syn_data=ev.syn_data,
                     local=ev.local)
-        ours = None if ev.local is None else _own_endpoint(*ev.local)
-        if ours is not None and not _host_scoped(ours.host):
-            self._reached[":" in ours.host] = ours  # (no peer elsewhere reaches a loopback)
+        if ev.local is not None and ev.local != self._last_local:
+            self._last_local = ev.local
+            ours = _own_endpoint(*ev.local)
+            if ours is not None and not _host_scoped(ours.host):
+                self._reached[":" in ours.host] = ours  # (no peer elsewhere reaches a loopback)
         self.conns[conn.id] = conn
         self.stats.open_now += 1
         self._per_source[source] += 1
