@@ -146,9 +146,7 @@ def describe_relay(relay: RelayLimits) -> str:
     if not relay.enabled:
         return "relay off (--no-relay): plans are punch-only"
     rate = "no rate limit" if not relay.rate else f"{describe_rate(relay.rate)} each"
-    where = "" if not relay.addresses else ", at " + " and ".join(
-        f"[{a.host}]:{a.port}" if ":" in a.host else f"{a.host}:{a.port}"
-        for a in relay.addresses)
+    where = "" if not relay.addresses else ", at " + " and ".join(map(str, relay.addresses))
     return (f"relay on: up to {relay.max_sessions} sessions, {relay.max_per_source} per "
             f"address, {rate}{where}")
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nopf_web.errors import describe_os_error
-from nopf_web.happy_eyeballs import connect_first, describe, resolve_all
+from nopf_web.happy_eyeballs import connect_first, describe, resolve_all, routes_ipv4
 from nopf_web.happy_eyeballs_machine import Family, is_ipv6
 from nopf_web.sockets import connect_nonblocking, reusable_socket
 from nopf_web.wire.address import SEED_IPV4_ONLY, Endpoint
@@ -85,8 +85,6 @@ def coordinated_first(addresses: list[tuple[str, int]]) -> Family:
     started (or at once when the
     IPv4 attempts fail), and a host without IPv4 starts with it.
     """
-    from nopf_web.happy_eyeballs import routes_ipv4
-
     v4 = [a for a in addresses if not is_ipv6(a[0])]
     return 4 if v4 and routes_ipv4(v4[0]) else 6
 

@@ -587,6 +587,9 @@ class ServerMachine:
         # peer of that family reached.
         self._listening: dict[bool, Endpoint] = {}
         self._reached: dict[bool, Endpoint] = {}
+        # The last accept's local address, as the kernel gave it: the same again (nearly
+        # every accept) changes nothing in _reached, so it is not parsed again.
+        self._last_local: tuple[str, int] | None = None
         self._per_source: Counter[str] = Counter()
         self._problems = ProblemLog(self.limits.log_interval)
         self._timers: list[tuple[float, ConnId]] = []  # a heap; stale entries are skipped
@@ -732,9 +735,11 @@ class ServerMachine:
         source = str(peer[0]) if peer else "?"
         conn = Conn(ev.conn, source, peer, kernel_rtt=ev.kernel_rtt, syn_data=ev.syn_data,
                     local=ev.local)
-        ours = None if ev.local is None else _own_endpoint(*ev.local)
-        if ours is not None and not _host_scoped(ours.host):
-            self._reached[":" in ours.host] = ours  # (no peer elsewhere reaches a loopback)
+        if ev.local is not None and ev.local != self._last_local:
+            self._last_local = ev.local
+            ours = _own_endpoint(*ev.local)
+            if ours is not None and not _host_scoped(ours.host):
+                self._reached[":" in ours.host] = ours  # (no peer elsewhere reaches a loopback)
         self.conns[conn.id] = conn
         self.stats.open_now += 1
         self._per_source[source] += 1
@@ -1638,13 +1643,12 @@ class ServerMachine:
         self._problem("store", f"refused {_fmt(conn.peer)}: {why}", now)
         self._refuse(conn, "busy", why, now)
 
-    def _relay_node(self, a: PeerSide, b: PeerSide) -> RelayChoice | None:
-        """Where a pairing's relay session runs (:meth:`_relay_options`): of two nodes
-        that both can, the one with fewer relay sessions; on a tie either, at random,
-        so relays spread over the nodes."""
-        options = self._relay_options(a, b)
-        if len(options) < 2:
-            return options[0] if options else None
+    def _relay_node(self, options: list[RelayChoice], a: PeerSide, b: PeerSide) -> RelayChoice:
+        """Where a pairing's relay session runs, of its :meth:`_relay_options` (not
+        empty): of two nodes that both can, the one with fewer relay sessions; on a tie
+        either, at random, so relays spread over the nodes."""
+        if len(options) == 1:
+            return options[0]
         here, there = options
         load = (a if a.node is not None else b).load
         if load > self._relay_count:
@@ -1743,9 +1747,11 @@ class ServerMachine:
         served here or there (:meth:`_relay_node`)."""
         sharer, joiner = sharer_conn.info, joiner_conn.info
         direct_only = sharer_conn.direct_only or joiner_conn.direct_only
+        relay_wanted = self._relay_wanted(sharer_conn, joiner_conn)
+        relay_options = self._relay_options(sharer_conn, joiner_conn) if relay_wanted else []
         try:
             plans = make_plans(sharer, joiner, self.limits.pairing,
-                               relay=self._relays(sharer_conn, joiner_conn),
+                               relay=bool(relay_options),
                                direct_only=direct_only,
                                ipv6_pair=_offers_ipv6(sharer_conn) and _offers_ipv6(joiner_conn),
                                mapped_pair=(sharer_conn.candidates is not None
@@ -1754,8 +1760,7 @@ class ServerMachine:
                                                  or _offers_mapped(joiner_conn))))
         except SymmetricPair as exc:
             why = str(exc)
-            if (self._relay_wanted(sharer_conn, joiner_conn)
-                    and not self._relay_options(sharer_conn, joiner_conn)):
+            if relay_wanted and not relay_options:
                 why += "; neither node of this pair has a relay address in IPv4 and IPv6"
             refusal = ErrorReply("symmetric_nat", why[:300])  # the codec's limit
             return (refusal, now), (refusal, now)
@@ -1794,8 +1799,8 @@ class ServerMachine:
             expires_at = start + budget + RELAY_TOKEN_GRACE
             ips = (sharer.public.host, joiner.public.host)
             # Each side gets the relay node's address in its own family.
-            choice = self._relay_node(sharer_conn, joiner_conn)
-            assert choice is not None  # checked by _relays
+            assert relay_options  # a relay stage is planned only with one
+            choice = self._relay_node(relay_options, sharer_conn, joiner_conn)
             addr_s, addr_j = choice.sharer, choice.joiner
             if choice.node is None:  # here
                 token_s, token_j = self._relay_tokens(ips, expires_at, now)

@@ -95,17 +95,17 @@ class Waiting:
     def to_json(self) -> str:
         i = self.info
         return json.dumps({
-            "node": self.node, "conn": self.conn, "public": _ep(i.public),
-            "lan": [_ep(e) for e in i.lan], "probe": None if i.probe is None else _ep(i.probe),
+            "node": self.node, "conn": self.conn, "public": str(i.public),
+            "lan": [str(e) for e in i.lan], "probe": None if i.probe is None else str(i.probe),
             "punch_timeout": i.punch_timeout, "rtt": i.rtt, "rtt_known": self.rtt_known,
             "pake": None if self.pake is None else _b64(self.pake), "relay": self.relay,
             "direct_only": self.direct_only,
-            "relay_at": None if self.relay_at is None else _ep(self.relay_at),
+            "relay_at": None if self.relay_at is None else str(self.relay_at),
             "load": self.load, "side": self.side,
             "nat": None if self.nat is None else self.nat.to_wire(),
             "candidates": None if self.candidates is None
             else candidates_to_wire(self.candidates),
-            "relay_other": None if self.relay_other is None else _ep(self.relay_other)},
+            "relay_other": None if self.relay_other is None else str(self.relay_other)},
             separators=(",", ":"))
 
     @classmethod
@@ -307,10 +307,6 @@ def decode_message(text: str | bytes) -> NodeMessage:
         raise ValueError(f"unknown kind {kind!r}")
     except (KeyError, TypeError, ValueError) as exc:
         raise SharedFormatError(f"unreadable node message: {exc}") from None
-
-
-def _ep(e: Endpoint) -> str:
-    return str(e)  # "ip:port", or "[v6]:port" (public and relay_at, over IPv6)
 
 
 def _b64(data: bytes) -> str:

@@ -124,9 +124,9 @@ Frame = (OpenFrame | DataFrame | WindowUpdateFrame | FinFrame | ResetFrame | Pin
 _STREAM_TYPES = frozenset(
     {FrameType.OPEN, FrameType.DATA, FrameType.WINDOW_UPDATE, FrameType.FIN, FrameType.RST}
 )
-# Allowed payload length per type: (min, max).
 _TYPES = {t.value: t for t in FrameType}
 _DATA_KIND = FrameType.DATA.value
+# Allowed payload length per type: (min, max).
 _LENGTHS = {
     FrameType.OPEN: (0, 0),
     FrameType.DATA: (1, MAX_PAYLOAD),

@@ -321,18 +321,10 @@ Message = ClientMessage | ServerMessage
 # Encoding ---------------------------------------------------------------------
 
 
-def _ep(e: Endpoint) -> str:
-    return str(e)  # "ip:port", "[v6]:port"
-
-
-def _cands(cands: tuple[Candidate, ...]) -> list[dict[str, str]]:
-    return [{"path": c.path, "peer": _ep(c.addr)} for c in cands]
-
-
 def candidates_to_wire(cands: tuple[Candidate, ...]) -> list[dict[str, str]]:
     """Candidates as a hello's ``candidates`` field spells them (for other stores:
     the shared book's waiting records)."""
-    return _cands(cands)
+    return [{"path": c.path, "peer": str(c.addr)} for c in cands]
 
 
 def candidates_from_wire(raw: Any, where: str = "candidates") -> tuple[Candidate, ...]:
@@ -362,17 +354,17 @@ def _to_json(msg: Message) -> dict[str, Any]:
             resume = {"type": "hello", "version": msg.version, "action": msg.action,
                       "resume_id": None if msg.resume_id is None else _b64(msg.resume_id),
                       "side": msg.side, "direct_only": msg.direct_only,
-                      "lan": [_ep(e) for e in msg.lan],
-                      "probe": _ep(msg.probe) if msg.probe else None,
+                      "lan": [str(e) for e in msg.lan],
+                      "probe": str(msg.probe) if msg.probe else None,
                       "punch_timeout": msg.punch_timeout}
             if msg.nat is not None:  # absent, not null: what a client without it sends
                 resume["nat"] = msg.nat.to_wire()
             if msg.candidates is not None:
-                resume["candidates"] = _cands(msg.candidates)
+                resume["candidates"] = candidates_to_wire(msg.candidates)
             return resume
         hello = {"type": "hello", "version": msg.version, "action": msg.action,
-                 "nameplate": msg.nameplate, "lan": [_ep(e) for e in msg.lan],
-                 "probe": _ep(msg.probe) if msg.probe else None,
+                 "nameplate": msg.nameplate, "lan": [str(e) for e in msg.lan],
+                 "probe": str(msg.probe) if msg.probe else None,
                  "punch_timeout": msg.punch_timeout}
         if msg.pake is not None:  # absent, not null: what a client without it sends
             hello["pake"] = _b64(msg.pake)
@@ -383,7 +375,7 @@ def _to_json(msg: Message) -> dict[str, Any]:
         if msg.owner is not None:  # absent unless set, as pake
             hello["owner"] = _b64(msg.owner)
         if msg.candidates is not None:  # absent: a hello without it is what it always was
-            hello["candidates"] = _cands(msg.candidates)
+            hello["candidates"] = candidates_to_wire(msg.candidates)
         if msg.resume_id is not None or msg.side is not None or msg.direct_only:
             # Caught by the decoding check below, with the message naming the field.
             hello.update(resume_id=msg.resume_id and _b64(msg.resume_id), side=msg.side,
@@ -403,13 +395,13 @@ def _to_json(msg: Message) -> dict[str, Any]:
         return {"type": "ping", "seq": msg.seq}
     if isinstance(msg, Welcome):
         return {"type": "welcome", "nameplate": msg.nameplate, "expires_in": msg.expires_in,
-                "public": _ep(msg.public)}
+                "public": str(msg.public)}
     if isinstance(msg, Fire):
         plan = [_stage(s) for s in msg.plan]
         if msg.relay is not None:  # last: a client that cannot relay punches before it
-            plan.append({"path": "relay", "peer": _ep(msg.relay.relay), "punch": "connect",
+            plan.append({"path": "relay", "peer": str(msg.relay.relay), "punch": "connect",
                          "budget": msg.relay.budget, "token": _b64(msg.relay.token)})
-        fire = {"type": "fire", "public": _ep(msg.public), "peer_public": _ep(msg.peer_public),
+        fire = {"type": "fire", "public": str(msg.public), "peer_public": str(msg.peer_public),
                 "plan": plan, "rtt_ms": msg.rtt_ms, "note": msg.note}
         if msg.peer_pake is not None:  # absent, not null: a client without it rejects the field
             fire["peer_pake"] = _b64(msg.peer_pake)
@@ -418,13 +410,13 @@ def _to_json(msg: Message) -> dict[str, Any]:
         if msg.peer_nat is not None:  # absent unless the peer sent its "nat"
             fire["peer_nat"] = msg.peer_nat.to_wire()
         if msg.peer_candidates is not None:
-            fire["peer_candidates"] = _cands(msg.peer_candidates)
+            fire["peer_candidates"] = candidates_to_wire(msg.peer_candidates)
         return fire
     return {"type": "error", "code": msg.code, "message": msg.message}
 
 
 def _stage(s: Stage) -> dict[str, Any]:
-    return {"path": s.path, "peer": _ep(s.peer), "punch": s.punch, "budget": s.budget}
+    return {"path": s.path, "peer": str(s.peer), "punch": s.punch, "budget": s.budget}
 
 
 def encode(msg: Message) -> bytes:
