@@ -59,6 +59,7 @@ from nopf_web.wire.rendezvous import (
     ErrorReply,
     Fire,
     Hello,
+    Ping,
     Relay,
     Relayed,
     Welcome,
@@ -502,27 +503,38 @@ PEER_IPS = {("share", False): SHARER_IP, ("share", True): "2001:db8:a::2",
 
 
 async def pair_families(c: Cluster, share_node: str, join_node: str, s6: bool, j6: bool,
-                        ) -> tuple[Peer, Peer]:
+                        *, resume: bool = False) -> tuple[Peer, Peer]:
     """A sharer (over IPv6 if ``s6``) on one node, a joiner (``j6``) on one node, each
-    reaching its node at that node's address of its family; both fires."""
+    reaching its node at that node's address of its family; both fires. ``resume``:
+    the two meet again by a resume id (a tunnel's lost path), not by a code."""
     a, b = c.node(share_node), c.node(join_node)
+    rid = bytes(range(16))
     sharer = a.connect(PEER_IPS["share", s6], local=NODE_ADDRS[share_node][s6])
-    a.send(sharer, encode(Hello("share", None, (LAN_A,), None, 10, relay=True)))
+    a.send(sharer, encode(
+        Hello("resume", None, (LAN_A,), None, 10, resume_id=rid, side="share") if resume
+        else Hello("share", None, (LAN_A,), None, 10, relay=True)))
     await c.settle()
-    welcome = sharer.messages()[0]
-    assert isinstance(welcome, Welcome), sharer.messages()
+    first = sharer.messages()[0]
+    if resume:
+        assert isinstance(first, Ping), sharer.messages()  # waiting for its other side
+        hello = Hello("resume", None, (LAN_B,), None, 10, resume_id=rid, side="join")
+    else:
+        assert isinstance(first, Welcome), sharer.messages()
+        hello = Hello("join", first.nameplate, (LAN_B,), None, 10, relay=True)
     joiner = b.connect(PEER_IPS["join", j6], local=NODE_ADDRS[join_node][j6], rtt=0.06)
-    b.send(joiner, encode(Hello("join", welcome.nameplate, (LAN_B,), None, 10, relay=True)))
+    b.send(joiner, encode(hello))
     await c.settle()
     c.tick(0.05)
     return sharer, joiner
 
 
+@pytest.mark.parametrize("resume", [False, True], ids=["code", "resume"])
 async def test_a_pair_split_across_nodes_and_families_relays_each_side_in_its_own_family(
-        client: Any) -> None:
-    """Every mix of IPv4 and IPv6 peers, on one node or two, the relay here or there:
-    each side's relay stage is the relay node's address in that side's own family,
-    both sides' on one node, and there both tokens get the pair relayed."""
+        client: Any, resume: bool) -> None:
+    """Every mix of IPv4 and IPv6 peers, on one node or two, the relay here or there,
+    paired by a code or meeting again by a resume id: each side's relay stage is the
+    relay node's address in that side's own family, both sides' on one node, and there
+    both tokens get the pair relayed."""
     seen = set()
     nodes = ((NODE_A, NODE_A), (NODE_A, NODE_B), (NODE_B, NODE_A))
     both = (False, True)
@@ -535,7 +547,7 @@ async def test_a_pair_split_across_nodes_and_families_relays_each_side_in_its_ow
             h.m.listening(NODE_ADDRS[name].values())
             h.m._entropy = coin
         await c.up()
-        sharer, joiner = await pair_families(c, share_node, join_node, s6, j6)
+        sharer, joiner = await pair_families(c, share_node, join_node, s6, j6, resume=resume)
         to_sharer, to_joiner = sharer.last(), joiner.last()
         case = (share_node, join_node, s6, j6, flip)
         assert isinstance(to_sharer, Fire) and isinstance(to_joiner, Fire), case
@@ -657,7 +669,7 @@ async def test_resume_hellos_on_two_nodes_meet(client: Any) -> None:
     first = c.node(NODE_A).hello(Hello("resume", None, (LAN_A,), None, 10, resume_id=rid,
                                        side="share"), SHARER_IP)
     await c.settle()
-    assert first.messages()[0].__class__.__name__ == "Ping"  # waiting, pinged
+    assert isinstance(first.messages()[0], Ping)  # waiting, pinged
     second = c.node(NODE_B).hello(Hello("resume", None, (LAN_B,), None, 10, resume_id=rid,
                                         side="join"), JOINER_IP, rtt=0.06)
     await c.settle()
@@ -681,7 +693,7 @@ async def test_without_redis_new_pairings_are_refused_with_the_reason_then_resum
     assert isinstance(err, ErrorReply) and err.code == "busy"
     assert err.message == ("the rendezvous cannot pair now: Redis at redis://127.0.0.1:6379/0: "
                            "Connection refused")
-    assert sharer.last().__class__.__name__ == "Ping"  # the waiting sharer waits on
+    assert isinstance(sharer.last(), Ping)  # the waiting sharer waits on
     await client.flushall()  # Redis restarted without its data
     await c.book.heartbeat(NODE_A, 0)
     a.feed(StoreHealth(None, a.now))
