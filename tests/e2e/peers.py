@@ -7,6 +7,7 @@ import hashlib
 import os
 import queue
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -21,6 +22,10 @@ from tests.lab import Host, Lab
 from tests.programs import argv
 
 RDV = "198.51.100.2:3012"
+RDV_HOST = "rdv.lab"  # a name for the rendezvous host (``resolving`` makes it resolve)
+RDV_NAME = f"{RDV_HOST}:3012"
+SERVICE, TUNNEL = 3000, 3010  # the sharer's service port, the connector's tunnel port
+SIZE = 2 << 20  # bytes ``round_trip`` sends through the tunnel, each way
 
 
 def start_rendezvous(lab: Lab, *extra: str) -> subprocess.Popen[bytes]:
@@ -236,3 +241,113 @@ class Exchange:
                 raise AssertionError(f"exchange still running after {timeout} s")
         if self.error is not None:
             raise self.error
+
+
+@contextlib.contextmanager
+def echo_service(host: Host) -> Iterator[None]:
+    """An echo service on port SERVICE of ``host`` (each connection in a thread), closed
+    on exit."""
+    with host.enter():
+        server = socket.create_server(("127.0.0.1", SERVICE))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+    def echo(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):  # reset when the tunnel stops
+            while data := conn.recv(1 << 16):
+                conn.sendall(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    with server:
+        yield
+
+
+def round_trip(host: Host, size: int = SIZE) -> None:
+    """``size`` random bytes through the tunnel (port TUNNEL of ``host``) and back, intact."""
+    data = os.urandom(size)
+    sock = connect(host, TUNNEL, timeout=30)
+    with sock:
+        sender = threading.Thread(target=sock.sendall, args=(data,))
+        sender.start()
+        got = hashlib.sha256()
+        left = size
+        while left:
+            chunk = sock.recv(min(left, 1 << 16))
+            assert chunk, f"the tunnel closed after {size - left} bytes"
+            got.update(chunk)
+            left -= len(chunk)
+        sender.join(30)
+    assert got.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def echo_once(host: Host, port: int) -> None:
+    """A new connection through the tunnel (port ``port`` of ``host``): what it sends
+    comes back."""
+    sock = connect(host, port, timeout=10)
+    with sock:
+        sock.sendall(b"a new connection")
+        sock.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := sock.recv(64):  # until the service's own close came back
+            got += chunk
+    assert got == b"a new connection"
+
+
+def stop(*peers: Peer, sig: signal.Signals = signal.SIGINT,
+         timeout: float = 10) -> tuple[int, ...]:
+    """Signal every peer at once (a peer that saw the other close first may be ending by
+    itself: both ways end with 0); their exit codes."""
+    for peer in peers:
+        peer.proc.send_signal(sig)
+    return tuple(peer.wait(timeout) for peer in peers)
+
+
+def close(*peers: Peer) -> None:
+    """SIGINT every peer: each must exit with 0 and without a traceback."""
+    codes = stop(*peers, timeout=15)
+    assert codes == (0,) * len(peers), [p.stderr() for p in peers]
+    for peer in peers:
+        assert "Traceback" not in peer.stderr()
+
+
+def path_lines(peer: Peer) -> str:
+    """What the peer said about its paths (for the test's output)."""
+    keys = ("was lost", "resum", "direct", "new connection")
+    return "\n".join(f"  {peer.role}: {line}" for line in peer.stderr().splitlines()
+                     if any(k in line for k in keys))
+
+
+@contextlib.contextmanager
+def named_pair(lab: Lab, *ips: str, connector_rdv: str = RDV_NAME, rendezvous: bool = True,
+               ) -> Iterator[tuple[Peer, Peer]]:
+    """``rdv.lab`` resolving to ``ips`` on every host, the rendezvous (``rendezvous``
+    False: the caller's already runs), an echo service on a1, and a sharer (a1) and a
+    connector (b1) given that name (the connector: ``connector_rdv``), each with its
+    encrypted tunnel up; both stopped at the end, and both must exit with 0."""
+    with resolving(list(lab.hosts.values()), RDV_HOST, *ips):
+        if rendezvous:
+            start_rendezvous(lab)
+        s = start_coordinated(lab.a1, "share", "-p", str(SERVICE), rdv=RDV_NAME)
+        with echo_service(lab.a1):
+            code = s.line(10)
+            c = start_coordinated(lab.b1, "connect", code, "-p", str(TUNNEL),
+                                  rdv=connector_rdv)
+            try:
+                for peer in (s, c):
+                    wait_for(peer, "encrypted tunnel to")
+                yield s, c
+            finally:
+                codes = (stop(s)[0], c.wait(10))
+    assert codes == (0, 0), (s.stderr(), c.stderr())
+
+
+def drop_ipv6(host: Host) -> None:
+    """``host`` keeps IPv4 only: no global IPv6 address, no IPv6 route."""
+    host.run(["ip", "-6", "route", "flush", "default"])
+    host.run(["ip", "-6", "addr", "flush", "dev", "eth0", "scope", "global"])

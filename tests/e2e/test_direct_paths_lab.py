@@ -14,89 +14,40 @@
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import os
 import re
 import signal
-import socket
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.lab import Host, Lab, gateway as lab_gateway
+from tests.lab import Lab, gateway as lab_gateway
 from tests.lab.fixtures import LabFactory
 
-from .peers import Peer, connect, start_coordinated, start_rendezvous, wait_for
-from .test_web_lab import Dashboard, both_connected, dashboards, ended, join, share, two_dashboards
-
-__all__ = ["dashboards"]  # the fixture, for this module's dashboard test
+from .peers import (
+    SERVICE,
+    SIZE,
+    TUNNEL,
+    Peer,
+    echo_service,
+    round_trip,
+    start_coordinated,
+    start_rendezvous,
+    stop,
+    wait_for,
+)
+from .web_lab import Dashboard, both_connected, ended, join, share, two_dashboards
 
 pytestmark = pytest.mark.lab
 
 start = start_coordinated
 
-SERVICE, TUNNEL = 3000, 3010
 PUBLIC_A = "203.0.113.2"  # nata's WAN address
-SIZE = 2 << 20  # bytes through the tunnel, each way
-
-
-@contextlib.contextmanager
-def echo_service(host: Host) -> Iterator[None]:
-    """An echo service on the sharer's host (each connection in a thread), closed on exit."""
-    with host.enter():
-        server = socket.create_server(("127.0.0.1", SERVICE))
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=echo, args=(conn,), daemon=True).start()
-
-    def echo(conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):  # reset when the tunnel stops
-            while data := conn.recv(1 << 16):
-                conn.sendall(data)
-
-    threading.Thread(target=serve, daemon=True).start()
-    with server:
-        yield
-
-
-def round_trip(host: Host, size: int = SIZE) -> None:
-    """``size`` random bytes through the tunnel and back, intact."""
-    data = os.urandom(size)
-    sock = connect(host, TUNNEL, timeout=30)
-    with sock:
-        sender = threading.Thread(target=sock.sendall, args=(data,))
-        sender.start()
-        got = hashlib.sha256()
-        left = size
-        while left:
-            chunk = sock.recv(min(left, 1 << 16))
-            assert chunk, f"the tunnel closed after {size - left} bytes"
-            got.update(chunk)
-            left -= len(chunk)
-        sender.join(30)
-    assert got.hexdigest() == hashlib.sha256(data).hexdigest()
 
 
 def tunnel_up(s: Peer, c: Peer) -> tuple[str, str]:
     """The sharer's and the connector's stderr once each says its tunnel is up."""
     return wait_for(s, "encrypted tunnel to"), wait_for(c, "encrypted tunnel to")
-
-
-def stop(*peers: Peer, sig: signal.Signals = signal.SIGINT) -> tuple[int, ...]:
-    """Signal every peer at once (a peer that saw the other close first may be ending by
-    itself: both ways end with 0)."""
-    for peer in peers:
-        peer.proc.send_signal(sig)
-    return tuple(peer.wait(10) for peer in peers)
 
 
 @pytest.mark.parametrize(("left", "right"), [

@@ -56,11 +56,25 @@ from tests.programs import argv
 from tests.redis_server import RedisServer, require_redis_server
 
 from .flows import Flows
-from .peers import Peer, read_all, resolving, start_coordinated, wait_for, wait_on_stderr
+from .peers import (
+    SERVICE,
+    TUNNEL,
+    Peer,
+    close,
+    drop_ipv6,
+    echo_once,
+    echo_service as echo_service6,
+    named_pair,
+    path_lines,
+    read_all,
+    resolving,
+    round_trip,
+    start_coordinated,
+    stop,
+    wait_for,
+    wait_on_stderr,
+)
 from .relay_clients import take_message
-from .test_direct_paths_lab import SERVICE, TUNNEL, echo_service as echo_service6, round_trip, stop
-from .test_ipv6_rendezvous_lab import drop_ipv6, named_pair
-from .test_resume_lab import close, echo, path_lines
 from .web_support import echo_service
 
 pytestmark = pytest.mark.lab
@@ -296,7 +310,7 @@ def test_a_waiting_sharer_whose_node_dies_keeps_its_code_through_the_other_node(
                 wait_for(peer, "encrypted tunnel to")
         assert (f"rendezvous {NAME}:{PORT}: {other.ip}:{PORT} answered first of 2 IPv4 "
                 "addresses") in c.stderr(), c.stderr()
-        echo(lab.b1, 3010)
+        echo_once(lab.b1, 3010)
         assert other.alive()
         close(c, s)
 
@@ -361,7 +375,7 @@ def test_redis_lost_and_back_under_load_refuses_clearly_then_pairs_again(
         c2 = start(lab.b2, "connect", code, "-p", "3012", rdv=f"{RDV_IP2}:{PORT}")
         for peer in (waiting, c2):
             wait_for(peer, "encrypted tunnel to")
-        echo(lab.b2, 3012)
+        echo_once(lab.b2, 3012)
         assert node_a.alive() and node_b.alive()
         for node in (node_a, node_b):
             assert "Traceback" not in node.stderr(), node.stderr()
