@@ -8,11 +8,15 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from pytest_aiohttp import AiohttpClient
 
+from nopf_web.guard.base import NullGuard
 from nopf_web.rendezvous.server import RendezvousServer
+from nopf_web.web import create_app
 from nopf_web.wire.address import Endpoint
 
 from .web_lab import Dashboard
+from .web_support import Client, web_config
 
 
 @pytest.fixture
@@ -24,6 +28,13 @@ async def rendezvous() -> AsyncIterator[Endpoint]:
         yield Endpoint(*server.address)
     finally:
         await server.close()
+
+
+@pytest.fixture
+async def client(aiohttp_client: AiohttpClient, tmp_path: Path) -> Client:
+    """A dashboard (``web_config``: a temp DB, an embedded rendezvous, no guard) under
+    aiohttp's test client."""
+    return await aiohttp_client(create_app(web_config(tmp_path), guard=NullGuard("tests")))
 
 
 @pytest.fixture

@@ -34,11 +34,6 @@ from .web_support import (
 JSON = {"Content-Type": "application/json"}
 
 
-@pytest.fixture
-async def client(aiohttp_client: AiohttpClient, tmp_path: Path) -> Client:
-    return await aiohttp_client(create_app(web_config(tmp_path), guard=NullGuard("tests")))
-
-
 @pytest.mark.parametrize("body, field", [
     ({"local_port": 22}, "role"),
     ({"role": "s", "local_port": 22}, "role"),
