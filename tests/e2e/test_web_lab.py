@@ -12,6 +12,7 @@ and several connections share the encrypted tunnel).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -19,13 +20,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.lab import Host
+from tests.lab import Host, Lab
 from tests.lab.fixtures import LabFactory
 
 from .peers import RDV, connect, listening
@@ -148,19 +150,31 @@ def concurrent_exchanges(host: Host, streams: int, size: int) -> bool:
         return all(pool.map(digest_exchange, [host] * streams, [size] * streams))
 
 
+@contextlib.contextmanager
+def sharing_digests(lab: Lab, tmp_path: Path, dashboards: list[Dashboard], streams: int,
+                    share_body: dict[str, Any], join_body: dict[str, Any] | None = None,
+                    ) -> Iterator[tuple[Dashboard, dict[str, Any], Dashboard, dict[str, Any]]]:
+    """Dashboards in a1 and b1; a1 shares a digest service (``serve_digests`` on port 3000,
+    for ``streams`` connections) and b1 joins with the code on port 3010 (the sessions
+    created with ``share_body`` and ``join_body``): each dashboard and its session once
+    both are connected. The service closes on exit."""
+    dash_a, dash_b = two_dashboards(lab, tmp_path, dashboards)
+    with listening(lab.a1, 3000) as service:
+        serve_digests(service, streams)
+        server = share(dash_a, local_port=3000, **share_body)
+        client = join(dash_b, server["code"], local_port=3010, **(join_body or {}))
+        server, client = both_connected(dash_a, server, dash_b, client)
+        yield dash_a, server, dash_b, client
+
+
 def test_two_dashboards_pair_by_code_behind_two_nats(
         lab_factory: LabFactory, dashboards: list[Dashboard], tmp_path: Path) -> None:
     streams, size = 6, 512 * 1024
     lab = lab_factory("drop", "rst")
-    dash_a, dash_b = two_dashboards(lab, tmp_path, dashboards)
-
-    with listening(lab.a1, 3000) as service:
-        serve_digests(service, streams)
-        server = share(dash_a, local_port=3000, label="lab share")
+    with sharing_digests(lab, tmp_path, dashboards, streams, {"label": "lab share"},
+                         {"label": "lab join"}) as (dash_a, server, dash_b, client):
         assert server["mode"] == "coordinated"  # the default
         code = server["code"]
-        client = join(dash_b, code, local_port=3010, label="lab join")
-        server, client = both_connected(dash_a, server, dash_b, client)
         assert server["path"] == client["path"] == "public"
         assert client["peer_address"].split(":")[0] == lab.site("a").public_ip
 
@@ -184,13 +198,8 @@ def test_two_dashboards_behind_symmetric_nats_connect_through_the_relay(
         lab_factory: LabFactory, dashboards: list[Dashboard], tmp_path: Path) -> None:
     streams, size = 4, 512 * 1024
     lab = lab_factory("symmetric", "symmetric")
-    dash_a, dash_b = two_dashboards(lab, tmp_path, dashboards)
-
-    with listening(lab.a1, 3000) as service:
-        serve_digests(service, streams)
-        server = share(dash_a, local_port=3000, label="relayed share")
-        client = join(dash_b, server["code"], local_port=3010)
-        server, client = both_connected(dash_a, server, dash_b, client)
+    with sharing_digests(lab, tmp_path, dashboards, streams,
+                         {"label": "relayed share"}) as (dash_a, server, dash_b, client):
         assert server["path"] == client["path"] == "relay"
         # The peer is still named by its own public address, not the relay's.
         assert client["peer_address"].split(":")[0] == lab.site("a").public_ip
