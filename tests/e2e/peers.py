@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from tests.lab import Host, Lab
+from tests.lab.topology import RDV_IP2
 from tests.programs import argv
 
 RDV = "198.51.100.2:3012"
@@ -26,6 +27,8 @@ RDV_HOST = "rdv.lab"  # a name for the rendezvous host (``resolving`` makes it r
 RDV_NAME = f"{RDV_HOST}:3012"
 SERVICE, TUNNEL = 3000, 3010  # the sharer's service port, the connector's tunnel port
 SIZE = 2 << 20  # bytes ``round_trip`` sends through the tunnel, each way
+DOCTOR_DELAY_MS = 10  # the NAT doctor's lab: each link's delay
+DOCTOR_TARGET_MS = 1500  # what one doctor run may take at most
 
 
 def start_rendezvous(lab: Lab, *extra: str) -> subprocess.Popen[bytes]:
@@ -36,6 +39,19 @@ def start_rendezvous(lab: Lab, *extra: str) -> subprocess.Popen[bytes]:
     line = proc.stderr.readline().decode()
     assert "listening on" in line, line
     return proc
+
+
+def start_doctor_server(lab: Lab, *extra: str) -> subprocess.Popen[bytes]:
+    """nopf-server on rdv (its doctor on 3013 and on the second address, which the lab needs:
+    ``rdv_second_ip``); waits for it."""
+    args = ["--doctor-address", RDV_IP2] if "--no-doctor" not in extra else []
+    proc = lab.rdv.popen(argv("nopf-server", *args, *extra), stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    for _ in range(4):
+        line = proc.stderr.readline().decode()
+        if "NAT doctor on" in line or ("--no-doctor" in extra and "listening on" in line):
+            return proc
+    raise AssertionError(f"nopf-server did not start: {line}")
 
 
 @dataclass
