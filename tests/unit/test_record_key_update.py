@@ -28,7 +28,7 @@ from nopf_web.tunnel.record_machine import (
     SealingKey,
 )
 
-from .test_record_machine import FEW, Peer, messages, settle
+from .record_peers import FEW, Peer, messages, settle
 
 
 def pair(limits: KeyLimits, *, peer_limits: KeyLimits | None = None,
