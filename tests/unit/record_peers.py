@@ -1,13 +1,13 @@
 """Record machines as their tests drive them: ``Peer`` keeps what one machine did
 (bytes to send, plaintext, other events), ``move``/``settle`` carry the bytes between
-two of them, cut arbitrarily where hypothesis says; settings and messages to draw."""
+two of them, cut arbitrarily where hypothesis says; the messages a test draws."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
 
-from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis import strategies as st
 
 from nopf_web.tunnel.record_machine import (
     ChannelFailed,
@@ -16,9 +16,6 @@ from nopf_web.tunnel.record_machine import (
     RecordReceived,
     Transmit,
 )
-
-FEW = settings(max_examples=40, deadline=None,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 class Peer:

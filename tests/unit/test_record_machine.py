@@ -35,7 +35,8 @@ from nopf_web.tunnel.record_machine import (
     TunnelSecrets,
 )
 
-from .record_peers import FEW, Peer, cuts_of, messages, move, settle
+from .budget import FEW
+from .record_peers import Peer, cuts_of, messages, move, settle
 
 CODE = "7-orbit-lantern"
 WRONG = "7-orbit-lanterns"
