@@ -71,6 +71,12 @@ class Peer:
         return failures[0]
 
 
+def started(pair: tuple[Peer, Peer]) -> tuple[Peer, Peer]:
+    """Both machines of ``pair`` started at time 0, A first (nothing carried yet)."""
+    a, b = pair
+    return a.start(), b.start()
+
+
 def cuts_of(data: st.DataObject, size: int) -> list[int]:
     if size <= 1:
         return []
