@@ -1,6 +1,6 @@
 """Loopback sockets for the tests and benchmarks: a connected TCP pair, whether this host
-has IPv6 loopback, everything a server sends until it closes, a service's accept loop, a
-fake rendezvous."""
+has IPv6 loopback, everything a server sends until it closes, a service's accept loop, an echo
+service, a fake rendezvous."""
 
 from __future__ import annotations
 
@@ -60,6 +60,36 @@ def accepted(listener: socket.socket, stop: threading.Event) -> Iterator[socket.
         except OSError:  # closed under us: the service is ending
             return
         yield conn
+
+
+@contextlib.contextmanager
+def echo_service(port: int = 0) -> Iterator[int]:
+    """A loopback TCP echo service (one thread per connection); yields its port.
+
+    The listener lives in the network namespace current when this is entered.
+    """
+    listener = socket.create_server(("127.0.0.1", port), backlog=256)
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):  # reset when a tunnel stops
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def accept() -> None:
+        for conn in accepted(listener, stop):
+            conn.settimeout(None)
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    acceptor = threading.Thread(target=accept, name="echo-accept", daemon=True)
+    acceptor.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        stop.set()
+        acceptor.join(2)
+        listener.close()
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.web_support import echo_service
+from tests.loopback import echo_service
 from tests.programs import free_port
 
 from .support import (

@@ -20,6 +20,7 @@ from typing import IO
 
 from tests.lab import Host, Lab
 from tests.lab.topology import RDV_IP2
+from tests.loopback import echo_service
 from tests.programs import argv
 
 RDV = "198.51.100.2:3012"
@@ -260,27 +261,12 @@ class Exchange:
 
 
 @contextlib.contextmanager
-def echo_service(host: Host) -> Iterator[None]:
-    """An echo service on port SERVICE of ``host`` (each connection in a thread), closed
-    on exit."""
-    with host.enter():
-        server = socket.create_server(("127.0.0.1", SERVICE))
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=echo, args=(conn,), daemon=True).start()
-
-    def echo(conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):  # reset when the tunnel stops
-            while data := conn.recv(1 << 16):
-                conn.sendall(data)
-
-    threading.Thread(target=serve, daemon=True).start()
-    with server:
+def echo_service_on(host: Host, port: int = SERVICE) -> Iterator[None]:
+    """``echo_service`` on ``port`` of ``host`` (its listener in the host's namespace; the
+    caller's thread stays in its own), closed on exit."""
+    with contextlib.ExitStack() as service:
+        with host.enter():
+            service.enter_context(echo_service(port))
         yield
 
 
@@ -350,7 +336,7 @@ def named_pair(lab: Lab, *ips: str, connector_rdv: str = RDV_NAME, rendezvous: b
         if rendezvous:
             start_rendezvous(lab)
         s = start_coordinated(lab.a1, "share", "-p", str(SERVICE), rdv=RDV_NAME)
-        with echo_service(lab.a1):
+        with echo_service_on(lab.a1):
             code = s.line(10)
             c = start_coordinated(lab.b1, "connect", code, "-p", str(TUNNEL),
                                   rdv=connector_rdv)

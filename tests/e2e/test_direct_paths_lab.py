@@ -29,7 +29,7 @@ from .peers import (
     SIZE,
     TUNNEL,
     Peer,
-    echo_service,
+    echo_service_on,
     round_trip,
     start_coordinated,
     start_rendezvous,
@@ -59,7 +59,7 @@ def test_sites_with_ipv6_connect_directly_over_ipv6(
     lab = lab_factory(left, right, ipv6=True)
     rdv = start_rendezvous(lab)
     rdv_bytes = lab.tcp_counter(lab.rdv, 3012)
-    with echo_service(lab.a1):
+    with echo_service_on(lab.a1):
         s = start(lab.a1, "share", "-p", str(SERVICE))
         c = start(lab.b1, "connect", s.line(10), "-p", str(TUNNEL))
         try:
@@ -93,7 +93,7 @@ def mapped_pair(lab: Lab, sig: signal.Signals, *, off: tuple[str, ...] = ()) -> 
     gw = lab_gateway.start(lab.nata, off=list(off))
     start_rendezvous(lab)
     rdv_bytes = lab.tcp_counter(lab.rdv, 3012)
-    with echo_service(lab.a1):
+    with echo_service_on(lab.a1):
         s = start(lab.a1, "share", "-p", str(SERVICE))
         code = s.line(10)
         err = wait_for(s, "offering the mapped port")
@@ -145,7 +145,7 @@ def test_a_mapped_connector_and_a_symmetric_sharer_connect_directly(
     rdv_bytes = lab.tcp_counter(lab.rdv, 3012)
     direct = ("--retry-direct", "1")
     s = start(lab.a1, "share", "-p", str(SERVICE), extra=direct)
-    with echo_service(lab.a1):
+    with echo_service_on(lab.a1):
         code = s.line(10)
         c = start(lab.b1, "connect", code, "-p", str(TUNNEL), extra=direct)
         try:
@@ -174,7 +174,7 @@ def test_a_gateway_behind_another_nat_is_not_used(lab_factory: LabFactory) -> No
     lab = lab_factory("drop", "symmetric")
     gw = lab_gateway.start(lab.nata, external_ip="100.64.7.7")  # a CGNAT address: a lie
     start_rendezvous(lab)
-    with echo_service(lab.a1):
+    with echo_service_on(lab.a1):
         s = start(lab.a1, "share", "-p", str(SERVICE))
         code = s.line(10)
         err = wait_for(s, "not offering the mapped port 100.64.7.7:")
@@ -196,7 +196,7 @@ def test_dashboards_take_the_mapped_port_and_a_stopped_session_deletes_it(
     lab = lab_factory("drop", "symmetric")
     gw = lab_gateway.start(lab.nata)
     dash_a, dash_b = two_dashboards(lab, tmp_path, dashboards)
-    with echo_service(lab.a1):
+    with echo_service_on(lab.a1):
         server = share(dash_a, local_port=SERVICE)
         assert gw.rules(), "the sharing session made no mapping"
         client = join(dash_b, server["code"], local_port=TUNNEL)

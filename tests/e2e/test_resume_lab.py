@@ -24,8 +24,16 @@ from tests.lab import Host, Lab
 from tests.lab.fixtures import LabFactory
 
 from .flows import Flows
-from .peers import Peer, close, echo_once, path_lines, start_coordinated, start_rendezvous, wait_for
-from .web_support import echo_service
+from .peers import (
+    Peer,
+    close,
+    echo_once,
+    echo_service_on,
+    path_lines,
+    start_coordinated,
+    start_rendezvous,
+    wait_for,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -116,8 +124,7 @@ def test_nopf_server_killed_a_direct_tunnel_goes_on_and_a_new_pair_meets_after_r
     server = start_rendezvous(lab)
     with contextlib.ExitStack() as services:
         for host, port in ((lab.a1, 3001), (lab.a2, 3002)):
-            with host.enter():
-                services.enter_context(echo_service(port))
+            services.enter_context(echo_service_on(host, port))
         s, c = pair(lab, lab.a1, lab.b1, port=3001)
         echo_once(lab.b1, 3010)
         server.send_signal(signal.SIGKILL)

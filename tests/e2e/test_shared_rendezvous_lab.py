@@ -63,7 +63,7 @@ from .peers import (
     close,
     drop_ipv6,
     echo_once,
-    echo_service as echo_service6,
+    echo_service_on,
     named_pair,
     path_lines,
     read_all,
@@ -75,7 +75,6 @@ from .peers import (
     wait_on_stderr,
 )
 from .relay_clients import take_message
-from .web_support import echo_service
 
 pytestmark = pytest.mark.lab
 
@@ -290,8 +289,7 @@ def test_a_waiting_sharer_whose_node_dies_keeps_its_code_through_the_other_node(
     lab = lab_factory("drop", "drop", delay_ms=5, rdv_second_ip=True)
     with one_name(lab, lab.a1), shared_rendezvous(lab) as (_, node_a, node_b), \
             contextlib.ExitStack() as services:
-        with lab.a1.enter():
-            services.enter_context(echo_service(3000))
+        services.enter_context(echo_service_on(lab.a1, 3000))
         s = start(lab.a1, "share", "-p", "3000", rdv=f"{NAME}:{PORT}")
         code = s.line(10)
         holder = node_a if node_a.node == holding_node(lab, code) else node_b
@@ -320,8 +318,7 @@ def test_redis_lost_and_back_under_load_refuses_clearly_then_pairs_again(
     lab = lab_factory("drop", "rst", delay_ms=5, rdv_second_ip=True)
     with shared_rendezvous(lab) as (redis, node_a, node_b), \
             contextlib.ExitStack() as services:
-        with lab.a2.enter():
-            services.enter_context(echo_service(3002))
+        services.enter_context(echo_service_on(lab.a2, 3002))
         s = start(lab.a1, "share", "-p", "3000", rdv=f"{RDV_IP}:{PORT}")
         c = start(lab.b1, "connect", s.line(10), "-p", "3010", rdv=f"{RDV_IP2}:{PORT}")
         for peer in (s, c):
@@ -460,7 +457,7 @@ def test_a_pair_across_nodes_gets_the_direct_candidates_and_takes_ipv6(
     not through a relay."""
     lab = lab_factory("symmetric", "symmetric", ipv6=True, rdv_second_ip=True)
     with shared_rendezvous(lab) as (_, node_a, node_b):
-        with echo_service6(lab.a1):
+        with echo_service_on(lab.a1):
             s = start(lab.a1, "share", "-p", str(SERVICE), rdv=f"{RDV_IP}:{PORT}")
             code = s.line(10)
             assert holding_node(lab, code) == node_a.node

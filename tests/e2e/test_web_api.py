@@ -18,6 +18,7 @@ from pytest_aiohttp import AiohttpClient
 from nopf_web.guard.base import NullGuard
 from nopf_web.pairing import make_code
 from nopf_web.web import create_app
+from tests.loopback import echo_service
 from tests.programs import free_port
 
 from .web_support import (
@@ -25,7 +26,6 @@ from .web_support import (
     connection,
     create_session,
     echo,
-    echo_service,
     get_session,
     wait_until,
     web_config,

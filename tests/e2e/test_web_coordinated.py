@@ -17,6 +17,7 @@ import pytest
 
 from nopf_web.pairing import make_code, parse_code
 from nopf_web.web.keys import STORE
+from tests.loopback import echo_service
 from tests.programs import argv, free_port
 
 from .web_support import (
@@ -24,7 +25,6 @@ from .web_support import (
     connection,
     create_session,
     echo,
-    echo_service,
     get_session,
     wait_until,
 )
