@@ -12,6 +12,7 @@ import pytest
 def require(missing: str | None, what: str) -> None:
     """Nothing when ``missing`` is None; else skip the test with that reason, or under
     ``CI=true`` fail it with one line: "``what`` under CI: ``missing``"."""
+    __tracebackhide__ = True  # the skip is reported where the caller asked for it
     if missing is None:
         return
     if os.environ.get("CI") == "true":
