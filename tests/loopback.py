@@ -1,12 +1,16 @@
 """Loopback sockets for the tests and benchmarks: a connected TCP pair, whether this host
-has IPv6 loopback, everything a server sends until it closes, a service's accept loop."""
+has IPv6 loopback, everything a server sends until it closes, a service's accept loop, an echo
+service, a fake rendezvous."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 from collections.abc import Iterator
+
+from nopf_web.wire.discovery import encode_reply
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -56,3 +60,76 @@ def accepted(listener: socket.socket, stop: threading.Event) -> Iterator[socket.
         except OSError:  # closed under us: the service is ending
             return
         yield conn
+
+
+@contextlib.contextmanager
+def echo_service(port: int = 0) -> Iterator[int]:
+    """A loopback TCP echo service (one thread per connection); yields its port.
+
+    The listener lives in the network namespace current when this is entered.
+    """
+    listener = socket.create_server(("127.0.0.1", port), backlog=256)
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):  # reset when a tunnel stops
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def accept() -> None:
+        for conn in accepted(listener, stop):
+            conn.settimeout(None)
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    acceptor = threading.Thread(target=accept, name="echo-accept", daemon=True)
+    acceptor.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        stop.set()
+        acceptor.join(2)
+        listener.close()
+
+
+@contextlib.contextmanager
+def fake_rendezvous(behaviour: str) -> Iterator[int]:
+    """A loopback rendezvous for ``nopf``: ``behaviour`` "seed" is a seed server written from
+    the spec; "garbage" and "short" answer wrong; anything else accepts and stays silent.
+    Yields its port."""
+    lsock = socket.socket()
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    lsock.settimeout(0.2)
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, (ip, port) = lsock.accept()
+            except TimeoutError:
+                continue
+            if behaviour == "seed":  # an independent seed server: 4+2 bytes, END\0, close
+                conn.sendall(socket.inet_aton(ip) + port.to_bytes(2, "big") + b"END\0")
+                conn.close()
+            elif behaviour == "garbage":
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+                conn.close()
+            elif behaviour == "short":
+                conn.sendall(encode_reply(ip, port)[:7])
+                conn.close()
+            else:  # silent: accept and say nothing
+                held.append(conn)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield lsock.getsockname()[1]
+    finally:
+        stop.set()
+        t.join(2)
+        for c in held:
+            c.close()
+        lsock.close()

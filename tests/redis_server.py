@@ -17,26 +17,28 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
+from tests.prerequisites import require
 
 REDIS_SERVER = "redis-server"
 
 
+def _missing(path: str | None) -> str | None:
+    if path is None:
+        return "Debian's redis-server is missing (apt-get install redis-server; ./dev.sh does)"
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        return "the redis Python package is missing (pip install -e '.[test]')"
+    return None
+
+
 def require_redis_server() -> str:
+    """The path of Debian's ``redis-server`` (the test skips without it or the redis
+    Python package; under CI=true it fails)."""
     path = shutil.which(REDIS_SERVER)
-    if path is not None:
-        try:
-            import redis  # noqa: F401
-        except ImportError:
-            path = None
-            why = "the redis Python package is missing (pip install -e '.[test]')"
-    else:
-        why = "Debian's redis-server is missing (apt-get install redis-server; ./dev.sh does)"
-    if path is not None:
-        return path
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"redis unavailable under CI: {why}", pytrace=False)
-    pytest.skip(why)
+    require(_missing(path), "redis unavailable")
+    assert path is not None  # else require() skipped or failed the test
+    return path
 
 
 @dataclass

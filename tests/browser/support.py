@@ -10,9 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pytest
-
 from tests.lab import Host
+from tests.prerequisites import require
 
 if TYPE_CHECKING:  # playwright may be missing: the tests then skip
     from playwright.sync_api import ViewportSize
@@ -38,12 +37,7 @@ def _unavailable() -> str | None:
 
 def require_browser() -> None:
     """Skip the test when chromium or playwright is missing; under CI=true, fail it."""
-    reason = _unavailable()
-    if reason is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"browser test cannot run under CI: {reason}", pytrace=False)
-    pytest.skip(reason)
+    require(_unavailable(), "browser test cannot run")
 
 
 def screens_dir(tmp_path: Path) -> Path:

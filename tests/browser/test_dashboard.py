@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.web_support import echo_service
+from tests.loopback import echo_service
 from tests.programs import free_port
 
 from .support import (
@@ -133,6 +133,19 @@ def _wait_counted(pages: tuple[Any, ...], sent: int) -> None:
                                arg=str(sent))
 
 
+def _stop(page: Any) -> None:
+    """Click the session page's "Stop session"; until its badge says stopped."""
+    page.get_by_role("button", name="Stop session").click()
+    page.locator("#live .badge-stopped").wait_for()
+
+
+def _stop_both(client_page: Any, server_page: Any) -> None:
+    """Stop the client's session: it ends stopped, and the server's ends closed (the
+    peer's end closed it)."""
+    _stop(client_page)
+    server_page.locator("#live .badge-closed").wait_for()
+
+
 def _history_rows(context: Any, dashboard: str) -> tuple[Any, Any]:
     """A new page on the History; it and its table's rows."""
     history = context.new_page()
@@ -189,9 +202,7 @@ def test_a_client_joins_with_the_copied_code_and_carries_many_connections(
         assert client_page.locator("#bytes-in").inner_text() == "1.5 MiB"
         screenshot_both(client_page, screens, "session")
 
-        client_page.get_by_role("button", name="Stop session").click()
-        client_page.locator("#live .badge-stopped").wait_for()
-        server_page.locator("#live .badge-closed").wait_for()  # the peer's end closed it
+        _stop_both(client_page, server_page)
 
     history, rows = _history_rows(context, dashboard)
     assert rows.count() == 2
@@ -247,9 +258,7 @@ def test_seed_mode_sessions_exchange_addresses_connect_and_land_in_history(
             assert client_page.locator("#bytes-in").inner_text() == "1.0 MiB"
             screenshot_both(client_page, screens, "seed-session")
 
-            client_page.get_by_role("button", name="Stop session").click()
-            client_page.locator("#live .badge-stopped").wait_for()
-        server_page.locator("#live .badge-closed").wait_for()  # the peer's end closed it
+            _stop_both(client_page, server_page)
 
     history, rows = _history_rows(context, dashboard)
     assert rows.count() == 2
@@ -348,7 +357,6 @@ def test_without_javascript_a_session_page_shows_the_session_and_a_refresh_link(
     assert re.fullmatch(r"[1-9][0-9]*-[a-z]+-[a-z]+", code), code
     assert page.locator("#live .badge-waiting_peer").is_visible()
     assert page.locator("#elapsed").is_visible() and page.locator("#bytes-in").is_visible()
-    page.get_by_role("button", name="Stop session").click()  # a plain form post
-    page.locator("#live .badge-stopped").wait_for()
+    _stop(page)  # a plain form post
     assert page.get_by_role("link", name="refresh").count() == 0  # nothing left to update
     context.close()

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_doctor_lab import start_server
+from tests.e2e.peers import start_doctor_server
 from tests.lab.fixtures import LabFactory
 from tests.lab.topology import RDV_IP, Host, Lab
 from tests.programs import argv, free_port
@@ -61,7 +61,7 @@ def api(host: Host, url: str, path: str, body: dict[str, Any] | None = None) -> 
 def two_dashboards(lab_factory: LabFactory, tmp_path: Path) -> Iterator[tuple[Lab, str, str]]:
     require_browser()
     lab = lab_factory("rst", "symmetric", delay_ms=10, rdv_second_ip=True)
-    start_server(lab)
+    start_doctor_server(lab)
     yield lab, start_web(lab.a1, tmp_path / "a.sqlite3"), start_web(lab.b1, tmp_path / "b.sqlite3")
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_doctor_lab import start_server
+from tests.e2e.peers import start_doctor_server
 from tests.lab import gateway as lab_gateway
 from tests.lab.fixtures import LabFactory
 from tests.lab.topology import RDV_IP, Lab
@@ -38,7 +38,7 @@ def lab_dashboard(lab_factory: LabFactory, tmp_path: Path) -> Iterator[tuple[Lab
     """A lab, nopf-server on rdv, a gateway on nata and nopf-web on a1; yields its URL."""
     require_browser()
     lab = lab_factory("rst", "drop", delay_ms=10, rdv_second_ip=True, hairpin=("a",))
-    start_server(lab)
+    start_doctor_server(lab)
     lab_gateway.start(lab.nata)
     proc = lab.a1.popen(argv("nopf-web", "--port", "0", "--db", str(tmp_path / "h.sqlite3"),
                              "--rendezvous", f"{RDV_IP}:3012", "--no-guard"),

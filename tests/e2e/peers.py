@@ -7,6 +7,7 @@ import hashlib
 import os
 import queue
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -18,9 +19,17 @@ from pathlib import Path
 from typing import IO
 
 from tests.lab import Host, Lab
+from tests.lab.topology import RDV_IP2
+from tests.loopback import echo_service
 from tests.programs import argv
 
 RDV = "198.51.100.2:3012"
+RDV_HOST = "rdv.lab"  # a name for the rendezvous host (``resolving`` makes it resolve)
+RDV_NAME = f"{RDV_HOST}:3012"
+SERVICE, TUNNEL = 3000, 3010  # the sharer's service port, the connector's tunnel port
+SIZE = 2 << 20  # bytes ``round_trip`` sends through the tunnel, each way
+DOCTOR_DELAY_MS = 10  # the NAT doctor's lab: each link's delay
+DOCTOR_TARGET_MS = 1500  # what one doctor run may take at most
 
 
 def start_rendezvous(lab: Lab, *extra: str) -> subprocess.Popen[bytes]:
@@ -31,6 +40,19 @@ def start_rendezvous(lab: Lab, *extra: str) -> subprocess.Popen[bytes]:
     line = proc.stderr.readline().decode()
     assert "listening on" in line, line
     return proc
+
+
+def start_doctor_server(lab: Lab, *extra: str) -> subprocess.Popen[bytes]:
+    """nopf-server on rdv (its doctor on 3013 and on the second address, which the lab needs:
+    ``rdv_second_ip``); waits for it."""
+    args = ["--doctor-address", RDV_IP2] if "--no-doctor" not in extra else []
+    proc = lab.rdv.popen(argv("nopf-server", *args, *extra), stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    for _ in range(4):
+        line = proc.stderr.readline().decode()
+        if "NAT doctor on" in line or ("--no-doctor" in extra and "listening on" in line):
+            return proc
+    raise AssertionError(f"nopf-server did not start: {line}")
 
 
 @dataclass
@@ -236,3 +258,98 @@ class Exchange:
                 raise AssertionError(f"exchange still running after {timeout} s")
         if self.error is not None:
             raise self.error
+
+
+@contextlib.contextmanager
+def echo_service_on(host: Host, port: int = SERVICE) -> Iterator[None]:
+    """``echo_service`` on ``port`` of ``host`` (its listener in the host's namespace; the
+    caller's thread stays in its own), closed on exit."""
+    with contextlib.ExitStack() as service:
+        with host.enter():
+            service.enter_context(echo_service(port))
+        yield
+
+
+def round_trip(host: Host, size: int = SIZE) -> None:
+    """``size`` random bytes through the tunnel (port TUNNEL of ``host``) and back, intact."""
+    data = os.urandom(size)
+    sock = connect(host, TUNNEL, timeout=30)
+    with sock:
+        sender = threading.Thread(target=sock.sendall, args=(data,))
+        sender.start()
+        got = hashlib.sha256()
+        left = size
+        while left:
+            chunk = sock.recv(min(left, 1 << 16))
+            assert chunk, f"the tunnel closed after {size - left} bytes"
+            got.update(chunk)
+            left -= len(chunk)
+        sender.join(30)
+    assert got.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def echo_once(host: Host, port: int) -> None:
+    """A new connection through the tunnel (port ``port`` of ``host``): what it sends
+    comes back."""
+    sock = connect(host, port, timeout=10)
+    with sock:
+        sock.sendall(b"a new connection")
+        sock.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := sock.recv(64):  # until the service's own close came back
+            got += chunk
+    assert got == b"a new connection"
+
+
+def stop(*peers: Peer, sig: signal.Signals = signal.SIGINT,
+         timeout: float = 10) -> tuple[int, ...]:
+    """Signal every peer at once (a peer that saw the other close first may be ending by
+    itself: both ways end with 0); their exit codes."""
+    for peer in peers:
+        peer.proc.send_signal(sig)
+    return tuple(peer.wait(timeout) for peer in peers)
+
+
+def close(*peers: Peer) -> None:
+    """SIGINT every peer: each must exit with 0 and without a traceback."""
+    codes = stop(*peers, timeout=15)
+    assert codes == (0,) * len(peers), [p.stderr() for p in peers]
+    for peer in peers:
+        assert "Traceback" not in peer.stderr()
+
+
+def path_lines(peer: Peer) -> str:
+    """What the peer said about its paths (for the test's output)."""
+    keys = ("was lost", "resum", "direct", "new connection")
+    return "\n".join(f"  {peer.role}: {line}" for line in peer.stderr().splitlines()
+                     if any(k in line for k in keys))
+
+
+@contextlib.contextmanager
+def named_pair(lab: Lab, *ips: str, connector_rdv: str = RDV_NAME, rendezvous: bool = True,
+               ) -> Iterator[tuple[Peer, Peer]]:
+    """``rdv.lab`` resolving to ``ips`` on every host, the rendezvous (``rendezvous``
+    False: the caller's already runs), an echo service on a1, and a sharer (a1) and a
+    connector (b1) given that name (the connector: ``connector_rdv``), each with its
+    encrypted tunnel up; both stopped at the end, and both must exit with 0."""
+    with resolving(list(lab.hosts.values()), RDV_HOST, *ips):
+        if rendezvous:
+            start_rendezvous(lab)
+        s = start_coordinated(lab.a1, "share", "-p", str(SERVICE), rdv=RDV_NAME)
+        with echo_service_on(lab.a1):
+            code = s.line(10)
+            c = start_coordinated(lab.b1, "connect", code, "-p", str(TUNNEL),
+                                  rdv=connector_rdv)
+            try:
+                for peer in (s, c):
+                    wait_for(peer, "encrypted tunnel to")
+                yield s, c
+            finally:
+                codes = (stop(s)[0], c.wait(10))
+    assert codes == (0, 0), (s.stderr(), c.stderr())
+
+
+def drop_ipv6(host: Host) -> None:
+    """``host`` keeps IPv4 only: no global IPv6 address, no IPv6 route."""
+    host.run(["ip", "-6", "route", "flush", "default"])
+    host.run(["ip", "-6", "addr", "flush", "dev", "eth0", "scope", "global"])

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import subprocess
-import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from nopf_web.wire.discovery import encode_reply
+from tests.loopback import fake_rendezvous
 from tests.programs import argv, free_port
 
 
@@ -27,47 +24,6 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, *ne
     assert len(errors) == 1, proc.stderr
     for needle in needles:
         assert needle in errors[0], errors[0]
-
-
-@contextlib.contextmanager
-def tcp_server(behaviour: str) -> Iterator[int]:
-    """A loopback server that is a seed server written from the spec, silent, or garbage."""
-    lsock = socket.socket()
-    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(16)
-    lsock.settimeout(0.2)
-    stop = threading.Event()
-    held: list[socket.socket] = []
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, (ip, port) = lsock.accept()
-            except TimeoutError:
-                continue
-            if behaviour == "seed":  # an independent seed server: 4+2 bytes, END\0, close
-                conn.sendall(socket.inet_aton(ip) + port.to_bytes(2, "big") + b"END\0")
-                conn.close()
-            elif behaviour == "garbage":
-                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
-                conn.close()
-            elif behaviour == "short":
-                conn.sendall(encode_reply(ip, port)[:7])
-                conn.close()
-            else:  # silent: accept and say nothing
-                held.append(conn)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
-        yield lsock.getsockname()[1]
-    finally:
-        stop.set()
-        t.join(2)
-        for c in held:
-            c.close()
-        lsock.close()
 
 
 @pytest.mark.parametrize(
@@ -88,7 +44,7 @@ def test_bad_arguments(args: list[str], needle: str) -> None:
 
 
 def test_both_flag_forms_are_accepted() -> None:
-    with tcp_server("seed") as port:
+    with fake_rendezvous("seed") as port:
         a = run_nopf("--localport=3000", f"--serveraddr=127.0.0.1:{port}", "--type=server",
                      stdin="garbage\n")
         b = run_nopf("--localport", "3000", "--serveraddr", f"127.0.0.1:{port}", "-t", "s",
@@ -106,7 +62,7 @@ def test_both_flag_forms_are_accepted() -> None:
      ("example.org:80\n", "not an IPv4 address")],
 )
 def test_bad_peer_address_on_stdin(stdin: str, needle: str) -> None:
-    with tcp_server("seed") as port:
+    with fake_rendezvous("seed") as port:
         proc = run_nopf("-p", "3000", "-a", f"127.0.0.1:{port}", "-t", "server", stdin=stdin)
     first = proc.stdout.splitlines()[0]
     host, _, public_port = first.partition(":")
@@ -115,7 +71,7 @@ def test_bad_peer_address_on_stdin(stdin: str, needle: str) -> None:
 
 
 def test_works_against_an_independent_seed_server() -> None:
-    with tcp_server("seed") as port:
+    with fake_rendezvous("seed") as port:
         proc = run_nopf("-p", "3000", "-a", f"localhost:{port}", stdin="")
     assert proc.stdout.splitlines()[0].startswith("127.0.0.1:")
 
@@ -127,7 +83,7 @@ def test_rendezvous_refusing() -> None:
 
 
 def test_rendezvous_silent() -> None:
-    with tcp_server("silent") as port:
+    with fake_rendezvous("silent") as port:
         t0 = time.monotonic()
         proc = run_nopf("-p", "3000", "-a", f"127.0.0.1:{port}")
     assert time.monotonic() - t0 < 15
@@ -137,7 +93,7 @@ def test_rendezvous_silent() -> None:
 @pytest.mark.parametrize(("behaviour", "needle"),
                          [("garbage", "not a discovery reply"), ("short", "after 7 of 10 bytes")])
 def test_rendezvous_answering_garbage(behaviour: str, needle: str) -> None:
-    with tcp_server(behaviour) as port:
+    with fake_rendezvous(behaviour) as port:
         assert_one_line_error(run_nopf("-p", "3000", "-a", f"127.0.0.1:{port}"), 1, needle)
 
 
@@ -147,7 +103,7 @@ def test_rendezvous_name_that_does_not_resolve() -> None:
 
 
 def test_local_port_in_use() -> None:
-    with socket.socket() as busy, tcp_server("seed") as port:
+    with socket.socket() as busy, fake_rendezvous("seed") as port:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         used = busy.getsockname()[1]
@@ -157,7 +113,7 @@ def test_local_port_in_use() -> None:
 
 
 def test_peer_never_arriving_times_out_with_the_cause() -> None:
-    with tcp_server("seed") as port:
+    with fake_rendezvous("seed") as port:
         t0 = time.monotonic()
         proc = run_nopf("-p", "3000", "-a", f"127.0.0.1:{port}", "--timeout", "2",
                         stdin=f"127.0.0.1:{free_port()}\n")

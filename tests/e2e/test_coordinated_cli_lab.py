@@ -25,8 +25,15 @@ from nopf_web.pairing_words import WORDS
 from tests.lab import Host, Lab
 from tests.lab.fixtures import LabFactory
 
-from .peers import Peer, connect, listening, punch_pair, start_coordinated, start_rendezvous
-from .web_support import echo_service
+from .peers import (
+    Peer,
+    connect,
+    echo_service_on,
+    listening,
+    punch_pair,
+    start_coordinated,
+    start_rendezvous,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -82,8 +89,7 @@ def test_share_connect_200_streams_encrypted_on_the_wire(lab_factory: LabFactory
     lab = lab_factory("rst", "icmp", delay_ms=10, jitter_ms=3)
     start_rendezvous(lab)
     with contextlib.ExitStack() as services:
-        with lab.a1.enter():
-            services.enter_context(echo_service(3000))
+        services.enter_context(echo_service_on(lab.a1, 3000))
         with capture(lab) as pcap:
             s, c = share_and_connect(lab, lab.a1, lab.b1)
             wait_connected(c)

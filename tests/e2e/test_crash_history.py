@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from tests.e2e.web_support import echo_service
+from tests.loopback import echo_service
 from tests.programs import argv, free_port
 
 KILLS = int(os.environ.get("NOPF_CRASH_KILLS", "30"))

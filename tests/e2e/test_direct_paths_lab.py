@@ -14,89 +14,40 @@
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import os
 import re
 import signal
-import socket
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.lab import Host, Lab, gateway as lab_gateway
+from tests.lab import Lab, gateway as lab_gateway
 from tests.lab.fixtures import LabFactory
 
-from .peers import Peer, connect, start_coordinated, start_rendezvous, wait_for
-from .test_web_lab import Dashboard, both_connected, dashboards, ended, join, share, two_dashboards
-
-__all__ = ["dashboards"]  # the fixture, for this module's dashboard test
+from .peers import (
+    SERVICE,
+    SIZE,
+    TUNNEL,
+    Peer,
+    echo_service_on,
+    round_trip,
+    start_coordinated,
+    start_rendezvous,
+    stop,
+    wait_for,
+)
+from .web_lab import Dashboard, both_connected, ended, join, share, two_dashboards
 
 pytestmark = pytest.mark.lab
 
 start = start_coordinated
 
-SERVICE, TUNNEL = 3000, 3010
 PUBLIC_A = "203.0.113.2"  # nata's WAN address
-SIZE = 2 << 20  # bytes through the tunnel, each way
-
-
-@contextlib.contextmanager
-def echo_service(host: Host) -> Iterator[None]:
-    """An echo service on the sharer's host (each connection in a thread), closed on exit."""
-    with host.enter():
-        server = socket.create_server(("127.0.0.1", SERVICE))
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=echo, args=(conn,), daemon=True).start()
-
-    def echo(conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):  # reset when the tunnel stops
-            while data := conn.recv(1 << 16):
-                conn.sendall(data)
-
-    threading.Thread(target=serve, daemon=True).start()
-    with server:
-        yield
-
-
-def round_trip(host: Host, size: int = SIZE) -> None:
-    """``size`` random bytes through the tunnel and back, intact."""
-    data = os.urandom(size)
-    sock = connect(host, TUNNEL, timeout=30)
-    with sock:
-        sender = threading.Thread(target=sock.sendall, args=(data,))
-        sender.start()
-        got = hashlib.sha256()
-        left = size
-        while left:
-            chunk = sock.recv(min(left, 1 << 16))
-            assert chunk, f"the tunnel closed after {size - left} bytes"
-            got.update(chunk)
-            left -= len(chunk)
-        sender.join(30)
-    assert got.hexdigest() == hashlib.sha256(data).hexdigest()
 
 
 def tunnel_up(s: Peer, c: Peer) -> tuple[str, str]:
     """The sharer's and the connector's stderr once each says its tunnel is up."""
     return wait_for(s, "encrypted tunnel to"), wait_for(c, "encrypted tunnel to")
-
-
-def stop(*peers: Peer, sig: signal.Signals = signal.SIGINT) -> tuple[int, ...]:
-    """Signal every peer at once (a peer that saw the other close first may be ending by
-    itself: both ways end with 0)."""
-    for peer in peers:
-        peer.proc.send_signal(sig)
-    return tuple(peer.wait(10) for peer in peers)
 
 
 @pytest.mark.parametrize(("left", "right"), [
@@ -108,7 +59,7 @@ def test_sites_with_ipv6_connect_directly_over_ipv6(
     lab = lab_factory(left, right, ipv6=True)
     rdv = start_rendezvous(lab)
     rdv_bytes = lab.tcp_counter(lab.rdv, 3012)
-    with echo_service(lab.a1):
+    with echo_service_on(lab.a1):
         s = start(lab.a1, "share", "-p", str(SERVICE))
         c = start(lab.b1, "connect", s.line(10), "-p", str(TUNNEL))
         try:
@@ -142,7 +93,7 @@ def mapped_pair(lab: Lab, sig: signal.Signals, *, off: tuple[str, ...] = ()) -> 
     gw = lab_gateway.start(lab.nata, off=list(off))
     start_rendezvous(lab)
     rdv_bytes = lab.tcp_counter(lab.rdv, 3012)
-    with echo_service(lab.a1):
+    with echo_service_on(lab.a1):
         s = start(lab.a1, "share", "-p", str(SERVICE))
         code = s.line(10)
         err = wait_for(s, "offering the mapped port")
@@ -194,7 +145,7 @@ def test_a_mapped_connector_and_a_symmetric_sharer_connect_directly(
     rdv_bytes = lab.tcp_counter(lab.rdv, 3012)
     direct = ("--retry-direct", "1")
     s = start(lab.a1, "share", "-p", str(SERVICE), extra=direct)
-    with echo_service(lab.a1):
+    with echo_service_on(lab.a1):
         code = s.line(10)
         c = start(lab.b1, "connect", code, "-p", str(TUNNEL), extra=direct)
         try:
@@ -223,7 +174,7 @@ def test_a_gateway_behind_another_nat_is_not_used(lab_factory: LabFactory) -> No
     lab = lab_factory("drop", "symmetric")
     gw = lab_gateway.start(lab.nata, external_ip="100.64.7.7")  # a CGNAT address: a lie
     start_rendezvous(lab)
-    with echo_service(lab.a1):
+    with echo_service_on(lab.a1):
         s = start(lab.a1, "share", "-p", str(SERVICE))
         code = s.line(10)
         err = wait_for(s, "not offering the mapped port 100.64.7.7:")
@@ -245,7 +196,7 @@ def test_dashboards_take_the_mapped_port_and_a_stopped_session_deletes_it(
     lab = lab_factory("drop", "symmetric")
     gw = lab_gateway.start(lab.nata)
     dash_a, dash_b = two_dashboards(lab, tmp_path, dashboards)
-    with echo_service(lab.a1):
+    with echo_service_on(lab.a1):
         server = share(dash_a, local_port=SERVICE)
         assert gw.rules(), "the sharing session made no mapping"
         client = join(dash_b, server["code"], local_port=TUNNEL)

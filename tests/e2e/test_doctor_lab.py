@@ -8,7 +8,6 @@ Each kind is measured three times and must be right every time within 1.5 s.
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -18,15 +17,15 @@ from nopf_web.doctor import DoctorReport, run_doctor
 from nopf_web.wire.address import Endpoint
 from tests.lab import gateway as lab_gateway
 from tests.lab.fixtures import LabFactory
-from tests.lab.topology import RDV_IP, RDV_IP2, Lab
+from tests.lab.topology import RDV_IP, Lab
 from tests.programs import argv
+
+from .peers import DOCTOR_DELAY_MS, DOCTOR_TARGET_MS, start_doctor_server
 
 pytestmark = pytest.mark.lab
 
 T = TypeVar("T")
 RDV = Endpoint(RDV_IP, 3012)
-DELAY_MS = 10
-TARGET_MS = 1500
 RUNS = 3
 PUBLIC_A = "203.0.113.2"
 
@@ -42,18 +41,6 @@ EXPECTED = {
 }
 
 
-def start_server(lab: Lab, *extra: str) -> subprocess.Popen[bytes]:
-    """nopf-server on rdv (its doctor on 3013 and on the second address); waits for it."""
-    args = ["--doctor-address", RDV_IP2] if "--no-doctor" not in extra else []
-    proc = lab.rdv.popen(argv("nopf-server", *args, *extra), stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    for _ in range(4):
-        line = proc.stderr.readline().decode()
-        if "NAT doctor on" in line or ("--no-doctor" in extra and "listening on" in line):
-            return proc
-    raise AssertionError(f"nopf-server did not start: {line}")
-
-
 def doctor_runs(lab: Lab, runs: int = RUNS) -> list[DoctorReport]:
     async def main() -> list[DoctorReport]:
         return [await run_doctor(RDV) for _ in range(runs)]
@@ -63,9 +50,9 @@ def doctor_runs(lab: Lab, runs: int = RUNS) -> list[DoctorReport]:
 @pytest.fixture
 def lab_with_server(lab_factory: LabFactory) -> Iterator[Callable[..., Lab]]:
     def make(mode: str, hairpin: bool = False, *server_args: str) -> Lab:
-        lab = lab_factory(mode, "drop", delay_ms=DELAY_MS, rdv_second_ip=True,
+        lab = lab_factory(mode, "drop", delay_ms=DOCTOR_DELAY_MS, rdv_second_ip=True,
                           hairpin=("a",) if hairpin else ())
-        start_server(lab, *server_args)
+        start_doctor_server(lab, *server_args)
         return lab
     yield make
 
@@ -79,7 +66,7 @@ def test_each_nat_kind_is_measured_right_every_time_within_the_target(
     for report in doctor_runs(lab):
         got = (report.mapping, report.filtering, report.hairpin)
         assert got == (mapping, filtering, hairpins), report.to_json()
-        assert report.elapsed_ms <= TARGET_MS, report.to_json()
+        assert report.elapsed_ms <= DOCTOR_TARGET_MS, report.to_json()
         assert report.mapping_by == ("port", "address")
         public = lab.a1.ip if mode == "none" else PUBLIC_A
         assert report.public_address is not None
@@ -91,7 +78,8 @@ def test_each_nat_kind_is_measured_right_every_time_within_the_target(
         assert report.port_mapping == ()  # nothing answers on these NATs
         assert report.cgnat is (False if mode == "none" else None)
         assert report.ipv6 is False and "IPv4 address" in (report.reason("ipv6") or "")
-        assert report.rtt_ms is not None and 2 * DELAY_MS <= report.rtt_ms < 10 * DELAY_MS
+        assert report.rtt_ms is not None
+        assert 2 * DOCTOR_DELAY_MS <= report.rtt_ms < 10 * DOCTOR_DELAY_MS
         if filtering == "icmp":
             assert report.icmp is not None
             assert (report.icmp.type, report.icmp.code) == (3, 13)  # admin-prohibited
@@ -106,7 +94,7 @@ def test_port_mapping_protocols_are_detected_and_an_honest_gateway_is_no_cgnat(
     assert report.port_mapping == ("UPnP-IGD", "NAT-PMP", "PCP")
     assert report.gateway_address == PUBLIC_A
     assert report.cgnat is False
-    assert report.elapsed_ms <= TARGET_MS
+    assert report.elapsed_ms <= DOCTOR_TARGET_MS
 
 
 @pytest.mark.parametrize("external", ["100.64.7.7", "192.0.2.77"])
@@ -131,7 +119,7 @@ def test_a_rendezvous_without_doctor_gives_a_report_that_says_what_is_missing(
     assert "no NAT doctor at 198.51.100.2:3013 (connection refused)" in (
         report.reason("mapping") or "")
     assert report.hairpin is False and report.port_mapping == ()
-    assert report.elapsed_ms <= TARGET_MS
+    assert report.elapsed_ms <= DOCTOR_TARGET_MS
 
 
 def test_cli_json_and_text_in_the_lab(lab_with_server: Callable[..., Lab]) -> None:

@@ -27,7 +27,7 @@ from tests.lab.fixtures import LabFactory
 from tests.lab.topology import RDV_IP, Lab
 from tests.programs import free_port
 
-from .test_doctor_lab import DELAY_MS, TARGET_MS, start_server
+from .peers import DOCTOR_DELAY_MS, DOCTOR_TARGET_MS, start_doctor_server
 from .web_support import Client, web_config
 
 HX = {"HX-Request": "true"}
@@ -37,8 +37,8 @@ KEYS = ("mapping", "filtering", "hairpin", "port_mapping", "cgnat", "ipv6", "pub
 
 @pytest.fixture
 def lab(lab_factory: LabFactory) -> Iterator[Lab]:
-    lab = lab_factory("drop", "drop", delay_ms=DELAY_MS, rdv_second_ip=True)
-    start_server(lab)
+    lab = lab_factory("drop", "drop", delay_ms=DOCTOR_DELAY_MS, rdv_second_ip=True)
+    start_doctor_server(lab)
     yield lab
 
 
@@ -76,7 +76,7 @@ async def test_api_doctor_measures_caches_and_shares_one_measurement(
         assert (first["mapping"], first["filtering"], first["hairpin"]) == (
             "endpoint-independent", "drop", False)
         assert first["public_address"].startswith("203.0.113.2:")
-        assert first["elapsed_ms"] <= TARGET_MS and first["cached"] is False
+        assert first["elapsed_ms"] <= DOCTOR_TARGET_MS and first["cached"] is False
         assert first["summary"].endswith("except peers behind symmetric NATs.")
 
         again = await (await client.get("/api/doctor")).json()

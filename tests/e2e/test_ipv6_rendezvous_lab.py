@@ -13,53 +13,16 @@ that resolves to its IPv4 and IPv6 addresses (``nopf-server`` listens on both).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import pytest
 
-from tests.lab import Host, Lab
 from tests.lab.fixtures import LabFactory
 from tests.lab.topology import RDV_IP, RDV_IP6
 
-from .peers import Peer, resolving, start_coordinated, start_rendezvous, wait_for
-from .test_direct_paths_lab import SERVICE, SIZE, TUNNEL, echo_service, round_trip, stop
+from .peers import RDV_HOST, RDV_NAME, SIZE, drop_ipv6, named_pair, round_trip
 
 pytestmark = pytest.mark.lab
 
-NAME = "rdv.lab"
-RDV_NAME = f"{NAME}:3012"
 DEAD_IP = "198.51.100.9"  # on the rendezvous' link, but nobody's: SYNs to it go unanswered
-
-
-@contextlib.contextmanager
-def named_pair(lab: Lab, *ips: str, connector_rdv: str = RDV_NAME, rendezvous: bool = True,
-               ) -> Iterator[tuple[Peer, Peer]]:
-    """``rdv.lab`` resolving to ``ips`` on every host, the rendezvous (``rendezvous``
-    False: the caller's already runs), an echo service on a1, and a sharer (a1) and a
-    connector (b1) given that name (the connector: ``connector_rdv``), each with its
-    encrypted tunnel up; both stopped at the end, and both must exit with 0."""
-    with resolving(list(lab.hosts.values()), NAME, *ips):
-        if rendezvous:
-            start_rendezvous(lab)
-        s = start_coordinated(lab.a1, "share", "-p", str(SERVICE), rdv=RDV_NAME)
-        with echo_service(lab.a1):
-            code = s.line(10)
-            c = start_coordinated(lab.b1, "connect", code, "-p", str(TUNNEL),
-                                  rdv=connector_rdv)
-            try:
-                for peer in (s, c):
-                    wait_for(peer, "encrypted tunnel to")
-                yield s, c
-            finally:
-                codes = (stop(s)[0], c.wait(10))
-    assert codes == (0, 0), (s.stderr(), c.stderr())
-
-
-def drop_ipv6(host: Host) -> None:
-    """``host`` keeps IPv4 only: no global IPv6 address, no IPv6 route."""
-    host.run(["ip", "-6", "route", "flush", "default"])
-    host.run(["ip", "-6", "addr", "flush", "dev", "eth0", "scope", "global"])
 
 
 def test_an_ipv6_only_host_pairs_with_a_dual_stack_sharer_directly_over_ipv6(
@@ -117,7 +80,7 @@ def test_a_dual_stack_client_skips_an_unreachable_first_address_and_names_the_on
         lab_factory: LabFactory) -> None:
     lab = lab_factory("drop", "rst", ipv6=True)
     with named_pair(lab, DEAD_IP, RDV_IP, RDV_IP6) as (s, c):
-        order = lab.a1.run(["getent", "ahosts", NAME]).stdout.decode()
+        order = lab.a1.run(["getent", "ahosts", RDV_HOST]).stdout.decode()
         assert order.index(DEAD_IP) < order.index(RDV_IP), order  # the resolver's order
         # The dead IPv4 address had its 250 ms, then the next IPv4 one answered (before
         # any IPv6 address: IPv4 first, every IPv4 address of the name).

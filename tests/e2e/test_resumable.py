@@ -32,8 +32,8 @@ from nopf_web.tunnel.resume_machine import (
 from nopf_web.tunnel.secure import open_path
 from tests.loopback import tcp_pair
 
+from .mux_streams import hash_client, hash_service
 from .resume_net import Network, Peer, connect, network, path_manager, peers
-from .test_secure_mux import hash_client, hash_service
 
 STREAMS = 12
 EACH_WAY = 4 * 1024 * 1024  # per stream: 48 MiB each way in all

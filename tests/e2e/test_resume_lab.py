@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import re
 import signal
-import socket
 import time
 
 import pytest
@@ -25,8 +24,16 @@ from tests.lab import Host, Lab
 from tests.lab.fixtures import LabFactory
 
 from .flows import Flows
-from .peers import Peer, connect, start_coordinated, start_rendezvous, wait_for
-from .web_support import echo_service
+from .peers import (
+    Peer,
+    close,
+    echo_once,
+    echo_service_on,
+    path_lines,
+    start_coordinated,
+    start_rendezvous,
+    wait_for,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -46,34 +53,6 @@ def pair(lab: Lab, sharer: Host, joiner: Host, *, port: int = 3000, local: int =
     for peer in (s, c):
         wait_for(peer, "encrypted tunnel to")
     return s, c
-
-
-def path_lines(peer: Peer) -> str:
-    """What the peer said about its paths (for the test's output)."""
-    keys = ("was lost", "resum", "direct", "new connection")
-    return "\n".join(f"  {peer.role}: {line}" for line in peer.stderr().splitlines()
-                     if any(k in line for k in keys))
-
-
-def close(*peers: Peer) -> None:
-    for peer in peers:
-        peer.proc.send_signal(signal.SIGINT)
-    codes = [peer.wait(15) for peer in peers]
-    assert codes == [0] * len(peers), [p.stderr() for p in peers]
-    for peer in peers:
-        assert "Traceback" not in peer.stderr()
-
-
-def echo(host: Host, port: int) -> None:
-    """A new connection through the tunnel: what it sends comes back."""
-    sock = connect(host, port, timeout=10)
-    with sock:
-        sock.sendall(b"a new connection")
-        sock.shutdown(socket.SHUT_WR)
-        got = b""
-        while chunk := sock.recv(64):  # until the service's own close came back
-            got += chunk
-    assert got == b"a new connection"
 
 
 def test_a_nat_rebind_mid_transfer_loses_no_byte_and_resets_no_connection(
@@ -145,22 +124,21 @@ def test_nopf_server_killed_a_direct_tunnel_goes_on_and_a_new_pair_meets_after_r
     server = start_rendezvous(lab)
     with contextlib.ExitStack() as services:
         for host, port in ((lab.a1, 3001), (lab.a2, 3002)):
-            with host.enter():
-                services.enter_context(echo_service(port))
+            services.enter_context(echo_service_on(host, port))
         s, c = pair(lab, lab.a1, lab.b1, port=3001)
-        echo(lab.b1, 3010)
+        echo_once(lab.b1, 3010)
         server.send_signal(signal.SIGKILL)
         server.wait(5)
         time.sleep(3)  # beyond a probe and its verdict (2 s at this RTT): no loss
         for _ in range(3):
-            echo(lab.b1, 3010)  # new connections through the tunnel
+            echo_once(lab.b1, 3010)  # new connections through the tunnel
         for peer in (s, c):
             assert "was lost" not in peer.stderr() and peer.proc.poll() is None
         start_rendezvous(lab)
         s2, c2 = pair(lab, lab.a2, lab.b2, port=3002)  # a new pair meets
-        echo(lab.b2, 3010)
+        echo_once(lab.b2, 3010)
         close(c2, s2)
-        echo(lab.b1, 3010)
+        echo_once(lab.b1, 3010)
         close(c, s)
 
 

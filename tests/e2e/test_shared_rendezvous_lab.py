@@ -56,12 +56,25 @@ from tests.programs import argv
 from tests.redis_server import RedisServer, require_redis_server
 
 from .flows import Flows
-from .peers import Peer, read_all, resolving, start_coordinated, wait_for, wait_on_stderr
+from .peers import (
+    SERVICE,
+    TUNNEL,
+    Peer,
+    close,
+    drop_ipv6,
+    echo_once,
+    echo_service_on,
+    named_pair,
+    path_lines,
+    read_all,
+    resolving,
+    round_trip,
+    start_coordinated,
+    stop,
+    wait_for,
+    wait_on_stderr,
+)
 from .relay_clients import take_message
-from .test_direct_paths_lab import SERVICE, TUNNEL, echo_service as echo_service6, round_trip, stop
-from .test_ipv6_rendezvous_lab import drop_ipv6, named_pair
-from .test_resume_lab import close, echo, path_lines
-from .web_support import echo_service
 
 pytestmark = pytest.mark.lab
 
@@ -276,8 +289,7 @@ def test_a_waiting_sharer_whose_node_dies_keeps_its_code_through_the_other_node(
     lab = lab_factory("drop", "drop", delay_ms=5, rdv_second_ip=True)
     with one_name(lab, lab.a1), shared_rendezvous(lab) as (_, node_a, node_b), \
             contextlib.ExitStack() as services:
-        with lab.a1.enter():
-            services.enter_context(echo_service(3000))
+        services.enter_context(echo_service_on(lab.a1, 3000))
         s = start(lab.a1, "share", "-p", "3000", rdv=f"{NAME}:{PORT}")
         code = s.line(10)
         holder = node_a if node_a.node == holding_node(lab, code) else node_b
@@ -296,7 +308,7 @@ def test_a_waiting_sharer_whose_node_dies_keeps_its_code_through_the_other_node(
                 wait_for(peer, "encrypted tunnel to")
         assert (f"rendezvous {NAME}:{PORT}: {other.ip}:{PORT} answered first of 2 IPv4 "
                 "addresses") in c.stderr(), c.stderr()
-        echo(lab.b1, 3010)
+        echo_once(lab.b1, 3010)
         assert other.alive()
         close(c, s)
 
@@ -306,8 +318,7 @@ def test_redis_lost_and_back_under_load_refuses_clearly_then_pairs_again(
     lab = lab_factory("drop", "rst", delay_ms=5, rdv_second_ip=True)
     with shared_rendezvous(lab) as (redis, node_a, node_b), \
             contextlib.ExitStack() as services:
-        with lab.a2.enter():
-            services.enter_context(echo_service(3002))
+        services.enter_context(echo_service_on(lab.a2, 3002))
         s = start(lab.a1, "share", "-p", "3000", rdv=f"{RDV_IP}:{PORT}")
         c = start(lab.b1, "connect", s.line(10), "-p", "3010", rdv=f"{RDV_IP2}:{PORT}")
         for peer in (s, c):
@@ -361,7 +372,7 @@ def test_redis_lost_and_back_under_load_refuses_clearly_then_pairs_again(
         c2 = start(lab.b2, "connect", code, "-p", "3012", rdv=f"{RDV_IP2}:{PORT}")
         for peer in (waiting, c2):
             wait_for(peer, "encrypted tunnel to")
-        echo(lab.b2, 3012)
+        echo_once(lab.b2, 3012)
         assert node_a.alive() and node_b.alive()
         for node in (node_a, node_b):
             assert "Traceback" not in node.stderr(), node.stderr()
@@ -446,7 +457,7 @@ def test_a_pair_across_nodes_gets_the_direct_candidates_and_takes_ipv6(
     not through a relay."""
     lab = lab_factory("symmetric", "symmetric", ipv6=True, rdv_second_ip=True)
     with shared_rendezvous(lab) as (_, node_a, node_b):
-        with echo_service6(lab.a1):
+        with echo_service_on(lab.a1):
             s = start(lab.a1, "share", "-p", str(SERVICE), rdv=f"{RDV_IP}:{PORT}")
             code = s.line(10)
             assert holding_node(lab, code) == node_a.node

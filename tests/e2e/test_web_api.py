@@ -18,6 +18,7 @@ from pytest_aiohttp import AiohttpClient
 from nopf_web.guard.base import NullGuard
 from nopf_web.pairing import make_code
 from nopf_web.web import create_app
+from tests.loopback import echo_service
 from tests.programs import free_port
 
 from .web_support import (
@@ -25,18 +26,12 @@ from .web_support import (
     connection,
     create_session,
     echo,
-    echo_service,
     get_session,
     wait_until,
     web_config,
 )
 
 JSON = {"Content-Type": "application/json"}
-
-
-@pytest.fixture
-async def client(aiohttp_client: AiohttpClient, tmp_path: Path) -> Client:
-    return await aiohttp_client(create_app(web_config(tmp_path), guard=NullGuard("tests")))
 
 
 @pytest.mark.parametrize("body, field", [

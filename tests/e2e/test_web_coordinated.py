@@ -11,16 +11,13 @@ import re
 import shlex
 import signal
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
-from pytest_aiohttp import AiohttpClient
 
-from nopf_web.guard.base import NullGuard
 from nopf_web.pairing import make_code, parse_code
-from nopf_web.web import create_app
 from nopf_web.web.keys import STORE
+from tests.loopback import echo_service
 from tests.programs import argv, free_port
 
 from .web_support import (
@@ -28,16 +25,9 @@ from .web_support import (
     connection,
     create_session,
     echo,
-    echo_service,
     get_session,
     wait_until,
-    web_config,
 )
-
-
-@pytest.fixture
-async def client(aiohttp_client: AiohttpClient, tmp_path: Path) -> Client:
-    return await aiohttp_client(create_app(web_config(tmp_path), guard=NullGuard("tests")))
 
 
 async def _wait_code(client: Client, session_id: str) -> str:

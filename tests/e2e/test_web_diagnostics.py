@@ -8,25 +8,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-from pathlib import Path
 from typing import Any
 
-import pytest
-from pytest_aiohttp import AiohttpClient
-
-from nopf_web.guard.base import NullGuard
-from nopf_web.web import create_app
 from nopf_web.web.keys import STORE
 from tests.programs import free_port
 
-from .web_support import Client, create_session, get_session, wait_until, web_config
+from .web_support import Client, create_session, get_session, wait_until
 
 HX = {"HX-Request": "true"}
-
-
-@pytest.fixture
-async def client(aiohttp_client: AiohttpClient, tmp_path: Path) -> Client:
-    return await aiohttp_client(create_app(web_config(tmp_path), guard=NullGuard("tests")))
 
 
 async def _paired(client: Client) -> tuple[dict[str, Any], dict[str, Any]]:

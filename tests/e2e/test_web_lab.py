@@ -12,19 +12,16 @@ and several connections share the encrypted tunnel).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import os
-import signal
 import socket
-import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,116 +29,14 @@ import pytest
 
 from tests.lab import Host, Lab
 from tests.lab.fixtures import LabFactory
-from tests.programs import argv
 
-from .peers import RDV, connect, listening, start_rendezvous
+from .peers import RDV, connect, listening
+from .web_lab import Dashboard, both_connected, ended, join, share, two_dashboards
 
 pytestmark = pytest.mark.lab
 
 UPLOAD = 4 * 1024 * 1024  # client application -> service on a1
 DOWNLOAD = 2 * 1024 * 1024  # service -> client application
-
-
-@dataclass
-class Dashboard:
-    host: Host
-    url: str
-    proc: subprocess.Popen[str]
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path.lstrip("/"), data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        with self.host.enter():  # the dashboard listens on loopback inside the namespace
-            try:
-                with urllib.request.urlopen(req, timeout=10) as resp:
-                    return json.load(resp)
-            except urllib.error.HTTPError as exc:
-                raise AssertionError(f"{method} {path}: {exc.code} {exc.read()!r}") from None
-
-    def text(self, path: str) -> str:
-        """A page (or export) as text."""
-        with self.host.enter(), urllib.request.urlopen(self.url + path.lstrip("/"),
-                                                       timeout=10) as resp:
-            return str(resp.read().decode())
-
-    def session(self, session_id: str) -> dict[str, Any]:
-        data: dict[str, Any] = self.call("GET", f"/api/sessions/{session_id}")
-        return data
-
-    def wait(self, session_id: str, what: str, ok: Any, timeout: float = 30) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            data = self.session(session_id)
-            if ok(data):
-                return data
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.host.name}: no {what} within {timeout} s: {data}")
-            time.sleep(0.1)
-
-
-@pytest.fixture
-def dashboards(tmp_path: Path) -> Iterator[list[Dashboard]]:
-    started: list[Dashboard] = []
-    yield started
-    for d in started:
-        d.proc.send_signal(signal.SIGTERM)
-    for d in started:
-        try:
-            d.proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            d.proc.kill()
-            d.proc.communicate()
-        assert d.proc.returncode == 0, f"{d.host.name}: nopf-web exited {d.proc.returncode}"
-
-
-def start_dashboard(host: Host, db: Path, started: list[Dashboard]) -> Dashboard:
-    proc: subprocess.Popen[str] = host.popen(  # type: ignore[assignment]
-        argv("nopf-web", "--port", "8080", "--db", str(db), "--rendezvous", RDV),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-    assert proc.stdout is not None
-    url = proc.stdout.readline().strip()
-    assert url == "http://127.0.0.1:8080/", proc.stderr.read() if proc.stderr else url
-    dashboard = Dashboard(host, url, proc)
-    started.append(dashboard)
-    return dashboard
-
-
-def two_dashboards(lab: Lab, tmp_path: Path,
-                   started: list[Dashboard]) -> tuple[Dashboard, Dashboard]:
-    """The lab's rendezvous, then a dashboard in a1 and one in b1."""
-    start_rendezvous(lab)
-    return (start_dashboard(lab.a1, tmp_path / "a.sqlite3", started),
-            start_dashboard(lab.b1, tmp_path / "b.sqlite3", started))
-
-
-def connected(d: dict[str, Any]) -> bool:
-    assert d["outcome"] is None, d
-    return bool(d["state"] == "connected")
-
-
-def ended(d: dict[str, Any]) -> bool:
-    return d["outcome"] is not None
-
-
-def share(dash: Dashboard, **body: Any) -> dict[str, Any]:
-    """A server session (coordinated unless ``body`` says otherwise) once it has its code."""
-    server = dash.call("POST", "/api/sessions", {"role": "server", **body})
-    return dash.wait(server["id"], "pairing code", lambda d: d["code"] is not None)
-
-
-def join(dash: Dashboard, code: str, **body: Any) -> dict[str, Any]:
-    """A client session joining with ``code``, as created."""
-    client: dict[str, Any] = dash.call("POST", "/api/sessions",
-                                       {"role": "client", "code": code, **body})
-    return client
-
-
-def both_connected(dash_a: Dashboard, server: dict[str, Any], dash_b: Dashboard,
-                   client: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The two sessions once connected (neither may end first)."""
-    return (dash_a.wait(server["id"], "connection", connected),
-            dash_b.wait(client["id"], "connection", connected))
 
 
 def serve_once(listener: socket.socket, result: dict[str, str]) -> threading.Thread:
@@ -255,19 +150,31 @@ def concurrent_exchanges(host: Host, streams: int, size: int) -> bool:
         return all(pool.map(digest_exchange, [host] * streams, [size] * streams))
 
 
+@contextlib.contextmanager
+def sharing_digests(lab: Lab, tmp_path: Path, dashboards: list[Dashboard], streams: int,
+                    share_body: dict[str, Any], join_body: dict[str, Any] | None = None,
+                    ) -> Iterator[tuple[Dashboard, dict[str, Any], Dashboard, dict[str, Any]]]:
+    """Dashboards in a1 and b1; a1 shares a digest service (``serve_digests`` on port 3000,
+    for ``streams`` connections) and b1 joins with the code on port 3010 (the sessions
+    created with ``share_body`` and ``join_body``): each dashboard and its session once
+    both are connected. The service closes on exit."""
+    dash_a, dash_b = two_dashboards(lab, tmp_path, dashboards)
+    with listening(lab.a1, 3000) as service:
+        serve_digests(service, streams)
+        server = share(dash_a, local_port=3000, **share_body)
+        client = join(dash_b, server["code"], local_port=3010, **(join_body or {}))
+        server, client = both_connected(dash_a, server, dash_b, client)
+        yield dash_a, server, dash_b, client
+
+
 def test_two_dashboards_pair_by_code_behind_two_nats(
         lab_factory: LabFactory, dashboards: list[Dashboard], tmp_path: Path) -> None:
     streams, size = 6, 512 * 1024
     lab = lab_factory("drop", "rst")
-    dash_a, dash_b = two_dashboards(lab, tmp_path, dashboards)
-
-    with listening(lab.a1, 3000) as service:
-        serve_digests(service, streams)
-        server = share(dash_a, local_port=3000, label="lab share")
+    with sharing_digests(lab, tmp_path, dashboards, streams, {"label": "lab share"},
+                         {"label": "lab join"}) as (dash_a, server, dash_b, client):
         assert server["mode"] == "coordinated"  # the default
         code = server["code"]
-        client = join(dash_b, code, local_port=3010, label="lab join")
-        server, client = both_connected(dash_a, server, dash_b, client)
         assert server["path"] == client["path"] == "public"
         assert client["peer_address"].split(":")[0] == lab.site("a").public_ip
 
@@ -291,13 +198,8 @@ def test_two_dashboards_behind_symmetric_nats_connect_through_the_relay(
         lab_factory: LabFactory, dashboards: list[Dashboard], tmp_path: Path) -> None:
     streams, size = 4, 512 * 1024
     lab = lab_factory("symmetric", "symmetric")
-    dash_a, dash_b = two_dashboards(lab, tmp_path, dashboards)
-
-    with listening(lab.a1, 3000) as service:
-        serve_digests(service, streams)
-        server = share(dash_a, local_port=3000, label="relayed share")
-        client = join(dash_b, server["code"], local_port=3010)
-        server, client = both_connected(dash_a, server, dash_b, client)
+    with sharing_digests(lab, tmp_path, dashboards, streams,
+                         {"label": "relayed share"}) as (dash_a, server, dash_b, client):
         assert server["path"] == client["path"] == "relay"
         # The peer is still named by its own public address, not the relay's.
         assert client["peer_address"].split(":")[0] == lab.site("a").public_ip

@@ -19,11 +19,6 @@ TOKEN = "lan-access-token-for-tests-0123456789"
 
 
 @pytest.fixture
-async def client(aiohttp_client: AiohttpClient, tmp_path: Path) -> Client:
-    return await aiohttp_client(create_app(web_config(tmp_path), guard=NullGuard("tests")))
-
-
-@pytest.fixture
 async def lan(aiohttp_client: AiohttpClient, tmp_path: Path) -> Client:
     # LAN mode comes from the configured bind address; the test server itself stays on loopback.
     config = web_config(tmp_path, host="0.0.0.0", access_token=TOKEN)

@@ -1,13 +1,11 @@
-"""Helpers for the dashboard tests: a config on a temp DB, an echo service, waiting."""
+"""Helpers for the dashboard tests: a config on a temp DB, waiting, the API and its events."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,6 @@ from aiohttp.test_utils import TestClient
 
 from nopf_web.web import WebConfig
 from nopf_web.wire.address import Endpoint
-from tests.loopback import accepted
 
 Client = TestClient[Any, Any]
 
@@ -29,36 +26,6 @@ def web_config(tmp_path: Path, **overrides: Any) -> WebConfig:
         guard=False, punch_timeout=5.0, flush_interval=0.05)
     settings.update(overrides)
     return WebConfig(**settings)
-
-
-@contextlib.contextmanager
-def echo_service(port: int = 0) -> Iterator[int]:
-    """A loopback TCP echo service (one thread per connection); yields its port.
-
-    The listener lives in the network namespace current when this is entered.
-    """
-    listener = socket.create_server(("127.0.0.1", port), backlog=256)
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def accept() -> None:
-        for conn in accepted(listener, stop):
-            conn.settimeout(None)
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    acceptor = threading.Thread(target=accept, name="echo-accept", daemon=True)
-    acceptor.start()
-    try:
-        yield int(listener.getsockname()[1])
-    finally:
-        stop.set()
-        acceptor.join(2)
-        listener.close()
 
 
 async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0,

@@ -24,8 +24,8 @@ from nopf_web.pairing_words import WORDS
 from nopf_web.web.app import _stored_rendezvous
 from nopf_web.web.views import SETTING_RENDEZVOUS
 from nopf_web.wire.address import Endpoint, parse_host_endpoint
-from tests.e2e.test_cli_errors import tcp_server
 from tests.fuzz.budget import fuzz, nasty_text
+from tests.loopback import fake_rendezvous
 from tests.programs import argv
 
 lines = st.one_of(nasty_text, nasty_text.map(lambda t: t + "\n"),
@@ -66,7 +66,7 @@ def test_peer_line_through_the_real_entry_point(line: str) -> None:
     """``nopf`` in-process against a loopback seed server: the line after our address is
     refused with exit 2 and one error line."""
     err, out = io.StringIO(), io.StringIO()
-    with tcp_server("seed") as port, stdin(line), contextlib.redirect_stderr(err), \
+    with fake_rendezvous("seed") as port, stdin(line), contextlib.redirect_stderr(err), \
             contextlib.redirect_stdout(out):
         code = peer.main(["-p", "3000", "-a", f"127.0.0.1:{port}", "-t", "server", "--no-guard"])
     assert code == 2, err.getvalue()
@@ -78,7 +78,7 @@ def test_peer_line_through_the_real_entry_point(line: str) -> None:
 @pytest.mark.parametrize(("line", "needle"), [("1.2.3.4:²\n".encode(), "bad peer address"),
                                            (b"1.2.3.4:\xff\xfe\n", "invalid characters")])
 def test_the_peer_line_from_the_issue_with_the_real_program(line: bytes, needle: str) -> None:
-    with tcp_server("seed") as port:
+    with fake_rendezvous("seed") as port:
         proc = subprocess.run(argv("nopf", "-p", "3000", "-a", f"127.0.0.1:{port}", "-t", "server",
                                    "--no-guard"), input=line, capture_output=True,
                               timeout=30, check=False, env={**os.environ, "LC_ALL": "C.UTF-8"})

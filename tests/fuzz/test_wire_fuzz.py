@@ -26,11 +26,10 @@ from nopf_web.wire import doctor as dw, rendezvous as rw
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.frames import FrameDecoder, FrameError
 from tests.fuzz.budget import fuzz, json_values, nasty_text
-from tests.unit.test_server_machine import Harness
+from tests.unit.server_harness import JOINER_IP, SHARER_IP, Harness
 
 HOSTILE_IP = "192.0.2.66"
 M = TypeVar("M")  # a decoded message
-SHARER_IP, JOINER_IP = "203.0.113.2", "198.51.100.7"
 
 
 def frame(payload: bytes) -> bytes:

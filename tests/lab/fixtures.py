@@ -6,25 +6,20 @@ Enable it with ``pytest_plugins = ["tests.lab.fixtures"]`` in ``tests/conftest.p
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 import pytest
 
 from tests.lab.topology import Lab, cleanup_stale, lab_unavailable_reason
+from tests.prerequisites import require
 
 __all__ = ["LabFactory", "lab_factory", "require_lab"]
 
 
 def require_lab(*, need_iptables: bool = True) -> None:
     """Skip the test if labs cannot be built here - or fail it under ``CI=true``."""
-    reason = lab_unavailable_reason(need_iptables=need_iptables)
-    if reason is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"lab unavailable under CI: {reason}", pytrace=False)
-    pytest.skip(reason)
+    require(lab_unavailable_reason(need_iptables=need_iptables), "lab unavailable")
 
 
 class LabFactory(Protocol):

@@ -35,7 +35,7 @@ from nopf_web.wire.rendezvous import (
     encode,
 )
 
-from .test_coordination_machine import LOCAL, PEER, PUBLIC, Peer, frames, reply
+from .coordination_peer import LOCAL, PEER, PUBLIC, Peer, frames, reply
 
 V6_US = Endpoint("2001:db8:a::2", 41000)
 V6_PEER = Endpoint("2001:db8:b::2", 42000)

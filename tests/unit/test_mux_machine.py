@@ -10,7 +10,7 @@ import random
 from collections.abc import Iterable
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from nopf_web.roles import PeerRole
 from nopf_web.tunnel.errors import (
@@ -40,8 +40,7 @@ from nopf_web.tunnel.mux_machine import (
 from nopf_web.wire import frames as fr
 from nopf_web.wire.frames import INITIAL_WINDOW, FrameDecoder, ResetCode
 
-FEW = settings(max_examples=40, deadline=None,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+from .budget import FEW
 
 
 class End:

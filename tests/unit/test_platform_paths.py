@@ -39,8 +39,8 @@ from nopf_web.tunnel import forward
 from nopf_web.tunnel.pipe import Pipe, copy_method
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.rendezvous import Ping, encode
-from tests.e2e.test_secure_mux import forwarded, hash_client, hash_service
-from tests.e2e.test_session_loopback import app_round_trip, introduce, seed_pair
+from tests.e2e.mux_streams import forwarded, hash_client, hash_service
+from tests.e2e.seed_sessions import app_round_trip, introduce, seed_pair
 from tests.loopback import tcp_pair
 from tests.unit.platform_support import FEATURES, take_away
 

@@ -28,7 +28,8 @@ from nopf_web.tunnel.record_machine import (
     SealingKey,
 )
 
-from .test_record_machine import FEW, Peer, messages, settle
+from .budget import FEW
+from .record_peers import Peer, messages, settle
 
 
 def pair(limits: KeyLimits, *, peer_limits: KeyLimits | None = None,

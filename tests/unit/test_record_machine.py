@@ -4,12 +4,10 @@ handshake or a record can go wrong."""
 
 from __future__ import annotations
 
-import itertools
 import struct
-from collections.abc import Iterable
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from nopf_web.roles import PeerRole
 from nopf_web.tunnel.errors import (
@@ -29,95 +27,19 @@ from nopf_web.tunnel.record_machine import (
     RESUME_ID_SIZE,
     TAG_SIZE,
     ChannelEnded,
-    ChannelFailed,
     HandshakeDone,
     Pake,
     PeerConfirmed,
-    RecordEvent,
     RecordMachine,
-    RecordReceived,
     SealingKey,
-    Transmit,
     TunnelSecrets,
 )
 
+from .budget import FEW
+from .record_peers import Peer, cuts_of, messages, move, settle, started
+
 CODE = "7-orbit-lantern"
 WRONG = "7-orbit-lanterns"
-FEW = settings(max_examples=40, deadline=None,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-class Peer:
-    """One machine and what it did: bytes to send, plaintext, other events."""
-
-    def __init__(self, machine: RecordMachine) -> None:
-        self.m = machine
-        self.out = bytearray()
-        self.plain = bytearray()
-        self.records: list[bytes] = []
-        self.events: list[RecordEvent] = []
-
-    def take(self, events: Iterable[RecordEvent]) -> None:
-        for event in events:
-            if isinstance(event, Transmit):
-                self.out += event.data
-            elif isinstance(event, RecordReceived):
-                self.plain += event.plaintext
-                self.records.append(event.plaintext)
-            else:
-                self.events.append(event)
-
-    def start(self, now: float = 0.0) -> Peer:
-        self.take(self.m.start(now))
-        return self
-
-    def seal(self, parts: Iterable[bytes | bytearray | memoryview]) -> list[bytes]:
-        records = [bytes(r) for r in self.m.seal(parts)]
-        for r in records:
-            self.out += r
-        return records
-
-    def feed(self, data: bytes, cuts: Iterable[int] = ()) -> None:
-        """``data`` in pieces cut at ``cuts``, each through get_buffer/buffer_updated."""
-        bounds = [0, *sorted(c for c in cuts if 0 < c < len(data)), len(data)]
-        for start, end in itertools.pairwise(bounds):
-            piece = memoryview(data)[start:end]
-            while piece:
-                room = self.m.get_buffer(len(piece))
-                assert len(room) > 0  # asyncio requires a non-empty buffer
-                n = min(len(room), len(piece))
-                room[:n] = piece[:n]
-                del room
-                self.take(self.m.buffer_updated(n))
-                piece = piece[n:]
-
-    def kinds(self) -> list[type]:
-        return [type(e) for e in self.events]
-
-    def failure(self) -> ChannelFailed:
-        failures = [e for e in self.events if isinstance(e, ChannelFailed)]
-        assert len(failures) == 1, self.events
-        return failures[0]
-
-
-def cuts_of(data: st.DataObject, size: int) -> list[int]:
-    if size <= 1:
-        return []
-    return data.draw(st.lists(st.integers(1, size - 1), max_size=8), label="cuts")
-
-
-def move(src: Peer, dst: Peer, data: st.DataObject | None = None) -> bytes:
-    """Everything ``src`` has to send, into ``dst`` (cut arbitrarily with ``data``)."""
-    wire = bytes(src.out)
-    src.out.clear()
-    dst.feed(wire, cuts_of(data, len(wire)) if data is not None else ())
-    return wire
-
-
-def settle(a: Peer, b: Peer, data: st.DataObject | None = None) -> None:
-    while a.out or b.out:
-        move(a, b, data)
-        move(b, a, data)
 
 
 def in_band(code_a: str = CODE, code_b: str = CODE,
@@ -140,15 +62,10 @@ def confirm_only(code_a: str = CODE, code_b: str = CODE) -> tuple[Peer, Peer]:
 
 
 def ready_pair() -> tuple[Peer, Peer]:
-    a, b = in_band()
-    a.start()
-    b.start()
+    a, b = started(in_band())
     settle(a, b)
     assert a.kinds() == b.kinds() == [HandshakeDone, PeerConfirmed]
     return a, b
-
-
-messages = st.lists(st.lists(st.binary(max_size=3000), max_size=4), min_size=1, max_size=6)
 
 
 # -- round trips ----------------------------------------------------------------
@@ -158,9 +75,7 @@ messages = st.lists(st.lists(st.binary(max_size=3000), max_size=4), min_size=1, 
 @given(data=st.data(), sent_a=messages, sent_b=messages)
 def test_in_band_round_trip_with_any_cuts(data: st.DataObject, sent_a: list[list[bytes]],
                                           sent_b: list[list[bytes]]) -> None:
-    a, b = in_band()
-    a.start()
-    b.start()
+    a, b = started(in_band())
     settle(a, b, data)
     for p in (a, b):
         assert p.kinds() == [HandshakeDone, PeerConfirmed]
@@ -273,9 +188,7 @@ def test_bytes_before_the_start_wait_for_it_and_a_loss_before_it_is_final() -> N
 @FEW
 @given(data=st.data())
 def test_wrong_code_fails_on_both_sides_and_nothing_else_is_sent(data: st.DataObject) -> None:
-    a, b = in_band(CODE, WRONG)
-    a.start()
-    b.start()
+    a, b = started(in_band(CODE, WRONG))
     wire = bytearray()
     while a.out or b.out:
         wire += move(a, b, data)
@@ -294,9 +207,7 @@ def test_wrong_code_fails_on_both_sides_and_nothing_else_is_sent(data: st.DataOb
 @FEW
 @given(data=st.data())
 def test_wrong_code_with_early_data_opens_nothing(data: st.DataObject) -> None:
-    a, b = confirm_only(CODE, WRONG)
-    a.start()
-    b.start()
+    a, b = started(confirm_only(CODE, WRONG))
     a.seal([b"secret a"])
     b.seal([b"secret b"])
     settle(a, b, data)
@@ -318,9 +229,7 @@ def test_man_in_the_middle_with_one_guess_fails_both_confirmations() -> None:
 
 
 def test_same_role_on_both_sides_is_refused() -> None:
-    a, b = in_band(roles=("server", "server"))
-    a.start()
-    b.start()
+    a, b = started(in_band(roles=("server", "server")))
     settle(a, b)
     for p in (a, b):
         error = p.failure().error
@@ -419,9 +328,7 @@ def test_confirm_only_timeout_and_after_confirmation_no_deadline() -> None:
 ])
 def test_connection_lost_during_the_handshake(when: str, exc: Exception | None,
                                               message: str) -> None:
-    a, b = in_band()
-    a.start()
-    b.start()
+    a, b = started(in_band())
     if when == "confirm":
         b.out[HELLO_SIZE:] = b""  # B's hello arrives; its tag never does
         move(b, a)
@@ -541,9 +448,7 @@ def test_a_connection_error_after_the_handshake_is_passed_on_as_is() -> None:
 
 
 def test_records_right_behind_the_tag_are_opened_in_the_same_read() -> None:
-    a, b = in_band()
-    a.start()
-    b.start()
+    a, b = started(in_band())
     move(a, b)  # A's hello: B sends its hello and tag
     move(b, a)  # A verifies B's tag, sends its own
     records = a.seal([b"right behind"]) + a.seal([b"the tag"])
@@ -559,9 +464,7 @@ def test_records_right_behind_the_tag_are_opened_in_the_same_read() -> None:
 
 def tunnel_secrets(code: str = CODE) -> tuple[TunnelSecrets, TunnelSecrets]:
     """Both sides' secrets after a first connection confirmed."""
-    a, b = confirm_only(code, code)
-    a.start()
-    b.start()
+    a, b = started(confirm_only(code, code))
     settle(a, b)
     assert a.m.secrets is not None and b.m.secrets is not None
     return a.m.secrets, b.m.secrets
@@ -607,9 +510,7 @@ def test_the_first_connection_exposes_secrets_only_once_confirmed_never_the_key(
 @given(data=st.data(), early=messages, later=messages)
 def test_a_path_round_trip_with_any_cuts(data: st.DataObject, early: list[list[bytes]],
                                          later: list[list[bytes]]) -> None:
-    a, b = path_pair()
-    a.start()
-    b.start()
+    a, b = started(path_pair())
     assert len(a.out) == PATH_HELLO_SIZE == 22 and a.out.startswith(b"NOPP\x01A")
     assert b.out.startswith(b"NOPP\x01B")
     move(a, b, data)
@@ -681,9 +582,7 @@ def test_a_path_hello_and_confirm_replayed_from_another_connection_give_nothing(
 
 def test_a_path_with_a_wrong_tag_is_dropped_and_the_genuine_one_still_works() -> None:
     secrets = tunnel_secrets()
-    a, b = path_pair(secrets)
-    a.start()
-    b.start()
+    a, b = started(path_pair(secrets))
     move(b, a)  # A has B's hello: A's confirm is out
     forged = bytearray(a.out)
     forged[-1] ^= 1

@@ -42,7 +42,7 @@ from nopf_web.wire.rendezvous import (
     Welcome,
     encode,
 )
-from tests.unit.test_server_machine import (
+from tests.unit.server_harness import (
     JOINER_IP,
     LAN_A,
     LAN_B,

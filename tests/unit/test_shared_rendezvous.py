@@ -67,7 +67,7 @@ from nopf_web.wire.rendezvous import (
 )
 from tests.redis_server import RedisServer, free_port, require_redis_server
 
-from .test_server_machine import JOINER_IP, LAN_A, LAN_B, SHARER_IP, Harness, Peer
+from .server_harness import JOINER_IP, LAN_A, LAN_B, SHARER_IP, Harness, Peer
 
 NODE_A, NODE_B = "a" * 16, "b" * 16
 RDV_A, RDV_B = ("198.51.100.2", 3012), ("198.51.100.3", 3012)
