@@ -92,6 +92,13 @@ def parse_observed_endpoint(text: str, *, field: str = "address") -> Endpoint:
     return _bracketed_endpoint(text, field, "a peer address")
 
 
+def parse_ipv6_endpoint(text: str, *, field: str = "address") -> Endpoint:
+    """A peer's ``[IPv6]:PORT``: any IPv6 address but the unspecified and multicast
+    ones; no zone id. (A use that wants only some, such as global unicast ones,
+    checks the result.)"""
+    return _bracketed_endpoint(_line(text, field), field, "a peer address")
+
+
 def _bracketed_endpoint(text: str, field: str, what: str) -> Endpoint:
     """``[IPv6]:PORT`` (``text`` already one stripped line); ``what`` it must be."""
     host, sep, port = text.rpartition("]:")
