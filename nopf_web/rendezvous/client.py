@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nopf_web.errors import describe_os_error
-from nopf_web.happy_eyeballs import connect_first, describe, resolve_all, routes_ipv4
+from nopf_web.happy_eyeballs import connect_first, resolve_all, routes_ipv4
 from nopf_web.happy_eyeballs_machine import Family, is_ipv6
 from nopf_web.sockets import connect_nonblocking, reusable_socket
 from nopf_web.wire.address import SEED_IPV4_ONLY, Endpoint
@@ -51,12 +51,13 @@ async def reach_rendezvous(endpoint: Endpoint, timeout: float, *,
     else:
         usable = [a for a in found if not is_ipv6(a[0])]
         if not usable:
+            listed = ", ".join(str(Endpoint(*a)) for a in found)
             raise RendezvousUnreachable(
-                f"{endpoint.host} has only IPv6 addresses ({', '.join(map(describe, found))}):"
-                f" {SEED_IPV4_ONLY}, so the rendezvous needs an IPv4 address")
+                f"{endpoint.host} has only IPv6 addresses ({listed}): {SEED_IPV4_ONLY}, so the "
+                "rendezvous needs an IPv4 address")
     if len(usable) == 1:
         if on_event is not None:
-            on_event(f"rendezvous {endpoint} is {describe(usable[0])}")
+            on_event(f"rendezvous {endpoint} is {Endpoint(*usable[0])}")
         return usable[0]
     # Coordinated, IPv4 first: every IPv4 address before IPv6 (each has its 250 ms, or
     # less when it fails), since an IPv4 connection is what our punch is planned from.
@@ -68,7 +69,7 @@ async def reach_rendezvous(endpoint: Endpoint, timeout: float, *,
         v6 = len(usable) - v4
         what = (f"{len(usable)} IPv{4 if v4 else 6} addresses" if not (v4 and v6) else
                 f"{len(usable)} addresses ({v4} IPv4, {v6} IPv6; IPv{first} tried first)")
-        on_event(f"rendezvous {endpoint}: {describe(address)} answered first of {what}")
+        on_event(f"rendezvous {endpoint}: {Endpoint(*address)} answered first of {what}")
     return address
 
 
