@@ -6,7 +6,7 @@ import asyncio
 import errno
 import ipaddress
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from nopf_web.errors import describe_os_error
@@ -105,24 +105,17 @@ async def discover(
     The socket is bound with the punch socket options so the same local port
     can be reused for the punch right after.
     """
-    where = f"{server[0]}:{server[1]}"
+    where = str(Endpoint(*server))
     try:
         sock = reusable_socket(bind_host, local_port)
     except OSError as exc:
         raise RendezvousUnreachable(
-            f"cannot bind {bind_host}:{local_port} for the rendezvous: {_describe(exc)}"
+            f"cannot bind {bind_host}:{local_port} for the rendezvous: "
+            f"{describe_connect_error(exc)}"
         ) from None
     bound = sock.getsockname()[1]
     try:
-        try:
-            async with asyncio.timeout(timeout):
-                await connect_nonblocking(sock, server)
-        except TimeoutError:
-            raise RendezvousUnreachable(
-                f"rendezvous {where} did not answer the connection within {timeout:g} s"
-            ) from None
-        except OSError as exc:
-            raise RendezvousUnreachable(f"rendezvous {where}: {_describe(exc)}") from None
+        await connected_within(connect_nonblocking(sock, server), where, timeout)
         try:
             async with asyncio.timeout(timeout):
                 public = await _read_reply(sock, where)
@@ -164,6 +157,21 @@ async def probe_mapping(
         return again.public
 
 
+async def connected_within(connecting: Awaitable[None], where: str, timeout: float) -> None:
+    """Wait up to ``timeout`` s for ``connecting``, a connection to the rendezvous at
+    ``where``: a timeout or a socket error is :class:`RendezvousUnreachable` saying so."""
+    try:
+        async with asyncio.timeout(timeout):
+            await connecting
+    except TimeoutError:
+        raise RendezvousUnreachable(
+            f"rendezvous {where} did not answer the connection within {timeout:g} s"
+        ) from None
+    except OSError as exc:
+        raise RendezvousUnreachable(
+            f"rendezvous {where}: {describe_connect_error(exc)}") from None
+
+
 async def _read_reply(sock: socket.socket, where: str) -> Endpoint:
     loop = asyncio.get_running_loop()
     reader = DiscoveryReader()
@@ -173,7 +181,7 @@ async def _read_reply(sock: socket.socket, where: str) -> Endpoint:
             chunk = await loop.sock_recv(sock, reader.needed)
         except OSError as exc:
             raise RendezvousProtocolError(
-                f"rendezvous {where} broke the connection: {_describe(exc)}"
+                f"rendezvous {where} broke the connection: {describe_connect_error(exc)}"
             ) from None
         if not chunk:
             raise RendezvousProtocolError(
@@ -191,7 +199,8 @@ async def _read_reply(sock: socket.socket, where: str) -> Endpoint:
             return Endpoint(*result)
 
 
-def _describe(exc: OSError) -> str:
+def describe_connect_error(exc: OSError) -> str:
+    """A connection's socket error in a message (a refusal suggests why)."""
     text = describe_os_error(exc)
     return f"{text} (nothing listening there?)" if exc.errno == errno.ECONNREFUSED else text
 
@@ -201,7 +210,9 @@ __all__ = [
     "RendezvousError",
     "RendezvousProtocolError",
     "RendezvousUnreachable",
+    "connected_within",
     "coordinated_first",
+    "describe_connect_error",
     "discover",
     "probe_mapping",
     "reach_rendezvous",

@@ -50,7 +50,12 @@ from nopf_web.pairing import parse_code
 from nopf_web.prediction import PairFacts, Prediction, fire_facts
 from nopf_web.punch.driver import PunchDriver
 from nopf_web.punch.machine import Failure, PunchTimeout, Tactic
-from nopf_web.rendezvous.client import coordinated_first, reach_rendezvous
+from nopf_web.rendezvous.client import (
+    connected_within,
+    coordinated_first,
+    describe_connect_error,
+    reach_rendezvous,
+)
 from nopf_web.rendezvous.errors import RendezvousUnreachable
 from nopf_web.roles import PeerRole
 from nopf_web.sockets import (
@@ -314,7 +319,7 @@ async def open_from(server: tuple[str, int], bind_host: str, port: int, net_time
         except OSError as exc:
             if exc.errno != errno.EADDRNOTAVAIL or loop.time() >= give_up:
                 raise RendezvousUnreachable(
-                    f"rendezvous {where}: {exc.strerror or exc}") from None
+                    f"rendezvous {where}: {describe_connect_error(exc)}") from None
         finally:
             if not kept:
                 sock.close()
@@ -323,15 +328,7 @@ async def open_from(server: tuple[str, int], bind_host: str, port: int, net_time
 
 async def handshake_done(sock: socket.socket, where: str, net_timeout: float) -> None:
     """Wait for a Fast Open connection's handshake, with :func:`open_from`'s errors."""
-    try:
-        async with asyncio.timeout(net_timeout):
-            await wait_connected(sock)
-    except TimeoutError:
-        raise RendezvousUnreachable(
-            f"rendezvous {where} did not answer the connection within {net_timeout:g} s"
-        ) from None
-    except OSError as exc:
-        raise RendezvousUnreachable(f"rendezvous {where}: {exc.strerror or exc}") from None
+    await connected_within(wait_connected(sock), where, net_timeout)
 
 
 # -- the driver ----------------------------------------------------------------------
