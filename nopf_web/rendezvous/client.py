@@ -106,13 +106,7 @@ async def discover(
     can be reused for the punch right after.
     """
     where = str(Endpoint(*server))
-    try:
-        sock = reusable_socket(bind_host, local_port)
-    except OSError as exc:
-        raise RendezvousUnreachable(
-            f"cannot bind {bind_host}:{local_port} for the rendezvous: "
-            f"{describe_connect_error(exc)}"
-        ) from None
+    sock = socket_for_rendezvous(bind_host, local_port)
     bound = sock.getsockname()[1]
     try:
         await connected_within(connect_nonblocking(sock, server), where, timeout)
@@ -155,6 +149,16 @@ async def probe_mapping(
         except RendezvousError:
             return None
         return again.public
+
+
+def socket_for_rendezvous(bind_host: str, port: int) -> socket.socket:
+    """A socket bound to ``bind_host`` and ``port`` (0: any) with the punch's options,
+    to connect to the rendezvous from; a failure is :class:`RendezvousUnreachable`."""
+    try:
+        return reusable_socket(bind_host, port)
+    except OSError as exc:
+        raise RendezvousUnreachable(f"cannot bind {Endpoint(bind_host, port)} for the "
+                                    f"rendezvous: {describe_os_error(exc)}") from None
 
 
 async def connected_within(connecting: Awaitable[None], where: str, timeout: float) -> None:
@@ -217,4 +221,5 @@ __all__ = [
     "probe_mapping",
     "reach_rendezvous",
     "resolve_ipv4",
+    "socket_for_rendezvous",
 ]

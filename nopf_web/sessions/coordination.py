@@ -55,13 +55,13 @@ from nopf_web.rendezvous.client import (
     coordinated_first,
     describe_connect_error,
     reach_rendezvous,
+    socket_for_rendezvous,
 )
 from nopf_web.rendezvous.errors import RendezvousUnreachable
 from nopf_web.roles import PeerRole
 from nopf_web.sockets import (
     connect_nonblocking,
     require_readiness,
-    reusable_socket,
     try_fastopen,
     tune_stream,
     wait_connected,
@@ -290,11 +290,7 @@ async def open_from(server: tuple[str, int], bind_host: str, port: int, net_time
     loop = asyncio.get_running_loop()
     give_up = loop.time() + PORT_FREE_WAIT
     while True:
-        try:
-            sock = reusable_socket(bind_host, port)
-        except OSError as exc:
-            raise RendezvousUnreachable(f"cannot bind {bind_host}:{port} for the rendezvous: "
-                                        f"{exc.strerror or exc}") from None
+        sock = socket_for_rendezvous(bind_host, port)
         kept = False
         try:
             if fastopen and try_fastopen(sock):
