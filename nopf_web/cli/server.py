@@ -215,7 +215,7 @@ async def serve(host: str | tuple[str, ...], port: int, limits: ServerLimits | N
                     doctor = await stack.enter_async_context(
                         DoctorResponder(host, doctor_port, doctor_addresses))
                 except OSError as exc:
-                    why = (f"cannot listen on {host}:{doctor_port} for the NAT doctor: "
+                    why = (f"cannot listen on {Endpoint(host, doctor_port)} for the NAT doctor: "
                            f"{exc.strerror or exc}")
                     if doctor_required:
                         return fail(PROG, f"{why} (choose another --doctor-port, or "
@@ -224,7 +224,7 @@ async def serve(host: str | tuple[str, ...], port: int, limits: ServerLimits | N
                           file=sys.stderr, flush=True)
                 else:
                     others = "".join(f", {a}" for a in doctor.addresses)
-                    print(f"{PROG}: NAT doctor on {doctor.address[0]}:{doctor.address[1]}"
+                    print(f"{PROG}: NAT doctor on {Endpoint(*doctor.address)}"
                           f"{others}", file=sys.stderr, flush=True)
             await server.serve_forever()
     finally:

@@ -1882,7 +1882,7 @@ def _peer_nat(to: PeerSide, peer: PeerSide) -> NatSummary | None:
 
 
 def _fmt(peer: tuple[str, int] | None) -> str:
-    return f"{peer[0]}:{peer[1]}" if peer else "?"
+    return str(Endpoint(*peer)) if peer else "?"
 
 
 def _nameplate(conn: Conn) -> int:
