@@ -22,12 +22,11 @@ from .happy_eyeballs_machine import (
     HappyEyeballs,
     StartAttempt,
     Won,
-    describe,
     interleave,
     is_ipv6,
 )
 
-__all__ = ["by_family", "connect_first", "describe", "resolve_all", "routes_ipv4"]
+__all__ = ["by_family", "connect_first", "resolve_all", "routes_ipv4"]
 
 
 async def resolve_all(endpoint: Endpoint, timeout: float,
@@ -130,7 +129,7 @@ async def connect_first(
                 else:
                     actions = machine.failed(index, error.strerror or str(error), clock())
     except TimeoutError:
-        tried = ", ".join(describe(a) for a in machine.addresses)
+        tried = ", ".join(str(Endpoint(*a)) for a in machine.addresses)
         raise RendezvousUnreachable(
             f"none of {tried} answered within {timeout:g} s") from None
     finally:

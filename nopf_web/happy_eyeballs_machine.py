@@ -29,6 +29,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from nopf_web.wire.address import Endpoint
+
 CONNECTION_ATTEMPT_DELAY = 0.25  # s (RFC 8305 §5: recommended 250 ms, at least 100 ms)
 
 
@@ -56,12 +58,6 @@ def interleave(addresses: Iterable[tuple[str, int]], first: Family = 6,
     for i in range(max(len(lead), len(other))):
         out += other[i:i + 1] + lead[i:i + 1]
     return out
-
-
-def describe(address: tuple[str, int]) -> str:
-    """``[2001:db8::1]:3012`` or ``198.51.100.2:3012``."""
-    host, port = address
-    return f"[{host}]:{port}" if is_ipv6(host) else f"{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -94,7 +90,7 @@ class AllFailed:
 
     @property
     def message(self) -> str:
-        return "; ".join(f"{describe(a)}: {why}" for a, why in self.reasons)
+        return "; ".join(f"{Endpoint(*a)}: {why}" for a, why in self.reasons)
 
 
 Action = StartAttempt | CancelAttempt | Won | AllFailed

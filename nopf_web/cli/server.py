@@ -168,10 +168,6 @@ def _fit_open_files(limits: ServerLimits) -> ServerLimits:
     return replace(limits, max_connections=max(allowed, 1))
 
 
-def _where(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 async def serve(host: str | tuple[str, ...], port: int, limits: ServerLimits | None = None,
                 *, doctor_port: int | None = None, doctor_addresses: tuple[str, ...] = (),
                 doctor_required: bool = False, optional_hosts: tuple[str, ...] = (),
@@ -194,12 +190,12 @@ async def serve(host: str | tuple[str, ...], port: int, limits: ServerLimits | N
     try:
         skipped = await server.start(optional=optional_hosts)
     except OSError as exc:
-        where = ", ".join(_where(h, port) for h in hosts)
+        where = ", ".join(str(Endpoint(h, port)) for h in hosts)
         return fail(PROG, f"cannot listen on {where}: {exc.strerror or exc}")
-    bound = ", ".join(_where(*a) for a in server.addresses)
+    bound = ", ".join(str(Endpoint(*a)) for a in server.addresses)
     print(f"{PROG}: listening on {bound}", file=sys.stderr, flush=True)  # first: scripts wait
     for missing, error in skipped:
-        print(f"{PROG}: not listening on {_where(missing, server.address[1])}: "
+        print(f"{PROG}: not listening on {Endpoint(missing, server.address[1])}: "
               f"{error.strerror or error}", file=sys.stderr, flush=True)
     host = hosts[0]
     print(f"{PROG}: {describe_relay(server.limits.relay)}", file=sys.stderr, flush=True)
@@ -219,7 +215,7 @@ async def serve(host: str | tuple[str, ...], port: int, limits: ServerLimits | N
                     doctor = await stack.enter_async_context(
                         DoctorResponder(host, doctor_port, doctor_addresses))
                 except OSError as exc:
-                    why = (f"cannot listen on {host}:{doctor_port} for the NAT doctor: "
+                    why = (f"cannot listen on {Endpoint(host, doctor_port)} for the NAT doctor: "
                            f"{exc.strerror or exc}")
                     if doctor_required:
                         return fail(PROG, f"{why} (choose another --doctor-port, or "
@@ -228,7 +224,7 @@ async def serve(host: str | tuple[str, ...], port: int, limits: ServerLimits | N
                           file=sys.stderr, flush=True)
                 else:
                     others = "".join(f", {a}" for a in doctor.addresses)
-                    print(f"{PROG}: NAT doctor on {doctor.address[0]}:{doctor.address[1]}"
+                    print(f"{PROG}: NAT doctor on {Endpoint(*doctor.address)}"
                           f"{others}", file=sys.stderr, flush=True)
             await server.serve_forever()
     finally:

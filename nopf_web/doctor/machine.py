@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from nopf_web.wire.address import Endpoint
-from nopf_web.wire.doctor import Icmp, Outcome, format_endpoint
+from nopf_web.wire.doctor import Icmp, Outcome
 
 from .report import DoctorReport, Filtering, NatMapping
 
@@ -209,7 +209,7 @@ class DoctorMachine:
         self.doctor = Endpoint(rendezvous.host, doctor_port)
         self.name = name
         self.label = label or (f"{name}:{rendezvous.port}" if name else
-                               format_endpoint(*rendezvous))
+                               str(rendezvous))
         self.started = now
         self.gateway = gateway
         self._probes: dict[int, _Probe] = {}
@@ -399,8 +399,8 @@ class DoctorMachine:
         ipv6, ipv6_address = self._ipv6(reasons, waited)
         return DoctorReport(
             rendezvous=self.label,
-            public_address=format_endpoint(*public) if public else None,
-            local_address=format_endpoint(*local) if local else None,
+            public_address=str(public) if public else None,
+            local_address=str(local) if local else None,
             mapping=mapping, mapping_by=by, port_preserved=preserved, port_step=step,
             filtering=filtering, icmp=icmp, hairpin=hairpin, port_mapping=port_mapping,
             gateway_address=gateway_address, cgnat=cgnat, ipv6=ipv6,
@@ -421,7 +421,7 @@ class DoctorMachine:
             return None
         failures = [p.failure for p in checks if p.failure]
         if failures:
-            return (f"no NAT doctor at {format_endpoint(*self.doctor)} ({failures[0]}): an "
+            return (f"no NAT doctor at {self.doctor} ({failures[0]}): an "
                     "older nopf-server, or another --doctor-port?")
         return None
 
@@ -552,7 +552,7 @@ class DoctorMachine:
     def _ipv6(self, reasons: dict[str, str], waited: str) -> tuple[bool, str | None]:
         for p in self._probes.values():
             if p.ipv6 and p.observed is not None:
-                return True, format_endpoint(*p.observed.public)
+                return True, str(p.observed.public)
         parts = self._parts
         if parts.v6_failures and parts.v6_tried:
             reasons["ipv6"] = f"IPv6 to the rendezvous failed: {parts.v6_failures[0]}"

@@ -42,7 +42,6 @@ from nopf_web.wire.doctor import (
     Seen,
     decode_responder_message,
     encode,
-    format_endpoint,
 )
 from nopf_web.wire.errors import WireError
 
@@ -293,7 +292,7 @@ class _Run:
 
     async def _hairpin(self, action: Hairpin) -> None:
         target = (action.target.host, action.target.port)
-        where = format_endpoint(*action.target)
+        where = str(action.target)
         limit = max(0.0, min(HAIRPIN_WAIT, self.deadline - self.loop.time()))
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:

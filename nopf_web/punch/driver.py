@@ -24,6 +24,7 @@ from nopf_web.sockets import (
     tcp_state,
     wait_connected,
 )
+from nopf_web.wire.address import Endpoint
 
 from .machine import (
     ACCEPTED,
@@ -126,7 +127,7 @@ class PunchDriver:
 
     async def run(self) -> socket.socket:
         require_readiness()  # one line, before any socket, on a Proactor loop
-        peer_text = f"{self.peer[0]}:{self.peer[1]}"
+        peer_text = str(Endpoint(*self.peer))
         machine = PunchMachine(self.tactic, self.config, peer_text, nat_hint=self.nat_hint)
         listener: socket.socket | None = None
         failure: Exception | None = None

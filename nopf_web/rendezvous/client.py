@@ -6,11 +6,11 @@ import asyncio
 import errno
 import ipaddress
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from nopf_web.errors import describe_os_error
-from nopf_web.happy_eyeballs import connect_first, describe, resolve_all, routes_ipv4
+from nopf_web.happy_eyeballs import connect_first, resolve_all, routes_ipv4
 from nopf_web.happy_eyeballs_machine import Family, is_ipv6
 from nopf_web.sockets import connect_nonblocking, reusable_socket
 from nopf_web.wire.address import SEED_IPV4_ONLY, Endpoint
@@ -51,12 +51,13 @@ async def reach_rendezvous(endpoint: Endpoint, timeout: float, *,
     else:
         usable = [a for a in found if not is_ipv6(a[0])]
         if not usable:
+            listed = ", ".join(str(Endpoint(*a)) for a in found)
             raise RendezvousUnreachable(
-                f"{endpoint.host} has only IPv6 addresses ({', '.join(map(describe, found))}):"
-                f" {SEED_IPV4_ONLY}, so the rendezvous needs an IPv4 address")
+                f"{endpoint.host} has only IPv6 addresses ({listed}): {SEED_IPV4_ONLY}, so the "
+                "rendezvous needs an IPv4 address")
     if len(usable) == 1:
         if on_event is not None:
-            on_event(f"rendezvous {endpoint} is {describe(usable[0])}")
+            on_event(f"rendezvous {endpoint} is {Endpoint(*usable[0])}")
         return usable[0]
     # Coordinated, IPv4 first: every IPv4 address before IPv6 (each has its 250 ms, or
     # less when it fails), since an IPv4 connection is what our punch is planned from.
@@ -68,7 +69,7 @@ async def reach_rendezvous(endpoint: Endpoint, timeout: float, *,
         v6 = len(usable) - v4
         what = (f"{len(usable)} IPv{4 if v4 else 6} addresses" if not (v4 and v6) else
                 f"{len(usable)} addresses ({v4} IPv4, {v6} IPv6; IPv{first} tried first)")
-        on_event(f"rendezvous {endpoint}: {describe(address)} answered first of {what}")
+        on_event(f"rendezvous {endpoint}: {Endpoint(*address)} answered first of {what}")
     return address
 
 
@@ -104,24 +105,11 @@ async def discover(
     The socket is bound with the punch socket options so the same local port
     can be reused for the punch right after.
     """
-    where = f"{server[0]}:{server[1]}"
-    try:
-        sock = reusable_socket(bind_host, local_port)
-    except OSError as exc:
-        raise RendezvousUnreachable(
-            f"cannot bind {bind_host}:{local_port} for the rendezvous: {_describe(exc)}"
-        ) from None
+    where = str(Endpoint(*server))
+    sock = socket_for_rendezvous(bind_host, local_port)
     bound = sock.getsockname()[1]
     try:
-        try:
-            async with asyncio.timeout(timeout):
-                await connect_nonblocking(sock, server)
-        except TimeoutError:
-            raise RendezvousUnreachable(
-                f"rendezvous {where} did not answer the connection within {timeout:g} s"
-            ) from None
-        except OSError as exc:
-            raise RendezvousUnreachable(f"rendezvous {where}: {_describe(exc)}") from None
+        await connected_within(connect_nonblocking(sock, server), where, timeout)
         try:
             async with asyncio.timeout(timeout):
                 public = await _read_reply(sock, where)
@@ -163,6 +151,31 @@ async def probe_mapping(
         return again.public
 
 
+def socket_for_rendezvous(bind_host: str, port: int) -> socket.socket:
+    """A socket bound to ``bind_host`` and ``port`` (0: any) with the punch's options,
+    to connect to the rendezvous from; a failure is :class:`RendezvousUnreachable`."""
+    try:
+        return reusable_socket(bind_host, port)
+    except OSError as exc:
+        raise RendezvousUnreachable(f"cannot bind {Endpoint(bind_host, port)} for the "
+                                    f"rendezvous: {describe_os_error(exc)}") from None
+
+
+async def connected_within(connecting: Awaitable[None], where: str, timeout: float) -> None:
+    """Wait up to ``timeout`` s for ``connecting``, a connection to the rendezvous at
+    ``where``: a timeout or a socket error is :class:`RendezvousUnreachable` saying so."""
+    try:
+        async with asyncio.timeout(timeout):
+            await connecting
+    except TimeoutError:
+        raise RendezvousUnreachable(
+            f"rendezvous {where} did not answer the connection within {timeout:g} s"
+        ) from None
+    except OSError as exc:
+        raise RendezvousUnreachable(
+            f"rendezvous {where}: {describe_connect_error(exc)}") from None
+
+
 async def _read_reply(sock: socket.socket, where: str) -> Endpoint:
     loop = asyncio.get_running_loop()
     reader = DiscoveryReader()
@@ -172,7 +185,7 @@ async def _read_reply(sock: socket.socket, where: str) -> Endpoint:
             chunk = await loop.sock_recv(sock, reader.needed)
         except OSError as exc:
             raise RendezvousProtocolError(
-                f"rendezvous {where} broke the connection: {_describe(exc)}"
+                f"rendezvous {where} broke the connection: {describe_connect_error(exc)}"
             ) from None
         if not chunk:
             raise RendezvousProtocolError(
@@ -190,7 +203,8 @@ async def _read_reply(sock: socket.socket, where: str) -> Endpoint:
             return Endpoint(*result)
 
 
-def _describe(exc: OSError) -> str:
+def describe_connect_error(exc: OSError) -> str:
+    """A connection's socket error in a message (a refusal suggests why)."""
     text = describe_os_error(exc)
     return f"{text} (nothing listening there?)" if exc.errno == errno.ECONNREFUSED else text
 
@@ -200,9 +214,12 @@ __all__ = [
     "RendezvousError",
     "RendezvousProtocolError",
     "RendezvousUnreachable",
+    "connected_within",
     "coordinated_first",
+    "describe_connect_error",
     "discover",
     "probe_mapping",
     "reach_rendezvous",
     "resolve_ipv4",
+    "socket_for_rendezvous",
 ]

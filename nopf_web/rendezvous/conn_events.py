@@ -5,6 +5,10 @@ The rendezvous (:mod:`.server_machine`) and the NAT doctor's responder
 the sockets. The driver reports what the kernel said with these events, every
 one stamped with ``now`` from the driver's single clock, and carries out these
 actions. Fields a machine has no use for keep their defaults.
+
+The coordinated peer's machine (:mod:`nopf_web.sessions.coordination_machine`)
+holds its own connections to the rendezvous: it says :class:`Send` and
+:class:`Close` too.
 """
 
 from __future__ import annotations

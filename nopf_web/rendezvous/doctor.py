@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 
+from nopf_web.tunnel.delegated import Delegated
 from nopf_web.wire.doctor import DEFAULT_PORT_OFFSET, Icmp, Outcome
 
 from .conn_driver import ConnDriver
@@ -89,13 +90,8 @@ class DoctorResponder(ConnDriver):
         self._dials: dict[ConnId, asyncio.Task[None]] = {}
         self._tg: asyncio.TaskGroup | None = None
 
-    @property
-    def stats(self) -> ResponderStats:
-        return self._machine.stats
-
-    @property
-    def addresses(self) -> tuple[str, ...]:
-        return self._machine.addresses
+    stats = Delegated[ResponderStats]("_machine")
+    addresses = Delegated[tuple[str, ...]]("_machine")
 
     @property
     def address(self) -> tuple[str, int]:

@@ -58,7 +58,6 @@ from nopf_web.wire.doctor import (
     UnsupportedVersion,
     decode_client_message,
     encode,
-    format_endpoint,
 )
 from nopf_web.wire.errors import WireError
 
@@ -155,7 +154,7 @@ class _Phase:
 @dataclass
 class _Conn:
     id: ConnId
-    peer: tuple[str, int]
+    peer: Endpoint
     local: tuple[str, int] | None
     source: str  # rate-limit key: the IPv4 address or the IPv6 /64
     phase: str
@@ -295,7 +294,7 @@ class ResponderMachine:
         lim = self.limits
         if ev.peer is None:
             return [Reset(ev.conn)]
-        peer = (_plain(ev.peer[0]), ev.peer[1])
+        peer = Endpoint(_plain(ev.peer[0]), ev.peer[1])
         key = source_key(peer[0])
         if self._stopping:
             return [Reset(ev.conn)]
@@ -337,14 +336,14 @@ class ResponderMachine:
         self.stats.checks += 1
         local_ip = conn.local[0] if conn.local else None
         others = tuple(a for a in self.addresses if a != local_ip)[:MAX_OTHERS]
-        out: list[Action] = [self._send(conn, Seen(Endpoint(*conn.peer), others))]
+        out: list[Action] = [self._send(conn, Seen(conn.peer, others))]
         if not check.dial_back:
             return [*out, *self._close(conn, now)]
         lim = self.limits
         if len(self._dials) >= lim.max_dials:
             self.stats.refused_busy += 1
             return [*out, *self._log.line(
-                f"doctor: refused a dial-back to {format_endpoint(*conn.peer)}: "
+                f"doctor: refused a dial-back to {conn.peer}: "
                 f"{len(self._dials)} under way already", now),
                 *self._refuse(conn, DoctorError("busy", "too many dial-backs under way; "
                                                 "try again in a few seconds"), now)]
@@ -353,7 +352,7 @@ class ResponderMachine:
             self.stats.refused_rate += 1
             retry = round(wait + 0.05, 1)
             return [*out, *self._log.line(
-                f"doctor: refused a dial-back to {format_endpoint(*conn.peer)}: more than "
+                f"doctor: refused a dial-back to {conn.peer}: more than "
                 f"{lim.dial_burst} from {conn.source} lately (next in {retry:g} s)", now),
                 *self._refuse(conn, DoctorError(
                     "rate_limited", f"too many dial-backs to {conn.source} lately",
@@ -387,7 +386,7 @@ class ResponderMachine:
             why = (ev.error or "unknown error")[:150]
             msg: ResponderMessage = DoctorError("dial_failed",
                                                 f"the responder could not dial back: {why}")
-            lines = self._log.line(f"doctor: dial-back to {format_endpoint(*conn.peer)} "
+            lines = self._log.line(f"doctor: dial-back to {conn.peer} "
                                    f"failed on our side: {ev.error}", ev.now)
         else:
             msg = DialBack(ev.outcome, Endpoint(_plain(ev.source[0]), ev.source[1]),
@@ -447,7 +446,7 @@ class ResponderMachine:
 
     def _bad(self, conn: _Conn, why: str, now: float) -> list[Action]:
         self.stats.bad_requests += 1
-        return [*self._log.line(f"doctor: bad request from {format_endpoint(*conn.peer)}: "
+        return [*self._log.line(f"doctor: bad request from {conn.peer}: "
                                 f"{why}", now),
                 *self._refuse(conn, DoctorError("bad_request", why[:200]), now)]
 

@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from nopf_web.sockets import enable_fastopen_server
+from nopf_web.tunnel.delegated import Delegated
 
 from .book import NameplateBook
 from .conn_driver import ConnDriver, reset_connection
@@ -126,14 +127,9 @@ class RendezvousServer(ConnDriver):
         self._feed(event)
         self._check_drained()
 
-    @property
-    def relay_load(self) -> int:
-        """Relay sessions waiting or copied now (a shared rendezvous spreads them)."""
-        return self._machine.relay_load
-
-    @property
-    def stats(self) -> ServerStats:
-        return self._machine.stats
+    relay_load = Delegated[int](
+        "_machine", doc="Relay sessions waiting or copied now (a shared rendezvous spreads them).")
+    stats = Delegated[ServerStats]("_machine")
 
     @property
     def book(self) -> NameplateBook[ConnId]:

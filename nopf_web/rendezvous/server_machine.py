@@ -1061,6 +1061,16 @@ class ServerMachine:
         else:
             self._measured(conn, now)
 
+    def _measured_or_ping(self, conn: Conn, now: float) -> None:
+        """On with the pairing if ``conn``'s RTT is known (or its hello came in the SYN,
+        as with a joiner: see :meth:`_join`); else one ping first."""
+        if conn.syn_data or conn.rtt_known():
+            if conn.syn_data:
+                self.stats.syn_data += 1
+            self._measured(conn, now)
+        else:
+            self._ping_once(conn, now)
+
     def _ping_once(self, conn: Conn, now: float) -> None:
         """One RTT sample where the kernel offers none (bounded: a silent peer costs 1 s)."""
         conn.phase = Phase.MEASURING
@@ -1169,12 +1179,7 @@ class ServerMachine:
                          "replaced this one", now)
             return
         conn.partner = other.id
-        if conn.syn_data or conn.rtt_known():
-            if conn.syn_data:
-                self.stats.syn_data += 1
-            self._measured(conn, now)
-        else:
-            self._ping_once(conn, now)
+        self._measured_or_ping(conn, now)
 
     def _waiting_resume(self, resume_id: bytes) -> Conn | None:
         cid = self.resumes.get(resume_id)
@@ -1562,12 +1567,7 @@ class ServerMachine:
             return
         assert isinstance(result, Claimed), result
         conn.remote = result.waiting
-        if conn.syn_data or conn.rtt_known():
-            if conn.syn_data:
-                self.stats.syn_data += 1
-            self._measured(conn, now)
-        else:
-            self._ping_once(conn, now)
+        self._measured_or_ping(conn, now)
 
     def _replaced(self, where: tuple[NodeId, ConnId], why: str, now: float) -> None:
         node, cid = where
@@ -1882,7 +1882,7 @@ def _peer_nat(to: PeerSide, peer: PeerSide) -> NatSummary | None:
 
 
 def _fmt(peer: tuple[str, int] | None) -> str:
-    return f"{peer[0]}:{peer[1]}" if peer else "?"
+    return str(Endpoint(*peer)) if peer else "?"
 
 
 def _nameplate(conn: Conn) -> int:

@@ -50,13 +50,18 @@ from nopf_web.pairing import parse_code
 from nopf_web.prediction import PairFacts, Prediction, fire_facts
 from nopf_web.punch.driver import PunchDriver
 from nopf_web.punch.machine import Failure, PunchTimeout, Tactic
-from nopf_web.rendezvous.client import coordinated_first, reach_rendezvous
+from nopf_web.rendezvous.client import (
+    connected_within,
+    coordinated_first,
+    describe_connect_error,
+    reach_rendezvous,
+    socket_for_rendezvous,
+)
 from nopf_web.rendezvous.errors import RendezvousUnreachable
 from nopf_web.roles import PeerRole
 from nopf_web.sockets import (
     connect_nonblocking,
     require_readiness,
-    reusable_socket,
     try_fastopen,
     tune_stream,
     wait_connected,
@@ -285,11 +290,7 @@ async def open_from(server: tuple[str, int], bind_host: str, port: int, net_time
     loop = asyncio.get_running_loop()
     give_up = loop.time() + PORT_FREE_WAIT
     while True:
-        try:
-            sock = reusable_socket(bind_host, port)
-        except OSError as exc:
-            raise RendezvousUnreachable(f"cannot bind {bind_host}:{port} for the rendezvous: "
-                                        f"{exc.strerror or exc}") from None
+        sock = socket_for_rendezvous(bind_host, port)
         kept = False
         try:
             if fastopen and try_fastopen(sock):
@@ -314,7 +315,7 @@ async def open_from(server: tuple[str, int], bind_host: str, port: int, net_time
         except OSError as exc:
             if exc.errno != errno.EADDRNOTAVAIL or loop.time() >= give_up:
                 raise RendezvousUnreachable(
-                    f"rendezvous {where}: {exc.strerror or exc}") from None
+                    f"rendezvous {where}: {describe_connect_error(exc)}") from None
         finally:
             if not kept:
                 sock.close()
@@ -323,15 +324,7 @@ async def open_from(server: tuple[str, int], bind_host: str, port: int, net_time
 
 async def handshake_done(sock: socket.socket, where: str, net_timeout: float) -> None:
     """Wait for a Fast Open connection's handshake, with :func:`open_from`'s errors."""
-    try:
-        async with asyncio.timeout(net_timeout):
-            await wait_connected(sock)
-    except TimeoutError:
-        raise RendezvousUnreachable(
-            f"rendezvous {where} did not answer the connection within {net_timeout:g} s"
-        ) from None
-    except OSError as exc:
-        raise RendezvousUnreachable(f"rendezvous {where}: {exc.strerror or exc}") from None
+    await connected_within(wait_connected(sock), where, net_timeout)
 
 
 # -- the driver ----------------------------------------------------------------------

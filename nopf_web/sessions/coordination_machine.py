@@ -89,6 +89,7 @@ from nopf_web.errors import NopfError
 from nopf_web.pairing import PairingCode, make_code
 from nopf_web.prediction import PairFacts, Prediction, fire_facts, predict, usable_mapped
 from nopf_web.punch.machine import Failure, PunchConfig, PunchTimeout
+from nopf_web.rendezvous.conn_events import Close as Close, Send as Send
 from nopf_web.rendezvous.errors import (
     RendezvousError,
     RendezvousProtocolError,
@@ -307,15 +308,8 @@ class AwaitHandshake:
     conn: int
 
 
-@dataclass(frozen=True)
-class Send:
-    conn: int
-    data: bytes
-
-
-@dataclass(frozen=True)
-class Close:
-    conn: int
+# Send (bytes for a connection) and Close (end it) are the connection actions of
+# nopf-server's machines (:mod:`nopf_web.rendezvous.conn_events`), imported above.
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from nopf_web.punch.machine import PunchConfig, Tactic
 from nopf_web.rendezvous.client import Discovery, discover, probe_mapping, reach_rendezvous
 from nopf_web.roles import PeerRole
 from nopf_web.sockets import enable_keepalive, peek_nonblocking, tune_stream, wait_ready
+from nopf_web.tunnel.delegated import Delegated
 from nopf_web.tunnel.pipe import Counters, Pipe
 from nopf_web.wire.address import Endpoint
 
@@ -58,13 +59,8 @@ class SeedEngine(EngineBase):
         self._peer_set = asyncio.Event()
         self._pipe: Pipe | None = None
 
-    @property
-    def bytes_out(self) -> int:
-        return self.counters.a_to_b
-
-    @property
-    def bytes_in(self) -> int:
-        return self.counters.b_to_a
+    bytes_out = Delegated[int]("counters", "a_to_b")
+    bytes_in = Delegated[int]("counters", "b_to_a")
 
     def snapshot(self) -> Snapshot:
         return replace(super().snapshot(), public_address=self.public_address,

@@ -35,7 +35,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from nopf_web.roles import PeerRole
+from nopf_web.roles import PeerRole, other
 
 from .errors import HandshakeError, TunnelClosed, TunnelError
 from .record_machine import (
@@ -204,7 +204,7 @@ class ResumableChannel:
 
     @property
     def peer_role(self) -> PeerRole:
-        return "client" if self.role == "server" else "server"
+        return other(self.role)
 
     @property
     def resume_id(self) -> bytes | None:

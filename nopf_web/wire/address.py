@@ -77,8 +77,15 @@ def parse_ipv4_endpoint(text: str, *, field: str = "address") -> Endpoint:
         ip = ipaddress.IPv4Address(host)
     except ValueError:
         raise BadAddress(f"{quote(host)} in {shown} is not an IPv4 address", field) from None
+    return _usable_endpoint(ip, port, shown, field, "a peer address")
+
+
+def _usable_endpoint(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: str,
+                     shown: str, field: str, what: str) -> Endpoint:
+    """``ip`` and ``port`` (from ``shown``), unless ``ip`` is unspecified or multicast: an
+    address that cannot be ``what``, a peer's or a rendezvous'."""
     if ip.is_unspecified or ip.is_multicast:
-        raise BadAddress(f"{ip} cannot be a peer address", field)
+        raise BadAddress(f"{ip} cannot be {what}", field)
     return Endpoint(str(ip), parse_port(port, what=f"port in {shown}", field=field))
 
 
@@ -92,6 +99,13 @@ def parse_observed_endpoint(text: str, *, field: str = "address") -> Endpoint:
     return _bracketed_endpoint(text, field, "a peer address")
 
 
+def parse_ipv6_endpoint(text: str, *, field: str = "address") -> Endpoint:
+    """A peer's ``[IPv6]:PORT``: any IPv6 address but the unspecified and multicast
+    ones; no zone id. (A use that wants only some, such as global unicast ones,
+    checks the result.)"""
+    return _bracketed_endpoint(_line(text, field), field, "a peer address")
+
+
 def _bracketed_endpoint(text: str, field: str, what: str) -> Endpoint:
     """``[IPv6]:PORT`` (``text`` already one stripped line); ``what`` it must be."""
     host, sep, port = text.rpartition("]:")
@@ -102,9 +116,7 @@ def _bracketed_endpoint(text: str, field: str, what: str) -> Endpoint:
         ip = ipaddress.IPv6Address(host[1:])
     except ValueError:
         raise BadAddress(f"{shown} is not [IPv6]:PORT", field) from None
-    if ip.is_unspecified or ip.is_multicast:
-        raise BadAddress(f"{ip} cannot be {what}", field)
-    return Endpoint(str(ip), parse_port(port, what=f"port in {shown}", field=field))
+    return _usable_endpoint(ip, port, shown, field, what)
 
 
 def parse_host(host: str, *, field: str = "host", shown: str | None = None) -> str:

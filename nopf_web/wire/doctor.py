@@ -79,7 +79,6 @@ __all__ = [
     "decode_client_message",
     "decode_responder_message",
     "encode",
-    "format_endpoint",
     "parse_endpoint",
 ]
 
@@ -107,11 +106,6 @@ class DoctorMessageError(WireError, NopfError):
 
 
 # Addresses --------------------------------------------------------------------
-
-
-def format_endpoint(host: str, port: int) -> str:
-    """``ip:port`` for IPv4, ``[ip]:port`` for IPv6."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _address(text: str, what: str) -> str:
@@ -195,11 +189,11 @@ def _to_json(msg: Message) -> dict[str, Any]:
         return {"type": "check", "version": msg.version, "dial_back": msg.dial_back,
                 "wait_ms": msg.wait_ms}
     if isinstance(msg, Seen):
-        return {"type": "seen", "public": format_endpoint(*msg.public),
+        return {"type": "seen", "public": str(msg.public),
                 "others": list(msg.others)}
     if isinstance(msg, DialBack):
         out: dict[str, Any] = {"type": "dial_back", "outcome": msg.outcome,
-                               "from": format_endpoint(*msg.source), "ms": msg.ms}
+                               "from": str(msg.source), "ms": msg.ms}
         if msg.icmp is not None:
             icmp: dict[str, Any] = {"type": msg.icmp.type, "code": msg.icmp.code}
             if msg.icmp.source is not None:

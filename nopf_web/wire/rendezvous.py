@@ -124,12 +124,13 @@ import base64
 import ipaddress
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from nopf_web.errors import NopfError
 
-from .address import Endpoint, parse_ipv4_endpoint, parse_observed_endpoint
+from .address import Endpoint, parse_ipv4_endpoint, parse_ipv6_endpoint, parse_observed_endpoint
 from .errors import BadAddress, WireError
 from .json_payload import Fields, load_object, message_type, present
 from .nat import NatSummary, NatSummaryError
@@ -447,12 +448,17 @@ class _Fields(Fields):
                  observed: bool = False) -> Endpoint | None:
         """``observed``: an address the rendezvous saw, which may be IPv6."""
         value = self.text(name, optional=optional)
-        return None if value is None else _endpoint(value, f"{self.kind}.{name}", observed)
+        if value is None:
+            return None
+        return _endpoint(value, f"{self.kind}.{name}",
+                         parse_observed_endpoint if observed else parse_ipv4_endpoint)
 
 
-def _endpoint(text: str, what: str, observed: bool = False) -> Endpoint:
+def _endpoint(text: str, what: str,
+              parse: Callable[[str], Endpoint] = parse_ipv4_endpoint) -> Endpoint:
+    """``text`` as ``parse`` reads it; its error a :class:`MessageError` naming ``what``."""
     try:
-        return parse_observed_endpoint(text) if observed else parse_ipv4_endpoint(text)
+        return parse(text)
     except BadAddress as exc:
         raise MessageError(f"{what}: {exc}") from None
 
@@ -552,19 +558,11 @@ def is_global_unicast(ip: ipaddress.IPv6Address) -> bool:
 
 def _ipv6_endpoint(text: str, what: str) -> Endpoint:
     """``[v6]:port``: a global unicast IPv6 address (what a peer can be reached at)."""
-    host, sep, port = text.rpartition("]:")
-    try:
-        if not host.startswith("[") or not sep:
-            raise ValueError
-        ip = ipaddress.IPv6Address(host[1:])
-        number = int(port) if port.isdigit() and len(port) <= 5 else 0
-    except ValueError:
-        raise MessageError(f"{what}: {text!r:.60} is not [IPv6]:PORT") from None
-    if not 1 <= number <= 65535:
-        raise MessageError(f"{what}: port in {text!r:.60} is out of range (1-65535)")
-    if not is_global_unicast(ip):
-        raise MessageError(f"{what}: {ip} is not a global unicast IPv6 address (2000::/3)")
-    return Endpoint(str(ip), number)
+    endpoint = _endpoint(text, what, parse_ipv6_endpoint)
+    if not is_global_unicast(ipaddress.IPv6Address(endpoint.host)):
+        raise MessageError(f"{what}: {endpoint.host} is not a global unicast IPv6 address "
+                           "(2000::/3)")
+    return endpoint
 
 
 def _lan(f: _Fields) -> tuple[Endpoint, ...]:

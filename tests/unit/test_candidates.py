@@ -69,6 +69,8 @@ def test_hello_and_fire_carry_candidates_and_say_nothing_without_them() -> None:
     ('{"path":"ipv6","peer":"[fd00::1]:4000"}', "not a global unicast IPv6 address"),
     ('{"path":"ipv6","peer":"[::ffff:1.2.3.4]:4000"}', "not a global unicast IPv6 address"),
     ('{"path":"ipv6","peer":"2001:db8::1:4000"}', "is not [IPv6]:PORT"),
+    ('{"path":"ipv6","peer":"[2001:db8::1%eth0]:4000"}', "is not [IPv6]:PORT"),  # no zone id
+    ('{"path":"ipv6","peer":"[::]:4000"}', "cannot be a peer address"),
     ('{"path":"ipv6","peer":"[2001:db8::1]:0"}', "out of range"),
     ('{"path":"mapped","peer":"[2001:db8::1]:4000"}', "not an IPv4 address"),
     ('{"path":"public","peer":"1.2.3.4:4000"}', "is not one of ipv6, mapped"),

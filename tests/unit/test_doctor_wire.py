@@ -23,7 +23,6 @@ from nopf_web.wire.doctor import (
     decode_client_message,
     decode_responder_message,
     encode,
-    format_endpoint,
     parse_endpoint,
 )
 from nopf_web.wire.errors import WireError
@@ -85,7 +84,7 @@ def test_frames_split_and_merged_anyhow_decode_the_same(
 
 @given(endpoints)
 def test_endpoints_are_written_one_way_and_parsed_back(ep: Endpoint) -> None:
-    text = format_endpoint(*ep)
+    text = str(ep)
     assert parse_endpoint(text) == ep
     assert text.startswith("[") == (":" in ep.host)
 

@@ -11,7 +11,6 @@ from nopf_web.happy_eyeballs_machine import (
     HappyEyeballs,
     StartAttempt,
     Won,
-    describe,
     interleave,
 )
 
@@ -47,8 +46,10 @@ def test_ipv6_follows_every_ipv4_attempt_by_the_stagger_or_at_once_on_failures()
     assert he.failed(0, "network unreachable", 0.0) == [StartAttempt(1, V6A)]
 
 
-def test_describe_brackets_ipv6() -> None:
-    assert describe(V6A) == "[2001:db8::1]:3012" and describe(V4A) == "198.51.100.2:3012"
+def test_a_failure_names_each_address_with_ipv6_in_brackets() -> None:
+    failed = AllFailed(((V6A, "connection refused"), (V4A, "timed out")))
+    assert failed.message == ("[2001:db8::1]:3012: connection refused; "
+                              "198.51.100.2:3012: timed out")
 
 
 def test_next_attempt_after_250_ms_and_the_first_to_connect_wins() -> None:
