@@ -23,6 +23,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from nopf_web.sockets import send_gathered, set_exclusive_address
+from nopf_web.wire.address import Endpoint
 from nopf_web.wire.frames import ResetCode
 
 from .errors import StreamReset, TunnelError
@@ -164,7 +165,7 @@ async def _share_one(stream: Stream, service: tuple[str, int], timeout: float,
         why = (f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError)
                else "nothing is listening there" if isinstance(exc, ConnectionRefusedError)
                else exc.strerror or str(exc))
-        message = f"cannot reach the shared service at {host}:{port} ({why})"
+        message = f"cannot reach the shared service at {Endpoint(host, port)} ({why})"
         on_event(message)
         stream.reset(ResetCode.REFUSED, message)
         return

@@ -38,6 +38,7 @@ from nopf_web.tunnel.secure import (
     SecureChannel,
     open_channel,
 )
+from nopf_web.wire.address import Endpoint
 from nopf_web.wire.frames import ResetCode
 from tests.loopback import tcp_pair
 
@@ -454,9 +455,11 @@ async def test_reset_one_stream_others_unaffected() -> None:
         assert ma.state == mb.state == "open"
 
 
-async def test_unreachable_service_resets_only_that_stream() -> None:
-    free = socket.create_server(("127.0.0.1", 0))
-    dead_service = free.getsockname()
+@pytest.mark.parametrize("service_host", ["127.0.0.1", "::1"])
+async def test_unreachable_service_resets_only_that_stream(service_host: str) -> None:
+    family = socket.AF_INET6 if ":" in service_host else socket.AF_INET
+    free = socket.create_server((service_host, 0), family=family)
+    dead_service = free.getsockname()[:2]
     free.close()
     events: list[str] = []
     listener = socket.create_server(("127.0.0.1", 0))
@@ -467,7 +470,8 @@ async def test_unreachable_service_resets_only_that_stream() -> None:
         with contextlib.suppress(ConnectionResetError):
             assert await r.read() == b""  # closed (RST) by the connector
         w.close()
-        assert events and "cannot reach the shared service" in events[0]
+        where = str(Endpoint(*dead_service))  # an IPv6 address in brackets
+        assert events and f"cannot reach the shared service at {where} " in events[0]
         assert "nothing is listening there" in events[0]
         assert ma.state == mb.state == "open"
         await ma.close()
