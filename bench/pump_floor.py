@@ -101,8 +101,10 @@ def _parse_addr(text: str) -> tuple[str, int]:
 # -- thread mode ---------------------------------------------------------------
 
 
-def _seal_loop(src: socket.socket, dst: socket.socket, aead: AESGCM) -> None:
-    """Plaintext from ``src`` -> records to ``dst``, until ``src``'s EOF."""
+def _seal_loop(src: socket.socket, dst: socket.socket, aead: AESGCM,
+               failed: threading.Event) -> None:
+    """Plaintext from ``src`` -> records to ``dst``, until ``src``'s EOF (no end
+    record when that EOF came from the other direction's failure)."""
     plain = bytearray(MAX_PLAINTEXT)
     pv = memoryview(plain)
     out = bytearray(MAX_RECORD)
@@ -111,6 +113,8 @@ def _seal_loop(src: socket.socket, dst: socket.socket, aead: AESGCM) -> None:
     counter = 0
     while True:
         n = recv_into(plain)
+        if not n and failed.is_set():
+            return
         size = n + TAG
         out[:HEADER] = size.to_bytes(HEADER, "big")
         encrypt_into(counter.to_bytes(NONCE, "big"), pv[:n], None, ov[HEADER:HEADER + size])
@@ -134,7 +138,8 @@ def _read_exact(sock: socket.socket, view: memoryview) -> bool:
     return True
 
 
-def _open_loop(src: socket.socket, dst: socket.socket, aead: AESGCM) -> None:
+def _open_loop(src: socket.socket, dst: socket.socket, aead: AESGCM,
+               failed: threading.Event) -> None:
     """Records from ``src`` -> plaintext to ``dst``, until the end record."""
     record = bytearray(MAX_RECORD)
     rv = memoryview(record)
@@ -163,16 +168,17 @@ def _open_loop(src: socket.socket, dst: socket.socket, aead: AESGCM) -> None:
         sendall(pv[:size - TAG])
 
 
-Loop = Callable[[socket.socket, socket.socket, AESGCM], None]
+Loop = Callable[[socket.socket, socket.socket, AESGCM, threading.Event], None]
 
 
 def _direction(loop_fn: Loop, src: socket.socket, dst: socket.socket, aead: AESGCM,
-               both: tuple[socket.socket, socket.socket]) -> None:
+               both: tuple[socket.socket, socket.socket], failed: threading.Event) -> None:
     """Run one direction; on any failure cut both sockets so the other direction ends."""
     try:
-        loop_fn(src, dst, aead)
+        loop_fn(src, dst, aead, failed)
     except (OSError, BadRecord) as exc:
         print(f"pump_floor: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        failed.set()  # before the cuts: the EOF they cause must not send an end record
         for sock in both:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -180,11 +186,12 @@ def _direction(loop_fn: Loop, src: socket.socket, dst: socket.socket, aead: AESG
 
 def _thread_conn(plain: socket.socket, cipher: socket.socket, aead_seal: AESGCM,
                  aead_open: AESGCM) -> None:
-    both = (plain, cipher)
+    both, failed = (cipher, plain), threading.Event()
     up = threading.Thread(target=_direction, name="pump-seal",
-                          args=(_seal_loop, plain, cipher, aead_seal, both), daemon=True)
+                          args=(_seal_loop, plain, cipher, aead_seal, both, failed),
+                          daemon=True)
     up.start()
-    _direction(_open_loop, cipher, plain, aead_open, both)
+    _direction(_open_loop, cipher, plain, aead_open, both, failed)
     up.join()
     plain.close()
     cipher.close()
@@ -274,6 +281,8 @@ class _PlainSide(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.conn.plain = transport
+        if self.aead is None:
+            transport.pause_reading()  # nothing can be sealed before the keys
         if self.on_accept is not None:
             self.on_accept(transport)
 
@@ -434,8 +443,6 @@ async def serve_async(listen: socket.socket, near: bool, to: tuple[str, int],
         transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         if near:
             transport.write(salt)
-        else:
-            transport.pause_reading()  # the service's bytes wait for the keys (the salt)
         accepted.resume_reading()
 
     async with asyncio.TaskGroup() as tg:

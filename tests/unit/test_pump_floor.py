@@ -43,6 +43,16 @@ def _start(end: str, mode: str, to: tuple[str, int]) -> tuple[subprocess.Popen[b
     return proc, int(line.rsplit(":", 1)[1])
 
 
+def _stop(*procs: subprocess.Popen[bytes]) -> str:
+    """Kill the relays; what they said on stderr (for a failing assertion)."""
+    logs = []
+    for proc in procs:
+        proc.kill()
+        _, err = proc.communicate(timeout=5)
+        logs.append(err.decode(errors="replace")[-400:])
+    return " | ".join(logs)
+
+
 @pytest.fixture
 def service() -> Iterator[socket.socket]:
     with socket.create_server(("127.0.0.1", 0)) as lsock:
@@ -89,11 +99,9 @@ def test_both_directions_byte_exact_with_half_close(mode: str,
             sender.join()
         server.join(20)
     finally:
-        for proc in (near, far):
-            proc.kill()
-            proc.wait(5)
-    assert got["service"] == (SIZE, hashlib.sha256(up).hexdigest())
-    assert got["client"] == (SIZE, hashlib.sha256(down).hexdigest())
+        logs = _stop(near, far)
+    assert got.get("service") == (SIZE, hashlib.sha256(up).hexdigest()), logs
+    assert got.get("client") == (SIZE, hashlib.sha256(down).hexdigest()), logs
 
 
 def _raw_far(mode: str, service: socket.socket, records: bytes) -> tuple[bytes, bytes]:
@@ -114,8 +122,7 @@ def _raw_far(mode: str, service: socket.socket, records: bytes) -> tuple[bytes, 
             while data := _recv(raw):
                 back += data
     finally:
-        far.kill()
-        far.wait(5)
+        _stop(far)
     return received, back
 
 
