@@ -31,7 +31,10 @@ port)`` reachable from b1, where the sender runs:
   the tunnel's records can do (AES-256-GCM records of up to 256 KiB, no mux, no
   resume), a near end on b1's loopback and a far end on a1's public address, in
   asyncio or with a blocking thread per direction: the floor of a Python design
-  against ``ssh_gcm`` (issue 16).
+  against ``ssh_gcm`` (issue 16);
+- ``floor_layers`` (an experiment too): :mod:`bench.pump_layers`, the thread
+  relay carrying the tunnel's real record, resume and mux layers (one tunnel
+  per connection).
 
 ``python -m bench.paths sink|bulk ...`` are the helper processes run inside the
 namespaces.
@@ -74,12 +77,13 @@ LABELS = {"direct": "direct TCP", "plain": "nopf plain (seed)",
           "encrypted": "nopf encrypted", "socat": "socat relay",
           "socat2": "two socat relays", "ssh": "ssh -L", "ssh_gcm": "ssh -L aes128-gcm",
           "fowl": "fowl", "encrypted_base": "nopf encrypted (base tree)",
-          "floor_async": "floor relay, asyncio", "floor_thread": "floor relay, threads"}
+          "floor_async": "floor relay, asyncio", "floor_thread": "floor relay, threads",
+          "floor_layers": "threads + the tunnel's layers"}
 # Measured only when named in NOPF_BENCH_PATHS (never by the suite's default run).
-EXPERIMENTS = ("floor_async", "floor_thread")
+EXPERIMENTS = ("floor_async", "floor_thread", "floor_layers")
 # Each nopf path's strongest peer in the same topology (a relay at each end).
 PEERS = {"encrypted": "ssh_gcm", "plain": "socat2", "encrypted_base": "ssh_gcm",
-         "floor_async": "ssh_gcm", "floor_thread": "ssh_gcm"}
+         "floor_async": "ssh_gcm", "floor_thread": "ssh_gcm", "floor_layers": "ssh_gcm"}
 # NOPF_BENCH_BASE=DIR adds ``encrypted_base``: the encrypted tunnel from that source tree.
 BASE_ENV = "NOPF_BENCH_BASE"
 
@@ -642,10 +646,30 @@ class FloorThread(FloorAsync):
     FAR_PORT = FLOOR_PORT + 1
 
 
+class FloorLayers(FloorAsync):
+    """:mod:`bench.pump_layers`: threads, with the tunnel's machines on the wire."""
+
+    name = "floor_layers"
+    PORT = 3102
+    FAR_PORT = FLOOR_PORT + 2
+
+    def _popen(self, host: Host, end: str, listen: str, to: str, key: str) -> None:
+        del key  # in-band SPAKE2 with a fixed code instead
+        self.procs[end] = host.popen(
+            [sys.executable, "-m", "bench.pump_layers", end, "--listen", listen, "--to", to],
+            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.log)
+
+    def start(self) -> None:
+        super().start()
+        self.info["relay"] = ("bench.pump_layers: threads; the tunnel's record, resume and "
+                              "mux machines; one tunnel per connection (an experiment)")
+
+
 KINDS: dict[str, type[Path]] = {
     "direct": Direct, "plain": Plain, "encrypted": Encrypted, "socat": Socat,
     "socat2": Socat2, "ssh": Ssh, "ssh_gcm": SshGcm, "fowl": Fowl,
-    "encrypted_base": EncryptedBase, "floor_async": FloorAsync, "floor_thread": FloorThread}
+    "encrypted_base": EncryptedBase, "floor_async": FloorAsync, "floor_thread": FloorThread,
+    "floor_layers": FloorLayers}
 
 
 def default_paths() -> tuple[str, ...]:

@@ -1,7 +1,9 @@
-"""``bench.pump_floor`` (the floor of a Python encrypted relay), on loopback only.
+"""``bench.pump_floor`` (the floor of a Python encrypted relay) and ``bench.pump_layers``,
+on loopback only.
 
-Both modes relay 8 MiB each way byte for byte through a near and a far end run
-as processes, with half-closes carried end to end; the far end forwards a
+Both modes, and the thread relay carrying the tunnel's layers, relay 8 MiB
+each way byte for byte through a near and a far end run as processes, with
+half-closes carried end to end; the far end forwards a
 record sealed by the documented format and drops the connection on a tampered
 one without forwarding any of it.
 """
@@ -30,16 +32,18 @@ MODES = ("thread", "async")
 
 
 def _start(end: str, mode: str, to: tuple[str, int]) -> tuple[subprocess.Popen[bytes], int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.pump_floor", end, "--mode", mode,
-         "--listen", "127.0.0.1:0", "--to", f"{to[0]}:{to[1]}", "--key", PSK.hex()],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    """A relay end (mode "layers": ``bench.pump_layers``); its port once it listens."""
+    where = ["--listen", "127.0.0.1:0", "--to", f"{to[0]}:{to[1]}"]
+    command = (["bench.pump_layers", end, *where] if mode == "layers" else
+               ["bench.pump_floor", end, "--mode", mode, *where, "--key", PSK.hex()])
+    proc = subprocess.Popen([sys.executable, "-m", *command],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], 20)
     line = proc.stdout.readline().decode() if ready else ""
     if not line.startswith("listening "):
         proc.kill()
-        raise AssertionError(f"pump_floor {end} did not start: {line!r}")
+        raise AssertionError(f"{command[0]} {end} did not start: {line!r}")
     return proc, int(line.rsplit(":", 1)[1])
 
 
@@ -73,7 +77,7 @@ def _send_then_eof(sock: socket.socket, data: bytes) -> None:
     sock.shutdown(socket.SHUT_WR)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "layers"])
 def test_both_directions_byte_exact_with_half_close(mode: str,
                                                     service: socket.socket) -> None:
     far, far_port = _start("far", mode, service.getsockname())
@@ -154,3 +158,4 @@ def test_far_end_opens_documented_records_and_rejects_a_tampered_one(
     received, back = _raw_far(mode, service, bytes(tampered) + end)
     assert received == b""
     assert back == b""
+
