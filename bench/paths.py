@@ -32,6 +32,9 @@ port)`` reachable from b1, where the sender runs:
   resume), a near end on b1's loopback and a far end on a1's public address, in
   asyncio or with a blocking thread per direction: the floor of a Python design
   against ``ssh_gcm`` (issue 16);
+- ``floor_alloc`` (an experiment too): ``bench.pump_floor --mode alloc``, the
+  thread relay with the tunnel's buffer habits (fresh buffers per read and per
+  opened record, reads kept for 8 MiB as the replay buffer keeps them);
 - ``floor_layers`` (an experiment too): :mod:`bench.pump_layers`, the thread
   relay carrying the tunnel's real record, resume and mux layers (one tunnel
   per connection).
@@ -78,12 +81,14 @@ LABELS = {"direct": "direct TCP", "plain": "nopf plain (seed)",
           "socat2": "two socat relays", "ssh": "ssh -L", "ssh_gcm": "ssh -L aes128-gcm",
           "fowl": "fowl", "encrypted_base": "nopf encrypted (base tree)",
           "floor_async": "floor relay, asyncio", "floor_thread": "floor relay, threads",
+          "floor_alloc": "floor relay, threads, the tunnel's buffers",
           "floor_layers": "threads + the tunnel's layers"}
 # Measured only when named in NOPF_BENCH_PATHS (never by the suite's default run).
-EXPERIMENTS = ("floor_async", "floor_thread", "floor_layers")
+EXPERIMENTS = ("floor_async", "floor_thread", "floor_alloc", "floor_layers")
 # Each nopf path's strongest peer in the same topology (a relay at each end).
 PEERS = {"encrypted": "ssh_gcm", "plain": "socat2", "encrypted_base": "ssh_gcm",
-         "floor_async": "ssh_gcm", "floor_thread": "ssh_gcm", "floor_layers": "ssh_gcm"}
+         "floor_async": "ssh_gcm", "floor_thread": "ssh_gcm", "floor_alloc": "ssh_gcm",
+         "floor_layers": "ssh_gcm"}
 # NOPF_BENCH_BASE=DIR adds ``encrypted_base``: the encrypted tunnel from that source tree.
 BASE_ENV = "NOPF_BENCH_BASE"
 
@@ -646,6 +651,15 @@ class FloorThread(FloorAsync):
     FAR_PORT = FLOOR_PORT + 1
 
 
+class FloorAlloc(FloorAsync):
+    """:mod:`bench.pump_floor` threads with the tunnel's buffer habits."""
+
+    name = "floor_alloc"
+    MODE = "alloc"
+    PORT = 3103
+    FAR_PORT = FLOOR_PORT + 3
+
+
 class FloorLayers(FloorAsync):
     """:mod:`bench.pump_layers`: threads, with the tunnel's machines on the wire."""
 
@@ -669,7 +683,7 @@ KINDS: dict[str, type[Path]] = {
     "direct": Direct, "plain": Plain, "encrypted": Encrypted, "socat": Socat,
     "socat2": Socat2, "ssh": Ssh, "ssh_gcm": SshGcm, "fowl": Fowl,
     "encrypted_base": EncryptedBase, "floor_async": FloorAsync, "floor_thread": FloorThread,
-    "floor_layers": FloorLayers}
+    "floor_alloc": FloorAlloc, "floor_layers": FloorLayers}
 
 
 def default_paths() -> tuple[str, ...]:

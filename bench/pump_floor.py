@@ -8,13 +8,16 @@ no resume, no credit, no key update, no pairing (a pre-shared key on the
 command line). What it costs per GB is the least a Python design of the
 encrypted tunnel could cost; ``bench.paths`` runs it beside ``ssh -L``.
 
-    python -m bench.pump_floor near|far --mode async|thread \
+    python -m bench.pump_floor near|far --mode async|thread|alloc \
         --listen HOST:PORT --to HOST:PORT --key HEX64
 
 ``--mode async``: asyncio, :class:`asyncio.BufferedProtocol` at both sockets,
 each read sealed and written in the same callback. ``--mode thread``: blocking
-sockets, one thread per direction per connection, tight loops. Either prints
-``listening HOST:PORT`` once it accepts.
+sockets, one thread per direction per connection, tight loops. ``--mode
+alloc``: the thread mode with the tunnel's buffer habits (each read a fresh
+``bytes`` copied into the plaintext buffer and kept for 8 MiB, as the resume
+layer's replay; each record opened into a fresh ``bytes``), same wire. Each
+prints ``listening HOST:PORT`` once it accepts.
 
 Wire format, per connection, near end -> far end first:
 
@@ -46,11 +49,14 @@ import os
 import socket
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Literal
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from nopf_web.tunnel.resumable import _keep_freed_memory
 
 SALT = 16  # bytes, in clear, first on the near -> far connection
 HEADER = 4  # record length field, big-endian
@@ -62,7 +68,7 @@ KEY = 32  # AES-256 pre-shared key
 PERSON_N2F, PERSON_F2N = b"nopf-floor-n2f", b"nopf-floor-f2n"
 
 Direction = Literal["n2f", "f2n"]
-Mode = Literal["async", "thread"]
+Mode = Literal["async", "thread", "alloc"]
 
 
 class BadRecord(Exception):
@@ -168,6 +174,70 @@ def _open_loop(src: socket.socket, dst: socket.socket, aead: AESGCM,
         sendall(pv[:size - TAG])
 
 
+REPLAY = 8 << 20  # --mode alloc: bytes of past reads kept, as the resume layer's replay cap
+
+
+def _seal_loop_alloc(src: socket.socket, dst: socket.socket, aead: AESGCM,
+                     failed: threading.Event) -> None:
+    """:func:`_seal_loop` with the tunnel's buffer habits: each read a fresh
+    ``bytes`` (as asyncio's ``data_received`` gives), copied into the plaintext
+    buffer (as ``RecordMachine.seal`` does) and kept until 8 MiB of later reads
+    push it out (standing for the replay buffer, which keeps reads until acked)."""
+    plain = bytearray(MAX_PLAINTEXT)
+    pv = memoryview(plain)
+    out = bytearray(MAX_RECORD)
+    ov = memoryview(out)
+    recv, sendall, encrypt_into = src.recv, dst.sendall, aead.encrypt_into
+    kept: deque[bytes] = deque()
+    kept_size = counter = 0
+    while True:
+        data = recv(MAX_PLAINTEXT)
+        n = len(data)
+        if not n and failed.is_set():
+            return
+        plain[:n] = data
+        size = n + TAG
+        out[:HEADER] = size.to_bytes(HEADER, "big")
+        encrypt_into(counter.to_bytes(NONCE, "big"), pv[:n], None, ov[HEADER:HEADER + size])
+        counter += 1
+        sendall(ov[:HEADER + size])
+        if not n:
+            dst.shutdown(socket.SHUT_WR)
+            return
+        kept.append(data)
+        kept_size += n
+        while kept_size > REPLAY:
+            kept_size -= len(kept.popleft())
+
+
+def _open_loop_alloc(src: socket.socket, dst: socket.socket, aead: AESGCM,
+                     failed: threading.Event) -> None:
+    """:func:`_open_loop` with each record opened into a fresh ``bytes``
+    (``AESGCM.decrypt``, as the record machine does)."""
+    record = bytearray(MAX_RECORD)
+    rv = memoryview(record)
+    head = rv[:HEADER]
+    sendall, decrypt = dst.sendall, aead.decrypt
+    counter = 0
+    while True:
+        if not _read_exact(src, head):
+            raise BadRecord("the connection ended without an end record")
+        size = int.from_bytes(head, "big")
+        if not TAG <= size <= MAX_PLAINTEXT + TAG:
+            raise BadRecord(f"record length {size} out of range")
+        if not _read_exact(src, rv[HEADER:HEADER + size]):
+            raise BadRecord("the connection ended inside a record")
+        try:
+            plaintext = decrypt(counter.to_bytes(NONCE, "big"), rv[HEADER:HEADER + size], None)
+        except InvalidTag as exc:
+            raise BadRecord(f"record {counter} does not verify") from exc
+        counter += 1
+        if size == TAG:
+            dst.shutdown(socket.SHUT_WR)
+            return
+        sendall(plaintext)
+
+
 Loop = Callable[[socket.socket, socket.socket, AESGCM, threading.Event], None]
 
 
@@ -185,19 +255,22 @@ def _direction(loop_fn: Loop, src: socket.socket, dst: socket.socket, aead: AESG
 
 
 def _thread_conn(plain: socket.socket, cipher: socket.socket, aead_seal: AESGCM,
-                 aead_open: AESGCM) -> None:
+                 aead_open: AESGCM, alloc: bool) -> None:
     both, failed = (cipher, plain), threading.Event()
+    seal_loop, open_loop = (_seal_loop_alloc, _open_loop_alloc) if alloc else (_seal_loop,
+                                                                               _open_loop)
     up = threading.Thread(target=_direction, name="pump-seal",
-                          args=(_seal_loop, plain, cipher, aead_seal, both, failed),
+                          args=(seal_loop, plain, cipher, aead_seal, both, failed),
                           daemon=True)
     up.start()
-    _direction(_open_loop, cipher, plain, aead_open, both, failed)
+    _direction(open_loop, cipher, plain, aead_open, both, failed)
     up.join()
     plain.close()
     cipher.close()
 
 
-def _thread_accepted(conn: socket.socket, near: bool, to: tuple[str, int], psk: bytes) -> None:
+def _thread_accepted(conn: socket.socket, near: bool, to: tuple[str, int], psk: bytes,
+                     alloc: bool) -> None:
     other: socket.socket | None = None
     try:
         _nodelay(conn)
@@ -226,14 +299,17 @@ def _thread_accepted(conn: socket.socket, near: bool, to: tuple[str, int], psk: 
         if other is not None:
             other.close()
         return
-    _thread_conn(plain, cipher, *_keys(psk, salt, near))
+    _thread_conn(plain, cipher, *_keys(psk, salt, near), alloc)
 
 
-def serve_thread(listen: socket.socket, near: bool, to: tuple[str, int], psk: bytes) -> None:
-    """Accept forever; two threads per connection."""
+def serve_thread(listen: socket.socket, near: bool, to: tuple[str, int], psk: bytes,
+                 alloc: bool = False) -> None:
+    """Accept forever; two threads per connection (``alloc``: the tunnel's buffer habits)."""
+    if alloc:
+        _keep_freed_memory()  # as the tunnel's process does for its replay buffer
     while True:
         conn, _ = listen.accept()
-        threading.Thread(target=_thread_accepted, args=(conn, near, to, psk),
+        threading.Thread(target=_thread_accepted, args=(conn, near, to, psk, alloc),
                          name="pump-conn", daemon=True).start()
 
 
@@ -472,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.pump_floor",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("end", choices=("near", "far"))
-    ap.add_argument("--mode", choices=("async", "thread"), required=True)
+    ap.add_argument("--mode", choices=("async", "thread", "alloc"), required=True)
     ap.add_argument("--listen", required=True, help="HOST:PORT (port 0: any)")
     ap.add_argument("--to", required=True, help="HOST:PORT: far end (near) or service (far)")
     ap.add_argument("--key", required=True, help="pre-shared key, 64 hex digits")
@@ -484,8 +560,8 @@ def main(argv: list[str] | None = None) -> None:
     host, port = listen.getsockname()[:2]
     print(f"listening {host}:{port}", flush=True)
     near, to = args.end == "near", _parse_addr(args.to)
-    if args.mode == "thread":
-        serve_thread(listen, near, to, psk)
+    if args.mode in ("thread", "alloc"):
+        serve_thread(listen, near, to, psk, alloc=args.mode == "alloc")
     else:
         asyncio.run(serve_async(listen, near, to, psk))
 

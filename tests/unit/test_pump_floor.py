@@ -28,7 +28,7 @@ from bench import pump_floor as pf
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 8 << 20
 PSK = bytes(range(32))
-MODES = ("thread", "async")
+MODES = ("thread", "async", "alloc")
 
 
 def _start(end: str, mode: str, to: tuple[str, int]) -> tuple[subprocess.Popen[bytes], int]:
