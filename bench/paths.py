@@ -26,6 +26,18 @@ port)`` reachable from b1, where the sender runs:
   same run.
 - ``fowl``: fowl (Forward Over Wormhole Locally) from its own venv
   ``.venv-fowl``, with the magic-wormhole mailbox server on rdv.
+- ``floor_async``, ``floor_thread`` (experiments, only when named in
+  ``NOPF_BENCH_PATHS``): :mod:`bench.pump_floor`, the least a Python relay with
+  the tunnel's records can do (AES-256-GCM records of up to 256 KiB, no mux, no
+  resume), a near end on b1's loopback and a far end on a1's public address, in
+  asyncio or with a blocking thread per direction: the floor of a Python design
+  against ``ssh_gcm`` (issue 16);
+- ``floor_alloc`` (an experiment too): ``bench.pump_floor --mode alloc``, the
+  thread relay with the tunnel's buffer habits (fresh buffers per read and per
+  opened record, reads kept for 8 MiB as the replay buffer keeps them);
+- ``floor_layers`` (an experiment too): :mod:`bench.pump_layers`, the thread
+  relay carrying the tunnel's real record, resume and mux layers (one tunnel
+  per connection).
 
 ``python -m bench.paths sink|bulk ...`` are the helper processes run inside the
 namespaces.
@@ -60,15 +72,23 @@ SERVICE_PORT = 3000  # the same service on a1's loopback, for the tunnels
 SOCAT_PORT = 4100
 SOCAT2_PORT = 4110  # the far relay of the two-socat path, on a1's public address
 SSHD_PORT = 2222
+FLOOR_PORT = 4120  # the far ends of the floor relays, on a1's public address (+0, +1)
 MAILBOX_PORT = 4200
 FOWL_VENV = ROOT / ".venv-fowl"
 ORDER = ("direct", "plain", "encrypted", "socat", "socat2", "ssh", "ssh_gcm", "fowl")
 LABELS = {"direct": "direct TCP", "plain": "nopf plain (seed)",
           "encrypted": "nopf encrypted", "socat": "socat relay",
           "socat2": "two socat relays", "ssh": "ssh -L", "ssh_gcm": "ssh -L aes128-gcm",
-          "fowl": "fowl", "encrypted_base": "nopf encrypted (base tree)"}
+          "fowl": "fowl", "encrypted_base": "nopf encrypted (base tree)",
+          "floor_async": "floor relay, asyncio", "floor_thread": "floor relay, threads",
+          "floor_alloc": "floor relay, threads, the tunnel's buffers",
+          "floor_layers": "threads + the tunnel's layers"}
+# Measured only when named in NOPF_BENCH_PATHS (never by the suite's default run).
+EXPERIMENTS = ("floor_async", "floor_thread", "floor_alloc", "floor_layers")
 # Each nopf path's strongest peer in the same topology (a relay at each end).
-PEERS = {"encrypted": "ssh_gcm", "plain": "socat2", "encrypted_base": "ssh_gcm"}
+PEERS = {"encrypted": "ssh_gcm", "plain": "socat2", "encrypted_base": "ssh_gcm",
+         "floor_async": "ssh_gcm", "floor_thread": "ssh_gcm", "floor_alloc": "ssh_gcm",
+         "floor_layers": "ssh_gcm"}
 # NOPF_BENCH_BASE=DIR adds ``encrypted_base``: the encrypted tunnel from that source tree.
 BASE_ENV = "NOPF_BENCH_BASE"
 
@@ -580,21 +600,103 @@ class Fowl(Path):
         self.tmp.cleanup()
 
 
+class FloorAsync(Path):
+    """:mod:`bench.pump_floor` in asyncio: a near end on b1's loopback, a far end on
+    a1's public address in front of the service, a fresh pre-shared key per start."""
+
+    name = "floor_async"
+    MODE = "async"
+    PORT = 3100  # the near end, on b1's loopback
+    FAR_PORT = FLOOR_PORT
+
+    def __init__(self, bench: Bench) -> None:
+        super().__init__(bench)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
+
+    def _popen(self, host: Host, end: str, listen: str, to: str, key: str) -> None:
+        self.procs[end] = host.popen(
+            [sys.executable, "-m", "bench.pump_floor", end, "--mode", self.MODE,
+             "--listen", listen, "--to", to, "--key", key],
+            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.log)
+
+    def start(self) -> None:
+        a1, b1, key = self.lab.a1, self.lab.b1, os.urandom(32).hex()
+        self._popen(a1, "far", f"{a1.ip}:{self.FAR_PORT}", f"127.0.0.1:{SERVICE_PORT}", key)
+        self._popen(b1, "near", f"127.0.0.1:{self.PORT}", f"{a1.ip}:{self.FAR_PORT}", key)
+        wait_listening(a1, self.FAR_PORT, 20, f"{self.label} (a1)")
+        wait_listening(b1, self.PORT, 20, f"{self.label} (b1)")
+        self.info["relay"] = (f"bench.pump_floor --mode {self.MODE}: AES-256-GCM records of "
+                              "up to 256 KiB, no mux, no resume, pre-shared key (an experiment)")
+
+    def entry(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.PORT)
+
+    def ends(self) -> dict[str, list[int]]:
+        return {host: [p.pid] if (p := self.procs.get(end)) and p.poll() is None else []
+                for host, end in (("b1", "near"), ("a1", "far"))}
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            stop_proc(proc)
+        self.log.close()
+
+
+class FloorThread(FloorAsync):
+    """:mod:`bench.pump_floor` with blocking sockets, a thread per direction."""
+
+    name = "floor_thread"
+    MODE = "thread"
+    PORT = 3101
+    FAR_PORT = FLOOR_PORT + 1
+
+
+class FloorAlloc(FloorAsync):
+    """:mod:`bench.pump_floor` threads with the tunnel's buffer habits."""
+
+    name = "floor_alloc"
+    MODE = "alloc"
+    PORT = 3103
+    FAR_PORT = FLOOR_PORT + 3
+
+
+class FloorLayers(FloorAsync):
+    """:mod:`bench.pump_layers`: threads, with the tunnel's machines on the wire."""
+
+    name = "floor_layers"
+    PORT = 3102
+    FAR_PORT = FLOOR_PORT + 2
+
+    def _popen(self, host: Host, end: str, listen: str, to: str, key: str) -> None:
+        del key  # in-band SPAKE2 with a fixed code instead
+        self.procs[end] = host.popen(
+            [sys.executable, "-m", "bench.pump_layers", end, "--listen", listen, "--to", to],
+            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.log)
+
+    def start(self) -> None:
+        super().start()
+        self.info["relay"] = ("bench.pump_layers: threads; the tunnel's record, resume and "
+                              "mux machines; one tunnel per connection (an experiment)")
+
+
 KINDS: dict[str, type[Path]] = {
     "direct": Direct, "plain": Plain, "encrypted": Encrypted, "socat": Socat,
     "socat2": Socat2, "ssh": Ssh, "ssh_gcm": SshGcm, "fowl": Fowl,
-    "encrypted_base": EncryptedBase}
+    "encrypted_base": EncryptedBase, "floor_async": FloorAsync, "floor_thread": FloorThread,
+    "floor_alloc": FloorAlloc, "floor_layers": FloorLayers}
 
 
 def default_paths() -> tuple[str, ...]:
     """Every path the suite compares (``encrypted_base`` too when NOPF_BENCH_BASE is
     set); ``NOPF_BENCH_PATHS=direct,encrypted,...`` narrows a run by hand (direct
-    is always kept: every figure is a ratio to it)."""
+    is always kept: every figure is a ratio to it) and is the only way to add the
+    :data:`EXPERIMENTS`."""
     names = (*ORDER, "encrypted_base") if os.environ.get(BASE_ENV) else ORDER
     chosen = [n.strip() for n in os.environ.get("NOPF_BENCH_PATHS", "").split(",") if n.strip()]
     unknown = [n for n in chosen if n not in KINDS]
     if unknown:
         raise ValueError(f"NOPF_BENCH_PATHS: unknown {unknown}; choose from {list(KINDS)}")
+    names = (*names, *(n for n in EXPERIMENTS if n in chosen))
     return tuple(n for n in names if not chosen or n == "direct" or n in chosen)
 
 
