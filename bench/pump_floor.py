@@ -9,15 +9,17 @@ command line). What it costs per GB is the least a Python design of the
 encrypted tunnel could cost; ``bench.paths`` runs it beside ``ssh -L``.
 
     python -m bench.pump_floor near|far --mode async|thread|alloc \
-        --listen HOST:PORT --to HOST:PORT --key HEX64
+        --listen HOST:PORT --to HOST:PORT --key HEX64 [--habits fresh,copy,keep,mallopt]
 
 ``--mode async``: asyncio, :class:`asyncio.BufferedProtocol` at both sockets,
 each read sealed and written in the same callback. ``--mode thread``: blocking
 sockets, one thread per direction per connection, tight loops. ``--mode
 alloc``: the thread mode with the tunnel's buffer habits (each read a fresh
 ``bytes`` copied into the plaintext buffer and kept for 8 MiB, as the resume
-layer's replay; each record opened into a fresh ``bytes``), same wire. Each
-prints ``listening HOST:PORT`` once it accepts.
+layer's replay; each record opened into a fresh ``bytes``), same wire;
+``--habits`` keeps some of them only (see :func:`_seal_loop_habits`;
+``bench.buffer_cost`` compares them). Each prints ``listening HOST:PORT`` once
+it accepts.
 
 Wire format, per connection, near end -> far end first:
 
@@ -44,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hashlib
 import os
 import socket
@@ -238,6 +241,59 @@ def _open_loop_alloc(src: socket.socket, dst: socket.socket, aead: AESGCM,
         sendall(plaintext)
 
 
+HABITS = frozenset({"fresh", "copy", "keep", "mallopt"})  # --habits: all of them by default
+
+
+def _seal_loop_habits(habits: frozenset[str], src: socket.socket, dst: socket.socket,
+                      aead: AESGCM, failed: threading.Event) -> None:
+    """:func:`_seal_loop_alloc` with some of its habits only, to tell their costs
+    apart: ``fresh`` (each read a new ``bytes``; without it, ``recv_into`` a
+    reused buffer: one, or with ``keep`` a ring of 8 MiB of them, a pool),
+    ``copy`` (into the plaintext buffer; without it, sealed from the read
+    itself), ``keep`` (8 MiB of past reads alive)."""
+    plain = bytearray(MAX_PLAINTEXT)
+    pv = memoryview(plain)
+    out = bytearray(MAX_RECORD)
+    ov = memoryview(out)
+    fresh, copy, keep = "fresh" in habits, "copy" in habits, "keep" in habits
+    ring = [memoryview(bytearray(MAX_PLAINTEXT))
+            for _ in range(REPLAY // MAX_PLAINTEXT + 1 if keep else 1)]
+    recv, recv_into, sendall, encrypt_into = src.recv, src.recv_into, dst.sendall, \
+        aead.encrypt_into
+    kept: deque[bytes] = deque()
+    kept_size = counter = 0
+    while True:
+        data: bytes | memoryview
+        if fresh:
+            data = recv(MAX_PLAINTEXT)
+            n = len(data)
+        else:
+            buf = ring[counter % len(ring)]
+            n = recv_into(buf)
+            data = buf[:n]
+        if not n and failed.is_set():
+            return
+        if copy:
+            plain[:n] = data
+            source = pv[:n]
+        else:
+            source = memoryview(data)
+        size = n + TAG
+        out[:HEADER] = size.to_bytes(HEADER, "big")
+        encrypt_into(counter.to_bytes(NONCE, "big"), source, None, ov[HEADER:HEADER + size])
+        counter += 1
+        sendall(ov[:HEADER + size])
+        if not n:
+            dst.shutdown(socket.SHUT_WR)
+            return
+        if keep and fresh:
+            assert isinstance(data, bytes)
+            kept.append(data)
+            kept_size += n
+            while kept_size > REPLAY:
+                kept_size -= len(kept.popleft())
+
+
 Loop = Callable[[socket.socket, socket.socket, AESGCM, threading.Event], None]
 
 
@@ -255,10 +311,12 @@ def _direction(loop_fn: Loop, src: socket.socket, dst: socket.socket, aead: AESG
 
 
 def _thread_conn(plain: socket.socket, cipher: socket.socket, aead_seal: AESGCM,
-                 aead_open: AESGCM, alloc: bool) -> None:
+                 aead_open: AESGCM, alloc: bool, habits: frozenset[str] = HABITS) -> None:
     both, failed = (cipher, plain), threading.Event()
     seal_loop, open_loop = (_seal_loop_alloc, _open_loop_alloc) if alloc else (_seal_loop,
                                                                                _open_loop)
+    if alloc and habits != HABITS:
+        seal_loop = functools.partial(_seal_loop_habits, habits)
     up = threading.Thread(target=_direction, name="pump-seal",
                           args=(seal_loop, plain, cipher, aead_seal, both, failed),
                           daemon=True)
@@ -270,7 +328,7 @@ def _thread_conn(plain: socket.socket, cipher: socket.socket, aead_seal: AESGCM,
 
 
 def _thread_accepted(conn: socket.socket, near: bool, to: tuple[str, int], psk: bytes,
-                     alloc: bool) -> None:
+                     alloc: bool, habits: frozenset[str] = HABITS) -> None:
     other: socket.socket | None = None
     try:
         _nodelay(conn)
@@ -299,17 +357,18 @@ def _thread_accepted(conn: socket.socket, near: bool, to: tuple[str, int], psk: 
         if other is not None:
             other.close()
         return
-    _thread_conn(plain, cipher, *_keys(psk, salt, near), alloc)
+    _thread_conn(plain, cipher, *_keys(psk, salt, near), alloc, habits)
 
 
 def serve_thread(listen: socket.socket, near: bool, to: tuple[str, int], psk: bytes,
-                 alloc: bool = False) -> None:
-    """Accept forever; two threads per connection (``alloc``: the tunnel's buffer habits)."""
-    if alloc:
+                 alloc: bool = False, habits: frozenset[str] = HABITS) -> None:
+    """Accept forever; two threads per connection (``alloc``: the tunnel's buffer
+    habits, or those of them in ``habits``)."""
+    if alloc and "mallopt" in habits:
         _keep_freed_memory()  # as the tunnel's process does for its replay buffer
     while True:
         conn, _ = listen.accept()
-        threading.Thread(target=_thread_accepted, args=(conn, near, to, psk, alloc),
+        threading.Thread(target=_thread_accepted, args=(conn, near, to, psk, alloc, habits),
                          name="pump-conn", daemon=True).start()
 
 
@@ -552,7 +611,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--listen", required=True, help="HOST:PORT (port 0: any)")
     ap.add_argument("--to", required=True, help="HOST:PORT: far end (near) or service (far)")
     ap.add_argument("--key", required=True, help="pre-shared key, 64 hex digits")
+    ap.add_argument("--habits", default=",".join(sorted(HABITS)),
+                    help="--mode alloc: which of the tunnel's buffer habits the sending "
+                         "loop keeps, comma-separated, from " + ",".join(sorted(HABITS))
+                         + " (default: all; 'none' for none)")
     args = ap.parse_args(argv)
+    habits = frozenset(h for h in args.habits.split(",") if h and h != "none")
+    if not habits <= HABITS:
+        ap.error(f"--habits: unknown {','.join(sorted(habits - HABITS))}")
     psk = bytes.fromhex(args.key)
     if len(psk) != KEY:
         ap.error(f"--key must be {KEY} bytes ({2 * KEY} hex digits)")
@@ -561,7 +627,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"listening {host}:{port}", flush=True)
     near, to = args.end == "near", _parse_addr(args.to)
     if args.mode in ("thread", "alloc"):
-        serve_thread(listen, near, to, psk, alloc=args.mode == "alloc")
+        serve_thread(listen, near, to, psk, alloc=args.mode == "alloc", habits=habits)
     else:
         asyncio.run(serve_async(listen, near, to, psk))
 
