@@ -63,6 +63,8 @@ VARIANTS = (
     Variant("floor: fresh, copy (none kept), mallopt", "floor", "alloc", "fresh,copy,mallopt"),
     Variant("floor: fresh, keep (no copy), mallopt", "floor", "alloc", "fresh,keep,mallopt"),
     Variant("floor: fresh only, mallopt", "floor", "alloc", "fresh,mallopt"),
+    Variant("floor: fresh, keep, sealed from 2 parts by streaming GCM (no copy), mallopt",
+            "floor", "alloc", "fresh,keep,scatter,mallopt"),
     Variant("floor: copy only (warm)", "floor", "alloc", "copy"),
     Variant("floor: pool of 8 MiB of reused buffers, copy", "floor", "alloc", "copy,keep"),
     Variant("floor: pool of 8 MiB of reused buffers, no copy", "floor", "alloc", "keep"),

@@ -82,8 +82,9 @@ def _send_then_eof(sock: socket.socket, data: bytes) -> None:
 
 
 # Some of alloc's habits only (bench.buffer_cost): a pool of reused read buffers
-# sealed in place, and fresh reads copied but not kept, glibc's malloc untuned.
-HABITS = ("alloc:keep", "alloc:fresh,copy")
+# sealed in place, fresh reads copied but not kept (glibc's malloc untuned), and
+# fresh reads sealed from two parts by a streaming encryptor.
+HABITS = ("alloc:keep", "alloc:fresh,copy", "alloc:fresh,keep,scatter")
 
 
 @pytest.mark.parametrize("mode", [*MODES, *HABITS, "layers"])
