@@ -35,6 +35,9 @@ port)`` reachable from b1, where the sender runs:
 - ``floor_alloc`` (an experiment too): ``bench.pump_floor --mode alloc``, the
   thread relay with the tunnel's buffer habits (fresh buffers per read and per
   opened record, reads kept for 8 MiB as the replay buffer keeps them);
+  ``floor_nocopy`` and ``floor_pool`` (experiments): the same without the
+  copy into the plaintext buffer (``--habits fresh,keep,mallopt``), or reading
+  into a pool of 8 MiB of reused buffers sealed in place (``keep,mallopt``);
 - ``floor_layers`` (an experiment too): :mod:`bench.pump_layers`, the thread
   relay carrying the tunnel's real record, resume and mux layers (one tunnel
   per connection).
@@ -82,13 +85,16 @@ LABELS = {"direct": "direct TCP", "plain": "nopf plain (seed)",
           "fowl": "fowl", "encrypted_base": "nopf encrypted (base tree)",
           "floor_async": "floor relay, asyncio", "floor_thread": "floor relay, threads",
           "floor_alloc": "floor relay, threads, the tunnel's buffers",
-          "floor_layers": "threads + the tunnel's layers"}
+          "floor_layers": "threads + the tunnel's layers",
+          "floor_nocopy": "floor relay, threads, the tunnel's buffers but no copy",
+          "floor_pool": "floor relay, threads, a pool of 8 MiB of reused read buffers"}
 # Measured only when named in NOPF_BENCH_PATHS (never by the suite's default run).
-EXPERIMENTS = ("floor_async", "floor_thread", "floor_alloc", "floor_layers")
+EXPERIMENTS = ("floor_async", "floor_thread", "floor_alloc", "floor_layers", "floor_nocopy",
+               "floor_pool")
 # Each nopf path's strongest peer in the same topology (a relay at each end).
 PEERS = {"encrypted": "ssh_gcm", "plain": "socat2", "encrypted_base": "ssh_gcm",
          "floor_async": "ssh_gcm", "floor_thread": "ssh_gcm", "floor_alloc": "ssh_gcm",
-         "floor_layers": "ssh_gcm"}
+         "floor_layers": "ssh_gcm", "floor_nocopy": "ssh_gcm", "floor_pool": "ssh_gcm"}
 # NOPF_BENCH_BASE=DIR adds ``encrypted_base``: the encrypted tunnel from that source tree.
 BASE_ENV = "NOPF_BENCH_BASE"
 
@@ -606,6 +612,7 @@ class FloorAsync(Path):
 
     name = "floor_async"
     MODE = "async"
+    HABITS = ""  # --mode alloc: --habits (empty: all of them)
     PORT = 3100  # the near end, on b1's loopback
     FAR_PORT = FLOOR_PORT
 
@@ -617,7 +624,8 @@ class FloorAsync(Path):
     def _popen(self, host: Host, end: str, listen: str, to: str, key: str) -> None:
         self.procs[end] = host.popen(
             [sys.executable, "-m", "bench.pump_floor", end, "--mode", self.MODE,
-             "--listen", listen, "--to", to, "--key", key],
+             "--listen", listen, "--to", to, "--key", key,
+             *(["--habits", self.HABITS] if self.HABITS else [])],
             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.log)
 
     def start(self) -> None:
@@ -660,6 +668,24 @@ class FloorAlloc(FloorAsync):
     FAR_PORT = FLOOR_PORT + 3
 
 
+class FloorNoCopy(FloorAlloc):
+    """``floor_alloc`` whose reads are sealed where they are, not copied first."""
+
+    name = "floor_nocopy"
+    HABITS = "fresh,keep,mallopt"
+    PORT = 3104
+    FAR_PORT = FLOOR_PORT + 4
+
+
+class FloorPool(FloorAlloc):
+    """``floor_alloc`` reading into a pool of 8 MiB of reused buffers, sealed in place."""
+
+    name = "floor_pool"
+    HABITS = "keep,mallopt"
+    PORT = 3105
+    FAR_PORT = FLOOR_PORT + 5
+
+
 class FloorLayers(FloorAsync):
     """:mod:`bench.pump_layers`: threads, with the tunnel's machines on the wire."""
 
@@ -683,7 +709,8 @@ KINDS: dict[str, type[Path]] = {
     "direct": Direct, "plain": Plain, "encrypted": Encrypted, "socat": Socat,
     "socat2": Socat2, "ssh": Ssh, "ssh_gcm": SshGcm, "fowl": Fowl,
     "encrypted_base": EncryptedBase, "floor_async": FloorAsync, "floor_thread": FloorThread,
-    "floor_alloc": FloorAlloc, "floor_layers": FloorLayers}
+    "floor_alloc": FloorAlloc, "floor_layers": FloorLayers, "floor_nocopy": FloorNoCopy,
+    "floor_pool": FloorPool}
 
 
 def default_paths() -> tuple[str, ...]:

@@ -9,15 +9,17 @@ command line). What it costs per GB is the least a Python design of the
 encrypted tunnel could cost; ``bench.paths`` runs it beside ``ssh -L``.
 
     python -m bench.pump_floor near|far --mode async|thread|alloc \
-        --listen HOST:PORT --to HOST:PORT --key HEX64
+        --listen HOST:PORT --to HOST:PORT --key HEX64 [--habits fresh,copy,keep,mallopt]
 
 ``--mode async``: asyncio, :class:`asyncio.BufferedProtocol` at both sockets,
 each read sealed and written in the same callback. ``--mode thread``: blocking
 sockets, one thread per direction per connection, tight loops. ``--mode
 alloc``: the thread mode with the tunnel's buffer habits (each read a fresh
 ``bytes`` copied into the plaintext buffer and kept for 8 MiB, as the resume
-layer's replay; each record opened into a fresh ``bytes``), same wire. Each
-prints ``listening HOST:PORT`` once it accepts.
+layer's replay; each record opened into a fresh ``bytes``), same wire;
+``--habits`` keeps some of them only (see :func:`_seal_loop_habits`;
+``bench.buffer_cost`` compares them). Each prints ``listening HOST:PORT`` once
+it accepts.
 
 Wire format, per connection, near end -> far end first:
 
@@ -44,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hashlib
 import os
 import socket
@@ -54,6 +57,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nopf_web.tunnel.resumable import _keep_freed_memory
@@ -238,6 +242,73 @@ def _open_loop_alloc(src: socket.socket, dst: socket.socket, aead: AESGCM,
         sendall(plaintext)
 
 
+HABITS = frozenset({"fresh", "copy", "keep", "mallopt"})  # --habits: all of them by default
+SCATTER = "scatter"  # --habits, not one of the tunnel's: see _seal_loop_habits
+
+
+def _seal_loop_habits(habits: frozenset[str], key: bytes, src: socket.socket,
+                      dst: socket.socket, aead: AESGCM, failed: threading.Event) -> None:
+    """:func:`_seal_loop_alloc` with some of its habits only, to tell their costs
+    apart: ``fresh`` (each read a new ``bytes``; without it, ``recv_into`` a
+    reused buffer: one, or with ``keep`` a ring of 8 MiB of them, a pool),
+    ``copy`` (into the plaintext buffer; without it, sealed from the read
+    itself), ``keep`` (8 MiB of past reads alive). ``scatter`` (instead of
+    ``copy``): each record sealed from two parts, its first 20 bytes and the
+    rest (standing for a frame header and the read), by a streaming AES-GCM
+    encryptor, with no copy: what the record machine could do instead of
+    joining its parts."""
+    plain = bytearray(MAX_PLAINTEXT)
+    pv = memoryview(plain)
+    out = bytearray(MAX_RECORD)
+    ov = memoryview(out)
+    fresh, copy, keep = "fresh" in habits, "copy" in habits, "keep" in habits
+    scatter, aes = SCATTER in habits, algorithms.AES(key)  # key: aead's
+    ring = [memoryview(bytearray(MAX_PLAINTEXT))
+            for _ in range(REPLAY // MAX_PLAINTEXT + 1 if keep else 1)]
+    recv, recv_into, sendall, encrypt_into = src.recv, src.recv_into, dst.sendall, \
+        aead.encrypt_into
+    kept: deque[bytes] = deque()
+    kept_size = counter = 0
+    while True:
+        data: bytes | memoryview
+        if fresh:
+            data = recv(MAX_PLAINTEXT)
+            n = len(data)
+        else:
+            buf = ring[counter % len(ring)]
+            n = recv_into(buf)
+            data = buf[:n]
+        if not n and failed.is_set():
+            return
+        if copy:
+            plain[:n] = data
+            source = pv[:n]
+        else:
+            source = memoryview(data)
+        size = n + TAG
+        out[:HEADER] = size.to_bytes(HEADER, "big")
+        nonce = counter.to_bytes(NONCE, "big")
+        if scatter:
+            enc = Cipher(aes, modes.GCM(nonce)).encryptor()
+            at = HEADER + enc.update_into(source[:20], ov[HEADER:])
+            at += enc.update_into(source[20:], ov[at:])
+            enc.finalize()
+            ov[at:at + TAG] = enc.tag
+        else:
+            encrypt_into(nonce, source, None, ov[HEADER:HEADER + size])
+        counter += 1
+        sendall(ov[:HEADER + size])
+        if not n:
+            dst.shutdown(socket.SHUT_WR)
+            return
+        if keep and fresh:
+            assert isinstance(data, bytes)
+            kept.append(data)
+            kept_size += n
+            while kept_size > REPLAY:
+                kept_size -= len(kept.popleft())
+
+
 Loop = Callable[[socket.socket, socket.socket, AESGCM, threading.Event], None]
 
 
@@ -255,10 +326,13 @@ def _direction(loop_fn: Loop, src: socket.socket, dst: socket.socket, aead: AESG
 
 
 def _thread_conn(plain: socket.socket, cipher: socket.socket, aead_seal: AESGCM,
-                 aead_open: AESGCM, alloc: bool) -> None:
+                 aead_open: AESGCM, alloc: bool, habits: frozenset[str] = HABITS,
+                 seal_key: bytes = b"") -> None:
     both, failed = (cipher, plain), threading.Event()
     seal_loop, open_loop = (_seal_loop_alloc, _open_loop_alloc) if alloc else (_seal_loop,
                                                                                _open_loop)
+    if alloc and habits != HABITS:
+        seal_loop = functools.partial(_seal_loop_habits, habits, seal_key)
     up = threading.Thread(target=_direction, name="pump-seal",
                           args=(seal_loop, plain, cipher, aead_seal, both, failed),
                           daemon=True)
@@ -270,7 +344,7 @@ def _thread_conn(plain: socket.socket, cipher: socket.socket, aead_seal: AESGCM,
 
 
 def _thread_accepted(conn: socket.socket, near: bool, to: tuple[str, int], psk: bytes,
-                     alloc: bool) -> None:
+                     alloc: bool, habits: frozenset[str] = HABITS) -> None:
     other: socket.socket | None = None
     try:
         _nodelay(conn)
@@ -299,17 +373,19 @@ def _thread_accepted(conn: socket.socket, near: bool, to: tuple[str, int], psk: 
         if other is not None:
             other.close()
         return
-    _thread_conn(plain, cipher, *_keys(psk, salt, near), alloc)
+    _thread_conn(plain, cipher, *_keys(psk, salt, near), alloc, habits,
+                 direction_key(psk, salt, "n2f" if near else "f2n"))
 
 
 def serve_thread(listen: socket.socket, near: bool, to: tuple[str, int], psk: bytes,
-                 alloc: bool = False) -> None:
-    """Accept forever; two threads per connection (``alloc``: the tunnel's buffer habits)."""
-    if alloc:
+                 alloc: bool = False, habits: frozenset[str] = HABITS) -> None:
+    """Accept forever; two threads per connection (``alloc``: the tunnel's buffer
+    habits, or those of them in ``habits``)."""
+    if alloc and "mallopt" in habits:
         _keep_freed_memory()  # as the tunnel's process does for its replay buffer
     while True:
         conn, _ = listen.accept()
-        threading.Thread(target=_thread_accepted, args=(conn, near, to, psk, alloc),
+        threading.Thread(target=_thread_accepted, args=(conn, near, to, psk, alloc, habits),
                          name="pump-conn", daemon=True).start()
 
 
@@ -552,7 +628,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--listen", required=True, help="HOST:PORT (port 0: any)")
     ap.add_argument("--to", required=True, help="HOST:PORT: far end (near) or service (far)")
     ap.add_argument("--key", required=True, help="pre-shared key, 64 hex digits")
+    ap.add_argument("--habits", default=",".join(sorted(HABITS)),
+                    help="--mode alloc: which of the tunnel's buffer habits the sending "
+                         "loop keeps, comma-separated, from " + ",".join(sorted(HABITS))
+                         + " (default: all; 'none' for none), or scatter instead of copy")
     args = ap.parse_args(argv)
+    habits = frozenset(h for h in args.habits.split(",") if h and h != "none")
+    if not habits <= HABITS | {SCATTER} or {SCATTER, "copy"} <= habits:
+        ap.error(f"--habits: from {','.join(sorted(HABITS | {SCATTER}))} ({SCATTER} "
+                 "without copy)")
     psk = bytes.fromhex(args.key)
     if len(psk) != KEY:
         ap.error(f"--key must be {KEY} bytes ({2 * KEY} hex digits)")
@@ -561,7 +645,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"listening {host}:{port}", flush=True)
     near, to = args.end == "near", _parse_addr(args.to)
     if args.mode in ("thread", "alloc"):
-        serve_thread(listen, near, to, psk, alloc=args.mode == "alloc")
+        serve_thread(listen, near, to, psk, alloc=args.mode == "alloc", habits=habits)
     else:
         asyncio.run(serve_async(listen, near, to, psk))
 

@@ -1,16 +1,18 @@
 """``bench.pump_floor`` (the floor of a Python encrypted relay) and ``bench.pump_layers``,
 on loopback only.
 
-Both modes, and the thread relay carrying the tunnel's layers, relay 8 MiB
-each way byte for byte through a near and a far end run as processes, with
-half-closes carried end to end; the far end forwards a
-record sealed by the documented format and drops the connection on a tampered
-one without forwarding any of it.
+Every mode (and some of ``--mode alloc``'s ``--habits``), and the thread relay
+carrying the tunnel's layers, relay 8 MiB each way byte for byte through a near
+and a far end run as processes, with half-closes carried end to end; the far
+end forwards a record sealed by the documented format and drops the connection
+on a tampered one without forwarding any of it. ``bench.buffer_cost`` reports
+each sender it runs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import select
 import socket
@@ -34,6 +36,8 @@ MODES = ("thread", "async", "alloc")
 def _start(end: str, mode: str, to: tuple[str, int]) -> tuple[subprocess.Popen[bytes], int]:
     """A relay end (mode "layers": ``bench.pump_layers``); its port once it listens."""
     where = ["--listen", "127.0.0.1:0", "--to", f"{to[0]}:{to[1]}"]
+    mode, _, habits = mode.partition(":")  # "alloc:HABITS": --mode alloc --habits HABITS
+    where += ["--habits", habits] if habits else []
     command = (["bench.pump_layers", end, *where] if mode == "layers" else
                ["bench.pump_floor", end, "--mode", mode, *where, "--key", PSK.hex()])
     proc = subprocess.Popen([sys.executable, "-m", *command],
@@ -77,7 +81,13 @@ def _send_then_eof(sock: socket.socket, data: bytes) -> None:
     sock.shutdown(socket.SHUT_WR)
 
 
-@pytest.mark.parametrize("mode", [*MODES, "layers"])
+# Some of alloc's habits only (bench.buffer_cost): a pool of reused read buffers
+# sealed in place, fresh reads copied but not kept (glibc's malloc untuned), and
+# fresh reads sealed from two parts by a streaming encryptor.
+HABITS = ("alloc:keep", "alloc:fresh,copy", "alloc:fresh,keep,scatter")
+
+
+@pytest.mark.parametrize("mode", [*MODES, *HABITS, "layers"])
 def test_both_directions_byte_exact_with_half_close(mode: str,
                                                     service: socket.socket) -> None:
     far, far_port = _start("far", mode, service.getsockname())
@@ -159,3 +169,19 @@ def test_far_end_opens_documented_records_and_rejects_a_tampered_one(
     assert received == b""
     assert back == b""
 
+
+
+def test_buffer_cost_measures_each_sender(tmp_path: Path) -> None:
+    """``bench.buffer_cost`` carries data through a floor near end and the real
+    tunnel and reports each sender's CPU and faults per GB."""
+    out = tmp_path / "run.json"
+    only = "one reused buffer,tunnel: glibc defaults"
+    subprocess.run([sys.executable, "-m", "bench.buffer_cost", "--size-mb", "8", "--rounds",
+                    "1", "--only", only, "--json", str(out)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=120)
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"floor: one reused buffer", "tunnel: glibc defaults"}
+    for row in rows.values():
+        assert row["mb_s"] > 0
+        assert row["user_s_per_gb"] + row["system_s_per_gb"] > 0
+        assert row["minor_faults_per_gb"] >= 0
