@@ -176,7 +176,8 @@ def test_buffer_cost_measures_each_sender(tmp_path: Path) -> None:
     tunnel and reports each sender's CPU and faults per GB."""
     out = tmp_path / "run.json"
     only = "one reused buffer,tunnel: glibc defaults"
-    subprocess.run([sys.executable, "-m", "bench.buffer_cost", "--size-mb", "8", "--rounds",
+    # 64 MB: enough CPU time to register in /proc ticks (10 ms) even on a fast run.
+    subprocess.run([sys.executable, "-m", "bench.buffer_cost", "--size-mb", "64", "--rounds",
                     "1", "--only", only, "--json", str(out)], cwd=ROOT, check=True,
                    capture_output=True, timeout=120)
     rows = json.loads(out.read_text())["rows"]
