@@ -417,7 +417,29 @@ class _Conn:
 Hook = Callable[[asyncio.Transport], None]
 
 
-class _PlainSide(asyncio.BufferedProtocol):
+class _Side(asyncio.BufferedProtocol):
+    """One socket of a relayed connection: its writes back up into the other side's
+    reads, and its end closes the other side."""
+
+    conn: _Conn
+
+    def _other(self) -> asyncio.Transport | None:
+        raise NotImplementedError
+
+    def pause_writing(self) -> None:
+        if (other := self._other()) is not None:
+            other.pause_reading()
+
+    def resume_writing(self) -> None:
+        if (other := self._other()) is not None:
+            other.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if (other := self._other()) is not None:
+            other.close()
+
+
+class _PlainSide(_Side):
     """The unencrypted socket: reads are sealed into records to the cipher side."""
 
     def __init__(self, conn: _Conn) -> None:
@@ -461,20 +483,11 @@ class _PlainSide(asyncio.BufferedProtocol):
         self.conn.maybe_close()
         return True
 
-    def pause_writing(self) -> None:
-        if self.conn.cipher is not None:
-            self.conn.cipher.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.conn.cipher is not None:
-            self.conn.cipher.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.conn.cipher is not None:
-            self.conn.cipher.close()
+    def _other(self) -> asyncio.Transport | None:
+        return self.conn.cipher
 
 
-class _CipherSide(asyncio.BufferedProtocol):
+class _CipherSide(_Side):
     """The record socket: whole records are opened and written to the plain side.
 
     Reads land in a buffer of four records' room; what is left of a partial
@@ -558,17 +571,8 @@ class _CipherSide(asyncio.BufferedProtocol):
             self.conn.abort("BadRecord: the connection ended without an end record")
         return True
 
-    def pause_writing(self) -> None:
-        if self.conn.plain is not None:
-            self.conn.plain.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.conn.plain is not None:
-            self.conn.plain.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.conn.plain is not None:
-            self.conn.plain.close()
+    def _other(self) -> asyncio.Transport | None:
+        return self.conn.plain
 
 
 # Records are 256 KiB: let a transport hold a few before it pauses its reader.
