@@ -148,24 +148,30 @@ def _read_exact(sock: socket.socket, view: memoryview) -> bool:
     return True
 
 
+def _read_record(src: socket.socket, rv: memoryview) -> int:
+    """The next record into ``rv`` (its length field, then its ciphertext): the
+    ciphertext's size. BadRecord on EOF before the end record or a bad length."""
+    if not _read_exact(src, rv[:HEADER]):
+        raise BadRecord("the connection ended without an end record")
+    size = int.from_bytes(rv[:HEADER], "big")
+    if not TAG <= size <= MAX_PLAINTEXT + TAG:
+        raise BadRecord(f"record length {size} out of range")
+    if not _read_exact(src, rv[HEADER:HEADER + size]):
+        raise BadRecord("the connection ended inside a record")
+    return size
+
+
 def _open_loop(src: socket.socket, dst: socket.socket, aead: AESGCM,
                failed: threading.Event) -> None:
     """Records from ``src`` -> plaintext to ``dst``, until the end record."""
     record = bytearray(MAX_RECORD)
     rv = memoryview(record)
-    head = rv[:HEADER]
     plain = bytearray(MAX_PLAINTEXT)
     pv = memoryview(plain)
     sendall, decrypt_into = dst.sendall, aead.decrypt_into
     counter = 0
     while True:
-        if not _read_exact(src, head):
-            raise BadRecord("the connection ended without an end record")
-        size = int.from_bytes(head, "big")
-        if not TAG <= size <= MAX_PLAINTEXT + TAG:
-            raise BadRecord(f"record length {size} out of range")
-        if not _read_exact(src, rv[HEADER:HEADER + size]):
-            raise BadRecord("the connection ended inside a record")
+        size = _read_record(src, rv)
         try:
             decrypt_into(counter.to_bytes(NONCE, "big"), rv[HEADER:HEADER + size], None,
                          pv[:size - TAG])
@@ -220,17 +226,10 @@ def _open_loop_alloc(src: socket.socket, dst: socket.socket, aead: AESGCM,
     (``AESGCM.decrypt``, as the record machine does)."""
     record = bytearray(MAX_RECORD)
     rv = memoryview(record)
-    head = rv[:HEADER]
     sendall, decrypt = dst.sendall, aead.decrypt
     counter = 0
     while True:
-        if not _read_exact(src, head):
-            raise BadRecord("the connection ended without an end record")
-        size = int.from_bytes(head, "big")
-        if not TAG <= size <= MAX_PLAINTEXT + TAG:
-            raise BadRecord(f"record length {size} out of range")
-        if not _read_exact(src, rv[HEADER:HEADER + size]):
-            raise BadRecord("the connection ended inside a record")
+        size = _read_record(src, rv)
         try:
             plaintext = decrypt(counter.to_bytes(NONCE, "big"), rv[HEADER:HEADER + size], None)
         except InvalidTag as exc:
