@@ -739,7 +739,11 @@ class ServerMachine:
             self._last_local = ev.local
             ours = _own_endpoint(*ev.local)
             if ours is not None and not _host_scoped(ours.host):
-                self._reached[":" in ours.host] = ours  # (no peer elsewhere reaches a loopback)
+                v6 = ":" in ours.host
+                learned = self._relay_in(v6) is None
+                self._reached[v6] = ours  # (no peer elsewhere reaches a loopback)
+                if learned:
+                    self._relist_other_family(v6)
         self.conns[conn.id] = conn
         self.stats.open_now += 1
         self._per_source[source] += 1
@@ -1575,6 +1579,16 @@ class ServerMachine:
             self._out.append(ToNode(node, (RefuseConn(cid, "bad_request", why),)))
             return
         self._from_node(RefuseConn(cid, "bad_request", why), now)
+
+    def _relist_other_family(self, v6: bool) -> None:
+        """This node now knows its relay address in one family: the records of the
+        sharers of the other family waiting here say it (``relay_other``), so a peer of
+        that family pairing on another node can still be relayed here. (A waiting
+        resume hello's record keeps the one it was listed with.)"""
+        for conn in self.conns.values():
+            if (conn.phase is Phase.SHARING and conn.hello is not None
+                    and conn.info().over_ipv6 != v6):
+                self._publish(conn)
 
     def _publish(self, conn: Conn) -> None:
         """A waiting sharer's record changed (SPAKE2 message, RTT): tell the book."""

@@ -28,7 +28,8 @@ Encodings (JSON objects, UTF-8), stored in Redis and passed between nodes:
                  (``relay_at``: the address of the holding node's relay as this
                   peer reached it; ``relay_other``: that node's relay address in
                   the other family (IPv6 for a peer that came over IPv4, and the
-                  reverse), null when it knows none, so a pairing with a peer of
+                  reverse), null when it knows none (a waiting sharer's record is
+                  listed again once its node learns it), so a pairing with a peer of
                   the other family on another node can still relay there (a
                   record without the key, an older node's, reads as null);
                   ``load``: that node's relay sessions then;

@@ -626,6 +626,34 @@ async def test_a_node_bound_to_wildcards_knows_a_family_from_the_last_peer_of_it
         Endpoint(*NODE_ADDRS[NODE_A][True]), Endpoint(*RDV_A))
 
 
+async def test_a_family_learned_after_a_sharer_was_listed_reaches_its_record(
+        client: Any) -> None:
+    """Node A learns its IPv4 address from a peer only after an IPv6 sharer's record was
+    listed: it lists the record again with that address, so an IPv4 joiner on node B
+    (which knows no IPv6 address of its own) is relayed at node A."""
+    c = Cluster(client)
+    for h in c.nodes.values():
+        h.m.listening([("0.0.0.0", 3012), ("::", 3012)])
+    await c.up()
+    a, b = c.node(NODE_A), c.node(NODE_B)
+    sharer = a.connect(PEER_IPS["share", True], local=NODE_ADDRS[NODE_A][True])
+    a.send(sharer, encode(Hello("share", None, (LAN_A,), None, 10, relay=True)))
+    await c.settle()
+    welcome = sharer.messages()[0]
+    assert isinstance(welcome, Welcome), sharer.messages()
+    a.connect(JOINER_IP, local=RDV_A)  # node A: reached over IPv4, after the listing
+    await c.settle()
+    joiner = b.connect(JOINER_IP, local=RDV_B, rtt=0.06)
+    b.send(joiner, encode(Hello("join", welcome.nameplate, (LAN_B,), None, 10, relay=True)))
+    await c.settle()
+    c.tick(0.05)
+    to_sharer, to_joiner = sharer.last(), joiner.last()
+    assert isinstance(to_sharer, Fire) and isinstance(to_joiner, Fire), to_joiner
+    assert to_sharer.relay is not None and to_joiner.relay is not None
+    assert (to_sharer.relay.relay, to_joiner.relay.relay) == (
+        Endpoint(*NODE_ADDRS[NODE_A][True]), Endpoint(*RDV_A))
+
+
 async def test_a_relay_token_that_arrives_before_its_grant_waits_for_it(client: Any) -> None:
     c = Cluster(client)
     c.lost_wakeups = True  # the grant sits in node A's list: nobody woke it
