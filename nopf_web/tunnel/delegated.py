@@ -1,8 +1,9 @@
 """Read-only attributes that a driver shows from the object it wraps.
 
-A tunnel driver (``Mux``, ``SecureChannel``) keeps its state in its sans-IO
-machine; the driver's counters and settings are the machine's, read through,
-never copied (a copy could drift from what the machine acts on).
+A driver (the tunnel's ``Mux`` and ``SecureChannel``, nopf-server's rendezvous and
+NAT doctor responder) keeps its state in its sans-IO machine, and the seed engine its
+byte counts in its pipe's ``Counters``: those values are read through, never copied
+(a copy could drift from what the machine acts on).
 """
 
 from __future__ import annotations
