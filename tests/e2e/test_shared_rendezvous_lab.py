@@ -57,6 +57,8 @@ from tests.redis_server import RedisServer, require_redis_server
 
 from .flows import Flows
 from .peers import (
+    RDV_HOST,
+    RDV_NAME,
     SERVICE,
     TUNNEL,
     Peer,
@@ -78,7 +80,6 @@ from .relay_clients import take_message
 
 pytestmark = pytest.mark.lab
 
-NAME = "rdv.lab"
 PORT = 3012
 REDIS_PORT = 6379
 RDV2_IP6 = "2001:db8:100::3"  # node B's IPv6 address (shared_rendezvous(ipv6=True))
@@ -134,8 +135,8 @@ def one_name(lab: Lab, *hosts: Host, second_first: tuple[Host, ...] = ()) -> Ite
     """``rdv.lab`` resolves to both rendezvous addresses inside ``hosts``: RDV_IP
     first, or RDV_IP2 first in the hosts of ``second_first`` (so that two peers
     contact different nodes while both are up)."""
-    with resolving(hosts, NAME, RDV_IP, RDV_IP2), \
-            resolving(second_first, NAME, RDV_IP2, RDV_IP):
+    with resolving(hosts, RDV_HOST, RDV_IP, RDV_IP2), \
+            resolving(second_first, RDV_HOST, RDV_IP2, RDV_IP):
         yield
 
 
@@ -290,7 +291,7 @@ def test_a_waiting_sharer_whose_node_dies_keeps_its_code_through_the_other_node(
     with one_name(lab, lab.a1), shared_rendezvous(lab) as (_, node_a, node_b), \
             contextlib.ExitStack() as services:
         services.enter_context(echo_service_on(lab.a1, 3000))
-        s = start(lab.a1, "share", "-p", "3000", rdv=f"{NAME}:{PORT}")
+        s = start(lab.a1, "share", "-p", "3000", rdv=RDV_NAME)
         code = s.line(10)
         holder = node_a if node_a.node == holding_node(lab, code) else node_b
         other = node_b if holder is node_a else node_a
@@ -303,10 +304,10 @@ def test_a_waiting_sharer_whose_node_dies_keeps_its_code_through_the_other_node(
         # every address, and the live node answers.
         dead_first = {"second_first": (lab.b1,)} if holder is node_b else {}
         with one_name(lab, *(() if dead_first else (lab.b1,)), **dead_first):
-            c = start(lab.b1, "connect", code, "-p", "3010", rdv=f"{NAME}:{PORT}")
+            c = start(lab.b1, "connect", code, "-p", "3010", rdv=RDV_NAME)
             for peer in (s, c):
                 wait_for(peer, "encrypted tunnel to")
-        assert (f"rendezvous {NAME}:{PORT}: {other.ip}:{PORT} answered first of 2 IPv4 "
+        assert (f"rendezvous {RDV_NAME}: {other.ip}:{PORT} answered first of 2 IPv4 "
                 "addresses") in c.stderr(), c.stderr()
         echo_once(lab.b1, 3010)
         assert other.alive()
@@ -418,12 +419,12 @@ def test_a_relayed_tunnel_whose_relay_node_dies_resumes_through_the_other_node(
     with one_name(lab, lab.a1, second_first=(lab.b1,)), \
             shared_rendezvous(lab) as (_, node_a, node_b):
         s = start(lab.a1, "share", "-p", "3000", "--resume-budget", "30",
-                  rdv=f"{NAME}:{PORT}")
+                  rdv=RDV_NAME)
         c = start(lab.b1, "connect", s.line(10), "-p", "3010", "--resume-budget", "30",
-                  rdv=f"{NAME}:{PORT}")
+                  rdv=RDV_NAME)
         relay_ip = relay_node_ip(s, c)
-        assert f"rendezvous {NAME}:{PORT}: {RDV_IP}:{PORT} answered first" in s.stderr()
-        assert f"rendezvous {NAME}:{PORT}: {RDV_IP2}:{PORT} answered first" in c.stderr()
+        assert f"rendezvous {RDV_NAME}: {RDV_IP}:{PORT} answered first" in s.stderr()
+        assert f"rendezvous {RDV_NAME}: {RDV_IP2}:{PORT} answered first" in c.stderr()
         dead, live = (node_a, node_b) if relay_ip == node_a.ip else (node_b, node_a)
         flows = Flows(lab.a1, 3000, lab.b1, 3010, 3, None, pace=0.005).start()
         try:
