@@ -258,7 +258,8 @@ def test_seed_mode_sessions_exchange_addresses_connect_and_land_in_history(
             assert client_page.locator("#bytes-in").inner_text() == "1.0 MiB"
             screenshot_both(client_page, screens, "seed-session")
 
-            _stop_both(client_page, server_page)
+            _stop(client_page)
+        server_page.locator("#live .badge-closed").wait_for()  # the peer's end closed it (app gone)
 
     history, rows = _history_rows(context, dashboard)
     assert rows.count() == 2
