@@ -81,20 +81,26 @@ def main(argv: list[str] | None = None) -> None:
             return
         size = args.strace_mb << 20
         for name in names:
-            tracers = []
-            for end, pids in paths[name].ends().items():
-                flags = [a for pid in process_tree(pids) for a in ("-p", str(pid))]
-                tracers.append((end, subprocess.Popen(
-                    ["strace", "-c", "-f", *flags], stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE, text=True)))
-            time.sleep(1)  # attached
-            mbs, _ = _one(bench, paths[name], size, 1)
-            time.sleep(0.5)
-            for end, tracer in tracers:
-                tracer.send_signal(signal.SIGINT)
-                summary = tracer.communicate(timeout=30)[1]
-                print(f"- {name} {end} (system calls per 256 KiB; {mbs:.0f} MB/s under "
-                      f"strace): {_syscalls(summary, size)}")
+            tracers: list[tuple[str, subprocess.Popen[str]]] = []
+            try:
+                for end, pids in paths[name].ends().items():
+                    flags = [a for pid in process_tree(pids) for a in ("-p", str(pid))]
+                    tracers.append((end, subprocess.Popen(
+                        ["strace", "-c", "-f", *flags], stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE, text=True)))
+                time.sleep(1)  # attached
+                mbs, _ = _one(bench, paths[name], size, 1)
+                time.sleep(0.5)
+                for end, tracer in tracers:
+                    tracer.send_signal(signal.SIGINT)
+                    summary = tracer.communicate(timeout=30)[1]
+                    print(f"- {name} {end} (system calls per 256 KiB; {mbs:.0f} MB/s under "
+                          f"strace): {_syscalls(summary, size)}")
+            finally:  # a failed transfer or summary must not leave strace attached
+                for _, tracer in tracers:
+                    if tracer.poll() is None:
+                        tracer.kill()
+                        tracer.wait(5)
 
 
 if __name__ == "__main__":
