@@ -32,6 +32,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 from bench import secure
@@ -114,8 +115,18 @@ def _floor(end: str, mode: str, habits: str, to: int,
     line = proc.stdout.readline().decode() if ready else ""
     if not line.startswith("listening "):
         proc.kill()
+        proc.wait(5)
         raise SystemExit(f"bench.pump_floor {end} did not start: {line!r}")
     return proc, int(line.rsplit(":", 1)[1])
+
+
+def _port(rx: Connection, what: str) -> int:
+    """The port a started process reports on ``rx`` once it listens (20 s at most)."""
+    if not rx.poll(20):
+        raise SystemExit(f"{what} reported no port within 20 s")
+    port = rx.recv()
+    assert isinstance(port, int)
+    return port
 
 
 def _no_mallopt(target: Callable[..., None], *args: object) -> None:
@@ -145,7 +156,7 @@ def main() -> int:
         with _env(""):
             procs.append(ctx.Process(target=secure.service_proc, args=(tx,), daemon=True))
             procs[-1].start()
-        sink = rx.recv()
+        sink = _port(rx, "the sink")
         far, far_port = _floor("far", "thread", "", sink, "")
         popens.append(far)
         for v in variants:
@@ -161,7 +172,7 @@ def main() -> int:
                                          args=(*share[1:], sink, tx, False,
                                                INITIAL_WINDOW, "resumable")))
                 procs[-1].start()
-                tunnel_port = rx.recv()
+                tunnel_port = _port(rx, f"{v.name}: the sharing end")
                 connect = wrap(secure.connect_proc)
                 procs.append(ctx.Process(target=connect[0], daemon=True,
                                          args=(*connect[1:], tunnel_port, tx, False,
@@ -169,7 +180,7 @@ def main() -> int:
                 procs[-1].start()
                 connect_pid = procs[-1].pid
                 assert connect_pid is not None
-                senders[v.name] = (rx.recv(), connect_pid)
+                senders[v.name] = (_port(rx, f"{v.name}: the connecting end"), connect_pid)
 
         for port, _ in senders.values():  # warm up: first faults, heaps grown
             secure.throughput(port, 64_000_000)
