@@ -70,6 +70,7 @@ MAX_PLAINTEXT = 256 * 1024  # one read of the source per record
 MAX_RECORD = HEADER + MAX_PLAINTEXT + TAG
 KEY = 32  # AES-256 pre-shared key
 PERSON_N2F, PERSON_F2N = b"nopf-floor-n2f", b"nopf-floor-f2n"
+SETUP_S = 10.0  # connecting to the other side; the far end's wait for the salt
 
 Direction = Literal["n2f", "f2n"]
 Mode = Literal["async", "thread", "alloc"]
@@ -316,20 +317,20 @@ def _thread_accepted(conn: socket.socket, near: bool, to: tuple[str, int], psk: 
     try:
         _nodelay(conn)
         if near:
-            other = socket.create_connection(to, timeout=10)
+            other = socket.create_connection(to, timeout=SETUP_S)
             other.settimeout(None)
             _nodelay(other)
             salt = os.urandom(SALT)
             other.sendall(salt)
             plain, cipher = conn, other
         else:
-            conn.settimeout(10)  # waits for the salt
+            conn.settimeout(SETUP_S)  # waits for the salt
             got = bytearray(SALT)
             if not _read_exact(conn, memoryview(got)):
                 raise BadRecord("the connection ended before its salt")
             salt = bytes(got)
             conn.settimeout(None)
-            other = socket.create_connection(to, timeout=10)
+            other = socket.create_connection(to, timeout=SETUP_S)
             other.settimeout(None)
             _nodelay(other)
             plain, cipher = other, conn
@@ -558,7 +559,7 @@ async def serve_async(listen: socket.socket, near: bool, to: tuple[str, int],
             other.start(salt)
         try:
             transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: other, *to), 10)
+                loop.create_connection(lambda: other, *to), SETUP_S)
         except (OSError, TimeoutError) as exc:
             conn.abort(f"connecting to {to}: {type(exc).__name__}: {exc}")
             return
@@ -579,6 +580,12 @@ async def serve_async(listen: socket.socket, near: bool, to: tuple[str, int],
                 transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
                 transport.pause_reading()  # until the other socket is open
                 tg.create_task(connect_other(conn, transport, other), name="pump-connect")
+                if not near:  # as the thread mode's socket timeout
+                    loop.call_later(SETUP_S, no_salt)
+
+            def no_salt() -> None:
+                if cipher.aead is None:
+                    conn.abort(f"BadRecord: no salt within {SETUP_S:.0f} s")
 
             first.on_accept = accepted
             return first
