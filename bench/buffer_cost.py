@@ -84,7 +84,8 @@ def proc_stat(pid: int) -> tuple[float, float, int]:
 
 @contextmanager
 def _env(tunables: str) -> Iterator[None]:
-    """GLIBC_TUNABLES for the processes started inside (spawn copies os.environ)."""
+    """GLIBC_TUNABLES for the processes started inside (spawn and Popen copy
+    os.environ)."""
     old = os.environ.get("GLIBC_TUNABLES")
     if tunables:
         os.environ["GLIBC_TUNABLES"] = tunables
@@ -99,17 +100,14 @@ def _env(tunables: str) -> Iterator[None]:
             os.environ["GLIBC_TUNABLES"] = old
 
 
-def _floor(end: str, mode: str, habits: str, to: int,
-           tunables: str) -> tuple[subprocess.Popen[bytes], int]:
+def _floor(end: str, mode: str, habits: str, to: int) -> tuple[subprocess.Popen[bytes], int]:
+    """A ``bench.pump_floor`` end (its environment: this process's, see :func:`_env`);
+    its port once it listens."""
     command = [sys.executable, "-m", "bench.pump_floor", end, "--mode", mode,
                "--listen", "127.0.0.1:0", "--to", f"127.0.0.1:{to}", "--key", PSK]
     if habits:
         command += ["--habits", habits]
-    env = dict(os.environ)
-    env.pop("GLIBC_TUNABLES", None)
-    if tunables:
-        env["GLIBC_TUNABLES"] = tunables
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], 20)
     line = proc.stdout.readline().decode() if ready else ""
@@ -156,12 +154,13 @@ def main() -> int:
         with _env(""):
             procs.append(ctx.Process(target=secure.service_proc, args=(tx,), daemon=True))
             procs[-1].start()
-        sink = _port(rx, "the sink")
-        far, far_port = _floor("far", "thread", "", sink, "")
-        popens.append(far)
+            sink = _port(rx, "the sink")
+            far, far_port = _floor("far", "thread", "", sink)
+            popens.append(far)
         for v in variants:
             if v.kind == "floor":
-                near, port = _floor("near", v.mode, v.habits, far_port, v.tunables)
+                with _env(v.tunables):
+                    near, port = _floor("near", v.mode, v.habits, far_port)
                 popens.append(near)
                 senders[v.name] = (port, near.pid)
                 continue
