@@ -93,8 +93,7 @@ EXPERIMENTS = ("floor_async", "floor_thread", "floor_alloc", "floor_layers", "fl
                "floor_pool")
 # Each nopf path's strongest peer in the same topology (a relay at each end).
 PEERS = {"encrypted": "ssh_gcm", "plain": "socat2", "encrypted_base": "ssh_gcm",
-         "floor_async": "ssh_gcm", "floor_thread": "ssh_gcm", "floor_alloc": "ssh_gcm",
-         "floor_layers": "ssh_gcm", "floor_nocopy": "ssh_gcm", "floor_pool": "ssh_gcm"}
+         **dict.fromkeys(EXPERIMENTS, "ssh_gcm")}
 # NOPF_BENCH_BASE=DIR adds ``encrypted_base``: the encrypted tunnel from that source tree.
 BASE_ENV = "NOPF_BENCH_BASE"
 
