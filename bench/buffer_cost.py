@@ -32,6 +32,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 from bench import secure
@@ -83,7 +84,8 @@ def proc_stat(pid: int) -> tuple[float, float, int]:
 
 @contextmanager
 def _env(tunables: str) -> Iterator[None]:
-    """GLIBC_TUNABLES for the processes started inside (spawn copies os.environ)."""
+    """GLIBC_TUNABLES for the processes started inside (spawn and Popen copy
+    os.environ)."""
     old = os.environ.get("GLIBC_TUNABLES")
     if tunables:
         os.environ["GLIBC_TUNABLES"] = tunables
@@ -98,24 +100,31 @@ def _env(tunables: str) -> Iterator[None]:
             os.environ["GLIBC_TUNABLES"] = old
 
 
-def _floor(end: str, mode: str, habits: str, to: int,
-           tunables: str) -> tuple[subprocess.Popen[bytes], int]:
+def _floor(end: str, mode: str, habits: str, to: int) -> tuple[subprocess.Popen[bytes], int]:
+    """A ``bench.pump_floor`` end (its environment: this process's, see :func:`_env`);
+    its port once it listens."""
     command = [sys.executable, "-m", "bench.pump_floor", end, "--mode", mode,
                "--listen", "127.0.0.1:0", "--to", f"127.0.0.1:{to}", "--key", PSK]
     if habits:
         command += ["--habits", habits]
-    env = dict(os.environ)
-    env.pop("GLIBC_TUNABLES", None)
-    if tunables:
-        env["GLIBC_TUNABLES"] = tunables
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], 20)
     line = proc.stdout.readline().decode() if ready else ""
     if not line.startswith("listening "):
         proc.kill()
+        proc.wait(5)
         raise SystemExit(f"bench.pump_floor {end} did not start: {line!r}")
     return proc, int(line.rsplit(":", 1)[1])
+
+
+def _port(rx: Connection, what: str) -> int:
+    """The port a started process reports on ``rx`` once it listens (20 s at most)."""
+    if not rx.poll(20):
+        raise SystemExit(f"{what} reported no port within 20 s")
+    port = rx.recv()
+    assert isinstance(port, int)
+    return port
 
 
 def _no_mallopt(target: Callable[..., None], *args: object) -> None:
@@ -145,12 +154,13 @@ def main() -> int:
         with _env(""):
             procs.append(ctx.Process(target=secure.service_proc, args=(tx,), daemon=True))
             procs[-1].start()
-        sink = rx.recv()
-        far, far_port = _floor("far", "thread", "", sink, "")
-        popens.append(far)
+            sink = _port(rx, "the sink")
+            far, far_port = _floor("far", "thread", "", sink)
+            popens.append(far)
         for v in variants:
             if v.kind == "floor":
-                near, port = _floor("near", v.mode, v.habits, far_port, v.tunables)
+                with _env(v.tunables):
+                    near, port = _floor("near", v.mode, v.habits, far_port)
                 popens.append(near)
                 senders[v.name] = (port, near.pid)
                 continue
@@ -161,7 +171,7 @@ def main() -> int:
                                          args=(*share[1:], sink, tx, False,
                                                INITIAL_WINDOW, "resumable")))
                 procs[-1].start()
-                tunnel_port = rx.recv()
+                tunnel_port = _port(rx, f"{v.name}: the sharing end")
                 connect = wrap(secure.connect_proc)
                 procs.append(ctx.Process(target=connect[0], daemon=True,
                                          args=(*connect[1:], tunnel_port, tx, False,
@@ -169,7 +179,7 @@ def main() -> int:
                 procs[-1].start()
                 connect_pid = procs[-1].pid
                 assert connect_pid is not None
-                senders[v.name] = (rx.recv(), connect_pid)
+                senders[v.name] = (_port(rx, f"{v.name}: the connecting end"), connect_pid)
 
         for port, _ in senders.values():  # warm up: first faults, heaps grown
             secure.throughput(port, 64_000_000)

@@ -15,51 +15,17 @@ included). Then, with ``--strace-mb``, one more transfer per path with
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path as FsPath
 
-from bench.paths import Bench, started
+from bench.paths import Bench, process_tree, started, user_system
 from bench.scn_throughput import ENDS, _one
 
 RECORD = 256 * 1024
-
-
-def _tree(pids: list[int]) -> list[int]:
-    """These processes and their live descendants."""
-    seen: list[int] = []
-    todo = list(pids)
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.append(pid)
-        try:
-            for task in os.listdir(f"/proc/{pid}/task"):
-                todo += [int(k) for k in
-                         FsPath(f"/proc/{pid}/task/{task}/children").read_text().split()]
-        except OSError:
-            continue  # gone meanwhile
-    return seen
-
-
-def user_system(pids: list[int]) -> tuple[float, float]:
-    """User and system CPU seconds of these processes and their descendants."""
-    user = system = 0
-    for pid in _tree(pids):
-        try:
-            fields = FsPath(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        user += int(fields[11]) + int(fields[13])  # utime + cutime
-        system += int(fields[12]) + int(fields[14])  # stime + cstime
-    tick = os.sysconf("SC_CLK_TCK")
-    return user / tick, system / tick
 
 
 def _syscalls(summary: str, size: int) -> str:
@@ -115,20 +81,26 @@ def main(argv: list[str] | None = None) -> None:
             return
         size = args.strace_mb << 20
         for name in names:
-            tracers = []
-            for end, pids in paths[name].ends().items():
-                flags = [a for pid in _tree(pids) for a in ("-p", str(pid))]
-                tracers.append((end, subprocess.Popen(
-                    ["strace", "-c", "-f", *flags], stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE, text=True)))
-            time.sleep(1)  # attached
-            mbs, _ = _one(bench, paths[name], size, 1)
-            time.sleep(0.5)
-            for end, tracer in tracers:
-                tracer.send_signal(signal.SIGINT)
-                summary = tracer.communicate(timeout=30)[1]
-                print(f"- {name} {end} (system calls per 256 KiB; {mbs:.0f} MB/s under "
-                      f"strace): {_syscalls(summary, size)}")
+            tracers: list[tuple[str, subprocess.Popen[str]]] = []
+            try:
+                for end, pids in paths[name].ends().items():
+                    flags = [a for pid in process_tree(pids) for a in ("-p", str(pid))]
+                    tracers.append((end, subprocess.Popen(
+                        ["strace", "-c", "-f", *flags], stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE, text=True)))
+                time.sleep(1)  # attached
+                mbs, _ = _one(bench, paths[name], size, 1)
+                time.sleep(0.5)
+                for end, tracer in tracers:
+                    tracer.send_signal(signal.SIGINT)
+                    summary = tracer.communicate(timeout=30)[1]
+                    print(f"- {name} {end} (system calls per 256 KiB; {mbs:.0f} MB/s under "
+                          f"strace): {_syscalls(summary, size)}")
+            finally:  # a failed transfer or summary must not leave strace attached
+                for _, tracer in tracers:
+                    if tracer.poll() is None:
+                        tracer.kill()
+                        tracer.wait(5)
 
 
 if __name__ == "__main__":

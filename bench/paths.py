@@ -93,8 +93,7 @@ EXPERIMENTS = ("floor_async", "floor_thread", "floor_alloc", "floor_layers", "fl
                "floor_pool")
 # Each nopf path's strongest peer in the same topology (a relay at each end).
 PEERS = {"encrypted": "ssh_gcm", "plain": "socat2", "encrypted_base": "ssh_gcm",
-         "floor_async": "ssh_gcm", "floor_thread": "ssh_gcm", "floor_alloc": "ssh_gcm",
-         "floor_layers": "ssh_gcm", "floor_nocopy": "ssh_gcm", "floor_pool": "ssh_gcm"}
+         **dict.fromkeys(EXPERIMENTS, "ssh_gcm")}
 # NOPF_BENCH_BASE=DIR adds ``encrypted_base``: the encrypted tunnel from that source tree.
 BASE_ENV = "NOPF_BENCH_BASE"
 
@@ -117,29 +116,46 @@ class PathUnavailable(RuntimeError):
 # -- small helpers -------------------------------------------------------------
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds of these processes and their live descendants.
-
-    Children's times (``cutime``/``cstime``) are included, so CPU of a forked
-    helper that exits between two readings is not lost.
-    """
-    seen: set[int] = set()
+def process_tree(pids: list[int]) -> list[int]:
+    """These processes and their live descendants."""
+    seen: list[int] = []
     todo = list(pids)
-    total = 0
     while todo:
         pid = todo.pop()
         if pid in seen:
             continue
-        seen.add(pid)
+        seen.append(pid)
         try:
-            fields = FsPath(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += sum(int(f) for f in fields[11:15])
             for task in os.listdir(f"/proc/{pid}/task"):
-                kids = FsPath(f"/proc/{pid}/task/{task}/children").read_text().split()
-                todo += [int(k) for k in kids]
+                todo += [int(k) for k in
+                         FsPath(f"/proc/{pid}/task/{task}/children").read_text().split()]
         except (OSError, ValueError):
             continue  # gone meanwhile
-    return total / os.sysconf("SC_CLK_TCK")
+    return seen
+
+
+def user_system(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU seconds of these processes and their live descendants.
+
+    Children's times (``cutime``/``cstime``) are included, so CPU of a forked
+    helper that exits between two readings is not lost.
+    """
+    user = system = 0
+    for pid in process_tree(pids):
+        try:
+            fields = FsPath(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            u, s, cu, cs = (int(f) for f in fields[11:15])
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        user += u + cu
+        system += s + cs
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes and their live descendants."""
+    return sum(user_system(pids))
 
 
 def wait_listening(host: Host, port: int, timeout: float, what: str) -> None:

@@ -17,7 +17,7 @@ sockets, one thread per direction per connection, tight loops. ``--mode
 alloc``: the thread mode with the tunnel's buffer habits (each read a fresh
 ``bytes`` copied into the plaintext buffer and kept for 8 MiB, as the resume
 layer's replay; each record opened into a fresh ``bytes``), same wire;
-``--habits`` keeps some of them only (see :func:`_seal_loop_habits`;
+``--habits`` keeps some of them only (see :func:`_seal_loop_alloc`;
 ``bench.buffer_cost`` compares them). Each prints ``listening HOST:PORT`` once
 it accepts.
 
@@ -70,6 +70,7 @@ MAX_PLAINTEXT = 256 * 1024  # one read of the source per record
 MAX_RECORD = HEADER + MAX_PLAINTEXT + TAG
 KEY = 32  # AES-256 pre-shared key
 PERSON_N2F, PERSON_F2N = b"nopf-floor-n2f", b"nopf-floor-f2n"
+SETUP_S = 10.0  # connecting to the other side; the far end's wait for the salt
 
 Direction = Literal["n2f", "f2n"]
 Mode = Literal["async", "thread", "alloc"]
@@ -187,39 +188,6 @@ def _open_loop(src: socket.socket, dst: socket.socket, aead: AESGCM,
 REPLAY = 8 << 20  # --mode alloc: bytes of past reads kept, as the resume layer's replay cap
 
 
-def _seal_loop_alloc(src: socket.socket, dst: socket.socket, aead: AESGCM,
-                     failed: threading.Event) -> None:
-    """:func:`_seal_loop` with the tunnel's buffer habits: each read a fresh
-    ``bytes`` (as asyncio's ``data_received`` gives), copied into the plaintext
-    buffer (as ``RecordMachine.seal`` does) and kept until 8 MiB of later reads
-    push it out (standing for the replay buffer, which keeps reads until acked)."""
-    plain = bytearray(MAX_PLAINTEXT)
-    pv = memoryview(plain)
-    out = bytearray(MAX_RECORD)
-    ov = memoryview(out)
-    recv, sendall, encrypt_into = src.recv, dst.sendall, aead.encrypt_into
-    kept: deque[bytes] = deque()
-    kept_size = counter = 0
-    while True:
-        data = recv(MAX_PLAINTEXT)
-        n = len(data)
-        if not n and failed.is_set():
-            return
-        plain[:n] = data
-        size = n + TAG
-        out[:HEADER] = size.to_bytes(HEADER, "big")
-        encrypt_into(counter.to_bytes(NONCE, "big"), pv[:n], None, ov[HEADER:HEADER + size])
-        counter += 1
-        sendall(ov[:HEADER + size])
-        if not n:
-            dst.shutdown(socket.SHUT_WR)
-            return
-        kept.append(data)
-        kept_size += n
-        while kept_size > REPLAY:
-            kept_size -= len(kept.popleft())
-
-
 def _open_loop_alloc(src: socket.socket, dst: socket.socket, aead: AESGCM,
                      failed: threading.Event) -> None:
     """:func:`_open_loop` with each record opened into a fresh ``bytes``
@@ -242,16 +210,18 @@ def _open_loop_alloc(src: socket.socket, dst: socket.socket, aead: AESGCM,
 
 
 HABITS = frozenset({"fresh", "copy", "keep", "mallopt"})  # --habits: all of them by default
-SCATTER = "scatter"  # --habits, not one of the tunnel's: see _seal_loop_habits
+SCATTER = "scatter"  # --habits, not one of the tunnel's: see _seal_loop_alloc
 
 
-def _seal_loop_habits(habits: frozenset[str], key: bytes, src: socket.socket,
-                      dst: socket.socket, aead: AESGCM, failed: threading.Event) -> None:
-    """:func:`_seal_loop_alloc` with some of its habits only, to tell their costs
-    apart: ``fresh`` (each read a new ``bytes``; without it, ``recv_into`` a
-    reused buffer: one, or with ``keep`` a ring of 8 MiB of them, a pool),
-    ``copy`` (into the plaintext buffer; without it, sealed from the read
-    itself), ``keep`` (8 MiB of past reads alive). ``scatter`` (instead of
+def _seal_loop_alloc(habits: frozenset[str], key: bytes, src: socket.socket,
+                     dst: socket.socket, aead: AESGCM, failed: threading.Event) -> None:
+    """:func:`_seal_loop` with the tunnel's buffer habits, all of them (:data:`HABITS`)
+    or some only, to tell their costs apart: ``fresh`` (each read a new ``bytes``,
+    as asyncio's ``data_received`` gives; without it, ``recv_into`` a reused
+    buffer: one, or with ``keep`` a ring of 8 MiB of them, a pool), ``copy`` (into
+    the plaintext buffer, as ``RecordMachine.seal`` does; without it, sealed from
+    the read itself), ``keep`` (8 MiB of past reads alive, standing for the replay
+    buffer, which keeps reads until acked). ``scatter`` (instead of
     ``copy``): each record sealed from two parts, its first 20 bytes and the
     rest (standing for a frame header and the read), by a streaming AES-GCM
     encryptor, with no copy: what the record machine could do instead of
@@ -262,8 +232,8 @@ def _seal_loop_habits(habits: frozenset[str], key: bytes, src: socket.socket,
     ov = memoryview(out)
     fresh, copy, keep = "fresh" in habits, "copy" in habits, "keep" in habits
     scatter, aes = SCATTER in habits, algorithms.AES(key)  # key: aead's
-    ring = [memoryview(bytearray(MAX_PLAINTEXT))
-            for _ in range(REPLAY // MAX_PLAINTEXT + 1 if keep else 1)]
+    ring = [] if fresh else [memoryview(bytearray(MAX_PLAINTEXT))
+                             for _ in range(REPLAY // MAX_PLAINTEXT + 1 if keep else 1)]
     recv, recv_into, sendall, encrypt_into = src.recv, src.recv_into, dst.sendall, \
         aead.encrypt_into
     kept: deque[bytes] = deque()
@@ -328,10 +298,9 @@ def _thread_conn(plain: socket.socket, cipher: socket.socket, aead_seal: AESGCM,
                  aead_open: AESGCM, alloc: bool, habits: frozenset[str] = HABITS,
                  seal_key: bytes = b"") -> None:
     both, failed = (cipher, plain), threading.Event()
-    seal_loop, open_loop = (_seal_loop_alloc, _open_loop_alloc) if alloc else (_seal_loop,
-                                                                               _open_loop)
-    if alloc and habits != HABITS:
-        seal_loop = functools.partial(_seal_loop_habits, habits, seal_key)
+    seal_loop: Loop = functools.partial(_seal_loop_alloc, habits, seal_key) if alloc \
+        else _seal_loop
+    open_loop: Loop = _open_loop_alloc if alloc else _open_loop
     up = threading.Thread(target=_direction, name="pump-seal",
                           args=(seal_loop, plain, cipher, aead_seal, both, failed),
                           daemon=True)
@@ -348,20 +317,20 @@ def _thread_accepted(conn: socket.socket, near: bool, to: tuple[str, int], psk: 
     try:
         _nodelay(conn)
         if near:
-            other = socket.create_connection(to, timeout=10)
+            other = socket.create_connection(to, timeout=SETUP_S)
             other.settimeout(None)
             _nodelay(other)
             salt = os.urandom(SALT)
             other.sendall(salt)
             plain, cipher = conn, other
         else:
-            conn.settimeout(10)  # waits for the salt
+            conn.settimeout(SETUP_S)  # waits for the salt
             got = bytearray(SALT)
             if not _read_exact(conn, memoryview(got)):
                 raise BadRecord("the connection ended before its salt")
             salt = bytes(got)
             conn.settimeout(None)
-            other = socket.create_connection(to, timeout=10)
+            other = socket.create_connection(to, timeout=SETUP_S)
             other.settimeout(None)
             _nodelay(other)
             plain, cipher = other, conn
@@ -590,7 +559,7 @@ async def serve_async(listen: socket.socket, near: bool, to: tuple[str, int],
             other.start(salt)
         try:
             transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: other, *to), 10)
+                loop.create_connection(lambda: other, *to), SETUP_S)
         except (OSError, TimeoutError) as exc:
             conn.abort(f"connecting to {to}: {type(exc).__name__}: {exc}")
             return
@@ -611,6 +580,12 @@ async def serve_async(listen: socket.socket, near: bool, to: tuple[str, int],
                 transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
                 transport.pause_reading()  # until the other socket is open
                 tg.create_task(connect_other(conn, transport, other), name="pump-connect")
+                if not near:  # as the thread mode's socket timeout
+                    loop.call_later(SETUP_S, no_salt)
+
+            def no_salt() -> None:
+                if cipher.aead is None:
+                    conn.abort(f"BadRecord: no salt within {SETUP_S:.0f} s")
 
             first.on_accept = accepted
             return first

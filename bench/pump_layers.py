@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from bench.pump_floor import _nodelay, _parse_addr
 from nopf_web.roles import PeerRole
 from nopf_web.tunnel import mux_machine as mm, record_machine as rm, resume_machine as rs
 from nopf_web.tunnel.errors import TunnelError
@@ -274,7 +275,7 @@ class Tunnel:
                 assert self.service is not None
                 self.local = socket.create_connection(self.service, timeout=10)
                 self.local.settimeout(None)
-                self.local.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _nodelay(self.local)
                 self._spawn(self._reader)
             credit = 0
             for _sid, data in deliver:
@@ -297,11 +298,11 @@ class Tunnel:
 
 
 def _accepted(conn: socket.socket, near: bool, to: tuple[str, int]) -> None:
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    _nodelay(conn)
     try:
         if near:
             sock = socket.create_connection(to, timeout=10)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _nodelay(sock)
             tunnel = Tunnel(sock, "client", conn, None)
         else:
             tunnel = Tunnel(conn, "server", None, to)
@@ -321,14 +322,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--to", required=True, help="HOST:PORT: far end (near) or service (far)")
     args = ap.parse_args(argv)
     _keep_freed_memory()  # as the tunnel's process does
-    host, _, port = args.listen.rpartition(":")
-    listen = socket.create_server((host, int(port)), backlog=128)
+    listen = socket.create_server(_parse_addr(args.listen), backlog=128)
     name = listen.getsockname()
     print(f"listening {name[0]}:{name[1]}", flush=True)
-    to_host, _, to_port = args.to.rpartition(":")
+    near, to = args.end == "near", _parse_addr(args.to)
     while True:
         conn, _ = listen.accept()
-        threading.Thread(target=_accepted, args=(conn, args.end == "near", (to_host, int(to_port))),
+        threading.Thread(target=_accepted, args=(conn, near, to),
                          name="layers-conn", daemon=True).start()
 
 

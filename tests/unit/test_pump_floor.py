@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -46,8 +47,7 @@ def _start(end: str, mode: str, to: tuple[str, int]) -> tuple[subprocess.Popen[b
     ready, _, _ = select.select([proc.stdout], [], [], 20)
     line = proc.stdout.readline().decode() if ready else ""
     if not line.startswith("listening "):
-        proc.kill()
-        raise AssertionError(f"{command[0]} {end} did not start: {line!r}")
+        raise AssertionError(f"{command[0]} {end} did not start: {line!r}; {_stop(proc)}")
     return proc, int(line.rsplit(":", 1)[1])
 
 
@@ -91,10 +91,13 @@ HABITS = ("alloc:keep", "alloc:fresh,copy", "alloc:fresh,keep,scatter")
 def test_both_directions_byte_exact_with_half_close(mode: str,
                                                     service: socket.socket) -> None:
     far, far_port = _start("far", mode, service.getsockname())
-    near, near_port = _start("near", mode, ("127.0.0.1", far_port))
+    relays = [far]
     up, down = os.urandom(SIZE), os.urandom(SIZE)
     got: dict[str, tuple[int, str]] = {}
     try:
+        near, near_port = _start("near", mode, ("127.0.0.1", far_port))
+        relays.append(near)
+
         def serve() -> None:
             conn, _ = service.accept()
             with conn:
@@ -113,7 +116,7 @@ def test_both_directions_byte_exact_with_half_close(mode: str,
             sender.join()
         server.join(20)
     finally:
-        logs = _stop(near, far)
+        logs = _stop(*reversed(relays))
     assert got.get("service") == (SIZE, hashlib.sha256(up).hexdigest()), logs
     assert got.get("client") == (SIZE, hashlib.sha256(down).hexdigest()), logs
 
@@ -177,9 +180,21 @@ def test_buffer_cost_measures_each_sender(tmp_path: Path) -> None:
     out = tmp_path / "run.json"
     only = "one reused buffer,tunnel: glibc defaults"
     # 64 MB: enough CPU time to register in /proc ticks (10 ms) even on a fast run.
-    subprocess.run([sys.executable, "-m", "bench.buffer_cost", "--size-mb", "64", "--rounds",
-                    "1", "--only", only, "--json", str(out)], cwd=ROOT, check=True,
-                   capture_output=True, timeout=120)
+    proc = subprocess.Popen([sys.executable, "-m", "bench.buffer_cost", "--size-mb", "64",
+                             "--rounds", "1", "--only", only, "--json", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        # SIGINT, not run()'s SIGKILL: its finally then stops the relays it started.
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+            proc.wait(5)
+        raise
+    assert proc.returncode == 0, err.decode(errors="replace")[-400:]
     rows = json.loads(out.read_text())["rows"]
     assert set(rows) == {"floor: one reused buffer", "tunnel: glibc defaults"}
     for row in rows.values():
