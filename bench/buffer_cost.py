@@ -29,13 +29,14 @@ import select
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 from bench import secure
+from bench.measure import environ
 from bench.report import write_json
 from nopf_web.wire.frames import INITIAL_WINDOW
 
@@ -82,22 +83,9 @@ def proc_stat(pid: int) -> tuple[float, float, int]:
     return int(fields[11]) / tick, int(fields[12]) / tick, int(fields[7])
 
 
-@contextmanager
-def _env(tunables: str) -> Iterator[None]:
-    """GLIBC_TUNABLES for the processes started inside (spawn and Popen copy
-    os.environ)."""
-    old = os.environ.get("GLIBC_TUNABLES")
-    if tunables:
-        os.environ["GLIBC_TUNABLES"] = tunables
-    else:
-        os.environ.pop("GLIBC_TUNABLES", None)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("GLIBC_TUNABLES", None)
-        else:
-            os.environ["GLIBC_TUNABLES"] = old
+def _env(tunables: str) -> AbstractContextManager[None]:
+    """GLIBC_TUNABLES for the processes started inside ("": glibc's defaults)."""
+    return environ("GLIBC_TUNABLES", tunables or None)
 
 
 def _floor(end: str, mode: str, habits: str, to: int) -> tuple[subprocess.Popen[bytes], int]:

@@ -1,4 +1,5 @@
-"""What the benchmarks share: a counting/echo service and the two measurements.
+"""What the benchmarks share: a counting/echo service, the two measurements, and an
+environment variable set for the processes a benchmark starts.
 
 Protocol of the service, per connection: the first byte ``T`` means "count
 everything until EOF, then answer the count as 8 bytes big-endian"; any other
@@ -7,9 +8,11 @@ first byte means "echo until EOF, then half-close back".
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
+from collections.abc import Iterator
 
 CHUNK = 1 << 20
 
@@ -71,3 +74,21 @@ def round_trips(sock: socket.socket, count: int) -> list[float]:
             got += len(sock.recv(64))
         samples.append((time.perf_counter() - t0) * 1e3)
     return samples
+
+
+@contextlib.contextmanager
+def environ(name: str, value: str | None) -> Iterator[None]:
+    """``name`` set to ``value`` (None: unset) for the processes started inside (spawn
+    and Popen copy ``os.environ``); as it was after."""
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old

@@ -27,10 +27,9 @@ import socket
 import statistics
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
-from bench.measure import echo_mode, round_trips, send_counted, serve_conn
+from bench.measure import echo_mode, environ, round_trips, send_counted, serve_conn
 from bench.report import write_json
 from nopf_web.tunnel.pipe import COPY_METHODS
 from tests.e2e.peers import connect, punch_pair, start_rendezvous
@@ -51,19 +50,10 @@ def direct(host: Host, ip: str) -> socket.socket:
         return socket.create_connection((ip, 4000), timeout=60)
 
 
-@contextlib.contextmanager
-def copy_env(method: str) -> Iterator[None]:
-    """NOPF_PIPE_COPY for the peers started inside (they inherit the environment)."""
-    old = os.environ.get("NOPF_PIPE_COPY")
-    if method:
-        os.environ["NOPF_PIPE_COPY"] = method
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("NOPF_PIPE_COPY", None)
-        else:
-            os.environ["NOPF_PIPE_COPY"] = old
+def copy_env(method: str) -> contextlib.AbstractContextManager[None]:
+    """NOPF_PIPE_COPY for the peers started inside (they inherit the environment);
+    "" leaves it as it is."""
+    return environ("NOPF_PIPE_COPY", method or os.environ.get("NOPF_PIPE_COPY"))
 
 
 def main() -> int:
