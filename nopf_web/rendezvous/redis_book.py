@@ -55,6 +55,7 @@ from .shared import (
     SharedFormatError,
     Unlist,
     Update,
+    UpdateResume,
     Waiting,
     decode_message,
     encode_message,
@@ -170,6 +171,17 @@ redis.call('HSET', k, 'rec', ARGV[3], 'sym', ARGV[4], 'rok', ARGV[5])
 return 1
 """
 
+# ARGV: prefix, resume id (hex), record, node, conn
+_UPDATE_RESUME = """
+local k = ARGV[1] .. 'resume:' .. ARGV[2]
+local rec = redis.call('GET', k)
+if not rec then return 0 end
+local w = cjson.decode(rec)
+if w['node'] ~= ARGV[4] or tostring(w['conn']) ~= ARGV[5] then return 0 end
+redis.call('SET', k, ARGV[3], 'KEEPTTL')
+return 1
+"""
+
 # ARGV: prefix, resume id (hex), record, side, wait_ms
 _MEET = """
 local p = ARGV[1]
@@ -252,6 +264,7 @@ class _Scripts:
     claim: Any
     release: Any
     update: Any
+    update_resume: Any
     meet: Any
     unlist: Any
     republish: Any
@@ -270,8 +283,8 @@ class RedisBook:
         self.prefix = prefix
         reg = client.register_script
         self._s = _Scripts(reg(_ALLOCATE), reg(_RECLAIM), reg(_CLAIM), reg(_RELEASE),
-                           reg(_UPDATE), reg(_MEET), reg(_UNLIST), reg(_REPUBLISH),
-                           reg(_DELIVER))
+                           reg(_UPDATE), reg(_UPDATE_RESUME), reg(_MEET), reg(_UNLIST),
+                           reg(_REPUBLISH), reg(_DELIVER))
 
     async def run(self, op: BookOp) -> BookResult | None:
         """Carry out ``op``; its answer (None for the operations that have none)."""
@@ -287,6 +300,10 @@ class RedisBook:
             await self._s.update(args=[self.prefix, op.nameplate, op.waiting.to_json(),
                                        *self._flags(op.waiting), op.waiting.node,
                                        op.waiting.conn])
+        elif isinstance(op, UpdateResume):
+            await self._s.update_resume(args=[self.prefix, op.resume_id.hex(),
+                                              op.waiting.to_json(), op.waiting.node,
+                                              op.waiting.conn])
         elif isinstance(op, Release):
             await self._s.release(args=[self.prefix, op.nameplate, op.node, op.conn, op.why,
                                         _ms(self.limits.tombstone_lifetime)])

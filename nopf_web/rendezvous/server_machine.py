@@ -173,6 +173,7 @@ from .shared import (
     Republish,
     Unlist,
     Update,
+    UpdateResume,
     Waiting,
 )
 
@@ -1582,20 +1583,24 @@ class ServerMachine:
 
     def _relist_other_family(self, v6: bool) -> None:
         """This node now knows its relay address in one family: the records of the
-        sharers of the other family waiting here say it (``relay_other``), so a peer of
-        that family pairing on another node can still be relayed here. (A waiting
-        resume hello's record keeps the one it was listed with.)"""
+        peers of the other family waiting here (sharers, resume hellos) say it
+        (``relay_other``), so a peer of that family pairing on another node can
+        still be relayed here."""
         for conn in self.conns.values():
             if (conn.phase is Phase.SHARING and conn.hello is not None
                     and conn.info().over_ipv6 != v6):
                 self._publish(conn)
 
     def _publish(self, conn: Conn) -> None:
-        """A waiting sharer's record changed (SPAKE2 message, RTT): tell the book."""
+        """A waiting peer's record changed (SPAKE2 message, RTT, relay addresses): tell
+        the book."""
         if self.node is None or self._stopping or conn.sharing is None:
             return
+        hello = conn.hello
         if conn.sharing.nameplate is not None:
             self._ask(None, Update(conn.sharing.nameplate, self._waiting(conn)))
+        elif hello is not None and hello.resume_id is not None and hello.side is not None:
+            self._ask(None, UpdateResume(hello.resume_id, self._waiting(conn, hello.side)))
 
     def _pair_shared(self, nameplate: int | None, conn: Conn, now: float) -> None:
         """Pair ``conn`` with the partner the shared book gave it (on any node)."""

@@ -28,7 +28,7 @@ Encodings (JSON objects, UTF-8), stored in Redis and passed between nodes:
                  (``relay_at``: the address of the holding node's relay as this
                   peer reached it; ``relay_other``: that node's relay address in
                   the other family (IPv6 for a peer that came over IPv4, and the
-                  reverse), null when it knows none (a waiting sharer's record is
+                  reverse), null when it knows none (a waiting peer's record is
                   listed again once its node learns it), so a pairing with a peer of
                   the other family on another node can still relay there (a
                   record without the key, an older node's, reads as null);
@@ -189,6 +189,14 @@ class Update:
 
 
 @dataclass(frozen=True, slots=True)
+class UpdateResume:
+    """A waiting resume hello's record changed (its RTT, its node's relay addresses)."""
+
+    resume_id: bytes
+    waiting: Waiting
+
+
+@dataclass(frozen=True, slots=True)
 class Release:
     """A waiting sharer's code closes here (``why``: left or expired), if still its."""
 
@@ -216,7 +224,8 @@ class Republish:
     resumes: tuple[tuple[bytes, Waiting, float], ...]
 
 
-BookOp = Allocate | Reclaim | Claim | Meet | Update | Release | Unlist | Republish
+BookOp = (Allocate | Reclaim | Claim | Meet | Update | UpdateResume | Release | Unlist
+          | Republish)
 
 
 @dataclass(frozen=True, slots=True)

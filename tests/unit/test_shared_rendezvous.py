@@ -47,6 +47,7 @@ from nopf_web.rendezvous.shared import (
     SharedFormatError,
     Side,
     Update,
+    UpdateResume,
     Waiting,
     decode_message,
     encode_message,
@@ -272,6 +273,23 @@ async def test_updates_touch_only_the_owners_record_and_keep_its_expiry(client: 
     await book.run(Update(got.nameplate, waiting(NODE_B, 5)))  # not the owner: ignored
     claimed = await book.run(Claim(got.nameplate, JOINER_IP, False, True))
     assert isinstance(claimed, Claimed) and claimed.waiting.pake == b"B" * 33
+
+
+async def test_a_resume_hellos_update_touches_only_its_record_and_keeps_its_expiry(
+        client: Any) -> None:
+    book = RedisBook(client)
+    rid = bytes(range(16))
+    key = f"nopf:resume:{rid.hex()}"
+    assert await book.run(Meet(rid, waiting(NODE_A, 1, side="share"))) == Listed()
+    ttl = await client.pttl(key)
+    newer = replace(waiting(NODE_A, 1, side="share"), relay_other=Endpoint("2001:db8::a", 3012))
+    await book.run(UpdateResume(rid, newer))
+    await book.run(UpdateResume(rid, waiting(NODE_B, 5, side="share")))  # not its: ignored
+    assert 0 < await client.pttl(key) <= ttl
+    paired = await book.run(Meet(rid, waiting(NODE_B, 2, side="join")))
+    assert isinstance(paired, Claimed) and paired.waiting == newer
+    await book.run(UpdateResume(rid, newer))  # paired (gone): nothing is listed again
+    assert not await client.exists(key)
 
 
 async def test_resume_hellos_pair_across_nodes_and_a_newer_one_replaces(client: Any) -> None:
@@ -626,25 +644,34 @@ async def test_a_node_bound_to_wildcards_knows_a_family_from_the_last_peer_of_it
         Endpoint(*NODE_ADDRS[NODE_A][True]), Endpoint(*RDV_A))
 
 
-async def test_a_family_learned_after_a_sharer_was_listed_reaches_its_record(
-        client: Any) -> None:
-    """Node A learns its IPv4 address from a peer only after an IPv6 sharer's record was
-    listed: it lists the record again with that address, so an IPv4 joiner on node B
-    (which knows no IPv6 address of its own) is relayed at node A."""
+@pytest.mark.parametrize("resume", [False, True], ids=["code", "resume"])
+async def test_a_family_learned_after_a_peer_was_listed_reaches_its_record(
+        client: Any, resume: bool) -> None:
+    """Node A learns its IPv4 address from a peer only after an IPv6 sharer's record (or
+    a resume hello's) was listed: it lists the record again with that address, so an
+    IPv4 joiner on node B (which knows no IPv6 address of its own) is relayed at node A."""
     c = Cluster(client)
     for h in c.nodes.values():
         h.m.listening([("0.0.0.0", 3012), ("::", 3012)])
     await c.up()
     a, b = c.node(NODE_A), c.node(NODE_B)
+    rid = bytes(range(16))
     sharer = a.connect(PEER_IPS["share", True], local=NODE_ADDRS[NODE_A][True])
-    a.send(sharer, encode(Hello("share", None, (LAN_A,), None, 10, relay=True)))
+    a.send(sharer, encode(
+        Hello("resume", None, (LAN_A,), None, 10, resume_id=rid, side="share") if resume
+        else Hello("share", None, (LAN_A,), None, 10, relay=True)))
     await c.settle()
-    welcome = sharer.messages()[0]
-    assert isinstance(welcome, Welcome), sharer.messages()
+    first = sharer.messages()[0]
+    if resume:
+        assert isinstance(first, Ping), sharer.messages()
+        hello = Hello("resume", None, (LAN_B,), None, 10, resume_id=rid, side="join")
+    else:
+        assert isinstance(first, Welcome), sharer.messages()
+        hello = Hello("join", first.nameplate, (LAN_B,), None, 10, relay=True)
     a.connect(JOINER_IP, local=RDV_A)  # node A: reached over IPv4, after the listing
     await c.settle()
     joiner = b.connect(JOINER_IP, local=RDV_B, rtt=0.06)
-    b.send(joiner, encode(Hello("join", welcome.nameplate, (LAN_B,), None, 10, relay=True)))
+    b.send(joiner, encode(hello))
     await c.settle()
     c.tick(0.05)
     to_sharer, to_joiner = sharer.last(), joiner.last()
