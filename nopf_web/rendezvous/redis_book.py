@@ -171,17 +171,6 @@ redis.call('HSET', k, 'rec', ARGV[3], 'sym', ARGV[4], 'rok', ARGV[5])
 return 1
 """
 
-# ARGV: prefix, resume id (hex), record, node, conn
-_UPDATE_RESUME = """
-local k = ARGV[1] .. 'resume:' .. ARGV[2]
-local rec = redis.call('GET', k)
-if not rec then return 0 end
-local w = cjson.decode(rec)
-if w['node'] ~= ARGV[4] or tostring(w['conn']) ~= ARGV[5] then return 0 end
-redis.call('SET', k, ARGV[3], 'KEEPTTL')
-return 1
-"""
-
 # ARGV: prefix, resume id (hex), record, side, wait_ms
 _MEET = """
 local p = ARGV[1]
@@ -202,14 +191,25 @@ redis.call('SET', k, ARGV[3], 'PX', ARGV[5])
 return {'listed'}
 """
 
-# ARGV: prefix, resume id (hex), node, conn
-_UNLIST = """
+# ARGV: prefix, resume id (hex), node, conn: returns 0 unless that connection's hello
+# is the one listed (a newer hello of its side may have replaced it)
+_OWN_RESUME = """
 local k = ARGV[1] .. 'resume:' .. ARGV[2]
 local rec = redis.call('GET', k)
 if not rec then return 0 end
 local w = cjson.decode(rec)
 if w['node'] ~= ARGV[3] or tostring(w['conn']) ~= ARGV[4] then return 0 end
+"""
+
+# ARGV: prefix, resume id (hex), node, conn
+_UNLIST = _OWN_RESUME + """
 redis.call('DEL', k)
+return 1
+"""
+
+# ARGV: prefix, resume id (hex), node, conn, record
+_UPDATE_RESUME = _OWN_RESUME + """
+redis.call('SET', k, ARGV[5], 'KEEPTTL')
 return 1
 """
 
@@ -302,8 +302,8 @@ class RedisBook:
                                        op.waiting.conn])
         elif isinstance(op, UpdateResume):
             await self._s.update_resume(args=[self.prefix, op.resume_id.hex(),
-                                              op.waiting.to_json(), op.waiting.node,
-                                              op.waiting.conn])
+                                              op.waiting.node, op.waiting.conn,
+                                              op.waiting.to_json()])
         elif isinstance(op, Release):
             await self._s.release(args=[self.prefix, op.nameplate, op.node, op.conn, op.why,
                                         _ms(self.limits.tombstone_lifetime)])

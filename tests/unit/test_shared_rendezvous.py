@@ -516,8 +516,26 @@ async def test_the_relay_runs_on_the_node_that_paired_or_the_other_and_spreads(
 # Each node's own addresses, one per family (as nopf-server bound them).
 NODE_ADDRS = {NODE_A: {False: RDV_A, True: ("2001:db8:100::2", 3012)},
               NODE_B: {False: RDV_B, True: ("2001:db8:100::3", 3012)}}
+RID = bytes(range(16))  # the resume id of the tests that meet again
 PEER_IPS = {("share", False): SHARER_IP, ("share", True): "2001:db8:a::2",
             ("join", False): JOINER_IP, ("join", True): "2001:db8:b::2"}
+
+
+def share_hello(resume: bool) -> Hello:
+    """A sharer's hello, or (``resume``) the share side's resume hello."""
+    if resume:
+        return Hello("resume", None, (LAN_A,), None, 10, resume_id=RID, side="share")
+    return Hello("share", None, (LAN_A,), None, 10, relay=True)
+
+
+def join_hello(resume: bool, first: object) -> Hello:
+    """The other side's hello, given the sharer's first answer: a ping (a resume hello
+    waits for its other side), else the welcome with the code."""
+    if resume:
+        assert isinstance(first, Ping), first
+        return Hello("resume", None, (LAN_B,), None, 10, resume_id=RID, side="join")
+    assert isinstance(first, Welcome), first
+    return Hello("join", first.nameplate, (LAN_B,), None, 10, relay=True)
 
 
 async def pair_families(c: Cluster, share_node: str, join_node: str, s6: bool, j6: bool,
@@ -526,19 +544,10 @@ async def pair_families(c: Cluster, share_node: str, join_node: str, s6: bool, j
     reaching its node at that node's address of its family; both fires. ``resume``:
     the two meet again by a resume id (a tunnel's lost path), not by a code."""
     a, b = c.node(share_node), c.node(join_node)
-    rid = bytes(range(16))
     sharer = a.connect(PEER_IPS["share", s6], local=NODE_ADDRS[share_node][s6])
-    a.send(sharer, encode(
-        Hello("resume", None, (LAN_A,), None, 10, resume_id=rid, side="share") if resume
-        else Hello("share", None, (LAN_A,), None, 10, relay=True)))
+    a.send(sharer, encode(share_hello(resume)))
     await c.settle()
-    first = sharer.messages()[0]
-    if resume:
-        assert isinstance(first, Ping), sharer.messages()  # waiting for its other side
-        hello = Hello("resume", None, (LAN_B,), None, 10, resume_id=rid, side="join")
-    else:
-        assert isinstance(first, Welcome), sharer.messages()
-        hello = Hello("join", first.nameplate, (LAN_B,), None, 10, relay=True)
+    hello = join_hello(resume, sharer.messages()[0])
     joiner = b.connect(PEER_IPS["join", j6], local=NODE_ADDRS[join_node][j6], rtt=0.06)
     b.send(joiner, encode(hello))
     await c.settle()
@@ -655,19 +664,10 @@ async def test_a_family_learned_after_a_peer_was_listed_reaches_its_record(
         h.m.listening([("0.0.0.0", 3012), ("::", 3012)])
     await c.up()
     a, b = c.node(NODE_A), c.node(NODE_B)
-    rid = bytes(range(16))
     sharer = a.connect(PEER_IPS["share", True], local=NODE_ADDRS[NODE_A][True])
-    a.send(sharer, encode(
-        Hello("resume", None, (LAN_A,), None, 10, resume_id=rid, side="share") if resume
-        else Hello("share", None, (LAN_A,), None, 10, relay=True)))
+    a.send(sharer, encode(share_hello(resume)))
     await c.settle()
-    first = sharer.messages()[0]
-    if resume:
-        assert isinstance(first, Ping), sharer.messages()
-        hello = Hello("resume", None, (LAN_B,), None, 10, resume_id=rid, side="join")
-    else:
-        assert isinstance(first, Welcome), sharer.messages()
-        hello = Hello("join", first.nameplate, (LAN_B,), None, 10, relay=True)
+    hello = join_hello(resume, sharer.messages()[0])
     a.connect(JOINER_IP, local=RDV_A)  # node A: reached over IPv4, after the listing
     await c.settle()
     joiner = b.connect(JOINER_IP, local=RDV_B, rtt=0.06)
