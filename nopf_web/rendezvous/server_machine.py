@@ -743,8 +743,8 @@ class ServerMachine:
                 v6 = ":" in ours.host
                 learned = self._relay_in(v6) is None
                 self._reached[v6] = ours  # (no peer elsewhere reaches a loopback)
-                if learned:
-                    self._relist_other_family(v6)
+                if learned and self.node is not None and self.limits.relay.enabled:
+                    self._relist_other_family(v6)  # (records without a relay don't change)
         self.conns[conn.id] = conn
         self.stats.open_now += 1
         self._per_source[source] += 1
