@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 
-from nopf_web.tunnel.delegated import Delegated
+from nopf_web.delegated import Delegated
 from nopf_web.wire.doctor import DEFAULT_PORT_OFFSET, Icmp, Outcome
 
 from .conn_driver import ConnDriver

@@ -37,8 +37,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from nopf_web.delegated import Delegated
 from nopf_web.sockets import enable_fastopen_server
-from nopf_web.tunnel.delegated import Delegated
 
 from .book import NameplateBook
 from .conn_driver import ConnDriver, reset_connection

@@ -15,6 +15,7 @@ import socket
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
+from nopf_web.delegated import Delegated
 from nopf_web.errors import NopfError
 from nopf_web.guard.base import Guard, GuardStatus, NullGuard, Protection
 from nopf_web.punch.driver import PunchDriver
@@ -22,7 +23,6 @@ from nopf_web.punch.machine import PunchConfig, Tactic
 from nopf_web.rendezvous.client import Discovery, discover, probe_mapping, reach_rendezvous
 from nopf_web.roles import PeerRole
 from nopf_web.sockets import enable_keepalive, peek_nonblocking, tune_stream, wait_ready
-from nopf_web.tunnel.delegated import Delegated
 from nopf_web.tunnel.pipe import Counters, Pipe
 from nopf_web.wire.address import Endpoint
 

@@ -26,11 +26,11 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, Self
 
+from nopf_web.delegated import Delegated
 from nopf_web.roles import PeerRole
 from nopf_web.wire import frames as fr
 from nopf_web.wire.frames import ResetCode
 
-from .delegated import Delegated
 from .errors import PeerLost, StreamClosed, TunnelClosed, TunnelError
 from .mux_machine import (
     AUTO_WINDOW_BUDGET,

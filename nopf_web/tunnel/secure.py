@@ -19,9 +19,9 @@ import socket
 from collections import deque
 from collections.abc import Callable, Iterable
 
+from nopf_web.delegated import Delegated
 from nopf_web.roles import PeerRole
 
-from .delegated import Delegated
 from .errors import HandshakeError, TunnelError
 from .record_machine import (
     CONFIRM_SIZE,

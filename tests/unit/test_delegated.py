@@ -1,13 +1,19 @@
-"""The tunnel drivers' attributes read through to their machines (``Delegated``):
+"""The drivers' attributes read through to their machines or counters (``Delegated``):
 each names an attribute its holder really has, reads its value and cannot be set."""
 
 from __future__ import annotations
 
 import pytest
 
-from nopf_web.tunnel.delegated import Delegated
+from nopf_web.delegated import Delegated
+from nopf_web.rendezvous.doctor import DoctorResponder
+from nopf_web.rendezvous.doctor_machine import ResponderMachine
+from nopf_web.rendezvous.server import RendezvousServer
+from nopf_web.rendezvous.server_machine import ServerMachine
+from nopf_web.sessions.seed import SeedEngine
 from nopf_web.tunnel.mux import Mux, Stream
 from nopf_web.tunnel.mux_machine import MuxMachine, StreamState
+from nopf_web.tunnel.pipe import Counters
 from nopf_web.tunnel.record_machine import RecordMachine
 from nopf_web.tunnel.secure import SecureChannel
 
@@ -22,12 +28,15 @@ def delegated(cls: type) -> dict[str, Delegated[object]]:
     (Mux, MuxMachine(role="server", keepalive=7.0, dead_after=21.0, name="mux-x")),
     (Stream, StreamState(1, 65536)),
     (SecureChannel, RecordMachine.handshake("client", CODE)),
+    (RendezvousServer, ServerMachine()),
+    (DoctorResponder, ResponderMachine()),
+    (SeedEngine, Counters()),
 ])
 def test_every_delegated_attribute_exists_on_its_holder(driver: type, holder: object) -> None:
     attrs = delegated(driver)
     assert attrs, driver
     for name, attr in attrs.items():
-        assert attr.holder in ("_machine", "_state"), name
+        assert attr.holder in ("_machine", "_state", "counters"), name
         assert hasattr(holder, attr.attribute), f"{driver.__name__}.{name} -> {attr.attribute}"
 
 
