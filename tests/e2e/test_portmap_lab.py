@@ -193,8 +193,12 @@ def test_a_silent_gateway_gives_none_with_a_reason_per_protocol(lab: Lab) -> Non
     mapping, reasons, elapsed = lab.a1.run_async(main)
     assert mapping is None
     assert [r.split(":")[0] for r in reasons] == ["NAT-PMP", "PCP", "UPnP-IGD"]
-    assert reasons[0].startswith("NAT-PMP: no answer from 10.0.1.1 within 25")
-    assert reasons[1].startswith("PCP: no answer from 10.0.1.1 within 25")
+    # Each says how long it really waited: its 250 ms budget, a timer late under load
+    # (CI once saw 260 ms), never past the whole attempt's bound below.
+    for reason, name in zip(reasons, ("NAT-PMP", "PCP"), strict=False):
+        prefix = f"{name}: no answer from 10.0.1.1 within "
+        assert reason.startswith(prefix) and reason.endswith(" ms"), reason
+        assert 250 <= int(reason[len(prefix):-len(" ms")]) < 400, reason
     assert reasons[2].startswith("UPnP-IGD: no SSDP answer from 10.0.1.1 within 250 ms")
     assert elapsed < 0.4
 
