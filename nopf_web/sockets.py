@@ -170,6 +170,28 @@ def set_ttl(sock: socket.socket, ttl: int) -> None:
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
 
 
+# A reset nopf sends on purpose leaves with this TTL, which no kernel uses by default
+# (Linux and macOS 64, Windows 128): the packet guard, which drops every other RST of
+# the punch port, lets it pass (see nopf_web.guard.filters).
+RESET_TTL = 251
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close ``sock`` with an RST that the packet guard lets through (TTL ``RESET_TTL``).
+
+    The punch uses it for a half-open socket (SYN_RECV) whose handshake failed: the
+    RST ends our NAT's tracking of the pair, which would otherwise refuse every new
+    SYN of it for a minute, and frees the pair at once (a normal close would leave a
+    FIN_WAIT1 socket holding it while the guard drops its FINs)."""
+    try:
+        set_ttl(sock, RESET_TTL)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    except OSError:
+        pass  # closed anyway: a plain close is the most we can do
+    sock.close()
+
+
 # -- ICMP errors about our own low-TTL SYNs ----------------------------------
 #
 # IP_MINTTL (RFC 5082 GTSM): Linux applies it to ICMP errors too, checking the TTL

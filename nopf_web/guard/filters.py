@@ -9,7 +9,10 @@ address pair:
 - any segment with FIN and ACK set (a normal close).
 
 Everything else passes: SYN, SYN-ACK, data and bare ACKs on the same pair,
-and every segment of other ports or to other hosts.
+every segment of other ports or to other hosts, and the resets nopf sends on
+purpose, which leave with TTL :data:`~nopf_web.sockets.RESET_TTL` (the punch
+ends a failed half-open handshake so, to clear our NAT's tracking of the pair:
+see :func:`nopf_web.sockets.reset_close`).
 
 :func:`window_filter` builds the expression in the WinDivert filter language,
 which pydivert uses on both backends (WinDivert on Windows, eBPFDivert on
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+
+from nopf_web.sockets import RESET_TTL
 
 __all__ = [
     "CLOSE_FLAGS",
@@ -79,6 +84,7 @@ class Segment:
     ack: bool = False
     fin: bool = False
     rst: bool = False
+    ttl: int = 64  # the IPv4 header's
 
 
 def window_filter(rule: WindowRule) -> str:
@@ -91,6 +97,7 @@ def window_filter(rule: WindowRule) -> str:
         parts.append(f"ip.DstAddr == {host}")
         if port:
             parts.append(f"tcp.DstPort == {port}")
+    parts.append(f"ip.TTL != {RESET_TTL}")
     parts.append(CLOSE_FLAGS)
     return " and ".join(parts)
 
@@ -105,6 +112,8 @@ def window_drops(rule: WindowRule, seg: Segment) -> bool:
         host, port = rule.remote
         if seg.dst != host or (port and seg.dst_port != port):
             return False
+    if seg.ttl == RESET_TTL:
+        return False
     return seg.rst or (seg.fin and seg.ack)
 
 

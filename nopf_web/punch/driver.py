@@ -17,6 +17,7 @@ from nopf_web.sockets import (
     TCP_SYN_RECV,
     ignore_syn_errors,
     require_readiness,
+    reset_close,
     reusable_socket,
     set_ttl,
     start_connect,
@@ -91,7 +92,14 @@ class _Accepted:
     sock: socket.socket
 
 
-_Outcome = _Connected | _Failed | _Accepted
+@dataclass(frozen=True)
+class _Clipped:
+    """The peer's SYN came before the attempt's first-SYN TTL was restored."""
+
+    attempt: int
+
+
+_Outcome = _Connected | _Failed | _Accepted | _Clipped
 
 
 @dataclass
@@ -115,7 +123,8 @@ class PunchDriver:
     on_attempt: Callable[[int, int | None], None] | None = None
     # What came back to each attempt's SYN: (attempt, answer, detail), answer one of
     # "syn-ack", "rst", "icmp", "nothing" (replaced or given up silent), "accepted"
-    # (our listener took the peer: attempt 0), "other".
+    # (our listener took the peer: attempt 0), "clipped" (our SYN-ACK left with the
+    # arming TTL), "other".
     on_answer: Callable[[int, str, str], None] | None = None
     clock: Callable[[], float] = time.monotonic
     on_notice: Callable[[str], None] | None = None
@@ -184,6 +193,11 @@ class PunchDriver:
             if isinstance(outcome, _Connected):
                 self._answer(outcome.attempt, "syn-ack", "connected")
                 actions = machine.connected(outcome.attempt, self.clock())
+            elif isinstance(outcome, _Clipped):
+                actions = machine.clipped(outcome.attempt, self.clock())
+                if actions:
+                    self._answer(outcome.attempt, "clipped", "the peer's SYN came while the "
+                                 "first SYN's TTL was still set: our SYN-ACK expired")
             else:
                 self._answer(outcome.attempt, *answer_of(outcome.error))
                 actions = machine.failed(outcome.attempt, classify(outcome.error), self.clock())
@@ -234,6 +248,7 @@ class PunchDriver:
         sock = reusable_socket(*self.local)
         if self.on_attempt is not None:
             self.on_attempt(action.attempt, action.ttl)
+        clipped = False
         try:
             if action.ttl is not None:
                 set_ttl(sock, action.ttl)
@@ -246,6 +261,9 @@ class PunchDriver:
             if action.ttl is not None:
                 # Only the first SYN is short-lived; the SYN-ACK we may send must arrive.
                 set_ttl(sock, DEFAULT_TTL)
+                # Mid-handshake already: the peer's SYN came first, and was answered
+                # with the short TTL (the machine decides whether that matters).
+                clipped = tcp_state(sock) == TCP_SYN_RECV
         except OSError as exc:
             sock.close()
             # Reported through the queue, like any other failure.
@@ -255,6 +273,8 @@ class PunchDriver:
         task = self._tasks.create_task(self._attempt(action.attempt, sock),
                                        name=f"punch-attempt-{action.attempt}")
         self._attempts[action.attempt] = _Attempt(sock, task)
+        if clipped:
+            self._outcomes.put_nowait(_Clipped(action.attempt))
 
     def _answer(self, attempt: int, answer: str, detail: str) -> None:
         self._answered.add(attempt)
@@ -280,7 +300,12 @@ class PunchDriver:
             # Unregister before close so a reused fd number is never confused.
             asyncio.get_running_loop().remove_writer(attempt.sock.fileno())
         with contextlib.suppress(OSError):
-            attempt.sock.close()
+            if tcp_state(attempt.sock) == TCP_SYN_RECV:
+                # A failed half-open handshake: an RST the guard lets pass ends our
+                # NAT's tracking of it and frees the address pair (machine docstring).
+                reset_close(attempt.sock)
+            else:
+                attempt.sock.close()
 
 
 async def punch(

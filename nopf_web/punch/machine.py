@@ -67,6 +67,17 @@ would meet our listener, whose SYN-ACK carries a sequence number our NAT never
 saw and is dropped, while its half-open socket holds the address pair, or our
 kernel's RST), and ``CONNECT`` tries again ``first_retry_delay`` after a refused
 first shot, when ``ARM`` has surely armed, instead of ``retry_delay``.
+
+The arming TTL is restored right after the SYN leaves, but a peer's SYN that
+arrives in those microseconds (likeliest when both start at once on a path with
+no delay) is answered while it still holds: our SYN-ACK expires on the way. The
+peer's socket then gets no answer and is replaced before our kernel resends
+(1 s later), and our NAT, tracking a handshake in SYN_RECV, refuses every new
+SYN of the pair (ours and the peer's) for a minute. The driver notices (the
+socket is mid-handshake as the TTL is restored): the attempt is ``clipped``, its
+socket is closed with an RST that the guard lets pass (which ends our NAT's
+tracking) and ``ARM`` re-arms at once. Any half-open socket the machine abandons
+is closed that way too.
 """
 
 from __future__ import annotations
@@ -93,6 +104,9 @@ class Failure(enum.Enum):
     REFUSED = "refused"  # RST: ECONNREFUSED
     UNREACHABLE = "unreachable"  # ICMP unreachable / prohibited
     SILENT = "silent"  # replaced or timed out without any answer
+    # The peer's SYN reached the socket before its arming TTL was restored: our
+    # SYN-ACK left with that TTL and expired on the way (see the module docstring).
+    CLIPPED = "clipped"
     OTHER = "other"
 
 
@@ -189,6 +203,7 @@ class PunchMachine:
     _deadline: float = 0.0
     _current: int | None = None
     _current_started: float = 0.0
+    _current_ttl: int | None = None
     _next_fire: float | None = None
     _recheck: float | None = None
     rand: Callable[[], float] = field(default=random.random, repr=False)  # in [0, 1)
@@ -248,6 +263,20 @@ class PunchMachine:
         self._next_fire = now + self.config.retry_delay * (1 + jitter)
         return [Abandon(attempt)]
 
+    def clipped(self, attempt: int, now: float) -> list[PunchAction]:
+        """The peer's SYN reached ``attempt``'s socket while its first SYN's TTL was
+        still set (the driver saw the socket mid-handshake as it restored the TTL)."""
+        if self.done or attempt != self._current:
+            return []
+        if self._current_ttl is None or self._current_ttl != self.config.arm_ttl:
+            return []  # a first shot's TTL reaches the peer: its SYN-ACK does too
+        # Our SYN-ACK expired on the way, and the peer will have moved on by the
+        # kernel's retransmission (1 s): end the attempt (the driver resets a
+        # half-open socket, which clears our NAT's tracking) and re-arm at once.
+        self.outcomes[Failure.CLIPPED] += 1
+        self._current = None
+        return [Abandon(attempt), *self._fire(now)]
+
     def accepted(self, now: float) -> list[PunchAction]:
         """The listener on the punch port accepted the peer (a path without our NAT)."""
         if self.done:
@@ -283,6 +312,7 @@ class PunchMachine:
         ttl = self.config.arm_ttl if self.tactic is Tactic.ARM and self.config.arm_ttl else None
         if self.config.first_shot and self.attempts == 1:
             ttl = self.config.first_shot_ttl if self.tactic is Tactic.CONNECT else None
+        self._current_ttl = ttl
         return [StartAttempt(self.attempts, ttl)]
 
     def _give_up(self) -> list[PunchAction]:

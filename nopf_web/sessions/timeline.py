@@ -16,7 +16,7 @@ Kinds: ``start``, ``rendezvous`` (connected; ``rtt_ms``: its TCP handshake),
 ``prediction`` on the first), ``retry`` (a new coordination after a failed
 attempt), ``stage`` (a rung's path starts: ``path``, ``tactic``, ``budget_s``),
 ``syn`` (``attempt``, ``ttl``: null = the system's), ``answer`` (``attempt``,
-``answer``: ``syn-ack``, ``rst``, ``icmp``, ``nothing``, ``accepted``, ``other``;
+``answer``: ``syn-ack``, ``rst``, ``icmp``, ``nothing``, ``accepted``, ``clipped``, ``other``;
 ``detail``), ``stage_failed``, ``path`` (the tunnel's path; ``setup_ms``: from the start for a
 joiner, from its first fire for a sharer, whose wait for a peer is no setup),
 ``failed`` (why).
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 MAX_MARKS: Final = 400  # a 30 s punch sends ~60 SYNs per stage; keep the history row small
-ANSWERS: Final = ("syn-ack", "rst", "icmp", "nothing", "accepted", "other")
+ANSWERS: Final = ("syn-ack", "rst", "icmp", "nothing", "accepted", "clipped", "other")
 
 
 @dataclass(frozen=True)

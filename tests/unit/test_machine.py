@@ -224,6 +224,42 @@ _EVENT = st.tuples(st.sampled_from(["refused", "unreachable", "silent", "timer"]
                    st.floats(min_value=0.0, max_value=0.3))
 
 
+def test_a_clipped_arming_attempt_is_ended_and_rearmed_at_once() -> None:
+    m = machine(Tactic.ARM)
+    m.start(0.0)
+    # The peer's SYN came before the arming TTL was restored: our SYN-ACK expired.
+    assert m.clipped(1, 0.001) == [Abandon(1), StartAttempt(2, 2)]
+    assert m.outcomes[Failure.CLIPPED] == 1
+    assert m.wake_at == pytest.approx(0.801)  # the new arm's own re-arm time
+    assert m.clipped(1, 0.002) == []  # stale: attempt 1 is gone
+
+
+@pytest.mark.parametrize(("tactic", "cfg"), [
+    (Tactic.ARM, PunchConfig(timeout=10, arm_ttl=0)),  # full-TTL SYNs: the SYN-ACK arrives
+    (Tactic.ARM, PunchConfig(timeout=10, first_shot=True)),  # the first shot: full TTL
+    (Tactic.CONNECT, PunchConfig(timeout=10, first_shot=True)),  # TTL 32 reaches the peer
+])
+def test_only_an_arming_ttl_clips(tactic: Tactic, cfg: PunchConfig) -> None:
+    m = machine(tactic, cfg)
+    m.start(0.0)
+    assert m.clipped(1, 0.001) == []
+    assert m.outcomes[Failure.CLIPPED] == 0 and m.attempts == 1
+
+
+def test_a_clipped_rearm_after_the_first_shot_counts() -> None:
+    m = machine(Tactic.ARM, PunchConfig(timeout=10, first_shot=True, arm_ttl=2))
+    m.start(0.0)
+    assert m.timer(0.8) == [Abandon(1), StartAttempt(2, 2)]
+    assert m.clipped(2, 0.8001) == [Abandon(2), StartAttempt(3, 2)]
+
+
+def test_clipped_after_the_end_does_nothing() -> None:
+    m = machine(Tactic.ARM)
+    m.start(0.0)
+    assert m.connected(1, 0.1) == [Succeed(1)]
+    assert m.clipped(1, 0.2) == []
+
+
 @settings(max_examples=300, deadline=None)
 @given(tactic=st.sampled_from(list(Tactic)), arm_ttl=st.sampled_from([0, 2]),
        first_shot=st.booleans(), events=st.lists(_EVENT, max_size=40))
