@@ -19,11 +19,10 @@ import asyncio
 import contextlib
 import logging
 import socket
-import struct
 from collections.abc import Callable
 from typing import ClassVar
 
-from nopf_web.sockets import kernel_rtt, tcp_facts
+from nopf_web.sockets import LINGER_RESET, kernel_rtt, tcp_facts
 
 from .conn_events import (
     Accepted,
@@ -156,7 +155,7 @@ def reset_connection(sock: socket.socket | None, transport: asyncio.Transport | 
     """Drop a connection with RST: no FIN handshake, no TIME_WAIT, no buffered data."""
     if sock is not None:
         with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
     if transport is not None:
         transport.abort()
     elif sock is not None:

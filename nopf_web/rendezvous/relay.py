@@ -24,12 +24,12 @@ import contextlib
 import errno
 import os
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from nopf_web.sockets import LINGER_RESET
 from nopf_web.tunnel.pipe import copy_buffer, copy_method, copy_splice
 
 CHUNK = 1 << 20  # bytes per splice/recv at most
@@ -155,7 +155,7 @@ class RelayLink:
                 return
             for s in (self.a, self.b):
                 with contextlib.suppress(OSError):
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
 

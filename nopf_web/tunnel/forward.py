@@ -18,11 +18,10 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
-import struct
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
-from nopf_web.sockets import send_gathered, set_exclusive_address
+from nopf_web.sockets import LINGER_RESET, send_gathered, set_exclusive_address
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.frames import ResetCode
 
@@ -31,7 +30,6 @@ from .mux import Mux, Stream
 
 CONNECT_TIMEOUT = 5.0
 ACCEPT_BURST = 1024  # local connections taken from the accept queue per wake-up
-_LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _MAX_GATHER = 64  # buffers per sendmsg (the kernel allows 1024); more are joined
 # (Windows has no sendmsg: send_gathered joins them there.)
 
@@ -338,5 +336,5 @@ class _Local(asyncio.Protocol):
         sock = self.transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         self.transport.abort()
