@@ -20,13 +20,14 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from bench import pump_floor as pf
+from bench import buffer_cost, pump_floor as pf
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 8 << 20
@@ -200,8 +201,29 @@ def test_buffer_cost_measures_each_sender(tmp_path: Path) -> None:
     for row in rows.values():
         assert row["mb_s"] > 0
         assert row["user_s_per_gb"] + row["system_s_per_gb"] > 0
-    # Faults are counted: the tunnel without its mallopt takes tens of thousands per GB
-    # (freed 256 KiB reads go back to the kernel), a relay reusing one buffer a few thousand
-    # (64 MB runs: 36k-58k against 3.9k per GB).
-    faults = {name: row["minor_faults_per_gb"] for name, row in rows.items()}
-    assert faults["tunnel: glibc defaults"] > 3 * faults["floor: one reused buffer"], faults
+    # How many faults the tunnel takes without its mallopt depends on when glibc trims
+    # (36k-58k per GB in most 64 MB runs, none in one loaded run): the reading itself
+    # is checked below, on a process whose faults are known.
+
+
+def test_proc_stat_counts_a_processs_cpu_and_faults() -> None:
+    """The reading ``bench.buffer_cost`` takes: a child that touches 64 MiB of fresh
+    memory page by page and spins for 0.3 s shows at least that many faults and CPU."""
+    touch = ("import mmap, time\n"
+             "m = mmap.mmap(-1, 64 << 20)\n"
+             "for i in range(0, 64 << 20, 4096): m[i] = 1\n"
+             "end = time.process_time() + 0.3\n"
+             "while time.process_time() < end: pass\n"
+             "input()\n")
+    child = subprocess.Popen([sys.executable, "-c", touch], stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            user, system, faults = buffer_cost.proc_stat(child.pid)
+            if user + system >= 0.3 and faults >= (64 << 20) // 4096:
+                break
+            assert time.monotonic() < deadline, (user, system, faults)
+            time.sleep(0.05)
+    finally:
+        child.kill()
+        child.wait(5)
