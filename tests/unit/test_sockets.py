@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from nopf_web.sockets import ignore_syn_errors
+from nopf_web.sockets import ignore_syn_errors, reset_close
 
 IP_MINTTL = getattr(socket, "IP_MINTTL", 21)
 
@@ -25,3 +25,16 @@ def test_syn_errors_are_ignored_just_above_the_syn_ttl_and_then_no_more() -> Non
         assert sock.getsockopt(socket.IPPROTO_IP, IP_MINTTL) == 33
         assert ignore_syn_errors(sock, None)
         assert sock.getsockopt(socket.IPPROTO_IP, IP_MINTTL) == 0
+
+
+def test_reset_close_resets_the_peer() -> None:
+    """An abortive close: the peer's next read fails with ECONNRESET (no FIN, no EOF)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        ours = socket.create_connection(server.getsockname(), timeout=5)
+        theirs, _ = server.accept()
+        with theirs:
+            reset_close(ours)
+            assert ours.fileno() == -1
+            theirs.settimeout(5)
+            with pytest.raises(ConnectionResetError):
+                theirs.recv(1)
