@@ -65,11 +65,11 @@ def measure_rtt(lab: Lab) -> float:
     return median([handshake_rtt(lab.a1, RDV_ADDR), handshake_rtt(lab.b1, RDV_ADDR)])
 
 
-def first_byte(client: Host, port: int, service: socket.socket,
-               t0: float) -> tuple[float, float]:
+def first_byte(client: Host, port: int, service: socket.socket, t0: float,
+               wait: float = STEP_TIMEOUT) -> tuple[float, float]:
     """Seconds from ``t0`` until a byte written into ``client``'s local ``port`` reaches
     ``service``, and until that port accepted the app's connection (the app retries
-    while the program starts)."""
+    while the program starts); each wait ends after ``wait`` s."""
     errors: list[BaseException] = []
     listening: list[float] = []
 
@@ -82,22 +82,22 @@ def first_byte(client: Host, port: int, service: socket.socket,
                         listening.append(time.monotonic() - t0)
                         break
                     except ConnectionRefusedError:  # the program is still starting
-                        if time.monotonic() - t0 > STEP_TIMEOUT:
+                        if time.monotonic() - t0 > wait:
                             raise
                         time.sleep(0.005)
             sock.sendall(b"!")
-            sock.settimeout(STEP_TIMEOUT)
+            sock.settimeout(wait)
             with sock:
                 sock.recv(1)  # held open until the tunnel closes it
         except OSError as exc:
             errors.append(exc)
 
     threading.Thread(target=app, daemon=True).start()
-    service.settimeout(STEP_TIMEOUT)
+    service.settimeout(wait)
     try:
         conn, _ = service.accept()
         with conn:
-            conn.settimeout(STEP_TIMEOUT)
+            conn.settimeout(wait)
             if conn.recv(1) != b"!":
                 raise RuntimeError("the service got something other than the app's byte")
             through = time.monotonic() - t0
@@ -105,7 +105,7 @@ def first_byte(client: Host, port: int, service: socket.socket,
                 raise RuntimeError("the byte arrived before the app saw its connection accepted")
             return through, listening[0]
     except TimeoutError:
-        raise RuntimeError(f"no byte through within {STEP_TIMEOUT:g} s "
+        raise RuntimeError(f"no byte through within {wait:g} s "
                            f"(app: {errors[0] if errors else 'connected'})") from None
 
 
