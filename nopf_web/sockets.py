@@ -170,22 +170,29 @@ def set_ttl(sock: socket.socket, ttl: int) -> None:
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
 
 
-# A reset nopf sends on purpose leaves with this TTL, which no kernel uses by default
-# (Linux and macOS 64, Windows 128): the packet guard, which drops every other RST of
-# the punch port, lets it pass (see nopf_web.guard.filters).
-RESET_TTL = 251
+# A reset nopf sends on purpose is marked with this TOS byte (DSCP 1, "lower effort",
+# RFC 8622; no connection of the punch port uses it otherwise): the packet guard,
+# which drops every other RST of the punch port, lets it pass (nopf_web.guard.filters).
+RESET_TOS = 0x04
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
-def reset_close(sock: socket.socket) -> None:
-    """Close ``sock`` with an RST that the packet guard lets through (TTL ``RESET_TTL``).
+def reset_close(sock: socket.socket, ttl: int | None = None) -> None:
+    """Close ``sock`` with an RST that the packet guard lets through (``RESET_TOS``),
+    sent with TTL ``ttl`` (None: the system's).
 
-    The punch uses it for a half-open socket (SYN_RECV) whose handshake failed: the
-    RST ends our NAT's tracking of the pair, which would otherwise refuse every new
-    SYN of it for a minute, and frees the pair at once (a normal close would leave a
-    FIN_WAIT1 socket holding it while the guard drops its FINs)."""
+    The punch uses it for a half-open socket (SYN_RECV) whose handshake failed, with
+    the arming TTL: the RST ends our NAT's tracking of the pair, which would otherwise
+    refuse every new SYN of it for a minute, and expires before the peer's NAT, so the
+    peer's current socket never sees it (Linux answers an RST acking an older SYN by
+    resending its SYN at once, which would meet our next socket late). It also frees
+    the pair at once: a normal close would leave a FIN_WAIT1 socket holding it while
+    the guard drops its FINs."""
     try:
-        set_ttl(sock, RESET_TTL)
+        if sock.family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, RESET_TOS)
+        if ttl is not None:
+            set_ttl(sock, ttl)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
     except OSError:
         pass  # closed anyway: a plain close is the most we can do

@@ -178,7 +178,7 @@ def _segment(packet: Any) -> Segment | None:
         dst=str(packet.dst_addr), dst_port=int(packet.dst_port),
         outbound=bool(packet.is_outbound),
         syn=bool(tcp.syn), ack=bool(tcp.ack), fin=bool(tcp.fin), rst=bool(tcp.rst),
-        ttl=int(packet.ipv4.ttl),
+        tos=int(packet.ipv4.tos),
     )
 
 

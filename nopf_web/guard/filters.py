@@ -10,7 +10,7 @@ address pair:
 
 Everything else passes: SYN, SYN-ACK, data and bare ACKs on the same pair,
 every segment of other ports or to other hosts, and the resets nopf sends on
-purpose, which leave with TTL :data:`~nopf_web.sockets.RESET_TTL` (the punch
+purpose, marked with the TOS byte :data:`~nopf_web.sockets.RESET_TOS` (the punch
 ends a failed half-open handshake so, to clear our NAT's tracking of the pair:
 see :func:`nopf_web.sockets.reset_close`).
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from nopf_web.sockets import RESET_TTL
+from nopf_web.sockets import RESET_TOS
 
 __all__ = [
     "CLOSE_FLAGS",
@@ -84,7 +84,7 @@ class Segment:
     ack: bool = False
     fin: bool = False
     rst: bool = False
-    ttl: int = 64  # the IPv4 header's
+    tos: int = 0  # the IPv4 header's TOS byte (DSCP and ECN)
 
 
 def window_filter(rule: WindowRule) -> str:
@@ -97,7 +97,7 @@ def window_filter(rule: WindowRule) -> str:
         parts.append(f"ip.DstAddr == {host}")
         if port:
             parts.append(f"tcp.DstPort == {port}")
-    parts.append(f"ip.TTL != {RESET_TTL}")
+    parts.append(f"ip.TOS != {RESET_TOS}")
     parts.append(CLOSE_FLAGS)
     return " and ".join(parts)
 
@@ -112,7 +112,7 @@ def window_drops(rule: WindowRule, seg: Segment) -> bool:
         host, port = rule.remote
         if seg.dst != host or (port and seg.dst_port != port):
             return False
-    if seg.ttl == RESET_TTL:
+    if seg.tos == RESET_TOS:
         return False
     return seg.rst or (seg.fin and seg.ack)
 

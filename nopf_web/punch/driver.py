@@ -195,9 +195,6 @@ class PunchDriver:
                 actions = machine.connected(outcome.attempt, self.clock())
             elif isinstance(outcome, _Clipped):
                 actions = machine.clipped(outcome.attempt, self.clock())
-                if actions:
-                    self._answer(outcome.attempt, "clipped", "the peer's SYN came while the "
-                                 "first SYN's TTL was still set: our SYN-ACK expired")
             else:
                 self._answer(outcome.attempt, *answer_of(outcome.error))
                 actions = machine.failed(outcome.attempt, classify(outcome.error), self.clock())
@@ -233,7 +230,11 @@ class PunchDriver:
                 self._fire(machine, action)
             elif isinstance(action, Abandon):
                 if action.attempt in self._attempts and action.attempt not in self._answered:
-                    self._answer(action.attempt, "nothing", "no answer in time")
+                    if action.clipped:
+                        self._answer(action.attempt, "clipped", "the peer's SYN came as the "
+                                     "first SYN's TTL was restored; no ACK followed our SYN-ACK")
+                    else:
+                        self._answer(action.attempt, "nothing", "no answer in time")
                 self._abandon(action.attempt)
             elif isinstance(action, Succeed) and action.attempt != ACCEPTED:
                 attempt = self._attempts.pop(action.attempt)
@@ -301,9 +302,10 @@ class PunchDriver:
             asyncio.get_running_loop().remove_writer(attempt.sock.fileno())
         with contextlib.suppress(OSError):
             if tcp_state(attempt.sock) == TCP_SYN_RECV:
-                # A failed half-open handshake: an RST the guard lets pass ends our
-                # NAT's tracking of it and frees the address pair (machine docstring).
-                reset_close(attempt.sock)
+                # A failed half-open handshake: an RST the guard lets pass, as far as
+                # the arming SYN goes, ends our NAT's tracking of it and frees the
+                # address pair (machine docstring).
+                reset_close(attempt.sock, self.config.arm_ttl or None)
             else:
                 attempt.sock.close()
 

@@ -73,11 +73,13 @@ arrives in those microseconds (likeliest when both start at once on a path with
 no delay) is answered while it still holds: our SYN-ACK expires on the way. The
 peer's socket then gets no answer and is replaced before our kernel resends
 (1 s later), and our NAT, tracking a handshake in SYN_RECV, refuses every new
-SYN of the pair (ours and the peer's) for a minute. The driver notices (the
-socket is mid-handshake as the TTL is restored): the attempt is ``clipped``, its
-socket is closed with an RST that the guard lets pass (which ends our NAT's
-tracking) and ``ARM`` re-arms at once. Any half-open socket the machine abandons
-is closed that way too.
+SYN of the pair (ours and the peer's) for a minute. The driver sees the
+socket mid-handshake as it restores the TTL (the attempt may be ``clipped``; or the
+peer's SYN came just after the restore, and the SYN-ACK left at full TTL: the
+driver cannot tell which). Unless the handshake completes within ``clip_grace``,
+the socket is closed with an RST that the guard lets pass, sent with the arming
+TTL (it ends our NAT's tracking and goes no further), and ``ARM`` re-arms before
+the peer's next SYN. Any half-open socket the machine abandons is closed that way.
 """
 
 from __future__ import annotations
@@ -134,6 +136,11 @@ class PunchConfig:
     # peer fires a few ms after us (the rendezvous' FIRE_MARGIN), and at a round trip
     # shorter than that our first shot arrives before the peer's NAT has opened.
     first_retry_delay: float = 0.03
+    # An arming socket already mid-handshake as its TTL was restored ("clipped") gets
+    # this long to complete: its SYN-ACK may have left after the restore, at full TTL.
+    # Still half-open then, its SYN-ACK expired: it is reset and ARM re-arms, before
+    # the peer's next SYN (connect_interval after the one that met it).
+    clip_grace: float = 0.3
 
     def __post_init__(self) -> None:
         if self.timeout <= 0:
@@ -144,6 +151,8 @@ class PunchConfig:
             raise ValueError("first shot TTL must be 2-254")
         if self.first_retry_delay < 0:
             raise ValueError("first retry delay must be >= 0")
+        if self.clip_grace <= 0:
+            raise ValueError("clip grace must be positive")
 
 
 class PunchTimeout(NopfError):
@@ -170,9 +179,12 @@ class StartAttempt:
 
 @dataclass(frozen=True)
 class Abandon:
-    """Close this attempt's socket (a SYN_SENT socket closes without a packet)."""
+    """Close this attempt's socket (a SYN_SENT socket closes without a packet; a
+    half-open one with an RST the guard lets pass). ``clipped``: its SYN-ACK expired
+    with the arming TTL (see :meth:`PunchMachine.clipped`)."""
 
     attempt: int
+    clipped: bool = False
 
 
 @dataclass(frozen=True)
@@ -206,6 +218,7 @@ class PunchMachine:
     _current_ttl: int | None = None
     _next_fire: float | None = None
     _recheck: float | None = None
+    _suspect: bool = False  # the current socket was mid-handshake as its TTL was restored
     rand: Callable[[], float] = field(default=random.random, repr=False)  # in [0, 1)
 
     def start(self, now: float) -> list[PunchAction]:
@@ -233,6 +246,14 @@ class PunchMachine:
         if self._current is not None:
             if now < (self._recheck or self._current_started + self._interval):
                 return []
+            if self._suspect:
+                self._suspect = False
+                self._recheck = None
+                if handshaking:  # no ACK in clip_grace: our SYN-ACK expired
+                    self.outcomes[Failure.CLIPPED] += 1
+                    return [Abandon(self._current, clipped=True), *self._fire(now)]
+                if now < self._current_started + self._interval:
+                    return []  # back to its own schedule
             overdue = now - (self._current_started + self._interval)
             if handshaking and overdue < self.config.handshake_limit:
                 # The peer's SYN reached our socket: let the handshake finish.
@@ -264,18 +285,18 @@ class PunchMachine:
         return [Abandon(attempt)]
 
     def clipped(self, attempt: int, now: float) -> list[PunchAction]:
-        """The peer's SYN reached ``attempt``'s socket while its first SYN's TTL was
-        still set (the driver saw the socket mid-handshake as it restored the TTL)."""
+        """``attempt``'s socket was mid-handshake when the driver restored its TTL: the
+        peer's SYN came around then, and our SYN-ACK may have left with the short TTL."""
         if self.done or attempt != self._current:
             return []
         if self._current_ttl is None or self._current_ttl != self.config.arm_ttl:
             return []  # a first shot's TTL reaches the peer: its SYN-ACK does too
-        # Our SYN-ACK expired on the way, and the peer will have moved on by the
-        # kernel's retransmission (1 s): end the attempt (the driver resets a
-        # half-open socket, which clears our NAT's tracking) and re-arm at once.
-        self.outcomes[Failure.CLIPPED] += 1
-        self._current = None
-        return [Abandon(attempt), *self._fire(now)]
+        # If it did, the peer's socket will be gone by the kernel's retransmission (1 s):
+        # unless the handshake completes within clip_grace, the attempt ends (the driver
+        # resets a half-open socket, which clears our NAT's tracking) and ARM re-arms.
+        self._suspect = True
+        self._recheck = now + self.config.clip_grace
+        return []
 
     def accepted(self, now: float) -> list[PunchAction]:
         """The listener on the punch port accepted the peer (a path without our NAT)."""
@@ -309,6 +330,7 @@ class PunchMachine:
         self._current_started = now
         self._next_fire = None
         self._recheck = None
+        self._suspect = False
         ttl = self.config.arm_ttl if self.tactic is Tactic.ARM and self.config.arm_ttl else None
         if self.config.first_shot and self.attempts == 1:
             ttl = self.config.first_shot_ttl if self.tactic is Tactic.CONNECT else None

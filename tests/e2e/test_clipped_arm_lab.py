@@ -10,10 +10,12 @@ every new SYN of it (the peer's, and ours: invalid), and the abandoned socket
 lingered in FIN_WAIT1 (its FIN dropped by the guard) holding the pair, so every
 re-arm failed with EADDRNOTAVAIL.
 
-To hit the window every time, the test holds the server's thread for 0.65 s right
-after its first arming ``connect()`` (longer than the client's 0.5 s between SYNs,
-so one of them surely arrives meanwhile); everything else is real: nopf's punch
-driver on both sides, the pydivert guard on both, drop NATs, no delay.
+To hit a window every time, the test holds the server's thread right after its
+first arming ``connect()`` for 0.65 s (longer than the client's 0.5 s between
+SYNs, so one of them surely arrives meanwhile), or right after restoring its TTL
+until a SYN has arrived;
+everything else is real: nopf's punch driver on both sides, the pydivert guard on
+both, drop NATs, no delay.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ import pytest
 
 from nopf_web.punch import driver
 from nopf_web.punch.machine import PunchConfig, Tactic
-from nopf_web.sockets import RESET_TTL, start_connect
+from nopf_web.sockets import (
+    DEFAULT_TTL,
+    RESET_TOS,
+    TCP_SYN_RECV,
+    set_ttl,
+    start_connect,
+    tcp_state,
+)
 from tests.e2e.guard_harness import NatCounters, Side, close_rules, punch_pair, rendezvous
 from tests.lab.fixtures import LabFactory
 
@@ -35,22 +44,49 @@ pytestmark = pytest.mark.lab
 ARM_TTL = PunchConfig().arm_ttl
 
 
-def test_a_synack_clipped_by_the_arming_ttl_recovers_with_one_reset(
-        lab_factory: LabFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    lab = lab_factory("drop", "drop")
+@pytest.mark.parametrize(("hold", "resets"), [("before", 1), ("after", 0)])
+def test_a_peer_syn_around_the_ttl_restore_connects(
+        lab_factory: LabFactory, monkeypatch: pytest.MonkeyPatch, hold: str,
+        resets: int) -> None:
+    """``before``: the peer's SYN meets the arming socket before its TTL is restored,
+    so our SYN-ACK expires: after clip_grace the socket is reset (the one RST a1
+    sends, marked, past its guard, with the arming TTL) and a re-arm connects. ``after``:
+    it comes between the restore and the driver's look at the socket, so the
+    SYN-ACK leaves at full TTL and the driver cannot tell the two apart: the
+    handshake completes within the grace, and nothing is reset (an immediate reset
+    would kill the connection the peer already has)."""
+    # 25 ms a hop: the peer's ACK comes ~50 ms after our SYN-ACK, well within the grace.
+    lab = lab_factory("drop", "drop", delay_ms=25)
     held = threading.Event()
 
     def start_then_hold(sock: socket.socket, addr: tuple[str, int]) -> None:
         start_connect(sock, addr)
-        if sock.getsockopt(socket.IPPROTO_IP, socket.IP_TTL) == ARM_TTL and not held.is_set():
-            held.set()  # only the server's first arm: its TTL is still the arming one
+        ttl = sock.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)
+        if ttl == ARM_TTL and not held.is_set():  # only the server's first arm
+            held.set()
             time.sleep(0.65)
 
-    monkeypatch.setattr(driver, "start_connect", start_then_hold)
+    def restore_then_hold(sock: socket.socket, ttl: int) -> None:
+        set_ttl(sock, ttl)
+        if ttl == DEFAULT_TTL and not held.is_set():  # the first arm's TTL just restored
+            held.set()
+            # Until the peer's SYN arrives (its next comes within 0.5 s): the SYN-ACK
+            # leaves at full TTL, and the driver then finds the socket mid-handshake.
+            deadline = time.monotonic() + 2
+            while tcp_state(sock) != TCP_SYN_RECV and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert tcp_state(sock) == TCP_SYN_RECV
+
+    if hold == "before":
+        monkeypatch.setattr(driver, "start_connect", start_then_hold)
+    else:
+        monkeypatch.setattr(driver, "set_ttl", restore_then_hold)
     config = PunchConfig(timeout=8)
-    # Counted where a1's and b1's packets enter their NATs: what left each host (the
-    # forward hook sees the TTL already decremented by the NAT).
-    reset = f"ip saddr {lab.a1.ip} ip ttl {RESET_TTL - 1} tcp flags & rst == rst"
+    # Counted where a1's and b1's packets enter their NATs: what left each host. The
+    # reset is marked, and sent with the arming TTL (the forward hook sees it already
+    # decremented by the NAT): it dies at the next router, never reaching b's NAT.
+    reset = (f"ip saddr {lab.a1.ip} ip dscp {RESET_TOS >> 2} ip ttl {ARM_TTL - 1} "
+             "tcp flags & rst == rst")
     with rendezvous(lab.rdv) as rdv, \
             NatCounters(lab.nata, close_rules(lab.a1.ip, not_dst=lab.rdv.ip)
                         | {"reset": reset}) as ca, \
@@ -63,7 +99,6 @@ def test_a_synack_clipped_by_the_arming_ttl_recovers_with_one_reset(
     for side in (result.server, result.client):
         assert side.guarded, side.guard_error
         assert side.ok and side.echoed, (side.error, side.outcomes)
-    # The clipped attempt's socket was reset with the marked TTL, which the guard let
-    # pass (the one RST a1 sent the peer); every other RST stayed behind both guards.
-    assert a["reset"] == 1 and a["rst"] == 1, a
+    # Every other RST stayed behind both guards.
+    assert a["reset"] == a["rst"] == resets, a
     assert b["rst"] == 0, b

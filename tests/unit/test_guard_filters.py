@@ -19,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 from nopf_web.guard import NullGuard, guard_status
 from nopf_web.guard.divert import compile_error, filter_matches
 from nopf_web.guard.filters import Segment, WindowRule, describe, window_drops, window_filter
-from nopf_web.sockets import RESET_TTL
+from nopf_web.sockets import RESET_TOS
 
 # The filter compiler and evaluator are pydivert's backends' (libebpfdivert on Linux,
 # WinDivert.dll on Windows): macOS has neither.
@@ -36,7 +36,7 @@ def tcp_packet(seg: Segment, payload: bytes = b"") -> bytes:
     tcp = struct.pack("!HHIIBBHHH", seg.src_port, seg.dst_port, 1000, 2000 if seg.ack else 0,
                       5 << 4, flags, 64240, 0, 0) + payload
     total = 20 + len(tcp)
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 1, 0, seg.ttl, socket.IPPROTO_TCP, 0,
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, seg.tos, total, 1, 0, 64, socket.IPPROTO_TCP, 0,
                      socket.inet_aton(seg.src), socket.inet_aton(seg.dst))
     return ip + tcp
 
@@ -62,7 +62,7 @@ def seg(**kw: object) -> Segment:
 def test_window_filter_text() -> None:
     assert window_filter(RULE) == (
         "outbound and tcp and tcp.SrcPort == 40000 and ip.DstAddr == 192.0.2.2 and "
-        "tcp.DstPort == 40001 and ip.TTL != 251 and (tcp.Rst or (tcp.Fin and tcp.Ack))"
+        "tcp.DstPort == 40001 and ip.TOS != 4 and (tcp.Rst or (tcp.Fin and tcp.Ack))"
     )
 
 
@@ -114,9 +114,10 @@ def test_real_compiler_rejects_garbage() -> None:
     ("inbound RST from the peer", seg(rst=True, src="192.0.2.2", src_port=40001,
                                       dst="10.0.1.2", dst_port=40000, outbound=False), False),
     ("inbound RST with our tuple", seg(rst=True, outbound=False), False),
-    ("RST sent on purpose (reset_close's TTL)", seg(rst=True, ack=True, ttl=RESET_TTL), False),
-    ("RST with Windows' default TTL", seg(rst=True, ttl=128), True),
-    ("RST with a TTL beside the marker", seg(rst=True, ttl=RESET_TTL - 1), True),
+    ("RST sent on purpose (reset_close's TOS)", seg(rst=True, ack=True, tos=RESET_TOS), False),
+    ("RST with another TOS", seg(rst=True, tos=0x10), True),
+    ("RST with the marker's DSCP and ECN bits", seg(rst=True, tos=RESET_TOS | 1), True),
+    ("FIN+ACK marked like a deliberate reset", seg(fin=True, ack=True, tos=RESET_TOS), False),
 ])
 def test_window_matches_exactly_the_closing_segments(what: str, segment: Segment,
                                                      dropped: bool) -> None:
@@ -164,7 +165,7 @@ def segments(draw: st.DrawFn) -> Segment:
     return Segment(src=draw(HOSTS), src_port=draw(PORTS), dst=draw(HOSTS), dst_port=draw(PORTS),
                    outbound=draw(st.booleans()), syn=draw(st.booleans()), ack=draw(st.booleans()),
                    fin=draw(st.booleans()), rst=draw(st.booleans()),
-                   ttl=draw(st.sampled_from([1, 64, 128, RESET_TTL, 255])))
+                   tos=draw(st.sampled_from([0, 1, RESET_TOS, RESET_TOS | 2, 0xb8])))
 
 
 @st.composite

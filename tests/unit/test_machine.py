@@ -224,14 +224,44 @@ _EVENT = st.tuples(st.sampled_from(["refused", "unreachable", "silent", "timer"]
                    st.floats(min_value=0.0, max_value=0.3))
 
 
-def test_a_clipped_arming_attempt_is_ended_and_rearmed_at_once() -> None:
+def test_a_clipped_arming_attempt_gets_a_grace_then_is_reset_and_rearmed() -> None:
     m = machine(Tactic.ARM)
     m.start(0.0)
-    # The peer's SYN came before the arming TTL was restored: our SYN-ACK expired.
-    assert m.clipped(1, 0.001) == [Abandon(1), StartAttempt(2, 2)]
+    # Mid-handshake as the arming TTL was restored: our SYN-ACK may have expired.
+    assert m.clipped(1, 0.001) == []
+    assert m.wake_at == pytest.approx(0.301)  # clip_grace (0.3 s)
+    assert m.timer(0.2, handshaking=True) == []
+    # Still half-open after the grace: no ACK came, the SYN-ACK expired.
+    assert m.timer(0.301, handshaking=True) == [Abandon(1, clipped=True), StartAttempt(2, 2)]
     assert m.outcomes[Failure.CLIPPED] == 1
-    assert m.wake_at == pytest.approx(0.801)  # the new arm's own re-arm time
-    assert m.clipped(1, 0.002) == []  # stale: attempt 1 is gone
+    assert m.wake_at == pytest.approx(1.101)  # the new arm's own re-arm time
+    assert m.clipped(1, 0.4) == []  # stale: attempt 1 is gone
+
+
+def test_a_clipped_suspect_that_completes_is_a_success() -> None:
+    m = machine(Tactic.ARM)
+    m.start(0.0)
+    assert m.clipped(1, 0.001) == []
+    # The SYN-ACK had left after the restore, at full TTL: the ACK came back.
+    assert m.connected(1, 0.002) == [Succeed(1)]
+    assert m.outcomes[Failure.CLIPPED] == 0 and m.wake_at is None
+
+
+def test_a_clipped_suspect_no_longer_mid_handshake_keeps_its_schedule() -> None:
+    m = machine(Tactic.ARM)
+    m.start(0.0)
+    assert m.clipped(1, 0.001) == []
+    # At the grace's end the socket is not half-open (its outcome is on its way):
+    # nothing happens until its own re-arm time.
+    assert m.timer(0.301, handshaking=False) == []
+    assert m.wake_at == pytest.approx(0.8)
+    assert m.timer(0.8) == [Abandon(1), StartAttempt(2, 2)]
+    assert m.outcomes[Failure.CLIPPED] == 0
+
+
+def test_clip_grace_is_checked() -> None:
+    with pytest.raises(ValueError, match="clip grace"):
+        PunchConfig(clip_grace=0)
 
 
 @pytest.mark.parametrize(("tactic", "cfg"), [
@@ -250,7 +280,8 @@ def test_a_clipped_rearm_after_the_first_shot_counts() -> None:
     m = machine(Tactic.ARM, PunchConfig(timeout=10, first_shot=True, arm_ttl=2))
     m.start(0.0)
     assert m.timer(0.8) == [Abandon(1), StartAttempt(2, 2)]
-    assert m.clipped(2, 0.8001) == [Abandon(2), StartAttempt(3, 2)]
+    assert m.clipped(2, 0.8001) == []
+    assert m.timer(1.1001, handshaking=True) == [Abandon(2, clipped=True), StartAttempt(3, 2)]
 
 
 def test_clipped_after_the_end_does_nothing() -> None:

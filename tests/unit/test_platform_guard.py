@@ -80,7 +80,7 @@ async def test_the_filters_the_guard_opens_are_valid_windivert_filters(
     discovery_filter, punch_filter = RecordingHandle.opened
     assert punch_filter == (
         "outbound and tcp and tcp.SrcPort == 40000 and ip.DstAddr == 192.0.2.2 and "
-        "tcp.DstPort == 40001 and ip.TTL != 251 and (tcp.Rst or (tcp.Fin and tcp.Ack))")
+        "tcp.DstPort == 40001 and ip.TOS != 4 and (tcp.Rst or (tcp.Fin and tcp.Ack))")
     for expr in (discovery_filter, punch_filter):
         assert compile_error(expr) is None, expr
     me = ("10.0.1.2", PUNCH_PORT)

@@ -27,13 +27,14 @@ def test_syn_errors_are_ignored_just_above_the_syn_ttl_and_then_no_more() -> Non
         assert sock.getsockopt(socket.IPPROTO_IP, IP_MINTTL) == 0
 
 
-def test_reset_close_resets_the_peer() -> None:
+@pytest.mark.parametrize("ttl", [None, 2])
+def test_reset_close_resets_the_peer(ttl: int | None) -> None:
     """An abortive close: the peer's next read fails with ECONNRESET (no FIN, no EOF)."""
     with socket.create_server(("127.0.0.1", 0)) as server:
         ours = socket.create_connection(server.getsockname(), timeout=5)
         theirs, _ = server.accept()
         with theirs:
-            reset_close(ours)
+            reset_close(ours, ttl)
             assert ours.fileno() == -1
             theirs.settimeout(5)
             with pytest.raises(ConnectionResetError):
