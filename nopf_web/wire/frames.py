@@ -303,6 +303,23 @@ class FrameDecoder:
             self._error = exc
             raise
 
+    def whole_data(self, data: bytes | memoryview) -> tuple[int, memoryview] | None:
+        """``data`` as one valid DATA frame's (stream id, payload view), if it is
+        exactly that, nothing is pending and it is ``bytes`` or a view of ``bytes``
+        (a bulk sender's every record); else None, and nothing was consumed:
+        :meth:`feed` it. Saves the frame list and tuple per record."""
+        n = len(data) - HEADER_SIZE
+        if n <= 0 or self._buf or self._error is not None:
+            return None
+        kind, stream_id, length = HEADER.unpack_from(data)
+        if kind != _DATA_KIND or length != n or n > MAX_PAYLOAD or stream_id == 0:
+            return None
+        if type(data) is bytes:
+            return stream_id, memoryview(data)[HEADER_SIZE:]
+        if type(data) is memoryview and type(data.obj) is bytes:
+            return stream_id, data[HEADER_SIZE:]
+        return None
+
     def _feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         # Parse straight from the caller's bytes when nothing is pending (the
         # usual case: writers put whole frames in a record), so only the tail of
