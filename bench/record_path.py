@@ -58,7 +58,7 @@ class End:
     # -- sending (Stream.feed, then Mux._flush in the next loop iteration) -----
 
     def feed(self, stream_id: int, data: bytes, now: float) -> None:
-        self.mux.send(stream_id, data)
+        self.mux.send(stream_id, data, eager=True)  # as Stream.feed
         self.flush(now)
 
     def flush(self, now: float) -> None:

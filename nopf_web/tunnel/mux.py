@@ -208,18 +208,14 @@ class Stream:
         feeding until ``on_writable`` is called (once)."""
         if self._error is not None:
             raise self._error
-        more = self._machine.send(self.stream_id, data)
+        # Eager unless a flush waits for the channel to drain: the flush in the next
+        # loop iteration sends all the stream has before the next read (a second
+        # read before that flush waits).
+        mux = self._mux
+        more = self._machine.send(self.stream_id, data, eager=not mux._draining)
         if data:
-            self._mux._kick()
+            mux._kick()
         if more:
-            return True
-        state = self._state
-        if state.out_size - len(data) < STREAM_SEND_BUFFER and state.credit >= state.out_size \
-                and not self._mux._draining:
-            # This read alone reached the limit (a bulk sender's every 256 KiB read
-            # does) and the flush in the next loop iteration sends all of it: no
-            # pause. Pausing and resuming the local reads cost two epoll_ctl calls
-            # and their handles per record. A second read before that flush waits.
             return True
         self._on_writable = on_writable
         return False

@@ -141,7 +141,7 @@ class StreamState:
 
     __slots__ = ("bytes_in", "bytes_out", "credit", "failed", "fin_pending", "fin_sent", "out",
                  "out_size", "pending", "queued", "recv_window", "remote_fin", "stream_id",
-                 "unacked", "window")
+                 "unacked", "waiting", "window")
 
     def __init__(self, stream_id: int, window: int) -> None:
         self.stream_id = stream_id
@@ -160,6 +160,7 @@ class StreamState:
         self.fin_pending = False
         self.fin_sent = False
         self.queued = False  # in the round-robin queue
+        self.waiting = False  # send() said to wait: StreamWritable once below the limit
         self.failed = False
 
     def __repr__(self) -> str:
@@ -334,19 +335,32 @@ class MuxMachine:
         self._open_window(stream)
         return stream_id
 
-    def send(self, stream_id: int, data: Buffer) -> bool:
+    def send(self, stream_id: int, data: Buffer, *, eager: bool = False) -> bool:
         """Queue ``data``; False when the stream has ``STREAM_SEND_BUFFER`` or more
         queued: the sender waits for :class:`StreamWritable`. The machine keeps
-        ``bytes`` as given (no copy); other buffers are copied."""
+        ``bytes`` as given (no copy); other buffers are copied.
+
+        ``eager``: the caller sends all it can before it sends more (it flushes
+        first), so a ``data`` that alone took the queue to the limit, on a stream
+        with the credit to send all that is queued, needs no wait: True, and no
+        StreamWritable (a bulk sender's every 256 KiB read is such a ``data``;
+        waiting and resuming cost it an event and two epoll_ctl calls a record)."""
         stream = self._streams.get(stream_id)
         if stream is None or stream.fin_pending:
             raise StreamClosed(f"stream {stream_id}: write after write_eof()")
-        if data:
+        n = len(data)
+        if n:
             view = memoryview(data if type(data) is bytes else bytes(data))
             stream.out.append(view)
-            stream.out_size += len(view)
+            stream.out_size += n
             self._schedule(stream)
-        return stream.out_size < STREAM_SEND_BUFFER
+        queued = stream.out_size
+        if queued < STREAM_SEND_BUFFER:
+            return True
+        if eager and queued - n < STREAM_SEND_BUFFER and stream.credit >= queued:
+            return True
+        stream.waiting = True
+        return False
 
     def writable(self, stream_id: int) -> bool:
         """Below ``STREAM_SEND_BUFFER`` queued (True for a stream that ended)."""
@@ -548,7 +562,8 @@ class MuxMachine:
                 stream.bytes_out += n
                 self.bytes_out += n
                 size += fr.HEADER_SIZE + n
-                if queued >= STREAM_SEND_BUFFER > stream.out_size:
+                if stream.waiting and stream.out_size < STREAM_SEND_BUFFER:
+                    stream.waiting = False
                     events.append(StreamWritable(stream.stream_id))
             if not stream.out_size and stream.fin_pending and not stream.fin_sent:
                 parts.append(fr.encode_fin(stream.stream_id))
