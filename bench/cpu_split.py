@@ -77,6 +77,19 @@ def main(argv: list[str] | None = None) -> None:
             cells = [f"{statistics.median(v[i] for v in per_gb[name][e]):.2f}"
                      for e in ENDS for i in (0, 1)]
             print(f"| {name} | " + " | ".join(cells) + " |")
+        # Same-round ratios to the first path (rounds alternate, so a round's
+        # load weighs on both): steadier than a ratio of medians on a busy machine.
+        for name in names[1:]:
+            cells = []
+            for end in ENDS:
+                for label, both in (("CPU", True), ("user", False)):
+                    ratios = [(v[0] + v[1] * both) / (w[0] + w[1] * both) for v, w in
+                              zip(per_gb[name][end], per_gb[names[0]][end], strict=True)
+                              if w[0] + w[1] * both]
+                    if ratios:
+                        cells.append(f"{end} {label} {statistics.median(ratios):.2f} "
+                                     f"({min(ratios):.2f}-{max(ratios):.2f})")
+            print(f"- {name} / {names[0]}, per round: " + ", ".join(cells))
         if not args.strace_mb or shutil.which("strace") is None:
             return
         size = args.strace_mb << 20

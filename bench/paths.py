@@ -397,7 +397,10 @@ class EncryptedBase(Encrypted):
         base = os.environ.get(BASE_ENV, "")
         if not base or not (FsPath(base) / "nopf_web").is_dir():
             raise PathUnavailable(f"{BASE_ENV}={base!r} is not a source tree of nopf")
-        env = {**os.environ, "PYTHONPATH": base}
+        # PYTHONSAFEPATH: without it ``-m`` puts the working directory (this
+        # tree, where the bench runs) ahead of PYTHONPATH, and the "base" ran
+        # this tree's code.
+        env = {**os.environ, "PYTHONPATH": base, "PYTHONSAFEPATH": "1"}
         return [sys.executable, "-m", "nopf_web.cli.peer", *args], env
 
     def start(self) -> None:

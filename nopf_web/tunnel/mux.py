@@ -51,6 +51,7 @@ from .mux_machine import (
     StreamWritable,
     TunnelEnded,
 )
+from .slab import SlabPool
 
 __all__ = ["AUTO_WINDOW_BUDGET", "AUTO_WINDOW_MAX", "CLOSE_FLUSH_TIMEOUT", "DEFAULT_MAX_FRAME",
            "DEFAULT_MAX_STREAMS", "RECORD_BUDGET", "STREAM_SEND_BUFFER", "Channel", "Mux",
@@ -105,6 +106,11 @@ class Stream:
 
     def __repr__(self) -> str:
         return f"<Stream {self.stream_id} in={self.bytes_in} out={self.bytes_out}>"
+
+    @property
+    def slabs(self) -> SlabPool:
+        """The tunnel's pool of read buffers, for a local reader (see :mod:`.slab`)."""
+        return self._mux.slabs
 
     bytes_in = Delegated[int]("_state")
     bytes_out = Delegated[int]("_state")
@@ -208,18 +214,14 @@ class Stream:
         feeding until ``on_writable`` is called (once)."""
         if self._error is not None:
             raise self._error
-        more = self._machine.send(self.stream_id, data)
+        # Eager unless a flush waits for the channel to drain: the flush in the next
+        # loop iteration sends all the stream has before the next read (a second
+        # read before that flush waits).
+        mux = self._mux
+        more = self._machine.send(self.stream_id, data, eager=not mux._draining)
         if data:
-            self._mux._kick()
+            mux._kick()
         if more:
-            return True
-        state = self._state
-        if state.out_size - len(data) < STREAM_SEND_BUFFER and state.credit >= state.out_size \
-                and not self._mux._draining:
-            # This read alone reached the limit (a bulk sender's every 256 KiB read
-            # does) and the flush in the next loop iteration sends all of it: no
-            # pause. Pausing and resuming the local reads cost two epoll_ctl calls
-            # and their handles per record. A second read before that flush waits.
             return True
         self._on_writable = on_writable
         return False
@@ -310,6 +312,7 @@ class Mux:
         self._accept_ready = asyncio.Event()
         self._flush_handle: asyncio.Handle | None = None  # a flush is scheduled or running
         self._draining = False  # a flush stopped for the channel to drain
+        self.slabs = SlabPool()  # the local reads' buffers (see slab), shared by the streams
         self._wake = asyncio.Event()  # the writer task: wait for the drain, flush again
         self._idle = asyncio.Event()  # everything the machine had is sent
         self._done = asyncio.Event()

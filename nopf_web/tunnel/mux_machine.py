@@ -51,6 +51,7 @@ from .errors import (
     TunnelError,
     TunnelProtocolError,
 )
+from .slab import Slab
 
 DEFAULT_MAX_FRAME = 16 * 1024
 # Bytes of frames in one record: a whole 256 KiB local read (asyncio's read
@@ -141,7 +142,7 @@ class StreamState:
 
     __slots__ = ("bytes_in", "bytes_out", "credit", "failed", "fin_pending", "fin_sent", "out",
                  "out_size", "pending", "queued", "recv_window", "remote_fin", "stream_id",
-                 "unacked", "window")
+                 "unacked", "waiting", "window")
 
     def __init__(self, stream_id: int, window: int) -> None:
         self.stream_id = stream_id
@@ -160,6 +161,7 @@ class StreamState:
         self.fin_pending = False
         self.fin_sent = False
         self.queued = False  # in the round-robin queue
+        self.waiting = False  # send() said to wait: StreamWritable once below the limit
         self.failed = False
 
     def __repr__(self) -> str:
@@ -334,19 +336,38 @@ class MuxMachine:
         self._open_window(stream)
         return stream_id
 
-    def send(self, stream_id: int, data: Buffer) -> bool:
+    def send(self, stream_id: int, data: Buffer, *, eager: bool = False) -> bool:
         """Queue ``data``; False when the stream has ``STREAM_SEND_BUFFER`` or more
         queued: the sender waits for :class:`StreamWritable`. The machine keeps
-        ``bytes`` as given (no copy); other buffers are copied."""
+        ``bytes`` and a :class:`~nopf_web.tunnel.slab.Slab`'s view as given (no
+        copy); other buffers are copied.
+
+        ``eager``: the caller sends all it can before it sends more (it flushes
+        first), so a ``data`` that alone took the queue to the limit, on a stream
+        with the credit to send all that is queued, needs no wait: True, and no
+        StreamWritable (a bulk sender's every 256 KiB read is such a ``data``;
+        waiting and resuming cost it an event and two epoll_ctl calls a record)."""
         stream = self._streams.get(stream_id)
         if stream is None or stream.fin_pending:
             raise StreamClosed(f"stream {stream_id}: write after write_eof()")
-        if data:
-            view = memoryview(data if type(data) is bytes else bytes(data))
+        n = len(data)
+        if n:
+            if type(data) is bytes:
+                view = memoryview(data)
+            elif type(data) is memoryview and type(data.obj) is Slab:
+                view = data  # a slab's read: it does not change while viewed (see slab)
+            else:
+                view = memoryview(bytes(data))
             stream.out.append(view)
-            stream.out_size += len(view)
+            stream.out_size += n
             self._schedule(stream)
-        return stream.out_size < STREAM_SEND_BUFFER
+        queued = stream.out_size
+        if queued < STREAM_SEND_BUFFER:
+            return True
+        if eager and queued - n < STREAM_SEND_BUFFER and stream.credit >= queued:
+            return True
+        stream.waiting = True
+        return False
 
     def writable(self, stream_id: int) -> bool:
         """Below ``STREAM_SEND_BUFFER`` queued (True for a stream that ended)."""
@@ -399,8 +420,22 @@ class MuxMachine:
         if self._state != "open":
             return []
         self._last_rx = now
+        whole = self._decoder.whole_data(data)
+        if whole is not None:  # the hot path: a record of one DATA frame
+            stream_id, chunk = whole
+            stream = self._streams.get(stream_id)
+            n = len(chunk)
+            if stream is not None and not stream.remote_fin and n <= stream.recv_window:
+                self.bytes_in += n
+                stream.recv_window -= n
+                stream.bytes_in += n
+                stream.pending += n
+                return [StreamData(stream_id, chunk)]
         events: list[MuxEvent] = []
         try:
+            if whole is not None:  # any other case of a lone DATA frame, as below
+                self._on_data(whole[0], whole[1], events)
+                return events
             streams = self._streams
             for frame in self._decoder.feed(data):
                 if type(frame) is _DataFrame:  # the hot path first, inline
@@ -534,7 +569,8 @@ class MuxMachine:
                 stream.bytes_out += n
                 self.bytes_out += n
                 size += fr.HEADER_SIZE + n
-                if queued >= STREAM_SEND_BUFFER > stream.out_size:
+                if stream.waiting and stream.out_size < STREAM_SEND_BUFFER:
+                    stream.waiting = False
                     events.append(StreamWritable(stream.stream_id))
             if not stream.out_size and stream.fin_pending and not stream.fin_sent:
                 parts.append(fr.encode_fin(stream.stream_id))

@@ -169,6 +169,7 @@ from .errors import (
     RecordCut,
     TunnelTampered,
 )
+from .slab import HEADROOM, Slab, SlabPool
 
 MAGIC = b"NOPF"
 VERSION = 1
@@ -238,9 +239,11 @@ class PeerConfirmed:
 
 @dataclass(slots=True)
 class RecordReceived:
-    """One record's plaintext, authenticated."""
+    """One record's plaintext, authenticated: a view of a
+    :class:`~nopf_web.tunnel.slab.Slab` (it does not change while viewed; the
+    machine reuses the slab once no view of it is left), ``b""`` for none."""
 
-    plaintext: bytes
+    plaintext: bytes | memoryview
 
 
 @dataclass(slots=True)
@@ -368,16 +371,30 @@ class OpeningKey:
         try:
             plain: bytes = self._aead.decrypt(_NONCE.pack(self.records), body, header)
         except InvalidTag:
-            raise TunnelTampered(
-                f"tunnel data rejected: record {self.records} failed authentication: "
-                "the data was altered or injected in transit") from None
+            raise self._forged() from None
+        self._count(len(plain))
+        return plain
+
+    def open_into(self, header: memoryview, body: memoryview, out: memoryview) -> None:
+        """As :meth:`open`, the plaintext written to ``out`` (exactly its size); on
+        an error ``out`` holds garbage, never to be used."""
+        try:
+            self._aead.decrypt_into(_NONCE.pack(self.records), body, header, out)
+        except InvalidTag:
+            raise self._forged() from None
+        self._count(len(out))
+
+    def _forged(self) -> TunnelTampered:
+        return TunnelTampered(f"tunnel data rejected: record {self.records} failed "
+                              "authentication: the data was altered or injected in transit")
+
+    def _count(self, n: int) -> None:
         self.records += 1
-        self.bytes += len(plain)
+        self.bytes += n
         if self.records > self._max_records or self.bytes > self._max_bytes:
             raise TunnelTampered(
                 f"tunnel data rejected: the peer sent {self.records:,} records "
                 f"({self.bytes:,} bytes) under one key without updating it")
-        return plain
 
 
 def _bad_header(word: int) -> str:
@@ -531,6 +548,7 @@ class RecordMachine:
         self._deadline: float | None = None
         self._buf = bytearray(RECEIVE_BUFFER)
         self._view = memoryview(self._buf)
+        self._slabs = SlabPool(MAX_RECORD)  # where records are opened (see RecordReceived)
         self._have = 0
         # Reused record buffers for seal() (one per record of the largest call):
         # a fresh 256 KiB buffer per record (zeroed, often page-faulted) cost more
@@ -705,6 +723,13 @@ class RecordMachine:
         sealing = self.sealing
         if sealing is None:
             raise RuntimeError("records before the handshake is done")
+        if type(parts) is list and parts:
+            data = parts[-1]
+            if type(data) is memoryview and type(slab := data.obj) is Slab \
+                    and len(data) == slab.filled:  # a whole read, headers before it
+                record = self._seal_in_place(parts, slab, sealing)
+                if record is not None:
+                    return [record]
         plain, fill, used = self._plain, 0, 0
         records: list[memoryview] = []
         for part in parts:
@@ -731,6 +756,29 @@ class RecordMachine:
                 return [out[:size]]
             records.append(self._seal_one(fill, used, records))
         return records
+
+    def _seal_in_place(self, parts: list[Buffer], slab: Slab,
+                       sealing: SealingKey) -> memoryview | None:
+        """One record of ``parts``, the last a slab's whole read (see
+        :mod:`nopf_web.tunnel.slab`): the others written into its headroom and
+        the record sealed from the slab, no copy of the read. None (nothing
+        done) when they do not fit or a key update is due."""
+        head = 0
+        for part in parts[:-1]:
+            head += len(part)
+        start = HEADROOM - head
+        if start < 0 or head + slab.filled > MAX_RECORD or sealing.due(self.limits):
+            return None
+        view = memoryview(slab)
+        pos = start
+        for part in parts[:-1]:
+            end = pos + len(part)
+            view[pos:end] = part
+            pos = end
+        out = self._out[0]
+        size = sealing.seal_into(view[start : HEADROOM + slab.filled], out)
+        self.bytes_out += size
+        return out[:size]
 
     def _seal_one(self, n: int, index: int, records: list[memoryview]) -> memoryview:
         """The ``index``-th data record of this call from ``n`` bytes of the plaintext
@@ -867,7 +915,7 @@ class RecordMachine:
         return self._open_records(events)  # records the peer sent right after its tag
 
     def _open_records(self, events: list[RecordEvent]) -> list[RecordEvent]:
-        opening, buf, view = self.opening, self._buf, self._view
+        opening, buf, view, slabs = self.opening, self._buf, self._view, self._slabs
         assert opening is not None
         while self._have >= HEADER_SIZE:
             (size,) = RECORD_HEADER.unpack_from(buf)  # a DATA record's type byte is 0
@@ -878,7 +926,16 @@ class RecordMachine:
             if self._have < end:
                 break
             try:
-                plain = opening.open(view[:HEADER_SIZE], view[HEADER_SIZE:end])
+                if update:
+                    opening.open(view[:HEADER_SIZE], view[HEADER_SIZE:end])
+                else:  # into a slab: no fresh, zero-filled plaintext per record
+                    n = end - HEADER_SIZE - TAG_SIZE
+                    slab = slabs.take()
+                    opening.open_into(view[:HEADER_SIZE], view[HEADER_SIZE:end],
+                                      slab.room()[:n])
+                    slab.filled = n
+                    plain = slab.view()
+                    slabs.lend(slab)
             except TunnelTampered as exc:
                 return events + self._fail(exc, flush=False)
             rest = self._have - end  # at most the next header, except just after the handshake

@@ -106,6 +106,7 @@ from nopf_web.roles import PeerRole
 
 from .errors import PeerLost, TunnelClosed, TunnelError, TunnelProtocolError, TunnelTampered
 from .record_machine import MAX_RECORD
+from .slab import Slab
 
 PathKind = Literal["lan", "public", "relay", "ipv6", "mapped"]
 PATH_KINDS: tuple[PathKind, ...] = ("lan", "public", "relay", "ipv6", "mapped")
@@ -545,9 +546,15 @@ class ResumeMachine:
             n = len(part)
             if n:
                 kind = type(part)
-                if kind is not bytes and (kind is not memoryview
-                                          or type(part.obj) is not bytes):  # type: ignore[union-attr]
-                    part = bytes(part)  # nobody may change it while it waits for its ack
+                if kind is memoryview:
+                    owner = type(part.obj)  # type: ignore[union-attr]
+                    kept = owner is bytes or owner is Slab
+                else:
+                    kept = kind is bytes
+                if not kept:
+                    # Nobody may change it while it waits for its ack: bytes and
+                    # views of bytes or of a slab (see slab) do not change.
+                    part = bytes(part)
                 message.append(part)
                 size += n
         if not size:
@@ -584,8 +591,10 @@ class ResumeMachine:
         p.heartbeat_at = None
         return [Send(p.id, message)]
 
-    def receive(self, path_id: int, plain: bytes, now: float) -> list[ResumeEvent]:
-        """One record's plaintext (``bytes``: delivered data are views of it)."""
+    def receive(self, path_id: int, plain: bytes | memoryview,
+                now: float) -> list[ResumeEvent]:
+        """One record's plaintext (``bytes`` or a view of a slab, which do not
+        change: delivered data are views of it)."""
         p = self._paths.get(path_id)
         if p is None or self._state != "open":
             return []

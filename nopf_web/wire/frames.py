@@ -276,6 +276,13 @@ def _build(ftype: FrameType, stream_id: int, payload: bytes) -> Frame:
     return GoAwayFrame(code, message)
 
 
+def _unchanging(view: memoryview) -> bool:
+    """``view`` is of a buffer nobody changes while it is viewed: ``bytes``, or a
+    type that says so (the tunnel's read slabs: ``nopf_web.tunnel.slab``)."""
+    owner = type(view.obj)
+    return owner is bytes or getattr(owner, "UNCHANGING_WHILE_VIEWED", False) is True
+
+
 class FrameDecoder:
     """Sans-IO frame parser: ``feed`` bytes as they arrive, get the complete frames.
 
@@ -303,6 +310,24 @@ class FrameDecoder:
             self._error = exc
             raise
 
+    def whole_data(self, data: bytes | memoryview) -> tuple[int, memoryview] | None:
+        """``data`` as one valid DATA frame's (stream id, payload view), if it is
+        exactly that, nothing is pending and it is ``bytes`` or a view of ``bytes``
+        (or of another buffer that does not change while viewed)
+        (a bulk sender's every record); else None, and nothing was consumed:
+        :meth:`feed` it. Saves the frame list and tuple per record."""
+        n = len(data) - HEADER_SIZE
+        if n <= 0 or self._buf or self._error is not None:
+            return None
+        kind, stream_id, length = HEADER.unpack_from(data)
+        if kind != _DATA_KIND or length != n or n > MAX_PAYLOAD or stream_id == 0:
+            return None
+        if type(data) is bytes:
+            return stream_id, memoryview(data)[HEADER_SIZE:]
+        if type(data) is memoryview and _unchanging(data):
+            return stream_id, data[HEADER_SIZE:]
+        return None
+
     def _feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         # Parse straight from the caller's bytes when nothing is pending (the
         # usual case: writers put whole frames in a record), so only the tail of
@@ -316,8 +341,8 @@ class FrameDecoder:
         pos = 0
         view = memoryview(src)
         # DATA payloads may be views of the caller's buffer only if nobody can
-        # change it: bytes, or a view of bytes (a resumable tunnel's records).
-        zero_copy = type(src) is bytes or (type(src) is memoryview and type(src.obj) is bytes)
+        # change it: bytes, or a view of bytes or of a slab (a resumable tunnel's records).
+        zero_copy = type(src) is bytes or (type(src) is memoryview and _unchanging(src))
         end = len(view)
         while end - pos >= HEADER_SIZE:
             kind, stream_id, length = HEADER.unpack_from(view, pos)

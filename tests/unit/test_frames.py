@@ -175,3 +175,36 @@ def test_data_payloads_are_views_only_of_buffers_nobody_can_change() -> None:
     got = FrameDecoder().feed(memoryview(mutable)[3:])
     mutable[:] = bytes(len(mutable))  # the caller reuses its buffer
     assert [f.data for f in got if isinstance(f, DataFrame)] == [b"payload one", b"payload two"]
+
+
+@given(st.lists(frames, max_size=3), st.binary(max_size=12), st.booleans(),
+       st.sampled_from(["bytes", "view of bytes", "view of bytearray"]))
+def test_whole_data_agrees_with_feed(values: list[Frame], junk: bytes, pending: bool,
+                                     kind: str) -> None:
+    """The one-DATA-frame shortcut gives what feed would, or None and consumes nothing."""
+    wire = b"".join(encode(v) for v in values) + junk
+    fed: bytes | memoryview = wire
+    if kind == "view of bytes":
+        fed = memoryview(b"x" + wire)[1:]
+    elif kind == "view of bytearray":
+        fed = memoryview(bytearray(wire))
+    dec, ref = FrameDecoder(), FrameDecoder()
+    if pending:  # half a header waiting: never a whole frame by itself
+        dec.feed(b"\x01\x00")
+        ref.feed(b"\x01\x00")
+    got = dec.whole_data(fed)
+    try:
+        expected: list[Frame] | None = ref.feed(fed)
+    except FrameError:
+        expected = None
+    if got is None:
+        assert not (kind != "view of bytearray" and not pending and not junk
+                    and len(values) == 1 and isinstance(values[0], DataFrame))
+        assert dec.buffered == (2 if pending else 0)  # nothing consumed
+        if expected is not None:
+            assert dec.feed(fed) == expected
+    else:
+        sid, payload = got
+        assert expected == [DataFrame(sid, payload)]
+        assert type(payload) is memoryview and bytes(payload) == values[0].data  # type: ignore[union-attr]
+        assert dec.buffered == 0

@@ -303,6 +303,30 @@ def test_writable_again_once_the_queue_falls_below_the_limit() -> None:
     assert a.writable == [sid] and a.m.writable(sid)
 
 
+def test_an_eager_sender_waits_only_when_one_read_is_not_what_filled_the_queue() -> None:
+    a, b = pair(window=4 * INITIAL_WINDOW)
+    sid = a.m.open_stream()
+    exchange(a, b)  # the peer's window grant: credit for more than one read
+    assert a.m.send(sid, bytes(STREAM_SEND_BUFFER), eager=True)  # alone at the limit
+    exchange(a, b)
+    assert a.writable == []  # it never waited: no StreamWritable
+    assert a.m.send(sid, bytes(STREAM_SEND_BUFFER), eager=True)
+    assert not a.m.send(sid, bytes(10), eager=True)  # a second read before the flush
+    exchange(a, b)
+    assert a.writable == [sid]
+    assert bytes(b.received[sid]) == bytes(2 * STREAM_SEND_BUFFER + 10)
+
+
+def test_an_eager_sender_without_the_credit_waits() -> None:
+    a, b = pair()
+    sid = a.m.open_stream()
+    b.consume = False  # no credit comes back
+    assert a.m.send(sid, bytes(INITIAL_WINDOW), eager=True)  # credit for all of it
+    assert a.records()
+    assert not a.m.send(sid, bytes(STREAM_SEND_BUFFER), eager=True)  # no credit left
+    assert a.writable == []
+
+
 # -- ends of streams --------------------------------------------------------------
 
 
