@@ -215,7 +215,6 @@ class PunchMachine:
     _deadline: float = 0.0
     _current: int | None = None
     _current_started: float = 0.0
-    _current_ttl: int | None = None
     _next_fire: float | None = None
     _recheck: float | None = None
     _suspect: bool = False  # the current socket was mid-handshake as its TTL was restored
@@ -289,7 +288,7 @@ class PunchMachine:
         peer's SYN came around then, and our SYN-ACK may have left with the short TTL."""
         if self.done or attempt != self._current:
             return []
-        if self._current_ttl is None or self._current_ttl != self.config.arm_ttl:
+        if self._syn_ttl(attempt) != self.config.arm_ttl:
             return []  # a first shot's TTL reaches the peer: its SYN-ACK does too
         # If it did, the peer's socket will be gone by the kernel's retransmission (1 s):
         # unless the handshake completes within clip_grace, the attempt ends (the driver
@@ -331,11 +330,13 @@ class PunchMachine:
         self._next_fire = None
         self._recheck = None
         self._suspect = False
-        ttl = self.config.arm_ttl if self.tactic is Tactic.ARM and self.config.arm_ttl else None
-        if self.config.first_shot and self.attempts == 1:
-            ttl = self.config.first_shot_ttl if self.tactic is Tactic.CONNECT else None
-        self._current_ttl = ttl
-        return [StartAttempt(self.attempts, ttl)]
+        return [StartAttempt(self.attempts, self._syn_ttl(self.attempts))]
+
+    def _syn_ttl(self, attempt: int) -> int | None:
+        """The TTL of ``attempt``'s first SYN (None: the system's)."""
+        if self.config.first_shot and attempt == 1:
+            return self.config.first_shot_ttl if self.tactic is Tactic.CONNECT else None
+        return self.config.arm_ttl if self.tactic is Tactic.ARM and self.config.arm_ttl else None
 
     def _give_up(self) -> list[PunchAction]:
         self.done = True
