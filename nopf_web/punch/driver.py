@@ -301,11 +301,12 @@ class PunchDriver:
             # Unregister before close so a reused fd number is never confused.
             asyncio.get_running_loop().remove_writer(attempt.sock.fileno())
         with contextlib.suppress(OSError):
-            if tcp_state(attempt.sock) == TCP_SYN_RECV:
+            if self.config.arm_ttl and tcp_state(attempt.sock) == TCP_SYN_RECV:
                 # A failed half-open handshake: an RST the guard lets pass, as far as
                 # the arming SYN goes, ends our NAT's tracking of it and frees the
-                # address pair (machine docstring).
-                reset_close(attempt.sock, self.config.arm_ttl or None)
+                # address pair (machine docstring). Without an arming TTL it would
+                # reach the peer: a plain close then, as ever.
+                reset_close(attempt.sock, self.config.arm_ttl)
             else:
                 attempt.sock.close()
 
