@@ -10,9 +10,7 @@ from collections.abc import Iterable
 from hypothesis import strategies as st
 
 from nopf_web.tunnel.record_machine import (
-    DEFAULT_KEY_LIMITS,
     ChannelFailed,
-    KeyLimits,
     RecordEvent,
     RecordMachine,
     RecordReceived,
@@ -77,16 +75,6 @@ def started(pair: tuple[Peer, Peer]) -> tuple[Peer, Peer]:
     """Both machines of ``pair`` started at time 0, A first (nothing carried yet)."""
     a, b = pair
     return a.start(), b.start()
-
-
-def confirmed_pair(code: str, limits: KeyLimits = DEFAULT_KEY_LIMITS
-                   ) -> tuple[RecordMachine, RecordMachine]:
-    """Two record machines (client, server) through their handshake: keys confirmed."""
-    a, b = started((Peer(RecordMachine.handshake("client", code, limits=limits)),
-                    Peer(RecordMachine.handshake("server", code, limits=limits))))
-    settle(a, b)
-    assert a.m.confirmed and b.m.confirmed
-    return a.m, b.m
 
 
 def cuts_of(data: st.DataObject, size: int) -> list[int]:

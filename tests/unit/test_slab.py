@@ -11,14 +11,24 @@ from nopf_web.tunnel import mux_machine as mm, record_machine as rm, resume_mach
 from nopf_web.tunnel.slab import HEADROOM, MAX_FREE, MAX_TRACKED, MIN_LENT, Slab, SlabPool
 
 from .budget import FEW
-from .record_peers import confirmed_pair
 
 CODE = "7-orbit-lantern"
 
 
 def _open_pair(limits: rm.KeyLimits = rm.DEFAULT_KEY_LIMITS
                ) -> tuple[rm.RecordMachine, rm.RecordMachine]:
-    return confirmed_pair(CODE, limits)
+    a = rm.RecordMachine.handshake("client", CODE, limits=limits)
+    b = rm.RecordMachine.handshake("server", CODE, limits=limits)
+    wire = {id(a): b"", id(b): b""}
+    for m in (a, b):
+        wire[id(m)] = b"".join(e.data for e in m.start(0.0) if isinstance(e, rm.Transmit))
+    for _ in range(2):
+        for src, dst in ((a, b), (b, a)):
+            data, wire[id(src)] = wire[id(src)], b""
+            wire[id(dst)] += b"".join(e.data for e in dst.receive_data(data)
+                                      if isinstance(e, rm.Transmit))
+    assert a.confirmed and b.confirmed
+    return a, b
 
 
 def _slab_of(data: bytes) -> Slab:

@@ -19,13 +19,22 @@ from nopf_web.tunnel import mux_machine as mm, record_machine as rm, resume_mach
 from nopf_web.tunnel.slab import Slab
 from nopf_web.wire import frames as fr
 
-from .record_peers import confirmed_pair
-
 CODE = "7-orbit-lantern"
 
 
 def _open_pair() -> tuple[rm.RecordMachine, rm.RecordMachine]:
-    return confirmed_pair(CODE)
+    a, b = rm.RecordMachine.handshake("client", CODE), rm.RecordMachine.handshake("server", CODE)
+    wire = {id(a): b"", id(b): b""}
+    for m in (a, b):
+        wire[id(m)] = b"".join(e.data for e in m.start(0.0) if isinstance(e, rm.Transmit))
+    for _ in range(2):
+        for src, dst in ((a, b), (b, a)):
+            data, wire[id(src)] = wire[id(src)], b""
+            out = b"".join(e.data for e in dst.receive_data(data)
+                           if isinstance(e, rm.Transmit))
+            wire[id(dst)] += out
+    assert a.confirmed and b.confirmed
+    return a, b
 
 
 @pytest.mark.parametrize("reads_in", ["bytes", "slabs"])
