@@ -169,7 +169,7 @@ from .errors import (
     RecordCut,
     TunnelTampered,
 )
-from .slab import HEADROOM, MIN_LENT, Slab, SlabPool
+from .slab import HEADROOM, Slab, SlabPool
 
 MAGIC = b"NOPF"
 VERSION = 1
@@ -239,9 +239,9 @@ class PeerConfirmed:
 
 @dataclass(slots=True)
 class RecordReceived:
-    """One record's plaintext, authenticated: for a large record a view of a
+    """One record's plaintext, authenticated: a view of a
     :class:`~nopf_web.tunnel.slab.Slab` (it does not change while viewed; the
-    machine reuses the slab once no view of it is left), else ``bytes``."""
+    machine reuses the slab once no view of it is left), ``b""`` for none."""
 
     plaintext: bytes | memoryview
 
@@ -925,14 +925,11 @@ class RecordMachine:
             end = HEADER_SIZE + (size & _LENGTH_MASK)
             if self._have < end:
                 break
-            n = end - HEADER_SIZE - TAG_SIZE
-            plain: bytes | memoryview
             try:
-                if update or n < MIN_LENT:
-                    # A small record is opened into its own bytes: a slab (257 KiB)
-                    # would stay pinned while a slow reader holds its few bytes.
-                    plain = opening.open(view[:HEADER_SIZE], view[HEADER_SIZE:end])
-                else:  # into a slab: no fresh, zero-filled 256 KiB per record
+                if update:
+                    opening.open(view[:HEADER_SIZE], view[HEADER_SIZE:end])
+                else:  # into a slab: no fresh, zero-filled plaintext per record
+                    n = end - HEADER_SIZE - TAG_SIZE
                     slab = slabs.take()
                     opening.open_into(view[:HEADER_SIZE], view[HEADER_SIZE:end],
                                       slab.room()[:n])

@@ -8,7 +8,7 @@ import os
 from hypothesis import given, strategies as st
 
 from nopf_web.tunnel import mux_machine as mm, record_machine as rm, resume_machine as rs
-from nopf_web.tunnel.slab import HEADROOM, MAX_FREE, MAX_TRACKED, MIN_LENT, Slab, SlabPool
+from nopf_web.tunnel.slab import HEADROOM, MAX_FREE, MAX_TRACKED, Slab, SlabPool
 
 from .budget import FEW
 
@@ -165,14 +165,10 @@ def test_opened_records_are_never_changed_while_held_and_their_slabs_are_reused(
             held += [e.plaintext for e in peer.receive_data(bytes(record))
                      if isinstance(e, rm.RecordReceived)]
     assert [bytes(p) for p in held] == sent * 2
-    # Large records are opened into slabs; small ones into their own bytes, so that a
-    # held small record pins a few bytes, not a 257 KiB slab.
-    large = [p for p in held if len(p) >= MIN_LENT]
-    assert all(type(p) is memoryview and type(p.obj) is Slab for p in large)
-    assert all(type(p) is bytes for p in held if len(p) < MIN_LENT)
+    assert all(type(p) is memoryview and type(p.obj) is Slab for p in held)
     made = peer._slabs.made
-    assert made == len(large) == 4
-    del held, large
+    assert made == len(held)
+    del held
     for data in sent * 4:  # each dropped at once, as the mux and forwarder do
         for record in a.seal([data]):
             for e in peer.receive_data(bytes(record)):
