@@ -169,7 +169,7 @@ from .errors import (
     RecordCut,
     TunnelTampered,
 )
-from .slab import HEADROOM, Slab, SlabPool
+from .slab import HEADROOM, Slab
 
 MAGIC = b"NOPF"
 VERSION = 1
@@ -239,11 +239,9 @@ class PeerConfirmed:
 
 @dataclass(slots=True)
 class RecordReceived:
-    """One record's plaintext, authenticated: a view of a
-    :class:`~nopf_web.tunnel.slab.Slab` (it does not change while viewed; the
-    machine reuses the slab once no view of it is left), ``b""`` for none."""
+    """One record's plaintext, authenticated."""
 
-    plaintext: bytes | memoryview
+    plaintext: bytes
 
 
 @dataclass(slots=True)
@@ -371,30 +369,16 @@ class OpeningKey:
         try:
             plain: bytes = self._aead.decrypt(_NONCE.pack(self.records), body, header)
         except InvalidTag:
-            raise self._forged() from None
-        self._count(len(plain))
-        return plain
-
-    def open_into(self, header: memoryview, body: memoryview, out: memoryview) -> None:
-        """As :meth:`open`, the plaintext written to ``out`` (exactly its size); on
-        an error ``out`` holds garbage, never to be used."""
-        try:
-            self._aead.decrypt_into(_NONCE.pack(self.records), body, header, out)
-        except InvalidTag:
-            raise self._forged() from None
-        self._count(len(out))
-
-    def _forged(self) -> TunnelTampered:
-        return TunnelTampered(f"tunnel data rejected: record {self.records} failed "
-                              "authentication: the data was altered or injected in transit")
-
-    def _count(self, n: int) -> None:
+            raise TunnelTampered(
+                f"tunnel data rejected: record {self.records} failed authentication: "
+                "the data was altered or injected in transit") from None
         self.records += 1
-        self.bytes += n
+        self.bytes += len(plain)
         if self.records > self._max_records or self.bytes > self._max_bytes:
             raise TunnelTampered(
                 f"tunnel data rejected: the peer sent {self.records:,} records "
                 f"({self.bytes:,} bytes) under one key without updating it")
+        return plain
 
 
 def _bad_header(word: int) -> str:
@@ -548,7 +532,6 @@ class RecordMachine:
         self._deadline: float | None = None
         self._buf = bytearray(RECEIVE_BUFFER)
         self._view = memoryview(self._buf)
-        self._slabs = SlabPool(MAX_RECORD)  # where records are opened (see RecordReceived)
         self._have = 0
         # Reused record buffers for seal() (one per record of the largest call):
         # a fresh 256 KiB buffer per record (zeroed, often page-faulted) cost more
@@ -915,7 +898,7 @@ class RecordMachine:
         return self._open_records(events)  # records the peer sent right after its tag
 
     def _open_records(self, events: list[RecordEvent]) -> list[RecordEvent]:
-        opening, buf, view, slabs = self.opening, self._buf, self._view, self._slabs
+        opening, buf, view = self.opening, self._buf, self._view
         assert opening is not None
         while self._have >= HEADER_SIZE:
             (size,) = RECORD_HEADER.unpack_from(buf)  # a DATA record's type byte is 0
@@ -926,16 +909,7 @@ class RecordMachine:
             if self._have < end:
                 break
             try:
-                if update:
-                    opening.open(view[:HEADER_SIZE], view[HEADER_SIZE:end])
-                else:  # into a slab: no fresh, zero-filled plaintext per record
-                    n = end - HEADER_SIZE - TAG_SIZE
-                    slab = slabs.take()
-                    opening.open_into(view[:HEADER_SIZE], view[HEADER_SIZE:end],
-                                      slab.room()[:n])
-                    slab.filled = n
-                    plain = slab.view()
-                    slabs.lend(slab)
+                plain = opening.open(view[:HEADER_SIZE], view[HEADER_SIZE:end])
             except TunnelTampered as exc:
                 return events + self._fail(exc, flush=False)
             rest = self._have - end  # at most the next header, except just after the handshake

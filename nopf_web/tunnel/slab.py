@@ -39,8 +39,6 @@ class Slab(bytearray):
     ``filled``: the bytes read (the data is ``slab[HEADROOM : HEADROOM + filled]``)."""
 
     __slots__ = ("filled",)
-    # The frame decoder takes views of a slab as it takes views of bytes: zero-copy.
-    UNCHANGING_WHILE_VIEWED = True
 
     def __init__(self, size: int = READ_SIZE) -> None:
         super().__init__(HEADROOM + size + 1)

@@ -276,13 +276,6 @@ def _build(ftype: FrameType, stream_id: int, payload: bytes) -> Frame:
     return GoAwayFrame(code, message)
 
 
-def _unchanging(view: memoryview) -> bool:
-    """``view`` is of a buffer nobody changes while it is viewed: ``bytes``, or a
-    type that says so (the tunnel's read slabs: ``nopf_web.tunnel.slab``)."""
-    owner = type(view.obj)
-    return owner is bytes or getattr(owner, "UNCHANGING_WHILE_VIEWED", False) is True
-
-
 class FrameDecoder:
     """Sans-IO frame parser: ``feed`` bytes as they arrive, get the complete frames.
 
@@ -313,7 +306,6 @@ class FrameDecoder:
     def whole_data(self, data: bytes | memoryview) -> tuple[int, memoryview] | None:
         """``data`` as one valid DATA frame's (stream id, payload view), if it is
         exactly that, nothing is pending and it is ``bytes`` or a view of ``bytes``
-        (or of another buffer that does not change while viewed)
         (a bulk sender's every record); else None, and nothing was consumed:
         :meth:`feed` it. Saves the frame list and tuple per record."""
         n = len(data) - HEADER_SIZE
@@ -324,7 +316,7 @@ class FrameDecoder:
             return None
         if type(data) is bytes:
             return stream_id, memoryview(data)[HEADER_SIZE:]
-        if type(data) is memoryview and _unchanging(data):
+        if type(data) is memoryview and type(data.obj) is bytes:
             return stream_id, data[HEADER_SIZE:]
         return None
 
@@ -341,8 +333,8 @@ class FrameDecoder:
         pos = 0
         view = memoryview(src)
         # DATA payloads may be views of the caller's buffer only if nobody can
-        # change it: bytes, or a view of bytes or of a slab (a resumable tunnel's records).
-        zero_copy = type(src) is bytes or (type(src) is memoryview and _unchanging(src))
+        # change it: bytes, or a view of bytes (a resumable tunnel's records).
+        zero_copy = type(src) is bytes or (type(src) is memoryview and type(src.obj) is bytes)
         end = len(view)
         while end - pos >= HEADER_SIZE:
             kind, stream_id, length = HEADER.unpack_from(view, pos)

@@ -49,7 +49,6 @@ from nopf_web.tunnel.resume_machine import (
     TunnelFailed,
     Writable,
 )
-from nopf_web.tunnel.slab import Slab
 
 CODE = "7-orbit-lantern"
 
@@ -140,9 +139,7 @@ class Side:
                 for record in end.rm.seal(event.parts):
                     end.out += record
             elif isinstance(event, Deliver):
-                # A view (no copy) of a buffer that does not change while viewed:
-                # the record's slab (see test_slab), or bytes.
-                assert type(event.data) is memoryview and type(event.data.obj) in (Slab, bytes)
+                assert type(event.data) is memoryview and type(event.data.obj) is bytes
                 self.mux_events(self.mux.receive(event.data, self.now))
             else:
                 self.events.append(event)

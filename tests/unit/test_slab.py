@@ -151,26 +151,3 @@ def test_the_mux_and_the_resume_layer_keep_a_slab_view_uncopied() -> None:
     mux.send(sid, other)
     parts, _events = mux.data_to_send()
     assert parts[-1] is not other and type(parts[-1].obj) is bytes  # type: ignore[union-attr]
-
-
-# -- opening into slabs -----------------------------------------------------------------
-
-
-def test_opened_records_are_never_changed_while_held_and_their_slabs_are_reused() -> None:
-    a, peer = _open_pair()
-    sent = [os.urandom(size) for size in (100, 256 * 1024, 70_000, 1, 256 * 1024)]
-    held = []
-    for data in sent * 2:  # every plaintext kept: each needs its own slab
-        for record in a.seal([data]):
-            held += [e.plaintext for e in peer.receive_data(bytes(record))
-                     if isinstance(e, rm.RecordReceived)]
-    assert [bytes(p) for p in held] == sent * 2
-    assert all(type(p) is memoryview and type(p.obj) is Slab for p in held)
-    made = peer._slabs.made
-    assert made == len(held)
-    del held
-    for data in sent * 4:  # each dropped at once, as the mux and forwarder do
-        for record in a.seal([data]):
-            for e in peer.receive_data(bytes(record)):
-                assert isinstance(e, rm.RecordReceived) and bytes(e.plaintext) == data
-    assert peer._slabs.made == made  # reused, none made
