@@ -8,9 +8,8 @@ both tunnel ends (mux -> resume -> record on the sending end, record -> resume
 ``on_record`` / ``Mux._on_record`` / ``Stream._deliver`` on the other), so
 what it times is what the drivers run per record minus the event loop and
 the system calls, in CPU time of the thread (so other processes on the cores
-count little). The sender is fed 256 KiB reads as the forwarder takes them
-(into a slab of the pool: that copy, standing for ``recv_into``'s, is
-untimed); what it would ``send`` is copied (untimed, standing for the kernel's
+count little). The sender is fed 256 KiB ``bytes`` as a local read gives
+them; what it would ``send`` is copied (untimed, standing for the kernel's
 copy) and written into the receiver's ``get_buffer`` views in
 ``recv_into``-sized pieces (the record and the next header, as on the wire;
 that copy is untimed too). The receiver's WINDOW_UPDATEs and ACKs go back
@@ -38,7 +37,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nopf_web.tunnel import mux_machine as mm, record_machine as rm, resume_machine as rs
 from nopf_web.tunnel.resumable import _keep_freed_memory
-from nopf_web.tunnel.slab import SlabPool
 from nopf_web.wire.frames import INITIAL_WINDOW
 
 READ = 256 * 1024  # one local read (asyncio's read size for a Protocol)
@@ -53,7 +51,6 @@ class End:
         self.resume = rs.ResumeMachine(role)
         self.mux = mm.MuxMachine(role=role, window=INITIAL_WINDOW)
         self.path = self.resume.add_path("lan", 0.0, first=True)
-        self.slabs = SlabPool()  # the local reads' buffers, as the Mux has
         self.wire_out: list[bytes] = []  # what the drivers would send, in order
         self.delivered = 0  # stream bytes the local application got
         self.untimed = 0.0  # seconds in the copies that stand for the kernel's
@@ -61,18 +58,7 @@ class End:
     # -- sending (Stream.feed, then Mux._flush in the next loop iteration) -----
 
     def feed(self, stream_id: int, data: bytes, now: float) -> None:
-        """One local read, as _Local.get_buffer/buffer_updated then Stream.feed take it:
-        into a slab of the pool (the copy stands for recv_into's: untimed), whose
-        view the stream queues; the records are sealed from the slab in place."""
-        slab = self.slabs.take()
-        t = time.thread_time()
-        slab.room()[: len(data)] = data
-        self.untimed += time.thread_time() - t
-        slab.filled = len(data)
-        view = slab.view()
-        self.slabs.lend(slab)
-        self.mux.send(stream_id, view, eager=True)  # as Stream.feed
-        del view
+        self.mux.send(stream_id, data, eager=True)  # as Stream.feed
         self.flush(now)
 
     def flush(self, now: float) -> None:
@@ -180,7 +166,7 @@ def run(mb: int, profile: str | None) -> tuple[float, float, int]:
     now = 0.0
     for i in range(total):
         now += 0.0003  # about 3 GB/s of wall clock: the resume layer's ACK timers fire
-        data = reads[i % 8]  # copied into a slab, as recv_into would
+        data = bytes(reads[i % 8])  # a new 256 KiB object per read
         if profile == "send":
             assert prof is not None
             prof.enable()

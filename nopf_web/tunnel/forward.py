@@ -27,7 +27,6 @@ from nopf_web.wire.frames import ResetCode
 
 from .errors import StreamReset, TunnelError
 from .mux import Mux, Stream
-from .slab import MIN_LENT, Slab
 
 CONNECT_TIMEOUT = 5.0
 ACCEPT_BURST = 1024  # local connections taken from the accept queue per wake-up
@@ -219,23 +218,17 @@ async def _run_local(local: _Local, on_event: EventSink) -> None:
         pass  # the whole tunnel failed: serve_* reports that once, via wait_closed
 
 
-class _Local(asyncio.BufferedProtocol):
+class _Local(asyncio.Protocol):
     """One local TCP connection piped to one stream, driven by callbacks both ways.
 
     Local data goes to the stream with ``feed`` (reading pauses while the stream
     has too much queued); stream data goes to the transport as it arrives
     (delivery pauses while the transport's buffer is full, which withholds the
     peer's credit). EOF becomes FIN and FIN becomes ``shutdown(SHUT_WR)``.
-
-    Local reads land in a slab of the tunnel's pool (:mod:`.slab`): a large
-    read goes to the stream as the slab's view and is sealed in place, no
-    copy; a small one is copied out and the slab read into again.
     """
 
     def __init__(self, stream: Stream, sock: socket.socket) -> None:
         self.stream = stream
-        self._slabs = stream.slabs
-        self._slab: Slab | None = None  # the one being read into, between the two calls
         self.transport: asyncio.Transport | None = None
         self._sock = sock  # the transport's socket, for gathered sends
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -258,27 +251,7 @@ class _Local(asyncio.BufferedProtocol):
         self.transport = transport
         self.stream.attach(self)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        slab = self._slab
-        if slab is None:
-            slab = self._slab = self._slabs.take()
-        return slab.room()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        slab = self._slab
-        assert slab is not None
-        data: bytes | memoryview
-        self._slab = None  # an idle connection holds none
-        if nbytes >= MIN_LENT:  # the slab's view goes to the stream
-            slab.filled = nbytes
-            data = slab.view()
-            self._slabs.lend(slab)
-        else:
-            data = bytes(slab.room()[:nbytes])
-            self._slabs.give_back(slab)
-        self.data_received(data)
-
-    def data_received(self, data: bytes | memoryview) -> None:
+    def data_received(self, data: bytes) -> None:
         try:
             more = self.stream.feed(data, self._resume_reading)
         except TunnelError as exc:

@@ -51,7 +51,6 @@ from .mux_machine import (
     StreamWritable,
     TunnelEnded,
 )
-from .slab import SlabPool
 
 __all__ = ["AUTO_WINDOW_BUDGET", "AUTO_WINDOW_MAX", "CLOSE_FLUSH_TIMEOUT", "DEFAULT_MAX_FRAME",
            "DEFAULT_MAX_STREAMS", "RECORD_BUDGET", "STREAM_SEND_BUFFER", "Channel", "Mux",
@@ -106,11 +105,6 @@ class Stream:
 
     def __repr__(self) -> str:
         return f"<Stream {self.stream_id} in={self.bytes_in} out={self.bytes_out}>"
-
-    @property
-    def slabs(self) -> SlabPool:
-        """The tunnel's pool of read buffers, for a local reader (see :mod:`.slab`)."""
-        return self._mux.slabs
 
     bytes_in = Delegated[int]("_state")
     bytes_out = Delegated[int]("_state")
@@ -312,7 +306,6 @@ class Mux:
         self._accept_ready = asyncio.Event()
         self._flush_handle: asyncio.Handle | None = None  # a flush is scheduled or running
         self._draining = False  # a flush stopped for the channel to drain
-        self.slabs = SlabPool()  # the local reads' buffers (see slab), shared by the streams
         self._wake = asyncio.Event()  # the writer task: wait for the drain, flush again
         self._idle = asyncio.Event()  # everything the machine had is sent
         self._done = asyncio.Event()

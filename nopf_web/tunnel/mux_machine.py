@@ -51,7 +51,6 @@ from .errors import (
     TunnelError,
     TunnelProtocolError,
 )
-from .slab import Slab
 
 DEFAULT_MAX_FRAME = 16 * 1024
 # Bytes of frames in one record: a whole 256 KiB local read (asyncio's read
@@ -339,8 +338,7 @@ class MuxMachine:
     def send(self, stream_id: int, data: Buffer, *, eager: bool = False) -> bool:
         """Queue ``data``; False when the stream has ``STREAM_SEND_BUFFER`` or more
         queued: the sender waits for :class:`StreamWritable`. The machine keeps
-        ``bytes`` and a :class:`~nopf_web.tunnel.slab.Slab`'s view as given (no
-        copy); other buffers are copied.
+        ``bytes`` as given (no copy); other buffers are copied.
 
         ``eager``: the caller sends all it can before it sends more (it flushes
         first), so a ``data`` that alone took the queue to the limit, on a stream
@@ -352,12 +350,7 @@ class MuxMachine:
             raise StreamClosed(f"stream {stream_id}: write after write_eof()")
         n = len(data)
         if n:
-            if type(data) is bytes:
-                view = memoryview(data)
-            elif type(data) is memoryview and type(data.obj) is Slab:
-                view = data  # a slab's read: it does not change while viewed (see slab)
-            else:
-                view = memoryview(bytes(data))
+            view = memoryview(data if type(data) is bytes else bytes(data))
             stream.out.append(view)
             stream.out_size += n
             self._schedule(stream)

@@ -106,7 +106,6 @@ from nopf_web.roles import PeerRole
 
 from .errors import PeerLost, TunnelClosed, TunnelError, TunnelProtocolError, TunnelTampered
 from .record_machine import MAX_RECORD
-from .slab import Slab
 
 PathKind = Literal["lan", "public", "relay", "ipv6", "mapped"]
 PATH_KINDS: tuple[PathKind, ...] = ("lan", "public", "relay", "ipv6", "mapped")
@@ -546,15 +545,9 @@ class ResumeMachine:
             n = len(part)
             if n:
                 kind = type(part)
-                if kind is memoryview:
-                    owner = type(part.obj)  # type: ignore[union-attr]
-                    kept = owner is bytes or owner is Slab
-                else:
-                    kept = kind is bytes
-                if not kept:
-                    # Nobody may change it while it waits for its ack: bytes and
-                    # views of bytes or of a slab (see slab) do not change.
-                    part = bytes(part)
+                if kind is not bytes and (kind is not memoryview
+                                          or type(part.obj) is not bytes):  # type: ignore[union-attr]
+                    part = bytes(part)  # nobody may change it while it waits for its ack
                 message.append(part)
                 size += n
         if not size:
