@@ -413,24 +413,14 @@ class MuxMachine:
         if self._state != "open":
             return []
         self._last_rx = now
-        whole = self._decoder.whole_data(data)
-        if whole is not None:  # the hot path: a record of one DATA frame
-            stream_id, chunk = whole
-            stream = self._streams.get(stream_id)
-            n = len(chunk)
-            if stream is not None and not stream.remote_fin and n <= stream.recv_window:
-                self.bytes_in += n
-                stream.recv_window -= n
-                stream.bytes_in += n
-                stream.pending += n
-                return [StreamData(stream_id, chunk)]
         events: list[MuxEvent] = []
         try:
-            if whole is not None:  # any other case of a lone DATA frame, as below
-                self._on_data(whole[0], whole[1], events)
-                return events
+            # A record of one DATA frame (a bulk stream's every record) skips the
+            # decoder's frame list.
+            whole = self._decoder.whole_data(data)
+            frames = (_DataFrame(*whole),) if whole is not None else self._decoder.feed(data)
             streams = self._streams
-            for frame in self._decoder.feed(data):
+            for frame in frames:
                 if type(frame) is _DataFrame:  # the hot path first, inline
                     sid, payload = frame
                     stream = streams.get(sid)
