@@ -79,7 +79,8 @@ peer's SYN came just after the restore, and the SYN-ACK left at full TTL: the
 driver cannot tell which). Unless the handshake completes within ``clip_grace``,
 the socket is closed with an RST that the guard lets pass, sent with the arming
 TTL (it ends our NAT's tracking and goes no further), and ``ARM`` re-arms before
-the peer's next SYN. Any half-open socket the machine abandons is closed that way.
+the peer's next SYN. Any half-open socket the machine abandons is closed that way
+when the punch arms (without an arming TTL the RST would reach the peer: a plain close).
 """
 
 from __future__ import annotations
