@@ -6,8 +6,8 @@ listener), and this process as the application. The two tunnel ends run the
 SPAKE2 handshake over one loopback TCP connection and carry every stream
 over it, encrypted. Measured in the same run:
 
-- throughput of one stream through the tunnel vs one direct TCP connection
-  to the same sink (median of ``--rounds`` alternating runs; target >= 40 %);
+- throughput of one stream (or ``--parallel`` streams at once) through the
+  tunnel vs as many direct TCP connections to the same sink (median of ``--rounds`` alternating runs; target >= 40 %);
 - ``--streams`` concurrent streams (default 1,000), each echoing
   ``--stream-kb`` of random data and checked byte for byte;
 - round trip of 32-byte request/response on a quiet tunnel vs direct, in
@@ -15,7 +15,7 @@ over it, encrypted. Measured in the same run:
 
     .venv/bin/python -m bench.secure [--size-mb 512] [--rounds 5] [--pings 4000]
         [--streams 1000] [--stream-kb 64] [--profile share|connect] [--json out.json]
-        [--channel resumable|secure]
+        [--channel resumable|secure] [--parallel 1]
 
 ``--channel``: the tunnel runs over a ``ResumableChannel`` (numbered records,
 acks, a replay buffer: what coordinated sessions use) or, to compare, straight
@@ -128,10 +128,30 @@ def connect_proc(tunnel_port: int, ready: Connection, profile: bool, window: int
 # -- measurements (this process is the application) ---------------------------
 
 
-def throughput(port: int, size: int) -> float:
-    """Send ``size`` bytes to the sink via ``port``, wait for its count; MB/s."""
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        return send_counted(sock, size)
+def throughput(port: int, size: int, parallel: int = 1) -> float:
+    """Send ``size`` bytes to the sink via ``port`` over ``parallel`` concurrent
+    connections (an equal share each), wait for every count; MB/s of them all."""
+    if parallel == 1:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            return send_counted(sock, size)
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                send_counted(sock, size // parallel)
+        except BaseException as exc:  # reported by the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(parallel)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return size // parallel * parallel / (time.perf_counter() - t0) / 1e6
 
 
 def cpu_seconds(pid: int | None) -> float:
@@ -186,6 +206,8 @@ def main() -> int:
     ap.add_argument("--pings", type=int, default=4000)
     ap.add_argument("--streams", type=int, default=1000)
     ap.add_argument("--stream-kb", type=int, default=64)
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="bulk connections at once in each round (the size is shared out)")
     ap.add_argument("--profile", choices=["share", "connect"])
     ap.add_argument("--window-kb", type=int, default=INITIAL_WINDOW // 1024,
                     help="per-stream receive window of both tunnel ends")
@@ -193,6 +215,8 @@ def main() -> int:
                     help="the channel under the mux (default: resumable, as sessions use)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.parallel < 1:
+        ap.error("--parallel must be at least 1")
     size = args.size_mb * 1_000_000
     window = args.window_kb * 1024
     ctx = mp.get_context("spawn")
@@ -224,7 +248,7 @@ def main() -> int:
             for name, port in ports.items():
                 print(f"round {r + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
                 before = {end: cpu_split(pid) for end, pid in ends.items()}
-                rows[name].append(throughput(port, size))
+                rows[name].append(throughput(port, size, args.parallel))
                 if name == "tunnel":
                     for end, pid in ends.items():
                         after = cpu_split(pid)
@@ -255,7 +279,8 @@ def main() -> int:
     cpu_per_gb = {end: seconds / (size * args.rounds / 1e9) for end, seconds in cpu.items()}
     user_per_gb = {end: seconds / (size * args.rounds / 1e9) for end, seconds in user.items()}
     result = {
-        "size_mb": args.size_mb, "rounds": args.rounds, "cpus": os.cpu_count(),
+        "size_mb": args.size_mb, "rounds": args.rounds, "parallel": args.parallel,
+        "cpus": os.cpu_count(),
         "window_kb": args.window_kb, "channel": args.channel,
         "throughput_mb_s": rows, "median_mb_s": {"direct": d, "tunnel": t},
         "throughput_ratio": t / d, "tunnel_cpu_s_per_gb": cpu_per_gb,

@@ -26,7 +26,8 @@ Scheduling: each record carries the control frames first (OPEN,
 WINDOW_UPDATE, RST, PING/PONG, GOAWAY), then DATA frames of at most
 ``max_frame`` bytes, round-robin over the streams with data and credit, up to
 ``RECORD_BUDGET`` bytes, so a bulk stream cannot starve an interactive one. A
-stream alone in the queue gets one frame filling the rest of the record.
+stream alone in the queue gets one frame filling the rest of the record. No
+frame goes past the budget: a turn that does not fit starts the next record.
 
 Liveness: a PING every ``keepalive`` seconds; nothing received for
 ``dead_after`` seconds ends the tunnel with :class:`PeerLost`.
@@ -532,16 +533,24 @@ class MuxMachine:
             frame = control.popleft()
             parts.append(frame)
             size += len(frame)
-        while ready and size < RECORD_BUDGET:
-            stream = ready.popleft()
-            stream.queued = False
+        while ready:
+            stream = ready[0]
             if stream.failed:
+                ready.popleft()
+                stream.queued = False
                 continue
             # A stream alone in the queue delays nobody: one frame filling the
-            # rest of the record (so frames never straddle records).
+            # rest of the record. A frame never goes past the budget (the resume
+            # layer would carry the excess in a record of its own): a stream
+            # whose turn does not fit starts the next record.
             room = RECORD_BUDGET - size - fr.HEADER_SIZE
-            limit = self.max_frame if ready else min(fr.MAX_PAYLOAD, max(self.max_frame, room))
-            n = min(stream.out_size, stream.credit, limit)
+            turn = min(stream.out_size, stream.credit,
+                       self.max_frame if len(ready) > 1 else fr.MAX_PAYLOAD)
+            if turn > room and size > 0:
+                break
+            ready.popleft()
+            stream.queued = False
+            n = min(turn, room)
             if n:
                 queued = stream.out_size
                 # 0 < n <= MAX_PAYLOAD and a valid id: no need for the codec's checks.

@@ -268,7 +268,39 @@ def test_control_frames_first_then_data_round_robin_in_small_frames() -> None:
     assert frames[:2] == [fr.OpenFrame(s1), fr.OpenFrame(s2)]
     data = [(f.stream_id, len(f.data)) for f in frames[2:] if isinstance(f, fr.DataFrame)]
     assert data[:4] == [(s1, DEFAULT_MAX_FRAME), (s2, DEFAULT_MAX_FRAME)] * 2
-    assert sum(len(p) for p in first) <= RECORD_BUDGET + fr.HEADER_SIZE + DEFAULT_MAX_FRAME
+    assert sum(len(p) for p in first) <= RECORD_BUDGET
+
+
+@given(reads=st.lists(st.lists(st.integers(1, 600_000), min_size=1, max_size=4),
+                     min_size=1, max_size=12),
+       credit=st.integers(1, 4 * 1024 * 1024))
+@FEW
+def test_a_record_stays_within_its_budget_and_holds_whole_frames(
+        reads: list[list[int]], credit: int) -> None:
+    """However many streams share the tunnel and however large their reads, a
+    record's frames fit its budget (the resume layer carries one record's frames
+    as one message, so an excess would travel as a record of its own), and every
+    frame starts and ends in its record."""
+    a = End("client")
+    streams = [a.m.open_stream() for _ in reads]
+    a.records()
+    for sid, sizes in zip(streams, reads, strict=True):
+        state = a.m.stream(sid)
+        assert state is not None
+        state.credit = credit  # as the peer's WINDOW_UPDATEs would give
+        for size in sizes:
+            a.m.send(sid, bytes(size))
+    sent: dict[int, int] = {}
+    for record in a.records():
+        size = sum(len(p) for p in record)
+        assert size <= RECORD_BUDGET
+        decoder = FrameDecoder()
+        for frame in decoder.feed(b"".join(record)):
+            if isinstance(frame, fr.DataFrame):
+                sent[frame.stream_id] = sent.get(frame.stream_id, 0) + len(frame.data)
+        assert decoder.buffered == 0  # no frame cut at the record's end
+    for sid, sizes in zip(streams, reads, strict=True):
+        assert sent.get(sid, 0) == min(sum(sizes), credit)
 
 
 def test_a_lone_stream_fills_the_record_with_one_frame() -> None:
