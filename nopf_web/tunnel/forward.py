@@ -32,6 +32,14 @@ CONNECT_TIMEOUT = 5.0
 ACCEPT_BURST = 1024  # local connections taken from the accept queue per wake-up
 _MAX_GATHER = 64  # buffers per sendmsg (the kernel allows 1024); more are joined
 # (Windows has no sendmsg: send_gathered joins them there.)
+# Bytes a local connection's read may take at once; asyncio's selector transport
+# reads 256 KiB. Each read costs a loop iteration, a feed and a flush whatever
+# its size, and a bulk sender's data are waiting in the socket, so larger reads
+# cut the sending end's CPU per GB (docs/BENCHMARKS.md, "Larger local reads").
+# Kept under the 1 MiB malloc mmap threshold the resume layer sets
+# (resumable._keep_freed_memory): a read's buffer then comes from the heap, not
+# from a fresh mapping whose pages fault in on every read.
+LOCAL_READ_SIZE = 1020 * 1024
 
 EventSink = Callable[[str], None]
 
@@ -249,6 +257,8 @@ class _Local(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        if hasattr(transport, "max_size"):  # CPython's selector transport (not the proactor's)
+            transport.max_size = LOCAL_READ_SIZE
         self.stream.attach(self)
 
     def data_received(self, data: bytes) -> None:

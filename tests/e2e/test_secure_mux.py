@@ -28,6 +28,7 @@ from nopf_web.tunnel.errors import (
     TunnelClosed,
     TunnelTampered,
 )
+from nopf_web.tunnel import forward
 from nopf_web.tunnel.forward import serve_connect, serve_share
 from nopf_web.tunnel.mux import AUTO_WINDOW_BUDGET, AUTO_WINDOW_MAX, Mux, Stream
 from nopf_web.tunnel.secure import (
@@ -414,6 +415,33 @@ async def test_interactive_stream_stays_fast_during_bulk_transfer() -> None:
     assert moved > 20 << 20, f"bulk moved only {moved} bytes while measuring"
     assert sent > moved
     assert p99 < 0.050, f"interactive p99 {p99 * 1000:.1f} ms during bulk"
+
+
+async def test_a_bulk_local_sender_is_read_in_pieces_larger_than_asyncios(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local connection whose data wait in its socket is read up to
+    LOCAL_READ_SIZE at a time, not asyncio's 256 KiB (fewer reads, fewer records'
+    worth of loop iterations per GB), and every byte still arrives."""
+    sizes: list[int] = []
+    original = forward._Local.data_received
+
+    def recording(self: forward._Local, data: bytes) -> None:
+        sizes.append(len(data))
+        original(self, data)
+
+    monkeypatch.setattr(forward._Local, "data_received", recording)
+    total = 32 << 20
+    async with asyncio.timeout(30), forwarded(bulk_or_echo) as (addr, ma, _mb):
+        def send() -> None:
+            with socket.create_connection(addr) as sock:
+                sock.sendall(b"S")
+                sock.sendall(bytes(total))
+
+        await asyncio.to_thread(send)
+        while ma.bytes_in < total + 1:
+            await asyncio.sleep(0.01)
+    assert sum(sizes) >= total + 1
+    assert 256 * 1024 < max(sizes) <= forward.LOCAL_READ_SIZE, max(sizes)
 
 
 async def test_half_close_per_stream() -> None:
