@@ -67,7 +67,7 @@ from typing import IO, Any
 from bench.measure import CHUNK, send_bytes, serve_conn
 from tests.e2e.peers import RDV, Pair, Peer, punch_pair, start_rendezvous
 from tests.lab import Host, Lab
-from tests.programs import argv
+from tests.programs import argv, check_programs_run_this_tree
 
 ROOT = FsPath(__file__).resolve().parent.parent
 DIRECT_PORT = 4000  # the service on a1's public address
@@ -217,6 +217,7 @@ class Bench:
         self._sink: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Bench:
+        check_programs_run_this_tree()  # else "nopf encrypted" is another tree's code
         self.lab.up()
         try:
             self._sink = self.lab.a1.popen(

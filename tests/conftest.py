@@ -7,12 +7,18 @@ import sys
 
 import pytest
 
+from tests.programs import check_programs_run_this_tree
+
 pytest_plugins = ["tests.lab.fixtures"]
 
 if sys.platform == "win32":
     # As nopf's commands run (nopf_web.cli.common.event_loop_factory): the punch waits
     # for readiness with add_reader/add_writer, which the default Proactor loop lacks.
     asyncio.set_event_loop_policy(asyncio.WindowsSelectorEventLoopPolicy())
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    check_programs_run_this_tree()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
