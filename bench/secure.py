@@ -7,7 +7,8 @@ SPAKE2 handshake over one loopback TCP connection and carry every stream
 over it, encrypted. Measured in the same run:
 
 - throughput of one stream (or ``--parallel`` streams at once) through the
-  tunnel vs as many direct TCP connections to the same sink (median of ``--rounds`` alternating runs; target >= 40 %);
+  tunnel vs as many direct TCP connections to the same sink (median of
+  ``--rounds`` alternating runs; target >= 40 %);
 - ``--streams`` concurrent streams (default 1,000), each echoing
   ``--stream-kb`` of random data and checked byte for byte;
 - round trip of 32-byte request/response on a quiet tunnel vs direct, in

@@ -54,8 +54,8 @@ from .errors import (
 )
 
 DEFAULT_MAX_FRAME = 16 * 1024
-# Bytes of frames in one record: a whole 256 KiB local read (asyncio's read
-# size) as one DATA frame, plus room for control frames.
+# Bytes of frames in one record: one DATA frame of MAX_PAYLOAD (256 KiB, a
+# quarter of a bulk sender's local read), plus room for control frames.
 RECORD_BUDGET = 257 * 1024
 STREAM_SEND_BUFFER = 256 * 1024  # queued bytes per stream before the sender must wait
 DEFAULT_MAX_STREAMS = 4096
