@@ -29,6 +29,17 @@ class OneLineParser(argparse.ArgumentParser):
                   f"(see {self.prog} --help)\n")
 
 
+def add_punch_timeout(p: argparse.ArgumentParser, flag: str = "--timeout") -> None:
+    """The punch's give-up time, in seconds (a string: parse_seconds checks it)."""
+    p.add_argument(flag, default="30", metavar="SECONDS",
+                   help="give up punching after this many seconds (default 30)")
+
+
+def add_no_guard(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-guard", action="store_true",
+                   help="do not block the punch port's RST/FIN packets")
+
+
 def raise_open_files_limit() -> int:
     """Lift the soft limit on open files to the hard one; the limit now in force.
 

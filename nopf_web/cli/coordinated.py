@@ -26,6 +26,7 @@ from .common import (
     EXIT_OK,
     EXIT_USAGE,
     OneLineParser,
+    add_punch_timeout,
     fail,
     run_main,
 )
@@ -56,8 +57,7 @@ def build_parser(command: Literal["share", "connect"]) -> OneLineParser:
     if command == "share":
         p.add_argument("--code-lifetime", default="600", metavar="SECONDS",
                        help="how long to wait for the peer to use the code (default 600)")
-    p.add_argument("--timeout", default="30", metavar="SECONDS",
-                   help="give up punching after this many seconds (default 30)")
+    add_punch_timeout(p)
     p.add_argument("--keepalive", default=str(int(DEFAULT_KEEPALIVE)), metavar="SECONDS",
                    help="tunnel keepalive interval (default "
                    f"{DEFAULT_KEEPALIVE:g}); a lost path is replaced within the resume budget")

@@ -35,6 +35,8 @@ from .common import (
     EXIT_OK,
     EXIT_USAGE,
     OneLineParser,
+    add_no_guard,
+    add_punch_timeout,
     fail,
     run_main,
 )
@@ -59,13 +61,11 @@ def build_parser() -> OneLineParser:
     p.add_argument("-t", "--type", default="client", metavar="TYPE",
                    help='"s" or "server" for the server role; anything else is a client '
                    "(default: client)")
-    p.add_argument("--timeout", default="30", metavar="SECONDS",
-                   help="give up punching after this many seconds (default 30)")
+    add_punch_timeout(p)
     p.add_argument("--punch-ttl", default="2", metavar="TTL",
                    help="TTL of the server's arming SYNs: enough to pass your own NAT, too "
                    "little to reach the peer's (default 2; 0 sends full-TTL SYNs)")
-    p.add_argument("--no-guard", action="store_true",
-                   help="do not block the punch port's RST/FIN packets")
+    add_no_guard(p)
     return p
 
 

@@ -38,6 +38,8 @@ from .common import (
     EXIT_OK,
     EXIT_USAGE,
     OneLineParser,
+    add_no_guard,
+    add_punch_timeout,
     fail,
     run_main,
 )
@@ -72,13 +74,11 @@ def build_parser() -> OneLineParser:
                    default=f"127.0.0.1:{DEFAULT_PORT}",
                    help=f"where the embedded rendezvous listens (default 127.0.0.1:{DEFAULT_PORT}"
                    "; port 0: any free)")
-    p.add_argument("--punch-timeout", default="30", metavar="SECONDS",
-                   help="give up punching after this many seconds (default 30)")
+    add_punch_timeout(p, "--punch-timeout")
     p.add_argument("--no-port-mapping", action="store_true",
                    help="sharing sessions do not ask the gateway to forward a port (NAT-PMP, "
                    "PCP, UPnP-IGD)")
-    p.add_argument("--no-guard", action="store_true",
-                   help="do not block the punch port's RST/FIN packets")
+    add_no_guard(p)
     p.add_argument("--no-browser", action="store_true",
                    help="do not open the dashboard in a browser on start (by default it "
                    "opens on Windows, macOS and Linux desktops; never over SSH, in CI or "
