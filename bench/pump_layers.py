@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 
 from bench.pump_floor import _nodelay, _parse_addr
+from nopf_web.buffers import Buffer
 from nopf_web.roles import PeerRole
 from nopf_web.tunnel import mux_machine as mm, record_machine as rm, resume_machine as rs
 from nopf_web.tunnel.errors import TunnelError
@@ -68,7 +69,7 @@ class Tunnel:
         self.mux = mm.MuxMachine(role=role)
         self.path = 0
         self.sid = 0
-        self.pending: list[list[rs.Buffer]] = []  # resume messages to seal (writer)
+        self.pending: list[list[Buffer]] = []  # resume messages to seal (writer)
         self.early: list[rm.RecordEvent] = []  # records that came with the handshake
         self.closing = False  # the stream is done both ways: CLOSE, then end
         self.failed = False
@@ -177,7 +178,7 @@ class Tunnel:
 
     # -- threads ---------------------------------------------------------------
 
-    def _collect(self, now: float) -> list[list[rs.Buffer]]:
+    def _collect(self, now: float) -> list[list[Buffer]]:
         """Under the lock: the resume messages to seal now (the timers' too)."""
         mux, resume = self.mux, self.resume
         deliver: list[tuple[int, Chunk]] = []

@@ -35,6 +35,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from nopf_web.buffers import Buffer
 from nopf_web.tunnel import mux_machine as mm, record_machine as rm, resume_machine as rs
 from nopf_web.tunnel.resumable import _keep_freed_memory
 from nopf_web.wire.frames import INITIAL_WINDOW
@@ -113,7 +114,7 @@ class End:
             elif type(event) is rs.Send:
                 self._writelines_raw(event.parts)
 
-    def _writelines_raw(self, parts: list[rs.Buffer]) -> None:
+    def _writelines_raw(self, parts: list[Buffer]) -> None:
         for record in self.record.seal(parts):
             self._send(record)
 

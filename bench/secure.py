@@ -53,6 +53,7 @@ from nopf_web.tunnel.secure import open_channel
 from nopf_web.wire.frames import INITIAL_WINDOW
 
 CODE = "7-orbit-lantern"
+STALL_TIMEOUT = 60.0  # seconds one send of a transfer (or the final count) may take
 
 
 # -- the service: sink (counts to EOF, answers the count) or echo ------------
@@ -129,18 +130,25 @@ def connect_proc(tunnel_port: int, ready: Connection, profile: bool, window: int
 # -- measurements (this process is the application) ---------------------------
 
 
+def _counted(port: int, size: int) -> float:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=STALL_TIMEOUT) as sock:
+            return send_counted(sock, size)
+    except TimeoutError:
+        raise SystemExit(f"bench: a 1 MB send or the service's count took over "
+                         f"{STALL_TIMEOUT:g} s (port {port})") from None
+
+
 def throughput(port: int, size: int, parallel: int = 1) -> float:
     """Send ``size`` bytes to the sink via ``port`` over ``parallel`` concurrent
     connections (an equal share each), wait for every count; MB/s of them all."""
     if parallel == 1:
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            return send_counted(sock, size)
+        return _counted(port, size)
     errors: list[BaseException] = []
 
     def one() -> None:
         try:
-            with socket.create_connection(("127.0.0.1", port)) as sock:
-                send_counted(sock, size // parallel)
+            _counted(port, size // parallel)
         except BaseException as exc:  # reported by the caller's thread
             errors.append(exc)
 

@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, Self
 
+from nopf_web.buffers import Buffer
 from nopf_web.delegated import Delegated
 from nopf_web.roles import PeerRole
 from nopf_web.wire import frames as fr
@@ -63,7 +64,7 @@ class Channel(Protocol):
     """What the mux needs from a transport (``SecureChannel`` and
     ``ResumableChannel`` are). Records are ``bytes`` or views of ``bytes``."""
 
-    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+    def write(self, data: Buffer) -> None: ...
     async def drain(self) -> None: ...
     @property
     def writing_paused(self) -> bool: ...
@@ -202,7 +203,7 @@ class Stream:
         self._delivery_paused = False
         self._deliver()
 
-    def feed(self, data: bytes | bytearray | memoryview,
+    def feed(self, data: Buffer,
              on_writable: Callable[[], None]) -> bool:
         """Queue ``data`` without waiting; False means too much is queued: stop
         feeding until ``on_writable`` is called (once)."""
@@ -222,7 +223,7 @@ class Stream:
 
     # -- writing -------------------------------------------------------------
 
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
+    async def write(self, data: Buffer) -> None:
         """Queue ``data`` for sending; waits while this stream has too much queued."""
         if self._error is not None:
             raise self._error

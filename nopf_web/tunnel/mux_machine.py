@@ -40,6 +40,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
+from nopf_web.buffers import Buffer
 from nopf_web.roles import PeerRole
 from nopf_web.wire import frames as fr
 from nopf_web.wire.frames import FrameDecoder, FrameError, ResetCode
@@ -70,7 +71,6 @@ _pack_header = fr.HEADER.pack
 _U64 = (1 << 64) - 1
 
 MuxState = Literal["new", "open", "closed", "failed"]
-Buffer = bytes | bytearray | memoryview
 
 
 # -- events -------------------------------------------------------------------------

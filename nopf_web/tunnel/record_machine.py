@@ -159,6 +159,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from spake2 import SPAKE2_A, SPAKE2_B  # type: ignore[import-untyped]
 
+from nopf_web.buffers import Buffer
 from nopf_web.roles import PeerRole, SpakeSide, other, spake_side
 
 from .errors import (
@@ -211,7 +212,6 @@ _MAX_COUNTER = (1 << 64) - 1
 # A whole record plus the next header, so one recv_into usually completes a record.
 RECEIVE_BUFFER = RECORD_SIZE + HEADER_SIZE
 
-Buffer = bytes | bytearray | memoryview
 
 
 # -- events (what the driver acts on) ---------------------------------------------

@@ -35,13 +35,13 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from nopf_web.buffers import Buffer
 from nopf_web.roles import PeerRole, other
 
 from .errors import HandshakeError, TunnelClosed, TunnelError
 from .record_machine import (
     DEFAULT_KEY_LIMITS,
     HANDSHAKE_TIMEOUT,
-    Buffer,
     KeyLimits,
     Pake,
     TunnelSecrets,

@@ -102,6 +102,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from nopf_web.buffers import Buffer
 from nopf_web.roles import PeerRole
 
 from .errors import PeerLost, TunnelClosed, TunnelError, TunnelProtocolError, TunnelTampered
@@ -110,7 +111,6 @@ from .record_machine import MAX_RECORD
 PathKind = Literal["lan", "public", "relay", "ipv6", "mapped"]
 PATH_KINDS: tuple[PathKind, ...] = ("lan", "public", "relay", "ipv6", "mapped")
 PathStatus = Literal["handshaking", "candidate", "active", "retiring", "closed"]
-Buffer = bytes | bytearray | memoryview
 
 
 def path_rank(kind: PathKind) -> int:

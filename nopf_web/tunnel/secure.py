@@ -19,6 +19,7 @@ import socket
 from collections import deque
 from collections.abc import Callable, Iterable
 
+from nopf_web.buffers import Buffer
 from nopf_web.delegated import Delegated
 from nopf_web.roles import PeerRole
 
@@ -29,7 +30,6 @@ from .record_machine import (
     HANDSHAKE_TIMEOUT,
     HELLO_SIZE,
     MAX_RECORD,
-    Buffer,
     ChannelEnded,
     ChannelFailed,
     HandshakeDone,

@@ -39,6 +39,8 @@ import enum
 import struct
 from typing import NamedTuple
 
+from nopf_web.buffers import Buffer
+
 from .errors import WireError
 
 HEADER = struct.Struct("!BII")  # type u8, stream id u32 BE, payload length u32 BE
@@ -294,7 +296,7 @@ class FrameDecoder:
         """Bytes held while waiting for the rest of a frame."""
         return len(self._buf)
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+    def feed(self, data: Buffer) -> list[Frame]:
         if self._error is not None:
             raise FrameError(f"decoder already failed: {self._error}")
         try:
@@ -320,13 +322,13 @@ class FrameDecoder:
             return stream_id, data[HEADER_SIZE:]
         return None
 
-    def _feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+    def _feed(self, data: Buffer) -> list[Frame]:
         # Parse straight from the caller's bytes when nothing is pending (the
         # usual case: writers put whole frames in a record), so only the tail of
         # a straddling frame is ever copied into the buffer.
         if self._buf:
             self._buf += data
-            src: bytes | bytearray | memoryview = self._buf
+            src: Buffer = self._buf
         else:
             src = data
         frames: list[Frame] = []
