@@ -542,15 +542,14 @@ class MuxMachine:
             # A stream alone in the queue delays nobody: one frame filling the
             # rest of the record. A frame never goes past the budget (the resume
             # layer would carry the excess in a record of its own): a stream
-            # whose turn does not fit starts the next record.
-            room = RECORD_BUDGET - size - fr.HEADER_SIZE
-            turn = min(stream.out_size, stream.credit,
-                       self.max_frame if len(ready) > 1 else fr.MAX_PAYLOAD)
-            if turn > room and size > 0:
+            # whose turn does not fit starts the next record (an empty record
+            # has room for any turn: RECORD_BUDGET > MAX_PAYLOAD + a header).
+            n = min(stream.out_size, stream.credit,
+                    self.max_frame if len(ready) > 1 else fr.MAX_PAYLOAD)
+            if n > RECORD_BUDGET - size - fr.HEADER_SIZE:
                 break
             ready.popleft()
             stream.queued = False
-            n = min(turn, room)
             if n:
                 queued = stream.out_size
                 # 0 < n <= MAX_PAYLOAD and a valid id: no need for the codec's checks.
