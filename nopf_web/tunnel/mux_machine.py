@@ -542,11 +542,10 @@ class MuxMachine:
             # A stream alone in the queue delays nobody: one frame filling the
             # rest of the record. A frame never goes past the budget (the resume
             # layer would carry the excess in a record of its own): a stream
-            # whose turn does not fit starts the next record (an empty record
-            # has room for any turn: RECORD_BUDGET > MAX_PAYLOAD + a header).
-            n = min(stream.out_size, stream.credit,
-                    self.max_frame if len(ready) > 1 else fr.MAX_PAYLOAD)
-            if n > RECORD_BUDGET - size - fr.HEADER_SIZE:
+            # whose turn does not fit starts the next record.
+            room = min(RECORD_BUDGET - size - fr.HEADER_SIZE, fr.MAX_PAYLOAD)
+            n = min(stream.out_size, stream.credit, self.max_frame if len(ready) > 1 else room)
+            if n > room or room <= 0:
                 break
             ready.popleft()
             stream.queued = False
@@ -563,8 +562,10 @@ class MuxMachine:
                 if stream.waiting and stream.out_size < STREAM_SEND_BUFFER:
                     stream.waiting = False
                     events.append(StreamWritable(stream.stream_id))
-            if not stream.out_size and stream.fin_pending and not stream.fin_sent:
+            if not stream.out_size and stream.fin_pending and not stream.fin_sent \
+                    and size + fr.HEADER_SIZE <= RECORD_BUDGET:
                 parts.append(fr.encode_fin(stream.stream_id))
+                size += fr.HEADER_SIZE
                 stream.fin_sent = True
                 self._maybe_forget(stream, events)
             self._schedule(stream)  # back of the queue if it still has data and credit

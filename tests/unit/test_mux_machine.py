@@ -273,10 +273,10 @@ def test_control_frames_first_then_data_round_robin_in_small_frames() -> None:
 
 @given(reads=st.lists(st.lists(st.integers(1, 600_000), min_size=1, max_size=4),
                      min_size=1, max_size=12),
-       credit=st.integers(1, 4 * 1024 * 1024))
+       credit=st.integers(1, 4 * 1024 * 1024), end=st.booleans())
 @FEW
 def test_a_record_stays_within_its_budget_and_holds_whole_frames(
-        reads: list[list[int]], credit: int) -> None:
+        reads: list[list[int]], credit: int, end: bool) -> None:
     """However many streams share the tunnel and however large their reads, a
     record's frames fit its budget (the resume layer carries one record's frames
     as one message, so an excess would travel as a record of its own), and every
@@ -290,7 +290,11 @@ def test_a_record_stays_within_its_budget_and_holds_whole_frames(
         state.credit = credit  # as the peer's WINDOW_UPDATEs would give
         for size in sizes:
             a.m.send(sid, bytes(size))
+        if end:
+            a.m.end_stream(sid)
     sent: dict[int, int] = {}
+    fins = set()
+    limit = {sid: min(sum(sizes), credit) for sid, sizes in zip(streams, reads, strict=True)}
     for record in a.records():
         size = sum(len(p) for p in record)
         assert size <= RECORD_BUDGET
@@ -298,9 +302,28 @@ def test_a_record_stays_within_its_budget_and_holds_whole_frames(
         for frame in decoder.feed(b"".join(record)):
             if isinstance(frame, fr.DataFrame):
                 sent[frame.stream_id] = sent.get(frame.stream_id, 0) + len(frame.data)
+            elif isinstance(frame, fr.FinFrame):
+                assert sent.get(frame.stream_id, 0) == limit[frame.stream_id]
+                fins.add(frame.stream_id)
         assert decoder.buffered == 0  # no frame cut at the record's end
     for sid, sizes in zip(streams, reads, strict=True):
         assert sent.get(sid, 0) == min(sum(sizes), credit)
+    # A FIN follows all of a stream's data (so none while credit holds data back).
+    assert fins == {sid for sid, sizes in zip(streams, reads, strict=True)
+                    if end and sum(sizes) <= credit}
+
+
+def test_a_fin_that_does_not_fit_starts_the_next_record() -> None:
+    a = End("server")
+    s1, s2 = a.m.open_stream(), a.m.open_stream()
+    a.records()
+    a.m.send(s1, bytes(2000))
+    room = RECORD_BUDGET - 2 * fr.HEADER_SIZE - 2000
+    a.m.send(s2, bytes(room))  # fills the record to the byte
+    a.m.end_stream(s2)
+    first, second = a.records()
+    assert sum(len(p) for p in first) == RECORD_BUDGET
+    assert FrameDecoder().feed(b"".join(second)) == [fr.FinFrame(s2)]
 
 
 def test_a_lone_stream_fills_the_record_with_one_frame() -> None:
