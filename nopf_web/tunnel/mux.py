@@ -36,8 +36,8 @@ from .errors import PeerLost, StreamClosed, TunnelClosed, TunnelError
 from .mux_machine import (
     AUTO_WINDOW_BUDGET,
     AUTO_WINDOW_MAX,
-    DEFAULT_MAX_FRAME,
     DEFAULT_MAX_STREAMS,
+    DEFAULT_MIN_TURN,
     RECORD_BUDGET,
     STREAM_SEND_BUFFER,
     MuxEvent,
@@ -53,8 +53,8 @@ from .mux_machine import (
     TunnelEnded,
 )
 
-__all__ = ["AUTO_WINDOW_BUDGET", "AUTO_WINDOW_MAX", "CLOSE_FLUSH_TIMEOUT", "DEFAULT_MAX_FRAME",
-           "DEFAULT_MAX_STREAMS", "RECORD_BUDGET", "STREAM_SEND_BUFFER", "Channel", "Mux",
+__all__ = ["AUTO_WINDOW_BUDGET", "AUTO_WINDOW_MAX", "CLOSE_FLUSH_TIMEOUT", "DEFAULT_MAX_STREAMS",
+           "DEFAULT_MIN_TURN", "RECORD_BUDGET", "STREAM_SEND_BUFFER", "Channel", "Mux",
            "MuxState", "Stream"]
 
 CLOSE_FLUSH_TIMEOUT = 2.0
@@ -293,10 +293,10 @@ class Mux:
 
     def __init__(self, channel: Channel, *, role: PeerRole, keepalive: float = 15.0,
                  dead_after: float = 45.0, window: int = fr.INITIAL_WINDOW,
-                 max_frame: int = DEFAULT_MAX_FRAME,
+                 min_turn: int = DEFAULT_MIN_TURN,
                  max_streams: int = DEFAULT_MAX_STREAMS, name: str = "mux") -> None:
         self._machine = MuxMachine(role=role, keepalive=keepalive, dead_after=dead_after,
-                                   window=window, max_frame=max_frame, max_streams=max_streams,
+                                   window=window, min_turn=min_turn, max_streams=max_streams,
                                    name=name)
         self._channel = channel
         # Optional (SecureChannel has it): write a list of buffers without joining them.
@@ -320,7 +320,7 @@ class Mux:
     keepalive = Delegated[float]("_machine")
     dead_after = Delegated[float]("_machine")
     window = Delegated[int]("_machine")
-    max_frame = Delegated[int]("_machine")
+    min_turn = Delegated[int]("_machine")
     max_streams = Delegated[int]("_machine")
     bytes_in = Delegated[int](
         "_machine", doc="Stream payload bytes received, all streams together.")

@@ -23,11 +23,15 @@ stream opens. A stream alone on the tunnel whose application keeps up gets a
 larger window for a while (see :meth:`MuxMachine._resize_window`).
 
 Scheduling: each record carries the control frames first (OPEN,
-WINDOW_UPDATE, RST, PING/PONG, GOAWAY), then DATA frames of at most
-``max_frame`` bytes, round-robin over the streams with data and credit, up to
-``RECORD_BUDGET`` bytes, so a bulk stream cannot starve an interactive one. A
-stream alone in the queue gets one frame filling the rest of the record. No
-frame goes past the budget: a turn that does not fit starts the next record.
+WINDOW_UPDATE, RST, PING/PONG, GOAWAY), then DATA frames round-robin over the
+streams with data and credit, up to ``RECORD_BUDGET`` bytes. The streams queued
+when a record starts share it: a turn is the room left divided among them, and
+never less than ``min_turn`` (16 KiB). Unless some 16 streams or more are
+queued, every one of them has a frame in the record, so a bulk stream cannot
+hold an interactive one back past it. (Where a frame sits inside a record does not
+delay it: the peer opens a record whole.) A stream alone in the queue gets one
+frame filling the rest of the record. No frame goes past the budget: a turn
+that does not fit starts the next record.
 
 Liveness: a PING every ``keepalive`` seconds; nothing received for
 ``dead_after`` seconds ends the tunnel with :class:`PeerLost`.
@@ -54,7 +58,9 @@ from .errors import (
     TunnelProtocolError,
 )
 
-DEFAULT_MAX_FRAME = 16 * 1024
+# The smallest share of a record a queued stream gets per turn (with more than
+# 16 streams queued, each gets this much, and some wait for the next record).
+DEFAULT_MIN_TURN = 16 * 1024
 # Bytes of frames in one record: one DATA frame of MAX_PAYLOAD (256 KiB, a
 # quarter of a bulk sender's local read), plus room for control frames.
 RECORD_BUDGET = 257 * 1024
@@ -199,14 +205,14 @@ class MuxMachine:
     """
 
     def __init__(self, *, role: PeerRole, keepalive: float = 15.0, dead_after: float = 45.0,
-                 window: int = fr.INITIAL_WINDOW, max_frame: int = DEFAULT_MAX_FRAME,
+                 window: int = fr.INITIAL_WINDOW, min_turn: int = DEFAULT_MIN_TURN,
                  max_streams: int = DEFAULT_MAX_STREAMS, name: str = "mux") -> None:
         if role not in ("server", "client"):
             raise ValueError(f"role must be 'server' or 'client', not {role!r}")
         if not 0 < keepalive < dead_after:
             raise ValueError("need 0 < keepalive < dead_after")
-        if not 0 < max_frame <= fr.MAX_PAYLOAD:
-            raise ValueError(f"max_frame must be 1..{fr.MAX_PAYLOAD}")
+        if not 0 < min_turn <= fr.MAX_PAYLOAD:
+            raise ValueError(f"min_turn must be 1..{fr.MAX_PAYLOAD}")
         if not fr.INITIAL_WINDOW <= window <= fr.MAX_INCREMENT:
             raise ValueError(f"window must be {fr.INITIAL_WINDOW}..{fr.MAX_INCREMENT}")
         self.role: PeerRole = role
@@ -214,7 +220,7 @@ class MuxMachine:
         self.keepalive = keepalive
         self.dead_after = dead_after
         self.window = window
-        self.max_frame = max_frame
+        self.min_turn = min_turn
         self.max_streams = max_streams
         # Counters: stream payload bytes, all streams together.
         self.bytes_in = 0
@@ -533,6 +539,11 @@ class MuxMachine:
             frame = control.popleft()
             parts.append(frame)
             size += len(frame)
+        # The streams queued now share the record (see the module docstring). With
+        # 16 KiB turns, ten bulk streams cut every record into 16 frames: each a
+        # header, a slice, an event and a local send at the peer.
+        turn = max(self.min_turn,
+                   (RECORD_BUDGET - size) // max(len(ready), 1) - fr.HEADER_SIZE)
         while ready:
             stream = ready[0]
             if stream.failed:
@@ -544,7 +555,7 @@ class MuxMachine:
             # layer would carry the excess in a record of its own): a stream
             # whose turn does not fit starts the next record.
             room = min(RECORD_BUDGET - size - fr.HEADER_SIZE, fr.MAX_PAYLOAD)
-            n = min(stream.out_size, stream.credit, self.max_frame if len(ready) > 1 else room)
+            n = min(stream.out_size, stream.credit, turn if len(ready) > 1 else room)
             if n > room or room <= 0:
                 break
             ready.popleft()

@@ -24,7 +24,7 @@ from nopf_web.tunnel.errors import (
 from nopf_web.tunnel.mux_machine import (
     AUTO_WINDOW_BUDGET,
     AUTO_WINDOW_MAX,
-    DEFAULT_MAX_FRAME,
+    DEFAULT_MIN_TURN,
     RECORD_BUDGET,
     STREAM_SEND_BUFFER,
     MuxEvent,
@@ -257,18 +257,38 @@ def test_the_growth_budget_bounds_the_windows() -> None:
 # -- scheduling -----------------------------------------------------------------------
 
 
-def test_control_frames_first_then_data_round_robin_in_small_frames() -> None:
+def test_control_frames_first_then_the_queued_streams_share_the_record() -> None:
     a = End("server")
-    s1, s2 = a.m.open_stream(), a.m.open_stream()
-    a.m.send(s1, bytes(100_000))
-    a.m.send(s2, bytes(100_000))
-    a.m.end_stream(s2)
+    s1, s2, s3 = a.m.open_stream(), a.m.open_stream(), a.m.open_stream()
+    for sid in (s1, s2, s3):
+        a.m.send(sid, bytes(120_000))
+    a.m.end_stream(s3)
+    first, second = a.records()
+    frames = FrameDecoder().feed(b"".join(first))
+    assert frames[:3] == [fr.OpenFrame(s1), fr.OpenFrame(s2), fr.OpenFrame(s3)]
+    opens = 3 * fr.HEADER_SIZE
+    turn = (RECORD_BUDGET - opens) // 3 - fr.HEADER_SIZE  # a third of the room each
+    assert [(f.stream_id, len(f.data)) for f in frames[3:] if isinstance(f, fr.DataFrame)] == [
+        (s1, turn), (s2, turn), (s3, turn)]
+    assert len(frames) == 6
+    frames = FrameDecoder().feed(b"".join(second))  # the rest, in the same order
+    assert [(f.stream_id, len(f.data)) for f in frames if isinstance(f, fr.DataFrame)] == [
+        (s1, 120_000 - turn), (s2, 120_000 - turn), (s3, 120_000 - turn)]
+    assert frames[-1] == fr.FinFrame(s3)
+    assert all(sum(len(p) for p in r) <= RECORD_BUDGET for r in (first, second))
+
+
+def test_with_many_streams_queued_a_turn_is_min_turn() -> None:
+    a = End("server")
+    streams = [a.m.open_stream() for _ in range(20)]
+    a.records()
+    for sid in streams:
+        a.m.send(sid, bytes(100_000))
     first = a.records()[0]
     frames = FrameDecoder().feed(b"".join(first))
-    assert frames[:2] == [fr.OpenFrame(s1), fr.OpenFrame(s2)]
-    data = [(f.stream_id, len(f.data)) for f in frames[2:] if isinstance(f, fr.DataFrame)]
-    assert data[:4] == [(s1, DEFAULT_MAX_FRAME), (s2, DEFAULT_MAX_FRAME)] * 2
-    assert sum(len(p) for p in first) <= RECORD_BUDGET
+    assert {len(f.data) for f in frames if isinstance(f, fr.DataFrame)} == {DEFAULT_MIN_TURN}
+    assert len(frames) == RECORD_BUDGET // (fr.HEADER_SIZE + DEFAULT_MIN_TURN) == 16
+    assert [f.stream_id for f in frames if isinstance(f, fr.DataFrame)] == streams[:16]
 
 
 @given(reads=st.lists(st.lists(st.integers(1, 600_000), min_size=1, max_size=4),
@@ -279,8 +299,9 @@ def test_a_record_stays_within_its_budget_and_holds_whole_frames(
         reads: list[list[int]], credit: int, end: bool) -> None:
     """However many streams share the tunnel and however large their reads, a
     record's frames fit its budget (the resume layer carries one record's frames
-    as one message, so an excess would travel as a record of its own), and every
-    frame starts and ends in its record."""
+    as one message, so an excess would travel as a record of its own), every
+    frame starts and ends in its record, and unless 16 or more streams are
+    queued, each queued stream has a frame in every record."""
     a = End("client")
     streams = [a.m.open_stream() for _ in reads]
     a.records()
@@ -296,16 +317,21 @@ def test_a_record_stays_within_its_budget_and_holds_whole_frames(
     fins = set()
     limit = {sid: min(sum(sizes), credit) for sid, sizes in zip(streams, reads, strict=True)}
     for record in a.records():
+        queued = {sid for sid in streams if sent.get(sid, 0) < limit[sid]}
         size = sum(len(p) for p in record)
         assert size <= RECORD_BUDGET
         decoder = FrameDecoder()
+        carried = set()
         for frame in decoder.feed(b"".join(record)):
             if isinstance(frame, fr.DataFrame):
                 sent[frame.stream_id] = sent.get(frame.stream_id, 0) + len(frame.data)
+                carried.add(frame.stream_id)
             elif isinstance(frame, fr.FinFrame):
                 assert sent.get(frame.stream_id, 0) == limit[frame.stream_id]
                 fins.add(frame.stream_id)
         assert decoder.buffered == 0  # no frame cut at the record's end
+        if len(queued) < 16:
+            assert carried == queued
     for sid, sizes in zip(streams, reads, strict=True):
         assert sent.get(sid, 0) == min(sum(sizes), credit)
     # A FIN follows all of a stream's data (so none while credit holds data back).
@@ -575,8 +601,8 @@ def test_the_channel_ending_ends_the_tunnel(exc: Exception | None, kind: type,
 def test_options_are_checked() -> None:
     with pytest.raises(ValueError, match="keepalive < dead_after"):
         MuxMachine(role="server", keepalive=10, dead_after=5)
-    with pytest.raises(ValueError, match="max_frame"):
-        MuxMachine(role="server", max_frame=fr.MAX_PAYLOAD + 1)
+    with pytest.raises(ValueError, match="min_turn"):
+        MuxMachine(role="server", min_turn=fr.MAX_PAYLOAD + 1)
     with pytest.raises(ValueError, match="window"):
         MuxMachine(role="server", window=INITIAL_WINDOW - 1)
     m = MuxMachine(role="server")
