@@ -1,10 +1,10 @@
 """User and system CPU per GB at each end, and system calls per record (issue 16).
 
     sudo .venv/bin/python -m bench.cpu_split [--paths encrypted,ssh_gcm,...]
-        [--rounds 5] [--size-gb 1] [--strace-mb 512]
+        [--rounds 5] [--size-gb 1] [--strace-mb 512] [--streams 1]
 
 The throughput scenario's lab, paths and transfer (:func:`bench.scn_throughput._one`,
-one stream), alternating rounds; for each path and end (b1: the sender's side,
+one stream or ``--streams`` at once), alternating rounds; for each path and end (b1: the sender's side,
 a1: the service's side) the median user and system CPU seconds per GB of the
 path's processes and their descendants (``/proc/PID/stat``, children's times
 included). Then, with ``--strace-mb``, one more transfer per path with
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--size-gb", type=float, default=1.0)
     ap.add_argument("--strace-mb", type=int, default=512, help="0: no strace transfer")
+    ap.add_argument("--streams", type=int, default=1, help="connections at once")
     args = ap.parse_args(argv)
     names = tuple(n.strip() for n in args.paths.split(",") if n.strip())
     size = int(args.size_gb * 1e9)
@@ -61,12 +62,12 @@ def main(argv: list[str] | None = None) -> None:
             progress(f"not measured: {absent}")
         names = tuple(n for n in names if n in paths)
         for name in names:
-            _one(bench, paths[name], 64_000_000, 1)  # warm-up, not counted
+            _one(bench, paths[name], 64_000_000, args.streams)  # warm-up, not counted
         for r in range(args.rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 ends = paths[name].ends()
                 before = {e: user_system(p) for e, p in ends.items()}
-                mbs, _ = _one(bench, paths[name], size, 1)
+                mbs, _ = _one(bench, paths[name], size, args.streams)
                 for end, pids in ends.items():
                     (u1, s1), (u0, s0) = user_system(pids), before[end]
                     per_gb[name][end].append(((u1 - u0) / (size / 1e9),
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                         ["strace", "-c", "-f", *flags], stdout=subprocess.DEVNULL,
                         stderr=subprocess.PIPE, text=True)))
                 time.sleep(1)  # attached
-                mbs, _ = _one(bench, paths[name], size, 1)
+                mbs, _ = _one(bench, paths[name], size, args.streams)
                 time.sleep(0.5)
                 for end, tracer in tracers:
                     tracer.send_signal(signal.SIGINT)
