@@ -4,12 +4,13 @@
         [--rounds 5] [--size-gb 1] [--strace-mb 512] [--streams 1]
 
 The throughput scenario's lab, paths and transfer (:func:`bench.scn_throughput._one`,
-one stream or ``--streams`` at once), alternating rounds; for each path and end (b1: the sender's side,
-a1: the service's side) the median user and system CPU seconds per GB of the
-path's processes and their descendants (``/proc/PID/stat``, children's times
-included). Then, with ``--strace-mb``, one more transfer per path with
-``strace -c -f`` attached to every process of each end: system calls per
-256 KiB of data moved (a full record of the tunnel and of ``bench.pump_floor``).
+one stream or ``--streams`` at once), alternating rounds; for each path and end
+(b1: the sender's side, a1: the service's side) the median user and system CPU
+seconds per GB of the path's processes and their descendants
+(``/proc/PID/stat``, children's times included). Then, with ``--strace-mb``,
+one more transfer per path with ``strace -c -f`` attached to every process of
+each end: system calls per 256 KiB of data moved (a full record of the tunnel
+and of ``bench.pump_floor``).
 """
 
 from __future__ import annotations
