@@ -213,7 +213,6 @@ _MAX_COUNTER = (1 << 64) - 1
 RECEIVE_BUFFER = RECORD_SIZE + HEADER_SIZE
 
 
-
 # -- events (what the driver acts on) ---------------------------------------------
 # Values, never changed after they are made; not frozen, since a frozen dataclass
 # costs 2.5 times as much to make, and some are made once per record.
