@@ -189,7 +189,7 @@ class Tunnel:
         if due is not None and now >= due:
             self._mux_events(mux.timer(now), deliver)
         if resume.state == "open" and not resume.writing_paused and mux.wants_to_send:
-            parts, events = mux.data_to_send()
+            parts, events = mux.data_to_send(now)
             if parts:  # before the events: StreamDone closes the tunnel
                 self._resume_events(resume.send(parts, now), deliver, now)
             self._mux_events(events, deliver)

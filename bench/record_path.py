@@ -65,7 +65,7 @@ class End:
     def flush(self, now: float) -> None:
         mux = self.mux
         while mux.wants_to_send:
-            parts, events = mux.data_to_send()
+            parts, events = mux.data_to_send(now)
             if not parts:
                 break
             self._writelines(parts, now)

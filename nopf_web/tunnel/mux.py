@@ -38,7 +38,6 @@ from .mux_machine import (
     AUTO_WINDOW_MAX,
     DEFAULT_MAX_STREAMS,
     DEFAULT_MIN_TURN,
-    RECORD_BUDGET,
     STREAM_SEND_BUFFER,
     MuxEvent,
     MuxMachine,
@@ -54,7 +53,7 @@ from .mux_machine import (
 )
 
 __all__ = ["AUTO_WINDOW_BUDGET", "AUTO_WINDOW_MAX", "CLOSE_FLUSH_TIMEOUT", "DEFAULT_MAX_STREAMS",
-           "DEFAULT_MIN_TURN", "RECORD_BUDGET", "STREAM_SEND_BUFFER", "Channel", "Mux",
+           "DEFAULT_MIN_TURN", "STREAM_SEND_BUFFER", "Channel", "Mux",
            "MuxState", "Stream"]
 
 CLOSE_FLUSH_TIMEOUT = 2.0
@@ -440,14 +439,15 @@ class Mux:
     def _flush(self) -> None:
         """Send what the machine has, a record at a time, until it has nothing or
         the channel must drain first (the writer task waits for that)."""
-        machine = self._machine
+        machine, loop = self._machine, self._loop
+        assert loop is not None  # started: a flush is scheduled on it
         try:
             while machine.wants_to_send:
                 if self._channel.writing_paused:
                     self._draining = True
                     self._wake.set()
                     return
-                parts, events = machine.data_to_send()
+                parts, events = machine.data_to_send(loop.time())
                 if not parts:
                     break
                 if self._writelines is not None:

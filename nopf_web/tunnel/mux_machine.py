@@ -24,7 +24,7 @@ larger window for a while (see :meth:`MuxMachine._resize_window`).
 
 Scheduling: each record carries the control frames first (OPEN,
 WINDOW_UPDATE, RST, PING/PONG, GOAWAY), then DATA frames round-robin over the
-streams with data and credit, up to ``RECORD_BUDGET`` bytes. The streams queued
+streams with data and credit, up to the record budget (below). The streams queued
 when a record starts share it: a turn is the room left divided among them, and
 never less than ``min_turn`` (16 KiB). Unless some 16 streams or more are
 queued, every one of them has a frame in the record, so a bulk stream cannot
@@ -32,6 +32,18 @@ hold an interactive one back past it. (Where a frame sits inside a record does n
 delay it: the peer opens a record whole.) A stream alone in the queue gets one
 frame filling the rest of the record. No frame goes past the budget: a turn
 that does not fit starts the next record.
+
+Record size: every peer takes records of ``BASE_RECORD_BUDGET`` (257 KiB)
+bytes of frames. At start the machine announces in a PING that it takes up to
+``RECORD_BUDGET`` (1,021 KiB; :func:`nopf_web.wire.frames.announced_records`);
+an older peer just answers it. Once the peer has announced, records grow with
+the rate the tunnel carries: a record holds what the tunnel carried in
+``RECORD_TIME`` (8 ms) at the rate measured over the last ``RATE_INTERVAL``
+(100 ms) or more, between the two budgets. They start at the base size; a
+pause of ``RATE_INTERVAL`` or more with nothing queued is left out, and the
+budget outlives it. On a fast path large records cut the interpreter's
+per-record work to a quarter; on a slow one they would hold an interactive
+frame back four times as long, so there they stay at the base size.
 
 Liveness: a PING every ``keepalive`` seconds; nothing received for
 ``dead_after`` seconds ends the tunnel with :class:`PeerLost`.
@@ -47,7 +59,13 @@ from typing import Literal
 from nopf_web.buffers import Buffer
 from nopf_web.roles import PeerRole
 from nopf_web.wire import frames as fr
-from nopf_web.wire.frames import FrameDecoder, FrameError, ResetCode
+from nopf_web.wire.frames import (
+    BASE_RECORD_BUDGET,
+    RECORD_BUDGET,
+    FrameDecoder,
+    FrameError,
+    ResetCode,
+)
 
 from .errors import (
     PeerLost,
@@ -61,10 +79,16 @@ from .errors import (
 # The smallest share of a record a queued stream gets per turn (with more than
 # 16 streams queued, each gets this much, and some wait for the next record).
 DEFAULT_MIN_TURN = 16 * 1024
-# Bytes of frames in one record: one DATA frame of MAX_PAYLOAD (256 KiB, a
-# quarter of a bulk sender's local read), plus room for control frames.
-RECORD_BUDGET = 257 * 1024
-STREAM_SEND_BUFFER = 256 * 1024  # queued bytes per stream before the sender must wait
+# A record's budget in bytes of frames is between BASE_RECORD_BUDGET and what the peer
+# announced (up to RECORD_BUDGET): what the tunnel carried in RECORD_TIME seconds, at
+# the rate measured over the last RATE_INTERVAL or more. Its largest DATA frame is the
+# budget less 1 KiB (room for control frames): 256 KiB to 1,020 KiB.
+RECORD_TIME = 0.008
+RATE_INTERVAL = 0.1
+_CONTROL_ROOM = RECORD_BUDGET - fr.MAX_PAYLOAD
+# Queued bytes per stream before the sender must wait: a full frame of the largest
+# record, so a bulk stream's next local read is queued before its record goes.
+STREAM_SEND_BUFFER = 1024 * 1024
 DEFAULT_MAX_STREAMS = 4096
 # The receive window of a lone stream whose application keeps up doubles up to
 # this (see MuxMachine._resize_window); the budget bounds all streams' growth together.
@@ -211,8 +235,8 @@ class MuxMachine:
             raise ValueError(f"role must be 'server' or 'client', not {role!r}")
         if not 0 < keepalive < dead_after:
             raise ValueError("need 0 < keepalive < dead_after")
-        if not 0 < min_turn <= fr.MAX_PAYLOAD:
-            raise ValueError(f"min_turn must be 1..{fr.MAX_PAYLOAD}")
+        if not 0 < min_turn <= fr.BASE_MAX_PAYLOAD:
+            raise ValueError(f"min_turn must be 1..{fr.BASE_MAX_PAYLOAD}")
         if not fr.INITIAL_WINDOW <= window <= fr.MAX_INCREMENT:
             raise ValueError(f"window must be {fr.INITIAL_WINDOW}..{fr.MAX_INCREMENT}")
         self.role: PeerRole = role
@@ -239,6 +263,13 @@ class MuxMachine:
         self._end_reason: TunnelError | None = None  # TunnelClosed if it ended cleanly
         self._last_rx = 0.0
         self._next_ping = 0.0
+        # Record size (see the module docstring).
+        self._peer_budget = BASE_RECORD_BUDGET  # the most the peer takes
+        self._budget = BASE_RECORD_BUDGET  # the current records'
+        self._rate_since = 0.0
+        self._rate_bytes = 0
+        self._queued = 0  # DATA bytes queued, all streams together
+        self._idle_since: float | None = None  # nothing was queued after a record then
 
     # -- observation ------------------------------------------------------------
 
@@ -265,6 +296,16 @@ class MuxMachine:
         """Window growth still available to lone streams, in bytes."""
         return self._window_budget
 
+    @property
+    def record_budget(self) -> int:
+        """Bytes of frames the next record may hold."""
+        return self._budget
+
+    @property
+    def peer_record_budget(self) -> int:
+        """The most the peer takes (``BASE_RECORD_BUDGET`` until it announces more)."""
+        return self._peer_budget
+
     def stream(self, stream_id: int) -> StreamState | None:
         return self._streams.get(stream_id)
 
@@ -288,6 +329,8 @@ class MuxMachine:
         self._state = "open"
         self._last_rx = now
         self._next_ping = now + self.keepalive
+        self._rate_since = now
+        self._control.append(fr.encode_ping(fr.announce_records(RECORD_BUDGET)))
 
     def goaway(self, code: int = 0, message: str = "closing") -> None:
         """Queue GOAWAY (a clean close); :meth:`end` once it is sent (or given up)."""
@@ -360,6 +403,7 @@ class MuxMachine:
             view = memoryview(data if type(data) is bytes else bytes(data))
             stream.out.append(view)
             stream.out_size += n
+            self._queued += n
             self._schedule(stream)
         queued = stream.out_size
         if queued < STREAM_SEND_BUFFER:
@@ -494,8 +538,12 @@ class MuxMachine:
                     events.append(self._reset(stream, code, message, local=False))
             case fr.PingFrame(opaque):
                 self._control.append(fr.encode_pong(opaque))
+                budget = fr.announced_records(opaque)
+                if budget is not None:
+                    self._peer_budget = budget
             case fr.PongFrame(opaque):
-                self.rtt = (int(now * 1e9) - _PING.unpack(opaque)[0]) / 1e9
+                if not fr.is_announcement(opaque):  # the answer to our announcement
+                    self.rtt = (int(now * 1e9) - _PING.unpack(opaque)[0]) / 1e9
             case fr.GoAwayFrame(_code, message):
                 why = f": {message}" if message and message != "closing" else ""
                 raise TunnelClosed(f"the peer closed the tunnel{why}")
@@ -524,16 +572,18 @@ class MuxMachine:
 
     # -- sending ----------------------------------------------------------------
 
-    def data_to_send(self) -> tuple[list[bytes | memoryview], list[MuxEvent]]:
+    def data_to_send(self, now: float) -> tuple[list[bytes | memoryview], list[MuxEvent]]:
         """The frames for one record (all control frames, then DATA round-robin),
         as buffers to send in order without joining them, and the events sending
         them caused (:class:`StreamWritable`, :class:`StreamDone`). Empty when
-        there is nothing to send."""
+        there is nothing to send. ``now``: the time, which sizes the records."""
         parts: list[bytes | memoryview] = []
         events: list[MuxEvent] = []
         if self._state != "open":
             return parts, events
         size = 0
+        budget = self._budget
+        max_frame = budget - _CONTROL_ROOM
         control, ready = self._control, self._ready
         while control:
             frame = control.popleft()
@@ -542,8 +592,7 @@ class MuxMachine:
         # The streams queued now share the record (see the module docstring). With
         # 16 KiB turns, ten bulk streams cut every record into 16 frames: each a
         # header, a slice, an event and a local send at the peer.
-        turn = max(self.min_turn,
-                   (RECORD_BUDGET - size) // max(len(ready), 1) - fr.HEADER_SIZE)
+        turn = max(self.min_turn, (budget - size) // max(len(ready), 1) - fr.HEADER_SIZE)
         while ready:
             stream = ready[0]
             if stream.failed:
@@ -554,7 +603,7 @@ class MuxMachine:
             # rest of the record. A frame never goes past the budget (the resume
             # layer would carry the excess in a record of its own): a stream
             # whose turn does not fit starts the next record.
-            room = min(RECORD_BUDGET - size - fr.HEADER_SIZE, fr.MAX_PAYLOAD)
+            room = min(budget - size - fr.HEADER_SIZE, max_frame)
             n = min(stream.out_size, stream.credit, turn if len(ready) > 1 else room)
             if n > room or room <= 0:
                 break
@@ -562,10 +611,11 @@ class MuxMachine:
             stream.queued = False
             if n:
                 queued = stream.out_size
-                # 0 < n <= MAX_PAYLOAD and a valid id: no need for the codec's checks.
+                # 0 < n <= max_frame <= MAX_PAYLOAD and a valid id: no need for the codec's checks.
                 parts.append(_pack_header(_DATA, stream.stream_id, n))
                 parts += stream._take(n)
                 stream.out_size = queued - n
+                self._queued -= n
                 stream.credit -= n
                 stream.bytes_out += n
                 self.bytes_out += n
@@ -574,13 +624,36 @@ class MuxMachine:
                     stream.waiting = False
                     events.append(StreamWritable(stream.stream_id))
             if not stream.out_size and stream.fin_pending and not stream.fin_sent \
-                    and size + fr.HEADER_SIZE <= RECORD_BUDGET:
+                    and size + fr.HEADER_SIZE <= budget:
                 parts.append(fr.encode_fin(stream.stream_id))
                 size += fr.HEADER_SIZE
                 stream.fin_sent = True
                 self._maybe_forget(stream, events)
             self._schedule(stream)  # back of the queue if it still has data and credit
+        if self._peer_budget > BASE_RECORD_BUDGET:
+            self._size_records(size, now)
         return parts, events
+
+    def _size_records(self, size: int, now: float) -> None:
+        """Count a record; each ``RATE_INTERVAL`` or more, size the next records for
+        the rate the tunnel carried: a channel paused by a slow path and streams
+        waiting for credit lower it. A ``RATE_INTERVAL`` or more with nothing
+        queued is not the path's time: the record after it starts a new interval,
+        and the budget stays as it was. (Shorter gaps count: a bulk stream's queue
+        empties for a moment between two local reads.)"""
+        if self._idle_since is not None:
+            if now - self._idle_since >= RATE_INTERVAL:
+                self._rate_since, self._rate_bytes = now, 0
+            self._idle_since = None
+        if not self._queued and not self._control:
+            self._idle_since = now
+        self._rate_bytes += size
+        elapsed = now - self._rate_since
+        if elapsed >= RATE_INTERVAL:
+            fits = int(self._rate_bytes / elapsed * RECORD_TIME)
+            self._budget = min(self._peer_budget, max(BASE_RECORD_BUDGET, fits))
+            self._rate_since = now
+            self._rate_bytes = 0
 
     # -- internals --------------------------------------------------------------
 
@@ -623,6 +696,7 @@ class MuxMachine:
     def _forget(self, stream: StreamState) -> None:
         stream.failed = True
         stream.out.clear()
+        self._queued -= stream.out_size
         stream.out_size = 0
         self._streams.pop(stream.stream_id, None)
         self._release_window(stream)
@@ -662,6 +736,7 @@ class MuxMachine:
             stream.out.clear()
             stream.out_size = 0
             self._release_window(stream)
+        self._queued = 0
         self._streams.clear()
         self._control.clear()
         self._ready.clear()

@@ -161,6 +161,7 @@ from spake2 import SPAKE2_A, SPAKE2_B  # type: ignore[import-untyped]
 
 from nopf_web.buffers import Buffer
 from nopf_web.roles import PeerRole, SpakeSide, other, spake_side
+from nopf_web.wire.frames import RECORD_BUDGET
 
 from .errors import (
     HandshakeError,
@@ -196,9 +197,11 @@ LABEL_PATH_B_TO_A = b"nopf v1 path B->A"
 RESUME_ID_SIZE = 16
 
 TAG_SIZE = 16
-# Plaintext bytes per record: a 256 KiB DATA frame, control frames, and 64 bytes
-# for the resume layer's header (17 bytes), so a full mux record stays one record.
-MAX_RECORD = 257 * 1024 + 64
+# Plaintext bytes per record: a full mux record (RECORD_BUDGET bytes of frames: a
+# 1,020 KiB DATA frame and control frames) and 64 bytes for the resume layer's
+# header (17 bytes), so it stays one record. Peers before large records took
+# BASE_RECORD_BUDGET + 64; the mux keeps to that until the peer announces more.
+MAX_RECORD = RECORD_BUDGET + 64
 RECORD_HEADER = struct.Struct("!I")  # type (high byte) and u24 length, read as one word
 HEADER_SIZE = RECORD_HEADER.size
 DATA, KEY_UPDATE = 0, 1  # record types

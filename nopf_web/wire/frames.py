@@ -17,7 +17,8 @@ Every frame has a 9-byte header, then its payload::
     3     WINDOW_UPDATE  != 0       4 bytes: u32 BE credit increment, 1..2^31-1
     4     FIN            != 0       empty: the sender will send no more data
     5     RST            != 0       u32 BE reason code, then 0..MAX_REASON bytes UTF-8 text
-    6     PING           0          8 opaque bytes, echoed in a PONG
+    6     PING           0          8 bytes, echoed in a PONG: opaque, or an
+                                    announcement (see PING payloads below)
     7     PONG           0          the 8 bytes of the PING it answers
     8     GOAWAY         0          u32 BE reason code, then 0..MAX_REASON bytes UTF-8 text
 
@@ -26,6 +27,22 @@ both can open streams without agreeing first. Flow control is per stream:
 each side may send a stream at most its credit of DATA bytes; the initial
 credit is fixed by the protocol (``INITIAL_WINDOW``) and grows by each
 WINDOW_UPDATE the receiver sends as its application consumes data.
+
+PING payloads (8 bytes). A clock, u64 big-endian (the mux sends its
+monotonic clock in ns and reads the RTT from the PONG), never starts with
+0xFF (that would be some 580 years of uptime). One that starts with 0xFF is
+an announcement::
+
+    offset  size  field
+    0       1     0xFF
+    1       3     b"rec": the largest record the sender takes
+    4       4     u32 big-endian: bytes of frames per record (RECORD_BUDGET)
+
+A peer that announces takes DATA payloads up to MAX_PAYLOAD and records of up
+to that many bytes of frames. Older peers do not announce and take
+BASE_MAX_PAYLOAD in records of BASE_RECORD_BUDGET, which every peer takes;
+they answer an announcement with its PONG, as any PING, which the announcer
+ignores.
 
 Any violation (unknown type, length over the limit or wrong for the type,
 stream id 0 where one is needed or vice versa, bad UTF-8, zero increment)
@@ -45,14 +62,22 @@ from .errors import WireError
 
 HEADER = struct.Struct("!BII")  # type u8, stream id u32 BE, payload length u32 BE
 HEADER_SIZE = HEADER.size  # 9
-# A lone bulk stream fills a whole 256 KiB record with one frame: fewer frames, less
-# per-frame work on both ends than four 64 KiB ones.
-MAX_PAYLOAD = 256 * 1024
+# A lone bulk stream fills a whole record with one frame: fewer frames, less
+# per-frame work on both ends. Every peer takes a BASE_MAX_PAYLOAD frame in a
+# record of BASE_RECORD_BUDGET bytes of frames; a peer that announces (PING
+# payloads above) takes MAX_PAYLOAD in records of up to RECORD_BUDGET (1 KiB
+# more, for control frames).
+BASE_MAX_PAYLOAD = 256 * 1024
+BASE_RECORD_BUDGET = BASE_MAX_PAYLOAD + 1024
+MAX_PAYLOAD = 1020 * 1024
+RECORD_BUDGET = MAX_PAYLOAD + 1024
 MAX_REASON = 256  # bytes of UTF-8 text in RST / GOAWAY
 MAX_STREAM_ID = 0xFFFF_FFFF
 MAX_INCREMENT = 0x7FFF_FFFF
 INITIAL_WINDOW = 256 * 1024  # per-stream credit each side starts with, in bytes
 PING_SIZE = 8
+_ANNOUNCE = struct.Struct("!B3sI")  # 0xFF, b"rec", u32 BE bytes of frames per record
+_ANNOUNCE_MARK, _ANNOUNCE_RECORD = 0xFF, b"rec"
 _U32 = struct.Struct("!I")
 
 
@@ -201,6 +226,31 @@ def encode_ping(opaque: bytes) -> bytes:
 
 def encode_pong(opaque: bytes) -> bytes:
     return _ping_like(FrameType.PONG, opaque)
+
+
+def announce_records(budget: int) -> bytes:
+    """The PING payload that says we take records of up to ``budget`` bytes of frames."""
+    if not BASE_RECORD_BUDGET <= budget <= RECORD_BUDGET:
+        raise ValueError(f"record budget must be {BASE_RECORD_BUDGET}..{RECORD_BUDGET}")
+    return _ANNOUNCE.pack(_ANNOUNCE_MARK, _ANNOUNCE_RECORD, budget)
+
+
+def is_announcement(opaque: bytes) -> bool:
+    """A PING payload that is an announcement, not a clock (its PONG carries no RTT)."""
+    return len(opaque) == PING_SIZE and opaque[0] == _ANNOUNCE_MARK
+
+
+def announced_records(opaque: bytes) -> int | None:
+    """The record budget a PING payload announces, clamped to what we can send
+    (BASE_RECORD_BUDGET..RECORD_BUDGET); None for a clock or an announcement of
+    something else (a later version's: ignored, as an older peer ignores ours)."""
+    if not is_announcement(opaque):
+        return None
+    what: bytes = opaque[1:4]
+    if what != _ANNOUNCE_RECORD:
+        return None
+    budget: int = _ANNOUNCE.unpack(opaque)[2]
+    return min(max(budget, BASE_RECORD_BUDGET), RECORD_BUDGET)
 
 
 def encode_goaway(code: int, message: str = "") -> bytes:

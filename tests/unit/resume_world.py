@@ -109,7 +109,7 @@ class Side:
         """Hand the mux's frames to the resume layer while it takes them."""
         while self.mux.wants_to_send and not self.resume.writing_paused \
                 and self.resume.state == "open":
-            parts, events = self.mux.data_to_send()
+            parts, events = self.mux.data_to_send(self.now)
             self.mux_events(events)
             if not parts:
                 break

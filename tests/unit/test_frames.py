@@ -7,10 +7,13 @@ from hypothesis import given, settings, strategies as st
 
 from nopf_web.wire.errors import WireError
 from nopf_web.wire.frames import (
+    BASE_MAX_PAYLOAD,
+    BASE_RECORD_BUDGET,
     HEADER_SIZE,
     MAX_INCREMENT,
     MAX_PAYLOAD,
     MAX_REASON,
+    RECORD_BUDGET,
     DataFrame,
     FinFrame,
     Frame,
@@ -23,12 +26,15 @@ from nopf_web.wire.frames import (
     PongFrame,
     ResetFrame,
     WindowUpdateFrame,
+    announce_records,
+    announced_records,
     encode,
     encode_data,
     encode_goaway,
     encode_ping,
     encode_reset,
     encode_window_update,
+    is_announcement,
 )
 
 sids = st.integers(1, 0xFFFF_FFFF)
@@ -155,6 +161,34 @@ def test_encoders_refuse_what_decoders_reject() -> None:
         encode_window_update(1, 0)
     with pytest.raises(FrameError):
         encode_ping(b"short")
+
+
+def test_the_record_announcement_is_the_documented_ping_payload() -> None:
+    # 0xFF, b"rec", u32 BE bytes of frames per record.
+    assert announce_records(RECORD_BUDGET) == b"\xffrec" + RECORD_BUDGET.to_bytes(4, "big")
+    assert announce_records(RECORD_BUDGET) == b"\xffrec\x00\x0f\xf4\x00"  # 1,021 KiB
+    assert (BASE_RECORD_BUDGET, BASE_MAX_PAYLOAD) == (257 * 1024, 256 * 1024)  # every peer's
+    assert (RECORD_BUDGET, MAX_PAYLOAD) == (1021 * 1024, 1020 * 1024)
+    for budget in (BASE_RECORD_BUDGET, 600_000, RECORD_BUDGET):
+        payload = announce_records(budget)
+        assert is_announcement(payload) and announced_records(payload) == budget
+        assert PingFrame(payload) == FrameDecoder().feed(encode_ping(payload))[0]
+    for wrong in (BASE_RECORD_BUDGET - 1, RECORD_BUDGET + 1):
+        with pytest.raises(ValueError, match="record budget must be"):
+            announce_records(wrong)
+
+
+@pytest.mark.parametrize(("payload", "budget"), [
+    ((123_456_789_000).to_bytes(8, "big"), None),  # a clock in ns
+    ((0xFE << 56).to_bytes(8, "big"), None),  # the largest clocks never start with 0xFF
+    (b"\xffxyz" + bytes(4), None),  # a later version's announcement of something else
+    (b"\xffrec" + (1).to_bytes(4, "big"), BASE_RECORD_BUDGET),  # every peer takes the base
+    (b"\xffrec" + (0xFFFF_FFFF).to_bytes(4, "big"), RECORD_BUDGET),  # no more than we send
+])
+def test_announced_records_reads_only_a_record_announcement(payload: bytes,
+                                                             budget: int | None) -> None:
+    assert announced_records(payload) == budget
+    assert is_announcement(payload) == (payload[0] == 0xFF)
 
 
 def test_long_reason_is_cut_at_a_character_boundary() -> None:

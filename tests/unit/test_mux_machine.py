@@ -25,7 +25,8 @@ from nopf_web.tunnel.mux_machine import (
     AUTO_WINDOW_BUDGET,
     AUTO_WINDOW_MAX,
     DEFAULT_MIN_TURN,
-    RECORD_BUDGET,
+    RATE_INTERVAL,
+    RECORD_TIME,
     STREAM_SEND_BUFFER,
     MuxEvent,
     MuxMachine,
@@ -34,11 +35,18 @@ from nopf_web.tunnel.mux_machine import (
     StreamEof,
     StreamFailed,
     StreamOpened,
+    StreamState,
     StreamWritable,
     TunnelEnded,
 )
 from nopf_web.wire import frames as fr
-from nopf_web.wire.frames import INITIAL_WINDOW, FrameDecoder, ResetCode
+from nopf_web.wire.frames import (
+    BASE_RECORD_BUDGET,
+    INITIAL_WINDOW,
+    RECORD_BUDGET,
+    FrameDecoder,
+    ResetCode,
+)
 
 from .budget import FEW
 
@@ -49,6 +57,7 @@ class End:
     def __init__(self, role: PeerRole, *, now: float = 0.0, **options: float) -> None:
         self.m = MuxMachine(role=role, **options)  # type: ignore[arg-type]
         self.m.start(now)
+        self.now = now  # the time data_to_send is given
         self.consume = True  # the application takes data as it arrives
         self.received: dict[int, bytearray] = {}
         self.opened: list[int] = []
@@ -57,6 +66,9 @@ class End:
         self.failed: dict[int, StreamReset] = {}
         self.writable: list[int] = []
         self.ended: list[TunnelEnded] = []
+        # The first record, the record-size announcement: kept out of the tests' frames
+        # (pair() delivers it; an End made alone stands for an older peer's partner).
+        self.hello = self.wire()
 
     def take(self, events: Iterable[MuxEvent]) -> None:
         arrived: dict[int, int] = {}
@@ -84,7 +96,7 @@ class End:
         """Everything there is to send, one record's frames at a time."""
         out: list[list[bytes | memoryview]] = []
         while True:
-            parts, events = self.m.data_to_send()
+            parts, events = self.m.data_to_send(self.now)
             if not parts:
                 return out
             out.append(parts)
@@ -117,7 +129,15 @@ def exchange(a: End, b: End, data: st.DataObject | None = None, now: float = 0.0
 
 
 def pair(**options: float) -> tuple[End, End]:
-    return End("server", **options), End("client", **options)
+    """Two ends that have exchanged their first records (the record-size announcements)."""
+    a, b = End("server", **options), End("client", **options)
+    a.receive(b.hello)
+    b.receive(a.hello)
+    exchange(a, b)  # the PONGs
+    return a, b
+
+
+MIB = bytes(1 << 20)  # queued by reference: no copy per send
 
 
 def blob(seed: int, size: int) -> bytes:
@@ -267,7 +287,7 @@ def test_control_frames_first_then_the_queued_streams_share_the_record() -> None
     frames = FrameDecoder().feed(b"".join(first))
     assert frames[:3] == [fr.OpenFrame(s1), fr.OpenFrame(s2), fr.OpenFrame(s3)]
     opens = 3 * fr.HEADER_SIZE
-    turn = (RECORD_BUDGET - opens) // 3 - fr.HEADER_SIZE  # a third of the room each
+    turn = (BASE_RECORD_BUDGET - opens) // 3 - fr.HEADER_SIZE  # a third of the room each
     assert [(f.stream_id, len(f.data)) for f in frames[3:] if isinstance(f, fr.DataFrame)] == [
         (s1, turn), (s2, turn), (s3, turn)]
     assert len(frames) == 6
@@ -275,7 +295,7 @@ def test_control_frames_first_then_the_queued_streams_share_the_record() -> None
     assert [(f.stream_id, len(f.data)) for f in frames if isinstance(f, fr.DataFrame)] == [
         (s1, 120_000 - turn), (s2, 120_000 - turn), (s3, 120_000 - turn)]
     assert frames[-1] == fr.FinFrame(s3)
-    assert all(sum(len(p) for p in r) <= RECORD_BUDGET for r in (first, second))
+    assert all(sum(len(p) for p in r) <= BASE_RECORD_BUDGET for r in (first, second))
 
 
 def test_with_many_streams_queued_a_turn_is_min_turn() -> None:
@@ -287,22 +307,42 @@ def test_with_many_streams_queued_a_turn_is_min_turn() -> None:
     first = a.records()[0]
     frames = FrameDecoder().feed(b"".join(first))
     assert {len(f.data) for f in frames if isinstance(f, fr.DataFrame)} == {DEFAULT_MIN_TURN}
-    assert len(frames) == RECORD_BUDGET // (fr.HEADER_SIZE + DEFAULT_MIN_TURN) == 16
+    assert len(frames) == BASE_RECORD_BUDGET // (fr.HEADER_SIZE + DEFAULT_MIN_TURN) == 16
     assert [f.stream_id for f in frames if isinstance(f, fr.DataFrame)] == streams[:16]
 
 
 @given(reads=st.lists(st.lists(st.integers(1, 600_000), min_size=1, max_size=4),
                      min_size=1, max_size=12),
-       credit=st.integers(1, 4 * 1024 * 1024), end=st.booleans())
+       credit=st.integers(1, 4 * 1024 * 1024), end=st.booleans(),
+       announced=st.none() | st.integers(BASE_RECORD_BUDGET, RECORD_BUDGET),
+       rate=st.sampled_from([5e6, 6e7, 2e8]))
 @FEW
 def test_a_record_stays_within_its_budget_and_holds_whole_frames(
-        reads: list[list[int]], credit: int, end: bool) -> None:
-    """However many streams share the tunnel and however large their reads, a
-    record's frames fit its budget (the resume layer carries one record's frames
-    as one message, so an excess would travel as a record of its own), every
-    frame starts and ends in its record, and unless 16 or more streams are
-    queued, each queued stream has a frame in every record."""
+        reads: list[list[int]], credit: int, end: bool, announced: int | None,
+        rate: float) -> None:
+    """However many streams share the tunnel, however large their reads and
+    whatever the rate, a record's frames fit its budget (the resume layer carries
+    one record's frames as one message, so an excess would travel as a record of
+    its own), which never exceeds what the peer announced (the base if it did
+    not); every frame starts and ends in its record; and unless 16 or more streams
+    are queued, each queued stream has a frame in every record."""
     a = End("client")
+    if announced is not None:
+        a.receive(fr.encode_ping(fr.announce_records(announced)))
+    # A bulk stream first, its records leaving at ``rate``: the records are sized for it.
+    warm = a.m.open_stream()
+    a.records()
+    state = a.m.stream(warm)
+    assert state is not None
+    state.credit = 1 << 30
+    for _ in range(int(rate * RATE_INTERVAL * 1.1) // len(MIB) + 1):
+        a.m.send(warm, MIB)
+    while record := a.m.data_to_send(a.now)[0]:
+        a.now += sum(len(p) for p in record) / rate
+    expected = min(announced or BASE_RECORD_BUDGET, max(BASE_RECORD_BUDGET,
+                                                        int(rate * RECORD_TIME)))
+    # (An interval ends with a record whose bytes it counts but whose time it does not.)
+    assert expected <= a.m.record_budget <= expected * 1.1
     streams = [a.m.open_stream() for _ in reads]
     a.records()
     for sid, sizes in zip(streams, reads, strict=True):
@@ -316,10 +356,17 @@ def test_a_record_stays_within_its_budget_and_holds_whole_frames(
     sent: dict[int, int] = {}
     fins = set()
     limit = {sid: min(sum(sizes), credit) for sid, sizes in zip(streams, reads, strict=True)}
-    for record in a.records():
+    while True:
+        budget = a.m.record_budget
+        assert budget <= (announced or BASE_RECORD_BUDGET)
+        record, events = a.m.data_to_send(a.now)
+        if not record:
+            break
+        a.take(events)
         queued = {sid for sid in streams if sent.get(sid, 0) < limit[sid]}
         size = sum(len(p) for p in record)
-        assert size <= RECORD_BUDGET
+        a.now += size / rate
+        assert size <= budget
         decoder = FrameDecoder()
         carried = set()
         for frame in decoder.feed(b"".join(record)):
@@ -339,16 +386,119 @@ def test_a_record_stays_within_its_budget_and_holds_whole_frames(
                     if end and sum(sizes) <= credit}
 
 
+def test_the_first_record_announces_the_largest_record_we_take() -> None:
+    a, b = End("server"), End("client")
+    announcement = fr.announce_records(RECORD_BUDGET)
+    assert FrameDecoder().feed(a.hello) == [fr.PingFrame(announcement)]
+    assert a.m.peer_record_budget == a.m.record_budget == BASE_RECORD_BUDGET
+    b.receive(a.hello)
+    assert b.m.peer_record_budget == RECORD_BUDGET  # the records still start at the base
+    assert b.m.record_budget == BASE_RECORD_BUDGET
+    assert b.frames() == [fr.PongFrame(announcement)]  # answered as any PING
+    a.receive(fr.encode_pong(announcement), now=3.0)
+    assert a.m.rtt is None  # its PONG is no clock
+    b.receive(fr.encode_ping(b"\xffxyz" + bytes(4)))  # a later kind: answered, ignored
+    assert b.frames() == [fr.PongFrame(b"\xffxyz" + bytes(4))]
+    assert b.m.peer_record_budget == RECORD_BUDGET and not b.ended
+
+
+def bulk_sender(ends: tuple[End, End]) -> tuple[End, End, int, StreamState]:
+    """The first end with one stream open and credit to spare (as the peer's
+    WINDOW_UPDATEs would give)."""
+    a, b = ends
+    sid = a.m.open_stream()
+    a.records()
+    state = a.m.stream(sid)
+    assert state is not None
+    state.credit = 1 << 30
+    return a, b, sid, state
+
+
+def bulk(end: End, sid: int, size: int, rate: float) -> list[int]:
+    """Queue ``size`` bytes on ``sid`` and send them as a path carrying ``rate``
+    bytes a second would let them go: the record sizes."""
+    end.m.send(sid, bytes(size))
+    sizes = []
+    while record := end.m.data_to_send(end.now)[0]:
+        for frame in FrameDecoder().feed(b"".join(record)):
+            if isinstance(frame, fr.DataFrame):
+                assert len(frame.data) <= end.m.peer_record_budget - 1024
+        sizes.append(sum(len(p) for p in record))
+        end.now += sizes[-1] / rate
+    return sizes
+
+
+def test_records_grow_with_the_rate_once_the_peer_announced() -> None:
+    a, b, sid, _state = bulk_sender(pair())
+    # 200 MB/s: more than RECORD_BUDGET in RECORD_TIME. Base records until a
+    # RATE_INTERVAL has passed, then full ones.
+    fast = bulk(a, sid, 32 << 20, 200e6)
+    first = int(RATE_INTERVAL * 200e6) // BASE_RECORD_BUDGET + 1
+    assert fast[:first] == [BASE_RECORD_BUDGET] * first
+    assert fast[first + 1:-1] == [RECORD_BUDGET] * (len(fast) - first - 2)
+    # Ten idle seconds say nothing of the path: the next burst keeps the budget.
+    a.now += 10.0
+    assert bulk(a, sid, 4 << 20, 200e6)[:3] == [RECORD_BUDGET] * 3
+    # A path carrying 5 MB/s (what 8 ms carry is less than the base): base records
+    # once a RATE_INTERVAL has passed (the second record ends it).
+    slow = bulk(a, sid, 8 << 20, 5e6)
+    assert slow[:2] == [RECORD_BUDGET] * 2 and max(slow[2:]) == BASE_RECORD_BUDGET
+    assert a.m.record_budget == BASE_RECORD_BUDGET
+    # 60 MB/s: records of what 8 ms carry, 480 KB, between the two budgets.
+    between = bulk(a, sid, 16 << 20, 60e6)
+    first = int(RATE_INTERVAL * 60e6) // BASE_RECORD_BUDGET + 1
+    assert between[:first] == [BASE_RECORD_BUDGET] * first
+    for size in [*between[first + 1:-1], a.m.record_budget]:
+        assert 480_000 <= size <= 1.05 * 480_000  # (an interval counts its last record too)
+    b.receive(b"".join(b"".join(r) for r in a.records()))  # (nothing left)
+    assert not b.ended
+
+
+def test_a_bulk_stream_between_two_reads_is_not_idle() -> None:
+    """A lone bulk stream's queue empties for a moment between two local reads:
+    those gaps count as the path's time, and its records still grow."""
+    a, _b, sid, _state = bulk_sender(pair())
+    sizes = []
+    for _ in range(40):  # 1 MiB reads, each sent at 200 MB/s, 1 ms apart
+        sizes += bulk(a, sid, 1 << 20, 200e6)
+        a.now += 0.001
+    assert a.m.record_budget == RECORD_BUDGET and sizes[-2] == RECORD_BUDGET
+
+
+def test_waiting_for_credit_is_the_path_s_time_not_idle_time() -> None:
+    """A stream with data but no credit is held back by the peer or the path: that
+    time counts, and the records shrink to what the tunnel really carries."""
+    a, _b, sid, state = bulk_sender(pair())
+    bulk(a, sid, 32 << 20, 200e6)
+    assert a.m.record_budget == RECORD_BUDGET
+    state.credit = 100_000
+    sizes = bulk(a, sid, 4 << 20, 200e6)
+    assert sizes == [100_000 + fr.HEADER_SIZE]  # then it waits for credit
+    for _ in range(3):
+        a.now += 0.5
+        a.receive(fr.encode_window_update(sid, 100_000), now=a.now)
+        sizes += bulk(a, sid, 0, 200e6)
+    assert a.m.record_budget == BASE_RECORD_BUDGET and len(sizes) == 4
+
+
+def test_a_peer_that_never_announced_gets_base_records_however_fast() -> None:
+    """An older peer takes records of BASE_RECORD_BUDGET and DATA of BASE_MAX_PAYLOAD."""
+    a, _b, sid, state = bulk_sender((End("server"), End("client")))  # never announced
+    sizes = bulk(a, sid, 64 << 20, 1e9)
+    assert max(sizes) == BASE_RECORD_BUDGET and a.m.record_budget == BASE_RECORD_BUDGET
+    assert state.bytes_out == 64 << 20  # all of it, in base records
+
+
 def test_a_fin_that_does_not_fit_starts_the_next_record() -> None:
     a = End("server")
     s1, s2 = a.m.open_stream(), a.m.open_stream()
     a.records()
     a.m.send(s1, bytes(2000))
-    room = RECORD_BUDGET - 2 * fr.HEADER_SIZE - 2000
+    room = BASE_RECORD_BUDGET - 2 * fr.HEADER_SIZE - 2000
     a.m.send(s2, bytes(room))  # fills the record to the byte
     a.m.end_stream(s2)
     first, second = a.records()
-    assert sum(len(p) for p in first) == RECORD_BUDGET
+    assert sum(len(p) for p in first) == BASE_RECORD_BUDGET
     assert FrameDecoder().feed(b"".join(second)) == [fr.FinFrame(s2)]
 
 
@@ -499,7 +649,7 @@ def test_stream_ids_by_role_and_their_end() -> None:
      "stream 1: credit above 2^31-1"),
     (bytes([99]) + bytes(8), "the peer broke the tunnel protocol: unknown frame type 99"),
     (fr.HEADER.pack(fr.FrameType.DATA, 1, fr.MAX_PAYLOAD + 1),
-     "the peer broke the tunnel protocol: DATA frame with a 262145-byte payload"),
+     "the peer broke the tunnel protocol: DATA frame with a 1044481-byte payload"),
 ])
 def test_protocol_violations_end_the_tunnel(wire: bytes, message: str) -> None:
     b = End("client")
@@ -509,7 +659,7 @@ def test_protocol_violations_end_the_tunnel(wire: bytes, message: str) -> None:
     assert isinstance(ended.error, TunnelProtocolError) and message in str(ended.error)
     assert not ended.graceful and b.m.state == "failed" and b.m.error is ended.error
     b.receive(fr.encode_ping(bytes(8)))  # ignored from now on
-    assert b.m.data_to_send() == ([], []) and len(b.ended) == 1
+    assert b.m.data_to_send(0.0) == ([], []) and len(b.ended) == 1
     with pytest.raises(TunnelProtocolError):
         b.m.open_stream()
 
@@ -602,7 +752,7 @@ def test_options_are_checked() -> None:
     with pytest.raises(ValueError, match="keepalive < dead_after"):
         MuxMachine(role="server", keepalive=10, dead_after=5)
     with pytest.raises(ValueError, match="min_turn"):
-        MuxMachine(role="server", min_turn=fr.MAX_PAYLOAD + 1)
+        MuxMachine(role="server", min_turn=fr.BASE_MAX_PAYLOAD + 1)
     with pytest.raises(ValueError, match="window"):
         MuxMachine(role="server", window=INITIAL_WINDOW - 1)
     m = MuxMachine(role="server")

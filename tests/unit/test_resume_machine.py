@@ -407,7 +407,7 @@ def test_a_full_replay_buffer_pauses_writing_until_an_ack_frees_it() -> None:
 
 def test_big_writes_are_cut_into_records_and_kept_without_copies() -> None:
     a, b, _pa, pb = pair()
-    data = bytes(range(256)) * 1200  # more than a record
+    data = bytes(range(256)) * (MAX_DATA_PAYLOAD // 256 + 100)  # more than a record
     mutable = bytearray(b"changed later")
     events = a.send([data, mutable], 0.0)
     records = [e for e in events if isinstance(e, Send)]

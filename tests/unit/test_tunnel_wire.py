@@ -50,12 +50,14 @@ def test_bulk_stream_records_are_exactly_the_documented_format() -> None:
     first = True
     for seq, read in enumerate(reads):  # one record each: seq and nonce counter alike
         mux.send(sid, read)
-        parts, _events = mux.data_to_send()
+        parts, _events = mux.data_to_send(0.0)
         (send,) = resume.send(parts, 0.0)
         assert isinstance(send, rs.Send) and send.path == path
         wire += b"".join(bytes(r) for r in sender.seal(send.parts))
-        # Rebuilt: [OPEN] + DATA frame, in a resume DATA message, in one record.
-        frames = (fr.encode_open(sid) if first else b"") + fr.encode_data(sid, read)
+        # Rebuilt: [the record-size announcement, OPEN] + DATA frame, in a resume DATA
+        # message, in one record.
+        hello = fr.encode_ping(fr.announce_records(fr.RECORD_BUDGET)) + fr.encode_open(sid)
+        frames = (hello if first else b"") + fr.encode_data(sid, read)
         first = False
         message = struct.pack("!BQQ", rs.DATA, seq, 0) + frames
         header = struct.pack("!I", len(message) + rm.TAG_SIZE)  # type DATA (0), u24 length
