@@ -82,10 +82,9 @@ DEFAULT_MIN_TURN = 16 * 1024
 # A record's budget in bytes of frames is between BASE_RECORD_BUDGET and what the peer
 # announced (up to RECORD_BUDGET): what the tunnel carried in RECORD_TIME seconds, at
 # the rate measured over the last RATE_INTERVAL or more. Its largest DATA frame is the
-# budget less 1 KiB (room for control frames): 256 KiB to 1,020 KiB.
+# budget less fr.CONTROL_ROOM (1 KiB, for control frames): 256 KiB to 1,020 KiB.
 RECORD_TIME = 0.008
 RATE_INTERVAL = 0.1
-_CONTROL_ROOM = RECORD_BUDGET - fr.MAX_PAYLOAD
 # Queued bytes per stream before the sender must wait: a full frame of the largest
 # record, so a bulk stream's next local read is queued before its record goes.
 STREAM_SEND_BUFFER = 1024 * 1024
@@ -583,7 +582,7 @@ class MuxMachine:
             return parts, events
         size = 0
         budget = self._budget
-        max_frame = budget - _CONTROL_ROOM
+        max_frame = budget - fr.CONTROL_ROOM
         control, ready = self._control, self._ready
         while control:
             frame = control.popleft()

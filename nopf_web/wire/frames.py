@@ -67,10 +67,11 @@ HEADER_SIZE = HEADER.size  # 9
 # record of BASE_RECORD_BUDGET bytes of frames; a peer that announces (PING
 # payloads above) takes MAX_PAYLOAD in records of up to RECORD_BUDGET (1 KiB
 # more, for control frames).
+CONTROL_ROOM = 1024  # bytes of a record's budget beyond its largest DATA frame
 BASE_MAX_PAYLOAD = 256 * 1024
-BASE_RECORD_BUDGET = BASE_MAX_PAYLOAD + 1024
+BASE_RECORD_BUDGET = BASE_MAX_PAYLOAD + CONTROL_ROOM
 MAX_PAYLOAD = 1020 * 1024
-RECORD_BUDGET = MAX_PAYLOAD + 1024
+RECORD_BUDGET = MAX_PAYLOAD + CONTROL_ROOM
 MAX_REASON = 256  # bytes of UTF-8 text in RST / GOAWAY
 MAX_STREAM_ID = 0xFFFF_FFFF
 MAX_INCREMENT = 0x7FFF_FFFF
@@ -246,11 +247,10 @@ def announced_records(opaque: bytes) -> int | None:
     something else (a later version's: ignored, as an older peer ignores ours)."""
     if not is_announcement(opaque):
         return None
-    what: bytes = opaque[1:4]
+    _mark, what, budget = _ANNOUNCE.unpack(opaque)
     if what != _ANNOUNCE_RECORD:
         return None
-    budget: int = _ANNOUNCE.unpack(opaque)[2]
-    return min(max(budget, BASE_RECORD_BUDGET), RECORD_BUDGET)
+    return min(max(int(budget), BASE_RECORD_BUDGET), RECORD_BUDGET)
 
 
 def encode_goaway(code: int, message: str = "") -> bytes:
