@@ -19,8 +19,10 @@ bytes in flight (``INITIAL_WINDOW`` at first); the receiver grants more with
 WINDOW_UPDATE as the application consumes data, a quarter window at a time,
 so an application that stops reading stops only its own stream. A receive
 ``window`` above ``INITIAL_WINDOW`` is granted with one WINDOW_UPDATE when the
-stream opens. A stream alone on the tunnel whose application keeps up gets a
-larger window for a while (see :meth:`MuxMachine._resize_window`).
+stream opens. Streams whose application keeps up get larger windows for a while
+when every stream on the tunnel is busy (a bulk transfer each), and give them
+back once one is not, as an interactive stream is
+(see :meth:`MuxMachine._resize_window`).
 
 Scheduling: each record carries the control frames first (OPEN,
 WINDOW_UPDATE, RST, PING/PONG, GOAWAY), then DATA frames round-robin over the
@@ -89,10 +91,13 @@ RATE_INTERVAL = 0.1
 # record, so a bulk stream's next local read is queued before its record goes.
 STREAM_SEND_BUFFER = 1024 * 1024
 DEFAULT_MAX_STREAMS = 4096
-# The receive window of a lone stream whose application keeps up doubles up to
-# this (see MuxMachine._resize_window); the budget bounds all streams' growth together.
+# The receive window of a stream whose application keeps up doubles up to this
+# while every stream is busy (see MuxMachine._resize_window); the budget bounds all
+# streams' growth together.
 AUTO_WINDOW_MAX = 4 * 1024 * 1024
 AUTO_WINDOW_BUDGET = 8 * 1024 * 1024
+# Up to this many streams (each checked when one returns credit) may grow together.
+GROWING_STREAMS = 16
 _PING = struct.Struct("!Q")  # PING payload: our clock in ns when it left (u64 BE)
 _DATA = fr.FrameType.DATA.value
 _DataFrame = fr.DataFrame
@@ -169,9 +174,9 @@ MuxEvent = StreamOpened | StreamData | StreamEof | StreamFailed | StreamWritable
 class StreamState:
     """One stream's protocol state (read-only outside the machine)."""
 
-    __slots__ = ("bytes_in", "bytes_out", "credit", "failed", "fin_pending", "fin_sent", "out",
-                 "out_size", "pending", "queued", "recv_window", "remote_fin", "stream_id",
-                 "unacked", "waiting", "window")
+    __slots__ = ("bytes_in", "bytes_out", "credit", "credit_epoch", "failed", "fin_pending",
+                 "fin_sent", "out", "out_size", "pending", "queued", "recv_window", "remote_fin",
+                 "stream_id", "unacked", "waiting", "window")
 
     def __init__(self, stream_id: int, window: int) -> None:
         self.stream_id = stream_id
@@ -182,6 +187,7 @@ class StreamState:
         self.window = window  # receive window now granted (grows, see _resize_window)
         self.pending = 0  # received, not yet consumed by the application
         self.unacked = 0  # consumed by the application, not yet credited back
+        self.credit_epoch = -2  # the last credit epoch it returned credit in (never yet)
         self.remote_fin = False
         # sending
         self.out: deque[memoryview] = deque()
@@ -258,6 +264,8 @@ class MuxMachine:
         self._ready: deque[StreamState] = deque()
         self._decoder = FrameDecoder()
         self._window_budget = AUTO_WINDOW_BUDGET  # see _resize_window
+        self._credit_epoch = 0  # see _resize_window
+        self._epoch_credit = 0  # bytes of credit returned in this epoch
         self._state: MuxState = "new"
         self._end_reason: TunnelError | None = None  # TunnelClosed if it ended cleanly
         self._last_rx = 0.0
@@ -704,17 +712,32 @@ class MuxMachine:
         """How much to add to (or, down to -``returning``, withhold from) the
         credit ``stream`` is about to return.
 
-        A stream alone on the tunnel whose application keeps up (nothing left
-        unconsumed) doubles its window, so the sender fills whole records
-        instead of waiting on credit. Once other streams are open it shrinks
-        back: the bulk bytes in flight would queue ahead of their frames.
+        A stream is busy when it returned credit in this credit epoch or the
+        last; an epoch ends when the tunnel has returned its windows' worth (a
+        bulk stream returns credit at least once a window). While every stream
+        on the tunnel is busy, a stream whose application keeps up (nothing
+        left unconsumed) doubles its window, so the sender fills whole records
+        instead of waiting on credit (ten bulk streams at 256 KiB sent one
+        record per credit record, of a few streams' credit). Once a stream is
+        not busy (an interactive one, an idle one, a new one) the others
+        shrink back: their bulk bytes in flight would queue ahead of its frames.
         """
-        if len(self._streams) > 1:
+        stream.credit_epoch = epoch = self._credit_epoch
+        streams = self._streams
+        self._epoch_credit += returning
+        windows = len(streams) * self.window + AUTO_WINDOW_BUDGET - self._window_budget
+        if self._epoch_credit >= windows:
+            self._credit_epoch += 1
+            self._epoch_credit = 0
+        if len(streams) > 1 and (len(streams) > GROWING_STREAMS or any(
+                s.credit_epoch < epoch - 1 for s in streams.values())):
             delta = max(self.window - stream.window, -returning)
         elif stream.pending:
             return 0
         else:
-            delta = min(stream.window, AUTO_WINDOW_MAX - stream.window)
+            # Several streams share the budget evenly (one would take it all).
+            cap = min(AUTO_WINDOW_MAX, self.window + AUTO_WINDOW_BUDGET // len(streams))
+            delta = min(stream.window, cap - stream.window)
             if delta <= 0 or delta > self._window_budget:
                 return 0
         self._window_budget -= delta

@@ -25,6 +25,7 @@ from nopf_web.tunnel.mux_machine import (
     AUTO_WINDOW_BUDGET,
     AUTO_WINDOW_MAX,
     DEFAULT_MIN_TURN,
+    GROWING_STREAMS,
     RATE_INTERVAL,
     RECORD_TIME,
     STREAM_SEND_BUFFER,
@@ -272,6 +273,58 @@ def test_the_growth_budget_bounds_the_windows() -> None:
     b.m.end_stream(sid)
     exchange(a, b)
     assert b.done == [sid] and b.m.window_budget == INITIAL_WINDOW  # given back at the end
+
+
+def bulk_streams(a: End, b: End, count: int, size: int, trips: int) -> list[int]:
+    """``count`` streams from a to b with ``size`` bytes queued each, after
+    ``trips`` round trips (data one way, credit back)."""
+    sids = [a.m.open_stream() for _ in range(count)]
+    for sid in sids:
+        for _ in range(size >> 20):
+            a.m.send(sid, MIB)
+    for _ in range(trips):
+        b.receive(a.wire())
+        a.receive(b.wire())
+    return sids
+
+
+def grown(b: End, sids: list[int]) -> list[int]:
+    """Each stream's receive window above the initial one, at b."""
+    states = [b.m.stream(sid) for sid in sids]
+    return [s.window - INITIAL_WINDOW for s in states if s is not None]
+
+
+def test_busy_streams_that_keep_up_grow_their_windows_within_the_budget() -> None:
+    a, b = pair()
+    sids = bulk_streams(a, b, 10, 16 << 20, trips=8)
+    growth = grown(b, sids)
+    assert all(g > 0 for g in growth)  # every bulk stream grew, by its share of the budget
+    assert sum(growth) == AUTO_WINDOW_BUDGET - b.m.window_budget <= AUTO_WINDOW_BUDGET
+    assert max(growth) <= AUTO_WINDOW_BUDGET // 10
+    exchange(a, b)
+    assert all(len(b.received[sid]) == 16 << 20 for sid in sids)
+
+
+def test_a_stream_that_is_not_busy_makes_the_others_give_their_growth_back() -> None:
+    a, b = pair()
+    sids = bulk_streams(a, b, 10, 16 << 20, trips=8)
+    assert all(g > 0 for g in grown(b, sids))
+    interactive = a.m.open_stream()  # a few bytes now and then: never busy
+    for _ in range(20):
+        a.m.send(interactive, b"ls\n")
+        for sid in sids:  # the bulk goes on
+            a.m.send(sid, MIB)
+        b.receive(a.wire())
+        a.receive(b.wire())
+    assert grown(b, sids) == [0] * 10 and b.m.window_budget == AUTO_WINDOW_BUDGET
+    assert bytes(b.received[interactive]) == b"ls\n" * 20
+
+
+def test_more_streams_than_may_grow_keep_their_windows() -> None:
+    a, b = pair()
+    sids = bulk_streams(a, b, GROWING_STREAMS + 1, 16 << 20, trips=8)
+    assert grown(b, sids) == [0] * (GROWING_STREAMS + 1)
+    assert b.m.window_budget == AUTO_WINDOW_BUDGET
 
 
 # -- scheduling -----------------------------------------------------------------------
