@@ -107,7 +107,7 @@ class End:
             elif type(event) is rm.Transmit:
                 self.wire_out.append(event.data)
 
-    def _on_record(self, plain: bytes, now: float) -> None:
+    def _on_record(self, plain: bytes | memoryview, now: float) -> None:
         for event in self.resume.receive(self.path, plain, now):
             if type(event) is rs.Deliver:
                 self._on_mux(event.data, now)

@@ -310,7 +310,7 @@ class ResumableChannel:
         self._states[path] = state
         self._conns[path] = conn
 
-        def on_record(plain: bytes) -> None:
+        def on_record(plain: bytes | memoryview) -> None:
             events = machine.receive(path, plain, now())
             if len(events) == 1 and type(event := events[0]) is Deliver \
                     and self._sink is not None:

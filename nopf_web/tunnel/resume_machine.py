@@ -584,8 +584,10 @@ class ResumeMachine:
         p.heartbeat_at = None
         return [Send(p.id, message)]
 
-    def receive(self, path_id: int, plain: bytes, now: float) -> list[ResumeEvent]:
-        """One record's plaintext (``bytes``: delivered data are views of it)."""
+    def receive(self, path_id: int, plain: bytes | memoryview,
+                now: float) -> list[ResumeEvent]:
+        """One record's plaintext (``bytes``, or a view of a buffer that does not
+        change while viewed: delivered data are views of it)."""
         p = self._paths.get(path_id)
         if p is None or self._state != "open":
             return []

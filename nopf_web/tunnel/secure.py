@@ -46,7 +46,7 @@ from .record_machine import (
 __all__ = ["CONFIRM_SIZE", "HANDSHAKE_TIMEOUT", "HELLO_SIZE", "MAX_RECORD", "Pake",
            "SecureChannel", "TunnelSecrets", "open_channel", "open_path"]
 
-RecordSink = Callable[[bytes], None]
+RecordSink = Callable[[bytes | memoryview], None]
 EndSink = Callable[[Exception | None], None]  # None: clean end of stream
 
 _PULL_QUEUE = 16  # records queued for recv() before reading pauses
@@ -300,7 +300,8 @@ class SecureChannel:
                 if self._sink is not None:
                     self._sink(event.plaintext)
                     continue
-                self._records.append(event.plaintext)
+                plain = event.plaintext  # recv() gives bytes (and frees the slot)
+                self._records.append(plain if type(plain) is bytes else bytes(plain))
                 if len(self._records) >= _PULL_QUEUE and self._transport is not None:
                     self._transport.pause_reading()
                 self._readable.set()

@@ -328,6 +328,14 @@ def _build(ftype: FrameType, stream_id: int, payload: bytes) -> Frame:
     return GoAwayFrame(code, message)
 
 
+def _unchanging(view: memoryview) -> bool:
+    """``view`` is of a buffer nobody changes while it is viewed: ``bytes``, or a
+    type that says so (``UNCHANGING_WHILE_VIEWED``: the buffers the tunnel opens
+    records into, :class:`nopf_web.tunnel.record_machine.PlainSlot`)."""
+    owner = type(view.obj)
+    return owner is bytes or getattr(owner, "UNCHANGING_WHILE_VIEWED", False) is True
+
+
 class FrameDecoder:
     """Sans-IO frame parser: ``feed`` bytes as they arrive, get the complete frames.
 
@@ -358,7 +366,8 @@ class FrameDecoder:
     def whole_data(self, data: bytes | memoryview) -> tuple[int, memoryview] | None:
         """``data`` as one valid DATA frame's (stream id, payload view), if it is
         exactly that, nothing is pending and it is ``bytes`` or a view of ``bytes``
-        (a bulk sender's every record); else None, and nothing was consumed:
+        or of a buffer that does not change while viewed (a bulk sender's every
+        record); else None, and nothing was consumed:
         :meth:`feed` it. Saves the frame list and tuple per record."""
         n = len(data) - HEADER_SIZE
         if n <= 0 or self._buf or self._error is not None:
@@ -368,7 +377,7 @@ class FrameDecoder:
             return None
         if type(data) is bytes:
             return stream_id, memoryview(data)[HEADER_SIZE:]
-        if type(data) is memoryview and type(data.obj) is bytes:
+        if type(data) is memoryview and _unchanging(data):
             return stream_id, data[HEADER_SIZE:]
         return None
 
@@ -385,8 +394,9 @@ class FrameDecoder:
         pos = 0
         view = memoryview(src)
         # DATA payloads may be views of the caller's buffer only if nobody can
-        # change it: bytes, or a view of bytes (a resumable tunnel's records).
-        zero_copy = type(src) is bytes or (type(src) is memoryview and type(src.obj) is bytes)
+        # change it: bytes, or a view of bytes or of a buffer that says so (a
+        # resumable tunnel's records).
+        zero_copy = type(src) is bytes or (type(src) is memoryview and _unchanging(src))
         end = len(view)
         while end - pos >= HEADER_SIZE:
             kind, stream_id, length = HEADER.unpack_from(view, pos)

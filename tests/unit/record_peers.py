@@ -34,7 +34,7 @@ class Peer:
                 self.out += event.data
             elif isinstance(event, RecordReceived):
                 self.plain += event.plaintext
-                self.records.append(event.plaintext)
+                self.records.append(bytes(event.plaintext))
             else:
                 self.events.append(event)
 

@@ -28,6 +28,7 @@ from nopf_web.tunnel.record_machine import (
     KeyLimits,
     Pake,
     PeerConfirmed,
+    PlainSlot,
     RecordEvent,
     RecordMachine,
     RecordReceived,
@@ -139,7 +140,10 @@ class Side:
                 for record in end.rm.seal(event.parts):
                     end.out += record
             elif isinstance(event, Deliver):
-                assert type(event.data) is memoryview and type(event.data.obj) is bytes
+                # A view (no copy) of a buffer that does not change while viewed:
+                # the record's own bytes, or a slot it was opened into.
+                assert type(event.data) is memoryview and type(event.data.obj) in (PlainSlot,
+                                                                                    bytes)
                 self.mux_events(self.mux.receive(event.data, self.now))
             else:
                 self.events.append(event)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from nopf_web.tunnel.record_machine import PlainSlot
 from nopf_web.wire.errors import WireError
 from nopf_web.wire.frames import (
     BASE_MAX_PAYLOAD,
@@ -209,10 +210,14 @@ def test_data_payloads_are_views_only_of_buffers_nobody_can_change() -> None:
     got = FrameDecoder().feed(memoryview(mutable)[3:])
     mutable[:] = bytes(len(mutable))  # the caller reuses its buffer
     assert [f.data for f in got if isinstance(f, DataFrame)] == [b"payload one", b"payload two"]
+    slot = PlainSlot(record)  # does not change while viewed: sliced, not copied
+    got = FrameDecoder().feed(memoryview(slot)[3:])
+    assert all(type(f.data) is memoryview and f.data.obj is slot
+               for f in got if isinstance(f, DataFrame))
 
 
 @given(st.lists(frames, max_size=3), st.binary(max_size=12), st.booleans(),
-       st.sampled_from(["bytes", "view of bytes", "view of bytearray"]))
+       st.sampled_from(["bytes", "view of bytes", "view of bytearray", "view of a slot"]))
 def test_whole_data_agrees_with_feed(values: list[Frame], junk: bytes, pending: bool,
                                      kind: str) -> None:
     """The one-DATA-frame shortcut gives what feed would, or None and consumes nothing."""
@@ -222,6 +227,8 @@ def test_whole_data_agrees_with_feed(values: list[Frame], junk: bytes, pending: 
         fed = memoryview(b"x" + wire)[1:]
     elif kind == "view of bytearray":
         fed = memoryview(bytearray(wire))
+    elif kind == "view of a slot":  # a buffer that does not change while viewed
+        fed = memoryview(PlainSlot(wire))
     dec, ref = FrameDecoder(), FrameDecoder()
     if pending:  # half a header waiting: never a whole frame by itself
         dec.feed(b"\x01\x00")

@@ -23,6 +23,8 @@ from nopf_web.tunnel.record_machine import (
     HEADER_SIZE,
     HELLO_SIZE,
     MAX_RECORD,
+    OPEN_INTO_MIN,
+    OPEN_SLOTS,
     PATH_HELLO_SIZE,
     RESUME_ID_SIZE,
     TAG_SIZE,
@@ -30,7 +32,9 @@ from nopf_web.tunnel.record_machine import (
     HandshakeDone,
     Pake,
     PeerConfirmed,
+    PlainSlot,
     RecordMachine,
+    RecordReceived,
     SealingKey,
     TunnelSecrets,
 )
@@ -364,6 +368,59 @@ def test_any_flipped_bit_is_detected_and_nothing_of_it_is_delivered(data: st.Dat
     else:
         assert isinstance(error, TunnelTampered)
         assert str(error).startswith("tunnel data rejected: ")
+
+
+def opened(peer: Peer, record: bytes) -> bytes | memoryview:
+    """``record`` into ``peer``'s machine; the plaintext exactly as it came out."""
+    events = []
+    piece = memoryview(record)
+    while piece:
+        room = peer.m.get_buffer(len(piece))
+        n = min(len(room), len(piece))
+        room[:n] = piece[:n]
+        del room
+        events += peer.m.buffer_updated(n)
+        piece = piece[n:]
+    (event,) = events
+    assert type(event) is RecordReceived
+    return event.plaintext
+
+
+def test_large_records_are_opened_into_slots_that_never_change_while_viewed() -> None:
+    a, b = ready_pair()
+    size = OPEN_INTO_MIN
+    records = [a.seal([bytes([i]) * size])[0] for i in range(OPEN_SLOTS + 3)]
+    held = [opened(b, r) for r in records[:OPEN_SLOTS]]  # each slot viewed
+    views = [p for p in held if isinstance(p, memoryview) and type(p.obj) is PlainSlot]
+    assert len(views) == OPEN_SLOTS and len({id(p.obj) for p in views}) == OPEN_SLOTS
+    del views
+    spare = opened(b, records[OPEN_SLOTS])
+    assert type(spare) is bytes and spare == bytes([OPEN_SLOTS]) * size  # no slot free
+    # The held views still read their own records.
+    assert [bytes(p) for p in held] == [bytes([i]) * size for i in range(OPEN_SLOTS)]
+    first = held[0]
+    assert isinstance(first, memoryview)
+    slot = id(first.obj)  # not the slot itself: a reference would keep it taken
+    del held[0], first  # that slot is free again: the next record goes there
+    again = opened(b, records[OPEN_SLOTS + 1])
+    assert isinstance(again, memoryview) and id(again.obj) == slot
+    assert bytes(again) == bytes([OPEN_SLOTS + 1]) * size
+    assert bytes(held[0]) == bytes([1]) * size  # the other slot is untouched
+
+
+def test_small_records_get_their_own_bytes() -> None:
+    a, b = ready_pair()
+    plain = opened(b, a.seal([b"x" * (OPEN_INTO_MIN - 1)])[0])
+    assert type(plain) is bytes and plain == b"x" * (OPEN_INTO_MIN - 1)
+
+
+def test_a_forged_record_opened_into_a_slot_fails_and_delivers_nothing() -> None:
+    a, b = ready_pair()
+    record = bytearray(a.seal([bytes(OPEN_INTO_MIN)])[0])
+    record[-1] ^= 1  # the tag
+    b.feed(bytes(record))
+    assert "failed authentication" in str(b.failure().error)
+    assert not b.records
 
 
 def test_a_flipped_ciphertext_byte_names_the_record() -> None:
