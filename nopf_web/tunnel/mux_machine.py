@@ -300,7 +300,7 @@ class MuxMachine:
 
     @property
     def window_budget(self) -> int:
-        """Window growth still available to lone streams, in bytes."""
+        """Window growth still available to busy streams, in bytes."""
         return self._window_budget
 
     @property
@@ -722,27 +722,40 @@ class MuxMachine:
         not busy (an interactive one, an idle one, a new one) the others
         shrink back: their bulk bytes in flight would queue ahead of its frames.
         """
-        stream.credit_epoch = epoch = self._credit_epoch
-        streams = self._streams
-        self._epoch_credit += returning
-        windows = len(streams) * self.window + AUTO_WINDOW_BUDGET - self._window_budget
-        if self._epoch_credit >= windows:
-            self._credit_epoch += 1
-            self._epoch_credit = 0
-        if len(streams) > 1 and (len(streams) > GROWING_STREAMS or any(
-                s.credit_epoch < epoch - 1 for s in streams.values())):
+        epoch = self._count_credit(stream, returning)
+        if not self._all_busy(epoch):
             delta = max(self.window - stream.window, -returning)
         elif stream.pending:
             return 0
         else:
             # Several streams share the budget evenly (one would take it all).
-            cap = min(AUTO_WINDOW_MAX, self.window + AUTO_WINDOW_BUDGET // len(streams))
+            cap = min(AUTO_WINDOW_MAX, self.window + AUTO_WINDOW_BUDGET // len(self._streams))
             delta = min(stream.window, cap - stream.window)
             if delta <= 0 or delta > self._window_budget:
                 return 0
         self._window_budget -= delta
         stream.window += delta
         return delta
+
+    def _count_credit(self, stream: StreamState, returning: int) -> int:
+        """``stream`` returns ``returning`` bytes of credit now: the credit epoch it
+        returned it in (an epoch ends once the tunnel returned its windows' worth)."""
+        stream.credit_epoch = epoch = self._credit_epoch
+        self._epoch_credit += returning
+        windows = len(self._streams) * self.window + AUTO_WINDOW_BUDGET - self._window_budget
+        if self._epoch_credit >= windows:
+            self._credit_epoch += 1
+            self._epoch_credit = 0
+        return epoch
+
+    def _all_busy(self, epoch: int) -> bool:
+        """Every open stream returned credit in ``epoch`` or the one before (a lone
+        stream is busy; more than GROWING_STREAMS streams never count as busy)."""
+        streams = self._streams
+        if len(streams) == 1:
+            return True
+        return len(streams) <= GROWING_STREAMS and all(
+            s.credit_epoch >= epoch - 1 for s in streams.values())
 
     def _release_window(self, stream: StreamState) -> None:
         self._window_budget += stream.window - self.window
