@@ -8,8 +8,11 @@ both tunnel ends (mux -> resume -> record on the sending end, record -> resume
 ``on_record`` / ``Mux._on_record`` / ``Stream._deliver`` on the other), so
 what it times is what the drivers run per record minus the event loop and
 the system calls, in CPU time of the thread (so other processes on the cores
-count little). The sender is fed 256 KiB ``bytes`` as a local read gives
-them; what it would ``send`` is copied (untimed, standing for the kernel's
+count little). The sender is fed 256 KiB reads as the forwarder takes them:
+into a slab of the tunnel's pool (``--reads slabs``, the default: that copy
+stands for ``recv_into``'s and is untimed; the records are sealed in place),
+or as fresh ``bytes`` (``--reads bytes``: what asyncio's ``data_received``
+gave before the slabs). What it would ``send`` is copied (untimed, standing for the kernel's
 copy) and written into the receiver's ``get_buffer`` views in
 ``recv_into``-sized pieces (the record and the next header, as on the wire;
 that copy is untimed too). The receiver's WINDOW_UPDATEs and ACKs go back
@@ -19,7 +22,8 @@ Reports microseconds per 256 KiB record at each end, and how much of it is
 not AES-GCM (AES-GCM timed alone on the same record size with the same
 calls). ``--profile send|recv`` prints cProfile's hottest calls of that end.
 
-    .venv/bin/python -m bench.record_path [--mb 1024] [--rounds 5] [--profile send]
+    .venv/bin/python -m bench.record_path [--mb 1024] [--rounds 5] [--reads slabs|bytes]
+                                          [--profile send]
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nopf_web.buffers import Buffer
 from nopf_web.tunnel import mux_machine as mm, record_machine as rm, resume_machine as rs
 from nopf_web.tunnel.resumable import _keep_freed_memory
+from nopf_web.tunnel.slab import SlabPool
 from nopf_web.wire.frames import INITIAL_WINDOW
 
 READ = 256 * 1024  # one local read (asyncio's read size for a Protocol)
@@ -52,15 +57,27 @@ class End:
         self.resume = rs.ResumeMachine(role)
         self.mux = mm.MuxMachine(role=role, window=INITIAL_WINDOW)
         self.path = self.resume.add_path("lan", 0.0, first=True)
+        self.slabs = SlabPool(READ)  # the local reads' buffers, as the Mux has
         self.wire_out: list[bytes] = []  # what the drivers would send, in order
         self.delivered = 0  # stream bytes the local application got
         self.untimed = 0.0  # seconds in the copies that stand for the kernel's
 
     # -- sending (Stream.feed, then Mux._flush in the next loop iteration) -----
 
-    def feed(self, stream_id: int, data: bytes, now: float) -> None:
+    def feed(self, stream_id: int, data: Buffer, now: float) -> None:
         self.mux.send(stream_id, data, eager=True)  # as Stream.feed
         self.flush(now)
+
+    def feed_slab(self, stream_id: int, read: bytes, now: float) -> None:
+        """One local read as _Local.get_buffer/buffer_updated take it: into a slab
+        of the pool (the copy stands for recv_into's: untimed), whose view the
+        stream queues."""
+        slab = self.slabs.take()
+        t = time.thread_time()
+        slab.room()[: len(read)] = read
+        self.untimed += time.thread_time() - t
+        assert len(read) >= self.slabs.lend_min
+        self.feed(stream_id, slab.view(len(read)), now)
 
     def flush(self, now: float) -> None:
         mux = self.mux
@@ -152,7 +169,7 @@ def _handshake(a: End, b: End) -> None:
     assert a.record.can_send and b.record.can_send and a.record.confirmed
 
 
-def run(mb: int, profile: str | None) -> tuple[float, float, int]:
+def run(mb: int, profile: str | None, reads_in: str = "slabs") -> tuple[float, float, int]:
     """µs per record at the sending and the receiving end, and records sent."""
     sender, receiver = End("client"), End("server")  # the connector sends, as in the lab
     _handshake(sender, receiver)
@@ -167,12 +184,16 @@ def run(mb: int, profile: str | None) -> tuple[float, float, int]:
     now = 0.0
     for i in range(total):
         now += 0.0003  # about 3 GB/s of wall clock: the resume layer's ACK timers fire
-        data = bytes(reads[i % 8])  # a new 256 KiB object per read
+        read = reads[i % 8]
+        data = bytes(read) if reads_in == "bytes" else b""  # a new 256 KiB object per read
         if profile == "send":
             assert prof is not None
             prof.enable()
         t = clock()
-        sender.feed(sid, data, now)
+        if data:
+            sender.feed(sid, data, now)
+        else:
+            sender.feed_slab(sid, read, now)
         send_time += clock() - t
         if profile == "send":
             assert prof is not None
@@ -224,16 +245,19 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     ap.add_argument("--mb", type=int, default=1024, help="MiB per round (default 1024)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reads", choices=["slabs", "bytes"], default="slabs",
+                    help="local reads into the pool's slabs (the forwarder's way) or as "
+                         "fresh bytes (asyncio's data_received)")
     ap.add_argument("--profile", choices=["send", "recv"])
     args = ap.parse_args(argv)
     _keep_freed_memory()  # as ResumableChannel does in the tunnel's process
     if args.profile:
-        run(args.mb, args.profile)
+        run(args.mb, args.profile, args.reads)
         return
     sends, recvs, seals, opens = [], [], [], []
     for r in range(args.rounds):
         seal, opened = aes_only()
-        send, recv, total = run(args.mb, None)
+        send, recv, total = run(args.mb, None, args.reads)
         sends.append(send)
         recvs.append(recv)
         seals.append(seal)

@@ -27,19 +27,12 @@ from nopf_web.wire.frames import ResetCode
 
 from .errors import StreamReset, TunnelError
 from .mux import Mux, Stream
+from .slab import LOCAL_READ_SIZE, Slab
 
 CONNECT_TIMEOUT = 5.0
 ACCEPT_BURST = 1024  # local connections taken from the accept queue per wake-up
 _MAX_GATHER = 64  # buffers per sendmsg (the kernel allows 1024); more are joined
 # (Windows has no sendmsg: send_gathered joins them there.)
-# Bytes a local connection's read may take at once; asyncio's selector transport
-# reads 256 KiB. Each read costs a loop iteration, a feed and a flush whatever
-# its size, and a bulk sender's data are waiting in the socket, so larger reads
-# cut the sending end's CPU per GB (docs/BENCHMARKS.md, "Larger local reads").
-# Kept under the 1 MiB malloc mmap threshold the resume layer sets
-# (resumable._keep_freed_memory): a read's buffer then comes from the heap, not
-# from a fresh mapping whose pages fault in on every read.
-LOCAL_READ_SIZE = 1020 * 1024
 
 EventSink = Callable[[str], None]
 
@@ -226,17 +219,23 @@ async def _run_local(local: _Local, on_event: EventSink) -> None:
         pass  # the whole tunnel failed: serve_* reports that once, via wait_closed
 
 
-class _Local(asyncio.Protocol):
+class _Local(asyncio.BufferedProtocol):
     """One local TCP connection piped to one stream, driven by callbacks both ways.
 
     Local data goes to the stream with ``feed`` (reading pauses while the stream
     has too much queued); stream data goes to the transport as it arrives
     (delivery pauses while the transport's buffer is full, which withholds the
     peer's credit). EOF becomes FIN and FIN becomes ``shutdown(SHUT_WR)``.
+
+    Local reads land in a slab of the tunnel's pool (:mod:`.slab`): a large read
+    goes to the stream as the slab's view and is sealed in place, no copy; a
+    small one is copied out and the slab is free for the next read.
     """
 
     def __init__(self, stream: Stream, sock: socket.socket) -> None:
         self.stream = stream
+        self._slabs = stream.slabs
+        self._slab: Slab | None = None  # the one read into, between the two calls
         self.transport: asyncio.Transport | None = None
         self._sock = sock  # the transport's socket, for gathered sends
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -257,11 +256,26 @@ class _Local(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        if hasattr(transport, "max_size"):  # CPython's selector transport (not the proactor's)
+        # The selector transport reads into get_buffer's slab, of LOCAL_READ_SIZE; the
+        # proactor's reads max_size into its own buffer, then copies into the slab.
+        if hasattr(transport, "max_size"):
             transport.max_size = LOCAL_READ_SIZE
         self.stream.attach(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        slab = self._slab = self._slabs.take()
+        return slab.room()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        slab = self._slab
+        assert slab is not None
+        self._slab = None  # an idle connection holds none
+        if nbytes >= self._slabs.lend_min:
+            self.data_received(slab.view(nbytes))
+        else:
+            self.data_received(bytes(slab.room()[:nbytes]))
+
+    def data_received(self, data: bytes | memoryview) -> None:
         try:
             more = self.stream.feed(data, self._resume_reading)
         except TunnelError as exc:

@@ -51,6 +51,7 @@ from .mux_machine import (
     StreamWritable,
     TunnelEnded,
 )
+from .slab import SlabPool
 
 __all__ = ["AUTO_WINDOW_BUDGET", "AUTO_WINDOW_MAX", "CLOSE_FLUSH_TIMEOUT", "DEFAULT_MAX_STREAMS",
            "DEFAULT_MIN_TURN", "STREAM_SEND_BUFFER", "Channel", "Mux",
@@ -105,6 +106,11 @@ class Stream:
 
     def __repr__(self) -> str:
         return f"<Stream {self.stream_id} in={self.bytes_in} out={self.bytes_out}>"
+
+    @property
+    def slabs(self) -> SlabPool:
+        """The tunnel's buffers for local reads (see :mod:`.slab`), for a local reader."""
+        return self._mux.slabs
 
     bytes_in = Delegated[int]("_state")
     bytes_out = Delegated[int]("_state")
@@ -306,6 +312,7 @@ class Mux:
         self._accept_ready = asyncio.Event()
         self._flush_handle: asyncio.Handle | None = None  # a flush is scheduled or running
         self._draining = False  # a flush stopped for the channel to drain
+        self.slabs = SlabPool()  # the streams' local reads (see slab); kept ones are reused
         self._wake = asyncio.Event()  # the writer task: wait for the drain, flush again
         self._idle = asyncio.Event()  # everything the machine had is sent
         self._done = asyncio.Event()

@@ -58,7 +58,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
-from nopf_web.buffers import Buffer
+from nopf_web.buffers import Buffer, unchanging
 from nopf_web.roles import PeerRole
 from nopf_web.wire import frames as fr
 from nopf_web.wire.frames import (
@@ -395,7 +395,9 @@ class MuxMachine:
     def send(self, stream_id: int, data: Buffer, *, eager: bool = False) -> bool:
         """Queue ``data``; False when the stream has ``STREAM_SEND_BUFFER`` or more
         queued: the sender waits for :class:`StreamWritable`. The machine keeps
-        ``bytes`` as given (no copy); other buffers are copied.
+        ``bytes`` and views of what does not change while viewed
+        (:func:`~nopf_web.buffers.unchanging`: a local read's slab) as given, no
+        copy; other buffers are copied.
 
         ``eager``: the caller sends all it can before it sends more (it flushes
         first), so a ``data`` that alone took the queue to the limit, on a stream
@@ -407,7 +409,12 @@ class MuxMachine:
             raise StreamClosed(f"stream {stream_id}: write after write_eof()")
         n = len(data)
         if n:
-            view = memoryview(data if type(data) is bytes else bytes(data))
+            if type(data) is bytes:
+                view = memoryview(data)
+            elif type(data) is memoryview and unchanging(data):
+                view = data
+            else:
+                view = memoryview(bytes(data))
             stream.out.append(view)
             stream.out_size += n
             self._queued += n

@@ -172,6 +172,7 @@ from .errors import (
     RecordCut,
     TunnelTampered,
 )
+from .slab import HEADROOM, Slab
 
 MAGIC = b"NOPF"
 VERSION = 1
@@ -743,10 +744,18 @@ class RecordMachine:
     def seal(self, parts: Iterable[Buffer]) -> list[memoryview]:
         """Records carrying the concatenation of ``parts``: full records first, no
         joined copy of the parts. The views are reused by the next call: send or
-        copy them before."""
+        copy them before. Parts ending in a local read's whole slab (see
+        :mod:`nopf_web.tunnel.slab`) are sealed in place, without a copy."""
         sealing = self.sealing
         if sealing is None:
             raise RuntimeError("records before the handshake is done")
+        if type(parts) is list and parts:
+            data = parts[-1]
+            if type(data) is memoryview and type(slab := data.obj) is Slab \
+                    and len(data) == slab.filled:  # a whole read: the headroom is before it
+                record = self._seal_in_place(parts, slab, sealing)
+                if record is not None:
+                    return [record]
         plain, fill, used = self._plain, 0, 0
         records: list[memoryview] = []
         for part in parts:
@@ -773,6 +782,29 @@ class RecordMachine:
                 return [out[:size]]
             records.append(self._seal_one(fill, used, records))
         return records
+
+    def _seal_in_place(self, parts: list[Buffer], slab: Slab,
+                       sealing: SealingKey) -> memoryview | None:
+        """One record of ``parts``, the last a slab's whole read: the others are
+        written into its headroom and the record sealed from the slab. None, and
+        nothing done, when they do not fit or a key update is due (the copying
+        path does both)."""
+        head = 0
+        for part in parts[:-1]:
+            head += len(part)
+        start = HEADROOM - head
+        if start < 0 or head + slab.filled > MAX_RECORD or sealing.due(self.limits):
+            return None
+        view = memoryview(slab)
+        pos = start
+        for part in parts[:-1]:
+            end = pos + len(part)
+            view[pos:end] = part
+            pos = end
+        out = self._out[0]
+        size = sealing.seal_into(view[start : HEADROOM + slab.filled], out)
+        self.bytes_out += size
+        return out[:size]
 
     def _seal_one(self, n: int, index: int, records: list[memoryview]) -> memoryview:
         """The ``index``-th data record of this call from ``n`` bytes of the plaintext

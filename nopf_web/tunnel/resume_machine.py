@@ -52,7 +52,8 @@ The spec's 256 KiB would have cost one more record per 256 KiB on a one-way
 bulk transfer; 2 MiB keeps the sender's buffer at most a quarter full.
 
 Replay buffer: the parts of every unacknowledged DATA (the mux's own buffers
-are immutable ``bytes``; anything else is copied once). When it holds
+are ``bytes`` or views of local reads' slabs, which do not change while viewed:
+:func:`nopf_web.buffers.unchanging`; anything else is copied once). When it holds
 ``replay_cap`` bytes (8 MiB) or more, :attr:`writing_paused` is true (the
 driver's ``drain`` waits) until an ack frees space (:class:`Writable`).
 
@@ -102,7 +103,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from nopf_web.buffers import Buffer
+from nopf_web.buffers import Buffer, unchanging
 from nopf_web.roles import PeerRole
 
 from .errors import PeerLost, TunnelClosed, TunnelError, TunnelProtocolError, TunnelTampered
@@ -546,7 +547,7 @@ class ResumeMachine:
             if n:
                 kind = type(part)
                 if kind is not bytes and (kind is not memoryview
-                                          or type(part.obj) is not bytes):  # type: ignore[union-attr]
+                                          or not unchanging(part)):  # type: ignore[arg-type]
                     part = bytes(part)  # nobody may change it while it waits for its ack
                 message.append(part)
                 size += n

@@ -56,7 +56,7 @@ import enum
 import struct
 from typing import NamedTuple
 
-from nopf_web.buffers import Buffer
+from nopf_web.buffers import Buffer, unchanging
 
 from .errors import WireError
 
@@ -328,14 +328,6 @@ def _build(ftype: FrameType, stream_id: int, payload: bytes) -> Frame:
     return GoAwayFrame(code, message)
 
 
-def _unchanging(view: memoryview) -> bool:
-    """``view`` is of a buffer nobody changes while it is viewed: ``bytes``, or a
-    type that says so (``UNCHANGING_WHILE_VIEWED``: the buffers the tunnel opens
-    records into, :class:`nopf_web.tunnel.record_machine.PlainSlot`)."""
-    owner = type(view.obj)
-    return owner is bytes or getattr(owner, "UNCHANGING_WHILE_VIEWED", False) is True
-
-
 class FrameDecoder:
     """Sans-IO frame parser: ``feed`` bytes as they arrive, get the complete frames.
 
@@ -377,7 +369,7 @@ class FrameDecoder:
             return None
         if type(data) is bytes:
             return stream_id, memoryview(data)[HEADER_SIZE:]
-        if type(data) is memoryview and _unchanging(data):
+        if type(data) is memoryview and unchanging(data):
             return stream_id, data[HEADER_SIZE:]
         return None
 
@@ -396,7 +388,7 @@ class FrameDecoder:
         # DATA payloads may be views of the caller's buffer only if nobody can
         # change it: bytes, or a view of bytes or of a buffer that says so (a
         # resumable tunnel's records).
-        zero_copy = type(src) is bytes or (type(src) is memoryview and _unchanging(src))
+        zero_copy = type(src) is bytes or (type(src) is memoryview and unchanging(src))
         end = len(view)
         while end - pos >= HEADER_SIZE:
             kind, stream_id, length = HEADER.unpack_from(view, pos)

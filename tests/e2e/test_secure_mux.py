@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable
 
 import pytest
 
-from nopf_web.tunnel import forward
+from nopf_web.tunnel import forward, slab
 from nopf_web.tunnel.errors import (
     HandshakeError,
     HandshakeTimeout,
@@ -421,17 +421,22 @@ async def test_a_bulk_local_sender_is_read_in_pieces_larger_than_asyncios(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A local connection whose data wait in its socket is read up to
     LOCAL_READ_SIZE at a time, not asyncio's 256 KiB (fewer reads, fewer records'
-    worth of loop iterations per GB), and every byte still arrives."""
+    worth of loop iterations per GB), and every byte still arrives. Large reads
+    go on as views of the tunnel's slabs (sealed in place), small ones as their
+    own bytes, and the pool keeps no more slabs than its bound."""
     sizes: list[int] = []
+    kinds: set[tuple[bool, type]] = set()
     original = forward._Local.data_received
 
-    def recording(self: forward._Local, data: bytes) -> None:
+    def recording(self: forward._Local, data: bytes | memoryview) -> None:
         sizes.append(len(data))
+        owner = type(data.obj) if isinstance(data, memoryview) else type(data)
+        kinds.add((len(data) >= self._slabs.lend_min, owner))
         original(self, data)
 
     monkeypatch.setattr(forward._Local, "data_received", recording)
     total = 32 << 20
-    async with asyncio.timeout(30), forwarded(bulk_or_echo) as (addr, ma, _mb):
+    async with asyncio.timeout(30), forwarded(bulk_or_echo) as (addr, ma, mb):
         def send() -> None:
             with socket.create_connection(addr) as sock:
                 sock.sendall(b"S")
@@ -443,7 +448,10 @@ async def test_a_bulk_local_sender_is_read_in_pieces_larger_than_asyncios(
                 break
             await asyncio.sleep(0.01)
     assert ma.bytes_in == total + 1 and sum(sizes) >= total + 1
-    assert 256 * 1024 < max(sizes) <= forward.LOCAL_READ_SIZE, max(sizes)
+    assert 256 * 1024 < max(sizes) <= slab.LOCAL_READ_SIZE, max(sizes)
+    assert (True, slab.Slab) in kinds
+    assert kinds <= {(True, slab.Slab), (False, bytes)}, kinds
+    assert 1 <= mb.slabs.kept <= slab.POOLED
 
 
 async def test_half_close_per_stream() -> None:

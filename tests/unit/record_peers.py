@@ -10,7 +10,11 @@ from collections.abc import Iterable
 from hypothesis import strategies as st
 
 from nopf_web.tunnel.record_machine import (
+    DEFAULT_KEY_LIMITS,
     ChannelFailed,
+    HandshakeDone,
+    KeyLimits,
+    PeerConfirmed,
     RecordEvent,
     RecordMachine,
     RecordReceived,
@@ -75,6 +79,16 @@ def started(pair: tuple[Peer, Peer]) -> tuple[Peer, Peer]:
     """Both machines of ``pair`` started at time 0, A first (nothing carried yet)."""
     a, b = pair
     return a.start(), b.start()
+
+
+def ready_pair(code: str = "7-orbit-lantern",
+               limits: KeyLimits = DEFAULT_KEY_LIMITS) -> tuple[Peer, Peer]:
+    """Two machines (server, client) whose in-band handshake is done and confirmed."""
+    a, b = started((Peer(RecordMachine.handshake("server", code, limits=limits)),
+                    Peer(RecordMachine.handshake("client", code, limits=limits))))
+    settle(a, b)
+    assert a.kinds() == b.kinds() == [HandshakeDone, PeerConfirmed]
+    return a, b
 
 
 def cuts_of(data: st.DataObject, size: int) -> list[int]:

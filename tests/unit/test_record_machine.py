@@ -40,7 +40,7 @@ from nopf_web.tunnel.record_machine import (
 )
 
 from .budget import FEW
-from .record_peers import Peer, cuts_of, messages, move, settle, started
+from .record_peers import Peer, cuts_of, messages, move, ready_pair, settle, started
 
 CODE = "7-orbit-lantern"
 WRONG = "7-orbit-lanterns"
@@ -63,13 +63,6 @@ def confirm_only(code_a: str = CODE, code_b: str = CODE) -> tuple[Peer, Peer]:
     pa, pb = exchanged(code_a, code_b)
     return (Peer(RecordMachine.confirm_only("server", pa)),
             Peer(RecordMachine.confirm_only("client", pb)))
-
-
-def ready_pair() -> tuple[Peer, Peer]:
-    a, b = started(in_band())
-    settle(a, b)
-    assert a.kinds() == b.kinds() == [HandshakeDone, PeerConfirmed]
-    return a, b
 
 
 # -- round trips ----------------------------------------------------------------

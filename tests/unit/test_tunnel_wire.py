@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 import struct
 
+import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nopf_web.tunnel import mux_machine as mm, record_machine as rm, resume_machine as rs
+from nopf_web.tunnel.slab import Slab
 from nopf_web.wire import frames as fr
 
 CODE = "7-orbit-lantern"
@@ -35,7 +37,10 @@ def _open_pair() -> tuple[rm.RecordMachine, rm.RecordMachine]:
     return a, b
 
 
-def test_bulk_stream_records_are_exactly_the_documented_format() -> None:
+@pytest.mark.parametrize("reads_in", ["bytes", "slabs"])
+def test_bulk_stream_records_are_exactly_the_documented_format(reads_in: str) -> None:
+    """Reads as ``bytes``, or as the forwarder's slabs (sealed in place: the
+    same records)."""
     sender, receiver = _open_pair()
     assert sender.sealing is not None
     key = sender.sealing._key  # the sending direction's record key (not public API)
@@ -49,7 +54,12 @@ def test_bulk_stream_records_are_exactly_the_documented_format() -> None:
     expected = b""
     first = True
     for seq, read in enumerate(reads):  # one record each: seq and nonce counter alike
-        mux.send(sid, read)
+        if reads_in == "slabs":
+            slab = Slab(len(read))
+            slab.room()[: len(read)] = read
+            mux.send(sid, slab.view(len(read)))
+        else:
+            mux.send(sid, read)
         parts, _events = mux.data_to_send(0.0)
         (send,) = resume.send(parts, 0.0)
         assert isinstance(send, rs.Send) and send.path == path
