@@ -32,7 +32,10 @@ never less than ``min_turn`` (16 KiB). Unless some 16 streams or more are
 queued, every one of them has a frame in the record, so a bulk stream cannot
 hold an interactive one back past it. (Where a frame sits inside a record does not
 delay it: the peer opens a record whole.) A stream alone in the queue gets one
-frame filling the rest of the record. No frame goes past the budget: a turn
+frame filling the rest of the record; where the record's room is what stops it,
+the frame ends where one of its writes ends (a write is cut only when none fits
+whole, and never for a second frame of it filling the rest of a record), so a
+bulk sender's reads travel one frame each. No frame goes past the budget: a turn
 that does not fit starts the next record.
 
 Record size: every peer takes records of ``BASE_RECORD_BUDGET`` (257 KiB)
@@ -208,6 +211,17 @@ class StreamState:
         if self.out_size:
             return self.credit > 0
         return self.fin_pending and not self.fin_sent
+
+    def _whole(self, limit: int) -> int:
+        """The bytes of the queued writes, from the first, that fit whole in ``limit``
+        (0 if the first alone does not)."""
+        total = 0
+        for chunk in self.out:
+            n = len(chunk)
+            if total + n > limit:
+                break
+            total += n
+        return total
 
     def _take(self, limit: int) -> list[memoryview]:
         parts: list[memoryview] = []
@@ -607,6 +621,7 @@ class MuxMachine:
         # 16 KiB turns, ten bulk streams cut every record into 16 frames: each a
         # header, a slice, an event and a local send at the peer.
         turn = max(self.min_turn, (budget - size) // max(len(ready), 1) - fr.HEADER_SIZE)
+        served: StreamState | None = None  # the stream of the record's last DATA frame
         while ready:
             stream = ready[0]
             if stream.failed:
@@ -618,9 +633,21 @@ class MuxMachine:
             # layer would carry the excess in a record of its own): a stream
             # whose turn does not fit starts the next record.
             room = min(budget - size - fr.HEADER_SIZE, max_frame)
-            n = min(stream.out_size, stream.credit, turn if len(ready) > 1 else room)
+            alone = len(ready) == 1
+            n = min(stream.out_size, stream.credit, room if alone else turn)
             if n > room or room <= 0:
                 break
+            if alone and n == room < min(stream.out_size, stream.credit):
+                # Where the record's room is all that stops a lone stream, its
+                # frame ends where a write ends, so that a bulk sender's reads
+                # stay one frame each: sealed in place (see tunnel.slab), one
+                # frame a record at the peer. A write is cut only if none fits
+                # whole, and not for a second frame of the stream: the record's rest.
+                whole = stream._whole(n)
+                if whole:
+                    n = whole
+                elif stream is served:
+                    break
             ready.popleft()
             stream.queued = False
             if n:
@@ -634,6 +661,7 @@ class MuxMachine:
                 stream.bytes_out += n
                 self.bytes_out += n
                 size += fr.HEADER_SIZE + n
+                served = stream
                 if stream.waiting and stream.out_size < STREAM_SEND_BUFFER:
                     stream.waiting = False
                     events.append(StreamWritable(stream.stream_id))

@@ -467,6 +467,12 @@ def bulk_sender(ends: tuple[End, End]) -> tuple[End, End, int, StreamState]:
     return a, b, sid, state
 
 
+def whole_frame(budget: int) -> int:
+    """A lone bulk stream's record under ``budget``: one DATA frame as large as the
+    budget allows. The control room left is not filled with a sliver of data."""
+    return budget - fr.CONTROL_ROOM + fr.HEADER_SIZE
+
+
 def bulk(end: End, sid: int, size: int, rate: float) -> list[int]:
     """Queue ``size`` bytes on ``sid`` and send them as a path carrying ``rate``
     bytes a second would let them go: the record sizes."""
@@ -486,25 +492,49 @@ def test_records_grow_with_the_rate_once_the_peer_announced() -> None:
     # 200 MB/s: more than RECORD_BUDGET in RECORD_TIME. Base records until a
     # RATE_INTERVAL has passed, then full ones.
     fast = bulk(a, sid, 32 << 20, 200e6)
-    first = int(RATE_INTERVAL * 200e6) // BASE_RECORD_BUDGET + 1
-    assert fast[:first] == [BASE_RECORD_BUDGET] * first
-    assert fast[first + 1:-1] == [RECORD_BUDGET] * (len(fast) - first - 2)
+    base, full = whole_frame(BASE_RECORD_BUDGET), whole_frame(RECORD_BUDGET)
+    first = int(RATE_INTERVAL * 200e6) // base + 1
+    assert fast[:first] == [base] * first
+    assert fast[first + 1:-1] == [full] * (len(fast) - first - 2)
     # Ten idle seconds say nothing of the path: the next burst keeps the budget.
     a.now += 10.0
-    assert bulk(a, sid, 4 << 20, 200e6)[:3] == [RECORD_BUDGET] * 3
+    assert bulk(a, sid, 4 << 20, 200e6)[:3] == [full] * 3
     # A path carrying 5 MB/s (what 8 ms carry is less than the base): base records
     # once a RATE_INTERVAL has passed (the second record ends it).
     slow = bulk(a, sid, 8 << 20, 5e6)
-    assert slow[:2] == [RECORD_BUDGET] * 2 and max(slow[2:]) == BASE_RECORD_BUDGET
+    assert slow[:2] == [full] * 2 and max(slow[2:]) == base
     assert a.m.record_budget == BASE_RECORD_BUDGET
     # 60 MB/s: records of what 8 ms carry, 480 KB, between the two budgets.
     between = bulk(a, sid, 16 << 20, 60e6)
-    first = int(RATE_INTERVAL * 60e6) // BASE_RECORD_BUDGET + 1
-    assert between[:first] == [BASE_RECORD_BUDGET] * first
-    for size in [*between[first + 1:-1], a.m.record_budget]:
-        assert 480_000 <= size <= 1.05 * 480_000  # (an interval counts its last record too)
+    first = int(RATE_INTERVAL * 60e6) // base + 1
+    assert between[:first] == [base] * first
+    budgets = [size + fr.CONTROL_ROOM - fr.HEADER_SIZE for size in between[first + 1:-1]]
+    for budget in [*budgets, a.m.record_budget]:
+        assert 480_000 <= budget <= 1.05 * 480_000  # (an interval counts its last record too)
     b.receive(b"".join(b"".join(r) for r in a.records()))  # (nothing left)
     assert not b.ended
+
+
+def test_a_lone_stream_s_frames_end_where_its_writes_end() -> None:
+    """Where only the record's room stops a lone stream, its frame carries whole
+    writes (a bulk sender's reads: each then sealed in place, one frame a record
+    at the peer), never a write cut to fill the record's rest; a write larger than
+    a record is still cut, one frame a record; all of the queue that fits goes at
+    once. Every byte goes, in order."""
+    a, _b, sid, _state = bulk_sender(pair())
+    assert a.m.record_budget == BASE_RECORD_BUDGET
+    most = BASE_RECORD_BUDGET - fr.CONTROL_ROOM  # the largest frame
+    writes = [bytes([i]) * 100_000 for i in range(5)] + [b"L" * 600_000, b"t" * 100_000]
+    for write in writes:
+        a.m.send(sid, write)
+    records, payloads = [], []
+    while record := a.m.data_to_send(a.now)[0]:
+        frames = [f for f in FrameDecoder().feed(b"".join(record)) if isinstance(f, fr.DataFrame)]
+        records.append([len(f.data) for f in frames])
+        payloads += [bytes(f.data) for f in frames]
+    assert b"".join(payloads) == b"".join(writes)
+    assert records == [[200_000], [200_000], [100_000], [most], [most],
+                       [600_000 - 2 * most + 100_000]]
 
 
 def test_a_bulk_stream_between_two_reads_is_not_idle() -> None:
@@ -515,7 +545,7 @@ def test_a_bulk_stream_between_two_reads_is_not_idle() -> None:
     for _ in range(40):  # 1 MiB reads, each sent at 200 MB/s, 1 ms apart
         sizes += bulk(a, sid, 1 << 20, 200e6)
         a.now += 0.001
-    assert a.m.record_budget == RECORD_BUDGET and sizes[-2] == RECORD_BUDGET
+    assert a.m.record_budget == RECORD_BUDGET and sizes[-2] == whole_frame(RECORD_BUDGET)
 
 
 def test_waiting_for_credit_is_the_path_s_time_not_idle_time() -> None:
@@ -538,7 +568,8 @@ def test_a_peer_that_never_announced_gets_base_records_however_fast() -> None:
     """An older peer takes records of BASE_RECORD_BUDGET and DATA of BASE_MAX_PAYLOAD."""
     a, _b, sid, state = bulk_sender((End("server"), End("client")))  # never announced
     sizes = bulk(a, sid, 64 << 20, 1e9)
-    assert max(sizes) == BASE_RECORD_BUDGET and a.m.record_budget == BASE_RECORD_BUDGET
+    assert max(sizes) == whole_frame(BASE_RECORD_BUDGET)
+    assert a.m.record_budget == BASE_RECORD_BUDGET
     assert state.bytes_out == 64 << 20  # all of it, in base records
 
 
