@@ -77,7 +77,10 @@ class End:
         slab.room()[: len(read)] = read
         self.untimed += time.thread_time() - t
         assert len(read) >= self.slabs.lend_min
-        self.feed(stream_id, slab.view(len(read)), now)
+        if slab is self.slabs.scratch:  # none to lend: copied out, as the forwarder does
+            self.feed(stream_id, bytes(slab.room()[: len(read)]), now)
+        else:
+            self.feed(stream_id, slab.view(len(read)), now)
 
     def flush(self, now: float) -> None:
         mux = self.mux

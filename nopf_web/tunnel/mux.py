@@ -112,6 +112,11 @@ class Stream:
         """The tunnel's buffers for local reads (see :mod:`.slab`), for a local reader."""
         return self._mux.slabs
 
+    @property
+    def alone(self) -> bool:
+        """The only stream the tunnel has open (a local reader then reads into slabs)."""
+        return len(self._mux._streams) == 1
+
     bytes_in = Delegated[int]("_state")
     bytes_out = Delegated[int]("_state")
     _window = Delegated[int](

@@ -148,7 +148,6 @@ from __future__ import annotations
 import hmac
 import os
 import struct
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from hashlib import sha256
@@ -160,7 +159,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from spake2 import SPAKE2_A, SPAKE2_B  # type: ignore[import-untyped]
 
-from nopf_web.buffers import Buffer
+from nopf_web.buffers import Buffer, unviewed
 from nopf_web.roles import PeerRole, SpakeSide, other, spake_side
 from nopf_web.wire.frames import RECORD_BUDGET
 
@@ -249,18 +248,11 @@ class PeerConfirmed:
 
 class PlainSlot(bytearray):
     """A reused buffer records are opened into. The machine writes it only when
-    nothing views it (:func:`_unviewed`), so a view of it does not change while
+    nothing views it (:func:`~nopf_web.buffers.unviewed`), so a view of it does not change while
     it lives, as a view of ``bytes`` does not: the frame decoder may slice it
     without a copy (``UNCHANGING_WHILE_VIEWED``)."""
 
     UNCHANGING_WHILE_VIEWED = True
-
-
-def _unviewed(slots: list[PlainSlot], index: int) -> bool:
-    """No view (nor other reference) of ``slots[index]`` is left. Every memoryview
-    of a bytearray holds one reference to it, however many slices share it;
-    free, it is referred to by the list and by getrefcount's argument only."""
-    return sys.getrefcount(slots[index]) == 2
 
 
 @dataclass(slots=True)
@@ -977,7 +969,7 @@ class RecordMachine:
         """A slot nothing views any more, None if every slot is still viewed."""
         slots = self._slots
         for i in range(len(slots)):
-            if _unviewed(slots, i):
+            if unviewed(slots, i):
                 return slots[i]
         if len(slots) < OPEN_SLOTS:
             slots.append(PlainSlot(MAX_RECORD))

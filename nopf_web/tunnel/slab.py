@@ -8,14 +8,17 @@ stream's every record: resume header, mux DATA header, one whole read), the
 record machine writes the headers into the headroom and seals the slab in
 place (:meth:`nopf_web.tunnel.record_machine.RecordMachine.seal`) instead of
 copying headers and read into its plaintext buffer: one memory pass less per
-record (perf: 9 % of the sending end's samples were that copy).
+record (perf: 9 % of the sending end's samples were that copy). Only a stream
+alone on its tunnel reads into slabs: with several, the mux cuts reads into
+turns that share a record, sealed from a copy, and the forwarder reads as
+asyncio's ``bytes`` (``tunnel.forward._Local``).
 
-Why a slab may be kept like ``bytes`` (``UNCHANGING_WHILE_VIEWED``): a
-``bytearray`` cannot change size while a view of it exists (``BufferError``),
-which :meth:`Slab.in_use` tests, and :meth:`SlabPool.take` hands a slab out
-for the next read only when nothing views it (the resume layer dropped it at
-the peer's ack, the mux sent it). The headroom, which the record machine
-rewrites, is never inside a view that outlives the call that made it.
+Why a slab may be kept like ``bytes`` (``UNCHANGING_WHILE_VIEWED``):
+:meth:`SlabPool.take` hands a slab out for the next read only when nothing
+refers to it any more (:func:`nopf_web.buffers.unviewed`: the resume layer
+dropped it at the peer's ack, the mux sent it, the forwarder let go). The
+headroom, which the record machine rewrites, is never inside a view that
+outlives the call that made it.
 
 Memory is bounded; slabs that were not (2026-12-05, reverted: each tunnel end
 held 168-246 MiB in the soak, not 71-80) let small reads pin whole slabs and
@@ -24,14 +27,21 @@ kept every slab they made:
 - a read under half a slab (:attr:`SlabPool.lend_min`) is copied out into its own
   ``bytes`` and the slab is read into again, so a view pins at most twice
   its bytes, and an interactive stream's few bytes pin nothing;
-- the pool keeps at most :data:`POOLED` slabs. When all of them are viewed
-  (a slow peer's acks), a read gets a fresh slab that nobody keeps: it is
-  freed with its last view, as a read's ``bytes`` are.
+- the pool has at most :data:`POOLED` slabs to lend. When all of them are
+  viewed (slow acks), the forwarder reads as asyncio's own ``bytes`` until one is free
+  (:meth:`SlabPool.has_free`). A read that finds none free all the same (the
+  last free one was just taken) goes into the pool's scratch slab, which is
+  never lent, and is copied out. (Tried on ten streams, before they read as
+  bytes: a fresh slab per such read cost a zero-filled 1 MiB each, and
+  reading every one into the scratch and copying it out cost the sender
+  0.05-0.08 CPU-s/GB more than asyncio's reads.)
 
 No I/O here: machines may import it.
 """
 
 from __future__ import annotations
+
+from nopf_web.buffers import unviewed
 
 HEADROOM = 256  # resume header (17), control frames, DATA header (9): usually 26 bytes
 # One local read at most. Asyncio's Protocol reads 256 KiB; a bulk sender's
@@ -55,8 +65,7 @@ class Slab(bytearray):
     UNCHANGING_WHILE_VIEWED = True
 
     def __init__(self, size: int = LOCAL_READ_SIZE) -> None:
-        super().__init__(HEADROOM + size + 1)
-        del self[-1]  # the spare byte makes in_use() a resize that never moves the buffer
+        super().__init__(HEADROOM + size)
         self.filled = 0
 
     def room(self) -> memoryview:
@@ -69,38 +78,38 @@ class Slab(bytearray):
         self.filled = n
         return memoryview(self)[HEADROOM : HEADROOM + n]
 
-    def in_use(self) -> bool:
-        """Some view of the slab still exists: it must not be written."""
-        try:
-            self.append(0)  # within its allocation: nothing moves
-        except BufferError:
-            return True
-        del self[-1]
-        return False
-
 
 class SlabPool:
-    """Slabs for one tunnel end's local reads (shared by its streams), reused once
-    nothing views them; at most ``keep`` of them are kept."""
+    """Slabs for one tunnel end's local reads (shared by its streams): at most
+    ``keep`` to lend, each reused once nothing views it, and one scratch slab
+    that is never lent. Reads are synchronous (``get_buffer``, ``recv_into``,
+    ``buffer_updated`` in one call), so one scratch serves every stream."""
 
     def __init__(self, size: int = LOCAL_READ_SIZE, keep: int = POOLED) -> None:
         self.size = size
         self.lend_min = size // 2  # smaller reads are copied out (see the module docstring)
         self.keep = keep
         self._slabs: list[Slab] = []
-        self.made = 0  # slabs allocated, kept or not (tests and benchmarks look)
+        self.scratch = Slab(size)  # read into when none can be lent; copied out
+        self.made = 1  # slabs allocated, the scratch too (tests and benchmarks look)
 
     def take(self) -> Slab:
-        """A slab nothing views: a kept one, else a new one (kept if there is room)."""
+        """A slab nothing refers to: a kept one, a new one while fewer than ``keep``
+        exist, else the scratch. The caller's reference makes it taken until dropped."""
         slabs = self._slabs
-        for slab in slabs:
-            if not slab.in_use():
-                return slab
-        slab = Slab(self.size)
-        self.made += 1
+        for i in range(len(slabs)):
+            if unviewed(slabs, i):
+                return slabs[i]
         if len(slabs) < self.keep:
-            slabs.append(slab)
-        return slab
+            slabs.append(Slab(self.size))
+            self.made += 1
+            return slabs[-1]
+        return self.scratch
+
+    def has_free(self) -> bool:
+        """:meth:`take` would give a slab it may lend."""
+        slabs = self._slabs
+        return len(slabs) < self.keep or any(unviewed(slabs, i) for i in range(len(slabs)))
 
     @property
     def kept(self) -> int:
