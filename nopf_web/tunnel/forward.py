@@ -234,7 +234,7 @@ class _Local(asyncio.BufferedProtocol):
     own ``bytes`` (the transport is handed a :class:`_BytesReads`) while the pool
     has no slab free to lend, or while the tunnel has other streams: the mux then
     cuts reads into turns of several streams a record, sealed from a copy, and
-    slabs only cost (ten streams: 0.03-0.07 CPU-s/GB more at the sender).
+    slabs only cost (see :mod:`.slab`).
     """
 
     def __init__(self, stream: Stream, sock: socket.socket) -> None:

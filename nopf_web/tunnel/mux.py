@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, Self
@@ -317,7 +318,6 @@ class Mux:
         self._accept_ready = asyncio.Event()
         self._flush_handle: asyncio.Handle | None = None  # a flush is scheduled or running
         self._draining = False  # a flush stopped for the channel to drain
-        self.slabs = SlabPool()  # the streams' local reads (see slab); kept ones are reused
         self._wake = asyncio.Event()  # the writer task: wait for the drain, flush again
         self._idle = asyncio.Event()  # everything the machine had is sent
         self._done = asyncio.Event()
@@ -346,6 +346,12 @@ class Mux:
         "_machine", "window_budget", doc="Window growth left for lone streams (tests look at it).")
 
     # -- life -----------------------------------------------------------------
+
+    @functools.cached_property
+    def slabs(self) -> SlabPool:
+        """The streams' buffers for local reads (see :mod:`.slab`), made when a local
+        reader first asks: a tunnel without one allocates none."""
+        return SlabPool()
 
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()

@@ -34,7 +34,7 @@ kept every slab they made:
   never lent, and is copied out. (Tried on ten streams, before they read as
   bytes: a fresh slab per such read cost a zero-filled 1 MiB each, and
   reading every one into the scratch and copying it out cost the sender
-  0.05-0.08 CPU-s/GB more than asyncio's reads.)
+  0.03-0.08 CPU-s/GB more than asyncio's reads: docs/BENCHMARKS.md.)
 
 No I/O here: machines may import it.
 """
@@ -91,7 +91,6 @@ class SlabPool:
         self.keep = keep
         self._slabs: list[Slab] = []
         self.scratch = Slab(size)  # read into when none can be lent; copied out
-        self.made = 1  # slabs allocated, the scratch too (tests and benchmarks look)
 
     def take(self) -> Slab:
         """A slab nothing refers to: a kept one, a new one while fewer than ``keep``
@@ -102,7 +101,6 @@ class SlabPool:
                 return slabs[i]
         if len(slabs) < self.keep:
             slabs.append(Slab(self.size))
-            self.made += 1
             return slabs[-1]
         return self.scratch
 
@@ -113,4 +111,10 @@ class SlabPool:
 
     @property
     def kept(self) -> int:
+        """Slabs it may lend, made so far (at most ``keep``)."""
         return len(self._slabs)
+
+    @property
+    def made(self) -> int:
+        """Slabs allocated: the kept ones and the scratch (it never makes others)."""
+        return len(self._slabs) + 1
