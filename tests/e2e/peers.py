@@ -315,7 +315,7 @@ def close(*peers: Peer) -> None:
     codes = stop(*peers, timeout=15)
     assert codes == (0,) * len(peers), [p.stderr() for p in peers]
     for peer in peers:
-        assert "Traceback" not in peer.stderr()
+        assert "Traceback" not in peer.stderr(), f"{peer.role}:\n{peer.stderr()}"
 
 
 def path_lines(peer: Peer) -> str:
