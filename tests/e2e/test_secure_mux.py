@@ -26,6 +26,7 @@ from nopf_web.tunnel.errors import (
     HandshakeTimeout,
     PairingMismatch,
     PeerLost,
+    RecordCut,
     StreamReset,
     TunnelClosed,
     TunnelTampered,
@@ -247,6 +248,44 @@ async def test_peer_that_is_not_nopf() -> None:
 
 
 # -- SPAKE2 exchanged beforehand (through the rendezvous), early data ----------
+
+
+async def test_a_record_cut_while_our_sends_drain_ends_the_channel_once() -> None:
+    """The peer sends part of a record and closes while our sends are queued: asyncio
+    closes our transport, drains it, and calls connection_lost from that last send.
+    The channel ends with the cut record, and does not abort the finished transport
+    from inside that call (that ran connection_lost a second time: a logged
+    traceback, in a relay's resume under load)."""
+    loop = asyncio.get_running_loop()
+    logged: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: logged.append(context))
+    a, b = tcp_pair()
+    try:
+        ca, cb = await channels(a, b)
+        assert cb._transport is not None
+        cb._transport.pause_reading()  # b reads nothing: a's sends queue in its transport
+        chunk = os.urandom(1 << 20)
+        for _ in range(64):
+            if ca.write_buffer_size:
+                break
+            ca.write(chunk)
+            await asyncio.sleep(0.01)
+        assert ca.write_buffer_size, "the kernel's buffers took 64 MiB"
+        b.send(b"\x00\x00\x40")  # the first bytes of a record, then the end
+        b.shutdown(socket.SHUT_WR)
+        await asyncio.sleep(0.1)  # a reads them and its EOF: it closes with sends queued
+        cb._transport.resume_reading()  # b reads: a's queue drains, then a's connection ends
+        async with asyncio.timeout(10):
+            await ca.wait_closed()
+            with pytest.raises(RecordCut, match="cut inside a record"):
+                await ca.recv()
+            await asyncio.sleep(0.05)  # a second connection_lost would run now
+        cb.abort()
+    finally:
+        loop.set_exception_handler(None)
+        a.close()
+        b.close()
+    assert not logged, logged
 
 
 def exchanged(code_a: str = CODE, code_b: str = CODE) -> tuple[Pake, Pake]:
