@@ -233,8 +233,8 @@ class _Local(asyncio.BufferedProtocol):
     copied out and the slab is free for the next read. Reads come as asyncio's
     own ``bytes`` (the transport is handed a :class:`_BytesReads`) while the pool
     has no slab free to lend, or while the tunnel has other streams: the mux then
-    cuts reads into turns of several streams a record, sealed from a copy, and
-    slabs only cost (see :mod:`.slab`).
+    cuts reads into turns of several streams a record, never sealed in place,
+    and slabs only cost (see :mod:`.slab`).
     """
 
     def __init__(self, stream: Stream, sock: socket.socket) -> None:

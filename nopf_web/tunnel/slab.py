@@ -10,8 +10,8 @@ place (:meth:`nopf_web.tunnel.record_machine.RecordMachine.seal`) instead of
 copying headers and read into its plaintext buffer: one memory pass less per
 record (perf: 9 % of the sending end's samples were that copy). Only a stream
 alone on its tunnel reads into slabs: with several, the mux cuts reads into
-turns that share a record, sealed from a copy, and the forwarder reads as
-asyncio's ``bytes`` (``tunnel.forward._Local``).
+turns that share a record (sealed part by part, also without a copy), and the
+forwarder reads as asyncio's ``bytes`` (``tunnel.forward._Local``).
 
 Why a slab may be kept like ``bytes`` (``UNCHANGING_WHILE_VIEWED``):
 :meth:`SlabPool.take` hands a slab out for the next read only when nothing
