@@ -1,16 +1,17 @@
 """User and system CPU per GB at each end, and system calls per record (issue 16).
 
     sudo .venv/bin/python -m bench.cpu_split [--paths encrypted,ssh_gcm,...]
-        [--rounds 5] [--size-gb 1] [--strace-mb 512] [--streams 1]
+        [--rounds 5] [--size-gb 1] [--strace-mb 512] [--streams 1] [--rate-mbit 0]
 
 The throughput scenario's lab, paths and transfer (:func:`bench.scn_throughput._one`,
 one stream or ``--streams`` at once), alternating rounds; for each path and end
 (b1: the sender's side, a1: the service's side) the median user and system CPU
 seconds per GB of the path's processes and their descendants
-(``/proc/PID/stat``, children's times included). Then, with ``--strace-mb``,
-one more transfer per path with ``strace -c -f`` attached to every process of
-each end: system calls per 256 KiB of data moved (a full record of the tunnel
-and of ``bench.pump_floor``).
+(``/proc/PID/stat``, children's times included); ``--rate-mbit`` shapes the
+lab's path first (tc tbf, as the throughput scenario's shaped regime). Then,
+with ``--strace-mb``, one more transfer per path with ``strace -c -f`` attached
+to every process of each end: system calls per 256 KiB of data moved (a full
+record of the tunnel and of ``bench.pump_floor``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size-gb", type=float, default=1.0)
     ap.add_argument("--strace-mb", type=int, default=512, help="0: no strace transfer")
     ap.add_argument("--streams", type=int, default=1, help="connections at once")
+    ap.add_argument("--rate-mbit", type=float, default=0.0,
+                    help="shape the lab's path to this rate (0: unshaped)")
     args = ap.parse_args(argv)
     names = tuple(n.strip() for n in args.paths.split(",") if n.strip())
     size = int(args.size_gb * 1e9)
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         if absent:
             progress(f"not measured: {absent}")
         names = tuple(n for n in names if n in paths)
+        bench.shape(args.rate_mbit)
         for name in names:
             _one(bench, paths[name], 64_000_000, args.streams)  # warm-up, not counted
         for r in range(args.rounds):
