@@ -123,7 +123,6 @@ class SecureChannel:
         self._transport: asyncio.Transport | None = None
         self._protocol: _Protocol | None = None
         self._lingering = False  # linger_close(): our side is finished, the peer's not yet
-        self._lost = False  # the transport called connection_lost: it is finished
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._handshake: asyncio.Future[None] = loop.create_future()
@@ -264,7 +263,7 @@ class SecureChannel:
     # -- ending ---------------------------------------------------------------
 
     def close(self) -> None:
-        if self._transport is not None and not self._lost:
+        if self._transport is not None and not self.closed:
             self._transport.close()
 
     def linger_close(self) -> None:
@@ -287,7 +286,7 @@ class SecureChannel:
         transport.resume_reading()
 
     def abort(self) -> None:
-        if self._transport is not None and not self._lost:
+        if self._transport is not None and not self.closed:
             self._transport.abort()
 
     async def wait_closed(self) -> None:
@@ -347,15 +346,14 @@ class SecureChannel:
         self._sync_timer()
 
     def _connection_lost(self, exc: Exception | None) -> None:
-        # Closing or aborting from here on would reach a finished transport: asyncio
-        # calls connection_lost straight from the last send of a transport closed
-        # with sends queued, and an abort() from inside that call runs
+        # Closed first: close() and abort() must not reach the finished transport.
+        # asyncio calls connection_lost straight from the last send of a transport
+        # closed with sends queued, and an abort() from inside that call runs
         # connection_lost again, on the transport's cleared fields (a logged
         # traceback). The machine's failure below asks for one when a record is cut.
-        self._lost = True
+        self._closed.set()
         self._handle(self._machine.connection_lost(exc))
         self._finish(exc)  # if the machine did not say it ended (it was done already)
-        self._closed.set()
         self._release_drain()
 
     def _finish(self, exc: Exception | None) -> None:
