@@ -22,7 +22,7 @@ import socket
 from collections.abc import Callable
 from typing import ClassVar
 
-from nopf_web.sockets import LINGER_RESET, kernel_rtt, tcp_facts
+from nopf_web.sockets import LINGER_RESET, kernel_rtt, stream_transport, tcp_facts
 
 from .conn_events import (
     Accepted,
@@ -57,8 +57,7 @@ class ConnLink(asyncio.Protocol):
         self.write_failed = False  # a write of ours failed (asyncio reports why later)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._driver._accepted(self, transport)
+        self._driver._accepted(self, stream_transport(transport))
 
     def data_received(self, data: bytes) -> None:
         driver = self._driver

@@ -21,7 +21,12 @@ import socket
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
-from nopf_web.sockets import LINGER_RESET, send_gathered, set_exclusive_address
+from nopf_web.sockets import (
+    LINGER_RESET,
+    send_gathered,
+    set_exclusive_address,
+    stream_transport,
+)
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.frames import ResetCode
 
@@ -260,10 +265,10 @@ class _Local(asyncio.BufferedProtocol):
     # -- local side (asyncio.Protocol) ------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        # The selector transport reads into get_buffer's slab, of LOCAL_READ_SIZE; the
-        # proactor's reads max_size into its own buffer, then copies into the slab.
+        self.transport = transport = stream_transport(transport)
+        # asyncio's selector transport reads into get_buffer's slab, at most max_size
+        # (256 KiB unless raised); uvloop's reads the whole slab; the proactor's reads
+        # max_size into its own buffer, then copies into the slab.
         if hasattr(transport, "max_size"):
             transport.max_size = LOCAL_READ_SIZE
         self.stream.attach(self)

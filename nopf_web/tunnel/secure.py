@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from nopf_web.buffers import Buffer
 from nopf_web.delegated import Delegated
 from nopf_web.roles import PeerRole
+from nopf_web.sockets import stream_transport
 
 from .errors import HandshakeError, TunnelError
 from .record_machine import (
@@ -66,7 +67,7 @@ class _Protocol(asyncio.BufferedProtocol):
         self.get_buffer = self._machine.get_buffer  # type: ignore[method-assign]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = stream_transport(transport)
         transport.set_write_buffer_limits(_WRITE_HIGH, _WRITE_LOW)
         self._channel._transport = transport
         self._channel._protocol = self

@@ -41,6 +41,9 @@ from nopf_web.wire.rendezvous import (
 )
 from tests.programs import free_port
 
+# On uvloop too: the loop of nopf's commands on Linux (tests/conftest.py).
+pytestmark = pytest.mark.uvloop_too
+
 LO = "127.0.0.1"
 Mode = Literal["join", "refuse", "silent", "unreachable"]
 TUNNEL_HEAD = b"the tunnel's first bytes"

@@ -27,6 +27,9 @@ from nopf_web.wire.rendezvous import (
     encode,
 )
 
+# On uvloop too: the loop of nopf's commands on Linux (tests/conftest.py).
+pytestmark = pytest.mark.uvloop_too
+
 LO = "127.0.0.1"
 
 

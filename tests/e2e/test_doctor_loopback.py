@@ -21,6 +21,9 @@ from nopf_web.rendezvous.errors import RendezvousUnreachable
 from nopf_web.wire.address import Endpoint
 from tests.programs import free_port
 
+# On uvloop too: the loop of nopf's commands on Linux (tests/conftest.py).
+pytestmark = pytest.mark.uvloop_too
+
 
 async def test_loopback_is_no_nat_and_ipv6_goes_through_the_announced_address(
         rendezvous: Endpoint) -> None:

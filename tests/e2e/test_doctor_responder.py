@@ -28,6 +28,9 @@ from nopf_web.wire.doctor import (
 )
 from tests.programs import argv, free_port, serving
 
+# On uvloop too: the loop of nopf's commands on Linux (tests/conftest.py).
+pytestmark = pytest.mark.uvloop_too
+
 
 @pytest.fixture
 async def responder() -> AsyncIterator[DoctorResponder]:

@@ -12,6 +12,9 @@ from nopf_web.wire.discovery import REPLY6_SIZE, DiscoveryReader, decode_reply, 
 from tests.loopback import has_ipv6_loopback, read_until_close
 from tests.programs import argv, free_port, serving
 
+# On uvloop too: the loop of nopf's commands on Linux (tests/conftest.py).
+pytestmark = pytest.mark.uvloop_too
+
 needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback")
 
 

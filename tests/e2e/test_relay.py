@@ -35,6 +35,9 @@ from tests.e2e.relay_clients import (
 )
 from tests.programs import argv, free_port, serving
 
+# On uvloop too: the loop of nopf's commands on Linux (tests/conftest.py).
+pytestmark = pytest.mark.uvloop_too
+
 A_IP, B_IP = "127.0.0.1", "127.0.0.2"  # the sharer's and the joiner's "public" addresses
 
 

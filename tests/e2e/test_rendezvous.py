@@ -18,6 +18,9 @@ from nopf_web.wire.rendezvous import FrameReader, Hello, encode
 from tests.loopback import read_until_close
 from tests.programs import argv, free_port, serving
 
+# On uvloop too: the loop of nopf's commands on Linux (tests/conftest.py).
+pytestmark = pytest.mark.uvloop_too
+
 
 async def test_reply_is_exactly_the_seed_format() -> None:
     server = RendezvousServer("127.0.0.1", 0)

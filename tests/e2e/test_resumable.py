@@ -35,6 +35,9 @@ from tests.loopback import tcp_pair
 from .mux_streams import hash_client, hash_service
 from .resume_net import Network, Peer, connect, network, path_manager, peers
 
+# On uvloop too: the loop of nopf's commands on Linux (tests/conftest.py).
+pytestmark = pytest.mark.uvloop_too
+
 STREAMS = 12
 EACH_WAY = 4 * 1024 * 1024  # per stream: 48 MiB each way in all
 

@@ -47,12 +47,16 @@ from tests.loopback import tcp_pair
 
 from .mux_streams import CODE, channels, forwarded, hash_client, hash_service, muxes
 
+# On uvloop too: the loop of nopf's commands on Linux (tests/conftest.py).
+pytestmark = pytest.mark.uvloop_too
+
 SECRET = b"the known plaintext that must never be seen on the wire"
 
 
 class Relay:
     """A machine in the middle on loopback: copies bytes between two TCP
-    connections, records them, and can flip one byte or freeze the path."""
+    connections, records them, and can flip one byte, hold what it read until
+    released, or freeze the path."""
 
     def __init__(self, flip_at: int | None = None) -> None:
         self.a, self.ra = tcp_pair()  # peer A <-> relay
@@ -60,6 +64,8 @@ class Relay:
         self.seen = {"a>b": bytearray(), "b>a": bytearray()}
         self.flip_at = flip_at  # offset in the A->B byte stream
         self.frozen = asyncio.Event()
+        self.released = asyncio.Event()  # cleared: bytes read are held, not passed on
+        self.released.set()
         self._tasks: list[asyncio.Task[None]] = []
         self._writers: list[asyncio.StreamWriter] = []
 
@@ -87,6 +93,7 @@ class Relay:
             seen += data
             if self.frozen.is_set():  # a black hole: nothing arrives, no FIN, no RST
                 await asyncio.Future()
+            await self.released.wait()
             writer.write(data)
             await writer.drain()
 
@@ -320,10 +327,14 @@ async def test_early_data_follows_the_confirmation_without_a_round_trip() -> Non
 async def test_early_data_with_a_wrong_code_is_never_delivered_on_either_side() -> None:
     async with relay() as r:
         pa, pb = exchanged(CODE, "7-orbit-lanterns")
+        # Neither confirmation arrives before both sides sent their early data (else
+        # the side it reached first would, rightly, send none).
+        r.released.clear()
         ca = await open_channel(r.a, role="server", code=CODE, pake=pa)
         cb = await open_channel(r.b, role="client", code="7-orbit-lanterns", pake=pb)
         ca.write(SECRET)
         cb.write(SECRET)
+        r.released.set()
         results = await asyncio.gather(ca.confirmed(), cb.confirmed(), ca.recv(), cb.recv(),
                                        return_exceptions=True)
     for res in results:
@@ -498,17 +509,24 @@ async def test_a_bulk_local_sender_is_read_in_pieces_larger_than_asyncios(
 async def test_bulk_senders_sharing_the_tunnel_read_as_bytes(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Two bulk local senders at once: the mux cuts their reads into turns that
-    share records (sealed from a copy), so their reads come as asyncio's bytes,
+    share records (sealed from a copy), so their reads come as the loop's bytes,
     not slabs, once both streams are open; every byte still arrives."""
-    large: list[type] = []
-    original = forward._Local.data_received
+    large: list[type] = []  # reads as slab views, and reads as the loop's bytes
+    original_data, original_bytes = forward._Local.data_received, forward._Local.bytes_received
 
-    def recording(self: forward._Local, data: bytes | memoryview) -> None:
-        if len(data) >= self._slabs.lend_min:
-            large.append(type(data.obj) if isinstance(data, memoryview) else type(data))
-        original(self, data)
+    def recording_data(self: forward._Local, data: bytes | memoryview) -> None:
+        if isinstance(data, memoryview):
+            large.append(type(data.obj))
+        original_data(self, data)
 
-    monkeypatch.setattr(forward._Local, "data_received", recording)
+    def recording_bytes(self: forward._Local, data: bytes) -> None:
+        # asyncio's reads are max_size (raised to a slab's), uvloop's at most 250 KiB.
+        if len(data) >= 64 * 1024:
+            large.append(bytes)
+        original_bytes(self, data)
+
+    monkeypatch.setattr(forward._Local, "data_received", recording_data)
+    monkeypatch.setattr(forward._Local, "bytes_received", recording_bytes)
     total = 32 << 20
     async with asyncio.timeout(30), forwarded(bulk_or_echo) as (addr, ma, mb):
         both = threading.Barrier(2)

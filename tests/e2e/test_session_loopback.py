@@ -12,6 +12,9 @@ from nopf_web.wire.address import Endpoint
 
 from .seed_sessions import app_round_trip, introduce, seed_pair, wait_state
 
+# On uvloop too: the loop of nopf's commands on Linux (tests/conftest.py).
+pytestmark = pytest.mark.uvloop_too
+
 
 async def test_punch_pipe_and_events(rendezvous: Endpoint) -> None:
     service, server, client = seed_pair(rendezvous)

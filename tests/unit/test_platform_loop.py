@@ -1,6 +1,7 @@
-"""The event loop on Windows: every entry point runs the selector loop, and code that
-waits for socket readiness says so in one line on a loop without add_reader/add_writer
-(Windows' default Proactor), here emulated by a loop that lacks them."""
+"""The event loop of each platform: uvloop on Linux, asyncio's selector loop on Windows
+(and macOS); on Windows, code that waits for socket readiness says so in one line on a
+loop without add_reader/add_writer (Windows' default Proactor), here emulated by a loop
+that lacks them."""
 
 from __future__ import annotations
 
@@ -44,7 +45,6 @@ def run_on(factory: Callable[[], asyncio.AbstractEventLoop], coro: Any) -> Any:
 
 def test_windows_gets_the_selector_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     assert common.event_loop_factory("win32") is asyncio.SelectorEventLoop
-    assert common.event_loop_factory("linux") is asyncio.new_event_loop
     assert common.event_loop_factory("darwin") is asyncio.new_event_loop
     monkeypatch.setattr(sys, "platform", "win32")
     assert common.event_loop_factory() is asyncio.SelectorEventLoop
@@ -78,6 +78,32 @@ def test_run_main_runs_on_the_factorys_loop_and_readiness_works(
         for sig, handler in saved.items():
             signal.signal(sig, handler)
     assert len(made) == 1
+
+
+@pytest.mark.linux_only("uvloop is a dependency on Linux only")
+def test_the_commands_run_on_uvloop_on_linux() -> None:
+    import uvloop
+
+    assert common.event_loop_factory("linux") is uvloop.new_event_loop
+    assert common.event_loop_factory() is uvloop.new_event_loop
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, uvloop.Loop)
+        a, b = socket.socketpair()
+        with a, b:  # what the punch and the seed session need of it: readiness waits
+            a.setblocking(False)
+            b.send(b"x")
+            async with asyncio.timeout(5):
+                await wait_ready(a, write=False)
+        return 5
+
+    saved = {sig: signal.getsignal(sig) for sig in common.STOP_SIGNALS}
+    try:
+        assert common.run_main(main()) == 5
+    finally:  # run_main holds stop signals until the process exits: not pytest's
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def test_readiness_waits_fail_in_one_line_without_add_reader() -> None:
