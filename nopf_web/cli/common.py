@@ -79,9 +79,11 @@ def event_loop_factory(platform: str | None = None) -> Callable[[], asyncio.Abst
 
     On Linux, uvloop (libuv's loop, a compiled extension): the tunnel's per-record
     work around the loop costs less there than in asyncio's pure-Python selector
-    loop, 5-15 % less CPU per GB through the encrypted tunnel (BENCHMARKS.md,
-    "uvloop"). Elsewhere asyncio's selector loop, the platform we have not run
-    uvloop on (macOS) included. The punch, the seed session and the doctor wait
+    loop: the encrypted tunnel's CPU per GB falls by about a tenth with ten
+    streams, a few per cent with one (BENCHMARKS.md, "uvloop on Linux"). Without
+    uvloop installed (a source tree run as it is) asyncio's loop. Elsewhere
+    asyncio's selector loop, the platform we have not run uvloop on (macOS)
+    included. The punch, the seed session and the doctor wait
     for socket readiness with ``loop.add_reader``/``add_writer`` (a connect's
     completion, a peer's EOF), which Windows' default loop, the Proactor (IOCP),
     does not implement; there the selector loop runs on select(), which takes at
@@ -92,8 +94,10 @@ def event_loop_factory(platform: str | None = None) -> Callable[[], asyncio.Abst
     if platform == "win32":
         return asyncio.SelectorEventLoop
     if platform == "linux":
-        import uvloop  # a dependency on Linux only (pyproject.toml)
-
+        try:
+            import uvloop  # a dependency on Linux only (pyproject.toml)
+        except ImportError:  # run from a source tree without it: slower, not broken
+            return asyncio.new_event_loop
         return uvloop.new_event_loop
     return asyncio.new_event_loop
 

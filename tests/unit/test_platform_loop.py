@@ -86,6 +86,9 @@ def test_the_commands_run_on_uvloop_on_linux() -> None:
 
     assert common.event_loop_factory("linux") is uvloop.new_event_loop
     assert common.event_loop_factory() is uvloop.new_event_loop
+    with pytest.MonkeyPatch.context() as mp:  # not installed: asyncio's loop, no error
+        mp.setitem(sys.modules, "uvloop", None)
+        assert common.event_loop_factory("linux") is asyncio.new_event_loop
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
