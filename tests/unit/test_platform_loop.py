@@ -43,6 +43,27 @@ def run_on(factory: Callable[[], asyncio.AbstractEventLoop], coro: Any) -> Any:
         return runner.run(coro)
 
 
+def run_main_waiting_for_readiness(loop_ok: Callable[[asyncio.AbstractEventLoop], bool]) -> int:
+    """``run_main`` of a coroutine that checks its loop with ``loop_ok``, then waits for
+    a socket's readiness (what the punch and the seed session need of a loop)."""
+    async def main() -> int:
+        assert loop_ok(asyncio.get_running_loop())
+        a, b = socket.socketpair()
+        with a, b:
+            a.setblocking(False)
+            b.send(b"x")
+            async with asyncio.timeout(5):
+                await wait_ready(a, write=False)
+        return 7
+
+    saved = {sig: signal.getsignal(sig) for sig in common.STOP_SIGNALS}
+    try:
+        return common.run_main(main())
+    finally:  # run_main holds stop signals until the process exits: not pytest's
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def test_windows_gets_the_selector_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     assert common.event_loop_factory("win32") is asyncio.SelectorEventLoop
     assert common.event_loop_factory("darwin") is asyncio.new_event_loop
@@ -60,23 +81,7 @@ def test_run_main_runs_on_the_factorys_loop_and_readiness_works(
         return made[-1]
 
     monkeypatch.setattr(common, "event_loop_factory", lambda: factory)
-
-    async def main() -> int:
-        assert asyncio.get_running_loop() is made[0]
-        a, b = socket.socketpair()
-        with a, b:
-            a.setblocking(False)
-            b.send(b"x")
-            async with asyncio.timeout(5):
-                await wait_ready(a, write=False)
-        return 7
-
-    saved = {sig: signal.getsignal(sig) for sig in common.STOP_SIGNALS}
-    try:
-        assert common.run_main(main()) == 7
-    finally:  # run_main holds stop signals until the process exits: not pytest's
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+    assert run_main_waiting_for_readiness(lambda loop: loop is made[0]) == 7
     assert len(made) == 1
 
 
@@ -90,23 +95,7 @@ def test_the_commands_run_on_uvloop_on_linux() -> None:
         mp.setitem(sys.modules, "uvloop", None)
         assert common.event_loop_factory("linux") is asyncio.new_event_loop
 
-    async def main() -> int:
-        loop = asyncio.get_running_loop()
-        assert isinstance(loop, uvloop.Loop)
-        a, b = socket.socketpair()
-        with a, b:  # what the punch and the seed session need of it: readiness waits
-            a.setblocking(False)
-            b.send(b"x")
-            async with asyncio.timeout(5):
-                await wait_ready(a, write=False)
-        return 5
-
-    saved = {sig: signal.getsignal(sig) for sig in common.STOP_SIGNALS}
-    try:
-        assert common.run_main(main()) == 5
-    finally:  # run_main holds stop signals until the process exits: not pytest's
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+    assert run_main_waiting_for_readiness(lambda loop: isinstance(loop, uvloop.Loop)) == 7
 
 
 def test_readiness_waits_fail_in_one_line_without_add_reader() -> None:
