@@ -23,8 +23,8 @@ call time, so the tests can take a feature away and run the other path.
   loop: Windows' default Proactor loop has none (the CLI picks the selector
   loop there; :class:`ReadinessUnsupported` says so in one line otherwise).
 - The event loop's transports: asyncio's (Windows, macOS, the tests' own loops)
-  and uvloop's (the CLI on Linux), whose classes and whose transport socket
-  differ (:func:`stream_transport`, :func:`transport_socket_dup`).
+  and uvloop's (the CLI on Linux), which are not ``asyncio.Transport``
+  subclasses (:func:`stream_transport`).
 - Gathered writes (sendmsg) and non-blocking peeks (MSG_DONTWAIT), which
   Windows lacks: a joined buffer and a non-blocking socket instead.
 - Keepalive timing: TCP_KEEPIDLE/INTVL/CNT (Linux), TCP_KEEPALIVE/INTVL/CNT
@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import os
 import socket
 import struct
 import sys
@@ -101,18 +100,6 @@ def stream_transport(transport: asyncio.BaseTransport) -> asyncio.Transport:
     """A stream protocol's transport as the ``asyncio.Transport`` it is: uvloop's
     implement that interface without subclassing it, so ``isinstance`` cannot say."""
     return cast(asyncio.Transport, transport)
-
-
-def transport_socket_dup(sock: socket.socket) -> socket.socket:
-    """A second descriptor of a transport's socket (``get_extra_info("socket")``).
-
-    asyncio gives the socket itself: ``socket.dup()``, which on Windows (where a
-    socket is no C runtime file descriptor) duplicates it with WSADuplicateSocket.
-    uvloop gives a socket-like object without ``dup()``: its descriptor is duplicated.
-    """
-    if isinstance(sock, socket.socket):
-        return sock.dup()
-    return socket.socket(fileno=os.dup(sock.fileno()))
 
 
 def require_readiness(loop: asyncio.AbstractEventLoop | None = None) -> None:

@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from nopf_web.delegated import Delegated
-from nopf_web.sockets import enable_fastopen_server, transport_socket_dup
+from nopf_web.sockets import enable_fastopen_server
 
 from .book import NameplateBook
 from .conn_driver import ConnDriver, reset_connection
@@ -303,7 +303,10 @@ class RendezvousServer(ConnDriver):
                     raise OSError(f"connection {cid} cannot be handed over")
                 # A second descriptor keeps the connection open when the loop closes
                 # its own; nothing is written or read in between (the loop is here).
-                socks.append(transport_socket_dup(link.sock))
+                # socket.dup(), not os.dup(): on Windows a socket is no C runtime file
+                # descriptor, and dup() duplicates it with WSADuplicateSocket there.
+                # (uvloop's transport socket, a pseudo-socket, has dup() too.)
+                socks.append(link.sock.dup())
                 transport.abort()
             except OSError as exc:
                 error = str(exc)

@@ -266,9 +266,10 @@ class _Local(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = stream_transport(transport)
-        # asyncio's selector transport reads into get_buffer's slab, at most max_size
-        # (256 KiB unless raised); uvloop's reads the whole slab; the proactor's reads
-        # max_size into its own buffer, then copies into the slab.
+        # Reads into get_buffer's slab take the whole slab on asyncio's selector
+        # transport and on uvloop's; asyncio's proactor reads max_size into its own
+        # buffer, then copies. Reads as bytes (_BytesReads) are max_size on asyncio's
+        # transports, raised here to a slab's; uvloop's are at most 250 KiB.
         if hasattr(transport, "max_size"):
             transport.max_size = LOCAL_READ_SIZE
         self.stream.attach(self)
