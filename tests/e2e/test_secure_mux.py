@@ -509,7 +509,7 @@ async def test_a_bulk_local_sender_is_read_in_pieces_larger_than_asyncios(
 async def test_bulk_senders_sharing_the_tunnel_read_as_bytes(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Two bulk local senders at once: the mux cuts their reads into turns that
-    share records (sealed from a copy), so their reads come as the loop's bytes,
+    share records (sealed part by part, never in place), so their reads come as the loop's bytes,
     not slabs, once both streams are open; every byte still arrives."""
     large: list[type] = []  # reads as slab views, and reads as the loop's bytes
     original_data, original_bytes = forward._Local.data_received, forward._Local.bytes_received
