@@ -10,8 +10,10 @@ ssh: streams of one tunnel); after ``--settle`` seconds one more connection
 switches to echo and times 20 round trips of 32 bytes, then 400 more. The
 first round trips show what a new interactive stream meets: the bulk bytes
 already in flight when it opens (for nopf, windows that grew while every
-stream was busy); the 400 after show the steady state. Paths alternate by
-round. ``NOPF_BENCH_BASE=DIR`` adds ``encrypted_base``, as in the suite.
+stream was busy); the 400 after show the steady state. The CPU per GB is the
+path's processes' while the echo stream runs, over the bytes the bulk rate
+gives for that time. Paths alternate by round. ``NOPF_BENCH_BASE=DIR`` adds
+``encrypted_base``, as in the suite.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path as FsPath
 from typing import Any
 
 from bench.measure import echo_mode, round_trips
-from bench.paths import Bench, Path, started
+from bench.paths import Bench, Path, cpu_seconds, started
 from bench.report import write_json
 
 FIRST = 20  # round trips timed one by one right after the stream opens
@@ -34,14 +36,17 @@ ROUND_TRIP_TIMEOUT = 10.0  # seconds one round trip may take before the run fail
 
 
 def _round(bench: Bench, path: Path, bulk: int, settle: float) -> dict[str, Any]:
+    pids = path.pids()
     senders = [bench.bulk(path.entry(), seconds=BULK_SECONDS) for _ in range(bulk)]
     try:
         time.sleep(settle)
         sock = echo_mode(bench.connect(path.entry(), timeout=30))
         with sock:
             sock.settimeout(ROUND_TRIP_TIMEOUT)
+            cpu0, t0 = cpu_seconds(pids), time.perf_counter()
             first = round_trips(sock, FIRST)
             after = round_trips(sock, AFTER)
+            cpu, elapsed = cpu_seconds(pids) - cpu0, time.perf_counter() - t0
     finally:
         results = [s.communicate(timeout=30) for s in senders]  # closing stdin stops them
         path.release()
@@ -50,9 +55,13 @@ def _round(bench: Bench, path: Path, bulk: int, settle: float) -> dict[str, Any]
     if failed:
         raise RuntimeError(f"a bulk sender via {path.label} failed: {failed[0]}")
     q = statistics.quantiles(after, n=100)
+    mb_s = sum(float(out.split()[-1]) for out, _ in results)
+    # CPU while the echo stream runs, per GB the bulk moved meanwhile at its rate over
+    # the whole round (the senders report no more): an estimate, made alike for every path.
     return {"first_ms": round(first[0], 3), "first20_max_ms": round(max(first), 3),
             "p50_ms": round(q[49], 3), "p99_ms": round(q[98], 3),
-            "bulk_mb_s": round(sum(float(out.split()[-1]) for out, _ in results), 1)}
+            "bulk_mb_s": round(mb_s, 1),
+            "cpu_s_per_gb": round(cpu / (mb_s * elapsed / 1000), 3) if mb_s and pids else None}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"round {rnd + 1} {path.label}: first round trip {r['first_ms']:.1f} ms, "
                       f"worst of the first {FIRST} {r['first20_max_ms']:.1f} ms, then p50 "
                       f"{r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms; bulk "
-                      f"{r['bulk_mb_s']:.0f} MB/s", flush=True)
+                      f"{r['bulk_mb_s']:.0f} MB/s"
+                      + (f", {r['cpu_s_per_gb']:.2f} CPU-s/GB" if r["cpu_s_per_gb"] else ""),
+                      flush=True)
     write_json(args.json, data)
 
 
