@@ -52,6 +52,7 @@ from .mux_machine import (
     StreamWritable,
     TunnelEnded,
 )
+from .read_pacing import ReadPacer
 from .slab import SlabPool
 
 __all__ = ["AUTO_WINDOW_BUDGET", "AUTO_WINDOW_MAX", "CLOSE_FLUSH_TIMEOUT", "DEFAULT_MAX_STREAMS",
@@ -104,6 +105,7 @@ class Stream:
         self._eof_delivered = False
         self._flush_queued = False
         self._on_writable: Callable[[], None] | None = None
+        self._on_release: Callable[[], None] | None = None  # its reader is held (.read_pacing)
 
     def __repr__(self) -> str:
         return f"<Stream {self.stream_id} in={self.bytes_in} out={self.bytes_out}>"
@@ -216,8 +218,9 @@ class Stream:
 
     def feed(self, data: Buffer,
              on_writable: Callable[[], None]) -> bool:
-        """Queue ``data`` without waiting; False means too much is queued: stop
-        feeding until ``on_writable`` is called (once)."""
+        """Queue ``data`` (one local read) without waiting; False means stop
+        feeding until ``on_writable`` is called (once): too much is queued, or
+        the reader is held (:mod:`.read_pacing`)."""
         if self._error is not None:
             raise self._error
         # Eager unless a flush waits for the channel to drain: the flush in the next
@@ -227,6 +230,9 @@ class Stream:
         more = self._machine.send(self.stream_id, data, eager=not mux._draining)
         if data:
             mux._kick()
+            if more and not mux._pacer.read(self.stream_id, len(data)):
+                self._hold(on_writable)
+                return False
         if more:
             return True
         self._on_writable = on_writable
@@ -257,6 +263,7 @@ class Stream:
         """Half-close: FIN goes after the queued data; reading goes on."""
         if self._error is None:
             self._machine.end_stream(self.stream_id)
+            self._mux._pacer.forget(self.stream_id)  # its local reader reads no more
             self._mux._kick()
 
     def reset(self, code: int = ResetCode.CANCEL, message: str = "") -> None:
@@ -271,7 +278,16 @@ class Stream:
         self._writable.set()
         callback, self._on_writable = self._on_writable, None
         if callback is not None:
-            callback()
+            # One record brings many streams' credit: their bulk readers are
+            # released over several iterations, not all in the next one.
+            if self._mux._pacer.hold(self.stream_id):
+                self._hold(callback)
+            else:
+                callback()
+
+    def _hold(self, on_release: Callable[[], None]) -> None:
+        self._on_release = on_release
+        self._mux._release_soon()
 
     def _fail(self, error: TunnelError) -> None:
         if self._error is not None:
@@ -282,6 +298,8 @@ class Stream:
         self._readable.set()
         self._writable.set()
         self._on_writable = None
+        self._on_release = None
+        self._mux._pacer.forget(self.stream_id)
         if self._sink is not None:
             self._sink.on_error(error)
 
@@ -323,6 +341,8 @@ class Mux:
         self._done = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None  # the writer and keepalive's group
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._pacer = ReadPacer()  # which held local readers read next (see .read_pacing)
+        self._release_handle: asyncio.Handle | None = None  # a release is scheduled
 
     # -- settings and observation: the machine's ------------------------------
 
@@ -454,6 +474,25 @@ class Mux:
         if self._flush_handle is None and not self._draining and self._loop is not None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
+    def _release_soon(self) -> None:
+        """Release held readers in the next loop iteration (unless that is scheduled)."""
+        if self._release_handle is None and self._loop is not None:
+            self._release_handle = self._loop.call_soon(self._release)
+
+    def _release(self) -> None:
+        """Resume this iteration's share of the held readers; again in the next
+        while some are held."""
+        self._release_handle = None
+        streams = self._streams
+        for stream_id in self._pacer.release():
+            stream = streams.get(stream_id)
+            if stream is not None:
+                callback, stream._on_release = stream._on_release, None
+                if callback is not None:
+                    callback()
+        if self._pacer.holding:
+            self._release_soon()
+
     def _flush(self) -> None:
         """Send what the machine has, a record at a time, until it has nothing or
         the channel must drain first (the writer task waits for that)."""
@@ -507,6 +546,7 @@ class Mux:
                     streams[event.stream_id]._drained()
                 elif type(event) is StreamDone:
                     streams.pop(event.stream_id)
+                    self._pacer.forget(event.stream_id)
                 elif isinstance(event, StreamFailed):
                     streams.pop(event.stream_id)._fail(event.error)
                 elif isinstance(event, TunnelEnded):
@@ -552,6 +592,9 @@ class Mux:
         self._accept_ready.set()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
+        if self._release_handle is not None:
+            self._release_handle.cancel()
+        self._pacer.clear()  # their streams failed above
         self._idle.set()  # nothing more will be sent: release a close() waiting to flush
         self._done.set()
         if self._runner is not None:

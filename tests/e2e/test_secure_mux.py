@@ -16,7 +16,7 @@ import socket
 import statistics
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -546,6 +546,61 @@ async def test_bulk_senders_sharing_the_tunnel_read_as_bytes(
     # At most each connection's first large read (before it saw the other) is a slab's.
     assert large.count(bytes) >= 8 and large.count(slab.Slab) <= 2, large
     assert mb.slabs.kept <= 2
+
+
+@pytest.mark.parametrize("interactive", [True, False], ids=["with_interactive", "bulk_only"])
+async def test_bulk_readers_are_paced_while_an_interactive_stream_is_open(
+        monkeypatch: pytest.MonkeyPatch, interactive: bool) -> None:
+    """Three bulk local senders, and an echo stream or none: while the echo stream
+    runs, the connecting end holds bulk readers after their reads and releases
+    them a few an iteration (tunnel.read_pacing), to the end of the transfer; with
+    bulk streams only it holds none once each has made a bulk read (a stream's
+    first read, the service's mode byte, is small). Either way every byte
+    arrives and every echo comes back whole."""
+    holds: list[int] = []  # the connecting end's bulk bytes sent at each hold
+    original = Stream._hold
+
+    def recording(self: Stream, on_release: Callable[[], None]) -> None:
+        holds.append(self._mux.bytes_out)
+        original(self, on_release)
+
+    monkeypatch.setattr(Stream, "_hold", recording)
+    total, senders = 16 << 20, 3
+    async with asyncio.timeout(30), forwarded(bulk_or_echo) as (addr, ma, mb):
+        echoes = 0
+        if interactive:
+            r, w = await asyncio.open_connection(*addr)
+            w.write(b"E")
+        all_open = threading.Barrier(senders + 1)
+
+        def send() -> None:
+            with socket.create_connection(addr) as sock:
+                sock.sendall(b"S")
+                all_open.wait(10)
+                sock.sendall(os.urandom(total))
+
+        bulk = asyncio.gather(*(asyncio.to_thread(send) for _ in range(senders)))
+        await asyncio.to_thread(all_open.wait, 10)
+        while not bulk.done():
+            if interactive:
+                w.write(echoes.to_bytes(4, "big"))
+                assert await r.readexactly(4) == echoes.to_bytes(4, "big")
+                echoes += 1
+            await asyncio.sleep(0.002)
+        await bulk
+        expected = senders * (total + 1) + echoes * 4 + interactive
+        for _ in range(2000):  # the sharer's end takes the last bytes
+            if ma.bytes_in >= expected:
+                break
+            await asyncio.sleep(0.01)
+        if interactive:
+            w.close()
+    assert ma.bytes_in == expected and mb.bytes_out == expected
+    late = [sent for sent in holds if sent > expected // 2]  # in the transfer's second half
+    if interactive:
+        assert echoes > 0 and late, (echoes, len(holds))
+    else:
+        assert not late, f"{len(late)} of {len(holds)} holds in the second half"
 
 
 async def test_half_close_per_stream() -> None:
