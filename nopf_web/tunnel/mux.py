@@ -8,9 +8,12 @@ into the streams' buffers and wake-ups. Whatever makes frames to send
 schedules one flush in the next loop iteration (so everything one iteration
 queued shares records): it asks the machine for one record's frames at a
 time and seals them without joining them, until the machine has nothing
-left or the channel must drain. Two tasks, in one task group from
-:meth:`Mux.start` until the tunnel ends: the writer waits for those drains,
-and the keepalive calls the machine's timer at its deadlines.
+left or the channel must drain. While an interactive stream shares the
+tunnel with bulk ones, local bulk readers are paused and resumed a few an
+iteration (:mod:`.read_pacing`), so that iterations stay short. Two tasks,
+in one task group from :meth:`Mux.start` until the tunnel ends: the writer
+waits for those drains, and the keepalive calls the machine's timer at its
+deadlines.
 
 Ending: :meth:`Mux.close` sends GOAWAY and closes; every stream still open then
 fails with :class:`TunnelClosed`. A failure (dead peer, tampering, protocol

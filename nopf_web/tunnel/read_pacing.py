@@ -7,18 +7,15 @@ is ten reads of up to 256 KiB, some 4 MB sealed and sent an iteration, and
 every other stream's bytes (a keystroke, a request, the reply to one) wait
 for the iteration in progress: round trips of 6 ms on a new stream among ten
 bulk ones, against ssh's 3 (docs/BENCHMARKS.md, "A new stream among ten bulk
-ones"). So while some open stream's reader is interactive (its last read was
-small), a bulk reader is held after each read (and when its stream's credit comes back, for which
-many streams' readers used to resume in the same iteration), and each loop
-iteration releases held readers until the reads they are expected to make
-fill :data:`ITERATION_BUDGET`. With bulk streams only (the throughput case),
-one bulk stream beside others, or streams that have read nothing yet (new
-or idle ones), no reader is held.
+ones").
 
-The policy only: no I/O, no clock. The mux's driver pauses a reader that
-:meth:`ReadPacer.read` or :meth:`ReadPacer.hold` holds, and once per loop
-iteration, while :attr:`ReadPacer.holding`, resumes the ones
-:meth:`ReadPacer.release` names.
+So while some open stream's reader is interactive (its last read was small),
+a bulk reader is held after each read, and also when its stream's credit
+comes back (one record brings credit for many streams, whose readers all
+resumed in the next iteration). Each loop iteration releases held readers
+until the reads expected of them fill :data:`ITERATION_BUDGET`. With bulk
+streams only (the throughput case), one bulk stream beside others, or
+streams that have read nothing yet (new or idle ones), no reader is held.
 """
 
 from __future__ import annotations
