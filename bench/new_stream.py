@@ -1,7 +1,7 @@
 """Round trips on a stream opened while bulk streams already run on the same tunnel.
 
     sudo .venv/bin/python -m bench.new_stream [--paths encrypted,ssh_gcm,...]
-        [--bulk 10] [--rounds 3] [--settle 2] [--json out.json]
+        [--bulk 10] [--rounds 3] [--settle 2] [--rate-mbit 0] [--json out.json]
 
 The latency scenario's lab and paths (:mod:`bench.paths`). Per path and round:
 ``--bulk`` sender processes in b1 move data to the service in a1 as fast as
@@ -12,8 +12,9 @@ first round trips show what a new interactive stream meets: the bulk bytes
 already in flight when it opens (for nopf, windows that grew while every
 stream was busy); the 400 after show the steady state. The CPU per GB is the
 path's processes' while the echo stream runs, over the bytes the bulk rate
-gives for that time. Paths alternate by round. ``NOPF_BENCH_BASE=DIR`` adds
-``encrypted_base``, as in the suite.
+gives for that time. Paths alternate by round. ``--rate-mbit`` shapes the
+lab's links, as the throughput scenario's 1 Gbit/s regime does.
+``NOPF_BENCH_BASE=DIR`` adds ``encrypted_base``, as in the suite.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--settle", type=float, default=2.0,
                     help="seconds of bulk before the new stream opens")
+    ap.add_argument("--rate-mbit", type=float, default=0.0,
+                    help="shape the lab's links to this rate (0: unshaped)")
     ap.add_argument("--json", type=FsPath)
     args = ap.parse_args(argv)
     names = tuple(n.strip() for n in args.paths.split(",") if n.strip())
@@ -79,8 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     def progress(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    data: dict[str, Any] = {"bulk": args.bulk, "settle_s": args.settle, "rounds": {}}
+    data: dict[str, Any] = {"bulk": args.bulk, "settle_s": args.settle,
+                            "rate_mbit": args.rate_mbit or None, "rounds": {}}
     with Bench(progress) as bench, started(bench, names) as (paths, absent):
+        bench.shape(args.rate_mbit)
         for name, why in absent.items():
             print(f"{name}: not available: {why}")
         order = list(paths.items())
