@@ -148,4 +148,3 @@ def test_the_nopf_command_prints_one_line_on_such_a_loop(
     assert errors == [line for line in err.splitlines() if line.startswith("nopf: error: ")]
     assert len(errors) == 1 and "cannot wait for socket readiness" in errors[0]
     assert "Traceback" not in err
-
