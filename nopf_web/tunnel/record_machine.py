@@ -216,6 +216,12 @@ _NONCE = struct.Struct("!4xQ")  # 4 zero bytes, u64 BE counter
 _MAX_COUNTER = (1 << 64) - 1
 # A whole record plus the next header, so one recv_into usually completes a record.
 RECEIVE_BUFFER = RECORD_SIZE + HEADER_SIZE
+# A read that starts at a record boundary (nothing of the next record known)
+# asks for up to this much, not for the 4 header bytes alone: a small record
+# (a keystroke, a request, its reply) then arrives in one read, not in a
+# header read and a body read (a system call and a pass through the driver
+# less per record). A larger record's rest is read exactly, as before.
+FIRST_READ = 16 * 1024
 # Records of at least OPEN_INTO_MIN bytes of plaintext are opened into one of
 # OPEN_SLOTS reused buffers (PlainSlot) when one is free: a fresh plaintext is a
 # zero-filled allocation per record, which cost half as much as the AES-GCM
@@ -706,7 +712,7 @@ class RecordMachine:
         if self._state != "open":  # handshake (or dead): whatever comes
             return self._view[self._have :]
         if self._have < HEADER_SIZE:
-            return self._view[self._have : HEADER_SIZE]
+            return self._view[self._have : FIRST_READ]
         (word,) = RECORD_HEADER.unpack_from(self._buf)
         # The record and the next header; an out-of-range length was refused already.
         return self._view[self._have : HEADER_SIZE + (word & _LENGTH_MASK) + HEADER_SIZE]
@@ -968,36 +974,41 @@ class RecordMachine:
         return self._open_records(events)  # records the peer sent right after its tag
 
     def _open_records(self, events: list[RecordEvent]) -> list[RecordEvent]:
-        opening, buf, view = self.opening, self._buf, self._view
+        """Open every whole record in the buffer, then move what is left of the
+        next one to its start (once: a first read may bring several records)."""
+        opening, buf, view, have = self.opening, self._buf, self._view, self._have
         assert opening is not None
-        while self._have >= HEADER_SIZE:
-            (size,) = RECORD_HEADER.unpack_from(buf)  # a DATA record's type byte is 0
+        start = 0
+        while have - start >= HEADER_SIZE:
+            (size,) = RECORD_HEADER.unpack_from(buf, start)  # a DATA record's type byte is 0
             update = size == _KEY_UPDATE_WORD
             if not (TAG_SIZE < size <= MAX_RECORD + TAG_SIZE or update):
                 return events + self._fail(TunnelTampered(_bad_header(size)), flush=False)
-            end = HEADER_SIZE + (size & _LENGTH_MASK)
-            if self._have < end:
+            body = start + HEADER_SIZE
+            end = body + (size & _LENGTH_MASK)
+            if have < end:
                 break
-            n = end - HEADER_SIZE - TAG_SIZE
+            n = end - body - TAG_SIZE
             slot = self._free_slot() if n >= OPEN_INTO_MIN and not update else None
             try:
                 if slot is None:
-                    plain: bytes | memoryview = opening.open(view[:HEADER_SIZE],
-                                                             view[HEADER_SIZE:end])
+                    plain: bytes | memoryview = opening.open(view[start:body], view[body:end])
                 else:
                     plain = memoryview(slot)[:n]
-                    opening.open_into(view[:HEADER_SIZE], view[HEADER_SIZE:end], plain)
+                    opening.open_into(view[start:body], view[body:end], plain)
             except TunnelTampered as exc:
                 return events + self._fail(exc, flush=False)
-            rest = self._have - end  # at most the next header, except just after the handshake
-            if rest:
-                buf[:rest] = bytes(view[end : self._have])  # may overlap: copy first
-            self._have = rest
+            start = end
             if update:  # authenticated under the old key: the next record uses the next
                 self.opening = opening = opening.next()
                 self.key_updates = (self.key_updates[0], self.key_updates[1] + 1)
                 continue
             events.append(RecordReceived(plain))
+        if start:
+            rest = have - start  # usually at most the next header
+            if rest:
+                buf[:rest] = bytes(view[start:have])  # may overlap: copy first
+            self._have = rest
         return events
 
     def _free_slot(self) -> PlainSlot | None:

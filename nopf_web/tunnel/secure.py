@@ -3,7 +3,8 @@ driver of :mod:`nopf_web.tunnel.record_machine` (which has the protocol, its
 wire formats and its security argument).
 
 The driver reads, feeds, acts. One ``asyncio.BufferedProtocol`` receives
-straight into the machine's record buffer (``recv_into``, each record's body
+straight into the machine's record buffer (``recv_into``: up to 16 KiB at a
+record boundary, so a small record takes one read; the rest of a larger one
 together with the next header), and hands each record's plaintext to a
 callback (the mux) or a queue (``recv``): no intermediate copies, no task
 switch per record. Sending seals each record from the caller's buffers

@@ -21,6 +21,7 @@ from nopf_web.tunnel.errors import (
 )
 from nopf_web.tunnel.record_machine import (
     CONFIRM_SIZE,
+    FIRST_READ,
     HEADER_SIZE,
     HELLO_SIZE,
     MAX_RECORD,
@@ -446,6 +447,50 @@ def test_small_records_get_their_own_bytes() -> None:
     a, b = ready_pair()
     plain = opened(b, a.seal([b"x" * (OPEN_INTO_MIN - 1)])[0])
     assert type(plain) is bytes and plain == b"x" * (OPEN_INTO_MIN - 1)
+
+
+def read(peer: Peer, stream: memoryview) -> int:
+    """One read as a socket gives it: as much of ``stream`` as get_buffer has room
+    for, through buffer_updated; the bytes taken."""
+    room = peer.m.get_buffer(-1)
+    n = min(len(room), len(stream))
+    room[:n] = stream[:n]
+    del room
+    peer.take(peer.m.buffer_updated(n))
+    return n
+
+
+def test_a_small_record_at_a_record_boundary_takes_one_read() -> None:
+    # Not a 4-byte header read and then the body: a keystroke or a request costs
+    # one read (one system call, one pass through the driver).
+    a, b = ready_pair()
+    for text in (b"ls -l\n", b"y" * 2000, b"q"):
+        record = a.seal([text])[0]
+        assert len(b.m.get_buffer(-1)) == FIRST_READ
+        assert read(b, memoryview(record)) == len(record)
+        assert b.records[-1] == text
+    assert len(b.records) == 3
+
+
+def test_one_read_of_many_records_opens_each_and_keeps_the_next_ones_start() -> None:
+    a, b = ready_pair()
+    small = [f"request {i}".encode() for i in range(1000)]  # some 30 KiB of records
+    large = bytes(range(256)) * 1024  # 256 KiB: one record, cut by the first read
+    stream = memoryview(b"".join(a.seal([m])[0] for m in small) + a.seal([large])[0])
+    assert len(stream) > FIRST_READ
+    taken = read(b, stream)
+    assert taken == FIRST_READ
+    whole = len(b.records)
+    assert 0 < whole < len(small) and b.records == small[:whole]  # in order, each once
+    # Then the rest is read as before: exactly a record and the next header.
+    while taken < len(stream):
+        room = len(b.m.get_buffer(-1))
+        got = read(b, stream[taken:])
+        if b.records[-1] != large:
+            assert got == room  # every read until the large record fills its room
+        taken += got
+    assert b.records == [*small, large]
+    assert len(b.m.get_buffer(-1)) == FIRST_READ  # back at a boundary
 
 
 def test_a_forged_record_opened_into_a_slot_fails_and_delivers_nothing() -> None:
