@@ -16,7 +16,14 @@ over it, encrypted. Measured in the same run:
 
     .venv/bin/python -m bench.secure [--size-mb 512] [--rounds 5] [--pings 4000]
         [--streams 1000] [--stream-kb 64] [--profile share|connect] [--json out.json]
-        [--channel resumable|secure] [--parallel 1]
+        [--channel resumable|secure] [--parallel 1] [--loop product|asyncio]
+
+The round trips also give each tunnel end's CPU time per round trip (user and
+system, in microseconds; from ``/proc``, so Linux only): the cost of one small
+message each way, steadier than the round trip's time on a busy machine.
+
+``--loop``: the event loop of the tunnel ends, by default the one the product
+runs on (``event_loop_factory``: uvloop on Linux), or asyncio's own.
 
 ``--channel``: the tunnel runs over a ``ResumableChannel`` (numbered records,
 acks, a replay buffer: what coordinated sessions use) or, to compare, straight
@@ -40,11 +47,14 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 from bench.measure import round_trips, send_counted, serve_conn
 from bench.report import write_json
+from nopf_web.cli.common import event_loop_factory
 from nopf_web.roles import PeerRole
 from nopf_web.tunnel.forward import serve_connect, serve_share
 from nopf_web.tunnel.mux import Channel, Mux
@@ -98,8 +108,14 @@ async def tunnel_channel(sock: socket.socket, role: PeerRole, kind: str) -> Chan
     return channel
 
 
+def _run(coro_fn: Callable[[], Coroutine[Any, Any, None]], loop: str) -> None:
+    factory = event_loop_factory() if loop == "product" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(coro_fn())
+
+
 def share_proc(service_port: int, ready: Connection, profile: bool, window: int,
-               kind: str) -> None:
+               kind: str, loop: str = "product") -> None:
     async def run() -> None:
         lsock = socket.create_server(("127.0.0.1", 0))
         ready.send(lsock.getsockname()[1])
@@ -111,11 +127,11 @@ def share_proc(service_port: int, ready: Connection, profile: bool, window: int,
         async with Mux(channel, role="server", name="share", window=window) as mux:
             await serve_share(mux, ("127.0.0.1", service_port))
 
-    _profiled(profile, lambda: asyncio.run(run()))
+    _profiled(profile, lambda: _run(run, loop))
 
 
 def connect_proc(tunnel_port: int, ready: Connection, profile: bool, window: int,
-                 kind: str) -> None:
+                 kind: str, loop: str = "product") -> None:
     async def run() -> None:
         listener = socket.create_server(("127.0.0.1", 0), backlog=2048)
         tunnel = socket.create_connection(("127.0.0.1", tunnel_port))
@@ -124,7 +140,7 @@ def connect_proc(tunnel_port: int, ready: Connection, profile: bool, window: int
         async with Mux(channel, role="client", name="connect", window=window) as mux:
             await serve_connect(mux, listener)
 
-    _profiled(profile, lambda: asyncio.run(run()))
+    _profiled(profile, lambda: _run(run, loop))
 
 
 # -- measurements (this process is the application) ---------------------------
@@ -222,6 +238,8 @@ def main() -> int:
                     help="per-stream receive window of both tunnel ends")
     ap.add_argument("--channel", choices=["resumable", "secure"], default="resumable",
                     help="the channel under the mux (default: resumable, as sessions use)")
+    ap.add_argument("--loop", choices=["product", "asyncio"], default="product",
+                    help="the tunnel ends' event loop (product: uvloop on Linux)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.parallel < 1:
@@ -237,12 +255,12 @@ def main() -> int:
         service_port = rx.recv()
         procs.append(ctx.Process(target=share_proc, daemon=True,
                                  args=(service_port, tx, args.profile == "share", window,
-                                       args.channel)))
+                                       args.channel, args.loop)))
         procs[-1].start()
         tunnel_port = rx.recv()
         procs.append(ctx.Process(target=connect_proc, daemon=True,
                                  args=(tunnel_port, tx, args.profile == "connect", window,
-                                       args.channel)))
+                                       args.channel, args.loop)))
         procs[-1].start()
         listen_port = rx.recv()
         ports = {"direct": service_port, "tunnel": listen_port}
@@ -271,9 +289,15 @@ def main() -> int:
         socks = {name: echo_conn(port) for name, port in ports.items()}
         lat: dict[str, list[float]] = {"direct": [], "tunnel": []}
         batch = max(1, args.pings // 20)
+        # The tunnel ends idle through the direct batches: their CPU time over
+        # the whole phase is the tunnel's round trips'.
+        before_rt = {end: cpu_split(pid) for end, pid in ends.items()}
         for _ in range(20):
             for name, sock in socks.items():
                 lat[name] += round_trips(sock, batch)
+        after_rt = {end: cpu_split(pid) for end, pid in ends.items()}
+        rt_us = {end: [(after_rt[end][k] - before_rt[end][k]) / len(lat["tunnel"]) * 1e6
+                       for k in (0, 1)] for end in ends}
         for sock in socks.values():
             sock.close()
     finally:
@@ -298,6 +322,8 @@ def main() -> int:
         "stream_failures": failures, "streams_seconds": streams_s,
         "rtt_ms_p50": p50, "rtt_ms_p99": p99,
         "added_rtt_ms_p50": p50["tunnel"] - p50["direct"],
+        "loop": args.loop,
+        "round_trip_cpu_us": rt_us,  # each end: [user, system] per tunnel round trip
     }
     print(f"| path | throughput (median MB/s) | ratio | RTT p50 ms | RTT p99 ms |\n"
           f"|---|---|---|---|---|\n"
@@ -307,6 +333,8 @@ def main() -> int:
     print(f"throughput ratio {t / d:.2f} (target >= 0.40); added RTT p50 "
           f"{result['added_rtt_ms_p50']:.3f} ms (target < 1 ms); {args.streams} streams x "
           f"{args.stream_kb} KiB echoed in {streams_s:.2f} s, {failures} failures")
+    print("tunnel CPU per round trip: " + ", ".join(
+        f"{end} end {u + s_:.1f} us (user {u:.1f})" for end, (u, s_) in rt_us.items()))
     print("tunnel CPU per GB carried: " + ", ".join(
         f"{end} end {v:.2f} s (user {user_per_gb[end]:.2f})" for end, v in cpu_per_gb.items()))
     write_json(args.json, result)
