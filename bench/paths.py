@@ -53,6 +53,7 @@ import contextlib
 import os
 import re
 import select
+import selectors
 import shutil
 import socket
 import subprocess
@@ -256,6 +257,16 @@ class Bench:
         return self.lab.b1.popen(
             [sys.executable, "-m", "bench.paths", "bulk", entry[0], str(entry[1]), str(seconds)],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+    def load(self, entry: tuple[str, int], conns: int, seconds: float,
+             size: int) -> subprocess.Popen[bytes]:
+        """A process in b1 that keeps one request in flight on each of ``conns`` echo
+        connections to ``entry`` for ``seconds``; it prints ``answered seconds``."""
+        return self.lab.b1.popen(
+            [sys.executable, "-m", "bench.paths", "load", entry[0], str(entry[1]), str(conns),
+             str(seconds), str(size)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 # -- the paths -----------------------------------------------------------------
@@ -848,6 +859,76 @@ def _bulk(host: str, port: int, seconds: float) -> None:
     print(f"{sent / (time.perf_counter() - t0) / 1e6:.1f}", flush=True)
 
 
+LOAD_STALL = 10.0  # seconds without any answer before the load gives up
+
+
+def _answer(sock: socket.socket) -> bytes:
+    data = sock.recv(65536)
+    if not data:
+        raise SystemExit("load: the path closed a connection in the middle of the run")
+    return data
+
+
+def _load(host: str, port: int, conns: int, seconds: float, size: int) -> None:
+    """``conns`` echo connections, each with one ``size``-byte request in flight
+    at a time (closed loop), for ``seconds``; print the requests answered and
+    the seconds taken. Every answer is checked byte for byte."""
+    socks = [socket.create_connection((host, port), timeout=60) for _ in range(conns)]
+    request = os.urandom(size)
+    sel = selectors.DefaultSelector()
+    got: dict[socket.socket, bytearray] = {}
+    for sock in socks:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(b"E")  # echo mode
+        sock.setblocking(False)
+        sel.register(sock, selectors.EVENT_READ, data=sock)
+        got[sock] = bytearray()
+    for sock in socks:  # a first answer on each before the clock starts: the path is up
+        sock.send(request)  # a request this small always fits the socket buffer
+    waiting = set(socks)
+    deadline = time.perf_counter() + LOAD_STALL
+    while waiting:
+        if time.perf_counter() > deadline:
+            raise SystemExit(f"load: {len(waiting)} of {conns} connections had no first "
+                             f"answer within {LOAD_STALL:g} s")
+        for key, _ in sel.select(1.0):
+            sock = key.data
+            got[sock] += _answer(sock)
+            if sock in waiting and len(got[sock]) >= size:
+                if bytes(got[sock][:size]) != request:
+                    raise SystemExit("load: an answer differs from its request")
+                waiting.discard(sock)
+    done = 0
+    t0 = time.perf_counter()
+    end = t0 + seconds
+    for sock in socks:
+        del got[sock][:size]
+        sock.send(request)
+    last = t0  # when an answer last came
+    while (now := time.perf_counter()) < end:
+        ready = sel.select(min(1.0, end - now))
+        if not ready:
+            if now - last > LOAD_STALL:
+                raise SystemExit(f"load: no answer on any of {conns} connections "
+                                 f"for {LOAD_STALL:g} s")
+            continue
+        last = now
+        for key, _ in ready:
+            sock = key.data
+            buf = got[sock]
+            buf += _answer(sock)
+            if len(buf) >= size:
+                if bytes(buf[:size]) != request:
+                    raise SystemExit("load: an answer differs from its request")
+                del buf[:size]
+                done += 1
+                sock.send(request)
+    elapsed = time.perf_counter() - t0
+    for sock in socks:
+        sock.close()
+    print(f"{done} {elapsed:.4f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="helper processes of the benchmark suite")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -856,11 +937,22 @@ def main() -> None:
     b.add_argument("host")
     b.add_argument("port", type=int)
     b.add_argument("seconds", type=float)
+    ld = sub.add_parser("load")
+    ld.add_argument("host")
+    ld.add_argument("port", type=int)
+    ld.add_argument("conns", type=int)
+    ld.add_argument("seconds", type=float)
+    ld.add_argument("size", type=int)
     args = ap.parse_args()
     if args.cmd == "sink":
         _sink()
-    else:
+    elif args.cmd == "bulk":
         _bulk(args.host, args.port, args.seconds)
+    else:
+        try:
+            _load(args.host, args.port, args.conns, args.seconds, args.size)
+        except OSError as exc:  # a reset or refused connection: one line, not a traceback
+            raise SystemExit(f"load: a connection failed: {exc.strerror or exc}") from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,96 @@
+"""The request-rate benchmark's load process (``python -m bench.paths load``) against
+real echo services on loopback: it counts answered requests and refuses wrong answers."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from bench.measure import serve_conn
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextlib.contextmanager
+def service(serve: Callable[[socket.socket], None]) -> Iterator[int]:
+    """A loopback service running ``serve`` per connection; yields its port."""
+    lsock = socket.create_server(("127.0.0.1", 0))
+    lsock.settimeout(0.2)
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = lsock.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(None)
+            threading.Thread(target=_quiet, args=(serve, conn), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield lsock.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        lsock.close()
+
+
+def _quiet(serve: Callable[[socket.socket], None], conn: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # the load closes its connections mid-echo
+        serve(conn)
+
+
+def load(port: int, conns: int, seconds: float = 0.3) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench.paths", "load", "127.0.0.1", str(port), str(conns),
+         str(seconds), "64"], cwd=ROOT, capture_output=True, text=True, timeout=30, check=False)
+
+
+def test_the_load_counts_answered_requests_on_every_connection() -> None:
+    with service(serve_conn) as port:
+        proc = load(port, conns=4)
+    assert proc.returncode == 0, proc.stderr
+    answered, seconds = proc.stdout.split()
+    assert int(answered) > 4 and 0.3 <= float(seconds) < 5
+
+
+def test_a_wrong_answer_fails_the_load_with_one_line() -> None:
+    def garbling(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data[1:] + b"!" if len(data) > 1 else data)
+
+    with service(garbling) as port:
+        proc = load(port, conns=2)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == "load: an answer differs from its request"
+
+
+def test_a_service_that_hangs_up_fails_the_load_with_one_line() -> None:
+    def hanging_up(conn: socket.socket) -> None:
+        conn.recv(1)
+        conn.close()
+
+    with service(hanging_up) as port:
+        proc = load(port, conns=1)
+    assert proc.returncode != 0
+    # Its end is an EOF or a reset (the request was unread when it closed).
+    assert proc.stderr.strip() in (
+        "load: the path closed a connection in the middle of the run",
+        "load: a connection failed: Connection reset by peer")
+
+
+def test_nothing_listening_fails_the_load_with_one_line() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        proc = load(port, conns=1)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == "load: a connection failed: Connection refused"
