@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from nopf_web.wire.discovery import encode_reply
 
@@ -63,8 +63,10 @@ def accepted(listener: socket.socket, stop: threading.Event) -> Iterator[socket.
 
 
 @contextlib.contextmanager
-def echo_service(port: int = 0) -> Iterator[int]:
-    """A loopback TCP echo service (one thread per connection); yields its port.
+def tcp_service(handle: Callable[[socket.socket], None], port: int = 0) -> Iterator[int]:
+    """A loopback TCP service that runs ``handle`` on each connection in a thread of
+    its own (an ``OSError`` there, such as a reset, ends that connection quietly) and
+    closes the connection after it; yields its port.
 
     The listener lives in the network namespace current when this is entered.
     """
@@ -73,16 +75,15 @@ def echo_service(port: int = 0) -> Iterator[int]:
     stop = threading.Event()
 
     def serve(conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):  # reset when a tunnel stops
-            while data := conn.recv(65536):
-                conn.sendall(data)
+        with conn, contextlib.suppress(OSError):
+            handle(conn)
 
     def accept() -> None:
         for conn in accepted(listener, stop):
             conn.settimeout(None)
             threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
-    acceptor = threading.Thread(target=accept, name="echo-accept", daemon=True)
+    acceptor = threading.Thread(target=accept, name="service-accept", daemon=True)
     acceptor.start()
     try:
         yield int(listener.getsockname()[1])
@@ -90,6 +91,19 @@ def echo_service(port: int = 0) -> Iterator[int]:
         stop.set()
         acceptor.join(2)
         listener.close()
+
+
+@contextlib.contextmanager
+def echo_service(port: int = 0) -> Iterator[int]:
+    """A loopback TCP echo service (one thread per connection); yields its port.
+    Reset connections (a tunnel that stops) end quietly."""
+
+    def echo(conn: socket.socket) -> None:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+    with tcp_service(echo, port) as bound:
+        yield bound
 
 
 @contextlib.contextmanager

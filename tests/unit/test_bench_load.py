@@ -3,48 +3,15 @@ real echo services on loopback: it counts answered requests and refuses wrong an
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bench.measure import serve_conn
+from tests.loopback import tcp_service
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@contextlib.contextmanager
-def service(serve: Callable[[socket.socket], None]) -> Iterator[int]:
-    """A loopback service running ``serve`` per connection; yields its port."""
-    lsock = socket.create_server(("127.0.0.1", 0))
-    lsock.settimeout(0.2)
-    stop = threading.Event()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = lsock.accept()
-            except TimeoutError:
-                continue
-            conn.settimeout(None)
-            threading.Thread(target=_quiet, args=(serve, conn), daemon=True).start()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield lsock.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join(5)
-        lsock.close()
-
-
-def _quiet(serve: Callable[[socket.socket], None], conn: socket.socket) -> None:
-    with contextlib.suppress(OSError):  # the load closes its connections mid-echo
-        serve(conn)
 
 
 def load(port: int, conns: int, seconds: float = 0.3) -> subprocess.CompletedProcess[str]:
@@ -54,7 +21,7 @@ def load(port: int, conns: int, seconds: float = 0.3) -> subprocess.CompletedPro
 
 
 def test_the_load_counts_answered_requests_on_every_connection() -> None:
-    with service(serve_conn) as port:
+    with tcp_service(serve_conn) as port:
         proc = load(port, conns=4)
     assert proc.returncode == 0, proc.stderr
     answered, seconds = proc.stdout.split()
@@ -67,7 +34,7 @@ def test_a_wrong_answer_fails_the_load_with_one_line() -> None:
             while data := conn.recv(65536):
                 conn.sendall(data[1:] + b"!" if len(data) > 1 else data)
 
-    with service(garbling) as port:
+    with tcp_service(garbling) as port:
         proc = load(port, conns=2)
     assert proc.returncode != 0
     assert proc.stderr.strip() == "load: an answer differs from its request"
@@ -78,7 +45,7 @@ def test_a_service_that_hangs_up_fails_the_load_with_one_line() -> None:
         conn.recv(1)
         conn.close()
 
-    with service(hanging_up) as port:
+    with tcp_service(hanging_up) as port:
         proc = load(port, conns=1)
     assert proc.returncode != 0
     # Its end is an EOF or a reset (the request was unread when it closed).
