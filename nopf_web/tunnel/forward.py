@@ -32,6 +32,7 @@ from nopf_web.wire.frames import ResetCode
 
 from .errors import StreamReset, TunnelError
 from .mux import Mux, Stream
+from .read_pacing import BULK_READ
 from .slab import LOCAL_READ_SIZE, Slab
 
 CONNECT_TIMEOUT = 5.0
@@ -239,7 +240,9 @@ class _Local(asyncio.BufferedProtocol):
     own ``bytes`` (the transport is handed a :class:`_BytesReads`) while the pool
     has no slab free to lend, or while the tunnel has other streams: the mux then
     cuts reads into turns of several streams a record, never sealed in place,
-    and slabs only cost (see :mod:`.slab`).
+    and slabs only cost (see :mod:`.slab`). They also come as ``bytes`` after a
+    read under ``BULK_READ`` (an interactive stream: a slab's bookkeeping cost
+    it more than its copy) until a read of at least that much.
     """
 
     def __init__(self, stream: Stream, sock: socket.socket) -> None:
@@ -287,13 +290,16 @@ class _Local(asyncio.BufferedProtocol):
             self.data_received(slab.view(nbytes))
         else:
             self.data_received(bytes(slab.room()[:nbytes]))
-        if not (self.stream.alone and pool.has_free()) and self.transport is not None:
+        # An interactive read, or slabs would not be sealed in place: bytes reads.
+        if (nbytes < BULK_READ or not (self.stream.alone and pool.has_free())) \
+                and self.transport is not None:
             self.transport.set_protocol(self._bytes_reads)
 
     def bytes_received(self, data: bytes) -> None:
         """A read as asyncio's ``bytes`` (see :class:`_BytesReads`)."""
         self.data_received(data)
-        if self.stream.alone and self._slabs.has_free() and self.transport is not None:
+        if len(data) >= BULK_READ and self.stream.alone and self._slabs.has_free() \
+                and self.transport is not None:
             self.transport.set_protocol(self)
 
     def data_received(self, data: bytes | memoryview) -> None:

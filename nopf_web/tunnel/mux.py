@@ -558,8 +558,9 @@ class Mux:
             # Data or FIN for the stream's reader. In push mode, everything one
             # record brings for this stream goes out in one write once the
             # record is parsed: fewer local sends.
-            stream._readable.set()
-            if stream._sink is not None and not stream._flush_queued:
+            if stream._sink is None:
+                stream._readable.set()
+            elif not stream._flush_queued:
                 stream._flush_queued = True
                 if deliver is None:
                     deliver = []

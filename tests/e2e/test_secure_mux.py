@@ -33,6 +33,7 @@ from nopf_web.tunnel.errors import (
 )
 from nopf_web.tunnel.forward import serve_connect, serve_share
 from nopf_web.tunnel.mux import AUTO_WINDOW_BUDGET, AUTO_WINDOW_MAX, Mux, Stream
+from nopf_web.tunnel.read_pacing import BULK_READ
 from nopf_web.tunnel.secure import (
     CONFIRM_SIZE,
     HELLO_SIZE,
@@ -504,6 +505,48 @@ async def test_a_bulk_local_sender_is_read_in_pieces_larger_than_asyncios(
     assert (True, slab.Slab) in kinds
     assert kinds <= {(True, slab.Slab), (True, bytes), (False, bytes)}, kinds
     assert 1 <= mb.slabs.kept <= slab.POOLED
+
+
+async def test_an_interactive_stream_reads_as_bytes_until_a_bulk_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream alone on its tunnel whose reads are small (one request at a time)
+    reads as the loop's bytes, not into slabs: a slab's bookkeeping cost such a
+    read more than its copy. A bulk read on the same stream brings slab reads
+    back, so its large reads are sealed in place again. Every byte arrives."""
+    slab_reads: list[int] = []  # each end's reads into a slab, by size
+    byte_reads: list[int] = []
+    original_slab, original_bytes = forward._Local.buffer_updated, forward._Local.bytes_received
+
+    def recording_slab(self: forward._Local, nbytes: int) -> None:
+        slab_reads.append(nbytes)
+        original_slab(self, nbytes)
+
+    def recording_bytes(self: forward._Local, data: bytes) -> None:
+        byte_reads.append(len(data))
+        original_bytes(self, data)
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(1 << 20):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    monkeypatch.setattr(forward._Local, "buffer_updated", recording_slab)
+    monkeypatch.setattr(forward._Local, "bytes_received", recording_bytes)
+    async with asyncio.timeout(30), forwarded(echo) as (addr, _ma, _mb):
+        r, w = await asyncio.open_connection(*addr)
+        for i in range(50):
+            w.write(i.to_bytes(4, "big"))
+            assert await r.readexactly(4) == i.to_bytes(4, "big")
+        # Each end's first read went into a slab; every later one came as bytes.
+        assert len(slab_reads) <= 2 and len(byte_reads) >= 98, (slab_reads, byte_reads)
+        interactive = len(slab_reads)
+        payload = os.urandom(16 << 20)
+        w.write(payload)
+        assert await r.readexactly(len(payload)) == payload
+        w.close()
+    bulk = slab_reads[interactive:]
+    assert any(n >= BULK_READ for n in bulk), (bulk, byte_reads[-20:])
 
 
 async def test_bulk_senders_sharing_the_tunnel_read_as_bytes(
