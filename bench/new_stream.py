@@ -27,7 +27,7 @@ from pathlib import Path as FsPath
 from typing import Any
 
 from bench.measure import echo_mode, round_trips
-from bench.paths import Bench, Path, cpu_seconds, started
+from bench.paths import Bench, Path, cpu_seconds, path_names, started
 from bench.report import write_json
 
 FIRST = 20  # round trips timed one by one right after the stream opens
@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="shape the lab's links to this rate (0: unshaped)")
     ap.add_argument("--json", type=FsPath)
     args = ap.parse_args(argv)
-    names = tuple(n.strip() for n in args.paths.split(",") if n.strip())
+    try:
+        names = path_names(args.paths)
+    except ValueError as exc:
+        ap.error(str(exc))
 
     def progress(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

@@ -744,16 +744,25 @@ KINDS: dict[str, type[Path]] = {
     "floor_pool": FloorPool}
 
 
+def path_names(spec: str, what: str = "--paths") -> tuple[str, ...]:
+    """The path names of a comma-separated ``spec``; ValueError (one line, naming
+    ``what``) for an unknown one or none."""
+    names = tuple(n.strip() for n in spec.split(",") if n.strip())
+    unknown = [n for n in names if n not in KINDS]
+    if unknown or not names:
+        which = f"unknown path {', '.join(unknown)}" if unknown else "no path named"
+        raise ValueError(f"{what}: {which}; choose from {', '.join(KINDS)}")
+    return names
+
+
 def default_paths() -> tuple[str, ...]:
     """Every path the suite compares (``encrypted_base`` too when NOPF_BENCH_BASE is
     set); ``NOPF_BENCH_PATHS=direct,encrypted,...`` narrows a run by hand (direct
     is always kept: every figure is a ratio to it) and is the only way to add the
     :data:`EXPERIMENTS`."""
     names = (*ORDER, "encrypted_base") if os.environ.get(BASE_ENV) else ORDER
-    chosen = [n.strip() for n in os.environ.get("NOPF_BENCH_PATHS", "").split(",") if n.strip()]
-    unknown = [n for n in chosen if n not in KINDS]
-    if unknown:
-        raise ValueError(f"NOPF_BENCH_PATHS: unknown {unknown}; choose from {list(KINDS)}")
+    spec = os.environ.get("NOPF_BENCH_PATHS", "")
+    chosen = path_names(spec, "NOPF_BENCH_PATHS") if spec.strip(", ") else ()
     names = (*names, *(n for n in EXPERIMENTS if n in chosen))
     return tuple(n for n in names if not chosen or n == "direct" or n in chosen)
 

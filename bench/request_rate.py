@@ -28,7 +28,7 @@ import sys
 from pathlib import Path as FsPath
 from typing import Any
 
-from bench.paths import Bench, Path, cpu_seconds, started
+from bench.paths import Bench, Path, cpu_seconds, path_names, started
 from bench.report import write_json
 
 LOAD_GRACE = 30.0  # seconds past --seconds the load process may take to connect and report
@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=FsPath)
     args = ap.parse_args(argv)
-    names = tuple(n.strip() for n in args.paths.split(",") if n.strip())
+    try:
+        names = path_names(args.paths)
+    except ValueError as exc:
+        ap.error(str(exc))
     try:
         conns_list = [int(c) for c in args.conns.split(",")]
     except ValueError:

@@ -1,5 +1,6 @@
-"""The request-rate benchmark's load process (``python -m bench.paths load``) against
-real echo services on loopback: it counts answered requests and refuses wrong answers."""
+"""The request-rate benchmark's helpers: its load process (``python -m bench.paths
+load``) against real services on loopback, which counts answered requests and
+refuses wrong answers, and the parsing of its ``--paths``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.measure import serve_conn
+from bench.paths import path_names
 from tests.loopback import tcp_service
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,3 +65,11 @@ def test_nothing_listening_fails_the_load_with_one_line() -> None:
         proc = load(port, conns=1)
     assert proc.returncode != 0
     assert proc.stderr.strip() == "load: a connection failed: Connection refused"
+
+
+def test_path_names_are_checked_before_any_lab_starts() -> None:
+    assert path_names(" direct, encrypted ,ssh_gcm") == ("direct", "encrypted", "ssh_gcm")
+    with pytest.raises(ValueError, match=r"^--paths: unknown path sshh, foo; choose from direct"):
+        path_names("direct,sshh,foo")
+    with pytest.raises(ValueError, match=r"^NOPF_BENCH_PATHS: no path named; choose from"):
+        path_names(" , ", "NOPF_BENCH_PATHS")
