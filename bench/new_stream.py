@@ -27,7 +27,7 @@ from pathlib import Path as FsPath
 from typing import Any
 
 from bench.measure import echo_mode, round_trips
-from bench.paths import Bench, Path, cpu_seconds, path_names, started
+from bench.paths import Bench, Path, cpu_seconds, path_list, started
 from bench.report import write_json
 
 FIRST = 20  # round trips timed one by one right after the stream opens
@@ -68,7 +68,7 @@ def _round(bench: Bench, path: Path, bulk: int, settle: float) -> dict[str, Any]
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.new_stream",
                                  description=__doc__.split("\n\n")[0])
-    ap.add_argument("--paths", default="encrypted,ssh_gcm")
+    ap.add_argument("--paths", type=path_list, default="encrypted,ssh_gcm")
     ap.add_argument("--bulk", type=int, default=10, help="bulk connections at once")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--settle", type=float, default=2.0,
@@ -77,10 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="shape the lab's links to this rate (0: unshaped)")
     ap.add_argument("--json", type=FsPath)
     args = ap.parse_args(argv)
-    try:
-        names = path_names(args.paths)
-    except ValueError as exc:
-        ap.error(str(exc))
+    names: tuple[str, ...] = args.paths
 
     def progress(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

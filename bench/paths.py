@@ -258,7 +258,6 @@ class Bench:
             [sys.executable, "-m", "bench.paths", "bulk", entry[0], str(entry[1]), str(seconds)],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-
     def load(self, entry: tuple[str, int], conns: int, seconds: float,
              size: int) -> subprocess.Popen[bytes]:
         """A process in b1 that keeps one request in flight on each of ``conns`` echo
@@ -753,6 +752,14 @@ def path_names(spec: str, what: str = "--paths") -> tuple[str, ...]:
         which = f"unknown path {', '.join(unknown)}" if unknown else "no path named"
         raise ValueError(f"{what}: {which}; choose from {', '.join(KINDS)}")
     return names
+
+
+def path_list(spec: str) -> tuple[str, ...]:
+    """:func:`path_names` as an argparse ``type``: its error becomes the option's."""
+    try:
+        return path_names(spec, "")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(": ")) from None
 
 
 def default_paths() -> tuple[str, ...]:

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path as FsPath
 from typing import Any
 
-from bench.paths import Bench, Path, cpu_seconds, path_names, started
+from bench.paths import Bench, Path, cpu_seconds, path_list, started
 from bench.report import write_json
 
 LOAD_GRACE = 30.0  # seconds past --seconds the load process may take to connect and report
@@ -57,17 +57,14 @@ def _round(bench: Bench, path: Path, conns: int, seconds: float, size: int) -> d
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.request_rate",
                                  description=__doc__.split("\n\n")[0])
-    ap.add_argument("--paths", default="direct,encrypted,ssh_gcm")
+    ap.add_argument("--paths", type=path_list, default="direct,encrypted,ssh_gcm")
     ap.add_argument("--conns", default="1,16", help="connections at once, comma-separated")
     ap.add_argument("--size", type=int, default=64, help="bytes per request (and answer)")
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=FsPath)
     args = ap.parse_args(argv)
-    try:
-        names = path_names(args.paths)
-    except ValueError as exc:
-        ap.error(str(exc))
+    names: tuple[str, ...] = args.paths
     try:
         conns_list = [int(c) for c in args.conns.split(",")]
     except ValueError:

@@ -4,6 +4,7 @@ refuses wrong answers, and the parsing of its ``--paths``."""
 
 from __future__ import annotations
 
+import argparse
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench.measure import serve_conn
-from bench.paths import path_names
+from bench.paths import path_list, path_names
 from tests.loopback import tcp_service
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,3 +74,6 @@ def test_path_names_are_checked_before_any_lab_starts() -> None:
         path_names("direct,sshh,foo")
     with pytest.raises(ValueError, match=r"^NOPF_BENCH_PATHS: no path named; choose from"):
         path_names(" , ", "NOPF_BENCH_PATHS")
+    # As an argparse type (--paths): the same line, after argparse's own prefix.
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^unknown path foo; choose from"):
+        path_list("foo")
