@@ -878,11 +878,19 @@ def _bulk(host: str, port: int, seconds: float) -> None:
 LOAD_STALL = 10.0  # seconds without any answer before the load gives up
 
 
-def _answer(sock: socket.socket) -> bytes:
+def _answered(sock: socket.socket, buf: bytearray, request: bytes) -> bool:
+    """Read what ``sock`` has into ``buf``; True (and the answer taken out of
+    ``buf``) once it holds a whole answer, which must be ``request`` echoed."""
     data = sock.recv(65536)
     if not data:
         raise SystemExit("load: the path closed a connection in the middle of the run")
-    return data
+    buf += data
+    if len(buf) < len(request):
+        return False
+    if buf[:len(request)] != request:
+        raise SystemExit("load: an answer differs from its request")
+    del buf[:len(request)]
+    return True
 
 
 def _load(host: str, port: int, conns: int, seconds: float, size: int) -> None:
@@ -892,15 +900,13 @@ def _load(host: str, port: int, conns: int, seconds: float, size: int) -> None:
     socks = [socket.create_connection((host, port), timeout=60) for _ in range(conns)]
     request = os.urandom(size)
     sel = selectors.DefaultSelector()
-    got: dict[socket.socket, bytearray] = {}
     for sock in socks:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(b"E")  # echo mode
         sock.setblocking(False)
-        sel.register(sock, selectors.EVENT_READ, data=sock)
-        got[sock] = bytearray()
-    for sock in socks:  # a first answer on each before the clock starts: the path is up
+        sel.register(sock, selectors.EVENT_READ, data=(sock, bytearray()))
         sock.send(request)  # a request this small always fits the socket buffer
+    # A first answer on each before the clock starts: the path is up.
     waiting = set(socks)
     deadline = time.perf_counter() + LOAD_STALL
     while waiting:
@@ -908,19 +914,14 @@ def _load(host: str, port: int, conns: int, seconds: float, size: int) -> None:
             raise SystemExit(f"load: {len(waiting)} of {conns} connections had no first "
                              f"answer within {LOAD_STALL:g} s")
         for key, _ in sel.select(1.0):
-            sock = key.data
-            got[sock] += _answer(sock)
-            if sock in waiting and len(got[sock]) >= size:
-                if bytes(got[sock][:size]) != request:
-                    raise SystemExit("load: an answer differs from its request")
+            sock, buf = key.data
+            if _answered(sock, buf, request):
                 waiting.discard(sock)
     done = 0
-    t0 = time.perf_counter()
+    t0 = last = time.perf_counter()  # last: when an answer last came
     end = t0 + seconds
     for sock in socks:
-        del got[sock][:size]
         sock.send(request)
-    last = t0  # when an answer last came
     while (now := time.perf_counter()) < end:
         ready = sel.select(min(1.0, end - now))
         if not ready:
@@ -930,13 +931,8 @@ def _load(host: str, port: int, conns: int, seconds: float, size: int) -> None:
             continue
         last = now
         for key, _ in ready:
-            sock = key.data
-            buf = got[sock]
-            buf += _answer(sock)
-            if len(buf) >= size:
-                if bytes(buf[:size]) != request:
-                    raise SystemExit("load: an answer differs from its request")
-                del buf[:size]
+            sock, buf = key.data
+            if _answered(sock, buf, request):
                 done += 1
                 sock.send(request)
     elapsed = time.perf_counter() - t0
