@@ -37,11 +37,11 @@ ROUND_TRIP_TIMEOUT = 10.0  # seconds one round trip may take before the run fail
 
 
 def _round(bench: Bench, path: Path, bulk: int, settle: float) -> dict[str, Any]:
-    pids = path.pids()
     senders = [bench.bulk(path.entry(), seconds=BULK_SECONDS) for _ in range(bulk)]
     try:
         time.sleep(settle)
         sock = echo_mode(bench.connect(path.entry(), timeout=30))
+        pids = path.pids()  # after the entries: seed mode starts a pair of processes at each
         with sock:
             sock.settimeout(ROUND_TRIP_TIMEOUT)
             cpu0, t0 = cpu_seconds(pids), time.perf_counter()
