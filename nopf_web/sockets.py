@@ -36,12 +36,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import socket
 import struct
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 from nopf_web.errors import NopfError
 
@@ -462,6 +463,34 @@ async def wait_connected(sock: socket.socket) -> None:
 async def connect_nonblocking(sock: socket.socket, addr: tuple[str, int]) -> None:
     start_connect(sock, addr)
     await wait_connected(sock)
+
+
+async def connect_tcp(host: str, port: int) -> socket.socket:
+    """A connected non-blocking socket to ``host`` (an address or a name): each of its
+    addresses in turn, the last error if none answers. Made here, not by
+    ``create_connection``, so that the caller holds the socket itself (the forwarder's
+    zero-copy sends, the seed's pipe)."""
+    loop = asyncio.get_running_loop()
+    try:  # a literal address needs no resolver thread (as in create_connection)
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        infos: list[Any] = [(family, socket.SOCK_STREAM, 0, "", (host, port))]
+    except ValueError:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"no address found for {host}")
+    for family, kind, proto, _name, addr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, addr)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise error
 
 
 def peek_nonblocking(sock: socket.socket, size: int = 1) -> bytes:

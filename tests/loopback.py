@@ -63,14 +63,15 @@ def accepted(listener: socket.socket, stop: threading.Event) -> Iterator[socket.
 
 
 @contextlib.contextmanager
-def tcp_service(handle: Callable[[socket.socket], None], port: int = 0) -> Iterator[int]:
-    """A loopback TCP service that runs ``handle`` on each connection in a thread of
-    its own (an ``OSError`` there, such as a reset, ends that connection quietly) and
-    closes the connection after it; yields its port.
+def tcp_service(handle: Callable[[socket.socket], None], port: int = 0,
+                host: str = "127.0.0.1") -> Iterator[int]:
+    """A TCP service on ``host`` (loopback unless told) that runs ``handle`` on each
+    connection in a thread of its own (an ``OSError`` there, such as a reset, ends that
+    connection quietly) and closes the connection after it; yields its port.
 
     The listener lives in the network namespace current when this is entered.
     """
-    listener = socket.create_server(("127.0.0.1", port), backlog=256)
+    listener = socket.create_server((host, port), backlog=256)
     listener.settimeout(0.2)
     stop = threading.Event()
 
@@ -94,15 +95,15 @@ def tcp_service(handle: Callable[[socket.socket], None], port: int = 0) -> Itera
 
 
 @contextlib.contextmanager
-def echo_service(port: int = 0) -> Iterator[int]:
-    """A loopback TCP echo service (one thread per connection); yields its port.
+def echo_service(port: int = 0, host: str = "127.0.0.1") -> Iterator[int]:
+    """A TCP echo service on ``host`` (one thread per connection); yields its port.
     Reset connections (a tunnel that stops) end quietly."""
 
     def echo(conn: socket.socket) -> None:
         while data := conn.recv(65536):
             conn.sendall(data)
 
-    with tcp_service(echo, port) as bound:
+    with tcp_service(echo, port, host) as bound:
         yield bound
 
 

@@ -18,7 +18,7 @@ from nopf_web.sessions.coordinated import DEFAULT_KEEPALIVE, RESUME_KEEPALIVES, 
 from nopf_web.sessions.engine import Event
 from nopf_web.sessions.factory import make_engine
 from nopf_web.sessions.path_machine import UPGRADE_CAP, UPGRADE_DELAYS
-from nopf_web.wire.address import parse_host_endpoint, parse_port
+from nopf_web.wire.address import parse_host_endpoint, parse_local_endpoint
 
 from .common import (
     EXIT_FAILURE,
@@ -40,17 +40,20 @@ def build_parser(command: Literal["share", "connect"]) -> OneLineParser:
     p = OneLineParser(
         prog=f"{PROG} {command}",
         description=(
-            "Share a local TCP service: print a pairing code, wait for the peer, then carry "
-            "every connection it makes to 127.0.0.1:LOCALPORT, encrypted."
+            "Share a TCP service: print a pairing code, wait for the peer, then carry "
+            "every connection it makes to LOCALPORT (on 127.0.0.1, or HOST:PORT), encrypted."
             if command == "share" else
-            "Join a shared service with its pairing code: connections to 127.0.0.1:LOCALPORT "
-            "reach the sharer's service, encrypted."),
+            "Join a shared service with its pairing code: connections to LOCALPORT (on "
+            "127.0.0.1, or ADDRESS:PORT) reach the sharer's service, encrypted."),
     )
     if command == "connect":
         p.add_argument("code", help="the pairing code the sharer printed, e.g. 7-orbit-lantern")
-    p.add_argument("-p", "--localport", required=True, metavar="N",
-                   help="the local service to share" if command == "share"
-                   else "the local port your applications connect to")
+    p.add_argument("-p", "--localport", required=True, metavar="[HOST:]PORT",
+                   help="the service to share: a port on 127.0.0.1, or HOST:PORT for one "
+                   "on another machine (e.g. 192.168.1.20:80; IPv6 in brackets)"
+                   if command == "share" else
+                   "where your applications connect: a port on 127.0.0.1, or ADDRESS:PORT "
+                   "(e.g. 0.0.0.0:3010 for other machines too; IPv6 in brackets)")
     p.add_argument("-a", "--serveraddr", default=DEFAULT_SERVERADDR, metavar="HOST:PORT",
                    help=f"rendezvous (default {DEFAULT_SERVERADDR}, or $NOPF_SERVERADDR); "
                    "an IPv6 address in brackets, e.g. [2001:db8::1]:3012")
@@ -106,9 +109,11 @@ def main(command: Literal["share", "connect"], argv: list[str]) -> int:
     args = build_parser(command).parse_args(argv)
     try:
         code = str(parse_code(args.code)) if command == "connect" else None
+        local = parse_local_endpoint(args.localport, listen=command == "connect")
         spec = CoordinatedSpec(
             role="server" if command == "share" else "client",
-            local_port=parse_port(args.localport, what="--localport"),
+            local_host=local.host,
+            local_port=local.port,
             rendezvous=parse_host_endpoint(args.serveraddr, field="--serveraddr"),
             code=code,
             code_lifetime=parse_seconds(args.code_lifetime, "--code-lifetime")

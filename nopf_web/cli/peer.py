@@ -26,7 +26,7 @@ from nopf_web.wire.address import (
     Endpoint,
     parse_host_endpoint,
     parse_ipv4_endpoint,
-    parse_port,
+    parse_local_endpoint,
 )
 
 from . import coordinated, doctor
@@ -53,9 +53,10 @@ def build_parser() -> OneLineParser:
         "(Seed-compatible, plaintext. See also: nopf share --help, nopf connect --help: "
         "pairing codes, encrypted, many connections.)",
     )
-    p.add_argument("-p", "--localport", required=True, metavar="N",
-                   help="server: port of your local service; client: local port your "
-                   "application connects to (on 127.0.0.1)")
+    p.add_argument("-p", "--localport", required=True, metavar="[HOST:]PORT",
+                   help="server: your service's port on 127.0.0.1, or HOST:PORT for one on "
+                   "another machine; client: the port your application connects to on "
+                   "127.0.0.1, or ADDRESS:PORT (e.g. 0.0.0.0:3010 for other machines too)")
     p.add_argument("-a", "--serveraddr", required=True, metavar="HOST:PORT",
                    help="nopf-server (rendezvous) address, e.g. 198.51.100.2:3012")
     p.add_argument("-t", "--type", default="client", metavar="TYPE",
@@ -75,9 +76,11 @@ def _spec(args: object) -> SeedSpec:
     ttl = parse_int(a["punch_ttl"], "--punch-ttl", 0, 255)
     if ttl == 1:
         raise InputError("--punch-ttl", "--punch-ttl must be 0 or 2-255, got 1")
+    local = parse_local_endpoint(a["localport"], listen=role == "client")
     return SeedSpec(
         role=role,
-        local_port=parse_port(a["localport"], what="--localport"),
+        local_host=local.host,
+        local_port=local.port,
         rendezvous=parse_host_endpoint(a["serveraddr"], field="--serveraddr",
                                        no_ipv6=SEED_IPV4_ONLY),
         punch=PunchConfig(timeout=parse_seconds(a["timeout"], "--timeout"), arm_ttl=ttl),

@@ -52,7 +52,7 @@ from nopf_web.tunnel.resume_machine import (
     TunnelFailed,
 )
 from nopf_web.tunnel.secure import Pake
-from nopf_web.wire.address import Endpoint
+from nopf_web.wire.address import Endpoint, local_text
 from nopf_web.wire.nat import NatSummary
 
 from .candidates import direct_candidates
@@ -66,7 +66,7 @@ from .coordination import (
 )
 from .coordination_machine import TUNNEL_PATHS, Timings, TunnelPath, path_words
 from .engine import EngineBase, Event, Mode, Snapshot, State, task_group
-from .local import listen_local
+from .local import exposure, listen_local
 from .path_machine import (
     UPGRADE_DELAYS,
     Cancel,
@@ -274,6 +274,8 @@ class CoordinatedEngine(EngineBase):
                 # a load test) must not overflow the accept queue and be reset.
                 listener = listen_local(spec.local_host, spec.local_port,
                                         backlog=socket.SOMAXCONN)
+                if (warning := exposure(spec.local_host, spec.local_port)) is not None:
+                    self._log(warning)
             paired = await self._pair()
             if paired.early:  # the secure channel reads its socket from the tunnel's first byte
                 paired.sock.close()
@@ -328,9 +330,10 @@ class CoordinatedEngine(EngineBase):
             self._set_state(State.CONNECTED, f"encrypted tunnel to {paired.peer} up "
                             f"({paired.over}{why}); " + self._ready_hint())
             self._emit(Event(
-                "pipe_started", f"Started tunnel between localhost:{spec.local_port} "
-                f"- {paired.peer}", data={"local_port": spec.local_port,
-                                          "peer": str(paired.peer), "path": paired.path}))
+                "pipe_started", "Started tunnel between "
+                f"{local_text(spec.local_host, spec.local_port)} - {paired.peer}",
+                data={"local_port": spec.local_port, "peer": str(paired.peer),
+                      "path": paired.path}))
             keeper = self._keeper = _PathKeeper(self, channel, tg, PathMachine(
                 paired.path, asyncio.get_running_loop().time(), resume_budget=spec.budget,
                 upgrade_delays=backoff(spec.retry_direct)))
@@ -412,7 +415,7 @@ class CoordinatedEngine(EngineBase):
             self._set_state(State.PUNCHING, message)
 
     def _ready_hint(self) -> str:
-        where = f"{self.spec.local_host}:{self.spec.local_port}"
+        where = Endpoint(self.spec.local_host, self.spec.local_port)
         if self.spec.role == "server":
             return f"the peer's connections arrive at {where}"
         return f"connect your applications to {where}"

@@ -6,13 +6,16 @@ import errno
 import socket
 
 from nopf_web.sockets import set_exclusive_address
+from nopf_web.wire.address import Endpoint, is_loopback
 
 from .errors import LocalPortInUse
 
 
 def listen_local(host: str, port: int, backlog: int = 8) -> socket.socket:
-    """The client's local listener, bound before anything else so a busy port fails fast."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    """The client's local listener, bound before anything else so a busy port fails fast.
+
+    ``host`` is an IP address (IPv6 without brackets): ``--localport``'s."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         set_exclusive_address(sock)  # never shared (on Windows SO_REUSEADDR would share)
         sock.bind((host, port))
@@ -24,5 +27,17 @@ def listen_local(host: str, port: int, backlog: int = 8) -> socket.socket:
             raise LocalPortInUse(
                 f"local port {port} is already in use on {host}: choose another --localport"
             ) from None
-        raise LocalPortInUse(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        why = ("not an address of this machine" if exc.errno == errno.EADDRNOTAVAIL
+               else exc.strerror)
+        raise LocalPortInUse(f"cannot listen on {Endpoint(host, port)}: {why}") from None
     return sock
+
+
+def exposure(host: str, port: int) -> str | None:
+    """The warning for a listener other machines can reach (``--localport
+    0.0.0.0:PORT``, as ``ssh -L`` with a bind address): the tunnel carries whoever
+    connects, with no login of its own. None for a loopback listener."""
+    if is_loopback(host):
+        return None
+    return (f"listening on {Endpoint(host, port)}: other machines that can reach this one "
+            "can use the tunnel too")

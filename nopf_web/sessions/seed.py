@@ -22,13 +22,19 @@ from nopf_web.punch.driver import PunchDriver
 from nopf_web.punch.machine import PunchConfig, Tactic
 from nopf_web.rendezvous.client import Discovery, discover, probe_mapping, reach_rendezvous
 from nopf_web.roles import PeerRole
-from nopf_web.sockets import enable_keepalive, peek_nonblocking, tune_stream, wait_ready
+from nopf_web.sockets import (
+    connect_tcp,
+    enable_keepalive,
+    peek_nonblocking,
+    tune_stream,
+    wait_ready,
+)
 from nopf_web.tunnel.pipe import Counters, Pipe
-from nopf_web.wire.address import Endpoint
+from nopf_web.wire.address import Endpoint, local_text
 
 from .engine import EngineBase, Event, Mode, Snapshot, State, task_group
 from .errors import ServiceUnavailable, TunnelLost
-from .local import listen_local
+from .local import exposure, listen_local
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,8 @@ class SeedEngine(EngineBase):
         try:
             if self.spec.role == "client":
                 listener = listen_local(self.spec.local_host, self.spec.local_port)
+                if (warning := exposure(self.spec.local_host, self.spec.local_port)) is not None:
+                    self._log(warning)
             tunnel = await self._discover_and_punch()
             if self.spec.role == "server":
                 local = await self._connect_service(tunnel)
@@ -171,20 +179,16 @@ class SeedEngine(EngineBase):
 
     async def _connect_service(self, tunnel: socket.socket) -> socket.socket:
         host, port = self.spec.local_host, self.spec.local_port
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
         try:
             async with asyncio.timeout(self.spec.net_timeout):
-                await loop.sock_connect(sock, (host, port))
+                sock = await connect_tcp(host, port)
         except (OSError, TimeoutError) as exc:
-            sock.close()
             tunnel.close()
             why = ("nothing is listening there" if isinstance(exc, ConnectionRefusedError)
                    else "no answer within " f"{self.spec.net_timeout:g} s"
-                   if isinstance(exc, TimeoutError) else str(exc.strerror))
+                   if isinstance(exc, TimeoutError) else exc.strerror or str(exc))
             raise ServiceUnavailable(
-                f"cannot reach the local service at {host}:{port} ({why}): start it, or "
+                f"cannot reach the local service at {Endpoint(host, port)} ({why}): start it, or "
                 "check --localport"
             ) from None
         tune_stream(sock)
@@ -193,8 +197,8 @@ class SeedEngine(EngineBase):
     async def _accept_local(self, listener: socket.socket, tunnel: socket.socket) -> socket.socket:
         """The first local application's connection; TunnelLost if the peer closes first."""
         loop = asyncio.get_running_loop()
-        self._log(f"tunnel ready: connect your application to "
-                  f"{self.spec.local_host}:{self.spec.local_port}")
+        self._log("tunnel ready: connect your application to "
+                  f"{Endpoint(self.spec.local_host, self.spec.local_port)}")
         async with task_group() as tg:  # whichever comes first ends the other
             accept = tg.create_task(loop.sock_accept(listener), name="seed-accept-local")
             closed = tg.create_task(_wait_eof(tunnel), name="seed-watch-tunnel")
@@ -216,7 +220,8 @@ class SeedEngine(EngineBase):
         self._pipe.counters = self.counters
         self._emit(Event(
             "pipe_started",
-            f"Started pipe between localhost:{self.spec.local_port} - {self.peer_address}",
+            f"Started pipe between {local_text(self.spec.local_host, self.spec.local_port)} - "
+            f"{self.peer_address}",
             data={"local_port": self.spec.local_port, "peer": str(self.peer_address)},
         ))
         result = await self._pipe.run()

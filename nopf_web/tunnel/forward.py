@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import socket
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from nopf_web.sockets import (
     LINGER_RESET,
+    connect_tcp,
     send_gathered,
     set_exclusive_address,
     stream_transport,
@@ -159,7 +159,7 @@ async def _share_one(stream: Stream, service: tuple[str, int], timeout: float,
     sock: socket.socket | None = None
     try:
         async with asyncio.timeout(timeout):
-            sock = await _connect(host, port)
+            sock = await connect_tcp(host, port)
             local = _Local(stream, sock)
             await loop.create_connection(lambda: local, sock=sock)
     except BaseException as exc:
@@ -187,33 +187,6 @@ async def _connect_one(stream: Stream, conn: socket.socket, on_event: EventSink)
         stream.reset(ResetCode.CONNECTION_LOST, f"local connection failed: {exc}")
         return
     await _run_local(local, on_event)
-
-
-async def _connect(host: str, port: int) -> socket.socket:
-    """A connected non-blocking socket to ``host``: each address in turn, the last
-    error if none answers. Made here, not by ``create_connection``, so that
-    :class:`_Local` holds the socket itself (see ``on_data_parts``)."""
-    loop = asyncio.get_running_loop()
-    try:  # a literal address needs no resolver thread (as in create_connection)
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-        infos: list[Any] = [(family, socket.SOCK_STREAM, 0, "", (host, port))]
-    except ValueError:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    error: OSError = OSError(f"no address found for {host}")
-    for family, kind, proto, _name, addr in infos:
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setblocking(False)
-            await loop.sock_connect(sock, addr)
-        except OSError as exc:
-            sock.close()
-            error = exc
-            continue
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-    raise error
 
 
 async def _run_local(local: _Local, on_event: EventSink) -> None:

@@ -196,6 +196,63 @@ def parse_listen_host(text: str, *, field: str = "--host") -> str:
     raise BadAddress(f"{field} {quote(bare)} is not an IP address or host name", field)
 
 
+LOCAL_HOST = "127.0.0.1"  # a bare --localport's host: the service, or where we listen
+
+
+def parse_local_endpoint(text: str, *, field: str = "--localport",
+                         listen: bool) -> Endpoint:
+    """The local side of a session: ``PORT`` (on :data:`LOCAL_HOST`) or ``HOST:PORT``.
+
+    ``listen`` False: the service a sharer connects each stream to, an IPv4 address,
+    a host name or ``[IPv6]`` (a NAS on the LAN, say). ``listen`` True: where a
+    connector listens for its applications, an IP address of this machine
+    (``0.0.0.0`` or ``[::]`` for all of them); a name is refused, since what is bound
+    is an address.
+    """
+    line = _line(text, field)
+    if is_ascii_digits(line):
+        return Endpoint(LOCAL_HOST, parse_port(line, what=field, field=field))
+    host, sep, port = line.rpartition(":")
+    shown = quote(line)
+    if not sep or not host:
+        raise BadAddress(f"{field} {shown} is not a port or HOST:PORT", field)
+    if listen:
+        inner = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            if "%" in inner or not inner.isascii() or (inner != host) != (":" in inner):
+                raise ValueError
+            ip = ipaddress.ip_address(inner)
+        except ValueError:
+            raise BadAddress(f"{field} {shown}: {quote(host)} is not an IP address to "
+                             "listen on (this machine's, 0.0.0.0 or [::] for all; IPv6 "
+                             "in brackets)", field) from None
+        if ip.is_multicast:
+            raise BadAddress(f"{field} {shown}: cannot listen on a multicast address", field)
+        return Endpoint(str(ip), parse_port(port, what=f"port in {shown}", field=field))
+    if line.startswith("["):
+        return _bracketed_endpoint(line, field, "a service address")
+    if ":" in host:
+        raise BadAddress(f"{field} {shown} is ambiguous: put an IPv6 address in brackets, "
+                         "as in '[2001:db8::1]:3000'", field)
+    return Endpoint(parse_host(host, field=field, shown=shown),
+                    parse_port(port, what=f"port in {shown}", field=field))
+
+
+def local_text(host: str, port: int) -> str:
+    """How messages name the local side: ``localhost:PORT`` for the default host (the
+    seed's wording, which scripts read), ``HOST:PORT`` otherwise."""
+    return f"localhost:{port}" if host == LOCAL_HOST else str(Endpoint(host, port))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address as :func:`parse_local_endpoint` gives it) is
+    reachable from this machine only."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def parse_listen_endpoint(text: str, *, field: str) -> Endpoint:
     """``HOST:PORT`` to listen on (port 0: any free one); IPv6 in brackets."""
     host, sep, port = _line(text, field).rpartition(":")

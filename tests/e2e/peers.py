@@ -198,9 +198,11 @@ def listening(host: Host, port: int) -> Iterator[socket.socket]:
         lsock.close()
 
 
-def connect(host: Host, port: int, timeout: float = 10) -> socket.socket:
+def connect(host: Host, port: int, timeout: float = 10, to: str = "127.0.0.1",
+            ) -> socket.socket:
+    """A connection from ``host`` to ``to:port`` (``host``'s own loopback by default)."""
     with host.enter():
-        return socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        return socket.create_connection((to, port), timeout=timeout)
 
 
 class Exchange:
@@ -261,12 +263,13 @@ class Exchange:
 
 
 @contextlib.contextmanager
-def echo_service_on(host: Host, port: int = SERVICE) -> Iterator[None]:
+def echo_service_on(host: Host, port: int = SERVICE, *, lan: bool = False) -> Iterator[None]:
     """``echo_service`` on ``port`` of ``host`` (its listener in the host's namespace; the
-    caller's thread stays in its own), closed on exit."""
+    caller's thread stays in its own), on loopback or, with ``lan``, on the host's LAN
+    address; closed on exit."""
     with contextlib.ExitStack() as service:
         with host.enter():
-            service.enter_context(echo_service(port))
+            service.enter_context(echo_service(port, host.ip if lan else "127.0.0.1"))
         yield
 
 
@@ -288,10 +291,10 @@ def round_trip(host: Host, size: int = SIZE) -> None:
     assert got.hexdigest() == hashlib.sha256(data).hexdigest()
 
 
-def echo_once(host: Host, port: int) -> None:
-    """A new connection through the tunnel (port ``port`` of ``host``): what it sends
-    comes back."""
-    sock = connect(host, port, timeout=10)
+def echo_once(host: Host, port: int, to: str = "127.0.0.1") -> None:
+    """A new connection from ``host`` through the tunnel (at ``to:port``, ``host``'s own
+    loopback by default): what it sends comes back."""
+    sock = connect(host, port, timeout=10, to=to)
     with sock:
         sock.sendall(b"a new connection")
         sock.shutdown(socket.SHUT_WR)

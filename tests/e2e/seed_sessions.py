@@ -15,8 +15,8 @@ from nopf_web.wire.address import Endpoint
 from tests.programs import free_port
 
 
-def spec(role: PeerRole, port: int, rdv: Endpoint) -> SeedSpec:
-    return SeedSpec(role=role, local_port=port, rendezvous=rdv,
+def spec(role: PeerRole, port: int, rdv: Endpoint, host: str = "127.0.0.1") -> SeedSpec:
+    return SeedSpec(role=role, local_host=host, local_port=port, rendezvous=rdv,
                     punch=PunchConfig(timeout=10), bind_host="127.0.0.1")
 
 
@@ -31,13 +31,15 @@ async def wait_state(session: SeedEngine, state: State, timeout: float = 10) -> 
         unsubscribe()
 
 
-def seed_pair(rdv: Endpoint) -> tuple[socket.socket, SeedEngine, SeedEngine]:
+def seed_pair(rdv: Endpoint, local_host: str = "127.0.0.1",
+              ) -> tuple[socket.socket, SeedEngine, SeedEngine]:
     """A local service (non-blocking listener), a server session sharing it and a client
-    session on a free port; not started."""
-    service = socket.create_server(("127.0.0.1", 0))
+    session on a free port, both on ``local_host``; not started."""
+    family = socket.AF_INET6 if ":" in local_host else socket.AF_INET
+    service = socket.create_server((local_host, 0), family=family)
     service.setblocking(False)
-    server = SeedEngine(spec("server", service.getsockname()[1], rdv))
-    client = SeedEngine(spec("client", free_port(), rdv))
+    server = SeedEngine(spec("server", service.getsockname()[1], rdv, local_host))
+    client = SeedEngine(spec("client", free_port(local_host), rdv, local_host))
     return service, server, client
 
 
@@ -52,13 +54,21 @@ async def introduce(server: SeedEngine, client: SeedEngine) -> None:
     await wait_state(client, State.CONNECTED)
 
 
-async def app_round_trip(client_port: int, service: socket.socket) -> None:
-    """An application on the client session's port sends 100 000 bytes and EOF; the
-    service (non-blocking) gets them all and answers "bye", which the application reads."""
+async def app_round_trip(client_port: int, service: socket.socket,
+                         host: str = "127.0.0.1") -> None:
+    """An application on the client session's port (on ``host``) sends 100 000 bytes and
+    EOF; the service (non-blocking) gets them all and answers "bye", which the
+    application reads."""
     loop = asyncio.get_running_loop()
-    app = socket.create_connection(("127.0.0.1", client_port))
+    app = socket.create_connection((host, client_port))
     app.setblocking(False)
-    conn, _ = await loop.sock_accept(service)
+    try:
+        async with asyncio.timeout(10):
+            conn, _ = await loop.sock_accept(service)
+    except TimeoutError:
+        app.close()
+        raise AssertionError("the server session did not connect to the service "
+                             "within 10 s") from None
     await loop.sock_sendall(app, b"x" * 100_000)
     app.shutdown(socket.SHUT_WR)
     got = b""

@@ -32,7 +32,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, *ne
         (["-p", "3000", "-a", "1.2.3"], "missing ':PORT'"),
         (["-p", "3000", "-a", "host:99999"], "out of range"),
         (["-p", "99999", "-a", "127.0.0.1:3012"], "--localport 99999 is out of range"),
-        (["-p", "abc", "-a", "127.0.0.1:3012"], "--localport 'abc' is not a number"),
+        (["-p", "abc", "-a", "127.0.0.1:3012"], "--localport 'abc' is not a port or HOST:PORT"),
         (["-a", "127.0.0.1:3012"], "-p/--localport"),
         (["-p", "3000", "-a", "127.0.0.1:3012", "--timeout", "soon"], "--timeout"),
         (["-p", "3000", "-a", "127.0.0.1:3012", "--punch-ttl", "1"], "--punch-ttl"),

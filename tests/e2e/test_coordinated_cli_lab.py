@@ -28,6 +28,7 @@ from tests.lab.fixtures import LabFactory
 from .peers import (
     Peer,
     connect,
+    echo_once,
     echo_service_on,
     listening,
     punch_pair,
@@ -130,6 +131,32 @@ def test_share_connect_200_streams_encrypted_on_the_wire(lab_factory: LabFactory
         (raw,) = pcap
         assert len(raw) > 200 * 64 * 1024  # the capture did see the traffic...
         assert MARKER not in raw  # ...and never the plaintext
+
+
+def test_a_lan_service_shared_with_the_other_sides_lan(lab_factory: LabFactory) -> None:
+    # The sharer a1 carries the streams to a2's service (a NAS on its LAN, say); the
+    # connector b1 listens on all its addresses, so its LAN neighbour b2 uses the
+    # tunnel as well as b1 itself.
+    lab = lab_factory("rst", "drop")
+    start_rendezvous(lab)
+    with echo_service_on(lab.a2, 3000, lan=True):
+        s = start(lab.a1, "share", "-p", f"{lab.a2.ip}:3000")
+        code = s.line(10)
+        assert code, s.stderr()
+        c = start(lab.b1, "connect", code, "-p", "0.0.0.0:3010")
+        try:
+            wait_connected(c)
+            assert ("nopf: listening on 0.0.0.0:3010: other machines that can reach this "
+                    "one can use the tunnel too") in c.stderr()
+            assert "connect your applications to 0.0.0.0:3010" in c.stderr()
+            echo_once(lab.b2, 3010, to=lab.b1.ip)
+            echo_once(lab.b1, 3010)
+            assert f"the peer's connections arrive at {lab.a2.ip}:3000" in s.stderr()
+            assert "listening on" not in s.stderr()
+        finally:
+            c.proc.send_signal(signal.SIGINT)
+        assert c.wait(10) == 0
+        assert s.wait(10) == 0
 
 
 def test_seed_mode_plaintext_is_visible_to_the_same_capture(lab_factory: LabFactory) -> None:

@@ -35,6 +35,22 @@ async def test_punch_pipe_and_events(rendezvous: Endpoint) -> None:
     service.close()
 
 
+async def test_the_local_side_may_be_another_address(rendezvous: Endpoint) -> None:
+    # The service listens on [::1] only, and so does the client: a session that kept
+    # to 127.0.0.1 would reach neither.
+    service, server, client = seed_pair(rendezvous, local_host="::1")
+    events: list[Event] = []
+    server.subscribe(events.append)
+    tasks = [asyncio.create_task(s.run(), name=f"test-{s.spec.role}") for s in (server, client)]
+    await introduce(server, client)
+    await app_round_trip(client.spec.local_port, service, host="::1")
+    await asyncio.gather(*tasks)
+    assert server.bytes_in == 100_000 and server.bytes_out == 3
+    (started,) = [e.message for e in events if e.kind == "pipe_started"]
+    assert started.startswith(f"Started pipe between [::1]:{server.spec.local_port} - ")
+    service.close()
+
+
 @pytest.mark.parametrize("stop_in", [State.DISCOVERING, State.WAITING_PEER, State.CONNECTED])
 async def test_stop_ends_the_session_in_any_state(rendezvous: Endpoint, stop_in: State) -> None:
     service, server, client = seed_pair(rendezvous)

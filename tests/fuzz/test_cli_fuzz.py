@@ -101,6 +101,11 @@ def is_endpoint(value: str) -> bool:
     return bool(sep) and is_ascii_line(host) and is_port(port)
 
 
+def is_local(value: str) -> bool:
+    """``--localport``: a port, or HOST:PORT."""
+    return is_port(value) or is_endpoint(value)
+
+
 def is_ip(value: str) -> bool:
     try:
         ipaddress.ip_address(value.strip().strip("[]"))
@@ -110,7 +115,7 @@ def is_ip(value: str) -> bool:
 
 
 PEER_FLAGS: dict[str, Callable[[str], bool]] = {
-    "--localport": is_port, "--serveraddr": is_endpoint,
+    "--localport": is_local, "--serveraddr": is_endpoint,
     "--timeout": lambda v: is_seconds(v, 86400), "--punch-ttl": lambda v: is_port(v, True)
     and int(v) != 1 and int(v) <= 255, "--type": lambda v: True,
 }
@@ -132,7 +137,7 @@ def test_nopf_flags(monkeypatch: pytest.MonkeyPatch, flag: str, value: str) -> N
 
 
 COORD_FLAGS: dict[str, Callable[[str], bool]] = {
-    "--localport": is_port, "--serveraddr": is_endpoint,
+    "--localport": is_local, "--serveraddr": is_endpoint,
     "--timeout": lambda v: is_seconds(v, 86400), "--keepalive": lambda v: is_seconds(v, 86400),
     "--code-lifetime": lambda v: is_seconds(v, 86400), "code": is_ascii_line,
     "--resume-budget": lambda v: is_seconds(v, 86400),
@@ -145,6 +150,9 @@ COORD_FLAGS: dict[str, Callable[[str], bool]] = {
        value=nasty_text)
 @example(command="connect", flag="code", value="²-orbit-lantern")
 @example(command="share", flag="--localport", value="²")
+@example(command="share", flag="--localport", value="[::1]:²")
+@example(command="connect", flag="--localport", value="0.0.0.0:3010")
+@example(command="connect", flag="--localport", value="nas.local:3010")
 @example(command="connect", flag="--resume-budget", value="٣")
 @example(command="share", flag="--retry-direct", value="1e9")
 def test_nopf_share_and_connect_flags(monkeypatch: pytest.MonkeyPatch, command: str, flag: str,

@@ -10,8 +10,10 @@ from hypothesis import given, strategies as st
 from nopf_web.wire.address import (
     SEED_IPV4_ONLY,
     Endpoint,
+    local_text,
     parse_host_endpoint,
     parse_ipv4_endpoint,
+    parse_local_endpoint,
     parse_port,
 )
 from nopf_web.wire.discovery import REPLY_SIZE, DiscoveryReader, decode_reply, encode_reply
@@ -124,6 +126,57 @@ def test_a_use_without_ipv6_refuses_it_in_one_line_saying_why() -> None:
     # Names and IPv4 pass as before.
     assert parse_host_endpoint("rdv.example.org:3012", no_ipv6=SEED_IPV4_ONLY).port == 3012
     assert parse_host_endpoint("1.2.3.4:3012", no_ipv6=SEED_IPV4_ONLY).host == "1.2.3.4"
+
+
+@pytest.mark.parametrize("listen", [False, True])
+def test_a_bare_localport_is_on_loopback_as_the_seeds_was(listen: bool) -> None:
+    assert parse_local_endpoint(" 3000 ", listen=listen) == Endpoint("127.0.0.1", 3000)
+    for bad, why in (("0", "out of range"), ("70000", "out of range"), ("²", "not a port"),
+                     ("", "not a port"), (":80", "not a port or HOST:PORT")):
+        with pytest.raises(BadAddress, match=why) as refused:
+            parse_local_endpoint(bad, listen=listen)
+        assert refused.value.field == "--localport"
+
+
+def test_a_sharer_names_its_service_by_address_or_name() -> None:
+    def share(text: str) -> Endpoint:
+        return parse_local_endpoint(text, listen=False)
+
+    assert share("192.168.1.20:80") == Endpoint("192.168.1.20", 80)
+    assert share("nas.local:8080") == Endpoint("nas.local", 8080)
+    assert share("[2001:DB8::20]:80") == Endpoint("2001:db8::20", 80)
+    for bad, why in (("2001:db8::20:80", "ambiguous: put an IPv6 address in brackets"),
+                     ("bad_host!:80", "is not an IPv4 address or host name"),
+                     ("[::]:80", "cannot be a service address"),
+                     ("[ff02::1]:80", "cannot be a service address"),
+                     ("1.2.3.4:0", "out of range")):
+        with pytest.raises(BadAddress, match=why):
+            share(bad)
+
+
+def test_a_connector_listens_on_an_address_of_its_own() -> None:
+    def listen(text: str) -> Endpoint:
+        return parse_local_endpoint(text, listen=True)
+
+    assert listen("0.0.0.0:3010") == Endpoint("0.0.0.0", 3010)
+    assert listen("192.168.1.5:3010") == Endpoint("192.168.1.5", 3010)
+    assert listen("[::]:3010") == Endpoint("::", 3010)
+    assert listen("[::1]:3010") == Endpoint("::1", 3010)
+    # A name is refused: what is bound is an address. So are IPv6 without brackets,
+    # IPv4 in them, zone ids and multicast.
+    for bad, why in (("localhost:3010", "'localhost' is not an IP address to listen on"),
+                     ("::1:3010", "IPv6 in brackets"), ("[1.2.3.4]:3010", "not an IP address"),
+                     ("[fe80::1%eth0]:3010", "not an IP address"),
+                     ("239.1.2.3:3010", "multicast"), ("0.0.0.0:0", "out of range")):
+        with pytest.raises(BadAddress, match=why) as refused:
+            listen(bad)
+        assert "\n" not in str(refused.value)
+
+
+def test_messages_keep_the_seeds_localhost_wording_for_the_default_host() -> None:
+    assert local_text("127.0.0.1", 3000) == "localhost:3000"  # "Started pipe between ..."
+    assert local_text("192.168.1.20", 80) == "192.168.1.20:80"
+    assert local_text("::1", 3010) == "[::1]:3010"
 
 
 @given(st.ip_addresses(v=6).filter(lambda ip: not (ip.is_multicast or ip.is_unspecified)),
