@@ -38,6 +38,7 @@ import aiosqlite
 
 from nopf_web.resources import resource_dir
 from nopf_web.sessions.engine import Mode
+from nopf_web.wire.address import LOCAL_HOST
 
 from .errors import DatabaseCorrupt, DatabaseError, DatabaseInUse
 from .migrations import Migration, check_schema, load_migrations, migrate
@@ -56,7 +57,7 @@ _UPDATABLE: Final = frozenset({
 _SESSION_COLUMNS: Final = (  # the fields of SessionRecord, in order, then updated_at
     "id, role, local_port, rendezvous, label, state, outcome, public_address, peer_address, "
     "bytes_in, bytes_out, connections, error, hint, started_at, ended_at, mode, code, path, "
-    "predicted_path, prediction, nat_pair, setup_ms, timeline, updated_at"
+    "predicted_path, prediction, nat_pair, setup_ms, timeline, local_host, updated_at"
 )
 
 
@@ -94,6 +95,7 @@ class SessionRecord:
     nat_pair: str | None = None  # "rst × symmetric" (sharer first)
     setup_ms: float | None = None  # pairing start -> path opened
     timeline: str | None = None  # JSON list of the pairing's marks
+    local_host: str = LOCAL_HOST  # the service's (server) or the listener's (client) host
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ class NewSession:
     state: str
     started_at: float
     mode: Mode = "seed"
+    local_host: str = LOCAL_HOST
 
 
 def _session(row: Sequence[Any]) -> SessionRow:
@@ -296,9 +299,10 @@ class HistoryStore:
     def add_session(self, new: NewSession) -> None:
         self._queue(
             "INSERT INTO sessions (id, role, local_port, rendezvous, label, share_hash, state, "
-            "started_at, updated_at, mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "started_at, updated_at, mode, local_host) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (new.id, new.role, new.local_port, new.rendezvous, new.label,
-             share_hash(new.share_token), new.state, new.started_at, new.started_at, new.mode),
+             share_hash(new.share_token), new.state, new.started_at, new.started_at, new.mode,
+             new.local_host),
         )
 
     def update_session(self, session_id: str, **fields: Any) -> None:

@@ -52,7 +52,7 @@ from nopf_web.tunnel.resume_machine import (
     TunnelFailed,
 )
 from nopf_web.tunnel.secure import Pake
-from nopf_web.wire.address import Endpoint, local_text
+from nopf_web.wire.address import LOCAL_HOST, Endpoint, local_text
 from nopf_web.wire.nat import NatSummary
 
 from .candidates import direct_candidates
@@ -94,7 +94,7 @@ class CoordinatedSpec:
     code_lifetime: float = 600.0  # how long a sharer waits for its peer
     punch_timeout: float = 30.0
     keepalive: float = DEFAULT_KEEPALIVE
-    local_host: str = "127.0.0.1"
+    local_host: str = LOCAL_HOST  # the service (server) or the listener (client)
     net_timeout: float = 5.0
     # How long a lost path may take to be replaced before the tunnel fails (None:
     # RESUME_KEEPALIVES x keepalive).
@@ -178,7 +178,7 @@ class CoordinatedEngine(EngineBase):
     ended_message: ClassVar[str] = "the peer closed the tunnel"
 
     def __init__(self, spec: CoordinatedSpec) -> None:
-        super().__init__(spec.role, spec.local_port, spec.rendezvous)
+        super().__init__(spec.role, spec.local_port, spec.rendezvous, spec.local_host)
         self.spec = spec
         self.code: str | None = spec.code
         self.public_address: Endpoint | None = None

@@ -30,7 +30,7 @@ from nopf_web.guard.base import GuardStatus
 from nopf_web.prediction import Prediction
 from nopf_web.roles import PeerRole
 from nopf_web.sockets import require_readiness
-from nopf_web.wire.address import Endpoint
+from nopf_web.wire.address import LOCAL_HOST, Endpoint
 
 from .coordination_machine import Timings, TunnelPath
 
@@ -107,6 +107,7 @@ class Snapshot:
     # coordinated: the pairing's timeline (nopf_web.sessions.timeline's JSON), as it grows
     timeline: tuple[dict[str, Any], ...] = ()
     setup_ms: float | None = None  # coordinated: pairing start -> the path opened
+    local_host: str = LOCAL_HOST  # the service's (server) or the listener's (client) host
 
 
 class Engine(Protocol):
@@ -151,8 +152,10 @@ class EngineBase:
     mode: ClassVar[Mode]
     ended_message: ClassVar[str] = "ended"  # the ``closed`` event's message when it ran out
 
-    def __init__(self, role: PeerRole, local_port: int, rendezvous: Endpoint) -> None:
+    def __init__(self, role: PeerRole, local_port: int, rendezvous: Endpoint,
+                 local_host: str = LOCAL_HOST) -> None:
         self.role, self.local_port, self.rendezvous = role, local_port, rendezvous
+        self.local_host = local_host
         self.state = State.DISCOVERING
         self.error: str | None = None
         self.started_at = time.time()
@@ -195,7 +198,8 @@ class EngineBase:
     def snapshot(self) -> Snapshot:
         """The fields every engine has; engines add theirs (``dataclasses.replace``)."""
         return Snapshot(self.mode, self.role, self.local_port, self.rendezvous, self.state,
-                        self.started_at, self.ended_at, self.error)
+                        self.started_at, self.ended_at, self.error,
+                        local_host=self.local_host)
 
     # -- for the engines ----------------------------------------------------------------
 

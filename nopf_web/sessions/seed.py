@@ -30,7 +30,7 @@ from nopf_web.sockets import (
     wait_ready,
 )
 from nopf_web.tunnel.pipe import Counters, Pipe
-from nopf_web.wire.address import Endpoint, local_text
+from nopf_web.wire.address import LOCAL_HOST, Endpoint, local_text
 
 from .engine import EngineBase, Event, Mode, Snapshot, State, task_group
 from .errors import ServiceUnavailable, TunnelLost
@@ -45,7 +45,7 @@ class SeedSpec:
     punch: PunchConfig = field(default_factory=PunchConfig)
     punch_port: int = 0  # 0: let the kernel choose
     bind_host: str = "0.0.0.0"
-    local_host: str = "127.0.0.1"  # the service (server) or the listener (client)
+    local_host: str = LOCAL_HOST  # the service (server) or the listener (client)
     net_timeout: float = 5.0  # rendezvous and local-service connects
 
 
@@ -54,7 +54,7 @@ class SeedEngine(EngineBase):
     ended_message: ClassVar[str] = "the pipe ended"
 
     def __init__(self, spec: SeedSpec, guard: Guard | None = None) -> None:
-        super().__init__(spec.role, spec.local_port, spec.rendezvous)
+        super().__init__(spec.role, spec.local_port, spec.rendezvous, spec.local_host)
         self.spec = spec
         self.guard: Guard = guard or NullGuard("no guard configured")
         self.guard_dropped = 0

@@ -66,7 +66,8 @@ async def create_session(request: web.Request) -> web.Response:
         if mapping is not None and not isinstance(mapping, bool):
             raise FieldError("port_mapping", "must be true or false")
         ms = request.app[MANAGER].create(new.role, new.local_port, new.rendezvous, new.label,
-                                         mode=new.mode, code=new.code, port_mapping=mapping)
+                                         mode=new.mode, code=new.code, port_mapping=mapping,
+                                         local_host=new.local_host)
     except FieldError as exc:
         return _field_error(exc)
     except CreateError as exc:

@@ -16,11 +16,12 @@ from nopf_web.inputs import InputError, json_int
 from nopf_web.pairing import PairingCode, parse_code
 from nopf_web.roles import PeerRole
 from nopf_web.wire.address import (
+    LOCAL_HOST,
     SEED_IPV4_ONLY,
     Endpoint,
     parse_host_endpoint,
     parse_ipv4_endpoint,
-    parse_port,
+    parse_local_endpoint,
 )
 
 MAX_LABEL: Final = 80
@@ -90,14 +91,16 @@ def check_pairing(role: PeerRole, mode: Mode, code: PairingCode | None) -> None:
                          "session gets its own from the rendezvous)")
 
 
-def parse_local_port(value: object) -> int:
-    """An int from JSON, or the digits of a form field."""
+def parse_local(value: object, role: PeerRole) -> Endpoint:
+    """The local side, as ``--localport`` takes it: a port (an int from JSON, or a form
+    field's digits) on 127.0.0.1, or ``HOST:PORT`` text: a server's service on another
+    machine, an address a client listens on (``0.0.0.0:3010``)."""
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise FieldError("local_port", "must be an integer between 1 and 65535")
+        raise FieldError("local_port", "must be a port (1-65535) or HOST:PORT")
     try:
         if isinstance(value, int):
-            return json_int(value, "local port", 1, 65535)
-        return parse_port(value, what="local port")
+            return Endpoint(LOCAL_HOST, json_int(value, "local port", 1, 65535))
+        return parse_local_endpoint(value, field="local port", listen=role == "client")
     except InputError as exc:
         raise FieldError("local_port", str(exc)) from None
 
@@ -134,6 +137,7 @@ class NewSession:
     code: PairingCode | None
     rendezvous: Endpoint | None
     label: str
+    local_host: str = LOCAL_HOST
 
 
 def parse_new_session(fields: Mapping[str, object], *,
@@ -144,7 +148,7 @@ def parse_new_session(fields: Mapping[str, object], *,
     refused (the form keeps its code field, hidden, whatever the choice).
     """
     role = parse_role(fields.get("role"))
-    local_port = parse_local_port(fields.get("local_port"))
+    local = parse_local(fields.get("local_port"), role)
     mode = parse_mode(fields.get("mode"))
     takes_code = (mode, role) == ("coordinated", "client")
     code = parse_pairing_code(fields.get("code")) \
@@ -152,4 +156,4 @@ def parse_new_session(fields: Mapping[str, object], *,
     rendezvous = parse_rendezvous(fields.get("rendezvous"), seed=mode == "seed")
     label = parse_label(fields.get("label"))
     check_pairing(role, mode, code)
-    return NewSession(role, local_port, mode, code, rendezvous, label)
+    return NewSession(role, local.port, mode, code, rendezvous, label, local.host)

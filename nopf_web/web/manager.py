@@ -43,7 +43,7 @@ from nopf_web.sessions.engine import Engine, Event, Mode, Snapshot, State
 from nopf_web.sessions.factory import EngineSpec, make_engine
 from nopf_web.sessions.seed import SeedSpec
 from nopf_web.sockets import set_exclusive_address
-from nopf_web.wire.address import Endpoint
+from nopf_web.wire.address import LOCAL_HOST, Endpoint
 from nopf_web.wire.nat import NatSummary
 
 from .hints import hint_for
@@ -207,12 +207,14 @@ class SessionManager:
     def create(self, role: PeerRole, local_port: int, rendezvous: Endpoint | None = None,
                label: str = "", *, mode: Mode = "coordinated",
                code: PairingCode | None = None,
-               port_mapping: bool | None = None) -> ManagedSession:
+               port_mapping: bool | None = None,
+               local_host: str = LOCAL_HOST) -> ManagedSession:
         """Start a session task; raise :class:`CreateError` naming the field at fault.
 
         A coordinated client needs the sharer's ``code``; nothing else takes one.
         ``port_mapping`` (None: the dashboard's setting) lets a coordinated session ask
-        the gateway for a mapped port.
+        the gateway for a mapped port. ``local_host``: the service's host (server), or
+        the address to listen on (client).
         """
         if (code is not None) != ((mode, role) == ("coordinated", "client")):
             raise CreateError("code", "a coordinated client session, and only it, takes the "
@@ -223,18 +225,20 @@ class SessionManager:
             raise CreateError("session", f"{self.max_live} sessions are already running: stop "
                               "one first", status=409)
         if role == "client":
-            self._check_client_port(local_port)
+            self._check_client_port(local_host, local_port)
         rendezvous = rendezvous or self.default_rendezvous
         spec: EngineSpec
         if mode == "coordinated":
-            spec = CoordinatedSpec(role=role, local_port=local_port, rendezvous=rendezvous,
+            spec = CoordinatedSpec(role=role, local_host=local_host, local_port=local_port,
+                                   rendezvous=rendezvous,
                                    code=str(code) if code is not None else None,
                                    code_lifetime=CODE_LIFETIME, punch_timeout=self.punch_timeout,
                                    nat=self.nat_report() if self.nat_report else None,
                                    port_mapping=self.port_mapping if port_mapping is None
                                    else port_mapping)
         else:
-            spec = SeedSpec(role=role, local_port=local_port, rendezvous=rendezvous,
+            spec = SeedSpec(role=role, local_host=local_host, local_port=local_port,
+                            rendezvous=rendezvous,
                             punch=PunchConfig(timeout=self.punch_timeout))
         engine = make_engine(spec, self.guard)
         ms = ManagedSession(id=secrets.token_hex(6), share_token=secrets.token_urlsafe(24),
@@ -243,7 +247,7 @@ class SessionManager:
         self.store.add_session(NewSession(
             id=ms.id, role=role, local_port=local_port, rendezvous=str(snap.rendezvous),
             label=label, share_token=ms.share_token, state=snap.state.value,
-            started_at=snap.started_at, mode=snap.mode))
+            started_at=snap.started_at, mode=snap.mode, local_host=local_host))
         engine.subscribe(lambda event: self._on_event(ms, event))
         self._sessions[ms.id] = ms
         self._by_share[ms.share_token] = ms.id
@@ -251,18 +255,22 @@ class SessionManager:
         self._prune()
         return ms
 
-    def _check_client_port(self, port: int) -> None:
+    def _check_client_port(self, host: str, port: int) -> None:
         for other in self._sessions.values():
             snap = other.session.snapshot()
             if other.live and snap.role == "client" and snap.local_port == port:
                 raise CreateError("local_port", f"local port {port} is already used by client "
                                   f"session {other.id}: choose another one")
         # Catch the common mistake now rather than as a failed session a moment later.
-        with socket.socket() as probe:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family) as probe:
             set_exclusive_address(probe)  # as listen_local binds it (Windows: exclusive)
             try:
-                probe.bind(("127.0.0.1", port))
+                probe.bind((host, port))
             except OSError as exc:
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    raise CreateError("local_port", f"{host} is not an address of this "
+                                      "machine: choose one of its own, or 0.0.0.0") from None
                 why = "is already in use" if exc.errno == errno.EADDRINUSE else \
                     f"cannot be used ({exc.strerror})"
                 raise CreateError("local_port", f"local port {port} {why} on this machine: "

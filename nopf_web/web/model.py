@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nopf_web.db import SessionRecord, SessionRow
+from nopf_web.wire.address import LOCAL_HOST, Endpoint
 
 from .manager import CODE_LIFETIME, ManagedSession
 
@@ -50,6 +51,7 @@ class SessionView(SessionRecord):
             prediction=s.prediction.why if s.prediction else None, nat_pair=s.nat_pair,
             setup_ms=s.setup_ms,
             timeline=json.dumps(list(s.timeline), separators=(",", ":")) if s.timeline else None,
+            local_host=s.local_host,
         )
 
     @classmethod
@@ -133,8 +135,21 @@ class SessionView(SessionRecord):
         return round(CODE_LIFETIME / 60)
 
     @property
+    def local_address(self) -> str:
+        """The local side as HOST:PORT: the service (server), or where applications
+        connect (client)."""
+        return str(Endpoint(self.local_host, self.local_port))
+
+    @property
+    def local_words(self) -> str:
+        """``port 3000`` on the default host, else ``192.168.1.20:80``: how a list names
+        the local side."""
+        return f"port {self.local_port}" if self.local_host == LOCAL_HOST else \
+            self.local_address
+
+    @property
     def title(self) -> str:
-        return self.label or f"{self.role} session on port {self.local_port}"
+        return self.label or f"{self.role} session on {self.local_words}"
 
     def to_json(self, base_url: str) -> dict[str, Any]:
         return {
@@ -146,6 +161,7 @@ class SessionView(SessionRecord):
             "path": self.path,
             "resuming": self.resuming,
             "local_port": self.local_port,
+            "local_host": self.local_host,
             "rendezvous": self.rendezvous,
             "label": self.label,
             "state": self.state,

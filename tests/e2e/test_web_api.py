@@ -5,7 +5,10 @@ The punch here is the seed's manual-address flow (``"mode": "seed"``); coordinat
 
 from __future__ import annotations
 
+import asyncio
+import csv
 import hashlib
+import io
 import os
 import random
 from pathlib import Path
@@ -44,6 +47,10 @@ JSON = {"Content-Type": "application/json"}
     ({"role": "server", "local_port": True}, "local_port"),
     ({"role": "server", "local_port": 22.5}, "local_port"),
     ({"role": "server", "local_port": "ssh"}, "local_port"),
+    ({"role": "server", "local_port": "2001:db8::1:80"}, "local_port"),  # brackets needed
+    ({"role": "server", "local_port": "[::]:80"}, "local_port"),
+    ({"role": "client", "local_port": "nas.example:3010", "code": "7-orbit-lantern"},
+     "local_port"),  # a listener binds an address, not a name
     ({"role": "server", "local_port": 22, "rendezvous": "nohost"}, "rendezvous"),
     ({"role": "server", "local_port": 22, "rendezvous": "a b:1"}, "rendezvous"),
     ({"role": "server", "local_port": 22, "rendezvous": "h:99999"}, "rendezvous"),
@@ -113,6 +120,60 @@ async def test_a_client_port_already_in_use_is_refused_up_front(client: Client) 
     assert resp.status == 400
     body = await resp.json()
     assert body["field"] == "local_port" and first["id"] in body["error"]
+
+
+async def test_the_local_side_may_be_another_address_or_host(client: Client) -> None:
+    # A client session on [::1] only: its applications connect there, and 127.0.0.1
+    # has nothing on that port.
+    port = free_port("::1")
+    c = await create_session(client, role="client", local_port=f"[::1]:{port}", mode="seed")
+    assert (c["local_host"], c["local_port"]) == ("::1", port)
+
+    async def listening() -> bool:
+        try:
+            _reader, writer = await asyncio.open_connection("::1", port)
+        except ConnectionRefusedError:
+            return False
+        writer.close()
+        return True
+
+    await wait_until(listening, what=f"the client session to listen on [::1]:{port}")
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", port)
+    resp = await client.post("/api/sessions", json={"role": "client", "mode": "seed",
+                                                    "local_port": "192.0.2.1:3010"})
+    assert resp.status == 400
+    assert await resp.json() == {"field": "local_port", "error": "192.0.2.1 is not an address "
+                                 "of this machine: choose one of its own, or 0.0.0.0"}
+    # A server session's service may be on another machine, named by address or name.
+    s = await create_session(client, role="server", local_port="nas.example:8080",
+                             mode="seed", label="")
+    assert (s["local_host"], s["local_port"], s["label"]) == ("nas.example", 8080, "")
+    page = await (await client.get(f"/sessions/{s['id']}")).text()
+    assert "<dt>Service</dt><dd>nas.example:8080</dd>" in page
+    assert "server session on nas.example:8080" in page  # its title
+    # The history keeps both hosts, in JSON and CSV.
+    for ms in (c, s):
+        assert (await client.delete(f"/api/sessions/{ms['id']}")).status == 200
+    history = (await (await client.get("/api/history")).json())["sessions"]
+    assert {h["id"]: h["local_host"] for h in history} == {c["id"]: "::1", s["id"]: "nas.example"}
+    rows = list(csv.DictReader(io.StringIO(await (await client.get("/history.csv")).text())))
+    assert {r["id"]: (r["local_host"], r["local_port"]) for r in rows} == {
+        c["id"]: ("::1", str(port)), s["id"]: ("nas.example", "8080")}
+
+
+async def test_a_client_on_all_addresses_is_warned_in_its_log(client: Client) -> None:
+    port = free_port("0.0.0.0")
+    c = await create_session(client, role="client", local_port=f"0.0.0.0:{port}", mode="seed")
+    warning = (f"listening on 0.0.0.0:{port}: other machines that can reach this one can use "
+               "the tunnel too")
+
+    async def warned() -> bool:
+        return warning in await (await client.get(f"/sessions/{c['id']}")).text()
+
+    await wait_until(warned, what="the warning in the session's log")
+    page = await (await client.get(f"/sessions/{c['id']}")).text()
+    assert f"<dt>Listens on</dt><dd>0.0.0.0:{port}</dd>" in page
 
 
 async def test_peer_address_is_validated_and_set_once(client: Client) -> None:
