@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 
@@ -14,10 +15,15 @@ from .errors import LocalPortInUse
 def listen_local(host: str, port: int, backlog: int = 8) -> socket.socket:
     """The client's local listener, bound before anything else so a busy port fails fast.
 
-    ``host`` is an IP address (IPv6 without brackets): ``--localport``'s."""
+    ``host`` is an IP address (IPv6 without brackets): ``--localport``'s. ``::`` takes
+    IPv4 connections too, as ``0.0.0.0`` and ``::`` both mean "every address" to users
+    (Windows' default for an IPv6 socket is IPv6 only)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         set_exclusive_address(sock)  # never shared (on Windows SO_REUSEADDR would share)
+        if host == "::":
+            with contextlib.suppress(OSError):  # a host without IPv4: IPv6 alone, then
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
