@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import socket
 import time
 from collections.abc import Callable
@@ -52,7 +51,7 @@ from nopf_web.tunnel.resume_machine import (
     TunnelFailed,
 )
 from nopf_web.tunnel.secure import Pake
-from nopf_web.wire.address import LOCAL_HOST, Endpoint, local_text
+from nopf_web.wire.address import LOCAL_HOST, Endpoint, is_loopback, local_text
 from nopf_web.wire.nat import NatSummary
 
 from .candidates import direct_candidates
@@ -157,13 +156,6 @@ def _make_mux(channel: ResumableChannel, spec: CoordinatedSpec, name: str) -> Mu
                dead_after=spec.budget + 3 * spec.keepalive, name=name)
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host.lower().rstrip(".") == "localhost"
-
-
 def _one_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
@@ -253,7 +245,7 @@ class CoordinatedEngine(EngineBase):
         spec = self.spec
         # A rendezvous on loopback: both peers are on this host, and nothing of ours
         # (a gateway's mapping, global addresses) has a use.
-        remote = not _is_loopback(spec.rendezvous.host)
+        remote = not is_loopback(spec.rendezvous.host)
         async with direct_candidates(
                 ipv6=spec.ipv6 and remote,
                 port_mapping=spec.port_mapping and remote,

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nopf_web.rendezvous.server import DEFAULT_PORT
-from nopf_web.wire.address import Endpoint
+from nopf_web.wire.address import Endpoint, is_loopback
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 EMBEDDED_LISTEN = Endpoint("127.0.0.1", DEFAULT_PORT)
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)

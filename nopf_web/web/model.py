@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import ipaddress
 import json
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from nopf_web.db import SessionRecord, SessionRow
-from nopf_web.wire.address import LOCAL_HOST, Endpoint
+from nopf_web.wire.address import LOCAL_HOST, Endpoint, is_loopback
 
 from .manager import CODE_LIFETIME, ManagedSession
 
@@ -117,13 +116,7 @@ class SessionView(SessionRecord):
     @property
     def rendezvous_local(self) -> bool:
         """The rendezvous is a loopback address: no peer on another machine reaches it."""
-        host = self.rendezvous.rpartition(":")[0].strip("[]")
-        if host.lower() == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback(self.rendezvous.rpartition(":")[0])
 
     @property
     def local_rendezvous_words(self) -> str:

@@ -245,12 +245,13 @@ def local_text(host: str, port: int) -> str:
 
 
 def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address as :func:`parse_local_endpoint` gives it) is
-    reachable from this machine only."""
+    """Whether ``host`` (an address, IPv6 bracketed or not, or a name) is this machine's
+    alone: a loopback address, or ``localhost``."""
+    bare = host.strip("[]")
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(bare).is_loopback
     except ValueError:
-        return host == "localhost"
+        return bare.lower().rstrip(".") == "localhost"
 
 
 def parse_listen_endpoint(text: str, *, field: str) -> Endpoint:
