@@ -57,5 +57,20 @@ class StreamReset(TunnelError):
         self.code = code
 
 
+class NoSuchService(TunnelError):
+    """A stream to a service the sharer does not share (it shares ``count``: indexes
+    0..count-1, in the order of its ``-p``)."""
+
+    def __init__(self, service: int, count: int) -> None:
+        shares = "1 service" if count == 1 else f"{count} services"
+        super().__init__(f"the sharer shares {shares}: there is no service {service + 1}")
+        self.service, self.count = service, count
+
+
+class ServicesUnknown(TunnelError):
+    """The peer did not say how many services it shares in time: a stream to any but
+    the first cannot be opened (an older sharer says so by its first record)."""
+
+
 class StreamClosed(TunnelError):
     """Writing to a stream whose sending half is already closed (FIN sent)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
 from nopf_web.sockets import (
@@ -30,7 +30,7 @@ from nopf_web.sockets import (
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.frames import ResetCode
 
-from .errors import StreamReset, TunnelError
+from .errors import NoSuchService, ServicesUnknown, StreamReset, TunnelError
 from .mux import Mux, Stream
 from .read_pacing import BULK_READ
 from .slab import LOCAL_READ_SIZE, Slab
@@ -48,9 +48,13 @@ def _quiet(_message: str) -> None:
 
 
 async def serve_share(mux: Mux, service: tuple[str, int], *,
+                      more: Sequence[tuple[str, int]] = (),
                       connect_timeout: float = CONNECT_TIMEOUT,
                       on_event: EventSink = _quiet) -> None:
-    """Connect every stream the peer opens to ``service``; run until the tunnel ends."""
+    """Connect every stream the peer opens to ``service``, or to ``more[i - 1]`` for a
+    stream to service ``i`` (the mux refuses one beyond them, given ``services``); run
+    until the tunnel ends."""
+    targets = (service, *more)
 
     async def accept_loop(handlers: asyncio.TaskGroup) -> None:
         while True:
@@ -58,46 +62,71 @@ async def serve_share(mux: Mux, service: tuple[str, int], *,
                 stream = await mux.accept_stream()
             except TunnelError:
                 return  # the tunnel ended: _serve reports how, from wait_closed
-            handlers.create_task(_share_one(stream, service, connect_timeout, on_event),
+            handlers.create_task(_share_one(stream, targets[stream.service], connect_timeout,
+                                            on_event),
                                  name=f"{mux.name}-share-{stream.stream_id}")
 
     await _serve(mux, accept_loop, f"{mux.name}-share-accept")
 
 
 async def serve_connect(mux: Mux, listener: socket.socket | tuple[str, int], *,
+                        more: Sequence[socket.socket] = (),
                         on_event: EventSink = _quiet) -> None:
-    """Turn every connection to ``listener`` into a stream; run until the tunnel ends.
+    """Turn every connection to ``listener`` into a stream to the peer's first service,
+    and every one to ``more[i - 1]`` into one to its service ``i``; run until the
+    tunnel ends.
 
-    ``listener`` is a listening socket (left open: the caller owns it) or a
-    ``(host, port)`` to listen on (closed on return).
+    ``listener`` is a listening socket (left open: the caller owns it, as it owns
+    ``more``) or a ``(host, port)`` to listen on (closed on return). A connection to
+    a service the sharer does not share is closed, and said once per listener.
     """
     owned = not isinstance(listener, socket.socket)
     sock = _listen(listener) if not isinstance(listener, socket.socket) else listener
-    sock.setblocking(False)
+    socks = (sock, *more)
+    for each in socks:
+        each.setblocking(False)
     loop = asyncio.get_running_loop()
 
-    async def accept_loop(handlers: asyncio.TaskGroup) -> None:
+    async def accept_one(handlers: asyncio.TaskGroup, service: int) -> None:
+        lsock, said = socks[service], False
         while True:
-            first, _addr = await loop.sock_accept(sock)
+            first, _addr = await loop.sock_accept(lsock)
             # Then everything else already queued, in this turn of the loop: a
             # burst of connections larger than the kernel's accept queue
             # (net.core.somaxconn caps it) that is drained one per turn while
             # the loop moves data overflows it, and the kernel resets the
             # connections it could not queue (seen at 1,000 at once).
-            for conn in _accepted_now(sock, first):
+            for conn in _accepted_now(lsock, first):
                 try:
-                    stream = await mux.open_stream()
+                    stream = await mux.open_stream(service)
+                except (NoSuchService, ServicesUnknown) as exc:
+                    conn.close()
+                    if not said:
+                        on_event(f"connections to {_named(lsock)} are refused: {exc}")
+                        said = True
+                    continue
                 except TunnelError:
                     conn.close()
                     return  # the tunnel ended: _serve reports how, from wait_closed
                 handlers.create_task(_connect_one(stream, conn, on_event),
                                      name=f"{mux.name}-connect-{stream.stream_id}")
 
+    async def accept_loop(handlers: asyncio.TaskGroup) -> None:
+        for service in range(len(socks)):
+            handlers.create_task(accept_one(handlers, service),
+                                 name=f"{mux.name}-connect-accept-{service}")
+
     try:
         await _serve(mux, accept_loop, f"{mux.name}-connect-accept")
     finally:
         if owned:
             sock.close()
+
+
+def _named(sock: socket.socket) -> Endpoint:
+    """A listener's address, as messages show it."""
+    host, port = sock.getsockname()[:2]
+    return Endpoint(host, port)
 
 
 def _accepted_now(sock: socket.socket, first: socket.socket) -> Iterator[socket.socket]:

@@ -36,7 +36,7 @@ from nopf_web.roles import PeerRole
 from nopf_web.wire import frames as fr
 from nopf_web.wire.frames import ResetCode
 
-from .errors import PeerLost, StreamClosed, TunnelClosed, TunnelError
+from .errors import PeerLost, ServicesUnknown, StreamClosed, TunnelClosed, TunnelError
 from .mux_machine import (
     AUTO_WINDOW_BUDGET,
     AUTO_WINDOW_MAX,
@@ -46,6 +46,7 @@ from .mux_machine import (
     MuxEvent,
     MuxMachine,
     MuxState,
+    PeerServices,
     StreamData,
     StreamDone,
     StreamEof,
@@ -63,6 +64,9 @@ __all__ = ["AUTO_WINDOW_BUDGET", "AUTO_WINDOW_MAX", "CLOSE_FLUSH_TIMEOUT", "DEFA
            "MuxState", "Stream"]
 
 CLOSE_FLUSH_TIMEOUT = 2.0
+# How long a stream to a service but the first waits for the peer to say how many it
+# shares: it does in its first record, so only a peer that never answers meets this.
+SERVICES_WAIT = 10.0
 
 
 class Channel(Protocol):
@@ -92,6 +96,7 @@ class Stream:
         self._machine = mux._machine
         self._state = state
         self.stream_id = state.stream_id
+        self.service = state.service  # which of the sharer's services
         # receiving
         self._in: deque[bytes | memoryview] = deque()
         self._in_size = 0
@@ -326,10 +331,11 @@ class Mux:
     def __init__(self, channel: Channel, *, role: PeerRole, keepalive: float = 15.0,
                  dead_after: float = 45.0, window: int = fr.INITIAL_WINDOW,
                  min_turn: int = DEFAULT_MIN_TURN,
-                 max_streams: int = DEFAULT_MAX_STREAMS, name: str = "mux") -> None:
+                 max_streams: int = DEFAULT_MAX_STREAMS, name: str = "mux",
+                 services: int | None = None) -> None:
         self._machine = MuxMachine(role=role, keepalive=keepalive, dead_after=dead_after,
                                    window=window, min_turn=min_turn, max_streams=max_streams,
-                                   name=name)
+                                   name=name, services=services)
         self._channel = channel
         # Optional (SecureChannel has it): write a list of buffers without joining them.
         self._writelines: Callable[[list[bytes | memoryview]], None] | None = getattr(
@@ -337,6 +343,7 @@ class Mux:
         self._streams: dict[int, Stream] = {}
         self._accepts: deque[Stream] = deque()
         self._accept_ready = asyncio.Event()
+        self._services_known = asyncio.Event()  # the peer's services, or the end
         self._flush_handle: asyncio.Handle | None = None  # a flush is scheduled or running
         self._draining = False  # a flush stopped for the channel to drain
         self._wake = asyncio.Event()  # the writer task: wait for the drain, flush again
@@ -356,6 +363,9 @@ class Mux:
     window = Delegated[int]("_machine")
     min_turn = Delegated[int]("_machine")
     max_streams = Delegated[int]("_machine")
+    services = Delegated[int | None]("_machine")
+    peer_services = Delegated[int | None](
+        "_machine", doc="How many services the peer shares, once it said (None before).")
     bytes_in = Delegated[int](
         "_machine", doc="Stream payload bytes received, all streams together.")
     bytes_out = Delegated[int]("_machine")
@@ -451,14 +461,31 @@ class Mux:
 
     # -- streams --------------------------------------------------------------
 
-    async def open_stream(self) -> Stream:
-        """Open a new stream to the peer (no round trip: data may follow at once)."""
-        stream_id = self._machine.open_stream()
+    async def open_stream(self, service: int = 0) -> Stream:
+        """Open a new stream to the peer's ``service`` (no round trip: data may follow at
+        once). A service but 0 first waits, at most ``SERVICES_WAIT``, for the peer to
+        say how many it shares (it does with its first record); :class:`NoSuchService`
+        if it shares fewer."""
+        if service and self._machine.peer_services is None:
+            await self._peer_services()
+        stream_id = self._machine.open_stream(service)
         state = self._machine.stream(stream_id)
         assert state is not None
         stream = self._streams[stream_id] = Stream(self, state)
         self._kick()
         return stream
+
+    async def _peer_services(self) -> None:
+        try:
+            async with asyncio.timeout(SERVICES_WAIT):
+                while self._machine.peer_services is None:
+                    reason = self._machine.end_reason
+                    if reason is not None:
+                        raise reason
+                    await self._services_known.wait()
+        except TimeoutError:
+            raise ServicesUnknown(f"the peer did not say within {SERVICES_WAIT:g} s how "
+                                  "many services it shares") from None
 
     async def accept_stream(self) -> Stream:
         """The next stream the peer opened; raises once the tunnel has ended."""
@@ -554,6 +581,8 @@ class Mux:
                     streams.pop(event.stream_id)._fail(event.error)
                 elif isinstance(event, TunnelEnded):
                     self._ended(event.error, graceful=event.graceful)
+                elif isinstance(event, PeerServices):
+                    self._services_known.set()
                 continue
             # Data or FIN for the stream's reader. In push mode, everything one
             # record brings for this stream goes out in one write once the
@@ -594,6 +623,7 @@ class Mux:
             stream._fail(error)
         self._accepts.clear()
         self._accept_ready.set()
+        self._services_known.set()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         if self._release_handle is not None:

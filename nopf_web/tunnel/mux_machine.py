@@ -73,6 +73,7 @@ from nopf_web.wire.frames import (
 )
 
 from .errors import (
+    NoSuchService,
     PeerLost,
     StreamClosed,
     StreamReset,
@@ -161,6 +162,15 @@ class StreamDone:
 
 
 @dataclass(slots=True)
+class PeerServices:
+    """How many services the peer shares is known (its ``svc`` announcement, or 1 for a
+    peer whose ``rec`` came without one): :meth:`MuxMachine.open_stream` may now
+    open streams to services 1 and up."""
+
+    count: int
+
+
+@dataclass(slots=True)
 class TunnelEnded:
     """The tunnel ended: every stream still open ended with it (``error``).
     ``graceful``: a clean close (GOAWAY, :class:`TunnelClosed`); close the
@@ -171,7 +181,7 @@ class TunnelEnded:
 
 
 MuxEvent = StreamOpened | StreamData | StreamEof | StreamFailed | StreamWritable | StreamDone \
-    | TunnelEnded
+    | PeerServices | TunnelEnded
 
 
 class StreamState:
@@ -179,10 +189,11 @@ class StreamState:
 
     __slots__ = ("bytes_in", "bytes_out", "credit", "credit_epoch", "failed", "fin_pending",
                  "fin_sent", "out", "out_size", "pending", "queued", "recv_window", "remote_fin",
-                 "stream_id", "unacked", "waiting", "window")
+                 "service", "stream_id", "unacked", "waiting", "window")
 
-    def __init__(self, stream_id: int, window: int) -> None:
+    def __init__(self, stream_id: int, window: int, service: int = 0) -> None:
         self.stream_id = stream_id
+        self.service = service  # which of the sharer's services it reaches
         self.bytes_in = 0
         self.bytes_out = 0
         # receiving
@@ -249,7 +260,8 @@ class MuxMachine:
 
     def __init__(self, *, role: PeerRole, keepalive: float = 15.0, dead_after: float = 45.0,
                  window: int = fr.INITIAL_WINDOW, min_turn: int = DEFAULT_MIN_TURN,
-                 max_streams: int = DEFAULT_MAX_STREAMS, name: str = "mux") -> None:
+                 max_streams: int = DEFAULT_MAX_STREAMS, name: str = "mux",
+                 services: int | None = None) -> None:
         if role not in ("server", "client"):
             raise ValueError(f"role must be 'server' or 'client', not {role!r}")
         if not 0 < keepalive < dead_after:
@@ -258,6 +270,8 @@ class MuxMachine:
             raise ValueError(f"min_turn must be 1..{fr.BASE_MAX_PAYLOAD}")
         if not fr.INITIAL_WINDOW <= window <= fr.MAX_INCREMENT:
             raise ValueError(f"window must be {fr.INITIAL_WINDOW}..{fr.MAX_INCREMENT}")
+        if services is not None and not 1 <= services <= fr.MAX_SERVICES:
+            raise ValueError(f"services must be 1..{fr.MAX_SERVICES}")
         self.role: PeerRole = role
         self.name = name
         self.keepalive = keepalive
@@ -265,6 +279,11 @@ class MuxMachine:
         self.window = window
         self.min_turn = min_turn
         self.max_streams = max_streams
+        # A sharer's services (announced at start; None: not a sharer, nothing to
+        # announce, and a peer's stream is for service 0 only).
+        self.services = services
+        # The peer's, once known (PeerServices); until then only service 0 is opened.
+        self.peer_services: int | None = None
         # Counters: stream payload bytes, all streams together.
         self.bytes_in = 0
         self.bytes_out = 0
@@ -351,6 +370,8 @@ class MuxMachine:
         self._last_rx = now
         self._next_ping = now + self.keepalive
         self._rate_since = now
+        if self.services is not None:  # before rec: see PeerServices
+            self._control.append(fr.encode_ping(fr.announce_services(self.services)))
         self._control.append(fr.encode_ping(fr.announce_records(RECORD_BUDGET)))
 
     def goaway(self, code: int = 0, message: str = "closing") -> None:
@@ -391,18 +412,27 @@ class MuxMachine:
 
     # -- the application's actions ----------------------------------------------
 
-    def open_stream(self) -> int:
-        """A new stream to the peer (OPEN queued; data may follow at once); its id."""
+    def open_stream(self, service: int = 0) -> int:
+        """A new stream to the peer's ``service`` (OPEN queued; data may follow at
+        once); its id. A service but 0 needs the peer's count first
+        (:class:`PeerServices`): an older sharer takes an OPEN that names one for a
+        broken frame."""
         self._check_open()
+        if service:
+            known = self.peer_services
+            if known is None:
+                raise TunnelError(f"{self.name}: the peer's services are not known yet")
+            if service >= known:
+                raise NoSuchService(service, known)
         if len(self._streams) >= self.max_streams:
             raise TunnelError(f"too many open streams ({self.max_streams})")
         stream_id = self._next_id
         if stream_id > fr.MAX_STREAM_ID:
             raise TunnelError("stream ids exhausted: reconnect the tunnel")
         self._next_id += 2
-        stream = self._streams[stream_id] = StreamState(stream_id, self.window)
+        stream = self._streams[stream_id] = StreamState(stream_id, self.window, service)
         self.total_streams += 1
-        self._control.append(fr.encode_open(stream_id))
+        self._control.append(fr.encode_open(stream_id, service))
         self._open_window(stream)
         return stream_id
 
@@ -549,8 +579,8 @@ class MuxMachine:
                 if stream.credit > fr.MAX_INCREMENT:
                     raise TunnelProtocolError(f"stream {sid}: credit above 2^31-1")
                 self._schedule(stream)
-            case fr.OpenFrame(sid):
-                self._on_open(sid, events)
+            case fr.OpenFrame(sid, service):
+                self._on_open(sid, service, events)
             case fr.FinFrame(sid):
                 stream = self._streams.get(sid)
                 if stream is None:
@@ -569,6 +599,11 @@ class MuxMachine:
                 budget = fr.announced_records(opaque)
                 if budget is not None:
                     self._peer_budget = budget
+                    if self.peer_services is None:  # a sharer says svc before rec
+                        self._know_services(1, events)
+                elif (count := fr.announced_services(opaque)) is not None and \
+                        self.peer_services is None:
+                    self._know_services(count, events)
             case fr.PongFrame(opaque):
                 if not fr.is_announcement(opaque):  # the answer to our announcement
                     self.rtt = (int(now * 1e9) - _PING.unpack(opaque)[0]) / 1e9
@@ -576,7 +611,11 @@ class MuxMachine:
                 why = f": {message}" if message and message != "closing" else ""
                 raise TunnelClosed(f"the peer closed the tunnel{why}")
 
-    def _on_open(self, sid: int, events: list[MuxEvent]) -> None:
+    def _know_services(self, count: int, events: list[MuxEvent]) -> None:
+        self.peer_services = count
+        events.append(PeerServices(count))
+
+    def _on_open(self, sid: int, service: int, events: list[MuxEvent]) -> None:
         if (sid % 2 == 1) == self._odd:
             raise TunnelProtocolError(f"the peer opened stream {sid}, which is one of our ids")
         if sid <= self._peer_last_id:
@@ -586,7 +625,11 @@ class MuxMachine:
             self._control.append(fr.encode_reset(sid, ResetCode.TOO_MANY_STREAMS,
                                                  f"more than {self.max_streams} open streams"))
             return
-        stream = self._streams[sid] = StreamState(sid, self.window)
+        if service >= (self.services or 1):
+            self._control.append(fr.encode_reset(sid, ResetCode.REFUSED,
+                                                 str(NoSuchService(service, self.services or 1))))
+            return
+        stream = self._streams[sid] = StreamState(sid, self.window, service)
         self.total_streams += 1
         self._open_window(stream)
         events.append(StreamOpened(sid))

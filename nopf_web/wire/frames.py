@@ -12,7 +12,8 @@ Every frame has a 9-byte header, then its payload::
     9       len   payload     depends on the type
 
     type  name           stream id  payload
-    1     OPEN           != 0       empty: the sender opens this stream
+    1     OPEN           != 0       empty, or 1 byte: u8 service index (see below);
+                                    the sender opens this stream
     2     DATA           != 0       1..MAX_PAYLOAD bytes of stream data
     3     WINDOW_UPDATE  != 0       4 bytes: u32 BE credit increment, 1..2^31-1
     4     FIN            != 0       empty: the sender will send no more data
@@ -35,14 +36,25 @@ an announcement::
 
     offset  size  field
     0       1     0xFF
-    1       3     b"rec": the largest record the sender takes
-    4       4     u32 big-endian: bytes of frames per record (RECORD_BUDGET)
+    1       3     what: b"rec" or b"svc"
+    4       4     u32 big-endian: for b"rec", the largest record the sender
+                  takes, in bytes of frames (RECORD_BUDGET); for b"svc", how
+                  many services a sharer shares (1..MAX_SERVICES)
 
-A peer that announces takes DATA payloads up to MAX_PAYLOAD and records of up
-to that many bytes of frames. Older peers do not announce and take
-BASE_MAX_PAYLOAD in records of BASE_RECORD_BUDGET, which every peer takes;
-they answer an announcement with its PONG, as any PING, which the announcer
-ignores.
+A peer that announces ``rec`` takes DATA payloads up to MAX_PAYLOAD and
+records of up to that many bytes of frames. Older peers do not announce and
+take BASE_MAX_PAYLOAD in records of BASE_RECORD_BUDGET, which every peer
+takes; they answer an announcement with its PONG, as any PING, which the
+announcer ignores; an announcement of something unknown is answered and
+ignored the same way.
+
+Services. A sharer may share several services (``nopf share -p 3000 -p
+3001``); it announces ``svc`` before ``rec``, in its first record. An OPEN
+with an empty payload is for service 0, the only one older peers know; an
+OPEN for service 1..MAX_SERVICES-1 carries its index in one byte. A connector
+sends that byte only to a sharer that announced more than one service (an
+older sharer rejects it as a malformed frame); it knows an older sharer by its
+``rec`` that came with no ``svc`` before it.
 
 Any violation (unknown type, length over the limit or wrong for the type,
 stream id 0 where one is needed or vice versa, bad UTF-8, zero increment)
@@ -78,7 +90,8 @@ MAX_INCREMENT = 0x7FFF_FFFF
 INITIAL_WINDOW = 256 * 1024  # per-stream credit each side starts with, in bytes
 PING_SIZE = 8
 _ANNOUNCE = struct.Struct("!B3sI")  # 0xFF, b"rec", u32 BE bytes of frames per record
-_ANNOUNCE_MARK, _ANNOUNCE_RECORD = 0xFF, b"rec"
+_ANNOUNCE_MARK, _ANNOUNCE_RECORD, _ANNOUNCE_SERVICES = 0xFF, b"rec", b"svc"
+MAX_SERVICES = 16  # services one sharer shares over one tunnel (OPEN's index: 0..15)
 _U32 = struct.Struct("!I")
 
 
@@ -111,6 +124,7 @@ class ResetCode(enum.IntEnum):
 
 class OpenFrame(NamedTuple):
     stream_id: int
+    service: int = 0  # which of the sharer's services (0: the first, or its only one)
 
 
 class DataFrame(NamedTuple):
@@ -156,7 +170,7 @@ _TYPES = {t.value: t for t in FrameType}
 _DATA_KIND = FrameType.DATA.value
 # Allowed payload length per type: (min, max).
 _LENGTHS = {
-    FrameType.OPEN: (0, 0),
+    FrameType.OPEN: (0, 1),
     FrameType.DATA: (1, MAX_PAYLOAD),
     FrameType.WINDOW_UPDATE: (4, 4),
     FrameType.FIN: (0, 0),
@@ -196,8 +210,13 @@ def encode_data(stream_id: int, data: bytes | memoryview) -> bytes:
     return encode_data_header(stream_id, len(data)) + data
 
 
-def encode_open(stream_id: int) -> bytes:
-    return HEADER.pack(FrameType.OPEN, _stream_id(stream_id), 0)
+def encode_open(stream_id: int, service: int = 0) -> bytes:
+    """OPEN for ``service``: empty for service 0, as every peer reads it."""
+    if service == 0:
+        return HEADER.pack(FrameType.OPEN, _stream_id(stream_id), 0)
+    if not 0 < service < MAX_SERVICES:
+        raise FrameError(f"service {service} out of range 0..{MAX_SERVICES - 1}")
+    return HEADER.pack(FrameType.OPEN, _stream_id(stream_id), 1) + bytes((service,))
 
 
 def encode_window_update(stream_id: int, increment: int) -> bytes:
@@ -236,6 +255,24 @@ def announce_records(budget: int) -> bytes:
     return _ANNOUNCE.pack(_ANNOUNCE_MARK, _ANNOUNCE_RECORD, budget)
 
 
+def announce_services(count: int) -> bytes:
+    """The PING payload in which a sharer says how many services it shares."""
+    if not 1 <= count <= MAX_SERVICES:
+        raise ValueError(f"a sharer shares 1..{MAX_SERVICES} services, not {count}")
+    return _ANNOUNCE.pack(_ANNOUNCE_MARK, _ANNOUNCE_SERVICES, count)
+
+
+def announced_services(opaque: bytes) -> int | None:
+    """How many services a PING payload announces (clamped to 1..MAX_SERVICES); None
+    for a clock or an announcement of something else."""
+    if not is_announcement(opaque):
+        return None
+    _mark, what, count = _ANNOUNCE.unpack(opaque)
+    if what != _ANNOUNCE_SERVICES:
+        return None
+    return min(max(int(count), 1), MAX_SERVICES)
+
+
 def is_announcement(opaque: bytes) -> bool:
     """A PING payload that is an announcement, not a clock (its PONG carries no RTT)."""
     return len(opaque) == PING_SIZE and opaque[0] == _ANNOUNCE_MARK
@@ -263,8 +300,8 @@ def encode(frame: Frame) -> bytes:
     match frame:
         case DataFrame(sid, data):
             return encode_data(sid, data)
-        case OpenFrame(sid):
-            return encode_open(sid)
+        case OpenFrame(sid, service):
+            return encode_open(sid, service)
         case WindowUpdateFrame(sid, inc):
             return encode_window_update(sid, inc)
         case FinFrame(sid):
@@ -314,7 +351,12 @@ def _build(ftype: FrameType, stream_id: int, payload: bytes) -> Frame:
             raise FrameError(f"window increment {increment} out of range 1..{MAX_INCREMENT}")
         return WindowUpdateFrame(stream_id, increment)
     if ftype is FrameType.OPEN:
-        return OpenFrame(stream_id)
+        if not payload:
+            return OpenFrame(stream_id)
+        if not 0 < payload[0] < MAX_SERVICES:  # one encoding per service: 0 is empty
+            raise FrameError(f"OPEN for service {payload[0]} (allowed 1..{MAX_SERVICES - 1}; "
+                             "service 0 has an empty OPEN)")
+        return OpenFrame(stream_id, payload[0])
     if ftype is FrameType.FIN:
         return FinFrame(stream_id)
     if ftype is FrameType.RST:

@@ -709,6 +709,63 @@ async def test_unreachable_service_resets_only_that_stream(service_host: str) ->
     listener.close()
 
 
+@pytest.mark.parametrize("shared", [2, None], ids=["two_services", "older_sharer"])
+async def test_each_listener_reaches_its_own_service(shared: int | None) -> None:
+    """A connector with three listeners; a sharer with two services (or an older one,
+    which announces none and has one). Each listener reaches its own service; one
+    beyond the sharer's is refused, said once however many connect."""
+
+    def tagged(tag: bytes) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                       Awaitable[None]]:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(tag + await reader.read())
+            await writer.drain()
+            writer.close()
+        return handle
+
+    servers = [await asyncio.start_server(tagged(t), "127.0.0.1", 0) for t in (b"A:", b"B:")]
+    services = [srv.sockets[0].getsockname()[:2] for srv in servers]
+    listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(3)]
+    events: list[str] = []
+
+    async def ask(listener: socket.socket) -> bytes:
+        r, w = await asyncio.open_connection(*listener.getsockname())
+        try:  # a refused one may be closed before our EOF leaves
+            w.write(b"hello")
+            w.write_eof()
+            return await r.read()
+        except OSError:
+            return b""
+        finally:
+            w.close()
+
+    ca, cb = await channels(*tcp_pair())
+    async with asyncio.timeout(10), \
+            Mux(ca, role="server", name="mux-a", services=shared) as ma, \
+            Mux(cb, role="client", name="mux-b") as mb:
+        share = asyncio.create_task(serve_share(ma, services[0], more=services[1:shared or 1]))
+        connect = asyncio.create_task(serve_connect(mb, listeners[0], more=listeners[1:],
+                                                    on_event=events.append))
+        assert await ask(listeners[0]) == b"A:hello"
+        if shared:
+            assert await ask(listeners[1]) == b"B:hello"
+        refused = listeners[shared or 1:]
+        for listener in refused * 2:
+            assert await ask(listener) == b""
+        count = f"{shared} services" if shared else "1 service"
+        assert events == [f"connections to {Endpoint(*lsock.getsockname())} are refused: the "
+                          f"sharer shares {count}: there is no service {i + 1}"
+                          for i, lsock in enumerate(listeners) if lsock in refused]
+        assert ma.state == mb.state == "open" and mb.peer_services == (shared or 1)
+        await ma.close()
+        await asyncio.gather(share, connect)
+    for listener in listeners:
+        listener.close()
+    for srv in servers:
+        srv.close()
+        await srv.wait_closed()
+
+
 async def test_flow_control_a_stalled_reader_blocks_only_its_stream() -> None:
     async with asyncio.timeout(10), muxes() as (ma, mb):
         stalled, live = await ma.open_stream(), await ma.open_stream()

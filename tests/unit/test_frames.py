@@ -14,6 +14,7 @@ from nopf_web.wire.frames import (
     MAX_INCREMENT,
     MAX_PAYLOAD,
     MAX_REASON,
+    MAX_SERVICES,
     RECORD_BUDGET,
     DataFrame,
     FinFrame,
@@ -28,7 +29,9 @@ from nopf_web.wire.frames import (
     ResetFrame,
     WindowUpdateFrame,
     announce_records,
+    announce_services,
     announced_records,
+    announced_services,
     encode,
     encode_data,
     encode_goaway,
@@ -41,7 +44,7 @@ from nopf_web.wire.frames import (
 sids = st.integers(1, 0xFFFF_FFFF)
 reasons = st.text(max_size=60)  # up to 240 UTF-8 bytes: never truncated
 frames: st.SearchStrategy[Frame] = st.one_of(
-    st.builds(OpenFrame, sids),
+    st.builds(OpenFrame, sids, st.integers(0, MAX_SERVICES - 1)),
     st.builds(DataFrame, sids, st.binary(min_size=1, max_size=300)),
     st.builds(WindowUpdateFrame, sids, st.integers(1, MAX_INCREMENT)),
     st.builds(FinFrame, sids),
@@ -50,6 +53,34 @@ frames: st.SearchStrategy[Frame] = st.one_of(
     st.builds(PongFrame, st.binary(min_size=8, max_size=8)),
     st.builds(GoAwayFrame, st.integers(0, 0xFFFF_FFFF), reasons),
 )
+
+
+def test_an_open_names_its_service_in_one_byte_and_service_0_as_before() -> None:
+    assert encode(OpenFrame(5)) == b"\x01\x00\x00\x00\x05\x00\x00\x00\x00"  # as older peers
+    assert encode(OpenFrame(5, 3)) == b"\x01\x00\x00\x00\x05\x00\x00\x00\x01\x03"
+    assert FrameDecoder().feed(b"\x01\x00\x00\x00\x05\x00\x00\x00\x01\x0f") == [
+        OpenFrame(5, 15)]
+    for bad in (b"\x00", bytes((MAX_SERVICES,)), b"\xff"):
+        with pytest.raises(FrameError, match="OPEN for service"):
+            FrameDecoder().feed(b"\x01\x00\x00\x00\x05\x00\x00\x00\x01" + bad)
+    with pytest.raises(FrameError, match=r"allowed 0\.\.1"):
+        FrameDecoder().feed(b"\x01\x00\x00\x00\x05\x00\x00\x00\x02\x01\x01")
+    with pytest.raises(FrameError, match="out of range"):
+        encode(OpenFrame(5, MAX_SERVICES))
+
+
+def test_a_services_announcement_is_told_from_a_record_one_and_a_clock() -> None:
+    svc = announce_services(3)
+    assert svc == b"\xffsvc\x00\x00\x00\x03"
+    assert is_announcement(svc) and announced_services(svc) == 3
+    assert announced_records(svc) is None
+    assert announced_services(announce_records(RECORD_BUDGET)) is None
+    assert announced_services(b"\x00" * 8) is None  # a clock
+    assert announced_services(b"\xffsvc\x00\x00\x00\x00") == 1  # clamped
+    assert announced_services(b"\xffsvc\xff\xff\xff\xff") == MAX_SERVICES
+    for bad in (0, MAX_SERVICES + 1):
+        with pytest.raises(ValueError):
+            announce_services(bad)
 
 
 def test_layout_is_documented_one() -> None:
@@ -119,7 +150,8 @@ def test_garbage_after_valid_header_fields(kind: int, sid: int, payload: bytes) 
         (b"\x03\x00\x00\x00\x01\x00\x00\x00\x04" + bytes(4), "increment 0"),
         (b"\x03\x00\x00\x00\x01\x00\x00\x00\x04\x80\x00\x00\x00", "increment 2147483648"),
         (b"\x05\x00\x00\x00\x01\x00\x00\x00\x05\x00\x00\x00\x00\xff", "RST reason is not UTF-8"),
-        (b"\x01\x00\x00\x00\x01\x00\x00\x00\x01x", "OPEN frame with a 1-byte"),
+        (b"\x01\x00\x00\x00\x01\x00\x00\x00\x02xy", "OPEN frame with a 2-byte"),
+        (b"\x01\x00\x00\x00\x01\x00\x00\x00\x01x", "OPEN for service 120"),
     ],
 )
 def test_rejects(wire: bytes, match: str) -> None:

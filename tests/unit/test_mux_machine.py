@@ -14,6 +14,7 @@ from hypothesis import given, strategies as st
 
 from nopf_web.roles import PeerRole
 from nopf_web.tunnel.errors import (
+    NoSuchService,
     PeerLost,
     StreamClosed,
     StreamReset,
@@ -31,6 +32,7 @@ from nopf_web.tunnel.mux_machine import (
     STREAM_SEND_BUFFER,
     MuxEvent,
     MuxMachine,
+    PeerServices,
     StreamData,
     StreamDone,
     StreamEof,
@@ -67,6 +69,7 @@ class End:
         self.failed: dict[int, StreamReset] = {}
         self.writable: list[int] = []
         self.ended: list[TunnelEnded] = []
+        self.peer_services: list[int] = []
         # The first record, the record-size announcement: kept out of the tests' frames
         # (pair() delivers it; an End made alone stands for an older peer's partner).
         self.hello = self.wire()
@@ -87,6 +90,8 @@ class End:
                 self.failed[event.stream_id] = event.error
             elif isinstance(event, StreamWritable):
                 self.writable.append(event.stream_id)
+            elif isinstance(event, PeerServices):
+                self.peer_services.append(event.count)
             else:
                 self.ended.append(event)
         if self.consume:  # all that arrived, at once (as the forwarders do)
@@ -716,6 +721,62 @@ def test_stream_ids_by_role_and_their_end() -> None:
         c.m.open_stream()
     with pytest.raises(ValueError, match="role must be"):
         MuxMachine(role="A")  # type: ignore[arg-type]
+
+
+# -- services ---------------------------------------------------------------------------
+
+
+def test_a_sharers_services_are_announced_and_a_stream_names_its_own() -> None:
+    sharer = End("server", services=3)
+    joiner = End("client")
+    assert FrameDecoder().feed(sharer.hello)[:2] == [
+        fr.PingFrame(fr.announce_services(3)), fr.PingFrame(fr.announce_records(RECORD_BUDGET))]
+    with pytest.raises(TunnelError, match="services are not known yet"):
+        joiner.m.open_stream(1)  # an older sharer would take its OPEN for a broken frame
+    first = joiner.m.open_stream()  # service 0 needs no announcement
+    joiner.receive(sharer.hello)
+    assert joiner.peer_services == [3] and joiner.m.peer_services == 3
+    third = joiner.m.open_stream(2)
+    joiner.m.send(third, b"to the third")
+    frames = joiner.frames()
+    assert [f for f in frames if isinstance(f, fr.OpenFrame)] == [
+        fr.OpenFrame(first), fr.OpenFrame(third, 2)]
+    assert frames[-1] == fr.DataFrame(third, b"to the third")
+    sharer.receive(joiner.hello + fr.encode_open(first) + fr.encode_open(third, 2)
+                   + fr.encode_data(third, b"to the third"))
+    assert sharer.opened == [first, third]
+    states = [sharer.m.stream(sid) for sid in (first, third)]
+    assert [state.service for state in states if state is not None] == [0, 2]
+    assert bytes(sharer.received[third]) == b"to the third"
+    assert sharer.peer_services == [1]  # the joiner shares nothing: its rec says 1, unused
+    with pytest.raises(NoSuchService, match=r"^the sharer shares 3 services: there is no "
+                       r"service 4$"):
+        joiner.m.open_stream(3)
+
+
+def test_an_older_sharer_is_known_by_its_record_announcement_alone() -> None:
+    older = End("server")  # no services: announces rec only, as before services
+    joiner = End("client")
+    joiner.receive(older.hello)
+    assert joiner.m.peer_services == 1 and joiner.peer_services == [1]
+    with pytest.raises(NoSuchService, match=r"^the sharer shares 1 service: there is no "
+                       r"service 2$"):
+        joiner.m.open_stream(1)
+    sid = joiner.m.open_stream()
+    assert fr.encode_open(sid) in joiner.wire()  # the empty OPEN older sharers take
+
+
+def test_a_stream_to_a_service_not_shared_is_refused_and_the_tunnel_goes_on() -> None:
+    sharer = End("server", services=2)
+    sharer.receive(fr.encode_open(2, 2) + fr.encode_open(4, 1) + fr.encode_data(4, b"ok"))
+    assert sharer.opened == [4] and bytes(sharer.received[4]) == b"ok"
+    assert sharer.frames()[-1] == fr.ResetFrame(
+        2, ResetCode.REFUSED, "the sharer shares 2 services: there is no service 3")
+    plain = End("client")  # not a sharer: only service 0 reaches it
+    plain.receive(fr.encode_open(1, 1))
+    assert plain.opened == [] and not plain.ended
+    with pytest.raises(ValueError, match="services must be"):
+        MuxMachine(role="server", services=fr.MAX_SERVICES + 1)
 
 
 # -- a peer that breaks the protocol ----------------------------------------------------
