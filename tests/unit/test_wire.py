@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import threading
 
 import pytest
 from hypothesis import given, strategies as st
 
 from nopf_web.wire.address import (
+    MAX_HOSTNAME,
     SEED_IPV4_ONLY,
     Endpoint,
+    is_hostname,
     local_text,
     parse_host_endpoint,
     parse_ipv4_endpoint,
@@ -126,6 +130,39 @@ def test_a_use_without_ipv6_refuses_it_in_one_line_saying_why() -> None:
     # Names and IPv4 pass as before.
     assert parse_host_endpoint("rdv.example.org:3012", no_ipv6=SEED_IPV4_ONLY).port == 3012
     assert parse_host_endpoint("1.2.3.4:3012", no_ipv6=SEED_IPV4_ONLY).host == "1.2.3.4"
+
+
+@pytest.mark.parametrize("name, ok", [
+    ("rdv.example.org", True), ("rdv.example.org.", True), ("a", True), ("x-1.b2", True),
+    ("a" * 63 + ".org", True), ("a" * 64 + ".org", False),  # a label is 1-63 characters
+    (".".join(["a" * 63] * 3) + "." + "a" * 61, True),  # 253 characters
+    (".".join(["a" * 63] * 3) + "." + "a" * 62, False),
+    ("", False), (".", False), ("a..b", False), (".a", False), ("a.", True), ("a..", False),
+    ("-a", False), ("a-", False), ("a-.b", False), ("a_b", False), ("a b", False),
+    ("a\n", False), ("é.org", False),
+])
+def test_host_names_are_rfc_1123_label_by_label(name: str, ok: bool) -> None:
+    assert is_hostname(name) is ok
+
+
+def test_a_long_name_with_a_bad_last_character_is_refused_at_once() -> None:
+    # The old single pattern took 4 s at 26 characters, 4 times more per 2 more: a
+    # hostile (or mistyped) rendezvous name hung the CLI and the dashboard's forms.
+    names = ["a" * 252 + "!", "a-" * 126 + "!", "a" * 40 + "_:3012"]
+    done = threading.Event()
+    results: list[bool] = []
+
+    def check() -> None:
+        results.extend(is_hostname(name) for name in names)
+        with contextlib.suppress(BadAddress):
+            parse_host_endpoint(names[2])
+            results.append(True)
+        done.set()
+
+    threading.Thread(target=check, daemon=True).start()
+    assert done.wait(10), "checking three host names took over 10 s"
+    assert results == [False, False, False]
+    assert len(names[0]) == MAX_HOSTNAME
 
 
 @pytest.mark.parametrize("listen", [False, True])
