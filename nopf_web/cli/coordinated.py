@@ -7,6 +7,7 @@ SIGINT/SIGTERM close the tunnel cleanly and exit 0.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Literal
@@ -18,7 +19,8 @@ from nopf_web.sessions.coordinated import DEFAULT_KEEPALIVE, RESUME_KEEPALIVES, 
 from nopf_web.sessions.engine import Event
 from nopf_web.sessions.factory import make_engine
 from nopf_web.sessions.path_machine import UPGRADE_CAP, UPGRADE_DELAYS
-from nopf_web.wire.address import parse_host_endpoint, parse_local_endpoint
+from nopf_web.wire.address import Endpoint, parse_host_endpoint, parse_local_endpoint
+from nopf_web.wire.frames import MAX_SERVICES
 
 from .common import (
     EXIT_FAILURE,
@@ -49,11 +51,14 @@ def build_parser(command: Literal["share", "connect"]) -> OneLineParser:
     if command == "connect":
         p.add_argument("code", help="the pairing code the sharer printed, e.g. 7-orbit-lantern")
     p.add_argument("-p", "--localport", required=True, metavar="[HOST:]PORT",
+                   action="append",
                    help="the service to share: a port on 127.0.0.1, or HOST:PORT for one "
-                   "on another machine (e.g. 192.168.1.20:80; IPv6 in brackets)"
+                   "on another machine (e.g. 192.168.1.20:80; IPv6 in brackets); again "
+                   f"for more services over the same code (at most {MAX_SERVICES})"
                    if command == "share" else
                    "where your applications connect: a port on 127.0.0.1, or ADDRESS:PORT "
-                   "(e.g. 0.0.0.0:3010 for other machines too; IPv6 in brackets)")
+                   "(e.g. 0.0.0.0:3010 for other machines too; IPv6 in brackets); again "
+                   "for the sharer's 2nd, 3rd... service, in its order")
     p.add_argument("-a", "--serveraddr", default=DEFAULT_SERVERADDR, metavar="HOST:PORT",
                    help=f"rendezvous (default {DEFAULT_SERVERADDR}, or $NOPF_SERVERADDR); "
                    "an IPv6 address in brackets, e.g. [2001:db8::1]:3012")
@@ -84,10 +89,25 @@ def build_parser(command: Literal["share", "connect"]) -> OneLineParser:
     return p
 
 
-def _printer(event: Event) -> None:
+def _local_sides(texts: list[str], *, listen: bool) -> list[Endpoint]:
+    """Each ``-p``, in order (service 1, 2...): at most MAX_SERVICES, none twice."""
+    if len(texts) > MAX_SERVICES:
+        raise InputError("--localport", f"--localport is given {len(texts)} times: one "
+                         f"tunnel carries at most {MAX_SERVICES} services")
+    sides = [parse_local_endpoint(text, listen=listen) for text in texts]
+    for i, side in enumerate(sides):
+        if side in sides[:i]:
+            raise InputError("--localport", f"--localport {side} is given twice")
+    return sides
+
+
+def _printer(event: Event, *, services: int = 1) -> None:
     if event.kind == "code":
         print(event.message, flush=True)  # first stdout line: the code, alone
-        print(f"{PROG}: give the peer this code: nopf connect {event.message} -p PORT",
+        ports = " ".join(["-p PORT"] * services)
+        which = f" (a port for each of the {services} services, in order)" if services > 1 \
+            else ""
+        print(f"{PROG}: give the peer this code: nopf connect {event.message} {ports}{which}",
               file=sys.stderr, flush=True)
     elif event.kind == "state" and event.data.get("state") == "failed":
         pass  # the error line printed on exit says it once
@@ -97,7 +117,8 @@ def _printer(event: Event) -> None:
 
 async def _run(spec: CoordinatedSpec) -> int:
     engine = make_engine(spec)
-    engine.subscribe(_printer)
+    engine.subscribe(functools.partial(
+        _printer, services=len(spec.local_sides) if spec.role == "server" else 1))
     try:
         await engine.run()
     except NopfError as exc:
@@ -109,11 +130,12 @@ def main(command: Literal["share", "connect"], argv: list[str]) -> int:
     args = build_parser(command).parse_args(argv)
     try:
         code = str(parse_code(args.code)) if command == "connect" else None
-        local = parse_local_endpoint(args.localport, listen=command == "connect")
+        first, *more = _local_sides(args.localport, listen=command == "connect")
         spec = CoordinatedSpec(
             role="server" if command == "share" else "client",
-            local_host=local.host,
-            local_port=local.port,
+            local_host=first.host,
+            local_port=first.port,
+            more_local=tuple(more),
             rendezvous=parse_host_endpoint(args.serveraddr, field="--serveraddr"),
             code=code,
             code_lifetime=parse_seconds(args.code_lifetime, "--code-lifetime")

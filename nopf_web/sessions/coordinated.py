@@ -52,6 +52,7 @@ from nopf_web.tunnel.resume_machine import (
 )
 from nopf_web.tunnel.secure import Pake
 from nopf_web.wire.address import LOCAL_HOST, Endpoint, is_loopback, local_text
+from nopf_web.wire.frames import MAX_SERVICES
 from nopf_web.wire.nat import NatSummary
 
 from .candidates import direct_candidates
@@ -94,6 +95,9 @@ class CoordinatedSpec:
     punch_timeout: float = 30.0
     keepalive: float = DEFAULT_KEEPALIVE
     local_host: str = LOCAL_HOST  # the service (server) or the listener (client)
+    # More services (server: its 2nd, 3rd... -p), or the listeners for the sharer's
+    # 2nd, 3rd... services (client); the tunnel carries them all.
+    more_local: tuple[Endpoint, ...] = ()
     net_timeout: float = 5.0
     # How long a lost path may take to be replaced before the tunnel fails (None:
     # RESUME_KEEPALIVES x keepalive).
@@ -120,6 +124,13 @@ class CoordinatedSpec:
             raise ValueError("the resume budget must be positive")
         if self.retry_direct <= 0:
             raise ValueError("the direct path's retry delay must be positive")
+        if len(self.local_sides) > MAX_SERVICES:
+            raise ValueError(f"one tunnel carries at most {MAX_SERVICES} services")
+
+    @property
+    def local_sides(self) -> tuple[Endpoint, ...]:
+        """Every local side, the first one's (``local_host``/``local_port``) first."""
+        return (Endpoint(self.local_host, self.local_port), *self.more_local)
 
     @property
     def budget(self) -> float:
@@ -153,7 +164,8 @@ def _make_mux(channel: ResumableChannel, spec: CoordinatedSpec, name: str) -> Mu
     # The resume layer watches each path and replaces it; the mux's own dead-peer
     # limit only catches a peer whose tunnel stays silent beyond the resume budget.
     return Mux(channel, role=spec.role, keepalive=spec.keepalive,
-               dead_after=spec.budget + 3 * spec.keepalive, name=name)
+               dead_after=spec.budget + 3 * spec.keepalive, name=name,
+               services=len(spec.local_sides) if spec.role == "server" else None)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -259,15 +271,16 @@ class CoordinatedEngine(EngineBase):
 
     async def _tunnel_life(self) -> None:
         spec = self.spec
-        listener: socket.socket | None = None
+        listeners: list[socket.socket] = []
         try:
             if spec.role == "client":
                 # Every local connection is a stream: a burst of them (a browser,
                 # a load test) must not overflow the accept queue and be reset.
-                listener = listen_local(spec.local_host, spec.local_port,
-                                        backlog=socket.SOMAXCONN)
-                if (warning := exposure(spec.local_host, spec.local_port)) is not None:
-                    self._log(warning)
+                for side in spec.local_sides:
+                    listeners.append(listen_local(side.host, side.port,
+                                                  backlog=socket.SOMAXCONN))
+                    if (warning := exposure(side.host, side.port)) is not None:
+                        self._log(warning)
             paired = await self._pair()
             if paired.early:  # the secure channel reads its socket from the tunnel's first byte
                 paired.sock.close()
@@ -290,7 +303,7 @@ class CoordinatedEngine(EngineBase):
             self._mux = _make_mux(channel, spec, f"mux-{spec.local_port}")
             await self._mux.start()
             try:
-                await self._tunnel(paired, channel, self._mux, listener)
+                await self._tunnel(paired, channel, self._mux, listeners)
             except PeerLost as exc:
                 if exc is self._tunnel_failure:  # the resume budget ran out
                     raise PeerLost(f"lost the peer: {exc}") from None
@@ -298,11 +311,11 @@ class CoordinatedEngine(EngineBase):
             finally:
                 await self._mux.close()
         finally:
-            if listener is not None:
+            for listener in listeners:
                 listener.close()
 
     async def _tunnel(self, paired: PairedTunnel, channel: ResumableChannel, mux: Mux,
-                      listener: socket.socket | None) -> None:
+                      listeners: list[socket.socket]) -> None:
         spec = self.spec
         async with task_group() as tg:
             # Serving starts before the peer's key confirmation is checked: our
@@ -311,10 +324,11 @@ class CoordinatedEngine(EngineBase):
             # opens nothing of the peer's before its confirmation checks out.
             if spec.role == "server":
                 serve = serve_share(mux, (spec.local_host, spec.local_port),
+                                    more=spec.more_local,
                                     connect_timeout=spec.net_timeout, on_event=self._log)
             else:
-                assert listener is not None
-                serve = serve_connect(mux, listener, on_event=self._log)
+                serve = serve_connect(mux, listeners[0], more=listeners[1:],
+                                      on_event=self._log)
             serving = tg.create_task(serve, name=f"serve-{spec.local_port}")
             await channel.confirmed()  # PairingMismatch / HandshakeTimeout end it
             self.secured_at = time.monotonic()
@@ -323,7 +337,8 @@ class CoordinatedEngine(EngineBase):
                             f"({paired.over}{why}); " + self._ready_hint())
             self._emit(Event(
                 "pipe_started", "Started tunnel between "
-                f"{local_text(spec.local_host, spec.local_port)} - {paired.peer}",
+                + ", ".join(local_text(*side) for side in spec.local_sides)
+                + f" - {paired.peer}",
                 data={"local_port": spec.local_port, "peer": str(paired.peer),
                       "path": paired.path}))
             keeper = self._keeper = _PathKeeper(self, channel, tg, PathMachine(
@@ -407,7 +422,11 @@ class CoordinatedEngine(EngineBase):
             self._set_state(State.PUNCHING, message)
 
     def _ready_hint(self) -> str:
-        where = Endpoint(self.spec.local_host, self.spec.local_port)
+        sides = self.spec.local_sides
+        if len(sides) == 1:
+            where = str(sides[0])
+        else:  # which listener reaches which of the sharer's services
+            where = ", ".join(f"{side} (service {i})" for i, side in enumerate(sides, 1))
         if self.spec.role == "server":
             return f"the peer's connections arrive at {where}"
         return f"connect your applications to {where}"

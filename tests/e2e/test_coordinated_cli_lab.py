@@ -24,6 +24,7 @@ import pytest
 from nopf_web.pairing_words import WORDS
 from tests.lab import Host, Lab
 from tests.lab.fixtures import LabFactory
+from tests.loopback import tcp_service
 
 from .peers import (
     Peer,
@@ -34,6 +35,7 @@ from .peers import (
     punch_pair,
     start_coordinated,
     start_rendezvous,
+    wait_for,
 )
 
 pytestmark = pytest.mark.lab
@@ -133,25 +135,46 @@ def test_share_connect_200_streams_encrypted_on_the_wire(lab_factory: LabFactory
         assert MARKER not in raw  # ...and never the plaintext
 
 
-def test_a_lan_service_shared_with_the_other_sides_lan(lab_factory: LabFactory) -> None:
-    # The sharer a1 carries the streams to a2's service (a NAS on its LAN, say); the
-    # connector b1 listens on all its addresses, so its LAN neighbour b2 uses the
-    # tunnel as well as b1 itself.
+def test_two_services_one_on_the_lan_reached_from_the_other_sides_lan(
+        lab_factory: LabFactory) -> None:
+    # The sharer a1 shares a2's echo service (a NAS on its LAN, say) and one of its own
+    # over one code. The connector b1 listens on all its addresses for the first, so
+    # its LAN neighbour b2 uses the tunnel as well as b1 itself, and on loopback for
+    # the second; its third port has no service behind it.
     lab = lab_factory("rst", "drop")
     start_rendezvous(lab)
-    with echo_service_on(lab.a2, 3000, lan=True):
-        s = start(lab.a1, "share", "-p", f"{lab.a2.ip}:3000")
+
+    def tag(conn: socket.socket) -> None:
+        conn.sendall(b"a1 says: " + conn.recv(64))
+
+    with echo_service_on(lab.a2, 3000, lan=True), contextlib.ExitStack() as own:
+        with lab.a1.enter():
+            own.enter_context(tcp_service(tag, 3001))
+        s = start(lab.a1, "share", "-p", f"{lab.a2.ip}:3000", "-p", "3001")
         code = s.line(10)
         assert code, s.stderr()
-        c = start(lab.b1, "connect", code, "-p", "0.0.0.0:3010")
+        c = start(lab.b1, "connect", code, "-p", "0.0.0.0:3010", "-p", "3011", "-p", "3012")
         try:
             wait_connected(c)
             assert ("nopf: listening on 0.0.0.0:3010: other machines that can reach this "
                     "one can use the tunnel too") in c.stderr()
-            assert "connect your applications to 0.0.0.0:3010" in c.stderr()
+            assert ("connect your applications to 0.0.0.0:3010 (service 1), "
+                    "127.0.0.1:3011 (service 2), 127.0.0.1:3012 (service 3)") in c.stderr()
             echo_once(lab.b2, 3010, to=lab.b1.ip)
             echo_once(lab.b1, 3010)
-            assert f"the peer's connections arrive at {lab.a2.ip}:3000" in s.stderr()
+            with connect(lab.b1, 3011) as sock:
+                sock.sendall(b"hello")
+                assert sock.recv(64) == b"a1 says: hello"
+            with connect(lab.b1, 3012) as sock:  # closed: the sharer has no third service
+                sock.sendall(b"hello")
+                with contextlib.suppress(ConnectionResetError):
+                    assert sock.recv(64) == b""
+            wait_for(c, "connections to 127.0.0.1:3012 are refused: the sharer shares 2 "
+                     "services: there is no service 3")
+            assert (f"nopf connect {code} -p PORT -p PORT (a port for each of the 2 services, "
+                    "in order)") in s.stderr()
+            assert (f"the peer's connections arrive at {lab.a2.ip}:3000 (service 1), "
+                    "127.0.0.1:3001 (service 2)") in s.stderr()
             assert "listening on" not in s.stderr()
         finally:
             c.proc.send_signal(signal.SIGINT)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from nopf_web.roles import PeerRole
 from nopf_web.tunnel.mux_machine import (
     MuxMachine,
+    PeerServices,
     StreamData,
     StreamDone,
     StreamEof,
@@ -128,7 +129,8 @@ class Side:
             elif isinstance(event, StreamFailed | TunnelEnded):
                 self.failed.append(event)
             else:
-                assert isinstance(event, StreamDone | StreamWritable)
+                # PeerServices: a rec announcement tells how many services (1 here).
+                assert isinstance(event, StreamDone | StreamWritable | PeerServices)
 
     # -- the resume layer's events ---------------------------------------------------
 
