@@ -175,39 +175,39 @@ def test_a_bare_localport_is_on_loopback_as_the_seeds_was(listen: bool) -> None:
         assert refused.value.field == "--localport"
 
 
-def test_a_sharer_names_its_service_by_address_or_name() -> None:
-    def share(text: str) -> Endpoint:
-        return parse_local_endpoint(text, listen=False)
+# A sharer names its service by address or name; a connector listens on an address of
+# its own (a name is refused there: what is bound is an address).
+@pytest.mark.parametrize("listen, text, expected", [
+    (False, "192.168.1.20:80", Endpoint("192.168.1.20", 80)),
+    (False, "nas.local:8080", Endpoint("nas.local", 8080)),
+    (False, "[2001:DB8::20]:80", Endpoint("2001:db8::20", 80)),
+    (True, "0.0.0.0:3010", Endpoint("0.0.0.0", 3010)),
+    (True, "192.168.1.5:3010", Endpoint("192.168.1.5", 3010)),
+    (True, "[::]:3010", Endpoint("::", 3010)),
+    (True, "[::1]:3010", Endpoint("::1", 3010)),
+])
+def test_a_local_side_is_host_and_port(listen: bool, text: str, expected: Endpoint) -> None:
+    assert parse_local_endpoint(text, listen=listen) == expected
 
-    assert share("192.168.1.20:80") == Endpoint("192.168.1.20", 80)
-    assert share("nas.local:8080") == Endpoint("nas.local", 8080)
-    assert share("[2001:DB8::20]:80") == Endpoint("2001:db8::20", 80)
-    for bad, why in (("2001:db8::20:80", "ambiguous: put an IPv6 address in brackets"),
-                     ("bad_host!:80", "is not an IPv4 address or host name"),
-                     ("[::]:80", "cannot be a service address"),
-                     ("[ff02::1]:80", "cannot be a service address"),
-                     ("1.2.3.4:0", "out of range")):
-        with pytest.raises(BadAddress, match=why):
-            share(bad)
 
-
-def test_a_connector_listens_on_an_address_of_its_own() -> None:
-    def listen(text: str) -> Endpoint:
-        return parse_local_endpoint(text, listen=True)
-
-    assert listen("0.0.0.0:3010") == Endpoint("0.0.0.0", 3010)
-    assert listen("192.168.1.5:3010") == Endpoint("192.168.1.5", 3010)
-    assert listen("[::]:3010") == Endpoint("::", 3010)
-    assert listen("[::1]:3010") == Endpoint("::1", 3010)
-    # A name is refused: what is bound is an address. So are IPv6 without brackets,
-    # IPv4 in them, zone ids and multicast.
-    for bad, why in (("localhost:3010", "'localhost' is not an IP address to listen on"),
-                     ("::1:3010", "IPv6 in brackets"), ("[1.2.3.4]:3010", "not an IP address"),
-                     ("[fe80::1%eth0]:3010", "not an IP address"),
-                     ("239.1.2.3:3010", "multicast"), ("0.0.0.0:0", "out of range")):
-        with pytest.raises(BadAddress, match=why) as refused:
-            listen(bad)
-        assert "\n" not in str(refused.value)
+@pytest.mark.parametrize("listen, text, why", [
+    (False, "2001:db8::20:80", "ambiguous: put an IPv6 address in brackets"),
+    (False, "bad_host!:80", "is not an IPv4 address or host name"),
+    (False, "[::]:80", "cannot be a service address"),
+    (False, "[ff02::1]:80", "cannot be a service address"),
+    (False, "1.2.3.4:0", "out of range"),
+    (True, "localhost:3010", "'localhost' is not an IP address to listen on"),
+    (True, "::1:3010", "IPv6 in brackets"),
+    (True, "[1.2.3.4]:3010", "not an IP address"),
+    (True, "[fe80::1%eth0]:3010", "not an IP address"),
+    (True, "239.1.2.3:3010", "multicast"),
+    (True, "0.0.0.0:0", "out of range"),
+])
+def test_a_bad_local_side_is_one_line_naming_the_flag(listen: bool, text: str,
+                                                      why: str) -> None:
+    with pytest.raises(BadAddress, match=why) as refused:
+        parse_local_endpoint(text, listen=listen)
+    assert refused.value.field == "--localport" and "\n" not in str(refused.value)
 
 
 def test_messages_keep_the_seeds_localhost_wording_for_the_default_host() -> None:
