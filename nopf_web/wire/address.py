@@ -87,7 +87,7 @@ def _usable_endpoint(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: st
     """``ip`` and ``port`` (from ``shown``), unless ``ip`` is unspecified or multicast: an
     address that cannot be ``what``, a peer's or a rendezvous'."""
     if ip.is_unspecified or ip.is_multicast:
-        raise BadAddress(f"{ip} cannot be {what}", field)
+        raise BadAddress(f"{field} {shown}: {ip} cannot be {what}", field)
     return Endpoint(str(ip), parse_port(port, what=f"port in {shown}", field=field))
 
 
