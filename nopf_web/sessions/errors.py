@@ -17,7 +17,12 @@ from nopf_web.punch.machine import Failure
 
 
 class LocalPortInUse(NopfError):
-    """The client's local port cannot be listened on."""
+    """The client's local port cannot be listened on; ``error`` is the bind's (its
+    ``errno`` says why: in use, not this machine's address...)."""
+
+    def __init__(self, message: str, *, error: OSError) -> None:
+        super().__init__(message)
+        self.error = error
 
 
 class ServiceUnavailable(NopfError):

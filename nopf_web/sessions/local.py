@@ -31,11 +31,12 @@ def listen_local(host: str, port: int, backlog: int = 8) -> socket.socket:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise LocalPortInUse(
-                f"local port {port} is already in use on {host}: choose another --localport"
-            ) from None
+                f"local port {port} is already in use on {host}: choose another --localport",
+                error=exc) from None
         why = ("not an address of this machine" if exc.errno == errno.EADDRNOTAVAIL
                else exc.strerror)
-        raise LocalPortInUse(f"cannot listen on {Endpoint(host, port)}: {why}") from None
+        raise LocalPortInUse(f"cannot listen on {Endpoint(host, port)}: {why}",
+                             error=exc) from None
     return sock
 
 

@@ -25,7 +25,6 @@ import json
 import logging
 import re
 import secrets
-import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -40,9 +39,10 @@ from nopf_web.punch.machine import PunchConfig
 from nopf_web.roles import PeerRole
 from nopf_web.sessions.coordinated import CoordinatedSpec
 from nopf_web.sessions.engine import Engine, Event, Mode, Snapshot, State
+from nopf_web.sessions.errors import LocalPortInUse
 from nopf_web.sessions.factory import EngineSpec, make_engine
+from nopf_web.sessions.local import listen_local
 from nopf_web.sessions.seed import SeedSpec
-from nopf_web.sockets import set_exclusive_address
 from nopf_web.wire.address import LOCAL_HOST, Endpoint
 from nopf_web.wire.nat import NatSummary
 
@@ -262,19 +262,17 @@ class SessionManager:
                 raise CreateError("local_port", f"local port {port} is already used by client "
                                   f"session {other.id}: choose another one")
         # Catch the common mistake now rather than as a failed session a moment later.
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family) as probe:
-            set_exclusive_address(probe)  # as listen_local binds it (Windows: exclusive)
-            try:
-                probe.bind((host, port))
-            except OSError as exc:
-                if exc.errno == errno.EADDRNOTAVAIL:
-                    raise CreateError("local_port", f"{host} is not an address of this "
-                                      "machine: choose one of its own, or 0.0.0.0") from None
-                why = "is already in use" if exc.errno == errno.EADDRINUSE else \
-                    f"cannot be used ({exc.strerror})"
-                raise CreateError("local_port", f"local port {port} {why} on this machine: "
-                                  "choose another one") from None
+        # The session's own bind (listen_local), tried and closed: the same socket options.
+        try:
+            listen_local(host, port).close()
+        except LocalPortInUse as exc:
+            if exc.error.errno == errno.EADDRNOTAVAIL:
+                raise CreateError("local_port", f"{host} is not an address of this "
+                                  "machine: choose one of its own, or 0.0.0.0") from None
+            why = "is already in use" if exc.error.errno == errno.EADDRINUSE else \
+                f"cannot be used ({exc.error.strerror})"
+            raise CreateError("local_port", f"local port {port} {why} on this machine: "
+                              "choose another one") from None
 
     def set_peer(self, ms: ManagedSession, peer: Endpoint) -> None:
         """Give the peer's address; raises :class:`NopfError` when the engine takes none

@@ -134,11 +134,15 @@ class SessionView(SessionRecord):
         return str(Endpoint(self.local_host, self.local_port))
 
     @property
+    def local_is_default(self) -> bool:
+        """The local side is on 127.0.0.1, as a bare port puts it."""
+        return self.local_host == LOCAL_HOST
+
+    @property
     def local_words(self) -> str:
         """``port 3000`` on the default host, else ``192.168.1.20:80``: how a list names
         the local side."""
-        return f"port {self.local_port}" if self.local_host == LOCAL_HOST else \
-            self.local_address
+        return f"port {self.local_port}" if self.local_is_default else self.local_address
 
     @property
     def title(self) -> str:
