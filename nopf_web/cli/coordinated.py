@@ -19,7 +19,7 @@ from nopf_web.sessions.coordinated import DEFAULT_KEEPALIVE, RESUME_KEEPALIVES, 
 from nopf_web.sessions.engine import Event
 from nopf_web.sessions.factory import make_engine
 from nopf_web.sessions.path_machine import UPGRADE_CAP, UPGRADE_DELAYS
-from nopf_web.wire.address import Endpoint, parse_host_endpoint, parse_local_endpoint
+from nopf_web.wire.address import parse_host_endpoint, parse_local_sides
 from nopf_web.wire.frames import MAX_SERVICES
 
 from .common import (
@@ -89,18 +89,6 @@ def build_parser(command: Literal["share", "connect"]) -> OneLineParser:
     return p
 
 
-def _local_sides(texts: list[str], *, listen: bool) -> list[Endpoint]:
-    """Each ``-p``, in order (service 1, 2...): at most MAX_SERVICES, none twice."""
-    if len(texts) > MAX_SERVICES:
-        raise InputError("--localport", f"--localport is given {len(texts)} times: one "
-                         f"tunnel carries at most {MAX_SERVICES} services")
-    sides = [parse_local_endpoint(text, listen=listen) for text in texts]
-    for i, side in enumerate(sides):
-        if side in sides[:i]:
-            raise InputError("--localport", f"--localport {side} is given twice")
-    return sides
-
-
 def _printer(event: Event, *, services: int = 1) -> None:
     if event.kind == "code":
         print(event.message, flush=True)  # first stdout line: the code, alone
@@ -130,7 +118,8 @@ def main(command: Literal["share", "connect"], argv: list[str]) -> int:
     args = build_parser(command).parse_args(argv)
     try:
         code = str(parse_code(args.code)) if command == "connect" else None
-        first, *more = _local_sides(args.localport, listen=command == "connect")
+        first, *more = parse_local_sides(args.localport, listen=command == "connect",
+                                         most=MAX_SERVICES)
         spec = CoordinatedSpec(
             role="server" if command == "share" else "client",
             local_host=first.host,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from nopf_web.inputs import MAX_TEXT, is_ascii_digits, is_one_line, quote
@@ -247,6 +248,22 @@ def parse_local_endpoint(text: str, *, field: str = "--localport",
                          "as in '[2001:db8::1]:3000'", field)
     return Endpoint(parse_host(host, field=field, shown=shown),
                     parse_port(port, what=f"port in {shown}", field=field))
+
+
+def parse_local_sides(texts: Sequence[str], *, field: str = "--localport", listen: bool,
+                      most: int) -> tuple[Endpoint, ...]:
+    """Several local sides, in order (a tunnel's service 1, 2...): each as
+    :func:`parse_local_endpoint` takes it, at most ``most``, none twice."""
+    if not texts:
+        raise BadAddress(f"{field} is empty (expected a port or HOST:PORT)", field)
+    if len(texts) > most:
+        raise BadAddress(f"{field} names {len(texts)} services: one tunnel carries at "
+                         f"most {most}", field)
+    sides = tuple(parse_local_endpoint(text, field=field, listen=listen) for text in texts)
+    for i, side in enumerate(sides):
+        if side in sides[:i]:
+            raise BadAddress(f"{field} {side} is given twice", field)
+    return sides
 
 
 def local_text(host: str, port: int) -> str:

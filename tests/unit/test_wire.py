@@ -18,6 +18,7 @@ from nopf_web.wire.address import (
     parse_host_endpoint,
     parse_ipv4_endpoint,
     parse_local_endpoint,
+    parse_local_sides,
     parse_port,
 )
 from nopf_web.wire.discovery import REPLY_SIZE, DiscoveryReader, decode_reply, encode_reply
@@ -210,6 +211,21 @@ def test_a_bad_local_side_is_one_line_naming_the_flag(listen: bool, text: str,
     with pytest.raises(BadAddress, match=why) as refused:
         parse_local_endpoint(text, listen=listen)
     assert refused.value.field == "--localport" and "\n" not in str(refused.value)
+
+
+def test_several_local_sides_keep_their_order_and_are_each_checked() -> None:
+    assert parse_local_sides(["22", "nas:80", "[::1]:8080"], listen=False, most=3) == (
+        Endpoint("127.0.0.1", 22), Endpoint("nas", 80), Endpoint("::1", 8080))
+    for texts, listen, why in [
+            ([], False, "--localport is empty"),
+            (["22", "23", "24"], False, "--localport names 3 services: one tunnel carries at "
+             "most 2"),
+            (["22", " 127.0.0.1:22"], False, "--localport 127.0.0.1:22 is given twice"),
+            (["[::1]:22", "[0:0::1]:22"], True, r"--localport \[::1\]:22 is given twice"),
+            (["22", "nas:80"], True, "'nas' is not an IP address to listen on")]:
+        with pytest.raises(BadAddress, match=why) as refused:
+            parse_local_sides(texts, listen=listen, most=2)
+        assert refused.value.field == "--localport"
 
 
 def test_messages_keep_the_seeds_localhost_wording_for_the_default_host() -> None:
