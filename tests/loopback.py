@@ -1,6 +1,6 @@
 """Loopback sockets for the tests and benchmarks: a connected TCP pair, whether this host
 has IPv6 loopback, everything a server sends until it closes, a service's accept loop, an echo
-service, a fake rendezvous."""
+service, a service that tags its answers (and a client of it), a fake rendezvous."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from nopf_web.wire.discovery import encode_reply
 
@@ -148,3 +148,27 @@ def fake_rendezvous(behaviour: str) -> Iterator[int]:
         for c in held:
             c.close()
         lsock.close()
+
+
+def tagged_service(tag: bytes) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                           Awaitable[None]]:
+    """An ``asyncio.start_server`` handler that answers what it read, after ``tag``, then
+    closes: which of several services a connection reached."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(tag + await reader.read())
+        await writer.drain()
+        writer.close()
+    return handle
+
+
+async def ask_service(addr: tuple[str, int]) -> bytes:
+    """``hello`` to ``addr``, then all that comes back (b"": refused or reset)."""
+    r, w = await asyncio.open_connection(*addr)
+    try:  # a refused one may be closed before our EOF leaves
+        w.write(b"hello")
+        w.write_eof()
+        return await r.read()
+    except OSError:
+        return b""
+    finally:
+        w.close()

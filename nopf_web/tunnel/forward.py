@@ -111,10 +111,22 @@ async def serve_connect(mux: Mux, listener: socket.socket | tuple[str, int], *,
                 handlers.create_task(_connect_one(stream, conn, on_event),
                                      name=f"{mux.name}-connect-{stream.stream_id}")
 
+    async def unreached() -> None:
+        # A sharer with more services than we listen for: say so (once), or the
+        # user never learns of the ones this side cannot reach.
+        try:
+            count = await mux.peer_service_count()
+        except TunnelError:  # the tunnel ended, or an older sharer that says nothing
+            return
+        if count > len(socks):
+            on_event(f"the sharer shares {count} services and this side listens for the "
+                     f"first {len(socks)}: one local port per service reaches them all")
+
     async def accept_loop(handlers: asyncio.TaskGroup) -> None:
         for service in range(len(socks)):
             handlers.create_task(accept_one(handlers, service),
                                  name=f"{mux.name}-connect-accept-{service}")
+        handlers.create_task(unreached(), name=f"{mux.name}-connect-services")
 
     try:
         await _serve(mux, accept_loop, f"{mux.name}-connect-accept")

@@ -466,14 +466,23 @@ class Mux:
         once). A service but 0 first waits, at most ``SERVICES_WAIT``, for the peer to
         say how many it shares (it does with its first record); :class:`NoSuchService`
         if it shares fewer."""
-        if service and self._machine.peer_services is None:
-            await self._peer_services()
+        if service:
+            await self.peer_service_count()
         stream_id = self._machine.open_stream(service)
         state = self._machine.stream(stream_id)
         assert state is not None
         stream = self._streams[stream_id] = Stream(self, state)
         self._kick()
         return stream
+
+    async def peer_service_count(self) -> int:
+        """How many services the peer shares, once it said: at most ``SERVICES_WAIT``
+        (:class:`ServicesUnknown`), or the tunnel's end (its error)."""
+        if self._machine.peer_services is None:
+            await self._peer_services()
+        count = self._machine.peer_services
+        assert count is not None
+        return count
 
     async def _peer_services(self) -> None:
         try:

@@ -44,7 +44,7 @@ from nopf_web.tunnel.secure import (
 )
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.frames import ResetCode
-from tests.loopback import tcp_pair
+from tests.loopback import ask_service, tagged_service, tcp_pair
 
 from .mux_streams import CODE, channels, forwarded, hash_client, hash_service, muxes
 
@@ -714,30 +714,11 @@ async def test_each_listener_reaches_its_own_service(shared: int | None) -> None
     """A connector with three listeners; a sharer with two services (or an older one,
     which announces none and has one). Each listener reaches its own service; one
     beyond the sharer's is refused, said once however many connect."""
-
-    def tagged(tag: bytes) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter],
-                                       Awaitable[None]]:
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            writer.write(tag + await reader.read())
-            await writer.drain()
-            writer.close()
-        return handle
-
-    servers = [await asyncio.start_server(tagged(t), "127.0.0.1", 0) for t in (b"A:", b"B:")]
+    servers = [await asyncio.start_server(tagged_service(t), "127.0.0.1", 0)
+               for t in (b"A:", b"B:")]
     services = [srv.sockets[0].getsockname()[:2] for srv in servers]
     listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(3)]
     events: list[str] = []
-
-    async def ask(listener: socket.socket) -> bytes:
-        r, w = await asyncio.open_connection(*listener.getsockname())
-        try:  # a refused one may be closed before our EOF leaves
-            w.write(b"hello")
-            w.write_eof()
-            return await r.read()
-        except OSError:
-            return b""
-        finally:
-            w.close()
 
     ca, cb = await channels(*tcp_pair())
     async with asyncio.timeout(10), \
@@ -746,17 +727,48 @@ async def test_each_listener_reaches_its_own_service(shared: int | None) -> None
         share = asyncio.create_task(serve_share(ma, services[0], more=services[1:shared or 1]))
         connect = asyncio.create_task(serve_connect(mb, listeners[0], more=listeners[1:],
                                                     on_event=events.append))
-        assert await ask(listeners[0]) == b"A:hello"
+        assert await ask_service(listeners[0].getsockname()) == b"A:hello"
         if shared:
-            assert await ask(listeners[1]) == b"B:hello"
+            assert await ask_service(listeners[1].getsockname()) == b"B:hello"
         refused = listeners[shared or 1:]
         for listener in refused * 2:
-            assert await ask(listener) == b""
+            assert await ask_service(listener.getsockname()) == b""
         count = f"{shared} services" if shared else "1 service"
         assert events == [f"connections to {Endpoint(*lsock.getsockname())} are refused: the "
                           f"sharer shares {count}: there is no service {i + 1}"
                           for i, lsock in enumerate(listeners) if lsock in refused]
         assert ma.state == mb.state == "open" and mb.peer_services == (shared or 1)
+        await ma.close()
+        await asyncio.gather(share, connect)
+    for listener in listeners:
+        listener.close()
+    for srv in servers:
+        srv.close()
+        await srv.wait_closed()
+
+
+@pytest.mark.parametrize("listening", [1, 2, 3])
+async def test_a_connector_listening_for_fewer_services_is_told_once(listening: int) -> None:
+    """A sharer with three services: a connector that listens for fewer reaches the
+    first ones and is told, once, how many it does not; one for all is told nothing."""
+    tags = (b"A:", b"B:", b"C:")
+    servers = [await asyncio.start_server(tagged_service(t), "127.0.0.1", 0) for t in tags]
+    services = [srv.sockets[0].getsockname()[:2] for srv in servers]
+    listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(listening)]
+    events: list[str] = []
+    ca, cb = await channels(*tcp_pair())
+    async with asyncio.timeout(10), \
+            Mux(ca, role="server", name="mux-a", services=3) as ma, \
+            Mux(cb, role="client", name="mux-b") as mb:
+        share = asyncio.create_task(serve_share(ma, services[0], more=services[1:]))
+        connect = asyncio.create_task(serve_connect(mb, listeners[0], more=listeners[1:],
+                                                    on_event=events.append))
+        for i, listener in enumerate(listeners):
+            assert await ask_service(listener.getsockname()) == tags[i] + b"hello"
+        told = [] if listening == 3 else [
+            f"the sharer shares 3 services and this side listens for the first {listening}: "
+            "one local port per service reaches them all"]
+        assert events == told
         await ma.close()
         await asyncio.gather(share, connect)
     for listener in listeners:
