@@ -57,7 +57,7 @@ _UPDATABLE: Final = frozenset({
 _SESSION_COLUMNS: Final = (  # the fields of SessionRecord, in order, then updated_at
     "id, role, local_port, rendezvous, label, state, outcome, public_address, peer_address, "
     "bytes_in, bytes_out, connections, error, hint, started_at, ended_at, mode, code, path, "
-    "predicted_path, prediction, nat_pair, setup_ms, timeline, local_host, updated_at"
+    "predicted_path, prediction, nat_pair, setup_ms, timeline, local_host, more_local, updated_at"
 )
 
 
@@ -96,6 +96,8 @@ class SessionRecord:
     setup_ms: float | None = None  # pairing start -> path opened
     timeline: str | None = None  # JSON list of the pairing's marks
     local_host: str = LOCAL_HOST  # the service's (server) or the listener's (client) host
+    # coordinated: the 2nd, 3rd... local side, HOST:PORT texts separated by spaces
+    more_local: str = ""
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,7 @@ class NewSession:
     started_at: float
     mode: Mode = "seed"
     local_host: str = LOCAL_HOST
+    more_local: tuple[str, ...] = ()  # HOST:PORT texts, the 2nd, 3rd... local side
 
 
 def _session(row: Sequence[Any]) -> SessionRow:
@@ -299,10 +302,11 @@ class HistoryStore:
     def add_session(self, new: NewSession) -> None:
         self._queue(
             "INSERT INTO sessions (id, role, local_port, rendezvous, label, share_hash, state, "
-            "started_at, updated_at, mode, local_host) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "started_at, updated_at, mode, local_host, more_local) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (new.id, new.role, new.local_port, new.rendezvous, new.label,
              share_hash(new.share_token), new.state, new.started_at, new.started_at, new.mode,
-             new.local_host),
+             new.local_host, " ".join(new.more_local)),
         )
 
     def update_session(self, session_id: str, **fields: Any) -> None:

@@ -233,7 +233,7 @@ class CoordinatedEngine(EngineBase):
                        path_changes=self.path_changes, prediction=self.prediction,
                        nat_pair=self.nat_pair,
                        timeline=tuple(self.timeline.to_json()) if self.timeline else (),
-                       setup_ms=self._setup_ms())
+                       setup_ms=self._setup_ms(), more_local=self.spec.more_local)
 
     def set_peer(self, peer: Endpoint) -> None:
         raise NopfError("a coordinated session pairs by its code: it takes no peer address")

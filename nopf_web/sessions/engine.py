@@ -108,6 +108,8 @@ class Snapshot:
     timeline: tuple[dict[str, Any], ...] = ()
     setup_ms: float | None = None  # coordinated: pairing start -> the path opened
     local_host: str = LOCAL_HOST  # the service's (server) or the listener's (client) host
+    # coordinated: the 2nd, 3rd... service (server), or the listener for each (client)
+    more_local: tuple[Endpoint, ...] = ()
 
 
 class Engine(Protocol):

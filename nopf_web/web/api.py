@@ -67,7 +67,8 @@ async def create_session(request: web.Request) -> web.Response:
             raise FieldError("port_mapping", "must be true or false")
         ms = request.app[MANAGER].create(new.role, new.local_port, new.rendezvous, new.label,
                                          mode=new.mode, code=new.code, port_mapping=mapping,
-                                         local_host=new.local_host)
+                                         local_host=new.local_host,
+                                         more_local=new.more_local)
     except FieldError as exc:
         return _field_error(exc)
     except CreateError as exc:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Final, TypeVar
 
 from nopf_web.db import Mode
-from nopf_web.inputs import InputError, json_int
+from nopf_web.inputs import InputError, json_int, quote
 from nopf_web.pairing import PairingCode, parse_code
 from nopf_web.roles import PeerRole
 from nopf_web.wire.address import (
@@ -21,8 +21,9 @@ from nopf_web.wire.address import (
     Endpoint,
     parse_host_endpoint,
     parse_ipv4_endpoint,
-    parse_local_endpoint,
+    parse_local_sides,
 )
+from nopf_web.wire.frames import MAX_SERVICES
 
 MAX_LABEL: Final = 80
 MAX_TEXT: Final = 300  # any single text field; longer is not an address or a label
@@ -91,16 +92,39 @@ def check_pairing(role: PeerRole, mode: Mode, code: PairingCode | None) -> None:
                          "session gets its own from the rendezvous)")
 
 
-def parse_local(value: object, role: PeerRole) -> Endpoint:
+def parse_local(value: object, role: PeerRole) -> tuple[Endpoint, ...]:
     """The local side, as ``--localport`` takes it: a port (an int from JSON, or a form
     field's digits) on 127.0.0.1, or ``HOST:PORT`` text: a server's service on another
-    machine, an address a client listens on (``0.0.0.0:3010``)."""
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise FieldError("local_port", "must be a port (1-65535) or HOST:PORT")
+    machine, an address a client listens on (``0.0.0.0:3010``). Several, in service
+    order (a server's services, a client's listener for each): comma-separated text,
+    or a JSON list of ports and texts."""
+    items: list[object]
+    if isinstance(value, str):
+        if len(value) > MAX_TEXT * MAX_SERVICES:  # each entry is held to MAX_TEXT too
+            raise FieldError("local_port", f"is too long ({len(value):,} characters)")
+        text = value.strip()
+        items = [part.strip() for part in text.split(",")] if "," in text else [text]
+        if "" in items:
+            raise FieldError("local_port", f"{quote(text)} has an empty entry (one port "
+                             "or HOST:PORT per service, separated by commas)")
+    elif isinstance(value, list):
+        items = value
+    else:
+        items = [value]
+    if not items:
+        raise FieldError("local_port", "is an empty list (expected a port or HOST:PORT)")
+    texts: list[str] = []
     try:
-        if isinstance(value, int):
-            return Endpoint(LOCAL_HOST, json_int(value, "local port", 1, 65535))
-        return parse_local_endpoint(value, field="local port", listen=role == "client")
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, int | str):
+                raise FieldError("local_port", "must be a port (1-65535) or HOST:PORT, or a "
+                                 "list of them")
+            texts.append(str(json_int(item, "local port", 1, 65535))
+                         if isinstance(item, int) else item)
+        return parse_local_sides(texts, field="local port", listen=role == "client",
+                                 most=MAX_SERVICES)
+    except FieldError:
+        raise
     except InputError as exc:
         raise FieldError("local_port", str(exc)) from None
 
@@ -138,6 +162,7 @@ class NewSession:
     rendezvous: Endpoint | None
     label: str
     local_host: str = LOCAL_HOST
+    more_local: tuple[Endpoint, ...] = ()  # the 2nd, 3rd... service (coordinated only)
 
 
 def parse_new_session(fields: Mapping[str, object], *,
@@ -148,12 +173,17 @@ def parse_new_session(fields: Mapping[str, object], *,
     refused (the form keeps its code field, hidden, whatever the choice).
     """
     role = parse_role(fields.get("role"))
-    local = parse_local(fields.get("local_port"), role)
+    first, *more = parse_local(fields.get("local_port"), role)
     mode = parse_mode(fields.get("mode"))
+    if more and mode == "seed":
+        raise FieldError("local_port", f"a seed session carries one connection: give one "
+                         f"port, not {len(more) + 1} (a coordinated session carries several "
+                         "services over one code)")
     takes_code = (mode, role) == ("coordinated", "client")
     code = parse_pairing_code(fields.get("code")) \
         if takes_code or not ignore_stray_code else None
     rendezvous = parse_rendezvous(fields.get("rendezvous"), seed=mode == "seed")
     label = parse_label(fields.get("label"))
     check_pairing(role, mode, code)
-    return NewSession(role, local.port, mode, code, rendezvous, label, local.host)
+    return NewSession(role, first.port, mode, code, rendezvous, label, first.host,
+                      tuple(more))

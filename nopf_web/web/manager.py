@@ -208,24 +208,29 @@ class SessionManager:
                label: str = "", *, mode: Mode = "coordinated",
                code: PairingCode | None = None,
                port_mapping: bool | None = None,
-               local_host: str = LOCAL_HOST) -> ManagedSession:
+               local_host: str = LOCAL_HOST,
+               more_local: tuple[Endpoint, ...] = ()) -> ManagedSession:
         """Start a session task; raise :class:`CreateError` naming the field at fault.
 
         A coordinated client needs the sharer's ``code``; nothing else takes one.
         ``port_mapping`` (None: the dashboard's setting) lets a coordinated session ask
         the gateway for a mapped port. ``local_host``: the service's host (server), or
-        the address to listen on (client).
+        the address to listen on (client). ``more_local`` (coordinated): the 2nd, 3rd...
+        service (server), or the listener for each of the sharer's (client).
         """
         if (code is not None) != ((mode, role) == ("coordinated", "client")):
             raise CreateError("code", "a coordinated client session, and only it, takes the "
                               "sharer's pairing code")
+        if more_local and mode != "coordinated":
+            raise CreateError("local_port", "a seed session carries one connection: give "
+                              "one local port")
         if self._tasks is None:
             raise CreateError("session", "the dashboard is shutting down", status=503)
         if self.live_count() >= self.max_live:
             raise CreateError("session", f"{self.max_live} sessions are already running: stop "
                               "one first", status=409)
         if role == "client":
-            self._check_client_port(local_host, local_port)
+            self._check_client_ports((Endpoint(local_host, local_port), *more_local))
         rendezvous = rendezvous or self.default_rendezvous
         spec: EngineSpec
         if mode == "coordinated":
@@ -235,7 +240,7 @@ class SessionManager:
                                    code_lifetime=CODE_LIFETIME, punch_timeout=self.punch_timeout,
                                    nat=self.nat_report() if self.nat_report else None,
                                    port_mapping=self.port_mapping if port_mapping is None
-                                   else port_mapping)
+                                   else port_mapping, more_local=more_local)
         else:
             spec = SeedSpec(role=role, local_host=local_host, local_port=local_port,
                             rendezvous=rendezvous,
@@ -247,7 +252,8 @@ class SessionManager:
         self.store.add_session(NewSession(
             id=ms.id, role=role, local_port=local_port, rendezvous=str(snap.rendezvous),
             label=label, share_token=ms.share_token, state=snap.state.value,
-            started_at=snap.started_at, mode=snap.mode, local_host=local_host))
+            started_at=snap.started_at, mode=snap.mode, local_host=local_host,
+            more_local=tuple(str(side) for side in more_local)))
         engine.subscribe(lambda event: self._on_event(ms, event))
         self._sessions[ms.id] = ms
         self._by_share[ms.share_token] = ms.id
@@ -255,24 +261,30 @@ class SessionManager:
         self._prune()
         return ms
 
-    def _check_client_port(self, host: str, port: int) -> None:
+    def _check_client_ports(self, sides: tuple[Endpoint, ...]) -> None:
         for other in self._sessions.values():
             snap = other.session.snapshot()
-            if other.live and snap.role == "client" and snap.local_port == port:
-                raise CreateError("local_port", f"local port {port} is already used by client "
-                                  f"session {other.id}: choose another one")
+            if not other.live or snap.role != "client":
+                continue
+            taken = {snap.local_port, *(side.port for side in snap.more_local)}
+            for port in (side.port for side in sides if side.port in taken):
+                raise CreateError("local_port", f"local port {port} is already used by "
+                                  f"client session {other.id}: choose another one")
         # Catch the common mistake now rather than as a failed session a moment later.
-        # The session's own bind (listen_local), tried and closed: the same socket options.
-        try:
-            listen_local(host, port).close()
-        except LocalPortInUse as exc:
-            if exc.error.errno == errno.EADDRNOTAVAIL:
-                raise CreateError("local_port", f"{host} is not an address of this "
-                                  "machine: choose one of its own, or 0.0.0.0") from None
-            why = "is already in use" if exc.error.errno == errno.EADDRINUSE else \
-                f"cannot be used ({exc.error.strerror})"
-            raise CreateError("local_port", f"local port {port} {why} on this machine: "
-                              "choose another one") from None
+        # The session's own binds (listen_local), tried together and closed: the same
+        # socket options, and one side of this session cannot take another's port.
+        with contextlib.ExitStack() as held:
+            for host, port in sides:
+                try:
+                    held.callback(listen_local(host, port).close)
+                except LocalPortInUse as exc:
+                    if exc.error.errno == errno.EADDRNOTAVAIL:
+                        raise CreateError("local_port", f"{host} is not an address of this "
+                                          "machine: choose one of its own, or 0.0.0.0") from None
+                    why = "is already in use" if exc.error.errno == errno.EADDRINUSE else \
+                        f"cannot be used ({exc.error.strerror})"
+                    raise CreateError("local_port", f"local port {port} {why} on this "
+                                      "machine: choose another one") from None
 
     def set_peer(self, ms: ManagedSession, peer: Endpoint) -> None:
         """Give the peer's address; raises :class:`NopfError` when the engine takes none

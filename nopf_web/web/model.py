@@ -50,7 +50,7 @@ class SessionView(SessionRecord):
             prediction=s.prediction.why if s.prediction else None, nat_pair=s.nat_pair,
             setup_ms=s.setup_ms,
             timeline=json.dumps(list(s.timeline), separators=(",", ":")) if s.timeline else None,
-            local_host=s.local_host,
+            local_host=s.local_host, more_local=" ".join(str(side) for side in s.more_local),
         )
 
     @classmethod
@@ -105,13 +105,29 @@ class SessionView(SessionRecord):
                 or not self.live or self.state != "waiting_peer"):
             return None
         # templates/_session_parts.html shows the same words with markup.
-        text = (f"Join my nopf share: run nopf connect {self.code} -p PORT -a {self.rendezvous} "
-                "(PORT: any free local port), or start a client session in your nopf dashboard "
-                f"with the code {self.code}. The code works once, within {self.code_minutes} "
-                "minutes.")
+        text = (f"Join my nopf share: run nopf connect {self.code} {self.invite_ports} -a "
+                f"{self.rendezvous} ({self.invite_ports_words}), or start a client session in "
+                f"your nopf dashboard with the code {self.code}{self.invite_dashboard_words}. "
+                f"The code works once, within {self.code_minutes} minutes.")
         if self.rendezvous_local:
             text += f" {self.local_rendezvous_words}"
         return text
+
+    @property
+    def invite_ports(self) -> str:
+        """``-p PORT``, once per service the sharer shares."""
+        return " ".join(["-p PORT"] * len(self.local_sides))
+
+    @property
+    def invite_ports_words(self) -> str:
+        n = len(self.local_sides)
+        return "PORT: any free local port" if n == 1 else \
+            f"PORT: a free local port for each of the {n} services, in order"
+
+    @property
+    def invite_dashboard_words(self) -> str:
+        n = len(self.local_sides)
+        return "" if n == 1 else f" and {n} local ports, one per service"
 
     @property
     def rendezvous_local(self) -> bool:
@@ -129,20 +145,38 @@ class SessionView(SessionRecord):
 
     @property
     def local_address(self) -> str:
-        """The local side as HOST:PORT: the service (server), or where applications
-        connect (client)."""
+        """The (first) local side as HOST:PORT: the service (server), or where
+        applications connect (client)."""
         return str(Endpoint(self.local_host, self.local_port))
 
     @property
+    def local_sides(self) -> list[str]:
+        """Every local side as HOST:PORT, in service order (several: coordinated only)."""
+        return [self.local_address, *self.more_local.split()]
+
+    @property
+    def local_listing(self) -> str:
+        """The local sides in a sentence: ``127.0.0.1:22``, or ``127.0.0.1:22 (service
+        1), 192.168.1.20:80 (service 2)``."""
+        sides = self.local_sides
+        if len(sides) == 1:
+            return sides[0]
+        return ", ".join(f"{side} (service {i})" for i, side in enumerate(sides, 1))
+
+    @property
     def local_is_default(self) -> bool:
-        """The local side is on 127.0.0.1, as a bare port puts it."""
-        return self.local_host == LOCAL_HOST
+        """Every local side is on 127.0.0.1, as a bare port puts it."""
+        return all(side.rpartition(":")[0] == LOCAL_HOST for side in self.local_sides)
 
     @property
     def local_words(self) -> str:
-        """``port 3000`` on the default host, else ``192.168.1.20:80``: how a list names
-        the local side."""
-        return f"port {self.local_port}" if self.local_is_default else self.local_address
+        """``port 3000`` on the default host, else ``192.168.1.20:80`` (``ports 22,
+        192.168.1.20:80`` for several): how a list names the local side."""
+        short = [side.rpartition(":")[2] if side.rpartition(":")[0] == LOCAL_HOST else side
+                 for side in self.local_sides]
+        if len(short) == 1:
+            return f"port {short[0]}" if self.local_is_default else short[0]
+        return "ports " + ", ".join(short)
 
     @property
     def title(self) -> str:
@@ -159,6 +193,7 @@ class SessionView(SessionRecord):
             "resuming": self.resuming,
             "local_port": self.local_port,
             "local_host": self.local_host,
+            "more_local": self.more_local.split(),
             "rendezvous": self.rendezvous,
             "label": self.label,
             "state": self.state,

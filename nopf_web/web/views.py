@@ -107,7 +107,8 @@ async def create_session(request: web.Request) -> web.Response:
         # for a coordinated client.
         new = parse_new_session(values, ignore_stray_code=True)
         ms = manager.create(new.role, new.local_port, new.rendezvous, new.label,
-                            mode=new.mode, code=new.code, local_host=new.local_host)
+                            mode=new.mode, code=new.code, local_host=new.local_host,
+                            more_local=new.more_local)
     except FieldError as exc:
         return _sessions_full(request, [SessionView.from_managed(m) for m in manager.sessions()],
                               form=values, errors={exc.field: exc.message}, status=400)
@@ -237,8 +238,8 @@ async def history_page(request: web.Request) -> web.Response:
     return render(request, "history.html", **context)
 
 
-_CSV_COLUMNS: Final = ("id", "label", "mode", "role", "local_port", "local_host", "rendezvous",
-                       "public_address",
+_CSV_COLUMNS: Final = ("id", "label", "mode", "role", "local_port", "local_host", "more_local",
+                       "rendezvous", "public_address",
                        "peer_address", "outcome", "state", "started_at", "ended_at",
                        "duration_s", "bytes_in", "bytes_out", "connections", "code", "path",
                        "error", "predicted_path", "prediction", "nat_pair", "setup_ms",
@@ -268,8 +269,8 @@ async def history_export(request: web.Request) -> web.Response:
         writer.writerow(_CSV_COLUMNS)
         for v in views:
             writer.writerow([_cell(x) for x in (
-                v.id, v.label, v.mode, v.role, v.local_port, v.local_host, v.rendezvous,
-                v.public_address or "",
+                v.id, v.label, v.mode, v.role, v.local_port, v.local_host, v.more_local,
+                v.rendezvous, v.public_address or "",
                 v.peer_address or "", v.outcome or "running", v.state, iso(v.started_at),
                 iso(v.ended_at), round(v.elapsed, 1), v.bytes_in, v.bytes_out, v.connections,
                 v.code or "", v.path or "", v.error or "", v.predicted_path or "",

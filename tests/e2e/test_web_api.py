@@ -49,6 +49,12 @@ JSON = {"Content-Type": "application/json"}
     ({"role": "server", "local_port": "ssh"}, "local_port"),
     ({"role": "server", "local_port": "2001:db8::1:80"}, "local_port"),  # brackets needed
     ({"role": "server", "local_port": "[::]:80"}, "local_port"),
+    ({"role": "server", "local_port": "22,,80"}, "local_port"),  # an empty entry
+    ({"role": "server", "local_port": "22, 127.0.0.1:22"}, "local_port"),  # twice
+    ({"role": "server", "local_port": []}, "local_port"),
+    ({"role": "server", "local_port": [22, [80]]}, "local_port"),
+    ({"role": "server", "local_port": [22, 80], "mode": "seed"}, "local_port"),
+    ({"role": "server", "local_port": list(range(1000, 1017))}, "local_port"),  # 17 services
     ({"role": "client", "local_port": "nas.example:3010", "code": "7-orbit-lantern"},
      "local_port"),  # a listener binds an address, not a name
     ({"role": "server", "local_port": 22, "rendezvous": "nohost"}, "rendezvous"),
@@ -120,6 +126,13 @@ async def test_a_client_port_already_in_use_is_refused_up_front(client: Client) 
     assert resp.status == 400
     body = await resp.json()
     assert body["field"] == "local_port" and first["id"] in body["error"]
+    # One session's own listeners: 0.0.0.0 takes the port on 127.0.0.1 too.
+    other = free_port()
+    resp = await client.post("/api/sessions", json={
+        "role": "client", "code": str(make_code(7)),
+        "local_port": f"127.0.0.1:{other}, 0.0.0.0:{other}"})
+    assert await resp.json() == {"field": "local_port", "error": f"local port {other} is "
+                                 "already in use on this machine: choose another one"}
 
 
 async def test_the_local_side_may_be_another_address_or_host(client: Client) -> None:

@@ -5,7 +5,9 @@ through one encrypted tunnel, history with the mode, and input validation."""
 from __future__ import annotations
 
 import asyncio
+import csv
 import hashlib
+import io
 import os
 import re
 import shlex
@@ -17,12 +19,13 @@ import pytest
 
 from nopf_web.pairing import make_code, parse_code
 from nopf_web.web.keys import STORE
-from tests.loopback import echo_service
+from tests.loopback import ask_service, echo_service, tagged_service
 from tests.programs import argv, free_port
 
 from .web_support import (
     Client,
     connection,
+    create_by_form,
     create_session,
     echo,
     get_session,
@@ -202,3 +205,67 @@ async def test_the_invitations_command_joins_with_the_nopf_cli(client: Client) -
             return bool((await get_session(client, server["id"]))["outcome"] == "closed")
 
         await wait_until(closed, what="the server session to close with the CLI peer")
+
+
+@pytest.mark.parametrize("joiner", ["dashboard", "cli"])
+async def test_a_session_shares_two_services_and_each_port_of_the_peer_reaches_its_own(
+        client: Client, joiner: str) -> None:
+    servers = [await asyncio.start_server(tagged_service(tag), "127.0.0.1", 0)
+               for tag in (b"A:", b"B:")]
+    first, second = (srv.sockets[0].getsockname()[1] for srv in servers)
+    # Through the form, as a user types it: a bare port, then HOST:PORT.
+    server_id = await create_by_form(client, role="server", mode="coordinated",
+                                     local_port=f"{first}, 127.0.0.1:{second}", label="two")
+    server = await get_session(client, server_id)
+    assert (server["local_port"], server["more_local"]) == (first, [f"127.0.0.1:{second}"])
+    code = await _wait_code(client, server_id)
+    invite = (await get_session(client, server_id))["invite"]
+    assert f"nopf connect {code} -p PORT -p PORT -a" in invite
+    assert "a free local port for each of the 2 services, in order" in invite
+    assert "with the code " + code + " and 2 local ports, one per service" in invite
+    page = await (await client.get(f"/sessions/{server_id}")).text()
+    assert (f"<dt>Services</dt><dd>127.0.0.1:{first} (service 1), 127.0.0.1:{second} "
+            "(service 2)</dd>") in page
+    assert "server session on ports" not in page  # it has a label
+    ports = [free_port(), free_port()]
+    peer: asyncio.subprocess.Process | None = None
+    if joiner == "dashboard":  # a JSON list, as the API takes several
+        await create_session(client, role="client", code=code, label="join",
+                             local_port=[ports[0], f"127.0.0.1:{ports[1]}"])
+    else:  # the invitation's command, each PORT in order
+        command = re.search(r"run (nopf connect .+?) \(PORT", invite)
+        assert command, invite
+        fill = iter(ports)
+        words = [str(next(fill)) if w == "PORT" else w for w in shlex.split(command.group(1))]
+        peer = await asyncio.create_subprocess_exec(
+            *argv(*words), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL)
+    try:
+        async def connected() -> bool:
+            assert peer is None or peer.returncode is None, "nopf connect exited early"
+            return bool((await get_session(client, server_id))["state"] == "connected")
+
+        await wait_until(connected, timeout=20, what="the peer to join")
+        for port, tag in zip(ports, (b"A:", b"B:"), strict=True):
+            assert await ask_service(("127.0.0.1", port)) == tag + b"hello"
+        page = await (await client.get(f"/sessions/{server_id}")).text()
+        assert (f"the peer's connections reach 127.0.0.1:{first} (service 1), "
+                f"127.0.0.1:{second} (service 2) on this machine") in page
+    finally:
+        if peer is not None and peer.returncode is None:
+            peer.send_signal(signal.SIGTERM)
+        if peer is not None:
+            _out, err = await asyncio.wait_for(peer.communicate(), 15)
+            assert peer.returncode == 0, err.decode(errors="replace")
+        for srv in servers:
+            srv.close()
+            await srv.wait_closed()
+    for s in (await (await client.get("/api/sessions")).json())["sessions"]:
+        await client.delete(f"/api/sessions/{s['id']}")
+    history = (await (await client.get("/api/history")).json())["sessions"]
+    joined = [f"127.0.0.1:{ports[1]}"] if joiner == "dashboard" else None
+    assert {h["label"]: h["more_local"] for h in history} == {
+        "two": [f"127.0.0.1:{second}"], **({"join": joined} if joined else {})}
+    rows = list(csv.DictReader(io.StringIO(await (await client.get("/history.csv")).text())))
+    assert {r["label"]: r["more_local"] for r in rows} == {
+        "two": f"127.0.0.1:{second}", **({"join": joined[0]} if joined else {})}

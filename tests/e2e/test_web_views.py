@@ -6,30 +6,12 @@ import csv
 import io
 import re
 from pathlib import Path
-from typing import Any
 
 from tests.programs import free_port
 
-from .web_support import Client, wait_until
+from .web_support import Client, create_by_form, csrf, wait_until
 
 HX = {"HX-Request": "true"}
-
-
-async def csrf(client: Client, path: str = "/") -> str:
-    page = await (await client.get(path)).text()
-    match = re.search(r'name="csrf_token" value="([0-9a-f]{64})"', page)
-    assert match, "no CSRF token in the page"
-    return match.group(1)
-
-
-async def create(client: Client, **fields: Any) -> str:
-    """Create a session through the form; return its id."""
-    form = {"csrf_token": await csrf(client), "rendezvous": "", "label": "", **fields}
-    resp = await client.post("/sessions", data=form, allow_redirects=False)
-    assert resp.status == 303, await resp.text()
-    match = re.fullmatch(r"/sessions/([0-9a-f]{12})", resp.headers["Location"])
-    assert match
-    return match.group(1)
 
 
 async def test_the_sessions_page_is_a_full_page_and_a_fragment_for_htmx(client: Client) -> None:
@@ -51,7 +33,8 @@ async def test_the_session_list_poll_gets_a_204_while_nothing_changed(client: Cl
     assert seen and "No sessions yet" in fragment
     resp = await client.get(f"/?seen={seen.group(1)}", headers=HX)
     assert resp.status == 204 and await resp.read() == b""
-    session_id = await create(client, role="server", local_port=str(free_port()), label="new")
+    session_id = await create_by_form(client, role="server", local_port=str(free_port()),
+                                      label="new")
     resp = await client.get(f"/?seen={seen.group(1)}", headers=HX)
     fragment = await resp.text()
     assert resp.status == 200 and session_id in fragment and "new" in fragment
@@ -86,7 +69,7 @@ async def test_a_form_error_is_shown_next_to_the_field_and_keeps_the_input(
 
 
 async def test_create_then_the_session_page_and_its_live_fragment(client: Client) -> None:
-    session_id = await create(client, role="server", local_port=str(free_port()),
+    session_id = await create_by_form(client, role="server", local_port=str(free_port()),
                               label="<b>web</b> & co", mode="seed")
     page = await (await client.get(f"/sessions/{session_id}")).text()
     assert "&lt;b&gt;web&lt;/b&gt; &amp; co" in page and "<b>web</b>" not in page  # autoescape
@@ -108,7 +91,8 @@ async def test_create_then_the_session_page_and_its_live_fragment(client: Client
 
 
 async def test_peer_form_errors_and_success(client: Client) -> None:
-    session_id = await create(client, role="server", local_port=str(free_port()), mode="seed")
+    session_id = await create_by_form(client, role="server", local_port=str(free_port()),
+                                      mode="seed")
     token = await csrf(client, f"/sessions/{session_id}")
     resp = await client.post(f"/sessions/{session_id}/peer",
                              data={"csrf_token": token, "address": "not an address"})
@@ -127,7 +111,7 @@ async def test_the_form_defaults_to_pairing_codes_and_a_server_page_shows_its_co
     page = await (await client.get("/")).text()
     assert 'name="mode" value="coordinated" checked' in page
     assert 'name="mode" value="seed">' in page and 'name="code"' in page
-    session_id = await create(client, role="server", local_port=str(free_port()),
+    session_id = await create_by_form(client, role="server", local_port=str(free_port()),
                               code="ignored for a server")
     page = await (await client.get(f"/sessions/{session_id}")).text()
     assert 'name="address"' not in page  # no peer address in coordinated mode
@@ -165,7 +149,7 @@ async def test_a_client_form_needs_a_valid_code(client: Client) -> None:
 
 
 async def test_stop_ends_the_session_and_the_page_stops_updating(client: Client) -> None:
-    session_id = await create(client, role="server", local_port=str(free_port()))
+    session_id = await create_by_form(client, role="server", local_port=str(free_port()))
     token = await csrf(client, f"/sessions/{session_id}")
     resp = await client.post(f"/sessions/{session_id}/stop", data={"csrf_token": token},
                              allow_redirects=False)
@@ -187,7 +171,8 @@ async def test_unknown_session_pages_are_404_pages(client: Client) -> None:
 
 
 async def test_history_filters_pages_and_fragments(client: Client) -> None:
-    ids = [await create(client, role="server", local_port=str(free_port()), label=f"job {i}")
+    ids = [await create_by_form(client, role="server", local_port=str(free_port()),
+                                label=f"job {i}")
            for i in range(3)]
     token = await csrf(client)
     await client.post(f"/sessions/{ids[0]}/stop", data={"csrf_token": token})
@@ -203,7 +188,7 @@ async def test_history_filters_pages_and_fragments(client: Client) -> None:
 
 
 async def test_history_exports_as_csv_and_json(client: Client) -> None:
-    await create(client, role="server", local_port=str(free_port()), label="=HYPERLINK(1)")
+    await create_by_form(client, role="server", local_port=str(free_port()), label="=HYPERLINK(1)")
     resp = await client.get("/history.csv")
     assert resp.headers["Content-Disposition"] == 'attachment; filename="nopf-history.csv"'
     rows = list(csv.DictReader(io.StringIO(await resp.text())))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -63,6 +64,23 @@ async def create_session(client: Client, **body: Any) -> dict[str, Any]:
     assert resp.status == 201, await resp.text()
     data: dict[str, Any] = await resp.json()
     return data
+
+
+async def csrf(client: Client, path: str = "/") -> str:
+    page = await (await client.get(path)).text()
+    match = re.search(r'name="csrf_token" value="([0-9a-f]{64})"', page)
+    assert match, "no CSRF token in the page"
+    return match.group(1)
+
+
+async def create_by_form(client: Client, **fields: Any) -> str:
+    """Create a session through the form; return its id."""
+    form = {"csrf_token": await csrf(client), "rendezvous": "", "label": "", **fields}
+    resp = await client.post("/sessions", data=form, allow_redirects=False)
+    assert resp.status == 303, await resp.text()
+    match = re.fullmatch(r"/sessions/([0-9a-f]{12})", resp.headers["Location"])
+    assert match
+    return match.group(1)
 
 
 async def get_session(client: Client, session_id: str) -> dict[str, Any]:

@@ -80,9 +80,14 @@ def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
 
 
 def stays_local(value: object) -> bool:
-    """False for an address the app would accept and then reach beyond loopback."""
+    """False for an address the app would accept and then reach beyond loopback (each
+    of a list, or of comma-separated text: local_port takes several)."""
+    if isinstance(value, list):
+        return all(stays_local(item) for item in value)
     if not isinstance(value, str):
         return True
+    if "," in value:
+        return all(stays_local(part) for part in value.split(","))
     try:
         host, _port = parse_host_endpoint(value)
     except InputError:
@@ -114,7 +119,12 @@ CONTENT_TYPES = st.one_of(
 SESSION_BODIES = st.fixed_dictionaries({}, optional={
     "role": st.one_of(st.sampled_from(["server", "client"]), nasty_text, json_values),
     "local_port": st.one_of(st.integers(), st.integers(min_value=1, max_value=65535),
-                            nasty_text, json_values),
+                            nasty_text, json_values,
+                            # several services: a JSON list, or comma-separated text
+                            st.lists(st.one_of(st.integers(min_value=1, max_value=65535),
+                                               nasty_text), max_size=18),
+                            st.lists(st.integers(min_value=1, max_value=65535), max_size=3)
+                            .map(lambda ports: ", ".join(map(str, ports)))),
     "mode": st.one_of(st.sampled_from(["coordinated", "seed"]), nasty_text, json_values),
     "code": st.one_of(st.just("7-orbit-lantern"), nasty_text, json_values),
     "rendezvous": st.one_of(st.just("127.0.0.1:9"), nasty_text, json_values),

@@ -241,18 +241,20 @@ async def test_a_schema_1_history_is_migrated_with_its_sessions_as_seed_mode(
 
     s = await HistoryStore.open(tmp_path / "h.db")
     try:
-        assert s.schema_version == 4
+        assert s.schema_version == 5
         row = await s.get_session("old")
-        assert row is not None and (row.mode, row.code, row.path, row.local_host) == (
-            "seed", None, None, "127.0.0.1")  # what every session used before schema 4
+        assert row is not None and (row.mode, row.code, row.path, row.local_host,
+                                    row.more_local) == (
+            "seed", None, None, "127.0.0.1", "")  # one local side on 127.0.0.1 before 4 and 5
         s.add_session(NewSession(id="new", role="client", local_port=3010, rendezvous="r:1",
                                  label="", share_token="tok-new", state="discovering",
                                  started_at=time.time(), mode="coordinated",
-                                 local_host="0.0.0.0"))
+                                 local_host="0.0.0.0", more_local=("[::1]:8080", "0.0.0.0:8081")))
         s.update_session("new", code="7-orbit-lantern", path="lan")
         row = await s.get_session("new")
-        assert row is not None and (row.mode, row.code, row.path, row.local_host) == (
-            "coordinated", "7-orbit-lantern", "lan", "0.0.0.0")
+        assert row is not None and (row.mode, row.code, row.path, row.local_host,
+                                    row.more_local) == (
+            "coordinated", "7-orbit-lantern", "lan", "0.0.0.0", "[::1]:8080 0.0.0.0:8081")
         rows, total = await s.list_sessions(query="orbit")
         assert total == 1 and rows[0].id == "new"  # history search finds a stored code
         with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
