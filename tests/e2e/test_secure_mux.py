@@ -709,42 +709,54 @@ async def test_unreachable_service_resets_only_that_stream(service_host: str) ->
     listener.close()
 
 
+@contextlib.asynccontextmanager
+async def _sharing(tags: tuple[bytes, ...], *, announced: int | None, listening: int
+                   ) -> AsyncIterator[tuple[Mux, list[socket.socket], list[str]]]:
+    """A sharer of one tagged service per tag, which announces ``announced`` services
+    (None: an older one, which announces none), and a connector with ``listening``
+    listeners, both serving; yields the connector's mux, its listeners and what it
+    said. Closed cleanly on exit."""
+    servers = [await asyncio.start_server(tagged_service(t), "127.0.0.1", 0) for t in tags]
+    services = [srv.sockets[0].getsockname()[:2] for srv in servers]
+    listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(listening)]
+    events: list[str] = []
+    try:
+        ca, cb = await channels(*tcp_pair())
+        async with asyncio.timeout(10), \
+                Mux(ca, role="server", name="mux-a", services=announced) as ma, \
+                Mux(cb, role="client", name="mux-b") as mb:
+            share = asyncio.create_task(serve_share(ma, services[0], more=services[1:]))
+            connect = asyncio.create_task(serve_connect(mb, listeners[0], more=listeners[1:],
+                                                        on_event=events.append))
+            yield mb, listeners, events
+            assert ma.state == mb.state == "open"
+            await ma.close()
+            await asyncio.gather(share, connect)
+    finally:
+        for listener in listeners:
+            listener.close()
+        for srv in servers:
+            srv.close()
+            await srv.wait_closed()
+
+
 @pytest.mark.parametrize("shared", [2, None], ids=["two_services", "older_sharer"])
 async def test_each_listener_reaches_its_own_service(shared: int | None) -> None:
     """A connector with three listeners; a sharer with two services (or an older one,
     which announces none and has one). Each listener reaches its own service; one
     beyond the sharer's is refused, said once however many connect."""
-    servers = [await asyncio.start_server(tagged_service(t), "127.0.0.1", 0)
-               for t in (b"A:", b"B:")]
-    services = [srv.sockets[0].getsockname()[:2] for srv in servers]
-    listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(3)]
-    events: list[str] = []
-
-    ca, cb = await channels(*tcp_pair())
-    async with asyncio.timeout(10), \
-            Mux(ca, role="server", name="mux-a", services=shared) as ma, \
-            Mux(cb, role="client", name="mux-b") as mb:
-        share = asyncio.create_task(serve_share(ma, services[0], more=services[1:shared or 1]))
-        connect = asyncio.create_task(serve_connect(mb, listeners[0], more=listeners[1:],
-                                                    on_event=events.append))
-        assert await ask_service(listeners[0].getsockname()) == b"A:hello"
-        if shared:
-            assert await ask_service(listeners[1].getsockname()) == b"B:hello"
-        refused = listeners[shared or 1:]
+    tags = (b"A:", b"B:")[:shared or 1]
+    async with _sharing(tags, announced=shared, listening=3) as (mb, listeners, events):
+        for listener, tag in zip(listeners, tags, strict=False):
+            assert await ask_service(listener.getsockname()) == tag + b"hello"
+        refused = listeners[len(tags):]
         for listener in refused * 2:
             assert await ask_service(listener.getsockname()) == b""
         count = f"{shared} services" if shared else "1 service"
         assert events == [f"connections to {Endpoint(*lsock.getsockname())} are refused: the "
                           f"sharer shares {count}: there is no service {i + 1}"
                           for i, lsock in enumerate(listeners) if lsock in refused]
-        assert ma.state == mb.state == "open" and mb.peer_services == (shared or 1)
-        await ma.close()
-        await asyncio.gather(share, connect)
-    for listener in listeners:
-        listener.close()
-    for srv in servers:
-        srv.close()
-        await srv.wait_closed()
+        assert mb.peer_services == len(tags)
 
 
 @pytest.mark.parametrize("listening", [1, 2, 3])
@@ -752,30 +764,13 @@ async def test_a_connector_listening_for_fewer_services_is_told_once(listening: 
     """A sharer with three services: a connector that listens for fewer reaches the
     first ones and is told, once, how many it does not; one for all is told nothing."""
     tags = (b"A:", b"B:", b"C:")
-    servers = [await asyncio.start_server(tagged_service(t), "127.0.0.1", 0) for t in tags]
-    services = [srv.sockets[0].getsockname()[:2] for srv in servers]
-    listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(listening)]
-    events: list[str] = []
-    ca, cb = await channels(*tcp_pair())
-    async with asyncio.timeout(10), \
-            Mux(ca, role="server", name="mux-a", services=3) as ma, \
-            Mux(cb, role="client", name="mux-b") as mb:
-        share = asyncio.create_task(serve_share(ma, services[0], more=services[1:]))
-        connect = asyncio.create_task(serve_connect(mb, listeners[0], more=listeners[1:],
-                                                    on_event=events.append))
-        for i, listener in enumerate(listeners):
-            assert await ask_service(listener.getsockname()) == tags[i] + b"hello"
+    async with _sharing(tags, announced=3, listening=listening) as (_mb, listeners, events):
+        for listener, tag in zip(listeners, tags, strict=False):
+            assert await ask_service(listener.getsockname()) == tag + b"hello"
         told = [] if listening == 3 else [
             f"the sharer shares 3 services and this side listens for the first {listening}: "
             "one local port per service reaches them all"]
         assert events == told
-        await ma.close()
-        await asyncio.gather(share, connect)
-    for listener in listeners:
-        listener.close()
-    for srv in servers:
-        srv.close()
-        await srv.wait_closed()
 
 
 async def test_flow_control_a_stalled_reader_blocks_only_its_stream() -> None:
