@@ -215,6 +215,12 @@ class Stream:
         self._sink = sink
         # Optional: a sink that takes a list of chunks and writes them in one go.
         self._sink_parts = getattr(sink, "on_data_parts", None)
+        if self._error is not None:
+            # Failed before its sink came (the peer reset it while the local
+            # connection was being made): said now, or that connection would
+            # wait for ever.
+            sink.on_error(self._error)
+            return
         self.resume_delivery()
 
     def pause_delivery(self) -> None:

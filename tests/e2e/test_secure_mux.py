@@ -29,6 +29,7 @@ from nopf_web.tunnel.errors import (
     RecordCut,
     StreamReset,
     TunnelClosed,
+    TunnelError,
     TunnelTampered,
 )
 from nopf_web.tunnel.forward import serve_connect, serve_share
@@ -771,6 +772,41 @@ async def test_a_connector_listening_for_fewer_services_is_told_once(listening: 
             f"the sharer shares 3 services and this side listens for the first {listening}: "
             "one local port per service reaches them all"]
         assert events == told
+
+
+class _Sink:
+    """A stream's sink that only expects to hear of its failure."""
+
+    def __init__(self) -> None:
+        self.errors: list[TunnelError] = []
+
+    def on_data(self, data: bytes | memoryview) -> None:
+        raise AssertionError(f"unexpected data {bytes(data)!r}")
+
+    def on_eof(self) -> None:
+        raise AssertionError("unexpected EOF")
+
+    def on_error(self, error: TunnelError) -> None:
+        self.errors.append(error)
+
+
+async def test_a_stream_reset_before_its_sink_attaches_fails_the_sink_at_once() -> None:
+    """The peer may reset a stream while its local connection is being made (the
+    sharer's connect to its service, the connector's transport for an accepted
+    socket): the sink attached after that hears the reset at once. (It was never
+    told, and that local connection stayed open for ever: about one connection in
+    a hundred, through a sharer whose service was down.)"""
+    async with asyncio.timeout(10), muxes() as (ma, mb):
+        stream = await mb.open_stream()
+        await stream.write(b"hello")
+        peer = await ma.accept_stream()
+        peer.reset(ResetCode.REFUSED, "nothing is listening there")
+        with pytest.raises(StreamReset):
+            await stream.read()
+        sink = _Sink()
+        stream.attach(sink)
+        assert [str(e) for e in sink.errors] == [
+            f"stream {stream.stream_id} was reset by the peer: nothing is listening there"]
 
 
 async def test_flow_control_a_stalled_reader_blocks_only_its_stream() -> None:
