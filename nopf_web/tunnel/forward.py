@@ -20,6 +20,7 @@ import socket
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
+from nopf_web.repeats import Repeats
 from nopf_web.sockets import (
     LINGER_RESET,
     connect_tcp,
@@ -47,6 +48,38 @@ def _quiet(_message: str) -> None:
     pass
 
 
+class _Said:
+    """The asyncio edge of :class:`~nopf_web.repeats.Repeats`: an event sink that says
+    a burst of one problem (a service that is down, streams reset one after another)
+    in a few lines; :meth:`run` says the counts on time, :meth:`flush` the rest."""
+
+    def __init__(self, sink: EventSink) -> None:
+        self._sink, self._repeats = sink, Repeats()
+        self._loop = asyncio.get_running_loop()
+        self._held = asyncio.Event()  # the first message of a kind, after none was held
+
+    def __call__(self, message: str) -> None:
+        for line in self._repeats.feed(message, self._loop.time()):
+            self._sink(line)
+        self._held.set()
+
+    async def run(self) -> None:
+        while True:
+            deadline = self._repeats.deadline()
+            if deadline is None:
+                self._held.clear()
+                await self._held.wait()
+                continue
+            # A message fed meanwhile only moves deadlines later: sleep to this one.
+            await asyncio.sleep(max(0.0, deadline - self._loop.time()))
+            for line in self._repeats.due(self._loop.time()):
+                self._sink(line)
+
+    def flush(self) -> None:
+        for line in self._repeats.flush(self._loop.time()):
+            self._sink(line)
+
+
 async def serve_share(mux: Mux, service: tuple[str, int], *,
                       more: Sequence[tuple[str, int]] = (),
                       connect_timeout: float = CONNECT_TIMEOUT,
@@ -55,6 +88,7 @@ async def serve_share(mux: Mux, service: tuple[str, int], *,
     stream to service ``i`` (the mux refuses one beyond them, given ``services``); run
     until the tunnel ends."""
     targets = (service, *more)
+    said = _Said(on_event)
 
     async def accept_loop(handlers: asyncio.TaskGroup) -> None:
         while True:
@@ -63,10 +97,10 @@ async def serve_share(mux: Mux, service: tuple[str, int], *,
             except TunnelError:
                 return  # the tunnel ended: _serve reports how, from wait_closed
             handlers.create_task(_share_one(stream, targets[stream.service], connect_timeout,
-                                            on_event),
+                                            said),
                                  name=f"{mux.name}-share-{stream.stream_id}")
 
-    await _serve(mux, accept_loop, f"{mux.name}-share-accept")
+    await _serve(mux, accept_loop, f"{mux.name}-share-accept", said)
 
 
 async def serve_connect(mux: Mux, listener: socket.socket | tuple[str, int], *,
@@ -80,6 +114,7 @@ async def serve_connect(mux: Mux, listener: socket.socket | tuple[str, int], *,
     ``more``) or a ``(host, port)`` to listen on (closed on return). A connection to
     a service the sharer does not share is closed, and said once per listener.
     """
+    said = _Said(on_event)
     owned = not isinstance(listener, socket.socket)
     sock = _listen(listener) if not isinstance(listener, socket.socket) else listener
     socks = (sock, *more)
@@ -88,7 +123,7 @@ async def serve_connect(mux: Mux, listener: socket.socket | tuple[str, int], *,
     loop = asyncio.get_running_loop()
 
     async def accept_one(handlers: asyncio.TaskGroup, service: int) -> None:
-        lsock, said = socks[service], False
+        lsock, refused = socks[service], False
         while True:
             first, _addr = await loop.sock_accept(lsock)
             # Then everything else already queued, in this turn of the loop: a
@@ -101,14 +136,14 @@ async def serve_connect(mux: Mux, listener: socket.socket | tuple[str, int], *,
                     stream = await mux.open_stream(service)
                 except (NoSuchService, ServicesUnknown) as exc:
                     conn.close()
-                    if not said:
-                        on_event(f"connections to {_named(lsock)} are refused: {exc}")
-                        said = True
+                    if not refused:
+                        said(f"connections to {_named(lsock)} are refused: {exc}")
+                        refused = True
                     continue
                 except TunnelError:
                     conn.close()
                     return  # the tunnel ended: _serve reports how, from wait_closed
-                handlers.create_task(_connect_one(stream, conn, on_event),
+                handlers.create_task(_connect_one(stream, conn, said),
                                      name=f"{mux.name}-connect-{stream.stream_id}")
 
     async def unreached() -> None:
@@ -119,7 +154,7 @@ async def serve_connect(mux: Mux, listener: socket.socket | tuple[str, int], *,
         except TunnelError:  # the tunnel ended, or an older sharer that says nothing
             return
         if count > len(socks):
-            on_event(f"the sharer shares {count} services and this side listens for the "
+            said(f"the sharer shares {count} services and this side listens for the "
                      f"first {len(socks)}: one local port per service reaches them all")
 
     async def accept_loop(handlers: asyncio.TaskGroup) -> None:
@@ -129,7 +164,7 @@ async def serve_connect(mux: Mux, listener: socket.socket | tuple[str, int], *,
         handlers.create_task(unreached(), name=f"{mux.name}-connect-services")
 
     try:
-        await _serve(mux, accept_loop, f"{mux.name}-connect-accept")
+        await _serve(mux, accept_loop, f"{mux.name}-connect-accept", said)
     finally:
         if owned:
             sock.close()
@@ -174,9 +209,10 @@ class _TunnelEnded(Exception):
 
 
 async def _serve(mux: Mux, accept_loop: Callable[[asyncio.TaskGroup], Coroutine[Any, Any, None]],
-                 name: str) -> None:
+                 name: str, said: _Said) -> None:
     """Run an accept loop (which starts one task per connection in the group it is
-    given) until the tunnel ends; then cancel and await all of them.
+    given) until the tunnel ends; then cancel and await all of them, and say what
+    ``said`` still counts.
 
     Returns after a clean close; raises the tunnel's failure, or the accept
     loop's own (the listener failed: not the tunnel's fault).
@@ -184,6 +220,7 @@ async def _serve(mux: Mux, accept_loop: Callable[[asyncio.TaskGroup], Coroutine[
     try:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(accept_loop(tasks), name=name)
+            tasks.create_task(said.run(), name=f"{name}-said")
             await mux.wait_closed()  # the tunnel's verdict: raises unless closed cleanly
             raise _TunnelEnded
     except BaseExceptionGroup as group:
@@ -191,6 +228,8 @@ async def _serve(mux: Mux, accept_loop: Callable[[asyncio.TaskGroup], Coroutine[
         if errors:  # one error, as the caller expects: the listener's first
             raise next((e for e in errors if not isinstance(e, TunnelError)), errors[0]) \
                 from None
+    finally:
+        said.flush()
 
 
 async def _share_one(stream: Stream, service: tuple[str, int], timeout: float,

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import re
 import socket
 import statistics
 import threading
@@ -772,6 +773,37 @@ async def test_a_connector_listening_for_fewer_services_is_told_once(listening: 
             f"the sharer shares 3 services and this side listens for the first {listening}: "
             "one local port per service reaches them all"]
         assert events == told
+
+
+async def test_a_burst_of_streams_to_a_service_that_is_down_is_said_in_two_lines() -> None:
+    """Thirty connections while the sharer's service is down: each is refused, and
+    each side says the problem once, then (at the latest when the tunnel ends) how
+    many more times it came, not thirty lines."""
+    gone = socket.create_server(("127.0.0.1", 0))
+    port = gone.getsockname()[1]
+    gone.close()  # nothing listens there now
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    shared: list[str] = []
+    connected: list[str] = []
+    down = f"cannot reach the shared service at 127.0.0.1:{port} (nothing is listening there)"
+    ca, cb = await channels(*tcp_pair())
+    async with asyncio.timeout(10), Mux(ca, role="server", name="mux-a") as ma, \
+            Mux(cb, role="client", name="mux-b") as mb:
+        share = asyncio.create_task(serve_share(ma, ("127.0.0.1", port),
+                                                on_event=shared.append))
+        connect = asyncio.create_task(serve_connect(mb, listener, on_event=connected.append))
+        answers = await asyncio.gather(*(ask_service(listener.getsockname())
+                                         for _ in range(30)))
+        assert answers == [b""] * 30
+        assert shared == [down]  # the sharer said it before each reset left
+        await ma.close()
+        await asyncio.gather(share, connect)
+    listener.close()
+    assert len(shared) == 2
+    assert re.fullmatch(rf"{re.escape(down)} \(29 more like it in the last \d+ s\)", shared[1])
+    assert re.fullmatch(rf"stream \d+ was reset by the peer: {re.escape(down)}", connected[0])
+    # The connector's own count: its last resets may be cut by the tunnel's end.
+    assert len(connected) <= 2
 
 
 class _Sink:
