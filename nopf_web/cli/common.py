@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn
 
+from nopf_web import __version__
 from nopf_web.inputs import one_line
 
 EXIT_OK = 0
@@ -22,7 +23,13 @@ EXIT_INTERRUPTED = 130
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit status 2."""
+    """argparse, but a usage error is one line on stderr and exit status 2; and
+    ``--version`` on every command."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                          help="print the version and exit")
 
     def error(self, message: str) -> NoReturn:
         # argparse quotes arguments raw ("unrecognized arguments: ..."): escaped, cut.

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from nopf_web import __version__
 from tests.loopback import fake_rendezvous
 from tests.programs import argv, free_port
 
@@ -41,6 +42,15 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, *ne
 )
 def test_bad_arguments(args: list[str], needle: str) -> None:
     assert_one_line_error(run_nopf(*args), 2, needle)
+
+
+@pytest.mark.parametrize("command", [["nopf"], ["nopf", "share"], ["nopf", "connect"],
+                                     ["nopf", "doctor"], ["nopf-server"], ["nopf-web"]])
+def test_every_command_says_its_version(command: list[str]) -> None:
+    proc = subprocess.run(argv(*command, "--version"), capture_output=True, text=True,
+                          timeout=30)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        0, f"{' '.join(command)} {__version__}\n", "")
 
 
 def test_both_flag_forms_are_accepted() -> None:

@@ -7,6 +7,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from nopf_web import __version__
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -30,3 +32,7 @@ def test_wheel_contains_assets_and_entry_points(tmp_path: Path) -> None:
     for script in ("nopf = nopf_web.cli.peer:main", "nopf-server = nopf_web.cli.server:main",
                    "nopf-web = nopf_web.cli.web:main"):
         assert script in text
+    # One version, nopf_web.__version__: the wheel's, --version's and the pages' footer.
+    assert wheel.name.startswith(f"nopf_web-{__version__}-")
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    assert f"\nVersion: {__version__}\n" in zipfile.ZipFile(wheel).read(metadata).decode()
