@@ -153,6 +153,27 @@ class NewSession:
     more_local: tuple[str, ...] = ()  # HOST:PORT texts, the 2nd, 3rd... local side
 
 
+_DELETE_BATCH: Final = 500  # ids per DELETE (SQLite's bound parameters are limited)
+
+
+def _filtered(outcome: str | None, query: str | None) -> tuple[list[str], list[Any]]:
+    """The WHERE terms and their parameters of a history filter: an outcome
+    (``running``: not ended), a search of label, peer and code."""
+    where: list[str] = []
+    params: list[Any] = []
+    if outcome == "running":
+        where.append("outcome IS NULL")
+    elif outcome:
+        where.append("outcome = ?")
+        params.append(outcome)
+    if query:
+        pattern = f"%{_escape_like(query)}%"
+        where.append("(label LIKE ? ESCAPE '\\' OR peer_address LIKE ? ESCAPE '\\' "
+                     "OR code LIKE ? ESCAPE '\\')")
+        params += [pattern, pattern, pattern]
+    return where, params
+
+
 def _session(row: Sequence[Any]) -> SessionRow:
     return SessionRow(*row[:-1], updated_at=row[-1])
 
@@ -411,26 +432,49 @@ class HistoryStore:
         return str(rows[0][0]) if rows else None
 
     async def list_sessions(self, *, outcome: str | None = None, query: str | None = None,
-                            limit: int = 50, offset: int = 0) -> tuple[list[SessionRow], int]:
-        """Sessions newest first, and how many match. ``outcome="running"``: not ended."""
-        where: list[str] = []
-        params: list[Any] = []
-        if outcome == "running":
-            where.append("outcome IS NULL")
-        elif outcome:
-            where.append("outcome = ?")
-            params.append(outcome)
-        if query:
-            pattern = f"%{_escape_like(query)}%"
-            where.append("(label LIKE ? ESCAPE '\\' OR peer_address LIKE ? ESCAPE '\\' "
-                         "OR code LIKE ? ESCAPE '\\')")
-            params += [pattern, pattern, pattern]
+                            limit: int = 50, offset: int = 0, ended: bool = False
+                            ) -> tuple[list[SessionRow], int]:
+        """Sessions newest first, and how many match. ``outcome="running"``: not ended;
+        ``ended``: only those that have (what :meth:`delete_ended` would take)."""
+        where, params = _filtered(outcome, query)
+        if ended:
+            where.append("outcome IS NOT NULL")
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         total = await self._fetch(f"SELECT count(*) FROM sessions {clause}", params)
         rows = await self._fetch(
             f"SELECT {_SESSION_COLUMNS} FROM sessions {clause} "
             "ORDER BY started_at DESC, id LIMIT ? OFFSET ?", [*params, limit, offset])
         return [_session(r) for r in rows], int(total[0][0])
+
+    async def delete_ended(self, *, session_id: str | None = None, outcome: str | None = None,
+                           query: str | None = None) -> list[str]:
+        """Delete the ended sessions that match (one by id, or as :meth:`list_sessions`
+        filters), with their connections and events; the ids deleted. A running
+        session is never deleted: its rows are still being written."""
+        where, params = _filtered(outcome, query)
+        where.append("outcome IS NOT NULL")
+        if session_id is not None:
+            where.append("id = ?")
+            params.append(session_id)
+        await self.flush()
+        async with self._lock:
+            try:
+                await self._conn.execute("BEGIN")
+                rows = await self._conn.execute_fetchall(
+                    f"SELECT id FROM sessions WHERE {' AND '.join(where)}", tuple(params))
+                ids = [str(row[0]) for row in rows]
+                for start in range(0, len(ids), _DELETE_BATCH):
+                    batch = ids[start:start + _DELETE_BATCH]
+                    # ON DELETE CASCADE takes the connections and events along.
+                    await self._conn.execute(
+                        f"DELETE FROM sessions WHERE id IN ({', '.join('?' * len(batch))})",
+                        batch)
+                await self._conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._conn.execute("ROLLBACK")
+                raise
+        return ids
 
     async def connections_for(self, session_ids: Sequence[str]) -> dict[str, list[ConnectionRow]]:
         result: dict[str, list[ConnectionRow]] = {sid: [] for sid in session_ids}

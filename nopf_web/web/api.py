@@ -14,7 +14,14 @@ from .forms import FieldError, parse_new_session, parse_peer
 from .keys import GUARD, MANAGER, STORE
 from .manager import CreateError
 from .model import SessionView
-from .views import base_url, history_json, load_session, merged_history
+from .views import (
+    base_url,
+    forget_ended,
+    history_filters,
+    history_json,
+    load_session,
+    merged_history,
+)
 
 CREATE_FIELDS: Final = frozenset({"role", "local_port", "mode", "code", "rendezvous", "label",
                                    "port_mapping"})
@@ -127,6 +134,20 @@ async def history(request: web.Request) -> web.Response:
         history_json(v, connections[v.id], base) for v in views]})
 
 
+async def delete_one(request: web.Request) -> web.Response:
+    view, _ms = await load_session(request, request.match_info["id"])
+    if view.live:
+        return _error(f"session {view.id} is running: stop it first (DELETE "
+                      f"/api/sessions/{view.id})", 409, "id")
+    return web.json_response({"deleted": await forget_ended(request, session_id=view.id)})
+
+
+async def delete_history(request: web.Request) -> web.Response:
+    outcome, query, _page = history_filters(request.query)
+    return web.json_response({"deleted": await forget_ended(request, outcome=outcome,
+                                                            query=query)})
+
+
 async def guard(request: web.Request) -> web.Response:
     return web.json_response(guard_status(request.app[GUARD]))
 
@@ -140,4 +161,6 @@ def add_routes(app: web.Application) -> None:
     r.add_post(f"/api/sessions/{sid}/peer", set_peer)
     r.add_delete(f"/api/sessions/{sid}", stop_session)
     r.add_get("/api/history", history)
+    r.add_delete("/api/history", delete_history)
+    r.add_delete(f"/api/history/{sid}", delete_one)
     r.add_get("/api/guard", guard)

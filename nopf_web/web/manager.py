@@ -387,9 +387,19 @@ class SessionManager:
         ms.events.append(Event("state", f"session {ms.outcome}", at=ended,
                                data={"outcome": ms.outcome}))
 
+    def forget(self, session_ids: Iterable[str]) -> None:
+        """Drop ended sessions from memory (deleted from the history); a live one stays."""
+        for session_id in session_ids:
+            ms = self._sessions.get(session_id)
+            if ms is not None and not ms.live:
+                self._drop(ms)
+
     def _prune(self) -> None:
         """Forget the oldest finished sessions beyond ``keep_finished`` (history keeps them)."""
         finished = [ms for ms in self.sessions() if not ms.live]
         for ms in finished[self.keep_finished:]:
-            del self._sessions[ms.id]
-            self._by_share.pop(ms.share_token, None)
+            self._drop(ms)
+
+    def _drop(self, ms: ManagedSession) -> None:
+        del self._sessions[ms.id]
+        self._by_share.pop(ms.share_token, None)

@@ -8,6 +8,7 @@ import io
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
+from urllib.parse import urlencode
 
 from aiohttp import web
 from markupsafe import Markup
@@ -213,26 +214,75 @@ async def share_stop(request: web.Request) -> web.Response:
     raise web.HTTPSeeOther(base)
 
 
+# -- deleting from the history: a page that asks, then a POST ---------------------
+
+
+async def forget_ended(request: web.Request, *, session_id: str | None = None,
+                       outcome: str | None = None, query: str | None = None) -> list[str]:
+    """Delete the ended sessions that match from the history and from memory; their ids."""
+    deleted = await request.app[STORE].delete_ended(session_id=session_id, outcome=outcome,
+                                                    query=query)
+    request.app[MANAGER].forget(deleted)
+    return deleted
+
+
+def _deleted(count: int) -> web.HTTPSeeOther:
+    return web.HTTPSeeOther(f"/history?deleted={count}")
+
+
+async def session_delete_page(request: web.Request) -> web.Response:
+    view, _ms = await load_session(request, request.match_info["id"])
+    return render(request, "delete.html", s=view, count=0 if view.live else 1,
+                  action=f"/sessions/{view.id}/delete", back=f"/sessions/{view.id}",
+                  fields={})
+
+
+async def session_delete(request: web.Request) -> web.Response:
+    view, _ms = await load_session(request, request.match_info["id"])
+    if view.live:
+        raise web.HTTPConflict(text="this session is running: stop it before deleting it "
+                               "from the history")
+    raise _deleted(len(await forget_ended(request, session_id=view.id)))
+
+
+async def history_delete_page(request: web.Request) -> web.Response:
+    outcome, query, _page = history_filters(request.query)
+    _rows, count = await request.app[STORE].list_sessions(outcome=outcome, query=query,
+                                                          limit=0, ended=True)
+    fields = {"outcome": outcome or "", "q": query or ""}
+    back = "/history?" + urlencode(fields) if outcome or query else "/history"
+    return render(request, "delete.html", s=None, count=count, action="/history/delete",
+                  back=back, fields=fields, outcome=outcome, q=query)
+
+
+async def history_delete(request: web.Request) -> web.Response:
+    form = await read_form(request)
+    outcome, query, _page = history_filters({k: _field(form, k) for k in ("outcome", "q")})
+    raise _deleted(len(await forget_ended(request, outcome=outcome, query=query)))
+
+
 # -- history ----------------------------------------------------------------------
 
 
-def history_filters(request: web.Request) -> tuple[str | None, str | None, int]:
-    """(outcome, search, page) from the query; an InputError (a 400) naming the
-    parameter if bad."""
-    outcome = query_choice(request.query, "outcome", "", FILTERS)
-    query = text(request.query.get("q", ""), "q", max_len=100)
-    page = query_int(request.query, "page", 1, 1, 1_000_000)
+def history_filters(values: Mapping[str, str]) -> tuple[str | None, str | None, int]:
+    """(outcome, search, page) from a query (or a form); an InputError (a 400) naming
+    the parameter if bad."""
+    outcome = query_choice(values, "outcome", "", FILTERS)
+    query = text(values.get("q", ""), "q", max_len=100)
+    page = query_int(values, "page", 1, 1, 1_000_000)
     return outcome or None, query or None, page
 
 
 async def history_page(request: web.Request) -> web.Response:
-    outcome, query, page = history_filters(request)
+    outcome, query, page = history_filters(request.query)
+    deleted = query_int(request.query, "deleted", -1, 0, 1_000_000_000)  # after a delete
     views, connections, total = await merged_history(
         request, outcome=outcome, query=query, limit=HISTORY_PAGE,
         offset=(page - 1) * HISTORY_PAGE)
     pages = max(1, -(-total // HISTORY_PAGE))
     context: dict[str, Any] = dict(sessions=views, connections=connections, total=total, page=page,
-                   pages=pages, outcome=outcome or "", q=query or "", filters=FILTERS)
+                   pages=pages, outcome=outcome or "", q=query or "", filters=FILTERS,
+                   deleted=deleted)
     if is_fragment(request):
         return render(request, "_history_table.html", **context)
     return render(request, "history.html", **context)
@@ -254,7 +304,7 @@ def _cell(value: object) -> object:
 
 
 async def history_export(request: web.Request) -> web.Response:
-    outcome, query, _page = history_filters(request)
+    outcome, query, _page = history_filters(request.query)
     views, connections, _total = await merged_history(
         request, outcome=outcome, query=query, limit=EXPORT_LIMIT, offset=0)
     fmt = request.match_info["fmt"]
@@ -344,6 +394,10 @@ def add_routes(app: web.Application) -> None:
     r.add_post(f"/s/{token}/peer", share_peer)
     r.add_post(f"/s/{token}/stop", share_stop)
     r.add_get("/history", history_page)
+    r.add_get(f"/sessions/{sid}/delete", session_delete_page)
+    r.add_post(f"/sessions/{sid}/delete", session_delete)
+    r.add_get("/history/delete", history_delete_page)
+    r.add_post("/history/delete", history_delete)
     r.add_get("/history.{fmt:csv|json}", history_export)
     r.add_get("/settings", settings_page)
     r.add_post("/settings", settings_save)

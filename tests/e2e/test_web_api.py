@@ -343,3 +343,28 @@ async def test_odd_input_never_causes_a_server_error(client: Client) -> None:
             resp = await client.get("/history", params={"outcome": value, "q": value,
                                                          "page": value})
             assert resp.status in (200, 400)
+
+
+async def test_ended_sessions_are_deleted_one_or_by_filter_and_running_ones_stay(
+        client: Client) -> None:
+    made = [await create_session(client, role="server", local_port=free_port(), mode="seed",
+                                 label=label) for label in ("keep", "old", "older")]
+    keep, old, older = (m["id"] for m in made)
+    resp = await client.delete(f"/api/history/{old}")
+    assert resp.status == 409 and await resp.json() == {
+        "field": "id", "error": f"session {old} is running: stop it first (DELETE "
+                                f"/api/sessions/{old})"}
+    for session_id in (old, older):
+        assert (await client.delete(f"/api/sessions/{session_id}")).status == 200
+    resp = await client.delete(f"/api/history/{old}")
+    assert (resp.status, await resp.json()) == (200, {"deleted": [old]})
+    assert (await client.delete(f"/api/history/{old}")).status == 404
+    assert (await client.get(f"/api/sessions/{old}")).status == 404
+    resp = await client.delete("/api/history?outcome=done")
+    assert resp.status == 400 and (await resp.json())["field"] == "outcome"
+    resp = await client.delete("/api/history?q=nothing-like-it")
+    assert await resp.json() == {"deleted": []}
+    resp = await client.delete("/api/history")  # every ended one; the running one stays
+    assert await resp.json() == {"deleted": [older]}
+    history = (await (await client.get("/api/history")).json())["sessions"]
+    assert [h["id"] for h in history] == [keep]

@@ -141,7 +141,8 @@ async def test_a_share_link_opens_its_session_and_nothing_else(lan: Client) -> N
     assert 'href="/history"' not in page  # no navigation into the rest of the dashboard
     assert (await lan.get(share_path, headers={"HX-Request": "true"})).status == 200
     for path in (f"/sessions/{private['id']}", f"/sessions/{shared['id']}", "/history",
-                 f"/api/sessions/{private['id']}", "/api/sessions"):
+                 f"/api/sessions/{private['id']}", "/api/sessions",
+                 f"/sessions/{shared['id']}/delete", "/history/delete"):
         resp = await lan.get(path)
         assert resp.status == 401, path
     other = share_path[:-4] + ("AAAA" if not share_path.endswith("AAAA") else "BBBB")
@@ -156,6 +157,11 @@ async def test_a_share_link_opens_its_session_and_nothing_else(lan: Client) -> N
     assert (await resp.json())["peer_address"] == "127.0.0.9:4242"
     resp = await lan.get(f"/api/sessions/{private['id']}", headers=bearer)
     assert (await resp.json())["peer_address"] is None
+    # Deleting from the history is the dashboard's, not a share link's.
+    resp = await lan.post(f"/sessions/{shared['id']}/delete", data={"csrf_token": token})
+    assert resp.status == 401
+    for path in (f"/api/history/{shared['id']}", "/api/history"):
+        assert (await lan.delete(path)).status == 401, path
 
 
 async def test_a_share_links_csrf_token_does_not_work_for_the_full_dashboard(

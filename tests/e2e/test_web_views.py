@@ -7,6 +7,7 @@ import io
 import re
 from pathlib import Path
 
+from nopf_web.web.keys import STORE
 from tests.programs import free_port
 
 from .web_support import Client, create_by_form, csrf, wait_until
@@ -225,3 +226,65 @@ async def test_settings_show_the_database_and_change_the_default_rendezvous(
     assert resp.status == 303
     page = await (await client.get("/")).text()
     assert 'placeholder="127.0.0.1:' in page  # back to the embedded rendezvous
+
+
+async def _stop(client: Client, session_id: str) -> None:
+    token = await csrf(client, f"/sessions/{session_id}")
+    resp = await client.post(f"/sessions/{session_id}/stop", data={"csrf_token": token},
+                             allow_redirects=False)
+    assert resp.status == 303
+
+
+async def test_ended_sessions_are_deleted_from_the_history_after_a_page_that_asks(
+        client: Client) -> None:
+    store = client.app[STORE]
+    ids = [await create_by_form(client, role="server", local_port=str(free_port()),
+                                label=f"job {i}", mode="seed") for i in range(3)]
+    for session_id in ids[:2]:
+        await _stop(client, session_id)
+    share = re.search(r'id="share-url">[^<]*/s/([A-Za-z0-9_-]+)<',
+                      await (await client.get(f"/sessions/{ids[0]}")).text())
+    assert share
+    # The history offers it for what it shows; the page that asks counts ended ones only.
+    table = await (await client.get("/history?outcome=stopped")).text()
+    assert 'href="/history/delete?outcome=stopped&amp;q="' in table
+    page = await (await client.get("/history/delete?outcome=&q=job")).text()
+    assert ("Delete 2 ended sessions that match the search “job”, with their connections and "
+            "event logs? This cannot be undone. Running sessions stay.") in page
+    assert 'name="q" value="job"' in page and "Delete 2 sessions</button>" in page
+    # Without the form's token nothing goes.
+    resp = await client.post("/history/delete", data={"q": "job"}, allow_redirects=False)
+    assert resp.status == 403 and await store.get_session(ids[0]) is not None
+    token = await csrf(client, "/history/delete?q=job")
+    resp = await client.post("/history/delete", data={"csrf_token": token, "outcome": "",
+                                                      "q": "job"}, allow_redirects=False)
+    assert (resp.status, resp.headers["Location"]) == (303, "/history?deleted=2")
+    page = await (await client.get("/history?deleted=2")).text()
+    assert "Deleted 2 sessions from the history." in page
+    for session_id in ids[:2]:
+        assert await store.get_session(session_id) is None
+        assert await store.events_for(session_id) == []  # the event log went with it
+        assert (await client.get(f"/sessions/{session_id}")).status == 404
+    assert (await client.get(f"/s/{share.group(1)}")).status == 404  # its share link too
+    sessions = await (await client.get("/", headers=HX)).text()
+    assert "job 0" not in sessions and "job 2" in sessions  # gone from the list too
+    # A running session is not deleted: its page says to stop it first.
+    running = ids[2]
+    page = await (await client.get(f"/sessions/{running}")).text()
+    assert "Delete from the history…" not in page
+    page = await (await client.get(f"/sessions/{running}/delete")).text()
+    assert "This session is running: stop it first, then delete it." in page
+    resp = await client.post(f"/sessions/{running}/delete",
+                             data={"csrf_token": await csrf(client)}, allow_redirects=False)
+    assert resp.status == 409 and await store.get_session(running) is not None
+    await _stop(client, running)
+    page = await (await client.get(f"/sessions/{running}")).text()
+    assert f'href="/sessions/{running}/delete"' in page
+    page = await (await client.get(f"/sessions/{running}/delete")).text()
+    assert "Delete the session “job 2” (server, stopped, started" in page
+    resp = await client.post(f"/sessions/{running}/delete",
+                             data={"csrf_token": await csrf(client)}, allow_redirects=False)
+    assert (resp.status, resp.headers["Location"]) == (303, "/history?deleted=1")
+    assert await store.get_session(running) is None
+    page = await (await client.get("/history/delete")).text()
+    assert "No ended session matches: nothing to delete." in page

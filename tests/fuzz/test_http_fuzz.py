@@ -182,9 +182,10 @@ def test_json_api(dash: Dashboard, route: str, body: bytes, content_type: str) -
 
 
 QUERY_ROUTES = ("/api/history", "/api/sessions", "/api/guard", "/history", "/history.csv",
-                "/history.json", "/settings", "/", "/doctor", "/api/doctor", "/stats")
+                "/history.json", "/settings", "/", "/doctor", "/api/doctor", "/stats",
+                "/history/delete")  # the page that asks (a GET deletes nothing)
 QUERY_NAMES = ("limit", "offset", "outcome", "q", "page", "seen", "saved", "refresh", "since",
-               "token", "range")
+               "token", "range", "deleted")
 
 
 @fuzz(ci=250)
@@ -222,9 +223,10 @@ def test_query_strings(dash: Dashboard, route: str, params: list[tuple[str, str]
 
 
 FORM_ROUTES = ("/sessions", "/sessions/{live}/peer", "/sessions/{ended}/peer", "/settings",
-               "/s/{share}/peer", "/sessions/0123456789ab/stop")
+               "/s/{share}/peer", "/sessions/0123456789ab/stop", "/history/delete",
+               "/sessions/{live}/delete")
 FORM_FIELDS = ("role", "local_port", "mode", "code", "rendezvous", "label", "address",
-               "default_rendezvous", "csrf_token")
+               "default_rendezvous", "csrf_token", "outcome", "q")
 
 
 @fuzz(ci=250)

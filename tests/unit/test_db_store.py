@@ -192,6 +192,38 @@ async def test_list_filters_searches_and_pages(store: HistoryStore) -> None:
     assert not {r.id for r in page1} & {r.id for r in page2}
 
 
+async def test_deleting_ended_sessions_takes_their_rows_and_leaves_running_ones(
+        store: HistoryStore) -> None:
+    ended = [f"e{i:05d}" for i in range(1_200)]  # more than one DELETE's batch
+    for i, session_id in enumerate(ended):
+        store.add_session(_new(session_id, label="odd" if i % 2 else "even", started=1000 + i))
+        store.add_event(session_id, 1000 + i, "log", "hello")
+        store.connection_started(session_id, 1000 + i, "192.0.2.1:4000")
+        store.update_session(session_id, outcome="stopped", ended_at=1001 + i)
+    store.add_session(_new("running", label="odd"))
+    store.add_event("running", 1.0, "log", "still here")
+    await store.flush()
+    assert await store.delete_ended(session_id="running") == []
+    assert await store.delete_ended(outcome="running") == []
+    assert await store.delete_ended(session_id=ended[1]) == [ended[1]]
+    _rows, count = await store.list_sessions(query="odd", ended=True, limit=0)
+    assert count == 599
+    deleted = await store.delete_ended(query="odd")
+    assert sorted(deleted) == ended[3::2]
+    assert sorted(await store.delete_ended()) == ended[0::2]
+    rows, total = await store.list_sessions()
+    assert total == 1 and rows[0].id == "running"
+    assert [e.message for e in await store.events_for("running")] == ["still here"]
+    for session_id in ended[:3]:
+        assert await store.events_for(session_id) == []
+    assert await store.connections_for(ended[:3]) == {sid: [] for sid in ended[:3]}
+    # Nothing is left behind for another row to meet (ON DELETE CASCADE).
+    async with store._lock:
+        left = list(await store._conn.execute_fetchall(
+            "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM connections)"))
+    assert tuple(left[0]) == (1, 0)
+
+
 async def test_share_tokens_are_stored_only_as_hashes(store: HistoryStore) -> None:
     store.add_session(_new("eeeeeeeeeeee", token="s3cret-share-token-value"))
     assert await store.session_id_for_share("s3cret-share-token-value") == "eeeeeeeeeeee"
