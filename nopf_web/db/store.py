@@ -230,6 +230,9 @@ async def _configure(conn: aiosqlite.Connection, where: Path,
         await conn.execute("PRAGMA journal_mode = WAL")
         await conn.execute("PRAGMA synchronous = NORMAL")  # WAL: durable enough, far fewer fsyncs
         await conn.execute("PRAGMA foreign_keys = ON")
+        # A session deleted from the history is overwritten, not left in free pages
+        # (Debian's SQLite does so by default; python.org's builds do not).
+        await conn.execute("PRAGMA secure_delete = ON")
         await conn.execute("BEGIN EXCLUSIVE")  # take the lock now and keep it (exclusive mode)
         await conn.execute("COMMIT")
     except sqlite3.Error as exc:

@@ -224,6 +224,20 @@ async def test_deleting_ended_sessions_takes_their_rows_and_leaves_running_ones(
     assert tuple(left[0]) == (1, 0)
 
 
+async def test_what_is_deleted_is_gone_from_the_file(tmp_path: Path) -> None:
+    s = await HistoryStore.open(tmp_path / "h.db")
+    async with s._lock:
+        assert list(await s._conn.execute_fetchall("PRAGMA secure_delete")) == [(1,)]
+    for i in range(20):
+        s.add_session(_new(f"s{i}", label=f"a label to forget {i}"))
+        s.add_event(f"s{i}", 1.0, "log", f"peer 203.0.113.{i}:4000 to forget")
+        s.update_session(f"s{i}", outcome="stopped", ended_at=2.0)
+    await s.flush()
+    assert len(await s.delete_ended()) == 20
+    await s.close()
+    assert b"to forget" not in _raw_files(tmp_path / "h.db")
+
+
 async def test_share_tokens_are_stored_only_as_hashes(store: HistoryStore) -> None:
     store.add_session(_new("eeeeeeeeeeee", token="s3cret-share-token-value"))
     assert await store.session_id_for_share("s3cret-share-token-value") == "eeeeeeeeeeee"
