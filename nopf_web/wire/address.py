@@ -131,16 +131,21 @@ def is_hostname(text: str) -> bool:
     return all(_LABEL.fullmatch(label) for label in labels)
 
 
-def parse_host(host: str, *, field: str = "host", shown: str | None = None) -> str:
-    """An IPv4 address (canonical form) or an RFC 1123 host name."""
+def parse_host(host: str, *, field: str = "host", shown: str | None = None,
+               what: str = "an address to connect to") -> str:
+    """An IPv4 address (canonical form) or an RFC 1123 host name: a host to connect to,
+    so neither 0.0.0.0 nor a multicast address (which cannot be ``what``), as with IPv6."""
     try:
-        return str(ipaddress.IPv4Address(host))
+        ip = ipaddress.IPv4Address(host)
     except ValueError:
         if host.replace(".", "").isdigit() or not is_hostname(host):
             where = f" in {shown}" if shown else ""
             raise BadAddress(f"{quote(host)}{where} is not an IPv4 address or host name",
                              field) from None
-    return host
+        return host
+    if ip.is_unspecified or ip.is_multicast:
+        raise BadAddress(f"{field} {shown or quote(host)}: {ip} cannot be {what}", field)
+    return str(ip)
 
 
 # Why seed mode refuses an IPv6 rendezvous (its discovery reply carries an IPv4 address).
@@ -174,7 +179,7 @@ def parse_host_endpoint(text: str, *, field: str = "address",
             example = "[2001:db8::1]:3012"
         raise BadAddress(f"{field} {shown} is ambiguous: put an IPv6 address in brackets, "
                          f"as in {quote(example)}", field)
-    return Endpoint(parse_host(host, field=field, shown=shown),
+    return Endpoint(parse_host(host, field=field, shown=shown, what="a rendezvous address"),
                     parse_port(port, what=f"port in {shown}", field=field))
 
 
@@ -246,7 +251,7 @@ def parse_local_endpoint(text: str, *, field: str = "--localport",
     if ":" in host:
         raise BadAddress(f"{field} {shown} is ambiguous: put an IPv6 address in brackets, "
                          "as in '[2001:db8::1]:3000'", field)
-    return Endpoint(parse_host(host, field=field, shown=shown),
+    return Endpoint(parse_host(host, field=field, shown=shown, what="a service address"),
                     parse_port(port, what=f"port in {shown}", field=field))
 
 

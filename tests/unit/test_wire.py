@@ -100,6 +100,11 @@ def test_parse_host_endpoint_accepts_names() -> None:
         parse_host_endpoint("bad_host!:3012")
     with pytest.raises(BadAddress):
         parse_host_endpoint("1.2.3:3012")
+    # A host to connect to, in IPv4 as in IPv6 (Linux would take 0.0.0.0 for itself).
+    for bad in ("0.0.0.0:3012", "224.0.0.1:3012", "239.255.255.250:3012"):
+        with pytest.raises(BadAddress, match=f"--serveraddr '{bad}': .* cannot be a "
+                           "rendezvous address"):
+            parse_host_endpoint(bad, field="--serveraddr")
 
 
 def test_parse_host_endpoint_takes_ipv6_in_brackets_only() -> None:
@@ -197,6 +202,8 @@ def test_a_local_side_is_host_and_port(listen: bool, text: str, expected: Endpoi
     (False, "2001:db8::20:80", "ambiguous: put an IPv6 address in brackets"),
     (False, "bad_host!:80", "is not an IPv4 address or host name"),
     (False, "[::]:80", "cannot be a service address"),
+    (False, "0.0.0.0:80", "0.0.0.0 cannot be a service address"),
+    (False, "224.0.0.1:80", "cannot be a service address"),
     (False, "[ff02::1]:80", "cannot be a service address"),
     (False, "1.2.3.4:0", "out of range"),
     (True, "localhost:3010", "'localhost' is not an IP address to listen on"),
