@@ -169,14 +169,27 @@ class SessionView(SessionRecord):
         return all(side.rpartition(":")[0] == LOCAL_HOST for side in self.local_sides)
 
     @property
+    def local_short(self) -> list[str]:
+        """Every local side as the *Local port* field takes it: a bare port on the
+        default host, else HOST:PORT."""
+        return [side.rpartition(":")[2] if side.rpartition(":")[0] == LOCAL_HOST else side
+                for side in self.local_sides]
+
+    @property
     def local_words(self) -> str:
         """``port 3000`` on the default host, else ``192.168.1.20:80`` (``ports 22,
         192.168.1.20:80`` for several): how a list names the local side."""
-        short = [side.rpartition(":")[2] if side.rpartition(":")[0] == LOCAL_HOST else side
-                 for side in self.local_sides]
+        short = self.local_short
         if len(short) == 1:
             return f"port {short[0]}" if self.local_is_default else short[0]
         return "ports " + ", ".join(short)
+
+    def again_form(self, default_rendezvous: str) -> dict[str, str]:
+        """The new-session form filled in as this session was made (a code is used
+        once: never carried over; the default rendezvous stays empty)."""
+        return {"role": self.role, "mode": self.mode, "local_port": ", ".join(self.local_short),
+                "rendezvous": "" if self.rendezvous == default_rendezvous else self.rendezvous,
+                "label": self.label, "code": ""}
 
     @property
     def title(self) -> str:

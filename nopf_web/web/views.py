@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 from urllib.parse import urlencode
@@ -15,7 +16,7 @@ from markupsafe import Markup
 
 from nopf_web.db import OUTCOMES, ConnectionRow, EventRow
 from nopf_web.errors import NopfError
-from nopf_web.inputs import query_choice, query_int, text
+from nopf_web.inputs import InputError, query_choice, query_int, quote, text
 from nopf_web.sessions.engine import Event
 
 from .forms import FieldError, parse_new_session, parse_peer, parse_rendezvous
@@ -86,16 +87,29 @@ async def sessions_page(request: web.Request) -> web.Response:
             # Nothing changed since the page's last poll: htmx swaps nothing on a 204.
             return web.Response(status=204, headers={"Vary": "HX-Request"})
         return render(request, "_session_list.html", items=items, seen=seen)
-    return _sessions_full(request, views, form={"role": "server", "mode": "coordinated"},
-                          errors={})
+    again = request.query.get("again")  # "start again": the form as that session was made
+    if again is None:
+        return _sessions_full(request, views, form={"role": "server", "mode": "coordinated"},
+                              errors={})
+    if not _SESSION_ID.fullmatch(again):
+        raise InputError("again", f"again must be a session id (12 hex digits), not "
+                         f"{quote(again)}")
+    source, _ms = await load_session(request, again)
+    default = str(request.app[MANAGER].default_rendezvous)
+    return _sessions_full(request, views, form=source.again_form(default), errors={},
+                          again=source)
+
+
+_SESSION_ID: Final = re.compile(r"[0-9a-f]{12}")
 
 
 def _sessions_full(request: web.Request, views: Sequence[SessionView], *,
                    form: Mapping[str, str], errors: Mapping[str, str],
-                   status: int = 200) -> web.Response:
+                   status: int = 200, again: SessionView | None = None) -> web.Response:
     items, seen = _session_list(request, views)
     return render(request, "sessions.html", status=status, items=items, seen=seen, form=form,
-                  errors=errors, default_rendezvous=str(request.app[MANAGER].default_rendezvous))
+                  errors=errors, default_rendezvous=str(request.app[MANAGER].default_rendezvous),
+                  again=again)
 
 
 async def create_session(request: web.Request) -> web.Response:

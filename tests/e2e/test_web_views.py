@@ -7,6 +7,7 @@ import io
 import re
 from pathlib import Path
 
+from nopf_web.pairing import make_code
 from nopf_web.web.keys import STORE
 from tests.programs import free_port
 
@@ -229,7 +230,8 @@ async def test_settings_show_the_database_and_change_the_default_rendezvous(
 
 
 async def _stop(client: Client, session_id: str) -> None:
-    token = await csrf(client, f"/sessions/{session_id}")
+    """Stop it (a session that has ended already stays as it ended)."""
+    token = await csrf(client)
     resp = await client.post(f"/sessions/{session_id}/stop", data={"csrf_token": token},
                              allow_redirects=False)
     assert resp.status == 303
@@ -288,3 +290,32 @@ async def test_ended_sessions_are_deleted_from_the_history_after_a_page_that_ask
     assert await store.get_session(running) is None
     page = await (await client.get("/history/delete")).text()
     assert "No ended session matches: nothing to delete." in page
+
+
+async def test_start_again_fills_the_form_as_the_session_was_made(client: Client) -> None:
+    first, second = free_port(), free_port()
+    server = await create_by_form(client, role="server", mode="coordinated", label="ssh",
+                                  local_port=f"{first}, 127.0.0.2:{second}",
+                                  rendezvous="127.0.0.1:9")
+    page = await (await client.get(f"/sessions/{server}")).text()
+    assert 'id="again-link"' not in page  # running: nothing to start again yet
+    await _stop(client, server)
+    page = await (await client.get(f"/sessions/{server}")).text()
+    assert f'href="/?again={server}" id="again-link"' in page
+    form = await (await client.get(f"/?again={server}")).text()
+    assert f'value="{first}, 127.0.0.2:{second}"' in form
+    assert 'value="server" checked' in form and 'value="coordinated" checked' in form
+    assert 'value="127.0.0.1:9"' in form and 'value="ssh"' in form
+    assert "Filled in as" in form and "ask the sharer for a new one" not in form
+    # A client's code is used once: the form asks for a new one; the default rendezvous
+    # stays empty (it follows the default).
+    joiner = await create_by_form(client, role="client", mode="coordinated",
+                                  code=str(make_code(7)), local_port=str(free_port()))
+    await _stop(client, joiner)
+    form = await (await client.get(f"/?again={joiner}")).text()
+    assert "a code works once, so ask the sharer for a new one" in form
+    assert 'value="client" checked' in form and str(make_code(7)) not in form
+    assert re.search(r'id="rendezvous" [^>]*value=""', form)
+    resp = await client.get("/?again=zz")
+    assert resp.status == 400 and "again must be a session id" in await resp.text()
+    assert (await client.get("/?again=0123456789ab")).status == 404
