@@ -185,7 +185,7 @@ QUERY_ROUTES = ("/api/history", "/api/sessions", "/api/guard", "/history", "/his
                 "/history.json", "/settings", "/", "/doctor", "/api/doctor", "/stats",
                 "/history/delete")  # the page that asks (a GET deletes nothing)
 QUERY_NAMES = ("limit", "offset", "outcome", "q", "page", "seen", "saved", "refresh", "since",
-               "token", "range", "deleted")
+               "token", "range", "deleted", "again")
 
 
 @fuzz(ci=250)
