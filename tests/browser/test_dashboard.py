@@ -9,7 +9,9 @@ service answers), see the bytes counted, stop, and find both in History. The
 seed's manual-address flow (exchange public addresses) is covered too, and
 the live page's promises: a copy button keeps its "Copied" label and the
 focus while values stream in around it, and without JavaScript a session
-page still shows the session, with a refresh link.
+page still shows the session, with a refresh link. A session sharing two services
+over one code is reached through a port for each, starts again from its settings,
+and is deleted from the history after the page that asks.
 Screenshots at 360 px and desktop width go to $NOPF_SCREENSHOT_DIR (default:
 the test's temp directory).
 
@@ -36,7 +38,7 @@ from typing import Any
 
 import pytest
 
-from tests.loopback import echo_service
+from tests.loopback import echo_service, tcp_service
 from tests.programs import free_port
 
 from .support import (
@@ -361,3 +363,74 @@ def test_without_javascript_a_session_page_shows_the_session_and_a_refresh_link(
     _stop(page)  # a plain form post
     assert page.get_by_role("link", name="refresh").count() == 0  # nothing left to update
     context.close()
+
+
+def _tagging(tag: bytes) -> Callable[[socket.socket], None]:
+    """A tcp_service handler: what it reads until EOF comes back after ``tag``."""
+    def handle(conn: socket.socket) -> None:
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+        conn.sendall(tag + data)
+    return handle
+
+
+def _ask(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as app:
+        app.sendall(b"hello")
+        app.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := app.recv(65536):
+            answer += chunk
+        return answer
+
+
+def test_two_services_over_one_code_then_start_again_and_delete(
+        dashboard: str, browser: Any) -> None:
+    """A server session shares two services, typed in one field; the client lists a
+    port for each and reaches each service. Then a finished session starts again from
+    its settings, and another is deleted from the history after the page that asks."""
+    context = _desktop(browser, dashboard)
+    server_page, client_page = context.new_page(), context.new_page()
+    errors = console_errors(server_page, client_page)
+    with tcp_service(_tagging(b"A:")) as first, tcp_service(_tagging(b"B:")) as second:
+        ports = [free_port(), free_port()]
+        _fill_new_session(server_page, dashboard, "server", first, "two services")
+        server_page.get_by_label("Local port", exact=True).fill(f"{first}, 127.0.0.1:{second}")
+        server_page.get_by_role("button", name="Start session").click()
+        server_page.wait_for_url(re.compile(r"/sessions/[0-9a-f]{12}$"))
+        server_page.locator("#pairing-code").wait_for()
+        code = str(server_page.locator("#pairing-code").inner_text()).strip()
+        assert f"nopf connect {code} -p PORT -p PORT -a" in server_page.locator(
+            "#invite").inner_text()
+        _fill_new_session(client_page, dashboard, "client", ports[0], "two ports")
+        client_page.get_by_label("Local port", exact=True).fill(f"{ports[0]}, {ports[1]}")
+        client_page.get_by_label("Pairing code (client)").fill(code)
+        client_page.get_by_role("button", name="Start session").click()
+        client_page.wait_for_url(re.compile(r"/sessions/[0-9a-f]{12}$"))
+        for page in (server_page, client_page):
+            page.locator("#live .badge-connected").wait_for()
+        assert (_ask(ports[0]), _ask(ports[1])) == (b"A:hello", b"B:hello")
+        _stop_both(client_page, server_page)
+
+    client_page.reload()  # a finished session's page: what comes after
+    client_page.get_by_role("link", name="Start again with these settings").click()
+    client_page.wait_for_url(re.compile(r"/\?again=[0-9a-f]{12}$"))
+    assert client_page.get_by_label("Local port", exact=True).input_value() == \
+        f"{ports[0]}, {ports[1]}"
+    assert client_page.get_by_role("radio", name=re.compile("^Client")).is_checked()
+    assert client_page.get_by_label("Pairing code (client)").input_value() == ""
+    assert "ask the sharer for a new one" in client_page.locator("#again").inner_text()
+
+    server_page.reload()
+    server_page.get_by_role("link", name="Delete from the history…").click()
+    assert "Delete the session “two services”" in server_page.locator(
+        "#delete-what").inner_text()
+    server_page.get_by_role("button", name="Delete 1 session").click()
+    server_page.wait_for_url(re.compile(r"/history\?deleted=1$"))
+    assert server_page.locator("#deleted").inner_text() == \
+        "Deleted 1 session from the history."
+    rows = server_page.locator("table.history tbody tr")
+    assert rows.count() == 1 and "two ports" in rows.inner_text()
+    context.close()
+    assert not errors, errors
