@@ -437,10 +437,11 @@ class _Local(asyncio.BufferedProtocol):
         """Close the local connection with RST, as a reset TCP connection would."""
         if self.transport is None:
             return
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        # Our own socket object: uvloop's get_extra_info("socket") raises EBADF once the
+        # transport has closed it (a stream that ended both ways, failed by the tunnel's
+        # end), and that error took the whole tunnel down.
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         self.transport.abort()
 
 

@@ -217,9 +217,10 @@ class Stream:
         self._sink_parts = getattr(sink, "on_data_parts", None)
         if self._error is not None:
             # Failed before its sink came (the peer reset it while the local
-            # connection was being made): said now, or that connection would
-            # wait for ever.
-            sink.on_error(self._error)
+            # connection was being made): said at once, or that connection would
+            # wait for ever; from the loop, not from inside the transport's
+            # connection_made, which uvloop fails with EBADF if it is aborted there.
+            asyncio.get_running_loop().call_soon(sink.on_error, self._error)
             return
         self.resume_delivery()
 

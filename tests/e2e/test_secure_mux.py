@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import statistics
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -49,6 +50,7 @@ from nopf_web.wire.frames import ResetCode
 from tests.loopback import ask_service, tagged_service, tcp_pair
 
 from .mux_streams import CODE, channels, forwarded, hash_client, hash_service, muxes
+from .web_support import wait_until
 
 # On uvloop too: the loop of nopf's commands on Linux (tests/conftest.py).
 pytestmark = pytest.mark.uvloop_too
@@ -806,6 +808,52 @@ async def test_a_burst_of_streams_to_a_service_that_is_down_is_said_in_two_lines
     assert len(connected) <= 2
 
 
+async def test_connections_the_application_drops_at_once_leave_none_open_at_the_service(
+        ) -> None:
+    """Connections to the connector that close (or reset) as soon as they open, as a
+    browser's often do: the sharer's connection to its service for each must close too.
+    (A stream reset while the sharer was still connecting to the service kept that
+    connection open for ever: about a third of them here.)"""
+    open_now = 0
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal open_now
+        open_now += 1
+        try:
+            await reader.read()  # until the sharer closes (or resets) it
+        except OSError:
+            pass
+        finally:
+            open_now -= 1
+            writer.close()
+
+    service = await asyncio.start_server(hold, "127.0.0.1", 0, backlog=512)
+    listener = socket.create_server(("127.0.0.1", 0), backlog=512)
+    ca, cb = await channels(*tcp_pair())
+    async with asyncio.timeout(20), Mux(ca, role="server", name="mux-a") as ma, \
+            Mux(cb, role="client", name="mux-b") as mb:
+        share = asyncio.create_task(serve_share(ma, service.sockets[0].getsockname()[:2]))
+        connect = asyncio.create_task(serve_connect(mb, listener))
+        for i in range(300):
+            _reader, writer = await asyncio.open_connection(*listener.getsockname())
+            if i % 2:  # reset rather than FIN
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.close()
+
+        async def settled() -> bool:
+            return not (mb.total_streams < 300 or open_now or ma.open_streams
+                        or mb.open_streams)
+
+        await wait_until(settled, timeout=15, what="every stream and service connection "
+                         "to close")
+        await ma.close()
+        await asyncio.gather(share, connect)
+    listener.close()
+    service.close()
+    await service.wait_closed()
+
+
 class _Sink:
     """A stream's sink that only expects to hear of its failure."""
 
@@ -837,6 +885,7 @@ async def test_a_stream_reset_before_its_sink_attaches_fails_the_sink_at_once() 
             await stream.read()
         sink = _Sink()
         stream.attach(sink)
+        await asyncio.sleep(0)  # told from the loop, not inside attach
         assert [str(e) for e in sink.errors] == [
             f"stream {stream.stream_id} was reset by the peer: nothing is listening there"]
 
