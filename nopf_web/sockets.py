@@ -506,6 +506,29 @@ def peek_nonblocking(sock: socket.socket, size: int = 1) -> bytes:
     return sock.recv(size, socket.MSG_PEEK | dontwait)
 
 
+def release_if_closed(transport: asyncio.BaseTransport, sock: socket.socket) -> None:
+    """Detach ``sock`` if ``transport``, just made from it, has closed its descriptor.
+
+    uvloop's ``create_connection(sock=...)`` hands ``sock`` to the transport only after
+    ``connection_made``; a transport that closed in between (its protocol wrote at
+    once to a connection the other end had reset: the forwarder with what a stream
+    already holds, the secure channel with its confirmation) has closed the
+    descriptor without detaching ``sock``. Collected later, ``sock`` would close that
+    number again, by then another connection's (seen: "File descriptor 135 is used by
+    transport", EBADF, an abort in libuv). asyncio's transports own ``sock`` and close
+    it themselves: nothing to do there.
+    """
+    if not transport.is_closing():
+        return
+    try:
+        held = transport.get_extra_info("socket")
+        gone = held is None or held.fileno() < 0
+    except OSError:  # uvloop, once closed: EBADF
+        gone = True
+    if gone:
+        sock.detach()
+
+
 def send_gathered(sock: socket.socket, parts: list[bytes | memoryview]) -> int:
     """Send ``parts`` in one call: sendmsg without copying them where the system
     has it; Windows has no sendmsg, so one joined buffer there. Bytes sent."""

@@ -24,6 +24,7 @@ from nopf_web.repeats import Repeats
 from nopf_web.sockets import (
     LINGER_RESET,
     connect_tcp,
+    release_if_closed,
     send_gathered,
     set_exclusive_address,
     stream_transport,
@@ -241,7 +242,8 @@ async def _share_one(stream: Stream, service: tuple[str, int], timeout: float,
         async with asyncio.timeout(timeout):
             sock = await connect_tcp(host, port)
             local = _Local(stream, sock)
-            await loop.create_connection(lambda: local, sock=sock)
+            transport, _ = await loop.create_connection(lambda: local, sock=sock)
+            release_if_closed(transport, sock)
     except BaseException as exc:
         if sock is not None:
             sock.close()

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from nopf_web.buffers import Buffer
 from nopf_web.delegated import Delegated
 from nopf_web.roles import PeerRole
-from nopf_web.sockets import stream_transport
+from nopf_web.sockets import release_if_closed, stream_transport
 
 from .errors import HandshakeError, TunnelError
 from .record_machine import (
@@ -442,7 +442,8 @@ async def _attach(sock: socket.socket, channel: SecureChannel) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     loop = asyncio.get_running_loop()
     try:
-        await loop.create_connection(lambda: _Protocol(channel), sock=sock)
+        transport, _ = await loop.create_connection(lambda: _Protocol(channel), sock=sock)
     except BaseException:
         sock.close()
         raise
+    release_if_closed(transport, sock)  # a peer that reset it at once: see there

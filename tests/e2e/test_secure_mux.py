@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import os
 import re
@@ -22,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from nopf_web import sockets
 from nopf_web.tunnel import forward, slab
 from nopf_web.tunnel.errors import (
     HandshakeError,
@@ -47,7 +49,7 @@ from nopf_web.tunnel.secure import (
 )
 from nopf_web.wire.address import Endpoint
 from nopf_web.wire.frames import ResetCode
-from tests.loopback import ask_service, tagged_service, tcp_pair
+from tests.loopback import accepted, ask_service, tagged_service, tcp_pair
 
 from .mux_streams import CODE, channels, forwarded, hash_client, hash_service, muxes
 from .web_support import wait_until
@@ -852,6 +854,103 @@ async def test_connections_the_application_drops_at_once_leave_none_open_at_the_
     listener.close()
     service.close()
     await service.wait_closed()
+
+
+async def test_a_service_that_resets_at_once_leaves_the_tunnel_and_its_descriptors_whole(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each stream's connection to the service is reset by the service as it opens,
+    and the reset arrives before the sharer makes its transport (as on a busy loop:
+    here each connect is followed by a short wait). On uvloop the transport then
+    closes its descriptor before it holds the socket object (create_connection(sock=)
+    attaches it after connection_made); the object kept the closed number and,
+    collected, closed it again: by then another connection's (the sharer failed with
+    "File descriptor N is used by transport", EBADF, or an abort in libuv). Here every
+    stream is refused, the tunnel goes on, and sockets opened meanwhile stay open
+    however much is collected."""
+    resets = 0
+
+    def reset_at_once(listener: socket.socket, stop: threading.Event) -> None:
+        nonlocal resets
+        for conn in accepted(listener, stop):
+            resets += 1
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    async def busy_connect(host: str, port: int) -> socket.socket:
+        sock = await sockets.connect_tcp(host, port)
+        await asyncio.sleep(0.02)  # the service's reset arrives meanwhile
+        return sock
+
+    monkeypatch.setattr(forward, "connect_tcp", busy_connect)
+    service = socket.create_server(("127.0.0.1", 0), backlog=256)
+    service.settimeout(0.2)
+    stop = threading.Event()
+    resetter = threading.Thread(target=reset_at_once, args=(service, stop), daemon=True)
+    resetter.start()
+    listener = socket.create_server(("127.0.0.1", 0), backlog=256)
+    canaries: list[tuple[socket.socket, socket.socket]] = []
+    ca, cb = await channels(*tcp_pair())
+    try:
+        async with asyncio.timeout(30), Mux(ca, role="server", name="mux-a") as ma, \
+                Mux(cb, role="client", name="mux-b") as mb:
+            share = asyncio.create_task(serve_share(ma, service.getsockname()[:2]))
+            connect = asyncio.create_task(serve_connect(mb, listener))
+            for _ in range(30):
+                assert await ask_service(listener.getsockname()) == b""
+                canaries.append(tcp_pair())  # takes the numbers just given back
+                gc.collect()  # a stale socket object would close one of them now
+            assert not share.done() and ma.state == mb.state == "open"
+            for mine, theirs in canaries:
+                mine.sendall(b"alive")
+                assert theirs.recv(5) == b"alive"
+            await ma.close()
+            await asyncio.gather(share, connect)
+    finally:
+        stop.set()
+        resetter.join(2)
+        service.close()
+        listener.close()
+        for pair in canaries:
+            for end in pair:
+                end.close()
+    assert resets >= 30
+
+
+class _WritesAtOnce(asyncio.Protocol):
+    """Writes as its transport is made, as the forwarder does with what a stream
+    already holds."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sockets.stream_transport(transport).write(b"x" * 100_000)
+
+
+async def test_a_socket_whose_transport_closed_before_holding_it_is_released() -> None:
+    """The peer's RST is in before the transport is made from the socket, and the
+    protocol writes at once: the write fails and the transport closes before it holds
+    the socket object (uvloop's create_connection(sock=) attaches it after
+    connection_made). The object must not keep the closed number; an open one is left
+    alone."""
+    server = socket.create_server(("127.0.0.1", 0))
+    loop = asyncio.get_running_loop()
+    try:
+        for reset in (True, False):
+            sock = await sockets.connect_tcp(*server.getsockname()[:2])
+            conn, _addr = server.accept()
+            if reset:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+                await asyncio.sleep(0.05)  # the RST is in
+            transport, _ = await loop.create_connection(_WritesAtOnce, sock=sock)
+            sockets.release_if_closed(transport, sock)
+            await asyncio.sleep(0.05)  # what the transport does with the RST, it has done
+            if reset:
+                assert sock.fileno() < 0  # closed, and nothing left to close twice
+            else:
+                os.fstat(sock.fileno())  # open, and the transport's
+            transport.close()
+            conn.close()
+    finally:
+        server.close()
 
 
 class _Sink:
