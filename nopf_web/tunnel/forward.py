@@ -422,8 +422,22 @@ class _Local(asyncio.BufferedProtocol):
     def on_eof(self) -> None:
         self._got_eof = True
         if self.transport is not None and self.transport.can_write_eof():
-            self.transport.write_eof()
+            try:
+                self.transport.write_eof()
+            except OSError as exc:
+                # asyncio's transport shuts the socket down at once and lets the
+                # error out (ENOTCONN once the application has reset it; uvloop says
+                # so through connection_lost). Raised here, inside the mux's reading
+                # of a record, it ended the whole tunnel as "the tunnel connection
+                # failed"; it is this stream's local connection that is gone.
+                asyncio.get_running_loop().call_soon(self._local_failed, exc)
+                return
         self._maybe_close()
+
+    def _local_failed(self, exc: OSError) -> None:
+        self._abort()
+        self.stream.reset(ResetCode.CONNECTION_LOST,
+                          f"the local connection failed: {exc.strerror or exc}")
 
     def on_error(self, error: TunnelError) -> None:
         self._abort()

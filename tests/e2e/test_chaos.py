@@ -13,97 +13,28 @@ descriptor N is used by transport", EBADF, a libuv abort).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import signal
-import socket
-import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.loopback import accepted
 from tests.programs import argv, free_port
+
+from .unruly import CLIENT_KINDS, unruly_client, unruly_service
 
 pytestmark = pytest.mark.linux_only("counts open files in /proc")
 
 CONNECTIONS = 600
-CLIENT_KINDS = ("close", "reset", "send_reset", "half_close", "echo")
-SERVICE_KINDS = ("echo", "echo", "close", "reset", "flood", "late")
-RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends an RST
 
 
 def _files(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-@contextlib.contextmanager
-def _unruly_service(seed: int) -> Iterator[tuple[int, list[socket.socket]]]:
-    """A service on loopback that treats each connection one of SERVICE_KINDS' ways;
-    yields its port and the connections it accepted (closed as they end)."""
-    listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
-    listener.settimeout(0.2)
-    stop = threading.Event()
-    rng = random.Random(seed)
-    conns: list[socket.socket] = []
-
-    def serve(conn: socket.socket, how: str) -> None:
-        with conn, contextlib.suppress(OSError):
-            if how == "reset":
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
-                return
-            if how == "close":
-                return
-            if how == "flood":
-                conn.sendall(os.urandom(1 << 20))
-                return
-            if how == "late":
-                time.sleep(0.5)
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def accept() -> None:
-        for conn in accepted(listener, stop):
-            conn.settimeout(30)  # a connection the sharer forgot still ends the thread
-            conns.append(conn)
-            threading.Thread(target=serve, args=(conn, rng.choice(SERVICE_KINDS)),
-                             daemon=True).start()
-
-    acceptor = threading.Thread(target=accept, daemon=True)
-    acceptor.start()
-    try:
-        yield int(listener.getsockname()[1]), conns
-    finally:
-        stop.set()
-        acceptor.join(2)
-        listener.close()
-
-
-def _client(port: int, how: str, size: int) -> None:
-    """One application connection, ``how`` (CLIENT_KINDS); errors the tunnel passes
-    on (a reset from the service) are its business, not the test's."""
-    with contextlib.suppress(OSError), \
-            socket.create_connection(("127.0.0.1", port), timeout=10) as app:
-        if how == "reset":
-            app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
-        elif how == "send_reset":
-            app.sendall(os.urandom(size))
-            app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
-        elif how == "half_close":
-            app.sendall(os.urandom(size))
-            app.shutdown(socket.SHUT_WR)
-            while app.recv(65536):
-                pass
-        elif how == "echo":
-            app.sendall(os.urandom(size))
-            got = 0
-            while got < size and (data := app.recv(65536)):
-                got += len(data)
 
 
 def _says(log: Path, text: str) -> Callable[[], bool]:
@@ -122,7 +53,7 @@ def test_mixed_connections_against_an_unruly_service_leave_both_ends_whole(
         tmp_path: Path) -> None:
     rng = random.Random(2026)
     rdv, app_port = free_port(), free_port()
-    with _unruly_service(seed=7) as (service, service_conns), \
+    with unruly_service(seed=7) as (service, service_conns), \
             open(tmp_path / "server.err", "w") as server_err, \
             open(tmp_path / "share.err", "w") as share_err, \
             open(tmp_path / "connect.err", "w") as connect_err:
@@ -146,7 +77,7 @@ def test_mixed_connections_against_an_unruly_service_leave_both_ends_whole(
             for err in ("share.err", "connect.err"):
                 _until(_says(tmp_path / err, "encrypted tunnel to"), 20, f"the tunnel in {err}")
             before = {name: _files(p.pid) for name, p in procs.items()}
-            threads = [threading.Thread(target=_client, args=(
+            threads = [threading.Thread(target=unruly_client, args=(
                 app_port, rng.choice(CLIENT_KINDS), rng.randint(1, 200_000)), daemon=True)
                 for _ in range(CONNECTIONS)]
             for i, thread in enumerate(threads):
