@@ -127,7 +127,10 @@ class ConnDriver:
         transport = link.transport
         transport.write(data)
         if fin and transport.can_write_eof():
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:  # asyncio's shuts down at once: the client had reset it
+                transport.abort()
         if transport.is_closing():  # the write failed: connection_lost says why
             link.write_failed = True
 

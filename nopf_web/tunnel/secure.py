@@ -284,7 +284,11 @@ class SecureChannel:
         # shadows the method, so the hot path checks no flag on every record.
         self.writelines = _write_nothing  # type: ignore[method-assign]
         protocol.discard_from_now()
-        transport.write_eof()
+        try:
+            transport.write_eof()
+        except OSError:  # asyncio's shuts down at once: the peer had reset it already
+            self.abort()
+            return
         transport.resume_reading()
 
     def abort(self) -> None:

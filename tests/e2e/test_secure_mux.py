@@ -1018,6 +1018,22 @@ async def test_mixed_connections_against_an_unruly_service_end_only_their_stream
     listener.close()
 
 
+async def test_closing_a_tunnel_whose_peer_reset_it_unseen_raises_nothing() -> None:
+    """Lingering close (FIN, then read until the peer's FIN) on a connection the peer
+    reset before the loop read it: asyncio's write_eof() raises ENOTCONN at once; the
+    close aborts instead of letting that out of the tunnel's end."""
+    a, b = tcp_pair()
+    ca, cb = await channels(a, b)
+    assert ca._transport is not None
+    ca._transport.pause_reading()  # the loop does not see the reset
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    cb.abort()
+    await asyncio.sleep(0.05)  # the RST is in
+    ca.linger_close()
+    await asyncio.sleep(0.05)
+    assert ca.closed
+
+
 class _Sink:
     """A stream's sink that only expects to hear of its failure."""
 
