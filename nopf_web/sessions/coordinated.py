@@ -51,7 +51,7 @@ from nopf_web.tunnel.resume_machine import (
     TunnelFailed,
 )
 from nopf_web.tunnel.secure import Pake
-from nopf_web.wire.address import LOCAL_HOST, Endpoint, is_loopback, local_text
+from nopf_web.wire.address import LOCAL_HOST, Endpoint, is_loopback, local_listing, local_text
 from nopf_web.wire.frames import MAX_SERVICES
 from nopf_web.wire.nat import NatSummary
 
@@ -422,11 +422,7 @@ class CoordinatedEngine(EngineBase):
             self._set_state(State.PUNCHING, message)
 
     def _ready_hint(self) -> str:
-        sides = self.spec.local_sides
-        if len(sides) == 1:
-            where = str(sides[0])
-        else:  # which listener reaches which of the sharer's services
-            where = ", ".join(f"{side} (service {i})" for i, side in enumerate(sides, 1))
+        where = local_listing(self.spec.local_sides)  # which side reaches which service
         if self.spec.role == "server":
             return f"the peer's connections arrive at {where}"
         return f"connect your applications to {where}"

@@ -485,16 +485,9 @@ class Mux:
     async def peer_service_count(self) -> int:
         """How many services the peer shares, once it said: at most ``SERVICES_WAIT``
         (:class:`ServicesUnknown`), or the tunnel's end (its error)."""
-        if self._machine.peer_services is None:
-            await self._peer_services()
-        count = self._machine.peer_services
-        assert count is not None
-        return count
-
-    async def _peer_services(self) -> None:
         try:
             async with asyncio.timeout(SERVICES_WAIT):
-                while self._machine.peer_services is None:
+                while (count := self._machine.peer_services) is None:
                     reason = self._machine.end_reason
                     if reason is not None:
                         raise reason
@@ -502,6 +495,7 @@ class Mux:
         except TimeoutError:
             raise ServicesUnknown(f"the peer did not say within {SERVICES_WAIT:g} s how "
                                   "many services it shares") from None
+        return count
 
     async def accept_stream(self) -> Stream:
         """The next stream the peer opened; raises once the tunnel has ended."""

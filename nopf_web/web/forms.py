@@ -113,18 +113,14 @@ def parse_local(value: object, role: PeerRole) -> tuple[Endpoint, ...]:
         items = [value]
     if not items:
         raise FieldError("local_port", "is an empty list (expected a port or HOST:PORT)")
-    texts: list[str] = []
+    if any(isinstance(item, bool) or not isinstance(item, int | str) for item in items):
+        raise FieldError("local_port", "must be a port (1-65535) or HOST:PORT, or a list of "
+                         "them")
     try:
-        for item in items:
-            if isinstance(item, bool) or not isinstance(item, int | str):
-                raise FieldError("local_port", "must be a port (1-65535) or HOST:PORT, or a "
-                                 "list of them")
-            texts.append(str(json_int(item, "local port", 1, 65535))
-                         if isinstance(item, int) else item)
+        texts = [str(json_int(item, "local port", 1, 65535)) if isinstance(item, int)
+                 else str(item) for item in items]
         return parse_local_sides(texts, field="local port", listen=role == "client",
                                  most=MAX_SERVICES)
-    except FieldError:
-        raise
     except InputError as exc:
         raise FieldError("local_port", str(exc)) from None
 

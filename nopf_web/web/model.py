@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nopf_web.db import SessionRecord, SessionRow
-from nopf_web.wire.address import LOCAL_HOST, Endpoint, is_loopback
+from nopf_web.wire.address import LOCAL_HOST, Endpoint, is_loopback, local_listing
 
 from .manager import CODE_LIFETIME, ManagedSession
 
@@ -156,12 +156,8 @@ class SessionView(SessionRecord):
 
     @property
     def local_listing(self) -> str:
-        """The local sides in a sentence: ``127.0.0.1:22``, or ``127.0.0.1:22 (service
-        1), 192.168.1.20:80 (service 2)``."""
-        sides = self.local_sides
-        if len(sides) == 1:
-            return sides[0]
-        return ", ".join(f"{side} (service {i})" for i, side in enumerate(sides, 1))
+        """The local sides in a sentence (:func:`~nopf_web.wire.address.local_listing`)."""
+        return local_listing(self.local_sides)
 
     @property
     def local_is_default(self) -> bool:

@@ -277,6 +277,14 @@ def local_text(host: str, port: int) -> str:
     return f"localhost:{port}" if host == LOCAL_HOST else str(Endpoint(host, port))
 
 
+def local_listing(sides: Sequence[object]) -> str:
+    """Local sides in a sentence, in service order: ``127.0.0.1:22``, or
+    ``127.0.0.1:22 (service 1), 192.168.1.20:80 (service 2)``."""
+    if len(sides) == 1:
+        return str(sides[0])
+    return ", ".join(f"{side} (service {i})" for i, side in enumerate(sides, 1))
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (an address, IPv6 bracketed or not, or a name) is this machine's
     alone: a loopback address, or ``localhost``."""
