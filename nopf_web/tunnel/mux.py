@@ -577,9 +577,8 @@ class Mux:
                 stream._remote_fin = True
             else:  # nothing for a stream's reader (inline: no call per event)
                 if type(event) is StreamOpened:
-                    state = self._machine.stream(event.stream_id)
-                    assert state is not None
-                    stream = streams[event.stream_id] = Stream(self, state)
+                    # From the event: a later event of this batch may have ended it.
+                    stream = streams[event.stream_id] = Stream(self, event.state)
                     self._accepts.append(stream)
                     self._accept_ready.set()
                 elif type(event) is StreamWritable:

@@ -118,9 +118,12 @@ MuxState = Literal["new", "open", "closed", "failed"]
 
 @dataclass(slots=True)
 class StreamOpened:
-    """The peer opened a stream (it is in :meth:`MuxMachine.stream` now)."""
+    """The peer opened a stream. ``state`` is its state: the same batch of events may
+    end it (OPEN, DATA and RST in one record), after which :meth:`MuxMachine.stream`
+    no longer has it."""
 
     stream_id: int
+    state: StreamState
 
 
 @dataclass(slots=True)
@@ -632,7 +635,7 @@ class MuxMachine:
         stream = self._streams[sid] = StreamState(sid, self.window, service)
         self.total_streams += 1
         self._open_window(stream)
-        events.append(StreamOpened(sid))
+        events.append(StreamOpened(sid, stream))
 
     def _check_known(self, sid: int, what: str) -> None:
         # Frames for a stream that ended (e.g. DATA crossing our RST) are dropped;

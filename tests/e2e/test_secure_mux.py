@@ -1034,6 +1034,24 @@ async def test_closing_a_tunnel_whose_peer_reset_it_unseen_raises_nothing() -> N
     assert ca.closed
 
 
+async def test_a_stream_opened_and_reset_in_one_record_leaves_the_tunnel_open() -> None:
+    """The application connects and resets before the connector's mux flushes: OPEN
+    and RST leave in one record. The sharer's mux met the stream's opening after
+    its end and failed the whole tunnel (an assertion, as "the tunnel connection
+    failed"); now the accepted stream is simply reset."""
+    async with asyncio.timeout(10), muxes() as (ma, mb):
+        stream = await mb.open_stream()
+        await stream.write(b"hello")
+        stream.reset(ResetCode.CANCEL, "gone at once")  # before the flush: one record
+        accepted_stream = await ma.accept_stream()
+        with pytest.raises(StreamReset, match="gone at once"):
+            await accepted_stream.read()
+        other = await mb.open_stream()
+        await other.write(b"still here")
+        assert await (await ma.accept_stream()).readexactly(10) == b"still here"
+        assert ma.state == mb.state == "open"
+
+
 class _Sink:
     """A stream's sink that only expects to hear of its failure."""
 

@@ -686,6 +686,25 @@ def test_reset_one_stream_others_unaffected() -> None:
     assert not a.m.wants_to_send
 
 
+def test_a_stream_opened_and_reset_in_one_record_comes_with_its_state() -> None:
+    """OPEN and RST of one stream in one record (its unsent data dropped): the
+    machine has forgotten the stream by the time a driver reads StreamOpened, so the
+    event carries its state."""
+    a, b = pair()
+    sid = a.m.open_stream()
+    a.m.send(sid, b"hello")
+    a.m.reset_stream(sid, ResetCode.CANCEL, "gone at once")
+    wire = a.wire()
+    assert [type(f).__name__ for f in FrameDecoder().feed(wire)] == ["OpenFrame",
+                                                                     "ResetFrame"]
+    events = b.m.receive(wire, 0.0)
+    opened = [e for e in events if isinstance(e, StreamOpened)]
+    assert [e.stream_id for e in opened] == [sid] and b.m.stream(sid) is None
+    assert opened[0].state.stream_id == sid
+    b.take(events)
+    assert str(b.failed[sid]) == f"stream {sid} was reset by the peer: gone at once"
+
+
 def test_over_credit_data_resets_that_stream_with_flow_control() -> None:
     b = End("client")
     b.receive(fr.encode_open(1) + fr.encode_open(3))
